@@ -1,0 +1,59 @@
+"""``torchmdx`` entry point: one sub-command per module in this package.
+
+Each sub-command module ``torchmdx/cli/<name>_cmd.py`` defines ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Modules import heavy libraries (torch,
+lightning) inside ``run`` so that ``torchmdx --help`` is instant.
+
+Predictable mistakes raise :class:`torchmdx.errors.TorchmdxError`; they are printed as one
+``error: ...`` line on stderr with exit status 2, never as a traceback. Set
+``TORCHMDX_TRACEBACK=1`` to see the traceback anyway (for bug reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from torchmdx import __version__
+from torchmdx.errors import TorchmdxError
+
+COMMANDS = ["train", "md", "evaluate", "data", "export", "bench"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchmdx",
+        description="Train, evaluate and run molecular dynamics with equivariant-transformer potentials.",
+    )
+    parser.add_argument("--version", action="version", version=f"torchmdx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for name in COMMANDS:
+        module = importlib.import_module(f"torchmdx.cli.{name}_cmd")
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    try:
+        return int(args._module.run(args) or 0)
+    except TorchmdxError as exc:
+        if os.environ.get("TORCHMDX_TRACEBACK"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

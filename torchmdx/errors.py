@@ -1,0 +1,37 @@
+"""User-facing errors.
+
+Every predictable mistake (missing file, bad key, unknown element, NaN coordinates, neighbor
+buffer overflow, an MD run that blows up) raises a subclass of :class:`TorchmdxError` whose
+message is one complete line naming the file/key/atom and what was expected. The CLI prints
+``error: <message>`` and exits with status 2; it never shows a traceback for these.
+"""
+
+
+class TorchmdxError(Exception):
+    """Base of all user-facing errors: the message is one line, shown as is."""
+
+    exit_code = 2
+
+
+class ConfigError(TorchmdxError):
+    """A configuration key that does not exist, has the wrong type, or an invalid value."""
+
+
+class DataError(TorchmdxError):
+    """A data file that is missing, malformed, or holds values that cannot be used."""
+
+
+class ModelError(TorchmdxError):
+    """A model file that cannot be read, or inputs the model cannot handle (unknown element)."""
+
+
+class NeighborListError(TorchmdxError):
+    """Neighbor-list problems: cutoff too large for the box, buffer overflow, bad cell."""
+
+
+class SimulationError(TorchmdxError):
+    """An MD run that cannot continue (NaN forces, exploding temperature)."""
+
+
+class NotBuiltError(TorchmdxError):
+    """A subcommand or feature that does not exist yet."""

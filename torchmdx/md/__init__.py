@@ -1,0 +1,1 @@
+"""torchmdx.md"""
