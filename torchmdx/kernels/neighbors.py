@@ -19,8 +19,9 @@ Conventions (shared by every backend, the model and the MD engine)
   structures; ``cell`` is ``[B, 3, 3]`` (rows are lattice vectors, ASE's convention) and
   ``pbc`` is ``[B, 3]`` bool. A structure with no periodic direction ignores its cell.
 - Fixed-capacity mode (``max_pairs`` given): outputs have exactly ``max_pairs`` rows; rows at
-  and beyond ``num_pairs`` are padding (``edge_index`` = 0 and ``distances`` = +inf? see
-  :class:`Neighbors`); ``overflow`` is a device bool tensor set when more pairs existed than
+  and beyond ``num_pairs`` are padding: ``i = j = N - 1`` (so rows stay sorted by ``i``),
+  shifts, vectors and distances 0, and ``mask`` False. Consumers multiply by ``mask`` (the
+  model sets the cutoff function to 0 there and never divides by a padded distance); ``overflow`` is a device bool tensor set when more pairs existed than
   fit. Nothing in that mode synchronises with the host, so it can live inside a CUDA graph;
   the caller checks ``overflow`` outside the graph and grows the buffer.
 
