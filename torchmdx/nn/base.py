@@ -1,0 +1,159 @@
+"""The potential contract shared by the ET model, analytic potentials, training and MD.
+
+A :class:`Potential` maps a (batch of) structure(s) to per-atom energies E_a (eV); the total
+energy of structure b is E_b = Σ_{a in b} E_a, forces are F_a = -∂E/∂pos_a (eV/Å) by autograd,
+and the stress of a periodic structure is σ = (1/V) ∂E/∂ε (eV/Å³) for a homogeneous strain ε
+applied to positions and cell (pos' = pos (1+ε), cell' = cell (1+ε)); ASE's sign convention
+(positive under tension), so ``atoms.get_stress()`` matches ASE calculators.
+
+Subclasses implement only :meth:`Potential.atomic_energies` on a :class:`Graph` whose edge
+vectors were computed from the (strained) positions here, so forces and stress are exact
+derivatives of the same function. The neighbor list itself (indices and integer image shifts)
+is computed without gradient; a caller (the MD engine) may pass one built with a Verlet skin:
+pairs beyond ``cutoff`` then have ``mask`` False and subclasses must give them zero weight
+(the cosine cutoff does this for the ET model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from torchmdx.kernels.neighbors import Neighbors, neighbor_list
+
+
+@dataclass
+class Graph:
+    """What a potential sees. Shapes: N atoms, E edges, B structures.
+
+    z [N] long; pos [N, 3] (Å); batch [N] long; num_structures B;
+    edge_index [2, E] (i receiver, j neighbor, sorted by i); vectors [E, 3] = pos_j - pos_i +
+    image shift (Å), differentiable w.r.t. pos and cell; distances [E] (Å); mask [E] bool or
+    None (None: every edge valid and within the cutoff).
+    """
+
+    z: torch.Tensor
+    pos: torch.Tensor
+    batch: torch.Tensor
+    num_structures: int
+    edge_index: torch.Tensor
+    vectors: torch.Tensor
+    distances: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+
+
+def edge_vectors(pos, edge_index, shifts, cell, batch):
+    """vectors_ij = pos[j] - pos[i] + n_ij @ cell[batch[i]]  (differentiable; Å)."""
+    i, j = edge_index[0], edge_index[1]
+    vectors = pos[j] - pos[i]
+    if cell is not None and shifts is not None and shifts.numel() > 0:
+        vectors = vectors + torch.einsum("ek,ekl->el", shifts.to(pos.dtype), cell[batch[i]])
+    return vectors
+
+
+def _normalise_inputs(z, pos, batch, cell, pbc):
+    n = pos.shape[0]
+    if batch is None:
+        batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+    num_structures = int(batch.max().item()) + 1 if n > 0 else 1
+    if pbc is not None:
+        pbc = torch.as_tensor(pbc, dtype=torch.bool, device=pos.device)
+        if pbc.dim() == 1:
+            pbc = pbc.unsqueeze(0).expand(num_structures, 3)
+    if cell is not None:
+        cell = torch.as_tensor(cell, dtype=pos.dtype, device=pos.device)
+        if cell.dim() == 2:
+            cell = cell.unsqueeze(0).expand(num_structures, 3, 3)
+    if pbc is not None and not bool(pbc.any()):
+        cell, pbc = None, None
+    if pbc is not None and cell is None:
+        from torchmdx.errors import ModelError
+
+        raise ModelError("periodic boundary conditions were given without a cell")
+    return batch, num_structures, cell, pbc
+
+
+class Potential(torch.nn.Module):
+    """Base class: energies, forces and stress from :meth:`atomic_energies`.
+
+    Attributes a subclass sets: ``cutoff`` (Å, the interaction range used to build neighbor
+    lists) and optionally ``elements`` (atomic numbers it knows).
+    """
+
+    cutoff: float = 0.0
+
+    def atomic_energies(self, graph: Graph) -> torch.Tensor:  # pragma: no cover - abstract
+        """Per-atom energies [N] (eV) for ``graph``."""
+        raise NotImplementedError
+
+    def check_elements(self, z: torch.Tensor) -> None:
+        """Raise a one-line ModelError for atomic numbers the potential cannot handle."""
+
+    def neighbors(self, pos, batch, cell, pbc, cutoff: Optional[float] = None) -> Neighbors:
+        return neighbor_list(pos.detach(), self.cutoff if cutoff is None else cutoff, batch, cell, pbc)
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        pos: torch.Tensor,
+        batch: Optional[torch.Tensor] = None,
+        cell: Optional[torch.Tensor] = None,
+        pbc: Optional[torch.Tensor] = None,
+        *,
+        neighbors: Optional[Neighbors] = None,
+        forces: bool = True,
+        stress: bool = False,
+        per_atom: bool = False,
+        create_graph: bool = False,
+    ) -> dict:
+        """Return ``{"energy": [B], "forces": [N, 3], "stress": [B, 3, 3], "energies": [N]}``.
+
+        energy in eV, forces eV/Å, stress eV/Å³ (only for periodic structures, when asked).
+        ``create_graph=True`` keeps the graph of the forces for training on them.
+        """
+        self.check_elements(z)
+        batch, num_structures, cell, pbc = _normalise_inputs(z, pos, batch, cell, pbc)
+        if neighbors is None:
+            neighbors = self.neighbors(pos, batch, cell, pbc)
+        need_grad = forces or stress
+        with torch.enable_grad() if need_grad else torch.no_grad():
+            pos_leaf = pos
+            if forces and not pos.requires_grad:
+                pos_leaf = pos.detach().requires_grad_(True)
+            pos_in, cell_in, strain = pos_leaf, cell, None
+            if stress:
+                if cell is None:
+                    from torchmdx.errors import ModelError
+
+                    raise ModelError("stress needs a periodic cell")
+                strain = torch.zeros(num_structures, 3, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
+                sym = 0.5 * (strain + strain.transpose(1, 2))
+                pos_in = pos_leaf + torch.einsum("nk,nkl->nl", pos_leaf, sym[batch])
+                cell_in = cell + torch.bmm(cell, sym)
+            vectors = edge_vectors(pos_in, neighbors.edge_index, neighbors.shifts, cell_in, batch)
+            distances = vectors.norm(dim=-1)
+            if neighbors.mask is not None:
+                # padded rows have zero vectors: keep the norm's gradient finite there
+                safe = torch.where(neighbors.mask.unsqueeze(-1), vectors, torch.ones_like(vectors))
+                distances = torch.where(neighbors.mask, safe.norm(dim=-1), torch.zeros_like(distances))
+            graph = Graph(z, pos_in, batch, num_structures, neighbors.edge_index, vectors, distances, neighbors.mask)
+            atom_energy = self.atomic_energies(graph)
+            energy = torch.zeros(num_structures, dtype=atom_energy.dtype, device=atom_energy.device)
+            energy = energy.index_add(0, batch, atom_energy)
+            out = {"energy": energy}
+            if per_atom:
+                out["energies"] = atom_energy
+            if need_grad:
+                targets = ([pos_leaf] if forces else []) + ([strain] if stress else [])
+                grads = torch.autograd.grad(
+                    energy.sum(), targets, create_graph=create_graph, allow_unused=True
+                )
+                if forces:
+                    out["forces"] = -grads[0] if grads[0] is not None else torch.zeros_like(pos)
+                if stress:
+                    g = grads[-1] if grads[-1] is not None else torch.zeros_like(cell)
+                    volume = torch.linalg.det(cell).abs().view(-1, 1, 1)
+                    out["stress"] = g / volume
+        return out
