@@ -1,0 +1,92 @@
+"""Foundation: unit table against ASE, config validation, atomic writes, CLI error lines."""
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import ase.units
+import pytest
+
+from torchmdx import units
+from torchmdx.config import apply_overrides, from_dict
+from torchmdx.errors import ConfigError
+from torchmdx.io_utils import atomic_write
+
+
+def test_unit_constants_match_ase():
+    assert units.HARTREE_TO_EV == pytest.approx(ase.units.Hartree, rel=1e-15)
+    assert units.KCAL_PER_MOL_TO_EV == pytest.approx(ase.units.kcal / ase.units.mol, rel=1e-15)
+    assert units.KJ_PER_MOL_TO_EV == pytest.approx(ase.units.kJ / ase.units.mol, rel=1e-15)
+    assert units.BOHR_TO_ANGSTROM == pytest.approx(ase.units.Bohr, rel=1e-15)
+    assert units.BOLTZMANN_EV_PER_K == pytest.approx(ase.units.kB, rel=1e-15)
+    assert units.FS_TO_ASE_TIME == pytest.approx(ase.units.fs, rel=1e-15)
+    assert units.DEBYE_TO_E_ANGSTROM == pytest.approx(ase.units.Debye, rel=1e-15)
+    # by hand: 1 kcal/mol = 4184 J/mol / (6.022140857e23 /mol * 1.6021766208e-19 J/eV)
+    assert units.KCAL_PER_MOL_TO_EV == pytest.approx(4184 / (6.022140857e23 * 1.6021766208e-19), rel=1e-12)
+    assert units.energy_factor("Hartree") == units.HARTREE_TO_EV
+    assert units.length_factor("Bohr") == units.BOHR_TO_ANGSTROM
+
+
+@dataclass
+class Inner:
+    width: int = 4
+
+
+@dataclass
+class Section:
+    rate: float = 1e-3
+    name: str = "x"
+    mode: Literal["a", "b"] = "a"
+    limit: Optional[int] = None
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_config_from_dict_types_and_defaults():
+    s = from_dict(Section, {"rate": 2, "mode": "b", "inner": {"width": 8}, "sizes": [3]}, "train")
+    assert s.rate == 2.0 and isinstance(s.rate, float)
+    assert s.mode == "b" and s.inner.width == 8 and s.sizes == [3] and s.limit is None
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"rat": 1.0}, "config key 'train.rat' does not exist (did you mean 'rate'?); allowed: inner, limit, mode, name, rate, sizes"),
+        ({"rate": "fast"}, "config key 'train.rate' must be float, got 'fast' (str)"),
+        ({"mode": "c"}, "config key 'train.mode' must be one of 'a', 'b', got 'c'"),
+        ({"inner": {"depth": 1}}, "config key 'train.inner.depth' does not exist; allowed: width"),
+        ({"limit": 1.5}, "config key 'train.limit' must be int | null, got 1.5 (float)"),
+        ({"sizes": [1, "x"]}, "config key 'train.sizes[1]' must be int, got 'x' (str)"),
+    ],
+)
+def test_config_errors_name_the_key(values, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(Section, values, "train")
+    assert str(err.value) == message
+
+
+def test_overrides():
+    cfg = apply_overrides({"train": {"lr": 1}}, ["train.lr=0.5", "trainer.max_epochs=3", "data.path=a.npz"])
+    assert cfg == {"train": {"lr": 0.5}, "trainer": {"max_epochs": 3}, "data": {"path": "a.npz"}}
+    with pytest.raises(ConfigError):
+        apply_overrides({}, ["novalue"])
+
+
+def test_atomic_write_leaves_nothing_on_crash(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as f:
+            f.write(b"half")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_write(target) as f:
+        f.write(b"whole")
+    assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_cli_help_and_unknown_command():
+    out = subprocess.run([sys.executable, "-m", "torchmdx.cli.main", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for name in ["train", "md", "evaluate", "data", "export", "bench"]:
+        assert name in out.stdout
