@@ -55,7 +55,7 @@ def test_config_from_dict_types_and_defaults():
         ({"rat": 1.0}, "config key 'train.rat' does not exist (did you mean 'rate'?); allowed: inner, limit, mode, name, rate, sizes"),
         ({"rate": "fast"}, "config key 'train.rate' must be float, got 'fast' (str)"),
         ({"mode": "c"}, "config key 'train.mode' must be one of 'a', 'b', got 'c'"),
-        ({"inner": {"depth": 1}}, "config key 'train.inner.depth' does not exist; allowed: width"),
+        ({"inner": {"depth": 1}}, "config key 'train.inner.depth' does not exist (did you mean 'width'?); allowed: width"),
         ({"limit": 1.5}, "config key 'train.limit' must be int | null, got 1.5 (float)"),
         ({"sizes": [1, "x"]}, "config key 'train.sizes[1]' must be int, got 'x' (str)"),
     ],
