@@ -1,0 +1,204 @@
+"""Any file ASE can read (extxyz, ASE database, .traj, ...) with energies and, optionally, forces.
+
+Per structure:
+
+- ``energy``: ``atoms.info[energy_key]`` or the calculator's result of that name (extxyz puts
+  ``energy=`` of the comment line there); for a database, the row's column/key of that name.
+- ``forces``: ``atoms.arrays[forces_key]`` or the calculator's result; absent in every frame
+  means an energy-only dataset; absent in some frames is an error.
+- group label (polymer family, molecule): ``atoms.info[group_key]`` (database: key-value pair)
+  when ``group_key`` is given; a frame without it is an error.
+- further numeric ``info`` entries (and calculator results such as ``stress``) present in every
+  frame become per-structure extras, numeric per-atom arrays per-atom extras, kept as in the file.
+
+Units are ASE's (eV, Å) unless ``energy_unit`` / ``length_unit`` say otherwise; they apply to
+positions, cell, energy and forces (forces in energy_unit/length_unit).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from torchmdx.data.md17 import unit_factors
+from torchmdx.data.structures import StructureBuilder, Structures
+from torchmdx.errors import DataError
+
+#: Per-atom arrays of an Atoms object that are inputs or bookkeeping, not targets.
+_SKIP_ARRAYS = {"numbers", "positions", "momenta", "masses", "tags", "initial_magmoms", "initial_charges"}
+#: Calculator results that hold one value per atom.
+_PER_ATOM_RESULTS = {"forces", "charges", "magmoms", "energies", "stresses"}
+
+
+def connect_db(path: Path):
+    import sqlite3
+
+    import ase.db
+
+    try:
+        db = ase.db.connect(str(path), type="db", create_indices=False)
+        db.count()  # opens and checks the schema
+        return db
+    except (sqlite3.DatabaseError, OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{path}: not a readable ASE database ({exc})") from None
+
+
+def _numeric(value) -> Optional[np.ndarray]:
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    arr = np.asarray(value)
+    return arr.astype(np.float64) if arr.dtype.kind in "fiu" and arr.size > 0 else None
+
+
+class _Frame:
+    __slots__ = ("numbers", "positions", "energy", "forces", "cell", "pbc", "group", "extras", "atom_extras", "where")
+
+
+def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key):
+    import ase.io
+    from tqdm.auto import tqdm
+
+    try:
+        iterator = ase.io.iread(str(path), index=":")
+        for k, atoms in enumerate(tqdm(iterator, desc=f"reading {path.name}", unit=" frames", disable=None)):
+            results = dict(atoms.calc.results) if atoms.calc is not None else {}
+            where = f"{path}: frame {k}"
+            frame = _Frame()
+            frame.where = where
+            frame.numbers = atoms.numbers
+            frame.positions = atoms.positions
+            frame.cell = atoms.cell.array
+            frame.pbc = atoms.pbc
+            if energy_key in atoms.info:
+                frame.energy = atoms.info[energy_key]
+            elif energy_key in results:
+                frame.energy = results[energy_key]
+            else:
+                raise DataError(
+                    f"{where}: no energy '{energy_key}' (info keys: {', '.join(sorted(atoms.info)) or 'none'}; "
+                    f"calculator results: {', '.join(sorted(results)) or 'none'}); set energy_key"
+                )
+            if forces_key in atoms.arrays:
+                frame.forces = atoms.arrays[forces_key]
+            else:
+                frame.forces = results.get(forces_key)
+            frame.group = _group(atoms.info, group_key, where)
+            extras, atom_extras = {}, {}
+            for key, value in list(atoms.info.items()) + [(k, v) for k, v in results.items() if k not in atoms.info]:
+                arr = _numeric(value)
+                if key in (energy_key, group_key, forces_key) or arr is None:
+                    continue
+                if key in _PER_ATOM_RESULTS and key in results:
+                    atom_extras[key] = arr
+                else:
+                    extras[key] = arr.reshape(-1)
+            for key, value in atoms.arrays.items():
+                arr = _numeric(value)
+                if key not in _SKIP_ARRAYS and key != forces_key and arr is not None:
+                    atom_extras[key] = arr
+            frame.extras = extras
+            frame.atom_extras = atom_extras
+            yield frame
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, StopIteration) as exc:
+        raise DataError(f"{path}: ASE cannot read it ({type(exc).__name__}: {exc})") from None
+
+
+def _group(info, group_key, where):
+    if group_key is None:
+        return None
+    if group_key not in info:
+        raise DataError(
+            f"{where}: group key '{group_key}' not found; keys present: {', '.join(sorted(info)) or 'none'}"
+        )
+    return str(info[group_key])
+
+
+def _iter_db_frames(path: Path, energy_key, forces_key, group_key):
+    from tqdm.auto import tqdm
+
+    db = connect_db(path)
+    for row in tqdm(db.select(), total=db.count(), desc=f"reading {path.name}", unit=" rows", disable=None):
+        where = f"{path}: row {row.id}"
+        data = row.data or {}
+        frame = _Frame()
+        frame.where = where
+        frame.numbers = row.numbers
+        frame.positions = row.positions
+        frame.cell = np.asarray(row.cell)
+        frame.pbc = row.pbc
+        energy = row.get(energy_key)
+        if energy is None:
+            energy = data.get(energy_key)
+        if energy is None:
+            raise DataError(
+                f"{where}: no energy '{energy_key}' (keys: {', '.join(sorted(row.key_value_pairs)) or 'none'}; "
+                f"data: {', '.join(sorted(data)) or 'none'}); set energy_key"
+            )
+        frame.energy = energy
+        forces = row.get(forces_key)
+        frame.forces = forces if forces is not None else data.get(forces_key)
+        frame.group = _group(row.key_value_pairs, group_key, where)
+        frame.extras = {}
+        for key, value in row.key_value_pairs.items():
+            arr = _numeric(value)
+            if key not in (energy_key, group_key) and arr is not None:
+                frame.extras[key] = arr.reshape(-1)
+        frame.atom_extras = {}
+        yield frame
+
+
+def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] = None,
+             group_key: Optional[str] = None, energy_unit: Optional[str] = None,
+             length_unit: Optional[str] = None) -> Structures:
+    """Read every frame of an ASE-readable file (see the module docstring)."""
+    path = Path(path)
+    energy_key = energy_key or "energy"
+    explicit_forces = forces_key is not None
+    forces_key = forces_key or "forces"
+    e, length, f = unit_factors(path, energy_unit, length_unit, "eV")
+    if path.suffix == ".db":
+        frames = list(_iter_db_frames(path, energy_key, forces_key, group_key))
+    else:
+        frames = list(_iter_atoms_frames(path, energy_key, forces_key, group_key))
+    if not frames:
+        raise DataError(f"{path}: contains no structures")
+    with_forces = [fr.forces is not None for fr in frames]
+    if explicit_forces and not any(with_forces):
+        raise DataError(f"{path}: forces key '{forces_key}' not found in any frame")
+    if any(with_forces) and not all(with_forces):
+        k = with_forces.index(False)
+        raise DataError(f"{frames[k].where}: no forces '{forces_key}', although other frames have them")
+    # extras: keep the keys every frame has with one shape
+    common, atom_common = _common_keys([fr.extras for fr in frames]), _common_keys([fr.atom_extras for fr in frames], True)
+    builder = StructureBuilder(str(path), format="ase", energy_key=energy_key,
+                               forces_key=forces_key if any(with_forces) else None, group_key=group_key,
+                               units_in={"energy": energy_unit or "eV", "length": length_unit or "Å"})
+    builder.extra_units = {k: "as in file" for k in common + atom_common}
+    for fr in frames:
+        try:
+            energy = float(np.asarray(fr.energy, dtype=np.float64).reshape(()))
+        except (TypeError, ValueError):
+            raise DataError(f"{fr.where}: energy {fr.energy!r} is not a number") from None
+        extras = {k: fr.extras[k].reshape(1, -1) if fr.extras[k].size > 1 else fr.extras[k].reshape(1)
+                  for k in common}
+        atom_extras = {k: fr.atom_extras[k] for k in atom_common}
+        forces = None if fr.forces is None else np.asarray(fr.forces, dtype=np.float64) * f
+        builder.add(fr.numbers, fr.positions * length, [energy * e], forces, cell=fr.cell * length, pbc=fr.pbc,
+                    group=fr.group, extras=extras, atom_extras=atom_extras, where=fr.where)
+    return builder.build()
+
+
+def _common_keys(dicts, per_atom=False):
+    keys = set(dicts[0])
+    for d in dicts[1:]:
+        keys &= set(d)
+    out = []
+    for key in sorted(keys):
+        shapes = {d[key].shape[1:] if per_atom else d[key].shape for d in dicts}
+        if len(shapes) == 1:
+            out.append(key)
+    return out

@@ -1,0 +1,113 @@
+"""The ``data:`` section of a torchmdx YAML config.
+
+Example (all keys but ``path`` are optional)::
+
+    data:
+      path: ../shared/data/polymer/polymers_xtb.extxyz   # file, folder, or md17 molecule name
+      format: ase              # md17 | rmd17 | md17-xyz | qm9 | ani1 | ani1x | ase | cache; guessed if absent
+      energy_key: energy       # ASE info key / QM9 property / ANI-1x level (wb97x_dz.energy)
+      forces_key: forces
+      group_key: polymer       # per-structure group label (ASE info key)
+      cache_dir: data/cache
+      train_size: 0.8          # int = count, float = fraction, null = the rest
+      val_size: 0.1
+      test_size: null
+      split_by_group: true     # whole groups per part; sizes then count groups
+      test_groups: [PMMA]      # groups held out entirely
+      split_file: null         # reuse this split (npz) instead of drawing one
+      seed: 1
+      batch_size: 32
+      inference_batch_size: 64
+      num_workers: 0
+      dtype: float32
+      max_z: 100               # the model's element range (1..max_z)
+      atomref: fit             # fit (least squares on train) | dataset (published, QM9) | none
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from torchmdx.errors import ConfigError
+
+SizeT = Union[int, float, None]
+
+
+@dataclass
+class DataConfig:
+    path: str
+    format: Optional[str] = None
+    energy_key: Optional[str] = None
+    forces_key: Optional[str] = None
+    group_key: Optional[str] = None
+    energy_unit: Optional[str] = None
+    length_unit: Optional[str] = None
+    cache_dir: str = "data/cache"
+    train_size: SizeT = 0.8
+    val_size: SizeT = 0.1
+    test_size: SizeT = None
+    split_by_group: bool = False
+    val_groups: list[str] = field(default_factory=list)
+    test_groups: list[str] = field(default_factory=list)
+    split_file: Optional[str] = None
+    seed: int = 1
+    batch_size: int = 32
+    inference_batch_size: Optional[int] = None
+    num_workers: int = 0
+    dtype: Literal["float32", "float64"] = "float32"
+    max_z: int = 100
+    atomref: Literal["fit", "dataset", "none"] = "fit"
+    mmap: bool = False
+
+    def validate(self, section: str = "data") -> None:
+        from torchmdx.data.formats import FORMATS
+
+        p = f"{section}." if section else ""
+        if self.format is not None and self.format.lower() not in FORMATS:
+            raise ConfigError(f"config key '{p}format' must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        open_sizes = []
+        for name in ("train_size", "val_size", "test_size"):
+            value = getattr(self, name)
+            if value is None:
+                open_sizes.append(name)
+            elif value < 0:
+                raise ConfigError(f"config key '{p}{name}' must not be negative, got {value}")
+            elif isinstance(value, float) and value > 1:
+                raise ConfigError(f"config key '{p}{name}' is a fraction above 1 ({value}); use an integer for a count")
+        if len(open_sizes) > 1:
+            raise ConfigError(f"config keys {', '.join(p + n for n in open_sizes)}: only one size may be null (the rest)")
+        fractions = [getattr(self, n) for n in ("train_size", "val_size", "test_size")]
+        if all(isinstance(v, float) for v in fractions) and sum(fractions) > 1 + 1e-9:
+            raise ConfigError(f"config keys {p}train_size + val_size + test_size add up to {sum(fractions):g} > 1")
+        for name in ("batch_size", "inference_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"config key '{p}{name}' must be at least 1, got {value}")
+        if self.num_workers < 0:
+            raise ConfigError(f"config key '{p}num_workers' must not be negative, got {self.num_workers}")
+        if not 1 <= self.max_z <= 118:
+            raise ConfigError(f"config key '{p}max_z' must be between 1 and 118, got {self.max_z}")
+        both = sorted(set(self.val_groups) & set(self.test_groups))
+        if both:
+            raise ConfigError(f"config keys '{p}val_groups' and '{p}test_groups' both name {', '.join(both)}")
+
+    def reader_options(self) -> dict:
+        """Options for :func:`torchmdx.data.read_structures` / :func:`build_cache` (None = default)."""
+        return {"energy_key": self.energy_key, "forces_key": self.forces_key, "group_key": self.group_key,
+                "energy_unit": self.energy_unit, "length_unit": self.length_unit}
+
+    @property
+    def grouped(self) -> bool:
+        return bool(self.split_by_group or self.val_groups or self.test_groups)
+
+
+def load_data_config(path, overrides: Optional[list[str]] = None) -> DataConfig:
+    """The ``data:`` section of the YAML file ``path`` as a :class:`DataConfig`."""
+    from torchmdx.config import apply_overrides, from_dict, load_yaml
+
+    config = apply_overrides(load_yaml(path), list(overrides or []))
+    if "data" not in config:
+        raise ConfigError(f"{Path(path)}: no 'data:' section; sections present: {', '.join(config) or 'none'}")
+    return from_dict(DataConfig, config["data"], "data")

@@ -1,0 +1,192 @@
+"""``TorchmdxDataModule``: everything a training run needs from one ``data:`` config section.
+
+``prepare_data`` (rank 0) builds the HDF5 cache; ``setup`` opens it, checks the elements against
+the model's range, makes or reloads the split (``split_file`` if given, else
+``<run_dir>/splits.npz`` if it exists, else a new one, saved to ``<run_dir>/splits.npz``), fits
+the atomic reference energies on the training split and computes the normalisation statistics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import lightning as L
+import torch
+from torch_geometric.loader import DataLoader
+
+from torchmdx.config import from_dict
+from torchmdx.data.atomref import (
+    elements_without_reference,
+    energy_statistics,
+    fit_atomic_references,
+    published_atomic_references,
+)
+from torchmdx.data.cache import build_cache
+from torchmdx.data.data_config import DataConfig
+from torchmdx.data.dataset import H5Dataset
+from torchmdx.data.splits import Split, check_no_group_leak, group_split, load_split, random_split, save_split
+from torchmdx.errors import DataError
+
+SPLIT_FILE_NAME = "splits.npz"
+
+
+def make_split(dataset: H5Dataset, config: DataConfig) -> Split:
+    """A new split of ``dataset`` as ``config`` asks (random, or grouped)."""
+    n = dataset.n_structures
+    sizes = dict(train=config.train_size, val=config.val_size, test=config.test_size, seed=config.seed,
+                 source=dataset.source)
+    if config.grouped:
+        labels = dataset.structures.group_labels()
+        if labels is None:
+            raise DataError(
+                f"{dataset.source}: a grouped split (split_by_group / val_groups / test_groups) needs group labels; "
+                "set data.group_key to the info key that names each structure's group"
+            )
+        return group_split(labels, split_by_group=config.split_by_group, val_groups=config.val_groups,
+                           test_groups=config.test_groups, **sizes)
+    return random_split(n, **sizes)
+
+
+class TorchmdxDataModule(L.LightningDataModule):
+    """Cache, split, references, statistics and loaders from a :class:`DataConfig`.
+
+    After :meth:`setup`: ``dataset`` (:class:`H5Dataset`), ``split`` (:class:`Split`),
+    ``atomic_references`` (float64 [max_z + 1], eV per atom), ``elements`` (atomic numbers in
+    the dataset), ``energy_mean_per_atom`` / ``energy_std_per_atom`` (eV/atom, residual after the
+    references, training split), ``force_rms`` (eV/Å, training split, None without forces),
+    ``split_path`` (where the split was saved or read).
+    """
+
+    def __init__(self, config: Union[DataConfig, Mapping], run_dir=None, max_z: Optional[int] = None):
+        super().__init__()
+        if not isinstance(config, DataConfig):
+            config = from_dict(DataConfig, config, "data")
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.max_z = int(max_z if max_z is not None else config.max_z)
+        self.dataset: Optional[H5Dataset] = None
+        self.split: Optional[Split] = None
+        self.split_path: Optional[Path] = None
+        self.cache_path: Optional[Path] = None
+        self.atomic_references: Optional[torch.Tensor] = None
+        self.missing_reference_elements: list[int] = []
+        self.statistics: dict = {}
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.cache_path = self._build_cache()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.dataset is not None:
+            return
+        cfg = self.config
+        self.cache_path = self._build_cache()
+        self.dataset = H5Dataset(self.cache_path, dtype=cfg.dtype, mmap=cfg.mmap)
+        self.dataset.structures.check_max_z(self.max_z)
+        self.split = self._split()
+        train = self.split.train
+        if cfg.atomref == "fit":
+            self.atomic_references = fit_atomic_references(self.dataset, train, self.max_z)
+            self.missing_reference_elements = elements_without_reference(self.dataset, train, self.max_z)
+        elif cfg.atomref == "dataset":
+            self.atomic_references = published_atomic_references(self.dataset, self.max_z)
+        else:
+            self.atomic_references = torch.zeros(self.max_z + 1, dtype=torch.float64)
+        self.statistics = energy_statistics(self.dataset, train, self.atomic_references) if len(train) else {}
+
+    def _build_cache(self) -> Path:
+        cfg = self.config
+        return build_cache(cfg.path, cfg.format, cfg.cache_dir, **cfg.reader_options())
+
+    def _split(self) -> Split:
+        cfg, n = self.config, self.dataset.n_structures
+        content_hash = self.dataset.info["fingerprint"].get("hash", "")
+        run_file = self.run_dir / SPLIT_FILE_NAME if self.run_dir is not None else None
+        if cfg.split_file is not None:
+            split = load_split(cfg.split_file, n, content_hash)
+            self.split_path = Path(cfg.split_file)
+        elif run_file is not None and run_file.is_file():
+            split = load_split(run_file, n, content_hash)
+            self.split_path = run_file
+        else:
+            split = make_split(self.dataset, cfg)
+        if cfg.split_by_group and self.dataset.structures.group is not None:
+            check_no_group_leak(split, self.dataset.structures.group_labels())
+        if run_file is not None and self.split_path != run_file:
+            save_split(split, run_file, content_hash)
+            self.split_path = run_file
+        return split
+
+    # -- what models and training read -----------------------------------------------------------
+    @property
+    def elements(self) -> list[int]:
+        self._need_setup()
+        return self.dataset.elements
+
+    @property
+    def energy_mean_per_atom(self) -> float:
+        self._need_setup()
+        return self.statistics.get("energy_per_atom_mean", 0.0)
+
+    @property
+    def energy_std_per_atom(self) -> float:
+        self._need_setup()
+        return self.statistics.get("energy_per_atom_std", 1.0)
+
+    @property
+    def force_rms(self) -> Optional[float]:
+        self._need_setup()
+        return self.statistics.get("force_rms")
+
+    def subset(self, part: str):
+        self._need_setup()
+        return self.dataset[torch.from_numpy(self.split[part])]
+
+    @property
+    def train_dataset(self):
+        return self.subset("train")
+
+    @property
+    def val_dataset(self):
+        return self.subset("val")
+
+    @property
+    def test_dataset(self):
+        return self.subset("test")
+
+    def _need_setup(self):
+        if self.dataset is None:
+            raise RuntimeError("TorchmdxDataModule.setup() has not been called")
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def _loader(self, part: str, batch_size: int, shuffle: bool):
+        subset = self.subset(part)
+        if len(subset) == 0:
+            return []
+        workers = self.config.num_workers
+        return DataLoader(subset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                          persistent_workers=workers > 0, drop_last=False)
+
+    def train_dataloader(self):
+        return self._loader("train", self.config.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", self.config.inference_batch_size or self.config.batch_size, shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", self.config.inference_batch_size or self.config.batch_size, shuffle=False)
+
+    def predict_dataloader(self):
+        return self.test_dataloader()
+
+    def summary(self) -> dict:
+        """Split sizes, references and statistics, for logs."""
+        self._need_setup()
+        refs = {int(z): float(self.atomic_references[z]) for z in self.elements if z <= self.max_z}
+        return {"cache": str(self.cache_path), "split": self.split.sizes(), "split_file": str(self.split_path),
+                "atomic_references_eV": refs, "elements_without_reference": self.missing_reference_elements,
+                **self.statistics}
+
+
+__all__ = ["TorchmdxDataModule", "make_split", "SPLIT_FILE_NAME"]

@@ -1,0 +1,210 @@
+"""The PyG dataset over an HDF5 cache.
+
+``H5Dataset(path)[i]`` is a :class:`torch_geometric.data.Data` with
+
+=========== ============ =========================================================
+key          shape        meaning (unit, dtype)
+=========== ============ =========================================================
+z            [N]          atomic numbers (long)
+pos          [N, 3]       positions (Å, ``dtype``)
+energy       [1]          total energy (eV, ``energy_dtype``, float64 by default)
+forces       [N, 3]       forces (eV/Å, ``dtype``), when the dataset has forces
+cell         [1, 3, 3]    cell vectors as rows (Å, ``dtype``); zeros for molecules
+pbc          [1, 3]       periodic directions (bool)
+group        [1]          group label index (long), when the dataset has groups
+idx          [1]          index of the structure in the dataset (long)
+<extra>      [1] / [1,k]  per-structure extras, e.g. QM9's ``homo`` (``energy_dtype``)
+<atom extra> [N] / [N,k]  per-atom extras, e.g. QM9's ``mulliken_charge`` (``dtype``)
+=========== ============ =========================================================
+
+Energies stay float64 by default: a total energy of -4000 eV in float32 has a resolution of
+0.5 meV, the size of a good model's error; subtract atomic references in float64 first.
+
+The whole cache is read into memory with one read per array when the dataset is created
+(``mmap=True`` instead memory-maps the per-atom arrays, for datasets larger than RAM); items are
+slices of those arrays, so ``__getitem__`` does no file I/O. Batch with
+``torch_geometric.loader.DataLoader``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch_geometric.data import Data
+from torch_geometric.data import Dataset as PygDataset
+
+from torchmdx.data.cache import cache_info
+from torchmdx.data.structures import Structures
+from torchmdx.errors import DataError
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def as_torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).replace("torch.", "")
+    if key not in _DTYPES:
+        raise DataError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def _mmap(h5, name: str, path: Path) -> np.ndarray:
+    ds = h5[name]
+    offset = ds.id.get_offset()
+    if offset is None or ds.chunks is not None or ds.compression is not None:
+        return ds[()]
+    return np.memmap(path, mode="r", dtype=ds.dtype, offset=offset, shape=ds.shape)
+
+
+class H5Dataset(PygDataset):
+    """Structures of a torchmdx HDF5 cache as PyG ``Data`` objects (see the module docstring).
+
+    Args:
+        path: the cache file (:func:`torchmdx.data.build_cache` makes it).
+        dtype: floating dtype of positions, forces and cell.
+        energy_dtype: dtype of energies and per-structure extras (float64 keeps sub-meV precision).
+        mmap: memory-map per-atom arrays instead of reading them into memory.
+        extras: include per-structure and per-atom extras (True), none (False), or the named ones.
+        transform: optional PyG transform applied to each item.
+    """
+
+    def __init__(self, path, dtype=torch.float32, energy_dtype=torch.float64, mmap: bool = False,
+                 extras=True, transform=None):
+        super().__init__(None, transform)
+        from torchmdx.data.ani import open_h5
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: file not found")
+        self.dtype = as_torch_dtype(dtype)
+        self.energy_dtype = as_torch_dtype(energy_dtype)
+        self.info = cache_info(self.path)
+        names = self.info["extras"] if extras is True else [] if extras is False else list(extras)
+        atom_names = self.info["atom_extras"] if extras is True else [] if extras is False else \
+            [n for n in extras if n in self.info["atom_extras"]]
+        missing = [n for n in names if n not in self.info["extras"] and n not in self.info["atom_extras"]]
+        if missing:
+            raise DataError(f"{self.path}: no extra {', '.join(missing)}; available: "
+                            f"{', '.join(self.info['extras'] + self.info['atom_extras']) or 'none'}")
+        names = [n for n in names if n in self.info["extras"]]
+        with open_h5(self.path) as h5:
+            per_atom = (lambda n: _mmap(h5, n, self.path)) if mmap else (lambda n: h5[n][()])
+            z = per_atom("z")
+            pos = per_atom("pos")
+            forces = per_atom("forces") if "forces" in h5 else None
+            atom_extras = {n: per_atom(f"atom_extras/{n}") for n in atom_names}
+            energy = h5["energy"][()]
+            offsets = h5["offsets"][()]
+            cell = h5["cell"][()]
+            pbc = h5["pbc"][()]
+            group = h5["group"][()] if "group" in h5 else None
+            extra_values = {n: h5[f"extras/{n}"][()] for n in names}
+        metadata = dict(self.info["metadata"], source=self.info["source"], cache=str(self.path))
+        #: the arrays as numpy (eV, Å), for statistics and fitting without iterating items
+        self.structures = Structures(
+            z=z, pos=pos, energy=energy, offsets=offsets, forces=forces, cell=cell, pbc=pbc, group=group,
+            group_names=self.info["group_names"], extras=extra_values, atom_extras=atom_extras,
+            extra_units={k: v for k, v in self.info["extra_units"].items() if k in names or k in atom_names},
+            metadata=metadata,
+        )
+        self.mmap = mmap
+        self._offsets = offsets.astype(np.int64)
+        self._energy = torch.from_numpy(energy).to(self.energy_dtype)
+        self._cell = torch.from_numpy(cell).to(self.dtype)
+        self._pbc = torch.from_numpy(pbc.astype(bool))
+        self._group = None if group is None else torch.from_numpy(group.astype(np.int64))
+        self._extras = {n: torch.from_numpy(np.asarray(v)).to(self.energy_dtype) for n, v in extra_values.items()}
+        if mmap:
+            self._z = self._pos = self._forces = None
+            self._atom_extras = {}
+        else:
+            self._z = torch.from_numpy(z.astype(np.int64))
+            self._pos = torch.from_numpy(pos).to(self.dtype)
+            self._forces = None if forces is None else torch.from_numpy(forces).to(self.dtype)
+            self._atom_extras = {n: torch.from_numpy(v).to(self.dtype) for n, v in atom_extras.items()}
+
+    # -- PyG Dataset interface --------------------------------------------------------------------
+    def len(self) -> int:
+        return len(self._energy)
+
+    def get(self, idx: int) -> Data:
+        a, b = int(self._offsets[idx]), int(self._offsets[idx + 1])
+        s = slice(idx, idx + 1)
+        if self.mmap:
+            st = self.structures
+            z = torch.from_numpy(st.z[a:b].astype(np.int64))
+            pos = torch.from_numpy(np.array(st.pos[a:b])).to(self.dtype)
+            forces = None if st.forces is None else torch.from_numpy(np.array(st.forces[a:b])).to(self.dtype)
+            atom_extras = {n: torch.from_numpy(np.array(v[a:b])).to(self.dtype) for n, v in st.atom_extras.items()}
+        else:
+            z, pos = self._z[a:b], self._pos[a:b]
+            forces = None if self._forces is None else self._forces[a:b]
+            atom_extras = {n: v[a:b] for n, v in self._atom_extras.items()}
+        data = Data(z=z, pos=pos, energy=self._energy[s], cell=self._cell[s], pbc=self._pbc[s],
+                    idx=torch.tensor([idx]))
+        if forces is not None:
+            data.forces = forces
+        if self._group is not None:
+            data.group = self._group[s]
+        for name, values in self._extras.items():
+            data[name] = values[s]
+        for name, values in atom_extras.items():
+            data[name] = values
+        return data
+
+    # -- what the rest of torchmdx asks about ----------------------------------------------------
+    @property
+    def n_structures(self) -> int:
+        return self.len()
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def has_forces(self) -> bool:
+        return self.structures.forces is not None
+
+    @property
+    def elements(self) -> list[int]:
+        """Atomic numbers present, sorted."""
+        return [int(v) for v in np.flatnonzero(np.bincount(np.asarray(self.structures.z, dtype=np.int64)))]
+
+    @property
+    def group_names(self) -> list[str]:
+        return list(self.structures.group_names)
+
+    @property
+    def metadata(self) -> dict:
+        return self.structures.metadata
+
+    @property
+    def source(self) -> str:
+        return self.structures.source
+
+    def published_atomrefs(self, key: Optional[str] = None) -> Optional[np.ndarray]:
+        """The dataset's own atomic reference energies for its energy (eV per atom over Z),
+        e.g. QM9's; None when it carries none."""
+        refs = self.metadata.get("atomrefs") or {}
+        key = key or self.metadata.get("energy_key")
+        return np.asarray(refs[key], dtype=np.float64) if key in refs else None
+
+    def to_atoms(self, idx: int):
+        """Structure ``idx`` as an ``ase.Atoms`` (with a SinglePointCalculator holding its energy
+        and forces)."""
+        from ase import Atoms
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        st = self.structures
+        a, b = int(self._offsets[idx]), int(self._offsets[idx + 1])
+        atoms = Atoms(numbers=np.asarray(st.z[a:b]), positions=np.asarray(st.pos[a:b]), cell=st.cell[idx],
+                      pbc=st.pbc[idx])
+        results = {"energy": float(st.energy[idx])}
+        if st.forces is not None:
+            results["forces"] = np.asarray(st.forces[a:b])
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        return atoms

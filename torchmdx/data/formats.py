@@ -1,0 +1,196 @@
+"""Format registry: which reader reads a file, guessing the format from the file when not given.
+
+======== ============================================ ============================================
+format    files                                        reader options
+======== ============================================ ============================================
+md17      sGDML npz (R, z, E, F) or a molecule name     energy_unit, length_unit (kcal/mol, Å)
+rmd17     revised-MD17 npz or a molecule name           energy_unit, length_unit (kcal/mol, Å)
+md17-xyz  MD17 plain xyz (comment line = energy)        energy_unit, length_unit (kcal/mol, Å)
+qm9       xyz folder, tar(.gz/.bz2/.xz) or ASE db       energy_key (energy_U0), energy_unit (db)
+ani1      ANI-1 HDF5                                    energy_key (energies), energy_unit (Hartree)
+ani1x     ANI-1x HDF5                                   energy_key, forces_key, energy_unit (Hartree)
+ase       extxyz, ASE db, .traj, any ASE-readable file  energy_key, forces_key, group_key, units
+cache     a torchmdx HDF5 cache                         (none)
+======== ============================================ ============================================
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Optional
+
+from torchmdx.data.structures import Structures
+from torchmdx.errors import DataError
+
+FORMAT_OPTIONS = {
+    "md17": {"energy_unit", "length_unit"},
+    "rmd17": {"energy_unit", "length_unit"},
+    "md17-xyz": {"energy_unit", "length_unit"},
+    "qm9": {"energy_key", "energy_unit"},
+    "ani1": {"energy_key", "energy_unit"},
+    "ani1x": {"energy_key", "forces_key", "energy_unit"},
+    "ase": {"energy_key", "forces_key", "group_key", "energy_unit", "length_unit"},
+    "cache": set(),
+}
+FORMATS = tuple(FORMAT_OPTIONS)
+#: every option a reader may take (the ``data:`` config keys of the same names)
+READER_OPTIONS = ("energy_key", "forces_key", "group_key", "energy_unit", "length_unit")
+
+
+def _reader(fmt: str):
+    if fmt == "md17":
+        from torchmdx.data.md17 import read_md17 as reader
+    elif fmt == "rmd17":
+        from torchmdx.data.md17 import read_rmd17 as reader
+    elif fmt == "md17-xyz":
+        from torchmdx.data.md17 import read_md17_xyz as reader
+    elif fmt == "qm9":
+        from torchmdx.data.qm9 import read_qm9 as reader
+    elif fmt == "ani1":
+        from torchmdx.data.ani import read_ani1 as reader
+    elif fmt == "ani1x":
+        from torchmdx.data.ani import read_ani1x as reader
+    elif fmt == "ase":
+        from torchmdx.data.ase_format import read_ase as reader
+    else:
+        from torchmdx.data.cache import read_cache as reader
+    return reader
+
+
+def check_format(fmt: Optional[str]) -> Optional[str]:
+    if fmt is None:
+        return None
+    key = fmt.strip().lower()
+    if key not in FORMAT_OPTIONS:
+        raise DataError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
+    return key
+
+
+def resolve_source(path, fmt: Optional[str] = None) -> Path:
+    """The file or folder to read: ``path`` itself, or for md17/rmd17 a molecule name."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    if fmt in ("md17", "rmd17") and p.suffix == "" and len(p.parts) == 1:
+        from torchmdx.data.md17 import resolve_md17_name
+
+        return resolve_md17_name(str(path), fmt)
+    raise DataError(f"{path}: file not found")
+
+
+def _head(path: Path, nbytes: int = 4096) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(nbytes)
+
+
+def guess_format(path) -> str:
+    """The format of ``path`` from its content (and name); :class:`DataError` if unknown."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        xyz = sorted(path.glob("*.xyz"))
+        if xyz:
+            from torchmdx.data.qm9 import looks_like_qm9_xyz
+
+            if looks_like_qm9_xyz(_head(xyz[0]).decode(errors="replace")):
+                return "qm9"
+        raise DataError(f"{path}: cannot guess the format of this folder (expected QM9 .xyz files); pass --format")
+    head = _head(path)
+    if head.startswith(b"PK"):  # zip -> npz
+        from torchmdx.data.md17 import load_npz
+
+        keys = set(load_npz(path))
+        if {"R", "z", "E"} <= keys:
+            return "md17"
+        if {"nuclear_charges", "coords", "energies"} <= keys:
+            return "rmd17"
+        raise DataError(
+            f"{path}: npz without the MD17 keys (R, z, E) or revised-MD17 keys (nuclear_charges, coords, "
+            f"energies); found: {', '.join(sorted(keys)) or 'none'}"
+        )
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return _guess_h5(path)
+    if head.startswith(b"SQLite format 3"):
+        return _guess_db(path)
+    if path.suffix in (".tar", ".tgz", ".gz", ".bz2", ".xz") and tarfile.is_tarfile(path):
+        return "qm9"
+    if path.suffix in (".xyz", ".extxyz", "") or path.suffix.startswith(".xyz"):
+        from torchmdx.data.qm9 import looks_like_qm9_xyz
+
+        text = head.decode(errors="replace")
+        if looks_like_qm9_xyz(text):
+            return "qm9"
+        lines = text.splitlines()
+        if len(lines) > 2 and _is_single_number(lines[1]) and len(lines[2].split()) == 7:
+            return "md17-xyz"
+    try:
+        from ase.io.formats import filetype
+
+        filetype(str(path), guess=True)
+        return "ase"
+    except Exception:
+        raise DataError(
+            f"{path}: cannot guess the format; pass --format (one of {', '.join(FORMATS[:-1])})"
+        ) from None
+
+
+def _is_single_number(line: str) -> bool:
+    parts = line.split()
+    if len(parts) != 1:
+        return False
+    try:
+        float(parts[0])
+        return True
+    except ValueError:
+        return False
+
+
+def _guess_h5(path: Path) -> str:
+    from torchmdx.data.ani import describe_keys, molecule_groups, open_h5
+
+    with open_h5(path) as h5:
+        if "torchmdx_cache_version" in h5.attrs:
+            return "cache"
+        if molecule_groups(h5, "species"):
+            return "ani1"
+        if molecule_groups(h5, "atomic_numbers"):
+            return "ani1x"
+        raise DataError(
+            f"{path}: HDF5 file in neither the ANI-1 layout (coordinates, species, energies) nor the ANI-1x "
+            f"layout (coordinates, atomic_numbers, <method>.energy); datasets found: {describe_keys(h5)}"
+        )
+
+
+def _guess_db(path: Path) -> str:
+    from torchmdx.data.ase_format import connect_db
+
+    db = connect_db(path)
+    units = (db.metadata or {}).get("_property_unit_dict", {})
+    if "energy_U0" in units:
+        return "qm9"
+    return "ase"
+
+
+def read_structures(path, format: Optional[str] = None, **options) -> Structures:
+    """Read a dataset into memory (eV, Å), guessing the format when not given.
+
+    ``options`` are reader options (see the table above); those set to ``None`` are ignored, and
+    one that does not apply to the format is an error.
+    """
+    fmt = check_format(format)
+    source = resolve_source(path, fmt)
+    fmt = fmt or guess_format(source)
+    opts = normalise_options(fmt, options, source)
+    return _reader(fmt)(source, **opts)
+
+
+def normalise_options(fmt: str, options: dict, source=None) -> dict:
+    opts = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(opts) - FORMAT_OPTIONS[fmt])
+    if unknown:
+        takes = ", ".join(sorted(FORMAT_OPTIONS[fmt])) or "no options"
+        where = f"{source}: " if source is not None else ""
+        raise DataError(f"{where}option {', '.join(unknown)} does not apply to format '{fmt}' (it takes: {takes})")
+    return opts

@@ -1,0 +1,201 @@
+"""MD17 family readers: sGDML npz, revised-MD17 npz, and MD17's plain xyz.
+
+Units (the published files' own): positions Å, energies kcal/mol, forces kcal/mol/Å. They are
+converted to eV and eV/Å with ``torchmdx.units.KCAL_PER_MOL_TO_EV`` (``energy_unit`` /
+``length_unit`` override this for npz files in the same layout but other units).
+
+- ``md17``: sGDML layout ``R`` [n, N, 3], ``z`` [N], ``E`` [n] or [n, 1], ``F`` [n, N, 3].
+- ``rmd17``: ``nuclear_charges`` [N], ``coords`` [n, N, 3], ``energies`` [n], ``forces``
+  [n, N, 3] (``old_*`` arrays, the original MD17 values, are ignored).
+- ``md17-xyz``: the plain xyz of the original MD17 distribution: per frame a line with N, a line
+  holding only the energy, then N lines ``symbol x y z fx fy fz``.
+
+A molecule name instead of a path (``path: ethanol``) is looked up by :func:`resolve_md17_name`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from torchmdx import units
+from torchmdx.data.structures import StructureBuilder, Structures
+from torchmdx.errors import DataError
+
+MD17_KEYS = ("R", "z", "E")
+RMD17_KEYS = ("nuclear_charges", "coords", "energies")
+
+
+def unit_factors(path, energy_unit, length_unit, default_energy):
+    """(energy factor to eV, length factor to Å, force factor to eV/Å)."""
+    try:
+        e = units.energy_factor(energy_unit or default_energy)
+        length = units.length_factor(length_unit or "Å")
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    return e, length, e / length
+
+
+def load_npz(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable npz file ({exc})") from None
+
+
+def require_keys(path, found, expected, layout):
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise DataError(
+            f"{path}: not in the {layout} layout: missing key(s) {', '.join(missing)}; "
+            f"found: {', '.join(sorted(found)) or 'none'}"
+        )
+
+
+def _theory(arrays) -> dict:
+    meta = {}
+    for key in ("theory", "name"):
+        if key in arrays and arrays[key].ndim == 0:
+            meta[key] = str(arrays[key])
+    return meta
+
+
+def read_md17(path, energy_unit=None, length_unit=None) -> Structures:
+    """sGDML npz (``R``, ``z``, ``E``, optional ``F``); kcal/mol, kcal/mol/Å, Å by default."""
+    path = Path(path)
+    arrays = load_npz(path)
+    require_keys(path, arrays, MD17_KEYS, "sGDML/MD17 npz (R, z, E, F)")
+    e, length, f = unit_factors(path, energy_unit, length_unit, "kcal/mol")
+    z, R, E = arrays["z"], arrays["R"], arrays["E"]
+    if R.ndim != 3 or R.shape[2] != 3:
+        raise DataError(f"{path}: R has shape {R.shape}, expected (frames, atoms, 3)")
+    if z.ndim != 1 or z.shape[0] != R.shape[1]:
+        raise DataError(f"{path}: z has shape {z.shape} but R has {R.shape[1]} atoms per frame")
+    if E.size != len(R) or len(E) != len(R):
+        raise DataError(f"{path}: E has shape {E.shape} but R has {len(R)} frames; expected ({len(R)},) or ({len(R)}, 1)")
+    F = arrays.get("F")
+    if F is not None and F.shape != R.shape:
+        raise DataError(f"{path}: F has shape {F.shape} but R has shape {R.shape}")
+    builder = StructureBuilder(str(path), format="md17", units_in={"energy": energy_unit or "kcal/mol"}, **_theory(arrays))
+    builder.add(z, R * length, E.reshape(-1) * e, None if F is None else F * f)
+    return builder.build()
+
+
+def read_rmd17(path, energy_unit=None, length_unit=None) -> Structures:
+    """Revised MD17 npz (``nuclear_charges``, ``coords``, ``energies``, ``forces``)."""
+    path = Path(path)
+    arrays = load_npz(path)
+    require_keys(path, arrays, RMD17_KEYS, "revised-MD17 npz (nuclear_charges, coords, energies, forces)")
+    e, length, f = unit_factors(path, energy_unit, length_unit, "kcal/mol")
+    z, R, E = arrays["nuclear_charges"], arrays["coords"], arrays["energies"]
+    if R.ndim != 3 or R.shape[2] != 3:
+        raise DataError(f"{path}: coords has shape {R.shape}, expected (frames, atoms, 3)")
+    if z.ndim != 1 or z.shape[0] != R.shape[1]:
+        raise DataError(f"{path}: nuclear_charges has shape {z.shape} but coords has {R.shape[1]} atoms per frame")
+    if E.size != len(R):
+        raise DataError(f"{path}: energies has shape {E.shape} but coords has {len(R)} frames")
+    F = arrays.get("forces")
+    if F is not None and F.shape != R.shape:
+        raise DataError(f"{path}: forces has shape {F.shape} but coords has shape {R.shape}")
+    builder = StructureBuilder(str(path), format="rmd17", units_in={"energy": energy_unit or "kcal/mol"})
+    builder.add(z, R * length, E.reshape(-1) * e, None if F is None else F * f)
+    return builder.build()
+
+
+def read_md17_xyz(path, energy_unit=None, length_unit=None) -> Structures:
+    """Plain xyz of MD17: comment line = energy (kcal/mol), columns ``sym x y z fx fy fz``."""
+    from ase.data import atomic_numbers
+
+    path = Path(path)
+    e, length, f = unit_factors(path, energy_unit, length_unit, "kcal/mol")
+    builder = StructureBuilder(str(path), format="md17-xyz", units_in={"energy": energy_unit or "kcal/mol"})
+    with open(path) as handle:
+        lines = handle.read().splitlines()
+    i = 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1
+            continue
+        try:
+            natoms = int(lines[i].split()[0])
+        except ValueError:
+            raise DataError(f"{path}: line {i + 1}: expected the number of atoms, got {lines[i].strip()[:40]!r}") from None
+        if i + 2 + natoms > len(lines):
+            raise DataError(f"{path}: line {i + 1}: frame of {natoms} atoms is cut short at the end of the file")
+        try:
+            energy = float(lines[i + 1].split()[0])
+        except (ValueError, IndexError):
+            raise DataError(
+                f"{path}: line {i + 2}: expected the energy as a number, got {lines[i + 1].strip()[:40]!r}"
+            ) from None
+        symbols, values = [], []
+        for k in range(natoms):
+            cols = lines[i + 2 + k].split()
+            if len(cols) != 7:
+                raise DataError(
+                    f"{path}: line {i + 3 + k}: expected 7 columns (symbol x y z fx fy fz), got {len(cols)}"
+                )
+            symbols.append(cols[0])
+            try:
+                values.append([float(c) for c in cols[1:]])
+            except ValueError:
+                raise DataError(f"{path}: line {i + 3 + k}: non-numeric coordinate or force") from None
+        try:
+            numbers = [atomic_numbers[s.capitalize()] for s in symbols]
+        except KeyError as exc:
+            raise DataError(f"{path}: frame at line {i + 1}: unknown element symbol {exc.args[0]!r}") from None
+        values = np.asarray(values)
+        builder.add(numbers, values[:, :3] * length, [energy * e], values[:, 3:] * f, where=f"{path}: line {i + 1}")
+        i += 2 + natoms
+    return builder.build()
+
+
+def md17_search_dirs() -> list[Path]:
+    """Folders searched for a molecule name: ``$TORCHMDX_DATA_DIR`` (os.pathsep-separated),
+    ``./data``, ``./data/md17``, and the project's sample folder ``../shared/data/md17``."""
+    dirs = [Path(p) for p in os.environ.get("TORCHMDX_DATA_DIR", "").split(os.pathsep) if p]
+    dirs += [Path("data"), Path("data/md17")]
+    root = Path(__file__).resolve().parents[2]
+    dirs.append(root.parent / "shared" / "data" / "md17")
+    expanded = []
+    for d in dirs:
+        expanded += [d, d / "md17"] if d.name != "md17" else [d]
+    seen, out = set(), []
+    for d in expanded:
+        key = str(d.resolve()) if d.exists() else str(d)
+        if key not in seen and d.is_dir():
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def resolve_md17_name(name: str, fmt: str) -> Path:
+    """Path of the npz for molecule ``name`` (e.g. ``ethanol``) in the MD17 (``fmt='md17'``) or
+    revised-MD17 (``'rmd17'``) layout, searched in :func:`md17_search_dirs`.
+
+    Exact names are tried first (``md17_<name>.npz``, ``<name>_dft.npz``, ``<name>.npz``; or
+    ``rmd17_<name>.npz``), then ``md17_<name>_*.npz`` / ``rmd17_<name>_*.npz``; several matches
+    at the same level are an error listing them.
+    """
+    name = name.lower()
+    if fmt == "rmd17":
+        exact, loose = [f"rmd17_{name}.npz"], [f"rmd17_{name}_*.npz", f"rmd17_{name}*.npz"]
+    else:
+        exact, loose = [f"md17_{name}.npz", f"{name}_dft.npz", f"{name}.npz"], [f"md17_{name}_*.npz", f"md17_{name}*.npz"]
+    dirs = md17_search_dirs()
+    for patterns in (exact, loose):
+        for d in dirs:
+            found = sorted({p for pat in patterns for p in d.glob(pat)})
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise DataError(
+                    f"{name}: several {fmt} files match in {d}: {', '.join(p.name for p in found)}; give the path"
+                )
+    raise DataError(
+        f"{name}: file not found, and no {fmt} file for a molecule of that name in "
+        f"{', '.join(str(d) for d in dirs) or 'the data folders'} (set TORCHMDX_DATA_DIR or give the path)"
+    )

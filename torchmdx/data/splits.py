@@ -1,0 +1,206 @@
+"""Train / validation / test splits: random or by group, saved beside the run and reused.
+
+Sizes are each an ``int`` (a count), a ``float`` in [0, 1] (a fraction, rounded to the nearest
+count) or ``None`` (everything the other two leave over; at most one may be ``None``). Sizes
+adding up to more than is available are an error; sizes adding up to less leave the rest unused.
+
+**Random split** (:func:`random_split`): a permutation of all structures drawn from
+``numpy.random.default_rng(seed)``; the first ``train`` go to training, the next ``val`` to
+validation, then ``test``.
+
+**Grouped split** (:func:`group_split`): whole groups (polymer families, molecules) go to one
+part only, so no group is seen in training and tested on. Groups named in ``test_groups`` /
+``val_groups`` go there entirely. The remaining groups are then split either
+
+- by group (``split_by_group=True``): sizes count *groups*; a permutation of the remaining groups
+  is cut like the random split; or
+- by structure (``split_by_group=False``): the remaining structures are split at random, so only
+  the named groups are held out (e.g. ``test_groups: [PMMA]``, train/val from the other families).
+
+**File**: :func:`save_split` writes an npz with ``train``, ``val``, ``test`` (int64 indices),
+``n_structures``, ``seed`` and the source's content ``hash``; :func:`load_split` checks the
+indices against the dataset size (a file made for another dataset is an error).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from torchmdx.errors import DataError
+from torchmdx.io_utils import atomic_write
+
+Size = Union[int, float, None]
+PARTS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    n_structures: int
+    seed: Optional[int] = None
+    info: dict = field(default_factory=dict)
+
+    def __getitem__(self, part: str) -> np.ndarray:
+        if part not in PARTS:
+            raise KeyError(part)
+        return getattr(self, part)
+
+    def sizes(self) -> dict:
+        return {p: int(len(self[p])) for p in PARTS}
+
+
+def resolve_sizes(total: int, train: Size, val: Size, test: Size, what: str = "structures",
+                  source: str = "dataset") -> tuple[int, int, int]:
+    """Turn counts / fractions / None into three counts that fit into ``total``."""
+    sizes = {"train": train, "val": val, "test": test}
+    nones = [k for k, v in sizes.items() if v is None]
+    if len(nones) > 1:
+        raise DataError(f"split: only one of train/val/test size may be left open (null); got {', '.join(nones)}")
+    counts = {}
+    for key, value in sizes.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise DataError(f"split: {key} size must be a count or a fraction, got {value!r}")
+        if value < 0:
+            raise DataError(f"split: {key} size must not be negative, got {value}")
+        if isinstance(value, (float, np.floating)):
+            if value > 1:
+                raise DataError(f"split: {key} size {value} is a fraction above 1 (use an integer for a count)")
+            counts[key] = int(round(value * total))
+        else:
+            counts[key] = int(value)
+    used = sum(counts.values())
+    if used > total:
+        listed = " + ".join(f"{k} {v}" for k, v in counts.items())
+        raise DataError(f"{source}: split {listed} = {used} {what} is larger than the {total} {what} available")
+    for key in nones:
+        counts[key] = total - used
+    return counts["train"], counts["val"], counts["test"]
+
+
+def random_split(n_structures: int, train: Size = 0.8, val: Size = 0.1, test: Size = None, seed: int = 0,
+                 source: str = "dataset") -> Split:
+    """Random split of ``range(n_structures)`` (see the module docstring)."""
+    n_train, n_val, n_test = resolve_sizes(n_structures, train, val, test, source=source)
+    perm = np.random.default_rng(seed).permutation(n_structures)
+    return Split(
+        train=np.sort(perm[:n_train]),
+        val=np.sort(perm[n_train:n_train + n_val]),
+        test=np.sort(perm[n_train + n_val:n_train + n_val + n_test]),
+        n_structures=n_structures,
+        seed=seed,
+        info={"kind": "random"},
+    )
+
+
+def group_split(groups: Sequence, train: Size = 0.8, val: Size = 0.1, test: Size = None, seed: int = 0,
+                split_by_group: bool = True, val_groups: Sequence[str] = (), test_groups: Sequence[str] = (),
+                source: str = "dataset") -> Split:
+    """Split keeping whole groups together; ``groups`` holds one label (name) per structure.
+
+    A part filled by named groups (``val_groups`` / ``test_groups``) takes nothing more: its size
+    is ignored and the other sizes apply to the remaining groups (``split_by_group``) or
+    structures (otherwise).
+    """
+    labels = np.asarray([str(g) for g in groups], dtype=object)
+    n = len(labels)
+    names = sorted(set(labels.tolist()))
+    val_groups, test_groups = [str(g) for g in val_groups], [str(g) for g in test_groups]
+    for part, chosen in (("val_groups", val_groups), ("test_groups", test_groups)):
+        unknown = [g for g in chosen if g not in names]
+        if unknown:
+            raise DataError(f"{source}: {part}: no group {', '.join(map(repr, unknown))}; groups: {', '.join(names)}")
+    both = sorted(set(val_groups) & set(test_groups))
+    if both:
+        raise DataError(f"split: group(s) {', '.join(both)} named in both val_groups and test_groups")
+    named = {"train": [], "val": val_groups, "test": test_groups}
+    sizes = [0 if named[p] else size for p, size in zip(PARTS, (train, val, test))]
+    rest = [g for g in names if g not in set(val_groups) | set(test_groups)]
+    rng = np.random.default_rng(seed)
+    parts = {p: [np.flatnonzero(np.isin(labels, named[p]))] if named[p] else [] for p in PARTS}
+    if split_by_group:
+        counts = resolve_sizes(len(rest), *sizes, what="groups", source=source)
+        perm = [rest[i] for i in rng.permutation(len(rest))]
+        start = 0
+        for part, count in zip(PARTS, counts):
+            chosen = perm[start:start + count]
+            start += count
+            if chosen:
+                parts[part].append(np.flatnonzero(np.isin(labels, chosen)))
+    else:
+        remaining = np.flatnonzero(np.isin(labels, rest))
+        counts = resolve_sizes(len(remaining), *sizes, source=source)
+        perm = remaining[rng.permutation(len(remaining))]
+        start = 0
+        for part, count in zip(PARTS, counts):
+            parts[part].append(perm[start:start + count])
+            start += count
+    index = {p: np.sort(np.concatenate(parts[p])).astype(np.int64) if parts[p] else np.zeros(0, np.int64)
+             for p in PARTS}
+    split = Split(train=index["train"], val=index["val"], test=index["test"], n_structures=n, seed=seed,
+                  info={"kind": "group", "split_by_group": split_by_group,
+                        "groups": {p: sorted(set(labels[index[p]].tolist())) for p in PARTS}})
+    if split_by_group:
+        check_no_group_leak(split, labels)
+    return split
+
+
+def check_no_group_leak(split: Split, labels) -> None:
+    labels = np.asarray(labels, dtype=object)
+    seen = {p: set(labels[split[p]].tolist()) for p in PARTS}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = seen[a] & seen[b]
+        if shared:
+            raise DataError(f"split: group(s) {', '.join(sorted(shared))} appear in both {a} and {b}")
+
+
+def save_split(split: Split, path, content_hash: str = "") -> Path:
+    """Write ``split`` as an npz (temporary name, then rename)."""
+    path = Path(path)
+    with atomic_write(path) as handle:
+        np.savez(handle, train=split.train, val=split.val, test=split.test,
+                 n_structures=np.int64(split.n_structures), seed=np.int64(-1 if split.seed is None else split.seed),
+                 hash=np.str_(content_hash))
+    return path
+
+
+def load_split(path, n_structures: Optional[int] = None, content_hash: str = "") -> Split:
+    """Read a split file; check it fits a dataset of ``n_structures``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: split file not found")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable split file ({exc})") from None
+    missing = [k for k in PARTS if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: split file lacks {', '.join(missing)}; found: {', '.join(sorted(arrays))}")
+    stored_n = int(arrays["n_structures"]) if "n_structures" in arrays else None
+    if n_structures is not None and stored_n is not None and stored_n != n_structures:
+        raise DataError(
+            f"{path}: split made for {stored_n} structures, but the dataset has {n_structures}; "
+            "delete it or set another split_file"
+        )
+    n_check = n_structures if n_structures is not None else stored_n
+    for part in PARTS:
+        idx = arrays[part].astype(np.int64)
+        if idx.size and n_check is not None and (idx.min() < 0 or idx.max() >= n_check):
+            raise DataError(f"{path}: {part} index {int(idx.max())} outside the dataset of {n_check} structures")
+    stored_hash = str(arrays["hash"]) if "hash" in arrays else ""
+    if content_hash and stored_hash and stored_hash != content_hash:
+        warnings.warn(f"{path}: split was made from a dataset with different content (hash differs)", stacklevel=2)
+    seed = int(arrays["seed"]) if "seed" in arrays else -1
+    return Split(train=arrays["train"].astype(np.int64), val=arrays["val"].astype(np.int64),
+                 test=arrays["test"].astype(np.int64), n_structures=int(n_check or 0),
+                 seed=None if seed < 0 else seed, info={"kind": "file", "path": os.fspath(path)})

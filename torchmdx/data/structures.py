@@ -1,0 +1,326 @@
+"""In-memory form of a dataset: every reader returns a :class:`Structures`.
+
+The layout is the one of the HDF5 cache (``torchmdx.data.cache``): atoms of all structures are
+concatenated and ``offsets`` marks where each structure starts, so structure ``s`` is the atom
+range ``offsets[s]:offsets[s+1]``. Everything is already in torchmdx's units:
+
+========== ============ ======================================================
+name        shape        meaning (unit)
+========== ============ ======================================================
+z           [A] int64     atomic numbers
+pos         [A, 3] f8     positions (Å)
+forces      [A, 3] f8     forces (eV/Å), or ``None`` when the dataset has none
+energy      [S] f8        total energy (eV)
+offsets     [S+1] int64   atom offsets, ``offsets[0] = 0``, ``offsets[-1] = A``
+cell        [S, 3, 3] f8  cell vectors as rows (Å); zeros for molecules
+pbc         [S, 3] bool   periodic directions
+group       [S] int64     index into ``group_names`` (molecule, polymer family), or ``None``
+extras      name -> [S] or [S, k]  further per-structure targets (QM9 properties, ...)
+atom_extras name -> [A] or [A, k]  further per-atom values (e.g. QM9 Mulliken charges)
+========== ============ ======================================================
+
+``extra_units`` names the unit of each extra; ``metadata`` carries the provenance (format,
+source, level of theory, published atomic reference energies, notes about dropped entries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from torchmdx.errors import DataError
+
+#: The largest atomic number torchmdx knows (oganesson).
+MAX_ATOMIC_NUMBER = 118
+
+
+def element_symbol(z: int) -> str:
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z={z}"
+
+
+@dataclass
+class Structures:
+    z: np.ndarray
+    pos: np.ndarray
+    energy: np.ndarray
+    offsets: np.ndarray
+    forces: Optional[np.ndarray] = None
+    cell: Optional[np.ndarray] = None
+    pbc: Optional[np.ndarray] = None
+    group: Optional[np.ndarray] = None
+    group_names: list = field(default_factory=list)
+    extras: dict = field(default_factory=dict)
+    atom_extras: dict = field(default_factory=dict)
+    extra_units: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.energy)
+        if self.cell is None:
+            self.cell = np.zeros((n, 3, 3))
+        if self.pbc is None:
+            self.pbc = np.zeros((n, 3), dtype=bool)
+
+    # -- sizes -----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(len(self.energy))
+
+    @property
+    def n_atoms(self) -> int:
+        return int(len(self.z))
+
+    @property
+    def atoms_per_structure(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def structure_index(self) -> np.ndarray:
+        """[A] index of the structure each atom belongs to."""
+        return np.repeat(np.arange(len(self)), self.atoms_per_structure)
+
+    @property
+    def elements(self) -> list[int]:
+        return [int(v) for v in np.unique(self.z)]
+
+    @property
+    def source(self) -> str:
+        return str(self.metadata.get("source", "<dataset>"))
+
+    def group_labels(self) -> Optional[np.ndarray]:
+        """[S] group names (strings) or None."""
+        if self.group is None:
+            return None
+        return np.asarray(self.group_names, dtype=object)[self.group]
+
+    # -- checks ----------------------------------------------------------------------------------
+    def validate(self) -> "Structures":
+        """Check shapes and values; raise :class:`DataError` naming the file and the problem."""
+        src = self.source
+        n, a = len(self), self.n_atoms
+        if n == 0:
+            raise DataError(f"{src}: contains no structures")
+        off = self.offsets
+        if off.shape != (n + 1,) or off[0] != 0 or off[-1] != a or np.any(np.diff(off) <= 0):
+            raise DataError(f"{src}: atom offsets do not match the {n} structures and {a} atoms")
+        if self.pos.shape != (a, 3):
+            raise DataError(f"{src}: positions have shape {self.pos.shape}, expected ({a}, 3)")
+        if self.forces is not None and self.forces.shape != (a, 3):
+            raise DataError(f"{src}: forces have shape {self.forces.shape}, expected ({a}, 3)")
+        if self.cell.shape != (n, 3, 3) or self.pbc.shape != (n, 3):
+            raise DataError(f"{src}: cell/pbc shapes {self.cell.shape}/{self.pbc.shape} do not match {n} structures")
+        for name, arr in self.extras.items():
+            if len(arr) != n:
+                raise DataError(f"{src}: property '{name}' has {len(arr)} values for {n} structures")
+        for name, arr in self.atom_extras.items():
+            if len(arr) != a:
+                raise DataError(f"{src}: per-atom property '{name}' has {len(arr)} values for {a} atoms")
+        if self.group is not None and (len(self.group) != n or (n and self.group.max() >= len(self.group_names))):
+            raise DataError(f"{src}: group labels do not match the {n} structures")
+        bad = np.flatnonzero((self.z < 1) | (self.z > MAX_ATOMIC_NUMBER))
+        if bad.size:
+            s = int(np.searchsorted(off, bad[0], side="right") - 1)
+            raise DataError(
+                f"{src}: invalid atomic number {int(self.z[bad[0]])} in structure {s} (atom {bad[0] - off[s]}); "
+                f"expected 1..{MAX_ATOMIC_NUMBER}"
+            )
+        self._check_finite(self.pos, "coordinates", per_atom=True)
+        self._check_finite(self.energy, "energy", per_atom=False)
+        if self.forces is not None:
+            self._check_finite(self.forces, "forces", per_atom=True)
+        self._check_finite(self.cell, "cell", per_atom=False)
+        return self
+
+    def _check_finite(self, arr: np.ndarray, what: str, per_atom: bool) -> None:
+        finite = np.isfinite(arr)
+        if finite.all():
+            return
+        row = np.flatnonzero(~finite.reshape(len(arr), -1).all(axis=1))[0]
+        value = arr[row].ravel()[~finite[row].ravel()][0]
+        if per_atom:
+            s = int(np.searchsorted(self.offsets, row, side="right") - 1)
+            where = f"structure {s} (atom {row - self.offsets[s]})"
+        else:
+            where = f"structure {row}"
+        raise DataError(f"{self.source}: non-finite {what} ({value}) in {where}")
+
+    def check_max_z(self, max_z: int) -> None:
+        """Raise if an element lies beyond a model's embedding range ``1..max_z``."""
+        check_max_z(self.z, self.offsets, max_z, self.source)
+
+    # -- selection -------------------------------------------------------------------------------
+    def select(self, indices) -> "Structures":
+        """A new :class:`Structures` with the given structures (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        counts = self.atoms_per_structure[idx]
+        atom_idx = atom_indices(self.offsets, idx)
+        return dataclasses.replace(
+            self,
+            z=self.z[atom_idx],
+            pos=self.pos[atom_idx],
+            forces=None if self.forces is None else self.forces[atom_idx],
+            energy=self.energy[idx],
+            offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            cell=self.cell[idx],
+            pbc=self.pbc[idx],
+            group=None if self.group is None else self.group[idx],
+            extras={k: v[idx] for k, v in self.extras.items()},
+            atom_extras={k: v[atom_idx] for k, v in self.atom_extras.items()},
+        )
+
+
+def atom_indices(offsets: np.ndarray, indices) -> np.ndarray:
+    """Indices of the atoms of structures ``indices`` (in that order) in the concatenated arrays."""
+    idx = np.asarray(indices, dtype=np.int64)
+    counts = np.diff(offsets)[idx]
+    first = np.repeat(offsets[idx] - (np.cumsum(counts) - counts), counts)
+    return first + np.arange(counts.sum())
+
+
+def check_max_z(z: np.ndarray, offsets: np.ndarray, max_z: int, source: str) -> None:
+    bad = np.flatnonzero(z > max_z)
+    if bad.size:
+        s = int(np.searchsorted(offsets, bad[0], side="right") - 1)
+        zz = int(z[bad[0]])
+        raise DataError(
+            f"{source}: element {element_symbol(zz)} (Z={zz}) in structure {s} is beyond the model's range "
+            f"(max_z={max_z})"
+        )
+
+
+class StructureBuilder:
+    """Collects blocks of structures from a reader, then concatenates them once.
+
+    A *block* is ``n`` structures of the same ``N`` atoms (an MD17 trajectory, an ANI molecule
+    group); :meth:`add` takes positions ``[n, N, 3]`` and per-structure arrays ``[n, ...]``.
+    Values must already be converted to eV / Å.
+    """
+
+    def __init__(self, source: str, **metadata: Any):
+        self.source = source
+        self.metadata = {"source": source, **metadata}
+        self._z, self._pos, self._forces, self._energy, self._counts = [], [], [], [], []
+        self._cell, self._pbc, self._group = [], [], []
+        self._extras: dict[str, list] = {}
+        self._atom_extras: dict[str, list] = {}
+        self.extra_units: dict[str, str] = {}
+        self.group_names: list[str] = []
+        self._group_index: dict[str, int] = {}
+        self._has_forces: Optional[bool] = None
+        self._has_group: Optional[bool] = None
+
+    def __len__(self):
+        return sum(len(e) for e in self._energy)
+
+    def add(
+        self,
+        numbers,
+        positions,
+        energy,
+        forces=None,
+        cell=None,
+        pbc=None,
+        group: Optional[str] = None,
+        extras: Optional[dict] = None,
+        atom_extras: Optional[dict] = None,
+        where: str = "",
+    ) -> None:
+        where = where or self.source
+        numbers = np.asarray(numbers).astype(np.int64).reshape(-1)
+        positions = np.asarray(positions, dtype=np.float64)
+        if positions.ndim == 2:
+            positions = positions[None]
+        n, natoms = positions.shape[0], numbers.shape[0]
+        if positions.shape[1:] != (natoms, 3):
+            raise DataError(
+                f"{where}: coordinates have shape {tuple(positions.shape)} but there are {natoms} atomic numbers; "
+                f"expected ({n}, {natoms}, 3)"
+            )
+        energy = np.asarray(energy, dtype=np.float64).reshape(-1)
+        if energy.shape[0] != n:
+            raise DataError(f"{where}: {energy.shape[0]} energies for {n} structures (coordinates)")
+        has_forces = forces is not None
+        if self._has_forces is None:
+            self._has_forces = has_forces
+        elif self._has_forces != has_forces:
+            raise DataError(f"{where}: forces are given for some structures but not for others")
+        if has_forces:
+            forces = np.asarray(forces, dtype=np.float64)
+            if forces.ndim == 2:
+                forces = forces[None]
+            if forces.shape != positions.shape:
+                raise DataError(
+                    f"{where}: forces have shape {tuple(forces.shape)} but coordinates {tuple(positions.shape)}"
+                )
+            self._forces.append(forces.reshape(-1, 3))
+        self._z.append(np.tile(numbers, n))
+        self._pos.append(positions.reshape(-1, 3))
+        self._energy.append(energy)
+        self._counts.append(np.full(n, natoms, dtype=np.int64))
+        if cell is None:
+            cell = np.zeros((n, 3, 3))
+        cell = np.broadcast_to(np.asarray(cell, dtype=np.float64), (n, 3, 3))
+        self._cell.append(cell)
+        if pbc is None:
+            pbc = np.zeros((n, 3), dtype=bool)
+        self._pbc.append(np.broadcast_to(np.asarray(pbc, dtype=bool), (n, 3)))
+        has_group = group is not None
+        if self._has_group is None:
+            self._has_group = has_group
+        elif self._has_group != has_group:
+            raise DataError(f"{where}: group label missing for some structures")
+        if has_group:
+            key = str(group)
+            if key not in self._group_index:
+                self._group_index[key] = len(self.group_names)
+                self.group_names.append(key)
+            self._group.append(np.full(n, self._group_index[key], dtype=np.int64))
+        self._add_extras(self._extras, extras or {}, n, where, "property")
+        self._add_extras(self._atom_extras, atom_extras or {}, n * natoms, where, "per-atom property")
+
+    def _add_extras(self, store, values, expected, where, what):
+        first_block = len(self._energy) == 1
+        if set(values) != set(store) and not (first_block and not store):
+            missing = sorted(set(store) ^ set(values))
+            raise DataError(f"{where}: {what} {', '.join(missing)} present for some structures but not others")
+        for name, value in values.items():
+            arr = np.asarray(value)
+            if arr.ndim == 0 or arr.shape[0] != expected:
+                if arr.size % expected:
+                    raise DataError(f"{where}: {what} '{name}' has {arr.size} values for {expected} entries")
+                arr = arr.reshape(expected, -1)
+                if arr.shape[1] == 1:
+                    arr = arr[:, 0]
+            store.setdefault(name, []).append(arr)
+
+    def build(self) -> Structures:
+        if not self._energy:
+            raise DataError(f"{self.source}: contains no structures")
+        counts = np.concatenate(self._counts)
+        structures = Structures(
+            z=np.concatenate(self._z),
+            pos=np.concatenate(self._pos),
+            energy=np.concatenate(self._energy),
+            offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            forces=np.concatenate(self._forces) if self._has_forces else None,
+            cell=np.concatenate(self._cell),
+            pbc=np.concatenate(self._pbc),
+            group=np.concatenate(self._group) if self._has_group else None,
+            group_names=list(self.group_names),
+            extras={k: _concat(v, k, self.source) for k, v in self._extras.items()},
+            atom_extras={k: _concat(v, k, self.source) for k, v in self._atom_extras.items()},
+            extra_units=dict(self.extra_units),
+            metadata=dict(self.metadata),
+        )
+        return structures.validate()
+
+
+def _concat(parts, name, source):
+    try:
+        return np.concatenate(parts)
+    except ValueError:
+        raise DataError(f"{source}: property '{name}' has different shapes in different structures") from None
