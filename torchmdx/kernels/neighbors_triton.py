@@ -1,0 +1,1120 @@
+"""Triton neighbor lists (backend ``"triton"``): brute force and cell list, batched, periodic.
+
+Same contract and results as :mod:`torchmdx.kernels.neighbors_ref` (see the conventions in
+:mod:`torchmdx.kernels.neighbors`): receiver ``i``, neighbor ``j``, integer image shifts
+``n_ij`` with
+
+    vectors_ij = pos[j] - pos[i] + n_ij @ cell[batch[i]]        (Å)
+    kept:  cutoff_lower <= |vectors_ij| < cutoff,  never i == j
+
+rows sorted by ``i`` then ``j``. Runs on CUDA tensors, and on CPU tensors under the Triton
+interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported).
+
+Minimum image
+-------------
+Each structure's cell is *completed* (rows of non-periodic directions replaced by an
+orthonormal complement of the periodic rows) and inverted on the host, once per cell tensor
+(cached by tensor identity and version). For a pair, s = (pos_j - pos_i) @ inv(cell) and
+n = -round(s) along periodic directions. When the cutoff is at most half of every periodic
+perpendicular width d_k = V / |a_l x a_m| this is exact for triclinic cells too: a vector r with
+|r| < cutoff has |r . b_k| <= |r| / d_k < 1/2 for every reciprocal vector b_k, so r is the
+rounded image, and it is the only image within the cutoff (any two images differ by a lattice
+vector of length >= min d_k). Larger cutoffs are refused with the reference's
+:class:`NeighborListError` (structure and widths named).
+
+Kernels
+-------
+``brute``: one program per block of ``BLOCK_I`` receivers; it scans the atoms of the
+structures its receivers belong to (contiguous ranges, as ``batch`` is sorted), so a batch of
+small molecules costs O(N * molecule size); j runs in increasing order, so rows come out sorted.
+
+``cell``: atoms are binned on a grid in fractional coordinates (periodic directions, cells at
+least ``cutoff`` thick) or in Cartesian coordinates along the orthonormal complement (open
+directions, grid spanning the structure's extent); a structure of n atoms gets at most n cells
+(so the key space of all structures is [0, N) and needs no host size). Cell sizes are computed
+on the device, so nothing is read back. Atoms are sorted by cell key (``torch.sort``, stable),
+``cell_start`` comes from ``torch.searchsorted``; one program per block of sorted receivers
+scans the 27 (fewer when a periodic direction has < 3 cells) neighbouring cells.
+
+Output without host synchronisation: a count pass writes the number of neighbors of every
+receiver, an exclusive scan (``torch.cumsum``) gives each receiver's first row, and a write pass
+recomputes the pairs and stores them from there. The cell list writes neighbor indices in scan
+order to a scratch buffer and an ``emit`` pass ranks them inside each receiver's segment
+(deterministic, no atomics) and writes the final sorted rows with shifts, vectors and distances.
+With ``max_pairs`` the outputs have that many rows, ``overflow`` (device bool) is set when more
+pairs exist, ``num_pairs`` holds the number found (so the caller can grow the buffer to fit), and
+nothing reads device memory on the host: the call can be captured in a CUDA graph once the
+geometry cache holds the cell (call it once outside the graph first). Without ``max_pairs`` the
+total is read back after the count pass and the outputs are allocated to fit exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+import torch
+
+from torchmdx.errors import NeighborListError
+from torchmdx.kernels.neighbors import Neighbors
+
+try:  # triton is a Linux dependency; elsewhere this backend reports itself unavailable
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+#: largest structure (atoms) for which ``method="auto"`` uses the brute-force kernel
+BRUTE_FORCE_MAX_ATOMS = 3072
+#: relative margin added to the cutoff when sizing cells (float rounding of fractional coordinates)
+_CELL_MARGIN = 1e-4
+
+#: launch parameters (the benchmark may override them)
+CONFIG = {
+    "brute_block_i": 32,
+    "brute_block_j": 64,
+    "brute_warps": 4,
+    "cell_block_i": 64,
+    "cell_block_j": 16,
+    "cell_warps": 4,
+    "emit_block": 64,
+    "emit_atoms": 4,
+    "emit_warps": 4,
+    "bin_block": 256,
+}
+
+_GEO_WIDTH = 24  # per structure: cell h (9, open rows zeroed), inverse of the completed cell (9), pbc (3), widths (3)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether this backend can run on ``device``: CUDA with triton, or the CPU interpreter."""
+    if not HAVE_TRITON:
+        return False
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+if HAVE_TRITON:
+
+    # ----------------------------------------------------------------------------------------
+    # shared device helpers
+    # ----------------------------------------------------------------------------------------
+    @triton.jit
+    def _load_geometry(geo_ptr, row):
+        """Cell rows h (open rows zero), inverse of the completed cell k, pbc flags p, widths w."""
+        base = geo_ptr + row * 24
+        h00 = tl.load(base + 0)
+        h01 = tl.load(base + 1)
+        h02 = tl.load(base + 2)
+        h10 = tl.load(base + 3)
+        h11 = tl.load(base + 4)
+        h12 = tl.load(base + 5)
+        h20 = tl.load(base + 6)
+        h21 = tl.load(base + 7)
+        h22 = tl.load(base + 8)
+        k00 = tl.load(base + 9)
+        k01 = tl.load(base + 10)
+        k02 = tl.load(base + 11)
+        k10 = tl.load(base + 12)
+        k11 = tl.load(base + 13)
+        k12 = tl.load(base + 14)
+        k20 = tl.load(base + 15)
+        k21 = tl.load(base + 16)
+        k22 = tl.load(base + 17)
+        p0 = tl.load(base + 18)
+        p1 = tl.load(base + 19)
+        p2 = tl.load(base + 20)
+        return h00, h01, h02, h10, h11, h12, h20, h21, h22, k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2
+
+    @triton.jit
+    def _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22, TRICLINIC: tl.constexpr):
+        """s = (x, y, z) @ inv(cell)."""
+        if TRICLINIC:
+            s0 = x * k00 + y * k10 + z * k20
+            s1 = x * k01 + y * k11 + z * k21
+            s2 = x * k02 + y * k12 + z * k22
+        else:
+            s0 = x * k00
+            s1 = y * k11
+            s2 = z * k22
+        return s0, s1, s2
+
+    @triton.jit
+    def _minimum_image(dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
+                       k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2, TRICLINIC: tl.constexpr):
+        """Integer shift n = -round(d @ inv(cell)) (periodic directions) and d + n @ cell."""
+        s0, s1, s2 = _fractional(dx, dy, dz, k00, k01, k02, k10, k11, k12, k20, k21, k22, TRICLINIC)
+        n0 = tl.floor(0.5 - s0) * p0
+        n1 = tl.floor(0.5 - s1) * p1
+        n2 = tl.floor(0.5 - s2) * p2
+        if TRICLINIC:
+            vx = dx + (n0 * h00 + n1 * h10 + n2 * h20)
+            vy = dy + (n0 * h01 + n1 * h11 + n2 * h21)
+            vz = dz + (n0 * h02 + n1 * h12 + n2 * h22)
+        else:
+            vx = dx + n0 * h00
+            vy = dy + n1 * h11
+            vz = dz + n2 * h22
+        return vx, vy, vz, n0, n1, n2
+
+    # ----------------------------------------------------------------------------------------
+    # brute force
+    # ----------------------------------------------------------------------------------------
+    @triton.jit
+    def _brute_kernel(pos_ptr, start_ptr, end_ptr, batch_ptr, geo_ptr, geo_rows, params_ptr,
+                      count_ptr, offset_ptr, ei_ptr, shift_ptr, vec_ptr, dist_ptr, capacity, n_atoms,
+                      HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, TRICLINIC: tl.constexpr,
+                      HALF: tl.constexpr, HAS_LOWER: tl.constexpr, WRITE: tl.constexpr,
+                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+        pid = tl.program_id(0)
+        i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+        im = i < n_atoms
+        xi = tl.load(pos_ptr + i * 3 + 0, mask=im, other=0.0)
+        yi = tl.load(pos_ptr + i * 3 + 1, mask=im, other=0.0)
+        zi = tl.load(pos_ptr + i * 3 + 2, mask=im, other=0.0)
+        cut2 = tl.load(params_ptr + 0)
+        low2 = tl.load(params_ptr + 1)
+        if HAS_BATCH:
+            lo_i = tl.load(start_ptr + i, mask=im, other=n_atoms)
+            hi_i = tl.load(end_ptr + i, mask=im, other=0)
+            j_lo = tl.min(lo_i, axis=0)
+            j_hi = tl.max(hi_i, axis=0)
+        else:
+            j_lo = pid * 0
+            j_hi = pid * 0 + n_atoms
+        if HALF:
+            j_lo = tl.maximum(j_lo, pid * BLOCK_I + 1)
+        if PERIODIC:
+            if HAS_BATCH:
+                row = tl.minimum(tl.load(batch_ptr + i, mask=im, other=0), geo_rows - 1)
+            else:
+                row = i * 0
+            (h00, h01, h02, h10, h11, h12, h20, h21, h22,
+             k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
+        cnt = tl.zeros([BLOCK_I], dtype=tl.int32)
+        if WRITE:
+            base = tl.load(offset_ptr + i, mask=im, other=0)
+        for j0 in range(j_lo, j_hi, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            jm = j < j_hi
+            xj = tl.load(pos_ptr + j * 3 + 0, mask=jm, other=0.0)
+            yj = tl.load(pos_ptr + j * 3 + 1, mask=jm, other=0.0)
+            zj = tl.load(pos_ptr + j * 3 + 2, mask=jm, other=0.0)
+            dx = xj[None, :] - xi[:, None]
+            dy = yj[None, :] - yi[:, None]
+            dz = zj[None, :] - zi[:, None]
+            if PERIODIC:
+                vx, vy, vz, n0, n1, n2 = _minimum_image(
+                    dx, dy, dz, h00[:, None], h01[:, None], h02[:, None], h10[:, None], h11[:, None],
+                    h12[:, None], h20[:, None], h21[:, None], h22[:, None], k00[:, None], k01[:, None],
+                    k02[:, None], k10[:, None], k11[:, None], k12[:, None], k20[:, None], k21[:, None],
+                    k22[:, None], p0[:, None], p1[:, None], p2[:, None], TRICLINIC)
+            else:
+                vx = dx
+                vy = dy
+                vz = dz
+            d2 = vx * vx + vy * vy + vz * vz
+            ok = (d2 < cut2) & jm[None, :] & im[:, None] & (j[None, :] != i[:, None])
+            if HAS_BATCH:
+                ok = ok & (j[None, :] >= lo_i[:, None]) & (j[None, :] < hi_i[:, None])
+            if HALF:
+                ok = ok & (j[None, :] > i[:, None])
+            if HAS_LOWER:
+                ok = ok & (d2 >= low2)
+            oki = ok.to(tl.int32)
+            if WRITE:
+                rank = tl.cumsum(oki, axis=1) - 1
+                slot = base[:, None] + (cnt[:, None] + rank).to(tl.int64)
+                wm = ok & (slot < capacity)
+                ii = (i[:, None] + j[None, :] * 0).to(tl.int64)
+                jj = (j[None, :] + i[:, None] * 0).to(tl.int64)
+                tl.store(ei_ptr + slot, ii, mask=wm)
+                tl.store(ei_ptr + capacity + slot, jj, mask=wm)
+                if PERIODIC:
+                    tl.store(shift_ptr + slot * 3 + 0, n0, mask=wm)
+                    tl.store(shift_ptr + slot * 3 + 1, n1, mask=wm)
+                    tl.store(shift_ptr + slot * 3 + 2, n2, mask=wm)
+                else:
+                    tl.store(shift_ptr + slot * 3 + 0, vx * 0.0, mask=wm)
+                    tl.store(shift_ptr + slot * 3 + 1, vx * 0.0, mask=wm)
+                    tl.store(shift_ptr + slot * 3 + 2, vx * 0.0, mask=wm)
+                tl.store(vec_ptr + slot * 3 + 0, vx, mask=wm)
+                tl.store(vec_ptr + slot * 3 + 1, vy, mask=wm)
+                tl.store(vec_ptr + slot * 3 + 2, vz, mask=wm)
+                tl.store(dist_ptr + slot, tl.sqrt(d2), mask=wm)
+            cnt += tl.sum(oki, axis=1)
+        if not WRITE:
+            tl.store(count_ptr + 1 + i, cnt.to(tl.int64), mask=im)
+            if pid == 0:
+                tl.store(count_ptr, pid.to(tl.int64) * 0)
+
+    # ----------------------------------------------------------------------------------------
+    # cell list: extents, binning, scan, emit
+    # ----------------------------------------------------------------------------------------
+    @triton.jit
+    def _extent_kernel(pos_ptr, start_ptr, batch_ptr, geo_ptr, geo_rows, ext_ptr, n_atoms,
+                       HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, TRICLINIC: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        """ext[slot] = (-min s, max s) per direction (float32), s = pos @ inv(completed cell)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        im = i < n_atoms
+        x = tl.load(pos_ptr + i * 3 + 0, mask=im, other=0.0)
+        y = tl.load(pos_ptr + i * 3 + 1, mask=im, other=0.0)
+        z = tl.load(pos_ptr + i * 3 + 2, mask=im, other=0.0)
+        if PERIODIC:
+            if HAS_BATCH:
+                row = tl.minimum(tl.load(batch_ptr + i, mask=im, other=0), geo_rows - 1)
+            else:
+                row = i * 0
+            (h00, h01, h02, h10, h11, h12, h20, h21, h22,
+             k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
+            s0, s1, s2 = _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22, TRICLINIC)
+        else:
+            s0 = x
+            s1 = y
+            s2 = z
+        s0 = s0.to(tl.float32)
+        s1 = s1.to(tl.float32)
+        s2 = s2.to(tl.float32)
+        if HAS_BATCH:
+            slot = tl.load(start_ptr + i, mask=im, other=0)
+            tl.atomic_max(ext_ptr + slot * 6 + 0, -s0, mask=im)
+            tl.atomic_max(ext_ptr + slot * 6 + 1, -s1, mask=im)
+            tl.atomic_max(ext_ptr + slot * 6 + 2, -s2, mask=im)
+            tl.atomic_max(ext_ptr + slot * 6 + 3, s0, mask=im)
+            tl.atomic_max(ext_ptr + slot * 6 + 4, s1, mask=im)
+            tl.atomic_max(ext_ptr + slot * 6 + 5, s2, mask=im)
+        else:
+            neg = float("-inf")
+            tl.atomic_max(ext_ptr + 0, tl.max(tl.where(im, -s0, neg), axis=0))
+            tl.atomic_max(ext_ptr + 1, tl.max(tl.where(im, -s1, neg), axis=0))
+            tl.atomic_max(ext_ptr + 2, tl.max(tl.where(im, -s2, neg), axis=0))
+            tl.atomic_max(ext_ptr + 3, tl.max(tl.where(im, s0, neg), axis=0))
+            tl.atomic_max(ext_ptr + 4, tl.max(tl.where(im, s1, neg), axis=0))
+            tl.atomic_max(ext_ptr + 5, tl.max(tl.where(im, s2, neg), axis=0))
+
+    @triton.jit
+    def _grid_dims(L0, L1, L2, budget, rc):
+        """Cells per direction for lengths L (Å; periodic: perpendicular width, open: extent).
+
+        Cells are at least ``rc`` thick, at most ``budget`` cells in all; thin directions get
+        one cell and the budget is spread over the others.
+        """
+        q0 = tl.maximum(L0, rc)
+        q1 = tl.maximum(L1, rc)
+        q2 = tl.maximum(L2, rc)
+        m = budget.to(tl.float32)
+        c1 = tl.maximum(rc, tl.exp(tl.log(q0 * q1 * q2 / m) / 3.0))
+        t0 = L0 >= c1
+        t1 = L1 >= c1
+        t2 = L2 >= c1
+        k = t0.to(tl.float32) + t1.to(tl.float32) + t2.to(tl.float32)
+        prod = tl.where(t0, q0, 1.0) * tl.where(t1, q1, 1.0) * tl.where(t2, q2, 1.0)
+        c2 = tl.where(k > 0.0, tl.maximum(rc, tl.exp(tl.log(prod / m) / tl.maximum(k, 1.0))), c1)
+        c2 = tl.maximum(c2, c1)
+        K0 = tl.maximum(tl.floor(L0 / c2), 1.0).to(tl.int32)
+        K1 = tl.maximum(tl.floor(L1 / c2), 1.0).to(tl.int32)
+        K2 = tl.maximum(tl.floor(L2 / c2), 1.0).to(tl.int32)
+        K0 = tl.maximum(tl.minimum(K0, budget), 1)
+        K1 = tl.maximum(tl.minimum(K1, budget // K0), 1)
+        K2 = tl.maximum(tl.minimum(K2, budget // (K0 * K1)), 1)
+        return K0, K1, K2
+
+    @triton.jit
+    def _cell_index(s, lo, length, K, periodic):
+        """Cell of fractional (periodic) or Cartesian-complement (open) coordinate s, clamped."""
+        Kf = K.to(tl.float32)
+        u = s - tl.floor(s)
+        c_per = tl.floor(u * Kf)
+        c_open = tl.where(length > 0.0, tl.floor((s - lo) / tl.maximum(length, 1e-30) * Kf), 0.0)
+        c = tl.where(periodic, c_per, c_open)
+        c = tl.minimum(tl.maximum(c, 0.0), Kf - 1.0)
+        return c.to(tl.int32)
+
+    @triton.jit
+    def _bin_kernel(pos_ptr, start_ptr, end_ptr, batch_ptr, geo_ptr, geo_rows, ext_ptr,
+                    key_ptr, grid_ptr, rc, n_atoms,
+                    HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, TRICLINIC: tl.constexpr,
+                    HAS_OPEN: tl.constexpr, BLOCK: tl.constexpr):
+        """Cell key (structure slot + linear cell) of every atom; cells per direction per slot."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        im = i < n_atoms
+        x = tl.load(pos_ptr + i * 3 + 0, mask=im, other=0.0)
+        y = tl.load(pos_ptr + i * 3 + 1, mask=im, other=0.0)
+        z = tl.load(pos_ptr + i * 3 + 2, mask=im, other=0.0)
+        if HAS_BATCH:
+            slot = tl.load(start_ptr + i, mask=im, other=0)
+            budget = (tl.load(end_ptr + i, mask=im, other=1) - slot).to(tl.int32)
+        else:
+            slot = (i * 0).to(tl.int64)
+            budget = i * 0 + n_atoms
+        budget = tl.maximum(budget, 1)
+        if PERIODIC:
+            if HAS_BATCH:
+                row = tl.minimum(tl.load(batch_ptr + i, mask=im, other=0), geo_rows - 1)
+            else:
+                row = i * 0
+            (h00, h01, h02, h10, h11, h12, h20, h21, h22,
+             k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
+            w0 = tl.load(geo_ptr + row * 24 + 21).to(tl.float32)
+            w1 = tl.load(geo_ptr + row * 24 + 22).to(tl.float32)
+            w2 = tl.load(geo_ptr + row * 24 + 23).to(tl.float32)
+            s0, s1, s2 = _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22, TRICLINIC)
+            per0 = p0 != 0.0
+            per1 = p1 != 0.0
+            per2 = p2 != 0.0
+        else:
+            s0 = x
+            s1 = y
+            s2 = z
+            w0 = x.to(tl.float32) * 0.0
+            w1 = w0
+            w2 = w0
+            per0 = im & False
+            per1 = per0
+            per2 = per0
+        s0 = s0.to(tl.float32)
+        s1 = s1.to(tl.float32)
+        s2 = s2.to(tl.float32)
+        if HAS_OPEN:
+            lo0 = -tl.load(ext_ptr + slot * 6 + 0, mask=im, other=0.0)
+            lo1 = -tl.load(ext_ptr + slot * 6 + 1, mask=im, other=0.0)
+            lo2 = -tl.load(ext_ptr + slot * 6 + 2, mask=im, other=0.0)
+            e0 = tl.load(ext_ptr + slot * 6 + 3, mask=im, other=0.0) - lo0
+            e1 = tl.load(ext_ptr + slot * 6 + 4, mask=im, other=0.0) - lo1
+            e2 = tl.load(ext_ptr + slot * 6 + 5, mask=im, other=0.0) - lo2
+        else:
+            lo0 = w0 * 0.0
+            lo1 = lo0
+            lo2 = lo0
+            e0 = lo0
+            e1 = lo0
+            e2 = lo0
+        L0 = tl.where(per0, w0, e0)
+        L1 = tl.where(per1, w1, e1)
+        L2 = tl.where(per2, w2, e2)
+        K0, K1, K2 = _grid_dims(L0, L1, L2, budget, rc)
+        c0 = _cell_index(s0, lo0, e0, K0, per0)
+        c1 = _cell_index(s1, lo1, e1, K1, per1)
+        c2 = _cell_index(s2, lo2, e2, K2, per2)
+        key = slot.to(tl.int32) + c0 + K0 * (c1 + K1 * c2)
+        tl.store(key_ptr + i, key, mask=im)
+        tl.store(grid_ptr + slot * 3 + 0, K0, mask=im)
+        tl.store(grid_ptr + slot * 3 + 1, K1, mask=im)
+        tl.store(grid_ptr + slot * 3 + 2, K2, mask=im)
+
+    @triton.jit
+    def _neighbor_cell(c, off: tl.constexpr, K, periodic):
+        """Neighbouring cell index along one direction and whether to visit it (each cell once)."""
+        n = c + off
+        n_wrap = tl.where(n < 0, n + K, tl.where(n >= K, n - K, n))
+        if off == 0:
+            visit_per = K > 0
+        elif off == 1:
+            visit_per = K >= 2
+        else:
+            visit_per = K >= 3
+        visit_open = (n >= 0) & (n < K)
+        return tl.where(periodic, n_wrap, n), tl.where(periodic, visit_per, visit_open)
+
+    @triton.jit
+    def _cell_scan_kernel(spos_ptr, perm_ptr, skey_ptr, cell_start_ptr, grid_ptr, start_ptr, batch_ptr,
+                          geo_ptr, geo_rows, params_ptr, count_ptr, offset_ptr, tmp_ptr, capacity, n_atoms,
+                          HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, TRICLINIC: tl.constexpr,
+                          HALF: tl.constexpr, HAS_LOWER: tl.constexpr, WRITE: tl.constexpr,
+                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+        """Count (WRITE=0) or list (WRITE=1, neighbor index into tmp) pairs of sorted receivers."""
+        pid = tl.program_id(0)
+        k = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+        km = k < n_atoms
+        oi = tl.load(perm_ptr + k, mask=km, other=0)
+        key = tl.load(skey_ptr + k, mask=km, other=0)
+        xi = tl.load(spos_ptr + k * 3 + 0, mask=km, other=0.0)
+        yi = tl.load(spos_ptr + k * 3 + 1, mask=km, other=0.0)
+        zi = tl.load(spos_ptr + k * 3 + 2, mask=km, other=0.0)
+        cut2 = tl.load(params_ptr + 0)
+        low2 = tl.load(params_ptr + 1)
+        if HAS_BATCH:
+            slot = tl.load(start_ptr + oi, mask=km, other=0)
+        else:
+            slot = (k * 0).to(tl.int64)
+        K0 = tl.load(grid_ptr + slot * 3 + 0, mask=km, other=1)
+        K1 = tl.load(grid_ptr + slot * 3 + 1, mask=km, other=1)
+        K2 = tl.load(grid_ptr + slot * 3 + 2, mask=km, other=1)
+        lin = key - slot.to(tl.int32)
+        c0 = lin % K0
+        c1 = (lin // K0) % K1
+        c2 = lin // (K0 * K1)
+        if PERIODIC:
+            if HAS_BATCH:
+                row = tl.minimum(tl.load(batch_ptr + oi, mask=km, other=0), geo_rows - 1)
+            else:
+                row = k * 0
+            (h00, h01, h02, h10, h11, h12, h20, h21, h22,
+             k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
+            per0 = p0 != 0.0
+            per1 = p1 != 0.0
+            per2 = p2 != 0.0
+        else:
+            per0 = km & False
+            per1 = per0
+            per2 = per0
+        cnt = tl.zeros([BLOCK_I], dtype=tl.int32)
+        if WRITE:
+            base = tl.load(offset_ptr + oi, mask=km, other=0)
+        lane = tl.arange(0, BLOCK_J)
+        for oz in tl.static_range(3):
+            nz, vz_ok = _neighbor_cell(c2, oz - 1, K2, per2)
+            for oy in tl.static_range(3):
+                ny, vy_ok = _neighbor_cell(c1, oy - 1, K1, per1)
+                for ox in tl.static_range(3):
+                    nx, vx_ok = _neighbor_cell(c0, ox - 1, K0, per0)
+                    visit = km & vz_ok & vy_ok & vx_ok
+                    nkey = slot.to(tl.int32) + nx + K0 * (ny + K1 * nz)
+                    lo = tl.load(cell_start_ptr + nkey, mask=visit, other=0)
+                    hi = tl.load(cell_start_ptr + nkey + 1, mask=visit, other=0)
+                    length = hi - lo
+                    longest = tl.max(length, axis=0)
+                    for t in range(0, longest, BLOCK_J):
+                        jt = t + lane
+                        jm = jt[None, :] < length[:, None]
+                        jk = lo[:, None] + jt[None, :]
+                        xj = tl.load(spos_ptr + jk * 3 + 0, mask=jm, other=0.0)
+                        yj = tl.load(spos_ptr + jk * 3 + 1, mask=jm, other=0.0)
+                        zj = tl.load(spos_ptr + jk * 3 + 2, mask=jm, other=0.0)
+                        oj = tl.load(perm_ptr + jk, mask=jm, other=0)
+                        dx = xj - xi[:, None]
+                        dy = yj - yi[:, None]
+                        dz = zj - zi[:, None]
+                        if PERIODIC:
+                            vx, vy, vz, n0, n1, n2 = _minimum_image(
+                                dx, dy, dz, h00[:, None], h01[:, None], h02[:, None], h10[:, None],
+                                h11[:, None], h12[:, None], h20[:, None], h21[:, None], h22[:, None],
+                                k00[:, None], k01[:, None], k02[:, None], k10[:, None], k11[:, None],
+                                k12[:, None], k20[:, None], k21[:, None], k22[:, None], p0[:, None],
+                                p1[:, None], p2[:, None], TRICLINIC)
+                        else:
+                            vx = dx
+                            vy = dy
+                            vz = dz
+                        d2 = vx * vx + vy * vy + vz * vz
+                        ok = jm & (d2 < cut2) & (oj != oi[:, None])
+                        if HALF:
+                            ok = ok & (oj > oi[:, None])
+                        if HAS_LOWER:
+                            ok = ok & (d2 >= low2)
+                        oki = ok.to(tl.int32)
+                        if WRITE:
+                            rank = tl.cumsum(oki, axis=1) - 1
+                            dst = base[:, None] + (cnt[:, None] + rank).to(tl.int64)
+                            tl.store(tmp_ptr + dst, oj.to(tl.int32), mask=ok & (dst < capacity))
+                        cnt += tl.sum(oki, axis=1)
+        if not WRITE:
+            tl.store(count_ptr + 1 + oi, cnt.to(tl.int64), mask=km)
+            if pid == 0:
+                tl.store(count_ptr, pid.to(tl.int64) * 0)
+
+    @triton.jit
+    def _emit_kernel(pos_ptr, batch_ptr, geo_ptr, geo_rows, offset_ptr, tmp_ptr,
+                     ei_ptr, shift_ptr, vec_ptr, dist_ptr, capacity, n_atoms,
+                     HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, TRICLINIC: tl.constexpr,
+                     ATOMS: tl.constexpr, BLOCK: tl.constexpr):
+        """Sort each receiver's neighbors by index (rank counting) and write the final rows."""
+        pid = tl.program_id(0)
+        lane = tl.arange(0, BLOCK)
+        big = 2147483647
+        for a in range(ATOMS):
+            i = pid * ATOMS + a
+            if i < n_atoms:
+                first = tl.load(offset_ptr + i)
+                stop = tl.minimum(tl.load(offset_ptr + i + 1), capacity)
+                length = stop - first
+                xi = tl.load(pos_ptr + i * 3 + 0)
+                yi = tl.load(pos_ptr + i * 3 + 1)
+                zi = tl.load(pos_ptr + i * 3 + 2)
+                if PERIODIC:
+                    if HAS_BATCH:
+                        row = tl.minimum(tl.load(batch_ptr + i), geo_rows - 1)
+                    else:
+                        row = i * 0
+                    (h00, h01, h02, h10, h11, h12, h20, h21, h22,
+                     k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
+                for a0 in range(0, length, BLOCK):
+                    ia = a0 + lane
+                    am = ia < length
+                    ja = tl.load(tmp_ptr + first + ia, mask=am, other=big)
+                    rank = tl.zeros([BLOCK], dtype=tl.int32)
+                    for b0 in range(0, length, BLOCK):
+                        ib = b0 + lane
+                        jb = tl.load(tmp_ptr + first + ib, mask=ib < length, other=big)
+                        rank += tl.sum((jb[None, :] < ja[:, None]).to(tl.int32), axis=1)
+                    jl = tl.where(am, ja, 0).to(tl.int64)
+                    dx = tl.load(pos_ptr + jl * 3 + 0, mask=am, other=0.0) - xi
+                    dy = tl.load(pos_ptr + jl * 3 + 1, mask=am, other=0.0) - yi
+                    dz = tl.load(pos_ptr + jl * 3 + 2, mask=am, other=0.0) - zi
+                    if PERIODIC:
+                        vx, vy, vz, n0, n1, n2 = _minimum_image(
+                            dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
+                            k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2, TRICLINIC)
+                    else:
+                        vx = dx
+                        vy = dy
+                        vz = dz
+                        n0 = dx * 0.0
+                        n1 = n0
+                        n2 = n0
+                    dst = first + rank.to(tl.int64)
+                    tl.store(ei_ptr + dst, (jl * 0 + i).to(tl.int64), mask=am)
+                    tl.store(ei_ptr + capacity + dst, jl, mask=am)
+                    tl.store(shift_ptr + dst * 3 + 0, n0, mask=am)
+                    tl.store(shift_ptr + dst * 3 + 1, n1, mask=am)
+                    tl.store(shift_ptr + dst * 3 + 2, n2, mask=am)
+                    tl.store(vec_ptr + dst * 3 + 0, vx, mask=am)
+                    tl.store(vec_ptr + dst * 3 + 1, vy, mask=am)
+                    tl.store(vec_ptr + dst * 3 + 2, vz, mask=am)
+                    tl.store(dist_ptr + dst, tl.sqrt(vx * vx + vy * vy + vz * vz), mask=am)
+
+    @triton.jit
+    def _pad_kernel(offset_ptr, ei_ptr, shift_ptr, vec_ptr, dist_ptr, mask_ptr, capacity, n_atoms, fill,
+                    BLOCK: tl.constexpr):
+        """Fixed capacity: rows >= number of pairs become padding (i = j = N-1, zeros, mask False)."""
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        rm = r < capacity
+        total = tl.load(offset_ptr + n_atoms)
+        valid = r < total
+        tl.store(mask_ptr + r, valid.to(tl.int8), mask=rm)
+        pm = rm & (r >= total)
+        fills = (r * 0 + fill).to(tl.int64)
+        tl.store(ei_ptr + r, fills, mask=pm)
+        tl.store(ei_ptr + capacity + r, fills, mask=pm)
+        zero = tl.load(dist_ptr + r, mask=rm & valid, other=0.0) * 0.0
+        tl.store(shift_ptr + r * 3 + 0, zero, mask=pm)
+        tl.store(shift_ptr + r * 3 + 1, zero, mask=pm)
+        tl.store(shift_ptr + r * 3 + 2, zero, mask=pm)
+        tl.store(vec_ptr + r * 3 + 0, zero, mask=pm)
+        tl.store(vec_ptr + r * 3 + 1, zero, mask=pm)
+        tl.store(vec_ptr + r * 3 + 2, zero, mask=pm)
+        tl.store(dist_ptr + r, zero, mask=pm)
+
+    @triton.jit
+    def _displacement_kernel(pos_ptr, ref_ptr, batch_ptr, geo_ptr, geo_rows, flag_ptr, limit2, n_atoms,
+                             HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, TRICLINIC: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        """flag = 1 if some atom moved (minimum image) by more than sqrt(limit2) Å."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        im = i < n_atoms
+        dx = tl.load(pos_ptr + i * 3 + 0, mask=im, other=0.0) - tl.load(ref_ptr + i * 3 + 0, mask=im, other=0.0)
+        dy = tl.load(pos_ptr + i * 3 + 1, mask=im, other=0.0) - tl.load(ref_ptr + i * 3 + 1, mask=im, other=0.0)
+        dz = tl.load(pos_ptr + i * 3 + 2, mask=im, other=0.0) - tl.load(ref_ptr + i * 3 + 2, mask=im, other=0.0)
+        if PERIODIC:
+            if HAS_BATCH:
+                row = tl.minimum(tl.load(batch_ptr + i, mask=im, other=0), geo_rows - 1)
+            else:
+                row = i * 0
+            (h00, h01, h02, h10, h11, h12, h20, h21, h22,
+             k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
+            dx, dy, dz, n0, n1, n2 = _minimum_image(dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
+                                                    k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2,
+                                                    TRICLINIC)
+        d2 = dx * dx + dy * dy + dz * dz
+        # NaN displacements count as moved (the caller rebuilds, and the rebuild reports them)
+        moved = im & ((d2 > limit2) | (d2 != d2))
+        tl.atomic_max(flag_ptr, tl.max(moved.to(tl.int32), axis=0))
+
+
+# --------------------------------------------------------------------------------------------
+# host side: geometry cache
+# --------------------------------------------------------------------------------------------
+class _Geometry:
+    """Per-structure cell data on the device plus host copies for validation."""
+
+    __slots__ = ("geo", "rows", "periodic", "triclinic", "has_open", "widths", "pbc")
+
+    def __init__(self, geo, rows, periodic, triclinic, has_open, widths, pbc):
+        self.geo, self.rows, self.periodic = geo, rows, periodic
+        self.triclinic, self.has_open, self.widths, self.pbc = triclinic, has_open, widths, pbc
+
+
+_GEOMETRY_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_GEOMETRY_CACHE_SIZE = 32
+
+
+def _complete_rows(cell: np.ndarray, periodic: np.ndarray) -> np.ndarray:
+    """Replace non-periodic rows of ``cell`` [3,3] by an orthonormal complement of the periodic ones."""
+    if periodic.all():
+        return cell.copy()
+    basis = []
+    for k in range(3):
+        if periodic[k]:
+            v = cell[k].astype(np.float64).copy()
+            for b in basis:
+                v -= (v @ b) * b
+            norm = np.linalg.norm(v)
+            if norm > 0:
+                basis.append(v / norm)
+    complement = []
+    for axis in np.eye(3):
+        v = axis.copy()
+        for b in basis + complement:
+            v -= (v @ b) * b
+        norm = np.linalg.norm(v)
+        if norm > 1e-6:
+            complement.append(v / norm)
+    out = cell.astype(np.float64).copy()
+    c = 0
+    for k in range(3):
+        if not periodic[k]:
+            out[k] = complement[c]
+            c += 1
+    return out
+
+
+def _build_geometry(cell, pbc, device, dtype) -> _Geometry:
+    cell_h = None if cell is None else torch.as_tensor(cell).detach().to("cpu", torch.float64).numpy()
+    pbc_h = None if pbc is None else torch.as_tensor(pbc).detach().to("cpu").bool().numpy()
+    if cell_h is not None:
+        if cell_h.ndim == 2:
+            cell_h = cell_h[None]
+        if cell_h.ndim != 3 or cell_h.shape[1:] != (3, 3):
+            raise NeighborListError(f"cell must have shape [3, 3] or [B, 3, 3] (rows are lattice vectors, Å), got {list(cell.shape)}")
+    if pbc_h is not None:
+        if pbc_h.ndim == 1:
+            pbc_h = pbc_h[None]
+        if pbc_h.ndim != 2 or pbc_h.shape[1] != 3:
+            raise NeighborListError(f"pbc must have shape [3] or [B, 3], got {list(pbc.shape)}")
+        if pbc_h.any() and cell_h is None:
+            raise NeighborListError("periodic boundary conditions were given without a cell")
+    if pbc_h is None or not pbc_h.any():
+        return _open_geometry()
+    rows = max(cell_h.shape[0], pbc_h.shape[0])
+    if cell_h.shape[0] not in (1, rows) or pbc_h.shape[0] not in (1, rows):
+        raise NeighborListError(f"cell {list(cell.shape)} and pbc {list(pbc.shape)} disagree on the number of structures")
+    cells = np.broadcast_to(cell_h, (rows, 3, 3)).copy()
+    pbcs = np.broadcast_to(pbc_h, (rows, 3)).copy()
+    any_per = pbcs.any(1)
+    bad = any_per & ~np.isfinite(np.where(pbcs[:, :, None], cells, 0.0)).all((1, 2))
+    if bad.any():
+        b = int(np.nonzero(bad)[0][0])
+        raise NeighborListError(f"structure {b}: the cell holds non-finite values (rows {cells[b].tolist()} Å)")
+    completed = np.where(pbcs[:, :, None], cells, 0.0)
+    completed[~any_per] = np.eye(3)
+    for b in np.nonzero(any_per & ~pbcs.all(1))[0]:  # slabs and wires (usually few)
+        completed[b] = _complete_rows(cells[b], pbcs[b])
+    volume = np.abs(np.linalg.det(completed))
+    singular = any_per & ~(np.isfinite(volume) & (volume > 1e-12))
+    if singular.any():
+        b = int(np.nonzero(singular)[0][0])
+        raise NeighborListError(
+            f"structure {b}: the cell of the periodic directions is singular (rows {cells[b].tolist()} Å)"
+        )
+    inverse = np.linalg.inv(completed)
+    areas = np.stack([
+        np.linalg.norm(np.cross(completed[:, 1], completed[:, 2]), axis=-1),
+        np.linalg.norm(np.cross(completed[:, 2], completed[:, 0]), axis=-1),
+        np.linalg.norm(np.cross(completed[:, 0], completed[:, 1]), axis=-1),
+    ], -1)
+    w = volume[:, None] / areas
+    h = np.where(pbcs[:, :, None], cells, 0.0)
+    geo = np.zeros((rows, _GEO_WIDTH), dtype=np.float64)
+    geo[:, 0:9] = h.reshape(rows, 9)
+    geo[:, 9:18] = inverse.reshape(rows, 9)
+    geo[:, 18:21] = pbcs
+    geo[:, 21:24] = w
+    off = ~np.eye(3, dtype=bool)
+    triclinic = bool(np.any(h[:, off] != 0) or np.any(inverse[:, off] != 0))
+    widths = np.where(pbcs, w, np.inf)
+    has_open = bool((~pbcs).any())
+    tensor = torch.tensor(geo, dtype=dtype).to(device)
+    return _Geometry(tensor, rows, True, triclinic, has_open, widths, pbcs)
+
+
+def _open_geometry() -> _Geometry:
+    return _Geometry(None, 1, False, False, True, np.full((1, 3), np.inf), np.zeros((1, 3), bool))
+
+
+def _geometry(cell, pbc, device, dtype) -> _Geometry:
+    """Geometry for (cell, pbc), cached by tensor identity and in-place version counter."""
+    if pbc is None or cell is None:
+        if pbc is not None:  # pbc without a cell: fine if nothing is periodic
+            return _build_geometry(None, torch.as_tensor(pbc), device, dtype)
+        return _open_geometry()
+    cell = torch.as_tensor(cell)
+    pbc = torch.as_tensor(pbc)
+    key = (id(cell), cell._version, id(pbc), pbc._version, str(device), dtype)
+    hit = _GEOMETRY_CACHE.get(key)
+    if hit is not None:
+        cell_ref, pbc_ref, geometry = hit
+        if cell_ref() is cell and pbc_ref() is pbc:
+            _GEOMETRY_CACHE.move_to_end(key)
+            return geometry
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise NeighborListError(
+            "neighbor list: a new cell/pbc tensor inside CUDA-graph capture; call neighbor_list once "
+            "with these tensors before capturing (the cell is validated on the host)"
+        )
+    geometry = _build_geometry(cell, pbc, device, dtype)
+    _GEOMETRY_CACHE[key] = (weakref.ref(cell), weakref.ref(pbc), geometry)
+    while len(_GEOMETRY_CACHE) > _GEOMETRY_CACHE_SIZE:
+        _GEOMETRY_CACHE.popitem(last=False)
+    return geometry
+
+
+def _check_widths(geometry: _Geometry, cutoff: float, structures: Optional[int]) -> None:
+    """Refuse cutoffs above half a periodic perpendicular width (as the reference does)."""
+    if not geometry.periodic:
+        return
+    rows = geometry.widths.shape[0]
+    limit = rows if structures is None or rows == 1 else min(rows, structures)
+    too_small = (geometry.widths[:limit] < 2.0 * cutoff).any(1)
+    if too_small.any():
+        b = int(np.nonzero(too_small)[0][0])
+        w, per = geometry.widths[b], geometry.pbc[b]
+        names = "abc"
+        listed = ", ".join(f"{names[k]} {w[k]:.4g}" for k in range(3) if per[k])
+        raise NeighborListError(
+            f"structure {b}: cutoff {cutoff:g} Å is larger than half the perpendicular width of the "
+            f"periodic box (widths {listed} Å); minimum image needs widths >= {2 * cutoff:g} Å "
+            f"(use a larger box or a smaller cutoff)"
+        )
+
+
+_PARAM_CACHE: dict = {}
+
+
+def _params(cutoff: float, cutoff_lower: float, dtype, device) -> torch.Tensor:
+    """[cutoff^2, cutoff_lower^2] on the device in the positions' dtype (cached: no copy per call)."""
+    key = (cutoff, cutoff_lower, dtype, str(device))
+    out = _PARAM_CACHE.get(key)
+    if out is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise NeighborListError("neighbor list: call once with this cutoff before CUDA-graph capture")
+        if len(_PARAM_CACHE) > 64:
+            _PARAM_CACHE.clear()
+        out = torch.tensor([cutoff * cutoff, cutoff_lower * cutoff_lower], dtype=dtype).to(device)
+        _PARAM_CACHE[key] = out
+    return out
+
+
+_ARANGE_CACHE: dict = {}
+
+
+def _arange_int32(n: int, device) -> torch.Tensor:
+    key = (n, str(device))
+    out = _ARANGE_CACHE.get(key)
+    if out is None:
+        if len(_ARANGE_CACHE) > 16:
+            _ARANGE_CACHE.clear()
+        out = torch.arange(n, dtype=torch.int32, device=device)
+        _ARANGE_CACHE[key] = out
+    return out
+
+
+def _require(pos: torch.Tensor) -> None:
+    if not HAVE_TRITON:
+        raise NeighborListError("the triton neighbor-list backend needs the 'triton' package (Linux); use backend='torch'")
+    if pos.device.type == "cuda":
+        return
+    if pos.device.type == "cpu" and interpreting():
+        return
+    raise NeighborListError(
+        f"the triton neighbor-list backend runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), "
+        f"got positions on {pos.device}; use backend='torch'"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+def neighbor_list(
+    pos: torch.Tensor,
+    cutoff: float,
+    batch: Optional[torch.Tensor] = None,
+    cell: Optional[torch.Tensor] = None,
+    pbc: Optional[torch.Tensor] = None,
+    *,
+    cutoff_lower: float = 0.0,
+    full: bool = True,
+    max_pairs: Optional[int] = None,
+    method: str = "auto",
+) -> Neighbors:
+    """All pairs with ``cutoff_lower <= |r_ij| < cutoff`` (Å) under minimum image, on the GPU.
+
+    pos [N, 3] Å (float32 or float64; other float types are computed in float32); batch [N]
+    long, sorted (PyG convention; None: one structure); cell [B, 3, 3] or [3, 3] Å (rows are
+    lattice vectors); pbc [B, 3] or [3] bool. ``full``: both (i, j) and (j, i), else i < j only.
+    ``max_pairs``: fixed-capacity output, no host synchronisation (see the module docstring).
+    ``method``: ``"brute"``, ``"cell"`` or ``"auto"`` (brute force for structures of at most
+    :data:`BRUTE_FORCE_MAX_ATOMS` atoms). Returns :class:`torchmdx.kernels.neighbors.Neighbors`.
+    """
+    cutoff = float(cutoff)
+    cutoff_lower = float(cutoff_lower)
+    if not (cutoff > 0 and math.isfinite(cutoff)):
+        raise NeighborListError(f"cutoff must be a positive number of Å, got {cutoff}")
+    if not (0 <= cutoff_lower < cutoff):
+        raise NeighborListError(f"cutoff_lower must satisfy 0 <= cutoff_lower < cutoff ({cutoff} Å), got {cutoff_lower}")
+    if method not in ("auto", "brute", "cell"):
+        raise NeighborListError(f"unknown neighbor-list method {method!r}; choose auto, brute or cell")
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] != 3:
+        raise NeighborListError(f"positions must have shape [N, 3], got {list(getattr(pos, 'shape', []))}")
+    if max_pairs is not None:
+        max_pairs = int(max_pairs)
+        if max_pairs < 0:
+            raise NeighborListError(f"max_pairs must be >= 0, got {max_pairs}")
+    _require(pos)
+    out_dtype = pos.dtype
+    work = pos.detach()
+    if work.dtype not in (torch.float32, torch.float64):
+        work = work.float()
+    work = work.contiguous()
+    device, dtype = work.device, work.dtype
+    n_atoms = work.shape[0]
+    capacity_mode = max_pairs is not None
+
+    if batch is not None:
+        batch = torch.as_tensor(batch, device=device)
+        if batch.shape != (n_atoms,):
+            raise NeighborListError(f"batch must have shape [{n_atoms}] (one entry per atom), got {list(batch.shape)}")
+        batch = batch.long().contiguous()
+    geometry = _geometry(cell, pbc, device, dtype)
+
+    structures = None
+    largest = n_atoms
+    if batch is not None and not capacity_mode and n_atoms > 0:
+        # one host read for the checks the exact path can afford (the capacity path trusts its input)
+        unsorted = (batch[1:] < batch[:-1]).any() if n_atoms > 1 else torch.zeros((), dtype=torch.bool, device=device)
+        lowest, highest = batch.min(), batch.max()
+        stats = torch.stack([lowest, highest, unsorted.long()]).tolist()
+        if stats[0] < 0:
+            raise NeighborListError("batch holds a negative structure index")
+        structures = stats[1] + 1
+        if geometry.rows > 1 and geometry.rows < structures:
+            raise NeighborListError(
+                f"cell must have shape [3, 3] or [{structures}, 3, 3] (rows are lattice vectors, Å), got {list(cell.shape)}"
+            )
+        if stats[2]:
+            return _unsorted_batch(pos, cutoff, batch, cell, pbc, cutoff_lower, full, method)
+    elif batch is None:
+        structures = 1
+    _check_widths(geometry, cutoff, structures)
+
+    if n_atoms == 0:
+        return _empty(max_pairs, device, out_dtype)
+
+    has_batch = batch is not None
+    if has_batch:
+        start = torch.searchsorted(batch, batch)
+        end = torch.searchsorted(batch, batch, right=True)
+        if method == "auto" and not capacity_mode:
+            largest = int((end - start).max())  # cheap: the stats read above already synchronised
+    else:
+        start = end = batch = work  # placeholders, never read (HAS_BATCH=False)
+    if method == "auto":
+        method = "brute" if largest <= BRUTE_FORCE_MAX_ATOMS else "cell"
+
+    params = _params(cutoff, cutoff_lower, dtype, device)
+    geo = geometry.geo if geometry.periodic else params
+    flags = dict(HAS_BATCH=has_batch, PERIODIC=geometry.periodic, TRICLINIC=geometry.triclinic)
+    counts = torch.empty(n_atoms + 1, dtype=torch.long, device=device)
+
+    if method == "brute":
+        bi, bj, warps = CONFIG["brute_block_i"], CONFIG["brute_block_j"], CONFIG["brute_warps"]
+        grid = (triton.cdiv(n_atoms, bi),)
+        common = dict(HALF=not full, HAS_LOWER=cutoff_lower > 0, BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, **flags)
+        _brute_kernel[grid](work, start, end, batch, geo, geometry.rows, params, counts, counts,
+                            counts, work, work, work, 0, n_atoms, WRITE=False, **common)
+        offsets = torch.cumsum(counts, 0)
+        capacity, total = _capacity(offsets, n_atoms, max_pairs, work)
+        ei, shifts, vectors, distances = _allocate(capacity, device, dtype)
+        _brute_kernel[grid](work, start, end, batch, geo, geometry.rows, params, counts, offsets,
+                            ei, shifts, vectors, distances, capacity, n_atoms, WRITE=True, **common)
+    else:
+        slots = n_atoms if has_batch else 1
+        block = CONFIG["bin_block"]
+        grid_bin = (triton.cdiv(n_atoms, block),)
+        if geometry.has_open:
+            ext = torch.full((slots, 6), float("-inf"), dtype=torch.float32, device=device)
+            _extent_kernel[grid_bin](work, start, batch, geo, geometry.rows, ext, n_atoms,
+                                     BLOCK=block, **flags)
+        else:
+            ext = counts
+        keys = torch.empty(n_atoms, dtype=torch.int32, device=device)
+        cells = torch.empty(slots * 3, dtype=torch.int32, device=device)
+        _bin_kernel[grid_bin](work, start, end, batch, geo, geometry.rows, ext, keys, cells,
+                              cutoff * (1.0 + _CELL_MARGIN), n_atoms, HAS_OPEN=geometry.has_open,
+                              BLOCK=block, **flags)
+        sorted_keys, perm = torch.sort(keys, stable=True)
+        cell_start = torch.searchsorted(sorted_keys, _arange_int32(n_atoms + 1, device))
+        sorted_pos = work.index_select(0, perm)
+        bi, bj, warps = CONFIG["cell_block_i"], CONFIG["cell_block_j"], CONFIG["cell_warps"]
+        grid = (triton.cdiv(n_atoms, bi),)
+        common = dict(HALF=not full, HAS_LOWER=cutoff_lower > 0, BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, **flags)
+        _cell_scan_kernel[grid](sorted_pos, perm, sorted_keys, cell_start, cells, start, batch, geo,
+                                geometry.rows, params, counts, counts, keys, 0, n_atoms, WRITE=False, **common)
+        offsets = torch.cumsum(counts, 0)
+        capacity, total = _capacity(offsets, n_atoms, max_pairs, work)
+        scratch = torch.empty(max(capacity, 1), dtype=torch.int32, device=device)
+        _cell_scan_kernel[grid](sorted_pos, perm, sorted_keys, cell_start, cells, start, batch, geo,
+                                geometry.rows, params, counts, offsets, scratch, capacity, n_atoms,
+                                WRITE=True, **common)
+        ei, shifts, vectors, distances = _allocate(capacity, device, dtype)
+        atoms = CONFIG["emit_atoms"]
+        _emit_kernel[(triton.cdiv(n_atoms, atoms),)](
+            work, batch, geo, geometry.rows, offsets, scratch, ei, shifts, vectors, distances, capacity,
+            n_atoms, HAS_BATCH=has_batch, PERIODIC=geometry.periodic, TRICLINIC=geometry.triclinic,
+            ATOMS=atoms, BLOCK=CONFIG["emit_block"], num_warps=CONFIG["emit_warps"])
+
+    num_pairs = offsets[n_atoms]
+    if capacity_mode:
+        mask = torch.empty(capacity, dtype=torch.bool, device=device)
+        if capacity > 0:
+            block = 1024
+            _pad_kernel[(triton.cdiv(capacity, block),)](offsets, ei, shifts, vectors, distances,
+                                                         mask.view(torch.int8), capacity, n_atoms,
+                                                         max(n_atoms - 1, 0), BLOCK=block)
+        overflow = num_pairs > capacity
+    else:
+        mask = None
+        overflow = torch.zeros((), dtype=torch.bool, device=device)
+    if out_dtype != dtype:
+        shifts, vectors, distances = shifts.to(out_dtype), vectors.to(out_dtype), distances.to(out_dtype)
+    return Neighbors(edge_index=ei, shifts=shifts, vectors=vectors, distances=distances,
+                     num_pairs=num_pairs, overflow=overflow, mask=mask)
+
+
+def _capacity(offsets, n_atoms, max_pairs, work):
+    """Rows to allocate: ``max_pairs``, or the exact total (one host read, with a finite check)."""
+    if max_pairs is not None:
+        return max_pairs, None
+    total, bad = torch.stack([offsets[n_atoms], (~torch.isfinite(work)).any().long()]).tolist()
+    if bad:
+        row = int((~torch.isfinite(work)).any(-1).nonzero()[0, 0])
+        raise NeighborListError(f"atom {row} has a non-finite position {work[row].tolist()}")
+    return int(total), int(total)
+
+
+def _allocate(capacity, device, dtype):
+    ei = torch.empty(2, capacity, dtype=torch.long, device=device)
+    shifts = torch.empty(capacity, 3, dtype=dtype, device=device)
+    vectors = torch.empty(capacity, 3, dtype=dtype, device=device)
+    distances = torch.empty(capacity, dtype=dtype, device=device)
+    return ei, shifts, vectors, distances
+
+
+def _empty(max_pairs, device, dtype) -> Neighbors:
+    rows = 0 if max_pairs is None else max_pairs
+    zeros3 = torch.zeros(rows, 3, dtype=dtype, device=device)
+    return Neighbors(
+        edge_index=torch.zeros(2, rows, dtype=torch.long, device=device),
+        shifts=zeros3,
+        vectors=zeros3.clone(),
+        distances=torch.zeros(rows, dtype=dtype, device=device),
+        num_pairs=torch.zeros((), dtype=torch.long, device=device),
+        overflow=torch.zeros((), dtype=torch.bool, device=device),
+        mask=None if max_pairs is None else torch.zeros(rows, dtype=torch.bool, device=device),
+    )
+
+
+def _unsorted_batch(pos, cutoff, batch, cell, pbc, cutoff_lower, full, method) -> Neighbors:
+    """Exact path for a batch vector that is not sorted: group the atoms, then map back."""
+    order = torch.argsort(batch, stable=True)
+    nb = neighbor_list(pos[order], cutoff, batch[order], cell, pbc, cutoff_lower=cutoff_lower,
+                       full=full, method=method)
+    i = order[nb.edge_index[0]]
+    j = order[nb.edge_index[1]]
+    n = pos.shape[0]
+    perm = torch.sort(i * n + j, stable=True).indices
+    return Neighbors(edge_index=torch.stack([i[perm], j[perm]]), shifts=nb.shifts[perm],
+                     vectors=nb.vectors[perm], distances=nb.distances[perm], num_pairs=nb.num_pairs,
+                     overflow=nb.overflow)
+
+
+# --------------------------------------------------------------------------------------------
+# Verlet skin
+# --------------------------------------------------------------------------------------------
+def needs_rebuild(
+    pos: torch.Tensor,
+    reference_pos: torch.Tensor,
+    skin: float,
+    batch: Optional[torch.Tensor] = None,
+    cell: Optional[torch.Tensor] = None,
+    pbc: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """0-d bool tensor on the device: did any atom move more than ``skin / 2`` (Å)?
+
+    The displacement pos - reference_pos is taken under minimum image (an atom wrapped back
+    into the box has not moved). A list built with cutoff + skin at ``reference_pos`` holds every
+    pair within ``cutoff`` as long as this is False. No host synchronisation (one kernel on CUDA;
+    plain torch elsewhere). A non-finite displacement counts as moved.
+    """
+    if pos.shape != reference_pos.shape:
+        raise NeighborListError(
+            f"needs_rebuild: positions {list(pos.shape)} and reference positions {list(reference_pos.shape)} differ in shape"
+        )
+    skin = float(skin)
+    if not skin >= 0:
+        raise NeighborListError(f"skin must be >= 0 Å, got {skin}")
+    work = pos.detach()
+    if work.dtype not in (torch.float32, torch.float64):
+        work = work.float()
+    work = work.contiguous()
+    ref = reference_pos.detach().to(work.dtype).contiguous()
+    device, dtype = work.device, work.dtype
+    geometry = _geometry(cell, pbc, device, dtype)
+    limit2 = (0.5 * skin) ** 2
+    n_atoms = work.shape[0]
+    if n_atoms == 0:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    if available(device):
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        has_batch = batch is not None
+        b = torch.as_tensor(batch, device=device).long().contiguous() if has_batch else work
+        geo = geometry.geo if geometry.periodic else work
+        block = 1024
+        _displacement_kernel[(triton.cdiv(n_atoms, block),)](
+            work, ref, b, geo, geometry.rows, flag, limit2, n_atoms, HAS_BATCH=has_batch,
+            PERIODIC=geometry.periodic, TRICLINIC=geometry.triclinic, BLOCK=block)
+        return flag[0] > 0
+    delta = work - ref
+    if geometry.periodic:
+        geo = geometry.geo
+        if geometry.rows > 1 and batch is not None:
+            rows = torch.as_tensor(batch, device=device).long().clamp(max=geometry.rows - 1)
+            g = geo[rows]
+        else:
+            g = geo[0].expand(n_atoms, _GEO_WIDTH)
+        h = g[:, 0:9].reshape(-1, 3, 3)
+        inv = g[:, 9:18].reshape(-1, 3, 3)
+        per = g[:, 18:21]
+        s = torch.einsum("nd,ndl->nl", delta, inv)
+        shift = torch.floor(0.5 - s) * per
+        delta = delta + torch.einsum("nk,nkd->nd", shift, h)
+    d2 = (delta * delta).sum(-1)
+    return ((d2 > limit2) | torch.isnan(d2)).any()
+
+
+def grow_to_fit(build, max_pairs: int, growth: float = 1.25):
+    """Run ``build(max_pairs) -> Neighbors`` until it does not overflow; returns (nb, max_pairs).
+
+    For fixed-capacity callers (e.g. an MD loop captured in a CUDA graph): check ``overflow``
+    outside the graph, grow to ``growth * num_pairs`` rows and build again. This reads two
+    device scalars on the host, so call it outside graph capture.
+    """
+    while True:
+        nb = build(max_pairs)
+        overflow, found = torch.stack([nb.overflow.long(), nb.num_pairs.long()]).tolist()
+        if not overflow:
+            return nb, max_pairs
+        max_pairs = max(int(math.ceil(found * growth)), max_pairs + 1)
