@@ -1,13 +1,130 @@
-"""`torchmdx data`: not built yet."""
+"""``torchmdx data``: inspect a dataset (``info``) or build its HDF5 cache (``prepare``).
 
-from torchmdx.errors import NotBuiltError
+    torchmdx data info <config.yaml | data file> [--format F] [--json] [--energy-key K]
+                       [--forces-key K] [--group-key K] [--energy-unit U] [--length-unit U]
+    torchmdx data prepare <config.yaml | data file> [same options] [--cache-dir DIR] [--force]
 
-HELP = "(data: not built yet)"
+``info`` reads a current cache when one exists and the raw file otherwise; it writes nothing.
+With a config it also shows the split the config would make (sizes; a split larger than the
+data is an error) and, for ``atomref: fit``, the fitted per-element reference energies.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HELP = "inspect a dataset (info) or build its cache (prepare)"
+
+_FORMATS = ("md17", "rmd17", "md17-xyz", "qm9", "ani1", "ani1x", "ase", "cache")
+
+
+def _common(p):
+    p.add_argument("source", help="a data file or folder, an md17 molecule name, or a YAML config with a data: section")
+    p.add_argument("--format", default=None, metavar="FORMAT",
+                   help=f"file format, one of {', '.join(_FORMATS)} (guessed from the file if absent)")
+    p.add_argument("--energy-key", default=None, help="energy key (ASE info key, QM9 property, ANI-1x e.g. wb97x_dz.energy)")
+    p.add_argument("--forces-key", default=None, help="forces key (ASE array, ANI-1x e.g. wb97x_dz.forces)")
+    p.add_argument("--group-key", default=None, help="ASE info key holding each structure's group label")
+    p.add_argument("--energy-unit", default=None, help="energy unit of the file (e.g. kcal/mol, Hartree, eV)")
+    p.add_argument("--length-unit", default=None, help="length unit of the file (e.g. Bohr, Å)")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: the config's, else data/cache)")
 
 
 def add_arguments(parser):
-    parser.add_argument("args", nargs="*", help="(ignored)")
+    sub = parser.add_subparsers(dest="data_command", metavar="action")
+    info = sub.add_parser("info", help="print a summary: structures, atoms, elements, energy and force statistics",
+                          description="Summary of a dataset in eV and eV/Å.")
+    _common(info)
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    prepare = sub.add_parser("prepare", help="build (or check) the HDF5 cache and print its path",
+                             description="Build the HDF5 cache of a dataset (only when the raw file changed).")
+    _common(prepare)
+    prepare.add_argument("--force", action="store_true", help="rebuild even when the cache is current")
+    parser.set_defaults(_data_parser=parser)
 
 
-def run(args):
-    raise NotBuiltError("'torchmdx data' is not built yet")
+def _is_config(source: str) -> bool:
+    return Path(source).suffix.lower() in (".yaml", ".yml")
+
+
+def _load(args):
+    """(DataConfig or None, source, format, reader options, cache_dir) from the arguments."""
+    from torchmdx.data.data_config import DataConfig, load_data_config
+
+    cli_opts = {"energy_key": args.energy_key, "forces_key": args.forces_key, "group_key": args.group_key,
+                "energy_unit": args.energy_unit, "length_unit": args.length_unit}
+    if _is_config(args.source):
+        config = load_data_config(args.source)
+        for key, value in cli_opts.items():
+            if value is not None:
+                setattr(config, key, value)
+        if args.format:
+            config.format = args.format
+        if args.cache_dir:
+            config.cache_dir = args.cache_dir
+    else:
+        config = DataConfig(path=args.source, format=args.format, cache_dir=args.cache_dir or "data/cache", **cli_opts)
+    return config
+
+
+def run(args) -> int:
+    if getattr(args, "data_command", None) is None:
+        args._data_parser.print_help()
+        return 1
+    config = _load(args)
+    if args.data_command == "prepare":
+        return _prepare(args, config)
+    return _info(args, config)
+
+
+def _prepare(args, config) -> int:
+    from torchmdx.data.cache import build_cache, find_cache
+
+    opts = config.reader_options()
+    current = None if args.force else find_cache(config.path, config.format, config.cache_dir, **opts)
+    path = current or build_cache(config.path, config.format, config.cache_dir, force=args.force, **opts)
+    print(f"{'cache is current' if current else 'cache written'}: {path}")
+    return 0
+
+
+def _info(args, config) -> int:
+    from torchmdx.data.cache import find_cache, read_cache
+    from torchmdx.data.formats import read_structures
+    from torchmdx.data.summary import format_summary, summarize
+
+    opts = config.reader_options()
+    cached = find_cache(config.path, config.format, config.cache_dir, **opts)
+    structures = read_cache(cached) if cached else read_structures(config.path, config.format, **opts)
+    summary = summarize(structures)
+    if _is_config(args.source):
+        summary.update(_config_part(structures, config))
+    if args.json:
+        print(json.dumps(summary, indent=None))
+    else:
+        print(format_summary(summary))
+    sys.stdout.flush()
+    return 0
+
+
+def _config_part(structures, config) -> dict:
+    """Split sizes, element range check and atomic references for a config's data section."""
+    from torchmdx.data.atomref import fit_atomic_references, published_atomic_references
+    from torchmdx.data.splits import make_split
+
+    structures.check_max_z(config.max_z)
+    split = make_split(structures, config)
+    sizes = split.sizes()
+    sizes["unused"] = len(structures) - sum(sizes.values())
+    if split.info.get("groups"):
+        sizes["groups"] = split.info["groups"]
+    out = {"split": sizes, "max_z": config.max_z}
+    refs = None
+    if config.atomref == "fit" and len(split.train):
+        refs = fit_atomic_references(structures, split.train, config.max_z)
+    elif config.atomref == "dataset":
+        refs = published_atomic_references(structures, config.max_z)
+    if refs is not None:
+        out["atomic_references_eV"] = {str(z): float(refs[z]) for z in structures.elements}
+    return out

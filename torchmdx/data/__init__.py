@@ -37,6 +37,7 @@ _LAZY = {
     "cache_info": "torchmdx.data.cache",
     "H5Dataset": "torchmdx.data.dataset",
     "random_split": "torchmdx.data.splits",
+    "make_split": "torchmdx.data.splits",
     "group_split": "torchmdx.data.splits",
     "save_split": "torchmdx.data.splits",
     "load_split": "torchmdx.data.splits",

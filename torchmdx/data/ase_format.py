@@ -53,11 +53,12 @@ def _numeric(value) -> Optional[np.ndarray]:
 
 
 class _Frame:
-    __slots__ = ("numbers", "positions", "energy", "forces", "cell", "pbc", "group", "extras", "atom_extras", "where")
+    __slots__ = ("theory", "numbers", "positions", "energy", "forces", "cell", "pbc", "group", "extras", "atom_extras", "where")
 
 
 def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key):
     import ase.io
+    from ase.io.formats import UnknownFileTypeError
     from tqdm.auto import tqdm
 
     try:
@@ -85,6 +86,7 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key):
             else:
                 frame.forces = results.get(forces_key)
             frame.group = _group(atoms.info, group_key, where)
+            frame.theory = atoms.info.get("theory")
             extras, atom_extras = {}, {}
             for key, value in list(atoms.info.items()) + [(k, v) for k, v in results.items() if k not in atoms.info]:
                 arr = _numeric(value)
@@ -103,7 +105,7 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key):
             yield frame
     except DataError:
         raise
-    except (OSError, ValueError, KeyError, IndexError, StopIteration) as exc:
+    except (OSError, ValueError, KeyError, IndexError, StopIteration, UnknownFileTypeError) as exc:
         raise DataError(f"{path}: ASE cannot read it ({type(exc).__name__}: {exc})") from None
 
 
@@ -142,6 +144,7 @@ def _iter_db_frames(path: Path, energy_key, forces_key, group_key):
         forces = row.get(forces_key)
         frame.forces = forces if forces is not None else data.get(forces_key)
         frame.group = _group(row.key_value_pairs, group_key, where)
+        frame.theory = row.key_value_pairs.get("theory")
         frame.extras = {}
         for key, value in row.key_value_pairs.items():
             arr = _numeric(value)
@@ -178,6 +181,8 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
                                forces_key=forces_key if any(with_forces) else None, group_key=group_key,
                                units_in={"energy": energy_unit or "eV", "length": length_unit or "Å"})
     builder.extra_units = {k: "as in file" for k in common + atom_common}
+    if isinstance(frames[0].theory, str):
+        builder.metadata["theory"] = frames[0].theory
     for fr in frames:
         try:
             energy = float(np.asarray(fr.energy, dtype=np.float64).reshape(()))

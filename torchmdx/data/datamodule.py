@@ -25,27 +25,9 @@ from torchmdx.data.atomref import (
 from torchmdx.data.cache import build_cache
 from torchmdx.data.data_config import DataConfig
 from torchmdx.data.dataset import H5Dataset
-from torchmdx.data.splits import Split, check_no_group_leak, group_split, load_split, random_split, save_split
-from torchmdx.errors import DataError
+from torchmdx.data.splits import Split, check_no_group_leak, load_split, make_split, save_split
 
 SPLIT_FILE_NAME = "splits.npz"
-
-
-def make_split(dataset: H5Dataset, config: DataConfig) -> Split:
-    """A new split of ``dataset`` as ``config`` asks (random, or grouped)."""
-    n = dataset.n_structures
-    sizes = dict(train=config.train_size, val=config.val_size, test=config.test_size, seed=config.seed,
-                 source=dataset.source)
-    if config.grouped:
-        labels = dataset.structures.group_labels()
-        if labels is None:
-            raise DataError(
-                f"{dataset.source}: a grouped split (split_by_group / val_groups / test_groups) needs group labels; "
-                "set data.group_key to the info key that names each structure's group"
-            )
-        return group_split(labels, split_by_group=config.split_by_group, val_groups=config.val_groups,
-                           test_groups=config.test_groups, **sizes)
-    return random_split(n, **sizes)
 
 
 class TorchmdxDataModule(L.LightningDataModule):
@@ -110,7 +92,7 @@ class TorchmdxDataModule(L.LightningDataModule):
             split = load_split(run_file, n, content_hash)
             self.split_path = run_file
         else:
-            split = make_split(self.dataset, cfg)
+            split = make_split(self.dataset.structures, cfg)
         if cfg.split_by_group and self.dataset.structures.group is not None:
             check_no_group_leak(split, self.dataset.structures.group_labels())
         if run_file is not None and self.split_path != run_file:

@@ -125,15 +125,15 @@ def guess_format(path) -> str:
         lines = text.splitlines()
         if len(lines) > 2 and _is_single_number(lines[1]) and len(lines[2].split()) == 7:
             return "md17-xyz"
-    try:
-        from ase.io.formats import filetype
+    from ase.io.formats import filetype, ioformats
 
-        filetype(str(path), guess=True)
-        return "ase"
+    try:
+        ase_format = filetype(str(path), guess=True)
     except Exception:
-        raise DataError(
-            f"{path}: cannot guess the format; pass --format (one of {', '.join(FORMATS[:-1])})"
-        ) from None
+        ase_format = None
+    if ase_format in ioformats:
+        return "ase"
+    raise DataError(f"{path}: cannot guess the format; pass --format (one of {', '.join(FORMATS[:-1])})")
 
 
 def _is_single_number(line: str) -> bool:

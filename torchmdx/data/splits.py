@@ -154,6 +154,24 @@ def group_split(groups: Sequence, train: Size = 0.8, val: Size = 0.1, test: Size
     return split
 
 
+def make_split(structures, config) -> Split:
+    """A new split of ``structures`` (a :class:`~torchmdx.data.Structures`) as a
+    :class:`~torchmdx.data.DataConfig` asks: grouped when ``split_by_group``, ``val_groups`` or
+    ``test_groups`` are set, random otherwise."""
+    sizes = dict(train=config.train_size, val=config.val_size, test=config.test_size, seed=config.seed,
+                 source=structures.source)
+    if config.split_by_group or config.val_groups or config.test_groups:
+        labels = structures.group_labels()
+        if labels is None:
+            raise DataError(
+                f"{structures.source}: a grouped split (split_by_group / val_groups / test_groups) needs group "
+                "labels; set data.group_key to the info key that names each structure's group"
+            )
+        return group_split(labels, split_by_group=config.split_by_group, val_groups=config.val_groups,
+                           test_groups=config.test_groups, **sizes)
+    return random_split(len(structures), **sizes)
+
+
 def check_no_group_leak(split: Split, labels) -> None:
     labels = np.asarray(labels, dtype=object)
     seen = {p: set(labels[split[p]].tolist()) for p in PARTS}
