@@ -1,0 +1,176 @@
+"""HDF5 cache (rebuild rules, crash safety, round trip) and the PyG dataset over it."""
+
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch_geometric.loader import DataLoader
+
+import torchmdx.data.cache as cache_mod
+from torchmdx.data import H5Dataset, build_cache, read_cache, read_structures
+from torchmdx.data.cache import find_cache, is_current
+
+KCAL = 0.0433641039  # eV per kcal/mol, by hand
+
+
+@pytest.fixture
+def md17_copy(shared_data, tmp_path):
+    """A private copy of the MD17 ethanol file that a test may touch or change."""
+    path = tmp_path / "raw" / "ethanol.npz"
+    path.parent.mkdir()
+    shutil.copy(shared_data / "md17" / "md17_ethanol_xtb.npz", path)
+    return path
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    calls = []
+    original = cache_mod.read_structures
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "read_structures", counting)
+    return calls
+
+
+def test_cache_built_once_and_reused(md17_copy, tmp_path, count_reads):
+    cache_dir = tmp_path / "cache"
+    path = build_cache(md17_copy, cache_dir=cache_dir)
+    assert path.is_file() and path.parent == cache_dir and len(count_reads) == 1
+    stat = path.stat()
+    again = build_cache(md17_copy, cache_dir=cache_dir)
+    assert again == path and len(count_reads) == 1
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_ino == stat.st_ino
+    assert find_cache(md17_copy, cache_dir=cache_dir) == path
+
+
+def test_touch_does_not_rebuild_but_new_content_does(md17_copy, tmp_path, count_reads):
+    cache_dir = tmp_path / "cache"
+    path = build_cache(md17_copy, cache_dir=cache_dir)
+    # same content, new modification time: the content hash still matches
+    st = os.stat(md17_copy)
+    os.utime(md17_copy, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert is_current(path, md17_copy)
+    assert build_cache(md17_copy, cache_dir=cache_dir) == path and len(count_reads) == 1
+    # new content (same size): rebuilt, and the cache holds the new energy
+    raw = dict(np.load(md17_copy))
+    raw["E"] = raw["E"].copy()
+    raw["E"][0, 0] = -1000.0
+    with open(md17_copy, "wb") as handle:
+        np.savez(handle, **raw)
+    assert not is_current(path, md17_copy)
+    assert build_cache(md17_copy, cache_dir=cache_dir) == path and len(count_reads) == 2
+    with h5py.File(path) as h5:
+        assert h5["energy"][0] == pytest.approx(-1000.0 * KCAL, rel=1e-9)
+
+
+def test_options_give_separate_caches(shared_data, tmp_path):
+    path = shared_data / "polymer" / "polymers_xtb.extxyz"
+    plain = build_cache(path, cache_dir=tmp_path)
+    grouped = build_cache(path, cache_dir=tmp_path, group_key="polymer")
+    assert plain != grouped
+    with h5py.File(plain) as a, h5py.File(grouped) as b:
+        assert "group" not in a and "group" in b
+
+
+def test_crash_during_write_leaves_no_cache(md17_copy, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    original = cache_mod._write_dataset
+    written = []
+
+    def crash_midway(h5, name, array):
+        if len(written) == 3:
+            raise RuntimeError("simulated crash while writing the cache")
+        written.append(name)
+        original(h5, name, array)
+
+    monkeypatch.setattr(cache_mod, "_write_dataset", crash_midway)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_cache(md17_copy, cache_dir=cache_dir)
+    assert written == ["z", "pos", "energy"]  # it did crash midway
+    assert list(cache_dir.iterdir()) == []  # neither a cache nor a temporary file
+    assert find_cache(md17_copy, cache_dir=cache_dir) is None
+    # an existing good cache survives a failed rebuild untouched
+    monkeypatch.setattr(cache_mod, "_write_dataset", original)
+    good = build_cache(md17_copy, cache_dir=cache_dir)
+    before = good.read_bytes()
+    written.clear()
+    monkeypatch.setattr(cache_mod, "_write_dataset", crash_midway)
+    with pytest.raises(RuntimeError):
+        build_cache(md17_copy, cache_dir=cache_dir, force=True)
+    assert good.read_bytes() == before and sorted(p.name for p in cache_dir.iterdir()) == [good.name]
+
+
+def test_cache_roundtrip_equals_reader(shared_data, tmp_path):
+    for path, opts in [
+        (shared_data / "qm9" / "qm9_20.db", {}),
+        (shared_data / "polymer" / "polymers_xtb.extxyz", {"group_key": "polymer"}),
+        (shared_data / "ani" / "ani1x_xtb.h5", {}),
+    ]:
+        direct = read_structures(path, **opts)
+        cached = read_cache(build_cache(path, cache_dir=tmp_path, **opts))
+        for name in ("z", "pos", "energy", "offsets", "cell", "pbc"):
+            np.testing.assert_array_equal(getattr(cached, name), getattr(direct, name), err_msg=name)
+        if direct.forces is not None:
+            np.testing.assert_array_equal(cached.forces, direct.forces)
+        assert cached.group_names == direct.group_names and cached.extra_units == direct.extra_units
+        for name in direct.extras:
+            np.testing.assert_array_equal(cached.extras[name], direct.extras[name])
+        assert cached.metadata.get("atomrefs") == direct.metadata.get("atomrefs")
+        assert cached.source == str(path.resolve())
+
+
+def test_dataset_items_and_pyg_batches(shared_data, tmp_path):
+    src = shared_data / "polymer" / "polymers_xtb.extxyz"
+    st = read_structures(src, group_key="polymer")
+    ds = H5Dataset(build_cache(src, cache_dir=tmp_path, group_key="polymer"))
+    assert len(ds) == 900 and ds.n_atoms == st.n_atoms and ds.elements == [1, 6, 7, 8, 17]
+    assert ds.group_names == ["PE", "PEO", "PVC", "PVA", "PAN", "PMMA"]
+    item = ds[451]
+    n = int(st.offsets[452] - st.offsets[451])
+    assert item.z.dtype == torch.long and item.z.shape == (n,)
+    assert item.pos.dtype == torch.float32 and item.pos.shape == (n, 3)
+    assert item.forces.shape == (n, 3) and item.energy.shape == (1,) and item.energy.dtype == torch.float64
+    assert item.cell.shape == (1, 3, 3) and item.pbc.shape == (1, 3) and item.pbc.dtype == torch.bool
+    assert item.group.tolist() == [int(st.group[451])] and item.idx.tolist() == [451]
+    assert item.energy.item() == st.energy[451]
+    np.testing.assert_allclose(item.pos.numpy(), st.pos[st.offsets[451]:st.offsets[452]], rtol=1e-6)
+    loader = DataLoader(ds[torch.tensor([3, 500, 899, 10])], batch_size=4, shuffle=False)
+    batch = next(iter(loader))
+    sizes = np.diff(st.offsets)[[3, 500, 899, 10]]
+    assert batch.num_graphs == 4 and batch.energy.shape == (4,) and batch.cell.shape == (4, 3, 3)
+    assert batch.pbc.shape == (4, 3) and batch.forces.shape == (sizes.sum(), 3)
+    assert batch.batch.tolist() == np.repeat(np.arange(4), sizes).tolist()
+    np.testing.assert_array_equal(batch.energy.numpy(), st.energy[[3, 500, 899, 10]])
+    assert batch.idx.tolist() == [3, 500, 899, 10]
+    # one full epoch visits every structure exactly once
+    seen = torch.cat([b.idx for b in DataLoader(ds, batch_size=64, shuffle=True)])
+    assert sorted(seen.tolist()) == list(range(900))
+
+
+def test_dataset_float64_mmap_and_extras(shared_data, tmp_path):
+    cache = build_cache(shared_data / "qm9" / "qm9_20.db", cache_dir=tmp_path)
+    ds = H5Dataset(cache, dtype=torch.float64)
+    mm = H5Dataset(cache, dtype=torch.float64, mmap=True)
+    for k in (0, 13, 19):
+        a, b = ds[k], mm[k]
+        assert a.pos.dtype == torch.float64 and torch.equal(a.pos, b.pos) and torch.equal(a.z, b.z)
+        assert a.homo.shape == (1,) and torch.equal(a.homo, b.homo) and torch.equal(a.energy, a.energy_U0)
+    only = H5Dataset(cache, extras=["gap"])
+    assert "gap" in only[0] and "homo" not in only[0]
+    assert ds.published_atomrefs()[6] == pytest.approx(-37.846772 * 27.21138602, rel=1e-9)
+    atoms = ds.to_atoms(0)
+    assert atoms.get_chemical_formula() == "CH4"
+    assert atoms.get_potential_energy() == pytest.approx(-40.47893 * 27.21138602, rel=1e-9)
+
+
+def test_cache_of_a_cache_is_itself(shared_data, tmp_path):
+    cache = build_cache(shared_data / "md17" / "ethanol_snip.xyz", cache_dir=tmp_path)
+    assert build_cache(cache) == cache
+    st = read_structures(cache)
+    assert st.metadata["format"] == "md17-xyz" and len(st) == 3
