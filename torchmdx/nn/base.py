@@ -97,7 +97,7 @@ class Potential(torch.nn.Module):
     def forward(
         self,
         z: torch.Tensor,
-        pos: torch.Tensor,
+        pos: Optional[torch.Tensor] = None,
         batch: Optional[torch.Tensor] = None,
         cell: Optional[torch.Tensor] = None,
         pbc: Optional[torch.Tensor] = None,
@@ -112,7 +112,16 @@ class Potential(torch.nn.Module):
 
         energy in eV, forces eV/Å, stress eV/Å³ (only for periodic structures, when asked).
         ``create_graph=True`` keeps the graph of the forces for training on them.
+        ``z`` may also be an ``ase.Atoms`` or a list of them (then ``pos`` etc. are taken from it).
         """
+        if not torch.is_tensor(z):
+            from torchmdx.nn.atoms import atoms_inputs, module_device_dtype
+
+            device, dtype = module_device_dtype(self)
+            return self.forward(
+                **atoms_inputs(z, device, dtype), neighbors=neighbors, forces=forces, stress=stress,
+                per_atom=per_atom, create_graph=create_graph,
+            )
         self.check_elements(z)
         batch, num_structures, cell, pbc = _normalise_inputs(z, pos, batch, cell, pbc)
         if neighbors is None:
@@ -157,3 +166,32 @@ class Potential(torch.nn.Module):
                     volume = torch.linalg.det(cell).abs().view(-1, 1, 1)
                     out["stress"] = g / volume
         return out
+
+    def predict(self, atoms, forces: bool = True, stress: bool = False) -> dict:
+        """Energies (eV), forces (eV/Å) and stress (eV/Å³) of an ``ase.Atoms`` or a list, as numpy.
+
+        One structure: ``energy`` float, ``forces`` [N, 3], ``stress`` [3, 3]; a list: ``energy``
+        [B], ``forces`` a list of [N_b, 3] arrays, ``stress`` [B, 3, 3].
+        """
+        from torchmdx.nn.atoms import atoms_inputs, is_atoms, module_device_dtype, split_per_structure
+
+        device, dtype = module_device_dtype(self)
+        inputs = atoms_inputs(atoms, device, dtype)
+        out = self.forward(**inputs, forces=forces, stress=stress)
+        single = is_atoms(atoms)
+        energy = out["energy"].detach().cpu().numpy()
+        result = {"energy": float(energy[0]) if single else energy}
+        if forces:
+            per = split_per_structure(out["forces"], inputs["batch"], len(energy))
+            result["forces"] = per[0] if single else per
+        if stress and "stress" in out:
+            s = out["stress"].detach().cpu().numpy()
+            result["stress"] = s[0] if single else s
+        return result
+
+    def save(self, path) -> None:
+        """Write a model file (atomic): kind, hyper-parameters, weights, normalisation, version;
+        read it back with :func:`torchmdx.load_model`. See :mod:`torchmdx.nn.model_file`."""
+        from torchmdx.nn.model_file import save_potential
+
+        save_potential(self, path)

@@ -1,0 +1,60 @@
+"""ASE ``Atoms`` (or a list of them) -> the tensors a :class:`~torchmdx.nn.base.Potential` takes.
+
+z [N] long, pos [N, 3] Å, batch [N] long, cell [B, 3, 3] Å and pbc [B, 3] bool (both None when
+no structure is periodic). Used by ``potential(atoms)`` and ``potential.predict(atoms)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from torchmdx.errors import ModelError
+
+
+def module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of a module's first floating parameter or buffer."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device, torch.get_default_dtype()
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def is_atoms(obj) -> bool:
+    return hasattr(obj, "get_atomic_numbers") and hasattr(obj, "get_positions")
+
+
+def atoms_inputs(atoms_or_list, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> dict:
+    """Keyword arguments ``z, pos, batch, cell, pbc`` for ``Potential.forward``."""
+    single = is_atoms(atoms_or_list)
+    structures = [atoms_or_list] if single else list(atoms_or_list)
+    if not structures or not all(is_atoms(a) for a in structures):
+        raise ModelError("expected an ase.Atoms or a non-empty list of ase.Atoms")
+    dtype = dtype or torch.get_default_dtype()
+    z = np.concatenate([a.get_atomic_numbers() for a in structures]).astype(np.int64)
+    pos = np.concatenate([a.get_positions() for a in structures])
+    batch = np.concatenate([np.full(len(a), b, dtype=np.int64) for b, a in enumerate(structures)])
+    pbc = np.stack([np.asarray(a.get_pbc(), dtype=bool) for a in structures])
+    out = {
+        "z": torch.as_tensor(z, device=device),
+        "pos": torch.as_tensor(pos, dtype=dtype, device=device),
+        "batch": torch.as_tensor(batch, device=device),
+        "cell": None,
+        "pbc": None,
+    }
+    if pbc.any():
+        cell = np.stack([np.asarray(a.get_cell()[:], dtype=np.float64) for a in structures])
+        out["cell"] = torch.as_tensor(cell, dtype=dtype, device=device)
+        out["pbc"] = torch.as_tensor(pbc, device=device)
+    return out
+
+
+def split_per_structure(values: torch.Tensor, batch: torch.Tensor, num_structures: int) -> list[np.ndarray]:
+    """Per-atom tensor -> list of numpy arrays, one per structure (in batch order)."""
+    values = values.detach().cpu().numpy()
+    batch = batch.cpu().numpy()
+    return [values[batch == b] for b in range(num_structures)]

@@ -1,0 +1,148 @@
+"""The equivariant transformer (ET) representation: embedding, L attention layers, final norm.
+
+Per atom i: scalars x_i in R^F, vectors vec_i in R^{3xF} (start at 0). Per edge (i <- j) with
+r_lo <= r_ij < r_hi: unit vector d_ij = (pos_j - pos_i + shift) / r_ij, RBF e(r_ij) [K] and
+cosine cutoff phi(r_ij). Every atom also has a self edge (j = i, r = 0, d = 0), as in
+TorchMD-NET (``loop=True``), so checkpoints trained there give the same numbers here.
+
+    x_i   = Emb(z_i);  with neighbor embedding x_i = W_c [x_i, sum_j W_d e(r_ij) phi(r_ij) Emb'(z_j)]
+    layer (x, vec -> x + dx, vec + dvec), on xn = LayerNorm(x):
+        q, k = W_q xn, W_k xn;  v = W_v xn (3F);  (u1, u2, u3) = W_u vec (no bias)
+        dk = act(W_dk e(r)),  dv = act(W_dv e(r))            (per distance_influence)
+        (m_i, w_i) = message(q, k, v, vec, dk, dv, phi, d)    (:mod:`torchmdx.kernels.message_ref`)
+        (o1, o2, o3) = W_o m_i
+        dx_i   = (u1_i · u2_i) ⊙ o2 + o3                       (dot over the 3 components)
+        dvec_i = u3_i ⊙ o1 + w_i
+    x <- LayerNorm(x) after the last layer.
+
+The message + aggregation step is a pure function chosen by :func:`message_function`
+(``"torch"`` reference now; a fused Triton kernel with the same signature on CUDA later).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from torchmdx.errors import ModelError
+from torchmdx.kernels import message_ref
+from torchmdx.nn.config import ModelConfig
+from torchmdx.nn.layers import RBF_TYPES, Activation, CosineCutoff, NeighborEmbedding, xavier_linear
+
+
+def message_function(backend: str, device: torch.device) -> Callable:
+    """The ET message function for ``backend`` ('auto', 'torch', 'triton') on ``device``.
+
+    'auto' uses the Triton kernel on CUDA when :mod:`torchmdx.kernels.message_triton` provides
+    ``et_message``, else the torch reference; 'triton' insists on it.
+    """
+    if backend == "torch":
+        return message_ref.et_message
+    if backend in ("auto", "triton"):
+        if device.type == "cuda" or backend == "triton":
+            try:
+                from torchmdx.kernels import message_triton  # noqa: WPS433 (optional backend)
+
+                return message_triton.et_message
+            except (ImportError, AttributeError) as exc:
+                if backend == "triton":
+                    raise ModelError(f"message backend 'triton' is not available: {exc}") from None
+        return message_ref.et_message
+    raise ModelError(f"unknown message backend {backend!r}; choose auto, torch or triton")
+
+
+class EquivariantAttention(nn.Module):
+    """One ET interaction layer (see the module docstring for the equations)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        f = config.embedding_dimension
+        self.hidden = f
+        self.num_heads = config.num_heads
+        self.attn_activation = config.attn_activation
+        self.vector_cutoff = config.vector_cutoff
+        self.layernorm = nn.LayerNorm(f)
+        self.act = Activation(config.activation)
+        self.q_proj = xavier_linear(f, f)
+        self.k_proj = xavier_linear(f, f)
+        self.v_proj = xavier_linear(f, 3 * f)
+        self.o_proj = xavier_linear(f, 3 * f)
+        self.vec_proj = xavier_linear(f, 3 * f, bias=False)
+        influence = config.distance_influence
+        self.dk_proj = xavier_linear(config.num_rbf, f) if influence in ("keys", "both") else None
+        self.dv_proj = xavier_linear(config.num_rbf, 3 * f) if influence in ("values", "both") else None
+
+    def forward(self, x, vec, edge_index, rbf, cutoff_weight, unit_vectors, edge_mask, self_rbf, self_cutoff, message):
+        f = self.hidden
+        xn = self.layernorm(x)
+        q = self.q_proj(xn)
+        k = self.k_proj(xn)
+        v = self.v_proj(xn)
+        u1, u2, u3 = torch.split(self.vec_proj(vec), f, dim=-1)
+        vec_dot = (u1 * u2).sum(dim=1)
+        dk = self.act(self.dk_proj(rbf)) if self.dk_proj is not None else None
+        dv = self.act(self.dv_proj(rbf)) if self.dv_proj is not None else None
+        dk0 = self.act(self.dk_proj(self_rbf)).squeeze(0) if self.dk_proj is not None else None
+        dv0 = self.act(self.dv_proj(self_rbf)).squeeze(0) if self.dv_proj is not None else None
+        m, w = message(
+            q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, self.num_heads,
+            edge_mask=edge_mask, self_loop=(dk0, dv0, self_cutoff),
+            attn_activation=self.attn_activation, vector_cutoff=self.vector_cutoff,
+        )
+        o1, o2, o3 = torch.split(self.o_proj(m), f, dim=-1)
+        dx = vec_dot * o2 + o3
+        dvec = u3 * o1.unsqueeze(1) + w
+        return dx, dvec
+
+
+class ETRepresentation(nn.Module):
+    """Atoms + edges -> (x [N, F] after the final LayerNorm, vec [N, 3, F])."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        f = config.embedding_dimension
+        self.embedding = nn.Embedding(config.max_z, f)
+        self.rbf = RBF_TYPES[config.rbf_type](config.cutoff_lower, config.cutoff_upper, config.num_rbf, config.trainable_rbf)
+        self.cutoff_fn = CosineCutoff(config.cutoff_lower, config.cutoff_upper)
+        self.neighbor_embedding = (
+            NeighborEmbedding(f, config.num_rbf, config.max_z) if config.neighbor_embedding else None
+        )
+        self.layers = nn.ModuleList([EquivariantAttention(config) for _ in range(config.num_layers)])
+        self.out_norm = nn.LayerNorm(f)
+
+    def edge_features(self, vectors, distances, mask):
+        """(valid [E], rbf [E, K], phi [E], unit vectors [E, 3]) with nothing divided by an
+        invalid (padded, out-of-range) distance."""
+        c = self.config
+        valid = (distances >= c.cutoff_lower) & (distances < c.cutoff_upper)
+        if mask is not None:
+            valid = valid & mask
+        # a pair of distinct atoms at distance 0 has no direction: treat d_ij = 0 like TorchMD-NET
+        # does for self pairs (the caller reports overlapping atoms as an error beforehand)
+        has_direction = valid & (distances > 0)
+        r_safe = torch.where(valid, distances, torch.full_like(distances, 0.5 * c.cutoff_upper))
+        r_dir = torch.where(has_direction, distances, torch.ones_like(distances))
+        unit = torch.where(has_direction.unsqueeze(-1), vectors / r_dir.unsqueeze(-1), torch.zeros_like(vectors))
+        rbf = self.rbf(r_safe)
+        phi = self.cutoff_fn(r_safe) * valid.to(distances.dtype)
+        return valid, rbf, phi, unit
+
+    def forward(self, z, edge_index, vectors, distances, mask=None, backend: str = "auto"):
+        valid, rbf, phi, unit = self.edge_features(vectors, distances, mask)
+        x = self.embedding(z)
+        if self.neighbor_embedding is not None:
+            x = self.neighbor_embedding(z, x, edge_index, rbf, phi)
+        vec = torch.zeros(x.shape[0], 3, x.shape[1], dtype=x.dtype, device=x.device)
+        zero = torch.zeros(1, dtype=distances.dtype, device=distances.device)
+        self_rbf = self.rbf(zero)  # [1, K]
+        self_cutoff = self.cutoff_fn(zero)[0]
+        message = message_function(backend, x.device)
+        edge_mask = valid  # no host sync: invalid (padded / skin) edges are zeroed in the message
+        for layer in self.layers:
+            dx, dvec = layer(x, vec, edge_index, rbf, phi, unit, edge_mask, self_rbf, self_cutoff, message)
+            x = x + dx
+            vec = vec + dvec
+        return self.out_norm(x), vec

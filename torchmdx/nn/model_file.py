@@ -1,0 +1,229 @@
+"""Model files: save / load any registered :class:`~torchmdx.nn.base.Potential`, build from a config.
+
+A model file is one ``torch.save`` dict (read back with ``weights_only=True``: no pickled code)::
+
+    format            "torchmdx-model"
+    format_version    1
+    kind              registry key of the potential class ("et", "lennard_jones", ...)
+    hparams           constructor arguments, plain Python (for ET: the ModelConfig as a dict)
+    state_dict        weights and buffers (for ET also the normalisation buffers)
+    normalisation     human-readable copy of the energy normalisation (eV), if the class has one
+    elements          atomic numbers the model accepts (None: any)
+    cutoff            interaction range (Å)
+    dtype             parameter dtype when saved
+    torchmdx_version  version that wrote the file
+
+It is written to a temporary name and renamed (:func:`torchmdx.io_utils.atomic_write`).
+
+Registering a potential class
+-----------------------------
+A class can be saved and loaded when it has a class attribute ``kind`` (a unique string), a
+method ``hparams() -> dict`` returning plain Python (numbers, strings, lists, dicts) and a
+constructor accepting those as keyword arguments (or a classmethod ``from_hparams(dict)``).
+Register it with the decorator::
+
+    from torchmdx.nn.model_file import register_potential
+
+    @register_potential
+    class MyPotential(Potential):
+        kind = "my_potential"
+        ...
+
+or lazily, without importing the module up front, with ``register_potential("my_kind",
+"package.module:ClassName")``. The analytic potentials of :mod:`torchmdx.nn.analytic` (its
+``ANALYTIC_KINDS``) are found automatically.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from torchmdx.errors import ModelError
+
+FORMAT = "torchmdx-model"
+FORMAT_VERSION = 1
+
+#: kind -> class, or "module:attribute" for a lazily imported class
+POTENTIAL_KINDS: dict[str, Any] = {"et": "torchmdx.nn.potential:ETPotential"}
+#: modules consulted for an unknown kind (their ``ANALYTIC_KINDS``/registrations)
+_PROVIDER_MODULES = ("torchmdx.nn.analytic",)
+
+
+def register_potential(cls_or_kind=None, target: Optional[str] = None):
+    """Register a Potential class under its ``kind`` (decorator), or ``(kind, "module:Class")``."""
+    if isinstance(cls_or_kind, str):
+        if target is None:
+            raise ModelError("register_potential(kind, 'module:Class') needs the class path")
+        POTENTIAL_KINDS[cls_or_kind] = target
+        return None
+    cls = cls_or_kind
+    kind = getattr(cls, "kind", None)
+    if not isinstance(kind, str) or not kind:
+        raise ModelError(f"{cls.__name__} needs a class attribute 'kind' (a string) to be registered")
+    POTENTIAL_KINDS[kind] = cls
+    return cls
+
+
+def _resolve(entry):
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return entry
+
+
+def potential_class(kind: str):
+    """The class registered for ``kind`` (one-line ModelError listing the known kinds)."""
+    if kind not in POTENTIAL_KINDS:
+        for name in _PROVIDER_MODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            for k, cls in getattr(module, "ANALYTIC_KINDS", {}).items():
+                POTENTIAL_KINDS.setdefault(k, cls)
+    if kind not in POTENTIAL_KINDS:
+        raise ModelError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(POTENTIAL_KINDS))}")
+    return _resolve(POTENTIAL_KINDS[kind])
+
+
+def _plain(value, where: str):
+    """Check that hparams hold only plain Python (what weights_only loading accepts)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v, where) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    raise ModelError(f"{where}: hyper-parameter value {value!r} ({type(value).__name__}) cannot be stored in a model file")
+
+
+def save_potential(potential, path: Union[str, Path]) -> Path:
+    """Write ``potential`` to ``path`` (see the module docstring); returns the path."""
+    from torchmdx import __version__
+    from torchmdx.io_utils import atomic_write
+    from torchmdx.nn.atoms import module_device_dtype
+
+    kind = getattr(potential, "kind", None)
+    if not hasattr(potential, "hparams") or not isinstance(kind, str):
+        raise ModelError(
+            f"{type(potential).__name__} cannot be saved: it needs a 'kind' attribute and an hparams() method"
+        )
+    if kind not in POTENTIAL_KINDS:
+        register_potential(type(potential))
+    _, dtype = module_device_dtype(potential)
+    elements = getattr(potential, "elements", None)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "hparams": _plain(potential.hparams(), f"{kind}.hparams"),
+        "state_dict": {k: v.detach().cpu() for k, v in potential.state_dict().items()},
+        "normalisation": potential.normalisation() if hasattr(potential, "normalisation") else None,
+        "elements": list(elements) if elements is not None else None,
+        "cutoff": float(potential.cutoff),
+        "dtype": str(dtype).replace("torch.", ""),
+        "torchmdx_version": __version__,
+    }
+    path = Path(path)
+    with atomic_write(path) as handle:
+        torch.save(payload, handle)
+    return path
+
+
+def _looks_like_torchmdnet(obj) -> bool:
+    return isinstance(obj, Mapping) and "hyper_parameters" in obj and "state_dict" in obj
+
+
+def load_model(
+    path: Union[str, Path],
+    device: Union[str, torch.device, None] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+):
+    """Read a model file written by :meth:`Potential.save` (or import a TorchMD-NET ``.ckpt``).
+
+    ``device`` ('cpu', 'cuda', ...) and ``dtype`` ('float32'/'float64' or a torch dtype) move
+    the model after loading; it is returned in eval mode.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
+        if path.suffix == ".ckpt":
+            from torchmdx.nn.torchmdnet_import import import_torchmdnet
+
+            return _finish(import_torchmdnet(path), device, dtype)
+        raise ModelError(f"{path}: not a torchmdx model file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if _looks_like_torchmdnet(payload):
+        from torchmdx.nn.torchmdnet_import import import_torchmdnet
+
+        return _finish(import_torchmdnet(path), device, dtype)
+    if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a torchmdx model file (no '{FORMAT}' header)")
+    if int(payload.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelError(
+            f"{path}: model file format {payload['format_version']} is newer than this torchmdx reads ({FORMAT_VERSION}); upgrade torchmdx"
+        )
+    kind = payload.get("kind")
+    cls = potential_class(kind)
+    hparams = dict(payload.get("hparams") or {})
+    try:
+        potential = cls.from_hparams(hparams) if hasattr(cls, "from_hparams") else cls(**hparams)
+    except TypeError as exc:
+        raise ModelError(f"{path}: cannot rebuild a {kind!r} model from its hyper-parameters: {exc}") from None
+    missing, unexpected = potential.load_state_dict(payload["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ModelError(
+            f"{path}: weights do not fit the {kind!r} model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    return _finish(potential, device, dtype)
+
+
+def _finish(potential, device, dtype):
+    if dtype is not None:
+        if isinstance(dtype, str):
+            names = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64}
+            if dtype not in names:
+                raise ModelError(f"dtype must be float32 or float64, got {dtype!r}")
+            dtype = names[dtype]
+        potential = potential.to(dtype=dtype)
+    if device is not None:
+        potential = potential.to(device=device)
+    return potential.eval()
+
+
+def build_model(config: Union[Mapping, str, Path, None] = None, **overrides):
+    """A new (untrained) potential from a config: a dict, a YAML path (``model:`` section or a
+    bare mapping) or None (TorchMD-NET's ET MD17 defaults). ``kind`` (default ``et``) picks the
+    class; the other keys are its hyper-parameters (for ET: :class:`ModelConfig`)."""
+    from torchmdx.config import load_yaml
+    from torchmdx.nn.config import ModelConfig
+
+    if isinstance(config, ModelConfig):
+        values = config.to_dict()
+    elif isinstance(config, (str, Path)):
+        data = load_yaml(config)
+        values = data["model"] if isinstance(data.get("model"), Mapping) else data
+    elif isinstance(config, Mapping):
+        values = config["model"] if isinstance(config.get("model"), Mapping) else config
+    elif config is None:
+        values = {}
+    else:
+        raise ModelError(f"build_model: expected a dict, a YAML path or None, got {type(config).__name__}")
+    values = dict(values)
+    values.update(overrides)
+    kind = values.pop("kind", "et")
+    cls = potential_class(kind)
+    if hasattr(cls, "from_hparams"):
+        return cls.from_hparams(values)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ModelError(f"model kind {kind!r}: {exc}") from None

@@ -1,0 +1,232 @@
+"""Import a TorchMD-NET equivariant-transformer checkpoint (``.ckpt``) as an :class:`ETPotential`.
+
+TorchMD-NET (3.x) computes, for an ET with output model ``Scalar`` (which for the ET is the
+gated-equivariant ``EquivariantScalar`` head), an ``Atomref`` prior and standardisation:
+
+    y_b = reduce_a( std · head(x_a, vec_a) + atomref(z_a) ) + mean
+
+which is exactly torchmdx's normalisation with scale = std, atomref = the prior's table,
+shift = 0, energy_offset = mean (see :mod:`torchmdx.nn.potential`). Units are whatever the
+checkpoint was trained in (TorchMD-NET does not convert); pass ``energy_unit`` (e.g.
+'kcal/mol', 'hartree') to convert energies to eV. Lengths must be Å (TorchMD-NET's datasets).
+
+Supported: ``model: equivariant-transformer`` with any of its hyper-parameters (rbf type,
+distance influence, neighbor embedding, vector cutoff, activations, reduce_op add/sum/mean,
+precision 32/64), the heads EquivariantScalar (ET default) and a plain Scalar MLP, the
+``Atomref`` prior (``enable`` honoured unless ``enable_atomref`` says otherwise), ``mean`` and
+``std``. Other architectures, output models (dipole, spatial extent) and priors (ZBL, D2,
+Coulomb), and ``atom_filter`` are refused with a one-line ModelError.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+
+from torchmdx.errors import ModelError
+
+_PRECISION = {32: "float32", 64: "float64", "32": "float32", "64": "float64"}
+#: TorchMD-NET 3.0's scatter(reduce="mean") starts from zeros with include_self=True, so its
+#: 'mean' is sum / (n + 1); the import reproduces that (reduce_op 'torchmdnet_mean')
+_REDUCE = {"add": "sum", "sum": "sum", "mean": "torchmdnet_mean"}
+
+#: TorchMD-NET representation keys -> torchmdx ETRepresentation keys (after the 'model.' prefix)
+_RENAMES = [
+    (r"^representation_model\.distance_expansion\.", "representation.rbf."),
+    (r"^representation_model\.attention_layers\.", "representation.layers."),
+    (r"^representation_model\.", "representation."),
+    (r"^output_model\.output_network\.layers\.(\d+)\.", r"head.mlp.\1."),
+    (r"^output_model\.output_network\.(\d+)\.update_net\.layers\.(\d+)\.", r"head.blocks.\1.update_net.\2."),
+    (r"^output_model\.output_network\.(\d+)\.", r"head.blocks.\1."),
+]
+#: TorchMD-NET's own renames of older checkpoints (its load_model applies the same ones)
+_LEGACY = [
+    (r"output_model\.output_network\.(\d+)\.update_net\.(\d+)\.", r"output_model.output_network.\1.update_net.layers.\2."),
+    (r"output_model\.output_network\.([02])\.(weight|bias)", r"output_model.output_network.layers.\1.\2"),
+]
+
+
+def _read_checkpoint(path: Path, trusted: bool) -> Mapping:
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found")
+    safe = []
+    try:  # Lightning stores hyper-parameters as an AttributeDict (a dict subclass)
+        from lightning.fabric.utilities.data import AttributeDict
+
+        safe.append(AttributeDict)
+    except ImportError:
+        pass
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not trusted and ("weights_only" in str(exc) or "Unsupported global" in str(exc)):
+            raise ModelError(
+                f"{path}: the checkpoint holds Python objects that cannot be loaded safely ({first[:160]}); "
+                f"if you trust the file, pass trusted=True"
+            ) from None
+        raise ModelError(f"{path}: cannot read the checkpoint ({first[:200]})") from None
+
+
+def _prior_list(hparams: Mapping) -> list[tuple[str, dict]]:
+    """[(name, init args)] of the checkpoint's priors, as TorchMD-NET parses ``prior_model``."""
+    spec = hparams.get("prior_model")
+    if not spec:
+        return []
+    if not isinstance(spec, list):
+        spec = [spec]
+    names, args = [], []
+    for item in spec:
+        if isinstance(item, Mapping):
+            for key, value in item.items():
+                names.append(str(key))
+                args.append(dict(value or {}))
+        else:
+            names.append(str(item))
+            args.append({})
+    prior_args = hparams.get("prior_args")
+    if prior_args is not None:
+        prior_args = prior_args if isinstance(prior_args, list) else [prior_args]
+        args = [dict(a or {}) for a in prior_args]
+    return list(zip(names, args))
+
+
+def _scalar(value, name: str, path: Path) -> float:
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.numel() != 1:
+        raise ModelError(f"{path}: '{name}' has {t.numel()} entries; only scalar (energy) targets can be imported")
+    return float(t.reshape(()))
+
+
+def import_torchmdnet(
+    ckpt_path: Union[str, Path],
+    *,
+    enable_atomref: Optional[bool] = None,
+    energy_unit: str = "eV",
+    trusted: bool = False,
+):
+    """Load a TorchMD-NET ET checkpoint as an :class:`~torchmdx.nn.potential.ETPotential`.
+
+    ``enable_atomref``: None follows the checkpoint's Atomref ``enable`` flag (TorchMD-NET's
+    default on loading); True adds the reference energies even if training disabled them
+    (``remove_ref_energy``), giving total energies. ``energy_unit``: the energy unit the
+    checkpoint was trained in (lengths must be Å, TorchMD-NET's convention). ``trusted=True`` allows arbitrary pickled objects in the file.
+    """
+    from torchmdx.nn.potential import ETPotential
+    from torchmdx.units import energy_factor
+
+    path = Path(ckpt_path)
+    ckpt = _read_checkpoint(path, trusted)
+    if not isinstance(ckpt, Mapping) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise ModelError(f"{path}: not a TorchMD-NET checkpoint (expected 'hyper_parameters' and 'state_dict')")
+    hp = dict(ckpt["hyper_parameters"])
+    model = hp.get("model")
+    if model != "equivariant-transformer":
+        raise ModelError(f"{path}: only TorchMD-NET's equivariant-transformer can be imported, this checkpoint holds {model!r}")
+    if int(hp.get("atom_filter", -1) or -1) > -1:
+        raise ModelError(f"{path}: checkpoints trained with atom_filter are not supported")
+    output_model = hp.get("output_model", "Scalar")
+    if output_model not in ("Scalar", "EquivariantScalar"):
+        raise ModelError(f"{path}: output model {output_model!r} is not an energy head; only Scalar is supported")
+    reduce_op = _REDUCE.get(str(hp.get("reduce_op", "add")))
+    if reduce_op is None:
+        raise ModelError(f"{path}: reduce_op {hp.get('reduce_op')!r} is not supported (add, sum or mean)")
+    precision = hp.get("precision", 32)
+    dtype = _PRECISION.get(precision, "float32")
+
+    state = {re.sub(r"^model\.", "", k): v for k, v in ckpt["state_dict"].items()}
+    for pattern, repl in _LEGACY:
+        state = {re.sub(pattern, repl, k): v for k, v in state.items()}
+    if any(k.startswith("output_model.output_network.layers.") for k in state):
+        head = "scalar"
+    elif any(".update_net." in k for k in state):
+        head = "gated_equivariant"
+    else:
+        raise ModelError(f"{path}: no output-model weights found in the state_dict")
+
+    energy = energy_factor(energy_unit)
+    config = {
+        "embedding_dimension": int(hp["embedding_dimension"]),
+        "num_layers": int(hp["num_layers"]),
+        "num_heads": int(hp["num_heads"]),
+        "num_rbf": int(hp["num_rbf"]),
+        "rbf_type": hp.get("rbf_type", "expnorm"),
+        "trainable_rbf": bool(hp.get("trainable_rbf", False)),
+        "activation": hp.get("activation", "silu"),
+        "attn_activation": hp.get("attn_activation", "silu"),
+        "neighbor_embedding": bool(hp.get("neighbor_embedding", True)),
+        "distance_influence": hp.get("distance_influence", "both"),
+        "vector_cutoff": bool(hp.get("vector_cutoff", False)),
+        "cutoff_lower": float(hp.get("cutoff_lower", 0.0)),
+        "cutoff_upper": float(hp.get("cutoff_upper", 5.0)),
+        "max_z": int(hp.get("max_z", 100)),
+        "output_model": head,
+        "reduce_op": reduce_op,
+        "dtype": dtype,
+    }
+    potential = ETPotential(config)
+
+    mapped = {}
+    atomref = None
+    for key, value in state.items():
+        if key in ("mean", "std") or key.startswith("prior_model."):
+            continue
+        if key == "representation_model.distance.box" or key.startswith("output_model.distance."):
+            continue
+        new = key
+        for pattern, repl in _RENAMES:
+            new, count = re.subn(pattern, repl, new)
+            if count:
+                break
+        mapped[new] = value
+
+    priors = _prior_list(hp)
+    for index, (name, args) in enumerate(priors):
+        if name not in ("Atomref", "LearnableAtomref"):
+            raise ModelError(f"{path}: prior model {name!r} is not supported (only Atomref)")
+        weight = state.get(f"prior_model.{index}.atomref.weight")
+        if weight is None:
+            raise ModelError(f"{path}: Atomref prior {index} has no weights in the state_dict")
+        enabled = bool(args.get("enable", True)) if enable_atomref is None else bool(enable_atomref)
+        if enabled:
+            table = weight.detach().double().flatten()
+            atomref = table if atomref is None else _add_tables(atomref, table)
+
+    own = potential.state_dict()
+    for key in list(mapped):
+        if key not in own:
+            raise ModelError(f"{path}: unexpected weight {key!r} for the ET (architecture not supported)")
+    missing = [k for k in own if k not in mapped and k not in ("atomref", "scale", "shift", "energy_offset", "known_elements")]
+    if missing:
+        raise ModelError(f"{path}: weights missing from the checkpoint: {', '.join(missing[:4])}")
+    for key, value in mapped.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ModelError(f"{path}: weight {key!r} has shape {list(value.shape)}, expected {list(own[key].shape)}")
+    potential.load_state_dict({**own, **mapped})
+
+    std = _scalar(state["std"], "std", path) if "std" in state else 1.0
+    mean = _scalar(state["mean"], "mean", path) if "mean" in state else 0.0
+    if atomref is not None and atomref.numel() > potential.config.max_z:
+        extra = atomref[potential.config.max_z:]
+        if bool((extra != 0).any()):
+            raise ModelError(f"{path}: the Atomref table is longer than max_z {potential.config.max_z}")
+        atomref = atomref[: potential.config.max_z]
+    potential.set_normalisation(
+        atomref=None if atomref is None else atomref * energy,
+        scale=std * energy,
+        shift=0.0,
+        energy_offset=mean * energy,
+    )
+    return potential.eval()
+
+
+def _add_tables(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    n = max(a.numel(), b.numel())
+    out = torch.zeros(n, dtype=torch.float64)
+    out[: a.numel()] += a
+    out[: b.numel()] += b
+    return out
