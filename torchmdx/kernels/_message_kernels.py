@@ -1,0 +1,601 @@
+"""Triton kernels of the fused ET message step (forward and first backward).
+
+Imported only by :mod:`torchmdx.kernels.message_triton`, which documents the equations, the
+launch wrappers and the autograd wiring. Notation (per edge e = (i <- j), head h, channel c):
+
+    dk_e  = act_f(W_k rbf_e + b_k)   or a given [E, F] tensor, or 1     (DK_MODE 2 / 1 / 0)
+    dv_e  = act_f(W_v rbf_e + b_v)   or a given [E, 3F] tensor, or 1    (DV_MODE 2 / 1 / 0)
+    p_eh  = sum_{c in h} q_ic k_jc dk_ec ;   a_eh = act_a(p_eh)
+    A_eh  = a_eh phi_e valid_e           (standard)     A_eh = a_eh valid_e      (VCUT)
+    s_e   = v_j dv_e valid_e             (standard)     s_e  = v_j dv_e phi_e valid_e (VCUT)
+    m_i   = sum_e A_e s1_e ;   u_ix = sum_e vec_jx s2_e + s3_e d_ex
+
+Every program owns one receiver (forward, ``_bwd_receiver``) or one sender
+(``_bwd_sender``, edges visited through a sender-sorted permutation) and writes its rows
+once: segment sums in registers, no atomics, deterministic. Channels are processed in chunks
+of ``HB`` whole heads (``DP`` = D padded to a power of two, masked) so that edge x channel
+tiles stay small; the radial filters come from the RBF row with ``tl.dot`` on a block of
+``BE`` edges.
+"""
+
+import triton
+import triton.language as tl
+
+# activation codes (see message_triton.ACTIVATION_CODES)
+SILU: tl.constexpr = 0
+SSP: tl.constexpr = 1
+TANH: tl.constexpr = 2
+SIGMOID: tl.constexpr = 3
+MISH: tl.constexpr = 4
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _act(x, KIND: tl.constexpr):
+    """(f(x), f'(x)) of the activation ``KIND``; unused derivatives are removed by the compiler."""
+    if KIND == 0:  # silu: x sigma(x)
+        s = _sigmoid(x)
+        y = x * s
+        dy = s * (1.0 + x * (1.0 - s))
+    elif KIND == 1:  # shifted softplus: softplus(x) - ln 2
+        y = _softplus(x) - 0.6931471805599453
+        dy = _sigmoid(x)
+    elif KIND == 2:  # tanh
+        y = _tanh(x)
+        dy = 1.0 - y * y
+    elif KIND == 3:  # sigmoid
+        y = _sigmoid(x)
+        dy = y * (1.0 - y)
+    else:  # mish: x tanh(softplus(x))
+        t = _tanh(_softplus(x))
+        y = x * t
+        dy = t + x * (1.0 - t * t) * _sigmoid(x)
+    return y, dy
+
+
+@triton.jit
+def _weight_chunk_t(w_ptr, cb, row_stride_heads, block, H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+                    HB: tl.constexpr, DP: tl.constexpr, KP: tl.constexpr):
+    """W^T restricted to the channels of chunk ``cb``: [KP, HB*DP] (zero in padding).
+
+    Row of output channel (h, d) in W: h * row_stride_heads + block * D + d.
+    """
+    fo = tl.arange(0, HB * DP)
+    fh = cb * HB + fo // DP
+    fd = fo % DP
+    kk = tl.arange(0, KP)
+    valid = ((fh < H) & (fd < D))[None, :] & (kk < K)[:, None]
+    rows = fh * row_stride_heads + block * D + fd
+    return tl.load(w_ptr + rows[None, :] * K + kk[:, None], mask=valid, other=0.0)
+
+
+@triton.jit
+def _filter(r, wT, bias, MODE: tl.constexpr, FACT: tl.constexpr, BE: tl.constexpr, HB: tl.constexpr,
+            DP: tl.constexpr, PREC: tl.constexpr):
+    """act_f(r @ W^T + b) on a block of edges: (value, derivative) as [BE, HB, DP]."""
+    z = tl.reshape(tl.dot(r, wT, input_precision=PREC), (BE, HB, DP)) + bias[None, :, :]
+    return _act(z, FACT)
+
+
+@triton.jit
+def _message_fwd_kernel(
+    rowptr_ptr, senders_ptr, q_ptr, k_ptr, v_ptr, vec_ptr,
+    dk_ptr, dv_ptr, rbf_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+    phi_ptr, unit_ptr, mask_ptr, dk0_ptr, dv0_ptr, phi0_ptr,
+    m_ptr, u_ptr,
+    H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+    HB: tl.constexpr, DP: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
+    DK_MODE: tl.constexpr, DV_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+    SELF_LOOP: tl.constexpr, SELF_DK: tl.constexpr, SELF_DV: tl.constexpr,
+    VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
+):
+    F: tl.constexpr = H * D
+    NCB: tl.constexpr = (H + HB - 1) // HB
+    i = tl.program_id(0).to(tl.int64)
+    start = tl.load(rowptr_ptr + i)
+    end = tl.load(rowptr_ptr + i + 1)
+    hb = tl.arange(0, HB)
+    dd = tl.arange(0, DP)
+    kk = tl.arange(0, KP)
+    eb = tl.arange(0, BE)
+    for cb in range(NCB):
+        hh = cb * HB + hb[:, None]
+        cval = (hh < H) & (dd[None, :] < D)
+        ch = hh * D + dd[None, :]  # channel in [0, F)
+        vch = hh * (3 * D) + dd[None, :]  # channel of value block 0 in [0, 3F)
+        q_i = tl.load(q_ptr + i * F + ch, mask=cval, other=0.0)
+        if DK_MODE == 2:
+            wk_t = _weight_chunk_t(wk_ptr, cb, D, 0, H, D, K, HB, DP, KP)
+            bk = tl.load(bk_ptr + ch, mask=cval, other=0.0)
+        if DV_MODE == 2:
+            wv1_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 0, H, D, K, HB, DP, KP)
+            wv2_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 1, H, D, K, HB, DP, KP)
+            wv3_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 2, H, D, K, HB, DP, KP)
+            bv1 = tl.load(bv_ptr + vch, mask=cval, other=0.0)
+            bv2 = tl.load(bv_ptr + vch + D, mask=cval, other=0.0)
+            bv3 = tl.load(bv_ptr + vch + 2 * D, mask=cval, other=0.0)
+
+        acc_m = tl.zeros((HB, DP), dtype=q_i.dtype)
+        acc_x = tl.zeros((HB, DP), dtype=q_i.dtype)
+        acc_y = tl.zeros((HB, DP), dtype=q_i.dtype)
+        acc_z = tl.zeros((HB, DP), dtype=q_i.dtype)
+        if SELF_LOOP:
+            # edge (i <- i) of length 0: d_ii = 0, filters dk0 / dv0, cutoff phi0
+            phi0 = tl.load(phi0_ptr)
+            prod0 = q_i * tl.load(k_ptr + i * F + ch, mask=cval, other=0.0)
+            if SELF_DK:
+                prod0 = prod0 * tl.load(dk0_ptr + ch, mask=cval, other=0.0)
+            a0, _ = _act(tl.sum(prod0, axis=1), ATT)
+            s1_0 = tl.load(v_ptr + i * (3 * F) + vch, mask=cval, other=0.0)
+            s2_0 = tl.load(v_ptr + i * (3 * F) + vch + D, mask=cval, other=0.0)
+            if SELF_DV:
+                s1_0 = s1_0 * tl.load(dv0_ptr + vch, mask=cval, other=0.0)
+                s2_0 = s2_0 * tl.load(dv0_ptr + vch + D, mask=cval, other=0.0)
+            if VCUT:
+                s1_0 = s1_0 * phi0
+                s2_0 = s2_0 * phi0
+            else:
+                a0 = a0 * phi0
+            acc_m += a0[:, None] * s1_0
+            acc_x += tl.load(vec_ptr + i * (3 * F) + ch, mask=cval, other=0.0) * s2_0
+            acc_y += tl.load(vec_ptr + i * (3 * F) + F + ch, mask=cval, other=0.0) * s2_0
+            acc_z += tl.load(vec_ptr + i * (3 * F) + 2 * F + ch, mask=cval, other=0.0) * s2_0
+
+        for e0 in range(start, end, BE):
+            eo = e0 + eb
+            em = eo < end
+            j = tl.load(senders_ptr + eo, mask=em, other=0).to(tl.int64)
+            valid = em
+            if HAS_MASK:
+                valid = valid & (tl.load(mask_ptr + eo, mask=em, other=0) != 0)
+            phi = tl.load(phi_ptr + eo, mask=em, other=0.0)
+            m3 = em[:, None, None] & cval[None, :, :]
+            j3 = j[:, None, None]
+            e3 = eo[:, None, None]
+            if DK_MODE == 2 or DV_MODE == 2:
+                r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
+            prod = q_i[None, :, :] * tl.load(k_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
+            if DK_MODE == 1:
+                prod = prod * tl.load(dk_ptr + e3 * F + ch[None, :, :], mask=m3, other=0.0)
+            elif DK_MODE == 2:
+                dk, _ = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
+                prod = prod * dk
+            a, _ = _act(tl.sum(prod, axis=2), ATT)  # [BE, HB]
+            if VCUT:
+                attn = tl.where(valid[:, None], a, 0.0)
+                w_e = tl.where(valid, phi, 0.0)
+            else:
+                attn = tl.where(valid[:, None], a * phi[:, None], 0.0)
+                w_e = tl.where(valid, 1.0, 0.0).to(phi.dtype)
+            w3 = w_e[:, None, None]
+            vbase = v_ptr + j3 * (3 * F) + vch[None, :, :]
+            s1 = tl.load(vbase, mask=m3, other=0.0) * w3
+            s2 = tl.load(vbase + D, mask=m3, other=0.0) * w3
+            s3 = tl.load(vbase + 2 * D, mask=m3, other=0.0) * w3
+            if DV_MODE == 1:
+                dvbase = dv_ptr + e3 * (3 * F) + vch[None, :, :]
+                s1 = s1 * tl.load(dvbase, mask=m3, other=0.0)
+                s2 = s2 * tl.load(dvbase + D, mask=m3, other=0.0)
+                s3 = s3 * tl.load(dvbase + 2 * D, mask=m3, other=0.0)
+            elif DV_MODE == 2:
+                dv1, _ = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
+                dv2, _ = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
+                dv3, _ = _filter(r, wv3_t, bv3, DV_MODE, FACT, BE, HB, DP, PREC)
+                s1 = s1 * dv1
+                s2 = s2 * dv2
+                s3 = s3 * dv3
+            acc_m += tl.sum(attn[:, :, None] * s1, axis=0)
+            vecbase = vec_ptr + j3 * (3 * F) + ch[None, :, :]
+            ux = tl.load(unit_ptr + eo * 3, mask=em, other=0.0)[:, None, None]
+            uy = tl.load(unit_ptr + eo * 3 + 1, mask=em, other=0.0)[:, None, None]
+            uz = tl.load(unit_ptr + eo * 3 + 2, mask=em, other=0.0)[:, None, None]
+            acc_x += tl.sum(tl.load(vecbase, mask=m3, other=0.0) * s2 + s3 * ux, axis=0)
+            acc_y += tl.sum(tl.load(vecbase + F, mask=m3, other=0.0) * s2 + s3 * uy, axis=0)
+            acc_z += tl.sum(tl.load(vecbase + 2 * F, mask=m3, other=0.0) * s2 + s3 * uz, axis=0)
+
+        tl.store(m_ptr + i * F + ch, acc_m, mask=cval)
+        tl.store(u_ptr + i * (3 * F) + ch, acc_x, mask=cval)
+        tl.store(u_ptr + i * (3 * F) + F + ch, acc_y, mask=cval)
+        tl.store(u_ptr + i * (3 * F) + 2 * F + ch, acc_z, mask=cval)
+
+
+@triton.jit
+def _message_bwd_receiver_kernel(
+    rowptr_ptr, senders_ptr, q_ptr, k_ptr, v_ptr, vec_ptr,
+    dk_ptr, dv_ptr, rbf_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+    phi_ptr, unit_ptr, mask_ptr, dk0_ptr, dv0_ptr, phi0_ptr,
+    gm_ptr, gu_ptr,
+    gq_ptr, gphi_ptr, gunit_ptr, gdk_ptr, gdv_ptr, grbf_ptr, gzk_ptr, gzv_ptr, gdk0_ptr, gdv0_ptr,
+    H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+    HB: tl.constexpr, DP: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr, HP: tl.constexpr,
+    DK_MODE: tl.constexpr, DV_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+    SELF_LOOP: tl.constexpr, SELF_DK: tl.constexpr, SELF_DV: tl.constexpr,
+    VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
+    WRITE_GZ: tl.constexpr, SELF_FILTER_GRAD: tl.constexpr,
+):
+    """Receiver-side gradients: dL/dq_i (segment sum) and every per-edge gradient
+    (phi, unit vectors, rbf or the given dk/dv, pre-activation filter gradients for the weights).
+    Edge blocks outside, channel chunks inside, so per-edge sums over all channels stay in
+    registers; dL/dq of the whole row is gathered with a one-hot placement of each chunk."""
+    F: tl.constexpr = H * D
+    NCB: tl.constexpr = (H + HB - 1) // HB
+    i = tl.program_id(0).to(tl.int64)
+    start = tl.load(rowptr_ptr + i)
+    end = tl.load(rowptr_ptr + i + 1)
+    hb = tl.arange(0, HB)
+    hp = tl.arange(0, HP)
+    dd = tl.arange(0, DP)
+    kk = tl.arange(0, KP)
+    eb = tl.arange(0, BE)
+    rowf = hp[:, None] * D + dd[None, :]
+    rowval = (hp[:, None] < H) & (dd[None, :] < D)
+    gq_row = tl.zeros((HP, DP), dtype=gq_ptr.dtype.element_ty)
+
+    if SELF_LOOP:
+        phi0 = tl.load(phi0_ptr)
+        for cb in range(NCB):
+            hh = cb * HB + hb[:, None]
+            cval = (hh < H) & (dd[None, :] < D)
+            ch = hh * D + dd[None, :]
+            vch = hh * (3 * D) + dd[None, :]
+            q_i = tl.load(q_ptr + i * F + ch, mask=cval, other=0.0)
+            k_i = tl.load(k_ptr + i * F + ch, mask=cval, other=0.0)
+            gm_i = tl.load(gm_ptr + i * F + ch, mask=cval, other=0.0)
+            gx = tl.load(gu_ptr + i * (3 * F) + ch, mask=cval, other=0.0)
+            gy = tl.load(gu_ptr + i * (3 * F) + F + ch, mask=cval, other=0.0)
+            gz = tl.load(gu_ptr + i * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
+            v1 = tl.load(v_ptr + i * (3 * F) + vch, mask=cval, other=0.0)
+            v2 = tl.load(v_ptr + i * (3 * F) + vch + D, mask=cval, other=0.0)
+            dk0 = tl.where(cval, 1.0, 0.0).to(q_i.dtype)
+            dv01 = dk0
+            dv02 = dk0
+            if SELF_DK:
+                dk0 = tl.load(dk0_ptr + ch, mask=cval, other=0.0)
+            if SELF_DV:
+                dv01 = tl.load(dv0_ptr + vch, mask=cval, other=0.0)
+                dv02 = tl.load(dv0_ptr + vch + D, mask=cval, other=0.0)
+            a0, da0 = _act(tl.sum(q_i * k_i * dk0, axis=1), ATT)
+            if VCUT:
+                g0 = 1.0
+                f0 = phi0
+            else:
+                g0 = phi0
+                f0 = 1.0
+            s1_0 = v1 * dv01 * f0
+            ga0 = tl.sum(gm_i * s1_0, axis=1)  # dL/dA0 [HB]
+            gp0 = ga0 * g0 * da0
+            gq0 = gp0[:, None] * k_i * dk0
+            sel = (hp[:, None] == (cb * HB + hb)[None, :]).to(q_i.dtype)  # [HP, HB]
+            gq_row += tl.sum(sel[:, :, None] * gq0[None, :, :], axis=1)
+            if SELF_FILTER_GRAD:
+                if SELF_DK:
+                    tl.store(gdk0_ptr + i * F + ch, gp0[:, None] * q_i * k_i, mask=cval)
+                if SELF_DV:
+                    vec_x = tl.load(vec_ptr + i * (3 * F) + ch, mask=cval, other=0.0)
+                    vec_y = tl.load(vec_ptr + i * (3 * F) + F + ch, mask=cval, other=0.0)
+                    vec_z = tl.load(vec_ptr + i * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
+                    gs2_0 = gx * vec_x + gy * vec_y + gz * vec_z
+                    tl.store(gdv0_ptr + i * (3 * F) + vch, a0[:, None] * g0 * gm_i * v1 * f0, mask=cval)
+                    tl.store(gdv0_ptr + i * (3 * F) + vch + D, gs2_0 * v2 * f0, mask=cval)
+                    tl.store(gdv0_ptr + i * (3 * F) + vch + 2 * D, tl.zeros((HB, DP), dtype=q_i.dtype), mask=cval)
+
+    for e0 in range(start, end, BE):
+        eo = e0 + eb
+        em = eo < end
+        j = tl.load(senders_ptr + eo, mask=em, other=0).to(tl.int64)
+        valid = em
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + eo, mask=em, other=0) != 0)
+        phi = tl.load(phi_ptr + eo, mask=em, other=0.0)
+        ux = tl.load(unit_ptr + eo * 3, mask=em, other=0.0)
+        uy = tl.load(unit_ptr + eo * 3 + 1, mask=em, other=0.0)
+        uz = tl.load(unit_ptr + eo * 3 + 2, mask=em, other=0.0)
+        if VCUT:
+            w_e = tl.where(valid, phi, 0.0)
+        else:
+            w_e = tl.where(valid, 1.0, 0.0).to(phi.dtype)
+        w3 = w_e[:, None, None]
+        if DK_MODE == 2 or DV_MODE == 2:
+            r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
+            grbf = tl.zeros((BE, KP), dtype=phi.dtype)
+        g_phi = tl.zeros((BE,), dtype=phi.dtype)
+        g_ux = tl.zeros((BE,), dtype=phi.dtype)
+        g_uy = tl.zeros((BE,), dtype=phi.dtype)
+        g_uz = tl.zeros((BE,), dtype=phi.dtype)
+        j3 = j[:, None, None]
+        e3 = eo[:, None, None]
+        for cb in range(NCB):
+            hh = cb * HB + hb[:, None]
+            cval = (hh < H) & (dd[None, :] < D)
+            ch = hh * D + dd[None, :]
+            vch = hh * (3 * D) + dd[None, :]
+            m3 = em[:, None, None] & cval[None, :, :]
+            q_i = tl.load(q_ptr + i * F + ch, mask=cval, other=0.0)
+            gm_i = tl.load(gm_ptr + i * F + ch, mask=cval, other=0.0)
+            gx = tl.load(gu_ptr + i * (3 * F) + ch, mask=cval, other=0.0)
+            gy = tl.load(gu_ptr + i * (3 * F) + F + ch, mask=cval, other=0.0)
+            gz = tl.load(gu_ptr + i * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
+            kj = tl.load(k_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
+            qk = q_i[None, :, :] * kj
+            if DK_MODE == 1:
+                dk = tl.load(dk_ptr + e3 * F + ch[None, :, :], mask=m3, other=0.0)
+                a, da = _act(tl.sum(qk * dk, axis=2), ATT)
+            elif DK_MODE == 2:
+                wk_t = _weight_chunk_t(wk_ptr, cb, D, 0, H, D, K, HB, DP, KP)
+                bk = tl.load(bk_ptr + ch, mask=cval, other=0.0)
+                dk, ddk = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
+                a, da = _act(tl.sum(qk * dk, axis=2), ATT)
+            else:
+                a, da = _act(tl.sum(qk, axis=2), ATT)
+            if VCUT:
+                attn = tl.where(valid[:, None], a, 0.0)
+            else:
+                attn = tl.where(valid[:, None], a * phi[:, None], 0.0)
+            vbase = v_ptr + j3 * (3 * F) + vch[None, :, :]
+            v1 = tl.load(vbase, mask=m3, other=0.0)
+            v2 = tl.load(vbase + D, mask=m3, other=0.0)
+            v3 = tl.load(vbase + 2 * D, mask=m3, other=0.0)
+            if DV_MODE == 1:
+                dvbase = dv_ptr + e3 * (3 * F) + vch[None, :, :]
+                dv1 = tl.load(dvbase, mask=m3, other=0.0)
+                dv2 = tl.load(dvbase + D, mask=m3, other=0.0)
+                dv3 = tl.load(dvbase + 2 * D, mask=m3, other=0.0)
+            elif DV_MODE == 2:
+                wv1_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 0, H, D, K, HB, DP, KP)
+                wv2_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 1, H, D, K, HB, DP, KP)
+                wv3_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 2, H, D, K, HB, DP, KP)
+                bv1 = tl.load(bv_ptr + vch, mask=cval, other=0.0)
+                bv2 = tl.load(bv_ptr + vch + D, mask=cval, other=0.0)
+                bv3 = tl.load(bv_ptr + vch + 2 * D, mask=cval, other=0.0)
+                dv1, ddv1 = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
+                dv2, ddv2 = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
+                dv3, ddv3 = _filter(r, wv3_t, bv3, DV_MODE, FACT, BE, HB, DP, PREC)
+            else:
+                dv1 = tl.where(m3, 1.0, 0.0).to(v1.dtype)
+                dv2 = dv1
+                dv3 = dv1
+            t1 = v1 * dv1  # value times filter, before the cutoff/validity factor
+            t2 = v2 * dv2
+            t3 = v3 * dv3
+            s1 = t1 * w3
+            s3 = t3 * w3
+            # dL/dA and the attention chain
+            g_attn = tl.sum(gm_i[None, :, :] * s1, axis=2)  # [BE, HB]
+            if VCUT:
+                gp = tl.where(valid[:, None], g_attn * da, 0.0)
+            else:
+                gp = tl.where(valid[:, None], g_attn * phi[:, None] * da, 0.0)
+                g_phi += tl.sum(tl.where(valid[:, None], g_attn * a, 0.0), axis=1)
+            if DK_MODE != 0:
+                gq_c = tl.sum(gp[:, :, None] * kj * dk, axis=0)
+            else:
+                gq_c = tl.sum(gp[:, :, None] * kj, axis=0)
+            sel = (hp[:, None] == (cb * HB + hb)[None, :]).to(q_i.dtype)
+            gq_row += tl.sum(sel[:, :, None] * gq_c[None, :, :], axis=1)
+            # value-side gradients (before the validity / cutoff factor w_e)
+            vecbase = vec_ptr + j3 * (3 * F) + ch[None, :, :]
+            gs1 = attn[:, :, None] * gm_i[None, :, :]
+            gs2 = (gx[None, :, :] * tl.load(vecbase, mask=m3, other=0.0)
+                   + gy[None, :, :] * tl.load(vecbase + F, mask=m3, other=0.0)
+                   + gz[None, :, :] * tl.load(vecbase + 2 * F, mask=m3, other=0.0))
+            gs3 = gx[None, :, :] * ux[:, None, None] + gy[None, :, :] * uy[:, None, None] + gz[None, :, :] * uz[:, None, None]
+            g_ux += tl.sum(tl.sum(gx[None, :, :] * s3, axis=2), axis=1)
+            g_uy += tl.sum(tl.sum(gy[None, :, :] * s3, axis=2), axis=1)
+            g_uz += tl.sum(tl.sum(gz[None, :, :] * s3, axis=2), axis=1)
+            if VCUT:
+                gw = gs1 * t1 + gs2 * t2 + gs3 * t3
+                g_phi += tl.sum(tl.sum(tl.where(valid[:, None, None], gw, 0.0), axis=2), axis=1)
+            # filters
+            if DK_MODE == 1:
+                tl.store(gdk_ptr + e3 * F + ch[None, :, :], gp[:, :, None] * qk, mask=m3)
+            elif DK_MODE == 2:
+                gzk = gp[:, :, None] * qk * ddk
+                grbf += tl.dot(tl.reshape(gzk, (BE, HB * DP)), tl.trans(wk_t), input_precision=PREC)
+                if WRITE_GZ:
+                    tl.store(gzk_ptr + e3 * F + ch[None, :, :], gzk, mask=m3)
+            if DV_MODE != 0:
+                gdv1 = gs1 * v1 * w3
+                gdv2 = gs2 * v2 * w3
+                gdv3 = gs3 * v3 * w3
+                if DV_MODE == 1:
+                    dvbase = gdv_ptr + e3 * (3 * F) + vch[None, :, :]
+                    tl.store(dvbase, gdv1, mask=m3)
+                    tl.store(dvbase + D, gdv2, mask=m3)
+                    tl.store(dvbase + 2 * D, gdv3, mask=m3)
+                else:
+                    gzv1 = gdv1 * ddv1
+                    gzv2 = gdv2 * ddv2
+                    gzv3 = gdv3 * ddv3
+                    grbf += tl.dot(tl.reshape(gzv1, (BE, HB * DP)), tl.trans(wv1_t), input_precision=PREC)
+                    grbf += tl.dot(tl.reshape(gzv2, (BE, HB * DP)), tl.trans(wv2_t), input_precision=PREC)
+                    grbf += tl.dot(tl.reshape(gzv3, (BE, HB * DP)), tl.trans(wv3_t), input_precision=PREC)
+                    if WRITE_GZ:
+                        zbase = gzv_ptr + e3 * (3 * F) + vch[None, :, :]
+                        tl.store(zbase, gzv1, mask=m3)
+                        tl.store(zbase + D, gzv2, mask=m3)
+                        tl.store(zbase + 2 * D, gzv3, mask=m3)
+        tl.store(gphi_ptr + eo, g_phi, mask=em)
+        tl.store(gunit_ptr + eo * 3, g_ux, mask=em)
+        tl.store(gunit_ptr + eo * 3 + 1, g_uy, mask=em)
+        tl.store(gunit_ptr + eo * 3 + 2, g_uz, mask=em)
+        if DK_MODE == 2 or DV_MODE == 2:
+            tl.store(grbf_ptr + eo[:, None] * K + kk[None, :], grbf, mask=em[:, None] & (kk < K)[None, :])
+    tl.store(gq_ptr + i * F + rowf, gq_row, mask=rowval)
+
+
+@triton.jit
+def _message_bwd_sender_kernel(
+    colptr_ptr, perm_ptr, receivers_ptr, q_ptr, k_ptr, v_ptr, vec_ptr,
+    dk_ptr, dv_ptr, rbf_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+    phi_ptr, unit_ptr, mask_ptr, dk0_ptr, dv0_ptr, phi0_ptr,
+    gm_ptr, gu_ptr,
+    gk_ptr, gv_ptr, gvec_ptr,
+    H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+    HB: tl.constexpr, DP: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
+    DK_MODE: tl.constexpr, DV_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+    SELF_LOOP: tl.constexpr, SELF_DK: tl.constexpr, SELF_DV: tl.constexpr,
+    VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Sender-side gradients dL/dk_j, dL/dv_j, dL/dvec_j: a segment sum over the edges that
+    atom j sends on, visited in sender-sorted order through ``perm`` (the receiver-side
+    quantities q_i, dL/dm_i, dL/du_i are gathered; everything else is recomputed)."""
+    F: tl.constexpr = H * D
+    NCB: tl.constexpr = (H + HB - 1) // HB
+    j = tl.program_id(0).to(tl.int64)
+    start = tl.load(colptr_ptr + j)
+    end = tl.load(colptr_ptr + j + 1)
+    hb = tl.arange(0, HB)
+    dd = tl.arange(0, DP)
+    kk = tl.arange(0, KP)
+    eb = tl.arange(0, BE)
+    for cb in range(NCB):
+        hh = cb * HB + hb[:, None]
+        cval = (hh < H) & (dd[None, :] < D)
+        ch = hh * D + dd[None, :]
+        vch = hh * (3 * D) + dd[None, :]
+        k_j = tl.load(k_ptr + j * F + ch, mask=cval, other=0.0)
+        v1_j = tl.load(v_ptr + j * (3 * F) + vch, mask=cval, other=0.0)
+        v2_j = tl.load(v_ptr + j * (3 * F) + vch + D, mask=cval, other=0.0)
+        v3_j = tl.load(v_ptr + j * (3 * F) + vch + 2 * D, mask=cval, other=0.0)
+        vx_j = tl.load(vec_ptr + j * (3 * F) + ch, mask=cval, other=0.0)
+        vy_j = tl.load(vec_ptr + j * (3 * F) + F + ch, mask=cval, other=0.0)
+        vz_j = tl.load(vec_ptr + j * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
+        if DK_MODE == 2:
+            wk_t = _weight_chunk_t(wk_ptr, cb, D, 0, H, D, K, HB, DP, KP)
+            bk = tl.load(bk_ptr + ch, mask=cval, other=0.0)
+        if DV_MODE == 2:
+            wv1_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 0, H, D, K, HB, DP, KP)
+            wv2_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 1, H, D, K, HB, DP, KP)
+            wv3_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 2, H, D, K, HB, DP, KP)
+            bv1 = tl.load(bv_ptr + vch, mask=cval, other=0.0)
+            bv2 = tl.load(bv_ptr + vch + D, mask=cval, other=0.0)
+            bv3 = tl.load(bv_ptr + vch + 2 * D, mask=cval, other=0.0)
+
+        acc_k = tl.zeros((HB, DP), dtype=k_j.dtype)
+        acc_v1 = tl.zeros((HB, DP), dtype=k_j.dtype)
+        acc_v2 = tl.zeros((HB, DP), dtype=k_j.dtype)
+        acc_v3 = tl.zeros((HB, DP), dtype=k_j.dtype)
+        acc_x = tl.zeros((HB, DP), dtype=k_j.dtype)
+        acc_y = tl.zeros((HB, DP), dtype=k_j.dtype)
+        acc_z = tl.zeros((HB, DP), dtype=k_j.dtype)
+        if SELF_LOOP:
+            phi0 = tl.load(phi0_ptr)
+            q_s = tl.load(q_ptr + j * F + ch, mask=cval, other=0.0)
+            gm_s = tl.load(gm_ptr + j * F + ch, mask=cval, other=0.0)
+            gx_s = tl.load(gu_ptr + j * (3 * F) + ch, mask=cval, other=0.0)
+            gy_s = tl.load(gu_ptr + j * (3 * F) + F + ch, mask=cval, other=0.0)
+            gz_s = tl.load(gu_ptr + j * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
+            dk0 = tl.where(cval, 1.0, 0.0).to(k_j.dtype)
+            dv01 = dk0
+            dv02 = dk0
+            if SELF_DK:
+                dk0 = tl.load(dk0_ptr + ch, mask=cval, other=0.0)
+            if SELF_DV:
+                dv01 = tl.load(dv0_ptr + vch, mask=cval, other=0.0)
+                dv02 = tl.load(dv0_ptr + vch + D, mask=cval, other=0.0)
+            a0, da0 = _act(tl.sum(q_s * k_j * dk0, axis=1), ATT)
+            if VCUT:
+                g0 = 1.0
+                f0 = phi0
+            else:
+                g0 = phi0
+                f0 = 1.0
+            ga0 = tl.sum(gm_s * v1_j * dv01 * f0, axis=1)
+            acc_k += (ga0 * g0 * da0)[:, None] * q_s * dk0
+            acc_v1 += (a0 * g0)[:, None] * gm_s * dv01 * f0
+            acc_v2 += (gx_s * vx_j + gy_s * vy_j + gz_s * vz_j) * dv02 * f0
+            s2_0 = v2_j * dv02 * f0
+            acc_x += gx_s * s2_0
+            acc_y += gy_s * s2_0
+            acc_z += gz_s * s2_0
+
+        for t0 in range(start, end, BE):
+            to = t0 + eb
+            em = to < end
+            eo = tl.load(perm_ptr + to, mask=em, other=0).to(tl.int64)
+            i = tl.load(receivers_ptr + eo, mask=em, other=0).to(tl.int64)
+            valid = em
+            if HAS_MASK:
+                valid = valid & (tl.load(mask_ptr + eo, mask=em, other=0) != 0)
+            phi = tl.load(phi_ptr + eo, mask=em, other=0.0)
+            m3 = em[:, None, None] & cval[None, :, :]
+            i3 = i[:, None, None]
+            e3 = eo[:, None, None]
+            q_i = tl.load(q_ptr + i3 * F + ch[None, :, :], mask=m3, other=0.0)
+            gm_i = tl.load(gm_ptr + i3 * F + ch[None, :, :], mask=m3, other=0.0)
+            gubase = gu_ptr + i3 * (3 * F) + ch[None, :, :]
+            gx = tl.load(gubase, mask=m3, other=0.0)
+            gy = tl.load(gubase + F, mask=m3, other=0.0)
+            gz = tl.load(gubase + 2 * F, mask=m3, other=0.0)
+            if DK_MODE == 2 or DV_MODE == 2:
+                r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
+            if DK_MODE == 1:
+                qdk = q_i * tl.load(dk_ptr + e3 * F + ch[None, :, :], mask=m3, other=0.0)
+            elif DK_MODE == 2:
+                dk, _ = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
+                qdk = q_i * dk
+            else:
+                qdk = q_i
+            a, da = _act(tl.sum(qdk * k_j[None, :, :], axis=2), ATT)
+            if VCUT:
+                attn = tl.where(valid[:, None], a, 0.0)
+                w_e = tl.where(valid, phi, 0.0)
+            else:
+                attn = tl.where(valid[:, None], a * phi[:, None], 0.0)
+                w_e = tl.where(valid, 1.0, 0.0).to(phi.dtype)
+            w3 = w_e[:, None, None]
+            if DV_MODE == 1:
+                dvbase = dv_ptr + e3 * (3 * F) + vch[None, :, :]
+                dv1 = tl.load(dvbase, mask=m3, other=0.0) * w3
+                dv2 = tl.load(dvbase + D, mask=m3, other=0.0) * w3
+                dv3 = tl.load(dvbase + 2 * D, mask=m3, other=0.0) * w3
+            elif DV_MODE == 2:
+                dv1, _ = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
+                dv2, _ = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
+                dv3, _ = _filter(r, wv3_t, bv3, DV_MODE, FACT, BE, HB, DP, PREC)
+                dv1 = dv1 * w3
+                dv2 = dv2 * w3
+                dv3 = dv3 * w3
+            else:
+                dv1 = tl.where(m3, 1.0, 0.0).to(k_j.dtype) * w3
+                dv2 = dv1
+                dv3 = dv1
+            # dv* now carry the validity / cutoff factor: s = v_j * dv*
+            g_attn = tl.sum(gm_i * (v1_j[None, :, :] * dv1), axis=2)
+            if VCUT:
+                gp = tl.where(valid[:, None], g_attn * da, 0.0)
+            else:
+                gp = tl.where(valid[:, None], g_attn * phi[:, None] * da, 0.0)
+            acc_k += tl.sum(gp[:, :, None] * qdk, axis=0)
+            acc_v1 += tl.sum(attn[:, :, None] * gm_i * dv1, axis=0)
+            acc_v2 += tl.sum((gx * vx_j[None, :, :] + gy * vy_j[None, :, :] + gz * vz_j[None, :, :]) * dv2, axis=0)
+            ux = tl.load(unit_ptr + eo * 3, mask=em, other=0.0)[:, None, None]
+            uy = tl.load(unit_ptr + eo * 3 + 1, mask=em, other=0.0)[:, None, None]
+            uz = tl.load(unit_ptr + eo * 3 + 2, mask=em, other=0.0)[:, None, None]
+            acc_v3 += tl.sum((gx * ux + gy * uy + gz * uz) * dv3, axis=0)
+            s2 = v2_j[None, :, :] * dv2
+            acc_x += tl.sum(gx * s2, axis=0)
+            acc_y += tl.sum(gy * s2, axis=0)
+            acc_z += tl.sum(gz * s2, axis=0)
+
+        tl.store(gk_ptr + j * F + ch, acc_k, mask=cval)
+        tl.store(gv_ptr + j * (3 * F) + vch, acc_v1, mask=cval)
+        tl.store(gv_ptr + j * (3 * F) + vch + D, acc_v2, mask=cval)
+        tl.store(gv_ptr + j * (3 * F) + vch + 2 * D, acc_v3, mask=cval)
+        tl.store(gvec_ptr + j * (3 * F) + ch, acc_x, mask=cval)
+        tl.store(gvec_ptr + j * (3 * F) + F + ch, acc_y, mask=cval)
+        tl.store(gvec_ptr + j * (3 * F) + 2 * F + ch, acc_z, mask=cval)

@@ -1,0 +1,516 @@
+"""Fused Triton message step of one equivariant-transformer (ET) layer, forward and backward.
+
+Same function as :func:`torchmdx.kernels.message_ref.et_message` (see its docstring for the
+shapes), computed without materialising any per-edge feature tensor. For edge e = (i <- j),
+head h with channels c (D = F / H of them), N atoms, E edges sorted by receiver i:
+
+    dk_e   = act_f(W_k rbf_e + b_k)  [F]      dv_e = act_f(W_v rbf_e + b_v)  [3F]
+    a_eh   = act_a( sum_{c in h} q_ic k_jc dk_ec )
+    (s1, s2, s3)_e = v_j * dv_e                                     (3 blocks of D per head)
+    cutoff phi_e on a_eh (standard ET) or on (s1, s2, s3)_e (``vector_cutoff``)
+    m_i    = sum_e a_e s1_e                                          [N, F]
+    u_i    = sum_e vec_j s2_e + s3_e (x) d_ij                        [N, 3, F]
+    plus the self edge (i <- i, r = 0, d = 0) with filters dk0, dv0 and cutoff phi0.
+
+Entry points
+------------
+- :func:`et_message`: drop-in for the reference (``dk`` [E, F] and ``dv`` [E, 3F] given,
+  or None). Used where the caller already holds the filters.
+- :func:`et_message_filtered`: takes the RBF rows ``rbf`` [E, K] and the filter weights
+  (W_k [F, K], b_k, W_v [3F, K], b_v, activation ``filter_activation``) and computes dk, dv
+  inside the kernels with ``tl.dot`` on blocks of edges: GPU memory per layer is then O(E K)
+  instead of O(E F), and the backward returns dL/drbf [E, K] (which carries the position
+  dependence together with phi and the unit vectors).
+- :class:`FusedMessage`: one object per model forward pass (what
+  :func:`torchmdx.nn.et.message_function` returns). Calling it is :func:`et_message`; its
+  :meth:`FusedMessage.filtered` is :func:`et_message_filtered`; it computes the edge layout
+  (receiver row pointers, sender permutation) once and reuses it in every layer.
+
+Kernels (:mod:`torchmdx.kernels._message_kernels`)
+---------------------------------------------------
+- forward: one program per receiver i; loops over chunks of whole heads, and in each over
+  blocks of ``block_edges`` edges of i's segment; m_i and u_i are summed in registers and
+  written once (deterministic segment sums, no atomics).
+- backward, receiver side: one program per receiver; recomputes the forward of its edges and
+  writes dL/dq_i (segment sum) and every per-edge gradient (phi, unit vectors, rbf or the given
+  dk / dv, and, only when the filter weights' gradients are wanted, the pre-activation filter
+  gradients [E, 4F] that a matrix product turns into dL/dW).
+- backward, sender side: one program per sender j; visits j's edges through a
+  sender-sorted permutation of the edges (``torch.sort`` of edge_index[1], stable) and writes
+  dL/dk_j, dL/dv_j, dL/dvec_j as segment sums, again without atomics.
+Nothing synchronises with the host: row pointers come from ``torch.searchsorted``, grids from
+tensor shapes, so the whole step can be captured in a CUDA graph.
+
+Gradients and their limits
+--------------------------
+First derivatives w.r.t. every tensor input are produced by the Triton backward (forces need
+q, k, v, vec, rbf / dk / dv, phi and the unit vectors). Weight gradients (W_k, b_k, W_v, b_v,
+dk0, dv0) are computed only when requested; for W and b the backward asks the autograd engine
+whether their nodes will run (``torch._C._will_engine_execute_node``; a force evaluation by
+``torch.autograd.grad(E, pos)`` does not need them, ``loss.backward()`` does). The self-loop
+cutoff phi0 is a constant (cos(0) = 1); its gradient is not produced (the call falls back to
+the reference when phi0 requires grad).
+
+Second derivatives (training on forces: ``create_graph=True``): when the backward runs with
+grad mode on, it recomputes the message with the torch reference on the saved inputs and
+differentiates that with ``create_graph=True``, so double backward is exact but costs what the
+reference costs. Force evaluation (``create_graph=False``) never touches the reference.
+
+Dtypes float32 and float64 (float64 for tests). In float32 the filter products use
+``CONFIG.dot_precision`` ("tf32x3": three tf32 tensor-core passes, float32 accuracy; falls
+back to "ieee" if the compiler refuses it). Any F divisible by H: D is padded to a power of
+two with masked channels. Runs on CUDA tensors, and on CPU tensors under the Triton
+interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported); anything else goes to
+the torch reference.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as torch_functional
+
+from torchmdx.kernels import message_ref
+
+try:  # triton is a Linux dependency; elsewhere the reference is used
+    import triton
+
+    from torchmdx.kernels import _message_kernels as kernels
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    kernels = None
+    HAVE_TRITON = False
+
+#: activation name -> code understood by the kernels
+ACTIVATION_CODES = {"silu": 0, "swish": 0, "ssp": 1, "tanh": 2, "sigmoid": 3, "mish": 4}
+
+
+@dataclass
+class LaunchConfig:
+    """Launch parameters (the benchmark may change them).
+
+    block_edges     edges per block (BE); at least 16 where the filters use tl.dot
+    chunk_channels  channels per chunk (whole heads; at least one head)
+    num_warps       warps per program
+    dot_precision   tl.dot input precision for float32 ('tf32x3', 'tf32' or 'ieee')
+    """
+
+    block_edges: int = 16
+    chunk_channels: int = 32
+    num_warps: int = 4
+    dot_precision: str = "tf32x3"
+
+
+CONFIG = LaunchConfig()
+
+
+def interpreted() -> bool:
+    """True when the kernels run under the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return HAVE_TRITON and type(kernels._message_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def supported(tensor: torch.Tensor) -> bool:
+    """Can the fused kernels run on this tensor's device and dtype?"""
+    if not HAVE_TRITON or tensor.dtype not in (torch.float32, torch.float64):
+        return False
+    return tensor.is_cuda != interpreted()
+
+
+def _pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------- layout
+class EdgeLayout:
+    """Segments of an edge list sorted by receiver: row pointers of receivers and, on first
+    use, the sender-sorted permutation with its row pointers (no host synchronisation)."""
+
+    def __init__(self, edge_index: torch.Tensor, num_nodes: int):
+        self.edge_index = edge_index
+        self.version = edge_index._version
+        self.num_nodes = num_nodes
+        self.receivers = edge_index[0].contiguous()
+        self.senders = edge_index[1].contiguous()
+        self._nodes = torch.arange(num_nodes + 1, device=edge_index.device, dtype=edge_index.dtype)
+        self.rowptr = torch.searchsorted(self.receivers, self._nodes)
+        self._sender = None
+
+    def sender_order(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(colptr [N+1], perm [E]): edges perm[colptr[j]:colptr[j+1]] are those sent by j."""
+        if self._sender is None:
+            sorted_senders, perm = torch.sort(self.senders, stable=True)
+            self._sender = (torch.searchsorted(sorted_senders, self._nodes), perm)
+        return self._sender
+
+    def matches(self, edge_index: torch.Tensor, num_nodes: int) -> bool:
+        return self.edge_index is edge_index and self.version == edge_index._version and self.num_nodes == num_nodes
+
+
+# ---------------------------------------------------------------------------------- spec
+@dataclass(frozen=True)
+class _Spec:
+    heads: int
+    head_dim: int
+    num_rbf: int
+    dk_mode: int  # 0 none, 1 given [E, F], 2 from rbf
+    dv_mode: int
+    has_mask: bool
+    self_loop: bool
+    self_dk: bool
+    self_dv: bool
+    vector_cutoff: bool
+    attn_activation: str
+    filter_activation: str
+    # launch
+    hb: int
+    hp: int
+    dp: int
+    kp: int
+    be: int
+    num_warps: int
+    precision: str
+
+    def constexprs(self) -> dict:
+        return dict(
+            H=self.heads, D=self.head_dim, K=self.num_rbf, HB=self.hb, DP=self.dp, KP=self.kp, BE=self.be,
+            DK_MODE=self.dk_mode, DV_MODE=self.dv_mode, HAS_MASK=self.has_mask, SELF_LOOP=self.self_loop,
+            SELF_DK=self.self_dk, SELF_DV=self.self_dv, VCUT=self.vector_cutoff,
+            ATT=ACTIVATION_CODES[self.attn_activation], FACT=ACTIVATION_CODES[self.filter_activation],
+            PREC=self.precision, num_warps=self.num_warps,
+        )
+
+
+def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv,
+               vector_cutoff, attn_activation, filter_activation) -> _Spec:
+    cfg = CONFIG
+    uses_dot = dk_mode == 2 or dv_mode == 2
+    dp = _pow2(head_dim)
+    hp = _pow2(heads)
+    hb = max(1, min(hp, _pow2(max(cfg.chunk_channels, 1)) // dp))
+    be = _pow2(max(cfg.block_edges, 1))
+    kp = _pow2(max(num_rbf, 1))
+    if uses_dot:  # tl.dot needs every dimension >= 16
+        if hb * dp < 16:
+            hb = min(hp, max(1, 16 // dp))
+        if hb * dp < 16:
+            dp = 16 // hb
+        be = max(be, 16)
+        kp = max(kp, 16)
+    precision = "ieee" if dtype == torch.float64 else cfg.dot_precision
+    return _Spec(heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv, vector_cutoff,
+                 attn_activation, filter_activation, hb, hp, dp, kp, be, cfg.num_warps, precision)
+
+
+def _launch(kernel, grid, spec: _Spec, *args):
+    """Launch; if the compiler refuses a float32 tl.dot precision other than 'ieee', fall back
+    to 'ieee' for this and later calls (with a warning)."""
+    try:
+        kernel[grid](*args, **spec.constexprs())
+        return spec
+    except Exception as exc:  # noqa: BLE001 - compiler errors have no stable type across versions
+        if spec.precision == "ieee" or not (spec.dk_mode == 2 or spec.dv_mode == 2):
+            raise
+        warnings.warn(f"tl.dot input_precision={spec.precision!r} failed ({type(exc).__name__}); using 'ieee'")
+        CONFIG.dot_precision = "ieee"
+        spec = replace(spec, precision="ieee")
+        kernel[grid](*args, **spec.constexprs())
+        return spec
+
+
+def _engine_needs(node) -> bool:
+    """Will the running backward pass execute ``node`` (a weight's gradient accumulator)?"""
+    if node is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # API absent, or asked for a leaf inside autograd.grad
+        return True
+
+
+def _grad_node(t: Optional[torch.Tensor]):
+    if t is None or not t.requires_grad:
+        return None
+    try:
+        from torch.autograd.graph import _get_grad_fn_or_grad_acc
+
+        return _get_grad_fn_or_grad_acc(t)
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------- reference
+def reference_filtered(
+    q, k, v, vec, rbf, dk_weight, dk_bias, dv_weight, dv_bias, cutoff_weight, unit_vectors, edge_index, num_heads,
+    *, filter_activation="silu", edge_mask=None, self_loop=None, attn_activation="silu", vector_cutoff=False,
+):
+    """Torch reference of :func:`et_message_filtered`: dk = act_f(rbf W_k^T + b_k) etc., then
+    :func:`torchmdx.kernels.message_ref.et_message`."""
+    act = message_ref.ACTIVATIONS[filter_activation]
+    dk = act(torch_functional.linear(rbf, dk_weight, dk_bias)) if dk_weight is not None else None
+    dv = act(torch_functional.linear(rbf, dv_weight, dv_bias)) if dv_weight is not None else None
+    return message_ref.et_message(
+        q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, num_heads, edge_mask=edge_mask,
+        self_loop=self_loop, attn_activation=attn_activation, vector_cutoff=vector_cutoff,
+    )
+
+
+def _reference_from_saved(spec: _Spec, edge_index, t):
+    (q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0) = t
+    self_loop = (dk0, dv0, phi0) if spec.self_loop else None
+    kwargs = dict(edge_mask=mask.bool() if mask is not None else None, self_loop=self_loop,
+                  attn_activation=spec.attn_activation, vector_cutoff=spec.vector_cutoff)
+    if spec.dk_mode == 2 or spec.dv_mode == 2:
+        return reference_filtered(q, k, v, vec, rbf, wk, bk, wv, bv, phi, unit, edge_index, spec.heads,
+                                  filter_activation=spec.filter_activation, **kwargs)
+    return message_ref.et_message(q, k, v, vec, dk, dv, phi, unit, edge_index, spec.heads, **kwargs)
+
+
+# ---------------------------------------------------------------------------------- autograd
+_NAMES = ("q", "k", "v", "vec", "dk", "dv", "rbf", "wk", "bk", "wv", "bv", "phi", "unit", "mask", "dk0", "dv0", "phi0")
+
+
+class _FusedMessageFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec, layout, weight_nodes, *tensors):
+        (q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0) = tensors
+        n, f = q.shape
+        m = torch.empty(n, f, dtype=q.dtype, device=q.device)
+        u = torch.empty(n, 3, f, dtype=q.dtype, device=q.device)
+        dummy = q
+        if n > 0:
+            spec = _launch(
+                kernels._message_fwd_kernel, (n,), spec,
+                layout.rowptr, layout.senders, q, k, v, vec,
+                _or(dk, dummy), _or(dv, dummy), _or(rbf, dummy), _or(wk, dummy), _or(bk, dummy), _or(wv, dummy),
+                _or(bv, dummy), phi, unit, _or(mask, dummy), _or(dk0, dummy), _or(dv0, dummy), _or(phi0, dummy),
+                m, u,
+            )
+        ctx.spec = spec
+        ctx.layout = layout
+        ctx.weight_nodes = weight_nodes
+        ctx.save_for_backward(*tensors)
+        return m, u
+
+    @staticmethod
+    def backward(ctx, grad_m, grad_u):
+        spec: _Spec = ctx.spec
+        layout: EdgeLayout = ctx.layout
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        if torch.is_grad_enabled():
+            # create_graph=True (training on forces): a differentiable backward through the reference
+            return (None, None, None) + _reference_backward(spec, layout.edge_index, saved, needs, grad_m, grad_u)
+        grads = _fused_backward(spec, layout, saved, needs, ctx.weight_nodes, grad_m.contiguous(), grad_u.contiguous())
+        return (None, None, None) + grads
+
+
+def _or(t, default):
+    return default if t is None else t
+
+
+def _reference_backward(spec, edge_index, saved, needs, grad_m, grad_u):
+    wrt = [idx for idx, (t, need) in enumerate(zip(saved, needs)) if need and t is not None]
+    out = [None] * len(saved)
+    if not wrt:
+        return tuple(out)
+    with torch.enable_grad():
+        m, u = _reference_from_saved(spec, edge_index, saved)
+        grads = torch.autograd.grad((m, u), [saved[idx] for idx in wrt], (grad_m, grad_u),
+                                    create_graph=True, allow_unused=True)
+    for idx, g in zip(wrt, grads):
+        out[idx] = g
+    return tuple(out)
+
+
+def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes, grad_m, grad_u):
+    (q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0) = saved
+    need = dict(zip(_NAMES, needs))
+    n, f = q.shape
+    e = phi.shape[0]
+    out = dict.fromkeys(_NAMES)
+    dummy = q
+    weights_wanted = [need[name] and _engine_needs(node) for name, node in zip(("wk", "bk", "wv", "bv"), weight_nodes)]
+    write_gz = spec.dk_mode == 2 and any(weights_wanted[:2]) or spec.dv_mode == 2 and any(weights_wanted[2:])
+    self_filter_grad = spec.self_loop and (need["dk0"] or need["dv0"])
+    need_receiver = any(need[name] for name in ("q", "dk", "dv", "rbf", "phi", "unit")) or write_gz or self_filter_grad
+    need_sender = any(need[name] for name in ("k", "v", "vec"))
+    tensors = (q, k, v, vec, _or(dk, dummy), _or(dv, dummy), _or(rbf, dummy), _or(wk, dummy), _or(bk, dummy),
+               _or(wv, dummy), _or(bv, dummy), phi, unit, _or(mask, dummy), _or(dk0, dummy), _or(dv0, dummy),
+               _or(phi0, dummy))
+    if need_receiver and n > 0:
+        new = lambda *shape: torch.empty(*shape, dtype=q.dtype, device=q.device)  # noqa: E731
+        gq, gphi, gunit = new(n, f), new(e), new(e, 3)
+        gdk = new(e, f) if spec.dk_mode == 1 else dummy
+        gdv = new(e, 3 * f) if spec.dv_mode == 1 else dummy
+        grbf = new(e, spec.num_rbf) if (spec.dk_mode == 2 or spec.dv_mode == 2) else dummy
+        gzk = new(e, f) if write_gz and spec.dk_mode == 2 else dummy
+        gzv = new(e, 3 * f) if write_gz and spec.dv_mode == 2 else dummy
+        gdk0 = new(n, f) if self_filter_grad and spec.self_dk else dummy
+        gdv0 = new(n, 3 * f) if self_filter_grad and spec.self_dv else dummy
+        _launch_receiver(spec, layout, tensors, grad_m, grad_u, (gq, gphi, gunit, gdk, gdv, grbf, gzk, gzv, gdk0, gdv0),
+                         write_gz, self_filter_grad)
+        out["q"], out["phi"], out["unit"] = gq, gphi, gunit
+        if spec.dk_mode == 1:
+            out["dk"] = gdk
+        if spec.dv_mode == 1:
+            out["dv"] = gdv
+        if spec.dk_mode == 2 or spec.dv_mode == 2:
+            out["rbf"] = grbf
+        if write_gz and spec.dk_mode == 2:
+            if weights_wanted[0]:
+                out["wk"] = gzk.t() @ rbf
+            if weights_wanted[1] and bk is not None:
+                out["bk"] = gzk.sum(0)
+        if write_gz and spec.dv_mode == 2:
+            if weights_wanted[2]:
+                out["wv"] = gzv.t() @ rbf
+            if weights_wanted[3] and bv is not None:
+                out["bv"] = gzv.sum(0)
+        if self_filter_grad and spec.self_dk and need["dk0"]:
+            out["dk0"] = gdk0.sum(0)
+        if self_filter_grad and spec.self_dv and need["dv0"]:
+            out["dv0"] = gdv0.sum(0)
+    elif n == 0:
+        out["q"] = torch.zeros_like(q)
+        out["phi"] = torch.zeros_like(phi)
+        out["unit"] = torch.zeros_like(unit)
+    if need_sender:
+        gk, gv, gvec = torch.empty_like(k), torch.empty_like(v), torch.empty_like(vec)
+        if n > 0:
+            colptr, perm = layout.sender_order()
+            _launch(
+                kernels._message_bwd_sender_kernel, (n,), spec,
+                colptr, perm, layout.receivers, *tensors, grad_m, grad_u, gk, gv, gvec,
+            )
+        out["k"], out["v"], out["vec"] = gk, gv, gvec
+    return tuple(out[name] if need[name] else None for name in _NAMES)
+
+
+def _launch_receiver(spec, layout, tensors, grad_m, grad_u, outputs, write_gz, self_filter_grad):
+    kernel = kernels._message_bwd_receiver_kernel
+    args = (layout.rowptr, layout.senders, *tensors, grad_m, grad_u, *outputs)
+    extra = dict(HP=spec.hp, WRITE_GZ=write_gz, SELF_FILTER_GRAD=self_filter_grad)
+    n = tensors[0].shape[0]
+    try:
+        kernel[(n,)](*args, **spec.constexprs(), **extra)
+    except Exception as exc:  # noqa: BLE001 - see _launch
+        if spec.precision == "ieee" or not (spec.dk_mode == 2 or spec.dv_mode == 2):
+            raise
+        warnings.warn(f"tl.dot input_precision={spec.precision!r} failed ({type(exc).__name__}); using 'ieee'")
+        CONFIG.dot_precision = "ieee"
+        kernel[(n,)](*args, **replace(spec, precision="ieee").constexprs(), **extra)
+
+
+# ---------------------------------------------------------------------------------- entry points
+class FusedMessage:
+    """The fused message function for one model forward pass (see the module docstring).
+
+    ``FusedMessage()(q, k, v, vec, dk, dv, ...)`` has the signature of
+    :func:`torchmdx.kernels.message_ref.et_message`; :meth:`filtered` takes the RBF rows and
+    filter weights instead of dk / dv. The edge layout of the last ``edge_index`` seen is kept
+    (same tensor object, unchanged version), so the layers of one forward pass share it.
+    Create a new object per forward pass: a kept layout is not refreshed when a CUDA graph
+    replay rewrites ``edge_index`` in place.
+    """
+
+    def __init__(self):
+        self._layout: Optional[EdgeLayout] = None
+
+    def layout(self, edge_index: torch.Tensor, num_nodes: int) -> EdgeLayout:
+        if self._layout is None or not self._layout.matches(edge_index, num_nodes):
+            self._layout = EdgeLayout(edge_index, num_nodes)
+        return self._layout
+
+    def __call__(self, q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, num_heads, *,
+                 edge_mask=None, self_loop=None, attn_activation="silu", vector_cutoff=False):
+        return self._run(q, k, v, vec, dk, dv, None, None, None, None, None, "silu", cutoff_weight, unit_vectors,
+                         edge_index, num_heads, edge_mask, self_loop, attn_activation, vector_cutoff)
+
+    def filtered(self, q, k, v, vec, rbf, dk_weight, dk_bias, dv_weight, dv_bias, cutoff_weight, unit_vectors,
+                 edge_index, num_heads, *, filter_activation="silu", edge_mask=None, self_loop=None,
+                 attn_activation="silu", vector_cutoff=False):
+        return self._run(q, k, v, vec, None, None, rbf, dk_weight, dk_bias, dv_weight, dv_bias, filter_activation,
+                         cutoff_weight, unit_vectors, edge_index, num_heads, edge_mask, self_loop, attn_activation,
+                         vector_cutoff)
+
+    def _run(self, q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, filter_activation, phi, unit, edge_index, num_heads,
+             edge_mask, self_loop, attn_activation, vector_cutoff):
+        filtered = rbf is not None
+        dk0 = dv0 = phi0 = None
+        if self_loop is not None:
+            dk0, dv0, phi0 = self_loop
+            if not torch.is_tensor(phi0):
+                phi0 = torch.tensor(float(phi0), dtype=q.dtype, device=q.device)
+        n, f = q.shape
+        others = [t for t in (k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, dk0, dv0, phi0) if t is not None]
+        fallback = (
+            not supported(q)
+            or any(t.dtype != q.dtype or t.device != q.device for t in others)
+            or attn_activation not in ACTIVATION_CODES
+            or (filtered and filter_activation not in ACTIVATION_CODES)
+            or f % num_heads != 0
+            or (phi0 is not None and phi0.requires_grad)
+        )
+        if fallback:
+            kwargs = dict(edge_mask=edge_mask, self_loop=self_loop, attn_activation=attn_activation,
+                          vector_cutoff=vector_cutoff)
+            if filtered:
+                return reference_filtered(q, k, v, vec, rbf, wk, bk, wv, bv, phi, unit, edge_index, num_heads,
+                                          filter_activation=filter_activation, **kwargs)
+            return message_ref.et_message(q, k, v, vec, dk, dv, phi, unit, edge_index, num_heads, **kwargs)
+        head_dim = f // num_heads
+        if filtered:
+            dk_mode = 2 if wk is not None else 0
+            dv_mode = 2 if wv is not None else 0
+            num_rbf = rbf.shape[-1]
+            if bk is None and wk is not None:
+                bk_t = torch.zeros(f, dtype=q.dtype, device=q.device)
+            else:
+                bk_t = bk
+            if bv is None and wv is not None:
+                bv_t = torch.zeros(3 * f, dtype=q.dtype, device=q.device)
+            else:
+                bv_t = bv
+            bk, bv = bk_t, bv_t
+        else:
+            dk_mode = 1 if dk is not None else 0
+            dv_mode = 1 if dv is not None else 0
+            num_rbf = 1
+        mask = edge_mask.view(torch.uint8) if edge_mask is not None and edge_mask.dtype == torch.bool else edge_mask
+        spec = _make_spec(q.dtype, num_heads, head_dim, num_rbf, dk_mode, dv_mode, mask is not None,
+                          self_loop is not None, dk0 is not None, dv0 is not None, bool(vector_cutoff),
+                          attn_activation, filter_activation)
+        layout = self.layout(edge_index, n)
+        tensors = [q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0]
+        tensors = [t.contiguous() if t is not None else None for t in tensors]
+        # grad mode is off inside Function.forward: find the weights' gradient nodes here
+        weight_nodes = [_grad_node(t) for t in (wk, bk, wv, bv)] if torch.is_grad_enabled() else [None] * 4
+        return _FusedMessageFunction.apply(spec, layout, weight_nodes, *tensors)
+
+
+def et_message(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, num_heads, *,
+               edge_mask=None, self_loop=None, attn_activation="silu", vector_cutoff=False):
+    """Fused drop-in for :func:`torchmdx.kernels.message_ref.et_message` (same arguments)."""
+    return FusedMessage()(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, num_heads,
+                          edge_mask=edge_mask, self_loop=self_loop, attn_activation=attn_activation,
+                          vector_cutoff=vector_cutoff)
+
+
+def et_message_filtered(q, k, v, vec, rbf, dk_weight, dk_bias, dv_weight, dv_bias, cutoff_weight, unit_vectors,
+                        edge_index, num_heads, *, filter_activation="silu", edge_mask=None, self_loop=None,
+                        attn_activation="silu", vector_cutoff=False):
+    """Fused message with the radial filters computed in the kernels (see the module docstring).
+
+    rbf [E, K]; dk_weight [F, K] and dk_bias [F] (or None: no key filter); dv_weight [3F, K]
+    and dv_bias [3F] (or None); ``filter_activation`` act_f. Other arguments as
+    :func:`et_message`.
+    """
+    return FusedMessage().filtered(q, k, v, vec, rbf, dk_weight, dk_bias, dv_weight, dv_bias, cutoff_weight,
+                                   unit_vectors, edge_index, num_heads, filter_activation=filter_activation,
+                                   edge_mask=edge_mask, self_loop=self_loop, attn_activation=attn_activation,
+                                   vector_cutoff=vector_cutoff)
