@@ -156,7 +156,14 @@ if HAVE_TRITON:
     def _minimum_image(dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
                        k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2, TRICLINIC: tl.constexpr):
         """Integer shift n = -round(d @ inv(cell)) (periodic directions) and d + n @ cell."""
-        s0, s1, s2 = _fractional(dx, dy, dz, k00, k01, k02, k10, k11, k12, k20, k21, k22, TRICLINIC)
+        if TRICLINIC:
+            s0 = dx * k00 + dy * k10 + dz * k20
+            s1 = dx * k01 + dy * k11 + dz * k21
+            s2 = dx * k02 + dy * k12 + dz * k22
+        else:
+            s0 = dx * k00
+            s1 = dy * k11
+            s2 = dz * k22
         n0 = tl.floor(0.5 - s0) * p0
         n1 = tl.floor(0.5 - s1) * p1
         n2 = tl.floor(0.5 - s2) * p2
@@ -476,12 +483,45 @@ if HAVE_TRITON:
         if WRITE:
             base = tl.load(offset_ptr + oi, mask=km, other=0)
         lane = tl.arange(0, BLOCK_J)
+        xm, xm_ok = _neighbor_cell(c0, -1, K0, per0)
+        xc, xc_ok = _neighbor_cell(c0, 0, K0, per0)
+        xp, xp_ok = _neighbor_cell(c0, 1, K0, per0)
+        ym, ym_ok = _neighbor_cell(c1, -1, K1, per1)
+        yc, yc_ok = _neighbor_cell(c1, 0, K1, per1)
+        yp, yp_ok = _neighbor_cell(c1, 1, K1, per1)
+        zm, zm_ok = _neighbor_cell(c2, -1, K2, per2)
+        zc, zc_ok = _neighbor_cell(c2, 0, K2, per2)
+        zp, zp_ok = _neighbor_cell(c2, 1, K2, per2)
         for oz in tl.static_range(3):
-            nz, vz_ok = _neighbor_cell(c2, oz - 1, K2, per2)
+            if oz == 0:
+                nz = zm
+                vz_ok = zm_ok
+            elif oz == 1:
+                nz = zc
+                vz_ok = zc_ok
+            else:
+                nz = zp
+                vz_ok = zp_ok
             for oy in tl.static_range(3):
-                ny, vy_ok = _neighbor_cell(c1, oy - 1, K1, per1)
+                if oy == 0:
+                    ny = ym
+                    vy_ok = ym_ok
+                elif oy == 1:
+                    ny = yc
+                    vy_ok = yc_ok
+                else:
+                    ny = yp
+                    vy_ok = yp_ok
                 for ox in tl.static_range(3):
-                    nx, vx_ok = _neighbor_cell(c0, ox - 1, K0, per0)
+                    if ox == 0:
+                        nx = xm
+                        vx_ok = xm_ok
+                    elif ox == 1:
+                        nx = xc
+                        vx_ok = xc_ok
+                    else:
+                        nx = xp
+                        vx_ok = xp_ok
                     visit = km & vz_ok & vy_ok & vx_ok
                     nkey = slot.to(tl.int32) + nx + K0 * (ny + K1 * nz)
                     lo = tl.load(cell_start_ptr + nkey, mask=visit, other=0)
@@ -713,7 +753,8 @@ def _build_geometry(cell, pbc, device, dtype) -> _Geometry:
     completed[~any_per] = np.eye(3)
     for b in np.nonzero(any_per & ~pbcs.all(1))[0]:  # slabs and wires (usually few)
         completed[b] = _complete_rows(cells[b], pbcs[b])
-    volume = np.abs(np.linalg.det(completed))
+    # triple product (exact for orthogonal cells, unlike an LU determinant)
+    volume = np.abs(np.einsum("bd,bd->b", completed[:, 0], np.cross(completed[:, 1], completed[:, 2])))
     singular = any_per & ~(np.isfinite(volume) & (volume > 1e-12))
     if singular.any():
         b = int(np.nonzero(singular)[0][0])
@@ -778,7 +819,7 @@ def _check_widths(geometry: _Geometry, cutoff: float, structures: Optional[int])
         return
     rows = geometry.widths.shape[0]
     limit = rows if structures is None or rows == 1 else min(rows, structures)
-    too_small = (geometry.widths[:limit] < 2.0 * cutoff).any(1)
+    too_small = (geometry.widths[:limit] < 2.0 * cutoff * (1.0 - 1e-12)).any(1)
     if too_small.any():
         b = int(np.nonzero(too_small)[0][0])
         w, per = geometry.widths[b], geometry.pbc[b]
