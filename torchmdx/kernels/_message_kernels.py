@@ -52,7 +52,8 @@ def _act(x, KIND: tl.constexpr):
         y = x * s
         dy = s * (1.0 + x * (1.0 - s))
     elif KIND == 1:  # shifted softplus: softplus(x) - ln 2
-        y = _softplus(x) - 0.6931471805599453
+        # ln 2 rounded to float32, as the reference (and TorchMD-NET) subtracts it
+        y = _softplus(x) - 0.6931471824645996
         dy = _sigmoid(x)
     elif KIND == 2:  # tanh
         y = _tanh(x)

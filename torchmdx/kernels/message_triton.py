@@ -108,6 +108,10 @@ class LaunchConfig:
 
 CONFIG = LaunchConfig()
 
+#: what the last fused backward did (diagnostics and tests): weight_gradients is True when it
+#: produced the filter weights' gradients, False when the autograd engine did not need them
+LAST_BACKWARD: dict = {"weight_gradients": None}
+
 
 def interpreted() -> bool:
     """True when the kernels run under the Triton interpreter (TRITON_INTERPRET=1 at import)."""
@@ -336,6 +340,7 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
     dummy = q
     weights_wanted = [need[name] and _engine_needs(node) for name, node in zip(("wk", "bk", "wv", "bv"), weight_nodes)]
     write_gz = spec.dk_mode == 2 and any(weights_wanted[:2]) or spec.dv_mode == 2 and any(weights_wanted[2:])
+    LAST_BACKWARD["weight_gradients"] = bool(write_gz)
     self_filter_grad = spec.self_loop and (need["dk0"] or need["dv0"])
     need_receiver = any(need[name] for name in ("q", "dk", "dv", "rbf", "phi", "unit")) or write_gz or self_filter_grad
     need_sender = any(need[name] for name in ("k", "v", "vec"))
