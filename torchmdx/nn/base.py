@@ -16,6 +16,7 @@ pairs beyond ``cutoff`` then have ``mask`` False and subclasses must give them z
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -127,7 +128,8 @@ class Potential(torch.nn.Module):
         if neighbors is None:
             neighbors = self.neighbors(pos, batch, cell, pbc)
         need_grad = forces or stress
-        with torch.enable_grad() if need_grad else torch.no_grad():
+        # without forces/stress the caller's grad mode applies (energy-only training needs the graph)
+        with torch.enable_grad() if need_grad else contextlib.nullcontext():
             pos_leaf = pos
             if forces and not pos.requires_grad:
                 pos_leaf = pos.detach().requires_grad_(True)

@@ -178,7 +178,11 @@ def load_model(
         potential = cls.from_hparams(hparams) if hasattr(cls, "from_hparams") else cls(**hparams)
     except TypeError as exc:
         raise ModelError(f"{path}: cannot rebuild a {kind!r} model from its hyper-parameters: {exc}") from None
-    missing, unexpected = potential.load_state_dict(payload["state_dict"], strict=False)
+    try:
+        missing, unexpected = potential.load_state_dict(payload["state_dict"], strict=False)
+    except RuntimeError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).splitlines()[0])
+        raise ModelError(f"{path}: weights do not fit the {kind!r} model ({detail})") from None
     if missing or unexpected:
         raise ModelError(
             f"{path}: weights do not fit the {kind!r} model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"

@@ -212,7 +212,7 @@ class ETPotential(Potential):
         if bool(close.any()):
             e = int(close.nonzero()[0, 0])
             i, j = int(graph.edge_index[0, e]), int(graph.edge_index[1, e])
-            raise ModelError(f"atoms {i} and {j} are on top of each other (distance {float(graph.distances[e]):.3g} Å)")
+            raise ModelError(f"atoms {i} and {j} are on top of each other (distance {float(graph.distances[e].detach()):.3g} Å)")
 
     # ------------------------------------------------------------------ energies
     def atomic_energies(self, graph: Graph) -> torch.Tensor:

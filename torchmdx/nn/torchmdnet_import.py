@@ -49,16 +49,17 @@ _LEGACY = [
 ]
 
 
+class _AttributeDict(dict):
+    """Stand-in for Lightning's AttributeDict when unpickling hyper-parameters."""
+
+
 def _read_checkpoint(path: Path, trusted: bool) -> Mapping:
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found")
-    safe = []
-    try:  # Lightning stores hyper-parameters as an AttributeDict (a dict subclass)
-        from lightning.fabric.utilities.data import AttributeDict
-
-        safe.append(AttributeDict)
-    except ImportError:
-        pass
+    # some Lightning versions store hyper-parameters as an AttributeDict (a dict subclass):
+    # read it as a plain dict without importing Lightning
+    safe = [(_AttributeDict, "lightning.fabric.utilities.data.AttributeDict"),
+            (_AttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict")]
     try:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=not trusted)
