@@ -1,6 +1,7 @@
 """HDF5 cache (rebuild rules, crash safety, round trip) and the PyG dataset over it."""
 
 import os
+from pathlib import Path
 import shutil
 
 import h5py
@@ -174,3 +175,84 @@ def test_cache_of_a_cache_is_itself(shared_data, tmp_path):
     assert build_cache(cache) == cache
     st = read_structures(cache)
     assert st.metadata["format"] == "md17-xyz" and len(st) == 3
+
+
+def test_fast_collate_equals_pyg_collation(shared_data, tmp_path):
+    from torch_geometric.data import Batch
+
+    for src, opts in [(shared_data / "polymer" / "polymers_xtb.extxyz", {"group_key": "polymer"}),
+                      (shared_data / "qm9" / "qm9_20.db", {})]:
+        cache = build_cache(src, cache_dir=tmp_path, **opts)
+        for mmap in (False, True):
+            ds = H5Dataset(cache, mmap=mmap)
+            idx = [len(ds) - 1, 0, 7, 3, 7]
+            fast = ds.collate(torch.tensor(idx))
+            ref = Batch.from_data_list([ds[i] for i in idx])
+            assert sorted(fast.keys()) == sorted(ref.keys()) and fast.num_graphs == ref.num_graphs
+            for key in ref.keys():
+                assert fast[key].dtype == ref[key].dtype and torch.equal(fast[key], ref[key]), key
+            back = fast.to_data_list()[2]
+            assert torch.equal(back.pos, ds[7].pos) and torch.equal(back.energy, ds[7].energy)
+
+
+def test_batch_loader_epochs_workers_and_ranks(shared_data, tmp_path):
+    from torchmdx.data import BatchLoader
+
+    ds = H5Dataset(build_cache(shared_data / "md17" / "md17_aspirin_xtb.npz", cache_dir=tmp_path))
+    subset = np.arange(0, 1000, 3)
+    loader = BatchLoader(ds, batch_size=32, shuffle=True, indices=subset, generator=torch.Generator().manual_seed(0))
+    epochs = [torch.cat([b.idx for b in loader]) for _ in range(2)]
+    assert len(loader) == 11 and all(sorted(e.tolist()) == subset.tolist() for e in epochs)
+    assert not torch.equal(epochs[0], epochs[1])  # a new order every epoch
+    workers = BatchLoader(ds[torch.from_numpy(subset)], batch_size=50, num_workers=2)
+    assert torch.cat([b.idx for b in workers]).tolist() == subset.tolist()  # in order, each once
+    # three DDP ranks: disjoint shares of one order, equal lengths (padded by repeating batches)
+    shares = []
+    for rank in range(3):
+        stream = loader._stream
+        stream.seed, stream.rank, stream.world = 7, rank, 3
+        shares.append([b.tolist() for b in stream.batches()])
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == 4
+    flat = [i for share in shares for b in share for i in b]
+    assert set(flat) == set(subset.tolist()) and len(flat) - len(subset) == 32  # one repeated batch
+
+
+DDP_SCRIPT = """
+import sys, json, torch, torch.distributed as dist
+from torchmdx.data import H5Dataset, BatchLoader
+dist.init_process_group("gloo")
+torch.manual_seed(0)  # what Lightning's seed_everything does on every rank
+ds = H5Dataset(sys.argv[1])
+loader = BatchLoader(ds, batch_size=4, shuffle=True, num_workers=int(sys.argv[3]))
+seen = [b.idx.tolist() for b in loader]
+json.dump({"len": len(loader), "batches": seen}, open(sys.argv[2] + f".{dist.get_rank()}", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_batch_loader_shards_over_real_ddp_ranks(shared_data, tmp_path, workers=2):
+    """Two gloo processes with two loader workers each: each rank gets its own batches, together
+    every structure, equal batch counts."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    cache = build_cache(shared_data / "qm9" / "qm9_20.db", cache_dir=tmp_path)  # 20 = 5 batches of 4
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(cache), str(tmp_path / "out"),
+                                       str(workers)], env=env))
+    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    results = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    # 5 batches padded to 6: 3 per rank, one batch seen twice
+    assert [r["len"] for r in results] == [3, 3] and [len(r["batches"]) for r in results] == [3, 3]
+    batches = [tuple(b) for r in results for b in r["batches"]]
+    assert set(i for b in batches for i in b) == set(range(20)) and len(set(batches)) == 5

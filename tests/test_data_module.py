@@ -111,3 +111,18 @@ def test_datamodule_bad_inputs(polymer_config, shared_data, tmp_path):
         TorchmdxDataModule(no_groups).setup()
     st = read_structures(shared_data / "polymer" / "polymers_xtb.extxyz")
     assert int(np.flatnonzero(st.z == 17)[0]) >= st.offsets[300]  # structure 300 is the first PVC
+
+
+def test_datamodule_loader_choice(polymer_config):
+    from torch_geometric.loader import DataLoader
+
+    from torchmdx.data import BatchLoader
+
+    fast = TorchmdxDataModule(polymer_config)
+    fast.setup()
+    pyg = TorchmdxDataModule({**polymer_config, "loader": "pyg"})
+    pyg.setup()
+    assert isinstance(fast.train_dataloader(), BatchLoader) and isinstance(pyg.train_dataloader(), DataLoader)
+    a, b = next(iter(fast.test_dataloader())), next(iter(pyg.test_dataloader()))
+    for key in b.keys():
+        assert torch.equal(a[key], b[key]), key

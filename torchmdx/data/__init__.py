@@ -6,6 +6,7 @@ Everything is in eV and Å (``torchmdx.units`` converts at read time). Public AP
     guess_format(path) -> str
     build_cache(source, format=None, cache_dir="data/cache", **options) -> Path
     H5Dataset(cache_path, dtype=torch.float32)                        # PyG Data items
+    BatchLoader(dataset, batch_size, shuffle)                         # fast PyG batches (DDP-aware)
     random_split / group_split / save_split / load_split              # torchmdx.data.splits
     fit_atomic_references(dataset, indices, max_z) -> tensor [max_z+1]
     DataConfig, TorchmdxDataModule(config, run_dir=None)
@@ -36,6 +37,7 @@ _LAZY = {
     "write_cache": "torchmdx.data.cache",
     "cache_info": "torchmdx.data.cache",
     "H5Dataset": "torchmdx.data.dataset",
+    "BatchLoader": "torchmdx.data.loader",
     "random_split": "torchmdx.data.splits",
     "make_split": "torchmdx.data.splits",
     "group_split": "torchmdx.data.splits",

@@ -22,6 +22,8 @@ Example (all keys but ``path`` are optional)::
       dtype: float32
       max_z: 100               # the model's element range (1..max_z)
       atomref: fit             # fit (least squares on train) | dataset (published, QM9) | none
+      mmap: false              # memory-map per-atom arrays instead of loading them
+      loader: fast             # fast (BatchLoader: gathers whole batches) | pyg (torch_geometric DataLoader)
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class DataConfig:
     max_z: int = 100
     atomref: Literal["fit", "dataset", "none"] = "fit"
     mmap: bool = False
+    loader: Literal["fast", "pyg"] = "fast"
 
     def validate(self, section: str = "data") -> None:
         from torchmdx.data.formats import FORMATS

@@ -8,6 +8,7 @@ the atomic reference energies on the training split and computes the normalisati
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -25,9 +26,14 @@ from torchmdx.data.atomref import (
 from torchmdx.data.cache import build_cache
 from torchmdx.data.data_config import DataConfig
 from torchmdx.data.dataset import H5Dataset
+from torchmdx.data.loader import BatchLoader
 from torchmdx.data.splits import Split, check_no_group_leak, load_split, make_split, save_split
 
 SPLIT_FILE_NAME = "splits.npz"
+
+# BatchLoader is an IterableDataset with an exact __len__ (it shards itself over workers and ranks);
+# Lightning's generic caution about such datasets does not apply.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 class TorchmdxDataModule(L.LightningDataModule):
@@ -143,11 +149,17 @@ class TorchmdxDataModule(L.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------------
     def _loader(self, part: str, batch_size: int, shuffle: bool):
-        subset = self.subset(part)
-        if len(subset) == 0:
+        """``BatchLoader`` (``loader: fast``, whole batches gathered from the arrays; shards itself
+        over DDP ranks) or PyG's ``DataLoader`` (``loader: pyg``); an empty part gives ``[]``."""
+        self._need_setup()
+        indices = self.split[part]
+        if len(indices) == 0:
             return []
         workers = self.config.num_workers
-        return DataLoader(subset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+        if self.config.loader == "fast" and self.dataset.transform is None:
+            return BatchLoader(self.dataset, batch_size=batch_size, shuffle=shuffle, indices=indices,
+                               num_workers=workers)
+        return DataLoader(self.subset(part), batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                           persistent_workers=workers > 0, drop_last=False)
 
     def train_dataloader(self):
