@@ -188,7 +188,7 @@ class ETPotential(Potential):
 
     # ------------------------------------------------------------------ checks
     def check_elements(self, z: torch.Tensor) -> None:
-        if z.numel() == 0:
+        if z.numel() == 0 or (z.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
         max_z = self.config.max_z
         in_range = (z >= 0) & (z < max_z)
@@ -206,6 +206,8 @@ class ETPotential(Potential):
         raise ModelError(f"atom {bad} is element {element_symbol(zb)} (Z={zb}), which this model does not know; known elements: {known}")
 
     def _check_overlaps(self, graph: Graph) -> None:
+        if graph.distances.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # no host synchronisation inside a CUDA graph
         close = graph.distances < OVERLAP_DISTANCE
         if graph.mask is not None:
             close = close & graph.mask
