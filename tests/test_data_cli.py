@@ -230,3 +230,27 @@ def test_bad_config_key(capsys, tmp_path):
     config.write_text("data:\n  path: x.npz\n  batch: 3\n")
     code, out, err = run_cli(capsys, "info", config)
     assert code == 2 and err.startswith("error: config key 'data.batch' does not exist")
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("data_*.yaml")), ids=lambda p: p.name)
+def test_example_configs(config, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    code, out, err = run_cli(capsys, "info", config, "--json", "--cache-dir", tmp_path)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["n_structures"] == sum(v for k, v in info["split"].items() if k in ("train", "val", "test", "unused"))
+    assert info["split"]["train"] > 0 and info["atomic_references_eV"]
+
+
+def test_units_that_cannot_be_determined(capsys, tmp_path):
+    import ase.db
+    from ase import Atoms
+
+    path = tmp_path / "qm9_like.db"
+    with ase.db.connect(path) as db:
+        db.write(Atoms("CH4", positions=np.random.default_rng(0).normal(size=(5, 3))), data={"energy_U0": -40.5})
+    code, out, err = run_cli(capsys, "info", path, "--format", "qm9")
+    assert_one_error_line(code, out, err, f"{path}: the unit of 'energy_U0' cannot be determined (no "
+                                          "_property_unit_dict in the metadata); pass energy_unit")
+    code, out, err = run_cli(capsys, "info", path, "--format", "qm9", "--energy-unit", "Hartree", "--json")
+    assert code == 0 and json.loads(out)["energy_mean_eV"] == pytest.approx(-40.5 * HARTREE, rel=1e-9)
