@@ -24,7 +24,8 @@ def _common(p):
     p.add_argument("source", help="a data file or folder, an md17 molecule name, or a YAML config with a data: section")
     p.add_argument("--format", default=None, metavar="FORMAT",
                    help=f"file format, one of {', '.join(_FORMATS)} (guessed from the file if absent)")
-    p.add_argument("--energy-key", default=None, help="energy key (ASE info key, QM9 property, ANI-1x e.g. wb97x_dz.energy)")
+    p.add_argument("--energy-key", default=None,
+                   help="energy key (ASE info key, QM9 property, ANI-1x e.g. wb97x_dz.energy)")
     p.add_argument("--forces-key", default=None, help="forces key (ASE array, ANI-1x e.g. wb97x_dz.forces)")
     p.add_argument("--group-key", default=None, help="ASE info key holding each structure's group label")
     p.add_argument("--energy-unit", default=None, help="energy unit of the file (e.g. kcal/mol, Hartree, eV)")
@@ -85,6 +86,9 @@ def _prepare(args, config) -> int:
     opts = config.reader_options()
     current = None if args.force else find_cache(config.path, config.format, config.cache_dir, **opts)
     path = current or build_cache(config.path, config.format, config.cache_dir, force=args.force, **opts)
+    if not current and Path(path).resolve() == Path(config.path).resolve():
+        print(f"already a torchmdx cache: {path}")
+        return 0
     print(f"{'cache is current' if current else 'cache written'}: {path}")
     return 0
 

@@ -53,7 +53,8 @@ def _numeric(value) -> Optional[np.ndarray]:
 
 
 class _Frame:
-    __slots__ = ("theory", "numbers", "positions", "energy", "forces", "cell", "pbc", "group", "extras", "atom_extras", "where")
+    __slots__ = ("theory", "numbers", "positions", "energy", "forces", "cell", "pbc", "group", "extras",
+                 "atom_extras", "where")
 
 
 def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key):
@@ -176,7 +177,8 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
         k = with_forces.index(False)
         raise DataError(f"{frames[k].where}: no forces '{forces_key}', although other frames have them")
     # extras: keep the keys every frame has with one shape
-    common, atom_common = _common_keys([fr.extras for fr in frames]), _common_keys([fr.atom_extras for fr in frames], True)
+    common = _common_keys([fr.extras for fr in frames])
+    atom_common = _common_keys([fr.atom_extras for fr in frames], per_atom=True)
     builder = StructureBuilder(str(path), format="ase", energy_key=energy_key,
                                forces_key=forces_key if any(with_forces) else None, group_key=group_key,
                                units_in={"energy": energy_unit or "eV", "length": length_unit or "Å"})

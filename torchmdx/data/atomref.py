@@ -90,7 +90,9 @@ def published_atomic_references(data, max_z: int = 100, key: Optional[str] = Non
     key = key or st.metadata.get("energy_key")
     if key not in refs:
         have = ", ".join(sorted(refs)) or "none"
-        raise DataError(f"{st.source}: no published atomic references for '{key or 'energy'}' (available: {have}); use atomref: fit")
+        raise DataError(
+            f"{st.source}: no published atomic references for '{key or 'energy'}' (available: {have}); use atomref: fit"
+        )
     table = np.asarray(refs[key], dtype=np.float64)
     out = np.zeros(max_z + 1)
     n = min(len(table), max_z + 1)

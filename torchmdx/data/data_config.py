@@ -80,7 +80,8 @@ class DataConfig:
             elif isinstance(value, float) and value > 1:
                 raise ConfigError(f"config key '{p}{name}' is a fraction above 1 ({value}); use an integer for a count")
         if len(open_sizes) > 1:
-            raise ConfigError(f"config keys {', '.join(p + n for n in open_sizes)}: only one size may be null (the rest)")
+            names = ", ".join(p + n for n in open_sizes)
+            raise ConfigError(f"config keys {names}: only one size may be null (the rest)")
         fractions = [getattr(self, n) for n in ("train_size", "val_size", "test_size")]
         if all(isinstance(v, float) for v in fractions) and sum(fractions) > 1 + 1e-9:
             raise ConfigError(f"config keys {p}train_size + val_size + test_size add up to {sum(fractions):g} > 1")

@@ -75,11 +75,14 @@ def read_md17(path, energy_unit=None, length_unit=None) -> Structures:
     if z.ndim != 1 or z.shape[0] != R.shape[1]:
         raise DataError(f"{path}: z has shape {z.shape} but R has {R.shape[1]} atoms per frame")
     if E.size != len(R) or len(E) != len(R):
-        raise DataError(f"{path}: E has shape {E.shape} but R has {len(R)} frames; expected ({len(R)},) or ({len(R)}, 1)")
+        raise DataError(
+            f"{path}: E has shape {E.shape} but R has {len(R)} frames; expected ({len(R)},) or ({len(R)}, 1)"
+        )
     F = arrays.get("F")
     if F is not None and F.shape != R.shape:
         raise DataError(f"{path}: F has shape {F.shape} but R has shape {R.shape}")
-    builder = StructureBuilder(str(path), format="md17", units_in={"energy": energy_unit or "kcal/mol"}, **_theory(arrays))
+    builder = StructureBuilder(str(path), format="md17", units_in={"energy": energy_unit or "kcal/mol"},
+                               **_theory(arrays))
     builder.add(z, R * length, E.reshape(-1) * e, None if F is None else F * f)
     return builder.build()
 
@@ -122,7 +125,8 @@ def read_md17_xyz(path, energy_unit=None, length_unit=None) -> Structures:
         try:
             natoms = int(lines[i].split()[0])
         except ValueError:
-            raise DataError(f"{path}: line {i + 1}: expected the number of atoms, got {lines[i].strip()[:40]!r}") from None
+            got = lines[i].strip()[:40]
+            raise DataError(f"{path}: line {i + 1}: expected the number of atoms, got {got!r}") from None
         if i + 2 + natoms > len(lines):
             raise DataError(f"{path}: line {i + 1}: frame of {natoms} atoms is cut short at the end of the file")
         try:
@@ -184,7 +188,8 @@ def resolve_md17_name(name: str, fmt: str) -> Path:
     if fmt == "rmd17":
         exact, loose = [f"rmd17_{name}.npz"], [f"rmd17_{name}_*.npz", f"rmd17_{name}*.npz"]
     else:
-        exact, loose = [f"md17_{name}.npz", f"{name}_dft.npz", f"{name}.npz"], [f"md17_{name}_*.npz", f"md17_{name}*.npz"]
+        exact = [f"md17_{name}.npz", f"{name}_dft.npz", f"{name}.npz"]
+        loose = [f"md17_{name}_*.npz", f"md17_{name}*.npz"]
     dirs = md17_search_dirs()
     for patterns in (exact, loose):
         for d in dirs:

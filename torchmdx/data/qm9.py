@@ -252,7 +252,8 @@ def read_qm9_db(path, energy_key: Optional[str] = None, energy_unit: Optional[st
         values = {**row.key_value_pairs, **(row.data or {})}
         missing = [n for n in available if n not in values]
         if missing:
-            raise DataError(f"{path}: row {row.id} lacks propert{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)}")
+            noun = "properties" if len(missing) > 1 else "property"
+            raise DataError(f"{path}: row {row.id} lacks {noun} {', '.join(missing)}")
         extras = {}
         for n in available:
             value = np.asarray(values[n], dtype=np.float64) * factors[n][0]

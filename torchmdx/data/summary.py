@@ -65,7 +65,8 @@ def format_summary(s: dict) -> str:
         ("energy/atom", f"mean {s['energy_per_atom_mean_eV']:.6f} eV, std {s['energy_per_atom_std_eV']:.6f} eV"),
     ]
     if s["has_forces"]:
-        lines.append(("forces", f"rms {s['force_rms_eV_per_A']:.6f} eV/Å, max |F| {s['force_max_eV_per_A']:.6f} eV/Å"))
+        lines.append(("forces", f"rms {s['force_rms_eV_per_A']:.6f} eV/Å, "
+                                f"max |F| {s['force_max_eV_per_A']:.6f} eV/Å"))
     else:
         lines.append(("forces", "none"))
     lines.append(("periodic", "yes" if s["periodic"] else "no"))
