@@ -1,0 +1,7 @@
+"""``python -m torchmdx.cli ...``"""
+
+import sys
+
+from torchmdx.cli.main import main
+
+sys.exit(main())
