@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 demo: $(STAMP)
-	$(BIN)/python -m torchmdx.cli.main demo --out $(DEMO)
+	$(BIN)/python -m torchmdx.cli demo --out $(DEMO)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py

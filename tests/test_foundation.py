@@ -86,7 +86,7 @@ def test_atomic_write_leaves_nothing_on_crash(tmp_path):
 
 
 def test_cli_help_and_unknown_command():
-    out = subprocess.run([sys.executable, "-m", "torchmdx.cli.main", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "torchmdx.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for name in ["train", "md", "evaluate", "data", "export", "bench"]:
         assert name in out.stdout

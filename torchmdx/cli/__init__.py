@@ -1,5 +1,4 @@
-"""Command-line interface: ``torchmdx <command> ...`` (see :mod:`torchmdx.cli.main`)."""
+"""Command-line interface: ``torchmdx <command> ...`` (entry point :func:`torchmdx.cli.main.main`).
 
-from torchmdx.cli.main import main
-
-__all__ = ["main"]
+Run from a checkout with ``python cli.py ...`` or ``python -m torchmdx.cli ...``.
+"""
