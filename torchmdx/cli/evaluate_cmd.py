@@ -1,13 +1,113 @@
-"""`torchmdx evaluate`: not built yet."""
+"""``torchmdx evaluate model.pt --data <config.yaml | data file> [--split test] [--run RUN_DIR]``.
 
-from torchmdx.errors import NotBuiltError
+Prints a table of energy and force errors (MAE, RMSE in meV, meV/atom, meV/Å) and writes
+``errors.txt``, ``errors.json`` and ``parity.png`` (predicted vs reference) to ``--out``
+(default ``<model folder>/evaluate_<split>``), plus ``learning_curve.png`` of a run folder.
 
-HELP = "(evaluate: not built yet)"
+``--data`` is a YAML config (its ``data:`` section; the split comes from ``--run``'s
+``splits.npz``, else ``data.split_file``, else the config's ``run_dir``, else it is drawn again
+from ``data.seed``) or a data file of any supported format (every structure, ``--split all``,
+unless ``--run`` gives a split for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "error table, parity plots and learning curve of a model on a dataset split"
+
+SPLITS = ("test", "val", "train", "all")
 
 
-def add_arguments(parser):
-    parser.add_argument("args", nargs="*", help="(ignored)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model file (model.pt from torchmdx train / export)")
+    parser.add_argument("--data", required=True, help="YAML config with a data: section, or a data file")
+    parser.add_argument("--split", choices=SPLITS, default=None,
+                        help="which structures: test (default for a config), val, train, all (default for a file)")
+    parser.add_argument("--run", help="run folder: its splits.npz and its learning curve")
+    parser.add_argument("--out", help="output folder (default <model folder>/evaluate_<split>)")
+    parser.add_argument("--format", help="data file format (default: guessed); see torchmdx data")
+    parser.add_argument("--batch-size", type=int, default=None, help="structures per batch (default 64)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def run(args):
-    raise NotBuiltError("'torchmdx evaluate' is not built yet")
+def _data_config(args):
+    """(DataConfig, run folder with the split or None, is_config)."""
+    from torchmdx.config import from_dict, load_yaml
+    from torchmdx.data.data_config import DataConfig
+    from torchmdx.errors import ConfigError
+
+    source = Path(args.data)
+    run_dir = Path(args.run) if args.run else None
+    if source.suffix.lower() in (".yaml", ".yml"):
+        values = load_yaml(source)
+        if "data" not in values or not isinstance(values["data"], dict):
+            raise ConfigError(f"{source}: no 'data:' section; sections present: {', '.join(map(str, values)) or 'none'}")
+        cfg = from_dict(DataConfig, values["data"], "data")
+        if run_dir is None and isinstance(values.get("run_dir"), str):
+            run_dir = Path(values["run_dir"])
+        return cfg, run_dir, True
+    if not source.exists():
+        from torchmdx.errors import DataError
+
+        raise DataError(f"{source}: file not found")
+    cfg = from_dict(DataConfig, {"path": str(source), "format": args.format, "train_size": 0, "val_size": 0,
+                                 "test_size": None, "atomref": "none"}, "data")
+    return cfg, run_dir, False
+
+
+def run(args) -> int:
+    import dataclasses
+
+    from torchmdx.errors import ConfigError, DataError
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model_path = Path(args.model)
+    data_cfg, run_dir, is_config = _data_config(args)
+    split = args.split or ("test" if is_config else "all")
+
+    from torchmdx.data.datamodule import SPLIT_FILE_NAME, TorchmdxDataModule
+    from torchmdx.nn.model_file import load_model
+    from torchmdx.train.evaluate import error_metrics, predict, write_report
+    from torchmdx.train.plots import learning_curve
+    from torchmdx.train.run import LEARNING_CURVE, METRICS_CSV
+
+    model = load_model(model_path, device=args.device)
+    split_dir = run_dir if run_dir is not None and (run_dir / SPLIT_FILE_NAME).is_file() else None
+    if not is_config and split != "all" and split_dir is None:
+        raise DataError(f"--split {split} with a data file needs --run RUN_DIR holding its {SPLIT_FILE_NAME}")
+    if data_cfg.split_file is not None:
+        split_dir = None
+    max_z = max(1, min(data_cfg.max_z, getattr(getattr(model, "config", None), "max_z", 101) - 1))
+    data_cfg = dataclasses.replace(data_cfg, max_z=max_z, atomref="none")  # references are the model's
+    if split == "all" and split_dir is None and data_cfg.split_file is None:
+        data_cfg = dataclasses.replace(data_cfg, train_size=0, val_size=0, test_size=None, split_by_group=False,
+                                       val_groups=[], test_groups=[])
+    datamodule = TorchmdxDataModule(data_cfg, run_dir=split_dir, max_z=max_z)
+    datamodule.setup("test")
+    dataset = datamodule.dataset
+    if split == "all":
+        indices = None
+    else:
+        indices = datamodule.split[split]
+        if len(indices) == 0:
+            raise DataError(f"{data_cfg.path}: the {split} split is empty")
+    batch_size = args.batch_size or data_cfg.inference_batch_size or 64
+    predictions = predict(model, dataset, indices, batch_size=batch_size, device=args.device, progress=args.progress)
+    errors = error_metrics(predictions)
+    out_dir = Path(args.out) if args.out else model_path.parent / f"evaluate_{split}"
+    heading = f"{model_path.name} on {Path(data_cfg.path).name} ({split})"
+    info = {"model": str(model_path), "data": str(data_cfg.path), "split": split,
+            "split_file": str(datamodule.split_path) if datamodule.split_path else None}
+    paths = write_report(errors, predictions, out_dir, heading, info)
+    print(paths["text"])
+    written = [paths["table"], paths["json"], paths["parity"]]
+    if run_dir is not None and (run_dir / METRICS_CSV).is_file():
+        curve = learning_curve(run_dir / METRICS_CSV, out_dir / LEARNING_CURVE, title=str(run_dir))
+        if curve is not None:
+            written.append(str(curve))
+    print("wrote " + ", ".join(written))
+    return 0

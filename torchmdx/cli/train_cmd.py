@@ -1,13 +1,42 @@
-"""`torchmdx train`: not built yet."""
+"""``torchmdx train config.yaml [--set section.key=value ...] [--run-dir DIR] [--resume]``.
 
-from torchmdx.errors import NotBuiltError
+Reads the YAML (sections data, model, train, trainer and run_dir; see docs/training.md),
+validates every key before anything runs, trains, and leaves a run folder with the resolved
+config, the split, checkpoints (best, last), CSV and TensorBoard logs, ``model.pt`` (EMA weights
+of the best checkpoint) and ``learning_curve.png``.
+"""
 
-HELP = "(train: not built yet)"
+from __future__ import annotations
+
+import argparse
+
+HELP = "train a potential from a YAML config (run folder with checkpoints, logs and model.pt out)"
 
 
-def add_arguments(parser):
-    parser.add_argument("args", nargs="*", help="(ignored)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config with data:, model:, train:, trainer: sections and run_dir")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key (value parsed as YAML); repeatable")
+    parser.add_argument("--run-dir", help="run folder (overrides run_dir of the config)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in the run folder from checkpoints/last.ckpt")
 
 
-def run(args):
-    raise NotBuiltError("'torchmdx train' is not built yet")
+def run(args) -> int:
+    from torchmdx.train.config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides, args.run_dir)  # all config errors before any import
+    from torchmdx.train.run import train
+
+    result = train(cfg, resume=args.resume)
+    if "model" not in result:
+        return 0
+    lines = [f"run folder      {result['run_dir']}", f"model           {result['model']}  (from {result['exported_from']})"]
+    for key, value in result.items():
+        if key.startswith("best_"):
+            lines.append(f"{key:<16}{value:.6g}")
+    if "learning_curve" in result:
+        lines.append(f"learning curve  {result['learning_curve']}")
+    lines.append(f"evaluate with   torchmdx evaluate {result['model']} --data {args.config} --run {result['run_dir']}")
+    print("\n".join(lines))
+    return 0

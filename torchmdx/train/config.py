@@ -1,0 +1,276 @@
+"""The training config: one YAML file with the sections ``data:``, ``model:``, ``train:``,
+``trainer:`` and the key ``run_dir``.
+
+Every section is a typed dataclass built with :func:`torchmdx.config.from_dict`, so an unknown
+key or a wrong type is a one-line :class:`~torchmdx.errors.ConfigError` naming the key and what is
+allowed, raised before anything is read or trained::
+
+    data:                      # torchmdx.data.DataConfig (docs/data.md)
+      path: ../shared/data/md17/md17_ethanol_xtb.npz
+      train_size: 950
+      val_size: 50
+    model:                     # torchmdx.nn.ModelConfig (docs/model.md)
+      embedding_dimension: 128
+    train:                     # TrainConfig below: objective, optimiser, schedule, EMA
+      energy_weight: 0.2
+      force_weight: 0.8
+    trainer:                   # TrainerConfig below: passed to lightning.Trainer
+      max_epochs: 3000
+      devices: auto
+    run_dir: runs/et_md17      # checkpoints, logs, splits, model.pt
+
+``torchmdx train config.yaml --set train.lr=5e-4 --set trainer.max_epochs=10`` overrides single
+keys (values parsed as YAML). Relative paths (``data.path``, ``run_dir``, ``data.cache_dir``) are
+relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from torchmdx.config import apply_overrides, from_dict, load_yaml, to_dict
+from torchmdx.errors import ConfigError
+
+LOSSES = ("mse", "l1", "huber")
+MONITORS = ("val_loss", "val_energy_mae", "val_energy_per_atom_mae", "val_forces_mae")
+
+
+@dataclass
+class TrainConfig:
+    """Objective, optimiser and schedule (energies eV, forces eV/Å).
+
+    Loss over a batch of B structures with N atoms::
+
+        loss = energy_weight · mean_b L(ΔE_b) + force_weight · mean_{a,k} L(ΔF_ak)
+
+    ΔE_b = E_pred − E_ref (eV), divided by the atom count when ``energy_loss: per_atom``;
+    ΔF_ak one force component (eV/Å); L(x) = x² (mse), |x| (l1) or Huber with threshold
+    ``huber_delta`` (huber). ``force_weight: 0`` trains on energies only (no force evaluation
+    during training), ``energy_weight: 0`` on forces only (the PolyGET objective): then the
+    per-element reference energies are re-fitted on the training split before each validation
+    (``refit_atomref``), so that the model still predicts absolute energies.
+
+    Schedule: AdamW(lr, weight_decay); the learning rate rises linearly from lr/warmup to lr over
+    ``lr_warmup_steps`` optimiser steps, then ``lr_schedule``: ``plateau`` multiplies it by
+    ``lr_factor`` when the monitored validation value has not improved for ``lr_patience``
+    validations (down to ``lr_min``), ``cosine`` decays it to ``lr_min`` over ``lr_cosine_steps``
+    (default: the whole run), ``constant`` keeps it.
+
+    EMA: the validation, the checkpoints and the exported model use the exponential moving
+    average of the weights, θ_ema ← d θ_ema + (1 − d) θ with d = min(ema_decay, (1 + n)/(10 + n))
+    after the n-th optimiser step (the warm-up keeps early averages from lagging far behind);
+    ``ema_decay: null`` turns it off.
+
+    Normalisation of the model output (see torchmdx.nn.potential): per-atom energy =
+    scale · y + atomref(Z) + shift. ``scale``: ``auto`` = the RMS of the training forces when
+    training on forces, else the standard deviation of the per-atom energy residual;
+    ``force_rms`` / ``energy_std`` / a number (eV) / ``none`` (1). ``shift``: ``auto`` = mean
+    per-atom energy residual after the atomic references (eV), a number, or ``none`` (0).
+    """
+
+    energy_weight: float = 1.0
+    force_weight: float = 1.0
+    loss: Literal["mse", "l1", "huber"] = "mse"
+    huber_delta: float = 0.01
+    energy_loss: Literal["per_structure", "per_atom"] = "per_structure"
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 1000
+    lr_schedule: Literal["plateau", "cosine", "constant"] = "plateau"
+    lr_factor: float = 0.8
+    lr_patience: int = 30
+    lr_min: float = 1.0e-7
+    lr_cosine_steps: Optional[int] = None
+    ema_decay: Optional[float] = 0.99
+    early_stopping_patience: Optional[int] = 300
+    monitor: Literal["val_loss", "val_energy_mae", "val_energy_per_atom_mae", "val_forces_mae"] = "val_loss"
+    scale: Union[float, Literal["auto", "force_rms", "energy_std", "none"]] = "auto"
+    shift: Union[float, Literal["auto", "none"]] = "auto"
+    refit_atomref: Union[bool, Literal["auto"]] = "auto"
+    seed: int = 1
+
+    def validate(self, section: str = "train") -> None:
+        def bad(key, msg):
+            raise ConfigError(f"config key '{section}.{key}' {msg}")
+
+        for key in ("energy_weight", "force_weight"):
+            if getattr(self, key) < 0:
+                bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.energy_weight == 0 and self.force_weight == 0:
+            bad("force_weight", "and energy_weight are both 0: nothing to train on")
+        if not self.lr > 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not self.huber_delta > 0:
+            bad("huber_delta", f"must be > 0, got {self.huber_delta}")
+        if self.lr_warmup_steps < 0:
+            bad("lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
+        if not 0 < self.lr_factor < 1:
+            bad("lr_factor", f"must be between 0 and 1, got {self.lr_factor}")
+        if self.lr_patience < 0:
+            bad("lr_patience", f"must be >= 0, got {self.lr_patience}")
+        if not 0 <= self.lr_min <= self.lr:
+            bad("lr_min", f"must be between 0 and lr ({self.lr}), got {self.lr_min}")
+        if self.lr_cosine_steps is not None and self.lr_cosine_steps < 1:
+            bad("lr_cosine_steps", f"must be >= 1 or null, got {self.lr_cosine_steps}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            bad("ema_decay", f"must be in [0, 1) or null, got {self.ema_decay}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            bad("early_stopping_patience", f"must be >= 1 or null, got {self.early_stopping_patience}")
+        if isinstance(self.scale, float) and not self.scale > 0:
+            bad("scale", f"must be > 0 eV, got {self.scale}")
+
+    @property
+    def train_forces(self) -> bool:
+        return self.force_weight > 0
+
+    @property
+    def refits_atomref(self) -> bool:
+        """Re-fit the atomic references to the model's energies (force-only training)."""
+        return self.energy_weight == 0 if self.refit_atomref == "auto" else bool(self.refit_atomref)
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of ``lightning.Trainer`` (same names and meaning), plus ``num_threads``.
+
+    ``accelerator`` cpu | gpu | cuda | auto; ``devices`` a count, a list of device indices or
+    'auto'; ``strategy`` auto | ddp | ddp_spawn | ...: with several devices Lightning runs
+    distributed data parallel training unchanged. ``precision`` follows the model dtype
+    (float32 -> '32-true', float64 -> '64-true'). ``num_threads``: torch CPU threads (null: torch's
+    default); on a machine shared with other jobs 1 avoids thread over-subscription.
+    """
+
+    accelerator: str = "auto"
+    devices: Union[int, str, list[int]] = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    max_epochs: Optional[int] = 1000
+    max_steps: int = -1
+    max_time: Optional[str] = None
+    gradient_clip_val: Optional[float] = 10.0
+    gradient_clip_algorithm: Literal["norm", "value"] = "norm"
+    accumulate_grad_batches: int = 1
+    check_val_every_n_epoch: int = 1
+    log_every_n_steps: int = 50
+    limit_train_batches: Union[int, float] = 1.0
+    limit_val_batches: Union[int, float] = 1.0
+    num_sanity_val_steps: int = 2
+    deterministic: bool = False
+    benchmark: Optional[bool] = None
+    enable_progress_bar: bool = True
+    num_threads: Optional[int] = None
+
+    def validate(self, section: str = "trainer") -> None:
+        def bad(key, msg):
+            raise ConfigError(f"config key '{section}.{key}' {msg}")
+
+        if self.max_epochs is not None and self.max_epochs < -1:
+            bad("max_epochs", f"must be >= -1 or null, got {self.max_epochs}")
+        if self.num_nodes < 1:
+            bad("num_nodes", f"must be >= 1, got {self.num_nodes}")
+        if self.accumulate_grad_batches < 1:
+            bad("accumulate_grad_batches", f"must be >= 1, got {self.accumulate_grad_batches}")
+        if self.check_val_every_n_epoch < 1:
+            bad("check_val_every_n_epoch", f"must be >= 1, got {self.check_val_every_n_epoch}")
+        if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
+            bad("gradient_clip_val", f"must be >= 0 or null, got {self.gradient_clip_val}")
+        if self.num_threads is not None and self.num_threads < 1:
+            bad("num_threads", f"must be >= 1 or null, got {self.num_threads}")
+        if isinstance(self.devices, str) and self.devices != "auto" and not self.devices.lstrip("-").isdigit():
+            bad("devices", f"must be an int, a list of ints or 'auto', got {self.devices!r}")
+
+    def lightning_kwargs(self) -> dict:
+        """The keyword arguments for ``lightning.Trainer`` (without num_threads)."""
+        values = to_dict(self)
+        values.pop("num_threads")
+        return values
+
+
+def _data_config_class():
+    from torchmdx.data.data_config import DataConfig
+
+    return DataConfig
+
+
+def _model_config_class():
+    from torchmdx.nn.config import ModelConfig
+
+    return ModelConfig
+
+
+@dataclass
+class RunConfig:
+    """The whole training config (see the module docstring)."""
+
+    data: dict
+    model: dict = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run_dir: str = "runs/run"
+
+    # the typed data/model sections (DataConfig, ModelConfig), filled by build_run_config
+    data_config: object = field(default=None, init=False, repr=False)
+    model_config: object = field(default=None, init=False, repr=False)
+
+    def to_dict(self) -> dict:
+        """Plain dict of the resolved config (every default written out)."""
+        return {
+            "data": to_dict(self.data_config),
+            "model": to_dict(self.model_config),
+            "train": to_dict(self.train),
+            "trainer": to_dict(self.trainer),
+            "run_dir": self.run_dir,
+        }
+
+
+SECTIONS = ("data", "model", "train", "trainer", "run_dir")
+
+
+def build_run_config(values: dict, source: str = "config", check_data: bool = True) -> RunConfig:
+    """A :class:`RunConfig` from a plain dict; one-line ConfigErrors for unknown keys, wrong types
+    and a missing ``data:`` section; with ``check_data`` a DataError when ``data.path`` does not
+    exist (all before anything is read)."""
+    if "data" not in values:
+        raise ConfigError(f"{source}: no 'data:' section; sections present: {', '.join(map(str, values)) or 'none'}")
+    for key in ("data", "model", "train", "trainer"):
+        if key in values and values[key] is not None and not isinstance(values[key], dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of keys, got {values[key]!r}")
+    cfg = from_dict(RunConfig, {k: (v if v is not None else {}) for k, v in values.items()})
+    cfg.data_config = from_dict(_data_config_class(), cfg.data, "data")
+    model_values = dict(cfg.model)
+    kind = model_values.pop("kind", "et")
+    if kind != "et":
+        raise ConfigError(f"config key 'model.kind' must be 'et' for training, got {kind!r}")
+    cfg.model_config = from_dict(_model_config_class(), model_values, "model")
+    # the data follow the model's precision (positions and forces in the model's dtype)
+    cfg.data_config = dataclasses.replace(cfg.data_config, dtype=cfg.model_config.dtype)
+    if cfg.data_config.max_z > cfg.model_config.max_z - 1:
+        # the model embeds 0 .. max_z-1, the data layer checks 1 .. max_z
+        cfg.data_config = dataclasses.replace(cfg.data_config, max_z=cfg.model_config.max_z - 1)
+    if check_data:
+        from torchmdx.data.formats import check_format, resolve_source
+
+        resolve_source(cfg.data_config.path, check_format(cfg.data_config.format))
+    return cfg
+
+
+def load_run_config(path, overrides: Optional[list[str]] = None, run_dir: Optional[str] = None,
+                    check_data: bool = True) -> RunConfig:
+    """Read ``path`` (YAML), apply ``--set`` overrides and ``--run-dir``, validate."""
+    values = apply_overrides(load_yaml(path), list(overrides or []))
+    if run_dir is not None:
+        values["run_dir"] = str(run_dir)
+    return build_run_config(values, str(path), check_data=check_data)
+
+
+def resolved_yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+__all__ = ["RunConfig", "TrainConfig", "TrainerConfig", "build_run_config", "load_run_config", "resolved_yaml"]

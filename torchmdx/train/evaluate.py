@@ -1,0 +1,115 @@
+"""Errors of a model on a dataset: predictions, an error table, a JSON of the metrics, parity plots.
+
+Errors (computed here with numpy in float64 from the collected predictions, independently of
+the training metrics)::
+
+    energy MAE/RMSE            over structures, meV
+    energy per atom MAE/RMSE   (E_pred − E_ref)/n_atoms over structures, meV/atom
+    forces MAE/RMSE            over Cartesian force components, meV/Å
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from torchmdx.errors import DataError
+from torchmdx.io_utils import atomic_write
+
+EV_TO_MEV = 1000.0
+
+
+def predict(model, dataset, indices: Optional[Sequence[int]] = None, batch_size: int = 64, device="cpu",
+            progress: bool = False) -> dict:
+    """Energies (eV) and forces (eV/Å) of ``dataset[indices]`` with ``model`` next to the references.
+
+    Returns numpy arrays: ``energy_pred``/``energy_ref`` [B], ``n_atoms`` [B], ``forces_pred``/
+    ``forces_ref`` [N, 3] (None without reference forces), ``indices`` [B].
+    """
+    import torch
+    from torch_geometric.data import Batch
+
+    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    has_forces = bool(getattr(dataset, "has_forces", True))
+    energy_pred, energy_ref, n_atoms, f_pred, f_ref = [], [], [], [], []
+    starts = range(0, len(idx), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="evaluate", unit="batch", leave=False)
+    model = model.to(device)
+    dtype = next(model.parameters()).dtype
+    for start in starts:
+        chunk = idx[start:start + batch_size]
+        batch = dataset.collate(chunk) if hasattr(dataset, "collate") else \
+            Batch.from_data_list([dataset[int(i)] for i in chunk])
+        batch = batch.to(device)
+        out = model(batch.z, batch.pos.to(dtype), batch.batch, batch.cell.to(dtype), batch.pbc, forces=has_forces)
+        energy_pred.append(out["energy"].detach().double().cpu().numpy())
+        energy_ref.append(batch.energy.reshape(-1).double().cpu().numpy())
+        n_atoms.append((batch.ptr[1:] - batch.ptr[:-1]).cpu().numpy())
+        if has_forces and getattr(batch, "forces", None) is not None:
+            f_pred.append(out["forces"].detach().double().cpu().numpy())
+            f_ref.append(batch.forces.double().cpu().numpy())
+    if not energy_pred:
+        raise DataError("nothing to evaluate: the selected split is empty")
+    return {
+        "indices": idx,
+        "energy_pred": np.concatenate(energy_pred),
+        "energy_ref": np.concatenate(energy_ref),
+        "n_atoms": np.concatenate(n_atoms),
+        "forces_pred": np.concatenate(f_pred) if f_pred else None,
+        "forces_ref": np.concatenate(f_ref) if f_ref else None,
+    }
+
+
+def error_metrics(predictions: dict) -> dict:
+    """MAE and RMSE (meV, meV/atom, meV/Å) and counts from :func:`predict`'s output."""
+    de = predictions["energy_pred"] - predictions["energy_ref"]
+    de_atom = de / predictions["n_atoms"]
+    out = {
+        "n_structures": int(de.size),
+        "n_atoms": int(predictions["n_atoms"].sum()),
+        "energy_mae": EV_TO_MEV * float(np.abs(de).mean()),
+        "energy_rmse": EV_TO_MEV * float(np.sqrt((de ** 2).mean())),
+        "energy_per_atom_mae": EV_TO_MEV * float(np.abs(de_atom).mean()),
+        "energy_per_atom_rmse": EV_TO_MEV * float(np.sqrt((de_atom ** 2).mean())),
+    }
+    if predictions.get("forces_ref") is not None:
+        df = predictions["forces_pred"] - predictions["forces_ref"]
+        out["forces_mae"] = EV_TO_MEV * float(np.abs(df).mean())
+        out["forces_rmse"] = EV_TO_MEV * float(np.sqrt((df ** 2).mean()))
+    return out
+
+
+def format_table(errors: dict, heading: str = "") -> str:
+    """The error table as text."""
+    rows = [("energy", "energy", "meV"), ("energy per atom", "energy_per_atom", "meV/atom"),
+            ("forces", "forces", "meV/Å")]
+    lines = [heading] if heading else []
+    lines.append(f"{'quantity':<18}{'MAE':>12}{'RMSE':>12}  unit")
+    for label, key, unit in rows:
+        if f"{key}_mae" in errors:
+            lines.append(f"{label:<18}{errors[f'{key}_mae']:>12.4f}{errors[f'{key}_rmse']:>12.4f}  {unit}")
+    lines.append(f"({errors['n_structures']} structures, {errors['n_atoms']} atoms)")
+    return "\n".join(lines)
+
+
+def write_report(errors: dict, predictions: dict, out_dir, heading: str, info: dict) -> dict:
+    """``errors.json`` (metrics + info), ``errors.txt`` (the table) and ``parity.png`` in ``out_dir``."""
+    from torchmdx.train.plots import parity_plot
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = format_table(errors, heading)
+    paths = {"table": out_dir / "errors.txt", "json": out_dir / "errors.json", "parity": out_dir / "parity.png"}
+    with atomic_write(paths["table"], "w") as handle:
+        handle.write(table + "\n")
+    with atomic_write(paths["json"], "w") as handle:
+        json.dump({"units": {"energy": "meV", "energy_per_atom": "meV/atom", "forces": "meV/Å"},
+                   "metrics": errors, **info}, handle, indent=2)
+    parity_plot(predictions, errors, paths["parity"], title=heading)
+    return {k: str(v) for k, v in paths.items()} | {"text": table}

@@ -1,0 +1,114 @@
+"""Loss terms and errors accumulated over a whole epoch (exact, not a mean of batch means).
+
+Per structure b (n_b atoms) and force component (a, k)::
+
+    ΔE_b = E_pred,b − E_ref,b  (eV)          ΔF_ak = F_pred,ak − F_ref,ak  (eV/Å)
+    energy MAE  = Σ_b |ΔE_b| / B              energy RMSE  = sqrt(Σ_b ΔE_b² / B)
+    per-atom    = the same with ΔE_b / n_b
+    force MAE   = Σ_ak |ΔF_ak| / (3N)         force RMSE   = sqrt(Σ_ak ΔF_ak² / (3N))
+
+(force errors over Cartesian components, as TorchMD-NET, MACE and NequIP report them).
+:class:`EpochErrors` keeps the sums in float64 as torchmetrics states with ``sum`` reduction,
+so under DDP :meth:`EpochErrors.compute` returns the errors over every rank's structures.
+Reported values are in meV, meV/atom and meV/Å.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torchmetrics
+
+EV_TO_MEV = 1000.0
+
+
+def loss_terms(error: torch.Tensor, kind: str, huber_delta: float = 0.01) -> torch.Tensor:
+    """Element-wise loss of an error: x² (mse), |x| (l1) or Huber (quadratic below
+    ``huber_delta``, linear above: δ(|x| − δ/2)), same shape as ``error``."""
+    if kind == "mse":
+        return error * error
+    if kind == "l1":
+        return error.abs()
+    if kind == "huber":
+        return torch.nn.functional.huber_loss(error, torch.zeros_like(error), reduction="none", delta=huber_delta)
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+_STATES = ("n_structures", "energy_abs", "energy_sq", "energy_loss", "energy_pa_abs", "energy_pa_sq",
+           "n_components", "forces_abs", "forces_sq", "forces_loss")
+
+
+class EpochErrors(torchmetrics.Metric):
+    """Sums of energy and force errors and loss terms over an epoch (float64 states)."""
+
+    full_state_update = False
+
+    def __init__(self, loss: str = "mse", huber_delta: float = 0.01, energy_loss: str = "per_structure"):
+        super().__init__()
+        self.loss, self.huber_delta, self.energy_loss = loss, huber_delta, energy_loss
+        for name in _STATES:
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _apply(self, fn, *args, **kwargs):
+        # keep the sums in float64 when the module is cast (module.float() / precision plugins)
+        out = super()._apply(fn, *args, **kwargs)
+        for name in _STATES:
+            value = getattr(self, name)
+            if torch.is_tensor(value) and value.dtype != torch.float64:
+                setattr(self, name, value.to(torch.float64))
+        return out
+
+    def update(self, energy_error: Optional[torch.Tensor], n_atoms: torch.Tensor,
+               force_error: Optional[torch.Tensor] = None) -> None:
+        """``energy_error`` [B] eV (or None), ``n_atoms`` [B], ``force_error`` [N, 3] eV/Å (or None)."""
+        if energy_error is not None:
+            e = energy_error.detach().to(torch.float64)
+            per_atom = e / n_atoms.to(torch.float64)
+            self.n_structures += e.numel()
+            self.energy_abs += e.abs().sum()
+            self.energy_sq += (e * e).sum()
+            self.energy_pa_abs += per_atom.abs().sum()
+            self.energy_pa_sq += (per_atom * per_atom).sum()
+            target = per_atom if self.energy_loss == "per_atom" else e
+            self.energy_loss += loss_terms(target, self.loss, self.huber_delta).sum()
+        if force_error is not None:
+            f = force_error.detach().to(torch.float64)
+            self.n_components += f.numel()
+            self.forces_abs += f.abs().sum()
+            self.forces_sq += (f * f).sum()
+            self.forces_loss += loss_terms(f, self.loss, self.huber_delta).sum()
+
+    def compute(self) -> dict:
+        """Errors in meV (energy), meV/atom, meV/Å, and the mean loss terms (eV², eV, ...).
+        Keys are missing for quantities that were never given."""
+        out = {}
+        n = float(self.n_structures)
+        if n > 0:
+            out["energy_mae"] = EV_TO_MEV * float(self.energy_abs) / n
+            out["energy_rmse"] = EV_TO_MEV * (float(self.energy_sq) / n) ** 0.5
+            out["energy_per_atom_mae"] = EV_TO_MEV * float(self.energy_pa_abs) / n
+            out["energy_per_atom_rmse"] = EV_TO_MEV * (float(self.energy_pa_sq) / n) ** 0.5
+            out["energy_loss"] = float(self.energy_loss) / n
+        m = float(self.n_components)
+        if m > 0:
+            out["forces_mae"] = EV_TO_MEV * float(self.forces_abs) / m
+            out["forces_rmse"] = EV_TO_MEV * (float(self.forces_sq) / m) ** 0.5
+            out["forces_loss"] = float(self.forces_loss) / m
+        return out
+
+    @property
+    def empty(self) -> bool:
+        return float(self.n_structures) == 0 and float(self.n_components) == 0
+
+
+def weighted_loss(errors: dict, energy_weight: float, force_weight: float) -> Optional[float]:
+    """energy_weight · mean energy loss + force_weight · mean force loss from :meth:`EpochErrors.compute`
+    (terms with zero weight are left out; None if a weighted term is missing)."""
+    total = 0.0
+    for weight, key in ((energy_weight, "energy_loss"), (force_weight, "forces_loss")):
+        if weight > 0:
+            if key not in errors:
+                return None
+            total += weight * errors[key]
+    return total

@@ -1,0 +1,285 @@
+"""A training run: config in, run folder out.
+
+Run folder (``run_dir``)::
+
+    config.resolved.yaml     the config with every default written out
+    splits.npz               the train/val/test indices (reused by --resume and evaluate)
+    data_summary.json        split sizes, fitted atomic references, energy/force statistics
+    checkpoints/best.ckpt    lowest monitored validation value (EMA weights in state_dict)
+    checkpoints/last.ckpt    end of the latest epoch (what --resume continues from)
+    logs/csv/metrics.csv     per-epoch metrics (Lightning CSVLogger)
+    logs/tensorboard/        the same for TensorBoard
+    model.pt                 the best checkpoint's EMA weights as a self-contained model file
+    learning_curve.png       train/val errors and learning rate per epoch
+
+:func:`train` does: validate config -> check the run folder -> seed -> data (cache, split,
+references, statistics) -> model with its normalisation -> Lightning ``Trainer.fit`` -> export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from torchmdx.config import to_dict
+from torchmdx.errors import ConfigError, DataError
+from torchmdx.io_utils import atomic_write
+from torchmdx.train.config import RunConfig, TrainConfig, resolved_yaml
+
+CHECKPOINT_DIR = "checkpoints"
+BEST = "best"
+LAST = "last"
+RESOLVED_CONFIG = "config.resolved.yaml"
+MODEL_FILE = "model.pt"
+LEARNING_CURVE = "learning_curve.png"
+METRICS_CSV = Path("logs") / "csv" / "metrics.csv"
+
+#: data keys that may change when a run is resumed (they do not change what is learned)
+RESUME_MUTABLE_DATA_KEYS = {"num_workers", "inference_batch_size", "cache_dir", "mmap"}
+RESUME_MUTABLE_MODEL_KEYS = {"backend"}
+#: training structures used to fold the untrained network's energy offset into the references
+INITIAL_REFIT_STRUCTURES = 2000
+
+
+# ---------------------------------------------------------------------------- normalisation
+def normalisation_from_data(datamodule, train: TrainConfig) -> dict:
+    """Atomic references, scale, shift (eV) and elements from the training split's statistics
+    (see :class:`~torchmdx.train.config.TrainConfig`)."""
+    force_rms = datamodule.force_rms
+    energy_std = datamodule.energy_std_per_atom
+    if train.scale == "auto":
+        scale = force_rms if (train.train_forces and force_rms) else energy_std
+    elif train.scale == "force_rms":
+        if not force_rms:
+            raise ConfigError("train.scale 'force_rms' needs forces in the data; use 'energy_std' or a number")
+        scale = force_rms
+    elif train.scale == "energy_std":
+        scale = energy_std
+    elif train.scale == "none":
+        scale = 1.0
+    else:
+        scale = float(train.scale)
+    if not (scale and math.isfinite(scale) and scale > 0):
+        scale = 1.0  # e.g. one training structure: no spread to scale by
+    if train.shift == "auto":
+        shift = datamodule.energy_mean_per_atom
+    elif train.shift == "none":
+        shift = 0.0
+    else:
+        shift = float(train.shift)
+    return {"atomref": datamodule.atomic_references, "scale": float(scale), "shift": float(shift),
+            "elements": datamodule.elements}
+
+
+# ---------------------------------------------------------------------------- set-up
+def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
+    """Seed, set up the data (cache, split, references) and build the module with the model's
+    normalisation. Returns ``(datamodule, module)``; nothing is trained."""
+    import lightning as L
+
+    from torchmdx.data.datamodule import TorchmdxDataModule
+    from torchmdx.train.module import PotentialModule, fit_reference_correction
+
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    datamodule = TorchmdxDataModule(cfg.data_config, run_dir=run_dir, max_z=cfg.model_config.max_z - 1)
+    datamodule.setup("fit")
+    sizes = datamodule.split.sizes()
+    source = cfg.data_config.path
+    if sizes["train"] == 0:
+        raise DataError(f"{source}: the training split is empty; check data.train_size")
+    if sizes["val"] == 0:
+        raise ConfigError("config key 'data.val_size' gives an empty validation split; training needs one "
+                          "(best checkpoint, EMA validation, early stopping, learning-rate schedule)")
+    if cfg.train.train_forces and not datamodule.dataset.has_forces:
+        raise ConfigError(f"config key 'train.force_weight' is {cfg.train.force_weight} but {source} has no forces; "
+                          "set train.force_weight: 0 (energy-only training)")
+    if cfg.train.energy_weight == 0 and not datamodule.dataset.has_forces:
+        raise ConfigError(f"config key 'train.energy_weight' is 0 but {source} has no forces: nothing to train on")
+    module = PotentialModule(
+        model=to_dict(cfg.model_config), train=to_dict(cfg.train), data=to_dict(cfg.data_config),
+        inference_batch_size=cfg.data_config.inference_batch_size or cfg.data_config.batch_size,
+    )
+    module.model.set_normalisation(**normalisation_from_data(datamodule, cfg.train))
+    if cfg.data_config.atomref != "none" and INITIAL_REFIT_STRUCTURES > 0:
+        # fold the untrained network's mean energy into the references, so that the energy
+        # errors start at the spread of the data instead of the network's arbitrary offset
+        train_indices = datamodule.split["train"][:INITIAL_REFIT_STRUCTURES]
+        fit_reference_correction(module.model, datamodule.dataset, train_indices,
+                                 cfg.data_config.inference_batch_size or cfg.data_config.batch_size)
+    return datamodule, module
+
+
+def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    """The run folder; refuse to mix a new run into an old one, and a resumed run whose model or
+    data differ from the saved config."""
+    import yaml
+
+    run_dir = Path(cfg.run_dir)
+    last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
+    if resume:
+        if not last.is_file():
+            raise ConfigError(f"--resume: {last} not found; nothing to resume in {run_dir}")
+        saved_path = run_dir / RESOLVED_CONFIG
+        if saved_path.is_file():
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+            now = cfg.to_dict()
+            for section, mutable in (("model", RESUME_MUTABLE_MODEL_KEYS), ("data", RESUME_MUTABLE_DATA_KEYS)):
+                old, new = saved.get(section) or {}, now[section]
+                for key in sorted(set(old) | set(new)):
+                    if key not in mutable and old.get(key) != new.get(key):
+                        raise ConfigError(
+                            f"--resume: config key '{section}.{key}' is {new.get(key)!r} but the run in {run_dir} "
+                            f"was started with {old.get(key)!r}; a resumed run keeps its model and data"
+                        )
+    else:
+        ckpt_dir = run_dir / CHECKPOINT_DIR
+        if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+            raise ConfigError(f"{run_dir} already holds a run (checkpoints/); pass --resume to continue it "
+                              "or --run-dir for a new folder")
+    return run_dir
+
+
+# ---------------------------------------------------------------------------- trainer
+def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: Optional[list] = None):
+    """A ``lightning.Trainer`` with checkpoints, early stopping, EMA, loggers and progress bar."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from torchmdx.train.ema import EMA
+
+    train = cfg.train
+    callbacks = [
+        ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=BEST, monitor=train.monitor, mode="min",
+                        save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
+    ]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(TQDMProgressBar())
+    if train.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor=train.monitor, mode="min", patience=train.early_stopping_patience,
+                                       check_finite=True))
+    if train.ema_decay is not None and train.ema_decay > 0:
+        callbacks.append(EMA(train.ema_decay))
+    callbacks.extend(extra_callbacks or [])
+    loggers = [
+        CSVLogger(save_dir=str(run_dir), name="logs", version="csv"),
+        TensorBoardLogger(save_dir=str(run_dir), name="logs", version="tensorboard", default_hp_metric=False),
+    ]
+    kwargs = cfg.trainer.lightning_kwargs()
+    if kwargs.get("max_epochs") is None and kwargs.get("max_steps", -1) == -1 and not kwargs.get("max_time"):
+        raise ConfigError("config key 'trainer.max_epochs' is null and no trainer.max_steps / max_time is set: "
+                          "the run would never end")
+    precision = "64-true" if cfg.model_config.dtype == "float64" else "32-true"
+    return L.Trainer(
+        **kwargs,
+        precision=precision,
+        callbacks=callbacks,
+        logger=loggers,
+        default_root_dir=str(run_dir),
+        inference_mode=False,  # forces need autograd during validation
+        enable_model_summary=True,
+    )
+
+
+def _quiet_lightning_warnings() -> None:
+    for pattern in (
+        r".*does not have many workers.*",
+        r".*log_every_n_steps.*",
+        r".*Experiment logs directory .* exists and is not empty.*",
+        r".*Checkpoint directory .* exists and is not empty.*",
+        r".*`training_step` returned `None`.*",
+        r".*TensorBoard support.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+# ---------------------------------------------------------------------------- the run
+def train(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train as configured; returns paths and best metrics. Raises TorchmdxError subclasses for
+    predictable problems (config, data, run folder)."""
+    import torch
+
+    from torchmdx.train.callbacks import EpochSummary
+    from torchmdx.train.export import export_checkpoint
+    from torchmdx.train.plots import learning_curve
+
+    _quiet_lightning_warnings()
+    run_dir = check_run_dir(cfg, resume)
+    if cfg.trainer.num_threads is not None:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    datamodule, module = prepare(cfg, run_dir)
+    with atomic_write(run_dir / RESOLVED_CONFIG, "w") as handle:
+        handle.write(resolved_yaml(cfg))
+    with atomic_write(run_dir / "data_summary.json", "w") as handle:
+        json.dump(_jsonable(datamodule.summary()), handle, indent=2)
+    last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
+    previous_rows = _previous_metric_rows(run_dir / METRICS_CSV, last) if resume else []
+    trainer = build_trainer(cfg, run_dir, extra_callbacks=[EpochSummary()])
+    if previous_rows and trainer.is_global_zero:
+        _keep_metric_rows(trainer, previous_rows)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    result = {"run_dir": str(run_dir), "checkpoint_last": str(last)}
+    if not trainer.is_global_zero:
+        return result
+    checkpoint = trainer.checkpoint_callback
+    best = Path(checkpoint.best_model_path) if checkpoint is not None and checkpoint.best_model_path else None
+    source = best if best is not None and best.is_file() else last
+    model_path = run_dir / MODEL_FILE
+    export_checkpoint(source, model_path)
+    result.update(checkpoint_best=str(best) if best else None, model=str(model_path), exported_from=str(source))
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        result["best_" + cfg.train.monitor] = float(checkpoint.best_model_score)
+    metrics_csv = run_dir / METRICS_CSV
+    if metrics_csv.is_file():
+        curve = learning_curve(metrics_csv, run_dir / LEARNING_CURVE)
+        if curve is not None:
+            result["learning_curve"] = str(curve)
+    result["epochs"] = int(trainer.current_epoch)
+    result["global_step"] = int(trainer.global_step)
+    return result
+
+
+def _previous_metric_rows(metrics_csv: Path, checkpoint: Path) -> list[dict]:
+    """Rows of the CSV log up to the checkpoint's epoch (Lightning's CSV writer would delete the
+    file when the resumed run starts logging)."""
+    import csv
+
+    import torch
+
+    if not metrics_csv.is_file():
+        return []
+    try:
+        epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint fails later with its own message
+        return []
+    with open(metrics_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [row for row in rows if row.get("epoch") not in (None, "") and int(float(row["epoch"])) <= epoch]
+
+
+def _keep_metric_rows(trainer, rows: list[dict]) -> None:
+    """Put ``rows`` back in front of what the CSV logger writes from now on."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            writer = logger.experiment  # creating the writer removes the old file
+            writer.metrics[:0] = [{k: v for k, v in row.items() if v not in (None, "")} for row in rows]
+
+
+def _jsonable(value):
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return value
