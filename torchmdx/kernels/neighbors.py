@@ -48,7 +48,8 @@ class Neighbors:
     shifts:     [E, 3] integer image offsets n_ij (positions' dtype)
     vectors:    [E, 3] pos[j] - pos[i] + n_ij @ cell   (Å)
     distances:  [E]    |vectors|                       (Å)
-    num_pairs:  0-d long tensor, number of valid rows (== E unless fixed capacity)
+    num_pairs:  0-d long tensor, number of pairs found (== E unless fixed capacity; on overflow
+                it exceeds ``max_pairs`` and tells the caller how far to grow the buffer)
     overflow:   0-d bool tensor, True if more pairs existed than ``max_pairs``
     mask:       [E] bool, valid rows (None when every row is valid)
     """
