@@ -1,13 +1,78 @@
-"""`torchmdx md`: not built yet."""
+"""``torchmdx md``: molecular dynamics with a model file.
 
-from torchmdx.errors import NotBuiltError
+    torchmdx md structure.xyz --model model.pt --steps 10000 --dt 0.5 --temperature 300 \\
+        --ensemble langevin --friction 1 --out traj.extxyz --log thermo.csv --every 100
 
-HELP = "(md: not built yet)"
+Options come from the command line and/or a YAML file (``--config md.yaml``, its ``md:``
+section or a bare mapping with the same names, see :class:`torchmdx.md.config.MDConfig`);
+options given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run molecular dynamics (native engine or ASE) with a model file"
+
+# option name -> (argparse kwargs); dest names are MDConfig fields
+_OPTIONS = {
+    "--model": dict(help="model file (Potential.save / torchmdx export)"),
+    "--steps": dict(type=int, help="total number of MD steps (default 1000)"),
+    "--dt": dict(type=float, help="time step in fs (default 0.5)"),
+    "--temperature": dict(type=float, help="temperature in K: initial velocities and thermostat target (default 300)"),
+    "--ensemble": dict(choices=["nve", "langevin", "bussi", "nose-hoover"], help="ensemble (default nve)"),
+    "--friction": dict(type=float, help="Langevin friction in 1/ps (default 1)"),
+    "--tau": dict(type=float, help="Bussi / Nosé-Hoover time constant in fs (default 100)"),
+    "--chain-length": dict(type=int, dest="chain_length", help="Nosé-Hoover chain length (default 3)"),
+    "--out": dict(help="trajectory: .extxyz/.xyz (extended XYZ) or .traj (ASE); default md.extxyz"),
+    "--log": dict(help="thermo CSV (default <out stem>.csv)"),
+    "--every": dict(type=int, help="output interval in steps (default 10)"),
+    "--restart-out": dict(dest="restart_out", help="restart file to write (default <out stem>.restart.pt)"),
+    "--restart-every": dict(type=int, dest="restart_every", help="steps between restart files (default 10 x every)"),
+    "--summary": dict(help="summary JSON (default <out stem>.summary.json)"),
+    "--restart": dict(help="continue from this restart file (up to --steps in total)"),
+    "--device": dict(help="cpu, cuda, cuda:1, ... (default cpu)"),
+    "--dtype": dict(choices=["float32", "float64"], help="precision (default float32)"),
+    "--seed": dict(type=int, help="seed of initial velocities and thermostat noise (default 0)"),
+    "--engine": dict(choices=["native", "ase"], help="native (default) or ase (ASE's integrators)"),
+    "--fmax": dict(type=float, help="FIRE convergence: largest force in eV/Å (default 0.05)"),
+    "--minimize-steps": dict(type=int, dest="minimize_steps", help="most FIRE steps (default 500)"),
+    "--replicas": dict(type=int, help="copies of each structure run together in one batch (default 1)"),
+    "--skin": dict(type=float, help="neighbor-list skin in Å (default 0.5)"),
+    "--check-interval": dict(type=int, dest="check_interval", help="steps between host checks (default 10)"),
+    "--max-temperature": dict(type=float, dest="max_temperature", help="stop above this temperature in K"),
+}
 
 
-def add_arguments(parser):
-    parser.add_argument("args", nargs="*", help="(ignored)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("structure", nargs="*", help="structure file(s) ASE can read (xyz, extxyz, pdb, cif, ...)")
+    for flag, kwargs in _OPTIONS.items():
+        parser.add_argument(flag, default=None, **kwargs)
+    parser.add_argument("--minimize", action="store_true", default=None, help="FIRE relaxation before dynamics")
+    parser.add_argument("--no-wrap", dest="wrap", action="store_false", default=None,
+                        help="do not wrap periodic positions into the cell")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    parser.add_argument("--config", help="YAML file with the options (md: section); command-line options win")
 
 
-def run(args):
-    raise NotBuiltError("'torchmdx md' is not built yet")
+def config_from_args(args):
+    from torchmdx.md.config import md_config
+
+    values = {}
+    for key in ["model", "steps", "dt", "temperature", "ensemble", "friction", "tau", "chain_length", "out",
+                "log", "every", "restart_out", "restart_every", "summary", "restart", "device", "dtype", "seed",
+                "engine", "fmax", "minimize_steps", "replicas", "skin", "check_interval", "max_temperature",
+                "minimize", "wrap", "progress"]:
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = value
+    if args.structure:
+        values["structure"] = list(args.structure)
+    return md_config(values, args.config)
+
+
+def run(args) -> int:
+    from torchmdx.md.run import run_md
+
+    run_md(config_from_args(args))
+    return 0

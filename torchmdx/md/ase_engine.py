@@ -1,0 +1,232 @@
+"""``--engine ase``: the same simulation through ASE's integrators and the torchmdx calculator.
+
+For cross-checking the native engine (same model, same initial velocities from the same seed,
+same output files), and for ASE features the native engine lacks. Mapping of the ensembles:
+
+    nve          ase.md.verlet.VelocityVerlet
+    langevin     ase.md.langevinbaoab.LangevinBAOAB (T_tau = 1/friction)
+    bussi        ase.md.bussi.Bussi (taut = tau)
+    nose-hoover  ase.md.nose_hoover_chain.NoseHooverChainNVT (tdamp = tau, tchain = chain_length)
+
+One structure per run (the native engine batches). The conserved energy column is the total
+energy for nve, total minus ASE's ``transferred_energy`` for bussi, ASE's
+``get_conserved_energy()`` for nose-hoover, and the total energy for langevin (ASE does not
+track the heat exchanged). Restart files hold positions, velocities and the step (not the
+integrator's internal state: a continued ASE run is not bit-for-bit).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from torchmdx import units
+from torchmdx.errors import ConfigError, SimulationError
+from torchmdx.md.engine import Observation, RunSummary
+from torchmdx.md.io import make_frame, save_restart
+from torchmdx.md.loading import as_dtype
+from torchmdx.md.system import System
+
+
+def make_ase_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float, friction_per_ps: float,
+                      tau_fs: float, chain_length: int, seed: int):
+    """The ASE integrator for ``ensemble`` (see the module docstring)."""
+    from ase import units as ase_units
+
+    dt = timestep_fs * ase_units.fs
+    if ensemble == "nve":
+        from ase.md.verlet import VelocityVerlet
+
+        return VelocityVerlet(atoms, timestep=dt)
+    if ensemble == "langevin":
+        from ase.md.langevinbaoab import LangevinBAOAB
+
+        if not friction_per_ps > 0:
+            raise ConfigError("the ASE Langevin integrator needs friction > 0 1/ps")
+        return LangevinBAOAB(atoms, timestep=dt, temperature_K=temperature_K,
+                             T_tau=(1000.0 / friction_per_ps) * ase_units.fs, rng=np.random.default_rng(seed))
+    if ensemble == "bussi":
+        from ase.md.bussi import Bussi
+
+        return Bussi(atoms, timestep=dt, temperature_K=temperature_K, taut=tau_fs * ase_units.fs,
+                     rng=np.random.default_rng(seed))
+    if ensemble == "nose-hoover":
+        from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
+        return NoseHooverChainNVT(atoms, timestep=dt, temperature_K=temperature_K, tdamp=tau_fs * ase_units.fs,
+                                  tchain=chain_length)
+    raise ConfigError(f"unknown ensemble {ensemble!r}")
+
+
+class _Frames:
+    """Adapter giving reporters the ``frames(observation)`` of a single ASE structure."""
+
+    def __init__(self, template):
+        self.template = template
+
+    def frames(self, obs: Observation):
+        info = {"step": obs.step, "time_ps": obs.time_ps, "temperature_K": float(obs.temperature[0])}
+        stress = None
+        if obs.stress is not None:
+            s = obs.stress[0]
+            stress = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+        return [make_frame(self.template, obs.positions, obs.velocities, obs.potential[0], obs.forces, stress, info)]
+
+
+def run_ase(
+    potential,
+    atoms,
+    *,
+    steps: int,
+    timestep_fs: float,
+    ensemble: str = "nve",
+    temperature_K: float = 300.0,
+    friction_per_ps: float = 1.0,
+    tau_fs: float = 100.0,
+    chain_length: int = 3,
+    device="cpu",
+    dtype="float64",
+    seed: int = 0,
+    skin: float = 0.5,
+    every: int = 10,
+    reporters=(),
+    restart_path=None,
+    restart_every=None,
+    restart_payload=None,
+    minimize: bool = False,
+    fmax: float = 0.05,
+    minimize_steps: int = 500,
+    max_temperature_K=None,
+    progress: bool = False,
+    velocities=None,
+) -> RunSummary:
+    """Run ``steps`` steps (a restart payload continues from its step) with ASE; returns the summary."""
+    from torchmdx.md.calculator import Calculator
+
+    dtype = as_dtype(dtype)
+    atoms = atoms.copy()
+    atoms.calc = Calculator(potential, device=device, dtype=dtype, skin=skin)
+    n = len(atoms)
+    dof = 3 * n - 3 if n > 1 else 3
+    max_t = float(max_temperature_K) if max_temperature_K else max(2000.0, 5.0 * temperature_K)
+    start = 0
+    if restart_payload is not None:
+        atoms.set_positions(restart_payload["positions"].double().numpy())
+        atoms.set_velocities(restart_payload["velocities"].double().numpy())
+        start = int(restart_payload["step"])
+    else:
+        if minimize:
+            from ase.optimize import FIRE
+
+            FIRE(atoms, logfile=None).run(fmax=fmax, steps=minimize_steps)
+        if velocities is not None:
+            atoms.set_velocities(np.asarray(velocities, dtype=float))
+        elif temperature_K > 0:
+            # the native engine's Maxwell–Boltzmann draw: identical velocities for the same seed
+            system = System.from_atoms([atoms], "cpu", dtype)
+            generator = torch.Generator().manual_seed(int(seed))
+            atoms.set_velocities(system.maxwell_boltzmann(temperature_K, generator).double().numpy())
+    dyn = make_ase_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_ps, tau_fs, chain_length, seed)
+    frames = _Frames(atoms)
+    periodic = bool(np.all(atoms.pbc))
+
+    def conserved(total):
+        if ensemble == "bussi":
+            return total - dyn.transferred_energy
+        if ensemble == "nose-hoover":
+            return dyn.get_conserved_energy()
+        return total
+
+    def observe(step) -> Observation:
+        energy = atoms.get_potential_energy()
+        kinetic = atoms.get_kinetic_energy()
+        pressure = stress = None
+        if periodic:
+            s = atoms.get_stress(voigt=False, include_ideal_gas=False)
+            p = 2.0 * kinetic / (3.0 * atoms.get_volume()) - np.trace(s) / 3.0
+            pressure = np.array([p * units.EV_PER_A3_TO_BAR])
+            stress = s[None]
+        return Observation(
+            step=step, time_ps=step * timestep_fs * 1e-3,
+            positions=atoms.get_positions(), velocities=atoms.get_velocities(), forces=atoms.get_forces(),
+            potential=np.array([energy]), kinetic=np.array([kinetic]),
+            temperature=np.array([2.0 * kinetic / (dof * units.BOLTZMANN_EV_PER_K)]),
+            conserved=np.array([conserved(energy + kinetic)]), pressure_bar=pressure, stress=stress,
+        )
+
+    def payload(step):
+        return {
+            "engine": "ase", "step": step, "timestep_fs": timestep_fs, "ensemble": ensemble,
+            "temperature_K": temperature_K, "seed": seed, "dtype": str(dtype).replace("torch.", ""),
+            "z": torch.as_tensor(atoms.numbers), "counts": [n], "structures": [atoms.copy()],
+            "positions": torch.as_tensor(atoms.get_positions()), "velocities": torch.as_tensor(atoms.get_velocities()),
+        }
+
+    if restart_every is None:
+        restart_every = 10 * every
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, unit="step", desc=f"md {ensemble} (ase)", dynamic_ncols=True)
+    first = observe(start)
+    if restart_payload is None:
+        for r in reporters:
+            r.report(frames, first)
+    previous = (atoms.get_positions(), atoms.get_velocities())
+    step = start
+    wall_start = time.perf_counter()
+    for i, _ in enumerate(dyn.irun(steps)):
+        if i == 0:
+            continue  # irun yields once before the first step
+        step = start + i
+        forces = atoms.get_forces()
+        temperature = 2.0 * atoms.get_kinetic_energy() / (dof * units.BOLTZMANN_EV_PER_K)
+        reason = None
+        if not np.isfinite(forces).all() or not np.isfinite(atoms.get_potential_energy()):
+            bad = int(np.nonzero(~np.isfinite(forces).all(1))[0][0]) if not np.isfinite(forces).all() else 0
+            reason = f"the forces are not finite (NaN/inf) on atom {bad} of structure 0"
+        elif not temperature <= max_t:
+            reason = f"the temperature reached {temperature:.4g} K, above max_temperature {max_t:g} K"
+        if reason:
+            atoms.set_positions(previous[0])
+            atoms.set_velocities(previous[1])
+            kept = []
+            try:
+                obs = observe(step - 1)
+                for r in reporters:
+                    r.report_failure(frames, obs)
+                kept.append("the trajectory's last frame")
+            except Exception:  # noqa: BLE001
+                pass
+            if restart_path is not None:
+                save_restart(restart_path, payload(step - 1))
+                kept.append(str(restart_path))
+            where = f"; last good state (step {step - 1}) kept in " + " and ".join(kept) if kept else ""
+            raise SimulationError(f"simulation stopped at step {step}: {reason}{where}")
+        previous = (atoms.get_positions(), atoms.get_velocities())
+        if bar is not None:
+            bar.update(1)
+        if step % every == 0 or i == steps:
+            obs = observe(step)
+            for r in reporters:
+                r.report(frames, obs)
+        if restart_path is not None and (step % restart_every == 0 or i == steps):
+            save_restart(restart_path, payload(step))
+    wall = time.perf_counter() - wall_start
+    if bar is not None:
+        bar.close()
+    last = observe(step)
+    done = step - start
+    rate = done / wall if wall > 0 else float("inf")
+    drift = float(last.conserved[0] - first.conserved[0]) / n
+    sim_ns = done * timestep_fs * 1e-6
+    return RunSummary(
+        steps=done, wall_s=wall, steps_per_s=rate, ns_per_day=rate * timestep_fs * 1e-6 * 86400.0,
+        atoms=n, structures=1, energy_drift_eV_per_atom=drift,
+        energy_drift_eV_per_atom_per_ns=drift / sim_ns if sim_ns > 0 else 0.0,
+        neighbor_list_builds=atoms.calc.neighbor_list_builds, replays=0,
+        final_temperature_K=[float(last.temperature[0])],
+    )

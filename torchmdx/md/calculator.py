@@ -1,0 +1,158 @@
+"""ASE calculator for any torchmdx :class:`~torchmdx.nn.base.Potential`.
+
+    from torchmdx import Calculator
+    atoms.calc = Calculator("model.pt", device="cuda")
+    atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+
+Properties (ASE units): ``energy`` and ``free_energy`` (eV), ``forces`` (eV/Å), ``energies``
+(per-atom energies, eV), and for periodic structures ``stress`` (eV/Å³, Voigt order, ASE's sign:
+σ = (1/V) ∂E/∂ε, from the potential's strain derivative). Energy, forces, per-atom energies and
+(periodic) stress come from one forward/backward pass.
+
+Work is reused while only positions (and the cell) change: atomic numbers and pbc stay on the
+device, the element check is not repeated, and the neighbor list is built with a skin
+(``skin`` Å) and kept until an atom has moved more than skin/2 from where it was at the build;
+a cell change (cell filters, NPT) keeps the list while the deformation is small enough, see
+:meth:`Calculator._list_still_valid`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator as _AseCalculator
+from ase.calculators.calculator import PropertyNotImplementedError, all_changes
+
+from torchmdx.kernels.neighbors import Neighbors
+from torchmdx.md.forces import fit_skin
+from torchmdx.md.loading import as_dtype, load_potential, potential_dtype
+from torchmdx.nn.base import edge_vectors
+
+
+class Calculator(_AseCalculator):
+    """ASE calculator of a torchmdx potential (a :class:`Potential` or a model file path).
+
+    ``device`` (e.g. "cpu", "cuda"), ``dtype`` (torch dtype or "float32"/"float64"; default:
+    the model's own), ``skin`` (Å) of the reused neighbor list (0 rebuilds every call),
+    ``compute_stress`` ("auto": for periodic structures).
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+
+    def __init__(self, model, device="cpu", dtype=None, skin: float = 0.5, compute_stress="auto", **kwargs):
+        super().__init__(**kwargs)
+        self.device = torch.device(device)
+        self.potential = load_potential(model, device=self.device, dtype=dtype)
+        self.dtype = as_dtype(dtype) if dtype is not None else potential_dtype(self.potential)
+        self.potential.eval()
+        self.skin = float(skin)
+        self.compute_stress = compute_stress
+        self._z = self._cell = self._pbc = None
+        self._numbers = self._pbc_np = None
+        self._neighbors: Optional[Neighbors] = None
+        self._reference: Optional[torch.Tensor] = None
+        self._reference_cell: Optional[torch.Tensor] = None
+        self._list_cutoff = 0.0
+        self.neighbor_list_builds = 0
+
+    @property
+    def effective_skin(self) -> float:
+        """Skin (Å) of the present neighbor list (``skin``, reduced to fit a small periodic box)."""
+        return self._list_cutoff - float(self.potential.cutoff) if self._neighbors is not None else 0.0
+
+    # ------------------------------------------------------------------ helpers
+    def _structure_tensors(self, atoms, system_changes):
+        numbers = atoms.get_atomic_numbers()
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        same_atoms = (
+            self._numbers is not None and np.array_equal(numbers, self._numbers)
+            and self._pbc_np is not None and np.array_equal(pbc, self._pbc_np)
+        )
+        if self._z is not None and same_atoms and "cell" not in system_changes:
+            return
+        if not same_atoms:
+            z = torch.as_tensor(numbers, dtype=torch.long, device=self.device)
+            self.potential.check_elements(z)
+            self._numbers, self._pbc_np, self._z = numbers.copy(), pbc.copy(), z
+            self._neighbors = None  # a different system: new list
+        if pbc.any():
+            self._cell = torch.as_tensor(atoms.cell.array, dtype=self.dtype, device=self.device).unsqueeze(0)
+            self._pbc = torch.as_tensor(pbc, device=self.device).unsqueeze(0)
+        else:
+            self._cell = self._pbc = None
+
+    def _list_still_valid(self, positions: torch.Tensor, cutoff: float) -> bool:
+        """Does the list (built with ``self._list_cutoff`` at ``self._reference`` in cell H0) still
+        hold every pair within ``cutoff``?
+
+        Positions are mapped back to the build cell with the same fractional coordinates,
+        x' = x H⁻¹ H0, and F = H0⁻¹ H is the deformation since the build. A pair missing from
+        the list had |r'| >= r_list - 2 max|x' - x0| in the build cell, and |r| >= σ_min(F) |r'|
+        now, so the list is complete while 2 max|x' - x0| <= r_list - cutoff / σ_min(F)
+        (for an unchanged cell: every atom moved less than skin/2).
+        """
+        if self._neighbors is None or self._list_cutoff <= cutoff:
+            return False
+        mapped, smin = positions, 1.0
+        if self._cell is not None and not torch.equal(self._cell, self._reference_cell):
+            if not bool(self._pbc.all()):
+                return False
+            h, h0 = self._cell[0], self._reference_cell[0]
+            if abs(float(torch.linalg.det(h))) < 1e-12:
+                return False
+            # too little room for minimum image in the new cell: rebuild (which reports it)
+            widths_ok = fit_skin(cutoff, 1e-9, self._cell, self._pbc) > 0
+            if not widths_ok:
+                return False
+            deformation = torch.linalg.solve(h0.T, h.T).T  # F with H = H0 F
+            smin = float(torch.linalg.svdvals(deformation).min())
+            mapped = positions @ torch.linalg.inv(h) @ h0
+        d = mapped - self._reference
+        largest = float((d * d).sum(-1).max().sqrt()) if d.numel() else 0.0
+        return 2.0 * largest <= self._list_cutoff - cutoff / smin
+
+    def _neighbor_list(self, positions: torch.Tensor) -> Neighbors:
+        cutoff = float(self.potential.cutoff)
+        if not self._list_still_valid(positions, cutoff):
+            skin = fit_skin(cutoff, self.skin, self._cell, self._pbc)
+            self._neighbors = self.potential.neighbors(positions, None, self._cell, self._pbc, cutoff=cutoff + skin)
+            self._reference = positions.clone()
+            self._reference_cell = None if self._cell is None else self._cell.clone()
+            self._list_cutoff = cutoff + skin
+            self.neighbor_list_builds += 1
+        nl = self._neighbors
+        batch = torch.zeros(positions.shape[0], dtype=torch.long, device=self.device)
+        vectors = edge_vectors(positions, nl.edge_index, nl.shifts, self._cell, batch)
+        mask = (vectors * vectors).sum(-1) < cutoff * cutoff
+        if nl.mask is not None:
+            mask = mask & nl.mask
+        return Neighbors(nl.edge_index, nl.shifts, vectors, vectors.norm(dim=-1), nl.num_pairs, nl.overflow, mask)
+
+    # ------------------------------------------------------------------ ASE protocol
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        periodic = bool(np.any(atoms.pbc))
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress is only defined for periodic structures (set a cell and pbc)")
+        self._structure_tensors(atoms, system_changes)
+        positions = torch.as_tensor(atoms.get_positions(), dtype=self.dtype, device=self.device)
+        neighbors = self._neighbor_list(positions)
+        want_stress = periodic and (self.compute_stress is True or self.compute_stress == "auto" or "stress" in properties)
+        out = self.potential(
+            self._z, positions, None, self._cell, self._pbc,
+            neighbors=neighbors, forces=True, stress=want_stress, per_atom=True,
+        )
+        energy = float(out["energy"].detach().sum())
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": out["forces"].detach().cpu().double().numpy(),
+            "energies": out["energies"].detach().cpu().double().numpy(),
+        }
+        if want_stress:
+            s = out["stress"].detach()[0].cpu().double().numpy()
+            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+

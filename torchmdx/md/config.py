@@ -1,0 +1,150 @@
+"""``MDConfig``: every option of ``torchmdx md`` (command line or the ``md:`` section of a YAML).
+
+Units: dt fs, temperature K, friction 1/ps, tau fs, skin Å, fmax eV/Å.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from torchmdx.errors import ConfigError
+
+Ensemble = Literal["nve", "langevin", "bussi", "nose-hoover"]
+
+
+@dataclass
+class MDConfig:
+    """Options of an MD run.
+
+    structure        structure file(s) any ASE reader understands (xyz, extxyz, pdb, cif, ...);
+                     every frame of every file is simulated, together in one batch
+    model            model file (``Potential.save`` / ``torchmdx export``)
+    steps            total number of steps (a run continued from a restart stops at this step)
+    dt               time step (fs)
+    temperature      initial Maxwell–Boltzmann temperature and thermostat target (K)
+    ensemble         nve | langevin | bussi | nose-hoover
+    friction         Langevin friction γ (1/ps)
+    tau              Bussi / Nosé–Hoover time constant (fs)
+    chain_length     Nosé–Hoover chain length
+    every            output interval (steps) of trajectory frames and log rows
+    out              trajectory (.extxyz/.xyz: extended XYZ; .traj: ASE trajectory)
+    log              thermo CSV (default: <out stem>.csv)
+    restart_out      restart file written during and at the end (default: <out stem>.restart.pt)
+    restart_every    steps between restart files (default: 10 × every)
+    summary          summary JSON (default: <out stem>.summary.json)
+    restart          continue from this restart file
+    device, dtype    where and in which precision to run
+    seed             seed of the initial velocities and of the thermostat noise
+    engine           native (this package's engine) | ase (ASE's integrators + the calculator)
+    minimize         FIRE relaxation before dynamics, to ``fmax`` (eV/Å) within ``minimize_steps``
+    replicas         copies of each structure run together (different velocities)
+    skin             Verlet neighbor-list skin (Å)
+    check_interval   steps between host-side checks (neighbor list, NaN, temperature)
+    max_temperature  a structure hotter than this stops the run (K; default max(2000, 5 T))
+    wrap             wrap periodic positions into the cell
+    progress         show a progress bar
+    """
+
+    structure: Union[str, list[str]] = field(default_factory=list)
+    model: Optional[str] = None
+    steps: int = 1000
+    dt: float = 0.5
+    temperature: float = 300.0
+    ensemble: Ensemble = "nve"
+    friction: float = 1.0
+    tau: float = 100.0
+    chain_length: int = 3
+    every: int = 10
+    out: str = "md.extxyz"
+    log: Optional[str] = None
+    restart_out: Optional[str] = None
+    restart_every: Optional[int] = None
+    summary: Optional[str] = None
+    restart: Optional[str] = None
+    device: str = "cpu"
+    dtype: Literal["float32", "float64"] = "float32"
+    seed: int = 0
+    engine: Literal["native", "ase"] = "native"
+    minimize: bool = False
+    fmax: float = 0.05
+    minimize_steps: int = 500
+    replicas: int = 1
+    skin: float = 0.5
+    check_interval: int = 10
+    max_temperature: Optional[float] = None
+    wrap: bool = True
+    progress: bool = True
+
+    def validate(self, section: str = "md") -> None:
+        def bad(key, msg):
+            raise ConfigError(f"config key '{section}.{key}' {msg}")
+
+        if isinstance(self.structure, str):
+            self.structure = [self.structure]
+        if self.steps < 0:
+            bad("steps", f"must be >= 0, got {self.steps}")
+        if not self.dt > 0:
+            bad("dt", f"must be > 0 fs, got {self.dt}")
+        if self.dt > 10:
+            bad("dt", f"of {self.dt} fs is far too long for molecular dynamics (typical: 0.5-2 fs)")
+        if self.temperature < 0:
+            bad("temperature", f"must be >= 0 K, got {self.temperature}")
+        if self.ensemble != "nve" and not self.temperature > 0:
+            bad("temperature", f"must be > 0 K for the {self.ensemble} thermostat, got {self.temperature}")
+        if self.friction < 0:
+            bad("friction", f"must be >= 0 1/ps, got {self.friction}")
+        if not self.tau > 0:
+            bad("tau", f"must be > 0 fs, got {self.tau}")
+        if self.chain_length < 1:
+            bad("chain_length", f"must be >= 1, got {self.chain_length}")
+        if self.every < 1:
+            bad("every", f"must be >= 1 step, got {self.every}")
+        if self.restart_every is not None and self.restart_every < 1:
+            bad("restart_every", f"must be >= 1 step, got {self.restart_every}")
+        if self.replicas < 1:
+            bad("replicas", f"must be >= 1, got {self.replicas}")
+        if self.skin < 0:
+            bad("skin", f"must be >= 0 Å, got {self.skin}")
+        if self.check_interval < 1:
+            bad("check_interval", f"must be >= 1, got {self.check_interval}")
+        if not self.fmax > 0:
+            bad("fmax", f"must be > 0 eV/Å, got {self.fmax}")
+        if self.max_temperature is not None and not self.max_temperature > 0:
+            bad("max_temperature", f"must be > 0 K, got {self.max_temperature}")
+
+    # derived paths ------------------------------------------------------------------------
+    def _derived(self, value: Optional[str], suffix: str) -> Path:
+        if value:
+            return Path(value)
+        out = Path(self.out)
+        return out.with_name(out.stem + suffix)
+
+    @property
+    def log_path(self) -> Path:
+        return self._derived(self.log, ".csv")
+
+    @property
+    def restart_path(self) -> Path:
+        return self._derived(self.restart_out, ".restart.pt")
+
+    @property
+    def summary_path(self) -> Path:
+        return self._derived(self.summary, ".summary.json")
+
+
+def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None) -> MDConfig:
+    """An :class:`MDConfig` from a YAML file (its ``md:`` section, or the whole mapping) updated
+    with ``values`` (e.g. command-line options that were given)."""
+    from torchmdx.config import from_dict, load_yaml
+
+    merged: dict = {}
+    if yaml_path is not None:
+        data = load_yaml(yaml_path)
+        section = data.get("md", data) if isinstance(data.get("md", data), dict) else None
+        if section is None:
+            raise ConfigError(f"{yaml_path}: the 'md' section must be a mapping")
+        merged.update(section)
+    merged.update(values or {})
+    return from_dict(MDConfig, merged, "md")

@@ -1,0 +1,538 @@
+"""The native MD engine: every step on the device, the host only at check and output points.
+
+Loop structure
+--------------
+Steps run in *chunks* that end at the next multiple of ``check_interval``, of the output
+interval ``every``, of ``restart_every``, or at the end. Inside a chunk nothing is read back
+from the device: the integrator updates tensors, the force field ORs "an atom moved more than
+skin/2" into a device flag, and a second flag records non-finite energies/forces or a
+temperature above ``max_temperature_K``. At the end of the chunk both flags are read with one
+transfer. If either is set, the chunk is undone (the state before it is a shallow snapshot:
+integrators never modify tensors in place; the random generator's state is saved too) and
+replayed in careful mode, which checks after every step: the neighbor list is rebuilt exactly
+when needed, and a bad step stops the run at the last good step. Replays are deterministic, so
+the result does not depend on where the chunks fall. At a check point the list is also rebuilt
+ahead of time when the largest displacement plus (largest speed × chunk duration) would exceed
+skin/2, so replays stay rare.
+
+Restart files are written after rebuilding the neighbor list (which wraps periodic positions
+into the cell); a continued run builds its list from the same positions and carries on with the
+saved forces, velocities, thermostat variables and random-generator state, so it reproduces
+the original run bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from torchmdx import units
+from torchmdx.errors import ConfigError, DataError, SimulationError
+from torchmdx.md.forces import ForceField
+from torchmdx.md.integrators import make_integrator
+from torchmdx.md.io import load_restart, make_frame, save_restart
+from torchmdx.md.minimize import FireResult, fire_minimize
+from torchmdx.md.system import MDState, System
+from torchmdx.nn.base import Potential
+
+
+@dataclass
+class Observation:
+    """Host copies of one output step. Per structure arrays are [B]; positions [N, 3] Å,
+    velocities [N, 3] Å/ASE-time, forces [N, 3] eV/Å; stress [B, 3, 3] eV/Å³ (periodic only)."""
+
+    step: int
+    time_ps: float
+    positions: np.ndarray
+    velocities: np.ndarray
+    forces: np.ndarray
+    potential: np.ndarray
+    kinetic: np.ndarray
+    temperature: np.ndarray
+    conserved: np.ndarray
+    pressure_bar: Optional[np.ndarray] = None
+    stress: Optional[np.ndarray] = None
+
+    def rows(self) -> list[dict]:
+        """Thermo-log rows, one per structure."""
+        out = []
+        for b in range(len(self.potential)):
+            row = {
+                "step": self.step,
+                "time_ps": self.time_ps,
+                "structure": b,
+                "potential_eV": float(self.potential[b]),
+                "kinetic_eV": float(self.kinetic[b]),
+                "total_eV": float(self.potential[b] + self.kinetic[b]),
+                "temperature_K": float(self.temperature[b]),
+                "conserved_eV": float(self.conserved[b]),
+            }
+            if self.pressure_bar is not None:
+                row["pressure_bar"] = float(self.pressure_bar[b])
+            out.append(row)
+        return out
+
+
+class Reporter:
+    """Receives observations at output steps; see :class:`torchmdx.md.run` for the file ones."""
+
+    def report(self, simulation: "Simulation", observation: Observation) -> None:  # pragma: no cover
+        pass
+
+    def report_failure(self, simulation: "Simulation", observation: Observation) -> None:
+        """The last good state of a run that stopped (default: report it like any other)."""
+        self.report(simulation, observation)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    wall_s: float
+    steps_per_s: float
+    ns_per_day: float
+    atoms: int
+    structures: int
+    energy_drift_eV_per_atom: float
+    energy_drift_eV_per_atom_per_ns: float
+    neighbor_list_builds: int
+    replays: int
+    final_temperature_K: list = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [
+            f"steps            {self.steps}  ({self.wall_s:.2f} s)",
+            f"speed            {self.steps_per_s:.1f} steps/s, {self.ns_per_day:.3f} ns/day",
+            f"atoms            {self.atoms} in {self.structures} structure(s)",
+            f"energy drift     {self.energy_drift_eV_per_atom:.3e} eV/atom "
+            f"({self.energy_drift_eV_per_atom_per_ns:.3e} eV/atom/ns, of the conserved energy)",
+            f"neighbor lists   {self.neighbor_list_builds} builds, {self.replays} replayed chunks",
+            "temperature      " + ", ".join(f"{t:.1f}" for t in self.final_temperature_K) + " K (final)",
+        ]
+
+
+def _next_multiple(step: int, interval: Optional[int]) -> float:
+    if not interval:
+        return math.inf
+    return (step // interval + 1) * interval
+
+
+class Simulation:
+    """Molecular dynamics of one or more structures with a :class:`Potential`.
+
+    ``structures``: an ``ase.Atoms`` or a list of them (replicas or different molecules, run as
+    one batch). ``timestep_fs`` (fs), ``ensemble`` one of nve, langevin, bussi, nose-hoover,
+    ``temperature_K`` (K; initial velocities and thermostat target), ``friction_per_ps``
+    (Langevin γ, 1/ps), ``tau_fs`` (Bussi / Nosé–Hoover time constant, fs), ``skin`` (Å),
+    ``check_interval`` (steps between host checks), ``max_temperature_K`` (a structure hotter
+    than this stops the run; default max(2000 K, 5 T)). The potential is moved to ``device``
+    and ``dtype``.
+    """
+
+    def __init__(
+        self,
+        potential: Potential,
+        structures,
+        *,
+        timestep_fs: float = 0.5,
+        ensemble: str = "nve",
+        temperature_K: float = 300.0,
+        friction_per_ps: float = 1.0,
+        tau_fs: float = 100.0,
+        chain_length: int = 3,
+        device="cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        skin: float = 0.5,
+        check_interval: int = 10,
+        max_temperature_K: Optional[float] = None,
+        wrap: bool = True,
+    ):
+        import ase
+
+        atoms_list = [structures] if isinstance(structures, ase.Atoms) else list(structures)
+        if check_interval < 1:
+            raise ConfigError(f"check_interval must be >= 1 step, got {check_interval}")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.potential = potential.to(device=self.device, dtype=dtype)
+        self.potential.eval()
+        self.system = System.from_atoms(atoms_list, self.device, dtype)
+        self.forcefield = ForceField(self.potential, self.system, skin=skin, wrap=wrap)
+        self.ensemble = ensemble
+        self.temperature_K = float(temperature_K)
+        self.integrator = make_integrator(
+            ensemble, self.system, timestep_fs, temperature_K, friction_per_ps, tau_fs, chain_length
+        )
+        self.timestep_fs = float(timestep_fs)
+        self.seed = int(seed)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.seed)
+        self.check_interval = int(check_interval)
+        self.max_temperature_K = float(max_temperature_K) if max_temperature_K else max(2000.0, 5.0 * self.temperature_K)
+        self.state: Optional[MDState] = None
+        self.replays = 0
+        self._interval = self.check_interval  # shrinks after a replay, grows back by 1 per clean chunk
+        self.last_restart_path: Optional[Path] = None
+
+    # ------------------------------------------------------------------ set-up
+    def initialize(self, velocities=None) -> MDState:
+        """Positions from the structures; velocities given ([N, 3], Å/ASE-time) or drawn from
+        Maxwell–Boltzmann at ``temperature_K`` with zero momentum (reproducible from ``seed``);
+        initial forces. Raises SimulationError if they are not finite."""
+        s = self.system
+        positions = s.positions_from_templates()
+        if velocities is None:
+            if self.temperature_K > 0:
+                velocities = s.maxwell_boltzmann(self.temperature_K, self.generator)
+            else:
+                velocities = torch.zeros_like(positions)
+        else:
+            velocities = torch.as_tensor(np.asarray(velocities), dtype=self.dtype, device=self.device).reshape(-1, 3)
+            if velocities.shape != positions.shape:
+                raise DataError(f"velocities must have shape [{s.num_atoms}, 3], got {list(velocities.shape)}")
+        zeros_b = torch.zeros(s.num_structures, dtype=self.dtype, device=self.device)
+        self.state = MDState(positions, velocities, torch.zeros_like(positions), zeros_b, zeros_b.clone(), 0)
+        self.state.positions = self.forcefield.build(positions)
+        self.forcefield.compute(self.state)
+        self._check_initial()
+        return self.state
+
+    def _check_initial(self):
+        reason = self._bad_reason(self.state)
+        if reason:
+            raise SimulationError(f"the initial structure cannot be simulated: {reason}")
+
+    def minimize(self, fmax: float = 0.05, max_steps: int = 500, progress=None) -> FireResult:
+        """FIRE relaxation of the positions (velocities kept), see :mod:`torchmdx.md.minimize`."""
+        if self.state is None:
+            self.initialize()
+        result = fire_minimize(self.forcefield, self.state, fmax=fmax, max_steps=max_steps, progress=progress)
+        self.state.positions = self.forcefield.build(self.state.positions)
+        self.forcefield.compute(self.state)
+        self._check_initial()
+        return result
+
+    # ------------------------------------------------------------------ observation
+    def kinetic_energy(self) -> torch.Tensor:
+        return self.system.kinetic_energy(self.state.velocities)
+
+    def temperature(self) -> torch.Tensor:
+        return self.system.temperature(self.kinetic_energy())
+
+    def conserved_energy(self) -> torch.Tensor:
+        """U + K + (energy taken by the thermostat) + (thermostat variables' energy) [B] (eV)."""
+        st = self.state
+        return st.energy + self.kinetic_energy() + st.thermostat_energy + self.integrator.extra_energy(st)
+
+    def observe(self, pressure: bool = True) -> Observation:
+        """Host copies of the present state (synchronises)."""
+        s, st = self.system, self.state
+        kinetic = self.kinetic_energy()
+        temperature = s.temperature(kinetic)
+        stress = pressure_bar = None
+        if pressure and s.periodic:
+            stress_t = self.forcefield.stress(st.positions)
+            volume = s.volume()
+            p = (2.0 * kinetic / (3.0 * volume) - torch.diagonal(stress_t, dim1=1, dim2=2).sum(-1) / 3.0)
+            periodic = s.pbc.all(-1)
+            pressure_bar = torch.where(periodic, p * units.EV_PER_A3_TO_BAR, torch.full_like(p, float("nan"))).cpu().numpy()
+            stress = stress_t.cpu().numpy()
+        return Observation(
+            step=st.step,
+            time_ps=st.step * self.timestep_fs * 1e-3,
+            positions=st.positions.detach().cpu().numpy(),
+            velocities=st.velocities.detach().cpu().numpy(),
+            forces=st.forces.detach().cpu().numpy(),
+            potential=st.energy.cpu().numpy(),
+            kinetic=kinetic.cpu().numpy(),
+            temperature=temperature.cpu().numpy(),
+            conserved=self.conserved_energy().cpu().numpy(),
+            pressure_bar=pressure_bar,
+            stress=stress,
+        )
+
+    def frames(self, observation: Observation) -> list:
+        """ASE frames (one per structure) of an observation."""
+        s = self.system
+        out = []
+        for b, start in enumerate(s.offsets):
+            sl = slice(start, start + s.counts[b])
+            info = {"step": observation.step, "time_ps": observation.time_ps, "temperature_K": float(observation.temperature[b])}
+            out.append(
+                make_frame(
+                    s.templates[b], observation.positions[sl], observation.velocities[sl],
+                    observation.potential[b], observation.forces[sl],
+                    None if observation.stress is None else _voigt(observation.stress[b]), info,
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ checks
+    def _bad_flag(self, state: MDState) -> torch.Tensor:
+        """Device bool: non-finite energy/forces or a structure hotter than the limit."""
+        temperature = self.system.temperature(self.system.kinetic_energy(state.velocities))
+        finite = torch.isfinite(state.forces.sum() + state.energy.sum() + temperature.sum())
+        return (~finite) | (temperature > self.max_temperature_K).any()
+
+    def _bad_reason(self, state: MDState) -> Optional[str]:
+        """A one-line reason if the state is bad (synchronises), else None."""
+        s = self.system
+        finite_f = torch.isfinite(state.forces).all(-1)
+        if not bool(finite_f.all()):
+            a = int((~finite_f).nonzero()[0, 0])
+            b = int(s.batch[a])
+            return f"the forces are not finite (NaN/inf) on atom {a - s.offsets[b]} of structure {b}"
+        finite_e = torch.isfinite(state.energy)
+        if not bool(finite_e.all()):
+            b = int((~finite_e).nonzero()[0, 0])
+            return f"the energy of structure {b} is not finite"
+        temperature = s.temperature(s.kinetic_energy(state.velocities))
+        hot = ~(temperature <= self.max_temperature_K)
+        if bool(hot.any()):
+            b = int(hot.nonzero()[0, 0])
+            return (
+                f"the temperature of structure {b} reached {float(temperature[b]):.4g} K, above "
+                f"max_temperature {self.max_temperature_K:g} K (the simulation is exploding: "
+                f"reduce the time step or check the model)"
+            )
+        return None
+
+    # ------------------------------------------------------------------ snapshots
+    def _snapshot(self) -> tuple:
+        return (
+            self.state.copy(),
+            dict(self.integrator.state_dict()),
+            self.generator.get_state(),
+            self.forcefield.snapshot(),
+        )
+
+    def _restore(self, snap: tuple) -> None:
+        state, integrator_state, rng, ff = snap
+        self.state = state.copy()
+        self.integrator.load_state_dict(integrator_state)
+        self.generator.set_state(rng)
+        self.forcefield.restore(ff)
+
+    # ------------------------------------------------------------------ running
+    def _advance_fast(self, n: int) -> torch.Tensor:
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        compute = self.forcefield.compute
+        for _ in range(n):
+            self.integrator.step(self.state, compute, self.generator)
+            bad = bad | self._bad_flag(self.state)
+        return bad
+
+    def _advance_careful(self, n: int, reporters) -> None:
+        def compute(state):
+            self.forcefield.compute(state, careful=True)
+
+        for _ in range(n):
+            snap = self._snapshot()
+            self.integrator.step(self.state, compute, self.generator)
+            reason = self._bad_reason(self.state)
+            if reason:
+                failed_step = self.state.step
+                self._restore(snap)
+                self._fail(failed_step, reason, reporters)
+
+    def _fail(self, failed_step: int, reason: str, reporters) -> None:
+        """Stop: report the last good state, write the restart file, raise SimulationError."""
+        last = self.state.step
+        kept = []
+        try:
+            observation = self.observe()
+            for r in reporters:
+                r.report_failure(self, observation)
+            kept.append("the trajectory's last frame")
+        except Exception:  # noqa: BLE001 - the failure message matters more than a partial report
+            pass
+        if self._restart_path is not None:
+            self.save_restart(self._restart_path)
+            kept.append(str(self._restart_path))
+        where = f"; last good state (step {last}) kept in " + " and ".join(kept) if kept else ""
+        raise SimulationError(f"simulation stopped at step {failed_step}: {reason}{where}")
+
+    def run(
+        self,
+        steps: int,
+        reporters: Sequence[Reporter] = (),
+        every: int = 10,
+        restart_path=None,
+        restart_every: Optional[int] = None,
+        progress: bool = False,
+        report_start: bool = True,
+    ) -> RunSummary:
+        """Advance ``steps`` steps, reporting every ``every`` steps (and at the start when
+        ``report_start``), writing ``restart_path`` every ``restart_every`` steps and at the end."""
+        if self.state is None:
+            self.initialize()
+        if steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {steps}")
+        if every < 1:
+            raise ConfigError(f"the output interval must be >= 1 step, got {every}")
+        self._restart_path = Path(restart_path) if restart_path is not None else None
+        if self._restart_path is not None and not restart_every:
+            restart_every = every * 10
+        s, ff = self.system, self.forcefield
+        start_step = self.state.step
+        end = start_step + int(steps)
+        builds_before, replays_before = ff.builds, self.replays
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=int(steps), unit="step", desc=f"md {self.ensemble}", dynamic_ncols=True)
+        try:
+            with torch.no_grad():
+                first = self.observe()
+                if report_start:
+                    for r in reporters:
+                        r.report(self, first)
+                wall_start = time.perf_counter()
+                while self.state.step < end:
+                    step = self.state.step
+                    target = int(min(
+                        step + self._interval, _next_multiple(step, every),
+                        _next_multiple(step, restart_every if self._restart_path is not None else None), end,
+                    ))
+                    n = target - step
+                    snap = self._snapshot()
+                    bad = self._advance_fast(n)
+                    v2 = (self.state.velocities ** 2).sum(-1).amax()
+                    d2 = ff.displacement2(self.state.positions)
+                    stale, bad_f, d2_now, v2_now = torch.stack(
+                        [ff.stale.to(self.dtype), bad.to(self.dtype), d2, v2]
+                    ).tolist()
+                    if stale or bad_f:
+                        self.replays += 1
+                        self._restore(snap)
+                        self._advance_careful(n, reporters)
+                        self._interval = max(1, self._interval // 2)
+                    else:
+                        self._interval = min(self.check_interval, self._interval + 1)
+                        # rebuild ahead of time if, at twice the present top speed, an atom could
+                        # pass skin/2 within the next chunk
+                        horizon = 2.0 * self.integrator.dt * self._interval
+                        if math.sqrt(d2_now) + math.sqrt(v2_now) * horizon > 0.5 * ff.skin:
+                            self.state.positions = ff.build(self.state.positions)
+                    if bar is not None:
+                        bar.update(n)
+                    step = self.state.step
+                    if step % every == 0 or step == end:
+                        observation = self.observe()
+                        for r in reporters:
+                            r.report(self, observation)
+                        if bar is not None:
+                            bar.set_postfix(T=f"{float(observation.temperature.mean()):.1f}K", E=f"{float(observation.conserved.sum()):.4f}eV")
+                    if self._restart_path is not None and (step % restart_every == 0 or step == end):
+                        self.save_restart(self._restart_path)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                wall = time.perf_counter() - wall_start
+                last = self.observe(pressure=False)
+        finally:
+            if bar is not None:
+                bar.close()
+        done = end - start_step
+        steps_per_s = done / wall if wall > 0 else float("inf")
+        drift = (last.conserved - first.conserved) / np.asarray(s.counts, dtype=float)
+        worst = float(drift[np.argmax(np.abs(drift))]) if len(drift) else 0.0
+        sim_ns = done * self.timestep_fs * 1e-6
+        return RunSummary(
+            steps=done,
+            wall_s=wall,
+            steps_per_s=steps_per_s,
+            ns_per_day=steps_per_s * self.timestep_fs * 1e-6 * 86400.0,
+            atoms=s.num_atoms,
+            structures=s.num_structures,
+            energy_drift_eV_per_atom=worst,
+            energy_drift_eV_per_atom_per_ns=worst / sim_ns if sim_ns > 0 else 0.0,
+            neighbor_list_builds=ff.builds - builds_before,
+            replays=self.replays - replays_before,
+            final_temperature_K=[float(t) for t in last.temperature],
+        )
+
+    _restart_path: Optional[Path] = None
+
+    # ------------------------------------------------------------------ restart files
+    def restart_payload(self) -> dict:
+        """Everything needed to continue this run (tensors on the CPU)."""
+        st, s = self.state, self.system
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        structures = []
+        for b, start in enumerate(s.offsets):
+            atoms = s.templates[b].copy()
+            atoms.calc = None
+            atoms.set_positions(st.positions[start:start + s.counts[b]].detach().cpu().double().numpy())
+            structures.append(atoms)
+        return {
+            "step": st.step,
+            "timestep_fs": self.timestep_fs,
+            "ensemble": self.ensemble,
+            "temperature_K": self.temperature_K,
+            "seed": self.seed,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "z": cpu(s.z),
+            "counts": list(s.counts),
+            "cell": cpu(s.cell),
+            "pbc": cpu(s.pbc),
+            "structures": structures,
+            "positions": cpu(st.positions),
+            "velocities": cpu(st.velocities),
+            "forces": cpu(st.forces),
+            "energy": cpu(st.energy),
+            "thermostat_energy": cpu(st.thermostat_energy),
+            "integrator": {k: cpu(v) for k, v in self.integrator.state_dict().items()},
+            "rng_state": self.generator.get_state(),
+            "check_interval_now": self._interval,
+        }
+
+    def save_restart(self, path) -> None:
+        """Rebuild the neighbor list (wrapping periodic positions), then write the restart file
+        atomically (a crash while writing leaves the previous one)."""
+        self.state.positions = self.forcefield.build(self.state.positions)
+        save_restart(path, self.restart_payload())
+        self.last_restart_path = Path(path)
+
+    def load_restart(self, path_or_payload) -> MDState:
+        """Continue from a restart file: state, thermostat variables (same ensemble only),
+        random-generator state and step. The structures must match (same atoms, same order)."""
+        payload = path_or_payload if isinstance(path_or_payload, dict) else load_restart(path_or_payload)
+        where = "" if isinstance(path_or_payload, dict) else f"{path_or_payload}: "
+        s = self.system
+        z = payload["z"]
+        if list(payload["counts"]) != list(s.counts) or not torch.equal(z, s.z.cpu()):
+            raise DataError(
+                f"{where}restart file holds {len(payload['counts'])} structure(s) of {list(payload['counts'])} atoms "
+                f"that do not match the structures given ({list(s.counts)} atoms)"
+            )
+        to = dict(device=self.device, dtype=self.dtype)
+        self.state = MDState(
+            positions=payload["positions"].to(**to),
+            velocities=payload["velocities"].to(**to),
+            forces=payload["forces"].to(**to),
+            energy=payload["energy"].to(**to),
+            thermostat_energy=payload["thermostat_energy"].to(**to),
+            step=int(payload["step"]),
+        )
+        if payload.get("ensemble") == self.ensemble:
+            self.integrator.load_state_dict({k: v.to(**to) for k, v in payload["integrator"].items()})
+        self.generator.set_state(payload["rng_state"])
+        self._interval = int(payload.get("check_interval_now", self.check_interval))
+        # the file was written right after a list build at these (wrapped) positions
+        self.state.positions = self.forcefield.build(self.state.positions, wrap=False)
+        return self.state
+
+
+def _voigt(stress: np.ndarray) -> np.ndarray:
+    """3×3 -> ASE Voigt order [xx, yy, zz, yz, xz, xy]."""
+    return np.array([stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2], stress[0, 2], stress[0, 1]])

@@ -1,0 +1,154 @@
+"""Forces for the MD engine: a :class:`Potential` plus a Verlet neighbor list with a skin.
+
+The list holds every pair closer than ``cutoff + skin`` when it is built. Until some atom has
+moved more than ``skin / 2`` from where it was at the build, no pair outside that list can have
+come closer than ``cutoff`` (a pair distance changes by at most the sum of two displacements),
+so the list stays exact; pairs of the list beyond ``cutoff`` are masked out at every step.
+
+Every step computes the largest displacement on the device and ORs "list may be stale" into a
+device flag; nothing is read back. The engine reads the flag at its check points and, if it
+was set, replays those steps in *careful* mode, where the check is synchronous and the list is
+rebuilt the moment it is needed. Building the list wraps periodic positions into the cell.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from torchmdx.errors import ModelError
+from torchmdx.kernels.neighbors import Neighbors
+from torchmdx.md.system import MDState, System
+from torchmdx.nn.base import Graph, Potential, edge_vectors
+
+
+def fit_skin(cutoff: float, skin: float, cell: Optional[torch.Tensor], pbc: Optional[torch.Tensor]) -> float:
+    """The skin (Å) actually used: ``skin``, reduced so that cutoff + skin stays within half the
+    narrowest perpendicular width of every periodic box (minimum image); 0 if even the cutoff
+    does not fit (the neighbor list then reports that)."""
+    if cell is None or pbc is None or not bool(pbc.any()):
+        return float(skin)
+    cell = cell.reshape(-1, 3, 3).double()
+    pbc = pbc.reshape(-1, 3).expand(cell.shape[0], 3)
+    a, b, c = cell[:, 0], cell[:, 1], cell[:, 2]
+    volume = torch.linalg.det(cell).abs()
+    areas = torch.stack([torch.linalg.cross(b, c).norm(dim=-1), torch.linalg.cross(c, a).norm(dim=-1),
+                         torch.linalg.cross(a, b).norm(dim=-1)], dim=-1)
+    widths = volume.unsqueeze(-1) / areas.clamp(min=1e-30)
+    half = float(torch.where(pbc, widths, torch.full_like(widths, float("inf"))).min()) / 2.0
+    room = (half - float(cutoff)) * (1.0 - 1e-9)
+    return float(min(float(skin), max(0.0, room)))
+
+
+class ForceField:
+    """Energies and forces of ``potential`` for the atoms of ``system``.
+
+    ``skin`` (Å) is the Verlet buffer; ``wrap`` wraps periodic positions into the cell at each
+    list build. ``builds`` counts list builds.
+    """
+
+    def __init__(self, potential: Potential, system: System, skin: float = 0.5, wrap: bool = True):
+        self.potential = potential
+        self.system = system
+        self.cutoff = float(potential.cutoff)
+        if not self.cutoff > 0:
+            raise ModelError(f"the potential has no positive cutoff ({self.cutoff!r} Å)")
+        if skin < 0:
+            raise ModelError(f"skin must be >= 0 Å, got {skin}")
+        self.requested_skin = float(skin)
+        self.skin = fit_skin(self.cutoff, skin, system.cell, system.pbc)
+        self.wrap_positions = bool(wrap)
+        self.potential.check_elements(system.z)
+        self.neighbors: Optional[Neighbors] = None
+        self.reference: Optional[torch.Tensor] = None
+        self.stale = torch.zeros((), dtype=torch.bool, device=system.device)
+        self.max_displacement2 = torch.zeros((), dtype=system.dtype, device=system.device)
+        self.builds = 0
+        self._threshold2 = (0.5 * self.skin) ** 2
+
+    # ------------------------------------------------------------------ neighbor list
+    def build(self, positions: torch.Tensor, wrap: Optional[bool] = None) -> torch.Tensor:
+        """Build the list at ``positions`` (wrapped first if periodic and ``wrap``); returns the
+        positions the list refers to (the wrapped ones)."""
+        s = self.system
+        if (self.wrap_positions if wrap is None else wrap) and s.periodic:
+            positions = s.wrap(positions)
+        self.neighbors = self.potential.neighbors(positions.detach(), s.batch, s.cell, s.pbc, cutoff=self.cutoff + self.skin)
+        self.reference = positions.detach()
+        self.stale = torch.zeros((), dtype=torch.bool, device=s.device)
+        self.max_displacement2 = torch.zeros((), dtype=s.dtype, device=s.device)
+        self.builds += 1
+        return positions
+
+    def displacement2(self, positions: torch.Tensor) -> torch.Tensor:
+        """Largest squared displacement since the build (Å², device scalar)."""
+        d = positions.detach() - self.reference
+        return (d * d).sum(-1).amax() if d.numel() else torch.zeros((), dtype=d.dtype, device=d.device)
+
+    def needs_rebuild(self, positions: torch.Tensor) -> bool:
+        """Synchronous check: has an atom moved more than skin/2 since the build?"""
+        return bool(self.displacement2(positions) > self._threshold2)
+
+    def snapshot(self) -> tuple:
+        return (self.neighbors, self.reference, self.stale, self.max_displacement2)
+
+    def restore(self, snap: tuple) -> None:
+        self.neighbors, self.reference, self.stale, self.max_displacement2 = snap
+
+    # ------------------------------------------------------------------ evaluation
+    def masked_neighbors(self, positions: torch.Tensor) -> Neighbors:
+        """The list with ``mask`` = valid rows within ``cutoff`` at ``positions``."""
+        s, nl = self.system, self.neighbors
+        vectors = edge_vectors(positions.detach(), nl.edge_index, nl.shifts, s.cell, s.batch)
+        mask = (vectors * vectors).sum(-1) < self.cutoff * self.cutoff
+        if nl.mask is not None:
+            mask = mask & nl.mask
+        return Neighbors(nl.edge_index, nl.shifts, vectors, vectors.norm(dim=-1), nl.num_pairs, nl.overflow, mask)
+
+    def evaluate(self, positions: torch.Tensor, per_atom: bool = False):
+        """(energy [B] eV, forces [N, 3] eV/Å[, atomic energies [N]]) at ``positions`` with the
+        current list; F = -∂E/∂r by autograd. Same equations as :meth:`Potential.forward`
+        (edges beyond the cutoff masked), without its host synchronisations."""
+        s, nl = self.system, self.neighbors
+        with torch.enable_grad():
+            pos = positions.detach().requires_grad_(True)
+            vectors = edge_vectors(pos, nl.edge_index, nl.shifts, s.cell, s.batch)
+            length2 = (vectors * vectors).sum(-1)
+            mask = length2 < self.cutoff * self.cutoff
+            if nl.mask is not None:
+                mask = mask & nl.mask
+            safe = torch.where(mask.unsqueeze(-1), vectors, torch.ones_like(vectors))
+            distances = torch.where(mask, safe.norm(dim=-1), torch.zeros_like(length2))
+            graph = Graph(s.z, pos, s.batch, s.num_structures, nl.edge_index, vectors, distances, mask)
+            atomic = self.potential.atomic_energies(graph)
+            energy = s.sum(atomic)
+            (grad,) = torch.autograd.grad(energy.sum(), pos, allow_unused=True)
+        forces = -grad if grad is not None else torch.zeros_like(positions)
+        if per_atom:
+            return energy.detach(), forces, atomic.detach()
+        return energy.detach(), forces
+
+    def compute(self, state: MDState, careful: bool = False) -> None:
+        """Set ``state.forces`` and ``state.energy`` at ``state.positions``.
+
+        Fast mode: record on the device whether the list may be stale (no sync). Careful mode:
+        check now and rebuild (wrapping ``state.positions``) if an atom moved more than skin/2.
+        """
+        if self.neighbors is None or (careful and self.needs_rebuild(state.positions)):
+            state.positions = self.build(state.positions)
+        else:
+            d2 = self.displacement2(state.positions)
+            self.max_displacement2 = torch.maximum(self.max_displacement2, d2)
+            self.stale = self.stale | (d2 > self._threshold2)
+        state.energy, state.forces = self.evaluate(state.positions)
+
+    def stress(self, positions: torch.Tensor) -> torch.Tensor:
+        """Virial stress of the potential σ = (1/V) ∂E/∂ε [B, 3, 3] (eV/Å³, ASE's sign), from
+        :meth:`Potential.forward` with the current list (synchronises; for output steps)."""
+        s = self.system
+        out = self.potential(
+            s.z, positions.detach(), s.batch, s.cell, s.pbc,
+            neighbors=self.masked_neighbors(positions), forces=False, stress=True,
+        )
+        return out["stress"].detach()

@@ -1,0 +1,51 @@
+"""Turn what a user passes as "the model" (a Potential or a model file) into a Potential."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from torchmdx.errors import ConfigError, ModelError
+from torchmdx.nn.base import Potential
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64}
+
+
+def as_dtype(dtype) -> torch.dtype:
+    """torch dtype from a torch dtype or its name (float32/float64)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).replace("torch.", "")
+    if key not in DTYPES:
+        raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}")
+    return DTYPES[key]
+
+
+def potential_dtype(potential: Potential, default: torch.dtype = torch.float64) -> torch.dtype:
+    """The floating dtype of a potential's parameters (or buffers); ``default`` if it has none."""
+    for t in list(potential.parameters()) + list(potential.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return default
+
+
+def load_potential(model, device="cpu", dtype=None) -> Potential:
+    """A :class:`Potential` on ``device`` (and ``dtype`` when given) from a Potential object or
+    a model file written by ``Potential.save`` (read by ``torchmdx.load_model``)."""
+    if isinstance(model, Potential):
+        potential = model
+    elif isinstance(model, (str, Path)):
+        path = Path(model)
+        if not path.is_file():
+            raise ModelError(f"{path}: model file not found")
+        from torchmdx.nn import load_model
+
+        potential = load_model(path, device=device)
+    else:
+        raise ModelError(f"expected a torchmdx Potential or a model file path, got {type(model).__name__}")
+    potential = potential.to(device=torch.device(device))
+    if dtype is not None:
+        potential = potential.to(dtype=as_dtype(dtype))
+    return potential
