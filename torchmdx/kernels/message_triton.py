@@ -179,6 +179,11 @@ class _Spec:
     num_warps: int
     precision: str
 
+    @property
+    def chunks(self) -> int:
+        """Channel chunks of ``hb`` heads: the second grid dimension of every kernel."""
+        return -(-self.heads // self.hb)
+
     def constexprs(self) -> dict:
         return dict(
             H=self.heads, D=self.head_dim, K=self.num_rbf, HB=self.hb, DP=self.dp, KP=self.kp, BE=self.be,
@@ -288,7 +293,7 @@ class _FusedMessageFunction(torch.autograd.Function):
         dummy = q
         if n > 0:
             spec = _launch(
-                kernels._message_fwd_kernel, (n,), spec,
+                kernels._message_fwd_kernel, (n, spec.chunks), spec,
                 layout.rowptr, layout.senders, q, k, v, vec,
                 _or(dk, dummy), _or(dv, dummy), _or(rbf, dummy), _or(wk, dummy), _or(bk, dummy), _or(wv, dummy),
                 _or(bv, dummy), phi, unit, _or(mask, dummy), _or(dk0, dummy), _or(dv0, dummy), _or(phi0, dummy),
@@ -349,16 +354,22 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
                _or(phi0, dummy))
     if need_receiver and n > 0:
         new = lambda *shape: torch.empty(*shape, dtype=q.dtype, device=q.device)  # noqa: E731
-        gq, gphi, gunit = new(n, f), new(e), new(e, 3)
+        uses_rbf = spec.dk_mode == 2 or spec.dv_mode == 2
+        width = (spec.num_rbf if uses_rbf else 0) + 4
+        gq = new(n, f)
+        gedge = new(spec.chunks, e, width)  # per chunk: dL/drbf [K], dL/dphi, dL/dd [3]
         gdk = new(e, f) if spec.dk_mode == 1 else dummy
         gdv = new(e, 3 * f) if spec.dv_mode == 1 else dummy
-        grbf = new(e, spec.num_rbf) if (spec.dk_mode == 2 or spec.dv_mode == 2) else dummy
         gzk = new(e, f) if write_gz and spec.dk_mode == 2 else dummy
         gzv = new(e, 3 * f) if write_gz and spec.dv_mode == 2 else dummy
         gdk0 = new(n, f) if self_filter_grad and spec.self_dk else dummy
         gdv0 = new(n, 3 * f) if self_filter_grad and spec.self_dv else dummy
-        _launch_receiver(spec, layout, tensors, grad_m, grad_u, (gq, gphi, gunit, gdk, gdv, grbf, gzk, gzv, gdk0, gdv0),
+        _launch_receiver(spec, layout, tensors, grad_m, grad_u, (gq, gedge, gdk, gdv, gzk, gzv, gdk0, gdv0, e),
                          write_gz, self_filter_grad)
+        gedge = gedge[0] if spec.chunks == 1 else gedge.sum(0)
+        k0 = width - 4
+        gphi, gunit = gedge[:, k0], gedge[:, k0 + 1:]
+        grbf = gedge[:, :k0] if uses_rbf else None
         out["q"], out["phi"], out["unit"] = gq, gphi, gunit
         if spec.dk_mode == 1:
             out["dk"] = gdk
@@ -389,7 +400,7 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         if n > 0:
             colptr, perm = layout.sender_order()
             _launch(
-                kernels._message_bwd_sender_kernel, (n,), spec,
+                kernels._message_bwd_sender_kernel, (n, spec.chunks), spec,
                 colptr, perm, layout.receivers, *tensors, grad_m, grad_u, gk, gv, gvec,
             )
         out["k"], out["v"], out["vec"] = gk, gv, gvec
@@ -399,16 +410,16 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
 def _launch_receiver(spec, layout, tensors, grad_m, grad_u, outputs, write_gz, self_filter_grad):
     kernel = kernels._message_bwd_receiver_kernel
     args = (layout.rowptr, layout.senders, *tensors, grad_m, grad_u, *outputs)
-    extra = dict(HP=spec.hp, WRITE_GZ=write_gz, SELF_FILTER_GRAD=self_filter_grad)
-    n = tensors[0].shape[0]
+    extra = dict(WRITE_GZ=write_gz, SELF_FILTER_GRAD=self_filter_grad)
+    grid = (tensors[0].shape[0], spec.chunks)
     try:
-        kernel[(n,)](*args, **spec.constexprs(), **extra)
+        kernel[grid](*args, **spec.constexprs(), **extra)
     except Exception as exc:  # noqa: BLE001 - see _launch
         if spec.precision == "ieee" or not (spec.dk_mode == 2 or spec.dv_mode == 2):
             raise
         warnings.warn(f"tl.dot input_precision={spec.precision!r} failed ({type(exc).__name__}); using 'ieee'")
         CONFIG.dot_precision = "ieee"
-        kernel[(n,)](*args, **replace(spec, precision="ieee").constexprs(), **extra)
+        kernel[grid](*args, **replace(spec, precision="ieee").constexprs(), **extra)
 
 
 # ---------------------------------------------------------------------------------- entry points

@@ -35,8 +35,10 @@ from torchmdx.nn.layers import RBF_TYPES, Activation, CosineCutoff, NeighborEmbe
 def message_function(backend: str, device: torch.device) -> Callable:
     """The ET message function for ``backend`` ('auto', 'torch', 'triton') on ``device``.
 
-    'auto' uses the Triton kernel on CUDA when :mod:`torchmdx.kernels.message_triton` provides
-    ``et_message``, else the torch reference; 'triton' insists on it.
+    'auto' uses the Triton kernels on CUDA when :mod:`torchmdx.kernels.message_triton` is
+    available, else the torch reference; 'triton' insists on them. The Triton path returns a
+    fresh ``FusedMessage`` per call (i.e. per forward pass): it shares the edge layout between
+    the layers and offers ``.filtered`` (radial filters evaluated inside the kernels).
     """
     if backend == "torch":
         return message_ref.et_message
@@ -45,7 +47,7 @@ def message_function(backend: str, device: torch.device) -> Callable:
             try:
                 from torchmdx.kernels import message_triton  # noqa: WPS433 (optional backend)
 
-                return message_triton.et_message
+                return message_triton.FusedMessage()
             except (ImportError, AttributeError) as exc:
                 if backend == "triton":
                     raise ModelError(f"message backend 'triton' is not available: {exc}") from None
@@ -82,15 +84,22 @@ class EquivariantAttention(nn.Module):
         v = self.v_proj(xn)
         u1, u2, u3 = torch.split(self.vec_proj(vec), f, dim=-1)
         vec_dot = (u1 * u2).sum(dim=1)
-        dk = self.act(self.dk_proj(rbf)) if self.dk_proj is not None else None
-        dv = self.act(self.dv_proj(rbf)) if self.dv_proj is not None else None
         dk0 = self.act(self.dk_proj(self_rbf)).squeeze(0) if self.dk_proj is not None else None
         dv0 = self.act(self.dv_proj(self_rbf)).squeeze(0) if self.dv_proj is not None else None
-        m, w = message(
-            q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, self.num_heads,
-            edge_mask=edge_mask, self_loop=(dk0, dv0, self_cutoff),
-            attn_activation=self.attn_activation, vector_cutoff=self.vector_cutoff,
-        )
+        options = dict(edge_mask=edge_mask, self_loop=(dk0, dv0, self_cutoff),
+                       attn_activation=self.attn_activation, vector_cutoff=self.vector_cutoff)
+        filtered = getattr(message, "filtered", None)
+        if filtered is not None:
+            # fused Triton kernels evaluate dk = act(W_dk e(r) + b), dv likewise, per block of
+            # edges themselves: no [E, F] / [E, 3F] filter tensors (torchmdx.kernels.message_triton)
+            wk, bk = (self.dk_proj.weight, self.dk_proj.bias) if self.dk_proj is not None else (None, None)
+            wv, bv = (self.dv_proj.weight, self.dv_proj.bias) if self.dv_proj is not None else (None, None)
+            m, w = filtered(q, k, v, vec, rbf, wk, bk, wv, bv, cutoff_weight, unit_vectors, edge_index,
+                            self.num_heads, filter_activation=self.act.name, **options)
+        else:
+            dk = self.act(self.dk_proj(rbf)) if self.dk_proj is not None else None
+            dv = self.act(self.dv_proj(rbf)) if self.dv_proj is not None else None
+            m, w = message(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, self.num_heads, **options)
         o1, o2, o3 = torch.split(self.o_proj(m), f, dim=-1)
         dx = vec_dot * o2 + o3
         dvec = u3 * o1.unsqueeze(1) + w

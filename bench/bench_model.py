@@ -1,0 +1,466 @@
+#!/usr/bin/env python3
+"""ET energy + forces on one GPU: torchmdx reference path vs fused Triton message kernels.
+
+TorchMD-NET's ET-MD17 hyper-parameters (128 channels, 6 layers, 8 heads, 32 exp-normal RBF,
+cutoff 5 Å, vector cutoff, float32), random weights (seed 0). For each system (extxyz files in
+``--data``, default ``../shared/data/systems``):
+
+- ``ref`` / ``fused``: ms per ``model(z, pos)`` call (neighbor list, input checks, energy and
+  forces by autograd: what a calculator pays per step) with the message step on the torch
+  reference or on the fused Triton kernels; peak GPU memory of that call.
+- ``graph``: the same work for fixed shapes captured as one CUDA graph and replayed: capacity-
+  padded Triton neighbor list (``max_pairs``), representation, head, energy, forces. The input
+  checks of ``Potential.forward`` (host reads) are left out of the graph.
+- training step: 32 molecules x 21 atoms (aspirin frames of ``md17_aspirin_xtb.npz`` when it is
+  in ``--data``, else random ones), loss 0.2 MSE(E) + 0.8 MSE(F) with create_graph=True, AdamW;
+  also an energy-only step (first derivatives only: the fused backward does all of it).
+- ``--sweep``: launch parameters of the fused kernels (edges per block, channels per chunk,
+  warps, tl.dot precision) timed on one system, with the force error of each precision against
+  a float64 reference; the fastest accurate setting is used for the table.
+- ``--kernels``: the message step alone (one layer, forward and forward + backward) for the
+  edges of one system, reference vs fused.
+
+Times: median over timed calls (CUDA events) after warm-up. Prints a table; writes
+``bench_model.json`` to ``--out`` (default ``$OUT`` or the current folder).
+
+    python bench/bench_model.py --data .benchdata --systems alanine_dipeptide,chignolin,dhfr,factorIX,stmv \
+        [--sweep dhfr] [--kernels dhfr] [--no-train] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ET_MD17 = dict(embedding_dimension=128, num_layers=6, num_heads=8, num_rbf=32, rbf_type="expnorm", trainable_rbf=False,
+               activation="silu", attn_activation="silu", neighbor_embedding=True, distance_influence="both",
+               vector_cutoff=True, cutoff_lower=0.0, cutoff_upper=5.0, max_z=100, dtype="float32", seed=0)
+DEFAULT_SYSTEMS = "alanine_dipeptide,chignolin,dhfr,factorIX,stmv"
+#: where the benchmark runs (``--device cpu`` only smoke-tests the script: CPU times mean nothing here)
+DEVICE = "cuda"
+SYMBOLS = ("X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr "
+           "Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe").split()
+
+
+def read_xyz(path: Path):
+    """(atomic numbers [N], positions [N, 3] Å, cell [3, 3] or None, pbc [3] or None) of the first
+    frame of an (ext)xyz file: count line, comment line (Lattice="..." pbc="..."), symbol x y z."""
+    lines = path.read_text().splitlines()
+    n = int(lines[0].split()[0])
+    comment = lines[1]
+    z, pos = [], []
+    for line in lines[2:2 + n]:
+        parts = line.split()
+        symbol = parts[0].capitalize()
+        if symbol not in SYMBOLS:
+            raise SystemExit(f"error: {path}: unknown element {parts[0]!r}")
+        z.append(SYMBOLS.index(symbol))
+        pos.append([float(x) for x in parts[1:4]])
+    lattice = re.search(r'Lattice="([^"]+)"', comment)
+    pbc = re.search(r'pbc="([^"]+)"', comment)
+    cell = np.array([float(x) for x in lattice.group(1).split()]).reshape(3, 3) if lattice else None
+    flags = [s.upper().startswith("T") for s in pbc.group(1).split()] if pbc else [False] * 3
+    if not any(flags):
+        cell = None
+    return np.array(z), np.array(pos), cell, (flags if cell is not None else None)
+
+
+def cuda_time(fn, warmup: int, repeats: int) -> float:
+    """Median ms of ``fn()`` over ``repeats`` calls timed with CUDA events, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    if DEVICE == "cpu":
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_mib(fn) -> float:
+    if DEVICE == "cpu":
+        return math.nan
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def synchronize():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def error_text(exc: BaseException) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "out of GPU memory"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def repeats_for(atoms: int) -> tuple:
+    return (3, 50) if atoms < 1000 else (3, 20) if atoms < 10000 else (2, 10)
+
+
+# --------------------------------------------------------------------------------- model calls
+def make_model(backend: str, **overrides):
+    from torchmdx.nn import ETPotential
+
+    return ETPotential({**ET_MD17, **overrides}, backend=backend).to(DEVICE).eval()
+
+
+def graph_call(model, z, pos, cell, pbc):
+    """Energy + forces of fixed shapes captured as one CUDA graph: returns (replay, outputs).
+    The neighbor list (Triton, capacity ``max_pairs``) is captured too."""
+    from torchmdx.kernels.neighbors import neighbor_list
+    from torchmdx.nn.base import edge_vectors
+
+    batch = torch.zeros_like(z)
+    cell_b = cell.unsqueeze(0) if cell is not None else None
+    pbc_b = pbc.unsqueeze(0) if pbc is not None else None
+    first = neighbor_list(pos, model.cutoff, batch, cell_b, pbc_b)
+    max_pairs = int(first.edge_index.shape[1] * 1.2) + 64
+    static_pos = pos.clone()
+
+    def energy_forces():
+        nb = neighbor_list(static_pos, model.cutoff, batch, cell_b, pbc_b, max_pairs=max_pairs)
+        p = static_pos.detach().requires_grad_(True)
+        vectors = edge_vectors(p, nb.edge_index, nb.shifts, cell_b, batch)
+        safe = torch.where(nb.mask.unsqueeze(-1), vectors, torch.ones_like(vectors))
+        distances = torch.where(nb.mask, safe.norm(dim=-1), torch.zeros_like(vectors[:, 0]))
+        x, vec = model.representation(z, nb.edge_index, vectors, distances, nb.mask, backend=model.backend)
+        y = model.head(x, vec)
+        energy = (model.scale * y + model.atomref[z] + model.shift).sum() + model.energy_offset
+        (grad,) = torch.autograd.grad(energy, p)
+        return energy.detach(), -grad, nb.overflow
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            energy_forces()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = energy_forces()
+    return graph.replay, outputs
+
+
+def bench_system(name, data_dir, results, backends):
+    z_np, pos_np, cell_np, pbc_np = read_xyz(data_dir / f"{name}.xyz")
+    z = torch.tensor(z_np, device=DEVICE)
+    pos = torch.tensor(pos_np, dtype=torch.float32, device=DEVICE)
+    cell = torch.tensor(cell_np, dtype=torch.float32, device=DEVICE) if cell_np is not None else None
+    pbc = torch.tensor(pbc_np, device=DEVICE) if pbc_np is not None else None
+    row = {"atoms": int(len(z_np)), "periodic": cell is not None}
+    warmup, repeats = repeats_for(len(z_np))
+    forces = {}
+    for backend in backends:
+        key = {"torch": "ref", "triton": "fused"}[backend]
+        model = make_model(backend)
+        try:
+            def call():
+                return model(z, pos, cell=cell, pbc=pbc)
+
+            out = call()
+            forces[key] = out["forces"].detach()
+            row[f"{key}_ms"] = round(cuda_time(call, warmup, repeats), 3)
+            row[f"{key}_peak_MiB"] = round(peak_mib(call), 1)
+        except Exception as exc:  # noqa: BLE001 - one failing column must not stop the table
+            row[f"{key}_error"] = error_text(exc)
+        if backend == "triton":
+            try:
+                replay, outputs = graph_call(model, z, pos, cell, pbc)
+                replay()
+                synchronize()
+                if bool(outputs[2]):
+                    raise RuntimeError("neighbor buffer overflow in the captured call")
+                if "fused" in forces:
+                    row["graph_force_diff"] = float((outputs[1] - forces["fused"]).abs().max())
+                row["graph_ms"] = round(cuda_time(replay, warmup, repeats), 3)
+                row["graph_peak_MiB"] = round(peak_mib(replay), 1)
+                del replay, outputs
+            except Exception as exc:  # noqa: BLE001
+                row["graph_error"] = error_text(exc)
+        del model
+        torch.cuda.empty_cache()
+    if "ref" in forces and "fused" in forces:
+        ref = forces["ref"]
+        row["fused_vs_ref_force_rel"] = float((forces["fused"] - ref).norm() / ref.norm())
+    results["systems"][name] = row
+    print(name, row, flush=True)
+
+
+# --------------------------------------------------------------------------------- training
+def training_batch(data_dir: Path, molecules=32):
+    path = data_dir / "md17_aspirin_xtb.npz"
+    if path.exists():
+        data = np.load(path)
+        frames = np.random.default_rng(0).choice(len(data["R"]), molecules, replace=False)
+        z = np.tile(data["z"], molecules)
+        pos = data["R"][frames].reshape(-1, 3)
+        source = "md17_aspirin_xtb.npz"
+    else:
+        rng = np.random.default_rng(0)
+        z = rng.integers(1, 9, molecules * 21)
+        pos = rng.normal(scale=1.5, size=(molecules * 21, 3))
+        source = "random"
+    n = len(z) // molecules
+    batch = np.repeat(np.arange(molecules), n)
+    return (torch.tensor(z, device=DEVICE), torch.tensor(pos, dtype=torch.float32, device=DEVICE),
+            torch.tensor(batch, device=DEVICE), source)
+
+
+def energy_only(model, z, pos, batch):
+    """Energies [B] with a graph for loss.backward() (Potential.forward computes them without
+    one when no forces are asked for)."""
+    from torchmdx.nn.base import Graph, edge_vectors
+
+    nb = model.neighbors(pos, batch, None, None)
+    vectors = edge_vectors(pos, nb.edge_index, nb.shifts, None, batch)
+    graph = Graph(z, pos, batch, 32, nb.edge_index, vectors, vectors.norm(dim=-1), nb.mask)
+    return torch.zeros(32, dtype=pos.dtype, device=pos.device).index_add(0, batch, model.atomic_energies(graph))
+
+
+def bench_training(data_dir, results, backends):
+    z, pos, batch, source = training_batch(data_dir)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    energy_ref = torch.randn(32, device=DEVICE, generator=g)
+    forces_ref = torch.randn(pos.shape, device=DEVICE, generator=g)
+    row = {"molecules": 32, "atoms_per_molecule": int(len(z) // 32), "data": source}
+    for backend in backends:
+        key = {"torch": "ref", "triton": "fused"}[backend]
+        for mode in ("forces", "energy_only"):
+            model = make_model(backend).train()
+            opt = torch.optim.AdamW(model.parameters(), 1e-4)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                if mode == "forces":
+                    out = model(z, pos, batch, create_graph=True)
+                    loss = 0.2 * (out["energy"] - energy_ref).square().mean() + 0.8 * (out["forces"] - forces_ref).square().mean()
+                else:
+                    energy = energy_only(model, z, pos, batch)
+                    loss = (energy - energy_ref).square().mean()
+                loss.backward()
+                opt.step()
+
+            try:
+                row[f"{key}_{mode}_ms"] = round(cuda_time(step, 3, 30), 3)
+            except Exception as exc:  # noqa: BLE001
+                row[f"{key}_{mode}_error"] = error_text(exc)
+            del model, opt
+    results["training"] = row
+    print("training", row, flush=True)
+
+
+# --------------------------------------------------------------------------------- sweep / kernels
+def reference_forces64(name, data_dir):
+    z_np, pos_np, cell_np, pbc_np = read_xyz(data_dir / f"{name}.xyz")
+    model = make_model("torch", dtype="float64")
+    z = torch.tensor(z_np, device=DEVICE)
+    pos = torch.tensor(pos_np, dtype=torch.float64, device=DEVICE)
+    out = model(z, pos)
+    del model
+    return z, pos, out["forces"].detach()
+
+
+def bench_sweep(name, data_dir, results):
+    from torchmdx.kernels import message_triton
+
+    z, pos64, f64 = reference_forces64(name, data_dir)
+    pos = pos64.float()
+    torch.cuda.empty_cache()
+    model = make_model("triton")
+    rows = []
+    configs = [(16, 32, 4, "tf32x3"), (32, 32, 4, "tf32x3"), (16, 64, 4, "tf32x3"), (16, 32, 8, "tf32x3"),
+               (32, 64, 8, "tf32x3"), (16, 16, 2, "tf32x3"), (16, 32, 4, "tf32"), (16, 32, 4, "ieee")]
+    for block_edges, chunk, warps, precision in configs:
+        message_triton.CONFIG = message_triton.LaunchConfig(block_edges, chunk, warps, precision)
+        row = dict(block_edges=block_edges, chunk_channels=chunk, num_warps=warps, precision=precision)
+        try:
+            t0 = time.perf_counter()
+            out = model(z, pos)
+            synchronize()
+            row["first_call_s"] = round(time.perf_counter() - t0, 2)
+            row["force_rel_err_vs_f64"] = float((out["forces"].double() - f64).norm() / f64.norm())
+            row["ms"] = round(cuda_time(lambda: model(z, pos), 2, 10), 3)
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = error_text(exc)
+        rows.append(row)
+        print("sweep", row, flush=True)
+    ok = [r for r in rows if "ms" in r and r["force_rel_err_vs_f64"] < 1e-4]
+    best = min(ok, key=lambda r: r["ms"]) if ok else None
+    # the reference path's own float32 error, for scale
+    ref_model = make_model("torch")
+    out = ref_model(z, pos)
+    ref_err = float((out["forces"].double() - f64).norm() / f64.norm())
+    results["sweep"] = {"system": name, "rows": rows, "best": best, "reference_path_f32_force_rel_err": ref_err}
+    if best is not None:
+        message_triton.CONFIG = message_triton.LaunchConfig(best["block_edges"], best["chunk_channels"],
+                                                            best["num_warps"], best["precision"])
+    else:
+        message_triton.CONFIG = message_triton.LaunchConfig()
+    print("sweep best", best, "reference f32 force error", ref_err, flush=True)
+
+
+def bench_kernels(name, data_dir, results):
+    """One layer's message step alone on the edges of ``name`` (random features)."""
+    from torchmdx.kernels import message_ref, message_triton
+    from torchmdx.kernels.neighbors import neighbor_list
+
+    z_np, pos_np, _, _ = read_xyz(data_dir / f"{name}.xyz")
+    pos = torch.tensor(pos_np, dtype=torch.float32, device=DEVICE)
+    nb = neighbor_list(pos, 5.0)
+    n, e, f, h, k = len(z_np), nb.edge_index.shape[1], 128, 8, 32
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, device=DEVICE, generator=g).requires_grad_(True)
+
+    q, kk, v, vec = r(n, f), r(n, f), r(n, 3 * f), r(n, 3, f)
+    rbf = torch.rand(e, k, device=DEVICE, generator=g).requires_grad_(True)
+    wk, bk, wv, bv = r(f, k), r(f), r(3 * f, k), r(3 * f)
+    phi = torch.rand(e, device=DEVICE, generator=g).requires_grad_(True)
+    unit = r(e, 3)
+    dk0, dv0, phi0 = r(f), r(3 * f), torch.tensor(1.0, device=DEVICE)
+    act = torch.nn.functional.silu
+
+    def reference():
+        dk, dv = act(torch.nn.functional.linear(rbf, wk, bk)), act(torch.nn.functional.linear(rbf, wv, bv))
+        return message_ref.et_message(q, kk, v, vec, dk, dv, phi, unit, nb.edge_index, h, self_loop=(dk0, dv0, phi0),
+                                      vector_cutoff=True)
+
+    def fused():
+        return message_triton.et_message_filtered(q, kk, v, vec, rbf, wk, bk, wv, bv, phi, unit, nb.edge_index, h,
+                                                  self_loop=(dk0, dv0, phi0), vector_cutoff=True)
+
+    inputs = [q, kk, v, vec, rbf, phi, unit]
+    row = {"system": name, "atoms": n, "edges": e}
+    for label, fn in (("ref", reference), ("fused", fused)):
+        def forward():
+            with torch.no_grad():
+                return fn()
+
+        def forward_backward():
+            m, u = fn()
+            return torch.autograd.grad(m.sum() + u.square().sum(), inputs)
+
+        try:
+            row[f"{label}_fwd_ms"] = round(cuda_time(forward, 3, 20), 3)
+            row[f"{label}_fwd_bwd_ms"] = round(cuda_time(forward_backward, 3, 20), 3)
+            row[f"{label}_fwd_bwd_peak_MiB"] = round(peak_mib(forward_backward), 1)
+        except Exception as exc:  # noqa: BLE001
+            row[f"{label}_error"] = error_text(exc)
+    # lower bounds per layer (see docs/kernels_message.md): filter flops of the 4 passes that
+    # evaluate or differentiate W e(r) (forward, receiver backward x2, sender backward)
+    row["filter_gflop_fwd_bwd"] = round(4 * 2 * e * k * 4 * f / 1e9, 2)
+    row["gather_MB_fwd_bwd"] = round(e * (7 + 7 + 5) * f * 4 / 1e6, 1)
+    results["kernels"] = row
+    print("kernels", row, flush=True)
+
+
+# --------------------------------------------------------------------------------- main
+def table(results) -> str:
+    lines = ["| system | atoms | ref ms | ref MiB | fused ms | fused MiB | graph ms | graph MiB | fused/ref force rel |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in results["systems"].items():
+        def cell(key):
+            if key in row:
+                return str(row[key])
+            err = row.get(key.split("_")[0] + "_error")
+            return f"({err[:40]})" if err else "-"
+
+        rel = row.get("fused_vs_ref_force_rel")
+        lines.append(f"| {name} | {row['atoms']} | {cell('ref_ms')} | {cell('ref_peak_MiB')} | {cell('fused_ms')} | "
+                     f"{cell('fused_peak_MiB')} | {cell('graph_ms')} | {cell('graph_peak_MiB')} | "
+                     f"{'-' if rel is None else f'{rel:.1e}'} |")
+    if "training" in results:
+        t = results["training"]
+        lines.append("")
+        lines.append(f"training step, 32 x {t['atoms_per_molecule']} atoms ({t['data']}): " + ", ".join(
+            f"{k} {v}" for k, v in t.items() if k.endswith("_ms") or k.endswith("_error")))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "systems",
+                        help="folder with the systems' .xyz files (and optionally md17_aspirin_xtb.npz)")
+    parser.add_argument("--systems", default=DEFAULT_SYSTEMS, help="comma-separated file stems")
+    parser.add_argument("--backends", default="torch,triton", help="message backends: torch (reference), triton (fused)")
+    parser.add_argument("--sweep", default=None, metavar="SYSTEM", help="tune the fused kernels' launch parameters on SYSTEM first")
+    parser.add_argument("--kernels", default=None, metavar="SYSTEM", help="time one layer's message step alone on SYSTEM's edges")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    parser.add_argument("--device", default="cuda", help="cuda; 'cpu' only smoke-tests the script")
+    args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: bench_model.py needs a CUDA GPU (or --device cpu for a smoke test)")
+    if not args.data.is_dir():
+        raise SystemExit(f"error: data folder {args.data} not found (pass --data)")
+    backends = args.backends.split(",")
+    import triton
+
+    results = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+               "hyper_parameters": ET_MD17, "systems": {}}
+    sections = []
+    if args.sweep:
+        sections.append(("sweep", lambda: bench_sweep(args.sweep, args.data, results)))
+    if args.kernels:
+        sections.append(("kernels", lambda: bench_kernels(args.kernels, args.data, results)))
+    for name in args.systems.split(","):
+        if name:
+            sections.append((name, lambda name=name: bench_system(name, args.data, results, backends)))
+    if not args.no_train:
+        sections.append(("training", lambda: bench_training(args.data, results, backends)))
+    from torchmdx.kernels import message_triton
+
+    for label, fn in sections:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - report and go on with the next section
+            results.setdefault("errors", {})[label] = traceback.format_exc(limit=6)
+            print(f"{label}: failed\n{results['errors'][label]}", flush=True)
+        torch.cuda.empty_cache()
+        results["launch_config"] = vars(message_triton.CONFIG).copy()
+        args.out.mkdir(parents=True, exist_ok=True)
+        tmp = args.out / f"bench_model.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, args.out / "bench_model.json")
+    print()
+    print(f"{results['gpu']}, torch {results['torch']}, triton {results['triton']}, {results['date']}; "
+          f"launch config {results.get('launch_config')}")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
