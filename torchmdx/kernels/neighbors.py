@@ -103,3 +103,19 @@ def neighbor_list(
     from torchmdx.errors import NeighborListError
 
     raise NeighborListError(f"unknown neighbor-list backend {backend!r}; choose auto, torch or triton")
+
+
+def needs_rebuild(
+    pos: torch.Tensor,
+    reference_pos: torch.Tensor,
+    skin: float,
+    batch: Optional[torch.Tensor] = None,
+    cell: Optional[torch.Tensor] = None,
+    pbc: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Verlet skin: 0-d bool device tensor, True if an atom moved more than ``skin / 2`` Å
+    (minimum-image displacement) since ``reference_pos``. No host synchronisation (one Triton
+    kernel on CUDA, plain torch elsewhere); see :func:`torchmdx.kernels.neighbors_triton.needs_rebuild`."""
+    from torchmdx.kernels import neighbors_triton
+
+    return neighbors_triton.needs_rebuild(pos, reference_pos, skin, batch, cell, pbc)

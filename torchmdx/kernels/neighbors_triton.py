@@ -424,16 +424,12 @@ if HAVE_TRITON:
         tl.store(grid_ptr + slot * 3 + 2, K2, mask=im)
 
     @triton.jit
-    def _neighbor_cell(c, off: tl.constexpr, K, periodic):
-        """Neighbouring cell index along one direction and whether to visit it (each cell once)."""
+    def _neighbor_cell(c, off, K, periodic):
+        """Neighbouring cell index (offset off in {-1, 0, 1}) along one direction, and whether to
+        visit it: periodic directions with fewer than 3 cells visit each cell once."""
         n = c + off
         n_wrap = tl.where(n < 0, n + K, tl.where(n >= K, n - K, n))
-        if off == 0:
-            visit_per = K > 0
-        elif off == 1:
-            visit_per = K >= 2
-        else:
-            visit_per = K >= 3
+        visit_per = (off == 0) | ((off == 1) & (K >= 2)) | ((off == -1) & (K >= 3))
         visit_open = (n >= 0) & (n < K)
         return tl.where(periodic, n_wrap, n), tl.where(periodic, visit_per, visit_open)
 
@@ -483,85 +479,51 @@ if HAVE_TRITON:
         if WRITE:
             base = tl.load(offset_ptr + oi, mask=km, other=0)
         lane = tl.arange(0, BLOCK_J)
-        xm, xm_ok = _neighbor_cell(c0, -1, K0, per0)
-        xc, xc_ok = _neighbor_cell(c0, 0, K0, per0)
-        xp, xp_ok = _neighbor_cell(c0, 1, K0, per0)
-        ym, ym_ok = _neighbor_cell(c1, -1, K1, per1)
-        yc, yc_ok = _neighbor_cell(c1, 0, K1, per1)
-        yp, yp_ok = _neighbor_cell(c1, 1, K1, per1)
-        zm, zm_ok = _neighbor_cell(c2, -1, K2, per2)
-        zc, zc_ok = _neighbor_cell(c2, 0, K2, per2)
-        zp, zp_ok = _neighbor_cell(c2, 1, K2, per2)
-        for oz in tl.static_range(3):
-            if oz == 0:
-                nz = zm
-                vz_ok = zm_ok
-            elif oz == 1:
-                nz = zc
-                vz_ok = zc_ok
-            else:
-                nz = zp
-                vz_ok = zp_ok
-            for oy in tl.static_range(3):
-                if oy == 0:
-                    ny = ym
-                    vy_ok = ym_ok
-                elif oy == 1:
-                    ny = yc
-                    vy_ok = yc_ok
+        # a runtime loop over the 27 neighbouring cells (an unrolled one compiles for minutes)
+        for nb in range(27):
+            nx, vx_ok = _neighbor_cell(c0, nb % 3 - 1, K0, per0)
+            ny, vy_ok = _neighbor_cell(c1, (nb // 3) % 3 - 1, K1, per1)
+            nz, vz_ok = _neighbor_cell(c2, nb // 9 - 1, K2, per2)
+            visit = km & vz_ok & vy_ok & vx_ok
+            nkey = slot.to(tl.int32) + nx + K0 * (ny + K1 * nz)
+            lo = tl.load(cell_start_ptr + nkey, mask=visit, other=0)
+            hi = tl.load(cell_start_ptr + nkey + 1, mask=visit, other=0)
+            length = hi - lo
+            longest = tl.max(length, axis=0)
+            for t in range(0, longest, BLOCK_J):
+                jt = t + lane
+                jm = jt[None, :] < length[:, None]
+                jk = lo[:, None] + jt[None, :]
+                xj = tl.load(spos_ptr + jk * 3 + 0, mask=jm, other=0.0)
+                yj = tl.load(spos_ptr + jk * 3 + 1, mask=jm, other=0.0)
+                zj = tl.load(spos_ptr + jk * 3 + 2, mask=jm, other=0.0)
+                oj = tl.load(perm_ptr + jk, mask=jm, other=0)
+                dx = xj - xi[:, None]
+                dy = yj - yi[:, None]
+                dz = zj - zi[:, None]
+                if PERIODIC:
+                    vx, vy, vz, n0, n1, n2 = _minimum_image(
+                        dx, dy, dz, h00[:, None], h01[:, None], h02[:, None], h10[:, None],
+                        h11[:, None], h12[:, None], h20[:, None], h21[:, None], h22[:, None],
+                        k00[:, None], k01[:, None], k02[:, None], k10[:, None], k11[:, None],
+                        k12[:, None], k20[:, None], k21[:, None], k22[:, None], p0[:, None],
+                        p1[:, None], p2[:, None], TRICLINIC)
                 else:
-                    ny = yp
-                    vy_ok = yp_ok
-                for ox in tl.static_range(3):
-                    if ox == 0:
-                        nx = xm
-                        vx_ok = xm_ok
-                    elif ox == 1:
-                        nx = xc
-                        vx_ok = xc_ok
-                    else:
-                        nx = xp
-                        vx_ok = xp_ok
-                    visit = km & vz_ok & vy_ok & vx_ok
-                    nkey = slot.to(tl.int32) + nx + K0 * (ny + K1 * nz)
-                    lo = tl.load(cell_start_ptr + nkey, mask=visit, other=0)
-                    hi = tl.load(cell_start_ptr + nkey + 1, mask=visit, other=0)
-                    length = hi - lo
-                    longest = tl.max(length, axis=0)
-                    for t in range(0, longest, BLOCK_J):
-                        jt = t + lane
-                        jm = jt[None, :] < length[:, None]
-                        jk = lo[:, None] + jt[None, :]
-                        xj = tl.load(spos_ptr + jk * 3 + 0, mask=jm, other=0.0)
-                        yj = tl.load(spos_ptr + jk * 3 + 1, mask=jm, other=0.0)
-                        zj = tl.load(spos_ptr + jk * 3 + 2, mask=jm, other=0.0)
-                        oj = tl.load(perm_ptr + jk, mask=jm, other=0)
-                        dx = xj - xi[:, None]
-                        dy = yj - yi[:, None]
-                        dz = zj - zi[:, None]
-                        if PERIODIC:
-                            vx, vy, vz, n0, n1, n2 = _minimum_image(
-                                dx, dy, dz, h00[:, None], h01[:, None], h02[:, None], h10[:, None],
-                                h11[:, None], h12[:, None], h20[:, None], h21[:, None], h22[:, None],
-                                k00[:, None], k01[:, None], k02[:, None], k10[:, None], k11[:, None],
-                                k12[:, None], k20[:, None], k21[:, None], k22[:, None], p0[:, None],
-                                p1[:, None], p2[:, None], TRICLINIC)
-                        else:
-                            vx = dx
-                            vy = dy
-                            vz = dz
-                        d2 = vx * vx + vy * vy + vz * vz
-                        ok = jm & (d2 < cut2) & (oj != oi[:, None])
-                        if HALF:
-                            ok = ok & (oj > oi[:, None])
-                        if HAS_LOWER:
-                            ok = ok & (d2 >= low2)
-                        oki = ok.to(tl.int32)
-                        if WRITE:
-                            rank = tl.cumsum(oki, axis=1) - 1
-                            dst = base[:, None] + (cnt[:, None] + rank).to(tl.int64)
-                            tl.store(tmp_ptr + dst, oj.to(tl.int32), mask=ok & (dst < capacity))
-                        cnt += tl.sum(oki, axis=1)
+                    vx = dx
+                    vy = dy
+                    vz = dz
+                d2 = vx * vx + vy * vy + vz * vz
+                ok = jm & (d2 < cut2) & (oj != oi[:, None])
+                if HALF:
+                    ok = ok & (oj > oi[:, None])
+                if HAS_LOWER:
+                    ok = ok & (d2 >= low2)
+                oki = ok.to(tl.int32)
+                if WRITE:
+                    rank = tl.cumsum(oki, axis=1) - 1
+                    dst = base[:, None] + (cnt[:, None] + rank).to(tl.int64)
+                    tl.store(tmp_ptr + dst, oj.to(tl.int32), mask=ok & (dst < capacity))
+                cnt += tl.sum(oki, axis=1)
         if not WRITE:
             tl.store(count_ptr + 1 + oi, cnt.to(tl.int64), mask=km)
             if pid == 0:

@@ -1,0 +1,319 @@
+"""Neighbor-list speed on one GPU: torchmdx (Triton brute / cell list) side by side with the
+torch reference, TorchMD-NET 3.0.0's OptimizedDistance (brute / cell) and vesin-torch.
+
+    python bench/bench_neighbors.py [--sizes 1000,10000,100000,1000000] [--systems DIR] [--tune]
+
+Cases: random atoms at liquid density (0.1 / Å^3) in a periodic cube, cutoff 5 Å, full list,
+float32; then the structures in ``../shared/data/systems`` (or ``.benchdata``) with cutoff 5 Å
+(open unless the file has a periodic cell). Times are medians of CUDA-event timings after
+warm-up, in ms:
+
+- ``tmx``: torchmdx eager call returning an exact-size list (one host read of the pair count);
+  ``tmx graph``: the fixed-capacity call (``max_pairs``) captured in a CUDA graph and replayed,
+  i.e. what an MD step pays; ``brute`` / ``cell`` name the kernel;
+- ``ref``: torchmdx's torch reference (small systems only);
+- ``tmdnet``: TorchMD-NET 3.0.0 ``OptimizedDistance`` (max 200 neighbors per atom, no resize);
+- ``vesin``: vesin-torch ``NeighborList.compute`` (``ij`` like the published anchors, and
+  ``ijSDd``: the same outputs torchmdx returns).
+
+The pair counts of every implementation are compared (a mismatch is printed). The table is
+printed with the GPU name and the date; all numbers go to ``$OUT/bench_neighbors.json`` (or
+``bench/results/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from torchmdx.kernels import neighbors_ref, neighbors_triton  # noqa: E402
+from torchmdx.io_utils import atomic_write  # noqa: E402
+
+CUTOFF = 5.0
+DENSITY = 0.1  # atoms / Å^3
+
+
+def cuda_time(fn, reps=20, warm=3):
+    """Median milliseconds of ``fn`` between CUDA events (host gaps included)."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def peak_mib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del out
+    return peak
+
+
+def graph_runner(pos, cell, pbc, method, capacity):
+    """Capture the fixed-capacity call in a CUDA graph; returns (replay, outputs)."""
+    static = pos.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            neighbors_triton.neighbor_list(static, CUTOFF, None, cell, pbc, method=method, max_pairs=capacity)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = neighbors_triton.neighbor_list(static, CUTOFF, None, cell, pbc, method=method, max_pairs=capacity)
+    return graph.replay, out
+
+
+def bench_case(name, pos, cell, pbc, args, record):
+    """Time every implementation on one structure; record[...] gets ms, pairs, errors."""
+    n = pos.shape[0]
+    row = {"case": name, "atoms": n}
+    reps = 10 if n >= 500_000 else 20
+    periodic = cell is not None
+    counts = {}
+
+    def attempt(key, fn, count=None, reps_=reps):
+        try:
+            ms = cuda_time(fn, reps=reps_)
+            row[key] = round(ms, 4)
+            if count is not None:
+                counts[key] = int(count())
+        except Exception as err:  # noqa: BLE001 - a failing competitor must not stop the table
+            row[key + "_error"] = f"{type(err).__name__}: {str(err)[:160]}"
+        torch.cuda.empty_cache()
+
+    methods = ["brute", "cell"] if n <= args.brute_max else ["cell"]
+    for method in methods:
+        fn = lambda m=method: neighbors_triton.neighbor_list(pos, CUTOFF, None, cell, pbc, method=m)  # noqa: E731
+        attempt(f"tmx_{method}", fn, lambda m=method: fn(m).num_pairs)
+        try:
+            exact = int(fn(method).num_pairs)
+            row[f"tmx_{method}_MiB"] = round(peak_mib(lambda m=method: fn(m)), 1)
+            row["pairs"] = exact
+            replay, out = graph_runner(pos, cell, pbc, method, int(exact * 1.1) + 1024)
+            row[f"tmx_graph_{method}"] = round(cuda_time(replay, reps=reps), 4)
+            replay()
+            torch.cuda.synchronize()
+            counts[f"tmx_graph_{method}"] = int(out.num_pairs)
+            assert not bool(out.overflow)
+            del out, replay
+        except Exception as err:  # noqa: BLE001
+            row[f"tmx_graph_{method}_error"] = f"{type(err).__name__}: {str(err)[:160]}"
+        torch.cuda.empty_cache()
+    if n <= args.ref_max:
+        fn = lambda: neighbors_ref.neighbor_list(pos, CUTOFF, None, cell, pbc)  # noqa: E731
+        attempt("ref", fn, lambda: fn().num_pairs, reps_=3)
+    try:
+        from torchmdnet.models.utils import OptimizedDistance
+
+        batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+        for strategy in methods:
+            try:
+                od = OptimizedDistance(cutoff_upper=CUTOFF, max_num_pairs=-200, strategy=strategy,
+                                       box=None if cell is None else cell.cpu(), loop=False,
+                                       include_transpose=True, resize_to_fit=False).to(pos.device)
+                # count valid pairs (padding rows have edge_index -1)
+                attempt(f"tmdnet_{strategy}", lambda od=od: od(pos, batch),
+                        lambda od=od: (od(pos, batch)[0][0] >= 0).sum())
+            except Exception as err:  # noqa: BLE001
+                row[f"tmdnet_{strategy}_error"] = f"{type(err).__name__}: {str(err)[:160]}"
+    except Exception as err:  # noqa: BLE001
+        row["tmdnet_error"] = f"not importable: {type(err).__name__}: {str(err)[:120]}"
+    try:
+        from vesin.torch import NeighborList
+
+        nl = NeighborList(cutoff=CUTOFF, full_list=True)
+        box = cell if cell is not None else torch.zeros(3, 3, device=pos.device, dtype=pos.dtype)
+        attempt("vesin_ij", lambda: nl.compute(points=pos, box=box, periodic=periodic, quantities="ij"),
+                lambda: nl.compute(points=pos, box=box, periodic=periodic, quantities="ij")[0].numel())
+        attempt("vesin_ijSDd", lambda: nl.compute(points=pos, box=box, periodic=periodic, quantities="ijSDd"))
+    except Exception as err:  # noqa: BLE001
+        row["vesin_error"] = f"not importable: {type(err).__name__}: {str(err)[:120]}"
+    if counts:
+        values = set(counts.values())
+        if len(values) > 1:
+            row["count_mismatch"] = counts
+    record.append(row)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def random_box(n, dtype=torch.float32, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    length = (n / DENSITY) ** (1 / 3)
+    pos = torch.rand(n, 3, device="cuda", dtype=dtype, generator=gen) * length
+    cell = torch.eye(3, device="cuda", dtype=dtype) * length
+    pbc = torch.ones(3, dtype=torch.bool, device="cuda")
+    return pos, cell, pbc
+
+
+def tune(sizes, record):
+    """Sweep launch parameters of the cell list (graph replay times) and print the best."""
+    grid = []
+    for bi in (32, 64, 128):
+        for bj in (8, 16, 32):
+            for warps in (2, 4, 8):
+                if bi * bj > 4096 or bi * bj < 256:
+                    continue
+                grid.append({"cell_block_i": bi, "cell_block_j": bj, "cell_warps": warps})
+    emit = [{"emit_atoms": a, "emit_block": b, "emit_warps": w} for a in (1, 4, 16) for b in (32, 64) for w in (1, 4)]
+    brute = [{"brute_block_i": bi, "brute_block_j": bj, "brute_warps": w}
+             for bi in (16, 32, 64) for bj in (32, 64, 128) for w in (2, 4, 8) if 512 <= bi * bj <= 4096]
+    default = dict(neighbors_triton.CONFIG)
+    results = {}
+    for n in sizes:
+        pos, cell, pbc = random_box(n)
+        exact = int(neighbors_triton.neighbor_list(pos, CUTOFF, None, cell, pbc, method="cell").num_pairs)
+        for label, options, method in (("cell", grid, "cell"), ("emit", emit, "cell"), ("brute", brute, "brute")):
+            if method == "brute" and n > 20000:
+                continue
+            best = None
+            for opt in options:
+                neighbors_triton.CONFIG.clear()
+                neighbors_triton.CONFIG.update(default)
+                neighbors_triton.CONFIG.update(opt)
+                try:
+                    replay, out = graph_runner(pos, cell, pbc, method, int(exact * 1.1) + 1024)
+                    ms = cuda_time(replay, reps=10)
+                    replay()
+                    torch.cuda.synchronize()
+                    assert int(out.num_pairs) == exact
+                except Exception as err:  # noqa: BLE001
+                    ms = float("inf")
+                    print("tune error", opt, type(err).__name__, str(err)[:200], flush=True)
+                results[f"{n}-{label}-{json.dumps(opt, sort_keys=True)}"] = ms
+                if best is None or ms < best[0]:
+                    best = (ms, opt)
+                torch.cuda.empty_cache()
+            print(f"tune N={n} {label}: best {best[0]:.4f} ms with {best[1]}", flush=True)
+        neighbors_triton.CONFIG.clear()
+        neighbors_triton.CONFIG.update(default)
+    record["tune"] = results
+
+
+def phase_profile(n):
+    """Per-kernel GPU time of one eager cell-list call (torch profiler)."""
+    pos, cell, pbc = random_box(n)
+    for _ in range(3):
+        neighbors_triton.neighbor_list(pos, CUTOFF, None, cell, pbc, method="cell")
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            neighbors_triton.neighbor_list(pos, CUTOFF, None, cell, pbc, method="cell")
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
+    print(f"--- profile N={n} (5 calls) ---\n{table}", flush=True)
+    return table
+
+
+def print_table(rows, device, date):
+    keys = ["tmx_brute", "tmx_cell", "tmx_graph_brute", "tmx_graph_cell", "ref", "tmdnet_brute",
+            "tmdnet_cell", "vesin_ij", "vesin_ijSDd"]
+    header = ["case", "atoms", "pairs"] + keys
+    print(f"\nNeighbor lists, cutoff {CUTOFF} Å, full list, float32 — {device}, {date} (ms, median)")
+    print(" | ".join(f"{h:>15}" for h in header))
+    for row in rows:
+        cells = [str(row.get("case")), str(row.get("atoms")), str(row.get("pairs", "-"))]
+        for k in keys:
+            v = row.get(k)
+            cells.append(f"{v:.3f}" if v is not None else ("err" if k + "_error" in row else "-"))
+        print(" | ".join(f"{c:>15}" for c in cells))
+    for row in rows:
+        for k, v in row.items():
+            if k.endswith("_error") or k == "count_mismatch":
+                print(f"  {row['case']}: {k}: {v}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1000,10000,100000,1000000")
+    parser.add_argument("--systems", default=None, help="folder of .xyz structures (default ../shared/data/systems or .benchdata)")
+    parser.add_argument("--brute-max", type=int, default=20000, help="largest N timed with brute force")
+    parser.add_argument("--ref-max", type=int, default=10000, help="largest N timed with the torch reference")
+    parser.add_argument("--tune", default="", help="comma-separated sizes for a launch-parameter sweep")
+    parser.add_argument("--profile", default="", help="comma-separated sizes for a per-kernel profile")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_neighbors.py needs a CUDA GPU")
+    device = torch.cuda.get_device_name(0)
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    record = {"device": device, "date": date, "torch": torch.__version__, "cutoff": CUTOFF, "density": DENSITY,
+              "config": dict(neighbors_triton.CONFIG), "rows": []}
+    try:
+        import triton
+
+        record["triton"] = triton.__version__
+    except ImportError:
+        pass
+    for mod in ("vesin", "torchmdnet"):
+        try:
+            record[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            record[mod] = None
+    print(f"{device} torch {torch.__version__} triton {record.get('triton')} vesin {record['vesin']} "
+          f"torchmdnet {record['torchmdnet']}", flush=True)
+    if args.tune:
+        tune([int(s) for s in args.tune.split(",")], record)
+    for n in (int(s) for s in args.profile.split(",") if s):
+        record.setdefault("profile", {})[n] = phase_profile(n)
+    t0 = time.time()
+    for n in (int(s) for s in args.sizes.split(",") if s):
+        pos, cell, pbc = random_box(n)
+        bench_case(f"random-{n}", pos, cell, pbc, args, record["rows"])
+        del pos
+        torch.cuda.empty_cache()
+    folder = Path(args.systems) if args.systems else None
+    if folder is None:
+        for candidate in (ROOT.parent / "shared" / "data" / "systems", ROOT / ".benchdata"):
+            if candidate.is_dir():
+                folder = candidate
+                break
+    if folder is not None and folder.is_dir():
+        from ase.io import read
+
+        for path in sorted(folder.glob("*.xyz"), key=lambda p: p.stat().st_size):
+            atoms = read(path)
+            pos = torch.tensor(atoms.positions, device="cuda", dtype=torch.float32)
+            cell = pbc = None
+            if atoms.pbc.any():
+                cell = torch.tensor(atoms.cell.array, device="cuda", dtype=torch.float32)
+                pbc = torch.tensor(atoms.pbc, device="cuda")
+            bench_case(path.stem, pos, cell, pbc, args, record["rows"])
+    print(f"(benchmark took {time.time() - t0:.0f} s)")
+    print_table(record["rows"], device, date)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "bench_neighbors.json", "w") as handle:
+        json.dump(record, handle, indent=1)
+    print(f"wrote {out / 'bench_neighbors.json'}")
+
+
+if __name__ == "__main__":
+    main()
