@@ -119,7 +119,7 @@ def learning_curve(metrics_csv, path, title: Optional[str] = None) -> Optional[P
                 ax.plot([e + 1 for e in epochs], [series[e] for e in epochs], style, ms=3, label=stage)
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{quantity.replace('_', ' ').replace('forces', 'force')} ({unit})")
+        ax.set_ylabel(f"{'force' if quantity.startswith('forces') else 'energy'} MAE ({unit})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     if has_lr:

@@ -198,9 +198,9 @@ def _quiet_lightning_warnings() -> None:
 
 
 # ---------------------------------------------------------------------------- the run
-def train(cfg: RunConfig, resume: bool = False) -> dict:
+def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None) -> dict:
     """Train as configured; returns paths and best metrics. Raises TorchmdxError subclasses for
-    predictable problems (config, data, run folder)."""
+    predictable problems (config, data, run folder). ``callbacks``: extra Lightning callbacks."""
     import torch
 
     from torchmdx.train.callbacks import EpochSummary
@@ -218,10 +218,19 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         json.dump(_jsonable(datamodule.summary()), handle, indent=2)
     last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
     previous_rows = _previous_metric_rows(run_dir / METRICS_CSV, last) if resume else []
-    trainer = build_trainer(cfg, run_dir, extra_callbacks=[EpochSummary()])
+    trainer = build_trainer(cfg, run_dir, extra_callbacks=[EpochSummary(), *(callbacks or [])])
     if previous_rows and trainer.is_global_zero:
         _keep_metric_rows(trainer, previous_rows)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    except SystemExit:
+        # Lightning turns Ctrl+C into a graceful shutdown and sys.exit(1)
+        if trainer.interrupted:
+            import sys
+
+            print(f"training interrupted; continue it with --resume (from {last})", file=sys.stderr)
+            raise KeyboardInterrupt from None
+        raise
     result = {"run_dir": str(run_dir), "checkpoint_last": str(last)}
     if not trainer.is_global_zero:
         return result
