@@ -46,7 +46,8 @@ class EpochErrors(torchmetrics.Metric):
 
     def __init__(self, loss: str = "mse", huber_delta: float = 0.01, energy_loss: str = "per_structure"):
         super().__init__()
-        self.loss, self.huber_delta, self.energy_loss = loss, huber_delta, energy_loss
+        # (not "energy_loss": that is the name of a state)
+        self.loss_kind, self.huber_delta, self.energy_loss_mode = loss, huber_delta, energy_loss
         for name in _STATES:
             self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -70,14 +71,14 @@ class EpochErrors(torchmetrics.Metric):
             self.energy_sq += (e * e).sum()
             self.energy_pa_abs += per_atom.abs().sum()
             self.energy_pa_sq += (per_atom * per_atom).sum()
-            target = per_atom if self.energy_loss == "per_atom" else e
-            self.energy_loss += loss_terms(target, self.loss, self.huber_delta).sum()
+            target = per_atom if self.energy_loss_mode == "per_atom" else e
+            self.energy_loss += loss_terms(target, self.loss_kind, self.huber_delta).sum()
         if force_error is not None:
             f = force_error.detach().to(torch.float64)
             self.n_components += f.numel()
             self.forces_abs += f.abs().sum()
             self.forces_sq += (f * f).sum()
-            self.forces_loss += loss_terms(f, self.loss, self.huber_delta).sum()
+            self.forces_loss += loss_terms(f, self.loss_kind, self.huber_delta).sum()
 
     def compute(self) -> dict:
         """Errors in meV (energy), meV/atom, meV/Å, and the mean loss terms (eV², eV, ...).
