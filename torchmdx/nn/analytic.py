@@ -133,8 +133,10 @@ class LennardJones(_PairPotential):
     def hparams(self) -> dict:
         return {"epsilon": self._epsilon_arg, "sigma": self._sigma_arg, "cutoff": self.cutoff, "shift": self.shift}
 
-    def pair_parameters(self, zi: torch.Tensor, zj: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ε_ij, σ_ij) by Lorentz–Berthelot mixing."""
+    def pair_parameters(self, zi: torch.Tensor, zj: torch.Tensor, dtype):
+        """(ε_ij, σ_ij) by Lorentz–Berthelot mixing (plain numbers for one parameter set)."""
+        if self.elements is None:
+            return self._epsilon_arg, self._sigma_arg
         eps = self.epsilon_table.to(dtype)
         sig = self.sigma_table.to(dtype)
         return torch.sqrt(eps[zi] * eps[zj]), 0.5 * (sig[zi] + sig[zj])
