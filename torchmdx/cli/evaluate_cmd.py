@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", help="run folder: its splits.npz and its learning curve")
     parser.add_argument("--out", help="output folder (default <model folder>/evaluate_<split>)")
     parser.add_argument("--format", help="data file format (default: guessed); see torchmdx data")
+    parser.add_argument("--cache-dir", help="HDF5 cache folder for a data file (default data/cache)")
     parser.add_argument("--batch-size", type=int, default=None, help="structures per batch (default 64)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -53,8 +54,11 @@ def _data_config(args):
         from torchmdx.errors import DataError
 
         raise DataError(f"{source}: file not found")
-    cfg = from_dict(DataConfig, {"path": str(source), "format": args.format, "train_size": 0, "val_size": 0,
-                                 "test_size": None, "atomref": "none"}, "data")
+    values = {"path": str(source), "format": args.format, "train_size": 0, "val_size": 0, "test_size": None,
+              "atomref": "none"}
+    if args.cache_dir:
+        values["cache_dir"] = args.cache_dir
+    cfg = from_dict(DataConfig, values, "data")
     return cfg, run_dir, False
 
 

@@ -47,7 +47,16 @@ def potential_from_checkpoint(path: Union[str, Path], ema: bool = True):
     from torchmdx.nn.potential import ETPotential
 
     path = Path(path)
-    payload = read_checkpoint(path)
+    try:
+        payload = read_checkpoint(path)
+    except ModelError:
+        if not path.is_file():
+            raise
+        try:  # a TorchMD-NET checkpoint that needs the importer's own unpickling
+            return load_model(path)
+        except ModelError:
+            pass
+        raise
     if not is_torchmdx_checkpoint(payload):
         if isinstance(payload, dict) and "hyper_parameters" in payload:
             return load_model(path)  # TorchMD-NET checkpoint: imported by torchmdx.nn
