@@ -140,7 +140,7 @@ def _message_fwd_kernel(
             prod0 = q_i * tl.load(k_ptr + i * F + ch, mask=cval, other=0.0)
             if SELF_DK:
                 prod0 = prod0 * tl.load(dk0_ptr + ch, mask=cval, other=0.0)
-            a0, _ = _act(tl.sum(prod0, axis=1), ATT)
+            a0, _da0 = _act(tl.sum(prod0, axis=1), ATT)
             s1_0 = tl.load(v_ptr + i * (3 * F) + vch, mask=cval, other=0.0)
             s2_0 = tl.load(v_ptr + i * (3 * F) + vch + D, mask=cval, other=0.0)
             if SELF_DV:
@@ -272,8 +272,8 @@ def _message_bwd_receiver_kernel(
     if SELF_LOOP:
         phi0 = tl.load(phi0_ptr)
         k_i = tl.load(k_ptr + i * F + ch, mask=cval, other=0.0)
-        v1 = tl.load(v_ptr + i * (3 * F) + vch, mask=cval, other=0.0)
-        v2 = tl.load(v_ptr + i * (3 * F) + vch + D, mask=cval, other=0.0)
+        v1_i = tl.load(v_ptr + i * (3 * F) + vch, mask=cval, other=0.0)
+        v2_i = tl.load(v_ptr + i * (3 * F) + vch + D, mask=cval, other=0.0)
         dk0 = tl.where(cval, 1.0, 0.0).to(q_i.dtype)
         dv01 = dk0
         dv02 = dk0
@@ -289,7 +289,7 @@ def _message_bwd_receiver_kernel(
         else:
             g0 = phi0
             f0 = 1.0
-        ga0 = tl.sum(gm_i * v1 * dv01 * f0, axis=1)  # dL/dA0 [HB]
+        ga0 = tl.sum(gm_i * v1_i * dv01 * f0, axis=1)  # dL/dA0 [HB]
         gp0 = ga0 * g0 * da0
         acc_q += gp0[:, None] * k_i * dk0
         if SELF_FILTER_GRAD:
@@ -300,8 +300,8 @@ def _message_bwd_receiver_kernel(
                 vec_y = tl.load(vec_ptr + i * (3 * F) + F + ch, mask=cval, other=0.0)
                 vec_z = tl.load(vec_ptr + i * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
                 gs2_0 = gx * vec_x + gy * vec_y + gz * vec_z
-                tl.store(gdv0_ptr + i * (3 * F) + vch, (a0 * g0)[:, None] * gm_i * v1 * f0, mask=cval)
-                tl.store(gdv0_ptr + i * (3 * F) + vch + D, gs2_0 * v2 * f0, mask=cval)
+                tl.store(gdv0_ptr + i * (3 * F) + vch, (a0 * g0)[:, None] * gm_i * v1_i * f0, mask=cval)
+                tl.store(gdv0_ptr + i * (3 * F) + vch + D, gs2_0 * v2_i * f0, mask=cval)
                 tl.store(gdv0_ptr + i * (3 * F) + vch + 2 * D, tl.zeros((HB, DP), dtype=q_i.dtype), mask=cval)
 
     for e0 in range(start, end, BE):
