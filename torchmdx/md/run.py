@@ -81,12 +81,14 @@ def _clean(atoms):
     return atoms
 
 
-def run_md(config: MDConfig, potential=None, out=sys.stdout) -> dict:
+def run_md(config: MDConfig, potential=None, out=None) -> dict:
     """Run the simulation described by ``config``; returns the summary as a dict.
 
     ``potential`` (a Potential object) overrides ``config.model``.
     """
     from torchmdx.md.loading import as_dtype, load_potential
+
+    out = sys.stdout if out is None else out
 
     restart_payload = load_restart(config.restart) if config.restart else None
     if config.structure:

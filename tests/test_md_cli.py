@@ -1,0 +1,241 @@
+"""``torchmdx md`` end to end: outputs on the shared sample systems with a small ET model file,
+YAML options, restart continuation through the CLI, native vs ASE engine, pressure vs ASE,
+replicas, and one-line errors with exit status 2."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase import units as ase_units
+from ase.calculators.lj import LennardJones as AseLennardJones
+from ase.cluster import Icosahedron
+from ase.build import bulk
+from ase.io import read, write
+
+import torchmdx
+from torchmdx.cli.main import main
+from torchmdx.md.io import load_restart, read_thermo
+from torchmdx.nn.analytic import LennardJones
+from torchmdx.nn.base import Potential
+from torchmdx.nn.model_file import register_potential
+
+EPS, SIG = 0.0104, 3.4
+COLUMNS = ["step", "time_ps", "potential_eV", "kinetic_eV", "total_eV", "temperature_K", "conserved_eV"]
+
+
+@pytest.fixture(scope="module")
+def et_model(tmp_path_factory):
+    """A small randomly initialised ET model file (the trained demo model comes later)."""
+    model = torchmdx.build_model(
+        {"embedding_dimension": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8, "cutoff_upper": 4.0, "seed": 1}
+    )
+    path = tmp_path_factory.mktemp("models") / "et.pt"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lj_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "lj.pt"
+    LennardJones(EPS, SIG, shift="energy").save(path)
+    return path
+
+
+def _md(tmp_path, *args):
+    return main(["md", *map(str, args), "--no-progress"])
+
+
+# random ET weights give large forces: short steps and no temperature limit for these runs
+SAFE = ["--dt", "0.2", "--max-temperature", "1e7"]
+
+
+def test_md_on_alanine_dipeptide_writes_all_outputs(tmp_path, shared_data, et_model, capsys):
+    out = tmp_path / "ala.extxyz"
+    rc = _md(tmp_path, shared_data / "systems" / "alanine_dipeptide.xyz", "--model", et_model, "--steps", 20,
+             "--every", 5, "--temperature", 100, "--ensemble", "langevin", "--friction", 5, "--out", out, *SAFE)
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "steps/s" in printed and "ns/day" in printed and "eV/atom" in printed
+    frames = read(out, index=":")
+    assert [f.info["step"] for f in frames] == [0, 5, 10, 15, 20]
+    source = read(shared_data / "systems" / "alanine_dipeptide.xyz")
+    assert (frames[0].numbers == source.numbers).all() and len(frames[-1]) == 22
+    np.testing.assert_allclose(frames[0].positions, source.positions, atol=1e-5)
+    assert np.isfinite(frames[-1].get_forces()).all() and frames[-1].get_velocities().std() > 0
+    with open(tmp_path / "ala.csv") as f:
+        header = next(csv.reader(f))
+    assert header == COLUMNS  # one molecule, not periodic: no structure or pressure column
+    rows = read_thermo(tmp_path / "ala.csv")
+    assert [r["step"] for r in rows] == [0, 5, 10, 15, 20]
+    assert rows[2]["time_ps"] == pytest.approx(10 * 0.2e-3)
+    for r in rows:
+        assert r["total_eV"] == pytest.approx(r["potential_eV"] + r["kinetic_eV"], rel=1e-6)
+    assert rows[-1]["potential_eV"] == pytest.approx(frames[-1].get_potential_energy(), rel=1e-6)
+    restart = load_restart(tmp_path / "ala.restart.pt")
+    assert restart["step"] == 20 and restart["ensemble"] == "langevin"
+    summary = json.loads((tmp_path / "ala.summary.json").read_text())
+    assert summary["steps"] == 20 and summary["steps_per_s"] > 0 and summary["ns_per_day"] > 0
+    assert "energy_drift_eV_per_atom" in summary
+
+
+def test_md_on_caffeine_pdb_with_minimisation_and_traj_output(tmp_path, shared_data, et_model, capsys):
+    out = tmp_path / "caffeine.traj"
+    rc = _md(tmp_path, shared_data / "systems" / "caffeine.pdb", "--model", et_model, "--steps", 10, "--every", 5,
+             "--ensemble", "nose-hoover", "--temperature", 50, "--minimize", "--fmax", 0.5, "--minimize-steps", 20,
+             "--out", out, *SAFE)
+    assert rc == 0
+    assert "FIRE:" in capsys.readouterr().out
+    frames = read(out, index=":")
+    assert [f.info["step"] for f in frames] == [0, 5, 10] and len(frames[0]) == 24
+    assert (tmp_path / "caffeine.csv").exists() and (tmp_path / "caffeine.restart.pt").exists()
+
+
+def test_yaml_config_and_command_line_override(tmp_path, shared_data, et_model):
+    config = tmp_path / "md.yaml"
+    config.write_text(
+        "md:\n"
+        f"  structure: {shared_data / 'systems' / 'caffeine.xyz'}\n"
+        f"  model: {et_model}\n"
+        "  steps: 50\n  every: 2\n  dt: 0.2\n  ensemble: bussi\n  tau: 50\n  max_temperature: 1.0e+7\n"
+        f"  out: {tmp_path / 'yaml.extxyz'}\n"
+    )
+    assert _md(tmp_path, "--config", config, "--steps", 4) == 0  # the command line wins
+    assert [r["step"] for r in read_thermo(tmp_path / "yaml.csv")] == [0, 2, 4]
+
+
+def test_bad_config_key_is_one_line_error(tmp_path, capsys):
+    config = tmp_path / "md.yaml"
+    config.write_text("md:\n  temprature: 300\n")
+    assert _md(tmp_path, "--config", config) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config key 'md.temprature' does not exist (did you mean 'temperature'?)")
+    assert "\n" not in err
+
+
+def test_restart_through_the_cli_continues_bit_for_bit(tmp_path, shared_data, et_model):
+    structure = shared_data / "systems" / "alanine_dipeptide.xyz"
+    common = ["--model", et_model, "--every", 5, "--ensemble", "langevin", "--temperature", 100, *SAFE]
+    assert _md(tmp_path, structure, *common, "--steps", 30, "--out", tmp_path / "full.extxyz") == 0
+    assert _md(tmp_path, structure, *common, "--steps", 15, "--out", tmp_path / "part.extxyz") == 0
+    # continue to 30 steps in total from the restart file written at step 15
+    assert _md(tmp_path, *common, "--steps", 30, "--out", tmp_path / "part.extxyz",
+               "--restart", tmp_path / "part.restart.pt") == 0
+    full, part = read_thermo(tmp_path / "full.csv"), read_thermo(tmp_path / "part.csv")
+    assert [r["step"] for r in part] == [0, 5, 10, 15, 20, 25, 30]
+    assert full == part
+    full_frames, part_frames = read(tmp_path / "full.extxyz", ":"), read(tmp_path / "part.extxyz", ":")
+    assert len(full_frames) == len(part_frames) == 7
+    np.testing.assert_array_equal(full_frames[-1].positions, part_frames[-1].positions)
+
+
+def test_native_and_ase_engines_agree_on_nve(tmp_path, lj_model):
+    cluster = Icosahedron("Ar", 2)
+    cluster.rattle(0.1, seed=2)
+    structure = tmp_path / "ar13.xyz"
+    write(structure, cluster)
+    common = ["--model", lj_model, "--steps", 100, "--every", 20, "--dt", 5, "--temperature", 40,
+              "--dtype", "float64", "--seed", 7]
+    assert _md(tmp_path, structure, *common, "--out", tmp_path / "native.extxyz") == 0
+    assert _md(tmp_path, structure, *common, "--engine", "ase", "--out", tmp_path / "ase.extxyz") == 0
+    native, ase_rows = read_thermo(tmp_path / "native.csv"), read_thermo(tmp_path / "ase.csv")
+    assert [r["step"] for r in native] == [r["step"] for r in ase_rows] == [0, 20, 40, 60, 80, 100]
+    for a, b in zip(native, ase_rows):
+        for key in ("potential_eV", "kinetic_eV", "temperature_K"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), (a["step"], key)
+    np.testing.assert_allclose(read(tmp_path / "native.extxyz").positions, read(tmp_path / "ase.extxyz").positions,
+                               atol=1e-9)
+
+
+def test_periodic_pressure_matches_ase(tmp_path):
+    crystal = bulk("Ar", "fcc", a=5.3, cubic=True).repeat((3, 3, 3))  # 15.9 Å box: cutoff 7 Å fits
+    model = tmp_path / "lj7.pt"
+    LennardJones(EPS, SIG, cutoff=7.0).save(model)
+    structure = tmp_path / "argon.extxyz"
+    write(structure, crystal)
+    assert _md(tmp_path, structure, "--model", model, "--steps", 10, "--every", 10, "--dt", 5,
+               "--temperature", 60, "--dtype", "float64", "--out", tmp_path / "argon_md.extxyz") == 0
+    with open(tmp_path / "argon_md.csv") as f:
+        assert "pressure_bar" in next(csv.reader(f))
+    last_row = read_thermo(tmp_path / "argon_md.csv")[-1]
+    frame = read(tmp_path / "argon_md.extxyz", index=-1)
+    frame.calc = AseLennardJones(epsilon=EPS, sigma=SIG, rc=7.0, smooth=False)
+    stress = frame.get_stress(voigt=False, include_ideal_gas=True)
+    pressure_bar = -np.trace(stress) / 3 / (1e5 * ase_units.Pascal)  # eV/Å³ -> bar
+    assert last_row["pressure_bar"] == pytest.approx(pressure_bar, rel=1e-8)
+
+
+def test_replicas_write_one_trajectory_each(tmp_path, shared_data, et_model):
+    out = tmp_path / "rep.extxyz"
+    assert _md(tmp_path, shared_data / "systems" / "caffeine.xyz", "--model", et_model, "--steps", 4, "--every", 2,
+               "--replicas", 3, "--out", out, *SAFE) == 0
+    for k in range(3):
+        assert len(read(tmp_path / f"rep.{k}.extxyz", ":")) == 3
+    rows = read_thermo(tmp_path / "rep.csv")
+    assert [(r["step"], r["structure"]) for r in rows[:3]] == [(0, 0), (0, 1), (0, 2)]
+    # same structure, different Maxwell–Boltzmann velocities
+    assert len({r["kinetic_eV"] for r in rows[:3]}) == 3
+
+
+@register_potential
+class NaNAwayLJ(Potential):
+    """LJ that turns NaN (energy and forces) once atom 0 is more than ``radius`` Å from
+    ``anchor``: a test-only model kind, stateless so that replays see the same NaN."""
+
+    kind = "test_nan_away_lj"
+
+    def __init__(self, anchor=(0.0, 0.0, 0.0), radius: float = 1.0):
+        super().__init__()
+        self.anchor, self.radius = [float(x) for x in anchor], float(radius)
+        self.inner = LennardJones(EPS, SIG)
+        self.cutoff = self.inner.cutoff
+
+    def hparams(self):
+        return {"anchor": self.anchor, "radius": self.radius}
+
+    def atomic_energies(self, graph):
+        anchor = torch.tensor(self.anchor, dtype=graph.pos.dtype)
+        away = (graph.pos[0].detach() - anchor).norm() > self.radius
+        return self.inner.atomic_energies(graph) * torch.where(away, float("nan"), 1.0)
+
+
+def test_nan_model_stops_with_exit_status_2_keeping_last_good_frame(tmp_path, capsys):
+    import re
+
+    cluster = Icosahedron("Ar", 2)
+    structure = tmp_path / "ar13.xyz"
+    write(structure, cluster)
+    model = tmp_path / "nan.pt"
+    NaNAwayLJ(anchor=cluster.positions[0].tolist(), radius=0.3).save(model)  # passed near step 94
+    out, restart = tmp_path / "nan.extxyz", tmp_path / "nan.restart.pt"
+    rc = _md(tmp_path, structure, "--model", model, "--steps", 400, "--every", 10, "--dt", 5, "--temperature", 100,
+             "--dtype", "float64", "--out", out)
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    match = re.match(
+        r"error: simulation stopped at step (\d+): the forces are not finite \(NaN/inf\) on atom \d+ of structure 0; "
+        r"last good state \(step (\d+)\) kept in the trajectory's last frame and (.+)$", err)
+    assert match, err
+    bad, good = int(match.group(1)), int(match.group(2))
+    assert good == bad - 1 and match.group(3) == str(restart)
+    frames = read(out, index=":")
+    steps = [f.info["step"] for f in frames]
+    assert good > 20 and steps[-1] == good and steps[:-1] == list(range(0, good, 10))
+    assert np.isfinite(frames[-1].positions).all() and np.isfinite(frames[-1].get_forces()).all()
+    assert np.linalg.norm(frames[-1].positions[0] - cluster.positions[0]) <= 0.3
+    assert load_restart(restart)["step"] == good
+    assert not (tmp_path / "nan.summary.json").exists()
+
+
+def test_unknown_element_and_missing_files_are_one_line_errors(tmp_path, shared_data, capsys):
+    argon_only = tmp_path / "ar.pt"
+    LennardJones({18: EPS}, {18: SIG}).save(argon_only)
+    assert _md(tmp_path, shared_data / "systems" / "caffeine.xyz", "--model", argon_only, "--steps", 2,
+               "--out", tmp_path / "x.extxyz") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: atom 0 is element ") and "it knows: Ar" in err and "\n" not in err
+    assert _md(tmp_path, tmp_path / "missing.xyz", "--model", argon_only) == 2
+    assert "missing.xyz: structure file not found" in capsys.readouterr().err
+    assert _md(tmp_path, shared_data / "systems" / "caffeine.xyz", "--model", tmp_path / "none.pt") == 2
+    assert "none.pt: model file not found" in capsys.readouterr().err
