@@ -282,8 +282,9 @@ def bench_training(data_dir, results, backends):
 
 # --------------------------------------------------------------------------------- sweep / kernels
 def reference_forces64(name, data_dir):
+    """Forces of the float32 benchmark model's weights evaluated in float64 on the reference path."""
     z_np, pos_np, cell_np, pbc_np = read_xyz(data_dir / f"{name}.xyz")
-    model = make_model("torch", dtype="float64")
+    model = make_model("torch").to(torch.float64)
     z = torch.tensor(z_np, device=DEVICE)
     pos = torch.tensor(pos_np, dtype=torch.float64, device=DEVICE)
     out = model(z, pos)
@@ -291,86 +292,102 @@ def reference_forces64(name, data_dir):
     return z, pos, out["forces"].detach()
 
 
+SWEEP = [
+    dict(),
+    dict(programs_per_sm=4),
+    dict(programs_per_sm=4, maxnreg=128),
+    dict(num_stages=1),
+    dict(dot_precision="tf32"),
+    dict(num_warps=8, programs_per_sm=2),
+    dict(chunk_channels=64, num_warps=8),
+    dict(dot_precision="tf32", programs_per_sm=4, maxnreg=128),
+]
+
+
 def bench_sweep(name, data_dir, results):
+    """Launch parameters of the fused kernels, timed on one layer's message step (forward +
+    backward) on the edges of ``name``; then the whole model's forces with the fastest setting
+    whose message errors stay at float32 level, against float64 (same weights)."""
     from torchmdx.kernels import message_triton
 
-    z, pos64, f64 = reference_forces64(name, data_dir)
-    pos = pos64.float()
-    torch.cuda.empty_cache()
-    model = make_model("triton")
     rows = []
-    configs = [(16, 32, 4, "tf32x3"), (16, 32, 8, "tf32x3"), (32, 16, 4, "tf32x3"), (16, 16, 4, "tf32x3"),
-               (16, 32, 4, "tf32"), (16, 32, 4, "ieee")]
-    for block_edges, chunk, warps, precision in configs:
-        message_triton.CONFIG = message_triton.LaunchConfig(block_edges, chunk, warps, precision)
-        row = dict(block_edges=block_edges, chunk_channels=chunk, num_warps=warps, precision=precision)
+    for overrides in SWEEP:
+        message_triton.CONFIG = message_triton.LaunchConfig(**overrides)
+        row = dict(overrides)
         try:
-            t0 = time.perf_counter()
-            out = model(z, pos)
-            synchronize()
-            row["first_call_s"] = round(time.perf_counter() - t0, 2)
-            row["force_rel_err_vs_f64"] = float((out["forces"].double() - f64).norm() / f64.norm())
-            row["ms"] = round(cuda_time(lambda: model(z, pos), 2, 10), 3)
+            row.update(kernel_step(name, data_dir, check=True))
         except Exception as exc:  # noqa: BLE001
             row["error"] = error_text(exc)
         rows.append(row)
         print("sweep", row, flush=True)
-    ok = [r for r in rows if "ms" in r and r["force_rel_err_vs_f64"] < 1e-4]
-    best = min(ok, key=lambda r: r["ms"]) if ok else None
-    # the reference path's own float32 error, for scale
-    ref_model = make_model("torch")
-    out = ref_model(z, pos)
-    ref_err = float((out["forces"].double() - f64).norm() / f64.norm())
-    results["sweep"] = {"system": name, "rows": rows, "best": best, "reference_path_f32_force_rel_err": ref_err}
-    if best is not None:
-        message_triton.CONFIG = message_triton.LaunchConfig(best["block_edges"], best["chunk_channels"],
-                                                            best["num_warps"], best["precision"])
-    else:
-        message_triton.CONFIG = message_triton.LaunchConfig()
-    print("sweep best", best, "reference f32 force error", ref_err, flush=True)
+    ok = [r for r in rows if "fused_fwd_bwd_ms" in r and r["max_rel_err_vs_f64"] < 2e-5]
+    best = min(ok, key=lambda r: r["fused_fwd_bwd_ms"]) if ok else None
+    message_triton.CONFIG = message_triton.LaunchConfig(**{k: v for k, v in (best or {}).items() if k in SWEEP_KEYS})
+    z, pos64, f64 = reference_forces64(name, data_dir)
+    pos = pos64.float()
+    model_errors = {}
+    for label, model in (("fused", make_model("triton")), ("ref", make_model("torch"))):
+        out = model(z, pos)
+        model_errors[label] = float((out["forces"].double() - f64).norm() / f64.norm())
+    results["sweep"] = {"system": name, "rows": rows, "best": best, "force_rel_err_vs_f64": model_errors}
+    print("sweep best", best, "model force errors vs float64", model_errors, flush=True)
 
 
-def bench_kernels(name, data_dir, results):
-    """One layer's message step alone on the edges of ``name`` (random features)."""
-    from torchmdx.kernels import message_ref, message_triton
+SWEEP_KEYS = ("block_edges", "chunk_channels", "num_warps", "dot_precision", "programs_per_sm", "num_stages", "maxnreg")
+
+
+_KERNEL_INPUTS = {}
+
+
+def kernel_inputs(name, data_dir):
+    """Random features on the edges of ``name`` (one ET-MD17 layer), cached per system."""
     from torchmdx.kernels.neighbors import neighbor_list
 
-    z_np, pos_np, _, _ = read_xyz(data_dir / f"{name}.xyz")
-    pos = torch.tensor(pos_np, dtype=torch.float32, device=DEVICE)
-    nb = neighbor_list(pos, 5.0)
-    n, e, f, h, k = len(z_np), nb.edge_index.shape[1], 128, 8, 32
-    g = torch.Generator(device=DEVICE).manual_seed(0)
+    if name not in _KERNEL_INPUTS:
+        z_np, pos_np, _, _ = read_xyz(data_dir / f"{name}.xyz")
+        pos = torch.tensor(pos_np, dtype=torch.float32, device=DEVICE)
+        nb = neighbor_list(pos, 5.0)
+        n, e, f, k = len(z_np), nb.edge_index.shape[1], 128, 32
+        g = torch.Generator(device=DEVICE).manual_seed(0)
 
-    def r(*shape):
-        return torch.randn(*shape, device=DEVICE, generator=g).requires_grad_(True)
+        def r(*shape, scale=1.0):
+            return (scale * torch.randn(*shape, device=DEVICE, generator=g)).requires_grad_(True)
 
-    q, kk, v, vec = r(n, f), r(n, f), r(n, 3 * f), r(n, 3, f)
-    rbf = torch.rand(e, k, device=DEVICE, generator=g).requires_grad_(True)
-    wk, bk, wv, bv = r(f, k), r(f), r(3 * f, k), r(3 * f)
-    phi = torch.rand(e, device=DEVICE, generator=g).requires_grad_(True)
-    unit = r(e, 3)
-    dk0, dv0, phi0 = r(f), r(3 * f), torch.tensor(1.0, device=DEVICE)
-    act = torch.nn.functional.silu
+        unit = torch.nn.functional.normalize(torch.randn(e, 3, device=DEVICE, generator=g), dim=-1).requires_grad_(True)
+        t = dict(q=r(n, f), k=r(n, f), v=r(n, 3 * f), vec=r(n, 3, f),
+                 rbf=torch.rand(e, k, device=DEVICE, generator=g).requires_grad_(True),
+                 wk=r(f, k, scale=k ** -0.5), bk=r(f, scale=0.1), wv=r(3 * f, k, scale=k ** -0.5), bv=r(3 * f, scale=0.1),
+                 phi=torch.rand(e, device=DEVICE, generator=g).requires_grad_(True), unit=unit,
+                 dk0=r(f), dv0=r(3 * f))
+        _KERNEL_INPUTS[name] = (t, nb.edge_index, n, e)
+    return _KERNEL_INPUTS[name]
 
-    def reference():
-        dk, dv = act(torch.nn.functional.linear(rbf, wk, bk)), act(torch.nn.functional.linear(rbf, wv, bv))
-        return message_ref.et_message(q, kk, v, vec, dk, dv, phi, unit, nb.edge_index, h, self_loop=(dk0, dv0, phi0),
-                                      vector_cutoff=True)
 
-    def fused():
-        return message_triton.et_message_filtered(q, kk, v, vec, rbf, wk, bk, wv, bv, phi, unit, nb.edge_index, h,
-                                                  self_loop=(dk0, dv0, phi0), vector_cutoff=True)
+def message_call(t, edge_index, fused: bool):
+    from torchmdx.kernels import message_triton
 
-    inputs = [q, kk, v, vec, rbf, phi, unit]
-    row = {"system": name, "atoms": n, "edges": e}
-    for label, fn in (("ref", reference), ("fused", fused)):
+    fn = message_triton.et_message_filtered if fused else message_triton.reference_filtered
+    return fn(t["q"], t["k"], t["v"], t["vec"], t["rbf"], t["wk"], t["bk"], t["wv"], t["bv"], t["phi"], t["unit"],
+              edge_index, 8, self_loop=(t["dk0"], t["dv0"], torch.ones((), device=t["q"].device)), vector_cutoff=True)
+
+
+GRAD_INPUTS = ("q", "k", "v", "vec", "rbf", "phi", "unit")
+
+
+def kernel_step(name, data_dir, check=False, labels=("fused",)):
+    """ms of one layer's message step (forward; forward + backward for forces) on ``name``."""
+    t, edge_index, n, e = kernel_inputs(name, data_dir)
+    row = {"atoms": n, "edges": e}
+    for label in labels:
+        fused = label == "fused"
+
         def forward():
             with torch.no_grad():
-                return fn()
+                return message_call(t, edge_index, fused)
 
         def forward_backward():
-            m, u = fn()
-            return torch.autograd.grad(m.sum() + u.square().sum(), inputs)
+            m, u = message_call(t, edge_index, fused)
+            return torch.autograd.grad(m.sum() + u.square().sum(), [t[x] for x in GRAD_INPUTS])
 
         try:
             row[f"{label}_fwd_ms"] = round(cuda_time(forward, 3, 20), 3)
@@ -378,12 +395,56 @@ def bench_kernels(name, data_dir, results):
             row[f"{label}_fwd_bwd_peak_MiB"] = round(peak_mib(forward_backward), 1)
         except Exception as exc:  # noqa: BLE001
             row[f"{label}_error"] = error_text(exc)
-    # lower bounds per layer (see docs/kernels_message.md): filter flops of the 4 passes that
-    # evaluate or differentiate W e(r) (forward, receiver backward x2, sender backward)
-    row["filter_gflop_fwd_bwd"] = round(4 * 2 * e * k * 4 * f / 1e9, 2)
-    row["gather_MB_fwd_bwd"] = round(e * (7 + 7 + 5) * f * 4 / 1e6, 1)
+    if check:
+        t64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items()}
+        m, u = message_call(t, edge_index, True)
+        grads = torch.autograd.grad(m.sum() + u.square().sum(), [t[x] for x in GRAD_INPUTS])
+        m64, u64 = message_call(t64, edge_index, False)
+        grads64 = torch.autograd.grad(m64.sum() + u64.square().sum(), [t64[x] for x in GRAD_INPUTS])
+        errs = [float((a.double() - b).norm() / b.norm()) for a, b in zip((m, u) + grads, (m64, u64) + grads64)]
+        row["max_rel_err_vs_f64"] = max(errs)
+    return row
+
+
+def bench_kernels(name, data_dir, results):
+    """One layer's message step alone on the edges of ``name`` (random features), reference vs fused."""
+    row = kernel_step(name, data_dir, labels=("ref", "fused"))
+    e = row["edges"]
+    # lower bounds per layer (docs/kernels_message.md): filter flops of the 4 passes that evaluate
+    # or differentiate W e(r) (forward, receiver backward x2, sender backward); gathered bytes
+    row["filter_gflop_fwd_bwd"] = round(4 * 2 * e * 32 * 4 * 128 / 1e9, 2)
+    row["gather_MB_fwd_bwd"] = round(e * (7 + 7 + 5) * 128 * 4 / 1e6, 1)
     results["kernels"] = row
     print("kernels", row, flush=True)
+
+
+def bench_profile(names, data_dir, out_dir, results):
+    """CUDA kernel time of one fused energy + forces call, by kernel (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    results["profile"] = {}
+    for name in names:
+        z_np, pos_np, _, _ = read_xyz(data_dir / f"{name}.xyz")
+        z = torch.tensor(z_np, device=DEVICE)
+        pos = torch.tensor(pos_np, dtype=torch.float32, device=DEVICE)
+        model = make_model("triton")
+        for _ in range(3):
+            model(z, pos)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                model(z, pos)
+            torch.cuda.synchronize()
+        averages = prof.key_averages()
+        rows = sorted(((ev.key, ev.device_time_total / 3e3, ev.count // 3) for ev in averages), key=lambda r: -r[1])
+        total = sum(r[1] for r in rows)
+        results["profile"][name] = {"gpu_busy_ms": round(total, 3), "kernels": len(rows),
+                                    "launches": sum(r[2] for r in rows),
+                                    "top": [(k[:80], round(ms, 3), c) for k, ms, c in rows[:15]]}
+        print(f"profile {name}: GPU busy {total:.3f} ms per call, {sum(r[2] for r in rows)} launches", flush=True)
+        for key, ms, count in rows[:12]:
+            print(f"   {ms:8.3f} ms  x{count:<4d} {key[:90]}", flush=True)
+        (out_dir / f"profile_{name}.txt").write_text(averages.table(sort_by="device_time_total", row_limit=60))
 
 
 # --------------------------------------------------------------------------------- main
@@ -417,6 +478,7 @@ def main(argv=None):
     parser.add_argument("--backends", default="torch,triton", help="message backends: torch (reference), triton (fused)")
     parser.add_argument("--sweep", default=None, metavar="SYSTEM", help="tune the fused kernels' launch parameters on SYSTEM first")
     parser.add_argument("--kernels", default=None, metavar="SYSTEM", help="time one layer's message step alone on SYSTEM's edges")
+    parser.add_argument("--profile", default=None, metavar="SYSTEMS", help="kernel-time breakdown of a fused call (comma-separated)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--device", default="cuda", help="cuda; 'cpu' only smoke-tests the script")
@@ -428,6 +490,7 @@ def main(argv=None):
     if not args.data.is_dir():
         raise SystemExit(f"error: data folder {args.data} not found (pass --data)")
     backends = args.backends.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
     import triton
 
     results = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
@@ -438,6 +501,8 @@ def main(argv=None):
         sections.append(("sweep", lambda: bench_sweep(args.sweep, args.data, results)))
     if args.kernels:
         sections.append(("kernels", lambda: bench_kernels(args.kernels, args.data, results)))
+    if args.profile:
+        sections.append(("profile", lambda: bench_profile(args.profile.split(","), args.data, args.out, results)))
     for name in args.systems.split(","):
         if name:
             sections.append((name, lambda name=name: bench_system(name, args.data, results, backends)))
@@ -453,7 +518,6 @@ def main(argv=None):
             print(f"{label}: failed\n{results['errors'][label]}", flush=True)
         torch.cuda.empty_cache()
         results["launch_config"] = vars(message_triton.CONFIG).copy()
-        args.out.mkdir(parents=True, exist_ok=True)
         tmp = args.out / f"bench_model.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(results, indent=1))
         os.replace(tmp, args.out / "bench_model.json")

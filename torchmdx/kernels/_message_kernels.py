@@ -85,10 +85,20 @@ def _weight_chunk_t(w_ptr, cb, row_stride_heads, block, H: tl.constexpr, D: tl.c
 
 
 @triton.jit
+def _matmul(a, b, PREC: tl.constexpr):
+    """a @ b: tensor cores (tl.dot with input precision PREC), or for PREC == "fma" (float64,
+    whose tl.dot Triton 3.6 cannot lower for every shape here) a broadcast multiply-sum."""
+    if PREC == "fma":
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _filter(r, wT, bias, MODE: tl.constexpr, FACT: tl.constexpr, BE: tl.constexpr, HB: tl.constexpr,
             DP: tl.constexpr, PREC: tl.constexpr):
     """act_f(r @ W^T + b) on a block of edges: (value, derivative) as [BE, HB, DP]."""
-    z = tl.reshape(tl.dot(r, wT, input_precision=PREC), (BE, HB, DP)) + bias[None, :, :]
+    z = tl.reshape(_matmul(r, wT, PREC), (BE, HB, DP)) + bias[None, :, :]
     return _act(z, FACT)
 
 
@@ -97,7 +107,7 @@ def _message_fwd_kernel(
     rowptr_ptr, senders_ptr, q_ptr, k_ptr, v_ptr, vec_ptr,
     dk_ptr, dv_ptr, rbf_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
     phi_ptr, unit_ptr, mask_ptr, dk0_ptr, dv0_ptr, phi0_ptr,
-    m_ptr, u_ptr,
+    m_ptr, u_ptr, num_atoms,
     H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
     HB: tl.constexpr, DP: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
     DK_MODE: tl.constexpr, DV_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -105,31 +115,31 @@ def _message_fwd_kernel(
     VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
 ):
     F: tl.constexpr = H * D
-    NCB: tl.constexpr = (H + HB - 1) // HB
-    i = tl.program_id(0).to(tl.int64)
-    start = tl.load(rowptr_ptr + i)
-    end = tl.load(rowptr_ptr + i + 1)
+    cb = tl.program_id(1)
     hb = tl.arange(0, HB)
     dd = tl.arange(0, DP)
     kk = tl.arange(0, KP)
     eb = tl.arange(0, BE)
-    for cb in range(tl.program_id(1), NCB, tl.num_programs(1)):
-        hh = cb * HB + hb[:, None]
-        cval = (hh < H) & (dd[None, :] < D)
-        ch = hh * D + dd[None, :]  # channel in [0, F)
-        vch = hh * (3 * D) + dd[None, :]  # channel of value block 0 in [0, 3F)
-        q_i = tl.load(q_ptr + i * F + ch, mask=cval, other=0.0)
-        if DK_MODE == 2:
-            wk_t = _weight_chunk_t(wk_ptr, cb, D, 0, H, D, K, HB, DP, KP)
-            bk = tl.load(bk_ptr + ch, mask=cval, other=0.0)
-        if DV_MODE == 2:
-            wv1_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 0, H, D, K, HB, DP, KP)
-            wv2_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 1, H, D, K, HB, DP, KP)
-            wv3_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 2, H, D, K, HB, DP, KP)
-            bv1 = tl.load(bv_ptr + vch, mask=cval, other=0.0)
-            bv2 = tl.load(bv_ptr + vch + D, mask=cval, other=0.0)
-            bv3 = tl.load(bv_ptr + vch + 2 * D, mask=cval, other=0.0)
+    hh = cb * HB + hb[:, None]
+    cval = (hh < H) & (dd[None, :] < D)
+    ch = hh * D + dd[None, :]  # channel in [0, F)
+    vch = hh * (3 * D) + dd[None, :]  # channel of value block 0 in [0, 3F)
+    if DK_MODE == 2:
+        wk_t = _weight_chunk_t(wk_ptr, cb, D, 0, H, D, K, HB, DP, KP)
+        bk = tl.load(bk_ptr + ch, mask=cval, other=0.0)
+    if DV_MODE == 2:
+        wv1_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 0, H, D, K, HB, DP, KP)
+        wv2_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 1, H, D, K, HB, DP, KP)
+        wv3_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 2, H, D, K, HB, DP, KP)
+        bv1 = tl.load(bv_ptr + vch, mask=cval, other=0.0)
+        bv2 = tl.load(bv_ptr + vch + D, mask=cval, other=0.0)
+        bv3 = tl.load(bv_ptr + vch + 2 * D, mask=cval, other=0.0)
 
+    for atom in range(tl.program_id(0), num_atoms, tl.num_programs(0)):
+        i = tl.cast(atom, tl.int64)
+        start = tl.load(rowptr_ptr + i)
+        end = tl.load(rowptr_ptr + i + 1)
+        q_i = tl.load(q_ptr + i * F + ch, mask=cval, other=0.0)
         acc_m = tl.zeros((HB, DP), dtype=q_i.dtype)
         acc_x = tl.zeros((HB, DP), dtype=q_i.dtype)
         acc_y = tl.zeros((HB, DP), dtype=q_i.dtype)
@@ -221,7 +231,7 @@ def _message_bwd_receiver_kernel(
     phi_ptr, unit_ptr, mask_ptr, dk0_ptr, dv0_ptr, phi0_ptr,
     gm_ptr, gu_ptr,
     gq_ptr, gedge_ptr, gdk_ptr, gdv_ptr, gzk_ptr, gzv_ptr, gdk0_ptr, gdv0_ptr,
-    num_edges,
+    num_edges, num_atoms,
     H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
     HB: tl.constexpr, DP: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
     DK_MODE: tl.constexpr, DV_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -238,10 +248,7 @@ def _message_bwd_receiver_kernel(
     USES_RBF: tl.constexpr = DK_MODE == 2 or DV_MODE == 2
     W: tl.constexpr = K + 4 if USES_RBF else 4  # row width of gedge
     KO: tl.constexpr = K if USES_RBF else 0  # column of dL/dphi in gedge
-    i = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
-    start = tl.load(rowptr_ptr + i)
-    end = tl.load(rowptr_ptr + i + 1)
     hb = tl.arange(0, HB)
     dd = tl.arange(0, DP)
     kk = tl.arange(0, KP)
@@ -252,11 +259,6 @@ def _message_bwd_receiver_kernel(
     vch = hh * (3 * D) + dd[None, :]
     gedge = gedge_ptr + cb.to(tl.int64) * num_edges * W
 
-    q_i = tl.load(q_ptr + i * F + ch, mask=cval, other=0.0)
-    gm_i = tl.load(gm_ptr + i * F + ch, mask=cval, other=0.0)
-    gx = tl.load(gu_ptr + i * (3 * F) + ch, mask=cval, other=0.0)
-    gy = tl.load(gu_ptr + i * (3 * F) + F + ch, mask=cval, other=0.0)
-    gz = tl.load(gu_ptr + i * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
     if DK_MODE == 2:
         wk_t = _weight_chunk_t(wk_ptr, cb, D, 0, H, D, K, HB, DP, KP)
         bk = tl.load(bk_ptr + ch, mask=cval, other=0.0)
@@ -267,163 +269,172 @@ def _message_bwd_receiver_kernel(
         bv1 = tl.load(bv_ptr + vch, mask=cval, other=0.0)
         bv2 = tl.load(bv_ptr + vch + D, mask=cval, other=0.0)
         bv3 = tl.load(bv_ptr + vch + 2 * D, mask=cval, other=0.0)
-    acc_q = tl.zeros((HB, DP), dtype=q_i.dtype)
+    for atom in range(tl.program_id(0), num_atoms, tl.num_programs(0)):
+        i = tl.cast(atom, tl.int64)
+        start = tl.load(rowptr_ptr + i)
+        end = tl.load(rowptr_ptr + i + 1)
+        q_i = tl.load(q_ptr + i * F + ch, mask=cval, other=0.0)
+        gm_i = tl.load(gm_ptr + i * F + ch, mask=cval, other=0.0)
+        gx = tl.load(gu_ptr + i * (3 * F) + ch, mask=cval, other=0.0)
+        gy = tl.load(gu_ptr + i * (3 * F) + F + ch, mask=cval, other=0.0)
+        gz = tl.load(gu_ptr + i * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
+        acc_q = tl.zeros((HB, DP), dtype=q_i.dtype)
 
-    if SELF_LOOP:
-        phi0 = tl.load(phi0_ptr)
-        k_i = tl.load(k_ptr + i * F + ch, mask=cval, other=0.0)
-        v1_i = tl.load(v_ptr + i * (3 * F) + vch, mask=cval, other=0.0)
-        v2_i = tl.load(v_ptr + i * (3 * F) + vch + D, mask=cval, other=0.0)
-        dk0 = tl.where(cval, 1.0, 0.0).to(q_i.dtype)
-        dv01 = dk0
-        dv02 = dk0
-        if SELF_DK:
-            dk0 = tl.load(dk0_ptr + ch, mask=cval, other=0.0)
-        if SELF_DV:
-            dv01 = tl.load(dv0_ptr + vch, mask=cval, other=0.0)
-            dv02 = tl.load(dv0_ptr + vch + D, mask=cval, other=0.0)
-        a0, da0 = _act(tl.sum(q_i * k_i * dk0, axis=1), ATT)
-        if VCUT:
-            g0 = 1.0
-            f0 = phi0
-        else:
-            g0 = phi0
-            f0 = 1.0
-        ga0 = tl.sum(gm_i * v1_i * dv01 * f0, axis=1)  # dL/dA0 [HB]
-        gp0 = ga0 * g0 * da0
-        acc_q += gp0[:, None] * k_i * dk0
-        if SELF_FILTER_GRAD:
+        if SELF_LOOP:
+            phi0 = tl.load(phi0_ptr)
+            k_i = tl.load(k_ptr + i * F + ch, mask=cval, other=0.0)
+            v1_i = tl.load(v_ptr + i * (3 * F) + vch, mask=cval, other=0.0)
+            v2_i = tl.load(v_ptr + i * (3 * F) + vch + D, mask=cval, other=0.0)
+            dk0 = tl.where(cval, 1.0, 0.0).to(q_i.dtype)
+            dv01 = dk0
+            dv02 = dk0
             if SELF_DK:
-                tl.store(gdk0_ptr + i * F + ch, gp0[:, None] * q_i * k_i, mask=cval)
+                dk0 = tl.load(dk0_ptr + ch, mask=cval, other=0.0)
             if SELF_DV:
-                vec_x = tl.load(vec_ptr + i * (3 * F) + ch, mask=cval, other=0.0)
-                vec_y = tl.load(vec_ptr + i * (3 * F) + F + ch, mask=cval, other=0.0)
-                vec_z = tl.load(vec_ptr + i * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
-                gs2_0 = gx * vec_x + gy * vec_y + gz * vec_z
-                tl.store(gdv0_ptr + i * (3 * F) + vch, (a0 * g0)[:, None] * gm_i * v1_i * f0, mask=cval)
-                tl.store(gdv0_ptr + i * (3 * F) + vch + D, gs2_0 * v2_i * f0, mask=cval)
-                tl.store(gdv0_ptr + i * (3 * F) + vch + 2 * D, tl.zeros((HB, DP), dtype=q_i.dtype), mask=cval)
-
-    for e0 in range(start, end, BE):
-        eo = e0 + eb
-        em = eo < end
-        j = tl.load(senders_ptr + eo, mask=em, other=0).to(tl.int64)
-        valid = em
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + eo, mask=em, other=0) != 0)
-        phi = tl.load(phi_ptr + eo, mask=em, other=0.0)
-        ux = tl.load(unit_ptr + eo * 3, mask=em, other=0.0)
-        uy = tl.load(unit_ptr + eo * 3 + 1, mask=em, other=0.0)
-        uz = tl.load(unit_ptr + eo * 3 + 2, mask=em, other=0.0)
-        if VCUT:
-            w_e = tl.where(valid, phi, 0.0)
-        else:
-            w_e = tl.where(valid, 1.0, 0.0).to(phi.dtype)
-        w3 = w_e[:, None, None]
-        m3 = em[:, None, None] & cval[None, :, :]
-        j3 = j[:, None, None]
-        e3 = eo[:, None, None]
-        if USES_RBF:
-            r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
-        kj = tl.load(k_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
-        qk = q_i[None, :, :] * kj
-        if DK_MODE == 1:
-            dk = tl.load(dk_ptr + e3 * F + ch[None, :, :], mask=m3, other=0.0)
-            a, da = _act(tl.sum(qk * dk, axis=2), ATT)
-        elif DK_MODE == 2:
-            dk, ddk = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
-            a, da = _act(tl.sum(qk * dk, axis=2), ATT)
-        else:
-            a, da = _act(tl.sum(qk, axis=2), ATT)
-        if VCUT:
-            attn = tl.where(valid[:, None], a, 0.0)
-        else:
-            attn = tl.where(valid[:, None], a * phi[:, None], 0.0)
-        vbase = v_ptr + j3 * (3 * F) + vch[None, :, :]
-        v1 = tl.load(vbase, mask=m3, other=0.0)
-        v2 = tl.load(vbase + D, mask=m3, other=0.0)
-        v3 = tl.load(vbase + 2 * D, mask=m3, other=0.0)
-        if DV_MODE == 1:
-            dvbase = dv_ptr + e3 * (3 * F) + vch[None, :, :]
-            dv1 = tl.load(dvbase, mask=m3, other=0.0)
-            dv2 = tl.load(dvbase + D, mask=m3, other=0.0)
-            dv3 = tl.load(dvbase + 2 * D, mask=m3, other=0.0)
-        elif DV_MODE == 2:
-            dv1, ddv1 = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
-            dv2, ddv2 = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
-            dv3, ddv3 = _filter(r, wv3_t, bv3, DV_MODE, FACT, BE, HB, DP, PREC)
-        else:
-            dv1 = tl.where(m3, 1.0, 0.0).to(v1.dtype)
-            dv2 = dv1
-            dv3 = dv1
-        t1 = v1 * dv1  # value times filter, before the validity / cutoff factor w_e
-        t2 = v2 * dv2
-        t3 = v3 * dv3
-        s3 = t3 * w3
-        # attention chain
-        g_attn = tl.sum(gm_i[None, :, :] * t1 * w3, axis=2)  # dL/dA [BE, HB]
-        if VCUT:
-            gp = tl.where(valid[:, None], g_attn * da, 0.0)
-        else:
-            gp = tl.where(valid[:, None], g_attn * phi[:, None] * da, 0.0)
-        if DK_MODE != 0:
-            acc_q += tl.sum(gp[:, :, None] * kj * dk, axis=0)
-        else:
-            acc_q += tl.sum(gp[:, :, None] * kj, axis=0)
-        # value side: dL/ds (before w_e)
-        vecbase = vec_ptr + j3 * (3 * F) + ch[None, :, :]
-        gs1 = attn[:, :, None] * gm_i[None, :, :]
-        gs2 = (gx[None, :, :] * tl.load(vecbase, mask=m3, other=0.0)
-               + gy[None, :, :] * tl.load(vecbase + F, mask=m3, other=0.0)
-               + gz[None, :, :] * tl.load(vecbase + 2 * F, mask=m3, other=0.0))
-        gs3 = gx[None, :, :] * ux[:, None, None] + gy[None, :, :] * uy[:, None, None] + gz[None, :, :] * uz[:, None, None]
-        g_ux = tl.sum(tl.sum(gx[None, :, :] * s3, axis=2), axis=1)
-        g_uy = tl.sum(tl.sum(gy[None, :, :] * s3, axis=2), axis=1)
-        g_uz = tl.sum(tl.sum(gz[None, :, :] * s3, axis=2), axis=1)
-        if VCUT:
-            gw = gs1 * t1 + gs2 * t2 + gs3 * t3
-            g_phi = tl.sum(tl.sum(tl.where(valid[:, None, None], gw, 0.0), axis=2), axis=1)
-        else:
-            g_phi = tl.sum(tl.where(valid[:, None], g_attn * a, 0.0), axis=1)
-        # filters
-        if USES_RBF:
-            grbf = tl.zeros((BE, KP), dtype=phi.dtype)
-        if DK_MODE == 1:
-            tl.store(gdk_ptr + e3 * F + ch[None, :, :], gp[:, :, None] * qk, mask=m3)
-        elif DK_MODE == 2:
-            gzk = gp[:, :, None] * qk * ddk
-            grbf += tl.dot(tl.reshape(gzk, (BE, HB * DP)), tl.trans(wk_t), input_precision=PREC)
-            if WRITE_GZ:
-                tl.store(gzk_ptr + e3 * F + ch[None, :, :], gzk, mask=m3)
-        if DV_MODE != 0:
-            gdv1 = gs1 * v1 * w3
-            gdv2 = gs2 * v2 * w3
-            gdv3 = gs3 * v3 * w3
-            if DV_MODE == 1:
-                dvbase = gdv_ptr + e3 * (3 * F) + vch[None, :, :]
-                tl.store(dvbase, gdv1, mask=m3)
-                tl.store(dvbase + D, gdv2, mask=m3)
-                tl.store(dvbase + 2 * D, gdv3, mask=m3)
+                dv01 = tl.load(dv0_ptr + vch, mask=cval, other=0.0)
+                dv02 = tl.load(dv0_ptr + vch + D, mask=cval, other=0.0)
+            a0, da0 = _act(tl.sum(q_i * k_i * dk0, axis=1), ATT)
+            if VCUT:
+                g0 = 1.0
+                f0 = phi0
             else:
-                gzv1 = gdv1 * ddv1
-                gzv2 = gdv2 * ddv2
-                gzv3 = gdv3 * ddv3
-                grbf += tl.dot(tl.reshape(gzv1, (BE, HB * DP)), tl.trans(wv1_t), input_precision=PREC)
-                grbf += tl.dot(tl.reshape(gzv2, (BE, HB * DP)), tl.trans(wv2_t), input_precision=PREC)
-                grbf += tl.dot(tl.reshape(gzv3, (BE, HB * DP)), tl.trans(wv3_t), input_precision=PREC)
+                g0 = phi0
+                f0 = 1.0
+            ga0 = tl.sum(gm_i * v1_i * dv01 * f0, axis=1)  # dL/dA0 [HB]
+            gp0 = ga0 * g0 * da0
+            acc_q += gp0[:, None] * k_i * dk0
+            if SELF_FILTER_GRAD:
+                if SELF_DK:
+                    tl.store(gdk0_ptr + i * F + ch, gp0[:, None] * q_i * k_i, mask=cval)
+                if SELF_DV:
+                    vec_x = tl.load(vec_ptr + i * (3 * F) + ch, mask=cval, other=0.0)
+                    vec_y = tl.load(vec_ptr + i * (3 * F) + F + ch, mask=cval, other=0.0)
+                    vec_z = tl.load(vec_ptr + i * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
+                    gs2_0 = gx * vec_x + gy * vec_y + gz * vec_z
+                    tl.store(gdv0_ptr + i * (3 * F) + vch, (a0 * g0)[:, None] * gm_i * v1_i * f0, mask=cval)
+                    tl.store(gdv0_ptr + i * (3 * F) + vch + D, gs2_0 * v2_i * f0, mask=cval)
+                    tl.store(gdv0_ptr + i * (3 * F) + vch + 2 * D, tl.zeros((HB, DP), dtype=q_i.dtype), mask=cval)
+
+        for e0 in range(start, end, BE):
+            eo = e0 + eb
+            em = eo < end
+            j = tl.load(senders_ptr + eo, mask=em, other=0).to(tl.int64)
+            valid = em
+            if HAS_MASK:
+                valid = valid & (tl.load(mask_ptr + eo, mask=em, other=0) != 0)
+            phi = tl.load(phi_ptr + eo, mask=em, other=0.0)
+            ux = tl.load(unit_ptr + eo * 3, mask=em, other=0.0)
+            uy = tl.load(unit_ptr + eo * 3 + 1, mask=em, other=0.0)
+            uz = tl.load(unit_ptr + eo * 3 + 2, mask=em, other=0.0)
+            if VCUT:
+                w_e = tl.where(valid, phi, 0.0)
+            else:
+                w_e = tl.where(valid, 1.0, 0.0).to(phi.dtype)
+            w3 = w_e[:, None, None]
+            m3 = em[:, None, None] & cval[None, :, :]
+            j3 = j[:, None, None]
+            e3 = eo[:, None, None]
+            if USES_RBF:
+                r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
+            kj = tl.load(k_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
+            qk = q_i[None, :, :] * kj
+            if DK_MODE == 1:
+                dk = tl.load(dk_ptr + e3 * F + ch[None, :, :], mask=m3, other=0.0)
+                a, da = _act(tl.sum(qk * dk, axis=2), ATT)
+            elif DK_MODE == 2:
+                dk, ddk = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
+                a, da = _act(tl.sum(qk * dk, axis=2), ATT)
+            else:
+                a, da = _act(tl.sum(qk, axis=2), ATT)
+            if VCUT:
+                attn = tl.where(valid[:, None], a, 0.0)
+            else:
+                attn = tl.where(valid[:, None], a * phi[:, None], 0.0)
+            vbase = v_ptr + j3 * (3 * F) + vch[None, :, :]
+            v1 = tl.load(vbase, mask=m3, other=0.0)
+            v2 = tl.load(vbase + D, mask=m3, other=0.0)
+            v3 = tl.load(vbase + 2 * D, mask=m3, other=0.0)
+            if DV_MODE == 1:
+                dvbase = dv_ptr + e3 * (3 * F) + vch[None, :, :]
+                dv1 = tl.load(dvbase, mask=m3, other=0.0)
+                dv2 = tl.load(dvbase + D, mask=m3, other=0.0)
+                dv3 = tl.load(dvbase + 2 * D, mask=m3, other=0.0)
+            elif DV_MODE == 2:
+                dv1, ddv1 = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
+                dv2, ddv2 = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
+                dv3, ddv3 = _filter(r, wv3_t, bv3, DV_MODE, FACT, BE, HB, DP, PREC)
+            else:
+                dv1 = tl.where(m3, 1.0, 0.0).to(v1.dtype)
+                dv2 = dv1
+                dv3 = dv1
+            t1 = v1 * dv1  # value times filter, before the validity / cutoff factor w_e
+            t2 = v2 * dv2
+            t3 = v3 * dv3
+            s3 = t3 * w3
+            # attention chain
+            g_attn = tl.sum(gm_i[None, :, :] * t1 * w3, axis=2)  # dL/dA [BE, HB]
+            if VCUT:
+                gp = tl.where(valid[:, None], g_attn * da, 0.0)
+            else:
+                gp = tl.where(valid[:, None], g_attn * phi[:, None] * da, 0.0)
+            if DK_MODE != 0:
+                acc_q += tl.sum(gp[:, :, None] * kj * dk, axis=0)
+            else:
+                acc_q += tl.sum(gp[:, :, None] * kj, axis=0)
+            # value side: dL/ds (before w_e)
+            vecbase = vec_ptr + j3 * (3 * F) + ch[None, :, :]
+            gs1 = attn[:, :, None] * gm_i[None, :, :]
+            gs2 = (gx[None, :, :] * tl.load(vecbase, mask=m3, other=0.0)
+                   + gy[None, :, :] * tl.load(vecbase + F, mask=m3, other=0.0)
+                   + gz[None, :, :] * tl.load(vecbase + 2 * F, mask=m3, other=0.0))
+            gs3 = gx[None, :, :] * ux[:, None, None] + gy[None, :, :] * uy[:, None, None] + gz[None, :, :] * uz[:, None, None]
+            g_ux = tl.sum(tl.sum(gx[None, :, :] * s3, axis=2), axis=1)
+            g_uy = tl.sum(tl.sum(gy[None, :, :] * s3, axis=2), axis=1)
+            g_uz = tl.sum(tl.sum(gz[None, :, :] * s3, axis=2), axis=1)
+            if VCUT:
+                gw = gs1 * t1 + gs2 * t2 + gs3 * t3
+                g_phi = tl.sum(tl.sum(tl.where(valid[:, None, None], gw, 0.0), axis=2), axis=1)
+            else:
+                g_phi = tl.sum(tl.where(valid[:, None], g_attn * a, 0.0), axis=1)
+            # filters
+            if USES_RBF:
+                grbf = tl.zeros((BE, KP), dtype=phi.dtype)
+            if DK_MODE == 1:
+                tl.store(gdk_ptr + e3 * F + ch[None, :, :], gp[:, :, None] * qk, mask=m3)
+            elif DK_MODE == 2:
+                gzk = gp[:, :, None] * qk * ddk
+                grbf += _matmul(tl.reshape(gzk, (BE, HB * DP)), tl.trans(wk_t), PREC)
                 if WRITE_GZ:
-                    zbase = gzv_ptr + e3 * (3 * F) + vch[None, :, :]
-                    tl.store(zbase, gzv1, mask=m3)
-                    tl.store(zbase + D, gzv2, mask=m3)
-                    tl.store(zbase + 2 * D, gzv3, mask=m3)
-        row = gedge + eo * W
-        if USES_RBF:
-            tl.store(row[:, None] + kk[None, :], grbf, mask=em[:, None] & (kk < K)[None, :])
-        tl.store(row + KO, g_phi, mask=em)
-        tl.store(row + KO + 1, g_ux, mask=em)
-        tl.store(row + KO + 2, g_uy, mask=em)
-        tl.store(row + KO + 3, g_uz, mask=em)
-    tl.store(gq_ptr + i * F + ch, acc_q, mask=cval)
+                    tl.store(gzk_ptr + e3 * F + ch[None, :, :], gzk, mask=m3)
+            if DV_MODE != 0:
+                gdv1 = gs1 * v1 * w3
+                gdv2 = gs2 * v2 * w3
+                gdv3 = gs3 * v3 * w3
+                if DV_MODE == 1:
+                    dvbase = gdv_ptr + e3 * (3 * F) + vch[None, :, :]
+                    tl.store(dvbase, gdv1, mask=m3)
+                    tl.store(dvbase + D, gdv2, mask=m3)
+                    tl.store(dvbase + 2 * D, gdv3, mask=m3)
+                else:
+                    gzv1 = gdv1 * ddv1
+                    gzv2 = gdv2 * ddv2
+                    gzv3 = gdv3 * ddv3
+                    grbf += _matmul(tl.reshape(gzv1, (BE, HB * DP)), tl.trans(wv1_t), PREC)
+                    grbf += _matmul(tl.reshape(gzv2, (BE, HB * DP)), tl.trans(wv2_t), PREC)
+                    grbf += _matmul(tl.reshape(gzv3, (BE, HB * DP)), tl.trans(wv3_t), PREC)
+                    if WRITE_GZ:
+                        zbase = gzv_ptr + e3 * (3 * F) + vch[None, :, :]
+                        tl.store(zbase, gzv1, mask=m3)
+                        tl.store(zbase + D, gzv2, mask=m3)
+                        tl.store(zbase + 2 * D, gzv3, mask=m3)
+            row = gedge + eo * W
+            if USES_RBF:
+                tl.store(row[:, None] + kk[None, :], grbf, mask=em[:, None] & (kk < K)[None, :])
+            tl.store(row + KO, g_phi, mask=em)
+            tl.store(row + KO + 1, g_ux, mask=em)
+            tl.store(row + KO + 2, g_uy, mask=em)
+            tl.store(row + KO + 3, g_uz, mask=em)
+        tl.store(gq_ptr + i * F + ch, acc_q, mask=cval)
 
 
 @triton.jit
@@ -432,7 +443,7 @@ def _message_bwd_sender_kernel(
     dk_ptr, dv_ptr, rbf_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
     phi_ptr, unit_ptr, mask_ptr, dk0_ptr, dv0_ptr, phi0_ptr,
     gm_ptr, gu_ptr,
-    gk_ptr, gv_ptr, gvec_ptr,
+    gk_ptr, gv_ptr, gvec_ptr, num_atoms,
     H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
     HB: tl.constexpr, DP: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
     DK_MODE: tl.constexpr, DV_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -443,19 +454,30 @@ def _message_bwd_sender_kernel(
     atom j sends on, visited in sender-sorted order through ``perm`` (the receiver-side
     quantities q_i, dL/dm_i, dL/du_i are gathered; everything else is recomputed)."""
     F: tl.constexpr = H * D
-    NCB: tl.constexpr = (H + HB - 1) // HB
-    j = tl.program_id(0).to(tl.int64)
-    start = tl.load(colptr_ptr + j)
-    end = tl.load(colptr_ptr + j + 1)
+    cb = tl.program_id(1)
     hb = tl.arange(0, HB)
     dd = tl.arange(0, DP)
     kk = tl.arange(0, KP)
     eb = tl.arange(0, BE)
-    for cb in range(tl.program_id(1), NCB, tl.num_programs(1)):
-        hh = cb * HB + hb[:, None]
-        cval = (hh < H) & (dd[None, :] < D)
-        ch = hh * D + dd[None, :]
-        vch = hh * (3 * D) + dd[None, :]
+    hh = cb * HB + hb[:, None]
+    cval = (hh < H) & (dd[None, :] < D)
+    ch = hh * D + dd[None, :]
+    vch = hh * (3 * D) + dd[None, :]
+    if DK_MODE == 2:
+        wk_t = _weight_chunk_t(wk_ptr, cb, D, 0, H, D, K, HB, DP, KP)
+        bk = tl.load(bk_ptr + ch, mask=cval, other=0.0)
+    if DV_MODE == 2:
+        wv1_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 0, H, D, K, HB, DP, KP)
+        wv2_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 1, H, D, K, HB, DP, KP)
+        wv3_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 2, H, D, K, HB, DP, KP)
+        bv1 = tl.load(bv_ptr + vch, mask=cval, other=0.0)
+        bv2 = tl.load(bv_ptr + vch + D, mask=cval, other=0.0)
+        bv3 = tl.load(bv_ptr + vch + 2 * D, mask=cval, other=0.0)
+
+    for atom in range(tl.program_id(0), num_atoms, tl.num_programs(0)):
+        j = tl.cast(atom, tl.int64)
+        start = tl.load(colptr_ptr + j)
+        end = tl.load(colptr_ptr + j + 1)
         k_j = tl.load(k_ptr + j * F + ch, mask=cval, other=0.0)
         v1_j = tl.load(v_ptr + j * (3 * F) + vch, mask=cval, other=0.0)
         v2_j = tl.load(v_ptr + j * (3 * F) + vch + D, mask=cval, other=0.0)
@@ -463,17 +485,6 @@ def _message_bwd_sender_kernel(
         vx_j = tl.load(vec_ptr + j * (3 * F) + ch, mask=cval, other=0.0)
         vy_j = tl.load(vec_ptr + j * (3 * F) + F + ch, mask=cval, other=0.0)
         vz_j = tl.load(vec_ptr + j * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
-        if DK_MODE == 2:
-            wk_t = _weight_chunk_t(wk_ptr, cb, D, 0, H, D, K, HB, DP, KP)
-            bk = tl.load(bk_ptr + ch, mask=cval, other=0.0)
-        if DV_MODE == 2:
-            wv1_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 0, H, D, K, HB, DP, KP)
-            wv2_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 1, H, D, K, HB, DP, KP)
-            wv3_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 2, H, D, K, HB, DP, KP)
-            bv1 = tl.load(bv_ptr + vch, mask=cval, other=0.0)
-            bv2 = tl.load(bv_ptr + vch + D, mask=cval, other=0.0)
-            bv3 = tl.load(bv_ptr + vch + 2 * D, mask=cval, other=0.0)
-
         acc_k = tl.zeros((HB, DP), dtype=k_j.dtype)
         acc_v1 = tl.zeros((HB, DP), dtype=k_j.dtype)
         acc_v2 = tl.zeros((HB, DP), dtype=k_j.dtype)

@@ -94,16 +94,24 @@ ACTIVATION_CODES = {"silu": 0, "swish": 0, "ssp": 1, "tanh": 2, "sigmoid": 3, "m
 class LaunchConfig:
     """Launch parameters (the benchmark may change them).
 
-    block_edges     edges per block (BE); at least 16 where the filters use tl.dot
-    chunk_channels  channels per chunk (whole heads; at least one head)
-    num_warps       warps per program
-    dot_precision   tl.dot input precision for float32 ('tf32x3', 'tf32' or 'ieee')
+    block_edges      edges per block (BE); at least 16 where the filters use tl.dot
+    chunk_channels   channels per chunk (whole heads; at least one head)
+    num_warps        warps per program
+    dot_precision    tl.dot input precision for float32 ('tf32x3', 'tf32' or 'ieee');
+                     float64 always uses a multiply-sum ('fma')
+    programs_per_sm  persistent grid: at most this many programs per multiprocessor and
+                     channel chunk, each looping over atoms (0: one program per atom)
+    num_stages       Triton software-pipelining depth (None: Triton's default)
+    maxnreg          register cap per thread (None: no cap)
     """
 
     block_edges: int = 16
     chunk_channels: int = 32
     num_warps: int = 4
     dot_precision: str = "tf32x3"
+    programs_per_sm: int = 0
+    num_stages: Optional[int] = None
+    maxnreg: Optional[int] = None
 
 
 CONFIG = LaunchConfig()
@@ -178,6 +186,9 @@ class _Spec:
     be: int
     num_warps: int
     precision: str
+    programs_per_sm: int = 0
+    num_stages: Optional[int] = None
+    maxnreg: Optional[int] = None
 
     @property
     def chunks(self) -> int:
@@ -191,7 +202,16 @@ class _Spec:
             SELF_DK=self.self_dk, SELF_DV=self.self_dv, VCUT=self.vector_cutoff,
             ATT=ACTIVATION_CODES[self.attn_activation], FACT=ACTIVATION_CODES[self.filter_activation],
             PREC=self.precision, num_warps=self.num_warps,
+            **({} if self.num_stages is None else {"num_stages": self.num_stages}),
+            **({} if self.maxnreg is None else {"maxnreg": self.maxnreg}),
         )
+
+    def grid(self, num_atoms: int, device: torch.device) -> tuple:
+        """(programs over atoms, channel chunks)."""
+        programs = num_atoms
+        if self.programs_per_sm > 0 and device.type == "cuda":
+            programs = min(num_atoms, self.programs_per_sm * _multiprocessors(device))
+        return (max(programs, 1), self.chunks)
 
 
 def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv,
@@ -210,9 +230,20 @@ def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self
             dp = 16 // hb
         be = max(be, 16)
         kp = max(kp, 16)
-    precision = "ieee" if dtype == torch.float64 else cfg.dot_precision
+    precision = "fma" if dtype == torch.float64 else cfg.dot_precision
     return _Spec(heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv, vector_cutoff,
-                 attn_activation, filter_activation, hb, hp, dp, kp, be, cfg.num_warps, precision)
+                 attn_activation, filter_activation, hb, hp, dp, kp, be, cfg.num_warps, precision,
+                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg)
+
+
+_SM_COUNT: dict = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
 def _launch(kernel, grid, spec: _Spec, *args):
@@ -222,7 +253,7 @@ def _launch(kernel, grid, spec: _Spec, *args):
         kernel[grid](*args, **spec.constexprs())
         return spec
     except Exception as exc:  # noqa: BLE001 - compiler errors have no stable type across versions
-        if spec.precision == "ieee" or not (spec.dk_mode == 2 or spec.dv_mode == 2):
+        if spec.precision in ("ieee", "fma") or not (spec.dk_mode == 2 or spec.dv_mode == 2):
             raise
         warnings.warn(f"tl.dot input_precision={spec.precision!r} failed ({type(exc).__name__}); using 'ieee'")
         CONFIG.dot_precision = "ieee"
@@ -293,11 +324,11 @@ class _FusedMessageFunction(torch.autograd.Function):
         dummy = q
         if n > 0:
             spec = _launch(
-                kernels._message_fwd_kernel, (n, spec.chunks), spec,
+                kernels._message_fwd_kernel, spec.grid(n, q.device), spec,
                 layout.rowptr, layout.senders, q, k, v, vec,
                 _or(dk, dummy), _or(dv, dummy), _or(rbf, dummy), _or(wk, dummy), _or(bk, dummy), _or(wv, dummy),
                 _or(bv, dummy), phi, unit, _or(mask, dummy), _or(dk0, dummy), _or(dv0, dummy), _or(phi0, dummy),
-                m, u,
+                m, u, n,
             )
         ctx.spec = spec
         ctx.layout = layout
@@ -364,7 +395,7 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         gzv = new(e, 3 * f) if write_gz and spec.dv_mode == 2 else dummy
         gdk0 = new(n, f) if self_filter_grad and spec.self_dk else dummy
         gdv0 = new(n, 3 * f) if self_filter_grad and spec.self_dv else dummy
-        _launch_receiver(spec, layout, tensors, grad_m, grad_u, (gq, gedge, gdk, gdv, gzk, gzv, gdk0, gdv0, e),
+        _launch_receiver(spec, layout, tensors, grad_m, grad_u, (gq, gedge, gdk, gdv, gzk, gzv, gdk0, gdv0, e, n),
                          write_gz, self_filter_grad)
         gedge = gedge[0] if spec.chunks == 1 else gedge.sum(0)
         k0 = width - 4
@@ -400,8 +431,8 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         if n > 0:
             colptr, perm = layout.sender_order()
             _launch(
-                kernels._message_bwd_sender_kernel, (n, spec.chunks), spec,
-                colptr, perm, layout.receivers, *tensors, grad_m, grad_u, gk, gv, gvec,
+                kernels._message_bwd_sender_kernel, spec.grid(n, q.device), spec,
+                colptr, perm, layout.receivers, *tensors, grad_m, grad_u, gk, gv, gvec, n,
             )
         out["k"], out["v"], out["vec"] = gk, gv, gvec
     return tuple(out[name] if need[name] else None for name in _NAMES)
@@ -411,11 +442,11 @@ def _launch_receiver(spec, layout, tensors, grad_m, grad_u, outputs, write_gz, s
     kernel = kernels._message_bwd_receiver_kernel
     args = (layout.rowptr, layout.senders, *tensors, grad_m, grad_u, *outputs)
     extra = dict(WRITE_GZ=write_gz, SELF_FILTER_GRAD=self_filter_grad)
-    grid = (tensors[0].shape[0], spec.chunks)
+    grid = spec.grid(tensors[0].shape[0], tensors[0].device)
     try:
         kernel[grid](*args, **spec.constexprs(), **extra)
     except Exception as exc:  # noqa: BLE001 - see _launch
-        if spec.precision == "ieee" or not (spec.dk_mode == 2 or spec.dv_mode == 2):
+        if spec.precision in ("ieee", "fma") or not (spec.dk_mode == 2 or spec.dv_mode == 2):
             raise
         warnings.warn(f"tl.dot input_precision={spec.precision!r} failed ({type(exc).__name__}); using 'ieee'")
         CONFIG.dot_precision = "ieee"
