@@ -171,13 +171,19 @@ def graph_call(model, z, pos, cell, pbc):
     return graph.replay, outputs
 
 
+#: neighbor-list backend of the timed model calls ('auto': Triton on CUDA; 'torch': reference)
+NEIGHBORS = "auto"
+#: also time a CUDA-graph-captured call
+GRAPH = True
+
+
 def bench_system(name, data_dir, results, backends):
     z_np, pos_np, cell_np, pbc_np = read_xyz(data_dir / f"{name}.xyz")
     z = torch.tensor(z_np, device=DEVICE)
     pos = torch.tensor(pos_np, dtype=torch.float32, device=DEVICE)
     cell = torch.tensor(cell_np, dtype=torch.float32, device=DEVICE) if cell_np is not None else None
     pbc = torch.tensor(pbc_np, device=DEVICE) if pbc_np is not None else None
-    row = {"atoms": int(len(z_np)), "periodic": cell is not None}
+    row = {"atoms": int(len(z_np)), "periodic": cell is not None, "neighbors": NEIGHBORS}
     warmup, repeats = repeats_for(len(z_np))
     forces = {}
     for backend in backends:
@@ -185,7 +191,12 @@ def bench_system(name, data_dir, results, backends):
         model = make_model(backend)
         try:
             def call():
-                return model(z, pos, cell=cell, pbc=pbc)
+                if NEIGHBORS == "auto":
+                    return model(z, pos, cell=cell, pbc=pbc)
+                from torchmdx.kernels.neighbors import neighbor_list
+
+                nb = neighbor_list(pos, model.cutoff, None, cell, pbc, backend=NEIGHBORS)
+                return model(z, pos, cell=cell, pbc=pbc, neighbors=nb)
 
             out = call()
             forces[key] = out["forces"].detach()
@@ -193,7 +204,7 @@ def bench_system(name, data_dir, results, backends):
             row[f"{key}_peak_MiB"] = round(peak_mib(call), 1)
         except Exception as exc:  # noqa: BLE001 - one failing column must not stop the table
             row[f"{key}_error"] = error_text(exc)
-        if backend == "triton":
+        if backend == "triton" and GRAPH:
             try:
                 replay, outputs = graph_call(model, z, pos, cell, pbc)
                 replay()
@@ -447,6 +458,28 @@ def bench_profile(names, data_dir, out_dir, results):
         (out_dir / f"profile_{name}.txt").write_text(averages.table(sort_by="device_time_total", row_limit=60))
 
 
+def check_neighbors(name, data_dir, results):
+    """Triton vs torch neighbor list on ``name`` (brute / cell, with and without capacity); run it
+    in its own process (with CUDA_LAUNCH_BLOCKING=1): a faulting kernel ends the CUDA context."""
+    from torchmdx.kernels.neighbors import neighbor_list
+
+    z_np, pos_np, _, _ = read_xyz(data_dir / f"{name}.xyz")
+    pos = torch.tensor(pos_np, dtype=torch.float32, device=DEVICE)
+    ref = neighbor_list(pos, 5.0, backend="torch")
+    e = ref.edge_index.shape[1]
+    row = {"atoms": len(z_np), "torch_pairs": e}
+    print("neighbors", name, row, flush=True)
+    results["neighbors_check"] = row
+    for method in ("brute", "cell"):
+        for capacity in (None, int(e * 1.2) + 64):
+            label = f"triton_{method}_{'capacity' if capacity else 'exact'}"
+            nb = neighbor_list(pos, 5.0, backend="triton", method=method, max_pairs=capacity)
+            synchronize()
+            count = int(nb.num_pairs)
+            row[label] = {"pairs": count, "same_as_torch": bool(count == e and torch.equal(nb.edge_index[:, :count], ref.edge_index))}
+            print("neighbors", label, row[label], flush=True)
+
+
 # --------------------------------------------------------------------------------- main
 def table(results) -> str:
     lines = ["| system | atoms | ref ms | ref MiB | fused ms | fused MiB | graph ms | graph MiB | fused/ref force rel |",
@@ -479,12 +512,20 @@ def main(argv=None):
     parser.add_argument("--sweep", default=None, metavar="SYSTEM", help="tune the fused kernels' launch parameters on SYSTEM first")
     parser.add_argument("--kernels", default=None, metavar="SYSTEM", help="time one layer's message step alone on SYSTEM's edges")
     parser.add_argument("--profile", default=None, metavar="SYSTEMS", help="kernel-time breakdown of a fused call (comma-separated)")
+    parser.add_argument("--neighbors", default="auto", choices=("auto", "torch"),
+                        help="neighbor-list backend inside the timed calls (default auto: Triton on CUDA)")
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph column")
+    parser.add_argument("--check-neighbors", default=None, metavar="SYSTEM",
+                        help="compare the Triton and torch neighbor lists on SYSTEM first")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    parser.add_argument("--name", default="bench_model", help="stem of the JSON file written to --out")
     parser.add_argument("--device", default="cuda", help="cuda; 'cpu' only smoke-tests the script")
     args = parser.parse_args(argv)
-    global DEVICE
+    global DEVICE, NEIGHBORS, GRAPH
     DEVICE = args.device
+    NEIGHBORS = args.neighbors
+    GRAPH = not args.no_graph
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: bench_model.py needs a CUDA GPU (or --device cpu for a smoke test)")
     if not args.data.is_dir():
@@ -497,6 +538,8 @@ def main(argv=None):
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                "hyper_parameters": ET_MD17, "systems": {}}
     sections = []
+    if args.check_neighbors:
+        sections.append(("neighbors", lambda: check_neighbors(args.check_neighbors, args.data, results)))
     if args.sweep:
         sections.append(("sweep", lambda: bench_sweep(args.sweep, args.data, results)))
     if args.kernels:
@@ -516,11 +559,12 @@ def main(argv=None):
         except Exception:  # noqa: BLE001 - report and go on with the next section
             results.setdefault("errors", {})[label] = traceback.format_exc(limit=6)
             print(f"{label}: failed\n{results['errors'][label]}", flush=True)
-        torch.cuda.empty_cache()
         results["launch_config"] = vars(message_triton.CONFIG).copy()
-        tmp = args.out / f"bench_model.json.tmp-{os.getpid()}"
+        tmp = args.out / f"{args.name}.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, args.out / "bench_model.json")
+        os.replace(tmp, args.out / f"{args.name}.json")
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     print()
     print(f"{results['gpu']}, torch {results['torch']}, triton {results['triton']}, {results['date']}; "
           f"launch config {results.get('launch_config')}")
