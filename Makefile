@@ -23,8 +23,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
+# demo (the training helper's target): train configs/demo.yaml into $(DEMO) (a fresh run each
+# time), evaluate it on the held-out frames, run 1 ps of Langevin MD of ethanol with the model
 demo: $(STAMP)
-	$(BIN)/python -m torchmdx.cli demo --out $(DEMO)
+	rm -rf $(DEMO)
+	$(BIN)/python -m torchmdx.cli train configs/demo.yaml --run-dir $(DEMO)
+	$(BIN)/python -m torchmdx.cli evaluate $(DEMO)/model.pt --data configs/demo.yaml --run $(DEMO) --out $(DEMO)/evaluate --threads 1
+	$(BIN)/python -c "from ase.build import molecule; from ase.io import write; write('$(DEMO)/ethanol.xyz', molecule('CH3CH2OH'))"
+	OMP_NUM_THREADS=1 $(BIN)/python -m torchmdx.cli md $(DEMO)/ethanol.xyz --model $(DEMO)/model.pt --steps 2000 --dt 0.5 \
+		--temperature 300 --ensemble langevin --friction 1 --every 20 --out $(DEMO)/md/ethanol.extxyz
+	@echo
+	@echo "demo results in $(DEMO)/:"
+	@echo "  model          $(DEMO)/model.pt  (checkpoints in $(DEMO)/checkpoints/)"
+	@echo "  error table    $(DEMO)/evaluate/errors.txt  (and errors.json)"
+	@echo "  parity plots   $(DEMO)/evaluate/parity.png"
+	@echo "  learning curve $(DEMO)/learning_curve.png  (logs in $(DEMO)/logs/)"
+	@echo "  MD trajectory  $(DEMO)/md/ethanol.extxyz  (thermo log $(DEMO)/md/ethanol.csv)"
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py

@@ -32,6 +32,10 @@ def run(args) -> int:
     if "model" not in result:
         return 0
     lines = [f"run folder      {result['run_dir']}", f"model           {result['model']}  (from {result['exported_from']})"]
+    if result.get("initial_val"):
+        from torchmdx.train.run import _describe
+
+        lines.append(f"before training {', '.join(_describe(result['initial_val']))}")
     for key, value in result.items():
         if key.startswith("best_"):
             lines.append(f"{key:<16}{value:.6g}")

@@ -43,6 +43,8 @@ RESUME_MUTABLE_DATA_KEYS = {"num_workers", "inference_batch_size", "cache_dir", 
 RESUME_MUTABLE_MODEL_KEYS = {"backend"}
 #: training structures used to fold the untrained network's energy offset into the references
 INITIAL_REFIT_STRUCTURES = 2000
+#: print the untrained model's validation errors before training (one pass over the val split)
+INITIAL_VALIDATION = True
 
 
 # ---------------------------------------------------------------------------- normalisation
@@ -216,6 +218,13 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
         handle.write(resolved_yaml(cfg))
     with atomic_write(run_dir / "data_summary.json", "w") as handle:
         json.dump(_jsonable(datamodule.summary()), handle, indent=2)
+    initial = None
+    if not resume and INITIAL_VALIDATION:
+        initial = initial_errors(datamodule, module)
+        from lightning.pytorch.utilities import rank_zero_only
+
+        if rank_zero_only.rank == 0:  # every DDP rank runs this command
+            print("before training: " + ", ".join(_describe(initial)), flush=True)
     last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
     previous_rows = _previous_metric_rows(run_dir / METRICS_CSV, last) if resume else []
     trainer = build_trainer(cfg, run_dir, extra_callbacks=[EpochSummary(), *(callbacks or [])])
@@ -231,7 +240,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
             print(f"training interrupted; continue it with --resume (from {last})", file=sys.stderr)
             raise KeyboardInterrupt from None
         raise
-    result = {"run_dir": str(run_dir), "checkpoint_last": str(last)}
+    result = {"run_dir": str(run_dir), "checkpoint_last": str(last), "initial_val": initial}
     if not trainer.is_global_zero:
         return result
     checkpoint = trainer.checkpoint_callback
@@ -250,6 +259,22 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
     result["epochs"] = int(trainer.current_epoch)
     result["global_step"] = int(trainer.global_step)
     return result
+
+
+def initial_errors(datamodule, module) -> dict:
+    """Validation errors of the untrained model (meV, meV/Å), the start of the learning curve."""
+    from torchmdx.train.evaluate import error_metrics, predict
+
+    batch_size = datamodule.config.inference_batch_size or datamodule.config.batch_size
+    return error_metrics(predict(module.model, datamodule.dataset, datamodule.split["val"], batch_size=batch_size))
+
+
+def _describe(errors: dict) -> list[str]:
+    parts = []
+    if "forces_mae" in errors:
+        parts.append(f"val F MAE {errors['forces_mae']:.4g} meV/Å")
+    parts.append(f"val E MAE {errors['energy_mae']:.4g} meV")
+    return parts
 
 
 def _previous_metric_rows(metrics_csv: Path, checkpoint: Path) -> list[dict]:
