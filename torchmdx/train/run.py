@@ -195,6 +195,8 @@ def _quiet_lightning_warnings() -> None:
         r".*Checkpoint directory .* exists and is not empty.*",
         r".*`training_step` returned `None`.*",
         r".*TensorBoard support.*",
+        # the module logs values it has already summed over the ranks (torchmetrics)
+        r".*It is recommended to use `self.log\(.*sync_dist=True.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
