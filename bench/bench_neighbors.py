@@ -124,6 +124,10 @@ def bench_case(name, pos, cell, pbc, args, record):
         except Exception as err:  # noqa: BLE001
             row[f"tmx_graph_{method}_error"] = f"{type(err).__name__}: {str(err)[:160]}"
         torch.cuda.empty_cache()
+    if args.only_torchmdx:
+        record.append(row)
+        print(json.dumps(row), flush=True)
+        return row
     if n <= args.ref_max:
         fn = lambda: neighbors_ref.neighbor_list(pos, CUTOFF, None, cell, pbc)  # noqa: E731
         attempt("ref", fn, lambda: fn().num_pairs, reps_=3)
@@ -173,22 +177,16 @@ def random_box(n, dtype=torch.float32, seed=0):
 
 def tune(sizes, record):
     """Sweep launch parameters of the cell list (graph replay times) and print the best."""
-    grid = []
-    for bi in (32, 64, 128):
-        for bj in (8, 16, 32):
-            for warps in (2, 4, 8):
-                if bi * bj > 4096 or bi * bj < 256:
-                    continue
-                grid.append({"cell_block_i": bi, "cell_block_j": bj, "cell_warps": warps})
-    emit = [{"emit_atoms": a, "emit_block": b, "emit_warps": w} for a in (1, 4, 16) for b in (32, 64) for w in (1, 4)]
-    brute = [{"brute_block_i": bi, "brute_block_j": bj, "brute_warps": w}
-             for bi in (16, 32, 64) for bj in (32, 64, 128) for w in (2, 4, 8) if 512 <= bi * bj <= 4096]
+    grid = [{"cell_block_i": bi, "cell_block_j": bj, "cell_warps": w} for bi in (16, 32) for bj in (32, 64) for w in (2, 4)]
+    grid += [{"cell_programs": p} for p in (528, 1056, 4224, 8448)]
+    brute = [{"brute_block_i": bi, "brute_block_j": bj, "brute_chunk": ch, "brute_warps": 4}
+             for bi, bj in ((16, 64), (32, 64), (32, 128), (64, 64)) for ch in (256, 1024)]
     default = dict(neighbors_triton.CONFIG)
     results = {}
     for n in sizes:
         pos, cell, pbc = random_box(n)
         exact = int(neighbors_triton.neighbor_list(pos, CUTOFF, None, cell, pbc, method="cell").num_pairs)
-        for label, options, method in (("cell", grid, "cell"), ("emit", emit, "cell"), ("brute", brute, "brute")):
+        for label, options, method in (("cell", grid, "cell"), ("brute", brute, "brute")):
             if method == "brute" and n > 20000:
                 continue
             best = None
@@ -232,6 +230,38 @@ def phase_profile(n):
     return table
 
 
+def host_overhead(n=1000):
+    """Host (Python + launch) time per call, and where it goes (cProfile of 200 eager calls)."""
+    import cProfile
+    import io
+    import pstats
+
+    pos, cell, pbc = random_box(n)
+    report = {}
+    for method in ("brute", "cell"):
+        exact = int(neighbors_triton.neighbor_list(pos, CUTOFF, None, cell, pbc, method=method).num_pairs)
+        cap = exact + 1024
+        for _ in range(5):
+            neighbors_triton.neighbor_list(pos, CUTOFF, None, cell, pbc, method=method, max_pairs=cap)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(200):
+            neighbors_triton.neighbor_list(pos, CUTOFF, None, cell, pbc, method=method, max_pairs=cap)
+        host = (time.perf_counter() - t) / 200 * 1e3
+        torch.cuda.synchronize()
+        report[f"{method}_capacity_host_ms"] = round(host, 4)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            neighbors_triton.neighbor_list(pos, CUTOFF, None, cell, pbc, method=method)
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+        print(f"--- host profile, {method}, N={n}, exact (200 calls); capacity call host time {host:.4f} ms ---")
+        print("\n".join(text.getvalue().splitlines()[6:26]), flush=True)
+    return report
+
+
 def print_table(rows, device, date):
     keys = ["tmx_brute", "tmx_cell", "tmx_graph_brute", "tmx_graph_cell", "ref", "tmdnet_brute",
             "tmdnet_cell", "vesin_ij", "vesin_ijSDd"]
@@ -258,6 +288,9 @@ def main():
     parser.add_argument("--ref-max", type=int, default=10000, help="largest N timed with the torch reference")
     parser.add_argument("--tune", default="", help="comma-separated sizes for a launch-parameter sweep")
     parser.add_argument("--profile", default="", help="comma-separated sizes for a per-kernel profile")
+    parser.add_argument("--no-systems", action="store_true", help="skip the structures")
+    parser.add_argument("--only-torchmdx", action="store_true", help="skip the reference and the other libraries")
+    parser.add_argument("--host", action="store_true", help="measure and profile the host-side cost per call")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -279,10 +312,6 @@ def main():
             record[mod] = None
     print(f"{device} torch {torch.__version__} triton {record.get('triton')} vesin {record['vesin']} "
           f"torchmdnet {record['torchmdnet']}", flush=True)
-    if args.tune:
-        tune([int(s) for s in args.tune.split(",")], record)
-    for n in (int(s) for s in args.profile.split(",") if s):
-        record.setdefault("profile", {})[n] = phase_profile(n)
     t0 = time.time()
     for n in (int(s) for s in args.sizes.split(",") if s):
         pos, cell, pbc = random_box(n)
@@ -295,7 +324,7 @@ def main():
             if candidate.is_dir():
                 folder = candidate
                 break
-    if folder is not None and folder.is_dir():
+    if folder is not None and folder.is_dir() and not args.no_systems:
         from ase.io import read
 
         for path in sorted(folder.glob("*.xyz"), key=lambda p: p.stat().st_size):
@@ -308,11 +337,22 @@ def main():
             bench_case(path.stem, pos, cell, pbc, args, record["rows"])
     print(f"(benchmark took {time.time() - t0:.0f} s)")
     print_table(record["rows"], device, date)
-    out = Path(args.out)
+    save(record, args.out)
+    if args.host:
+        record["host"] = host_overhead()
+    for n in (int(s) for s in args.profile.split(",") if s):
+        record.setdefault("profile", {})[n] = phase_profile(n)
+    if args.tune:
+        tune([int(s) for s in args.tune.split(",")], record)
+    save(record, args.out)
+
+
+def save(record, folder):
+    out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "bench_neighbors.json", "w") as handle:
         json.dump(record, handle, indent=1)
-    print(f"wrote {out / 'bench_neighbors.json'}")
+    print(f"wrote {out / 'bench_neighbors.json'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,28 +24,31 @@ vector of length >= min d_k). Larger cutoffs are refused with the reference's
 
 Kernels
 -------
-``brute``: one program per block of ``BLOCK_I`` receivers; it scans the atoms of the
-structures its receivers belong to (contiguous ranges, as ``batch`` is sorted), so a batch of
-small molecules costs O(N * molecule size); j runs in increasing order, so rows come out sorted.
+``brute``: a 2-D grid of programs (block of ``BLOCK_I`` receivers) x (chunk of neighbors); a
+batch uses one chunk spanning the structures of the block's receivers (contiguous ranges, as
+``batch`` is sorted), so a batch of small molecules costs O(N * molecule size). Counts are kept
+per (receiver, chunk) and j runs in increasing order, so rows come out sorted by (i, j).
 
 ``cell``: atoms are binned on a grid in fractional coordinates (periodic directions, cells at
-least ``cutoff`` thick) or in Cartesian coordinates along the orthonormal complement (open
-directions, grid spanning the structure's extent); a structure of n atoms gets at most n cells
-(so the key space of all structures is [0, N) and needs no host size). Cell sizes are computed
-on the device, so nothing is read back. Atoms are sorted by cell key (``torch.sort``, stable),
-``cell_start`` comes from ``torch.searchsorted``; one program per block of sorted receivers
-scans the 27 (fewer when a periodic direction has < 3 cells) neighbouring cells.
+least ``cutoff`` thick) or along the orthonormal complement (open directions, grid spanning the
+structure's extent, from device-side atomics); a structure of n atoms gets at most n cells, so
+the key space of all structures is [0, N) and no size is read back. Atoms are sorted by cell
+(``torch.sort``, stable) and ``cell_start`` comes from ``torch.searchsorted``. Persistent
+programs loop over cells: the atoms of one cell are the receivers (one tile), the candidates
+are the 9 neighbouring rows of cells along x, each a contiguous run of atoms in cell order
+(plus one wrapped cell at a periodic boundary), loaded as vectors; all geometry is per cell
+(scalars). Rows are sorted by ``i``; within one ``i`` they follow the cell scan (deterministic:
+the sort is stable), not ``j`` (sort by ``i * N + j`` if you need the reference's order).
 
-Output without host synchronisation: a count pass writes the number of neighbors of every
-receiver, an exclusive scan (``torch.cumsum``) gives each receiver's first row, and a write pass
-recomputes the pairs and stores them from there. The cell list writes neighbor indices in scan
-order to a scratch buffer and an ``emit`` pass ranks them inside each receiver's segment
-(deterministic, no atomics) and writes the final sorted rows with shifts, vectors and distances.
-With ``max_pairs`` the outputs have that many rows, ``overflow`` (device bool) is set when more
-pairs exist, ``num_pairs`` holds the number found (so the caller can grow the buffer to fit), and
-nothing reads device memory on the host: the call can be captured in a CUDA graph once the
-geometry cache holds the cell (call it once outside the graph first). Without ``max_pairs`` the
-total is read back after the count pass and the outputs are allocated to fit exactly.
+Output without a host read in the middle: a count pass writes the number of neighbors of
+every receiver, an exclusive scan (``torch.cumsum``) gives each receiver's first row, and a
+write pass recomputes the pairs and stores them from there. With ``max_pairs`` the outputs have
+that many rows, ``overflow`` (device bool) is set when more pairs exist, ``num_pairs`` holds the
+number found (so the caller can grow the buffer to fit: :func:`grow_to_fit`), padding rows are
+filled by one more kernel, and nothing is read on the host: the call can be captured in a CUDA
+graph once the geometry cache holds the cell (call it once outside the graph first). Without
+``max_pairs`` the write pass goes into a capacity estimated from the previous call (pairs per
+atom), the total is read once at the end, and only the write pass is re-run if it was short.
 """
 
 from __future__ import annotations
@@ -82,12 +85,11 @@ CONFIG = {
     "brute_block_i": 32,
     "brute_block_j": 64,
     "brute_warps": 4,
-    "cell_block_i": 64,
-    "cell_block_j": 16,
+    "brute_chunk": 512,
+    "cell_block_i": 16,
+    "cell_block_j": 32,
     "cell_warps": 4,
-    "emit_block": 64,
-    "emit_atoms": 4,
-    "emit_warps": 4,
+    "cell_programs": 2048,
     "bin_block": 256,
 }
 
@@ -140,53 +142,74 @@ if HAVE_TRITON:
         return h00, h01, h02, h10, h11, h12, h20, h21, h22, k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2
 
     @triton.jit
-    def _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22, TRICLINIC: tl.constexpr):
+    def _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22):
         """s = (x, y, z) @ inv(cell)."""
-        if TRICLINIC:
-            s0 = x * k00 + y * k10 + z * k20
-            s1 = x * k01 + y * k11 + z * k21
-            s2 = x * k02 + y * k12 + z * k22
-        else:
-            s0 = x * k00
-            s1 = y * k11
-            s2 = z * k22
+        s0 = x * k00 + y * k10 + z * k20
+        s1 = x * k01 + y * k11 + z * k21
+        s2 = x * k02 + y * k12 + z * k22
         return s0, s1, s2
 
     @triton.jit
     def _minimum_image(dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
-                       k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2, TRICLINIC: tl.constexpr):
-        """Integer shift n = -round(d @ inv(cell)) (periodic directions) and d + n @ cell."""
-        if TRICLINIC:
-            s0 = dx * k00 + dy * k10 + dz * k20
-            s1 = dx * k01 + dy * k11 + dz * k21
-            s2 = dx * k02 + dy * k12 + dz * k22
-        else:
-            s0 = dx * k00
-            s1 = dy * k11
-            s2 = dz * k22
+                       k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2):
+        """Integer shift n = -round(d @ inv(cell)) (periodic directions) and d + n @ cell.
+
+        Written for triclinic cells; for orthorhombic ones the zero off-diagonal terms add
+        exact zeros, so the result is bit-identical to the diagonal formula."""
+        s0 = dx * k00 + dy * k10 + dz * k20
+        s1 = dx * k01 + dy * k11 + dz * k21
+        s2 = dx * k02 + dy * k12 + dz * k22
         n0 = tl.floor(0.5 - s0) * p0
         n1 = tl.floor(0.5 - s1) * p1
         n2 = tl.floor(0.5 - s2) * p2
-        if TRICLINIC:
-            vx = dx + (n0 * h00 + n1 * h10 + n2 * h20)
-            vy = dy + (n0 * h01 + n1 * h11 + n2 * h21)
-            vz = dz + (n0 * h02 + n1 * h12 + n2 * h22)
-        else:
-            vx = dx + n0 * h00
-            vy = dy + n1 * h11
-            vz = dz + n2 * h22
+        vx = dx + (n0 * h00 + n1 * h10 + n2 * h20)
+        vy = dy + (n0 * h01 + n1 * h11 + n2 * h21)
+        vz = dz + (n0 * h02 + n1 * h12 + n2 * h22)
         return vx, vy, vz, n0, n1, n2
+
+    @triton.jit
+    def _store_rows(ei_ptr, shift_ptr, vec_ptr, dist_ptr, slot, wm, row1, ii, jj, n0, n1, n2, vx, vy, vz, d2):
+        """Write pair rows at ``slot`` (edge_index row 1 starts at ``row1``)."""
+        tl.store(ei_ptr + slot, ii, mask=wm)
+        tl.store(ei_ptr + row1 + slot, jj, mask=wm)
+        tl.store(shift_ptr + slot * 3 + 0, n0, mask=wm)
+        tl.store(shift_ptr + slot * 3 + 1, n1, mask=wm)
+        tl.store(shift_ptr + slot * 3 + 2, n2, mask=wm)
+        tl.store(vec_ptr + slot * 3 + 0, vx, mask=wm)
+        tl.store(vec_ptr + slot * 3 + 1, vy, mask=wm)
+        tl.store(vec_ptr + slot * 3 + 2, vz, mask=wm)
+        tl.store(dist_ptr + slot, tl.sqrt(d2), mask=wm)
+
+    @triton.jit
+    def _write_limits(offset_ptr, total_index, capacity, packed):
+        """(start of edge_index row 1, rows that may be written).
+
+        Fixed capacity: row 1 starts at ``capacity``. Exact lists (``packed``): the buffer is
+        [2, total] packed, and nothing is written when the estimate was too small (the host
+        then retries with the exact size)."""
+        total = tl.load(offset_ptr + total_index)
+        cap = total * 0 + capacity
+        row1 = tl.where(packed != 0, total, cap)
+        limit = tl.where(packed != 0, tl.where(total <= cap, total, total * 0), cap)
+        return row1, limit
 
     # ----------------------------------------------------------------------------------------
     # brute force
     # ----------------------------------------------------------------------------------------
-    @triton.jit
+    @triton.jit(do_not_specialize=["geo_rows", "capacity", "n_atoms", "n_chunks", "chunk", "half", "packed"])
     def _brute_kernel(pos_ptr, start_ptr, end_ptr, batch_ptr, geo_ptr, geo_rows, params_ptr,
-                      count_ptr, offset_ptr, ei_ptr, shift_ptr, vec_ptr, dist_ptr, capacity, n_atoms,
-                      HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, TRICLINIC: tl.constexpr,
-                      HALF: tl.constexpr, HAS_LOWER: tl.constexpr, WRITE: tl.constexpr,
+                      count_ptr, offset_ptr, status_ptr, ei_ptr, shift_ptr, vec_ptr, dist_ptr, capacity,
+                      n_atoms, n_chunks, chunk, half, packed,
+                      HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, WRITE: tl.constexpr,
                       BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+        """Program (i block, j chunk): pairs of BLOCK_I receivers with the chunk's atoms.
+
+        Count pass: counts[1 + i * n_chunks + chunk]; write pass: rows from the exclusive scan
+        offsets[i * n_chunks + chunk], so rows are sorted by i, then j. Batched structures use
+        one chunk spanning the structures of the block's receivers (contiguous, batch sorted).
+        """
         pid = tl.program_id(0)
+        cid = tl.program_id(1)
         i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
         im = i < n_atoms
         xi = tl.load(pos_ptr + i * 3 + 0, mask=im, other=0.0)
@@ -200,10 +223,9 @@ if HAVE_TRITON:
             j_lo = tl.min(lo_i, axis=0)
             j_hi = tl.max(hi_i, axis=0)
         else:
-            j_lo = pid * 0
-            j_hi = pid * 0 + n_atoms
-        if HALF:
-            j_lo = tl.maximum(j_lo, pid * BLOCK_I + 1)
+            j_lo = cid * chunk
+            j_hi = tl.minimum(j_lo + chunk, n_atoms)
+        j_lo = tl.where(half != 0, tl.maximum(j_lo, pid * BLOCK_I + 1), j_lo)
         if PERIODIC:
             if HAS_BATCH:
                 row = tl.minimum(tl.load(batch_ptr + i, mask=im, other=0), geo_rows - 1)
@@ -213,7 +235,8 @@ if HAVE_TRITON:
              k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
         cnt = tl.zeros([BLOCK_I], dtype=tl.int32)
         if WRITE:
-            base = tl.load(offset_ptr + i, mask=im, other=0)
+            row1, limit = _write_limits(offset_ptr, n_atoms * n_chunks, capacity, packed)
+            base = tl.load(offset_ptr + i * n_chunks + cid, mask=im, other=0)
         for j0 in range(j_lo, j_hi, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             jm = j < j_hi
@@ -228,53 +251,42 @@ if HAVE_TRITON:
                     dx, dy, dz, h00[:, None], h01[:, None], h02[:, None], h10[:, None], h11[:, None],
                     h12[:, None], h20[:, None], h21[:, None], h22[:, None], k00[:, None], k01[:, None],
                     k02[:, None], k10[:, None], k11[:, None], k12[:, None], k20[:, None], k21[:, None],
-                    k22[:, None], p0[:, None], p1[:, None], p2[:, None], TRICLINIC)
+                    k22[:, None], p0[:, None], p1[:, None], p2[:, None])
             else:
                 vx = dx
                 vy = dy
                 vz = dz
+                n0 = dx * 0.0
+                n1 = n0
+                n2 = n0
             d2 = vx * vx + vy * vy + vz * vz
-            ok = (d2 < cut2) & jm[None, :] & im[:, None] & (j[None, :] != i[:, None])
+            ok = (d2 < cut2) & (d2 >= low2) & jm[None, :] & im[:, None] & (j[None, :] != i[:, None])
+            ok = ok & ((j[None, :] > i[:, None]) | (i * 0 + half == 0)[:, None])
             if HAS_BATCH:
                 ok = ok & (j[None, :] >= lo_i[:, None]) & (j[None, :] < hi_i[:, None])
-            if HALF:
-                ok = ok & (j[None, :] > i[:, None])
-            if HAS_LOWER:
-                ok = ok & (d2 >= low2)
             oki = ok.to(tl.int32)
             if WRITE:
                 rank = tl.cumsum(oki, axis=1) - 1
                 slot = base[:, None] + (cnt[:, None] + rank).to(tl.int64)
-                wm = ok & (slot < capacity)
                 ii = (i[:, None] + j[None, :] * 0).to(tl.int64)
                 jj = (j[None, :] + i[:, None] * 0).to(tl.int64)
-                tl.store(ei_ptr + slot, ii, mask=wm)
-                tl.store(ei_ptr + capacity + slot, jj, mask=wm)
-                if PERIODIC:
-                    tl.store(shift_ptr + slot * 3 + 0, n0, mask=wm)
-                    tl.store(shift_ptr + slot * 3 + 1, n1, mask=wm)
-                    tl.store(shift_ptr + slot * 3 + 2, n2, mask=wm)
-                else:
-                    tl.store(shift_ptr + slot * 3 + 0, vx * 0.0, mask=wm)
-                    tl.store(shift_ptr + slot * 3 + 1, vx * 0.0, mask=wm)
-                    tl.store(shift_ptr + slot * 3 + 2, vx * 0.0, mask=wm)
-                tl.store(vec_ptr + slot * 3 + 0, vx, mask=wm)
-                tl.store(vec_ptr + slot * 3 + 1, vy, mask=wm)
-                tl.store(vec_ptr + slot * 3 + 2, vz, mask=wm)
-                tl.store(dist_ptr + slot, tl.sqrt(d2), mask=wm)
+                _store_rows(ei_ptr, shift_ptr, vec_ptr, dist_ptr, slot, ok & (slot < limit), row1,
+                            ii, jj, n0, n1, n2, vx, vy, vz, d2)
             cnt += tl.sum(oki, axis=1)
         if not WRITE:
-            tl.store(count_ptr + 1 + i, cnt.to(tl.int64), mask=im)
-            if pid == 0:
+            tl.store(count_ptr + 1 + i * n_chunks + cid, cnt.to(tl.int64), mask=im)
+            if pid + cid == 0:
                 tl.store(count_ptr, pid.to(tl.int64) * 0)
+            if cid == 0:
+                bad = im & ((xi - xi != 0.0) | (yi - yi != 0.0) | (zi - zi != 0.0))
+                tl.atomic_max(status_ptr, tl.max(bad.to(tl.int32), axis=0))
 
     # ----------------------------------------------------------------------------------------
     # cell list: extents, binning, scan, emit
     # ----------------------------------------------------------------------------------------
-    @triton.jit
+    @triton.jit(do_not_specialize=["geo_rows", "n_atoms"])
     def _extent_kernel(pos_ptr, start_ptr, batch_ptr, geo_ptr, geo_rows, ext_ptr, n_atoms,
-                       HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, TRICLINIC: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, BLOCK: tl.constexpr):
         """ext[slot] = (-min s, max s) per direction (float32), s = pos @ inv(completed cell)."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         im = i < n_atoms
@@ -288,7 +300,7 @@ if HAVE_TRITON:
                 row = i * 0
             (h00, h01, h02, h10, h11, h12, h20, h21, h22,
              k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
-            s0, s1, s2 = _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22, TRICLINIC)
+            s0, s1, s2 = _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22)
         else:
             s0 = x
             s1 = y
@@ -351,11 +363,11 @@ if HAVE_TRITON:
         c = tl.minimum(tl.maximum(c, 0.0), Kf - 1.0)
         return c.to(tl.int32)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["geo_rows", "rc", "n_atoms"])
     def _bin_kernel(pos_ptr, start_ptr, end_ptr, batch_ptr, geo_ptr, geo_rows, ext_ptr,
-                    key_ptr, grid_ptr, rc, n_atoms,
-                    HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, TRICLINIC: tl.constexpr,
-                    HAS_OPEN: tl.constexpr, BLOCK: tl.constexpr):
+                    key_ptr, grid_ptr, status_ptr, rc, n_atoms,
+                    HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, HAS_OPEN: tl.constexpr,
+                    BLOCK: tl.constexpr):
         """Cell key (structure slot + linear cell) of every atom; cells per direction per slot."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         im = i < n_atoms
@@ -379,7 +391,7 @@ if HAVE_TRITON:
             w0 = tl.load(geo_ptr + row * 24 + 21).to(tl.float32)
             w1 = tl.load(geo_ptr + row * 24 + 22).to(tl.float32)
             w2 = tl.load(geo_ptr + row * 24 + 23).to(tl.float32)
-            s0, s1, s2 = _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22, TRICLINIC)
+            s0, s1, s2 = _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22)
             per0 = p0 != 0.0
             per1 = p1 != 0.0
             per2 = p2 != 0.0
@@ -422,180 +434,139 @@ if HAVE_TRITON:
         tl.store(grid_ptr + slot * 3 + 0, K0, mask=im)
         tl.store(grid_ptr + slot * 3 + 1, K1, mask=im)
         tl.store(grid_ptr + slot * 3 + 2, K2, mask=im)
+        bad = im & ((x - x != 0.0) | (y - y != 0.0) | (z - z != 0.0))
+        tl.atomic_max(status_ptr, tl.max(bad.to(tl.int32), axis=0))
 
-    @triton.jit
-    def _neighbor_cell(c, off, K, periodic):
-        """Neighbouring cell index (offset off in {-1, 0, 1}) along one direction, and whether to
-        visit it: periodic directions with fewer than 3 cells visit each cell once."""
-        n = c + off
-        n_wrap = tl.where(n < 0, n + K, tl.where(n >= K, n - K, n))
-        visit_per = (off == 0) | ((off == 1) & (K >= 2)) | ((off == -1) & (K >= 3))
-        visit_open = (n >= 0) & (n < K)
-        return tl.where(periodic, n_wrap, n), tl.where(periodic, visit_per, visit_open)
-
-    @triton.jit
-    def _cell_scan_kernel(spos_ptr, perm_ptr, skey_ptr, cell_start_ptr, grid_ptr, start_ptr, batch_ptr,
-                          geo_ptr, geo_rows, params_ptr, count_ptr, offset_ptr, tmp_ptr, capacity, n_atoms,
-                          HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, TRICLINIC: tl.constexpr,
-                          HALF: tl.constexpr, HAS_LOWER: tl.constexpr, WRITE: tl.constexpr,
-                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-        """Count (WRITE=0) or list (WRITE=1, neighbor index into tmp) pairs of sorted receivers."""
+    @triton.jit(do_not_specialize=["geo_rows", "capacity", "n_atoms", "n_programs", "half", "packed"])
+    def _cell_pairs_kernel(spos_ptr, perm_ptr, cell_start_ptr, cells_ptr, start_ptr, batch_ptr,
+                           geo_ptr, geo_rows, params_ptr, count_ptr, offset_ptr,
+                           ei_ptr, shift_ptr, vec_ptr, dist_ptr, capacity, n_atoms, n_programs, half, packed,
+                           HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, WRITE: tl.constexpr,
+                           BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+        """Persistent programs over cells. For a cell, its atoms (contiguous in cell order) are
+        the receivers; candidates are the 9 neighbouring rows of cells along x, each a
+        contiguous run of atoms (plus one wrapped cell at a periodic boundary). Count pass:
+        counts[1 + i]; write pass: rows from offsets[i] in scan order (deterministic)."""
         pid = tl.program_id(0)
-        k = pid * BLOCK_I + tl.arange(0, BLOCK_I)
-        km = k < n_atoms
-        oi = tl.load(perm_ptr + k, mask=km, other=0)
-        key = tl.load(skey_ptr + k, mask=km, other=0)
-        xi = tl.load(spos_ptr + k * 3 + 0, mask=km, other=0.0)
-        yi = tl.load(spos_ptr + k * 3 + 1, mask=km, other=0.0)
-        zi = tl.load(spos_ptr + k * 3 + 2, mask=km, other=0.0)
+        if HAS_BATCH:
+            n_keys = n_atoms
+        else:
+            n_keys = tl.load(cells_ptr + 0) * tl.load(cells_ptr + 1) * tl.load(cells_ptr + 2)
         cut2 = tl.load(params_ptr + 0)
         low2 = tl.load(params_ptr + 1)
-        if HAS_BATCH:
-            slot = tl.load(start_ptr + oi, mask=km, other=0)
-        else:
-            slot = (k * 0).to(tl.int64)
-        K0 = tl.load(grid_ptr + slot * 3 + 0, mask=km, other=1)
-        K1 = tl.load(grid_ptr + slot * 3 + 1, mask=km, other=1)
-        K2 = tl.load(grid_ptr + slot * 3 + 2, mask=km, other=1)
-        lin = key - slot.to(tl.int32)
-        c0 = lin % K0
-        c1 = (lin // K0) % K1
-        c2 = lin // (K0 * K1)
-        if PERIODIC:
-            if HAS_BATCH:
-                row = tl.minimum(tl.load(batch_ptr + oi, mask=km, other=0), geo_rows - 1)
-            else:
-                row = k * 0
-            (h00, h01, h02, h10, h11, h12, h20, h21, h22,
-             k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
-            per0 = p0 != 0.0
-            per1 = p1 != 0.0
-            per2 = p2 != 0.0
-        else:
-            per0 = km & False
-            per1 = per0
-            per2 = per0
-        cnt = tl.zeros([BLOCK_I], dtype=tl.int32)
+        lane_i = tl.arange(0, BLOCK_I)
+        lane_j = tl.arange(0, BLOCK_J)
         if WRITE:
-            base = tl.load(offset_ptr + oi, mask=km, other=0)
-        lane = tl.arange(0, BLOCK_J)
-        # a runtime loop over the 27 neighbouring cells (an unrolled one compiles for minutes)
-        for nb in range(27):
-            nx, vx_ok = _neighbor_cell(c0, nb % 3 - 1, K0, per0)
-            ny, vy_ok = _neighbor_cell(c1, (nb // 3) % 3 - 1, K1, per1)
-            nz, vz_ok = _neighbor_cell(c2, nb // 9 - 1, K2, per2)
-            visit = km & vz_ok & vy_ok & vx_ok
-            nkey = slot.to(tl.int32) + nx + K0 * (ny + K1 * nz)
-            lo = tl.load(cell_start_ptr + nkey, mask=visit, other=0)
-            hi = tl.load(cell_start_ptr + nkey + 1, mask=visit, other=0)
-            length = hi - lo
-            longest = tl.max(length, axis=0)
-            for t in range(0, longest, BLOCK_J):
-                jt = t + lane
-                jm = jt[None, :] < length[:, None]
-                jk = lo[:, None] + jt[None, :]
-                xj = tl.load(spos_ptr + jk * 3 + 0, mask=jm, other=0.0)
-                yj = tl.load(spos_ptr + jk * 3 + 1, mask=jm, other=0.0)
-                zj = tl.load(spos_ptr + jk * 3 + 2, mask=jm, other=0.0)
-                oj = tl.load(perm_ptr + jk, mask=jm, other=0)
-                dx = xj - xi[:, None]
-                dy = yj - yi[:, None]
-                dz = zj - zi[:, None]
-                if PERIODIC:
-                    vx, vy, vz, n0, n1, n2 = _minimum_image(
-                        dx, dy, dz, h00[:, None], h01[:, None], h02[:, None], h10[:, None],
-                        h11[:, None], h12[:, None], h20[:, None], h21[:, None], h22[:, None],
-                        k00[:, None], k01[:, None], k02[:, None], k10[:, None], k11[:, None],
-                        k12[:, None], k20[:, None], k21[:, None], k22[:, None], p0[:, None],
-                        p1[:, None], p2[:, None], TRICLINIC)
-                else:
-                    vx = dx
-                    vy = dy
-                    vz = dz
-                d2 = vx * vx + vy * vy + vz * vz
-                ok = jm & (d2 < cut2) & (oj != oi[:, None])
-                if HALF:
-                    ok = ok & (oj > oi[:, None])
-                if HAS_LOWER:
-                    ok = ok & (d2 >= low2)
-                oki = ok.to(tl.int32)
-                if WRITE:
-                    rank = tl.cumsum(oki, axis=1) - 1
-                    dst = base[:, None] + (cnt[:, None] + rank).to(tl.int64)
-                    tl.store(tmp_ptr + dst, oj.to(tl.int32), mask=ok & (dst < capacity))
-                cnt += tl.sum(oki, axis=1)
-        if not WRITE:
-            tl.store(count_ptr + 1 + oi, cnt.to(tl.int64), mask=km)
-            if pid == 0:
+            row1, limit = _write_limits(offset_ptr, n_atoms, capacity, packed)
+        if pid == 0:
+            if not WRITE:
                 tl.store(count_ptr, pid.to(tl.int64) * 0)
-
-    @triton.jit
-    def _emit_kernel(pos_ptr, batch_ptr, geo_ptr, geo_rows, offset_ptr, tmp_ptr,
-                     ei_ptr, shift_ptr, vec_ptr, dist_ptr, capacity, n_atoms,
-                     HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, TRICLINIC: tl.constexpr,
-                     ATOMS: tl.constexpr, BLOCK: tl.constexpr):
-        """Sort each receiver's neighbors by index (rank counting) and write the final rows."""
-        pid = tl.program_id(0)
-        lane = tl.arange(0, BLOCK)
-        big = 2147483647
-        for a in range(ATOMS):
-            i = pid * ATOMS + a
-            if i < n_atoms:
-                first = tl.load(offset_ptr + i)
-                stop = tl.minimum(tl.load(offset_ptr + i + 1), capacity)
-                length = stop - first
-                xi = tl.load(pos_ptr + i * 3 + 0)
-                yi = tl.load(pos_ptr + i * 3 + 1)
-                zi = tl.load(pos_ptr + i * 3 + 2)
+        for c in range(pid, n_keys, n_programs):
+            i_begin = tl.load(cell_start_ptr + c)
+            i_end = tl.load(cell_start_ptr + c + 1)
+            if i_end > i_begin:
+                first = tl.load(perm_ptr + i_begin)
+                if HAS_BATCH:
+                    slot = tl.load(start_ptr + first).to(tl.int32)
+                else:
+                    slot = c * 0
+                K0 = tl.load(cells_ptr + slot * 3 + 0)
+                K1 = tl.load(cells_ptr + slot * 3 + 1)
+                K2 = tl.load(cells_ptr + slot * 3 + 2)
+                lin = c - slot
+                cx = lin % K0
+                cy = (lin // K0) % K1
+                cz = lin // (K0 * K1)
                 if PERIODIC:
                     if HAS_BATCH:
-                        row = tl.minimum(tl.load(batch_ptr + i), geo_rows - 1)
+                        row = tl.minimum(tl.load(batch_ptr + first), geo_rows - 1)
                     else:
-                        row = i * 0
+                        row = c * 0
                     (h00, h01, h02, h10, h11, h12, h20, h21, h22,
                      k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
-                for a0 in range(0, length, BLOCK):
-                    ia = a0 + lane
-                    am = ia < length
-                    ja = tl.load(tmp_ptr + first + ia, mask=am, other=big)
-                    rank = tl.zeros([BLOCK], dtype=tl.int32)
-                    for b0 in range(0, length, BLOCK):
-                        ib = b0 + lane
-                        jb = tl.load(tmp_ptr + first + ib, mask=ib < length, other=big)
-                        rank += tl.sum((jb[None, :] < ja[:, None]).to(tl.int32), axis=1)
-                    jl = tl.where(am, ja, 0).to(tl.int64)
-                    dx = tl.load(pos_ptr + jl * 3 + 0, mask=am, other=0.0) - xi
-                    dy = tl.load(pos_ptr + jl * 3 + 1, mask=am, other=0.0) - yi
-                    dz = tl.load(pos_ptr + jl * 3 + 2, mask=am, other=0.0) - zi
-                    if PERIODIC:
-                        vx, vy, vz, n0, n1, n2 = _minimum_image(
-                            dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
-                            k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2, TRICLINIC)
-                    else:
-                        vx = dx
-                        vy = dy
-                        vz = dz
-                        n0 = dx * 0.0
-                        n1 = n0
-                        n2 = n0
-                    dst = first + rank.to(tl.int64)
-                    tl.store(ei_ptr + dst, (jl * 0 + i).to(tl.int64), mask=am)
-                    tl.store(ei_ptr + capacity + dst, jl, mask=am)
-                    tl.store(shift_ptr + dst * 3 + 0, n0, mask=am)
-                    tl.store(shift_ptr + dst * 3 + 1, n1, mask=am)
-                    tl.store(shift_ptr + dst * 3 + 2, n2, mask=am)
-                    tl.store(vec_ptr + dst * 3 + 0, vx, mask=am)
-                    tl.store(vec_ptr + dst * 3 + 1, vy, mask=am)
-                    tl.store(vec_ptr + dst * 3 + 2, vz, mask=am)
-                    tl.store(dist_ptr + dst, tl.sqrt(vx * vx + vy * vy + vz * vz), mask=am)
+                    per0 = p0 != 0.0
+                    per1 = p1 != 0.0
+                    per2 = p2 != 0.0
+                else:
+                    per0 = c < 0
+                    per1 = per0
+                    per2 = per0
+                xlo = tl.maximum(cx - 1, 0)
+                xhi = tl.minimum(cx + 1, K0 - 1)
+                has_wrap = per0 & (K0 >= 3) & ((cx == 0) | (cx == K0 - 1))
+                xw = tl.where(cx == 0, K0 - 1, 0)
+                for i0 in range(i_begin, i_end, BLOCK_I):
+                    ii = i0 + lane_i
+                    im = ii < i_end
+                    xi = tl.load(spos_ptr + ii * 3 + 0, mask=im, other=0.0)
+                    yi = tl.load(spos_ptr + ii * 3 + 1, mask=im, other=0.0)
+                    zi = tl.load(spos_ptr + ii * 3 + 2, mask=im, other=0.0)
+                    oi = tl.load(perm_ptr + ii, mask=im, other=-1)
+                    cnt = tl.zeros([BLOCK_I], dtype=tl.int32)
+                    if WRITE:
+                        base = tl.load(offset_ptr + oi, mask=im, other=0)
+                    for r in range(18):
+                        # row (y + oy, z + oz); inline (helper calls are slow in the interpreter)
+                        oy = (r // 2) % 3 - 1
+                        oz = r // 6 - 1
+                        ny = cy + oy
+                        nz = cz + oz
+                        vy_ok = tl.where(per1, (oy == 0) | ((oy == 1) & (K1 >= 2)) | ((oy == -1) & (K1 >= 3)),
+                                         (ny >= 0) & (ny < K1))
+                        vz_ok = tl.where(per2, (oz == 0) | ((oz == 1) & (K2 >= 2)) | ((oz == -1) & (K2 >= 3)),
+                                         (nz >= 0) & (nz < K2))
+                        ny = tl.where(ny < 0, ny + K1, tl.where(ny >= K1, ny - K1, ny))
+                        nz = tl.where(nz < 0, nz + K2, tl.where(nz >= K2, nz - K2, nz))
+                        rowkey = slot + K0 * (ny + K1 * nz)
+                        main = (r % 2) == 0
+                        use = vy_ok & vz_ok & (main | has_wrap)
+                        ka = rowkey + tl.where(main, xlo, xw)
+                        kb = rowkey + tl.where(main, xhi, xw) + 1
+                        js = tl.load(cell_start_ptr + ka, mask=use, other=0)
+                        je = tl.load(cell_start_ptr + kb, mask=use, other=0)
+                        for j0 in range(js, je, BLOCK_J):
+                            jk = j0 + lane_j
+                            jm = jk < je
+                            xj = tl.load(spos_ptr + jk * 3 + 0, mask=jm, other=0.0)
+                            yj = tl.load(spos_ptr + jk * 3 + 1, mask=jm, other=0.0)
+                            zj = tl.load(spos_ptr + jk * 3 + 2, mask=jm, other=0.0)
+                            oj = tl.load(perm_ptr + jk, mask=jm, other=-2)
+                            dx = xj[None, :] - xi[:, None]
+                            dy = yj[None, :] - yi[:, None]
+                            dz = zj[None, :] - zi[:, None]
+                            if PERIODIC:
+                                vx, vy, vz, n0, n1, n2 = _minimum_image(
+                                    dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
+                                    k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2)
+                            else:
+                                vx = dx
+                                vy = dy
+                                vz = dz
+                                n0 = dx * 0.0
+                                n1 = n0
+                                n2 = n0
+                            d2 = vx * vx + vy * vy + vz * vz
+                            ok = (d2 < cut2) & (d2 >= low2) & jm[None, :] & im[:, None]
+                            ok = ok & (oj[None, :] != oi[:, None]) & ((oj[None, :] > oi[:, None]) | (lane_i * 0 + half == 0)[:, None])
+                            oki = ok.to(tl.int32)
+                            if WRITE:
+                                rank = tl.cumsum(oki, axis=1) - 1
+                                dst = base[:, None] + (cnt[:, None] + rank).to(tl.int64)
+                                ri = (oi[:, None] + oj[None, :] * 0).to(tl.int64)
+                                rj = (oj[None, :] + oi[:, None] * 0).to(tl.int64)
+                                _store_rows(ei_ptr, shift_ptr, vec_ptr, dist_ptr, dst, ok & (dst < limit), row1,
+                                            ri, rj, n0, n1, n2, vx, vy, vz, d2)
+                            cnt += tl.sum(oki, axis=1)
+                    if not WRITE:
+                        tl.store(count_ptr + 1 + oi, cnt.to(tl.int64), mask=im)
 
-    @triton.jit
-    def _pad_kernel(offset_ptr, ei_ptr, shift_ptr, vec_ptr, dist_ptr, mask_ptr, capacity, n_atoms, fill,
+    @triton.jit(do_not_specialize=["capacity", "total_index", "fill"])
+    def _pad_kernel(offset_ptr, ei_ptr, shift_ptr, vec_ptr, dist_ptr, mask_ptr, capacity, total_index, fill,
                     BLOCK: tl.constexpr):
         """Fixed capacity: rows >= number of pairs become padding (i = j = N-1, zeros, mask False)."""
         r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         rm = r < capacity
-        total = tl.load(offset_ptr + n_atoms)
+        total = tl.load(offset_ptr + total_index)
         valid = r < total
         tl.store(mask_ptr + r, valid.to(tl.int8), mask=rm)
         pm = rm & (r >= total)
@@ -611,10 +582,9 @@ if HAVE_TRITON:
         tl.store(vec_ptr + r * 3 + 2, zero, mask=pm)
         tl.store(dist_ptr + r, zero, mask=pm)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["geo_rows", "limit2", "n_atoms"])
     def _displacement_kernel(pos_ptr, ref_ptr, batch_ptr, geo_ptr, geo_rows, flag_ptr, limit2, n_atoms,
-                             HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, TRICLINIC: tl.constexpr,
-                             BLOCK: tl.constexpr):
+                             HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, BLOCK: tl.constexpr):
         """flag = 1 if some atom moved (minimum image) by more than sqrt(limit2) Å."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         im = i < n_atoms
@@ -629,8 +599,7 @@ if HAVE_TRITON:
             (h00, h01, h02, h10, h11, h12, h20, h21, h22,
              k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
             dx, dy, dz, n0, n1, n2 = _minimum_image(dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
-                                                    k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2,
-                                                    TRICLINIC)
+                                                    k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2)
         d2 = dx * dx + dy * dy + dz * dz
         # NaN displacements count as moved (the caller rebuilds, and the rebuild reports them)
         moved = im & ((d2 > limit2) | (d2 != d2))
@@ -895,100 +864,133 @@ def neighbor_list(
 
     structures = None
     largest = n_atoms
-    if batch is not None and not capacity_mode and n_atoms > 0:
+    has_batch = batch is not None
+    if has_batch:
+        start = torch.searchsorted(batch, batch)
+        end = torch.searchsorted(batch, batch, right=True)
+    if has_batch and not capacity_mode and n_atoms > 0:
         # one host read for the checks the exact path can afford (the capacity path trusts its input)
         unsorted = (batch[1:] < batch[:-1]).any() if n_atoms > 1 else torch.zeros((), dtype=torch.bool, device=device)
-        lowest, highest = batch.min(), batch.max()
-        stats = torch.stack([lowest, highest, unsorted.long()]).tolist()
+        stats = torch.stack([batch.min(), batch.max(), unsorted.long(), (end - start).max()]).tolist()
         if stats[0] < 0:
             raise NeighborListError("batch holds a negative structure index")
         structures = stats[1] + 1
+        largest = stats[3]
         if geometry.rows > 1 and geometry.rows < structures:
             raise NeighborListError(
                 f"cell must have shape [3, 3] or [{structures}, 3, 3] (rows are lattice vectors, Å), got {list(cell.shape)}"
             )
         if stats[2]:
             return _unsorted_batch(pos, cutoff, batch, cell, pbc, cutoff_lower, full, method)
-    elif batch is None:
+    elif not has_batch:
         structures = 1
     _check_widths(geometry, cutoff, structures)
 
     if n_atoms == 0:
         return _empty(max_pairs, device, out_dtype)
-
-    has_batch = batch is not None
-    if has_batch:
-        start = torch.searchsorted(batch, batch)
-        end = torch.searchsorted(batch, batch, right=True)
-        if method == "auto" and not capacity_mode:
-            largest = int((end - start).max())  # cheap: the stats read above already synchronised
-    else:
+    if not has_batch:
         start = end = batch = work  # placeholders, never read (HAS_BATCH=False)
     if method == "auto":
         method = "brute" if largest <= BRUTE_FORCE_MAX_ATOMS else "cell"
 
     params = _params(cutoff, cutoff_lower, dtype, device)
     geo = geometry.geo if geometry.periodic else params
-    flags = dict(HAS_BATCH=has_batch, PERIODIC=geometry.periodic, TRICLINIC=geometry.triclinic)
-    counts = torch.empty(n_atoms + 1, dtype=torch.long, device=device)
+    flags = dict(HAS_BATCH=has_batch, PERIODIC=geometry.periodic)
+    half = 0 if full else 1
+    status = torch.zeros(1, dtype=torch.int32, device=device)
 
     if method == "brute":
         bi, bj, warps = CONFIG["brute_block_i"], CONFIG["brute_block_j"], CONFIG["brute_warps"]
-        grid = (triton.cdiv(n_atoms, bi),)
-        common = dict(HALF=not full, HAS_LOWER=cutoff_lower > 0, BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, **flags)
-        _brute_kernel[grid](work, start, end, batch, geo, geometry.rows, params, counts, counts,
-                            counts, work, work, work, 0, n_atoms, WRITE=False, **common)
+        if has_batch:
+            n_chunks, chunk = 1, 0
+        else:
+            chunk = max(bj, CONFIG["brute_chunk"] // bj * bj)
+            n_chunks = triton.cdiv(n_atoms, chunk)
+        grid = (triton.cdiv(n_atoms, bi), n_chunks)
+        total_index = n_atoms * n_chunks
+        counts = torch.empty(total_index + 1, dtype=torch.long, device=device)
+        _brute_kernel[grid](work, start, end, batch, geo, geometry.rows, params, counts, counts, status,
+                            work, work, work, work, 0, n_atoms, n_chunks, chunk, half, 0, WRITE=False,
+                            BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, **flags)
         offsets = torch.cumsum(counts, 0)
-        capacity, total = _capacity(offsets, n_atoms, max_pairs, work)
-        ei, shifts, vectors, distances = _allocate(capacity, device, dtype)
-        _brute_kernel[grid](work, start, end, batch, geo, geometry.rows, params, counts, offsets,
-                            ei, shifts, vectors, distances, capacity, n_atoms, WRITE=True, **common)
+
+        def write(out, capacity, packed):
+            _brute_kernel[grid](work, start, end, batch, geo, geometry.rows, params, counts, offsets, status,
+                                *out, capacity, n_atoms, n_chunks, chunk, half, int(packed), WRITE=True,
+                                BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, **flags)
     else:
         slots = n_atoms if has_batch else 1
         block = CONFIG["bin_block"]
         grid_bin = (triton.cdiv(n_atoms, block),)
+        three = flags
         if geometry.has_open:
             ext = torch.full((slots, 6), float("-inf"), dtype=torch.float32, device=device)
-            _extent_kernel[grid_bin](work, start, batch, geo, geometry.rows, ext, n_atoms,
-                                     BLOCK=block, **flags)
+            _extent_kernel[grid_bin](work, start, batch, geo, geometry.rows, ext, n_atoms, BLOCK=block, **three)
         else:
-            ext = counts
+            ext = status
         keys = torch.empty(n_atoms, dtype=torch.int32, device=device)
         cells = torch.empty(slots * 3, dtype=torch.int32, device=device)
-        _bin_kernel[grid_bin](work, start, end, batch, geo, geometry.rows, ext, keys, cells,
+        _bin_kernel[grid_bin](work, start, end, batch, geo, geometry.rows, ext, keys, cells, status,
                               cutoff * (1.0 + _CELL_MARGIN), n_atoms, HAS_OPEN=geometry.has_open,
-                              BLOCK=block, **flags)
+                              BLOCK=block, **three)
         sorted_keys, perm = torch.sort(keys, stable=True)
         cell_start = torch.searchsorted(sorted_keys, _arange_int32(n_atoms + 1, device))
         sorted_pos = work.index_select(0, perm)
         bi, bj, warps = CONFIG["cell_block_i"], CONFIG["cell_block_j"], CONFIG["cell_warps"]
-        grid = (triton.cdiv(n_atoms, bi),)
-        common = dict(HALF=not full, HAS_LOWER=cutoff_lower > 0, BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, **flags)
-        _cell_scan_kernel[grid](sorted_pos, perm, sorted_keys, cell_start, cells, start, batch, geo,
-                                geometry.rows, params, counts, counts, keys, 0, n_atoms, WRITE=False, **common)
+        programs = max(1, min(n_atoms, CONFIG["cell_programs"]))
+        total_index = n_atoms
+        counts = torch.empty(n_atoms + 1, dtype=torch.long, device=device)
+        common = dict(BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, **flags)
+        _cell_pairs_kernel[(programs,)](sorted_pos, perm, cell_start, cells, start, batch, geo, geometry.rows,
+                                        params, counts, counts, work, work, work, work, 0, n_atoms, programs,
+                                        half, 0, WRITE=False, **common)
         offsets = torch.cumsum(counts, 0)
-        capacity, total = _capacity(offsets, n_atoms, max_pairs, work)
-        scratch = torch.empty(max(capacity, 1), dtype=torch.int32, device=device)
-        _cell_scan_kernel[grid](sorted_pos, perm, sorted_keys, cell_start, cells, start, batch, geo,
-                                geometry.rows, params, counts, offsets, scratch, capacity, n_atoms,
-                                WRITE=True, **common)
-        ei, shifts, vectors, distances = _allocate(capacity, device, dtype)
-        atoms = CONFIG["emit_atoms"]
-        _emit_kernel[(triton.cdiv(n_atoms, atoms),)](
-            work, batch, geo, geometry.rows, offsets, scratch, ei, shifts, vectors, distances, capacity,
-            n_atoms, HAS_BATCH=has_batch, PERIODIC=geometry.periodic, TRICLINIC=geometry.triclinic,
-            ATOMS=atoms, BLOCK=CONFIG["emit_block"], num_warps=CONFIG["emit_warps"])
 
-    num_pairs = offsets[n_atoms]
+        def write(out, capacity, packed):
+            _cell_pairs_kernel[(programs,)](sorted_pos, perm, cell_start, cells, start, batch, geo, geometry.rows,
+                                            params, counts, offsets, *out, capacity, n_atoms, programs,
+                                            half, int(packed), WRITE=True, **common)
+
+    num_pairs = offsets[total_index]
     if capacity_mode:
-        mask = torch.empty(capacity, dtype=torch.bool, device=device)
-        if capacity > 0:
+        out = _allocate(max_pairs, device, dtype)
+        write(out, max_pairs, False)
+        ei, shifts, vectors, distances = out
+        ei = ei.view(2, max_pairs)
+        mask = torch.empty(max_pairs, dtype=torch.bool, device=device)
+        if max_pairs > 0:
             block = 1024
-            _pad_kernel[(triton.cdiv(capacity, block),)](offsets, ei, shifts, vectors, distances,
-                                                         mask.view(torch.int8), capacity, n_atoms,
-                                                         max(n_atoms - 1, 0), BLOCK=block)
-        overflow = num_pairs > capacity
+            _pad_kernel[(triton.cdiv(max_pairs, block),)](offsets, ei, shifts, vectors, distances,
+                                                          mask.view(torch.int8), max_pairs, total_index,
+                                                          max(n_atoms - 1, 0), BLOCK=block)
+        overflow = num_pairs > max_pairs
     else:
+        # exact size without a read-back in the middle: write into an estimated capacity, read
+        # the total once at the end, and re-run only the write pass if the estimate was short
+        ratio_key = (cutoff, full, method)
+        estimate = _PAIRS_PER_ATOM.get(ratio_key)
+        if estimate is None:
+            total, bad = torch.stack([num_pairs, status[0].long()]).tolist()
+            out = None
+        else:
+            capacity = int(n_atoms * estimate * 1.1) + 1024
+            out = _allocate(capacity, device, dtype)
+            write(out, capacity, True)
+            total, bad = torch.stack([num_pairs, status[0].long()]).tolist()
+            if total > capacity:
+                out = None
+        if bad:
+            row = int((~torch.isfinite(work)).any(-1).nonzero()[0, 0])
+            raise NeighborListError(f"atom {row} has a non-finite position {work[row].tolist()}")
+        if out is None:
+            out = _allocate(total, device, dtype)
+            write(out, total, True)
+        if len(_PAIRS_PER_ATOM) > 64:
+            _PAIRS_PER_ATOM.clear()
+        _PAIRS_PER_ATOM[ratio_key] = total / n_atoms
+        ei, shifts, vectors, distances = out
+        ei = ei[: 2 * total].view(2, total)
+        shifts, vectors, distances = shifts[:total], vectors[:total], distances[:total]
         mask = None
         overflow = torch.zeros((), dtype=torch.bool, device=device)
     if out_dtype != dtype:
@@ -997,19 +999,13 @@ def neighbor_list(
                      num_pairs=num_pairs, overflow=overflow, mask=mask)
 
 
-def _capacity(offsets, n_atoms, max_pairs, work):
-    """Rows to allocate: ``max_pairs``, or the exact total (one host read, with a finite check)."""
-    if max_pairs is not None:
-        return max_pairs, None
-    total, bad = torch.stack([offsets[n_atoms], (~torch.isfinite(work)).any().long()]).tolist()
-    if bad:
-        row = int((~torch.isfinite(work)).any(-1).nonzero()[0, 0])
-        raise NeighborListError(f"atom {row} has a non-finite position {work[row].tolist()}")
-    return int(total), int(total)
+#: pairs per atom of the last exact list per (cutoff, full, method): sizes the next one
+_PAIRS_PER_ATOM: dict = {}
 
 
 def _allocate(capacity, device, dtype):
-    ei = torch.empty(2, capacity, dtype=torch.long, device=device)
+    """Output buffers; edge_index is flat (2 * capacity) so an exact list can be packed [2, total]."""
+    ei = torch.empty(2 * capacity, dtype=torch.long, device=device)
     shifts = torch.empty(capacity, 3, dtype=dtype, device=device)
     vectors = torch.empty(capacity, 3, dtype=dtype, device=device)
     distances = torch.empty(capacity, dtype=dtype, device=device)
@@ -1088,7 +1084,7 @@ def needs_rebuild(
         block = 1024
         _displacement_kernel[(triton.cdiv(n_atoms, block),)](
             work, ref, b, geo, geometry.rows, flag, limit2, n_atoms, HAS_BATCH=has_batch,
-            PERIODIC=geometry.periodic, TRICLINIC=geometry.triclinic, BLOCK=block)
+            PERIODIC=geometry.periodic, BLOCK=block)
         return flag[0] > 0
     delta = work - ref
     if geometry.periodic:
