@@ -161,15 +161,19 @@ def _periodic_argon():
     return atoms
 
 
-@pytest.mark.parametrize("ensemble", ["langevin", "bussi", "nose-hoover"])
-def test_restart_continues_bit_for_bit(tmp_path, ensemble):
+@pytest.mark.parametrize(
+    "ensemble, every_step",
+    [("langevin", True), ("bussi", True), ("nose-hoover", True), ("langevin", False), ("nose-hoover", False)],
+)
+def test_restart_continues_bit_for_bit(tmp_path, ensemble, every_step):
     """Run A: 30 steps, write the restart file, 30 more. Run B: a new engine from the file, 30
     steps. Periodic box (wrapping), stochastic thermostats (generator state) and the
-    Nosé–Hoover chain variables: every tensor must be identical."""
+    Nosé–Hoover chain variables, per-step checks (CPU default) and chunked checks with replays
+    (GPU default): every tensor must be identical."""
     def make():
         return Simulation(LennardJones(EPS, SIG, cutoff=4.6), _periodic_argon(), timestep_fs=5.0,
                           ensemble=ensemble, temperature_K=120.0, friction_per_ps=5.0, tau_fs=50.0,
-                          dtype=F64, seed=3, skin=0.6, check_interval=7)
+                          dtype=F64, seed=3, skin=0.6, check_interval=7, check_every_step=every_step)
 
     restart = tmp_path / "restart.pt"
     a = make()
@@ -213,14 +217,15 @@ def test_batch_of_different_molecules_equals_separate_runs():
 
 
 def test_verlet_skin_and_replays_do_not_change_the_trajectory():
-    """A tiny skin (the list goes stale inside most chunks: they are replayed with per-step
-    checks) and a large skin give the same trajectory as rebuilding at every step."""
+    """Chunked mode (as on a GPU): a tiny skin (the list goes stale inside most chunks: they are
+    replayed with per-step checks) and a large skin give the same trajectory as rebuilding at
+    every step."""
     atoms = cluster()
     final = {}
     replays = {}
-    for label, skin, interval in (("tiny", 0.02, 10), ("large", 1.5, 10), ("every-step", 0.0, 1)):
+    for label, skin, every_step in (("tiny", 0.02, False), ("large", 1.5, False), ("every-step", 0.0, True)):
         sim = Simulation(lj(), atoms, timestep_fs=5.0, temperature_K=80.0, dtype=F64, seed=4, skin=skin,
-                         check_interval=interval)
+                         check_interval=10, check_every_step=every_step)
         sim.initialize()
         summary = sim.run(200, every=100)
         final[label] = sim.state.positions.clone()
@@ -262,7 +267,8 @@ class NaNBeyond(Potential):
         return energies * torch.where(beyond, float("nan"), 1.0)  # NaN energies and forces
 
 
-def test_nan_forces_stop_cleanly_keeping_last_good_state(tmp_path):
+@pytest.mark.parametrize("every_step", [True, False])
+def test_nan_forces_stop_cleanly_keeping_last_good_state(tmp_path, every_step):
     """The cluster translates by 0.2 Å per step (forces sum to zero, so its centre moves
     uniformly); the model turns NaN half-way between steps 36 and 37."""
     restart = tmp_path / "run.restart.pt"
@@ -271,7 +277,8 @@ def test_nan_forces_stop_cleanly_keeping_last_good_state(tmp_path):
     dt = 5.0
     speed = 0.2 / (dt * units.FS_TO_ASE_TIME)  # Å per ASE time unit
     limit = atoms.positions[:, 0].mean() + 0.2 * 36.5
-    sim = Simulation(NaNBeyond(limit), atoms, timestep_fs=dt, dtype=F64, check_interval=10, max_temperature_K=1e9)
+    sim = Simulation(NaNBeyond(limit), atoms, timestep_fs=dt, dtype=F64, check_interval=10, max_temperature_K=1e9,
+                     check_every_step=every_step)
     sim.initialize(velocities=np.tile([speed, 0.0, 0.0], (13, 1)))
     reporter = TrajectoryReporter(TrajectoryWriter(trajectory, 1))
     with pytest.raises(SimulationError) as err:

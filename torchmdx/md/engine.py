@@ -2,23 +2,26 @@
 
 Loop structure
 --------------
-Steps run in *chunks* that end at the next multiple of ``check_interval``, of the output
-interval ``every``, of ``restart_every``, or at the end. Inside a chunk nothing is read back
-from the device: the integrator updates tensors, the force field ORs "an atom moved more than
-skin/2" into a device flag, and a second flag records non-finite energies/forces or a
-temperature above ``max_temperature_K``. At the end of the chunk both flags are read with one
-transfer. If either is set, the chunk is undone (the state before it is a shallow snapshot:
-integrators never modify tensors in place; the random generator's state is saved too) and
-replayed in careful mode, which checks after every step: the neighbor list is rebuilt exactly
-when needed, and a bad step stops the run at the last good step. Replays are deterministic, so
-the result does not depend on where the chunks fall. At a check point the list is also rebuilt
-ahead of time when the largest displacement plus (largest speed × chunk duration) would exceed
-skin/2, so replays stay rare.
+Steps run in *chunks* that end after ``check_interval`` steps, at the next multiple of the
+output interval ``every`` or of ``restart_every``, or at the end. Inside a chunk nothing is
+read back from the device: the integrator updates tensors, the force field ORs "an atom moved
+more than skin/2" into a device flag, and a second flag records non-finite energies or forces
+(and, at the chunk's end, a temperature above ``max_temperature_K``). At the end of the chunk
+both flags are read with one transfer. If either is set, the chunk is undone (the state before
+it is a shallow snapshot: integrators never modify tensors in place; the random generator's
+state is saved too) and replayed in careful mode, which checks after every step: the neighbor
+list is rebuilt exactly when needed, and a bad step stops the run at the last good step. After
+a replay the chunk length halves, and grows back by one step per clean chunk. At a check point
+the list is also rebuilt ahead of time when the largest displacement plus twice (largest speed
+× chunk duration) would exceed skin/2, so replays stay rare.
+
+On the CPU a host check costs nothing, so there (``check_every_step``, the default off CUDA)
+every step is taken in careful mode and nothing is ever replayed.
 
 Restart files are written after rebuilding the neighbor list (which wraps periodic positions
 into the cell); a continued run builds its list from the same positions and carries on with the
-saved forces, velocities, thermostat variables and random-generator state, so it reproduces
-the original run bit for bit.
+saved forces, velocities, thermostat variables, random-generator state and chunk length, so it
+reproduces the original run bit for bit (on the same device, in the same mode).
 """
 
 from __future__ import annotations
@@ -133,8 +136,8 @@ class Simulation:
     ``temperature_K`` (K; initial velocities and thermostat target), ``friction_per_ps``
     (Langevin γ, 1/ps), ``tau_fs`` (Bussi / Nosé–Hoover time constant, fs), ``skin`` (Å),
     ``check_interval`` (steps between host checks), ``max_temperature_K`` (a structure hotter
-    than this stops the run; default max(2000 K, 5 T)). The potential is moved to ``device``
-    and ``dtype``.
+    than this stops the run; default max(2000 K, 5 T)), ``check_every_step`` (default: True
+    unless on CUDA; see the module docstring). The potential is moved to ``device`` and ``dtype``.
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class Simulation:
         check_interval: int = 10,
         max_temperature_K: Optional[float] = None,
         wrap: bool = True,
+        check_every_step: Optional[bool] = None,
     ):
         import ase
 
@@ -177,6 +181,8 @@ class Simulation:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.seed)
         self.check_interval = int(check_interval)
+        # on the CPU a host check costs nothing: check (and rebuild) at every step, no replays
+        self.check_every_step = (self.device.type == "cpu") if check_every_step is None else bool(check_every_step)
         self.max_temperature_K = float(max_temperature_K) if max_temperature_K else max(2000.0, 5.0 * self.temperature_K)
         self.state: Optional[MDState] = None
         self.replays = 0
@@ -334,6 +340,27 @@ class Simulation:
             bad = bad | self._bad_flag(self.state)
         return bad
 
+    def _advance_chunk(self, n: int, reporters) -> None:
+        """n steps without host synchronisation, then one check; replay carefully if needed."""
+        ff = self.forcefield
+        snap = self._snapshot()
+        bad = self._advance_fast(n) | self._too_hot(self.state)
+        v2 = (self.state.velocities ** 2).sum(-1).amax()
+        d2 = ff.displacement2(self.state.positions)
+        stale, bad_f, d2_now, v2_now = torch.stack([ff.stale.to(self.dtype), bad.to(self.dtype), d2, v2]).tolist()
+        if stale or bad_f:
+            self.replays += 1
+            self._restore(snap)
+            self._advance_careful(n, reporters)
+            self._interval = max(1, self._interval // 2)
+        else:
+            self._interval = min(self.check_interval, self._interval + 1)
+            # rebuild ahead of time if, at twice the present top speed, an atom could pass
+            # skin/2 within the next chunk
+            horizon = 2.0 * self.integrator.dt * self._interval
+            if math.sqrt(d2_now) + math.sqrt(v2_now) * horizon > 0.5 * ff.skin:
+                self.state.positions = ff.build(self.state.positions)
+
     def _advance_careful(self, n: int, reporters) -> None:
         def compute(state):
             self.forcefield.compute(state, careful=True)
@@ -387,6 +414,8 @@ class Simulation:
             restart_every = every * 10
         s, ff = self.system, self.forcefield
         start_step = self.state.step
+        if self.check_every_step:
+            self._interval = self.check_interval
         end = start_step + int(steps)
         builds_before, replays_before = ff.builds, self.replays
         bar = None
@@ -408,25 +437,10 @@ class Simulation:
                         _next_multiple(step, restart_every if self._restart_path is not None else None), end,
                     ))
                     n = target - step
-                    snap = self._snapshot()
-                    bad = self._advance_fast(n) | self._too_hot(self.state)
-                    v2 = (self.state.velocities ** 2).sum(-1).amax()
-                    d2 = ff.displacement2(self.state.positions)
-                    stale, bad_f, d2_now, v2_now = torch.stack(
-                        [ff.stale.to(self.dtype), bad.to(self.dtype), d2, v2]
-                    ).tolist()
-                    if stale or bad_f:
-                        self.replays += 1
-                        self._restore(snap)
+                    if self.check_every_step:
                         self._advance_careful(n, reporters)
-                        self._interval = max(1, self._interval // 2)
                     else:
-                        self._interval = min(self.check_interval, self._interval + 1)
-                        # rebuild ahead of time if, at twice the present top speed, an atom could
-                        # pass skin/2 within the next chunk
-                        horizon = 2.0 * self.integrator.dt * self._interval
-                        if math.sqrt(d2_now) + math.sqrt(v2_now) * horizon > 0.5 * ff.skin:
-                            self.state.positions = ff.build(self.state.positions)
+                        self._advance_chunk(n, reporters)
                     if bar is not None:
                         bar.update(n)
                     step = self.state.step

@@ -76,6 +76,13 @@ class ForceField:
             positions = s.wrap(positions)
         self.neighbors = self.potential.neighbors(positions.detach(), s.batch, s.cell, s.pbc, cutoff=self.cutoff + self.skin)
         self.reference = positions.detach()
+        nl = self.neighbors
+        # the cell is fixed during MD: the image offsets n_ij @ cell are constant until the next build
+        self._receivers, self._senders = nl.edge_index[0].contiguous(), nl.edge_index[1].contiguous()
+        self._offsets = None
+        if s.cell is not None and nl.shifts.numel() > 0:
+            cell_i = s.cell.index_select(0, s.batch.index_select(0, self._receivers))
+            self._offsets = torch.einsum("ek,ekl->el", nl.shifts.to(s.dtype), cell_i)
         self.stale = torch.zeros((), dtype=torch.bool, device=s.device)
         self.max_displacement2 = torch.zeros((), dtype=s.dtype, device=s.device)
         self.builds += 1
@@ -91,10 +98,12 @@ class ForceField:
         return bool(self.displacement2(positions) > self._threshold2)
 
     def snapshot(self) -> tuple:
-        return (self.neighbors, self.reference, self.stale, self.max_displacement2)
+        return (self.neighbors, self.reference, self.stale, self.max_displacement2,
+                self._receivers, self._senders, self._offsets)
 
     def restore(self, snap: tuple) -> None:
-        self.neighbors, self.reference, self.stale, self.max_displacement2 = snap
+        (self.neighbors, self.reference, self.stale, self.max_displacement2,
+         self._receivers, self._senders, self._offsets) = snap
 
     # ------------------------------------------------------------------ evaluation
     def masked_neighbors(self, positions: torch.Tensor) -> Neighbors:
@@ -113,7 +122,10 @@ class ForceField:
         s, nl = self.system, self.neighbors
         with torch.enable_grad():
             pos = positions.detach().requires_grad_(True)
-            vectors = edge_vectors(pos, nl.edge_index, nl.shifts, s.cell, s.batch)
+            # = edge_vectors(pos, ...) with the constant image offsets precomputed at the build
+            vectors = pos.index_select(0, self._senders) - pos.index_select(0, self._receivers)
+            if self._offsets is not None:
+                vectors = vectors + self._offsets
             length2 = (vectors * vectors).sum(-1)
             mask = length2 < self.cutoff * self.cutoff
             if nl.mask is not None:

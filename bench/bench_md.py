@@ -1,0 +1,168 @@
+"""MD speed: the native engine vs an ASE loop (VelocityVerlet + torchmdx.Calculator), same model.
+
+    .venv/bin/python bench/bench_md.py                       # CPU, systems up to 2 500 atoms
+    .venv/bin/python bench/bench_md.py --device cuda         # GPU, every system
+    .venv/bin/python bench/bench_md.py --model model.pt --systems alanine_dipeptide chignolin
+
+For each structure of ``../shared/data/systems`` both engines run NVE (dt 0.5 fs, velocities
+from 300 K) with the same model, after warm-up steps; the table gives steps/s, the speed-up of
+the native engine and ns/day. ``--replicas R`` adds a row per system where R copies run as one
+batch (molecule-steps/s = R × steps/s). Without ``--model`` a randomly initialised ET with
+TorchMD-NET's MD17 hyper-parameters (or the sizes given) is used: the speed of a potential
+does not depend on its weights, and random weights give large forces, so the temperature limit
+is lifted and a run that still blows up is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SYSTEMS = [
+    "alanine_dipeptide", "caffeine", "testosterone", "chignolin", "alanine_dipeptide_solvated",
+    "dhfr", "factorIX", "stmv",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--model", help="model file (default: a random ET)")
+    p.add_argument("--embedding-dimension", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=6)
+    p.add_argument("--cutoff", type=float, default=5.0)
+    p.add_argument("--systems", nargs="*", help=f"names (default: all up to --max-atoms): {', '.join(SYSTEMS)}")
+    p.add_argument("--max-atoms", type=int, help="skip larger systems (default: 2500 on the CPU, none on a GPU)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per engine")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions; the best is reported")
+    p.add_argument("--replicas", type=int, default=0, help="also time R replicas in one batch (native)")
+    p.add_argument("--skin", type=float, default=0.5)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "systems"))
+    p.add_argument("--json", help="also write the results here")
+    return p.parse_args(argv)
+
+
+def load_model(args):
+    import torchmdx
+
+    if args.model:
+        return torchmdx.load_model(args.model)
+    return torchmdx.build_model({
+        "embedding_dimension": args.embedding_dimension, "num_layers": args.num_layers,
+        "cutoff_upper": args.cutoff, "seed": 0,
+    })
+
+
+def time_native(model, structures, args):
+    import torch
+
+    from torchmdx.md.engine import Simulation
+
+    sim = Simulation(model, structures, timestep_fs=0.5, ensemble="nve", temperature_K=300.0, device=args.device,
+                     dtype=getattr(torch, args.dtype), seed=0, skin=args.skin, max_temperature_K=1e12)
+    sim.initialize()
+    sim.run(args.warmup, every=max(1, args.warmup))
+    best, builds = 0.0, 0
+    for _ in range(args.repeat):
+        summary = sim.run(args.steps, every=args.steps)
+        best, builds = max(best, summary.steps_per_s), builds + summary.neighbor_list_builds
+    return best, builds
+
+
+def time_ase(model, atoms, args):
+    import numpy as np
+    import torch
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from torchmdx.md.calculator import Calculator
+    from torchmdx.md.system import System
+
+    atoms = atoms.copy()
+    atoms.calc = Calculator(model, device=args.device, dtype=args.dtype, skin=args.skin)
+    system = System.from_atoms([atoms], "cpu", torch.float64)
+    atoms.set_velocities(system.maxwell_boltzmann(300.0, torch.Generator().manual_seed(0)).numpy())
+    dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    dyn.run(args.warmup)
+    best = 0.0
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        dyn.run(args.steps)
+        best = max(best, args.steps / (time.perf_counter() - start))
+    if not np.isfinite(atoms.get_forces()).all():
+        raise FloatingPointError("non-finite forces")
+    return best
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from ase.io import read
+
+    from torchmdx.errors import TorchmdxError
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    max_atoms = args.max_atoms if args.max_atoms is not None else (None if args.device.startswith("cuda") else 2500)
+    names = args.systems or SYSTEMS
+    model = load_model(args).to(args.device)
+    print(f"# bench_md: device {args.device}"
+          + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else "")
+          + f", {args.dtype}, model {args.model or f'random ET F={args.embedding_dimension} L={args.num_layers}'}"
+          + f", cutoff {model.cutoff} Å, skin {args.skin} Å, best of {args.repeat} x {args.steps} steps after {args.warmup}")
+    header = f"{'system':28s} {'atoms':>7s} {'native st/s':>12s} {'ASE st/s':>10s} {'speed-up':>9s} {'ns/day':>9s} {'nl builds':>9s}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for name in names:
+        path = Path(args.data) / f"{name}.xyz"
+        atoms = read(path)
+        if max_atoms is not None and len(atoms) > max_atoms:
+            print(f"{name:28s} {len(atoms):7d}   skipped (> --max-atoms {max_atoms})")
+            continue
+        row = {"system": name, "atoms": len(atoms)}
+        try:
+            row["native_steps_per_s"], row["neighbor_list_builds"] = time_native(model, atoms, args)
+        except (TorchmdxError, RuntimeError) as exc:
+            row["native_error"] = str(exc).splitlines()[0]
+        try:
+            row["ase_steps_per_s"] = time_ase(model, atoms, args)
+        except (TorchmdxError, RuntimeError, FloatingPointError) as exc:
+            row["ase_error"] = str(exc).splitlines()[0]
+        native, ase_rate = row.get("native_steps_per_s"), row.get("ase_steps_per_s")
+        speedup = f"{native / ase_rate:9.2f}" if native and ase_rate else f"{'-':>9s}"
+        print(f"{name:28s} {len(atoms):7d} "
+              + (f"{native:12.1f}" if native else f"{'failed':>12s}") + " "
+              + (f"{ase_rate:10.1f}" if ase_rate else f"{'failed':>10s}") + " "
+              + speedup + " "
+              + (f"{native * 0.5e-6 * 86400:9.3f}" if native else f"{'-':>9s}") + " "
+              + f"{row.get('neighbor_list_builds', '-'):>9}")
+        for key in ("native_error", "ase_error"):
+            if key in row:
+                print(f"    {key}: {row[key]}")
+        if args.replicas > 1:
+            try:
+                rate, _ = time_native(model, [atoms] * args.replicas, args)
+                row["replicas"] = args.replicas
+                row["replica_molecule_steps_per_s"] = rate * args.replicas
+                print(f"{name + f' x{args.replicas} (batch)':28s} {len(atoms) * args.replicas:7d} {rate:12.1f} "
+                      f"{'':>10s} {'':>9s} {rate * 0.5e-6 * 86400:9.3f}   = {rate * args.replicas:.1f} molecule-steps/s")
+            except (TorchmdxError, RuntimeError) as exc:
+                print(f"    replicas: {str(exc).splitlines()[0]}")
+        rows.append(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": args.device, "dtype": args.dtype, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
