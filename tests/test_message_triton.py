@@ -237,6 +237,33 @@ def case_model(shared_data):
     assert not bad, f"energy / force relative errors: {results}"
 
 
+def case_training():
+    """Training on forces (create_graph=True, then loss.backward()) through the fused path gives
+    the reference path's forces and parameter gradients: the differentiable backward must not
+    double-count paths between its inputs (q depends on rbf through the earlier layer)."""
+    from torchmdx.nn import ETPotential
+
+    g = torch.Generator().manual_seed(4)
+    z = torch.randint(1, 9, (10,), generator=g)
+    pos = 1.5 * torch.randn(10, 3, generator=g, dtype=torch.float64)
+    batch = torch.arange(2).repeat_interleave(5)
+    config = dict(embedding_dimension=16, num_layers=2, num_heads=2, num_rbf=8, seed=5, dtype="float64")
+    results = []
+    for backend in ("triton", "torch"):
+        model = ETPotential(config, backend=backend).train()
+        out = model(z, pos, batch, create_graph=True)
+        loss = out["energy"].square().mean() + 10 * out["forces"].square().mean()
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results.append((out["forces"].detach(), grads))
+    (forces, grads), (forces_ref, grads_ref) = results
+    assert rel_err(forces, forces_ref) < 1e-11, f"forces with create_graph: {rel_err(forces, forces_ref)}"
+    assert set(grads) == set(grads_ref)
+    bad = {name: rel_err(grads[name], grads_ref[name]) for name in grads_ref
+           if not rel_err(grads[name], grads_ref[name]) < 1e-10}
+    assert not bad, f"parameter gradients differ: {bad}"
+
+
 def run_interpreter_cases(out_path, shared_data):
     """Subprocess entry: run every case, write {case: None | error text}."""
     import traceback
@@ -244,7 +271,7 @@ def run_interpreter_cases(out_path, shared_data):
     results = {}
     cases = [(name, lambda name=name: case_message(name)) for name in CASES]
     cases += [("double_backward", case_double_backward), ("weight_gradients", case_weight_gradients),
-              ("model", lambda: case_model(shared_data))]
+              ("model", lambda: case_model(shared_data)), ("training", case_training)]
     for name, fn in cases:
         try:
             fn()
@@ -267,7 +294,7 @@ def interpreter_results(tmp_path_factory, shared_data):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("name", list(CASES) + ["double_backward", "weight_gradients", "model"])
+@pytest.mark.parametrize("name", list(CASES) + ["double_backward", "weight_gradients", "model", "training"])
 def test_interpreter(interpreter_results, name):
     error = interpreter_results[name]
     assert error is None, error

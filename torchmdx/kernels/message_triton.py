@@ -354,13 +354,20 @@ def _or(t, default):
 
 
 def _reference_backward(spec, edge_index, saved, needs, grad_m, grad_u):
+    """Differentiable backward: the reference on fresh views of the inputs, differentiated with
+    create_graph=True. The views matter: inputs may depend on each other (q on rbf through
+    earlier layers, dk0 on W_k), and gradients w.r.t. the tensors themselves would also follow
+    those outer paths, which the outer backward already takes (double counting)."""
     wrt = [idx for idx, (t, need) in enumerate(zip(saved, needs)) if need and t is not None]
     out = [None] * len(saved)
     if not wrt:
         return tuple(out)
     with torch.enable_grad():
-        m, u = _reference_from_saved(spec, edge_index, saved)
-        grads = torch.autograd.grad((m, u), [saved[idx] for idx in wrt], (grad_m, grad_u),
+        inputs = list(saved)
+        for idx in wrt:
+            inputs[idx] = saved[idx].view_as(saved[idx])
+        m, u = _reference_from_saved(spec, edge_index, inputs)
+        grads = torch.autograd.grad((m, u), [inputs[idx] for idx in wrt], (grad_m, grad_u),
                                     create_graph=True, allow_unused=True)
     for idx, g in zip(wrt, grads):
         out[idx] = g
