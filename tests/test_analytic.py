@@ -170,8 +170,9 @@ def test_sum_potential_adds_terms():
         LennardJones({18: EPS, 10: 0.0031}, {18: SIG, 10: 2.75}, cutoff=8.0, shift="force"),
         Morse(0.3, 3.8, 1.2),
         HarmonicBonds([[0, 1], [1, 2]], [3.6, 3.7], [1.0, 2.0], num_atoms=13, cutoff=6.0),
+        SumPotential([LennardJones(EPS, SIG), HarmonicBonds([[0, 1]], [3.6], [1.0], num_atoms=13)]),
     ],
-    ids=["lj", "morse", "bonds"],
+    ids=["lj", "morse", "bonds", "sum"],
 )
 def test_model_file_round_trip(tmp_path, potential):
     path = tmp_path / "analytic.pt"

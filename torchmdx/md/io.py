@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from torchmdx.errors import DataError, SimulationError
+from torchmdx.errors import DataError
 from torchmdx.io_utils import atomic_write
 
 THERMO_COLUMNS = (
@@ -175,11 +175,36 @@ def truncate_outputs(trajectory_paths: list[Path], log_path: Optional[Path], las
                     write(f, a, format="extxyz")
 
 
+def atoms_to_plain(atoms) -> dict:
+    """An ``ase.Atoms`` as tensors and strings only (restart files load with weights_only=True)."""
+    import torch
+
+    return {
+        "numbers": torch.as_tensor(atoms.numbers, dtype=torch.long),
+        "positions": torch.as_tensor(atoms.get_positions(), dtype=torch.float64),
+        "cell": torch.as_tensor(atoms.cell.array, dtype=torch.float64),
+        "pbc": torch.as_tensor(atoms.pbc, dtype=torch.bool),
+        "masses": torch.as_tensor(atoms.get_masses(), dtype=torch.float64),
+    }
+
+
+def atoms_from_plain(values: dict):
+    from ase import Atoms
+
+    return Atoms(
+        numbers=values["numbers"].numpy(), positions=values["positions"].numpy(), cell=values["cell"].numpy(),
+        pbc=values["pbc"].numpy(), masses=values["masses"].numpy(),
+    )
+
+
 def save_restart(path: str | os.PathLike, payload: dict) -> None:
-    """``torch.save`` the restart dict to a temporary name, then rename it onto ``path``."""
+    """``torch.save`` the restart dict to a temporary name, then rename it onto ``path``.
+    ``payload["structures"]`` may hold ``ase.Atoms``; they are stored as plain tensors."""
     import torch
 
     payload = dict(payload, format=RESTART_FORMAT, version=RESTART_VERSION)
+    if "structures" in payload:
+        payload["structures"] = [atoms_to_plain(a) if not isinstance(a, dict) else a for a in payload["structures"]]
     with atomic_write(path, "wb") as f:
         torch.save(payload, f)
 
@@ -192,17 +217,19 @@ def load_restart(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: restart file not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise DataError(f"{path}: not a readable restart file ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != RESTART_FORMAT:
         raise DataError(f"{path}: not a torchmdx MD restart file")
     if payload.get("version", 0) > RESTART_VERSION:
         raise DataError(f"{path}: restart file version {payload.get('version')} is newer than this torchmdx reads ({RESTART_VERSION})")
+    payload["structures"] = [atoms_from_plain(a) for a in payload.get("structures", [])]
     return payload
 
 
 __all__ = [
     "TrajectoryWriter", "ThermoLog", "make_frame", "read_thermo", "save_restart", "load_restart",
-    "truncate_outputs", "structure_paths", "SimulationError",
+    "atoms_to_plain", "atoms_from_plain",
+    "truncate_outputs", "structure_paths",
 ]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
 import torch
 
 from torchmdx.errors import ConfigError, ModelError

@@ -16,7 +16,6 @@ Units: energies eV, lengths Å, force constants eV/Å², Morse width 1/Å.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -304,6 +303,22 @@ class SumPotential(Potential):
         for p in self.terms:
             p.check_elements(z)
 
+    def hparams(self) -> dict:
+        return {"terms": [{"kind": p.kind, "hparams": p.hparams()} for p in self.terms]}
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> "SumPotential":
+        from torchmdx.nn.model_file import potential_class
+
+        terms = []
+        for term in hparams.get("terms", []):
+            term_cls = potential_class(term["kind"])
+            values = dict(term.get("hparams") or {})
+            terms.append(term_cls.from_hparams(values) if hasattr(term_cls, "from_hparams") else term_cls(**values))
+        if not terms:
+            raise ModelError("sum: no terms given")
+        return cls(terms)
+
     def atomic_energies(self, graph: Graph) -> torch.Tensor:
         total = None
         for p in self.terms:
@@ -312,4 +327,4 @@ class SumPotential(Potential):
         return total
 
 
-ANALYTIC_KINDS = {cls.kind: cls for cls in (LennardJones, Morse, HarmonicBonds)}
+ANALYTIC_KINDS = {cls.kind: cls for cls in (LennardJones, Morse, HarmonicBonds, SumPotential)}
