@@ -21,6 +21,20 @@ def as_dtype(dtype) -> torch.dtype:
     return DTYPES[key]
 
 
+def check_device(device) -> torch.device:
+    """A torch device that exists here (one-line ConfigError otherwise)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: no CUDA GPU is available here (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
 def potential_dtype(potential: Potential, default: torch.dtype = torch.float64) -> torch.dtype:
     """The floating dtype of a potential's parameters (or buffers); ``default`` if it has none."""
     for t in list(potential.parameters()) + list(potential.buffers()):
@@ -32,6 +46,7 @@ def potential_dtype(potential: Potential, default: torch.dtype = torch.float64) 
 def load_potential(model, device="cpu", dtype=None) -> Potential:
     """A :class:`Potential` on ``device`` (and ``dtype`` when given) from a Potential object or
     a model file written by ``Potential.save`` (read by ``torchmdx.load_model``)."""
+    device = check_device(device)
     if isinstance(model, Potential):
         potential = model
     elif isinstance(model, (str, Path)):

@@ -86,9 +86,10 @@ def run_md(config: MDConfig, potential=None, out=None) -> dict:
 
     ``potential`` (a Potential object) overrides ``config.model``.
     """
-    from torchmdx.md.loading import as_dtype, load_potential
+    from torchmdx.md.loading import as_dtype, check_device, load_potential
 
     out = sys.stdout if out is None else out
+    check_device(config.device)
 
     restart_payload = load_restart(config.restart) if config.restart else None
     if config.structure:
