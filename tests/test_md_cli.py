@@ -178,6 +178,17 @@ def test_replicas_write_one_trajectory_each(tmp_path, shared_data, et_model):
     assert len({r["kinetic_eV"] for r in rows[:3]}) == 3
 
 
+def test_different_molecules_in_one_batch(tmp_path, shared_data, et_model):
+    both = tmp_path / "two.extxyz"
+    write(both, [read(shared_data / "systems" / "alanine_dipeptide.xyz"), read(shared_data / "systems" / "caffeine.xyz")])
+    assert _md(tmp_path, both, "--model", et_model, "--steps", 2, "--every", 2, "--out", tmp_path / "last.extxyz", *SAFE) == 0
+    assert len(read(tmp_path / "last.extxyz", 0)) == 24  # default: the last frame only
+    assert _md(tmp_path, both, "--index", ":", "--model", et_model, "--steps", 2, "--every", 2,
+               "--out", tmp_path / "all.extxyz", *SAFE) == 0
+    assert [len(read(tmp_path / f"all.{k}.extxyz", -1)) for k in range(2)] == [22, 24]
+    assert sorted({r["structure"] for r in read_thermo(tmp_path / "all.csv")}) == [0, 1]
+
+
 @register_potential
 class NaNAwayLJ(Potential):
     """LJ that turns NaN (energy and forces) once atom 0 is more than ``radius`` Å from

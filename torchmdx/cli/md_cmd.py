@@ -17,6 +17,7 @@ HELP = "run molecular dynamics (native engine or ASE) with a model file"
 # option name -> (argparse kwargs); dest names are MDConfig fields
 _OPTIONS = {
     "--model": dict(help="model file (Potential.save / torchmdx export)"),
+    "--index": dict(help="frames of each structure file (ASE syntax): -1 the last (default), ':' all"),
     "--steps": dict(type=int, help="total number of MD steps (default 1000)"),
     "--dt": dict(type=float, help="time step in fs (default 0.5)"),
     "--temperature": dict(type=float, help="temperature in K: initial velocities and thermostat target (default 300)"),
@@ -59,7 +60,7 @@ def config_from_args(args):
     from torchmdx.md.config import md_config
 
     values = {}
-    for key in ["model", "steps", "dt", "temperature", "ensemble", "friction", "tau", "chain_length", "out",
+    for key in ["model", "index", "steps", "dt", "temperature", "ensemble", "friction", "tau", "chain_length", "out",
                 "log", "every", "restart_out", "restart_every", "summary", "restart", "device", "dtype", "seed",
                 "engine", "fmax", "minimize_steps", "replicas", "skin", "check_interval", "max_temperature",
                 "minimize", "wrap", "progress"]:

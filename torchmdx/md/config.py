@@ -18,8 +18,9 @@ Ensemble = Literal["nve", "langevin", "bussi", "nose-hoover"]
 class MDConfig:
     """Options of an MD run.
 
-    structure        structure file(s) any ASE reader understands (xyz, extxyz, pdb, cif, ...);
-                     every frame of every file is simulated, together in one batch
+    structure        structure file(s) any ASE reader understands (xyz, extxyz, pdb, cif, ...),
+                     simulated together in one batch
+    index            frames of each file, ASE's syntax: "-1" the last (default), ":" all, "0:4"
     model            model file (``Potential.save`` / ``torchmdx export``)
     steps            total number of steps (a run continued from a restart stops at this step)
     dt               time step (fs)
@@ -48,6 +49,7 @@ class MDConfig:
     """
 
     structure: Union[str, list[str]] = field(default_factory=list)
+    index: str = "-1"
     model: Optional[str] = None
     steps: int = 1000
     dt: float = 0.5

@@ -50,8 +50,9 @@ class ThermoReporter(Reporter):
         self.log.close()
 
 
-def read_structures(paths) -> list:
-    """Every frame of every file, via ``ase.io.read`` (one-line DataError on failure)."""
+def read_structures(paths, index: str = "-1") -> list:
+    """The frames ``index`` (ASE syntax: "-1" last, ":" all) of every file, via ``ase.io.read``
+    (one-line DataError on failure)."""
     from ase.io import read
 
     structures = []
@@ -60,7 +61,8 @@ def read_structures(paths) -> list:
         if not path.is_file():
             raise DataError(f"{path}: structure file not found")
         try:
-            frames = read(str(path), index=":")
+            frames = read(str(path), index=index)
+            frames = [frames] if not isinstance(frames, list) else frames
         except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(f"{path}: cannot read a structure with ASE ({first})") from None
@@ -93,7 +95,7 @@ def run_md(config: MDConfig, potential=None, out=None) -> dict:
 
     restart_payload = load_restart(config.restart) if config.restart else None
     if config.structure:
-        structures = read_structures(config.structure)
+        structures = read_structures(config.structure, config.index)
         structures = [_clean(a) for a in structures for _ in range(config.replicas)]
     elif restart_payload is not None:
         structures = list(restart_payload["structures"])
