@@ -148,6 +148,7 @@ CASES = {
     "filtered_keys_sigmoid_f64": (dict(with_dv=False, heads=4, head_dim=4), dict(attn="sigmoid", filter_act="tanh"), 1e-11),
     "none_filters_H1_f64": (dict(filters="given", with_dk=False, with_dv=False, heads=1), dict(), 1e-11),
     "no_edges_self_loop_f64": (dict(no_edges=True), dict(), 1e-11),
+    "heavy_padding_f64": (dict(padding=40), dict(vector_cutoff=True), 1e-11),
     "filtered_both_std_f32": (dict(dtype=torch.float32, heads=4, head_dim=8, num_rbf=16), dict(), 3e-5),
     "given_both_vcut_f32": (dict(dtype=torch.float32, filters="given"), dict(vector_cutoff=True, attn="tanh"), 3e-5),
 }
@@ -298,6 +299,32 @@ def interpreter_results(tmp_path_factory, shared_data):
 def test_interpreter(interpreter_results, name):
     error = interpreter_results[name]
     assert error is None, error
+
+
+def test_segment_ends_skip_trailing_masked_rows():
+    """EdgeLayout's segments (receiver order and sender order) end after their last valid row,
+    checked against a brute-force scan on random sorted edge lists with random masks."""
+    pytest.importorskip("triton")
+    from torchmdx.kernels.message_triton import EdgeLayout
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        n = int(torch.randint(1, 8, (1,), generator=g))
+        e = int(torch.randint(0, 30, (1,), generator=g))
+        i = torch.sort(torch.randint(0, n, (e,), generator=g)).values
+        j = torch.randint(0, n, (e,), generator=g)
+        mask = torch.rand(e, generator=g) > 0.4
+        layout = EdgeLayout(torch.stack([i, j]), n, mask)
+        colptr, colend, perm = layout.sender_order()
+        for a in range(n):
+            rows = [x for x in range(e) if i[x] == a]
+            valid = [x for x in rows if mask[x]]
+            assert int(layout.rowptr[a]) == (rows[0] if rows else int(layout.rowptr[a]))
+            assert int(layout.rowend[a]) == (valid[-1] + 1 if valid else int(layout.rowptr[a]))
+            sent = [t for t in range(e) if j[perm[t]] == a]
+            assert sent == list(range(int(colptr[a]), int(colptr[a + 1])))
+            valid = [t for t in sent if mask[perm[t]]]
+            assert int(colend[a]) == (valid[-1] + 1 if valid else int(colptr[a]))
 
 
 def test_cpu_without_interpreter_uses_reference():

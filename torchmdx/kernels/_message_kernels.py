@@ -12,7 +12,9 @@ launch wrappers and the autograd wiring. Notation (per edge e = (i <- j), head h
 
 Every program owns one receiver (forward, ``_bwd_receiver``) or one sender
 (``_bwd_sender``, edges visited through a sender-sorted permutation) and writes its rows
-once: segment sums in registers, no atomics, deterministic. Channels are processed in chunks
+once: segment sums in registers, no atomics, deterministic. A segment runs from
+``rowptr[i]`` to ``rowend[i]``: its trailing masked rows (the padding of a fixed-capacity list,
+all on atom N - 1) are skipped, and their per-edge gradients are left at the caller's zeros. Channels are processed in chunks
 of ``HB`` whole heads (``DP`` = D padded to a power of two, masked) so that edge x channel
 tiles stay small; the radial filters come from the RBF row with ``tl.dot`` on a block of
 ``BE`` edges.
@@ -104,7 +106,7 @@ def _filter(r, wT, bias, MODE: tl.constexpr, FACT: tl.constexpr, BE: tl.constexp
 
 @triton.jit
 def _message_fwd_kernel(
-    rowptr_ptr, senders_ptr, q_ptr, k_ptr, v_ptr, vec_ptr,
+    rowptr_ptr, rowend_ptr, senders_ptr, q_ptr, k_ptr, v_ptr, vec_ptr,
     dk_ptr, dv_ptr, rbf_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
     phi_ptr, unit_ptr, mask_ptr, dk0_ptr, dv0_ptr, phi0_ptr,
     m_ptr, u_ptr, num_atoms,
@@ -138,7 +140,7 @@ def _message_fwd_kernel(
     for atom in range(tl.program_id(0), num_atoms, tl.num_programs(0)):
         i = tl.cast(atom, tl.int64)
         start = tl.load(rowptr_ptr + i)
-        end = tl.load(rowptr_ptr + i + 1)
+        end = tl.load(rowend_ptr + i)
         q_i = tl.load(q_ptr + i * F + ch, mask=cval, other=0.0)
         acc_m = tl.zeros((HB, DP), dtype=q_i.dtype)
         acc_x = tl.zeros((HB, DP), dtype=q_i.dtype)
@@ -226,7 +228,7 @@ def _message_fwd_kernel(
 
 @triton.jit
 def _message_bwd_receiver_kernel(
-    rowptr_ptr, senders_ptr, q_ptr, k_ptr, v_ptr, vec_ptr,
+    rowptr_ptr, rowend_ptr, senders_ptr, q_ptr, k_ptr, v_ptr, vec_ptr,
     dk_ptr, dv_ptr, rbf_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
     phi_ptr, unit_ptr, mask_ptr, dk0_ptr, dv0_ptr, phi0_ptr,
     gm_ptr, gu_ptr,
@@ -272,7 +274,7 @@ def _message_bwd_receiver_kernel(
     for atom in range(tl.program_id(0), num_atoms, tl.num_programs(0)):
         i = tl.cast(atom, tl.int64)
         start = tl.load(rowptr_ptr + i)
-        end = tl.load(rowptr_ptr + i + 1)
+        end = tl.load(rowend_ptr + i)
         q_i = tl.load(q_ptr + i * F + ch, mask=cval, other=0.0)
         gm_i = tl.load(gm_ptr + i * F + ch, mask=cval, other=0.0)
         gx = tl.load(gu_ptr + i * (3 * F) + ch, mask=cval, other=0.0)
@@ -439,7 +441,7 @@ def _message_bwd_receiver_kernel(
 
 @triton.jit
 def _message_bwd_sender_kernel(
-    colptr_ptr, perm_ptr, receivers_ptr, q_ptr, k_ptr, v_ptr, vec_ptr,
+    colptr_ptr, colend_ptr, perm_ptr, receivers_ptr, q_ptr, k_ptr, v_ptr, vec_ptr,
     dk_ptr, dv_ptr, rbf_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
     phi_ptr, unit_ptr, mask_ptr, dk0_ptr, dv0_ptr, phi0_ptr,
     gm_ptr, gu_ptr,
@@ -477,7 +479,7 @@ def _message_bwd_sender_kernel(
     for atom in range(tl.program_id(0), num_atoms, tl.num_programs(0)):
         j = tl.cast(atom, tl.int64)
         start = tl.load(colptr_ptr + j)
-        end = tl.load(colptr_ptr + j + 1)
+        end = tl.load(colend_ptr + j)
         k_j = tl.load(k_ptr + j * F + ch, mask=cval, other=0.0)
         v1_j = tl.load(v_ptr + j * (3 * F) + vch, mask=cval, other=0.0)
         v2_j = tl.load(v_ptr + j * (3 * F) + vch + D, mask=cval, other=0.0)

@@ -140,27 +140,54 @@ def _pow2(x: int) -> int:
 # ---------------------------------------------------------------------------------- layout
 class EdgeLayout:
     """Segments of an edge list sorted by receiver: row pointers of receivers and, on first
-    use, the sender-sorted permutation with its row pointers (no host synchronisation)."""
+    use, the sender-sorted permutation with its row pointers (no host synchronisation).
 
-    def __init__(self, edge_index: torch.Tensor, num_nodes: int):
+    Segment i runs from ``rowptr[i]`` to ``rowend[i]``, which drops the segment's trailing
+    masked rows: a fixed-capacity neighbor list puts all its padding rows (i = j = N - 1, mask
+    False) on the last atom, and one program would otherwise walk them all. ``rowend`` is the
+    largest (index + 1) of a valid row of the segment (a running maximum, deterministic); the
+    sender side does the same in sender-sorted order (``colend``).
+    """
+
+    def __init__(self, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor] = None):
         self.edge_index = edge_index
         self.version = edge_index._version
         self.num_nodes = num_nodes
+        self.mask = mask
+        self.mask_version = mask._version if mask is not None else None
         self.receivers = edge_index[0].contiguous()
         self.senders = edge_index[1].contiguous()
         self._nodes = torch.arange(num_nodes + 1, device=edge_index.device, dtype=edge_index.dtype)
         self.rowptr = torch.searchsorted(self.receivers, self._nodes)
+        self.rowend = self._segment_ends(self.rowptr, self.receivers, mask)
         self._sender = None
 
-    def sender_order(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(colptr [N+1], perm [E]): edges perm[colptr[j]:colptr[j+1]] are those sent by j."""
+    @staticmethod
+    def _segment_ends(ptr, keys, mask):
+        """End of each segment after its last valid row: the running maximum of (index + 1) over
+        valid rows, read at the segment's last row (a value from an earlier segment is at most
+        ptr[i], hence the maximum with it); a scan, deterministic, no host sync."""
+        count = keys.numel()
+        if mask is None or count == 0:
+            return ptr[1:]
+        after = torch.arange(1, count + 1, device=keys.device, dtype=ptr.dtype) * (mask != 0).to(ptr.dtype)
+        running = torch.cummax(after, 0).values
+        ends = torch.maximum(running.index_select(0, (ptr[1:] - 1).clamp_min(0)), ptr[:-1])
+        return torch.where(ptr[1:] > ptr[:-1], ends, ptr[:-1])  # empty segments stay empty
+
+    def sender_order(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(colptr [N+1], colend [N], perm [E]): edges perm[colptr[j]:colend[j]] are those sent
+        by j (trailing masked ones dropped)."""
         if self._sender is None:
             sorted_senders, perm = torch.sort(self.senders, stable=True)
-            self._sender = (torch.searchsorted(sorted_senders, self._nodes), perm)
+            colptr = torch.searchsorted(sorted_senders, self._nodes)
+            mask = self.mask.index_select(0, perm) if self.mask is not None else None
+            self._sender = (colptr, self._segment_ends(colptr, sorted_senders, mask), perm)
         return self._sender
 
-    def matches(self, edge_index: torch.Tensor, num_nodes: int) -> bool:
-        return self.edge_index is edge_index and self.version == edge_index._version and self.num_nodes == num_nodes
+    def matches(self, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor]) -> bool:
+        return (self.edge_index is edge_index and self.version == edge_index._version and self.num_nodes == num_nodes
+                and self.mask is mask and (mask is None or self.mask_version == mask._version))
 
 
 # ---------------------------------------------------------------------------------- spec
@@ -325,7 +352,7 @@ class _FusedMessageFunction(torch.autograd.Function):
         if n > 0:
             spec = _launch(
                 kernels._message_fwd_kernel, spec.grid(n, q.device), spec,
-                layout.rowptr, layout.senders, q, k, v, vec,
+                layout.rowptr, layout.rowend, layout.senders, q, k, v, vec,
                 _or(dk, dummy), _or(dv, dummy), _or(rbf, dummy), _or(wk, dummy), _or(bk, dummy), _or(wv, dummy),
                 _or(bv, dummy), phi, unit, _or(mask, dummy), _or(dk0, dummy), _or(dv0, dummy), _or(phi0, dummy),
                 m, u, n,
@@ -394,12 +421,14 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         new = lambda *shape: torch.empty(*shape, dtype=q.dtype, device=q.device)  # noqa: E731
         uses_rbf = spec.dk_mode == 2 or spec.dv_mode == 2
         width = (spec.num_rbf if uses_rbf else 0) + 4
+        # per-edge outputs: rows the kernels skip (trailing masked rows) must read 0
+        new_edge = (lambda *shape: torch.zeros(*shape, dtype=q.dtype, device=q.device)) if spec.has_mask else new
         gq = new(n, f)
-        gedge = new(spec.chunks, e, width)  # per chunk: dL/drbf [K], dL/dphi, dL/dd [3]
-        gdk = new(e, f) if spec.dk_mode == 1 else dummy
-        gdv = new(e, 3 * f) if spec.dv_mode == 1 else dummy
-        gzk = new(e, f) if write_gz and spec.dk_mode == 2 else dummy
-        gzv = new(e, 3 * f) if write_gz and spec.dv_mode == 2 else dummy
+        gedge = new_edge(spec.chunks, e, width)  # per chunk: dL/drbf [K], dL/dphi, dL/dd [3]
+        gdk = new_edge(e, f) if spec.dk_mode == 1 else dummy
+        gdv = new_edge(e, 3 * f) if spec.dv_mode == 1 else dummy
+        gzk = new_edge(e, f) if write_gz and spec.dk_mode == 2 else dummy
+        gzv = new_edge(e, 3 * f) if write_gz and spec.dv_mode == 2 else dummy
         gdk0 = new(n, f) if self_filter_grad and spec.self_dk else dummy
         gdv0 = new(n, 3 * f) if self_filter_grad and spec.self_dv else dummy
         _launch_receiver(spec, layout, tensors, grad_m, grad_u, (gq, gedge, gdk, gdv, gzk, gzv, gdk0, gdv0, e, n),
@@ -436,10 +465,10 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
     if need_sender:
         gk, gv, gvec = torch.empty_like(k), torch.empty_like(v), torch.empty_like(vec)
         if n > 0:
-            colptr, perm = layout.sender_order()
+            colptr, colend, perm = layout.sender_order()
             _launch(
                 kernels._message_bwd_sender_kernel, spec.grid(n, q.device), spec,
-                colptr, perm, layout.receivers, *tensors, grad_m, grad_u, gk, gv, gvec, n,
+                colptr, colend, perm, layout.receivers, *tensors, grad_m, grad_u, gk, gv, gvec, n,
             )
         out["k"], out["v"], out["vec"] = gk, gv, gvec
     return tuple(out[name] if need[name] else None for name in _NAMES)
@@ -447,7 +476,7 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
 
 def _launch_receiver(spec, layout, tensors, grad_m, grad_u, outputs, write_gz, self_filter_grad):
     kernel = kernels._message_bwd_receiver_kernel
-    args = (layout.rowptr, layout.senders, *tensors, grad_m, grad_u, *outputs)
+    args = (layout.rowptr, layout.rowend, layout.senders, *tensors, grad_m, grad_u, *outputs)
     extra = dict(WRITE_GZ=write_gz, SELF_FILTER_GRAD=self_filter_grad)
     grid = spec.grid(tensors[0].shape[0], tensors[0].device)
     try:
@@ -475,9 +504,9 @@ class FusedMessage:
     def __init__(self):
         self._layout: Optional[EdgeLayout] = None
 
-    def layout(self, edge_index: torch.Tensor, num_nodes: int) -> EdgeLayout:
-        if self._layout is None or not self._layout.matches(edge_index, num_nodes):
-            self._layout = EdgeLayout(edge_index, num_nodes)
+    def layout(self, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor] = None) -> EdgeLayout:
+        if self._layout is None or not self._layout.matches(edge_index, num_nodes, mask):
+            self._layout = EdgeLayout(edge_index, num_nodes, mask)
         return self._layout
 
     def __call__(self, q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, num_heads, *,
@@ -539,7 +568,7 @@ class FusedMessage:
         spec = _make_spec(q.dtype, num_heads, head_dim, num_rbf, dk_mode, dv_mode, mask is not None,
                           self_loop is not None, dk0 is not None, dv0 is not None, bool(vector_cutoff),
                           attn_activation, filter_activation)
-        layout = self.layout(edge_index, n)
+        layout = self.layout(edge_index, n, edge_mask)
         tensors = [q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0]
         tensors = [t.contiguous() if t is not None else None for t in tensors]
         # grad mode is off inside Function.forward: find the weights' gradient nodes here
