@@ -148,6 +148,26 @@ def test_native_and_ase_engines_agree_on_nve(tmp_path, lj_model):
                                atol=1e-9)
 
 
+@pytest.mark.parametrize("ensemble", ["langevin", "bussi", "nose-hoover"])
+def test_ase_engine_thermostats(tmp_path, lj_model, ensemble):
+    """ASE's integrators through the CLI: outputs written; Bussi and Nosé–Hoover conserve their
+    extended energy (ASE's transferred_energy / get_conserved_energy)."""
+    cluster = Icosahedron("Ar", 2)
+    structure = tmp_path / "ar13.xyz"
+    write(structure, cluster)
+    assert _md(tmp_path, structure, "--model", lj_model, "--engine", "ase", "--ensemble", ensemble, "--steps", 200,
+               "--every", 20, "--dt", 5, "--temperature", 30, "--friction", 10, "--tau", 100, "--dtype", "float64",
+               "--out", tmp_path / "t.extxyz") == 0
+    rows = read_thermo(tmp_path / "t.csv")
+    assert [r["step"] for r in rows] == list(range(0, 201, 20))
+    assert all(0 < r["temperature_K"] < 200 for r in rows)
+    if ensemble != "langevin":
+        conserved = np.array([r["conserved_eV"] for r in rows])
+        kinetic = np.array([r["kinetic_eV"] for r in rows])
+        assert np.abs(conserved - conserved[0]).max() < 0.05 * np.abs(kinetic - kinetic[0]).max()
+    assert load_restart(tmp_path / "t.restart.pt")["step"] == 200
+
+
 def test_periodic_pressure_matches_ase(tmp_path):
     crystal = bulk("Ar", "fcc", a=5.3, cubic=True).repeat((3, 3, 3))  # 15.9 Å box: cutoff 7 Å fits
     model = tmp_path / "lj7.pt"
