@@ -38,8 +38,10 @@ Kernels (:mod:`torchmdx.kernels._message_kernels`)
 - backward, sender side: one program per sender j; visits j's edges through a
   sender-sorted permutation of the edges (``torch.sort`` of edge_index[1], stable) and writes
   dL/dk_j, dL/dv_j, dL/dvec_j as segment sums, again without atomics.
-Nothing synchronises with the host: row pointers come from ``torch.searchsorted``, grids from
-tensor shapes, so the whole step can be captured in a CUDA graph.
+Segments end after their last valid row (:class:`EdgeLayout`), so the padding rows of a
+fixed-capacity neighbor list (all on atom N - 1) are not walked. Nothing synchronises with the
+host: row pointers come from ``torch.searchsorted``, grids from tensor shapes, so the whole step
+can be captured in a CUDA graph. Design notes and measurements: ``docs/kernels_message.md``.
 
 Gradients and their limits
 --------------------------
