@@ -20,7 +20,7 @@ from torchmdx.kernels import neighbors_triton  # noqa: E402
 
 
 #: larger tiles than the GPU defaults: the interpreter's cost is per operation, not per element
-INTERPRETER_CONFIG = {"cell_block_i": 32, "cell_block_j": 64,
+INTERPRETER_CONFIG = {"cell_block_i": 32, "cell_block_j": 64, "cell_block_j_write": 64, "brute_block_j_write": 64,
                       "brute_block_i": 64, "brute_block_j": 64}
 DEFAULT_CONFIG = dict(neighbors_triton.CONFIG)
 

@@ -82,14 +82,19 @@ _CELL_MARGIN = 1e-4
 
 #: launch parameters (the benchmark may override them)
 CONFIG = {
-    "brute_block_i": 32,
+    "brute_block_i": 16,
     "brute_block_j": 64,
+    "brute_block_j_write": 32,
     "brute_warps": 4,
+    "brute_warps_write": 8,
     "brute_chunk": 512,
     "cell_block_i": 16,
     "cell_block_j": 32,
+    "cell_block_j_write": 16,
     "cell_warps": 4,
-    "cell_programs": 2048,
+    "cell_warps_write": 4,
+    "cell_programs": 4224,
+    "fast_launch": True,
     "bin_block": 256,
 }
 
@@ -159,9 +164,16 @@ if HAVE_TRITON:
         s0 = dx * k00 + dy * k10 + dz * k20
         s1 = dx * k01 + dy * k11 + dz * k21
         s2 = dx * k02 + dy * k12 + dz * k22
-        n0 = tl.floor(0.5 - s0) * p0
-        n1 = tl.floor(0.5 - s1) * p1
-        n2 = tl.floor(0.5 - s2) * p2
+        # n = -rint(s) via the float "magic number" (2 adds instead of a quarter-rate cvt;
+        # exact for |s| < 2^22 in float32, 2^51 in float64); ties (|s| = 1/2) are never within
+        # the cutoff, so the rounding direction there does not matter
+        if dx.dtype == tl.float64:
+            magic = 6755399441055744.0
+        else:
+            magic = 12582912.0
+        n0 = (magic - (s0 + magic)) * p0
+        n1 = (magic - (s1 + magic)) * p1
+        n2 = (magic - (s2 + magic)) * p2
         vx = dx + (n0 * h00 + n1 * h10 + n2 * h20)
         vy = dy + (n0 * h01 + n1 * h11 + n2 * h21)
         vz = dz + (n0 * h02 + n1 * h12 + n2 * h22)
@@ -444,9 +456,11 @@ if HAVE_TRITON:
                            HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, WRITE: tl.constexpr,
                            BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
         """Persistent programs over cells. For a cell, its atoms (contiguous in cell order) are
-        the receivers; candidates are the 9 neighbouring rows of cells along x, each a
-        contiguous run of atoms (plus one wrapped cell at a periodic boundary). Count pass:
-        counts[1 + i]; write pass: rows from offsets[i] in scan order (deterministic)."""
+        the receivers; the candidates are the 9 neighbouring rows of cells along x, each a
+        contiguous run of atoms (plus one wrapped cell at a periodic boundary). The 18 runs are
+        gathered at once and walked as one stream of candidates in tiles of BLOCK_J (no
+        dependent loads per run). Count pass: counts[1 + i]; write pass: rows from offsets[i]
+        in stream order (deterministic, independent of the tile sizes)."""
         pid = tl.program_id(0)
         if HAS_BATCH:
             n_keys = n_atoms
@@ -456,6 +470,11 @@ if HAVE_TRITON:
         low2 = tl.load(params_ptr + 1)
         lane_i = tl.arange(0, BLOCK_I)
         lane_j = tl.arange(0, BLOCK_J)
+        runs = tl.arange(0, 32)  # 9 rows x (main run, wrapped cell); 18 used
+        row_y = (runs // 2) % 3 - 1
+        row_z = (runs // 2) // 3 - 1
+        main = (runs % 2) == 0
+        half_lane = (lane_i * 0 + half) != 0
         if WRITE:
             row1, limit = _write_limits(offset_ptr, n_atoms, capacity, packed)
         if pid == 0:
@@ -491,10 +510,29 @@ if HAVE_TRITON:
                     per0 = c < 0
                     per1 = per0
                     per2 = per0
+                # the runs: rows (y + oy, z + oz), x from xlo to xhi (+ the wrapped cell xw)
                 xlo = tl.maximum(cx - 1, 0)
                 xhi = tl.minimum(cx + 1, K0 - 1)
                 has_wrap = per0 & (K0 >= 3) & ((cx == 0) | (cx == K0 - 1))
                 xw = tl.where(cx == 0, K0 - 1, 0)
+                ny = cy + row_y
+                nz = cz + row_z
+                y_ok = tl.where(per1, (row_y == 0) | ((row_y == 1) & (K1 >= 2)) | ((row_y == -1) & (K1 >= 3)),
+                                (ny >= 0) & (ny < K1))
+                z_ok = tl.where(per2, (row_z == 0) | ((row_z == 1) & (K2 >= 2)) | ((row_z == -1) & (K2 >= 3)),
+                                (nz >= 0) & (nz < K2))
+                ny = tl.where(ny < 0, ny + K1, tl.where(ny >= K1, ny - K1, ny))
+                nz = tl.where(nz < 0, nz + K2, tl.where(nz >= K2, nz - K2, nz))
+                # (integer products: the interpreter does not keep every mixed mask boolean)
+                use = ((runs < 18).to(tl.int32) * y_ok.to(tl.int32) * z_ok.to(tl.int32)
+                       * (main.to(tl.int32) + has_wrap.to(tl.int32))) > 0
+                rowkey = slot + K0 * (ny + K1 * nz)
+                js = tl.load(cell_start_ptr + rowkey + tl.where(main, xlo, xw), mask=use, other=0)
+                je = tl.load(cell_start_ptr + rowkey + tl.where(main, xhi, xw) + 1, mask=use, other=0)
+                run_len = je - js
+                run_end = tl.cumsum(run_len, axis=0)  # inclusive prefix: run r covers [end - len, end)
+                run_shift = js - (run_end - run_len)  # candidate p of run r is sorted atom p + shift
+                n_cand = tl.sum(run_len, axis=0)
                 for i0 in range(i_begin, i_end, BLOCK_I):
                     ii = i0 + lane_i
                     im = ii < i_end
@@ -505,58 +543,42 @@ if HAVE_TRITON:
                     cnt = tl.zeros([BLOCK_I], dtype=tl.int32)
                     if WRITE:
                         base = tl.load(offset_ptr + oi, mask=im, other=0)
-                    for r in range(18):
-                        # row (y + oy, z + oz); inline (helper calls are slow in the interpreter)
-                        oy = (r // 2) % 3 - 1
-                        oz = r // 6 - 1
-                        ny = cy + oy
-                        nz = cz + oz
-                        vy_ok = tl.where(per1, (oy == 0) | ((oy == 1) & (K1 >= 2)) | ((oy == -1) & (K1 >= 3)),
-                                         (ny >= 0) & (ny < K1))
-                        vz_ok = tl.where(per2, (oz == 0) | ((oz == 1) & (K2 >= 2)) | ((oz == -1) & (K2 >= 3)),
-                                         (nz >= 0) & (nz < K2))
-                        ny = tl.where(ny < 0, ny + K1, tl.where(ny >= K1, ny - K1, ny))
-                        nz = tl.where(nz < 0, nz + K2, tl.where(nz >= K2, nz - K2, nz))
-                        rowkey = slot + K0 * (ny + K1 * nz)
-                        main = (r % 2) == 0
-                        use = vy_ok & vz_ok & (main | has_wrap)
-                        ka = rowkey + tl.where(main, xlo, xw)
-                        kb = rowkey + tl.where(main, xhi, xw) + 1
-                        js = tl.load(cell_start_ptr + ka, mask=use, other=0)
-                        je = tl.load(cell_start_ptr + kb, mask=use, other=0)
-                        for j0 in range(js, je, BLOCK_J):
-                            jk = j0 + lane_j
-                            jm = jk < je
-                            xj = tl.load(spos_ptr + jk * 3 + 0, mask=jm, other=0.0)
-                            yj = tl.load(spos_ptr + jk * 3 + 1, mask=jm, other=0.0)
-                            zj = tl.load(spos_ptr + jk * 3 + 2, mask=jm, other=0.0)
-                            oj = tl.load(perm_ptr + jk, mask=jm, other=-2)
-                            dx = xj[None, :] - xi[:, None]
-                            dy = yj[None, :] - yi[:, None]
-                            dz = zj[None, :] - zi[:, None]
-                            if PERIODIC:
-                                vx, vy, vz, n0, n1, n2 = _minimum_image(
-                                    dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
-                                    k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2)
-                            else:
-                                vx = dx
-                                vy = dy
-                                vz = dz
-                                n0 = dx * 0.0
-                                n1 = n0
-                                n2 = n0
-                            d2 = vx * vx + vy * vy + vz * vz
-                            ok = (d2 < cut2) & (d2 >= low2) & jm[None, :] & im[:, None]
-                            ok = ok & (oj[None, :] != oi[:, None]) & ((oj[None, :] > oi[:, None]) | (lane_i * 0 + half == 0)[:, None])
-                            oki = ok.to(tl.int32)
-                            if WRITE:
-                                rank = tl.cumsum(oki, axis=1) - 1
-                                dst = base[:, None] + (cnt[:, None] + rank).to(tl.int64)
-                                ri = (oi[:, None] + oj[None, :] * 0).to(tl.int64)
-                                rj = (oj[None, :] + oi[:, None] * 0).to(tl.int64)
-                                _store_rows(ei_ptr, shift_ptr, vec_ptr, dist_ptr, dst, ok & (dst < limit), row1,
-                                            ri, rj, n0, n1, n2, vx, vy, vz, d2)
-                            cnt += tl.sum(oki, axis=1)
+                    for q0 in range(0, n_cand, BLOCK_J):
+                        q = q0 + lane_j
+                        jm = q < n_cand
+                        seg = tl.sum((run_end[None, :] <= q[:, None]).to(tl.int32), axis=1)
+                        jk = q + tl.sum(tl.where(runs[None, :] == seg[:, None], run_shift[None, :], 0), axis=1)
+                        jk = tl.where(jm, jk, 0)
+                        xj = tl.load(spos_ptr + jk * 3 + 0, mask=jm, other=0.0)
+                        yj = tl.load(spos_ptr + jk * 3 + 1, mask=jm, other=0.0)
+                        zj = tl.load(spos_ptr + jk * 3 + 2, mask=jm, other=0.0)
+                        oj = tl.load(perm_ptr + jk, mask=jm, other=-2)
+                        dx = xj[None, :] - xi[:, None]
+                        dy = yj[None, :] - yi[:, None]
+                        dz = zj[None, :] - zi[:, None]
+                        if PERIODIC:
+                            vx, vy, vz, n0, n1, n2 = _minimum_image(
+                                dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
+                                k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2)
+                        else:
+                            vx = dx
+                            vy = dy
+                            vz = dz
+                            n0 = dx * 0.0
+                            n1 = n0
+                            n2 = n0
+                        d2 = vx * vx + vy * vy + vz * vz
+                        ok = (d2 < cut2) & (d2 >= low2) & jm[None, :] & im[:, None] & (jk[None, :] != ii[:, None])
+                        ok = ok & ((oj[None, :] > oi[:, None]) | (~half_lane)[:, None])
+                        oki = ok.to(tl.int32)
+                        if WRITE:
+                            rank = tl.cumsum(oki, axis=1) - 1
+                            dst = base[:, None] + (cnt[:, None] + rank).to(tl.int64)
+                            ri = (oi[:, None] + oj[None, :] * 0).to(tl.int64)
+                            rj = (oj[None, :] + oi[:, None] * 0).to(tl.int64)
+                            _store_rows(ei_ptr, shift_ptr, vec_ptr, dist_ptr, dst, ok & (dst < limit), row1,
+                                        ri, rj, n0, n1, n2, vx, vy, vz, d2)
+                        cnt += tl.sum(oki, axis=1)
                     if not WRITE:
                         tl.store(count_ptr + 1 + oi, cnt.to(tl.int64), mask=im)
 
@@ -808,6 +830,49 @@ def _require(pos: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# launching: Triton's generic dispatch (argument binding, specialization keys) costs tens of
+# microseconds per launch; once a kernel is compiled for a given argument signature we call the
+# compiled kernel directly. Any failure switches this off for good (plain launches then).
+# --------------------------------------------------------------------------------------------
+_COMPILED: dict = {}
+_FAST_OK = [True]
+
+
+def _signature_key(args):
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool):
+            key.append(("b", a))
+        elif isinstance(a, int):
+            key.append(("i", -(2**31) <= a < 2**31))
+        else:
+            key.append(type(a))
+    return tuple(key)
+
+
+def _launch(kernel, grid, args, num_warps, **constexprs):
+    """kernel[grid](*args, **constexprs) with a cached direct call to the compiled kernel."""
+    fast = CONFIG.get("fast_launch", True) and _FAST_OK[0] and not interpreting()
+    if fast:
+        key = (id(kernel), len(grid), _signature_key(args), tuple(sorted(constexprs.items())), num_warps)
+        compiled = _COMPILED.get(key)
+        if compiled is not None:
+            try:
+                names = [p.name for p in kernel.params if p.is_constexpr]
+                compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *[constexprs[n] for n in names])
+                return
+            except Exception:  # noqa: BLE001 - a Triton version with another launcher: dispatch normally
+                _FAST_OK[0] = False
+    compiled = kernel[grid](*args, num_warps=num_warps, **constexprs)
+    if fast and compiled is not None and hasattr(compiled, "__getitem__"):
+        if len(_COMPILED) > 512:
+            _COMPILED.clear()
+        _COMPILED[key] = compiled
+
+
+# --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
 def neighbor_list(
@@ -904,20 +969,22 @@ def neighbor_list(
         if has_batch:
             n_chunks, chunk = 1, 0
         else:
-            chunk = max(bj, CONFIG["brute_chunk"] // bj * bj)
+            step = max(bj, CONFIG["brute_block_j_write"])
+            chunk = max(step, CONFIG["brute_chunk"] // step * step)
             n_chunks = triton.cdiv(n_atoms, chunk)
         grid = (triton.cdiv(n_atoms, bi), n_chunks)
         total_index = n_atoms * n_chunks
         counts = torch.empty(total_index + 1, dtype=torch.long, device=device)
-        _brute_kernel[grid](work, start, end, batch, geo, geometry.rows, params, counts, counts, status,
-                            work, work, work, work, 0, n_atoms, n_chunks, chunk, half, 0, WRITE=False,
-                            BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, **flags)
+        _launch(_brute_kernel, grid, (work, start, end, batch, geo, geometry.rows, params, counts, counts, status,
+                                      work, work, work, work, 0, n_atoms, n_chunks, chunk, half, 0),
+                warps, WRITE=False, BLOCK_I=bi, BLOCK_J=bj, **flags)
         offsets = torch.cumsum(counts, 0)
 
         def write(out, capacity, packed):
-            _brute_kernel[grid](work, start, end, batch, geo, geometry.rows, params, counts, offsets, status,
-                                *out, capacity, n_atoms, n_chunks, chunk, half, int(packed), WRITE=True,
-                                BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, **flags)
+            _launch(_brute_kernel, grid, (work, start, end, batch, geo, geometry.rows, params, counts, offsets,
+                                          status, *out, capacity, n_atoms, n_chunks, chunk, half, int(packed)),
+                    CONFIG["brute_warps_write"], WRITE=True, BLOCK_I=bi, BLOCK_J=CONFIG["brute_block_j_write"],
+                    **flags)
     else:
         slots = n_atoms if has_batch else 1
         block = CONFIG["bin_block"]
@@ -925,31 +992,35 @@ def neighbor_list(
         three = flags
         if geometry.has_open:
             ext = torch.full((slots, 6), float("-inf"), dtype=torch.float32, device=device)
-            _extent_kernel[grid_bin](work, start, batch, geo, geometry.rows, ext, n_atoms, BLOCK=block, **three)
+            _launch(_extent_kernel, grid_bin, (work, start, batch, geo, geometry.rows, ext, n_atoms), 4,
+                    BLOCK=block, **three)
         else:
             ext = status
         keys = torch.empty(n_atoms, dtype=torch.int32, device=device)
         cells = torch.empty(slots * 3, dtype=torch.int32, device=device)
-        _bin_kernel[grid_bin](work, start, end, batch, geo, geometry.rows, ext, keys, cells, status,
-                              cutoff * (1.0 + _CELL_MARGIN), n_atoms, HAS_OPEN=geometry.has_open,
-                              BLOCK=block, **three)
+        _launch(_bin_kernel, grid_bin, (work, start, end, batch, geo, geometry.rows, ext, keys, cells, status,
+                                        cutoff * (1.0 + _CELL_MARGIN), n_atoms),
+                4, HAS_OPEN=geometry.has_open, BLOCK=block, **three)
         sorted_keys, perm = torch.sort(keys, stable=True)
-        cell_start = torch.searchsorted(sorted_keys, _arange_int32(n_atoms + 1, device))
+        cell_start = torch.searchsorted(sorted_keys, _arange_int32(n_atoms + 1, device), out_int32=True)
         sorted_pos = work.index_select(0, perm)
-        bi, bj, warps = CONFIG["cell_block_i"], CONFIG["cell_block_j"], CONFIG["cell_warps"]
+        perm = perm.to(torch.int32)
+        bi, warps = CONFIG["cell_block_i"], CONFIG["cell_warps"]
         programs = max(1, min(n_atoms, CONFIG["cell_programs"]))
         total_index = n_atoms
         counts = torch.empty(n_atoms + 1, dtype=torch.long, device=device)
-        common = dict(BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, **flags)
-        _cell_pairs_kernel[(programs,)](sorted_pos, perm, cell_start, cells, start, batch, geo, geometry.rows,
-                                        params, counts, counts, work, work, work, work, 0, n_atoms, programs,
-                                        half, 0, WRITE=False, **common)
+        _launch(_cell_pairs_kernel, (programs,),
+                (sorted_pos, perm, cell_start, cells, start, batch, geo, geometry.rows, params, counts, counts,
+                 work, work, work, work, 0, n_atoms, programs, half, 0),
+                warps, WRITE=False, BLOCK_I=bi, BLOCK_J=CONFIG["cell_block_j"], **flags)
         offsets = torch.cumsum(counts, 0)
 
         def write(out, capacity, packed):
-            _cell_pairs_kernel[(programs,)](sorted_pos, perm, cell_start, cells, start, batch, geo, geometry.rows,
-                                            params, counts, offsets, *out, capacity, n_atoms, programs,
-                                            half, int(packed), WRITE=True, **common)
+            _launch(_cell_pairs_kernel, (programs,),
+                    (sorted_pos, perm, cell_start, cells, start, batch, geo, geometry.rows, params, counts, offsets,
+                     *out, capacity, n_atoms, programs, half, int(packed)),
+                    CONFIG["cell_warps_write"], WRITE=True, BLOCK_I=bi, BLOCK_J=CONFIG["cell_block_j_write"],
+                    **flags)
 
     num_pairs = offsets[total_index]
     if capacity_mode:
@@ -960,9 +1031,9 @@ def neighbor_list(
         mask = torch.empty(max_pairs, dtype=torch.bool, device=device)
         if max_pairs > 0:
             block = 1024
-            _pad_kernel[(triton.cdiv(max_pairs, block),)](offsets, ei, shifts, vectors, distances,
-                                                          mask.view(torch.int8), max_pairs, total_index,
-                                                          max(n_atoms - 1, 0), BLOCK=block)
+            _launch(_pad_kernel, (triton.cdiv(max_pairs, block),),
+                    (offsets, ei, shifts, vectors, distances, mask.view(torch.int8), max_pairs, total_index,
+                     max(n_atoms - 1, 0)), 4, BLOCK=block)
         overflow = num_pairs > max_pairs
     else:
         # exact size without a read-back in the middle: write into an estimated capacity, read
@@ -1082,9 +1153,9 @@ def needs_rebuild(
         b = torch.as_tensor(batch, device=device).long().contiguous() if has_batch else work
         geo = geometry.geo if geometry.periodic else work
         block = 1024
-        _displacement_kernel[(triton.cdiv(n_atoms, block),)](
-            work, ref, b, geo, geometry.rows, flag, limit2, n_atoms, HAS_BATCH=has_batch,
-            PERIODIC=geometry.periodic, BLOCK=block)
+        _launch(_displacement_kernel, (triton.cdiv(n_atoms, block),),
+                (work, ref, b, geo, geometry.rows, flag, limit2, n_atoms), 4, HAS_BATCH=has_batch,
+                PERIODIC=geometry.periodic, BLOCK=block)
         return flag[0] > 0
     delta = work - ref
     if geometry.periodic:
