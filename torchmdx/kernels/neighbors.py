@@ -3,7 +3,9 @@
 Conventions (shared by every backend, the model and the MD engine)
 ------------------------------------------------------------------
 - ``edge_index[0] = i`` is the receiving (centre) atom, ``edge_index[1] = j`` its neighbor;
-  pairs are sorted by ``i`` (then by ``j``) so message aggregation is a segment reduction.
+  pairs are sorted by ``i`` so message aggregation is a segment reduction (the torch backend
+  and the Triton brute force also sort by ``j`` within one ``i``; the Triton cell list keeps a
+  deterministic order there: sort by ``i * N + j`` if you need it).
 - ``shifts`` are the *integer* periodic image offsets n_ij (stored in the positions' dtype),
   so that the distance vector is
 
@@ -28,8 +30,8 @@ Conventions (shared by every backend, the model and the MD engine)
 Backends: ``"torch"`` (reference, :mod:`torchmdx.kernels.neighbors_ref`, runs everywhere) and
 ``"triton"`` (:mod:`torchmdx.kernels.neighbors_triton`, CUDA, or the Triton interpreter on the
 CPU under ``TRITON_INTERPRET=1``). ``backend="auto"`` picks Triton on CUDA, torch otherwise.
-Both return the same set of pairs (order within one ``i`` may differ before sorting; results
-are always sorted by ``i`` then ``j`` then shift).
+Both return the same set of pairs, sorted by ``i``; only the order within one ``i`` may differ
+(under minimum image a pair (i, j) occurs at most once, so ``(i, j)`` identifies a row).
 """
 
 from __future__ import annotations

@@ -75,25 +75,27 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
     HAVE_TRITON = False
 
-#: largest structure (atoms) for which ``method="auto"`` uses the brute-force kernel
-BRUTE_FORCE_MAX_ATOMS = 3072
+#: largest structure (atoms) for which ``method="auto"`` uses the brute-force kernel (H100:
+#: brute force is faster up to ~2.5 k atoms in a CUDA graph and up to ~6 k atoms eagerly)
+BRUTE_FORCE_MAX_ATOMS = 4096
 #: relative margin added to the cutoff when sizing cells (float rounding of fractional coordinates)
 _CELL_MARGIN = 1e-4
 
-#: launch parameters (the benchmark may override them)
+#: launch parameters: chosen by ``bench/bench_neighbors.py --tune`` on an H100 (docs/kernels.md);
+#: the write pass has its own tiles (it needs ~2x the registers of the count pass)
 CONFIG = {
     "brute_block_i": 16,
     "brute_block_j": 64,
-    "brute_block_j_write": 32,
+    "brute_block_j_write": 16,
     "brute_warps": 4,
-    "brute_warps_write": 8,
+    "brute_warps_write": 4,
     "brute_chunk": 512,
     "cell_block_i": 16,
     "cell_block_j": 32,
     "cell_block_j_write": 16,
     "cell_warps": 4,
     "cell_warps_write": 4,
-    "cell_programs": 4224,
+    "cell_programs": 16896,
     "fast_launch": True,
     "bin_block": 256,
 }
