@@ -141,8 +141,8 @@ def main(argv=None):
         native, ase_rate = row.get("native_steps_per_s"), row.get("ase_steps_per_s")
         speedup = f"{native / ase_rate:9.2f}" if native and ase_rate else f"{'-':>9s}"
         print(f"{name:28s} {len(atoms):7d} "
-              + (f"{native:12.1f}" if native else f"{'failed':>12s}") + " "
-              + (f"{ase_rate:10.1f}" if ase_rate else f"{'failed':>10s}") + " "
+              + (f"{native:12.3g}" if native else f"{'failed':>12s}") + " "
+              + (f"{ase_rate:10.3g}" if ase_rate else f"{'failed':>10s}") + " "
               + speedup + " "
               + (f"{native * 0.5e-6 * 86400:9.3f}" if native else f"{'-':>9s}") + " "
               + f"{row.get('neighbor_list_builds', '-'):>9}")
@@ -154,7 +154,7 @@ def main(argv=None):
                 rate, _ = time_native(model, [atoms] * args.replicas, args)
                 row["replicas"] = args.replicas
                 row["replica_molecule_steps_per_s"] = rate * args.replicas
-                print(f"{name + f' x{args.replicas} (batch)':28s} {len(atoms) * args.replicas:7d} {rate:12.1f} "
+                print(f"{name + f' x{args.replicas} (batch)':28s} {len(atoms) * args.replicas:7d} {rate:12.3g} "
                       f"{'':>10s} {'':>9s} {rate * 0.5e-6 * 86400:9.3f}   = {rate * args.replicas:.1f} molecule-steps/s")
             except (TorchmdxError, RuntimeError) as exc:
                 print(f"    replicas: {str(exc).splitlines()[0]}")
