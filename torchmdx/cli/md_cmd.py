@@ -42,6 +42,7 @@ _OPTIONS = {
     "--skin": dict(type=float, help="neighbor-list skin in Å (default 0.5)"),
     "--check-interval": dict(type=int, dest="check_interval", help="steps between host checks (default 10)"),
     "--max-temperature": dict(type=float, dest="max_temperature", help="stop above this temperature in K"),
+    "--threads": dict(type=int, help="CPU threads for torch (default: torch's; 1 is fastest for small molecules)"),
 }
 
 
@@ -53,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-wrap", dest="wrap", action="store_false", default=None,
                         help="do not wrap periodic positions into the cell")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
+                        help="run the native engine's steps eagerly on CUDA (default: one CUDA graph per step)")
     parser.add_argument("--config", help="YAML file with the options (md: section); command-line options win")
 
 

@@ -46,6 +46,9 @@ class MDConfig:
     max_temperature  a structure hotter than this stops the run (K; default max(2000, 5 T))
     wrap             wrap periodic positions into the cell
     progress         show a progress bar
+    cuda_graph       capture the MD step as a CUDA graph (native engine on CUDA; default on)
+    threads          CPU threads for torch (default: torch's choice; 1 is fastest for small
+                     molecules on the CPU)
     """
 
     structure: Union[str, list[str]] = field(default_factory=list)
@@ -78,6 +81,8 @@ class MDConfig:
     max_temperature: Optional[float] = None
     wrap: bool = True
     progress: bool = True
+    cuda_graph: bool = True
+    threads: Optional[int] = None
 
     def validate(self, section: str = "md") -> None:
         def bad(key, msg):
@@ -109,6 +114,8 @@ class MDConfig:
             bad("replicas", f"must be >= 1, got {self.replicas}")
         if self.skin < 0:
             bad("skin", f"must be >= 0 Å, got {self.skin}")
+        if self.threads is not None and self.threads < 1:
+            bad("threads", f"must be >= 1, got {self.threads}")
         if self.check_interval < 1:
             bad("check_interval", f"must be >= 1, got {self.check_interval}")
         if not self.fmax > 0:

@@ -159,6 +159,7 @@ class Simulation:
         max_temperature_K: Optional[float] = None,
         wrap: bool = True,
         check_every_step: Optional[bool] = None,
+        cuda_graph: Optional[bool] = None,
     ):
         import ase
 
@@ -184,6 +185,18 @@ class Simulation:
         # on the CPU a host check costs nothing: check (and rebuild) at every step, no replays
         self.check_every_step = (self.device.type == "cpu") if check_every_step is None else bool(check_every_step)
         self.max_temperature_K = float(max_temperature_K) if max_temperature_K else max(2000.0, 5.0 * self.temperature_K)
+        # CUDA graphs: one captured step replayed in the fast (chunked) path; see md/cuda_graph.py
+        if cuda_graph and self.device.type != "cuda":
+            raise ConfigError(f"cuda_graph needs a CUDA device, got {self.device}")
+        if cuda_graph and self.check_every_step:
+            raise ConfigError("cuda_graph needs check_every_step off (graphs replay whole chunks)")
+        self.use_cuda_graph = (self.device.type == "cuda" and not self.check_every_step) if cuda_graph is None else bool(cuda_graph)
+        self.forcefield.fixed_capacity = self.use_cuda_graph
+        self._graphed = None
+        if self.use_cuda_graph:
+            from torchmdx.md.cuda_graph import GraphedStep
+
+            self._graphed = GraphedStep(self)
         self.state: Optional[MDState] = None
         self.replays = 0
         self._interval = self.check_interval  # shrinks after a replay, grows back by 1 per clean chunk
@@ -317,11 +330,25 @@ class Simulation:
 
     # ------------------------------------------------------------------ snapshots
     def _snapshot(self) -> tuple:
+        if self._graphed is None:
+            return (
+                self.state.copy(),
+                dict(self.integrator.state_dict()),
+                self.generator.get_state(),
+                self.forcefield.snapshot(),
+            )
+        # graph replays modify the static tensors in place: a snapshot must copy them
+        def copy(value):
+            return value.clone() if torch.is_tensor(value) else value
+
+        state = self.state.copy()
+        for name in ("positions", "velocities", "forces", "energy", "thermostat_energy"):
+            setattr(state, name, getattr(state, name).clone())
         return (
-            self.state.copy(),
-            dict(self.integrator.state_dict()),
+            state,
+            {k: copy(v) for k, v in self.integrator.state_dict().items()},
             self.generator.get_state(),
-            self.forcefield.snapshot(),
+            tuple(copy(v) for v in self.forcefield.snapshot()),
         )
 
     def _restore(self, snap: tuple) -> None:
@@ -333,6 +360,15 @@ class Simulation:
 
     # ------------------------------------------------------------------ running
     def _advance_fast(self, n: int) -> torch.Tensor:
+        if self._graphed is not None:
+            try:
+                return self._graphed.run(n)
+            except RuntimeError as exc:  # capture not possible here: say so once, run eagerly
+                import sys
+
+                print(f"note: CUDA-graph capture of the MD step failed ({str(exc).splitlines()[0][:200]}); "
+                      "running eagerly", file=sys.stderr)
+                self._graphed = None
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         compute = self.forcefield.compute
         for _ in range(n):

@@ -66,6 +66,13 @@ class ForceField:
         self.max_displacement2 = torch.zeros((), dtype=system.dtype, device=system.device)
         self.builds = 0
         self._threshold2 = (0.5 * self.skin) ** 2
+        #: fixed-capacity mode (CUDA graphs): the list lives in static buffers of ``capacity``
+        #: rows, refilled in place at each build; ``layout_version`` changes when they are
+        #: reallocated (a captured graph must then be captured again)
+        self.fixed_capacity = False
+        self.capacity = 0
+        self.layout_version = 0
+        self._static = None
 
     # ------------------------------------------------------------------ neighbor list
     def build(self, positions: torch.Tensor, wrap: Optional[bool] = None) -> torch.Tensor:
@@ -75,6 +82,8 @@ class ForceField:
         if (self.wrap_positions if wrap is None else wrap) and s.periodic:
             positions = s.wrap(positions)
         self.neighbors = self.potential.neighbors(positions.detach(), s.batch, s.cell, s.pbc, cutoff=self.cutoff + self.skin)
+        if self.fixed_capacity:
+            return self._store_fixed(positions)
         self.reference = positions.detach()
         nl = self.neighbors
         # the cell is fixed during MD: the image offsets n_ij @ cell are constant until the next build
@@ -83,6 +92,55 @@ class ForceField:
         if s.cell is not None and nl.shifts.numel() > 0:
             cell_i = s.cell.index_select(0, s.batch.index_select(0, self._receivers))
             self._offsets = torch.einsum("ek,ekl->el", nl.shifts.to(s.dtype), cell_i)
+        self.stale = torch.zeros((), dtype=torch.bool, device=s.device)
+        self.max_displacement2 = torch.zeros((), dtype=s.dtype, device=s.device)
+        self.builds += 1
+        return positions
+
+    def use_fixed_capacity(self, positions: torch.Tensor) -> torch.Tensor:
+        """Switch to fixed-capacity static buffers (for CUDA-graph capture) and build there."""
+        self.fixed_capacity = True
+        return self.build(positions)
+
+    def _store_fixed(self, positions: torch.Tensor) -> torch.Tensor:
+        """Copy the exact list just built into the static buffers (padding rows i = j = N-1,
+        shifts and offsets 0, mask False: the contract of :mod:`torchmdx.kernels.neighbors`),
+        growing them (new ``layout_version``) when the pairs do not fit."""
+        s, nl = self.system, self.neighbors
+        pairs = int(nl.edge_index.shape[1])
+        if self._static is None or pairs > self.capacity:
+            self.capacity = int(pairs * 1.25) + 64
+            n, dev, dt = s.num_atoms, s.device, s.dtype
+            self._static = {
+                "edge_index": torch.empty(2, self.capacity, dtype=torch.long, device=dev),
+                "shifts": torch.zeros(self.capacity, 3, dtype=nl.shifts.dtype, device=dev),
+                "offsets": torch.zeros(self.capacity, 3, dtype=dt, device=dev),
+                "mask": torch.zeros(self.capacity, dtype=torch.bool, device=dev),
+                "reference": torch.zeros(n, 3, dtype=dt, device=dev),
+                "zeros3": torch.zeros(self.capacity, 3, dtype=dt, device=dev),
+                "zeros": torch.zeros(self.capacity, dtype=dt, device=dev),
+            }
+            self.layout_version += 1
+        st = self._static
+        last = s.num_atoms - 1
+        st["edge_index"][:, :pairs].copy_(nl.edge_index)
+        st["edge_index"][:, pairs:].fill_(last)
+        st["shifts"][:pairs].copy_(nl.shifts)
+        st["shifts"][pairs:].zero_()
+        st["mask"][:pairs].copy_(nl.mask if nl.mask is not None else torch.ones(pairs, dtype=torch.bool, device=s.device))
+        st["mask"][pairs:].zero_()
+        st["offsets"].zero_()
+        if s.cell is not None and pairs > 0:
+            cell_i = s.cell.index_select(0, s.batch.index_select(0, nl.edge_index[0]))
+            st["offsets"][:pairs].copy_(torch.einsum("ek,ekl->el", nl.shifts.to(s.dtype), cell_i))
+        st["reference"].copy_(positions.detach())
+        self.reference = st["reference"]
+        self.neighbors = Neighbors(
+            # vectors and distances are recomputed from positions at every evaluation
+            st["edge_index"], st["shifts"], st["zeros3"], st["zeros"], nl.num_pairs, nl.overflow, st["mask"],
+        )
+        self._receivers, self._senders = st["edge_index"][0], st["edge_index"][1]
+        self._offsets = st["offsets"] if s.cell is not None else None
         self.stale = torch.zeros((), dtype=torch.bool, device=s.device)
         self.max_displacement2 = torch.zeros((), dtype=s.dtype, device=s.device)
         self.builds += 1

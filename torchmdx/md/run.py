@@ -92,6 +92,10 @@ def run_md(config: MDConfig, potential=None, out=None) -> dict:
 
     out = sys.stdout if out is None else out
     check_device(config.device)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(int(config.threads))
 
     restart_payload = load_restart(config.restart) if config.restart else None
     if config.structure:
@@ -145,7 +149,7 @@ def run_md(config: MDConfig, potential=None, out=None) -> dict:
                 temperature_K=config.temperature, friction_per_ps=config.friction, tau_fs=config.tau,
                 chain_length=config.chain_length, device=config.device, dtype=dtype, seed=config.seed,
                 skin=config.skin, check_interval=config.check_interval, max_temperature_K=config.max_temperature,
-                wrap=config.wrap,
+                wrap=config.wrap, cuda_graph=(config.cuda_graph and str(config.device).startswith("cuda")),
             )
             if restart_payload is not None:
                 sim.load_restart(restart_payload)
