@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device call: set up the carried wheels, then run the named parts and leave JSON/logs in $OUT.
+#   bash bench/gpu_session.sh tests md        # GPU tests + MD benchmark
+#   bash bench/gpu_session.sh anchor model    # TorchMD-NET 3.0.0 anchor + torchmdx model benchmark
+# Needs `.whl/` (ase, vesin, vesin-torch, torchmd-net, pytest wheels) and `.benchdata/` (the
+# systems' xyz files, anchor_torchmdnet.py, md17_aspirin_xtb.npz) carried with the call.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+mkdir -p /tmp/shared && ln -sfn "$PWD/.benchdata" /tmp/shared/systems
+export TORCHMDX_SHARED_DATA=/tmp/shared
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for part in "$@"; do
+  echo "=== $part $(date -u +%H:%M:%S)"
+  case "$part" in
+    tests) timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_md_cuda_graph.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    md) timeout 240 python3 bench/bench_md.py --device cuda --data .benchdata \
+          --systems alanine_dipeptide chignolin dhfr --steps 200 --warmup 20 --repeat 2 --replicas 32 \
+          --json "$OUT/bench_md.json" 2>&1 | tee "$OUT/bench_md.log" ;;
+    anchor) SYSTEMS=.benchdata timeout 300 python3 .benchdata/anchor_torchmdnet.py \
+          alanine_dipeptide,chignolin,dhfr,factorIX,stmv 2>&1 | tee "$OUT/anchor.log" ;;
+    model) timeout 300 python3 bench/bench_model.py --data .benchdata --out "$OUT" 2>&1 | tee "$OUT/bench_model.log" ;;
+    neighbors) timeout 200 python3 bench/bench_neighbors.py --sizes 1000,10000,100000 --systems .benchdata \
+          --out "$OUT" 2>&1 | tee "$OUT/bench_neighbors.log" ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
