@@ -203,10 +203,12 @@ def test_element_out_of_range(shared_data, capsys, tmp_path):
     assert_one_error_line(code, out, err, f"{path}: invalid atomic number 0 in structure 0 (atom 1); expected 1..118")
     config = tmp_path / "c.yaml"
     polymers = shared_data / "polymer" / "polymers_xtb.extxyz"
-    config.write_text(f"data:\n  path: {polymers}\n  max_z: 9\n")
+    config.write_text(f"data:\n  path: {polymers}\n  max_z: 17\n")  # 17 embedding rows: Z = 0..16
     code, out, err = run_cli(capsys, "info", config)
     assert_one_error_line(code, out, err, f"{polymers}: element Cl (Z=17) in structure 300 is beyond the model's "
-                                          "range (max_z=9)")
+                                          "range (max_z=17: atomic numbers below 17)")
+    config.write_text(f"data:\n  path: {polymers}\n  max_z: 18\n  atomref: fit\n  train_size: 0.5\n")
+    assert run_cli(capsys, "info", config)[0] == 0
 
 
 def test_group_key_absent(shared_data, capsys):

@@ -47,9 +47,9 @@ def test_datamodule_grouped_split_references_and_loaders(polymer_config, tmp_pat
     assert np.array_equal(saved.train, dm.split.train)
     # references: least squares on the training structures only
     refs = dm.atomic_references
-    assert refs.shape == (101,) and refs.dtype == torch.float64
+    assert refs.shape == (100,) and refs.dtype == torch.float64  # one entry per embedding row (max_z)
     st = dm.dataset.structures
-    counts = np.zeros((len(dm.split.train), 101))
+    counts = np.zeros((len(dm.split.train), 100))
     for row, s in enumerate(dm.split.train):
         np.add.at(counts[row], st.z[st.offsets[s]:st.offsets[s + 1]], 1)
     residual = st.energy[dm.split.train] - counts @ refs.numpy()
@@ -98,9 +98,13 @@ def test_datamodule_random_split_md17_and_qm9_references(shared_data, tmp_path):
 
 
 def test_datamodule_bad_inputs(polymer_config, shared_data, tmp_path):
+    # max_z counts embedding rows (TorchMD-NET's meaning): 17 rows hold Z = 0..16, not chlorine
     with pytest.raises(DataError, match=r"polymers_xtb.extxyz: element Cl \(Z=17\) in structure 300 is beyond "
-                                        r"the model's range \(max_z=10\)"):
-        TorchmdxDataModule({**polymer_config, "max_z": 10}).setup()
+                                        r"the model's range \(max_z=17: atomic numbers below 17\)"):
+        TorchmdxDataModule({**polymer_config, "max_z": 17}).setup()
+    with pytest.raises(ConfigError, match=r"config key 'data.max_z' must be between 2 and 119 \(it counts embedding "
+                                          r"rows: atomic numbers 0..max_z-1 are accepted\), got 120"):
+        TorchmdxDataModule({**polymer_config, "max_z": 120})
     cfg = {**polymer_config, "split_by_group": False, "train_size": 800, "val_size": 200}
     with pytest.raises(DataError, match=r"split train 800 \+ val 200 = 1000 structures is larger than the 900 "
                                         r"structures available"):

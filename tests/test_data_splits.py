@@ -117,7 +117,7 @@ def test_fit_recovers_known_references():
     refs = {1: -13.6, 6: -1029.8, 7: -1485.3, 8: -2042.6}
     st = _synthetic(rng, 200, refs, [1, 6, 7, 8], noise=0.01)
     fitted = fit_atomic_references(st, np.arange(150), max_z=10)
-    assert fitted.shape == (11,) and fitted.dtype == torch.float64
+    assert fitted.shape == (10,) and fitted.dtype == torch.float64  # index = Z, Z = 0..max_z-1
     for z, value in refs.items():
         assert fitted[z].item() == pytest.approx(value, abs=0.01)
     assert fitted[0] == 0 and fitted[9] == 0
@@ -138,11 +138,14 @@ def test_elements_absent_from_train_get_zero():
     st = Structures(z=np.concatenate([train.z, fluorine.z]), pos=np.zeros((len(train.z) + len(fluorine.z), 3)),
                     energy=np.concatenate([train.energy, fluorine.energy]),
                     offsets=np.concatenate([train.offsets, fluorine.offsets[1:] + train.offsets[-1]]))
-    fitted = fit_atomic_references(st, np.arange(40), max_z=9)
-    assert fitted[9] == 0.0 and fitted[6].item() == pytest.approx(-37.8)
-    assert elements_without_reference(st, np.arange(40), max_z=9) == [9]
-    with pytest.raises(DataError, match=r"element F \(Z=9\) in structure 40 is beyond the model's range \(max_z=8\)"):
-        fit_atomic_references(st, np.arange(45), max_z=8)
+    fitted = fit_atomic_references(st, np.arange(40), max_z=10)
+    assert fitted.shape == (10,) and fitted[9] == 0.0 and fitted[6].item() == pytest.approx(-37.8)
+    assert elements_without_reference(st, np.arange(40), max_z=10) == [9]
+    # max_z = 9 embedding rows hold Z = 0..8: fluorine (Z = 9) is out of range
+    with pytest.raises(DataError, match=r"element F \(Z=9\) in structure 40 is beyond the model's range "
+                                        r"\(max_z=9: atomic numbers below 9\)"):
+        fit_atomic_references(st, np.arange(45), max_z=9)
+    assert fit_atomic_references(st, np.arange(45), max_z=10)[9].item() == pytest.approx(-99.7, abs=1e-6)
 
 
 def test_single_composition_gives_minimum_norm_solution(shared_data):

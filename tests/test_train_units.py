@@ -243,3 +243,33 @@ def test_train_config_validation_names_the_key():
     cfg = from_dict(TrainConfig, {"energy_weight": 0, "scale": 0.5}, "train")
     assert cfg.refits_atomref and cfg.scale == 0.5
     assert not from_dict(TrainConfig, {}, "train").refits_atomref
+
+
+def test_data_max_z_takes_the_models_meaning(tmp_path, shared_data):
+    """data.max_z and model.max_z both count embedding rows (atomic numbers 0..max_z-1): the data
+    layer follows the model, its reference table has max_z entries and goes into the model as is."""
+    from torchmdx.errors import ConfigError, DataError
+    from torchmdx.train.run import prepare
+
+    polymers = {"path": str(shared_data / "polymer" / "polymers_xtb.extxyz"), "cache_dir": str(tmp_path / "c"),
+                "train_size": 60, "val_size": 10, "test_size": 0}
+    model = {"embedding_dimension": 8, "num_layers": 1, "num_heads": 2, "num_rbf": 8, "backend": "torch"}
+    cfg = load_run_config(_config(tmp_path, shared_data, data=polymers, model={**model, "max_z": 18}))
+    assert cfg.data_config.max_z == 18 and cfg.to_dict()["data"]["max_z"] == 18
+    datamodule, module = prepare(cfg)
+    refs = datamodule.atomic_references
+    assert refs.shape == (18,) and module.model.atomref.shape == (18,)
+    present = sorted(datamodule.elements)
+    assert present == [1, 6, 7, 8, 17] and bool((refs[present] != 0).all())
+    # the model keeps the fitted table (up to the untrained network's offset folded into it)
+    assert torch.count_nonzero(module.model.atomref[[z for z in range(18) if z not in present]]) == 0
+    # 17 rows cannot embed chlorine: the data layer says so before anything is built
+    with pytest.raises(DataError, match=r"element Cl \(Z=17\) in structure \d+ is beyond the model's range "
+                                        r"\(max_z=17: atomic numbers below 17\)"):
+        prepare(load_run_config(_config(tmp_path, shared_data, data=polymers, model={**model, "max_z": 17})))
+    # an explicit data.max_z must agree with the model's
+    assert load_run_config(_config(tmp_path, shared_data, data={**polymers, "max_z": 18},
+                                   model={**model, "max_z": 18})).data_config.max_z == 18
+    with pytest.raises(ConfigError, match=r"config key 'data.max_z' is 50 but model.max_z is 18; both count "
+                                          r"embedding rows"):
+        load_run_config(_config(tmp_path, shared_data, data={**polymers, "max_z": 50}, model={**model, "max_z": 18}))

@@ -93,7 +93,8 @@ def run(args) -> int:
         raise DataError(f"--split {split} with a data file needs --run RUN_DIR holding its {SPLIT_FILE_NAME}")
     if data_cfg.split_file is not None:
         split_dir = None
-    max_z = max(1, min(data_cfg.max_z, getattr(getattr(model, "config", None), "max_z", 101) - 1))
+    # the model's embedding rows (atomic numbers 0..max_z-1); data.max_z has the same meaning
+    max_z = int(getattr(getattr(model, "config", None), "max_z", data_cfg.max_z))
     data_cfg = dataclasses.replace(data_cfg, max_z=max_z, atomref="none")  # references are the model's
     if split == "all" and split_dir is None and data_cfg.split_file is None:
         data_cfg = dataclasses.replace(data_cfg, train_size=0, val_size=0, test_size=None, split_by_group=False,

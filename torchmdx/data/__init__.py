@@ -8,7 +8,7 @@ Everything is in eV and Å (``torchmdx.units`` converts at read time). Public AP
     H5Dataset(cache_path, dtype=torch.float32)                        # PyG Data items
     BatchLoader(dataset, batch_size, shuffle)                         # fast PyG batches (DDP-aware)
     random_split / group_split / save_split / load_split              # torchmdx.data.splits
-    fit_atomic_references(dataset, indices, max_z) -> tensor [max_z+1]
+    fit_atomic_references(dataset, indices, max_z) -> tensor [max_z] (index Z)
     DataConfig, TorchmdxDataModule(config, run_dir=None)
 
 Submodules import torch / lightning only when their names are first used, so that

@@ -13,6 +13,10 @@ proportion to their counts). Elements absent from the training split get r_e = 0
 must learn their whole energy, and a warning-free zero keeps predictions finite; the list of
 such elements in the dataset is returned by :func:`elements_without_reference`.
 
+**Table length.** Every reference table here has ``max_z`` entries, indexed by atomic number
+(Z = 0 .. max_z − 1), the rows of the model's embedding and of its ``atomref`` buffer
+(TorchMD-NET's ``max_z``), so a fitted table goes into the model unchanged.
+
 **Statistics** (:func:`energy_statistics`) of the residual per-atom energy
 ε_s = (E_s − Σ_e n_{s,e} r_e) / N_s on the training split: mean and standard deviation (eV/atom),
 and the root mean square of the force components (eV/Å) — the usual shift and scale of an
@@ -43,22 +47,23 @@ def _structures(data) -> Structures:
 
 
 def element_counts(structures: Structures, indices, max_z: int) -> np.ndarray:
-    """[len(indices), max_z + 1] number of atoms of each element in the selected structures."""
+    """[len(indices), max_z] number of atoms of each element (column = Z) in the selected
+    structures; DataError for an atomic number >= max_z."""
     idx = np.asarray(indices, dtype=np.int64)
     st = structures
     counts = np.diff(st.offsets)[idx]
     z = np.asarray(st.z[atom_indices(st.offsets, idx)], dtype=np.int64)
-    if z.size and z.max() > max_z:
+    if z.size and z.max() >= max_z:
         check_max_z(np.asarray(st.z), st.offsets, max_z, st.source)
     rows = np.repeat(np.arange(len(idx)), counts)
-    out = np.zeros((len(idx), max_z + 1))
+    out = np.zeros((len(idx), max_z))
     np.add.at(out, (rows, z), 1.0)
     return out
 
 
 def fit_atomic_references(data, indices=None, max_z: int = 100) -> torch.Tensor:
     """Least-squares reference energy of each element, eV per atom, as a float64 tensor
-    [max_z + 1] (index = atomic number; zero for elements absent from ``indices``).
+    [max_z] (index = atomic number 0 .. max_z - 1; zero for elements absent from ``indices``).
 
     ``data``: an :class:`~torchmdx.data.H5Dataset`, a :class:`Structures`, or a dict with
     ``z``, ``offsets`` and ``energy`` (eV). ``indices``: the training structures (all if None).
@@ -70,7 +75,7 @@ def fit_atomic_references(data, indices=None, max_z: int = 100) -> torch.Tensor:
     counts = element_counts(st, idx, max_z)
     present = np.flatnonzero(counts.sum(axis=0) > 0)
     solution, *_ = np.linalg.lstsq(counts[:, present], np.asarray(st.energy)[idx], rcond=None)
-    refs = np.zeros(max_z + 1)
+    refs = np.zeros(max_z)
     refs[present] = solution
     return torch.from_numpy(refs)
 
@@ -84,7 +89,7 @@ def elements_without_reference(data, indices, max_z: int = 100) -> list[int]:
 
 def published_atomic_references(data, max_z: int = 100, key: Optional[str] = None) -> torch.Tensor:
     """The dataset's own published references (e.g. QM9's ``atomrefs`` for U0) in eV per atom,
-    as a float64 tensor [max_z + 1]; :class:`DataError` when the dataset has none."""
+    as a float64 tensor [max_z] (index = atomic number); :class:`DataError` when the dataset has none."""
     st = _structures(data)
     refs = st.metadata.get("atomrefs") or {}
     key = key or st.metadata.get("energy_key")
@@ -94,8 +99,8 @@ def published_atomic_references(data, max_z: int = 100, key: Optional[str] = Non
             f"{st.source}: no published atomic references for '{key or 'energy'}' (available: {have}); use atomref: fit"
         )
     table = np.asarray(refs[key], dtype=np.float64)
-    out = np.zeros(max_z + 1)
-    n = min(len(table), max_z + 1)
+    out = np.zeros(max_z)
+    n = min(len(table), max_z)
     out[:n] = table[:n]
     return torch.from_numpy(out)
 
@@ -113,7 +118,7 @@ def energy_statistics(data, indices=None, atomic_references=None, max_z: int = 1
     natoms = np.diff(st.offsets)[idx]
     if atomic_references is not None:
         refs = np.asarray(atomic_references, dtype=np.float64)
-        counts = element_counts(st, idx, len(refs) - 1)
+        counts = element_counts(st, idx, len(refs))
         residual = energy - counts @ refs
     else:
         residual = energy

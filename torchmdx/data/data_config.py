@@ -20,7 +20,7 @@ Example (all keys but ``path`` are optional)::
       inference_batch_size: 64
       num_workers: 0
       dtype: float32
-      max_z: 100               # the model's element range (1..max_z)
+      max_z: 100               # embedding rows, as the model's max_z: atomic numbers 0..max_z-1
       atomref: fit             # fit (least squares on train) | dataset (published, QM9) | none
       mmap: false              # memory-map per-atom arrays instead of loading them
       loader: fast             # fast (BatchLoader: gathers whole batches) | pyg (torch_geometric DataLoader)
@@ -35,6 +35,9 @@ from typing import Literal, Optional, Union
 from torchmdx.errors import ConfigError
 
 SizeT = Union[int, float, None]
+
+#: largest useful ``max_z``: atomic numbers 0 .. 118 (oganesson)
+MAX_Z_LIMIT = 119
 
 
 @dataclass
@@ -91,8 +94,9 @@ class DataConfig:
                 raise ConfigError(f"config key '{p}{name}' must be at least 1, got {value}")
         if self.num_workers < 0:
             raise ConfigError(f"config key '{p}num_workers' must not be negative, got {self.num_workers}")
-        if not 1 <= self.max_z <= 118:
-            raise ConfigError(f"config key '{p}max_z' must be between 1 and 118, got {self.max_z}")
+        if not 2 <= self.max_z <= MAX_Z_LIMIT:
+            raise ConfigError(f"config key '{p}max_z' must be between 2 and {MAX_Z_LIMIT} (it counts embedding rows: "
+                              f"atomic numbers 0..max_z-1 are accepted), got {self.max_z}")
         both = sorted(set(self.val_groups) & set(self.test_groups))
         if both:
             raise ConfigError(f"config keys '{p}val_groups' and '{p}test_groups' both name {', '.join(both)}")

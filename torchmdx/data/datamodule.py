@@ -39,9 +39,12 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 class TorchmdxDataModule(L.LightningDataModule):
     """Cache, split, references, statistics and loaders from a :class:`DataConfig`.
 
+    ``max_z`` (default ``config.max_z``) has the model's meaning: the number of embedding rows,
+    atomic numbers 0 .. max_z - 1 are accepted, and the reference table has max_z entries.
+
     After :meth:`setup`: ``dataset`` (:class:`H5Dataset`), ``split`` (:class:`Split`),
-    ``atomic_references`` (float64 [max_z + 1], eV per atom), ``elements`` (atomic numbers in
-    the dataset), ``energy_mean_per_atom`` / ``energy_std_per_atom`` (eV/atom, residual after the
+    ``atomic_references`` (float64 [max_z], eV per atom, index = atomic number), ``elements``
+    (atomic numbers in the dataset), ``energy_mean_per_atom`` / ``energy_std_per_atom`` (eV/atom, residual after the
     references, training split), ``force_rms`` (eV/Å, training split, None without forces),
     ``split_path`` (where the split was saved or read).
     """
@@ -80,7 +83,7 @@ class TorchmdxDataModule(L.LightningDataModule):
         elif cfg.atomref == "dataset":
             self.atomic_references = published_atomic_references(self.dataset, self.max_z)
         else:
-            self.atomic_references = torch.zeros(self.max_z + 1, dtype=torch.float64)
+            self.atomic_references = torch.zeros(self.max_z, dtype=torch.float64)
         self.statistics = energy_statistics(self.dataset, train, self.atomic_references) if len(train) else {}
 
     def _build_cache(self) -> Path:
@@ -177,7 +180,7 @@ class TorchmdxDataModule(L.LightningDataModule):
     def summary(self) -> dict:
         """Split sizes, references and statistics, for logs."""
         self._need_setup()
-        refs = {int(z): float(self.atomic_references[z]) for z in self.elements if z <= self.max_z}
+        refs = {int(z): float(self.atomic_references[z]) for z in self.elements}
         return {"cache": str(self.cache_path), "split": self.split.sizes(), "split_file": str(self.split_path),
                 "atomic_references_eV": refs, "elements_without_reference": self.missing_reference_elements,
                 **self.statistics}

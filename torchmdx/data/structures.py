@@ -149,7 +149,8 @@ class Structures:
         raise DataError(f"{self.source}: non-finite {what} ({value}) in {where}")
 
     def check_max_z(self, max_z: int) -> None:
-        """Raise if an element lies beyond a model's embedding range ``1..max_z``."""
+        """Raise if an element lies beyond a model's embedding rows: atomic numbers must be
+        below ``max_z`` (TorchMD-NET's meaning: ``max_z`` rows embed Z = 0 .. max_z - 1)."""
         check_max_z(self.z, self.offsets, max_z, self.source)
 
     # -- selection -------------------------------------------------------------------------------
@@ -182,13 +183,15 @@ def atom_indices(offsets: np.ndarray, indices) -> np.ndarray:
 
 
 def check_max_z(z: np.ndarray, offsets: np.ndarray, max_z: int, source: str) -> None:
-    bad = np.flatnonzero(z > max_z)
+    """DataError naming the first atom whose atomic number is not below ``max_z`` (the number of
+    embedding rows: Z = 0 .. max_z - 1 are accepted)."""
+    bad = np.flatnonzero(z >= max_z)
     if bad.size:
         s = int(np.searchsorted(offsets, bad[0], side="right") - 1)
         zz = int(z[bad[0]])
         raise DataError(
             f"{source}: element {element_symbol(zz)} (Z={zz}) in structure {s} is beyond the model's range "
-            f"(max_z={max_z})"
+            f"(max_z={max_z}: atomic numbers below {max_z})"
         )
 
 

@@ -248,9 +248,13 @@ def build_run_config(values: dict, source: str = "config", check_data: bool = Tr
     cfg.model_config = from_dict(_model_config_class(), model_values, "model")
     # the data follow the model's precision (positions and forces in the model's dtype)
     cfg.data_config = dataclasses.replace(cfg.data_config, dtype=cfg.model_config.dtype)
-    if cfg.data_config.max_z > cfg.model_config.max_z - 1:
-        # the model embeds 0 .. max_z-1, the data layer checks 1 .. max_z
-        cfg.data_config = dataclasses.replace(cfg.data_config, max_z=cfg.model_config.max_z - 1)
+    # data.max_z and model.max_z both count embedding rows (atomic numbers 0 .. max_z-1); the data
+    # layer checks the elements against the model's and sizes the reference table [max_z] with it
+    model_max_z = cfg.model_config.max_z
+    if "max_z" in cfg.data and cfg.data_config.max_z != model_max_z:
+        raise ConfigError(f"config key 'data.max_z' is {cfg.data_config.max_z} but model.max_z is {model_max_z}; "
+                          "both count embedding rows (atomic numbers 0..max_z-1): drop data.max_z or make them equal")
+    cfg.data_config = dataclasses.replace(cfg.data_config, max_z=model_max_z)
     if check_data:
         from torchmdx.data.formats import check_format, resolve_source
 
