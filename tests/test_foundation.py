@@ -3,13 +3,13 @@
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import ase.units
 import pytest
 
 from torchmdx import units
-from torchmdx.config import apply_overrides, from_dict
+from torchmdx.config import apply_overrides, from_dict, load_yaml
 from torchmdx.errors import ConfigError
 from torchmdx.io_utils import atomic_write
 
@@ -64,6 +64,42 @@ def test_config_errors_name_the_key(values, message):
     with pytest.raises(ConfigError) as err:
         from_dict(Section, values, "train")
     assert str(err.value) == message
+
+
+@dataclass
+class Numbers:
+    lr: float = 1e-3
+    temperature_limit: Optional[float] = None
+    scale: Union[float, Literal["auto"]] = "auto"
+    size: Union[int, float, None] = None
+    steps: int = 10
+    label: str = "x"
+
+
+def test_float_fields_take_yaml_1_1_exponent_strings(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-4 and 1.0e7 as strings; float fields read them as numbers."""
+    text = "s:\n  lr: 1e-4\n  temperature_limit: 1.0e7\n  scale: 5E-1\n  size: 2e-1\n  label: 1e-4\n"
+    (tmp_path / "c.yaml").write_text(text)
+    raw = load_yaml(tmp_path / "c.yaml")["s"]
+    assert raw["lr"] == "1e-4" and raw["temperature_limit"] == "1.0e7"  # what PyYAML gives
+    cfg = from_dict(Numbers, raw, "s")
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
+    assert cfg.temperature_limit == 1.0e7 and cfg.scale == 0.5 and cfg.size == 0.2
+    assert cfg.label == "1e-4"  # a string field keeps the string
+    assert from_dict(Numbers, apply_overrides({}, ["s.lr=5e-4"])["s"], "s").lr == 5e-4  # --set too
+    assert from_dict(Numbers, {"scale": "auto", "lr": " -2.5e-3 "}, "s").lr == -2.5e-3
+    for bad, message in [
+        ({"lr": "fast"}, "config key 's.lr' must be float, got 'fast' (str)"),
+        ({"lr": "nan"}, "config key 's.lr' must be float, got 'nan' (str)"),
+        ({"lr": "inf"}, "config key 's.lr' must be float, got 'inf' (str)"),
+        ({"lr": "1e-4x"}, "config key 's.lr' must be float, got '1e-4x' (str)"),
+        ({"temperature_limit": "hot"}, "config key 's.temperature_limit' must be float | null, got 'hot' (str)"),
+        ({"scale": "big"}, "config key 's.scale' must be float | 'auto', got 'big' (str)"),
+        ({"steps": "1e3"}, "config key 's.steps' must be int, got '1e3' (str)"),  # ints stay strict
+    ]:
+        with pytest.raises(ConfigError) as err:
+            from_dict(Numbers, bad, "s")
+        assert str(err.value) == message
 
 
 def test_overrides():

@@ -7,6 +7,12 @@ one line such as::
     config key 'model.num_layer' does not exist; allowed: activation, cutoff_upper, ..., num_layers
 
 or ``config key 'train.lr' must be float, got 'fast' (str)``. Nested dataclasses are supported.
+
+Numbers written as strings: PyYAML follows YAML 1.1, where a float needs a dot and a signed
+exponent, so ``1e-4``, ``5e-4`` and ``1.0e7`` come back as *strings* (``1.0e-4`` and ``1.0e+7``
+are floats). A field typed ``float`` therefore also takes a string that Python's ``float()``
+reads and that contains a digit (``'1e-4'`` → 0.0001, ``'1.0e7'`` → 1e7; not ``'nan'``, ``'inf'``
+or ``'fast'``, which stay errors). Ints stay strict.
 """
 
 from __future__ import annotations
@@ -39,6 +45,17 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
+
+
+def _float_from_string(text: str) -> float | None:
+    """``float(text)`` for a numeric string such as ``'1e-4'`` or ``'1.0e7'`` (YAML 1.1 reads
+    those as strings); None when ``text`` is not a number (no digit, or ``float()`` refuses it)."""
+    if not any(c.isdigit() for c in text):
+        return None  # 'nan', 'inf', 'infinity' are words, not numbers written in a config
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -81,6 +98,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r} ({type(value).__name__})")
         return dict(value)
     if tp is float:
+        if isinstance(value, str) and (number := _float_from_string(value)) is not None:
+            return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be float, got {value!r} ({type(value).__name__})")
         return float(value)
