@@ -13,6 +13,7 @@ from torch_geometric.loader import DataLoader
 import torchmdx.data.cache as cache_mod
 from torchmdx.data import H5Dataset, build_cache, read_cache, read_structures
 from torchmdx.data.cache import find_cache, is_current
+from torchmdx.errors import DataError
 
 KCAL = 0.0433641039  # eV per kcal/mol, by hand
 
@@ -215,17 +216,53 @@ def test_batch_loader_epochs_workers_and_ranks(shared_data, tmp_path):
     assert len({len(s) for s in shares}) == 1 and len(shares[0]) == 4
     flat = [i for share in shares for b in share for i in b]
     assert set(flat) == set(subset.tolist()) and len(flat) - len(subset) == 32  # one repeated batch
+    # evaluation (pad_ranks=False): each structure exactly once, counts differ by at most one
+    evaluation = BatchLoader(ds, batch_size=32, indices=subset, pad_ranks=False)._stream
+    shares, lengths = [], []
+    for rank in range(3):
+        evaluation.rank, evaluation.world = rank, 3
+        shares.append([b.tolist() for b in evaluation.batches()])
+        lengths.append(len(evaluation))
+    assert [len(s) for s in shares] == lengths == [4, 4, 3]  # 11 batches of 32 (the last 14)
+    flat = [i for share in shares for b in share for i in b]
+    assert sorted(flat) == subset.tolist()
+    # fewer batches than ranks: dealt into one smaller batch per rank, still each structure once
+    few = BatchLoader(ds, batch_size=32, indices=subset[:40], pad_ranks=False)._stream
+    dealt = []
+    for rank in range(3):
+        few.rank, few.world = rank, 3
+        assert len(few) == 1
+        dealt.append(few.batches()[0].tolist())
+    assert [len(b) for b in dealt] == [14, 13, 13] and sorted(sum(dealt, [])) == subset[:40].tolist()
+    two = BatchLoader(ds, batch_size=32, indices=subset[:2], pad_ranks=False)._stream
+    two.rank, two.world = 0, 3
+    with pytest.raises(DataError, match="2 structures cannot be shared by 3 DDP ranks without repeating some"):
+        two.batches()
 
 
 DDP_SCRIPT = """
 import sys, json, torch, torch.distributed as dist
-from torchmdx.data import H5Dataset, BatchLoader
+from torchmdx.data import H5Dataset, BatchLoader, TorchmdxDataModule
 dist.init_process_group("gloo")
 torch.manual_seed(0)  # what Lightning's seed_everything does on every rank
 ds = H5Dataset(sys.argv[1])
-loader = BatchLoader(ds, batch_size=4, shuffle=True, num_workers=int(sys.argv[3]))
-seen = [b.idx.tolist() for b in loader]
-json.dump({"len": len(loader), "batches": seen}, open(sys.argv[2] + f".{dist.get_rank()}", "w"))
+workers = int(sys.argv[3])
+out = {}
+loader = BatchLoader(ds, batch_size=4, shuffle=True, num_workers=workers)
+out["len"] = len(loader)  # asked before the first epoch, as Lightning does
+out["batches"] = [b.idx.tolist() for b in loader]
+evaluation = BatchLoader(ds, batch_size=4, num_workers=workers, pad_ranks=False)
+out["eval_len"] = len(evaluation)
+out["eval"] = [b.idx.tolist() for b in evaluation]
+for kind in ("fast", "pyg"):
+    dm = TorchmdxDataModule({"path": sys.argv[1], "format": "cache", "train_size": 6, "val_size": 11,
+                             "test_size": None, "batch_size": 4, "loader": kind})
+    dm.setup()
+    val = dm.val_dataloader()
+    out[kind + "_len"] = len(val)
+    out[kind] = [b.idx.tolist() for b in val]
+    out["val_split"] = dm.split["val"].tolist()
+json.dump(out, open(sys.argv[2] + f".{dist.get_rank()}", "w"))
 dist.destroy_process_group()
 """
 
@@ -252,7 +289,16 @@ def test_batch_loader_shards_over_real_ddp_ranks(shared_data, tmp_path, workers=
                                        str(workers)], env=env))
     assert [p.wait(timeout=240) for p in procs] == [0, 0]
     results = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
-    # 5 batches padded to 6: 3 per rank, one batch seen twice
+    # training: 5 batches padded to 6: 3 per rank, one batch seen twice
     assert [r["len"] for r in results] == [3, 3] and [len(r["batches"]) for r in results] == [3, 3]
     batches = [tuple(b) for r in results for b in r["batches"]]
     assert set(i for b in batches for i in b) == set(range(20)) and len(set(batches)) == 5
+    # evaluation: 5 batches as 3 + 2, every structure exactly once; len() is this rank's count
+    assert [r["eval_len"] for r in results] == [len(r["eval"]) for r in results] == [3, 2]
+    assert sorted(i for r in results for b in r["eval"] for i in b) == list(range(20))
+    # the DataModule's validation loaders (11 structures, batches of 4), both kinds: no repeats
+    val_split = results[0]["val_split"]
+    assert len(val_split) == 11 and results[1]["val_split"] == val_split
+    for kind, lengths in (("fast", [2, 1]), ("pyg", [2, 2])):  # fast: batches 4+3 | 4; pyg: 6 | 5 structures
+        assert [r[kind + "_len"] for r in results] == [len(r[kind]) for r in results] == lengths, kind
+        assert sorted(i for r in results for b in r[kind] for i in b) == sorted(val_split), kind

@@ -1,7 +1,8 @@
 """Distributed data parallel training through Lightning on the CPU (gloo, two processes): the
 same command with ``trainer.devices=2 trainer.strategy=ddp`` trains, and the validation errors
-it logs are those of the checkpointed EMA weights over the *whole* validation split (the sums
-are reduced over both ranks; 16 structures in batches of 8: one batch per rank, no padding)."""
+it logs are those of the checkpointed EMA weights over the *whole* validation split, each
+structure counted once (the sums are reduced over both ranks; 20 structures in batches of 8:
+rank 0 validates 8 + 4, rank 1 8 — uneven batch counts must neither hang nor repeat a batch)."""
 
 import csv
 import os
@@ -28,7 +29,7 @@ def test_ddp_on_two_cpu_processes(tmp_path, shared_data):
 
     config = {
         "data": {"path": str(shared_data / "md17" / "md17_ethanol_xtb.npz"), "cache_dir": str(tmp_path / "cache"),
-                 "train_size": 32, "val_size": 16, "test_size": 0, "batch_size": 8, "inference_batch_size": 8},
+                 "train_size": 32, "val_size": 20, "test_size": 0, "batch_size": 8, "inference_batch_size": 8},
         "model": {"embedding_dimension": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8, "cutoff_upper": 4.0,
                   "backend": "torch", "seed": 0},
         "train": {"lr": 1e-3, "lr_warmup_steps": 2},
@@ -48,6 +49,7 @@ def test_ddp_on_two_cpu_processes(tmp_path, shared_data):
     split = load_split(tmp_path / "run" / "splits.npz")
     cache = next((tmp_path / "cache").glob("*.h5"))
     ema = potential_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    errors = error_metrics(predict(ema, H5Dataset(cache), split.val, batch_size=16))
+    assert len(split.val) == 20
+    errors = error_metrics(predict(ema, H5Dataset(cache), split.val, batch_size=20))
     for key in ("forces_mae", "forces_rmse", "energy_mae"):
         assert logged[f"val_{key}"] == pytest.approx(errors[key], rel=2e-5), key

@@ -26,8 +26,9 @@ from torchmdx.data.atomref import (
 from torchmdx.data.cache import build_cache
 from torchmdx.data.data_config import DataConfig
 from torchmdx.data.dataset import H5Dataset
-from torchmdx.data.loader import BatchLoader
+from torchmdx.data.loader import BatchLoader, rank_and_world
 from torchmdx.data.splits import Split, check_no_group_leak, load_split, make_split, save_split
+from torchmdx.errors import DataError
 
 SPLIT_FILE_NAME = "splits.npz"
 
@@ -151,9 +152,14 @@ class TorchmdxDataModule(L.LightningDataModule):
             raise RuntimeError("TorchmdxDataModule.setup() has not been called")
 
     # -- loaders ---------------------------------------------------------------------------------
-    def _loader(self, part: str, batch_size: int, shuffle: bool):
+    def _loader(self, part: str, batch_size: int, shuffle: bool, pad_ranks: bool):
         """``BatchLoader`` (``loader: fast``, whole batches gathered from the arrays; shards itself
-        over DDP ranks) or PyG's ``DataLoader`` (``loader: pyg``); an empty part gives ``[]``."""
+        over DDP ranks) or PyG's ``DataLoader`` (``loader: pyg``); an empty part gives ``[]``.
+
+        ``pad_ranks``: under DDP, training pads the ranks to equal batch counts by repeating
+        structures; validation and test (False) see every structure exactly once, so the error
+        sums reduced over the ranks are the split's (BatchLoader: ``pad_ranks=False``; PyG: an
+        unrepeated distributed sampler, which Lightning keeps instead of its padding one)."""
         self._need_setup()
         indices = self.split[part]
         if len(indices) == 0:
@@ -161,18 +167,29 @@ class TorchmdxDataModule(L.LightningDataModule):
         workers = self.config.num_workers
         if self.config.loader == "fast" and self.dataset.transform is None:
             return BatchLoader(self.dataset, batch_size=batch_size, shuffle=shuffle, indices=indices,
-                               num_workers=workers)
-        return DataLoader(self.subset(part), batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                          persistent_workers=workers > 0, drop_last=False)
+                               num_workers=workers, pad_ranks=pad_ranks)
+        sampler = None
+        rank, world = rank_and_world()
+        if world > 1 and not pad_ranks:
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            if len(indices) < world:
+                raise DataError(f"{self.config.path}: the {part} split has {len(indices)} structures, fewer than "
+                                f"the {world} DDP ranks; evaluation needs at least one structure per rank")
+            sampler = UnrepeatedDistributedSampler(self.subset(part), num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(self.subset(part), batch_size=batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, num_workers=workers, persistent_workers=workers > 0, drop_last=False)
 
     def train_dataloader(self):
-        return self._loader("train", self.config.batch_size, shuffle=True)
+        return self._loader("train", self.config.batch_size, shuffle=True, pad_ranks=True)
 
     def val_dataloader(self):
-        return self._loader("val", self.config.inference_batch_size or self.config.batch_size, shuffle=False)
+        return self._loader("val", self.config.inference_batch_size or self.config.batch_size, shuffle=False,
+                            pad_ranks=False)
 
     def test_dataloader(self):
-        return self._loader("test", self.config.inference_batch_size or self.config.batch_size, shuffle=False)
+        return self._loader("test", self.config.inference_batch_size or self.config.batch_size, shuffle=False,
+                            pad_ranks=False)
 
     def predict_dataloader(self):
         return self.test_dataloader()

@@ -11,8 +11,18 @@ It is a ``torch.utils.data.DataLoader`` over an ``IterableDataset`` of batches, 
 - ``num_workers`` works: worker w of W builds batches w, w+W, ... of this process's share;
 - under ``torch.distributed`` (Lightning DDP) each rank takes every world_size-th batch of one
   common order (the shuffle seed is drawn from torch's global generator, which Lightning's
-  ``seed_everything`` makes equal on all ranks), padded by repeating batches so that every rank
-  has the same number; Lightning leaves iterable datasets alone (no sampler injection);
+  ``seed_everything`` makes equal on all ranks); Lightning leaves iterable datasets alone (no
+  sampler injection);
+- ``pad_ranks=True`` (training): the batches are padded by repeating the first ones so that
+  every rank has the same number (DDP ranks must step together). ``pad_ranks=False``
+  (validation, test): every structure is seen exactly once over all ranks, whose batch counts
+  may differ by one; the epoch's error sums are reduced over the ranks once at the epoch's end
+  (:class:`torchmdx.train.metrics.EpochErrors`), so repeated structures would be counted twice.
+  Every rank still gets at least one batch (with fewer batches than ranks the structures are
+  dealt into ``world_size`` smaller batches; fewer structures than ranks is a ``DataError``):
+  a rank without a batch would skip Lightning's validation hooks and the others would wait for
+  it in DDP's buffer broadcast and the metrics' all-reduce;
+- ``len(loader)`` is this rank's number of batches (it asks ``torch.distributed`` when called);
 - each epoch draws a new order (when ``shuffle``).
 """
 
@@ -25,8 +35,11 @@ import torch
 from torch.utils.data import DataLoader as TorchDataLoader
 from torch.utils.data import IterableDataset, get_worker_info
 
+from torchmdx.errors import DataError
 
-def _rank_and_world() -> tuple[int, int]:
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, (0, 1) when it is not initialised."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -47,29 +60,46 @@ def split_base(dataset):
 
 
 class _BatchStream(IterableDataset):
-    def __init__(self, dataset, indices: np.ndarray, batch_size: int, shuffle: bool, drop_last: bool):
+    def __init__(self, dataset, indices: np.ndarray, batch_size: int, shuffle: bool, drop_last: bool,
+                 pad_ranks: bool = True):
         self.dataset, self.indices = dataset, indices
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.pad_ranks = pad_ranks
         self.seed, self.rank, self.world = 0, 0, 1
 
     def _n_batches(self) -> int:
         n = len(self.indices)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def _dealt(self) -> bool:
+        """Unpadded and fewer batches than ranks: the structures are dealt into one batch per rank."""
+        return not self.pad_ranks and 1 < self.world and 0 < self._n_batches() < self.world
+
     def batches(self) -> list[np.ndarray]:
         """This rank's batches of dataset indices for the current epoch."""
         order = self.indices
         if self.shuffle:
             order = order[np.random.default_rng(self.seed).permutation(len(order))]
+        if self._dealt():
+            if len(order) < self.world:
+                raise DataError(f"{len(order)} structures cannot be shared by {self.world} DDP ranks without "
+                                "repeating some: evaluation needs at least one structure per rank")
+            return [np.array_split(order, self.world)[self.rank]]
         batches = [order[k * self.batch_size:(k + 1) * self.batch_size] for k in range(self._n_batches())]
-        if self.world > 1 and batches:
+        if self.pad_ranks and self.world > 1 and batches:
             per_rank = -(-len(batches) // self.world)
             batches += batches[: per_rank * self.world - len(batches)]
         return batches[self.rank::self.world]
 
     def __len__(self) -> int:
         n = self._n_batches()
-        return -(-n // self.world) if self.world > 1 else n
+        if self.world == 1 or n == 0:
+            return n
+        if self._dealt():
+            return 1
+        if self.pad_ranks:
+            return -(-n // self.world)
+        return len(range(self.rank, n, self.world))
 
     def __iter__(self):
         info = get_worker_info()
@@ -86,17 +116,19 @@ class BatchLoader(TorchDataLoader):
         dataset: the dataset or a subset of it; ``indices`` (optional) select within it.
         batch_size, shuffle, drop_last: as for a DataLoader (a new order each epoch when shuffling,
             seeded from ``generator`` or torch's global generator).
+        pad_ranks: under DDP, repeat batches so every rank has as many (training); False: each
+            structure once over all ranks, batch counts may differ by one (evaluation).
         num_workers, pin_memory: passed to ``torch.utils.data.DataLoader`` (workers are started
             per epoch, so they see the epoch's order).
     """
 
     def __init__(self, dataset, batch_size: int = 32, shuffle: bool = False, drop_last: bool = False,
                  indices=None, generator: Optional[torch.Generator] = None, num_workers: int = 0,
-                 pin_memory: bool = False, **_ignored):
+                 pin_memory: bool = False, pad_ranks: bool = True, **_ignored):
         base, base_indices = split_base(dataset)
         if indices is not None:
             base_indices = base_indices[np.asarray(indices, dtype=np.int64)]
-        self._stream = _BatchStream(base, base_indices, int(batch_size), shuffle, drop_last)
+        self._stream = _BatchStream(base, base_indices, int(batch_size), shuffle, drop_last, pad_ranks)
         self._shuffle_generator = generator
         super().__init__(self._stream, batch_size=None, collate_fn=_identity, num_workers=num_workers,
                          pin_memory=pin_memory)
@@ -105,9 +137,16 @@ class BatchLoader(TorchDataLoader):
     def subset_indices(self) -> np.ndarray:
         return self._stream.indices
 
+    def __len__(self) -> int:
+        """This rank's number of batches (Lightning asks before the first epoch)."""
+        self._stream.rank, self._stream.world = rank_and_world()
+        return len(self._stream)
+
     def __iter__(self):
         stream = self._stream
         if stream.shuffle:
             stream.seed = int(torch.randint(0, 2**62, (1,), generator=self._shuffle_generator).item())
-        stream.rank, stream.world = _rank_and_world()
+        stream.rank, stream.world = rank_and_world()
+        if stream.world > 1 and not stream.pad_ranks:
+            stream.batches()  # a DataError now, in this process, rather than in a worker
         return super().__iter__()
