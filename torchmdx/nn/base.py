@@ -12,6 +12,16 @@ derivatives of the same function. The neighbor list itself (indices and integer 
 is computed without gradient; a caller (the MD engine) may pass one built with a Verlet skin:
 pairs beyond ``cutoff`` then have ``mask`` False and subclasses must give them zero weight
 (the cosine cutoff does this for the ET model).
+
+Host synchronisation. :meth:`Potential.forward` reads nothing back from the device when the
+caller gives ``num_structures`` (else B = batch.max() + 1 is read, one ``.item()``) and, for a
+periodic input, ``cell`` and ``pbc`` as device tensors. The "non-periodic after all" shortcut
+(``pbc`` all False: the cell is dropped and the input treated as a cluster) is taken only when
+it costs no device read: ``pbc`` a Python value (list, numpy array) or a CPU tensor. A device
+``pbc`` with a ``cell`` is passed on as given (the neighbor-list contract: a structure without a
+periodic direction ignores its cell), which gives the same energies and forces. The device
+``pbc`` is read only where an answer depends on it: ``pbc`` without a ``cell`` (all False is
+allowed, anything periodic an error) and ``stress=True`` (a stress needs a periodic cell).
 """
 
 from __future__ import annotations
@@ -54,11 +64,24 @@ def edge_vectors(pos, edge_index, shifts, cell, batch):
     return vectors
 
 
-def _normalise_inputs(z, pos, batch, cell, pbc):
+def _on_host(value) -> bool:
+    """A Python value, numpy array or CPU tensor: reading it costs no device synchronisation."""
+    return not torch.is_tensor(value) or value.device.type == "cpu"
+
+
+def _normalise_inputs(z, pos, batch, cell, pbc, num_structures: Optional[int] = None, need_periodic: bool = False):
+    """(batch, B, cell [B,3,3] or None, pbc [B,3] or None) on the positions' device; see the module
+    docstring for when this reads from the device."""
     n = pos.shape[0]
     if batch is None:
         batch = torch.zeros(n, dtype=torch.long, device=pos.device)
-    num_structures = int(batch.max().item()) + 1 if n > 0 else 1
+        if num_structures is None:
+            num_structures = 1
+    if num_structures is None:
+        num_structures = int(batch.max().item()) + 1 if n > 0 else 1
+    # drop the cell of an input without a periodic direction, where that check is free (or needed)
+    check_pbc = pbc is not None and (_on_host(pbc) or cell is None or need_periodic)
+    periodic = bool(torch.as_tensor(pbc).any()) if check_pbc else True
     if pbc is not None:
         pbc = torch.as_tensor(pbc, dtype=torch.bool, device=pos.device)
         if pbc.dim() == 1:
@@ -67,7 +90,7 @@ def _normalise_inputs(z, pos, batch, cell, pbc):
         cell = torch.as_tensor(cell, dtype=pos.dtype, device=pos.device)
         if cell.dim() == 2:
             cell = cell.unsqueeze(0).expand(num_structures, 3, 3)
-    if pbc is not None and not bool(pbc.any()):
+    if pbc is not None and not periodic:
         cell, pbc = None, None
     if pbc is not None and cell is None:
         from torchmdx.errors import ModelError
@@ -108,11 +131,14 @@ class Potential(torch.nn.Module):
         stress: bool = False,
         per_atom: bool = False,
         create_graph: bool = False,
+        num_structures: Optional[int] = None,
     ) -> dict:
         """Return ``{"energy": [B], "forces": [N, 3], "stress": [B, 3, 3], "energies": [N]}``.
 
         energy in eV, forces eV/Å, stress eV/Å³ (only for periodic structures, when asked).
         ``create_graph=True`` keeps the graph of the forces for training on them.
+        ``num_structures``: B, when the caller knows it (a PyG batch's ``num_graphs``), so that it
+        is not read back from the device as batch.max() + 1; structures without atoms get energy 0.
         ``z`` may also be an ``ase.Atoms`` or a list of them (then ``pos`` etc. are taken from it).
         """
         if not torch.is_tensor(z):
@@ -121,10 +147,10 @@ class Potential(torch.nn.Module):
             device, dtype = module_device_dtype(self)
             return self.forward(
                 **atoms_inputs(z, device, dtype), neighbors=neighbors, forces=forces, stress=stress,
-                per_atom=per_atom, create_graph=create_graph,
+                per_atom=per_atom, create_graph=create_graph, num_structures=num_structures,
             )
         self.check_elements(z)
-        batch, num_structures, cell, pbc = _normalise_inputs(z, pos, batch, cell, pbc)
+        batch, num_structures, cell, pbc = _normalise_inputs(z, pos, batch, cell, pbc, num_structures, stress)
         if neighbors is None:
             neighbors = self.neighbors(pos, batch, cell, pbc)
         need_grad = forces or stress

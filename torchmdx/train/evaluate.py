@@ -47,7 +47,8 @@ def predict(model, dataset, indices: Optional[Sequence[int]] = None, batch_size:
         batch = dataset.collate(chunk) if hasattr(dataset, "collate") else \
             Batch.from_data_list([dataset[int(i)] for i in chunk])
         batch = batch.to(device)
-        out = model(batch.z, batch.pos.to(dtype), batch.batch, batch.cell.to(dtype), batch.pbc, forces=has_forces)
+        out = model(batch.z, batch.pos.to(dtype), batch.batch, batch.cell.to(dtype), batch.pbc, forces=has_forces,
+                    num_structures=int(batch.num_graphs))
         energy_pred.append(out["energy"].detach().double().cpu().numpy())
         energy_ref.append(batch.energy.reshape(-1).double().cpu().numpy())
         n_atoms.append((batch.ptr[1:] - batch.ptr[:-1]).cpu().numpy())

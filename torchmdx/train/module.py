@@ -98,8 +98,9 @@ class PotentialModule(L.LightningModule):
 
     # ------------------------------------------------------------------ prediction and loss
     def forward(self, batch, forces: bool = True, create_graph: bool = False) -> dict:
+        # num_graphs is a host int of the batch: the potential need not read B back from the device
         return self.model(batch.z, batch.pos, batch.batch, getattr(batch, "cell", None), getattr(batch, "pbc", None),
-                          forces=forces, create_graph=create_graph)
+                          forces=forces, create_graph=create_graph, num_structures=int(batch.num_graphs))
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         cfg = self.train_config
@@ -289,7 +290,8 @@ def reference_normal_equations(model, dataset, indices, batch_size: int = 64):
             chunk = indices[start:start + batch_size]
             batch = dataset.collate(chunk) if hasattr(dataset, "collate") else _collate([dataset[int(i)] for i in chunk])
             batch = batch.to(device)
-            out = model(batch.z, batch.pos, batch.batch, batch.cell, batch.pbc, forces=False)
+            out = model(batch.z, batch.pos, batch.batch, batch.cell, batch.pbc, forces=False,
+                        num_structures=int(batch.num_graphs))
             residual = batch.energy.reshape(-1).to(torch.float64) - out["energy"].to(torch.float64)
             counts = torch.zeros(int(batch.num_graphs), max_z, dtype=torch.float64, device=device)
             counts.index_put_((batch.batch, batch.z), torch.ones_like(batch.z, dtype=torch.float64), accumulate=True)
