@@ -196,6 +196,27 @@ def test_fast_collate_equals_pyg_collation(shared_data, tmp_path):
             assert torch.equal(back.pos, ds[7].pos) and torch.equal(back.energy, ds[7].energy)
 
 
+def test_batches_in_order_match_pyg_collation(shared_data, tmp_path):
+    """batches_in_order: the chosen structures in the given order, whole batches of batch_size
+    and a short last one, the same Batch as PyG's collation; a dataset without ``collate`` (a
+    plain list of Data) goes through Batch.from_data_list."""
+    from torch_geometric.data import Batch
+
+    from torchmdx.data import batches_in_order
+
+    ds = H5Dataset(build_cache(shared_data / "qm9" / "qm9_20.db", cache_dir=tmp_path))
+    order = np.array([7, 3, 19, 0, 11, 5, 2])
+    batches = list(batches_in_order(ds, order, 3))
+    assert [b.num_graphs for b in batches] == [3, 3, 1]
+    assert torch.cat([b.idx for b in batches]).tolist() == order.tolist()
+    as_list = [ds[int(i)] for i in range(len(ds))]
+    for batch, plain, start in zip(batches, batches_in_order(as_list, order, 3), (0, 3, 6)):
+        ref = Batch.from_data_list([ds[int(i)] for i in order[start:start + 3]])
+        for key in ref.keys():
+            assert torch.equal(batch[key], ref[key]) and torch.equal(plain[key], ref[key]), key
+    assert list(batches_in_order(ds, [], 4)) == []
+
+
 def test_batch_loader_epochs_workers_and_ranks(shared_data, tmp_path):
     from torchmdx.data import BatchLoader
 

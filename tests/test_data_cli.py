@@ -178,6 +178,19 @@ def test_shapes_disagree(capsys, tmp_path):
     path = _npz(tmp_path / "forces.npz", **arrays)
     code, out, err = run_cli(capsys, "info", path)
     assert_one_error_line(code, out, err, f"{path}: F has shape (10, 2, 3) but R has shape (10, 3, 3)")
+    # the revised-MD17 layout: the same checks, named with its own keys
+    names = {"R": "coords", "z": "nuclear_charges", "E": "energies", "F": "forces"}
+    for key, cut, expected in [
+        ("E", lambda a: a[:9, 0], "energies has shape (9,) but coords has 10 frames; expected (10,) or (10, 1)"),
+        ("F", lambda a: a[:, :2], "forces has shape (10, 2, 3) but coords has shape (10, 3, 3)"),
+        ("z", lambda a: a[:2], "nuclear_charges has shape (2,) but coords has 3 atoms per frame"),
+        ("R", lambda a: a[:, :, :2], "coords has shape (10, 3, 2), expected (frames, atoms, 3)"),
+    ]:
+        arrays = _md17_arrays()
+        arrays[key] = cut(arrays[key])
+        path = _npz(tmp_path / f"rmd17_{key}.npz", **{names[k]: v for k, v in arrays.items()})
+        code, out, err = run_cli(capsys, "info", path)
+        assert_one_error_line(code, out, err, f"{path}: {expected}")
 
 
 def test_non_finite_values(capsys, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from torchmdx import units
 from torchmdx.config import apply_overrides, from_dict, load_yaml
 from torchmdx.errors import ConfigError
-from torchmdx.io_utils import atomic_write
+from torchmdx.io_utils import atomic_path, atomic_write, jsonable
 
 
 def test_unit_constants_match_ase():
@@ -119,6 +119,34 @@ def test_atomic_write_leaves_nothing_on_crash(tmp_path):
     with atomic_write(target) as f:
         f.write(b"whole")
     assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_path_for_writers_that_open_by_name(tmp_path):
+    """h5py / matplotlib write to a file name: atomic_path gives a temporary one and renames it
+    only when the block succeeds (an old file stays untouched by a failed rewrite)."""
+    target = tmp_path / "sub" / "cache.bin"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target and not target.exists()
+        tmp.write_bytes(b"first")
+    assert target.read_bytes() == b"first" and list(target.parent.iterdir()) == [target]
+    with pytest.raises(RuntimeError):
+        with atomic_path(target, fsync=False) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash")
+    assert target.read_bytes() == b"first" and list(target.parent.iterdir()) == [target]
+
+
+def test_jsonable_turns_numpy_values_into_python():
+    import json
+
+    import numpy as np
+
+    value = {1: np.int64(3), "a": (np.float32(0.5), np.arange(3)), "b": [np.bool_(True), "s", None, 2.5],
+             "c": np.array([[1.0, 2.0]]), "d": np.str_("x")}
+    out = jsonable(value)
+    assert out == {"1": 3, "a": [0.5, [0, 1, 2]], "b": [True, "s", None, 2.5], "c": [[1.0, 2.0]], "d": "x"}
+    assert type(out["1"]) is int and type(out["a"][0]) is float and type(out["b"][0]) is bool
+    assert json.loads(json.dumps(out)) == out
 
 
 def test_cli_help_and_unknown_command():

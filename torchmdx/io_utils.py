@@ -17,19 +17,47 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         with atomic_write("model.pt") as f:
             torch.save(obj, f)
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path, fsync=False) as tmp:
         with open(tmp, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, fsync: bool = True):
+    """:func:`atomic_write` for writers that open the file by name (h5py, matplotlib): yields a
+    temporary path beside ``path``; when the block ends without an exception the file there is
+    flushed to disk (``fsync``) and renamed onto ``path``, otherwise it is deleted::
+
+        with atomic_path("cache.h5") as tmp:
+            with h5py.File(tmp, "w") as h5:
+                ...
+    """
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def jsonable(value):
+    """``value`` with numpy arrays and scalars (and tensors: anything with ``tolist``) turned into
+    Python lists and numbers, dict keys into strings, recursively: ready for ``json.dump``."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
 
 
 def temporary_path(path: str | os.PathLike) -> Path:

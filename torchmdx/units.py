@@ -13,6 +13,7 @@ HARTREE_TO_EV = 27.211386024367243          # 1 Eh in eV
 KCAL_PER_MOL_TO_EV = 0.04336410390059322  # 1 kcal/mol in eV  (= 4184 J / (N_A * e))
 KJ_PER_MOL_TO_EV = 0.010364269574711572  # 1 kJ/mol in eV
 MEV_TO_EV = 1.0e-3
+EV_TO_MEV = 1.0e3  # the other way: error tables are reported in meV
 EV_TO_EV = 1.0
 
 # --- length -> Å --------------------------------------------------------------------------------

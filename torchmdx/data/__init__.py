@@ -7,6 +7,7 @@ Everything is in eV and Å (``torchmdx.units`` converts at read time). Public AP
     build_cache(source, format=None, cache_dir="data/cache", **options) -> Path
     H5Dataset(cache_path, dtype=torch.float32)                        # PyG Data items
     BatchLoader(dataset, batch_size, shuffle)                         # fast PyG batches (DDP-aware)
+    batches_in_order(dataset, indices, batch_size)                    # batches of chosen structures, in order
     random_split / group_split / save_split / load_split              # torchmdx.data.splits
     fit_atomic_references(dataset, indices, max_z) -> tensor [max_z] (index Z)
     DataConfig, TorchmdxDataModule(config, run_dir=None)
@@ -38,6 +39,7 @@ _LAZY = {
     "cache_info": "torchmdx.data.cache",
     "H5Dataset": "torchmdx.data.dataset",
     "BatchLoader": "torchmdx.data.loader",
+    "batches_in_order": "torchmdx.data.loader",
     "random_split": "torchmdx.data.splits",
     "make_split": "torchmdx.data.splits",
     "group_split": "torchmdx.data.splits",

@@ -32,10 +32,8 @@ half-written cache can ever be found under the cache's name.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -44,7 +42,7 @@ import numpy as np
 from torchmdx.data.formats import check_format, guess_format, normalise_options, read_structures, resolve_source
 from torchmdx.data.structures import Structures
 from torchmdx.errors import DataError
-from torchmdx.io_utils import temporary_path
+from torchmdx.io_utils import atomic_path, jsonable
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = "data/cache"
@@ -182,16 +180,15 @@ def write_cache(structures: Structures, path, fmt: str = "", source=None, option
     import h5py
 
     path = Path(path)
-    tmp = temporary_path(path)
     s = structures
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.attrs["torchmdx_cache_version"] = CACHE_VERSION
             h5.attrs["format"] = fmt
             h5.attrs["source"] = str(Path(source).resolve()) if source is not None else s.source
             h5.attrs["options"] = json.dumps(options or {})
             h5.attrs["fingerprint"] = json.dumps(fingerprint or {})
-            h5.attrs["metadata"] = json.dumps(_jsonable(s.metadata))
+            h5.attrs["metadata"] = json.dumps(jsonable(s.metadata))
             h5.attrs["group_names"] = json.dumps(list(s.group_names))
             h5.attrs["extra_units"] = json.dumps(s.extra_units)
             _write_dataset(h5, "z", s.z.astype(_z_dtype(s.z)))
@@ -208,26 +205,7 @@ def write_cache(structures: Structures, path, fmt: str = "", source=None, option
                 _write_dataset(h5, f"extras/{name}", arr)
             for name, arr in s.atom_extras.items():
                 _write_dataset(h5, f"atom_extras/{name}", arr)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     return path
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def cache_info(path) -> dict:

@@ -99,16 +99,16 @@ def guess_format(path) -> str:
         raise DataError(f"{path}: cannot guess the format of this folder (expected QM9 .xyz files); pass --format")
     head = _head(path)
     if head.startswith(b"PK"):  # zip -> npz
-        from torchmdx.data.md17 import load_npz
+        from torchmdx.data.md17 import MD17_KEYS, RMD17_KEYS, load_npz
 
         keys = set(load_npz(path))
-        if {"R", "z", "E"} <= keys:
+        if set(MD17_KEYS) <= keys:
             return "md17"
-        if {"nuclear_charges", "coords", "energies"} <= keys:
+        if set(RMD17_KEYS) <= keys:
             return "rmd17"
         raise DataError(
-            f"{path}: npz without the MD17 keys (R, z, E) or revised-MD17 keys (nuclear_charges, coords, "
-            f"energies); found: {', '.join(sorted(keys)) or 'none'}"
+            f"{path}: npz without the MD17 keys ({', '.join(MD17_KEYS)}) or revised-MD17 keys "
+            f"({', '.join(RMD17_KEYS)}); found: {', '.join(sorted(keys)) or 'none'}"
         )
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return _guess_h5(path)

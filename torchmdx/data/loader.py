@@ -59,6 +59,22 @@ def split_base(dataset):
     return dataset, np.asarray(base_indices, dtype=np.int64)
 
 
+def batches_in_order(dataset, indices, batch_size: int):
+    """PyG batches of ``dataset[indices]`` in the given order, ``batch_size`` structures each, on
+    this process alone (no shuffling, no sharding over workers or ranks): for evaluation loops
+    that pick their own structures. Gathered by ``dataset.collate`` where the dataset has it
+    (:class:`~torchmdx.data.H5Dataset`), else ``Batch.from_data_list``."""
+    indices = np.asarray(indices, dtype=np.int64)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        if hasattr(dataset, "collate"):
+            yield dataset.collate(chunk)
+        else:
+            from torch_geometric.data import Batch
+
+            yield Batch.from_data_list([dataset[int(i)] for i in chunk])
+
+
 class _BatchStream(IterableDataset):
     def __init__(self, dataset, indices: np.ndarray, batch_size: int, shuffle: bool, drop_last: bool,
                  pad_ranks: bool = True):

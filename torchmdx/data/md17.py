@@ -24,6 +24,7 @@ from torchmdx import units
 from torchmdx.data.structures import StructureBuilder, Structures
 from torchmdx.errors import DataError
 
+#: keys an npz must have to be read (and guessed) as MD17 / revised MD17
 MD17_KEYS = ("R", "z", "E")
 RMD17_KEYS = ("nuclear_charges", "coords", "energies")
 
@@ -63,49 +64,48 @@ def _theory(arrays) -> dict:
     return meta
 
 
-def read_md17(path, energy_unit=None, length_unit=None) -> Structures:
-    """sGDML npz (``R``, ``z``, ``E``, optional ``F``); kcal/mol, kcal/mol/Å, Å by default."""
+#: per npz layout: the keys of atomic numbers, positions, energies, forces; the layout's name in errors
+_NPZ_LAYOUTS = {
+    "md17": (("z", "R", "E", "F"), "sGDML/MD17 npz (R, z, E, F)"),
+    "rmd17": (("nuclear_charges", "coords", "energies", "forces"),
+              "revised-MD17 npz (nuclear_charges, coords, energies, forces)"),
+}
+
+
+def _read_npz_frames(path, fmt: str, energy_unit, length_unit) -> Structures:
+    """One molecule's frames from an npz of layout ``fmt`` (``_NPZ_LAYOUTS``): atomic numbers
+    [N], positions [n, N, 3], energies [n] or [n, 1], optional forces [n, N, 3]; kcal/mol and Å
+    unless ``energy_unit`` / ``length_unit`` say otherwise; shapes checked with one-line errors
+    that use the file's own key names."""
     path = Path(path)
+    (z_key, r_key, e_key, f_key), layout = _NPZ_LAYOUTS[fmt]
     arrays = load_npz(path)
-    require_keys(path, arrays, MD17_KEYS, "sGDML/MD17 npz (R, z, E, F)")
+    require_keys(path, arrays, MD17_KEYS if fmt == "md17" else RMD17_KEYS, layout)
     e, length, f = unit_factors(path, energy_unit, length_unit, "kcal/mol")
-    z, R, E = arrays["z"], arrays["R"], arrays["E"]
+    z, R, E, F = arrays[z_key], arrays[r_key], arrays[e_key], arrays.get(f_key)
     if R.ndim != 3 or R.shape[2] != 3:
-        raise DataError(f"{path}: R has shape {R.shape}, expected (frames, atoms, 3)")
+        raise DataError(f"{path}: {r_key} has shape {R.shape}, expected (frames, atoms, 3)")
     if z.ndim != 1 or z.shape[0] != R.shape[1]:
-        raise DataError(f"{path}: z has shape {z.shape} but R has {R.shape[1]} atoms per frame")
+        raise DataError(f"{path}: {z_key} has shape {z.shape} but {r_key} has {R.shape[1]} atoms per frame")
     if E.size != len(R) or len(E) != len(R):
-        raise DataError(
-            f"{path}: E has shape {E.shape} but R has {len(R)} frames; expected ({len(R)},) or ({len(R)}, 1)"
-        )
-    F = arrays.get("F")
+        raise DataError(f"{path}: {e_key} has shape {E.shape} but {r_key} has {len(R)} frames; "
+                        f"expected ({len(R)},) or ({len(R)}, 1)")
     if F is not None and F.shape != R.shape:
-        raise DataError(f"{path}: F has shape {F.shape} but R has shape {R.shape}")
-    builder = StructureBuilder(str(path), format="md17", units_in={"energy": energy_unit or "kcal/mol"},
-                               **_theory(arrays))
+        raise DataError(f"{path}: {f_key} has shape {F.shape} but {r_key} has shape {R.shape}")
+    metadata = _theory(arrays) if fmt == "md17" else {}
+    builder = StructureBuilder(str(path), format=fmt, units_in={"energy": energy_unit or "kcal/mol"}, **metadata)
     builder.add(z, R * length, E.reshape(-1) * e, None if F is None else F * f)
     return builder.build()
+
+
+def read_md17(path, energy_unit=None, length_unit=None) -> Structures:
+    """sGDML npz (``R``, ``z``, ``E``, optional ``F``); kcal/mol, kcal/mol/Å, Å by default."""
+    return _read_npz_frames(path, "md17", energy_unit, length_unit)
 
 
 def read_rmd17(path, energy_unit=None, length_unit=None) -> Structures:
     """Revised MD17 npz (``nuclear_charges``, ``coords``, ``energies``, ``forces``)."""
-    path = Path(path)
-    arrays = load_npz(path)
-    require_keys(path, arrays, RMD17_KEYS, "revised-MD17 npz (nuclear_charges, coords, energies, forces)")
-    e, length, f = unit_factors(path, energy_unit, length_unit, "kcal/mol")
-    z, R, E = arrays["nuclear_charges"], arrays["coords"], arrays["energies"]
-    if R.ndim != 3 or R.shape[2] != 3:
-        raise DataError(f"{path}: coords has shape {R.shape}, expected (frames, atoms, 3)")
-    if z.ndim != 1 or z.shape[0] != R.shape[1]:
-        raise DataError(f"{path}: nuclear_charges has shape {z.shape} but coords has {R.shape[1]} atoms per frame")
-    if E.size != len(R):
-        raise DataError(f"{path}: energies has shape {E.shape} but coords has {len(R)} frames")
-    F = arrays.get("forces")
-    if F is not None and F.shape != R.shape:
-        raise DataError(f"{path}: forces has shape {F.shape} but coords has shape {R.shape}")
-    builder = StructureBuilder(str(path), format="rmd17", units_in={"energy": energy_unit or "kcal/mol"})
-    builder.add(z, R * length, E.reshape(-1) * e, None if F is None else F * f)
-    return builder.build()
+    return _read_npz_frames(path, "rmd17", energy_unit, length_unit)
 
 
 def read_md17_xyz(path, energy_unit=None, length_unit=None) -> Structures:

@@ -18,8 +18,8 @@ import numpy as np
 
 from torchmdx.errors import DataError
 from torchmdx.io_utils import atomic_write
+from torchmdx.units import EV_TO_MEV
 
-EV_TO_MEV = 1000.0
 
 
 def predict(model, dataset, indices: Optional[Sequence[int]] = None, batch_size: int = 64, device="cpu",
@@ -29,23 +29,19 @@ def predict(model, dataset, indices: Optional[Sequence[int]] = None, batch_size:
     Returns numpy arrays: ``energy_pred``/``energy_ref`` [B], ``n_atoms`` [B], ``forces_pred``/
     ``forces_ref`` [N, 3] (None without reference forces), ``indices`` [B].
     """
-    import torch
-    from torch_geometric.data import Batch
+    from torchmdx.data.loader import batches_in_order
 
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
     has_forces = bool(getattr(dataset, "has_forces", True))
     energy_pred, energy_ref, n_atoms, f_pred, f_ref = [], [], [], [], []
-    starts = range(0, len(idx), batch_size)
+    batches = batches_in_order(dataset, idx, batch_size)
     if progress:
         from tqdm import tqdm
 
-        starts = tqdm(starts, desc="evaluate", unit="batch", leave=False)
+        batches = tqdm(batches, desc="evaluate", unit="batch", leave=False, total=-(-len(idx) // batch_size))
     model = model.to(device)
     dtype = next(model.parameters()).dtype
-    for start in starts:
-        chunk = idx[start:start + batch_size]
-        batch = dataset.collate(chunk) if hasattr(dataset, "collate") else \
-            Batch.from_data_list([dataset[int(i)] for i in chunk])
+    for batch in batches:
         batch = batch.to(device)
         out = model(batch.z, batch.pos.to(dtype), batch.batch, batch.cell.to(dtype), batch.pbc, forces=has_forces,
                     num_structures=int(batch.num_graphs))

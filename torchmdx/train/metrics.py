@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 import torchmetrics
 
-EV_TO_MEV = 1000.0
+from torchmdx.units import EV_TO_MEV
+
 
 
 def loss_terms(error: torch.Tensor, kind: str, huber_delta: float = 0.01) -> torch.Tensor:

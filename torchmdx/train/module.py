@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Optional
+from typing import Optional
 
 import lightning as L
 import numpy as np
 import torch
 
 from torchmdx.config import from_dict
+from torchmdx.data.loader import batches_in_order
 from torchmdx.train.config import TrainConfig
 from torchmdx.train.metrics import EpochErrors, loss_terms, weighted_loss
 
@@ -286,9 +287,7 @@ def reference_normal_equations(model, dataset, indices, batch_size: int = 64):
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            batch = dataset.collate(chunk) if hasattr(dataset, "collate") else _collate([dataset[int(i)] for i in chunk])
+        for batch in batches_in_order(dataset, indices, batch_size):
             batch = batch.to(device)
             out = model(batch.z, batch.pos, batch.batch, batch.cell, batch.pbc, forces=False,
                         num_structures=int(batch.num_graphs))
@@ -323,8 +322,3 @@ def fit_reference_correction(model, dataset, indices, batch_size: int = 64) -> b
     normal, rhs = reference_normal_equations(model, dataset, np.asarray(indices, dtype=np.int64), batch_size)
     return apply_reference_correction(model, normal, rhs)
 
-
-def _collate(items: list) -> Any:
-    from torch_geometric.data import Batch
-
-    return Batch.from_data_list(items)

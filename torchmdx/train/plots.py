@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from torchmdx.io_utils import temporary_path
+from torchmdx.io_utils import atomic_path
 
 
 def _pyplot():
@@ -25,16 +24,20 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _finish(fig, path: Path, title: Optional[str]) -> Path:
+    """Title, layout, then the PNG written atomically (temporary name, rename); the figure is
+    closed whatever happens."""
+    plt = _pyplot()
     path = Path(path)
-    tmp = temporary_path(path)
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        with atomic_path(path, fsync=False) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        return path
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        plt.close(fig)
 
 
 def _parity_panel(ax, reference, predicted, label, unit, mae, rmse):
@@ -70,13 +73,7 @@ def parity_plot(predictions: dict, errors: dict, path, title: Optional[str] = No
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.0), squeeze=False)
     for ax, (label, ref, pred, unit, mae, rmse) in zip(axes[0], panels):
         _parity_panel(ax, ref, pred, label, unit, mae, rmse)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(fig, path, title)
 
 
 def read_epoch_metrics(metrics_csv) -> dict[str, dict[int, float]]:
@@ -131,10 +128,4 @@ def learning_curve(metrics_csv, path, title: Optional[str] = None) -> Optional[P
         ax.set_xlabel("epoch")
         ax.set_ylabel("learning rate")
         ax.grid(True, which="both", alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(fig, path, title)

@@ -27,7 +27,7 @@ from typing import Optional
 
 from torchmdx.config import to_dict
 from torchmdx.errors import ConfigError, DataError
-from torchmdx.io_utils import atomic_write
+from torchmdx.io_utils import atomic_write, jsonable
 from torchmdx.train.config import RunConfig, TrainConfig, resolved_yaml
 
 CHECKPOINT_DIR = "checkpoints"
@@ -221,7 +221,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
     with atomic_write(run_dir / RESOLVED_CONFIG, "w") as handle:
         handle.write(resolved_yaml(cfg))
     with atomic_write(run_dir / "data_summary.json", "w") as handle:
-        json.dump(_jsonable(datamodule.summary()), handle, indent=2)
+        json.dump(jsonable(datamodule.summary()), handle, indent=2)
     initial = None
     if not resume and INITIAL_VALIDATION:
         initial = initial_errors(datamodule, module)
@@ -307,17 +307,3 @@ def _keep_metric_rows(trainer, rows: list[dict]) -> None:
         if isinstance(logger, CSVLogger):
             writer = logger.experiment  # creating the writer removes the old file
             writer.metrics[:0] = [{k: v for k, v in row.items() if v not in (None, "")} for row in rows]
-
-
-def _jsonable(value):
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    return value
