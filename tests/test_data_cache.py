@@ -283,6 +283,12 @@ for kind in ("fast", "pyg"):
     out[kind + "_len"] = len(val)
     out[kind] = [b.idx.tolist() for b in val]
     out["val_split"] = dm.split["val"].tolist()
+tiny = TorchmdxDataModule({"path": sys.argv[1], "format": "cache", "train_size": 6, "val_size": 1, "test_size": 0})
+tiny.setup()
+try:
+    tiny.val_dataloader()
+except Exception as exc:
+    out["too_few"] = f"{type(exc).__name__}: {exc}"
 json.dump(out, open(sys.argv[2] + f".{dist.get_rank()}", "w"))
 dist.destroy_process_group()
 """
@@ -323,3 +329,7 @@ def test_batch_loader_shards_over_real_ddp_ranks(shared_data, tmp_path, workers=
     for kind, lengths in (("fast", [2, 1]), ("pyg", [2, 2])):  # fast: batches 4+3 | 4; pyg: 6 | 5 structures
         assert [r[kind + "_len"] for r in results] == [len(r[kind]) for r in results] == lengths, kind
         assert sorted(i for r in results for b in r[kind] for i in b) == sorted(val_split), kind
+    # one validation structure for two ranks: a clear error on both, not a repeat or a hang
+    assert [r.get("too_few") for r in results] == [
+        f"DataError: {cache}: the val split has 1 structures, fewer than the 2 DDP ranks; evaluation needs at "
+        "least one structure per rank"] * 2

@@ -165,17 +165,17 @@ class TorchmdxDataModule(L.LightningDataModule):
         if len(indices) == 0:
             return []
         workers = self.config.num_workers
+        rank, world = rank_and_world()
+        if world > 1 and not pad_ranks and len(indices) < world:
+            raise DataError(f"{self.config.path}: the {part} split has {len(indices)} structures, fewer than "
+                            f"the {world} DDP ranks; evaluation needs at least one structure per rank")
         if self.config.loader == "fast" and self.dataset.transform is None:
             return BatchLoader(self.dataset, batch_size=batch_size, shuffle=shuffle, indices=indices,
                                num_workers=workers, pad_ranks=pad_ranks)
         sampler = None
-        rank, world = rank_and_world()
         if world > 1 and not pad_ranks:
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
-            if len(indices) < world:
-                raise DataError(f"{self.config.path}: the {part} split has {len(indices)} structures, fewer than "
-                                f"the {world} DDP ranks; evaluation needs at least one structure per rank")
             sampler = UnrepeatedDistributedSampler(self.subset(part), num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(self.subset(part), batch_size=batch_size, shuffle=shuffle and sampler is None,
                           sampler=sampler, num_workers=workers, persistent_workers=workers > 0, drop_last=False)
