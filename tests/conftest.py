@@ -8,6 +8,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TORCHMDX_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The test tensors are tiny: on a 2-core machine intra-op threads cost far more than they
+    save (measured up to 10x slower), so the whole session runs torch on one thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real sample files (``../shared/data``); see its README."""

@@ -5,18 +5,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from torchmdx.cli.main import main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

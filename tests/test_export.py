@@ -11,12 +11,6 @@ from torchmdx.nn.model_file import load_model
 from torchmdx.train.export import potential_from_checkpoint, read_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,6 @@ from torchmdx.kernels.neighbors_ref import neighbor_list
 from torchmdx.nn import ETPotential, build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: with 2 shared cores, intra-op threads cost far more than they save
-    (measured 10x slower); restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 SMALL = dict(embedding_dimension=16, num_layers=2, num_heads=4, num_rbf=8, dtype="float64")

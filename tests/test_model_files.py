@@ -15,14 +15,6 @@ from torchmdx.nn import ETPotential, ModelConfig, Potential, build_model, load_m
 from torchmdx.nn.model_file import FORMAT, POTENTIAL_KINDS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: with 2 shared cores, intra-op threads cost far more than they save
-    (measured 10x slower); restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 SMALL = dict(embedding_dimension=16, num_layers=2, num_heads=2, num_rbf=8)

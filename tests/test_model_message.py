@@ -12,14 +12,6 @@ import torch
 from torchmdx.kernels.message_ref import ACTIVATIONS, et_message
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: with 2 shared cores, intra-op threads cost far more than they save
-    (measured 10x slower); restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def naive_message(q, k, v, vec, dk, dv, phi, unit, edge_index, heads, mask, self_loop, act, vector_cutoff):

@@ -19,14 +19,6 @@ from torchmdx.kernels import neighbors_ref
 from torchmdx.kernels.neighbors import neighbor_list
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: with 2 shared cores, intra-op threads cost far more than they save
-    (measured 10x slower); restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,14 +21,6 @@ from torchmdx.errors import ModelError
 from torchmdx.nn import ETPotential, import_torchmdnet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: with 2 shared cores, intra-op threads cost far more than they save
-    (measured 10x slower); restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 DATA = Path(__file__).parent / "data"

@@ -26,13 +26,6 @@ from torchmdx.train.export import potential_from_checkpoint, read_checkpoint
 from torchmdx.train.run import prepare
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny graphs: one thread is as fast and does not fight other jobs for the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 TINY_MODEL = {"embedding_dimension": 32, "num_layers": 2, "num_heads": 4, "num_rbf": 16, "cutoff_upper": 4.0,

@@ -10,16 +10,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_ddp_on_two_cpu_processes(tmp_path, shared_data):

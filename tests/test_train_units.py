@@ -16,12 +16,6 @@ from torchmdx.train.ema import EMA, _EMAStep, warmed_up_decay
 from torchmdx.train.metrics import EpochErrors, loss_terms, weighted_loss
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------ losses, metrics
