@@ -38,7 +38,7 @@ demo: $(STAMP)
 	@echo "  error table    $(DEMO)/evaluate/errors.txt  (and errors.json)"
 	@echo "  parity plots   $(DEMO)/evaluate/parity.png"
 	@echo "  learning curve $(DEMO)/learning_curve.png  (logs in $(DEMO)/logs/)"
-	@echo "  MD trajectory  $(DEMO)/md/ethanol.extxyz  (thermo log $(DEMO)/md/ethanol.csv)"
+	@echo "  MD trajectory  $(DEMO)/md/ethanol.extxyz  (thermo log $(DEMO)/md/ethanol.csv, plot $(DEMO)/md/ethanol.png)"
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py

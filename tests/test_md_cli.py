@@ -78,6 +78,10 @@ def test_md_on_alanine_dipeptide_writes_all_outputs(tmp_path, shared_data, et_mo
     summary = json.loads((tmp_path / "ala.summary.json").read_text())
     assert summary["steps"] == 20 and summary["steps_per_s"] > 0 and summary["ns_per_day"] > 0
     assert "energy_drift_eV_per_atom" in summary
+    # the thermo plot: a real PNG next to the log, named in the summary
+    plot = tmp_path / "ala.png"
+    assert summary["plot"] == str(plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
 
 def test_md_on_caffeine_pdb_with_minimisation_and_traj_output(tmp_path, shared_data, et_model, capsys):

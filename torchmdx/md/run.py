@@ -12,7 +12,8 @@ from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import atomic_write
 from torchmdx.md.config import MDConfig
 from torchmdx.md.engine import Reporter
-from torchmdx.md.io import ThermoLog, TrajectoryWriter, load_restart, structure_paths, truncate_outputs
+from torchmdx.md.io import ThermoLog, TrajectoryWriter, load_restart, read_thermo, structure_paths, truncate_outputs
+from torchmdx.train.plots import thermo_plot
 
 
 class TrajectoryReporter(Reporter):
@@ -178,10 +179,15 @@ def run_md(config: MDConfig, potential=None, out=None) -> dict:
         timestep_fs=config.dt, first_step=start_step, last_step=start_step + summary.steps,
         trajectory=[str(p) for p in traj_paths], log=str(config.log_path), restart=str(config.restart_path),
     )
+    plot_path = Path(config.log_path).with_suffix(".png")
+    rows = read_thermo(config.log_path)
+    if rows:
+        thermo_plot(rows, plot_path, title=f"{config.ensemble} MD, {config.dt:g} fs steps")
+        result["plot"] = str(plot_path)
     with atomic_write(config.summary_path, "w") as f:
         json.dump(result, f, indent=2)
     for line in summary.lines():
         print(line, file=out)
     print(f"outputs          {', '.join(result['trajectory'])}, {result['log']}, {result['restart']}, "
-          f"{config.summary_path}", file=out)
+          f"{config.summary_path}" + (f", {result['plot']}" if "plot" in result else ""), file=out)
     return result

@@ -1,4 +1,5 @@
-"""PNG plots (matplotlib, Agg backend: no display needed): parity plots and learning curves.
+"""PNG plots (matplotlib, Agg backend: no display needed): parity plots, learning curves and
+MD thermo logs.
 
 Files are drawn to a temporary name beside the target and renamed (no half-written PNG).
 """
@@ -128,4 +129,32 @@ def learning_curve(metrics_csv, path, title: Optional[str] = None) -> Optional[P
         ax.set_xlabel("epoch")
         ax.set_ylabel("learning rate")
         ax.grid(True, which="both", alpha=0.3)
+    return _finish(fig, path, title)
+
+
+def thermo_plot(rows: list, path, title: Optional[str] = None) -> Path:
+    """MD thermo log as a PNG: energies (potential, kinetic, conserved; eV, relative to their
+    first value) and temperature (K) against time (ps), one line per structure.
+
+    ``rows``: dicts with ``time_ps``, ``potential_eV``, ``kinetic_eV``, ``temperature_K`` and
+    optionally ``conserved_eV`` and ``structure`` (as :func:`torchmdx.md.io.read_thermo` gives).
+    """
+    plt = _pyplot()
+    fig, (ax_e, ax_t) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    structures = sorted({int(r.get("structure", 0)) for r in rows})
+    for b in structures:
+        mine = [r for r in rows if int(r.get("structure", 0)) == b]
+        t = np.array([r["time_ps"] for r in mine])
+        tag = f" [{b}]" if len(structures) > 1 else ""
+        for key, label in (("potential_eV", "potential"), ("kinetic_eV", "kinetic"), ("conserved_eV", "conserved")):
+            if key in mine[0]:
+                values = np.array([r[key] for r in mine])
+                ax_e.plot(t, values - values[0], lw=1, label=label + tag)
+        ax_t.plot(t, [r["temperature_K"] for r in mine], lw=1, label=f"structure {b}" if tag else None)
+    ax_e.set_ylabel("energy - initial (eV)")
+    ax_e.legend(fontsize=8, ncol=3)
+    ax_t.set_ylabel("temperature (K)")
+    ax_t.set_xlabel("time (ps)")
+    if len(structures) > 1:
+        ax_t.legend(fontsize=8)
     return _finish(fig, path, title)
