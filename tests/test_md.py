@@ -243,6 +243,29 @@ def test_verlet_skin_and_replays_do_not_change_the_trajectory():
     torch.testing.assert_close(final["large"], final["every-step"], rtol=0, atol=1e-12)
 
 
+def test_fixed_capacity_list_gives_the_same_trajectory():
+    """The static, capacity-padded list of the CUDA-graph path (padding rows i = j = N-1 masked,
+    refilled in place, reallocated when it grows) gives the exact-list trajectory, open and
+    periodic, including rebuilds and a capacity reallocation (run eagerly here on the CPU)."""
+    for potential, atoms in ((lj(), cluster()), (LennardJones(EPS, SIG, cutoff=4.6), _periodic_argon())):
+        final = {}
+        for fixed in (False, True):
+            sim = Simulation(potential, atoms, timestep_fs=5.0, temperature_K=80.0, dtype=F64, seed=4, skin=0.05,
+                             check_interval=10, check_every_step=False)
+            sim.forcefield.fixed_capacity = fixed
+            sim.initialize()
+            if fixed:
+                ff = sim.forcefield
+                assert ff.capacity > int(ff.neighbors.num_pairs) and not bool(ff.neighbors.mask[-1])
+                ff.capacity = 1  # the next rebuild must reallocate the buffers
+            summary = sim.run(100, every=50)
+            assert summary.neighbor_list_builds >= 2
+            final[fixed] = sim.state.positions.clone()
+            if fixed:
+                assert sim.forcefield.layout_version >= 2
+        torch.testing.assert_close(final[True], final[False], rtol=0, atol=1e-12)
+
+
 def test_fire_minimisation_matches_ase_fire():
     from ase.optimize import FIRE
 

@@ -13,7 +13,7 @@ How it stays correct
   again. Before each chunk of replays, :meth:`GraphedStep.sync` copies any tensor that eager
   code replaced meanwhile (a careful replay, a restart, a list rebuild) into the static one.
 - Fixed-capacity neighbor list. The force field switches to static, capacity-padded list
-  buffers (:meth:`ForceField.use_fixed_capacity`) refilled in place at every rebuild (which
+  buffers (``ForceField.fixed_capacity``) refilled in place at every rebuild (which
   happens between replays, at the engine's host check points, exactly as in eager mode). When a
   rebuild needs more rows than the capacity, the buffers are reallocated
   (``layout_version`` changes) and the step is captured again.

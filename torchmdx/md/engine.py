@@ -341,8 +341,10 @@ class Simulation:
         def copy(value):
             return value.clone() if torch.is_tensor(value) else value
 
+        from torchmdx.md.cuda_graph import STATE_FIELDS
+
         state = self.state.copy()
-        for name in ("positions", "velocities", "forces", "energy", "thermostat_energy"):
+        for name in STATE_FIELDS:
             setattr(state, name, getattr(state, name).clone())
         return (
             state,

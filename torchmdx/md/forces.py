@@ -81,32 +81,30 @@ class ForceField:
         s = self.system
         if (self.wrap_positions if wrap is None else wrap) and s.periodic:
             positions = s.wrap(positions)
-        self.neighbors = self.potential.neighbors(positions.detach(), s.batch, s.cell, s.pbc, cutoff=self.cutoff + self.skin)
-        if self.fixed_capacity:
-            return self._store_fixed(positions)
-        self.reference = positions.detach()
-        nl = self.neighbors
+        nl = self.potential.neighbors(positions.detach(), s.batch, s.cell, s.pbc, cutoff=self.cutoff + self.skin)
         # the cell is fixed during MD: the image offsets n_ij @ cell are constant until the next build
-        self._receivers, self._senders = nl.edge_index[0].contiguous(), nl.edge_index[1].contiguous()
-        self._offsets = None
+        offsets = None
         if s.cell is not None and nl.shifts.numel() > 0:
-            cell_i = s.cell.index_select(0, s.batch.index_select(0, self._receivers))
-            self._offsets = torch.einsum("ek,ekl->el", nl.shifts.to(s.dtype), cell_i)
+            cell_i = s.cell.index_select(0, s.batch.index_select(0, nl.edge_index[0]))
+            offsets = torch.einsum("ek,ekl->el", nl.shifts.to(s.dtype), cell_i)
+        if self.fixed_capacity:
+            self._store_fixed(nl, offsets, positions)
+        else:
+            self.neighbors = nl
+            self.reference = positions.detach()
+            self._receivers, self._senders = nl.edge_index[0].contiguous(), nl.edge_index[1].contiguous()
+            self._offsets = offsets
         self.stale = torch.zeros((), dtype=torch.bool, device=s.device)
         self.max_displacement2 = torch.zeros((), dtype=s.dtype, device=s.device)
         self.builds += 1
         return positions
 
-    def use_fixed_capacity(self, positions: torch.Tensor) -> torch.Tensor:
-        """Switch to fixed-capacity static buffers (for CUDA-graph capture) and build there."""
-        self.fixed_capacity = True
-        return self.build(positions)
-
-    def _store_fixed(self, positions: torch.Tensor) -> torch.Tensor:
-        """Copy the exact list just built into the static buffers (padding rows i = j = N-1,
-        shifts and offsets 0, mask False: the contract of :mod:`torchmdx.kernels.neighbors`),
-        growing them (new ``layout_version``) when the pairs do not fit."""
-        s, nl = self.system, self.neighbors
+    def _store_fixed(self, nl: Neighbors, offsets: Optional[torch.Tensor], positions: torch.Tensor) -> None:
+        """Copy the exact list ``nl`` into the static buffers of the fixed-capacity mode (padding
+        rows i = j = N-1, shifts and offsets 0, mask False: the contract of
+        :mod:`torchmdx.kernels.neighbors`), growing them (new ``layout_version``) when the pairs
+        do not fit."""
+        s = self.system
         pairs = int(nl.edge_index.shape[1])
         if self._static is None or pairs > self.capacity:
             self.capacity = int(pairs * 1.25) + 64
@@ -122,17 +120,18 @@ class ForceField:
             }
             self.layout_version += 1
         st = self._static
-        last = s.num_atoms - 1
         st["edge_index"][:, :pairs].copy_(nl.edge_index)
-        st["edge_index"][:, pairs:].fill_(last)
+        st["edge_index"][:, pairs:].fill_(s.num_atoms - 1)
         st["shifts"][:pairs].copy_(nl.shifts)
         st["shifts"][pairs:].zero_()
-        st["mask"][:pairs].copy_(nl.mask if nl.mask is not None else torch.ones(pairs, dtype=torch.bool, device=s.device))
+        if nl.mask is not None:
+            st["mask"][:pairs].copy_(nl.mask)
+        else:
+            st["mask"][:pairs].fill_(True)
         st["mask"][pairs:].zero_()
         st["offsets"].zero_()
-        if s.cell is not None and pairs > 0:
-            cell_i = s.cell.index_select(0, s.batch.index_select(0, nl.edge_index[0]))
-            st["offsets"][:pairs].copy_(torch.einsum("ek,ekl->el", nl.shifts.to(s.dtype), cell_i))
+        if offsets is not None:
+            st["offsets"][:pairs].copy_(offsets)
         st["reference"].copy_(positions.detach())
         self.reference = st["reference"]
         self.neighbors = Neighbors(
@@ -141,10 +140,6 @@ class ForceField:
         )
         self._receivers, self._senders = st["edge_index"][0], st["edge_index"][1]
         self._offsets = st["offsets"] if s.cell is not None else None
-        self.stale = torch.zeros((), dtype=torch.bool, device=s.device)
-        self.max_displacement2 = torch.zeros((), dtype=s.dtype, device=s.device)
-        self.builds += 1
-        return positions
 
     def displacement2(self, positions: torch.Tensor) -> torch.Tensor:
         """Largest squared displacement since the build (Å², device scalar)."""
