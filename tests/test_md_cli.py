@@ -118,6 +118,40 @@ def test_bad_config_key_is_one_line_error(tmp_path, capsys):
     assert "\n" not in err
 
 
+def test_threads_option_sets_torch_threads_and_rejects_zero(tmp_path, lj_model, capsys):
+    structure = tmp_path / "ar13.xyz"
+    write(structure, Icosahedron("Ar", 2))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the test session runs on one thread: start from another count
+        assert _md(tmp_path, structure, "--model", lj_model, "--steps", 2, "--threads", 1,
+                   "--out", tmp_path / "t.extxyz") == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert _md(tmp_path, structure, "--model", lj_model, "--threads", 0, "--out", tmp_path / "u.extxyz") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("error: config key 'md.threads' must be >= 1, got 0") and "\n" not in err.split("error:")[-1]
+
+
+def test_every_command_line_option_reaches_the_config():
+    """Each option's dest is an MDConfig field and arrives in the config (no hand-kept list)."""
+    import argparse
+    from dataclasses import fields
+
+    from torchmdx.cli import md_cmd
+    from torchmdx.md.config import MDConfig
+
+    parser = argparse.ArgumentParser()
+    md_cmd.add_arguments(parser)
+    names = {f.name for f in fields(MDConfig)}
+    dests = {a.dest for a in parser._actions if a.dest not in ("help", "config")}
+    assert dests <= names
+    args = parser.parse_args(["x.xyz", "--threads", "3", "--no-cuda-graph", "--skin", "0.7", "--no-wrap"])
+    config = md_cmd.config_from_args(args)
+    assert (config.threads, config.cuda_graph, config.skin, config.wrap, config.structure) == (3, False, 0.7, False, ["x.xyz"])
+
+
 def test_restart_through_the_cli_continues_bit_for_bit(tmp_path, shared_data, et_model):
     structure = shared_data / "systems" / "alanine_dipeptide.xyz"
     common = ["--model", et_model, "--every", 5, "--ensemble", "langevin", "--temperature", 100, *SAFE]

@@ -60,16 +60,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
-    from torchmdx.md.config import md_config
+    """MDConfig from the YAML file (if any) updated with every option given on the command line
+    (argparse dests are MDConfig field names, so every field is taken over by name)."""
+    from dataclasses import fields
+
+    from torchmdx.md.config import MDConfig, md_config
 
     values = {}
-    for key in ["model", "index", "steps", "dt", "temperature", "ensemble", "friction", "tau", "chain_length", "out",
-                "log", "every", "restart_out", "restart_every", "summary", "restart", "device", "dtype", "seed",
-                "engine", "fmax", "minimize_steps", "replicas", "skin", "check_interval", "max_temperature",
-                "minimize", "wrap", "progress"]:
-        value = getattr(args, key, None)
-        if value is not None:
-            values[key] = value
+    for field in fields(MDConfig):
+        value = getattr(args, field.name, None)
+        if field.name != "structure" and value is not None:
+            values[field.name] = value
     if args.structure:
         values["structure"] = list(args.structure)
     return md_config(values, args.config)
