@@ -13,7 +13,9 @@ state is saved too) and replayed in careful mode, which checks after every step:
 list is rebuilt exactly when needed, and a bad step stops the run at the last good step. After
 a replay the chunk length halves, and grows back by one step per clean chunk. At a check point
 the list is also rebuilt ahead of time when the largest displacement plus twice (largest speed
-× chunk duration) would exceed skin/2, so replays stay rare.
+× chunk duration) would exceed skin/2, so replays stay rare. With CUDA graphs the captured step
+rebuilds its own (fixed-capacity) list on the device at every step instead
+(:mod:`torchmdx.md.forces`), so only a capacity overflow makes a chunk replay.
 
 On the CPU a host check costs nothing, so there (``check_every_step``, the default off CUDA)
 every step is taken in careful mode and nothing is ever replayed.
@@ -192,6 +194,7 @@ class Simulation:
             raise ConfigError("cuda_graph needs check_every_step off (graphs replay whole chunks)")
         self.use_cuda_graph = (self.device.type == "cuda" and not self.check_every_step) if cuda_graph is None else bool(cuda_graph)
         self.forcefield.fixed_capacity = self.use_cuda_graph
+        self.forcefield.rebuild_each_step = self.use_cuda_graph
         self._graphed = None
         if self.use_cuda_graph:
             from torchmdx.md.cuda_graph import GraphedStep
@@ -393,6 +396,11 @@ class Simulation:
             self._interval = max(1, self._interval // 2)
         else:
             self._interval = min(self.check_interval, self._interval + 1)
+            if ff.rebuild_each_step:
+                # the step builds its own list: nothing to look ahead for; keep positions in the box
+                if ff.wrap_positions and self.system.periodic:
+                    self.state.positions = self.system.wrap(self.state.positions)
+                return
             # rebuild ahead of time if, at twice the present top speed, an atom could pass
             # skin/2 within the next chunk
             horizon = 2.0 * self.integrator.dt * self._interval

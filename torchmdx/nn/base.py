@@ -115,8 +115,10 @@ class Potential(torch.nn.Module):
     def check_elements(self, z: torch.Tensor) -> None:
         """Raise a one-line ModelError for atomic numbers the potential cannot handle."""
 
-    def neighbors(self, pos, batch, cell, pbc, cutoff: Optional[float] = None) -> Neighbors:
-        return neighbor_list(pos.detach(), self.cutoff if cutoff is None else cutoff, batch, cell, pbc)
+    def neighbors(self, pos, batch, cell, pbc, cutoff: Optional[float] = None, max_pairs: Optional[int] = None) -> Neighbors:
+        """Pairs within ``cutoff`` (default: the potential's); ``max_pairs``: fixed capacity
+        (:func:`torchmdx.kernels.neighbors.neighbor_list`)."""
+        return neighbor_list(pos.detach(), self.cutoff if cutoff is None else cutoff, batch, cell, pbc, max_pairs=max_pairs)
 
     def forward(
         self,
