@@ -147,9 +147,10 @@ def test_every_command_line_option_reaches_the_config():
     names = {f.name for f in fields(MDConfig)}
     dests = {a.dest for a in parser._actions if a.dest not in ("help", "config")}
     assert dests <= names
-    args = parser.parse_args(["x.xyz", "--threads", "3", "--no-cuda-graph", "--skin", "0.7", "--no-wrap"])
+    args = parser.parse_args(["x.xyz", "--threads", "3", "--no-cuda-graph", "--skin", "0.7", "--no-wrap", "--no-compile"])
     config = md_cmd.config_from_args(args)
-    assert (config.threads, config.cuda_graph, config.skin, config.wrap, config.structure) == (3, False, 0.7, False, ["x.xyz"])
+    assert (config.threads, config.cuda_graph, config.skin, config.wrap, config.structure, config.compile) == (
+        3, False, 0.7, False, ["x.xyz"], False)
 
 
 def test_restart_through_the_cli_continues_bit_for_bit(tmp_path, shared_data, et_model):

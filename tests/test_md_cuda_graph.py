@@ -16,8 +16,9 @@ SMALL_ET = {"embedding_dimension": 32, "num_layers": 2, "num_heads": 4, "num_rbf
 
 def _run(atoms, ensemble, cuda_graph, steps, skin=0.5, shrink_capacity=False, **kwargs):
     model = torchmdx.build_model(SMALL_ET)
+    # the graph runs use the compiled model (the default on CUDA), the eager ones the plain model
     sim = Simulation(model, atoms, ensemble=ensemble, device="cuda", dtype=torch.float32, seed=7, skin=skin,
-                     check_every_step=False, cuda_graph=cuda_graph, temperature_K=300.0, **kwargs)
+                     check_every_step=False, cuda_graph=cuda_graph, compile=cuda_graph, temperature_K=300.0, **kwargs)
     sim.initialize()
     if shrink_capacity:
         sim.forcefield.capacity = 1  # the next rebuild must grow the buffers: a new capture
@@ -33,7 +34,7 @@ def peptide(shared_data):
 def test_nve_graph_equals_eager(peptide):
     eager, _ = _run(peptide, "nve", False, 60)
     graph, summary = _run(peptide, "nve", True, 60)
-    assert graph._graphed is not None and graph._graphed.captures >= 1
+    assert graph._graphed is not None and graph._graphed.captures >= 1 and graph.compiled
     np.testing.assert_allclose(graph.state.positions.cpu(), eager.state.positions.cpu(), atol=2e-5)
     np.testing.assert_allclose(graph.state.velocities.cpu(), eager.state.velocities.cpu(), atol=2e-5)
     np.testing.assert_allclose(graph.state.energy.cpu(), eager.state.energy.cpu(), rtol=1e-6, atol=1e-4)

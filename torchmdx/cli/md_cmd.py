@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                         help="run the native engine's steps eagerly on CUDA (default: one CUDA graph per step)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                        help="do not torch.compile the model (native engine on CUDA; default: compiled)")
     parser.add_argument("--config", help="YAML file with the options (md: section); command-line options win")
 
 

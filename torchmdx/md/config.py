@@ -47,6 +47,8 @@ class MDConfig:
     wrap             wrap periodic positions into the cell
     progress         show a progress bar
     cuda_graph       capture the MD step as a CUDA graph (native engine on CUDA; default on)
+    compile          torch.compile the model's dense parts (native engine on CUDA; default on;
+                     the first step compiles for tens of seconds)
     threads          CPU threads for torch (default: torch's choice; 1 is fastest for small
                      molecules on the CPU)
     """
@@ -82,6 +84,7 @@ class MDConfig:
     wrap: bool = True
     progress: bool = True
     cuda_graph: bool = True
+    compile: bool = True
     threads: Optional[int] = None
 
     def validate(self, section: str = "md") -> None:

@@ -162,6 +162,7 @@ class Simulation:
         wrap: bool = True,
         check_every_step: Optional[bool] = None,
         cuda_graph: Optional[bool] = None,
+        compile: Optional[bool] = None,
     ):
         import ase
 
@@ -195,6 +196,10 @@ class Simulation:
         self.use_cuda_graph = (self.device.type == "cuda" and not self.check_every_step) if cuda_graph is None else bool(cuda_graph)
         self.forcefield.fixed_capacity = self.use_cuda_graph
         self.forcefield.rebuild_each_step = self.use_cuda_graph
+        # torch.compile of the model's dense parts (ETPotential.set_compiled; freezes its
+        # parameters): on CUDA by default, where it cuts the kernels per step several-fold
+        self.compiled = bool(self.potential.set_compiled(True)) if (
+            self.device.type == "cuda" if compile is None else compile) else False
         self._graphed = None
         if self.use_cuda_graph:
             from torchmdx.md.cuda_graph import GraphedStep
@@ -371,8 +376,14 @@ class Simulation:
             except RuntimeError as exc:  # capture not possible here: say so once, run eagerly
                 import sys
 
-                print(f"note: CUDA-graph capture of the MD step failed ({str(exc).splitlines()[0][:200]}); "
-                      "running eagerly", file=sys.stderr)
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                if self.compiled:  # first try again without torch.compile
+                    print(f"note: the compiled model failed in the CUDA-graph step ({reason}); "
+                          "running it uncompiled", file=sys.stderr)
+                    self.potential.set_compiled(False)
+                    self.compiled = False
+                    return self._advance_fast(n)
+                print(f"note: CUDA-graph capture of the MD step failed ({reason}); running eagerly", file=sys.stderr)
                 self._graphed = None
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         compute = self.forcefield.compute

@@ -151,6 +151,7 @@ def run_md(config: MDConfig, potential=None, out=None) -> dict:
                 chain_length=config.chain_length, device=config.device, dtype=dtype, seed=config.seed,
                 skin=config.skin, check_interval=config.check_interval, max_temperature_K=config.max_temperature,
                 wrap=config.wrap, cuda_graph=(config.cuda_graph and str(config.device).startswith("cuda")),
+                compile=(config.compile and str(config.device).startswith("cuda")),
             )
             if restart_payload is not None:
                 sim.load_restart(restart_payload)

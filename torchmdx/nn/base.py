@@ -115,6 +115,11 @@ class Potential(torch.nn.Module):
     def check_elements(self, z: torch.Tensor) -> None:
         """Raise a one-line ModelError for atomic numbers the potential cannot handle."""
 
+    def set_compiled(self, enabled: bool = True) -> bool:
+        """Switch to compiled (``torch.compile``) inference kernels where the potential has
+        them; returns whether it now runs compiled (the base class never does)."""
+        return False
+
     def neighbors(self, pos, batch, cell, pbc, cutoff: Optional[float] = None, max_pairs: Optional[int] = None) -> Neighbors:
         """Pairs within ``cutoff`` (default: the potential's); ``max_pairs``: fixed capacity
         (:func:`torchmdx.kernels.neighbors.neighbor_list`)."""

@@ -76,7 +76,9 @@ class EquivariantAttention(nn.Module):
         self.dk_proj = xavier_linear(config.num_rbf, f) if influence in ("keys", "both") else None
         self.dv_proj = xavier_linear(config.num_rbf, 3 * f) if influence in ("values", "both") else None
 
-    def forward(self, x, vec, edge_index, rbf, cutoff_weight, unit_vectors, edge_mask, self_rbf, self_cutoff, message):
+    def prepare(self, x, vec, self_rbf):
+        """Dense part before the message: (q, k, v, u3, vec_dot, dk0, dv0) on xn = LayerNorm(x);
+        dk0 / dv0 are the self edge's filters act(W e(0) + b) (None without distance influence)."""
         f = self.hidden
         xn = self.layernorm(x)
         q = self.q_proj(xn)
@@ -86,6 +88,20 @@ class EquivariantAttention(nn.Module):
         vec_dot = (u1 * u2).sum(dim=1)
         dk0 = self.act(self.dk_proj(self_rbf)).squeeze(0) if self.dk_proj is not None else None
         dv0 = self.act(self.dv_proj(self_rbf)).squeeze(0) if self.dv_proj is not None else None
+        return q, k, v, u3, vec_dot, dk0, dv0
+
+    def update(self, x, vec, m, w, vec_dot, u3):
+        """Dense part after the message: (x + dx, vec + dvec), (o1, o2, o3) = W_o m."""
+        o1, o2, o3 = torch.split(self.o_proj(m), self.hidden, dim=-1)
+        return x + vec_dot * o2 + o3, vec + u3 * o1.unsqueeze(1) + w
+
+    def forward(self, x, vec, edge_index, rbf, cutoff_weight, unit_vectors, edge_mask, self_rbf, self_cutoff, message,
+                compiled: bool = False):
+        """One layer: (x, vec) -> (x + dx, vec + dvec). ``compiled``: run :meth:`prepare` and
+        :meth:`update` through ``torch.compile`` (see :func:`compiled_function`)."""
+        prepare = compiled_function(EquivariantAttention.prepare) if compiled else EquivariantAttention.prepare
+        update = compiled_function(EquivariantAttention.update) if compiled else EquivariantAttention.update
+        q, k, v, u3, vec_dot, dk0, dv0 = prepare(self, x, vec, self_rbf)
         options = dict(edge_mask=edge_mask, self_loop=(dk0, dv0, self_cutoff),
                        attn_activation=self.attn_activation, vector_cutoff=self.vector_cutoff)
         filtered = getattr(message, "filtered", None)
@@ -100,10 +116,22 @@ class EquivariantAttention(nn.Module):
             dk = self.act(self.dk_proj(rbf)) if self.dk_proj is not None else None
             dv = self.act(self.dv_proj(rbf)) if self.dv_proj is not None else None
             m, w = message(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, self.num_heads, **options)
-        o1, o2, o3 = torch.split(self.o_proj(m), f, dim=-1)
-        dx = vec_dot * o2 + o3
-        dvec = u3 * o1.unsqueeze(1) + w
-        return dx, dvec
+        return update(self, x, vec, m, w, vec_dot, u3)
+
+
+_COMPILED: dict = {}
+
+
+def compiled_function(fn: Callable) -> Callable:
+    """``torch.compile(fn, dynamic=False, fullgraph=True)``, one per function (shared by every
+    layer and model: modules are passed as arguments, so identical layers reuse one compiled
+    graph). Used for the dense, position-independent-shape parts of an inference call, where
+    inductor fuses the element-wise work around the matmuls; the message step stays on its
+    own (Triton or reference) kernels."""
+    compiled = _COMPILED.get(fn)
+    if compiled is None:
+        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return compiled
 
 
 class ETRepresentation(nn.Module):
@@ -139,19 +167,26 @@ class ETRepresentation(nn.Module):
         phi = self.cutoff_fn(r_safe) * valid.to(distances.dtype)
         return valid, rbf, phi, unit
 
-    def forward(self, z, edge_index, vectors, distances, mask=None, backend: str = "auto"):
+    def embed(self, z, edge_index, vectors, distances, mask):
+        """Edge features and the first atom features: (valid, rbf, phi, unit, x, self_rbf, self_cutoff)."""
         valid, rbf, phi, unit = self.edge_features(vectors, distances, mask)
         x = self.embedding(z)
         if self.neighbor_embedding is not None:
             x = self.neighbor_embedding(z, x, edge_index, rbf, phi)
-        vec = torch.zeros(x.shape[0], 3, x.shape[1], dtype=x.dtype, device=x.device)
         zero = torch.zeros(1, dtype=distances.dtype, device=distances.device)
         self_rbf = self.rbf(zero)  # [1, K]
         self_cutoff = self.cutoff_fn(zero)[0]
+        return valid, rbf, phi, unit, x, self_rbf, self_cutoff
+
+    def forward(self, z, edge_index, vectors, distances, mask=None, backend: str = "auto", compiled: bool = False):
+        """(x, vec) of every atom. ``compiled``: the dense parts (edge features and embedding,
+        each layer's :meth:`~EquivariantAttention.prepare` / :meth:`~EquivariantAttention.update`,
+        the final norm) run through ``torch.compile`` (:func:`compiled_function`)."""
+        embed = compiled_function(ETRepresentation.embed) if compiled else ETRepresentation.embed
+        valid, rbf, phi, unit, x, self_rbf, self_cutoff = embed(self, z, edge_index, vectors, distances, mask)
+        vec = torch.zeros(x.shape[0], 3, x.shape[1], dtype=x.dtype, device=x.device)
         message = message_function(backend, x.device)
         edge_mask = valid  # no host sync: invalid (padded / skin) edges are zeroed in the message
         for layer in self.layers:
-            dx, dvec = layer(x, vec, edge_index, rbf, phi, unit, edge_mask, self_rbf, self_cutoff, message)
-            x = x + dx
-            vec = vec + dvec
+            x, vec = layer(x, vec, edge_index, rbf, phi, unit, edge_mask, self_rbf, self_cutoff, message, compiled=compiled)
         return self.out_norm(x), vec

@@ -31,7 +31,7 @@ import torch
 from torchmdx.errors import ModelError
 from torchmdx.nn.base import Graph, Potential
 from torchmdx.nn.config import ModelConfig, model_config
-from torchmdx.nn.et import ETRepresentation
+from torchmdx.nn.et import ETRepresentation, compiled_function
 from torchmdx.nn.heads import DipoleHead, GatedEquivariantHead, ScalarHead
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -94,6 +94,7 @@ class ETPotential(Potential):
         self.register_buffer("known_elements", torch.ones(cfg.max_z, dtype=torch.bool))
         self.backend = cfg.backend
         self._extras: Optional[dict] = None
+        self.compiled = False
 
     def _apply(self, fn, recurse=True):
         """Module.to()/float()/cuda(): move the normalisation buffers but keep them float64."""
@@ -216,14 +217,30 @@ class ETPotential(Potential):
             i, j = int(graph.edge_index[0, e]), int(graph.edge_index[1, e])
             raise ModelError(f"atoms {i} and {j} are on top of each other (distance {float(graph.distances[e].detach()):.3g} Å)")
 
+    # ------------------------------------------------------------------ inference speed
+    def set_compiled(self, enabled: bool = True) -> bool:
+        """Inference mode with fewer, fused kernels: the dense parts of the representation and
+        the head run through ``torch.compile`` (:func:`torchmdx.nn.et.compiled_function`), the
+        message step on its own kernels. Freezes the parameters (``requires_grad = False``):
+        energies, forces and stress are unchanged, parameters get no gradients (not for
+        training; ``set_compiled(False)`` leaves them frozen), and double backward is not
+        available. The first call compiles (tens of seconds); the MD engine uses it on CUDA.
+        Returns ``enabled``."""
+        self.compiled = bool(enabled)
+        if self.compiled:
+            self.requires_grad_(False)
+        return self.compiled
+
     # ------------------------------------------------------------------ energies
     def atomic_energies(self, graph: Graph) -> torch.Tensor:
         self._check_overlaps(graph)
         dtype = self.dtype
         x, vec = self.representation(
-            graph.z, graph.edge_index, graph.vectors.to(dtype), graph.distances.to(dtype), graph.mask, backend=self.backend
+            graph.z, graph.edge_index, graph.vectors.to(dtype), graph.distances.to(dtype), graph.mask,
+            backend=self.backend, compiled=self.compiled,
         )
-        y = self.head(x, vec).to(torch.float64)
+        head = compiled_function(type(self.head).forward) if self.compiled else type(self.head).forward
+        y = head(self.head, x, vec).to(torch.float64)
         t = self.scale * y + self.atomref[graph.z] + self.shift
         counts = torch.zeros(graph.num_structures, dtype=t.dtype, device=t.device).index_add(
             0, graph.batch, torch.ones_like(t)
