@@ -75,16 +75,16 @@ def tame(model, atoms, target_rms_force=1.0):
     return model
 
 
-def time_native(model, structures, args, cuda_graph=None):
-    """Best steps/s of the native engine; ``cuda_graph`` None = the engine's default (a CUDA
-    graph per step on CUDA), False = eager steps."""
+def time_native(model, structures, args, cuda_graph=None, compile=None):
+    """Best steps/s of the native engine; ``cuda_graph`` / ``compile`` None = the engine's
+    defaults (on CUDA: a CUDA graph per step, torch.compile'd model), False = off."""
     import torch
 
     from torchmdx.md.engine import Simulation
 
     sim = Simulation(model, structures, timestep_fs=0.5, ensemble="nve", temperature_K=300.0, device=args.device,
                      dtype=getattr(torch, args.dtype), seed=0, skin=args.skin, max_temperature_K=1e12,
-                     cuda_graph=cuda_graph)
+                     cuda_graph=cuda_graph, compile=compile)
     sim.initialize()
     sim.run(args.warmup, every=max(1, args.warmup))
     best, builds = 0.0, 0
@@ -103,6 +103,7 @@ def time_ase(model, atoms, args):
     from torchmdx.md.calculator import Calculator
     from torchmdx.md.system import System
 
+    model.set_compiled(False)  # the calculator as a user gets it (eager model calls)
     atoms = atoms.copy()
     atoms.calc = Calculator(model, device=args.device, dtype=args.dtype, skin=args.skin)
     system = System.from_atoms([atoms], "cpu", torch.float64)
@@ -152,9 +153,13 @@ def main(argv=None):
             tame(model, atoms)
         if args.device.startswith("cuda"):
             try:
-                row["native_eager_steps_per_s"], _ = time_native(model, atoms, args, cuda_graph=False)
+                row["native_eager_steps_per_s"], _ = time_native(model, atoms, args, cuda_graph=False, compile=False)
             except (TorchmdxError, RuntimeError) as exc:
                 row["native_eager_error"] = str(exc).splitlines()[0]
+            try:
+                row["native_graph_uncompiled_steps_per_s"], _ = time_native(model, atoms, args, compile=False)
+            except (TorchmdxError, RuntimeError) as exc:
+                row["native_graph_uncompiled_error"] = str(exc).splitlines()[0]
         try:
             row["native_steps_per_s"], row["neighbor_list_builds"] = time_native(model, atoms, args)
         except (TorchmdxError, RuntimeError) as exc:
@@ -173,7 +178,9 @@ def main(argv=None):
               + f"{row.get('neighbor_list_builds', '-'):>9}")
         if "native_eager_steps_per_s" in row:
             print(f"    native engine without CUDA graph: {row['native_eager_steps_per_s']:.3g} steps/s")
-        for key in ("native_error", "native_eager_error", "ase_error"):
+        if "native_graph_uncompiled_steps_per_s" in row:
+            print(f"    native engine, CUDA graph, model not compiled: {row['native_graph_uncompiled_steps_per_s']:.3g} steps/s")
+        for key in ("native_error", "native_eager_error", "native_graph_uncompiled_error", "ase_error"):
             if key in row:
                 print(f"    {key}: {row[key]}")
         if args.replicas > 1:

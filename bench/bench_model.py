@@ -140,7 +140,7 @@ def graph_call(model, z, pos, cell, pbc, with_neighbors=True):
     it is built once before capture and the graph holds the model alone (what an MD step pays
     while a Verlet-skin list is reused)."""
     from torchmdx.kernels.neighbors import neighbor_list
-    from torchmdx.nn.base import edge_vectors
+    from torchmdx.nn.base import Graph, edge_vectors
 
     batch = torch.zeros_like(z)
     cell_b = cell.unsqueeze(0) if cell is not None else None
@@ -156,9 +156,8 @@ def graph_call(model, z, pos, cell, pbc, with_neighbors=True):
         vectors = edge_vectors(p, nb.edge_index, nb.shifts, cell_b, batch)
         safe = torch.where(nb.mask.unsqueeze(-1), vectors, torch.ones_like(vectors))
         distances = torch.where(nb.mask, safe.norm(dim=-1), torch.zeros_like(vectors[:, 0]))
-        x, vec = model.representation(z, nb.edge_index, vectors, distances, nb.mask, backend=model.backend)
-        y = model.head(x, vec)
-        energy = (model.scale * y + model.atomref[z] + model.shift).sum() + model.energy_offset
+        graph = Graph(z, p, batch, 1, nb.edge_index, vectors, distances, nb.mask)
+        energy = model.atomic_energies(graph).sum()  # as model(...) computes it, compiled or not
         (grad,) = torch.autograd.grad(energy, p)
         return energy.detach(), -grad, nb.overflow
 
@@ -208,8 +207,10 @@ def bench_system(name, data_dir, results, backends):
         except Exception as exc:  # noqa: BLE001 - one failing column must not stop the table
             row[f"{key}_error"] = error_text(exc)
         if backend == "triton" and GRAPH:
-            for gkey, with_neighbors in (("graph", True), ("graph_model", False)):
+            for gkey, with_neighbors, compiled in (("graph", True, False), ("graph_model", False, False),
+                                                   ("graph_compiled", True, True)):
                 try:
+                    model.set_compiled(compiled)
                     replay, outputs = graph_call(model, z, pos, cell, pbc, with_neighbors)
                     replay()
                     synchronize()
@@ -487,7 +488,7 @@ def check_neighbors(name, data_dir, results):
 # --------------------------------------------------------------------------------- main
 def table(results) -> str:
     lines = ["| system | atoms | ref ms | ref MiB | fused ms | fused MiB | graph ms | graph MiB | graph (model) ms "
-             "| fused/ref force rel |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| graph + compile ms | graph + compile MiB | fused/ref force rel |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in results["systems"].items():
         def cell(key):
             if key in row:
@@ -498,6 +499,7 @@ def table(results) -> str:
         rel = row.get("fused_vs_ref_force_rel")
         lines.append(f"| {name} | {row['atoms']} | {cell('ref_ms')} | {cell('ref_peak_MiB')} | {cell('fused_ms')} | "
                      f"{cell('fused_peak_MiB')} | {cell('graph_ms')} | {cell('graph_peak_MiB')} | {cell('graph_model_ms')} | "
+                     f"{cell('graph_compiled_ms')} | {cell('graph_compiled_peak_MiB')} | "
                      f"{'-' if rel is None else f'{rel:.1e}'} |")
     if "training" in results:
         t = results["training"]

@@ -17,13 +17,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for part in "$@"; do
   echo "=== $part $(date -u +%H:%M:%S)"
   case "$part" in
-    tests) timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_md_cuda_graph.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    tests) timeout 300 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/test_md_cuda_graph.py \
+          tests/test_model_compiled.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
     md) timeout 150 python3 bench/bench_md.py --device cuda --data .benchdata \
-          --systems alanine_dipeptide chignolin dhfr --steps 200 --warmup 20 --repeat 1 --replicas 32 \
+          --systems ${MD_SYSTEMS:-alanine_dipeptide chignolin dhfr} --steps 200 --warmup 20 --repeat 1 --replicas 32 \
           --json "$OUT/bench_md.json" 2>&1 | tee "$OUT/bench_md.log" ;;
     anchor) SYSTEMS=.benchdata timeout 180 python3 .benchdata/anchor_torchmdnet.py \
           alanine_dipeptide,chignolin,dhfr,factorIX,stmv 2>&1 | tee "$OUT/anchor.log" ;;
-    model) timeout 200 python3 bench/bench_model.py --data .benchdata --out "$OUT" 2>&1 | tee "$OUT/bench_model.log" ;;
+    model) timeout ${MODEL_TIMEOUT:-200} python3 bench/bench_model.py --data .benchdata --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/bench_model.log" ;;
     neighbors) timeout 200 python3 bench/bench_neighbors.py --sizes 1000,10000,100000 --systems .benchdata \
           --out "$OUT" 2>&1 | tee "$OUT/bench_neighbors.log" ;;
     *) echo "unknown part $part" ;;

@@ -198,8 +198,7 @@ class Simulation:
         self.forcefield.rebuild_each_step = self.use_cuda_graph
         # torch.compile of the model's dense parts (ETPotential.set_compiled; freezes its
         # parameters): on CUDA by default, where it cuts the kernels per step several-fold
-        self.compiled = bool(self.potential.set_compiled(True)) if (
-            self.device.type == "cuda" if compile is None else compile) else False
+        self.compiled = bool(self.potential.set_compiled(self.device.type == "cuda" if compile is None else bool(compile)))
         self._graphed = None
         if self.use_cuda_graph:
             from torchmdx.md.cuda_graph import GraphedStep
