@@ -170,7 +170,13 @@ def graph_call(model, z, pos, cell, pbc, with_neighbors=True):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outputs = energy_forces()
-    return graph.replay, outputs
+
+    def replay():
+        graph.replay()
+
+    # the graph reads these tensors' memory at every replay: keep them alive with it
+    replay.inputs = (z, batch, static_pos, cell_b, pbc_b, fixed)
+    return replay, outputs
 
 
 #: neighbor-list backend of the timed model calls ('auto': Triton on CUDA; 'torch': reference)
@@ -444,23 +450,27 @@ def bench_profile(names, data_dir, out_dir, results):
         z = torch.tensor(z_np, device=DEVICE)
         pos = torch.tensor(pos_np, dtype=torch.float32, device=DEVICE)
         model = make_model("triton")
-        for _ in range(3):
-            model(z, pos)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for compiled in (False, True):
+            label = f"{name}{' compiled' if compiled else ''}"
+            model.set_compiled(compiled)
             for _ in range(3):
                 model(z, pos)
             torch.cuda.synchronize()
-        averages = prof.key_averages()
-        rows = sorted(((ev.key, ev.device_time_total / 3e3, ev.count // 3) for ev in averages), key=lambda r: -r[1])
-        total = sum(r[1] for r in rows)
-        results["profile"][name] = {"gpu_busy_ms": round(total, 3), "kernels": len(rows),
-                                    "launches": sum(r[2] for r in rows),
-                                    "top": [(k[:80], round(ms, 3), c) for k, ms, c in rows[:15]]}
-        print(f"profile {name}: GPU busy {total:.3f} ms per call, {sum(r[2] for r in rows)} launches", flush=True)
-        for key, ms, count in rows[:12]:
-            print(f"   {ms:8.3f} ms  x{count:<4d} {key[:90]}", flush=True)
-        (out_dir / f"profile_{name}.txt").write_text(averages.table(sort_by="device_time_total", row_limit=60))
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    model(z, pos)
+                torch.cuda.synchronize()
+            averages = prof.key_averages()
+            rows = sorted(((ev.key, ev.device_time_total / 3e3, ev.count // 3) for ev in averages), key=lambda r: -r[1])
+            total = sum(r[1] for r in rows)
+            results["profile"][label] = {"gpu_busy_ms": round(total, 3), "kernels": len(rows),
+                                         "launches": sum(r[2] for r in rows),
+                                         "top": [(k[:80], round(ms, 3), c) for k, ms, c in rows[:25]]}
+            print(f"profile {label}: GPU busy {total:.3f} ms per call, {sum(r[2] for r in rows)} launches", flush=True)
+            for key, ms, count in rows[:25]:
+                print(f"   {ms:8.3f} ms  x{count:<4d} {key[:90]}", flush=True)
+            (out_dir / f"profile_{label.replace(' ', '_')}.txt").write_text(
+                averages.table(sort_by="device_time_total", row_limit=80))
 
 
 def check_neighbors(name, data_dir, results):
@@ -530,6 +540,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     global DEVICE, NEIGHBORS, GRAPH
     DEVICE = args.device
+    if os.environ.get("BENCH_COMPILE_OPTIONS") is not None:  # compare inductor settings (JSON dict)
+        from torchmdx.nn import et
+
+        et.CUDA_COMPILE_OPTIONS = json.loads(os.environ["BENCH_COMPILE_OPTIONS"])
+        print(f"compile options on CUDA: {et.CUDA_COMPILE_OPTIONS}", flush=True)
     NEIGHBORS = args.neighbors
     GRAPH = not args.no_graph
     if DEVICE == "cuda" and not torch.cuda.is_available():

@@ -36,7 +36,7 @@ def test_compiled_inference_equals_eager():
         for key in ("energy", "energies", "forces", "stress"):
             torch.testing.assert_close(out[key], ref[key], rtol=1e-10, atol=1e-10, msg=key)
     # the compiled pieces really ran: prepare/update/embed and the head
-    names = {getattr(fn, "__qualname__", "") for fn in et._COMPILED}
+    names = {getattr(fn, "__qualname__", "") for fn, _ in et._COMPILED}
     assert {"EquivariantAttention.prepare", "EquivariantAttention.update", "ETRepresentation.embed",
             "GatedEquivariantHead.forward"} <= names
 

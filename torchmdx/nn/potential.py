@@ -239,7 +239,7 @@ class ETPotential(Potential):
             graph.z, graph.edge_index, graph.vectors.to(dtype), graph.distances.to(dtype), graph.mask,
             backend=self.backend, compiled=self.compiled,
         )
-        head = compiled_function(type(self.head).forward) if self.compiled else type(self.head).forward
+        head = compiled_function(type(self.head).forward, x.device.type) if self.compiled else type(self.head).forward
         y = head(self.head, x, vec).to(torch.float64)
         t = self.scale * y + self.atomref[graph.z] + self.shift
         counts = torch.zeros(graph.num_structures, dtype=t.dtype, device=t.device).index_add(
