@@ -68,6 +68,14 @@ class TrainConfig:
     training on forces, else the standard deviation of the per-atom energy residual;
     ``force_rms`` / ``energy_std`` / a number (eV) / ``none`` (1). ``shift``: ``auto`` = mean
     per-atom energy residual after the atomic references (eV), a number, or ``none`` (0).
+
+    ``cuda_graph``: on a GPU, replay each training step (neighbor list, forward, forces, loss,
+    backward, gradient clipping, AdamW step) as one CUDA graph
+    (:mod:`torchmdx.train.graphed`); one device, no gradient accumulation; ignored with a note on
+    the CPU. ``cuda_graph_pair_headroom``: null gives the graph's neighbor list room for every
+    pair inside each structure, Σ n(n-1) (it cannot overflow); a number h >= 1 gives h × the
+    pairs seen in the warm-up steps (fewer padding rows; an overflowing step is skipped, detected
+    at the next logging point, and the capacity grown).
     """
 
     energy_weight: float = 1.0
@@ -90,6 +98,8 @@ class TrainConfig:
     shift: Union[float, Literal["auto", "none"]] = "auto"
     refit_atomref: Union[bool, Literal["auto"]] = "auto"
     seed: int = 1
+    cuda_graph: bool = False
+    cuda_graph_pair_headroom: Optional[float] = None
 
     def validate(self, section: str = "train") -> None:
         def bad(key, msg):
@@ -122,6 +132,11 @@ class TrainConfig:
             bad("early_stopping_patience", f"must be >= 1 or null, got {self.early_stopping_patience}")
         if isinstance(self.scale, float) and not self.scale > 0:
             bad("scale", f"must be > 0 eV, got {self.scale}")
+        if self.cuda_graph_pair_headroom is not None:
+            if not self.cuda_graph_pair_headroom >= 1:
+                bad("cuda_graph_pair_headroom", f"must be >= 1 or null, got {self.cuda_graph_pair_headroom}")
+            if not self.cuda_graph:
+                bad("cuda_graph_pair_headroom", "has no effect without train.cuda_graph: true")
 
     @property
     def train_forces(self) -> bool:
@@ -255,11 +270,32 @@ def build_run_config(values: dict, source: str = "config", check_data: bool = Tr
         raise ConfigError(f"config key 'data.max_z' is {cfg.data_config.max_z} but model.max_z is {model_max_z}; "
                           "both count embedding rows (atomic numbers 0..max_z-1): drop data.max_z or make them equal")
     cfg.data_config = dataclasses.replace(cfg.data_config, max_z=model_max_z)
+    check_cuda_graph(cfg)
     if check_data:
         from torchmdx.data.formats import check_format, resolve_source
 
         resolve_source(cfg.data_config.path, check_format(cfg.data_config.format))
     return cfg
+
+
+def check_cuda_graph(cfg: RunConfig) -> None:
+    """``train.cuda_graph`` replays one optimiser step per batch on one device: refuse gradient
+    accumulation and several devices/nodes (one-line ConfigError)."""
+    if not cfg.train.cuda_graph:
+        return
+    trainer = cfg.trainer
+    devices = trainer.devices
+    count = None
+    if isinstance(devices, list):
+        count = len(devices)
+    elif isinstance(devices, int) or (isinstance(devices, str) and devices.lstrip("-").isdigit()):
+        count = int(devices)
+    if (count is not None and (count > 1 or count == -1)) or trainer.num_nodes > 1:
+        raise ConfigError(f"config key 'train.cuda_graph' needs one device, but trainer.devices is {devices!r} and "
+                          f"trainer.num_nodes {trainer.num_nodes}; set trainer.devices: 1 or train.cuda_graph: false")
+    if trainer.accumulate_grad_batches > 1:
+        raise ConfigError(f"config key 'train.cuda_graph' cannot be combined with trainer.accumulate_grad_batches "
+                          f"{trainer.accumulate_grad_batches} (the graph applies the optimiser step at every batch)")
 
 
 def load_run_config(path, overrides: Optional[list[str]] = None, run_dir: Optional[str] = None,
@@ -277,4 +313,5 @@ def resolved_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["RunConfig", "TrainConfig", "TrainerConfig", "build_run_config", "load_run_config", "resolved_yaml"]
+__all__ = ["RunConfig", "TrainConfig", "TrainerConfig", "build_run_config", "check_cuda_graph", "load_run_config",
+           "resolved_yaml"]

@@ -16,6 +16,14 @@ Schedule: AdamW; the learning rate is set before every optimiser step from the s
 scheduler and the random-number generators are saved in the checkpoint, so ``--resume``
 continues exactly where the run stopped.
 
+CUDA graph (``train.cuda_graph: true`` on a GPU): each training step (neighbor list, forward,
+forces, loss, backward, gradient clipping, AdamW step) is replayed as one CUDA graph by
+:class:`torchmdx.train.graphed.GraphedTrainStep`; Lightning still drives the loop (the
+``optimizer_step`` hook replays the graph instead of calling ``optimizer.step``), and the EMA,
+metrics, logging, schedule and validation run outside the graph as before. Periodic batches,
+and every batch once there are more distinct batch shapes than the graph cache holds, train
+eagerly. On the CPU the option is ignored with a note.
+
 Force-only training (``refit_atomref``): before every validation the per-element reference
 energies are re-fitted by least squares so that the model's energies match the training
 energies, min_δ Σ_s (E_ref,s − E_pred,s − Σ_e n_s,e δ_e)², atomref_e += δ_e; forces do not see
@@ -25,8 +33,10 @@ the validated (EMA) weights and the result is kept in both weight sets and in th
 
 from __future__ import annotations
 
+import functools
 import math
 import random
+import warnings
 from typing import Optional
 
 import lightning as L
@@ -39,6 +49,11 @@ from torchmdx.train.config import TrainConfig
 from torchmdx.train.metrics import EpochErrors, loss_terms, weighted_loss
 
 STAGES = ("train", "val", "test")
+
+# PotentialModule.on_before_batch_transfer (the host shape of each CPU batch, for CUDA graphs) is
+# the only such hook (the data module has none): Lightning's note that a data module was passed
+# too says nothing
+warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but")
 
 
 def collect_rng_states() -> dict:
@@ -61,6 +76,25 @@ def restore_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"].cpu() if torch.is_tensor(states["torch"]) else states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def training_objective(cfg: TrainConfig, energy: torch.Tensor, forces: Optional[torch.Tensor],
+                       energy_ref: torch.Tensor, forces_ref: Optional[torch.Tensor], n_atoms: torch.Tensor):
+    """(loss, ΔE [B], ΔF [N, 3] or None) of predictions against references (eV, eV/Å)::
+
+        loss = energy_weight · mean_b L(ΔE_b [/ n_b]) + force_weight · mean_{a,k} L(ΔF_ak)
+
+    ``forces`` None: no force term (energy-only training, or data without forces). The eager step
+    and the CUDA-graph step both use this function."""
+    energy_error = energy - energy_ref.reshape(-1).to(energy.dtype)
+    force_error = forces - forces_ref.to(forces.dtype) if forces is not None and forces_ref is not None else None
+    loss = energy_error.new_zeros(())
+    if cfg.energy_weight > 0:
+        target = energy_error / n_atoms.to(energy_error.dtype) if cfg.energy_loss == "per_atom" else energy_error
+        loss = loss + cfg.energy_weight * loss_terms(target, cfg.loss, cfg.huber_delta).mean()
+    if cfg.force_weight > 0 and force_error is not None:
+        loss = loss + cfg.force_weight * loss_terms(force_error, cfg.loss, cfg.huber_delta).mean()
+    return loss, energy_error, force_error
 
 
 def batch_counts(batch) -> torch.Tensor:
@@ -96,6 +130,11 @@ class PotentialModule(L.LightningModule):
         self._plateau = None
         self._plateau_state: Optional[dict] = None
         self._cosine_steps: Optional[int] = None
+        # CUDA-graph training (set up in on_train_start): the runner, whether the current batch
+        # goes through it, and its counters after training (captures, replays, eager steps, ...)
+        self._graph_step = None
+        self._graphed_batch = False
+        self.cuda_graph_stats: Optional[dict] = None
 
     # ------------------------------------------------------------------ prediction and loss
     def forward(self, batch, forces: bool = True, create_graph: bool = False) -> dict:
@@ -114,14 +153,9 @@ class PotentialModule(L.LightningModule):
             raise DataError("train.force_weight > 0 but the training data have no forces; set train.force_weight: 0")
         out = self(batch, forces=want_forces, create_graph=training and want_forces)
         n_atoms = batch_counts(batch)
-        energy_error = out["energy"] - batch.energy.reshape(-1).to(out["energy"].dtype)
-        force_error = out["forces"] - batch.forces.to(out["forces"].dtype) if want_forces else None
-        loss = energy_error.new_zeros(())
-        if cfg.energy_weight > 0:
-            target = energy_error / n_atoms.to(energy_error.dtype) if cfg.energy_loss == "per_atom" else energy_error
-            loss = loss + cfg.energy_weight * loss_terms(target, cfg.loss, cfg.huber_delta).mean()
-        if cfg.force_weight > 0 and force_error is not None:
-            loss = loss + cfg.force_weight * loss_terms(force_error, cfg.loss, cfg.huber_delta).mean()
+        loss, energy_error, force_error = training_objective(
+            cfg, out["energy"], out["forces"] if want_forces else None, batch.energy,
+            batch.forces if want_forces else None, n_atoms)
         # force-only training: the training weights' energies carry arbitrary per-element offsets
         # (only the validated weights get re-fitted references), so no training energy errors
         logged_energy = None if (training and cfg.energy_weight == 0) else energy_error
@@ -129,10 +163,32 @@ class PotentialModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
+        if self._graphed_batch:
+            return self._graphed_training_step(batch)
         loss = self._step(batch, "train")
         self.log("train_loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
                  batch_size=int(batch.num_graphs))
         return loss
+
+    def _graphed_training_step(self, batch) -> None:
+        """The whole optimiser step by :class:`~torchmdx.train.graphed.GraphedTrainStep`; returns
+        None, so Lightning's closure runs no backward (the graph did it)."""
+        from torchmdx.train.graphed import batch_shape
+
+        cfg = self.train_config
+        forces = getattr(batch, "forces", None)
+        if cfg.train_forces and forces is None:
+            from torchmdx.errors import DataError
+
+            raise DataError("train.force_weight > 0 but the training data have no forces; set train.force_weight: 0")
+        out = self._graph_step.step(batch.z, batch.pos, batch.batch, batch.energy.reshape(-1),
+                                    forces if cfg.train_forces else None, shape=batch_shape(batch))
+        logged_energy = None if cfg.energy_weight == 0 else out.energy_error
+        self.errors["train_errors"].update(logged_energy, out.n_atoms, out.force_error)
+        # a copy: the graph overwrites its loss tensor at the next step
+        self.log("train_loss_step", out.loss.clone(), on_step=True, on_epoch=False, prog_bar=True,
+                 batch_size=int(batch.num_graphs))
+        return None
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -161,6 +217,8 @@ class PotentialModule(L.LightningModule):
         return logged
 
     def on_train_epoch_end(self):
+        if self._graph_step is not None:
+            self._graph_step.check()
         self._log_epoch("train")
         self.log("lr", self.optimizers().param_groups[0]["lr"] if self._trainer is not None else float("nan"))
 
@@ -205,7 +263,10 @@ class PotentialModule(L.LightningModule):
     # ------------------------------------------------------------------ optimiser and schedule
     def configure_optimizers(self):
         cfg = self.train_config
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        graphed = self._cuda_graph_mode()
+        # the graph needs a capturable optimiser; fused, so that an overflowed step can be skipped
+        extra = {"fused": True, "capturable": True} if graphed else {}
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
         if cfg.lr_warmup_steps > 0:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr / cfg.lr_warmup_steps
@@ -249,7 +310,90 @@ class PotentialModule(L.LightningModule):
         if lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
+        if self._graphed_batch:
+            # training_step replays the graph, which holds backward, clipping and the AdamW step
+            optimizer_closure()
+            return
         optimizer.step(closure=optimizer_closure)
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        if self._graph_step is None:
+            optimizer.zero_grad()
+        elif not self._graphed_batch:
+            # an eager batch of a graphed run: keep the gradient tensors the graphs write to
+            optimizer.zero_grad(set_to_none=False)
+
+    # ------------------------------------------------------------------ CUDA graph
+    def _cuda_graph_mode(self) -> bool:
+        """Train through CUDA graphs: ``train.cuda_graph`` and a CUDA device (one process)."""
+        cfg = self.train_config
+        if not cfg.cuda_graph or self.device.type != "cuda":
+            return False
+        trainer = self._trainer
+        if trainer is not None:
+            from torchmdx.errors import ConfigError
+
+            if trainer.world_size > 1:
+                raise ConfigError(f"config key 'train.cuda_graph' needs one device; this run has {trainer.world_size} "
+                                  "processes (set trainer.devices: 1 or train.cuda_graph: false)")
+            if trainer.accumulate_grad_batches > 1:
+                raise ConfigError("config key 'train.cuda_graph' cannot be combined with trainer.accumulate_grad_batches > 1 "
+                                  "(the graph applies the optimiser step at every batch)")
+        return True
+
+    def on_train_start(self):
+        self._graph_step, self._graphed_batch = None, False
+        cfg = self.train_config
+        if not cfg.cuda_graph:
+            return
+        if not self._cuda_graph_mode():
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"train.cuda_graph: the model is on {self.device.type}; CUDA graphs need a GPU, "
+                           "training eagerly")
+            return
+        from torchmdx.train.graphed import GraphedTrainStep
+
+        optimizer = self.trainer.optimizers[0]
+        for group in optimizer.param_groups:  # a resumed run may have saved other flags
+            group.update(fused=True, capturable=True, foreach=None)
+        for state in optimizer.state.values():
+            step = state.get("step")
+            if torch.is_tensor(step) and step.device != self.device:
+                state["step"] = step.to(device=self.device, dtype=torch.float32)
+        self._graph_step = GraphedTrainStep(
+            self.model, optimizer, functools.partial(training_objective, cfg), forces=cfg.train_forces,
+            clip_value=self.trainer.gradient_clip_val, clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
+            pair_headroom=cfg.cuda_graph_pair_headroom,
+        )
+
+    def on_train_end(self):
+        if self._graph_step is not None:
+            self.cuda_graph_stats = self._graph_step.check()
+            self.cuda_graph_stats["notes"] = list(self._graph_step.notes)
+            self._graph_step.release()
+        self._graph_step, self._graphed_batch = None, False
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        if self._graph_step is not None and self.trainer.training and hasattr(batch, "pos"):
+            from torchmdx.train.graphed import batch_shape
+
+            batch_shape(batch)  # host description of the CPU batch, remembered on it (no device read)
+        return batch
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._graphed_batch = False
+        if self._graph_step is not None:
+            from torchmdx.train.graphed import batch_shape
+
+            self._graphed_batch = self._graph_step.accepts(batch_shape(batch))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        graph_step = self._graph_step
+        if graph_step is not None and self._graphed_batch:
+            every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
+            if self.trainer.global_step % every == 0:
+                graph_step.check()  # one host read at the logging points
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

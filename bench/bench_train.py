@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Training-step time on one GPU: eager vs CUDA graph, torch reference vs fused message kernels.
+
+The work (as in ``bench/bench_model.py``'s training row): TorchMD-NET's ET-MD17 hyper-parameters
+(``bench_model.ET_MD17``: 128 channels, 6 layers, 8 heads, cutoff 5 Å, float32, random weights,
+seed 0); 32 aspirin frames x 21 atoms (``bench_model.training_batch``: ``md17_aspirin_xtb.npz``
+in ``--data``); loss 0.2 MSE(E) + 0.8 MSE(F) against random targets (seed 0), forces by
+autograd with ``create_graph=True``; AdamW, lr 1e-4. The same batch every step.
+
+Columns, ms per optimiser step (median over ``--repeats`` steps, CUDA events, after
+``--warmup`` steps):
+
+- ``eager``: what training did before: ``zero_grad(set_to_none=True)``, ``model(z, pos, batch,
+  create_graph=True, num_structures=B)`` (exact neighbor list), loss, ``backward()``,
+  ``AdamW.step()`` (foreach).
+- ``graph``: :class:`torchmdx.train.graphed.GraphedTrainStep`, what ``train.cuda_graph: true``
+  runs: the step as one CUDA graph with a fixed-capacity neighbor list of Σ n(n-1) rows (cannot
+  overflow), fused capturable AdamW; the time includes copying the batch into the static
+  buffers and the host bookkeeping.
+- ``graph tight``: the same with ``pair_headroom`` 1.1 (capacity 1.1 x the batch's pairs).
+- ``replay``: ``CUDAGraph.replay()`` alone (the GPU time of the step).
+
+Also: peak GPU memory per variant, host time per graphed step (calls without waiting for the
+GPU), and a check that the graphed steps reproduce the eager losses. TorchMD-NET 3.0.0's step
+(67.6 ms, measured earlier on the same GPU type) is quoted for comparison. Prints a table;
+writes ``bench_train.json`` to ``--out`` (default ``$OUT`` or the current folder).
+
+    python bench/bench_train.py --data .benchdata --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_model import ET_MD17, cuda_time, training_batch  # noqa: E402
+
+#: TorchMD-NET 3.0.0, same step (eager), measured earlier on an H100 (issue 7 status, 2026-11-25)
+TORCHMDNET_MS = 67.6
+MOLECULES = 32
+BACKENDS = {"ref": "torch", "fused": "triton"}
+
+
+def make_model(backend: str):
+    from torchmdx.nn import ETPotential
+
+    return ETPotential(dict(ET_MD17), backend=backend).cuda().train()
+
+
+def objective():
+    from torchmdx.train.config import TrainConfig
+    from torchmdx.train.module import training_objective
+
+    return functools.partial(training_objective, TrainConfig(energy_weight=0.2, force_weight=0.8))
+
+
+def peak_reset():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mib() -> float:
+    torch.cuda.synchronize()
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def eager_runner(backend, data):
+    z, pos, batch, energy_ref, forces_ref = data
+    model = make_model(backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = objective()
+    n_atoms = torch.bincount(batch, minlength=MOLECULES)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        out = model(z, pos, batch, create_graph=True, num_structures=MOLECULES)
+        loss, _, _ = loss_fn(out["energy"], out["forces"], energy_ref, forces_ref, n_atoms)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return model, step
+
+
+def graph_runner(backend, data, headroom=None):
+    from torchmdx.train.graphed import GraphedTrainStep, shape_from_counts
+
+    z, pos, batch, energy_ref, forces_ref = data
+    model = make_model(backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
+    runner = GraphedTrainStep(model, optimizer, objective(), pair_headroom=headroom)
+    shape = shape_from_counts([int(z.shape[0]) // MOLECULES] * MOLECULES)
+
+    def step():
+        return runner.step(z, pos, batch, energy_ref, forces_ref, shape=shape).loss
+
+    return model, runner, step
+
+
+def bench_variant(label, backend, data, args, headroom=None, graphed=True):
+    row = {"variant": label, "backend": backend}
+    peak_reset()
+    try:
+        if not graphed:
+            _, step = eager_runner(backend, data)
+            row["ms"] = round(cuda_time(step, args.warmup, args.repeats), 3)
+            row["peak_mib"] = peak_mib()
+            return row
+        _, runner, step = graph_runner(backend, data, headroom)
+        row["ms"] = round(cuda_time(step, max(args.warmup, runner.warmup_steps + 2), args.repeats), 3)
+        row["peak_mib"] = peak_mib()
+        graph = next(iter(runner._graphs.values()))
+        row["capacity"] = graph.capacity
+        row["replay_ms"] = round(cuda_time(graph.graph.replay, 2, args.repeats), 3)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            step()
+        row["host_ms"] = round(1e3 * (time.perf_counter() - t0) / args.repeats, 3)
+        torch.cuda.synchronize()
+        row["stats"] = runner.check()
+        row["notes"] = list(runner.notes)
+        runner.release()
+    except Exception as exc:  # noqa: BLE001 - a failed variant is a row with its error
+        traceback.print_exc()
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return row
+
+
+def check_losses(backend, data, steps=5) -> float:
+    """Largest relative difference of the per-step losses of ``steps`` graphed and eager steps
+    (same initial weights; the graph is captured at step 3)."""
+    _, eager_step = eager_runner(backend, data)
+    _, runner, graph_step = graph_runner(backend, data)
+    worst = 0.0
+    for _ in range(steps):
+        a, b = float(eager_step()), float(graph_step())
+        worst = max(worst, abs(a - b) / max(abs(a), 1e-30))
+    runner.release()
+    return worst
+
+
+def table(rows) -> str:
+    by = {(r["variant"], r["backend"]): r for r in rows}
+
+    def cell(variant, backend, key="ms"):
+        r = by.get((variant, backend))
+        if r is None:
+            return "-"
+        return "error" if "error" in r else f"{r[key]:.2f}"
+
+    lines = ["| message path | eager | graph | graph tight (1.1x) | replay only | host per graphed step |",
+             "|---|---|---|---|---|---|"]
+    for label, backend in BACKENDS.items():
+        lines.append(f"| {label} | {cell('eager', backend)} | {cell('graph', backend)} | {cell('graph_tight', backend)} "
+                     f"| {cell('graph', backend, 'replay_ms')} | {cell('graph', backend, 'host_ms')} |")
+    lines.append(f"| TorchMD-NET 3.0.0 (eager, measured earlier) | {TORCHMDNET_MS} | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "systems")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--backends", default="ref,fused")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench_train needs a CUDA GPU")
+    from torchmdx.kernels.neighbors import neighbor_list
+
+    z, pos, batch, source = training_batch(args.data, MOLECULES)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    energy_ref = torch.randn(MOLECULES, device="cuda", generator=g)
+    forces_ref = torch.randn(pos.shape, device="cuda", generator=g)
+    data = (z, pos, batch, energy_ref, forces_ref)
+    pairs = int(neighbor_list(pos, ET_MD17["cutoff_upper"], batch).edge_index.shape[1])
+    n = int(z.shape[0]) // MOLECULES
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "data": source,
+            "molecules": MOLECULES, "atoms_per_molecule": n, "pairs": pairs, "pair_bound": MOLECULES * n * (n - 1),
+            "warmup": args.warmup, "repeats": args.repeats, "torchmdnet_ms": TORCHMDNET_MS}
+    print(json.dumps(info), flush=True)
+    rows, checks = [], {}
+    for label in args.backends.split(","):
+        backend = BACKENDS[label]
+        for variant, kwargs in (("eager", dict(graphed=False)), ("graph", {}), ("graph_tight", dict(headroom=1.1))):
+            row = bench_variant(variant, backend, data, args, **kwargs)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        try:
+            checks[label] = check_losses(backend, data)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            checks[label] = f"{type(exc).__name__}: {exc}"
+        print(f"loss check {label}: max relative difference graph vs eager {checks[label]}", flush=True)
+        peak_reset()
+    text = table(rows)
+    print(f"\ntraining step, {MOLECULES} x {n} atoms ({source}), {pairs} pairs, ms per step, {info['device']}, {info['date']}")
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_train.json").write_text(json.dumps({**info, "rows": rows, "loss_check": checks}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,488 @@
+"""One training step (forward, forces, loss, backward, clipping, optimiser step) as a CUDA graph.
+
+Why
+---
+A training step on forces is a few thousand small kernels: the ET forward, the forces
+F = -dE/dpos by autograd with ``create_graph=True``, and the backward through both (the fused
+message kernels take their double backward through the torch reference). For a batch of 32
+molecules of 21 atoms the host launches them more slowly than the GPU runs them (70-83 ms per
+step on an H100, TorchMD-NET 3.0.0 68 ms). Captured once and replayed, the step is one launch.
+
+What one replay does (in this order, on the batch in the static input buffers)::
+
+    g_p <- 0                                   (the parameters' .grad tensors, in place)
+    list = neighbor_list(pos, cutoff, batch, max_pairs=C)   (Triton, fixed capacity, no host read)
+    E, F = model(z, pos, batch; list),   F = -dE/dpos   (create_graph=True when training on forces)
+    loss, ΔE, ΔF = objective(E, F, E_ref, F_ref, n_atoms);   loss.backward()
+    clip g (norm or value, as Lightning's gradient_clip_val / gradient_clip_algorithm)
+    AdamW step (fused, capturable; lr read from a device tensor; skipped if the list overflowed)
+
+Its outputs (loss, ΔE [B], ΔF [N, 3], atom counts [B], overflow flag) are static tensors that the
+next step overwrites.
+
+Neighbor capacity
+-----------------
+The graph needs a fixed number of pair rows C. Default: C = Σ_b n_b (n_b - 1), the number of
+ordered pairs inside the structures of the batch, which bounds a full non-periodic list, so the
+list cannot overflow. The bound is computed on the host from the CPU batch
+(:func:`batch_shape`, before the batch is copied to the GPU); a later batch of the same shape
+with a larger bound recaptures with capacity max(bound, 1.25 C). With ``pair_headroom`` h the
+graph instead gets C = h × (the most pairs seen in its warm-up steps), fewer padding rows; a
+batch with more pairs sets the overflow flag, and the fused AdamW kernel then leaves weights,
+moments and step count untouched (its ``found_inf`` input, the mechanism GradScaler uses), so an
+overflowed step is a no-op. :meth:`GraphedTrainStep.check` (a host read, called at logging
+points) sees it, grows C and, when the latest step was the one skipped, redoes it eagerly.
+Periodic batches are not captured (the neighbor list validates cells on the host): they train
+eagerly.
+
+Shapes
+------
+One graph per batch shape (atoms, structures), at most ``max_shapes`` of them (the last,
+smaller batch of an epoch is a second shape). A new shape first runs ``warmup_steps`` eager
+steps (real training steps, on a side stream: lazy initialisation, Triton compilation,
+optimiser state), then is captured and replayed. More distinct shapes than ``max_shapes``
+(molecules of varying size) switch graphs off for the rest of the run, with one note.
+
+Learning rate
+-------------
+The optimiser's ``group["lr"]`` stays a Python float for everybody else (schedulers, logging,
+checkpoints). The graph reads a device copy, refreshed before each replay when the float
+changed; during capture (and eager steps) ``group["lr"]`` is that tensor. The other
+hyper-parameters (betas, eps, weight decay) are fixed at capture; changing them, or replacing a
+parameter, gradient or optimiser-state tensor (``optimizer.load_state_dict``), is detected
+before the next replay and recaptures.
+
+Outside the graph: the weight EMA (Lightning callback, after the step), metrics, logging, the
+learning-rate schedule, validation. Nothing in a replay reads from the device; the host reads
+:attr:`GraphedTrainStep.status` only in :meth:`GraphedTrainStep.check`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from torchmdx.kernels.neighbors import neighbor_list
+
+#: capacities are multiples of this (Triton specialises integer arguments on divisibility by 16)
+CAPACITY_ROUNDING = 64
+#: a graph whose capacity is too small is recaptured with at least this factor more rows
+CAPACITY_GROWTH = 1.25
+#: attribute of a batch object holding its :class:`BatchShape` (set on the CPU batch)
+SHAPE_ATTRIBUTE = "_torchmdx_shape"
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_HYPER = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "fused", "capturable")
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """Host-side description of a batch: what the graph cache is keyed on.
+
+    atoms N, structures B, pair_bound Σ_b n_b (n_b - 1) (the most pairs a full non-periodic list
+    can hold), periodic: some structure has a periodic direction."""
+
+    atoms: int
+    structures: int
+    pair_bound: int
+    periodic: bool = False
+
+
+def round_capacity(pairs: int) -> int:
+    """``pairs`` rounded up to a multiple of :data:`CAPACITY_ROUNDING` (at least one block)."""
+    return max(CAPACITY_ROUNDING, -(-int(pairs) // CAPACITY_ROUNDING) * CAPACITY_ROUNDING)
+
+
+def shape_from_counts(counts, periodic: bool = False) -> BatchShape:
+    """:class:`BatchShape` from the atom counts of the structures (host integers)."""
+    counts = [int(n) for n in counts]
+    return BatchShape(atoms=sum(counts), structures=len(counts), pair_bound=sum(n * (n - 1) for n in counts),
+                      periodic=bool(periodic))
+
+
+def batch_shape(batch) -> BatchShape:
+    """The :class:`BatchShape` of a PyG batch, remembered on the batch object.
+
+    Free on a CPU batch (what ``on_before_batch_transfer`` sees); on a GPU batch it costs one
+    host read (``ptr`` and ``pbc``)."""
+    cached = getattr(batch, "__dict__", {}).get(SHAPE_ATTRIBUTE)
+    if cached is not None:
+        return cached
+    ptr = getattr(batch, "ptr", None)
+    if ptr is not None:
+        counts = (ptr[1:] - ptr[:-1]).long()
+    else:
+        counts = torch.zeros(int(batch.num_graphs), dtype=torch.long, device=batch.batch.device)
+        counts.index_add_(0, batch.batch, torch.ones_like(batch.batch))
+    cell, pbc = getattr(batch, "cell", None), getattr(batch, "pbc", None)
+    periodic = pbc.reshape(-1).any().reshape(1).long() if (pbc is not None and cell is not None) else counts.new_zeros(1)
+    values = torch.cat([counts.reshape(-1), periodic.to(counts.device)]).tolist()
+    shape = shape_from_counts(values[:-1], bool(values[-1]))
+    if hasattr(batch, "__dict__"):
+        batch.__dict__[SHAPE_ATTRIBUTE] = shape
+    return shape
+
+
+@dataclass
+class StepOutputs:
+    """What one training step returns (static tensors while graphed: valid until the next step).
+
+    loss 0-d; energy_error [B] (eV, predicted - reference); force_error [N, 3] (eV/Å) or None;
+    n_atoms [B] long; overflow 0-d bool (the neighbor list lost pairs: the step was skipped)."""
+
+    loss: torch.Tensor
+    energy_error: torch.Tensor
+    force_error: Optional[torch.Tensor]
+    n_atoms: torch.Tensor
+    overflow: torch.Tensor
+
+
+class _ShapeGraph:
+    """Static inputs, capacity and (once captured) the graph of one batch shape."""
+
+    def __init__(self, key, inputs: dict, capacity: int, bound: int):
+        self.key = key
+        self.inputs = inputs
+        self.capacity = capacity
+        self.bound = bound  # largest pair bound of the batches seen with this shape
+        self.max_pairs = 0  # most pairs found in its eager steps
+        self.eager_steps = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.outputs: Optional[StepOutputs] = None
+
+
+class GraphedTrainStep:
+    """Training steps of ``model`` with ``optimizer``, captured as CUDA graphs (module docstring).
+
+    Args:
+        model: a :class:`torchmdx.nn.Potential` (``model(z, pos, batch, neighbors=..., forces=...,
+            create_graph=..., num_structures=...)``).
+        optimizer: ``torch.optim.AdamW`` (or Adam) over the model's parameters; on CUDA its groups
+            are switched to ``capturable=True``; with ``fused=True`` an overflowed step is skipped.
+        objective: ``(energy [B], forces [N,3] or None, energy_ref [B], forces_ref or None,
+            n_atoms [B]) -> (loss, energy_error, force_error or None)``.
+        forces: train on forces (forces by autograd with ``create_graph=True``).
+        clip_value, clip_algorithm: gradient clipping ("norm" or "value"; None: none).
+        pair_headroom: None for the all-pairs capacity bound, else h >= 1 (see the module docstring).
+        warmup_steps: eager steps of a new shape before it is captured (at least 1).
+        max_shapes: most batch shapes with their own graph.
+
+    On a CPU model nothing is captured: :meth:`step` runs the same step eagerly (tests use this).
+    """
+
+    def __init__(self, model, optimizer, objective: Callable, *, forces: bool = True,
+                 clip_value: Optional[float] = None, clip_algorithm: str = "norm",
+                 pair_headroom: Optional[float] = None, warmup_steps: int = 2, max_shapes: int = 4):
+        if pair_headroom is not None and not pair_headroom >= 1.0:
+            raise ValueError(f"pair_headroom must be >= 1 or None, got {pair_headroom}")
+        self.model = model
+        self.optimizer = optimizer
+        self.objective = objective
+        self.forces = bool(forces)
+        self.clip_value = clip_value
+        self.clip_algorithm = str(getattr(clip_algorithm, "value", clip_algorithm))
+        self.pair_headroom = pair_headroom
+        self.warmup_steps = max(1, int(warmup_steps))
+        self.max_shapes = int(max_shapes)
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.device = self._params[0].device
+        self.enabled = self.device.type == "cuda" and torch.cuda.is_available()
+        self.disabled_reason: Optional[str] = None if self.enabled else f"the model is on {self.device.type}"
+        self.notes: list[str] = []
+        self.stats = {"captures": 0, "replays": 0, "eager_steps": 0, "redone": 0, "skipped": 0, "lost": 0}
+        self._graphs: "OrderedDict[tuple, _ShapeGraph]" = OrderedDict()
+        self._last: Optional[_ShapeGraph] = None
+        self._last_bound = 0
+        self._bindings: Optional[list] = None
+        self._skipped_seen = 0
+        # status: [steps skipped by overflow (running count), latest step overflowed, most pairs seen]
+        self.status = torch.zeros(3, dtype=torch.long, device=self.device)
+        self._lr: Optional[list[torch.Tensor]] = None
+        self._lr_host: list[float] = []
+        self.guarded = False
+        if self.enabled:
+            for group in optimizer.param_groups:
+                group["capturable"] = True
+            # eager warm-up steps of a capturable optimiser are intended here
+            optimizer._warned_capturable_if_run_uncaptured = True
+            self.guarded = all(bool(group.get("fused")) for group in optimizer.param_groups)
+            self._lr_host = [float(group["lr"]) for group in optimizer.param_groups]
+            self._lr = [torch.tensor(v, dtype=torch.float32, device=self.device) for v in self._lr_host]
+            self._side = torch.cuda.Stream(self.device)
+
+    # ------------------------------------------------------------------ decisions (host only)
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+            warnings.warn(f"cuda_graph: {text}", RuntimeWarning, stacklevel=3)
+
+    def disable(self, reason: str) -> None:
+        """Stop graphing for the rest of the run (graphs released); says so once."""
+        if self.disabled_reason is None:
+            self.disabled_reason = reason
+            self._note(f"{reason}; training eagerly from here on")
+        self.release()
+
+    def accepts(self, shape: BatchShape) -> bool:
+        """Will :meth:`step` take a batch of this shape (else the caller trains it eagerly)?"""
+        if self.disabled_reason is not None:
+            return False
+        if shape.periodic:
+            self._note("periodic batches train eagerly (the neighbor list validates cells on the host)")
+            return False
+        key = (shape.atoms, shape.structures)
+        if key not in self._graphs and len(self._graphs) >= self.max_shapes:
+            self.disable(f"more than {self.max_shapes} distinct batch shapes (atoms, structures)")
+            return False
+        return True
+
+    def _graph_for(self, shape: BatchShape, z, pos, batch, energy, forces) -> _ShapeGraph:
+        key = (shape.atoms, shape.structures)
+        graph = self._graphs.get(key)
+        if graph is None or (self.enabled and self.disabled_reason is not None):
+            inputs = {"z": torch.empty_like(z), "pos": torch.empty_like(pos), "batch": torch.empty_like(batch),
+                      "energy": torch.empty_like(energy.reshape(-1))}
+            if forces is not None:
+                inputs["forces"] = torch.empty_like(forces)
+            # capacity 0 with pair_headroom: chosen at capture from the pairs of the eager steps
+            capacity = round_capacity(shape.pair_bound) if self.pair_headroom is None else 0
+            graph = _ShapeGraph(key, inputs, capacity, shape.pair_bound)
+            if self.enabled and self.disabled_reason is not None:
+                return graph  # graphs are off: a one-off set of buffers
+            self._graphs[key] = graph
+        elif self.pair_headroom is None and shape.pair_bound > graph.capacity:
+            # a batch of this shape with more possible pairs than the graph holds: larger capacity
+            self._drop(graph, eager_steps=self.warmup_steps - 1)
+            graph.capacity = round_capacity(max(shape.pair_bound, math.ceil(CAPACITY_GROWTH * graph.capacity)))
+        graph.bound = max(graph.bound, shape.pair_bound)
+        self._graphs.move_to_end(key)
+        return graph
+
+    @staticmethod
+    def _drop(graph: _ShapeGraph, eager_steps: int) -> None:
+        graph.graph, graph.outputs = None, None
+        graph.eager_steps = min(graph.eager_steps, eager_steps)
+
+    # ------------------------------------------------------------------ the step
+    def step(self, z, pos, batch, energy, forces=None, shape: Optional[BatchShape] = None) -> StepOutputs:
+        """One optimiser step on this batch (eager warm-up, capture + replay, or replay).
+
+        z [N] long, pos [N, 3] (Å), batch [N] long (sorted), energy [B] (eV), forces [N, 3] (eV/Å,
+        needed when training on forces); ``shape`` from :func:`batch_shape` (else computed here
+        from ``batch``, one host read)."""
+        if self.forces and forces is None:
+            raise ValueError("GraphedTrainStep(forces=True) needs reference forces")
+        if shape is None:
+            counts = torch.zeros(int(energy.shape[0]), dtype=torch.long, device=batch.device)
+            counts.index_add_(0, batch, torch.ones_like(batch))
+            shape = shape_from_counts(counts.tolist())
+        graph = self._graph_for(shape, z, pos, batch, energy, forces if self.forces else None)
+        inputs = graph.inputs
+        inputs["z"].copy_(z)
+        inputs["pos"].copy_(pos)
+        inputs["batch"].copy_(batch)
+        inputs["energy"].copy_(energy.reshape(inputs["energy"].shape))
+        if "forces" in inputs:
+            inputs["forces"].copy_(forces)
+        self._last = graph
+        self._last_bound = shape.pair_bound
+        if not self.enabled or self.disabled_reason is not None:
+            return self._eager(graph, round_capacity(shape.pair_bound), count_warmup=False)
+        if graph.graph is not None and not self._bindings_current():
+            self._drop_all("the optimiser or parameter tensors changed since capture")
+        if graph.graph is None:
+            if graph.eager_steps < self.warmup_steps:
+                capacity = round_capacity(shape.pair_bound)
+                if (self.pair_headroom is not None and self.guarded and graph.max_pairs > 0
+                        and graph.eager_steps == self.warmup_steps - 1):
+                    # the last warm-up step runs with the graph's own capacity, so that the capture
+                    # meets no tensor size the eager steps have not (an overflow here is redone)
+                    self._choose_capacity(graph)
+                    capacity = graph.capacity
+                return self._eager(graph, capacity)
+            self._choose_capacity(graph)
+            try:
+                self._capture(graph)
+            except Exception as exc:  # noqa: BLE001 - any capture failure: say so once, train eagerly
+                self.disable(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})")
+                return self._eager(graph, round_capacity(shape.pair_bound), count_warmup=False)
+        return self._replay(graph)
+
+    def _replay(self, graph: _ShapeGraph) -> StepOutputs:
+        self._sync_lr()
+        graph.graph.replay()
+        self.stats["replays"] += 1
+        return graph.outputs
+
+    def _eager(self, graph: _ShapeGraph, capacity: int, count_warmup: bool = True) -> StepOutputs:
+        """The step without a graph, with a capacity that cannot overflow (the batch's bound).
+        On CUDA on a side stream, then one host read (the pair count, for ``pair_headroom``)."""
+        self._sync_lr()
+        if not self.enabled:
+            outputs, _ = self._compute(graph.inputs, capacity)
+            self.stats["eager_steps"] += 1
+            return outputs
+        main = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            outputs, num_pairs = self._compute(graph.inputs, capacity)
+        main.wait_stream(self._side)
+        pairs = int(num_pairs)
+        graph.max_pairs = max(graph.max_pairs, pairs)
+        self.stats["eager_steps"] += 1
+        if pairs > capacity:
+            # only a tight capacity (pair_headroom, guarded optimiser) can overflow: the step changed
+            # nothing; choose the capacity again and redo the step with the batch's bound
+            self._skipped_seen += 1
+            self.stats["skipped"] += 1
+            self.stats["redone"] += 1
+            graph.capacity = 0
+            return self._eager(graph, round_capacity(self._last_bound), count_warmup)
+        if count_warmup:
+            graph.eager_steps += 1
+        return outputs
+
+    def _choose_capacity(self, graph: _ShapeGraph) -> None:
+        if graph.capacity == 0:  # pair_headroom: h x the most pairs of the eager steps, at most the bound
+            tight = round_capacity(math.ceil(self.pair_headroom * max(graph.max_pairs, 1)))
+            graph.capacity = min(tight, round_capacity(graph.bound))
+
+    def _capture(self, graph: _ShapeGraph) -> None:
+        self._sync_lr()
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            outputs, _ = self._compute(graph.inputs, graph.capacity)
+        graph.graph, graph.outputs = cuda_graph, outputs
+        self._bindings = self._current_bindings()
+        self.stats["captures"] += 1
+
+    def _compute(self, inputs: dict, capacity: int):
+        """The step itself (captured as is): see the module docstring. Returns (outputs, num_pairs)."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
+        pos, batch = inputs["pos"], inputs["batch"]
+        structures = inputs["energy"].shape[0]
+        neighbors = neighbor_list(pos.detach(), self.model.cutoff, batch, max_pairs=capacity)
+        out = self.model(inputs["z"], pos, batch, neighbors=neighbors, forces=self.forces,
+                         create_graph=self.forces, num_structures=structures)
+        n_atoms = torch.zeros(structures, dtype=torch.long, device=pos.device).index_add_(0, batch, torch.ones_like(batch))
+        loss, energy_error, force_error = self.objective(out["energy"], out.get("forces"), inputs["energy"],
+                                                         inputs.get("forces"), n_atoms)
+        loss.backward()
+        self._clip()
+        overflow = neighbors.overflow.reshape(())
+        self._optimizer_step(overflow)
+        found = neighbors.num_pairs.reshape(()).long()
+        flag = overflow.long()
+        self.status.copy_(torch.stack([self.status[0] + flag, flag, torch.maximum(self.status[2], found)]))
+        outputs = StepOutputs(loss.detach(), energy_error.detach(),
+                              force_error.detach() if force_error is not None else None, n_atoms, overflow)
+        return outputs, found
+
+    def _clip(self) -> None:
+        if self.clip_value is None or not self.clip_value > 0:
+            return
+        params = [p for p in self._params if p.grad is not None]
+        if self.clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, self.clip_value)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, self.clip_value)
+
+    def _optimizer_step(self, overflow: torch.Tensor) -> None:
+        groups = self.optimizer.param_groups
+        floats = [group["lr"] for group in groups]
+        try:
+            if self._lr is not None:
+                for group, lr in zip(groups, self._lr):
+                    group["lr"] = lr
+            if self.guarded:
+                # the fused kernel skips the whole update (weights, moments, step count) when set
+                self.optimizer.found_inf = overflow.to(torch.float32)
+            self.optimizer.step()
+        finally:
+            for group, value in zip(groups, floats):
+                group["lr"] = value
+            if "found_inf" in self.optimizer.__dict__:
+                del self.optimizer.found_inf
+
+    def _sync_lr(self) -> None:
+        if self._lr is None:
+            return
+        for index, group in enumerate(self.optimizer.param_groups):
+            value = float(group["lr"])
+            if value != self._lr_host[index]:
+                self._lr[index].fill_(value)
+                self._lr_host[index] = value
+
+    # ------------------------------------------------------------------ validity of captured graphs
+    def _current_bindings(self) -> list:
+        """Every tensor a captured step reads or writes by address, plus the fixed hyper-parameters."""
+        state = self.optimizer.state
+        out: list = []
+        for p in self._params:
+            out.append(p.data_ptr())
+            out.append(p.grad)
+            entry = state.get(p)
+            if entry:
+                out.extend(entry.get(key) for key in _ADAM_STATE)
+        for group in self.optimizer.param_groups:
+            out.append(tuple(group.get(key) for key in _HYPER))
+        return out
+
+    def _bindings_current(self) -> bool:
+        now = self._current_bindings()
+        bound = self._bindings
+        if bound is None or len(now) != len(bound):
+            return False
+        return all(a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b) for a, b in zip(now, bound))
+
+    def _drop_all(self, reason: str) -> None:
+        self._note(f"{reason}: recapturing")
+        for graph in self._graphs.values():
+            self._drop(graph, eager_steps=self.warmup_steps - 1)
+
+    # ------------------------------------------------------------------ check points
+    def check(self) -> dict:
+        """Read :attr:`status` (one host read): if steps overflowed their neighbor capacity since
+        the last check, grow the capacities, redo the latest step when it was one of them, and
+        say how many were skipped without a redo. Returns :attr:`stats`."""
+        if not self.enabled:
+            return dict(self.stats)
+        skipped, latest, most_pairs = self.status.tolist()
+        new = skipped - self._skipped_seen
+        if new <= 0:
+            return dict(self.stats)
+        self._skipped_seen = skipped
+        self.stats["skipped"] += new
+        headroom = self.pair_headroom or 1.0
+        needed = round_capacity(math.ceil(headroom * most_pairs))
+        for graph in self._graphs.values():
+            ceiling = round_capacity(graph.bound)
+            target = min(needed, ceiling)
+            if 0 < graph.capacity < target:
+                self._drop(graph, eager_steps=self.warmup_steps - 1)
+                grown = round_capacity(math.ceil(CAPACITY_GROWTH * graph.capacity))
+                graph.capacity = min(max(target, grown), ceiling)
+        redone = 0
+        if latest and self._last is not None and self._last.key in self._graphs and self.guarded:
+            self._eager(self._last, round_capacity(self._last_bound), count_warmup=False)
+            self.status[1].zero_()
+            redone = 1
+            self.stats["redone"] += 1
+        lost = new - redone
+        if lost > 0:
+            self.stats["lost"] += lost
+            what = "skipped (weights unchanged)" if self.guarded else "trained on a truncated neighbor list"
+            self._note(f"{lost} step(s) overflowed the neighbor capacity and were {what}; capacity grown to {needed} pairs")
+        return dict(self.stats)
+
+    def release(self) -> None:
+        """Drop every captured graph and static buffer (their GPU memory goes back to the allocator)."""
+        self._graphs.clear()
+        self._last = None
+        self._bindings = None
