@@ -76,23 +76,24 @@ class EquivariantAttention(nn.Module):
         self.dk_proj = xavier_linear(config.num_rbf, f) if influence in ("keys", "both") else None
         self.dv_proj = xavier_linear(config.num_rbf, 3 * f) if influence in ("values", "both") else None
 
-    def prepare(self, x, vec, self_rbf):
+    def prepare(self, x, vec, self_rbf, small: bool = False):
         """Dense part before the message: (q, k, v, u3, vec_dot, dk0, dv0) on xn = LayerNorm(x);
-        dk0 / dv0 are the self edge's filters act(W e(0) + b) (None without distance influence)."""
+        dk0 / dv0 are the self edge's filters act(W e(0) + b) (None without distance influence).
+        ``small``: products as reductions (:func:`linear`)."""
         f = self.hidden
         xn = self.layernorm(x)
-        q = self.q_proj(xn)
-        k = self.k_proj(xn)
-        v = self.v_proj(xn)
-        u1, u2, u3 = torch.split(self.vec_proj(vec), f, dim=-1)
+        q = linear(self.q_proj, xn, small)
+        k = linear(self.k_proj, xn, small)
+        v = linear(self.v_proj, xn, small)
+        u1, u2, u3 = torch.split(linear(self.vec_proj, vec, small), f, dim=-1)
         vec_dot = (u1 * u2).sum(dim=1)
         dk0 = self.act(self.dk_proj(self_rbf)).squeeze(0) if self.dk_proj is not None else None
         dv0 = self.act(self.dv_proj(self_rbf)).squeeze(0) if self.dv_proj is not None else None
         return q, k, v, u3, vec_dot, dk0, dv0
 
-    def update(self, x, vec, m, w, vec_dot, u3):
+    def update(self, x, vec, m, w, vec_dot, u3, small: bool = False):
         """Dense part after the message: (x + dx, vec + dvec), (o1, o2, o3) = W_o m."""
-        o1, o2, o3 = torch.split(self.o_proj(m), self.hidden, dim=-1)
+        o1, o2, o3 = torch.split(linear(self.o_proj, m, small), self.hidden, dim=-1)
         return x + vec_dot * o2 + o3, vec + u3 * o1.unsqueeze(1) + w
 
     def forward(self, x, vec, edge_index, rbf, cutoff_weight, unit_vectors, edge_mask, self_rbf, self_cutoff, message,
@@ -102,7 +103,8 @@ class EquivariantAttention(nn.Module):
         device_type = x.device.type
         prepare = compiled_function(EquivariantAttention.prepare, device_type) if compiled else EquivariantAttention.prepare
         update = compiled_function(EquivariantAttention.update, device_type) if compiled else EquivariantAttention.update
-        q, k, v, u3, vec_dot, dk0, dv0 = prepare(self, x, vec, self_rbf)
+        small = compiled and x.shape[0] <= SMALL_MATMUL_ATOMS
+        q, k, v, u3, vec_dot, dk0, dv0 = prepare(self, x, vec, self_rbf, small)
         options = dict(edge_mask=edge_mask, self_loop=(dk0, dv0, self_cutoff),
                        attn_activation=self.attn_activation, vector_cutoff=self.vector_cutoff)
         filtered = getattr(message, "filtered", None)
@@ -117,15 +119,32 @@ class EquivariantAttention(nn.Module):
             dk = self.act(self.dk_proj(rbf)) if self.dk_proj is not None else None
             dv = self.act(self.dv_proj(rbf)) if self.dv_proj is not None else None
             m, w = message(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, self.num_heads, **options)
-        return update(self, x, vec, m, w, vec_dot, u3)
+        return update(self, x, vec, m, w, vec_dot, u3, small)
+
+
+#: compiled layers of structures with at most this many atoms compute their products as
+#: reductions (:func:`linear`)
+SMALL_MATMUL_ATOMS = 64
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, small: bool) -> torch.Tensor:
+    """``layer(x)`` = x W^T + b. With ``small``, as a broadcast product summed over the input
+    features: inside torch.compile that becomes one fused reduction kernel (forward and
+    backward), where cuBLAS runs split-K kernels (3-4 launches, ~10-15 µs per product for a few
+    dozen rows: half of the GPU time of a 22-atom ET call, measured on an H100)."""
+    if not small:
+        return layer(x)
+    y = (x.unsqueeze(-2) * layer.weight).sum(-1)
+    return y if layer.bias is None else y + layer.bias
 
 
 _COMPILED: dict = {}
 
-#: inductor options on CUDA: matmuls autotuned between cuBLAS and Triton templates. For the
-#: small matrices of small molecules (22 atoms x 128 channels) cuBLAS picks split-K kernels
-#: (four launches, ~15 µs per product); Triton templates take a few µs and fuse epilogues.
-CUDA_COMPILE_OPTIONS = {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}
+#: inductor options on CUDA. Autotuning the matmuls (``{"max_autotune_gemm": True,
+#: "max_autotune_gemm_backends": "TRITON,ATEN"}``) was measured on an H100 (22-atom ET): GPU time
+#: per call 1.15 -> 1.03 ms, MD 789 -> 941 steps/s, but 10-35 s of benchmarking per matrix shape
+#: (minutes per new system): not the default.
+CUDA_COMPILE_OPTIONS: dict = {}
 
 
 def compiled_function(fn: Callable, device_type: str = "cpu") -> Callable:
@@ -137,7 +156,7 @@ def compiled_function(fn: Callable, device_type: str = "cpu") -> Callable:
     key = (fn, device_type)
     compiled = _COMPILED.get(key)
     if compiled is None:
-        options = dict(CUDA_COMPILE_OPTIONS) if device_type == "cuda" else None
+        options = dict(CUDA_COMPILE_OPTIONS) if device_type == "cuda" and CUDA_COMPILE_OPTIONS else None
         compiled = _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
     return compiled
 
