@@ -72,10 +72,12 @@ class TrainConfig:
     ``cuda_graph``: on a GPU, replay each training step (neighbor list, forward, forces, loss,
     backward, gradient clipping, AdamW step) as one CUDA graph
     (:mod:`torchmdx.train.graphed`); one device, no gradient accumulation; ignored with a note on
-    the CPU. ``cuda_graph_pair_headroom``: null gives the graph's neighbor list room for every
-    pair inside each structure, Σ n(n-1) (it cannot overflow); a number h >= 1 gives h × the
-    pairs seen in the warm-up steps (fewer padding rows; an overflowing step is skipped, detected
-    at the next logging point, and the capacity grown).
+    the CPU. ``cuda_graph_pair_headroom`` h >= 1: the graph's neighbor list has room for h × the
+    pairs seen in its warm-up steps (padding rows cost time: the reference message path works on
+    every row); a batch with more pairs is skipped inside the graph (weights untouched), seen at
+    the next logging point, and the capacity grown (the latest step is redone, earlier skipped
+    ones are counted and reported). null: room for every pair inside each structure, Σ n(n-1), so
+    nothing can overflow (slower: 27 vs 21 ms per step for 32 aspirins on an H100).
     """
 
     energy_weight: float = 1.0
@@ -99,7 +101,7 @@ class TrainConfig:
     refit_atomref: Union[bool, Literal["auto"]] = "auto"
     seed: int = 1
     cuda_graph: bool = False
-    cuda_graph_pair_headroom: Optional[float] = None
+    cuda_graph_pair_headroom: Optional[float] = 1.1
 
     def validate(self, section: str = "train") -> None:
         def bad(key, msg):
@@ -132,11 +134,8 @@ class TrainConfig:
             bad("early_stopping_patience", f"must be >= 1 or null, got {self.early_stopping_patience}")
         if isinstance(self.scale, float) and not self.scale > 0:
             bad("scale", f"must be > 0 eV, got {self.scale}")
-        if self.cuda_graph_pair_headroom is not None:
-            if not self.cuda_graph_pair_headroom >= 1:
-                bad("cuda_graph_pair_headroom", f"must be >= 1 or null, got {self.cuda_graph_pair_headroom}")
-            if not self.cuda_graph:
-                bad("cuda_graph_pair_headroom", "has no effect without train.cuda_graph: true")
+        if self.cuda_graph_pair_headroom is not None and not self.cuda_graph_pair_headroom >= 1:
+            bad("cuda_graph_pair_headroom", f"must be >= 1 or null, got {self.cuda_graph_pair_headroom}")
 
     @property
     def train_forces(self) -> bool:

@@ -323,6 +323,12 @@ class PotentialModule(L.LightningModule):
             # an eager batch of a graphed run: keep the gradient tensors the graphs write to
             optimizer.zero_grad(set_to_none=False)
 
+    def on_validation_model_zero_grad(self):
+        # Lightning sets the gradients to None before validating; the graphs write to (and zero)
+        # their gradient tensors themselves, so keep those
+        if self._graph_step is None:
+            super().on_validation_model_zero_grad()
+
     # ------------------------------------------------------------------ CUDA graph
     def _cuda_graph_mode(self) -> bool:
         """Train through CUDA graphs: ``train.cuda_graph`` and a CUDA device (one process)."""
