@@ -545,6 +545,11 @@ def main(argv=None):
 
         et.CUDA_COMPILE_OPTIONS = json.loads(os.environ["BENCH_COMPILE_OPTIONS"])
         print(f"compile options on CUDA: {et.CUDA_COMPILE_OPTIONS}", flush=True)
+    if os.environ.get("BENCH_MESSAGE_CONFIG"):  # message-kernel launch parameters (JSON dict)
+        from torchmdx.kernels import message_triton
+
+        message_triton.CONFIG = message_triton.LaunchConfig(**json.loads(os.environ["BENCH_MESSAGE_CONFIG"]))
+        print(f"message launch config: {message_triton.CONFIG}", flush=True)
     NEIGHBORS = args.neighbors
     GRAPH = not args.no_graph
     if DEVICE == "cuda" and not torch.cuda.is_available():

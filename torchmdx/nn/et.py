@@ -87,8 +87,8 @@ class EquivariantAttention(nn.Module):
         v = linear(self.v_proj, xn, small)
         u1, u2, u3 = torch.split(linear(self.vec_proj, vec, small), f, dim=-1)
         vec_dot = (u1 * u2).sum(dim=1)
-        dk0 = self.act(self.dk_proj(self_rbf)).squeeze(0) if self.dk_proj is not None else None
-        dv0 = self.act(self.dv_proj(self_rbf)).squeeze(0) if self.dv_proj is not None else None
+        dk0 = self.act(linear(self.dk_proj, self_rbf, small)).squeeze(0) if self.dk_proj is not None else None
+        dv0 = self.act(linear(self.dv_proj, self_rbf, small)).squeeze(0) if self.dv_proj is not None else None
         return q, k, v, u3, vec_dot, dk0, dv0
 
     def update(self, x, vec, m, w, vec_dot, u3, small: bool = False):
