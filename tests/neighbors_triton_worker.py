@@ -20,7 +20,8 @@ from torchmdx.kernels import neighbors_triton  # noqa: E402
 
 
 #: larger tiles than the GPU defaults: the interpreter's cost is per operation, not per element
-INTERPRETER_CONFIG = {"cell_block_i": 32, "cell_block_j": 64, "cell_block_j_write": 64, "brute_block_j_write": 64,
+INTERPRETER_CONFIG = {"cell_block_i": 32, "cell_block_j": 64, "cell_block_i_write": 32, "cell_block_j_write": 64,
+                      "cell_block_o": 32, "fill_block": 1024, "cell_parts": 1, "brute_block_j_write": 64,
                       "brute_block_i": 64, "brute_block_j": 64}
 DEFAULT_CONFIG = dict(neighbors_triton.CONFIG)
 

@@ -229,6 +229,19 @@ def build_cases():
     add("open-half-cell", rng.uniform(0, 9.0, (40, 3)), 3.3, method="cell", full=False)
     add("open-planar-cell", np.c_[rng.uniform(0, 12, (30, 2)), np.zeros(30)], 3.0, method="cell")
     add("open-line-cell", np.c_[rng.uniform(0, 30, 25), np.zeros((25, 2))], 2.0, method="cell")
+    # crowded cells with tiles of 8: a cell spans several receiver tiles, ordering blocks
+    # (the count pass puts each cell back in atom order) and candidate tiles; each cell's
+    # neighbour rows split over 9 or 3 work items
+    small_tiles = {"cell_block_i": 8, "cell_block_j": 8, "cell_block_i_write": 8, "cell_block_j_write": 8,
+                   "cell_block_o": 8, "fill_block": 64, "cell_parts": 9}
+    add("crowded-open-cell", rng.uniform(0, 4.0, (70, 3)), 3.0, method="cell")
+    cases[-1]["config"] = small_tiles
+    pos, cell, pbc, cutoff = periodic_structure(rng, 150, "triclinic", 0.49)
+    pos, cell = scale(pos, cell, 7.0)
+    add("crowded-triclinic-cell-half", pos, cutoff * 7.0, cell=cell, pbc=pbc, method="cell", full=False)
+    cases[-1]["config"] = small_tiles
+    add("capacity-crowded-triclinic", pos, cutoff * 7.0, cell=cell, pbc=pbc, method="cell", max_pairs=20000)
+    cases[-1]["config"] = dict(small_tiles, cell_parts=3)
     # periodic boxes, atoms up to 1.6 cells outside, cutoff up to (just under) half the width
     kinds = ["cubic", "ortho", "triclinic", "triclinic_rotated"]
     for t, kind in enumerate(kinds):
@@ -440,6 +453,24 @@ def test_interpreter_fixed_capacity(interpreted, method):
     assert len(set(as_dict(over))) == 25
     zero = results[f"capacity-zero-{method}"]
     assert zero["overflow"] and zero["num_pairs"] == total and zero["edge_index"].shape == (2, 0)
+
+
+def test_interpreter_capacity_crowded(interpreted):
+    """Fixed capacity with small tiles in crowded cells: valid rows are the reference's pairs,
+    sorted by receiver; the rest is padding."""
+    cases, results = interpreted
+    args, res = cases["capacity-crowded-triclinic"]["args"], results["capacity-crowded-triclinic"]
+    ref = reference(args)
+    total = ref.edge_index.shape[1]
+    assert 1000 < total < 20000 and res["num_pairs"] == total and not res["overflow"]
+    assert res["mask"][:total].all() and not res["mask"][total:].any()
+    valid = {k: res[k][:total] if k != "edge_index" else res[k][:, :total] for k in ("edge_index", "shifts", "vectors", "distances")}
+    order = by_receiver_then_neighbor(valid["edge_index"])
+    assert torch.all(valid["edge_index"][0, 1:] >= valid["edge_index"][0, :-1])
+    assert torch.equal(valid["edge_index"][:, order], ref.edge_index)
+    assert torch.equal(valid["shifts"][order], ref.shifts)
+    torch.testing.assert_close(valid["vectors"][order], ref.vectors, rtol=0, atol=1e-12)
+    assert (res["edge_index"][:, total:] == args["pos"].shape[0] - 1).all()
 
 
 def test_interpreter_capacity_batched(interpreted):

@@ -91,16 +91,25 @@ CONFIG = {
     "brute_warps_write": 4,
     "brute_chunk": 512,
     "cell_block_i": 16,
-    "cell_block_j": 32,
+    "cell_block_j": 16,
+    "cell_warps": 1,
+    "cell_block_i_write": 16,
     "cell_block_j_write": 16,
-    "cell_warps": 4,
-    "cell_warps_write": 4,
-    "cell_programs": 16896,
+    "cell_warps_write": 1,
+    "cell_block_o": 16,
+    "cell_programs": 4224,
+    "cell_parts": 0,
+    "cell_parts9_max_atoms": 20000,
+    "cell_parts3_max_atoms": 200000,
+    "fill_block": 512,
+    "fill_warps": 4,
     "fast_launch": True,
     "bin_block": 256,
 }
 
-_GEO_WIDTH = 24  # per structure: cell h (9, open rows zeroed), inverse of the completed cell (9), pbc (3), widths (3)
+#: per structure: cell h (9, open rows zeroed), inverse of the completed cell (9), pbc (3), widths (3),
+#: inverse with the columns of open directions zeroed (9; the minimum image needs no pbc flags)
+_GEO_WIDTH = 33
 
 
 def interpreting() -> bool:
@@ -123,8 +132,8 @@ if HAVE_TRITON:
     # ----------------------------------------------------------------------------------------
     @triton.jit
     def _load_geometry(geo_ptr, row):
-        """Cell rows h (open rows zero), inverse of the completed cell k, pbc flags p, widths w."""
-        base = geo_ptr + row * 24
+        """Cell rows h (open rows zero), inverse of the completed cell k, pbc flags p (binning)."""
+        base = geo_ptr + row * 33
         h00 = tl.load(base + 0)
         h01 = tl.load(base + 1)
         h02 = tl.load(base + 2)
@@ -149,6 +158,31 @@ if HAVE_TRITON:
         return h00, h01, h02, h10, h11, h12, h20, h21, h22, k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2
 
     @triton.jit
+    def _load_image_geometry(geo_ptr, row):
+        """Cell rows h (open rows zero) and q = inverse of the completed cell with the columns of
+        open directions zeroed (so the image shift along an open direction is 0)."""
+        base = geo_ptr + row * 33
+        h00 = tl.load(base + 0)
+        h01 = tl.load(base + 1)
+        h02 = tl.load(base + 2)
+        h10 = tl.load(base + 3)
+        h11 = tl.load(base + 4)
+        h12 = tl.load(base + 5)
+        h20 = tl.load(base + 6)
+        h21 = tl.load(base + 7)
+        h22 = tl.load(base + 8)
+        q00 = tl.load(base + 24)
+        q01 = tl.load(base + 25)
+        q02 = tl.load(base + 26)
+        q10 = tl.load(base + 27)
+        q11 = tl.load(base + 28)
+        q12 = tl.load(base + 29)
+        q20 = tl.load(base + 30)
+        q21 = tl.load(base + 31)
+        q22 = tl.load(base + 32)
+        return h00, h01, h02, h10, h11, h12, h20, h21, h22, q00, q01, q02, q10, q11, q12, q20, q21, q22
+
+    @triton.jit
     def _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22):
         """s = (x, y, z) @ inv(cell)."""
         s0 = x * k00 + y * k10 + z * k20
@@ -157,15 +191,20 @@ if HAVE_TRITON:
         return s0, s1, s2
 
     @triton.jit
-    def _minimum_image(dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
-                       k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2):
-        """Integer shift n = -round(d @ inv(cell)) (periodic directions) and d + n @ cell.
+    def _image(dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
+               q00, q01, q02, q10, q11, q12, q20, q21, q22, ORTHO: tl.constexpr):
+        """Integer shift n = -round(d @ q) and d + n @ h (q: inverse cell, open columns zero).
 
-        Written for triclinic cells; for orthorhombic ones the zero off-diagonal terms add
-        exact zeros, so the result is bit-identical to the diagonal formula."""
-        s0 = dx * k00 + dy * k10 + dz * k20
-        s1 = dx * k01 + dy * k11 + dz * k21
-        s2 = dx * k02 + dy * k12 + dz * k22
+        ``ORTHO``: every cell is orthorhombic (off-diagonal h and q zero), so the products with
+        the off-diagonal terms (exact zeros) are skipped: the same result, 12 fewer FMAs."""
+        if ORTHO:
+            s0 = dx * q00
+            s1 = dy * q11
+            s2 = dz * q22
+        else:
+            s0 = dx * q00 + dy * q10 + dz * q20
+            s1 = dx * q01 + dy * q11 + dz * q21
+            s2 = dx * q02 + dy * q12 + dz * q22
         # n = -rint(s) via the float "magic number" (2 adds instead of a quarter-rate cvt;
         # exact for |s| < 2^22 in float32, 2^51 in float64); ties (|s| = 1/2) are never within
         # the cutoff, so the rounding direction there does not matter
@@ -173,26 +212,18 @@ if HAVE_TRITON:
             magic = 6755399441055744.0
         else:
             magic = 12582912.0
-        n0 = (magic - (s0 + magic)) * p0
-        n1 = (magic - (s1 + magic)) * p1
-        n2 = (magic - (s2 + magic)) * p2
-        vx = dx + (n0 * h00 + n1 * h10 + n2 * h20)
-        vy = dy + (n0 * h01 + n1 * h11 + n2 * h21)
-        vz = dz + (n0 * h02 + n1 * h12 + n2 * h22)
+        n0 = magic - (s0 + magic)
+        n1 = magic - (s1 + magic)
+        n2 = magic - (s2 + magic)
+        if ORTHO:
+            vx = dx + n0 * h00
+            vy = dy + n1 * h11
+            vz = dz + n2 * h22
+        else:
+            vx = dx + (n0 * h00 + n1 * h10 + n2 * h20)
+            vy = dy + (n0 * h01 + n1 * h11 + n2 * h21)
+            vz = dz + (n0 * h02 + n1 * h12 + n2 * h22)
         return vx, vy, vz, n0, n1, n2
-
-    @triton.jit
-    def _store_rows(ei_ptr, shift_ptr, vec_ptr, dist_ptr, slot, wm, row1, ii, jj, n0, n1, n2, vx, vy, vz, d2):
-        """Write pair rows at ``slot`` (edge_index row 1 starts at ``row1``)."""
-        tl.store(ei_ptr + slot, ii, mask=wm)
-        tl.store(ei_ptr + row1 + slot, jj, mask=wm)
-        tl.store(shift_ptr + slot * 3 + 0, n0, mask=wm)
-        tl.store(shift_ptr + slot * 3 + 1, n1, mask=wm)
-        tl.store(shift_ptr + slot * 3 + 2, n2, mask=wm)
-        tl.store(vec_ptr + slot * 3 + 0, vx, mask=wm)
-        tl.store(vec_ptr + slot * 3 + 1, vy, mask=wm)
-        tl.store(vec_ptr + slot * 3 + 2, vz, mask=wm)
-        tl.store(dist_ptr + slot, tl.sqrt(d2), mask=wm)
 
     @triton.jit
     def _write_limits(offset_ptr, total_index, capacity, packed):
@@ -212,15 +243,16 @@ if HAVE_TRITON:
     # ----------------------------------------------------------------------------------------
     @triton.jit(do_not_specialize=["geo_rows", "capacity", "n_atoms", "n_chunks", "chunk", "half", "packed"])
     def _brute_kernel(pos_ptr, start_ptr, end_ptr, batch_ptr, geo_ptr, geo_rows, params_ptr,
-                      count_ptr, offset_ptr, status_ptr, ei_ptr, shift_ptr, vec_ptr, dist_ptr, capacity,
+                      count_ptr, offset_ptr, status_ptr, pair_ptr, capacity,
                       n_atoms, n_chunks, chunk, half, packed,
-                      HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, WRITE: tl.constexpr,
-                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+                      HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, ORTHO: tl.constexpr,
+                      WRITE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
         """Program (i block, j chunk): pairs of BLOCK_I receivers with the chunk's atoms.
 
-        Count pass: counts[1 + i * n_chunks + chunk]; write pass: rows from the exclusive scan
-        offsets[i * n_chunks + chunk], so rows are sorted by i, then j. Batched structures use
-        one chunk spanning the structures of the block's receivers (contiguous, batch sorted).
+        Count pass: counts[1 + i * n_chunks + chunk]; write pass: packed pairs (i << 32 | j)
+        from the exclusive scan offsets[i * n_chunks + chunk], so rows are sorted by i, then j
+        (:func:`_fill_kernel` expands them). Batched structures use one chunk spanning the
+        structures of the block's receivers (contiguous, batch sorted).
         """
         pid = tl.program_id(0)
         cid = tl.program_id(1)
@@ -246,11 +278,12 @@ if HAVE_TRITON:
             else:
                 row = i * 0
             (h00, h01, h02, h10, h11, h12, h20, h21, h22,
-             k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
+             q00, q01, q02, q10, q11, q12, q20, q21, q22) = _load_image_geometry(geo_ptr, row)
         cnt = tl.zeros([BLOCK_I], dtype=tl.int32)
         if WRITE:
             row1, limit = _write_limits(offset_ptr, n_atoms * n_chunks, capacity, packed)
             base = tl.load(offset_ptr + i * n_chunks + cid, mask=im, other=0)
+            pk_i = i.to(tl.int64) << 32
         for j0 in range(j_lo, j_hi, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             jm = j < j_hi
@@ -261,18 +294,15 @@ if HAVE_TRITON:
             dy = yj[None, :] - yi[:, None]
             dz = zj[None, :] - zi[:, None]
             if PERIODIC:
-                vx, vy, vz, n0, n1, n2 = _minimum_image(
+                vx, vy, vz, n0, n1, n2 = _image(
                     dx, dy, dz, h00[:, None], h01[:, None], h02[:, None], h10[:, None], h11[:, None],
-                    h12[:, None], h20[:, None], h21[:, None], h22[:, None], k00[:, None], k01[:, None],
-                    k02[:, None], k10[:, None], k11[:, None], k12[:, None], k20[:, None], k21[:, None],
-                    k22[:, None], p0[:, None], p1[:, None], p2[:, None])
+                    h12[:, None], h20[:, None], h21[:, None], h22[:, None], q00[:, None], q01[:, None],
+                    q02[:, None], q10[:, None], q11[:, None], q12[:, None], q20[:, None], q21[:, None],
+                    q22[:, None], ORTHO)
             else:
                 vx = dx
                 vy = dy
                 vz = dz
-                n0 = dx * 0.0
-                n1 = n0
-                n2 = n0
             d2 = vx * vx + vy * vy + vz * vz
             ok = (d2 < cut2) & (d2 >= low2) & jm[None, :] & im[:, None] & (j[None, :] != i[:, None])
             ok = ok & ((j[None, :] > i[:, None]) | (i * 0 + half == 0)[:, None])
@@ -282,10 +312,8 @@ if HAVE_TRITON:
             if WRITE:
                 rank = tl.cumsum(oki, axis=1) - 1
                 slot = base[:, None] + (cnt[:, None] + rank).to(tl.int64)
-                ii = (i[:, None] + j[None, :] * 0).to(tl.int64)
-                jj = (j[None, :] + i[:, None] * 0).to(tl.int64)
-                _store_rows(ei_ptr, shift_ptr, vec_ptr, dist_ptr, slot, ok & (slot < limit), row1,
-                            ii, jj, n0, n1, n2, vx, vy, vz, d2)
+                pk = pk_i[:, None] | j.to(tl.int64)[None, :]
+                tl.store(pair_ptr + row1 + slot, pk, mask=ok & (slot < limit))
             cnt += tl.sum(oki, axis=1)
         if not WRITE:
             tl.store(count_ptr + 1 + i * n_chunks + cid, cnt.to(tl.int64), mask=im)
@@ -296,7 +324,7 @@ if HAVE_TRITON:
                 tl.atomic_max(status_ptr, tl.max(bad.to(tl.int32), axis=0))
 
     # ----------------------------------------------------------------------------------------
-    # cell list: extents, binning, scan, emit
+    # cell list: extents, binning (counting sort), pairs
     # ----------------------------------------------------------------------------------------
     @triton.jit(do_not_specialize=["geo_rows", "n_atoms"])
     def _extent_kernel(pos_ptr, start_ptr, batch_ptr, geo_ptr, geo_rows, ext_ptr, n_atoms,
@@ -379,10 +407,11 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["geo_rows", "rc", "n_atoms"])
     def _bin_kernel(pos_ptr, start_ptr, end_ptr, batch_ptr, geo_ptr, geo_rows, ext_ptr,
-                    key_ptr, grid_ptr, status_ptr, rc, n_atoms,
+                    key_ptr, grid_ptr, cell_count_ptr, status_ptr, rc, n_atoms,
                     HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, HAS_OPEN: tl.constexpr,
                     BLOCK: tl.constexpr):
-        """Cell key (structure slot + linear cell) of every atom; cells per direction per slot."""
+        """Cell key (structure slot + linear cell) of every atom, atoms per cell (atomic count,
+        the first half of a counting sort), cells per direction per slot."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         im = i < n_atoms
         x = tl.load(pos_ptr + i * 3 + 0, mask=im, other=0.0)
@@ -402,9 +431,9 @@ if HAVE_TRITON:
                 row = i * 0
             (h00, h01, h02, h10, h11, h12, h20, h21, h22,
              k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
-            w0 = tl.load(geo_ptr + row * 24 + 21).to(tl.float32)
-            w1 = tl.load(geo_ptr + row * 24 + 22).to(tl.float32)
-            w2 = tl.load(geo_ptr + row * 24 + 23).to(tl.float32)
+            w0 = tl.load(geo_ptr + row * 33 + 21).to(tl.float32)
+            w1 = tl.load(geo_ptr + row * 33 + 22).to(tl.float32)
+            w2 = tl.load(geo_ptr + row * 33 + 23).to(tl.float32)
             s0, s1, s2 = _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22)
             per0 = p0 != 0.0
             per1 = p1 != 0.0
@@ -445,24 +474,50 @@ if HAVE_TRITON:
         c2 = _cell_index(s2, lo2, e2, K2, per2)
         key = slot.to(tl.int32) + c0 + K0 * (c1 + K1 * c2)
         tl.store(key_ptr + i, key, mask=im)
+        tl.atomic_add(cell_count_ptr + key, 1, mask=im)
         tl.store(grid_ptr + slot * 3 + 0, K0, mask=im)
         tl.store(grid_ptr + slot * 3 + 1, K1, mask=im)
         tl.store(grid_ptr + slot * 3 + 2, K2, mask=im)
         bad = im & ((x - x != 0.0) | (y - y != 0.0) | (z - z != 0.0))
         tl.atomic_max(status_ptr, tl.max(bad.to(tl.int32), axis=0))
 
+    @triton.jit(do_not_specialize=["n_atoms"])
+    def _scatter_kernel(pos_ptr, key_ptr, cell_count_ptr, cell_end_ptr, upos_ptr, uperm_ptr, n_atoms,
+                        BLOCK: tl.constexpr):
+        """Counting sort, second half: atom i goes to a free place of its cell,
+        cell_end[key] - (atoms of the cell not yet placed). The order within a cell depends on
+        the atomics; the count pass puts each cell back in atom order (deterministic)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        im = i < n_atoms
+        key = tl.load(key_ptr + i, mask=im, other=0)
+        left = tl.atomic_add(cell_count_ptr + key, -1, mask=im)
+        slot = tl.load(cell_end_ptr + key, mask=im, other=0) - left
+        tl.store(upos_ptr + slot * 3 + 0, tl.load(pos_ptr + i * 3 + 0, mask=im, other=0.0), mask=im)
+        tl.store(upos_ptr + slot * 3 + 1, tl.load(pos_ptr + i * 3 + 1, mask=im, other=0.0), mask=im)
+        tl.store(upos_ptr + slot * 3 + 2, tl.load(pos_ptr + i * 3 + 2, mask=im, other=0.0), mask=im)
+        tl.store(uperm_ptr + slot, i, mask=im)
+
     @triton.jit(do_not_specialize=["geo_rows", "capacity", "n_atoms", "n_programs", "half", "packed"])
-    def _cell_pairs_kernel(spos_ptr, perm_ptr, cell_start_ptr, cells_ptr, start_ptr, batch_ptr,
-                           geo_ptr, geo_rows, params_ptr, count_ptr, offset_ptr,
-                           ei_ptr, shift_ptr, vec_ptr, dist_ptr, capacity, n_atoms, n_programs, half, packed,
-                           HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, WRITE: tl.constexpr,
-                           BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-        """Persistent programs over cells. For a cell, its atoms (contiguous in cell order) are
-        the receivers; the candidates are the 9 neighbouring rows of cells along x, each a
-        contiguous run of atoms (plus one wrapped cell at a periodic boundary). The 18 runs are
-        gathered at once and walked as one stream of candidates in tiles of BLOCK_J (no
-        dependent loads per run). Count pass: counts[1 + i]; write pass: rows from offsets[i]
-        in stream order (deterministic, independent of the tile sizes)."""
+    def _cell_pairs_kernel(cpos_ptr, cperm_ptr, opos_ptr, operm_ptr, cell_start_ptr, cells_ptr, start_ptr,
+                           batch_ptr, geo_ptr, geo_rows, params_ptr, count_ptr, offset_ptr, pair_ptr,
+                           capacity, n_atoms, n_programs, half, packed,
+                           HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, ORTHO: tl.constexpr,
+                           WRITE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                           BLOCK_O: tl.constexpr, PARTS: tl.constexpr):
+        """Persistent programs over cells; atoms of a cell are contiguous in cell order (cpos,
+        cperm). The atoms of one cell are the receivers (tiles of BLOCK_I, one lane each); the
+        candidates are the 9 neighbouring rows of cells along x, each a contiguous run (plus
+        one wrapped cell at a periodic boundary), walked in tiles of BLOCK_J. A tile is
+        [candidate, receiver]: every lane keeps its receiver and steps through candidates in
+        registers (no cross-lane work in the count pass).
+
+        ``PARTS`` (1, 3 or 9): a work item is (cell, part), each part taking 9 / PARTS of the
+        neighbour rows, so small systems get more programs; receiver i has one count per part.
+        Count pass (``WRITE`` False): counts[1 + i * PARTS + part], and each cell's atoms are
+        written back in atom order to (opos, operm) (the counting sort leaves them in atomic
+        order). Write pass: packed pairs (i << 32 | j) from offsets[i * PARTS + part] in
+        candidate order (deterministic).
+        """
         pid = tl.program_id(0)
         if HAS_BATCH:
             n_keys = n_atoms
@@ -476,17 +531,19 @@ if HAVE_TRITON:
         row_y = (runs // 2) % 3 - 1
         row_z = (runs // 2) // 3 - 1
         main = (runs % 2) == 0
-        half_lane = (lane_i * 0 + half) != 0
         if WRITE:
-            row1, limit = _write_limits(offset_ptr, n_atoms, capacity, packed)
-        if pid == 0:
-            if not WRITE:
+            row1, limit = _write_limits(offset_ptr, n_atoms * PARTS, capacity, packed)
+        else:
+            lane_o = tl.arange(0, BLOCK_O)
+            if pid == 0:
                 tl.store(count_ptr, pid.to(tl.int64) * 0)
-        for c in range(pid, n_keys, n_programs):
+        for item in range(pid, n_keys * PARTS, n_programs):
+            c = item // PARTS
+            part = item % PARTS
             i_begin = tl.load(cell_start_ptr + c)
             i_end = tl.load(cell_start_ptr + c + 1)
             if i_end > i_begin:
-                first = tl.load(perm_ptr + i_begin)
+                first = tl.load(cperm_ptr + i_begin)
                 if HAS_BATCH:
                     slot = tl.load(start_ptr + first).to(tl.int32)
                 else:
@@ -504,10 +561,10 @@ if HAVE_TRITON:
                     else:
                         row = c * 0
                     (h00, h01, h02, h10, h11, h12, h20, h21, h22,
-                     k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
-                    per0 = p0 != 0.0
-                    per1 = p1 != 0.0
-                    per2 = p2 != 0.0
+                     q00, q01, q02, q10, q11, q12, q20, q21, q22) = _load_image_geometry(geo_ptr, row)
+                    per0 = tl.load(geo_ptr + row * 33 + 18) != 0.0
+                    per1 = tl.load(geo_ptr + row * 33 + 19) != 0.0
+                    per2 = tl.load(geo_ptr + row * 33 + 20) != 0.0
                 else:
                     per0 = c < 0
                     per1 = per0
@@ -531,80 +588,145 @@ if HAVE_TRITON:
                 rowkey = slot + K0 * (ny + K1 * nz)
                 js = tl.load(cell_start_ptr + rowkey + tl.where(main, xlo, xw), mask=use, other=0)
                 je = tl.load(cell_start_ptr + rowkey + tl.where(main, xhi, xw) + 1, mask=use, other=0)
-                run_len = je - js
-                run_end = tl.cumsum(run_len, axis=0)  # inclusive prefix: run r covers [end - len, end)
-                run_shift = js - (run_end - run_len)  # candidate p of run r is sorted atom p + shift
-                n_cand = tl.sum(run_len, axis=0)
+                if (not WRITE) and (part == 0):
+                    # this cell's atoms back in atom order (rank = atoms of the cell with a
+                    # smaller index), for the write pass
+                    for a0 in range(i_begin, i_end, BLOCK_O):
+                        a = a0 + lane_o
+                        am = a < i_end
+                        pa = tl.load(cperm_ptr + a, mask=am, other=0)
+                        rank = tl.zeros([BLOCK_O], dtype=tl.int32)
+                        for b0 in range(i_begin, i_end, BLOCK_O):
+                            b = b0 + lane_o
+                            pb = tl.load(cperm_ptr + b, mask=b < i_end, other=2147483647)
+                            rank += tl.sum((pb[None, :] < pa[:, None]).to(tl.int32), axis=1)
+                        dst = i_begin + rank
+                        tl.store(operm_ptr + dst, pa, mask=am)
+                        tl.store(opos_ptr + dst * 3 + 0, tl.load(cpos_ptr + a * 3 + 0, mask=am, other=0.0), mask=am)
+                        tl.store(opos_ptr + dst * 3 + 1, tl.load(cpos_ptr + a * 3 + 1, mask=am, other=0.0), mask=am)
+                        tl.store(opos_ptr + dst * 3 + 2, tl.load(cpos_ptr + a * 3 + 2, mask=am, other=0.0), mask=am)
                 for i0 in range(i_begin, i_end, BLOCK_I):
                     ii = i0 + lane_i
                     im = ii < i_end
-                    xi = tl.load(spos_ptr + ii * 3 + 0, mask=im, other=0.0)
-                    yi = tl.load(spos_ptr + ii * 3 + 1, mask=im, other=0.0)
-                    zi = tl.load(spos_ptr + ii * 3 + 2, mask=im, other=0.0)
-                    oi = tl.load(perm_ptr + ii, mask=im, other=-1)
-                    cnt = tl.zeros([BLOCK_I], dtype=tl.int32)
+                    xi = tl.load(cpos_ptr + ii * 3 + 0, mask=im, other=0.0)
+                    yi = tl.load(cpos_ptr + ii * 3 + 1, mask=im, other=0.0)
+                    zi = tl.load(cpos_ptr + ii * 3 + 2, mask=im, other=0.0)
+                    oi = tl.load(cperm_ptr + ii, mask=im, other=0)
+                    # a candidate j is kept only if perm[j] > lower: -1 (full list, every j >= 0),
+                    # i (half list) or INT_MAX (padding lanes); padding candidates have perm -2
+                    lower = tl.where(im, tl.where(half != 0, oi, -1), 2147483647)
                     if WRITE:
-                        base = tl.load(offset_ptr + oi, mask=im, other=0)
-                    for q0 in range(0, n_cand, BLOCK_J):
-                        q = q0 + lane_j
-                        jm = q < n_cand
-                        seg = tl.sum((run_end[None, :] <= q[:, None]).to(tl.int32), axis=1)
-                        jk = q + tl.sum(tl.where(runs[None, :] == seg[:, None], run_shift[None, :], 0), axis=1)
-                        jk = tl.where(jm, jk, 0)
-                        xj = tl.load(spos_ptr + jk * 3 + 0, mask=jm, other=0.0)
-                        yj = tl.load(spos_ptr + jk * 3 + 1, mask=jm, other=0.0)
-                        zj = tl.load(spos_ptr + jk * 3 + 2, mask=jm, other=0.0)
-                        oj = tl.load(perm_ptr + jk, mask=jm, other=-2)
-                        dx = xj[None, :] - xi[:, None]
-                        dy = yj[None, :] - yi[:, None]
-                        dz = zj[None, :] - zi[:, None]
-                        if PERIODIC:
-                            vx, vy, vz, n0, n1, n2 = _minimum_image(
-                                dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
-                                k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2)
-                        else:
-                            vx = dx
-                            vy = dy
-                            vz = dz
-                            n0 = dx * 0.0
-                            n1 = n0
-                            n2 = n0
-                        d2 = vx * vx + vy * vy + vz * vz
-                        ok = (d2 < cut2) & (d2 >= low2) & jm[None, :] & im[:, None] & (jk[None, :] != ii[:, None])
-                        ok = ok & ((oj[None, :] > oi[:, None]) | (~half_lane)[:, None])
-                        oki = ok.to(tl.int32)
-                        if WRITE:
-                            rank = tl.cumsum(oki, axis=1) - 1
-                            dst = base[:, None] + (cnt[:, None] + rank).to(tl.int64)
-                            ri = (oi[:, None] + oj[None, :] * 0).to(tl.int64)
-                            rj = (oj[None, :] + oi[:, None] * 0).to(tl.int64)
-                            _store_rows(ei_ptr, shift_ptr, vec_ptr, dist_ptr, dst, ok & (dst < limit), row1,
-                                        ri, rj, n0, n1, n2, vx, vy, vz, d2)
-                        cnt += tl.sum(oki, axis=1)
+                        # receiver i's rows start at offsets[i]; int32 from there on (a receiver
+                        # has far fewer than 2^31 rows): room = rows it may still write
+                        base = tl.load(offset_ptr + oi * PARTS + part, mask=im, other=0)
+                        rows_i = pair_ptr + row1 + base
+                        room = tl.minimum(tl.maximum(limit - base, 0), 2147483647).to(tl.int32)
+                        cnt = tl.zeros([BLOCK_I], dtype=tl.int32)
+                        pk_i = oi.to(tl.int64) << 32
+                    else:
+                        acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
+                    for r in range(part * (18 // PARTS), (part + 1) * (18 // PARTS)):
+                        q_lo = tl.sum(tl.where(runs == r, js, 0), axis=0)
+                        q_hi = tl.sum(tl.where(runs == r, je, 0), axis=0)
+                        for q0 in range(q_lo, q_hi, BLOCK_J):
+                            q = q0 + lane_j
+                            jm = q < q_hi
+                            xj = tl.load(cpos_ptr + q * 3 + 0, mask=jm, other=0.0)
+                            yj = tl.load(cpos_ptr + q * 3 + 1, mask=jm, other=0.0)
+                            zj = tl.load(cpos_ptr + q * 3 + 2, mask=jm, other=0.0)
+                            oj = tl.load(cperm_ptr + q, mask=jm, other=-2)
+                            dx = xj[None, :] - xi[:, None]
+                            dy = yj[None, :] - yi[:, None]
+                            dz = zj[None, :] - zi[:, None]
+                            if PERIODIC:
+                                vx, vy, vz, n0, n1, n2 = _image(
+                                    dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
+                                    q00, q01, q02, q10, q11, q12, q20, q21, q22, ORTHO)
+                            else:
+                                vx = dx
+                                vy = dy
+                                vz = dz
+                            d2 = vx * vx + vy * vy + vz * vz
+                            ok = ((d2 < cut2) & (d2 >= low2) & (oj[None, :] > lower[:, None])
+                                  & (q[None, :] != ii[:, None]))
+                            if WRITE:
+                                # rank within the tile by a scan over candidates (in registers:
+                                # the tile is transposed so that receivers are on the lanes,
+                                # which is also the layout Triton gives the store)
+                                okt = tl.trans(ok)
+                                seen = tl.cumsum(okt.to(tl.int32), axis=0) + cnt[None, :]
+                                pk = pk_i[None, :] | oj.to(tl.int64)[:, None]
+                                wm = okt & (seen <= room[None, :])
+                                tl.store(tl.trans(rows_i[None, :] + (seen - 1)), tl.trans(pk), mask=tl.trans(wm))
+                                cnt = tl.max(seen, axis=0)
+                            else:
+                                acc += ok.to(tl.int32)
                     if not WRITE:
-                        tl.store(count_ptr + 1 + oi, cnt.to(tl.int64), mask=im)
+                        tl.store(count_ptr + 1 + oi * PARTS + part, tl.sum(acc, axis=1).to(tl.int64), mask=im)
 
-    @triton.jit(do_not_specialize=["capacity", "total_index", "fill"])
-    def _pad_kernel(offset_ptr, ei_ptr, shift_ptr, vec_ptr, dist_ptr, mask_ptr, capacity, total_index, fill,
-                    BLOCK: tl.constexpr):
-        """Fixed capacity: rows >= number of pairs become padding (i = j = N-1, zeros, mask False)."""
-        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        rm = r < capacity
+    # ----------------------------------------------------------------------------------------
+    # output rows from packed pairs
+    # ----------------------------------------------------------------------------------------
+    @triton.jit(do_not_specialize=["geo_rows", "capacity", "total_index", "fill", "packed"])
+    def _fill_kernel(pos_ptr, batch_ptr, geo_ptr, geo_rows, offset_ptr, ei_ptr, shift_ptr, vec_ptr, dist_ptr,
+                     mask_ptr, overflow_ptr, capacity, total_index, fill, packed,
+                     HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, ORTHO: tl.constexpr,
+                     HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+        """Row r < number of pairs: unpack (i, j) (stored by the write pass in edge_index row 1),
+        write edge_index, the image shift n = -round((pos_j - pos_i) @ inv(cell)), the vector
+        pos_j - pos_i + n @ cell (Å) and its length, all coalesced. Fixed capacity
+        (``HAS_MASK``): rows beyond are padding (i = j = N - 1, zeros, mask False) and program 0
+        sets ``overflow`` (pairs > capacity)."""
+        pid = tl.program_id(0)
+        r = pid * BLOCK + tl.arange(0, BLOCK)
+        row1, limit = _write_limits(offset_ptr, total_index, capacity, packed)
         total = tl.load(offset_ptr + total_index)
-        valid = r < total
-        tl.store(mask_ptr + r, valid.to(tl.int8), mask=rm)
-        pm = rm & (r >= total)
+        n_valid = tl.minimum(total, limit)
+        valid = r < n_valid
+        if HAS_MASK:
+            rm = r < capacity
+        else:
+            rm = valid
+        pk = tl.load(ei_ptr + row1 + r, mask=valid, other=0)
+        i = pk >> 32
+        j = pk & 4294967295
+        xi = tl.load(pos_ptr + i * 3 + 0, mask=valid, other=0.0)
+        yi = tl.load(pos_ptr + i * 3 + 1, mask=valid, other=0.0)
+        zi = tl.load(pos_ptr + i * 3 + 2, mask=valid, other=0.0)
+        dx = tl.load(pos_ptr + j * 3 + 0, mask=valid, other=0.0) - xi
+        dy = tl.load(pos_ptr + j * 3 + 1, mask=valid, other=0.0) - yi
+        dz = tl.load(pos_ptr + j * 3 + 2, mask=valid, other=0.0) - zi
+        if PERIODIC:
+            if HAS_BATCH:
+                row = tl.minimum(tl.load(batch_ptr + i, mask=valid, other=0), geo_rows - 1)
+            else:
+                row = pid * 0
+            (h00, h01, h02, h10, h11, h12, h20, h21, h22,
+             q00, q01, q02, q10, q11, q12, q20, q21, q22) = _load_image_geometry(geo_ptr, row)
+            vx, vy, vz, n0, n1, n2 = _image(dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
+                                            q00, q01, q02, q10, q11, q12, q20, q21, q22, ORTHO)
+        else:
+            vx = dx
+            vy = dy
+            vz = dz
+            n0 = dx * 0.0
+            n1 = n0
+            n2 = n0
+        dist = tl.sqrt(vx * vx + vy * vy + vz * vz)
         fills = (r * 0 + fill).to(tl.int64)
-        tl.store(ei_ptr + r, fills, mask=pm)
-        tl.store(ei_ptr + capacity + r, fills, mask=pm)
-        zero = tl.load(dist_ptr + r, mask=rm & valid, other=0.0) * 0.0
-        tl.store(shift_ptr + r * 3 + 0, zero, mask=pm)
-        tl.store(shift_ptr + r * 3 + 1, zero, mask=pm)
-        tl.store(shift_ptr + r * 3 + 2, zero, mask=pm)
-        tl.store(vec_ptr + r * 3 + 0, zero, mask=pm)
-        tl.store(vec_ptr + r * 3 + 1, zero, mask=pm)
-        tl.store(vec_ptr + r * 3 + 2, zero, mask=pm)
-        tl.store(dist_ptr + r, zero, mask=pm)
+        tl.store(ei_ptr + r, tl.where(valid, i, fills), mask=rm)
+        tl.store(ei_ptr + row1 + r, tl.where(valid, j, fills), mask=rm)
+        tl.store(shift_ptr + r * 3 + 0, n0, mask=rm)
+        tl.store(shift_ptr + r * 3 + 1, n1, mask=rm)
+        tl.store(shift_ptr + r * 3 + 2, n2, mask=rm)
+        tl.store(vec_ptr + r * 3 + 0, vx, mask=rm)
+        tl.store(vec_ptr + r * 3 + 1, vy, mask=rm)
+        tl.store(vec_ptr + r * 3 + 2, vz, mask=rm)
+        tl.store(dist_ptr + r, dist, mask=rm)
+        if HAS_MASK:
+            tl.store(mask_ptr + r, valid.to(tl.int8), mask=rm)
+            if pid == 0:
+                tl.store(overflow_ptr, (total > capacity).to(tl.int8))
 
     @triton.jit(do_not_specialize=["geo_rows", "limit2", "n_atoms"])
     def _displacement_kernel(pos_ptr, ref_ptr, batch_ptr, geo_ptr, geo_rows, flag_ptr, limit2, n_atoms,
@@ -621,14 +743,13 @@ if HAVE_TRITON:
             else:
                 row = i * 0
             (h00, h01, h02, h10, h11, h12, h20, h21, h22,
-             k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
-            dx, dy, dz, n0, n1, n2 = _minimum_image(dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
-                                                    k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2)
+             q00, q01, q02, q10, q11, q12, q20, q21, q22) = _load_image_geometry(geo_ptr, row)
+            dx, dy, dz, n0, n1, n2 = _image(dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
+                                            q00, q01, q02, q10, q11, q12, q20, q21, q22, False)
         d2 = dx * dx + dy * dy + dz * dz
         # NaN displacements count as moved (the caller rebuilds, and the rebuild reports them)
         moved = im & ((d2 > limit2) | (d2 != d2))
         tl.atomic_max(flag_ptr, tl.max(moved.to(tl.int32), axis=0))
-
 
 # --------------------------------------------------------------------------------------------
 # host side: geometry cache
@@ -729,6 +850,7 @@ def _build_geometry(cell, pbc, device, dtype) -> _Geometry:
     geo[:, 9:18] = inverse.reshape(rows, 9)
     geo[:, 18:21] = pbcs
     geo[:, 21:24] = w
+    geo[:, 24:33] = (inverse * pbcs[:, None, :]).reshape(rows, 9)
     off = ~np.eye(3, dtype=bool)
     triclinic = bool(np.any(h[:, off] != 0) or np.any(inverse[:, off] != 0))
     widths = np.where(pbcs, w, np.inf)
@@ -962,11 +1084,11 @@ def neighbor_list(
 
     params = _params(cutoff, cutoff_lower, dtype, device)
     geo = geometry.geo if geometry.periodic else params
-    flags = dict(HAS_BATCH=has_batch, PERIODIC=geometry.periodic)
+    flags = dict(HAS_BATCH=has_batch, PERIODIC=geometry.periodic, ORTHO=not geometry.triclinic)
     half = 0 if full else 1
-    status = torch.zeros(1, dtype=torch.int32, device=device)
 
     if method == "brute":
+        status = torch.zeros(1, dtype=torch.int32, device=device)
         bi, bj, warps = CONFIG["brute_block_i"], CONFIG["brute_block_j"], CONFIG["brute_warps"]
         if has_batch:
             n_chunks, chunk = 1, 0
@@ -978,68 +1100,88 @@ def neighbor_list(
         total_index = n_atoms * n_chunks
         counts = torch.empty(total_index + 1, dtype=torch.long, device=device)
         _launch(_brute_kernel, grid, (work, start, end, batch, geo, geometry.rows, params, counts, counts, status,
-                                      work, work, work, work, 0, n_atoms, n_chunks, chunk, half, 0),
+                                      counts, 0, n_atoms, n_chunks, chunk, half, 0),
                 warps, WRITE=False, BLOCK_I=bi, BLOCK_J=bj, **flags)
         offsets = torch.cumsum(counts, 0)
 
-        def write(out, capacity, packed):
+        def write_pairs(pairs, capacity, packed):
             _launch(_brute_kernel, grid, (work, start, end, batch, geo, geometry.rows, params, counts, offsets,
-                                          status, *out, capacity, n_atoms, n_chunks, chunk, half, int(packed)),
+                                          status, pairs, capacity, n_atoms, n_chunks, chunk, half, int(packed)),
                     CONFIG["brute_warps_write"], WRITE=True, BLOCK_I=bi, BLOCK_J=CONFIG["brute_block_j_write"],
                     **flags)
     else:
         slots = n_atoms if has_batch else 1
         block = CONFIG["bin_block"]
         grid_bin = (triton.cdiv(n_atoms, block),)
-        three = flags
+        # one zeroed int32 buffer (one launch): status flag, atoms per cell, cell starts (the
+        # first 0); the three parts start 16-byte aligned
+        aligned = triton.cdiv(n_atoms, 4) * 4
+        scratch = torch.zeros(4 + aligned + n_atoms + 1, dtype=torch.int32, device=device)
+        status = scratch[0:1]
+        cell_count = scratch[4:4 + n_atoms]
+        cell_start = scratch[4 + aligned:]
         if geometry.has_open:
             ext = torch.full((slots, 6), float("-inf"), dtype=torch.float32, device=device)
             _launch(_extent_kernel, grid_bin, (work, start, batch, geo, geometry.rows, ext, n_atoms), 4,
-                    BLOCK=block, **three)
+                    BLOCK=block, HAS_BATCH=has_batch, PERIODIC=geometry.periodic)
         else:
             ext = status
         keys = torch.empty(n_atoms, dtype=torch.int32, device=device)
         cells = torch.empty(slots * 3, dtype=torch.int32, device=device)
-        _launch(_bin_kernel, grid_bin, (work, start, end, batch, geo, geometry.rows, ext, keys, cells, status,
-                                        cutoff * (1.0 + _CELL_MARGIN), n_atoms),
-                4, HAS_OPEN=geometry.has_open, BLOCK=block, **three)
-        sorted_keys, perm = torch.sort(keys, stable=True)
-        cell_start = torch.searchsorted(sorted_keys, _arange_int32(n_atoms + 1, device), out_int32=True)
-        sorted_pos = work.index_select(0, perm)
-        perm = perm.to(torch.int32)
+        _launch(_bin_kernel, grid_bin, (work, start, end, batch, geo, geometry.rows, ext, keys, cells, cell_count,
+                                        status, cutoff * (1.0 + _CELL_MARGIN), n_atoms),
+                4, HAS_OPEN=geometry.has_open, BLOCK=block, HAS_BATCH=has_batch, PERIODIC=geometry.periodic)
+        # counting sort by cell: starts = scan of the counts, then every atom takes a place
+        torch.cumsum(cell_count, 0, dtype=torch.int32, out=cell_start[1:])
+        atom_pos = torch.empty(n_atoms, 3, dtype=dtype, device=device)
+        atom_index = torch.empty(n_atoms, dtype=torch.int32, device=device)
+        _launch(_scatter_kernel, grid_bin, (work, keys, cell_count, cell_start[1:], atom_pos, atom_index, n_atoms),
+                4, BLOCK=block)
+        sorted_pos = torch.empty(n_atoms, 3, dtype=dtype, device=device)
+        sorted_index = torch.empty(n_atoms, dtype=torch.int32, device=device)
         bi, warps = CONFIG["cell_block_i"], CONFIG["cell_warps"]
-        programs = max(1, min(n_atoms, CONFIG["cell_programs"]))
-        total_index = n_atoms
-        counts = torch.empty(n_atoms + 1, dtype=torch.long, device=device)
+        parts = _cell_parts(n_atoms)
+        programs = max(1, min(n_atoms * parts, CONFIG["cell_programs"]))
+        total_index = n_atoms * parts
+        counts = torch.empty(total_index + 1, dtype=torch.long, device=device)
         _launch(_cell_pairs_kernel, (programs,),
-                (sorted_pos, perm, cell_start, cells, start, batch, geo, geometry.rows, params, counts, counts,
-                 work, work, work, work, 0, n_atoms, programs, half, 0),
-                warps, WRITE=False, BLOCK_I=bi, BLOCK_J=CONFIG["cell_block_j"], **flags)
+                (atom_pos, atom_index, sorted_pos, sorted_index, cell_start, cells, start, batch, geo, geometry.rows,
+                 params, counts, counts, counts, 0, n_atoms, programs, half, 0),
+                warps, WRITE=False, BLOCK_I=bi, BLOCK_J=CONFIG["cell_block_j"], BLOCK_O=CONFIG["cell_block_o"],
+                PARTS=parts, **flags)
         offsets = torch.cumsum(counts, 0)
 
-        def write(out, capacity, packed):
+        def write_pairs(pairs, capacity, packed):
             _launch(_cell_pairs_kernel, (programs,),
-                    (sorted_pos, perm, cell_start, cells, start, batch, geo, geometry.rows, params, counts, offsets,
-                     *out, capacity, n_atoms, programs, half, int(packed)),
-                    CONFIG["cell_warps_write"], WRITE=True, BLOCK_I=bi, BLOCK_J=CONFIG["cell_block_j_write"],
-                    **flags)
+                    (sorted_pos, sorted_index, sorted_pos, sorted_index, cell_start, cells, start, batch, geo,
+                     geometry.rows, params, counts, offsets, pairs, capacity, n_atoms, programs, half, int(packed)),
+                    CONFIG["cell_warps_write"], WRITE=True, BLOCK_I=CONFIG["cell_block_i_write"],
+                    BLOCK_J=CONFIG["cell_block_j_write"], BLOCK_O=CONFIG["cell_block_o"], PARTS=parts, **flags)
+
+    fill_block = CONFIG["fill_block"]
+
+    def write(out, capacity, packed, mask=None, overflow=None):
+        """Packed pairs into edge_index row 1 (write pass), then every row expanded (fill)."""
+        ei, shifts, vectors, distances = out
+        write_pairs(ei, capacity, packed)
+        has_mask = mask is not None
+        _launch(_fill_kernel, (max(1, triton.cdiv(capacity, fill_block)),),
+                (work, batch, geo, geometry.rows, offsets, ei, shifts, vectors, distances,
+                 mask.view(torch.int8) if has_mask else ei, overflow.view(torch.int8) if has_mask else ei,
+                 capacity, total_index, max(n_atoms - 1, 0), int(packed)),
+                CONFIG["fill_warps"], HAS_MASK=has_mask, BLOCK=fill_block, **flags)
 
     num_pairs = offsets[total_index]
     if capacity_mode:
         out = _allocate(max_pairs, device, dtype)
-        write(out, max_pairs, False)
+        mask = torch.empty(max_pairs, dtype=torch.bool, device=device)
+        overflow = torch.empty((), dtype=torch.bool, device=device)
+        write(out, max_pairs, False, mask, overflow)
         ei, shifts, vectors, distances = out
         ei = ei.view(2, max_pairs)
-        mask = torch.empty(max_pairs, dtype=torch.bool, device=device)
-        if max_pairs > 0:
-            block = 1024
-            _launch(_pad_kernel, (triton.cdiv(max_pairs, block),),
-                    (offsets, ei, shifts, vectors, distances, mask.view(torch.int8), max_pairs, total_index,
-                     max(n_atoms - 1, 0)), 4, BLOCK=block)
-        overflow = num_pairs > max_pairs
     else:
         # exact size without a read-back in the middle: write into an estimated capacity, read
-        # the total once at the end, and re-run only the write pass if the estimate was short
+        # the total once at the end, and re-run only the write passes if the estimate was short
         ratio_key = (cutoff, full, method)
         estimate = _PAIRS_PER_ATOM.get(ratio_key)
         if estimate is None:
@@ -1070,6 +1212,17 @@ def neighbor_list(
         shifts, vectors, distances = shifts.to(out_dtype), vectors.to(out_dtype), distances.to(out_dtype)
     return Neighbors(edge_index=ei, shifts=shifts, vectors=vectors, distances=distances,
                      num_pairs=num_pairs, overflow=overflow, mask=mask)
+
+
+def _cell_parts(n_atoms: int) -> int:
+    """Work items per cell of the cell-list kernels (1, 3 or 9): more for small systems, whose
+    few cells would leave most of the GPU idle (``CONFIG["cell_parts"]`` overrides)."""
+    parts = CONFIG.get("cell_parts")
+    if parts:
+        return int(parts)
+    if n_atoms <= CONFIG["cell_parts9_max_atoms"]:
+        return 9
+    return 3 if n_atoms <= CONFIG["cell_parts3_max_atoms"] else 1
 
 
 #: pairs per atom of the last exact list per (cutoff, full, method): sizes the next one
