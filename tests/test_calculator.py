@@ -179,3 +179,58 @@ def test_cell_filter_relaxes_a_crystal():
     assert np.abs(atoms.get_stress()).max() < 1e-4 < start_stress
     assert np.abs(atoms.get_forces()).max() < 1e-4
     assert atoms.get_potential_energy() < start_energy
+
+
+def test_graphed_forces_logic_equals_the_potential_and_regrows_its_list():
+    """The calculator's CUDA-graph function (run eagerly here: the same code that is captured)
+    rebuilds its fixed-capacity list each call; a list too small for the pairs is detected,
+    regrown and recomputed, and results equal a plain potential call (open and periodic)."""
+    from torchmdx.md.cuda_graph import GraphedForces
+
+    potential = LennardJones(EPS, SIG, cutoff=7.0)
+    for atoms in (molecule("CH3CH2OH"), bulk("Ar", "fcc", a=5.26, cubic=True).repeat((3, 3, 3))):
+        graphed = GraphedForces(potential, atoms, "cpu", torch.float64, skin=0.3, use_graph=False)
+        rng = np.random.default_rng(0)
+        for call in range(3):
+            positions = torch.as_tensor(atoms.positions + rng.normal(scale=0.05, size=atoms.positions.shape))
+            if call == 1:
+                graphed.forcefield.capacity = 1  # the in-step list overflows: regrow and recompute
+                graphed.forcefield._static = None
+            energy, forces, atomic = graphed(positions)
+            cell = torch.as_tensor(atoms.cell.array).unsqueeze(0) if atoms.pbc.any() else None
+            pbc = torch.as_tensor(atoms.pbc).unsqueeze(0) if atoms.pbc.any() else None
+            ref = potential(torch.as_tensor(atoms.numbers), positions, None, cell, pbc, per_atom=True)
+            torch.testing.assert_close(energy, ref["energy"], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(forces, ref["forces"], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(atomic, ref["energies"], rtol=1e-12, atol=1e-12)
+        assert graphed.regrowths == 1 and graphed.forcefield.capacity > 1
+
+
+def test_cuda_graph_option_needs_cuda():
+    from torchmdx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cuda_graph needs a CUDA device"):
+        Calculator(LennardJones(EPS, SIG, cutoff=7.0), device="cpu", cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_calculator_graph_path_equals_eager_in_ase_md(shared_data):
+    """ASE VelocityVerlet with the graph-replay calculator (compiled ET, list rebuilt in the
+    graph) follows the eager calculator's trajectory."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    config = {"embedding_dimension": 32, "num_layers": 2, "num_heads": 4, "num_rbf": 16, "vector_cutoff": True,
+              "cutoff_upper": 4.0, "seed": 3}
+    start = read(shared_data / "systems" / "alanine_dipeptide.xyz")
+    start.set_velocities(np.random.default_rng(0).normal(scale=0.01, size=(len(start), 3)))
+    final = {}
+    for graph in (False, True):
+        atoms = start.copy()
+        atoms.calc = Calculator(torchmdx.build_model(config), device="cuda", cuda_graph=graph, compile=graph)
+        VelocityVerlet(atoms, timestep=0.5 * units.fs).run(30)
+        final[graph] = atoms.get_positions()
+        if graph:
+            assert atoms.calc._graphed is not None and atoms.calc._graphed.captures == 1
+    np.testing.assert_allclose(final[True], final[False], atol=2e-5)

@@ -9,7 +9,12 @@ Properties (ASE units): ``energy`` and ``free_energy`` (eV), ``forces`` (eV/Å),
 σ = (1/V) ∂E/∂ε, from the potential's strain derivative). Energy, forces, per-atom energies and
 (periodic) stress come from one forward/backward pass.
 
-Work is reused while only positions (and the cell) change: atomic numbers and pbc stay on the
+On CUDA (``cuda_graph="auto"``), when no stress is asked for, a call is one CUDA-graph replay
+(:class:`torchmdx.md.cuda_graph.GraphedForces`: the neighbor list is rebuilt on the device
+inside the graph) of the compiled model (``compile="auto"``, :meth:`ETPotential.set_compiled`,
+which freezes the model's parameters); captured again when the atoms, pbc or cell change.
+
+Otherwise work is reused while only positions (and the cell) change: atomic numbers and pbc stay on the
 device, the element check is not repeated, and the neighbor list is built with a skin
 (``skin`` Å) and kept until an atom has moved more than skin/2 from where it was at the build;
 a cell change (cell filters, NPT) keeps the list while the deformation is small enough, see
@@ -36,17 +41,28 @@ class Calculator(_AseCalculator):
 
     ``device`` (e.g. "cpu", "cuda"), ``dtype`` (torch dtype or "float32"/"float64"; default:
     the model's own), ``skin`` (Å) of the reused neighbor list (0 rebuilds every call),
-    ``compute_stress`` ("auto": for periodic structures).
+    ``compute_stress`` ("auto": for periodic structures), ``cuda_graph`` / ``compile``
+    ("auto": on CUDA; True/False) for the graph-replay path (energies and forces without stress).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
-    def __init__(self, model, device="cpu", dtype=None, skin: float = 0.5, compute_stress="auto", **kwargs):
+    def __init__(self, model, device="cpu", dtype=None, skin: float = 0.5, compute_stress="auto",
+                 cuda_graph="auto", compile="auto", **kwargs):
         super().__init__(**kwargs)
         self.device = torch.device(device)
         self.potential = load_potential(model, device=self.device, dtype=dtype)
         self.dtype = as_dtype(dtype) if dtype is not None else potential_dtype(self.potential)
         self.potential.eval()
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graph = on_cuda if cuda_graph == "auto" else bool(cuda_graph)
+        if self.cuda_graph and not on_cuda:
+            from torchmdx.errors import ConfigError
+
+            raise ConfigError(f"cuda_graph needs a CUDA device, got {self.device}")
+        if (on_cuda if compile == "auto" else bool(compile)):
+            self.potential.set_compiled(True)
+        self._graphed = None
         self.skin = float(skin)
         self.compute_stress = compute_stress
         self._z = self._cell = self._pbc = None
@@ -72,6 +88,7 @@ class Calculator(_AseCalculator):
         )
         if self._z is not None and same_atoms and "cell" not in system_changes:
             return
+        self._graphed = None  # a new structure or cell: capture again
         if not same_atoms:
             z = torch.as_tensor(numbers, dtype=torch.long, device=self.device)
             self.potential.check_elements(z)
@@ -139,8 +156,10 @@ class Calculator(_AseCalculator):
             raise PropertyNotImplementedError("stress is only defined for periodic structures (set a cell and pbc)")
         self._structure_tensors(atoms, system_changes)
         positions = torch.as_tensor(atoms.get_positions(), dtype=self.dtype, device=self.device)
-        neighbors = self._neighbor_list(positions)
         want_stress = periodic and (self.compute_stress is True or self.compute_stress == "auto" or "stress" in properties)
+        if self.cuda_graph and not want_stress and self._graph_call(atoms, positions):
+            return
+        neighbors = self._neighbor_list(positions)
         out = self.potential(
             self._z, positions, None, self._cell, self._pbc,
             neighbors=neighbors, forces=True, stress=want_stress, per_atom=True,
@@ -156,3 +175,27 @@ class Calculator(_AseCalculator):
             s = out["stress"].detach()[0].cpu().double().numpy()
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
 
+    def _graph_call(self, atoms, positions: torch.Tensor) -> bool:
+        """Energy and forces by a CUDA-graph replay; False (after a one-line note) if the graph
+        path cannot run here, and the eager path is used from then on."""
+        from torchmdx.md.cuda_graph import GraphedForces
+
+        try:
+            if self._graphed is None:
+                self._graphed = GraphedForces(self.potential, atoms, self.device, self.dtype, skin=self.skin)
+            energy, forces, atomic = self._graphed(positions)
+        except RuntimeError as exc:
+            import sys
+
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            print(f"note: the calculator's CUDA-graph path failed ({reason}); running eagerly", file=sys.stderr)
+            self.cuda_graph, self._graphed = False, None
+            return False
+        value = float(energy.sum())
+        self.results = {
+            "energy": value,
+            "free_energy": value,
+            "forces": forces.cpu().double().numpy(),
+            "energies": atomic.cpu().double().numpy(),
+        }
+        return True

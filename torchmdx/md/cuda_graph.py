@@ -141,3 +141,78 @@ class GraphedStep:
             self.graph.replay()
         sim.state.step += n
         return self.bad.clone()
+
+
+class GraphedForces:
+    """Energy, per-atom energies and forces of one fixed structure, as a CUDA graph: what the
+    ASE calculator replays at every call while only the positions change.
+
+    The captured function rebuilds the fixed-capacity neighbor list on the device (cutoff, no
+    skin, :meth:`ForceField._build_on_device`) and evaluates the model; positions are copied
+    into a static buffer before each replay. An overflowing list is detected after the replay
+    (the results are read anyway): the exact list is then built eagerly (capacity grows), the
+    function is captured again and replayed. ``use_graph=False`` runs the same function eagerly
+    (the CPU tests exercise the list/overflow logic that way).
+    """
+
+    def __init__(self, potential, atoms, device, dtype, skin: float = 0.5, use_graph: bool = True):
+        from torchmdx.md.forces import ForceField
+        from torchmdx.md.system import System
+
+        self.system = System.from_atoms([atoms], device, dtype)
+        self.forcefield = ForceField(potential, self.system, skin=skin, wrap=False)
+        self.forcefield.fixed_capacity = True
+        self.forcefield.rebuild_each_step = True
+        self.positions: Optional[torch.Tensor] = None
+        self.use_graph = bool(use_graph)
+        self.graph = None
+        self.layout_version = -1
+        self.outputs = None
+        self.captures = 0
+        self.regrowths = 0
+
+    def _evaluate(self):
+        ff = self.forcefield
+        ff.stale = torch.zeros((), dtype=torch.bool, device=self.positions.device)  # static: stays False
+        ff._build_on_device(self.positions)
+        energy, forces, atomic = ff.evaluate(self.positions, per_atom=True)
+        return energy, forces, atomic, ff.stale
+
+    def _capture(self) -> None:
+        device = self.positions.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compilation, autograd and allocator warm-up
+                self._evaluate()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.outputs = self._evaluate()
+        self.graph = graph
+        self.layout_version = self.forcefield.layout_version
+        self.captures += 1
+
+    def __call__(self, positions: torch.Tensor):
+        """(energy [1] eV, forces [N, 3] eV/Å, per-atom energies [N] eV) at ``positions`` [N, 3] Å."""
+        ff = self.forcefield
+        if self.positions is None or self.positions.shape != positions.shape:
+            self.positions = torch.empty_like(positions)
+        self.positions.copy_(positions)
+        for _ in range(8):
+            if ff.neighbors is None:
+                ff.build(self.positions, wrap=False)  # the exact list sizes the capacity
+            if not self.use_graph:
+                outputs = self._evaluate()
+            else:
+                if self.graph is None or self.layout_version != ff.layout_version:
+                    self._capture()
+                self.graph.replay()
+                outputs = self.outputs
+            energy, forces, atomic, overflow = outputs
+            if not bool(overflow):
+                return energy, forces, atomic
+            # more pairs than rows: build the exact list eagerly (grows the buffers), capture again
+            self.regrowths += 1
+            ff.build(self.positions, wrap=False)
+        raise RuntimeError("the neighbor list kept overflowing its buffers")  # pragma: no cover
