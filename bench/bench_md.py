@@ -94,7 +94,9 @@ def time_native(model, structures, args, cuda_graph=None, compile=None):
     return best, builds
 
 
-def time_ase(model, atoms, args):
+def time_ase(model, atoms, args, fast="auto"):
+    """Best steps/s of ASE's VelocityVerlet with torchmdx.Calculator; ``fast``: the calculator's
+    cuda_graph/compile options ("auto": graph replay of the compiled model on CUDA; False: eager)."""
     import numpy as np
     import torch
     from ase import units
@@ -103,9 +105,9 @@ def time_ase(model, atoms, args):
     from torchmdx.md.calculator import Calculator
     from torchmdx.md.system import System
 
-    model.set_compiled(False)  # the calculator as a user gets it (eager model calls)
+    model.set_compiled(False)
     atoms = atoms.copy()
-    atoms.calc = Calculator(model, device=args.device, dtype=args.dtype, skin=args.skin)
+    atoms.calc = Calculator(model, device=args.device, dtype=args.dtype, skin=args.skin, cuda_graph=fast, compile=fast)
     system = System.from_atoms([atoms], "cpu", torch.float64)
     atoms.set_velocities(system.maxwell_boltzmann(300.0, torch.Generator().manual_seed(0)).numpy())
     dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
@@ -168,6 +170,11 @@ def main(argv=None):
             row["ase_steps_per_s"] = time_ase(model, atoms, args)
         except (TorchmdxError, RuntimeError, FloatingPointError) as exc:
             row["ase_error"] = str(exc).splitlines()[0]
+        if args.device.startswith("cuda"):
+            try:
+                row["ase_eager_steps_per_s"] = time_ase(model, atoms, args, fast=False)
+            except (TorchmdxError, RuntimeError, FloatingPointError) as exc:
+                row["ase_eager_error"] = str(exc).splitlines()[0]
         native, ase_rate = row.get("native_steps_per_s"), row.get("ase_steps_per_s")
         speedup = f"{native / ase_rate:9.2f}" if native and ase_rate else f"{'-':>9s}"
         print(f"{name:28s} {len(atoms):7d} "
@@ -178,9 +185,11 @@ def main(argv=None):
               + f"{row.get('neighbor_list_builds', '-'):>9}")
         if "native_eager_steps_per_s" in row:
             print(f"    native engine without CUDA graph: {row['native_eager_steps_per_s']:.3g} steps/s")
+        if "ase_eager_steps_per_s" in row:
+            print(f"    ASE loop, calculator without CUDA graph / compile: {row['ase_eager_steps_per_s']:.3g} steps/s")
         if "native_graph_uncompiled_steps_per_s" in row:
             print(f"    native engine, CUDA graph, model not compiled: {row['native_graph_uncompiled_steps_per_s']:.3g} steps/s")
-        for key in ("native_error", "native_eager_error", "native_graph_uncompiled_error", "ase_error"):
+        for key in ("native_error", "native_eager_error", "native_graph_uncompiled_error", "ase_error", "ase_eager_error"):
             if key in row:
                 print(f"    {key}: {row[key]}")
         if args.replicas > 1:
