@@ -323,6 +323,11 @@ SWEEP = [
     dict(num_warps=8, programs_per_sm=2),
     dict(chunk_channels=64, num_warps=8),
     dict(dot_precision="tf32", programs_per_sm=4, maxnreg=128),
+    dict(chunk_channels=16),
+    dict(chunk_channels=16, num_warps=2),
+    dict(chunk_channels=16, block_edges=32),
+    dict(block_edges=32),
+    dict(num_stages=2),
 ]
 
 
