@@ -8,9 +8,10 @@ cutoff 5 Å, vector cutoff, float32), random weights (seed 0). For each system (
 - ``ref`` / ``fused``: ms per ``model(z, pos)`` call (neighbor list, input checks, energy and
   forces by autograd: what a calculator pays per step) with the message step on the torch
   reference or on the fused Triton kernels; peak GPU memory of that call.
-- ``graph``: the same work for fixed shapes captured as one CUDA graph and replayed: capacity-
-  padded Triton neighbor list (``max_pairs``), representation, head, energy, forces. The input
-  checks of ``Potential.forward`` (host reads) are left out of the graph.
+- ``graph``: the same work for fixed shapes as one CUDA-graph replay, as ``torchmdx.Calculator``
+  runs it on CUDA (``GraphedForces``: capacity-padded Triton neighbor list rebuilt inside the
+  graph, representation, head, energy, forces); ``graph + compile``: the same with the
+  model's dense parts compiled (``ETPotential.set_compiled``, the calculator's default on CUDA).
 - training step: 32 molecules x 21 atoms (aspirin frames of ``md17_aspirin_xtb.npz`` when it is
   in ``--data``, else random ones), loss 0.2 MSE(E) + 0.8 MSE(F) with create_graph=True, AdamW;
   also an energy-only step (first derivatives only: the fused backward does all of it).
@@ -134,49 +135,25 @@ def make_model(backend: str, **overrides):
     return ETPotential({**ET_MD17, **overrides}, backend=backend).to(DEVICE).eval()
 
 
-def graph_call(model, z, pos, cell, pbc, with_neighbors=True):
-    """Energy + forces of fixed shapes captured as one CUDA graph: returns (replay, outputs).
-    ``with_neighbors``: the neighbor list (Triton, capacity ``max_pairs``) is captured too; else
-    it is built once before capture and the graph holds the model alone (what an MD step pays
-    while a Verlet-skin list is reused)."""
-    from torchmdx.kernels.neighbors import neighbor_list
-    from torchmdx.nn.base import Graph, edge_vectors
+def graph_call(model, z, pos, cell, pbc):
+    """Energy + forces of fixed shapes as one CUDA graph, exactly as ``torchmdx.Calculator``
+    replays it on CUDA (:class:`torchmdx.md.cuda_graph.GraphedForces`: fixed-capacity Triton
+    neighbor list rebuilt inside the graph, model, forces): returns (replay, outputs)."""
+    from ase import Atoms
 
-    batch = torch.zeros_like(z)
-    cell_b = cell.unsqueeze(0) if cell is not None else None
-    pbc_b = pbc.unsqueeze(0) if pbc is not None else None
-    first = neighbor_list(pos, model.cutoff, batch, cell_b, pbc_b)
-    max_pairs = int(first.edge_index.shape[1] * 1.2) + 64
-    static_pos = pos.clone()
-    fixed = None if with_neighbors else neighbor_list(static_pos, model.cutoff, batch, cell_b, pbc_b, max_pairs=max_pairs)
+    from torchmdx.md.cuda_graph import GraphedForces
 
-    def energy_forces():
-        nb = fixed or neighbor_list(static_pos, model.cutoff, batch, cell_b, pbc_b, max_pairs=max_pairs)
-        p = static_pos.detach().requires_grad_(True)
-        vectors = edge_vectors(p, nb.edge_index, nb.shifts, cell_b, batch)
-        safe = torch.where(nb.mask.unsqueeze(-1), vectors, torch.ones_like(vectors))
-        distances = torch.where(nb.mask, safe.norm(dim=-1), torch.zeros_like(vectors[:, 0]))
-        graph = Graph(z, p, batch, 1, nb.edge_index, vectors, distances, nb.mask)
-        energy = model.atomic_energies(graph).sum()  # as model(...) computes it, compiled or not
-        (grad,) = torch.autograd.grad(energy, p)
-        return energy.detach(), -grad, nb.overflow
+    atoms = Atoms(numbers=z.cpu().numpy(), positions=pos.double().cpu().numpy(),
+                  cell=None if cell is None else cell.double().cpu().numpy(),
+                  pbc=False if pbc is None else pbc.cpu().numpy())
+    graphed = GraphedForces(model, atoms, pos.device, pos.dtype)
+    graphed(pos)  # builds, captures, replays once
+    energy, forces, _, overflow = graphed.outputs
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            energy_forces()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = energy_forces()
+    def replay():  # holds ``graphed``: the graph reads its static buffers at every replay
+        graphed.graph.replay()
 
-    def replay():
-        graph.replay()
-
-    # the graph reads these tensors' memory at every replay: keep them alive with it
-    replay.inputs = (z, batch, static_pos, cell_b, pbc_b, fixed)
-    return replay, outputs
+    return replay, (energy, forces, overflow)
 
 
 #: neighbor-list backend of the timed model calls ('auto': Triton on CUDA; 'torch': reference)
@@ -213,11 +190,10 @@ def bench_system(name, data_dir, results, backends):
         except Exception as exc:  # noqa: BLE001 - one failing column must not stop the table
             row[f"{key}_error"] = error_text(exc)
         if backend == "triton" and GRAPH:
-            for gkey, with_neighbors, compiled in (("graph", True, False), ("graph_model", False, False),
-                                                   ("graph_compiled", True, True)):
+            for gkey, compiled in (("graph", False), ("graph_compiled", True)):
                 try:
                     model.set_compiled(compiled)
-                    replay, outputs = graph_call(model, z, pos, cell, pbc, with_neighbors)
+                    replay, outputs = graph_call(model, z, pos, cell, pbc)
                     replay()
                     synchronize()
                     if bool(outputs[2]):
@@ -502,8 +478,8 @@ def check_neighbors(name, data_dir, results):
 
 # --------------------------------------------------------------------------------- main
 def table(results) -> str:
-    lines = ["| system | atoms | ref ms | ref MiB | fused ms | fused MiB | graph ms | graph MiB | graph (model) ms "
-             "| graph + compile ms | graph + compile MiB | fused/ref force rel |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | atoms | ref ms | ref MiB | fused ms | fused MiB | graph ms | graph MiB "
+             "| graph + compile ms | graph + compile MiB | fused/ref force rel |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in results["systems"].items():
         def cell(key):
             if key in row:
@@ -513,7 +489,7 @@ def table(results) -> str:
 
         rel = row.get("fused_vs_ref_force_rel")
         lines.append(f"| {name} | {row['atoms']} | {cell('ref_ms')} | {cell('ref_peak_MiB')} | {cell('fused_ms')} | "
-                     f"{cell('fused_peak_MiB')} | {cell('graph_ms')} | {cell('graph_peak_MiB')} | {cell('graph_model_ms')} | "
+                     f"{cell('fused_peak_MiB')} | {cell('graph_ms')} | {cell('graph_peak_MiB')} | "
                      f"{cell('graph_compiled_ms')} | {cell('graph_compiled_peak_MiB')} | "
                      f"{'-' if rel is None else f'{rel:.1e}'} |")
     if "training" in results:
