@@ -350,6 +350,12 @@ class PotentialModule(L.LightningModule):
     def on_train_start(self):
         self._graph_step, self._graphed_batch = None, False
         cfg = self.train_config
+        optimizers = self.trainer.optimizers
+        if optimizers and self.device.type != "cuda":
+            # a resumed CUDA-graph run's checkpoint carries capturable/fused groups: not on the CPU
+            for group in optimizers[0].param_groups:
+                if group.get("capturable") or group.get("fused"):
+                    group.update(capturable=False, fused=None)
         if not cfg.cuda_graph:
             return
         if not self._cuda_graph_mode():
