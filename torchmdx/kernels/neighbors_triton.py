@@ -7,7 +7,7 @@ Same contract and results as :mod:`torchmdx.kernels.neighbors_ref` (see the conv
     vectors_ij = pos[j] - pos[i] + n_ij @ cell[batch[i]]        (Å)
     kept:  cutoff_lower <= |vectors_ij| < cutoff,  never i == j
 
-rows sorted by ``i`` then ``j``. Runs on CUDA tensors, and on CPU tensors under the Triton
+rows sorted by ``i`` (brute force: then by ``j``). Runs on CUDA tensors, and on CPU tensors under the Triton
 interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported).
 
 Minimum image
@@ -32,23 +32,31 @@ per (receiver, chunk) and j runs in increasing order, so rows come out sorted by
 ``cell``: atoms are binned on a grid in fractional coordinates (periodic directions, cells at
 least ``cutoff`` thick) or along the orthonormal complement (open directions, grid spanning the
 structure's extent, from device-side atomics); a structure of n atoms gets at most n cells, so
-the key space of all structures is [0, N) and no size is read back. Atoms are sorted by cell
-(``torch.sort``, stable) and ``cell_start`` comes from ``torch.searchsorted``. Persistent
-programs loop over cells: the atoms of one cell are the receivers (one tile), the candidates
-are the 9 neighbouring rows of cells along x, each a contiguous run of atoms in cell order
-(plus one wrapped cell at a periodic boundary), loaded as vectors; all geometry is per cell
-(scalars). Rows are sorted by ``i``; within one ``i`` they follow the cell scan (deterministic:
-the sort is stable), not ``j`` (sort by ``i * N + j`` if you need the reference's order).
+the key space of all structures is [0, N) and no size is read back. Atoms are put in cell order
+by a counting sort: the binning kernel counts atoms per cell (atomics), ``torch.cumsum`` gives
+the cell starts, a scatter kernel places every atom (atomics: any order within a cell), and the
+count pass writes each cell back in atom order (deterministic). Persistent programs loop over
+(cell, part) items: the atoms of the cell are the receivers, the candidates the 9 neighbouring
+rows of cells along x, each a contiguous run in cell order (plus one wrapped cell at a periodic
+boundary), split over ``PARTS`` items (1, 3 or 9; more for small systems); all geometry is per
+cell (scalars), and orthorhombic cells skip the off-diagonal products (``ORTHO``). A tile is
+(receivers x candidates) with one of the two on the lanes and the other in registers, laid out
+so that Triton needs no shared-memory shuffles inside the loop. Rows are sorted by ``i``;
+within one ``i`` they follow the cell scan (deterministic), not ``j`` (sort by ``i * N + j`` if
+you need the reference's order).
 
 Output without a host read in the middle: a count pass writes the number of neighbors of
-every receiver, an exclusive scan (``torch.cumsum``) gives each receiver's first row, and a
-write pass recomputes the pairs and stores them from there. With ``max_pairs`` the outputs have
-that many rows, ``overflow`` (device bool) is set when more pairs exist, ``num_pairs`` holds the
-number found (so the caller can grow the buffer to fit: :func:`grow_to_fit`), padding rows are
-filled by one more kernel, and nothing is read on the host: the call can be captured in a CUDA
-graph once the geometry cache holds the cell (call it once outside the graph first). Without
-``max_pairs`` the write pass goes into a capacity estimated from the previous call (pairs per
-atom), the total is read once at the end, and only the write pass is re-run if it was short.
+every receiver (per chunk / part), an exclusive scan (``torch.cumsum``) gives each receiver's
+first row, and a write pass recomputes the pairs and stores only a packed index pair per row
+(``i << 32 | j``, the cell list in cell order) into edge_index row 1; a fill pass then writes
+edge_index, shifts, vectors and distances of every row, coalesced (and the padding, ``mask``
+and ``overflow`` in fixed-capacity mode). With ``max_pairs`` the outputs have that many rows,
+``overflow`` (device bool) is set when more pairs exist, ``num_pairs`` holds the number found
+(so the caller can grow the buffer to fit: :func:`grow_to_fit`), and nothing is read on the
+host: the call can be captured in a CUDA graph once the geometry cache holds the cell (call it
+once outside the graph first). Without ``max_pairs`` the write pass goes into a capacity
+estimated from the previous call (pairs per atom), the total is read once at the end, and only
+the write and fill passes are re-run if it was short.
 """
 
 from __future__ import annotations
@@ -91,13 +99,13 @@ CONFIG = {
     "brute_warps_write": 4,
     "brute_chunk": 512,
     "cell_block_i": 16,
-    "cell_block_j": 16,
+    "cell_block_j": 8,
     "cell_warps": 1,
     "cell_block_i_write": 16,
-    "cell_block_j_write": 16,
+    "cell_block_j_write": 8,
     "cell_warps_write": 1,
     "cell_block_o": 16,
-    "cell_programs": 4224,
+    "cell_programs": 8448,
     "cell_parts": 0,
     "cell_parts9_max_atoms": 20000,
     "cell_parts3_max_atoms": 200000,
@@ -515,8 +523,9 @@ if HAVE_TRITON:
         neighbour rows, so small systems get more programs; receiver i has one count per part.
         Count pass (``WRITE`` False): counts[1 + i * PARTS + part], and each cell's atoms are
         written back in atom order to (opos, operm) (the counting sort leaves them in atomic
-        order). Write pass: packed pairs (i << 32 | j) from offsets[i * PARTS + part] in
-        candidate order (deterministic).
+        order). Write pass: packed pairs of *sorted* indices (i_sorted << 32 | j_sorted) from
+        offsets[i * PARTS + part] in candidate order (deterministic); the fill maps them back to
+        atom indices, reading the sorted positions in a few contiguous runs per receiver.
         """
         pid = tl.program_id(0)
         if HAS_BATCH:
@@ -622,7 +631,7 @@ if HAVE_TRITON:
                         rows_i = pair_ptr + row1 + base
                         room = tl.minimum(tl.maximum(limit - base, 0), 2147483647).to(tl.int32)
                         cnt = tl.zeros([BLOCK_I], dtype=tl.int32)
-                        pk_i = oi.to(tl.int64) << 32
+                        pk_i = ii.to(tl.int64) << 32
                     else:
                         acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
                     for r in range(part * (18 // PARTS), (part + 1) * (18 // PARTS)):
@@ -655,7 +664,7 @@ if HAVE_TRITON:
                                 # which is also the layout Triton gives the store)
                                 okt = tl.trans(ok)
                                 seen = tl.cumsum(okt.to(tl.int32), axis=0) + cnt[None, :]
-                                pk = pk_i[None, :] | oj.to(tl.int64)[:, None]
+                                pk = pk_i[None, :] | q.to(tl.int64)[:, None]
                                 wm = okt & (seen <= room[None, :])
                                 tl.store(tl.trans(rows_i[None, :] + (seen - 1)), tl.trans(pk), mask=tl.trans(wm))
                                 cnt = tl.max(seen, axis=0)
@@ -668,15 +677,17 @@ if HAVE_TRITON:
     # output rows from packed pairs
     # ----------------------------------------------------------------------------------------
     @triton.jit(do_not_specialize=["geo_rows", "capacity", "total_index", "fill", "packed"])
-    def _fill_kernel(pos_ptr, batch_ptr, geo_ptr, geo_rows, offset_ptr, ei_ptr, shift_ptr, vec_ptr, dist_ptr,
-                     mask_ptr, overflow_ptr, capacity, total_index, fill, packed,
+    def _fill_kernel(pos_ptr, perm_ptr, batch_ptr, geo_ptr, geo_rows, offset_ptr, ei_ptr, shift_ptr, vec_ptr,
+                     dist_ptr, mask_ptr, overflow_ptr, capacity, total_index, fill, packed,
                      HAS_BATCH: tl.constexpr, PERIODIC: tl.constexpr, ORTHO: tl.constexpr,
-                     HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+                     SORTED: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
         """Row r < number of pairs: unpack (i, j) (stored by the write pass in edge_index row 1),
         write edge_index, the image shift n = -round((pos_j - pos_i) @ inv(cell)), the vector
-        pos_j - pos_i + n @ cell (Å) and its length, all coalesced. Fixed capacity
-        (``HAS_MASK``): rows beyond are padding (i = j = N - 1, zeros, mask False) and program 0
-        sets ``overflow`` (pairs > capacity)."""
+        pos_j - pos_i + n @ cell (Å) and its length, all coalesced. ``SORTED`` (cell list): the
+        packed indices are positions in cell order (pos_ptr: sorted positions, perm_ptr: their
+        atom indices), so the neighbours of one receiver are read from a few contiguous runs.
+        Fixed capacity (``HAS_MASK``): rows beyond are padding (i = j = N - 1, zeros, mask
+        False) and program 0 sets ``overflow`` (pairs > capacity)."""
         pid = tl.program_id(0)
         r = pid * BLOCK + tl.arange(0, BLOCK)
         row1, limit = _write_limits(offset_ptr, total_index, capacity, packed)
@@ -696,6 +707,9 @@ if HAVE_TRITON:
         dx = tl.load(pos_ptr + j * 3 + 0, mask=valid, other=0.0) - xi
         dy = tl.load(pos_ptr + j * 3 + 1, mask=valid, other=0.0) - yi
         dz = tl.load(pos_ptr + j * 3 + 2, mask=valid, other=0.0) - zi
+        if SORTED:
+            i = tl.load(perm_ptr + i, mask=valid, other=0).to(tl.int64)
+            j = tl.load(perm_ptr + j, mask=valid, other=0).to(tl.int64)
         if PERIODIC:
             if HAS_BATCH:
                 row = tl.minimum(tl.load(batch_ptr + i, mask=valid, other=0), geo_rows - 1)
@@ -757,9 +771,10 @@ if HAVE_TRITON:
 class _Geometry:
     """Per-structure cell data on the device plus host copies for validation."""
 
-    __slots__ = ("geo", "rows", "periodic", "triclinic", "has_open", "widths", "pbc")
+    __slots__ = ("geo", "rows", "periodic", "triclinic", "has_open", "widths", "pbc", "accepted")
 
     def __init__(self, geo, rows, periodic, triclinic, has_open, widths, pbc):
+        self.accepted = set()  # (cutoff, structures) that passed _check_widths
         self.geo, self.rows, self.periodic = geo, rows, periodic
         self.triclinic, self.has_open, self.widths, self.pbc = triclinic, has_open, widths, pbc
 
@@ -892,7 +907,7 @@ def _geometry(cell, pbc, device, dtype) -> _Geometry:
 
 def _check_widths(geometry: _Geometry, cutoff: float, structures: Optional[int]) -> None:
     """Refuse cutoffs above half a periodic perpendicular width (as the reference does)."""
-    if not geometry.periodic:
+    if not geometry.periodic or (cutoff, structures) in geometry.accepted:
         return
     rows = geometry.widths.shape[0]
     limit = rows if structures is None or rows == 1 else min(rows, structures)
@@ -907,6 +922,8 @@ def _check_widths(geometry: _Geometry, cutoff: float, structures: Optional[int])
             f"periodic box (widths {listed} Å); minimum image needs widths >= {2 * cutoff:g} Å "
             f"(use a larger box or a smaller cutoff)"
         )
+    if len(geometry.accepted) < 64:
+        geometry.accepted.add((cutoff, structures))
 
 
 _PARAM_CACHE: dict = {}
@@ -923,20 +940,6 @@ def _params(cutoff: float, cutoff_lower: float, dtype, device) -> torch.Tensor:
             _PARAM_CACHE.clear()
         out = torch.tensor([cutoff * cutoff, cutoff_lower * cutoff_lower], dtype=dtype).to(device)
         _PARAM_CACHE[key] = out
-    return out
-
-
-_ARANGE_CACHE: dict = {}
-
-
-def _arange_int32(n: int, device) -> torch.Tensor:
-    key = (n, str(device))
-    out = _ARANGE_CACHE.get(key)
-    if out is None:
-        if len(_ARANGE_CACHE) > 16:
-            _ARANGE_CACHE.clear()
-        out = torch.arange(n, dtype=torch.int32, device=device)
-        _ARANGE_CACHE[key] = out
     return out
 
 
@@ -960,40 +963,52 @@ def _require(pos: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 _COMPILED: dict = {}
 _FAST_OK = [True]
+_STREAM = []  # (get_current_device, get_current_stream, knobs) of the active Triton driver
 
 
 def _signature_key(args):
-    key = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, bool):
-            key.append(("b", a))
-        elif isinstance(a, int):
-            key.append(("i", -(2**31) <= a < 2**31))
-        else:
-            key.append(type(a))
-    return tuple(key)
+    """What Triton specializes a compiled kernel on: dtype and 16-byte alignment of tensors,
+    the width of ints (every int argument is in ``do_not_specialize``)."""
+    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor)
+                  else (-2147483648 <= a < 2147483648) if type(a) is int else type(a) for a in args])
 
 
 def _launch(kernel, grid, args, num_warps, **constexprs):
-    """kernel[grid](*args, **constexprs) with a cached direct call to the compiled kernel."""
+    """kernel[grid](*args, **constexprs), then direct calls of the compiled kernel's launcher
+    for the same argument signature (Triton's generic dispatch costs tens of microseconds)."""
     fast = CONFIG.get("fast_launch", True) and _FAST_OK[0] and not interpreting()
     if fast:
-        key = (id(kernel), len(grid), _signature_key(args), tuple(sorted(constexprs.items())), num_warps)
-        compiled = _COMPILED.get(key)
-        if compiled is not None:
+        key = (kernel, len(grid), num_warps, tuple(constexprs.items()), _signature_key(args))
+        hit = _COMPILED.get(key)
+        if hit is not None:
+            compiled, values = hit
             try:
-                names = [p.name for p in kernel.params if p.is_constexpr]
-                compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *[constexprs[n] for n in names])
+                g = tuple(grid) + (1,) * (3 - len(grid))
+                device, stream, knobs = _STREAM[0]
+                enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+                if enter is None and leave is None:
+                    compiled.run(g[0], g[1], g[2], stream(device()), compiled.function, compiled.packed_metadata,
+                                 None, None, None, *args, *values)
+                else:
+                    compiled[g](*args, *values)
                 return
             except Exception:  # noqa: BLE001 - a Triton version with another launcher: dispatch normally
                 _FAST_OK[0] = False
     compiled = kernel[grid](*args, num_warps=num_warps, **constexprs)
-    if fast and compiled is not None and hasattr(compiled, "__getitem__"):
-        if len(_COMPILED) > 512:
-            _COMPILED.clear()
-        _COMPILED[key] = compiled
+    if fast and compiled is not None and hasattr(compiled, "packed_metadata"):
+        try:
+            if not _STREAM:
+                from triton import knobs
+                from triton.runtime.driver import driver
+
+                _STREAM.append((driver.active.get_current_device, driver.active.get_current_stream, knobs))
+            names = [p.name for p in kernel.params if p.is_constexpr]
+            compiled.run  # noqa: B018 - loads the binary now (raises here, not at the next call)
+            if len(_COMPILED) > 512:
+                _COMPILED.clear()
+            _COMPILED[key] = (compiled, tuple(constexprs[n] for n in names))
+        except Exception:  # noqa: BLE001
+            _FAST_OK[0] = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -1103,6 +1118,7 @@ def neighbor_list(
                                       counts, 0, n_atoms, n_chunks, chunk, half, 0),
                 warps, WRITE=False, BLOCK_I=bi, BLOCK_J=bj, **flags)
         offsets = torch.cumsum(counts, 0)
+        fill_pos, fill_perm = work, counts  # pairs hold atom indices (fill_perm unused)
 
         def write_pairs(pairs, capacity, packed):
             _launch(_brute_kernel, grid, (work, start, end, batch, geo, geometry.rows, params, counts, offsets,
@@ -1150,6 +1166,7 @@ def neighbor_list(
                 warps, WRITE=False, BLOCK_I=bi, BLOCK_J=CONFIG["cell_block_j"], BLOCK_O=CONFIG["cell_block_o"],
                 PARTS=parts, **flags)
         offsets = torch.cumsum(counts, 0)
+        fill_pos, fill_perm = sorted_pos, sorted_index  # pairs hold indices in cell order
 
         def write_pairs(pairs, capacity, packed):
             _launch(_cell_pairs_kernel, (programs,),
@@ -1166,10 +1183,10 @@ def neighbor_list(
         write_pairs(ei, capacity, packed)
         has_mask = mask is not None
         _launch(_fill_kernel, (max(1, triton.cdiv(capacity, fill_block)),),
-                (work, batch, geo, geometry.rows, offsets, ei, shifts, vectors, distances,
+                (fill_pos, fill_perm, batch, geo, geometry.rows, offsets, ei, shifts, vectors, distances,
                  mask.view(torch.int8) if has_mask else ei, overflow.view(torch.int8) if has_mask else ei,
                  capacity, total_index, max(n_atoms - 1, 0), int(packed)),
-                CONFIG["fill_warps"], HAS_MASK=has_mask, BLOCK=fill_block, **flags)
+                CONFIG["fill_warps"], SORTED=method == "cell", HAS_MASK=has_mask, BLOCK=fill_block, **flags)
 
     num_pairs = offsets[total_index]
     if capacity_mode:
