@@ -101,7 +101,7 @@ CONFIG = {
     "cell_block_i": 16,
     "cell_block_j": 8,
     "cell_warps": 1,
-    "cell_block_i_write": 16,
+    "cell_block_i_write": 8,
     "cell_block_j_write": 8,
     "cell_warps_write": 1,
     "cell_block_o": 16,
