@@ -35,6 +35,12 @@ def test_compiled_inference_equals_eager():
         out = compiled(z, moved, batch, cell, pbc, stress=True, per_atom=True)
         for key in ("energy", "energies", "forces", "stress"):
             torch.testing.assert_close(out[key], ref[key], rtol=1e-10, atol=1e-10, msg=key)
+    # other sizes (a calculator walking through a data set) and more shapes than dynamo's
+    # recompile limit (8) still give the eager numbers
+    for n in (3, 5, 7, 11, 13, 17, 19, 23, 29, 31):
+        z_n = torch.randint(1, 9, (n,), generator=torch.Generator().manual_seed(n))
+        pos_n = torch.rand(n, 3, generator=torch.Generator().manual_seed(n), dtype=torch.float64) * 3.0
+        torch.testing.assert_close(compiled(z_n, pos_n)["forces"], eager(z_n, pos_n)["forces"], rtol=1e-10, atol=1e-10)
     # the compiled pieces really ran: prepare/update/embed and the head
     names = {getattr(fn, "__qualname__", "") for fn, _ in et._COMPILED}
     assert {"EquivariantAttention.prepare", "EquivariantAttention.update", "ETRepresentation.embed",

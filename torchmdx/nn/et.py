@@ -148,16 +148,19 @@ CUDA_COMPILE_OPTIONS: dict = {}
 
 
 def compiled_function(fn: Callable, device_type: str = "cpu") -> Callable:
-    """``torch.compile(fn, dynamic=False, fullgraph=True)``, one per function and device type
-    (shared by every layer and model: modules are passed as arguments, so identical layers
-    reuse one compiled graph). Used for the dense parts of an inference call, where inductor
-    fuses the element-wise work around the matmuls (:data:`CUDA_COMPILE_OPTIONS` on CUDA); the
-    message step stays on its own (Triton or reference) kernels."""
+    """``torch.compile(fn)``, one per function and device type (shared by every layer and
+    model: modules are passed as arguments, so identical layers reuse one compiled graph).
+    Used for the dense parts of an inference call, where inductor fuses the element-wise work
+    around the matmuls (:data:`CUDA_COMPILE_OPTIONS` on CUDA); the message step stays on its own
+    (Triton or reference) kernels. The first shape is compiled static; when a second atom count
+    comes, dynamo's automatic dynamic shapes compile one shape-generic graph instead of one per
+    size, and past dynamo's recompile limit the function runs eagerly (``fullgraph=False``:
+    a calculator walking through a data set of different molecules must never fail on it)."""
     key = (fn, device_type)
     compiled = _COMPILED.get(key)
     if compiled is None:
         options = dict(CUDA_COMPILE_OPTIONS) if device_type == "cuda" and CUDA_COMPILE_OPTIONS else None
-        compiled = _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+        compiled = _COMPILED[key] = torch.compile(fn, options=options)
     return compiled
 
 
