@@ -36,6 +36,28 @@ import torch
 STATE_FIELDS = ("positions", "velocities", "forces", "energy", "thermostat_energy")
 
 
+def capture_graph(fn, device, generator: Optional[torch.Generator] = None, warmups: int = 2):
+    """Run ``fn`` ``warmups`` times on a side stream (Triton and torch.compile compilation,
+    autograd and allocator state), then capture one call as a CUDA graph; returns (graph, the
+    captured call's outputs). ``generator``: a random generator the graph draws from (registered
+    so that every replay draws fresh numbers)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        register = getattr(graph, "register_generator_state", None)
+        if register is None:
+            raise RuntimeError("this torch cannot capture a custom random generator in a CUDA graph")
+        register(generator)
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
 class GraphedStep:
     """One integrator step of ``simulation`` as a CUDA graph (see the module docstring)."""
 
@@ -102,21 +124,8 @@ class GraphedStep:
             self._point_at(self.static)
 
         try:
-            # warm-up on a side stream (Triton compilation, autograd and allocator state), undone after
-            side = torch.cuda.Stream(device=sim.device)
-            side.wait_stream(torch.cuda.current_stream(sim.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    one_step()
-            torch.cuda.current_stream(sim.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            if sim.integrator.stochastic:
-                register = getattr(graph, "register_generator_state", None)
-                if register is None:
-                    raise RuntimeError("this torch cannot capture a custom random generator in a CUDA graph")
-                register(sim.generator)
-            with torch.cuda.graph(graph):
-                one_step()
+            # the warm-up steps advance the state: undone below
+            graph, _ = capture_graph(one_step, sim.device, sim.generator if sim.integrator.stochastic else None)
         finally:
             # capture ran nothing; undo the warm-up (also when capture failed)
             torch.cuda.synchronize(sim.device)
@@ -179,17 +188,7 @@ class GraphedForces:
         return energy, forces, atomic, ff.stale
 
     def _capture(self) -> None:
-        device = self.positions.device
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compilation, autograd and allocator warm-up
-                self._evaluate()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.outputs = self._evaluate()
-        self.graph = graph
+        self.graph, self.outputs = capture_graph(self._evaluate, self.positions.device)
         self.layout_version = self.forcefield.layout_version
         self.captures += 1
 

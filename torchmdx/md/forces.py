@@ -92,11 +92,7 @@ class ForceField:
         if (self.wrap_positions if wrap is None else wrap) and s.periodic:
             positions = s.wrap(positions)
         nl = self.potential.neighbors(positions.detach(), s.batch, s.cell, s.pbc, cutoff=self.cutoff + self.skin)
-        # the cell is fixed during MD: the image offsets n_ij @ cell are constant until the next build
-        offsets = None
-        if s.cell is not None and nl.shifts.numel() > 0:
-            cell_i = s.cell.index_select(0, s.batch.index_select(0, nl.edge_index[0]))
-            offsets = torch.einsum("ek,ekl->el", nl.shifts.to(s.dtype), cell_i)
+        offsets = self._image_offsets(nl) if nl.shifts.numel() > 0 else None
         if self.fixed_capacity:
             self._store_fixed(nl, offsets, positions)
         else:
@@ -108,6 +104,15 @@ class ForceField:
         self.max_displacement2 = torch.zeros((), dtype=s.dtype, device=s.device)
         self.builds += 1
         return positions
+
+    def _image_offsets(self, nl: Neighbors) -> Optional[torch.Tensor]:
+        """n_ij @ cell of each pair (Å) [E, 3], None without a cell. The cell is fixed during MD,
+        so the offsets stay valid until the next build."""
+        s = self.system
+        if s.cell is None:
+            return None
+        cell_i = s.cell.index_select(0, s.batch.index_select(0, nl.edge_index[0]))
+        return torch.einsum("ek,ekl->el", nl.shifts.to(s.dtype), cell_i)
 
     def _store_fixed(self, nl: Neighbors, offsets: Optional[torch.Tensor], positions: torch.Tensor) -> None:
         """Copy the exact list ``nl`` into the static buffers of the fixed-capacity mode (padding
@@ -159,10 +164,7 @@ class ForceField:
                                       max_pairs=self.capacity)
         self.neighbors = nl
         self._receivers, self._senders = nl.edge_index[0], nl.edge_index[1]
-        self._offsets = None
-        if s.cell is not None:
-            cell_i = s.cell.index_select(0, s.batch.index_select(0, self._receivers))
-            self._offsets = torch.einsum("ek,ekl->el", nl.shifts.to(s.dtype), cell_i)
+        self._offsets = self._image_offsets(nl)
         self.stale = self.stale | nl.overflow
 
     def displacement2(self, positions: torch.Tensor) -> torch.Tensor:
