@@ -15,8 +15,9 @@ TorchMD-NET (``loop=True``), so checkpoints trained there give the same numbers 
         dvec_i = u3_i ⊙ o1 + w_i
     x <- LayerNorm(x) after the last layer.
 
-The message + aggregation step is a pure function chosen by :func:`message_function`
-(``"torch"`` reference now; a fused Triton kernel with the same signature on CUDA later).
+The message + aggregation step is a pure function chosen by :func:`message_function` (the
+torch reference, or the fused Triton kernels of :mod:`torchmdx.kernels.message_triton` on
+CUDA); for inference the dense parts around it can be compiled (:func:`compiled_function`).
 """
 
 from __future__ import annotations
@@ -210,8 +211,8 @@ class ETRepresentation(nn.Module):
 
     def forward(self, z, edge_index, vectors, distances, mask=None, backend: str = "auto", compiled: bool = False):
         """(x, vec) of every atom. ``compiled``: the dense parts (edge features and embedding,
-        each layer's :meth:`~EquivariantAttention.prepare` / :meth:`~EquivariantAttention.update`,
-        the final norm) run through ``torch.compile`` (:func:`compiled_function`)."""
+        each layer's :meth:`~EquivariantAttention.prepare` / :meth:`~EquivariantAttention.update`)
+        run through ``torch.compile`` (:func:`compiled_function`)."""
         embed = compiled_function(ETRepresentation.embed, z.device.type) if compiled else ETRepresentation.embed
         valid, rbf, phi, unit, x, self_rbf, self_cutoff = embed(self, z, edge_index, vectors, distances, mask)
         vec = torch.zeros(x.shape[0], 3, x.shape[1], dtype=x.dtype, device=x.device)
