@@ -153,6 +153,9 @@ def run_md(config: MDConfig, potential=None, out=None) -> dict:
                 wrap=config.wrap, cuda_graph=(config.cuda_graph and str(config.device).startswith("cuda")),
                 compile=(config.compile and str(config.device).startswith("cuda")),
             )
+            if sim.compiled:
+                print("compiling the model with torch.compile (tens of seconds, once per structure size; "
+                      "--no-compile skips it)", file=out, flush=True)
             if restart_payload is not None:
                 sim.load_restart(restart_payload)
             else:
