@@ -67,3 +67,15 @@ def test_compiled_fused_model_on_cuda_matches_float64_reference(shared_data):
     force_scale = ref["forces"].abs().max()
     assert float((out["forces"].double() - ref["forces"]).abs().max() / force_scale) < 1e-4
     assert abs(float(out["energy"] - ref["energy"])) < 1e-4 * max(1.0, abs(float(ref["energy"])))
+
+
+def test_set_compiled_freezes_and_gives_back_requires_grad():
+    model = torchmdx.build_model(SMALL_ET)
+    kept_frozen = model.representation.embedding.weight
+    kept_frozen.requires_grad_(False)  # frozen by the user: stays frozen
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert model.set_compiled(True) and not any(p.requires_grad for p in model.parameters())
+    assert model.set_compiled(True)  # twice: still remembers the first state
+    assert not model.set_compiled(False)
+    assert [p for p in model.parameters() if p.requires_grad] == trainable and not kept_frozen.requires_grad
+

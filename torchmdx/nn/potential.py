@@ -95,6 +95,7 @@ class ETPotential(Potential):
         self.backend = cfg.backend
         self._extras: Optional[dict] = None
         self.compiled = False
+        self._frozen: list = []  # parameters set_compiled(True) froze
 
     def _apply(self, fn, recurse=True):
         """Module.to()/float()/cuda(): move the normalisation buffers but keep them float64."""
@@ -223,12 +224,19 @@ class ETPotential(Potential):
         the head run through ``torch.compile`` (:func:`torchmdx.nn.et.compiled_function`), the
         message step on its own kernels. Freezes the parameters (``requires_grad = False``):
         energies, forces and stress are unchanged, parameters get no gradients (not for
-        training; ``set_compiled(False)`` leaves them frozen), and double backward is not
-        available. The first call compiles (tens of seconds); the MD engine uses it on CUDA.
-        Returns ``enabled``."""
-        self.compiled = bool(enabled)
-        if self.compiled:
-            self.requires_grad_(False)
+        training; ``set_compiled(False)`` gives back ``requires_grad`` to the parameters it
+        froze), and double backward is not available. The first call compiles (tens of
+        seconds); the MD engine and the calculator use it on CUDA. Returns ``enabled``."""
+        enabled = bool(enabled)
+        if enabled and not self.compiled:
+            self._frozen = [p for p in self.parameters() if p.requires_grad]
+            for p in self._frozen:
+                p.requires_grad_(False)
+        elif not enabled and self.compiled:
+            for p in self._frozen:
+                p.requires_grad_(True)
+            self._frozen = []
+        self.compiled = enabled
         return self.compiled
 
     # ------------------------------------------------------------------ energies
