@@ -107,6 +107,10 @@ class Potential(torch.nn.Module):
     """
 
     cutoff: float = 0.0
+    #: can :class:`torchmdx.nn.traced.TracedForces` trace :meth:`atomic_energies` into one graph?
+    traceable: bool = False
+    #: set while it is being traced: no host reads or checks, torch reference kernels only
+    tracing: bool = False
 
     def atomic_energies(self, graph: Graph) -> torch.Tensor:  # pragma: no cover - abstract
         """Per-atom energies [N] (eV) for ``graph``."""

@@ -1,0 +1,106 @@
+"""The whole-graph path (:class:`torchmdx.nn.traced.TracedForces`) against the eager model.
+
+Energies, per-atom energies and forces of one traced + compiled graph must equal the eager
+float64 model (open and periodic structures, capacity-padded lists with masked rows), and its
+training mode must give the parameter gradients of a force loss that the eager double backward
+gives. Compiled by inductor on the CPU (C++); the GPU tests run the same on CUDA.
+"""
+
+import pytest
+import torch
+
+import torchmdx
+from torchmdx.kernels.neighbors import neighbor_list
+from torchmdx.nn.traced import TracedForces
+
+SMALL_ET = {"embedding_dimension": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "vector_cutoff": True,
+            "cutoff_upper": 4.0, "dtype": "float64", "seed": 5, "output_model": "gated_equivariant"}
+
+
+def _structures():
+    generator = torch.Generator().manual_seed(0)
+    z = torch.tensor([6, 1, 1, 8, 1, 7, 6, 1, 1])
+    pos = torch.rand(9, 3, generator=generator, dtype=torch.float64) * 4.0
+    batch = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    cell = torch.eye(3, dtype=torch.float64).expand(2, 3, 3) * 9.0
+    pbc = torch.tensor([[True, True, True], [False, False, False]])
+    return z, pos, batch, cell, pbc
+
+
+def _list(model, pos, batch, cell, pbc, max_pairs=None):
+    """Neighbor list with image offsets n @ cell (Å), as the MD engine passes them."""
+    nl = neighbor_list(pos, model.cutoff, batch, cell, pbc, max_pairs=max_pairs)
+    offsets = torch.einsum("ek,ekl->el", nl.shifts.to(pos.dtype), cell[batch[nl.edge_index[0]]])
+    return nl, offsets
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["traced", "traced+compiled"])
+def test_traced_forces_equal_eager(compiled):
+    model = torchmdx.build_model(SMALL_ET)
+    z, pos, batch, cell, pbc = _structures()
+    traced = TracedForces(model, compile=compiled)
+    for max_pairs in (None, 120):  # exact list, then capacity-padded (masked rows on the last atom)
+        nl, offsets = _list(model, pos, batch, cell, pbc, max_pairs)
+        assert max_pairs is None or (not bool(nl.overflow) and int(nl.num_pairs) < max_pairs)
+        for shift in (0.0, 0.03):  # a second call reuses the graph with new positions
+            moved = pos + shift * torch.arange(27, dtype=pos.dtype).reshape(9, 3).cos()
+            ref = model(z, moved, batch, cell, pbc, per_atom=True)
+            energy, forces, atomic = traced(z, moved, batch, 2, nl.edge_index, offsets, nl.mask)
+            torch.testing.assert_close(energy, ref["energy"], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(atomic, ref["energies"], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(forces, ref["forces"], rtol=1e-9, atol=1e-10)
+    assert traced.traces == 2  # one graph per list shape, reused for the shifted positions
+
+
+def test_traced_forces_are_minus_the_energy_gradient():
+    """Independent of the eager path: central finite differences of the traced energy."""
+    model = torchmdx.build_model(SMALL_ET)
+    z, pos, batch, cell, pbc = _structures()
+    nl, offsets = _list(model, pos, batch, cell, pbc, max_pairs=150)
+    traced = TracedForces(model, compile=False)
+    _, forces, _ = traced(z, pos, batch, 2, nl.edge_index, offsets, nl.mask)
+    h = 1e-5
+    for atom, axis in ((0, 0), (3, 2), (7, 1)):
+        step = torch.zeros_like(pos)
+        step[atom, axis] = h
+        e_plus = traced(z, pos + step, batch, 2, nl.edge_index, offsets, nl.mask)[0].sum()
+        e_minus = traced(z, pos - step, batch, 2, nl.edge_index, offsets, nl.mask)[0].sum()
+        assert float(forces[atom, axis]) == pytest.approx(-float(e_plus - e_minus) / (2 * h), rel=1e-6, abs=1e-8)
+
+
+def test_traced_training_gradients_equal_eager_double_backward():
+    """Parameter gradients of an energy + force loss: traced + compiled (AOTAutograd's backward of
+    the traced backward) vs the eager model with create_graph=True."""
+    model = torchmdx.build_model(SMALL_ET)
+    z, pos, batch, _, _ = _structures()
+    nl = neighbor_list(pos, model.cutoff, batch, max_pairs=100)
+    energy_ref = torch.tensor([-1.0, 2.0], dtype=torch.float64)
+    forces_ref = torch.linspace(-1, 1, 27, dtype=torch.float64).reshape(9, 3)
+
+    def loss_of(energy, forces):
+        return 0.3 * ((energy - energy_ref) ** 2).sum() + ((forces - forces_ref) ** 2).mean()
+
+    out = model(z, pos, batch, neighbors=nl, create_graph=True, num_structures=2)
+    loss_of(out["energy"], out["forces"]).backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    traced = TracedForces(model, training=True)
+    energy, forces, _ = traced(z, pos, batch, 2, nl.edge_index, None, nl.mask)
+    loss_of(energy, forces).backward()
+    checked = 0
+    for name, p in model.named_parameters():
+        if name not in eager:  # no part in the loss (eager gives None): nothing or zeros here
+            assert p.grad is None or not bool(p.grad.any()), name
+            continue
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-8, atol=1e-11, msg=name)
+        checked += int(eager[name].abs().max() > 0)
+    assert checked > 20  # the gradients are not trivially zero
+
+
+def test_untraceable_potential_is_refused():
+    from torchmdx.nn.analytic import ANALYTIC_KINDS
+
+    kind = next(iter(ANALYTIC_KINDS))
+    with pytest.raises(TypeError, match="cannot be traced"):
+        TracedForces(torchmdx.build_model({"kind": kind}))

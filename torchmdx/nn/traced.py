@@ -1,0 +1,190 @@
+"""Energy and forces of a potential as ONE traced and compiled graph (forward and backward).
+
+For a structure (or batch) of fixed shape, the whole evaluation
+
+    vectors_e = pos[j_e] - pos[i_e] + offset_e,   valid_e = mask_e and |vectors_e| < cutoff
+    t_a       = potential.atomic_energies(graph)                                (eV)
+    E_b       = sum_{a in b} t_a,                  F_a = -dE/dpos_a             (eV, eV/Å)
+
+is traced with ``make_fx`` *through* ``torch.autograd.grad`` into one FX graph of aten
+operations (the forces' backward pass included; parameters and buffers are graph inputs), then
+compiled by inductor (``torch.compile``). Inductor fuses across everything: the element-wise
+work of one layer's backward with the next layer's, the per-edge message of the reference path
+(gathers, filters, attention, messages, scatter) into a few kernels, the dense parts around it.
+Where the per-part compilation (:meth:`ETPotential.set_compiled`) leaves ~700 kernels per call
+of a 22-atom molecule, this leaves a few hundred.
+
+Training. The traced graph is an ordinary differentiable function of the parameters: called
+with ``training=True`` (parameters that require grad), AOTAutograd differentiates it once more,
+so a force loss gets its parameter gradients (the double backward) from compiled, fused
+kernels too. Backward operators without a derivative of their own (``silu_backward`` and
+friends) are decomposed into primitives at trace time (:data:`DECOMPOSITIONS`).
+
+Shapes are static: one graph per (atoms, edges, structures, dtype, device, inputs present); a
+capacity-padded neighbor list (the MD engine's and the training graph's) keeps the edge count
+fixed. The message step always runs the torch reference here (inductor compiles it); the
+fused Triton kernels are for the eager and per-part paths. The scatter sums inductor generates
+use atomic adds on the GPU, so float32 results are not bitwise reproducible run to run (the
+fused Triton message kernels are); they agree with the eager path to float32 rounding (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from torchmdx.nn.base import Graph
+
+aten = torch.ops.aten
+
+#: operators decomposed at trace time, because the training graph differentiates the traced
+#: backward once more: the backward operators have no derivative formula of their own, and
+#: ``native_layer_norm``'s mean / 1/std outputs (which its decomposed backward reads) are not
+#: differentiable outputs, so gradients through them would be lost silently
+DECOMPOSITION_OPS = (
+    "silu_backward", "sigmoid_backward", "tanh_backward", "softplus_backward", "mish_backward",
+    "native_layer_norm", "native_layer_norm_backward", "embedding_dense_backward", "gelu_backward", "threshold_backward",
+)
+
+
+def _decompositions() -> dict:
+    from torch._decomp import get_decompositions
+
+    ops = [getattr(aten, name) for name in DECOMPOSITION_OPS if hasattr(aten, name)]
+    return get_decompositions(ops)
+
+
+#: inductor options by device type. On the CPU the vectorised C++ code generator fails on a
+#: scatter of a constant into a float64 buffer (torch 2.13: an assertion in cpp.py's store);
+#: the CPU graph is for tests, so it is generated without vectorisation.
+COMPILE_OPTIONS: dict = {"cpu": {"cpp.simdlen": 0}, "cuda": {}}
+
+
+def _strip_detach(graph_module) -> int:
+    """Remove every ``aten.detach`` of a traced graph (returns how many).
+
+    The autograd engine unpacks the results it saved for the backward (exp, sqrt, norms) as
+    detached aliases, and make_fx records those as ``aten.detach``: they would cut the
+    parameter-dependence of the traced forces, i.e. the double backward of training. The traced
+    function detaches nothing of its own that matters (the positions only start the graph)."""
+    removed = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_function" and node.target is aten.detach.default:
+            node.replace_all_uses_with(node.args[0])
+            graph_module.graph.erase_node(node)
+            removed += 1
+    if removed:
+        graph_module.recompile()
+    return removed
+
+
+class _Energy(torch.nn.Module):
+    """Wraps ``potential.atomic_energies`` so :func:`torch.func.functional_call` can swap its
+    parameters and buffers for graph inputs."""
+
+    def __init__(self, potential):
+        super().__init__()
+        self.potential = potential
+
+    def forward(self, graph: Graph) -> torch.Tensor:
+        return self.potential.atomic_energies(graph)
+
+
+class TracedForces:
+    """Energies and forces of ``potential`` through one compiled graph per input shape.
+
+    ``TracedForces(potential)(z, pos, batch, num_structures, edge_index, offsets, mask)`` returns
+    ``(energy [B] float64 eV, forces [N, 3] eV/Å, per-atom energies [N] eV)``. ``edge_index``
+    [2, E] sorted by receiver (any torchmdx neighbor list, capacity-padded or not), ``offsets``
+    [E, 3] the image offsets n_e @ cell in Å (None: no periodic images), ``mask`` [E] bool valid
+    rows (None: all). Edges at or beyond ``cutoff`` (default: the potential's) are masked, as in
+    :meth:`torchmdx.md.forces.ForceField.evaluate`.
+
+    ``training=True``: the parameters enter as they are (requiring grad), and the outputs are
+    differentiable w.r.t. them (a loss on forces backpropagates through compiled kernels).
+    Otherwise the parameters are detached: inference only.
+
+    The potential must support tracing (:attr:`Potential.traceable`): no host reads, no
+    data-dependent Python branches in :meth:`atomic_energies` while ``potential.tracing``.
+    ``compile=False`` runs the traced graph without inductor (tests).
+    """
+
+    def __init__(self, potential, training: bool = False, cutoff: Optional[float] = None, compile: bool = True):
+        if not getattr(potential, "traceable", False):
+            raise TypeError(f"{type(potential).__name__} cannot be traced into one graph")
+        self.potential = potential
+        self.module = _Energy(potential)
+        self.training = bool(training)
+        self.cutoff = float(potential.cutoff if cutoff is None else cutoff)
+        self.compile = bool(compile)
+        self._graphs: dict = {}
+        self.traces = 0
+
+    # ------------------------------------------------------------------ the traced function
+    def _state(self):
+        names, tensors = [], []
+        for name, value in self.module.named_parameters():
+            names.append(name)
+            tensors.append(value if self.training else value.detach())
+        for name, value in self.module.named_buffers():
+            names.append(name)
+            tensors.append(value)
+        return names, tensors
+
+    def _function(self, names, num_structures: int):
+        module, cutoff2 = self.module, self.cutoff * self.cutoff
+
+        def energy_and_forces(state, z, pos, batch, edge_index, offsets, mask):
+            with torch.enable_grad():
+                pos = pos.detach().requires_grad_(True)
+                receivers, senders = edge_index[0], edge_index[1]
+                vectors = pos.index_select(0, senders) - pos.index_select(0, receivers)
+                if offsets is not None:
+                    vectors = vectors + offsets
+                length2 = (vectors * vectors).sum(-1)
+                valid = length2 < cutoff2
+                if mask is not None:
+                    valid = valid & mask
+                # invalid rows (padding, beyond the cutoff) get distance 0 and no 1/r anywhere
+                safe = torch.where(valid.unsqueeze(-1), vectors, torch.ones_like(vectors))
+                distances = torch.where(valid, safe.norm(dim=-1), torch.zeros_like(length2))
+                graph = Graph(z, pos, batch, num_structures, edge_index, vectors, distances, valid)
+                atomic = torch.func.functional_call(module, dict(zip(names, state)), (graph,))
+                energy = torch.zeros(num_structures, dtype=atomic.dtype, device=atomic.device).index_add(0, batch, atomic)
+                (grad,) = torch.autograd.grad(energy.sum(), pos)
+            return energy, -grad, atomic
+
+        return energy_and_forces
+
+    def _build(self, key, names, args, num_structures: int):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        fn = self._function(names, num_structures)
+        potential = self.potential
+        previous = potential.tracing
+        potential.tracing = True
+        try:
+            graph_module = make_fx(fn, tracing_mode="fake", decomposition_table=_decompositions())(*args)
+        finally:
+            potential.tracing = previous
+        _strip_detach(graph_module)
+        self.traces += 1
+        if not self.compile:
+            return graph_module
+        device_type = args[2].device.type
+        options = COMPILE_OPTIONS.get(device_type) or None
+        return torch.compile(graph_module, dynamic=False, fullgraph=True, options=options)
+
+    def __call__(self, z, pos, batch, num_structures: int, edge_index, offsets=None, mask=None):
+        names, state = self._state()
+        args = (state, z, pos.detach(), batch, edge_index, offsets, mask)
+        key = (
+            tuple(z.shape), tuple(edge_index.shape), int(num_structures), pos.dtype, pos.device,
+            offsets is not None, mask is not None, tuple(names), tuple(t.dtype for t in state),
+            self.training and torch.is_grad_enabled(),
+        )
+        fn = self._graphs.get(key)
+        if fn is None:
+            fn = self._graphs[key] = self._build(key, names, args, int(num_structures))
+        return fn(*args)
