@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions; the best is reported")
     p.add_argument("--replicas", type=int, default=0, help="also time R replicas in one batch (native)")
     p.add_argument("--skin", type=float, default=0.5)
+    p.add_argument("--traced-replicas", action="store_true", help="replica rows with the whole model traced")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "systems"))
     p.add_argument("--json", help="also write the results here")
     return p.parse_args(argv)
@@ -75,7 +76,7 @@ def tame(model, atoms, target_rms_force=1.0):
     return model
 
 
-def time_native(model, structures, args, cuda_graph=None, compile=None):
+def time_native(model, structures, args, cuda_graph=None, compile=None, traced=None):
     """Best steps/s of the native engine; ``cuda_graph`` / ``compile`` None = the engine's
     defaults (on CUDA: a CUDA graph per step, torch.compile'd model), False = off."""
     import torch
@@ -84,7 +85,7 @@ def time_native(model, structures, args, cuda_graph=None, compile=None):
 
     sim = Simulation(model, structures, timestep_fs=0.5, ensemble="nve", temperature_K=300.0, device=args.device,
                      dtype=getattr(torch, args.dtype), seed=0, skin=args.skin, max_temperature_K=1e12,
-                     cuda_graph=cuda_graph, compile=compile)
+                     cuda_graph=cuda_graph, compile=compile, traced=traced)
     sim.initialize()
     sim.run(args.warmup, every=max(1, args.warmup))
     best, builds = 0.0, 0
@@ -166,6 +167,13 @@ def main(argv=None):
             row["native_steps_per_s"], row["neighbor_list_builds"] = time_native(model, atoms, args)
         except (TorchmdxError, RuntimeError) as exc:
             row["native_error"] = str(exc).splitlines()[0]
+        if args.device.startswith("cuda"):
+            try:
+                start = time.perf_counter()
+                row["native_traced_steps_per_s"], _ = time_native(model, atoms, args, compile=False, traced=True)
+                row["native_traced_setup_and_run_s"] = round(time.perf_counter() - start, 1)
+            except (TorchmdxError, RuntimeError) as exc:
+                row["native_traced_error"] = str(exc).splitlines()[0]
         try:
             row["ase_steps_per_s"] = time_ase(model, atoms, args)
         except (TorchmdxError, RuntimeError, FloatingPointError) as exc:
@@ -187,14 +195,17 @@ def main(argv=None):
             print(f"    native engine without CUDA graph: {row['native_eager_steps_per_s']:.3g} steps/s")
         if "ase_eager_steps_per_s" in row:
             print(f"    ASE loop, calculator without CUDA graph / compile: {row['ase_eager_steps_per_s']:.3g} steps/s")
+        if "native_traced_steps_per_s" in row:
+            print(f"    native engine, CUDA graph, whole model traced + compiled: {row['native_traced_steps_per_s']:.3g} steps/s")
         if "native_graph_uncompiled_steps_per_s" in row:
             print(f"    native engine, CUDA graph, model not compiled: {row['native_graph_uncompiled_steps_per_s']:.3g} steps/s")
-        for key in ("native_error", "native_eager_error", "native_graph_uncompiled_error", "ase_error", "ase_eager_error"):
+        for key in ("native_error", "native_eager_error", "native_graph_uncompiled_error", "native_traced_error",
+                    "ase_error", "ase_eager_error"):
             if key in row:
                 print(f"    {key}: {row[key]}")
         if args.replicas > 1:
             try:
-                rate, _ = time_native(model, [atoms] * args.replicas, args)
+                rate, _ = time_native(model, [atoms] * args.replicas, args, traced=args.traced_replicas or None)
                 row["replicas"] = args.replicas
                 row["replica_molecule_steps_per_s"] = rate * args.replicas
                 print(f"{name + f' x{args.replicas} (batch)':28s} {len(atoms) * args.replicas:7d} {rate:12.3g} "

@@ -135,7 +135,7 @@ def make_model(backend: str, **overrides):
     return ETPotential({**ET_MD17, **overrides}, backend=backend).to(DEVICE).eval()
 
 
-def graph_call(model, z, pos, cell, pbc):
+def graph_call(model, z, pos, cell, pbc, traced=False):
     """Energy + forces of fixed shapes as one CUDA graph, exactly as ``torchmdx.Calculator``
     replays it on CUDA (:class:`torchmdx.md.cuda_graph.GraphedForces`: fixed-capacity Triton
     neighbor list rebuilt inside the graph, model, forces): returns (replay, outputs)."""
@@ -146,7 +146,7 @@ def graph_call(model, z, pos, cell, pbc):
     atoms = Atoms(numbers=z.cpu().numpy(), positions=pos.double().cpu().numpy(),
                   cell=None if cell is None else cell.double().cpu().numpy(),
                   pbc=False if pbc is None else pbc.cpu().numpy())
-    graphed = GraphedForces(model, atoms, pos.device, pos.dtype)
+    graphed = GraphedForces(model, atoms, pos.device, pos.dtype, traced=traced)
     graphed(pos)  # builds, captures, replays once
     energy, forces, _, overflow = graphed.outputs
 
@@ -160,6 +160,8 @@ def graph_call(model, z, pos, cell, pbc):
 NEIGHBORS = "auto"
 #: also time a CUDA-graph-captured call
 GRAPH = True
+#: (column, ETPotential.set_compiled, whole model traced into one compiled graph) of the graph calls
+GRAPH_VARIANTS = [("graph", False, False), ("graph_compiled", True, False), ("graph_traced", False, True)]
 
 
 def bench_system(name, data_dir, results, backends):
@@ -190,10 +192,12 @@ def bench_system(name, data_dir, results, backends):
         except Exception as exc:  # noqa: BLE001 - one failing column must not stop the table
             row[f"{key}_error"] = error_text(exc)
         if backend == "triton" and GRAPH:
-            for gkey, compiled in (("graph", False), ("graph_compiled", True)):
+            for gkey, compiled, traced in GRAPH_VARIANTS:
                 try:
                     model.set_compiled(compiled)
-                    replay, outputs = graph_call(model, z, pos, cell, pbc)
+                    t0 = time.perf_counter()
+                    replay, outputs = graph_call(model, z, pos, cell, pbc, traced=traced)
+                    row[f"{gkey}_setup_s"] = round(time.perf_counter() - t0, 1)
                     replay()
                     synchronize()
                     if bool(outputs[2]):
@@ -479,7 +483,8 @@ def check_neighbors(name, data_dir, results):
 # --------------------------------------------------------------------------------- main
 def table(results) -> str:
     lines = ["| system | atoms | ref ms | ref MiB | fused ms | fused MiB | graph ms | graph MiB "
-             "| graph + compile ms | graph + compile MiB | fused/ref force rel |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| graph + compile ms | graph + compile MiB | graph, traced ms | graph, traced MiB | fused/ref force rel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in results["systems"].items():
         def cell(key):
             if key in row:
@@ -491,6 +496,7 @@ def table(results) -> str:
         lines.append(f"| {name} | {row['atoms']} | {cell('ref_ms')} | {cell('ref_peak_MiB')} | {cell('fused_ms')} | "
                      f"{cell('fused_peak_MiB')} | {cell('graph_ms')} | {cell('graph_peak_MiB')} | "
                      f"{cell('graph_compiled_ms')} | {cell('graph_compiled_peak_MiB')} | "
+                     f"{cell('graph_traced_ms')} | {cell('graph_traced_peak_MiB')} | "
                      f"{'-' if rel is None else f'{rel:.1e}'} |")
     if "training" in results:
         t = results["training"]
@@ -533,6 +539,10 @@ def main(argv=None):
         print(f"message launch config: {message_triton.CONFIG}", flush=True)
     NEIGHBORS = args.neighbors
     GRAPH = not args.no_graph
+    global GRAPH_VARIANTS
+    if os.environ.get("BENCH_GRAPH_VARIANTS"):  # a subset of the graph columns, e.g. "graph_compiled,graph_traced"
+        wanted = os.environ["BENCH_GRAPH_VARIANTS"].split(",")
+        GRAPH_VARIANTS = [v for v in GRAPH_VARIANTS if v[0] in wanted]
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: bench_model.py needs a CUDA GPU (or --device cpu for a smoke test)")
     if not args.data.is_dir():

@@ -54,6 +54,9 @@ from bench_model import ET_MD17, cuda_time, training_batch  # noqa: E402
 #: TorchMD-NET 3.0.0, same step (eager), measured earlier on an H100 (issue 7 status, 2026-11-25)
 TORCHMDNET_MS = 67.6
 MOLECULES = 32
+#: (column, bench_variant keywords)
+VARIANTS = [("eager", dict(graphed=False)), ("graph", {}), ("graph_tight", dict(headroom=1.1)),
+            ("graph_traced", dict(headroom=1.1, traced=True))]
 BACKENDS = {"ref": "torch", "fused": "triton"}
 
 
@@ -100,13 +103,13 @@ def eager_runner(backend, data):
     return model, step
 
 
-def graph_runner(backend, data, headroom=None):
+def graph_runner(backend, data, headroom=None, traced=False):
     from torchmdx.train.graphed import GraphedTrainStep, shape_from_counts
 
     z, pos, batch, energy_ref, forces_ref = data
     model = make_model(backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
-    runner = GraphedTrainStep(model, optimizer, objective(), pair_headroom=headroom)
+    runner = GraphedTrainStep(model, optimizer, objective(), pair_headroom=headroom, traced=traced)
     shape = shape_from_counts([int(z.shape[0]) // MOLECULES] * MOLECULES)
 
     def step():
@@ -115,7 +118,7 @@ def graph_runner(backend, data, headroom=None):
     return model, runner, step
 
 
-def bench_variant(label, backend, data, args, headroom=None, graphed=True):
+def bench_variant(label, backend, data, args, headroom=None, graphed=True, traced=False):
     row = {"variant": label, "backend": backend}
     peak_reset()
     try:
@@ -124,7 +127,12 @@ def bench_variant(label, backend, data, args, headroom=None, graphed=True):
             row["ms"] = round(cuda_time(step, args.warmup, args.repeats), 3)
             row["peak_mib"] = peak_mib()
             return row
-        _, runner, step = graph_runner(backend, data, headroom)
+        _, runner, step = graph_runner(backend, data, headroom, traced)
+        t0 = time.perf_counter()
+        for _ in range(runner.warmup_steps + 1):  # warm-up (compilation) and capture, timed apart
+            step()
+        torch.cuda.synchronize()
+        row["setup_s"] = round(time.perf_counter() - t0, 1)
         row["ms"] = round(cuda_time(step, max(args.warmup, runner.warmup_steps + 2), args.repeats), 3)
         row["peak_mib"] = peak_mib()
         graph = next(iter(runner._graphs.values()))
@@ -147,11 +155,11 @@ def bench_variant(label, backend, data, args, headroom=None, graphed=True):
     return row
 
 
-def check_losses(backend, data, steps=5) -> float:
+def check_losses(backend, data, steps=5, traced=False) -> float:
     """Largest relative difference of the per-step losses of ``steps`` graphed and eager steps
     (same initial weights; the graph is captured at step 3)."""
     _, eager_step = eager_runner(backend, data)
-    _, runner, graph_step = graph_runner(backend, data)
+    _, runner, graph_step = graph_runner(backend, data, traced=traced)
     worst = 0.0
     for _ in range(steps):
         a, b = float(eager_step()), float(graph_step())
@@ -195,12 +203,13 @@ def table(rows) -> str:
         return "error" if "error" in r else f"{r[key]:.2f}"
 
     lines = ["| message path | eager | graph, bound Σn(n-1) | graph, 1.1x pairs (default) | replay only (1.1x) "
-             "| host per graphed step |",
-             "|---|---|---|---|---|---|"]
+             "| host per graphed step | graph 1.1x, traced | replay only (traced) |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, backend in BACKENDS.items():
         lines.append(f"| {label} | {cell('eager', backend)} | {cell('graph', backend)} | {cell('graph_tight', backend)} "
-                     f"| {cell('graph_tight', backend, 'replay_ms')} | {cell('graph_tight', backend, 'host_ms')} |")
-    lines.append(f"| TorchMD-NET 3.0.0 (eager, measured earlier) | {TORCHMDNET_MS} | | | | |")
+                     f"| {cell('graph_tight', backend, 'replay_ms')} | {cell('graph_tight', backend, 'host_ms')} "
+                     f"| {cell('graph_traced', backend)} | {cell('graph_traced', backend, 'replay_ms')} |")
+    lines.append(f"| TorchMD-NET 3.0.0 (eager, measured earlier) | {TORCHMDNET_MS} | | | | | | |")
     return "\n".join(lines)
 
 
@@ -211,6 +220,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--backends", default="ref,fused")
+    parser.add_argument("--variants", default=",".join(v for v, _ in VARIANTS), help="columns to run (comma-separated)")
+    parser.add_argument("--checks", default="graph,traced", help="loss checks to run: graph, traced (comma-separated)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the kernel profile of one eager step per message path")
     args = parser.parse_args(argv)
@@ -233,16 +244,18 @@ def main(argv=None):
     rows, checks, profiles = [], {}, {}
     for label in args.backends.split(","):
         backend = BACKENDS[label]
-        for variant, kwargs in (("eager", dict(graphed=False)), ("graph", {}), ("graph_tight", dict(headroom=1.1))):
+        for variant, kwargs in [v for v in VARIANTS if v[0] in args.variants.split(",")]:
             row = bench_variant(variant, backend, data, args, **kwargs)
             print(json.dumps(row), flush=True)
             rows.append(row)
-        try:
-            checks[label] = check_losses(backend, data)
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc()
-            checks[label] = f"{type(exc).__name__}: {exc}"
-        print(f"loss check {label}: max relative difference graph vs eager {checks[label]}", flush=True)
+        for traced in [t for t, name in ((False, "graph"), (True, "traced")) if name in args.checks.split(",")]:
+            key = f"{label}{' traced' if traced else ''}"
+            try:
+                checks[key] = check_losses(backend, data, traced=traced)
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                checks[key] = f"{type(exc).__name__}: {exc}"
+            print(f"loss check {key}: max relative difference graph vs eager {checks[key]}", flush=True)
         peak_reset()
         if args.profile:
             try:

@@ -3,7 +3,8 @@
 #   bash bench/gpu_session.sh tests md        # GPU tests + MD benchmark
 #   bash bench/gpu_session.sh anchor model    # TorchMD-NET 3.0.0 anchor + torchmdx model benchmark
 #   bash bench/gpu_session.sh train           # CUDA-graph training step (bench/bench_train.py)
-# Environment knobs: MODEL_ARGS / MODEL_TIMEOUT, MD_SYSTEMS / MD_TIMEOUT, TRAIN_TIMEOUT.
+# Environment knobs: MODEL_ARGS / MODEL_TIMEOUT, MD_SYSTEMS / MD_ARGS / MD_TIMEOUT, TRAIN_ARGS / TRAIN_TIMEOUT,
+# TESTS_ARGS (pytest selection, default every -m gpu test), BENCH_GRAPH_VARIANTS (bench_model's graph columns).
 # Needs `.whl/` (ase, vesin, vesin-torch, torchmd-net, pytest wheels) and `.benchdata/` (the
 # systems' xyz files, anchor_torchmdnet.py, md17_aspirin_xtb.npz) carried with the call.
 set -u
@@ -19,15 +20,15 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for part in "$@"; do
   echo "=== $part $(date -u +%H:%M:%S)"
   case "$part" in
-    tests) timeout ${TESTS_TIMEOUT:-560} python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -W ignore::UserWarning \
+    tests) timeout ${TESTS_TIMEOUT:-560} python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS_ARGS:-tests/} -W ignore::UserWarning \
           --durations=12 2>&1 | tee "$OUT/gpu_tests.log" ;;
     md) timeout ${MD_TIMEOUT:-150} python3 bench/bench_md.py --device cuda --data .benchdata \
-          --systems ${MD_SYSTEMS:-alanine_dipeptide chignolin dhfr} --steps 200 --warmup 20 --repeat 1 --replicas 32 \
+          --systems ${MD_SYSTEMS:-alanine_dipeptide chignolin dhfr} --steps 200 --warmup 20 --repeat 1 --replicas 32 ${MD_ARGS:-} \
           --json "$OUT/bench_md.json" 2>&1 | tee "$OUT/bench_md.log" ;;
     anchor) SYSTEMS=.benchdata timeout 180 python3 .benchdata/anchor_torchmdnet.py \
           alanine_dipeptide,chignolin,dhfr,factorIX,stmv 2>&1 | tee "$OUT/anchor.log" ;;
     model) timeout ${MODEL_TIMEOUT:-200} python3 bench/bench_model.py --data .benchdata --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/bench_model.log" ;;
-    train) timeout ${TRAIN_TIMEOUT:-150} python3 bench/bench_train.py --data .benchdata --out "$OUT" --no-profile \
+    train) timeout ${TRAIN_TIMEOUT:-150} python3 bench/bench_train.py --data .benchdata --out "$OUT" --no-profile ${TRAIN_ARGS:-} \
           2>&1 | tee "$OUT/bench_train.log" ;;
     neighbors) timeout 200 python3 bench/bench_neighbors.py --sizes 1000,10000,100000 --systems .benchdata \
           --out "$OUT" 2>&1 | tee "$OUT/bench_neighbors.log" ;;

@@ -161,10 +161,12 @@ class GraphedForces:
     into a static buffer before each replay. An overflowing list is detected after the replay
     (the results are read anyway): the exact list is then built eagerly (capacity grows), the
     function is captured again and replayed. ``use_graph=False`` runs the same function eagerly
-    (the CPU tests exercise the list/overflow logic that way).
+    (the CPU tests exercise the list/overflow logic that way). ``traced``: the model and its
+    forces run as one traced, compiled graph (:class:`torchmdx.nn.traced.TracedForces`).
     """
 
-    def __init__(self, potential, atoms, device, dtype, skin: float = 0.5, use_graph: bool = True):
+    def __init__(self, potential, atoms, device, dtype, skin: float = 0.5, use_graph: bool = True,
+                 traced: bool = False):
         from torchmdx.md.forces import ForceField
         from torchmdx.md.system import System
 
@@ -172,6 +174,10 @@ class GraphedForces:
         self.forcefield = ForceField(potential, self.system, skin=skin, wrap=False)
         self.forcefield.fixed_capacity = True
         self.forcefield.rebuild_each_step = True
+        if traced:
+            from torchmdx.nn.traced import TracedForces
+
+            self.forcefield.traced = TracedForces(potential)
         self.positions: Optional[torch.Tensor] = None
         self.use_graph = bool(use_graph)
         self.graph = None

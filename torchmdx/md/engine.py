@@ -163,6 +163,7 @@ class Simulation:
         check_every_step: Optional[bool] = None,
         cuda_graph: Optional[bool] = None,
         compile: Optional[bool] = None,
+        traced: Optional[bool] = None,
     ):
         import ase
 
@@ -199,6 +200,14 @@ class Simulation:
         # torch.compile of the model's dense parts (ETPotential.set_compiled; freezes its
         # parameters): on CUDA by default, where it cuts the kernels per step several-fold
         self.compiled = bool(self.potential.set_compiled(self.device.type == "cuda" if compile is None else bool(compile)))
+        # the whole model, forces included, as one traced + compiled graph (nn/traced.py); its
+        # shapes are static, so the list keeps a fixed capacity (one graph per capacity)
+        self.traced = bool(traced) and getattr(self.potential, "traceable", False)
+        if self.traced:
+            from torchmdx.nn.traced import TracedForces
+
+            self.forcefield.fixed_capacity = True
+            self.forcefield.traced = TracedForces(self.potential)
         self._graphed = None
         if self.use_cuda_graph:
             from torchmdx.md.cuda_graph import GraphedStep

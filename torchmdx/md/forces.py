@@ -83,6 +83,9 @@ class ForceField:
         #: CUDA-graph mode: rebuild the (fixed-capacity) list on the device at every fast step
         #: (see the module docstring); careful steps then build the exact list at every step
         self.rebuild_each_step = False
+        #: :class:`torchmdx.nn.traced.TracedForces` of the potential, or None: when set,
+        #: :meth:`evaluate` runs the model, its forces included, as one compiled graph
+        self.traced = None
 
     # ------------------------------------------------------------------ neighbor list
     def build(self, positions: torch.Tensor, wrap: Optional[bool] = None) -> torch.Tensor:
@@ -199,6 +202,10 @@ class ForceField:
         current list; F = -∂E/∂r by autograd. Same equations as :meth:`Potential.forward`
         (edges beyond the cutoff masked), without its host synchronisations."""
         s, nl = self.system, self.neighbors
+        if self.traced is not None:
+            energy, forces, atomic = self.traced(s.z, positions, s.batch, s.num_structures, nl.edge_index,
+                                                 self._offsets, nl.mask)
+            return (energy, forces, atomic) if per_atom else (energy, forces)
         with torch.enable_grad():
             pos = positions.detach().requires_grad_(True)
             # = edge_vectors(pos, ...) with the constant image offsets precomputed at the build

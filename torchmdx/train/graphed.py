@@ -173,13 +173,18 @@ class GraphedTrainStep:
         pair_headroom: None for the all-pairs capacity bound, else h >= 1 (see the module docstring).
         warmup_steps: eager steps of a new shape before it is captured (at least 1).
         max_shapes: most batch shapes with their own graph.
+        traced: the captured step evaluates energies and forces through one traced, compiled
+            graph (:class:`torchmdx.nn.traced.TracedForces` with ``training=True``: forward,
+            forces and their parameter gradients as fused inductor kernels) instead of the
+            model's eager autograd; the eager warm-up steps at other capacities stay eager.
 
     On a CPU model nothing is captured: :meth:`step` runs the same step eagerly (tests use this).
     """
 
     def __init__(self, model, optimizer, objective: Callable, *, forces: bool = True,
                  clip_value: Optional[float] = None, clip_algorithm: str = "norm",
-                 pair_headroom: Optional[float] = None, warmup_steps: int = 2, max_shapes: int = 4):
+                 pair_headroom: Optional[float] = None, warmup_steps: int = 2, max_shapes: int = 4,
+                 traced: bool = False):
         if pair_headroom is not None and not pair_headroom >= 1.0:
             raise ValueError(f"pair_headroom must be >= 1 or None, got {pair_headroom}")
         self.model = model
@@ -191,6 +196,11 @@ class GraphedTrainStep:
         self.pair_headroom = pair_headroom
         self.warmup_steps = max(1, int(warmup_steps))
         self.max_shapes = int(max_shapes)
+        self.traced = None
+        if traced:
+            from torchmdx.nn.traced import TracedForces
+
+            self.traced = TracedForces(model, training=True)
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device = self._params[0].device
         self.enabled = self.device.type == "cuda" and torch.cuda.is_available()
@@ -328,14 +338,15 @@ class GraphedTrainStep:
         """The step without a graph, with a capacity that cannot overflow (the batch's bound).
         On CUDA on a side stream, then one host read (the pair count, for ``pair_headroom``)."""
         self._sync_lr()
+        traced = capacity == graph.capacity  # the capture's shape: compile the traced graph now
         if not self.enabled:
-            outputs, _ = self._compute(graph.inputs, capacity)
+            outputs, _ = self._compute(graph.inputs, capacity, traced)
             self.stats["eager_steps"] += 1
             return outputs
         main = torch.cuda.current_stream(self.device)
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side):
-            outputs, num_pairs = self._compute(graph.inputs, capacity)
+            outputs, num_pairs = self._compute(graph.inputs, capacity, traced)
         main.wait_stream(self._side)
         pairs = int(num_pairs)
         graph.max_pairs = max(graph.max_pairs, pairs)
@@ -361,22 +372,28 @@ class GraphedTrainStep:
         self._sync_lr()
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph):
-            outputs, _ = self._compute(graph.inputs, graph.capacity)
+            outputs, _ = self._compute(graph.inputs, graph.capacity, traced=True)
         graph.graph, graph.outputs = cuda_graph, outputs
         self._binding_labels = []
         self._bindings = self._current_bindings(self._binding_labels)
         self.stats["captures"] += 1
 
-    def _compute(self, inputs: dict, capacity: int):
-        """The step itself (captured as is): see the module docstring. Returns (outputs, num_pairs)."""
+    def _compute(self, inputs: dict, capacity: int, traced: bool = False):
+        """The step itself (captured as is): see the module docstring. Returns (outputs, num_pairs).
+        ``traced``: through :attr:`traced` (when set)."""
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads:
             torch._foreach_zero_(grads)
         pos, batch = inputs["pos"], inputs["batch"]
         structures = inputs["energy"].shape[0]
         neighbors = neighbor_list(pos.detach(), self.model.cutoff, batch, max_pairs=capacity)
-        out = self.model(inputs["z"], pos, batch, neighbors=neighbors, forces=self.forces,
-                         create_graph=self.forces, num_structures=structures)
+        if traced and self.traced is not None:
+            energy, forces, _ = self.traced(inputs["z"], pos, batch, structures, neighbors.edge_index, None,
+                                            neighbors.mask)
+            out = {"energy": energy, "forces": forces}
+        else:
+            out = self.model(inputs["z"], pos, batch, neighbors=neighbors, forces=self.forces,
+                             create_graph=self.forces, num_structures=structures)
         n_atoms = torch.zeros(structures, dtype=torch.long, device=pos.device).index_add_(0, batch, torch.ones_like(batch))
         loss, energy_error, force_error = self.objective(out["energy"], out.get("forces"), inputs["energy"],
                                                          inputs.get("forces"), n_atoms)
