@@ -50,6 +50,7 @@ def test_traced_forces_equal_eager(compiled):
             torch.testing.assert_close(atomic, ref["energies"], rtol=1e-10, atol=1e-10)
             torch.testing.assert_close(forces, ref["forces"], rtol=1e-9, atol=1e-10)
     assert traced.traces == 2  # one graph per list shape, reused for the shifted positions
+    assert traced.small_products > 10  # products rewritten as reductions (nn.traced.small_products) agree too
 
 
 def test_traced_forces_are_minus_the_energy_gradient():

@@ -98,16 +98,13 @@ class EquivariantAttention(nn.Module):
         return x + vec_dot * o2 + o3, vec + u3 * o1.unsqueeze(1) + w
 
     def forward(self, x, vec, edge_index, rbf, cutoff_weight, unit_vectors, edge_mask, self_rbf, self_cutoff, message,
-                compiled: bool = False, small: Optional[bool] = None):
+                compiled: bool = False):
         """One layer: (x, vec) -> (x + dx, vec + dvec). ``compiled``: run :meth:`prepare` and
-        :meth:`update` through ``torch.compile`` (see :func:`compiled_function`). ``small``:
-        products as reductions (:func:`linear`; None: when compiled and at most
-        :data:`SMALL_MATMUL_ATOMS` atoms)."""
+        :meth:`update` through ``torch.compile`` (see :func:`compiled_function`)."""
         device_type = x.device.type
         prepare = compiled_function(EquivariantAttention.prepare, device_type) if compiled else EquivariantAttention.prepare
         update = compiled_function(EquivariantAttention.update, device_type) if compiled else EquivariantAttention.update
-        if small is None:
-            small = compiled and x.shape[0] <= SMALL_MATMUL_ATOMS
+        small = compiled and x.shape[0] <= SMALL_MATMUL_ATOMS
         q, k, v, u3, vec_dot, dk0, dv0 = prepare(self, x, vec, self_rbf, small)
         options = dict(edge_mask=edge_mask, self_loop=(dk0, dv0, self_cutoff),
                        attn_activation=self.attn_activation, vector_cutoff=self.vector_cutoff)
@@ -212,18 +209,15 @@ class ETRepresentation(nn.Module):
         self_cutoff = self.cutoff_fn(zero)[0]
         return valid, rbf, phi, unit, x, self_rbf, self_cutoff
 
-    def forward(self, z, edge_index, vectors, distances, mask=None, backend: str = "auto", compiled: bool = False,
-                small: Optional[bool] = None):
+    def forward(self, z, edge_index, vectors, distances, mask=None, backend: str = "auto", compiled: bool = False):
         """(x, vec) of every atom. ``compiled``: the dense parts (edge features and embedding,
         each layer's :meth:`~EquivariantAttention.prepare` / :meth:`~EquivariantAttention.update`)
-        run through ``torch.compile`` (:func:`compiled_function`). ``small``: the layers'
-        products as reductions (see :meth:`EquivariantAttention.forward`)."""
+        run through ``torch.compile`` (:func:`compiled_function`)."""
         embed = compiled_function(ETRepresentation.embed, z.device.type) if compiled else ETRepresentation.embed
         valid, rbf, phi, unit, x, self_rbf, self_cutoff = embed(self, z, edge_index, vectors, distances, mask)
         vec = torch.zeros(x.shape[0], 3, x.shape[1], dtype=x.dtype, device=x.device)
         message = message_function(backend, x.device)
         edge_mask = valid  # no host sync: invalid (padded / skin) edges are zeroed in the message
         for layer in self.layers:
-            x, vec = layer(x, vec, edge_index, rbf, phi, unit, edge_mask, self_rbf, self_cutoff, message,
-                           compiled=compiled, small=small)
+            x, vec = layer(x, vec, edge_index, rbf, phi, unit, edge_mask, self_rbf, self_cutoff, message, compiled=compiled)
         return self.out_norm(x), vec

@@ -31,7 +31,7 @@ import torch
 from torchmdx.errors import ModelError
 from torchmdx.nn.base import Graph, Potential
 from torchmdx.nn.config import ModelConfig, model_config
-from torchmdx.nn.et import SMALL_MATMUL_ATOMS, ETRepresentation, compiled_function
+from torchmdx.nn.et import ETRepresentation, compiled_function
 from torchmdx.nn.heads import DipoleHead, GatedEquivariantHead, ScalarHead
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -243,8 +243,8 @@ class ETPotential(Potential):
     # ------------------------------------------------------------------ energies
     def atomic_energies(self, graph: Graph) -> torch.Tensor:
         """Per-atom energies t_a (eV, float64). While :attr:`tracing`
-        (:class:`torchmdx.nn.traced.TracedForces`): no overlap check (a host read), the torch
-        reference message, and the products of small structures as reductions."""
+        (:class:`torchmdx.nn.traced.TracedForces`): no overlap check (a host read) and the torch
+        reference message."""
         tracing = self.tracing
         if not tracing:
             self._check_overlaps(graph)
@@ -253,7 +253,6 @@ class ETPotential(Potential):
         x, vec = self.representation(
             graph.z, graph.edge_index, graph.vectors.to(dtype), graph.distances.to(dtype), graph.mask,
             backend="torch" if tracing else self.backend, compiled=compiled,
-            small=graph.z.shape[0] <= SMALL_MATMUL_ATOMS if tracing else None,
         )
         head = compiled_function(type(self.head).forward, x.device.type) if compiled else type(self.head).forward
         y = head(self.head, x, vec).to(torch.float64)

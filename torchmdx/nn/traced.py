@@ -79,6 +79,51 @@ def _strip_detach(graph_module) -> int:
     return removed
 
 
+#: matrix products A [M, K] @ B [K, N] of the traced graph with M <= this many rows, or with
+#: K <= :data:`SMALL_INNER`, are computed as a broadcast product summed over K (see
+#: :func:`small_products`)
+SMALL_ROWS = 64
+SMALL_INNER = 32
+
+
+def small_products(graph_module, max_rows: int = SMALL_ROWS, max_inner: int = SMALL_INNER) -> int:
+    """Rewrite small matrix products (``aten.mm`` / ``aten.addmm``, forward and backward) as
+    (A[:, :, None] * B[None]).sum(1) (+ bias); returns how many.
+
+    Inductor turns such a sum into one fused reduction kernel, often merged with the
+    element-wise work around it, where cuBLAS runs split-K kernels (3-4 launches of
+    ~10 µs for a few dozen rows, measured on an H100: half the GPU time of a 22-atom call).
+    Products with few rows (the atoms of a small molecule) or a short inner dimension (the 32
+    radial basis functions of every edge filter) are cheap as reductions at any size."""
+    graph = graph_module.graph
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
+            continue
+        if node.target is aten.addmm.default:
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                continue
+            bias, a, b = node.args[:3]
+        else:
+            bias, (a, b) = None, node.args[:2]
+        rows, inner = a.meta["val"].shape
+        if not (rows <= max_rows or inner <= max_inner):
+            continue
+        with graph.inserting_before(node):
+            left = graph.call_function(aten.unsqueeze.default, (a, 2))
+            right = graph.call_function(aten.unsqueeze.default, (b, 0))
+            product = graph.call_function(aten.mul.Tensor, (left, right))
+            result = graph.call_function(aten.sum.dim_IntList, (product, [1]))
+            if bias is not None:
+                result = graph.call_function(aten.add.Tensor, (result, bias))
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+        count += 1
+    if count:
+        graph_module.recompile()
+    return count
+
+
 class _Energy(torch.nn.Module):
     """Wraps ``potential.atomic_energies`` so :func:`torch.func.functional_call` can swap its
     parameters and buffers for graph inputs."""
@@ -107,10 +152,12 @@ class TracedForces:
 
     The potential must support tracing (:attr:`Potential.traceable`): no host reads, no
     data-dependent Python branches in :meth:`atomic_energies` while ``potential.tracing``.
-    ``compile=False`` runs the traced graph without inductor (tests).
+    ``compile=False`` runs the traced graph without inductor (tests); ``small``: rewrite small
+    matrix products as reductions (:func:`small_products`).
     """
 
-    def __init__(self, potential, training: bool = False, cutoff: Optional[float] = None, compile: bool = True):
+    def __init__(self, potential, training: bool = False, cutoff: Optional[float] = None, compile: bool = True,
+                 small: bool = True):
         if not getattr(potential, "traceable", False):
             raise TypeError(f"{type(potential).__name__} cannot be traced into one graph")
         self.potential = potential
@@ -118,6 +165,8 @@ class TracedForces:
         self.training = bool(training)
         self.cutoff = float(potential.cutoff if cutoff is None else cutoff)
         self.compile = bool(compile)
+        self.small = bool(small)
+        self.small_products = 0  # products rewritten as reductions in the last trace
         self._graphs: dict = {}
         self.traces = 0
 
@@ -169,6 +218,7 @@ class TracedForces:
         finally:
             potential.tracing = previous
         _strip_detach(graph_module)
+        self.small_products = small_products(graph_module) if self.small else 0
         self.traces += 1
         if not self.compile:
             return graph_module
