@@ -146,7 +146,11 @@ def graph_call(model, z, pos, cell, pbc, traced=False):
     atoms = Atoms(numbers=z.cpu().numpy(), positions=pos.double().cpu().numpy(),
                   cell=None if cell is None else cell.double().cpu().numpy(),
                   pbc=False if pbc is None else pbc.cpu().numpy())
-    graphed = GraphedForces(model, atoms, pos.device, pos.dtype, traced=traced)
+    graphed = GraphedForces(model, atoms, pos.device, pos.dtype, traced=bool(traced))
+    if traced == "nosmall":  # the traced graph without small products as reductions
+        graphed.forcefield.traced.small = False
+    elif isinstance(traced, dict):
+        graphed.forcefield.traced.options = traced
     graphed(pos)  # builds, captures, replays once
     energy, forces, _, overflow = graphed.outputs
 
@@ -161,7 +165,9 @@ NEIGHBORS = "auto"
 #: also time a CUDA-graph-captured call
 GRAPH = True
 #: (column, ETPotential.set_compiled, whole model traced into one compiled graph) of the graph calls
-GRAPH_VARIANTS = [("graph", False, False), ("graph_compiled", True, False), ("graph_traced", False, True)]
+GRAPH_VARIANTS = [("graph", False, False), ("graph_compiled", True, False), ("graph_traced", False, True),
+                  ("graph_traced_combo", False, {"combo_kernels": True}),
+                  ("graph_traced_nosmall", False, "nosmall")]
 
 
 def bench_system(name, data_dir, results, backends):

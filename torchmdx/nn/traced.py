@@ -153,11 +153,12 @@ class TracedForces:
     The potential must support tracing (:attr:`Potential.traceable`): no host reads, no
     data-dependent Python branches in :meth:`atomic_energies` while ``potential.tracing``.
     ``compile=False`` runs the traced graph without inductor (tests); ``small``: rewrite small
-    matrix products as reductions (:func:`small_products`).
+    matrix products as reductions (:func:`small_products`); ``options``: inductor options
+    (default :data:`COMPILE_OPTIONS` of the device type).
     """
 
     def __init__(self, potential, training: bool = False, cutoff: Optional[float] = None, compile: bool = True,
-                 small: bool = True):
+                 small: bool = True, options: Optional[dict] = None):
         if not getattr(potential, "traceable", False):
             raise TypeError(f"{type(potential).__name__} cannot be traced into one graph")
         self.potential = potential
@@ -166,6 +167,7 @@ class TracedForces:
         self.cutoff = float(potential.cutoff if cutoff is None else cutoff)
         self.compile = bool(compile)
         self.small = bool(small)
+        self.options = options
         self.small_products = 0  # products rewritten as reductions in the last trace
         self._graphs: dict = {}
         self.traces = 0
@@ -223,7 +225,8 @@ class TracedForces:
         if not self.compile:
             return graph_module
         device_type = args[2].device.type
-        options = COMPILE_OPTIONS.get(device_type) or None
+        options = self.options if self.options is not None else COMPILE_OPTIONS.get(device_type)
+        options = options or None
         return torch.compile(graph_module, dynamic=False, fullgraph=True, options=options)
 
     def __call__(self, z, pos, batch, num_structures: int, edge_index, offsets=None, mask=None):
