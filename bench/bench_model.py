@@ -160,6 +160,22 @@ def graph_call(model, z, pos, cell, pbc, traced=False):
     return replay, (energy, forces, overflow)
 
 
+def replay_kernels(replay, calls: int = 3) -> dict:
+    """Kernels per graph replay and their summed GPU time (torch.profiler; CUPTI reports the
+    kernels inside a graph), with the five largest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            replay()
+        synchronize()
+    rows = [(ev.device_time_total, ev.count, ev.key) for ev in prof.key_averages() if ev.device_time_total > 0]
+    rows.sort(reverse=True)
+    return {"launches": sum(r[1] for r in rows) // calls, "gpu_ms": round(sum(r[0] for r in rows) / 1e3 / calls, 3),
+            "top": [(key[:70], round(us / calls, 1), count // calls) for us, count, key in rows[:5]]}
+
+
 #: neighbor-list backend of the timed model calls ('auto': Triton on CUDA; 'torch': reference)
 NEIGHBORS = "auto"
 #: also time a CUDA-graph-captured call
@@ -212,6 +228,8 @@ def bench_system(name, data_dir, results, backends):
                         row[f"{gkey}_force_diff"] = float((outputs[1] - forces["fused"]).abs().max())
                     row[f"{gkey}_ms"] = round(cuda_time(replay, warmup, repeats), 3)
                     row[f"{gkey}_peak_MiB"] = round(peak_mib(replay), 1)
+                    if len(z_np) < 1000:
+                        row[f"{gkey}_kernels"] = replay_kernels(replay)
                     del replay, outputs
                 except Exception as exc:  # noqa: BLE001
                     row[f"{gkey}_error"] = error_text(exc)
