@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions; the best is reported")
     p.add_argument("--replicas", type=int, default=0, help="also time R replicas in one batch (native)")
     p.add_argument("--skin", type=float, default=0.5)
-    p.add_argument("--traced-replicas", action="store_true", help="replica rows with the whole model traced")
+    p.add_argument("--replica-compile", default="auto", help="compile mode of the replica rows (auto, whole, parts, off)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "systems"))
     p.add_argument("--json", help="also write the results here")
     return p.parse_args(argv)
@@ -76,16 +76,17 @@ def tame(model, atoms, target_rms_force=1.0):
     return model
 
 
-def time_native(model, structures, args, cuda_graph=None, compile=None, traced=None):
+def time_native(model, structures, args, cuda_graph=None, compile=None):
     """Best steps/s of the native engine; ``cuda_graph`` / ``compile`` None = the engine's
-    defaults (on CUDA: a CUDA graph per step, torch.compile'd model), False = off."""
+    defaults (on CUDA: a CUDA graph per step, compile "auto"), False = off; ``compile`` also
+    "whole" or "parts" (torchmdx.nn.traced.COMPILE_MODES)."""
     import torch
 
     from torchmdx.md.engine import Simulation
 
     sim = Simulation(model, structures, timestep_fs=0.5, ensemble="nve", temperature_K=300.0, device=args.device,
                      dtype=getattr(torch, args.dtype), seed=0, skin=args.skin, max_temperature_K=1e12,
-                     cuda_graph=cuda_graph, compile=compile, traced=traced)
+                     cuda_graph=cuda_graph, compile=compile)
     sim.initialize()
     sim.run(args.warmup, every=max(1, args.warmup))
     best, builds = 0.0, 0
@@ -129,6 +130,7 @@ def main(argv=None):
     from ase.io import read
 
     from torchmdx.errors import TorchmdxError
+    from torchmdx.nn.traced import compile_mode
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
@@ -163,17 +165,17 @@ def main(argv=None):
                 row["native_graph_uncompiled_steps_per_s"], _ = time_native(model, atoms, args, compile=False)
             except (TorchmdxError, RuntimeError) as exc:
                 row["native_graph_uncompiled_error"] = str(exc).splitlines()[0]
+        row["compile"] = compile_mode("auto", args.device, len(atoms), model)
         try:
             row["native_steps_per_s"], row["neighbor_list_builds"] = time_native(model, atoms, args)
         except (TorchmdxError, RuntimeError) as exc:
             row["native_error"] = str(exc).splitlines()[0]
-        if args.device.startswith("cuda"):
+        if args.device.startswith("cuda"):  # the other compile mode, for comparison
+            other = "parts" if row["compile"] == "whole" else "whole"
             try:
-                start = time.perf_counter()
-                row["native_traced_steps_per_s"], _ = time_native(model, atoms, args, compile=False, traced=True)
-                row["native_traced_setup_and_run_s"] = round(time.perf_counter() - start, 1)
+                row[f"native_{other}_steps_per_s"], _ = time_native(model, atoms, args, compile=other)
             except (TorchmdxError, RuntimeError) as exc:
-                row["native_traced_error"] = str(exc).splitlines()[0]
+                row[f"native_{other}_error"] = str(exc).splitlines()[0]
         try:
             row["ase_steps_per_s"] = time_ase(model, atoms, args)
         except (TorchmdxError, RuntimeError, FloatingPointError) as exc:
@@ -195,17 +197,20 @@ def main(argv=None):
             print(f"    native engine without CUDA graph: {row['native_eager_steps_per_s']:.3g} steps/s")
         if "ase_eager_steps_per_s" in row:
             print(f"    ASE loop, calculator without CUDA graph / compile: {row['ase_eager_steps_per_s']:.3g} steps/s")
-        if "native_traced_steps_per_s" in row:
-            print(f"    native engine, CUDA graph, whole model traced + compiled: {row['native_traced_steps_per_s']:.3g} steps/s")
+        print(f"    native engine's compile mode: {row['compile']}")
+        if "native_whole_steps_per_s" in row:
+            print(f"    native engine, CUDA graph, whole model as one compiled graph: {row['native_whole_steps_per_s']:.3g} steps/s")
+        if "native_parts_steps_per_s" in row:
+            print(f"    native engine, CUDA graph, model's parts compiled: {row['native_parts_steps_per_s']:.3g} steps/s")
         if "native_graph_uncompiled_steps_per_s" in row:
             print(f"    native engine, CUDA graph, model not compiled: {row['native_graph_uncompiled_steps_per_s']:.3g} steps/s")
-        for key in ("native_error", "native_eager_error", "native_graph_uncompiled_error", "native_traced_error",
+        for key in ("native_error", "native_eager_error", "native_graph_uncompiled_error", "native_whole_error", "native_parts_error",
                     "ase_error", "ase_eager_error"):
             if key in row:
                 print(f"    {key}: {row[key]}")
         if args.replicas > 1:
             try:
-                rate, _ = time_native(model, [atoms] * args.replicas, args, traced=args.traced_replicas or None)
+                rate, _ = time_native(model, [atoms] * args.replicas, args, compile=args.replica_compile)
                 row["replicas"] = args.replicas
                 row["replica_molecule_steps_per_s"] = rate * args.replicas
                 print(f"{name + f' x{args.replicas} (batch)':28s} {len(atoms) * args.replicas:7d} {rate:12.3g} "

@@ -150,7 +150,9 @@ def test_every_command_line_option_reaches_the_config():
     args = parser.parse_args(["x.xyz", "--threads", "3", "--no-cuda-graph", "--skin", "0.7", "--no-wrap", "--no-compile"])
     config = md_cmd.config_from_args(args)
     assert (config.threads, config.cuda_graph, config.skin, config.wrap, config.structure, config.compile) == (
-        3, False, 0.7, False, ["x.xyz"], False)
+        3, False, 0.7, False, ["x.xyz"], "off")
+    assert md_cmd.config_from_args(parser.parse_args(["x.xyz", "--compile", "whole"])).compile == "whole"
+    assert md_cmd.config_from_args(parser.parse_args(["x.xyz"])).compile == "auto"
 
 
 def test_restart_through_the_cli_continues_bit_for_bit(tmp_path, shared_data, et_model):

@@ -119,8 +119,8 @@ def test_engine_with_traced_model_follows_the_eager_trajectory(shared_data):
     final = {}
     for traced in (False, True):
         sim = Simulation(model, atoms, timestep_fs=0.5, ensemble="nve", temperature_K=300.0, device="cpu",
-                         dtype=torch.float64, seed=0, max_temperature_K=1e9, traced=traced)
-        assert sim.traced == traced
+                         dtype=torch.float64, seed=0, max_temperature_K=1e9, compile="whole" if traced else "off")
+        assert sim.traced == traced and sim.compile_mode == ("whole" if traced else "off")
         sim.initialize()
         sim.run(30, every=10)
         final[traced] = (sim.state.positions.clone(), sim.state.forces.clone())
@@ -157,3 +157,53 @@ def test_traced_float32_on_cuda_matches_float64_reference(shared_data):
     worst = max(float((p32.grad.double() - p64.grad).abs().max() / p64.grad.abs().max().clamp_min(1e-12))
                 for p32, p64 in zip(fast.parameters(), reference.parameters()) if p64.grad is not None)
     assert worst < 1e-3
+
+
+def test_compile_mode_resolution():
+    """'auto' by device and size; booleans; a potential that cannot be traced gets 'parts'; a
+    wrong value is one ConfigError naming the choices."""
+    from torchmdx.errors import ConfigError
+    from torchmdx.nn.analytic import LennardJones
+    from torchmdx.nn.traced import WHOLE_GRAPH_MAX_ATOMS, compile_mode
+
+    et = torchmdx.build_model(SMALL_ET)
+    assert compile_mode("auto", "cpu", 10, et) == "off"
+    assert compile_mode(None, "cuda", 10, et) == compile_mode(True, "cuda:0", 10, et) == "whole"
+    assert compile_mode("auto", "cuda", WHOLE_GRAPH_MAX_ATOMS + 1, et) == "parts"
+    assert compile_mode(False, "cuda", 10, et) == compile_mode("off", "cuda", 10, et) == "off"
+    assert compile_mode("whole", "cpu", 10, et) == "whole"  # explicit: honoured on the CPU too
+    assert compile_mode("whole", "cuda", 10, LennardJones()) == "parts"
+    with pytest.raises(ConfigError, match="compile must be one of auto, whole, parts, off"):
+        compile_mode("fast", "cuda", 10, et)
+
+
+def test_md_config_compile_values():
+    from torchmdx.errors import ConfigError
+    from torchmdx.md.config import md_config
+
+    assert md_config({"compile": True}).compile is True and md_config({"compile": "parts"}).compile == "parts"
+    with pytest.raises(ConfigError, match="md.compile"):
+        md_config({"compile": "fast"})
+
+
+def test_calculator_graph_function_with_traced_model(shared_data):
+    """The calculator's captured function (GraphedForces: fixed-capacity list rebuilt inside,
+    here run without a CUDA graph) through the traced model equals the eager model, also after
+    the atoms moved (same graph) and after the list outgrew its capacity (a new trace)."""
+    from ase.io import read
+
+    from torchmdx.md.cuda_graph import GraphedForces
+
+    model = torchmdx.build_model(dict(SMALL_ET, cutoff_upper=5.0))
+    atoms = read(shared_data / "systems" / "caffeine.xyz")
+    pos = torch.tensor(atoms.positions)
+    z = torch.tensor(atoms.numbers)
+    graphed = GraphedForces(model, atoms, torch.device("cpu"), torch.float64, use_graph=False, traced=True)
+    for scale in (1.6, 1.61, 1.0):  # 1.0 after 1.6: more pairs than the capacity -> regrow
+        moved = pos * scale
+        energy, forces, atomic = graphed(moved)
+        ref = model(z, moved, per_atom=True)
+        torch.testing.assert_close(energy, ref["energy"], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(forces, ref["forces"], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(atomic, ref["energies"], rtol=1e-10, atol=1e-10)
+    assert graphed.regrowths == 1 and graphed.forcefield.traced.traces == 2

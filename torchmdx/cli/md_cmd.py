@@ -56,8 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                         help="run the native engine's steps eagerly on CUDA (default: one CUDA graph per step)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
-                        help="do not torch.compile the model (native engine on CUDA; default: compiled)")
+    parser.add_argument("--compile", choices=("auto", "whole", "parts", "off"), default=None,
+                        help="torch.compile the model (native engine): whole = the model and its forces as one "
+                             "graph, parts = its dense parts; default auto: on CUDA whole up to 1000 atoms, "
+                             "parts above; off on the CPU")
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                        help="do not torch.compile the model (same as --compile off)")
     parser.add_argument("--config", help="YAML file with the options (md: section); command-line options win")
 
 

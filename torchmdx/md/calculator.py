@@ -11,8 +11,11 @@ Properties (ASE units): ``energy`` and ``free_energy`` (eV), ``forces`` (eV/Å),
 
 On CUDA (``cuda_graph="auto"``), when no stress is asked for, a call is one CUDA-graph replay
 (:class:`torchmdx.md.cuda_graph.GraphedForces`: the neighbor list is rebuilt on the device
-inside the graph) of the compiled model (``compile="auto"``, :meth:`ETPotential.set_compiled`,
-which freezes the model's parameters); captured again when the atoms, pbc or cell change.
+inside the graph) of the compiled model, captured again when the atoms, pbc or cell change.
+``compile`` (:data:`torchmdx.nn.traced.COMPILE_MODES`; "auto": on CUDA the whole model and its
+forces as one traced graph for up to :data:`~torchmdx.nn.traced.WHOLE_GRAPH_MAX_ATOMS` atoms,
+the dense parts compiled (:meth:`ETPotential.set_compiled`, which freezes the model's
+parameters) above).
 
 Otherwise work is reused while only positions (and the cell) change: atomic numbers and pbc stay on the
 device, the element check is not repeated, and the neighbor list is built with a skin
@@ -41,8 +44,9 @@ class Calculator(_AseCalculator):
 
     ``device`` (e.g. "cpu", "cuda"), ``dtype`` (torch dtype or "float32"/"float64"; default:
     the model's own), ``skin`` (Å) of the reused neighbor list (0 rebuilds every call),
-    ``compute_stress`` ("auto": for periodic structures), ``cuda_graph`` / ``compile``
-    ("auto": on CUDA; True/False) for the graph-replay path (energies and forces without stress).
+    ``compute_stress`` ("auto": for periodic structures), ``cuda_graph`` ("auto": on CUDA;
+    True/False) for the graph-replay path (energies and forces without stress), ``compile``
+    (auto, whole, parts, off or True/False; see the module docstring).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -60,8 +64,10 @@ class Calculator(_AseCalculator):
             from torchmdx.errors import ConfigError
 
             raise ConfigError(f"cuda_graph needs a CUDA device, got {self.device}")
-        if (on_cuda if compile == "auto" else bool(compile)):
-            self.potential.set_compiled(True)
+        from torchmdx.nn.traced import compile_mode
+
+        compile_mode(compile, self.device, 0, self.potential)  # a wrong value fails here, in one line
+        self.compile = compile
         self._graphed = None
         self.skin = float(skin)
         self.compute_stress = compute_stress
@@ -159,6 +165,7 @@ class Calculator(_AseCalculator):
         want_stress = periodic and (self.compute_stress is True or self.compute_stress == "auto" or "stress" in properties)
         if self.cuda_graph and not want_stress and self._graph_call(atoms, positions):
             return
+        self._compile_mode(len(atoms))
         neighbors = self._neighbor_list(positions)
         out = self.potential(
             self._z, positions, None, self._cell, self._pbc,
@@ -175,6 +182,15 @@ class Calculator(_AseCalculator):
             s = out["stress"].detach()[0].cpu().double().numpy()
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
 
+    def _compile_mode(self, num_atoms: int) -> str:
+        """The compile mode for ``num_atoms`` atoms; switches the potential's compiled parts on
+        for "parts" and off otherwise (the whole-graph path traces the plain model)."""
+        from torchmdx.nn.traced import compile_mode
+
+        mode = compile_mode(self.compile, self.device, num_atoms, self.potential)
+        self.potential.set_compiled(mode == "parts")
+        return mode
+
     def _graph_call(self, atoms, positions: torch.Tensor) -> bool:
         """Energy and forces by a CUDA-graph replay; False (after a one-line note) if the graph
         path cannot run here, and the eager path is used from then on."""
@@ -182,7 +198,9 @@ class Calculator(_AseCalculator):
 
         try:
             if self._graphed is None:
-                self._graphed = GraphedForces(self.potential, atoms, self.device, self.dtype, skin=self.skin)
+                mode = self._compile_mode(len(atoms))
+                self._graphed = GraphedForces(self.potential, atoms, self.device, self.dtype, skin=self.skin,
+                                              traced=mode == "whole")
             energy, forces, atomic = self._graphed(positions)
         except RuntimeError as exc:
             import sys

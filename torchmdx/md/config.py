@@ -47,8 +47,11 @@ class MDConfig:
     wrap             wrap periodic positions into the cell
     progress         show a progress bar
     cuda_graph       capture the MD step as a CUDA graph (native engine on CUDA; default on)
-    compile          torch.compile the model's dense parts (native engine on CUDA; default on;
-                     the first step compiles for tens of seconds)
+    compile          auto | whole | parts | off (or true = auto, false = off), native engine:
+                     "whole" runs the model, forces included, as one traced and compiled graph,
+                     "parts" compiles its dense parts around the fused message kernels; "auto"
+                     (default): on CUDA whole up to 1 000 atoms, parts above; off on the CPU.
+                     The first step compiles (tens of seconds, a minute for "whole")
     threads          CPU threads for torch (default: torch's choice; 1 is fastest for small
                      molecules on the CPU)
     """
@@ -84,7 +87,7 @@ class MDConfig:
     wrap: bool = True
     progress: bool = True
     cuda_graph: bool = True
-    compile: bool = True
+    compile: Union[bool, Literal["auto", "whole", "parts", "off"]] = "auto"
     threads: Optional[int] = None
 
     def validate(self, section: str = "md") -> None:

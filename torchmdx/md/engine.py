@@ -140,6 +140,10 @@ class Simulation:
     ``check_interval`` (steps between host checks), ``max_temperature_K`` (a structure hotter
     than this stops the run; default max(2000 K, 5 T)), ``check_every_step`` (default: True
     unless on CUDA; see the module docstring). The potential is moved to ``device`` and ``dtype``.
+    ``cuda_graph``: replay each step as a CUDA graph (default: on CUDA). ``compile``: one of
+    :data:`torchmdx.nn.traced.COMPILE_MODES` ("auto" by default: on CUDA the whole model as one
+    compiled graph for up to :data:`~torchmdx.nn.traced.WHOLE_GRAPH_MAX_ATOMS` atoms, its dense
+    parts compiled above; off on the CPU), True ("auto") or False ("off").
     """
 
     def __init__(
@@ -162,8 +166,7 @@ class Simulation:
         wrap: bool = True,
         check_every_step: Optional[bool] = None,
         cuda_graph: Optional[bool] = None,
-        compile: Optional[bool] = None,
-        traced: Optional[bool] = None,
+        compile=None,
     ):
         import ase
 
@@ -197,15 +200,16 @@ class Simulation:
         self.use_cuda_graph = (self.device.type == "cuda" and not self.check_every_step) if cuda_graph is None else bool(cuda_graph)
         self.forcefield.fixed_capacity = self.use_cuda_graph
         self.forcefield.rebuild_each_step = self.use_cuda_graph
-        # torch.compile of the model's dense parts (ETPotential.set_compiled; freezes its
-        # parameters): on CUDA by default, where it cuts the kernels per step several-fold
-        self.compiled = bool(self.potential.set_compiled(self.device.type == "cuda" if compile is None else bool(compile)))
-        # the whole model, forces included, as one traced + compiled graph (nn/traced.py); its
-        # shapes are static, so the list keeps a fixed capacity (one graph per capacity)
-        self.traced = bool(traced) and getattr(self.potential, "traceable", False)
-        if self.traced:
-            from torchmdx.nn.traced import TracedForces
+        # compile (nn/traced.py compile_mode; "auto" on CUDA by default, off on the CPU):
+        # "whole": the model, forces included, as one traced + compiled graph; its shapes are
+        # static, so the list keeps a fixed capacity (one graph per capacity). "parts": the
+        # model's dense parts (ETPotential.set_compiled; freezes its parameters)
+        from torchmdx.nn.traced import TracedForces, compile_mode
 
+        self.compile_mode = compile_mode(compile, self.device, self.system.num_atoms, self.potential)
+        self.compiled = bool(self.potential.set_compiled(self.compile_mode == "parts"))
+        self.traced = self.compile_mode == "whole"
+        if self.traced:
             self.forcefield.fixed_capacity = True
             self.forcefield.traced = TracedForces(self.potential)
         self._graphed = None
@@ -385,7 +389,15 @@ class Simulation:
                 import sys
 
                 reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-                if self.compiled:  # first try again without torch.compile
+                if self.traced:  # first try again with the model's parts compiled
+                    print(f"note: the whole-model graph failed in the CUDA-graph step ({reason}); "
+                          "compiling the model's parts instead", file=sys.stderr)
+                    self.forcefield.traced = None
+                    self.traced = False
+                    self.compile_mode = "parts"
+                    self.compiled = bool(self.potential.set_compiled(True))
+                    return self._advance_fast(n)
+                if self.compiled:  # then without torch.compile
                     print(f"note: the compiled model failed in the CUDA-graph step ({reason}); "
                           "running it uncompiled", file=sys.stderr)
                     self.potential.set_compiled(False)

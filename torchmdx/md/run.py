@@ -151,10 +151,11 @@ def run_md(config: MDConfig, potential=None, out=None) -> dict:
                 chain_length=config.chain_length, device=config.device, dtype=dtype, seed=config.seed,
                 skin=config.skin, check_interval=config.check_interval, max_temperature_K=config.max_temperature,
                 wrap=config.wrap, cuda_graph=(config.cuda_graph and str(config.device).startswith("cuda")),
-                compile=(config.compile and str(config.device).startswith("cuda")),
+                compile=config.compile,
             )
-            if sim.compiled:
-                print("compiling the model with torch.compile (tens of seconds, once per structure size; "
+            if sim.compile_mode != "off":
+                what = "the whole model as one graph" if sim.compile_mode == "whole" else "the model's dense parts"
+                print(f"compiling {what} with torch.compile (tens of seconds, once per structure size; "
                       "--no-compile skips it)", file=out, flush=True)
             if restart_payload is not None:
                 sim.load_restart(restart_payload)

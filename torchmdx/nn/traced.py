@@ -124,6 +124,43 @@ def small_products(graph_module, max_rows: int = SMALL_ROWS, max_inner: int = SM
     return count
 
 
+#: what ``compile`` may be (the MD engine, the calculator, ``torchmdx md --compile``):
+#: "whole" the whole model, forces included, as one traced + compiled graph (this module);
+#: "parts" the model's dense parts compiled around the message kernels
+#: (:meth:`ETPotential.set_compiled`); "off"; "auto" picks by device and size (:func:`compile_mode`)
+COMPILE_MODES = ("auto", "whole", "parts", "off")
+
+#: "auto" on CUDA traces the whole model for structures (batches) of at most this many atoms;
+#: larger ones compile the parts around the fused Triton message kernels
+WHOLE_GRAPH_MAX_ATOMS = 1000
+
+
+def compile_mode(mode, device, num_atoms: int, potential) -> str:
+    """Resolve ``mode`` (one of :data:`COMPILE_MODES`, or True = "auto", False/None-on-CPU = "off")
+    to "whole", "parts" or "off" for ``num_atoms`` atoms of ``potential`` on ``device``.
+
+    "auto": off on the CPU (the compiled graphs are for GPUs; on the CPU they mainly cost compile
+    time); on CUDA "whole" up to :data:`WHOLE_GRAPH_MAX_ATOMS` atoms when the potential can be
+    traced, else "parts". An explicit "whole" for a potential that cannot be traced falls back
+    to "parts"."""
+    from torchmdx.errors import ConfigError
+
+    if mode is None or mode is True:
+        mode = "auto"
+    elif mode is False:
+        mode = "off"
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)} (or true/false), got {mode!r}")
+    traceable = bool(getattr(potential, "traceable", False))
+    if mode == "auto":
+        if torch.device(device).type != "cuda":
+            return "off"
+        mode = "whole" if num_atoms <= WHOLE_GRAPH_MAX_ATOMS else "parts"
+    if mode == "whole" and not traceable:
+        return "parts"
+    return mode
+
+
 class _Energy(torch.nn.Module):
     """Wraps ``potential.atomic_energies`` so :func:`torch.func.functional_call` can swap its
     parameters and buffers for graph inputs."""
