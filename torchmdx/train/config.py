@@ -78,6 +78,9 @@ class TrainConfig:
     the next logging point, and the capacity grown (the latest step is redone, earlier skipped
     ones are counted and reported). null: room for every pair inside each structure, Σ n(n-1), so
     nothing can overflow (slower: 27 vs 21 ms per step for 32 aspirins on an H100).
+    ``cuda_graph_compile``: inside the captured step, the model, its forces and their parameter
+    gradients run as one traced and compiled graph (:mod:`torchmdx.nn.traced`; the first step of
+    each batch shape compiles for a minute or two); false: the model's eager autograd.
     """
 
     energy_weight: float = 1.0
@@ -102,6 +105,7 @@ class TrainConfig:
     seed: int = 1
     cuda_graph: bool = False
     cuda_graph_pair_headroom: Optional[float] = 1.1
+    cuda_graph_compile: bool = True
 
     def validate(self, section: str = "train") -> None:
         def bad(key, msg):

@@ -377,6 +377,7 @@ class PotentialModule(L.LightningModule):
             self.model, optimizer, functools.partial(training_objective, cfg), forces=cfg.train_forces,
             clip_value=self.trainer.gradient_clip_val, clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
             pair_headroom=cfg.cuda_graph_pair_headroom,
+            traced=cfg.cuda_graph_compile and getattr(self.model, "traceable", False),
         )
 
     def on_train_end(self):
