@@ -136,9 +136,11 @@ def test_shapes_and_capacities():
 
 
 # ------------------------------------------------------------------------- the step function on the CPU
-@pytest.mark.parametrize("mode", ["forces", "energy_per_atom_huber"])
+@pytest.mark.parametrize("mode", ["forces", "energy_per_atom_huber", "forces_traced"])
 def test_step_function_equals_lightning_eager_step_cpu_float64(mode):
-    forces_on = mode == "forces"
+    """... also with the model, forces and parameter gradients as one traced, compiled graph
+    (``traced=True``, what ``train.cuda_graph_compile`` captures)."""
+    forces_on = mode.startswith("forces")
     cfg = JOINT if forces_on else TrainConfig(energy_weight=1.0, force_weight=0.0, loss="huber",
                                              energy_loss="per_atom", huber_delta=0.05)
     reference = ETPotential({**TINY, "dtype": "float64"})
@@ -148,7 +150,7 @@ def test_step_function_equals_lightning_eager_step_cpu_float64(mode):
     opt_graph = torch.optim.AdamW(graphed.parameters(), lr=1e-3, weight_decay=0.01)
     clip = 1e-3  # small: clipping is active at every step (checked below)
     runner = GraphedTrainStep(graphed, opt_graph, functools.partial(training_objective, cfg), forces=forces_on,
-                              clip_value=clip)
+                              clip_value=clip, traced=mode == "forces_traced")
     assert not runner.enabled and runner.disabled_reason == "the model is on cpu"
     start = [p.detach().clone() for p in reference.parameters()]
     norms = []
@@ -165,6 +167,8 @@ def test_step_function_equals_lightning_eager_step_cpu_float64(mode):
         assert out.n_atoms.tolist() == counts
     assert min(norms) > clip  # every step was clipped ...
     assert runner.stats["eager_steps"] == 4
+    if runner.traced is not None:
+        assert runner.traced.traces == 2  # two batch shapes, each through its own traced graph
     moved = 0.0
     for p_ref, p_graph, p0 in zip(reference.parameters(), graphed.parameters(), start):
         torch.testing.assert_close(p_graph, p_ref, rtol=1e-11, atol=1e-13)
