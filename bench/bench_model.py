@@ -556,6 +556,11 @@ def main(argv=None):
 
         et.CUDA_COMPILE_OPTIONS = json.loads(os.environ["BENCH_COMPILE_OPTIONS"])
         print(f"compile options on CUDA: {et.CUDA_COMPILE_OPTIONS}", flush=True)
+    if os.environ.get("BENCH_FILTERS_IN_KERNEL") == "0":  # dk, dv by matrix products, passed to the kernels
+        from torchmdx.nn import et
+
+        et.FILTERS_IN_KERNEL = False
+        print("radial filters computed before the message kernels (et.FILTERS_IN_KERNEL = False)", flush=True)
     if os.environ.get("BENCH_MESSAGE_CONFIG"):  # message-kernel launch parameters (JSON dict)
         from torchmdx.kernels import message_triton
 
