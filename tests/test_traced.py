@@ -13,18 +13,8 @@ import torchmdx
 from torchmdx.kernels.neighbors import neighbor_list
 from torchmdx.nn.traced import TracedForces
 
-SMALL_ET = {"embedding_dimension": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "vector_cutoff": True,
-            "cutoff_upper": 4.0, "dtype": "float64", "seed": 5, "output_model": "gated_equivariant"}
-
-
-def _structures():
-    generator = torch.Generator().manual_seed(0)
-    z = torch.tensor([6, 1, 1, 8, 1, 7, 6, 1, 1])
-    pos = torch.rand(9, 3, generator=generator, dtype=torch.float64) * 4.0
-    batch = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1])
-    cell = torch.eye(3, dtype=torch.float64).expand(2, 3, 3) * 9.0
-    pbc = torch.tensor([[True, True, True], [False, False, False]])
-    return z, pos, batch, cell, pbc
+from test_model_compiled import SMALL_ET  # the same small float64 ET
+from test_model_compiled import _inputs as _structures  # an open and a periodic structure, one batch
 
 
 def _list(model, pos, batch, cell, pbc, max_pairs=None):
