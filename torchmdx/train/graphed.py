@@ -387,11 +387,19 @@ class GraphedTrainStep:
         pos, batch = inputs["pos"], inputs["batch"]
         structures = inputs["energy"].shape[0]
         neighbors = neighbor_list(pos.detach(), self.model.cutoff, batch, max_pairs=capacity)
+        out = None
         if traced and self.traced is not None:
-            energy, forces, _ = self.traced(inputs["z"], pos, batch, structures, neighbors.edge_index, None,
-                                            neighbors.mask)
-            out = {"energy": energy, "forces": forces}
-        else:
+            try:
+                energy, forces, _ = self.traced(inputs["z"], pos, batch, structures, neighbors.edge_index, None,
+                                                neighbors.mask)
+                out = {"energy": energy, "forces": forces}
+            except Exception as exc:  # noqa: BLE001 - a graph that does not compile: say so once, go on
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                self.traced = None
+                self._note(f"the traced model did not compile ({type(exc).__name__}: "
+                           f"{(str(exc).splitlines() or [''])[0][:120]}); the step uses the model's autograd")
+        if out is None:
             out = self.model(inputs["z"], pos, batch, neighbors=neighbors, forces=self.forces,
                              create_graph=self.forces, num_structures=structures)
         n_atoms = torch.zeros(structures, dtype=torch.long, device=pos.device).index_add_(0, batch, torch.ones_like(batch))
