@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the native engine's steps eagerly on CUDA (default: one CUDA graph per step)")
     parser.add_argument("--compile", choices=("auto", "whole", "parts", "off"), default=None,
                         help="torch.compile the model (native engine): whole = the model and its forces as one "
-                             "graph, parts = its dense parts; default auto: on CUDA whole up to 1000 atoms, "
+                             "graph, parts = its dense parts; default auto: on CUDA whole up to 64 atoms, "
                              "parts above; off on the CPU")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                         help="do not torch.compile the model (same as --compile off)")

@@ -50,7 +50,7 @@ class MDConfig:
     compile          auto | whole | parts | off (or true = auto, false = off), native engine:
                      "whole" runs the model, forces included, as one traced and compiled graph,
                      "parts" compiles its dense parts around the fused message kernels; "auto"
-                     (default): on CUDA whole up to 1 000 atoms, parts above; off on the CPU.
+                     (default): on CUDA whole up to 64 atoms, parts above; off on the CPU.
                      The first step compiles (tens of seconds, a minute for "whole")
     threads          CPU threads for torch (default: torch's choice; 1 is fastest for small
                      molecules on the CPU)
