@@ -11,7 +11,11 @@ cutoff 5 Å, vector cutoff, float32), random weights (seed 0). For each system (
 - ``graph``: the same work for fixed shapes as one CUDA-graph replay, as ``torchmdx.Calculator``
   runs it on CUDA (``GraphedForces``: capacity-padded Triton neighbor list rebuilt inside the
   graph, representation, head, energy, forces); ``graph + compile``: the same with the
-  model's dense parts compiled (``ETPotential.set_compiled``, the calculator's default on CUDA).
+  model's dense parts compiled (``ETPotential.set_compiled``, ``compile: parts``);
+  ``graph, traced``: the model and its forces as one traced, compiled graph
+  (``compile: whole``, :mod:`torchmdx.nn.traced`, default options: combo kernels on CUDA;
+  ``_nocombo``: without them, ``_nosmall``: without the small-product rewrite). ``BENCH_GRAPH_VARIANTS`` picks columns;
+  for small systems the JSON also has the kernel launches per replay.
 - training step: 32 molecules x 21 atoms (aspirin frames of ``md17_aspirin_xtb.npz`` when it is
   in ``--data``, else random ones), loss 0.2 MSE(E) + 0.8 MSE(F) with create_graph=True, AdamW;
   also an energy-only step (first derivatives only: the fused backward does all of it).
@@ -182,7 +186,7 @@ NEIGHBORS = "auto"
 GRAPH = True
 #: (column, ETPotential.set_compiled, whole model traced into one compiled graph) of the graph calls
 GRAPH_VARIANTS = [("graph", False, False), ("graph_compiled", True, False), ("graph_traced", False, True),
-                  ("graph_traced_combo", False, {"combo_kernels": True}),
+                  ("graph_traced_nocombo", False, {"combo_kernels": False}),
                   ("graph_traced_nosmall", False, "nosmall")]
 
 
@@ -556,11 +560,6 @@ def main(argv=None):
 
         et.CUDA_COMPILE_OPTIONS = json.loads(os.environ["BENCH_COMPILE_OPTIONS"])
         print(f"compile options on CUDA: {et.CUDA_COMPILE_OPTIONS}", flush=True)
-    if os.environ.get("BENCH_FILTERS_IN_KERNEL") == "0":  # dk, dv by matrix products, passed to the kernels
-        from torchmdx.nn import et
-
-        et.FILTERS_IN_KERNEL = False
-        print("radial filters computed before the message kernels (et.FILTERS_IN_KERNEL = False)", flush=True)
     if os.environ.get("BENCH_MESSAGE_CONFIG"):  # message-kernel launch parameters (JSON dict)
         from torchmdx.kernels import message_triton
 

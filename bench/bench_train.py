@@ -21,6 +21,10 @@ Columns, ms per optimiser step (median over ``--repeats`` steps, CUDA events, af
   training config's default).
 - ``replay``: ``CUDAGraph.replay()`` alone (the GPU time of the step); ``host``: one
   ``GraphedTrainStep.step`` call with the GPU idle (host time per step).
+- ``graph 1.1x, traced``: the same captured step with energies and forces from the traced,
+  compiled whole-model graph (``GraphedTrainStep(traced=True)``, ``train.cuda_graph_compile``:
+  the double backward as inductor kernels); ``setup_s`` in the JSON is its warm-up + compile.
+  ``--variants`` / ``--checks`` pick columns and loss checks.
 
 Also: peak GPU memory per variant, host time per graphed step (calls without waiting for the
 GPU), a check that the graphed steps reproduce the eager losses, and a kernel profile of one

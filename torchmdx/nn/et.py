@@ -108,7 +108,7 @@ class EquivariantAttention(nn.Module):
         q, k, v, u3, vec_dot, dk0, dv0 = prepare(self, x, vec, self_rbf, small)
         options = dict(edge_mask=edge_mask, self_loop=(dk0, dv0, self_cutoff),
                        attn_activation=self.attn_activation, vector_cutoff=self.vector_cutoff)
-        filtered = getattr(message, "filtered", None) if FILTERS_IN_KERNEL else None
+        filtered = getattr(message, "filtered", None)
         if filtered is not None:
             # fused Triton kernels evaluate dk = act(W_dk e(r) + b), dv likewise, per block of
             # edges themselves: no [E, F] / [E, 3F] filter tensors (torchmdx.kernels.message_triton)
@@ -122,11 +122,6 @@ class EquivariantAttention(nn.Module):
             m, w = message(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, self.num_heads, **options)
         return update(self, x, vec, m, w, vec_dot, u3, small)
 
-
-#: the fused Triton message kernels evaluate the radial filters dk, dv from the RBF rows
-#: themselves (False: dk, dv [E, F], [E, 3F] are computed first by matrix products and passed
-#: in; more memory, fewer registers in the kernels; a benchmark switch)
-FILTERS_IN_KERNEL = True
 
 #: compiled layers of structures with at most this many atoms compute their products as
 #: reductions (:func:`linear`)

@@ -11,14 +11,14 @@ operations (the forces' backward pass included; parameters and buffers are graph
 compiled by inductor (``torch.compile``). Inductor fuses across everything: the element-wise
 work of one layer's backward with the next layer's, the per-edge message of the reference path
 (gathers, filters, attention, messages, scatter) into a few kernels, the dense parts around it.
-Where the per-part compilation (:meth:`ETPotential.set_compiled`) leaves ~700 kernels per call
-of a 22-atom molecule, this leaves a few hundred.
+For a 22-atom molecule one call is 167 kernel launches (with combo kernels) where the per-part
+compilation (:meth:`ETPotential.set_compiled`) needs 303 (H200, 2026-12-03; docs/model.md).
 
 Training. The traced graph is an ordinary differentiable function of the parameters: called
 with ``training=True`` (parameters that require grad), AOTAutograd differentiates it once more,
 so a force loss gets its parameter gradients (the double backward) from compiled, fused
 kernels too. Backward operators without a derivative of their own (``silu_backward`` and
-friends) are decomposed into primitives at trace time (:data:`DECOMPOSITIONS`).
+friends) are decomposed into primitives at trace time (:data:`DECOMPOSITION_OPS`).
 
 Shapes are static: one graph per (atoms, edges, structures, dtype, device, inputs present); a
 capacity-padded neighbor list (the MD engine's and the training graph's) keeps the edge count
@@ -258,7 +258,7 @@ class TracedForces:
 
         return energy_and_forces
 
-    def _build(self, key, names, args, num_structures: int):
+    def _build(self, names, args, num_structures: int):
         from torch.fx.experimental.proxy_tensor import make_fx
 
         fn = self._function(names, num_structures)
@@ -290,7 +290,7 @@ class TracedForces:
         )
         fn = self._graphs.get(key)
         if fn is None:
-            fn = self._graphs[key] = self._build(key, names, args, int(num_structures))
+            fn = self._graphs[key] = self._build(names, args, int(num_structures))
         return fn(*args)
 
 
