@@ -68,6 +68,7 @@ class Calculator(_AseCalculator):
 
         compile_mode(compile, self.device, 0, self.potential)  # a wrong value fails here, in one line
         self.compile = compile
+        self._mode = "off"  # resolved per structure (_structure_tensors)
         self._graphed = None
         self.skin = float(skin)
         self.compute_stress = compute_stress
@@ -95,6 +96,7 @@ class Calculator(_AseCalculator):
         if self._z is not None and same_atoms and "cell" not in system_changes:
             return
         self._graphed = None  # a new structure or cell: capture again
+        self._mode = self._compile_mode(len(numbers))
         if not same_atoms:
             z = torch.as_tensor(numbers, dtype=torch.long, device=self.device)
             self.potential.check_elements(z)
@@ -165,7 +167,6 @@ class Calculator(_AseCalculator):
         want_stress = periodic and (self.compute_stress is True or self.compute_stress == "auto" or "stress" in properties)
         if self.cuda_graph and not want_stress and self._graph_call(atoms, positions):
             return
-        self._compile_mode(len(atoms))
         neighbors = self._neighbor_list(positions)
         out = self.potential(
             self._z, positions, None, self._cell, self._pbc,
@@ -183,8 +184,9 @@ class Calculator(_AseCalculator):
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
 
     def _compile_mode(self, num_atoms: int) -> str:
-        """The compile mode for ``num_atoms`` atoms; switches the potential's compiled parts on
-        for "parts" and off otherwise (the whole-graph path traces the plain model)."""
+        """The compile mode for ``num_atoms`` atoms (once per structure); switches the
+        potential's compiled parts on for "parts" and off otherwise (the whole-graph path traces
+        the plain model)."""
         from torchmdx.nn.traced import compile_mode
 
         mode = compile_mode(self.compile, self.device, num_atoms, self.potential)
@@ -198,9 +200,8 @@ class Calculator(_AseCalculator):
 
         try:
             if self._graphed is None:
-                mode = self._compile_mode(len(atoms))
                 self._graphed = GraphedForces(self.potential, atoms, self.device, self.dtype, skin=self.skin,
-                                              traced=mode == "whole")
+                                              traced=self._mode == "whole")
             energy, forces, atomic = self._graphed(positions)
         except RuntimeError as exc:
             import sys

@@ -27,7 +27,7 @@ import torch
 from torchmdx.errors import ModelError
 from torchmdx.kernels.neighbors import Neighbors
 from torchmdx.md.system import MDState, System
-from torchmdx.nn.base import Graph, Potential, edge_vectors
+from torchmdx.nn.base import Graph, Potential, edge_vectors, masked_edges
 
 
 def fit_skin(cutoff: float, skin: float, cell: Optional[torch.Tensor], pbc: Optional[torch.Tensor]) -> float:
@@ -209,15 +209,8 @@ class ForceField:
         with torch.enable_grad():
             pos = positions.detach().requires_grad_(True)
             # = edge_vectors(pos, ...) with the constant image offsets precomputed at the build
-            vectors = pos.index_select(0, self._senders) - pos.index_select(0, self._receivers)
-            if self._offsets is not None:
-                vectors = vectors + self._offsets
-            length2 = (vectors * vectors).sum(-1)
-            mask = length2 < self.cutoff * self.cutoff
-            if nl.mask is not None:
-                mask = mask & nl.mask
-            safe = torch.where(mask.unsqueeze(-1), vectors, torch.ones_like(vectors))
-            distances = torch.where(mask, safe.norm(dim=-1), torch.zeros_like(length2))
+            vectors, distances, mask = masked_edges(pos, self._receivers, self._senders, self._offsets, self.cutoff,
+                                                    nl.mask)
             graph = Graph(s.z, pos, s.batch, s.num_structures, nl.edge_index, vectors, distances, mask)
             atomic = self.potential.atomic_energies(graph)
             energy = s.sum(atomic)

@@ -64,6 +64,23 @@ def edge_vectors(pos, edge_index, shifts, cell, batch):
     return vectors
 
 
+def masked_edges(pos, receivers, senders, offsets, cutoff: float, mask=None):
+    """(vectors [E, 3] Å, distances [E] Å, valid [E] bool) of the edges i <- j at ``pos``:
+    vectors = pos[j] - pos[i] + offset (``offsets`` [E, 3] the image offsets n @ cell, or None),
+    valid = ``mask`` and |vectors| < ``cutoff``; invalid rows get distance 0 and no 1/r in the
+    gradient (padded rows of a fixed-capacity list, Verlet-skin pairs beyond the cutoff)."""
+    vectors = pos.index_select(0, senders) - pos.index_select(0, receivers)
+    if offsets is not None:
+        vectors = vectors + offsets
+    length2 = (vectors * vectors).sum(-1)
+    valid = length2 < cutoff * cutoff
+    if mask is not None:
+        valid = valid & mask
+    safe = torch.where(valid.unsqueeze(-1), vectors, torch.ones_like(vectors))
+    distances = torch.where(valid, safe.norm(dim=-1), torch.zeros_like(length2))
+    return vectors, distances, valid
+
+
 def _on_host(value) -> bool:
     """A Python value, numpy array or CPU tensor: reading it costs no device synchronisation."""
     return not torch.is_tensor(value) or value.device.type == "cpu"

@@ -34,7 +34,8 @@ from typing import Optional
 
 import torch
 
-from torchmdx.nn.base import Graph
+from torchmdx.nn.base import Graph, masked_edges
+from torchmdx.nn.et import SMALL_MATMUL_ATOMS
 
 aten = torch.ops.aten
 
@@ -93,7 +94,7 @@ def _strip_detach(graph_module) -> int:
 #: matrix products A [M, K] @ B [K, N] of the traced graph with M <= this many rows, or with
 #: K <= :data:`SMALL_INNER`, are computed as a broadcast product summed over K (see
 #: :func:`small_products`)
-SMALL_ROWS = 64
+SMALL_ROWS = SMALL_MATMUL_ATOMS
 SMALL_INNER = 32
 
 
@@ -234,22 +235,12 @@ class TracedForces:
         return names, tensors
 
     def _function(self, names, num_structures: int):
-        module, cutoff2 = self.module, self.cutoff * self.cutoff
+        module, cutoff = self.module, self.cutoff
 
         def energy_and_forces(state, z, pos, batch, edge_index, offsets, mask):
             with torch.enable_grad():
                 pos = pos.detach().requires_grad_(True)
-                receivers, senders = edge_index[0], edge_index[1]
-                vectors = pos.index_select(0, senders) - pos.index_select(0, receivers)
-                if offsets is not None:
-                    vectors = vectors + offsets
-                length2 = (vectors * vectors).sum(-1)
-                valid = length2 < cutoff2
-                if mask is not None:
-                    valid = valid & mask
-                # invalid rows (padding, beyond the cutoff) get distance 0 and no 1/r anywhere
-                safe = torch.where(valid.unsqueeze(-1), vectors, torch.ones_like(vectors))
-                distances = torch.where(valid, safe.norm(dim=-1), torch.zeros_like(length2))
+                vectors, distances, valid = masked_edges(pos, edge_index[0], edge_index[1], offsets, cutoff, mask)
                 graph = Graph(z, pos, batch, num_structures, edge_index, vectors, distances, valid)
                 atomic = torch.func.functional_call(module, dict(zip(names, state)), (graph,))
                 energy = torch.zeros(num_structures, dtype=atomic.dtype, device=atomic.device).index_add(0, batch, atomic)
