@@ -167,6 +167,14 @@ def test_compile_mode_resolution():
         compile_mode("fast", "cuda", 10, et)
 
 
+def test_calculator_refuses_an_unknown_compile_mode():
+    from torchmdx.errors import ConfigError
+    from torchmdx.md.calculator import Calculator
+
+    with pytest.raises(ConfigError, match="compile must be one of auto, whole, parts, off"):
+        Calculator(torchmdx.build_model(SMALL_ET), compile="fastest")
+
+
 def test_md_config_compile_values():
     from torchmdx.errors import ConfigError
     from torchmdx.md.config import md_config
