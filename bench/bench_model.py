@@ -394,19 +394,45 @@ def kernel_inputs(name, data_dir):
                  wk=r(f, k, scale=k ** -0.5), bk=r(f, scale=0.1), wv=r(3 * f, k, scale=k ** -0.5), bv=r(3 * f, scale=0.1),
                  phi=torch.rand(e, device=DEVICE, generator=g).requires_grad_(True), unit=unit,
                  dk0=r(f), dv0=r(3 * f))
+        with torch.no_grad():
+            t["dk"] = torch.nn.functional.silu(torch.nn.functional.linear(t["rbf"], t["wk"], t["bk"])).requires_grad_(True)
+            t["dv"] = torch.nn.functional.silu(torch.nn.functional.linear(t["rbf"], t["wv"], t["bv"])).requires_grad_(True)
         _KERNEL_INPUTS[name] = (t, nb.edge_index, n, e)
     return _KERNEL_INPUTS[name]
 
 
-def message_call(t, edge_index, fused: bool):
+def message_call(t, edge_index, label):
+    """One layer's message step on the inputs ``t``. ``label``: ``ref`` (torch reference),
+    ``fused`` (the default ``message_triton.CONFIG.filters``), ``fused_kernel`` (filters
+    evaluated inside the kernels from the RBF rows with tl.dot), ``fused_gemm`` (filters from
+    one matrix product before the kernels, which apply the activation), ``given`` (filters
+    act(rbf W^T + b) by torch / cuBLAS, then the kernels with given dk / dv), ``given_leaf``
+    (the kernels alone on given dk / dv that are leaves), ``nofilter`` (no distance
+    influence: the gathers and attention without filters, a lower bound of the kernels)."""
     from torchmdx.kernels import message_triton
 
-    fn = message_triton.et_message_filtered if fused else message_triton.reference_filtered
-    return fn(t["q"], t["k"], t["v"], t["vec"], t["rbf"], t["wk"], t["bk"], t["wv"], t["bv"], t["phi"], t["unit"],
-              edge_index, 8, self_loop=(t["dk0"], t["dv0"], torch.ones((), device=t["q"].device)), vector_cutoff=True)
+    self_loop = (t["dk0"], t["dv0"], torch.ones((), device=t["q"].device))
+    rest = (t["phi"], t["unit"], edge_index, 8)
+    if label == "ref" or label.startswith("fused"):
+        fn = message_triton.reference_filtered if label == "ref" else message_triton.et_message_filtered
+        message_triton.CONFIG.filters = label[len("fused_"):] if label.startswith("fused_") else FILTERS_DEFAULT
+        return fn(t["q"], t["k"], t["v"], t["vec"], t["rbf"], t["wk"], t["bk"], t["wv"], t["bv"], *rest,
+                  self_loop=self_loop, vector_cutoff=True)
+    if label == "given":
+        dk = torch.nn.functional.silu(torch.nn.functional.linear(t["rbf"], t["wk"], t["bk"]))
+        dv = torch.nn.functional.silu(torch.nn.functional.linear(t["rbf"], t["wv"], t["bv"]))
+    elif label == "given_leaf":
+        dk, dv = t["dk"], t["dv"]
+    else:
+        dk = dv = None
+        self_loop = (None, None, self_loop[2])
+    return message_triton.et_message(t["q"], t["k"], t["v"], t["vec"], dk, dv, *rest, self_loop=self_loop,
+                                     vector_cutoff=True)
 
 
 GRAD_INPUTS = ("q", "k", "v", "vec", "rbf", "phi", "unit")
+GRAD_INPUTS_GIVEN = ("q", "k", "v", "vec", "dk", "dv", "phi", "unit")
+GRAD_INPUTS_NOFILTER = ("q", "k", "v", "vec", "phi", "unit")
 
 
 def kernel_step(name, data_dir, check=False, labels=("fused",)):
@@ -414,15 +440,15 @@ def kernel_step(name, data_dir, check=False, labels=("fused",)):
     t, edge_index, n, e = kernel_inputs(name, data_dir)
     row = {"atoms": n, "edges": e}
     for label in labels:
-        fused = label == "fused"
+        wrt = {"given_leaf": GRAD_INPUTS_GIVEN, "nofilter": GRAD_INPUTS_NOFILTER}.get(label, GRAD_INPUTS)
 
         def forward():
             with torch.no_grad():
-                return message_call(t, edge_index, fused)
+                return message_call(t, edge_index, label)
 
         def forward_backward():
-            m, u = message_call(t, edge_index, fused)
-            return torch.autograd.grad(m.sum() + u.square().sum(), [t[x] for x in GRAD_INPUTS])
+            m, u = message_call(t, edge_index, label)
+            return torch.autograd.grad(m.sum() + u.square().sum(), [t[x] for x in wrt])
 
         try:
             row[f"{label}_fwd_ms"] = round(cuda_time(forward, 3, 20), 3)
@@ -432,25 +458,31 @@ def kernel_step(name, data_dir, check=False, labels=("fused",)):
             row[f"{label}_error"] = error_text(exc)
     if check:
         t64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items()}
-        m, u = message_call(t, edge_index, True)
+        m, u = message_call(t, edge_index, "fused")
         grads = torch.autograd.grad(m.sum() + u.square().sum(), [t[x] for x in GRAD_INPUTS])
-        m64, u64 = message_call(t64, edge_index, False)
+        m64, u64 = message_call(t64, edge_index, "ref")
         grads64 = torch.autograd.grad(m64.sum() + u64.square().sum(), [t64[x] for x in GRAD_INPUTS])
         errs = [float((a.double() - b).norm() / b.norm()) for a, b in zip((m, u) + grads, (m64, u64) + grads64)]
         row["max_rel_err_vs_f64"] = max(errs)
     return row
 
 
+#: the message-step variants of ``--kernels`` (see :func:`message_call`; env BENCH_KERNEL_LABELS)
+KERNEL_LABELS = tuple(os.environ.get("BENCH_KERNEL_LABELS", "ref,fused_kernel,fused_gemm,given_leaf,nofilter").split(","))
+#: ``message_triton.CONFIG.filters`` when the benchmark started (what the label ``fused`` uses)
+FILTERS_DEFAULT = "auto"
+
+
 def bench_kernels(name, data_dir, results):
     """One layer's message step alone on the edges of ``name`` (random features), reference vs fused."""
-    row = kernel_step(name, data_dir, labels=("ref", "fused"))
+    row = kernel_step(name, data_dir, labels=KERNEL_LABELS)
     e = row["edges"]
     # lower bounds per layer (docs/kernels_message.md): filter flops of the 4 passes that evaluate
     # or differentiate W e(r) (forward, receiver backward x2, sender backward); gathered bytes
     row["filter_gflop_fwd_bwd"] = round(4 * 2 * e * 32 * 4 * 128 / 1e9, 2)
     row["gather_MB_fwd_bwd"] = round(e * (7 + 7 + 5) * 128 * 4 / 1e6, 1)
-    results["kernels"] = row
-    print("kernels", row, flush=True)
+    results.setdefault("kernels", {})[name] = row
+    print("kernels", name, row, flush=True)
 
 
 def bench_profile(names, data_dir, out_dir, results):
@@ -541,7 +573,8 @@ def main(argv=None):
     parser.add_argument("--systems", default=DEFAULT_SYSTEMS, help="comma-separated file stems")
     parser.add_argument("--backends", default="torch,triton", help="message backends: torch (reference), triton (fused)")
     parser.add_argument("--sweep", default=None, metavar="SYSTEM", help="tune the fused kernels' launch parameters on SYSTEM first")
-    parser.add_argument("--kernels", default=None, metavar="SYSTEM", help="time one layer's message step alone on SYSTEM's edges")
+    parser.add_argument("--kernels", default=None, metavar="SYSTEMS",
+                        help="time one layer's message step alone on the edges of each (comma-separated)")
     parser.add_argument("--profile", default=None, metavar="SYSTEMS", help="kernel-time breakdown of a fused call (comma-separated)")
     parser.add_argument("--neighbors", default="auto", choices=("auto", "torch"),
                         help="neighbor-list backend inside the timed calls (default auto: Triton on CUDA)")
@@ -565,6 +598,10 @@ def main(argv=None):
 
         message_triton.CONFIG = message_triton.LaunchConfig(**json.loads(os.environ["BENCH_MESSAGE_CONFIG"]))
         print(f"message launch config: {message_triton.CONFIG}", flush=True)
+    global FILTERS_DEFAULT
+    from torchmdx.kernels import message_triton as _mt
+
+    FILTERS_DEFAULT = _mt.CONFIG.filters
     NEIGHBORS = args.neighbors
     GRAPH = not args.no_graph
     global GRAPH_VARIANTS
@@ -587,8 +624,9 @@ def main(argv=None):
         sections.append(("neighbors", lambda: check_neighbors(args.check_neighbors, args.data, results)))
     if args.sweep:
         sections.append(("sweep", lambda: bench_sweep(args.sweep, args.data, results)))
-    if args.kernels:
-        sections.append(("kernels", lambda: bench_kernels(args.kernels, args.data, results)))
+    for name in (args.kernels or "").split(","):
+        if name:
+            sections.append((f"kernels {name}", lambda name=name: bench_kernels(name, args.data, results)))
     if args.profile:
         sections.append(("profile", lambda: bench_profile(args.profile.split(","), args.data, args.out, results)))
     for name in args.systems.split(","):

@@ -85,10 +85,13 @@ def make_inputs(seed, *, atoms=7, heads=2, head_dim=8, num_rbf=12, degree=4, dty
 
 
 def call(module, t, edge_index, mask, heads, *, attn="silu", filter_act="silu", vector_cutoff=False,
-         reference=False):
-    """The fused (or, with ``reference``, the torch) message on the inputs of :func:`make_inputs`."""
+         reference=False, filters="auto"):
+    """The fused (or, with ``reference``, the torch) message on the inputs of :func:`make_inputs`;
+    ``filters`` is where the fused path evaluates the radial filters (``CONFIG.filters``)."""
     from torchmdx.kernels import message_ref
 
+    if not reference:
+        module.CONFIG.filters = filters
     self_loop = (t.get("dk0"), t.get("dv0"), t["phi0"]) if "phi0" in t else None
     kw = dict(edge_mask=mask, self_loop=self_loop, attn_activation=attn, vector_cutoff=vector_cutoff)
     if "rbf" in t:
@@ -136,20 +139,25 @@ def compare(module, t, edge_index, mask, heads, tol, seed=0, **kw):
 
 # --------------------------------------------------------------------------- interpreter cases
 # name -> (make_inputs options, call options, tolerance)
-CASES = {
+FILTERED_CASES = {
     "filtered_both_std_silu_f64": (dict(), dict(), 1e-11),
     "filtered_both_vcut_tanh_ssp_f64": (dict(), dict(attn="tanh", filter_act="ssp", vector_cutoff=True), 1e-11),
+    "filtered_values_mish_vcut_D6_H3_f64": (
+        dict(with_dk=False, heads=3, head_dim=6), dict(filter_act="mish", vector_cutoff=True), 1e-11),
+    "filtered_keys_sigmoid_f64": (dict(with_dv=False, heads=4, head_dim=4), dict(attn="sigmoid", filter_act="tanh"), 1e-11),
+    "filtered_heavy_padding_f64": (dict(padding=40), dict(vector_cutoff=True), 1e-11),
+    "filtered_both_std_f32": (dict(dtype=torch.float32, heads=4, head_dim=8, num_rbf=16), dict(), 3e-5),
+}
+# each filtered case twice: filters in the kernels (tl.dot) and from one matrix product (gemm)
+CASES = {
+    **{f"{name}_{place}": (make, dict(call, filters=place), tol)
+       for name, (make, call, tol) in FILTERED_CASES.items() for place in ("kernel", "gemm")},
     "given_both_sigmoid_nomask_noself_f64": (
         dict(filters="given", masked=False, padding=0, self_loop=False), dict(attn="sigmoid"), 1e-11),
     "given_keys_ssp_f64": (dict(filters="given", with_dv=False), dict(attn="ssp"), 1e-11),
     "given_values_vcut_f64": (dict(filters="given", with_dk=False), dict(vector_cutoff=True), 1e-11),
-    "filtered_values_mish_vcut_D6_H3_f64": (
-        dict(with_dk=False, heads=3, head_dim=6), dict(filter_act="mish", vector_cutoff=True), 1e-11),
-    "filtered_keys_sigmoid_f64": (dict(with_dv=False, heads=4, head_dim=4), dict(attn="sigmoid", filter_act="tanh"), 1e-11),
     "none_filters_H1_f64": (dict(filters="given", with_dk=False, with_dv=False, heads=1), dict(), 1e-11),
     "no_edges_self_loop_f64": (dict(no_edges=True), dict(), 1e-11),
-    "heavy_padding_f64": (dict(padding=40), dict(vector_cutoff=True), 1e-11),
-    "filtered_both_std_f32": (dict(dtype=torch.float32, heads=4, head_dim=8, num_rbf=16), dict(), 3e-5),
     "given_both_vcut_f32": (dict(dtype=torch.float32, filters="given"), dict(vector_cutoff=True, attn="tanh"), 3e-5),
 }
 
@@ -161,7 +169,15 @@ def case_message(name):
     seed = zlib.crc32(name.encode())
     heads = make_opts.get("heads", 2)
     t, edge_index, mask = make_inputs(seed, **make_opts)
-    compare(message_triton, t, edge_index, mask, heads, tol, seed=seed, **call_opts)
+    modes = []
+    apply = message_triton._FusedMessageFunction.apply
+    message_triton._FusedMessageFunction.apply = lambda spec, *args: modes.append((spec.dk_mode, spec.dv_mode)) or apply(spec, *args)
+    try:
+        compare(message_triton, t, edge_index, mask, heads, tol, seed=seed, **call_opts)
+    finally:
+        message_triton._FusedMessageFunction.apply = apply
+    expected = (2 if call_opts.get("filters") == "kernel" else 3) if "rbf" in t else 1
+    assert modes and all(mode in (0, expected) for pair in modes for mode in pair), f"filter modes run: {modes}"
 
 
 def case_double_backward():
@@ -182,21 +198,21 @@ def case_double_backward():
         assert rel_err(a, b) < 1e-11, f"second derivative w.r.t. {name}: {rel_err(a, b)}"
 
 
-def case_weight_gradients():
+def case_weight_gradients(filters):
     """Filter weights get gradients with loss.backward() (engine runs their nodes) and are
     skipped when only input gradients are asked for; both give the reference's numbers."""
     from torchmdx.kernels import message_triton
 
     t, edge_index, mask = make_inputs(12)
     t64 = {name: x.detach().requires_grad_(x.requires_grad) for name, x in t.items()}
-    m, u = call(message_triton, t, edge_index, mask, 2)
+    m, u = call(message_triton, t, edge_index, mask, 2, filters=filters)
     (m.sum() + (u * u).sum()).backward()
     assert message_triton.LAST_BACKWARD["weight_gradients"] is True
     mr, ur = call(message_triton, t64, edge_index, mask, 2, reference=True)
     (mr.sum() + (ur * ur).sum()).backward()
     for name in ("wk", "bk", "wv", "bv", "dk0", "dv0", "rbf", "q", "k"):
         assert rel_err(t[name].grad, t64[name].grad) < 1e-11, name
-    m, u = call(message_triton, t, edge_index, mask, 2)
+    m, u = call(message_triton, t, edge_index, mask, 2, filters=filters)
     (grbf,) = torch.autograd.grad(m.sum() + (u * u).sum(), [t["rbf"]])
     assert message_triton.LAST_BACKWARD["weight_gradients"] is False
     assert rel_err(grbf, t64["rbf"].grad) < 1e-11
@@ -271,7 +287,9 @@ def run_interpreter_cases(out_path, shared_data):
 
     results = {}
     cases = [(name, lambda name=name: case_message(name)) for name in CASES]
-    cases += [("double_backward", case_double_backward), ("weight_gradients", case_weight_gradients),
+    cases += [("double_backward", case_double_backward),
+              ("weight_gradients_kernel", lambda: case_weight_gradients("kernel")),
+              ("weight_gradients_gemm", lambda: case_weight_gradients("gemm")),
               ("model", lambda: case_model(shared_data)), ("training", case_training)]
     for name, fn in cases:
         try:
@@ -295,7 +313,8 @@ def interpreter_results(tmp_path_factory, shared_data):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("name", list(CASES) + ["double_backward", "weight_gradients", "model", "training"])
+@pytest.mark.parametrize("name", list(CASES) + ["double_backward", "weight_gradients_kernel", "weight_gradients_gemm",
+                                  "model", "training"])
 def test_interpreter(interpreter_results, name):
     error = interpreter_results[name]
     assert error is None, error
@@ -344,14 +363,17 @@ def test_cpu_without_interpreter_uses_reference():
 # --------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("filters,vector_cutoff,attn", [("filtered", False, "silu"), ("filtered", True, "tanh"),
+@pytest.mark.parametrize("filters,vector_cutoff,attn", [("kernel", False, "silu"), ("kernel", True, "tanh"),
+                                                        ("gemm", False, "silu"), ("gemm", True, "tanh"),
                                                         ("given", False, "ssp")])
 def test_gpu_random(dtype, tol, filters, vector_cutoff, attn):
     from torchmdx.kernels import message_triton
 
     t, edge_index, mask = make_inputs(21, atoms=300, heads=8, head_dim=16, num_rbf=32, degree=40, dtype=dtype,
-                                      device="cuda", filters=filters, padding=50, empty_atom=7)
-    errors = compare(message_triton, t, edge_index, mask, 8, tol, attn=attn, vector_cutoff=vector_cutoff)
+                                      device="cuda", filters="given" if filters == "given" else "filtered",
+                                      padding=50, empty_atom=7)
+    place = "auto" if filters == "given" else filters
+    errors = compare(message_triton, t, edge_index, mask, 8, tol, attn=attn, vector_cutoff=vector_cutoff, filters=place)
     print(dtype, filters, vector_cutoff, attn, {k: f"{v:.1e}" for k, v in errors.items()})
 
 

@@ -5,6 +5,9 @@ launch wrappers and the autograd wiring. Notation (per edge e = (i <- j), head h
 
     dk_e  = act_f(W_k rbf_e + b_k)   or a given [E, F] tensor, or 1     (DK_MODE 2 / 1 / 0)
     dv_e  = act_f(W_v rbf_e + b_v)   or a given [E, 3F] tensor, or 1    (DV_MODE 2 / 1 / 0)
+    DK_MODE / DV_MODE 3: the given tensor is the pre-activation z = W rbf + b (one matrix
+    product outside the kernels), dk = act_f(z); the receiver backward then writes dL/dz over z.
+    DKS / DVS: row strides of the given tensors (both filters may live in one [E, 4F] buffer)
     p_eh  = sum_{c in h} q_ic k_jc dk_ec ;   a_eh = act_a(p_eh)
     A_eh  = a_eh phi_e valid_e           (standard)     A_eh = a_eh valid_e      (VCUT)
     s_e   = v_j dv_e valid_e             (standard)     s_e  = v_j dv_e phi_e valid_e (VCUT)
@@ -115,6 +118,7 @@ def _message_fwd_kernel(
     DK_MODE: tl.constexpr, DV_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
     SELF_LOOP: tl.constexpr, SELF_DK: tl.constexpr, SELF_DV: tl.constexpr,
     VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
+    DKS: tl.constexpr, DVS: tl.constexpr,
 ):
     F: tl.constexpr = H * D
     cb = tl.program_id(1)
@@ -183,7 +187,10 @@ def _message_fwd_kernel(
                 r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
             prod = q_i[None, :, :] * tl.load(k_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
             if DK_MODE == 1:
-                prod = prod * tl.load(dk_ptr + e3 * F + ch[None, :, :], mask=m3, other=0.0)
+                prod = prod * tl.load(dk_ptr + e3 * DKS + ch[None, :, :], mask=m3, other=0.0)
+            elif DK_MODE == 3:
+                dk, _ = _act(tl.load(dk_ptr + e3 * DKS + ch[None, :, :], mask=m3, other=0.0), FACT)
+                prod = prod * dk
             elif DK_MODE == 2:
                 dk, _ = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
                 prod = prod * dk
@@ -199,11 +206,18 @@ def _message_fwd_kernel(
             s1 = tl.load(vbase, mask=m3, other=0.0) * w3
             s2 = tl.load(vbase + D, mask=m3, other=0.0) * w3
             s3 = tl.load(vbase + 2 * D, mask=m3, other=0.0) * w3
-            if DV_MODE == 1:
-                dvbase = dv_ptr + e3 * (3 * F) + vch[None, :, :]
-                s1 = s1 * tl.load(dvbase, mask=m3, other=0.0)
-                s2 = s2 * tl.load(dvbase + D, mask=m3, other=0.0)
-                s3 = s3 * tl.load(dvbase + 2 * D, mask=m3, other=0.0)
+            if DV_MODE == 1 or DV_MODE == 3:
+                dvbase = dv_ptr + e3 * DVS + vch[None, :, :]
+                dv1 = tl.load(dvbase, mask=m3, other=0.0)
+                dv2 = tl.load(dvbase + D, mask=m3, other=0.0)
+                dv3 = tl.load(dvbase + 2 * D, mask=m3, other=0.0)
+                if DV_MODE == 3:
+                    dv1, _ = _act(dv1, FACT)
+                    dv2, _ = _act(dv2, FACT)
+                    dv3, _ = _act(dv3, FACT)
+                s1 = s1 * dv1
+                s2 = s2 * dv2
+                s3 = s3 * dv3
             elif DV_MODE == 2:
                 dv1, _ = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv2, _ = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
@@ -239,6 +253,7 @@ def _message_bwd_receiver_kernel(
     DK_MODE: tl.constexpr, DV_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
     SELF_LOOP: tl.constexpr, SELF_DK: tl.constexpr, SELF_DV: tl.constexpr,
     VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
+    DKS: tl.constexpr, DVS: tl.constexpr,
     WRITE_GZ: tl.constexpr, SELF_FILTER_GRAD: tl.constexpr,
 ):
     """Receiver-side gradients of one (receiver i, channel chunk cb): dL/dq_i of the chunk
@@ -340,8 +355,10 @@ def _message_bwd_receiver_kernel(
                 r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
             kj = tl.load(k_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
             qk = q_i[None, :, :] * kj
-            if DK_MODE == 1:
-                dk = tl.load(dk_ptr + e3 * F + ch[None, :, :], mask=m3, other=0.0)
+            if DK_MODE == 1 or DK_MODE == 3:
+                dk = tl.load(dk_ptr + e3 * DKS + ch[None, :, :], mask=m3, other=0.0)
+                if DK_MODE == 3:
+                    dk, ddk = _act(dk, FACT)
                 a, da = _act(tl.sum(qk * dk, axis=2), ATT)
             elif DK_MODE == 2:
                 dk, ddk = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
@@ -356,11 +373,15 @@ def _message_bwd_receiver_kernel(
             v1 = tl.load(vbase, mask=m3, other=0.0)
             v2 = tl.load(vbase + D, mask=m3, other=0.0)
             v3 = tl.load(vbase + 2 * D, mask=m3, other=0.0)
-            if DV_MODE == 1:
-                dvbase = dv_ptr + e3 * (3 * F) + vch[None, :, :]
+            if DV_MODE == 1 or DV_MODE == 3:
+                dvbase = dv_ptr + e3 * DVS + vch[None, :, :]
                 dv1 = tl.load(dvbase, mask=m3, other=0.0)
                 dv2 = tl.load(dvbase + D, mask=m3, other=0.0)
                 dv3 = tl.load(dvbase + 2 * D, mask=m3, other=0.0)
+                if DV_MODE == 3:
+                    dv1, ddv1 = _act(dv1, FACT)
+                    dv2, ddv2 = _act(dv2, FACT)
+                    dv3, ddv3 = _act(dv3, FACT)
             elif DV_MODE == 2:
                 dv1, ddv1 = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv2, ddv2 = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
@@ -402,7 +423,9 @@ def _message_bwd_receiver_kernel(
             if USES_RBF:
                 grbf = tl.zeros((BE, KP), dtype=phi.dtype)
             if DK_MODE == 1:
-                tl.store(gdk_ptr + e3 * F + ch[None, :, :], gp[:, :, None] * qk, mask=m3)
+                tl.store(gdk_ptr + e3 * DKS + ch[None, :, :], gp[:, :, None] * qk, mask=m3)
+            elif DK_MODE == 3:  # pre-activation gradient, written over the pre-activation filter
+                tl.store(gdk_ptr + e3 * DKS + ch[None, :, :], gp[:, :, None] * qk * ddk, mask=m3)
             elif DK_MODE == 2:
                 gzk = gp[:, :, None] * qk * ddk
                 grbf += _matmul(tl.reshape(gzk, (BE, HB * DP)), tl.trans(wk_t), PREC)
@@ -413,10 +436,15 @@ def _message_bwd_receiver_kernel(
                 gdv2 = gs2 * v2 * w3
                 gdv3 = gs3 * v3 * w3
                 if DV_MODE == 1:
-                    dvbase = gdv_ptr + e3 * (3 * F) + vch[None, :, :]
+                    dvbase = gdv_ptr + e3 * DVS + vch[None, :, :]
                     tl.store(dvbase, gdv1, mask=m3)
                     tl.store(dvbase + D, gdv2, mask=m3)
                     tl.store(dvbase + 2 * D, gdv3, mask=m3)
+                elif DV_MODE == 3:
+                    dvbase = gdv_ptr + e3 * DVS + vch[None, :, :]
+                    tl.store(dvbase, gdv1 * ddv1, mask=m3)
+                    tl.store(dvbase + D, gdv2 * ddv2, mask=m3)
+                    tl.store(dvbase + 2 * D, gdv3 * ddv3, mask=m3)
                 else:
                     gzv1 = gdv1 * ddv1
                     gzv2 = gdv2 * ddv2
@@ -451,6 +479,7 @@ def _message_bwd_sender_kernel(
     DK_MODE: tl.constexpr, DV_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
     SELF_LOOP: tl.constexpr, SELF_DK: tl.constexpr, SELF_DV: tl.constexpr,
     VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
+    DKS: tl.constexpr, DVS: tl.constexpr,
 ):
     """Sender-side gradients dL/dk_j, dL/dv_j, dL/dvec_j: a segment sum over the edges that
     atom j sends on, visited in sender-sorted order through ``perm`` (the receiver-side
@@ -546,7 +575,10 @@ def _message_bwd_sender_kernel(
             if DK_MODE == 2 or DV_MODE == 2:
                 r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
             if DK_MODE == 1:
-                qdk = q_i * tl.load(dk_ptr + e3 * F + ch[None, :, :], mask=m3, other=0.0)
+                qdk = q_i * tl.load(dk_ptr + e3 * DKS + ch[None, :, :], mask=m3, other=0.0)
+            elif DK_MODE == 3:
+                dk, _ = _act(tl.load(dk_ptr + e3 * DKS + ch[None, :, :], mask=m3, other=0.0), FACT)
+                qdk = q_i * dk
             elif DK_MODE == 2:
                 dk, _ = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
                 qdk = q_i * dk
@@ -560,11 +592,18 @@ def _message_bwd_sender_kernel(
                 attn = tl.where(valid[:, None], a * phi[:, None], 0.0)
                 w_e = tl.where(valid, 1.0, 0.0).to(phi.dtype)
             w3 = w_e[:, None, None]
-            if DV_MODE == 1:
-                dvbase = dv_ptr + e3 * (3 * F) + vch[None, :, :]
-                dv1 = tl.load(dvbase, mask=m3, other=0.0) * w3
-                dv2 = tl.load(dvbase + D, mask=m3, other=0.0) * w3
-                dv3 = tl.load(dvbase + 2 * D, mask=m3, other=0.0) * w3
+            if DV_MODE == 1 or DV_MODE == 3:
+                dvbase = dv_ptr + e3 * DVS + vch[None, :, :]
+                dv1 = tl.load(dvbase, mask=m3, other=0.0)
+                dv2 = tl.load(dvbase + D, mask=m3, other=0.0)
+                dv3 = tl.load(dvbase + 2 * D, mask=m3, other=0.0)
+                if DV_MODE == 3:
+                    dv1, _ = _act(dv1, FACT)
+                    dv2, _ = _act(dv2, FACT)
+                    dv3, _ = _act(dv3, FACT)
+                dv1 = dv1 * w3
+                dv2 = dv2 * w3
+                dv3 = dv3 * w3
             elif DV_MODE == 2:
                 dv1, _ = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv2, _ = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)

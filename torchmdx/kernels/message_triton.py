@@ -105,6 +105,12 @@ class LaunchConfig:
                      channel chunk, each looping over atoms (0: one program per atom)
     num_stages       Triton software-pipelining depth (None: Triton's default)
     maxnreg          register cap per thread (None: no cap)
+    filters          where :func:`et_message_filtered` evaluates the radial filters:
+                     'gemm' (one matrix product z = rbf W^T + b per layer before the kernels,
+                     which apply act_f; the backward recomputes z and overwrites it with
+                     dL/dz, and one more product gives dL/drbf: transient GPU memory E x 4F),
+                     'kernel' (tl.dot on blocks of edges inside every kernel: O(E K) memory,
+                     but three times the registers), 'auto' ('gemm')
     """
 
     block_edges: int = 16
@@ -114,9 +120,12 @@ class LaunchConfig:
     programs_per_sm: int = 0
     num_stages: Optional[int] = None
     maxnreg: Optional[int] = None
+    filters: str = "auto"
 
 
 CONFIG = LaunchConfig()
+
+FILTER_PLACES = ("auto", "gemm", "kernel")
 
 #: what the last fused backward did (diagnostics and tests): weight_gradients is True when it
 #: produced the filter weights' gradients, False when the autograd engine did not need them
@@ -198,7 +207,7 @@ class _Spec:
     heads: int
     head_dim: int
     num_rbf: int
-    dk_mode: int  # 0 none, 1 given [E, F], 2 from rbf
+    dk_mode: int  # 0 none, 1 given [E, F], 2 from rbf in the kernels, 3 pre-activation from one matrix product
     dv_mode: int
     has_mask: bool
     self_loop: bool
@@ -218,6 +227,8 @@ class _Spec:
     programs_per_sm: int = 0
     num_stages: Optional[int] = None
     maxnreg: Optional[int] = None
+    dk_stride: int = 0  # row strides of the given / pre-activation filter buffers (modes 1 and 3)
+    dv_stride: int = 0
 
     @property
     def chunks(self) -> int:
@@ -230,7 +241,7 @@ class _Spec:
             DK_MODE=self.dk_mode, DV_MODE=self.dv_mode, HAS_MASK=self.has_mask, SELF_LOOP=self.self_loop,
             SELF_DK=self.self_dk, SELF_DV=self.self_dv, VCUT=self.vector_cutoff,
             ATT=ACTIVATION_CODES[self.attn_activation], FACT=ACTIVATION_CODES[self.filter_activation],
-            PREC=self.precision, num_warps=self.num_warps,
+            PREC=self.precision, DKS=self.dk_stride, DVS=self.dv_stride, num_warps=self.num_warps,
             **({} if self.num_stages is None else {"num_stages": self.num_stages}),
             **({} if self.maxnreg is None else {"maxnreg": self.maxnreg}),
         )
@@ -260,9 +271,14 @@ def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self
         be = max(be, 16)
         kp = max(kp, 16)
     precision = "fma" if dtype == torch.float64 else cfg.dot_precision
+    f = heads * head_dim
+    if dk_mode == 3 or dv_mode == 3:  # one buffer z = [z_k | z_v]
+        dk_stride = dv_stride = f * ((dk_mode == 3) + 3 * (dv_mode == 3))
+    else:
+        dk_stride, dv_stride = f, 3 * f
     return _Spec(heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv, vector_cutoff,
                  attn_activation, filter_activation, hb, hp, dp, kp, be, cfg.num_warps, precision,
-                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg)
+                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride)
 
 
 _SM_COUNT: dict = {}
@@ -333,7 +349,7 @@ def _reference_from_saved(spec: _Spec, edge_index, t):
     self_loop = (dk0, dv0, phi0) if spec.self_loop else None
     kwargs = dict(edge_mask=mask.bool() if mask is not None else None, self_loop=self_loop,
                   attn_activation=spec.attn_activation, vector_cutoff=spec.vector_cutoff)
-    if spec.dk_mode == 2 or spec.dv_mode == 2:
+    if spec.dk_mode in (2, 3) or spec.dv_mode in (2, 3):
         return reference_filtered(q, k, v, vec, rbf, wk, bk, wv, bv, phi, unit, edge_index, spec.heads,
                                   filter_activation=spec.filter_activation, **kwargs)
     return message_ref.et_message(q, k, v, vec, dk, dv, phi, unit, edge_index, spec.heads, **kwargs)
@@ -352,6 +368,8 @@ class _FusedMessageFunction(torch.autograd.Function):
         u = torch.empty(n, 3, f, dtype=q.dtype, device=q.device)
         dummy = q
         if n > 0:
+            if spec.dk_mode == 3 or spec.dv_mode == 3:
+                dk, dv = _preactivation_views(spec, _preactivation(rbf, wk, bk, wv, bv))
             spec = _launch(
                 kernels._message_fwd_kernel, spec.grid(n, q.device), spec,
                 layout.rowptr, layout.rowend, layout.senders, q, k, v, vec,
@@ -362,7 +380,7 @@ class _FusedMessageFunction(torch.autograd.Function):
         ctx.spec = spec
         ctx.layout = layout
         ctx.weight_nodes = weight_nodes
-        ctx.save_for_backward(*tensors)
+        ctx.save_for_backward(*tensors)  # mode 3: z is not saved (the backward recomputes it)
         return m, u
 
     @staticmethod
@@ -380,6 +398,36 @@ class _FusedMessageFunction(torch.autograd.Function):
 
 def _or(t, default):
     return default if t is None else t
+
+
+def _preactivation(rbf, wk, bk, wv, bv) -> torch.Tensor:
+    """z = rbf [W_k; W_v]^T + [b_k; b_v]: [E, F (keys) + 3F (values)], one matrix product in
+    full float32 (TF32 off for the call: the filters carry the distance dependence of the forces)."""
+    weights = [w for w in (wk, wv) if w is not None]
+    biases = [b for w, b in ((wk, bk), (wv, bv)) if w is not None]
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    bias = biases[0] if len(biases) == 1 else torch.cat(biases)
+    with _full_precision_matmul():
+        return torch.addmm(bias, rbf, weight.t())
+
+
+def _preactivation_views(spec, z):
+    """(z_k, z_v): the key and value columns of the pre-activation buffer (None where absent)."""
+    f = spec.heads * spec.head_dim
+    zk = z if spec.dk_mode == 3 else None
+    zv = (z[:, f:] if spec.dk_mode == 3 else z) if spec.dv_mode == 3 else None
+    return zk, zv
+
+
+class _full_precision_matmul:
+    """Context: float32 matrix products without TF32 (restores the caller's setting)."""
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
 def _reference_backward(spec, edge_index, saved, needs, grad_m, grad_u):
@@ -410,15 +458,35 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
     e = phi.shape[0]
     out = dict.fromkeys(_NAMES)
     dummy = q
+    gemm = spec.dk_mode == 3 or spec.dv_mode == 3  # filters from one matrix product (pre-activation z)
     weights_wanted = [need[name] and _engine_needs(node) for name, node in zip(("wk", "bk", "wv", "bv"), weight_nodes)]
     write_gz = spec.dk_mode == 2 and any(weights_wanted[:2]) or spec.dv_mode == 2 and any(weights_wanted[2:])
-    LAST_BACKWARD["weight_gradients"] = bool(write_gz)
+    gemm_weights = gemm and any(weights_wanted)
+    LAST_BACKWARD["weight_gradients"] = bool(write_gz or gemm_weights)
     self_filter_grad = spec.self_loop and (need["dk0"] or need["dv0"])
-    need_receiver = any(need[name] for name in ("q", "dk", "dv", "rbf", "phi", "unit")) or write_gz or self_filter_grad
+    need_receiver = (any(need[name] for name in ("q", "dk", "dv", "rbf", "phi", "unit")) or write_gz or gemm_weights
+                     or self_filter_grad)
     need_sender = any(need[name] for name in ("k", "v", "vec"))
+    z = None
+    if gemm and n > 0 and (need_receiver or need_sender):
+        z = _preactivation(rbf, wk, bk, wv, bv)  # recomputed: not kept from the forward (memory)
+        dk, dv = _preactivation_views(spec, z)
     tensors = (q, k, v, vec, _or(dk, dummy), _or(dv, dummy), _or(rbf, dummy), _or(wk, dummy), _or(bk, dummy),
                _or(wv, dummy), _or(bv, dummy), phi, unit, _or(mask, dummy), _or(dk0, dummy), _or(dv0, dummy),
                _or(phi0, dummy))
+
+    def sender_side():
+        gk, gv, gvec = torch.empty_like(k), torch.empty_like(v), torch.empty_like(vec)
+        if n > 0:
+            colptr, colend, perm = layout.sender_order()
+            _launch(
+                kernels._message_bwd_sender_kernel, spec.grid(n, q.device), spec,
+                colptr, colend, perm, layout.receivers, *tensors, grad_m, grad_u, gk, gv, gvec, n,
+            )
+        out["k"], out["v"], out["vec"] = gk, gv, gvec
+
+    if need_sender and gemm:  # before the receiver side, which overwrites z with dL/dz
+        sender_side()
     if need_receiver and n > 0:
         new = lambda *shape: torch.empty(*shape, dtype=q.dtype, device=q.device)  # noqa: E731
         uses_rbf = spec.dk_mode == 2 or spec.dv_mode == 2
@@ -427,8 +495,8 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         new_edge = (lambda *shape: torch.zeros(*shape, dtype=q.dtype, device=q.device)) if spec.has_mask else new
         gq = new(n, f)
         gedge = new_edge(spec.chunks, e, width)  # per chunk: dL/drbf [K], dL/dphi, dL/dd [3]
-        gdk = new_edge(e, f) if spec.dk_mode == 1 else dummy
-        gdv = new_edge(e, 3 * f) if spec.dv_mode == 1 else dummy
+        gdk = new_edge(e, f) if spec.dk_mode == 1 else dk if spec.dk_mode == 3 else dummy
+        gdv = new_edge(e, 3 * f) if spec.dv_mode == 1 else dv if spec.dv_mode == 3 else dummy
         gzk = new_edge(e, f) if write_gz and spec.dk_mode == 2 else dummy
         gzv = new_edge(e, 3 * f) if write_gz and spec.dv_mode == 2 else dummy
         gdk0 = new(n, f) if self_filter_grad and spec.self_dk else dummy
@@ -444,8 +512,10 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
             out["dk"] = gdk
         if spec.dv_mode == 1:
             out["dv"] = gdv
-        if spec.dk_mode == 2 or spec.dv_mode == 2:
+        if uses_rbf:
             out["rbf"] = grbf
+        if gemm:
+            _gemm_filter_gradients(spec, z, mask, rbf, wk, wv, bk, bv, need, weights_wanted, out)
         if write_gz and spec.dk_mode == 2:
             if weights_wanted[0]:
                 out["wk"] = gzk.t() @ rbf
@@ -464,16 +534,38 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         out["q"] = torch.zeros_like(q)
         out["phi"] = torch.zeros_like(phi)
         out["unit"] = torch.zeros_like(unit)
-    if need_sender:
-        gk, gv, gvec = torch.empty_like(k), torch.empty_like(v), torch.empty_like(vec)
-        if n > 0:
-            colptr, colend, perm = layout.sender_order()
-            _launch(
-                kernels._message_bwd_sender_kernel, spec.grid(n, q.device), spec,
-                colptr, colend, perm, layout.receivers, *tensors, grad_m, grad_u, gk, gv, gvec, n,
-            )
-        out["k"], out["v"], out["vec"] = gk, gv, gvec
+        if gemm:
+            out["rbf"] = torch.zeros_like(rbf)
+    if need_sender and not gemm:
+        sender_side()
     return tuple(out[name] if need[name] else None for name in _NAMES)
+
+
+def _gemm_filter_gradients(spec, gz, mask, rbf, wk, wv, bk, bv, need, weights_wanted, out):
+    """Filter gradients from dL/dz [E, F + 3F] (written by the receiver kernel over z): dL/drbf =
+    dL/dz [W_k; W_v], dL/dW = dL/dz^T rbf, dL/db = sum_e dL/dz. Trailing masked rows the kernel
+    skipped still hold z: they are zeroed (per row of dL/drbf, or in dL/dz for the weights)."""
+    f = spec.heads * spec.head_dim
+    keep = mask.bool()[:, None] if mask is not None else None
+    if need["rbf"]:
+        weights = [w for w in (wk, wv) if w is not None]
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        with _full_precision_matmul():
+            grbf = gz @ weight
+        out["rbf"] = grbf if keep is None else torch.where(keep, grbf, 0.0)
+    if any(weights_wanted):
+        if keep is not None:
+            gz = gz.masked_fill_(~keep, 0.0)
+        zk, zv = _preactivation_views(spec, gz)
+        with _full_precision_matmul():
+            if weights_wanted[0]:
+                out["wk"] = zk[:, :f].t() @ rbf
+            if weights_wanted[2]:
+                out["wv"] = zv.t() @ rbf
+        if weights_wanted[1] and bk is not None:
+            out["bk"] = zk[:, :f].sum(0)
+        if weights_wanted[3] and bv is not None:
+            out["bv"] = zv.sum(0)
 
 
 def _launch_receiver(spec, layout, tensors, grad_m, grad_u, outputs, write_gz, self_filter_grad):
@@ -550,8 +642,11 @@ class FusedMessage:
             return message_ref.et_message(q, k, v, vec, dk, dv, phi, unit, edge_index, num_heads, **kwargs)
         head_dim = f // num_heads
         if filtered:
-            dk_mode = 2 if wk is not None else 0
-            dv_mode = 2 if wv is not None else 0
+            if CONFIG.filters not in FILTER_PLACES:
+                raise ValueError(f"message_triton.CONFIG.filters must be one of {FILTER_PLACES}, not {CONFIG.filters!r}")
+            mode = 2 if CONFIG.filters == "kernel" else 3
+            dk_mode = mode if wk is not None else 0
+            dv_mode = mode if wv is not None else 0
             num_rbf = rbf.shape[-1]
             if bk is None and wk is not None:
                 bk_t = torch.zeros(f, dtype=q.dtype, device=q.device)
