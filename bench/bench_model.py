@@ -107,6 +107,23 @@ def cuda_time(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def gpu_busy_ms(fn, calls: int = 3):
+    """(ms of GPU kernel time per ``fn()`` call, {kernel: ms per call}) from torch.profiler: the
+    GPU's share of a call, without the host time between launches that CUDA events also see."""
+    if DEVICE == "cpu":
+        return math.nan, {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel = {ev.key[:60]: ev.device_time_total / (1e3 * calls) for ev in prof.key_averages() if ev.device_time_total > 0}
+    return sum(per_kernel.values()), per_kernel
+
+
 def peak_mib(fn) -> float:
     if DEVICE == "cpu":
         return math.nan
@@ -322,20 +339,22 @@ def reference_forces64(name, data_dir):
     return z, pos, out["forces"].detach()
 
 
-SWEEP = [
+SWEEP = [  # launch parameters; "filters" is the filter place (message_triton.LaunchConfig)
     dict(),
-    dict(programs_per_sm=4),
-    dict(programs_per_sm=4, maxnreg=128),
-    dict(num_stages=1),
-    dict(dot_precision="tf32"),
-    dict(num_warps=8, programs_per_sm=2),
-    dict(chunk_channels=64, num_warps=8),
-    dict(dot_precision="tf32", programs_per_sm=4, maxnreg=128),
+    dict(filters="kernel"),
+    dict(num_warps=8),
+    dict(num_warps=2),
     dict(chunk_channels=16),
     dict(chunk_channels=16, num_warps=2),
-    dict(chunk_channels=16, block_edges=32),
+    dict(chunk_channels=64),
+    dict(chunk_channels=64, num_warps=8),
+    dict(block_edges=8),
     dict(block_edges=32),
+    dict(block_edges=32, num_warps=8),
+    dict(num_stages=1),
     dict(num_stages=2),
+    dict(programs_per_sm=4),
+    dict(filters="kernel", dot_precision="tf32"),
 ]
 
 
@@ -355,8 +374,8 @@ def bench_sweep(name, data_dir, results):
             row["error"] = error_text(exc)
         rows.append(row)
         print("sweep", row, flush=True)
-    ok = [r for r in rows if "fused_fwd_bwd_ms" in r and r["max_rel_err_vs_f64"] < 2e-5]
-    best = min(ok, key=lambda r: r["fused_fwd_bwd_ms"]) if ok else None
+    ok = [r for r in rows if "fused_fwd_bwd_gpu_ms" in r and r["max_rel_err_vs_f64"] < 2e-5]
+    best = min(ok, key=lambda r: r["fused_fwd_bwd_gpu_ms"]) if ok else None  # GPU time: graphs hide host time
     message_triton.CONFIG = message_triton.LaunchConfig(**{k: v for k, v in (best or {}).items() if k in SWEEP_KEYS})
     z, pos64, f64 = reference_forces64(name, data_dir)
     pos = pos64.float()
@@ -368,7 +387,8 @@ def bench_sweep(name, data_dir, results):
     print("sweep best", best, "model force errors vs float64", model_errors, flush=True)
 
 
-SWEEP_KEYS = ("block_edges", "chunk_channels", "num_warps", "dot_precision", "programs_per_sm", "num_stages", "maxnreg")
+SWEEP_KEYS = ("block_edges", "chunk_channels", "num_warps", "dot_precision", "programs_per_sm", "num_stages", "maxnreg",
+              "filters")
 
 
 _KERNEL_INPUTS = {}
@@ -415,9 +435,13 @@ def message_call(t, edge_index, label):
     rest = (t["phi"], t["unit"], edge_index, 8)
     if label == "ref" or label.startswith("fused"):
         fn = message_triton.reference_filtered if label == "ref" else message_triton.et_message_filtered
-        message_triton.CONFIG.filters = label[len("fused_"):] if label.startswith("fused_") else FILTERS_DEFAULT
-        return fn(t["q"], t["k"], t["v"], t["vec"], t["rbf"], t["wk"], t["bk"], t["wv"], t["bv"], *rest,
-                  self_loop=self_loop, vector_cutoff=True)
+        place, old = label[len("fused_"):] if label.startswith("fused_") else message_triton.CONFIG.filters, message_triton.CONFIG.filters
+        message_triton.CONFIG.filters = place
+        try:
+            return fn(t["q"], t["k"], t["v"], t["vec"], t["rbf"], t["wk"], t["bk"], t["wv"], t["bv"], *rest,
+                      self_loop=self_loop, vector_cutoff=True)
+        finally:
+            message_triton.CONFIG.filters = old
     if label == "given":
         dk = torch.nn.functional.silu(torch.nn.functional.linear(t["rbf"], t["wk"], t["bk"]))
         dv = torch.nn.functional.silu(torch.nn.functional.linear(t["rbf"], t["wv"], t["bv"]))
@@ -454,6 +478,9 @@ def kernel_step(name, data_dir, check=False, labels=("fused",)):
             row[f"{label}_fwd_ms"] = round(cuda_time(forward, 3, 20), 3)
             row[f"{label}_fwd_bwd_ms"] = round(cuda_time(forward_backward, 3, 20), 3)
             row[f"{label}_fwd_bwd_peak_MiB"] = round(peak_mib(forward_backward), 1)
+            busy, per_kernel = gpu_busy_ms(forward_backward)
+            row[f"{label}_fwd_bwd_gpu_ms"] = round(busy, 3)
+            row[f"{label}_fwd_bwd_top"] = {k: round(v, 3) for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:6]}
         except Exception as exc:  # noqa: BLE001
             row[f"{label}_error"] = error_text(exc)
     if check:
@@ -469,8 +496,6 @@ def kernel_step(name, data_dir, check=False, labels=("fused",)):
 
 #: the message-step variants of ``--kernels`` (see :func:`message_call`; env BENCH_KERNEL_LABELS)
 KERNEL_LABELS = tuple(os.environ.get("BENCH_KERNEL_LABELS", "ref,fused_kernel,fused_gemm,given_leaf,nofilter").split(","))
-#: ``message_triton.CONFIG.filters`` when the benchmark started (what the label ``fused`` uses)
-FILTERS_DEFAULT = "auto"
 
 
 def bench_kernels(name, data_dir, results):
@@ -495,15 +520,19 @@ def bench_profile(names, data_dir, out_dir, results):
         z = torch.tensor(z_np, device=DEVICE)
         pos = torch.tensor(pos_np, dtype=torch.float32, device=DEVICE)
         model = make_model("triton")
-        for compiled in (False, True):
-            label = f"{name}{' compiled' if compiled else ''}"
-            model.set_compiled(compiled)
+        for variant in ("eager", "compiled", "graph"):
+            label = name if variant == "eager" else f"{name} {variant}"
+            model.set_compiled(variant != "eager")
+            if variant == "graph":  # what the calculator replays: capacity-padded list, compiled parts
+                call, _ = graph_call(model, z, pos, None, None)
+            else:
+                call = lambda: model(z, pos)  # noqa: E731
             for _ in range(3):
-                model(z, pos)
+                call()
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
-                    model(z, pos)
+                    call()
                 torch.cuda.synchronize()
             averages = prof.key_averages()
             rows = sorted(((ev.key, ev.device_time_total / 3e3, ev.count // 3) for ev in averages), key=lambda r: -r[1])
@@ -598,10 +627,6 @@ def main(argv=None):
 
         message_triton.CONFIG = message_triton.LaunchConfig(**json.loads(os.environ["BENCH_MESSAGE_CONFIG"]))
         print(f"message launch config: {message_triton.CONFIG}", flush=True)
-    global FILTERS_DEFAULT
-    from torchmdx.kernels import message_triton as _mt
-
-    FILTERS_DEFAULT = _mt.CONFIG.filters
     NEIGHBORS = args.neighbors
     GRAPH = not args.no_graph
     global GRAPH_VARIANTS

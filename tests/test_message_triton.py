@@ -180,6 +180,29 @@ def case_message(name):
     assert modes and all(mode in (0, expected) for pair in modes for mode in pair), f"filter modes run: {modes}"
 
 
+def case_filter_products():
+    """The GEMM place's two filter products (Triton) against torch: z = rbf W^T + b and
+    dL/drbf = dL/dz W with masked rows zeroed; odd sizes (tiles are partly outside)."""
+    from torchmdx.kernels import message_triton as mt
+
+    g = torch.Generator().manual_seed(13)
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-6)):
+        e, f, k = 77, 12, 10
+        rbf = torch.rand(e, k, generator=g, dtype=torch.float64).to(dtype)
+        wk, bk = torch.randn(f, k, generator=g, dtype=torch.float64).to(dtype), torch.randn(f, generator=g, dtype=torch.float64).to(dtype)
+        wv, bv = torch.randn(3 * f, k, generator=g, dtype=torch.float64).to(dtype), torch.randn(3 * f, generator=g, dtype=torch.float64).to(dtype)
+        z = mt._preactivation(rbf, wk, bk, wv, bv)
+        z_ref = torch.addmm(torch.cat([bk, bv]).double(), rbf.double(), torch.cat([wk, wv]).double().t())
+        assert rel_err(z, z_ref) < tol, f"z {dtype}: {rel_err(z, z_ref)}"
+        assert rel_err(mt._preactivation(rbf, None, None, wv, bv), z_ref[:, f:]) < tol
+        gz = torch.randn(e, 4 * f, generator=g, dtype=torch.float64).to(dtype)
+        mask = torch.rand(e, generator=g) > 0.3
+        grbf = mt._rbf_gradient(gz, wk, wv, mask.view(torch.uint8))
+        grbf_ref = torch.where(mask[:, None], gz.double() @ torch.cat([wk, wv]).double(), 0.0)
+        assert rel_err(grbf, grbf_ref) < tol, f"dL/drbf {dtype}: {rel_err(grbf, grbf_ref)}"
+        assert (grbf[~mask] == 0).all()
+
+
 def case_double_backward():
     """create_graph=True: the gradients are themselves differentiable (through the reference)
     and their derivatives equal the reference's."""
@@ -287,7 +310,7 @@ def run_interpreter_cases(out_path, shared_data):
 
     results = {}
     cases = [(name, lambda name=name: case_message(name)) for name in CASES]
-    cases += [("double_backward", case_double_backward),
+    cases += [("filter_products", case_filter_products), ("double_backward", case_double_backward),
               ("weight_gradients_kernel", lambda: case_weight_gradients("kernel")),
               ("weight_gradients_gemm", lambda: case_weight_gradients("gemm")),
               ("model", lambda: case_model(shared_data)), ("training", case_training)]
@@ -313,7 +336,7 @@ def interpreter_results(tmp_path_factory, shared_data):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("name", list(CASES) + ["double_backward", "weight_gradients_kernel", "weight_gradients_gemm",
+@pytest.mark.parametrize("name", list(CASES) + ["filter_products", "double_backward", "weight_gradients_kernel", "weight_gradients_gemm",
                                   "model", "training"])
 def test_interpreter(interpreter_results, name):
     error = interpreter_results[name]

@@ -640,3 +640,43 @@ def _message_bwd_sender_kernel(
         tl.store(gvec_ptr + j * (3 * F) + ch, acc_x, mask=cval)
         tl.store(gvec_ptr + j * (3 * F) + F + ch, acc_y, mask=cval)
         tl.store(gvec_ptr + j * (3 * F) + 2 * F + ch, acc_z, mask=cval)
+
+
+@triton.jit
+def _filter_preact_kernel(rbf_ptr, w_ptr, b_ptr, z_ptr, num_edges, C,
+                          K: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """z[e, c] = sum_k rbf[e, k] W[c, k] + b[c] on a [BM, BN] tile (rbf [E, K], W [C, K], z [E, C]):
+    the pre-activation filters of the GEMM place (mode 3), in float32 accuracy (tf32x3) on
+    tensor cores where cuBLAS without TF32 would run plain FMA."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    kk = tl.arange(0, KP)
+    rmask = rows < num_edges
+    cmask = cols < C
+    r = tl.load(rbf_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
+    w_t = tl.load(w_ptr + cols[None, :] * K + kk[:, None], mask=cmask[None, :] & (kk < K)[:, None], other=0.0)
+    z = _matmul(r, w_t, PREC) + tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
+    tl.store(z_ptr + rows[:, None] * C + cols[None, :], z, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _filter_rbf_grad_kernel(gz_ptr, w_ptr, mask_ptr, grbf_ptr, num_edges, C,
+                            K: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+    """dL/drbf[e, k] = sum_c dL/dz[e, c] W[c, k] for BM edges (dL/dz [E, C], W [C, K]); rows
+    whose mask is False are written as 0 (the receiver kernel skips trailing masked rows, whose
+    dL/dz slots still hold z)."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    kk = tl.arange(0, KP)
+    rmask = rows < num_edges
+    acc = tl.zeros((BM, KP), dtype=gz_ptr.dtype.element_ty)
+    for c0 in range(0, C, BN):
+        cols = c0 + tl.arange(0, BN)
+        cmask = cols < C
+        g = tl.load(gz_ptr + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=cmask[:, None] & (kk < K)[None, :], other=0.0)
+        acc += _matmul(g, w, PREC)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + rows, mask=rmask, other=0) != 0
+        acc = tl.where(keep[:, None], acc, 0.0)
+    tl.store(grbf_ptr + rows[:, None] * K + kk[None, :], acc, mask=rmask[:, None] & (kk < K)[None, :])
