@@ -17,10 +17,15 @@ Entry points
 - :func:`et_message`: drop-in for the reference (``dk`` [E, F] and ``dv`` [E, 3F] given,
   or None). Used where the caller already holds the filters.
 - :func:`et_message_filtered`: takes the RBF rows ``rbf`` [E, K] and the filter weights
-  (W_k [F, K], b_k, W_v [3F, K], b_v, activation ``filter_activation``) and computes dk, dv
-  inside the kernels with ``tl.dot`` on blocks of edges: GPU memory per layer is then O(E K)
-  instead of O(E F), and the backward returns dL/drbf [E, K] (which carries the position
-  dependence together with phi and the unit vectors).
+  (W_k [F, K], b_k, W_v [3F, K], b_v, activation ``filter_activation``); where the filters are
+  evaluated is ``CONFIG.filters``: 'gemm' (default) computes the pre-activation
+  z = rbf [W_k; W_v]^T + b [E, 4F] by one Triton product per layer, the kernels apply
+  act_f, the backward recomputes z, overwrites it with dL/dz and turns that into dL/drbf by one
+  more product (transient memory E x 4F per layer, not kept between forward and backward);
+  'kernel' evaluates dk, dv inside every kernel with ``tl.dot`` on blocks of edges (O(E K)
+  memory, but about three times the registers: slower, docs/kernels_message.md). The
+  backward returns dL/drbf [E, K] (which carries the position dependence together with phi
+  and the unit vectors).
 - :class:`FusedMessage`: one object per model forward pass (what
   :func:`torchmdx.nn.et.message_function` returns). Calling it is :func:`et_message`; its
   :meth:`FusedMessage.filtered` is :func:`et_message_filtered`; it computes the edge layout

@@ -39,7 +39,8 @@ def message_function(backend: str, device: torch.device) -> Callable:
     'auto' uses the Triton kernels on CUDA when :mod:`torchmdx.kernels.message_triton` is
     available, else the torch reference; 'triton' insists on them. The Triton path returns a
     fresh ``FusedMessage`` per call (i.e. per forward pass): it shares the edge layout between
-    the layers and offers ``.filtered`` (radial filters evaluated inside the kernels).
+    the layers and offers ``.filtered`` (radial filters from the RBF rows and weights, evaluated by the
+    kernels' own products: ``message_triton.CONFIG.filters``).
     """
     if backend == "torch":
         return message_ref.et_message
