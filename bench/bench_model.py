@@ -435,8 +435,9 @@ def message_call(t, edge_index, label):
     rest = (t["phi"], t["unit"], edge_index, 8)
     if label == "ref" or label.startswith("fused"):
         fn = message_triton.reference_filtered if label == "ref" else message_triton.et_message_filtered
-        place, old = label[len("fused_"):] if label.startswith("fused_") else message_triton.CONFIG.filters, message_triton.CONFIG.filters
-        message_triton.CONFIG.filters = place
+        old = message_triton.CONFIG.filters
+        if label.startswith("fused_"):
+            message_triton.CONFIG.filters = label[len("fused_"):]
         try:
             return fn(t["q"], t["k"], t["v"], t["vec"], t["rbf"], t["wk"], t["bk"], t["wv"], t["bv"], *rest,
                       self_loop=self_loop, vector_cutoff=True)
@@ -459,12 +460,17 @@ GRAD_INPUTS_GIVEN = ("q", "k", "v", "vec", "dk", "dv", "phi", "unit")
 GRAD_INPUTS_NOFILTER = ("q", "k", "v", "vec", "phi", "unit")
 
 
+def grad_inputs(label):
+    """The inputs a force evaluation differentiates for the message variant ``label``."""
+    return {"given_leaf": GRAD_INPUTS_GIVEN, "nofilter": GRAD_INPUTS_NOFILTER}.get(label, GRAD_INPUTS)
+
+
 def kernel_step(name, data_dir, check=False, labels=("fused",)):
     """ms of one layer's message step (forward; forward + backward for forces) on ``name``."""
     t, edge_index, n, e = kernel_inputs(name, data_dir)
     row = {"atoms": n, "edges": e}
     for label in labels:
-        wrt = {"given_leaf": GRAD_INPUTS_GIVEN, "nofilter": GRAD_INPUTS_NOFILTER}.get(label, GRAD_INPUTS)
+        wrt = grad_inputs(label)
 
         def forward():
             with torch.no_grad():

@@ -9,5 +9,5 @@ bm.DEVICE = "cuda"
 t, ei, n, e = bm.kernel_inputs("dhfr", Path(".benchdata"))
 for label in sys.argv[1].split(","):
     m, u = bm.message_call(t, ei, label)
-    torch.autograd.grad(m.sum() + u.square().sum(), [t[x] for x in ({"given_leaf": bm.GRAD_INPUTS_GIVEN, "nofilter": bm.GRAD_INPUTS_NOFILTER}.get(label, bm.GRAD_INPUTS))])
+    torch.autograd.grad(m.sum() + u.square().sum(), [t[x] for x in bm.grad_inputs(label)])
 torch.cuda.synchronize()

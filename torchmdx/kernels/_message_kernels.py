@@ -108,6 +108,17 @@ def _filter(r, wT, bias, MODE: tl.constexpr, FACT: tl.constexpr, BE: tl.constexp
 
 
 @triton.jit
+def _given_filter(ptrs, m3, MODE: tl.constexpr, FACT: tl.constexpr):
+    """(value, derivative) of a given filter tile: the tensor itself (MODE 1; the derivative is
+    unused there and removed by the compiler) or act_f of the pre-activation z (MODE 3)."""
+    x = tl.load(ptrs, mask=m3, other=0.0)
+    if MODE == 3:
+        return _act(x, FACT)
+    else:
+        return x, x
+
+
+@triton.jit
 def _message_fwd_kernel(
     rowptr_ptr, rowend_ptr, senders_ptr, q_ptr, k_ptr, v_ptr, vec_ptr,
     dk_ptr, dv_ptr, rbf_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
@@ -186,10 +197,8 @@ def _message_fwd_kernel(
             if DK_MODE == 2 or DV_MODE == 2:
                 r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
             prod = q_i[None, :, :] * tl.load(k_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
-            if DK_MODE == 1:
-                prod = prod * tl.load(dk_ptr + e3 * DKS + ch[None, :, :], mask=m3, other=0.0)
-            elif DK_MODE == 3:
-                dk, _ = _act(tl.load(dk_ptr + e3 * DKS + ch[None, :, :], mask=m3, other=0.0), FACT)
+            if DK_MODE == 1 or DK_MODE == 3:
+                dk, _ = _given_filter(dk_ptr + e3 * DKS + ch[None, :, :], m3, DK_MODE, FACT)
                 prod = prod * dk
             elif DK_MODE == 2:
                 dk, _ = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
@@ -208,13 +217,9 @@ def _message_fwd_kernel(
             s3 = tl.load(vbase + 2 * D, mask=m3, other=0.0) * w3
             if DV_MODE == 1 or DV_MODE == 3:
                 dvbase = dv_ptr + e3 * DVS + vch[None, :, :]
-                dv1 = tl.load(dvbase, mask=m3, other=0.0)
-                dv2 = tl.load(dvbase + D, mask=m3, other=0.0)
-                dv3 = tl.load(dvbase + 2 * D, mask=m3, other=0.0)
-                if DV_MODE == 3:
-                    dv1, _ = _act(dv1, FACT)
-                    dv2, _ = _act(dv2, FACT)
-                    dv3, _ = _act(dv3, FACT)
+                dv1, _ = _given_filter(dvbase, m3, DV_MODE, FACT)
+                dv2, _ = _given_filter(dvbase + D, m3, DV_MODE, FACT)
+                dv3, _ = _given_filter(dvbase + 2 * D, m3, DV_MODE, FACT)
                 s1 = s1 * dv1
                 s2 = s2 * dv2
                 s3 = s3 * dv3
@@ -356,9 +361,7 @@ def _message_bwd_receiver_kernel(
             kj = tl.load(k_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
             qk = q_i[None, :, :] * kj
             if DK_MODE == 1 or DK_MODE == 3:
-                dk = tl.load(dk_ptr + e3 * DKS + ch[None, :, :], mask=m3, other=0.0)
-                if DK_MODE == 3:
-                    dk, ddk = _act(dk, FACT)
+                dk, ddk = _given_filter(dk_ptr + e3 * DKS + ch[None, :, :], m3, DK_MODE, FACT)
                 a, da = _act(tl.sum(qk * dk, axis=2), ATT)
             elif DK_MODE == 2:
                 dk, ddk = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
@@ -375,13 +378,9 @@ def _message_bwd_receiver_kernel(
             v3 = tl.load(vbase + 2 * D, mask=m3, other=0.0)
             if DV_MODE == 1 or DV_MODE == 3:
                 dvbase = dv_ptr + e3 * DVS + vch[None, :, :]
-                dv1 = tl.load(dvbase, mask=m3, other=0.0)
-                dv2 = tl.load(dvbase + D, mask=m3, other=0.0)
-                dv3 = tl.load(dvbase + 2 * D, mask=m3, other=0.0)
-                if DV_MODE == 3:
-                    dv1, ddv1 = _act(dv1, FACT)
-                    dv2, ddv2 = _act(dv2, FACT)
-                    dv3, ddv3 = _act(dv3, FACT)
+                dv1, ddv1 = _given_filter(dvbase, m3, DV_MODE, FACT)
+                dv2, ddv2 = _given_filter(dvbase + D, m3, DV_MODE, FACT)
+                dv3, ddv3 = _given_filter(dvbase + 2 * D, m3, DV_MODE, FACT)
             elif DV_MODE == 2:
                 dv1, ddv1 = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv2, ddv2 = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
@@ -574,10 +573,8 @@ def _message_bwd_sender_kernel(
             gz = tl.load(gubase + 2 * F, mask=m3, other=0.0)
             if DK_MODE == 2 or DV_MODE == 2:
                 r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
-            if DK_MODE == 1:
-                qdk = q_i * tl.load(dk_ptr + e3 * DKS + ch[None, :, :], mask=m3, other=0.0)
-            elif DK_MODE == 3:
-                dk, _ = _act(tl.load(dk_ptr + e3 * DKS + ch[None, :, :], mask=m3, other=0.0), FACT)
+            if DK_MODE == 1 or DK_MODE == 3:
+                dk, _ = _given_filter(dk_ptr + e3 * DKS + ch[None, :, :], m3, DK_MODE, FACT)
                 qdk = q_i * dk
             elif DK_MODE == 2:
                 dk, _ = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
@@ -594,13 +591,9 @@ def _message_bwd_sender_kernel(
             w3 = w_e[:, None, None]
             if DV_MODE == 1 or DV_MODE == 3:
                 dvbase = dv_ptr + e3 * DVS + vch[None, :, :]
-                dv1 = tl.load(dvbase, mask=m3, other=0.0)
-                dv2 = tl.load(dvbase + D, mask=m3, other=0.0)
-                dv3 = tl.load(dvbase + 2 * D, mask=m3, other=0.0)
-                if DV_MODE == 3:
-                    dv1, _ = _act(dv1, FACT)
-                    dv2, _ = _act(dv2, FACT)
-                    dv3, _ = _act(dv3, FACT)
+                dv1, _ = _given_filter(dvbase, m3, DV_MODE, FACT)
+                dv2, _ = _given_filter(dvbase + D, m3, DV_MODE, FACT)
+                dv3, _ = _given_filter(dvbase + 2 * D, m3, DV_MODE, FACT)
                 dv1 = dv1 * w3
                 dv2 = dv2 * w3
                 dv3 = dv3 * w3

@@ -276,7 +276,7 @@ def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self
             dp = 16 // hb
         be = max(be, 16)
         kp = max(kp, 16)
-    precision = "fma" if dtype == torch.float64 else cfg.dot_precision
+    precision = _dot_precision(dtype)
     f = heads * head_dim
     if dk_mode == 3 or dv_mode == 3:  # one buffer z = [z_k | z_v]
         dk_stride = dv_stride = f * ((dk_mode == 3) + 3 * (dv_mode == 3))
@@ -406,18 +406,16 @@ def _or(t, default):
     return default if t is None else t
 
 
-def _filter_weights(wk, wv) -> torch.Tensor:
-    """[W_k; W_v] (those present): [C, K], C = F (keys) + 3F (values)."""
-    weights = [w for w in (wk, wv) if w is not None]
-    return (weights[0] if len(weights) == 1 else torch.cat(weights)).contiguous()
+def _stacked(wk, wv, key, value) -> torch.Tensor:
+    """[key; value] for the filters present (W_k / W_v not None): ``_stacked(wk, wv, wk, wv)``
+    is [W_k; W_v] [C, K], ``_stacked(wk, wv, bk, bv)`` is [b_k; b_v] [C]; C = F (keys) + 3F (values)."""
+    parts = [x for w, x in ((wk, key), (wv, value)) if w is not None]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
 
 
-def _preactivation_reference(rbf, wk, bk, wv, bv) -> torch.Tensor:
-    """Torch reference of :func:`_preactivation` (cuBLAS / CPU, TF32 off for the call)."""
-    biases = [b for w, b in ((wk, bk), (wv, bv)) if w is not None]
-    bias = biases[0] if len(biases) == 1 else torch.cat(biases)
-    with _full_precision_matmul():
-        return torch.addmm(bias, rbf, _filter_weights(wk, wv).t())
+def _dot_precision(dtype) -> str:
+    """tl.dot input precision: ``CONFIG.dot_precision`` for float32, a multiply-sum for float64."""
+    return "fma" if dtype == torch.float64 else CONFIG.dot_precision
 
 
 def _gemm_tiles(dtype):
@@ -430,35 +428,32 @@ def _preactivation(rbf, wk, bk, wv, bv) -> torch.Tensor:
     """z = rbf [W_k; W_v]^T + [b_k; b_v]: [E, C], C = F (keys) + 3F (values), by one Triton
     kernel with float32 accuracy on tensor cores (``_filter_preact_kernel``; tf32x3 where
     cuBLAS without TF32 runs plain FMA, ~1.5x slower here)."""
-    weight = _filter_weights(wk, wv)
-    biases = [b for w, b in ((wk, bk), (wv, bv)) if w is not None]
-    bias = (biases[0] if len(biases) == 1 else torch.cat(biases)).contiguous()
+    weight, bias = _stacked(wk, wv, wk, wv), _stacked(wk, wv, bk, bv)
     e, k = rbf.shape
     c = weight.shape[0]
     z = torch.empty(e, c, dtype=rbf.dtype, device=rbf.device)
     if e == 0:
         return z
     bm, bn = _gemm_tiles(rbf.dtype)
-    precision = "fma" if rbf.dtype == torch.float64 else CONFIG.dot_precision
     kernels._filter_preact_kernel[(triton.cdiv(e, bm), triton.cdiv(c, bn))](
-        rbf.contiguous(), weight, bias, z, e, c, K=k, KP=max(16, _pow2(k)), BM=bm, BN=bn, PREC=precision, num_warps=4)
+        rbf.contiguous(), weight, bias, z, e, c, K=k, KP=max(16, _pow2(k)), BM=bm, BN=bn,
+        PREC=_dot_precision(rbf.dtype), num_warps=4)
     return z
 
 
 def _rbf_gradient(gz, wk, wv, mask) -> torch.Tensor:
     """dL/drbf = dL/dz [W_k; W_v] ([E, C] x [C, K]), rows with mask False set to 0 (one Triton
     kernel, float32 accuracy; reference: ``torch.where(mask, gz @ W, 0)``)."""
-    weight = _filter_weights(wk, wv)
+    weight = _stacked(wk, wv, wk, wv)
     e, c = gz.shape
     k = weight.shape[1]
     grbf = torch.empty(e, k, dtype=gz.dtype, device=gz.device)
     if e == 0:
         return grbf
     bm, bn = _gemm_tiles(gz.dtype)
-    precision = "fma" if gz.dtype == torch.float64 else CONFIG.dot_precision
     kernels._filter_rbf_grad_kernel[(triton.cdiv(e, bm),)](
         gz, weight, mask if mask is not None else gz, grbf, e, c, K=k, KP=max(16, _pow2(k)), BM=bm, BN=min(bn, 64),
-        HAS_MASK=mask is not None, PREC=precision, num_warps=4)
+        HAS_MASK=mask is not None, PREC=_dot_precision(gz.dtype), num_warps=4)
     return grbf
 
 
