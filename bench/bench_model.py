@@ -44,6 +44,7 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -355,6 +356,12 @@ SWEEP = [  # launch parameters; "filters" is the filter place (message_triton.La
     dict(num_stages=2),
     dict(programs_per_sm=4),
     dict(filters="kernel", dot_precision="tf32"),
+    # the sender side inside the receiver kernel (symmetric lists): 255 registers at 16 edges x
+    # 4 warps on sm_90, 168 at 8 x 4, 125 at 8 x 8, 195 at 16 x 8 (kernels.compile_check)
+    dict(sender_side="merged"),
+    dict(sender_side="merged", block_edges=8),
+    dict(sender_side="merged", block_edges=8, num_warps=8),
+    dict(sender_side="merged", num_warps=8),
 ]
 
 
@@ -388,44 +395,50 @@ def bench_sweep(name, data_dir, results):
 
 
 SWEEP_KEYS = ("block_edges", "chunk_channels", "num_warps", "dot_precision", "programs_per_sm", "num_stages", "maxnreg",
-              "filters")
+              "filters", "sender_side")
 
 
 _KERNEL_INPUTS = {}
 
 
 def kernel_inputs(name, data_dir):
-    """Random features on the edges of ``name`` (one ET-MD17 layer), cached per system."""
+    """One ET-MD17 layer's message inputs on the edges of ``name`` (cached per system): random
+    atom features and filter weights; edge features from the geometry (unit vectors, Gaussian
+    RBF rows and a cosine cutoff of the distance), so the list is symmetric as the model's are
+    (the merged sender side needs that)."""
     from torchmdx.kernels.neighbors import neighbor_list
 
     if name not in _KERNEL_INPUTS:
         z_np, pos_np, _, _ = read_xyz(data_dir / f"{name}.xyz")
         pos = torch.tensor(pos_np, dtype=torch.float32, device=DEVICE)
         nb = neighbor_list(pos, 5.0)
-        n, e, f, k = len(z_np), nb.edge_index.shape[1], 128, 32
+        n, f, k = len(z_np), 128, 32
         g = torch.Generator(device=DEVICE).manual_seed(0)
 
         def r(*shape, scale=1.0):
             return (scale * torch.randn(*shape, device=DEVICE, generator=g)).requires_grad_(True)
 
-        unit = torch.nn.functional.normalize(torch.randn(e, 3, device=DEVICE, generator=g), dim=-1).requires_grad_(True)
-        t = dict(q=r(n, f), k=r(n, f), v=r(n, 3 * f), vec=r(n, 3, f),
-                 rbf=torch.rand(e, k, device=DEVICE, generator=g).requires_grad_(True),
+        distance = nb.distances.float()
+        unit = (nb.vectors.float() / distance[:, None]).requires_grad_(True)
+        centres = torch.linspace(0.0, 5.0, k, device=DEVICE)
+        rbf = torch.exp(-4.0 * (distance[:, None] - centres) ** 2).requires_grad_(True)
+        phi = (0.5 * (torch.cos(distance * math.pi / 5.0) + 1.0)).requires_grad_(True)
+        t = dict(q=r(n, f), k=r(n, f), v=r(n, 3 * f), vec=r(n, 3, f), rbf=rbf,
                  wk=r(f, k, scale=k ** -0.5), bk=r(f, scale=0.1), wv=r(3 * f, k, scale=k ** -0.5), bv=r(3 * f, scale=0.1),
-                 phi=torch.rand(e, device=DEVICE, generator=g).requires_grad_(True), unit=unit,
-                 dk0=r(f), dv0=r(3 * f))
+                 phi=phi, unit=unit, dk0=r(f), dv0=r(3 * f))
         with torch.no_grad():
             t["dk"] = torch.nn.functional.silu(torch.nn.functional.linear(t["rbf"], t["wk"], t["bk"])).requires_grad_(True)
             t["dv"] = torch.nn.functional.silu(torch.nn.functional.linear(t["rbf"], t["wv"], t["bv"])).requires_grad_(True)
-        _KERNEL_INPUTS[name] = (t, nb.edge_index, n, e)
+        _KERNEL_INPUTS[name] = (t, nb.edge_index, n, nb.edge_index.shape[1])
     return _KERNEL_INPUTS[name]
 
 
 def message_call(t, edge_index, label):
     """One layer's message step on the inputs ``t``. ``label``: ``ref`` (torch reference),
-    ``fused`` (the default ``message_triton.CONFIG.filters``), ``fused_kernel`` (filters
+    ``fused`` (the default ``message_triton.CONFIG``), ``fused_kernel`` (filters
     evaluated inside the kernels from the RBF rows with tl.dot), ``fused_gemm`` (filters from
-    one matrix product before the kernels, which apply the activation), ``given`` (filters
+    one matrix product before the kernels, which apply the activation), a suffix ``_merged``
+    (the sender side inside the receiver kernel, ``CONFIG.sender_side``), ``given`` (filters
     act(rbf W^T + b) by torch / cuBLAS, then the kernels with given dk / dv), ``given_leaf``
     (the kernels alone on given dk / dv that are leaves), ``nofilter`` (no distance
     influence: the gathers and attention without filters, a lower bound of the kernels)."""
@@ -434,15 +447,19 @@ def message_call(t, edge_index, label):
     self_loop = (t["dk0"], t["dv0"], torch.ones((), device=t["q"].device))
     rest = (t["phi"], t["unit"], edge_index, 8)
     if label == "ref" or label.startswith("fused"):
-        fn = message_triton.reference_filtered if label == "ref" else message_triton.et_message_filtered
-        old = message_triton.CONFIG.filters
-        if label.startswith("fused_"):
-            message_triton.CONFIG.filters = label[len("fused_"):]
+        old = message_triton.CONFIG
+        parts = label.split("_")[1:]
+        message_triton.CONFIG = replace(old, **({"filters": parts[0]} if parts and parts[0] != "merged" else {}),
+                                        **({"sender_side": "merged"} if "merged" in parts else {}))
         try:
-            return fn(t["q"], t["k"], t["v"], t["vec"], t["rbf"], t["wk"], t["bk"], t["wv"], t["bv"], *rest,
-                      self_loop=self_loop, vector_cutoff=True)
+            if label == "ref":
+                return message_triton.reference_filtered(t["q"], t["k"], t["v"], t["vec"], t["rbf"], t["wk"], t["bk"],
+                                                         t["wv"], t["bv"], *rest, self_loop=self_loop, vector_cutoff=True)
+            return message_triton.et_message_filtered(t["q"], t["k"], t["v"], t["vec"], t["rbf"], t["wk"], t["bk"],
+                                                      t["wv"], t["bv"], *rest, self_loop=self_loop, vector_cutoff=True,
+                                                      symmetric=True)
         finally:
-            message_triton.CONFIG.filters = old
+            message_triton.CONFIG = old
     if label == "given":
         dk = torch.nn.functional.silu(torch.nn.functional.linear(t["rbf"], t["wk"], t["bk"]))
         dv = torch.nn.functional.silu(torch.nn.functional.linear(t["rbf"], t["wv"], t["bv"]))
@@ -501,7 +518,8 @@ def kernel_step(name, data_dir, check=False, labels=("fused",)):
 
 
 #: the message-step variants of ``--kernels`` (see :func:`message_call`; env BENCH_KERNEL_LABELS)
-KERNEL_LABELS = tuple(os.environ.get("BENCH_KERNEL_LABELS", "ref,fused_kernel,fused_gemm,given_leaf,nofilter").split(","))
+KERNEL_LABELS = tuple(os.environ.get("BENCH_KERNEL_LABELS",
+                                     "ref,fused_kernel,fused_gemm,fused_gemm_merged,given_leaf,nofilter").split(","))
 
 
 def bench_kernels(name, data_dir, results):

@@ -77,16 +77,18 @@ def test_every_launch_compiles_for_hopper_and_ampere(reports):
 @pytest.mark.slow
 def test_default_float32_message_path_does_not_spill_on_hopper(reports):
     """The GEMM place (DK_MODE 3, the default) exists to cut registers: none of its float32
-    kernels may use local memory on sm_90, and the message kernels stay well under the
-    255-register ceiling (the in-kernel filter place hit it: 254 registers and spills)."""
+    kernels may use local memory on sm_90 (the merged sender side included), and the default
+    message kernels stay well under the 255-register ceiling (the in-kernel filter place hit
+    it: 254 registers and spills; the merged receiver kernel, which does the work of two
+    kernels, reaches it at 16 edges x 4 warps without spilling)."""
     rows, _ = reports
     default = [r for r in rows if r["arch"] == 90 and r["constants"].get("PREC") == "tf32x3"
                and (r["constants"].get("DK_MODE") == 3 or r["kernel"].startswith("_filter_"))]
-    assert len(default) >= 5
+    assert len(default) >= 6 and any(r["constants"].get("MERGED") for r in default)
     spilled = [f"{r['kernel']}: {r['local_bytes']} B local" for r in default if r["local_bytes"]]
     assert not spilled, spilled
     for r in default:
-        if r["kernel"].startswith("_message_"):
+        if r["kernel"].startswith("_message_") and not r["constants"].get("MERGED"):
             assert r["registers"] < 200, (r["kernel"], r["registers"])
 
 

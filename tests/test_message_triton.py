@@ -32,16 +32,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_inputs(seed, *, atoms=7, heads=2, head_dim=8, num_rbf=12, degree=4, dtype=torch.float64, device="cpu",
                 filters="filtered", with_dk=True, with_dv=True, masked=True, padding=3, empty_atom=2,
-                self_loop=True, no_edges=False):
+                self_loop=True, no_edges=False, symmetric=False):
     """Random inputs of one ET message call: edges sorted by receiver, atom ``empty_atom``
     receives nothing, ``padding`` trailing rows (N-1, N-1) with mask False as in fixed-capacity
-    neighbor lists, ~20 % of the real edges masked out."""
+    neighbor lists, ~20 % of the real edges masked out.
+
+    ``symmetric``: a symmetric list as a full neighbor list is one: every edge (i <- j) has its
+    reverse (j <- i) with the same rbf / filters / cutoff / mask and the opposite unit vector;
+    one pair twice (two periodic images) and one atom's own image (i <- i, both directions);
+    ``empty_atom`` then neither receives nor sends."""
     g = torch.Generator().manual_seed(seed)
     f = heads * head_dim
     n = atoms
     pairs = sorted({(int(a), int(b)) for a, b in torch.randint(0, n, (n * degree, 2), generator=g).tolist() if a != b})
     if empty_atom is not None:
-        pairs = [p for p in pairs if p[0] != empty_atom]
+        pairs = [p for p in pairs if p[0] != empty_atom and not (symmetric and p[1] == empty_atom)]
+    if symmetric and not no_edges:
+        base = sorted({(min(a, b), max(a, b)) for a, b in pairs})
+        base += [base[0], (base[-1][0], base[-1][0])]  # a second image of a pair; an atom's own image
+        directed = sorted([(a, b, p, 1.0) for p, (a, b) in enumerate(base)] + [(b, a, p, -1.0) for p, (a, b) in enumerate(base)])
+        pairs = [(a, b) for a, b, _, _ in directed]
+        representative = {}
+        for row, (_, _, p, _) in enumerate(directed):
+            representative.setdefault(p, row)
+        mirror = torch.tensor([representative[p] for _, _, p, _ in directed] + list(range(len(directed), len(directed) + padding)))
+        sign = torch.tensor([s for _, _, _, s in directed] + [1.0] * padding, dtype=torch.float64)
     if no_edges:
         pairs, padding = [], 0
     i = [p[0] for p in pairs] + [n - 1] * padding
@@ -73,6 +88,14 @@ def make_inputs(seed, *, atoms=7, heads=2, head_dim=8, num_rbf=12, degree=4, dty
             t["dk"] = r(e, f)
         if with_dv:
             t["dv"] = r(e, 3 * f)
+    if symmetric and not no_edges:  # each edge takes its representative's values; units flip
+        for name in ("phi", "rbf", "dk", "dv"):
+            if name in t:
+                t[name] = t[name][mirror]
+        t["unit"] = t["unit"][mirror] * sign.to(dtype)[:, None]
+        if mask is not None:
+            mask = mask[mirror]
+            mask[len(pairs):] = False
     if self_loop:
         if with_dk:
             t["dk0"] = r(f)
@@ -85,15 +108,19 @@ def make_inputs(seed, *, atoms=7, heads=2, head_dim=8, num_rbf=12, degree=4, dty
 
 
 def call(module, t, edge_index, mask, heads, *, attn="silu", filter_act="silu", vector_cutoff=False,
-         reference=False, filters="auto"):
+         reference=False, filters="auto", sender_side=None):
     """The fused (or, with ``reference``, the torch) message on the inputs of :func:`make_inputs`;
-    ``filters`` is where the fused path evaluates the radial filters (``CONFIG.filters``)."""
+    ``filters`` is where the fused path evaluates the radial filters (``CONFIG.filters``);
+    ``sender_side`` given: ``CONFIG.sender_side`` and the call declares a symmetric list."""
     from torchmdx.kernels import message_ref
 
+    kw = {}
     if not reference:
         module.CONFIG.filters = filters
+        module.CONFIG.sender_side = sender_side or "auto"
+        kw["symmetric"] = sender_side is not None
     self_loop = (t.get("dk0"), t.get("dv0"), t["phi0"]) if "phi0" in t else None
-    kw = dict(edge_mask=mask, self_loop=self_loop, attn_activation=attn, vector_cutoff=vector_cutoff)
+    kw.update(edge_mask=mask, self_loop=self_loop, attn_activation=attn, vector_cutoff=vector_cutoff)
     if "rbf" in t:
         fn = module.reference_filtered if reference else module.et_message_filtered
         return fn(t["q"], t["k"], t["v"], t["vec"], t["rbf"], t.get("wk"), t.get("bk"), t.get("wv"), t.get("bv"),
@@ -159,6 +186,21 @@ CASES = {
     "none_filters_H1_f64": (dict(filters="given", with_dk=False, with_dv=False, heads=1), dict(), 1e-11),
     "no_edges_self_loop_f64": (dict(no_edges=True), dict(), 1e-11),
     "given_both_vcut_f32": (dict(dtype=torch.float32, filters="given"), dict(vector_cutoff=True, attn="tanh"), 3e-5),
+    # symmetric lists, sender side merged into the receiver kernel
+    "merged_gemm_std_f64": (dict(symmetric=True), dict(filters="gemm", sender_side="merged"), 1e-11),
+    "merged_kernel_vcut_tanh_ssp_f64": (
+        dict(symmetric=True), dict(filters="kernel", sender_side="merged", vector_cutoff=True, attn="tanh",
+                                   filter_act="ssp"), 1e-11),
+    "merged_values_mish_D6_H3_f64": (
+        dict(symmetric=True, with_dk=False, heads=3, head_dim=6, padding=10),
+        dict(filters="gemm", sender_side="merged", filter_act="mish"), 1e-11),
+    "merged_given_keys_noself_f64": (
+        dict(symmetric=True, filters="given", with_dv=False, self_loop=False), dict(sender_side="merged"), 1e-11),
+    "merged_none_filters_H1_f64": (
+        dict(symmetric=True, filters="given", with_dk=False, with_dv=False, heads=1), dict(sender_side="merged"), 1e-11),
+    "merged_no_edges_f64": (dict(symmetric=True, no_edges=True), dict(sender_side="merged"), 1e-11),
+    "merged_gemm_f32": (dict(symmetric=True, dtype=torch.float32, heads=4, head_dim=8, num_rbf=16),
+                        dict(filters="gemm", sender_side="merged"), 3e-5),
 }
 
 
@@ -169,15 +211,33 @@ def case_message(name):
     seed = zlib.crc32(name.encode())
     heads = make_opts.get("heads", 2)
     t, edge_index, mask = make_inputs(seed, **make_opts)
-    modes = []
+    modes, merged = [], []
     apply = message_triton._FusedMessageFunction.apply
-    message_triton._FusedMessageFunction.apply = lambda spec, *args: modes.append((spec.dk_mode, spec.dv_mode)) or apply(spec, *args)
+    message_triton._FusedMessageFunction.apply = lambda spec, *args: (
+        modes.append((spec.dk_mode, spec.dv_mode)) or merged.append(spec.merged) or apply(spec, *args))
     try:
         compare(message_triton, t, edge_index, mask, heads, tol, seed=seed, **call_opts)
     finally:
         message_triton._FusedMessageFunction.apply = apply
     expected = (2 if call_opts.get("filters") == "kernel" else 3) if "rbf" in t else 1
     assert modes and all(mode in (0, expected) for pair in modes for mode in pair), f"filter modes run: {modes}"
+    assert merged and all(m == (call_opts.get("sender_side") == "merged") for m in merged), merged
+
+
+def case_merged_needs_symmetric_list():
+    """The merged sender side really comes from the reverse edges: declared on a list that is
+    not symmetric, dL/dk, dL/dv, dL/dvec are wrong (while the sorted sender side is right)."""
+    from torchmdx.kernels import message_triton
+
+    t, edge_index, mask = make_inputs(31)
+    errors = compare(message_triton, t, edge_index, mask, 2, 1e-11, filters="gemm")
+    assert max(errors.values()) < 1e-11
+    try:
+        compare(message_triton, t, edge_index, mask, 2, 1e-11, filters="gemm", sender_side="merged")
+    except AssertionError as exc:
+        assert "'dk'" in str(exc) and "'dq'" not in str(exc).split("(all")[0], str(exc)
+    else:
+        raise AssertionError("the merged sender side gave the right gradients on a non-symmetric list")
 
 
 def case_filter_products():
@@ -252,27 +312,31 @@ def case_model(shared_data):
 
     calls = []
     apply = message_triton._FusedMessageFunction.apply
-    message_triton._FusedMessageFunction.apply = lambda *args: calls.append(1) or apply(*args)
+    message_triton._FusedMessageFunction.apply = lambda spec, *args: calls.append(spec.merged) or apply(spec, *args)
     data = np.load(Path(shared_data) / "md17" / "md17_ethanol_xtb.npz")
     z = torch.tensor(data["z"], dtype=torch.long)
     pos = torch.tensor(data["R"][0], dtype=torch.float64)
     results = {}
-    for vector_cutoff, label in ((False, "plain"), (True, "padded")):
-        config = dict(embedding_dimension=16, num_layers=2, num_heads=2, num_rbf=8, dtype="float64", seed=3,
-                      vector_cutoff=vector_cutoff, cutoff_upper=4.0)
-        fused = ETPotential(config, backend="triton").eval()
-        ref = ETPotential(config, backend="torch").eval()
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        fused.load_state_dict(ref.state_dict())
-        kw = {}
-        if label == "padded":
-            kw["neighbors"] = neighbor_list(pos, 4.0, max_pairs=z.numel() * (z.numel() - 1) + 5)
-        a, b = fused(z, pos, **kw), ref(z, pos, **kw)
-        results[(vector_cutoff, label)] = (rel_err(a["energy"], b["energy"]), rel_err(a["forces"], b["forces"]))
+    for sender_side in ("sorted", "merged"):  # the model's full lists are symmetric
+        message_triton.CONFIG.sender_side = sender_side
+        for vector_cutoff, label in ((False, "plain"), (True, "padded")):
+            config = dict(embedding_dimension=16, num_layers=2, num_heads=2, num_rbf=8, dtype="float64", seed=3,
+                          vector_cutoff=vector_cutoff, cutoff_upper=4.0)
+            fused = ETPotential(config, backend="triton").eval()
+            ref = ETPotential(config, backend="torch").eval()
+            with torch.no_grad():
+                for p in ref.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            fused.load_state_dict(ref.state_dict())
+            kw = {}
+            if label == "padded":
+                kw["neighbors"] = neighbor_list(pos, 4.0, max_pairs=z.numel() * (z.numel() - 1) + 5)
+            a, b = fused(z, pos, **kw), ref(z, pos, **kw)
+            results[(sender_side, vector_cutoff, label)] = (rel_err(a["energy"], b["energy"]),
+                                                            rel_err(a["forces"], b["forces"]))
+    message_triton.CONFIG.sender_side = "auto"
     message_triton._FusedMessageFunction.apply = apply
-    assert len(calls) == 2 * 2, f"the fused kernels ran {len(calls)} times, expected one per layer and model"
+    assert calls == [False] * 4 + [True] * 4, f"fused kernel calls (merged or not) {calls}, expected one per layer and model"
     bad = {k: v for k, v in results.items() if not max(v) < 1e-11}
     assert not bad, f"energy / force relative errors: {results}"
 
@@ -313,6 +377,7 @@ def run_interpreter_cases(out_path, shared_data):
     cases += [("filter_products", case_filter_products), ("double_backward", case_double_backward),
               ("weight_gradients_kernel", lambda: case_weight_gradients("kernel")),
               ("weight_gradients_gemm", lambda: case_weight_gradients("gemm")),
+              ("merged_needs_symmetric_list", case_merged_needs_symmetric_list),
               ("model", lambda: case_model(shared_data)), ("training", case_training)]
     for name, fn in cases:
         try:
@@ -337,7 +402,7 @@ def interpreter_results(tmp_path_factory, shared_data):
 
 
 @pytest.mark.parametrize("name", list(CASES) + ["filter_products", "double_backward", "weight_gradients_kernel", "weight_gradients_gemm",
-                                  "model", "training"])
+                                  "merged_needs_symmetric_list", "model", "training"])
 def test_interpreter(interpreter_results, name):
     error = interpreter_results[name]
     assert error is None, error
@@ -398,6 +463,29 @@ def test_gpu_random(dtype, tol, filters, vector_cutoff, attn):
     place = "auto" if filters == "given" else filters
     errors = compare(message_triton, t, edge_index, mask, 8, tol, attn=attn, vector_cutoff=vector_cutoff, filters=place)
     print(dtype, filters, vector_cutoff, attn, {k: f"{v:.1e}" for k, v in errors.items()})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("filters,block_edges,num_warps", [("gemm", 16, 4), ("gemm", 8, 4), ("kernel", 16, 4)])
+def test_gpu_random_merged_sender_side(dtype, tol, filters, block_edges, num_warps):
+    """The sender side merged into the receiver kernel on a symmetric list (300 atoms, with
+    periodic-image and self-image edges) against the reference, at the launch shapes the
+    benchmark sweeps."""
+    from dataclasses import replace
+
+    from torchmdx.kernels import message_triton
+
+    t, edge_index, mask = make_inputs(24, atoms=300, heads=8, head_dim=16, num_rbf=32, degree=20, dtype=dtype,
+                                      device="cuda", padding=50, empty_atom=7, symmetric=True)
+    old = message_triton.CONFIG
+    message_triton.CONFIG = replace(old, block_edges=block_edges, num_warps=num_warps)
+    try:
+        errors = compare(message_triton, t, edge_index, mask, 8, tol, filters=filters, sender_side="merged",
+                         vector_cutoff=True)
+    finally:
+        message_triton.CONFIG = old
+    print(dtype, filters, block_edges, num_warps, {k: f"{v:.1e}" for k, v in errors.items()})
 
 
 @pytest.mark.gpu

@@ -252,6 +252,7 @@ def _message_bwd_receiver_kernel(
     phi_ptr, unit_ptr, mask_ptr, dk0_ptr, dv0_ptr, phi0_ptr,
     gm_ptr, gu_ptr,
     gq_ptr, gedge_ptr, gdk_ptr, gdv_ptr, gzk_ptr, gzv_ptr, gdk0_ptr, gdv0_ptr,
+    gk_ptr, gv_ptr, gvec_ptr,
     num_edges, num_atoms,
     H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
     HB: tl.constexpr, DP: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
@@ -259,13 +260,27 @@ def _message_bwd_receiver_kernel(
     SELF_LOOP: tl.constexpr, SELF_DK: tl.constexpr, SELF_DV: tl.constexpr,
     VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
     DKS: tl.constexpr, DVS: tl.constexpr,
-    WRITE_GZ: tl.constexpr, SELF_FILTER_GRAD: tl.constexpr,
+    WRITE_GZ: tl.constexpr, SELF_FILTER_GRAD: tl.constexpr, MERGED: tl.constexpr,
 ):
     """Receiver-side gradients of one (receiver i, channel chunk cb): dL/dq_i of the chunk
     (segment sum), the given dk / dv's gradients, pre-activation filter gradients (for the
     weights, only when asked), and this chunk's share of the per-edge gradients, written to
     ``gedge[cb, e, :] = (dL/drbf_e [K, only with in-kernel filters], dL/dphi_e, dL/dd_e [3])``;
-    the caller sums over chunks."""
+    the caller sums over chunks.
+
+    ``MERGED`` (symmetric edge lists only): also the sender-side gradients of atom i, dL/dk_i,
+    dL/dv_i, dL/dvec_i, which ``_message_bwd_sender_kernel`` would give. In a symmetric list
+    every edge (i <- j) has a reverse edge (j <- i) with the same filters, cutoff and mask and
+    the opposite unit vector, so the edges i sends on are the reverses of those it receives:
+    while walking its own segment the program adds edge (j <- i)'s share from the filter tiles
+    it already holds and the gathered q_j, dL/dm_j, dL/du_j. No sender-sorted permutation, no
+    second pass over the filters. With u_e' = -u_e of the reverse edge e' and w_e as above:
+        a'    = act_a(sum_h q_j k_i dk_e),  A' = a' phi_e valid_e (standard) or a' valid_e
+        dL/dk_i  += g' q_j dk_e,  g' = dact(a') (phi_e) valid_e sum_h dL/dm_j v1_i dv1_e w_e
+        dL/dv1_i += A' dL/dm_j dv1_e w_e
+        dL/dv2_i += (dL/du_j . vec_i) dv2_e w_e
+        dL/dv3_i += -(dL/du_j . u_e) dv3_e w_e
+        dL/dvec_ix += v2_i dL/du_jx dv2_e w_e   (v2_i factored out of the sum)"""
     F: tl.constexpr = H * D
     USES_RBF: tl.constexpr = DK_MODE == 2 or DV_MODE == 2
     W: tl.constexpr = K + 4 if USES_RBF else 4  # row width of gedge
@@ -301,12 +316,24 @@ def _message_bwd_receiver_kernel(
         gy = tl.load(gu_ptr + i * (3 * F) + F + ch, mask=cval, other=0.0)
         gz = tl.load(gu_ptr + i * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
         acc_q = tl.zeros((HB, DP), dtype=q_i.dtype)
-
-        if SELF_LOOP:
-            phi0 = tl.load(phi0_ptr)
+        if SELF_LOOP or MERGED:
             k_i = tl.load(k_ptr + i * F + ch, mask=cval, other=0.0)
             v1_i = tl.load(v_ptr + i * (3 * F) + vch, mask=cval, other=0.0)
             v2_i = tl.load(v_ptr + i * (3 * F) + vch + D, mask=cval, other=0.0)
+        if MERGED:  # atom i as a sender (see the docstring)
+            vx_i = tl.load(vec_ptr + i * (3 * F) + ch, mask=cval, other=0.0)
+            vy_i = tl.load(vec_ptr + i * (3 * F) + F + ch, mask=cval, other=0.0)
+            vz_i = tl.load(vec_ptr + i * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
+            acc_k = tl.zeros((HB, DP), dtype=q_i.dtype)
+            acc_v1 = tl.zeros((HB, DP), dtype=q_i.dtype)
+            acc_v2 = tl.zeros((HB, DP), dtype=q_i.dtype)
+            acc_v3 = tl.zeros((HB, DP), dtype=q_i.dtype)
+            acc_x = tl.zeros((HB, DP), dtype=q_i.dtype)  # sum dL/du_jx dv2 w: times v2_i at the end
+            acc_y = tl.zeros((HB, DP), dtype=q_i.dtype)
+            acc_z = tl.zeros((HB, DP), dtype=q_i.dtype)
+
+        if SELF_LOOP:
+            phi0 = tl.load(phi0_ptr)
             dk0 = tl.where(cval, 1.0, 0.0).to(q_i.dtype)
             dv01 = dk0
             dv02 = dk0
@@ -325,6 +352,13 @@ def _message_bwd_receiver_kernel(
             ga0 = tl.sum(gm_i * v1_i * dv01 * f0, axis=1)  # dL/dA0 [HB]
             gp0 = ga0 * g0 * da0
             acc_q += gp0[:, None] * k_i * dk0
+            if MERGED:  # the self edge's sender side: the same atom on both ends
+                acc_k += gp0[:, None] * q_i * dk0
+                acc_v1 += (a0 * g0)[:, None] * gm_i * dv01 * f0
+                acc_v2 += (gx * vx_i + gy * vy_i + gz * vz_i) * dv02 * f0
+                acc_x += gx * dv02 * f0
+                acc_y += gy * dv02 * f0
+                acc_z += gz * dv02 * f0
             if SELF_FILTER_GRAD:
                 if SELF_DK:
                     tl.store(gdk0_ptr + i * F + ch, gp0[:, None] * q_i * k_i, mask=cval)
@@ -403,6 +437,36 @@ def _message_bwd_receiver_kernel(
                 acc_q += tl.sum(gp[:, :, None] * kj * dk, axis=0)
             else:
                 acc_q += tl.sum(gp[:, :, None] * kj, axis=0)
+            if MERGED:  # the reverse edge (j <- i): atom i as its sender
+                q_j = tl.load(q_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
+                gm_j = tl.load(gm_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
+                gubase = gu_ptr + j3 * (3 * F) + ch[None, :, :]
+                gx_j = tl.load(gubase, mask=m3, other=0.0)
+                gy_j = tl.load(gubase + F, mask=m3, other=0.0)
+                gz_j = tl.load(gubase + 2 * F, mask=m3, other=0.0)
+                if DK_MODE != 0:
+                    qdk_j = q_j * dk
+                else:
+                    qdk_j = q_j
+                a_r, da_r = _act(tl.sum(qdk_j * k_i[None, :, :], axis=2), ATT)
+                dv1w = dv1 * w3
+                dv2w = dv2 * w3
+                g_attn_r = tl.sum(gm_j * (v1_i[None, :, :] * dv1w), axis=2)
+                if VCUT:
+                    attn_r = tl.where(valid[:, None], a_r, 0.0)
+                    gp_r = tl.where(valid[:, None], g_attn_r * da_r, 0.0)
+                else:
+                    attn_r = tl.where(valid[:, None], a_r * phi[:, None], 0.0)
+                    gp_r = tl.where(valid[:, None], g_attn_r * phi[:, None] * da_r, 0.0)
+                acc_k += tl.sum(gp_r[:, :, None] * qdk_j, axis=0)
+                acc_v1 += tl.sum(attn_r[:, :, None] * gm_j * dv1w, axis=0)
+                acc_v2 += tl.sum((gx_j * vx_i[None, :, :] + gy_j * vy_i[None, :, :] + gz_j * vz_i[None, :, :]) * dv2w,
+                                 axis=0)
+                acc_v3 -= tl.sum((gx_j * ux[:, None, None] + gy_j * uy[:, None, None] + gz_j * uz[:, None, None])
+                                 * (dv3 * w3), axis=0)
+                acc_x += tl.sum(gx_j * dv2w, axis=0)
+                acc_y += tl.sum(gy_j * dv2w, axis=0)
+                acc_z += tl.sum(gz_j * dv2w, axis=0)
             # value side: dL/ds (before w_e)
             vecbase = vec_ptr + j3 * (3 * F) + ch[None, :, :]
             gs1 = attn[:, :, None] * gm_i[None, :, :]
@@ -464,6 +528,14 @@ def _message_bwd_receiver_kernel(
             tl.store(row + KO + 2, g_uy, mask=em)
             tl.store(row + KO + 3, g_uz, mask=em)
         tl.store(gq_ptr + i * F + ch, acc_q, mask=cval)
+        if MERGED:
+            tl.store(gk_ptr + i * F + ch, acc_k, mask=cval)
+            tl.store(gv_ptr + i * (3 * F) + vch, acc_v1, mask=cval)
+            tl.store(gv_ptr + i * (3 * F) + vch + D, acc_v2, mask=cval)
+            tl.store(gv_ptr + i * (3 * F) + vch + 2 * D, acc_v3, mask=cval)
+            tl.store(gvec_ptr + i * (3 * F) + ch, v2_i * acc_x, mask=cval)
+            tl.store(gvec_ptr + i * (3 * F) + F + ch, v2_i * acc_y, mask=cval)
+            tl.store(gvec_ptr + i * (3 * F) + 2 * F + ch, v2_i * acc_z, mask=cval)
 
 
 @triton.jit

@@ -226,10 +226,12 @@ def format_table(reports: List[CompileReport]) -> str:
 
 
 # ---------------------------------------------------------------------------------- scenarios
-def _message_scenario(*, dtype, filters="gemm", vector_cutoff=False, given=False, attn="silu", filter_act="silu"):
+def _message_scenario(*, dtype, filters="gemm", vector_cutoff=False, given=False, attn="silu", filter_act="silu",
+                      sender_side="sorted"):
     """One ET message call at TorchMD-NET's MD17 sizes (F = 128, H = 8, K = 32) on a few atoms
-    with masked and padding rows and a self edge, forward, the force-evaluation backward
-    (inputs only) and the training backward (filter weights too)."""
+    with masked and padding rows and a self edge (every pair both ways, so the call may declare
+    the list symmetric; the values are random: this is compiled, not checked), forward, the
+    force-evaluation backward (inputs only) and the training backward (filter weights too)."""
 
     def run():
         from torchmdx.kernels import message_triton
@@ -242,7 +244,7 @@ def _message_scenario(*, dtype, filters="gemm", vector_cutoff=False, given=False
                                    [b for _, b in pairs] + [n - 1] * padding])
         e = edge_index.shape[1]
         mask = torch.ones(e, dtype=torch.bool)
-        mask[1] = False
+        mask[1] = mask[4] = False  # the pair (0, 2) both ways
         mask[len(pairs):] = False
         r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()  # noqa: E731
         q, key, v, vec = r(n, f), r(n, f), r(n, 3 * f), r(n, 3, f)
@@ -251,8 +253,9 @@ def _message_scenario(*, dtype, filters="gemm", vector_cutoff=False, given=False
         phi = torch.rand(e, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
         self_loop = (r(f), r(3 * f), torch.tensor(1.0, dtype=dtype))
         kwargs = dict(edge_mask=mask, self_loop=self_loop, attn_activation=attn, vector_cutoff=vector_cutoff)
-        old = message_triton.CONFIG.filters
-        message_triton.CONFIG.filters = filters
+        old = message_triton.CONFIG.filters, message_triton.CONFIG.sender_side
+        message_triton.CONFIG.filters, message_triton.CONFIG.sender_side = filters, sender_side
+        kwargs["symmetric"] = True
         try:
             for weights in (False, True):
                 if given:
@@ -268,7 +271,7 @@ def _message_scenario(*, dtype, filters="gemm", vector_cutoff=False, given=False
                     inputs = [q, key, v, vec, rbf, phi, unit] + ([wk, bk, wv, bv] if weights else [])
                 torch.autograd.grad((m.sum() + u.sum(),), inputs)
         finally:
-            message_triton.CONFIG.filters = old
+            message_triton.CONFIG.filters, message_triton.CONFIG.sender_side = old
 
     return run
 
@@ -293,12 +296,13 @@ def _neighbor_scenario(*, periodic, method, capacity):
 
 def scenarios() -> Dict[str, Callable[[], None]]:
     """Named computations whose launches are compiled: the message step as the model runs it
-    (float32 with the filters from one product or inside the kernels, vector cutoff, given
-    filters, float64 for tests) and the neighbor lists (brute / cell, open / periodic, exact /
+    (float32 with the filters from one product or inside the kernels, vector cutoff, the sender
+    side merged into the receiver kernel, given filters, float64 for tests) and the neighbor lists (brute / cell, open / periodic, exact /
     fixed capacity)."""
     out = {
         "message float32 gemm": _message_scenario(dtype=torch.float32),
         "message float32 gemm vector-cutoff": _message_scenario(dtype=torch.float32, vector_cutoff=True),
+        "message float32 gemm merged": _message_scenario(dtype=torch.float32, sender_side="merged"),
         "message float32 kernel": _message_scenario(dtype=torch.float32, filters="kernel"),
         "message float32 given": _message_scenario(dtype=torch.float32, given=True),
         "message float64 gemm": _message_scenario(dtype=torch.float64),

@@ -42,7 +42,10 @@ Kernels (:mod:`torchmdx.kernels._message_kernels`)
   gradients [E, 4F] that a matrix product turns into dL/dW).
 - backward, sender side: one program per sender j; visits j's edges through a
   sender-sorted permutation of the edges (``torch.sort`` of edge_index[1], stable) and writes
-  dL/dk_j, dL/dv_j, dL/dvec_j as segment sums, again without atomics.
+  dL/dk_j, dL/dv_j, dL/dvec_j as segment sums, again without atomics. For a symmetric list
+  (``FusedMessage(symmetric=True)``, the ET model's full lists) and
+  ``CONFIG.sender_side = 'merged'``, the receiver kernel gives these too, from the reverse
+  edges of its own segment: no sort, no second kernel, the filters read once.
 Segments end after their last valid row (:class:`EdgeLayout`), so the padding rows of a
 fixed-capacity neighbor list (all on atom N - 1) are not walked. Nothing synchronises with the
 host: row pointers come from ``torch.searchsorted``, grids from tensor shapes, so the whole step
@@ -110,6 +113,13 @@ class LaunchConfig:
                      channel chunk, each looping over atoms (0: one program per atom)
     num_stages       Triton software-pipelining depth (None: Triton's default)
     maxnreg          register cap per thread (None: no cap)
+    sender_side      how the backward gets the sender-side gradients dL/dk, dL/dv, dL/dvec:
+                     'sorted' (a second kernel walks the edges of each sender through a stable
+                     sort of the senders), 'merged' (for calls that declare a symmetric edge
+                     list, :class:`FusedMessage` ``symmetric=True``: the receiver kernel adds
+                     them while it walks each atom's own segment, using the reverse edges;
+                     no sort, no second kernel, the filters read once), 'auto' ('sorted' until
+                     the merged kernel has been timed on a GPU: docs/kernels_message.md)
     filters          where :func:`et_message_filtered` evaluates the radial filters:
                      'gemm' (one matrix product z = rbf W^T + b per layer before the kernels,
                      which apply act_f; the backward recomputes z and overwrites it with
@@ -126,11 +136,13 @@ class LaunchConfig:
     num_stages: Optional[int] = None
     maxnreg: Optional[int] = None
     filters: str = "auto"
+    sender_side: str = "auto"
 
 
 CONFIG = LaunchConfig()
 
 FILTER_PLACES = ("auto", "gemm", "kernel")
+SENDER_SIDES = ("auto", "sorted", "merged")
 
 #: what the last fused backward did (diagnostics and tests): weight_gradients is True when it
 #: produced the filter weights' gradients, False when the autograd engine did not need them
@@ -235,6 +247,7 @@ class _Spec:
     maxnreg: Optional[int] = None
     dk_stride: int = 0  # row strides of the given / pre-activation filter buffers (modes 1 and 3)
     dv_stride: int = 0
+    merged: bool = False  # backward: sender side inside the receiver kernel (symmetric lists)
 
     @property
     def chunks(self) -> int:
@@ -261,7 +274,7 @@ class _Spec:
 
 
 def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv,
-               vector_cutoff, attn_activation, filter_activation) -> _Spec:
+               vector_cutoff, attn_activation, filter_activation, merged=False) -> _Spec:
     cfg = CONFIG
     uses_dot = dk_mode == 2 or dv_mode == 2
     dp = _pow2(head_dim)
@@ -284,7 +297,7 @@ def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self
         dk_stride, dv_stride = f, 3 * f
     return _Spec(heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv, vector_cutoff,
                  attn_activation, filter_activation, hb, hp, dp, kp, be, cfg.num_warps, precision,
-                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride)
+                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride, merged)
 
 
 _SM_COUNT: dict = {}
@@ -513,6 +526,8 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
     need_receiver = (any(need[name] for name in ("q", "dk", "dv", "rbf", "phi", "unit")) or write_gz or gemm_weights
                      or self_filter_grad)
     need_sender = any(need[name] for name in ("k", "v", "vec"))
+    merged = spec.merged and need_sender and n > 0  # the receiver kernel gives the sender side too
+    need_receiver = need_receiver or merged
     z = None
     if gemm and n > 0 and (need_receiver or need_sender):
         z = _preactivation(rbf, wk, bk, wv, bv)  # recomputed: not kept from the forward (memory)
@@ -531,7 +546,7 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
             )
         out["k"], out["v"], out["vec"] = gk, gv, gvec
 
-    if need_sender and gemm:  # before the receiver side, which overwrites z with dL/dz
+    if need_sender and gemm and not merged:  # before the receiver side, which overwrites z with dL/dz
         sender_side()
     if need_receiver and n > 0:
         new = lambda *shape: torch.empty(*shape, dtype=q.dtype, device=q.device)  # noqa: E731
@@ -547,8 +562,12 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         gzv = new_edge(e, 3 * f) if write_gz and spec.dv_mode == 2 else dummy
         gdk0 = new(n, f) if self_filter_grad and spec.self_dk else dummy
         gdv0 = new(n, 3 * f) if self_filter_grad and spec.self_dv else dummy
-        _launch_receiver(spec, layout, tensors, grad_m, grad_u, (gq, gedge, gdk, gdv, gzk, gzv, gdk0, gdv0, e, n),
-                         write_gz, self_filter_grad)
+        if merged:
+            out["k"], out["v"], out["vec"] = torch.empty_like(k), torch.empty_like(v), torch.empty_like(vec)
+        sender_outputs = (out["k"], out["v"], out["vec"]) if merged else (dummy, dummy, dummy)
+        _launch_receiver(spec, layout, tensors, grad_m, grad_u,
+                         (gq, gedge, gdk, gdv, gzk, gzv, gdk0, gdv0, *sender_outputs, e, n),
+                         write_gz, self_filter_grad, merged)
         gedge = gedge[0] if spec.chunks == 1 else gedge.sum(0)
         k0 = width - 4
         gphi, gunit = gedge[:, k0], gedge[:, k0 + 1:]
@@ -582,7 +601,7 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         out["unit"] = torch.zeros_like(unit)
         if gemm:
             out["rbf"] = torch.zeros_like(rbf)
-    if need_sender and not gemm:
+    if need_sender and not gemm and not merged:
         sender_side()
     return tuple(out[name] if need[name] else None for name in _NAMES)
 
@@ -609,10 +628,10 @@ def _gemm_filter_gradients(spec, gz, mask, rbf, wk, wv, bk, bv, need, weights_wa
             out["bv"] = zv.sum(0)
 
 
-def _launch_receiver(spec, layout, tensors, grad_m, grad_u, outputs, write_gz, self_filter_grad):
+def _launch_receiver(spec, layout, tensors, grad_m, grad_u, outputs, write_gz, self_filter_grad, merged):
     kernel = kernels._message_bwd_receiver_kernel
     args = (layout.rowptr, layout.rowend, layout.senders, *tensors, grad_m, grad_u, *outputs)
-    extra = dict(WRITE_GZ=write_gz, SELF_FILTER_GRAD=self_filter_grad)
+    extra = dict(WRITE_GZ=write_gz, SELF_FILTER_GRAD=self_filter_grad, MERGED=merged)
     grid = spec.grid(tensors[0].shape[0], tensors[0].device)
     try:
         kernel[grid](*args, **spec.constexprs(), **extra)
@@ -634,10 +653,17 @@ class FusedMessage:
     (same tensor object, unchanged version), so the layers of one forward pass share it.
     Create a new object per forward pass: a kept layout is not refreshed when a CUDA graph
     replay rewrites ``edge_index`` in place.
+
+    ``symmetric=True`` declares that the edge list is symmetric: every edge (i <- j) has a
+    reverse edge (j <- i) with the same filters (rbf, or the given dk / dv), cutoff weight and
+    mask, and the opposite unit vector. A full neighbor list with distance-only filters is (the
+    ET model's lists). The backward may then take the sender side from the reverse edges
+    (``CONFIG.sender_side``); on a list that is not symmetric that would be wrong.
     """
 
-    def __init__(self):
+    def __init__(self, symmetric: bool = False):
         self._layout: Optional[EdgeLayout] = None
+        self.symmetric = bool(symmetric)
 
     def layout(self, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor] = None) -> EdgeLayout:
         if self._layout is None or not self._layout.matches(edge_index, num_nodes, mask):
@@ -682,6 +708,10 @@ class FusedMessage:
                                           filter_activation=filter_activation, **kwargs)
             return message_ref.et_message(q, k, v, vec, dk, dv, phi, unit, edge_index, num_heads, **kwargs)
         head_dim = f // num_heads
+        if CONFIG.sender_side not in SENDER_SIDES:
+            raise ValueError(f"message_triton.CONFIG.sender_side must be one of {SENDER_SIDES}, "
+                             f"not {CONFIG.sender_side!r}")
+        merged = self.symmetric and CONFIG.sender_side == "merged"
         if filtered:
             if CONFIG.filters not in FILTER_PLACES:
                 raise ValueError(f"message_triton.CONFIG.filters must be one of {FILTER_PLACES}, not {CONFIG.filters!r}")
@@ -705,7 +735,7 @@ class FusedMessage:
         mask = edge_mask.view(torch.uint8) if edge_mask is not None and edge_mask.dtype == torch.bool else edge_mask
         spec = _make_spec(q.dtype, num_heads, head_dim, num_rbf, dk_mode, dv_mode, mask is not None,
                           self_loop is not None, dk0 is not None, dv0 is not None, bool(vector_cutoff),
-                          attn_activation, filter_activation)
+                          attn_activation, filter_activation, merged)
         layout = self.layout(edge_index, n, edge_mask)
         tensors = [q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0]
         tensors = [t.contiguous() if t is not None else None for t in tensors]
@@ -715,23 +745,24 @@ class FusedMessage:
 
 
 def et_message(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, num_heads, *,
-               edge_mask=None, self_loop=None, attn_activation="silu", vector_cutoff=False):
-    """Fused drop-in for :func:`torchmdx.kernels.message_ref.et_message` (same arguments)."""
-    return FusedMessage()(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, num_heads,
+               edge_mask=None, self_loop=None, attn_activation="silu", vector_cutoff=False, symmetric=False):
+    """Fused drop-in for :func:`torchmdx.kernels.message_ref.et_message` (same arguments;
+    ``symmetric``: see :class:`FusedMessage`)."""
+    return FusedMessage(symmetric)(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, num_heads,
                           edge_mask=edge_mask, self_loop=self_loop, attn_activation=attn_activation,
                           vector_cutoff=vector_cutoff)
 
 
 def et_message_filtered(q, k, v, vec, rbf, dk_weight, dk_bias, dv_weight, dv_bias, cutoff_weight, unit_vectors,
                         edge_index, num_heads, *, filter_activation="silu", edge_mask=None, self_loop=None,
-                        attn_activation="silu", vector_cutoff=False):
+                        attn_activation="silu", vector_cutoff=False, symmetric=False):
     """Fused message with the radial filters computed in the kernels (see the module docstring).
 
     rbf [E, K]; dk_weight [F, K] and dk_bias [F] (or None: no key filter); dv_weight [3F, K]
     and dv_bias [3F] (or None); ``filter_activation`` act_f. Other arguments as
     :func:`et_message`.
     """
-    return FusedMessage().filtered(q, k, v, vec, rbf, dk_weight, dk_bias, dv_weight, dv_bias, cutoff_weight,
+    return FusedMessage(symmetric).filtered(q, k, v, vec, rbf, dk_weight, dk_bias, dv_weight, dv_bias, cutoff_weight,
                                    unit_vectors, edge_index, num_heads, filter_activation=filter_activation,
                                    edge_mask=edge_mask, self_loop=self_loop, attn_activation=attn_activation,
                                    vector_cutoff=vector_cutoff)

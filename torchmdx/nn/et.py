@@ -40,7 +40,10 @@ def message_function(backend: str, device: torch.device) -> Callable:
     available, else the torch reference; 'triton' insists on them. The Triton path returns a
     fresh ``FusedMessage`` per call (i.e. per forward pass): it shares the edge layout between
     the layers and offers ``.filtered`` (radial filters from the RBF rows and weights, evaluated by the
-    kernels' own products: ``message_triton.CONFIG.filters``).
+    kernels' own products: ``message_triton.CONFIG.filters``). The ET's edge lists are full
+    neighbor lists and its filters depend on the distance only, so the list is declared
+    symmetric (the backward may take the sender side from the reverse edges:
+    ``message_triton.CONFIG.sender_side``).
     """
     if backend == "torch":
         return message_ref.et_message
@@ -49,7 +52,7 @@ def message_function(backend: str, device: torch.device) -> Callable:
             try:
                 from torchmdx.kernels import message_triton  # noqa: WPS433 (optional backend)
 
-                return message_triton.FusedMessage()
+                return message_triton.FusedMessage(symmetric=True)
             except (ImportError, AttributeError) as exc:
                 if backend == "triton":
                     raise ModelError(f"message backend 'triton' is not available: {exc}") from None
