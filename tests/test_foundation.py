@@ -154,3 +154,22 @@ def test_cli_help_and_unknown_command():
     assert out.returncode == 0
     for name in ["train", "md", "evaluate", "data", "export", "bench"]:
         assert name in out.stdout
+
+
+def test_dtype_names_one_table_per_layer_rules():
+    import torch
+
+    from torchmdx.data.dataset import as_torch_dtype
+    from torchmdx.dtypes import torch_dtype
+    from torchmdx.errors import ConfigError, DataError
+    from torchmdx.md.loading import as_dtype
+
+    assert as_dtype("float64") is torch.float64 and as_dtype("double") is torch.float64
+    assert as_dtype("torch.float32") is torch.float32 and as_dtype(torch.float32) is torch.float32
+    with pytest.raises(ConfigError, match=r"^dtype must be one of float32, float64, got 'float16'$"):
+        as_dtype("float16")  # MD runs in float32 or float64 only
+    assert as_torch_dtype("bfloat16") is torch.bfloat16 and as_torch_dtype("float16") is torch.float16
+    with pytest.raises(DataError, match="got 'int8'"):
+        as_torch_dtype("int8")
+    with pytest.raises(ConfigError, match="model dtype must be one of float64, got 'float32'"):
+        torch_dtype("float32", (torch.float64,), what="model dtype")

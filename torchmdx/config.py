@@ -22,13 +22,19 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, Mapping, NoReturn, TypeVar, Union, get_args, get_origin
 
 import yaml
 
 from torchmdx.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def bad_key(section: str, key: str, message: str) -> NoReturn:
+    """Raise the one-line error of a config value that has the right type but a wrong value:
+    ``config key '<section>.<key>' <message>`` (validators bind it: ``partial(bad_key, section)``)."""
+    raise ConfigError(f"config key '{section}.{key}' {message}")
 
 
 def _type_name(tp: Any) -> str:

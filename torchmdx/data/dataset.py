@@ -38,18 +38,13 @@ from torch_geometric.data import Dataset as PygDataset
 
 from torchmdx.data.cache import cache_info
 from torchmdx.data.structures import Structures
+from torchmdx.dtypes import torch_dtype
 from torchmdx.errors import DataError
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def as_torch_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).replace("torch.", "")
-    if key not in _DTYPES:
-        raise DataError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[key]
+    """torch dtype of a dataset's tensors: float32, float64, float16 or bfloat16 (or a name of
+    :data:`torchmdx.dtypes.FLOAT_DTYPES`)."""
+    return torch_dtype(dtype, (torch.float32, torch.float64, torch.float16, torch.bfloat16), DataError)
 
 
 def _mmap(h5, name: str, path: Path) -> np.ndarray:

@@ -6,9 +6,11 @@ Units: dt fs, temperature K, friction 1/ps, tau fs, skin Å, fmax eV/Å.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+from torchmdx.config import bad_key
 from torchmdx.errors import ConfigError
 
 Ensemble = Literal["nve", "langevin", "bussi", "nose-hoover"]
@@ -91,8 +93,7 @@ class MDConfig:
     threads: Optional[int] = None
 
     def validate(self, section: str = "md") -> None:
-        def bad(key, msg):
-            raise ConfigError(f"config key '{section}.{key}' {msg}")
+        bad = partial(bad_key, section)
 
         if isinstance(self.structure, str):
             self.structure = [self.structure]

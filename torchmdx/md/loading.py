@@ -5,20 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 import torch
 
+from torchmdx.dtypes import torch_dtype
 from torchmdx.errors import ConfigError, ModelError
 from torchmdx.nn.base import Potential
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64}
-
-
 def as_dtype(dtype) -> torch.dtype:
-    """torch dtype from a torch dtype or its name (float32/float64)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).replace("torch.", "")
-    if key not in DTYPES:
-        raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}")
-    return DTYPES[key]
+    """torch dtype from a torch dtype or its name (float32/float64; float/double too)."""
+    return torch_dtype(dtype)
 
 
 def check_device(device) -> torch.device:

@@ -13,10 +13,11 @@ mapping, or a ``ModelConfig``); unknown keys and wrong types are one-line Config
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
-from torchmdx.config import from_dict, load_yaml, to_dict
+from torchmdx.config import bad_key, from_dict, load_yaml, to_dict
 from torchmdx.errors import ConfigError
 
 Activation = Literal["silu", "ssp", "tanh", "sigmoid", "swish", "mish"]
@@ -77,8 +78,7 @@ class ModelConfig:
     seed: Optional[int] = None
 
     def validate(self, section: str = "model") -> None:
-        def bad(key, msg):
-            raise ConfigError(f"config key '{section}.{key}' {msg}")
+        bad = partial(bad_key, section)
 
         if self.embedding_dimension < 2:
             bad("embedding_dimension", f"must be at least 2, got {self.embedding_dimension}")

@@ -28,13 +28,12 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from torchmdx.dtypes import torch_dtype
 from torchmdx.errors import ModelError
 from torchmdx.nn.base import Graph, Potential
 from torchmdx.nn.config import ModelConfig, model_config
 from torchmdx.nn.et import ETRepresentation, compiled_function
 from torchmdx.nn.heads import DipoleHead, GatedEquivariantHead, ScalarHead
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 #: float64 buffers of the energy normalisation
 _NORMALISATION_BUFFERS = ("atomref", "scale", "shift", "energy_offset")
@@ -78,7 +77,7 @@ class ETPotential(Potential):
         cfg = model_config(config, **overrides)
         self.config = cfg
         self.cutoff = float(cfg.cutoff_upper)
-        dtype = DTYPES[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype, error=ModelError, what="model dtype")
         with _construction(dtype, cfg.seed):
             self.representation = ETRepresentation(cfg)
             if cfg.output_model == "scalar":

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal, Optional, Union
 
-from torchmdx.config import apply_overrides, from_dict, load_yaml, to_dict
+from torchmdx.config import apply_overrides, bad_key, from_dict, load_yaml, to_dict
 from torchmdx.errors import ConfigError
 
 LOSSES = ("mse", "l1", "huber")
@@ -108,8 +109,7 @@ class TrainConfig:
     cuda_graph_compile: bool = True
 
     def validate(self, section: str = "train") -> None:
-        def bad(key, msg):
-            raise ConfigError(f"config key '{section}.{key}' {msg}")
+        bad = partial(bad_key, section)
 
         for key in ("energy_weight", "force_weight"):
             if getattr(self, key) < 0:
@@ -183,8 +183,7 @@ class TrainerConfig:
     num_threads: Optional[int] = None
 
     def validate(self, section: str = "trainer") -> None:
-        def bad(key, msg):
-            raise ConfigError(f"config key '{section}.{key}' {msg}")
+        bad = partial(bad_key, section)
 
         if self.max_epochs is not None and self.max_epochs < -1:
             bad("max_epochs", f"must be >= -1 or null, got {self.max_epochs}")
