@@ -225,6 +225,82 @@ def test_periodic_pressure_matches_ase(tmp_path):
     stress = frame.get_stress(voigt=False, include_ideal_gas=True)
     pressure_bar = -np.trace(stress) / 3 / (1e5 * ase_units.Pascal)  # eV/Å³ -> bar
     assert last_row["pressure_bar"] == pytest.approx(pressure_bar, rel=1e-8)
+    # constant volume: 15.9³ Å³; 108 argon atoms of 39.948 amu, 1 amu = 1.66053904e-24 g, 1 Å³ = 1e-24 cm³
+    assert last_row["volume_A3"] == pytest.approx(15.9 ** 3, rel=1e-12)
+    assert last_row["density_g_cm3"] == pytest.approx(108 * 39.948 * 1.66053904 / 15.9 ** 3, rel=1e-6)
+
+
+def _argon_box(tmp_path, rattle=0.05):
+    crystal = bulk("Ar", "fcc", a=5.3, cubic=True).repeat((3, 3, 3))
+    crystal.rattle(rattle, seed=4)
+    structure = tmp_path / "argon_box.extxyz"
+    write(structure, crystal)
+    model = tmp_path / "lj7.pt"
+    LennardJones(EPS, SIG, cutoff=7.0).save(model)
+    return crystal, structure, model
+
+
+@pytest.mark.parametrize("barostat", ["isotropic", "anisotropic"])
+def test_ase_engine_npt_equals_ase_langevin_baoab_with_its_own_lj(tmp_path, barostat):
+    """--pressure with --engine ase is ASE's LangevinBAOAB barostat on the torchmdx calculator:
+    the same run with ASE's own Lennard-Jones calculator (its own stress, its own neighbor
+    search) gives the same cell volumes and positions, and 5 kbar compresses the crystal."""
+    from ase.md.langevinbaoab import LangevinBAOAB
+
+    from torchmdx.md.system import System
+
+    crystal, structure, model = _argon_box(tmp_path)
+    assert _md(tmp_path, structure, "--model", model, "--engine", "ase", "--ensemble", "langevin", "--friction", 5,
+               "--pressure", 5000, "--barostat-tau", 500, "--barostat", barostat, "--steps", 60, "--every", 20,
+               "--dt", 5, "--temperature", 60, "--dtype", "float64", "--seed", 3,
+               "--out", tmp_path / "npt.extxyz") == 0
+    rows = read_thermo(tmp_path / "npt.csv")
+    assert [r["step"] for r in rows] == [0, 20, 40, 60]
+
+    atoms = crystal.copy()  # the same run, ASE alone
+    system = System.from_atoms([atoms], "cpu", torch.float64)
+    atoms.set_velocities(system.maxwell_boltzmann(60.0, torch.Generator().manual_seed(3)).numpy())
+    atoms.calc = AseLennardJones(epsilon=EPS, sigma=SIG, rc=7.0, smooth=False)
+    five_kbar = 5000 * 1e5 * ase_units.Pascal  # eV/Å³
+    dyn = LangevinBAOAB(atoms, timestep=5 * ase_units.fs, temperature_K=60, T_tau=200 * ase_units.fs,
+                        externalstress=-five_kbar, hydrostatic=barostat == "isotropic", P_tau=500 * ase_units.fs,
+                        rng=np.random.default_rng(3))
+    volumes = [atoms.get_volume()]
+    dyn.attach(lambda: volumes.append(atoms.get_volume()), interval=20)
+    dyn.run(60)
+    np.testing.assert_allclose([r["volume_A3"] for r in rows], volumes[:1] + volumes[2:], rtol=1e-9)
+    last = read(tmp_path / "npt.extxyz", index=-1)
+    np.testing.assert_allclose(last.cell.array, atoms.cell.array, rtol=1e-9, atol=1e-9)
+    atoms.wrap()
+    np.testing.assert_allclose(last.positions, atoms.positions, atol=1e-7)
+    assert rows[-1]["volume_A3"] < 0.99 * rows[0]["volume_A3"]
+    assert rows[-1]["density_g_cm3"] > rows[0]["density_g_cm3"]
+    # the enthalpy column and the restart file's cell
+    p = five_kbar
+    assert rows[-1]["conserved_eV"] == pytest.approx(rows[-1]["total_eV"] + p * rows[-1]["volume_A3"], rel=1e-12)
+    np.testing.assert_allclose(load_restart(tmp_path / "npt.restart.pt")["cell"].numpy(), last.cell.array, rtol=1e-12)
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "npt.png").size  # energy, temperature and density panels
+    assert height > 1.1 * width
+
+
+def test_pressure_errors_are_one_line(tmp_path, lj_model, capsys):
+    _, box, model = _argon_box(tmp_path)
+    cluster = tmp_path / "ar13.xyz"
+    write(cluster, Icosahedron("Ar", 2))
+    cases = [
+        ((box, "--model", model, "--pressure", 1), "needs --engine ase"),
+        ((box, "--model", model, "--pressure", 1, "--engine", "ase", "--ensemble", "bussi"), "langevin (NPT) or nve"),
+        ((cluster, "--model", lj_model, "--pressure", 1, "--engine", "ase", "--ensemble", "langevin"),
+         "periodic in x, y and z"),
+        ((box, "--model", model, "--pressure", 1, "--engine", "ase", "--barostat-tau", 0), "barostat_tau"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert _md(tmp_path, *args, "--steps", 2, "--out", tmp_path / "bad.extxyz") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 def test_replicas_write_one_trajectory_each(tmp_path, shared_data, et_model):

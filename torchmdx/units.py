@@ -33,6 +33,8 @@ EV_PER_A_AMU_TO_A_PER_FS2 = FS_TO_ASE_TIME ** 2
 # pressure: eV/Å³ -> GPa and bar
 EV_PER_A3_TO_GPA = 160.21766208
 EV_PER_A3_TO_BAR = 1.6021766208e6
+# density: amu/Å³ -> g/cm³ (1 amu = 1.66053904e-24 g, 1 Å³ = 1e-24 cm³; ase.units._amu)
+AMU_PER_A3_TO_G_PER_CM3 = 1.66053904
 
 #: energy units by the names datasets use for them (lower case), factor to eV
 ENERGY_UNITS = {

@@ -8,16 +8,26 @@ same output files), and for ASE features the native engine lacks. Mapping of the
     bussi        ase.md.bussi.Bussi (taut = tau)
     nose-hoover  ase.md.nose_hoover_chain.NoseHooverChainNVT (tdamp = tau, tchain = chain_length)
 
+With a pressure P (bar), ``langevin`` is NPT and ``nve`` is NPH through the same
+``LangevinBAOAB`` with its Langevin-Hoover barostat (Quigley and Probert 2004): external stress
+-P (eV/Å³; ASE's stress is the negative of the pressure and the barostat holds the mean stress
+including the kinetic part), ``P_tau = barostat_tau`` (the cell's mass is ASE's heuristic for
+that period), ``hydrostatic`` for the isotropic barostat (the cell keeps its shape). The thermo log then has the volume and density of each
+output step, the frames the cell of that step, and restart files the cell too (a continued run
+starts the cell's momentum at zero).
+
 One structure per run (the native engine batches). The conserved energy column is the total
 energy for nve, total minus ASE's ``transferred_energy`` for bussi, ASE's
-``get_conserved_energy()`` for nose-hoover, and the total energy for langevin (ASE does not
-track the heat exchanged). Restart files hold positions, velocities and the step (not the
+``get_conserved_energy()`` for nose-hoover, the total energy for langevin (ASE does not
+track the heat exchanged), and the enthalpy U + K + P V at constant pressure. Restart files hold positions, velocities and the step (not the
 integrator's internal state: a continued ASE run is not bit-for-bit).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,11 +41,30 @@ from torchmdx.md.system import System
 
 
 def make_ase_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float, friction_per_ps: float,
-                      tau_fs: float, chain_length: int, seed: int):
-    """The ASE integrator for ``ensemble`` (see the module docstring)."""
+                      tau_fs: float, chain_length: int, seed: int, pressure_bar: Optional[float] = None,
+                      barostat_tau_fs: float = 1000.0, barostat: str = "isotropic"):
+    """The ASE integrator for ``ensemble`` (see the module docstring); ``pressure_bar`` not None:
+    constant pressure (langevin: NPT, nve: NPH)."""
     from ase import units as ase_units
 
     dt = timestep_fs * ase_units.fs
+    if pressure_bar is not None:
+        from ase.md.langevinbaoab import LangevinBAOAB
+
+        if ensemble not in ("langevin", "nve"):
+            raise ConfigError(f"constant pressure works with the langevin or nve ensemble, not {ensemble}")
+        if not bool(np.all(atoms.pbc)):
+            raise ConfigError(f"constant pressure needs a structure periodic in x, y and z, got pbc={list(atoms.pbc)}")
+        thermostat = {}
+        if ensemble == "langevin":
+            if not friction_per_ps > 0:
+                raise ConfigError("the ASE Langevin integrator needs friction > 0 1/ps")
+            thermostat = dict(temperature_K=temperature_K, T_tau=(1000.0 / friction_per_ps) * ase_units.fs)
+        with warnings.catch_warnings():  # "Using heuristic P_mass ...": the documented choice (from P_tau)
+            warnings.filterwarnings("ignore", message="Using heuristic P_mass")
+            return LangevinBAOAB(atoms, timestep=dt, externalstress=-float(pressure_bar) / units.EV_PER_A3_TO_BAR,
+                                 hydrostatic=barostat == "isotropic", P_tau=barostat_tau_fs * ase_units.fs,
+                                 rng=np.random.default_rng(seed), **thermostat)
     if ensemble == "nve":
         from ase.md.verlet import VelocityVerlet
 
@@ -101,8 +130,12 @@ def run_ase(
     max_temperature_K=None,
     progress: bool = False,
     velocities=None,
+    pressure_bar: Optional[float] = None,
+    barostat_tau_fs: float = 1000.0,
+    barostat: str = "isotropic",
 ) -> RunSummary:
-    """Run ``steps`` steps (a restart payload continues from its step) with ASE; returns the summary."""
+    """Run ``steps`` steps (a restart payload continues from its step) with ASE; returns the
+    summary. ``pressure_bar``: constant pressure (see the module docstring)."""
     from torchmdx.md.calculator import Calculator
 
     dtype = as_dtype(dtype)
@@ -113,6 +146,8 @@ def run_ase(
     max_t = float(max_temperature_K) if max_temperature_K else max(2000.0, 5.0 * temperature_K)
     start = 0
     if restart_payload is not None:
+        if restart_payload.get("cell") is not None:  # a constant-pressure run's last cell
+            atoms.set_cell(restart_payload["cell"].double().numpy())
         atoms.set_positions(restart_payload["positions"].double().numpy())
         atoms.set_velocities(restart_payload["velocities"].double().numpy())
         start = int(restart_payload["step"])
@@ -128,11 +163,14 @@ def run_ase(
             system = System.from_atoms([atoms], "cpu", dtype)
             generator = torch.Generator().manual_seed(int(seed))
             atoms.set_velocities(system.maxwell_boltzmann(temperature_K, generator).double().numpy())
-    dyn = make_ase_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_ps, tau_fs, chain_length, seed)
+    dyn = make_ase_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_ps, tau_fs, chain_length, seed,
+                            pressure_bar, barostat_tau_fs, barostat)
     frames = _Frames(atoms)
     periodic = bool(np.all(atoms.pbc))
 
     def conserved(total):
+        if pressure_bar is not None:  # the enthalpy U + K + P V (the cell's own kinetic energy is not included)
+            return total + float(pressure_bar) / units.EV_PER_A3_TO_BAR * atoms.get_volume()
         if ensemble == "bussi":
             return total - dyn.transferred_energy
         if ensemble == "nose-hoover":
@@ -142,18 +180,22 @@ def run_ase(
     def observe(step) -> Observation:
         energy = atoms.get_potential_energy()
         kinetic = atoms.get_kinetic_energy()
-        pressure = stress = None
+        pressure = stress = volume = density = None
         if periodic:
             s = atoms.get_stress(voigt=False, include_ideal_gas=False)
-            p = 2.0 * kinetic / (3.0 * atoms.get_volume()) - np.trace(s) / 3.0
+            v = atoms.get_volume()
+            p = 2.0 * kinetic / (3.0 * v) - np.trace(s) / 3.0
             pressure = np.array([p * units.EV_PER_A3_TO_BAR])
             stress = s[None]
+            volume = np.array([v])
+            density = np.array([atoms.get_masses().sum() / v * units.AMU_PER_A3_TO_G_PER_CM3])
         return Observation(
             step=step, time_ps=step * timestep_fs * 1e-3,
             positions=atoms.get_positions(), velocities=atoms.get_velocities(), forces=atoms.get_forces(),
             potential=np.array([energy]), kinetic=np.array([kinetic]),
             temperature=np.array([2.0 * kinetic / (dof * units.BOLTZMANN_EV_PER_K)]),
             conserved=np.array([conserved(energy + kinetic)]), pressure_bar=pressure, stress=stress,
+            volume_A3=volume, density_g_cm3=density,
         )
 
     def payload(step):
@@ -162,6 +204,7 @@ def run_ase(
             "temperature_K": temperature_K, "seed": seed, "dtype": str(dtype).replace("torch.", ""),
             "z": torch.as_tensor(atoms.numbers), "counts": [n], "structures": [atoms.copy()],
             "positions": torch.as_tensor(atoms.get_positions()), "velocities": torch.as_tensor(atoms.get_velocities()),
+            "cell": torch.as_tensor(atoms.cell.array) if periodic else None,
         }
 
     if restart_every is None:
@@ -175,7 +218,7 @@ def run_ase(
     if restart_payload is None:
         for r in reporters:
             r.report(frames, first)
-    previous = (atoms.get_positions(), atoms.get_velocities())
+    previous = (atoms.get_positions(), atoms.get_velocities(), atoms.cell.array.copy())
     step = start
     wall_start = time.perf_counter()
     for i, _ in enumerate(dyn.irun(steps)):
@@ -191,6 +234,7 @@ def run_ase(
         elif not temperature <= max_t:
             reason = f"the temperature reached {temperature:.4g} K, above max_temperature {max_t:g} K"
         if reason:
+            atoms.set_cell(previous[2])
             atoms.set_positions(previous[0])
             atoms.set_velocities(previous[1])
             kept = []
@@ -206,7 +250,7 @@ def run_ase(
                 kept.append(str(restart_path))
             where = f"; last good state (step {step - 1}) kept in " + " and ".join(kept) if kept else ""
             raise SimulationError(f"simulation stopped at step {step}: {reason}{where}")
-        previous = (atoms.get_positions(), atoms.get_velocities())
+        previous = (atoms.get_positions(), atoms.get_velocities(), atoms.cell.array.copy())
         if bar is not None:
             bar.update(1)
         if step % every == 0 or i == steps:

@@ -1,6 +1,6 @@
 """``MDConfig``: every option of ``torchmdx md`` (command line or the ``md:`` section of a YAML).
 
-Units: dt fs, temperature K, friction 1/ps, tau fs, skin Å, fmax eV/Å.
+Units: dt fs, temperature K, friction 1/ps, tau fs, pressure bar, skin Å, fmax eV/Å.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ class MDConfig:
     friction         Langevin friction γ (1/ps)
     tau              Bussi / Nosé–Hoover time constant (fs)
     chain_length     Nosé–Hoover chain length
+    pressure         constant pressure (bar): NPT with ``langevin`` (NPH with ``nve``), periodic
+                     structures, ``--engine ase`` (ASE's LangevinBAOAB with its Langevin-Hoover
+                     barostat); None (default): constant volume
+    barostat_tau     barostat time constant (fs): the cell's fluctuation period and friction time
+    barostat         isotropic (the cell keeps its shape, its volume changes) | anisotropic (all
+                     six cell degrees of freedom)
     every            output interval (steps) of trajectory frames and log rows
     out              trajectory (.extxyz/.xyz: extended XYZ; .traj: ASE trajectory)
     log              thermo CSV (default: <out stem>.csv)
@@ -68,6 +74,9 @@ class MDConfig:
     friction: float = 1.0
     tau: float = 100.0
     chain_length: int = 3
+    pressure: Optional[float] = None
+    barostat_tau: float = 1000.0
+    barostat: Literal["isotropic", "anisotropic"] = "isotropic"
     every: int = 10
     out: str = "md.extxyz"
     log: Optional[str] = None
@@ -113,6 +122,15 @@ class MDConfig:
             bad("tau", f"must be > 0 fs, got {self.tau}")
         if self.chain_length < 1:
             bad("chain_length", f"must be >= 1, got {self.chain_length}")
+        if self.pressure is not None:
+            if self.engine != "ase":
+                bad("pressure", "needs --engine ase: the native engine has no barostat yet (constant volume only)")
+            if self.ensemble not in ("langevin", "nve"):
+                bad("pressure", f"works with the langevin (NPT) or nve (NPH) ensemble, not {self.ensemble}")
+            if self.ensemble == "langevin" and not self.friction > 0:
+                bad("friction", "must be > 0 1/ps for NPT with the langevin ensemble")
+        if not self.barostat_tau > 0:
+            bad("barostat_tau", f"must be > 0 fs, got {self.barostat_tau}")
         if self.every < 1:
             bad("every", f"must be >= 1 step, got {self.every}")
         if self.restart_every is not None and self.restart_every < 1:

@@ -63,6 +63,8 @@ class Observation:
     conserved: np.ndarray
     pressure_bar: Optional[np.ndarray] = None
     stress: Optional[np.ndarray] = None
+    volume_A3: Optional[np.ndarray] = None
+    density_g_cm3: Optional[np.ndarray] = None
 
     def rows(self) -> list[dict]:
         """Thermo-log rows, one per structure."""
@@ -78,8 +80,10 @@ class Observation:
                 "temperature_K": float(self.temperature[b]),
                 "conserved_eV": float(self.conserved[b]),
             }
-            if self.pressure_bar is not None:
-                row["pressure_bar"] = float(self.pressure_bar[b])
+            for key in ("pressure_bar", "volume_A3", "density_g_cm3"):
+                values = getattr(self, key)
+                if values is not None:
+                    row[key] = float(values[b])
             out.append(row)
         return out
 
@@ -277,13 +281,17 @@ class Simulation:
         s, st = self.system, self.state
         kinetic = self.kinetic_energy()
         temperature = s.temperature(kinetic)
-        stress = pressure_bar = None
+        stress = pressure_bar = volume_A3 = density = None
         if pressure and s.periodic:
             stress_t = self.forcefield.stress(st.positions)
             volume = s.volume()
             p = (2.0 * kinetic / (3.0 * volume) - torch.diagonal(stress_t, dim1=1, dim2=2).sum(-1) / 3.0)
             periodic = s.pbc.all(-1)
-            pressure_bar = torch.where(periodic, p * units.EV_PER_A3_TO_BAR, torch.full_like(p, float("nan"))).cpu().numpy()
+            nan = torch.full_like(p, float("nan"))
+            pressure_bar = torch.where(periodic, p * units.EV_PER_A3_TO_BAR, nan).cpu().numpy()
+            volume_A3 = torch.where(periodic, volume, nan).cpu().numpy()
+            density = torch.where(periodic, s.total_mass.to(volume) / volume * units.AMU_PER_A3_TO_G_PER_CM3,
+                                  nan).cpu().numpy()
             stress = stress_t.cpu().numpy()
         return Observation(
             step=st.step,
@@ -297,6 +305,8 @@ class Simulation:
             conserved=self.conserved_energy().cpu().numpy(),
             pressure_bar=pressure_bar,
             stress=stress,
+            volume_A3=volume_A3,
+            density_g_cm3=density,
         )
 
     def frames(self, observation: Observation) -> list:

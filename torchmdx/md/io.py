@@ -5,7 +5,8 @@
   ``time_ps`` in each frame's info. With several structures in the batch, structure k goes to
   ``<stem>.<k><suffix>``. Frames are appended and flushed as they come.
 - The thermo log is a CSV with the columns of :data:`THERMO_COLUMNS` (``structure`` only when
-  several structures run together, ``pressure_bar`` only for periodic ones).
+  several structures run together; ``pressure_bar``, ``volume_A3`` and ``density_g_cm3`` only
+  for periodic ones).
 - Restart files (``torch.save`` of a dict) are written to a temporary name and renamed.
 """
 
@@ -23,8 +24,10 @@ from torchmdx.io_utils import atomic_write
 
 THERMO_COLUMNS = (
     "step", "time_ps", "structure", "potential_eV", "kinetic_eV", "total_eV",
-    "temperature_K", "pressure_bar", "conserved_eV",
+    "temperature_K", "pressure_bar", "volume_A3", "density_g_cm3", "conserved_eV",
 )
+#: columns written for periodic structures only
+PERIODIC_COLUMNS = ("pressure_bar", "volume_A3", "density_g_cm3")
 RESTART_FORMAT = "torchmdx.md.restart"
 RESTART_VERSION = 1
 
@@ -105,7 +108,7 @@ class ThermoLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.columns = [
             c for c in THERMO_COLUMNS
-            if (c != "structure" or multi) and (c != "pressure_bar" or periodic)
+            if (c != "structure" or multi) and (c not in PERIODIC_COLUMNS or periodic)
         ]
         exists = append and self.path.exists() and self.path.stat().st_size > 0
         self._file = open(self.path, "a" if exists else "w", newline="")

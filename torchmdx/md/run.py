@@ -138,7 +138,8 @@ def run_md(config: MDConfig, potential=None, out=None) -> dict:
                 skin=config.skin, every=config.every, reporters=reporters, restart_path=config.restart_path,
                 restart_every=config.restart_every, restart_payload=restart_payload, minimize=config.minimize,
                 fmax=config.fmax, minimize_steps=config.minimize_steps, max_temperature_K=config.max_temperature,
-                progress=config.progress,
+                progress=config.progress, pressure_bar=config.pressure, barostat_tau_fs=config.barostat_tau,
+                barostat=config.barostat,
             )
         else:
             from torchmdx.md.engine import Simulation
@@ -180,14 +181,16 @@ def run_md(config: MDConfig, potential=None, out=None) -> dict:
             r.close()
     result = dict(summary.__dict__)
     result.update(
-        engine=config.engine, ensemble=config.ensemble, device=str(config.device), dtype=config.dtype,
+        engine=config.engine, ensemble=config.ensemble, pressure_bar=config.pressure, device=str(config.device),
+        dtype=config.dtype,
         timestep_fs=config.dt, first_step=start_step, last_step=start_step + summary.steps,
         trajectory=[str(p) for p in traj_paths], log=str(config.log_path), restart=str(config.restart_path),
     )
     plot_path = Path(config.log_path).with_suffix(".png")
     rows = read_thermo(config.log_path)
     if rows:
-        thermo_plot(rows, plot_path, title=f"{config.ensemble} MD, {config.dt:g} fs steps")
+        at = f" at {config.pressure:g} bar" if config.pressure is not None else ""
+        thermo_plot(rows, plot_path, title=f"{config.ensemble} MD{at}, {config.dt:g} fs steps")
         result["plot"] = str(plot_path)
     with atomic_write(config.summary_path, "w") as f:
         json.dump(result, f, indent=2)

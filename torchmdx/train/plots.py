@@ -138,9 +138,13 @@ def thermo_plot(rows: list, path, title: Optional[str] = None) -> Path:
 
     ``rows``: dicts with ``time_ps``, ``potential_eV``, ``kinetic_eV``, ``temperature_K`` and
     optionally ``conserved_eV`` and ``structure`` (as :func:`torchmdx.md.io.read_thermo` gives).
+    A third panel shows the density (g/cm³) when it changes (constant-pressure runs).
     """
     plt = _pyplot()
-    fig, (ax_e, ax_t) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    densities = [r["density_g_cm3"] for r in rows if "density_g_cm3" in r]
+    with_density = len(densities) > 1 and max(densities) > min(densities)
+    fig, axes = plt.subplots(3 if with_density else 2, 1, figsize=(7, 8.5 if with_density else 6), sharex=True)
+    ax_e, ax_t = axes[0], axes[1]
     structures = sorted({int(r.get("structure", 0)) for r in rows})
     for b in structures:
         mine = [r for r in rows if int(r.get("structure", 0)) == b]
@@ -151,10 +155,14 @@ def thermo_plot(rows: list, path, title: Optional[str] = None) -> Path:
                 values = np.array([r[key] for r in mine])
                 ax_e.plot(t, values - values[0], lw=1, label=label + tag)
         ax_t.plot(t, [r["temperature_K"] for r in mine], lw=1, label=f"structure {b}" if tag else None)
+        if with_density:
+            axes[2].plot(t, [r.get("density_g_cm3", np.nan) for r in mine], lw=1)
     ax_e.set_ylabel("energy - initial (eV)")
     ax_e.legend(fontsize=8, ncol=3)
     ax_t.set_ylabel("temperature (K)")
-    ax_t.set_xlabel("time (ps)")
+    if with_density:
+        axes[2].set_ylabel("density (g/cm³)")
+    axes[-1].set_xlabel("time (ps)")
     if len(structures) > 1:
         ax_t.legend(fontsize=8)
     return _finish(fig, path, title)
