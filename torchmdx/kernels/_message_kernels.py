@@ -119,6 +119,37 @@ def _given_filter(ptrs, m3, MODE: tl.constexpr, FACT: tl.constexpr):
 
 
 @triton.jit
+def _sender_share(q, gm, gx, gy, gz, dk, dv1, dv2, dv3, ux, uy, uz, valid, phi, k_s, v1_s, vx_s, vy_s, vz_s,
+                  DK_MODE: tl.constexpr, ATT: tl.constexpr, VCUT: tl.constexpr):
+    """A block of edges (receiver r <- sender s): their shares in the sender's gradients, summed
+    over the block, as (dL/dk_s, dL/dv1_s, dL/dv2_s, dL/dv3_s, sum dL/du_rx dv2, ..y, ..z); the
+    last three are still to be multiplied by v2_s (a factor of every edge of the sender).
+
+    Tiles [BE, HB, DP]: the receivers' q, dL/dm, dL/du (x, y, z); the filters dk (ignored for
+    DK_MODE 0) and dv1..dv3 already multiplied by the validity / cutoff factor w_e; ux, uy, uz
+    [BE, 1, 1] the edges' unit vectors; valid, phi [BE]; the sender's own rows k_s, v1_s,
+    vec_s [HB, DP]. One formula for the sender kernel and the merged receiver kernel."""
+    if DK_MODE != 0:
+        qdk = q * dk
+    else:
+        qdk = q
+    a, da = _act(tl.sum(qdk * k_s[None, :, :], axis=2), ATT)
+    g_attn = tl.sum(gm * (v1_s[None, :, :] * dv1), axis=2)
+    if VCUT:
+        attn = tl.where(valid[:, None], a, 0.0)
+        gp = tl.where(valid[:, None], g_attn * da, 0.0)
+    else:
+        attn = tl.where(valid[:, None], a * phi[:, None], 0.0)
+        gp = tl.where(valid[:, None], g_attn * phi[:, None] * da, 0.0)
+    share_k = tl.sum(gp[:, :, None] * qdk, axis=0)
+    share_v1 = tl.sum(attn[:, :, None] * gm * dv1, axis=0)
+    share_v2 = tl.sum((gx * vx_s[None, :, :] + gy * vy_s[None, :, :] + gz * vz_s[None, :, :]) * dv2, axis=0)
+    share_v3 = tl.sum((gx * ux + gy * uy + gz * uz) * dv3, axis=0)
+    return share_k, share_v1, share_v2, share_v3, tl.sum(gx * dv2, axis=0), tl.sum(gy * dv2, axis=0), \
+        tl.sum(gz * dv2, axis=0)
+
+
+@triton.jit
 def _message_fwd_kernel(
     rowptr_ptr, rowend_ptr, senders_ptr, q_ptr, k_ptr, v_ptr, vec_ptr,
     dk_ptr, dv_ptr, rbf_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
@@ -437,36 +468,26 @@ def _message_bwd_receiver_kernel(
                 acc_q += tl.sum(gp[:, :, None] * kj * dk, axis=0)
             else:
                 acc_q += tl.sum(gp[:, :, None] * kj, axis=0)
-            if MERGED:  # the reverse edge (j <- i): atom i as its sender
-                q_j = tl.load(q_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
-                gm_j = tl.load(gm_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
+            if MERGED:  # the reverse edge (j <- i), unit vector -d: atom i as its sender
                 gubase = gu_ptr + j3 * (3 * F) + ch[None, :, :]
-                gx_j = tl.load(gubase, mask=m3, other=0.0)
-                gy_j = tl.load(gubase + F, mask=m3, other=0.0)
-                gz_j = tl.load(gubase + 2 * F, mask=m3, other=0.0)
                 if DK_MODE != 0:
-                    qdk_j = q_j * dk
+                    dk_r = dk
                 else:
-                    qdk_j = q_j
-                a_r, da_r = _act(tl.sum(qdk_j * k_i[None, :, :], axis=2), ATT)
-                dv1w = dv1 * w3
-                dv2w = dv2 * w3
-                g_attn_r = tl.sum(gm_j * (v1_i[None, :, :] * dv1w), axis=2)
-                if VCUT:
-                    attn_r = tl.where(valid[:, None], a_r, 0.0)
-                    gp_r = tl.where(valid[:, None], g_attn_r * da_r, 0.0)
-                else:
-                    attn_r = tl.where(valid[:, None], a_r * phi[:, None], 0.0)
-                    gp_r = tl.where(valid[:, None], g_attn_r * phi[:, None] * da_r, 0.0)
-                acc_k += tl.sum(gp_r[:, :, None] * qdk_j, axis=0)
-                acc_v1 += tl.sum(attn_r[:, :, None] * gm_j * dv1w, axis=0)
-                acc_v2 += tl.sum((gx_j * vx_i[None, :, :] + gy_j * vy_i[None, :, :] + gz_j * vz_i[None, :, :]) * dv2w,
-                                 axis=0)
-                acc_v3 -= tl.sum((gx_j * ux[:, None, None] + gy_j * uy[:, None, None] + gz_j * uz[:, None, None])
-                                 * (dv3 * w3), axis=0)
-                acc_x += tl.sum(gx_j * dv2w, axis=0)
-                acc_y += tl.sum(gy_j * dv2w, axis=0)
-                acc_z += tl.sum(gz_j * dv2w, axis=0)
+                    dk_r = qk
+                sk, sv1, sv2, sv3, sx, sy, sz = _sender_share(
+                    tl.load(q_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0),
+                    tl.load(gm_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0),
+                    tl.load(gubase, mask=m3, other=0.0), tl.load(gubase + F, mask=m3, other=0.0),
+                    tl.load(gubase + 2 * F, mask=m3, other=0.0), dk_r, dv1 * w3, dv2 * w3, dv3 * w3,
+                    -ux[:, None, None], -uy[:, None, None], -uz[:, None, None], valid, phi,
+                    k_i, v1_i, vx_i, vy_i, vz_i, DK_MODE, ATT, VCUT)
+                acc_k += sk
+                acc_v1 += sv1
+                acc_v2 += sv2
+                acc_v3 += sv3
+                acc_x += sx
+                acc_y += sy
+                acc_z += sz
             # value side: dL/ds (before w_e)
             vecbase = vec_ptr + j3 * (3 * F) + ch[None, :, :]
             gs1 = attn[:, :, None] * gm_i[None, :, :]
@@ -583,7 +604,6 @@ def _message_bwd_sender_kernel(
         k_j = tl.load(k_ptr + j * F + ch, mask=cval, other=0.0)
         v1_j = tl.load(v_ptr + j * (3 * F) + vch, mask=cval, other=0.0)
         v2_j = tl.load(v_ptr + j * (3 * F) + vch + D, mask=cval, other=0.0)
-        v3_j = tl.load(v_ptr + j * (3 * F) + vch + 2 * D, mask=cval, other=0.0)
         vx_j = tl.load(vec_ptr + j * (3 * F) + ch, mask=cval, other=0.0)
         vy_j = tl.load(vec_ptr + j * (3 * F) + F + ch, mask=cval, other=0.0)
         vz_j = tl.load(vec_ptr + j * (3 * F) + 2 * F + ch, mask=cval, other=0.0)
@@ -620,10 +640,9 @@ def _message_bwd_sender_kernel(
             acc_k += (ga0 * g0 * da0)[:, None] * q_s * dk0
             acc_v1 += (a0 * g0)[:, None] * gm_s * dv01 * f0
             acc_v2 += (gx_s * vx_j + gy_s * vy_j + gz_s * vz_j) * dv02 * f0
-            s2_0 = v2_j * dv02 * f0
-            acc_x += gx_s * s2_0
-            acc_y += gy_s * s2_0
-            acc_z += gz_s * s2_0
+            acc_x += gx_s * dv02 * f0  # sums of dL/du dv2 w: times v2_j at the end
+            acc_y += gy_s * dv02 * f0
+            acc_z += gz_s * dv02 * f0
 
         for t0 in range(start, end, BE):
             to = t0 + eb
@@ -647,18 +666,13 @@ def _message_bwd_sender_kernel(
                 r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
             if DK_MODE == 1 or DK_MODE == 3:
                 dk, _ = _given_filter(dk_ptr + e3 * DKS + ch[None, :, :], m3, DK_MODE, FACT)
-                qdk = q_i * dk
             elif DK_MODE == 2:
                 dk, _ = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
-                qdk = q_i * dk
             else:
-                qdk = q_i
-            a, da = _act(tl.sum(qdk * k_j[None, :, :], axis=2), ATT)
+                dk = q_i  # unused
             if VCUT:
-                attn = tl.where(valid[:, None], a, 0.0)
                 w_e = tl.where(valid, phi, 0.0)
             else:
-                attn = tl.where(valid[:, None], a * phi[:, None], 0.0)
                 w_e = tl.where(valid, 1.0, 0.0).to(phi.dtype)
             w3 = w_e[:, None, None]
             if DV_MODE == 1 or DV_MODE == 3:
@@ -666,45 +680,35 @@ def _message_bwd_sender_kernel(
                 dv1, _ = _given_filter(dvbase, m3, DV_MODE, FACT)
                 dv2, _ = _given_filter(dvbase + D, m3, DV_MODE, FACT)
                 dv3, _ = _given_filter(dvbase + 2 * D, m3, DV_MODE, FACT)
-                dv1 = dv1 * w3
-                dv2 = dv2 * w3
-                dv3 = dv3 * w3
             elif DV_MODE == 2:
                 dv1, _ = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv2, _ = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv3, _ = _filter(r, wv3_t, bv3, DV_MODE, FACT, BE, HB, DP, PREC)
-                dv1 = dv1 * w3
-                dv2 = dv2 * w3
-                dv3 = dv3 * w3
             else:
-                dv1 = tl.where(m3, 1.0, 0.0).to(k_j.dtype) * w3
+                dv1 = tl.where(m3, 1.0, 0.0).to(k_j.dtype)
                 dv2 = dv1
                 dv3 = dv1
-            # dv* now carry the validity / cutoff factor: s = v_j * dv*
-            g_attn = tl.sum(gm_i * (v1_j[None, :, :] * dv1), axis=2)
-            if VCUT:
-                gp = tl.where(valid[:, None], g_attn * da, 0.0)
-            else:
-                gp = tl.where(valid[:, None], g_attn * phi[:, None] * da, 0.0)
-            acc_k += tl.sum(gp[:, :, None] * qdk, axis=0)
-            acc_v1 += tl.sum(attn[:, :, None] * gm_i * dv1, axis=0)
-            acc_v2 += tl.sum((gx * vx_j[None, :, :] + gy * vy_j[None, :, :] + gz * vz_j[None, :, :]) * dv2, axis=0)
             ux = tl.load(unit_ptr + eo * 3, mask=em, other=0.0)[:, None, None]
             uy = tl.load(unit_ptr + eo * 3 + 1, mask=em, other=0.0)[:, None, None]
             uz = tl.load(unit_ptr + eo * 3 + 2, mask=em, other=0.0)[:, None, None]
-            acc_v3 += tl.sum((gx * ux + gy * uy + gz * uz) * dv3, axis=0)
-            s2 = v2_j[None, :, :] * dv2
-            acc_x += tl.sum(gx * s2, axis=0)
-            acc_y += tl.sum(gy * s2, axis=0)
-            acc_z += tl.sum(gz * s2, axis=0)
+            sk, sv1, sv2, sv3, sx, sy, sz = _sender_share(q_i, gm_i, gx, gy, gz, dk, dv1 * w3, dv2 * w3, dv3 * w3,
+                                                          ux, uy, uz, valid, phi, k_j, v1_j, vx_j, vy_j, vz_j,
+                                                          DK_MODE, ATT, VCUT)
+            acc_k += sk
+            acc_v1 += sv1
+            acc_v2 += sv2
+            acc_v3 += sv3
+            acc_x += sx
+            acc_y += sy
+            acc_z += sz
 
         tl.store(gk_ptr + j * F + ch, acc_k, mask=cval)
         tl.store(gv_ptr + j * (3 * F) + vch, acc_v1, mask=cval)
         tl.store(gv_ptr + j * (3 * F) + vch + D, acc_v2, mask=cval)
         tl.store(gv_ptr + j * (3 * F) + vch + 2 * D, acc_v3, mask=cval)
-        tl.store(gvec_ptr + j * (3 * F) + ch, acc_x, mask=cval)
-        tl.store(gvec_ptr + j * (3 * F) + F + ch, acc_y, mask=cval)
-        tl.store(gvec_ptr + j * (3 * F) + 2 * F + ch, acc_z, mask=cval)
+        tl.store(gvec_ptr + j * (3 * F) + ch, v2_j * acc_x, mask=cval)
+        tl.store(gvec_ptr + j * (3 * F) + F + ch, v2_j * acc_y, mask=cval)
+        tl.store(gvec_ptr + j * (3 * F) + 2 * F + ch, v2_j * acc_z, mask=cval)
 
 
 @triton.jit
