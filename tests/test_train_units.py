@@ -201,7 +201,7 @@ def _config(tmp_path, shared_data, **sections):
     ({"trainer": {"max_epochs": "ten"}}, [], "config key 'trainer.max_epochs' must be int | null, got 'ten'"),
     ({"optimizer": {"lr": 1}}, [], "config key 'optimizer' does not exist; allowed: data, model, run_dir, train, trainer"),
     ({"train": {"loss": "cauchy"}}, [], "config key 'train.loss' must be one of 'mse', 'l1', 'huber', got 'cauchy'"),
-    ({"train": {"energy_weight": 0, "force_weight": 0}}, [], "config key 'train.force_weight' and energy_weight are both 0"),
+    ({"train": {"energy_weight": 0, "force_weight": 0}}, [], "config key 'train.force_weight' and energy_weight (and stress_weight) are all 0"),
     ({"data": {"path": "no/such/file.npz"}}, [], "no/such/file.npz: file not found"),
     ({}, ["train.lr=fast"], "config key 'train.lr' must be float, got 'fast' (str)"),
     ({}, ["data.batch_size=0"], "config key 'data.batch_size' must be at least 1, got 0"),

@@ -1,7 +1,7 @@
 """``torchmdx data``: inspect a dataset (``info``) or build its HDF5 cache (``prepare``).
 
     torchmdx data info <config.yaml | data file> [--format F] [--json] [--energy-key K]
-                       [--forces-key K] [--group-key K] [--energy-unit U] [--length-unit U]
+                       [--forces-key K] [--stress-key K] [--group-key K] [--energy-unit U] [--length-unit U]
     torchmdx data prepare <config.yaml | data file> [same options] [--cache-dir DIR] [--force]
 
 ``info`` reads a current cache when one exists and the raw file otherwise; it writes nothing.
@@ -27,6 +27,7 @@ def _common(p):
     p.add_argument("--energy-key", default=None,
                    help="energy key (ASE info key, QM9 property, ANI-1x e.g. wb97x_dz.energy)")
     p.add_argument("--forces-key", default=None, help="forces key (ASE array, ANI-1x e.g. wb97x_dz.forces)")
+    p.add_argument("--stress-key", default=None, help="stress key of an ASE file (default stress, else a virial)")
     p.add_argument("--group-key", default=None, help="ASE info key holding each structure's group label")
     p.add_argument("--energy-unit", default=None, help="energy unit of the file (e.g. kcal/mol, Hartree, eV)")
     p.add_argument("--length-unit", default=None, help="length unit of the file (e.g. Bohr, Å)")
@@ -54,7 +55,8 @@ def _load(args):
     """(DataConfig or None, source, format, reader options, cache_dir) from the arguments."""
     from torchmdx.data.data_config import DataConfig, load_data_config
 
-    cli_opts = {"energy_key": args.energy_key, "forces_key": args.forces_key, "group_key": args.group_key,
+    cli_opts = {"energy_key": args.energy_key, "forces_key": args.forces_key, "stress_key": args.stress_key,
+                "group_key": args.group_key,
                 "energy_unit": args.energy_unit, "length_unit": args.length_unit}
     if _is_config(args.source):
         config = load_data_config(args.source)

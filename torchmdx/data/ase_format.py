@@ -8,11 +8,16 @@ Per structure:
   means an energy-only dataset; absent in some frames is an error.
 - group label (polymer family, molecule): ``atoms.info[group_key]`` (database: key-value pair)
   when ``group_key`` is given; a frame without it is an error.
-- further numeric ``info`` entries (and calculator results such as ``stress``) present in every
-  frame become per-structure extras, numeric per-atom arrays per-atom extras, kept as in the file.
+- ``stress`` (the training target of periodic data): ``atoms.info[stress_key]`` or the
+  calculator's result (default key ``stress``: ASE's sign, σ = (1/V) ∂E/∂ε, positive under
+  tension), as 6 Voigt components (xx, yy, zz, yz, xz, xy) or 9 (a 3 x 3 matrix); without it,
+  a ``virial`` W (energy; 6 or 9 values) gives σ = −W / V. Stored as the per-structure extra
+  ``stress`` [9] (the 3 x 3 matrix, row-major) in eV/Å³; in some frames only is an error.
+- further numeric ``info`` entries (and calculator results) present in every frame become
+  per-structure extras, numeric per-atom arrays per-atom extras, kept as in the file.
 
 Units are ASE's (eV, Å) unless ``energy_unit`` / ``length_unit`` say otherwise; they apply to
-positions, cell, energy and forces (forces in energy_unit/length_unit).
+positions, cell, energy, forces (energy_unit/length_unit) and stress (energy_unit/length_unit³).
 """
 
 from __future__ import annotations
@@ -53,11 +58,36 @@ def _numeric(value) -> Optional[np.ndarray]:
 
 
 class _Frame:
-    __slots__ = ("theory", "numbers", "positions", "energy", "forces", "cell", "pbc", "group", "extras",
+    __slots__ = ("theory", "numbers", "positions", "energy", "forces", "stress", "cell", "pbc", "group", "extras",
                  "atom_extras", "where")
 
 
-def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key):
+def _full_tensor(value, where: str, what: str) -> np.ndarray:
+    """A symmetric 3 x 3 tensor from 6 Voigt components (xx, yy, zz, yz, xz, xy) or 9 values."""
+    arr = _numeric(value)
+    if arr is None or arr.size not in (6, 9):
+        raise DataError(f"{where}: {what} must have 6 (Voigt) or 9 components, got {np.asarray(value).reshape(-1)[:12]}")
+    if arr.size == 9:
+        return arr.reshape(3, 3)
+    xx, yy, zz, yz, xz, xy = arr.reshape(6)
+    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+
+
+def _frame_stress(info, results, cell, stress_key, where) -> Optional[np.ndarray]:
+    """The frame's stress [3, 3] in the file's energy/length³ (see the module docstring), or None."""
+    for source in (info, results):
+        if stress_key in source:
+            return _full_tensor(source[stress_key], where, f"stress '{stress_key}'")
+    for source in (info, results):
+        if "virial" in source:
+            volume = abs(float(np.linalg.det(np.asarray(cell, dtype=np.float64))))
+            if not volume > 0:
+                raise DataError(f"{where}: a virial but no cell volume to turn it into a stress")
+            return -_full_tensor(source["virial"], where, "virial") / volume
+    return None
+
+
+def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress"):
     import ase.io
     from ase.io.formats import UnknownFileTypeError
     from tqdm.auto import tqdm
@@ -88,10 +118,11 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key):
                 frame.forces = results.get(forces_key)
             frame.group = _group(atoms.info, group_key, where)
             frame.theory = atoms.info.get("theory")
+            frame.stress = _frame_stress(atoms.info, results, frame.cell, stress_key, where)
             extras, atom_extras = {}, {}
             for key, value in list(atoms.info.items()) + [(k, v) for k, v in results.items() if k not in atoms.info]:
                 arr = _numeric(value)
-                if key in (energy_key, group_key, forces_key) or arr is None:
+                if key in (energy_key, group_key, forces_key, stress_key, "virial") or arr is None:
                     continue
                 if key in _PER_ATOM_RESULTS and key in results:
                     atom_extras[key] = arr
@@ -120,7 +151,7 @@ def _group(info, group_key, where):
     return str(info[group_key])
 
 
-def _iter_db_frames(path: Path, energy_key, forces_key, group_key):
+def _iter_db_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress"):
     from tqdm.auto import tqdm
 
     db = connect_db(path)
@@ -146,10 +177,12 @@ def _iter_db_frames(path: Path, energy_key, forces_key, group_key):
         frame.forces = forces if forces is not None else data.get(forces_key)
         frame.group = _group(row.key_value_pairs, group_key, where)
         frame.theory = row.key_value_pairs.get("theory")
+        results = {key: row.get(key) for key in (stress_key, "virial") if row.get(key) is not None}
+        frame.stress = _frame_stress(data, results, frame.cell, stress_key, where)
         frame.extras = {}
         for key, value in row.key_value_pairs.items():
             arr = _numeric(value)
-            if key not in (energy_key, group_key) and arr is not None:
+            if key not in (energy_key, group_key, stress_key, "virial") and arr is not None:
                 frame.extras[key] = arr.reshape(-1)
         frame.atom_extras = {}
         yield frame
@@ -157,17 +190,19 @@ def _iter_db_frames(path: Path, energy_key, forces_key, group_key):
 
 def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] = None,
              group_key: Optional[str] = None, energy_unit: Optional[str] = None,
-             length_unit: Optional[str] = None) -> Structures:
+             length_unit: Optional[str] = None, stress_key: Optional[str] = None) -> Structures:
     """Read every frame of an ASE-readable file (see the module docstring)."""
     path = Path(path)
     energy_key = energy_key or "energy"
     explicit_forces = forces_key is not None
     forces_key = forces_key or "forces"
+    explicit_stress = stress_key is not None
+    stress_key = stress_key or "stress"
     e, length, f = unit_factors(path, energy_unit, length_unit, "eV")
     if path.suffix == ".db":
-        frames = list(_iter_db_frames(path, energy_key, forces_key, group_key))
+        frames = list(_iter_db_frames(path, energy_key, forces_key, group_key, stress_key))
     else:
-        frames = list(_iter_atoms_frames(path, energy_key, forces_key, group_key))
+        frames = list(_iter_atoms_frames(path, energy_key, forces_key, group_key, stress_key))
     if not frames:
         raise DataError(f"{path}: contains no structures")
     with_forces = [fr.forces is not None for fr in frames]
@@ -176,6 +211,12 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
     if any(with_forces) and not all(with_forces):
         k = with_forces.index(False)
         raise DataError(f"{frames[k].where}: no forces '{forces_key}', although other frames have them")
+    with_stress = [fr.stress is not None for fr in frames]
+    if explicit_stress and not any(with_stress):
+        raise DataError(f"{path}: stress key '{stress_key}' (or a virial) not found in any frame")
+    if any(with_stress) and not all(with_stress):
+        k = with_stress.index(False)
+        raise DataError(f"{frames[k].where}: no stress '{stress_key}' (or virial), although other frames have one")
     # extras: keep the keys every frame has with one shape
     common = _common_keys([fr.extras for fr in frames])
     atom_common = _common_keys([fr.atom_extras for fr in frames], per_atom=True)
@@ -183,6 +224,8 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
                                forces_key=forces_key if any(with_forces) else None, group_key=group_key,
                                units_in={"energy": energy_unit or "eV", "length": length_unit or "Å"})
     builder.extra_units = {k: "as in file" for k in common + atom_common}
+    if all(with_stress):
+        builder.extra_units["stress"] = "eV/Å³"
     if isinstance(frames[0].theory, str):
         builder.metadata["theory"] = frames[0].theory
     for fr in frames:
@@ -192,6 +235,8 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
             raise DataError(f"{fr.where}: energy {fr.energy!r} is not a number") from None
         extras = {k: fr.extras[k].reshape(1, -1) if fr.extras[k].size > 1 else fr.extras[k].reshape(1)
                   for k in common}
+        if fr.stress is not None:
+            extras["stress"] = (fr.stress * (e / length ** 3)).reshape(1, 9)
         atom_extras = {k: fr.atom_extras[k] for k in atom_common}
         forces = None if fr.forces is None else np.asarray(fr.forces, dtype=np.float64) * f
         builder.add(fr.numbers, fr.positions * length, [energy * e], forces, cell=fr.cell * length, pbc=fr.pbc,

@@ -44,7 +44,7 @@ from torchmdx.data.structures import Structures
 from torchmdx.errors import DataError
 from torchmdx.io_utils import atomic_path, jsonable
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: stress of ASE files as a 3 x 3 extra in eV/Å³
 DEFAULT_CACHE_DIR = "data/cache"
 
 

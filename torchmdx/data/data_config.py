@@ -7,6 +7,7 @@ Example (all keys but ``path`` are optional)::
       format: ase              # md17 | rmd17 | md17-xyz | qm9 | ani1 | ani1x | ase | cache; guessed if absent
       energy_key: energy       # ASE info key / QM9 property / ANI-1x level (wb97x_dz.energy)
       forces_key: forces
+      stress_key: stress       # ASE info key / calculator result (Voigt or 3x3; a 'virial' is used when absent)
       group_key: polymer       # per-structure group label (ASE info key)
       cache_dir: data/cache
       train_size: 0.8          # int = count, float = fraction, null = the rest
@@ -46,6 +47,7 @@ class DataConfig:
     format: Optional[str] = None
     energy_key: Optional[str] = None
     forces_key: Optional[str] = None
+    stress_key: Optional[str] = None
     group_key: Optional[str] = None
     energy_unit: Optional[str] = None
     length_unit: Optional[str] = None
@@ -103,8 +105,8 @@ class DataConfig:
 
     def reader_options(self) -> dict:
         """Options for :func:`torchmdx.data.read_structures` / :func:`build_cache` (None = default)."""
-        return {"energy_key": self.energy_key, "forces_key": self.forces_key, "group_key": self.group_key,
-                "energy_unit": self.energy_unit, "length_unit": self.length_unit}
+        return {"energy_key": self.energy_key, "forces_key": self.forces_key, "stress_key": self.stress_key,
+                "group_key": self.group_key, "energy_unit": self.energy_unit, "length_unit": self.length_unit}
 
     @property
     def grouped(self) -> bool:

@@ -9,7 +9,7 @@ md17-xyz  MD17 plain xyz (comment line = energy)        energy_unit, length_unit
 qm9       xyz folder, tar(.gz/.bz2/.xz) or ASE db       energy_key (energy_U0), energy_unit (db)
 ani1      ANI-1 HDF5                                    energy_key (energies), energy_unit (Hartree)
 ani1x     ANI-1x HDF5                                   energy_key, forces_key, energy_unit (Hartree)
-ase       extxyz, ASE db, .traj, any ASE-readable file  energy_key, forces_key, group_key, units
+ase       extxyz, ASE db, .traj, any ASE-readable file  energy_key, forces_key, stress_key, group_key, units
 cache     a torchmdx HDF5 cache                         (none)
 ======== ============================================ ============================================
 """
@@ -30,12 +30,12 @@ FORMAT_OPTIONS = {
     "qm9": {"energy_key", "energy_unit"},
     "ani1": {"energy_key", "energy_unit"},
     "ani1x": {"energy_key", "forces_key", "energy_unit"},
-    "ase": {"energy_key", "forces_key", "group_key", "energy_unit", "length_unit"},
+    "ase": {"energy_key", "forces_key", "stress_key", "group_key", "energy_unit", "length_unit"},
     "cache": set(),
 }
 FORMATS = tuple(FORMAT_OPTIONS)
 #: every option a reader may take (the ``data:`` config keys of the same names)
-READER_OPTIONS = ("energy_key", "forces_key", "group_key", "energy_unit", "length_unit")
+READER_OPTIONS = ("energy_key", "forces_key", "stress_key", "group_key", "energy_unit", "length_unit")
 
 
 def _reader(fmt: str):

@@ -6,6 +6,8 @@ the training metrics)::
     energy MAE/RMSE            over structures, meV
     energy per atom MAE/RMSE   (E_pred − E_ref)/n_atoms over structures, meV/atom
     forces MAE/RMSE            over Cartesian force components, meV/Å
+    stress MAE/RMSE            over the 9 components of each periodic structure's stress, meV/Å³
+                               (data with a stress only)
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ def predict(model, dataset, indices: Optional[Sequence[int]] = None, batch_size:
     """Energies (eV) and forces (eV/Å) of ``dataset[indices]`` with ``model`` next to the references.
 
     Returns numpy arrays: ``energy_pred``/``energy_ref`` [B], ``n_atoms`` [B], ``forces_pred``/
-    ``forces_ref`` [N, 3] (None without reference forces), ``indices`` [B].
+    ``forces_ref`` [N, 3] (None without reference forces), ``stress_pred``/``stress_ref``
+    [B, 3, 3] eV/Å³ (None without reference stresses), ``indices`` [B].
     """
     from torchmdx.data.loader import batches_in_order
 
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
     has_forces = bool(getattr(dataset, "has_forces", True))
-    energy_pred, energy_ref, n_atoms, f_pred, f_ref = [], [], [], [], []
+    energy_pred, energy_ref, n_atoms, f_pred, f_ref, s_pred, s_ref = [], [], [], [], [], [], []
     batches = batches_in_order(dataset, idx, batch_size)
     if progress:
         from tqdm import tqdm
@@ -43,8 +46,12 @@ def predict(model, dataset, indices: Optional[Sequence[int]] = None, batch_size:
     dtype = next(model.parameters()).dtype
     for batch in batches:
         batch = batch.to(device)
+        has_stress = getattr(batch, "stress", None) is not None
         out = model(batch.z, batch.pos.to(dtype), batch.batch, batch.cell.to(dtype), batch.pbc, forces=has_forces,
-                    num_structures=int(batch.num_graphs))
+                    stress=has_stress, num_structures=int(batch.num_graphs))
+        if has_stress:
+            s_pred.append(out["stress"].detach().double().cpu().numpy())
+            s_ref.append(batch.stress.reshape(-1, 3, 3).double().cpu().numpy())
         energy_pred.append(out["energy"].detach().double().cpu().numpy())
         energy_ref.append(batch.energy.reshape(-1).double().cpu().numpy())
         n_atoms.append((batch.ptr[1:] - batch.ptr[:-1]).cpu().numpy())
@@ -60,6 +67,8 @@ def predict(model, dataset, indices: Optional[Sequence[int]] = None, batch_size:
         "n_atoms": np.concatenate(n_atoms),
         "forces_pred": np.concatenate(f_pred) if f_pred else None,
         "forces_ref": np.concatenate(f_ref) if f_ref else None,
+        "stress_pred": np.concatenate(s_pred) if s_pred else None,
+        "stress_ref": np.concatenate(s_ref) if s_ref else None,
     }
 
 
@@ -79,16 +88,23 @@ def error_metrics(predictions: dict) -> dict:
         df = predictions["forces_pred"] - predictions["forces_ref"]
         out["forces_mae"] = EV_TO_MEV * float(np.abs(df).mean())
         out["forces_rmse"] = EV_TO_MEV * float(np.sqrt((df ** 2).mean()))
+    if predictions.get("stress_ref") is not None:
+        ds = predictions["stress_pred"] - predictions["stress_ref"]
+        out["stress_mae"] = EV_TO_MEV * float(np.abs(ds).mean())
+        out["stress_rmse"] = EV_TO_MEV * float(np.sqrt((ds ** 2).mean()))
     return out
+
+
+#: (label, metric key, unit) of the error table's rows
+QUANTITIES = (("energy", "energy", "meV"), ("energy per atom", "energy_per_atom", "meV/atom"),
+              ("forces", "forces", "meV/Å"), ("stress", "stress", "meV/Å³"))
 
 
 def format_table(errors: dict, heading: str = "") -> str:
     """The error table as text."""
-    rows = [("energy", "energy", "meV"), ("energy per atom", "energy_per_atom", "meV/atom"),
-            ("forces", "forces", "meV/Å")]
     lines = [heading] if heading else []
     lines.append(f"{'quantity':<18}{'MAE':>12}{'RMSE':>12}  unit")
-    for label, key, unit in rows:
+    for label, key, unit in QUANTITIES:
         if f"{key}_mae" in errors:
             lines.append(f"{label:<18}{errors[f'{key}_mae']:>12.4f}{errors[f'{key}_rmse']:>12.4f}  {unit}")
     lines.append(f"({errors['n_structures']} structures, {errors['n_atoms']} atoms)")
@@ -106,7 +122,8 @@ def write_report(errors: dict, predictions: dict, out_dir, heading: str, info: d
     with atomic_write(paths["table"], "w") as handle:
         handle.write(table + "\n")
     with atomic_write(paths["json"], "w") as handle:
-        json.dump({"units": {"energy": "meV", "energy_per_atom": "meV/atom", "forces": "meV/Å"},
+        units = {key: unit for _, key, unit in QUANTITIES if f"{key}_mae" in errors}
+        json.dump({"units": units,
                    "metrics": errors, **info}, handle, indent=2)
     parity_plot(predictions, errors, paths["parity"], title=heading)
     return {k: str(v) for k, v in paths.items()} | {"text": table}

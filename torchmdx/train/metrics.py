@@ -6,11 +6,12 @@ Per structure b (n_b atoms) and force component (a, k)::
     energy MAE  = Σ_b |ΔE_b| / B              energy RMSE  = sqrt(Σ_b ΔE_b² / B)
     per-atom    = the same with ΔE_b / n_b
     force MAE   = Σ_ak |ΔF_ak| / (3N)         force RMSE   = sqrt(Σ_ak ΔF_ak² / (3N))
+    stress MAE  = Σ_bkl |Δσ_bkl| / (9B)       stress RMSE  = sqrt(Σ_bkl Δσ_bkl² / (9B))   (periodic data)
 
 (force errors over Cartesian components, as TorchMD-NET, MACE and NequIP report them).
 :class:`EpochErrors` keeps the sums in float64 as torchmetrics states with ``sum`` reduction,
 so under DDP :meth:`EpochErrors.compute` returns the errors over every rank's structures.
-Reported values are in meV, meV/atom and meV/Å.
+Reported values are in meV, meV/atom, meV/Å and meV/Å³.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def loss_terms(error: torch.Tensor, kind: str, huber_delta: float = 0.01) -> tor
 
 
 _STATES = ("n_structures", "energy_abs", "energy_sq", "energy_loss", "energy_pa_abs", "energy_pa_sq",
-           "n_components", "forces_abs", "forces_sq", "forces_loss")
+           "n_components", "forces_abs", "forces_sq", "forces_loss",
+           "n_stress", "stress_abs", "stress_sq", "stress_loss")
 
 
 class EpochErrors(torchmetrics.Metric):
@@ -62,8 +64,9 @@ class EpochErrors(torchmetrics.Metric):
         return out
 
     def update(self, energy_error: Optional[torch.Tensor], n_atoms: torch.Tensor,
-               force_error: Optional[torch.Tensor] = None) -> None:
-        """``energy_error`` [B] eV (or None), ``n_atoms`` [B], ``force_error`` [N, 3] eV/Å (or None)."""
+               force_error: Optional[torch.Tensor] = None, stress_error: Optional[torch.Tensor] = None) -> None:
+        """``energy_error`` [B] eV (or None), ``n_atoms`` [B], ``force_error`` [N, 3] eV/Å (or
+        None), ``stress_error`` [B, 3, 3] eV/Å³ (or None)."""
         if energy_error is not None:
             e = energy_error.detach().to(torch.float64)
             per_atom = e / n_atoms.to(torch.float64)
@@ -80,6 +83,12 @@ class EpochErrors(torchmetrics.Metric):
             self.forces_abs += f.abs().sum()
             self.forces_sq += (f * f).sum()
             self.forces_loss += loss_terms(f, self.loss_kind, self.huber_delta).sum()
+        if stress_error is not None:
+            st = stress_error.detach().to(torch.float64)
+            self.n_stress += st.numel()
+            self.stress_abs += st.abs().sum()
+            self.stress_sq += (st * st).sum()
+            self.stress_loss += loss_terms(st, self.loss_kind, self.huber_delta).sum()
 
     def compute(self) -> dict:
         """Errors in meV (energy), meV/atom, meV/Å, and the mean loss terms (eV², eV, ...).
@@ -97,18 +106,26 @@ class EpochErrors(torchmetrics.Metric):
             out["forces_mae"] = EV_TO_MEV * float(self.forces_abs) / m
             out["forces_rmse"] = EV_TO_MEV * (float(self.forces_sq) / m) ** 0.5
             out["forces_loss"] = float(self.forces_loss) / m
+        k = float(self.n_stress)
+        if k > 0:
+            out["stress_mae"] = EV_TO_MEV * float(self.stress_abs) / k
+            out["stress_rmse"] = EV_TO_MEV * (float(self.stress_sq) / k) ** 0.5
+            out["stress_loss"] = float(self.stress_loss) / k
         return out
 
     @property
     def empty(self) -> bool:
-        return float(self.n_structures) == 0 and float(self.n_components) == 0
+        return float(self.n_structures) == 0 and float(self.n_components) == 0 and float(self.n_stress) == 0
 
 
-def weighted_loss(errors: dict, energy_weight: float, force_weight: float) -> Optional[float]:
-    """energy_weight · mean energy loss + force_weight · mean force loss from :meth:`EpochErrors.compute`
-    (terms with zero weight are left out; None if a weighted term is missing)."""
+def weighted_loss(errors: dict, energy_weight: float, force_weight: float,
+                  stress_weight: float = 0.0) -> Optional[float]:
+    """energy_weight · mean energy loss + force_weight · mean force loss (+ stress_weight · mean
+    stress loss) from :meth:`EpochErrors.compute` (terms with zero weight are left out; None if a
+    weighted term is missing)."""
     total = 0.0
-    for weight, key in ((energy_weight, "energy_loss"), (force_weight, "forces_loss")):
+    for weight, key in ((energy_weight, "energy_loss"), (force_weight, "forces_loss"),
+                        (stress_weight, "stress_loss")):
         if weight > 0:
             if key not in errors:
                 return None

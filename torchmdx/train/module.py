@@ -1,14 +1,18 @@
 """``PotentialModule``: the LightningModule that trains a :class:`~torchmdx.nn.Potential`.
 
-Objective (eV, eV/Å; see :class:`torchmdx.train.config.TrainConfig`)::
+Objective (eV, eV/Å, eV/Å³; see :class:`torchmdx.train.config.TrainConfig`)::
 
     loss = energy_weight · mean_b L(ΔE_b) + force_weight · mean_{a,k} L(ΔF_ak)
+           + stress_weight · mean_{b,k,l} L(Δσ_bkl)
 
-with forces F = −∂E/∂pos by autograd (``create_graph=True`` during training, so the force
-loss is differentiated twice). Per epoch it logs for ``train`` and ``val`` (and ``test``):
-``<stage>_loss`` (the objective over the whole epoch), ``<stage>_energy_mae/_rmse`` (meV),
-``<stage>_energy_per_atom_mae/_rmse`` (meV/atom), ``<stage>_forces_mae/_rmse`` (meV/Å) and ``lr``;
-errors are exact over the epoch (:class:`torchmdx.train.metrics.EpochErrors`).
+with forces F = −∂E/∂pos and stress σ = (1/V) ∂E/∂ε (strain ε) by autograd
+(``create_graph=True`` during training, so the force and stress losses are differentiated
+twice). Per epoch it logs for ``train`` and ``val`` (and ``test``): ``<stage>_loss`` (the
+objective over the whole epoch), ``<stage>_energy_mae/_rmse`` (meV),
+``<stage>_energy_per_atom_mae/_rmse`` (meV/atom), ``<stage>_forces_mae/_rmse`` (meV/Å),
+``<stage>_stress_mae/_rmse`` (meV/Å³; data with a stress: validation and test always, training
+when stress_weight > 0) and ``lr``; errors are exact over the epoch
+(:class:`torchmdx.train.metrics.EpochErrors`).
 
 Schedule: AdamW; the learning rate is set before every optimiser step from the step count
 (linear warm-up, then cosine if chosen) and, for ``plateau``, reduced by a
@@ -79,13 +83,16 @@ def restore_rng_states(states: dict) -> None:
 
 
 def training_objective(cfg: TrainConfig, energy: torch.Tensor, forces: Optional[torch.Tensor],
-                       energy_ref: torch.Tensor, forces_ref: Optional[torch.Tensor], n_atoms: torch.Tensor):
-    """(loss, ΔE [B], ΔF [N, 3] or None) of predictions against references (eV, eV/Å)::
+                       energy_ref: torch.Tensor, forces_ref: Optional[torch.Tensor], n_atoms: torch.Tensor,
+                       stress: Optional[torch.Tensor] = None, stress_ref: Optional[torch.Tensor] = None):
+    """(loss, ΔE [B], ΔF [N, 3] or None) of predictions against references (eV, eV/Å, eV/Å³)::
 
         loss = energy_weight · mean_b L(ΔE_b [/ n_b]) + force_weight · mean_{a,k} L(ΔF_ak)
+               + stress_weight · mean_{b,k,l} L(Δσ_bkl)
 
-    ``forces`` None: no force term (energy-only training, or data without forces). The eager step
-    and the CUDA-graph step both use this function."""
+    ``forces`` None: no force term (energy-only training, or data without forces); ``stress``
+    [B, 3, 3] and ``stress_ref`` (any shape of B x 9 values) None: no stress term. The eager step
+    and the CUDA-graph step (which has no stress) both use this function."""
     energy_error = energy - energy_ref.reshape(-1).to(energy.dtype)
     force_error = forces - forces_ref.to(forces.dtype) if forces is not None and forces_ref is not None else None
     loss = energy_error.new_zeros(())
@@ -94,6 +101,9 @@ def training_objective(cfg: TrainConfig, energy: torch.Tensor, forces: Optional[
         loss = loss + cfg.energy_weight * loss_terms(target, cfg.loss, cfg.huber_delta).mean()
     if cfg.force_weight > 0 and force_error is not None:
         loss = loss + cfg.force_weight * loss_terms(force_error, cfg.loss, cfg.huber_delta).mean()
+    if cfg.stress_weight > 0 and stress is not None and stress_ref is not None:
+        stress_error = stress - stress_ref.reshape(stress.shape).to(stress.dtype)
+        loss = loss + cfg.stress_weight * loss_terms(stress_error, cfg.loss, cfg.huber_delta).mean()
     return loss, energy_error, force_error
 
 
@@ -137,29 +147,40 @@ class PotentialModule(L.LightningModule):
         self.cuda_graph_stats: Optional[dict] = None
 
     # ------------------------------------------------------------------ prediction and loss
-    def forward(self, batch, forces: bool = True, create_graph: bool = False) -> dict:
+    def forward(self, batch, forces: bool = True, create_graph: bool = False, stress: bool = False) -> dict:
         # num_graphs is a host int of the batch: the potential need not read B back from the device
         return self.model(batch.z, batch.pos, batch.batch, getattr(batch, "cell", None), getattr(batch, "pbc", None),
-                          forces=forces, create_graph=create_graph, num_structures=int(batch.num_graphs))
+                          forces=forces, stress=stress, create_graph=create_graph,
+                          num_structures=int(batch.num_graphs))
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         cfg = self.train_config
         has_forces = getattr(batch, "forces", None) is not None
+        has_stress = getattr(batch, "stress", None) is not None
         training = stage == "train"
         want_forces = has_forces and (cfg.train_forces or not training)
+        want_stress = has_stress and (cfg.train_stress or not training)
         if training and cfg.train_forces and not has_forces:
             from torchmdx.errors import DataError
 
             raise DataError("train.force_weight > 0 but the training data have no forces; set train.force_weight: 0")
-        out = self(batch, forces=want_forces, create_graph=training and want_forces)
+        if training and cfg.train_stress and not has_stress:
+            from torchmdx.errors import DataError
+
+            raise DataError("train.stress_weight > 0 but the training data have no stress (an ASE file's 'stress' "
+                            "or 'virial' per structure, data.stress_key); set train.stress_weight: 0")
+        out = self(batch, forces=want_forces, create_graph=training and (want_forces or want_stress),
+                   stress=want_stress)
         n_atoms = batch_counts(batch)
         loss, energy_error, force_error = training_objective(
             cfg, out["energy"], out["forces"] if want_forces else None, batch.energy,
-            batch.forces if want_forces else None, n_atoms)
+            batch.forces if want_forces else None, n_atoms,
+            out["stress"] if want_stress else None, batch.stress if want_stress else None)
+        stress_error = (out["stress"] - batch.stress.reshape(-1, 3, 3).to(out["stress"].dtype)) if want_stress else None
         # force-only training: the training weights' energies carry arbitrary per-element offsets
         # (only the validated weights get re-fitted references), so no training energy errors
         logged_energy = None if (training and cfg.energy_weight == 0) else energy_error
-        self.errors[f"{stage}_errors"].update(logged_energy, n_atoms, force_error)
+        self.errors[f"{stage}_errors"].update(logged_energy, n_atoms, force_error, stress_error)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -204,11 +225,12 @@ class PotentialModule(L.LightningModule):
         values = metric.compute()
         metric.reset()
         cfg = self.train_config
-        loss = weighted_loss(values, cfg.energy_weight, cfg.force_weight)
+        loss = weighted_loss(values, cfg.energy_weight, cfg.force_weight, cfg.stress_weight)
         logged = {}
         if loss is not None:
             logged[f"{stage}_loss"] = loss
-        for key in ("energy_mae", "energy_rmse", "energy_per_atom_mae", "energy_per_atom_rmse", "forces_mae", "forces_rmse"):
+        for key in ("energy_mae", "energy_rmse", "energy_per_atom_mae", "energy_per_atom_rmse", "forces_mae", "forces_rmse",
+                    "stress_mae", "stress_rmse"):
             if key in values:
                 logged[f"{stage}_{key}"] = values[key]
         for key, value in logged.items():
@@ -399,7 +421,9 @@ class PotentialModule(L.LightningModule):
         if self._graph_step is not None:
             from torchmdx.train.graphed import batch_shape
 
-            self._graphed_batch = self._graph_step.accepts(batch_shape(batch))
+            # the captured step has no stress term: batches with a stress target train eagerly
+            stress_target = self.train_config.train_stress and getattr(batch, "stress", None) is not None
+            self._graphed_batch = not stress_target and self._graph_step.accepts(batch_shape(batch))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         graph_step = self._graph_step

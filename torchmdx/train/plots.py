@@ -58,8 +58,9 @@ def _parity_panel(ax, reference, predicted, label, unit, mae, rmse):
 
 
 def parity_plot(predictions: dict, errors: dict, path, title: Optional[str] = None) -> Path:
-    """Predicted vs reference: energy per atom relative to the mean reference (eV/atom) and
-    force components (eV/Å), one panel each; the titles give MAE/RMSE (meV/atom, meV/Å)."""
+    """Predicted vs reference: energy per atom relative to the mean reference (eV/atom), force
+    components (eV/Å) and stress components (eV/Å³, when present), one panel each; the titles
+    give MAE/RMSE (meV/atom, meV/Å, meV/Å³)."""
     plt = _pyplot()
     panels = []
     n_atoms = predictions["n_atoms"].astype(float)
@@ -71,6 +72,9 @@ def parity_plot(predictions: dict, errors: dict, path, title: Optional[str] = No
     if predictions.get("forces_ref") is not None:
         panels.append(("force component", predictions["forces_ref"].ravel(), predictions["forces_pred"].ravel(), "eV/Å",
                        errors["forces_mae"], errors["forces_rmse"]))
+    if predictions.get("stress_ref") is not None:
+        panels.append(("stress component", predictions["stress_ref"].ravel(), predictions["stress_pred"].ravel(),
+                       "eV/Å³", errors["stress_mae"], errors["stress_rmse"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.0), squeeze=False)
     for ax, (label, ref, pred, unit, mae, rmse) in zip(axes[0], panels):
         _parity_panel(ax, ref, pred, label, unit, mae, rmse)
