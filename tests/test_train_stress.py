@@ -165,6 +165,10 @@ def test_training_with_stress_weight_lowers_the_stress_error(stress_data, tmp_pa
     assert with_stress["val_stress_mae"] < 0.7 * without["val_stress_mae"], (with_stress, without)
     first = history[min(history)]["val_stress_mae"]
     assert with_stress["val_stress_mae"] < first
+    from PIL import Image
+
+    curve = Image.open(tmp_path / "with" / "learning_curve.png").size  # force, energy, stress, lr panels
+    assert curve[0] > 4.5 * curve[1]
     out = tmp_path / "eval"
     assert main(["evaluate", str(tmp_path / "with" / "model.pt"), "--data", str(tmp_path / "with.yaml"),
                  "--run", str(tmp_path / "with"), "--out", str(out), "--threads", "1"]) == 0

@@ -103,10 +103,11 @@ def read_epoch_metrics(metrics_csv) -> dict[str, dict[int, float]]:
 
 
 def learning_curve(metrics_csv, path, title: Optional[str] = None) -> Optional[Path]:
-    """Train/val force and energy MAE (log scale) and the learning rate per epoch; None when the
-    log holds no epoch metrics yet."""
+    """Train/val force, energy and (when logged) stress MAE (log scale) and the learning rate per
+    epoch; None when the log holds no epoch metrics yet."""
     metrics = read_epoch_metrics(metrics_csv)
-    panels = [(q, unit) for q, unit in (("forces_mae", "meV/Å"), ("energy_mae", "meV"))
+    names = {"forces_mae": "force", "energy_mae": "energy", "stress_mae": "stress"}
+    panels = [(q, unit) for q, unit in (("forces_mae", "meV/Å"), ("energy_mae", "meV"), ("stress_mae", "meV/Å³"))
               if f"train_{q}" in metrics or f"val_{q}" in metrics]
     if not panels:
         return None
@@ -121,7 +122,7 @@ def learning_curve(metrics_csv, path, title: Optional[str] = None) -> Optional[P
                 ax.plot([e + 1 for e in epochs], [series[e] for e in epochs], style, ms=3, label=stage)
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{'force' if quantity.startswith('forces') else 'energy'} MAE ({unit})")
+        ax.set_ylabel(f"{names[quantity]} MAE ({unit})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     if has_lr:
