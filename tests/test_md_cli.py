@@ -285,7 +285,7 @@ def test_ase_engine_npt_equals_ase_langevin_baoab_with_its_own_lj(tmp_path, baro
     assert height > 1.1 * width
 
 
-def test_pressure_errors_are_one_line(tmp_path, lj_model, capsys):
+def test_pressure_and_ase_langevin_errors_are_one_line(tmp_path, lj_model, capsys):
     _, box, model = _argon_box(tmp_path)
     cluster = tmp_path / "ar13.xyz"
     write(cluster, Icosahedron("Ar", 2))
@@ -295,6 +295,8 @@ def test_pressure_errors_are_one_line(tmp_path, lj_model, capsys):
         ((cluster, "--model", lj_model, "--pressure", 1, "--engine", "ase", "--ensemble", "langevin"),
          "periodic in x, y and z"),
         ((box, "--model", model, "--pressure", 1, "--engine", "ase", "--barostat-tau", 0), "barostat_tau"),
+        ((box, "--model", model, "--pressure", 1, "--engine", "ase", "--ensemble", "langevin", "--friction", 0),
+         "'md.friction' must be > 0 1/ps for ASE's Langevin integrator"),
     ]
     for args, message in cases:
         capsys.readouterr()

@@ -749,8 +749,8 @@ def et_message(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, nu
     """Fused drop-in for :func:`torchmdx.kernels.message_ref.et_message` (same arguments;
     ``symmetric``: see :class:`FusedMessage`)."""
     return FusedMessage(symmetric)(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, num_heads,
-                          edge_mask=edge_mask, self_loop=self_loop, attn_activation=attn_activation,
-                          vector_cutoff=vector_cutoff)
+                                   edge_mask=edge_mask, self_loop=self_loop, attn_activation=attn_activation,
+                                   vector_cutoff=vector_cutoff)
 
 
 def et_message_filtered(q, k, v, vec, rbf, dk_weight, dk_bias, dv_weight, dv_bias, cutoff_weight, unit_vectors,
@@ -762,7 +762,8 @@ def et_message_filtered(q, k, v, vec, rbf, dk_weight, dk_bias, dv_weight, dv_bia
     and dv_bias [3F] (or None); ``filter_activation`` act_f. Other arguments as
     :func:`et_message`.
     """
-    return FusedMessage(symmetric).filtered(q, k, v, vec, rbf, dk_weight, dk_bias, dv_weight, dv_bias, cutoff_weight,
-                                   unit_vectors, edge_index, num_heads, filter_activation=filter_activation,
-                                   edge_mask=edge_mask, self_loop=self_loop, attn_activation=attn_activation,
-                                   vector_cutoff=vector_cutoff)
+    return FusedMessage(symmetric).filtered(q, k, v, vec, rbf, dk_weight, dk_bias, dv_weight, dv_bias,
+                                            cutoff_weight, unit_vectors, edge_index, num_heads,
+                                            filter_activation=filter_activation, edge_mask=edge_mask,
+                                            self_loop=self_loop, attn_activation=attn_activation,
+                                            vector_cutoff=vector_cutoff)

@@ -12,15 +12,16 @@ With a pressure P (bar), ``langevin`` is NPT and ``nve`` is NPH through the same
 ``LangevinBAOAB`` with its Langevin-Hoover barostat (Quigley and Probert 2004): external stress
 -P (eV/Å³; ASE's stress is the negative of the pressure and the barostat holds the mean stress
 including the kinetic part), ``P_tau = barostat_tau`` (the cell's mass is ASE's heuristic for
-that period), ``hydrostatic`` for the isotropic barostat (the cell keeps its shape). The thermo log then has the volume and density of each
-output step, the frames the cell of that step, and restart files the cell too (a continued run
-starts the cell's momentum at zero).
+that period), ``hydrostatic`` for the isotropic barostat (the cell keeps its shape). The thermo
+log then has the volume and density of each output step, the frames the cell of that step, and
+restart files the cell too (a continued run starts the cell's momentum at zero).
 
 One structure per run (the native engine batches). The conserved energy column is the total
 energy for nve, total minus ASE's ``transferred_energy`` for bussi, ASE's
-``get_conserved_energy()`` for nose-hoover, the total energy for langevin (ASE does not
-track the heat exchanged), and the enthalpy U + K + P V at constant pressure. Restart files hold positions, velocities and the step (not the
-integrator's internal state: a continued ASE run is not bit-for-bit).
+``get_conserved_energy()`` for nose-hoover, the total energy for langevin (ASE does not track
+the heat exchanged), and the enthalpy U + K + P V at constant pressure. Restart files hold
+positions, velocities and the step (not the integrator's internal state: a continued ASE run is
+not bit-for-bit).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def make_ase_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: f
     from ase import units as ase_units
 
     dt = timestep_fs * ase_units.fs
+    langevin = {}  # LangevinBAOAB's thermostat
+    if ensemble == "langevin":
+        if not friction_per_ps > 0:
+            raise ConfigError("the ASE Langevin integrator needs friction > 0 1/ps")
+        langevin = dict(temperature_K=temperature_K, T_tau=(1000.0 / friction_per_ps) * ase_units.fs)
     if pressure_bar is not None:
         from ase.md.langevinbaoab import LangevinBAOAB
 
@@ -55,16 +61,11 @@ def make_ase_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: f
             raise ConfigError(f"constant pressure works with the langevin or nve ensemble, not {ensemble}")
         if not bool(np.all(atoms.pbc)):
             raise ConfigError(f"constant pressure needs a structure periodic in x, y and z, got pbc={list(atoms.pbc)}")
-        thermostat = {}
-        if ensemble == "langevin":
-            if not friction_per_ps > 0:
-                raise ConfigError("the ASE Langevin integrator needs friction > 0 1/ps")
-            thermostat = dict(temperature_K=temperature_K, T_tau=(1000.0 / friction_per_ps) * ase_units.fs)
         with warnings.catch_warnings():  # "Using heuristic P_mass ...": the documented choice (from P_tau)
             warnings.filterwarnings("ignore", message="Using heuristic P_mass")
             return LangevinBAOAB(atoms, timestep=dt, externalstress=-float(pressure_bar) / units.EV_PER_A3_TO_BAR,
                                  hydrostatic=barostat == "isotropic", P_tau=barostat_tau_fs * ase_units.fs,
-                                 rng=np.random.default_rng(seed), **thermostat)
+                                 rng=np.random.default_rng(seed), **langevin)
     if ensemble == "nve":
         from ase.md.verlet import VelocityVerlet
 
@@ -72,10 +73,7 @@ def make_ase_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: f
     if ensemble == "langevin":
         from ase.md.langevinbaoab import LangevinBAOAB
 
-        if not friction_per_ps > 0:
-            raise ConfigError("the ASE Langevin integrator needs friction > 0 1/ps")
-        return LangevinBAOAB(atoms, timestep=dt, temperature_K=temperature_K,
-                             T_tau=(1000.0 / friction_per_ps) * ase_units.fs, rng=np.random.default_rng(seed))
+        return LangevinBAOAB(atoms, timestep=dt, rng=np.random.default_rng(seed), **langevin)
     if ensemble == "bussi":
         from ase.md.bussi import Bussi
 

@@ -127,8 +127,8 @@ class MDConfig:
                 bad("pressure", "needs --engine ase: the native engine has no barostat yet (constant volume only)")
             if self.ensemble not in ("langevin", "nve"):
                 bad("pressure", f"works with the langevin (NPT) or nve (NPH) ensemble, not {self.ensemble}")
-            if self.ensemble == "langevin" and not self.friction > 0:
-                bad("friction", "must be > 0 1/ps for NPT with the langevin ensemble")
+        if self.engine == "ase" and self.ensemble == "langevin" and not self.friction > 0:
+            bad("friction", "must be > 0 1/ps for ASE's Langevin integrator")
         if not self.barostat_tau > 0:
             bad("barostat_tau", f"must be > 0 fs, got {self.barostat_tau}")
         if self.every < 1:
