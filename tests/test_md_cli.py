@@ -285,13 +285,49 @@ def test_ase_engine_npt_equals_ase_langevin_baoab_with_its_own_lj(tmp_path, baro
     assert height > 1.1 * width
 
 
+@pytest.mark.parametrize("barostat", ["isotropic", "anisotropic"])
+def test_mtk_npt_conserves_its_energy_and_equals_ase(tmp_path, barostat):
+    """--ensemble nose-hoover --pressure: ASE's MTK NPT on the torchmdx calculator. Its conserved
+    energy (thermostat, barostat, P V) holds while the volume moves, which needs the stress to
+    be the true strain derivative of the energy; the same run with ASE's own LJ agrees."""
+    from ase.md.nose_hoover_chain import MTKNPT, IsotropicMTKNPT
+
+    from torchmdx.md.system import System
+
+    crystal, structure, model = _argon_box(tmp_path)
+    common = ["--model", model, "--engine", "ase", "--ensemble", "nose-hoover", "--tau", 200, "--pressure", 5000,
+              "--barostat-tau", 500, "--barostat", barostat, "--steps", 200, "--every", 20, "--dt", 5,
+              "--temperature", 60, "--dtype", "float64", "--seed", 5]
+    assert _md(tmp_path, structure, *common, "--out", tmp_path / "mtk.extxyz") == 0
+    rows = read_thermo(tmp_path / "mtk.csv")
+    volumes = np.array([r["volume_A3"] for r in rows])
+    conserved = np.array([r["conserved_eV"] for r in rows])
+    kinetic = np.array([r["kinetic_eV"] for r in rows])
+    assert np.ptp(volumes) > 0.01 * volumes[0]  # the cell moves
+    # (what drift there is comes from the force jump of the energy-shifted LJ at its cutoff and
+    # 5 fs steps: ASE's own run below has the same conserved energy)
+    assert np.ptp(conserved) < 0.05 * np.ptp(kinetic)
+
+    atoms = crystal.copy()
+    system = System.from_atoms([atoms], "cpu", torch.float64)
+    atoms.set_velocities(system.maxwell_boltzmann(60.0, torch.Generator().manual_seed(5)).numpy())
+    atoms.calc = AseLennardJones(epsilon=EPS, sigma=SIG, rc=7.0, smooth=False)
+    integrator = IsotropicMTKNPT if barostat == "isotropic" else MTKNPT
+    dyn = integrator(atoms, timestep=5 * ase_units.fs, temperature_K=60, pressure_au=5000 * 1e5 * ase_units.Pascal,
+                     tdamp=200 * ase_units.fs, pdamp=500 * ase_units.fs, tchain=3)
+    dyn.run(200)
+    assert volumes[-1] == pytest.approx(atoms.get_volume(), rel=1e-8)
+    assert conserved[-1] == pytest.approx(dyn.get_conserved_energy(), abs=1e-8)
+
+
 def test_pressure_and_ase_langevin_errors_are_one_line(tmp_path, lj_model, capsys):
     _, box, model = _argon_box(tmp_path)
     cluster = tmp_path / "ar13.xyz"
     write(cluster, Icosahedron("Ar", 2))
     cases = [
         ((box, "--model", model, "--pressure", 1), "needs --engine ase"),
-        ((box, "--model", model, "--pressure", 1, "--engine", "ase", "--ensemble", "bussi"), "langevin (NPT) or nve"),
+        ((box, "--model", model, "--pressure", 1, "--engine", "ase", "--ensemble", "bussi"),
+         "langevin or nose-hoover (NPT) or nve"),
         ((cluster, "--model", lj_model, "--pressure", 1, "--engine", "ase", "--ensemble", "langevin"),
          "periodic in x, y and z"),
         ((box, "--model", model, "--pressure", 1, "--engine", "ase", "--barostat-tau", 0), "barostat_tau"),

@@ -25,7 +25,7 @@ _OPTIONS = {
     "--friction": dict(type=float, help="Langevin friction in 1/ps (default 1)"),
     "--tau": dict(type=float, help="Bussi / Nosé-Hoover time constant in fs (default 100)"),
     "--chain-length": dict(type=int, dest="chain_length", help="Nosé-Hoover chain length (default 3)"),
-    "--pressure": dict(type=float, help="constant pressure in bar (NPT with langevin, NPH with nve; periodic "
+    "--pressure": dict(type=float, help="constant pressure in bar (NPT with langevin or nose-hoover, NPH with nve; periodic "
                                         "structures, --engine ase); default: constant volume"),
     "--barostat-tau": dict(type=float, dest="barostat_tau", help="barostat time constant in fs (default 1000)"),
     "--barostat": dict(choices=["isotropic", "anisotropic"],

@@ -12,14 +12,18 @@ With a pressure P (bar), ``langevin`` is NPT and ``nve`` is NPH through the same
 ``LangevinBAOAB`` with its Langevin-Hoover barostat (Quigley and Probert 2004): external stress
 -P (eV/Å³; ASE's stress is the negative of the pressure and the barostat holds the mean stress
 including the kinetic part), ``P_tau = barostat_tau`` (the cell's mass is ASE's heuristic for
-that period), ``hydrostatic`` for the isotropic barostat (the cell keeps its shape). The thermo
-log then has the volume and density of each output step, the frames the cell of that step, and
-restart files the cell too (a continued run starts the cell's momentum at zero).
+that period), ``hydrostatic`` for the isotropic barostat (the cell keeps its shape).
+``nose-hoover`` is the deterministic Martyna-Tobias-Klein NPT (``IsotropicMTKNPT``, or
+``MTKNPT`` for the anisotropic barostat: tdamp = tau, pdamp = barostat_tau, tchain =
+chain_length), whose conserved energy ASE gives. The thermo log then has the volume and density
+of each output step, the frames the cell of that step, and restart files the cell too (a
+continued run starts the barostat's momentum at zero).
 
 One structure per run (the native engine batches). The conserved energy column is the total
 energy for nve, total minus ASE's ``transferred_energy`` for bussi, ASE's
-``get_conserved_energy()`` for nose-hoover, the total energy for langevin (ASE does not track
-the heat exchanged), and the enthalpy U + K + P V at constant pressure. Restart files hold
+``get_conserved_energy()`` for nose-hoover (NVT and NPT), the total energy for langevin (ASE does
+not track the heat exchanged), and the enthalpy U + K + P V for langevin and nve at constant
+pressure. Restart files hold
 positions, velocities and the step (not the integrator's internal state: a continued ASE run is
 not bit-for-bit).
 """
@@ -57,10 +61,17 @@ def make_ase_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: f
     if pressure_bar is not None:
         from ase.md.langevinbaoab import LangevinBAOAB
 
-        if ensemble not in ("langevin", "nve"):
-            raise ConfigError(f"constant pressure works with the langevin or nve ensemble, not {ensemble}")
+        if ensemble not in ("langevin", "nve", "nose-hoover"):
+            raise ConfigError(f"constant pressure works with the langevin, nose-hoover or nve ensemble, not {ensemble}")
         if not bool(np.all(atoms.pbc)):
             raise ConfigError(f"constant pressure needs a structure periodic in x, y and z, got pbc={list(atoms.pbc)}")
+        if ensemble == "nose-hoover":
+            from ase.md.nose_hoover_chain import MTKNPT, IsotropicMTKNPT
+
+            integrator = IsotropicMTKNPT if barostat == "isotropic" else MTKNPT
+            return integrator(atoms, timestep=dt, temperature_K=temperature_K,
+                              pressure_au=float(pressure_bar) / units.EV_PER_A3_TO_BAR, tdamp=tau_fs * ase_units.fs,
+                              pdamp=barostat_tau_fs * ase_units.fs, tchain=chain_length)
         with warnings.catch_warnings():  # "Using heuristic P_mass ...": the documented choice (from P_tau)
             warnings.filterwarnings("ignore", message="Using heuristic P_mass")
             return LangevinBAOAB(atoms, timestep=dt, externalstress=-float(pressure_bar) / units.EV_PER_A3_TO_BAR,
@@ -167,12 +178,12 @@ def run_ase(
     periodic = bool(np.all(atoms.pbc))
 
     def conserved(total):
+        if ensemble == "nose-hoover":  # MTK NPT too: thermostat, barostat and P V included
+            return dyn.get_conserved_energy()
         if pressure_bar is not None:  # the enthalpy U + K + P V (the cell's own kinetic energy is not included)
             return total + float(pressure_bar) / units.EV_PER_A3_TO_BAR * atoms.get_volume()
         if ensemble == "bussi":
             return total - dyn.transferred_energy
-        if ensemble == "nose-hoover":
-            return dyn.get_conserved_energy()
         return total
 
     def observe(step) -> Observation:

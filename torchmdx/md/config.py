@@ -31,9 +31,9 @@ class MDConfig:
     friction         Langevin friction γ (1/ps)
     tau              Bussi / Nosé–Hoover time constant (fs)
     chain_length     Nosé–Hoover chain length
-    pressure         constant pressure (bar): NPT with ``langevin`` (NPH with ``nve``), periodic
-                     structures, ``--engine ase`` (ASE's LangevinBAOAB with its Langevin-Hoover
-                     barostat); None (default): constant volume
+    pressure         constant pressure (bar): NPT with ``langevin`` (ASE's LangevinBAOAB and its
+                     Langevin-Hoover barostat) or ``nose-hoover`` (ASE's MTK NPT), NPH with
+                     ``nve``; periodic structures, ``--engine ase``; None (default): constant volume
     barostat_tau     barostat time constant (fs): the cell's fluctuation period and friction time
     barostat         isotropic (the cell keeps its shape, its volume changes) | anisotropic (all
                      six cell degrees of freedom)
@@ -125,8 +125,8 @@ class MDConfig:
         if self.pressure is not None:
             if self.engine != "ase":
                 bad("pressure", "needs --engine ase: the native engine has no barostat yet (constant volume only)")
-            if self.ensemble not in ("langevin", "nve"):
-                bad("pressure", f"works with the langevin (NPT) or nve (NPH) ensemble, not {self.ensemble}")
+            if self.ensemble not in ("langevin", "nose-hoover", "nve"):
+                bad("pressure", f"works with the langevin or nose-hoover (NPT) or nve (NPH) ensemble, not {self.ensemble}")
         if self.engine == "ase" and self.ensemble == "langevin" and not self.friction > 0:
             bad("friction", "must be > 0 1/ps for ASE's Langevin integrator")
         if not self.barostat_tau > 0:
