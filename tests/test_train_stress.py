@@ -6,9 +6,10 @@ calculator (energies, forces, stress), read from extended XYZ.
   without one is a one-line error;
 - objective: the parameter gradient of the stress loss (a double backward through the strain
   derivative) equals a central finite difference of the loss, float64;
-- end to end: a run with stress_weight > 0 logs val/test stress errors and ends with a lower
-  validation stress error than the same seeded run without the stress term; ``torchmdx
-  evaluate`` reports the stress row and a stress parity panel.
+- end to end (with two isolated atoms without a stress in the data): a run with stress_weight
+  > 0 logs val/test stress errors and has a lower validation stress error over its epochs than
+  the same seeded run without the stress term; ``torchmdx evaluate`` reports the stress row and
+  a stress parity panel.
 """
 
 import numpy as np
@@ -42,11 +43,22 @@ def argon_frames(count=60, seed=0):
     return frames
 
 
+def isolated_atom():
+    """One argon atom in vacuum (energy 0, no cell, no stress): the reference-energy frames
+    that periodic datasets carry."""
+    from ase import Atoms
+
+    atom = Atoms("Ar", positions=[[0.0, 0.0, 0.0]])
+    atom.calc = SinglePointCalculator(atom, energy=0.0, forces=np.zeros((1, 3)))
+    return atom
+
+
 @pytest.fixture(scope="module")
 def stress_data(tmp_path_factory):
+    """60 labelled boxes, then two isolated atoms (no stress)."""
     path = tmp_path_factory.mktemp("stress") / "argon_lj.extxyz"
     frames = argon_frames()
-    write(path, frames)
+    write(path, frames + [isolated_atom(), isolated_atom()])
     return path, frames
 
 
@@ -60,12 +72,14 @@ def test_reader_gives_the_stress_tensor_in_ev_per_cubic_angstrom(stress_data, tm
     data = read_structures(path)
     stress = np.asarray(data.extras["stress"]).reshape(-1, 3, 3)
     expected = np.stack([_full(a.get_stress()) for a in frames])
-    np.testing.assert_allclose(stress, expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(stress[:60], expected, rtol=1e-12, atol=1e-15)
+    assert np.isnan(stress[60:]).all()  # the isolated atoms have none
     assert data.extra_units["stress"] == "eV/Å³"
     # the same numbers declared as kcal/mol and Bohr: stress x (kcal/mol in eV) / (Bohr in Å)³
     scaled = read_structures(path, energy_unit="kcal/mol", length_unit="bohr")
     factor = 0.04336410390059322 / 0.5291772105638411 ** 3
-    np.testing.assert_allclose(np.asarray(scaled.extras["stress"]).reshape(-1, 3, 3), expected * factor, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(scaled.extras["stress"]).reshape(-1, 3, 3)[:60], expected * factor,
+                               rtol=1e-12)
     # a virial instead of a stress: sigma = -W / V
     virial_frames = []
     for atoms in frames[:5]:
@@ -78,11 +92,11 @@ def test_reader_gives_the_stress_tensor_in_ev_per_cubic_angstrom(stress_data, tm
     write(tmp_path / "virial.extxyz", virial_frames)
     from_virial = read_structures(tmp_path / "virial.extxyz")
     np.testing.assert_allclose(np.asarray(from_virial.extras["stress"]).reshape(-1, 3, 3), expected[:5], rtol=1e-10)
-    # a frame without a stress, others with one
+    # a periodic frame without a stress, others with one
     mixed = [frames[0], virial_frames[1].copy()]
     del mixed[1].info["virial"]
     write(tmp_path / "mixed.extxyz", mixed)
-    with pytest.raises(DataError, match=r"frame 1: no stress 'stress' \(or virial\), although other frames"):
+    with pytest.raises(DataError, match=r"frame 1: no stress key 'stress' \(or a virial\), although other frames have one"):
         read_structures(tmp_path / "mixed.extxyz")
     with pytest.raises(DataError, match="stress key 'sigma'"):
         read_structures(path, stress_key="sigma")
@@ -90,7 +104,8 @@ def test_reader_gives_the_stress_tensor_in_ev_per_cubic_angstrom(stress_data, tm
 
 def test_stress_loss_gradient_equals_finite_difference(stress_data):
     """d(stress loss)/dθ by autograd (create_graph through σ = (1/V) ∂E/∂ε) vs a central
-    difference of the loss in one weight, float64."""
+    difference of the loss in one weight, float64; the batch also holds an isolated atom
+    (no stress: NaN reference, NaN prediction) which must add nothing, and no NaN."""
     from torchmdx.nn.atoms import atoms_inputs
     from torchmdx.nn.potential import ETPotential
     from torchmdx.train.config import TrainConfig
@@ -99,10 +114,13 @@ def test_stress_loss_gradient_equals_finite_difference(stress_data):
     _, frames = stress_data
     model = ETPotential({"embedding_dimension": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8,
                          "cutoff_upper": 4.5, "dtype": "float64", "seed": 2, "backend": "torch"})
-    inputs = atoms_inputs(frames[:3], torch.device("cpu"), torch.float64)
-    reference = torch.tensor(np.stack([_full(a.get_stress()) for a in frames[:3]]))
+    batch = frames[:3] + [isolated_atom()]
+    inputs = atoms_inputs(batch, torch.device("cpu"), torch.float64)
+    reference = torch.tensor(np.stack([_full(a.get_stress()) for a in frames[:3]] + [np.full((3, 3), np.nan)]))
     cfg = TrainConfig(energy_weight=0.0, force_weight=0.0, stress_weight=1.0)
-    counts = torch.tensor([len(a) for a in frames[:3]])
+    counts = torch.tensor([len(a) for a in batch])
+    out = model(**inputs, forces=False, stress=True)
+    assert torch.isnan(out["stress"][3]).all() and torch.isfinite(out["stress"][:3]).all()
 
     def loss(create_graph):
         out = model(**inputs, forces=False, stress=True, create_graph=create_graph)
@@ -111,6 +129,7 @@ def test_stress_loss_gradient_equals_finite_difference(stress_data):
 
     weight = model.representation.layers[0].dv_proj.weight
     (grad,) = torch.autograd.grad(loss(True), [weight])
+    assert torch.isfinite(grad).all()
     h = 1e-5
     for index in [(0, 0), (5, 3), (40, 7)]:
         with torch.no_grad():
@@ -155,16 +174,20 @@ def _last_epoch(run_dir):
 
 def test_training_with_stress_weight_lowers_the_stress_error(stress_data, tmp_path, capsys):
     path, _ = stress_data
-    for weight, run in ((1.0e4, "with"), (0.0, "without")):
+    for weight, run in ((3.0e4, "with"), (0.0, "without")):
         assert main(["train", str(_config(tmp_path, path, weight, run)), "--run-dir", str(tmp_path / run)]) == 0
     with_stress, history = _last_epoch(tmp_path / "with")
-    without, _ = _last_epoch(tmp_path / "without")
+    without, history_without = _last_epoch(tmp_path / "without")
     # validation logs the stress error either way (the data have a stress); training only with the weight
     assert "val_stress_mae" in with_stress and "val_stress_mae" in without
     assert "train_stress_mae" in with_stress and "train_stress_mae" not in without
-    assert with_stress["val_stress_mae"] < 0.7 * without["val_stress_mae"], (with_stress, without)
-    first = history[min(history)]["val_stress_mae"]
-    assert with_stress["val_stress_mae"] < first
+    # the stress error also falls without the term (the energy surface improves), later: compare
+    # the whole learning curves and the last epoch
+    curve = np.mean([row["val_stress_mae"] for row in history.values()])
+    curve_without = np.mean([row["val_stress_mae"] for row in history_without.values()])
+    assert curve < 0.75 * curve_without, (curve, curve_without)
+    assert with_stress["val_stress_mae"] < without["val_stress_mae"]
+    assert with_stress["val_stress_mae"] < 0.5 * history[min(history)]["val_stress_mae"]
     from PIL import Image
 
     curve = Image.open(tmp_path / "with" / "learning_curve.png").size  # force, energy, stress, lr panels

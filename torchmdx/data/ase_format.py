@@ -12,7 +12,9 @@ Per structure:
   calculator's result (default key ``stress``: ASE's sign, σ = (1/V) ∂E/∂ε, positive under
   tension), as 6 Voigt components (xx, yy, zz, yz, xz, xy) or 9 (a 3 x 3 matrix); without it,
   a ``virial`` W (energy; 6 or 9 values) gives σ = −W / V. Stored as the per-structure extra
-  ``stress`` [9] (the 3 x 3 matrix, row-major) in eV/Å³; in some frames only is an error.
+  ``stress`` [9] (the 3 x 3 matrix, row-major) in eV/Å³. Frames that are not periodic may lack
+  it (isolated atoms or molecules for reference energies: NaN, no stress term for them); a
+  periodic frame without one, when others have one, is an error.
 - further numeric ``info`` entries (and calculator results) present in every frame become
   per-structure extras, numeric per-atom arrays per-atom extras, kept as in the file.
 
@@ -75,16 +77,19 @@ def _full_tensor(value, where: str, what: str) -> np.ndarray:
 
 def _frame_stress(info, results, cell, stress_key, where) -> Optional[np.ndarray]:
     """The frame's stress [3, 3] in the file's energy/length³ (see the module docstring), or None."""
+    stress = None
     for source in (info, results):
-        if stress_key in source:
-            return _full_tensor(source[stress_key], where, f"stress '{stress_key}'")
+        if stress is None and stress_key in source:
+            stress = _full_tensor(source[stress_key], where, f"stress '{stress_key}'")
     for source in (info, results):
-        if "virial" in source:
+        if stress is None and "virial" in source:
             volume = abs(float(np.linalg.det(np.asarray(cell, dtype=np.float64))))
             if not volume > 0:
                 raise DataError(f"{where}: a virial but no cell volume to turn it into a stress")
-            return -_full_tensor(source["virial"], where, "virial") / volume
-    return None
+            stress = -_full_tensor(source["virial"], where, "virial") / volume
+    if stress is not None and not np.isfinite(stress).all():
+        raise DataError(f"{where}: non-finite stress {stress.ravel().tolist()}")
+    return stress
 
 
 def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress"):
@@ -205,18 +210,12 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
         frames = list(_iter_atoms_frames(path, energy_key, forces_key, group_key, stress_key))
     if not frames:
         raise DataError(f"{path}: contains no structures")
-    with_forces = [fr.forces is not None for fr in frames]
-    if explicit_forces and not any(with_forces):
-        raise DataError(f"{path}: forces key '{forces_key}' not found in any frame")
-    if any(with_forces) and not all(with_forces):
-        k = with_forces.index(False)
-        raise DataError(f"{frames[k].where}: no forces '{forces_key}', although other frames have them")
-    with_stress = [fr.stress is not None for fr in frames]
-    if explicit_stress and not any(with_stress):
-        raise DataError(f"{path}: stress key '{stress_key}' (or a virial) not found in any frame")
-    if any(with_stress) and not all(with_stress):
-        k = with_stress.index(False)
-        raise DataError(f"{frames[k].where}: no stress '{stress_key}' (or virial), although other frames have one")
+    with_forces = _in_all_or_none(path, frames, "forces", f"forces key '{forces_key}'", explicit_forces)
+    # frames that are not periodic (isolated atoms for reference energies) may lack a stress: NaN
+    for fr in frames:
+        if fr.stress is None and not np.any(fr.pbc) and any(f.stress is not None for f in frames):
+            fr.stress = np.full((3, 3), np.nan)
+    with_stress = _in_all_or_none(path, frames, "stress", f"stress key '{stress_key}' (or a virial)", explicit_stress)
     # extras: keep the keys every frame has with one shape
     common = _common_keys([fr.extras for fr in frames])
     atom_common = _common_keys([fr.atom_extras for fr in frames], per_atom=True)
@@ -224,7 +223,7 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
                                forces_key=forces_key if any(with_forces) else None, group_key=group_key,
                                units_in={"energy": energy_unit or "eV", "length": length_unit or "Å"})
     builder.extra_units = {k: "as in file" for k in common + atom_common}
-    if all(with_stress):
+    if any(with_stress):
         builder.extra_units["stress"] = "eV/Å³"
     if isinstance(frames[0].theory, str):
         builder.metadata["theory"] = frames[0].theory
@@ -242,6 +241,18 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
         builder.add(fr.numbers, fr.positions * length, [energy * e], forces, cell=fr.cell * length, pbc=fr.pbc,
                     group=fr.group, extras=extras, atom_extras=atom_extras, where=fr.where)
     return builder.build()
+
+
+def _in_all_or_none(path, frames, attribute: str, what: str, explicit: bool) -> list:
+    """Which frames have ``attribute`` (forces, stress): all or none, and some if the key was
+    given explicitly; otherwise a one-line DataError naming the first frame without it."""
+    present = [getattr(fr, attribute) is not None for fr in frames]
+    if explicit and not any(present):
+        raise DataError(f"{path}: {what} not found in any frame")
+    if any(present) and not all(present):
+        k = present.index(False)
+        raise DataError(f"{frames[k].where}: no {what}, although other frames have one")
+    return present
 
 
 def _common_keys(dicts, per_atom=False):

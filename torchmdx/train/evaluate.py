@@ -89,9 +89,11 @@ def error_metrics(predictions: dict) -> dict:
         out["forces_mae"] = EV_TO_MEV * float(np.abs(df).mean())
         out["forces_rmse"] = EV_TO_MEV * float(np.sqrt((df ** 2).mean()))
     if predictions.get("stress_ref") is not None:
-        ds = predictions["stress_pred"] - predictions["stress_ref"]
-        out["stress_mae"] = EV_TO_MEV * float(np.abs(ds).mean())
-        out["stress_rmse"] = EV_TO_MEV * float(np.sqrt((ds ** 2).mean()))
+        known = np.isfinite(predictions["stress_ref"])  # structures without a stress are NaN
+        ds = (predictions["stress_pred"] - predictions["stress_ref"])[known]
+        if ds.size:
+            out["stress_mae"] = EV_TO_MEV * float(np.abs(ds).mean())
+            out["stress_rmse"] = EV_TO_MEV * float(np.sqrt((ds ** 2).mean()))
     return out
 
 

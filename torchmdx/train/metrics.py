@@ -66,7 +66,7 @@ class EpochErrors(torchmetrics.Metric):
     def update(self, energy_error: Optional[torch.Tensor], n_atoms: torch.Tensor,
                force_error: Optional[torch.Tensor] = None, stress_error: Optional[torch.Tensor] = None) -> None:
         """``energy_error`` [B] eV (or None), ``n_atoms`` [B], ``force_error`` [N, 3] eV/Å (or
-        None), ``stress_error`` [B, 3, 3] eV/Å³ (or None)."""
+        None), ``stress_error`` eV/Å³, any shape: the stress components with a reference (or None)."""
         if energy_error is not None:
             e = energy_error.detach().to(torch.float64)
             per_atom = e / n_atoms.to(torch.float64)

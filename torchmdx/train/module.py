@@ -102,9 +102,19 @@ def training_objective(cfg: TrainConfig, energy: torch.Tensor, forces: Optional[
     if cfg.force_weight > 0 and force_error is not None:
         loss = loss + cfg.force_weight * loss_terms(force_error, cfg.loss, cfg.huber_delta).mean()
     if cfg.stress_weight > 0 and stress is not None and stress_ref is not None:
-        stress_error = stress - stress_ref.reshape(stress.shape).to(stress.dtype)
-        loss = loss + cfg.stress_weight * loss_terms(stress_error, cfg.loss, cfg.huber_delta).mean()
+        stress_error, known = masked_stress_error(stress, stress_ref)
+        terms = loss_terms(stress_error, cfg.loss, cfg.huber_delta)
+        loss = loss + cfg.stress_weight * terms.sum() / known.sum().clamp(min=1)
     return loss, energy_error, force_error
+
+
+def masked_stress_error(stress: torch.Tensor, stress_ref: torch.Tensor):
+    """(Δσ [B, 3, 3] with 0 where the reference is unknown, known [B, 3, 3] bool): structures
+    without a stress (NaN references: isolated atoms of a periodic dataset) add nothing, and no
+    NaN reaches the gradient."""
+    ref = stress_ref.reshape(stress.shape).to(stress.dtype)
+    known = torch.isfinite(ref)
+    return torch.where(known, stress - torch.where(known, ref, torch.zeros_like(ref)), torch.zeros_like(ref)), known
 
 
 def batch_counts(batch) -> torch.Tensor:
@@ -176,7 +186,10 @@ class PotentialModule(L.LightningModule):
             cfg, out["energy"], out["forces"] if want_forces else None, batch.energy,
             batch.forces if want_forces else None, n_atoms,
             out["stress"] if want_stress else None, batch.stress if want_stress else None)
-        stress_error = (out["stress"] - batch.stress.reshape(-1, 3, 3).to(out["stress"].dtype)) if want_stress else None
+        stress_error = None
+        if want_stress:
+            error, known = masked_stress_error(out["stress"], batch.stress)
+            stress_error = error[known]  # the components with a reference
         # force-only training: the training weights' energies carry arbitrary per-element offsets
         # (only the validated weights get re-fitted references), so no training energy errors
         logged_energy = None if (training and cfg.energy_weight == 0) else energy_error

@@ -72,8 +72,9 @@ def parity_plot(predictions: dict, errors: dict, path, title: Optional[str] = No
     if predictions.get("forces_ref") is not None:
         panels.append(("force component", predictions["forces_ref"].ravel(), predictions["forces_pred"].ravel(), "eV/Å",
                        errors["forces_mae"], errors["forces_rmse"]))
-    if predictions.get("stress_ref") is not None:
-        panels.append(("stress component", predictions["stress_ref"].ravel(), predictions["stress_pred"].ravel(),
+    if predictions.get("stress_ref") is not None and "stress_mae" in errors:
+        known = np.isfinite(predictions["stress_ref"])
+        panels.append(("stress component", predictions["stress_ref"][known], predictions["stress_pred"][known],
                        "eV/Å³", errors["stress_mae"], errors["stress_rmse"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.0), squeeze=False)
     for ax, (label, ref, pred, unit, mae, rmse) in zip(axes[0], panels):
