@@ -164,7 +164,7 @@ class Potential(torch.nn.Module):
         """Return ``{"energy": [B], "forces": [N, 3], "stress": [B, 3, 3], "energies": [N]}``.
 
         energy in eV, forces eV/Å, stress eV/Å³ (when asked; needs a cell; NaN for a structure
-        of a batch that has no periodic direction).
+        of the batch whose cell has no volume).
         ``create_graph=True`` keeps the graph of the forces for training on them.
         ``num_structures``: B, when the caller knows it (a PyG batch's ``num_graphs``), so that it
         is not read back from the device as batch.max() + 1; structures without atoms get energy 0.
@@ -221,10 +221,9 @@ class Potential(torch.nn.Module):
                 if stress:
                     g = grads[-1] if grads[-1] is not None else torch.zeros_like(cell)
                     volume = torch.linalg.det(cell).abs()
-                    # a structure without a periodic direction (in a mixed batch) has no stress:
-                    # NaN, by a constant, so that no 0/0 reaches the gradient
-                    has_stress = volume > 0 if pbc is None else pbc.any(-1) & (volume > 0)
-                    has_stress = has_stress.view(-1, 1, 1)
+                    # a structure whose cell has no volume (an isolated atom of a mixed batch) has
+                    # no stress: NaN, by a constant, so that no 0/0 reaches the gradient
+                    has_stress = (volume > 0).view(-1, 1, 1)
                     safe = torch.where(has_stress, volume.view(-1, 1, 1), torch.ones_like(g))
                     out["stress"] = torch.where(has_stress, g / safe, torch.full_like(g, float("nan")))
         return out
