@@ -40,6 +40,8 @@ def loss_terms(error: torch.Tensor, kind: str, huber_delta: float = 0.01) -> tor
 _STATES = ("n_structures", "energy_abs", "energy_sq", "energy_loss", "energy_pa_abs", "energy_pa_sq",
            "n_components", "forces_abs", "forces_sq", "forces_loss",
            "n_stress", "stress_abs", "stress_sq", "stress_loss")
+#: (count state, state prefix) of the per-component errors: force and stress components
+_COMPONENTS = (("n_components", "forces"), ("n_stress", "stress"))
 
 
 class EpochErrors(torchmetrics.Metric):
@@ -77,18 +79,14 @@ class EpochErrors(torchmetrics.Metric):
             self.energy_pa_sq += (per_atom * per_atom).sum()
             target = per_atom if self.energy_loss_mode == "per_atom" else e
             self.energy_loss += loss_terms(target, self.loss_kind, self.huber_delta).sum()
-        if force_error is not None:
-            f = force_error.detach().to(torch.float64)
-            self.n_components += f.numel()
-            self.forces_abs += f.abs().sum()
-            self.forces_sq += (f * f).sum()
-            self.forces_loss += loss_terms(f, self.loss_kind, self.huber_delta).sum()
-        if stress_error is not None:
-            st = stress_error.detach().to(torch.float64)
-            self.n_stress += st.numel()
-            self.stress_abs += st.abs().sum()
-            self.stress_sq += (st * st).sum()
-            self.stress_loss += loss_terms(st, self.loss_kind, self.huber_delta).sum()
+        for (count, name), error in zip(_COMPONENTS, (force_error, stress_error)):
+            if error is not None:
+                x = error.detach().to(torch.float64)
+                setattr(self, count, getattr(self, count) + x.numel())
+                setattr(self, f"{name}_abs", getattr(self, f"{name}_abs") + x.abs().sum())
+                setattr(self, f"{name}_sq", getattr(self, f"{name}_sq") + (x * x).sum())
+                setattr(self, f"{name}_loss", getattr(self, f"{name}_loss")
+                        + loss_terms(x, self.loss_kind, self.huber_delta).sum())
 
     def compute(self) -> dict:
         """Errors in meV (energy), meV/atom, meV/Å, and the mean loss terms (eV², eV, ...).
@@ -101,16 +99,12 @@ class EpochErrors(torchmetrics.Metric):
             out["energy_per_atom_mae"] = EV_TO_MEV * float(self.energy_pa_abs) / n
             out["energy_per_atom_rmse"] = EV_TO_MEV * (float(self.energy_pa_sq) / n) ** 0.5
             out["energy_loss"] = float(self.energy_loss) / n
-        m = float(self.n_components)
-        if m > 0:
-            out["forces_mae"] = EV_TO_MEV * float(self.forces_abs) / m
-            out["forces_rmse"] = EV_TO_MEV * (float(self.forces_sq) / m) ** 0.5
-            out["forces_loss"] = float(self.forces_loss) / m
-        k = float(self.n_stress)
-        if k > 0:
-            out["stress_mae"] = EV_TO_MEV * float(self.stress_abs) / k
-            out["stress_rmse"] = EV_TO_MEV * (float(self.stress_sq) / k) ** 0.5
-            out["stress_loss"] = float(self.stress_loss) / k
+        for count, name in _COMPONENTS:
+            m = float(getattr(self, count))
+            if m > 0:
+                out[f"{name}_mae"] = EV_TO_MEV * float(getattr(self, f"{name}_abs")) / m
+                out[f"{name}_rmse"] = EV_TO_MEV * (float(getattr(self, f"{name}_sq")) / m) ** 0.5
+                out[f"{name}_loss"] = float(getattr(self, f"{name}_loss")) / m
         return out
 
     @property
