@@ -217,3 +217,16 @@ def test_stress_weight_without_stress_data_is_one_line_error(tmp_path, shared_da
     assert main(["train", str(path), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.stress_weight > 0 but the training data have no stress" in err[0], err
+
+
+def test_data_cli_stress_key_reaches_the_reader(stress_data, tmp_path, capsys):
+    import json
+
+    path, _ = stress_data
+    capsys.readouterr()
+    assert main(["data", "info", str(path), "--json", "--cache-dir", str(tmp_path / "c")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "stress" in json.dumps(info)
+    assert main(["data", "info", str(path), "--stress-key", "sigma", "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stress key 'sigma' (or a virial) not found in any frame" in err[0], err
