@@ -25,6 +25,14 @@ Example (all keys but ``path`` are optional)::
       atomref: fit             # fit (least squares on train) | dataset (published, QM9) | none
       mmap: false              # memory-map per-atom arrays instead of loading them
       loader: fast             # fast (BatchLoader: gathers whole batches) | pyg (torch_geometric DataLoader)
+      device_resident: auto    # captured training: keep the training split on the GPU (auto: when it fits)
+
+``device_resident`` matters for captured training (``train.cuda_graph: true``), whose training
+batches are packed to a few fixed sizes (:mod:`torchmdx.data.packing`): ``auto`` keeps the
+training split on the GPU and assembles batches there when one process trains on one GPU, the
+data are not periodic and the split takes at most :data:`DEVICE_RESIDENT_FRACTION` of the free
+GPU memory (else the host loader, with one line saying why); ``true`` asks for it (on the CPU
+too: the same code path, for tests); ``false`` keeps the host loader.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ from typing import Literal, Optional, Union
 from torchmdx.errors import ConfigError
 
 SizeT = Union[int, float, None]
+
+#: ``device_resident: auto`` keeps a training split on the GPU up to this fraction of free memory
+DEVICE_RESIDENT_FRACTION = 0.25
 
 #: largest useful ``max_z``: atomic numbers 0 .. 118 (oganesson)
 MAX_Z_LIMIT = 119
@@ -68,6 +79,7 @@ class DataConfig:
     atomref: Literal["fit", "dataset", "none"] = "fit"
     mmap: bool = False
     loader: Literal["fast", "pyg"] = "fast"
+    device_resident: Union[bool, Literal["auto"]] = "auto"
 
     def validate(self, section: str = "data") -> None:
         from torchmdx.data.formats import FORMATS

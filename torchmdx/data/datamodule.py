@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import lightning as L
+import numpy as np
 import torch
 from torch_geometric.loader import DataLoader
 
@@ -32,9 +33,13 @@ from torchmdx.errors import DataError
 
 SPLIT_FILE_NAME = "splits.npz"
 
-# BatchLoader is an IterableDataset with an exact __len__ (it shards itself over workers and ranks);
-# Lightning's generic caution about such datasets does not apply.
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
+def _say(line: str) -> None:
+    """One line to the user (rank 0 of a DDP run)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(line, flush=True)
 
 
 class TorchmdxDataModule(L.LightningDataModule):
@@ -50,8 +55,15 @@ class TorchmdxDataModule(L.LightningDataModule):
     ``split_path`` (where the split was saved or read).
     """
 
-    def __init__(self, config: Union[DataConfig, Mapping], run_dir=None, max_z: Optional[int] = None):
+    def __init__(self, config: Union[DataConfig, Mapping], run_dir=None, max_z: Optional[int] = None,
+                 pack_training: bool = False):
         super().__init__()
+        #: training batches packed to a few fixed sizes (captured training; :mod:`torchmdx.data.packing`)
+        self.pack_training = bool(pack_training)
+        #: their atom capacities, once the training loader is made (empty: not packed)
+        self.training_buckets: list[int] = []
+        #: where the training batches are assembled: "device", "host" (packed) or None (PyG batches)
+        self.training_batches: Optional[str] = None
         if not isinstance(config, DataConfig):
             config = from_dict(DataConfig, config, "data")
         self.config = config
@@ -181,7 +193,65 @@ class TorchmdxDataModule(L.LightningDataModule):
                           sampler=sampler, num_workers=workers, persistent_workers=workers > 0, drop_last=False)
 
     def train_dataloader(self):
+        self.training_buckets, self.training_batches = [], None
+        if self.pack_training:
+            packed = self._packed_train_loader()
+            if packed is not None:
+                return packed
         return self._loader("train", self.config.batch_size, shuffle=True, pad_ranks=True)
+
+    def _packed_train_loader(self):
+        """Packed training batches (:mod:`torchmdx.data.packing`) from the device or the host
+        (``device_resident``), or None for plain PyG batches, with one line saying why."""
+        from torchmdx.data.data_config import DEVICE_RESIDENT_FRACTION
+        from torchmdx.data.packing import DeviceBatchLoader, atom_buckets
+
+        cfg = self.config
+        indices = self.split["train"]
+        if len(indices) == 0:
+            return None
+        st = self.dataset.structures
+        if np.asarray(st.pbc)[indices].any():
+            _say(f"{cfg.path}: periodic structures: training batches are not packed (captured steps take "
+                 "molecules; these batches train eagerly)")
+            return None
+        if self.config.loader != "fast" or self.dataset.transform is not None:
+            _say(f"{cfg.path}: data.loader '{cfg.loader}': training batches are not packed")
+            return None
+        counts = self.dataset._counts[indices]
+        self.training_buckets = atom_buckets(counts, cfg.batch_size, seed=cfg.seed)
+        pad_z = int(min(self.dataset.elements))
+        device, world = self._training_device()
+        wanted = cfg.device_resident
+        reason = None
+        if wanted is False:
+            reason = None
+        elif world > 1:
+            reason = f"{world} processes (DDP) share the data"
+        elif device.type != "cuda" and wanted == "auto":
+            reason = f"training on {device.type}"
+        elif device.type == "cuda":
+            need = DeviceBatchLoader.nbytes(self.dataset, indices)
+            free, _ = torch.cuda.mem_get_info(device)
+            if need > DEVICE_RESIDENT_FRACTION * free:
+                reason = (f"the training split needs {need / 2**20:.0f} MiB, more than "
+                          f"{DEVICE_RESIDENT_FRACTION:.0%} of the {free / 2**20:.0f} MiB free on {device}")
+        if wanted is not False and reason is None:
+            self.training_batches = "device"
+            return DeviceBatchLoader(self.dataset, indices, cfg.batch_size, self.training_buckets, pad_z, device)
+        if wanted is True and reason is not None:
+            _say(f"data.device_resident: {reason}; training batches come from the host loader")
+        self.training_batches = "host"
+        return BatchLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, indices=indices,
+                           num_workers=cfg.num_workers, pad_ranks=True,
+                           pack={"buckets": self.training_buckets, "pad_z": pad_z})
+
+    def _training_device(self) -> tuple[torch.device, int]:
+        """(the device the trainer trains on, its number of processes); the CPU without a trainer."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return torch.device("cpu"), 1
+        return torch.device(trainer.strategy.root_device), int(trainer.world_size)
 
     def val_dataloader(self):
         return self._loader("val", self.config.inference_batch_size or self.config.batch_size, shuffle=False,

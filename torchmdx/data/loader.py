@@ -77,10 +77,11 @@ def batches_in_order(dataset, indices, batch_size: int):
 
 class _BatchStream(IterableDataset):
     def __init__(self, dataset, indices: np.ndarray, batch_size: int, shuffle: bool, drop_last: bool,
-                 pad_ranks: bool = True):
+                 pad_ranks: bool = True, pack: Optional[dict] = None):
         self.dataset, self.indices = dataset, indices
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.pad_ranks = pad_ranks
+        self.pack = pack
         self.seed, self.rank, self.world = 0, 0, 1
 
     def _n_batches(self) -> int:
@@ -122,7 +123,12 @@ class _BatchStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for j, indices in enumerate(self.batches()):
             if j % workers == worker:
-                yield self.dataset.collate(indices)
+                batch = self.dataset.collate(indices)
+                if self.pack is not None:
+                    from torchmdx.data.packing import pack_pyg_batch
+
+                    batch = pack_pyg_batch(batch, self.pack["buckets"], self.batch_size, self.pack["pad_z"])
+                yield batch
 
 
 class BatchLoader(TorchDataLoader):
@@ -136,15 +142,17 @@ class BatchLoader(TorchDataLoader):
             structure once over all ranks, batch counts may differ by one (evaluation).
         num_workers, pin_memory: passed to ``torch.utils.data.DataLoader`` (workers are started
             per epoch, so they see the epoch's order).
+        pack: ``{"buckets": [...], "pad_z": int}``: yield :class:`~torchmdx.data.packing.PackedBatch`
+            objects padded to those atom capacities (captured training) instead of PyG batches.
     """
 
     def __init__(self, dataset, batch_size: int = 32, shuffle: bool = False, drop_last: bool = False,
                  indices=None, generator: Optional[torch.Generator] = None, num_workers: int = 0,
-                 pin_memory: bool = False, pad_ranks: bool = True, **_ignored):
+                 pin_memory: bool = False, pad_ranks: bool = True, pack: Optional[dict] = None, **_ignored):
         base, base_indices = split_base(dataset)
         if indices is not None:
             base_indices = base_indices[np.asarray(indices, dtype=np.int64)]
-        self._stream = _BatchStream(base, base_indices, int(batch_size), shuffle, drop_last, pad_ranks)
+        self._stream = _BatchStream(base, base_indices, int(batch_size), shuffle, drop_last, pad_ranks, pack)
         self._shuffle_generator = generator
         super().__init__(self._stream, batch_size=None, collate_fn=_identity, num_workers=num_workers,
                          pin_memory=pin_memory)

@@ -13,6 +13,11 @@ Lightning's callback swaps the averaged weights in for validation, saves them as
 model when training ends; resuming restores both. Only parameters are averaged
 (``use_buffers=False``): the buffers of a potential are its energy normalisation, which is fixed
 before training (or re-fitted on the averaged model, see :class:`torchmdx.train.PotentialModule`).
+
+A captured training step (:class:`torchmdx.train.graphed.GraphedTrainStep`) applies the same
+update inside its CUDA graph (:func:`ema_update`, a few foreach kernels instead of Lightning's
+per-parameter loop and its two host reads of the update count); the module then calls
+:meth:`EMA.updated_elsewhere` so that the callback does not average that step a second time.
 """
 
 from __future__ import annotations
@@ -43,6 +48,29 @@ class _EMAStep:
         return averaged + (current - averaged) * (1 - d)
 
 
+def ema_update(averaged: list, current: list, num_averaged: torch.Tensor, decay: float,
+               skip: Optional[torch.Tensor] = None, averaged_buffers: Optional[list] = None,
+               buffers: Optional[list] = None) -> None:
+    """θ_ema ← θ_ema + (θ − θ_ema) w in place, w = 1 for the first update (n = 0: a copy), else
+    1 − d_n; then n += 1. ``skip`` (0-d bool, e.g. a step the optimiser skipped): nothing changes.
+    Buffers are copied (``use_buffers=False``). Device work only: capturable in a CUDA graph."""
+    first = num_averaged == 0
+    weight = torch.where(first, torch.ones_like(first, dtype=torch.float64), 1.0 - warmed_up_decay(decay, num_averaged))
+    if skip is not None:
+        weight = torch.where(skip, torch.zeros_like(weight), weight)
+    step = torch._foreach_sub([c.detach() for c in current], [a.detach() for a in averaged])
+    by_dtype: dict = {}
+    for tensor in step:
+        if tensor.dtype not in by_dtype:
+            by_dtype[tensor.dtype] = weight.to(tensor.dtype)
+        tensor.mul_(by_dtype[tensor.dtype])
+    torch._foreach_add_([a.detach() for a in averaged], step)
+    if buffers:
+        torch._foreach_copy_([b.detach() for b in averaged_buffers], [b.detach() for b in buffers])
+    increment = torch.ones_like(num_averaged) if skip is None else (~skip).to(num_averaged.dtype)
+    num_averaged.add_(increment)
+
+
 class EMA(WeightAveraging):
     """EMA of the parameters, updated after every optimiser step (see the module docstring)."""
 
@@ -52,8 +80,21 @@ class EMA(WeightAveraging):
         self.decay = float(decay)
         super().__init__(device=device, use_buffers=False, avg_fn=_EMAStep(self.decay))
 
+    _updated_elsewhere = False
+
     def should_update(self, step_idx: Optional[int] = None, epoch_idx: Optional[int] = None) -> bool:
         return step_idx is not None
+
+    def updated_elsewhere(self) -> None:
+        """The current optimiser step has already updated the average (a captured step)."""
+        self._updated_elsewhere = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._updated_elsewhere:
+            self._updated_elsewhere = False
+            self._latest_update_step = trainer.global_step
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @property
     def average_model(self):

@@ -55,9 +55,18 @@ hyper-parameters (betas, eps, weight decay) are fixed at capture; changing them,
 parameter, gradient or optimiser-state tensor (``optimizer.load_state_dict``), is detected
 before the next replay and recaptures.
 
-Outside the graph: the weight EMA (Lightning callback, after the step), metrics, logging, the
-learning-rate schedule, validation. Nothing in a replay reads from the device; the host reads
-:attr:`GraphedTrainStep.status` only in :meth:`GraphedTrainStep.check`.
+Packed batches (:class:`torchmdx.data.packing.PackedBatch`): molecules of different sizes are
+padded to a few atom capacities (size buckets), so datasets like QM9 or ANI-1x replay a handful
+of graphs instead of one per batch shape; the step takes the batch's ``n_atoms`` and the
+padding weights (``structure_weight``, ``atom_weight``) as static inputs too, and the objective
+leaves the padding out of the loss.
+
+Inside the graph as well (given ``ema`` and ``error_sums``): the weight EMA after the AdamW step
+(:func:`torchmdx.train.ema.ema_update`, skipped with the step on overflow) and the epoch's
+error sums (:attr:`GraphedTrainStep.sums`, float64 on the device, read once per epoch by
+:meth:`GraphedTrainStep.take_sums`). Outside: logging, the learning-rate schedule, validation.
+Nothing in a replay reads from the device; the host reads :attr:`GraphedTrainStep.status` only
+in :meth:`GraphedTrainStep.check`.
 """
 
 from __future__ import annotations
@@ -105,6 +114,12 @@ def shape_from_counts(counts, periodic: bool = False) -> BatchShape:
     counts = [int(n) for n in counts]
     return BatchShape(atoms=sum(counts), structures=len(counts), pair_bound=sum(n * (n - 1) for n in counts),
                       periodic=bool(periodic))
+
+
+def packed_shape(packed) -> BatchShape:
+    """:class:`BatchShape` of a :class:`~torchmdx.data.packing.PackedBatch` (host fields only):
+    its capacities, and the pair bound of its real structures."""
+    return BatchShape(atoms=packed.atom_capacity, structures=packed.num_structures, pair_bound=packed.pair_bound)
 
 
 def batch_shape(batch) -> BatchShape:
@@ -177,6 +192,12 @@ class GraphedTrainStep:
             graph (:class:`torchmdx.nn.traced.TracedForces` with ``training=True``: forward,
             forces and their parameter gradients as fused inductor kernels) instead of the
             model's eager autograd; the eager warm-up steps at other capacities stay eager.
+        capture: capture CUDA graphs on a GPU (False: the same step, eagerly, everywhere).
+        error_sums: ``(energy_error, n_atoms, force_error, structure_weight, atom_weight) ->
+            float64 vector``, accumulated in :attr:`sums` by every step (None: no sums).
+        ema: the weight average updated after every step, ``{"averaged": [...], "current":
+            [...], "averaged_buffers": [...], "buffers": [...], "num_averaged": tensor,
+            "decay": float}`` (:func:`torchmdx.train.ema.ema_update`); None: no EMA here.
 
     On a CPU model nothing is captured: :meth:`step` runs the same step eagerly (tests use this).
     """
@@ -184,7 +205,8 @@ class GraphedTrainStep:
     def __init__(self, model, optimizer, objective: Callable, *, forces: bool = True,
                  clip_value: Optional[float] = None, clip_algorithm: str = "norm",
                  pair_headroom: Optional[float] = None, warmup_steps: int = 2, max_shapes: int = 4,
-                 traced: bool = False):
+                 traced: bool = False, capture: bool = True, error_sums: Optional[Callable] = None,
+                 ema: Optional[dict] = None):
         if pair_headroom is not None and not pair_headroom >= 1.0:
             raise ValueError(f"pair_headroom must be >= 1 or None, got {pair_headroom}")
         self.model = model
@@ -203,8 +225,18 @@ class GraphedTrainStep:
             self.traced = TracedForces(model, training=True)
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device = self._params[0].device
-        self.enabled = self.device.type == "cuda" and torch.cuda.is_available()
-        self.disabled_reason: Optional[str] = None if self.enabled else f"the model is on {self.device.type}"
+        self.enabled = bool(capture) and self.device.type == "cuda" and torch.cuda.is_available()
+        self.disabled_reason: Optional[str] = None if self.enabled else (
+            f"the model is on {self.device.type}" if capture else "capture is off")
+        self.error_sums = error_sums
+        self.ema = ema
+        #: the error sums of the steps since the last :meth:`take_sums` (float64, on the device;
+        #: allocated here, outside any capture, so that the graphs add to this one tensor)
+        self.sums: Optional[torch.Tensor] = None
+        if error_sums is not None:
+            from torchmdx.train.metrics import SUM_STATES
+
+            self.sums = torch.zeros(len(SUM_STATES), dtype=torch.float64, device=self.device)
         self.notes: list[str] = []
         self.stats = {"captures": 0, "replays": 0, "eager_steps": 0, "redone": 0, "skipped": 0, "lost": 0}
         self._graphs: "OrderedDict[tuple, _ShapeGraph]" = OrderedDict()
@@ -254,14 +286,11 @@ class GraphedTrainStep:
             return False
         return True
 
-    def _graph_for(self, shape: BatchShape, z, pos, batch, energy, forces) -> _ShapeGraph:
+    def _graph_for(self, shape: BatchShape, given: dict) -> _ShapeGraph:
         key = (shape.atoms, shape.structures)
         graph = self._graphs.get(key)
         if graph is None or (self.enabled and self.disabled_reason is not None):
-            inputs = {"z": torch.empty_like(z), "pos": torch.empty_like(pos), "batch": torch.empty_like(batch),
-                      "energy": torch.empty_like(energy.reshape(-1))}
-            if forces is not None:
-                inputs["forces"] = torch.empty_like(forces)
+            inputs = {name: torch.empty_like(value) for name, value in given.items()}
             # capacity 0 with pair_headroom: chosen at capture from the pairs of the eager steps
             capacity = round_capacity(shape.pair_bound) if self.pair_headroom is None else 0
             graph = _ShapeGraph(key, inputs, capacity, shape.pair_bound)
@@ -282,26 +311,33 @@ class GraphedTrainStep:
         graph.eager_steps = min(graph.eager_steps, eager_steps)
 
     # ------------------------------------------------------------------ the step
-    def step(self, z, pos, batch, energy, forces=None, shape: Optional[BatchShape] = None) -> StepOutputs:
+    def step(self, z, pos, batch, energy, forces=None, shape: Optional[BatchShape] = None, *,
+             n_atoms: Optional[torch.Tensor] = None, structure_weight: Optional[torch.Tensor] = None,
+             atom_weight: Optional[torch.Tensor] = None) -> StepOutputs:
         """One optimiser step on this batch (eager warm-up, capture + replay, or replay).
 
         z [N] long, pos [N, 3] (Å), batch [N] long (sorted), energy [B] (eV), forces [N, 3] (eV/Å,
         needed when training on forces); ``shape`` from :func:`batch_shape` (else computed here
-        from ``batch``, one host read)."""
+        from ``batch``, one host read). A packed batch also gives ``n_atoms`` [B] and the padding
+        weights ``structure_weight`` [B], ``atom_weight`` [N] (:func:`packed_shape` its shape)."""
         if self.forces and forces is None:
             raise ValueError("GraphedTrainStep(forces=True) needs reference forces")
         if shape is None:
             counts = torch.zeros(int(energy.shape[0]), dtype=torch.long, device=batch.device)
             counts.index_add_(0, batch, torch.ones_like(batch))
             shape = shape_from_counts(counts.tolist())
-        graph = self._graph_for(shape, z, pos, batch, energy, forces if self.forces else None)
+        given = {"z": z, "pos": pos, "batch": batch, "energy": energy.reshape(-1)}
+        if self.forces:
+            given["forces"] = forces
+        for name, value in (("n_atoms", n_atoms), ("structure_weight", structure_weight), ("atom_weight", atom_weight)):
+            if value is not None:
+                given[name] = value
+        graph = self._graph_for(shape, given)
         inputs = graph.inputs
-        inputs["z"].copy_(z)
-        inputs["pos"].copy_(pos)
-        inputs["batch"].copy_(batch)
-        inputs["energy"].copy_(energy.reshape(inputs["energy"].shape))
-        if "forces" in inputs:
-            inputs["forces"].copy_(forces)
+        if set(inputs) != set(given):
+            raise ValueError(f"a batch with inputs {sorted(given)} for a graph of {sorted(inputs)}")
+        for name, value in given.items():
+            inputs[name].copy_(value)
         self._last = graph
         self._last_bound = shape.pair_bound
         if not self.enabled or self.disabled_reason is not None:
@@ -402,13 +438,26 @@ class GraphedTrainStep:
         if out is None:
             out = self.model(inputs["z"], pos, batch, neighbors=neighbors, forces=self.forces,
                              create_graph=self.forces, num_structures=structures)
-        n_atoms = torch.zeros(structures, dtype=torch.long, device=pos.device).index_add_(0, batch, torch.ones_like(batch))
+        n_atoms = inputs.get("n_atoms")
+        if n_atoms is None:
+            n_atoms = torch.zeros(structures, dtype=torch.long, device=pos.device).index_add_(0, batch, torch.ones_like(batch))
+        weights = {name: inputs[name] for name in ("structure_weight", "atom_weight") if name in inputs}
         loss, energy_error, force_error = self.objective(out["energy"], out.get("forces"), inputs["energy"],
-                                                         inputs.get("forces"), n_atoms)
+                                                         inputs.get("forces"), n_atoms, **weights)
         loss.backward()
         self._clip()
         overflow = neighbors.overflow.reshape(())
         self._optimizer_step(overflow)
+        if self.ema is not None:
+            from torchmdx.train.ema import ema_update
+
+            ema = self.ema
+            ema_update(ema["averaged"], ema["current"], ema["num_averaged"], ema["decay"], skip=overflow,
+                       averaged_buffers=ema.get("averaged_buffers"), buffers=ema.get("buffers"))
+        if self.error_sums is not None:
+            sums = self.error_sums(energy_error, n_atoms, force_error, weights.get("structure_weight"),
+                                   weights.get("atom_weight"))
+            self.sums.add_(torch.where(overflow, torch.zeros_like(sums), sums))
         found = neighbors.num_pairs.reshape(()).long()
         flag = overflow.long()
         self.status.copy_(torch.stack([self.status[0] + flag, flag, torch.maximum(self.status[2], found)]))
@@ -522,6 +571,14 @@ class GraphedTrainStep:
             what = "skipped (weights unchanged)" if self.guarded else "trained on a truncated neighbor list"
             self._note(f"{lost} step(s) overflowed the neighbor capacity and were {what}; capacity grown to {needed} pairs")
         return dict(self.stats)
+
+    def take_sums(self) -> Optional[torch.Tensor]:
+        """The error sums accumulated since the last call (a copy; the accumulator restarts at 0)."""
+        if self.sums is None:
+            return None
+        taken = self.sums.clone()
+        self.sums.zero_()
+        return taken
 
     def release(self) -> None:
         """Drop every captured graph and static buffer (their GPU memory goes back to the allocator)."""

@@ -37,6 +37,44 @@ def loss_terms(error: torch.Tensor, kind: str, huber_delta: float = 0.01) -> tor
     raise ValueError(f"unknown loss {kind!r}")
 
 
+#: the energy and force states, in the order of :func:`error_sums`
+SUM_STATES = ("n_structures", "energy_abs", "energy_sq", "energy_loss", "energy_pa_abs", "energy_pa_sq",
+              "n_components", "forces_abs", "forces_sq", "forces_loss")
+
+
+def error_sums(energy_error: Optional[torch.Tensor], n_atoms: torch.Tensor, force_error: Optional[torch.Tensor],
+               loss: str = "mse", huber_delta: float = 0.01, energy_loss: str = "per_structure",
+               structure_weight: Optional[torch.Tensor] = None,
+               atom_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The energy and force error sums of one batch as a float64 vector (:data:`SUM_STATES`):
+    counts, Σ|ΔE|, ΣΔE², Σ loss(ΔE), the same per atom, component count, Σ|ΔF|, ΣΔF², Σ loss(ΔF).
+
+    ``structure_weight`` [B] / ``atom_weight`` [N] (1 real, 0 padding; a packed batch) leave the
+    padding out; ``energy_error`` or ``force_error`` None adds nothing for them. Device work
+    only (no host read), so it can run inside a CUDA graph."""
+    zero = n_atoms.new_zeros((), dtype=torch.float64)
+    out = [zero] * len(SUM_STATES)
+    if energy_error is not None:
+        e = energy_error.detach().to(torch.float64)
+        w = torch.ones_like(e) if structure_weight is None else structure_weight.detach().to(torch.float64)
+        e = torch.where(w > 0, e, torch.zeros_like(e))
+        per_atom = e / n_atoms.to(torch.float64).clamp(min=1)
+        target = per_atom if energy_loss == "per_atom" else e
+        out[0:6] = [w.sum(), (w * e.abs()).sum(), (w * e * e).sum(),
+                    (w * loss_terms(target, loss, huber_delta)).sum(),
+                    (w * per_atom.abs()).sum(), (w * per_atom * per_atom).sum()]
+    if force_error is not None:
+        x = force_error.detach().to(torch.float64)
+        if atom_weight is None:
+            w = torch.ones_like(x[..., 0]) if x.dim() > 1 else torch.ones_like(x)
+        else:
+            w = atom_weight.detach().to(torch.float64)
+        w = w.reshape(w.shape + (1,) * (x.dim() - w.dim())).expand_as(x)
+        x = torch.where(w > 0, x, torch.zeros_like(x))
+        out[6:10] = [w.sum(), (w * x.abs()).sum(), (w * x * x).sum(), (w * loss_terms(x, loss, huber_delta)).sum()]
+    return torch.stack(out)
+
+
 _STATES = ("n_structures", "energy_abs", "energy_sq", "energy_loss", "energy_pa_abs", "energy_pa_sq",
            "n_components", "forces_abs", "forces_sq", "forces_loss",
            "n_stress", "stress_abs", "stress_sq", "stress_loss")
@@ -69,24 +107,20 @@ class EpochErrors(torchmetrics.Metric):
                force_error: Optional[torch.Tensor] = None, stress_error: Optional[torch.Tensor] = None) -> None:
         """``energy_error`` [B] eV (or None), ``n_atoms`` [B], ``force_error`` [N, 3] eV/Å (or
         None), ``stress_error`` eV/Å³, any shape: the stress components with a reference (or None)."""
-        if energy_error is not None:
-            e = energy_error.detach().to(torch.float64)
-            per_atom = e / n_atoms.to(torch.float64)
-            self.n_structures += e.numel()
-            self.energy_abs += e.abs().sum()
-            self.energy_sq += (e * e).sum()
-            self.energy_pa_abs += per_atom.abs().sum()
-            self.energy_pa_sq += (per_atom * per_atom).sum()
-            target = per_atom if self.energy_loss_mode == "per_atom" else e
-            self.energy_loss += loss_terms(target, self.loss_kind, self.huber_delta).sum()
-        for (count, name), error in zip(_COMPONENTS, (force_error, stress_error)):
-            if error is not None:
-                x = error.detach().to(torch.float64)
-                setattr(self, count, getattr(self, count) + x.numel())
-                setattr(self, f"{name}_abs", getattr(self, f"{name}_abs") + x.abs().sum())
-                setattr(self, f"{name}_sq", getattr(self, f"{name}_sq") + (x * x).sum())
-                setattr(self, f"{name}_loss", getattr(self, f"{name}_loss")
-                        + loss_terms(x, self.loss_kind, self.huber_delta).sum())
+        sums = error_sums(energy_error, n_atoms, force_error, self.loss_kind, self.huber_delta,
+                          self.energy_loss_mode)
+        self.add_sums(sums)
+        if stress_error is not None:
+            x = stress_error.detach().to(torch.float64)
+            self.n_stress += x.numel()
+            self.stress_abs += x.abs().sum()
+            self.stress_sq += (x * x).sum()
+            self.stress_loss += loss_terms(x, self.loss_kind, self.huber_delta).sum()
+
+    def add_sums(self, sums: torch.Tensor) -> None:
+        """Add a vector of :func:`error_sums` (energy and force sums, in :data:`SUM_STATES` order)."""
+        for index, name in enumerate(SUM_STATES):
+            setattr(self, name, getattr(self, name) + sums[index].to(torch.float64))
 
     def compute(self) -> dict:
         """Errors in meV (energy), meV/atom, meV/Å, and the mean loss terms (eV², eV, ...).

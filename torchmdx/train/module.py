@@ -49,8 +49,9 @@ import torch
 
 from torchmdx.config import from_dict
 from torchmdx.data.loader import batches_in_order
+from torchmdx.data.packing import PackedBatch
 from torchmdx.train.config import TrainConfig
-from torchmdx.train.metrics import EpochErrors, loss_terms, weighted_loss
+from torchmdx.train.metrics import EpochErrors, error_sums, loss_terms, weighted_loss
 
 STAGES = ("train", "val", "test")
 
@@ -84,28 +85,53 @@ def restore_rng_states(states: dict) -> None:
 
 def training_objective(cfg: TrainConfig, energy: torch.Tensor, forces: Optional[torch.Tensor],
                        energy_ref: torch.Tensor, forces_ref: Optional[torch.Tensor], n_atoms: torch.Tensor,
-                       stress: Optional[torch.Tensor] = None, stress_ref: Optional[torch.Tensor] = None):
+                       stress: Optional[torch.Tensor] = None, stress_ref: Optional[torch.Tensor] = None,
+                       structure_weight: Optional[torch.Tensor] = None, atom_weight: Optional[torch.Tensor] = None):
     """(loss, ΔE [B], ΔF [N, 3] or None) of predictions against references (eV, eV/Å, eV/Å³)::
 
         loss = energy_weight · mean_b L(ΔE_b [/ n_b]) + force_weight · mean_{a,k} L(ΔF_ak)
                + stress_weight · mean_{b,k,l} L(Δσ_bkl)
 
     ``forces`` None: no force term (energy-only training, or data without forces); ``stress``
-    [B, 3, 3] and ``stress_ref`` (any shape of B x 9 values) None: no stress term. The eager step
-    and the CUDA-graph step (which has no stress) both use this function."""
+    [B, 3, 3] and ``stress_ref`` (any shape of B x 9 values) None: no stress term. A packed
+    batch (:class:`torchmdx.data.packing.PackedBatch`) gives ``structure_weight`` [B] and
+    ``atom_weight`` [N] (1 real, 0 padding): the means run over the real structures and atoms
+    only, Σ_b w_b L_b / Σ_b w_b and Σ_a w_a Σ_k L_ak / (3 Σ_a w_a), so padding changes neither
+    the loss nor any gradient. The eager step and the CUDA-graph step (which has no stress)
+    both use this function."""
     energy_error = energy - energy_ref.reshape(-1).to(energy.dtype)
     force_error = forces - forces_ref.to(forces.dtype) if forces is not None and forces_ref is not None else None
     loss = energy_error.new_zeros(())
     if cfg.energy_weight > 0:
-        target = energy_error / n_atoms.to(energy_error.dtype) if cfg.energy_loss == "per_atom" else energy_error
-        loss = loss + cfg.energy_weight * loss_terms(target, cfg.loss, cfg.huber_delta).mean()
+        target = energy_error / n_atoms.to(energy_error.dtype).clamp(min=1) if cfg.energy_loss == "per_atom" \
+            else energy_error
+        terms = loss_terms(target, cfg.loss, cfg.huber_delta)
+        loss = loss + cfg.energy_weight * _weighted_mean(terms, structure_weight)
     if cfg.force_weight > 0 and force_error is not None:
-        loss = loss + cfg.force_weight * loss_terms(force_error, cfg.loss, cfg.huber_delta).mean()
+        terms = loss_terms(force_error, cfg.loss, cfg.huber_delta)
+        loss = loss + cfg.force_weight * _weighted_mean(terms, atom_weight)
     if cfg.stress_weight > 0 and stress is not None and stress_ref is not None:
         stress_error, known = masked_stress_error(stress, stress_ref)
         terms = loss_terms(stress_error, cfg.loss, cfg.huber_delta)
         loss = loss + cfg.stress_weight * terms.sum() / known.sum().clamp(min=1)
     return loss, energy_error, force_error
+
+
+def _weighted_mean(terms: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """mean of ``terms`` ([B] or [N, 3]); with ``weight`` (first dimension, 1 real / 0 padding)
+    Σ w·terms / (Σ w · terms per row), padding rows selected out (so a NaN there stays out too)."""
+    if weight is None:
+        return terms.mean()
+    w = weight.to(terms.dtype).reshape(weight.shape + (1,) * (terms.dim() - 1))
+    kept = torch.where(w > 0, terms, torch.zeros_like(terms))
+    per_row = terms[0].numel() if terms.dim() > 1 else 1
+    return (w * kept).sum() / (w.sum() * per_row).clamp(min=1)
+
+
+def train_error_sums(cfg: TrainConfig, energy_error, n_atoms, force_error, structure_weight=None, atom_weight=None):
+    """:func:`torchmdx.train.metrics.error_sums` with the run's loss settings."""
+    return error_sums(energy_error, n_atoms, force_error, cfg.loss, cfg.huber_delta, cfg.energy_loss,
+                      structure_weight, atom_weight)
 
 
 def masked_stress_error(stress: torch.Tensor, stress_ref: torch.Tensor):
@@ -197,6 +223,8 @@ class PotentialModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
+        if isinstance(batch, PackedBatch):
+            return self._packed_training_step(batch)
         if self._graphed_batch:
             return self._graphed_training_step(batch)
         loss = self._step(batch, "train")
@@ -217,12 +245,37 @@ class PotentialModule(L.LightningModule):
             raise DataError("train.force_weight > 0 but the training data have no forces; set train.force_weight: 0")
         out = self._graph_step.step(batch.z, batch.pos, batch.batch, batch.energy.reshape(-1),
                                     forces if cfg.train_forces else None, shape=batch_shape(batch))
-        logged_energy = None if cfg.energy_weight == 0 else out.energy_error
-        self.errors["train_errors"].update(logged_energy, out.n_atoms, out.force_error)
-        # a copy: the graph overwrites its loss tensor at the next step
-        self.log("train_loss_step", out.loss.clone(), on_step=True, on_epoch=False, prog_bar=True,
-                 batch_size=int(batch.num_graphs))
+        self._after_runner_step(out, int(batch.num_graphs))
         return None
+
+    def _packed_training_step(self, batch: PackedBatch) -> None:
+        """A padded batch (:mod:`torchmdx.data.packing`): through the step runner, captured on a
+        GPU with ``train.cuda_graph`` and eager otherwise (on the CPU, or with graphs off)."""
+        cfg = self.train_config
+        if cfg.train_forces and batch.forces is None:
+            from torchmdx.errors import DataError
+
+            raise DataError("train.force_weight > 0 but the training data have no forces; set train.force_weight: 0")
+        if self._graph_step is None:
+            self._graph_step = self._step_runner(capture=False)
+        from torchmdx.train.graphed import packed_shape
+
+        out = self._graph_step.step(batch.z, batch.pos, batch.batch, batch.energy, batch.forces if cfg.train_forces else None,
+                                    shape=packed_shape(batch), n_atoms=batch.n_atoms,
+                                    structure_weight=batch.structure_weight, atom_weight=batch.atom_weight)
+        self._after_runner_step(out, batch.num_graphs)
+        return None
+
+    def _after_runner_step(self, out, batch_size: int) -> None:
+        """The step runner did the optimiser step, the EMA and the error sums: tell the EMA
+        callback, and log the loss at the logging points only (a copy: the graph overwrites its
+        loss tensor at the next step; reading it every step would wait for the GPU each time)."""
+        if self._graph_step.ema is not None and self._ema_callback is not None:
+            self._ema_callback.updated_elsewhere()
+        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
+        if self.trainer.global_step % every == 0:
+            self.log("train_loss_step", out.loss.clone(), on_step=True, on_epoch=False, prog_bar=True,
+                     batch_size=batch_size)
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -254,6 +307,9 @@ class PotentialModule(L.LightningModule):
     def on_train_epoch_end(self):
         if self._graph_step is not None:
             self._graph_step.check()
+            sums = self._graph_step.take_sums()
+            if sums is not None:
+                self.errors["train_errors"].add_sums(sums)
         self._log_epoch("train")
         self.log("lr", self.optimizers().param_groups[0]["lr"] if self._trainer is not None else float("nan"))
 
@@ -399,8 +455,6 @@ class PotentialModule(L.LightningModule):
             rank_zero_warn(f"train.cuda_graph: the model is on {self.device.type}; CUDA graphs need a GPU, "
                            "training eagerly")
             return
-        from torchmdx.train.graphed import GraphedTrainStep
-
         optimizer = self.trainer.optimizers[0]
         for group in optimizer.param_groups:  # a resumed run may have saved other flags
             group.update(fused=True, capturable=True, foreach=None)
@@ -408,12 +462,47 @@ class PotentialModule(L.LightningModule):
             step = state.get("step")
             if torch.is_tensor(step) and step.device != self.device:
                 state["step"] = step.to(device=self.device, dtype=torch.float32)
-        self._graph_step = GraphedTrainStep(
+        self._graph_step = self._step_runner(capture=True)
+
+    def _step_runner(self, capture: bool):
+        """The :class:`~torchmdx.train.graphed.GraphedTrainStep` of this run: optimiser step,
+        weight EMA and error sums in one (captured when ``capture`` and on a GPU)."""
+        from torchmdx.train.graphed import GraphedTrainStep
+
+        cfg = self.train_config
+        optimizer = self.trainer.optimizers[0]
+        ema = None
+        callback = self._ema_callback
+        if callback is not None and callback.average_model is not None:
+            averaged = callback.average_model
+            ema = {"averaged": list(averaged.parameters()), "current": list(self.parameters()),
+                   "averaged_buffers": list(averaged.module.buffers()), "buffers": list(self.buffers()),
+                   "num_averaged": averaged.n_averaged, "decay": callback.decay}
+        energy_sums = cfg.energy_weight > 0  # force-only: training energies carry arbitrary offsets
+
+        def error_sums(energy_error, n_atoms, force_error, structure_weight, atom_weight):
+            return train_error_sums(cfg, energy_error if energy_sums else None, n_atoms, force_error,
+                                    structure_weight, atom_weight)
+
+        buckets = getattr(getattr(self.trainer, "datamodule", None), "training_buckets", None) or []
+        return GraphedTrainStep(
             self.model, optimizer, functools.partial(training_objective, cfg), forces=cfg.train_forces,
             clip_value=self.trainer.gradient_clip_val, clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
             pair_headroom=cfg.cuda_graph_pair_headroom,
-            traced=cfg.cuda_graph_compile and getattr(self.model, "traceable", False),
+            traced=capture and cfg.cuda_graph_compile and getattr(self.model, "traceable", False),
+            capture=capture, error_sums=error_sums, ema=ema, max_shapes=max(4, len(buckets) + 1),
         )
+
+    @property
+    def _ema_callback(self):
+        """The run's :class:`~torchmdx.train.ema.EMA` callback (None without one)."""
+        from torchmdx.train.ema import EMA
+
+        trainer = self._trainer
+        for callback in (trainer.callbacks if trainer is not None else []):
+            if isinstance(callback, EMA):
+                return callback
+        return None
 
     def on_train_end(self):
         if self._graph_step is not None:
@@ -430,8 +519,8 @@ class PotentialModule(L.LightningModule):
         return batch
 
     def on_train_batch_start(self, batch, batch_idx):
-        self._graphed_batch = False
-        if self._graph_step is not None:
+        self._graphed_batch = isinstance(batch, PackedBatch)  # always through the step runner
+        if self._graph_step is not None and not self._graphed_batch:
             from torchmdx.train.graphed import batch_shape
 
             # the captured step has no stress term: batches with a stress target train eagerly

@@ -41,7 +41,7 @@ METRICS_CSV = Path("logs") / "csv" / "metrics.csv"
 #: data keys that may change when a run is resumed (they do not change what is learned)
 #: (max_z follows model.max_z, which may not change; runs made before data.max_z took the model's
 #: meaning saved model.max_z - 1 there)
-RESUME_MUTABLE_DATA_KEYS = {"num_workers", "inference_batch_size", "cache_dir", "mmap", "max_z"}
+RESUME_MUTABLE_DATA_KEYS = {"num_workers", "inference_batch_size", "cache_dir", "mmap", "max_z", "device_resident"}
 RESUME_MUTABLE_MODEL_KEYS = {"backend"}
 #: training structures used to fold the untrained network's energy offset into the references
 INITIAL_REFIT_STRUCTURES = 2000
@@ -89,7 +89,9 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
     from torchmdx.train.module import PotentialModule, fit_reference_correction
 
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    datamodule = TorchmdxDataModule(cfg.data_config, run_dir=run_dir)  # data_config.max_z is the model's
+    # captured training steps take packed batches (a few fixed sizes); the stress term is eager only
+    packed = cfg.train.cuda_graph and not cfg.train.train_stress
+    datamodule = TorchmdxDataModule(cfg.data_config, run_dir=run_dir, pack_training=packed)  # max_z is the model's
     datamodule.setup("fit")
     sizes = datamodule.split.sizes()
     source = cfg.data_config.path
