@@ -1,0 +1,830 @@
+#!/usr/bin/env python3
+"""Time to accuracy, side by side: TorchMD-NET 3.0.0 and torchmdx on the same data, split,
+recipe and wall-clock budget, scored by one scorer that belongs to neither.
+
+Each side runs in its own process (one device call each)::
+
+    python bench/bench_accuracy.py run --side torchmdnet --data aspirin --minutes 5 --out DIR
+    python bench/bench_accuracy.py run --side torchmdx   --data aspirin --minutes 5 --out DIR
+    python bench/bench_accuracy.py report DIR [DIR ...]          # CPU: table + accuracy_<data>.png
+
+**Data.** ``--data`` is an MD17-layout npz (a path, or ``aspirin`` / ``ethanol`` for the shipped
+GFN2-xTB samples ``md17_<name>_xtb.npz``, looked up in ``$TORCHMDX_SHARED_DATA/md17``,
+``$TORCHMDX_SHARED_DATA``, ``.benchdata/`` and ``../shared/data/md17``). It is read once through
+torchmdx's data layer (``build_cache`` + ``H5Dataset``: kcal/mol -> eV, kcal/mol/Å -> eV/Å), and
+both sides train and are scored on these numbers: torchmdx reads the same cache, TorchMD-NET gets
+them as its ``Custom`` dataset (coord/embed/energy/force .npy files, eV and eV/Å).
+
+**Split.** 700 / 50 / 250 frames, seed 0: ``numpy.random.default_rng(seed).permutation``
+(``torchmdx.data.splits.random_split``), written once as torchmdx's split file
+(``save_split``: indices, size, seed, the source's content hash) and handed to torchmdx as
+``data.split_file``; TorchMD-NET's ``splits`` npz (``idx_train/idx_val/idx_test``) is written from
+that file as read back by ``load_split``. ``--split FILE`` reuses a split file made earlier.
+
+**Recipe.** TorchMD-NET's ET-MD17 example (128 channels, 6 layers, 8 heads, 32 expnorm RBFs,
+cutoff 5 Å, SiLU, neighbor embedding, distance influence both, vector cutoff, ``Scalar`` output
+(TorchMD-NET builds its gated equivariant head for an ET), batch 8 / 64, AdamW lr 1e-3, 1000
+warm-up steps, plateau 0.8 / 30 down to 1e-7, energy 0.2 / force 0.8 MSE, loss EMA
+``ema_alpha_y`` 0.05 / ``ema_alpha_neg_dy`` 1.0, standardize, float32), run through TorchMD-NET's
+own ``LNNP``, ``DataModule`` and a ``lightning.Trainer`` as its ``torchmd-train`` builds them
+(checkpoints every 10 epochs, early stopping; no test passes during training). torchmdx trains
+``configs/et_md17.yaml`` (the same recipe) through ``torchmdx.train.run.train`` with
+``train.cuda_graph: true`` on CUDA; ``--torchmdx-set key=value`` (repeatable) adds config
+overrides. Both parameter counts are printed; they must be equal (1 339 906 for the recipe).
+
+**Budget.** The same ``max_time`` for both Trainers (Lightning's clock starts when training
+starts, so compilation and graph capture count inside it). The curves are drawn against the
+seconds since the Trainer's fit start (which also holds the sanity validation); the gap between
+fit start and train start is recorded for each side.
+
+**Checkpoints.** :class:`WallClockCheckpoints` (the same callback on both sides) saves a full
+Lightning checkpoint (``trainer.save_checkpoint``) at train start, every ``--every`` seconds and
+at the end, and logs (seconds since fit start, seconds since train start, optimiser step, epoch,
+file) to ``checkpoints_<side>.json``. A full checkpoint, not ``weights_only``: only then does
+Lightning's ``WeightAveraging`` (torchmdx's weight EMA) put the averaged weights, the ones
+torchmdx validates and exports, into the checkpoint's ``state_dict``.
+
+**Scorer.** After training, in the same process: each checkpoint is loaded by its project's
+public loader (``torchmdnet.models.model.load_model(path, derivative=True)``,
+``torchmdx.train.export.potential_from_checkpoint``), evaluated in eval mode with full float32
+matmuls (TF32 off) on the test frames, and :func:`errors` (numpy only) gives energy MAE (meV,
+over structures) and force MAE (meV/Å, over Cartesian components). ``scores_<side>.json`` in
+``--out`` holds the curve, steps, steps/s, parameter counts, device and date.
+
+Checkpoints, caches and run folders go to ``--work`` (default: a new folder under the system's
+temporary folder, deleted after scoring unless ``--keep``), never to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from torchmdx.errors import ConfigError, DataError, TorchmdxError  # noqa: E402
+from torchmdx.io_utils import atomic_path, atomic_write  # noqa: E402
+
+SIDES = ("torchmdnet", "torchmdx")
+LABELS = {"torchmdnet": "TorchMD-NET 3.0.0", "torchmdx": "torchmdx"}
+COLORS = {"torchmdnet": "tab:blue", "torchmdx": "tab:red"}
+#: parameters of the ET-MD17 recipe with the gated equivariant head (both projects)
+EXPECTED_PARAMETERS = 1_339_906
+TORCHMDX_CONFIG = ROOT / "configs" / "et_md17.yaml"
+SHARED_NAMES = {"aspirin": "md17_aspirin_xtb.npz", "ethanol": "md17_ethanol_xtb.npz"}
+EV_TO_MEV = 1000.0
+
+#: TorchMD-NET's examples/ET-MD17.yaml in TorchMD-NET 3.0.0's argument names
+#: (energy_weight/force_weight -> y_weight/neg_dy_weight, ema_alpha_dy -> ema_alpha_neg_dy)
+TORCHMDNET_RECIPE = dict(
+    model="equivariant-transformer", embedding_dimension=128, num_layers=6, num_heads=8, num_rbf=32,
+    rbf_type="expnorm", trainable_rbf=False, activation="silu", attn_activation="silu", neighbor_embedding=True,
+    distance_influence="both", cutoff_lower=0.0, cutoff_upper=5.0, max_z=100, max_num_neighbors=32,
+    vector_cutoff=True, output_model="Scalar", reduce_op="add", aggr="add", prior_model=None, derivative=True,
+    standardize=True, precision=32, batch_size=8, inference_batch_size=64, lr=1.0e-3, lr_warmup_steps=1000,
+    lr_factor=0.8, lr_patience=30, lr_min=1.0e-7, weight_decay=0.0, y_weight=0.2, neg_dy_weight=0.8,
+    ema_alpha_y=0.05, ema_alpha_neg_dy=1.0, train_loss="mse_loss", gradient_clipping=0.0,
+    early_stopping_patience=300, save_interval=10, test_interval=-1, num_workers=6,
+)
+#: --small: a model small enough for a CPU smoke test (both sides)
+SMALL = dict(embedding_dimension=32, num_layers=2)
+#: validation values shown in the progress lines: (metric key, label, factor to meV, unit)
+PROGRESS_METRICS = (("val_forces_mae", "val F MAE", 1.0, "meV/Å"), ("val_energy_mae", "val E MAE", 1.0, "meV"),
+                    ("val_neg_dy_l1_loss", "val F L1", EV_TO_MEV, "meV/Å"),
+                    ("val_y_l1_loss", "val E L1 (loss EMA)", EV_TO_MEV, "meV"))
+
+
+# =============================================================================================
+# data and split
+def resolve_data(name_or_path: str) -> Path:
+    """The npz of ``--data``: an existing path, or a sample name looked up in the known places."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path.resolve()
+    file_name = SHARED_NAMES.get(name_or_path.lower(), name_or_path)
+    places = []
+    if os.environ.get("TORCHMDX_SHARED_DATA"):
+        shared = Path(os.environ["TORCHMDX_SHARED_DATA"])
+        places += [shared / "md17", shared, shared / "systems"]
+    places += [ROOT / ".benchdata", ROOT.parent / "shared" / "data" / "md17"]
+    for place in places:
+        if (place / file_name).is_file():
+            return (place / file_name).resolve()
+    raise DataError(f"--data {name_or_path}: no such file, and {file_name} is in none of "
+                    f"{', '.join(str(p) for p in places)} (give a path or set TORCHMDX_SHARED_DATA)")
+
+
+def data_name(path: Path) -> str:
+    for name, file_name in SHARED_NAMES.items():
+        if path.name == file_name:
+            return name
+    return path.stem
+
+
+def load_frames(path: Path, cache_dir: Path) -> dict:
+    """z [N], pos [n, N, 3] (Å), energy [n] (eV), forces [n, N, 3] (eV/Å) of every frame, read
+    through torchmdx's data layer (HDF5 cache), plus the source's content hash."""
+    from torchmdx.data.cache import build_cache
+    from torchmdx.data.dataset import H5Dataset
+
+    cache = build_cache(path, "md17", cache_dir)
+    dataset = H5Dataset(cache, dtype="float64")
+    st = dataset.structures
+    counts = np.diff(np.asarray(st.offsets, dtype=np.int64))
+    if st.forces is None:
+        raise DataError(f"{path}: no forces (key F); the benchmark trains on energies and forces")
+    if counts.min() != counts.max():
+        raise DataError(f"{path}: frames with {counts.min()} to {counts.max()} atoms; the benchmark needs one molecule")
+    n, atoms = len(counts), int(counts[0])
+    z = np.asarray(st.z, dtype=np.int64).reshape(n, atoms)
+    if not (z == z[0]).all():
+        raise DataError(f"{path}: the atomic numbers differ between frames; the benchmark needs one molecule")
+    return {"z": z[0], "pos": np.asarray(st.pos, dtype=np.float64).reshape(n, atoms, 3),
+            "energy": np.asarray(st.energy, dtype=np.float64).reshape(n),
+            "forces": np.asarray(st.forces, dtype=np.float64).reshape(n, atoms, 3),
+            "hash": dataset.info["fingerprint"].get("hash", ""), "source": str(path), "cache": str(cache)}
+
+
+def make_split_file(n_frames: int, sizes: Sequence[int], seed: int, path: Path, content_hash: str):
+    """Draw the split (``default_rng(seed).permutation``) and write it as torchmdx's split file."""
+    from torchmdx.data.splits import random_split, save_split
+
+    split = random_split(n_frames, *[int(s) for s in sizes], seed=seed, source=str(path))
+    save_split(split, path, content_hash)
+    return split
+
+
+def write_torchmdnet_splits(split_file: Path, n_frames: int, content_hash: str, path: Path) -> dict:
+    """TorchMD-NET's splits npz (idx_train, idx_val, idx_test) from torchmdx's split file, as
+    ``load_split`` reads it back; returns the indices written."""
+    from torchmdx.data.splits import load_split
+
+    split = load_split(split_file, n_frames, content_hash)
+    parts = {"idx_train": split.train, "idx_val": split.val, "idx_test": split.test}
+    with atomic_write(path) as handle:
+        np.savez(handle, **parts)
+    return parts
+
+
+def split_digest(train, val, test) -> str:
+    """Short hash of the three index lists (the report checks both sides used the same split)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in (train, val, test):
+        digest.update(np.asarray(part, dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()
+
+
+# =============================================================================================
+# the scorer (numpy only)
+def errors(energy_pred, energy_ref, forces_pred, forces_ref) -> dict:
+    """Energy MAE/RMSE (meV, over structures) and force MAE/RMSE (meV/Å, over Cartesian
+    components) from energies [B] (eV) and forces [B, N, 3] or [A, 3] (eV/Å)."""
+    e_pred, e_ref = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (energy_pred, energy_ref))
+    f_pred, f_ref = (np.asarray(a, dtype=np.float64) for a in (forces_pred, forces_ref))
+    if e_pred.shape != e_ref.shape or f_pred.size != f_ref.size or f_pred.shape[-1:] != f_ref.shape[-1:]:
+        raise ValueError(f"prediction shapes {e_pred.shape}, {f_pred.shape} do not match the references "
+                         f"{e_ref.shape}, {f_ref.shape}")
+    de, df = e_pred - e_ref, f_pred.reshape(-1) - f_ref.reshape(-1)
+    return {"energy_mae": EV_TO_MEV * float(np.abs(de).mean()), "energy_rmse": EV_TO_MEV * float(np.sqrt((de ** 2).mean())),
+            "forces_mae": EV_TO_MEV * float(np.abs(df).mean()), "forces_rmse": EV_TO_MEV * float(np.sqrt((df ** 2).mean()))}
+
+
+def _test_batches(frames: dict, indices: np.ndarray, batch_size: int, device):
+    import torch
+
+    atoms = len(frames["z"])
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        b = len(idx)
+        z = torch.as_tensor(np.tile(frames["z"], b), device=device)
+        pos = torch.as_tensor(frames["pos"][idx].reshape(-1, 3), dtype=torch.float32, device=device)
+        batch = torch.arange(b, device=device).repeat_interleave(atoms)
+        yield b, z, pos, batch
+
+
+def predict_torchmdnet(checkpoint: Path, frames: dict, indices: np.ndarray, device, batch_size: int = 64):
+    """Energies [B] (eV) and forces [B, N, 3] (eV/Å) of a TorchMD-NET checkpoint; its parameter count."""
+    from torchmdnet.models.model import load_model
+
+    model = load_model(str(checkpoint), derivative=True).to(device).eval()
+    energies, forces = [], []
+    for _b, z, pos, batch in _test_batches(frames, indices, batch_size, device):
+        y, neg_dy = model(z, pos, batch=batch)
+        energies.append(y.detach().double().cpu().numpy().reshape(-1))
+        forces.append(neg_dy.detach().double().cpu().numpy())
+    count = sum(p.numel() for p in model.parameters())
+    return np.concatenate(energies), np.concatenate(forces).reshape(len(indices), -1, 3), count
+
+
+def predict_torchmdx(checkpoint: Path, frames: dict, indices: np.ndarray, device, batch_size: int = 64):
+    """Energies [B] (eV) and forces [B, N, 3] (eV/Å) of a torchmdx checkpoint (its EMA weights)."""
+    from torchmdx.train.export import potential_from_checkpoint
+
+    model = potential_from_checkpoint(checkpoint).to(device).eval()
+    energies, forces = [], []
+    for b, z, pos, batch in _test_batches(frames, indices, batch_size, device):
+        out = model(z, pos, batch, forces=True, num_structures=b)
+        energies.append(out["energy"].detach().double().cpu().numpy().reshape(-1))
+        forces.append(out["forces"].detach().double().cpu().numpy())
+    count = sum(p.numel() for p in model.parameters())
+    return np.concatenate(energies), np.concatenate(forces).reshape(len(indices), -1, 3), count
+
+
+PREDICTORS = {"torchmdnet": predict_torchmdnet, "torchmdx": predict_torchmdx}
+
+
+def score_checkpoints(side: str, records: list, frames: dict, indices: np.ndarray, device, on_point=None) -> list:
+    """One point per saved checkpoint: the record plus the test errors (and the scored model's
+    parameter count)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    e_ref, f_ref = frames["energy"][indices], frames["forces"][indices]
+    points, scored = [], {}
+    for record in records:
+        if record["file"] not in scored:  # the end record may repeat the last file
+            e_pred, f_pred, count = PREDICTORS[side](Path(record["file"]), frames, indices, device)
+            scored[record["file"]] = dict(errors(e_pred, e_ref, f_pred, f_ref), parameters=int(count))
+        point = {k: v for k, v in record.items() if k != "file"}
+        point.update(scored[record["file"]])
+        points.append(point)
+        print(f"[{side}] score t {point['t']:7.1f} s  step {point['step']:6d}  test F MAE {point['forces_mae']:8.2f} "
+              f"meV/Å  E MAE {point['energy_mae']:8.2f} meV", flush=True)
+        if on_point is not None:
+            on_point(points)
+    return points
+
+
+# =============================================================================================
+# checkpoints along the run (the same callback on both sides)
+def _callback_base():
+    try:
+        from lightning.pytorch.callbacks import Callback
+    except ImportError:  # pragma: no cover - torchmdx needs lightning; TorchMD-NET too
+        from pytorch_lightning.callbacks import Callback
+    return Callback
+
+
+class WallClockCheckpoints(_callback_base()):
+    """Save a full checkpoint at train start, every ``every`` seconds and at train end; keep a
+    JSON log of (t since fit start, t since train start, step, epoch, file, save seconds)."""
+
+    def __init__(self, side: str, dirpath: Path, log_path: Path, every: float, expected_parameters=None):
+        super().__init__()
+        self.side, self.dirpath, self.log_path, self.every = side, Path(dirpath), Path(log_path), float(every)
+        self.expected_parameters = expected_parameters
+        self.records: list[dict] = []
+        self.t_fit = self.t_train = self.last = None
+        self.parameters = None
+        self.save_seconds = 0.0
+
+    # -- hooks
+    def on_fit_start(self, trainer, pl_module):
+        self.t_fit = time.monotonic()
+        model = getattr(pl_module, "model", pl_module)
+        self.parameters = int(sum(p.numel() for p in model.parameters()))
+        note = ""
+        if self.expected_parameters is not None and self.parameters != self.expected_parameters:
+            note = f"   <-- NOT the recipe's {self.expected_parameters:,}"
+        print(f"[{self.side}] trainable model parameters: {self.parameters:,}{note}", flush=True)
+
+    def on_train_start(self, trainer, pl_module):
+        self.t_train = time.monotonic()
+        if self.t_fit is None:
+            self.t_fit = self.t_train
+        print(f"[{self.side}] train start {self.t_train - self.t_fit:.1f} s after fit start "
+              "(Lightning's max_time counts from here)", flush=True)
+        self._save(trainer, "start")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if time.monotonic() - self.last >= self.every:
+            self._save(trainer, "periodic")
+
+    def on_train_end(self, trainer, pl_module):
+        self._save(trainer, "end")
+
+    # -- saving
+    def _save(self, trainer, kind: str) -> None:
+        now = time.monotonic()
+        step, epoch = int(trainer.global_step), int(trainer.current_epoch)
+        if kind == "end" and self.records and self.records[-1]["step"] == step:
+            # no step since the last checkpoint: the same weights, at the time training ended
+            path, saved = Path(self.records[-1]["file"]), now
+        else:
+            path = self.dirpath / f"{self.side}_{len(self.records):03d}_step{step}.ckpt"
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(str(path), weights_only=False)
+            saved = time.monotonic()
+        self.save_seconds += saved - now
+        record = {"t": now - self.t_fit, "t_train": now - self.t_train, "step": step, "epoch": epoch,
+                  "kind": kind, "save_s": saved - now, "file": str(path)}
+        self.records.append(record)
+        self.write_log()
+        self.last = saved
+        print(f"[{self.side}] {self.progress_line(trainer, record)}", flush=True)
+
+    def progress_line(self, trainer, record: dict) -> str:
+        rate = record["step"] / record["t_train"] if record["t_train"] > 0 else 0.0
+        parts = [f"t {record['t']:7.1f} s", f"step {record['step']:6d}", f"epoch {record['epoch']:4d}",
+                 f"{rate:6.2f} steps/s", f"checkpoint {record['save_s']:.2f} s"]
+        metrics = getattr(trainer, "callback_metrics", {}) or {}
+        for key, label, factor, unit in PROGRESS_METRICS:
+            if key in metrics:
+                try:
+                    parts.append(f"{label} {factor * float(metrics[key]):.4g} {unit}")
+                except (TypeError, ValueError):
+                    pass
+        return " | ".join(parts)
+
+    def write_log(self) -> None:
+        payload = {"side": self.side, "parameters": self.parameters, "every_s": self.every,
+                   "save_seconds": self.save_seconds, "checkpoints": self.records}
+        with atomic_write(self.log_path, "w") as handle:
+            json.dump(payload, handle, indent=1)
+
+
+# =============================================================================================
+# the two sides
+def max_time_string(seconds: float) -> str:
+    """Lightning's max_time as DD:HH:MM:SS (whole seconds, at least 1)."""
+    s = max(1, int(round(seconds)))
+    return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def accelerator(device: str) -> str:
+    return "gpu" if device.startswith("cuda") else "cpu"
+
+
+def torchmdnet_hparams(ctx: dict) -> dict:
+    """TorchMD-NET's own argument defaults (its get_argparse), the recipe, and this run's files."""
+    from torchmdnet.scripts.train import get_argparse
+
+    hp = vars(get_argparse().parse_args([]))
+    hp.update(TORCHMDNET_RECIPE)
+    if ctx["small"]:
+        hp.update(SMALL)
+    files = ctx["tmdnet_files"]
+    hp.update(dataset="Custom", coord_files=files["coord"], embed_files=files["embed"], energy_files=files["energy"],
+              force_files=files["force"], splits=str(ctx["tmdnet_splits"]), train_size=ctx["sizes"][0],
+              val_size=ctx["sizes"][1], test_size=ctx["sizes"][2], seed=ctx["seed"], log_dir=str(ctx["work"] / "tmdnet"),
+              num_epochs=1_000_000, ngpus=1 if ctx["device"].startswith("cuda") else -1)
+    if ctx["workers"] is not None:
+        hp["num_workers"] = ctx["workers"]
+    return hp
+
+
+def write_custom_dataset(frames: dict, folder: Path) -> dict:
+    """TorchMD-NET's Custom dataset files (one molecule): coordinates [n, N, 3] Å, embedding
+    (atomic numbers) [N], energies [n, 1] eV, forces [n, N, 3] eV/Å."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"coord": frames["pos"].astype(np.float32), "embed": frames["z"].astype(np.int64),
+              "energy": frames["energy"].reshape(-1, 1).astype(np.float64), "force": frames["forces"].astype(np.float32)}
+    files = {}
+    for name, array in arrays.items():
+        files[name] = str(folder / f"{name}.npy")
+        np.save(files[name], array)
+    return files
+
+
+def run_torchmdnet(ctx: dict, callback: WallClockCheckpoints) -> dict:
+    try:
+        import lightning.pytorch as pl
+        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+        from lightning.pytorch.loggers import CSVLogger
+        from torchmdnet.data import DataModule
+        from torchmdnet.models.model import create_prior_models
+        from torchmdnet.module import LNNP
+    except ImportError as exc:
+        raise ConfigError(f"TorchMD-NET is not importable ({exc}); install the wheels: python3 -m pip install "
+                          "--no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD") from None
+    ctx["tmdnet_files"] = write_custom_dataset(ctx["frames"], ctx["work"] / "tmdnet_data")
+    ctx["tmdnet_splits"] = ctx["work"] / "tmdnet_splits.npz"
+    write_torchmdnet_splits(ctx["split_file"], len(ctx["frames"]["energy"]), ctx["frames"]["hash"], ctx["tmdnet_splits"])
+    hp = torchmdnet_hparams(ctx)
+    os.makedirs(hp["log_dir"], exist_ok=True)
+    # what torchmdnet.scripts.train.main does, with max_time and our checkpoint callback added
+    pl.seed_everything(hp["seed"], workers=True)
+    data = DataModule(hp)
+    data.prepare_data()
+    data.setup("fit")
+    prior_models = create_prior_models(hp, data.dataset)
+    hp["prior_args"] = [p.get_init_args() for p in prior_models]
+    model = LNNP(hp, prior_model=prior_models, mean=data.mean, std=data.std)
+    monitor = hp["checkpoint_monitor"]
+    callbacks = [ModelCheckpoint(dirpath=hp["log_dir"], monitor=monitor, save_top_k=10, every_n_epochs=hp["save_interval"],
+                                 filename=f"epoch={{epoch}}-{monitor.split('_')[0]}_loss={{{monitor}:.4f}}",
+                                 auto_insert_metric_name=False),
+                 EarlyStopping(hp["early_stopping_monitor"], patience=hp["early_stopping_patience"]),
+                 callback]
+    trainer = pl.Trainer(strategy="auto", max_epochs=hp["num_epochs"], max_time=ctx["max_time"],
+                         accelerator=accelerator(ctx["device"]), devices=1, num_nodes=1, default_root_dir=hp["log_dir"],
+                         callbacks=callbacks, logger=[CSVLogger(hp["log_dir"], name="", version="")],
+                         precision=hp["precision"], gradient_clip_val=hp["gradient_clipping"], inference_mode=False,
+                         enable_progress_bar=False)
+    trainer.fit(model, data)
+    info = {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step),
+            "hparams": {k: v for k, v in hp.items() if k in TORCHMDNET_RECIPE or k in ("seed", "num_workers")},
+            "standardize_mean_std": [float(data.mean.reshape(-1)[0]), float(data.std.reshape(-1)[0])]
+            if data.mean is not None else None}
+    try:
+        from importlib.metadata import version
+
+        info["version"] = version("torchmd-net")
+    except Exception:  # noqa: BLE001 - informative only
+        info["version"] = None
+    del trainer, model, data
+    return info
+
+
+def torchmdx_values(ctx: dict) -> tuple[dict, list]:
+    """configs/et_md17.yaml with this run's overrides, then the --torchmdx-set ones."""
+    from torchmdx.config import apply_overrides, load_yaml
+
+    values = load_yaml(TORCHMDX_CONFIG)
+    data, model, train, trainer = (values.setdefault(k, {}) for k in ("data", "model", "train", "trainer"))
+    data.update(path=str(ctx["data_path"]), format="md17", cache_dir=str(ctx["work"] / "cache"),
+                train_size=ctx["sizes"][0], val_size=ctx["sizes"][1], test_size=ctx["sizes"][2],
+                split_file=str(ctx["split_file"]), seed=ctx["seed"])
+    if ctx["workers"] is not None:
+        data["num_workers"] = ctx["workers"]
+    if ctx["small"]:
+        model.update(SMALL)
+    train.update(seed=ctx["seed"], cuda_graph=ctx["device"].startswith("cuda"))
+    trainer.update(max_time=ctx["max_time"], max_epochs=1_000_000, accelerator=accelerator(ctx["device"]), devices=1,
+                   enable_progress_bar=False)
+    values["run_dir"] = str(ctx["work"] / "torchmdx_run")
+    sets = list(ctx["torchmdx_set"])
+    return apply_overrides(values, sets), sets
+
+
+def run_torchmdx(ctx: dict, callback: WallClockCheckpoints) -> dict:
+    from torchmdx.train.config import build_run_config
+    from torchmdx.train.run import train
+
+    values, sets = torchmdx_values(ctx)
+    cfg = build_run_config(values, str(TORCHMDX_CONFIG))
+    print(f"[torchmdx] config {TORCHMDX_CONFIG.name} + overrides; --torchmdx-set: {sets or 'none'}", flush=True)
+    result = train(cfg, callbacks=[callback])
+    return {"epochs": result.get("epochs"), "steps": result.get("global_step"), "config": cfg.to_dict(),
+            "torchmdx_set": sets, "version": _torchmdx_version()}
+
+
+def _torchmdx_version() -> str:
+    import torchmdx
+
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return torchmdx.__version__ + (f" ({rev})" if rev else "")
+
+
+RUNNERS = {"torchmdnet": run_torchmdnet, "torchmdx": run_torchmdx}
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    if args.minutes <= 0:
+        raise ConfigError(f"--minutes must be > 0, got {args.minutes}")
+    if args.every <= 0:
+        raise ConfigError(f"--every must be > 0 seconds, got {args.every}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device here")
+    data_path = resolve_data(args.data)
+    name = data_name(data_path)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    own_work = args.work is None
+    work = Path(tempfile.mkdtemp(prefix=f"bench_accuracy_{args.side}_")) if own_work else Path(args.work)
+    if not own_work and work.exists() and any(work.iterdir()):
+        raise ConfigError(f"--work {work} is not empty; give a new or empty folder")
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    frames = load_frames(data_path, work / "cache")
+    n = len(frames["energy"])
+    sizes = (args.train, args.val, args.test)
+    if args.split:
+        split_file = Path(args.split)
+        from torchmdx.data.splits import load_split
+
+        split = load_split(split_file, n, frames["hash"])
+    else:
+        split_file = out / f"split_{name}_seed{args.seed}.npz"
+        split = make_split_file(n, sizes, args.seed, split_file, frames["hash"])
+    sizes = (len(split.train), len(split.val), len(split.test))
+    budget = args.minutes * 60.0
+    ctx = {"side": args.side, "data_path": data_path, "frames": frames, "split_file": split_file, "sizes": sizes,
+           "seed": args.seed, "device": device, "small": args.small, "work": work, "workers": args.workers,
+           "max_time": max_time_string(budget), "torchmdx_set": args.torchmdx_set or []}
+    expected = None if args.small else EXPECTED_PARAMETERS
+    log_path = out / f"checkpoints_{args.side}.json"
+    callback = WallClockCheckpoints(args.side, work / "checkpoints", log_path, args.every, expected)
+    print(f"[{args.side}] data {data_path} ({n} frames, {len(frames['z'])} atoms), split {sizes} seed {args.seed} "
+          f"({split_file}), budget {budget:.0f} s (max_time {ctx['max_time']}), device {device_name(device)}, "
+          f"work {work}", flush=True)
+    info = RUNNERS[args.side](ctx, callback)
+    t_trained = time.monotonic()
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    scores = {
+        "side": args.side, "label": LABELS[args.side], "version": info.get("version"), "data": name,
+        "data_file": str(data_path), "data_hash": frames["hash"], "split_file": str(split_file),
+        "split_digest": split_digest(split.train, split.val, split.test), "sizes": list(sizes), "seed": args.seed,
+        "budget_s": budget, "max_time": ctx["max_time"], "every_s": args.every, "small": args.small,
+        "device": device_name(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "parameters": callback.parameters, "expected_parameters": expected,
+        "steps": info.get("steps"), "epochs": info.get("epochs"), "save_seconds": callback.save_seconds,
+        "fit_to_train_s": (callback.t_train - callback.t_fit) if callback.t_train is not None else None,
+        "train_call_s": t_trained - t_start, "info": info, "points": [],
+    }
+    records = callback.records
+    if records:
+        last = records[-1]
+        scores.update(t_end=last["t"], t_train_end=last["t_train"],
+                      steps_per_s=last["step"] / last["t_train"] if last["t_train"] > 0 else None)
+    scores_path = out / f"scores_{args.side}.json"
+
+    def write(points):
+        scores["points"] = points
+        with atomic_write(scores_path, "w") as handle:
+            json.dump(scores, handle, indent=1, default=str)
+
+    write([])
+    test_idx = np.asarray(split.test, dtype=np.int64)
+    points = score_checkpoints(args.side, records, frames, test_idx, device, on_point=write)
+    scored = {p["parameters"] for p in points}
+    if scored and scored != {callback.parameters}:
+        print(f"[{args.side}] WARNING: the scored models have {sorted(scored)} parameters, the trained one "
+              f"{callback.parameters}", flush=True)
+    scores["score_s"] = time.monotonic() - t_trained
+    write(points)
+    if points:
+        p = points[-1]
+        print(f"[{args.side}] final: {p['step']} steps in {p['t_train']:.0f} s of training "
+              f"({scores.get('steps_per_s') or 0:.2f} steps/s), test F MAE {p['forces_mae']:.2f} meV/Å, "
+              f"E MAE {p['energy_mae']:.2f} meV -> {scores_path}", flush=True)
+    if own_work and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+# =============================================================================================
+# report
+def time_to_reach(times: Sequence[float], values: Sequence[float], target: float) -> Optional[float]:
+    """First time the curve (times ascending) is at or below ``target``, interpolated linearly
+    between the two points around the crossing; None if it never gets there."""
+    t, y = np.asarray(times, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    for i in range(len(t)):
+        if y[i] <= target:
+            if i == 0 or y[i] == y[i - 1]:
+                return float(t[i])
+            frac = (y[i - 1] - target) / (y[i - 1] - y[i])
+            return float(t[i - 1] + frac * (t[i] - t[i - 1]))
+    return None
+
+
+def load_scores(paths: Sequence[str]) -> dict:
+    """{data: {side: scores}} from scores_<side>.json files in the given folders (searched
+    recursively) or given directly."""
+    found = []
+    for entry in paths:
+        p = Path(entry)
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(p.rglob("scores_*.json")))
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    if not found:
+        raise DataError(f"no scores_<side>.json in {', '.join(paths)}")
+    runs: dict = {}
+    for p in found:
+        try:
+            s = json.loads(p.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{p}: not a readable scores file ({exc})") from None
+        if s.get("side") not in SIDES or "points" not in s:
+            raise DataError(f"{p}: not a scores file of this benchmark (no side/points)")
+        key = s.get("data", "?")
+        if s["side"] in runs.setdefault(key, {}):
+            raise DataError(f"two {s['side']} runs for {key}: {runs[key][s['side']]['_path']} and {p}; "
+                            "pass the folders of one comparison")
+        s["_path"] = str(p)
+        runs[key][s["side"]] = s
+    return runs
+
+
+def summarise(s: dict) -> dict:
+    pts = s["points"]
+    out = {"parameters": s.get("parameters"), "steps": None, "steps_per_s": s.get("steps_per_s"),
+           "t_end": None, "final_f": None, "final_e": None, "best_f": None, "best_f_t": None, "best_e": None}
+    if pts:
+        last = pts[-1]
+        best = min(pts, key=lambda p: p["forces_mae"])
+        out.update(steps=last["step"], t_end=last["t"], final_f=last["forces_mae"], final_e=last["energy_mae"],
+                   best_f=best["forces_mae"], best_f_t=best["t"], best_e=min(p["energy_mae"] for p in pts))
+    return out
+
+
+def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:{spec}}{suffix}"
+
+
+def comparison(runs: dict) -> tuple[str, dict]:
+    """The markdown table of one data set's runs and the derived numbers."""
+    sides = [side for side in SIDES if side in runs]
+    sums = {side: summarise(runs[side]) for side in sides}
+    derived: dict = {"warnings": []}
+    if len(sides) == 2:
+        a, b = (runs[s] for s in SIDES)
+        if a.get("parameters") != b.get("parameters"):
+            derived["warnings"].append(f"PARAMETER COUNTS DIFFER: TorchMD-NET {a.get('parameters')}, torchmdx "
+                                       f"{b.get('parameters')}: the two sides did not train the same model")
+        if a.get("split_digest") != b.get("split_digest"):
+            derived["warnings"].append("THE SPLITS DIFFER between the two runs (split digests "
+                                       f"{a.get('split_digest')} vs {b.get('split_digest')})")
+        if a.get("data_hash") != b.get("data_hash"):
+            derived["warnings"].append("THE DATA FILES DIFFER between the two runs (content hashes)")
+        if a.get("budget_s") != b.get("budget_s"):
+            derived["warnings"].append(f"THE BUDGETS DIFFER: {a.get('budget_s')} s vs {b.get('budget_s')} s")
+        if a.get("device") != b.get("device"):
+            derived["warnings"].append(f"different devices: {a.get('device')} vs {b.get('device')}")
+        ref, new = sums["torchmdnet"], sums["torchmdx"]
+        if ref["final_f"] is not None and new["final_f"] is not None:
+            pts = runs["torchmdx"]["points"]
+            derived["time_to_reach"] = time_to_reach([p["t"] for p in pts], [p["forces_mae"] for p in pts],
+                                                     ref["final_f"])
+            derived["f_ratio"] = new["final_f"] / ref["final_f"]
+            derived["e_ratio"] = new["final_e"] / ref["final_e"] if ref["final_e"] else None
+            if ref["steps_per_s"] and new["steps_per_s"]:
+                derived["rate_ratio"] = new["steps_per_s"] / ref["steps_per_s"]
+            if derived["time_to_reach"] is not None and ref["t_end"]:
+                derived["reach_fraction"] = derived["time_to_reach"] / ref["t_end"]
+    header = "| | " + " | ".join(LABELS[s] for s in sides) + (" | torchmdx / TorchMD-NET |" if len(sides) == 2 else " |")
+    lines = [header, "|---" * (len(sides) + 1 + (len(sides) == 2)) + "|"]
+
+    def row(label, key, spec=".1f", suffix="", ratio=None):
+        cells = [_fmt(sums[s][key], spec, suffix) for s in sides]
+        extra = [_fmt(derived.get(ratio), ".2f", "×") if ratio else ""] if len(sides) == 2 else []
+        lines.append(f"| {label} | " + " | ".join(cells + extra) + " |")
+
+    row("parameters", "parameters", ",d")
+    row("optimiser steps", "steps", ",d")
+    row("steps/s (since train start)", "steps_per_s", ".2f", "", "rate_ratio")
+    row("last checkpoint at (s since fit start)", "t_end", ".0f")
+    row("final test force MAE (meV/Å)", "final_f", ".1f", "", "f_ratio")
+    row("final test energy MAE (meV)", "final_e", ".1f", "", "e_ratio")
+    row("best test force MAE (meV/Å)", "best_f", ".1f")
+    row("best test energy MAE (meV)", "best_e", ".1f")
+    if len(sides) == 2:
+        reach = derived.get("time_to_reach")
+        text = "not reached" if reach is None else f"{reach:.0f} s ({reach / 60:.1f} min)"
+        frac = _fmt(derived.get("reach_fraction"), ".2f", "×")
+        lines.append(f"| time for torchmdx to reach TorchMD-NET's final force MAE | {_fmt(sums['torchmdnet']['t_end'], '.0f', ' s')} "
+                     f"| {text} | {frac} |")
+    return "\n".join(lines), derived
+
+
+def plot(runs: dict, name: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - matplotlib.ticker.FuncFormatter below
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for side in SIDES:
+        if side not in runs or not runs[side]["points"]:
+            continue
+        pts = runs[side]["points"]
+        t = [p["t"] / 60 for p in pts]
+        label = f"{runs[side].get('label', LABELS[side])} ({pts[-1]['step']:,} steps)"
+        axes[0].plot(t, [p["forces_mae"] for p in pts], "o-", ms=3, color=COLORS[side], label=label)
+        axes[1].plot(t, [p["energy_mae"] for p in pts], "o-", ms=3, color=COLORS[side], label=label)
+    if "torchmdnet" in runs and runs["torchmdnet"]["points"]:
+        axes[0].axhline(runs["torchmdnet"]["points"][-1]["forces_mae"], color=COLORS["torchmdnet"], ls=":", lw=1)
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
+    # minor ticks: label 2, 3 and 5 x 10^k only (the others would crowd the axis)
+    some = matplotlib.ticker.FuncFormatter(
+        lambda v, _pos: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 3, 5) else "")
+    for ax, what in zip(axes, ("test force MAE (meV/Å)", "test energy MAE (meV)")):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(some)
+        ax.set_xlabel("wall-clock since fit start (min)")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    any_run = next(iter(runs.values()))
+    sizes = any_run.get("sizes", [])
+    fig.suptitle(f"{name}: ET-MD17 recipe, split {'/'.join(map(str, sizes))}, budget "
+                 f"{any_run.get('budget_s', 0) / 60:.1f} min, {any_run.get('device', '')}, {str(any_run.get('date', ''))[:10]}",
+                 fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, fsync=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def cmd_report(args) -> int:
+    runs = load_scores(args.dirs)
+    out = Path(args.out) if args.out else (Path(args.dirs[0]) if Path(args.dirs[0]).is_dir() else Path(args.dirs[0]).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, by_side in sorted(runs.items()):
+        table, derived = comparison(by_side)
+        any_run = next(iter(by_side.values()))
+        heading = (f"## {name}: budget {any_run.get('budget_s', 0) / 60:.1f} min per side, "
+                   f"{any_run.get('device')}, {str(any_run.get('date', ''))[:10]}")
+        print(heading)
+        for side, s in by_side.items():
+            print(f"- {LABELS[side]}: {s.get('version') or ''} ({s['_path']}); fit start -> train start "
+                  f"{_fmt(s.get('fit_to_train_s'), '.1f', ' s')}, checkpoint saving {_fmt(s.get('save_seconds'), '.1f', ' s')}")
+        for warning in derived["warnings"]:
+            print(f"!!! {warning} !!!")
+        print(table)
+        png = plot(by_side, name, out / f"accuracy_{name}.png")
+        with atomic_write(out / f"accuracy_{name}.md", "w") as handle:
+            handle.write(heading + "\n\n" + "".join(f"**{w}**\n\n" for w in derived["warnings"]) + table + "\n")
+        print(f"-> {png}, {out / f'accuracy_{name}.md'}\n")
+    return 0
+
+
+# =============================================================================================
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train one side for the budget, then score its checkpoints")
+    run.add_argument("--side", choices=SIDES, required=True)
+    run.add_argument("--data", default="aspirin", help="aspirin | ethanol | path of an MD17-layout npz")
+    run.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget (Lightning max_time)")
+    run.add_argument("--every", type=float, default=30.0, help="seconds between checkpoints")
+    run.add_argument("--out", default=os.environ.get("OUT", "bench/results/accuracy"),
+                     help="small results: split file, checkpoints_<side>.json, scores_<side>.json")
+    run.add_argument("--work", default=None, help="checkpoints, caches, run folders (default: a new temporary folder)")
+    run.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    run.add_argument("--split", default=None, help="reuse this torchmdx split file instead of drawing one")
+    run.add_argument("--train", type=int, default=700)
+    run.add_argument("--val", type=int, default=50)
+    run.add_argument("--test", type=int, default=250)
+    run.add_argument("--seed", type=int, default=0, help="split and training seed")
+    run.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
+    run.add_argument("--workers", type=int, default=None,
+                     help="data-loader workers for both sides (default: each side's recipe: TorchMD-NET 6, torchmdx's config)")
+    run.add_argument("--small", action="store_true", help="32 channels, 2 layers on both sides (CPU smoke test)")
+    run.add_argument("--torchmdx-set", action="append", metavar="KEY=VALUE",
+                     help="extra torchmdx config override (repeatable), e.g. --torchmdx-set data.loader=device")
+    report = sub.add_parser("report", help="table and PNG from the scores of both sides")
+    report.add_argument("dirs", nargs="+", help="folders (searched recursively) or scores_<side>.json files")
+    report.add_argument("--out", default=None, help="where accuracy_<data>.png/.md go (default: the first folder)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return cmd_run(args) if args.command == "run" else cmd_report(args)
+    except TorchmdxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
