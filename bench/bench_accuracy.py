@@ -385,7 +385,7 @@ def torchmdnet_hparams(ctx: dict) -> dict:
     hp.update(dataset="Custom", coord_files=files["coord"], embed_files=files["embed"], energy_files=files["energy"],
               force_files=files["force"], splits=str(ctx["tmdnet_splits"]), train_size=ctx["sizes"][0],
               val_size=ctx["sizes"][1], test_size=ctx["sizes"][2], seed=ctx["seed"], log_dir=str(ctx["work"] / "tmdnet"),
-              num_epochs=1_000_000, ngpus=1 if ctx["device"].startswith("cuda") else -1)
+              num_epochs=1_000_000, ngpus=1)
     if ctx["workers"] is not None:
         hp["num_workers"] = ctx["workers"]
     return hp
@@ -404,17 +404,24 @@ def write_custom_dataset(frames: dict, folder: Path) -> dict:
     return files
 
 
-def run_torchmdnet(ctx: dict, callback: WallClockCheckpoints) -> dict:
+def check_torchmdnet() -> None:
+    """One-line error when TorchMD-NET cannot be imported."""
     try:
-        import lightning.pytorch as pl
-        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-        from lightning.pytorch.loggers import CSVLogger
-        from torchmdnet.data import DataModule
-        from torchmdnet.models.model import create_prior_models
-        from torchmdnet.module import LNNP
+        import torchmdnet.data  # noqa: F401
+        import torchmdnet.module  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"TorchMD-NET is not importable ({exc}); install the wheels: python3 -m pip install "
                           "--no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD") from None
+
+
+def run_torchmdnet(ctx: dict, callback: WallClockCheckpoints) -> dict:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+    from torchmdnet.data import DataModule
+    from torchmdnet.models.model import create_prior_models
+    from torchmdnet.module import LNNP
+
     ctx["tmdnet_files"] = write_custom_dataset(ctx["frames"], ctx["work"] / "tmdnet_data")
     ctx["tmdnet_splits"] = ctx["work"] / "tmdnet_splits.npz"
     write_torchmdnet_splits(ctx["split_file"], len(ctx["frames"]["energy"]), ctx["frames"]["hash"], ctx["tmdnet_splits"])
@@ -523,15 +530,27 @@ def cmd_run(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here")
+    if args.side == "torchmdnet":
+        check_torchmdnet()
     data_path = resolve_data(args.data)
+    own_work = args.work is None
+    if not own_work and Path(args.work).exists() and any(Path(args.work).iterdir()):
+        raise ConfigError(f"--work {args.work} is not empty; give a new or empty folder")
+    work = Path(tempfile.mkdtemp(prefix=f"bench_accuracy_{args.side}_")) if own_work else Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(args, device, data_path, work)
+    finally:
+        if own_work and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, device: str, data_path: Path, work: Path) -> int:
+    import torch
+
     name = data_name(data_path)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    own_work = args.work is None
-    work = Path(tempfile.mkdtemp(prefix=f"bench_accuracy_{args.side}_")) if own_work else Path(args.work)
-    if not own_work and work.exists() and any(work.iterdir()):
-        raise ConfigError(f"--work {work} is not empty; give a new or empty folder")
-    work.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     frames = load_frames(data_path, work / "cache")
     n = len(frames["energy"])
@@ -597,8 +616,6 @@ def cmd_run(args) -> int:
         print(f"[{args.side}] final: {p['step']} steps in {p['t_train']:.0f} s of training "
               f"({scores.get('steps_per_s') or 0:.2f} steps/s), test F MAE {p['forces_mae']:.2f} meV/Å, "
               f"E MAE {p['energy_mae']:.2f} meV -> {scores_path}", flush=True)
-    if own_work and not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
