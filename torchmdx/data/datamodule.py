@@ -218,18 +218,18 @@ class TorchmdxDataModule(L.LightningDataModule):
         if self.config.loader != "fast" or self.dataset.transform is not None:
             _say(f"{cfg.path}: data.loader '{cfg.loader}': training batches are not packed")
             return None
+        device, world = self._training_device()
+        wanted = cfg.device_resident
+        if device.type != "cuda" and wanted is not True:
+            return None  # nothing is captured off the GPU: plain batches (device_resident: true packs anyway)
         counts = self.dataset._counts[indices]
         self.training_buckets = atom_buckets(counts, cfg.batch_size, seed=cfg.seed)
         pad_z = int(min(self.dataset.elements))
-        device, world = self._training_device()
-        wanted = cfg.device_resident
         reason = None
         if wanted is False:
             reason = None
         elif world > 1:
             reason = f"{world} processes (DDP) share the data"
-        elif device.type != "cuda" and wanted == "auto":
-            reason = f"training on {device.type}"
         elif device.type == "cuda":
             need = DeviceBatchLoader.nbytes(self.dataset, indices)
             free, _ = torch.cuda.mem_get_info(device)

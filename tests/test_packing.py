@@ -1,0 +1,339 @@
+"""Packed training batches (torchmdx.data.packing) and the step runner's in-step EMA and error sums.
+
+CPU:
+- size buckets: one exact bucket for molecules of one size; ascending quantile buckets ending at
+  the bound for molecules of different sizes, half of random batches in the smallest;
+- the packed layout: real atoms first, each padding atom a structure of its own, weights; the
+  neighbor list of a packed batch is the unpacked batch's (brute force on both) and never
+  touches a padding atom;
+- a padded step equals the unpadded eager step in float64 (loss, parameters after AdamW,
+  weight EMA, epoch error sums), for a joint MSE loss and a per-atom Huber loss;
+- the in-step EMA equals Lightning's ``AveragedModel`` with torchmdx's decay;
+- the device-resident loader gives the host loader's epoch order and batches (and leaves
+  torch's generator where the host loader leaves it);
+- a whole Lightning run with packed, device-resident batches (CPU) ends with the plain run's EMA
+  weights and epoch errors;
+- periodic data are not packed, with one line saying so.
+GPU (``@pytest.mark.gpu``): captured replays of packed batches of two buckets give the eager
+packed steps' losses and parameters.
+"""
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from torchmdx.data.datamodule import TorchmdxDataModule
+from torchmdx.data.loader import BatchLoader
+from torchmdx.data.packing import (
+    DeviceBatchLoader,
+    atom_buckets,
+    bound_capacity,
+    bucket_for,
+    pack,
+)
+from torchmdx.kernels.neighbors import neighbor_list
+from torchmdx.nn import ETPotential
+from torchmdx.train.config import TrainConfig
+from torchmdx.train.ema import _EMAStep, ema_update
+from torchmdx.train.graphed import GraphedTrainStep, packed_shape
+from torchmdx.train.metrics import SUM_STATES, error_sums
+from torchmdx.train.module import train_error_sums, training_objective
+
+TINY = {"embedding_dimension": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff_upper": 4.0,
+        "backend": "torch", "seed": 0, "dtype": "float64"}
+JOINT = TrainConfig(energy_weight=0.2, force_weight=0.8)
+PER_ATOM_HUBER = TrainConfig(energy_weight=1.0, force_weight=0.5, loss="huber", huber_delta=0.05, energy_loss="per_atom")
+
+
+def molecules(counts, seed=0, box=5.0, min_distance=0.9, dtype=torch.float64, device="cpu"):
+    """Random H/C/N/O molecules in a box (no two atoms closer than ``min_distance``), random
+    reference energies and forces: z, pos, batch, energy [B], forces [N, 3]."""
+    rng = np.random.default_rng(seed)
+    z, pos, batch = [], [], []
+    for b, n in enumerate(counts):
+        while True:
+            p = rng.uniform(0.0, box, (n, 3))
+            d = np.linalg.norm(p[:, None] - p[None], axis=-1) + np.eye(n) * 1e3
+            if d.min() > min_distance:
+                break
+        z.append(rng.choice([1, 6, 7, 8], n))
+        pos.append(p)
+        batch.append(np.full(n, b))
+    t = lambda a, dt: torch.tensor(np.concatenate(a), dtype=dt, device=device)  # noqa: E731
+    return (t(z, torch.long), t(pos, dtype), t(batch, torch.long),
+            torch.tensor(rng.normal(size=len(counts)), dtype=dtype, device=device),
+            torch.tensor(rng.normal(size=(sum(counts), 3)), dtype=dtype, device=device))
+
+
+# ------------------------------------------------------------------------------------- buckets
+def test_buckets_of_one_size_and_of_many_sizes():
+    assert atom_buckets(np.full(700, 21), 8) == [168]
+    rng = np.random.default_rng(0)
+    counts = rng.integers(3, 24, size=2000)
+    buckets = atom_buckets(counts, 32, seed=1)
+    assert buckets == sorted(buckets) and 2 <= len(buckets) <= 4
+    assert buckets[-1] == bound_capacity(counts, 32) == int(np.sort(counts)[-32:].sum())
+    # half of fresh random batches fit the smallest bucket, nearly all the second-largest
+    totals = np.array([counts[rng.permutation(counts.size)[:32]].sum() for _ in range(400)])
+    assert (totals <= buckets[0]).mean() >= 0.4
+    assert (totals <= buckets[-2]).mean() >= 0.95
+    assert bucket_for(buckets[0], buckets) == buckets[0]
+    assert bucket_for(buckets[0] + 1, buckets) == buckets[1]
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        bucket_for(buckets[-1] + 1, buckets)
+
+
+# -------------------------------------------------------------------------------------- layout
+def test_packed_layout_and_neighbor_list_without_padding_pairs():
+    counts = [5, 3, 7]
+    z, pos, batch, energy, forces = molecules(counts, seed=2)
+    packed = pack(z, pos, energy, forces, np.array(counts), atom_capacity=24, batch_size=4, pad_z=1)
+    A, S = 24, 4 + 24
+    assert packed.z.shape == (A,) and packed.energy.shape == (S,) and packed.num_structures == S
+    assert (packed.real_atoms, packed.real_structures, packed.pair_bound) == (15, 3, 5 * 4 + 3 * 2 + 7 * 6)
+    assert torch.equal(packed.batch[:15], batch) and torch.equal(packed.batch[15:], 4 + torch.arange(15, 24))
+    assert bool((packed.batch[1:] >= packed.batch[:-1]).all())  # sorted, as PyG batches
+    assert torch.equal(packed.z[15:], torch.ones(9, dtype=torch.long)) and not packed.pos[15:].any()
+    assert packed.n_atoms.tolist() == [5, 3, 7, 0] + [0] * 15 + [1] * 9
+    assert packed.atom_weight.tolist() == [1.0] * 15 + [0.0] * 9
+    assert packed.structure_weight.tolist() == [1.0] * 3 + [0.0] * 25
+    assert torch.equal(packed.energy[:3], energy) and not packed.energy[3:].any()
+    # all padding atoms sit at the origin, on top of each other: still no pair (own structures)
+    ref = neighbor_list(pos, 4.0, batch, backend="torch", method="brute")
+    got = neighbor_list(packed.pos, 4.0, packed.batch, backend="torch", method="brute")
+    pairs = lambda nl: sorted(map(tuple, nl.edge_index.T.tolist()))  # noqa: E731
+    assert pairs(got) == pairs(ref) and len(pairs(ref)) > 0
+    assert int(got.edge_index.max()) < 15
+
+
+# ------------------------------------------------------------------ padded step == unpadded step
+def averaged_state(model):
+    return {"averaged": [p.detach().clone() for p in model.parameters()], "current": list(model.parameters()),
+            "averaged_buffers": [b.detach().clone() for b in model.buffers()], "buffers": list(model.buffers()),
+            "num_averaged": torch.zeros((), dtype=torch.long), "decay": 0.99}
+
+
+def runner(model, cfg, clip=None):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    sums = functools.partial(train_error_sums, cfg)
+    return GraphedTrainStep(model, optimizer, functools.partial(training_objective, cfg), clip_value=clip,
+                            capture=False, error_sums=lambda e, n, f, sw, aw: sums(e, n, f, sw, aw),
+                            ema=averaged_state(model))
+
+
+@pytest.mark.parametrize("cfg", [JOINT, PER_ATOM_HUBER], ids=["mse-joint", "huber-per-atom"])
+def test_padded_step_equals_unpadded_step_float64(cfg):
+    plain_model = ETPotential(TINY)
+    packed_model = copy.deepcopy(plain_model)
+    plain, packed = runner(plain_model, cfg, clip=0.5), runner(packed_model, cfg, clip=0.5)
+    schedule = [[6, 4, 9, 3], [5, 5, 8, 2], [7, 3]]  # the last batch has fewer structures
+    buckets = [24, 32]
+    for k, counts in enumerate(schedule):
+        z, pos, batch, energy, forces = molecules(counts, seed=10 + k)
+        out_plain = plain.step(z, pos, batch, energy, forces)
+        p = pack(z, pos, energy, forces, np.array(counts), bucket_for(sum(counts), buckets), 4, pad_z=1)
+        out_packed = packed.step(p.z, p.pos, p.batch, p.energy, p.forces, shape=packed_shape(p), n_atoms=p.n_atoms,
+                                 structure_weight=p.structure_weight, atom_weight=p.atom_weight)
+        assert float(out_packed.loss) == pytest.approx(float(out_plain.loss), rel=1e-12, abs=1e-14), k
+    for a, b in zip(plain_model.parameters(), packed_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-11)
+    for a, b in zip(plain.ema["averaged"], packed.ema["averaged"]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-11)
+    assert int(plain.ema["num_averaged"]) == int(packed.ema["num_averaged"]) == 3
+    sums_plain, sums_packed = plain.take_sums(), packed.take_sums()
+    torch.testing.assert_close(sums_packed, sums_plain, rtol=1e-11, atol=1e-12)
+    n_structures = sum(len(c) for c in schedule)
+    assert float(sums_plain[SUM_STATES.index("n_structures")]) == n_structures
+    assert float(sums_plain[SUM_STATES.index("n_components")]) == 3 * sum(map(sum, schedule))
+    assert not packed.sums.any()  # take_sums restarted the accumulator
+
+
+def test_error_sums_by_hand():
+    error = torch.tensor([0.5, -1.0, 7.0], dtype=torch.float64)  # the third structure is padding
+    n_atoms = torch.tensor([2, 4, 0])
+    force = torch.tensor([[1.0, -2.0, 0.0], [0.0, 0.0, 3.0], [9.0, 9.0, 9.0]], dtype=torch.float64)
+    sums = error_sums(error, n_atoms, force, "mse", structure_weight=torch.tensor([1.0, 1.0, 0.0]),
+                      atom_weight=torch.tensor([1.0, 1.0, 0.0]))
+    expected = [2, 1.5, 1.25, 1.25, 0.25 + 0.25, 0.0625 + 0.0625, 6, 6, 14, 14]
+    assert sums.tolist() == pytest.approx(expected)
+
+
+def test_in_step_ema_equals_lightning_averaged_model():
+    from torch.optim.swa_utils import AveragedModel
+
+    model = ETPotential(TINY)
+    averaged = AveragedModel(model, use_buffers=False, avg_fn=_EMAStep(0.9))
+    state = averaged_state(model)
+    state["decay"] = 0.9
+    rng = torch.Generator().manual_seed(0)
+    for step in range(14):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=rng, dtype=p.dtype))
+        averaged.update_parameters(model)
+        skip = torch.tensor(step == 5)  # a skipped (overflowed) step changes nothing ...
+        ema_update(state["averaged"], state["current"], state["num_averaged"], state["decay"], skip=skip,
+                   averaged_buffers=state["averaged_buffers"], buffers=state["buffers"])
+        if step == 5:  # ... so the reference redoes it
+            ema_update(state["averaged"], state["current"], state["num_averaged"], state["decay"])
+    for a, b in zip(averaged.parameters(), state["averaged"]):
+        torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-13)
+    assert int(state["num_averaged"]) == int(averaged.n_averaged) == 14
+
+
+# --------------------------------------------------------------------------- loaders and order
+def ani_module(shared_data, tmp_path, **overrides):
+    config = {"path": str(shared_data / "ani" / "ani1x_xtb.h5"), "format": "ani1x", "energy_key": "gfn2xtb.energy",
+              "forces_key": "gfn2xtb.forces", "train_size": 120, "val_size": 20, "test_size": 20, "batch_size": 16,
+              "seed": 0, "cache_dir": str(tmp_path / "cache"), **overrides}
+    module = TorchmdxDataModule(config, pack_training=True)
+    module.setup("fit")
+    return module
+
+
+def test_device_loader_gives_the_host_loaders_batches_in_the_same_order(shared_data, tmp_path):
+    data = ani_module(shared_data, tmp_path)
+    train = data.split["train"]
+    buckets = atom_buckets(data.dataset._counts[train], 16, seed=0)
+    assert len(buckets) >= 2  # molecules of 3-11 atoms
+    host = BatchLoader(data.dataset, batch_size=16, shuffle=True, indices=train, pack={"buckets": buckets, "pad_z": 1})
+    device = DeviceBatchLoader(data.dataset, train, 16, buckets, 1, "cpu")
+    plain = BatchLoader(data.dataset, batch_size=16, shuffle=True, indices=train)
+    assert len(device) == len(host) == len(plain) == 8
+    for epoch in range(2):
+        torch.manual_seed(100 + epoch)
+        from_host = list(host)
+        after_host = torch.get_rng_state()
+        torch.manual_seed(100 + epoch)
+        from_device = list(device)
+        assert torch.equal(torch.get_rng_state(), after_host)
+        torch.manual_seed(100 + epoch)
+        from_plain = list(plain)
+        for h, d, p in zip(from_host, from_device, from_plain):
+            for name in ("z", "pos", "batch", "energy", "forces", "n_atoms", "atom_weight", "structure_weight"):
+                assert torch.equal(getattr(h, name), getattr(d, name)), name
+            assert (h.real_atoms, h.real_structures, h.pair_bound) == (d.real_atoms, d.real_structures, d.pair_bound)
+            n = p.z.shape[0]
+            assert torch.equal(d.z[:n], p.z) and torch.equal(d.pos[:n], p.pos) and torch.equal(d.forces[:n], p.forces)
+            assert torch.equal(d.energy[:p.num_graphs], p.energy.reshape(-1)) and d.atom_capacity in buckets
+    # a new epoch, a new order
+    assert not torch.equal(from_device[0].pos, list(device)[0].pos)
+
+
+def test_packed_device_resident_run_equals_plain_run_cpu(shared_data, tmp_path):
+    """Lightning run, float64 on the CPU: packed batches from the device-resident loader through
+    the step runner (EMA and error sums inside it) against plain PyG batches through Lightning's
+    loop and EMA callback. Same order, same EMA weights, same logged epoch errors."""
+    from torchmdx.train.config import build_run_config
+    from torchmdx.train.run import train
+
+    import lightning as L
+
+    class Where(L.Callback):
+        def on_fit_end(self, trainer, module):
+            self.batches = trainer.datamodule.training_batches
+            self.stats = module.cuda_graph_stats
+
+    results, where = {}, {}
+    for name, extra in (("plain", {}), ("packed", {"cuda_graph": True})):
+        values = {
+            "data": {"path": str(shared_data / "ani" / "ani1x_xtb.h5"), "format": "ani1x",
+                     "energy_key": "gfn2xtb.energy", "forces_key": "gfn2xtb.forces", "train_size": 48,
+                     "val_size": 16, "test_size": 16, "batch_size": 8, "seed": 0, "dtype": "float64",
+                     "cache_dir": str(tmp_path / "cache"), "device_resident": name == "packed"},
+            "model": dict(TINY),
+            "train": {"energy_weight": 0.2, "force_weight": 0.8, "lr": 1e-3, "lr_warmup_steps": 4, "ema_decay": 0.9,
+                      **extra},
+            "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                        "gradient_clip_val": 5.0, "log_every_n_steps": 2},
+            "run_dir": str(tmp_path / name),
+        }
+        where[name] = Where()
+        if name == "packed":
+            with pytest.warns(UserWarning, match="CUDA graphs need a GPU"):
+                result = train(build_run_config(values), callbacks=[where[name]])
+        else:
+            result = train(build_run_config(values), callbacks=[where[name]])
+        state = torch.load(result["checkpoint_last"], map_location="cpu", weights_only=False)
+        results[name] = (state["state_dict"], result)
+    assert where["plain"].batches is None and where["packed"].batches == "device"
+    assert where["packed"].stats["eager_steps"] == 12 and where["packed"].stats["captures"] == 0
+    plain, packed = results["plain"][0], results["packed"][0]
+    assert plain.keys() == packed.keys()
+    for key in plain:
+        torch.testing.assert_close(packed[key], plain[key], rtol=1e-9, atol=1e-11, msg=key)
+    rows = {}
+    for name in results:
+        import csv
+
+        with open(tmp_path / name / "logs" / "csv" / "metrics.csv") as handle:
+            rows[name] = [r for r in csv.DictReader(handle) if r.get("train_forces_mae")]
+    assert len(rows["plain"]) == len(rows["packed"]) == 2
+    for a, b in zip(rows["plain"], rows["packed"]):
+        for key in ("train_forces_mae", "train_energy_mae", "train_loss"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-9), key
+
+
+def test_periodic_data_are_not_packed_and_say_so(tmp_path, capsys):
+    from ase.build import bulk
+    from ase.calculators.lj import LennardJones
+    from ase.io import write
+
+    frames = []
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        atoms = bulk("Ar", "fcc", a=5.26).repeat((2, 2, 2))
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        atoms.calc = LennardJones(epsilon=0.0104, sigma=3.4, rc=8.0)
+        atoms.get_potential_energy()
+        frames.append(atoms)
+    path = tmp_path / "argon.extxyz"
+    write(path, frames)
+    data = TorchmdxDataModule({"path": str(path), "train_size": 8, "val_size": 2, "test_size": 2, "batch_size": 4,
+                               "cache_dir": str(tmp_path / "cache"), "device_resident": True}, pack_training=True)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    assert isinstance(loader, BatchLoader) and data.training_batches is None and data.training_buckets == []
+    lines = [line for line in capsys.readouterr().out.splitlines() if "not packed" in line]
+    assert len(lines) == 1 and "periodic" in lines[0] and str(path) in lines[0]
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+def test_captured_packed_steps_equal_eager_packed_steps_gpu():
+    config = {**TINY, "dtype": "float32", "embedding_dimension": 32, "num_heads": 4}
+    reference = ETPotential(config).cuda()
+    graphed = copy.deepcopy(reference)
+    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    opt_graph = torch.optim.AdamW(graphed.parameters(), lr=1e-3, fused=True, capturable=True)
+    objective = functools.partial(training_objective, JOINT)
+    sums = functools.partial(train_error_sums, JOINT)
+    eager = GraphedTrainStep(reference, opt_ref, objective, capture=False, error_sums=lambda *a: sums(*a),
+                             ema={**averaged_state(reference), "num_averaged": torch.zeros((), dtype=torch.long, device="cuda")})
+    captured = GraphedTrainStep(graphed, opt_graph, objective, capture=True, error_sums=lambda *a: sums(*a),
+                                ema={**averaged_state(graphed), "num_averaged": torch.zeros((), dtype=torch.long, device="cuda")},
+                                max_shapes=3)
+    buckets = [40, 56]
+    rng = np.random.default_rng(0)
+    start = [p.detach().clone() for p in reference.parameters()]
+    for k in range(12):
+        counts = rng.integers(3, 12, size=int(rng.integers(3, 6)))
+        z, pos, batch, energy, forces = molecules(list(counts), seed=k, dtype=torch.float32, device="cuda")
+        p = pack(z, pos, energy, forces, counts, bucket_for(int(counts.sum()), buckets), 5, pad_z=1)
+        kwargs = dict(shape=packed_shape(p), n_atoms=p.n_atoms, structure_weight=p.structure_weight,
+                      atom_weight=p.atom_weight)
+        loss_ref = eager.step(p.z, p.pos, p.batch, p.energy, p.forces, **kwargs).loss
+        loss = captured.step(p.z, p.pos, p.batch, p.energy, p.forces, **kwargs).loss
+        assert float(loss) == pytest.approx(float(loss_ref), rel=1e-4), k
+    torch.cuda.synchronize()
+    stats = captured.check()
+    assert stats["captures"] == 2 and stats["replays"] >= 6 and stats["skipped"] == 0, stats
+    for a, b, a0 in zip(reference.parameters(), graphed.parameters(), start):
+        assert float((b - a).abs().max()) < 0.05 * 1e-3
+        assert float((a - a0).abs().max()) > 0
+    for a, b in zip(eager.ema["averaged"], captured.ema["averaged"]):
+        assert float((b - a).abs().max()) < 0.05 * 1e-3
+    torch.testing.assert_close(captured.take_sums(), eager.take_sums(), rtol=1e-3, atol=1e-6)
