@@ -512,7 +512,8 @@ class PotentialModule(L.LightningModule):
         self._graph_step, self._graphed_batch = None, False
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
-        if self._graph_step is not None and self.trainer.training and hasattr(batch, "pos"):
+        if (self._graph_step is not None and self.trainer.training and hasattr(batch, "pos")
+                and not isinstance(batch, PackedBatch)):
             from torchmdx.train.graphed import batch_shape
 
             batch_shape(batch)  # host description of the CPU batch, remembered on it (no device read)
