@@ -164,6 +164,9 @@ def compiled_function(fn: Callable, device_type: str = "cpu") -> Callable:
     key = (fn, device_type)
     compiled = _COMPILED.get(key)
     if compiled is None:
+        from torchmdx.nn import compile_cache
+
+        compile_cache.ensure()  # compiled graphs kept across runs (keyed by content)
         options = dict(CUDA_COMPILE_OPTIONS) if device_type == "cuda" and CUDA_COMPILE_OPTIONS else None
         compiled = _COMPILED[key] = torch.compile(fn, options=options)
     return compiled

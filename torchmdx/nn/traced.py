@@ -268,6 +268,9 @@ class TracedForces:
         device_type = args[2].device.type
         defaults = TRAINING_COMPILE_OPTIONS if self.training else COMPILE_OPTIONS
         options = self.options if self.options is not None else defaults.get(device_type)
+        from torchmdx.nn import compile_cache
+
+        compile_cache.ensure()  # compiled graphs kept across runs (keyed by content)
         compiled = torch.compile(graph_module, dynamic=False, fullgraph=True, options=options or None)
         return _CompiledGraph(graph_module, compiled, options)
 
@@ -287,7 +290,8 @@ class TracedForces:
 
 class _CompiledGraph:
     """A compiled traced graph; compilation happens at the first call, and if it fails there it
-    is tried once more with :data:`FALLBACK_OPTIONS` (then the error propagates)."""
+    is tried once more with :data:`FALLBACK_OPTIONS` (then the error propagates); a failure to read
+    the compile cache (:mod:`torchmdx.nn.compile_cache`) empties it and compiles again."""
 
     def __init__(self, graph_module, compiled, options):
         self.graph_module = graph_module
@@ -303,6 +307,13 @@ class _CompiledGraph:
         except Exception as exc:  # noqa: BLE001 - compiler failures have no stable type
             import warnings
 
+            from torchmdx.nn import compile_cache
+
+            if compile_cache.rebuild_after(exc):  # an unreadable cache entry: compile afresh
+                self.compiled = torch.compile(self.graph_module, dynamic=False, fullgraph=True, options=self.options)
+                out = self.compiled(*args)
+                self.ready = True
+                return out
             warnings.warn(f"compiling the traced graph failed ({type(exc).__name__}); trying {FALLBACK_OPTIONS}")
             options = {**(self.options or {}), **FALLBACK_OPTIONS}
             self.compiled = torch.compile(self.graph_module, dynamic=False, fullgraph=True, options=options)

@@ -88,7 +88,11 @@ class TrainConfig:
     nothing can overflow (slower: 27 vs 21 ms per step for 32 aspirins on an H100).
     ``cuda_graph_compile``: inside the captured step, the model, its forces and their parameter
     gradients run as one traced and compiled graph (:mod:`torchmdx.nn.traced`; the first step of
-    each batch shape compiles for a minute or two); false: the model's eager autograd.
+    each batch shape compiles for a minute or two, once: the graphs are cached across runs,
+    :mod:`torchmdx.nn.compile_cache`); false (default): the model's eager autograd, captured as
+    is, which starts in seconds. Off by default because a time-limited run loses more to the
+    compile than it gains (H200: 95 s per batch shape for 16.4 vs 22.2 ms per 32-aspirin step,
+    and at the MD17 recipe's batch of 8 the host, not the GPU, set the pace; docs/training.md).
     """
 
     energy_weight: float = 1.0
@@ -115,7 +119,7 @@ class TrainConfig:
     seed: int = 1
     cuda_graph: bool = False
     cuda_graph_pair_headroom: Optional[float] = 1.1
-    cuda_graph_compile: bool = True
+    cuda_graph_compile: bool = False
 
     def validate(self, section: str = "train") -> None:
         bad = partial(bad_key, section)
