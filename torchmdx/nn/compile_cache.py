@@ -65,7 +65,7 @@ def ensure(folder: Optional[Path] = None) -> Optional[Path]:
     when the user's ``TORCHINDUCTOR_CACHE_DIR`` is in charge) and check its manifest."""
     if _state["dir"] is not None and folder is None:
         return _state["dir"]
-    if folder is None and os.environ.get(INDUCTOR_ENV) and _state["dir"] is None:
+    if folder is None and _user_inductor_dir():
         _enable_caches()
         return None
     root = Path(folder) if folder is not None else default_dir()
@@ -79,6 +79,17 @@ def ensure(folder: Optional[Path] = None) -> Optional[Path]:
     _enable_caches()
     _state["dir"] = root
     return root
+
+
+def _user_inductor_dir() -> bool:
+    """Is ``TORCHINDUCTOR_CACHE_DIR`` the user's choice? (Inductor writes its /tmp default into the
+    variable the first time it looks, so that value does not count.)"""
+    value = os.environ.get(INDUCTOR_ENV)
+    if not value:
+        return False
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.abspath(value) != os.path.abspath(default_cache_dir())
 
 
 def _enable_caches() -> None:
