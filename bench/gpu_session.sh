@@ -3,6 +3,8 @@
 #   bash bench/gpu_session.sh tests md        # GPU tests + MD benchmark
 #   bash bench/gpu_session.sh anchor model    # TorchMD-NET 3.0.0 anchor + torchmdx model benchmark
 #   bash bench/gpu_session.sh train           # CUDA-graph training step (bench/bench_train.py)
+#   bash bench/gpu_session.sh trainrun        # whole training runs per variant (bench/bench_train_run.py)
+#   bash bench/gpu_session.sh accuracy-torchmdnet   # then, in a second call, accuracy-torchmdx (bench/bench_accuracy.py)
 # Environment knobs: MODEL_ARGS / MODEL_TIMEOUT, MD_SYSTEMS / MD_ARGS / MD_TIMEOUT, TRAIN_ARGS / TRAIN_TIMEOUT,
 # TESTS_ARGS (pytest selection, default every -m gpu test), BENCH_GRAPH_VARIANTS (bench_model's graph columns).
 # Needs `.whl/` (ase, vesin, vesin-torch, torchmd-net, pytest wheels) and `.benchdata/` (the
@@ -30,6 +32,11 @@ for part in "$@"; do
     model) timeout ${MODEL_TIMEOUT:-200} python3 bench/bench_model.py --data .benchdata --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/bench_model.log" ;;
     train) timeout ${TRAIN_TIMEOUT:-150} python3 bench/bench_train.py --data .benchdata --out "$OUT" --no-profile ${TRAIN_ARGS:-} \
           2>&1 | tee "$OUT/bench_train.log" ;;
+    trainrun) timeout ${TRAINRUN_TIMEOUT:-420} python3 bench/bench_train_run.py --data .benchdata --out "$OUT" \
+          --seconds ${TRAINRUN_SECONDS:-45} ${TRAINRUN_ARGS:-} 2>&1 | tee "$OUT/bench_train_run.log" ;;
+    accuracy-torchmdnet|accuracy-torchmdx) side=${part#accuracy-}
+          timeout ${ACCURACY_TIMEOUT:-570} python3 bench/bench_accuracy.py run --side $side --data ${ACCURACY_DATA:-aspirin} \
+          --minutes ${ACCURACY_MINUTES:-5} --out "$OUT/accuracy_$side" ${ACCURACY_ARGS:-} 2>&1 | tee "$OUT/accuracy_$side.log" ;;
     neighbors) timeout 200 python3 bench/bench_neighbors.py --sizes 1000,10000,100000 --systems .benchdata \
           --out "$OUT" 2>&1 | tee "$OUT/bench_neighbors.log" ;;
     *) echo "unknown part $part" ;;
