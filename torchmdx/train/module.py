@@ -163,11 +163,11 @@ class PotentialModule(L.LightningModule):
     def __init__(self, model: dict, train: Optional[dict] = None, data: Optional[dict] = None,
                  inference_batch_size: int = 64):
         super().__init__()
-        from torchmdx.nn.potential import ETPotential
+        from torchmdx.nn.model_file import build_model
 
         self.save_hyperparameters()
         self.train_config: TrainConfig = from_dict(TrainConfig, train or {}, "train")
-        self.model = ETPotential(dict(model))
+        self.model = build_model(dict(model))  # model.architecture picks the Potential class
         cfg = self.train_config
         # ("train" cannot be a ModuleDict key: it is Module.train)
         self.errors = torch.nn.ModuleDict(
