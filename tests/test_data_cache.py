@@ -30,13 +30,13 @@ def md17_copy(shared_data, tmp_path):
 @pytest.fixture
 def count_reads(monkeypatch):
     calls = []
-    original = cache_mod.read_structures
+    original = cache_mod.iter_structures
 
     def counting(*args, **kwargs):
         calls.append(args[0])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(cache_mod, "read_structures", counting)
+    monkeypatch.setattr(cache_mod, "iter_structures", counting)
     return calls
 
 
@@ -82,27 +82,27 @@ def test_options_give_separate_caches(shared_data, tmp_path):
 
 def test_crash_during_write_leaves_no_cache(md17_copy, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
-    original = cache_mod._write_dataset
+    original = cache_mod.CacheWriter._copy
     written = []
 
-    def crash_midway(h5, name, array):
-        if len(written) == 3:
+    def crash_midway(self, h5, name, *args):
+        if len(written) == 2:
             raise RuntimeError("simulated crash while writing the cache")
         written.append(name)
-        original(h5, name, array)
+        original(self, h5, name, *args)
 
-    monkeypatch.setattr(cache_mod, "_write_dataset", crash_midway)
+    monkeypatch.setattr(cache_mod.CacheWriter, "_copy", crash_midway)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_cache(md17_copy, cache_dir=cache_dir)
-    assert written == ["z", "pos", "energy"]  # it did crash midway
-    assert list(cache_dir.iterdir()) == []  # neither a cache nor a temporary file
+    assert written == ["z", "pos"]  # it did crash midway
+    assert list(cache_dir.iterdir()) == []  # neither a cache nor a temporary file or spill folder
     assert find_cache(md17_copy, cache_dir=cache_dir) is None
     # an existing good cache survives a failed rebuild untouched
-    monkeypatch.setattr(cache_mod, "_write_dataset", original)
+    monkeypatch.setattr(cache_mod.CacheWriter, "_copy", original)
     good = build_cache(md17_copy, cache_dir=cache_dir)
     before = good.read_bytes()
     written.clear()
-    monkeypatch.setattr(cache_mod, "_write_dataset", crash_midway)
+    monkeypatch.setattr(cache_mod.CacheWriter, "_copy", crash_midway)
     with pytest.raises(RuntimeError):
         build_cache(md17_copy, cache_dir=cache_dir, force=True)
     assert good.read_bytes() == before and sorted(p.name for p in cache_dir.iterdir()) == [good.name]

@@ -27,10 +27,14 @@ from typing import Optional
 import numpy as np
 
 from torchmdx.data.md17 import unit_factors
-from torchmdx.data.structures import StructureBuilder, Structures
+from torchmdx.data.structures import StructureBuilder, Structures, concat_structures
 from torchmdx.errors import DataError
 
 ANI1X_DEFAULT_METHOD = "wb97x_dz"
+
+
+#: atoms per chunk of a streamed read (about 50 MB of positions and forces in float64)
+CHUNK_ATOMS = 1 << 20
 
 
 def open_h5(path: Path):
@@ -39,7 +43,50 @@ def open_h5(path: Path):
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
+        raise DataError(f"{path}: {_h5_problem(path, exc)}") from None
+
+
+def _h5_problem(path: Path, exc: Exception) -> str:
+    """What is wrong with an HDF5 file h5py cannot open, in words."""
+    import re
+
+    text = str(exc)
+    found = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", text)
+    if found:
+        have, want = int(found.group(1)), int(found.group(2))
+        return (f"the file ends early: {have} of its {want} bytes are there (truncated, e.g. an interrupted copy "
+                "or download); copy or download it again")
+    return f"not a readable HDF5 file ({text})"
+
+
+def read_rows(group, key: str, start: int, stop: Optional[int], where: str) -> np.ndarray:
+    """Rows ``start:stop`` of dataset ``key`` of an HDF5 group; a one-line DataError naming the
+    group and the rows when they cannot be read (a file that ends early, a damaged block)."""
+    try:
+        return group[key][()] if stop is None else group[key][start:stop]
+    except (OSError, RuntimeError, ValueError) as exc:
+        rows = "" if stop is None else f" conformations {start}..{stop - 1}"
+        raise DataError(f"{where}: cannot read '{key}'{rows}: the file ends early or is damaged "
+                        f"({str(exc).splitlines()[0]})") from None
+
+
+def _first_non_finite(values: np.ndarray, what: str, where: str, start: int, per_atom: bool) -> None:
+    finite = np.isfinite(values)
+    if finite.all():
+        return
+    rows = finite.reshape(len(values), -1).all(axis=1)
+    k = int(np.flatnonzero(~rows)[0])
+    bad = values[k][~finite[k]].ravel()[0]
+    atom = ""
+    if per_atom:
+        atom = f" (atom {int(np.flatnonzero(~finite[k].reshape(finite.shape[1], -1).all(axis=1))[0])})"
+    raise DataError(f"{where}: non-finite {what} ({bad}) in conformation {start + k}{atom}")
+
+
+def _conformation_slices(n: int, natoms: int, chunk_atoms: int):
+    step = max(1, chunk_atoms // max(natoms, 1))
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
 
 
 def molecule_groups(h5, required: str) -> list:
@@ -71,6 +118,13 @@ def describe_keys(h5) -> str:
 
 def read_ani1(path, energy_key: Optional[str] = None, energy_unit: Optional[str] = None) -> Structures:
     """ANI-1 layout: groups with ``coordinates``, ``species`` and ``energies`` (Hartree)."""
+    return concat_structures(iter_ani1(path, energy_key, energy_unit), str(path))
+
+
+def iter_ani1(path, energy_key: Optional[str] = None, energy_unit: Optional[str] = None,
+              chunk_atoms: int = CHUNK_ATOMS):
+    """:func:`read_ani1` as validated chunks of about ``chunk_atoms`` atoms (a streamed read:
+    memory does not grow with the file)."""
     from ase.data import atomic_numbers
     from tqdm.auto import tqdm
 
@@ -95,9 +149,39 @@ def read_ani1(path, energy_key: Optional[str] = None, energy_unit: Optional[str]
                 numbers = [atomic_numbers[s.strip().capitalize()] for s in species]
             except KeyError as exc:
                 raise DataError(f"{where}: unknown element symbol {exc.args[0]!r} in 'species'") from None
-            builder.add(numbers, group["coordinates"][()] * length, group[key][()] * e,
-                        group=group.name.lstrip("/"), where=where)
-    return builder.build()
+            n = _check_group_shapes(group, where, len(numbers), key, None)
+            for a, b in _conformation_slices(n, len(numbers), chunk_atoms):
+                positions = read_rows(group, "coordinates", a, b, where)
+                energy = read_rows(group, key, a, b, where)
+                _first_non_finite(positions, "coordinates", where, a, per_atom=True)
+                _first_non_finite(energy, "energy", where, a, per_atom=False)
+                builder.add(numbers, positions * length, energy * e, group=group.name.lstrip("/"), where=where)
+                if builder.pending_atoms >= chunk_atoms:
+                    yield builder.take_chunk()
+    chunk = builder.take_chunk()
+    if chunk is not None:
+        yield chunk
+
+
+def _check_group_shapes(group, where: str, natoms: int, ekey: str, fkey: Optional[str]) -> int:
+    """Number of conformations of an ANI group, after checking the datasets' shapes agree
+    (without reading them); a one-line DataError naming the group otherwise."""
+    shape = group["coordinates"].shape
+    if len(shape) != 3 or shape[1:] != (natoms, 3):
+        raise DataError(f"{where}: 'coordinates' has shape {shape} but there are {natoms} atomic numbers; "
+                        f"expected (n, {natoms}, 3)")
+    n = shape[0]
+    e_shape = group[ekey].shape
+    if len(e_shape) != 1 or e_shape[0] != n:
+        ends = f"; it ends early, at conformation {e_shape[0]}" if len(e_shape) == 1 and e_shape[0] < n else ""
+        raise DataError(f"{where}: '{ekey}' has shape {e_shape} for {n} conformations (coordinates){ends}")
+    if fkey is not None:
+        f_shape = group[fkey].shape
+        if f_shape != shape:
+            ends = f"; it ends early, at conformation {f_shape[0]}" if len(f_shape) == 3 and f_shape[0] < n \
+                and f_shape[1:] == shape[1:] else ""
+            raise DataError(f"{where}: '{fkey}' has shape {f_shape} but coordinates {shape}{ends}")
+    return n
 
 
 def _choose_energy_key(path, group, energy_key):
@@ -119,6 +203,13 @@ def read_ani1x(path, energy_key: Optional[str] = None, forces_key: Optional[str]
                energy_unit: Optional[str] = None) -> Structures:
     """ANI-1x layout: groups with ``atomic_numbers``, ``coordinates`` and ``<method>.energy`` /
     ``<method>.forces`` (Hartree, Hartree/Å)."""
+    return concat_structures(iter_ani1x(path, energy_key, forces_key, energy_unit), str(path))
+
+
+def iter_ani1x(path, energy_key: Optional[str] = None, forces_key: Optional[str] = None,
+               energy_unit: Optional[str] = None, chunk_atoms: int = CHUNK_ATOMS):
+    """:func:`read_ani1x` as validated chunks of about ``chunk_atoms`` atoms (a streamed read:
+    each group is read in slices of conformations, so memory does not grow with the file)."""
     from tqdm.auto import tqdm
 
     path = Path(path)
@@ -138,28 +229,44 @@ def read_ani1x(path, energy_key: Optional[str] = None, forces_key: Optional[str]
         builder = StructureBuilder(str(path), format="ani1x", energy_key=ekey, forces_key=fkey,
                                    units_in={"energy": energy_unit or "Hartree"})
         builder.metadata.update({k: str(v) for k, v in h5.attrs.items() if k == "theory"})
+        builder.metadata["dropped"] = 0
         dropped = 0
         for group in tqdm(groups, desc="reading ANI-1x", unit=" formulas", disable=None):
             where = f"{path}:{group.name}"
             for key in (ekey, fkey):
                 if key is not None and key not in group:
                     raise DataError(f"{where}: no '{key}' dataset; found: {', '.join(sorted(group.keys()))}")
-            energy = group[ekey][()]
-            positions = group["coordinates"][()]
-            forces = group[fkey][()] if fkey else None
-            if energy.shape[0] != positions.shape[0]:
-                raise DataError(f"{where}: {energy.shape[0]} energies for {positions.shape[0]} conformations")
-            keep = ~np.isnan(energy)
-            if forces is not None:
-                if forces.shape != positions.shape:
-                    raise DataError(f"{where}: '{fkey}' has shape {forces.shape} but coordinates {positions.shape}")
-                keep &= ~np.isnan(forces).reshape(len(forces), -1).any(axis=1)
-            dropped += int((~keep).sum())
-            if not keep.any():
-                continue
-            builder.add(group["atomic_numbers"][()], positions[keep] * length, energy[keep] * e,
-                        None if forces is None else forces[keep] * f, group=group.name.lstrip("/"), where=where)
+            numbers = read_rows(group, "atomic_numbers", 0, None, where)
+            n = _check_group_shapes(group, where, len(numbers), ekey, fkey)
+            for a, b in _conformation_slices(n, len(numbers), chunk_atoms):
+                energy = read_rows(group, ekey, a, b, where)
+                positions = read_rows(group, "coordinates", a, b, where)
+                forces = read_rows(group, fkey, a, b, where) if fkey else None
+                keep = ~np.isnan(energy)
+                if forces is not None:
+                    keep &= ~np.isnan(forces).reshape(len(forces), -1).any(axis=1)
+                dropped += int((~keep).sum())
+                _first_non_finite(positions, "coordinates", where, a, per_atom=True)
+                if not keep.any():
+                    continue
+                if not keep.all():
+                    positions, energy = positions[keep], energy[keep]
+                    forces = None if forces is None else forces[keep]
+                    kept = np.flatnonzero(keep) + a
+                else:
+                    kept = None
+                for values, what, per_atom in ((energy, "energy", False), (forces, "forces", True)):
+                    if values is not None and not np.isfinite(values).all():
+                        row = int(np.flatnonzero(~np.isfinite(values).reshape(len(values), -1).all(axis=1))[0])
+                        first = int(kept[row]) if kept is not None else a + row
+                        _first_non_finite(values[row:row + 1], what, where, first, per_atom)
+                builder.add(numbers, positions * length, energy * e, None if forces is None else forces * f,
+                            group=group.name.lstrip("/"), where=where)
+                if builder.pending_atoms >= chunk_atoms:
+                    yield builder.take_chunk()
         builder.metadata["dropped"] = dropped
         if dropped:
             builder.metadata["notes"] = f"{dropped} conformations without {ekey}{' / ' + fkey if fkey else ''} dropped"
-    return builder.build()
+    chunk = builder.take_chunk()
+    if chunk is not None:
+        yield chunk

@@ -9,14 +9,24 @@ Layout (all in eV / Å; ``S`` structures, ``A`` atoms in total)::
     /offsets    [S+1]     int64 atom offsets: structure s is atoms offsets[s]:offsets[s+1]
     /cell       [S, 3, 3] float64 (Å)
     /pbc        [S, 3]    bool
-    /group      [S]       int64 index into attrs['group_names']   (only with group labels)
+    /group      [S]       int64 index into the group names             (only with group labels)
+    /group_names [bytes]  uint8: the JSON list of group names (a dataset: millions of names do
+                          not fit an HDF5 attribute)
     /extras/<name>       [S] or [S, k]  per-structure targets (QM9 properties, ...)
     /atom_extras/<name>  [A] or [A, k]  per-atom values
     attrs: torchmdx_cache_version, format, source, options (JSON), fingerprint (JSON),
-           metadata (JSON), group_names (JSON), extra_units (JSON)
+           metadata (JSON), extra_units (JSON), statistics (JSON: element counts, force sums,
+           atoms per structure; so that ``data info`` need not read the per-atom arrays),
+           complete (written last: a file without it is never taken for a cache)
 
 Datasets are contiguous and uncompressed, so they can be read whole in one call or
 memory-mapped (:class:`torchmdx.data.H5Dataset`).
+
+**Streamed build.** :func:`build_cache` reads the source in chunks
+(:func:`torchmdx.data.formats.iter_structures`: ANI-1 / ANI-1x group by group; other formats in
+one piece) and :class:`CacheWriter` appends each chunk's arrays to flat spill files, then copies
+them into the HDF5 file's contiguous datasets in blocks of :data:`COPY_BLOCK_BYTES`: memory
+stays bounded by a chunk and a block, whatever the size of the dataset.
 
 **When is it rebuilt?** The cache's file name is derived from the source's absolute path, the
 format, the reader options and the cache version, so different options give different caches.
@@ -25,27 +35,42 @@ its content (for a folder: of every file, in name order). :func:`build_cache` re
 when size and mtime are unchanged; when either changed, it hashes the content and reuses the
 cache if the hash still matches (a ``touch`` does not trigger a rebuild); otherwise it rebuilds.
 
-**Crash safety.** The cache is written to ``.<name>.tmp-<pid>`` beside the target and renamed
-onto it (``os.replace``) only when complete; any exception removes the temporary file, so no
-half-written cache can ever be found under the cache's name.
+**Crash safety.** The cache is written to ``.<name>.tmp-<host>-<pid>`` (and its spill folder
+``.<name>.tmp-<host>-<pid>.parts``) beside the target and renamed onto it (``os.replace``) only
+when complete; any exception removes them, so no half-written cache can ever be found under the
+cache's name. A build killed outright (SIGKILL, power loss) leaves its temporary files; the next
+:func:`build_cache` on that host finds them (their process is gone), removes them and says that it
+rebuilds. A file under the cache's name that is damaged, truncated or lacks the ``complete``
+attribute is rebuilt, with a line saying why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import re
+import shutil
+import socket
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from torchmdx.data.formats import check_format, guess_format, normalise_options, read_structures, resolve_source
-from torchmdx.data.structures import Structures
+from torchmdx.data.formats import (check_format, guess_format, iter_structures, normalise_options, read_structures,
+                                   resolve_source)
+from torchmdx.data.structures import MAX_ATOMIC_NUMBER, Structures
 from torchmdx.errors import DataError
-from torchmdx.io_utils import atomic_path, jsonable
+from torchmdx.io_utils import jsonable
 
-CACHE_VERSION = 2  # 2: stress of ASE files as a 3 x 3 extra in eV/Å³
+# 2: stress of ASE files as a 3 x 3 extra in eV/Å³; 3: streamed build, group names as a dataset,
+# build statistics, the 'complete' attribute
+CACHE_VERSION = 3
 DEFAULT_CACHE_DIR = "data/cache"
+#: bytes per block when the spill files are copied into the HDF5 file
+COPY_BLOCK_BYTES = 64 << 20
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,30 +130,35 @@ def cache_path(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DIR
     return Path(cache_dir) / f"{src.name}.{fmt}.{cache_key(src, fmt, opts)}.h5"
 
 
-def _read_attrs(path: Path) -> Optional[dict]:
+def cache_status(cache: Path, source: Path) -> tuple[bool, str]:
+    """(current?, why not) of ``cache`` for ``source``: current when it exists, is complete, has
+    this version and was built from the current ``source`` (module docstring)."""
     import h5py
 
+    cache = Path(cache)
+    if not cache.is_file():
+        return False, ""
     try:
-        with h5py.File(path, "r") as h5:
-            if h5.attrs.get("torchmdx_cache_version") != CACHE_VERSION:
-                return None
-            return {"fingerprint": json.loads(h5.attrs["fingerprint"])}
-    except (OSError, KeyError, ValueError):
-        return None
+        with h5py.File(cache, "r") as h5:
+            version = h5.attrs.get("torchmdx_cache_version")
+            if version != CACHE_VERSION:
+                return False, f"it was made by cache version {version} (this is version {CACHE_VERSION})"
+            if not h5.attrs.get("complete", False):
+                return False, "it is incomplete (its build was interrupted)"
+            stored = json.loads(h5.attrs["fingerprint"])
+    except (OSError, KeyError, ValueError) as exc:
+        return False, f"it is damaged or incomplete ({str(exc).splitlines()[0]})"
+    quick = quick_fingerprint(source)
+    if all(stored.get(k) == v for k, v in quick.items()):
+        return True, ""
+    if stored.get("size") == quick["size"] and stored.get("hash") == content_hash(source):
+        return True, ""
+    return False, "the source changed"
 
 
 def is_current(cache: Path, source: Path) -> bool:
-    """True when ``cache`` exists, has this version, and was built from the current ``source``."""
-    attrs = _read_attrs(cache) if cache.is_file() else None
-    if attrs is None:
-        return False
-    stored = attrs["fingerprint"]
-    quick = quick_fingerprint(source)
-    if all(stored.get(k) == v for k, v in quick.items()):
-        return True
-    if stored.get("size") != quick["size"]:
-        return False
-    return stored.get("hash") == content_hash(source)
+    """True when ``cache`` exists, is complete, has this version, and was built from the current ``source``."""
+    return cache_status(cache, source)[0]
 
 
 def find_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DIR, **options) -> Optional[Path]:
@@ -140,12 +170,69 @@ def find_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DIR
 
 
 # ------------------------------------------------------------------------------------------------
+# temporary files and interrupted builds
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+
+
+def temporary_cache_path(path) -> Path:
+    """``.<name>.tmp-<host>-<pid>`` beside ``path`` (its spill folder adds ``.parts``)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def interrupted_builds(path) -> list[Path]:
+    """Temporary files of builds of ``path`` on this host whose process is gone (killed part-way)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    prefix = f".{path.name}.tmp-"
+    found = []
+    for entry in path.parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        tail = entry.name[len(prefix):]
+        if tail.endswith(".parts"):
+            tail = tail[: -len(".parts")]
+        host, _, pid = tail.rpartition("-")
+        if not pid.isdigit() or host not in ("", _host()):  # another host's build: not ours to judge
+            continue
+        if not _alive(int(pid)):
+            found.append(entry)
+    return sorted(found)
+
+
+def _remove(entry: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _note(line: str) -> None:
+    print(f"note: {line}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
 # build / write / read
 def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DIR, force: bool = False,
-                **options) -> Path:
+                chunk_atoms: Optional[int] = None, say: Callable[[str], None] = _note, **options) -> Path:
     """Path of an up-to-date HDF5 cache of ``source``, building it if needed (see module doc).
 
-    ``source`` may itself be a torchmdx cache, which is returned as it is.
+    ``source`` may itself be a torchmdx cache, which is returned as it is. The build streams the
+    source in chunks of about ``chunk_atoms`` atoms (bounded memory). ``say`` gets one line when
+    an existing file is rebuilt and why (an interrupted build, a changed source, ...).
     """
     fmt = check_format(format)
     src = resolve_source(source, fmt)
@@ -155,61 +242,249 @@ def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DI
         return src
     opts = normalise_options(fmt, options, src)
     path = Path(cache_dir) / f"{src.name}.{fmt}.{cache_key(src, fmt, opts)}.h5"
-    if not force and is_current(path, src):
+    current, reason = cache_status(path, src)
+    if current and not force:
         return path
+    leftovers = interrupted_builds(path)
+    for entry in leftovers:
+        _remove(entry)
+    if leftovers:
+        say(f"an earlier build of {path} was interrupted (removed {', '.join(p.name for p in leftovers)}); rebuilding it")
+    elif reason:
+        say(f"rebuilding {path}: {reason}")
     before = fingerprint(src)
-    structures = read_structures(src, fmt, **opts)
-    after = quick_fingerprint(src)
-    if any(before[k] != after[k] for k in after):
-        raise DataError(f"{src}: changed while it was being read; try again")
-    write_cache(structures, path, fmt=fmt, source=src, options=opts, fingerprint=before)
+    with CacheWriter(path, fmt=fmt, source=src, options=opts, fingerprint=before) as writer:
+        for chunk in iter_structures(src, fmt, chunk_atoms=chunk_atoms, **opts):
+            writer.add(chunk)
+        after = quick_fingerprint(src)
+        if any(before[k] != after[k] for k in after):
+            raise DataError(f"{src}: changed while it was being read; try again")
     return path
-
-
-def _write_dataset(h5, name: str, array: np.ndarray) -> None:
-    """One dataset, contiguous and uncompressed (memory-mappable)."""
-    h5.create_dataset(name, data=np.ascontiguousarray(array))
 
 
 def _z_dtype(z: np.ndarray):
     return np.uint8 if z.max(initial=0) < 256 else np.int16
 
 
+class CacheWriter:
+    """Writes a cache chunk by chunk with bounded memory (module docstring: streamed build).
+
+    ::
+
+        with CacheWriter(path, fmt="ani1x", source=src, options=opts, fingerprint=fp) as w:
+            for chunk in iter_structures(src, "ani1x"):
+                w.add(chunk)
+        # complete and renamed onto ``path`` here; on an exception nothing is left behind
+
+    Every chunk must have what the first had (forces, group labels, extras of the same shapes);
+    a chunk that differs is a one-line :class:`DataError` naming the structure (and its group).
+    """
+
+    def __init__(self, path, fmt: str = "", source=None, options=None, fingerprint=None):
+        self.path = Path(path)
+        self.fmt, self.options, self.fingerprint = fmt, options or {}, fingerprint or {}
+        self.source = str(Path(source).resolve()) if source is not None else None
+        self.tmp = temporary_cache_path(self.path)
+        self.parts = self.tmp.with_name(self.tmp.name + ".parts")
+        self.n_structures = self.n_atoms = 0
+        self._spill: dict[str, tuple] = {}  # name -> (file, dtype, tail shape, kind 'S'|'A')
+        self._group_index: dict[str, int] = {}
+        self.group_names: list[str] = []
+        self._layout: Optional[dict] = None
+        self.metadata: dict = {}
+        self.extra_units: dict = {}
+        self._element_counts = np.zeros(MAX_ATOMIC_NUMBER + 1, dtype=np.int64)
+        self._force_sq_sum, self._force_max = 0.0, 0.0
+        self._atoms_min, self._atoms_max = None, 0
+
+    # -- context --------------------------------------------------------------------------------
+    def __enter__(self) -> "CacheWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.parts.mkdir()
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            if kind is None:
+                self.finish()
+        finally:
+            self._close_spill()
+            _remove(self.parts)
+            if kind is not None or self.tmp.exists():
+                _remove(self.tmp)
+
+    # -- chunks ---------------------------------------------------------------------------------
+    def _where(self, chunk: Structures, k: int = 0) -> str:
+        name = self.source or chunk.source
+        group = ""
+        if chunk.group is not None and len(chunk.group):
+            group = f" (group {chunk.group_names[int(chunk.group[k])]})"
+        return f"{name}: structure {self.n_structures + k}{group}"
+
+    def _check_layout(self, chunk: Structures) -> None:
+        layout = {
+            "forces": chunk.forces is not None,
+            "group": chunk.group is not None,
+            "extras": {k: (np.asarray(v).dtype.str, np.asarray(v).shape[1:]) for k, v in chunk.extras.items()},
+            "atom_extras": {k: (np.asarray(v).dtype.str, np.asarray(v).shape[1:]) for k, v in chunk.atom_extras.items()},
+        }
+        if self._layout is None:
+            self._layout = layout
+            return
+        before = self._layout
+        for key, what in (("forces", "forces"), ("group", "group labels")):
+            if layout[key] != before[key]:
+                have = "has" if layout[key] else "lacks"
+                raise DataError(f"{self._where(chunk)}: {have} {what}, unlike the structures before it")
+        for key in ("extras", "atom_extras"):
+            if set(layout[key]) != set(before[key]):
+                diff = ", ".join(sorted(set(layout[key]) ^ set(before[key])))
+                raise DataError(f"{self._where(chunk)}: property {diff} present for some structures but not others")
+            for name, (_, shape) in layout[key].items():
+                if shape != before[key][name][1]:
+                    raise DataError(f"{self._where(chunk)}: property '{name}' has shape {shape} per entry, "
+                                    f"but {before[key][name][1]} before it (a chunk with inconsistent shapes)")
+
+    def add(self, chunk: Structures) -> None:
+        """Append a chunk (a validated :class:`Structures`; its structures follow those before)."""
+        if chunk is None or len(chunk) == 0:
+            return
+        n, a = len(chunk), chunk.n_atoms
+        counts = chunk.atoms_per_structure
+        if chunk.pos.shape != (a, 3) or (chunk.forces is not None and chunk.forces.shape != (a, 3)) \
+                or chunk.offsets.shape != (n + 1,) or np.any(counts <= 0):
+            raise DataError(f"{self._where(chunk)}: a chunk with inconsistent shapes: {n} structures, "
+                            f"{a} atoms, positions {chunk.pos.shape}, offsets {chunk.offsets.shape}")
+        self._check_layout(chunk)
+        z = np.asarray(chunk.z)
+        if z.size and (z.min() < 0 or z.max() > MAX_ATOMIC_NUMBER):
+            bad = int(np.flatnonzero((z < 0) | (z > MAX_ATOMIC_NUMBER))[0])
+            k = int(np.searchsorted(chunk.offsets, bad, side="right") - 1)
+            raise DataError(f"{self._where(chunk, k)}: invalid atomic number {int(z[bad])}")
+        self._append("z", z.astype(np.uint8), "A")
+        self._append("pos", chunk.pos.astype(np.float64, copy=False), "A")
+        if chunk.forces is not None:
+            forces = chunk.forces.astype(np.float64, copy=False)
+            self._append("forces", forces, "A")
+            self._force_sq_sum += float(np.sum(forces ** 2))
+            self._force_max = max(self._force_max, float(np.sqrt((forces ** 2).sum(axis=1)).max(initial=0.0)))
+        self._append("energy", chunk.energy.astype(np.float64, copy=False), "S")
+        self._append("counts", counts.astype(np.int64), "S")
+        self._append("cell", np.asarray(chunk.cell, dtype=np.float64), "S")
+        self._append("pbc", np.asarray(chunk.pbc, dtype=bool), "S")
+        if chunk.group is not None:
+            used = np.unique(chunk.group)
+            lookup = np.zeros(int(used.max()) + 1, dtype=np.int64)
+            for g in used:
+                name = str(chunk.group_names[int(g)])
+                if name not in self._group_index:
+                    self._group_index[name] = len(self.group_names)
+                    self.group_names.append(name)
+                lookup[g] = self._group_index[name]
+            self._append("group", lookup[chunk.group], "S")
+        for name, values in chunk.extras.items():
+            self._append(f"extras/{name}", np.asarray(values), "S")
+        for name, values in chunk.atom_extras.items():
+            self._append(f"atom_extras/{name}", np.asarray(values), "A")
+        self._element_counts += np.bincount(z, minlength=self._element_counts.size)[: self._element_counts.size]
+        self._atoms_min = int(counts.min()) if self._atoms_min is None else min(self._atoms_min, int(counts.min()))
+        self._atoms_max = max(self._atoms_max, int(counts.max()))
+        self.n_structures += n
+        self.n_atoms += a
+        self.metadata = chunk.metadata
+        self.extra_units = chunk.extra_units
+
+    def _append(self, name: str, array: np.ndarray, kind: str) -> None:
+        if name not in self._spill:
+            handle = open(self.parts / name.replace("/", "__"), "wb")
+            self._spill[name] = (handle, array.dtype, array.shape[1:], kind)
+        handle, dtype, _, _ = self._spill[name]
+        np.ascontiguousarray(array, dtype=dtype).tofile(handle)
+
+    def _close_spill(self) -> None:
+        for handle, *_ in self._spill.values():
+            handle.close()
+
+    # -- the file -------------------------------------------------------------------------------
+    def statistics(self) -> dict:
+        components = 3 * self.n_atoms if "forces" in self._spill else 0
+        return {
+            "element_counts": {str(z): int(c) for z, c in enumerate(self._element_counts) if c},
+            "atoms_min": self._atoms_min, "atoms_max": self._atoms_max,
+            "force_sq_sum": self._force_sq_sum if components else None, "force_components": components,
+            "force_max": self._force_max if components else None,
+        }
+
+    def finish(self) -> Path:
+        """Write the HDF5 file from the spill files and rename it onto the cache's name."""
+        import h5py
+
+        if self.n_structures == 0:
+            raise DataError(f"{self.source or self.path}: contains no structures")
+        self._close_spill()
+        with h5py.File(self.tmp, "w") as h5:
+            h5.attrs["torchmdx_cache_version"] = CACHE_VERSION
+            h5.attrs["format"] = self.fmt
+            h5.attrs["source"] = self.source if self.source is not None else str(self.metadata.get("source", ""))
+            h5.attrs["options"] = json.dumps(self.options)
+            h5.attrs["fingerprint"] = json.dumps(self.fingerprint)
+            h5.attrs["metadata"] = json.dumps(jsonable({k: v for k, v in self.metadata.items()}))
+            h5.attrs["extra_units"] = json.dumps(self.extra_units)
+            h5.attrs["statistics"] = json.dumps(self.statistics())
+            h5.create_dataset("group_names", data=np.frombuffer(json.dumps(self.group_names).encode(), dtype=np.uint8))
+            for name, (_, dtype, tail, kind) in self._spill.items():
+                rows = self.n_atoms if kind == "A" else self.n_structures
+                if name == "counts":
+                    self._copy_offsets(h5, rows)
+                    continue
+                self._copy(h5, name, dtype, tail, rows)
+            h5.attrs["complete"] = True  # last: only a finished file says it is complete
+        with open(self.tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def _blocks(self, name: str, dtype, tail, rows: int):
+        row_bytes = int(np.dtype(dtype).itemsize * int(np.prod(tail, dtype=np.int64)))
+        step = max(1, COPY_BLOCK_BYTES // max(row_bytes, 1))
+        with open(self.parts / name.replace("/", "__"), "rb") as handle:
+            for start in range(0, rows, step):
+                count = min(step, rows - start)
+                block = np.fromfile(handle, dtype=dtype, count=count * (row_bytes // np.dtype(dtype).itemsize))
+                yield start, block.reshape((count,) + tuple(tail))
+
+    def _copy(self, h5, name: str, dtype, tail, rows: int) -> None:
+        ds = h5.create_dataset(name, shape=(rows,) + tuple(tail), dtype=dtype)
+        for start, block in self._blocks(name, dtype, tail, rows):
+            ds[start:start + len(block)] = block
+
+    def _copy_offsets(self, h5, rows: int) -> None:
+        ds = h5.create_dataset("offsets", shape=(rows + 1,), dtype=np.int64)
+        ds[0] = 0
+        total = 0
+        for start, block in self._blocks("counts", np.int64, (), rows):
+            ends = np.cumsum(block) + total
+            ds[start + 1:start + 1 + len(block)] = ends
+            total = int(ends[-1])
+
+
 def write_cache(structures: Structures, path, fmt: str = "", source=None, options=None, fingerprint=None) -> Path:
     """Write ``structures`` to ``path`` atomically (temporary name, then rename)."""
-    import h5py
+    with CacheWriter(path, fmt=fmt, source=source, options=options, fingerprint=fingerprint) as writer:
+        writer.add(structures)
+        if source is None:
+            writer.source = structures.source
+    return Path(path)
 
-    path = Path(path)
-    s = structures
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            h5.attrs["torchmdx_cache_version"] = CACHE_VERSION
-            h5.attrs["format"] = fmt
-            h5.attrs["source"] = str(Path(source).resolve()) if source is not None else s.source
-            h5.attrs["options"] = json.dumps(options or {})
-            h5.attrs["fingerprint"] = json.dumps(fingerprint or {})
-            h5.attrs["metadata"] = json.dumps(jsonable(s.metadata))
-            h5.attrs["group_names"] = json.dumps(list(s.group_names))
-            h5.attrs["extra_units"] = json.dumps(s.extra_units)
-            _write_dataset(h5, "z", s.z.astype(_z_dtype(s.z)))
-            _write_dataset(h5, "pos", s.pos.astype(np.float64))
-            _write_dataset(h5, "energy", s.energy.astype(np.float64))
-            _write_dataset(h5, "offsets", s.offsets.astype(np.int64))
-            _write_dataset(h5, "cell", s.cell.astype(np.float64))
-            _write_dataset(h5, "pbc", s.pbc.astype(bool))
-            if s.forces is not None:
-                _write_dataset(h5, "forces", s.forces.astype(np.float64))
-            if s.group is not None:
-                _write_dataset(h5, "group", s.group.astype(np.int64))
-            for name, arr in s.extras.items():
-                _write_dataset(h5, f"extras/{name}", arr)
-            for name, arr in s.atom_extras.items():
-                _write_dataset(h5, f"atom_extras/{name}", arr)
-    return path
+
+def _group_names(h5) -> list:
+    if "group_names" in h5:
+        return json.loads(bytes(h5["group_names"][()]).decode())
+    return json.loads(h5.attrs.get("group_names", "[]"))
 
 
 def cache_info(path) -> dict:
-    """The attributes of a cache: format, source, options, fingerprint, metadata, ..."""
+    """The attributes of a cache: format, source, options, fingerprint, metadata, statistics, ..."""
     import h5py
 
     from torchmdx.data.ani import open_h5
@@ -218,10 +493,15 @@ def cache_info(path) -> dict:
     with open_h5(path) as h5:
         if "torchmdx_cache_version" not in h5.attrs:
             raise DataError(f"{path}: not a torchmdx cache")
+        if h5.attrs["torchmdx_cache_version"] != CACHE_VERSION or not h5.attrs.get("complete", False):
+            why = "incomplete (its build was interrupted)" if h5.attrs["torchmdx_cache_version"] == CACHE_VERSION \
+                else f"made by cache version {h5.attrs['torchmdx_cache_version']} (this is {CACHE_VERSION})"
+            raise DataError(f"{path}: this cache is {why}; build it again (torchmdx data prepare --force)")
         out = {"version": int(h5.attrs["torchmdx_cache_version"]), "format": str(h5.attrs["format"]),
                "source": str(h5.attrs["source"])}
-        for key in ("options", "fingerprint", "metadata", "group_names", "extra_units"):
+        for key in ("options", "fingerprint", "metadata", "extra_units", "statistics"):
             out[key] = json.loads(h5.attrs[key])
+        out["group_names"] = _group_names(h5)
         out["n_structures"] = int(h5["energy"].shape[0])
         out["n_atoms"] = int(h5["z"].shape[0])
         out["has_forces"] = "forces" in h5
@@ -230,22 +510,36 @@ def cache_info(path) -> dict:
     return out
 
 
-def read_cache(path) -> Structures:
-    """Load a whole cache into memory as :class:`Structures` (one read per array)."""
+def memory_map(h5, name: str, path: Path) -> np.ndarray:
+    """Dataset ``name`` of an open cache as a read-only ``np.memmap`` (contiguous, uncompressed
+    datasets), else read into memory."""
+    ds = h5[name]
+    offset = ds.id.get_offset()
+    if offset is None or ds.chunks is not None or ds.compression is not None or ds.size == 0:
+        return ds[()]
+    return np.memmap(path, mode="r", dtype=ds.dtype, offset=offset, shape=ds.shape)
+
+
+def read_cache(path, mmap: bool = False) -> Structures:
+    """A whole cache as :class:`Structures`: read into memory (one read per array), or with
+    ``mmap`` every array memory-mapped (nothing is read until used)."""
     from torchmdx.data.ani import open_h5
 
     path = Path(path)
     info = cache_info(path)
     with open_h5(path) as h5:
         def get(name):
-            return h5[name][()] if name in h5 else None
+            if name not in h5:
+                return None
+            return memory_map(h5, name, path) if mmap else h5[name][()]
 
         metadata = dict(info["metadata"])
         metadata.setdefault("format", info["format"])
         metadata["source"] = info["source"]
         metadata["cache"] = str(path)
+        z = get("z")
         return Structures(
-            z=get("z").astype(np.int64),
+            z=z if mmap else z.astype(np.int64),
             pos=get("pos"),
             energy=get("energy"),
             offsets=get("offsets"),
@@ -254,8 +548,8 @@ def read_cache(path) -> Structures:
             pbc=get("pbc"),
             group=get("group"),
             group_names=info["group_names"],
-            extras={k: h5[f"extras/{k}"][()] for k in info["extras"]},
-            atom_extras={k: h5[f"atom_extras/{k}"][()] for k in info["atom_extras"]},
+            extras={k: get(f"extras/{k}") for k in info["extras"]},
+            atom_extras={k: get(f"atom_extras/{k}") for k in info["atom_extras"]},
             extra_units=info["extra_units"],
             metadata=metadata,
         )

@@ -23,7 +23,7 @@ Example (all keys but ``path`` are optional)::
       dtype: float32
       max_z: 100               # embedding rows, as the model's max_z: atomic numbers 0..max_z-1
       atomref: fit             # fit (least squares on train) | dataset (published, QM9) | none
-      mmap: false              # memory-map per-atom arrays instead of loading them
+      mmap: auto               # memory-map per-atom arrays and cells (auto: above 1 GiB of per-atom arrays)
       loader: fast             # fast (BatchLoader: gathers whole batches) | pyg (torch_geometric DataLoader)
       device_resident: auto    # captured training: keep the training split on the GPU (auto: when it fits)
 
@@ -77,7 +77,7 @@ class DataConfig:
     dtype: Literal["float32", "float64"] = "float32"
     max_z: int = 100
     atomref: Literal["fit", "dataset", "none"] = "fit"
-    mmap: bool = False
+    mmap: Union[bool, Literal["auto"]] = "auto"
     loader: Literal["fast", "pyg"] = "fast"
     device_resident: Union[bool, Literal["auto"]] = "auto"
 

@@ -21,9 +21,11 @@ Energies stay float64 by default: a total energy of -4000 eV in float32 has a re
 0.5 meV, the size of a good model's error; subtract atomic references in float64 first.
 
 The whole cache is read into memory with one read per array when the dataset is created
-(``mmap=True`` instead memory-maps the per-atom arrays, for datasets larger than RAM); items are
-slices of those arrays, so ``__getitem__`` does no file I/O. Batch with
-``torch_geometric.loader.DataLoader``.
+(``mmap=True`` instead memory-maps the per-atom arrays and the cells, for datasets larger than
+RAM or shared by several DDP ranks on one host; ``mmap="auto"`` does so above
+:data:`MMAP_AUTO_BYTES`); items are slices of those arrays, so ``__getitem__`` does no file
+I/O. Batch with ``torch_geometric.loader.DataLoader``, or faster with
+:class:`~torchmdx.data.loader.BatchLoader` (:meth:`H5Dataset.collate`: one gather per array).
 """
 
 from __future__ import annotations
@@ -47,12 +49,22 @@ def as_torch_dtype(dtype) -> torch.dtype:
     return torch_dtype(dtype, (torch.float32, torch.float64, torch.float16, torch.bfloat16), DataError)
 
 
-def _mmap(h5, name: str, path: Path) -> np.ndarray:
-    ds = h5[name]
-    offset = ds.id.get_offset()
-    if offset is None or ds.chunks is not None or ds.compression is not None:
-        return ds[()]
-    return np.memmap(path, mode="r", dtype=ds.dtype, offset=offset, shape=ds.shape)
+#: ``mmap="auto"`` memory-maps a cache whose per-atom arrays take more bytes than this
+MMAP_AUTO_BYTES = 1 << 30
+
+
+def per_atom_bytes(info: dict) -> int:
+    """Bytes of a cache's per-atom arrays (z, positions, forces) as stored."""
+    return int(info["n_atoms"]) * (1 + 24 * (2 if info["has_forces"] else 1))
+
+
+def resolve_mmap(mmap, info: dict) -> bool:
+    """``mmap`` as a bool: ``"auto"`` memory-maps above :data:`MMAP_AUTO_BYTES` of per-atom arrays."""
+    if mmap == "auto":
+        return per_atom_bytes(info) > MMAP_AUTO_BYTES
+    if not isinstance(mmap, bool):
+        raise DataError(f"mmap must be true, false or 'auto', got {mmap!r}")
+    return mmap
 
 
 def _take(tensor: torch.Tensor, index: np.ndarray) -> torch.Tensor:
@@ -70,15 +82,19 @@ class H5Dataset(PygDataset):
         path: the cache file (:func:`torchmdx.data.build_cache` makes it).
         dtype: floating dtype of positions, forces and cell.
         energy_dtype: dtype of energies and per-structure extras (float64 keeps sub-meV precision).
-        mmap: memory-map per-atom arrays instead of reading them into memory.
+        mmap: memory-map the per-atom arrays and the cells instead of reading them into memory
+            (batches then gather from the page cache, which DDP ranks on one host share);
+            ``"auto"``: when the per-atom arrays take more than :data:`MMAP_AUTO_BYTES`.
+            Batches are the same, bit for bit, either way.
         extras: include per-structure and per-atom extras (True), none (False), or the named ones.
         transform: optional PyG transform applied to each item.
     """
 
-    def __init__(self, path, dtype=torch.float32, energy_dtype=torch.float64, mmap: bool = False,
+    def __init__(self, path, dtype=torch.float32, energy_dtype=torch.float64, mmap=False,
                  extras=True, transform=None):
         super().__init__(None, transform)
         from torchmdx.data.ani import open_h5
+        from torchmdx.data.cache import memory_map
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -86,6 +102,7 @@ class H5Dataset(PygDataset):
         self.dtype = as_torch_dtype(dtype)
         self.energy_dtype = as_torch_dtype(energy_dtype)
         self.info = cache_info(self.path)
+        mmap = resolve_mmap(mmap, self.info)
         names = self.info["extras"] if extras is True else [] if extras is False else list(extras)
         atom_names = self.info["atom_extras"] if extras is True else [] if extras is False else \
             [n for n in extras if n in self.info["atom_extras"]]
@@ -95,19 +112,20 @@ class H5Dataset(PygDataset):
                             f"{', '.join(self.info['extras'] + self.info['atom_extras']) or 'none'}")
         names = [n for n in names if n in self.info["extras"]]
         with open_h5(self.path) as h5:
-            per_atom = (lambda n: _mmap(h5, n, self.path)) if mmap else (lambda n: h5[n][()])
-            z = per_atom("z")
-            pos = per_atom("pos")
-            forces = per_atom("forces") if "forces" in h5 else None
-            atom_extras = {n: per_atom(f"atom_extras/{n}") for n in atom_names}
+            big = (lambda n: memory_map(h5, n, self.path)) if mmap else (lambda n: h5[n][()])
+            z = big("z")
+            pos = big("pos")
+            forces = big("forces") if "forces" in h5 else None
+            atom_extras = {n: big(f"atom_extras/{n}") for n in atom_names}
+            cell = big("cell")
+            pbc = big("pbc")
+            group = big("group") if "group" in h5 else None
             energy = h5["energy"][()]
             offsets = h5["offsets"][()]
-            cell = h5["cell"][()]
-            pbc = h5["pbc"][()]
-            group = h5["group"][()] if "group" in h5 else None
             extra_values = {n: h5[f"extras/{n}"][()] for n in names}
         metadata = dict(self.info["metadata"], source=self.info["source"], cache=str(self.path))
         #: the arrays as numpy (eV, Å), for statistics and fitting without iterating items
+        #: (memory-mapped with ``mmap``: use them in chunks)
         self.structures = Structures(
             z=z, pos=pos, energy=energy, offsets=offsets, forces=forces, cell=cell, pbc=pbc, group=group,
             group_names=self.info["group_names"], extras=extra_values, atom_extras=atom_extras,
@@ -118,18 +136,18 @@ class H5Dataset(PygDataset):
         self._offsets = offsets.astype(np.int64)
         self._counts = np.diff(self._offsets)
         self._energy = torch.from_numpy(energy).to(self.energy_dtype)
-        self._cell = torch.from_numpy(cell).to(self.dtype)
-        self._pbc = torch.from_numpy(pbc.astype(bool))
-        self._group = None if group is None else torch.from_numpy(group.astype(np.int64))
         self._extras = {n: torch.from_numpy(np.asarray(v)).to(self.energy_dtype) for n, v in extra_values.items()}
         if mmap:
-            self._z = self._pos = self._forces = None
+            self._z = self._pos = self._forces = self._cell = self._pbc = self._group = None
             self._atom_extras = {}
         else:
             self._z = torch.from_numpy(z.astype(np.int64))
             self._pos = torch.from_numpy(pos).to(self.dtype)
             self._forces = None if forces is None else torch.from_numpy(forces).to(self.dtype)
             self._atom_extras = {n: torch.from_numpy(v).to(self.dtype) for n, v in atom_extras.items()}
+            self._cell = torch.from_numpy(cell).to(self.dtype)
+            self._pbc = torch.from_numpy(pbc.astype(bool))
+            self._group = None if group is None else torch.from_numpy(group.astype(np.int64))
 
     # -- PyG Dataset interface --------------------------------------------------------------------
     def len(self) -> int:
@@ -148,12 +166,13 @@ class H5Dataset(PygDataset):
             z, pos = self._z[a:b], self._pos[a:b]
             forces = None if self._forces is None else self._forces[a:b]
             atom_extras = {n: v[a:b] for n, v in self._atom_extras.items()}
-        data = Data(z=z, pos=pos, energy=self._energy[s], cell=self._cell[s], pbc=self._pbc[s],
-                    idx=torch.tensor([idx]))
+        one = np.array([idx], dtype=np.int64)
+        data = Data(z=z, pos=pos, energy=self._energy[s], cell=self._structure_values("cell", one),
+                    pbc=self._structure_values("pbc", one), idx=torch.tensor([idx]))
         if forces is not None:
             data.forces = forces
-        if self._group is not None:
-            data.group = self._group[s]
+        if self.structures.group is not None:
+            data.group = self._structure_values("group", one)
         for name, values in self._extras.items():
             data[name] = values[s]
         for name, values in atom_extras.items():
@@ -186,10 +205,10 @@ class H5Dataset(PygDataset):
             if self._forces is not None:
                 per_atom["forces"] = _take(self._forces, atoms_np)
             per_atom.update({n: _take(v, atoms_np) for n, v in self._atom_extras.items()})
-        per_structure = {"energy": _take(self._energy, idx_np), "cell": _take(self._cell, idx_np),
-                         "pbc": _take(self._pbc, idx_np), "idx": idx}
-        if self._group is not None:
-            per_structure["group"] = _take(self._group, idx_np)
+        per_structure = {"energy": _take(self._energy, idx_np), "cell": self._structure_values("cell", idx_np),
+                         "pbc": self._structure_values("pbc", idx_np), "idx": idx}
+        if self.structures.group is not None:
+            per_structure["group"] = self._structure_values("group", idx_np)
         per_structure.update({n: _take(v, idx_np) for n, v in self._extras.items()})
         batch = Batch(batch=batch_vector, ptr=ptr, **per_atom, **per_structure)
         # what Batch.from_data_list records, so that batch.to_data_list() / batch[i] work
@@ -199,6 +218,18 @@ class H5Dataset(PygDataset):
         zeros = torch.zeros(len(idx), dtype=torch.long)
         batch._inc_dict = {k: zeros for k in batch._slice_dict}
         return batch
+
+    def _structure_values(self, name: str, index: np.ndarray) -> torch.Tensor:
+        """cell, pbc or group of structures ``index`` (from memory, or gathered from the map)."""
+        held = getattr(self, "_" + name)
+        if held is not None:
+            return _take(held, index)
+        values = np.asarray(getattr(self.structures, name)[index])
+        if name == "cell":
+            return torch.from_numpy(values).to(self.dtype)
+        if name == "pbc":
+            return torch.from_numpy(values.astype(bool))
+        return torch.from_numpy(values.astype(np.int64))
 
     # -- what the rest of torchmdx asks about ----------------------------------------------------
     @property
@@ -215,7 +246,10 @@ class H5Dataset(PygDataset):
 
     @property
     def elements(self) -> list[int]:
-        """Atomic numbers present, sorted."""
+        """Atomic numbers present, sorted (from the cache's build statistics)."""
+        counts = (self.info.get("statistics") or {}).get("element_counts")
+        if counts is not None:
+            return sorted(int(z) for z, c in counts.items() if c)
         return [int(v) for v in np.flatnonzero(np.bincount(np.asarray(self.structures.z, dtype=np.int64)))]
 
     @property

@@ -186,6 +186,28 @@ def read_structures(path, format: Optional[str] = None, **options) -> Structures
     return _reader(fmt)(source, **opts)
 
 
+#: formats read in chunks by :func:`iter_structures` (others are read whole, then written as one chunk)
+STREAMED_FORMATS = ("ani1", "ani1x")
+
+
+def iter_structures(path, format: Optional[str] = None, chunk_atoms: Optional[int] = None, **options):
+    """The dataset as validated :class:`Structures` chunks of about ``chunk_atoms`` atoms (eV, Å):
+    ANI-1 / ANI-1x files are streamed group by group, so memory does not grow with the file;
+    other formats come as one chunk (their readers hold the whole file). Messages of a chunk name
+    the structure's index in the whole dataset (or the HDF5 group and conformation)."""
+    fmt = check_format(format)
+    source = resolve_source(path, fmt)
+    fmt = fmt or guess_format(source)
+    opts = normalise_options(fmt, options, source)
+    if fmt in STREAMED_FORMATS:
+        from torchmdx.data import ani
+
+        reader = ani.iter_ani1 if fmt == "ani1" else ani.iter_ani1x
+        yield from reader(source, **opts, **({"chunk_atoms": chunk_atoms} if chunk_atoms else {}))
+    else:
+        yield _reader(fmt)(source, **opts)
+
+
 def normalise_options(fmt: str, options: dict, source=None) -> dict:
     opts = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(set(opts) - FORMAT_OPTIONS[fmt])

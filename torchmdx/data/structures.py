@@ -98,8 +98,11 @@ class Structures:
         return np.asarray(self.group_names, dtype=object)[self.group]
 
     # -- checks ----------------------------------------------------------------------------------
-    def validate(self) -> "Structures":
-        """Check shapes and values; raise :class:`DataError` naming the file and the problem."""
+    def validate(self, first: int = 0) -> "Structures":
+        """Check shapes and values; raise :class:`DataError` naming the file and the problem.
+
+        ``first``: the index of this block's first structure in the whole dataset (a chunk of a
+        streamed read), so that messages name the structure's index in the dataset."""
         src = self.source
         n, a = len(self), self.n_atoms
         if n == 0:
@@ -125,17 +128,17 @@ class Structures:
         if bad.size:
             s = int(np.searchsorted(off, bad[0], side="right") - 1)
             raise DataError(
-                f"{src}: invalid atomic number {int(self.z[bad[0]])} in structure {s} (atom {bad[0] - off[s]}); "
+                f"{src}: invalid atomic number {int(self.z[bad[0]])} in structure {first + s} (atom {bad[0] - off[s]}); "
                 f"expected 1..{MAX_ATOMIC_NUMBER}"
             )
-        self._check_finite(self.pos, "coordinates", per_atom=True)
-        self._check_finite(self.energy, "energy", per_atom=False)
+        self._check_finite(self.pos, "coordinates", per_atom=True, first=first)
+        self._check_finite(self.energy, "energy", per_atom=False, first=first)
         if self.forces is not None:
-            self._check_finite(self.forces, "forces", per_atom=True)
-        self._check_finite(self.cell, "cell", per_atom=False)
+            self._check_finite(self.forces, "forces", per_atom=True, first=first)
+        self._check_finite(self.cell, "cell", per_atom=False, first=first)
         return self
 
-    def _check_finite(self, arr: np.ndarray, what: str, per_atom: bool) -> None:
+    def _check_finite(self, arr: np.ndarray, what: str, per_atom: bool, first: int = 0) -> None:
         finite = np.isfinite(arr)
         if finite.all():
             return
@@ -143,9 +146,9 @@ class Structures:
         value = arr[row].ravel()[~finite[row].ravel()][0]
         if per_atom:
             s = int(np.searchsorted(self.offsets, row, side="right") - 1)
-            where = f"structure {s} (atom {row - self.offsets[s]})"
+            where = f"structure {first + s} (atom {row - self.offsets[s]})"
         else:
-            where = f"structure {row}"
+            where = f"structure {first + row}"
         raise DataError(f"{self.source}: non-finite {what} ({value}) in {where}")
 
     def check_max_z(self, max_z: int) -> None:
@@ -215,9 +218,12 @@ class StructureBuilder:
         self._group_index: dict[str, int] = {}
         self._has_forces: Optional[bool] = None
         self._has_group: Optional[bool] = None
+        self._blocks = 0  # blocks added in all (chunks taken included)
+        self._taken = 0  # structures already handed out by take_chunk
+        self.pending_atoms = 0  # atoms added since the last chunk
 
     def __len__(self):
-        return sum(len(e) for e in self._energy)
+        return self._taken + sum(len(e) for e in self._energy)
 
     def add(
         self,
@@ -233,6 +239,7 @@ class StructureBuilder:
         where: str = "",
     ) -> None:
         where = where or self.source
+        self._blocks += 1
         numbers = np.asarray(numbers).astype(np.int64).reshape(-1)
         positions = np.asarray(positions, dtype=np.float64)
         if positions.ndim == 2:
@@ -264,6 +271,7 @@ class StructureBuilder:
         self._pos.append(positions.reshape(-1, 3))
         self._energy.append(energy)
         self._counts.append(np.full(n, natoms, dtype=np.int64))
+        self.pending_atoms += n * natoms
         if cell is None:
             cell = np.zeros((n, 3, 3))
         cell = np.broadcast_to(np.asarray(cell, dtype=np.float64), (n, 3, 3))
@@ -286,7 +294,7 @@ class StructureBuilder:
         self._add_extras(self._atom_extras, atom_extras or {}, n * natoms, where, "per-atom property")
 
     def _add_extras(self, store, values, expected, where, what):
-        first_block = len(self._energy) == 1
+        first_block = self._blocks == 1
         if set(values) != set(store) and not (first_block and not store):
             missing = sorted(set(store) ^ set(values))
             raise DataError(f"{where}: {what} {', '.join(missing)} present for some structures but not others")
@@ -301,8 +309,30 @@ class StructureBuilder:
             store.setdefault(name, []).append(arr)
 
     def build(self) -> Structures:
+        """All the structures added, validated (the whole dataset in memory)."""
         if not self._energy:
             raise DataError(f"{self.source}: contains no structures")
+        return self._assemble(dict(self.metadata), list(self.group_names)).validate()
+
+    def take_chunk(self) -> Optional[Structures]:
+        """The structures added since the last chunk, validated (messages name their index in the
+        whole dataset), then forgotten: a streamed read holds one chunk at a time (None when
+        nothing was added). Group labels index the builder's growing ``group_names`` (the chunk
+        shares that list and the live ``metadata`` dict, final once the reader is done)."""
+        if not self._energy:
+            return None
+        chunk = self._assemble(self.metadata, self.group_names).validate(first=self._taken)
+        self._taken += len(chunk)
+        self.pending_atoms = 0
+        for store in (self._z, self._pos, self._forces, self._energy, self._counts, self._cell, self._pbc,
+                      self._group):
+            store.clear()
+        for store in (self._extras, self._atom_extras):
+            for parts in store.values():
+                parts.clear()
+        return chunk
+
+    def _assemble(self, metadata: dict, group_names: list) -> Structures:
         counts = np.concatenate(self._counts)
         structures = Structures(
             z=np.concatenate(self._z),
@@ -313,13 +343,13 @@ class StructureBuilder:
             cell=np.concatenate(self._cell),
             pbc=np.concatenate(self._pbc),
             group=np.concatenate(self._group) if self._has_group else None,
-            group_names=list(self.group_names),
+            group_names=group_names,
             extras={k: _concat(v, k, self.source) for k, v in self._extras.items()},
             atom_extras={k: _concat(v, k, self.source) for k, v in self._atom_extras.items()},
             extra_units=dict(self.extra_units),
-            metadata=dict(self.metadata),
+            metadata=metadata,
         )
-        return structures.validate()
+        return structures
 
 
 def _concat(parts, name, source):
@@ -327,3 +357,43 @@ def _concat(parts, name, source):
         return np.concatenate(parts)
     except ValueError:
         raise DataError(f"{source}: property '{name}' has different shapes in different structures") from None
+
+
+def concat_structures(chunks, source: str = "<dataset>") -> Structures:
+    """One :class:`Structures` of the chunks of a streamed read, in order (group labels merged
+    by name, in order of first appearance; metadata of the last chunk)."""
+    parts = [c for c in chunks if c is not None and len(c)]
+    if not parts:
+        raise DataError(f"{source}: contains no structures")
+    first, last = parts[0], parts[-1]
+    counts = np.concatenate([c.atoms_per_structure for c in parts])
+    names: list = []
+    index: dict = {}
+    groups = None
+    if first.group is not None:
+        groups = []
+        for c in parts:
+            used = np.unique(c.group)
+            lookup = np.zeros(int(used.max()) + 1 if used.size else 1, dtype=np.int64)
+            for g in used:
+                name = c.group_names[int(g)]
+                if name not in index:
+                    index[name] = len(names)
+                    names.append(name)
+                lookup[g] = index[name]
+            groups.append(lookup[c.group])
+    return Structures(
+        z=np.concatenate([c.z for c in parts]),
+        pos=np.concatenate([c.pos for c in parts]),
+        energy=np.concatenate([c.energy for c in parts]),
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        forces=None if first.forces is None else np.concatenate([c.forces for c in parts]),
+        cell=np.concatenate([c.cell for c in parts]),
+        pbc=np.concatenate([c.pbc for c in parts]),
+        group=None if groups is None else np.concatenate(groups),
+        group_names=names,
+        extras={k: _concat([c.extras[k] for c in parts], k, source) for k in first.extras},
+        atom_extras={k: _concat([c.atom_extras[k] for c in parts], k, source) for k in first.atom_extras},
+        extra_units=dict(last.extra_units),
+        metadata=dict(last.metadata),
+    )
