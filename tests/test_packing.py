@@ -337,3 +337,26 @@ def test_captured_packed_steps_equal_eager_packed_steps_gpu():
     for a, b in zip(eager.ema["averaged"], captured.ema["averaged"]):
         assert float((b - a).abs().max()) < 0.05 * 1e-3
     torch.testing.assert_close(captured.take_sums(), eager.take_sums(), rtol=1e-3, atol=1e-6)
+
+
+def test_ema_average_lives_on_the_training_device():
+    """Lightning calls the callback's setup before the strategy moves the module: the average
+    must be made on the strategy's device, not the module's device at that moment."""
+    from types import SimpleNamespace
+
+    from torchmdx.train.ema import EMA
+
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 2)
+
+    module = Module()  # on the CPU, as at Lightning's setup hook
+    callback = EMA(0.99)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    callback.setup(trainer, module, "fit")
+    assert callback.average_model.n_averaged.device.type == "meta"
+    assert all(p.device.type == "meta" for p in callback.average_model.parameters())
+    assert callback._device is None  # the constructor's choice (none) is kept for later runs

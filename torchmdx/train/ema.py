@@ -82,6 +82,18 @@ class EMA(WeightAveraging):
 
     _updated_elsewhere = False
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Make the average on the device the run trains on. (Lightning's callback takes the
+        module's device, but its ``setup`` hook runs before the strategy moves the module there:
+        a GPU run's average would live on the CPU and copy every parameter back at every step.)"""
+        if self._device is not None:
+            return super().setup(trainer, pl_module, stage)
+        self._device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        try:
+            super().setup(trainer, pl_module, stage)
+        finally:
+            self._device = None
+
     def should_update(self, step_idx: Optional[int] = None, epoch_idx: Optional[int] = None) -> bool:
         return step_idx is not None
 

@@ -473,8 +473,8 @@ class PotentialModule(L.LightningModule):
         optimizer = self.trainer.optimizers[0]
         ema = None
         callback = self._ema_callback
-        if callback is not None and callback.average_model is not None:
-            averaged = callback.average_model
+        averaged = callback.average_model if callback is not None else None
+        if averaged is not None and averaged.n_averaged.device == self.device:
             ema = {"averaged": list(averaged.parameters()), "current": list(self.parameters()),
                    "averaged_buffers": list(averaged.module.buffers()), "buffers": list(self.buffers()),
                    "num_averaged": averaged.n_averaged, "decay": callback.decay}
