@@ -230,10 +230,12 @@ def _data_config_class():
     return DataConfig
 
 
-def _model_config_class():
-    from torchmdx.nn.config import ModelConfig
+def _model_config(values: dict):
+    """The typed ``model:`` section; ``model.architecture`` (default 'et') picks its class
+    (torchmdx.nn.config.ARCHITECTURES; an unknown name is a one-line ConfigError naming the choices)."""
+    from torchmdx.nn.config import architecture_config
 
-    return ModelConfig
+    return architecture_config(values, "model")
 
 
 @dataclass
@@ -279,7 +281,7 @@ def build_run_config(values: dict, source: str = "config", check_data: bool = Tr
     kind = model_values.pop("kind", "et")
     if kind != "et":
         raise ConfigError(f"config key 'model.kind' must be 'et' for training, got {kind!r}")
-    cfg.model_config = from_dict(_model_config_class(), model_values, "model")
+    cfg.model_config = _model_config(model_values)
     # the data follow the model's precision (positions and forces in the model's dtype)
     cfg.data_config = dataclasses.replace(cfg.data_config, dtype=cfg.model_config.dtype)
     # data.max_z and model.max_z both count embedding rows (atomic numbers 0 .. max_z-1); the data

@@ -43,8 +43,7 @@ def is_torchmdx_checkpoint(payload) -> bool:
 def potential_from_checkpoint(path: Union[str, Path], ema: bool = True):
     """The potential stored in a checkpoint: EMA weights (``ema=True``, the checkpoint's
     ``state_dict``) or the raw training weights (``current_model_state``, when EMA was used)."""
-    from torchmdx.nn.model_file import load_model
-    from torchmdx.nn.potential import ETPotential
+    from torchmdx.nn.model_file import build_model, load_model
 
     path = Path(path)
     try:
@@ -68,7 +67,7 @@ def potential_from_checkpoint(path: Union[str, Path], ema: bool = True):
         states = payload["current_model_state"]
     weights = {k[len(PREFIX):]: v for k, v in states.items() if k.startswith(PREFIX)}
     try:
-        potential = ETPotential(dict(payload["hyper_parameters"]["model"]))
+        potential = build_model(dict(payload["hyper_parameters"]["model"]))  # any architecture
     except Exception as exc:  # noqa: BLE001 - TorchmdxError subclasses or bad hparams
         raise ModelError(f"{path}: cannot rebuild the model from its hyper-parameters: {exc}") from None
     missing, unexpected = potential.load_state_dict(weights, strict=False)
