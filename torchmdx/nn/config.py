@@ -8,6 +8,10 @@ structure, float32. Keys use TorchMD-NET's names so a TorchMD-NET YAML's model k
 
 Build with :func:`model_config` (a dict, a YAML path with a ``model:`` section or a bare
 mapping, or a ``ModelConfig``); unknown keys and wrong types are one-line ConfigErrors.
+
+Other architectures: ``model.architecture`` (default ``et``) selects the config and potential
+classes (:data:`ARCHITECTURES`; :func:`architecture_config` builds the typed section of any of
+them, an unknown name is a one-line ConfigError naming the choices).
 """
 
 from __future__ import annotations
@@ -121,4 +125,77 @@ def model_config(config: Union[ModelConfig, Mapping[str, Any], str, Path, None] 
     values = dict(values)
     values.pop("kind", None)
     values.update(overrides)
+    architecture = values.pop("architecture", "et")
+    if architecture != "et":
+        check_architecture(architecture)
+        raise ConfigError(f"config key 'model.architecture' is {architecture!r}: build it with torchmdx.build_model, "
+                          "not as an ET config")
+    check_keys_of_other_architectures(values, "et")
     return from_dict(ModelConfig, values, "model")
+
+
+# ---------------------------------------------------------------------------- architectures
+#: model.architecture -> (config class, potential class), as "module:attribute" (imported lazily:
+#: the ET needs no e3nn). Every potential class is a torchmdx.nn.base.Potential with ``kind``
+#: equal to its architecture name, registered in torchmdx.nn.model_file.
+ARCHITECTURES = {
+    "et": ("torchmdx.nn.config:ModelConfig", "torchmdx.nn.potential:ETPotential"),
+    "equiformer": ("torchmdx.nn.equiformer.config:EquiformerConfig", "torchmdx.nn.equiformer.potential:EquiformerPotential"),
+}
+DEFAULT_ARCHITECTURE = "et"
+
+
+def _import(target: str):
+    import importlib
+
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def check_architecture(name: Any) -> str:
+    """``name`` if it is a known architecture, else a one-line ConfigError naming the choices."""
+    if not isinstance(name, str) or name not in ARCHITECTURES:
+        raise ConfigError(f"config key 'model.architecture' must be one of {', '.join(ARCHITECTURES)}, got {name!r}")
+    return name
+
+
+def architecture_of(values: Optional[Mapping[str, Any]]) -> str:
+    """The architecture a ``model:`` mapping selects (``architecture``, default 'et'), checked."""
+    return check_architecture((values or {}).get("architecture", DEFAULT_ARCHITECTURE))
+
+
+def model_config_class(values: Optional[Mapping[str, Any]] = None) -> type:
+    """The typed config class of the architecture that ``values`` (a ``model:`` mapping) selects."""
+    return _import(ARCHITECTURES[architecture_of(values)][0])
+
+
+def potential_class_of(values: Optional[Mapping[str, Any]] = None) -> type:
+    """The Potential class of the architecture that ``values`` (a ``model:`` mapping) selects."""
+    return _import(ARCHITECTURES[architecture_of(values)][1])
+
+
+def check_keys_of_other_architectures(values: Mapping[str, Any], architecture: str, section: str = "model") -> None:
+    """A one-line ConfigError for a key that only another architecture's config has (``lmax``
+    under the default 'et'): say which architecture it belongs to, rather than "does not exist"."""
+    import dataclasses
+
+    own = {f.name for f in dataclasses.fields(model_config_class({"architecture": architecture}))}
+    for key in values:
+        if key in own or key in ("architecture", "kind"):
+            continue
+        for other, (config_path, _) in ARCHITECTURES.items():
+            if other != architecture and key in {f.name for f in dataclasses.fields(_import(config_path))}:
+                raise ConfigError(f"config key '{section}.{key}' belongs to architecture {other!r}, but "
+                                  f"{section}.architecture is {architecture!r}; set {section}.architecture: {other}")
+
+
+def architecture_config(values: Optional[Mapping[str, Any]], section: str = "model"):
+    """The typed config of a ``model:`` mapping: its ``architecture`` (default 'et') picks the class
+    (ModelConfig, EquiformerConfig, ...); unknown keys and bad values are one-line ConfigErrors.
+    The ET's config has no ``architecture`` field (default), the others carry theirs."""
+    values = dict(values or {})
+    name = architecture_of(values)
+    check_keys_of_other_architectures(values, name, section)
+    if name == DEFAULT_ARCHITECTURE:
+        values.pop("architecture", None)
+    return from_dict(model_config_class({"architecture": name}), values, section)

@@ -48,7 +48,10 @@ FORMAT = "torchmdx-model"
 FORMAT_VERSION = 1
 
 #: kind -> class, or "module:attribute" for a lazily imported class
-POTENTIAL_KINDS: dict[str, Any] = {"et": "torchmdx.nn.potential:ETPotential"}
+POTENTIAL_KINDS: dict[str, Any] = {
+    "et": "torchmdx.nn.potential:ETPotential",
+    "equiformer": "torchmdx.nn.equiformer.potential:EquiformerPotential",
+}
 #: modules consulted for an unknown kind (their ``ANALYTIC_KINDS``/registrations)
 _PROVIDER_MODULES = ("torchmdx.nn.analytic",)
 
@@ -205,12 +208,14 @@ def _finish(potential, device, dtype):
 
 def build_model(config: Union[Mapping, str, Path, None] = None, **overrides):
     """A new (untrained) potential from a config: a dict, a YAML path (``model:`` section or a
-    bare mapping) or None (TorchMD-NET's ET MD17 defaults). ``kind`` (default ``et``) picks the
-    class; the other keys are its hyper-parameters (for ET: :class:`ModelConfig`)."""
+    bare mapping), a typed model config, or None (TorchMD-NET's ET MD17 defaults).
+    ``architecture`` (``et`` by default, ``equiformer``; :data:`torchmdx.nn.config.ARCHITECTURES`)
+    or ``kind`` (any registered potential, e.g. ``lennard_jones``) picks the class; the other keys
+    are its hyper-parameters (ET: :class:`ModelConfig`, Equiformer: ``EquiformerConfig``)."""
     from torchmdx.config import load_yaml
-    from torchmdx.nn.config import ModelConfig
+    from torchmdx.nn.config import check_architecture
 
-    if isinstance(config, ModelConfig):
+    if hasattr(config, "to_dict") and not isinstance(config, Mapping):
         values = config.to_dict()
     elif isinstance(config, (str, Path)):
         data = load_yaml(config)
@@ -223,7 +228,15 @@ def build_model(config: Union[Mapping, str, Path, None] = None, **overrides):
         raise ModelError(f"build_model: expected a dict, a YAML path or None, got {type(config).__name__}")
     values = dict(values)
     values.update(overrides)
-    kind = values.pop("kind", "et")
+    kind = values.pop("kind", None)
+    if "architecture" in values:
+        architecture = check_architecture(values["architecture"])
+        if kind is not None and kind != architecture:
+            raise ModelError(f"model: 'kind' {kind!r} and 'architecture' {architecture!r} disagree; give one of them")
+        kind = architecture
+        if architecture == "et":  # the ET's config has no architecture key (its default)
+            values.pop("architecture")
+    kind = kind or "et"
     cls = potential_class(kind)
     if hasattr(cls, "from_hparams"):
         return cls.from_hparams(values)
