@@ -261,19 +261,28 @@ def test_packed_device_resident_run_equals_plain_run_cpu(shared_data, tmp_path):
         results[name] = (state["state_dict"], result)
     assert where["plain"].batches is None and where["packed"].batches == "device"
     assert where["packed"].stats["eager_steps"] == 12 and where["packed"].stats["captures"] == 0
+    # validation, packed, through the eval runner: 16 structures in batches of 8, in Lightning's
+    # sanity check and after each of the 2 epochs
+    assert where["packed"].stats["validation"]["eager_steps"] == 6
     plain, packed = results["plain"][0], results["packed"][0]
     assert plain.keys() == packed.keys()
     for key in plain:
         torch.testing.assert_close(packed[key], plain[key], rtol=1e-9, atol=1e-11, msg=key)
-    rows = {}
+    rows, rows_all = {}, {}
     for name in results:
         import csv
 
         with open(tmp_path / name / "logs" / "csv" / "metrics.csv") as handle:
-            rows[name] = [r for r in csv.DictReader(handle) if r.get("train_forces_mae")]
+            rows_all[name] = list(csv.DictReader(handle))
+        rows[name] = [r for r in rows_all[name] if r.get("train_forces_mae")]
     assert len(rows["plain"]) == len(rows["packed"]) == 2
     for a, b in zip(rows["plain"], rows["packed"]):
         for key in ("train_forces_mae", "train_energy_mae", "train_loss"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-9), key
+    val = {name: [r for r in rows_all[name] if r.get("val_forces_mae")] for name in results}
+    assert len(val["plain"]) == len(val["packed"]) == 2
+    for a, b in zip(val["plain"], val["packed"]):
+        for key in ("val_forces_mae", "val_energy_mae", "val_loss", "val_energy_per_atom_rmse"):
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-9), key
 
 
@@ -360,3 +369,25 @@ def test_ema_average_lives_on_the_training_device():
     assert callback.average_model.n_averaged.device.type == "meta"
     assert all(p.device.type == "meta" for p in callback.average_model.parameters())
     assert callback._device is None  # the constructor's choice (none) is kept for later runs
+
+
+@pytest.mark.gpu
+def test_captured_validation_equals_eager_validation_gpu():
+    from torchmdx.train.graphed_eval import GraphedEvalStep
+
+    model = ETPotential({**TINY, "dtype": "float32", "embedding_dimension": 32, "num_heads": 4}).cuda()
+    sums = functools.partial(train_error_sums, JOINT)
+    eager = GraphedEvalStep(model, sums, capture=False)
+    captured = GraphedEvalStep(model, sums, capture=True)
+    rng = np.random.default_rng(1)
+    batches = []
+    for k in range(4):  # the same validation batches in two epochs
+        counts = rng.integers(3, 12, size=5)
+        z, pos, batch, energy, forces = molecules(list(counts), seed=50 + k, dtype=torch.float32, device="cuda")
+        batches.append(pack(z, pos, energy, forces, counts, bucket_for(int(counts.sum()), [40, 56]), 5, pad_z=1))
+    for epoch in range(2):
+        for packed in batches:
+            eager.step(packed)
+            captured.step(packed)
+        torch.testing.assert_close(captured.take_sums(), eager.take_sums(), rtol=1e-4, atol=1e-6)
+    assert captured.stats["captures"] >= 1 and captured.stats["replays"] >= 4, captured.stats

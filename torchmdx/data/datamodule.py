@@ -28,6 +28,7 @@ from torchmdx.data.cache import build_cache
 from torchmdx.data.data_config import DataConfig
 from torchmdx.data.dataset import H5Dataset
 from torchmdx.data.loader import BatchLoader, rank_and_world
+from torchmdx.data.packing import DeviceBatchLoader, atom_buckets
 from torchmdx.data.splits import Split, check_no_group_leak, load_split, make_split, save_split
 from torchmdx.errors import DataError
 
@@ -64,6 +65,7 @@ class TorchmdxDataModule(L.LightningDataModule):
         self.training_buckets: list[int] = []
         #: where the training batches are assembled: "device", "host" (packed) or None (PyG batches)
         self.training_batches: Optional[str] = None
+        self._plan = False  # packing_plan() not decided yet
         if not isinstance(config, DataConfig):
             config = from_dict(DataConfig, config, "data")
         self.config = config
@@ -193,18 +195,30 @@ class TorchmdxDataModule(L.LightningDataModule):
                           sampler=sampler, num_workers=workers, persistent_workers=workers > 0, drop_last=False)
 
     def train_dataloader(self):
-        self.training_buckets, self.training_batches = [], None
-        if self.pack_training:
-            packed = self._packed_train_loader()
-            if packed is not None:
-                return packed
-        return self._loader("train", self.config.batch_size, shuffle=True, pad_ranks=True)
+        plan = self.packing_plan()
+        if plan is None:
+            return self._loader("train", self.config.batch_size, shuffle=True, pad_ranks=True)
+        cfg, indices = self.config, self.split["train"]
+        if self.training_batches == "device":
+            return DeviceBatchLoader(self.dataset, indices, cfg.batch_size, self.training_buckets, plan["pad_z"],
+                                     plan["device"])
+        return BatchLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, indices=indices,
+                           num_workers=cfg.num_workers, pad_ranks=True,
+                           pack={"buckets": self.training_buckets, "pad_z": plan["pad_z"]})
 
-    def _packed_train_loader(self):
-        """Packed training batches (:mod:`torchmdx.data.packing`) from the device or the host
-        (``device_resident``), or None for plain PyG batches, with one line saying why."""
+    def packing_plan(self) -> Optional[dict]:
+        """Whether and where training batches are packed (:mod:`torchmdx.data.packing`), decided
+        once per run (Lightning asks for the validation loader first, for its sanity check):
+        None for plain PyG batches (one line says why where it is not obvious), else
+        ``{"device": ..., "pad_z": ...}``, with :attr:`training_batches` ("device" or "host") and
+        :attr:`training_buckets` set."""
+        if self._plan is not False:
+            return self._plan
+        self._plan = None
+        self.training_buckets, self.training_batches = [], None
+        if not self.pack_training:
+            return None
         from torchmdx.data.data_config import DEVICE_RESIDENT_FRACTION
-        from torchmdx.data.packing import DeviceBatchLoader, atom_buckets
 
         cfg = self.config
         indices = self.split["train"]
@@ -222,29 +236,23 @@ class TorchmdxDataModule(L.LightningDataModule):
         wanted = cfg.device_resident
         if device.type != "cuda" and wanted is not True:
             return None  # nothing is captured off the GPU: plain batches (device_resident: true packs anyway)
-        counts = self.dataset._counts[indices]
-        self.training_buckets = atom_buckets(counts, cfg.batch_size, seed=cfg.seed)
-        pad_z = int(min(self.dataset.elements))
+        self.training_buckets = atom_buckets(self.dataset._counts[indices], cfg.batch_size, seed=cfg.seed)
         reason = None
         if wanted is False:
             reason = None
         elif world > 1:
             reason = f"{world} processes (DDP) share the data"
         elif device.type == "cuda":
-            need = DeviceBatchLoader.nbytes(self.dataset, indices)
+            need = sum(DeviceBatchLoader.nbytes(self.dataset, self.split[part]) for part in ("train", "val"))
             free, _ = torch.cuda.mem_get_info(device)
             if need > DEVICE_RESIDENT_FRACTION * free:
-                reason = (f"the training split needs {need / 2**20:.0f} MiB, more than "
+                reason = (f"the training and validation splits need {need / 2**20:.0f} MiB, more than "
                           f"{DEVICE_RESIDENT_FRACTION:.0%} of the {free / 2**20:.0f} MiB free on {device}")
-        if wanted is not False and reason is None:
-            self.training_batches = "device"
-            return DeviceBatchLoader(self.dataset, indices, cfg.batch_size, self.training_buckets, pad_z, device)
         if wanted is True and reason is not None:
             _say(f"data.device_resident: {reason}; training batches come from the host loader")
-        self.training_batches = "host"
-        return BatchLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, indices=indices,
-                           num_workers=cfg.num_workers, pad_ranks=True,
-                           pack={"buckets": self.training_buckets, "pad_z": pad_z})
+        self.training_batches = "device" if wanted is not False and reason is None else "host"
+        self._plan = {"device": device, "pad_z": int(min(self.dataset.elements))}
+        return self._plan
 
     def _training_device(self) -> tuple[torch.device, int]:
         """(the device the trainer trains on, its number of processes); the CPU without a trainer."""
@@ -254,8 +262,16 @@ class TorchmdxDataModule(L.LightningDataModule):
         return torch.device(trainer.strategy.root_device), int(trainer.world_size)
 
     def val_dataloader(self):
-        return self._loader("val", self.config.inference_batch_size or self.config.batch_size, shuffle=False,
-                            pad_ranks=False)
+        batch_size = self.config.inference_batch_size or self.config.batch_size
+        plan = self.packing_plan()
+        indices = self.split["val"]
+        if plan is not None and self.training_batches == "device" and len(indices):
+            # the training split is on the device: the validation split joins it, packed in its
+            # own buckets, in split order (validated by captured steps, torchmdx.train.graphed_eval)
+            buckets = atom_buckets(self.dataset._counts[indices], batch_size, seed=self.config.seed)
+            return DeviceBatchLoader(self.dataset, indices, batch_size, buckets, plan["pad_z"], plan["device"],
+                                     shuffle=False)
+        return self._loader("val", batch_size, shuffle=False, pad_ranks=False)
 
     def test_dataloader(self):
         return self._loader("test", self.config.inference_batch_size or self.config.batch_size, shuffle=False,

@@ -221,10 +221,11 @@ class DeviceBatchLoader:
         buckets: atom capacities (:func:`atom_buckets`); pad_z: atomic number of padding atoms.
         device: where the data and the batches live.
         generator: torch generator of the epoch seeds (None: torch's global one, as BatchLoader).
+        shuffle: a new order every epoch (training); False: the split's order (validation).
     """
 
     def __init__(self, dataset, indices, batch_size: int, buckets: Sequence[int], pad_z: int, device,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, shuffle: bool = True):
         from torchmdx.data.loader import _BatchStream
 
         indices = np.asarray(indices, dtype=np.int64)
@@ -249,7 +250,8 @@ class DeviceBatchLoader:
             torch.from_numpy(np.asarray(st.forces[atom_index])).to(dataset.dtype).to(self.device)
         self.energy = dataset._energy[torch.from_numpy(indices)].to(self.device)
         # the epoch order of the host loader over local positions 0..n-1
-        self._stream = _BatchStream(None, np.arange(counts.size), self.batch_size, True, False, True)
+        self.shuffle = bool(shuffle)
+        self._stream = _BatchStream(None, np.arange(counts.size), self.batch_size, self.shuffle, False, True)
         self.split_indices = indices
 
     @staticmethod
@@ -266,7 +268,8 @@ class DeviceBatchLoader:
 
     def epoch_batches(self) -> list[np.ndarray]:
         """This epoch's batches as positions within the split (draws the epoch seed)."""
-        self._stream.seed = int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
+        if self.shuffle:
+            self._stream.seed = int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
         # the host loader's DataLoader iterator draws its base seed next: draw it too, so that
         # torch's generator (dropout, later epochs) goes on exactly as on the host path
         torch.empty((), dtype=torch.int64).random_(generator=self._generator)

@@ -180,6 +180,7 @@ class PotentialModule(L.LightningModule):
         # goes through it, and its counters after training (captures, replays, eager steps, ...)
         self._graph_step = None
         self._graphed_batch = False
+        self._eval_runner = None  # packed validation batches (on_validation_epoch_end reads its sums)
         self.cuda_graph_stats: Optional[dict] = None
 
     # ------------------------------------------------------------------ prediction and loss
@@ -278,7 +279,20 @@ class PotentialModule(L.LightningModule):
                      batch_size=batch_size)
 
     def validation_step(self, batch, batch_idx):
+        if isinstance(batch, PackedBatch):
+            self._eval_step_runner().step(batch)  # captured on a GPU; errors summed on the device
+            return
         self._step(batch, "val")
+
+    def _eval_step_runner(self):
+        """The :class:`~torchmdx.train.graphed_eval.GraphedEvalStep` of packed validation batches."""
+        if self._eval_runner is None:
+            from torchmdx.train.graphed_eval import GraphedEvalStep
+
+            cfg = self.train_config
+            self._eval_runner = GraphedEvalStep(self.model, functools.partial(train_error_sums, cfg),
+                                                capture=cfg.cuda_graph)
+        return self._eval_runner
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
@@ -319,6 +333,10 @@ class PotentialModule(L.LightningModule):
             self._refit_atomref()
 
     def on_validation_epoch_end(self):
+        if self._eval_runner is not None:
+            sums = self._eval_runner.take_sums()
+            if sums is not None:
+                self.errors["val_errors"].add_sums(sums)
         logged = self._log_epoch("val")
         if self._refit_value is not None:
             # EMA has swapped the training weights back in (callbacks run first): keep the refit there too
@@ -509,7 +527,10 @@ class PotentialModule(L.LightningModule):
             self.cuda_graph_stats = self._graph_step.check()
             self.cuda_graph_stats["notes"] = list(self._graph_step.notes)
             self._graph_step.release()
-        self._graph_step, self._graphed_batch = None, False
+        if self._eval_runner is not None:
+            self.cuda_graph_stats = {**(self.cuda_graph_stats or {}), "validation": dict(self._eval_runner.stats)}
+            self._eval_runner.release()
+        self._graph_step, self._graphed_batch, self._eval_runner = None, False, None
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
         if (self._graph_step is not None and self.trainer.training and hasattr(batch, "pos")

@@ -1,0 +1,131 @@
+"""Validation steps on packed batches, replayed as CUDA graphs.
+
+What one replay does, on the packed batch in the static input buffers
+(:class:`torchmdx.data.packing.PackedBatch`)::
+
+    list = neighbor_list(pos, cutoff, batch, max_pairs=C)          (fixed capacity, no host read)
+    E, F = model(z, pos, batch; list),   F = -dE/dpos               (no create_graph)
+    sums += error_sums(E - E_ref, n_atoms, F - F_ref; padding weights)   (float64, on the device)
+
+The sums are read once, at the end of the validation epoch (:meth:`GraphedEvalStep.take_sums`),
+and become the epoch's validation errors (:class:`torchmdx.train.metrics.EpochErrors`), exactly
+what the eager validation step would have summed. The weights are whatever the model holds when
+the graph replays: Lightning's EMA callback copies the averaged weights into the same parameter
+tensors for validation, so the graph validates the EMA weights without recapture.
+
+Capacity: C covers every pair of the real structures, Σ_b n_b (n_b − 1) (the largest such bound
+seen for the graph's shape), so the list cannot overflow; a batch with a larger bound (the first
+epoch only: validation batches repeat) recaptures with it. One graph per shape (atom capacity,
+structures); a new shape runs one eager step first (lazy initialisation, Triton compilation).
+On the CPU, or with ``capture=False``, the same step runs eagerly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from torchmdx.kernels.neighbors import neighbor_list
+from torchmdx.train.graphed import round_capacity
+
+
+class _EvalGraph:
+    def __init__(self, inputs: dict, capacity: int):
+        self.inputs = inputs
+        self.capacity = capacity
+        self.eager_steps = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+
+
+class GraphedEvalStep:
+    """Energies, forces and error sums of packed validation batches (module docstring).
+
+    Args:
+        model: a :class:`torchmdx.nn.Potential`.
+        error_sums: ``(energy_error, n_atoms, force_error, structure_weight, atom_weight) ->
+            float64 vector`` (:func:`torchmdx.train.module.train_error_sums`).
+        forces: evaluate forces (and their errors).
+        capture: capture CUDA graphs on a GPU.
+    """
+
+    def __init__(self, model, error_sums: Callable, *, forces: bool = True, capture: bool = True,
+                 max_shapes: int = 8):
+        self.model = model
+        self.error_sums = error_sums
+        self.forces = bool(forces)
+        self.device = next(model.parameters()).device
+        self.enabled = bool(capture) and self.device.type == "cuda" and torch.cuda.is_available()
+        self.max_shapes = int(max_shapes)
+        self.sums: Optional[torch.Tensor] = None
+        self.stats = {"captures": 0, "replays": 0, "eager_steps": 0}
+        self._graphs: dict = {}
+        if self.enabled:
+            self._side = torch.cuda.Stream(self.device)
+
+    def step(self, packed) -> None:
+        """Add the errors of one packed batch to :attr:`sums`."""
+        given = {"z": packed.z, "pos": packed.pos, "batch": packed.batch, "energy": packed.energy,
+                 "n_atoms": packed.n_atoms, "structure_weight": packed.structure_weight,
+                 "atom_weight": packed.atom_weight}
+        if self.forces and packed.forces is not None:
+            given["forces"] = packed.forces
+        key = (packed.atom_capacity, packed.num_structures, "forces" in given)
+        need = round_capacity(packed.pair_bound)
+        graph = self._graphs.get(key)
+        if graph is None or need > graph.capacity:
+            if graph is None and len(self._graphs) >= self.max_shapes:
+                self._graphs.clear()  # a run with many validation shapes: keep the latest ones only
+            graph = self._graphs[key] = _EvalGraph({n: torch.empty_like(v) for n, v in given.items()},
+                                                  max(need, graph.capacity if graph is not None else 0))
+        for name, value in given.items():
+            graph.inputs[name].copy_(value)
+        if self.sums is None:
+            from torchmdx.train.metrics import SUM_STATES
+
+            self.sums = torch.zeros(len(SUM_STATES), dtype=torch.float64, device=self.device)
+        if not self.enabled:
+            self._compute(graph)
+            self.stats["eager_steps"] += 1
+            return
+        if graph.graph is None:
+            if graph.eager_steps < 1:
+                main = torch.cuda.current_stream(self.device)
+                self._side.wait_stream(main)
+                with torch.cuda.stream(self._side):
+                    self._compute(graph)
+                main.wait_stream(self._side)
+                graph.eager_steps += 1
+                self.stats["eager_steps"] += 1
+                return
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph):
+                self._compute(graph)
+            graph.graph = cuda_graph
+            self.stats["captures"] += 1
+        graph.graph.replay()
+        self.stats["replays"] += 1
+
+    def _compute(self, graph: _EvalGraph) -> None:
+        inputs = graph.inputs
+        pos, batch = inputs["pos"], inputs["batch"]
+        structures = inputs["energy"].shape[0]
+        neighbors = neighbor_list(pos.detach(), self.model.cutoff, batch, max_pairs=graph.capacity)
+        with torch.enable_grad():
+            out = self.model(inputs["z"], pos, batch, neighbors=neighbors, forces="forces" in inputs,
+                             create_graph=False, num_structures=structures)
+        energy_error = out["energy"].detach() - inputs["energy"].to(out["energy"].dtype)
+        force_error = out["forces"].detach() - inputs["forces"] if "forces" in inputs else None
+        self.sums.add_(self.error_sums(energy_error, inputs["n_atoms"], force_error, inputs["structure_weight"],
+                                       inputs["atom_weight"]))
+
+    def take_sums(self) -> Optional[torch.Tensor]:
+        """The sums since the last call (a copy; the accumulator restarts at 0)."""
+        if self.sums is None:
+            return None
+        taken = self.sums.clone()
+        self.sums.zero_()
+        return taken
+
+    def release(self) -> None:
+        self._graphs.clear()
