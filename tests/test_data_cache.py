@@ -228,15 +228,31 @@ def test_batch_loader_epochs_workers_and_ranks(shared_data, tmp_path):
     assert not torch.equal(epochs[0], epochs[1])  # a new order every epoch
     workers = BatchLoader(ds[torch.from_numpy(subset)], batch_size=50, num_workers=2)
     assert torch.cat([b.idx for b in workers]).tolist() == subset.tolist()  # in order, each once
-    # three DDP ranks: disjoint shares of one order, equal lengths (padded by repeating batches)
+    # three DDP ranks: disjoint shares of one order, equal lengths; 334 structures = 9 batches of
+    # 32 in three whole rounds, then the last 46 dealt as 16 + 15 + 15: no structure repeats
     shares = []
+    stream = loader._stream
     for rank in range(3):
-        stream = loader._stream
         stream.seed, stream.rank, stream.world = 7, rank, 3
         shares.append([b.tolist() for b in stream.batches()])
-    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == 4
+        assert len(stream) == 4
+    assert [len(s) for s in shares] == [4, 4, 4]
+    assert [[len(b) for b in s] for s in shares] == [[32, 32, 32, 16], [32, 32, 32, 15], [32, 32, 32, 15]]
     flat = [i for share in shares for b in share for i in b]
-    assert set(flat) == set(subset.tolist()) and len(flat) - len(subset) == 32  # one repeated batch
+    assert sorted(flat) == subset.tolist()  # each structure exactly once
+    # each round of three batches is one batch of 96 of a single process with the same seed
+    single = BatchLoader(ds, batch_size=96, shuffle=True, indices=subset)._stream
+    single.seed = 7
+    for k, big in enumerate(single.batches()):
+        assert sorted(big.tolist()) == sorted(sum((shares[r][k] for r in range(3)), [])), k
+    # fewer structures than ranks left over: only then do some repeat (the epoch's first ones)
+    stream = BatchLoader(ds, batch_size=2, shuffle=False, indices=subset[:7])._stream
+    dealt = []
+    for rank in range(3):
+        stream.rank, stream.world = rank, 3
+        dealt.append([b.tolist() for b in stream.batches()])
+    assert dealt == [[subset[0:2].tolist(), [subset[6]]], [subset[2:4].tolist(), [subset[0]]],
+                     [subset[4:6].tolist(), [subset[1]]]]
     # evaluation (pad_ranks=False): each structure exactly once, counts differ by at most one
     evaluation = BatchLoader(ds, batch_size=32, indices=subset, pad_ranks=False)._stream
     shares, lengths = [], []
@@ -316,10 +332,11 @@ def test_batch_loader_shards_over_real_ddp_ranks(shared_data, tmp_path, workers=
                                        str(workers)], env=env))
     assert [p.wait(timeout=240) for p in procs] == [0, 0]
     results = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
-    # training: 5 batches padded to 6: 3 per rank, one batch seen twice
+    # training: 5 batches of 4 = 2 rounds of 2 batches, the last 4 structures dealt 2 + 2:
+    # 3 batches per rank, each structure once
     assert [r["len"] for r in results] == [3, 3] and [len(r["batches"]) for r in results] == [3, 3]
-    batches = [tuple(b) for r in results for b in r["batches"]]
-    assert set(i for b in batches for i in b) == set(range(20)) and len(set(batches)) == 5
+    assert [[len(b) for b in r["batches"]] for r in results] == [[4, 4, 2], [4, 4, 2]]
+    assert sorted(i for r in results for b in r["batches"] for i in b) == list(range(20))
     # evaluation: 5 batches as 3 + 2, every structure exactly once; len() is this rank's count
     assert [r["eval_len"] for r in results] == [len(r["eval"]) for r in results] == [3, 2]
     assert sorted(i for r in results for b in r["eval"] for i in b) == list(range(20))

@@ -102,7 +102,7 @@ def _info(args, config) -> int:
 
     opts = config.reader_options()
     cached = find_cache(config.path, config.format, config.cache_dir, **opts)
-    structures = read_cache(cached) if cached else read_structures(config.path, config.format, **opts)
+    structures = read_cache(cached, mmap=True) if cached else read_structures(config.path, config.format, **opts)
     summary = summarize(structures)
     if _is_config(args.source):
         summary.update(_config_part(structures, config))

@@ -537,6 +537,7 @@ def read_cache(path, mmap: bool = False) -> Structures:
         metadata.setdefault("format", info["format"])
         metadata["source"] = info["source"]
         metadata["cache"] = str(path)
+        metadata["cache_statistics"] = info["statistics"]
         z = get("z")
         return Structures(
             z=z if mmap else z.astype(np.int64),

@@ -8,6 +8,8 @@ the atomic reference energies on the training split and computes the normalisati
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Union
@@ -28,11 +30,28 @@ from torchmdx.data.cache import build_cache
 from torchmdx.data.data_config import DataConfig
 from torchmdx.data.dataset import H5Dataset
 from torchmdx.data.loader import BatchLoader, rank_and_world
+from torchmdx.data.ranks import global_rank, launch_world, local_rank, wait_for
 from torchmdx.data.packing import DeviceBatchLoader, atom_buckets
 from torchmdx.data.splits import Split, check_no_group_leak, load_split, make_split, save_split
 from torchmdx.errors import DataError
+from torchmdx.io_utils import atomic_write
 
 SPLIT_FILE_NAME = "splits.npz"
+#: rank 0's atomic references and statistics, read by the other ranks of a DDP launch
+STATE_FILE_NAME = "data_state.json"
+STATE_VERSION = 1
+
+
+def _direct_cache(cfg) -> Optional[Path]:
+    """The source itself when it is a torchmdx cache (nothing to build)."""
+    from torchmdx.data.formats import check_format, guess_format, resolve_source
+
+    try:
+        fmt = check_format(cfg.format)
+        src = resolve_source(cfg.path, fmt)
+        return src if (fmt or guess_format(src)) == "cache" else None
+    except DataError:
+        return None
 
 
 def _say(line: str) -> None:
@@ -84,28 +103,109 @@ class TorchmdxDataModule(L.LightningDataModule):
         self.cache_path = self._build_cache()
 
     def setup(self, stage: Optional[str] = None) -> None:
+        """Cache, split, references and statistics. In a DDP launch the references and
+        statistics are computed once, by rank 0, and shared (module :mod:`torchmdx.data.ranks`):
+        through ``torch.distributed`` when it is running, else through ``<run_dir>/data_state.json``,
+        which the other ranks wait for."""
         if self.dataset is not None:
             return
         cfg = self.config
         self.cache_path = self._build_cache()
         self.dataset = H5Dataset(self.cache_path, dtype=cfg.dtype, mmap=cfg.mmap)
-        self.dataset.structures.check_max_z(self.max_z)
-        self.split = self._split()
-        train = self.split.train
-        if cfg.atomref == "fit":
-            self.atomic_references = fit_atomic_references(self.dataset, train, self.max_z)
-            self.missing_reference_elements = elements_without_reference(self.dataset, train, self.max_z)
-        elif cfg.atomref == "dataset":
-            self.atomic_references = published_atomic_references(self.dataset, self.max_z)
+        elements = self.dataset.elements
+        if elements and max(elements) >= self.max_z:
+            self.dataset.structures.check_max_z(self.max_z)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        if distributed:
+            state = None
+            if torch.distributed.get_rank() == 0:
+                self.split = self._split()
+                state = self._fit_state()
+            box = [state, self.split]
+            torch.distributed.broadcast_object_list(box, src=0)
+            state, self.split = box
+        elif global_rank() != 0 and self.run_dir is not None:
+            state = self._shared_state()
         else:
-            self.atomic_references = torch.zeros(self.max_z, dtype=torch.float64)
-        self.statistics = energy_statistics(self.dataset, train, self.atomic_references) if len(train) else {}
+            self.split = self._split()
+            state = self._fit_state()
+            if self.run_dir is not None:
+                with atomic_write(self.run_dir / STATE_FILE_NAME, "w") as handle:
+                    json.dump(state, handle)
+        self._use_state(state)
+
+    def _fit_state(self) -> dict:
+        """References, statistics and the key of what they were computed from (JSON-ready:
+        Python floats round-trip exactly)."""
+        cfg, train = self.config, self.split.train
+        missing = []
+        if cfg.atomref == "fit":
+            refs = fit_atomic_references(self.dataset, train, self.max_z)
+            missing = elements_without_reference(self.dataset, train, self.max_z)
+        elif cfg.atomref == "dataset":
+            refs = published_atomic_references(self.dataset, self.max_z)
+        else:
+            refs = torch.zeros(self.max_z, dtype=torch.float64)
+        statistics = energy_statistics(self.dataset, train, refs) if len(train) else {}
+        return {"key": self._state_key(self.split), "atomic_references": [float(v) for v in refs.tolist()],
+                "missing_reference_elements": [int(v) for v in missing], "statistics": statistics}
+
+    def _use_state(self, state: dict) -> None:
+        self.atomic_references = torch.tensor(state["atomic_references"], dtype=torch.float64)
+        self.missing_reference_elements = list(state["missing_reference_elements"])
+        self.statistics = dict(state["statistics"])
+
+    def _state_key(self, split: Split) -> str:
+        """What the references depend on: the cache's content, the split, atomref, max_z."""
+        digest = hashlib.blake2b(digest_size=16)
+        fp = self.dataset.info["fingerprint"]
+        for part in (str(Path(self.cache_path).name), str(fp.get("hash", "")), str(fp.get("size", "")),
+                     self.config.atomref, str(self.max_z), str(STATE_VERSION)):
+            digest.update(part.encode() + b"\0")
+        for part in ("train", "val", "test"):
+            digest.update(np.ascontiguousarray(split[part], dtype=np.int64).tobytes() + b"\1")
+        return digest.hexdigest()
+
+    def _shared_state(self) -> dict:
+        """A rank other than 0 of a launch without torch.distributed yet: wait for rank 0's
+        split and ``data_state.json`` (written after the split), check they belong together."""
+        path = self.run_dir / STATE_FILE_NAME
+        seen = {"mtime": None}
+
+        def ready():
+            if not path.is_file():
+                return None
+            mtime = path.stat().st_mtime_ns
+            if seen["mtime"] == mtime:
+                return None
+            seen["mtime"] = mtime
+            try:
+                state = json.loads(path.read_text())
+                split = self._split(save=False)
+            except (ValueError, OSError, DataError):
+                return None
+            if state.get("key") != self._state_key(split):
+                return None  # an earlier run's file: rank 0 writes the new one
+            self.split = split
+            return state
+
+        return wait_for(ready, f"rank 0's split and reference fit ({path})", say=print)
 
     def _build_cache(self) -> Path:
+        """The cache; in a launch of several processes only local rank 0 builds it, the others
+        wait for it to be current."""
         cfg = self.config
-        return build_cache(cfg.path, cfg.format, cfg.cache_dir, **cfg.reader_options())
+        options = cfg.reader_options()
+        if local_rank() != 0 and launch_world() > 1:
+            from torchmdx.data.cache import find_cache
 
-    def _split(self) -> Split:
+            found = wait_for(lambda: find_cache(cfg.path, cfg.format, cfg.cache_dir, **options)
+                             or _direct_cache(cfg), f"local rank 0 to build the cache of {cfg.path}")
+            return Path(found)
+        return build_cache(cfg.path, cfg.format, cfg.cache_dir, **options)
+
+    def _split(self, save: bool = True) -> Split:
         cfg, n = self.config, self.dataset.n_structures
         content_hash = self.dataset.info["fingerprint"].get("hash", "")
         run_file = self.run_dir / SPLIT_FILE_NAME if self.run_dir is not None else None
@@ -115,11 +215,13 @@ class TorchmdxDataModule(L.LightningDataModule):
         elif run_file is not None and run_file.is_file():
             split = load_split(run_file, n, content_hash)
             self.split_path = run_file
+        elif not save:
+            raise DataError(f"{run_file}: not written yet")
         else:
             split = make_split(self.dataset.structures, cfg)
         if cfg.split_by_group and self.dataset.structures.group is not None:
-            check_no_group_leak(split, self.dataset.structures.group_labels())
-        if run_file is not None and self.split_path != run_file:
+            check_no_group_leak(split, self.dataset.structures.group, self.dataset.structures.group_names)
+        if save and run_file is not None and self.split_path != run_file:
             save_split(split, run_file, content_hash)
             self.split_path = run_file
         return split

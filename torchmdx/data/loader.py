@@ -13,8 +13,11 @@ It is a ``torch.utils.data.DataLoader`` over an ``IterableDataset`` of batches, 
   common order (the shuffle seed is drawn from torch's global generator, which Lightning's
   ``seed_everything`` makes equal on all ranks); Lightning leaves iterable datasets alone (no
   sampler injection);
-- ``pad_ranks=True`` (training): the batches are padded by repeating the first ones so that
-  every rank has the same number (DDP ranks must step together). ``pad_ranks=False``
+- ``pad_ranks=True`` (training): every rank has the same number of batches (DDP ranks must
+  step together) and each structure is seen once per epoch over all ranks: the structures of a
+  last, incomplete round of ``world_size`` batches are dealt into one smaller batch per rank (so
+  each step's batches together are exactly one batch of ``world_size * batch_size`` of a single
+  process with the same seed). ``pad_ranks=False``
   (validation, test): every structure is seen exactly once over all ranks, whose batch counts
   may differ by one; the epoch's error sums are reduced over the ranks once at the epoch's end
   (:class:`torchmdx.train.metrics.EpochErrors`), so repeated structures would be counted twice.
@@ -104,9 +107,25 @@ class _BatchStream(IterableDataset):
             return [np.array_split(order, self.world)[self.rank]]
         batches = [order[k * self.batch_size:(k + 1) * self.batch_size] for k in range(self._n_batches())]
         if self.pad_ranks and self.world > 1 and batches:
-            per_rank = -(-len(batches) // self.world)
-            batches += batches[: per_rank * self.world - len(batches)]
+            batches = self._even_rounds(batches, order)
         return batches[self.rank::self.world]
+
+    def _even_rounds(self, batches: list[np.ndarray], order: np.ndarray) -> list[np.ndarray]:
+        """Whole rounds of ``world`` batches (training: DDP ranks step together). The structures
+        of a last, incomplete round are dealt into one smaller batch per rank, so each structure
+        is seen once per epoch over all ranks, and every round holds exactly the structures of one
+        batch of ``world * batch_size`` in one process (the same global batches). Only when fewer
+        structures than ranks are left do ``world - left`` of the epoch's first ones repeat;
+        ``drop_last`` drops the incomplete round instead."""
+        full = (len(batches) // self.world) * self.world
+        if full == len(batches):
+            return batches
+        if self.drop_last:
+            return batches[:full]
+        rest = np.concatenate(batches[full:])
+        if len(rest) < self.world:
+            rest = np.concatenate([rest, order[: self.world - len(rest)]])
+        return batches[:full] + np.array_split(rest, self.world)
 
     def __len__(self) -> int:
         n = self._n_batches()
@@ -115,7 +134,7 @@ class _BatchStream(IterableDataset):
         if self._dealt():
             return 1
         if self.pad_ranks:
-            return -(-n // self.world)
+            return n // self.world if self.drop_last else -(-n // self.world)
         return len(range(self.rank, n, self.world))
 
     def __iter__(self):
@@ -138,8 +157,9 @@ class BatchLoader(TorchDataLoader):
         dataset: the dataset or a subset of it; ``indices`` (optional) select within it.
         batch_size, shuffle, drop_last: as for a DataLoader (a new order each epoch when shuffling,
             seeded from ``generator`` or torch's global generator).
-        pad_ranks: under DDP, repeat batches so every rank has as many (training); False: each
-            structure once over all ranks, batch counts may differ by one (evaluation).
+        pad_ranks: under DDP, every rank gets as many batches, the last round dealt evenly
+            (training); False: batch counts may differ by one (evaluation). Either way each
+            structure is seen once per epoch over all ranks.
         num_workers, pin_memory: passed to ``torch.utils.data.DataLoader`` (workers are started
             per epoch, so they see the epoch's order).
         pack: ``{"buckets": [...], "pad_z": int}``: yield :class:`~torchmdx.data.packing.PackedBatch`

@@ -111,33 +111,54 @@ def group_split(groups: Sequence, train: Size = 0.8, val: Size = 0.1, test: Size
     is ignored and the other sizes apply to the remaining groups (``split_by_group``) or
     structures (otherwise).
     """
-    labels = np.asarray([str(g) for g in groups], dtype=object)
-    n = len(labels)
-    names = sorted(set(labels.tolist()))
+    names, codes = np.unique(np.asarray([str(g) for g in groups], dtype=str), return_inverse=True)
+    return group_split_codes(codes.reshape(-1), names.tolist(), train, val, test, seed, split_by_group,
+                             val_groups, test_groups, source)
+
+
+def group_split_codes(codes, names: Sequence[str], train: Size = 0.8, val: Size = 0.1, test: Size = None,
+                      seed: int = 0, split_by_group: bool = True, val_groups: Sequence[str] = (),
+                      test_groups: Sequence[str] = (), source: str = "dataset") -> Split:
+    """:func:`group_split` of structures labelled by integer ``codes`` into ``names`` (a cache's
+    ``group`` and ``group_names``): integer arithmetic only, so millions of structures split in
+    about a second; the same split as :func:`group_split` of the names for the same seed (groups
+    are ordered by name before they are shuffled)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    n = len(codes)
+    used = np.unique(codes)
+    used_names = [str(names[c]) for c in used]
+    order = sorted(range(len(used)), key=used_names.__getitem__)
+    sorted_names = [used_names[i] for i in order]
+    rank_of_code = np.full(int(used.max()) + 1 if used.size else 1, -1, dtype=np.int64)
+    rank_of_code[used[order]] = np.arange(len(order))
+    ranks = rank_of_code[codes]  # group of each structure as its position among the sorted names
+    rank_of_name = {name: r for r, name in enumerate(sorted_names)}
     val_groups, test_groups = [str(g) for g in val_groups], [str(g) for g in test_groups]
     for part, chosen in (("val_groups", val_groups), ("test_groups", test_groups)):
-        unknown = [g for g in chosen if g not in names]
+        unknown = [g for g in chosen if g not in rank_of_name]
         if unknown:
-            raise DataError(f"{source}: {part}: no group {', '.join(map(repr, unknown))}; groups: {', '.join(names)}")
+            shown = ", ".join(sorted_names[:50]) + (f", ... ({len(sorted_names)} groups)" if len(sorted_names) > 50 else "")
+            raise DataError(f"{source}: {part}: no group {', '.join(map(repr, unknown))}; groups: {shown}")
     both = sorted(set(val_groups) & set(test_groups))
     if both:
         raise DataError(f"split: group(s) {', '.join(both)} named in both val_groups and test_groups")
-    named = {"train": [], "val": val_groups, "test": test_groups}
+    named = {"train": [], "val": [rank_of_name[g] for g in val_groups], "test": [rank_of_name[g] for g in test_groups]}
     sizes = [0 if named[p] else size for p, size in zip(PARTS, (train, val, test))]
-    rest = [g for g in names if g not in set(val_groups) | set(test_groups)]
+    taken = set(named["val"]) | set(named["test"])
+    rest = np.array([r for r in range(len(sorted_names)) if r not in taken], dtype=np.int64)
     rng = np.random.default_rng(seed)
-    parts = {p: [np.flatnonzero(np.isin(labels, named[p]))] if named[p] else [] for p in PARTS}
+    parts = {p: [np.flatnonzero(np.isin(ranks, named[p]))] if named[p] else [] for p in PARTS}
     if split_by_group:
         counts = resolve_sizes(len(rest), *sizes, what="groups", source=source)
-        perm = [rest[i] for i in rng.permutation(len(rest))]
+        perm = rest[rng.permutation(len(rest))]
         start = 0
         for part, count in zip(PARTS, counts):
             chosen = perm[start:start + count]
             start += count
-            if chosen:
-                parts[part].append(np.flatnonzero(np.isin(labels, chosen)))
+            if len(chosen):
+                parts[part].append(np.flatnonzero(np.isin(ranks, chosen)))
     else:
-        remaining = np.flatnonzero(np.isin(labels, rest))
+        remaining = np.flatnonzero(np.isin(ranks, rest))
         counts = resolve_sizes(len(remaining), *sizes, source=source)
         perm = remaining[rng.permutation(len(remaining))]
         start = 0
@@ -148,9 +169,9 @@ def group_split(groups: Sequence, train: Size = 0.8, val: Size = 0.1, test: Size
              for p in PARTS}
     split = Split(train=index["train"], val=index["val"], test=index["test"], n_structures=n, seed=seed,
                   info={"kind": "group", "split_by_group": split_by_group,
-                        "groups": {p: sorted(set(labels[index[p]].tolist())) for p in PARTS}})
+                        "groups": {p: [sorted_names[r] for r in np.unique(ranks[index[p]])] for p in PARTS}})
     if split_by_group:
-        check_no_group_leak(split, labels)
+        check_no_group_leak(split, ranks, sorted_names)
     return split
 
 
@@ -161,18 +182,29 @@ def make_split(structures, config) -> Split:
     sizes = dict(train=config.train_size, val=config.val_size, test=config.test_size, seed=config.seed,
                  source=structures.source)
     if config.split_by_group or config.val_groups or config.test_groups:
-        labels = structures.group_labels()
-        if labels is None:
+        if structures.group is None:
             raise DataError(
                 f"{structures.source}: a grouped split (split_by_group / val_groups / test_groups) needs group "
                 "labels; set data.group_key to the info key that names each structure's group"
             )
-        return group_split(labels, split_by_group=config.split_by_group, val_groups=config.val_groups,
-                           test_groups=config.test_groups, **sizes)
+        return group_split_codes(np.asarray(structures.group), structures.group_names,
+                                 split_by_group=config.split_by_group, val_groups=config.val_groups,
+                                 test_groups=config.test_groups, **sizes)
     return random_split(len(structures), **sizes)
 
 
-def check_no_group_leak(split: Split, labels) -> None:
+def check_no_group_leak(split: Split, labels, names: Optional[Sequence[str]] = None) -> None:
+    """DataError when a group has structures in two parts. ``labels``: one name per structure,
+    or integer codes into ``names``."""
+    if names is not None:
+        codes = np.asarray(labels)
+        seen = {p: np.unique(codes[split[p]]) for p in PARTS}
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = np.intersect1d(seen[a], seen[b])
+            if shared.size:
+                raise DataError(f"split: group(s) {', '.join(sorted(str(names[c]) for c in shared))} "
+                                f"appear in both {a} and {b}")
+        return
     labels = np.asarray(labels, dtype=object)
     seen = {p: set(labels[split[p]].tolist()) for p in PARTS}
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):

@@ -185,12 +185,12 @@ def atom_indices(offsets: np.ndarray, indices) -> np.ndarray:
     return first + np.arange(counts.sum())
 
 
-def check_max_z(z: np.ndarray, offsets: np.ndarray, max_z: int, source: str) -> None:
+def check_max_z(z: np.ndarray, offsets: np.ndarray, max_z: int, source: str, first: int = 0) -> None:
     """DataError naming the first atom whose atomic number is not below ``max_z`` (the number of
-    embedding rows: Z = 0 .. max_z - 1 are accepted)."""
+    embedding rows: Z = 0 .. max_z - 1 are accepted); ``first``: index of the first structure."""
     bad = np.flatnonzero(z >= max_z)
     if bad.size:
-        s = int(np.searchsorted(offsets, bad[0], side="right") - 1)
+        s = first + int(np.searchsorted(offsets, bad[0], side="right") - 1)
         zz = int(z[bad[0]])
         raise DataError(
             f"{source}: element {element_symbol(zz)} (Z={zz}) in structure {s} is beyond the model's range "

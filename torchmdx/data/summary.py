@@ -8,11 +8,39 @@ from torchmdx.data.atomref import energy_statistics
 from torchmdx.data.structures import Structures, element_symbol
 
 
+def _element_counts(st: Structures, built: dict) -> tuple[np.ndarray, np.ndarray]:
+    if built.get("element_counts"):
+        pairs = sorted((int(z), int(c)) for z, c in built["element_counts"].items() if c)
+        return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    seen = np.zeros(256, dtype=np.int64)
+    step = 1 << 24
+    for start in range(0, st.n_atoms, step):
+        seen += np.bincount(np.asarray(st.z[start:start + step], dtype=np.int64), minlength=256)[:256]
+    zs = np.flatnonzero(seen)
+    return zs, seen[zs]
+
+
+def _statistics(st: Structures, built: dict) -> dict:
+    """energy_statistics of all structures; the force sums of the cache's build when it has them
+    (so that a summary of a cache reads no per-atom array)."""
+    if built.get("force_components") is None or st.forces is None:
+        return energy_statistics(st)
+    energy = np.asarray(st.energy, dtype=np.float64)
+    per_atom = energy / st.atoms_per_structure
+    components = built["force_components"]
+    return {"energy_mean": float(energy.mean()), "energy_std": float(energy.std()),
+            "energy_per_atom_mean": float(per_atom.mean()), "energy_per_atom_std": float(per_atom.std()),
+            "force_rms": float(np.sqrt(built["force_sq_sum"] / components)) if components else None,
+            "force_max": built["force_max"]}
+
+
 def summarize(st: Structures) -> dict:
-    """A JSON-ready summary of ``st``."""
+    """A JSON-ready summary of ``st`` (of a memory-mapped cache: reading only per-structure
+    arrays and the statistics stored when the cache was built)."""
     natoms = st.atoms_per_structure
-    zs, counts = np.unique(np.asarray(st.z, dtype=np.int64), return_counts=True)
-    stats = energy_statistics(st)
+    built = st.metadata.get("cache_statistics") or {}
+    zs, counts = _element_counts(st, built)
+    stats = _statistics(st, built)
     out = {
         "source": st.source,
         "format": st.metadata.get("format"),
@@ -44,7 +72,7 @@ def summarize(st: Structures) -> dict:
         "cache": st.metadata.get("cache"),
     }
     if st.group is not None:
-        sizes = np.bincount(st.group, minlength=len(st.group_names))
+        sizes = np.bincount(np.asarray(st.group), minlength=len(st.group_names))
         out["groups"] = {name: int(n) for name, n in zip(st.group_names, sizes)}
     return out
 
