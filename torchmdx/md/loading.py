@@ -6,26 +6,13 @@ from pathlib import Path
 import torch
 
 from torchmdx.dtypes import torch_dtype
+from torchmdx.devices import check_device  # noqa: F401 - md's device check lives in the foundation
 from torchmdx.errors import ConfigError, ModelError
 from torchmdx.nn.base import Potential
 
 def as_dtype(dtype) -> torch.dtype:
     """torch dtype from a torch dtype or its name (float32/float64; float/double too)."""
     return torch_dtype(dtype)
-
-
-def check_device(device) -> torch.device:
-    """A torch device that exists here (one-line ConfigError otherwise)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r}: no CUDA GPU is available here (use --device cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return dev
 
 
 def potential_dtype(potential: Potential, default: torch.dtype = torch.float64) -> torch.dtype:
