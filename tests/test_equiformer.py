@@ -203,6 +203,46 @@ def test_stress_is_the_strain_derivative_by_finite_differences(model):
     assert np.abs(out["stress"]).max() > 1e-5
 
 
+def test_force_and_stress_loss_gradients_equal_finite_differences():
+    """The training objective's double backward (forces and stress are derivatives of the energy,
+    the loss is differentiated again w.r.t. the weights) through e3nn's tensor products, the
+    attention softmax and the layer norms: parameter gradients equal central differences."""
+    model = tiny(seed=1).train()
+    atoms = periodic_box(seed=3, n=6)
+    z = torch.tensor(atoms.numbers)
+    pos = torch.tensor(atoms.positions, dtype=F64)
+    cell = torch.tensor(atoms.cell[:], dtype=F64)
+    pbc = torch.ones(3, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    f_ref = torch.randn(len(z), 3, generator=g, dtype=F64)
+    s_ref = 1e-2 * torch.randn(1, 3, 3, generator=g, dtype=F64)
+
+    def loss():
+        out = model(z, pos, cell=cell, pbc=pbc, stress=True, create_graph=True)
+        return ((out["forces"] - f_ref) ** 2).sum() + 1e4 * ((out["stress"] - s_ref) ** 2).sum()
+
+    params = dict(model.named_parameters())
+    picks = [("representation.blocks.0.attention.radial.net.0.weight", (3, 2)),
+             ("representation.blocks.1.attention.alpha_dot", (1, 1)),
+             ("representation.blocks.0.attention.value_dtp.tp.weight", (5,)),
+             ("representation.blocks.0.norm_attention.weight", (4,)),
+             ("representation.edge_degree.radial.net.3.weight", (7, 1)),
+             ("representation.embedding.weight", (8, 2))]
+    grads = torch.autograd.grad(loss(), [params[name] for name, _ in picks])
+    h = 1e-5
+    for (name, index), grad in zip(picks, grads):
+        value = params[name].data[index].item()
+        with torch.no_grad():
+            params[name].data[index] = value + h
+            up = loss().item()
+            params[name].data[index] = value - h
+            down = loss().item()
+            params[name].data[index] = value
+        numeric = (up - down) / (2 * h)
+        assert grad[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-9), name
+        assert abs(numeric) > 1e-6, name  # the parameter matters (else the check is empty)
+
+
 def test_supercell_has_the_energy_per_atom_of_its_cell(model):
     cell = periodic_box(seed=2, n=9)
     big = cell.repeat((2, 2, 2))
