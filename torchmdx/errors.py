@@ -29,6 +29,10 @@ class NeighborListError(TorchmdxError):
     """Neighbor-list problems: cutoff too large for the box, buffer overflow, bad cell."""
 
 
+class TrainingError(TorchmdxError):
+    """A training run that cannot go on (the loss stopped being finite)."""
+
+
 class SimulationError(TorchmdxError):
     """An MD run that cannot continue (NaN forces, exploding temperature)."""
 

@@ -64,6 +64,23 @@ def _data_config(args):
     return cfg, run_dir, False
 
 
+def check_output_folder(folder: Path, what: str) -> None:
+    """One-line ConfigError unless ``folder`` is (or can be made as) a writable folder."""
+    import os
+
+    from torchmdx.errors import ConfigError
+
+    if str(folder).strip() == "":
+        raise ConfigError(f"{what} is empty; give a folder name")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what} {folder}: is a file, not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"{what} {folder}: {existing} is not writable")
+
+
 def run(args) -> int:
     import dataclasses
 
@@ -77,9 +94,14 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from torchmdx.devices import check_device
+
+    check_device(args.device, "--device")  # before any work
     model_path = Path(args.model)
     data_cfg, run_dir, is_config = _data_config(args)
     split = args.split or ("test" if is_config else "all")
+    out_dir = Path(args.out) if args.out else model_path.parent / f"evaluate_{split}"
+    check_output_folder(out_dir, "--out" if args.out else "the report folder")
 
     from torchmdx.data.datamodule import SPLIT_FILE_NAME, TorchmdxDataModule
     from torchmdx.nn.model_file import load_model
@@ -88,6 +110,9 @@ def run(args) -> int:
     from torchmdx.train.run import LEARNING_CURVE, METRICS_CSV
 
     model = load_model(model_path, device=args.device)
+    from torchmdx.train.export import check_finite_weights
+
+    check_finite_weights(model, model_path, "nothing evaluated")
     split_dir = run_dir if run_dir is not None and (run_dir / SPLIT_FILE_NAME).is_file() else None
     if not is_config and split != "all" and split_dir is None:
         raise DataError(f"--split {split} with a data file needs --run RUN_DIR holding its {SPLIT_FILE_NAME}")
@@ -111,7 +136,9 @@ def run(args) -> int:
     batch_size = args.batch_size or data_cfg.inference_batch_size or 64
     predictions = predict(model, dataset, indices, batch_size=batch_size, device=args.device, progress=args.progress)
     errors = error_metrics(predictions)
-    out_dir = Path(args.out) if args.out else model_path.parent / f"evaluate_{split}"
+    from torchmdx.train.evaluate import check_finite_predictions
+
+    check_finite_predictions(predictions, model_path)
     heading = f"{model_path.name} on {Path(data_cfg.path).name} ({split})"
     info = {"model": str(model_path), "data": str(data_cfg.path), "split": split,
             "split_file": str(datamodule.split_path) if datamodule.split_path else None}

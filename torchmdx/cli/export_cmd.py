@@ -18,12 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="model file to write (e.g. model.pt)")
     parser.add_argument("--no-ema", dest="ema", action="store_false",
                         help="export the raw training weights instead of their moving average")
+    parser.add_argument("--force", action="store_true", help="replace an existing output file")
 
 
 def run(args) -> int:
     from torchmdx.train.export import export_checkpoint
 
-    potential = export_checkpoint(args.checkpoint, args.output, ema=args.ema)
+    potential = export_checkpoint(args.checkpoint, args.output, ema=args.ema, force=args.force)
     elements = getattr(potential, "elements", None)
     from torchmdx.nn.potential import element_symbol
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from torchmdx.errors import DataError
+from torchmdx.errors import DataError, ModelError
 from torchmdx.io_utils import atomic_write
 from torchmdx.units import EV_TO_MEV
 
@@ -47,8 +47,11 @@ def predict(model, dataset, indices: Optional[Sequence[int]] = None, batch_size:
     for batch in batches:
         batch = batch.to(device)
         has_stress = getattr(batch, "stress", None) is not None
-        out = model(batch.z, batch.pos.to(dtype), batch.batch, batch.cell.to(dtype), batch.pbc, forces=has_forces,
-                    stress=has_stress, num_structures=int(batch.num_graphs))
+        try:
+            out = model(batch.z, batch.pos.to(dtype), batch.batch, batch.cell.to(dtype), batch.pbc, forces=has_forces,
+                        stress=has_stress, num_structures=int(batch.num_graphs))
+        except ModelError as exc:
+            raise _name_the_structure(exc, model, batch, dataset) from None
         if has_stress:
             s_pred.append(out["stress"].detach().double().cpu().numpy())
             s_ref.append(batch.stress.reshape(-1, 3, 3).double().cpu().numpy())
@@ -70,6 +73,33 @@ def predict(model, dataset, indices: Optional[Sequence[int]] = None, batch_size:
         "stress_pred": np.concatenate(s_pred) if s_pred else None,
         "stress_ref": np.concatenate(s_ref) if s_ref else None,
     }
+
+
+def _name_the_structure(exc, model, batch, dataset):
+    """The model's one-line error about an atom of a batch, said of its structure in the dataset."""
+    source = getattr(dataset, "source", None) or "data"
+    for k in range(int(batch.num_graphs)):
+        a, b = int(batch.ptr[k]), int(batch.ptr[k + 1])
+        try:
+            model.check_elements(batch.z[a:b])
+        except ModelError as inner:
+            index = int(batch.idx[k]) if getattr(batch, "idx", None) is not None else k
+            return ModelError(f"{source}: structure {index}: {inner}")
+    return exc
+
+
+def check_finite_predictions(predictions: dict, model_path) -> None:
+    """One-line ModelError when the model predicted NaN or infinite energies or forces."""
+    energy = predictions["energy_pred"]
+    bad = ~np.isfinite(energy)
+    forces = predictions.get("forces_pred")
+    if forces is not None:
+        per_structure = np.add.reduceat(~np.isfinite(forces).all(axis=1), np.r_[0, np.cumsum(predictions["n_atoms"])[:-1]])
+        bad |= per_structure > 0
+    if bad.any():
+        first = int(predictions["indices"][int(np.argmax(bad))])
+        raise ModelError(f"{model_path}: predicts NaN or infinite energies or forces for {int(bad.sum())} of {bad.size} "
+                         f"structures (first: structure {first}); no error table written")
 
 
 def error_metrics(predictions: dict) -> dict:

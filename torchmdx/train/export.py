@@ -77,10 +77,52 @@ def potential_from_checkpoint(path: Union[str, Path], ema: bool = True):
     return potential.eval()
 
 
-def export_checkpoint(checkpoint: Union[str, Path], output: Union[str, Path], ema: bool = True):
-    """Write the model of ``checkpoint`` to ``output`` (atomic); returns the potential."""
+def export_checkpoint(checkpoint: Union[str, Path], output: Union[str, Path], ema: bool = True,
+                      force: bool = False):
+    """Write the model of ``checkpoint`` to ``output`` (atomic); returns the potential.
+
+    Refused in one line (:class:`ModelError`), before anything is written: ``output`` is the
+    checkpoint itself, a folder, or an existing file (unless ``force``); the weights hold NaN or
+    infinite values (a diverged run: such a model would predict NaN)."""
     from torchmdx.nn.model_file import save_potential
 
+    check_output_file(output, force=force, inputs=[checkpoint], what="model file")
     potential = potential_from_checkpoint(checkpoint, ema=ema)
+    check_finite_weights(potential, checkpoint)
     save_potential(potential, output)
     return potential
+
+
+def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), what: str = "output") -> Path:
+    """One-line ModelError unless ``output`` can be written: not one of ``inputs``, not a folder,
+    not an existing file (unless ``force``), in an existing, writable folder."""
+    import os
+
+    out = Path(output)
+    if str(output).strip() == "":
+        raise ModelError(f"the {what} name is empty; give a file name such as model.pt")
+    for given in inputs:
+        if Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
+            raise ModelError(f"{out}: refusing to write the {what} over its own input; choose another name")
+    if out.is_dir():
+        raise ModelError(f"{out}: is a folder; give a file name, e.g. {out / 'model.pt'}")
+    if out.exists() and not force:
+        raise ModelError(f"{out}: exists; pass --force to replace it, or choose another name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ModelError(f"{out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ModelError(f"{out}: folder {parent} is not writable")
+    return out
+
+
+def check_finite_weights(potential, source: Union[str, Path], consequence: str = "not exported") -> None:
+    """One-line ModelError if any weight or buffer of ``potential`` holds NaN or infinity."""
+    import torch
+
+    state = potential.state_dict()
+    bad = [name for name, value in state.items()
+           if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise ModelError(f"{source}: {len(bad)} of {len(state)} weight tensors hold NaN or infinite values "
+                         f"(e.g. {', '.join(bad[:2])}): the training diverged; {consequence}")

@@ -181,6 +181,7 @@ class PotentialModule(L.LightningModule):
         self._graph_step = None
         self._graphed_batch = False
         self._eval_runner = None  # packed validation batches (on_validation_epoch_end reads its sums)
+        self._nonfinite: Optional[torch.Tensor] = None  # [current, longest] run of non-finite losses
         self.cuda_graph_stats: Optional[dict] = None
 
     # ------------------------------------------------------------------ prediction and loss
@@ -229,9 +230,38 @@ class PotentialModule(L.LightningModule):
         if self._graphed_batch:
             return self._graphed_training_step(batch)
         loss = self._step(batch, "train")
+        self._track_finite(loss)
         self.log("train_loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
                  batch_size=int(batch.num_graphs))
         return loss
+
+    def _track_finite(self, loss: torch.Tensor) -> None:
+        """Count consecutive steps with a NaN or infinite loss on the device (no host read):
+        ``_nonfinite`` = [current run, longest run]."""
+        if self.train_config.max_nonfinite_steps is None:
+            return
+        if self._nonfinite is None or self._nonfinite.device != loss.device:
+            self._nonfinite = torch.zeros(2, dtype=torch.long, device=loss.device)
+        run = torch.where(torch.isfinite(loss.detach()), torch.zeros_like(self._nonfinite[0]), self._nonfinite[0] + 1)
+        self._nonfinite.copy_(torch.stack([run, torch.maximum(self._nonfinite[1], run)]))
+
+    def _check_finite(self) -> None:
+        """Stop the run with one line once the loss was not finite for ``max_nonfinite_steps``
+        consecutive steps (one host read; called at the logging points and each epoch's end)."""
+        limit = self.train_config.max_nonfinite_steps
+        if limit is None or self._nonfinite is None:
+            return
+        _, longest = self._nonfinite.tolist()
+        if longest >= limit:
+            from torchmdx.errors import TrainingError
+
+            lr = self.train_config.lr
+            clip = getattr(self.trainer, "gradient_clip_val", None)
+            hint = "set trainer.gradient_clip_val" if not clip else f"a smaller trainer.gradient_clip_val (now {clip:g})"
+            raise TrainingError(
+                f"training diverged: the loss was NaN or infinite for {longest} consecutive steps (by step "
+                f"{self.trainer.global_step}, epoch {self.trainer.current_epoch + 1}); try a smaller train.lr (now {lr:g}), "
+                f"{hint}, or check the data (torchmdx data info); no model was exported")
 
     def _graphed_training_step(self, batch) -> None:
         """The whole optimiser step by :class:`~torchmdx.train.graphed.GraphedTrainStep`; returns
@@ -273,6 +303,7 @@ class PotentialModule(L.LightningModule):
         loss tensor at the next step; reading it every step would wait for the GPU each time)."""
         if self._graph_step.ema is not None and self._ema_callback is not None:
             self._ema_callback.updated_elsewhere()
+        self._track_finite(out.loss)
         every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
         if self.trainer.global_step % every == 0:
             self.log("train_loss_step", out.loss.clone(), on_step=True, on_epoch=False, prog_bar=True,
@@ -319,6 +350,7 @@ class PotentialModule(L.LightningModule):
         return logged
 
     def on_train_epoch_end(self):
+        self._check_finite()
         if self._graph_step is not None:
             self._graph_step.check()
             sums = self._graph_step.take_sums()
@@ -550,11 +582,13 @@ class PotentialModule(L.LightningModule):
             self._graphed_batch = not stress_target and self._graph_step.accepts(batch_shape(batch))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
+        if self.trainer.global_step % every:
+            return
         graph_step = self._graph_step
         if graph_step is not None and self._graphed_batch:
-            every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
-            if self.trainer.global_step % every == 0:
-                graph_step.check()  # one host read at the logging points
+            graph_step.check()  # one host read at the logging points
+        self._check_finite()
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

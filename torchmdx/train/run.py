@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -119,16 +120,47 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
     return datamodule, module
 
 
+def _check_checkpoint_readable(last: Path) -> None:
+    """One-line ConfigError for an empty or unreadable checkpoint, naming a good one to copy."""
+    import torch
+
+    problem = None
+    if last.stat().st_size == 0:
+        problem = "is empty"
+    else:
+        try:
+            torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to read means a damaged file
+            problem = f"cannot be read ({type(exc).__name__}; truncated?)"
+    if problem is None:
+        return
+    good = [p for p in sorted(last.parent.glob("*.ckpt")) if p != last and p.stat().st_size > 0]
+    offer = f"; to continue from {good[0]}, copy it over {last} and run again" if good else ""
+    raise ConfigError(f"--resume: {last} {problem}{offer}")
+
+
 def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
     """The run folder; refuse to mix a new run into an old one, and a resumed run whose model or
     data differ from the saved config."""
     import yaml
 
+    import os
+
+    if str(cfg.run_dir).strip() in ("", "."):
+        raise ConfigError("config key 'run_dir' (or --run-dir) is empty; give a folder for the run, e.g. runs/my_run")
     run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir}: is a file, not a folder")
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"run_dir {run_dir}: {existing} is not writable")
     last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
     if resume:
         if not last.is_file():
             raise ConfigError(f"--resume: {last} not found; nothing to resume in {run_dir}")
+        _check_checkpoint_readable(last)
         saved_path = run_dir / RESOLVED_CONFIG
         if saved_path.is_file():
             saved = yaml.safe_load(saved_path.read_text()) or {}
@@ -163,7 +195,10 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: Optional[list]
         ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=BEST, monitor=train.monitor, mode="min",
                         save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
     ]
-    if cfg.trainer.enable_progress_bar:
+    # a progress bar only on a terminal: piped or logged output (make demo | tee log, batch jobs)
+    # gets the one line per epoch of EpochSummary instead of thousands of bar updates
+    progress_bar = cfg.trainer.enable_progress_bar and sys.stderr.isatty()
+    if progress_bar:
         callbacks.append(TQDMProgressBar())
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=train.monitor, mode="min", patience=train.early_stopping_patience,
@@ -176,6 +211,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: Optional[list]
         TensorBoardLogger(save_dir=str(run_dir), name="logs", version="tensorboard", default_hp_metric=False),
     ]
     kwargs = cfg.trainer.lightning_kwargs()
+    kwargs["enable_progress_bar"] = progress_bar
     if kwargs.get("max_epochs") is None and kwargs.get("max_steps", -1) == -1 and not kwargs.get("max_time"):
         raise ConfigError("config key 'trainer.max_epochs' is null and no trainer.max_steps / max_time is set: "
                           "the run would never end")
@@ -187,7 +223,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: Optional[list]
         logger=loggers,
         default_root_dir=str(run_dir),
         inference_mode=False,  # forces need autograd during validation
-        enable_model_summary=True,
+        enable_model_summary=False,  # train() prints one line on the model instead
     )
 
 
@@ -201,8 +237,17 @@ def _quiet_lightning_warnings() -> None:
         r".*TensorBoard support.*",
         # the module logs values it has already summed over the ranks (torchmetrics)
         r".*It is recommended to use `self.log\(.*sync_dist=True.*",
+        # Lightning's own internals and its notes about torchmdx's loaders, not the user's concern
+        r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+        r".*Your `IterableDataset` has `__len__` defined.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
+    # Lightning's info lines (accelerators found, logger tips, "limit_*_batches=1.0 was
+    # configured", "max_epochs reached") say nothing a user needs; warnings still show
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -215,7 +260,10 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
     from torchmdx.train.export import export_checkpoint
     from torchmdx.train.plots import learning_curve
 
+    from torchmdx.devices import check_accelerator
+
     _quiet_lightning_warnings()
+    check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)  # before any data is read or written
     run_dir = check_run_dir(cfg, resume)
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -231,6 +279,13 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
 
         if rank_zero_only.rank == 0:  # every DDP rank runs this command
             print("before training: " + ", ".join(_describe(initial)), flush=True)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        parameters = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+        sizes = datamodule.split.sizes()
+        print(f"model: {type(module.model).__name__}, {parameters:,} parameters; data: {sizes['train']} training / "
+              f"{sizes['val']} validation structures; run folder {run_dir}", flush=True)
     last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
     previous_rows = _previous_metric_rows(run_dir / METRICS_CSV, last) if resume else []
     trainer = build_trainer(cfg, run_dir, extra_callbacks=[EpochSummary(), *(callbacks or [])])
@@ -253,7 +308,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
     best = Path(checkpoint.best_model_path) if checkpoint is not None and checkpoint.best_model_path else None
     source = best if best is not None and best.is_file() else last
     model_path = run_dir / MODEL_FILE
-    export_checkpoint(source, model_path)
+    export_checkpoint(source, model_path, force=True)  # the run's own model file (a resumed run replaces it)
     result.update(checkpoint_best=str(best) if best else None, model=str(model_path), exported_from=str(source))
     if checkpoint is not None and checkpoint.best_model_score is not None:
         result["best_" + cfg.train.monitor] = float(checkpoint.best_model_score)
