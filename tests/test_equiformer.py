@@ -165,6 +165,31 @@ def test_forces_are_minus_the_gradient_by_finite_differences(model):
     assert forces.abs().max() > 1e-3
 
 
+def test_bessel_basis_by_hand_and_its_model_forces():
+    from torchmdx.nn.equiformer.layers import BesselRBF
+
+    rc, k = 4.0, 5
+    with float64_default():  # (the model builds it in its own dtype)
+        basis = BesselRBF(0.0, rc, k, trainable=False)
+    r = np.array([0.0, 0.3, 1.7, 3.99, 4.0, 5.2])
+    d = r / rc
+    u = np.where(d < 1, 1 - 21 * d**5 + 35 * d**6 - 15 * d**7, 0.0)  # p = 5
+    n = np.arange(1, k + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        by_hand = u[:, None] * np.sqrt(2 / rc) * np.where(r[:, None] > 0, np.sin(n * np.pi * d[:, None]) / r[:, None],
+                                                             n * np.pi / rc)
+    np.testing.assert_allclose(basis(torch.tensor(r)).numpy(), by_hand, rtol=1e-12, atol=1e-15)
+    model = tiny(rbf_type="bessel", num_rbf=k, trainable_rbf=True)
+    z, pos = as_tensors(ethanol(seed=10))
+    _, forces = energy_forces(model, z, pos)
+    h = 1e-4
+    plus, minus = pos.clone(), pos.clone()
+    plus[3, 1] += h
+    minus[3, 1] -= h
+    numeric = -(model(z, plus, forces=False)["energy"] - model(z, minus, forces=False)["energy"]).item() / (2 * h)
+    assert forces[3, 1].item() == pytest.approx(numeric, rel=1e-6, abs=1e-8)
+
+
 def periodic_box(seed=0, n=8, width=9.0):
     """n atoms (H, C, O) at random in a triclinic cell wider than twice the cutoff, no two closer than 0.9 Å."""
     rng = np.random.default_rng(seed)
@@ -369,3 +394,25 @@ def test_model_file_round_trip_and_calculator(model, tmp_path):
         np.testing.assert_allclose(atoms.get_forces(), ref["forces"], rtol=0, atol=1e-10)
     finally:
         model.set_normalisation(elements=range(100))
+
+
+def test_shipped_equiformer_configs_load_and_build(shared_data):
+    """configs/equiformer_*.yaml: valid sections (data files present), the paper's irreps and
+    heads, a model of the paper's size (Equiformer MD17, lmax 2: ~3.5 M parameters)."""
+    from pathlib import Path
+
+    from torchmdx.train.config import load_run_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(p.name for p in root.glob("equiformer_*.yaml"))
+    assert names == ["equiformer_md17.yaml", "equiformer_polymer_forces_only.yaml", "equiformer_qm9.yaml"]
+    for name in names:
+        cfg = load_run_config(root / name)
+        assert cfg.model_config.architecture == "equiformer", name
+        assert str(cfg.model_config.node_irreps()) == "128x0e+64x1o+32x2e", name
+    md17 = load_run_config(root / "equiformer_md17.yaml")
+    assert (md17.train.force_weight, md17.train.energy_weight, md17.train.lr) == (80.0, 1.0, 5e-4)
+    assert load_run_config(root / "equiformer_polymer_forces_only.yaml").train.energy_weight == 0.0
+    model = torchmdx.build_model(md17.to_dict()["model"])
+    count = sum(p.numel() for p in model.parameters())
+    assert 3.0e6 < count < 3.6e6, count

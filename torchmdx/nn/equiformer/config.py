@@ -49,7 +49,8 @@ class EquiformerConfig:
     ffn_multiplier      hidden irreps of the feed-forward blocks = ffn_multiplier x irreps_node
     feature_channels    scalar features (0e) the last block outputs for the energy head
     num_rbf             radial basis functions
-    rbf_type            'expnorm' (exp-normal with a cosine envelope) or 'gauss'
+    rbf_type            'expnorm' (exp-normal with a cosine envelope, the ET's), 'gauss' (the
+                        ET's Gaussians) or 'bessel' (spherical Bessel with a polynomial envelope)
     trainable_rbf       train the radial basis's centres and widths
     radial_hidden       hidden widths of the radial MLP that gives the tensor-product weights
     nonlinear_message   values through gate + a second depth-wise tensor product (the paper's
@@ -73,7 +74,7 @@ class EquiformerConfig:
     ffn_multiplier: int = 3
     feature_channels: int = 512
     num_rbf: int = 32
-    rbf_type: Literal["expnorm", "gauss"] = "expnorm"
+    rbf_type: Literal["expnorm", "gauss", "bessel"] = "expnorm"
     trainable_rbf: bool = False
     radial_hidden: list[int] = field(default_factory=lambda: [64, 64])
     nonlinear_message: bool = True

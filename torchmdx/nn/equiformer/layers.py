@@ -153,6 +153,37 @@ class DepthwiseTensorProduct(nn.Module):
         return self.tp(x, sh, weight)
 
 
+class BesselRBF(nn.Module):
+    """Spherical Bessel radial basis with a polynomial envelope (DimeNet, Gasteiger et al. 2020;
+    the authors' QM9 U0 model uses 8 of them), d = r / r_c:
+
+        e_n(r) = u(d) · sqrt(2 / r_c) · sin(ω_n d) / r,   ω_n = n π  (n = 1..K; trainable with ``trainable``)
+        u(d) = 1 - (p+1)(p+2)/2 d^p + p(p+2) d^(p+1) - p(p+1)/2 d^(p+2)  for d < 1, else 0;  p = 5
+
+    u and its first two derivatives vanish at the cutoff. At r = 0 (padding rows) the limit ω_n / r_c
+    stands in for sin(ω_n d) / r, so no 0/0 enters."""
+
+    def __init__(self, cutoff_lower: float, cutoff_upper: float, num_rbf: int, trainable: bool, exponent: int = 5):
+        super().__init__()
+        self.cutoff_upper = float(cutoff_upper)
+        self.exponent = int(exponent)
+        frequencies = math.pi * torch.arange(1, num_rbf + 1, dtype=torch.get_default_dtype())
+        if trainable:
+            self.frequencies = nn.Parameter(frequencies)
+        else:
+            self.register_buffer("frequencies", frequencies)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        rc, p = self.cutoff_upper, self.exponent
+        d = (r / rc).unsqueeze(-1)
+        positive = d > 0
+        safe = torch.where(positive, d, torch.ones_like(d))
+        sinc = torch.where(positive, torch.sin(self.frequencies * safe) / safe, self.frequencies)
+        envelope = 1 - (p + 1) * (p + 2) / 2 * d**p + p * (p + 2) * d ** (p + 1) - p * (p + 1) / 2 * d ** (p + 2)
+        envelope = torch.where(d < 1, envelope, torch.zeros_like(envelope))
+        return envelope * math.sqrt(2.0 / rc) / rc * sinc
+
+
 def scalar_slices(irreps) -> list[slice]:
     """Slices of the even-scalar blocks of ``irreps``."""
     irreps = o3.Irreps(irreps)

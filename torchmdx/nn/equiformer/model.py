@@ -45,6 +45,7 @@ from torch import nn
 
 from torchmdx.nn.equiformer.config import EquiformerConfig
 from torchmdx.nn.equiformer.layers import (
+    BesselRBF,
     DepthwiseTensorProduct,
     EquivariantLayerNorm,
     RadialMLP,
@@ -196,7 +197,7 @@ class EquiformerRepresentation(nn.Module):
         self.irreps_sh = o3.Irreps.spherical_harmonics(cfg.lmax)
         self.irreps_feature = o3.Irreps(f"{cfg.feature_channels}x0e")
         self.embedding = nn.Embedding(cfg.max_z, scalar_multiplicity(self.irreps_node))
-        self.rbf = RBF_TYPES[cfg.rbf_type](0.0, cfg.cutoff_upper, cfg.num_rbf, cfg.trainable_rbf)
+        self.rbf = {**RBF_TYPES, "bessel": BesselRBF}[cfg.rbf_type](0.0, cfg.cutoff_upper, cfg.num_rbf, cfg.trainable_rbf)
         self.cutoff_fn = CosineCutoff(0.0, cfg.cutoff_upper)
         self.edge_degree = EdgeDegreeEmbedding(self.irreps_node, self.irreps_sh, cfg.num_rbf, cfg.radial_hidden,
                                                cfg.avg_num_neighbors)
