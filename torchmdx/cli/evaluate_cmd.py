@@ -13,6 +13,7 @@ unless ``--run`` gives a split for it).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HELP = "error table, parity plots and learning curve of a model on a dataset split"
@@ -134,7 +135,7 @@ def run(args) -> int:
         if len(indices) == 0:
             raise DataError(f"{data_cfg.path}: the {split} split is empty")
     batch_size = args.batch_size or data_cfg.inference_batch_size or 64
-    predictions = predict(model, dataset, indices, batch_size=batch_size, device=args.device, progress=args.progress)
+    predictions = predict(model, dataset, indices, batch_size=batch_size, device=args.device, progress=args.progress and sys.stderr.isatty())
     errors = error_metrics(predictions)
     from torchmdx.train.evaluate import check_finite_predictions
 

@@ -253,15 +253,18 @@ class PotentialModule(L.LightningModule):
             return
         _, longest = self._nonfinite.tolist()
         if longest >= limit:
-            from torchmdx.errors import TrainingError
+            self._diverged(f"the loss was NaN or infinite for {longest} consecutive steps")
 
-            lr = self.train_config.lr
-            clip = getattr(self.trainer, "gradient_clip_val", None)
-            hint = "set trainer.gradient_clip_val" if not clip else f"a smaller trainer.gradient_clip_val (now {clip:g})"
-            raise TrainingError(
-                f"training diverged: the loss was NaN or infinite for {longest} consecutive steps (by step "
-                f"{self.trainer.global_step}, epoch {self.trainer.current_epoch + 1}); try a smaller train.lr (now {lr:g}), "
-                f"{hint}, or check the data (torchmdx data info); no model was exported")
+    def _diverged(self, what: str) -> None:
+        """Raise the one-line TrainingError of a diverged run, with what to try."""
+        from torchmdx.errors import TrainingError
+
+        lr = self.train_config.lr
+        clip = getattr(self.trainer, "gradient_clip_val", None)
+        hint = "set trainer.gradient_clip_val" if not clip else f"a smaller trainer.gradient_clip_val (now {clip:g})"
+        raise TrainingError(
+            f"training diverged: {what} (by step {self.trainer.global_step}, epoch {self.trainer.current_epoch + 1}); "
+            f"try a smaller train.lr (now {lr:g}), {hint}, or check the data (torchmdx data info); no model was exported")
 
     def _graphed_training_step(self, batch) -> None:
         """The whole optimiser step by :class:`~torchmdx.train.graphed.GraphedTrainStep`; returns
@@ -375,6 +378,9 @@ class PotentialModule(L.LightningModule):
             self.model.atomref.copy_(self._refit_value.to(self.model.atomref))
         if logged is None or self.trainer.sanity_checking:
             return
+        loss = logged.get("val_loss")
+        if self.train_config.max_nonfinite_steps is not None and loss is not None and not math.isfinite(loss):
+            self._diverged(f"the validation loss is {loss}")
         if self._plateau is not None and self.global_step >= self.train_config.lr_warmup_steps:
             monitored = logged.get(self.train_config.monitor)
             if monitored is not None and math.isfinite(monitored):
