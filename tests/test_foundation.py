@@ -173,3 +173,18 @@ def test_dtype_names_one_table_per_layer_rules():
         as_torch_dtype("int8")
     with pytest.raises(ConfigError, match="model dtype must be one of float64, got 'float32'"):
         torch_dtype("float32", (torch.float64,), what="model dtype")
+
+
+def test_bench_front_door_lists_and_runs_the_scripts(capsys):
+    from torchmdx.cli.bench_cmd import BENCHMARKS, bench_folder
+    from torchmdx.cli.main import main
+
+    assert main(["bench"]) == 0
+    listing = capsys.readouterr().out
+    for name, (script, _) in BENCHMARKS.items():
+        assert name in listing and (bench_folder() / script).is_file(), script
+    out = subprocess.run([sys.executable, "-m", "torchmdx.cli", "bench", "trainrun", "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "--seconds" in out.stdout  # the script's own options
+    assert "not built" not in subprocess.run([sys.executable, "-m", "torchmdx.cli", "--help"], capture_output=True,
+                                             text=True).stdout
