@@ -1,0 +1,205 @@
+"""The ``torchmdx slmc`` config: one YAML file with the sections ``lattice:``, ``data:``,
+``effective:``, ``slmc:`` and the keys ``seed``, ``run_dir``, ``checkpoint_every``.
+
+Each section is a dataclass built with :func:`torchmdx.config.from_dict`: an unknown key, a
+wrong type or a bad value is a one-line :class:`~torchmdx.errors.ConfigError` naming the key,
+raised before anything runs::
+
+    lattice:               # the spin-fermion model (energies in units of t)
+      L: 4                 # L x L periodic square lattice (even, >= 4)
+      t: 1.0
+      J: 8.0
+      temperature: 0.05    # k_B T in units of t (> 0)
+      mu: null             # chemical potential; null: from `filling`
+      filling: 0.25        # electrons per site / 2 (0.5 = half filling), used when mu is null
+    data:                  # exact local-update Monte Carlo: the training configurations
+      chains: 16
+      thermalize_sweeps: 50
+      sweeps: 150
+    effective:             # the linear baseline and transformers with these depths
+      layers: [1, 2, 4]
+    slmc:
+      chains: 16
+      steps: 200
+    seed: 0
+    run_dir: runs/slmc
+
+``torchmdx slmc config.yaml --set slmc.steps=50`` overrides single keys (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+from torchmdx.config import apply_overrides, bad_key, from_dict, load_yaml, to_dict
+from torchmdx.errors import ConfigError
+
+
+@dataclass
+class LatticeConfig:
+    """The model H = -t Σ_<ij>σ (c†c + h.c.) + (J/2) Σ_i S_i · (c†_i σ c_i) on an L x L periodic
+    lattice at temperature T, grand canonical at chemical potential μ (or the μ of a filling)."""
+
+    L: int = 4
+    t: float = 1.0
+    J: float = 8.0
+    temperature: float = 0.05
+    mu: Optional[float] = None
+    filling: float = 0.25
+    filling_samples: int = 64  # random spin configurations whose mean density fixes μ
+
+    def validate(self, section: str = "lattice") -> None:
+        bad = partial(bad_key, section)
+        if self.L < 4 or self.L % 2:
+            bad("L", f"must be an even integer >= 4 (periodic bonds double up on L = 2; the S(q) path "
+                     f"through X = (π, 0) and M = (π, π) needs even L), got {self.L}")
+        if not self.temperature > 0:
+            bad("temperature", f"must be > 0, got {self.temperature}")
+        if not self.t > 0:
+            bad("t", f"must be > 0, got {self.t}")
+        if self.mu is None and not 0.0 < self.filling < 1.0:
+            bad("filling", f"must be in (0, 1) (electrons per site / 2), got {self.filling}")
+        if self.filling_samples < 1:
+            bad("filling_samples", f"must be >= 1, got {self.filling_samples}")
+
+
+@dataclass
+class DataConfig:
+    """Exact local-update Metropolis (one diagonalisation per update): configurations and
+    exact energies to train the effective models on, and the reference observables.
+    ``sweeps`` recorded sweeps per chain (one sweep = N single-site updates), one configuration
+    per chain every ``every`` sweeps, after ``thermalize_sweeps``. ``step``: width of the local
+    proposal (old spin + step * Gaussian, renormalised); null: uniform on the sphere."""
+
+    chains: int = 16
+    thermalize_sweeps: int = 50
+    sweeps: int = 150
+    every: int = 1
+    step: Optional[float] = 0.5
+
+    def validate(self, section: str = "data") -> None:
+        bad = partial(bad_key, section)
+        for key in ("chains", "sweeps", "every"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.thermalize_sweeps < 0:
+            bad("thermalize_sweeps", f"must be >= 0, got {self.thermalize_sweeps}")
+        if self.step is not None and not self.step > 0:
+            bad("step", f"must be > 0 or null (uniform on the sphere), got {self.step}")
+
+
+@dataclass
+class EffectiveConfig:
+    """The effective models: the linear baseline (always) and one equivariant transformer per
+    entry of ``layers`` (depths; 0 would be the linear model again). ``n_shells``: distance
+    shells of the readout E_0 + Σ_n J_n Σ S̃_i·S̃_j (null: every shell of the lattice, the
+    complete isotropic pair model); ``conv_shells``: shells the queries/keys/values sum over;
+    training: AdamW (``lr``, ``weight_decay``), ``epochs`` over mini-batches of ``batch_size``,
+    early stopping after ``patience`` epochs without a better validation error on the
+    ``val_fraction`` held out."""
+
+    layers: list[int] = field(default_factory=lambda: [1, 2, 4])
+    heads: int = 4
+    n_shells: Optional[int] = None
+    conv_shells: int = 1
+    init_value: float = 0.01
+    epochs: int = 200
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    val_fraction: float = 0.2
+    patience: int = 50
+
+    def validate(self, section: str = "effective") -> None:
+        bad = partial(bad_key, section)
+        if any(n < 1 for n in self.layers):
+            bad("layers", f"must list transformer depths >= 1 (the linear model always runs), got {self.layers}")
+        if len(set(self.layers)) != len(self.layers):
+            bad("layers", f"lists a depth twice: {self.layers}")
+        for key in ("heads", "epochs", "batch_size", "patience"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.n_shells is not None and self.n_shells < 1:
+            bad("n_shells", f"must be >= 1 or null (all shells), got {self.n_shells}")
+        if self.conv_shells < 0:
+            bad("conv_shells", f"must be >= 0, got {self.conv_shells}")
+        if not self.lr > 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not 0.0 < self.val_fraction < 1.0:
+            bad("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class SLMCConfig:
+    """The SLMC runs, one per effective model: ``chains`` independent chains (started from the
+    last exact configurations), ``steps`` SLMC steps each; a proposal is ``local_sweeps`` x N
+    single-site Metropolis updates under E_eff (random sites, proposal width ``step``, null:
+    uniform on the sphere). ``retrain_every`` > 0 refits the model every that many steps on
+    the training data plus the configurations visited so far (adaptive: keep it for burn-in;
+    statistics are exact for each stretch between refits)."""
+
+    chains: int = 16
+    steps: int = 200
+    local_sweeps: float = 1.0
+    step: Optional[float] = 0.5
+    retrain_every: int = 0
+    autocorrelation_window: float = 5.0  # Sokal's c: sum C(t) up to the first W >= c · τ(W)
+
+    def validate(self, section: str = "slmc") -> None:
+        bad = partial(bad_key, section)
+        for key in ("chains", "steps"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if not self.local_sweeps > 0:
+            bad("local_sweeps", f"must be > 0, got {self.local_sweeps}")
+        if self.step is not None and not self.step > 0:
+            bad("step", f"must be > 0 or null (uniform on the sphere), got {self.step}")
+        if self.retrain_every < 0:
+            bad("retrain_every", f"must be >= 0 (0: never), got {self.retrain_every}")
+        if not self.autocorrelation_window > 0:
+            bad("autocorrelation_window", f"must be > 0, got {self.autocorrelation_window}")
+
+
+@dataclass
+class SLMCRunConfig:
+    lattice: LatticeConfig = field(default_factory=LatticeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    effective: EffectiveConfig = field(default_factory=EffectiveConfig)
+    slmc: SLMCConfig = field(default_factory=SLMCConfig)
+    seed: int = 0
+    run_dir: str = "runs/slmc"
+    checkpoint_every: int = 20
+    threads: Optional[int] = None
+
+    def validate(self, section: str = "") -> None:
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"config key 'checkpoint_every' must be >= 1, got {self.checkpoint_every}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"config key 'threads' must be >= 1 or null, got {self.threads}")
+        from torchmdx.lattice.geometry import SquareLattice
+
+        available = len(SquareLattice(self.lattice.L).shell_d2)
+        for key in ("n_shells", "conv_shells"):
+            value = getattr(self.effective, key)
+            if value is not None and value > available:
+                raise ConfigError(f"config key 'effective.{key}' is {value} but an L = {self.lattice.L} lattice has "
+                                  f"{available} distance shells")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def build_slmc_config(values: dict) -> SLMCRunConfig:
+    return from_dict(SLMCRunConfig, values)
+
+
+def load_slmc_config(path, overrides: Optional[list[str]] = None, run_dir: Optional[str] = None) -> SLMCRunConfig:
+    """Read ``path`` (YAML), apply ``--set`` overrides and ``--run-dir``, validate."""
+    values = apply_overrides(load_yaml(path), list(overrides or []))
+    if run_dir is not None:
+        values["run_dir"] = str(run_dir)
+    return build_slmc_config(values)

@@ -1,0 +1,465 @@
+"""A whole ``torchmdx slmc`` run: exact Monte Carlo data, effective models, SLMC, report.
+
+Stages, in order, each resumable:
+
+1. ``data``: exact local-update Metropolis on ``data.chains`` chains from random spins; after
+   ``thermalize_sweeps`` one configuration per chain every ``every`` sweeps is kept (spins, Ω,
+   fermion energy, filling, m, m_s) in ``data.csv`` and as training data.
+2. one stage per effective model (``linear``, then ``transformer-<layers>`` for each depth):
+   fit it (least squares / AdamW), then run ``slmc.steps`` SLMC steps on ``slmc.chains`` chains
+   started from the last exact configurations; every step's chain states go to
+   ``samples_<model>.csv``; the model to ``models/<model>.pt``.
+3. report: ``summary.json`` (acceptance, autocorrelation times, observables with errors, fit
+   errors, costs per model and for the exact reference), ``acceptance_vs_layers.png``,
+   ``structure_factor.png``.
+
+Run folder::
+
+    config.yaml           the resolved config
+    checkpoint.pt         the whole state: stage, chains, RNG state, models, series so far
+    data.csv              exact local-update samples
+    samples_<model>.csv   SLMC samples (step, chain, accepted, omega, energy, filling, e_eff, m, m_stag)
+    models/<model>.pt     effective models (torchmdx.lattice.effective.load_effective)
+    summary.json, acceptance_vs_layers.png, structure_factor.png
+
+All randomness is drawn from one ``torch.Generator`` seeded with ``seed``; the checkpoint holds
+its state together with the chains, so ``--resume`` continues a run exactly as if it had not
+stopped (the CSV files are cut back to the checkpoint's rows first).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from torchmdx.config import to_dict
+from torchmdx.errors import ConfigError, TorchmdxError
+from torchmdx.io_utils import atomic_write, jsonable
+from torchmdx.lattice.config import SLMCRunConfig
+from torchmdx.lattice.effective import EquivariantTransformer, LinearEffectiveModel, build_effective, save_effective
+from torchmdx.lattice.fermions import DoubleExchangeModel, random_spins
+from torchmdx.lattice.geometry import SquareLattice
+from torchmdx.lattice.observables import (integrated_autocorrelation_time, mean_and_error, spin_observables,
+                                          structure_factor)
+from torchmdx.lattice.sampler import ChainState, LocalProposal, effective_energy_fn, local_metropolis, slmc_step
+from torchmdx.lattice.training import fit_linear, fit_transformer
+
+CHECKPOINT = "checkpoint.pt"
+RESOLVED_CONFIG = "config.yaml"
+DATA_CSV = "data.csv"
+SUMMARY = "summary.json"
+DATA_FIELDS = ["sweep", "chain", "omega", "energy", "filling", "m", "m_stag"]
+SAMPLE_FIELDS = ["step", "chain", "accepted", "omega", "energy", "filling", "e_eff", "m", "m_stag"]
+#: keys that may differ when a run is resumed (they do not change the chain)
+RESUME_MUTABLE = {"checkpoint_every", "threads", "run_dir"}
+
+
+class Interrupted(TorchmdxError):
+    """Raised after the checkpoint when a run stops early on purpose (``stop_after``)."""
+
+
+def model_names(cfg: SLMCRunConfig) -> list[str]:
+    return ["linear"] + [f"transformer-{n}" for n in cfg.effective.layers]
+
+
+def check_run_dir(cfg: SLMCRunConfig, resume: bool) -> Path:
+    """The run folder; a new run refuses a folder holding a checkpoint, a resumed run a config
+    that differs from the saved one (other than :data:`RESUME_MUTABLE`)."""
+    run_dir = Path(cfg.run_dir)
+    ckpt = run_dir / CHECKPOINT
+    if resume:
+        if not ckpt.is_file():
+            raise ConfigError(f"--resume: {ckpt} not found; nothing to resume in {run_dir}")
+    elif ckpt.is_file():
+        raise ConfigError(f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it or "
+                          "--run-dir for a new folder")
+    return run_dir
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class CsvLog:
+    """Append rows to a CSV file, flushed after each block; ``rows`` counts data rows so a
+    resumed run can cut the file back to its checkpoint."""
+
+    def __init__(self, path: Path, fields: list[str], keep_rows: Optional[int]):
+        self.path, self.fields = path, fields
+        if keep_rows is None or not path.is_file():
+            with atomic_write(path, "w") as f:
+                f.write(",".join(fields) + "\n")
+            self.rows = 0
+        else:
+            lines = path.read_text().splitlines(keepends=True)
+            kept = lines[: 1 + keep_rows]
+            if len(kept) < 1 + keep_rows:
+                raise TorchmdxError(f"{path}: has {len(lines) - 1} rows but the checkpoint expects {keep_rows}")
+            with atomic_write(path, "w") as f:
+                f.write("".join(kept))
+            self.rows = keep_rows
+        self._handle = open(path, "a", newline="")
+        self._writer = csv.writer(self._handle)
+
+    def write(self, rows: list[list]) -> None:
+        for row in rows:
+            self._writer.writerow([f"{v:.12g}" if isinstance(v, float) else v for v in row])
+        self._handle.flush()
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class SLMCRun:
+    """The state of one run and the stages that advance it (see the module docstring)."""
+
+    def __init__(self, cfg: SLMCRunConfig, progress: bool = True, stop_after: Optional[int] = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.progress = progress
+        self.stop_after = stop_after  # units of work (sweeps, steps) before an on-purpose stop
+        self.lattice = SquareLattice(cfg.lattice.L)
+        self.n_sites = self.lattice.n_sites
+        lc = cfg.lattice
+        self.exact = DoubleExchangeModel(self.lattice, lc.t, lc.J, lc.temperature, 0.0 if lc.mu is None else lc.mu)
+        self.beta = 1.0 / lc.temperature
+        self.n_shells = cfg.effective.n_shells or len(self.lattice.shell_d2)
+        self.names = model_names(cfg)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.ck: dict = {}
+
+    # ------------------------------------------------------------------ checkpoints
+    def new(self) -> None:
+        import yaml
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(self.run_dir / RESOLVED_CONFIG, "w") as f:
+            f.write(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        lc = self.cfg.lattice
+        if lc.mu is None:
+            spins = random_spins(lc.filling_samples, self.n_sites, self.generator)
+            self.exact.mu = self.exact.mu_for_filling(lc.filling, spins)
+        self.ck = {"version": 1, "config": self.cfg.to_dict(), "mu": self.exact.mu, "data": None,
+                   "results": [], "current": None}
+
+    def save(self) -> None:
+        self.ck["generator"] = self.generator.get_state()
+        with atomic_write(self.run_dir / CHECKPOINT) as f:
+            torch.save(self.ck, f)
+
+    def load(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001
+            raise TorchmdxError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+        saved, now = _flatten(ck.get("config", {})), _flatten(self.cfg.to_dict())
+        for key in sorted(set(saved) | set(now)):
+            if key.split(".")[0] not in RESUME_MUTABLE and saved.get(key) != now.get(key):
+                raise ConfigError(f"--resume: config key '{key}' is {now.get(key)!r} but the run in {self.run_dir} "
+                                  f"was started with {saved.get(key)!r}; a resumed run keeps its config")
+        self.ck = ck
+        self.exact.mu = ck["mu"]
+        self.generator.set_state(ck["generator"])
+
+    def _tick(self, bar) -> None:
+        if bar is not None:
+            bar.update(1)
+        if self.stop_after is not None:
+            self.stop_after -= 1
+            if self.stop_after <= 0:
+                self.save()
+                raise Interrupted(f"stopped on purpose; continue with --resume from {self.run_dir / CHECKPOINT}")
+
+    def _bar(self, total: int, initial: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=True, disable=not self.progress,
+                    leave=False)
+
+    # ------------------------------------------------------------------ stage 1: exact MC
+    def run_data(self) -> None:
+        dc = self.cfg.data
+        data = self.ck.get("data")
+        if data is not None and data.get("done"):
+            return
+        if data is None:
+            spins = random_spins(dc.chains, self.n_sites, self.generator)
+            data = {"done": False, "sweep": 0, "spins": spins, "energy": self.exact.energy(spins), "accepted": 0,
+                    "samples": [], "records": [], "csv_rows": 0}
+            self.ck["data"] = data
+            log = CsvLog(self.run_dir / DATA_CSV, DATA_FIELDS, None)
+            self.save()
+        else:
+            log = CsvLog(self.run_dir / DATA_CSV, DATA_FIELDS, data["csv_rows"])
+        proposal = LocalProposal(step=dc.step)
+        total = dc.thermalize_sweeps + dc.sweeps
+        bar = self._bar(total, data["sweep"], "exact MC sweeps")
+        try:
+            while data["sweep"] < total:
+                spins, energy, acc = local_metropolis(self.exact.energy, data["spins"], data["energy"], self.beta,
+                                                      self.n_sites, proposal, self.generator)
+                data["spins"], data["energy"] = spins, energy
+                data["accepted"] += int(acc.sum())
+                data["sweep"] += 1
+                done = data["sweep"] - dc.thermalize_sweeps
+                if done > 0 and done % dc.every == 0:
+                    obs = self.exact.observables(spins)
+                    obs.update(spin_observables(spins, self.lattice))
+                    data["samples"].append(spins.clone())
+                    data["records"].append({k: v.clone() for k, v in obs.items()})
+                    log.write([[data["sweep"], c, float(obs["omega"][c]), float(obs["energy"][c]),
+                                float(obs["filling"][c]), float(obs["m"][c]), float(obs["m_stag"][c])]
+                               for c in range(dc.chains)])
+                    data["csv_rows"] = log.rows
+                if data["sweep"] % self.cfg.checkpoint_every == 0 or data["sweep"] == total:
+                    data["done"] = data["sweep"] == total
+                    self.save()
+                self._tick(bar)
+        finally:
+            bar.close()
+            log.close()
+
+    def training_set(self, extra: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.ck["data"]
+        spins = torch.cat(data["samples"])
+        energies = torch.cat([r["omega"] for r in data["records"]])
+        for s, e in extra or []:
+            spins, energies = torch.cat([spins, s]), torch.cat([energies, e])
+        return spins, energies
+
+    # ------------------------------------------------------------------ stage 2: models
+    def build_model(self, name: str) -> torch.nn.Module:
+        ec = self.cfg.effective
+        if name == "linear":
+            return LinearEffectiveModel(self.cfg.lattice.L, self.n_shells)
+        layers = int(name.split("-")[1])
+        return EquivariantTransformer(self.cfg.lattice.L, layers, ec.heads, self.n_shells, ec.conv_shells,
+                                      ec.init_value)
+
+    def fit(self, model: torch.nn.Module, spins: torch.Tensor, energies: torch.Tensor, desc: str) -> dict:
+        ec = self.cfg.effective
+        if isinstance(model, LinearEffectiveModel):
+            return fit_linear(model, spins, energies, self.beta, ec.val_fraction, self.generator).as_dict()
+        bar = self._bar(ec.epochs, 0, desc)
+
+        def progress(epoch, rmse, beta_rmse):
+            bar.update(1)
+            bar.set_postfix(beta_rmse=f"{beta_rmse:.3f}")
+
+        try:
+            report = fit_transformer(model, spins, energies, self.beta, ec.val_fraction, self.generator,
+                                     epochs=ec.epochs, lr=ec.lr, weight_decay=ec.weight_decay,
+                                     batch_size=ec.batch_size, patience=ec.patience, progress=progress)
+        finally:
+            bar.close()
+        return report.as_dict()
+
+    def exact_observables(self, spins: torch.Tensor) -> dict:
+        return self.exact.observables(spins)
+
+    def start_model(self, index: int) -> dict:
+        sc = self.cfg.slmc
+        name = self.names[index]
+        model = self.build_model(name)
+        t0 = time.perf_counter()
+        fit = self.fit(model, *self.training_set(), desc=f"fit {name}")
+        fit_seconds = time.perf_counter() - t0
+        samples = torch.cat(self.ck["data"]["samples"])
+        if len(samples) < sc.chains:
+            raise ConfigError(f"config key 'slmc.chains' is {sc.chains} but the exact run kept only {len(samples)} "
+                              "configurations to start them from (raise data.sweeps or data.chains)")
+        spins = samples[-sc.chains:].clone()
+        obs = self.exact_observables(spins)
+        omega = obs.pop("omega")
+        eff = effective_energy_fn(model)(spins)
+        chain = ChainState(spins, omega, eff, obs)
+        current = {"index": index, "name": name, "hyper": model.hyper(), "state_dict": model.state_dict(),
+                   "fit": fit, "fits": [fit], "fit_seconds": fit_seconds, "slmc_seconds": 0.0, "step": 0,
+                   "chain": chain.state_dict(), "series": {k: [] for k in SAMPLE_FIELDS[2:]}, "sq_sum": None,
+                   "local_acceptance": [], "visited": [], "csv_rows": 0}
+        self.ck["current"] = current
+        return current
+
+    def run_model(self, index: int) -> None:
+        sc = self.cfg.slmc
+        current = self.ck.get("current")
+        name = self.names[index]
+        csv_path = self.run_dir / f"samples_{name}.csv"
+        if current is None or current["index"] != index:
+            current = self.start_model(index)
+            log = CsvLog(csv_path, SAMPLE_FIELDS, None)
+            self.save()
+        else:
+            log = CsvLog(csv_path, SAMPLE_FIELDS, current["csv_rows"])
+        model = build_effective(current["hyper"])
+        model.load_state_dict(current["state_dict"])
+        model.eval()
+        eff_fn = effective_energy_fn(model)
+        chain = ChainState.from_state_dict(current["chain"])
+        proposal = LocalProposal(step=sc.step)
+        n_local = max(1, int(round(sc.local_sweeps * self.n_sites)))
+        bar = self._bar(sc.steps, current["step"], f"SLMC {name}")
+        try:
+            while current["step"] < sc.steps:
+                t0 = time.perf_counter()
+                chain, accept, info = slmc_step(chain, self.exact_observables, eff_fn, self.beta, n_local, proposal,
+                                                self.generator)
+                current["step"] += 1
+                step = current["step"]
+                spin_obs = spin_observables(chain.spins, self.lattice)
+                values = {"accepted": accept.double(), "omega": chain.energy, "energy": chain.extras["energy"],
+                          "filling": chain.extras["filling"], "e_eff": chain.effective_energy, **spin_obs}
+                for key in current["series"]:
+                    current["series"][key].append(values[key].clone())
+                sq = structure_factor(chain.spins, self.lattice).sum(0)
+                current["sq_sum"] = sq if current["sq_sum"] is None else current["sq_sum"] + sq
+                current["local_acceptance"].append(info["local_acceptance"].mean().item())
+                if sc.retrain_every:
+                    current["visited"].append((chain.spins.clone(), chain.energy.clone()))
+                log.write([[step, c, int(accept[c])] + [float(values[k][c]) for k in SAMPLE_FIELDS[3:]]
+                           for c in range(sc.chains)])
+                current["csv_rows"] = log.rows
+                if sc.retrain_every and step % sc.retrain_every == 0 and step < sc.steps:
+                    spins, energies = self.training_set(current["visited"])
+                    fit = self.fit(model, spins, energies, desc=f"refit {name}")
+                    current["fits"].append(fit)
+                    current["fit"] = fit
+                    current["state_dict"] = model.state_dict()
+                    chain.effective_energy = eff_fn(chain.spins)
+                current["chain"] = chain.state_dict()
+                current["slmc_seconds"] += time.perf_counter() - t0
+                if step % self.cfg.checkpoint_every == 0 or step == sc.steps:
+                    if step == sc.steps:
+                        self.finish_model(current, model)
+                    self.save()
+                self._tick(bar)
+        finally:
+            bar.close()
+            log.close()
+
+    def finish_model(self, current: dict, model: torch.nn.Module) -> None:
+        sc = self.cfg.slmc
+        c = sc.autocorrelation_window
+        series = {k: torch.stack(v, dim=1).numpy() for k, v in current["series"].items()}  # [chains, steps]
+        acc = series["accepted"]
+        per_chain = acc.mean(1)
+        result = {
+            "name": current["name"],
+            "layers": 0 if current["name"] == "linear" else int(current["name"].split("-")[1]),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "fit": current["fit"],
+            "refits": len(current["fits"]) - 1,
+            "acceptance": float(acc.mean()),
+            "acceptance_error": float(per_chain.std(ddof=1) / math.sqrt(len(per_chain))) if len(per_chain) > 1 else math.nan,
+            "local_acceptance": float(np.mean(current["local_acceptance"])),
+            "local_updates_per_step": max(1, int(round(sc.local_sweeps * self.n_sites))),
+            "steps": sc.steps,
+            "chains": sc.chains,
+            "fit_seconds": current["fit_seconds"],
+            "slmc_seconds": current["slmc_seconds"],
+        }
+        result.update(self.statistics(series, c))
+        result["structure_factor"] = (current["sq_sum"] / (sc.steps * sc.chains)).tolist()
+        model_dir = self.run_dir / "models"
+        model_dir.mkdir(exist_ok=True)
+        save_effective(model, model_dir / f"{current['name']}.pt",
+                       {"lattice": to_dict(self.cfg.lattice), "mu": self.exact.mu, "fit": current["fit"]})
+        self.ck["results"].append(result)
+        self.ck["current"] = None
+
+    def statistics(self, series: dict, c: float) -> dict:
+        out = {}
+        n = self.n_sites
+        for key, scale in (("omega", 1.0 / n), ("energy", 1.0 / n), ("m", 1.0), ("m_stag", 1.0)):
+            mean, err = mean_and_error(series[key] * scale, c)
+            tau, _ = integrated_autocorrelation_time(series[key], c)
+            out[key] = mean
+            out[f"{key}_error"] = err
+            out[f"tau_{key}"] = tau
+        return out
+
+    def reference(self) -> dict:
+        """The exact local-update run's observables (τ in sweeps between kept configurations)."""
+        data = self.ck["data"]
+        series = {k: torch.stack([r[k] for r in data["records"]], dim=1).numpy() for k in data["records"][0]}
+        out = self.statistics(series, self.cfg.slmc.autocorrelation_window)
+        spins = torch.stack(data["samples"])  # [records, chains, N, 3]
+        out["structure_factor"] = structure_factor(spins, self.lattice).mean((0, 1)).tolist()
+        dc = self.cfg.data
+        out["local_acceptance"] = data["accepted"] / ((dc.thermalize_sweeps + dc.sweeps) * dc.chains * self.n_sites)
+        out["sweeps_between_samples"] = dc.every
+        out["samples"] = len(data["samples"]) * dc.chains
+        return out
+
+    # ------------------------------------------------------------------ stage 3: report
+    def report(self) -> dict:
+        from torchmdx.lattice.plots import acceptance_plot, structure_factor_plot
+
+        results = self.ck["results"]
+        reference = self.reference()
+        summary = {"lattice": to_dict(self.cfg.lattice), "mu": self.exact.mu, "n_sites": self.n_sites,
+                   "exact_local_mc": reference, "models": results}
+        with atomic_write(self.run_dir / SUMMARY, "w") as f:
+            json.dump(jsonable(summary), f, indent=1)
+        lc = self.cfg.lattice
+        title = f"L={lc.L}, t={lc.t:g}, J={lc.J:g}, T={lc.temperature:g}, μ={self.exact.mu:.3f}"
+        acceptance_plot(results, self.run_dir / "acceptance_vs_layers.png", title)
+        structure_factor_plot(self.lattice, reference, results, self.run_dir / "structure_factor.png", title)
+        return summary
+
+    def execute(self, resume: bool) -> dict:
+        if resume:
+            self.load()
+        else:
+            self.new()
+            self.save()
+        self.run_data()
+        done = {r["name"] for r in self.ck["results"]}
+        for index, name in enumerate(self.names):
+            if name not in done:
+                self.run_model(index)
+        return self.report()
+
+
+def run_slmc(cfg: SLMCRunConfig, resume: bool = False, progress: bool = True,
+             stop_after: Optional[int] = None) -> dict:
+    """Run (or continue, ``resume``) the SLMC study of ``cfg``; returns the summary dict.
+    ``stop_after`` stops on purpose after that many sweeps + steps (tests of resume)."""
+    check_run_dir(cfg, resume)
+    previous = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return SLMCRun(cfg, progress, stop_after).execute(resume)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def format_summary(summary: dict, run_dir: Path) -> str:
+    """The table the CLI prints."""
+    ref = summary["exact_local_mc"]
+    lines = [f"μ = {summary['mu']:.6g}   exact local MC: Ω/N = {ref['omega']:.5f} ± {ref['omega_error']:.5f}, "
+             f"m_s = {ref['m_stag']:.4f} ± {ref['m_stag_error']:.4f}, τ(Ω) = {ref['tau_omega']:.2f} samples",
+             f"{'model':<16}{'params':>7}{'β·rmse':>9}{'accept':>14}{'τ(Ω)':>8}{'Ω/N':>20}{'m_s':>18}"]
+    for r in summary["models"]:
+        lines.append(f"{r['name']:<16}{r['parameters']:>7}{r['fit']['beta_val_rmse']:>9.3f}"
+                     f"{r['acceptance']:>8.3f} ± {r['acceptance_error']:.3f}{r['tau_omega']:>8.2f}"
+                     f"{r['omega']:>11.5f} ± {r['omega_error']:.5f}{r['m_stag']:>9.4f} ± {r['m_stag_error']:.4f}")
+    lines.append(f"run folder {run_dir}: summary.json, acceptance_vs_layers.png, structure_factor.png, "
+                 "samples_<model>.csv, models/")
+    return "\n".join(lines)
