@@ -220,3 +220,24 @@ def test_training_output_is_what_a_user_needs(tmp_path, shared_data, capsys):
     for noise in ("GPU available", "Tip:", "limit_train_batches", "LeafSpec", "IterableDataset", "Sanity Checking"):
         assert noise not in text, noise
     assert "epoch 1/1 |" in text and "parameters" in text
+
+
+def test_data_paths_are_found_next_to_the_config(tmp_path, shared_data, monkeypatch, capsys):
+    """A config's relative data.path is read from the config's folder (from any current folder);
+    one not found there nor in the current folder names both places."""
+    from torchmdx.train.config import load_run_config
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    _copy(shared_data / "md17" / "md17_ethanol_xtb.npz", folder / "ethanol.npz")
+    (folder / "run.yaml").write_text("data:\n  path: ethanol.npz\nrun_dir: out\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_run_config(folder / "run.yaml")
+    assert Path(cfg.data_config.path).resolve() == (folder / "ethanol.npz").resolve()
+    assert cfg.run_dir == "out"  # outputs stay relative to the current folder
+    (folder / "bad.yaml").write_text("data:\n  path: missing.npz\n")
+    assert main(["train", str(folder / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(folder) in err[0] and str(elsewhere) in err[0] and "missing.npz" in err[0], err

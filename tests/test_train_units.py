@@ -202,7 +202,7 @@ def _config(tmp_path, shared_data, **sections):
     ({"optimizer": {"lr": 1}}, [], "config key 'optimizer' does not exist; allowed: data, model, run_dir, train, trainer"),
     ({"train": {"loss": "cauchy"}}, [], "config key 'train.loss' must be one of 'mse', 'l1', 'huber', got 'cauchy'"),
     ({"train": {"energy_weight": 0, "force_weight": 0}}, [], "config key 'train.force_weight' and energy_weight (and stress_weight) are all 0"),
-    ({"data": {"path": "no/such/file.npz"}}, [], "no/such/file.npz: file not found"),
+    ({"data": {"path": "no/such/file.npz"}}, [], "data.path 'no/such/file.npz' not found (looked in"),
     ({}, ["train.lr=fast"], "config key 'train.lr' must be float, got 'fast' (str)"),
     ({}, ["data.batch_size=0"], "config key 'data.batch_size' must be at least 1, got 0"),
     ({}, ["train.lr"], "--set 'train.lr': expected section.key=value"),

@@ -46,10 +46,17 @@ def _data_config(args):
     source = Path(args.data)
     run_dir = Path(args.run) if args.run else None
     if source.suffix.lower() in (".yaml", ".yml"):
+        from torchmdx.data.data_config import resolve_data_paths
+
         values = load_yaml(source)
+        missing = resolve_data_paths(values, source.parent, str(source))  # data files near the config
         if "data" not in values or not isinstance(values["data"], dict):
             raise ConfigError(f"{source}: no 'data:' section; sections present: {', '.join(map(str, values)) or 'none'}")
         cfg = from_dict(DataConfig, values["data"], "data")
+        if missing:
+            from torchmdx.errors import DataError
+
+            raise DataError(missing)
         if run_dir is None and isinstance(values.get("run_dir"), str):
             run_dir = Path(values["run_dir"])
         return cfg, run_dir, True

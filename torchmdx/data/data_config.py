@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from torchmdx.errors import ConfigError
+from torchmdx.errors import ConfigError, DataError
 
 SizeT = Union[int, float, None]
 
@@ -129,7 +129,45 @@ def load_data_config(path, overrides: Optional[list[str]] = None) -> DataConfig:
     """The ``data:`` section of the YAML file ``path`` as a :class:`DataConfig`."""
     from torchmdx.config import apply_overrides, from_dict, load_yaml
 
-    config = apply_overrides(load_yaml(path), list(overrides or []))
+    config = load_yaml(path)
+    missing = resolve_data_paths(config, Path(path).parent, str(path), overrides)
+    config = apply_overrides(config, list(overrides or []))
     if "data" not in config:
         raise ConfigError(f"{Path(path)}: no 'data:' section; sections present: {', '.join(config) or 'none'}")
-    return from_dict(DataConfig, config["data"], "data")
+    data = from_dict(DataConfig, config["data"], "data")
+    if missing:
+        raise DataError(missing)
+    return data
+
+
+#: keys of the data: section that name files to read
+DATA_PATH_KEYS = ("path", "split_file")
+
+
+def resolve_data_paths(values: dict, config_dir: Path, source: str, overrides: Optional[list] = None) -> Optional[str]:
+    """Relative ``data.path`` / ``data.split_file`` of a YAML file: from the config file's folder,
+    else (older configs, written for the current folder) from the current folder. Absolute paths,
+    MD17 molecule names and keys that ``--set`` ``overrides`` replace (those are relative to the
+    current folder) are left alone. Returns the one-line message for a file found in neither
+    place (raise it after the keys are validated: a wrong key is the first thing to say), or None."""
+    data = values.get("data")
+    if not isinstance(data, dict):
+        return None
+    replaced = {item.split("=", 1)[0].strip() for item in (overrides or [])}
+    for key in DATA_PATH_KEYS:
+        if f"data.{key}" in replaced:
+            continue
+        given = data.get(key)
+        if not isinstance(given, str) or not given or Path(given).expanduser().is_absolute():
+            continue
+        near_config = config_dir / given
+        if near_config.exists():
+            data[key] = str(near_config)
+        elif Path(given).exists():
+            continue
+        elif key == "path" and Path(given).suffix == "" and len(Path(given).parts) == 1:
+            continue  # an MD17 molecule name (data.format md17/rmd17)
+        else:
+            return (f"{source}: data.{key} {given!r} not found (looked in {config_dir.resolve() or '.'} "
+                    f"and in the current folder {Path.cwd()})")
+    return None

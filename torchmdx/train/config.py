@@ -20,8 +20,9 @@ allowed, raised before anything is read or trained::
     run_dir: runs/et_md17      # checkpoints, logs, splits, model.pt
 
 ``torchmdx train config.yaml --set train.lr=5e-4 --set trainer.max_epochs=10`` overrides single
-keys (values parsed as YAML). Relative paths (``data.path``, ``run_dir``, ``data.cache_dir``) are
-relative to the current directory.
+keys (values parsed as YAML). Relative data files (``data.path``, ``data.split_file``) are looked
+up next to the config file first, then in the current directory; relative outputs (``run_dir``,
+``data.cache_dir``) are relative to the current directory.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 from torchmdx.config import apply_overrides, bad_key, from_dict, load_yaml, to_dict
@@ -330,10 +332,19 @@ def check_cuda_graph(cfg: RunConfig) -> None:
 def load_run_config(path, overrides: Optional[list[str]] = None, run_dir: Optional[str] = None,
                     check_data: bool = True) -> RunConfig:
     """Read ``path`` (YAML), apply ``--set`` overrides and ``--run-dir``, validate."""
-    values = apply_overrides(load_yaml(path), list(overrides or []))
+    from torchmdx.data.data_config import resolve_data_paths
+
+    values = load_yaml(path)
+    missing = resolve_data_paths(values, Path(path).parent, str(path), overrides)  # data files near the config
+    values = apply_overrides(values, list(overrides or []))
     if run_dir is not None:
         values["run_dir"] = str(run_dir)
-    return build_run_config(values, str(path), check_data=check_data)
+    cfg = build_run_config(values, str(path), check_data=check_data and not missing)
+    if missing and check_data:
+        from torchmdx.errors import DataError
+
+        raise DataError(missing)
+    return cfg
 
 
 def resolved_yaml(cfg: RunConfig) -> str:
