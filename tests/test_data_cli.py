@@ -269,3 +269,15 @@ def test_units_that_cannot_be_determined(capsys, tmp_path):
                                           "_property_unit_dict in the metadata); pass energy_unit")
     code, out, err = run_cli(capsys, "info", path, "--format", "qm9", "--energy-unit", "Hartree", "--json")
     assert code == 0 and json.loads(out)["energy_mean_eV"] == pytest.approx(-40.5 * HARTREE, rel=1e-9)
+
+
+def test_info_says_when_one_composition_cannot_separate_the_references(capsys, tmp_path):
+    """MD17 ethanol frames all have C2H6O: one composition for 3 elements (rank 1); the ANI-1x
+    sample has 15 formulas of H, C, N, O (every element determined: no note)."""
+    code, out, err = run_cli(capsys, "info", ROOT / "configs" / "demo.yaml", "--cache-dir", tmp_path)
+    assert code == 0, err
+    note = [line for line in out.splitlines() if line.startswith("note")]
+    assert len(note) == 1 and "1 composition(s) in the training split for 3 elements" in note[0]
+    code, out, err = run_cli(capsys, "info", ROOT / "configs" / "data_ani1x.yaml", "--cache-dir", tmp_path)
+    assert code == 0, err
+    assert not [line for line in out.splitlines() if line.startswith("note")]

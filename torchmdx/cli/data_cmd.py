@@ -110,6 +110,8 @@ def _info(args, config) -> int:
         print(json.dumps(summary, indent=None))
     else:
         print(format_summary(summary))
+        if summary.get("atomic_references_note"):
+            print(f"{'note':<13}{summary['atomic_references_note']}")
     sys.stdout.flush()
     return 0
 
@@ -133,4 +135,32 @@ def _config_part(structures, config) -> dict:
         refs = published_atomic_references(structures, config.max_z)
     if refs is not None:
         out["atomic_references_eV"] = {str(z): float(refs[z]) for z in structures.elements}
+        if config.atomref == "fit":
+            note = _reference_rank_note(structures, split.train)
+            if note:
+                out["atomic_references_note"] = note
     return out
+
+
+def _reference_rank_note(structures, indices) -> str | None:
+    """What the fit cannot tell apart: with fewer independent compositions than elements (one
+    molecule's MD frames: one composition), only combinations of the per-element references are
+    determined; the fit shows the minimum-norm solution. None when every element is determined."""
+    import numpy as np
+
+    indices = np.asarray(indices, dtype=np.int64)
+    elements = sorted(int(e) for e in structures.elements)
+    offsets = np.asarray(structures.offsets, dtype=np.int64)
+    column = {z: k for k, z in enumerate(elements)}
+    counts = np.zeros((len(indices), len(elements)))
+    z = np.asarray(structures.z)
+    for row, i in enumerate(indices[:20000]):  # enough rows to find the compositions
+        values, number = np.unique(z[offsets[i]:offsets[i + 1]], return_counts=True)
+        counts[row, [column[int(v)] for v in values]] = number
+    compositions = len({tuple(r) for r in counts.astype(np.int64).tolist()})
+    rank = int(np.linalg.matrix_rank(counts)) if len(indices) else 0
+    if rank >= len(elements):
+        return None
+    return (f"{compositions} composition(s) in the training split for {len(elements)} elements: only "
+            f"{rank} combination(s) of the per-element references are determined (minimum-norm fit shown); "
+            "energies are unaffected, per-element values are not meaningful")
