@@ -131,7 +131,7 @@ def test_threads_option_sets_torch_threads_and_rejects_zero(tmp_path, lj_model, 
         torch.set_num_threads(before)
     assert _md(tmp_path, structure, "--model", lj_model, "--threads", 0, "--out", tmp_path / "u.extxyz") == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("error: config key 'md.threads' must be >= 1, got 0") and "\n" not in err.split("error:")[-1]
+    assert err.endswith("error: --threads must be >= 1, got 0") and "\n" not in err.split("error:")[-1]
 
 
 def test_every_command_line_option_reaches_the_config():
@@ -330,9 +330,9 @@ def test_pressure_and_ase_langevin_errors_are_one_line(tmp_path, lj_model, capsy
          "langevin or nose-hoover (NPT) or nve"),
         ((cluster, "--model", lj_model, "--pressure", 1, "--engine", "ase", "--ensemble", "langevin"),
          "periodic in x, y and z"),
-        ((box, "--model", model, "--pressure", 1, "--engine", "ase", "--barostat-tau", 0), "barostat_tau"),
+        ((box, "--model", model, "--pressure", 1, "--engine", "ase", "--barostat-tau", 0), "--barostat-tau must be > 0"),
         ((box, "--model", model, "--pressure", 1, "--engine", "ase", "--ensemble", "langevin", "--friction", 0),
-         "'md.friction' must be > 0 1/ps for ASE's Langevin integrator"),
+         "error: --friction must be > 0 1/ps for ASE's Langevin integrator"),
     ]
     for args, message in cases:
         capsys.readouterr()

@@ -30,13 +30,16 @@ _OPTIONS = {
     "--barostat-tau": dict(type=float, dest="barostat_tau", help="barostat time constant in fs (default 1000)"),
     "--barostat": dict(choices=["isotropic", "anisotropic"],
                        help="isotropic (default: the cell keeps its shape) or anisotropic (all six cell degrees of freedom)"),
-    "--out": dict(help="trajectory: .extxyz/.xyz (extended XYZ) or .traj (ASE); default md.extxyz"),
+    "--out": dict(help="trajectory: .extxyz/.xyz (extended XYZ), .traj (ASE), or .pdb/.cif (positions and cell "
+                       "only); default md.extxyz. An existing trajectory, log or restart file is not "
+                       "overwritten without --force"),
     "--log": dict(help="thermo CSV (default <out stem>.csv)"),
     "--every": dict(type=int, help="output interval in steps (default 10)"),
     "--restart-out": dict(dest="restart_out", help="restart file to write (default <out stem>.restart.pt)"),
     "--restart-every": dict(type=int, dest="restart_every", help="steps between restart files (default 10 x every)"),
     "--summary": dict(help="summary JSON (default <out stem>.summary.json)"),
-    "--restart": dict(help="continue from this restart file (up to --steps in total)"),
+    "--restart": dict(help="continue from this restart file (up to --steps in total), appending to the outputs; "
+                           "refused if they hold steps after the restart file's (see --truncate)"),
     "--device": dict(help="cpu, cuda, cuda:1, ... (default cpu)"),
     "--dtype": dict(choices=["float32", "float64"], help="precision (default float32)"),
     "--seed": dict(type=int, help="seed of initial velocities and thermostat noise (default 0)"),
@@ -46,7 +49,9 @@ _OPTIONS = {
     "--replicas": dict(type=int, help="copies of each structure run together in one batch (default 1)"),
     "--skin": dict(type=float, help="neighbor-list skin in Å (default 0.5)"),
     "--check-interval": dict(type=int, dest="check_interval", help="steps between host checks (default 10)"),
-    "--max-temperature": dict(type=float, dest="max_temperature", help="stop above this temperature in K"),
+    "--max-temperature": dict(type=float, dest="max_temperature",
+                              help="stop when a structure gets hotter than this, in K (default: max(2000, 5 x "
+                                   "--temperature), so 2000 K at 300 K)"),
     "--threads": dict(type=int, help="CPU threads for torch (default: torch's; 1 is fastest for small molecules)"),
 }
 
@@ -56,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, kwargs in _OPTIONS.items():
         parser.add_argument(flag, default=None, **kwargs)
     parser.add_argument("--minimize", action="store_true", default=None, help="FIRE relaxation before dynamics")
+    parser.add_argument("--force", action="store_true", default=None,
+                        help="write over the trajectory, log and restart file of an earlier run")
+    parser.add_argument("--truncate", action="store_true", default=None,
+                        help="with --restart: drop the frames and log rows written after the restart file's step "
+                             "(a half-written last frame too)")
     parser.add_argument("--no-wrap", dest="wrap", action="store_false", default=None,
                         help="do not wrap periodic positions into the cell")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
@@ -84,7 +94,7 @@ def config_from_args(args):
             values[field.name] = value
     if args.structure:
         values["structure"] = list(args.structure)
-    return md_config(values, args.config)
+    return md_config(values, args.config, command_line=True)
 
 
 def run(args) -> int:

@@ -39,7 +39,7 @@ import torch
 
 from torchmdx import units
 from torchmdx.errors import ConfigError, SimulationError
-from torchmdx.md.engine import Observation, RunSummary
+from torchmdx.md.engine import Observation, RunSummary, model_problem
 from torchmdx.md.io import make_frame, save_restart
 from torchmdx.md.loading import as_dtype
 from torchmdx.md.system import System
@@ -144,7 +144,9 @@ def run_ase(
     barostat: str = "isotropic",
 ) -> RunSummary:
     """Run ``steps`` steps (a restart payload continues from its step) with ASE; returns the
-    summary. ``pressure_bar``: constant pressure (see the module docstring)."""
+    summary. ``pressure_bar``: constant pressure (see the module docstring). ``reporters``: a
+    list, or a function returning one, called once the initial forces are known to be finite
+    (so that a refused start leaves the output files alone)."""
     from torchmdx.md.calculator import Calculator
 
     dtype = as_dtype(dtype)
@@ -224,9 +226,14 @@ def run_ase(
 
         bar = tqdm(total=steps, unit="step", desc=f"md {ensemble} (ase)", dynamic_ncols=True)
     first = observe(start)
-    if restart_payload is None:
-        for r in reporters:
-            r.report(frames, first)
+    if not (np.isfinite(first.forces).all() and np.isfinite(first.potential).all()):
+        bad = np.nonzero(~np.isfinite(first.forces).all(1))[0]
+        what = f"forces (NaN/inf) on atom {int(bad[0])}" if len(bad) else "energy"
+        raise SimulationError(model_problem(f"non-finite {what} of structure 0", potential))
+    if callable(reporters):
+        reporters = reporters()
+    for r in reporters:  # (file reporters skip a step their file holds: a continued run's first)
+        r.report(frames, first)
     previous = (atoms.get_positions(), atoms.get_velocities(), atoms.cell.array.copy())
     step = start
     wall_start = time.perf_counter()

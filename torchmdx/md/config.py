@@ -5,15 +5,30 @@ Units: dt fs, temperature K, friction 1/ps, tau fs, pressure bar, skin Å, fmax 
 
 from __future__ import annotations
 
+import contextvars
+import difflib
+import re
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from torchmdx.config import bad_key
 from torchmdx.errors import ConfigError
 
 Ensemble = Literal["nve", "langevin", "bussi", "nose-hoover"]
+
+#: the command-line flag of each MDConfig field whose flag is not ``--<name with dashes>``
+FLAGS = {
+    "structure": "the structure argument", "wrap": "--no-wrap", "progress": "--no-progress",
+    "cuda_graph": "--no-cuda-graph",
+}
+#: how the option of each field is named in messages while one config is built (md_config)
+_NAMING: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("md_option_names", default=None)
+_INDEX = re.compile(r"^\s*(-?\d+|-?\d*:-?\d*(:-?\d*)?)\s*$")
+
+
+def flag(key: str) -> str:
+    """The command-line flag of an MDConfig field (``max_temperature`` -> ``--max-temperature``)."""
+    return FLAGS.get(key, "--" + key.replace("_", "-"))
 
 
 @dataclass
@@ -38,12 +53,16 @@ class MDConfig:
     barostat         isotropic (the cell keeps its shape, its volume changes) | anisotropic (all
                      six cell degrees of freedom)
     every            output interval (steps) of trajectory frames and log rows
-    out              trajectory (.extxyz/.xyz: extended XYZ; .traj: ASE trajectory)
+    out              trajectory (.extxyz/.xyz: extended XYZ; .traj: ASE trajectory; .pdb, .cif:
+                     ASE's writers, positions and cell only); other extensions are refused
     log              thermo CSV (default: <out stem>.csv)
     restart_out      restart file written during and at the end (default: <out stem>.restart.pt)
     restart_every    steps between restart files (default: 10 × every)
     summary          summary JSON (default: <out stem>.summary.json)
     restart          continue from this restart file
+    force            write over outputs of an earlier run (a new run refuses to otherwise)
+    truncate         with ``restart``: drop frames and log rows after the restart file's step
+                     (refused otherwise, naming the last step on disk)
     device, dtype    where and in which precision to run
     seed             seed of the initial velocities and of the thermostat noise
     engine           native (this package's engine) | ase (ASE's integrators + the calculator)
@@ -84,6 +103,8 @@ class MDConfig:
     restart_every: Optional[int] = None
     summary: Optional[str] = None
     restart: Optional[str] = None
+    force: bool = False
+    truncate: bool = False
     device: str = "cpu"
     dtype: Literal["float32", "float64"] = "float32"
     seed: int = 0
@@ -101,11 +122,27 @@ class MDConfig:
     compile: Union[bool, Literal["auto", "whole", "parts", "off"]] = "auto"
     threads: Optional[int] = None
 
+    def option(self, key: str) -> str:
+        """How messages name option ``key``: its flag (``--dt``) when the command line set it or
+        left the default, ``config key 'md.dt'`` when a config file or a Python call set it."""
+        names = getattr(self, "_names", None) or _NAMING.get()
+        if names is None:
+            return f"config key '{getattr(self, '_section', 'md')}.{key}'"
+        return names.get(key, flag(key))
+
     def validate(self, section: str = "md") -> None:
-        bad = partial(bad_key, section)
+        self._section = section
+
+        def bad(key, message):
+            raise ConfigError(f"{self.option(key)} {message}")
 
         if isinstance(self.structure, str):
             self.structure = [self.structure]
+        if not isinstance(self.index, str):
+            self.index = str(self.index)
+        if not _INDEX.match(self.index):
+            bad("index", f"{self.index!r} is not a frame selection (ASE's syntax: -1 the last, 0 the first, "
+                         "':' all, '0:4' a slice)")
         if self.steps < 0:
             bad("steps", f"must be >= 0, got {self.steps}")
         if not self.dt > 0:
@@ -147,6 +184,16 @@ class MDConfig:
             bad("fmax", f"must be > 0 eV/Å, got {self.fmax}")
         if self.max_temperature is not None and not self.max_temperature > 0:
             bad("max_temperature", f"must be > 0 K, got {self.max_temperature}")
+        if self.truncate and not self.restart:
+            bad("truncate", "drops frames written after a restart file's step: it needs --restart FILE")
+        if self.force and self.restart:
+            bad("force", "starts the outputs afresh and --restart continues them: to drop frames after the "
+                         "restart step pass --truncate, or continue into new files with another --out")
+
+    @property
+    def max_temperature_K(self) -> float:
+        """The temperature limit: ``max_temperature``, default max(2000 K, 5 × temperature)."""
+        return float(self.max_temperature) if self.max_temperature else max(2000.0, 5.0 * self.temperature)
 
     # derived paths ------------------------------------------------------------------------
     def _derived(self, value: Optional[str], suffix: str) -> Path:
@@ -168,17 +215,47 @@ class MDConfig:
         return self._derived(self.summary, ".summary.json")
 
 
-def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None) -> MDConfig:
+def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None, command_line: bool = False) -> MDConfig:
     """An :class:`MDConfig` from a YAML file (its ``md:`` section, or the whole mapping) updated
-    with ``values`` (e.g. command-line options that were given)."""
+    with ``values`` (e.g. command-line options that were given).
+
+    ``command_line``: ``values`` came from flags, so messages name an option by its flag
+    (``--dt``) unless the YAML file set it (``config key 'md.dt'``)."""
+    from dataclasses import fields
+
     from torchmdx.config import from_dict, load_yaml
 
     merged: dict = {}
+    yaml_keys: set = set()
     if yaml_path is not None:
         data = load_yaml(yaml_path)
-        section = data.get("md", data) if isinstance(data.get("md", data), dict) else None
-        if section is None:
-            raise ConfigError(f"{yaml_path}: the 'md' section must be a mapping")
+        if "md" in data:
+            section = data["md"]
+            if not isinstance(section, dict):
+                raise ConfigError(f"{yaml_path}: the 'md' section must be a mapping, got {type(section).__name__}")
+        else:
+            section = data
+            names = {f.name for f in fields(MDConfig)}
+            unknown = [k for k in section if k not in names]
+            if unknown:
+                key = unknown[0]
+                close = difflib.get_close_matches(str(key), ["md", *names], n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(
+                    f"{yaml_path}: no 'md:' section, and its top-level key '{key}' is not an md option{hint}; put "
+                    "the options under 'md:' (see torchmdx md --help)"
+                )
         merged.update(section)
+        yaml_keys = set(section) - set(values or {})
     merged.update(values or {})
-    return from_dict(MDConfig, merged, "md")
+    names = None
+    if command_line:
+        names = {f.name: flag(f.name) for f in fields(MDConfig)}
+        names.update({k: f"config key 'md.{k}' in {yaml_path}" for k in yaml_keys})
+    token = _NAMING.set(names)
+    try:
+        config = from_dict(MDConfig, merged, "md")
+    finally:
+        _NAMING.reset(token)
+    config._names = names
+    return config

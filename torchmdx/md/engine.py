@@ -250,9 +250,20 @@ class Simulation:
         return self.state
 
     def _check_initial(self):
-        reason = self._bad_reason(self.state)
+        s, st = self.system, self.state
+        finite_f = torch.isfinite(st.forces).all(-1)
+        finite_e = torch.isfinite(st.energy)
+        if not bool(finite_f.all() & finite_e.all()):
+            if not bool(finite_f.all()):
+                a = int((~finite_f).nonzero()[0, 0])
+                b = int(s.batch[a])
+                what = f"non-finite forces (NaN/inf) on atom {a - s.offsets[b]} of structure {b}"
+            else:
+                what = f"a non-finite energy for structure {int((~finite_e).nonzero()[0, 0])}"
+            raise SimulationError(model_problem(what, self.potential))
+        reason = self._bad_reason(st)
         if reason:
-            raise SimulationError(f"the initial structure cannot be simulated: {reason}")
+            raise SimulationError(f"the initial state cannot be simulated: {reason}")
 
     def minimize(self, fmax: float = 0.05, max_steps: int = 500, progress=None) -> FireResult:
         """FIRE relaxation of the positions (velocities kept), see :mod:`torchmdx.md.minimize`."""
@@ -635,6 +646,25 @@ class Simulation:
         # the file was written right after a list build at these (wrapped) positions
         self.state.positions = self.forcefield.build(self.state.positions, wrap=False)
         return self.state
+
+
+def non_finite_weight(potential) -> Optional[str]:
+    """The name of the first parameter or buffer of ``potential`` holding NaN/inf, else None."""
+    for name, tensor in list(potential.named_parameters()) + list(potential.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def model_problem(what: str, potential) -> str:
+    """The message for a model whose output at the initial positions is ``what`` (non-finite):
+    a model problem (weights named when they hold NaN/inf), not one of the structure."""
+    name = non_finite_weight(potential)
+    if name is not None:
+        return (f"the model's weights are not finite (NaN/inf in '{name}'): it gives {what} at the initial "
+                "positions; it comes from a diverged training run (retrain it, e.g. with a lower learning rate)")
+    return (f"the model gives {what} at the initial positions: check the model (torchmdx evaluate on its test "
+            "set), and the structure for atoms on top of each other")
 
 
 def _voigt(stress: np.ndarray) -> np.ndarray:

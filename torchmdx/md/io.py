@@ -1,9 +1,14 @@
 """MD output: trajectories (ASE writers), the thermo CSV log, restart files.
 
-- Trajectories are written with ASE: ``.traj`` through ``ase.io.Trajectory``, anything else
-  (``.extxyz``, ``.xyz``) as extended XYZ with energy, forces, velocities and ``step`` /
-  ``time_ps`` in each frame's info. With several structures in the batch, structure k goes to
-  ``<stem>.<k><suffix>``. Frames are appended and flushed as they come.
+- Trajectories are written with ASE: ``.traj`` through ``ase.io.Trajectory``, ``.extxyz`` and
+  ``.xyz`` as extended XYZ with energy, forces, velocities and ``step`` / ``time_ps`` in each
+  frame's info, ``.pdb`` and ``.cif`` through ASE's writers (positions and cell only, no step
+  numbers); any other extension is refused (:func:`trajectory_format`). With several structures
+  in the batch, structure k goes to ``<stem>.<k><suffix>``. Frames are appended and flushed as
+  they come.
+- What is on disk already (:func:`scan_trajectory`, :func:`scan_thermo`): the step of each
+  complete frame or row and whether a half-written one follows (a killed run), read without
+  parsing the frames; :func:`truncate_after` drops everything after a step.
 - The thermo log is a CSV with the columns of :data:`THERMO_COLUMNS` (``structure`` only when
   several structures run together; ``pressure_bar``, ``volume_A3`` and ``density_g_cm3`` only
   for periodic ones).
@@ -13,14 +18,17 @@
 from __future__ import annotations
 
 import csv
+import mmap
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from torchmdx.errors import DataError
-from torchmdx.io_utils import atomic_write
+from torchmdx.errors import ConfigError, DataError
+from torchmdx.io_utils import atomic_write, temporary_path
 
 THERMO_COLUMNS = (
     "step", "time_ps", "structure", "potential_eV", "kinetic_eV", "total_eV",
@@ -30,6 +38,31 @@ THERMO_COLUMNS = (
 PERIODIC_COLUMNS = ("pressure_bar", "volume_A3", "density_g_cm3")
 RESTART_FORMAT = "torchmdx.md.restart"
 RESTART_VERSION = 1
+#: trajectory extension -> ASE format. extxyz and traj keep each frame's step (and energy,
+#: forces, velocities); pdb and cif (ASE's writers take them one frame per call and read them
+#: back as a sequence) keep positions and the cell only
+TRAJECTORY_FORMATS = {".extxyz": "extxyz", ".xyz": "extxyz", ".traj": "traj", ".pdb": "proteindatabank", ".cif": "cif"}
+STEP_FORMATS = ("extxyz", "traj")
+
+
+def trajectory_format(path: str | os.PathLike, option: str = "--out") -> str:
+    """The ASE format of a trajectory file name, from its extension; a one-line ConfigError
+    naming ``option`` for an extension that is not a trajectory format."""
+    suffix = Path(path).suffix.lower()
+    if suffix in TRAJECTORY_FORMATS:
+        return TRAJECTORY_FORMATS[suffix]
+    known = ", ".join(TRAJECTORY_FORMATS)
+    if not suffix:
+        raise ConfigError(f"{option} {path}: no file extension to tell the trajectory format; use one of {known}")
+    try:
+        from ase.io.formats import filetype, ioformats
+
+        name = filetype(str(path), read=False)
+        io = ioformats[name]
+    except Exception:  # noqa: BLE001 - ASE raises KeyError/ValueError for names it does not know
+        raise ConfigError(f"{option} {path}: unknown trajectory format '{suffix}'; use one of {known}") from None
+    why = "holds one frame" if io.single else "cannot be written frame by frame"
+    raise ConfigError(f"{option} {path}: ASE's {name} format {why}, not a trajectory; use one of {known}")
 
 
 def structure_paths(path: str | os.PathLike, num_structures: int) -> list[Path]:
@@ -72,8 +105,14 @@ class TrajectoryWriter:
 
     def __init__(self, path: str | os.PathLike, num_structures: int, append: bool = False):
         self.paths = structure_paths(path, num_structures)
-        self.is_traj = Path(path).suffix == ".traj"
+        self.format = trajectory_format(path)
+        self.is_traj = self.format == "traj"
         self._handles = []
+        binary = False
+        if not self.is_traj and self.format != "extxyz":
+            from ase.io.formats import ioformats
+
+            binary = ioformats[self.format].isbinary
         for p in self.paths:
             p.parent.mkdir(parents=True, exist_ok=True)
             mode = "a" if append and p.exists() else "w"
@@ -82,7 +121,7 @@ class TrajectoryWriter:
 
                 self._handles.append(Trajectory(str(p), mode))
             else:
-                self._handles.append(open(p, mode))
+                self._handles.append(open(p, mode + ("b" if binary else "")))
 
     def write(self, index: int, atoms) -> None:
         handle = self._handles[index]
@@ -91,7 +130,7 @@ class TrajectoryWriter:
         else:
             from ase.io import write
 
-            write(handle, atoms, format="extxyz")
+            write(handle, atoms, format=self.format)
             handle.flush()
 
     def close(self) -> None:
@@ -141,41 +180,187 @@ def read_thermo(path: str | os.PathLike) -> list[dict]:
         return rows
 
 
-def truncate_outputs(trajectory_paths: list[Path], log_path: Optional[Path], last_step: int) -> None:
-    """Drop frames and log rows after ``last_step`` (a run continued from a restart written at
-    that step must not repeat what a crashed run wrote after it). Files are rewritten atomically."""
-    if log_path is not None and Path(log_path).exists():
-        with open(log_path, newline="") as f:
-            lines = f.read().splitlines(keepends=True)
-        if lines:
-            header, body = lines[0], lines[1:]
-            kept = [line for line in body if line.strip() and int(line.split(",", 1)[0]) <= last_step]
-            if len(kept) != len(body):
-                with atomic_write(log_path, "w") as f:
-                    f.write(header)
-                    f.writelines(kept)
-    for path in trajectory_paths:
-        path = Path(path)
-        if not path.exists() or path.stat().st_size == 0:
-            continue
-        from ase.io import read, write
+@dataclass
+class OnDisk:
+    """What a trajectory or thermo log holds: the step of each complete frame (row), where each
+    starts (bytes; extended XYZ and CSV), and whether a half-written frame (row) follows them."""
 
-        frames = read(str(path), index=":")
-        kept = [a for a in frames if int(a.info.get("step", -1)) <= last_step]
-        if len(kept) == len(frames):
-            continue
-        if path.suffix == ".traj":
-            from ase.io import Trajectory
+    path: Path
+    kind: str  # "frames" or "log rows"
+    steps: list = field(default_factory=list)  # None for a frame without a step number
+    offsets: list = field(default_factory=list)
+    end: int = 0  # bytes of the complete frames (rows) and the header
+    partial: bool = False
 
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            with Trajectory(str(tmp), "w") as t:
-                for a in kept:
-                    t.write(a)
+    @property
+    def last_step(self) -> Optional[int]:
+        known = [s for s in self.steps if s is not None]
+        return max(known) if known else None
+
+    def after(self, step: int) -> int:
+        """How many complete frames (rows) come after ``step``."""
+        return sum(1 for s in self.steps if s is not None and s > step)
+
+
+_STEP = re.compile(rb"(?:^|\s)step=(-?\d+)(?:\s|$)")
+
+
+def _newline_positions(buffer, block: int = 1 << 26):
+    """Byte positions of every newline, a block at a time (vectorised: fast on large files)."""
+    for start in range(0, len(buffer), block):
+        count = min(block, len(buffer) - start)
+        yield start + np.flatnonzero(np.frombuffer(buffer, dtype=np.uint8, count=count, offset=start) == 10)
+
+
+def scan_extxyz(path: str | os.PathLike) -> OnDisk:
+    """Frames of an (extended) XYZ file: atom count line, comment line with ``step=``, atom
+    lines. Only the count and comment lines are parsed. A frame cut short by the end of the file
+    is ``partial``; a count line that is not a number is a DataError (not an XYZ trajectory)."""
+    path = Path(path)
+    scan = OnDisk(path, "frames")
+    size = path.stat().st_size
+    if size == 0:
+        return scan
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+        lines = np.zeros(0, dtype=np.int64)  # newline positions not yet consumed
+        source = _newline_positions(buffer)
+
+        def need(k: int) -> bool:
+            nonlocal lines
+            while len(lines) < k:
+                more = next(source, None)
+                if more is None:
+                    return False
+                lines = np.concatenate([lines, more])
+            return True
+
+        start = 0
+        while start < size:
+            if not need(1):
+                rest = buffer[start:size]
+                scan.partial = bool(rest.strip())  # a count line cut short, or trailing blanks
+                break
+            head = buffer[start:int(lines[0])].strip()
+            if not head:  # blank line: allowed between frames and at the end
+                start, lines = int(lines[0]) + 1, lines[1:]
+                continue
+            try:
+                count = int(head)
+            except ValueError:
+                raise DataError(
+                    f"{path}: byte {start} (frame {len(scan.steps)}) does not start an XYZ frame "
+                    f"({head[:40].decode(errors='replace')!r}): not a trajectory written by torchmdx md"
+                ) from None
+            if count < 0 or not need(count + 2):
+                scan.partial = True
+                break
+            match = _STEP.search(buffer[int(lines[0]) + 1:int(lines[1])])
+            scan.steps.append(int(match.group(1)) if match else None)
+            scan.offsets.append(start)
+            start = int(lines[count + 1]) + 1
+            lines = lines[count + 2:]
+            scan.end = start
+    return scan
+
+
+def scan_traj(path: str | os.PathLike) -> OnDisk:
+    """Frames of an ASE ``.traj`` file (its header counts the complete frames: a killed writer
+    leaves no partial frame in the count)."""
+    from ase.io import Trajectory
+
+    path = Path(path)
+    scan = OnDisk(path, "frames")
+    if path.stat().st_size == 0:
+        return scan
+    try:
+        with Trajectory(str(path), "r") as traj:
+            for k in range(len(traj)):
+                step = traj[k].info.get("step")
+                scan.steps.append(int(step) if step is not None else None)
+    except Exception as exc:  # noqa: BLE001 - a damaged file is the same user error
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: not a readable ASE trajectory ({first})") from None
+    return scan
+
+
+def scan_trajectory(path: str | os.PathLike) -> OnDisk:
+    fmt = trajectory_format(path)
+    if fmt == "traj":
+        return scan_traj(path)
+    if fmt == "extxyz":
+        return scan_extxyz(path)
+    raise DataError(f"{path}: the {fmt} format keeps no step numbers")
+
+
+def scan_thermo(path: str | os.PathLike) -> OnDisk:
+    """Rows of a thermo CSV: the first field is the step. A last line without its newline or
+    with too few fields is ``partial``; an unreadable row before it is a DataError."""
+    path = Path(path)
+    scan = OnDisk(path, "log rows")
+    data = path.read_bytes()
+    if not data:
+        return scan
+    lines = data.split(b"\n")
+    columns = len(lines[0].split(b","))
+    if len(lines) == 1:  # the header itself is cut short
+        scan.partial = True
+        return scan
+    position = len(lines[0]) + 1
+    scan.end = position
+    for k, line in enumerate(lines[1:], start=1):
+        last = k == len(lines) - 1
+        if last and not line:
+            break  # the file ends with a newline
+        fields = line.rstrip(b"\r").split(b",")
+        try:
+            step = int(fields[0])
+            ok = len(fields) == columns
+        except ValueError:
+            ok = False
+        if not ok or last:  # a row without its newline is half-written too
+            if last:
+                scan.partial = True
+                break
+            raise DataError(f"{path}: line {k + 1} is not a thermo row ({line[:40].decode(errors='replace')!r})")
+        scan.steps.append(step)
+        scan.offsets.append(position)
+        position += len(line) + 1
+        scan.end = position
+    return scan
+
+
+def truncate_after(scan: OnDisk, step: int) -> int:
+    """Drop the frames (rows) after ``step`` and a half-written one; the file is rewritten to a
+    temporary name and renamed. Returns how many complete frames (rows) were dropped."""
+    keep = [k for k, s in enumerate(scan.steps) if s is not None and s <= step]
+    dropped = len(scan.steps) - len(keep)
+    if not dropped and not scan.partial:
+        return 0
+    path = scan.path
+    if scan.offsets:  # extended XYZ / CSV: copy the bytes of the kept frames (rows)
+        header = scan.offsets[0] if scan.kind == "log rows" else 0
+        with open(path, "rb") as src, atomic_write(path, "wb") as dst:
+            dst.write(src.read(header))
+            for k in keep:
+                src.seek(scan.offsets[k])
+                stop = scan.offsets[k + 1] if k + 1 < len(scan.offsets) else scan.end
+                dst.write(src.read(stop - scan.offsets[k]))
+    elif scan.kind == "log rows" or trajectory_format(path) != "traj":
+        with open(path, "rb") as src, atomic_write(path, "wb") as dst:
+            dst.write(src.read(scan.end))
+    else:
+        from ase.io import Trajectory
+
+        tmp = temporary_path(path)
+        try:
+            with Trajectory(str(path), "r") as old, Trajectory(str(tmp), "w") as new:
+                for k in keep:
+                    new.write(old[k])
             os.replace(tmp, path)
-        else:
-            with atomic_write(path, "w") as f:
-                for a in kept:
-                    write(f, a, format="extxyz")
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return dropped
 
 
 def atoms_to_plain(atoms) -> dict:
@@ -234,5 +419,6 @@ def load_restart(path: str | os.PathLike) -> dict:
 __all__ = [
     "TrajectoryWriter", "ThermoLog", "make_frame", "read_thermo", "save_restart", "load_restart",
     "atoms_to_plain", "atoms_from_plain",
-    "truncate_outputs", "structure_paths",
+    "structure_paths", "trajectory_format", "TRAJECTORY_FORMATS", "OnDisk", "scan_trajectory", "scan_extxyz",
+    "scan_traj", "scan_thermo", "truncate_after",
 ]

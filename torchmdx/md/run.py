@@ -4,27 +4,32 @@ trajectory, thermo log, restart file and summary."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import atomic_write
 from torchmdx.md.config import MDConfig
 from torchmdx.md.engine import Reporter
-from torchmdx.md.io import ThermoLog, TrajectoryWriter, load_restart, read_thermo, structure_paths, truncate_outputs
+from torchmdx.md.io import ThermoLog, TrajectoryWriter, load_restart, read_thermo
+from torchmdx.md.outputs import plan_outputs
 from torchmdx.train.plots import thermo_plot
 
 
 class TrajectoryReporter(Reporter):
-    """Writes each structure's frame to its trajectory file (skips a step already written)."""
+    """Writes each structure's frame to its trajectory file (skips steps up to ``last_step``,
+    those already in the file)."""
 
-    def __init__(self, writer: TrajectoryWriter):
+    def __init__(self, writer: TrajectoryWriter, last_step: Optional[int] = None):
         self.writer = writer
-        self.last_step: Optional[int] = None
+        self.last_step = last_step  # the last step in the file
 
     def report(self, simulation, observation) -> None:
-        if observation.step == self.last_step:
+        if self.last_step is not None and observation.step <= self.last_step:
             return
         for b, atoms in enumerate(simulation.frames(observation)):
             self.writer.write(b, atoms)
@@ -35,14 +40,15 @@ class TrajectoryReporter(Reporter):
 
 
 class ThermoReporter(Reporter):
-    """Appends the observation's rows to the thermo CSV (skips a step already written)."""
+    """Appends the observation's rows to the thermo CSV (skips steps up to ``last_step``, those
+    already in the file)."""
 
-    def __init__(self, log: ThermoLog):
+    def __init__(self, log: ThermoLog, last_step: Optional[int] = None):
         self.log = log
-        self.last_step: Optional[int] = None
+        self.last_step = last_step  # the last step in the file
 
     def report(self, simulation, observation) -> None:
-        if observation.step == self.last_step:
+        if self.last_step is not None and observation.step <= self.last_step:
             return
         self.log.write(observation.rows())
         self.last_step = observation.step
@@ -51,9 +57,9 @@ class ThermoReporter(Reporter):
         self.log.close()
 
 
-def read_structures(paths, index: str = "-1") -> list:
+def read_structures(paths, index: str = "-1", option: str = "--index") -> list:
     """The frames ``index`` (ASE syntax: "-1" last, ":" all) of every file, via ``ase.io.read``
-    (one-line DataError on failure)."""
+    (one-line DataError on failure; ``option`` names the index in messages)."""
     from ase.io import read
 
     structures = []
@@ -64,11 +70,20 @@ def read_structures(paths, index: str = "-1") -> list:
         try:
             frames = read(str(path), index=index)
             frames = [frames] if not isinstance(frames, list) else frames
+        except (StopIteration, IndexError):
+            frames = None  # an index past the last frame
         except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(f"{path}: cannot read a structure with ASE ({first})") from None
         if not frames:
-            raise DataError(f"{path}: holds no structure")
+            try:
+                count = len(read(str(path), index=":"))
+            except Exception:  # noqa: BLE001
+                count = 0
+            if count == 0:
+                raise DataError(f"{path}: holds no structure")
+            raise DataError(f"{path} holds {count} frame(s) (0 to {count - 1}): {option} {index} selects none of "
+                            "them (-1 the last, ':' all)")
         for k, atoms in enumerate(frames):
             if len(atoms) == 0:
                 raise DataError(f"{path}: frame {k} has no atoms")
@@ -78,20 +93,55 @@ def read_structures(paths, index: str = "-1") -> list:
     return structures
 
 
+def close_contacts(structures, factor: float = 0.5) -> list[str]:
+    """Warnings for atoms closer than ``factor`` × the sum of their covalent radii (ASE's table;
+    0.31 Å for H-H, 0.38 Å for C-H, 0.38 Å for C-C at 0.5; bonds are 2x that or more): such
+    geometries are outside anything a model was trained on. One line per structure, the closest
+    pair named, minimum image for periodic cells."""
+    from ase.data import chemical_symbols, covalent_radii
+    from ase.neighborlist import neighbor_list
+
+    lines = []
+    for b, atoms in enumerate(structures):
+        if len(atoms) < 2:
+            continue
+        radii = covalent_radii[atoms.numbers]
+        i, j, d = neighbor_list("ijd", atoms, float(2 * factor * radii.max()), self_interaction=False)
+        keep = i < j
+        i, j, d = i[keep], j[keep], d[keep]
+        limit = factor * (radii[i] + radii[j])
+        close = d < limit
+        if not close.any():
+            continue
+        k = int(np.argmin(np.where(close, d / limit, np.inf)))
+        a, c = int(i[k]), int(j[k])
+        more = int(close.sum()) - 1
+        pair = f"{chemical_symbols[atoms.numbers[a]]}-{chemical_symbols[atoms.numbers[c]]}"
+        lines.append(
+            f"atoms {a} and {c} of structure {b} ({pair}) are {d[k]:.3g} Å apart, closer than {limit[k]:.2f} Å "
+            f"(half the sum of their covalent radii)" + (f", and {more} more pair(s)" if more else "")
+            + ": no model was trained on that; check the structure"
+        )
+    return lines
+
+
 def _clean(atoms):
     atoms = atoms.copy()
     atoms.calc = None
     return atoms
 
 
-def run_md(config: MDConfig, potential=None, out=None) -> dict:
+def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
     """Run the simulation described by ``config``; returns the summary as a dict.
 
-    ``potential`` (a Potential object) overrides ``config.model``.
+    ``potential`` (a Potential object) overrides ``config.model``. Everything that can be
+    refused (options, structures, outputs, model, initial forces) is checked before any output
+    file is touched; warnings go to ``err`` (default stderr) as ``warning: ...`` lines.
     """
     from torchmdx.md.loading import as_dtype, check_device, load_potential
 
     out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     check_device(config.device)
     if config.threads:
         import torch
@@ -99,103 +149,149 @@ def run_md(config: MDConfig, potential=None, out=None) -> dict:
         torch.set_num_threads(int(config.threads))
 
     restart_payload = load_restart(config.restart) if config.restart else None
+    start_step = int(restart_payload["step"]) if restart_payload is not None else 0
+    if restart_payload is not None and config.steps <= start_step:
+        raise ConfigError(
+            f"{config.option('steps')} {config.steps} is the total number of steps, and the restart file "
+            f"{config.restart} is at step {start_step} already: nothing to run; pass a total above {start_step} "
+            f"(e.g. {config.option('steps')} {start_step + max(config.steps, 1)})"
+        )
+    if restart_payload is not None and restart_payload.get("engine") == "ase" and config.engine != "ase":
+        raise ConfigError(f"{config.restart}: written by --engine ase; continue it with --engine ase")
     if config.structure:
-        structures = read_structures(config.structure, config.index)
+        structures = read_structures(config.structure, config.index, config.option("index"))
         structures = [_clean(a) for a in structures for _ in range(config.replicas)]
     elif restart_payload is not None:
         structures = list(restart_payload["structures"])
     else:
         raise ConfigError("no structure given (a structure file, or --restart FILE)")
+    if config.engine == "ase" and len(structures) != 1:
+        raise ConfigError(
+            f"--engine ase runs one structure, got {len(structures)} (frames x replicas); "
+            "use the native engine for batches"
+        )
+    if restart_payload is not None and [len(a) for a in structures] != list(restart_payload.get("counts", [])):
+        raise DataError(
+            f"{config.restart}: the restart file holds {len(restart_payload['counts'])} structure(s) of "
+            f"{list(restart_payload['counts'])} atoms that do not match the structures given "
+            f"({[len(a) for a in structures]} atoms)"
+        )
+    if potential is None and not config.model:
+        raise ConfigError("no model given (--model model.pt, or 'model:' in the md config)")
+    plan = plan_outputs(config, len(structures), restart_payload,
+                        model_path=config.model if potential is None else None)
     if potential is None:
-        if not config.model:
-            raise ConfigError("no model given (--model model.pt, or 'model:' in the md config)")
         potential = load_potential(config.model, device=config.device)
     dtype = as_dtype(config.dtype)
-    traj_paths = structure_paths(config.out, len(structures))
-    if restart_payload is not None:
-        truncate_outputs(traj_paths, config.log_path, int(restart_payload["step"]))
+    if restart_payload is None:
+        for line in close_contacts(structures):
+            print(f"warning: {line}", file=err)
+    if config.temperature > 10_000:
+        print(f"warning: {config.option('temperature')} {config.temperature:g} K is far above what molecules "
+              f"survive (typical: up to 2000 K); the run stops above {config.max_temperature_K:g} K "
+              f"({config.option('max_temperature')})", file=err)
+
+    sim = None
+    if config.engine != "ase":
+        from torchmdx.md.engine import Simulation
+
+        sim = Simulation(
+            potential, structures, timestep_fs=config.dt, ensemble=config.ensemble,
+            temperature_K=config.temperature, friction_per_ps=config.friction, tau_fs=config.tau,
+            chain_length=config.chain_length, device=config.device, dtype=dtype, seed=config.seed,
+            skin=config.skin, check_interval=config.check_interval, max_temperature_K=config.max_temperature,
+            wrap=config.wrap, cuda_graph=(config.cuda_graph and str(config.device).startswith("cuda")),
+            compile=config.compile,
+        )
+        if sim.compile_mode != "off":
+            what = "the whole model as one graph" if sim.compile_mode == "whole" else "the model's dense parts"
+            print(f"compiling {what} with torch.compile (tens of seconds, once per structure size; "
+                  "--no-compile skips it)", file=out, flush=True)
+        if restart_payload is not None:
+            sim.load_restart(restart_payload)
+        else:
+            sim.initialize()
+            if config.minimize:
+                result = sim.minimize(config.fmax, config.minimize_steps)
+                print(
+                    f"FIRE: {result.steps} steps, max force {result.fmax:.4f} eV/Å "
+                    f"({'converged' if result.converged else 'NOT converged'}), energy "
+                    + ", ".join(f"{a:.4f} -> {b:.4f}" for a, b in zip(result.energy_start, result.energy_end))
+                    + " eV",
+                    file=out,
+                )
+
+    # nothing was written until here
+    plan.apply(out)
     append = restart_payload is not None
-    reporters = [
-        TrajectoryReporter(TrajectoryWriter(config.out, len(structures), append=append)),
-        ThermoReporter(ThermoLog(config.log_path, multi=len(structures) > 1,
-                                 periodic=any(a.pbc.all() for a in structures), append=append)),
-    ]
-    start_step = int(restart_payload["step"]) if restart_payload is not None else 0
-    remaining = max(0, config.steps - start_step)
+    restart_before = _mtime(plan.restart)
+
+    def open_outputs():  # a continued run writes its first step unless the files have it
+        return [
+            TrajectoryReporter(TrajectoryWriter(config.out, len(structures), append=append),
+                               plan.last_step(plan.trajectories)),
+            ThermoReporter(ThermoLog(plan.log, multi=len(structures) > 1,
+                                     periodic=any(a.pbc.all() for a in structures), append=append),
+                           plan.last_step([plan.log])),
+        ]
+
+    remaining = config.steps - start_step
+    reporters = []
+
+    def open_reporters():  # the ASE engine opens them once its initial forces are checked
+        reporters.extend(open_outputs())
+        return reporters
+
     try:
         if config.engine == "ase":
-            if len(structures) != 1:
-                raise ConfigError(
-                    f"--engine ase runs one structure, got {len(structures)} (frames x replicas); "
-                    "use the native engine for batches"
-                )
             from torchmdx.md.ase_engine import run_ase
 
             summary = run_ase(
                 potential, structures[0], steps=remaining, timestep_fs=config.dt, ensemble=config.ensemble,
                 temperature_K=config.temperature, friction_per_ps=config.friction, tau_fs=config.tau,
                 chain_length=config.chain_length, device=config.device, dtype=dtype, seed=config.seed,
-                skin=config.skin, every=config.every, reporters=reporters, restart_path=config.restart_path,
-                restart_every=config.restart_every, restart_payload=restart_payload, minimize=config.minimize,
-                fmax=config.fmax, minimize_steps=config.minimize_steps, max_temperature_K=config.max_temperature,
-                progress=config.progress, pressure_bar=config.pressure, barostat_tau_fs=config.barostat_tau,
-                barostat=config.barostat,
+                skin=config.skin, every=config.every, reporters=open_reporters,
+                restart_path=plan.restart, restart_every=config.restart_every, restart_payload=restart_payload,
+                minimize=config.minimize, fmax=config.fmax, minimize_steps=config.minimize_steps,
+                max_temperature_K=config.max_temperature, progress=config.progress, pressure_bar=config.pressure,
+                barostat_tau_fs=config.barostat_tau, barostat=config.barostat,
             )
         else:
-            from torchmdx.md.engine import Simulation
-
-            if restart_payload is not None and restart_payload.get("engine") == "ase":
-                raise ConfigError(f"{config.restart}: written by --engine ase; continue it with --engine ase")
-            sim = Simulation(
-                potential, structures, timestep_fs=config.dt, ensemble=config.ensemble,
-                temperature_K=config.temperature, friction_per_ps=config.friction, tau_fs=config.tau,
-                chain_length=config.chain_length, device=config.device, dtype=dtype, seed=config.seed,
-                skin=config.skin, check_interval=config.check_interval, max_temperature_K=config.max_temperature,
-                wrap=config.wrap, cuda_graph=(config.cuda_graph and str(config.device).startswith("cuda")),
-                compile=config.compile,
-            )
-            if sim.compile_mode != "off":
-                what = "the whole model as one graph" if sim.compile_mode == "whole" else "the model's dense parts"
-                print(f"compiling {what} with torch.compile (tens of seconds, once per structure size; "
-                      "--no-compile skips it)", file=out, flush=True)
-            if restart_payload is not None:
-                sim.load_restart(restart_payload)
-            else:
-                sim.initialize()
-                if config.minimize:
-                    result = sim.minimize(config.fmax, config.minimize_steps)
-                    print(
-                        f"FIRE: {result.steps} steps, max force {result.fmax:.4f} eV/Å "
-                        f"({'converged' if result.converged else 'NOT converged'}), energy "
-                        + ", ".join(f"{a:.4f} -> {b:.4f}" for a, b in zip(result.energy_start, result.energy_end))
-                        + " eV",
-                        file=out,
-                    )
             summary = sim.run(
-                remaining, reporters=reporters, every=config.every, restart_path=config.restart_path,
+                remaining, reporters=open_reporters(), every=config.every, restart_path=plan.restart,
                 restart_every=config.restart_every, progress=config.progress,
-                report_start=restart_payload is None,
             )
     finally:
         for r in reporters:
             r.close()
+    written = [str(p) for p in plan.trajectories] + [str(plan.log)]
+    if _mtime(plan.restart) != restart_before:
+        written.append(str(plan.restart))
     result = dict(summary.__dict__)
     result.update(
         engine=config.engine, ensemble=config.ensemble, pressure_bar=config.pressure, device=str(config.device),
         dtype=config.dtype,
         timestep_fs=config.dt, first_step=start_step, last_step=start_step + summary.steps,
-        trajectory=[str(p) for p in traj_paths], log=str(config.log_path), restart=str(config.restart_path),
+        trajectory=[str(p) for p in plan.trajectories], log=str(plan.log),
+        restart=str(plan.restart) if str(plan.restart) in written else None,
     )
-    plot_path = Path(config.log_path).with_suffix(".png")
-    rows = read_thermo(config.log_path)
+    rows = read_thermo(plan.log)
     if rows:
         at = f" at {config.pressure:g} bar" if config.pressure is not None else ""
-        thermo_plot(rows, plot_path, title=f"{config.ensemble} MD{at}, {config.dt:g} fs steps")
-        result["plot"] = str(plot_path)
-    with atomic_write(config.summary_path, "w") as f:
+        thermo_plot(rows, plan.plot, title=f"{config.ensemble} MD{at}, {config.dt:g} fs steps")
+        result["plot"] = str(plan.plot)
+    with atomic_write(plan.summary, "w") as f:
         json.dump(result, f, indent=2)
     for line in summary.lines():
         print(line, file=out)
-    print(f"outputs          {', '.join(result['trajectory'])}, {result['log']}, {result['restart']}, "
-          f"{config.summary_path}" + (f", {result['plot']}" if "plot" in result else ""), file=out)
+    print(f"outputs          {', '.join(written)}, {plan.summary}" + (f", {result['plot']}" if "plot" in result else ""),
+          file=out)
     return result
+
+
+def _mtime(path: Path):
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
