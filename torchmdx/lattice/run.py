@@ -112,7 +112,7 @@ class CsvLog:
                 f.write("".join(kept))
             self.rows = keep_rows
         self._handle = open(path, "a", newline="")
-        self._writer = csv.writer(self._handle)
+        self._writer = csv.writer(self._handle, lineterminator="\n")
 
     def write(self, rows: list[list]) -> None:
         for row in rows:
