@@ -16,6 +16,21 @@ and prints structures per second as a table. Not a test: nothing is asserted.
 
     python bench/bench_data.py [--n 100000] [--format ani1x|md17|extxyz] [--batch-sizes 32 128]
                                [--workers 0 2] [--mmap] [--keep DIR]
+
+**At scale** (``--synthetic N``): writes a synthetic ANI-1x-layout file of N conformations
+(formulas of 8..23 atoms of H, C, N, O, 250 conformations each; coordinates and forces float32,
+energies float64, as in ANI-1x; written to a temporary folder, never shipped), then runs each
+stage in a fresh process and reports its wall time and peak resident memory (the process's
+``ru_maxrss``):
+
+  - ``build cache``: the streamed build (``torchmdx.data.build_cache``);
+  - ``data info``: ``torchmdx data info <file> --json`` on the built cache (a fresh CLI process);
+  - ``open + split + fit``: ``TorchmdxDataModule.setup`` (open the cache, memory-mapped above
+    1 GiB, random 80/10/10 split, atomic references fitted in one pass, statistics);
+  - ``batches``: one shuffled epoch (or ``--max-batches``) of ``BatchLoader`` batches of
+    ``--batch-size`` structures on one thread, structures/s and batches/s.
+
+    python bench/bench_data.py --synthetic 1000000 [--batch-size 32] [--max-batches N] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -74,6 +89,166 @@ def synthetic_extxyz(path: Path, n: int, seed: int = 0) -> None:
                 out.write(f"{s} {p[0]:.6f} {p[1]:.6f} {p[2]:.6f} {f[0]:.6f} {f[1]:.6f} {f[2]:.6f}\n")
 
 
+#: per-element energies of the synthetic file (Hartree; roughly those of wB97x/6-31G(d))
+REFS_HARTREE = np.zeros(9)
+REFS_HARTREE[[1, 6, 7, 8]] = [-0.60, -38.08, -54.71, -75.19]
+
+
+def synthetic_ani1x_scale(path: Path, n: int, seed: int = 0, per_formula: int = 250) -> dict:
+    """ANI-1x layout at scale: formulas of 8..23 atoms, ``per_formula`` conformations each,
+    written group by group (memory does not grow with n). Returns sizes."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    made, g, atoms = 0, 0, 0
+    with h5py.File(path, "w") as h5:
+        while made < n:
+            count = min(per_formula, n - made)
+            natoms = int(rng.integers(8, 24))
+            z = np.sort(rng.choice(ELEMENTS, size=natoms, p=[0.5, 0.3, 0.1, 0.1]))
+            grp = h5.create_group(f"f{g:06d}_{natoms}")
+            grp["atomic_numbers"] = z.astype(np.uint8)
+            grp["coordinates"] = (rng.standard_normal((count, natoms, 3), dtype=np.float32) * 1.5)
+            grp["wb97x_dz.energy"] = REFS_HARTREE[z].sum() + rng.standard_normal(count) * 0.01
+            grp["wb97x_dz.forces"] = rng.standard_normal((count, natoms, 3), dtype=np.float32) * 0.05
+            made += count
+            atoms += count * natoms
+            g += 1
+    return {"structures": made, "atoms": atoms, "formulas": g, "bytes": path.stat().st_size}
+
+
+STAGE_CODE = r"""
+import json, resource, sys, time
+stage, raw, cache_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+out = {}
+t = time.perf_counter()
+if stage == "write":
+    sys.path.insert(0, sys.argv[5])
+    from bench_data import synthetic_ani1x_scale
+    from pathlib import Path
+    out.update(synthetic_ani1x_scale(Path(raw), int(sys.argv[4])))
+elif stage == "info":
+    import contextlib, io
+    from torchmdx.cli.main import main
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        code = main(["data", "info", raw, "--format", "ani1x", "--cache-dir", cache_dir, "--json"])
+    if code:
+        raise SystemExit(f"data info exited with {code}")
+    out["n_structures"] = json.loads(text.getvalue())["n_structures"]
+elif stage == "build":
+    from torchmdx.data import build_cache
+    out["cache"] = str(build_cache(raw, "ani1x", cache_dir=cache_dir))
+elif stage == "setup":
+    import torch
+    torch.set_num_threads(1)
+    from torchmdx.data import TorchmdxDataModule
+    import torchmdx.data.datamodule
+    out["imports_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    dm = TorchmdxDataModule({"path": raw, "format": "ani1x", "cache_dir": cache_dir, "train_size": 0.8,
+                             "val_size": 0.1, "test_size": 0.1, "batch_size": int(sys.argv[4])})
+    dm.setup()
+    out["mmap"] = dm.dataset.mmap
+    out["train"] = len(dm.split.train)
+    out["elements"] = dm.elements
+elif stage == "batches":
+    import torch
+    torch.set_num_threads(1)
+    from torchmdx.data import BatchLoader, H5Dataset, build_cache
+    cache = build_cache(raw, "ani1x", cache_dir=cache_dir)
+    t = time.perf_counter()
+    ds = H5Dataset(cache, mmap="auto")
+    out["open_s"] = time.perf_counter() - t
+    batch_size, limit = int(sys.argv[4]), int(sys.argv[6])
+    loader = BatchLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    t = time.perf_counter()
+    structures = batches = 0
+    for batch in loader:
+        structures += batch.num_graphs
+        batches += 1
+        if limit and batches >= limit:
+            break
+    out["structures"], out["batches"], out["mmap"] = structures, batches, ds.mmap
+out["seconds"] = time.perf_counter() - t
+out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("BENCH " + json.dumps(out))
+"""
+
+
+def _stage(args: list, env: dict) -> dict:
+    import json
+    import subprocess
+
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", STAGE_CODE, *map(str, args)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {args[0]} failed:\n{proc.stderr[-3000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")][-1]
+    out = json.loads(line[6:])
+    out["wall_s"] = time.perf_counter() - t
+    return out
+
+
+def run_synthetic(args) -> int:
+    import datetime
+    import os
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="torchmdx-bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    raw, cache_dir = work / "synthetic_ani1x.h5", work / "cache"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    n = args.synthetic
+    rows = []
+    try:
+        if not raw.is_file():
+            w = _stage(["write", raw, cache_dir, n, Path(__file__).resolve().parent], env)
+        else:
+            w = {"seconds": 0.0, "peak_rss_mb": float("nan"), "structures": n, "atoms": None, "formulas": None,
+                 "bytes": raw.stat().st_size}
+        rows.append(("write synthetic ANI-1x file", w["seconds"], w["peak_rss_mb"],
+                     f"{w['formulas']} formulas, {w['atoms']} atoms, {w['bytes'] / 2**30:.2f} GiB"))
+        shutil.rmtree(cache_dir, ignore_errors=True)  # a kept folder: build again, do not reuse
+        b = _stage(["build", raw, cache_dir, n], env)
+        cache = Path(b["cache"])
+        rows.append(("build cache (streamed)", b["seconds"], b["peak_rss_mb"],
+                     f"{n / b['seconds']:,.0f} structures/s, cache {cache.stat().st_size / 2**30:.2f} GiB"))
+        info = _stage(["info", raw, cache_dir], env)
+        rows.append(("torchmdx data info --json (imports included)", info["seconds"], info["peak_rss_mb"],
+                     f"process wall time {info['wall_s']:.2f} s"))
+        s = _stage(["setup", raw, cache_dir, args.batch_size], env)
+        rows.append(("DataModule.setup: open, split, fit, stats", s["seconds"], s["peak_rss_mb"],
+                     f"mmap {s['mmap']}, {s['train']} training structures; {s['imports_rss_mb']:.0f} MB after "
+                     "importing torch and lightning"))
+        r = _stage(["batches", raw, cache_dir, args.batch_size, "", args.max_batches], env)
+        rows.append((f"batches of {args.batch_size}, one thread", r["seconds"], r["peak_rss_mb"],
+                     f"{r['structures'] / r['seconds']:,.0f} structures/s, {r['batches'] / r['seconds']:,.0f} "
+                     f"batches/s ({r['batches']} batches; open {r['open_s']:.2f} s, mmap {r['mmap']})"))
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    import torch
+
+    print(f"torchmdx data at scale: {n:,} synthetic ANI-1x conformations; {platform.node()}, "
+          f"{os.cpu_count()} cores, {_mem_gb():.0f} GB; torch {torch.__version__}; "
+          f"{datetime.datetime.now().isoformat(timespec='minutes')}")
+    print(f"{'stage':<44} {'seconds':>9} {'peak RSS MB':>12}  notes")
+    print("-" * 110)
+    for stage, seconds, rss, notes in rows:
+        rss_text = f"{rss:>12.0f}" if rss is not None and rss == rss else f"{'-':>12}"
+        print(f"{stage:<44} {seconds:>9.2f} {rss_text}  {notes}")
+    return 0
+
+
+def _mem_gb() -> float:
+    try:
+        with open("/proc/meminfo") as handle:
+            return int(handle.readline().split()[1]) / 2**20
+    except OSError:
+        return float("nan")
+
+
 MAKERS = {"ani1x": (synthetic_ani1x, "synthetic.h5"), "md17": (synthetic_md17, "synthetic.npz"),
           "extxyz": (synthetic_extxyz, "synthetic.extxyz")}
 
@@ -87,7 +262,13 @@ def main(argv=None) -> int:
     parser.add_argument("--mmap", action="store_true", help="memory-map the per-atom arrays")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep the files")
+    parser.add_argument("--synthetic", type=int, default=None, metavar="N",
+                        help="at scale: N synthetic ANI-1x conformations, each stage in a fresh process (time, peak RSS)")
+    parser.add_argument("--batch-size", type=int, default=32, help="--synthetic: structures per batch")
+    parser.add_argument("--max-batches", type=int, default=0, help="--synthetic: stop after this many batches (0: an epoch)")
     args = parser.parse_args(argv)
+    if args.synthetic:
+        return run_synthetic(args)
 
     import torch
     from torch_geometric.loader import DataLoader

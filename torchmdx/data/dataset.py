@@ -20,8 +20,9 @@ idx          [1]          index of the structure in the dataset (long)
 Energies stay float64 by default: a total energy of -4000 eV in float32 has a resolution of
 0.5 meV, the size of a good model's error; subtract atomic references in float64 first.
 
-The whole cache is read into memory with one read per array when the dataset is created
-(``mmap=True`` instead memory-maps the per-atom arrays and the cells, for datasets larger than
+The whole cache is read into memory with one read per array when the dataset is created (the
+arrays stay as stored: float64 positions and forces, uint8 atomic numbers; items and batches are
+gathered from them and cast to ``dtype``; ``mmap=True`` instead memory-maps the per-atom arrays and the cells, for datasets larger than
 RAM or shared by several DDP ranks on one host; ``mmap="auto"`` does so above
 :data:`MMAP_AUTO_BYTES`); items are slices of those arrays, so ``__getitem__`` does no file
 I/O. Batch with ``torch_geometric.loader.DataLoader``, or faster with
@@ -137,17 +138,6 @@ class H5Dataset(PygDataset):
         self._counts = np.diff(self._offsets)
         self._energy = torch.from_numpy(energy).to(self.energy_dtype)
         self._extras = {n: torch.from_numpy(np.asarray(v)).to(self.energy_dtype) for n, v in extra_values.items()}
-        if mmap:
-            self._z = self._pos = self._forces = self._cell = self._pbc = self._group = None
-            self._atom_extras = {}
-        else:
-            self._z = torch.from_numpy(z.astype(np.int64))
-            self._pos = torch.from_numpy(pos).to(self.dtype)
-            self._forces = None if forces is None else torch.from_numpy(forces).to(self.dtype)
-            self._atom_extras = {n: torch.from_numpy(v).to(self.dtype) for n, v in atom_extras.items()}
-            self._cell = torch.from_numpy(cell).to(self.dtype)
-            self._pbc = torch.from_numpy(pbc.astype(bool))
-            self._group = None if group is None else torch.from_numpy(group.astype(np.int64))
 
     # -- PyG Dataset interface --------------------------------------------------------------------
     def len(self) -> int:
@@ -156,27 +146,20 @@ class H5Dataset(PygDataset):
     def get(self, idx: int) -> Data:
         a, b = int(self._offsets[idx]), int(self._offsets[idx + 1])
         s = slice(idx, idx + 1)
-        if self.mmap:
-            st = self.structures
-            z = torch.from_numpy(st.z[a:b].astype(np.int64))
-            pos = torch.from_numpy(np.array(st.pos[a:b])).to(self.dtype)
-            forces = None if st.forces is None else torch.from_numpy(np.array(st.forces[a:b])).to(self.dtype)
-            atom_extras = {n: torch.from_numpy(np.array(v[a:b])).to(self.dtype) for n, v in st.atom_extras.items()}
-        else:
-            z, pos = self._z[a:b], self._pos[a:b]
-            forces = None if self._forces is None else self._forces[a:b]
-            atom_extras = {n: v[a:b] for n, v in self._atom_extras.items()}
+        st = self.structures
+        atoms = slice(a, b)
         one = np.array([idx], dtype=np.int64)
-        data = Data(z=z, pos=pos, energy=self._energy[s], cell=self._structure_values("cell", one),
+        data = Data(z=self._atom_values("z", st.z, atoms), pos=self._atom_values("pos", st.pos, atoms),
+                    energy=self._energy[s], cell=self._structure_values("cell", one),
                     pbc=self._structure_values("pbc", one), idx=torch.tensor([idx]))
-        if forces is not None:
-            data.forces = forces
-        if self.structures.group is not None:
+        if st.forces is not None:
+            data.forces = self._atom_values("forces", st.forces, atoms)
+        if st.group is not None:
             data.group = self._structure_values("group", one)
         for name, values in self._extras.items():
             data[name] = values[s]
-        for name, values in atom_extras.items():
-            data[name] = values
+        for name, values in st.atom_extras.items():
+            data[name] = self._atom_values(name, values, atoms)
         return data
 
     def collate(self, indices) -> Batch:
@@ -193,18 +176,11 @@ class H5Dataset(PygDataset):
         atoms_np = np.repeat(self._offsets[idx_np] - ptr_np[:-1], counts) + np.arange(n_total)
         idx, ptr = torch.from_numpy(idx_np), torch.from_numpy(ptr_np)
         batch_vector = torch.from_numpy(np.repeat(np.arange(len(idx_np)), counts))
-        if self.mmap:
-            st, a = self.structures, atoms_np
-            per_atom = {"z": torch.from_numpy(st.z[a].astype(np.int64)),
-                        "pos": torch.from_numpy(st.pos[a]).to(self.dtype)}
-            if st.forces is not None:
-                per_atom["forces"] = torch.from_numpy(st.forces[a]).to(self.dtype)
-            per_atom.update({n: torch.from_numpy(v[a]).to(self.dtype) for n, v in st.atom_extras.items()})
-        else:
-            per_atom = {"z": _take(self._z, atoms_np), "pos": _take(self._pos, atoms_np)}
-            if self._forces is not None:
-                per_atom["forces"] = _take(self._forces, atoms_np)
-            per_atom.update({n: _take(v, atoms_np) for n, v in self._atom_extras.items()})
+        st = self.structures
+        per_atom = {"z": self._atom_values("z", st.z, atoms_np), "pos": self._atom_values("pos", st.pos, atoms_np)}
+        if st.forces is not None:
+            per_atom["forces"] = self._atom_values("forces", st.forces, atoms_np)
+        per_atom.update({n: self._atom_values(n, v, atoms_np) for n, v in st.atom_extras.items()})
         per_structure = {"energy": _take(self._energy, idx_np), "cell": self._structure_values("cell", idx_np),
                          "pbc": self._structure_values("pbc", idx_np), "idx": idx}
         if self.structures.group is not None:
@@ -219,11 +195,19 @@ class H5Dataset(PygDataset):
         batch._inc_dict = {k: zeros for k in batch._slice_dict}
         return batch
 
+    def _atom_values(self, name: str, array: np.ndarray, index) -> torch.Tensor:
+        """Rows ``index`` (indices or a slice) of a per-atom array as a tensor: atomic numbers as
+        long, the rest in ``dtype`` (gathered from the stored float64, then cast: the same values
+        as casting the whole array first)."""
+        values = np.asarray(array[index])
+        if name == "z":
+            return torch.from_numpy(values.astype(np.int64))
+        if not values.flags.writeable:  # a slice of a read-only map: the tensor gets its own copy
+            values = values.copy()
+        return torch.from_numpy(np.ascontiguousarray(values)).to(self.dtype)
+
     def _structure_values(self, name: str, index: np.ndarray) -> torch.Tensor:
-        """cell, pbc or group of structures ``index`` (from memory, or gathered from the map)."""
-        held = getattr(self, "_" + name)
-        if held is not None:
-            return _take(held, index)
+        """cell, pbc or group of structures ``index``."""
         values = np.asarray(getattr(self.structures, name)[index])
         if name == "cell":
             return torch.from_numpy(values).to(self.dtype)

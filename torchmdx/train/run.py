@@ -291,6 +291,11 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
     trainer = build_trainer(cfg, run_dir, extra_callbacks=[EpochSummary(), *(callbacks or [])])
     if previous_rows and trainer.is_global_zero:
         _keep_metric_rows(trainer, previous_rows)
+    # Lightning's DDP strategies re-seed when they start (reset_seed); so does one process, so that
+    # a DDP run and a one-process run with the same global batch shuffle alike
+    from lightning.fabric.utilities.seed import reset_seed
+
+    reset_seed()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     except SystemExit:
