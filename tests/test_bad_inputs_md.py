@@ -146,6 +146,16 @@ def out_is_a_folder(t, m):
     return [argon(t), "--model", m / "lj.pt", "--steps", 10, "--out", t / "traj.extxyz"]
 
 
+def out_under_a_file(t, m):
+    (t / "notes.txt").write_text("a file, not a folder\n")
+    return [argon(t), "--model", m / "lj.pt", "--steps", 10, "--out", t / "notes.txt" / "x.extxyz"]
+
+
+def replica_trajectory_exists(t, m):
+    (t / "R.1.extxyz").write_text("1\nstep=0\nAr 0 0 0\n")  # structure 1's file of an earlier run
+    return [argon(t), "--model", m / "lj.pt", "--steps", 10, "--replicas", 2, "--out", t / "R.extxyz"]
+
+
 def log_is_the_trajectory(t, m):
     return [argon(t), "--model", m / "lj.pt", "--steps", 10, "--out", t / "x.extxyz", "--log", t / "x.extxyz"]
 
@@ -237,6 +247,8 @@ CASES = [
     (out_onto_input_structure, ["--out", "over the input structure file"], []),
     (restart_out_onto_model, ["--restart-out", "over the input model file"], []),
     (out_is_a_folder, ["--out", "traj.extxyz is a folder"], []),
+    (out_under_a_file, ["notes.txt is a file, not a folder"], []),
+    (replica_trajectory_exists, ["R.1.extxyz exists (the trajectory of an earlier run)", "--force"], []),
     (log_is_the_trajectory, ["the trajectory (--out) and the thermo log (--log) would both be"], []),
     (steps_below_restart_step, ["--steps 20 is the total number of steps", "at step 30 already",
                                 "nothing to run"], []),
