@@ -25,6 +25,12 @@ cutoff 5 Å, vector cutoff, float32), random weights (seed 0). For each system (
 - ``--kernels``: the message step alone (one layer, forward and forward + backward) for the
   edges of one system, reference vs fused.
 
+``--architecture equiformer``: the same table for Equiformer with the paper's MD17 model
+(``EQUIFORMER_MD17``: configs/equiformer_md17.yaml's model, float32, random weights, seed 0). It
+has one eager path on e3nn (the ``ref`` column: no fused kernels, no compiled or traced variants)
+and the ``graph`` column (the calculator's CUDA-graph replay); the training step as above. Run it
+with ``--name bench_model_equiformer`` beside the ET's run on the same machine.
+
 Times: median over timed calls (CUDA events) after warm-up. Prints a table; writes
 ``bench_model.json`` to ``--out`` (default ``$OUT`` or the current folder).
 
@@ -55,6 +61,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ET_MD17 = dict(embedding_dimension=128, num_layers=6, num_heads=8, num_rbf=32, rbf_type="expnorm", trainable_rbf=False,
                activation="silu", attn_activation="silu", neighbor_embedding=True, distance_influence="both",
                vector_cutoff=True, cutoff_lower=0.0, cutoff_upper=5.0, max_z=100, dtype="float32", seed=0)
+#: Equiformer's MD17 model (Liao & Smidt 2023; configs/equiformer_md17.yaml)
+EQUIFORMER_MD17 = dict(architecture="equiformer", lmax=2, channels=128, num_layers=6, num_heads=4, ffn_multiplier=3,
+                       feature_channels=512, num_rbf=32, rbf_type="expnorm", radial_hidden=[64, 64],
+                       nonlinear_message=True, cutoff_upper=5.0, max_z=100, dtype="float32", seed=0)
+#: the benchmarked architecture (--architecture)
+ARCHITECTURE = "et"
 DEFAULT_SYSTEMS = "alanine_dipeptide,chignolin,dhfr,factorIX,stmv"
 #: where the benchmark runs (``--device cpu`` only smoke-tests the script: CPU times mean nothing here)
 DEVICE = "cuda"
@@ -152,6 +164,10 @@ def repeats_for(atoms: int) -> tuple:
 
 # --------------------------------------------------------------------------------- model calls
 def make_model(backend: str, **overrides):
+    if ARCHITECTURE == "equiformer":  # one path (e3nn): the backend does not apply
+        from torchmdx.nn import build_model
+
+        return build_model({**EQUIFORMER_MD17, **overrides}).to(DEVICE).eval()
     from torchmdx.nn import ETPotential
 
     return ETPotential({**ET_MD17, **overrides}, backend=backend).to(DEVICE).eval()
@@ -235,7 +251,7 @@ def bench_system(name, data_dir, results, backends):
             row[f"{key}_peak_MiB"] = round(peak_mib(call), 1)
         except Exception as exc:  # noqa: BLE001 - one failing column must not stop the table
             row[f"{key}_error"] = error_text(exc)
-        if backend == "triton" and GRAPH:
+        if GRAPH and (backend == "triton" or ARCHITECTURE != "et"):
             for gkey, compiled, traced in GRAPH_VARIANTS:
                 try:
                     model.set_compiled(compiled)
@@ -638,9 +654,18 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--name", default="bench_model", help="stem of the JSON file written to --out")
     parser.add_argument("--device", default="cuda", help="cuda; 'cpu' only smoke-tests the script")
+    parser.add_argument("--architecture", default="et", choices=("et", "equiformer"),
+                        help="et (default) or equiformer (the paper's MD17 model; --backends, --sweep, --kernels, "
+                             "--profile and the compiled/traced graph columns are ET-only)")
     args = parser.parse_args(argv)
-    global DEVICE, NEIGHBORS, GRAPH
+    global DEVICE, NEIGHBORS, GRAPH, ARCHITECTURE
     DEVICE = args.device
+    ARCHITECTURE = args.architecture
+    if ARCHITECTURE != "et":
+        if args.sweep or args.kernels or args.profile:
+            raise SystemExit("error: --sweep, --kernels and --profile time the ET's message kernels; drop them with --architecture "
+                             f"{ARCHITECTURE}")
+        args.backends = "torch"
     if os.environ.get("BENCH_COMPILE_OPTIONS") is not None:  # compare inductor settings (JSON dict)
         from torchmdx.nn import et
 
@@ -657,6 +682,8 @@ def main(argv=None):
     if os.environ.get("BENCH_GRAPH_VARIANTS"):  # a subset of the graph columns, e.g. "graph_compiled,graph_traced"
         wanted = os.environ["BENCH_GRAPH_VARIANTS"].split(",")
         GRAPH_VARIANTS = [v for v in GRAPH_VARIANTS if v[0] in wanted]
+    if ARCHITECTURE != "et":  # not traceable, no compiled parts: the plain captured call only
+        GRAPH_VARIANTS = [v for v in GRAPH_VARIANTS if v[0] == "graph"]
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: bench_model.py needs a CUDA GPU (or --device cpu for a smoke test)")
     if not args.data.is_dir():
@@ -667,7 +694,8 @@ def main(argv=None):
 
     results = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-               "hyper_parameters": ET_MD17, "systems": {}}
+               "architecture": ARCHITECTURE,
+               "hyper_parameters": ET_MD17 if ARCHITECTURE == "et" else EQUIFORMER_MD17, "systems": {}}
     sections = []
     if args.check_neighbors:
         sections.append(("neighbors", lambda: check_neighbors(args.check_neighbors, args.data, results)))
@@ -698,7 +726,7 @@ def main(argv=None):
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     print()
-    print(f"{results['gpu']}, torch {results['torch']}, triton {results['triton']}, {results['date']}; "
+    print(f"{results['architecture']} on {results['gpu']}, torch {results['torch']}, triton {results['triton']}, {results['date']}; "
           f"launch config {results.get('launch_config')}")
     print(table(results))
 
