@@ -42,30 +42,12 @@ from torchmdx.train.graphed import GraphedTrainStep, packed_shape
 from torchmdx.train.metrics import SUM_STATES, error_sums
 from torchmdx.train.module import train_error_sums, training_objective
 
+from test_train_graph import molecules  # random H/C/N/O molecules with reference energies and forces
+
 TINY = {"embedding_dimension": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff_upper": 4.0,
         "backend": "torch", "seed": 0, "dtype": "float64"}
 JOINT = TrainConfig(energy_weight=0.2, force_weight=0.8)
 PER_ATOM_HUBER = TrainConfig(energy_weight=1.0, force_weight=0.5, loss="huber", huber_delta=0.05, energy_loss="per_atom")
-
-
-def molecules(counts, seed=0, box=5.0, min_distance=0.9, dtype=torch.float64, device="cpu"):
-    """Random H/C/N/O molecules in a box (no two atoms closer than ``min_distance``), random
-    reference energies and forces: z, pos, batch, energy [B], forces [N, 3]."""
-    rng = np.random.default_rng(seed)
-    z, pos, batch = [], [], []
-    for b, n in enumerate(counts):
-        while True:
-            p = rng.uniform(0.0, box, (n, 3))
-            d = np.linalg.norm(p[:, None] - p[None], axis=-1) + np.eye(n) * 1e3
-            if d.min() > min_distance:
-                break
-        z.append(rng.choice([1, 6, 7, 8], n))
-        pos.append(p)
-        batch.append(np.full(n, b))
-    t = lambda a, dt: torch.tensor(np.concatenate(a), dtype=dt, device=device)  # noqa: E731
-    return (t(z, torch.long), t(pos, dtype), t(batch, torch.long),
-            torch.tensor(rng.normal(size=len(counts)), dtype=dtype, device=device),
-            torch.tensor(rng.normal(size=(sum(counts), 3)), dtype=dtype, device=device))
 
 
 # ------------------------------------------------------------------------------------- buckets

@@ -66,3 +66,17 @@ def temporary_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def unwritable_folder(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` cannot be written to (or made), or None: it is a file, or its nearest
+    existing ancestor is not writable. For checks before any work starts."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return "is a file, not a folder"
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable"
+    return None

@@ -74,19 +74,14 @@ def _data_config(args):
 
 def check_output_folder(folder: Path, what: str) -> None:
     """One-line ConfigError unless ``folder`` is (or can be made as) a writable folder."""
-    import os
-
     from torchmdx.errors import ConfigError
+    from torchmdx.io_utils import unwritable_folder
 
     if str(folder).strip() == "":
         raise ConfigError(f"{what} is empty; give a folder name")
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{what} {folder}: is a file, not a folder")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"{what} {folder}: {existing} is not writable")
+    problem = unwritable_folder(folder)
+    if problem:
+        raise ConfigError(f"{what} {folder}: {problem}")
 
 
 def run(args) -> int:

@@ -574,11 +574,9 @@ class GraphedTrainStep:
 
     def take_sums(self) -> Optional[torch.Tensor]:
         """The error sums accumulated since the last call (a copy; the accumulator restarts at 0)."""
-        if self.sums is None:
-            return None
-        taken = self.sums.clone()
-        self.sums.zero_()
-        return taken
+        from torchmdx.train.metrics import take_sums
+
+        return take_sums(self.sums)
 
     def release(self) -> None:
         """Drop every captured graph and static buffer (their GPU memory goes back to the allocator)."""

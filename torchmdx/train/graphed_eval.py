@@ -121,11 +121,9 @@ class GraphedEvalStep:
 
     def take_sums(self) -> Optional[torch.Tensor]:
         """The sums since the last call (a copy; the accumulator restarts at 0)."""
-        if self.sums is None:
-            return None
-        taken = self.sums.clone()
-        self.sums.zero_()
-        return taken
+        from torchmdx.train.metrics import take_sums
+
+        return take_sums(self.sums)
 
     def release(self) -> None:
         self._graphs.clear()

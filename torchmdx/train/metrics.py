@@ -75,6 +75,15 @@ def error_sums(energy_error: Optional[torch.Tensor], n_atoms: torch.Tensor, forc
     return torch.stack(out)
 
 
+def take_sums(sums: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A copy of an on-device sum accumulator, which restarts at 0 (None stays None)."""
+    if sums is None:
+        return None
+    taken = sums.clone()
+    sums.zero_()
+    return taken
+
+
 _STATES = ("n_structures", "energy_abs", "energy_sq", "energy_loss", "energy_pa_abs", "energy_pa_sq",
            "n_components", "forces_abs", "forces_sq", "forces_loss",
            "n_stress", "stress_abs", "stress_sq", "stress_loss")

@@ -48,10 +48,20 @@ import numpy as np
 import torch
 
 from torchmdx.config import from_dict
-from torchmdx.data.loader import batches_in_order
 from torchmdx.data.packing import PackedBatch
 from torchmdx.train.config import TrainConfig
-from torchmdx.train.metrics import EpochErrors, error_sums, loss_terms, weighted_loss
+from torchmdx.train.metrics import EpochErrors, weighted_loss
+from torchmdx.train.objective import (  # noqa: F401 - the objective's names, as before the split
+    batch_counts,
+    masked_stress_error,
+    train_error_sums,
+    training_objective,
+)
+from torchmdx.train.refit import (  # noqa: F401 - the refit's names, as before the split
+    apply_reference_correction,
+    fit_reference_correction,
+    reference_normal_equations,
+)
 
 STAGES = ("train", "val", "test")
 
@@ -81,73 +91,6 @@ def restore_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"].cpu() if torch.is_tensor(states["torch"]) else states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def training_objective(cfg: TrainConfig, energy: torch.Tensor, forces: Optional[torch.Tensor],
-                       energy_ref: torch.Tensor, forces_ref: Optional[torch.Tensor], n_atoms: torch.Tensor,
-                       stress: Optional[torch.Tensor] = None, stress_ref: Optional[torch.Tensor] = None,
-                       structure_weight: Optional[torch.Tensor] = None, atom_weight: Optional[torch.Tensor] = None):
-    """(loss, ΔE [B], ΔF [N, 3] or None) of predictions against references (eV, eV/Å, eV/Å³)::
-
-        loss = energy_weight · mean_b L(ΔE_b [/ n_b]) + force_weight · mean_{a,k} L(ΔF_ak)
-               + stress_weight · mean_{b,k,l} L(Δσ_bkl)
-
-    ``forces`` None: no force term (energy-only training, or data without forces); ``stress``
-    [B, 3, 3] and ``stress_ref`` (any shape of B x 9 values) None: no stress term. A packed
-    batch (:class:`torchmdx.data.packing.PackedBatch`) gives ``structure_weight`` [B] and
-    ``atom_weight`` [N] (1 real, 0 padding): the means run over the real structures and atoms
-    only, Σ_b w_b L_b / Σ_b w_b and Σ_a w_a Σ_k L_ak / (3 Σ_a w_a), so padding changes neither
-    the loss nor any gradient. The eager step and the CUDA-graph step (which has no stress)
-    both use this function."""
-    energy_error = energy - energy_ref.reshape(-1).to(energy.dtype)
-    force_error = forces - forces_ref.to(forces.dtype) if forces is not None and forces_ref is not None else None
-    loss = energy_error.new_zeros(())
-    if cfg.energy_weight > 0:
-        target = energy_error / n_atoms.to(energy_error.dtype).clamp(min=1) if cfg.energy_loss == "per_atom" \
-            else energy_error
-        terms = loss_terms(target, cfg.loss, cfg.huber_delta)
-        loss = loss + cfg.energy_weight * _weighted_mean(terms, structure_weight)
-    if cfg.force_weight > 0 and force_error is not None:
-        terms = loss_terms(force_error, cfg.loss, cfg.huber_delta)
-        loss = loss + cfg.force_weight * _weighted_mean(terms, atom_weight)
-    if cfg.stress_weight > 0 and stress is not None and stress_ref is not None:
-        stress_error, known = masked_stress_error(stress, stress_ref)
-        terms = loss_terms(stress_error, cfg.loss, cfg.huber_delta)
-        loss = loss + cfg.stress_weight * terms.sum() / known.sum().clamp(min=1)
-    return loss, energy_error, force_error
-
-
-def _weighted_mean(terms: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
-    """mean of ``terms`` ([B] or [N, 3]); with ``weight`` (first dimension, 1 real / 0 padding)
-    Σ w·terms / (Σ w · terms per row), padding rows selected out (so a NaN there stays out too)."""
-    if weight is None:
-        return terms.mean()
-    w = weight.to(terms.dtype).reshape(weight.shape + (1,) * (terms.dim() - 1))
-    kept = torch.where(w > 0, terms, torch.zeros_like(terms))
-    per_row = terms[0].numel() if terms.dim() > 1 else 1
-    return (w * kept).sum() / (w.sum() * per_row).clamp(min=1)
-
-
-def train_error_sums(cfg: TrainConfig, energy_error, n_atoms, force_error, structure_weight=None, atom_weight=None):
-    """:func:`torchmdx.train.metrics.error_sums` with the run's loss settings."""
-    return error_sums(energy_error, n_atoms, force_error, cfg.loss, cfg.huber_delta, cfg.energy_loss,
-                      structure_weight, atom_weight)
-
-
-def masked_stress_error(stress: torch.Tensor, stress_ref: torch.Tensor):
-    """(Δσ [B, 3, 3] with 0 where the reference is unknown, known [B, 3, 3] bool): structures
-    without a stress (NaN references: isolated atoms of a periodic dataset) add nothing, and no
-    NaN reaches the gradient."""
-    ref = stress_ref.reshape(stress.shape).to(stress.dtype)
-    known = torch.isfinite(ref)
-    return torch.where(known, stress - torch.where(known, ref, torch.zeros_like(ref)), torch.zeros_like(ref)), known
-
-
-def batch_counts(batch) -> torch.Tensor:
-    """Number of atoms of each structure of a PyG batch [B]."""
-    if getattr(batch, "ptr", None) is not None:
-        return batch.ptr[1:] - batch.ptr[:-1]
-    return torch.bincount(batch.batch, minlength=int(batch.num_graphs))
 
 
 class PotentialModule(L.LightningModule):
@@ -618,52 +561,3 @@ class PotentialModule(L.LightningModule):
     def potential(self):
         """The wrapped :class:`~torchmdx.nn.Potential` (with whatever weights are loaded now)."""
         return self.model
-
-
-@torch.no_grad()
-def reference_normal_equations(model, dataset, indices, batch_size: int = 64):
-    """Normal equations of min_δ Σ_s (E_ref,s − E_pred,s − Σ_e n_s,e δ_e)² over ``indices``:
-    (CᵀC [max_z, max_z], Cᵀr [max_z]) with C the element counts and r the energy residuals (eV),
-    in float64 on the model's device. Energies only (no forces)."""
-    device = next(model.parameters()).device
-    max_z = model.config.max_z
-    normal = torch.zeros(max_z, max_z, dtype=torch.float64, device=device)
-    rhs = torch.zeros(max_z, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches_in_order(dataset, indices, batch_size):
-            batch = batch.to(device)
-            out = model(batch.z, batch.pos, batch.batch, batch.cell, batch.pbc, forces=False,
-                        num_structures=int(batch.num_graphs))
-            residual = batch.energy.reshape(-1).to(torch.float64) - out["energy"].to(torch.float64)
-            counts = torch.zeros(int(batch.num_graphs), max_z, dtype=torch.float64, device=device)
-            counts.index_put_((batch.batch, batch.z), torch.ones_like(batch.z, dtype=torch.float64), accumulate=True)
-            normal += counts.T @ counts
-            rhs += counts.T @ residual
-    finally:
-        model.train(was_training)
-    return normal, rhs
-
-
-@torch.no_grad()
-def apply_reference_correction(model, normal: torch.Tensor, rhs: torch.Tensor) -> bool:
-    """atomref_e += δ_e, the minimum-norm least-squares solution of the normal equations over
-    the elements present (pseudo-inverse: with one composition only Σ_e n_e δ_e is determined).
-    Returns False when no element is present."""
-    present = torch.diagonal(normal) > 0
-    if not bool(present.any()):
-        return False
-    delta = torch.linalg.pinv(normal[present][:, present]) @ rhs[present]
-    new = model.atomref.detach().clone()
-    new[present] += delta.to(new)
-    model.atomref.copy_(new)
-    return True
-
-
-def fit_reference_correction(model, dataset, indices, batch_size: int = 64) -> bool:
-    """Shift the model's atomic references so that its energies fit ``dataset[indices]`` best
-    (least squares, see :func:`reference_normal_equations`)."""
-    normal, rhs = reference_normal_equations(model, dataset, np.asarray(indices, dtype=np.int64), batch_size)
-    return apply_reference_correction(model, normal, rhs)
-

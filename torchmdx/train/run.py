@@ -144,18 +144,14 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
     data differ from the saved config."""
     import yaml
 
-    import os
+    from torchmdx.io_utils import unwritable_folder
 
     if str(cfg.run_dir).strip() in ("", "."):
         raise ConfigError("config key 'run_dir' (or --run-dir) is empty; give a folder for the run, e.g. runs/my_run")
     run_dir = Path(cfg.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run_dir {run_dir}: is a file, not a folder")
-    existing = run_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"run_dir {run_dir}: {existing} is not writable")
+    problem = unwritable_folder(run_dir)
+    if problem:
+        raise ConfigError(f"run_dir {run_dir}: {problem}")
     last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
     if resume:
         if not last.is_file():
