@@ -190,7 +190,8 @@ class TorchmdxDataModule(L.LightningDataModule):
             self.split = split
             return state
 
-        return wait_for(ready, f"rank 0's split and reference fit ({path})", say=print)
+        return wait_for(ready, f"rank 0's split and reference fit ({path}; the run folder must be on a file "
+                               "system every host sees)", say=print)
 
     def _build_cache(self) -> Path:
         """The cache; in a launch of several processes only local rank 0 builds it, the others
@@ -306,6 +307,7 @@ class TorchmdxDataModule(L.LightningDataModule):
                                      plan["device"])
         return BatchLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, indices=indices,
                            num_workers=cfg.num_workers, pad_ranks=True,
+                           pin_memory=plan["device"].type == "cuda",  # so the copies to the GPU do not wait
                            pack={"buckets": self.training_buckets, "pad_z": plan["pad_z"]})
 
     def packing_plan(self) -> Optional[dict]:

@@ -80,11 +80,24 @@ class PackedBatch:
         """Real structures (what Lightning's logging counts as the batch size)."""
         return self.real_structures
 
-    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+    def to(self, device, non_blocking: Optional[bool] = None) -> "PackedBatch":
+        """The batch on ``device``. Copies to a GPU do not wait for it (``non_blocking`` by
+        default: Lightning's batch transfer calls ``.to(device)`` on objects like this one, and a
+        blocking copy would synchronise the stream at every step)."""
+        if non_blocking is None:
+            non_blocking = torch.device(device).type == "cuda"
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for key, value in moved.items():
             if torch.is_tensor(value):
                 moved[key] = value.to(device, non_blocking=non_blocking)
+        return replace(self, **moved)
+
+    def pin_memory(self) -> "PackedBatch":
+        """The batch in pinned host memory (what a DataLoader with ``pin_memory=True`` calls)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in moved.items():
+            if torch.is_tensor(value):
+                moved[key] = value.pin_memory()
         return replace(self, **moved)
 
 
