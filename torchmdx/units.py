@@ -15,10 +15,12 @@ KJ_PER_MOL_TO_EV = 0.010364269574711572  # 1 kJ/mol in eV
 MEV_TO_EV = 1.0e-3
 EV_TO_MEV = 1.0e3  # the other way: error tables are reported in meV
 EV_TO_EV = 1.0
+EV_TO_KJ_PER_MOL = 96.48533288249877  # 1 eV in kJ/mol (= 1 / KJ_PER_MOL_TO_EV; OpenMM's energy unit)
 
 # --- length -> Å --------------------------------------------------------------------------------
 BOHR_TO_ANGSTROM = 0.5291772105638411        # 1 a0 in Å
 NM_TO_ANGSTROM = 10.0
+ANGSTROM_TO_NM = 0.1  # OpenMM's length unit
 
 # --- dipole -> e·Å --------------------------------------------------------------------------------
 DEBYE_TO_E_ANGSTROM = 0.20819433442462576  # 1 D in e·Å

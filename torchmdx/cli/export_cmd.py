@@ -4,6 +4,12 @@ The model file holds the hyper-parameters, the EMA weights (``--no-ema``: the ra
 weights), the energy normalisation (atomic references, scale, shift), the elements, the cutoff
 and the torchmdx version; ``torchmdx.load_model`` reads it without the config. A TorchMD-NET
 checkpoint is converted as well.
+
+``torchmdx export --openmm model.pt -o model_openmm.pt`` writes instead a TorchScript module for
+OpenMM's ``TorchForce`` (positions in nm -> energy in kJ/mol; docs/openmm.md), from a model file
+or a checkpoint, with the model's elements, cutoff and units recorded. ``--structure`` (and
+``--atoms``) fix the ML atoms, so that ``TorchForce("model_openmm.pt")`` works as is; without
+them the module is generic and ``MLPotential("torchmdx", modelPath=...)`` sets the atoms.
 """
 
 from __future__ import annotations
@@ -19,9 +25,105 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ema", dest="ema", action="store_false",
                         help="export the raw training weights instead of their moving average")
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    group = parser.add_argument_group("OpenMM (--openmm)")
+    group.add_argument("--openmm", action="store_true",
+                       help="write a TorchScript module for OpenMM's TorchForce (nm in, kJ/mol out) instead of a model file; "
+                            "the input may be a model file or a checkpoint")
+    group.add_argument("--structure", help="structure file (ASE-readable: pdb, xyz, ...) whose atoms (or --atoms) are the ML "
+                                           "region; without it the module is generic (openmm-ml's MLPotential sets the atoms)")
+    group.add_argument("--atoms", help="ML atoms among the structure's atoms, 0-based, e.g. 0-21,30 (default: all); "
+                                       "TorchForce passes every particle and the module picks these")
+    group.add_argument("--device", default="cpu", help="device the module is traced for: cpu (OpenMM Reference/CPU "
+                                                       "platforms) or cuda (CUDA platform); default cpu")
+    group.add_argument("--dtype", choices=["float32", "float64"], help="model precision (default: the model's own)")
+    group.add_argument("--outputs-forces", action="store_true",
+                       help="the module returns (energy, forces): TorchForce.setOutputsForces(True)")
+
+
+def parse_atoms(text: str, count: int) -> list:
+    """'0-21,30' -> [0, 1, ..., 21, 30] (0-based, each < count); one-line ConfigError otherwise."""
+    from torchmdx.errors import ConfigError
+
+    atoms: list = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                atoms.extend(range(int(lo), int(hi) + 1))
+            else:
+                atoms.append(int(part))
+        except ValueError:
+            raise ConfigError(f"--atoms: cannot read {part!r}; give 0-based indices and ranges such as 0-21,30") from None
+    bad = [a for a in atoms if not 0 <= a < count]
+    if bad:
+        raise ConfigError(f"--atoms: atom {bad[0]} is outside the structure's {count} atoms (0-based: 0..{count - 1})")
+    if len(set(atoms)) != len(atoms):
+        raise ConfigError("--atoms: an atom is given twice")
+    return atoms
+
+
+def _load_for_openmm(path: str, ema: bool):
+    """The potential of a model file or a training checkpoint."""
+    from torchmdx.train.export import check_finite_weights, potential_from_checkpoint, read_checkpoint
+
+    try:
+        payload = read_checkpoint(path)
+    except Exception:  # noqa: BLE001 - potential_from_checkpoint gives the one-line reason
+        payload = None
+    if isinstance(payload, dict) and payload.get("format") == "torchmdx-model":
+        from torchmdx.nn.model_file import load_model
+
+        potential = load_model(path)
+    else:
+        potential = potential_from_checkpoint(path, ema=ema)
+    check_finite_weights(potential, path)
+    return potential
+
+
+def run_openmm(args) -> int:
+    from pathlib import Path
+
+    from torchmdx.errors import ConfigError
+    from torchmdx.openmm.export import export_openmm
+    from torchmdx.train.export import check_output_file
+
+    from torchmdx.devices import check_device
+
+    check_output_file(args.output, force=args.force, inputs=[args.checkpoint], what="OpenMM module")
+    check_device(args.device, "--device")
+    numbers, atoms = None, None
+    if args.atoms and not args.structure:
+        raise ConfigError("--atoms needs --structure (the file whose atoms they index)")
+    if args.structure:
+        if not Path(args.structure).is_file():
+            raise ConfigError(f"--structure: {args.structure} not found")
+        from ase.io import read
+
+        try:
+            structure = read(args.structure)
+        except Exception as exc:  # noqa: BLE001 - any reader problem is a bad file
+            raise ConfigError(f"--structure: cannot read {args.structure} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        numbers = [int(z) for z in structure.numbers]
+        if args.atoms:
+            atoms = parse_atoms(args.atoms, len(numbers))
+            numbers = [numbers[a] for a in atoms]
+    potential = _load_for_openmm(args.checkpoint, args.ema)
+    module = export_openmm(potential, args.output, atomic_numbers=numbers, atoms=atoms, device=args.device,
+                           dtype=args.dtype, forces="returned" if args.outputs_forces else "autograd", force=True)
+    from torchmdx.openmm.export import metadata
+
+    meta = metadata(module)
+    names = ", ".join(meta["element_symbols"] or ["any"])
+    what = f"{len(numbers)} ML atoms" + (f" (indices {args.atoms})" if atoms else "") if numbers else "generic (atoms set by MLPotential)"
+    print(f"wrote {args.output}: OpenMM TorchScript module, nm -> kJ/mol, cutoff {meta['cutoff']:g} nm, elements {names}, "
+          f"{what}, forces by {meta['forces']}, device {meta['device']}")
+    return 0
 
 
 def run(args) -> int:
+    if args.openmm:
+        return run_openmm(args)
     from torchmdx.train.export import export_checkpoint
 
     potential = export_checkpoint(args.checkpoint, args.output, ema=args.ema, force=args.force)

@@ -1,0 +1,147 @@
+"""openmm-ml potential ``"torchmdx"``: ``MLPotential("torchmdx", modelPath="model.pt")``.
+
+Registered through the entry point ``openmmml.potentials`` (pyproject.toml), so that ``import
+openmmml`` finds it. openmm-ml loads every registered factory when it is imported: this module
+imports nothing heavy at module level (torch and torchmdx's model code are imported when a
+System is built), so a broken torch never breaks ``import openmmml``.
+
+    from openmmml import MLPotential
+    potential = MLPotential("torchmdx", modelPath="model.pt")
+    system = potential.createSystem(topology)                               # all atoms ML
+    mixed = potential.createMixedSystem(topology, mm_system, ligand_atoms)  # ML region in MM
+
+``modelPath``: a torchmdx model file (``model.pt``; a TorchMD-NET ``.ckpt`` is imported) or an
+OpenMM export (``torchmdx export --openmm``). Options (to ``MLPotential`` or, per System, to
+``createSystem`` / ``createMixedSystem``):
+
+- ``implementation``: ``"auto"`` (a ``TorchForce`` when openmm-torch loads here, else a
+  ``PythonForce``), ``"torchforce"`` or ``"python"``;
+- ``device``: torch device of the model (default: CUDA when torch sees a GPU, else CPU; an
+  export keeps the device it was traced on);
+- ``dtype``: ``"float32"`` / ``"float64"`` (default: the model's own);
+- ``outputForces``: the ``TorchForce`` gets forces returned by the module instead of autograd.
+
+The model's interactions are local (cutoff, no long-range electrostatics):
+:meth:`TorchmdxPotentialImpl.getMLLongRange` is False, which openmm-ml's mechanical embedding
+uses for periodic mixed systems. Mistakes are one-line :class:`torchmdx.openmm.OpenMMError`:
+no ``modelPath``, an atom without element or of an element the model does not know (named by
+index, residue and atom name), a box too small for the cutoff, an export in other units.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from openmmml.mlpotential import MLPotentialImpl, MLPotentialImplFactory
+
+IMPLEMENTATIONS = ("auto", "torchforce", "python")
+_OPTIONS = ("implementation", "device", "dtype", "outputForces")
+
+
+class TorchmdxPotentialImplFactory(MLPotentialImplFactory):
+    """Creates :class:`TorchmdxPotentialImpl` objects (the ``openmmml.potentials`` entry point)."""
+
+    def createImpl(self, name: str, modelPath=None, **args) -> MLPotentialImpl:
+        return TorchmdxPotentialImpl(name, modelPath, **args)
+
+
+class TorchmdxPotentialImpl(MLPotentialImpl):
+    """A torchmdx model as an openmm-ml potential (see the module docstring)."""
+
+    def __init__(self, name: str, modelPath=None, **options):
+        from torchmdx.openmm.errors import OpenMMError
+
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise OpenMMError(f"MLPotential('{name}'): unknown option(s) {', '.join(unknown)}; "
+                              f"known: modelPath, {', '.join(_OPTIONS)}")
+        if modelPath is None:
+            raise OpenMMError(f"MLPotential('{name}') needs modelPath=: a torchmdx model file (model.pt) or an OpenMM "
+                              "export (torchmdx export --openmm model.pt -o model_openmm.pt)")
+        path = Path(modelPath)
+        if not path.is_file():
+            raise OpenMMError(f"{path}: model file not found (MLPotential('{name}', modelPath=...))")
+        self.name = name
+        self.modelPath = path
+        self.options = dict(options)
+        _check_implementation(self.options.get("implementation", "auto"))
+        self._generic: dict = {}  # (device, dtype, forces) -> TorchScript bytes of the generic module
+
+    # ------------------------------------------------------------------ openmm-ml interface
+    def getMLLongRange(self) -> bool:
+        return False
+
+    def addForces(self, topology, system, atoms, forceGroup: int, **args):
+        from torchmdx.openmm.export import box_check, with_atoms
+        from torchmdx.openmm.forces import create_python_force, create_torch_force, openmmtorch_problem
+        from torchmdx import units
+
+        options = {**self.options, **{k: v for k, v in args.items() if k in _OPTIONS}}
+        implementation = _check_implementation(options.get("implementation", "auto"))
+        if implementation == "auto":
+            implementation = "torchforce" if openmmtorch_problem() is None else "python"
+        all_atoms = list(topology.atoms())
+        indices = list(range(len(all_atoms))) if atoms is None else [int(a) for a in atoms]
+        chosen = [all_atoms[i] for i in indices]
+        numbers = [a.element.atomic_number if a.element is not None else None for a in chosen]
+        names = [f"atom {i} ({a.name}, residue {a.residue.name} {a.residue.id})" for i, a in zip(indices, chosen)]
+        periodic = topology.getPeriodicBoxVectors() is not None or system.usesPeriodicBoundaryConditions()
+        forces = "returned" if options.get("outputForces") and implementation == "torchforce" else "autograd"
+        module = self._module(options, forces)
+        if implementation == "torchforce":
+            with_atoms(module, numbers, None if atoms is None else indices, names, source=str(self.modelPath))
+        else:
+            with_atoms(module, numbers, None, names, source=str(self.modelPath))
+        if periodic:
+            from openmm import unit
+
+            box = topology.getPeriodicBoxVectors() or system.getDefaultPeriodicBoxVectors()
+            box_check([v.value_in_unit(unit.nanometer) * units.NM_TO_ANGSTROM for v in (
+                [box[0], box[1], box[2]])], module.cutoff, str(self.modelPath))
+        if implementation == "torchforce":
+            force = create_torch_force(module, periodic)
+        else:
+            force = create_python_force(module, periodic, None if atoms is None else indices, device=module.device_type)
+        force.setForceGroup(forceGroup)
+        system.addForce(force)
+
+    # ------------------------------------------------------------------ module cache
+    def _module(self, options: dict, forces: str):
+        """A fresh generic module (its atoms not set) for ``options``; built once per device,
+        dtype and force convention, then copied from its TorchScript bytes."""
+        import torch
+
+        from torchmdx.openmm.export import build_module, is_openmm_export, load_module
+
+        export = is_openmm_export(self.modelPath)
+        device = options.get("device")
+        if device is None and not export:
+            device = self._getTorchDevice({})
+        device = str(torch.device(device)) if device is not None else None
+        key = (device, options.get("dtype"), forces)
+        if key not in self._generic:
+            if export:
+                module, meta = load_module(self.modelPath, device=device)
+                if options.get("dtype") is not None:
+                    from torchmdx.openmm.errors import OpenMMError
+
+                    raise OpenMMError(f"{self.modelPath}: an OpenMM export keeps the dtype it was exported with "
+                                      f"({meta['model'].get('model_dtype')}); give the model file to change it")
+                if forces == "returned" and not module.outputs_forces:
+                    forces = "autograd"  # the export decides
+            else:
+                module = build_module(self.modelPath, forces=forces, device=device or "cpu", dtype=options.get("dtype"),
+                                      source=str(self.modelPath))
+            buffer = io.BytesIO()
+            torch.jit.save(module, buffer)
+            self._generic[key] = buffer.getvalue()
+        return torch.jit.load(io.BytesIO(self._generic[key]), map_location=device)
+
+
+def _check_implementation(value) -> str:
+    from torchmdx.openmm.errors import OpenMMError
+
+    if value not in IMPLEMENTATIONS:
+        raise OpenMMError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {value!r}")
+    return value
