@@ -4,7 +4,7 @@ A model file is one ``torch.save`` dict (read back with ``weights_only=True``: n
 
     format            "torchmdx-model"
     format_version    1
-    kind              registry key of the potential class ("et", "lennard_jones", ...)
+    kind              registry key of the potential class ("et", "equiformer", "lennard_jones", ...)
     hparams           constructor arguments, plain Python (for ET: the ModelConfig as a dict)
     state_dict        weights and buffers (for ET also the normalisation buffers)
     normalisation     human-readable copy of the energy normalisation (eV), if the class has one
