@@ -241,3 +241,32 @@ def test_data_paths_are_found_next_to_the_config(tmp_path, shared_data, monkeypa
     assert main(["train", str(folder / "bad.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(folder) in err[0] and str(elsewhere) in err[0] and "missing.npz" in err[0], err
+
+
+def test_python_api_bad_inputs_are_one_line_errors(tmp_path, trained, nan_model):
+    """load_model and Calculator: training checkpoints, files that are not model files (never
+    torch's advice to unpickle them), devices that do not exist, non-finite weights."""
+    import pickle
+
+    from torchmdx.errors import ConfigError, ModelError
+
+    ckpt = trained[1] / "checkpoints" / "best.ckpt"
+    with pytest.raises(ModelError, match="training checkpoint, not a model file: write one with `torchmdx export"):
+        torchmdx.load_model(ckpt)
+    with pytest.raises(ModelError, match="a YAML config, not a model file"):
+        torchmdx.load_model(trained[0])
+    pickled = tmp_path / "object.pt"
+    pickled.write_bytes(pickle.dumps({"weights": [1, 2]}))
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for path, fragment in ((pickled, "a pickled Python object"), (empty, "the file is empty")):
+        with pytest.raises(ModelError) as info:
+            torchmdx.load_model(path)
+        assert fragment in str(info.value) and "weights_only" not in str(info.value)
+    with pytest.raises(ModelError, match="hold NaN or infinite values"):
+        torchmdx.load_model(nan_model)
+    with pytest.raises(ConfigError, match="'tpu0' is not a device name"):
+        torchmdx.Calculator(trained[1] / "model.pt", device="tpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            torchmdx.load_model(trained[1] / "model.pt", device="cuda")

@@ -54,7 +54,9 @@ class Calculator(_AseCalculator):
     def __init__(self, model, device="cpu", dtype=None, skin: float = 0.5, compute_stress="auto",
                  cuda_graph="auto", compile="auto", **kwargs):
         super().__init__(**kwargs)
-        self.device = torch.device(device)
+        from torchmdx.devices import check_device
+
+        self.device = check_device(device, "Calculator device")
         self.potential = load_potential(model, device=self.device, dtype=dtype)
         self.dtype = as_dtype(dtype) if dtype is not None else potential_dtype(self.potential)
         self.potential.eval()

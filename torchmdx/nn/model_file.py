@@ -37,6 +37,7 @@ or lazily, without importing the module up front, with ``register_potential("my_
 from __future__ import annotations
 
 import importlib
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -154,16 +155,25 @@ def load_model(
     the model after loading; it is returned in eval mode.
     """
     path = Path(path)
+    if device is not None:
+        from torchmdx.devices import check_device
+
+        check_device(device, "device")  # before reading anything
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on foreign pickles: the error below says it all
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
-        if path.suffix == ".ckpt":
+        if path.suffix == ".ckpt" and path.stat().st_size > 0:
             from torchmdx.nn.torchmdnet_import import import_torchmdnet
 
             return _finish(import_torchmdnet(path), device, dtype)
-        raise ModelError(f"{path}: not a torchmdx model file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise ModelError(f"{path}: {_what_file_is_this(path, exc)}") from None
+    if _is_torchmdx_training_checkpoint(payload):
+        raise ModelError(f"{path}: this is a torchmdx training checkpoint, not a model file: write one with "
+                         f"`torchmdx export {path} -o model.pt`, or continue training with `torchmdx train CONFIG --resume`")
     if _looks_like_torchmdnet(payload):
         from torchmdx.nn.torchmdnet_import import import_torchmdnet
 
@@ -190,7 +200,48 @@ def load_model(
         raise ModelError(
             f"{path}: weights do not fit the {kind!r} model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
+    bad = [name for name, value in potential.state_dict().items()
+           if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise ModelError(f"{path}: {len(bad)} weight tensors hold NaN or infinite values (e.g. {', '.join(bad[:2])}): "
+                         "the model is unusable (its training diverged)")
     return _finish(potential, device, dtype)
+
+
+def _is_torchmdx_training_checkpoint(payload) -> bool:
+    """A Lightning checkpoint of ``torchmdx train`` (model hyper-parameters and ``model.*`` weights)."""
+    if not isinstance(payload, Mapping):
+        return False
+    hp, state = payload.get("hyper_parameters"), payload.get("state_dict")
+    return isinstance(hp, Mapping) and isinstance(hp.get("model"), Mapping) and isinstance(state, Mapping) \
+        and any(str(k).startswith("model.") for k in state)
+
+
+def _what_file_is_this(path: Path, exc: Exception) -> str:
+    """What an unreadable "model file" is, in words (never torch's advice to unpickle it)."""
+    import zipfile
+
+    if path.stat().st_size == 0:
+        return "the file is empty, not a model file"
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+            return ("a TorchScript file (for example an OpenMM export), not a torchmdx model file; load it with "
+                    "torch.jit.load, or pass the model.pt from `torchmdx train` / `torchmdx export`")
+        return f"not a torchmdx model file (a torch archive it cannot read: {type(exc).__name__})"
+    if head[:1] == b"\x80":
+        return "a pickled Python object, not a torchmdx model file (torchmdx does not unpickle arbitrary objects)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        return "not a torchmdx model file (unknown binary content)"
+    kind = "a YAML config" if ":" in text.split("\n", 1)[0] else "a text file"
+    return f"{kind}, not a model file; pass the model.pt that `torchmdx train` or `torchmdx export` writes"
 
 
 def _finish(potential, device, dtype):
