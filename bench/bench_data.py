@@ -20,8 +20,10 @@ and prints structures per second as a table. Not a test: nothing is asserted.
 **At scale** (``--synthetic N``): writes a synthetic ANI-1x-layout file of N conformations
 (formulas of 8..23 atoms of H, C, N, O, 250 conformations each; coordinates and forces float32,
 energies float64, as in ANI-1x; written to a temporary folder, never shipped), then runs each
-stage in a fresh process and reports its wall time and peak resident memory (the process's
-``ru_maxrss``):
+stage in a fresh process and reports its wall time, its peak resident memory (``ru_maxrss``:
+the process's own memory plus the pages of a memory-mapped cache it touched, which the kernel
+may drop at any time and which the DDP ranks of a host share) and, at the stage's end, resident
+memory split into the process's own (anonymous) and mapped file pages:
 
   - ``build cache``: the streamed build (``torchmdx.data.build_cache``);
   - ``data info``: ``torchmdx data info <file> --json`` on the built cache (a fresh CLI process);
@@ -172,6 +174,13 @@ elif stage == "batches":
     out["structures"], out["batches"], out["mmap"] = structures, batches, ds.mmap
 out["seconds"] = time.perf_counter() - t
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+try:  # resident memory now, split into the process's own (anonymous) and mapped file pages
+    for line in open("/proc/self/status"):
+        key, value = line.split(":", 1)
+        if key in ("RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) / 1024
+except OSError:
+    pass
 print("BENCH " + json.dumps(out))
 """
 
@@ -206,23 +215,23 @@ def run_synthetic(args) -> int:
             w = _stage(["write", raw, cache_dir, n, Path(__file__).resolve().parent], env)
         else:
             w = {"seconds": 0.0, "peak_rss_mb": float("nan"), "structures": n, "atoms": None, "formulas": None,
-                 "bytes": raw.stat().st_size}
-        rows.append(("write synthetic ANI-1x file", w["seconds"], w["peak_rss_mb"],
+                 "bytes": raw.stat().st_size}  # reused from --keep
+        rows.append(("write synthetic ANI-1x file", w["seconds"], w["peak_rss_mb"], _split(w),
                      f"{w['formulas']} formulas, {w['atoms']} atoms, {w['bytes'] / 2**30:.2f} GiB"))
         shutil.rmtree(cache_dir, ignore_errors=True)  # a kept folder: build again, do not reuse
         b = _stage(["build", raw, cache_dir, n], env)
         cache = Path(b["cache"])
-        rows.append(("build cache (streamed)", b["seconds"], b["peak_rss_mb"],
+        rows.append(("build cache (streamed)", b["seconds"], b["peak_rss_mb"], _split(b),
                      f"{n / b['seconds']:,.0f} structures/s, cache {cache.stat().st_size / 2**30:.2f} GiB"))
         info = _stage(["info", raw, cache_dir], env)
-        rows.append(("torchmdx data info --json (imports included)", info["seconds"], info["peak_rss_mb"],
+        rows.append(("torchmdx data info --json (imports included)", info["seconds"], info["peak_rss_mb"], _split(info),
                      f"process wall time {info['wall_s']:.2f} s"))
         s = _stage(["setup", raw, cache_dir, args.batch_size], env)
-        rows.append(("DataModule.setup: open, split, fit, stats", s["seconds"], s["peak_rss_mb"],
+        rows.append(("DataModule.setup: open, split, fit, stats", s["seconds"], s["peak_rss_mb"], _split(s),
                      f"mmap {s['mmap']}, {s['train']} training structures; {s['imports_rss_mb']:.0f} MB after "
                      "importing torch and lightning"))
         r = _stage(["batches", raw, cache_dir, args.batch_size, "", args.max_batches], env)
-        rows.append((f"batches of {args.batch_size}, one thread", r["seconds"], r["peak_rss_mb"],
+        rows.append((f"batches of {args.batch_size}, one thread", r["seconds"], r["peak_rss_mb"], _split(r),
                      f"{r['structures'] / r['seconds']:,.0f} structures/s, {r['batches'] / r['seconds']:,.0f} "
                      f"batches/s ({r['batches']} batches; open {r['open_s']:.2f} s, mmap {r['mmap']})"))
     finally:
@@ -233,12 +242,18 @@ def run_synthetic(args) -> int:
     print(f"torchmdx data at scale: {n:,} synthetic ANI-1x conformations; {platform.node()}, "
           f"{os.cpu_count()} cores, {_mem_gb():.0f} GB; torch {torch.__version__}; "
           f"{datetime.datetime.now().isoformat(timespec='minutes')}")
-    print(f"{'stage':<44} {'seconds':>9} {'peak RSS MB':>12}  notes")
-    print("-" * 110)
-    for stage, seconds, rss, notes in rows:
+    print(f"{'stage':<44} {'seconds':>9} {'peak RSS MB':>12} {'anon/file MB at end':>20}  notes")
+    print("-" * 130)
+    for stage, seconds, rss, split, notes in rows:
         rss_text = f"{rss:>12.0f}" if rss is not None and rss == rss else f"{'-':>12}"
-        print(f"{stage:<44} {seconds:>9.2f} {rss_text}  {notes}")
+        print(f"{stage:<44} {seconds:>9.2f} {rss_text} {split:>20}  {notes}")
     return 0
+
+
+def _split(out: dict) -> str:
+    if "RssAnon" not in out:
+        return "-"
+    return f"{out['RssAnon']:.0f} / {out['RssFile']:.0f}"
 
 
 def _mem_gb() -> float:

@@ -351,6 +351,14 @@ def test_streamed_reference_fit_is_the_least_squares_solution(shared_data):
     # ethanol has one composition: only H6C2O's sum is determined, r is proportional to the counts
     r = fit_atomic_references(ethanol, np.arange(1500), max_z=10, chunk_atoms=100).numpy()
     np.testing.assert_allclose(r[[1, 6, 8]] / [6, 2, 1], r[1] / 6, rtol=1e-9)
+    # an element beyond the model's range in a training structure: named, as without chunks
+    # (the polymers: Cl, Z = 17, first in structure 300 (PVC); structures 0..299 have none)
+    message = r"element Cl \(Z=17\) in structure 300 is beyond the model's range \(max_z=17"
+    with pytest.raises(DataError, match=message):
+        fit_atomic_references(poly, np.arange(200, 900), max_z=17, chunk_atoms=500)
+    with pytest.raises(DataError, match=message):
+        energy_statistics(poly, np.arange(200, 900), np.zeros(17), chunk_atoms=500)
+    assert fit_atomic_references(poly, np.arange(0, 300), max_z=17, chunk_atoms=500)[17:].numel() == 0
 
 
 # ------------------------------------------------------------------------------------------------

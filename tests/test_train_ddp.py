@@ -47,11 +47,11 @@ def test_ddp_on_two_cpu_processes(tmp_path, shared_data):
         assert logged[f"val_{key}"] == pytest.approx(errors[key], rel=2e-5), key
 
 
-def _ddp_config(shared_data, tmp_path, name, devices, batch_size):
+def _ddp_config(shared_data, tmp_path, name, devices, batch_size, mmap=False):
     return {
         "data": {"path": str(shared_data / "md17" / "md17_ethanol_xtb.npz"), "cache_dir": str(tmp_path / "cache"),
                  "train_size": 44, "val_size": 8, "test_size": 0, "batch_size": batch_size, "inference_batch_size": 8,
-                 "dtype": "float64", "seed": 3},
+                 "dtype": "float64", "seed": 3, "mmap": mmap},
         # model.seed left out: the weights come from the global generator (the default), which makes
         # the shuffle depend on Lightning re-seeding it when DDP starts
         "model": {"embedding_dimension": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8, "cutoff_upper": 4.0,
@@ -69,15 +69,16 @@ def test_ddp_equals_one_process_with_the_same_global_batch(tmp_path, shared_data
     same global batches every step (each structure once per epoch over the ranks; 44 training
     structures: 5 rounds of 2 x 4, then the last 4 dealt 2 + 2), DDP's averaged gradients equal
     the one-process gradient (molecules of one size: every rank's mean is over as many atoms),
-    the references and normalisation fitted once by rank 0 and shared. Weights, EMA weights and
-    logged epoch losses agree to float64 rounding."""
+    the references and normalisation fitted once by rank 0 and shared; the DDP run reads the
+    cache memory-mapped, the other in memory. Weights, EMA weights, optimiser moments and logged
+    epoch losses agree to float64 rounding."""
     import numpy as np
     import torch
 
     from torchmdx.train.config import build_run_config
     from torchmdx.train.run import train
 
-    ddp = _ddp_config(shared_data, tmp_path, "ddp", devices=2, batch_size=4)
+    ddp = _ddp_config(shared_data, tmp_path, "ddp", devices=2, batch_size=4, mmap=True)  # the memory-mapped path
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # the same cache for both (built once here, so the runs do not race to build it)

@@ -59,19 +59,42 @@ def _structures(data) -> Structures:
 CHUNK_ATOMS = 1 << 21
 
 
-def index_chunks(offsets: np.ndarray, indices: np.ndarray, chunk_atoms: int = CHUNK_ATOMS):
-    """``indices`` cut into consecutive pieces of at most ``chunk_atoms`` atoms (at least one
-    structure each)."""
-    idx = np.asarray(indices, dtype=np.int64)
-    if idx.size == 0:
-        return
-    cum = np.cumsum(np.diff(offsets)[idx])
-    start = 0
-    while start < idx.size:
-        before = int(cum[start - 1]) if start else 0
-        stop = max(start + 1, int(np.searchsorted(cum, before + chunk_atoms, side="right")))
-        yield idx[start:stop]
-        start = stop
+def _blocks(st: Structures, indices, chunk_atoms: int, elements: list[int], max_z: int):
+    """One sequential pass over the dataset in contiguous blocks of at most ``chunk_atoms`` atoms
+    (blocks without a selected structure are skipped): yields ``(first, atoms, rows, counts,
+    starts)``: the block's first structure, its atom slice, the positions in the block of the
+    selected structures (``indices``, in ascending order), their element counts [rows,
+    len(elements)] (column j = ``elements[j]``) and where each structure of the block starts in
+    the atom slice. Contiguous reads of a memory-mapped cache, no gathers; a
+    DataError names the first selected structure holding an atomic number >= ``max_z``."""
+    idx = np.sort(np.asarray(indices, dtype=np.int64))
+    offsets = np.asarray(st.offsets, dtype=np.int64)
+    n = len(offsets) - 1
+    lookup = np.full(max(MAX_ATOMIC_NUMBER, max(elements, default=0)) + 1, len(elements), dtype=np.int64)
+    lookup[np.asarray(elements, dtype=np.int64)] = np.arange(len(elements))
+    width = len(elements) + 1  # last column: elements not listed (none when the list is complete)
+    first = 0
+    while first < n and idx.size:
+        lo = int(np.searchsorted(idx, first))
+        if lo == idx.size:
+            return
+        first = max(first, int(idx[lo]))
+        last = min(n, max(first + 1, int(np.searchsorted(offsets, offsets[first] + chunk_atoms, side="right")) - 1))
+        hi = int(np.searchsorted(idx, last))
+        rows = idx[lo:hi] - first
+        a0, a1 = int(offsets[first]), int(offsets[last])
+        per = np.diff(offsets[first:last + 1])
+        z = np.asarray(st.z[a0:a1], dtype=np.int64)
+        owner = np.repeat(np.arange(last - first, dtype=np.int64) * width, per)
+        counts = np.bincount(owner + lookup[z], minlength=(last - first) * width).reshape(last - first, width)[rows]
+        beyond = [j for j, e in enumerate(elements) if e >= max_z]
+        if beyond and counts[:, beyond].any():
+            row = int(np.flatnonzero(counts[:, beyond].any(axis=1))[0])
+            s = first + int(rows[row])
+            check_max_z(np.asarray(st.z[offsets[s]:offsets[s + 1]]), np.array([0, per[rows[row]]]), max_z,
+                        st.source, first=s)
+        yield first, slice(a0, a1), rows, counts[:, :-1].astype(np.float64), offsets[first:last] - a0
+        first = last
 
 
 def element_counts(structures: Structures, indices, max_z: int) -> np.ndarray:
@@ -116,13 +139,12 @@ def fit_atomic_references(data, indices=None, max_z: int = 100, chunk_atoms: int
         present = np.flatnonzero(counts.sum(axis=0) > 0)
         solution, *_ = np.linalg.lstsq(counts[:, present], energy[idx], rcond=None)
     else:
-        columns = np.asarray([e for e in _dataset_elements(data, st) if e < max_z], dtype=np.int64)
+        columns = np.asarray(_dataset_elements(data, st), dtype=np.int64)
         r = np.zeros((0, columns.size + 1))
         totals = np.zeros(columns.size)
-        for chunk in index_chunks(st.offsets, idx, chunk_atoms):
-            counts = element_counts(st, chunk, max_z)[:, columns]
+        for first, _, rows, counts, _ in _blocks(st, idx, chunk_atoms, columns.tolist(), max_z):
             totals += counts.sum(axis=0)
-            block = np.concatenate([r, np.column_stack([counts, energy[chunk]])])
+            block = np.concatenate([r, np.column_stack([counts, energy[first + rows]])])
             r = np.linalg.qr(block, mode="r")
         keep = np.flatnonzero(totals > 0)
         present = columns[keep]
@@ -150,13 +172,11 @@ def _dataset_elements(data, st: Structures) -> list[int]:
 def elements_without_reference(data, indices, max_z: int = 100) -> list[int]:
     """Elements of the dataset that do not occur in the structures ``indices``."""
     st = _structures(data)
-    seen = np.zeros(max_z, dtype=np.int64)
-    for chunk in index_chunks(st.offsets, np.asarray(indices, dtype=np.int64)):
-        z = np.asarray(st.z[atom_indices(st.offsets, chunk)], dtype=np.int64)
-        if z.size and z.max() >= max_z:
-            _raise_beyond(st, chunk, z, np.diff(st.offsets)[chunk], max_z)
-        seen += np.bincount(z, minlength=max_z)
-    return sorted(set(_dataset_elements(data, st)) - set(np.flatnonzero(seen).tolist()))
+    elements = _dataset_elements(data, st)
+    totals = np.zeros(len(elements))
+    for _, _, _, counts, _ in _blocks(st, indices, CHUNK_ATOMS, elements, max_z):
+        totals += counts.sum(axis=0)
+    return [e for e, total in zip(elements, totals) if total == 0]
 
 
 def published_atomic_references(data, max_z: int = 100, key: Optional[str] = None) -> torch.Tensor:
@@ -188,13 +208,14 @@ def energy_statistics(data, indices=None, atomic_references=None, max_z: int = 1
     idx = np.arange(len(st)) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(idx) == 0:
         raise DataError(f"{st.source}: cannot compute energy statistics of an empty split")
+    natoms_all = np.diff(st.offsets)
+    if _total_atoms(st, idx) > chunk_atoms:
+        return _streamed_statistics(data, st, idx, atomic_references, chunk_atoms)
     energy = np.asarray(st.energy, dtype=np.float64)[idx]
-    natoms = np.diff(st.offsets)[idx]
-    chunks = list(index_chunks(st.offsets, idx, chunk_atoms))
+    natoms = natoms_all[idx]
     if atomic_references is not None:
         refs = np.asarray(atomic_references, dtype=np.float64)
-        reference = np.concatenate([element_counts(st, chunk, len(refs)) @ refs for chunk in chunks])
-        residual = energy - reference
+        residual = energy - element_counts(st, idx, len(refs)) @ refs
     else:
         residual = energy
     per_atom = residual / natoms
@@ -208,16 +229,40 @@ def energy_statistics(data, indices=None, atomic_references=None, max_z: int = 1
         "force_max": None,
     }
     if st.forces is not None:
-        if len(chunks) == 1:
-            forces = np.asarray(st.forces[atom_indices(st.offsets, idx)], dtype=np.float64)
-            out["force_rms"] = float(np.sqrt(np.mean(forces ** 2)))
-            out["force_max"] = float(np.linalg.norm(forces, axis=1).max())
-        else:
-            total, largest = 0.0, 0.0
-            for chunk in chunks:
-                forces = np.asarray(st.forces[atom_indices(st.offsets, chunk)], dtype=np.float64)
-                total += float(np.sum(forces ** 2))
-                largest = max(largest, float(np.linalg.norm(forces, axis=1).max()))
-            out["force_rms"] = float(np.sqrt(total / (3 * natoms.sum())))
-            out["force_max"] = largest
+        forces = np.asarray(st.forces[atom_indices(st.offsets, idx)], dtype=np.float64)
+        out["force_rms"] = float(np.sqrt(np.mean(forces ** 2)))
+        out["force_max"] = float(np.linalg.norm(forces, axis=1).max())
     return out
+
+
+def _streamed_statistics(data, st: Structures, idx: np.ndarray, atomic_references, chunk_atoms: int) -> dict:
+    """:func:`energy_statistics` in one sequential pass of contiguous blocks (:func:`_blocks`)."""
+    order = np.sort(idx)
+    energy = np.asarray(st.energy, dtype=np.float64)[order]
+    natoms = np.diff(st.offsets)[order]
+    elements = _dataset_elements(data, st)
+    refs = None if atomic_references is None else np.asarray(atomic_references, dtype=np.float64)
+    max_z = len(refs) if refs is not None else MAX_ATOMIC_NUMBER + 1
+    reference = np.zeros(len(order))
+    if refs is not None:  # per column; an element beyond the table is refused by _blocks
+        refs = np.array([refs[e] if e < len(refs) else 0.0 for e in elements])
+    total, largest, done = 0.0, 0.0, 0
+    for _, atoms, rows, counts, starts in _blocks(st, order, chunk_atoms, elements, max_z):
+        if refs is not None:
+            reference[done:done + len(rows)] = counts @ refs
+        done += len(rows)
+        if st.forces is not None:
+            forces = np.asarray(st.forces[atoms], dtype=np.float64)
+            squares = np.einsum("ij,ij->i", forces, forces)
+            total += float(np.add.reduceat(squares, starts)[rows].sum())
+            largest = max(largest, float(np.maximum.reduceat(squares, starts)[rows].max()))
+    per_atom = (energy - reference) / natoms
+    return {
+        "n_structures": int(len(idx)),
+        "energy_mean": float(energy.mean()),
+        "energy_std": float(energy.std()),
+        "energy_per_atom_mean": float(per_atom.mean()),
+        "energy_per_atom_std": float(per_atom.std()),
+        "force_rms": float(np.sqrt(total / (3 * natoms.sum()))) if st.forces is not None else None,
+        "force_max": float(np.sqrt(largest)) if st.forces is not None else None,
+    }
