@@ -22,7 +22,8 @@ Workloads (``--workloads``):
 Variants (``--variants``): ``eager`` (``train.cuda_graph: false``), ``graph`` (captured step,
 model's autograd, training split on the GPU), ``graph-host`` (the same with the host loader),
 ``graph-compiled`` (the captured step through the traced, compiled whole-model graph),
-``graph-ref`` (``graph`` with the torch reference message path instead of the fused kernels).
+``graph-ref`` (``graph`` with the torch reference message path instead of the fused kernels),
+``graph-compiled-again`` (run after ``graph-compiled``: the second start, from the compile cache).
 
     python bench/bench_train_run.py --data .benchdata --seconds 60 --out $OUT
 """
@@ -45,6 +46,9 @@ VARIANTS = {
     "graph": ["train.cuda_graph=true", "train.cuda_graph_compile=false", "data.device_resident=true"],
     "graph-host": ["train.cuda_graph=true", "train.cuda_graph_compile=false", "data.device_resident=false"],
     "graph-compiled": ["train.cuda_graph=true", "train.cuda_graph_compile=true", "data.device_resident=true"],
+    # the same again: its compiled graphs come from the compile cache (torchmdx.nn.compile_cache),
+    # so "first step s" is the second start of a compiled run
+    "graph-compiled-again": ["train.cuda_graph=true", "train.cuda_graph_compile=true", "data.device_resident=true"],
     # the torch reference message path in the captured step (the fused kernels' double backward
     # is the reference anyway; 21.4 vs 24.3 ms per 32-aspirin step on an H100, 2026-11-25)
     "graph-ref": ["train.cuda_graph=true", "train.cuda_graph_compile=false", "data.device_resident=true",
