@@ -21,18 +21,22 @@ scheduler and the random-number generators are saved in the checkpoint, so ``--r
 continues exactly where the run stopped.
 
 CUDA graph (``train.cuda_graph: true`` on a GPU): each training step (neighbor list, forward,
-forces, loss, backward, gradient clipping, AdamW step) is replayed as one CUDA graph by
-:class:`torchmdx.train.graphed.GraphedTrainStep`; Lightning still drives the loop (the
-``optimizer_step`` hook replays the graph instead of calling ``optimizer.step``), and the EMA,
-metrics, logging, schedule and validation run outside the graph as before. Periodic batches,
-and every batch once there are more distinct batch shapes than the graph cache holds, train
-eagerly. On the CPU the option is ignored with a note.
+forces, loss, backward, gradient clipping, AdamW step, weight EMA, error sums) is replayed as one
+CUDA graph by :class:`torchmdx.train.graphed.GraphedTrainStep`; Lightning still drives the loop
+(the ``optimizer_step`` hook replays the graph instead of calling ``optimizer.step``; the EMA
+callback is told the step already averaged). Training batches come packed to a few fixed sizes
+(:mod:`torchmdx.data.packing`), from the GPU when the split fits there, and validation batches
+then replay graphs too (:class:`torchmdx.train.graphed_eval.GraphedEvalStep`); the epoch's error
+sums are read once at its end. Periodic batches and the stress term train eagerly. On the CPU
+the option is ignored with a note (``data.device_resident: true`` packs there anyway, eagerly:
+the tests compare that path with the plain one). A loss that stays NaN or infinite stops the run
+(``train.max_nonfinite_steps``).
 
 Force-only training (``refit_atomref``): before every validation the per-element reference
-energies are re-fitted by least squares so that the model's energies match the training
-energies, min_δ Σ_s (E_ref,s − E_pred,s − Σ_e n_s,e δ_e)², atomref_e += δ_e; forces do not see
-these constants, so this is what makes a force-only model predict absolute energies. It runs on
-the validated (EMA) weights and the result is kept in both weight sets and in the checkpoints.
+energies are re-fitted by least squares (:mod:`torchmdx.train.refit`) so that the model's
+energies match the training energies; forces do not see these constants, so this is what makes
+a force-only model predict absolute energies. It runs on the validated (EMA) weights and the
+result is kept in both weight sets and in the checkpoints.
 """
 
 from __future__ import annotations
