@@ -30,6 +30,7 @@ not bit-for-bit).
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from typing import Optional
@@ -221,7 +222,7 @@ def run_ase(
     if restart_every is None:
         restart_every = 10 * every
     bar = None
-    if progress:
+    if progress and sys.stderr.isatty():  # a bar on a terminal; logs get the summary lines
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, unit="step", desc=f"md {ensemble} (ase)", dynamic_ncols=True)

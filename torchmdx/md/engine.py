@@ -29,6 +29,7 @@ reproduces the original run bit for bit (on the same device, in the same mode).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,8 +408,6 @@ class Simulation:
             try:
                 return self._graphed.run(n)
             except RuntimeError as exc:  # capture not possible here: say so once, run eagerly
-                import sys
-
                 reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
                 if self.traced:  # first try again with the model's parts compiled
                     print(f"note: the whole-model graph failed in the CUDA-graph step ({reason}); "
@@ -517,7 +516,7 @@ class Simulation:
         end = start_step + int(steps)
         builds_before, replays_before = ff.builds, self.replays
         bar = None
-        if progress:
+        if progress and sys.stderr.isatty():  # a bar on a terminal; logs get the summary lines
             from tqdm.auto import tqdm
 
             bar = tqdm(total=int(steps), unit="step", desc=f"md {self.ensemble}", dynamic_ncols=True)
