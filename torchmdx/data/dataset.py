@@ -91,7 +91,7 @@ class H5Dataset(PygDataset):
         transform: optional PyG transform applied to each item.
     """
 
-    def __init__(self, path, dtype=torch.float32, energy_dtype=torch.float64, mmap=False,
+    def __init__(self, path, dtype=torch.float32, energy_dtype=torch.float64, mmap="auto",
                  extras=True, transform=None):
         super().__init__(None, transform)
         from torchmdx.data.ani import open_h5
