@@ -59,8 +59,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from torchmdx.data.formats import (check_format, guess_format, iter_structures, normalise_options, read_structures,
-                                   resolve_source)
+from torchmdx.data.formats import check_format, guess_format, iter_structures, normalise_options, resolve_source
 from torchmdx.data.structures import MAX_ATOMIC_NUMBER, Structures
 from torchmdx.errors import DataError
 from torchmdx.io_utils import jsonable
