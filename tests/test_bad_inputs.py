@@ -166,12 +166,61 @@ def case_binary_file_as_config(tmp_path, shared_data, **_):
     return ["train", str(shared_data / "md17" / "md17_ethanol_xtb.npz")], "not a text file", []
 
 
+def _damaged_npz(tmp_path, shared_data, how):
+    whole = (shared_data / "md17" / "md17_ethanol_xtb.npz").read_bytes()
+    path = tmp_path / f"{how}.npz"
+    if how == "truncated":
+        path.write_bytes(whole[:3000])
+    elif how == "overwritten":
+        damaged = bytearray(whole)
+        damaged[2000:2100] = b"x" * 100
+        path.write_bytes(bytes(damaged))
+    else:
+        path.write_bytes(b"")
+    return path
+
+
+def case_data_truncated_npz(tmp_path, shared_data, **_):
+    path = _damaged_npz(tmp_path, shared_data, "truncated")
+    return ["data", "info", str(path), "--cache-dir", str(tmp_path / "c")], "truncated or damaged", [path]
+
+
+def case_data_overwritten_npz(tmp_path, shared_data, **_):
+    path = _damaged_npz(tmp_path, shared_data, "overwritten")
+    return ["data", "info", str(path), "--cache-dir", str(tmp_path / "c")], "Bad CRC-32", [path]
+
+
+def case_data_empty_npz_as_md17(tmp_path, shared_data, **_):
+    path = _damaged_npz(tmp_path, shared_data, "empty")
+    return ["data", "info", str(path), "--format", "md17", "--cache-dir", str(tmp_path / "c")], "the file is empty", [path]
+
+
+def case_data_empty_file_any_format(tmp_path, **_):
+    path = tmp_path / "frames.xyz"
+    path.write_bytes(b"")
+    return ["data", "info", str(path), "--cache-dir", str(tmp_path / "c")], "the file is empty", [path]
+
+
+def case_data_md17_file_as_qm9(tmp_path, shared_data, **_):
+    path = shared_data / "md17" / "md17_ethanol_xtb.npz"
+    return (["data", "info", str(path), "--format", "qm9", "--cache-dir", str(tmp_path / "c")],
+            "binary data where text was expected", [])
+
+
+def case_data_unknown_element_symbol(tmp_path, **_):
+    path = tmp_path / "unknown.xyz"
+    path.write_text("2\nenergy=1.0\nC 0 0 0\nXx 0 0 1\n")
+    return ["data", "info", str(path), "--cache-dir", str(tmp_path / "c")], "unknown element symbol 'Xx'", [path]
+
+
 CASES = [case_export_over_its_input, case_export_over_existing_file, case_export_to_a_folder,
          case_export_nan_checkpoint, case_evaluate_on_missing_gpu, case_evaluate_on_gpu_alias,
          case_evaluate_on_unknown_device, case_evaluate_out_is_a_file, case_evaluate_nan_model,
          case_train_on_missing_gpu, case_train_into_empty_run_dir, case_train_run_dir_is_a_file,
          case_resume_from_empty_last_checkpoint, case_resume_from_truncated_last_checkpoint,
-         case_duplicate_yaml_key, case_binary_file_as_config]
+         case_duplicate_yaml_key, case_binary_file_as_config, case_data_truncated_npz, case_data_overwritten_npz,
+         case_data_empty_npz_as_md17, case_data_empty_file_any_format, case_data_md17_file_as_qm9,
+         case_data_unknown_element_symbol]
 
 
 def _snapshot(paths):

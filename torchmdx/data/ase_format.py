@@ -142,7 +142,12 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
             yield frame
     except DataError:
         raise
-    except (OSError, ValueError, KeyError, IndexError, StopIteration, UnknownFileTypeError) as exc:
+    except KeyError as exc:
+        key = exc.args[0] if exc.args else None
+        if isinstance(key, str) and key.isalpha() and len(key) <= 3:  # ASE's lookup of a chemical symbol
+            raise DataError(f"{path}: unknown element symbol {key!r} (ASE cannot read the file)") from None
+        raise DataError(f"{path}: ASE cannot read it (KeyError: {exc})") from None
+    except (OSError, ValueError, IndexError, StopIteration, UnknownFileTypeError) as exc:
         raise DataError(f"{path}: ASE cannot read it ({type(exc).__name__}: {exc})") from None
 
 

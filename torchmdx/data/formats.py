@@ -16,6 +16,8 @@ cache     a torchmdx HDF5 cache                         (none)
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import tarfile
 from pathlib import Path
 from typing import Optional
@@ -89,6 +91,7 @@ def guess_format(path) -> str:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    check_not_empty(path)
     if path.is_dir():
         xyz = sorted(path.glob("*.xyz"))
         if xyz:
@@ -181,9 +184,44 @@ def read_structures(path, format: Optional[str] = None, **options) -> Structures
     """
     fmt = check_format(format)
     source = resolve_source(path, fmt)
+    check_not_empty(source)
     fmt = fmt or guess_format(source)
     opts = normalise_options(fmt, options, source)
-    return _reader(fmt)(source, **opts)
+    with unreadable_as_data_error(source, fmt):
+        return _reader(fmt)(source, **opts)
+
+
+def check_not_empty(source: Path) -> None:
+    """One line for an empty file (whatever its name says it is)."""
+    if source.is_file() and source.stat().st_size == 0:
+        raise DataError(f"{source}: the file is empty")
+
+
+@contextmanager
+def unreadable_as_data_error(source: Path, fmt: str):
+    """A reader's low-level failure on a damaged or mislabelled file (a truncated or corrupted
+    zip/npz, bytes where text was expected, a file that ends early) as one line naming the file,
+    the format it was read as and what went wrong."""
+    import zipfile
+    import zlib
+
+    try:
+        yield
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise DataError(f"{source}: cannot be read as {fmt}: the file is truncated or damaged "
+                        f"({type(exc).__name__}: {_first_line(exc)})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{source}: cannot be read as {fmt}: it holds binary data where text was expected "
+                        "(wrong --format?)") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{source}: cannot be read as {fmt} ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else "no detail"
 
 
 #: formats read in chunks by :func:`iter_structures` (others are read whole, then written as one chunk)
@@ -205,7 +243,10 @@ def iter_structures(path, format: Optional[str] = None, chunk_atoms: Optional[in
         reader = ani.iter_ani1 if fmt == "ani1" else ani.iter_ani1x
         yield from reader(source, **opts, **({"chunk_atoms": chunk_atoms} if chunk_atoms else {}))
     else:
-        yield _reader(fmt)(source, **opts)
+        check_not_empty(source)
+        with unreadable_as_data_error(source, fmt):
+            chunk = _reader(fmt)(source, **opts)
+        yield chunk
 
 
 def normalise_options(fmt: str, options: dict, source=None) -> dict:

@@ -40,9 +40,16 @@ def unit_factors(path, energy_unit, length_unit, default_energy):
 
 
 def load_npz(path: Path) -> dict:
+    import zipfile
+    import zlib
+
+    if Path(path).stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise DataError(f"{path}: not a readable npz file: truncated or damaged ({exc})") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable npz file ({exc})") from None
 
