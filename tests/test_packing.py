@@ -373,3 +373,24 @@ def test_captured_validation_equals_eager_validation_gpu():
             captured.step(packed)
         torch.testing.assert_close(captured.take_sums(), eager.take_sums(), rtol=1e-4, atol=1e-6)
     assert captured.stats["captures"] >= 1 and captured.stats["replays"] >= 4, captured.stats
+
+
+def test_too_large_for_the_gpu_falls_back_to_the_host_loader_with_one_line(shared_data, tmp_path, monkeypatch, capsys):
+    """data.device_resident: auto keeps the splits on the GPU only when they take at most a
+    quarter of its free memory; otherwise the host loader packs the batches, and one line says why."""
+    data = ani_module(shared_data, tmp_path, device_resident="auto")
+    monkeypatch.setattr(type(data), "_training_device", lambda self: (torch.device("cuda"), 1))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 80 * 2**30))  # 1000 bytes free
+    assert data.packing_plan() is not None and data.training_batches == "host" and data.training_buckets
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "more than 25% of the 0 MiB free on cuda" in lines[0], lines
+    wanted = ani_module(shared_data, tmp_path, device_resident=True)
+    monkeypatch.setattr(type(wanted), "_training_device", lambda self: (torch.device("cuda"), 1))
+    assert wanted.packing_plan() is not None and wanted.training_batches == "host"
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("data.device_resident:") and "MiB" in lines[0]
+    assert "training batches come from the host loader" in lines[0]
+    roomy = ani_module(shared_data, tmp_path, device_resident="auto")
+    monkeypatch.setattr(type(roomy), "_training_device", lambda self: (torch.device("cuda"), 1))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
+    assert roomy.packing_plan() is not None and roomy.training_batches == "device"

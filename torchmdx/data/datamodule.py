@@ -352,7 +352,7 @@ class TorchmdxDataModule(L.LightningDataModule):
             if need > DEVICE_RESIDENT_FRACTION * free:
                 reason = (f"the training and validation splits need {need / 2**20:.0f} MiB, more than "
                           f"{DEVICE_RESIDENT_FRACTION:.0%} of the {free / 2**20:.0f} MiB free on {device}")
-        if wanted is True and reason is not None:
+        if wanted is not False and reason is not None:
             _say(f"data.device_resident: {reason}; training batches come from the host loader")
         self.training_batches = "device" if wanted is not False and reason is None else "host"
         self._plan = {"device": device, "pad_z": int(min(self.dataset.elements))}
