@@ -141,6 +141,7 @@ def model_config(config: Union[ModelConfig, Mapping[str, Any], str, Path, None] 
 ARCHITECTURES = {
     "et": ("torchmdx.nn.config:ModelConfig", "torchmdx.nn.potential:ETPotential"),
     "equiformer": ("torchmdx.nn.equiformer.config:EquiformerConfig", "torchmdx.nn.equiformer.potential:EquiformerPotential"),
+    "gatr": ("torchmdx.nn.gatr.config:GATrConfig", "torchmdx.nn.gatr.potential:GATrPotential"),
 }
 DEFAULT_ARCHITECTURE = "et"
 

@@ -52,6 +52,7 @@ FORMAT_VERSION = 1
 POTENTIAL_KINDS: dict[str, Any] = {
     "et": "torchmdx.nn.potential:ETPotential",
     "equiformer": "torchmdx.nn.equiformer.potential:EquiformerPotential",
+    "gatr": "torchmdx.nn.gatr.potential:GATrPotential",
 }
 #: modules consulted for an unknown kind (their ``ANALYTIC_KINDS``/registrations)
 _PROVIDER_MODULES = ("torchmdx.nn.analytic",)

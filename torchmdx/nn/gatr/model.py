@@ -1,0 +1,217 @@
+"""GATr's representation for molecules: atoms as points of a geometric algebra, multivector
+attention blocks, an invariant energy per atom. Written for torchmdx from the papers (Brehmer,
+de Haan, Behrends, Cohen, "Geometric Algebra Transformer", NeurIPS 2023; de Haan, Cohen, Brehmer,
+"Euclidean, Projective, Conformal", AISTATS 2024); the authors' code was read, not copied.
+
+Input, per atom i of structure b: x_i = pos_i - mean_{a in b} pos_a (translation invariance is
+exact; the positions stay small, which keeps the conformal algebra's |x|² term tame), the
+point embedding P(x_i) (:mod:`torchmdx.nn.gatr.algebra`) as one multivector channel, and an
+embedding of z_i as S scalar channels. An equivariant linear layer maps them to (C mv, S
+scalars). Then L pre-norm blocks::
+
+    (mv, s) += Attention(LN(mv, s));   (mv, s) += MLP(LN(mv, s))
+
+Attention (per head h, over i itself and its neighbours j within ``cutoff_upper``, or every
+atom of the structure): q, k, v = EquiLinear(LN(mv, s)); score
+
+    s_ij = [ Σ_c ⟨q_ic, k_jc⟩ + Σ q^s_i k^s_j  (+ β_h d(q_i, k_j)) ] / sqrt(F)
+
+with ⟨·,·⟩ the algebra's invariant inner product ⟨x̃ y⟩_0 and, for the projective algebra,
+d = -Σ_c |w_k p_q - w_q p_k|² from the channels' trivector parts (w e123 + p·(e0-trivectors): the
+squared distance of two points, which the degenerate inner product cannot see; written as a
+dot product of per-atom features so it costs no more than the rest). Softmax with the cosine
+cutoff in its weights (:mod:`torchmdx.nn.graph_attention`), values v_j (mv and scalars)
+summed, EquiLinear out.
+
+MLP: EquiLinear -> GP(L1 x, L2 x) [+ (L3 x ∨ L4 x) · r, the join with r = the mean pseudoscalar
+coefficient of the block input, per atom] -> x · GELU(⟨x⟩_0) (scalars: GELU) -> EquiLinear.
+
+Energy: LN, then y_i = MLP([s_i, ⟨mv_i⟩_0]) (invariants only).
+
+Projective sign average (``sign_average``): a point of the projective algebra is a trivector,
+and the twisted action of a reflection maps P(x) to -P(Rx); an E(3)-equivariant network is
+therefore reflection-invariant on points only if it is even in their sign, which GATr's layers
+are not. y_i = (y_i(P) + y_i(-P)) / 2 is (the two passes run as one batch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchmdx.nn.gatr.algebra import algebra, embed_points, point_embedding_matrix
+from torchmdx.nn.gatr.config import GATrConfig
+from torchmdx.nn.gatr.layers import AlgebraBuffers, Bilinear, EquiLayerNorm, EquiLinear, gated_gelu
+from torchmdx.nn.graph_attention import (
+    aggregate,
+    cutoff_weights,
+    edge_scores,
+    edge_softmax,
+    structure_centroids,
+    with_self_edges,
+)
+
+
+def _trivector_point_readout(name: str):
+    """Projective algebra: (w_index, w_sign, p_index [3], p_sign [3]) with T = w e123 + ... such
+    that a point's trivector P(x) has w = 1 and p = x (from the embedding's construction)."""
+    c, a, _ = point_embedding_matrix(name)
+    w_index = int(np.nonzero(c)[0][0])
+    p_index, p_sign = [], []
+    for i in range(3):
+        (blade,) = np.nonzero(a[:, i])[0]
+        p_index.append(int(blade))
+        p_sign.append(float(a[blade, i]))
+    return w_index, float(c[w_index]), p_index, p_sign
+
+
+class MVAttention(nn.Module):
+    """Multivector attention (module docstring)."""
+
+    def __init__(self, buffers: AlgebraBuffers, cfg: GATrConfig):
+        super().__init__()
+        self.buffers_ = [buffers]
+        C, S, H = cfg.channels, cfg.scalar_channels, cfg.num_heads
+        self.C, self.S, self.H, self.dim = C, S, H, buffers.algebra.dim
+        self.qkv = EquiLinear(buffers, C, 3 * C, S, 3 * S)
+        self.out = EquiLinear(buffers, C, C, S, S)
+        self.distance = cfg.uses_distance
+        features = (C // H) * self.dim + S // H
+        if self.distance:
+            w_index, w_sign, p_index, p_sign = _trivector_point_readout(cfg.algebra)
+            self.w_index, self.w_sign = w_index, w_sign
+            self.register_buffer("p_index", torch.tensor(p_index), persistent=False)
+            self.register_buffer("p_sign", torch.tensor(p_sign), persistent=False)
+            self.distance_scale = nn.Parameter(torch.full((H,), 0.1))
+            features += 5 * (C // H)
+        self.scale = 1.0 / math.sqrt(features)
+
+    def _point_features(self, mv):
+        """(φ, ψ) [N, H, 5c] with φ(q)·ψ(k) = -Σ_c |w_k p_q - w_q p_k|² (projective)."""
+        N = mv.shape[0]
+        w = mv[..., self.w_index] * self.w_sign  # [N, C]
+        p = mv[..., self.p_index] * self.p_sign  # [N, C, 3]
+        p2 = (p * p).sum(-1)
+        phi = torch.cat([(w * w).unsqueeze(-1), p2.unsqueeze(-1), w.unsqueeze(-1) * p], dim=-1)
+        psi = torch.cat([-p2.unsqueeze(-1), -(w * w).unsqueeze(-1), 2.0 * w.unsqueeze(-1) * p], dim=-1)
+        return phi.reshape(N, self.H, -1), psi.reshape(N, self.H, -1)
+
+    def forward(self, mv, s, receivers, senders, phi):
+        b = self.buffers_[0]
+        N, C, S, H, D = mv.shape[0], self.C, self.S, self.H, self.dim
+        qkv_mv, qkv_s = self.qkv(mv, s)
+        q_mv, k_mv, v_mv = qkv_mv[:, :C], qkv_mv[:, C:2 * C], qkv_mv[:, 2 * C:]
+        q_s, k_s, v_s = qkv_s[:, :S], qkv_s[:, S:2 * S], qkv_s[:, 2 * S:]
+        queries = [(q_mv * b.inner_weights).reshape(N, H, -1), q_s.reshape(N, H, -1)]
+        keys = [k_mv.reshape(N, H, -1), k_s.reshape(N, H, -1)]
+        if self.distance:
+            q_phi, _ = self._point_features(q_mv)
+            _, k_psi = self._point_features(k_mv)
+            queries.append(q_phi * self.distance_scale.view(1, H, 1))
+            keys.append(k_psi)
+        scores = edge_scores(torch.cat(queries, -1), torch.cat(keys, -1), receivers, senders) * self.scale
+        alpha = edge_softmax(scores, receivers, phi, N)
+        values = torch.cat([v_mv.reshape(N, H, -1), v_s.reshape(N, H, -1)], dim=-1)
+        out = aggregate(alpha, values, receivers, senders, N)
+        c = C // H
+        a_mv = out[..., :c * D].reshape(N, C, D)
+        a_s = out[..., c * D:].reshape(N, S)
+        return self.out(a_mv, a_s)
+
+
+class GeometricMLP(nn.Module):
+    """EquiLinear -> bilinears -> gated GELU -> EquiLinear (module docstring)."""
+
+    def __init__(self, buffers: AlgebraBuffers, cfg: GATrConfig):
+        super().__init__()
+        C, S, m = cfg.channels, cfg.scalar_channels, cfg.mlp_multiplier
+        hidden = m * C
+        join = (hidden + 1) // 2 if cfg.uses_join else 0
+        if cfg.uses_join and hidden < 2:
+            join = 0
+        self.pseudoscalar = buffers.algebra.pseudoscalar
+        self.first = EquiLinear(buffers, C, C, S, m * S)
+        self.bilinear = Bilinear(buffers, C, hidden - join, join)
+        self.last = EquiLinear(buffers, hidden, C, m * S, S, gain=0.5)
+
+    def forward(self, mv, s):
+        reference = mv[..., self.pseudoscalar].mean(-1)  # pseudoscalar coefficient, per atom
+        m, h = self.first(mv, s)
+        x = gated_gelu(self.bilinear(m, reference))
+        return self.last(x, nn.functional.gelu(h))
+
+
+class GATrBlock(nn.Module):
+    def __init__(self, buffers: AlgebraBuffers, cfg: GATrConfig):
+        super().__init__()
+        self.norm1 = EquiLayerNorm(buffers, cfg.scalar_channels)
+        self.attention = MVAttention(buffers, cfg)
+        self.norm2 = EquiLayerNorm(buffers, cfg.scalar_channels)
+        self.mlp = GeometricMLP(buffers, cfg)
+
+    def forward(self, mv, s, receivers, senders, phi):
+        a_mv, a_s = self.attention(*self.norm1(mv, s), receivers, senders, phi)
+        mv, s = mv + a_mv, s + a_s
+        m_mv, m_s = self.mlp(*self.norm2(mv, s))
+        return mv + m_mv, s + m_s
+
+
+class GATrRepresentation(nn.Module):
+    """Per-atom invariant outputs y [N] from atoms, positions and a neighbor list."""
+
+    def __init__(self, cfg: GATrConfig):
+        super().__init__()
+        self.config = cfg
+        self.algebra_name = cfg.algebra
+        ga = algebra(cfg.algebra)
+        self.buffers_module = AlgebraBuffers(ga)
+        C, S = cfg.channels, cfg.scalar_channels
+        self.embedding = nn.Embedding(cfg.max_z, S)
+        self.input = EquiLinear(self.buffers_module, 1, C, S, S)
+        self.blocks = nn.ModuleList(GATrBlock(self.buffers_module, cfg) for _ in range(cfg.num_layers))
+        self.final_norm = EquiLayerNorm(self.buffers_module, S)
+        self.head = nn.Sequential(nn.Linear(S + C, S), nn.SiLU(), nn.Linear(S, 1))
+        self.attention_cutoff = cfg.cutoff_upper
+
+    def features(self, mv, s, receivers, senders, phi, return_hidden: bool = False):
+        """The blocks on given multivector and scalar channels (the equivariance tests call this
+        with arbitrary multivectors); returns (mv, s) after the final norm, and the hidden list."""
+        hidden = [(mv, s)]
+        for block in self.blocks:
+            mv, s = block(mv, s, receivers, senders, phi)
+            hidden.append((mv, s))
+        mv, s = self.final_norm(mv, s)
+        return (mv, s, hidden) if return_hidden else (mv, s)
+
+    def readout(self, mv, s):
+        return self.head(torch.cat([s, mv[..., 0]], dim=-1)).squeeze(-1)
+
+    def embed(self, z, pos, batch, num_structures: int):
+        """(mv [N, C, D], s [N, S]) of the input layer, positions relative to the centroids."""
+        centred = pos - structure_centroids(pos, batch, num_structures)[batch]
+        points = embed_points(self.algebra_name, centred).unsqueeze(1)  # [N, 1, D]
+        return points, self.embedding(z)
+
+    def forward(self, z, pos, batch, num_structures: int, edge_index, distances, mask: Optional[torch.Tensor] = None,
+                return_hidden: bool = False):
+        N = z.shape[0]
+        points, s = self.embed(z, pos, batch, num_structures)
+        phi = cutoff_weights(distances, self.attention_cutoff, mask)
+        receivers, senders, phi = with_self_edges(edge_index, phi, N)
+        copies = 2 if self.config.averages_sign else 1
+        if copies == 2:
+            points = torch.cat([points, -points])
+            s = torch.cat([s, s])
+            receivers = torch.cat([receivers, receivers + N])
+            senders = torch.cat([senders, senders + N])
+            phi = torch.cat([phi, phi])
+        mv, s = self.input(points, s)
+        out = self.features(mv, s, receivers, senders, phi, return_hidden=return_hidden)
+        y = self.readout(out[0], out[1])
+        if copies == 2:
+            y = 0.5 * (y[:N] + y[N:])
+        return (y, out[2]) if return_hidden else y

@@ -1,0 +1,122 @@
+"""GATr as a :class:`~torchmdx.nn.base.Potential`: representation + the ET's energy normalisation.
+
+Per-atom energies, as for the ET (:mod:`torchmdx.nn.potential`)::
+
+    t_a = scale · y_a + atomref(z_a) + shift,   E_b = Σ_a t_a + energy_offset   (reduce_op 'sum')
+
+with y_a the representation's invariant output (:mod:`torchmdx.nn.gatr.model`). The
+normalisation buffers, ``set_normalisation``/``normalisation`` and the element and overlap
+checks are the ET's (the same functions). Forces and stress by autograd in the base class.
+
+Non-periodic structures only: atoms are points relative to their structure's centroid, which has
+no meaning in a periodic box (a cell is refused with one line, and so is a neighbor list whose
+vectors hold periodic image shifts).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Union
+
+import torch
+
+from torchmdx.dtypes import torch_dtype
+from torchmdx.errors import ModelError
+from torchmdx.nn.base import Graph, Potential, _on_host
+from torchmdx.nn.gatr.config import GATrConfig, gatr_config
+from torchmdx.nn.gatr.model import GATrRepresentation
+from torchmdx.nn.potential import _NORMALISATION_BUFFERS, ETPotential, _construction
+
+
+def refuse_periodic(kind: str, cell, pbc) -> None:
+    """One-line ModelError for a periodic input (reads ``pbc`` only when it is on the host or a cell is given)."""
+    if cell is None:
+        return
+    if pbc is not None and not bool(torch.as_tensor(pbc).any()):
+        return
+    raise ModelError(f"model architecture {kind!r} handles non-periodic structures only (molecules, clusters); "
+                     "this input has a periodic cell")
+
+
+def check_no_images(kind: str, graph: Graph) -> None:
+    """One-line ModelError when the edge vectors are not pos[j] - pos[i] (periodic image shifts)."""
+    if graph.vectors.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    direct = graph.pos.index_select(0, graph.edge_index[1]) - graph.pos.index_select(0, graph.edge_index[0])
+    off = (graph.vectors.detach() - direct.detach()).abs().amax(-1) > 1e-6
+    if graph.mask is not None:
+        off = off & graph.mask
+    if bool(off.any()):
+        raise ModelError(f"model architecture {kind!r} handles non-periodic structures only; the neighbor list "
+                         "holds periodic image shifts")
+
+
+class GATrPotential(Potential):
+    """Geometric Algebra Transformer as a :class:`Potential` (energies in eV).
+
+    ``GATrPotential(config)`` with a :class:`GATrConfig`, a dict, a YAML path or None
+    (defaults); keyword arguments override single keys.
+    """
+
+    kind = "gatr"
+    traceable = False
+
+    elements = ETPotential.elements
+    normalisation = ETPotential.normalisation
+    set_normalisation = ETPotential.set_normalisation
+    check_elements = ETPotential.check_elements
+    _check_overlaps = ETPotential._check_overlaps
+
+    def __init__(self, config: Union[GATrConfig, Mapping, str, None] = None, **overrides):
+        super().__init__()
+        cfg = gatr_config(config, **overrides)
+        self.config = cfg
+        self.cutoff = cfg.neighbor_cutoff
+        dtype = torch_dtype(cfg.dtype, error=ModelError, what="model dtype")
+        with _construction(dtype, cfg.seed):
+            self.representation = GATrRepresentation(cfg)
+        self.register_buffer("atomref", torch.zeros(cfg.max_z, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones((), dtype=torch.float64))
+        self.register_buffer("shift", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("energy_offset", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("known_elements", torch.ones(cfg.max_z, dtype=torch.bool))
+
+    def _apply(self, fn, recurse=True):
+        """Module.to()/float()/cuda(): move the normalisation buffers but keep them float64."""
+        kept = {name: self._buffers[name] for name in _NORMALISATION_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float64:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.representation.embedding.weight.dtype
+
+    def hparams(self) -> dict:
+        values = self.config.to_dict()
+        values["dtype"] = "float64" if self.dtype == torch.float64 else "float32"
+        return values
+
+    def neighbors(self, pos, batch, cell, pbc, cutoff=None, max_pairs=None):
+        refuse_periodic(self.kind, cell, pbc)
+        return super().neighbors(pos, batch, cell, pbc, cutoff=cutoff, max_pairs=max_pairs)
+
+    def atomic_energies(self, graph: Graph, return_hidden: bool = False):
+        """Per-atom energies t_a (eV, float64); with ``return_hidden`` also the hidden (mv, s) list."""
+        if not self.tracing:
+            self._check_overlaps(graph)
+            check_no_images(self.kind, graph)
+        dtype = self.dtype
+        out = self.representation(graph.z, graph.pos.to(dtype), graph.batch, graph.num_structures, graph.edge_index,
+                                  graph.distances.to(dtype), graph.mask, return_hidden=return_hidden)
+        y, hidden = out if return_hidden else (out, None)
+        t = self.scale * y.to(torch.float64) + self.atomref[graph.z] + self.shift
+        counts = torch.zeros(graph.num_structures, dtype=t.dtype, device=t.device).index_add(
+            0, graph.batch, torch.ones_like(t))
+        per_atom_count = counts[graph.batch]
+        if self.config.reduce_op == "mean":
+            t = t / per_atom_count
+        energies = t + self.energy_offset / per_atom_count
+        return (energies, hidden) if return_hidden else energies
