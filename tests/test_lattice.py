@@ -172,6 +172,26 @@ def test_linear_model_is_zero_layer_transformer_and_fit_recovers_couplings():
         torch.testing.assert_close(transformer(spins), energies, rtol=0, atol=1e-10)
 
 
+def test_new_layers_start_as_identity_maps():
+    """A transformer with value weights 0 is its readout (the linear model); one grown from a
+    trained shallower transformer starts as the same function."""
+    spins = random_spins(4, 16, torch.Generator().manual_seed(4))
+    linear = LinearEffectiveModel(4, 3)
+    with torch.no_grad():
+        linear.couplings.copy_(torch.tensor([0.2, -0.1, 0.05], dtype=torch.float64))
+    fresh = EquivariantTransformer(4, layers=2, heads=3, n_shells=3, conv_shells=2)
+    fresh.init_from_linear(linear)
+    shallow = _scrambled_transformer(layers=2)
+    deep = EquivariantTransformer(4, layers=4, heads=3, n_shells=3, conv_shells=2)
+    deep.grow_from(shallow)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(spins), linear(spins), rtol=0, atol=1e-12)
+        torch.testing.assert_close(deep(spins), shallow(spins), rtol=0, atol=1e-12)
+        # and the grown layers can change it
+        deep.layers[3].wv.add_(0.3)
+        assert (deep(spins) - shallow(spins)).abs().max() > 1e-3
+
+
 def test_effective_model_file_round_trip(tmp_path):
     model = _scrambled_transformer()
     save_effective(model, tmp_path / "m.pt", {"note": "x"})

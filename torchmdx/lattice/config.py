@@ -93,18 +93,23 @@ class DataConfig:
 @dataclass
 class EffectiveConfig:
     """The effective models: the linear baseline (always) and one equivariant transformer per
-    entry of ``layers`` (depths; 0 would be the linear model again). ``n_shells``: distance
+    entry of ``layers`` (depths, run in increasing order). ``grow``: a deeper transformer starts
+    from the trained next shallower one plus identity layers (so its validation error starts
+    where that one ended); false: every transformer starts from the linear fit.
+    ``init_value``: initial value weights of new layers (0: identity). ``n_shells``: distance
     shells of the readout E_0 + Σ_n J_n Σ S̃_i·S̃_j (null: every shell of the lattice, the
     complete isotropic pair model); ``conv_shells``: shells the queries/keys/values sum over;
     training: AdamW (``lr``, ``weight_decay``), ``epochs`` over mini-batches of ``batch_size``,
     early stopping after ``patience`` epochs without a better validation error on the
-    ``val_fraction`` held out."""
+    ``val_fraction`` held out (one split for all models).
+    """
 
     layers: list[int] = field(default_factory=lambda: [1, 2, 4])
     heads: int = 4
     n_shells: Optional[int] = None
     conv_shells: int = 1
-    init_value: float = 0.01
+    init_value: float = 0.0
+    grow: bool = True
     epochs: int = 200
     lr: float = 0.01
     weight_decay: float = 0.0

@@ -22,8 +22,9 @@ with lattice translations)::
 The scores use only rotation invariants (dot products of spin-built vectors) and positional
 terms b^h that depend on the distance |r_j - r_i| (shell index, 0 for i = j, over the whole
 lattice: attention is global); the update is a sum of vectors with invariant coefficients, and
-the normalisation keeps unit effective spins. ``wv`` starts small, so a new transformer starts at
-(almost) the linear model it is initialised from, and training only adds to it.
+the normalisation keeps unit effective spins. ``wv`` starts at ``init_value`` (0 by default: each
+layer starts as the identity, so a new transformer starts as exactly the linear model it is
+initialised from, or as the shallower transformer it is grown from, and training adds to it).
 """
 
 from __future__ import annotations
@@ -111,14 +112,14 @@ class EquivariantTransformer(nn.Module):
 
     ``n_shells``: shells of the energy readout (as the linear model); ``conv_shells``: shells
     (besides the site itself) that the queries, keys and values sum over; ``heads``: attention
-    heads per layer; ``init_value``: initial scale of the value weights (small: start near
-    the linear model).
+    heads per layer; ``init_value``: initial scale of the value weights (0: every layer starts
+    as the identity).
     """
 
     kind = "transformer"
 
     def __init__(self, L: int, layers: int = 2, heads: int = 4, n_shells: int = 3, conv_shells: int = 1,
-                 init_value: float = 0.01):
+                 init_value: float = 0.0):
         super().__init__()
         self.L, self.n_layers, self.heads = int(L), int(layers), int(heads)
         self.n_shells, self.conv_shells, self.init_value = int(n_shells), int(conv_shells), float(init_value)
@@ -151,6 +152,18 @@ class EquivariantTransformer(nn.Module):
         with torch.no_grad():
             self.readout.e0.copy_(linear.e0)
             self.readout.couplings.copy_(linear.couplings)
+
+    def grow_from(self, smaller: "EquivariantTransformer") -> None:
+        """Take the readout and the layers of a shallower transformer of the same shape; the
+        layers beyond its depth keep their initial weights (identity maps when ``init_value``
+        is 0, so the grown model starts as the same function)."""
+        if smaller.n_layers > self.n_layers or (smaller.L, smaller.heads, smaller.n_shells, smaller.conv_shells) != (
+                self.L, self.heads, self.n_shells, self.conv_shells):
+            raise ValueError("grow_from needs a shallower transformer of the same lattice, heads and shells")
+        with torch.no_grad():
+            self.readout.load_state_dict(smaller.readout.state_dict())
+            for mine, theirs in zip(self.layers, smaller.layers):
+                mine.load_state_dict(theirs.state_dict())
 
 
 def build_effective(hyper: dict) -> nn.Module:

@@ -56,6 +56,9 @@ def acceptance_plot(results: list[dict], path, title: Optional[str] = None) -> P
                     label="linear model")
         ax.axhline(r["acceptance"], color="C3", lw=0.8, ls=":")
         ax2.loglog([r["parameters"]], [r["fit"]["beta_val_rmse"]], "s", color="C3", label="linear model")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("attention layers (0: linear model)")
     ax.set_ylabel("SLMC acceptance rate")
     ax.set_ylim(0, 1)
@@ -72,12 +75,17 @@ def structure_factor_plot(lattice: SquareLattice, reference: dict, results: list
     idx, labels, ticks = lattice.momentum_path()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     x = list(range(len(idx)))
-    ax.plot(x, [reference["structure_factor"][i] for i in idx], "k-", lw=2.5, alpha=0.4, label="exact local MC")
+    def err(r):
+        return [r["structure_factor_error"][i] for i in idx] if "structure_factor_error" in r else None
+
+    ax.errorbar(x, [reference["structure_factor"][i] for i in idx], yerr=err(reference), fmt="k-", lw=2.5, alpha=0.4,
+                label="exact local MC")
     for k, r in enumerate(results):
-        ax.plot(x, [r["structure_factor"][i] for i in idx], "o--" if r["layers"] == 0 else "o-", ms=3,
-                color=f"C{k}", label=f"SLMC {r['name']}")
+        shift = 0.04 * (k - (len(results) - 1) / 2)  # error bars side by side
+        ax.errorbar([v + shift for v in x], [r["structure_factor"][i] for i in idx], yerr=err(r),
+                    fmt="o--" if r["layers"] == 0 else "o-", ms=3, capsize=2, color=f"C{k}", label=f"SLMC {r['name']}")
     ax.set_xticks(ticks)
     ax.set_xticklabels(labels)
-    ax.set_ylabel("S(q)")
+    ax.set_ylabel("S(q)  (error bars: spread of independent chains)")
     ax.legend(fontsize=7)
     return _save(fig, path, title)

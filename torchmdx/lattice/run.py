@@ -49,7 +49,7 @@ from torchmdx.lattice.geometry import SquareLattice
 from torchmdx.lattice.observables import (integrated_autocorrelation_time, mean_and_error, spin_observables,
                                           structure_factor)
 from torchmdx.lattice.sampler import ChainState, LocalProposal, effective_energy_fn, local_metropolis, slmc_step
-from torchmdx.lattice.training import fit_linear, fit_transformer
+from torchmdx.lattice.training import fit_linear, fit_transformer, split_indices
 
 CHECKPOINT = "checkpoint.pt"
 RESOLVED_CONFIG = "config.yaml"
@@ -66,7 +66,7 @@ class Interrupted(TorchmdxError):
 
 
 def model_names(cfg: SLMCRunConfig) -> list[str]:
-    return ["linear"] + [f"transformer-{n}" for n in cfg.effective.layers]
+    return ["linear"] + [f"transformer-{n}" for n in sorted(cfg.effective.layers)]
 
 
 def check_run_dir(cfg: SLMCRunConfig, resume: bool) -> Path:
@@ -154,7 +154,7 @@ class SLMCRun:
             spins = random_spins(lc.filling_samples, self.n_sites, self.generator)
             self.exact.mu = self.exact.mu_for_filling(lc.filling, spins)
         self.ck = {"version": 1, "config": self.cfg.to_dict(), "mu": self.exact.mu, "data": None,
-                   "results": [], "current": None}
+                   "results": [], "current": None, "trained": {}}
 
     def save(self) -> None:
         self.ck["generator"] = self.generator.get_state()
@@ -251,10 +251,13 @@ class SLMCRun:
         return EquivariantTransformer(self.cfg.lattice.L, layers, ec.heads, self.n_shells, ec.conv_shells,
                                       ec.init_value)
 
-    def fit(self, model: torch.nn.Module, spins: torch.Tensor, energies: torch.Tensor, desc: str) -> dict:
+    def fit(self, model: torch.nn.Module, spins: torch.Tensor, energies: torch.Tensor, desc: str,
+            init_readout: bool = True) -> dict:
         ec = self.cfg.effective
+        # one split of a given set for every model (its own seed: the models compare like with like)
+        split = split_indices(len(spins), ec.val_fraction, self.cfg.seed * 1_000_003 + len(spins))
         if isinstance(model, LinearEffectiveModel):
-            return fit_linear(model, spins, energies, self.beta, ec.val_fraction, self.generator).as_dict()
+            return fit_linear(model, spins, energies, self.beta, split).as_dict()
         bar = self._bar(ec.epochs, 0, desc)
 
         def progress(epoch, rmse, beta_rmse):
@@ -262,9 +265,10 @@ class SLMCRun:
             bar.set_postfix(beta_rmse=f"{beta_rmse:.3f}")
 
         try:
-            report = fit_transformer(model, spins, energies, self.beta, ec.val_fraction, self.generator,
+            report = fit_transformer(model, spins, energies, self.beta, split, self.generator,
                                      epochs=ec.epochs, lr=ec.lr, weight_decay=ec.weight_decay,
-                                     batch_size=ec.batch_size, patience=ec.patience, progress=progress)
+                                     batch_size=ec.batch_size, patience=ec.patience, init_readout=init_readout,
+                                     progress=progress)
         finally:
             bar.close()
         return report.as_dict()
@@ -276,8 +280,18 @@ class SLMCRun:
         sc = self.cfg.slmc
         name = self.names[index]
         model = self.build_model(name)
+        grown_from = None
+        if isinstance(model, EquivariantTransformer) and self.cfg.effective.grow:
+            shallower = [n for n in self.ck["trained"] if n.startswith("transformer-")]
+            if shallower:
+                grown_from = max(shallower, key=lambda n: int(n.split("-")[1]))
+                hyper, state = self.ck["trained"][grown_from]
+                smaller = build_effective(hyper)
+                smaller.load_state_dict(state)
+                model.grow_from(smaller)
         t0 = time.perf_counter()
-        fit = self.fit(model, *self.training_set(), desc=f"fit {name}")
+        fit = self.fit(model, *self.training_set(), desc=f"fit {name}", init_readout=grown_from is None)
+        fit["grown_from"] = grown_from
         fit_seconds = time.perf_counter() - t0
         samples = torch.cat(self.ck["data"]["samples"])
         if len(samples) < sc.chains:
@@ -326,7 +340,7 @@ class SLMCRun:
                           "filling": chain.extras["filling"], "e_eff": chain.effective_energy, **spin_obs}
                 for key in current["series"]:
                     current["series"][key].append(values[key].clone())
-                sq = structure_factor(chain.spins, self.lattice).sum(0)
+                sq = structure_factor(chain.spins, self.lattice)  # [chains, Nq]: per-chain sums
                 current["sq_sum"] = sq if current["sq_sum"] is None else current["sq_sum"] + sq
                 current["local_acceptance"].append(info["local_acceptance"].mean().item())
                 if sc.retrain_every:
@@ -336,7 +350,7 @@ class SLMCRun:
                 current["csv_rows"] = log.rows
                 if sc.retrain_every and step % sc.retrain_every == 0 and step < sc.steps:
                     spins, energies = self.training_set(current["visited"])
-                    fit = self.fit(model, spins, energies, desc=f"refit {name}")
+                    fit = self.fit(model, spins, energies, desc=f"refit {name}", init_readout=False)
                     current["fits"].append(fit)
                     current["fit"] = fit
                     current["state_dict"] = model.state_dict()
@@ -374,12 +388,13 @@ class SLMCRun:
             "slmc_seconds": current["slmc_seconds"],
         }
         result.update(self.statistics(series, c))
-        result["structure_factor"] = (current["sq_sum"] / (sc.steps * sc.chains)).tolist()
+        result.update(_chain_mean_and_error(current["sq_sum"] / sc.steps))
         model_dir = self.run_dir / "models"
         model_dir.mkdir(exist_ok=True)
         save_effective(model, model_dir / f"{current['name']}.pt",
                        {"lattice": to_dict(self.cfg.lattice), "mu": self.exact.mu, "fit": current["fit"]})
         self.ck["results"].append(result)
+        self.ck["trained"][current["name"]] = (model.hyper(), model.state_dict())
         self.ck["current"] = None
 
     def statistics(self, series: dict, c: float) -> dict:
@@ -399,7 +414,7 @@ class SLMCRun:
         series = {k: torch.stack([r[k] for r in data["records"]], dim=1).numpy() for k in data["records"][0]}
         out = self.statistics(series, self.cfg.slmc.autocorrelation_window)
         spins = torch.stack(data["samples"])  # [records, chains, N, 3]
-        out["structure_factor"] = structure_factor(spins, self.lattice).mean((0, 1)).tolist()
+        out.update(_chain_mean_and_error(structure_factor(spins, self.lattice).mean(0)))
         dc = self.cfg.data
         out["local_acceptance"] = data["accepted"] / ((dc.thermalize_sweeps + dc.sweeps) * dc.chains * self.n_sites)
         out["sweeps_between_samples"] = dc.every
@@ -434,6 +449,13 @@ class SLMCRun:
             if name not in done:
                 self.run_model(index)
         return self.report()
+
+
+def _chain_mean_and_error(per_chain: torch.Tensor) -> dict:
+    """S(q) [Nq] and its error from per-chain means [chains, Nq] (independent chains)."""
+    chains = per_chain.shape[0]
+    error = per_chain.std(0) / math.sqrt(chains) if chains > 1 else torch.full_like(per_chain[0], math.nan)
+    return {"structure_factor": per_chain.mean(0).tolist(), "structure_factor_error": error.tolist()}
 
 
 def run_slmc(cfg: SLMCRunConfig, resume: bool = False, progress: bool = True,
