@@ -172,6 +172,12 @@ class PotentialModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
+        if self.train_config.augment != "none":
+            # a random rotation (reflection) per structure, on the device, before any step
+            # runner copies the batch (train.augment; torchmdx.train.augment)
+            from torchmdx.train.augment import augment_batch
+
+            batch = augment_batch(batch, self.train_config.augment)
         if isinstance(batch, PackedBatch):
             return self._packed_training_step(batch)
         if self._graphed_batch:
