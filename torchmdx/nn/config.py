@@ -142,6 +142,8 @@ ARCHITECTURES = {
     "et": ("torchmdx.nn.config:ModelConfig", "torchmdx.nn.potential:ETPotential"),
     "equiformer": ("torchmdx.nn.equiformer.config:EquiformerConfig", "torchmdx.nn.equiformer.potential:EquiformerPotential"),
     "gatr": ("torchmdx.nn.gatr.config:GATrConfig", "torchmdx.nn.gatr.potential:GATrPotential"),
+    "transformer": ("torchmdx.nn.transformer.config:TransformerConfig",
+                    "torchmdx.nn.transformer.potential:TransformerPotential"),
 }
 DEFAULT_ARCHITECTURE = "et"
 

@@ -53,6 +53,7 @@ POTENTIAL_KINDS: dict[str, Any] = {
     "et": "torchmdx.nn.potential:ETPotential",
     "equiformer": "torchmdx.nn.equiformer.potential:EquiformerPotential",
     "gatr": "torchmdx.nn.gatr.potential:GATrPotential",
+    "transformer": "torchmdx.nn.transformer.potential:TransformerPotential",
 }
 #: modules consulted for an unknown kind (their ``ANALYTIC_KINDS``/registrations)
 _PROVIDER_MODULES = ("torchmdx.nn.analytic",)

@@ -68,6 +68,11 @@ class TrainConfig:
     validations (down to ``lr_min``), ``cosine`` decays it to ``lr_min`` over ``lr_cosine_steps``
     (default: the whole run), ``constant`` keeps it.
 
+    ``augment``: ``rotations`` gives every training structure a random rotation at every step
+    (positions, forces, cell and stress alike; ``rotations_reflections`` also a random mirror
+    image), so that a model without built-in rotation symmetry (``model.architecture:
+    transformer``) learns it from the data (:mod:`torchmdx.train.augment`); ``none``: off.
+
     EMA: the validation, the checkpoints and the exported model use the exponential moving
     average of the weights, θ_ema ← d θ_ema + (1 − d) θ with d = min(ema_decay, (1 + n)/(10 + n))
     after the n-th optimiser step (the warm-up keeps early averages from lagging far behind);
@@ -128,6 +133,7 @@ class TrainConfig:
     cuda_graph_pair_headroom: Optional[float] = 1.1
     cuda_graph_compile: bool = False
     max_nonfinite_steps: Optional[int] = 10
+    augment: Literal["none", "rotations", "rotations_reflections"] = "none"
 
     def validate(self, section: str = "train") -> None:
         bad = partial(bad_key, section)

@@ -50,15 +50,16 @@ def check_no_images(kind: str, graph: Graph) -> None:
                          "holds periodic image shifts")
 
 
-class GATrPotential(Potential):
-    """Geometric Algebra Transformer as a :class:`Potential` (energies in eV).
+class AttentionPotential(Potential):
+    """Base of the attention potentials on non-periodic structures (GATr, the plain
+    transformer): a representation giving y [N] from (z, pos, batch, B, edges, distances,
+    mask) and the ET's energy normalisation. Subclasses set ``kind``, ``build_config`` (a
+    config from a dict/YAML/None + overrides) and ``representation_class``."""
 
-    ``GATrPotential(config)`` with a :class:`GATrConfig`, a dict, a YAML path or None
-    (defaults); keyword arguments override single keys.
-    """
-
-    kind = "gatr"
+    kind = "attention"
     traceable = False
+    build_config = None
+    representation_class = None
 
     elements = ETPotential.elements
     normalisation = ETPotential.normalisation
@@ -66,14 +67,14 @@ class GATrPotential(Potential):
     check_elements = ETPotential.check_elements
     _check_overlaps = ETPotential._check_overlaps
 
-    def __init__(self, config: Union[GATrConfig, Mapping, str, None] = None, **overrides):
+    def __init__(self, config=None, **overrides):
         super().__init__()
-        cfg = gatr_config(config, **overrides)
+        cfg = type(self).build_config(config, **overrides)
         self.config = cfg
         self.cutoff = cfg.neighbor_cutoff
         dtype = torch_dtype(cfg.dtype, error=ModelError, what="model dtype")
         with _construction(dtype, cfg.seed):
-            self.representation = GATrRepresentation(cfg)
+            self.representation = type(self).representation_class(cfg)
         self.register_buffer("atomref", torch.zeros(cfg.max_z, dtype=torch.float64))
         self.register_buffer("scale", torch.ones((), dtype=torch.float64))
         self.register_buffer("shift", torch.zeros((), dtype=torch.float64))
@@ -104,7 +105,7 @@ class GATrPotential(Potential):
         return super().neighbors(pos, batch, cell, pbc, cutoff=cutoff, max_pairs=max_pairs)
 
     def atomic_energies(self, graph: Graph, return_hidden: bool = False):
-        """Per-atom energies t_a (eV, float64); with ``return_hidden`` also the hidden (mv, s) list."""
+        """Per-atom energies t_a (eV, float64); with ``return_hidden`` also the representation's hidden list."""
         if not self.tracing:
             self._check_overlaps(graph)
             check_no_images(self.kind, graph)
@@ -120,3 +121,18 @@ class GATrPotential(Potential):
             t = t / per_atom_count
         energies = t + self.energy_offset / per_atom_count
         return (energies, hidden) if return_hidden else energies
+
+
+class GATrPotential(AttentionPotential):
+    """Geometric Algebra Transformer as a :class:`Potential` (energies in eV).
+
+    ``GATrPotential(config)`` with a :class:`GATrConfig`, a dict, a YAML path or None
+    (defaults); keyword arguments override single keys.
+    """
+
+    kind = "gatr"
+    build_config = staticmethod(gatr_config)
+    representation_class = GATrRepresentation
+
+    def __init__(self, config: Union[GATrConfig, Mapping, str, None] = None, **overrides):
+        super().__init__(config, **overrides)
