@@ -33,8 +33,9 @@ def _outputs(run_dir):
     """Everything a run leaves that must not depend on an interruption (timings aside)."""
     files = {p.name: p.read_bytes() for p in sorted(run_dir.glob("*.csv"))}
     summary = json.loads((run_dir / "summary.json").read_text())
-    for r in summary["models"]:
-        r.pop("fit_seconds"), r.pop("slmc_seconds")
+    for r in summary["models"] + [summary["exact_local_mc"]]:
+        for key in ("fit_seconds", "slmc_seconds", "seconds", "seconds_per_independent_sample"):
+            r.pop(key, None)
     return files, summary
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -211,11 +212,13 @@ class SLMCRun:
         bar = self._bar(total, data["sweep"], "exact MC sweeps")
         try:
             while data["sweep"] < total:
+                t0 = time.perf_counter()
                 spins, energy, acc = local_metropolis(self.exact.energy, data["spins"], data["energy"], self.beta,
                                                       self.n_sites, proposal, self.generator)
                 data["spins"], data["energy"] = spins, energy
                 data["accepted"] += int(acc.sum())
                 data["sweep"] += 1
+                data["seconds"] = data.get("seconds", 0.0) + time.perf_counter() - t0
                 done = data["sweep"] - dc.thermalize_sweeps
                 if done > 0 and done % dc.every == 0:
                     obs = self.exact.observables(spins)
@@ -388,6 +391,9 @@ class SLMCRun:
             "slmc_seconds": current["slmc_seconds"],
         }
         result.update(self.statistics(series, c))
+        # cost of one independent sample (2 τ_int apart) of Ω, per chain: one diagonalisation per step
+        result["diagonalisations_per_independent_sample"] = 2 * result["tau_omega"]
+        result["seconds_per_independent_sample"] = 2 * result["tau_omega"] * result["slmc_seconds"] / sc.steps / sc.chains
         result.update(_chain_mean_and_error(current["sq_sum"] / sc.steps))
         model_dir = self.run_dir / "models"
         model_dir.mkdir(exist_ok=True)
@@ -418,7 +424,13 @@ class SLMCRun:
         dc = self.cfg.data
         out["local_acceptance"] = data["accepted"] / ((dc.thermalize_sweeps + dc.sweeps) * dc.chains * self.n_sites)
         out["sweeps_between_samples"] = dc.every
-        out["samples"] = len(data["samples"]) * dc.chains
+        out["samples_per_chain"] = len(data["samples"])
+        out["chains"] = dc.chains
+        out["seconds"] = data.get("seconds", 0.0)
+        out["sweeps"] = dc.thermalize_sweeps + dc.sweeps
+        # cost of one independent sample (2 τ_int apart) of Ω, per chain
+        out["diagonalisations_per_independent_sample"] = 2 * out["tau_omega"] * dc.every * self.n_sites
+        out["seconds_per_independent_sample"] = 2 * out["tau_omega"] * dc.every * out["seconds"] / out["sweeps"] / dc.chains
         return out
 
     # ------------------------------------------------------------------ stage 3: report
@@ -468,6 +480,10 @@ def run_slmc(cfg: SLMCRunConfig, resume: bool = False, progress: bool = True,
         torch.set_num_threads(cfg.threads)
     try:
         return SLMCRun(cfg, progress, stop_after).execute(resume)
+    except KeyboardInterrupt:
+        print(f"SLMC run interrupted; continue it with --resume (from {Path(cfg.run_dir) / CHECKPOINT})",
+              file=sys.stderr)
+        raise
     finally:
         torch.set_num_threads(previous)
 
