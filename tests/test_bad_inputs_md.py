@@ -264,7 +264,7 @@ CASES = [
     (yaml_without_md_section, ["md.yaml: no 'md:' section", "'mdx'", "did you mean 'md'"], ["md.mdx"]),
     (dt_flag, ["error: --dt must be > 0 fs, got -1.0"], ["md.dt"]),
     (dt_in_yaml, ["config key 'md.dt' in", "md.yaml must be > 0 fs"], []),
-    (nan_weights, ["model", "not finite"], ["initial structure"]),
+    (nan_weights, ["model", "NaN or infinite"], ["initial structure"]),
     (nan_output, ["the model gives non-finite forces (NaN/inf) on atom 0 of structure 0 at the initial positions",
                   "check the model"], ["initial structure"]),
     (nan_output_ase_engine, ["the model gives non-finite", "check the model"], ["initial structure"]),
