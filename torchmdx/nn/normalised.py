@@ -1,0 +1,173 @@
+"""Energy normalisation and input checks shared by the potentials that predict per-atom energies.
+
+For structure b with atoms a (eV), from a network's per-atom output y_a::
+
+    t_a = scale · y_a + atomref(z_a) + shift
+    E_b = sum_a t_a + energy_offset          (reduce_op 'sum')
+    E_b = mean_a t_a + energy_offset         (reduce_op 'mean', intensive targets)
+    E_b = sum_a t_a / (n_b + 1) + energy_offset   ('torchmdnet_mean': TorchMD-NET 3.0's 'mean')
+
+``atomref`` [max_z] holds per-element reference energies, ``scale`` and ``shift`` the
+standardisation fitted on the training set, ``energy_offset`` a per-structure constant. The
+returned per-atom energies sum to E_b exactly. The buffers are float64 whatever the model dtype
+(absolute energies of large structures need more than float32's 7 digits). ``known_elements``
+restricts the accepted elements (a one-line ModelError names the atom and the known ones), and
+atoms on top of each other are refused. Every architecture (ET, Equiformer, ...) subclasses
+:class:`NormalisedPotential`, so training, model files and the calculator treat them alike.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from torchmdx.errors import ModelError
+from torchmdx.nn.base import Graph, Potential
+
+#: float64 buffers of the energy normalisation
+_NORMALISATION_BUFFERS = ("atomref", "scale", "shift", "energy_offset")
+
+#: distinct atoms closer than this (Å) are refused as overlapping
+OVERLAP_DISTANCE = 1e-6
+
+
+def element_symbol(z: int) -> str:
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z={z}"
+
+
+class NormalisedPotential(Potential):
+    """A :class:`Potential` whose per-atom energies go through the normalisation above.
+    Subclasses call :meth:`register_normalisation` in ``__init__`` and
+    :meth:`normalised_energies` in ``atomic_energies``; they have ``config.max_z``."""
+
+    def register_normalisation(self, max_z: int) -> None:
+        """The normalisation buffers (identity: no references, scale 1) and every element known."""
+        self.register_buffer("atomref", torch.zeros(max_z, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones((), dtype=torch.float64))
+        self.register_buffer("shift", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("energy_offset", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("known_elements", torch.ones(max_z, dtype=torch.bool))
+
+    def normalised_energies(self, y: torch.Tensor, graph: Graph, reduce_op: str = "sum") -> torch.Tensor:
+        """Per-atom energies t_a (eV, float64) from the network's per-atom output ``y`` [N]."""
+        t = self.scale * y.to(torch.float64) + self.atomref[graph.z] + self.shift
+        counts = torch.zeros(graph.num_structures, dtype=t.dtype, device=t.device).index_add(
+            0, graph.batch, torch.ones_like(t)
+        )
+        per_atom_count = counts[graph.batch]
+        if reduce_op == "mean":
+            t = t / per_atom_count
+        elif reduce_op == "torchmdnet_mean":
+            t = t / (per_atom_count + 1)
+        return t + self.energy_offset / per_atom_count
+
+    def _apply(self, fn, recurse=True):
+        """Module.to()/float()/cuda(): move the normalisation buffers but keep them float64."""
+        kept = {name: self._buffers[name] for name in _NORMALISATION_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float64:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    @property
+    def elements(self) -> Optional[list[int]]:
+        """Atomic numbers the model accepts (None: every 0 <= Z < max_z)."""
+        known = self.known_elements
+        if bool(known.all()):
+            return None
+        return [int(z) for z in known.nonzero().flatten()]
+
+    def normalisation(self) -> dict:
+        """Energy normalisation as plain Python (eV): atomref {Z: value} (non-zero entries),
+        scale, shift, energy_offset, elements."""
+        atomref = self.atomref.detach().double().cpu()
+        return {
+            "atomref": {int(z): float(atomref[z]) for z in atomref.nonzero().flatten()},
+            "scale": float(self.scale),
+            "shift": float(self.shift),
+            "energy_offset": float(self.energy_offset),
+            "elements": self.elements,
+        }
+
+    def set_normalisation(
+        self,
+        atomref: Union[Mapping[int, float], Sequence[float], torch.Tensor, None] = None,
+        scale: Optional[float] = None,
+        shift: Optional[float] = None,
+        energy_offset: Optional[float] = None,
+        elements: Optional[Iterable[int]] = None,
+    ) -> "NormalisedPotential":
+        """Set the energy normalisation (eV); arguments left None keep their value.
+
+        ``atomref``: {Z: E_ref} or a sequence/tensor indexed by Z (length <= max_z).
+        ``elements``: the atomic numbers the model may be used on (training set's elements).
+        """
+        max_z = self.config.max_z
+        if atomref is not None:
+            table = torch.zeros(max_z, dtype=torch.float64)
+            if isinstance(atomref, Mapping):
+                for key, value in atomref.items():
+                    z = int(key)
+                    if not 0 <= z < max_z:
+                        raise ModelError(f"atomref: atomic number {z} is outside 0..{max_z - 1} (max_z {max_z})")
+                    table[z] = float(value)
+            else:
+                values = torch.as_tensor(atomref, dtype=torch.float64).flatten()
+                if values.numel() > max_z:
+                    nonzero = values[max_z:].nonzero()
+                    if nonzero.numel():
+                        raise ModelError(
+                            f"atomref: a reference energy is given for Z={max_z + int(nonzero[0])}, beyond max_z {max_z}"
+                        )
+                    values = values[:max_z]
+                table[: values.numel()] = values
+            self.atomref.copy_(table.to(self.atomref))
+        if scale is not None:
+            self.scale.fill_(float(scale))
+        if shift is not None:
+            self.shift.fill_(float(shift))
+        if energy_offset is not None:
+            self.energy_offset.fill_(float(energy_offset))
+        if elements is not None:
+            elements = sorted({int(z) for z in elements})
+            for z in elements:
+                if not 0 <= z < max_z:
+                    raise ModelError(f"elements: atomic number {z} is outside 0..{max_z - 1} (max_z {max_z})")
+            known = torch.zeros(max_z, dtype=torch.bool, device=self.known_elements.device)
+            known[elements] = True
+            self.known_elements.copy_(known)
+        return self
+
+    def check_elements(self, z: torch.Tensor) -> None:
+        if z.numel() == 0 or (z.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        max_z = self.config.max_z
+        in_range = (z >= 0) & (z < max_z)
+        ok = in_range & self.known_elements[z.clamp(0, max_z - 1)]
+        if bool(ok.all()):
+            return
+        bad = int((~ok).nonzero()[0, 0])
+        zb = int(z[bad])
+        elements = self.elements
+        if elements is None:
+            raise ModelError(
+                f"atom {bad} has atomic number {zb} ({element_symbol(zb)}); this model accepts 0..{max_z - 1} (max_z {max_z})"
+            )
+        known = ", ".join(element_symbol(e) for e in elements)
+        raise ModelError(f"atom {bad} is element {element_symbol(zb)} (Z={zb}), which this model does not know; known elements: {known}")
+
+    def _check_overlaps(self, graph: Graph) -> None:
+        if graph.distances.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # no host synchronisation inside a CUDA graph
+        close = graph.distances < OVERLAP_DISTANCE
+        if graph.mask is not None:
+            close = close & graph.mask
+        if bool(close.any()):
+            e = int(close.nonzero()[0, 0])
+            i, j = int(graph.edge_index[0, e]), int(graph.edge_index[1, e])
+            raise ModelError(f"atoms {i} and {j} are on top of each other (distance {float(graph.distances[e].detach()):.3g} Å)")
