@@ -394,3 +394,55 @@ def test_too_large_for_the_gpu_falls_back_to_the_host_loader_with_one_line(share
     monkeypatch.setattr(type(roomy), "_training_device", lambda self: (torch.device("cuda"), 1))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
     assert roomy.packing_plan() is not None and roomy.training_batches == "device"
+
+
+class EvalStandIn:
+    """GraphedEvalStep's GPU parts on the CPU: 'capture' records which batch shape it froze,
+    'replay' runs the step eagerly with the capacity fixed at capture."""
+
+    @staticmethod
+    def make(model, sums):
+        from torchmdx.train.graphed_eval import GraphedEvalStep
+
+        class StandIn(GraphedEvalStep):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.enabled = True  # as on a GPU
+                self.captured = []
+
+            def _eager(self, graph):
+                self._compute(graph)
+
+            def _capture(self, graph):
+                self.captured.append((graph.inputs["z"].shape[0], graph.capacity))
+                return ("frozen", graph.capacity)
+
+            def _replay(self, graph):
+                assert graph.graph == ("frozen", graph.capacity)
+                self._compute(graph)
+
+        return StandIn(model, sums, capture=True, max_shapes=2)
+
+
+def test_validation_runner_warms_up_captures_replays_and_recaptures_cpu():
+    """Per shape: one eager step, then capture and replays; a batch with more possible pairs
+    than the graph holds recaptures with room for them; the sums equal an eager runner's."""
+    from torchmdx.train.graphed_eval import GraphedEvalStep
+
+    model = ETPotential(TINY)
+    sums = functools.partial(train_error_sums, JOINT)
+    runner = EvalStandIn.make(model, sums)
+    eager = GraphedEvalStep(model, sums, capture=False)
+    schedule = [[6, 5], [4, 6], [3, 5], [7, 7], [4, 4], [9, 9, 9]]
+    for k, counts in enumerate(schedule):
+        z, pos, batch, energy, forces = molecules(counts, seed=70 + k)
+        p = pack(z, pos, energy, forces, np.array(counts), bucket_for(sum(counts), [16, 40]), 3, pad_z=1)
+        runner.step(p)
+        eager.step(p)
+    # bucket 16: eager, capture + replay, replay; the 4th batch's 84 possible pairs exceed the
+    # graph's 64 rows: a new graph (eager once more, then capture + replay); bucket 40: eager
+    assert runner.stats == {"captures": 2, "replays": 3, "eager_steps": 3}, runner.stats
+    from torchmdx.train.graphed import round_capacity
+
+    assert runner.captured == [(16, round_capacity(6 * 5 + 5 * 4)), (16, round_capacity(7 * 6 * 2))]
+    torch.testing.assert_close(runner.take_sums(), eager.take_sums(), rtol=1e-12, atol=1e-12)

@@ -90,21 +90,32 @@ class GraphedEvalStep:
             return
         if graph.graph is None:
             if graph.eager_steps < 1:
-                main = torch.cuda.current_stream(self.device)
-                self._side.wait_stream(main)
-                with torch.cuda.stream(self._side):
-                    self._compute(graph)
-                main.wait_stream(self._side)
+                self._eager(graph)
                 graph.eager_steps += 1
                 self.stats["eager_steps"] += 1
                 return
-            cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph):
-                self._compute(graph)
-            graph.graph = cuda_graph
+            graph.graph = self._capture(graph)
             self.stats["captures"] += 1
-        graph.graph.replay()
+        self._replay(graph)
         self.stats["replays"] += 1
+
+    # the GPU parts (a test stands them in on the CPU)
+    def _eager(self, graph: _EvalGraph) -> None:
+        """The first call of a shape, on a side stream (lazy initialisation, Triton compilation)."""
+        main = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            self._compute(graph)
+        main.wait_stream(self._side)
+
+    def _capture(self, graph: _EvalGraph):
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            self._compute(graph)
+        return cuda_graph
+
+    def _replay(self, graph: _EvalGraph) -> None:
+        graph.graph.replay()
 
     def _compute(self, graph: _EvalGraph) -> None:
         inputs = graph.inputs
