@@ -19,7 +19,7 @@ import sys
 from torchmdx import __version__
 from torchmdx.errors import TorchmdxError
 
-COMMANDS = ["train", "md", "evaluate", "data", "export", "bench", "slmc", "sweep"]
+COMMANDS = ["train", "md", "evaluate", "data", "export", "bench", "slmc", "sweep", "label"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,289 @@
+"""Labelling structures with reference energies and forces: ``torchmdx label``.
+
+    torchmdx label frames.extxyz [more.extxyz ...] --method gfn2-xtb -o labeled.extxyz
+
+Methods:
+
+- ``gfn2-xtb``, ``gfn1-xtb``, ``ipea1-xtb``: the semi-empirical tight-binding methods of the
+  ``tblite`` package, through its ASE calculator (``tblite.ase.TBLite``); an optional extra:
+  ``pip install 'torchmdx[label]'`` (or ``pip install tblite``). Charge and multiplicity from
+  the options (or each frame's ``atoms.info['charge']`` / ``['multiplicity']``), the SCF
+  accuracy, iteration limit and electronic temperature as tblite's.
+- ``model:<file>``: a torchmdx model file (distillation of one model into another; tests).
+
+Inputs: any file ASE reads, every frame; ``--skip`` drops the first frames of each file (MD
+equilibration), ``--every`` keeps every k-th frame, ``--max-frames`` stops after that many.
+So frames sampled by MD with a trained model (``torchmdx md start.xyz --model model.pt
+--ensemble langevin --replicas 32 --every 50 --out frames.extxyz`` writes frames.0.extxyz ...
+frames.31.extxyz) are labelled by ``torchmdx label frames.*.extxyz --skip 10 ...``.
+
+Output: extended XYZ; each frame keeps its atoms, cell, pbc and info, with the method's
+``energy`` (eV), ``forces`` (eV/Å) and, for periodic frames, ``stress`` (eV/Å³), plus
+``label_method`` and ``label_index`` (its position among the inputs) in its info: exactly what
+``data.format: ase`` reads for training.
+
+Atomic and resumable: frames are appended (and flushed) to ``<out>.partial`` as they are done;
+the finished file is renamed onto ``<out>`` at the end, so ``<out>`` is either absent or
+complete. Running the same command again after an interruption keeps the partial file's
+complete frames (checked against the inputs: same atoms, same positions) and labels the rest;
+a half-written last frame is dropped. An existing ``<out>`` is not replaced without ``--force``.
+A frame whose calculation fails stops the run with one line naming it (its predecessors stay
+in the partial file), or with ``--skip-failed`` is left out and counted.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from torchmdx.errors import ConfigError, DataError, TorchmdxError
+
+TBLITE_METHODS = {"gfn2-xtb": "GFN2-xTB", "gfn1-xtb": "GFN1-xTB", "ipea1-xtb": "IPEA1-xTB"}
+INSTALL_HINT = "pip install 'torchmdx[label]' (or: pip install tblite)"
+#: positions of a resumed partial file must match the inputs to this (Å; extxyz keeps ~1e-8)
+POSITION_TOLERANCE = 1e-5
+
+
+class LabelError(TorchmdxError):
+    """A frame that cannot be labelled, or inputs/outputs that do not fit together."""
+
+
+@dataclass
+class LabelOptions:
+    method: str = "gfn2-xtb"
+    charge: Optional[float] = None
+    multiplicity: Optional[int] = None
+    accuracy: float = 1.0
+    max_iterations: int = 250
+    electronic_temperature: float = 300.0
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- methods
+def check_method(method: str) -> str:
+    """The method's canonical name; one-line errors for unknown methods and a missing tblite
+    (said before any file is read or written)."""
+    name = method.strip().lower()
+    if name in TBLITE_METHODS:
+        try:
+            import tblite.ase  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"--method {method} needs the tblite package ({_reason(exc)}): {INSTALL_HINT}") from None
+        return name
+    if name.startswith("model:"):
+        path = Path(method.strip()[len("model:"):])
+        if not path.is_file():
+            raise ConfigError(f"--method {method}: model file {path} not found")
+        return "model:" + str(path)
+    raise ConfigError(f"--method {method!r} is not known; choices: {', '.join(TBLITE_METHODS)}, model:<model file>")
+
+
+def _reason(exc: ImportError) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else "not installed"
+    return "not installed" if "No module named" in text else text
+
+
+def make_labeler(options: LabelOptions) -> Callable:
+    """A function atoms -> (energy eV, forces [n, 3] eV/Å, stress [3, 3] eV/Å³ or None)."""
+    method = check_method(options.method)
+    if method in TBLITE_METHODS:
+        from tblite.ase import TBLite
+
+        def tblite_label(atoms):
+            charge = atoms.info.get("charge", options.charge)
+            multiplicity = atoms.info.get("multiplicity", options.multiplicity)
+            calc = TBLite(method=TBLITE_METHODS[method], charge=charge, multiplicity=multiplicity,
+                          accuracy=options.accuracy, max_iterations=options.max_iterations,
+                          electronic_temperature=options.electronic_temperature, verbosity=0)
+            work = atoms.copy()
+            work.calc = calc
+            energy = float(work.get_potential_energy())
+            forces = np.array(work.get_forces())
+            stress = None
+            if work.pbc.any():
+                from ase.constraints import voigt_6_to_full_3x3_stress
+
+                stress = voigt_6_to_full_3x3_stress(work.get_stress())
+            return energy, forces, stress
+
+        return tblite_label
+    from torchmdx.nn.model_file import load_model
+
+    model = load_model(method[len("model:"):], device=options.device)
+
+    def model_label(atoms):
+        periodic = bool(atoms.pbc.any())
+        out = model.predict(atoms, forces=True, stress=periodic)
+        return float(out["energy"]), np.asarray(out["forces"]), (np.asarray(out["stress"]) if periodic else None)
+
+    return model_label
+
+
+# ---------------------------------------------------------------------------- inputs
+def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] = None) -> list:
+    """The frames to label: every frame of each file after the first ``skip``, every ``every``-th,
+    at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'``."""
+    from ase.io import read
+
+    if skip < 0 or every < 1 or (max_frames is not None and max_frames < 1):
+        raise ConfigError("--skip must be >= 0, --every >= 1 and --max-frames >= 1")
+    frames = []
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise DataError(f"{path}: structure file not found")
+        try:
+            read_frames = read(str(path), index=":")
+        except Exception as exc:  # noqa: BLE001 - ASE raises many kinds for a bad file
+            raise DataError(f"{path}: cannot be read as structures ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        for k, atoms in enumerate(read_frames):
+            if k < skip or (k - skip) % every:
+                continue
+            atoms.info["label_source"] = f"{path.name}:{k}"
+            frames.append(atoms)
+    if not frames:
+        raise DataError(f"no frames to label in {', '.join(map(str, paths))} (after --skip {skip}, --every {every})")
+    return frames[:max_frames] if max_frames else frames
+
+
+# ---------------------------------------------------------------------------- the partial file
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def complete_frames_text(text: str) -> tuple[str, int]:
+    """(the text of the complete extended-XYZ frames at the start of ``text``, their count)."""
+    lines = text.splitlines(keepends=True)
+    position, count = 0, 0
+    while position < len(lines):
+        head = lines[position].strip()
+        if not head.isdigit():
+            break
+        n = int(head)
+        end = position + 2 + n
+        if end > len(lines) or not all(line.endswith("\n") for line in lines[position:end]):
+            break
+        position, count = end, count + 1
+    return "".join(lines[:position]), count
+
+
+def read_partial(path: Path, inputs: list) -> list:
+    """The complete frames of a partial file, checked against the inputs (one-line errors)."""
+    from ase.io import read
+
+    text, count = complete_frames_text(path.read_text())
+    if count == 0:
+        return []
+    frames = read(io.StringIO(text), index=":", format="extxyz")
+    previous = -1
+    for frame in frames:
+        index = frame.info.get("label_index")
+        if not isinstance(index, (int, np.integer)) or not previous < index < len(inputs):
+            raise LabelError(f"{path} holds frames that are not from these inputs (label_index {index!r}); delete it or "
+                             "choose another -o")
+        source = inputs[index]
+        same = (len(source) == len(frame) and np.array_equal(source.numbers, frame.numbers)
+                and np.allclose(source.positions, frame.positions, atol=POSITION_TOLERANCE, rtol=0))
+        if not same:
+            raise LabelError(f"{path}: frame {index} ({source.info.get('label_source')}) differs from the input "
+                             "(other atoms or positions); delete it or choose another -o")
+        previous = int(index)
+    return frames
+
+
+def labelled_frame(atoms, index: int, method: str, energy, forces, stress):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frame = atoms.copy()
+    frame.calc = None
+    for key in ("forces", "momenta"):
+        frame.arrays.pop(key, None)
+    for key in ("energy", "free_energy", "stress", "virial"):
+        frame.info.pop(key, None)
+    frame.info["label_method"] = method
+    frame.info["label_index"] = int(index)
+    results = {"energy": float(energy), "forces": np.asarray(forces, dtype=float)}
+    if stress is not None:
+        results["stress"] = np.asarray(stress, dtype=float)
+    frame.calc = SinglePointCalculator(frame, **results)
+    return frame
+
+
+def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, max_frames: Optional[int] = None,
+          force: bool = False, skip_failed: bool = False, progress: bool = True, labeler: Optional[Callable] = None) -> dict:
+    """Label the frames of ``paths`` into ``out`` (module docstring). Returns a summary dict."""
+    from ase.io import write
+
+    from torchmdx.io_utils import atomic_write, unwritable_folder
+
+    method = check_method(options.method)
+    out = Path(out)
+    if out.suffix.lower() not in (".extxyz", ".xyz"):
+        raise ConfigError(f"-o {out}: the labelled frames are written as extended XYZ; name it .extxyz or .xyz")
+    problem = unwritable_folder(out.parent if str(out.parent) else Path("."))
+    if problem:
+        raise ConfigError(f"-o {out}: {problem}")
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists; pass --force to replace it (or choose another -o)")
+    inputs = read_inputs(paths, skip, every, max_frames)
+    for k, atoms in enumerate(inputs):
+        atoms.info["label_index"] = k
+    partial = partial_path(out)
+    done = read_partial(partial, inputs) if (partial.is_file() and not force) else []
+    if partial.is_file():
+        # keep only the complete, checked frames (a half-written last frame is dropped)
+        buffer = io.StringIO()
+        for frame in done:
+            write(buffer, frame, format="extxyz")
+        with atomic_write(partial, "w") as handle:
+            handle.write(buffer.getvalue())
+    start = int(done[-1].info["label_index"]) + 1 if done else 0
+    labeler = labeler or make_labeler(options)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(inputs), initial=start, desc=f"label {method}", unit="frame", leave=False)
+    failed = []
+    written = len(done)
+    try:
+        with open(partial, "a") as handle:
+            for index in range(start, len(inputs)):
+                atoms = inputs[index]
+                try:
+                    energy, forces, stress = labeler(atoms)
+                    if not (np.isfinite(energy) and np.all(np.isfinite(forces))):
+                        raise ValueError("non-finite energy or forces")
+                except Exception as exc:  # noqa: BLE001 - any failure of the method on one frame
+                    if skip_failed:
+                        failed.append(index)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise LabelError(f"frame {index} ({atoms.info.get('label_source')}): {method} failed ({reason}); "
+                                     f"the {written} frames before it are kept in {partial}: run again to continue, "
+                                     "or pass --skip-failed") from None
+                frame = labelled_frame(atoms, index, method, energy, forces, stress)
+                buffer = io.StringIO()
+                write(buffer, frame, format="extxyz")
+                handle.write(buffer.getvalue())
+                handle.flush()
+                written += 1
+                if bar is not None:
+                    bar.update(1)
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        if bar is not None:
+            bar.close()
+    os.replace(partial, out)
+    return {"out": str(out), "frames": written, "labelled_now": written - len(done), "resumed_from": len(done),
+            "failed": failed, "inputs": len(inputs), "method": method}
