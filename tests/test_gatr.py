@@ -213,6 +213,7 @@ def test_layers_and_blocks_are_equivariant_on_random_multivectors(name):
     receivers = torch.tensor([0, 0, 1, 2, 3, 4, 4, 0, 1, 2, 3, 4])
     senders = torch.tensor([1, 2, 0, 4, 4, 3, 0, 0, 1, 2, 3, 4])
     phi = torch.tensor([0.9, 0.4, 0.9, 0.7, 0.2, 0.2, 0.5, 1, 1, 1, 1, 1], dtype=F64)
+    lengths = torch.tensor([1.1, 2.5, 1.1, 3.0, 3.8, 3.8, 2.2, 0, 0, 0, 0, 0], dtype=F64)  # radial bias input
     block = rep.blocks[0]
     for count in (1, 2, 3):  # reflections (odd), rotations / translations (even)
         u, parity = random_versor(name, rng, count)
@@ -224,16 +225,16 @@ def test_layers_and_blocks_are_equivariant_on_random_multivectors(name):
             "gated_gelu": gated_gelu,
             "geometric product": (lambda x: b.geometric_product(x, x.flip(0))),
             "bilinear with join": (lambda x: block.mlp.bilinear(x, x[..., b.algebra.pseudoscalar].mean(-1))),
-            "attention": (lambda x: block.attention(x, s, receivers, senders, phi)[0]),
-            "blocks": (lambda x: rep.features(x, s, receivers, senders, phi)[0]),
+            "attention": (lambda x: block.attention(x, s, receivers, senders, phi, lengths)[0]),
+            "blocks": (lambda x: rep.features(x, s, receivers, senders, phi, distances=lengths)[0]),
         }
         for what, fn in checks.items():
             out, out_of_transformed = fn(mv), fn(a)
             assert out.abs().max() > 1e-3, what
             torch.testing.assert_close(out_of_transformed, _act(rho, out), rtol=0, atol=1e-8, msg=what)
         # the invariant outputs: scalars and the energy readout
-        s1 = rep.features(mv, s, receivers, senders, phi)
-        s2 = rep.features(a, s, receivers, senders, phi)
+        s1 = rep.features(mv, s, receivers, senders, phi, distances=lengths)
+        s2 = rep.features(a, s, receivers, senders, phi, distances=lengths)
         torch.testing.assert_close(rep.readout(*s2), rep.readout(*s1), rtol=0, atol=1e-9)
         if count == 2:  # and the check can fail: the same inputs, transformed, but not their images
             assert (rep.features(a, s, receivers, senders, phi)[0] - rep.features(mv, s, receivers, senders, phi)[0]).abs().max() > 1e-3

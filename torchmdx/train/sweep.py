@@ -120,9 +120,15 @@ def parse_grid(items: list[str]) -> dict:
     return grid
 
 
-def _check_key(key: str, where: str) -> None:
+SECTIONS = ("data", "model", "train", "trainer")
+
+
+def _check_key(key: str, where: str, value=None, allow_section: bool = False) -> None:
+    if allow_section and key in SECTIONS and isinstance(value, dict):
+        return  # a variant may replace a whole section (an architecture with its own keys)
     if not isinstance(key, str) or "." not in key:
-        raise ConfigError(f"{where}: key {key!r} must be section.key (e.g. data.train_size)")
+        raise ConfigError(f"{where}: key {key!r} must be section.key (e.g. data.train_size)"
+                          + (" or a whole section (model: {...})" if allow_section else ""))
     if key in RESERVED_KEYS:
         raise ConfigError(f"{where}: key {key!r} is set by the sweep itself (each point gets its own run folder and split)")
 
@@ -149,8 +155,8 @@ def plan_points(grid: dict, variants: dict) -> list[SweepPoint]:
     for key in grid:
         _check_key(key, "--grid / sweep.grid")
     for name, keys in variants.items():
-        for key in keys:
-            _check_key(key, f"sweep.variants.{name}")
+        for key, value in keys.items():
+            _check_key(key, f"sweep.variants.{name}", value, allow_section=True)
     keys = list(grid)
     combos = list(itertools.product(*(grid[k] for k in keys))) if keys else [()]
     named = list(variants.items()) or [(None, {})]

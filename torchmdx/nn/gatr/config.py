@@ -46,6 +46,10 @@ class GATrConfig:
                       P(x) to -P(Rx)), so the energy is averaged over both signs of the input
                       points, which makes it invariant under reflections (null: yes; costs a
                       second pass)
+    radial_bias       add b_h(r_ij) = MLP(Gaussian rbf(r_ij)) to the attention scores of head h
+                      (invariant: equivariance is kept); a molecular addition to GATr, which
+                      otherwise sees distances only through products of points
+    num_rbf           Gaussian distance features of the radial bias
     cutoff_upper      attention range: atoms attend to neighbours within it, with the cosine
                       cutoff in the softmax (smooth); null: every atom of the structure
                       (non-periodic structures only)
@@ -65,6 +69,8 @@ class GATrConfig:
     join: Optional[bool] = None
     distance_aware: Optional[bool] = None
     sign_average: Optional[bool] = None
+    radial_bias: bool = True
+    num_rbf: int = 16
     cutoff_upper: Optional[float] = 5.0
     max_z: int = 100
     reduce_op: Literal["sum", "mean"] = "sum"
@@ -103,6 +109,8 @@ class GATrConfig:
         for key in ("distance_aware", "sign_average"):
             if getattr(self, key) and self.algebra != "projective":
                 bad(key, f"applies to algebra 'projective' only (algebra is {self.algebra!r}); leave it null")
+        if self.num_rbf < 2:
+            bad("num_rbf", f"must be >= 2, got {self.num_rbf}")
         if self.cutoff_upper is not None and not 0 < self.cutoff_upper < WHOLE_STRUCTURE_CUTOFF:
             bad("cutoff_upper", f"must be > 0 Å (or null: the whole structure), got {self.cutoff_upper}")
         if self.max_z < 2:

@@ -69,6 +69,22 @@ def _trivector_point_readout(name: str):
     return w_index, float(c[w_index]), p_index, p_sign
 
 
+class RadialBias(nn.Module):
+    """b [E, H] = MLP(Gaussian rbf(r)) of the edge lengths (self edges: r = 0): invariant."""
+
+    def __init__(self, cfg: GATrConfig):
+        super().__init__()
+        span = cfg.cutoff_upper if cfg.cutoff_upper is not None else 10.0
+        self.register_buffer("centres", torch.linspace(0.0, span, cfg.num_rbf))
+        self.width = span / (cfg.num_rbf - 1)
+        self.mlp = nn.Sequential(nn.Linear(cfg.num_rbf, cfg.scalar_channels), nn.SiLU(),
+                                 nn.Linear(cfg.scalar_channels, cfg.num_heads))
+
+    def forward(self, distances):
+        rbf = torch.exp(-0.5 * ((distances.unsqueeze(-1) - self.centres) / self.width) ** 2)
+        return self.mlp(rbf)
+
+
 class MVAttention(nn.Module):
     """Multivector attention (module docstring)."""
 
@@ -89,6 +105,7 @@ class MVAttention(nn.Module):
             self.distance_scale = nn.Parameter(torch.full((H,), 0.1))
             features += 5 * (C // H)
         self.scale = 1.0 / math.sqrt(features)
+        self.radial = RadialBias(cfg) if cfg.radial_bias else None
 
     def _point_features(self, mv):
         """(φ, ψ) [N, H, 5c] with φ(q)·ψ(k) = -Σ_c |w_k p_q - w_q p_k|² (projective)."""
@@ -100,7 +117,7 @@ class MVAttention(nn.Module):
         psi = torch.cat([-p2.unsqueeze(-1), -(w * w).unsqueeze(-1), 2.0 * w.unsqueeze(-1) * p], dim=-1)
         return phi.reshape(N, self.H, -1), psi.reshape(N, self.H, -1)
 
-    def forward(self, mv, s, receivers, senders, phi):
+    def forward(self, mv, s, receivers, senders, phi, distances=None):
         b = self.buffers_[0]
         N, C, S, H, D = mv.shape[0], self.C, self.S, self.H, self.dim
         qkv_mv, qkv_s = self.qkv(mv, s)
@@ -114,6 +131,8 @@ class MVAttention(nn.Module):
             queries.append(q_phi * self.distance_scale.view(1, H, 1))
             keys.append(k_psi)
         scores = edge_scores(torch.cat(queries, -1), torch.cat(keys, -1), receivers, senders) * self.scale
+        if self.radial is not None and distances is not None:
+            scores = scores + self.radial(distances)
         alpha = edge_softmax(scores, receivers, phi, N)
         values = torch.cat([v_mv.reshape(N, H, -1), v_s.reshape(N, H, -1)], dim=-1)
         out = aggregate(alpha, values, receivers, senders, N)
@@ -153,8 +172,8 @@ class GATrBlock(nn.Module):
         self.norm2 = EquiLayerNorm(buffers, cfg.scalar_channels)
         self.mlp = GeometricMLP(buffers, cfg)
 
-    def forward(self, mv, s, receivers, senders, phi):
-        a_mv, a_s = self.attention(*self.norm1(mv, s), receivers, senders, phi)
+    def forward(self, mv, s, receivers, senders, phi, distances=None):
+        a_mv, a_s = self.attention(*self.norm1(mv, s), receivers, senders, phi, distances)
         mv, s = mv + a_mv, s + a_s
         m_mv, m_s = self.mlp(*self.norm2(mv, s))
         return mv + m_mv, s + m_s
@@ -177,12 +196,12 @@ class GATrRepresentation(nn.Module):
         self.head = nn.Sequential(nn.Linear(S + C, S), nn.SiLU(), nn.Linear(S, 1))
         self.attention_cutoff = cfg.cutoff_upper
 
-    def features(self, mv, s, receivers, senders, phi, return_hidden: bool = False):
+    def features(self, mv, s, receivers, senders, phi, return_hidden: bool = False, distances=None):
         """The blocks on given multivector and scalar channels (the equivariance tests call this
         with arbitrary multivectors); returns (mv, s) after the final norm, and the hidden list."""
         hidden = [(mv, s)]
         for block in self.blocks:
-            mv, s = block(mv, s, receivers, senders, phi)
+            mv, s = block(mv, s, receivers, senders, phi, distances)
             hidden.append((mv, s))
         mv, s = self.final_norm(mv, s)
         return (mv, s, hidden) if return_hidden else (mv, s)
@@ -202,6 +221,7 @@ class GATrRepresentation(nn.Module):
         points, s = self.embed(z, pos, batch, num_structures)
         phi = cutoff_weights(distances, self.attention_cutoff, mask)
         receivers, senders, phi = with_self_edges(edge_index, phi, N)
+        lengths = torch.cat([distances, torch.zeros(N, dtype=distances.dtype, device=distances.device)])
         copies = 2 if self.config.averages_sign else 1
         if copies == 2:
             points = torch.cat([points, -points])
@@ -209,8 +229,9 @@ class GATrRepresentation(nn.Module):
             receivers = torch.cat([receivers, receivers + N])
             senders = torch.cat([senders, senders + N])
             phi = torch.cat([phi, phi])
+            lengths = torch.cat([lengths, lengths])
         mv, s = self.input(points, s)
-        out = self.features(mv, s, receivers, senders, phi, return_hidden=return_hidden)
+        out = self.features(mv, s, receivers, senders, phi, return_hidden=return_hidden, distances=lengths)
         y = self.readout(out[0], out[1])
         if copies == 2:
             y = 0.5 * (y[:N] + y[N:])
