@@ -415,3 +415,29 @@ def test_model_file_round_trip_and_calculator(tmp_path):
     expected = model(torch.tensor(atoms.numbers), torch.tensor(atoms.positions, dtype=F64))
     assert atoms.get_potential_energy() == pytest.approx(expected["energy"].item(), abs=1e-9)
     np.testing.assert_allclose(atoms.get_forces(), expected["forces"].detach().numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("values", [
+    {**TINY, "algebra": "projective"}, {**TINY, "algebra": "conformal"},
+    {"architecture": "transformer", "embedding_dimension": 8, "num_layers": 1, "num_heads": 2, "num_rbf": 4,
+     "bias_hidden": 8, "dtype": "float64", "seed": 0},
+])
+def test_forward_and_training_step_read_nothing_from_the_device(values):
+    """What CUDA-graph capture needs: with the neighbor list given and the checks off (as during
+    capture, where they skip themselves), energies, forces and the parameter gradients of a force
+    loss involve no host read (recorded as in tests/test_model_sync.py)."""
+    from test_model_sync import HostReads
+
+    from torchmdx.kernels.neighbors import neighbor_list
+
+    model = torchmdx.build_model(values)
+    z, pos = ethanol()
+    batch = torch.zeros_like(z)
+    nl = neighbor_list(pos, model.cutoff, max_pairs=100)
+    model.tracing = True  # no overlap / image checks
+    model.check_elements = lambda z: None  # the element check skips itself during capture, too
+    with HostReads() as reads:
+        out = model(z, pos, batch, neighbors=nl, create_graph=True, num_structures=1)
+        (out["forces"] ** 2).sum().backward()
+    assert reads.seen == []
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

@@ -218,6 +218,7 @@ def algebra(name: str) -> Algebra:
 
 
 # ---------------------------------------------------------------------------- embeddings
+@lru_cache(maxsize=None)
 def point_embedding_matrix(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(c, A, Q) such that the embedding of a point x ∈ R³ is c + A x + (|x|²) Q (multivectors
     [dim], [dim, 3], [dim]), derived from the constructions of the module docstring."""
@@ -227,6 +228,8 @@ def point_embedding_matrix(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
     linear = np.stack([(_embed_numpy(ga, e) - _embed_numpy(ga, -e)) / 2 for e in np.eye(3)], axis=1)
     e1 = np.eye(3)[0]
     quadratic = (_embed_numpy(ga, e1) + _embed_numpy(ga, -e1)) / 2 - zero
+    for array in (zero, linear, quadratic):
+        array.setflags(write=False)
     return zero, linear, quadratic
 
 
@@ -248,9 +251,10 @@ def embed_points(name: str, positions):
     representation of a point (module docstring); differentiable."""
     import torch
 
-    c, a, q = (torch.as_tensor(m, dtype=positions.dtype, device=positions.device) for m in point_embedding_matrix(name))
+    matrices = point_embedding_matrix(name)
+    c, a, q = (torch.tensor(np.array(m), dtype=positions.dtype, device=positions.device) for m in matrices)
     out = c + positions @ a.T
-    if bool(np.any(point_embedding_matrix(name)[2])):
+    if bool(np.any(matrices[2])):
         out = out + (positions * positions).sum(-1, keepdim=True) * q
     return out
 

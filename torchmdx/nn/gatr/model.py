@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchmdx.nn.gatr.algebra import algebra, embed_points, point_embedding_matrix
+from torchmdx.nn.gatr.algebra import algebra, point_embedding_matrix
 from torchmdx.nn.gatr.config import GATrConfig
 from torchmdx.nn.gatr.layers import AlgebraBuffers, Bilinear, EquiLayerNorm, EquiLinear, gated_gelu
 from torchmdx.nn.graph_attention import (
@@ -195,6 +195,14 @@ class GATrRepresentation(nn.Module):
         self.final_norm = EquiLayerNorm(self.buffers_module, S)
         self.head = nn.Sequential(nn.Linear(S + C, S), nn.SiLU(), nn.Linear(S, 1))
         self.attention_cutoff = cfg.cutoff_upper
+        # the point embedding P(x) = c + A x + |x|^2 q as buffers (no host-to-device copy per call,
+        # which a CUDA-graph capture would refuse)
+        c, a, q = point_embedding_matrix(cfg.algebra)
+        dtype = torch.get_default_dtype()
+        self.register_buffer("point_constant", torch.tensor(np.array(c), dtype=dtype), persistent=False)
+        self.register_buffer("point_linear", torch.tensor(np.array(a), dtype=dtype), persistent=False)
+        self.register_buffer("point_quadratic", torch.tensor(np.array(q), dtype=dtype), persistent=False)
+        self.quadratic_points = bool(np.any(q))
 
     def features(self, mv, s, receivers, senders, phi, return_hidden: bool = False, distances=None):
         """The blocks on given multivector and scalar channels (the equivariance tests call this
@@ -212,8 +220,10 @@ class GATrRepresentation(nn.Module):
     def embed(self, z, pos, batch, num_structures: int):
         """(mv [N, C, D], s [N, S]) of the input layer, positions relative to the centroids."""
         centred = pos - structure_centroids(pos, batch, num_structures)[batch]
-        points = embed_points(self.algebra_name, centred).unsqueeze(1)  # [N, 1, D]
-        return points, self.embedding(z)
+        points = self.point_constant + centred @ self.point_linear.T
+        if self.quadratic_points:
+            points = points + (centred * centred).sum(-1, keepdim=True) * self.point_quadratic
+        return points.unsqueeze(1), self.embedding(z)  # [N, 1, D], [N, S]
 
     def forward(self, z, pos, batch, num_structures: int, edge_index, distances, mask: Optional[torch.Tensor] = None,
                 return_hidden: bool = False):
