@@ -210,3 +210,19 @@ def test_flop_counts_of_known_operations():
     assert all(p.grad is None for p in model.parameters())  # gradients cleared afterwards
     with pytest.raises(ConfigError):
         sweep_module.parse_grid(["model.x"])
+
+
+def test_points_run_in_worker_processes_one_per_device(shared_data, tmp_path):
+    """The several-GPU path (one worker process per device, CUDA_VISIBLE_DEVICES set), here with
+    two CPU 'devices': both points finish in their own processes, with their logs, and the table
+    has both rows."""
+    config = write_config(tmp_path, shared_data)
+    out = tmp_path / "out"
+    lines = []
+    result = sweep_module.run_sweep(config, ["data.train_size=8,16"], str(out), devices="0,1", log=lines.append)
+    assert any(line.startswith("GPU 0: ") for line in lines) and any(line.startswith("GPU 1: ") for line in lines)
+    rows = read_csv(out / "results.csv")
+    assert sorted(int(r["train_size"]) for r in rows) == [8, 16] and len(result["rows"]) == 2
+    for row in rows:
+        log = (out / "runs" / row["point"] / "sweep.log").read_text()
+        assert "model: TransformerPotential" in log
