@@ -6,7 +6,7 @@ Per-atom energies, as for the ET (:mod:`torchmdx.nn.potential`)::
 
 with y_a the representation's invariant output (:mod:`torchmdx.nn.gatr.model`). The
 normalisation buffers, ``set_normalisation``/``normalisation`` and the element and overlap
-checks are the ET's (the same functions). Forces and stress by autograd in the base class.
+checks are the ET's (:class:`torchmdx.nn.normalised.NormalisedPotential`). Forces and stress by autograd in the base class.
 
 Non-periodic structures only: atoms are points relative to their structure's centroid, which has
 no meaning in a periodic box (a cell is refused with one line, and so is a neighbor list whose
@@ -21,10 +21,11 @@ import torch
 
 from torchmdx.dtypes import torch_dtype
 from torchmdx.errors import ModelError
-from torchmdx.nn.base import Graph, Potential, _on_host
+from torchmdx.nn.base import Graph
 from torchmdx.nn.gatr.config import GATrConfig, gatr_config
 from torchmdx.nn.gatr.model import GATrRepresentation
-from torchmdx.nn.potential import _NORMALISATION_BUFFERS, ETPotential, _construction
+from torchmdx.nn.normalised import NormalisedPotential
+from torchmdx.nn.potential import _construction
 
 
 def refuse_periodic(kind: str, cell, pbc) -> None:
@@ -50,22 +51,17 @@ def check_no_images(kind: str, graph: Graph) -> None:
                          "holds periodic image shifts")
 
 
-class AttentionPotential(Potential):
+class AttentionPotential(NormalisedPotential):
     """Base of the attention potentials on non-periodic structures (GATr, the plain
     transformer): a representation giving y [N] from (z, pos, batch, B, edges, distances,
-    mask) and the ET's energy normalisation. Subclasses set ``kind``, ``build_config`` (a
-    config from a dict/YAML/None + overrides) and ``representation_class``."""
+    mask) and the shared energy normalisation (:class:`~torchmdx.nn.normalised.NormalisedPotential`).
+    Subclasses set ``kind``, ``build_config`` (a config from a dict/YAML/None + overrides) and
+    ``representation_class``."""
 
     kind = "attention"
     traceable = False
     build_config = None
     representation_class = None
-
-    elements = ETPotential.elements
-    normalisation = ETPotential.normalisation
-    set_normalisation = ETPotential.set_normalisation
-    check_elements = ETPotential.check_elements
-    _check_overlaps = ETPotential._check_overlaps
 
     def __init__(self, config=None, **overrides):
         super().__init__()
@@ -75,21 +71,7 @@ class AttentionPotential(Potential):
         dtype = torch_dtype(cfg.dtype, error=ModelError, what="model dtype")
         with _construction(dtype, cfg.seed):
             self.representation = type(self).representation_class(cfg)
-        self.register_buffer("atomref", torch.zeros(cfg.max_z, dtype=torch.float64))
-        self.register_buffer("scale", torch.ones((), dtype=torch.float64))
-        self.register_buffer("shift", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("energy_offset", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("known_elements", torch.ones(cfg.max_z, dtype=torch.bool))
-
-    def _apply(self, fn, recurse=True):
-        """Module.to()/float()/cuda(): move the normalisation buffers but keep them float64."""
-        kept = {name: self._buffers[name] for name in _NORMALISATION_BUFFERS}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            new = self._buffers[name]
-            if new.dtype != torch.float64:
-                self._buffers[name] = old.to(device=new.device)
-        return self
+        self.register_normalisation(cfg.max_z)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -113,13 +95,7 @@ class AttentionPotential(Potential):
         out = self.representation(graph.z, graph.pos.to(dtype), graph.batch, graph.num_structures, graph.edge_index,
                                   graph.distances.to(dtype), graph.mask, return_hidden=return_hidden)
         y, hidden = out if return_hidden else (out, None)
-        t = self.scale * y.to(torch.float64) + self.atomref[graph.z] + self.shift
-        counts = torch.zeros(graph.num_structures, dtype=t.dtype, device=t.device).index_add(
-            0, graph.batch, torch.ones_like(t))
-        per_atom_count = counts[graph.batch]
-        if self.config.reduce_op == "mean":
-            t = t / per_atom_count
-        energies = t + self.energy_offset / per_atom_count
+        energies = self.normalised_energies(y, graph, self.config.reduce_op)
         return (energies, hidden) if return_hidden else energies
 
 
