@@ -99,7 +99,8 @@ class EffectiveConfig:
     ``init_value``: initial value weights of new layers (0: identity). ``n_shells``: distance
     shells of the readout E_0 + Σ_n J_n Σ S̃_i·S̃_j (null: every shell of the lattice, the
     complete isotropic pair model); ``conv_shells``: shells the queries/keys/values sum over;
-    training: AdamW (``lr``, ``weight_decay``), ``epochs`` over mini-batches of ``batch_size``,
+    training: AdamW (``lr``, ``weight_decay``; the readout's E_0 and J_n at ``readout_lr`` x lr),
+    ``epochs`` over mini-batches of ``batch_size``,
     early stopping after ``patience`` epochs without a better validation error on the
     ``val_fraction`` held out (one split for all models).
     """
@@ -112,6 +113,7 @@ class EffectiveConfig:
     grow: bool = True
     epochs: int = 200
     lr: float = 0.01
+    readout_lr: float = 0.01
     weight_decay: float = 0.0
     batch_size: int = 256
     val_fraction: float = 0.2
@@ -132,6 +134,8 @@ class EffectiveConfig:
             bad("conv_shells", f"must be >= 0, got {self.conv_shells}")
         if not self.lr > 0:
             bad("lr", f"must be > 0, got {self.lr}")
+        if not self.readout_lr > 0:
+            bad("readout_lr", f"must be > 0, got {self.readout_lr}")
         if self.weight_decay < 0:
             bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
         if not 0.0 < self.val_fraction < 1.0:

@@ -21,8 +21,9 @@ with lattice translations)::
 
 The scores use only rotation invariants (dot products of spin-built vectors) and positional
 terms b^h that depend on the distance |r_j - r_i| (shell index, 0 for i = j, over the whole
-lattice: attention is global); the update is a sum of vectors with invariant coefficients, and
-the normalisation keeps unit effective spins. ``wv`` starts at ``init_value`` (0 by default: each
+lattice: attention is global; they start at -slope_h |r_j - r_i|, :func:`locality_bias`); the
+update is a sum of vectors with invariant coefficients, and the normalisation keeps unit
+effective spins. ``wv`` starts at ``init_value`` (0 by default: each
 layer starts as the identity, so a new transformer starts as exactly the linear model it is
 initialised from, or as the shallower transformer it is grown from, and training adds to it).
 """
@@ -78,7 +79,8 @@ class LinearEffectiveModel(nn.Module):
 class EquivariantAttention(nn.Module):
     """One layer of O(3)- and translation-equivariant self-attention over the lattice spins."""
 
-    def __init__(self, conv: torch.Tensor, position: torch.Tensor, n_positions: int, heads: int, init_value: float):
+    def __init__(self, conv: torch.Tensor, position: torch.Tensor, distances: torch.Tensor, heads: int,
+                 init_value: float):
         super().__init__()
         self.register_buffer("conv", conv, persistent=False)  # [K, N, N]
         self.register_buffer("position", position, persistent=False)  # [N, N] long
@@ -86,7 +88,7 @@ class EquivariantAttention(nn.Module):
         self.wq = nn.Parameter(_init(heads, k, 1.0))
         self.wk = nn.Parameter(_init(heads, k, 1.0))
         self.wv = nn.Parameter(_init(heads, k, init_value))
-        self.bias = nn.Parameter(torch.zeros(heads, n_positions, dtype=torch.float64))
+        self.bias = nn.Parameter(locality_bias(heads, distances))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         neighbours = torch.einsum("kij,bjc->bkic", self.conv, x)  # [B, K, N, 3]
@@ -97,6 +99,14 @@ class EquivariantAttention(nn.Module):
         out = (scores.softmax(dim=-1) @ v).sum(dim=1)  # [B, N, 3]
         y = x + out
         return y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def locality_bias(heads: int, distances: torch.Tensor) -> torch.Tensor:
+    """Initial positional scores [heads, positions]: -slope_h * r with slopes 2, 1, 1/2, ... per
+    head (ALiBi-like), so that at the start the heads attend from the nearest sites to the whole
+    lattice rather than uniformly over it. ``distances``: r of each position (0 for the site)."""
+    slopes = 2.0 ** (1 - torch.arange(heads, dtype=torch.float64))
+    return -slopes[:, None] * distances[None, :].to(torch.float64)
 
 
 def _init(heads: int, k: int, scale: float) -> torch.Tensor:
@@ -131,8 +141,9 @@ class EquivariantTransformer(nn.Module):
         for k, s in enumerate(lattice.shell_d2, start=1):
             position[d2 == s] = k
         self.readout = LinearEffectiveModel(L, n_shells)
+        distances = torch.tensor([0.0] + lattice.shells, dtype=torch.float64)
         self.layers = nn.ModuleList(
-            EquivariantAttention(conv, position, len(lattice.shell_d2) + 1, heads, init_value) for _ in range(layers)
+            EquivariantAttention(conv, position, distances, heads, init_value) for _ in range(layers)
         )
 
     def hyper(self) -> dict:

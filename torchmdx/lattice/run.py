@@ -271,6 +271,7 @@ class SLMCRun:
             report = fit_transformer(model, spins, energies, self.beta, split, self.generator,
                                      epochs=ec.epochs, lr=ec.lr, weight_decay=ec.weight_decay,
                                      batch_size=ec.batch_size, patience=ec.patience, init_readout=init_readout,
+                                     readout_lr=ec.readout_lr,
                                      progress=progress)
         finally:
             bar.close()
@@ -382,7 +383,8 @@ class SLMCRun:
             "fit": current["fit"],
             "refits": len(current["fits"]) - 1,
             "acceptance": float(acc.mean()),
-            "acceptance_error": float(per_chain.std(ddof=1) / math.sqrt(len(per_chain))) if len(per_chain) > 1 else math.nan,
+            "acceptance_error": (float(per_chain.std(ddof=1) / math.sqrt(len(per_chain))) if len(per_chain) > 1
+                                 else math.nan),
             "local_acceptance": float(np.mean(current["local_acceptance"])),
             "local_updates_per_step": max(1, int(round(sc.local_sweeps * self.n_sites))),
             "steps": sc.steps,
@@ -393,7 +395,8 @@ class SLMCRun:
         result.update(self.statistics(series, c))
         # cost of one independent sample (2 τ_int apart) of Ω, per chain: one diagonalisation per step
         result["diagonalisations_per_independent_sample"] = 2 * result["tau_omega"]
-        result["seconds_per_independent_sample"] = 2 * result["tau_omega"] * result["slmc_seconds"] / sc.steps / sc.chains
+        seconds_per_step = result["slmc_seconds"] / sc.steps
+        result["seconds_per_independent_sample"] = 2 * result["tau_omega"] * seconds_per_step / sc.chains
         result.update(_chain_mean_and_error(current["sq_sum"] / sc.steps))
         model_dir = self.run_dir / "models"
         model_dir.mkdir(exist_ok=True)
@@ -430,7 +433,8 @@ class SLMCRun:
         out["sweeps"] = dc.thermalize_sweeps + dc.sweeps
         # cost of one independent sample (2 τ_int apart) of Ω, per chain
         out["diagonalisations_per_independent_sample"] = 2 * out["tau_omega"] * dc.every * self.n_sites
-        out["seconds_per_independent_sample"] = 2 * out["tau_omega"] * dc.every * out["seconds"] / out["sweeps"] / dc.chains
+        seconds_per_sweep = out["seconds"] / out["sweeps"]
+        out["seconds_per_independent_sample"] = 2 * out["tau_omega"] * dc.every * seconds_per_sweep / dc.chains
         return out
 
     # ------------------------------------------------------------------ stage 3: report

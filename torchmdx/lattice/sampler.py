@@ -52,7 +52,8 @@ class LocalProposal:
 
 @torch.no_grad()
 def local_metropolis(energy_fn: EnergyFn, spins: torch.Tensor, energies: torch.Tensor, beta: float, n_steps: int,
-                     proposal: LocalProposal, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     proposal: LocalProposal, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n_steps`` single-site Metropolis steps on every chain (spins [B, N, 3], energies [B]).
     Returns the new spins, their energies and the number of accepted steps per chain."""
     spins, energies = spins.clone(), energies.clone()

@@ -8,9 +8,10 @@ The linear model is solved by least squares. A transformer starts either from th
 default, which makes it exactly the linear model at the start) or, when grown, from a trained
 shallower transformer (:meth:`EquivariantTransformer.grow_from`: same function at the start).
 It is trained with AdamW (learning rate decaying from ``lr`` to lr/100 over ``epochs`` on a
-cosine) on the mean squared error of E_eff - E over the training split, and left at the epoch
-with the lowest validation error, the starting point included (early stopping after
-``patience`` epochs without improvement). So a fit never ends worse on the validation split
+cosine; the readout's E_0 and J_n, small numbers already at a least-squares optimum, with
+``readout_lr`` times that rate) on the mean squared error of E_eff - E over the training
+split, and left at the epoch with the lowest validation error, the starting point included
+(early stopping after ``patience`` epochs without improvement). So a fit never ends worse on the validation split
 than where it started. Everything is float64 and draws its mini-batch order from the generator
 passed in, so a fit is reproducible.
 
@@ -75,7 +76,7 @@ def fit_linear(model: LinearEffectiveModel, spins: torch.Tensor, energies: torch
 def fit_transformer(model: EquivariantTransformer, spins: torch.Tensor, energies: torch.Tensor, beta: float,
                     split: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator, epochs: int = 300,
                     lr: float = 1e-2, weight_decay: float = 0.0, batch_size: int = 256, patience: int = 50,
-                    init_readout: bool = True,
+                    init_readout: bool = True, readout_lr: float = 0.01,
                     progress: Optional[Callable[[int, float, float], None]] = None) -> FitReport:
     """Train ``model`` and leave it at the epoch with the lowest validation error.
     ``init_readout``: set the readout to the least-squares linear model of the training split
@@ -90,7 +91,12 @@ def fit_transformer(model: EquivariantTransformer, spins: torch.Tensor, energies
     # energies are learnt in units of their spread over the training split
     scale = float(y_train.std()) if len(y_train) > 1 else 1.0
     scale = scale if scale > 0 else 1.0
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # Adam moves every weight by about lr per step whatever its size: the readout couplings are
+    # ~0.01-0.1 and sit at a least-squares optimum, so they get readout_lr x lr
+    readout = list(model.readout.parameters())
+    layers = [p for n, p in model.named_parameters() if not n.startswith("readout.")]
+    optimiser = torch.optim.AdamW([{"params": layers}, {"params": readout, "lr": lr * readout_lr}], lr=lr,
+                                  weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(int(epochs), 1), eta_min=0.01 * lr)
     best_val = _mse(model, x_val, y_val)
     start = beta * math.sqrt(best_val)
