@@ -106,10 +106,11 @@ class ModelConfig:
         return to_dict(self)
 
 
-def model_config(config: Union[ModelConfig, Mapping[str, Any], str, Path, None] = None, **overrides) -> ModelConfig:
-    """A :class:`ModelConfig` from a dict, a YAML path (``model:`` section or bare mapping),
-    an existing config, or None (defaults); keyword overrides are applied on top."""
-    if isinstance(config, ModelConfig):
+def section_values(config, config_class: type, overrides: Mapping[str, Any]) -> dict:
+    """The ``model:`` values of a dict, a YAML path (``model:`` section or a bare mapping), an
+    existing ``config_class`` instance or None (defaults), with keyword ``overrides`` on top
+    (``kind``, a model-file field, dropped)."""
+    if isinstance(config, config_class):
         values = to_dict(config)
     elif config is None:
         values = {}
@@ -121,10 +122,26 @@ def model_config(config: Union[ModelConfig, Mapping[str, Any], str, Path, None] 
     elif isinstance(config, Mapping):
         values = config["model"] if isinstance(config.get("model"), Mapping) else config
     else:
-        raise ConfigError(f"model config must be a mapping, a YAML path or a ModelConfig, got {type(config).__name__}")
+        raise ConfigError(f"model config must be a mapping, a YAML path or a {config_class.__name__}, "
+                          f"got {type(config).__name__}")
     values = dict(values)
     values.pop("kind", None)
     values.update(overrides)
+    return values
+
+
+def typed_section(config, config_class: type, architecture: str, overrides: Mapping[str, Any]):
+    """``config`` (see :func:`section_values`) as the typed ``model:`` section of ``architecture``;
+    keys of another architecture and unknown keys are one-line ConfigErrors."""
+    values = section_values(config, config_class, overrides)
+    check_keys_of_other_architectures(values, architecture)
+    return from_dict(config_class, values, "model")
+
+
+def model_config(config: Union[ModelConfig, Mapping[str, Any], str, Path, None] = None, **overrides) -> ModelConfig:
+    """A :class:`ModelConfig` from a dict, a YAML path (``model:`` section or bare mapping),
+    an existing config, or None (defaults); keyword overrides are applied on top."""
+    values = section_values(config, ModelConfig, overrides)
     architecture = values.pop("architecture", "et")
     if architecture != "et":
         check_architecture(architecture)

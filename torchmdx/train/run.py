@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Optional

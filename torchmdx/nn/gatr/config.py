@@ -17,8 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
-from torchmdx.config import bad_key, from_dict, load_yaml, to_dict
-from torchmdx.errors import ConfigError
+from torchmdx.config import bad_key, to_dict
 
 #: attention over every pair of a structure when ``cutoff_upper`` is null: the neighbor list's range (Å)
 WHOLE_STRUCTURE_CUTOFF = 1.0e4
@@ -123,21 +122,6 @@ class GATrConfig:
 def gatr_config(config: Union[GATrConfig, Mapping[str, Any], str, Path, None] = None, **overrides) -> GATrConfig:
     """A :class:`GATrConfig` from a dict, a YAML path (``model:`` section or bare mapping), an
     existing config, or None (defaults); keyword overrides on top."""
-    if isinstance(config, GATrConfig):
-        values = to_dict(config)
-    elif config is None:
-        values = {}
-    elif isinstance(config, (str, Path)):
-        data = load_yaml(config)
-        values = data["model"] if isinstance(data.get("model"), Mapping) else data
-    elif isinstance(config, Mapping):
-        values = config["model"] if isinstance(config.get("model"), Mapping) else config
-    else:
-        raise ConfigError(f"model config must be a mapping, a YAML path or a GATrConfig, got {type(config).__name__}")
-    values = dict(values)
-    values.pop("kind", None)
-    values.update(overrides)
-    from torchmdx.nn.config import check_keys_of_other_architectures
+    from torchmdx.nn.config import typed_section
 
-    check_keys_of_other_architectures(values, "gatr")
-    return from_dict(GATrConfig, values, "model")
+    return typed_section(config, GATrConfig, "gatr", overrides)

@@ -17,8 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
-from torchmdx.config import bad_key, from_dict, load_yaml, to_dict
-from torchmdx.errors import ConfigError
+from torchmdx.config import bad_key, to_dict
 from torchmdx.nn.gatr.config import WHOLE_STRUCTURE_CUTOFF
 
 
@@ -86,21 +85,6 @@ def transformer_config(config: Union[TransformerConfig, Mapping[str, Any], str, 
                        **overrides) -> TransformerConfig:
     """A :class:`TransformerConfig` from a dict, a YAML path (``model:`` section or bare
     mapping), an existing config, or None (defaults); keyword overrides on top."""
-    if isinstance(config, TransformerConfig):
-        values = to_dict(config)
-    elif config is None:
-        values = {}
-    elif isinstance(config, (str, Path)):
-        data = load_yaml(config)
-        values = data["model"] if isinstance(data.get("model"), Mapping) else data
-    elif isinstance(config, Mapping):
-        values = config["model"] if isinstance(config.get("model"), Mapping) else config
-    else:
-        raise ConfigError(f"model config must be a mapping, a YAML path or a TransformerConfig, got {type(config).__name__}")
-    values = dict(values)
-    values.pop("kind", None)
-    values.update(overrides)
-    from torchmdx.nn.config import check_keys_of_other_architectures
+    from torchmdx.nn.config import typed_section
 
-    check_keys_of_other_architectures(values, "transformer")
-    return from_dict(TransformerConfig, values, "model")
+    return typed_section(config, TransformerConfig, "transformer", overrides)
