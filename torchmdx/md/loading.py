@@ -7,7 +7,7 @@ import torch
 
 from torchmdx.dtypes import torch_dtype
 from torchmdx.devices import check_device  # noqa: F401 - md's device check lives in the foundation
-from torchmdx.errors import ConfigError, ModelError
+from torchmdx.errors import ModelError
 from torchmdx.nn.base import Potential
 
 def as_dtype(dtype) -> torch.dtype:

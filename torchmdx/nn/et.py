@@ -22,7 +22,7 @@ CUDA); for inference the dense parts around it can be compiled (:func:`compiled_
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn

@@ -7,7 +7,6 @@ numbers (the equations are restated in each docstring).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
