@@ -99,8 +99,9 @@ class EffectiveConfig:
     ``init_value``: initial value weights of new layers (0: identity). ``n_shells``: distance
     shells of the readout E_0 + Σ_n J_n Σ S̃_i·S̃_j (null: every shell of the lattice, the
     complete isotropic pair model); ``conv_shells``: shells the queries/keys/values sum over;
-    training: AdamW (``lr``, ``weight_decay``; the readout's E_0 and J_n at ``readout_lr`` x lr),
-    ``epochs`` over mini-batches of ``batch_size``,
+    training: AdamW (``lr``, ``weight_decay``; the readout's E_0 and J_n at ``readout_lr`` x lr;
+    a linear warm-up over ``warmup_epochs``, then a cosine), ``epochs`` over mini-batches of
+    ``batch_size``,
     early stopping after ``patience`` epochs without a better validation error on the
     ``val_fraction`` held out (one split for all models).
     """
@@ -114,6 +115,7 @@ class EffectiveConfig:
     epochs: int = 200
     lr: float = 0.01
     readout_lr: float = 0.01
+    warmup_epochs: int = 10
     weight_decay: float = 0.0
     batch_size: int = 256
     val_fraction: float = 0.2
@@ -125,6 +127,8 @@ class EffectiveConfig:
             bad("layers", f"must list transformer depths >= 1 (the linear model always runs), got {self.layers}")
         if len(set(self.layers)) != len(self.layers):
             bad("layers", f"lists a depth twice: {self.layers}")
+        if self.warmup_epochs < 0:
+            bad("warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         for key in ("heads", "epochs", "batch_size", "patience"):
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")

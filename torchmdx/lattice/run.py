@@ -271,7 +271,7 @@ class SLMCRun:
             report = fit_transformer(model, spins, energies, self.beta, split, self.generator,
                                      epochs=ec.epochs, lr=ec.lr, weight_decay=ec.weight_decay,
                                      batch_size=ec.batch_size, patience=ec.patience, init_readout=init_readout,
-                                     readout_lr=ec.readout_lr,
+                                     readout_lr=ec.readout_lr, warmup=ec.warmup_epochs,
                                      progress=progress)
         finally:
             bar.close()

@@ -7,8 +7,8 @@ The linear model is solved by least squares. A transformer starts either from th
 (its readout holds the linear couplings; its value weights start at ``init_value``, 0 by
 default, which makes it exactly the linear model at the start) or, when grown, from a trained
 shallower transformer (:meth:`EquivariantTransformer.grow_from`: same function at the start).
-It is trained with AdamW (learning rate decaying from ``lr`` to lr/100 over ``epochs`` on a
-cosine; the readout's E_0 and J_n, small numbers already at a least-squares optimum, with
+It is trained with AdamW (learning rate rising linearly over ``warmup`` epochs, then
+decaying from ``lr`` to lr/100 over ``epochs`` on a cosine; the readout's E_0 and J_n, small numbers already at a least-squares optimum, with
 ``readout_lr`` times that rate) on the mean squared error of E_eff - E over the training
 split, and left at the epoch with the lowest validation error, the starting point included
 (early stopping after ``patience`` epochs without improvement). So a fit never ends worse on the validation split
@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -76,7 +77,7 @@ def fit_linear(model: LinearEffectiveModel, spins: torch.Tensor, energies: torch
 def fit_transformer(model: EquivariantTransformer, spins: torch.Tensor, energies: torch.Tensor, beta: float,
                     split: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator, epochs: int = 300,
                     lr: float = 1e-2, weight_decay: float = 0.0, batch_size: int = 256, patience: int = 50,
-                    init_readout: bool = True, readout_lr: float = 0.01,
+                    init_readout: bool = True, readout_lr: float = 0.01, warmup: int = 10,
                     progress: Optional[Callable[[int, float, float], None]] = None) -> FitReport:
     """Train ``model`` and leave it at the epoch with the lowest validation error.
     ``init_readout``: set the readout to the least-squares linear model of the training split
@@ -97,7 +98,7 @@ def fit_transformer(model: EquivariantTransformer, spins: torch.Tensor, energies
     layers = [p for n, p in model.named_parameters() if not n.startswith("readout.")]
     optimiser = torch.optim.AdamW([{"params": layers}, {"params": readout, "lr": lr * readout_lr}], lr=lr,
                                   weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(int(epochs), 1), eta_min=0.01 * lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, partial(_lr_factor, epochs=int(epochs), warmup=warmup))
     best_val = _mse(model, x_val, y_val)
     start = beta * math.sqrt(best_val)
     best_state, since_best = copy.deepcopy(model.state_dict()), 0
@@ -126,6 +127,14 @@ def fit_transformer(model: EquivariantTransformer, spins: torch.Tensor, energies
     train_rmse = residual_rms(model, x_train, y_train)
     val_rmse = residual_rms(model, x_val, y_val)
     return FitReport(train_rmse, val_rmse, beta * val_rmse, epoch, sum(p.numel() for p in model.parameters()), start)
+
+
+def _lr_factor(epoch: int, epochs: int, warmup: int) -> float:
+    """Learning-rate factor after ``epoch`` epochs: a linear rise over ``warmup`` epochs (the
+    first steps of Adam move every weight by ~lr at once, which throws a model that starts at a
+    good fit off it), then a cosine from 1 to 0.01 over ``epochs``."""
+    rise = min(1.0, (epoch + 1) / warmup) if warmup > 0 else 1.0
+    return rise * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / max(epochs, 1))))
 
 
 def _mse(model: torch.nn.Module, spins: torch.Tensor, energies: torch.Tensor) -> float:
