@@ -111,3 +111,22 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, capsys, setting, key):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and f"'{key}'" in err, err
+
+
+def test_previous_runs_add_their_slmc_configurations_to_the_training_data(tmp_path):
+    first = run_slmc(_config(tmp_path / "a", slmc__retrain_every=0), progress=False)
+    assert first["models"][0]["fit"]["configurations"] == 3 * 4  # data: 3 chains x 4 sweeps
+    saved = torch.load(tmp_path / "a" / "configurations_linear.pt", weights_only=True)
+    assert saved["spins"].shape == (6 * 3, 16, 3)  # 6 steps x 3 chains
+    from torchmdx.lattice.fermions import DoubleExchangeModel
+    from torchmdx.lattice.geometry import SquareLattice
+
+    exact = DoubleExchangeModel(SquareLattice(4), 1.0, 8.0, 0.05, saved["mu"])
+    torch.testing.assert_close(saved["omega"], exact.energy(saved["spins"]))  # the stored energies are exact
+    second = run_slmc(_config(tmp_path / "b", slmc__retrain_every=0, data__previous_runs=[str(tmp_path / "a")]),
+                      progress=False)
+    assert second["models"][0]["fit"]["configurations"] == 3 * 4 + 2 * 6 * 3
+    with pytest.raises(Exception, match="config key 'data.previous_runs'.*another model"):
+        run_slmc(_config(tmp_path / "c", data__previous_runs=[str(tmp_path / "a")], lattice__J=4.0), progress=False)
+    with pytest.raises(Exception, match="config key 'data.previous_runs'.*no configurations"):
+        run_slmc(_config(tmp_path / "d", data__previous_runs=[str(tmp_path / "nowhere")]), progress=False)

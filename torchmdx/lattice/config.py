@@ -71,13 +71,16 @@ class DataConfig:
     exact energies to train the effective models on, and the reference observables.
     ``sweeps`` recorded sweeps per chain (one sweep = N single-site updates), one configuration
     per chain every ``every`` sweeps, after ``thermalize_sweeps``. ``step``: width of the local
-    proposal (old spin + step * Gaussian, renormalised); null: uniform on the sphere."""
+    proposal (old spin + step * Gaussian, renormalised); null: uniform on the sphere.
+    ``previous_runs``: run folders of earlier SLMC runs of the same model whose chains'
+    configurations (``configurations_<model>.pt``, with exact Ω) join the training data."""
 
     chains: int = 16
     thermalize_sweeps: int = 50
     sweeps: int = 150
     every: int = 1
     step: Optional[float] = 0.5
+    previous_runs: list[str] = field(default_factory=list)
 
     def validate(self, section: str = "data") -> None:
         bad = partial(bad_key, section)

@@ -19,6 +19,7 @@ Run folder::
     checkpoint.pt         the whole state: stage, chains, RNG state, models, series so far
     data.csv              exact local-update samples
     samples_<model>.csv   SLMC samples (step, chain, accepted, omega, energy, filling, e_eff, m, m_stag)
+    configurations_<model>.pt   the SLMC chain's configurations and exact Ω (data.previous_runs of a later run)
     models/<model>.pt     effective models (torchmdx.lattice.effective.load_effective)
     summary.json, acceptance_vs_layers.png, structure_factor.png
 
@@ -94,6 +95,28 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def load_previous_runs(cfg: SLMCRunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(spins, Ω) of every ``configurations_*.pt`` in the folders ``data.previous_runs``: SLMC
+    configurations of earlier runs of the same lattice model (same lattice section, same μ)."""
+    import yaml
+
+    out = []
+    for folder in cfg.data.previous_runs:
+        folder = Path(folder)
+        files = sorted(folder.glob("configurations_*.pt"))
+        if not files:
+            raise ConfigError(f"config key 'data.previous_runs': {folder} holds no configurations_*.pt "
+                              "(a finished torchmdx slmc run folder)")
+        saved = yaml.safe_load((folder / RESOLVED_CONFIG).read_text()) if (folder / RESOLVED_CONFIG).is_file() else {}
+        if (saved or {}).get("lattice") != to_dict(cfg.lattice):
+            raise ConfigError(f"config key 'data.previous_runs': {folder} sampled another model "
+                              f"(lattice {(saved or {}).get('lattice')}); its energies do not apply here")
+        for path in files:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            out.append((payload["spins"], payload["omega"]))
+    return out
+
+
 class CsvLog:
     """Append rows to a CSV file, flushed after each block; ``rows`` counts data rows so a
     resumed run can cut the file back to its checkpoint."""
@@ -142,6 +165,7 @@ class SLMCRun:
         self.names = model_names(cfg)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.ck: dict = {}
+        self.previous = load_previous_runs(cfg)
 
     # ------------------------------------------------------------------ checkpoints
     def new(self) -> None:
@@ -154,8 +178,17 @@ class SLMCRun:
         if lc.mu is None:
             spins = random_spins(lc.filling_samples, self.n_sites, self.generator)
             self.exact.mu = self.exact.mu_for_filling(lc.filling, spins)
+        self._check_previous_mu()
         self.ck = {"version": 1, "config": self.cfg.to_dict(), "mu": self.exact.mu, "data": None,
                    "results": [], "current": None, "trained": {}}
+
+    def _check_previous_mu(self) -> None:
+        for folder in self.cfg.data.previous_runs:
+            for path in sorted(Path(folder).glob("configurations_*.pt")):
+                mu = torch.load(path, map_location="cpu", weights_only=True)["mu"]
+                if abs(mu - self.exact.mu) > 1e-9:
+                    raise ConfigError(f"config key 'data.previous_runs': {path} was sampled at μ = {mu} "
+                                      f"but this run has μ = {self.exact.mu}")
 
     def save(self) -> None:
         self.ck["generator"] = self.generator.get_state()
@@ -238,10 +271,12 @@ class SLMCRun:
             log.close()
 
     def training_set(self, extra: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This run's exact configurations, those of ``data.previous_runs``, then ``extra``
+        (configurations visited by SLMC, for refits), with their exact Ω."""
         data = self.ck["data"]
         spins = torch.cat(data["samples"])
         energies = torch.cat([r["omega"] for r in data["records"]])
-        for s, e in extra or []:
+        for s, e in self.previous + list(extra or []):
             spins, energies = torch.cat([spins, s]), torch.cat([energies, e])
         return spins, energies
 
@@ -294,8 +329,10 @@ class SLMCRun:
                 smaller.load_state_dict(state)
                 model.grow_from(smaller)
         t0 = time.perf_counter()
-        fit = self.fit(model, *self.training_set(), desc=f"fit {name}", init_readout=grown_from is None)
+        spins, energies = self.training_set()
+        fit = self.fit(model, spins, energies, desc=f"fit {name}", init_readout=grown_from is None)
         fit["grown_from"] = grown_from
+        fit["configurations"] = len(spins)
         fit_seconds = time.perf_counter() - t0
         samples = torch.cat(self.ck["data"]["samples"])
         if len(samples) < sc.chains:
@@ -347,14 +384,14 @@ class SLMCRun:
                 sq = structure_factor(chain.spins, self.lattice)  # [chains, Nq]: per-chain sums
                 current["sq_sum"] = sq if current["sq_sum"] is None else current["sq_sum"] + sq
                 current["local_acceptance"].append(info["local_acceptance"].mean().item())
-                if sc.retrain_every:
-                    current["visited"].append((chain.spins.clone(), chain.energy.clone()))
+                current["visited"].append((chain.spins.clone(), chain.energy.clone()))
                 log.write([[step, c, int(accept[c])] + [float(values[k][c]) for k in SAMPLE_FIELDS[3:]]
                            for c in range(sc.chains)])
                 current["csv_rows"] = log.rows
                 if sc.retrain_every and step % sc.retrain_every == 0 and step < sc.steps:
                     spins, energies = self.training_set(current["visited"])
                     fit = self.fit(model, spins, energies, desc=f"refit {name}", init_readout=False)
+                    fit["configurations"] = len(spins)
                     current["fits"].append(fit)
                     current["fit"] = fit
                     current["state_dict"] = model.state_dict()
@@ -402,6 +439,11 @@ class SLMCRun:
         model_dir.mkdir(exist_ok=True)
         save_effective(model, model_dir / f"{current['name']}.pt",
                        {"lattice": to_dict(self.cfg.lattice), "mu": self.exact.mu, "fit": current["fit"]})
+        # the configurations this chain visited, with exact Ω: training data for later runs
+        visited = current["visited"]
+        with atomic_write(self.run_dir / f"configurations_{current['name']}.pt") as f:
+            torch.save({"lattice": to_dict(self.cfg.lattice), "mu": self.exact.mu,
+                        "spins": torch.cat([v[0] for v in visited]), "omega": torch.cat([v[1] for v in visited])}, f)
         self.ck["results"].append(result)
         self.ck["trained"][current["name"]] = (model.hyper(), model.state_dict())
         self.ck["current"] = None
