@@ -41,7 +41,19 @@ def element_symbol(z: int) -> str:
 class NormalisedPotential(Potential):
     """A :class:`Potential` whose per-atom energies go through the normalisation above.
     Subclasses call :meth:`register_normalisation` in ``__init__`` and
-    :meth:`normalised_energies` in ``atomic_energies``; they have ``config.max_z``."""
+    :meth:`normalised_energies` in ``atomic_energies``; they have ``config`` (with ``max_z`` and
+    ``to_dict``) and ``representation.embedding``."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The network's floating dtype (its representation's embedding table)."""
+        return self.representation.embedding.weight.dtype
+
+    def hparams(self) -> dict:
+        """Constructor arguments (the config, with the current dtype), plain Python."""
+        values = self.config.to_dict()
+        values["dtype"] = "float64" if self.dtype == torch.float64 else "float32"
+        return values
 
     def register_normalisation(self, max_z: int) -> None:
         """The normalisation buffers (identity: no references, scale 1) and every element known."""

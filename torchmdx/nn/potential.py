@@ -75,16 +75,9 @@ class ETPotential(NormalisedPotential):
         self._frozen: list = []  # parameters set_compiled(True) froze
 
     # ------------------------------------------------------------------ description / files
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.representation.embedding.weight.dtype
-
     def hparams(self) -> dict:
-        """Constructor arguments (the config, with the current dtype), plain Python."""
-        values = self.config.to_dict()
-        values["dtype"] = "float64" if self.dtype == torch.float64 else "float32"
-        values["backend"] = self.backend
-        return values
+        """Constructor arguments (the config, with the current dtype and backend), plain Python."""
+        return {**super().hparams(), "backend": self.backend}
 
     # ------------------------------------------------------------------ inference speed
     def set_compiled(self, enabled: bool = True) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Mapping, Union
 
-import torch
 
 from torchmdx.dtypes import torch_dtype
 from torchmdx.errors import ModelError
@@ -47,16 +46,6 @@ class EquiformerPotential(NormalisedPotential):
         with _construction(dtype, cfg.seed):
             self.representation = EquiformerRepresentation(cfg)
         self.register_normalisation(cfg.max_z)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.representation.embedding.weight.dtype
-
-    def hparams(self) -> dict:
-        """Constructor arguments (the config, with the current dtype), plain Python."""
-        values = self.config.to_dict()
-        values["dtype"] = "float64" if self.dtype == torch.float64 else "float32"
-        return values
 
     def atomic_energies(self, graph: Graph, return_hidden: bool = False):
         """Per-atom energies t_a (eV, float64); with ``return_hidden`` also the hidden irreps

@@ -73,15 +73,6 @@ class AttentionPotential(NormalisedPotential):
             self.representation = type(self).representation_class(cfg)
         self.register_normalisation(cfg.max_z)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.representation.embedding.weight.dtype
-
-    def hparams(self) -> dict:
-        values = self.config.to_dict()
-        values["dtype"] = "float64" if self.dtype == torch.float64 else "float32"
-        return values
-
     def neighbors(self, pos, batch, cell, pbc, cutoff=None, max_pairs=None):
         refuse_periodic(self.kind, cell, pbc)
         return super().neighbors(pos, batch, cell, pbc, cutoff=cutoff, max_pairs=max_pairs)
