@@ -48,6 +48,7 @@ def run(case):
         "num_pairs": int(nb.num_pairs),
         "overflow": bool(nb.overflow),
         "mask": nb.mask,
+        "cell_error": None if nb.cell_error is None else int(nb.cell_error),
     }
     return out
 

@@ -342,6 +342,18 @@ def build_cases():
             cases.append({"name": f"skin-{kind}-{tag}", "call": "needs_rebuild",
                           "args": dict(pos=torch.tensor(moved), reference_pos=torch.tensor(pos), skin=2.0,
                                        cell=torch.tensor(cell), pbc=torch.tensor(pbc))})
+    # the geometry built on the device at every call (cell_check="device", for captured steps):
+    # the same lists as the host-checked path, and bad cells reported instead of raised
+    twins = ("mixed-", "batched-", "triclinic-0.4999", "triclinic_rotated-0.3", "lattice-cut3.0-f64",
+             "half-width-exact")
+    for case in list(cases):
+        if case["call"] == "nl" and case["name"].startswith(twins):
+            cases.append({"name": "device-" + case["name"], "call": "nl", "config": case.get("config", {}),
+                          "args": dict(case["args"], cell_check="device")})
+    for name in ("refuse-half-width", "refuse-singular"):
+        twin = next(c for c in cases if c["name"] == name)
+        cases.append({"name": "device-" + name, "call": "nl",
+                      "args": dict(twin["args"], cell_check="device", max_pairs=64)})
     return cases
 
 
@@ -362,7 +374,8 @@ def interpreted(tmp_path_factory):
 
 
 CASE_NAMES = [c["name"] for c in build_cases()]
-NL_CASES = [n for n in CASE_NAMES if not n.startswith(("refuse", "error", "skin", "capacity", "dispatch"))]
+NL_CASES = [n for n in CASE_NAMES if not n.startswith(("refuse", "error", "skin", "capacity", "dispatch",
+                                                       "device-refuse"))]
 
 
 def reference(args, **override):
@@ -504,6 +517,24 @@ def test_interpreter_errors(interpreted):
     assert results["error-nan"].get("error") == "NeighborListError"
     assert "atom 1" in results["error-nan"]["message"]
     assert results["error-pbc-without-cell"].get("error") == "NeighborListError"
+
+
+def test_interpreter_device_cell_check(interpreted):
+    """cell_check="device": lists equal to the host-checked ones (above: every device-* case
+    against enumeration and the reference); a bad cell is reported in cell_error, not raised,
+    as 4 * structure + code (cell_geometry.NARROW = 3, SINGULAR = 2)."""
+    cases, results = interpreted
+    for name in CASE_NAMES:
+        if name.startswith("device-") and not name.startswith("device-refuse"):
+            assert results[name]["cell_error"] == -1, name
+            host = results[name[len("device-"):]]
+            assert results[name]["num_pairs"] == host["num_pairs"] and host["cell_error"] is None
+    narrow = results["device-refuse-half-width"]
+    assert "error" not in narrow and narrow["cell_error"] == 0 * 4 + 3
+    singular = results["device-refuse-singular"]
+    assert "error" not in singular and singular["cell_error"] == 0 * 4 + 2
+    ref = neighbors_ref.neighbor_list(**cases["device-refuse-half-width"]["args"])
+    assert int(ref.cell_error) == 3
 
 
 def test_interpreter_dispatch(interpreted):

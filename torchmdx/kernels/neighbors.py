@@ -54,6 +54,10 @@ class Neighbors:
                 it exceeds ``max_pairs`` and tells the caller how far to grow the buffer)
     overflow:   0-d bool tensor, True if more pairs existed than ``max_pairs``
     mask:       [E] bool, valid rows (None when every row is valid)
+    cell_error: 0-d long tensor with ``cell_check="device"``: -1 when every cell is usable, else
+                ``4 * structure + code`` of the first bad one (the list is then unusable;
+                :func:`torchmdx.kernels.cell_geometry.describe_problem`); None when cells were
+                checked on the host (a bad cell raised)
     """
 
     edge_index: torch.Tensor
@@ -63,6 +67,7 @@ class Neighbors:
     num_pairs: torch.Tensor
     overflow: torch.Tensor
     mask: Optional[torch.Tensor] = None
+    cell_error: Optional[torch.Tensor] = None
 
 
 def neighbor_list(
@@ -77,12 +82,16 @@ def neighbor_list(
     max_pairs: Optional[int] = None,
     backend: str = "auto",
     method: str = "auto",
+    cell_check: str = "host",
 ) -> Neighbors:
     """All pairs with ``cutoff_lower <= |r_ij| < cutoff`` (Å), under minimum image.
 
     pos [N, 3] Å; batch [N] long (None: one structure); cell [B, 3, 3] or [3, 3] Å (rows are
     lattice vectors); pbc [B, 3] or [3] bool. ``method`` is ``"brute"``, ``"cell"`` or
-    ``"auto"`` (brute force for small structures, cell list for large ones).
+    ``"auto"`` (brute force for small structures, cell list for large ones). ``cell_check``:
+    ``"host"`` (each new cell validated once on the host; a bad one raises) or ``"device"``
+    (checked on the device at every call, reported in ``Neighbors.cell_error``; for CUDA graphs
+    whose cell buffer changes between replays).
     Raises :class:`torchmdx.errors.NeighborListError` when the cutoff exceeds half the
     perpendicular width of a periodic box (minimum image would miss pairs).
     """
@@ -93,14 +102,14 @@ def neighbor_list(
 
         return neighbors_ref.neighbor_list(
             pos, cutoff, batch, cell, pbc, cutoff_lower=cutoff_lower, full=full,
-            max_pairs=max_pairs, method=method,
+            max_pairs=max_pairs, method=method, cell_check=cell_check,
         )
     if backend == "triton":
         from torchmdx.kernels import neighbors_triton
 
         return neighbors_triton.neighbor_list(
             pos, cutoff, batch, cell, pbc, cutoff_lower=cutoff_lower, full=full,
-            max_pairs=max_pairs, method=method,
+            max_pairs=max_pairs, method=method, cell_check=cell_check,
         )
     from torchmdx.errors import NeighborListError
 

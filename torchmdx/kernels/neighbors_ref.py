@@ -306,6 +306,7 @@ def neighbor_list(
     max_pairs: Optional[int] = None,
     method: str = "auto",
     allow_multiple_images: bool = False,
+    cell_check: str = "host",
 ) -> Neighbors:
     """All pairs with ``cutoff_lower <= |r_ij| < cutoff`` (Å); see the module docstring.
 
@@ -315,6 +316,8 @@ def neighbor_list(
     fixed-capacity output (padding rows i = j = N-1, ``mask``, ``overflow``); ``method`` is
     ``"brute"``, ``"cell"`` or ``"auto"`` (brute force when every structure has at most
     :data:`BRUTE_FORCE_MAX_ATOMS` atoms). The neighbor list carries no gradient.
+    ``cell_check="device"``: a bad cell does not raise; it is reported in ``cell_error`` (as the
+    Triton backend does, :mod:`torchmdx.kernels.neighbors`) and its structure is treated as open.
     """
     cutoff = float(cutoff)
     cutoff_lower = float(cutoff_lower)
@@ -334,7 +337,17 @@ def neighbor_list(
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0, 0])
             raise NeighborListError(f"atom {bad} has a non-finite position {pos[bad].tolist()}")
+    if cell_check not in ("host", "device"):
+        raise NeighborListError(f"unknown cell_check {cell_check!r}; choose host or device")
     batch, num_structures, cell, pbc = _as_structure_tensors(pos, batch, cell, pbc)
+    cell_error = None
+    if cell_check == "device" and cell is not None:
+        from torchmdx.kernels.cell_geometry import cell_geometry, first_bad_structure
+
+        found = cell_geometry(cell, pbc)
+        cell_error = first_bad_structure(found, cutoff)
+        if int(cell_error) >= 0:  # this backend is host code: drop the periodicity of bad cells
+            pbc = pbc & found.periodic.unsqueeze(-1) & ~(found.widths < 2.0 * cutoff).any(-1, keepdim=True)
 
     # atoms of each structure (global indices), in input order
     order = torch.argsort(batch, stable=True)
@@ -383,8 +396,11 @@ def neighbor_list(
             distances=distances,
             num_pairs=torch.tensor(num, dtype=torch.long, device=device),
             overflow=torch.tensor(False, device=device),
+            cell_error=cell_error,
         )
-    return pad_neighbors(edge_index, shifts, vectors, distances, int(max_pairs), n_atoms)
+    out = pad_neighbors(edge_index, shifts, vectors, distances, int(max_pairs), n_atoms)
+    out.cell_error = cell_error
+    return out
 
 
 def pad_neighbors(edge_index, shifts, vectors, distances, max_pairs: int, n_atoms: int) -> Neighbors:

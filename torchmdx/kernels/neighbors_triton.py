@@ -71,6 +71,7 @@ import numpy as np
 import torch
 
 from torchmdx.errors import NeighborListError
+from torchmdx.kernels.cell_geometry import GEO_WIDTH, cell_geometry, describe_problem, first_bad_structure
 from torchmdx.kernels.neighbors import Neighbors
 
 try:  # triton is a Linux dependency; elsewhere this backend reports itself unavailable
@@ -115,9 +116,8 @@ CONFIG = {
     "bin_block": 256,
 }
 
-#: per structure: cell h (9, open rows zeroed), inverse of the completed cell (9), pbc (3), widths (3),
-#: inverse with the columns of open directions zeroed (9; the minimum image needs no pbc flags)
-_GEO_WIDTH = 33
+#: numbers per structure in the geometry rows (:mod:`torchmdx.kernels.cell_geometry`)
+_GEO_WIDTH = GEO_WIDTH
 
 
 def interpreting() -> bool:
@@ -783,95 +783,41 @@ _GEOMETRY_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _GEOMETRY_CACHE_SIZE = 32
 
 
-def _complete_rows(cell: np.ndarray, periodic: np.ndarray) -> np.ndarray:
-    """Replace non-periodic rows of ``cell`` [3,3] by an orthonormal complement of the periodic ones."""
-    if periodic.all():
-        return cell.copy()
-    basis = []
-    for k in range(3):
-        if periodic[k]:
-            v = cell[k].astype(np.float64).copy()
-            for b in basis:
-                v -= (v @ b) * b
-            norm = np.linalg.norm(v)
-            if norm > 0:
-                basis.append(v / norm)
-    complement = []
-    for axis in np.eye(3):
-        v = axis.copy()
-        for b in basis + complement:
-            v -= (v @ b) * b
-        norm = np.linalg.norm(v)
-        if norm > 1e-6:
-            complement.append(v / norm)
-    out = cell.astype(np.float64).copy()
-    c = 0
-    for k in range(3):
-        if not periodic[k]:
-            out[k] = complement[c]
-            c += 1
-    return out
-
-
 def _build_geometry(cell, pbc, device, dtype) -> _Geometry:
-    cell_h = None if cell is None else torch.as_tensor(cell).detach().to("cpu", torch.float64).numpy()
-    pbc_h = None if pbc is None else torch.as_tensor(pbc).detach().to("cpu").bool().numpy()
-    if cell_h is not None:
-        if cell_h.ndim == 2:
-            cell_h = cell_h[None]
-        if cell_h.ndim != 3 or cell_h.shape[1:] != (3, 3):
+    """Validate shapes, build the geometry on the device (:func:`cell_geometry`), read it back
+    once for the checks and the kernel flags; problems raise one-line NeighborListErrors."""
+    cell_t = None if cell is None else torch.as_tensor(cell).detach()
+    pbc_t = None if pbc is None else torch.as_tensor(pbc).detach().bool()
+    if cell_t is not None:
+        if cell_t.dim() == 2:
+            cell_t = cell_t.unsqueeze(0)
+        if cell_t.dim() != 3 or tuple(cell_t.shape[1:]) != (3, 3):
             raise NeighborListError(f"cell must have shape [3, 3] or [B, 3, 3] (rows are lattice vectors, Å), got {list(cell.shape)}")
-    if pbc_h is not None:
-        if pbc_h.ndim == 1:
-            pbc_h = pbc_h[None]
-        if pbc_h.ndim != 2 or pbc_h.shape[1] != 3:
+    if pbc_t is not None:
+        if pbc_t.dim() == 1:
+            pbc_t = pbc_t.unsqueeze(0)
+        if pbc_t.dim() != 2 or pbc_t.shape[1] != 3:
             raise NeighborListError(f"pbc must have shape [3] or [B, 3], got {list(pbc.shape)}")
-        if pbc_h.any() and cell_h is None:
+        if bool(pbc_t.any()) and cell_t is None:
             raise NeighborListError("periodic boundary conditions were given without a cell")
-    if pbc_h is None or not pbc_h.any():
+    if pbc_t is None or not bool(pbc_t.any()):
         return _open_geometry()
-    rows = max(cell_h.shape[0], pbc_h.shape[0])
-    if cell_h.shape[0] not in (1, rows) or pbc_h.shape[0] not in (1, rows):
+    rows = max(cell_t.shape[0], pbc_t.shape[0])
+    if cell_t.shape[0] not in (1, rows) or pbc_t.shape[0] not in (1, rows):
         raise NeighborListError(f"cell {list(cell.shape)} and pbc {list(pbc.shape)} disagree on the number of structures")
-    cells = np.broadcast_to(cell_h, (rows, 3, 3)).copy()
-    pbcs = np.broadcast_to(pbc_h, (rows, 3)).copy()
-    any_per = pbcs.any(1)
-    bad = any_per & ~np.isfinite(np.where(pbcs[:, :, None], cells, 0.0)).all((1, 2))
-    if bad.any():
-        b = int(np.nonzero(bad)[0][0])
-        raise NeighborListError(f"structure {b}: the cell holds non-finite values (rows {cells[b].tolist()} Å)")
-    completed = np.where(pbcs[:, :, None], cells, 0.0)
-    completed[~any_per] = np.eye(3)
-    for b in np.nonzero(any_per & ~pbcs.all(1))[0]:  # slabs and wires (usually few)
-        completed[b] = _complete_rows(cells[b], pbcs[b])
-    # triple product (exact for orthogonal cells, unlike an LU determinant)
-    volume = np.abs(np.einsum("bd,bd->b", completed[:, 0], np.cross(completed[:, 1], completed[:, 2])))
-    singular = any_per & ~(np.isfinite(volume) & (volume > 1e-12))
-    if singular.any():
-        b = int(np.nonzero(singular)[0][0])
-        raise NeighborListError(
-            f"structure {b}: the cell of the periodic directions is singular (rows {cells[b].tolist()} Å)"
-        )
-    inverse = np.linalg.inv(completed)
-    areas = np.stack([
-        np.linalg.norm(np.cross(completed[:, 1], completed[:, 2]), axis=-1),
-        np.linalg.norm(np.cross(completed[:, 2], completed[:, 0]), axis=-1),
-        np.linalg.norm(np.cross(completed[:, 0], completed[:, 1]), axis=-1),
-    ], -1)
-    w = volume[:, None] / areas
-    h = np.where(pbcs[:, :, None], cells, 0.0)
-    geo = np.zeros((rows, _GEO_WIDTH), dtype=np.float64)
-    geo[:, 0:9] = h.reshape(rows, 9)
-    geo[:, 9:18] = inverse.reshape(rows, 9)
-    geo[:, 18:21] = pbcs
-    geo[:, 21:24] = w
-    geo[:, 24:33] = (inverse * pbcs[:, None, :]).reshape(rows, 9)
+    geometry = cell_geometry(cell_t.to(device), pbc_t.to(device), torch.float64)
+    geo, problem = geometry.geo.cpu().numpy(), geometry.problem.cpu().numpy()
+    bad = np.nonzero(problem)[0]
+    if bad.size:
+        b = int(bad[0])
+        raise NeighborListError(describe_problem(b * 4 + int(problem[b]), cell_t.expand(rows, 3, 3),
+                                                 pbc_t.expand(rows, 3), 0.0))
+    h, inverse = geo[:, 0:9].reshape(rows, 3, 3), geo[:, 9:18].reshape(rows, 3, 3)
     off = ~np.eye(3, dtype=bool)
     triclinic = bool(np.any(h[:, off] != 0) or np.any(inverse[:, off] != 0))
-    widths = np.where(pbcs, w, np.inf)
-    has_open = bool((~pbcs).any())
-    tensor = torch.tensor(geo, dtype=dtype).to(device)
-    return _Geometry(tensor, rows, True, triclinic, has_open, widths, pbcs)
+    pbcs = geo[:, 18:21] != 0
+    widths = geometry.widths.cpu().numpy()
+    return _Geometry(geometry.geo.to(dtype), rows, True, triclinic, bool((~pbcs).any()), widths, pbcs)
 
 
 def _open_geometry() -> _Geometry:
@@ -1025,6 +971,7 @@ def neighbor_list(
     full: bool = True,
     max_pairs: Optional[int] = None,
     method: str = "auto",
+    cell_check: str = "host",
 ) -> Neighbors:
     """All pairs with ``cutoff_lower <= |r_ij| < cutoff`` (Å) under minimum image, on the GPU.
 
@@ -1033,7 +980,12 @@ def neighbor_list(
     lattice vectors); pbc [B, 3] or [3] bool. ``full``: both (i, j) and (j, i), else i < j only.
     ``max_pairs``: fixed-capacity output, no host synchronisation (see the module docstring).
     ``method``: ``"brute"``, ``"cell"`` or ``"auto"`` (brute force for structures of at most
-    :data:`BRUTE_FORCE_MAX_ATOMS` atoms). Returns :class:`torchmdx.kernels.neighbors.Neighbors`.
+    :data:`BRUTE_FORCE_MAX_ATOMS` atoms). ``cell_check``: ``"host"`` validates each new cell once
+    on the host (cached) and raises; ``"device"`` builds the geometry from ``cell`` and ``pbc`` on
+    the device at every call (capturable, for static buffers rewritten between CUDA-graph replays)
+    and reports a bad cell in ``Neighbors.cell_error`` instead of raising (the list is then
+    unusable; :func:`torchmdx.kernels.cell_geometry.describe_problem` says why).
+    Returns :class:`torchmdx.kernels.neighbors.Neighbors`.
     """
     cutoff = float(cutoff)
     cutoff_lower = float(cutoff_lower)
@@ -1049,6 +1001,8 @@ def neighbor_list(
         max_pairs = int(max_pairs)
         if max_pairs < 0:
             raise NeighborListError(f"max_pairs must be >= 0, got {max_pairs}")
+    if cell_check not in ("host", "device"):
+        raise NeighborListError(f"unknown cell_check {cell_check!r}; choose host or device")
     _require(pos)
     out_dtype = pos.dtype
     work = pos.detach()
@@ -1064,7 +1018,14 @@ def neighbor_list(
         if batch.shape != (n_atoms,):
             raise NeighborListError(f"batch must have shape [{n_atoms}] (one entry per atom), got {list(batch.shape)}")
         batch = batch.long().contiguous()
-    geometry = _geometry(cell, pbc, device, dtype)
+    cell_error = None
+    if cell_check == "device" and cell is not None and pbc is not None:
+        # every call, on the device: a captured step sees the cell of the batch it replays on
+        found = cell_geometry(torch.as_tensor(cell, device=device), torch.as_tensor(pbc, device=device), dtype)
+        cell_error = first_bad_structure(found, cutoff)
+        geometry = _Geometry(found.geo, found.geo.shape[0], True, True, True, None, None)
+    else:
+        geometry = _geometry(cell, pbc, device, dtype)
 
     structures = None
     largest = n_atoms
@@ -1088,10 +1049,13 @@ def neighbor_list(
             return _unsorted_batch(pos, cutoff, batch, cell, pbc, cutoff_lower, full, method)
     elif not has_batch:
         structures = 1
-    _check_widths(geometry, cutoff, structures)
+    if cell_error is None:
+        _check_widths(geometry, cutoff, structures)
 
     if n_atoms == 0:
-        return _empty(max_pairs, device, out_dtype)
+        result = _empty(max_pairs, device, out_dtype)
+        result.cell_error = cell_error
+        return result
     if not has_batch:
         start = end = batch = work  # placeholders, never read (HAS_BATCH=False)
     if method == "auto":
@@ -1228,7 +1192,7 @@ def neighbor_list(
     if out_dtype != dtype:
         shifts, vectors, distances = shifts.to(out_dtype), vectors.to(out_dtype), distances.to(out_dtype)
     return Neighbors(edge_index=ei, shifts=shifts, vectors=vectors, distances=distances,
-                     num_pairs=num_pairs, overflow=overflow, mask=mask)
+                     num_pairs=num_pairs, overflow=overflow, mask=mask, cell_error=cell_error)
 
 
 def _cell_parts(n_atoms: int) -> int:

@@ -1,0 +1,169 @@
+"""Per-structure cell geometry for the Triton neighbor lists, computed on the device.
+
+For structure b with lattice rows a_0, a_1, a_2 (Å, ASE's convention) and periodic flags p_k:
+
+1. *Completed cell* C: the periodic rows, with every non-periodic row replaced by a unit vector
+   of an orthonormal basis of the complement of the periodic rows' span:
+   - 3 periodic rows: C = cell;
+   - 2 periodic rows a, b: the open row is (a x b) / |a x b|;
+   - 1 periodic row a: the open rows are u = (a x e) / |a x e| (e the coordinate axis least
+     aligned with a) and v = (a / |a|) x u, in that order;
+   - none: the identity (the structure is not periodic; its cell is ignored).
+   Fractional coordinates s = r @ C^-1 then measure the periodic directions exactly, and
+   along the open ones they are Cartesian coordinates orthogonal to the periodic span.
+2. C^-1 by the adjugate: the columns of C^-1 are (a_1 x a_2, a_2 x a_0, a_0 x a_1) / V with
+   V = a_0 . (a_1 x a_2) (exact for orthogonal cells, no LU pivoting, no host synchronisation).
+3. Perpendicular widths d_k = |V| / |a_l x a_m| (Å); minimum image is exact for a cutoff r_c
+   when d_k >= 2 r_c along every periodic direction.
+
+Everything is torch on the cell's device, in float64, with no host read, so a CUDA graph can
+capture it (training steps on periodic batches rebuild the geometry of every batch inside the
+graph, :func:`torchmdx.kernels.neighbors_triton.neighbor_list` with ``cell_check="device"``).
+Problems are reported as data, not exceptions: :attr:`CellGeometry.problem` (per structure) and
+:func:`first_bad_structure`; the host path turns them into one-line errors.
+
+Row layout of :attr:`CellGeometry.geo` (``GEO_WIDTH`` = 33 numbers per structure, read by the
+kernels): h = the cell with open rows zeroed (9), C^-1 (9), pbc flags (3), widths d of C (3; 1 for a
+structure that is not periodic),
+C^-1 with the columns of open directions zeroed (9; the minimum-image shift
+n = -round(d @ that) needs no pbc flags). A structure with a problem gets the row of a
+non-periodic structure (so no kernel sees a NaN or an infinite width).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: numbers per structure in :attr:`CellGeometry.geo`
+GEO_WIDTH = 33
+#: problem codes of :attr:`CellGeometry.problem`
+OK, NON_FINITE, SINGULAR, NARROW = 0, 1, 2, 3
+#: smallest |V| (Å^3) of a completed periodic cell
+MIN_VOLUME = 1e-12
+
+
+@dataclass
+class CellGeometry:
+    """geo [B, 33] (module docstring) in the requested dtype; widths [B, 3] float64 (Å; inf for
+    open directions and problem structures); problem [B] long (OK, NON_FINITE, SINGULAR);
+    periodic [B] bool (some direction periodic and no problem)."""
+
+    geo: torch.Tensor
+    widths: torch.Tensor
+    problem: torch.Tensor
+    periodic: torch.Tensor
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    norm = v.norm(dim=-1, keepdim=True)
+    return v / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def completed_cells(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+    """C [B, 3, 3] (float64) of ``cell`` [B, 3, 3] Å and ``pbc`` [B, 3] bool (module docstring, 1)."""
+    cell = cell.to(torch.float64)
+    pbc = pbc.bool()
+    B = cell.shape[0]
+    eye = torch.eye(3, dtype=torch.float64, device=cell.device).expand(B, 3, 3)
+    h = torch.where(pbc.unsqueeze(-1), cell, torch.zeros_like(cell))
+    count = pbc.sum(-1)
+    # two periodic rows: the normal of their plane (h has the open row zeroed, so summing the
+    # three pairwise cross products leaves the one of the two periodic rows)
+    normal = _unit(torch.linalg.cross(h[:, 1], h[:, 2]) + torch.linalg.cross(h[:, 2], h[:, 0])
+                   + torch.linalg.cross(h[:, 0], h[:, 1]))
+    # one periodic row a (the sum of h's rows): u ⊥ a from the coordinate axis least aligned with a
+    a = h.sum(1)
+    axis = torch.nn.functional.one_hot(a.abs().argmin(-1), 3).to(torch.float64)
+    u = _unit(torch.linalg.cross(a, axis))
+    v = torch.linalg.cross(_unit(a), u)
+    # rank of each open row among the open rows (1 or 2)
+    rank = torch.cumsum((~pbc).long(), -1)
+    open_row = torch.where((count == 2).view(B, 1, 1), normal.unsqueeze(1).expand(B, 3, 3),
+                           torch.where((rank == 1).unsqueeze(-1), u.unsqueeze(1), v.unsqueeze(1)))
+    completed = torch.where(pbc.unsqueeze(-1), cell, open_row)
+    return torch.where((count == 0).view(B, 1, 1), eye, completed)
+
+
+def cell_geometry(cell: torch.Tensor, pbc: torch.Tensor, dtype: torch.dtype = torch.float64) -> CellGeometry:
+    """:class:`CellGeometry` of ``cell`` [B, 3, 3] or [3, 3] (Å) and ``pbc`` [B, 3] or [3] (bool),
+    broadcast against each other, on their device; ``geo`` in ``dtype``. No host read."""
+    cell = torch.as_tensor(cell)
+    pbc = torch.as_tensor(pbc, device=cell.device).bool()
+    if cell.dim() == 2:
+        cell = cell.unsqueeze(0)
+    if pbc.dim() == 1:
+        pbc = pbc.unsqueeze(0)
+    B = max(cell.shape[0], pbc.shape[0])
+    cell = cell.to(torch.float64).expand(B, 3, 3)
+    pbc = pbc.expand(B, 3)
+    any_periodic = pbc.any(-1)
+    # only the periodic rows count (a slab's open row may hold anything, NaN included)
+    h = torch.where(pbc.unsqueeze(-1), cell, torch.zeros_like(cell))
+    finite = torch.isfinite(h).all(-1).all(-1)
+    safe_cell = torch.where(finite.view(B, 1, 1), cell, torch.eye(3, dtype=torch.float64, device=cell.device))
+    completed = completed_cells(safe_cell, pbc)
+    c0, c1, c2 = completed[:, 0], completed[:, 1], completed[:, 2]
+    x12, x20, x01 = torch.linalg.cross(c1, c2), torch.linalg.cross(c2, c0), torch.linalg.cross(c0, c1)
+    volume = (c0 * x12).sum(-1)
+    singular = ~(torch.isfinite(volume) & (volume.abs() > MIN_VOLUME))
+    problem = torch.where(any_periodic & ~finite, torch.full_like(volume, NON_FINITE, dtype=torch.long),
+                          torch.where(any_periodic & singular, torch.full_like(volume, SINGULAR, dtype=torch.long),
+                                      torch.zeros_like(volume, dtype=torch.long)))
+    usable = any_periodic & (problem == OK)
+    safe_volume = torch.where(usable, volume, torch.ones_like(volume))
+    inverse = torch.stack([x12, x20, x01], -1) / safe_volume.view(B, 1, 1)
+    areas = torch.stack([x12.norm(dim=-1), x20.norm(dim=-1), x01.norm(dim=-1)], -1)
+    raw_widths = safe_volume.abs().unsqueeze(-1) / torch.where(areas > 0, areas, torch.ones_like(areas))
+    # the kernels read the completed cell's widths (1 for a structure that is not periodic)
+    raw_widths = torch.where(usable.unsqueeze(-1), raw_widths, torch.ones_like(raw_widths))
+    periodic_rows = pbc & usable.unsqueeze(-1)
+    widths = torch.where(periodic_rows, raw_widths, torch.full_like(raw_widths, float("inf")))
+    eye = torch.eye(3, dtype=torch.float64, device=cell.device).expand(B, 3, 3)
+    inverse = torch.where(usable.view(B, 1, 1), inverse, eye)
+    h = torch.where(periodic_rows.unsqueeze(-1), cell, torch.zeros_like(cell))
+    flags = periodic_rows.to(torch.float64)
+    geo = torch.cat([
+        h.reshape(B, 9),
+        inverse.reshape(B, 9),
+        flags,
+        raw_widths,
+        (inverse * flags.unsqueeze(1)).reshape(B, 9),
+    ], -1)
+    return CellGeometry(geo.to(dtype), widths, problem, usable)
+
+
+def narrow(geometry: CellGeometry, cutoff: float) -> torch.Tensor:
+    """[B] bool: a periodic width below 2 ``cutoff`` (minimum image would miss pairs)."""
+    return (geometry.widths < 2.0 * float(cutoff) * (1.0 - 1e-12)).any(-1)
+
+
+def first_bad_structure(geometry: CellGeometry, cutoff: float) -> torch.Tensor:
+    """0-d long tensor: ``index * 4 + code`` of the first structure whose cell cannot be used with
+    ``cutoff`` (code NON_FINITE, SINGULAR or NARROW), -1 when every cell is fine. No host read."""
+    code = torch.where(geometry.problem != OK, geometry.problem,
+                       torch.where(narrow(geometry, cutoff), torch.full_like(geometry.problem, NARROW),
+                                   torch.zeros_like(geometry.problem)))
+    index = torch.arange(code.shape[0], device=code.device)
+    none = torch.full_like(index, torch.iinfo(torch.long).max)
+    first = torch.where(code != OK, index * 4 + code, none).min()
+    return torch.where(first == torch.iinfo(torch.long).max, torch.full_like(first, -1), first)
+
+
+def describe_problem(value: int, cell, pbc, cutoff: float) -> str:
+    """One line for a :func:`first_bad_structure` value (host; ``cell`` [B,3,3], ``pbc`` [B,3])."""
+    b, code = divmod(int(value), 4)
+    cell_b = torch.as_tensor(cell).reshape(-1, 3, 3)[min(b, torch.as_tensor(cell).reshape(-1, 3, 3).shape[0] - 1)]
+    pbc_all = torch.as_tensor(pbc).reshape(-1, 3)
+    pbc_b = pbc_all[min(b, pbc_all.shape[0] - 1)].bool()
+    rows = cell_b.detach().to("cpu", torch.float64).tolist()
+    if code == NON_FINITE:
+        return f"structure {b}: the cell holds non-finite values (rows {rows} Å)"
+    if code == SINGULAR:
+        return f"structure {b}: the cell of the periodic directions is singular (rows {rows} Å)"
+    widths = cell_geometry(cell_b.to("cpu"), pbc_b.to("cpu")).widths[0]
+    listed = ", ".join(f"{'abc'[k]} {float(widths[k]):.4g}" for k in range(3) if bool(pbc_b[k]))
+    return (f"structure {b}: cutoff {cutoff:g} Å is larger than half the perpendicular width of the "
+            f"periodic box (widths {listed} Å); minimum image needs widths >= {2 * cutoff:g} Å "
+            f"(use a larger box or a smaller cutoff)")
