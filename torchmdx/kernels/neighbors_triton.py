@@ -13,8 +13,10 @@ interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported).
 Minimum image
 -------------
 Each structure's cell is *completed* (rows of non-periodic directions replaced by an
-orthonormal complement of the periodic rows) and inverted on the host, once per cell tensor
-(cached by tensor identity and version). For a pair, s = (pos_j - pos_i) @ inv(cell) and
+orthonormal complement of the periodic rows) and inverted on the device
+(:mod:`torchmdx.kernels.cell_geometry`); by default it is checked on the host once per cell
+tensor (cached by tensor identity and version), with ``cell_check="device"`` rebuilt and checked
+on the device at every call (``Neighbors.cell_error``; for CUDA graphs). For a pair, s = (pos_j - pos_i) @ inv(cell) and
 n = -round(s) along periodic directions. When the cutoff is at most half of every periodic
 perpendicular width d_k = V / |a_l x a_m| this is exact for triclinic cells too: a vector r with
 |r| < cutoff has |r . b_k| <= |r| / d_k < 1/2 for every reciprocal vector b_k, so r is the
