@@ -104,45 +104,57 @@ ACTIVATION_CODES = {"silu": 0, "swish": 0, "ssp": 1, "tanh": 2, "sigmoid": 3, "m
 class LaunchConfig:
     """Launch parameters (the benchmark may change them).
 
-    block_edges      edges per block (BE); at least 16 where the filters use tl.dot
-    chunk_channels   channels per chunk (whole heads; at least one head)
-    num_warps        warps per program
-    dot_precision    tl.dot input precision for float32 ('tf32x3', 'tf32' or 'ieee');
-                     float64 always uses a multiply-sum ('fma')
+    A field left at None / 'auto' is chosen per call (:func:`resolved_config`): on a CUDA GPU
+    from the measured launch table (:mod:`torchmdx.kernels.launch_table`, keyed by the GPU's
+    name and the call's size class) when ``table`` is True and it has an entry, else the
+    built-in default named below. A field set explicitly always wins.
+
+    block_edges      edges per block (BE); at least 16 where the filters use tl.dot (default 16)
+    chunk_channels   channels per chunk (whole heads; at least one head) (default 32)
+    num_warps        warps per program (default 4)
+    dot_precision    tl.dot input precision of the float32 filter products: 'tf32x3'
+                     (default: three tf32 passes, float32 accuracy), 'tf32', 'ieee', 'bf16x3'
+                     or 'bf16x6' (split-bf16 products; Triton >= 3.5); float64 always uses a
+                     multiply-sum ('fma'); the table may pick only a precision that passed
+                     the force-error gate (:func:`torchmdx.kernels.launch_table.gate`)
     programs_per_sm  persistent grid: at most this many programs per multiprocessor and
-                     channel chunk, each looping over atoms (0: one program per atom)
-    num_stages       Triton software-pipelining depth (None: Triton's default)
-    maxnreg          register cap per thread (None: no cap)
+                     channel chunk, each looping over atoms (0, the default: one program per atom)
+    num_stages       Triton software-pipelining depth (None: the table's, else Triton's default)
+    maxnreg          register cap per thread (None: the table's, else no cap)
     sender_side      how the backward gets the sender-side gradients dL/dk, dL/dv, dL/dvec:
-                     'sorted' (a second kernel walks the edges of each sender through a stable
-                     sort of the senders), 'merged' (for calls that declare a symmetric edge
-                     list, :class:`FusedMessage` ``symmetric=True``: the receiver kernel adds
-                     them while it walks each atom's own segment, using the reverse edges;
-                     no sort, no second kernel, the filters read once), 'auto' ('sorted' until
-                     the merged kernel has been timed on a GPU: docs/kernels_message.md)
+                     'sorted' (the default: a second kernel walks the edges of each sender
+                     through a stable sort of the senders), 'merged' (for calls that declare a
+                     symmetric edge list, :class:`FusedMessage` ``symmetric=True``: the
+                     receiver kernel adds them while it walks each atom's own segment, using
+                     the reverse edges; no sort, no second kernel, the filters read once)
     filters          where :func:`et_message_filtered` evaluates the radial filters:
-                     'gemm' (one matrix product z = rbf W^T + b per layer before the kernels,
-                     which apply act_f; the backward recomputes z and overwrites it with
-                     dL/dz, and one more product gives dL/drbf: transient GPU memory E x 4F),
-                     'kernel' (tl.dot on blocks of edges inside every kernel: O(E K) memory,
-                     but three times the registers), 'auto' ('gemm')
+                     'gemm' (the default: one matrix product z = rbf W^T + b per layer before
+                     the kernels, which apply act_f; the backward recomputes z and overwrites
+                     it with dL/dz, and one more product gives dL/drbf: transient GPU memory
+                     E x 4F), 'kernel' (tl.dot on blocks of edges inside every kernel: O(E K)
+                     memory, but three times the registers)
+    table            consult the measured launch table for the fields left None / 'auto'
     """
 
-    block_edges: int = 16
-    chunk_channels: int = 32
-    num_warps: int = 4
-    dot_precision: str = "tf32x3"
-    programs_per_sm: int = 0
+    block_edges: Optional[int] = None
+    chunk_channels: Optional[int] = None
+    num_warps: Optional[int] = None
+    dot_precision: str = "auto"
+    programs_per_sm: Optional[int] = None
     num_stages: Optional[int] = None
     maxnreg: Optional[int] = None
     filters: str = "auto"
     sender_side: str = "auto"
+    table: bool = True
 
 
 CONFIG = LaunchConfig()
 
 FILTER_PLACES = ("auto", "gemm", "kernel")
 SENDER_SIDES = ("auto", "sorted", "merged")
+
+#: the resolved launch configuration of the last fused call (diagnostics, benchmarks and tests)
+LAST_CONFIG: dict = {}
 
 #: what the last fused backward did (diagnostics and tests): weight_gradients is True when it
 #: produced the filter weights' gradients, False when the autograd engine did not need them
@@ -273,9 +285,34 @@ class _Spec:
         return (max(programs, 1), self.chunks)
 
 
+_GPU_NAMES: dict = {}
+
+
+def _gpu_name(device: torch.device) -> Optional[str]:
+    """``torch.cuda.get_device_name`` of a CUDA device (cached), None elsewhere (the
+    interpreter, the CPU): the key of the launch table."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _GPU_NAMES:
+        _GPU_NAMES[index] = torch.cuda.get_device_name(index)
+    return _GPU_NAMES[index]
+
+
+def resolved_config(num_atoms: int, gpu_name: Optional[str] = None) -> LaunchConfig:
+    """:data:`CONFIG` with every None / 'auto' field decided for a call of ``num_atoms`` atoms
+    on the GPU named ``gpu_name`` (None: no GPU, so no table): the launch table's entry for
+    that GPU and size class where ``CONFIG.table``, else the built-in defaults."""
+    from torchmdx.kernels import launch_table
+
+    explicit = {name: getattr(CONFIG, name) for name in launch_table.DEFAULTS}
+    values = launch_table.resolve(explicit, gpu_name, num_atoms, use_table=CONFIG.table)
+    return LaunchConfig(**values, table=CONFIG.table)
+
+
 def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv,
-               vector_cutoff, attn_activation, filter_activation, merged=False) -> _Spec:
-    cfg = CONFIG
+               vector_cutoff, attn_activation, filter_activation, merged=False, cfg: Optional[LaunchConfig] = None) -> _Spec:
+    cfg = cfg if cfg is not None else resolved_config(0)
     uses_dot = dk_mode == 2 or dv_mode == 2
     dp = _pow2(head_dim)
     hp = _pow2(heads)
@@ -289,7 +326,7 @@ def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self
             dp = 16 // hb
         be = max(be, 16)
         kp = max(kp, 16)
-    precision = _dot_precision(dtype)
+    precision = _dot_precision(dtype, cfg.dot_precision)
     f = heads * head_dim
     if dk_mode == 3 or dv_mode == 3:  # one buffer z = [z_k | z_v]
         dk_stride = dv_stride = f * ((dk_mode == 3) + 3 * (dv_mode == 3))
@@ -388,7 +425,7 @@ class _FusedMessageFunction(torch.autograd.Function):
         dummy = q
         if n > 0:
             if spec.dk_mode == 3 or spec.dv_mode == 3:
-                dk, dv = _preactivation_views(spec, _preactivation(rbf, wk, bk, wv, bv))
+                dk, dv = _preactivation_views(spec, _preactivation(rbf, wk, bk, wv, bv, spec.precision))
             spec = _launch(
                 kernels._message_fwd_kernel, spec.grid(n, q.device), spec,
                 layout.rowptr, layout.rowend, layout.senders, q, k, v, vec,
@@ -426,9 +463,21 @@ def _stacked(wk, wv, key, value) -> torch.Tensor:
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
 
 
-def _dot_precision(dtype) -> str:
-    """tl.dot input precision: ``CONFIG.dot_precision`` for float32, a multiply-sum for float64."""
-    return "fma" if dtype == torch.float64 else CONFIG.dot_precision
+#: tl.dot input precisions the Triton interpreter accepts; it multiplies in numpy whatever the
+#: precision, so the others ('bf16x3', 'bf16x6') run there as 'ieee'
+_INTERPRETER_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def _dot_precision(dtype, precision: Optional[str] = None) -> str:
+    """tl.dot input precision: ``precision`` (default: ``CONFIG.dot_precision``, 'auto' = the
+    built-in default) for float32, a multiply-sum for float64."""
+    if dtype == torch.float64:
+        return "fma"
+    if precision is None or precision == "auto":
+        precision = CONFIG.dot_precision if CONFIG.dot_precision != "auto" else "tf32x3"
+    if precision not in _INTERPRETER_PRECISIONS and interpreted():
+        return "ieee"
+    return precision
 
 
 def _gemm_tiles(dtype):
@@ -437,7 +486,7 @@ def _gemm_tiles(dtype):
     return (32, 32) if dtype == torch.float64 else (64, 128)
 
 
-def _preactivation(rbf, wk, bk, wv, bv) -> torch.Tensor:
+def _preactivation(rbf, wk, bk, wv, bv, precision: Optional[str] = None) -> torch.Tensor:
     """z = rbf [W_k; W_v]^T + [b_k; b_v]: [E, C], C = F (keys) + 3F (values), by one Triton
     kernel with float32 accuracy on tensor cores (``_filter_preact_kernel``; tf32x3 where
     cuBLAS without TF32 runs plain FMA, ~1.5x slower here)."""
@@ -450,11 +499,11 @@ def _preactivation(rbf, wk, bk, wv, bv) -> torch.Tensor:
     bm, bn = _gemm_tiles(rbf.dtype)
     kernels._filter_preact_kernel[(triton.cdiv(e, bm), triton.cdiv(c, bn))](
         rbf.contiguous(), weight, bias, z, e, c, K=k, KP=max(16, _pow2(k)), BM=bm, BN=bn,
-        PREC=_dot_precision(rbf.dtype), num_warps=4)
+        PREC=_dot_precision(rbf.dtype, precision), num_warps=4)
     return z
 
 
-def _rbf_gradient(gz, wk, wv, mask) -> torch.Tensor:
+def _rbf_gradient(gz, wk, wv, mask, precision: Optional[str] = None) -> torch.Tensor:
     """dL/drbf = dL/dz [W_k; W_v] ([E, C] x [C, K]), rows with mask False set to 0 (one Triton
     kernel, float32 accuracy; reference: ``torch.where(mask, gz @ W, 0)``)."""
     weight = _stacked(wk, wv, wk, wv)
@@ -466,7 +515,7 @@ def _rbf_gradient(gz, wk, wv, mask) -> torch.Tensor:
     bm, bn = _gemm_tiles(gz.dtype)
     kernels._filter_rbf_grad_kernel[(triton.cdiv(e, bm),)](
         gz, weight, mask if mask is not None else gz, grbf, e, c, K=k, KP=max(16, _pow2(k)), BM=bm, BN=min(bn, 64),
-        HAS_MASK=mask is not None, PREC=_dot_precision(gz.dtype), num_warps=4)
+        HAS_MASK=mask is not None, PREC=_dot_precision(gz.dtype, precision), num_warps=4)
     return grbf
 
 
@@ -530,7 +579,7 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
     need_receiver = need_receiver or merged
     z = None
     if gemm and n > 0 and (need_receiver or need_sender):
-        z = _preactivation(rbf, wk, bk, wv, bv)  # recomputed: not kept from the forward (memory)
+        z = _preactivation(rbf, wk, bk, wv, bv, spec.precision)  # recomputed: not kept from the forward (memory)
         dk, dv = _preactivation_views(spec, z)
     tensors = (q, k, v, vec, _or(dk, dummy), _or(dv, dummy), _or(rbf, dummy), _or(wk, dummy), _or(bk, dummy),
                _or(wv, dummy), _or(bv, dummy), phi, unit, _or(mask, dummy), _or(dk0, dummy), _or(dv0, dummy),
@@ -612,7 +661,7 @@ def _gemm_filter_gradients(spec, gz, mask, rbf, wk, wv, bk, bv, need, weights_wa
     skipped still hold z: they are zeroed (per row of dL/drbf, or in dL/dz for the weights)."""
     f = spec.heads * spec.head_dim
     if need["rbf"]:
-        out["rbf"] = _rbf_gradient(gz, wk, wv, mask)
+        out["rbf"] = _rbf_gradient(gz, wk, wv, mask, spec.precision)
     if any(weights_wanted):
         if mask is not None:
             gz = gz.masked_fill_(~mask.bool()[:, None], 0.0)
@@ -711,11 +760,14 @@ class FusedMessage:
         if CONFIG.sender_side not in SENDER_SIDES:
             raise ValueError(f"message_triton.CONFIG.sender_side must be one of {SENDER_SIDES}, "
                              f"not {CONFIG.sender_side!r}")
-        merged = self.symmetric and CONFIG.sender_side == "merged"
+        if CONFIG.filters not in FILTER_PLACES:
+            raise ValueError(f"message_triton.CONFIG.filters must be one of {FILTER_PLACES}, not {CONFIG.filters!r}")
+        cfg = resolved_config(n, _gpu_name(q.device))
+        LAST_CONFIG.clear()
+        LAST_CONFIG.update(vars(cfg))
+        merged = self.symmetric and cfg.sender_side == "merged"
         if filtered:
-            if CONFIG.filters not in FILTER_PLACES:
-                raise ValueError(f"message_triton.CONFIG.filters must be one of {FILTER_PLACES}, not {CONFIG.filters!r}")
-            mode = 2 if CONFIG.filters == "kernel" else 3
+            mode = 2 if cfg.filters == "kernel" else 3
             dk_mode = mode if wk is not None else 0
             dv_mode = mode if wv is not None else 0
             num_rbf = rbf.shape[-1]
@@ -735,7 +787,7 @@ class FusedMessage:
         mask = edge_mask.view(torch.uint8) if edge_mask is not None and edge_mask.dtype == torch.bool else edge_mask
         spec = _make_spec(q.dtype, num_heads, head_dim, num_rbf, dk_mode, dv_mode, mask is not None,
                           self_loop is not None, dk0 is not None, dv0 is not None, bool(vector_cutoff),
-                          attn_activation, filter_activation, merged)
+                          attn_activation, filter_activation, merged, cfg)
         layout = self.layout(edge_index, n, edge_mask)
         tensors = [q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0]
         tensors = [t.contiguous() if t is not None else None for t in tensors]
