@@ -81,6 +81,10 @@ class MDConfig:
                      The first step compiles (tens of seconds, a minute for "whole")
     threads          CPU threads for torch (default: torch's choice; 1 is fastest for small
                      molecules on the CPU)
+    atom_order       native engine: auto | input | hilbert | morton: sort the atoms of each
+                     structure once along a space-filling curve (neighbors close in memory for
+                     the message kernels); outputs stay in the input order. auto (default):
+                     hilbert when a structure has >= 5000 atoms, else input
     """
 
     structure: Union[str, list[str]] = field(default_factory=list)
@@ -121,6 +125,7 @@ class MDConfig:
     cuda_graph: bool = True
     compile: Union[bool, Literal["auto", "whole", "parts", "off"]] = "auto"
     threads: Optional[int] = None
+    atom_order: Literal["auto", "input", "hilbert", "morton"] = "auto"
 
     def option(self, key: str) -> str:
         """How messages name option ``key``: its flag (``--dt``) when the command line set it or

@@ -24,6 +24,18 @@ Restart files are written after rebuilding the neighbor list (which wraps period
 into the cell); a continued run builds its list from the same positions and carries on with the
 saved forces, velocities, thermostat variables, random-generator state and chunk length, so it
 reproduces the original run bit for bit (on the same device, in the same mode).
+
+Atom order (``atom_order``). For a large system the engine sorts the atoms of each structure
+once, at construction, along a space-filling curve (:mod:`torchmdx.kernels.locality`), so that
+the neighbors of an atom lie close in memory for the message kernels; the engine builds its
+own neighbor lists (and passes them to the potential, whose own ordering hook is then off), so
+the order is the engine's to choose. ``system`` and ``state`` hold the sorted order; everything
+that leaves the engine is in the input order: :meth:`observe` (so trajectory frames and logs),
+restart files (which also record the order, so a continued run uses the same one) and the
+atoms named in error messages; ``initialize(velocities=...)`` takes them in the input order,
+and Maxwell–Boltzmann velocities are drawn in the input order, so a sorted NVE run follows the
+unsorted one to rounding. Per-atom thermostat noise (Langevin) is drawn in the sorted order: the
+same seed gives another, equally valid, trajectory.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ import torch
 
 from torchmdx import units
 from torchmdx.errors import ConfigError, DataError, SimulationError
+from torchmdx.kernels.locality import AUTO_CURVE, LOCALITY_MIN_ATOMS, check_atom_order, spatial_order
 from torchmdx.md.forces import ForceField
 from torchmdx.md.integrators import make_integrator
 from torchmdx.md.io import load_restart, make_frame, save_restart
@@ -148,7 +161,10 @@ class Simulation:
     ``cuda_graph``: replay each step as a CUDA graph (default: on CUDA). ``compile``: one of
     :data:`torchmdx.nn.traced.COMPILE_MODES` ("auto" by default: on CUDA the whole model as one
     compiled graph for up to :data:`~torchmdx.nn.traced.WHOLE_GRAPH_MAX_ATOMS` atoms, its dense
-    parts compiled above; off on the CPU), True ("auto") or False ("off").
+    parts compiled above; off on the CPU), True ("auto") or False ("off"). ``atom_order``: "auto"
+    (default: Hilbert when a structure has at least
+    :data:`~torchmdx.kernels.locality.LOCALITY_MIN_ATOMS` atoms), "input", "hilbert", "morton",
+    or an explicit permutation [N] (a restart file's); see the module docstring.
     """
 
     def __init__(
@@ -172,10 +188,14 @@ class Simulation:
         check_every_step: Optional[bool] = None,
         cuda_graph: Optional[bool] = None,
         compile=None,
+        atom_order="auto",
     ):
         import ase
 
         atoms_list = [structures] if isinstance(structures, ase.Atoms) else list(structures)
+        #: the structures as given (outputs are written with these), and the sorted ones simulated
+        self.input_templates = [a.copy() for a in atoms_list]
+        atoms_list, self.atom_perm = order_structures(atoms_list, atom_order)
         if check_interval < 1:
             raise ConfigError(f"check_interval must be >= 1 step, got {check_interval}")
         self.device = torch.device(device)
@@ -183,6 +203,11 @@ class Simulation:
         self.potential = potential.to(device=self.device, dtype=dtype)
         self.potential.eval()
         self.system = System.from_atoms(atoms_list, self.device, dtype)
+        self._perm = self._inverse = None  # device index tensors of the order, None: input order
+        if self.atom_perm is not None:
+            self._perm = torch.as_tensor(self.atom_perm, dtype=torch.long, device=self.device)
+            self._inverse = torch.empty_like(self._perm)
+            self._inverse[self._perm] = torch.arange(len(self.atom_perm), device=self.device)
         self.forcefield = ForceField(self.potential, self.system, skin=skin, wrap=wrap)
         self.ensemble = ensemble
         self.temperature_K = float(temperature_K)
@@ -235,7 +260,12 @@ class Simulation:
         s = self.system
         positions = s.positions_from_templates()
         if velocities is None:
-            if self.temperature_K > 0:
+            if self.temperature_K > 0 and self._perm is not None:
+                # = s.maxwell_boltzmann with the noise drawn in the input order (as an unsorted run)
+                kT = units.BOLTZMANN_EV_PER_K * self.temperature_K
+                noise = torch.randn(s.num_atoms, 3, generator=self.generator, device=self.device, dtype=self.dtype)
+                velocities = s.remove_com_velocity(self.from_input(noise) * torch.sqrt(kT / s.masses).unsqueeze(-1))
+            elif self.temperature_K > 0:
                 velocities = s.maxwell_boltzmann(self.temperature_K, self.generator)
             else:
                 velocities = torch.zeros_like(positions)
@@ -243,6 +273,7 @@ class Simulation:
             velocities = torch.as_tensor(np.asarray(velocities), dtype=self.dtype, device=self.device).reshape(-1, 3)
             if velocities.shape != positions.shape:
                 raise DataError(f"velocities must have shape [{s.num_atoms}, 3], got {list(velocities.shape)}")
+            velocities = self.from_input(velocities)
         zeros_b = torch.zeros(s.num_structures, dtype=self.dtype, device=self.device)
         self.state = MDState(positions, velocities, torch.zeros_like(positions), zeros_b, zeros_b.clone(), 0)
         self.state.positions = self.forcefield.build(positions)
@@ -256,7 +287,7 @@ class Simulation:
         finite_e = torch.isfinite(st.energy)
         if not bool(finite_f.all() & finite_e.all()):
             if not bool(finite_f.all()):
-                a = int((~finite_f).nonzero()[0, 0])
+                a = self.input_index(int((~finite_f).nonzero()[0, 0]))
                 b = int(s.batch[a])
                 what = f"non-finite forces (NaN/inf) on atom {a - s.offsets[b]} of structure {b}"
             else:
@@ -275,6 +306,19 @@ class Simulation:
         self.forcefield.compute(self.state)
         self._check_initial()
         return result
+
+    # ------------------------------------------------------------------ atom order
+    def to_input(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-atom ``values`` [N, ...] from the engine's (sorted) order to the input order."""
+        return values if self._inverse is None else values.index_select(0, self._inverse)
+
+    def from_input(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-atom ``values`` [N, ...] from the input order to the engine's order."""
+        return values if self._perm is None else values.index_select(0, self._perm)
+
+    def input_index(self, a: int) -> int:
+        """The input index of the engine's atom ``a`` (the same structure: sorting keeps them)."""
+        return a if self.atom_perm is None else int(self.atom_perm[a])
 
     # ------------------------------------------------------------------ observation
     def kinetic_energy(self) -> torch.Tensor:
@@ -308,9 +352,9 @@ class Simulation:
         return Observation(
             step=st.step,
             time_ps=st.step * self.timestep_fs * 1e-3,
-            positions=st.positions.detach().cpu().numpy(),
-            velocities=st.velocities.detach().cpu().numpy(),
-            forces=st.forces.detach().cpu().numpy(),
+            positions=self.to_input(st.positions.detach()).cpu().numpy(),
+            velocities=self.to_input(st.velocities.detach()).cpu().numpy(),
+            forces=self.to_input(st.forces.detach()).cpu().numpy(),
             potential=st.energy.cpu().numpy(),
             kinetic=kinetic.cpu().numpy(),
             temperature=temperature.cpu().numpy(),
@@ -322,7 +366,7 @@ class Simulation:
         )
 
     def frames(self, observation: Observation) -> list:
-        """ASE frames (one per structure) of an observation."""
+        """ASE frames (one per structure, in the input order) of an observation."""
         s = self.system
         out = []
         for b, start in enumerate(s.offsets):
@@ -330,7 +374,7 @@ class Simulation:
             info = {"step": observation.step, "time_ps": observation.time_ps, "temperature_K": float(observation.temperature[b])}
             out.append(
                 make_frame(
-                    s.templates[b], observation.positions[sl], observation.velocities[sl],
+                    self.input_templates[b], observation.positions[sl], observation.velocities[sl],
                     observation.potential[b], observation.forces[sl],
                     None if observation.stress is None else _voigt(observation.stress[b]), info,
                 )
@@ -352,7 +396,7 @@ class Simulation:
         s = self.system
         finite_f = torch.isfinite(state.forces).all(-1)
         if not bool(finite_f.all()):
-            a = int((~finite_f).nonzero()[0, 0])
+            a = self.input_index(int((~finite_f).nonzero()[0, 0]))
             b = int(s.batch[a])
             return f"the forces are not finite (NaN/inf) on atom {a - s.offsets[b]} of structure {b}"
         finite_e = torch.isfinite(state.energy)
@@ -579,14 +623,16 @@ class Simulation:
 
     # ------------------------------------------------------------------ restart files
     def restart_payload(self) -> dict:
-        """Everything needed to continue this run (tensors on the CPU)."""
+        """Everything needed to continue this run (tensors on the CPU; per-atom ones in the input
+        order, ``atom_order`` the engine's order of them, None for the input order)."""
         st, s = self.state, self.system
-        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        cpu = lambda t: None if t is None else self.to_input(t.detach()).cpu()  # noqa: E731
         structures = []
+        positions = cpu(st.positions)
         for b, start in enumerate(s.offsets):
-            atoms = s.templates[b].copy()
+            atoms = self.input_templates[b].copy()
             atoms.calc = None
-            atoms.set_positions(st.positions[start:start + s.counts[b]].detach().cpu().double().numpy())
+            atoms.set_positions(positions[start:start + s.counts[b]].double().numpy())
             structures.append(atoms)
         return {
             "step": st.step,
@@ -597,15 +643,17 @@ class Simulation:
             "dtype": str(self.dtype).replace("torch.", ""),
             "z": cpu(s.z),
             "counts": list(s.counts),
-            "cell": cpu(s.cell),
-            "pbc": cpu(s.pbc),
+            "cell": None if s.cell is None else s.cell.detach().cpu(),
+            "pbc": None if s.pbc is None else s.pbc.detach().cpu(),
             "structures": structures,
-            "positions": cpu(st.positions),
+            "positions": positions,
             "velocities": cpu(st.velocities),
             "forces": cpu(st.forces),
-            "energy": cpu(st.energy),
-            "thermostat_energy": cpu(st.thermostat_energy),
-            "integrator": {k: cpu(v) for k, v in self.integrator.state_dict().items()},
+            "energy": st.energy.detach().cpu(),
+            "thermostat_energy": st.thermostat_energy.detach().cpu(),
+            "atom_order": None if self.atom_perm is None else [int(a) for a in self.atom_perm],
+            "integrator": {k: v.detach().cpu() if torch.is_tensor(v) else v
+                           for k, v in self.integrator.state_dict().items()},
             "rng_state": self.generator.get_state(),
             "check_interval_now": self._interval,
         }
@@ -624,16 +672,16 @@ class Simulation:
         where = "" if isinstance(path_or_payload, dict) else f"{path_or_payload}: "
         s = self.system
         z = payload["z"]
-        if list(payload["counts"]) != list(s.counts) or not torch.equal(z, s.z.cpu()):
+        if list(payload["counts"]) != list(s.counts) or not torch.equal(z, self.to_input(s.z).cpu()):
             raise DataError(
                 f"{where}restart file holds {len(payload['counts'])} structure(s) of {list(payload['counts'])} atoms "
                 f"that do not match the structures given ({list(s.counts)} atoms)"
             )
         to = dict(device=self.device, dtype=self.dtype)
         self.state = MDState(
-            positions=payload["positions"].to(**to),
-            velocities=payload["velocities"].to(**to),
-            forces=payload["forces"].to(**to),
+            positions=self.from_input(payload["positions"].to(**to)),
+            velocities=self.from_input(payload["velocities"].to(**to)),
+            forces=self.from_input(payload["forces"].to(**to)),
             energy=payload["energy"].to(**to),
             thermostat_energy=payload["thermostat_energy"].to(**to),
             step=int(payload["step"]),
@@ -645,6 +693,39 @@ class Simulation:
         # the file was written right after a list build at these (wrapped) positions
         self.state.positions = self.forcefield.build(self.state.positions, wrap=False)
         return self.state
+
+
+def order_structures(atoms_list: list, atom_order="auto"):
+    """(structures in the engine's order, perm or None): ``perm`` [N] (numpy, over the batch's
+    concatenated atoms) lists the input index of each of the engine's atoms; atoms never leave
+    their structure. ``atom_order``: "input", "hilbert", "morton", "auto" (Hilbert when some
+    structure has at least LOCALITY_MIN_ATOMS atoms) or an explicit permutation (a restart
+    file's). None when the order is the input's."""
+    counts = [len(a) for a in atoms_list]
+    offsets = np.cumsum([0] + counts[:-1]).astype(np.int64)
+    n = int(sum(counts))
+    if isinstance(atom_order, str):
+        mode = check_atom_order(atom_order, ConfigError, "atom_order")
+        if mode == "auto":
+            mode = AUTO_CURVE if counts and max(counts) >= LOCALITY_MIN_ATOMS else "input"
+        if mode == "input" or n == 0:
+            return atoms_list, None
+        pos = torch.as_tensor(np.concatenate([a.get_positions() for a in atoms_list]), dtype=torch.float64)
+        batch = torch.as_tensor(np.repeat(np.arange(len(counts)), counts), dtype=torch.long)
+        cell = torch.as_tensor(np.stack([a.cell.array for a in atoms_list]), dtype=torch.float64)
+        pbc = torch.as_tensor(np.stack([np.asarray(a.pbc, dtype=bool) for a in atoms_list]))
+        perm = spatial_order(pos, batch, cell, pbc, curve=mode, num_structures=len(counts)).numpy()
+    else:
+        perm = np.asarray(atom_order, dtype=np.int64).reshape(-1)
+        owner = np.repeat(np.arange(len(counts)), counts)
+        if (perm.shape != (n,) or not np.array_equal(np.sort(perm), np.arange(n))
+                or not np.array_equal(owner[perm], owner)):
+            raise DataError(f"atom_order is not a permutation of the {n} atoms that keeps each structure's atoms "
+                            "together (a restart file of other structures?)")
+    if np.array_equal(perm, np.arange(n)):
+        return atoms_list, None
+    ordered = [atoms[perm[o:o + c] - o] for atoms, o, c in zip(atoms_list, offsets, counts)]
+    return ordered, perm
 
 
 def non_finite_weight(potential) -> Optional[str]:

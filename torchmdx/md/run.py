@@ -195,13 +195,16 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
     if config.engine != "ase":
         from torchmdx.md.engine import Simulation
 
+        atom_order = config.atom_order
+        if restart_payload is not None and "atom_order" in restart_payload:
+            atom_order = restart_payload["atom_order"] or "input"  # a continued run keeps its file's order
         sim = Simulation(
             potential, structures, timestep_fs=config.dt, ensemble=config.ensemble,
             temperature_K=config.temperature, friction_per_ps=config.friction, tau_fs=config.tau,
             chain_length=config.chain_length, device=config.device, dtype=dtype, seed=config.seed,
             skin=config.skin, check_interval=config.check_interval, max_temperature_K=config.max_temperature,
             wrap=config.wrap, cuda_graph=(config.cuda_graph and str(config.device).startswith("cuda")),
-            compile=config.compile,
+            compile=config.compile, atom_order=atom_order,
         )
         if sim.compile_mode != "off":
             what = "the whole model as one graph" if sim.compile_mode == "whole" else "the model's dense parts"

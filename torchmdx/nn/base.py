@@ -22,6 +22,16 @@ it costs no device read: ``pbc`` a Python value (list, numpy array) or a CPU ten
 periodic direction ignores its cell), which gives the same energies and forces. The device
 ``pbc`` is read only where an answer depends on it: ``pbc`` without a ``cell`` (all False is
 allowed, anything periodic an error) and ``stress=True`` (a stress needs a periodic cell).
+
+Atom order (:attr:`Potential.atom_order`, a runtime setting, not saved with the model). When
+the potential builds the neighbor list itself (``neighbors`` not given), :meth:`forward` may
+sort the atoms along a space-filling curve first (:mod:`torchmdx.kernels.locality`), so that
+a receiver's neighbours lie close in memory; z, positions and batch are permuted, the cell and
+pbc are not, and the results come back in the input order (forces because the permuted
+positions are an index of the differentiable input, per-atom energies by the inverse
+permutation). A caller that passes ``neighbors`` (MD engine, ASE calculator, CUDA-graph paths)
+keeps its order. A :class:`~torchmdx.errors.ModelError` raised in the sorted order (atoms on top
+of each other) is raised again from the input order, so that it names the input's atoms.
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ from typing import Optional
 
 import torch
 
+from torchmdx.errors import ModelError
+from torchmdx.kernels.locality import AtomOrder, check_atom_order
 from torchmdx.kernels.neighbors import Neighbors, neighbor_list
 
 
@@ -128,6 +140,19 @@ class Potential(torch.nn.Module):
     traceable: bool = False
     #: set while it is being traced: no host reads or checks, torch reference kernels only
     tracing: bool = False
+    _atom_order: str = "auto"
+
+    @property
+    def atom_order(self) -> str:
+        """How :meth:`forward` orders the atoms when it builds the neighbor list itself:
+        "input" (as given), "hilbert" / "morton" (along that curve), "auto" (default: Hilbert
+        for one structure of at least :data:`torchmdx.kernels.locality.LOCALITY_MIN_ATOMS`
+        atoms, else input). A runtime setting: not saved with the model."""
+        return self._atom_order
+
+    @atom_order.setter
+    def atom_order(self, value: str) -> None:
+        self._atom_order = check_atom_order(value, ModelError, "atom_order")
 
     def atomic_energies(self, graph: Graph) -> torch.Tensor:  # pragma: no cover - abstract
         """Per-atom energies [N] (eV) for ``graph``."""
@@ -180,23 +205,35 @@ class Potential(torch.nn.Module):
             )
         self.check_elements(z)
         batch, num_structures, cell, pbc = _normalise_inputs(z, pos, batch, cell, pbc, num_structures, stress)
+        order = AtomOrder.choose(self.atom_order, pos, batch, cell, pbc, num_structures, neighbors is not None)
+        args = (z, pos, batch, cell, pbc, neighbors, forces, stress, per_atom, create_graph, num_structures)
+        if not order.active:
+            return self._forward(AtomOrder(), *args)
+        try:
+            return self._forward(order, *args)
+        except ModelError:  # name the input's atoms: the same call in the input order raises it again
+            return self._forward(AtomOrder(), *args)
+
+    def _forward(self, order: AtomOrder, z, pos, batch, cell, pbc, neighbors, forces, stress, per_atom,
+                 create_graph, num_structures) -> dict:
+        """:meth:`forward` on normalised inputs, with the atoms in ``order``."""
+        z, batch = order.sorted(z), order.sorted(batch)
         if neighbors is None:
-            neighbors = self.neighbors(pos, batch, cell, pbc)
+            neighbors = self.neighbors(order.sorted(pos), batch, cell, pbc)
         need_grad = forces or stress
         # without forces/stress the caller's grad mode applies (energy-only training needs the graph)
         with torch.enable_grad() if need_grad else contextlib.nullcontext():
             pos_leaf = pos
             if forces and not pos.requires_grad:
                 pos_leaf = pos.detach().requires_grad_(True)
-            pos_in, cell_in, strain = pos_leaf, cell, None
+            # an index of pos_leaf: the forces come back in the input order
+            pos_in, cell_in, strain = order.sorted(pos_leaf), cell, None
             if stress:
                 if cell is None:
-                    from torchmdx.errors import ModelError
-
                     raise ModelError("stress needs a periodic cell")
                 strain = torch.zeros(num_structures, 3, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
                 sym = 0.5 * (strain + strain.transpose(1, 2))
-                pos_in = pos_leaf + torch.einsum("nk,nkl->nl", pos_leaf, sym[batch])
+                pos_in = pos_in + torch.einsum("nk,nkl->nl", pos_in, sym[batch])
                 cell_in = cell + torch.bmm(cell, sym)
             vectors = edge_vectors(pos_in, neighbors.edge_index, neighbors.shifts, cell_in, batch)
             distances = vectors.norm(dim=-1)
@@ -210,7 +247,7 @@ class Potential(torch.nn.Module):
             energy = energy.index_add(0, batch, atom_energy)
             out = {"energy": energy}
             if per_atom:
-                out["energies"] = atom_energy
+                out["energies"] = order.back(atom_energy)
             if need_grad:
                 targets = ([pos_leaf] if forces else []) + ([strain] if stress else [])
                 grads = torch.autograd.grad(
