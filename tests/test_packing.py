@@ -12,8 +12,7 @@ CPU:
 - the device-resident loader gives the host loader's epoch order and batches (and leaves
   torch's generator where the host loader leaves it);
 - a whole Lightning run with packed, device-resident batches (CPU) ends with the plain run's EMA
-  weights and epoch errors;
-- periodic data are not packed, with one line saying so.
+  weights and epoch errors (periodic data: tests/test_packing_periodic.py).
 GPU (``@pytest.mark.gpu``): captured replays of packed batches of two buckets give the eager
 packed steps' losses and parameters.
 """
@@ -266,30 +265,6 @@ def test_packed_device_resident_run_equals_plain_run_cpu(shared_data, tmp_path):
     for a, b in zip(val["plain"], val["packed"]):
         for key in ("val_forces_mae", "val_energy_mae", "val_loss", "val_energy_per_atom_rmse"):
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-9), key
-
-
-def test_periodic_data_are_not_packed_and_say_so(tmp_path, capsys):
-    from ase.build import bulk
-    from ase.calculators.lj import LennardJones
-    from ase.io import write
-
-    frames = []
-    rng = np.random.default_rng(0)
-    for _ in range(12):
-        atoms = bulk("Ar", "fcc", a=5.26).repeat((2, 2, 2))
-        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
-        atoms.calc = LennardJones(epsilon=0.0104, sigma=3.4, rc=8.0)
-        atoms.get_potential_energy()
-        frames.append(atoms)
-    path = tmp_path / "argon.extxyz"
-    write(path, frames)
-    data = TorchmdxDataModule({"path": str(path), "train_size": 8, "val_size": 2, "test_size": 2, "batch_size": 4,
-                               "cache_dir": str(tmp_path / "cache"), "device_resident": True}, pack_training=True)
-    data.setup("fit")
-    loader = data.train_dataloader()
-    assert isinstance(loader, BatchLoader) and data.training_batches is None and data.training_buckets == []
-    lines = [line for line in capsys.readouterr().out.splitlines() if "not packed" in line]
-    assert len(lines) == 1 and "periodic" in lines[0] and str(path) in lines[0]
 
 
 # ------------------------------------------------------------------------------------------ GPU

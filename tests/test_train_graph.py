@@ -224,12 +224,12 @@ def run_shape(runner, counts):
 
 def test_warmup_capture_replay_shapes_and_growth():
     runner, model = recording_step(max_shapes=2)
-    a = (20, 2)
+    a = (20, 2, False)
     assert run_shape(runner, [10, 10]) == [("eager", a, 192)]  # bound 180 -> capacity 192
     assert run_shape(runner, [10, 10]) == [("eager", a, 192)]
     assert run_shape(runner, [10, 10]) == [("capture", a, 192), ("replay", a)]
     assert run_shape(runner, [12, 8]) == [("replay", a)]  # bound 188 fits
-    assert run_shape(runner, [5]) == [("eager", (5, 1), 64)]  # a second shape (e.g. an epoch's last batch)
+    assert run_shape(runner, [5]) == [("eager", (5, 1, False), 64)]  # a second shape (e.g. an epoch's last batch)
     assert run_shape(runner, [10, 10]) == [("replay", a)]
     # same shape, more possible pairs than the graph holds: one eager step, then a larger graph
     assert run_shape(runner, [15, 5]) == [("eager", a, 256)]  # bound 230
@@ -239,9 +239,6 @@ def test_warmup_capture_replay_shapes_and_growth():
     with pytest.warns(RuntimeWarning, match="parameter 0's gradient changed since capture .*: recapturing"):
         assert run_shape(runner, [10, 10]) == [("eager", a, 192)]
     assert run_shape(runner, [10, 10]) == [("capture", a, 256), ("replay", a)]
-    # periodic batches train eagerly (through Lightning), graphs stay
-    with pytest.warns(RuntimeWarning, match="periodic batches train eagerly"):
-        assert not runner.accepts(shape_from_counts([10, 10], periodic=True))
     assert runner.accepts(shape_from_counts([10, 10]))
     # a third distinct shape with max_shapes=2: graphs off for the rest of the run
     with pytest.warns(RuntimeWarning, match="more than 2 distinct batch shapes"):
@@ -251,9 +248,27 @@ def test_warmup_capture_replay_shapes_and_growth():
     assert runner.stats["captures"] == 3
 
 
+def test_periodic_batches_are_shapes_of_their_own():
+    """A periodic batch takes cell inputs: its graph is not the molecules' graph of the same sizes
+    (the periodic step itself: tests/test_packing_periodic.py)."""
+    runner, _ = recording_step(max_shapes=2)
+    assert run_shape(runner, [10, 10]) == [("eager", (20, 2, False), 192)]
+    periodic = shape_from_counts([10, 10], periodic=True)
+    assert runner.accepts(periodic)
+    z, batch = torch.ones(20, dtype=torch.long), torch.repeat_interleave(torch.arange(2), 10)
+    with pytest.raises(ValueError, match="periodic batch shape needs cell and pbc"):
+        runner.step(z, torch.zeros(20, 3), batch, torch.zeros(2), torch.zeros(20, 3), shape=periodic)
+    runner.calls.clear()
+    runner.step(z, torch.zeros(20, 3), batch, torch.zeros(2), torch.zeros(20, 3), shape=periodic,
+                cell=torch.eye(3).expand(2, 3, 3) * 10.0, pbc=torch.ones(2, 3, dtype=torch.bool))
+    assert runner.calls == [("eager", (20, 2, True), 192)]  # Σ n(n-1) bounds minimum-image pairs too
+    assert set(runner._graphs) == {(20, 2, False), (20, 2, True)}
+    assert set(runner._graphs[(20, 2, True)].inputs) >= {"cell", "pbc"}
+
+
 def test_overflow_check_grows_capacity_and_redoes_the_latest_step():
     runner, _ = recording_step(pair_headroom=1.1, pairs=100)
-    a = (20, 2)
+    a = (20, 2, False)
     run_shape(runner, [10, 10])
     run_shape(runner, [10, 10])
     assert run_shape(runner, [10, 10]) == [("capture", a, 128), ("replay", a)]  # 1.1 x 100 -> 128 (bound 180)

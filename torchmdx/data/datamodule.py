@@ -307,7 +307,8 @@ class TorchmdxDataModule(L.LightningDataModule):
         return BatchLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, indices=indices,
                            num_workers=cfg.num_workers, pad_ranks=True,
                            pin_memory=plan["device"].type == "cuda",  # so the copies to the GPU do not wait
-                           pack={"buckets": self.training_buckets, "pad_z": plan["pad_z"]})
+                           pack={"buckets": self.training_buckets, "pad_z": plan["pad_z"],
+                                 "periodic": plan["periodic"]})
 
     def packing_plan(self) -> Optional[dict]:
         """Whether and where training batches are packed (:mod:`torchmdx.data.packing`), decided
@@ -328,10 +329,7 @@ class TorchmdxDataModule(L.LightningDataModule):
         if len(indices) == 0:
             return None
         st = self.dataset.structures
-        if np.asarray(st.pbc)[indices].any():
-            _say(f"{cfg.path}: periodic structures: training batches are not packed (captured steps take "
-                 "molecules; these batches train eagerly)")
-            return None
+        periodic = bool(np.asarray(st.pbc)[indices].any())
         if self.config.loader != "fast" or self.dataset.transform is not None:
             _say(f"{cfg.path}: data.loader '{cfg.loader}': training batches are not packed")
             return None
@@ -354,7 +352,7 @@ class TorchmdxDataModule(L.LightningDataModule):
         if wanted is not False and reason is not None:
             _say(f"data.device_resident: {reason}; training batches come from the host loader")
         self.training_batches = "device" if wanted is not False and reason is None else "host"
-        self._plan = {"device": device, "pad_z": int(min(self.dataset.elements))}
+        self._plan = {"device": device, "pad_z": int(min(self.dataset.elements)), "periodic": periodic}
         return self._plan
 
     def _training_device(self) -> tuple[torch.device, int]:

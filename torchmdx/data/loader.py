@@ -146,7 +146,8 @@ class _BatchStream(IterableDataset):
                 if self.pack is not None:
                     from torchmdx.data.packing import pack_pyg_batch
 
-                    batch = pack_pyg_batch(batch, self.pack["buckets"], self.batch_size, self.pack["pad_z"])
+                    batch = pack_pyg_batch(batch, self.pack["buckets"], self.batch_size, self.pack["pad_z"],
+                                           self.pack.get("periodic", False))
                 yield batch
 
 
@@ -162,7 +163,7 @@ class BatchLoader(TorchDataLoader):
             structure is seen once per epoch over all ranks.
         num_workers, pin_memory: passed to ``torch.utils.data.DataLoader`` (workers are started
             per epoch, so they see the epoch's order).
-        pack: ``{"buckets": [...], "pad_z": int}``: yield :class:`~torchmdx.data.packing.PackedBatch`
+        pack: ``{"buckets": [...], "pad_z": int, "periodic": bool}``: yield :class:`~torchmdx.data.packing.PackedBatch`
             objects padded to those atom capacities (captured training) instead of PyG batches.
     """
 

@@ -11,7 +11,8 @@ batch size)::
     structure B + a         holds padding atom a alone
 
 Every padding atom is a structure of its own, so no neighbor list pairs it with anything
-(pairs never cross structures) and no real atom's energy or force depends on it; the
+(pairs never cross structures) and no real atom's energy or force depends on it (periodic data:
+the padding and empty structures get a zero cell and no periodic direction); the
 weights ``atom_weight`` [A] and ``structure_weight`` [S] (1 real, 0 padding) take the padding
 out of every loss term and error sum (:func:`torchmdx.train.module.training_objective`), so a
 padded step gives the loss and the gradients of the unpadded one (tested in float64).
@@ -52,7 +53,9 @@ class PackedBatch:
 
     z [A] long; pos [A, 3] Å; batch [A] long (sorted); energy [S] eV; forces [A, 3] eV/Å or None;
     n_atoms [S] long (0 for padding structures); atom_weight [A], structure_weight [S] (1 real,
-    0 padding; pos dtype); real_atoms n, real_structures b, pair_bound Σ_b n_b (n_b - 1) (host)."""
+    0 padding; pos dtype); real_atoms n, real_structures b, pair_bound Σ_b n_b (n_b - 1) (host;
+    it bounds the pairs of a non-periodic batch only). Periodic data: cell [S, 3, 3] Å and pbc
+    [S, 3] bool (padding and empty structures: zero cell, not periodic), else None."""
 
     z: torch.Tensor
     pos: torch.Tensor
@@ -65,6 +68,13 @@ class PackedBatch:
     real_atoms: int
     real_structures: int
     pair_bound: int
+    cell: Optional[torch.Tensor] = None
+    pbc: Optional[torch.Tensor] = None
+
+    @property
+    def periodic(self) -> bool:
+        """The batch carries cells (the split has periodic structures; a host fact, no read)."""
+        return self.pbc is not None
 
     @property
     def atom_capacity(self) -> int:
@@ -157,11 +167,12 @@ def pair_bound(counts: np.ndarray) -> int:
 
 
 def pack(z: torch.Tensor, pos: torch.Tensor, energy: torch.Tensor, forces: Optional[torch.Tensor],
-         counts: np.ndarray, atom_capacity: int, batch_size: int, pad_z: int) -> PackedBatch:
+         counts: np.ndarray, atom_capacity: int, batch_size: int, pad_z: int,
+         cell: Optional[torch.Tensor] = None, pbc: Optional[torch.Tensor] = None) -> PackedBatch:
     """Pad the concatenated atoms of ``len(counts)`` structures (z [n], pos [n, 3], forces, energy
-    [b]; ``counts`` the atoms per structure, on the host) to ``atom_capacity`` atoms and
-    ``batch_size + atom_capacity`` structures (module docstring). Works on any device and reads
-    nothing back from it."""
+    [b]; ``counts`` the atoms per structure, on the host; periodic data also cell [b, 3, 3] and
+    pbc [b, 3]) to ``atom_capacity`` atoms and ``batch_size + atom_capacity`` structures (module
+    docstring). Works on any device and reads nothing back from it."""
     counts = np.asarray(counts, dtype=np.int64)
     n, b = int(counts.sum()), int(counts.size)
     if n > atom_capacity:
@@ -171,7 +182,7 @@ def pack(z: torch.Tensor, pos: torch.Tensor, energy: torch.Tensor, forces: Optio
     A = int(atom_capacity)
     batch_np, n_atoms_np = _layout(counts, A, batch_size)
     return _assemble(z, pos, energy, forces, n, b, A, n_atoms_np.size, pad_z, pair_bound(counts),
-                     _small_tensor(batch_np, pos.device), _small_tensor(n_atoms_np, pos.device))
+                     _small_tensor(batch_np, pos.device), _small_tensor(n_atoms_np, pos.device), cell, pbc)
 
 
 def _layout(counts: np.ndarray, atom_capacity: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +205,8 @@ def _small_tensor(array: np.ndarray, device) -> torch.Tensor:
 
 
 def _assemble(z, pos, energy, forces, n: int, b: int, A: int, S: int, pad_z: int, bound: int,
-              batch: torch.Tensor, n_atoms: torch.Tensor) -> PackedBatch:
+              batch: torch.Tensor, n_atoms: torch.Tensor, cell: Optional[torch.Tensor] = None,
+              pbc: Optional[torch.Tensor] = None) -> PackedBatch:
     device, dtype = pos.device, pos.dtype
     z_out = torch.full((A,), int(pad_z), dtype=torch.long, device=device)
     z_out[:n] = z
@@ -210,18 +222,28 @@ def _assemble(z, pos, energy, forces, n: int, b: int, A: int, S: int, pad_z: int
     atom_weight[:n] = 1
     structure_weight = torch.zeros(S, dtype=dtype, device=device)
     structure_weight[:b] = 1
+    cell_out = pbc_out = None
+    if pbc is not None:
+        cell_out = torch.zeros(S, 3, 3, dtype=dtype, device=device)
+        cell_out[:b] = cell.reshape(b, 3, 3)
+        pbc_out = torch.zeros(S, 3, dtype=torch.bool, device=device)
+        pbc_out[:b] = pbc.reshape(b, 3)
     return PackedBatch(z_out, pos_out, batch, energy_out, forces_out, n_atoms, atom_weight, structure_weight,
-                       real_atoms=n, real_structures=b, pair_bound=bound)
+                       real_atoms=n, real_structures=b, pair_bound=bound, cell=cell_out, pbc=pbc_out)
 
 
-def pack_pyg_batch(batch, buckets: Sequence[int], batch_size: int, pad_z: int) -> PackedBatch:
-    """:func:`pack` of a PyG batch (``z``, ``pos``, ``energy``, optional ``forces``, ``ptr``) into
-    the smallest bucket that holds it."""
+def pack_pyg_batch(batch, buckets: Sequence[int], batch_size: int, pad_z: int, periodic: bool = False) -> PackedBatch:
+    """:func:`pack` of a PyG batch (``z``, ``pos``, ``energy``, optional ``forces``, ``ptr``;
+    ``cell`` and ``pbc`` too when ``periodic``: decided once for the split, so that every batch
+    of a run has the same inputs) into the smallest bucket that holds it."""
     ptr = batch.ptr.cpu().numpy()
     counts = np.diff(ptr)
     capacity = bucket_for(int(ptr[-1]), buckets)
     forces = getattr(batch, "forces", None)
-    return pack(batch.z, batch.pos, batch.energy, forces, counts, capacity, batch_size, pad_z)
+    cell = pbc = None
+    if periodic:
+        cell, pbc = batch.cell, batch.pbc
+    return pack(batch.z, batch.pos, batch.energy, forces, counts, capacity, batch_size, pad_z, cell, pbc)
 
 
 class DeviceBatchLoader:
@@ -262,6 +284,11 @@ class DeviceBatchLoader:
         self.forces = None if st.forces is None else \
             torch.from_numpy(np.asarray(st.forces[atom_index])).to(dataset.dtype).to(self.device)
         self.energy = dataset._energy[torch.from_numpy(indices)].to(self.device)
+        # periodic splits: cells and flags per structure (None for molecules: no cell inputs)
+        self.cell = self.pbc = None
+        if np.asarray(st.pbc)[indices].any():
+            self.cell = torch.from_numpy(np.asarray(st.cell[indices])).to(dataset.dtype).to(self.device)
+            self.pbc = torch.from_numpy(np.asarray(st.pbc[indices])).bool().to(self.device)
         # the epoch order of the host loader over local positions 0..n-1
         self.shuffle = bool(shuffle)
         self._stream = _BatchStream(None, np.arange(counts.size), self.batch_size, self.shuffle, False, True)
@@ -274,7 +301,8 @@ class DeviceBatchLoader:
         atoms = int(dataset._counts[indices].sum())
         float_size = torch.empty((), dtype=dataset.dtype).element_size()
         per_atom = 8 + 3 * float_size * (2 if dataset.has_forces else 1)
-        return atoms * per_atom + indices.size * (dataset._energy.element_size() + 8)
+        per_structure = dataset._energy.element_size() + 8 + (9 * float_size + 3)  # energy, index, cell, pbc
+        return atoms * per_atom + indices.size * per_structure
 
     def __len__(self) -> int:
         return len(self._stream)
@@ -309,5 +337,7 @@ class DeviceBatchLoader:
         source_d, local_d = index[:n], index[n:n + b]
         batch_d, n_atoms_d = index[n + b:n + b + capacity], index[n + b + capacity:]
         forces = None if self.forces is None else self.forces[source_d]
+        cell = None if self.cell is None else self.cell[local_d]
+        pbc = None if self.pbc is None else self.pbc[local_d]
         return _assemble(self.z[source_d], self.pos[source_d], self.energy[local_d], forces, n, b, capacity, S,
-                         self.pad_z, pair_bound(counts), batch_d, n_atoms_d)
+                         self.pad_z, pair_bound(counts), batch_d, n_atoms_d, cell, pbc)

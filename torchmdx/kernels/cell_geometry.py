@@ -151,19 +151,21 @@ def first_bad_structure(geometry: CellGeometry, cutoff: float) -> torch.Tensor:
     return torch.where(first == torch.iinfo(torch.long).max, torch.full_like(first, -1), first)
 
 
-def describe_problem(value: int, cell, pbc, cutoff: float) -> str:
-    """One line for a :func:`first_bad_structure` value (host; ``cell`` [B,3,3], ``pbc`` [B,3])."""
+def describe_problem(value: int, cell, pbc, cutoff: float, label: str | None = None) -> str:
+    """One line for a :func:`first_bad_structure` value (host; ``cell`` [B,3,3], ``pbc`` [B,3]);
+    ``label`` names the structure (default "structure b")."""
     b, code = divmod(int(value), 4)
+    label = f"structure {b}" if label is None else label
     cell_b = torch.as_tensor(cell).reshape(-1, 3, 3)[min(b, torch.as_tensor(cell).reshape(-1, 3, 3).shape[0] - 1)]
     pbc_all = torch.as_tensor(pbc).reshape(-1, 3)
     pbc_b = pbc_all[min(b, pbc_all.shape[0] - 1)].bool()
     rows = cell_b.detach().to("cpu", torch.float64).tolist()
     if code == NON_FINITE:
-        return f"structure {b}: the cell holds non-finite values (rows {rows} Å)"
+        return f"{label}: the cell holds non-finite values (rows {rows} Å)"
     if code == SINGULAR:
-        return f"structure {b}: the cell of the periodic directions is singular (rows {rows} Å)"
+        return f"{label}: the cell of the periodic directions is singular (rows {rows} Å)"
     widths = cell_geometry(cell_b.to("cpu"), pbc_b.to("cpu")).widths[0]
     listed = ", ".join(f"{'abc'[k]} {float(widths[k]):.4g}" for k in range(3) if bool(pbc_b[k]))
-    return (f"structure {b}: cutoff {cutoff:g} Å is larger than half the perpendicular width of the "
+    return (f"{label}: cutoff {cutoff:g} Å is larger than half the perpendicular width of the "
             f"periodic box (widths {listed} Å); minimum image needs widths >= {2 * cutoff:g} Å "
             f"(use a larger box or a smaller cutoff)")

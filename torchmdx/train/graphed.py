@@ -11,7 +11,7 @@ step on an H100, TorchMD-NET 3.0.0 68 ms). Captured once and replayed, the step 
 What one replay does (in this order, on the batch in the static input buffers)::
 
     g_p <- 0                                   (the parameters' .grad tensors, in place)
-    list = neighbor_list(pos, cutoff, batch, max_pairs=C)   (Triton, fixed capacity, no host read)
+    list = neighbor_list(pos, cutoff, batch[, cell, pbc], max_pairs=C)   (Triton, fixed capacity, no host read)
     E, F = model(z, pos, batch; list),   F = -dE/dpos   (create_graph=True when training on forces)
     loss, ΔE, ΔF = objective(E, F, E_ref, F_ref, n_atoms);   loss.backward()
     clip g (norm or value, as Lightning's gradient_clip_val / gradient_clip_algorithm)
@@ -35,8 +35,10 @@ flag, and the fused AdamW kernel then leaves weights, moments and step count unt
 :meth:`GraphedTrainStep.check` (a host read, called at logging points) sees it, grows C and,
 when the latest step was the one skipped, redoes it eagerly; earlier skipped steps are counted
 and reported once. Measured (32 aspirins, 9 682 pairs, H100): 26.4 ms per replay with the bound
-(13 440 rows), 20.4 ms with h = 1.1 (10 688 rows). Periodic batches are not captured (the
-neighbor list validates cells on the host): they train eagerly.
+(13 440 rows), 20.4 ms with h = 1.1 (10 688 rows). Periodic batches (``cell``, ``pbc`` inputs)
+are captured too: the list rebuilds their cell geometry on the device at every replay
+(``cell_check="device"``); a batch whose cell cannot be used skips the step like an overflow, and
+:meth:`GraphedTrainStep.check` stops the run with one line.
 
 Shapes
 ------
@@ -95,8 +97,9 @@ _HYPER = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "fused", "captu
 class BatchShape:
     """Host-side description of a batch: what the graph cache is keyed on.
 
-    atoms N, structures B, pair_bound Σ_b n_b (n_b - 1) (the most pairs a full non-periodic list
-    can hold), periodic: some structure has a periodic direction."""
+    atoms N, structures B, pair_bound Σ_b n_b (n_b - 1) (the most pairs a full list can hold: under
+    minimum image a pair (i, j) occurs at most once and no atom meets its own image), periodic:
+    the batch carries cells (the step takes ``cell`` and ``pbc`` inputs)."""
 
     atoms: int
     structures: int
@@ -119,7 +122,8 @@ def shape_from_counts(counts, periodic: bool = False) -> BatchShape:
 def packed_shape(packed) -> BatchShape:
     """:class:`BatchShape` of a :class:`~torchmdx.data.packing.PackedBatch` (host fields only):
     its capacities, and the pair bound of its real structures."""
-    return BatchShape(atoms=packed.atom_capacity, structures=packed.num_structures, pair_bound=packed.pair_bound)
+    return BatchShape(atoms=packed.atom_capacity, structures=packed.num_structures, pair_bound=packed.pair_bound,
+                      periodic=packed.periodic)
 
 
 def batch_shape(batch) -> BatchShape:
@@ -247,6 +251,11 @@ class GraphedTrainStep:
         self._skipped_seen = 0
         # status: [steps skipped by overflow (running count), latest step overflowed, most pairs seen]
         self.status = torch.zeros(3, dtype=torch.long, device=self.device)
+        #: the first batch with an unusable cell (periodic batches; see _keep_bad_cell)
+        self.bad_cell = {"count": torch.zeros((), dtype=torch.long, device=self.device),
+                         "code": torch.full((), -1, dtype=torch.long, device=self.device),
+                         "cell": torch.zeros(3, 3, dtype=torch.float64, device=self.device),
+                         "pbc": torch.zeros(3, dtype=torch.bool, device=self.device)}
         self._lr: Optional[list[torch.Tensor]] = None
         self._lr_host: list[float] = []
         self.guarded = False
@@ -277,17 +286,14 @@ class GraphedTrainStep:
         """Will :meth:`step` take a batch of this shape (else the caller trains it eagerly)?"""
         if self.disabled_reason is not None:
             return False
-        if shape.periodic:
-            self._note("periodic batches train eagerly (the neighbor list validates cells on the host)")
-            return False
-        key = (shape.atoms, shape.structures)
+        key = (shape.atoms, shape.structures, shape.periodic)
         if key not in self._graphs and len(self._graphs) >= self.max_shapes:
             self.disable(f"more than {self.max_shapes} distinct batch shapes (atoms, structures)")
             return False
         return True
 
     def _graph_for(self, shape: BatchShape, given: dict) -> _ShapeGraph:
-        key = (shape.atoms, shape.structures)
+        key = (shape.atoms, shape.structures, shape.periodic)
         graph = self._graphs.get(key)
         if graph is None or (self.enabled and self.disabled_reason is not None):
             inputs = {name: torch.empty_like(value) for name, value in given.items()}
@@ -313,13 +319,17 @@ class GraphedTrainStep:
     # ------------------------------------------------------------------ the step
     def step(self, z, pos, batch, energy, forces=None, shape: Optional[BatchShape] = None, *,
              n_atoms: Optional[torch.Tensor] = None, structure_weight: Optional[torch.Tensor] = None,
-             atom_weight: Optional[torch.Tensor] = None) -> StepOutputs:
+             atom_weight: Optional[torch.Tensor] = None, cell: Optional[torch.Tensor] = None,
+             pbc: Optional[torch.Tensor] = None) -> StepOutputs:
         """One optimiser step on this batch (eager warm-up, capture + replay, or replay).
 
         z [N] long, pos [N, 3] (Å), batch [N] long (sorted), energy [B] (eV), forces [N, 3] (eV/Å,
         needed when training on forces); ``shape`` from :func:`batch_shape` (else computed here
         from ``batch``, one host read). A packed batch also gives ``n_atoms`` [B] and the padding
-        weights ``structure_weight`` [B], ``atom_weight`` [N] (:func:`packed_shape` its shape)."""
+        weights ``structure_weight`` [B], ``atom_weight`` [N] (:func:`packed_shape` its shape).
+        Periodic batches (``shape.periodic``) give ``cell`` [B, 3, 3] (Å) and ``pbc`` [B, 3]: the
+        step rebuilds their geometry on the device (``cell_check="device"``), and a batch with an
+        unusable cell changes nothing and is reported by :meth:`check`."""
         if self.forces and forces is None:
             raise ValueError("GraphedTrainStep(forces=True) needs reference forces")
         if shape is None:
@@ -329,7 +339,12 @@ class GraphedTrainStep:
         given = {"z": z, "pos": pos, "batch": batch, "energy": energy.reshape(-1)}
         if self.forces:
             given["forces"] = forces
-        for name, value in (("n_atoms", n_atoms), ("structure_weight", structure_weight), ("atom_weight", atom_weight)):
+        if shape.periodic and (cell is None or pbc is None):
+            raise ValueError("a periodic batch shape needs cell and pbc")
+        if not shape.periodic:
+            cell = pbc = None
+        for name, value in (("n_atoms", n_atoms), ("structure_weight", structure_weight), ("atom_weight", atom_weight),
+                            ("cell", cell), ("pbc", pbc)):
             if value is not None:
                 given[name] = value
         graph = self._graph_for(shape, given)
@@ -421,12 +436,18 @@ class GraphedTrainStep:
         if grads:
             torch._foreach_zero_(grads)
         pos, batch = inputs["pos"], inputs["batch"]
+        cell, pbc = inputs.get("cell"), inputs.get("pbc")
         structures = inputs["energy"].shape[0]
-        neighbors = neighbor_list(pos.detach(), self.model.cutoff, batch, max_pairs=capacity)
+        neighbors = neighbor_list(pos.detach(), self.model.cutoff, batch, cell, pbc, max_pairs=capacity,
+                                  cell_check="device")
         out = None
         if traced and self.traced is not None:
             try:
-                energy, forces, _ = self.traced(inputs["z"], pos, batch, structures, neighbors.edge_index, None,
+                offsets = None
+                if cell is not None:  # image offsets n_e @ cell of the receiver's structure (Å)
+                    owner = cell.index_select(0, batch.index_select(0, neighbors.edge_index[0]))
+                    offsets = torch.einsum("ek,ekl->el", neighbors.shifts, owner)
+                energy, forces, _ = self.traced(inputs["z"], pos, batch, structures, neighbors.edge_index, offsets,
                                                 neighbors.mask)
                 out = {"energy": energy, "forces": forces}
             except Exception as exc:  # noqa: BLE001 - a graph that does not compile: say so once, go on
@@ -436,7 +457,7 @@ class GraphedTrainStep:
                 self._note(f"the traced model did not compile ({type(exc).__name__}: "
                            f"{(str(exc).splitlines() or [''])[0][:120]}); the step uses the model's autograd")
         if out is None:
-            out = self.model(inputs["z"], pos, batch, neighbors=neighbors, forces=self.forces,
+            out = self.model(inputs["z"], pos, batch, cell, pbc, neighbors=neighbors, forces=self.forces,
                              create_graph=self.forces, num_structures=structures)
         n_atoms = inputs.get("n_atoms")
         if n_atoms is None:
@@ -447,23 +468,47 @@ class GraphedTrainStep:
         loss.backward()
         self._clip()
         overflow = neighbors.overflow.reshape(())
-        self._optimizer_step(overflow)
+        cell_error = neighbors.cell_error
+        if cell_error is not None:
+            # an unusable cell: the step changes nothing (as an overflow), the first one is kept
+            # for check(); the skip costs nothing (the fused optimiser's found_inf input)
+            bad = cell_error.reshape(()) >= 0
+            self._keep_bad_cell(bad, cell_error, cell, pbc)
+            overflow = overflow & ~bad
+            skip = overflow | bad
+        else:
+            skip = overflow
+        self._optimizer_step(skip)
         if self.ema is not None:
             from torchmdx.train.ema import ema_update
 
             ema = self.ema
-            ema_update(ema["averaged"], ema["current"], ema["num_averaged"], ema["decay"], skip=overflow,
+            ema_update(ema["averaged"], ema["current"], ema["num_averaged"], ema["decay"], skip=skip,
                        averaged_buffers=ema.get("averaged_buffers"), buffers=ema.get("buffers"))
         if self.error_sums is not None:
             sums = self.error_sums(energy_error, n_atoms, force_error, weights.get("structure_weight"),
                                    weights.get("atom_weight"))
-            self.sums.add_(torch.where(overflow, torch.zeros_like(sums), sums))
+            self.sums.add_(torch.where(skip, torch.zeros_like(sums), sums))
         found = neighbors.num_pairs.reshape(()).long()
         flag = overflow.long()
         self.status.copy_(torch.stack([self.status[0] + flag, flag, torch.maximum(self.status[2], found)]))
         outputs = StepOutputs(loss.detach(), energy_error.detach(),
-                              force_error.detach() if force_error is not None else None, n_atoms, overflow)
+                              force_error.detach() if force_error is not None else None, n_atoms, skip)
         return outputs, found
+
+    def _keep_bad_cell(self, bad: torch.Tensor, cell_error: torch.Tensor, cell: torch.Tensor,
+                       pbc: torch.Tensor) -> None:
+        """Record the first unusable cell on the device (no host read): :attr:`bad_cell` holds
+        [count, 4 * structure + code] and the structure's cell and pbc (for :meth:`check`)."""
+        if self.bad_cell is None:
+            return
+        first = bad & (self.bad_cell["count"] == 0)
+        index = (cell_error.clamp(min=0) // 4).reshape(1)
+        for name, value in (("code", cell_error.reshape(())), ("cell", cell.index_select(0, index)[0].double()),
+                            ("pbc", pbc.index_select(0, index)[0])):
+            kept = self.bad_cell[name]
+            kept.copy_(torch.where(first, value, kept))
+        self.bad_cell["count"].add_(bad.long())
 
     def _clip(self) -> None:
         if self.clip_value is None or not self.clip_value > 0:
@@ -475,6 +520,8 @@ class GraphedTrainStep:
             torch.nn.utils.clip_grad_norm_(params, self.clip_value)
 
     def _optimizer_step(self, overflow: torch.Tensor) -> None:
+        if not self.guarded and self.device.type == "cpu" and bool(overflow):
+            return  # no fused found_inf skip here; on the CPU the host read is free
         groups = self.optimizer.param_groups
         floats = [group["lr"] for group in groups]
         try:
@@ -539,12 +586,16 @@ class GraphedTrainStep:
 
     # ------------------------------------------------------------------ check points
     def check(self) -> dict:
-        """Read :attr:`status` (one host read): if steps overflowed their neighbor capacity since
-        the last check, grow the capacities, redo the latest step when it was one of them, and
-        say how many were skipped without a redo. Returns :attr:`stats`."""
+        """Read :attr:`status` (one host read): stop with one line if a periodic batch had an
+        unusable cell; if steps overflowed their neighbor capacity since the last check, grow the
+        capacities, redo the latest step when it was one of them, and say how many were skipped
+        without a redo. Returns :attr:`stats`."""
+        values = torch.cat([self.status, self.bad_cell["count"].reshape(1), self.bad_cell["code"].reshape(1)]).tolist()
+        if values[3] > 0:
+            self._bad_cell_error(values[4])
         if not self.enabled:
             return dict(self.stats)
-        skipped, latest, most_pairs = self.status.tolist()
+        skipped, latest, most_pairs = values[:3]
         new = skipped - self._skipped_seen
         if new <= 0:
             return dict(self.stats)
@@ -571,6 +622,16 @@ class GraphedTrainStep:
             what = "skipped (weights unchanged)" if self.guarded else "trained on a truncated neighbor list"
             self._note(f"{lost} step(s) overflowed the neighbor capacity and were {what}; capacity grown to {needed} pairs")
         return dict(self.stats)
+
+    def _bad_cell_error(self, code: int) -> None:
+        from torchmdx.errors import TrainingError
+        from torchmdx.kernels.cell_geometry import describe_problem
+
+        kept = self.bad_cell
+        what = describe_problem(code % 4, kept["cell"].unsqueeze(0), kept["pbc"].unsqueeze(0), self.model.cutoff,
+                                label="a periodic training structure")
+        raise TrainingError(f"{what}; {int(kept['count'])} step(s) with such a structure changed nothing "
+                            f"(check the data's cells: torchmdx data info)")
 
     def take_sums(self) -> Optional[torch.Tensor]:
         """The error sums accumulated since the last call (a copy; the accumulator restarts at 0)."""

@@ -3,7 +3,9 @@
 What one replay does, on the packed batch in the static input buffers
 (:class:`torchmdx.data.packing.PackedBatch`)::
 
-    list = neighbor_list(pos, cutoff, batch, max_pairs=C)          (fixed capacity, no host read)
+    list = neighbor_list(pos, cutoff, batch, max_pairs=C)          (fixed capacity, no host read;
+                                                                    periodic data: cell and pbc too,
+                                                                    checked on the device)
     E, F = model(z, pos, batch; list),   F = -dE/dpos               (no create_graph)
     sums += error_sums(E - E_ref, n_atoms, F - F_ref; padding weights)   (float64, on the device)
 
@@ -70,7 +72,9 @@ class GraphedEvalStep:
                  "atom_weight": packed.atom_weight}
         if self.forces and packed.forces is not None:
             given["forces"] = packed.forces
-        key = (packed.atom_capacity, packed.num_structures, "forces" in given)
+        if packed.periodic:
+            given["cell"], given["pbc"] = packed.cell, packed.pbc
+        key = (packed.atom_capacity, packed.num_structures, "forces" in given, packed.periodic)
         need = round_capacity(packed.pair_bound)
         graph = self._graphs.get(key)
         if graph is None or need > graph.capacity:
@@ -84,6 +88,8 @@ class GraphedEvalStep:
             from torchmdx.train.metrics import SUM_STATES
 
             self.sums = torch.zeros(len(SUM_STATES), dtype=torch.float64, device=self.device)
+            # batches left out for an unusable cell: [count, first 4 * structure + code]
+            self.bad_cells = torch.tensor([0, -1], dtype=torch.long, device=self.device)
         if not self.enabled:
             self._compute(graph)
             self.stats["eager_steps"] += 1
@@ -121,18 +127,38 @@ class GraphedEvalStep:
         inputs = graph.inputs
         pos, batch = inputs["pos"], inputs["batch"]
         structures = inputs["energy"].shape[0]
-        neighbors = neighbor_list(pos.detach(), self.model.cutoff, batch, max_pairs=graph.capacity)
+        cell, pbc = inputs.get("cell"), inputs.get("pbc")
+        neighbors = neighbor_list(pos.detach(), self.model.cutoff, batch, cell, pbc, max_pairs=graph.capacity,
+                                  cell_check="device")
         with torch.enable_grad():
-            out = self.model(inputs["z"], pos, batch, neighbors=neighbors, forces="forces" in inputs,
+            out = self.model(inputs["z"], pos, batch, cell, pbc, neighbors=neighbors, forces="forces" in inputs,
                              create_graph=False, num_structures=structures)
         energy_error = out["energy"].detach() - inputs["energy"].to(out["energy"].dtype)
         force_error = out["forces"].detach() - inputs["forces"] if "forces" in inputs else None
-        self.sums.add_(self.error_sums(energy_error, inputs["n_atoms"], force_error, inputs["structure_weight"],
-                                       inputs["atom_weight"]))
+        sums = self.error_sums(energy_error, inputs["n_atoms"], force_error, inputs["structure_weight"],
+                               inputs["atom_weight"])
+        if neighbors.cell_error is not None:
+            # a batch with an unusable cell is left out of the sums and reported by take_sums
+            code = neighbors.cell_error.reshape(())
+            bad = code >= 0
+            sums = torch.where(bad, torch.zeros_like(sums), sums)
+            first = torch.where(bad & (self.bad_cells[1] < 0), code, self.bad_cells[1])
+            self.bad_cells.copy_(torch.stack([self.bad_cells[0] + bad.long(), first]))
+        self.sums.add_(sums)
 
     def take_sums(self) -> Optional[torch.Tensor]:
-        """The sums since the last call (a copy; the accumulator restarts at 0)."""
+        """The sums since the last call (a copy; the accumulator restarts at 0). A periodic
+        validation batch with an unusable cell stops the run here with one line."""
         from torchmdx.train.metrics import take_sums
+
+        if self.sums is not None:
+            count, code = self.bad_cells.tolist()
+            if count:
+                from torchmdx.errors import TrainingError
+
+                raise TrainingError(f"{count} validation batch(es) hold a periodic structure whose cell cannot be "
+                                    f"used with the model's cutoff {self.model.cutoff:g} Å (structure {code // 4} of "
+                                    f"the first one); check the data's cells: torchmdx data info")
 
         return take_sums(self.sums)
 

@@ -27,7 +27,7 @@ CUDA graph by :class:`torchmdx.train.graphed.GraphedTrainStep`; Lightning still 
 callback is told the step already averaged). Training batches come packed to a few fixed sizes
 (:mod:`torchmdx.data.packing`), from the GPU when the split fits there, and validation batches
 then replay graphs too (:class:`torchmdx.train.graphed_eval.GraphedEvalStep`); the epoch's error
-sums are read once at its end. Periodic batches and the stress term train eagerly. On the CPU
+sums are read once at its end. The stress term trains eagerly. On the CPU
 the option is ignored with a note (``data.device_resident: true`` packs there anyway, eagerly:
 the tests compare that path with the plain one). A loss that stays NaN or infinite stops the run
 (``train.max_nonfinite_steps``).
@@ -230,8 +230,10 @@ class PotentialModule(L.LightningModule):
             from torchmdx.errors import DataError
 
             raise DataError("train.force_weight > 0 but the training data have no forces; set train.force_weight: 0")
+        shape = batch_shape(batch)
         out = self._graph_step.step(batch.z, batch.pos, batch.batch, batch.energy.reshape(-1),
-                                    forces if cfg.train_forces else None, shape=batch_shape(batch))
+                                    forces if cfg.train_forces else None, shape=shape,
+                                    cell=getattr(batch, "cell", None), pbc=getattr(batch, "pbc", None))
         self._after_runner_step(out, int(batch.num_graphs))
         return None
 
@@ -249,7 +251,8 @@ class PotentialModule(L.LightningModule):
 
         out = self._graph_step.step(batch.z, batch.pos, batch.batch, batch.energy, batch.forces if cfg.train_forces else None,
                                     shape=packed_shape(batch), n_atoms=batch.n_atoms,
-                                    structure_weight=batch.structure_weight, atom_weight=batch.atom_weight)
+                                    structure_weight=batch.structure_weight, atom_weight=batch.atom_weight,
+                                    cell=batch.cell, pbc=batch.pbc)
         self._after_runner_step(out, batch.num_graphs)
         return None
 

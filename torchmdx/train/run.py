@@ -109,6 +109,7 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
         model=to_dict(cfg.model_config), train=to_dict(cfg.train), data=to_dict(cfg.data_config),
         inference_batch_size=cfg.data_config.inference_batch_size or cfg.data_config.batch_size,
     )
+    check_cells(datamodule.dataset, float(module.model.cutoff), source)
     module.model.set_normalisation(**normalisation_from_data(datamodule, cfg.train))
     if cfg.data_config.atomref != "none" and INITIAL_REFIT_STRUCTURES > 0:
         # fold the untrained network's mean energy into the references, so that the energy
@@ -117,6 +118,30 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
         fit_reference_correction(module.model, datamodule.dataset, train_indices,
                                  cfg.data_config.inference_batch_size or cfg.data_config.batch_size)
     return datamodule, module
+
+
+def check_cells(dataset, cutoff: float, source) -> None:
+    """Refuse, in one line naming the structure, a periodic structure whose cell cannot be used
+    with the model's ``cutoff`` (Å): non-finite, singular, or narrower than twice the cutoff
+    (minimum image would miss pairs). All cells at once on the CPU (:mod:`torchmdx.kernels.cell_geometry`);
+    the training steps check each batch again on the device."""
+    import numpy as np
+    import torch
+
+    from torchmdx.kernels.cell_geometry import cell_geometry, describe_problem, first_bad_structure
+
+    st = dataset.structures
+    pbc = np.asarray(st.pbc)
+    periodic = np.nonzero(pbc.any(-1))[0]
+    for start in range(0, periodic.size, 1 << 16):  # bounded memory for millions of structures
+        chunk = periodic[start:start + (1 << 16)]
+        cells, flags = torch.from_numpy(np.asarray(st.cell[chunk], dtype=np.float64)), torch.from_numpy(pbc[chunk])
+        value = int(first_bad_structure(cell_geometry(cells, flags), cutoff))
+        if value >= 0:
+            index = int(chunk[value // 4])
+            raise DataError(f"{source}: " + describe_problem(value % 4, cells[value // 4:value // 4 + 1],
+                                                             flags[value // 4:value // 4 + 1], cutoff,
+                                                             label=f"structure {index}"))
 
 
 def _check_checkpoint_readable(last: Path) -> None:
