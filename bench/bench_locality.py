@@ -7,12 +7,15 @@ For each system (extxyz files; names are looked up in ``--data``, default ``.ben
 
 - bandwidth of the neighbour list (cutoff 5 Å) in four orders: ``input`` (the file's),
   ``shuffled`` (a random permutation, seed 0: the worst case), ``hilbert``, ``morton``:
-  mean |i - j|, the fraction of neighbours in the receiver's 32-atom block, and the mean number
-  of 32-atom sender blocks a block of 32 receivers reads;
+  mean |i - j|, the fraction of neighbours in the receiver's 32-atom block, the mean number
+  of 32-atom sender blocks a block of 32 receivers reads (and of 512-atom blocks per 512
+  receivers: roughly what the programs in flight on the whole GPU read), and the block spread
+  that ``auto`` compares (RMS distance to the centroid of 32 consecutive atoms), with the
+  order ``auto`` picks (``auto_order``: the curve only if it is clearly tighter than the input);
 - ms to compute the order itself (``spatial_order``);
 - ms per ``model(z, pos)`` call (neighbour list, energy, forces by autograd; what a calculator
-  pays) with ``Potential.atom_order`` = input, hilbert, morton (these include the sort and the
-  permutations), and ``hilbert_presorted`` (positions sorted once beforehand, the MD engine's
+  pays) with ``Potential.atom_order`` = input, hilbert, morton, auto (these include the sort
+  and the permutations; auto is forced on for the system whatever its size), and ``hilbert_presorted`` (positions sorted once beforehand, the MD engine's
   case: only the kernels' gain); the largest force difference to the input order's (forces
   are returned in the input order in every case);
 - peak GPU memory of a call.
@@ -45,8 +48,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from torchmdx.kernels import locality  # noqa: E402
 from torchmdx.kernels.locality import (  # noqa: E402
-    blocks_touched, inverse_permutation, neighbor_bandwidth, same_block_fraction, spatial_order,
+    auto_order, block_spread, blocks_touched, inverse_permutation, neighbor_bandwidth, same_block_fraction,
+    spatial_order,
 )
 from torchmdx.kernels.neighbors import neighbor_list  # noqa: E402
 
@@ -56,7 +61,7 @@ ET_MD17 = dict(embedding_dimension=128, num_layers=6, num_heads=8, num_rbf=32, r
 TINY = dict(ET_MD17, embedding_dimension=16, num_layers=1, num_heads=2, num_rbf=8)
 CUTOFF = 5.0
 BLOCK = 32
-ORDERS = ("input", "hilbert", "morton")
+ORDERS = ("input", "hilbert", "morton", "auto")
 
 
 def find_system(name: str, data: list[Path]) -> Path:
@@ -119,7 +124,11 @@ def bandwidth_rows(pos, cell, pbc) -> dict:
             "mean_abs_i_minus_j": neighbor_bandwidth(nl.edge_index, nl.mask),
             f"same_{BLOCK}_block_fraction": same_block_fraction(nl.edge_index, BLOCK, nl.mask),
             f"sender_blocks_per_{BLOCK}_receivers": blocks_touched(nl.edge_index, BLOCK, nl.mask),
+            "sender_blocks_per_512_receivers": blocks_touched(nl.edge_index, 512, nl.mask),
+            f"block_spread_{BLOCK}_A": float(block_spread(pos, perm, BLOCK, cell, pbc)),
         }
+    auto = auto_order(pos, cell=cell, pbc=pbc, num_structures=1)
+    rows["auto_picks"] = "input" if torch.equal(auto, orders["input"]) else locality.AUTO_CURVE
     return rows
 
 
@@ -128,6 +137,7 @@ def call_rows(model, z, pos, cell, pbc, device, warmup, repeats) -> dict:
     reference = None
     variants = [(order, order, None) for order in ORDERS]
     variants.append(("hilbert_presorted", "input", spatial_order(pos, cell=cell, pbc=pbc, num_structures=1)))
+    locality.LOCALITY_MIN_ATOMS, min_atoms = 0, locality.LOCALITY_MIN_ATOMS  # auto on at any size
     for name, order, presort in variants:
         model.atom_order = order
         z_in, pos_in = (z, pos) if presort is None else (z[presort], pos[presort])
@@ -156,6 +166,7 @@ def call_rows(model, z, pos, cell, pbc, device, warmup, repeats) -> dict:
             "force_max_abs": float(forces.abs().max()) if forces.numel() else 0.0,
         }
     model.atom_order = "auto"
+    locality.LOCALITY_MIN_ATOMS = min_atoms
     return rows
 
 
@@ -207,6 +218,8 @@ def main(argv=None) -> int:
                              device, args.warmup, args.repeats)
                 for curve in ("hilbert", "morton")
             }
+            row["order_ms"]["auto"] = timed(lambda: auto_order(pos, cell=cell, pbc=pbc, num_structures=1),
+                                            device, args.warmup, args.repeats)
             row["calls"] = call_rows(model, z, pos, cell, pbc, device, args.warmup, args.repeats)
         except Exception as exc:  # noqa: BLE001 - one system failing (memory) must not lose the others
             row["error"] = f"{type(exc).__name__}: {exc}"
@@ -216,23 +229,27 @@ def main(argv=None) -> int:
 
     claim = "" if device.type == "cuda" else "   (CPU: no timing claims)"
     print(f"device {result['device']}, torch {result['torch']}{claim}")
-    print(f"{'system':<28}{'atoms':>7}  {'order':<18}{'|i-j|':>9}{'blk32':>7}{'blocks':>8}"
+    print(f"{'system':<28}{'atoms':>7}  {'order':<18}{'|i-j|':>9}{'blk32':>7}{'blocks':>8}{'b512':>6}{'spread':>7}"
           f"{'ms/call':>10}{'x input':>9}{'dF max':>10}")
     for row in result["systems"]:
         if "error" in row:
             print(f"{row['system']:<28}  error: {row['error']}")
             continue
         base = row["calls"]["input"]["ms"]
-        for order in ("shuffled", "input", "hilbert", "morton", "hilbert_presorted"):
+        for order in ("shuffled", "input", "hilbert", "morton", "auto", "hilbert_presorted"):
             bw = row["bandwidth"].get(order.replace("_presorted", ""))
+            if order == "auto":
+                bw = row["bandwidth"][row["bandwidth"]["auto_picks"]]
             call = row["calls"].get(order)
             cols = f"{bw['mean_abs_i_minus_j']:>9.1f}{bw[f'same_{BLOCK}_block_fraction']:>7.2f}" \
-                   f"{bw[f'sender_blocks_per_{BLOCK}_receivers']:>8.1f}" if bw else " " * 24
+                   f"{bw[f'sender_blocks_per_{BLOCK}_receivers']:>8.1f}{bw['sender_blocks_per_512_receivers']:>6.1f}" \
+                   f"{bw[f'block_spread_{BLOCK}_A']:>7.2f}" if bw else " " * 37
             cols += (f"{call['ms']:>10.3f}{base / call['ms']:>9.2f}{call['force_max_abs_diff_vs_input']:>10.2e}"
                      if call else "")
             print(f"{Path(row['system']).stem:<28}{row['atoms']:>7}  {order:<18}{cols}")
-        print(f"{'':<37}order itself: hilbert {row['order_ms']['hilbert']:.3f} ms, "
-              f"morton {row['order_ms']['morton']:.3f} ms")
+        print(f"{'':<37}auto picks {row['bandwidth']['auto_picks']}; the order itself: hilbert "
+              f"{row['order_ms']['hilbert']:.3f} ms, morton {row['order_ms']['morton']:.3f} ms, auto "
+              f"{row['order_ms']['auto']:.3f} ms")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "bench_locality.json"

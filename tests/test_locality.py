@@ -218,13 +218,16 @@ def test_auto_sorts_one_large_structure_only(monkeypatch):
     monkeypatch.setattr(locality, "LOCALITY_MIN_ATOMS", 30)
     model = small_model()
     assert model.atom_order == "auto"
-    z, pos = random_points(40, 5, box=8.0)
+    z, pos = random_points(160, 5, box=13.0)
     seen = _graph_z_spy(model)
     model(z, pos)
-    assert torch.equal(seen[-1], z[spatial_order(pos)])  # one structure of >= 30 atoms: sorted
+    assert torch.equal(seen[-1], z[spatial_order(pos)])  # one structure of >= 30 atoms in random order: sorted
     model(z[:29], pos[:29])
     assert torch.equal(seen[-1], z[:29])  # below the threshold: input order
-    batch = torch.repeat_interleave(torch.arange(2), torch.tensor([20, 20]))
+    hilbert = spatial_order(pos)
+    model(z[hilbert], pos[hilbert])
+    assert torch.equal(seen[-1], z[hilbert])  # already local: kept as given
+    batch = torch.repeat_interleave(torch.arange(2), torch.tensor([80, 80]))
     model(z, pos, batch=batch)
     assert torch.equal(seen[-1], z)  # a batch: input order
     nl = neighbor_list(pos, model.cutoff)
@@ -281,6 +284,40 @@ def test_sorted_solvated_system_has_a_narrow_neighbour_band(shared_data):
     assert hilbert[0] < given[0] and morton[0] < given[0]
     assert hilbert[1] > 2 * shuffled[1]
     assert hilbert[2] < 0.5 * shuffled[2]
+
+
+def test_auto_keeps_an_input_order_that_is_already_local(shared_data):
+    """dhfr in PDB order: residues are compact and consecutive, tighter than the Hilbert curve's
+    blocks, and its neighbour list touches fewer sender blocks: auto keeps it. Shuffled, or the
+    solvated system (water in the builder's order), auto takes the curve."""
+    from torchmdx.kernels.locality import auto_order, block_spread
+
+    atoms = ase.io.read(shared_data / "systems" / "dhfr.xyz")
+    pos = torch.tensor(atoms.get_positions())
+    n = len(atoms)
+    hilbert = spatial_order(pos)
+    assert block_spread(pos) < block_spread(pos, hilbert)
+
+    def touched(perm):
+        return blocks_touched(neighbor_list(pos[perm], 5.0).edge_index)
+
+    assert touched(torch.arange(n)) < touched(hilbert)  # the measure and the list agree
+    assert torch.equal(auto_order(pos), torch.arange(n))
+    shuffle = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(auto_order(pos[shuffle]), spatial_order(pos[shuffle]))
+    _, spos, cell, pbc = _solvated(shared_data)
+    assert torch.equal(auto_order(spos, cell=cell, pbc=pbc), spatial_order(spos, cell=cell, pbc=pbc))
+
+
+def test_block_spread_value():
+    from torchmdx.kernels.locality import block_spread
+
+    # two blocks of 2: points +-1 and +-3 around their centroids on x: RMS 1 and 3
+    pos = torch.tensor([[-1.0, 0, 0], [1.0, 0, 0], [7.0, 5, 5], [13.0, 5, 5], [99.0, 9, 9]])
+    assert float(block_spread(pos, block=2)) == pytest.approx(2.0)
+    assert float(block_spread(pos, torch.tensor([0, 2, 1, 3, 4]), block=2)) == pytest.approx(
+        (np.linalg.norm([8, 5, 5]) / 2 + np.linalg.norm([12, 5, 5]) / 2) / 2)
+    assert float(block_spread(pos[:1], block=2)) == 0.0
 
 
 def test_measures_on_a_known_list():
@@ -473,7 +510,8 @@ def test_bench_locality_runs_on_a_tiny_cpu_input(tmp_path, shared_data):
     assert row["atoms"] == len(cut)
     assert set(row["bandwidth"]) >= {"input", "shuffled", "hilbert", "morton"}
     assert row["bandwidth"]["hilbert"]["mean_abs_i_minus_j"] < row["bandwidth"]["shuffled"]["mean_abs_i_minus_j"]
-    assert set(row["calls"]) >= {"input", "hilbert", "morton", "hilbert_presorted"}
+    assert set(row["calls"]) >= {"input", "hilbert", "morton", "auto", "hilbert_presorted"}
+    assert row["bandwidth"]["auto_picks"] in ("input", "hilbert")
     for name, call in row["calls"].items():
         assert call["force_max_abs_diff_vs_input"] < 1e-4, name  # float32, tiny model
     assert "hilbert" in result.stdout and "no timing claims" in result.stdout

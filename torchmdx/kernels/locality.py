@@ -37,6 +37,18 @@ Periodic structures: positions are first wrapped into the cell (fractional coord
 
 The order is then ``argsort`` of the codes (stable), followed by a stable sort by structure,
 so that the atoms of each structure stay together and in the batch's order (the PyG layout).
+
+When the input is already local
+-------------------------------
+A protein in PDB order is already local: residues are compact and consecutive, and 32
+consecutive atoms (two or three residues) form a tighter group than 32 consecutive atoms of
+the Hilbert curve (measured on dhfr and factor IX: block spread 3.8 Å input vs 4.5-4.9 Å
+Hilbert, and 13 vs 18-19 sender blocks per receiver block). ``auto`` therefore keeps the
+input order unless the curve makes the atoms' blocks clearly tighter: :func:`block_spread`
+(mean RMS distance of the atoms of each block of 32 consecutive atoms to their centroid) of
+the curve order below :data:`AUTO_MARGIN` times the input's. The choice is made on the
+device (``torch.where`` between the two permutations), so it reads nothing back either; on
+the sample systems it ranks the orders as the neighbour-list measures do.
 """
 
 from __future__ import annotations
@@ -54,6 +66,10 @@ ATOM_ORDERS = ("auto", "input", "hilbert", "morton")
 LOCALITY_MIN_ATOMS = 5000
 #: the curve ``auto`` uses
 AUTO_CURVE = "hilbert"
+#: ``auto`` takes the curve only if its :func:`block_spread` is below this fraction of the input's
+AUTO_MARGIN = 0.9
+#: atoms per block of :func:`block_spread` (and of the measures below)
+BLOCK = 32
 #: most bits per axis: 3 * 21 = 63 bits fit a signed 64-bit code
 MAX_BITS = 21
 
@@ -195,6 +211,38 @@ def spatial_order(pos: torch.Tensor, batch: Optional[torch.Tensor] = None, cell=
     return perm
 
 
+def block_spread(pos: torch.Tensor, perm: Optional[torch.Tensor] = None, block: int = BLOCK, cell=None, pbc=None,
+                 batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over the full blocks of ``block`` consecutive atoms of ``pos[perm]`` of the RMS
+    distance of the block's atoms to its centroid (Å, a device scalar; 0 with fewer atoms than
+    a block). Periodic positions are wrapped into the cell first (as for the codes)."""
+    pos = pos.detach()
+    if cell is not None:
+        if batch is None:
+            batch = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
+        pos = _wrapped(pos, batch, cell, pbc)
+    if perm is not None:
+        pos = pos.index_select(0, perm)
+    m = pos.shape[0] // block * block
+    if m == 0:
+        return torch.zeros((), dtype=pos.dtype, device=pos.device)
+    blocks = pos[:m].reshape(-1, block, 3)
+    centred = blocks - blocks.mean(1, keepdim=True)
+    return (centred * centred).sum(-1).mean(1).sqrt().mean()
+
+
+def auto_order(pos: torch.Tensor, batch=None, cell=None, pbc=None, num_structures: Optional[int] = None,
+               margin: Optional[float] = None) -> torch.Tensor:
+    """The :data:`AUTO_CURVE` order if it makes the blocks of consecutive atoms clearly tighter
+    than the input order (see "When the input is already local" above), else the identity;
+    chosen on the device."""
+    margin = AUTO_MARGIN if margin is None else margin
+    perm = spatial_order(pos, batch, cell, pbc, curve=AUTO_CURVE, num_structures=num_structures)
+    better = block_spread(pos, perm, cell=cell, pbc=pbc, batch=batch) < margin * block_spread(
+        pos, None, cell=cell, pbc=pbc, batch=batch)
+    return torch.where(better, perm, torch.arange(pos.shape[0], dtype=perm.dtype, device=perm.device))
+
+
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     """inv with inv[perm[k]] = k, so ``x_sorted[inv]`` is back in the input order when
     ``x_sorted = x[perm]``."""
@@ -236,11 +284,14 @@ class AtomOrder:
                neighbors_given: bool) -> "AtomOrder":
         """The order :meth:`torchmdx.nn.base.Potential.forward` uses: none when the caller gives
         the neighbour list (its indices refer to the input order) or ``mode`` is "input";
-        "auto": :data:`AUTO_CURVE` for one structure of at least :data:`LOCALITY_MIN_ATOMS`
-        atoms; "hilbert" / "morton": that curve."""
+        "auto": for one structure of at least :data:`LOCALITY_MIN_ATOMS` atoms,
+        :func:`auto_order` (the curve unless the input order is as local); "hilbert" / "morton":
+        that curve."""
         curve = resolve_curve(mode, int(pos.shape[0]), num_structures, neighbors_given)
         if curve is None:
             return cls()
+        if mode == "auto":
+            return cls(auto_order(pos, batch, cell, pbc, num_structures))
         return cls(spatial_order(pos, batch, cell, pbc, curve=curve, num_structures=num_structures))
 
 
@@ -270,7 +321,7 @@ def neighbor_bandwidth(edge_index: torch.Tensor, mask: Optional[torch.Tensor] = 
     return float((i - j).abs().double().mean())
 
 
-def same_block_fraction(edge_index: torch.Tensor, block: int = 32, mask: Optional[torch.Tensor] = None) -> float:
+def same_block_fraction(edge_index: torch.Tensor, block: int = BLOCK, mask: Optional[torch.Tensor] = None) -> float:
     """Fraction of the (valid) edges whose neighbour j lies in the receiver i's block of
     ``block`` consecutive atoms (i // block == j // block)."""
     i, j = _valid_pairs(edge_index, mask)
@@ -279,7 +330,7 @@ def same_block_fraction(edge_index: torch.Tensor, block: int = 32, mask: Optiona
     return float(((i // block) == (j // block)).double().mean())
 
 
-def blocks_touched(edge_index: torch.Tensor, block: int = 32, mask: Optional[torch.Tensor] = None) -> float:
+def blocks_touched(edge_index: torch.Tensor, block: int = BLOCK, mask: Optional[torch.Tensor] = None) -> float:
     """Mean number of distinct ``block``-atom blocks of senders that the edges of one block of
     ``block`` receivers read (the rows a group of programs running together gathers from)."""
     i, j = _valid_pairs(edge_index, mask)

@@ -52,7 +52,7 @@ import torch
 
 from torchmdx import units
 from torchmdx.errors import ConfigError, DataError, SimulationError
-from torchmdx.kernels.locality import AUTO_CURVE, LOCALITY_MIN_ATOMS, check_atom_order, spatial_order
+from torchmdx.kernels.locality import LOCALITY_MIN_ATOMS, auto_order, check_atom_order, spatial_order
 from torchmdx.md.forces import ForceField
 from torchmdx.md.integrators import make_integrator
 from torchmdx.md.io import load_restart, make_frame, save_restart
@@ -163,7 +163,8 @@ class Simulation:
     compiled graph for up to :data:`~torchmdx.nn.traced.WHOLE_GRAPH_MAX_ATOMS` atoms, its dense
     parts compiled above; off on the CPU), True ("auto") or False ("off"). ``atom_order``: "auto"
     (default: Hilbert when a structure has at least
-    :data:`~torchmdx.kernels.locality.LOCALITY_MIN_ATOMS` atoms), "input", "hilbert", "morton",
+    :data:`~torchmdx.kernels.locality.LOCALITY_MIN_ATOMS` atoms, unless the input order is as
+    local: :func:`~torchmdx.kernels.locality.auto_order`), "input", "hilbert", "morton",
     or an explicit permutation [N] (a restart file's); see the module docstring.
     """
 
@@ -698,23 +699,27 @@ class Simulation:
 def order_structures(atoms_list: list, atom_order="auto"):
     """(structures in the engine's order, perm or None): ``perm`` [N] (numpy, over the batch's
     concatenated atoms) lists the input index of each of the engine's atoms; atoms never leave
-    their structure. ``atom_order``: "input", "hilbert", "morton", "auto" (Hilbert when some
-    structure has at least LOCALITY_MIN_ATOMS atoms) or an explicit permutation (a restart
-    file's). None when the order is the input's."""
+    their structure. ``atom_order``: "input", "hilbert", "morton", "auto" (when some structure has
+    at least LOCALITY_MIN_ATOMS atoms, Hilbert unless the input order is as local:
+    :func:`torchmdx.kernels.locality.auto_order`) or an explicit permutation (a restart file's).
+    None when the order is the input's."""
     counts = [len(a) for a in atoms_list]
     offsets = np.cumsum([0] + counts[:-1]).astype(np.int64)
     n = int(sum(counts))
     if isinstance(atom_order, str):
         mode = check_atom_order(atom_order, ConfigError, "atom_order")
-        if mode == "auto":
-            mode = AUTO_CURVE if counts and max(counts) >= LOCALITY_MIN_ATOMS else "input"
+        if mode == "auto" and (not counts or max(counts) < LOCALITY_MIN_ATOMS):
+            mode = "input"
         if mode == "input" or n == 0:
             return atoms_list, None
         pos = torch.as_tensor(np.concatenate([a.get_positions() for a in atoms_list]), dtype=torch.float64)
         batch = torch.as_tensor(np.repeat(np.arange(len(counts)), counts), dtype=torch.long)
         cell = torch.as_tensor(np.stack([a.cell.array for a in atoms_list]), dtype=torch.float64)
         pbc = torch.as_tensor(np.stack([np.asarray(a.pbc, dtype=bool) for a in atoms_list]))
-        perm = spatial_order(pos, batch, cell, pbc, curve=mode, num_structures=len(counts)).numpy()
+        if mode == "auto":
+            perm = auto_order(pos, batch, cell, pbc, num_structures=len(counts)).numpy()
+        else:
+            perm = spatial_order(pos, batch, cell, pbc, curve=mode, num_structures=len(counts)).numpy()
     else:
         perm = np.asarray(atom_order, dtype=np.int64).reshape(-1)
         owner = np.repeat(np.arange(len(counts)), counts)
