@@ -97,8 +97,34 @@ def read_xyz(path: Path):
     return np.array(z), np.array(pos), cell, (flags if cell is not None else None)
 
 
+#: seconds one timing (warm-up + timed calls) may take; None: the fixed counts (``--budget-s``)
+TIME_BUDGET_S = None
+
+
+def budgeted_counts(first_call_s: float, warmup: int, repeats: int, budget_s, min_repeats: int = 3) -> tuple:
+    """(warm-up calls, timed calls) that fit ``budget_s`` seconds given the first call's wall time
+    (which includes compilation, so it over-estimates): at most the given counts, at least one
+    warm-up call and ``min_repeats`` timed calls."""
+    if budget_s is None or first_call_s <= 0:
+        return warmup, repeats
+    calls = int(budget_s / first_call_s)
+    repeats_fit = max(min_repeats, min(repeats, calls - 1))
+    warmup_fit = max(1, min(warmup, calls - repeats_fit))
+    return warmup_fit, repeats_fit
+
+
 def cuda_time(fn, warmup: int, repeats: int) -> float:
-    """Median ms of ``fn()`` over ``repeats`` calls timed with CUDA events, after ``warmup`` calls."""
+    """Median ms of ``fn()`` over ``repeats`` calls timed with CUDA events, after ``warmup`` calls
+    (both reduced to fit :data:`TIME_BUDGET_S` when set, from the first call's wall time)."""
+    if TIME_BUDGET_S is not None:
+        t0 = time.perf_counter()
+        fn()
+        synchronize()
+        t1 = time.perf_counter()
+        fn()  # the first call compiles; the second one is the estimate
+        synchronize()
+        warmup, repeats = budgeted_counts(min(t1 - t0, time.perf_counter() - t1), warmup, repeats, TIME_BUDGET_S)
+        warmup = max(warmup - 2, 0)  # two calls already made
     for _ in range(warmup):
         fn()
     if DEVICE == "cpu":
@@ -218,6 +244,10 @@ def replay_kernels(replay, calls: int = 3) -> dict:
 NEIGHBORS = "auto"
 #: also time a CUDA-graph-captured call
 GRAPH = True
+#: seconds one system's row may spend before its remaining columns are skipped (``--row-budget-s``)
+ROW_BUDGET_S = None
+#: traced (whole-model) graph columns only up to this many atoms (``auto`` traces up to 64)
+TRACED_MAX_ATOMS = 1000
 #: (column, ETPotential.set_compiled, whole model traced into one compiled graph) of the graph calls
 GRAPH_VARIANTS = [("graph", False, False), ("graph_compiled", True, False), ("graph_traced", False, True),
                   ("graph_traced_nocombo", False, {"combo_kernels": False}),
@@ -233,8 +263,18 @@ def bench_system(name, data_dir, results, backends):
     row = {"atoms": int(len(z_np)), "periodic": cell is not None, "neighbors": NEIGHBORS}
     warmup, repeats = repeats_for(len(z_np))
     forces = {}
+    started = time.perf_counter()
+
+    def over_budget(column):
+        if ROW_BUDGET_S is not None and time.perf_counter() - started > ROW_BUDGET_S:
+            row[f"{column}_error"] = f"skipped: row budget {ROW_BUDGET_S:g} s spent"
+            return True
+        return False
+
     for backend in backends:
         key = {"torch": "ref", "triton": "fused"}[backend]
+        if over_budget(key):
+            continue
         model = make_model(backend)
         try:
             def call():
@@ -253,6 +293,10 @@ def bench_system(name, data_dir, results, backends):
             row[f"{key}_error"] = error_text(exc)
         if GRAPH and (backend == "triton" or ARCHITECTURE != "et"):
             for gkey, compiled, traced in GRAPH_VARIANTS:
+                if traced and len(z_np) > TRACED_MAX_ATOMS:
+                    continue
+                if over_budget(gkey):
+                    continue
                 try:
                     model.set_compiled(compiled)
                     t0 = time.perf_counter()
@@ -273,6 +317,11 @@ def bench_system(name, data_dir, results, backends):
                     row[f"{gkey}_error"] = error_text(exc)
         del model
         torch.cuda.empty_cache()
+    row["wall_s"] = round(time.perf_counter() - started, 1)
+    if "fused" in forces:
+        from torchmdx.kernels import message_triton
+
+        row["launch_config"] = dict(message_triton.LAST_CONFIG)
     if "ref" in forces and "fused" in forces:
         ref = forces["ref"]
         row["fused_vs_ref_force_rel"] = float((forces["fused"] - ref).norm() / ref.norm())
@@ -345,10 +394,12 @@ def bench_training(data_dir, results, backends):
 
 
 # --------------------------------------------------------------------------------- sweep / kernels
-def reference_forces64(name, data_dir):
-    """Forces of the float32 benchmark model's weights evaluated in float64 on the reference path."""
+def model_forces64(name, data_dir):
+    """(z, pos64, forces) of the float32 benchmark model's weights evaluated in float64 on the fused
+    path (its float64 kernels equal the torch reference to 1e-11 in the tests, and it fits STMV,
+    where the float64 reference path would need ~90 GB)."""
     z_np, pos_np, cell_np, pbc_np = read_xyz(data_dir / f"{name}.xyz")
-    model = make_model("torch").to(torch.float64)
+    model = make_model("triton").to(torch.float64)
     z = torch.tensor(z_np, device=DEVICE)
     pos = torch.tensor(pos_np, dtype=torch.float64, device=DEVICE)
     out = model(z, pos)
@@ -356,62 +407,152 @@ def reference_forces64(name, data_dir):
     return z, pos, out["forces"].detach()
 
 
-SWEEP = [  # launch parameters; "filters" is the filter place (message_triton.LaunchConfig)
+def model_force_errors(name, data_dir, precisions):
+    """{precision: relative force error of the float32 fused model vs float64}, plus 'ref' (the
+    float32 torch reference path, where it fits) for context."""
+    from torchmdx.kernels import message_triton
+
+    z, pos64, f64 = model_forces64(name, data_dir)
+    pos = pos64.float()
+    errors = {}
+    old = message_triton.CONFIG
+    model = make_model("triton")
+    try:
+        for precision in precisions:
+            message_triton.CONFIG = message_triton.LaunchConfig(dot_precision=precision, table=False)
+            try:
+                forces = model(z, pos)["forces"].double()
+                errors[precision] = float((forces - f64).norm() / f64.norm())
+            except Exception as exc:  # noqa: BLE001 - a precision this Triton refuses
+                errors[precision] = error_text(exc)
+    finally:
+        message_triton.CONFIG = old
+    if len(z) < 10000:
+        try:
+            forces = make_model("torch")(z, pos)["forces"].double()
+            errors["ref"] = float((forces - f64).norm() / f64.norm())
+        except Exception as exc:  # noqa: BLE001
+            errors["ref"] = error_text(exc)
+    return errors
+
+
+#: launch variants of ``--sweep`` in order of priority (a system's budget may cut the tail):
+#: the merged sender side at the block shapes that compile without spills (255 registers at
+#: 16 edges x 4 warps on sm_90, 168 at 8 x 4, 125 at 8 x 8, 195 at 16 x 8: kernels.compile_check),
+#: then the knobs of the earlier sweeps; ``filters="kernel"`` is the old in-kernel filter place
+SWEEP = [
     dict(),
-    dict(filters="kernel"),
-    dict(num_warps=8),
-    dict(num_warps=2),
-    dict(chunk_channels=16),
-    dict(chunk_channels=16, num_warps=2),
-    dict(chunk_channels=64),
-    dict(chunk_channels=64, num_warps=8),
-    dict(block_edges=8),
-    dict(block_edges=32),
-    dict(block_edges=32, num_warps=8),
-    dict(num_stages=1),
-    dict(num_stages=2),
-    dict(programs_per_sm=4),
-    dict(filters="kernel", dot_precision="tf32"),
-    # the sender side inside the receiver kernel (symmetric lists): 255 registers at 16 edges x
-    # 4 warps on sm_90, 168 at 8 x 4, 125 at 8 x 8, 195 at 16 x 8 (kernels.compile_check)
     dict(sender_side="merged"),
     dict(sender_side="merged", block_edges=8),
     dict(sender_side="merged", block_edges=8, num_warps=8),
     dict(sender_side="merged", num_warps=8),
+    dict(num_stages=2),
+    dict(sender_side="merged", num_stages=2),
+    dict(block_edges=8),
+    dict(num_warps=2),
+    dict(chunk_channels=64),
+    dict(chunk_channels=16, num_warps=2),
+    dict(block_edges=32),
+    dict(programs_per_sm=4),
+    dict(filters="kernel"),
+    dict(num_warps=8),
 ]
-
-
-def bench_sweep(name, data_dir, results):
-    """Launch parameters of the fused kernels, timed on one layer's message step (forward +
-    backward) on the edges of ``name``; then the whole model's forces with the fastest setting
-    whose message errors stay at float32 level, against float64 (same weights)."""
-    from torchmdx.kernels import message_triton
-
-    rows = []
-    for overrides in SWEEP:
-        message_triton.CONFIG = message_triton.LaunchConfig(**overrides)
-        row = dict(overrides)
-        try:
-            row.update(kernel_step(name, data_dir, check=True))
-        except Exception as exc:  # noqa: BLE001
-            row["error"] = error_text(exc)
-        rows.append(row)
-        print("sweep", row, flush=True)
-    ok = [r for r in rows if "fused_fwd_bwd_gpu_ms" in r and r["max_rel_err_vs_f64"] < 2e-5]
-    best = min(ok, key=lambda r: r["fused_fwd_bwd_gpu_ms"]) if ok else None  # GPU time: graphs hide host time
-    message_triton.CONFIG = message_triton.LaunchConfig(**{k: v for k, v in (best or {}).items() if k in SWEEP_KEYS})
-    z, pos64, f64 = reference_forces64(name, data_dir)
-    pos = pos64.float()
-    model_errors = {}
-    for label, model in (("fused", make_model("triton")), ("ref", make_model("torch"))):
-        out = model(z, pos)
-        model_errors[label] = float((out["forces"].double() - f64).norm() / f64.norm())
-    results["sweep"] = {"system": name, "rows": rows, "best": best, "force_rel_err_vs_f64": model_errors}
-    print("sweep best", best, "model force errors vs float64", model_errors, flush=True)
-
-
+#: the first SWEEP_MERGED rows of SWEEP are timed before the precisions, the rest after them
+SWEEP_MERGED = 5
+#: the kernel-level variants timed first in the sweep, with the default launch parameters
+SWEEP_LABELS = ("fused_gemm", "fused_gemm_merged", "fused_kernel", "given_leaf")
 SWEEP_KEYS = ("block_edges", "chunk_channels", "num_warps", "dot_precision", "programs_per_sm", "num_stages", "maxnreg",
               "filters", "sender_side")
+#: seconds each system of ``--sweep`` may take before its remaining variants are skipped
+SWEEP_BUDGET_S = 60.0
+#: where ``--sweep`` writes its launch-table entries (None: the package's table; ``--launch-table``)
+LAUNCH_TABLE = None
+
+
+def bench_sweep(names, data_dir, out_dir, results, write_table=True):
+    """For each system: the message variants (``SWEEP_LABELS``), the launch parameters
+    (``SWEEP``) and the tl.dot precisions, each timed on one layer's message step (forward +
+    backward) on the system's edges, with the message error against float64; the whole model's
+    force error per precision (the accuracy gate: at most 2 x tf32x3's); then the fastest
+    variant that passes the gate (GPU time: graphs hide host time) becomes the launch-table
+    entry for this GPU and the system's size class."""
+    from torchmdx.kernels import launch_table, message_triton
+
+    gpu = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
+    results["sweep"] = {}
+    entries = []
+    for name in names:
+        started = time.perf_counter()
+        section = results["sweep"][name] = {"rows": []}
+
+        def budget_left():
+            return SWEEP_BUDGET_S - (time.perf_counter() - started)
+
+        def timed(overrides, labels=("fused",), check=True):
+            row = dict(overrides) if labels == ("fused",) else {"labels": ",".join(labels)}
+            if budget_left() <= 0:
+                row["error"] = f"skipped: sweep budget {SWEEP_BUDGET_S:g} s spent"
+                section["rows"].append(row)
+                return row
+            t0 = time.perf_counter()
+            message_triton.CONFIG = message_triton.LaunchConfig(table=False, **overrides)
+            try:
+                row.update(kernel_step(name, data_dir, check=check, labels=labels))
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = error_text(exc)
+            finally:
+                message_triton.CONFIG = message_triton.LaunchConfig()
+            row["wall_s"] = round(time.perf_counter() - t0, 1)
+            section["rows"].append(row)
+            print("sweep", name, row, flush=True)
+            return row
+
+        timed({}, labels=SWEEP_LABELS, check=False)
+        section["variants"] = section["rows"].pop()
+        precisions = [dict(dot_precision=p) for p in launch_table.PRECISIONS if p != launch_table.BASELINE_PRECISION]
+        for overrides in SWEEP[:SWEEP_MERGED] + precisions + SWEEP[SWEEP_MERGED:]:  # in order of priority
+            timed(overrides)
+        try:
+            errors = model_force_errors(name, data_dir, launch_table.PRECISIONS)
+        except Exception as exc:  # noqa: BLE001
+            errors = {"error": error_text(exc)}
+        section["force_rel_err_vs_f64"] = errors
+        allowed = launch_table.gate(errors)
+        section["allowed_precisions"] = list(allowed)
+        rows = [r for r in section["rows"] if "fused_fwd_bwd_gpu_ms" in r]
+        default = next((r for r in rows if not any(k in r for k in SWEEP_KEYS)), None)
+        limit = 2 * default["max_rel_err_vs_f64"] if default and default.get("max_rel_err_vs_f64") else 2e-5
+        ok = [r for r in rows if r.get("dot_precision", launch_table.BASELINE_PRECISION) in allowed
+              and r.get("max_rel_err_vs_f64", math.inf) <= limit]
+        for r in rows:
+            r["passes_gate"] = r in ok
+        best = min(ok, key=lambda r: r["fused_fwd_bwd_gpu_ms"]) if ok else None
+        if best is not None:  # the fastest knobs with the fastest allowed other precision, if not timed together
+            precise = [r for r in ok if "dot_precision" in r and len([k for k in SWEEP_KEYS if k in r]) == 1]
+            fastest_precision = min(precise, key=lambda r: r["fused_fwd_bwd_gpu_ms"]) if precise else None
+            knobs = {k: best[k] for k in SWEEP_KEYS if k in best}
+            if fastest_precision is not None and "dot_precision" not in knobs and knobs:
+                row = timed({**knobs, "dot_precision": fastest_precision["dot_precision"]})
+                if "fused_fwd_bwd_gpu_ms" in row and row.get("max_rel_err_vs_f64", math.inf) <= limit:
+                    row["passes_gate"] = True
+                    if row["fused_fwd_bwd_gpu_ms"] < best["fused_fwd_bwd_gpu_ms"]:
+                        best = row
+        section["best"] = best
+        section["wall_s"] = round(time.perf_counter() - started, 1)
+        if best is not None and default is not None:
+            atoms = default["atoms"]
+            config = {k: best[k] for k in SWEEP_KEYS if k in best}
+            section["entry"] = launch_table.make_entry(
+                gpu, launch_table.size_class(atoms), config, {k: v for k, v in errors.items() if k in launch_table.PRECISIONS},
+                {"system": name, "atoms": atoms, "edges": default["edges"], "fwd_bwd_gpu_ms": best["fused_fwd_bwd_gpu_ms"],
+                 "default_fwd_bwd_gpu_ms": default["fused_fwd_bwd_gpu_ms"]})
+            entries.append(section["entry"])
+        print("sweep", name, "best", best, "force errors vs float64", errors, "allowed", allowed, flush=True)
+    if entries and write_table and DEVICE == "cuda":
+        path = launch_table.write_entries(entries, LAUNCH_TABLE)
+        results["launch_table"] = str(path)
+        (out_dir / "launch_table.json").write_text(path.read_text())
+        print(f"launch table: {len(entries)} entries written to {path} (and {out_dir / 'launch_table.json'})", flush=True)
 
 
 _KERNEL_INPUTS = {}
@@ -498,6 +639,9 @@ def grad_inputs(label):
     return {"given_leaf": GRAD_INPUTS_GIVEN, "nofilter": GRAD_INPUTS_NOFILTER}.get(label, GRAD_INPUTS)
 
 
+_REFERENCE64 = {}
+
+
 def kernel_step(name, data_dir, check=False, labels=("fused",)):
     """ms of one layer's message step (forward; forward + backward for forces) on ``name``."""
     t, edge_index, n, e = kernel_inputs(name, data_dir)
@@ -523,12 +667,15 @@ def kernel_step(name, data_dir, check=False, labels=("fused",)):
         except Exception as exc:  # noqa: BLE001
             row[f"{label}_error"] = error_text(exc)
     if check:
-        t64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items()}
         m, u = message_call(t, edge_index, "fused")
         grads = torch.autograd.grad(m.sum() + u.square().sum(), [t[x] for x in GRAD_INPUTS])
-        m64, u64 = message_call(t64, edge_index, "ref")
-        grads64 = torch.autograd.grad(m64.sum() + u64.square().sum(), [t64[x] for x in GRAD_INPUTS])
-        errs = [float((a.double() - b).norm() / b.norm()) for a, b in zip((m, u) + grads, (m64, u64) + grads64)]
+        if name not in _REFERENCE64:  # the same inputs for every variant: one float64 reference per system
+            t64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items()}
+            m64, u64 = message_call(t64, edge_index, "ref")
+            grads64 = torch.autograd.grad(m64.sum() + u64.square().sum(), [t64[x] for x in GRAD_INPUTS])
+            _REFERENCE64[name] = tuple(x.detach() for x in (m64, u64) + grads64)
+            del t64, m64, u64, grads64
+        errs = [float((a.detach().double() - b).norm() / b.norm()) for a, b in zip((m, u) + grads, _REFERENCE64[name])]
         row["max_rel_err_vs_f64"] = max(errs)
     return row
 
@@ -550,41 +697,77 @@ def bench_kernels(name, data_dir, results):
     print("kernels", name, row, flush=True)
 
 
+#: the variants of ``--profile`` (env BENCH_PROFILE_VARIANTS): eager fused call, the same with the
+#: model's dense parts compiled, and what the calculator replays (capacity-padded list, compiled parts)
+PROFILE_VARIANTS = tuple(os.environ.get("BENCH_PROFILE_VARIANTS", "eager,graph").split(","))
+
+
 def bench_profile(names, data_dir, out_dir, results):
-    """CUDA kernel time of one fused energy + forces call, by kernel (torch.profiler)."""
+    """CUDA kernel time of one fused energy + forces call, by kernel (torch.profiler), and its
+    roofline table (bench/roofline.py: FLOP/s and bytes/s against the GPU's peaks, the bound)."""
     from torch.profiler import ProfilerActivity, profile
 
+    import roofline
+    from torchmdx.kernels import message_triton
+    from torchmdx.kernels.neighbors import neighbor_list
+
+    gpu = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
+    found = roofline.peaks_for(gpu)
     results["profile"] = {}
+    markdown = []
     for name in names:
         z_np, pos_np, _, _ = read_xyz(data_dir / f"{name}.xyz")
         z = torch.tensor(z_np, device=DEVICE)
         pos = torch.tensor(pos_np, dtype=torch.float32, device=DEVICE)
         model = make_model("triton")
-        for variant in ("eager", "compiled", "graph"):
+        edges = int(neighbor_list(pos, model.cutoff).edge_index.shape[1])
+        profiler_flops = {}  # kernel name -> FLOPs per call from the non-graph profiles (a replay has no operators)
+        for variant in PROFILE_VARIANTS:
             label = name if variant == "eager" else f"{name} {variant}"
             model.set_compiled(variant != "eager")
-            if variant == "graph":  # what the calculator replays: capacity-padded list, compiled parts
-                call, _ = graph_call(model, z, pos, None, None)
-            else:
-                call = lambda: model(z, pos)  # noqa: E731
-            for _ in range(3):
-                call()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            try:
+                if variant == "graph":  # what the calculator replays: capacity-padded list, compiled parts
+                    call, _ = graph_call(model, z, pos, None, None)
+                else:
+                    call = lambda: model(z, pos)  # noqa: E731
                 for _ in range(3):
                     call()
                 torch.cuda.synchronize()
-            averages = prof.key_averages()
-            rows = sorted(((ev.key, ev.device_time_total / 3e3, ev.count // 3) for ev in averages), key=lambda r: -r[1])
-            total = sum(r[1] for r in rows)
+                cfg = dict(message_triton.LAST_CONFIG) or vars(message_triton.resolved_config(len(z_np), gpu))
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_flops=True,
+                             record_shapes=True) as prof:
+                    for _ in range(3):
+                        call()
+                    torch.cuda.synchronize()
+            except Exception as exc:  # noqa: BLE001 - one variant must not stop the others
+                results["profile"][label] = {"error": error_text(exc)}
+                print(f"profile {label}: {error_text(exc)}", flush=True)
+                continue
+            records = roofline.records_from_profiler(prof.events(), calls=3)
+            for rec in records:
+                if rec.flops:
+                    profiler_flops[rec.name] = rec.flops
+                elif rec.name in profiler_flops:
+                    rec.flops = profiler_flops[rec.name]
+            shape = roofline.MessageShape(atoms=len(z_np), edges=edges, features=ET_MD17["embedding_dimension"],
+                                          heads=ET_MD17["num_heads"], rbf=ET_MD17["num_rbf"], layers=ET_MD17["num_layers"],
+                                          chunk_channels=cfg["chunk_channels"], filters=cfg["filters"],
+                                          sender_side=cfg["sender_side"], precision=cfg["dot_precision"])
+            rows = roofline.build_rows(records, roofline.message_work(shape), found[1] if found else None)
+            total = sum(r.ms for r in rows)
+            text = roofline.table(rows, gpu, title=f"### {label}: {len(z_np)} atoms, {edges} edges, launch {cfg}")
+            markdown.append(text)
             results["profile"][label] = {"gpu_busy_ms": round(total, 3), "kernels": len(rows),
-                                         "launches": sum(r[2] for r in rows),
-                                         "top": [(k[:80], round(ms, 3), c) for k, ms, c in rows[:25]]}
-            print(f"profile {label}: GPU busy {total:.3f} ms per call, {sum(r[2] for r in rows)} launches", flush=True)
-            for key, ms, count in rows[:25]:
-                print(f"   {ms:8.3f} ms  x{count:<4d} {key[:90]}", flush=True)
+                                         "launches": sum(r.launches for r in rows), "launch_config": cfg,
+                                         "edges": edges, "groups": {g: [round(v[0], 4), v[1], round(v[2], 4)]
+                                                                    for g, v in roofline.group_totals(rows).items()},
+                                         "roofline": roofline.rows_json(rows)}
+            print(f"profile {label}: GPU busy {total:.3f} ms per call", flush=True)
+            print(text, flush=True)
             (out_dir / f"profile_{label.replace(' ', '_')}.txt").write_text(
-                averages.table(sort_by="device_time_total", row_limit=80))
+                prof.key_averages().table(sort_by="device_time_total", row_limit=80))
+            (out_dir / "roofline.md").write_text("\n\n".join(markdown) + "\n")
+            del prof
 
 
 def check_neighbors(name, data_dir, results):
@@ -636,12 +819,27 @@ def table(results) -> str:
 
 
 def main(argv=None):
+    global DEVICE, NEIGHBORS, GRAPH, ARCHITECTURE, TIME_BUDGET_S, ROW_BUDGET_S, TRACED_MAX_ATOMS, SWEEP_BUDGET_S
+    global LAUNCH_TABLE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "systems",
                         help="folder with the systems' .xyz files (and optionally md17_aspirin_xtb.npz)")
     parser.add_argument("--systems", default=DEFAULT_SYSTEMS, help="comma-separated file stems")
     parser.add_argument("--backends", default="torch,triton", help="message backends: torch (reference), triton (fused)")
-    parser.add_argument("--sweep", default=None, metavar="SYSTEM", help="tune the fused kernels' launch parameters on SYSTEM first")
+    parser.add_argument("--sweep", default=None, metavar="SYSTEMS",
+                        help="time the message variants, launch parameters and tl.dot precisions on each system "
+                             "(comma-separated) and write the winners to the launch table that 'auto' reads")
+    parser.add_argument("--sweep-budget-s", type=float, default=SWEEP_BUDGET_S,
+                        help="seconds per --sweep system before its remaining variants are skipped")
+    parser.add_argument("--launch-table", type=Path, default=None,
+                        help="launch table --sweep writes (default: torchmdx/kernels/launch_table.json)")
+    parser.add_argument("--no-write-table", action="store_true", help="--sweep measures but writes no launch table")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds per timing: warm-up and timed calls are reduced to fit (default: fixed counts)")
+    parser.add_argument("--row-budget-s", type=float, default=None,
+                        help="seconds per system row; columns after it are skipped and say so")
+    parser.add_argument("--traced-max-atoms", type=int, default=TRACED_MAX_ATOMS,
+                        help="traced (whole-model) graph columns only up to this many atoms")
     parser.add_argument("--kernels", default=None, metavar="SYSTEMS",
                         help="time one layer's message step alone on the edges of each (comma-separated)")
     parser.add_argument("--profile", default=None, metavar="SYSTEMS", help="kernel-time breakdown of a fused call (comma-separated)")
@@ -658,8 +856,9 @@ def main(argv=None):
                         help="et (default) or equiformer (the paper's MD17 model; --backends, --sweep, --kernels, "
                              "--profile and the compiled/traced graph columns are ET-only)")
     args = parser.parse_args(argv)
-    global DEVICE, NEIGHBORS, GRAPH, ARCHITECTURE
     DEVICE = args.device
+    TIME_BUDGET_S, ROW_BUDGET_S, TRACED_MAX_ATOMS = args.budget_s, args.row_budget_s, args.traced_max_atoms
+    SWEEP_BUDGET_S, LAUNCH_TABLE = args.sweep_budget_s, args.launch_table
     ARCHITECTURE = args.architecture
     if ARCHITECTURE != "et":
         if args.sweep or args.kernels or args.profile:
@@ -700,7 +899,8 @@ def main(argv=None):
     if args.check_neighbors:
         sections.append(("neighbors", lambda: check_neighbors(args.check_neighbors, args.data, results)))
     if args.sweep:
-        sections.append(("sweep", lambda: bench_sweep(args.sweep, args.data, results)))
+        sections.append(("sweep", lambda: bench_sweep(args.sweep.split(","), args.data, args.out, results,
+                                                      write_table=not args.no_write_table)))
     for name in (args.kernels or "").split(","):
         if name:
             sections.append((f"kernels {name}", lambda name=name: bench_kernels(name, args.data, results)))
@@ -720,6 +920,7 @@ def main(argv=None):
             results.setdefault("errors", {})[label] = traceback.format_exc(limit=6)
             print(f"{label}: failed\n{results['errors'][label]}", flush=True)
         results["launch_config"] = vars(message_triton.CONFIG).copy()
+        results["last_resolved_launch_config"] = dict(message_triton.LAST_CONFIG)
         tmp = args.out / f"{args.name}.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(results, indent=1))
         os.replace(tmp, args.out / f"{args.name}.json")
