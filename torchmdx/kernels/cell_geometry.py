@@ -32,9 +32,15 @@ non-periodic structure (so no kernel sees a NaN or an infinite width).
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
+
+from torchmdx.errors import NeighborListError
 
 #: numbers per structure in :attr:`CellGeometry.geo`
 GEO_WIDTH = 33
@@ -169,3 +175,112 @@ def describe_problem(value: int, cell, pbc, cutoff: float, label: str | None = N
     return (f"{label}: cutoff {cutoff:g} Å is larger than half the perpendicular width of the "
             f"periodic box (widths {listed} Å); minimum image needs widths >= {2 * cutoff:g} Å "
             f"(use a larger box or a smaller cutoff)")
+
+
+# --------------------------------------------------------------------------------------------
+# the Triton backend's host-checked geometry: built once per cell tensor, checked, cached
+# --------------------------------------------------------------------------------------------
+class KernelGeometry:
+    """The Triton kernels' view of a (cell, pbc) pair: ``geo`` rows on the device, the kernel
+    flags (periodic, triclinic, has_open) and host copies of the widths and pbc flags for the
+    width check (:func:`check_widths`)."""
+
+    __slots__ = ("geo", "rows", "periodic", "triclinic", "has_open", "widths", "pbc", "accepted")
+
+    def __init__(self, geo, rows, periodic, triclinic, has_open, widths, pbc):
+        self.accepted = set()  # (cutoff, structures) that passed check_widths
+        self.geo, self.rows, self.periodic = geo, rows, periodic
+        self.triclinic, self.has_open, self.widths, self.pbc = triclinic, has_open, widths, pbc
+
+
+_GEOMETRY_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_GEOMETRY_CACHE_SIZE = 32
+
+
+def build_geometry(cell, pbc, device, dtype) -> KernelGeometry:
+    """Validate shapes, build the geometry on the device (:func:`cell_geometry`), read it back
+    once for the checks and the kernel flags; problems raise one-line NeighborListErrors."""
+    cell_t = None if cell is None else torch.as_tensor(cell).detach()
+    pbc_t = None if pbc is None else torch.as_tensor(pbc).detach().bool()
+    if cell_t is not None:
+        if cell_t.dim() == 2:
+            cell_t = cell_t.unsqueeze(0)
+        if cell_t.dim() != 3 or tuple(cell_t.shape[1:]) != (3, 3):
+            raise NeighborListError(f"cell must have shape [3, 3] or [B, 3, 3] (rows are lattice vectors, Å), got {list(cell.shape)}")
+    if pbc_t is not None:
+        if pbc_t.dim() == 1:
+            pbc_t = pbc_t.unsqueeze(0)
+        if pbc_t.dim() != 2 or pbc_t.shape[1] != 3:
+            raise NeighborListError(f"pbc must have shape [3] or [B, 3], got {list(pbc.shape)}")
+        if bool(pbc_t.any()) and cell_t is None:
+            raise NeighborListError("periodic boundary conditions were given without a cell")
+    if pbc_t is None or not bool(pbc_t.any()):
+        return open_geometry()
+    rows = max(cell_t.shape[0], pbc_t.shape[0])
+    if cell_t.shape[0] not in (1, rows) or pbc_t.shape[0] not in (1, rows):
+        raise NeighborListError(f"cell {list(cell.shape)} and pbc {list(pbc.shape)} disagree on the number of structures")
+    geometry = cell_geometry(cell_t.to(device), pbc_t.to(device), torch.float64)
+    geo, problem = geometry.geo.cpu().numpy(), geometry.problem.cpu().numpy()
+    bad = np.nonzero(problem)[0]
+    if bad.size:
+        b = int(bad[0])
+        raise NeighborListError(describe_problem(b * 4 + int(problem[b]), cell_t.expand(rows, 3, 3),
+                                                 pbc_t.expand(rows, 3), 0.0))
+    h, inverse = geo[:, 0:9].reshape(rows, 3, 3), geo[:, 9:18].reshape(rows, 3, 3)
+    off = ~np.eye(3, dtype=bool)
+    triclinic = bool(np.any(h[:, off] != 0) or np.any(inverse[:, off] != 0))
+    pbcs = geo[:, 18:21] != 0
+    widths = geometry.widths.cpu().numpy()
+    return KernelGeometry(geometry.geo.to(dtype), rows, True, triclinic, bool((~pbcs).any()), widths, pbcs)
+
+
+def open_geometry() -> KernelGeometry:
+    return KernelGeometry(None, 1, False, False, True, np.full((1, 3), np.inf), np.zeros((1, 3), bool))
+
+
+def cached_geometry(cell, pbc, device, dtype) -> KernelGeometry:
+    """Geometry for (cell, pbc), cached by tensor identity and in-place version counter."""
+    if pbc is None or cell is None:
+        if pbc is not None:  # pbc without a cell: fine if nothing is periodic
+            return build_geometry(None, torch.as_tensor(pbc), device, dtype)
+        return open_geometry()
+    cell = torch.as_tensor(cell)
+    pbc = torch.as_tensor(pbc)
+    key = (id(cell), cell._version, id(pbc), pbc._version, str(device), dtype)
+    hit = _GEOMETRY_CACHE.get(key)
+    if hit is not None:
+        cell_ref, pbc_ref, geometry = hit
+        if cell_ref() is cell and pbc_ref() is pbc:
+            _GEOMETRY_CACHE.move_to_end(key)
+            return geometry
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise NeighborListError(
+            "neighbor list: a new cell/pbc tensor inside CUDA-graph capture; call neighbor_list once "
+            "with these tensors before capturing (the cell is validated on the host)"
+        )
+    geometry = build_geometry(cell, pbc, device, dtype)
+    _GEOMETRY_CACHE[key] = (weakref.ref(cell), weakref.ref(pbc), geometry)
+    while len(_GEOMETRY_CACHE) > _GEOMETRY_CACHE_SIZE:
+        _GEOMETRY_CACHE.popitem(last=False)
+    return geometry
+
+
+def check_widths(geometry: KernelGeometry, cutoff: float, structures: Optional[int]) -> None:
+    """Refuse cutoffs above half a periodic perpendicular width (as the reference does)."""
+    if not geometry.periodic or (cutoff, structures) in geometry.accepted:
+        return
+    rows = geometry.widths.shape[0]
+    limit = rows if structures is None or rows == 1 else min(rows, structures)
+    too_small = (geometry.widths[:limit] < 2.0 * cutoff * (1.0 - 1e-12)).any(1)
+    if too_small.any():
+        b = int(np.nonzero(too_small)[0][0])
+        w, per = geometry.widths[b], geometry.pbc[b]
+        names = "abc"
+        listed = ", ".join(f"{names[k]} {w[k]:.4g}" for k in range(3) if per[k])
+        raise NeighborListError(
+            f"structure {b}: cutoff {cutoff:g} Å is larger than half the perpendicular width of the "
+            f"periodic box (widths {listed} Å); minimum image needs widths >= {2 * cutoff:g} Å "
+            f"(use a larger box or a smaller cutoff)"
+        )
+    if len(geometry.accepted) < 64:
+        geometry.accepted.add((cutoff, structures))

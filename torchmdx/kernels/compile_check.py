@@ -276,9 +276,11 @@ def _message_scenario(*, dtype, filters="gemm", vector_cutoff=False, given=False
     return run
 
 
-def _neighbor_scenario(*, periodic, method, capacity):
+def _neighbor_scenario(*, periodic, method, capacity, device_check=False):
     """A Triton neighbor list of 40 random atoms (cutoff 5 Å) in a 12 Å box, open or periodic,
-    brute force or cell list, exact or fixed capacity; then the displacement check of the MD skin."""
+    brute force or cell list, exact or fixed capacity; then the displacement check of the MD skin.
+    ``device_check``: two periodic structures of 20 atoms with the cell geometry built on the
+    device (``cell_check="device"``: the captured training step's general kernel flags)."""
 
     def run():
         from torchmdx.kernels import neighbors_triton
@@ -287,6 +289,11 @@ def _neighbor_scenario(*, periodic, method, capacity):
         pos = torch.rand(40, 3, generator=g, dtype=torch.float64).float() * 12.0
         cell = torch.eye(3) * 12.0 if periodic else None
         pbc = torch.tensor([True, True, True]) if periodic else None
+        if device_check:
+            batch = torch.arange(2).repeat_interleave(20)
+            neighbors_triton.neighbor_list(pos, 5.0, batch, cell.expand(2, 3, 3), pbc.expand(2, 3), method=method,
+                                           max_pairs=2000, cell_check="device")
+            return
         neighbors_triton.neighbor_list(pos, 5.0, cell=cell, pbc=pbc, method=method,
                                        max_pairs=2000 if capacity else None)
         neighbors_triton.needs_rebuild(pos + 0.1, pos, 1.0, cell=cell, pbc=pbc)
@@ -312,6 +319,9 @@ def scenarios() -> Dict[str, Callable[[], None]]:
             for capacity in (False, True):
                 name = f"neighbors {'periodic' if periodic else 'open'} {method}{' capacity' if capacity else ''}"
                 out[name] = _neighbor_scenario(periodic=periodic, method=method, capacity=capacity)
+    for method in ("brute", "cell"):
+        out[f"neighbors periodic {method} device-check"] = _neighbor_scenario(periodic=True, method=method,
+                                                                             capacity=True, device_check=True)
     return out
 
 
