@@ -732,13 +732,13 @@ def bench_profile(names, data_dir, out_dir, results):
                     call = lambda: model(z, pos)  # noqa: E731
                 for _ in range(3):
                     call()
-                torch.cuda.synchronize()
+                synchronize()
                 cfg = dict(message_triton.LAST_CONFIG) or vars(message_triton.resolved_config(len(z_np), gpu))
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_flops=True,
                              record_shapes=True) as prof:
                     for _ in range(3):
                         call()
-                    torch.cuda.synchronize()
+                    synchronize()
             except Exception as exc:  # noqa: BLE001 - one variant must not stop the others
                 results["profile"][label] = {"error": error_text(exc)}
                 print(f"profile {label}: {error_text(exc)}", flush=True)

@@ -349,7 +349,8 @@ def table(rows: list, gpu_name: str, title: str = "", max_rows_per_group: int = 
         head = ("| group | kernel | launches | ms | share | FLOP | FLOP/s | % peak (unit) | bytes | bytes/s | % HBM "
                 "| bound | counts |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    total = sum(r.ms for r in rows) or 1.0
+    busy = sum(r.ms for r in rows)
+    total = busy or 1.0
     totals = group_totals(rows)
 
     def line(group, name, launches, ms, flops, fps, cu, unit, nbytes, bps, mu, bnd, source):
@@ -373,7 +374,7 @@ def table(rows: list, gpu_name: str, title: str = "", max_rows_per_group: int = 
         if rest:
             lines.append(line(group, f"({len(rest)} more)", sum(r.launches for r in rest), sum(r.ms for r in rest), None,
                               None, None, "", None, None, None, "", ""))
-    lines.append(f"GPU time {total:.3f} ms per call in {sum(r.launches for r in rows):g} launches.")
+    lines.append(f"GPU time {busy:.3f} ms per call in {sum(r.launches for r in rows):g} launches.")
     return "\n".join(lines)
 
 
