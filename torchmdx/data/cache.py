@@ -298,8 +298,17 @@ class CacheWriter:
 
     # -- context --------------------------------------------------------------------------------
     def __enter__(self) -> "CacheWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.parts.mkdir()
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.parts.mkdir()
+        except OSError as exc:
+            blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+            if blocker is not None:
+                raise DataError(f"cache folder {folder}: {blocker} is a file, not a folder (pass another "
+                                "--cache-dir / data.cache_dir)") from None
+            raise DataError(f"cache folder {folder}: cannot write there ({exc.strerror or exc}); pass another "
+                            "--cache-dir / data.cache_dir") from None
         return self
 
     def __exit__(self, kind, value, tb) -> None:

@@ -240,7 +240,7 @@ class StructureBuilder:
     ) -> None:
         where = where or self.source
         self._blocks += 1
-        numbers = np.asarray(numbers).astype(np.int64).reshape(-1)
+        numbers = _atomic_numbers(numbers, where)
         positions = np.asarray(positions, dtype=np.float64)
         if positions.ndim == 2:
             positions = positions[None]
@@ -350,6 +350,25 @@ class StructureBuilder:
             metadata=metadata,
         )
         return structures
+
+
+def _atomic_numbers(numbers, where: str) -> np.ndarray:
+    """[N] int64 atomic numbers; a value that is not a whole number (6.5, NaN, a string) is a
+    DataError naming the atom (``astype`` would silently truncate 6.5 to carbon)."""
+    raw = np.asarray(numbers).reshape(-1)
+    if raw.dtype.kind in "iub":
+        return raw.astype(np.int64)
+    try:
+        values = raw.astype(np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: atomic numbers must be whole numbers, got {raw.dtype} values "
+                        f"(first: {raw[0]!r})") from None
+    bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+    if bad.size:
+        value = raw[bad[0]]
+        value = value.item() if hasattr(value, "item") else value
+        raise DataError(f"{where}: atomic number {value!r} of atom {int(bad[0])} is not a whole number")
+    return values.astype(np.int64)
 
 
 def _concat(parts, name, source):
