@@ -165,7 +165,7 @@ def call_rows(model, z, pos, cell, pbc, device, warmup, repeats) -> dict:
             "force_max_abs_diff_vs_input": float((forces - reference[1]).abs().max()) if forces.numel() else 0.0,
             "force_max_abs": float(forces.abs().max()) if forces.numel() else 0.0,
         }
-    model.atom_order = "auto"
+    model.atom_order = "input"
     locality.LOCALITY_MIN_ATOMS = min_atoms
     return rows
 
@@ -177,6 +177,7 @@ def main(argv=None) -> int:
                         help="folder of <name>.xyz (repeatable; default .benchdata, ../shared/data/systems)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a 16-channel, 1-layer ET (CPU smoke test)")
+    parser.add_argument("--bandwidth-only", action="store_true", help="only the neighbour-list measures (no model calls)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -220,7 +221,8 @@ def main(argv=None) -> int:
             }
             row["order_ms"]["auto"] = timed(lambda: auto_order(pos, cell=cell, pbc=pbc, num_structures=1),
                                             device, args.warmup, args.repeats)
-            row["calls"] = call_rows(model, z, pos, cell, pbc, device, args.warmup, args.repeats)
+            if not args.bandwidth_only:
+                row["calls"] = call_rows(model, z, pos, cell, pbc, device, args.warmup, args.repeats)
         except Exception as exc:  # noqa: BLE001 - one system failing (memory) must not lose the others
             row["error"] = f"{type(exc).__name__}: {exc}"
             row["traceback"] = traceback.format_exc()
@@ -235,12 +237,13 @@ def main(argv=None) -> int:
         if "error" in row:
             print(f"{row['system']:<28}  error: {row['error']}")
             continue
-        base = row["calls"]["input"]["ms"]
+        calls = row.get("calls", {})
+        base = calls["input"]["ms"] if calls else None
         for order in ("shuffled", "input", "hilbert", "morton", "auto", "hilbert_presorted"):
             bw = row["bandwidth"].get(order.replace("_presorted", ""))
             if order == "auto":
                 bw = row["bandwidth"][row["bandwidth"]["auto_picks"]]
-            call = row["calls"].get(order)
+            call = calls.get(order)
             cols = f"{bw['mean_abs_i_minus_j']:>9.1f}{bw[f'same_{BLOCK}_block_fraction']:>7.2f}" \
                    f"{bw[f'sender_blocks_per_{BLOCK}_receivers']:>8.1f}{bw['sender_blocks_per_512_receivers']:>6.1f}" \
                    f"{bw[f'block_spread_{BLOCK}_A']:>7.2f}" if bw else " " * 37

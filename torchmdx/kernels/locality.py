@@ -59,7 +59,7 @@ import torch
 
 #: allowed values of ``Potential.atom_order`` and ``md.atom_order``
 ATOM_ORDERS = ("auto", "input", "hilbert", "morton")
-#: ``auto`` sorts a structure of at least this many atoms (see docs/kernels_message.md,
+#: ``auto`` considers sorting a structure of at least this many atoms (docs/kernels_message.md,
 #: "Locality": below it the gathered features of the whole structure, 7 F floats = 3.5 KiB an
 #: atom at F = 128, take < 17 MiB, a third of an H100/H200's 50 MiB L2, and stay cached in any
 #: order; to be confirmed by bench/bench_locality.py on a GPU)

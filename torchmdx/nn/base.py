@@ -140,14 +140,16 @@ class Potential(torch.nn.Module):
     traceable: bool = False
     #: set while it is being traced: no host reads or checks, torch reference kernels only
     tracing: bool = False
-    _atom_order: str = "auto"
+    _atom_order: str = "input"
 
     @property
     def atom_order(self) -> str:
         """How :meth:`forward` orders the atoms when it builds the neighbor list itself:
-        "input" (as given), "hilbert" / "morton" (along that curve), "auto" (default: Hilbert
-        for one structure of at least :data:`torchmdx.kernels.locality.LOCALITY_MIN_ATOMS`
-        atoms, else input). A runtime setting: not saved with the model."""
+        "input" (default: as given), "hilbert" / "morton" (along that curve), "auto" (for one
+        structure of at least :data:`torchmdx.kernels.locality.LOCALITY_MIN_ATOMS` atoms the
+        Hilbert order unless the input order is as local, else input). A runtime setting: not
+        saved with the model. The default stays "input" until a GPU measurement shows the sort
+        (~320 small kernels per call) paying for itself (docs/kernels_message.md, "Locality")."""
         return self._atom_order
 
     @atom_order.setter
