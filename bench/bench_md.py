@@ -11,6 +11,13 @@ batch (molecule-steps/s = R × steps/s). Without ``--model`` a randomly initiali
 TorchMD-NET's MD17 hyper-parameters (or the sizes given) is used: the speed of a potential
 does not depend on its weights, and random weights give large forces, so the temperature limit
 is lifted and a run that still blows up is reported as such.
+
+On a GPU, ``tmdnet_ase`` adds TorchMD-NET 3.0.0's ASE loop side by side (its ET with the same
+MD17 hyper-parameters and random weights, driven by ASE's VelocityVerlet through a minimal
+calculator, as ``../shared/bench/anchor_torchmdnet.py`` runs it; skipped when ``torchmdnet`` is
+not importable). ``--variants`` picks the measurements; ``--budget-s S`` makes every measurement
+finish in about S seconds (the warm-up steps stay, the timed steps are cut to fit from a short
+probe); the JSON is rewritten after every system, so a run stopped by a timeout keeps its rows.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+#: the measurements of one system (``--variants``); the native_* / ase_eager / tmdnet_ase ones only on a GPU
+VARIANTS = ("native_eager", "native_graph_uncompiled", "native", "native_other", "ase", "ase_eager", "tmdnet_ase")
 
 SYSTEMS = [
     "alanine_dipeptide", "caffeine", "testosterone", "chignolin", "alanine_dipeptide_solvated",
@@ -48,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--replica-compile", default="auto", help="compile mode of the replica rows (auto, whole, parts, off)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "systems"))
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated measurements (default: all that apply): {','.join(VARIANTS)}")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds per measurement after its warm-up: timed steps are cut to fit (default: --steps)")
     return p.parse_args(argv)
 
 
@@ -89,11 +103,27 @@ def time_native(model, structures, args, cuda_graph=None, compile=None):
                      cuda_graph=cuda_graph, compile=compile)
     sim.initialize()
     sim.run(args.warmup, every=max(1, args.warmup))
+    steps = args.steps
+    if args.budget_s is not None:
+        probe = sim.run(PROBE_STEPS, every=PROBE_STEPS)
+        steps = budget_steps(probe.steps_per_s, args)
     best, builds = 0.0, 0
     for _ in range(args.repeat):
-        summary = sim.run(args.steps, every=args.steps)
+        summary = sim.run(steps, every=steps)
         best, builds = max(best, summary.steps_per_s), builds + summary.neighbor_list_builds
     return best, builds
+
+
+#: timed steps of the probe that sizes a budgeted measurement
+PROBE_STEPS = 5
+
+
+def budget_steps(rate: float, args) -> int:
+    """Timed steps per repetition that fit ``args.budget_s`` at ``rate`` steps/s: at most
+    ``args.steps``, at least 10."""
+    if not rate or rate <= 0:
+        return args.steps
+    return int(max(10, min(args.steps, rate * args.budget_s / max(args.repeat, 1))))
 
 
 def time_ase(model, atoms, args, fast="auto"):
@@ -113,15 +143,72 @@ def time_ase(model, atoms, args, fast="auto"):
     system = System.from_atoms([atoms], "cpu", torch.float64)
     atoms.set_velocities(system.maxwell_boltzmann(300.0, torch.Generator().manual_seed(0)).numpy())
     dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
-    dyn.run(args.warmup)
-    best = 0.0
-    for _ in range(args.repeat):
-        start = time.perf_counter()
-        dyn.run(args.steps)
-        best = max(best, args.steps / (time.perf_counter() - start))
+    best = run_dynamics(dyn, args)
     if not np.isfinite(atoms.get_forces()).all():
         raise FloatingPointError("non-finite forces")
     return best
+
+
+def run_dynamics(dyn, args) -> float:
+    """Best steps/s of an ASE dynamics object: warm-up, an optional probe (``--budget-s``), timed runs."""
+    dyn.run(args.warmup)
+    steps = args.steps
+    if args.budget_s is not None:
+        start = time.perf_counter()
+        dyn.run(PROBE_STEPS)
+        steps = budget_steps(PROBE_STEPS / (time.perf_counter() - start), args)
+    best = 0.0
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        dyn.run(steps)
+        best = max(best, steps / (time.perf_counter() - start))
+    return best
+
+
+#: TorchMD-NET 3.0.0's ET with the MD17 hyper-parameters, as ../shared/bench/anchor_torchmdnet.py builds it
+TMDNET_ARGS = dict(model="equivariant-transformer", embedding_dimension=128, num_layers=6, num_rbf=32,
+                   rbf_type="expnorm", trainable_rbf=False, activation="silu", attn_activation="silu",
+                   neighbor_embedding=True, num_heads=8, distance_influence="both", cutoff_lower=0.0,
+                   cutoff_upper=5.0, max_z=100, max_num_neighbors=64, prior_model=None, output_model="Scalar",
+                   reduce_op="add", precision=32, derivative=False, aggr="add", atom_filter=-1,
+                   standardize=False, charge=False, spin=False, vector_cutoff=True, box_vecs=None,
+                   static_shapes=False, equivariance_invariance_group="O(3)", seed=1)
+
+
+def time_tmdnet_ase(atoms, args):
+    """Best steps/s of ASE's VelocityVerlet driving TorchMD-NET 3.0.0 (random weights, float32):
+    per step one model call and one backward for the forces, as the anchor script does."""
+    import numpy as np
+    import torch
+    from ase import units
+    from ase.calculators.calculator import Calculator, all_changes
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+    from torchmdnet.models.model import create_model
+
+    device = args.device
+    torch.manual_seed(0)
+    model = create_model(dict(TMDNET_ARGS)).to(device)
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+
+    class TorchMDNetCalculator(Calculator):
+        implemented_properties = ["energy", "forces"]
+
+        def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            z = torch.tensor(atoms.numbers, device=device, dtype=torch.long)
+            pos = torch.tensor(atoms.positions, device=device, dtype=torch.float32, requires_grad=True)
+            box = torch.tensor(atoms.cell.array, device=device, dtype=torch.float32) if atoms.pbc.any() else None
+            energy, _ = model(z, pos, batch=torch.zeros_like(z), box=box)
+            energy.sum().backward()
+            self.results["energy"] = energy.detach().cpu().item()
+            self.results["forces"] = (-pos.grad).cpu().numpy()
+
+    atoms = atoms.copy()
+    atoms.calc = TorchMDNetCalculator()
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    return run_dynamics(VelocityVerlet(atoms, timestep=0.5 * units.fs), args)
 
 
 def main(argv=None):
@@ -136,13 +223,27 @@ def main(argv=None):
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     max_atoms = args.max_atoms if args.max_atoms is not None else (None if args.device.startswith("cuda") else 2500)
+    cuda = args.device.startswith("cuda")
+    wanted = set(args.variants.split(",")) if args.variants else set(VARIANTS)
+    unknown = wanted - set(VARIANTS)
+    if unknown:
+        print(f"error: unknown --variants {', '.join(sorted(unknown))} (known: {', '.join(VARIANTS)})", file=sys.stderr)
+        return 2
+    if "tmdnet_ase" in wanted and cuda:
+        try:
+            import torchmdnet  # noqa: F401
+        except ImportError:
+            print("# torchmdnet is not importable: no TorchMD-NET ASE column", flush=True)
+            wanted.discard("tmdnet_ase")
+    run = {v: v in wanted and (cuda or v in ("native", "ase")) for v in VARIANTS}
     names = args.systems or SYSTEMS
     model = load_model(args).to(args.device)
     print(f"# bench_md: device {args.device}"
           + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else "")
           + f", {args.dtype}, model {args.model or f'random ET F={args.embedding_dimension} L={args.num_layers}'}"
           + f", cutoff {model.cutoff} Å, skin {args.skin} Å, best of {args.repeat} x {args.steps} steps after {args.warmup}")
-    header = f"{'system':28s} {'atoms':>7s} {'native st/s':>12s} {'ASE st/s':>10s} {'speed-up':>9s} {'ns/day':>9s} {'nl builds':>9s}"
+    header = (f"{'system':28s} {'atoms':>7s} {'native st/s':>12s} {'ASE st/s':>10s} {'speed-up':>9s} {'ns/day':>9s} "
+              f"{'nl builds':>9s} {'TMD-NET ASE st/s':>17s}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -156,35 +257,45 @@ def main(argv=None):
         if not args.model:
             model.scale.fill_(1.0)
             tame(model, atoms)
-        if args.device.startswith("cuda"):
+        started = time.perf_counter()
+        if run["native_eager"]:
             try:
                 row["native_eager_steps_per_s"], _ = time_native(model, atoms, args, cuda_graph=False, compile=False)
             except (TorchmdxError, RuntimeError) as exc:
                 row["native_eager_error"] = str(exc).splitlines()[0]
+        if run["native_graph_uncompiled"]:
             try:
                 row["native_graph_uncompiled_steps_per_s"], _ = time_native(model, atoms, args, compile=False)
             except (TorchmdxError, RuntimeError) as exc:
                 row["native_graph_uncompiled_error"] = str(exc).splitlines()[0]
         row["compile"] = compile_mode("auto", args.device, len(atoms), model)
-        try:
-            row["native_steps_per_s"], row["neighbor_list_builds"] = time_native(model, atoms, args)
-        except (TorchmdxError, RuntimeError) as exc:
-            row["native_error"] = str(exc).splitlines()[0]
-        if args.device.startswith("cuda"):  # the other compile mode, for comparison
+        if run["native"]:
+            try:
+                row["native_steps_per_s"], row["neighbor_list_builds"] = time_native(model, atoms, args)
+            except (TorchmdxError, RuntimeError) as exc:
+                row["native_error"] = str(exc).splitlines()[0]
+        if run["native_other"]:  # the other compile mode, for comparison
             other = "parts" if row["compile"] == "whole" else "whole"
             try:
                 row[f"native_{other}_steps_per_s"], _ = time_native(model, atoms, args, compile=other)
             except (TorchmdxError, RuntimeError) as exc:
                 row[f"native_{other}_error"] = str(exc).splitlines()[0]
-        try:
-            row["ase_steps_per_s"] = time_ase(model, atoms, args)
-        except (TorchmdxError, RuntimeError, FloatingPointError) as exc:
-            row["ase_error"] = str(exc).splitlines()[0]
-        if args.device.startswith("cuda"):
+        if run["ase"]:
+            try:
+                row["ase_steps_per_s"] = time_ase(model, atoms, args)
+            except (TorchmdxError, RuntimeError, FloatingPointError) as exc:
+                row["ase_error"] = str(exc).splitlines()[0]
+        if run["ase_eager"]:
             try:
                 row["ase_eager_steps_per_s"] = time_ase(model, atoms, args, fast=False)
             except (TorchmdxError, RuntimeError, FloatingPointError) as exc:
                 row["ase_eager_error"] = str(exc).splitlines()[0]
+        if run["tmdnet_ase"]:
+            try:
+                row["tmdnet_ase_steps_per_s"] = time_tmdnet_ase(atoms, args)
+            except Exception as exc:  # noqa: BLE001 - another package: report any failure, go on
+                row["tmdnet_ase_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        row["wall_s"] = round(time.perf_counter() - started, 1)
         native, ase_rate = row.get("native_steps_per_s"), row.get("ase_steps_per_s")
         speedup = f"{native / ase_rate:9.2f}" if native and ase_rate else f"{'-':>9s}"
         print(f"{name:28s} {len(atoms):7d} "
@@ -192,7 +303,8 @@ def main(argv=None):
               + (f"{ase_rate:10.3g}" if ase_rate else f"{'failed':>10s}") + " "
               + speedup + " "
               + (f"{native * 0.5e-6 * 86400:9.3f}" if native else f"{'-':>9s}") + " "
-              + f"{row.get('neighbor_list_builds', '-'):>9}")
+              + f"{row.get('neighbor_list_builds', '-'):>9} "
+              + (f"{row['tmdnet_ase_steps_per_s']:17.3g}" if "tmdnet_ase_steps_per_s" in row else f"{'-':>17s}"))
         if "native_eager_steps_per_s" in row:
             print(f"    native engine without CUDA graph: {row['native_eager_steps_per_s']:.3g} steps/s")
         if "ase_eager_steps_per_s" in row:
@@ -205,7 +317,7 @@ def main(argv=None):
         if "native_graph_uncompiled_steps_per_s" in row:
             print(f"    native engine, CUDA graph, model not compiled: {row['native_graph_uncompiled_steps_per_s']:.3g} steps/s")
         for key in ("native_error", "native_eager_error", "native_graph_uncompiled_error", "native_whole_error", "native_parts_error",
-                    "ase_error", "ase_eager_error"):
+                    "ase_error", "ase_eager_error", "tmdnet_ase_error"):
             if key in row:
                 print(f"    {key}: {row[key]}")
         if args.replicas > 1:
@@ -218,9 +330,18 @@ def main(argv=None):
             except (TorchmdxError, RuntimeError) as exc:
                 print(f"    replicas: {str(exc).splitlines()[0]}")
         rows.append(row)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": args.device, "dtype": args.dtype, "rows": rows}, indent=2))
+        if args.json:  # after every system: a run stopped by a timeout keeps its rows
+            write_json(args.json, {"device": args.device,
+                                   "gpu": torch.cuda.get_device_name(args.device) if cuda else None,
+                                   "dtype": args.dtype, "rows": rows})
     return 0
+
+
+def write_json(path, data):
+    from torchmdx.io_utils import atomic_write
+
+    with atomic_write(path, "w") as handle:
+        handle.write(json.dumps(data, indent=2))
 
 
 if __name__ == "__main__":
