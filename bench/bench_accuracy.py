@@ -32,6 +32,12 @@ own ``LNNP``, ``DataModule`` and a ``lightning.Trainer`` as its ``torchmd-train`
 ``train.cuda_graph: true`` on CUDA; ``--torchmdx-set key=value`` (repeatable) adds config
 overrides. Both parameter counts are printed; they must be equal (1 339 906 for the recipe).
 
+**Other torchmdx models.** ``--side torchmdx --config configs/equiformer_md17.yaml --label
+equiformer`` trains another config (another architecture: Equiformer against the ET at the same
+budget, issue 17) on the same data path, split and budget; its files are ``*_<label>.json`` and
+the report adds it as a column, with its force error and time to reach against the reference run
+(TorchMD-NET's when present, else the first torchmdx run). Its parameter count is its own.
+
 **Budget.** The same ``max_time`` for both Trainers (Lightning's clock starts when training
 starts, so compilation and graph capture count inside it). The curves are drawn against the
 seconds since the Trainer's fit start (which also holds the sanity validation); the gap between
@@ -462,17 +468,18 @@ def run_torchmdnet(ctx: dict, callback: WallClockCheckpoints) -> dict:
 
 
 def torchmdx_values(ctx: dict) -> tuple[dict, list]:
-    """configs/et_md17.yaml with this run's overrides, then the --torchmdx-set ones."""
+    """The torchmdx config (``--config``, default configs/et_md17.yaml) with this run's
+    overrides, then the --torchmdx-set ones."""
     from torchmdx.config import apply_overrides, load_yaml
 
-    values = load_yaml(TORCHMDX_CONFIG)
+    values = load_yaml(ctx["config"])
     data, model, train, trainer = (values.setdefault(k, {}) for k in ("data", "model", "train", "trainer"))
     data.update(path=str(ctx["data_path"]), format="md17", cache_dir=str(ctx["work"] / "cache"),
                 train_size=ctx["sizes"][0], val_size=ctx["sizes"][1], test_size=ctx["sizes"][2],
                 split_file=str(ctx["split_file"]), seed=ctx["seed"])
     if ctx["workers"] is not None:
         data["num_workers"] = ctx["workers"]
-    if ctx["small"]:
+    if ctx["small"] and Path(ctx["config"]) == TORCHMDX_CONFIG:
         model.update(SMALL)
     train.update(seed=ctx["seed"], cuda_graph=ctx["device"].startswith("cuda"))
     trainer.update(max_time=ctx["max_time"], max_epochs=1_000_000, accelerator=accelerator(ctx["device"]), devices=1,
@@ -487,8 +494,8 @@ def run_torchmdx(ctx: dict, callback: WallClockCheckpoints) -> dict:
     from torchmdx.train.run import train
 
     values, sets = torchmdx_values(ctx)
-    cfg = build_run_config(values, str(TORCHMDX_CONFIG))
-    print(f"[torchmdx] config {TORCHMDX_CONFIG.name} + overrides; --torchmdx-set: {sets or 'none'}", flush=True)
+    cfg = build_run_config(values, str(ctx["config"]))
+    print(f"[{ctx['run']}] config {Path(ctx['config']).name} + overrides; --torchmdx-set: {sets or 'none'}", flush=True)
     result = train(cfg, callbacks=[callback])
     return {"epochs": result.get("epochs"), "steps": result.get("global_step"), "config": cfg.to_dict(),
             "torchmdx_set": sets, "version": _torchmdx_version()}
@@ -532,11 +539,18 @@ def cmd_run(args) -> int:
         raise ConfigError("--device cuda: no CUDA device here")
     if args.side == "torchmdnet":
         check_torchmdnet()
+        if args.config is not None or args.label is not None:
+            raise ConfigError("--config and --label choose a torchmdx model; TorchMD-NET runs its recipe")
+    if args.config is not None and not Path(args.config).is_file():
+        raise ConfigError(f"--config {args.config}: no such file")
+    if args.label is not None and (not args.label.replace("_", "").replace("-", "").isalnum()
+                                   or args.label == "torchmdnet"):
+        raise ConfigError(f"--label {args.label!r}: use letters, digits, '-' and '_' (and not 'torchmdnet')")
     data_path = resolve_data(args.data)
     own_work = args.work is None
     if not own_work and Path(args.work).exists() and any(Path(args.work).iterdir()):
         raise ConfigError(f"--work {args.work} is not empty; give a new or empty folder")
-    work = Path(tempfile.mkdtemp(prefix=f"bench_accuracy_{args.side}_")) if own_work else Path(args.work)
+    work = Path(tempfile.mkdtemp(prefix=f"bench_accuracy_{run_key(args)}_")) if own_work else Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     try:
         return _run(args, device, data_path, work)
@@ -565,13 +579,17 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
         split = make_split_file(n, sizes, args.seed, split_file, frames["hash"])
     sizes = (len(split.train), len(split.val), len(split.test))
     budget = args.minutes * 60.0
-    ctx = {"side": args.side, "data_path": data_path, "frames": frames, "split_file": split_file, "sizes": sizes,
-           "seed": args.seed, "device": device, "small": args.small, "work": work, "workers": args.workers,
-           "max_time": max_time_string(budget), "torchmdx_set": args.torchmdx_set or []}
-    expected = None if args.small else EXPECTED_PARAMETERS
-    log_path = out / f"checkpoints_{args.side}.json"
-    callback = WallClockCheckpoints(args.side, work / "checkpoints", log_path, args.every, expected)
-    print(f"[{args.side}] data {data_path} ({n} frames, {len(frames['z'])} atoms), split {sizes} seed {args.seed} "
+    key = run_key(args)
+    config = Path(args.config) if args.config is not None else TORCHMDX_CONFIG
+    ctx = {"side": args.side, "run": key, "config": config, "data_path": data_path, "frames": frames,
+           "split_file": split_file, "sizes": sizes, "seed": args.seed, "device": device, "small": args.small,
+           "work": work, "workers": args.workers, "max_time": max_time_string(budget),
+           "torchmdx_set": args.torchmdx_set or []}
+    # the recipe's parameter count holds for TorchMD-NET and torchmdx's ET-MD17 config only
+    expected = None if args.small or config.resolve() != TORCHMDX_CONFIG.resolve() else EXPECTED_PARAMETERS
+    log_path = out / f"checkpoints_{key}.json"
+    callback = WallClockCheckpoints(key, work / "checkpoints", log_path, args.every, expected)
+    print(f"[{key}] data {data_path} ({n} frames, {len(frames['z'])} atoms), split {sizes} seed {args.seed} "
           f"({split_file}), budget {budget:.0f} s (max_time {ctx['max_time']}), device {device_name(device)}, "
           f"work {work}", flush=True)
     info = RUNNERS[args.side](ctx, callback)
@@ -580,7 +598,8 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     scores = {
-        "side": args.side, "label": LABELS[args.side], "version": info.get("version"), "data": name,
+        "side": args.side, "run": key, "label": LABELS[args.side] if key == args.side else f"torchmdx {key}",
+        "config": str(config) if args.side == "torchmdx" else None, "version": info.get("version"), "data": name,
         "data_file": str(data_path), "data_hash": frames["hash"], "split_file": str(split_file),
         "split_digest": split_digest(split.train, split.val, split.test), "sizes": list(sizes), "seed": args.seed,
         "budget_s": budget, "max_time": ctx["max_time"], "every_s": args.every, "small": args.small,
@@ -595,7 +614,7 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
         last = records[-1]
         scores.update(t_end=last["t"], t_train_end=last["t_train"],
                       steps_per_s=last["step"] / last["t_train"] if last["t_train"] > 0 else None)
-    scores_path = out / f"scores_{args.side}.json"
+    scores_path = out / f"scores_{key}.json"
 
     def write(points):
         scores["points"] = points
@@ -607,13 +626,13 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
     points = score_checkpoints(args.side, records, frames, test_idx, device, on_point=write)
     scored = {p["parameters"] for p in points}
     if scored and scored != {callback.parameters}:
-        print(f"[{args.side}] WARNING: the scored models have {sorted(scored)} parameters, the trained one "
+        print(f"[{key}] WARNING: the scored models have {sorted(scored)} parameters, the trained one "
               f"{callback.parameters}", flush=True)
     scores["score_s"] = time.monotonic() - t_trained
     write(points)
     if points:
         p = points[-1]
-        print(f"[{args.side}] final: {p['step']} steps in {p['t_train']:.0f} s of training "
+        print(f"[{key}] final: {p['step']} steps in {p['t_train']:.0f} s of training "
               f"({scores.get('steps_per_s') or 0:.2f} steps/s), test F MAE {p['forces_mae']:.2f} meV/Å, "
               f"E MAE {p['energy_mae']:.2f} meV -> {scores_path}", flush=True)
     return 0
@@ -656,13 +675,24 @@ def load_scores(paths: Sequence[str]) -> dict:
             raise DataError(f"{p}: not a readable scores file ({exc})") from None
         if s.get("side") not in SIDES or "points" not in s:
             raise DataError(f"{p}: not a scores file of this benchmark (no side/points)")
-        key = s.get("data", "?")
-        if s["side"] in runs.setdefault(key, {}):
-            raise DataError(f"two {s['side']} runs for {key}: {runs[key][s['side']]['_path']} and {p}; "
+        key, run = s.get("data", "?"), s.get("run", s["side"])
+        if run in runs.setdefault(key, {}):
+            raise DataError(f"two {run} runs for {key}: {runs[key][run]['_path']} and {p}; "
                             "pass the folders of one comparison")
         s["_path"] = str(p)
-        runs[key][s["side"]] = s
+        s.setdefault("label", LABELS.get(run, run))
+        runs[key][run] = s
     return runs
+
+
+def run_key(args) -> str:
+    """The name of a run's files and report column: ``--label``, else the side."""
+    return args.label if getattr(args, "label", None) else args.side
+
+
+def ordered_runs(runs: dict) -> list[str]:
+    """TorchMD-NET first, then torchmdx's default run, then the other torchmdx runs by name."""
+    return [k for k in SIDES if k in runs] + sorted(k for k in runs if k not in SIDES)
 
 
 def summarise(s: dict) -> dict:
@@ -684,7 +714,10 @@ def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
 
 
 def comparison(runs: dict) -> tuple[str, dict]:
-    """The markdown table of one data set's runs and the derived numbers."""
+    """The markdown table of one data set's runs and the derived numbers (TorchMD-NET against
+    torchmdx; with more runs, each against the reference run: :func:`comparison_many`)."""
+    if set(runs) - set(SIDES):
+        return comparison_many(runs)
     sides = [side for side in SIDES if side in runs]
     sums = {side: summarise(runs[side]) for side in sides}
     derived: dict = {"warnings": []}
@@ -738,6 +771,60 @@ def comparison(runs: dict) -> tuple[str, dict]:
     return "\n".join(lines), derived
 
 
+def comparison_many(runs: dict) -> tuple[str, dict]:
+    """Several runs (e.g. TorchMD-NET, torchmdx's ET, torchmdx's Equiformer): one column each,
+    then each run's force MAE ratio, step-rate ratio and time to reach against the reference run
+    (TorchMD-NET's when present, else the first)."""
+    keys = ordered_runs(runs)
+    reference = keys[0]
+    sums = {k: summarise(runs[k]) for k in keys}
+    derived: dict = {"warnings": [], "reference": reference, "per_run": {}}
+    ref = runs[reference]
+    for k in keys[1:]:
+        other = runs[k]
+        for field, what in (("split_digest", "SPLITS"), ("data_hash", "DATA FILES"), ("budget_s", "BUDGETS")):
+            if other.get(field) != ref.get(field):
+                derived["warnings"].append(f"THE {what} DIFFER between {ref['label']} and {other['label']}")
+        if other.get("device") != ref.get("device"):
+            derived["warnings"].append(f"different devices: {ref.get('device')} vs {other.get('device')}")
+        per = {}
+        a, b = sums[reference], sums[k]
+        if a["final_f"] and b["final_f"] is not None:
+            per["f_ratio"] = b["final_f"] / a["final_f"]
+            pts = other["points"]
+            per["time_to_reach"] = time_to_reach([p["t"] for p in pts], [p["forces_mae"] for p in pts], a["final_f"])
+        if a["final_e"] and b["final_e"] is not None:
+            per["e_ratio"] = b["final_e"] / a["final_e"]
+        if a["steps_per_s"] and b["steps_per_s"]:
+            per["rate_ratio"] = b["steps_per_s"] / a["steps_per_s"]
+        derived["per_run"][k] = per
+    labels = [runs[k]["label"] for k in keys]
+    lines = ["| | " + " | ".join(labels) + " |", "|---" * (len(keys) + 1) + "|"]
+
+    def row(label, cells):
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    for label, key, spec in (("parameters", "parameters", ",d"), ("optimiser steps", "steps", ",d"),
+                             ("steps/s (since train start)", "steps_per_s", ".2f"),
+                             ("last checkpoint at (s since fit start)", "t_end", ".0f"),
+                             ("final test force MAE (meV/Å)", "final_f", ".1f"),
+                             ("final test energy MAE (meV)", "final_e", ".1f"),
+                             ("best test force MAE (meV/Å)", "best_f", ".1f"),
+                             ("best test energy MAE (meV)", "best_e", ".1f")):
+        row(label, [_fmt(sums[k][key], spec) for k in keys])
+    name = runs[reference]["label"]
+    for label, field, spec, suffix in ((f"force MAE / {name}'s", "f_ratio", ".2f", "×"),
+                                       (f"energy MAE / {name}'s", "e_ratio", ".2f", "×"),
+                                       (f"steps/s / {name}'s", "rate_ratio", ".2f", "×")):
+        row(label, ["–"] + [_fmt(derived["per_run"][k].get(field), spec, suffix) for k in keys[1:]])
+    reach = []
+    for k in keys[1:]:
+        t = derived["per_run"][k].get("time_to_reach")
+        reach.append("not reached" if t is None else f"{t:.0f} s ({t / 60:.1f} min)")
+    row(f"time to reach {name}'s final force MAE", [_fmt(sums[reference]["t_end"], ".0f", " s")] + reach)
+    return "\n".join(lines), derived
+
+
 def plot(runs: dict, name: str, path: Path) -> Path:
     import matplotlib
 
@@ -746,14 +833,16 @@ def plot(runs: dict, name: str, path: Path) -> Path:
     import matplotlib.ticker  # noqa: F401 - matplotlib.ticker.FuncFormatter below
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for side in SIDES:
-        if side not in runs or not runs[side]["points"]:
+    others = iter(("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:gray"))
+    for side in ordered_runs(runs):
+        if not runs[side]["points"]:
             continue
         pts = runs[side]["points"]
         t = [p["t"] / 60 for p in pts]
-        label = f"{runs[side].get('label', LABELS[side])} ({pts[-1]['step']:,} steps)"
-        axes[0].plot(t, [p["forces_mae"] for p in pts], "o-", ms=3, color=COLORS[side], label=label)
-        axes[1].plot(t, [p["energy_mae"] for p in pts], "o-", ms=3, color=COLORS[side], label=label)
+        label = f"{runs[side].get('label', LABELS.get(side, side))} ({pts[-1]['step']:,} steps)"
+        color = COLORS.get(side) or next(others, None)
+        axes[0].plot(t, [p["forces_mae"] for p in pts], "o-", ms=3, color=color, label=label)
+        axes[1].plot(t, [p["energy_mae"] for p in pts], "o-", ms=3, color=color, label=label)
     if "torchmdnet" in runs and runs["torchmdnet"]["points"]:
         axes[0].axhline(runs["torchmdnet"]["points"][-1]["forces_mae"], color=COLORS["torchmdnet"], ls=":", lw=1)
     plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
@@ -791,7 +880,7 @@ def cmd_report(args) -> int:
                    f"{any_run.get('device')}, {str(any_run.get('date', ''))[:10]}")
         print(heading)
         for side, s in by_side.items():
-            print(f"- {LABELS[side]}: {s.get('version') or ''} ({s['_path']}); fit start -> train start "
+            print(f"- {s['label']}: {s.get('version') or ''} ({s['_path']}); fit start -> train start "
                   f"{_fmt(s.get('fit_to_train_s'), '.1f', ' s')}, checkpoint saving {_fmt(s.get('save_seconds'), '.1f', ' s')}")
         for warning in derived["warnings"]:
             print(f"!!! {warning} !!!")
@@ -826,6 +915,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=None,
                      help="data-loader workers for both sides (default: each side's recipe: TorchMD-NET 6, torchmdx's config)")
     run.add_argument("--small", action="store_true", help="32 channels, 2 layers on both sides (CPU smoke test)")
+    run.add_argument("--config", default=None,
+                     help="torchmdx side: this config instead of configs/et_md17.yaml (e.g. configs/equiformer_md17.yaml)")
+    run.add_argument("--label", default=None,
+                     help="name of this run's files and report column (default: the side), e.g. equiformer")
     run.add_argument("--torchmdx-set", action="append", metavar="KEY=VALUE",
                      help="extra torchmdx config override (repeatable), e.g. --torchmdx-set data.loader=device")
     report = sub.add_parser("report", help="table and PNG from the scores of both sides")

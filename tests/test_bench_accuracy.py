@@ -122,6 +122,35 @@ def test_report_table_png_and_loud_parameter_mismatch(bench, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: no scores_<side>.json")
 
 
+def test_report_with_a_second_torchmdx_model(bench, tmp_path, capsys):
+    """A third run (torchmdx's Equiformer, --label equiformer) is a column of its own, compared with
+    the reference run (TorchMD-NET) by force-error ratio, step-rate ratio and time to reach."""
+    ref = _scores("torchmdnet", 1339906, [(0, 0, 1000, 300), (30, 300, 200, 60), (60, 600, 100, 40)], steps_per_s=10.0)
+    et = _scores("torchmdx", 1339906, [(0, 0, 1000, 300), (20, 800, 300, 50), (40, 1600, 50, 20), (60, 2400, 40, 10)],
+                 steps_per_s=40.0)
+    eq = _scores("torchmdx", 2_000_000, [(0, 0, 900, 300), (30, 100, 150, 30), (60, 200, 80, 20)], steps_per_s=5.0,
+                 run="equiformer", label="torchmdx equiformer")
+    for name, payload in (("torchmdnet", ref), ("torchmdx", et), ("equiformer", eq)):
+        (tmp_path / f"scores_{name}.json").write_text(json.dumps(payload))
+    assert bench.main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    table = (tmp_path / "r" / "accuracy_aspirin.md").read_text()
+    assert "| | TorchMD-NET 3.0.0 | torchmdx | torchmdx equiformer |" in table
+    assert "| final test force MAE (meV/Å) | 100.0 | 40.0 | 80.0 |" in table
+    assert "| force MAE / TorchMD-NET 3.0.0's | – | 0.40× | 0.80× |" in table
+    assert "| steps/s / TorchMD-NET 3.0.0's | – | 4.00× | 0.50× |" in table
+    # equiformer reaches 100 meV/Å between (30 s, 150) and (60 s, 80): 30 + 30 * 50/70 = 51.4 s
+    assert "| time to reach TorchMD-NET 3.0.0's final force MAE | 60 s | 36 s (0.6 min) | 51 s (0.9 min) |" in table
+    assert "DIFFER" not in capsys.readouterr().out
+    # without TorchMD-NET, the ET run is the reference
+    (tmp_path / "scores_torchmdnet.json").unlink()
+    assert bench.main(["report", str(tmp_path), "--out", str(tmp_path / "r2")]) == 0
+    table = (tmp_path / "r2" / "accuracy_aspirin.md").read_text()
+    assert "| force MAE / torchmdx's | – | 2.00× |" in table
+    # --config/--label are refused for TorchMD-NET, and a bad label is one line
+    assert bench.main(["run", "--side", "torchmdx", "--label", "a b", "--out", str(tmp_path / "x")]) == 2
+    assert "--label 'a b'" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------- checkpoints
 def test_wall_clock_checkpoints_hold_the_ema_weights(bench, tmp_path):
     """A full checkpoint carries torchmdx's EMA weights in state_dict (a weights_only one would
