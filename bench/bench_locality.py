@@ -177,7 +177,8 @@ def main(argv=None) -> int:
                         help="folder of <name>.xyz (repeatable; default .benchdata, ../shared/data/systems)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a 16-channel, 1-layer ET (CPU smoke test)")
-    parser.add_argument("--bandwidth-only", action="store_true", help="only the neighbour-list measures (no model calls)")
+    parser.add_argument("--bandwidth-only", action="store_true",
+                        help="only the neighbour-list measures (no model calls)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -186,7 +187,8 @@ def main(argv=None) -> int:
     from torchmdx.nn import ETPotential
 
     device = torch.device(args.device)
-    data = [Path(d) for d in args.data] if args.data else [ROOT / ".benchdata", ROOT.parent / "shared" / "data" / "systems"]
+    data = [Path(d) for d in args.data] if args.data else [ROOT / ".benchdata",
+                                                          ROOT.parent / "shared" / "data" / "systems"]
     hparams = TINY if args.tiny else ET_MD17
     model = ETPotential(dict(hparams)).to(device).eval()
     dtype = next(model.parameters()).dtype
