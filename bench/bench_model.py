@@ -547,12 +547,13 @@ def bench_sweep(names, data_dir, out_dir, results, write_table=True):
                 {"system": name, "atoms": atoms, "edges": default["edges"], "fwd_bwd_gpu_ms": best["fused_fwd_bwd_gpu_ms"],
                  "default_fwd_bwd_gpu_ms": default["fused_fwd_bwd_gpu_ms"]})
             entries.append(section["entry"])
+            if write_table and DEVICE == "cuda":  # after every system: a timeout keeps the entries so far
+                path = launch_table.write_entries([section["entry"]], LAUNCH_TABLE)
+                results["launch_table"] = str(path)
+                (out_dir / "launch_table.json").write_text(path.read_text())
+                print(f"launch table: entry {section['entry']['gpu']} / {section['entry']['size_class']} written to "
+                      f"{path} (and {out_dir / 'launch_table.json'})", flush=True)
         print("sweep", name, "best", best, "force errors vs float64", errors, "allowed", allowed, flush=True)
-    if entries and write_table and DEVICE == "cuda":
-        path = launch_table.write_entries(entries, LAUNCH_TABLE)
-        results["launch_table"] = str(path)
-        (out_dir / "launch_table.json").write_text(path.read_text())
-        print(f"launch table: {len(entries)} entries written to {path} (and {out_dir / 'launch_table.json'})", flush=True)
 
 
 _KERNEL_INPUTS = {}

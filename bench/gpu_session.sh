@@ -5,6 +5,19 @@
 #   bash bench/gpu_session.sh train           # CUDA-graph training step (bench/bench_train.py)
 #   bash bench/gpu_session.sh trainrun        # whole training runs per variant (bench/bench_train_run.py)
 #   bash bench/gpu_session.sh accuracy-torchmdnet   # then, in a second call, accuracy-torchmdx (bench/bench_accuracy.py)
+#   bash bench/gpu_session.sh kernels16       # issue 16's measurements in one call (< 10 min; see below)
+# kernels16 (docs/kernels_message.md, "Issue 16 run"): every step has a timeout and writes its JSON as it
+# goes, so the call ends in ~9.5 min whatever happens. Estimated from the 2026-11-25 / 12-03 runs
+# (first Triton compile of a message-kernel variant ~5-10 s, inductor compile of the dense parts
+# 5-30 s, of the 22-atom traced graph 40-60 s):
+#   1 sweep16    150 s  bench_model --sweep dhfr,stmv: message variants, launch knobs, tl.dot precisions
+#                       with errors vs float64, model force error per precision (gate); writes
+#                       torchmdx/kernels/launch_table.json (+ $OUT/launch_table.json): later steps use it
+#   2 profile16   90 s  bench_model --profile dhfr,stmv: roofline tables ($OUT/roofline.md), eager + graph
+#   3 model16    130 s  bench_model rows (triton; graph, graph + compiled, traced <= 64 atoms), big systems first
+#   4 md16       110 s  bench_md: native engine, torchmdx ASE loop, TorchMD-NET's ASE loop (DHFR, factor IX, 22 atoms)
+#   5 neighbors16 45 s  bench_neighbors 10 k / 100 k atoms and the systems
+# Knobs: K16_SWEEP (systems), K16_SWEEP_BUDGET (s per sweep system), K16_SKIP (space-separated step names).
 # Environment knobs: MODEL_ARGS / MODEL_TIMEOUT, MD_SYSTEMS / MD_ARGS / MD_TIMEOUT, TRAIN_ARGS / TRAIN_TIMEOUT,
 # TESTS_ARGS (pytest selection, default every -m gpu test), BENCH_GRAPH_VARIANTS (bench_model's graph columns).
 # Needs `.whl/` (ase, vesin, vesin-torch, torchmd-net, pytest wheels) and `.benchdata/` (the
@@ -37,6 +50,25 @@ for part in "$@"; do
     accuracy-torchmdnet|accuracy-torchmdx) side=${part#accuracy-}
           timeout ${ACCURACY_TIMEOUT:-570} python3 bench/bench_accuracy.py run --side $side --data ${ACCURACY_DATA:-aspirin} \
           --minutes ${ACCURACY_MINUTES:-5} --out "$OUT/accuracy_$side" ${ACCURACY_ARGS:-} 2>&1 | tee "$OUT/accuracy_$side.log" ;;
+    kernels16)
+      skip=" ${K16_SKIP:-} "
+      step() { case "$skip" in *" $1 "*) echo "--- $1 skipped"; return 1 ;; esac; echo "--- $1 $(date -u +%H:%M:%S)"; }
+      step sweep16 && timeout ${K16_SWEEP_TIMEOUT:-150} python3 bench/bench_model.py --data .benchdata --out "$OUT" --name sweep16 \
+          --systems "" --no-train --sweep ${K16_SWEEP:-dhfr,stmv} --sweep-budget-s ${K16_SWEEP_BUDGET:-55} --budget-s 1.5 \
+          2>&1 | tee "$OUT/sweep16.log"
+      step profile16 && timeout ${K16_PROFILE_TIMEOUT:-90} python3 bench/bench_model.py --data .benchdata --out "$OUT" --name profile16 \
+          --systems "" --no-train --profile dhfr,stmv 2>&1 | tee "$OUT/profile16.log"
+      step model16 && BENCH_GRAPH_VARIANTS=${K16_GRAPH_VARIANTS:-graph,graph_compiled,graph_traced} timeout ${K16_MODEL_TIMEOUT:-130} \
+          python3 bench/bench_model.py --data .benchdata --out "$OUT" --name model16 --backends triton --no-train \
+          --systems dhfr,factorIX,stmv,alanine_dipeptide,chignolin --budget-s 2 --row-budget-s 35 --traced-max-atoms 64 \
+          2>&1 | tee "$OUT/model16.log"
+      step md16 && timeout ${K16_MD_TIMEOUT:-110} python3 bench/bench_md.py --device cuda --data .benchdata \
+          --systems dhfr factorIX alanine_dipeptide --variants native,ase,tmdnet_ase --steps 400 --warmup 10 --repeat 1 \
+          --budget-s 4 --json "$OUT/bench_md16.json" 2>&1 | tee "$OUT/bench_md16.log"
+      step neighbors16 && timeout ${K16_NEIGHBORS_TIMEOUT:-45} python3 bench/bench_neighbors.py --sizes 10000,100000 \
+          --systems .benchdata --out "$OUT" 2>&1 | tee "$OUT/bench_neighbors16.log"
+      cp torchmdx/kernels/launch_table.json "$OUT/launch_table_final.json" 2>/dev/null
+      echo "=== kernels16 done $(date -u +%H:%M:%S)" ;;
     neighbors) timeout 200 python3 bench/bench_neighbors.py --sizes 1000,10000,100000 --systems .benchdata \
           --out "$OUT" 2>&1 | tee "$OUT/bench_neighbors.log" ;;
     *) echo "unknown part $part" ;;
