@@ -19,9 +19,16 @@ cutoff 5 Å, vector cutoff, float32), random weights (seed 0). For each system (
 - training step: 32 molecules x 21 atoms (aspirin frames of ``md17_aspirin_xtb.npz`` when it is
   in ``--data``, else random ones), loss 0.2 MSE(E) + 0.8 MSE(F) with create_graph=True, AdamW;
   also an energy-only step (first derivatives only: the fused backward does all of it).
-- ``--sweep``: launch parameters of the fused kernels (edges per block, channels per chunk,
-  warps, tl.dot precision) timed on one system, with the force error of each precision against
-  a float64 reference; the fastest accurate setting is used for the table.
+- ``--sweep SYSTEMS``: on each system's edges, one layer's message step (forward + backward)
+  for the message variants (``SWEEP_LABELS``), the launch parameters (``SWEEP``) and every
+  tl.dot precision, each with its error against float64; the whole model's force error per
+  precision against float64 (the gate: at most 2 x tf32x3's); the fastest variant that passes
+  becomes the launch-table entry (``torchmdx/kernels/launch_table.json``, copy in ``--out``)
+  that ``auto`` reads for this GPU and the system's size class.
+- ``--profile SYSTEMS``: kernel-time breakdown of a fused call (eager and the calculator's graph
+  replay) and its roofline table (``bench/roofline.py``; ``roofline.md`` in ``--out``).
+- Time budgets: ``--budget-s`` (each timing), ``--row-budget-s`` (each system row: later columns
+  are skipped and say so), ``--sweep-budget-s`` (each sweep system), ``--traced-max-atoms``.
 - ``--kernels``: the message step alone (one layer, forward and forward + backward) for the
   edges of one system, reference vs fused.
 
@@ -35,7 +42,7 @@ Times: median over timed calls (CUDA events) after warm-up. Prints a table; writ
 ``bench_model.json`` to ``--out`` (default ``$OUT`` or the current folder).
 
     python bench/bench_model.py --data .benchdata --systems alanine_dipeptide,chignolin,dhfr,factorIX,stmv \
-        [--sweep dhfr] [--kernels dhfr] [--no-train] [--out DIR]
+        [--sweep dhfr,stmv] [--kernels dhfr] [--profile dhfr,stmv] [--no-train] [--budget-s 2] [--out DIR]
 """
 
 from __future__ import annotations
