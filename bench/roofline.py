@@ -393,7 +393,9 @@ def rows_json(rows: list) -> list:
 def records_from_profiler(events, calls: int) -> list:
     """:class:`KernelRecord` per kernel name from ``prof.events()`` of ``calls`` profiled calls:
     device events (kernels, memcpy, memset) give time and launches; CPU operators with FLOPs
-    (``with_flops=True``) share them among the kernels they launched, in proportion to time."""
+    (``with_flops=True``) share them among the kernels launched under them (their runtime calls
+    carry the kernels), in proportion to time; an operator with FLOP-counted operators below it
+    leaves the FLOPs to those."""
     times, counts, flops = {}, {}, {}
     for ev in events:
         device_type = str(getattr(ev, "device_type", ""))
@@ -401,14 +403,29 @@ def records_from_profiler(events, calls: int) -> list:
             duration = _duration_us(ev)
             times[ev.name] = times.get(ev.name, 0.0) + duration
             counts[ev.name] = counts.get(ev.name, 0) + 1
-        elif getattr(ev, "flops", None):
-            kernels = list(getattr(ev, "kernels", []) or [])
+        elif getattr(ev, "flops", None) and not _flops_below(ev):
+            kernels = _kernels_below(ev)  # the launches hang under the operator's runtime calls
+            if not kernels:
+                continue
             spent = sum(float(getattr(k, "duration", 0.0)) for k in kernels)
             for k in kernels:
                 share = float(getattr(k, "duration", 0.0)) / spent if spent > 0 else 1.0 / len(kernels)
                 flops[k.name] = flops.get(k.name, 0.0) + ev.flops * share
     return [KernelRecord(name, times[name] / 1e3 / calls, counts[name] / calls,
                          flops[name] / calls if name in flops else None) for name in times]
+
+
+def _kernels_below(ev) -> list:
+    """Kernels launched by ``ev`` or any CPU event under it (cudaLaunchKernel carries them)."""
+    out = list(getattr(ev, "kernels", []) or [])
+    for child in getattr(ev, "cpu_children", []) or []:
+        out += _kernels_below(child)
+    return out
+
+
+def _flops_below(ev) -> bool:
+    """Does an operator under ``ev`` have its own FLOPs (then those are counted, not ``ev``'s)?"""
+    return any(getattr(c, "flops", None) or _flops_below(c) for c in getattr(ev, "cpu_children", []) or [])
 
 
 def _duration_us(ev) -> float:

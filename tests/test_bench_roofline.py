@@ -339,15 +339,19 @@ def fake_profile():
     def kernel(name, us):
         return SimpleNamespace(name=name, device_type="DeviceType.CUDA", time_range=SimpleNamespace(start=0.0, end=us))
 
-    def op(name, flops, kernels):
-        return SimpleNamespace(name=name, device_type="DeviceType.CPU", flops=flops,
-                               kernels=[SimpleNamespace(name=k, duration=us) for k, us in kernels])
+    def op(name, flops, kernels, children=()):
+        """A CPU operator; as in kineto, its kernels hang under its runtime launch call."""
+        launch = SimpleNamespace(name="cudaLaunchKernel", device_type="DeviceType.CPU", flops=None, cpu_children=[],
+                                 kernels=[SimpleNamespace(name=k, duration=us) for k, us in kernels])
+        return SimpleNamespace(name=name, device_type="DeviceType.CPU", flops=flops, kernels=[],
+                               cpu_children=[launch, *children])
 
     events = []
     for _ in range(2):
         events += [kernel("_message_fwd_kernel", 300.0), kernel("_message_fwd_kernel", 300.0),
                    kernel("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n", 90.0), kernel("triton_poi_fused_add_0", 2.0),
-                   op("aten::mm", 3.0e9, [("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n", 90.0)]),
+                   mm := op("aten::mm", 3.0e9, [("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n", 90.0)]),
+                   op("aten::linear", 5.0e9, [], [mm]),  # prof.events() is flat: parents and children
                    op("aten::add", None, [("triton_poi_fused_add_0", 2.0)])]
     return events
 
