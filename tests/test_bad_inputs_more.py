@@ -49,10 +49,37 @@ def cache_dir_under_a_file(t, s):
     return ["data", "prepare", _npz(t, s), "--cache-dir", t / "cache" / "sub"]
 
 
+def _overwritten(source, target, offset, size=256):
+    data = bytearray(source.read_bytes())
+    data[offset:offset + size] = b"\xa5" * size
+    target.write_bytes(bytes(data))
+    return target
+
+
+def h5_with_damaged_link_table(t, s):
+    # bytes 2000.. of the ANI-1x sample hold an object header: h5py's visit raised RuntimeError
+    return ["data", "info", _overwritten(s / "ani" / "ani1x_xtb.h5", t / "damaged.h5", 2000), "--cache-dir", t / "c"]
+
+
+def damaged_cache(t, s):
+    assert main(["data", "prepare", str(_npz(t, s)), "--cache-dir", str(t / "cache")]) == 0
+    (cache,) = (t / "cache").glob("*.h5")
+    # bytes 1600.. hold a symbol table node: "group_names" in h5 raised RuntimeError
+    _overwritten(cache, cache, 1600)
+    return ["data", "info", _npz(t, s), "--cache-dir", t / "cache"]
+
+
+def hdf5_file_read_as_md17(t, s):
+    return ["data", "info", s / "ani" / "ani1_xtb.h5", "--format", "md17", "--cache-dir", t / "c"]
+
+
 CASES = [
     (npz_fractional_atomic_number, ["bad.npz", "atomic number 6.5 of atom 0 is not a whole number"]),
     (cache_dir_is_a_file, ["cache folder", "cache is a file, not a folder", "--cache-dir"]),
     (cache_dir_under_a_file, ["cache is a file, not a folder"]),
+    (h5_with_damaged_link_table, ["damaged.h5: the HDF5 file is damaged"]),
+    (damaged_cache, [".h5: this cache is damaged and cannot be read", "data prepare --force"]),
+    (hdf5_file_read_as_md17, ["ani1_xtb.h5: not an npz file", "is an HDF5 file", "--format"]),
 ]
 
 
@@ -81,3 +108,25 @@ def test_refused_with_one_line_and_nothing_written(tmp_path, shared_data, capsys
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert snapshot(tmp_path) == before
+
+
+def test_non_utf8_file_name_builds_a_cache(tmp_path, shared_data):
+    """A data file whose name is not UTF-8 (bytes Python decodes as surrogates): the cache is
+    built and read back (writing the name into the HDF5 attributes raised UnicodeEncodeError).
+    Run as a command: the terminal's stdout takes such names, pytest's capture does not."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    name = os.fsencode(str(tmp_path)) + b"/caf\xe9.npz"
+    np.savez(os.fsdecode(name), **_ethanol(shared_data, frames=5))
+    cli = [sys.executable, str(Path(__file__).resolve().parents[1] / "cli.py"), "data"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cli + [b"prepare", name, b"--cache-dir", str(tmp_path / "cache")], check=True, env=env,
+                   capture_output=True)
+    out = subprocess.run(cli + [b"info", name, b"--cache-dir", str(tmp_path / "cache"), b"--json"], check=True,
+                         env=env, capture_output=True).stdout
+    summary = json.loads(out)
+    assert summary["n_structures"] == 5 and summary["source"].endswith("caf\\xe9.npz")
+    assert len(list((tmp_path / "cache").glob("*.h5"))) == 1

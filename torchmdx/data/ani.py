@@ -99,8 +99,19 @@ def molecule_groups(h5, required: str) -> list:
         if isinstance(obj, h5py.Group) and "coordinates" in obj and required in obj:
             found.append(obj)
 
-    h5.visititems(visit)
+    _visit(h5, visit)
     return found
+
+
+def _visit(h5, visit) -> None:
+    """``h5.visititems(visit)``; a damaged object header or link table (bytes overwritten inside
+    the file) is a one-line DataError naming the file, not h5py's RuntimeError."""
+    try:
+        h5.visititems(visit)
+    except (RuntimeError, OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{h5.filename}: the HDF5 file is damaged: its list of groups and datasets cannot be read "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); copy or download it "
+                        "again") from None
 
 
 def describe_keys(h5) -> str:
@@ -112,7 +123,7 @@ def describe_keys(h5) -> str:
         if isinstance(obj, h5py.Dataset):
             keys.add(name.rsplit("/", 1)[-1])
 
-    h5.visititems(visit)
+    _visit(h5, visit)
     return ", ".join(sorted(keys)[:20]) or "none"
 
 

@@ -433,7 +433,10 @@ class CacheWriter:
         with h5py.File(self.tmp, "w") as h5:
             h5.attrs["torchmdx_cache_version"] = CACHE_VERSION
             h5.attrs["format"] = self.fmt
-            h5.attrs["source"] = self.source if self.source is not None else str(self.metadata.get("source", ""))
+            source = self.source if self.source is not None else str(self.metadata.get("source", ""))
+            # a file name that is not UTF-8 (bytes decoded by Python as surrogates) cannot be an HDF5
+            # string: kept readable, its odd bytes written as \xNN
+            h5.attrs["source"] = source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             h5.attrs["options"] = json.dumps(self.options)
             h5.attrs["fingerprint"] = json.dumps(self.fingerprint)
             h5.attrs["metadata"] = json.dumps(jsonable({k: v for k, v in self.metadata.items()}))
@@ -491,8 +494,28 @@ def _group_names(h5) -> list:
     return json.loads(h5.attrs.get("group_names", "[]"))
 
 
+@contextlib.contextmanager
+def _damaged_cache_as_data_error(path: Path):
+    """h5py's failures on a cache whose bytes were overwritten (a damaged link table or object
+    header: RuntimeError, OSError, ...) as one line naming the cache and what to do."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (RuntimeError, OSError, KeyError, ValueError, UnicodeDecodeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: this cache is damaged and cannot be read ({detail}); delete it or build it again "
+                        "(torchmdx data prepare --force)") from None
+
+
 def cache_info(path) -> dict:
     """The attributes of a cache: format, source, options, fingerprint, metadata, statistics, ..."""
+    path = Path(path)
+    with _damaged_cache_as_data_error(path):
+        return _cache_info(path)
+
+
+def _cache_info(path) -> dict:
     import h5py
 
     from torchmdx.data.ani import open_h5
@@ -535,7 +558,7 @@ def read_cache(path, mmap: bool = False) -> Structures:
 
     path = Path(path)
     info = cache_info(path)
-    with open_h5(path) as h5:
+    with _damaged_cache_as_data_error(path), open_h5(path) as h5:
         def get(name):
             if name not in h5:
                 return None

@@ -45,6 +45,13 @@ def load_npz(path: Path) -> dict:
 
     if Path(path).stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
+    if Path(path).is_file():
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        if not head.startswith(b"PK"):  # not a zip: numpy would try to unpickle it and advise allow_pickle
+            kind = _file_kind(head)
+            raise DataError(f"{path}: not an npz file (npz files are zip archives; this one{kind}); "
+                            "check the file or pass the right --format")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
@@ -52,6 +59,16 @@ def load_npz(path: Path) -> dict:
         raise DataError(f"{path}: not a readable npz file: truncated or damaged ({exc})") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable npz file ({exc})") from None
+
+
+def _file_kind(head: bytes) -> str:
+    """What a file's first bytes say it is, as the tail of a sentence."""
+    kinds = {b"\x89HDF": "is an HDF5 file", b"SQLite f": "is an SQLite (ASE) database",
+             b"\x93NUMPY": "is a single .npy array", b"\x80": "is a pickle (e.g. torch.save)"}
+    for magic, kind in kinds.items():
+        if head.startswith(magic):
+            return " " + kind
+    return " starts with " + repr(head[:8])
 
 
 def require_keys(path, found, expected, layout):
