@@ -84,17 +84,8 @@ from torchmdx.kernels.cell_geometry import (
     first_bad_structure,
 )
 from torchmdx.kernels.neighbors import Neighbors
+from torchmdx.kernels.neighbors_triton_common import HAVE_TRITON, triton
 from torchmdx.kernels.triton_launch import interpreting, launch
-
-try:  # triton is a Linux dependency; elsewhere this backend reports itself unavailable
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAVE_TRITON = False
 
 #: largest structure (atoms) for which ``method="auto"`` uses the brute-force kernel (H100:
 #: brute force is faster up to ~2.5 k atoms in a CUDA graph and up to ~6 k atoms eagerly)

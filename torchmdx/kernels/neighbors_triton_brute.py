@@ -4,15 +4,7 @@ spanning the structures of the block's receivers. See :mod:`torchmdx.kernels.nei
 
 from __future__ import annotations
 
-try:  # triton is a Linux dependency; elsewhere the kernels are not defined
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAVE_TRITON = False
+from torchmdx.kernels.neighbors_triton_common import HAVE_TRITON, tl, triton  # noqa: F401 - tl: the kernels
 
 
 if HAVE_TRITON:
