@@ -73,6 +73,51 @@ def hdf5_file_read_as_md17(t, s):
     return ["data", "info", s / "ani" / "ani1_xtb.h5", "--format", "md17", "--cache-dir", t / "c"]
 
 
+def _config(t, s):
+    import yaml
+
+    config = {"data": {"path": str(s.joinpath(*ETHANOL)), "cache_dir": str(t / "cache"), "train_size": 16,
+                       "val_size": 8, "test_size": 8, "batch_size": 8},
+              "model": {"embedding_dimension": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8,
+                        "cutoff_upper": 4.0, "backend": "torch"},
+              "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+              "run_dir": str(t / "run")}
+    (t / "config.yaml").write_text(yaml.safe_dump(config))
+    return t / "config.yaml"
+
+
+def _train_setting(setting):
+    """A setup: ``torchmdx train`` of a tiny config with one ``--set`` (refused before anything runs)."""
+    def setup(t, s):
+        return ["train", _config(t, s), "--set", setting]
+
+    setup.__name__ = "train_" + setting.replace("=", "_").replace(".", "_")
+    return setup
+
+
+#: --set values that were tracebacks from Lightning/numpy, a misleading message, or silently used
+TRAIN_SETTINGS = [
+    ("trainer.devices=0", ["'trainer.devices' must be a count >= 1"]),          # Lightning traceback
+    ("trainer.devices=-5", ["'trainer.devices' must be a count >= 1"]),         # Lightning traceback
+    ("trainer.devices=[]", ["'trainer.devices' must list distinct device indices"]),
+    ("trainer.strategy=magic", ["'trainer.strategy' must be 'auto' or one of", "ddp", "'magic'"]),  # traceback
+    ("trainer.max_time=tomorrow", ["'trainer.max_time' must be 'DD:HH:MM:SS'"]),                    # traceback
+    ("trainer.max_epochs=0", ["'trainer.max_epochs' must be >= 1"]),  # was "last.ckpt: checkpoint not found"
+    ("trainer.max_steps=0", ["'trainer.max_steps' must be >= 1"]),
+    ("trainer.limit_train_batches=0", ["'trainer.limit_train_batches' must be", "nothing to train on"]),
+    ("data.seed=-1", ["'data.seed' must be between 0 and 4294967295"]),      # numpy traceback
+    ("data.seed=99999999999999999999", ["'data.seed' must be between 0"]),  # OverflowError traceback
+    ("train.seed=-3", ["'train.seed' must be between 0"]),
+    ("model.seed=-3", ["'model.seed' must be between 0"]),
+    ("train.energy_weight=.nan", ["'train.energy_weight' must be a finite number, got nan"]),  # trained on NaN weight
+    ("train.scale=.inf", ["'train.scale' must be a finite number, got inf"]),                  # trained, exit 0
+    ("train.shift=.nan", ["'train.shift' must be a finite number"]),   # was "training diverged ... smaller lr"
+    ("train.lr=.inf", ["'train.lr' must be a finite number"]),         # was "training diverged"
+    ("train.weight_decay=.nan", ["'train.weight_decay' must be a finite number"]),
+    ("trainer.gradient_clip_val=.inf", ["'trainer.gradient_clip_val' must be a finite number"]),
+]
+
+
 CASES = [
     (npz_fractional_atomic_number, ["bad.npz", "atomic number 6.5 of atom 0 is not a whole number"]),
     (cache_dir_is_a_file, ["cache folder", "cache is a file, not a folder", "--cache-dir"]),
@@ -80,7 +125,7 @@ CASES = [
     (h5_with_damaged_link_table, ["damaged.h5: the HDF5 file is damaged"]),
     (damaged_cache, [".h5: this cache is damaged and cannot be read", "data prepare --force"]),
     (hdf5_file_read_as_md17, ["ani1_xtb.h5: not an npz file", "is an HDF5 file", "--format"]),
-]
+] + [(_train_setting(setting), fragments) for setting, fragments in TRAIN_SETTINGS]
 
 
 def snapshot(folder):

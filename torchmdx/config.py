@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -126,6 +127,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+#: seeds must fit numpy's and Lightning's seed range (numpy refuses negative seeds with a traceback)
+SEED_MAX = 2**32 - 1
+
+
+def _check_number(value: Any, name: str, key: str) -> None:
+    """Values no config key can mean: a NaN or infinite float (YAML ``.nan`` / ``.inf``: every
+    comparison with NaN is false, so range checks let it through and it surfaces later as a
+    diverged run or a silent NaN), and a seed outside 0..2**32-1."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_number(item, name, f"{key}[{i}]")
+    if name == "seed" and isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"config key '{key}' must be between 0 and {SEED_MAX} (2**32 - 1), got {value}")
+
+
 def from_dict(cls: type[T], values: Mapping[str, Any] | None, section: str = "") -> T:
     """Build dataclass ``cls`` from ``values``, rejecting unknown keys and wrong types.
 
@@ -149,6 +167,8 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, section: str = "")
             kwargs[name] = _coerce(values[name], hints[name], prefix + name)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"config key '{prefix}{name}' is required ({_type_name(hints[name])})")
+    for name, value in kwargs.items():
+        _check_number(value, name, prefix + name)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):

@@ -218,8 +218,16 @@ class TrainerConfig:
     def validate(self, section: str = "trainer") -> None:
         bad = partial(bad_key, section)
 
-        if self.max_epochs is not None and self.max_epochs < -1:
-            bad("max_epochs", f"must be >= -1 or null, got {self.max_epochs}")
+        if self.max_epochs is not None and (self.max_epochs < -1 or self.max_epochs == 0):
+            bad("max_epochs", f"must be >= 1, or -1 / null (no limit), got {self.max_epochs} (a run of no epochs "
+                "writes no checkpoint and no model)")
+        if self.max_steps == 0 or self.max_steps < -1:
+            bad("max_steps", f"must be >= 1, or -1 (no limit), got {self.max_steps}")
+        for key in ("limit_train_batches", "limit_val_batches"):
+            value = getattr(self, key)
+            if not value > 0 or (isinstance(value, float) and value > 1):
+                bad(key, f"must be a fraction in (0, 1] or a count >= 1, got {value} (nothing to "
+                    f"{'train' if key == 'limit_train_batches' else 'validate'} on)")
         if self.num_nodes < 1:
             bad("num_nodes", f"must be >= 1, got {self.num_nodes}")
         if self.accumulate_grad_batches < 1:
@@ -232,6 +240,31 @@ class TrainerConfig:
             bad("num_threads", f"must be >= 1 or null, got {self.num_threads}")
         if isinstance(self.devices, str) and self.devices != "auto" and not self.devices.lstrip("-").isdigit():
             bad("devices", f"must be an int, a list of ints or 'auto', got {self.devices!r}")
+        count = int(self.devices) if isinstance(self.devices, (int, str)) and self.devices != "auto" else None
+        if count is not None and count < 1 and count != -1:
+            bad("devices", f"must be a count >= 1, -1 (all), a list of device indices or 'auto', got {self.devices!r}")
+        if isinstance(self.devices, list) and (not self.devices or min(self.devices) < 0
+                                                or len(set(self.devices)) != len(self.devices)):
+            bad("devices", f"must list distinct device indices >= 0, got {self.devices!r}")
+        self._check_strategy(bad)
+        if self.max_time is not None:
+            parts = self.max_time.strip().split(":")
+            if len(parts) != 4 or not all(part.isdigit() for part in parts):
+                bad("max_time", f"must be 'DD:HH:MM:SS' (e.g. '00:12:00:00' for 12 hours) or null, got {self.max_time!r}")
+
+    def _check_strategy(self, bad) -> None:
+        """A strategy name Lightning knows ('auto', 'ddp', 'ddp_spawn', ...): Lightning's own
+        message for an unknown one is a traceback from inside the Trainer."""
+        if self.strategy == "auto":
+            return
+        try:
+            from lightning.pytorch.strategies import StrategyRegistry
+        except ImportError:  # pragma: no cover - lightning is a dependency
+            return
+        names = set(StrategyRegistry.available_strategies())
+        if self.strategy not in names:
+            shown = sorted(n for n in names if "_find_unused" not in n and "_" not in n.replace("ddp_", ""))
+            bad("strategy", f"must be 'auto' or one of Lightning's strategies ({', '.join(shown)}), got {self.strategy!r}")
 
     def lightning_kwargs(self) -> dict:
         """The keyword arguments for ``lightning.Trainer`` (without num_threads)."""
