@@ -175,3 +175,21 @@ def test_non_utf8_file_name_builds_a_cache(tmp_path, shared_data):
     summary = json.loads(out)
     assert summary["n_structures"] == 5 and summary["source"].endswith("caf\\xe9.npz")
     assert len(list((tmp_path / "cache").glob("*.h5"))) == 1
+
+
+def test_model_too_large_for_memory_is_one_line():
+    """A typo'd size (embedding_dimension 10**8: a 40 GB embedding) was the allocator's traceback;
+    run under a 4 GB address-space limit so that the allocation fails on any machine."""
+    import subprocess
+    import sys
+
+    code = ("import resource, torchmdx\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+            "try:\n"
+            "    torchmdx.build_model({'embedding_dimension': 10**8, 'num_heads': 1})\n"
+            "except torchmdx.errors.ModelError as exc:\n"
+            "    print('ModelError:', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.stdout.startswith("ModelError: building the model ran out of memory (one weight array needed "), out
+    assert "check the sizes in the model: section" in out.stdout

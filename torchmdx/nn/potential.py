@@ -41,8 +41,28 @@ def _construction(dtype: torch.dtype, seed: Optional[int]):
         torch.set_default_dtype(dtype)
         try:
             yield
+        except (RuntimeError, MemoryError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            raise ModelError(f"building the model ran out of memory ({_allocation(exc)}): check the sizes in the "
+                             "model: section (embedding_dimension, num_rbf, num_layers, max_z, ...)") from None
         finally:
             torch.set_default_dtype(previous)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc) \
+        or "out of memory" in str(exc).lower()
+
+
+def _allocation(exc: BaseException) -> str:
+    """'one array of 40 GB' from torch's allocator message, else its first line."""
+    import re
+
+    found = re.search(r"allocate (\d+) bytes", str(exc))
+    if found:
+        return f"one weight array needed {int(found.group(1)) / 1e9:.3g} GB"
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 class ETPotential(NormalisedPotential):
