@@ -118,12 +118,37 @@ TRAIN_SETTINGS = [
 ]
 
 
+def _damage_tensor_bytes(path):
+    """Overwrite 64 bytes inside the largest tensor of a ``torch.save`` archive (its zip stays
+    readable: only the member's CRC-32 tells)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    data[start:start + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def export_damaged_checkpoint(t, s):
+    import torch
+
+    torch.save({"state_dict": {"model.w": torch.arange(4096.0)}, "hyper_parameters": {"model": {}}}, t / "last.ckpt")
+    _damage_tensor_bytes(t / "last.ckpt")
+    return ["export", t / "last.ckpt", "-o", t / "model.pt"]
+
+
 CASES = [
     (npz_fractional_atomic_number, ["bad.npz", "atomic number 6.5 of atom 0 is not a whole number"]),
     (cache_dir_is_a_file, ["cache folder", "cache is a file, not a folder", "--cache-dir"]),
     (cache_dir_under_a_file, ["cache is a file, not a folder"]),
     (h5_with_damaged_link_table, ["damaged.h5: the HDF5 file is damaged"]),
     (damaged_cache, [".h5: this cache is damaged and cannot be read", "data prepare --force"]),
+    (export_damaged_checkpoint, ["last.ckpt: the checkpoint is damaged", "fails its CRC-32 checksum"]),
     (hdf5_file_read_as_md17, ["ani1_xtb.h5: not an npz file", "is an HDF5 file", "--format"]),
 ] + [(_train_setting(setting), fragments) for setting, fragments in TRAIN_SETTINGS]
 
@@ -193,3 +218,58 @@ def test_model_too_large_for_memory_is_one_line():
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.stdout.startswith("ModelError: building the model ran out of memory (one weight array needed "), out
     assert "check the sizes in the model: section" in out.stdout
+
+
+def test_damaged_model_and_restart_files_are_refused(tmp_path):
+    """Bytes overwritten inside a weight tensor: torch.load reads them without complaint (silently
+    wrong weights, or positions of a restart file); the archive's CRC-32 tells. A model file cut
+    short names the truncation."""
+    import torch
+
+    import torchmdx
+    from torchmdx.errors import DataError, ModelError
+    from torchmdx.md.io import load_restart
+    from torchmdx.nn.analytic import LennardJones
+
+    model = torchmdx.build_model({"embedding_dimension": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8, "seed": 0})
+    model.save(tmp_path / "model.pt")
+    whole = (tmp_path / "model.pt").read_bytes()
+    torchmdx.load_model(tmp_path / "model.pt")  # intact: loads
+    _damage_tensor_bytes(tmp_path / "model.pt")
+    with pytest.raises(ModelError, match=r"model.pt: the file is damaged: archive/data/\d+ fails its CRC-32"):
+        torchmdx.load_model(tmp_path / "model.pt")
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ModelError, match="a torch archive that ends early or is damaged"):
+        torchmdx.load_model(tmp_path / "cut.pt")
+    LennardJones(0.0104, 3.4).save(tmp_path / "lj.pt")
+    assert main(["md", str(_write_argon(tmp_path)), "--model", str(tmp_path / "lj.pt"), "--steps", "4",
+                 "--restart-every", "2", "--out", str(tmp_path / "a.extxyz"), "--no-progress"]) == 0
+    assert load_restart(tmp_path / "a.restart.pt")["step"] == 4
+    _damage_tensor_bytes(tmp_path / "a.restart.pt")
+    with pytest.raises(DataError, match="a.restart.pt: the restart file is damaged"):
+        load_restart(tmp_path / "a.restart.pt")
+
+
+def _write_argon(folder):
+    from ase.cluster import Icosahedron
+    from ase.io import write
+
+    write(folder / "ar.xyz", Icosahedron("Ar", 2))
+    return folder / "ar.xyz"
+
+
+def test_calculator_refuses_unknown_and_bad_arguments(tmp_path):
+    """Calculator(model, devise="cuda") ran on the CPU: ASE's base class kept the typo as an unused
+    parameter. A negative skin or a compute_stress that is not a switch were taken as given."""
+    import torchmdx
+    from torchmdx.errors import ConfigError
+    from torchmdx.nn.analytic import LennardJones
+
+    lj = LennardJones(0.0104, 3.4)
+    with pytest.raises(ConfigError, match=r"unknown argument devise='cuda' \(did you mean device=\?\)"):
+        torchmdx.Calculator(lj, devise="cuda")
+    with pytest.raises(ConfigError, match="skin must be a distance >= 0"):
+        torchmdx.Calculator(lj, skin=-1.0)
+    with pytest.raises(ConfigError, match="compute_stress must be 'auto', True or False, got 'yes'"):
+        torchmdx.Calculator(lj, compute_stress="yes")
+    assert torchmdx.Calculator(lj, label="x", skin=0).skin == 0.0  # ASE's own arguments still pass

@@ -39,6 +39,10 @@ from torchmdx.md.loading import as_dtype, load_potential, potential_dtype
 from torchmdx.nn.base import edge_vectors
 
 
+#: keyword arguments of ASE's Calculator base class that torchmdx's Calculator passes on
+_ASE_CALCULATOR_ARGUMENTS = frozenset({"restart", "ignore_bad_restart_file", "label", "atoms", "directory"})
+
+
 class Calculator(_AseCalculator):
     """ASE calculator of a torchmdx potential (a :class:`Potential` or a model file path).
 
@@ -53,6 +57,21 @@ class Calculator(_AseCalculator):
 
     def __init__(self, model, device="cpu", dtype=None, skin: float = 0.5, compute_stress="auto",
                  cuda_graph="auto", compile="auto", **kwargs):
+        from torchmdx.errors import ConfigError
+
+        unknown = sorted(set(kwargs) - _ASE_CALCULATOR_ARGUMENTS)
+        if unknown:  # ASE's base class would keep them as unused parameters: a typo'd device= silently ignored
+            import difflib
+
+            own = ("model", "device", "dtype", "skin", "compute_stress", "cuda_graph", "compile")
+            close = difflib.get_close_matches(unknown[0], own, n=1)
+            hint = f" (did you mean {close[0]}=?)" if close else ""
+            raise ConfigError(f"Calculator got unknown argument {unknown[0]}={kwargs[unknown[0]]!r}{hint}; it takes "
+                              f"{', '.join(own)} and ASE's {', '.join(sorted(_ASE_CALCULATOR_ARGUMENTS))}")
+        if isinstance(skin, bool) or not isinstance(skin, (int, float)) or not skin >= 0 or skin == float("inf"):
+            raise ConfigError(f"Calculator skin must be a distance >= 0 Å, got {skin!r}")
+        if compute_stress not in ("auto", True, False):
+            raise ConfigError(f"Calculator compute_stress must be 'auto', True or False, got {compute_stress!r}")
         super().__init__(**kwargs)
         from torchmdx.devices import check_device
 

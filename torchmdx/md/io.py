@@ -407,7 +407,13 @@ def load_restart(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise DataError(f"{path}: not a readable restart file ({type(exc).__name__}: {exc})") from None
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path}: not a readable restart file ({type(exc).__name__}: {first})") from None
+    from torchmdx.nn.model_file import damaged_archive_member
+
+    damaged = damaged_archive_member(path)  # torch.load reads overwritten bytes as silently wrong positions
+    if damaged:
+        raise DataError(f"{path}: the restart file is damaged: {damaged} (bytes changed after it was written)")
     if not isinstance(payload, dict) or payload.get("format") != RESTART_FORMAT:
         raise DataError(f"{path}: not a torchmdx MD restart file")
     if payload.get("version", 0) > RESTART_VERSION:

@@ -173,6 +173,10 @@ def load_model(
 
             return _finish(import_torchmdnet(path), device, dtype)
         raise ModelError(f"{path}: {_what_file_is_this(path, exc)}") from None
+    damaged = damaged_archive_member(path)
+    if damaged:
+        raise ModelError(f"{path}: the file is damaged: {damaged} (bytes changed after it was written); copy it "
+                         "again, or export the model again")
     if _is_torchmdx_training_checkpoint(payload):
         raise ModelError(f"{path}: this is a torchmdx training checkpoint, not a model file: write one with "
                          f"`torchmdx export {path} -o model.pt`, or continue training with `torchmdx train CONFIG --resume`")
@@ -219,6 +223,23 @@ def _is_torchmdx_training_checkpoint(payload) -> bool:
         and any(str(k).startswith("model.") for k in state)
 
 
+def damaged_archive_member(path) -> Optional[str]:
+    """What fails the CRC-32 check of a torch archive (``torch.save``'s zip), in words, or None.
+    torch.load does not check the stored checksums: bytes overwritten inside a weight tensor load
+    as silently wrong weights."""
+    import zipfile
+    import zlib
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        return None  # not a zip (an old-style torch file): nothing to check
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        return f"its archive cannot be read back ({type(exc).__name__})"
+    return None if bad is None else f"{bad} fails its CRC-32 checksum"
+
+
 def _what_file_is_this(path: Path, exc: Exception) -> str:
     """What an unreadable "model file" is, in words (never torch's advice to unpickle it)."""
     import zipfile
@@ -234,6 +255,9 @@ def _what_file_is_this(path: Path, exc: Exception) -> str:
             return ("a TorchScript file (for example an OpenMM export), not a torchmdx model file; load it with "
                     "torch.jit.load, or pass the model.pt from `torchmdx train` / `torchmdx export`")
         return f"not a torchmdx model file (a torch archive it cannot read: {type(exc).__name__})"
+    if head.startswith(b"PK\x03\x04"):
+        return ("a torch archive that ends early or is damaged (no readable zip directory: an interrupted copy or "
+                "save?), not a readable model file")
     if head[:1] == b"\x80":
         return "a pickled Python object, not a torchmdx model file (torchmdx does not unpickle arbitrary objects)"
     try:

@@ -28,10 +28,16 @@ def read_checkpoint(path: Union[str, Path]) -> dict:
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem means a bad file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: not a readable checkpoint ({first})") from None
+    from torchmdx.nn.model_file import damaged_archive_member
+
+    damaged = damaged_archive_member(path)  # torch.load reads overwritten bytes as silently wrong weights
+    if damaged:
+        raise ModelError(f"{path}: the checkpoint is damaged: {damaged} (bytes changed after it was written)")
+    return payload
 
 
 def is_torchmdx_checkpoint(payload) -> bool:
