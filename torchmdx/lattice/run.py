@@ -346,7 +346,7 @@ class SLMCRun:
         current = {"index": index, "name": name, "hyper": model.hyper(), "state_dict": model.state_dict(),
                    "fit": fit, "fits": [fit], "fit_seconds": fit_seconds, "slmc_seconds": 0.0, "step": 0,
                    "chain": chain.state_dict(), "series": {k: [] for k in SAMPLE_FIELDS[2:]}, "sq_sum": None,
-                   "local_acceptance": [], "visited": [], "csv_rows": 0}
+                   "local_acceptance": [], "log_ratio": [], "visited": [], "csv_rows": 0}
         self.ck["current"] = current
         return current
 
@@ -384,6 +384,7 @@ class SLMCRun:
                 sq = structure_factor(chain.spins, self.lattice)  # [chains, Nq]: per-chain sums
                 current["sq_sum"] = sq if current["sq_sum"] is None else current["sq_sum"] + sq
                 current["local_acceptance"].append(info["local_acceptance"].mean().item())
+                current["log_ratio"].append(info["log_ratio"].clone())
                 current["visited"].append((chain.spins.clone(), chain.energy.clone()))
                 log.write([[step, c, int(accept[c])] + [float(values[k][c]) for k in SAMPLE_FIELDS[3:]]
                            for c in range(sc.chains)])
@@ -423,6 +424,7 @@ class SLMCRun:
             "acceptance_error": (float(per_chain.std(ddof=1) / math.sqrt(len(per_chain))) if len(per_chain) > 1
                                  else math.nan),
             "local_acceptance": float(np.mean(current["local_acceptance"])),
+            **log_ratio_statistics(torch.stack(current["log_ratio"])),
             "local_updates_per_step": max(1, int(round(sc.local_sweeps * self.n_sites))),
             "steps": sc.steps,
             "chains": sc.chains,
@@ -507,6 +509,16 @@ class SLMCRun:
             if name not in done:
                 self.run_model(index)
         return self.report()
+
+
+def log_ratio_statistics(log_ratio: torch.Tensor) -> dict:
+    """Spread of the log acceptance ratios -β[(Ω(y) - Ω(x)) - (E_eff(y) - E_eff(x))] of every
+    proposal, and the acceptance that a Gaussian spread s with the detailed-balance mean -s²/2
+    gives: erfc(s / 2√2). With s ≈ √(2(1 - ρ)) β·RMS (ρ: correlation of the fit residual between
+    a configuration and its proposal), this ties the fit error to the acceptance."""
+    s = float(log_ratio.std()) if log_ratio.numel() > 1 else math.nan
+    return {"log_ratio_mean": float(log_ratio.mean()), "log_ratio_std": s,
+            "acceptance_from_log_ratio_std": math.erfc(s / (2 * math.sqrt(2))) if s == s else math.nan}
 
 
 def _chain_mean_and_error(per_chain: torch.Tensor) -> dict:
