@@ -1,7 +1,7 @@
 """PNG plots of an SLMC run (matplotlib, Agg backend; written to a temporary name and renamed).
 
 - :func:`acceptance_plot`: SLMC acceptance rate against the number of attention layers (0 = the
-  linear model), and the model's validation error β·RMS(E_eff - E) against its parameter count.
+  linear model; crosses: the acceptance predicted from the spread of the log acceptance ratios), and the model's validation error β·RMS(E_eff - E) against its parameter count.
 - :func:`structure_factor_plot`: S(q) along Γ → X → M → Γ for the exact local-update reference
   and every SLMC run.
 """
@@ -56,6 +56,10 @@ def acceptance_plot(results: list[dict], path, title: Optional[str] = None) -> P
                     label="linear model")
         ax.axhline(r["acceptance"], color="C3", lw=0.8, ls=":")
         ax2.loglog([r["parameters"]], [r["fit"]["beta_val_rmse"]], "s", color="C3", label="linear model")
+    predicted = [r for r in linear + attention if "acceptance_from_log_ratio_std" in r]
+    if predicted:
+        ax.plot([r["layers"] for r in predicted], [r["acceptance_from_log_ratio_std"] for r in predicted], "kx",
+                label="erfc(s/2√2), s = spread of log ratios")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -63,6 +67,10 @@ def acceptance_plot(results: list[dict], path, title: Optional[str] = None) -> P
     ax.set_ylabel("SLMC acceptance rate")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax2.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))  # a narrow log range: plain numbers, not 1.3×10⁰
+    ax2.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
     ax2.set_xlabel("parameters")
     ax2.set_ylabel("validation β·RMS(E_eff − E)")
     ax2.legend(fontsize=8)
