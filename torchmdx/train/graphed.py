@@ -28,8 +28,8 @@ C = Σ_b n_b (n_b - 1), the number of ordered pairs inside the structures of the
 bounds a full non-periodic list, so the list cannot overflow; the bound comes from the CPU batch
 (:func:`batch_shape`, before the batch is copied to the GPU), and a later batch of the same
 shape with a larger bound recaptures with capacity max(bound, 1.25 C). ``pair_headroom`` h (the
-training config's default is 1.1): C = h × (the most pairs seen in the warm-up steps; the last
-warm-up step already runs with C), at most the bound. A batch with more pairs sets the overflow
+training config's default is 1.1): C = h × (the most pairs seen in the warm-up steps, which run on
+the exact list; the last warm-up step already runs with C), at most the bound. A batch with more pairs sets the overflow
 flag, and the fused AdamW kernel then leaves weights, moments and step count untouched (its
 ``found_inf`` input, the mechanism GradScaler uses): an overflowed step is a no-op.
 :meth:`GraphedTrainStep.check` (a host read, called at logging points) sees it, grows C and,
@@ -245,7 +245,6 @@ class GraphedTrainStep:
         self.stats = {"captures": 0, "replays": 0, "eager_steps": 0, "redone": 0, "skipped": 0, "lost": 0}
         self._graphs: "OrderedDict[tuple, _ShapeGraph]" = OrderedDict()
         self._last: Optional[_ShapeGraph] = None
-        self._last_bound = 0
         self._bindings: Optional[list] = None
         self._binding_labels: list[str] = []
         self._skipped_seen = 0
@@ -354,16 +353,20 @@ class GraphedTrainStep:
         for name, value in given.items():
             inputs[name].copy_(value)
         self._last = graph
-        self._last_bound = shape.pair_bound
         if not self.enabled or self.disabled_reason is not None:
-            return self._eager(graph, round_capacity(shape.pair_bound), count_warmup=False)
+            # the graph's capacity without pair_headroom (the bound: the traced graph's shape),
+            # else the exact list
+            return self._eager(graph, graph.capacity or None, count_warmup=False)
         if graph.graph is not None:
             changed = self._changed_binding()
             if changed is not None:
                 self._drop_all(f"{changed} changed since capture (replaced outside the graph)")
         if graph.graph is None:
             if graph.eager_steps < self.warmup_steps:
-                capacity = round_capacity(shape.pair_bound)
+                # pair_headroom: the exact list until the capacity is chosen from what it finds
+                # (the all-pairs bound of a large structure would be mostly padding rows); without
+                # it the bound is the graph's own capacity
+                capacity = round_capacity(shape.pair_bound) if self.pair_headroom is None else None
                 if (self.pair_headroom is not None and self.guarded and graph.max_pairs > 0
                         and graph.eager_steps == self.warmup_steps - 1):
                     # the last warm-up step runs with the graph's own capacity, so that the capture
@@ -376,7 +379,7 @@ class GraphedTrainStep:
                 self._capture(graph)
             except Exception as exc:  # noqa: BLE001 - any capture failure: say so once, train eagerly
                 self.disable(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})")
-                return self._eager(graph, round_capacity(shape.pair_bound), count_warmup=False)
+                return self._eager(graph, None, count_warmup=False)
         return self._replay(graph)
 
     def _replay(self, graph: _ShapeGraph) -> StepOutputs:
@@ -385,9 +388,11 @@ class GraphedTrainStep:
         self.stats["replays"] += 1
         return graph.outputs
 
-    def _eager(self, graph: _ShapeGraph, capacity: int, count_warmup: bool = True) -> StepOutputs:
-        """The step without a graph, with a capacity that cannot overflow (the batch's bound).
-        On CUDA on a side stream, then one host read (the pair count, for ``pair_headroom``)."""
+    def _eager(self, graph: _ShapeGraph, capacity: Optional[int], count_warmup: bool = True) -> StepOutputs:
+        """The step without a graph, with a capacity that cannot overflow (the batch's bound), or
+        the exact list (``capacity`` None: eager steps off the graph path, and warm-up steps
+        before a ``pair_headroom`` capacity is chosen). On CUDA on a side stream, then one host
+        read (the pair count, for ``pair_headroom``)."""
         self._sync_lr()
         traced = capacity == graph.capacity  # the capture's shape: compile the traced graph now
         if not self.enabled:
@@ -402,14 +407,14 @@ class GraphedTrainStep:
         pairs = int(num_pairs)
         graph.max_pairs = max(graph.max_pairs, pairs)
         self.stats["eager_steps"] += 1
-        if pairs > capacity:
+        if capacity is not None and pairs > capacity:
             # only a tight capacity (pair_headroom, guarded optimiser) can overflow: the step changed
             # nothing; choose the capacity again and redo the step with the batch's bound
             self._skipped_seen += 1
             self.stats["skipped"] += 1
             self.stats["redone"] += 1
             graph.capacity = 0
-            return self._eager(graph, round_capacity(self._last_bound), count_warmup)
+            return self._eager(graph, None, count_warmup)
         if count_warmup:
             graph.eager_steps += 1
         return outputs
@@ -612,7 +617,7 @@ class GraphedTrainStep:
                 graph.capacity = min(max(target, grown), ceiling)
         redone = 0
         if latest and self._last is not None and self._last.key in self._graphs and self.guarded:
-            self._eager(self._last, round_capacity(self._last_bound), count_warmup=False)
+            self._eager(self._last, None, count_warmup=False)
             self.status[1].zero_()
             redone = 1
             self.stats["redone"] += 1
