@@ -142,6 +142,28 @@ def export_damaged_checkpoint(t, s):
     return ["export", t / "last.ckpt", "-o", t / "model.pt"]
 
 
+def _lj_and_argon(t):
+    from torchmdx.nn.analytic import LennardJones
+
+    LennardJones(0.0104, 3.4).save(t / "lj.pt")
+    return [_write_argon(t), "--model", t / "lj.pt", "--steps", 4, "--no-progress"]
+
+
+def md_restart_out_is_a_fifo(t, s):
+    # the restart file is written to a temporary name and renamed: onto /dev/null (as root) that
+    # replaced the device node with a regular file; a FIFO stands in for the device here
+    os.mkfifo(t / "pipe")
+    return ["md", *_lj_and_argon(t), "--restart-every", 2, "--out", t / "a.extxyz", "--restart-out", t / "pipe"]
+
+
+def export_onto_a_fifo(t, s):
+    import torch
+
+    torch.save({"state_dict": {}}, t / "last.ckpt")
+    os.mkfifo(t / "pipe")
+    return ["export", t / "last.ckpt", "-o", t / "pipe", "--force"]
+
+
 CASES = [
     (npz_fractional_atomic_number, ["bad.npz", "atomic number 6.5 of atom 0 is not a whole number"]),
     (cache_dir_is_a_file, ["cache folder", "cache is a file, not a folder", "--cache-dir"]),
@@ -149,6 +171,8 @@ CASES = [
     (h5_with_damaged_link_table, ["damaged.h5: the HDF5 file is damaged"]),
     (damaged_cache, [".h5: this cache is damaged and cannot be read", "data prepare --force"]),
     (export_damaged_checkpoint, ["last.ckpt: the checkpoint is damaged", "fails its CRC-32 checksum"]),
+    (md_restart_out_is_a_fifo, ["--restart-out", "pipe: the restart file would replace a device, pipe or socket"]),
+    (export_onto_a_fifo, ["pipe: is not a regular file (a device, pipe or socket)"]),
     (hdf5_file_read_as_md17, ["ani1_xtb.h5: not an npz file", "is an HDF5 file", "--format"]),
 ] + [(_train_setting(setting), fragments) for setting, fragments in TRAIN_SETTINGS]
 
@@ -159,6 +183,9 @@ def snapshot(folder):
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
+            if not os.path.isfile(path):  # a FIFO of a row: reading it would wait forever
+                files[os.path.relpath(path, folder)] = ("not a file", os.stat(path).st_mode)
+                continue
             with open(path, "rb") as handle:
                 files[os.path.relpath(path, folder)] = (handle.read(), os.stat(path).st_mtime_ns)
     return files
@@ -273,3 +300,50 @@ def test_calculator_refuses_unknown_and_bad_arguments(tmp_path):
     with pytest.raises(ConfigError, match="compute_stress must be 'auto', True or False, got 'yes'"):
         torchmdx.Calculator(lj, compute_stress="yes")
     assert torchmdx.Calculator(lj, label="x", skin=0).skin == 0.0  # ASE's own arguments still pass
+
+
+def test_md_log_on_a_full_disk_is_one_line(tmp_path, capsys):
+    """/dev/full as the thermo log (every write: ENOSPC): OSError's traceback from the log's
+    first flush; now one line naming the file. (The log is opened in place, never renamed, so
+    the device stays a device.)"""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    from torchmdx.cli.main import main
+
+    args = [str(a) for a in _lj_and_argon(tmp_path)]
+    capsys.readouterr()
+    rc = main(["md", *args, "--out", str(tmp_path / "a.extxyz"), "--log", "/dev/full"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("error: /dev/full: cannot write the thermo log (No space left on device)"), err
+    assert os.path.exists("/dev/full") and not os.path.isfile("/dev/full")
+
+
+def test_save_onto_a_fifo_is_refused(tmp_path):
+    import torchmdx
+    from torchmdx.errors import ModelError
+    from torchmdx.nn.analytic import LennardJones
+
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ModelError, match="is not a regular file"):
+        LennardJones(0.0104, 3.4).save(tmp_path / "pipe")
+    assert not (tmp_path / "pipe").is_file()
+    assert torchmdx  # the public API's save is Potential.save -> save_potential
+
+
+def test_refused_write_is_one_line(monkeypatch, capsys):
+    """A write the system refuses anywhere in a command (here: ENOSPC from the data summary)
+    is one line naming the file, not a traceback."""
+    import errno
+
+    from torchmdx.cli import data_cmd
+    from torchmdx.cli.main import main
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/cache/x.h5")
+
+    monkeypatch.setattr(data_cmd, "run", full)
+    assert main(["data", "info", "x"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: /data/cache/x.h5: No space left on device (the system refused the file operation: a full "
+                   "disk, a quota, a read-only file system or missing permissions)"]

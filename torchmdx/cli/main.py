@@ -12,6 +12,7 @@ Predictable mistakes raise :class:`torchmdx.errors.TorchmdxError`; they are prin
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -20,6 +21,10 @@ from torchmdx import __version__
 from torchmdx.errors import TorchmdxError
 
 COMMANDS = ["train", "md", "evaluate", "data", "export", "bench", "slmc", "sweep", "label"]
+
+
+#: errno values of a write the system refused (disk full, quota, read-only file system, permissions)
+_WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # the disk or the folder refused a write (full, quota, read-only, permissions): a fact about
+        # the machine, not a bug; anything else stays a traceback worth a bug report
+        if exc.errno not in _WRITE_REFUSED or os.environ.get("TORCHMDX_TRACEBACK"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc} (the system refused the file operation: a full disk, a quota, "
+              "a read-only file system or missing permissions)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

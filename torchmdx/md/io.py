@@ -27,7 +27,29 @@ from typing import Optional
 
 import numpy as np
 
-from torchmdx.errors import ConfigError, DataError
+from contextlib import contextmanager
+
+from torchmdx.errors import ConfigError, DataError, SimulationError
+
+
+@contextmanager
+def writing(path, what: str):
+    """An operating-system error while writing an MD output (disk full, quota, a read-only or
+    vanished folder) as one line naming the file, instead of a traceback from deep in a run."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise SimulationError(f"{path}: cannot write the {what} ({reason}); the run stopped here: free space or "
+                              "choose another --out, then continue from the last restart file") from None
+
+
+def _close_quietly(handle) -> None:
+    """Close a file whose last write failed (its buffer would fail again on close)."""
+    try:
+        handle.close()
+    except OSError:
+        pass
 from torchmdx.io_utils import atomic_write, temporary_path
 
 THERMO_COLUMNS = (
@@ -114,28 +136,30 @@ class TrajectoryWriter:
 
             binary = ioformats[self.format].isbinary
         for p in self.paths:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            mode = "a" if append and p.exists() else "w"
-            if self.is_traj:
-                from ase.io import Trajectory
+            with writing(p, "trajectory"):
+                p.parent.mkdir(parents=True, exist_ok=True)
+                mode = "a" if append and p.exists() else "w"
+                if self.is_traj:
+                    from ase.io import Trajectory
 
-                self._handles.append(Trajectory(str(p), mode))
-            else:
-                self._handles.append(open(p, mode + ("b" if binary else "")))
+                    self._handles.append(Trajectory(str(p), mode))
+                else:
+                    self._handles.append(open(p, mode + ("b" if binary else "")))
 
     def write(self, index: int, atoms) -> None:
         handle = self._handles[index]
-        if self.is_traj:
-            handle.write(atoms)
-        else:
-            from ase.io import write
+        with writing(self.paths[index], "trajectory"):
+            if self.is_traj:
+                handle.write(atoms)
+            else:
+                from ase.io import write
 
-            write(handle, atoms, format=self.format)
-            handle.flush()
+                write(handle, atoms, format=self.format)
+                handle.flush()
 
     def close(self) -> None:
         for h in self._handles:
-            h.close()
+            _close_quietly(h)
         self._handles = []
 
 
@@ -150,19 +174,21 @@ class ThermoLog:
             if (c != "structure" or multi) and (c not in PERIODIC_COLUMNS or periodic)
         ]
         exists = append and self.path.exists() and self.path.stat().st_size > 0
-        self._file = open(self.path, "a" if exists else "w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
-        if not exists:
-            self._writer.writeheader()
-            self._file.flush()
+        with writing(self.path, "thermo log"):
+            self._file = open(self.path, "a" if exists else "w", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
+            if not exists:
+                self._writer.writeheader()
+                self._file.flush()
 
     def write(self, rows: list[dict]) -> None:
-        for row in rows:
-            self._writer.writerow({k: _fmt(row.get(k, "")) for k in self.columns})
-        self._file.flush()
+        with writing(self.path, "thermo log"):
+            for row in rows:
+                self._writer.writerow({k: _fmt(row.get(k, "")) for k in self.columns})
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        _close_quietly(self._file)
 
 
 def _fmt(value):
@@ -393,7 +419,7 @@ def save_restart(path: str | os.PathLike, payload: dict) -> None:
     payload = dict(payload, format=RESTART_FORMAT, version=RESTART_VERSION)
     if "structures" in payload:
         payload["structures"] = [atoms_to_plain(a) if not isinstance(a, dict) else a for a in payload["structures"]]
-    with atomic_write(path, "wb") as f:
+    with writing(path, "restart file"), atomic_write(path, "wb") as f:
         torch.save(payload, f)
 
 

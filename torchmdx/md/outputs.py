@@ -71,9 +71,18 @@ def _same(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def _check_writable(path: Path, option: str) -> None:
+#: outputs written to a temporary name and renamed onto their path
+RENAMED_OUTPUTS = ("restart file", "summary", "thermo plot")
+
+
+def _check_writable(path: Path, option: str, kind: str = "") -> None:
     if path.is_dir():
         raise ConfigError(f"{option} {path} is a folder, not a file name")
+    if kind in RENAMED_OUTPUTS and path.exists() and not path.is_file():
+        # a device, FIFO or socket (/dev/null, /dev/full): the write-then-rename would replace the
+        # device node itself with a regular file (as root: /dev/null is gone)
+        raise ConfigError(f"{option} {path}: the {kind} would replace a device, pipe or socket (it is written to a "
+                          "temporary file, then renamed); give a regular file name")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -104,7 +113,7 @@ def plan_outputs(config: MDConfig, num_structures: int, restart_payload: Optiona
         inputs.append((Path(model_path), "model file"))
     restart_in = Path(config.restart) if config.restart else None
     for k, (path, opt, kind) in enumerate(outputs):
-        _check_writable(path, opt)
+        _check_writable(path, opt, kind)
         for other, other_opt, other_kind in outputs[:k]:
             if _same(path, other):
                 raise ConfigError(f"the {other_kind} ({other_opt}) and the {kind} ({opt}) would both be {path}: "

@@ -115,6 +115,11 @@ def save_potential(potential, path: Union[str, Path]) -> Path:
     from torchmdx.io_utils import atomic_write
     from torchmdx.nn.atoms import module_device_dtype
 
+    if Path(path).exists() and not Path(path).is_file():
+        # a folder, device, FIFO or socket: the rename of the temporary file would replace a device
+        # node (as root: /dev/null becomes a regular file) or fail with a traceback on a folder
+        what = "a folder" if Path(path).is_dir() else "not a regular file (a device, pipe or socket)"
+        raise ModelError(f"{path}: is {what}; give a file name such as model.pt")
     kind = getattr(potential, "kind", None)
     if not hasattr(potential, "hparams") or not isinstance(kind, str):
         raise ModelError(

@@ -112,6 +112,10 @@ def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), 
             raise ModelError(f"{out}: refusing to write the {what} over its own input; choose another name")
     if out.is_dir():
         raise ModelError(f"{out}: is a folder; give a file name, e.g. {out / 'model.pt'}")
+    if out.exists() and not out.is_file():
+        # a device, FIFO or socket (/dev/null): writing to a temporary name and renaming it onto
+        # the target would replace the device node itself (as root: /dev/null becomes a file)
+        raise ModelError(f"{out}: is not a regular file (a device, pipe or socket); give a file name such as model.pt")
     if out.exists() and not force:
         raise ModelError(f"{out}: exists; pass --force to replace it, or choose another name")
     parent = out.parent if str(out.parent) else Path(".")
