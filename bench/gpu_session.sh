@@ -5,6 +5,8 @@
 #   bash bench/gpu_session.sh train           # CUDA-graph training step (bench/bench_train.py)
 #   bash bench/gpu_session.sh trainrun        # whole training runs per variant (bench/bench_train_run.py)
 #   bash bench/gpu_session.sh accuracy-torchmdnet   # then, in a second call, accuracy-torchmdx (bench/bench_accuracy.py)
+#   bash bench/gpu_session.sh accuracy-equiformer   # Equiformer (configs/equiformer_md17.yaml) at the same budget and split
+#   bash bench/gpu_session.sh locality        # atom order: neighbour bandwidth, ET call time (bench/bench_locality.py)
 #   bash bench/gpu_session.sh kernels16       # issue 16's measurements in one call (< 10 min; see below)
 # kernels16 (docs/kernels_message.md, "Issue 16 run"): every step has a timeout and writes its JSON as it
 # goes, so the call ends in ~9.5 min whatever happens. Estimated from the 2026-11-25 / 12-03 runs
@@ -18,7 +20,11 @@
 #   4 md16       110 s  bench_md: native engine, torchmdx ASE loop, TorchMD-NET's ASE loop (DHFR, factor IX, 22 atoms)
 #   5 neighbors16 45 s  bench_neighbors 10 k / 100 k atoms and the systems
 # Knobs: K16_SWEEP (systems), K16_SWEEP_BUDGET (s per sweep system), K16_SKIP (space-separated step names).
-# Environment knobs: MODEL_ARGS / MODEL_TIMEOUT, MD_SYSTEMS / MD_ARGS / MD_TIMEOUT, TRAIN_ARGS / TRAIN_TIMEOUT,
+# accuracy-equiformer reuses the ET run's split file when it is there ($ACCURACY_SPLIT, default
+# $OUT/accuracy_torchmdx/split_<data>_seed0.npz: accuracy-torchmdx earlier in the same call), else it draws
+# its own with the same seed (the same indices; the report checks the split digests).
+# Environment knobs: ACCURACY_DATA / ACCURACY_MINUTES / ACCURACY_TIMEOUT / ACCURACY_ARGS / ACCURACY_SPLIT,
+# MODEL_ARGS / MODEL_TIMEOUT, MD_SYSTEMS / MD_ARGS / MD_TIMEOUT, TRAIN_ARGS / TRAIN_TIMEOUT,
 # TESTS_ARGS (pytest selection, default every -m gpu test), BENCH_GRAPH_VARIANTS (bench_model's graph columns).
 # Needs `.whl/` (ase, vesin, vesin-torch, torchmd-net, pytest wheels) and `.benchdata/` (the
 # systems' xyz files, anchor_torchmdnet.py, md17_aspirin_xtb.npz) carried with the call.
@@ -50,6 +56,14 @@ for part in "$@"; do
     accuracy-torchmdnet|accuracy-torchmdx) side=${part#accuracy-}
           timeout ${ACCURACY_TIMEOUT:-570} python3 bench/bench_accuracy.py run --side $side --data ${ACCURACY_DATA:-aspirin} \
           --minutes ${ACCURACY_MINUTES:-5} --out "$OUT/accuracy_$side" ${ACCURACY_ARGS:-} 2>&1 | tee "$OUT/accuracy_$side.log" ;;
+    accuracy-equiformer) split=${ACCURACY_SPLIT:-$OUT/accuracy_torchmdx/split_${ACCURACY_DATA:-aspirin}_seed0.npz}
+          split_args=()
+          if [ -f "$split" ]; then split_args=(--split "$split"); else echo "no $split: drawing the split (seed 0)"; fi
+          timeout ${ACCURACY_TIMEOUT:-570} python3 bench/bench_accuracy.py run --side torchmdx --config configs/equiformer_md17.yaml \
+          --label equiformer --data ${ACCURACY_DATA:-aspirin} --minutes ${ACCURACY_MINUTES:-5} ${split_args[@]+"${split_args[@]}"} \
+          --out "$OUT/accuracy_equiformer" ${ACCURACY_ARGS:-} 2>&1 | tee "$OUT/accuracy_equiformer.log" ;;
+    locality) timeout 400 python3 bench/bench_locality.py --data .benchdata --systems alanine_dipeptide_solvated,dhfr,factorIX,stmv \
+          --out "$OUT" 2>&1 | tee "$OUT/bench_locality.log" ;;
     kernels16)
       skip=" ${K16_SKIP:-} "
       step() { case "$skip" in *" $1 "*) echo "--- $1 skipped"; return 1 ;; esac; echo "--- $1 $(date -u +%H:%M:%S)"; }
