@@ -164,6 +164,37 @@ def export_onto_a_fifo(t, s):
     return ["export", t / "last.ckpt", "-o", t / "pipe", "--force"]
 
 
+def _split_file(t, **parts):
+    np.savez(t / "split.npz", **{"train": np.arange(16), "val": np.arange(16, 24), "test": np.arange(24, 32), **parts})
+    return t / "split.npz"
+
+
+def _train_with_split(**parts):
+    def setup(t, s):
+        config = _config(t, s)
+        assert main(["data", "prepare", str(config)]) == 0  # the cache exists: the refusal writes nothing
+        return ["train", config, "--set", f"data.split_file={_split_file(t, **parts)}"]
+
+    return setup
+
+
+split_twice_in_train = _train_with_split(train=np.array([1, 1, 2, 3, 4, 5]))
+split_train_val_overlap = _train_with_split(val=np.arange(10, 18))
+split_fractional_index = _train_with_split(train=np.arange(16) + 0.5)
+split_2d_index = _train_with_split(train=np.arange(16).reshape(4, 4))
+split_mixed_outside = _train_with_split(val=np.array([5, -1]))
+for _name, _setup in list(globals().items()):
+    if _name.startswith("split_") and callable(_setup) and _setup.__name__ == "setup":
+        _setup.__name__ = _name
+
+
+def split_file_not_npz(t, s):
+    (t / "split.npz").write_text("not a split\n")
+    config = _config(t, s)
+    assert main(["data", "prepare", str(config)]) == 0
+    return ["train", config, "--set", f"data.split_file={t / 'split.npz'}"]
+
+
 CASES = [
     (npz_fractional_atomic_number, ["bad.npz", "atomic number 6.5 of atom 0 is not a whole number"]),
     (cache_dir_is_a_file, ["cache folder", "cache is a file, not a folder", "--cache-dir"]),
@@ -173,6 +204,12 @@ CASES = [
     (export_damaged_checkpoint, ["last.ckpt: the checkpoint is damaged", "fails its CRC-32 checksum"]),
     (md_restart_out_is_a_fifo, ["--restart-out", "pipe: the restart file would replace a device, pipe or socket"]),
     (export_onto_a_fifo, ["pipe: is not a regular file (a device, pipe or socket)"]),
+    (split_twice_in_train, ["split.npz: structure 1 is twice in train"]),       # was trained on twice, silently
+    (split_train_val_overlap, ["split.npz: structure 10 is in both train and val"]),  # leaked, silently
+    (split_fractional_index, ["split.npz: train holds float64 values such as 0.5"]),  # truncated, silently
+    (split_2d_index, ["split.npz: train has shape (4, 4); expected a flat list"]),   # broadcast traceback
+    (split_mixed_outside, ["split.npz: val index -1 outside the dataset"]),         # named the max, 5
+    (split_file_not_npz, ["split.npz: not a split file", "not a zip archive"]),     # numpy's allow_pickle advice
     (hdf5_file_read_as_md17, ["ani1_xtb.h5: not an npz file", "is an HDF5 file", "--format"]),
 ] + [(_train_setting(setting), fragments) for setting, fragments in TRAIN_SETTINGS]
 

@@ -223,16 +223,42 @@ def save_split(split: Split, path, content_hash: str = "") -> Path:
     return path
 
 
+def _split_indices(path, part: str, values: np.ndarray, n_structures: Optional[int]) -> np.ndarray:
+    """One part of a split file as [k] int64, or a DataError naming the part and the bad index:
+    indices must be whole numbers in a flat list, inside the dataset."""
+    values = np.asarray(values)
+    if values.ndim != 1:
+        raise DataError(f"{path}: {part} has shape {values.shape}; expected a flat list of structure indices")
+    if values.dtype.kind not in "iu":
+        if values.dtype.kind != "f" or not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
+            bad = values[0] if values.dtype.kind not in "f" else values[~(np.isfinite(values) & (values == np.round(values)))][0]
+            bad = bad.item() if hasattr(bad, "item") else bad
+            raise DataError(f"{path}: {part} holds {values.dtype} values such as {bad!r}; expected whole structure indices")
+    idx = values.astype(np.int64)
+    if idx.size and n_structures is not None:
+        outside = idx[(idx < 0) | (idx >= n_structures)]
+        if outside.size:
+            raise DataError(f"{path}: {part} index {int(outside[0])} outside the dataset of {n_structures} structures")
+    return idx
+
+
 def load_split(path, n_structures: Optional[int] = None, content_hash: str = "") -> Split:
     """Read a split file; check it fits a dataset of ``n_structures``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: split file not found")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head.startswith(b"PK"):  # numpy would try to unpickle it and advise allow_pickle
+        raise DataError(f"{path}: not a split file (split files are npz archives written by torchmdx train; this one "
+                        "is not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable split file ({exc})") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable split file ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+    except Exception as exc:  # noqa: BLE001 - zipfile/zlib errors of a damaged archive
+        raise DataError(f"{path}: not a readable split file: truncated or damaged ({type(exc).__name__})") from None
     missing = [k for k in PARTS if k not in arrays]
     if missing:
         raise DataError(f"{path}: split file lacks {', '.join(missing)}; found: {', '.join(sorted(arrays))}")
@@ -244,13 +270,18 @@ def load_split(path, n_structures: Optional[int] = None, content_hash: str = "")
         )
     n_check = n_structures if n_structures is not None else stored_n
     for part in PARTS:
-        idx = arrays[part].astype(np.int64)
-        if idx.size and n_check is not None and (idx.min() < 0 or idx.max() >= n_check):
-            raise DataError(f"{path}: {part} index {int(idx.max())} outside the dataset of {n_check} structures")
+        arrays[part] = _split_indices(path, part, arrays[part], n_check)
+    # a structure in two parts leaks test data into training; one listed twice is counted twice
+    every = np.concatenate([arrays[part] for part in PARTS])
+    values, counts = np.unique(every, return_counts=True)
+    if np.any(counts > 1):
+        i = int(values[np.argmax(counts > 1)])
+        parts = [part for part in PARTS for _ in range(int(np.count_nonzero(arrays[part] == i)))]
+        where = f"twice in {parts[0]}" if parts[0] == parts[1] else f"in both {parts[0]} and {parts[1]}"
+        raise DataError(f"{path}: structure {i} is {where}; each structure may be in one part of a split, once")
     stored_hash = str(arrays["hash"]) if "hash" in arrays else ""
     if content_hash and stored_hash and stored_hash != content_hash:
         warnings.warn(f"{path}: split was made from a dataset with different content (hash differs)", stacklevel=2)
     seed = int(arrays["seed"]) if "seed" in arrays else -1
-    return Split(train=arrays["train"].astype(np.int64), val=arrays["val"].astype(np.int64),
-                 test=arrays["test"].astype(np.int64), n_structures=int(n_check or 0),
+    return Split(train=arrays["train"], val=arrays["val"], test=arrays["test"], n_structures=int(n_check or 0),
                  seed=None if seed < 0 else seed, info={"kind": "file", "path": os.fspath(path)})
