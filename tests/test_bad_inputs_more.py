@@ -39,6 +39,12 @@ def npz_fractional_atomic_number(t, s):
     return ["data", "info", _npz(t, s, z=z), "--cache-dir", t / "cache"]
 
 
+def npz_duplicated_atom(t, s):
+    R = _ethanol(s)["R"].copy()
+    R[3, 4] = R[3, 2]  # atom 4 of frame 3 on atom 2: read fine, then training named 'atoms 2 and 4' of a batch
+    return ["data", "info", _npz(t, s, R=R), "--cache-dir", t / "cache"]
+
+
 def cache_dir_is_a_file(t, s):
     (t / "cache").write_text("a file\n")
     return ["data", "prepare", _npz(t, s), "--cache-dir", t / "cache"]
@@ -197,6 +203,7 @@ def split_file_not_npz(t, s):
 
 CASES = [
     (npz_fractional_atomic_number, ["bad.npz", "atomic number 6.5 of atom 0 is not a whole number"]),
+    (npz_duplicated_atom, ["bad.npz: atoms 2 and 4 of structure 3 are at the same position", "duplicated atom"]),
     (cache_dir_is_a_file, ["cache folder", "cache is a file, not a folder", "--cache-dir"]),
     (cache_dir_under_a_file, ["cache is a file, not a folder"]),
     (h5_with_damaged_link_table, ["damaged.h5: the HDF5 file is damaged"]),

@@ -136,7 +136,29 @@ class Structures:
         if self.forces is not None:
             self._check_finite(self.forces, "forces", per_atom=True, first=first)
         self._check_finite(self.cell, "cell", per_atom=False, first=first)
+        self._check_coincident_atoms(first)
         return self
+
+    def _check_coincident_atoms(self, first: int = 0) -> None:
+        """Two atoms of one structure at the same position (a duplicated line, a bad conversion)
+        give zero distances no model can use: the error names the file, structure and atoms here,
+        where the model would only name atom indices of a batch. Positions are compared on a
+        1e-5 Å grid (sorting, O(A log A)): atoms closer than 1e-6 Å (the models' limit) almost
+        always share a grid cell."""
+        if self.n_atoms < 2:
+            return
+        grid = np.round(np.asarray(self.pos, dtype=np.float64) * 1e5)
+        owner = self.structure_index
+        order = np.lexsort((grid[:, 2], grid[:, 1], grid[:, 0], owner))
+        same = (owner[order[1:]] == owner[order[:-1]]) & np.all(grid[order[1:]] == grid[order[:-1]], axis=1)
+        if not same.any():
+            return
+        k = int(np.flatnonzero(same)[0])
+        a, b = sorted((int(order[k]), int(order[k + 1])))
+        s = int(owner[a])
+        start = int(self.offsets[s])
+        raise DataError(f"{self.source}: atoms {a - start} and {b - start} of structure {first + s} are at the same "
+                        f"position {np.asarray(self.pos[a]).round(6).tolist()} Å (a duplicated atom?)")
 
     def _check_finite(self, arr: np.ndarray, what: str, per_atom: bool, first: int = 0) -> None:
         finite = np.isfinite(arr)
