@@ -201,6 +201,19 @@ def split_file_not_npz(t, s):
     return ["train", config, "--set", f"data.split_file={t / 'split.npz'}"]
 
 
+def data_section_is_a_list(t, s):
+    (t / "data.yaml").write_text("data:\n  - 1\n")
+    return ["data", "info", t / "data.yaml"]  # from_dict's dict([1]) raised TypeError
+
+
+def evaluate_data_section_is_a_list(t, s):
+    from torchmdx.nn.analytic import LennardJones
+
+    LennardJones(0.0104, 3.4).save(t / "lj.pt")
+    (t / "data.yaml").write_text("data:\n  - 1\n")
+    return ["evaluate", t / "lj.pt", "--data", t / "data.yaml", "--out", t / "report"]  # said "no 'data:' section"
+
+
 CASES = [
     (npz_fractional_atomic_number, ["bad.npz", "atomic number 6.5 of atom 0 is not a whole number"]),
     (npz_duplicated_atom, ["bad.npz: atoms 2 and 4 of structure 3 are at the same position", "duplicated atom"]),
@@ -217,6 +230,8 @@ CASES = [
     (split_2d_index, ["split.npz: train has shape (4, 4); expected a flat list"]),   # broadcast traceback
     (split_mixed_outside, ["split.npz: val index -1 outside the dataset"]),         # named the max, 5
     (split_file_not_npz, ["split.npz: not a split file", "not a zip archive"]),     # numpy's allow_pickle advice
+    (data_section_is_a_list, ["config key 'data' must be a mapping of keys, got [1]"]),
+    (evaluate_data_section_is_a_list, ["data.yaml: config key 'data' must be a mapping of keys"]),
     (hdf5_file_read_as_md17, ["ani1_xtb.h5: not an npz file", "is an HDF5 file", "--format"]),
 ] + [(_train_setting(setting), fragments) for setting, fragments in TRAIN_SETTINGS]
 

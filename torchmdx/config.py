@@ -150,6 +150,9 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, section: str = "")
     ``section`` is the dotted prefix used in messages (``'model'`` gives ``'model.cutoff'``).
     Missing keys take the dataclass defaults; a field without a default is required.
     """
+    if values is not None and not isinstance(values, Mapping):
+        where = f"config key '{section}'" if section else f"the {cls.__name__} config"
+        raise ConfigError(f"{where} must be a mapping of keys, got {values!r} ({type(values).__name__})")
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

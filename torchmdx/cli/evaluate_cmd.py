@@ -50,7 +50,9 @@ def _data_config(args):
 
         values = load_yaml(source)
         missing = resolve_data_paths(values, source.parent, str(source))  # data files near the config
-        if "data" not in values or not isinstance(values["data"], dict):
+        if "data" in values and not isinstance(values["data"], dict):
+            raise ConfigError(f"{source}: config key 'data' must be a mapping of keys, got {values['data']!r}")
+        if "data" not in values:
             raise ConfigError(f"{source}: no 'data:' section; sections present: {', '.join(map(str, values)) or 'none'}")
         cfg = from_dict(DataConfig, values["data"], "data")
         if missing:

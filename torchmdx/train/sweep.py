@@ -198,8 +198,7 @@ def point_config(base: dict, point: SweepPoint, sweep_dir: Path, check_data: boo
     from torchmdx.train.config import build_run_config
 
     try:
-        return build_run_config(point_values(base, point, sweep_dir), f"sweep point ({point.describe()})",
-                                check_data=check_data)
+        return build_run_config(point_values(base, point, sweep_dir), "the config", check_data=check_data)
     except TorchmdxError as exc:
         raise type(exc)(f"sweep point ({point.describe()}): {exc}") from None
 
