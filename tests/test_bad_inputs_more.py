@@ -45,6 +45,12 @@ def npz_duplicated_atom(t, s):
     return ["data", "info", _npz(t, s, R=R), "--cache-dir", t / "cache"]
 
 
+def md17_xyz_frame_of_no_atoms(t, s):
+    text = (s / "md17" / "ethanol_snip.xyz").read_text().splitlines(keepends=True)
+    (t / "frames.xyz").write_text("0\n" + "".join(text[1:]))  # was an IndexError traceback
+    return ["data", "info", t / "frames.xyz", "--format", "md17-xyz", "--cache-dir", t / "cache"]
+
+
 def cache_dir_is_a_file(t, s):
     (t / "cache").write_text("a file\n")
     return ["data", "prepare", _npz(t, s), "--cache-dir", t / "cache"]
@@ -217,6 +223,7 @@ def evaluate_data_section_is_a_list(t, s):
 CASES = [
     (npz_fractional_atomic_number, ["bad.npz", "atomic number 6.5 of atom 0 is not a whole number"]),
     (npz_duplicated_atom, ["bad.npz: atoms 2 and 4 of structure 3 are at the same position", "duplicated atom"]),
+    (md17_xyz_frame_of_no_atoms, ["frames.xyz: line 1: a frame must have at least one atom, got 0"]),
     (cache_dir_is_a_file, ["cache folder", "cache is a file, not a folder", "--cache-dir"]),
     (cache_dir_under_a_file, ["cache is a file, not a folder"]),
     (h5_with_damaged_link_table, ["damaged.h5: the HDF5 file is damaged"]),

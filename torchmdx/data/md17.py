@@ -151,6 +151,8 @@ def read_md17_xyz(path, energy_unit=None, length_unit=None) -> Structures:
         except ValueError:
             got = lines[i].strip()[:40]
             raise DataError(f"{path}: line {i + 1}: expected the number of atoms, got {got!r}") from None
+        if natoms < 1:
+            raise DataError(f"{path}: line {i + 1}: a frame must have at least one atom, got {natoms}")
         if i + 2 + natoms > len(lines):
             raise DataError(f"{path}: line {i + 1}: frame of {natoms} atoms is cut short at the end of the file")
         try:
