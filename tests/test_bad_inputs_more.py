@@ -413,3 +413,28 @@ def test_refused_write_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err == ["error: /data/cache/x.h5: No space left on device (the system refused the file operation: a full "
                    "disk, a quota, a read-only file system or missing permissions)"]
+
+
+def test_out_of_memory_is_one_line(tmp_path):
+    """md --replicas 100000000 (a typo): numpy's MemoryError traceback from copying the structure;
+    now one line. Run under a 1.5 GB address-space limit so that it fails the same on any machine."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torchmdx.nn.analytic import LennardJones
+
+    LennardJones(0.0104, 3.4).save(tmp_path / "lj.pt")
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\n"
+            f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+            "from torchmdx.cli.main import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    out = subprocess.run([sys.executable, "-c", code, "md", str(_write_argon(tmp_path)), "--model",
+                          str(tmp_path / "lj.pt"), "--steps", "1", "--replicas", "100000000", "--no-progress",
+                          "--out", str(tmp_path / "r.extxyz")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1, out.stderr[-2000:]
+    assert err[0].startswith("error: ran out of memory (") and "--replicas" in err[0], err
+    assert not list(tmp_path.glob("r*.extxyz"))

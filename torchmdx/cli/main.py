@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{exc.strerror or exc} (the system refused the file operation: a full disk, a quota, "
               "a read-only file system or missing permissions)", file=sys.stderr)
         return 2
+    except MemoryError as exc:  # numpy's _ArrayMemoryError included: a size the machine cannot hold
+        if os.environ.get("TORCHMDX_TRACEBACK"):
+            raise
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        print(f"error: ran out of memory ({detail or 'MemoryError'}): check the sizes asked for (--replicas, batch "
+              "sizes, model sizes, the number of structures)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
