@@ -220,6 +220,27 @@ def evaluate_data_section_is_a_list(t, s):
     return ["evaluate", t / "lj.pt", "--data", t / "data.yaml", "--out", t / "report"]  # said "no 'data:' section"
 
 
+def label_over_its_input_with_force(t, s):
+    from torchmdx.nn.analytic import LennardJones
+
+    LennardJones(0.0104, 3.4).save(t / "lj.pt")
+    argon = _write_argon(t)
+    return ["label", argon, "--method", f"model:{t / 'lj.pt'}", "-o", argon, "--force"]  # replaced its input
+
+
+def label_frame_without_atoms(t, s):
+    from torchmdx.nn.analytic import LennardJones
+
+    LennardJones(0.0104, 3.4).save(t / "lj.pt")
+    (t / "frames.xyz").write_text("0\n\n")  # was labelled 'energy=0.0' and written out
+    return ["label", t / "frames.xyz", "--method", f"model:{t / 'lj.pt'}", "-o", t / "out.extxyz"]
+
+
+def extxyz_frame_without_atoms(t, s):
+    (t / "frames.extxyz").write_text('0\nProperties=species:S:1:pos:R:3 energy=0.0 pbc="F F F"\n')
+    return ["data", "info", t / "frames.extxyz", "--cache-dir", t / "cache"]  # "atom offsets do not match"
+
+
 CASES = [
     (npz_fractional_atomic_number, ["bad.npz", "atomic number 6.5 of atom 0 is not a whole number"]),
     (npz_duplicated_atom, ["bad.npz: atoms 2 and 4 of structure 3 are at the same position", "duplicated atom"]),
@@ -239,6 +260,9 @@ CASES = [
     (split_file_not_npz, ["split.npz: not a split file", "not a zip archive"]),     # numpy's allow_pickle advice
     (data_section_is_a_list, ["config key 'data' must be a mapping of keys, got [1]"]),
     (evaluate_data_section_is_a_list, ["data.yaml: config key 'data' must be a mapping of keys"]),
+    (label_over_its_input_with_force, ["ar.xyz would write the labelled frames over the input"]),
+    (label_frame_without_atoms, ["frames.xyz: frame 0 has no atoms; nothing to label"]),
+    (extxyz_frame_without_atoms, ["frames.extxyz: structure 0 has no atoms"]),
     (hdf5_file_read_as_md17, ["ani1_xtb.h5: not an npz file", "is an HDF5 file", "--format"]),
 ] + [(_train_setting(setting), fragments) for setting, fragments in TRAIN_SETTINGS]
 

@@ -108,6 +108,9 @@ class Structures:
         if n == 0:
             raise DataError(f"{src}: contains no structures")
         off = self.offsets
+        if off.shape == (n + 1,) and off[0] == 0 and off[-1] == a and np.any(np.diff(off) == 0):
+            empty = int(np.flatnonzero(np.diff(off) == 0)[0])
+            raise DataError(f"{src}: structure {first + empty} has no atoms")
         if off.shape != (n + 1,) or off[0] != 0 or off[-1] != a or np.any(np.diff(off) <= 0):
             raise DataError(f"{src}: atom offsets do not match the {n} structures and {a} atoms")
         if self.pos.shape != (a, 3):

@@ -146,6 +146,8 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
         for k, atoms in enumerate(read_frames):
             if k < skip or (k - skip) % every:
                 continue
+            if len(atoms) == 0:  # would be written as a frame of energy 0 that no reader accepts
+                raise DataError(f"{path}: frame {k} has no atoms; nothing to label (remove it, or --skip past it)")
             atoms.info["label_source"] = f"{path.name}:{k}"
             frames.append(atoms)
     if not frames:
@@ -230,6 +232,11 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
     problem = unwritable_folder(out.parent if str(out.parent) else Path("."))
     if problem:
         raise ConfigError(f"-o {out}: {problem}")
+    for name in paths:  # like md's --out: never over an input, --force or not
+        if out.exists() and Path(name).exists() and os.path.samefile(out, name):
+            raise ConfigError(f"-o {out} would write the labelled frames over the input {name}; choose another -o")
+    if out.exists() and not out.is_file():
+        raise ConfigError(f"-o {out} is not a regular file (a folder, device or pipe); give a file name")
     if out.exists() and not force:
         raise ConfigError(f"{out} exists; pass --force to replace it (or choose another -o)")
     inputs = read_inputs(paths, skip, every, max_frames)
