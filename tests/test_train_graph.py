@@ -496,7 +496,7 @@ def test_overflowed_step_is_skipped_in_the_graph_and_redone_gpu():
             assert not bool(out.overflow), k
     stats = runner.check()
     assert stats["captures"] == 2 and stats["skipped"] == 1, stats
-    capacity = runner._graphs[(96, 8)].capacity
+    capacity = runner._graphs[(96, 8, False)].capacity
     assert capacity <= round_capacity(8 * 12 * 11)
     assert_same_training(reference, graphed, start, 1e-3, "overflow")
 
