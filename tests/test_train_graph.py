@@ -190,6 +190,7 @@ class RecordingStep(GraphedTrainStep):
     def _eager(self, graph, capacity, count_warmup=True):
         self.calls.append(("eager", graph.key, capacity))
         graph.max_pairs = max(graph.max_pairs, self.pairs)
+        graph.pair_ratio = max(graph.pair_ratio, self.pairs / max(graph.last_bound, 1))
         graph.eager_steps += int(count_warmup)
         self.stats["eager_steps"] += 1
 
@@ -288,6 +289,23 @@ def test_overflow_check_grows_capacity_and_redoes_the_latest_step():
     with pytest.warns(RuntimeWarning, match=r"2 step\(s\) overflowed the neighbor capacity and were skipped"):
         stats = runner.check()
     assert runner.calls == [] and (stats["skipped"], stats["redone"], stats["lost"]) == (3, 1, 2)
+
+
+def test_a_batch_predicted_to_overflow_grows_the_capacity_first():
+    """pair_headroom: the pairs / bound ratio of the eager steps predicts a batch's pairs from its
+    (host) bound; a batch predicted above the capacity recaptures with room instead of being
+    skipped in the graph."""
+    runner, _ = recording_step(pair_headroom=1.1, pairs=100)
+    a = (20, 2, False)
+    run_shape(runner, [10, 10])
+    run_shape(runner, [10, 10])
+    assert run_shape(runner, [10, 10]) == [("capture", a, 128), ("replay", a)]  # ratio 100 / 180
+    assert run_shape(runner, [12, 8]) == [("replay", a)]  # bound 188: 105 expected pairs fit 128
+    # bound 308: 0.556 x 308 = 172 expected > 128: one eager step at 1.1 x 172 -> 192, then a graph
+    assert run_shape(runner, [18, 2]) == [("eager", a, 192)]
+    assert runner.stats["grown_ahead"] == 1
+    assert run_shape(runner, [10, 10]) == [("capture", a, 192), ("replay", a)]
+    assert runner.check()["skipped"] == 0
 
 
 # ------------------------------------------------------------------------- Lightning on the CPU

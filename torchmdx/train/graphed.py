@@ -172,6 +172,8 @@ class _ShapeGraph:
         self.capacity = capacity
         self.bound = bound  # largest pair bound of the batches seen with this shape
         self.max_pairs = 0  # most pairs found in its eager steps
+        self.pair_ratio = 0.0  # most pairs / pair bound of its eager steps (predicts a batch's pairs)
+        self.last_bound = 0  # the pair bound of the batch in its input buffers
         self.eager_steps = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.outputs: Optional[StepOutputs] = None
@@ -353,6 +355,7 @@ class GraphedTrainStep:
         for name, value in given.items():
             inputs[name].copy_(value)
         self._last = graph
+        graph.last_bound = shape.pair_bound
         if not self.enabled or self.disabled_reason is not None:
             # the graph's capacity without pair_headroom (the bound: the traced graph's shape),
             # else the exact list
@@ -361,6 +364,8 @@ class GraphedTrainStep:
             changed = self._changed_binding()
             if changed is not None:
                 self._drop_all(f"{changed} changed since capture (replaced outside the graph)")
+        if graph.graph is not None and self.pair_headroom is not None:
+            self._grow_ahead(graph, shape)
         if graph.graph is None:
             if graph.eager_steps < self.warmup_steps:
                 # pair_headroom: the exact list until the capacity is chosen from what it finds
@@ -406,6 +411,8 @@ class GraphedTrainStep:
         main.wait_stream(self._side)
         pairs = int(num_pairs)
         graph.max_pairs = max(graph.max_pairs, pairs)
+        if graph.last_bound > 0:
+            graph.pair_ratio = max(graph.pair_ratio, pairs / graph.last_bound)
         self.stats["eager_steps"] += 1
         if capacity is not None and pairs > capacity:
             # only a tight capacity (pair_headroom, guarded optimiser) can overflow: the step changed
@@ -418,6 +425,17 @@ class GraphedTrainStep:
         if count_warmup:
             graph.eager_steps += 1
         return outputs
+
+    def _grow_ahead(self, graph: _ShapeGraph, shape: BatchShape) -> None:
+        """A batch whose predicted pairs (the largest pairs / bound ratio seen, times its bound: a
+        host number, no device read) exceed the graph's capacity would overflow and be skipped:
+        recapture with room for it first (one eager step on the exact list, then capture)."""
+        expected = math.ceil(graph.pair_ratio * shape.pair_bound)
+        if graph.pair_ratio <= 0 or expected <= graph.capacity or graph.capacity >= round_capacity(graph.bound):
+            return
+        self._drop(graph, eager_steps=self.warmup_steps - 1)
+        graph.capacity = min(round_capacity(math.ceil(self.pair_headroom * expected)), round_capacity(graph.bound))
+        self.stats["grown_ahead"] = self.stats.get("grown_ahead", 0) + 1
 
     def _choose_capacity(self, graph: _ShapeGraph) -> None:
         if graph.capacity == 0:  # pair_headroom: h x the most pairs of the eager steps, at most the bound
