@@ -462,3 +462,42 @@ def test_out_of_memory_is_one_line(tmp_path):
     assert out.returncode == 2 and len(err) == 1, out.stderr[-2000:]
     assert err[0].startswith("error: ran out of memory (") and "--replicas" in err[0], err
     assert not list(tmp_path.glob("r*.extxyz"))
+
+
+def test_atomic_writes_refuse_a_target_that_is_not_a_regular_file(tmp_path):
+    """io_utils.atomic_write / atomic_path rename a temporary file onto the target: onto a pipe
+    or a folder (or, as root, a device node) that would replace it. Refused in one line."""
+    from torchmdx.errors import ConfigError
+    from torchmdx.io_utils import atomic_path, atomic_write
+
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "folder").mkdir()
+    for target in (tmp_path / "pipe", tmp_path / "folder"):
+        with pytest.raises(ConfigError, match="give the name of a file to write"):
+            with atomic_write(target, "w") as handle:
+                handle.write("x")
+        with pytest.raises(ConfigError):
+            with atomic_path(target) as tmp:
+                tmp.write_text("x")
+    assert not (tmp_path / "pipe").is_file() and (tmp_path / "folder").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "pipe"]  # no temporary left
+    with atomic_write(tmp_path / "ok.txt", "w") as handle:  # a regular file (new or existing) is fine
+        handle.write("x")
+    assert (tmp_path / "ok.txt").read_text() == "x"
+
+
+def test_python_dash_m_and_one_line_warnings(tmp_path):
+    """``python -m torchmdx`` is the command line; a warning there is one ``warning:`` line."""
+    import subprocess
+    import sys
+    import warnings as py_warnings
+
+    done = subprocess.run([sys.executable, "-m", "torchmdx", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("torchmdx ")
+    from torchmdx.cli.main import _one_line_warning
+
+    out = tmp_path / "w.txt"
+    with open(out, "w") as handle:
+        _one_line_warning(py_warnings.WarningMessage("train.cuda_graph: the model is on cpu;\n  CUDA graphs need a GPU",
+                                                     UserWarning, "x.py", 1).message, UserWarning, "x.py", 1, file=handle)
+    assert out.read_text() == "warning: train.cuda_graph: the model is on cpu; CUDA graphs need a GPU\n"

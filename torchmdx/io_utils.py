@@ -62,8 +62,15 @@ def jsonable(value):
 
 def temporary_path(path: str | os.PathLike) -> Path:
     """A temporary name beside ``path`` for writers that need a file name (h5py): write there,
-    then ``os.replace(tmp, path)``; delete it on failure."""
+    then ``os.replace(tmp, path)``; delete it on failure. A ``path`` that exists and is not a
+    regular file (a folder, a device such as /dev/null, a pipe or a socket) is refused in one
+    line: the rename would replace it (as root, even a device node)."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        from torchmdx.errors import ConfigError
+
+        what = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise ConfigError(f"{path}: is {what}; give the name of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 

@@ -16,6 +16,7 @@ import errno
 import importlib
 import os
 import sys
+import warnings
 
 from torchmdx import __version__
 from torchmdx.errors import TorchmdxError
@@ -42,12 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line as one ``warning:`` line each (no source line under them);
+    the Python API keeps Python's own format. ``TORCHMDX_TRACEBACK`` restores it here too."""
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=file if file is not None else sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 1
+    if not os.environ.get("TORCHMDX_TRACEBACK"):
+        warnings.showwarning = _one_line_warning
     try:
         return int(args._module.run(args) or 0)
     except TorchmdxError as exc:
