@@ -140,6 +140,21 @@ def test_error_sums_by_hand():
                       atom_weight=torch.tensor([1.0, 1.0, 0.0]))
     expected = [2, 1.5, 1.25, 1.25, 0.25 + 0.25, 0.0625 + 0.0625, 6, 6, 14, 14]
     assert sums.tolist() == pytest.approx(expected)
+    # sums added to the epoch metric count as an update: compute() neither warns nor returns a
+    # cached value from before them
+    import warnings
+
+    from torchmdx.train.metrics import EpochErrors
+
+    metric = EpochErrors("mse")
+    metric.add_sums(sums)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = metric.compute()
+    metric.add_sums(sums)
+    second = metric.compute()
+    assert first["forces_mae"] == pytest.approx(1000 * 6 / 6) and second["energy_mae"] == pytest.approx(1000 * 1.5 / 2)
+    assert metric.n_structures == 4
 
 
 def test_in_step_ema_equals_lightning_averaged_model():

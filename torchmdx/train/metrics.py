@@ -130,6 +130,10 @@ class EpochErrors(torchmetrics.Metric):
         """Add a vector of :func:`error_sums` (energy and force sums, in :data:`SUM_STATES` order)."""
         for index, name in enumerate(SUM_STATES):
             setattr(self, name, getattr(self, name) + sums[index].to(torch.float64))
+        # what torchmetrics' update wrapper does: count the update (else compute() warns that it
+        # ran before any update) and drop a cached result
+        self._update_count += 1
+        self._computed = None
 
     def compute(self) -> dict:
         """Errors in meV (energy), meV/atom, meV/Å, and the mean loss terms (eV², eV, ...).
