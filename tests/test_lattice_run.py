@@ -98,6 +98,7 @@ def test_resume_refuses_a_changed_config(tmp_path):
     ("lattice.temperature=0", "lattice.temperature"),
     ("lattice.temperature=-0.1", "lattice.temperature"),
     ("lattice.filling=1.5", "lattice.filling"),
+    ("lattice.mu=0.5", "lattice.filling"),  # the config also gives filling: set one of the two
     ("lattice.tempereture=1", "lattice.tempereture"),
     ("effective.n_shells=9", "effective.n_shells"),
     ("effective.layers=[0]", "effective.layers"),

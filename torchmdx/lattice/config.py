@@ -12,6 +12,7 @@ raised before anything runs::
       temperature: 0.05    # k_B T in units of t (> 0)
       mu: null             # chemical potential; null: from `filling`
       filling: 0.25        # electrons per site / 2 (0.5 = half filling), used when mu is null
+                           # (default 0.25); giving both mu and filling is an error
     data:                  # exact local-update Monte Carlo: the training configurations
       chains: 16
       thermalize_sweeps: 50
@@ -37,6 +38,10 @@ from torchmdx.config import apply_overrides, bad_key, from_dict, load_yaml, to_d
 from torchmdx.errors import ConfigError
 
 
+#: electrons per site / 2 when neither ``mu`` nor ``filling`` is given (the lower, spin-aligned band half filled)
+DEFAULT_FILLING = 0.25
+
+
 @dataclass
 class LatticeConfig:
     """The model H = -t Σ_<ij>σ (c†c + h.c.) + (J/2) Σ_i S_i · (c†_i σ c_i) on an L x L periodic
@@ -47,8 +52,13 @@ class LatticeConfig:
     J: float = 8.0
     temperature: float = 0.05
     mu: Optional[float] = None
-    filling: float = 0.25
+    filling: Optional[float] = None  # DEFAULT_FILLING when mu is null too
     filling_samples: int = 64  # random spin configurations whose mean density fixes μ
+
+    @property
+    def resolved_filling(self) -> float:
+        """The filling that fixes μ when ``mu`` is null: ``filling``, else :data:`DEFAULT_FILLING`."""
+        return DEFAULT_FILLING if self.filling is None else float(self.filling)
 
     def validate(self, section: str = "lattice") -> None:
         bad = partial(bad_key, section)
@@ -59,7 +69,9 @@ class LatticeConfig:
             bad("temperature", f"must be > 0, got {self.temperature}")
         if not self.t > 0:
             bad("t", f"must be > 0, got {self.t}")
-        if self.mu is None and not 0.0 < self.filling < 1.0:
+        if self.mu is not None and self.filling is not None:
+            bad("filling", f"is used only when lattice.mu is null, but mu is {self.mu}: set one of mu and filling")
+        if self.mu is None and not 0.0 < self.resolved_filling < 1.0:
             bad("filling", f"must be in (0, 1) (electrons per site / 2), got {self.filling}")
         if self.filling_samples < 1:
             bad("filling_samples", f"must be >= 1, got {self.filling_samples}")

@@ -177,7 +177,7 @@ class SLMCRun:
         lc = self.cfg.lattice
         if lc.mu is None:
             spins = random_spins(lc.filling_samples, self.n_sites, self.generator)
-            self.exact.mu = self.exact.mu_for_filling(lc.filling, spins)
+            self.exact.mu = self.exact.mu_for_filling(lc.resolved_filling, spins)
         self._check_previous_mu()
         self.ck = {"version": 1, "config": self.cfg.to_dict(), "mu": self.exact.mu, "data": None,
                    "results": [], "current": None, "trained": {}}
