@@ -501,3 +501,20 @@ def test_python_dash_m_and_one_line_warnings(tmp_path):
         _one_line_warning(py_warnings.WarningMessage("train.cuda_graph: the model is on cpu;\n  CUDA graphs need a GPU",
                                                      UserWarning, "x.py", 1).message, UserWarning, "x.py", 1, file=handle)
     assert out.read_text() == "warning: train.cuda_graph: the model is on cpu; CUDA graphs need a GPU\n"
+
+
+def test_command_line_warnings_are_one_line(tmp_path):
+    """A warning from a real command line (arguments from sys.argv) is one ``warning:`` line."""
+    import subprocess
+    import sys
+
+    script = ("import sys, warnings; sys.argv = ['torchmdx', 'data', 'info', '--help']\n"
+              "from torchmdx.cli import main as m\n"
+              "def run(args):\n    warnings.warn('first part;\\n  second part', UserWarning)\n    return 0\n"
+              "m.build_parser  # noqa\n"
+              "import torchmdx.cli.data_cmd as d; d.run = run\n"
+              "sys.argv = ['torchmdx', 'data', 'info', 'x']\n"
+              "raise SystemExit(m.main())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines() == ["warning: first part; second part"], done.stderr

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings on the command line as one ``warning:`` line each (no source line under them);
-    the Python API keeps Python's own format. ``TORCHMDX_TRACEBACK`` restores it here too."""
+    Python callers of :func:`main` (an explicit ``argv``) and the Python API keep Python's own
+    format, and so does the command line with ``TORCHMDX_TRACEBACK`` set."""
     text = " ".join(str(message).split())
     print(f"warning: {text}", file=file if file is not None else sys.stderr)
 
@@ -56,8 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
-    if not os.environ.get("TORCHMDX_TRACEBACK"):
+    shown = warnings.showwarning
+    if argv is None and not os.environ.get("TORCHMDX_TRACEBACK"):
+        # the command line (arguments from sys.argv); main([...]) from Python keeps Python's warnings
         warnings.showwarning = _one_line_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.showwarning = shown  # main() called from Python leaves the caller's hook as it was
+
+
+def _run(args) -> int:
+    """The command, with its errors as one line each (see :func:`main`)."""
     try:
         return int(args._module.run(args) or 0)
     except TorchmdxError as exc:
