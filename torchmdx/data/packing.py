@@ -54,7 +54,7 @@ class PackedBatch:
     z [A] long; pos [A, 3] Å; batch [A] long (sorted); energy [S] eV; forces [A, 3] eV/Å or None;
     n_atoms [S] long (0 for padding structures); atom_weight [A], structure_weight [S] (1 real,
     0 padding; pos dtype); real_atoms n, real_structures b, pair_bound Σ_b n_b (n_b - 1) (host;
-    it bounds the pairs of a non-periodic batch only). Periodic data: cell [S, 3, 3] Å and pbc
+    the most pairs: under minimum image, periodic batches too). Periodic data: cell [S, 3, 3] Å and pbc
     [S, 3] bool (padding and empty structures: zero cell, not periodic), else None."""
 
     z: torch.Tensor
@@ -161,7 +161,8 @@ def bucket_for(atoms: int, buckets: Sequence[int]) -> int:
 
 
 def pair_bound(counts: np.ndarray) -> int:
-    """Σ_b n_b (n_b - 1): the most ordered pairs a full list of these (non-periodic) structures holds."""
+    """Σ_b n_b (n_b - 1): the most ordered pairs a full list of these structures holds (periodic
+    ones too under minimum image: a pair occurs at most once and no atom meets its own image)."""
     counts = np.asarray(counts, dtype=np.int64)
     return int((counts * (counts - 1)).sum())
 
