@@ -272,13 +272,29 @@ CASES = [
 
 
 def snapshot(folder):
-    """Every file under ``folder``: bytes and modification time."""
+    """Every file under ``folder``: bytes and modification time (for a FIFO or other non-file
+    entry its mode: reading it would wait forever)."""
     files = {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
-            files[os.path.relpath(path, folder)] = (open(path, "rb").read(), os.stat(path).st_mtime_ns)
+            if not os.path.isfile(path):
+                files[os.path.relpath(path, folder)] = ("not a file", os.stat(path).st_mode)
+                continue
+            with open(path, "rb") as handle:
+                files[os.path.relpath(path, folder)] = (handle.read(), os.stat(path).st_mtime_ns)
     return files
+
+
+def one_error_line(rc, captured, fragments) -> str:
+    """Assert a refusal: exit status 2 and exactly one ``error:`` line on stderr holding every
+    fragment; returns the line."""
+    lines = captured.err.splitlines()
+    assert rc == 2, captured
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
 
 
 @pytest.mark.parametrize("setup, fragments, forbidden", CASES, ids=[c[0].__name__ for c in CASES])
@@ -286,15 +302,9 @@ def test_refused_with_one_line_and_nothing_touched(tmp_path, models, capsys, set
     args = setup(tmp_path, models)
     before = snapshot(tmp_path)
     capsys.readouterr()
-    rc = md(*args)
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert rc == 2, captured
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+    line = one_error_line(md(*args), capsys.readouterr(), fragments)
     for fragment in forbidden:
-        assert fragment not in lines[0], (fragment, lines[0])
+        assert fragment not in line, (fragment, line)
     after = snapshot(tmp_path)
     assert sorted(after) == sorted(before)  # nothing added, nothing removed
     for name in before:

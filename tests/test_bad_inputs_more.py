@@ -16,6 +16,8 @@ import pytest
 
 from torchmdx.cli.main import main
 
+from test_bad_inputs_md import one_error_line, snapshot
+
 ETHANOL = ("md17", "md17_ethanol_xtb.npz")
 
 
@@ -267,33 +269,13 @@ CASES = [
 ] + [(_train_setting(setting), fragments) for setting, fragments in TRAIN_SETTINGS]
 
 
-def snapshot(folder):
-    """Every file under ``folder``: bytes and modification time."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            if not os.path.isfile(path):  # a FIFO of a row: reading it would wait forever
-                files[os.path.relpath(path, folder)] = ("not a file", os.stat(path).st_mode)
-                continue
-            with open(path, "rb") as handle:
-                files[os.path.relpath(path, folder)] = (handle.read(), os.stat(path).st_mtime_ns)
-    return files
-
-
 @pytest.mark.parametrize("setup, fragments", CASES, ids=[c[0].__name__ for c in CASES])
 def test_refused_with_one_line_and_nothing_written(tmp_path, shared_data, capsys, monkeypatch, setup, fragments):
     monkeypatch.chdir(tmp_path)
     args = [str(a) for a in setup(tmp_path, shared_data)]
     before = snapshot(tmp_path)
     capsys.readouterr()
-    rc = main(args)
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert rc == 2, captured
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+    one_error_line(main(args), capsys.readouterr(), fragments)
     assert snapshot(tmp_path) == before
 
 

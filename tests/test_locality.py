@@ -25,8 +25,10 @@ from torchmdx.kernels.locality import (
 from torchmdx.kernels.neighbors_ref import neighbor_list
 from torchmdx.nn import ETPotential
 
+from test_model import random_molecule
+from test_model import small_model as _small_model
+
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(embedding_dimension=16, num_layers=2, num_heads=4, num_rbf=8, cutoff_upper=4.0, dtype="float64")
 
 
 def grid(bits):
@@ -34,27 +36,10 @@ def grid(bits):
 
 
 def small_model(seed=0) -> ETPotential:
-    """Small float64 ET with every parameter moved off its initial value."""
-    model = ETPotential({**SMALL, "seed": seed})
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith(("means", "offset")):
-                p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model.eval()
+    """test_model's small float64 ET (every parameter moved off its initial value), 4 Å cutoff."""
+    return _small_model(seed, cutoff_upper=4.0)
 
 
-def random_points(n, seed, box, min_dist=0.9):
-    rng = np.random.default_rng(seed)
-    pos = []
-    while len(pos) < n:
-        p = rng.uniform(0, box, 3)
-        if all(np.linalg.norm(p - q) > min_dist for q in pos):
-            pos.append(p)
-    return torch.tensor(rng.choice([1, 6, 7, 8], n)), torch.tensor(np.array(pos))
-
-
-# ------------------------------------------------------------------------------------ codes
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("code", [hilbert_code, morton_code])
 def test_codes_are_a_bijection_of_the_grid(code, bits):
@@ -171,15 +156,15 @@ def _compare(model, z, pos, curve="hilbert", **kw):
 @pytest.mark.parametrize("curve", ["hilbert", "morton"])
 def test_energy_invariant_and_forces_in_input_order_molecule(curve):
     model = small_model()
-    z, pos = random_points(40, 0, box=8.0)
+    z, pos = random_molecule(40, 0, box=8.0)
     ref, out = _compare(model, z, pos, curve)
     assert float(ref["forces"].abs().max()) > 1e-3  # forces that can tell atoms apart
 
 
 def test_energy_invariant_and_forces_in_input_order_batch_of_two():
     model = small_model(1)
-    z1, p1 = random_points(25, 1, box=7.0)
-    z2, p2 = random_points(30, 2, box=7.0)
+    z1, p1 = random_molecule(25, 1, box=7.0)
+    z2, p2 = random_molecule(30, 2, box=7.0)
     z = torch.cat([z1, z2])
     pos = torch.cat([p1, p2 + 3.0])  # overlapping boxes: only the batch keeps them apart
     batch = torch.repeat_interleave(torch.arange(2), torch.tensor([25, 30]))
@@ -193,7 +178,7 @@ def test_energy_invariant_and_forces_in_input_order_batch_of_two():
 
 def test_energy_forces_and_stress_invariant_periodic_box():
     model = small_model(2)
-    z, frac = random_points(70, 3, box=1.0, min_dist=0.09)
+    z, frac = random_molecule(70, 3, box=1.0, min_dist=0.09)
     cell = torch.tensor([[9.5, 0.0, 0.0], [1.0, 9.0, 0.0], [0.5, -0.7, 10.0]], dtype=torch.float64)
     pos = frac @ cell + torch.tensor([4.0, -3.0, 11.0], dtype=torch.float64)  # some atoms outside the cell
     _compare(model, z, pos, cell=cell, pbc=torch.tensor([True, True, True]), stress=True)
@@ -202,7 +187,7 @@ def test_energy_forces_and_stress_invariant_periodic_box():
 def test_force_training_gradients_equal():
     """create_graph: d(force loss)/d(parameters) is the same in both orders."""
     model = small_model(3)
-    z, pos = random_points(30, 4, box=7.0)
+    z, pos = random_molecule(30, 4, box=7.0)
     target = torch.randn(30, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     grads = {}
     for order in ("input", "hilbert"):
@@ -219,7 +204,7 @@ def test_auto_sorts_one_large_structure_only(monkeypatch):
     model = small_model()
     assert model.atom_order == "input"  # the default, until a GPU run shows the sort paying
     model.atom_order = "auto"
-    z, pos = random_points(160, 5, box=13.0)
+    z, pos = random_molecule(160, 5, box=13.0)
     seen = _graph_z_spy(model)
     model(z, pos)
     assert torch.equal(seen[-1], z[spatial_order(pos)])  # one structure of >= 30 atoms in random order: sorted
@@ -238,7 +223,7 @@ def test_auto_sorts_one_large_structure_only(monkeypatch):
 
 def test_overlap_error_names_the_input_atoms():
     model = small_model()
-    z, pos = random_points(40, 6, box=8.0)
+    z, pos = random_molecule(40, 6, box=8.0)
     pos[17] = pos[3]
     messages = {}
     for order in ("input", "hilbert"):
