@@ -342,12 +342,12 @@ def neighbor_list(
     batch, num_structures, cell, pbc = _as_structure_tensors(pos, batch, cell, pbc)
     cell_error = None
     if cell_check == "device" and cell is not None:
-        from torchmdx.kernels.cell_geometry import cell_geometry, first_bad_structure
+        from torchmdx.kernels.cell_geometry import cell_geometry, first_bad_structure, narrow
 
         found = cell_geometry(cell, pbc)
         cell_error = first_bad_structure(found, cutoff)
         if int(cell_error) >= 0:  # this backend is host code: drop the periodicity of bad cells
-            pbc = pbc & found.periodic.unsqueeze(-1) & ~(found.widths < 2.0 * cutoff).any(-1, keepdim=True)
+            pbc = pbc & (found.periodic & ~narrow(found, cutoff)).unsqueeze(-1)
 
     # atoms of each structure (global indices), in input order
     order = torch.argsort(batch, stable=True)

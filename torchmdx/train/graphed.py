@@ -149,6 +149,38 @@ def batch_shape(batch) -> BatchShape:
     return shape
 
 
+class BadCells:
+    """The periodic batches a captured step met whose cell cannot be used
+    (``Neighbors.cell_error``), counted on the device with the first one's code, cell and pbc
+    kept for the one-line error; nothing is read on the host until :attr:`state` is.
+
+    state [2] long: [batches seen with an unusable cell, 4 * structure + code of the first, -1
+    while none]."""
+
+    def __init__(self, device):
+        self.state = torch.tensor([0, -1], dtype=torch.long, device=device)
+        self.cell = torch.zeros(3, 3, dtype=torch.float64, device=device)
+        self.pbc = torch.zeros(3, dtype=torch.bool, device=device)
+
+    def record(self, cell_error: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+        """Count this batch if its cell is unusable (kept if it is the first); returns that as a
+        0-d bool tensor. Capturable."""
+        code = cell_error.reshape(())
+        bad = code >= 0
+        first = bad & (self.state[0] == 0)
+        index = (code.clamp(min=0) // 4).reshape(1)
+        self.cell.copy_(torch.where(first, cell.index_select(0, index)[0].to(torch.float64), self.cell))
+        self.pbc.copy_(torch.where(first, pbc.index_select(0, index)[0], self.pbc))
+        self.state.copy_(torch.stack([self.state[0] + bad.long(), torch.where(first, code, self.state[1])]))
+        return bad
+
+    def describe(self, code: int, cutoff: float, label: str) -> str:
+        """What is wrong with the kept cell (host; ``code`` read from :attr:`state`)."""
+        from torchmdx.kernels.cell_geometry import describe_problem
+
+        return describe_problem(code % 4, self.cell.unsqueeze(0), self.pbc.unsqueeze(0), cutoff, label=label)
+
+
 @dataclass
 class StepOutputs:
     """What one training step returns (static tensors while graphed: valid until the next step).
@@ -252,11 +284,8 @@ class GraphedTrainStep:
         self._skipped_seen = 0
         # status: [steps skipped by overflow (running count), latest step overflowed, most pairs seen]
         self.status = torch.zeros(3, dtype=torch.long, device=self.device)
-        #: the first batch with an unusable cell (periodic batches; see _keep_bad_cell)
-        self.bad_cell = {"count": torch.zeros((), dtype=torch.long, device=self.device),
-                         "code": torch.full((), -1, dtype=torch.long, device=self.device),
-                         "cell": torch.zeros(3, 3, dtype=torch.float64, device=self.device),
-                         "pbc": torch.zeros(3, dtype=torch.bool, device=self.device)}
+        #: periodic batches with an unusable cell (allocated here, outside any capture)
+        self.bad_cells = BadCells(self.device)
         self._lr: Optional[list[torch.Tensor]] = None
         self._lr_host: list[float] = []
         self.guarded = False
@@ -495,8 +524,7 @@ class GraphedTrainStep:
         if cell_error is not None:
             # an unusable cell: the step changes nothing (as an overflow), the first one is kept
             # for check(); the skip costs nothing (the fused optimiser's found_inf input)
-            bad = cell_error.reshape(()) >= 0
-            self._keep_bad_cell(bad, cell_error, cell, pbc)
+            bad = self.bad_cells.record(cell_error, cell, pbc)
             overflow = overflow & ~bad
             skip = overflow | bad
         else:
@@ -518,20 +546,6 @@ class GraphedTrainStep:
         outputs = StepOutputs(loss.detach(), energy_error.detach(),
                               force_error.detach() if force_error is not None else None, n_atoms, skip)
         return outputs, found
-
-    def _keep_bad_cell(self, bad: torch.Tensor, cell_error: torch.Tensor, cell: torch.Tensor,
-                       pbc: torch.Tensor) -> None:
-        """Record the first unusable cell on the device (no host read): :attr:`bad_cell` holds
-        [count, 4 * structure + code] and the structure's cell and pbc (for :meth:`check`)."""
-        if self.bad_cell is None:
-            return
-        first = bad & (self.bad_cell["count"] == 0)
-        index = (cell_error.clamp(min=0) // 4).reshape(1)
-        for name, value in (("code", cell_error.reshape(())), ("cell", cell.index_select(0, index)[0].double()),
-                            ("pbc", pbc.index_select(0, index)[0])):
-            kept = self.bad_cell[name]
-            kept.copy_(torch.where(first, value, kept))
-        self.bad_cell["count"].add_(bad.long())
 
     def _clip(self) -> None:
         if self.clip_value is None or not self.clip_value > 0:
@@ -613,9 +627,13 @@ class GraphedTrainStep:
         unusable cell; if steps overflowed their neighbor capacity since the last check, grow the
         capacities, redo the latest step when it was one of them, and say how many were skipped
         without a redo. Returns :attr:`stats`."""
-        values = torch.cat([self.status, self.bad_cell["count"].reshape(1), self.bad_cell["code"].reshape(1)]).tolist()
+        values = torch.cat([self.status, self.bad_cells.state]).tolist()
         if values[3] > 0:
-            self._bad_cell_error(values[4])
+            from torchmdx.errors import TrainingError
+
+            what = self.bad_cells.describe(values[4], self.model.cutoff, "a periodic training structure")
+            raise TrainingError(f"{what}; {values[3]} step(s) with such a structure changed nothing "
+                                f"(check the data's cells: torchmdx data info)")
         if not self.enabled:
             return dict(self.stats)
         skipped, latest, most_pairs = values[:3]
@@ -645,16 +663,6 @@ class GraphedTrainStep:
             what = "skipped (weights unchanged)" if self.guarded else "trained on a truncated neighbor list"
             self._note(f"{lost} step(s) overflowed the neighbor capacity and were {what}; capacity grown to {needed} pairs")
         return dict(self.stats)
-
-    def _bad_cell_error(self, code: int) -> None:
-        from torchmdx.errors import TrainingError
-        from torchmdx.kernels.cell_geometry import describe_problem
-
-        kept = self.bad_cell
-        what = describe_problem(code % 4, kept["cell"].unsqueeze(0), kept["pbc"].unsqueeze(0), self.model.cutoff,
-                                label="a periodic training structure")
-        raise TrainingError(f"{what}; {int(kept['count'])} step(s) with such a structure changed nothing "
-                            f"(check the data's cells: torchmdx data info)")
 
     def take_sums(self) -> Optional[torch.Tensor]:
         """The error sums accumulated since the last call (a copy; the accumulator restarts at 0)."""

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from torchmdx.kernels.neighbors import neighbor_list
-from torchmdx.train.graphed import round_capacity
+from torchmdx.train.graphed import BadCells, round_capacity
 
 
 class _EvalGraph:
@@ -88,8 +88,7 @@ class GraphedEvalStep:
             from torchmdx.train.metrics import SUM_STATES
 
             self.sums = torch.zeros(len(SUM_STATES), dtype=torch.float64, device=self.device)
-            # batches left out for an unusable cell: [count, first 4 * structure + code]
-            self.bad_cells = torch.tensor([0, -1], dtype=torch.long, device=self.device)
+            self.bad_cells = BadCells(self.device)  # batches left out for an unusable cell
         if not self.enabled:
             self._compute(graph)
             self.stats["eager_steps"] += 1
@@ -139,11 +138,8 @@ class GraphedEvalStep:
                                inputs["atom_weight"])
         if neighbors.cell_error is not None:
             # a batch with an unusable cell is left out of the sums and reported by take_sums
-            code = neighbors.cell_error.reshape(())
-            bad = code >= 0
+            bad = self.bad_cells.record(neighbors.cell_error, cell, pbc)
             sums = torch.where(bad, torch.zeros_like(sums), sums)
-            first = torch.where(bad & (self.bad_cells[1] < 0), code, self.bad_cells[1])
-            self.bad_cells.copy_(torch.stack([self.bad_cells[0] + bad.long(), first]))
         self.sums.add_(sums)
 
     def take_sums(self) -> Optional[torch.Tensor]:
@@ -152,7 +148,7 @@ class GraphedEvalStep:
         from torchmdx.train.metrics import take_sums
 
         if self.sums is not None:
-            count, code = self.bad_cells.tolist()
+            count, code = self.bad_cells.state.tolist()
             if count:
                 from torchmdx.errors import TrainingError
 
