@@ -162,9 +162,8 @@ def describe_problem(value: int, cell, pbc, cutoff: float, label: str | None = N
     ``label`` names the structure (default "structure b")."""
     b, code = divmod(int(value), 4)
     label = f"structure {b}" if label is None else label
-    cell_b = torch.as_tensor(cell).reshape(-1, 3, 3)[min(b, torch.as_tensor(cell).reshape(-1, 3, 3).shape[0] - 1)]
-    pbc_all = torch.as_tensor(pbc).reshape(-1, 3)
-    pbc_b = pbc_all[min(b, pbc_all.shape[0] - 1)].bool()
+    cells, flags = torch.as_tensor(cell).reshape(-1, 3, 3), torch.as_tensor(pbc).reshape(-1, 3)
+    cell_b, pbc_b = cells[min(b, cells.shape[0] - 1)], flags[min(b, flags.shape[0] - 1)].bool()
     rows = cell_b.detach().to("cpu", torch.float64).tolist()
     if code == NON_FINITE:
         return f"{label}: the cell holds non-finite values (rows {rows} Å)"
