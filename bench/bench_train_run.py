@@ -24,6 +24,7 @@ model's autograd, training split on the GPU), ``graph-host`` (the same with the 
 ``graph-compiled`` (the captured step through the traced, compiled whole-model graph),
 ``graph-ref`` (``graph`` with the torch reference message path instead of the fused kernels),
 ``graph-compiled-again`` (run after ``graph-compiled``: the second start, from the compile cache).
+``NAME:SECONDS`` gives one variant its own budget (``--variants graph:40,graph-compiled:160``).
 
     python bench/bench_train_run.py --data .benchdata --seconds 60 --out $OUT
 """
@@ -140,7 +141,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--seconds", type=int, default=60, help="wall-clock budget of each run (trainer.max_time)")
     parser.add_argument("--workloads", default="md17,ani1x")
-    parser.add_argument("--variants", default="eager,graph,graph-host")
+    parser.add_argument("--variants", default="eager,graph,graph-host",
+                        help="comma-separated; NAME:SECONDS gives one variant its own budget")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,17 +153,19 @@ def main() -> None:
     rows = []
     for workload in args.workloads.split(","):
         data = args.data
-        for name in args.variants.split(","):
+        for spec in args.variants.split(","):
+            name, _, seconds = spec.partition(":")
+            seconds = int(seconds) if seconds else args.seconds
             run_dir = Path("/tmp") / f"bench_train_run_{workload}_{name}_{os.getpid()}"
-            budget = time.strftime("%H:%M:%S", time.gmtime(args.seconds))
+            budget = time.strftime("%H:%M:%S", time.gmtime(seconds))
             sets = workload_overrides(workload, data) + VARIANTS[name] + [f"trainer.max_time=00:{budget}",
                                                                          f"run_dir={run_dir}"]
             command = [sys.executable, __file__, "--child"] + [f"--set={s}" for s in sets]
             began = time.perf_counter()
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=args.seconds + 240)
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 240)
             wall = time.perf_counter() - began
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            row = {"workload": workload, "variant": name, "process_s": wall}
+            row = {"workload": workload, "variant": name, "seconds": seconds, "process_s": wall}
             if line is None:
                 row["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
                 (args.out / f"train_run_{workload}_{name}.log").write_text(proc.stdout + proc.stderr)
