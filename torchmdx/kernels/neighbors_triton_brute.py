@@ -9,7 +9,7 @@ from torchmdx.kernels.neighbors_triton_common import HAVE_TRITON, tl, triton  # 
 
 if HAVE_TRITON:
     from torchmdx.kernels.neighbors_triton_common import (  # noqa: F401 - read by the jit kernels
-        _image, _load_image_geometry, _write_limits,
+        _geometry_row, _image, _load_image_geometry, _write_limits,
     )
 
     # ----------------------------------------------------------------------------------------
@@ -47,10 +47,7 @@ if HAVE_TRITON:
             j_hi = tl.minimum(j_lo + chunk, n_atoms)
         j_lo = tl.where(half != 0, tl.maximum(j_lo, pid * BLOCK_I + 1), j_lo)
         if PERIODIC:
-            if HAS_BATCH:
-                row = tl.minimum(tl.load(batch_ptr + i, mask=im, other=0), geo_rows - 1)
-            else:
-                row = i * 0
+            row = _geometry_row(batch_ptr, i, im, geo_rows, i * 0, HAS_BATCH)
             (h00, h01, h02, h10, h11, h12, h20, h21, h22,
              q00, q01, q02, q10, q11, q12, q20, q21, q22) = _load_image_geometry(geo_ptr, row)
         cnt = tl.zeros([BLOCK_I], dtype=tl.int32)

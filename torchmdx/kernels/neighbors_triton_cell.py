@@ -9,7 +9,8 @@ from torchmdx.kernels.neighbors_triton_common import HAVE_TRITON, tl, triton  # 
 
 if HAVE_TRITON:
     from torchmdx.kernels.neighbors_triton_common import (  # noqa: F401 - read by the jit kernels
-        _fractional, _image, _load_geometry, _load_image_geometry, _write_limits,
+        _fractional, _geometry_row, _image, _load_geometry, _load_image_geometry, _load_periodic, _load_widths,
+        _write_limits,
     )
 
     # ----------------------------------------------------------------------------------------
@@ -25,10 +26,7 @@ if HAVE_TRITON:
         y = tl.load(pos_ptr + i * 3 + 1, mask=im, other=0.0)
         z = tl.load(pos_ptr + i * 3 + 2, mask=im, other=0.0)
         if PERIODIC:
-            if HAS_BATCH:
-                row = tl.minimum(tl.load(batch_ptr + i, mask=im, other=0), geo_rows - 1)
-            else:
-                row = i * 0
+            row = _geometry_row(batch_ptr, i, im, geo_rows, i * 0, HAS_BATCH)
             (h00, h01, h02, h10, h11, h12, h20, h21, h22,
              k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
             s0, s1, s2 = _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22)
@@ -114,15 +112,10 @@ if HAVE_TRITON:
             budget = i * 0 + n_atoms
         budget = tl.maximum(budget, 1)
         if PERIODIC:
-            if HAS_BATCH:
-                row = tl.minimum(tl.load(batch_ptr + i, mask=im, other=0), geo_rows - 1)
-            else:
-                row = i * 0
+            row = _geometry_row(batch_ptr, i, im, geo_rows, i * 0, HAS_BATCH)
             (h00, h01, h02, h10, h11, h12, h20, h21, h22,
              k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2) = _load_geometry(geo_ptr, row)
-            w0 = tl.load(geo_ptr + row * 33 + 21).to(tl.float32)
-            w1 = tl.load(geo_ptr + row * 33 + 22).to(tl.float32)
-            w2 = tl.load(geo_ptr + row * 33 + 23).to(tl.float32)
+            w0, w1, w2 = _load_widths(geo_ptr, row)
             s0, s1, s2 = _fractional(x, y, z, k00, k01, k02, k10, k11, k12, k20, k21, k22)
             per0 = p0 != 0.0
             per1 = p1 != 0.0
@@ -246,15 +239,11 @@ if HAVE_TRITON:
                 cy = (lin // K0) % K1
                 cz = lin // (K0 * K1)
                 if PERIODIC:
-                    if HAS_BATCH:
-                        row = tl.minimum(tl.load(batch_ptr + first), geo_rows - 1)
-                    else:
-                        row = c * 0
+                    # (the mask is true here: the cell has atoms)
+                    row = _geometry_row(batch_ptr, first, i_end > i_begin, geo_rows, c * 0, HAS_BATCH)
                     (h00, h01, h02, h10, h11, h12, h20, h21, h22,
                      q00, q01, q02, q10, q11, q12, q20, q21, q22) = _load_image_geometry(geo_ptr, row)
-                    per0 = tl.load(geo_ptr + row * 33 + 18) != 0.0
-                    per1 = tl.load(geo_ptr + row * 33 + 19) != 0.0
-                    per2 = tl.load(geo_ptr + row * 33 + 20) != 0.0
+                    per0, per1, per2 = _load_periodic(geo_ptr, row)
                 else:
                     per0 = c < 0
                     per1 = per0

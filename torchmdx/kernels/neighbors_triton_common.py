@@ -23,55 +23,63 @@ if HAVE_TRITON:
     # shared device helpers
     # ----------------------------------------------------------------------------------------
     @triton.jit
+    def _geometry_row(batch_ptr, idx, mask, geo_rows, zero, HAS_BATCH: tl.constexpr):
+        """Geometry row of the structure of atom(s) ``idx``: ``batch[idx]`` clamped to the last
+        row (one shared geometry row serves every structure), or ``zero`` without a batch (the
+        caller's row 0: a scalar, or zeros shaped like the rows it broadcasts against)."""
+        if HAS_BATCH:
+            row = tl.minimum(tl.load(batch_ptr + idx, mask=mask, other=0), geo_rows - 1)
+        else:
+            row = zero
+        return row
+
+    @triton.jit
+    def _load_3x3(ptr):
+        """Nine consecutive values, a 3x3 matrix row by row."""
+        m00 = tl.load(ptr + 0)
+        m01 = tl.load(ptr + 1)
+        m02 = tl.load(ptr + 2)
+        m10 = tl.load(ptr + 3)
+        m11 = tl.load(ptr + 4)
+        m12 = tl.load(ptr + 5)
+        m20 = tl.load(ptr + 6)
+        m21 = tl.load(ptr + 7)
+        m22 = tl.load(ptr + 8)
+        return m00, m01, m02, m10, m11, m12, m20, m21, m22
+
+    @triton.jit
+    def _load_3(ptr):
+        """Three consecutive values."""
+        return tl.load(ptr + 0), tl.load(ptr + 1), tl.load(ptr + 2)
+
+    @triton.jit
     def _load_geometry(geo_ptr, row):
         """Cell rows h (open rows zero), inverse of the completed cell k, pbc flags p (binning)."""
         base = geo_ptr + row * 33
-        h00 = tl.load(base + 0)
-        h01 = tl.load(base + 1)
-        h02 = tl.load(base + 2)
-        h10 = tl.load(base + 3)
-        h11 = tl.load(base + 4)
-        h12 = tl.load(base + 5)
-        h20 = tl.load(base + 6)
-        h21 = tl.load(base + 7)
-        h22 = tl.load(base + 8)
-        k00 = tl.load(base + 9)
-        k01 = tl.load(base + 10)
-        k02 = tl.load(base + 11)
-        k10 = tl.load(base + 12)
-        k11 = tl.load(base + 13)
-        k12 = tl.load(base + 14)
-        k20 = tl.load(base + 15)
-        k21 = tl.load(base + 16)
-        k22 = tl.load(base + 17)
-        p0 = tl.load(base + 18)
-        p1 = tl.load(base + 19)
-        p2 = tl.load(base + 20)
+        h00, h01, h02, h10, h11, h12, h20, h21, h22 = _load_3x3(base + 0)
+        k00, k01, k02, k10, k11, k12, k20, k21, k22 = _load_3x3(base + 9)
+        p0, p1, p2 = _load_3(base + 18)
         return h00, h01, h02, h10, h11, h12, h20, h21, h22, k00, k01, k02, k10, k11, k12, k20, k21, k22, p0, p1, p2
+
+    @triton.jit
+    def _load_widths(geo_ptr, row):
+        """Perpendicular widths of the completed cell (Å, float32: the binning's precision)."""
+        w0, w1, w2 = _load_3(geo_ptr + row * 33 + 21)
+        return w0.to(tl.float32), w1.to(tl.float32), w2.to(tl.float32)
+
+    @triton.jit
+    def _load_periodic(geo_ptr, row):
+        """The pbc flags as booleans."""
+        base = geo_ptr + row * 33
+        return tl.load(base + 18) != 0.0, tl.load(base + 19) != 0.0, tl.load(base + 20) != 0.0
 
     @triton.jit
     def _load_image_geometry(geo_ptr, row):
         """Cell rows h (open rows zero) and q = inverse of the completed cell with the columns of
         open directions zeroed (so the image shift along an open direction is 0)."""
         base = geo_ptr + row * 33
-        h00 = tl.load(base + 0)
-        h01 = tl.load(base + 1)
-        h02 = tl.load(base + 2)
-        h10 = tl.load(base + 3)
-        h11 = tl.load(base + 4)
-        h12 = tl.load(base + 5)
-        h20 = tl.load(base + 6)
-        h21 = tl.load(base + 7)
-        h22 = tl.load(base + 8)
-        q00 = tl.load(base + 24)
-        q01 = tl.load(base + 25)
-        q02 = tl.load(base + 26)
-        q10 = tl.load(base + 27)
-        q11 = tl.load(base + 28)
-        q12 = tl.load(base + 29)
-        q20 = tl.load(base + 30)
-        q21 = tl.load(base + 31)
-        q22 = tl.load(base + 32)
+        h00, h01, h02, h10, h11, h12, h20, h21, h22 = _load_3x3(base + 0)
+        q00, q01, q02, q10, q11, q12, q20, q21, q22 = _load_3x3(base + 24)
         return h00, h01, h02, h10, h11, h12, h20, h21, h22, q00, q01, q02, q10, q11, q12, q20, q21, q22
 
     @triton.jit
@@ -168,10 +176,7 @@ if HAVE_TRITON:
             i = tl.load(perm_ptr + i, mask=valid, other=0).to(tl.int64)
             j = tl.load(perm_ptr + j, mask=valid, other=0).to(tl.int64)
         if PERIODIC:
-            if HAS_BATCH:
-                row = tl.minimum(tl.load(batch_ptr + i, mask=valid, other=0), geo_rows - 1)
-            else:
-                row = pid * 0
+            row = _geometry_row(batch_ptr, i, valid, geo_rows, pid * 0, HAS_BATCH)
             (h00, h01, h02, h10, h11, h12, h20, h21, h22,
              q00, q01, q02, q10, q11, q12, q20, q21, q22) = _load_image_geometry(geo_ptr, row)
             vx, vy, vz, n0, n1, n2 = _image(dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
@@ -209,10 +214,7 @@ if HAVE_TRITON:
         dy = tl.load(pos_ptr + i * 3 + 1, mask=im, other=0.0) - tl.load(ref_ptr + i * 3 + 1, mask=im, other=0.0)
         dz = tl.load(pos_ptr + i * 3 + 2, mask=im, other=0.0) - tl.load(ref_ptr + i * 3 + 2, mask=im, other=0.0)
         if PERIODIC:
-            if HAS_BATCH:
-                row = tl.minimum(tl.load(batch_ptr + i, mask=im, other=0), geo_rows - 1)
-            else:
-                row = i * 0
+            row = _geometry_row(batch_ptr, i, im, geo_rows, i * 0, HAS_BATCH)
             (h00, h01, h02, h10, h11, h12, h20, h21, h22,
              q00, q01, q02, q10, q11, q12, q20, q21, q22) = _load_image_geometry(geo_ptr, row)
             dx, dy, dz, n0, n1, n2 = _image(dx, dy, dz, h00, h01, h02, h10, h11, h12, h20, h21, h22,
