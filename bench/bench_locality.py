@@ -37,9 +37,7 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -47,6 +45,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from torchmdx.kernels import locality  # noqa: E402
 from torchmdx.kernels.locality import (  # noqa: E402
@@ -54,6 +53,8 @@ from torchmdx.kernels.locality import (  # noqa: E402
     spatial_order,
 )
 from torchmdx.kernels.neighbors import neighbor_list  # noqa: E402
+
+import gpu_timing  # noqa: E402
 
 ET_MD17 = dict(embedding_dimension=128, num_layers=6, num_heads=8, num_rbf=32, rbf_type="expnorm", trainable_rbf=False,
                activation="silu", attn_activation="silu", neighbor_embedding=True, distance_influence="both",
@@ -86,26 +87,6 @@ def load(path: Path, device, dtype):
         cell = torch.as_tensor(atoms.cell.array, dtype=dtype, device=device).unsqueeze(0)
         pbc = torch.as_tensor(atoms.pbc, device=device).unsqueeze(0)
     return z, pos, cell, pbc
-
-
-def timed(fn, device, warmup: int, repeats: int) -> float:
-    """Median ms of ``fn()`` (CUDA events on CUDA, wall clock on the CPU) after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
 
 
 def bandwidth_rows(pos, cell, pbc) -> dict:
@@ -148,7 +129,7 @@ def call_rows(model, z, pos, cell, pbc, device, warmup, repeats) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        ms = timed(call, device, warmup, repeats)
+        ms = gpu_timing.cuda_time(call, warmup, max(1, repeats))
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
         out = call()
         forces = out["forces"].detach()
@@ -187,6 +168,7 @@ def main(argv=None) -> int:
     from torchmdx.nn import ETPotential
 
     device = torch.device(args.device)
+    gpu_timing.DEVICE = "cuda" if device.type == "cuda" else "cpu"  # timings: CUDA events, or wall clock
     data = [Path(d) for d in args.data] if args.data else [ROOT / ".benchdata",
                                                           ROOT.parent / "shared" / "data" / "systems"]
     hparams = TINY if args.tiny else ET_MD17
@@ -217,12 +199,13 @@ def main(argv=None) -> int:
             row["periodic"] = cell is not None
             row["bandwidth"] = bandwidth_rows(pos, cell, pbc)
             row["order_ms"] = {
-                curve: timed(lambda c=curve: spatial_order(pos, cell=cell, pbc=pbc, curve=c, num_structures=1),
-                             device, args.warmup, args.repeats)
+                curve: gpu_timing.cuda_time(
+                    lambda c=curve: spatial_order(pos, cell=cell, pbc=pbc, curve=c, num_structures=1),
+                    args.warmup, max(1, args.repeats))
                 for curve in ("hilbert", "morton")
             }
-            row["order_ms"]["auto"] = timed(lambda: auto_order(pos, cell=cell, pbc=pbc, num_structures=1),
-                                            device, args.warmup, args.repeats)
+            row["order_ms"]["auto"] = gpu_timing.cuda_time(
+                lambda: auto_order(pos, cell=cell, pbc=pbc, num_structures=1), args.warmup, max(1, args.repeats))
             if not args.bandwidth_only:
                 row["calls"] = call_rows(model, z, pos, cell, pbc, device, args.warmup, args.repeats)
         except Exception as exc:  # noqa: BLE001 - one system failing (memory) must not lose the others

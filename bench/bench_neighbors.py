@@ -26,39 +26,24 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from torchmdx.kernels import neighbors_ref, neighbors_triton  # noqa: E402
 from torchmdx.io_utils import atomic_write  # noqa: E402
+from gpu_timing import cuda_time  # noqa: E402 - median ms between CUDA events after warm-up
 
 CUTOFF = 5.0
 DENSITY = 0.1  # atoms / Å^3
-
-
-def cuda_time(fn, reps=20, warm=3):
-    """Median milliseconds of ``fn`` between CUDA events (host gaps included)."""
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
+WARMUP = 3  # calls before each timing
 
 
 def peak_mib(fn):
@@ -104,7 +89,7 @@ def bench_case(name, pos, cell, pbc, args, record):
             torch.cuda.synchronize()
             if time.perf_counter() - t > 0.05:  # slow (competitor) calls: fewer repetitions
                 reps_ = min(reps_, 5)
-            ms = cuda_time(fn, reps=reps_)
+            ms = cuda_time(fn, WARMUP, reps_)
             row[key] = round(ms, 4)
             if count is not None:
                 counts[key] = int(count())
@@ -121,7 +106,7 @@ def bench_case(name, pos, cell, pbc, args, record):
             row[f"tmx_{method}_MiB"] = round(peak_mib(lambda m=method: fn(m)), 1)
             row["pairs"] = exact
             replay, out = graph_runner(pos, cell, pbc, method, int(exact * 1.1) + 1024)
-            row[f"tmx_graph_{method}"] = round(cuda_time(replay, reps=reps), 4)
+            row[f"tmx_graph_{method}"] = round(cuda_time(replay, WARMUP, reps), 4)
             replay()
             torch.cuda.synchronize()
             counts[f"tmx_graph_{method}"] = int(out.num_pairs)
@@ -217,7 +202,7 @@ def tune(sizes, record):
                 pos, cell_, pbc = boxes[n]
                 try:
                     replay, out = graph_runner(pos, cell_, pbc, method, int(exact[n] * 1.1) + 1024)
-                    ms = cuda_time(replay, reps=10)
+                    ms = cuda_time(replay, WARMUP, 10)
                     replay()
                     torch.cuda.synchronize()
                     assert int(out.num_pairs) == exact[n] and not bool(out.overflow)
@@ -288,7 +273,7 @@ def compare_variants(sizes, variants, baseline, record):
             neighbors_triton.CONFIG.update(override)
             try:
                 replay, out = graph_runner(pos, cell, pbc, "cell", int(exact * 1.1) + 1024, module)
-                ms = cuda_time(replay, reps=20 if n < 500_000 else 10)
+                ms = cuda_time(replay, WARMUP, 20 if n < 500_000 else 10)
                 replay()
                 torch.cuda.synchronize()
                 assert int(out.num_pairs) == exact and not bool(out.overflow), (int(out.num_pairs), exact)

@@ -5,7 +5,6 @@ from pathlib import Path
 sys.path.insert(0, "bench")
 import torch
 import bench_model as bm
-bm.DEVICE = "cuda"
 t, ei, n, e = bm.kernel_inputs("dhfr", Path(".benchdata"))
 for label in sys.argv[1].split(","):
     m, u = bm.message_call(t, ei, label)
