@@ -117,73 +117,67 @@ def _plots(by_family: dict, fits: dict, overall: list, sweep_dir: Path) -> None:
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
-    def save(fig, name):
+    def figure(name, xlabel, ylabel, draw_family, finish=None):
+        """One log-log figure written to ``name``: ``draw_family(ax, family, members, colour)``
+        for each family in turn (its colour from the cycle), then ``finish(ax)``."""
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        for k, (fam, members) in enumerate(by_family.items()):
+            draw_family(ax, fam, members, colours[k % len(colours)])
+        if finish is not None:
+            finish(ax)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
         with atomic_write(sweep_dir / name) as handle:
             fig.savefig(handle, format="png", dpi=130)
         plt.close(fig)
 
-    # error against compute, with each family's frontier fit and the overall frontier
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for k, (name, members) in enumerate(by_family.items()):
-        colour = colours[k % len(colours)]
-        x = [r["training_flops"] for r in members]
-        y = [r[ERROR_KEY] for r in members]
-        fit = fits["compute"][name]
-        ax.scatter(x, y, color=colour, alpha=0.6, s=22, label=f"{name}{_fit_label(fit)}")
+    def fit_line(ax, fit, lo, hi, colour):
+        """The power law ``fit`` from x = lo to hi (nothing when the fit is undefined)."""
         if not math.isnan(fit["exponent"]):
-            front = [r for r in members if r["point"] in fit["frontier"]]
-            xs = np.geomspace(min(r["training_flops"] for r in front), max(r["training_flops"] for r in front), 50)
+            xs = np.geomspace(lo, hi, 50)
             ax.plot(xs, fit["prefactor"] * xs ** fit["exponent"], color=colour, lw=1.2)
-    if overall:
-        xs = [p[0] for p in overall]
-        ys = [p[1] for p in overall]
-        ax.step(xs, ys, where="post", color="black", lw=1.0, ls="--", label="compute-optimal frontier")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training compute (FLOPs)")
-    ax.set_ylabel("test force MAE (meV/Å)")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    save(fig, "error_vs_compute.png")
+
+    # error against compute, with each family's frontier fit and the overall frontier
+    def compute_family(ax, fam, members, colour):
+        fit = fits["compute"][fam]
+        ax.scatter([r["training_flops"] for r in members], [r[ERROR_KEY] for r in members], color=colour, alpha=0.6,
+                   s=22, label=f"{fam}{_fit_label(fit)}")
+        front = [r["training_flops"] for r in members if r["point"] in fit["frontier"]]
+        if front:
+            fit_line(ax, fit, min(front), max(front), colour)
+
+    def overall_frontier(ax):
+        if overall:
+            ax.step([p[0] for p in overall], [p[1] for p in overall], where="post", color="black", lw=1.0, ls="--",
+                    label="compute-optimal frontier")
+
+    figure("error_vs_compute.png", "training compute (FLOPs)", "test force MAE (meV/Å)", compute_family,
+           overall_frontier)
 
     # error against training-set size (best point per size), with fits
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for k, (name, members) in enumerate(by_family.items()):
-        colour = colours[k % len(colours)]
-        fit = fits["data"][name]
+    def data_family(ax, fam, members, colour):
+        fit = fits["data"][fam]
         ax.scatter([r["train_size"] for r in members], [r[ERROR_KEY] for r in members], color=colour, alpha=0.25, s=14)
         best = sorted(((r["train_size"], r[ERROR_KEY]) for r in members if r["point"] in fit["best"].values()))
         if best:
-            ax.plot([b[0] for b in best], [b[1] for b in best], "o", color=colour, label=f"{name}{_fit_label(fit)}")
-        if not math.isnan(fit["exponent"]):
-            xs = np.geomspace(best[0][0], best[-1][0], 50)
-            ax.plot(xs, fit["prefactor"] * xs ** fit["exponent"], color=colour, lw=1.2)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training structures")
-    ax.set_ylabel("test force MAE (meV/Å)")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    save(fig, "error_vs_data.png")
+            ax.plot([b[0] for b in best], [b[1] for b in best], "o", color=colour, label=f"{fam}{_fit_label(fit)}")
+            fit_line(ax, fit, best[0][0], best[-1][0], colour)
+
+    figure("error_vs_data.png", "training structures", "test force MAE (meV/Å)", data_family)
 
     # parameters of the frontier points against compute: the compute-optimal model size
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for k, (name, members) in enumerate(by_family.items()):
-        colour = colours[k % len(colours)]
-        front = [r for r in members if r["point"] in fits["compute"][name]["frontier"]]
-        if not front:
-            continue
-        fit = fits["frontier_parameters"][name]
-        ax.plot([r["training_flops"] for r in front], [r["parameters"] for r in front], "o-", color=colour,
-                label=f"{name}{_fit_label(fit)}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training compute (FLOPs)")
-    ax.set_ylabel("parameters of the frontier points")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    save(fig, "frontier_parameters.png")
+    def parameters_family(ax, fam, members, colour):
+        front = [r for r in members if r["point"] in fits["compute"][fam]["frontier"]]
+        if front:
+            ax.plot([r["training_flops"] for r in front], [r["parameters"] for r in front], "o-", color=colour,
+                    label=f"{fam}{_fit_label(fits['frontier_parameters'][fam])}")
+
+    figure("frontier_parameters.png", "training compute (FLOPs)", "parameters of the frontier points", parameters_family)
 
 
 def _fmt(value, digits=4):
