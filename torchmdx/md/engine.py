@@ -33,9 +33,9 @@ the order is the engine's to choose. ``system`` and ``state`` hold the sorted or
 that leaves the engine is in the input order: :meth:`observe` (so trajectory frames and logs),
 restart files (which also record the order, so a continued run uses the same one) and the
 atoms named in error messages; ``initialize(velocities=...)`` takes them in the input order,
-and Maxwell–Boltzmann velocities are drawn in the input order, so a sorted NVE run follows the
-unsorted one to rounding. Per-atom thermostat noise (Langevin) is drawn in the sorted order: the
-same seed gives another, equally valid, trajectory.
+and Maxwell–Boltzmann velocities and the per-atom Langevin noise are drawn in the input order
+(then permuted), so a sorted run follows the unsorted one with the same seed to rounding (NVE
+and every thermostat; Bussi's and the Nosé–Hoover chain's variables are per structure).
 """
 
 from __future__ import annotations
@@ -213,7 +213,8 @@ class Simulation:
         self.ensemble = ensemble
         self.temperature_K = float(temperature_K)
         self.integrator = make_integrator(
-            ensemble, self.system, timestep_fs, temperature_K, friction_per_ps, tau_fs, chain_length
+            ensemble, self.system, timestep_fs, temperature_K, friction_per_ps, tau_fs, chain_length,
+            atom_perm=self._perm,
         )
         self.timestep_fs = float(timestep_fs)
         self.seed = int(seed)

@@ -11,7 +11,9 @@ U + K + thermostat_energy is conserved.
 - :class:`VelocityVerlet` (NVE): v += ½dt F/m; r += dt v; F(r); v += ½dt F/m.
 - :class:`LangevinBAOAB` (NVT; Leimkuhler & Matthews 2013): B ½dt, A ½dt,
   O: v = c₁ v + sqrt((1 - c₁²) k_B T / m) ξ with c₁ = exp(-γ dt), then the centre-of-mass
-  velocity is removed; A ½dt, F(r), B ½dt.
+  velocity is removed; A ½dt, F(r), B ½dt. ξ is drawn in the input order of the atoms and then
+  permuted to the system's (``atom_perm``), so the trajectory of a seed does not depend on the
+  order the engine simulates the atoms in.
 - :class:`Bussi` (NVT, stochastic velocity rescaling; Bussi, Donadio & Parrinello 2007): before
   each velocity-Verlet step v ← α v with α² = K'/K, where, with c = exp(-dt/τ),
   K̄ = ½ N_f k_B T and R₁, …, R_{N_f} standard normal,
@@ -26,7 +28,7 @@ U + K + thermostat_energy is conserved.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -105,8 +107,12 @@ class LangevinBAOAB(Integrator):
     name = "langevin"
     stochastic = True
 
-    def __init__(self, system: System, timestep_fs: float, temperature_K: float, friction_per_ps: float):
+    def __init__(self, system: System, timestep_fs: float, temperature_K: float, friction_per_ps: float,
+                 atom_perm: Optional[torch.Tensor] = None):
+        """``atom_perm``: [N] device index tensor, the input index of each of the system's atoms
+        (the MD engine's atom order), or None (the system is in the input order)."""
         super().__init__(system, timestep_fs)
+        self.atom_perm = atom_perm
         self.temperature_K = _check_temperature("langevin", temperature_K)
         if not friction_per_ps >= 0:
             raise ConfigError(f"friction must be >= 0 1/ps, got {friction_per_ps}")
@@ -122,6 +128,8 @@ class LangevinBAOAB(Integrator):
         self.drift(state, 0.5 * self.dt)
         kinetic_before = s.kinetic_energy(state.velocities)
         noise = torch.randn(state.velocities.shape, generator=generator, device=s.device, dtype=s.dtype)
+        if self.atom_perm is not None:  # drawn in the input order: the same numbers for an atom in any order
+            noise = noise.index_select(0, self.atom_perm)
         velocities = self.c1 * state.velocities + self.noise_scale * noise
         state.velocities = s.remove_com_velocity(velocities)
         state.thermostat_energy = state.thermostat_energy - (s.kinetic_energy(state.velocities) - kinetic_before)
@@ -254,12 +262,15 @@ def make_integrator(
     friction_per_ps: float = 1.0,
     tau_fs: float = 100.0,
     chain_length: int = 3,
+    atom_perm: Optional[torch.Tensor] = None,
 ) -> Integrator:
-    """The integrator of ``ensemble`` (one of :data:`ENSEMBLES`)."""
+    """The integrator of ``ensemble`` (one of :data:`ENSEMBLES`). ``atom_perm``: the input index
+    of each of the system's atoms when the engine reordered them (per-atom noise is drawn in the
+    input order), None otherwise."""
     if ensemble == "nve":
         return VelocityVerlet(system, timestep_fs)
     if ensemble == "langevin":
-        return LangevinBAOAB(system, timestep_fs, temperature_K, friction_per_ps)
+        return LangevinBAOAB(system, timestep_fs, temperature_K, friction_per_ps, atom_perm)
     if ensemble == "bussi":
         return Bussi(system, timestep_fs, temperature_K, tau_fs)
     if ensemble == "nose-hoover":
