@@ -154,6 +154,38 @@ def test_force_training_gradients_match_finite_differences():
     assert float(grad[idx]) == pytest.approx((up - down) / (2 * h), rel=1e-5)
 
 
+@pytest.mark.parametrize("variant", range(len(HEADS)))
+def test_self_edges_equal_the_self_loop_branch(variant):
+    """The reference message path's two layouts (ETRepresentation.forward): self edges appended to
+    the edge list with every layer's filters from one product, and the per-layer self-loop
+    branch (what traced graphs use): same energies, forces and force-loss parameter gradients
+    in float64."""
+    model = small_model(seed=7, **HEADS[variant])
+    z, pos = random_molecule(8, seed=7)
+    rep = model.representation
+    results = []
+    for self_edges in (True, False):
+        forward = rep.forward
+        rep.forward = lambda *a, _f=forward, _s=self_edges, **kw: _f(*a, **{**kw, "self_edges": _s})
+        try:
+            out = model(z, pos, create_graph=True)
+            loss = (out["forces"] ** 2).sum() + out["energy"].sum() ** 2
+            grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        finally:
+            rep.forward = forward
+        results.append((out["energy"].detach(), out["forces"].detach(), grads))
+    (e1, f1, g1), (e2, f2, g2) = results
+    torch.testing.assert_close(e1, e2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f1, f2, rtol=1e-11, atol=1e-12)
+    compared = 0
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+            compared += int(a.abs().max() > 0)
+    assert compared > 10
+
+
 # ------------------------------------------------------------------------------ periodic
 def periodic_case(triclinic, seed):
     rng = np.random.default_rng(seed)

@@ -81,10 +81,10 @@ class EquivariantAttention(nn.Module):
         self.dk_proj = xavier_linear(config.num_rbf, f) if influence in ("keys", "both") else None
         self.dv_proj = xavier_linear(config.num_rbf, 3 * f) if influence in ("values", "both") else None
 
-    def prepare(self, x, vec, self_rbf, small: bool = False):
+    def prepare(self, x, vec, self_rbf, small: bool = False, need_self_filters: bool = True):
         """Dense part before the message: (q, k, v, u3, vec_dot, dk0, dv0) on xn = LayerNorm(x);
-        dk0 / dv0 are the self edge's filters act(W e(0) + b) (None without distance influence).
-        ``small``: products as reductions (:func:`linear`)."""
+        dk0 / dv0 are the self edge's filters act(W e(0) + b) (None without distance influence,
+        or when not ``need_self_filters``). ``small``: products as reductions (:func:`linear`)."""
         f = self.hidden
         xn = self.layernorm(x)
         q = linear(self.q_proj, xn, small)
@@ -92,9 +92,15 @@ class EquivariantAttention(nn.Module):
         v = linear(self.v_proj, xn, small)
         u1, u2, u3 = torch.split(linear(self.vec_proj, vec, small), f, dim=-1)
         vec_dot = (u1 * u2).sum(dim=1)
-        dk0 = self.act(linear(self.dk_proj, self_rbf, small)).squeeze(0) if self.dk_proj is not None else None
-        dv0 = self.act(linear(self.dv_proj, self_rbf, small)).squeeze(0) if self.dv_proj is not None else None
+        dk0 = dv0 = None
+        if need_self_filters:
+            dk0 = self.act(linear(self.dk_proj, self_rbf, small)).squeeze(0) if self.dk_proj is not None else None
+            dv0 = self.act(linear(self.dv_proj, self_rbf, small)).squeeze(0) if self.dv_proj is not None else None
         return q, k, v, u3, vec_dot, dk0, dv0
+
+    def filter_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight [out, K], bias [out]) of the radial filters this layer uses, keys first."""
+        return [(p.weight, p.bias) for p in (self.dk_proj, self.dv_proj) if p is not None]
 
     def update(self, x, vec, m, w, vec_dot, u3, small: bool = False):
         """Dense part after the message: (x + dx, vec + dvec), (o1, o2, o3) = W_o m."""
@@ -102,15 +108,22 @@ class EquivariantAttention(nn.Module):
         return x + vec_dot * o2 + o3, vec + u3 * o1.unsqueeze(1) + w
 
     def forward(self, x, vec, edge_index, rbf, cutoff_weight, unit_vectors, edge_mask, self_rbf, self_cutoff, message,
-                compiled: bool = False):
+                compiled: bool = False, filters=None):
         """One layer: (x, vec) -> (x + dx, vec + dvec). ``compiled``: run :meth:`prepare` and
-        :meth:`update` through ``torch.compile`` (see :func:`compiled_function`)."""
+        :meth:`update` through ``torch.compile`` (see :func:`compiled_function`). ``filters``: the
+        radial filters already evaluated (:meth:`ETRepresentation.radial_filters`, reference message
+        path), (dk [E, F] | None, dv [E, 3F] | None, (dk0, dv0) of the self edge, or None when the
+        edges include every atom's self edge and the message needs no separate self-loop term)."""
         device_type = x.device.type
         prepare = compiled_function(EquivariantAttention.prepare, device_type) if compiled else EquivariantAttention.prepare
         update = compiled_function(EquivariantAttention.update, device_type) if compiled else EquivariantAttention.update
         small = compiled and x.shape[0] <= SMALL_MATMUL_ATOMS
-        q, k, v, u3, vec_dot, dk0, dv0 = prepare(self, x, vec, self_rbf, small)
-        options = dict(edge_mask=edge_mask, self_loop=(dk0, dv0, self_cutoff),
+        q, k, v, u3, vec_dot, dk0, dv0 = prepare(self, x, vec, self_rbf, small, filters is None)
+        self_loop = (dk0, dv0, self_cutoff)
+        if filters is not None:
+            dk, dv, self_filters = filters
+            self_loop = None if self_filters is None else (*self_filters, self_cutoff)
+        options = dict(edge_mask=edge_mask, self_loop=self_loop,
                        attn_activation=self.attn_activation, vector_cutoff=self.vector_cutoff)
         filtered = getattr(message, "filtered", None)
         if filtered is not None:
@@ -121,8 +134,9 @@ class EquivariantAttention(nn.Module):
             m, w = filtered(q, k, v, vec, rbf, wk, bk, wv, bv, cutoff_weight, unit_vectors, edge_index,
                             self.num_heads, filter_activation=self.act.name, **options)
         else:
-            dk = self.act(self.dk_proj(rbf)) if self.dk_proj is not None else None
-            dv = self.act(self.dv_proj(rbf)) if self.dv_proj is not None else None
+            if filters is None:
+                dk = self.act(self.dk_proj(rbf)) if self.dk_proj is not None else None
+                dv = self.act(self.dv_proj(rbf)) if self.dv_proj is not None else None
             m, w = message(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, self.num_heads, **options)
         return update(self, x, vec, m, w, vec_dot, u3, small)
 
@@ -216,15 +230,65 @@ class ETRepresentation(nn.Module):
         self_cutoff = self.cutoff_fn(zero)[0]
         return valid, rbf, phi, unit, x, self_rbf, self_cutoff
 
-    def forward(self, z, edge_index, vectors, distances, mask=None, backend: str = "auto", compiled: bool = False):
+    def forward(self, z, edge_index, vectors, distances, mask=None, backend: str = "auto", compiled: bool = False,
+                self_edges: bool = True):
         """(x, vec) of every atom. ``compiled``: the dense parts (edge features and embedding,
         each layer's :meth:`~EquivariantAttention.prepare` / :meth:`~EquivariantAttention.update`)
-        run through ``torch.compile`` (:func:`compiled_function`)."""
+        run through ``torch.compile`` (:func:`compiled_function`).
+
+        On the reference message path (uncompiled), every layer's radial filters come from one
+        product (:meth:`radial_filters`), and with ``self_edges`` each atom's self edge (length 0,
+        d_ii = 0, filters and cutoff at r = 0: the terms of the message's self-loop branch) joins
+        the edge list: fewer, larger kernels for the launch-bound training step (3 747 -> 2 730
+        kernel-launching operations per batch-8 aspirin step, ``bench/count_step_ops.py``). The
+        traced graphs (:mod:`torchmdx.nn.traced`) keep the self-loop branch (``self_edges=False``):
+        inductor (torch 2.13, CPU) computed wrong parameter gradients for the double backward of
+        the traced graph with self edges appended, while eager and ``aot_eager`` agreed with finite
+        differences (``tests/test_traced.py``)."""
         embed = compiled_function(ETRepresentation.embed, z.device.type) if compiled else ETRepresentation.embed
         valid, rbf, phi, unit, x, self_rbf, self_cutoff = embed(self, z, edge_index, vectors, distances, mask)
         vec = torch.zeros(x.shape[0], 3, x.shape[1], dtype=x.dtype, device=x.device)
         message = message_function(backend, x.device)
         edge_mask = valid  # no host sync: invalid (padded / skin) edges are zeroed in the message
-        for layer in self.layers:
-            x, vec = layer(x, vec, edge_index, rbf, phi, unit, edge_mask, self_rbf, self_cutoff, message, compiled=compiled)
+        filters = [None] * len(self.layers)
+        if getattr(message, "filtered", None) is None and not compiled:
+            if self_edges:
+                n = x.shape[0]
+                loops = torch.arange(n, dtype=edge_index.dtype, device=edge_index.device)
+                edge_index = torch.cat([edge_index, loops.expand(2, n)], dim=1)
+                rbf = torch.cat([rbf, self_rbf.to(rbf.dtype).expand(n, -1)], dim=0)
+                phi = torch.cat([phi, self_cutoff.to(phi.dtype).expand(n)])
+                unit = torch.cat([unit, unit.new_zeros(n, 3)])
+                edge_mask = torch.cat([edge_mask, edge_mask.new_ones(n)])
+                filters = [(dk, dv, None) for dk, dv in self.radial_filters(rbf)]
+            else:
+                rows = self.radial_filters(torch.cat([rbf, self_rbf.to(rbf.dtype)], dim=0))
+                e = rbf.shape[0]
+                filters = [tuple(t.split([e, 1]) if t is not None else (None, None) for t in pair) for pair in rows]
+                filters = [(dk, dv, (dk0.squeeze(0) if dk0 is not None else None, dv0.squeeze(0) if dv0 is not None else None))
+                           for (dk, dk0), (dv, dv0) in filters]
+        for layer, layer_filters in zip(self.layers, filters):
+            x, vec = layer(x, vec, edge_index, rbf, phi, unit, edge_mask, self_rbf, self_cutoff, message, compiled=compiled,
+                           filters=layer_filters)
         return self.out_norm(x), vec
+
+    def radial_filters(self, rbf: torch.Tensor) -> list:
+        """Every layer's radial filters from one product: per layer (dk [E, F], dv [E, 3F]) with
+
+            [dk | dv] = act(e(r_ij) [W_dk | W_dv]^T + [b_dk | b_dv])
+
+        the same numbers as each layer's own ``act(W e + b)``, in one matmul and one activation
+        over the columns of all layers (split into per-layer views): the training step is
+        launch-bound, and per layer these were two products and two activations in the forward
+        pass, each repeated in the force pass and the double backward (``bench/count_step_ops.py``).
+        None where a layer has no such filter."""
+        weights = [wb for layer in self.layers for wb in layer.filter_weights()]
+        if not weights:
+            return [(None, None)] * len(self.layers)
+        w = torch.cat([wt for wt, _ in weights], dim=0)
+        b = torch.cat([bias for _, bias in weights], dim=0)
+        values = self.layers[0].act(torch.nn.functional.linear(rbf, w, b))  # [E, sum of filter widths]
+        # split, not slices: the backward of a split is one cat, of each slice a zero-filled copy
+        blocks = iter(values.split([wt.shape[0] for wt, _ in weights], dim=1))
+        return [tuple(next(blocks) if proj is not None else None for proj in (layer.dk_proj, layer.dv_proj))
+                for layer in self.layers]

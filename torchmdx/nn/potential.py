@@ -132,7 +132,7 @@ class ETPotential(NormalisedPotential):
         compiled = self.compiled and not tracing
         x, vec = self.representation(
             graph.z, graph.edge_index, graph.vectors.to(dtype), graph.distances.to(dtype), graph.mask,
-            backend="torch" if tracing else self.backend, compiled=compiled,
+            backend="torch" if tracing else self.backend, compiled=compiled, self_edges=not tracing,
         )
         head = compiled_function(type(self.head).forward, x.device.type) if compiled else type(self.head).forward
         energies = self.normalised_energies(head(self.head, x, vec), graph, self.config.reduce_op)
