@@ -84,6 +84,8 @@ def unwritable_folder(folder: str | os.PathLike) -> str | None:
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    if existing != folder and not existing.is_dir():
+        return f"{existing} is a file, not a folder"  # the folder would have to be made under it
     if not os.access(existing, os.W_OK):
         return f"{existing} is not writable"
     return None

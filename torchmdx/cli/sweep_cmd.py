@@ -38,8 +38,11 @@ def run(args) -> int:
         from pathlib import Path
 
         from torchmdx.errors import ConfigError
-        from torchmdx.train.sweep import PLAN, prepare_sweep, write_results
+        from torchmdx.train.sweep import PLAN, prepare_sweep, sweep_folder, write_results
 
+        if not (sweep_folder(args.config, args.out) / PLAN).is_file():  # report only: make nothing
+            raise ConfigError(f"sweep folder {sweep_folder(args.config, args.out)}: no sweep here (no {PLAN}); "
+                              "run the sweep first, or give its folder with --out")
         prepared = prepare_sweep(args.config, args.grid, args.out, args.overrides)
         plan = json.loads((Path(prepared["sweep_dir"]) / PLAN).read_text())
         rows = write_results(prepared["sweep_dir"], plan)

@@ -129,7 +129,7 @@ def _check_key(key: str, where: str, value=None, allow_section: bool = False) ->
     if not isinstance(key, str) or "." not in key:
         raise ConfigError(f"{where}: key {key!r} must be section.key (e.g. data.train_size)"
                           + (" or a whole section (model: {...})" if allow_section else ""))
-    if key in RESERVED_KEYS:
+    if key in RESERVED_KEYS or any(key.startswith(k + ".") for k in RESERVED_KEYS):
         raise ConfigError(f"{where}: key {key!r} is set by the sweep itself (each point gets its own run folder and split)")
 
 
@@ -147,6 +147,10 @@ def sweep_section(values: dict, source: str) -> tuple[dict, dict]:
         raise ConfigError(f"{source}: 'sweep.grid' must map section.key to a non-empty list of values")
     if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
         raise ConfigError(f"{source}: 'sweep.variants' must map a name to a mapping of section.key: value")
+    for name in variants:
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{source}: variant name {name!r} of 'sweep.variants' must be a non-empty text "
+                              "(e.g. et_s); quote it in YAML")
     return dict(grid), dict(variants)
 
 
@@ -223,6 +227,11 @@ def load_base(config_path, overrides: Optional[list[str]] = None) -> tuple[dict,
     return values, grid, variants
 
 
+def sweep_folder(config_path, out: Optional[str] = None) -> Path:
+    """The sweep folder: ``out``, else sweeps/<config name>."""
+    return Path(out) if out else Path("sweeps") / Path(config_path).stem
+
+
 def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
                   overrides: Optional[list[str]] = None) -> dict:
     """Validate every point and write the plan (and the nested splits); nothing is trained.
@@ -230,7 +239,7 @@ def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
     base, grid, variants = load_base(config_path, overrides)
     grid.update(parse_grid(grid_items))
     points = plan_points(grid, variants)
-    sweep_dir = Path(out) if out else Path("sweeps") / Path(config_path).stem
+    sweep_dir = sweep_folder(config_path, out)
     from torchmdx.io_utils import unwritable_folder
 
     problem = unwritable_folder(sweep_dir)
@@ -427,6 +436,16 @@ def _csv_value(value):
     return value
 
 
+def check_devices(devices) -> None:
+    """A one-line ConfigError unless ``devices`` is 'auto', a count >= 0 or a list of distinct GPU ids."""
+    if devices in (None, "auto") or isinstance(devices, int) and not isinstance(devices, bool) and devices >= 0:
+        return
+    text = str(devices).strip()
+    parts = [d.strip() for d in text.split(",")] if "," in text else [text]
+    if not all(p.isdigit() for p in parts) or ("," in text and len(set(parts)) != len(parts)):
+        raise ConfigError(f"--devices {devices!r}: give auto, a GPU count (e.g. 2) or distinct GPU ids (e.g. 0,1)")
+
+
 def visible_gpus(devices) -> list[str]:
     """The GPU ids to run points on: ``devices`` 'auto' (every visible GPU), a count or a list."""
     import torch
@@ -434,6 +453,7 @@ def visible_gpus(devices) -> list[str]:
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if devices in (None, "auto"):
         return [str(i) for i in range(available)]
+    check_devices(devices)
     if isinstance(devices, str) and "," in devices:
         return [d.strip() for d in devices.split(",") if d.strip()]
     count = int(devices)
@@ -445,6 +465,7 @@ def visible_gpus(devices) -> list[str]:
 def run_sweep(config_path, grid_items: list[str], out: Optional[str] = None, overrides: Optional[list[str]] = None,
               devices=None, dry_run: bool = False, log=print) -> dict:
     """Plan, validate, then train every unfinished point (module docstring)."""
+    check_devices(devices)
     prepared = prepare_sweep(config_path, grid_items, out, overrides)
     sweep_dir, plan = prepared["sweep_dir"], prepared["plan"]
     todo = [e["id"] for e in plan["points"] if not (sweep_dir / RUNS / e["id"] / RESULT).is_file()]
