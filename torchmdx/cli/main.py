@@ -15,6 +15,7 @@ import argparse
 import errno
 import importlib
 import os
+import re
 import sys
 import warnings
 
@@ -85,10 +86,17 @@ def _run(args) -> int:
         print(f"error: {where}{exc.strerror or exc} (the system refused the file operation: a full disk, a quota, "
               "a read-only file system or missing permissions)", file=sys.stderr)
         return 2
-    except MemoryError as exc:  # numpy's _ArrayMemoryError included: a size the machine cannot hold
-        if os.environ.get("TORCHMDX_TRACEBACK"):
+    except (MemoryError, RuntimeError) as exc:  # numpy's _ArrayMemoryError included: a size the machine cannot hold
+        # torch's CPU allocator raises RuntimeError ("DefaultCPUAllocator: can't allocate memory"),
+        # CUDA torch.OutOfMemoryError (a RuntimeError); any other RuntimeError stays a traceback
+        out_of_memory = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" \
+            or "can't allocate memory" in str(exc)
+        if not out_of_memory or os.environ.get("TORCHMDX_TRACEBACK"):
             raise
         detail = (str(exc).splitlines() or [""])[0][:200]
+        asked = re.search(r"allocate (\d+) bytes", detail)
+        if asked:  # torch's allocator message: the size is what helps
+            detail = f"one array of {int(asked.group(1)) / 1e9:.3g} GB"
         print(f"error: ran out of memory ({detail or 'MemoryError'}): check the sizes asked for (--replicas, batch "
               "sizes, model sizes, the number of structures)", file=sys.stderr)
         return 2

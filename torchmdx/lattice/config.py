@@ -216,6 +216,16 @@ class SLMCRunConfig:
             if value is not None and value > available:
                 raise ConfigError(f"config key 'effective.{key}' is {value} but an L = {self.lattice.L} lattice has "
                                   f"{available} distance shells")
+        if not self.data.previous_runs:
+            # the exact-MC configurations, split as training.split_indices does: too few fit the linear
+            # model exactly (acceptance 0) and one validation configuration has an rmse of 0 by construction
+            n = self.data.chains * (self.data.sweeps // self.data.every)
+            n_val = min(max(1, int(round(self.effective.val_fraction * n))), n - 1) if n > 1 else 0
+            need = (self.effective.n_shells or available) + 1  # the linear model's E_0 and J_n
+            if n - n_val < need or n_val < 2:
+                raise ConfigError(f"config keys data.chains x data.sweeps / data.every give {n} configurations: {n - n_val} "
+                                  f"to fit and {n_val} to validate, but the linear model needs >= {need} to fit "
+                                  "(E_0 and one J_n a shell) and >= 2 to validate; raise data.sweeps or data.chains")
 
     def to_dict(self) -> dict:
         return to_dict(self)

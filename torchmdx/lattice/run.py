@@ -201,6 +201,8 @@ class SLMCRun:
             ck = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001
             raise TorchmdxError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+        if not isinstance(ck, dict) or not {"config", "mu", "generator"} <= set(ck):
+            raise TorchmdxError(f"{path}: not a checkpoint of torchmdx slmc (no config, mu and generator state)")
         saved, now = _flatten(ck.get("config", {})), _flatten(self.cfg.to_dict())
         for key in sorted(set(saved) | set(now)):
             if key.split(".")[0] not in RESUME_MUTABLE and saved.get(key) != now.get(key):
