@@ -50,6 +50,8 @@ def parse_atoms(text: str, count: int) -> list:
         try:
             if "-" in part[1:]:
                 lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                if int(hi) < int(lo):  # was an empty range: '0,5-2' silently meant '0'
+                    raise ConfigError(f"--atoms: range {part!r} is empty; give low-high, e.g. {hi}-{lo}")
                 atoms.extend(range(int(lo), int(hi) + 1))
             else:
                 atoms.append(int(part))
@@ -97,7 +99,8 @@ def run_openmm(args) -> int:
         raise ConfigError("--atoms needs --structure (the file whose atoms they index)")
     if args.structure:
         if not Path(args.structure).is_file():
-            raise ConfigError(f"--structure: {args.structure} not found")
+            raise ConfigError(f"--structure: {args.structure} "
+                              + ("is a folder; give a structure file" if Path(args.structure).is_dir() else "not found"))
         from ase.io import read
 
         try:

@@ -33,7 +33,25 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from openmmml.mlpotential import MLPotentialImpl, MLPotentialImplFactory
+import sys
+
+if "openmmml.mlpotential" not in sys.modules:
+    # imported before openmm-ml: openmm-ml's import loads its plug-ins, this module among them, and
+    # found it half-initialised (AttributeError). Step aside so that it loads a complete copy; the
+    # import system then hands that copy (the registered one) to whoever imported this module.
+    sys.modules.pop(__name__, None)
+    try:
+        import openmmml  # noqa: F401
+    except ImportError:
+        pass  # said below
+try:
+    from openmmml.mlpotential import MLPotentialImpl, MLPotentialImplFactory
+except ImportError as _exc:  # this module is openmm-ml's plug-in: without openmm-ml it has nothing to plug into
+    from torchmdx.openmm.errors import OpenMMError
+    from torchmdx.openmm.forces import OPENMM_INSTALL
+
+    raise OpenMMError(f"openmm-ml is not installed ({str(_exc).splitlines()[0] if str(_exc) else 'ImportError'}); "
+                      f"MLPotential('torchmdx') needs it: {OPENMM_INSTALL}") from None
 
 IMPLEMENTATIONS = ("auto", "torchforce", "python")
 _OPTIONS = ("implementation", "device", "dtype", "outputForces")
