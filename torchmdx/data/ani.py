@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from torchmdx.data.md17 import unit_factors
-from torchmdx.data.structures import StructureBuilder, Structures, concat_structures
+from torchmdx.data.structures import StructureBuilder, Structures, concat_structures, numeric_values
 from torchmdx.errors import DataError
 
 ANI1X_DEFAULT_METHOD = "wb97x_dz"
@@ -63,11 +63,13 @@ def read_rows(group, key: str, start: int, stop: Optional[int], where: str) -> n
     """Rows ``start:stop`` of dataset ``key`` of an HDF5 group; a one-line DataError naming the
     group and the rows when they cannot be read (a file that ends early, a damaged block)."""
     try:
-        return group[key][()] if stop is None else group[key][start:stop]
+        values = group[key][()] if stop is None else group[key][start:stop]
     except (OSError, RuntimeError, ValueError) as exc:
         rows = "" if stop is None else f" conformations {start}..{stop - 1}"
         raise DataError(f"{where}: cannot read '{key}'{rows}: the file ends early or is damaged "
                         f"({str(exc).splitlines()[0]})") from None
+    # bool, complex, text, compound: read as wrong numbers (True as 1.0), or a numpy traceback later
+    return numeric_values(values, f"'{key}'", where)
 
 
 def _first_non_finite(values: np.ndarray, what: str, where: str, start: int, per_atom: bool) -> None:

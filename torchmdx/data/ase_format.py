@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from torchmdx.data.md17 import unit_factors
-from torchmdx.data.structures import StructureBuilder, Structures
+from torchmdx.data.structures import StructureBuilder, Structures, numeric_values
 from torchmdx.errors import DataError
 
 #: Per-atom arrays of an Atoms object that are inputs or bookkeeping, not targets.
@@ -234,6 +234,8 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
         builder.metadata["theory"] = frames[0].theory
     for fr in frames:
         try:
+            if np.asarray(fr.energy).dtype.kind in "bc":  # energy=T was read as 1.0, 1+2j lost its imaginary part
+                raise TypeError
             energy = float(np.asarray(fr.energy, dtype=np.float64).reshape(()))
         except (TypeError, ValueError):
             raise DataError(f"{fr.where}: energy {fr.energy!r} is not a number") from None
@@ -242,7 +244,8 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
         if fr.stress is not None:
             extras["stress"] = (fr.stress * (e / length ** 3)).reshape(1, 9)
         atom_extras = {k: fr.atom_extras[k] for k in atom_common}
-        forces = None if fr.forces is None else np.asarray(fr.forces, dtype=np.float64) * f
+        forces = None if fr.forces is None else np.asarray(numeric_values(fr.forces, f"forces '{forces_key}'", fr.where),
+                                                           dtype=np.float64) * f
         builder.add(fr.numbers, fr.positions * length, [energy * e], forces, cell=fr.cell * length, pbc=fr.pbc,
                     group=fr.group, extras=extras, atom_extras=atom_extras, where=fr.where)
     return builder.build()

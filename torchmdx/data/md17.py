@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from torchmdx import units
-from torchmdx.data.structures import StructureBuilder, Structures
+from torchmdx.data.structures import StructureBuilder, Structures, numeric_values
 from torchmdx.errors import DataError
 
 #: keys an npz must have to be read (and guessed) as MD17 / revised MD17
@@ -107,6 +107,8 @@ def _read_npz_frames(path, fmt: str, energy_unit, length_unit) -> Structures:
     require_keys(path, arrays, MD17_KEYS if fmt == "md17" else RMD17_KEYS, layout)
     e, length, f = unit_factors(path, energy_unit, length_unit, "kcal/mol")
     z, R, E, F = arrays[z_key], arrays[r_key], arrays[e_key], arrays.get(f_key)
+    for key in (r_key, e_key) + ((f_key,) if F is not None else ()):  # before the unit factors turn True into 1.0
+        numeric_values(arrays[key], key, str(path))
     if R.ndim != 3 or R.shape[2] != 3:
         raise DataError(f"{path}: {r_key} has shape {R.shape}, expected (frames, atoms, 3)")
     if z.ndim != 1 or z.shape[0] != R.shape[1]:

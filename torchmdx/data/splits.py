@@ -262,6 +262,13 @@ def load_split(path, n_structures: Optional[int] = None, content_hash: str = "")
     missing = [k for k in PARTS if k not in arrays]
     if missing:
         raise DataError(f"{path}: split file lacks {', '.join(missing)}; found: {', '.join(sorted(arrays))}")
+    for key in ("n_structures", "seed"):  # scalars written by save_split; another tool's file may differ
+        value = arrays.get(key)
+        whole = value is not None and value.ndim == 0 and (value.dtype.kind in "iu" or value.dtype.kind == "f"
+                                                            and np.isfinite(value) and value == np.round(value))
+        if value is not None and not whole:
+            shown = repr(value.item()) if value.ndim == 0 else f"an array of shape {value.shape}"
+            raise DataError(f"{path}: '{key}' is {shown} ({value.dtype}); expected one whole number (or leave it out)")
     stored_n = int(arrays["n_structures"]) if "n_structures" in arrays else None
     if n_structures is not None and stored_n is not None and stored_n != n_structures:
         raise DataError(

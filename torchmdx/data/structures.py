@@ -266,7 +266,7 @@ class StructureBuilder:
         where = where or self.source
         self._blocks += 1
         numbers = _atomic_numbers(numbers, where)
-        positions = np.asarray(positions, dtype=np.float64)
+        positions = np.asarray(numeric_values(positions, "coordinates", where), dtype=np.float64)
         if positions.ndim == 2:
             positions = positions[None]
         n, natoms = positions.shape[0], numbers.shape[0]
@@ -275,7 +275,7 @@ class StructureBuilder:
                 f"{where}: coordinates have shape {tuple(positions.shape)} but there are {natoms} atomic numbers; "
                 f"expected ({n}, {natoms}, 3)"
             )
-        energy = np.asarray(energy, dtype=np.float64).reshape(-1)
+        energy = np.asarray(numeric_values(energy, "energies", where), dtype=np.float64).reshape(-1)
         if energy.shape[0] != n:
             raise DataError(f"{where}: {energy.shape[0]} energies for {n} structures (coordinates)")
         has_forces = forces is not None
@@ -284,7 +284,7 @@ class StructureBuilder:
         elif self._has_forces != has_forces:
             raise DataError(f"{where}: forces are given for some structures but not for others")
         if has_forces:
-            forces = np.asarray(forces, dtype=np.float64)
+            forces = np.asarray(numeric_values(forces, "forces", where), dtype=np.float64)
             if forces.ndim == 2:
                 forces = forces[None]
             if forces.shape != positions.shape:
@@ -377,13 +377,32 @@ class StructureBuilder:
         return structures
 
 
+#: names of numpy dtype kinds that are not numbers, for :func:`numeric_values`
+_NOT_NUMBERS = {"b": "true/false", "c": "complex", "S": "text", "U": "text", "O": "object", "V": "compound"}
+
+
+def numeric_values(values, what: str, where: str) -> np.ndarray:
+    """``values`` as an array of real numbers (float, int or unsigned), else a one-line DataError
+    naming ``what`` (``astype(float)`` reads True as 1.0 and drops imaginary parts; text fails
+    with a numpy traceback)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fiu":
+        first = arr.reshape(-1)[0] if arr.size else None
+        first = first.item() if hasattr(first, "item") else first
+        raise DataError(f"{where}: {what} must be real numbers, got {_NOT_NUMBERS.get(arr.dtype.kind, 'other')} "
+                        f"values ({arr.dtype}; first: {first!r})")
+    return arr
+
+
 def _atomic_numbers(numbers, where: str) -> np.ndarray:
     """[N] int64 atomic numbers; a value that is not a whole number (6.5, NaN, a string) is a
     DataError naming the atom (``astype`` would silently truncate 6.5 to carbon)."""
     raw = np.asarray(numbers).reshape(-1)
-    if raw.dtype.kind in "iub":
+    if raw.dtype.kind in "iu":
         return raw.astype(np.int64)
     try:
+        if raw.dtype.kind in "bc":  # True would be hydrogen; 6+1j carbon
+            raise TypeError
         values = raw.astype(np.float64)
     except (TypeError, ValueError):
         raise DataError(f"{where}: atomic numbers must be whole numbers, got {raw.dtype} values "
