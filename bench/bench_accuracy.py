@@ -673,8 +673,9 @@ def load_scores(paths: Sequence[str]) -> dict:
             s = json.loads(p.read_text())
         except (OSError, ValueError) as exc:
             raise DataError(f"{p}: not a readable scores file ({exc})") from None
-        if s.get("side") not in SIDES or "points" not in s:
+        if not isinstance(s, dict) or s.get("side") not in SIDES or "points" not in s:
             raise DataError(f"{p}: not a scores file of this benchmark (no side/points)")
+        check_scores(s, p)
         key, run = s.get("data", "?"), s.get("run", s["side"])
         if run in runs.setdefault(key, {}):
             raise DataError(f"two {run} runs for {key}: {runs[key][run]['_path']} and {p}; "
@@ -683,6 +684,33 @@ def load_scores(paths: Sequence[str]) -> dict:
         s.setdefault("label", LABELS.get(run, run))
         runs[key][run] = s
     return runs
+
+
+def _is_number(value, whole: bool = False) -> bool:
+    return isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+
+
+def check_scores(s: dict, p) -> None:
+    """A one-line DataError for a scores file whose fields the report cannot use (a hand-edited or
+    foreign file: the table and plot would stop with a traceback, or a 'data' name with a '/'
+    would put accuracy_<data>.png outside the report folder)."""
+    for key in ("data", "run", "label"):
+        value = s.get(key)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise DataError(f"{p}: '{key}' must be a name, got {value!r}")
+    data = s.get("data")
+    if data is not None and (any(c in data for c in "/\\\0") or data in (".", "..")):
+        raise DataError(f"{p}: 'data' {data!r} must be a data set name, not a path")
+    if not isinstance(s["points"], list):
+        raise DataError(f"{p}: 'points' must be a list of scored checkpoints, got {type(s['points']).__name__}")
+    for k, point in enumerate(s["points"]):
+        fields = ("t", "step", "forces_mae", "energy_mae")
+        if not isinstance(point, dict) or not all(_is_number(point.get(f), whole=f == "step") for f in fields):
+            raise DataError(f"{p}: point {k} needs numbers t, step (whole), forces_mae and energy_mae, got {point!r}"[:300])
+    for key in ("parameters", "budget_s", "steps_per_s", "fit_to_train_s", "save_seconds"):
+        value = s.get(key)
+        if value is not None and not _is_number(value, whole=key == "parameters"):
+            raise DataError(f"{p}: '{key}' must be a {'whole ' if key == 'parameters' else ''}number or null, got {value!r}")
 
 
 def run_key(args) -> str:
@@ -736,7 +764,7 @@ def comparison(runs: dict) -> tuple[str, dict]:
         if a.get("device") != b.get("device"):
             derived["warnings"].append(f"different devices: {a.get('device')} vs {b.get('device')}")
         ref, new = sums["torchmdnet"], sums["torchmdx"]
-        if ref["final_f"] is not None and new["final_f"] is not None:
+        if ref["final_f"] and new["final_f"] is not None:  # a reference MAE of 0 has no ratio
             pts = runs["torchmdx"]["points"]
             derived["time_to_reach"] = time_to_reach([p["t"] for p in pts], [p["forces_mae"] for p in pts],
                                                      ref["final_f"])
@@ -872,6 +900,11 @@ def plot(runs: dict, name: str, path: Path) -> Path:
 def cmd_report(args) -> int:
     runs = load_scores(args.dirs)
     out = Path(args.out) if args.out else (Path(args.dirs[0]) if Path(args.dirs[0]).is_dir() else Path(args.dirs[0]).parent)
+    from torchmdx.io_utils import unwritable_folder
+
+    problem = unwritable_folder(out)
+    if problem:
+        raise ConfigError(f"--out {out}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     for name, by_side in sorted(runs.items()):
         table, derived = comparison(by_side)

@@ -169,6 +169,9 @@ class MDConfig:
                 bad("pressure", "needs --engine ase: the native engine has no barostat yet (constant volume only)")
             if self.ensemble not in ("langevin", "nose-hoover", "nve"):
                 bad("pressure", f"works with the langevin or nose-hoover (NPT) or nve (NPH) ensemble, not {self.ensemble}")
+        if self.engine == "ase" and self.atom_order in ("hilbert", "morton"):  # was silently ignored
+            bad("atom_order", f"'{self.atom_order}' needs the native engine (--engine ase runs the atoms in the "
+                              "input order); leave it out or drop --engine ase")
         if self.engine == "ase" and self.ensemble == "langevin" and not self.friction > 0:
             bad("friction", "must be > 0 1/ps for ASE's Langevin integrator")
         if not self.barostat_tau > 0:
