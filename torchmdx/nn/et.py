@@ -267,6 +267,10 @@ class ETRepresentation(nn.Module):
                 filters = [tuple(t.split([e, 1]) if t is not None else (None, None) for t in pair) for pair in rows]
                 filters = [(dk, dv, (dk0.squeeze(0) if dk0 is not None else None, dv0.squeeze(0) if dv0 is not None else None))
                            for (dk, dk0), (dv, dv0) in filters]
+            if self.config.vector_cutoff:
+                # phi is 0 on every invalid edge (edge_features) and scales the whole message
+                # here, so the mask's own products would change nothing: leave them out
+                edge_mask = None
         for layer, layer_filters in zip(self.layers, filters):
             x, vec = layer(x, vec, edge_index, rbf, phi, unit, edge_mask, self_rbf, self_cutoff, message, compiled=compiled,
                            filters=layer_filters)
