@@ -22,7 +22,9 @@ Workloads (``--workloads``):
 Variants (``--variants``): ``eager`` (``train.cuda_graph: false``), ``graph`` (captured step,
 model's autograd, training split on the GPU), ``graph-host`` (the same with the host loader),
 ``graph-compiled`` (the captured step through the traced, compiled whole-model graph),
-``graph-ref`` (``graph`` with the torch reference message path instead of the fused kernels),
+``graph-ref`` (``graph`` with ``model.backend: torch``, the reference message path; ``backend:
+auto`` trains on it too since 2026-12-05), ``graph-fused`` (``model.backend: triton``: the fused
+kernels in the forward and force passes),
 ``graph-compiled-again`` (run after ``graph-compiled``: the second start, from the compile cache).
 ``NAME:SECONDS`` gives one variant its own budget (``--variants graph:40,graph-compiled:160``).
 
@@ -54,6 +56,10 @@ VARIANTS = {
     # is the reference anyway; 21.4 vs 24.3 ms per 32-aspirin step on an H100, 2026-11-25)
     "graph-ref": ["train.cuda_graph=true", "train.cuda_graph_compile=false", "data.device_resident=true",
                   "model.backend=torch"],
+    # the fused Triton kernels in the training step's forward and force passes (``backend: auto``
+    # trains on the reference path since 2026-12-05: torchmdx.nn.potential.AUTO_TRAINING_BACKEND)
+    "graph-fused": ["train.cuda_graph=true", "train.cuda_graph_compile=false", "data.device_resident=true",
+                    "model.backend=triton"],
 }
 
 

@@ -417,3 +417,21 @@ def test_cutoff_larger_than_half_box_is_refused():
     atoms.set_cell(np.diag([9.0, 12.0, 12.0]), scale_atoms=True)
     with pytest.raises(NeighborListError, match="structure 0.*half the perpendicular width"):
         model(atoms)
+
+
+def test_auto_backend_trains_on_the_reference_message_path():
+    """backend 'auto': a training-mode call with gradients on takes AUTO_TRAINING_BACKEND (the
+    reference path; its double backward is the reference anyway), evaluation keeps 'auto' (the
+    fused kernels on CUDA); an explicit backend is never replaced."""
+    from torchmdx.nn.potential import AUTO_TRAINING_BACKEND
+
+    model = small_model()
+    model.train()
+    assert model.message_backend() == AUTO_TRAINING_BACKEND == "torch"
+    with torch.no_grad():
+        assert model.message_backend() == "auto"
+    model.eval()
+    assert model.message_backend() == "auto"
+    model.train()
+    model.backend = "triton"
+    assert model.message_backend() == "triton"

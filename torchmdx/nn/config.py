@@ -55,7 +55,9 @@ class ModelConfig:
                          'torchmdnet_mean' = sum / (n + 1), what TorchMD-NET 3.0's 'mean' computes
                          (its scatter includes the zero it starts from); set by the importer
     dtype                parameter dtype
-    backend              message passing: 'auto' (Triton on CUDA when available, else torch),
+    backend              message passing: 'auto' (Triton on CUDA when available, else torch;
+                         training steps, which differentiate the forces once more, take the
+                         torch reference: :data:`torchmdx.nn.potential.AUTO_TRAINING_BACKEND`),
                          'torch' (reference) or 'triton'
     seed                 seed of the weight initialisation (None: torch's global RNG)
     """
