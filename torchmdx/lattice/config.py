@@ -85,7 +85,9 @@ class DataConfig:
     per chain every ``every`` sweeps, after ``thermalize_sweeps``. ``step``: width of the local
     proposal (old spin + step * Gaussian, renormalised); null: uniform on the sphere.
     ``previous_runs``: run folders of earlier SLMC runs of the same model whose chains'
-    configurations (``configurations_<model>.pt``, with exact Ω) join the training data."""
+    configurations (``configurations_<model>.pt``, with exact Ω) join the training data;
+    ``previous_proposals``: their SLMC proposals too, accepted or not (``proposals_<model>.pt``:
+    the configurations the effective models proposed, where their errors cost acceptance)."""
 
     chains: int = 16
     thermalize_sweeps: int = 50
@@ -93,6 +95,7 @@ class DataConfig:
     every: int = 1
     step: Optional[float] = 0.5
     previous_runs: list[str] = field(default_factory=list)
+    previous_proposals: bool = False
 
     def validate(self, section: str = "data") -> None:
         bad = partial(bad_key, section)
@@ -119,6 +122,10 @@ class EffectiveConfig:
     ``batch_size``,
     early stopping after ``patience`` epochs without a better validation error on the
     ``val_fraction`` held out (one split for all models).
+    ``init_from``: a finished run folder of the same lattice model and transformer shape; a
+    transformer whose depth it has (``models/transformer-<layers>.pt``) starts from that trained
+    model instead (a self-learning round that continues training; other depths grow or start
+    from the linear fit as above).
     """
 
     layers: list[int] = field(default_factory=lambda: [1, 2, 4])
@@ -135,6 +142,7 @@ class EffectiveConfig:
     batch_size: int = 256
     val_fraction: float = 0.2
     patience: int = 50
+    init_from: Optional[str] = None
 
     def validate(self, section: str = "effective") -> None:
         bad = partial(bad_key, section)

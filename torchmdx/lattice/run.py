@@ -20,6 +20,7 @@ Run folder::
     data.csv              exact local-update samples
     samples_<model>.csv   SLMC samples (step, chain, accepted, omega, energy, filling, e_eff, m, m_stag)
     configurations_<model>.pt   the SLMC chain's configurations and exact Ω (data.previous_runs of a later run)
+    proposals_<model>.pt  every SLMC proposal, accepted or not, with exact Ω (data.previous_proposals)
     models/<model>.pt     effective models (torchmdx.lattice.effective.load_effective)
     summary.json, acceptance_vs_layers.png, structure_factor.png
 
@@ -96,8 +97,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def load_previous_runs(cfg: SLMCRunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(spins, Ω) of every ``configurations_*.pt`` in the folders ``data.previous_runs``: SLMC
-    configurations of earlier runs of the same lattice model (same lattice section, same μ)."""
+    """(spins, Ω) of every ``configurations_*.pt`` (and with ``data.previous_proposals`` every
+    ``proposals_*.pt``) in the folders ``data.previous_runs``: SLMC configurations of earlier runs
+    of the same lattice model (same lattice section, same μ)."""
     import yaml
 
     out = []
@@ -111,6 +113,12 @@ def load_previous_runs(cfg: SLMCRunConfig) -> list[tuple[torch.Tensor, torch.Ten
         if (saved or {}).get("lattice") != to_dict(cfg.lattice):
             raise ConfigError(f"config key 'data.previous_runs': {folder} sampled another model "
                               f"(lattice {(saved or {}).get('lattice')}); its energies do not apply here")
+        if cfg.data.previous_proposals:
+            proposals = sorted(folder.glob("proposals_*.pt"))
+            if not proposals:
+                raise ConfigError(f"config key 'data.previous_proposals': {folder} holds no proposals_*.pt "
+                                  "(written by torchmdx slmc runs from this version on)")
+            files += proposals
         for path in files:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             out.append((payload["spins"], payload["omega"]))
@@ -184,7 +192,7 @@ class SLMCRun:
 
     def _check_previous_mu(self) -> None:
         for folder in self.cfg.data.previous_runs:
-            for path in sorted(Path(folder).glob("configurations_*.pt")):
+            for path in sorted(Path(folder).glob("configurations_*.pt")) + sorted(Path(folder).glob("proposals_*.pt")):
                 mu = torch.load(path, map_location="cpu", weights_only=True)["mu"]
                 if abs(mu - self.exact.mu) > 1e-9:
                     raise ConfigError(f"config key 'data.previous_runs': {path} was sampled at μ = {mu} "
@@ -204,6 +212,9 @@ class SLMCRun:
         if not isinstance(ck, dict) or not {"config", "mu", "generator"} <= set(ck):
             raise TorchmdxError(f"{path}: not a checkpoint of torchmdx slmc (no config, mu and generator state)")
         saved, now = _flatten(ck.get("config", {})), _flatten(self.cfg.to_dict())
+        # keys added after the run started had their default value in it
+        defaults = _flatten(SLMCRunConfig().to_dict())
+        saved.update({k: defaults[k] for k in set(now) - set(saved) if k in defaults})
         for key in sorted(set(saved) | set(now)):
             if key.split(".")[0] not in RESUME_MUTABLE and saved.get(key) != now.get(key):
                 raise ConfigError(f"--resume: config key '{key}' is {now.get(key)!r} but the run in {self.run_dir} "
@@ -322,7 +333,10 @@ class SLMCRun:
         name = self.names[index]
         model = self.build_model(name)
         grown_from = None
-        if isinstance(model, EquivariantTransformer) and self.cfg.effective.grow:
+        started_from = self.trained_start(name, model)
+        if started_from is not None:
+            grown_from = started_from
+        elif isinstance(model, EquivariantTransformer) and self.cfg.effective.grow:
             shallower = [n for n in self.ck["trained"] if n.startswith("transformer-")]
             if shallower:
                 grown_from = max(shallower, key=lambda n: int(n.split("-")[1]))
@@ -334,6 +348,7 @@ class SLMCRun:
         spins, energies = self.training_set()
         fit = self.fit(model, spins, energies, desc=f"fit {name}", init_readout=grown_from is None)
         fit["grown_from"] = grown_from
+        fit["init_from"] = started_from
         fit["configurations"] = len(spins)
         fit_seconds = time.perf_counter() - t0
         samples = torch.cat(self.ck["data"]["samples"])
@@ -351,6 +366,30 @@ class SLMCRun:
                    "local_acceptance": [], "log_ratio": [], "visited": [], "csv_rows": 0}
         self.ck["current"] = current
         return current
+
+    def trained_start(self, name: str, model: torch.nn.Module) -> Optional[str]:
+        """Load ``effective.init_from``/models/<name>.pt into ``model`` when that file exists
+        (transformers only); returns its path, or None. A model of another shape, lattice or μ
+        is refused in one line."""
+        folder = self.cfg.effective.init_from
+        if folder is None or not isinstance(model, EquivariantTransformer):
+            return None
+        if not Path(folder).is_dir():
+            raise ConfigError(f"config key 'effective.init_from': {folder} is not a folder (a finished torchmdx slmc run)")
+        path = Path(folder) / "models" / f"{name}.pt"
+        if not path.is_file():
+            return None
+        from torchmdx.lattice.effective import load_effective
+
+        trained, meta = load_effective(path)
+        if trained.hyper() != model.hyper():
+            raise ConfigError(f"config key 'effective.init_from': {path} is {trained.hyper()} but this run's {name} is "
+                              f"{model.hyper()}")
+        if meta.get("lattice") != to_dict(self.cfg.lattice) or abs(float(meta.get("mu", math.nan)) - self.exact.mu) > 1e-9:
+            raise ConfigError(f"config key 'effective.init_from': {path} was trained on another model "
+                              f"(lattice {meta.get('lattice')}, μ = {meta.get('mu')})")
+        model.load_state_dict(trained.state_dict())
+        return str(path)
 
     def run_model(self, index: int) -> None:
         sc = self.cfg.slmc
@@ -388,6 +427,7 @@ class SLMCRun:
                 current["local_acceptance"].append(info["local_acceptance"].mean().item())
                 current["log_ratio"].append(info["log_ratio"].clone())
                 current["visited"].append((chain.spins.clone(), chain.energy.clone()))
+                current.setdefault("proposals", []).append((info["proposed"].clone(), info["proposed_energy"].clone()))
                 log.write([[step, c, int(accept[c])] + [float(values[k][c]) for k in SAMPLE_FIELDS[3:]]
                            for c in range(sc.chains)])
                 current["csv_rows"] = log.rows
@@ -427,6 +467,7 @@ class SLMCRun:
                                  else math.nan),
             "local_acceptance": float(np.mean(current["local_acceptance"])),
             **log_ratio_statistics(torch.stack(current["log_ratio"])),
+            **expected_acceptance(torch.stack(current["log_ratio"])),
             "local_updates_per_step": max(1, int(round(sc.local_sweeps * self.n_sites))),
             "steps": sc.steps,
             "chains": sc.chains,
@@ -448,6 +489,12 @@ class SLMCRun:
         with atomic_write(self.run_dir / f"configurations_{current['name']}.pt") as f:
             torch.save({"lattice": to_dict(self.cfg.lattice), "mu": self.exact.mu,
                         "spins": torch.cat([v[0] for v in visited]), "omega": torch.cat([v[1] for v in visited])}, f)
+        if current.get("proposals"):
+            proposals = current["proposals"]
+            with atomic_write(self.run_dir / f"proposals_{current['name']}.pt") as f:
+                torch.save({"lattice": to_dict(self.cfg.lattice), "mu": self.exact.mu,
+                            "spins": torch.cat([p[0] for p in proposals]),
+                            "omega": torch.cat([p[1] for p in proposals])}, f)
         self.ck["results"].append(result)
         self.ck["trained"][current["name"]] = (model.hyper(), model.state_dict())
         self.ck["current"] = None
@@ -523,6 +570,17 @@ def log_ratio_statistics(log_ratio: torch.Tensor) -> dict:
             "acceptance_from_log_ratio_std": math.erfc(s / (2 * math.sqrt(2))) if s == s else math.nan}
 
 
+def expected_acceptance(log_ratio: torch.Tensor) -> dict:
+    """The acceptance as the mean of min(1, e^r) over the log ratios r [steps, chains] of every
+    proposal (the expectation of the accept indicator given the proposal: the same mean without
+    the coin's own variance), with its error from the spread of the per-chain means."""
+    p = log_ratio.clamp(max=0.0).exp()
+    per_chain = p.mean(0)
+    n = per_chain.numel()
+    return {"acceptance_expected": float(per_chain.mean()),
+            "acceptance_expected_error": float(per_chain.std() / math.sqrt(n)) if n > 1 else math.nan}
+
+
 def _chain_mean_and_error(per_chain: torch.Tensor) -> dict:
     """S(q) [Nq] and its error from per-chain means [chains, Nq] (independent chains)."""
     chains = per_chain.shape[0]
@@ -553,10 +611,13 @@ def format_summary(summary: dict, run_dir: Path) -> str:
     ref = summary["exact_local_mc"]
     lines = [f"μ = {summary['mu']:.6g}   exact local MC: Ω/N = {ref['omega']:.5f} ± {ref['omega_error']:.5f}, "
              f"m_s = {ref['m_stag']:.4f} ± {ref['m_stag_error']:.4f}, τ(Ω) = {ref['tau_omega']:.2f} samples",
-             f"{'model':<16}{'params':>7}{'β·rmse':>9}{'accept':>14}{'τ(Ω)':>8}{'Ω/N':>20}{'m_s':>18}"]
+             f"{'model':<16}{'params':>7}{'β·rmse':>9}{'accept':>14}{'E[min(1,e^r)]':>16}{'τ(Ω)':>8}{'Ω/N':>20}"
+             f"{'m_s':>18}"]
     for r in summary["models"]:
+        expected = (f"{r['acceptance_expected']:>8.3f} ± {r['acceptance_expected_error']:.3f}"
+                    if "acceptance_expected" in r else f"{'-':>16}")
         lines.append(f"{r['name']:<16}{r['parameters']:>7}{r['fit']['beta_val_rmse']:>9.3f}"
-                     f"{r['acceptance']:>8.3f} ± {r['acceptance_error']:.3f}{r['tau_omega']:>8.2f}"
+                     f"{r['acceptance']:>8.3f} ± {r['acceptance_error']:.3f}{expected}{r['tau_omega']:>8.2f}"
                      f"{r['omega']:>11.5f} ± {r['omega_error']:.5f}{r['m_stag']:>9.4f} ± {r['m_stag_error']:.4f}")
     lines.append(f"run folder {run_dir}: summary.json, acceptance_vs_layers.png, structure_factor.png, "
                  "samples_<model>.csv, models/")

@@ -98,7 +98,8 @@ def slmc_step(state: ChainState, exact_fn: EnergyFn, effective_fn: EnergyFn, bet
               proposal: LocalProposal, generator: torch.Generator, accept_all: bool = False
               ) -> tuple[ChainState, torch.Tensor, dict]:
     """One SLMC step for every chain. Returns the new state, the accepted mask [B] and
-    diagnostics (the local acceptance of the effective run, the log acceptance ratios).
+    diagnostics (the local acceptance of the effective run, the log acceptance ratios, the
+    proposed spins and their exact energies).
     ``exact_fn`` returns the exact energies [B], or a dict with them under ``omega`` and other
     per-chain values that follow the chains (``state.extras``).
     ``accept_all`` skips the exact correction (a broken sampler: for tests only)."""
@@ -116,7 +117,8 @@ def slmc_step(state: ChainState, exact_fn: EnergyFn, effective_fn: EnergyFn, bet
         effective_energy=torch.where(accept, eff_new, state.effective_energy),
         extras={k: torch.where(accept, v, state.extras[k]) for k, v in extras_new.items()},
     )
-    info = {"local_acceptance": local_acc.double() / max(int(n_local), 1), "log_ratio": log_ratio}
+    info = {"local_acceptance": local_acc.double() / max(int(n_local), 1), "log_ratio": log_ratio,
+            "proposed": proposed, "proposed_energy": exact_new}
     return new, accept, info
 
 
