@@ -505,7 +505,7 @@ def _torchmdx_version() -> str:
     import torchmdx
 
     try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        rev = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True,
                              timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
