@@ -138,6 +138,10 @@ class Potential(torch.nn.Module):
     cutoff: float = 0.0
     #: can :class:`torchmdx.nn.traced.TracedForces` trace :meth:`atomic_energies` into one graph?
     traceable: bool = False
+    #: may ``compile: auto`` pick that whole-model graph for small systems on CUDA
+    #: (:func:`torchmdx.nn.traced.compile_mode`)? An explicit ``compile: whole`` needs only
+    #: :attr:`traceable`; this says the compile cost was measured and pays for itself
+    whole_graph_auto: bool = True
     #: set while it is being traced: no host reads or checks, torch reference kernels only
     tracing: bool = False
     _atom_order: str = "input"

@@ -155,8 +155,8 @@ def compile_mode(mode, device, num_atoms: int, potential) -> str:
 
     "auto": off on the CPU (the compiled graphs are for GPUs; on the CPU they mainly cost compile
     time); on CUDA "whole" up to :data:`WHOLE_GRAPH_MAX_ATOMS` atoms when the potential can be
-    traced, else "parts". An explicit "whole" for a potential that cannot be traced falls back
-    to "parts"."""
+    traced and allows it (:attr:`Potential.whole_graph_auto`), else "parts". An explicit "whole"
+    for a potential that cannot be traced falls back to "parts"."""
     from torchmdx.errors import ConfigError
 
     if mode is None or mode is True:
@@ -169,7 +169,8 @@ def compile_mode(mode, device, num_atoms: int, potential) -> str:
     if mode == "auto":
         if torch.device(device).type != "cuda":
             return "off"
-        mode = "whole" if num_atoms <= WHOLE_GRAPH_MAX_ATOMS else "parts"
+        small = num_atoms <= WHOLE_GRAPH_MAX_ATOMS
+        mode = "whole" if small and getattr(potential, "whole_graph_auto", True) else "parts"
     if mode == "whole" and not traceable:
         return "parts"
     return mode

@@ -9,8 +9,12 @@ with y_a the representation's invariant output. The normalisation buffers, their
 ``set_normalisation`` / ``normalisation``, the element check and the overlap check are the ET's
 (:class:`torchmdx.nn.normalised.NormalisedPotential`), so training, export and the calculator
 treat both alike. Forces and stress
-come from the base class by autograd. Not traceable into the ET's whole-model graph
-(``traceable = False``) and without compiled parts: the MD engine and the calculator run it eagerly.
+come from the base class by autograd. Traceable into one whole-model graph
+(:class:`torchmdx.nn.traced.TracedForces`: ``compile: whole`` for the calculator and MD,
+``train.cuda_graph_compile: true`` for training; equal to the eager model in float64, tested),
+but ``compile: auto`` does not pick it (``whole_graph_auto = False``): its compile time on a GPU
+is not measured yet (~110 s for a 2-layer test model on this project's CPU), and without
+compiled parts ``auto`` runs it eagerly, captured as a CUDA graph where shapes allow.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ class EquiformerPotential(NormalisedPotential):
     """
 
     kind = "equiformer"
-    traceable = False
+    traceable = True
+    whole_graph_auto = False
 
     def __init__(self, config: Union[EquiformerConfig, Mapping, str, None] = None, **overrides):
         super().__init__()
