@@ -271,6 +271,12 @@ CASES = [
 
 @pytest.mark.parametrize("setup, fragments", CASES, ids=[c[0].__name__ for c in CASES])
 def test_refused_with_one_line_and_nothing_written(tmp_path, shared_data, capsys, monkeypatch, setup, fragments):
+    refused_without_writes(tmp_path, shared_data, capsys, monkeypatch, setup, fragments)
+
+
+def refused_without_writes(tmp_path, shared_data, capsys, monkeypatch, setup, fragments):
+    """The CLI arguments ``setup`` makes give one error line holding ``fragments``, and nothing
+    under ``tmp_path`` (the working folder) changes."""
     monkeypatch.chdir(tmp_path)
     args = [str(a) for a in setup(tmp_path, shared_data)]
     before = snapshot(tmp_path)

@@ -9,7 +9,6 @@ nothing added or removed). Python-API cases follow the table.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,7 +22,8 @@ import yaml
 from torchmdx.cli.main import main
 
 from test_bad_inputs_md import one_error_line, snapshot
-from test_bad_inputs_more import _config, _ethanol, _lj_and_argon, _npz, _split_file
+from test_bench_accuracy import bench  # noqa: F401 (the fixture: bench/bench_accuracy.py as a module)
+from test_bad_inputs_more import _config, _ethanol, _lj_and_argon, _npz, _split_file, refused_without_writes
 
 ROOT = Path(__file__).resolve().parents[1]
 ANI1X = ("ani", "ani1x_xtb.h5")
@@ -229,12 +229,7 @@ CASES = [
 
 @pytest.mark.parametrize("setup, fragments", CASES, ids=[c[0].__name__ for c in CASES])
 def test_refused_with_one_line_and_nothing_written(tmp_path, shared_data, capsys, monkeypatch, setup, fragments):
-    monkeypatch.chdir(tmp_path)
-    args = [str(a) for a in setup(tmp_path, shared_data)]
-    before = snapshot(tmp_path)
-    capsys.readouterr()
-    one_error_line(main(args), capsys.readouterr(), fragments)
-    assert snapshot(tmp_path) == before
+    refused_without_writes(tmp_path, shared_data, capsys, monkeypatch, setup, fragments)
 
 
 def test_whole_number_split_scalars_still_load(tmp_path):
@@ -286,12 +281,6 @@ def test_openmm_plugin_imported_before_openmm_ml():
 
 
 # ---------------------------------------------------------------------------------- bench_accuracy.py report
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy_round3", ROOT / "bench" / "bench_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 GOOD = {"side": "torchmdx", "data": "ethanol", "parameters": 10, "budget_s": 60.0, "sizes": [7, 5, 2],
