@@ -86,8 +86,9 @@ class DataConfig:
     proposal (old spin + step * Gaussian, renormalised); null: uniform on the sphere.
     ``previous_runs``: run folders of earlier SLMC runs of the same model whose chains'
     configurations (``configurations_<model>.pt``, with exact Ω) join the training data;
-    ``previous_proposals``: their SLMC proposals too, accepted or not (``proposals_<model>.pt``:
-    the configurations the effective models proposed, where their errors cost acceptance)."""
+    ``previous_proposals``: their SLMC proposals too, accepted or not (``proposals_<model>.pt``
+    where a folder has them: the configurations the effective models proposed, where their
+    errors cost acceptance)."""
 
     chains: int = 16
     thermalize_sweeps: int = 50

@@ -98,11 +98,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def load_previous_runs(cfg: SLMCRunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(spins, Ω) of every ``configurations_*.pt`` (and with ``data.previous_proposals`` every
-    ``proposals_*.pt``) in the folders ``data.previous_runs``: SLMC configurations of earlier runs
+    ``proposals_*.pt``, refused when there are none) in the folders ``data.previous_runs``: SLMC configurations of earlier runs
     of the same lattice model (same lattice section, same μ)."""
     import yaml
 
     out = []
+    found_proposals = False
     for folder in cfg.data.previous_runs:
         folder = Path(folder)
         files = sorted(folder.glob("configurations_*.pt"))
@@ -115,13 +116,14 @@ def load_previous_runs(cfg: SLMCRunConfig) -> list[tuple[torch.Tensor, torch.Ten
                               f"(lattice {(saved or {}).get('lattice')}); its energies do not apply here")
         if cfg.data.previous_proposals:
             proposals = sorted(folder.glob("proposals_*.pt"))
-            if not proposals:
-                raise ConfigError(f"config key 'data.previous_proposals': {folder} holds no proposals_*.pt "
-                                  "(written by torchmdx slmc runs from this version on)")
+            found_proposals = found_proposals or bool(proposals)
             files += proposals
         for path in files:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             out.append((payload["spins"], payload["omega"]))
+    if cfg.data.previous_proposals and not found_proposals:
+        raise ConfigError("config key 'data.previous_proposals': none of data.previous_runs holds proposals_*.pt "
+                          "(written by torchmdx slmc runs from this version on)")
     return out
 
 
