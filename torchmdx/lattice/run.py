@@ -482,6 +482,10 @@ class SLMCRun:
         seconds_per_step = result["slmc_seconds"] / sc.steps
         result["seconds_per_independent_sample"] = 2 * result["tau_omega"] * seconds_per_step / sc.chains
         result.update(_chain_mean_and_error(current["sq_sum"] / sc.steps))
+        if current.get("proposals"):
+            cat = lambda pairs: (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))  # noqa: E731
+            result.update(residual_decomposition(model, cat(current["visited"]), cat(current["proposals"]), self.beta,
+                                                 sc.chains))
         model_dir = self.run_dir / "models"
         model_dir.mkdir(exist_ok=True)
         save_effective(model, model_dir / f"{current['name']}.pt",
@@ -570,6 +574,26 @@ def log_ratio_statistics(log_ratio: torch.Tensor) -> dict:
     s = float(log_ratio.std()) if log_ratio.numel() > 1 else math.nan
     return {"log_ratio_mean": float(log_ratio.mean()), "log_ratio_std": s,
             "acceptance_from_log_ratio_std": math.erfc(s / (2 * math.sqrt(2))) if s == s else math.nan}
+
+
+@torch.no_grad()
+def residual_decomposition(model: torch.nn.Module, states: tuple[torch.Tensor, torch.Tensor],
+                           proposals: tuple[torch.Tensor, torch.Tensor], beta: float, chains: int) -> dict:
+    """Where the spread of the log acceptance ratios comes from. The log ratio of a proposal y
+    from the chain state x is β (r(y) - r(x)) with r = E_eff - Ω, so its spread is
+    β √(RMS_x² + RMS_y² - 2 ρ RMS_x RMS_y). ``states``: (spins, Ω) of the chain after every step,
+    ``proposals``: (spins, Ω) of every step's proposals, both step-major ([steps * chains, ...]);
+    the proposal of step t starts from the state after step t - 1. Returns β·RMS of the residual
+    over the states x and over the proposals y (each about its mean) and their correlation ρ."""
+    def residual(spins, omega):
+        return (torch.cat([model(spins[i:i + 2048]) for i in range(0, len(spins), 2048)]) - omega).reshape(-1, chains)
+
+    x = residual(*states)[:-1].flatten()
+    y = residual(*proposals)[1:].flatten()
+    if len(x) < 2:
+        return {}
+    return {"beta_rmse_states": beta * float(x.std()), "beta_rmse_proposals": beta * float(y.std()),
+            "residual_correlation": float(torch.corrcoef(torch.stack([x, y]))[0, 1])}
 
 
 def expected_acceptance(log_ratio: torch.Tensor) -> dict:
