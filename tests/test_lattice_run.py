@@ -92,6 +92,22 @@ def test_resume_refuses_a_changed_config(tmp_path):
         run_slmc(_config(tmp_path / "other"), resume=True, progress=False)
 
 
+def test_resume_refuses_a_checkpoint_with_pickled_objects(tmp_path):
+    """The checkpoint is read with weights_only=True: a file that needs arbitrary unpickling (here
+    a Fraction among its values) is one line, not code run at load."""
+    import fractions
+
+    from torchmdx.errors import TorchmdxError
+
+    with pytest.raises(Interrupted):
+        run_slmc(_config(tmp_path / "r"), progress=False, stop_after=2)
+    ck = torch.load(tmp_path / "r" / CHECKPOINT, map_location="cpu", weights_only=True)
+    ck["mu"] = fractions.Fraction(1, 3)
+    torch.save(ck, tmp_path / "r" / CHECKPOINT)
+    with pytest.raises(TorchmdxError, match="not a readable checkpoint"):
+        run_slmc(_config(tmp_path / "r"), resume=True, progress=False)
+
+
 @pytest.mark.parametrize("setting,key", [
     ("lattice.L=5", "lattice.L"),
     ("lattice.L=2", "lattice.L"),

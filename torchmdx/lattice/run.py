@@ -208,7 +208,7 @@ class SLMCRun:
     def load(self) -> None:
         path = self.run_dir / CHECKPOINT
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
+            ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
             raise TorchmdxError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
         if not isinstance(ck, dict) or not {"config", "mu", "generator"} <= set(ck):
