@@ -23,7 +23,8 @@ from torchmdx.cli.main import main
 
 from test_bad_inputs_md import one_error_line, snapshot
 from test_bench_accuracy import bench  # noqa: F401 (the fixture: bench/bench_accuracy.py as a module)
-from test_bad_inputs_more import _config, _ethanol, _lj_and_argon, _npz, _split_file, refused_without_writes
+from test_bad_inputs_more import (_config, _ethanol, _lj_and_argon, _npz, _split_file, _train_with_split,
+                                  refused_without_writes)
 
 ROOT = Path(__file__).resolve().parents[1]
 ANI1X = ("ani", "ani1x_xtb.h5")
@@ -174,18 +175,9 @@ def npz_true_false_atomic_numbers(t, s):
     return ["data", "info", _npz(t, s, z=_ethanol(s)["z"] > 0), "--cache-dir", t / "cache"]
 
 
-def _train_with_split_scalars(**parts):
-    def setup(t, s):
-        config = _config(t, s)
-        assert main(["data", "prepare", str(config)]) == 0  # the cache exists: the refusal writes nothing
-        return ["train", config, "--set", f"data.split_file={_split_file(t, **parts)}"]
-
-    return setup
-
-
-split_n_structures_text = _train_with_split_scalars(n_structures=np.str_("ten"))      # int('ten') traceback
-split_n_structures_array = _train_with_split_scalars(n_structures=np.array([1, 2]))   # int(array) traceback
-split_seed_fraction = _train_with_split_scalars(seed=np.float64(0.5))                 # truncated to 0
+split_n_structures_text = _train_with_split(n_structures=np.str_("ten"))      # int('ten') traceback
+split_n_structures_array = _train_with_split(n_structures=np.array([1, 2]))   # int(array) traceback
+split_seed_fraction = _train_with_split(seed=np.float64(0.5))                 # truncated to 0
 split_n_structures_text.__name__ = "split_n_structures_text"
 split_n_structures_array.__name__ = "split_n_structures_array"
 split_seed_fraction.__name__ = "split_seed_fraction"
