@@ -295,6 +295,13 @@ class SLMCRun:
             spins, energies = torch.cat([spins, s]), torch.cat([energies, e])
         return spins, energies
 
+    def _save_configurations(self, name: str, spins_and_omega: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """``name`` in the run folder: spins and exact Ω with the lattice section and μ they belong
+        to (read back by :func:`load_previous_runs`)."""
+        spins, omega = spins_and_omega
+        with atomic_write(self.run_dir / name) as f:
+            torch.save({"lattice": to_dict(self.cfg.lattice), "mu": self.exact.mu, "spins": spins, "omega": omega}, f)
+
     # ------------------------------------------------------------------ stage 2: models
     def build_model(self, name: str) -> torch.nn.Module:
         ec = self.cfg.effective
@@ -482,25 +489,18 @@ class SLMCRun:
         seconds_per_step = result["slmc_seconds"] / sc.steps
         result["seconds_per_independent_sample"] = 2 * result["tau_omega"] * seconds_per_step / sc.chains
         result.update(_chain_mean_and_error(current["sq_sum"] / sc.steps))
-        if current.get("proposals"):
-            cat = lambda pairs: (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))  # noqa: E731
-            result.update(residual_decomposition(model, cat(current["visited"]), cat(current["proposals"]), self.beta,
-                                                 sc.chains))
+        visited = _stacked(current["visited"])
+        proposals = _stacked(current["proposals"]) if current.get("proposals") else None
+        if proposals is not None:
+            result.update(residual_decomposition(model, visited, proposals, self.beta, sc.chains))
         model_dir = self.run_dir / "models"
         model_dir.mkdir(exist_ok=True)
         save_effective(model, model_dir / f"{current['name']}.pt",
                        {"lattice": to_dict(self.cfg.lattice), "mu": self.exact.mu, "fit": current["fit"]})
-        # the configurations this chain visited, with exact Ω: training data for later runs
-        visited = current["visited"]
-        with atomic_write(self.run_dir / f"configurations_{current['name']}.pt") as f:
-            torch.save({"lattice": to_dict(self.cfg.lattice), "mu": self.exact.mu,
-                        "spins": torch.cat([v[0] for v in visited]), "omega": torch.cat([v[1] for v in visited])}, f)
-        if current.get("proposals"):
-            proposals = current["proposals"]
-            with atomic_write(self.run_dir / f"proposals_{current['name']}.pt") as f:
-                torch.save({"lattice": to_dict(self.cfg.lattice), "mu": self.exact.mu,
-                            "spins": torch.cat([p[0] for p in proposals]),
-                            "omega": torch.cat([p[1] for p in proposals])}, f)
+        # the configurations this chain visited, and its proposals, with exact Ω: training data for later runs
+        self._save_configurations(f"configurations_{current['name']}.pt", visited)
+        if proposals is not None:
+            self._save_configurations(f"proposals_{current['name']}.pt", proposals)
         self.ck["results"].append(result)
         self.ck["trained"][current["name"]] = (model.hyper(), model.state_dict())
         self.ck["current"] = None
@@ -594,6 +594,11 @@ def residual_decomposition(model: torch.nn.Module, states: tuple[torch.Tensor, t
         return {}
     return {"beta_rmse_states": beta * float(x.std()), "beta_rmse_proposals": beta * float(y.std()),
             "residual_correlation": float(torch.corrcoef(torch.stack([x, y]))[0, 1])}
+
+
+def _stacked(pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(spins, Ω), ...] per step -> (all spins, all Ω), step-major."""
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
 
 def expected_acceptance(log_ratio: torch.Tensor) -> dict:
