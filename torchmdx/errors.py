@@ -39,3 +39,13 @@ class SimulationError(TorchmdxError):
 
 class NotBuiltError(TorchmdxError):
     """A subcommand or feature that does not exist yet."""
+
+
+def requested_gigabytes(text: str):
+    """The size in GB that torch's CPU allocator was asked for, from its message ("... you tried
+    to allocate N bytes"), or None: out-of-memory errors name that size rather than the message."""
+    import re
+
+    found = re.search(r"allocate (\d+) bytes", text)
+    return int(found.group(1)) / 1e9 if found else None
+

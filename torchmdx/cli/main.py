@@ -15,12 +15,11 @@ import argparse
 import errno
 import importlib
 import os
-import re
 import sys
 import warnings
 
 from torchmdx import __version__
-from torchmdx.errors import TorchmdxError
+from torchmdx.errors import TorchmdxError, requested_gigabytes
 
 COMMANDS = ["train", "md", "evaluate", "data", "export", "bench", "slmc", "sweep", "label"]
 
@@ -94,9 +93,9 @@ def _run(args) -> int:
         if not out_of_memory or os.environ.get("TORCHMDX_TRACEBACK"):
             raise
         detail = (str(exc).splitlines() or [""])[0][:200]
-        asked = re.search(r"allocate (\d+) bytes", detail)
-        if asked:  # torch's allocator message: the size is what helps
-            detail = f"one array of {int(asked.group(1)) / 1e9:.3g} GB"
+        gigabytes = requested_gigabytes(detail)
+        if gigabytes is not None:  # torch's allocator message: the size is what helps
+            detail = f"one array of {gigabytes:.3g} GB"
         print(f"error: ran out of memory ({detail or 'MemoryError'}): check the sizes asked for (--replicas, batch "
               "sizes, model sizes, the number of structures)", file=sys.stderr)
         return 2

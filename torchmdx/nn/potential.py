@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from torchmdx.dtypes import torch_dtype
-from torchmdx.errors import ModelError
+from torchmdx.errors import ModelError, requested_gigabytes
 from torchmdx.nn.base import Graph
 from torchmdx.nn.config import ModelConfig, model_config
 from torchmdx.nn.et import ETRepresentation, compiled_function
@@ -57,11 +57,9 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 def _allocation(exc: BaseException) -> str:
     """'one array of 40 GB' from torch's allocator message, else its first line."""
-    import re
-
-    found = re.search(r"allocate (\d+) bytes", str(exc))
-    if found:
-        return f"one weight array needed {int(found.group(1)) / 1e9:.3g} GB"
+    gigabytes = requested_gigabytes(str(exc))
+    if gigabytes is not None:
+        return f"one weight array needed {gigabytes:.3g} GB"
     return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
