@@ -155,6 +155,10 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    for spec in args.variants.split(","):  # all checked before the first run (each costs GPU minutes)
+        name, _, seconds = spec.partition(":")
+        if name not in VARIANTS or (seconds and not seconds.isdigit()):
+            raise SystemExit(f"--variants: {spec!r} is not NAME or NAME:SECONDS with NAME one of {', '.join(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for workload in args.workloads.split(","):
