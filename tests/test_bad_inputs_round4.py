@@ -150,6 +150,21 @@ def slmc_config_without_lattice(t, s):
     return ["slmc", t / "slmc.yaml", "--no-progress"]
 
 
+def slmc_empty_run_dir(t, s):
+    # run_dir '' wrote checkpoint.pt, data.csv, summary.json, ... into the working folder
+    return ["slmc", _slmc_config(t), "--run-dir", "", "--no-progress"]
+
+
+def slmc_more_chains_than_configurations(t, s):
+    # refused only after the exact Monte Carlo had run (and written the run folder)
+    return ["slmc", _slmc_config(t, slmc__chains=9), "--no-progress"]
+
+
+def slmc_init_from_missing_folder(t, s):
+    # refused only after the exact Monte Carlo and the linear model's SLMC run
+    return ["slmc", _slmc_config(t, effective__init_from=str(t / "missing")), "--no-progress"]
+
+
 CASES = [
     (extxyz_nan_energy_in_frame_1, ["frames.extxyz: frame 1: non-finite energy (nan)"]),
     (extxyz_inf_forces, ["frames.extxyz: frame 1: non-finite forces 'forces' (inf) on atom 1"]),
@@ -169,6 +184,10 @@ CASES = [
     (sweep_grid_bad_flow_value, ["value '[a: b: c]' is not valid YAML"]),
     (slmc_empty_config, ["slmc.yaml: no 'lattice' section"]),
     (slmc_config_without_lattice, ["slmc.yaml: no 'lattice' section"]),
+    (slmc_empty_run_dir, ["config key 'run_dir' (or --run-dir) is empty"]),
+    (slmc_more_chains_than_configurations, ["config key 'slmc.chains' is 9 but the exact run keeps only 8 "
+                                            "configurations (data.chains 2 x data.sweeps 4 / data.every 1)"]),
+    (slmc_init_from_missing_folder, ["config key 'effective.init_from':", "missing is not a folder"]),
 ]
 
 

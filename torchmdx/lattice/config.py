@@ -223,6 +223,19 @@ class SLMCRunConfig:
             raise ConfigError(f"config key 'checkpoint_every' must be >= 1, got {self.checkpoint_every}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"config key 'threads' must be >= 1 or null, got {self.threads}")
+        if str(self.run_dir).strip() in ("", "."):  # wrote the run's files into the working folder
+            raise ConfigError("config key 'run_dir' (or --run-dir) is empty; give a folder for the run, e.g. runs/slmc")
+        kept = self.data.chains * (self.data.sweeps // self.data.every)
+        if self.slmc.chains > kept:  # was found after the exact Monte Carlo had run
+            raise ConfigError(f"config key 'slmc.chains' is {self.slmc.chains} but the exact run keeps only {kept} "
+                              f"configurations (data.chains {self.data.chains} x data.sweeps {self.data.sweeps} / "
+                              f"data.every {self.data.every}) to start them from; raise data.sweeps or data.chains")
+        if self.effective.init_from is not None:
+            from pathlib import Path
+
+            if not Path(self.effective.init_from).is_dir():  # was found after the exact Monte Carlo had run
+                raise ConfigError(f"config key 'effective.init_from': {self.effective.init_from} is not a folder "
+                                  "(a finished torchmdx slmc run)")
         from torchmdx.lattice.geometry import SquareLattice
 
         available = len(SquareLattice(self.lattice.L).shell_d2)
