@@ -139,6 +139,17 @@ def sweep_grid_bad_flow_value(t, s):
     return ["sweep", _config(t, s), "--grid", "data.test_groups=[a: b: c],[d]", "--out", t / "sweep", "--dry-run"]
 
 
+def sweep_grid_key_twice(t, s):
+    # the second --grid of a key silently replaced the first: one point (max_epochs 3) instead of three
+    return ["sweep", _config(t, s), "--grid", "trainer.max_epochs=1,2", "--grid", "trainer.max_epochs=3",
+            "--out", t / "sweep", "--dry-run"]
+
+
+def sweep_empty_out(t, s):
+    # --out '' wrote the plan to sweeps/config/ instead
+    return ["sweep", _config(t, s), "--grid", "model.num_layers=1,2", "--out", "", "--dry-run"]
+
+
 # ---------------------------------------------------------------------------------- slmc
 def slmc_empty_config(t, s):
     (t / "slmc.yaml").write_text("")  # ran the whole default study (L = 4, three transformers) silently
@@ -182,6 +193,8 @@ CASES = [
                                       "data prepare --force"]),
     (sweep_grid_unclosed_bracket, ["--grid 'model.embedding_dimension=[16,32'", "missing its closing ']'"]),
     (sweep_grid_bad_flow_value, ["value '[a: b: c]' is not valid YAML"]),
+    (sweep_grid_key_twice, ["--grid 'trainer.max_epochs=3': key 'trainer.max_epochs' is given twice"]),
+    (sweep_empty_out, ["--out is empty"]),
     (slmc_empty_config, ["slmc.yaml: no 'lattice' section"]),
     (slmc_config_without_lattice, ["slmc.yaml: no 'lattice' section"]),
     (slmc_empty_run_dir, ["config key 'run_dir' (or --run-dir) is empty"]),

@@ -107,6 +107,9 @@ def parse_grid(items: list[str]) -> dict:
         key = key.strip()
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", key):
             raise ConfigError(f"--grid {item!r}: the key must be section.key (e.g. model.embedding_dimension), got {key!r}")
+        if key in grid:  # the later one silently replaced the earlier
+            raise ConfigError(f"--grid {item!r}: key {key!r} is given twice; list all its values in one --grid "
+                              f"({key}=v1,v2,...)")
         texts = [t.strip() for t in _top_level_split(raw, item)]
         if not raw.strip() or any(t == "" for t in texts):
             raise ConfigError(f"--grid {item!r}: give one or more comma-separated values")
@@ -262,6 +265,8 @@ def load_base(config_path, overrides: Optional[list[str]] = None) -> tuple[dict,
 
 def sweep_folder(config_path, out: Optional[str] = None) -> Path:
     """The sweep folder: ``out``, else sweeps/<config name>."""
+    if out is not None and not str(out).strip():  # --out '' silently meant sweeps/<config name>
+        raise ConfigError("--out is empty; give the sweep folder (or leave --out out for sweeps/<config name>)")
     return Path(out) if out else Path("sweeps") / Path(config_path).stem
 
 
