@@ -176,6 +176,17 @@ def slmc_init_from_missing_folder(t, s):
     return ["slmc", _slmc_config(t, effective__init_from=str(t / "missing")), "--no-progress"]
 
 
+def md_restart_with_replicas(t, s):
+    from torchmdx.nn.analytic import LennardJones
+
+    LennardJones(0.0104, 3.4).save(t / "lj.pt")
+    assert main(["md", str(_write_argon(t)), "--model", str(t / "lj.pt"), "--steps", "4", "--no-progress",
+                 "--out", str(t / "a.extxyz")]) == 0
+    # --replicas 2 without a structure file was silently ignored: the file's one structure ran once
+    return ["md", "--model", t / "lj.pt", "--steps", 8, "--no-progress", "--out", t / "a.extxyz",
+            "--restart", t / "a.restart.pt", "--replicas", 2]
+
+
 CASES = [
     (extxyz_nan_energy_in_frame_1, ["frames.extxyz: frame 1: non-finite energy (nan)"]),
     (extxyz_inf_forces, ["frames.extxyz: frame 1: non-finite forces 'forces' (inf) on atom 1"]),
@@ -191,6 +202,8 @@ CASES = [
                                    "checksum written with them"]),
     (data_info_with_a_damaged_cache, ["this cache is damaged (the values of dataset 'forces' do not match",
                                       "data prepare --force"]),
+    (md_restart_with_replicas, ["--replicas 2 copies the structure files, and none is given:",
+                                "a.restart.pt continues its own 1 structure(s)"]),
     (sweep_grid_unclosed_bracket, ["--grid 'model.embedding_dimension=[16,32'", "missing its closing ']'"]),
     (sweep_grid_bad_flow_value, ["value '[a: b: c]' is not valid YAML"]),
     (sweep_grid_key_twice, ["--grid 'trainer.max_epochs=3': key 'trainer.max_epochs' is given twice"]),

@@ -180,6 +180,10 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         structures = read_structures(config.structure, config.index, config.option("index"))
         structures = [_clean(a) for a in structures for _ in range(config.replicas)]
     elif restart_payload is not None:
+        if config.replicas != 1:  # was silently ignored: the file's structures ran once each
+            raise ConfigError(f"{config.option('replicas')} {config.replicas} copies the structure files, and none "
+                              f"is given: {config.restart} continues its own {len(restart_payload['structures'])} "
+                              "structure(s) (leave the option out)")
         structures = list(restart_payload["structures"])
     else:
         raise ConfigError("no structure given (a structure file, or --restart FILE)")
