@@ -276,7 +276,7 @@ def _with_images(pos, owner, cell, pbc, periodic, volume, tol):
     inverse = np.zeros_like(cell)
     inverse[periodic] = np.linalg.inv(cell[periodic])
     on = periodic[owner]
-    frac = np.einsum("ai,aij->aj", pos[on], inverse[owner[on]])
+    frac = _rows_times(pos[on], inverse, owner[on])
     wrap = pbc[owner[on]]
     frac = np.where(wrap, frac - np.floor(frac), frac)
     # perpendicular widths: volume / |b x c| etc.
@@ -294,9 +294,19 @@ def _with_images(pos, owner, cell, pbc, periodic, volume, tol):
             frac, wrap, own, atoms = (np.concatenate([frac, frac[near]]), np.concatenate([wrap, wrap[near]]),
                                       np.concatenate([own, own[near]]), np.concatenate([atoms, atoms[near]]))
             shift = np.concatenate([shift, extra])
-    inside = np.einsum("aj,ajk->ak", frac + shift, cell[own])
+    inside = _rows_times(frac + shift, cell, own)
     off = np.flatnonzero(~on)
     return np.concatenate([pos[off], inside]), np.concatenate([off, atoms]), np.concatenate([owner[off], own])
+
+
+def _rows_times(rows: np.ndarray, matrices: np.ndarray, which: np.ndarray, block: int = 1 << 18) -> np.ndarray:
+    """rows[a] @ matrices[which[a]] for every a, in blocks (the gathered 3 x 3 matrices of a block
+    only: bounded memory for millions of atoms)."""
+    out = np.empty_like(rows)
+    for start in range(0, len(rows), block):
+        stop = start + block
+        out[start:stop] = np.einsum("ai,aij->aj", rows[start:stop], matrices[which[start:stop]])
+    return out
 
 
 def atom_indices(offsets: np.ndarray, indices) -> np.ndarray:
