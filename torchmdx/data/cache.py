@@ -40,7 +40,7 @@ matches (a ``touch`` does not trigger a rebuild); otherwise it rebuilds, saying 
 **Damaged caches.** HDF5 keeps no checksums of its data: a flipped byte in a dataset is read as a
 wrong number. ``checksums`` holds a CRC-32 of every dataset (its values, read back from the
 written file) and of the attributes; the first use of a cache in a process reads it once and
-compares (:func:`damage`, about 1-2 s per GB; remembered per file, size, mtime and inode).
+compares (:func:`damage`, about 0.7 s per GB on one core; remembered per file, size, mtime and inode).
 :func:`build_cache` rebuilds a cache that does not match, with a line naming the dataset; a
 cache given directly as the data source cannot be rebuilt and is refused in one line.
 
