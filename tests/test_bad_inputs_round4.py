@@ -240,7 +240,8 @@ def test_ase_frames_with_finite_values_still_load(tmp_path):
 
     frames = [_frame("-1.5", ' stress="0.1 0 0 0 0.2 0 0 0 0.3"', ["0.1 0 0", "-0.1 0 0"]),
               _frame("-1.25", ' stress="0.1 0 0 0 0.2 0 0 0 0.3"', ["0.2 0 0", "-0.2 0 0"])]
-    (tmp_path / "ok.extxyz").write_text("".join(frames).replace("energy=", 'Lattice="5 0 0 0 5 0 0 0 5" pbc="T T T" energy='))
+    periodic = 'Lattice="5 0 0 0 5 0 0 0 5" pbc="T T T" energy='
+    (tmp_path / "ok.extxyz").write_text("".join(frames).replace("energy=", periodic))
     st = read_structures(tmp_path / "ok.extxyz")
     np.testing.assert_array_equal(st.energy, [-1.5, -1.25])
     np.testing.assert_array_equal(st.forces[:, 0], [0.1, -0.1, 0.2, -0.2])
@@ -467,7 +468,8 @@ def test_restart_keeps_the_files_order_by_default(tmp_path, capsys):
     assert main([*common, "--steps", "5", "--out", str(tmp_path / "part.extxyz")]) == 0
     capsys.readouterr()
     assert main(["md", "--model", str(tmp_path / "lj.pt"), "--dtype", "float64", "--dt", "2", "--temperature", "60",
-                 "--every", "5", "--no-progress", "--seed", "3", "--steps", "10", "--out", str(tmp_path / "part.extxyz"),
+                 "--every", "5", "--no-progress", "--seed", "3", "--steps", "10",
+                 "--out", str(tmp_path / "part.extxyz"),
                  "--restart", str(tmp_path / "part.restart.pt")]) == 0
     assert "note:" not in capsys.readouterr().err
     np.testing.assert_array_equal(read(tmp_path / "part.extxyz", -1).positions,
@@ -540,7 +542,8 @@ def test_slmc_size_estimate_and_warning(tmp_path, monkeypatch):
     assert size_warning(small) is None
     big = load_slmc_config(_slmc_config(tmp_path, lattice__L=16, data__sweeps=150, data__chains=16))
     line = size_warning(big)
-    assert line.startswith("lattice.L = 16: ") and "512 x 512 complex matrix each: at least" in line and "\n" not in line
+    assert line.startswith("lattice.L = 16: ") and "512 x 512 complex matrix each: at least" in line
+    assert "\n" not in line
     monkeypatch.setattr(lattice_config, "memory_bytes", lambda: (10**12, 10**6))
     assert "of memory and 0.001 GB is available now" in size_warning(small)
 
