@@ -95,6 +95,18 @@ def _prepare(args, config) -> int:
     return 0
 
 
+def _refuse_damaged_cache(config, opts) -> None:
+    """``data info`` builds nothing: a cache under the source's cache name that does not match its
+    checksums (torchmdx.data.cache.damage) is named in one line rather than passed over."""
+    from torchmdx.data.cache import cache_path, damage
+    from torchmdx.errors import DataError
+
+    path = cache_path(config.path, config.format, config.cache_dir, **opts)
+    problem = damage(path) if path.is_file() else ""
+    if problem:
+        raise DataError(f"{path}: this cache is damaged {problem}; build it again (torchmdx data prepare --force)")
+
+
 def _info(args, config) -> int:
     from torchmdx.data.cache import find_cache, read_cache
     from torchmdx.data.formats import read_structures
@@ -102,6 +114,8 @@ def _info(args, config) -> int:
 
     opts = config.reader_options()
     cached = find_cache(config.path, config.format, config.cache_dir, **opts)
+    if cached is None:
+        _refuse_damaged_cache(config, opts)
     structures = read_cache(cached, mmap=True) if cached else read_structures(config.path, config.format, **opts)
     summary = summarize(structures)
     if _is_config(args.source):

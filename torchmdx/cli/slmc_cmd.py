@@ -9,6 +9,7 @@ the samples and PNG plots (acceptance rate against attention layers, S(q)). See 
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "self-learning Monte Carlo of a lattice spin-fermion model with equivariant-attention effective models"
 
@@ -26,6 +27,11 @@ def run(args) -> int:
     from torchmdx.lattice.config import load_slmc_config
 
     cfg = load_slmc_config(args.config, args.overrides, args.run_dir)  # all config errors before any work
+    from torchmdx.lattice.config import size_warning
+
+    warning = size_warning(cfg)  # a lattice whose exact diagonalisations take hours, or most of the memory
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     from torchmdx.lattice.run import format_summary, run_slmc
 
     summary = run_slmc(cfg, resume=args.resume, progress=args.progress)

@@ -64,9 +64,25 @@ class _Frame:
                  "atom_extras", "where")
 
 
+def finite_values(values, what: str, where: str) -> np.ndarray:
+    """``values`` as float64 real numbers that are all finite, else a one-line DataError naming
+    ``where`` (file and frame), ``what`` and the atom (row) of the first bad value: the checks of
+    :func:`torchmdx.data.structures.numeric_values` plus NaN/inf, so that an ASE frame's energy,
+    forces and stress are refused naming the frame (not only the structure's index)."""
+    arr = np.asarray(numeric_values(values, what, where), dtype=np.float64)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        atom = f" on atom {index[0]}" if arr.ndim == 2 else ""
+        raise DataError(f"{where}: non-finite {what} ({arr[index]}){atom}")
+    return arr
+
+
 def _full_tensor(value, where: str, what: str) -> np.ndarray:
     """A symmetric 3 x 3 tensor from 6 Voigt components (xx, yy, zz, yz, xz, xy) or 9 values."""
     arr = _numeric(value)
+    if arr is None and np.asarray(value).size in (6, 9):
+        numeric_values(value, what, where)  # text, true/false, complex: say which
     if arr is None or arr.size not in (6, 9):
         raise DataError(f"{where}: {what} must have 6 (Voigt) or 9 components, got {np.asarray(value).reshape(-1)[:12]}")
     if arr.size == 9:
@@ -167,7 +183,10 @@ def _iter_db_frames(path: Path, energy_key, forces_key, group_key, stress_key="s
     db = connect_db(path)
     for row in tqdm(db.select(), total=db.count(), desc=f"reading {path.name}", unit=" rows", disable=None):
         where = f"{path}: row {row.id}"
-        data = row.data or {}
+        try:
+            data = row.data or {}
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # ASE cannot decode it (a text array: 'str32')
+            raise DataError(f"{where}: ASE cannot read the row's data ({type(exc).__name__}: {exc})") from None
         frame = _Frame()
         frame.where = where
         frame.numbers = row.numbers
@@ -239,13 +258,14 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
             energy = float(np.asarray(fr.energy, dtype=np.float64).reshape(()))
         except (TypeError, ValueError):
             raise DataError(f"{fr.where}: energy {fr.energy!r} is not a number") from None
+        if not np.isfinite(energy):  # was named only as 'structure k' by the dataset check
+            raise DataError(f"{fr.where}: non-finite energy ({energy})")
         extras = {k: fr.extras[k].reshape(1, -1) if fr.extras[k].size > 1 else fr.extras[k].reshape(1)
                   for k in common}
         if fr.stress is not None:
             extras["stress"] = (fr.stress * (e / length ** 3)).reshape(1, 9)
         atom_extras = {k: fr.atom_extras[k] for k in atom_common}
-        forces = None if fr.forces is None else np.asarray(numeric_values(fr.forces, f"forces '{forces_key}'", fr.where),
-                                                           dtype=np.float64) * f
+        forces = None if fr.forces is None else finite_values(fr.forces, f"forces '{forces_key}'", fr.where) * f
         builder.add(fr.numbers, fr.positions * length, [energy * e], forces, cell=fr.cell * length, pbc=fr.pbc,
                     group=fr.group, extras=extras, atom_extras=atom_extras, where=fr.where)
     return builder.build()

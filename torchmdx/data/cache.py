@@ -17,6 +17,7 @@ Layout (all in eV / Å; ``S`` structures, ``A`` atoms in total)::
     attrs: torchmdx_cache_version, format, source, options (JSON), fingerprint (JSON),
            metadata (JSON), extra_units (JSON), statistics (JSON: element counts, force sums,
            atoms per structure; so that ``data info`` need not read the per-atom arrays),
+           checksums (JSON: CRC-32 of every dataset's values and of the attributes above),
            complete (written last: a file without it is never taken for a cache)
 
 Datasets are contiguous and uncompressed, so they can be read whole in one call or
@@ -30,10 +31,18 @@ stays bounded by a chunk and a block, whatever the size of the dataset.
 
 **When is it rebuilt?** The cache's file name is derived from the source's absolute path, the
 format, the reader options and the cache version, so different options give different caches.
-Inside, ``fingerprint`` records the source's size, modification time (ns) and a BLAKE2 hash of
-its content (for a folder: of every file, in name order). :func:`build_cache` reuses the cache
-when size and mtime are unchanged; when either changed, it hashes the content and reuses the
-cache if the hash still matches (a ``touch`` does not trigger a rebuild); otherwise it rebuilds.
+Inside, ``fingerprint`` records the source's size, modification time (ns), a BLAKE2 hash of its
+first and last MiB (``edges``) and a BLAKE2 hash of its whole content (for a folder: of every
+file, in name order). :func:`build_cache` reuses the cache when size, mtime and edges are
+unchanged; when one changed, it hashes the content and reuses the cache if the hash still
+matches (a ``touch`` does not trigger a rebuild); otherwise it rebuilds, saying why.
+
+**Damaged caches.** HDF5 keeps no checksums of its data: a flipped byte in a dataset is read as a
+wrong number. ``checksums`` holds a CRC-32 of every dataset (its values, read back from the
+written file) and of the attributes; the first use of a cache in a process reads it once and
+compares (:func:`damage`, about 0.7 s per GB on one core; remembered per file, size, mtime and inode).
+:func:`build_cache` rebuilds a cache that does not match, with a line naming the dataset; a
+cache given directly as the data source cannot be rebuilt and is refused in one line.
 
 **Crash safety.** The cache is written to ``.<name>.tmp-<host>-<pid>`` (and its spill folder
 ``.<name>.tmp-<host>-<pid>.parts``) beside the target and renamed onto it (``os.replace``) only
@@ -65,8 +74,11 @@ from torchmdx.errors import DataError
 from torchmdx.io_utils import jsonable
 
 # 2: stress of ASE files as a 3 x 3 extra in eV/Å³; 3: streamed build, group names as a dataset,
-# build statistics, the 'complete' attribute
-CACHE_VERSION = 3
+# build statistics, the 'complete' attribute; 4: 'checksums' of the datasets and attributes, the
+# source's 'edges' in the fingerprint
+CACHE_VERSION = 4
+#: bytes hashed at each end of a source file for the quick fingerprint
+EDGE_BYTES = 1 << 20
 DEFAULT_CACHE_DIR = "data/cache"
 #: bytes per block when the spill files are copied into the HDF5 file
 COPY_BLOCK_BYTES = 64 << 20
@@ -81,14 +93,25 @@ def _files(source: Path) -> list[Path]:
 
 
 def quick_fingerprint(source) -> dict:
-    """Size (bytes) and modification time (ns) of a file, or summed/maximal over a folder."""
+    """Size (bytes) and modification time (ns) of a file, or summed/maximal over a folder, and
+    ``edges``: a BLAKE2 hash of the first and last :data:`EDGE_BYTES` of each file (an edit
+    that kept the size and the modification time, e.g. a copy with ``cp -p`` or ``rsync -t``,
+    still changes the header or the tail of most formats)."""
     source = Path(source)
     files = _files(source)
     stats = [p.stat() for p in files]
+    edges = hashlib.blake2b(digest_size=16)
+    for p, st in zip(files, stats):
+        with open(p, "rb") as handle:
+            edges.update(handle.read(EDGE_BYTES))
+            if st.st_size > EDGE_BYTES:
+                handle.seek(max(EDGE_BYTES, st.st_size - EDGE_BYTES))
+                edges.update(handle.read(EDGE_BYTES))
     return {
         "size": int(sum(s.st_size for s in stats)),
         "mtime_ns": int(max([s.st_mtime_ns for s in stats] + [source.stat().st_mtime_ns])),
         "n_files": len(files),
+        "edges": edges.hexdigest(),
     }
 
 
@@ -147,12 +170,80 @@ def cache_status(cache: Path, source: Path) -> tuple[bool, str]:
             stored = json.loads(h5.attrs["fingerprint"])
     except (OSError, KeyError, ValueError) as exc:
         return False, f"it is damaged or incomplete ({str(exc).splitlines()[0]})"
+    problem = damage(cache)
+    if problem:
+        return False, f"it is damaged {problem}"
     quick = quick_fingerprint(source)
     if all(stored.get(k) == v for k, v in quick.items()):
         return True, ""
     if stored.get("size") == quick["size"] and stored.get("hash") == content_hash(source):
         return True, ""
     return False, "the source changed"
+
+
+#: (path, inode, size, mtime_ns) of caches whose checksums matched in this process
+_VERIFIED: set = set()
+
+
+def _identity(path: Path) -> tuple:
+    st = Path(path).stat()
+    return (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _attrs_text(h5) -> bytes:
+    return json.dumps({k: str(h5.attrs[k]) for k in sorted(h5.attrs) if k not in ("checksums", "complete")},
+                      sort_keys=True).encode()
+
+
+def checksums(h5) -> dict:
+    """CRC-32 (hex) of the attributes (``/attrs``) and of every dataset's values, read in blocks of
+    about :data:`COPY_BLOCK_BYTES` (what a reader gets back, whatever the HDF5 layout)."""
+    import zlib
+
+    import h5py
+
+    names: list = []
+    h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    out = {"/attrs": f"{zlib.crc32(_attrs_text(h5)):08x}"}
+    for name in sorted(names):
+        ds = h5[name]
+        crc = zlib.crc32(repr((ds.dtype.str, ds.shape)).encode())
+        row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+        step = max(1, COPY_BLOCK_BYTES // row_bytes)
+        for start in range(0, ds.shape[0] if ds.ndim else 1, step):
+            block = ds[start:start + step] if ds.ndim else ds[()]
+            crc = zlib.crc32(np.ascontiguousarray(block).view(np.uint8).reshape(-1), crc)
+        out[name] = f"{crc:08x}"
+    return out
+
+
+def damage(path) -> str:
+    """'' when the cache at ``path`` matches its ``checksums``, else how it is damaged, to follow
+    "this cache is damaged": "(the values of dataset 'pos' do not match ...)" (the first dataset,
+    or the attributes, whose values changed since they were written), "(it has no checksums)", or
+    "and cannot be read (h5py's error)". A match is remembered per process for a file of unchanged
+    identity (path, inode, size, mtime)."""
+    import h5py
+
+    path = Path(path)
+    key = _identity(path)
+    if key in _VERIFIED:
+        return ""
+    try:
+        with h5py.File(path, "r") as h5:
+            if "checksums" not in h5.attrs:
+                return "(it has no checksums)"
+            stored = json.loads(h5.attrs["checksums"])
+            now = checksums(h5)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+        return f"and cannot be read ({(str(exc) or type(exc).__name__).splitlines()[0]})"
+    changed = [name for name in sorted(set(stored) | set(now)) if stored.get(name) != now.get(name)]
+    if changed:
+        what = "its attributes" if changed[0] == "/attrs" else f"the values of dataset '{changed[0]}'"
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        return f"({what}{more} do not match the checksum written with them: bytes overwritten on disk?)"
+    _VERIFIED.add(key)
+    return ""
 
 
 def is_current(cache: Path, source: Path) -> bool:
@@ -238,6 +329,7 @@ def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DI
     fmt = fmt or guess_format(src)
     if fmt == "cache":
         normalise_options(fmt, options, src)
+        _refuse_damaged(src)
         return src
     opts = normalise_options(fmt, options, src)
     path = Path(cache_dir) / f"{src.name}.{fmt}.{cache_key(src, fmt, opts)}.h5"
@@ -449,10 +541,13 @@ class CacheWriter:
                     self._copy_offsets(h5, rows)
                     continue
                 self._copy(h5, name, dtype, tail, rows)
+            h5.flush()
+            h5.attrs["checksums"] = json.dumps(checksums(h5))  # of the values as written (read back)
             h5.attrs["complete"] = True  # last: only a finished file says it is complete
         with open(self.tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(self.tmp, self.path)
+        _VERIFIED.add(_identity(self.path))
         return self.path
 
     def _blocks(self, name: str, dtype, tail, rows: int):
@@ -508,11 +603,22 @@ def _damaged_cache_as_data_error(path: Path):
                         "(torchmdx data prepare --force)") from None
 
 
+def _refuse_damaged(path: Path) -> None:
+    """A one-line DataError for a cache that does not match its checksums (:func:`damage`)."""
+    problem = damage(path)
+    if problem:
+        raise DataError(f"{path}: this cache is damaged {problem}; delete it or build it again from its source "
+                        "(torchmdx data prepare SOURCE --force)")
+
+
 def cache_info(path) -> dict:
-    """The attributes of a cache: format, source, options, fingerprint, metadata, statistics, ..."""
+    """The attributes of a cache: format, source, options, fingerprint, metadata, statistics, ...
+    (a cache that does not match its checksums is a DataError: :func:`damage`)."""
     path = Path(path)
     with _damaged_cache_as_data_error(path):
-        return _cache_info(path)
+        info = _cache_info(path)
+    _refuse_damaged(path)
+    return info
 
 
 def _cache_info(path) -> dict:

@@ -40,6 +40,12 @@ from torchmdx.errors import ConfigError
 
 #: electrons per site / 2 when neither ``mu`` nor ``filling`` is given (the lower, spin-aligned band half filled)
 DEFAULT_FILLING = 0.25
+#: seconds per diagonalisation of an M x M complex Hermitian matrix, per M³ (torch.linalg.eigvalsh,
+#: complex128, one CPU core: 2.3-2.9e-10 for M = 256-512 on 2026-12-05; small M cost more per M³, so
+#: estimates made with it are lower bounds)
+EIGH_SECONDS_PER_M3 = 2.5e-10
+#: a study whose exact diagonalisations are estimated to take longer than this (s) gets a warning
+WARN_SECONDS = 3600.0
 
 
 @dataclass
@@ -217,6 +223,19 @@ class SLMCRunConfig:
             raise ConfigError(f"config key 'checkpoint_every' must be >= 1, got {self.checkpoint_every}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"config key 'threads' must be >= 1 or null, got {self.threads}")
+        if str(self.run_dir).strip() in ("", "."):  # wrote the run's files into the working folder
+            raise ConfigError("config key 'run_dir' (or --run-dir) is empty; give a folder for the run, e.g. runs/slmc")
+        kept = self.data.chains * (self.data.sweeps // self.data.every)
+        if self.slmc.chains > kept:  # was found after the exact Monte Carlo had run
+            raise ConfigError(f"config key 'slmc.chains' is {self.slmc.chains} but the exact run keeps only {kept} "
+                              f"configurations (data.chains {self.data.chains} x data.sweeps {self.data.sweeps} / "
+                              f"data.every {self.data.every}) to start them from; raise data.sweeps or data.chains")
+        if self.effective.init_from is not None:
+            from pathlib import Path
+
+            if not Path(self.effective.init_from).is_dir():  # was found after the exact Monte Carlo had run
+                raise ConfigError(f"config key 'effective.init_from': {self.effective.init_from} is not a folder "
+                                  "(a finished torchmdx slmc run)")
         from torchmdx.lattice.geometry import SquareLattice
 
         available = len(SquareLattice(self.lattice.L).shell_d2)
@@ -225,6 +244,12 @@ class SLMCRunConfig:
             if value is not None and value > available:
                 raise ConfigError(f"config key 'effective.{key}' is {value} but an L = {self.lattice.L} lattice has "
                                   f"{available} distance shells")
+        cost = cost_estimate(self, available)
+        total, _ = memory_bytes()
+        if total and cost["bytes"] > total:
+            raise ConfigError(f"config key 'lattice.L' is {self.lattice.L}: the study needs about {_gb(cost['bytes'])} of "
+                              f"memory ({cost['what']}) but this machine has {_gb(total)}; lower lattice.L "
+                              "(or data.chains, slmc.chains, effective.n_shells)")
         if not self.data.previous_runs:
             # the exact-MC configurations, split as training.split_indices does: too few fit the linear
             # model exactly (acceptance 0) and one validation configuration has an rmse of 0 by construction
@@ -240,6 +265,98 @@ class SLMCRunConfig:
         return to_dict(self)
 
 
+def shell_count(L: int) -> int:
+    """Distance shells of an L x L periodic lattice (even L): distinct dx² + dy² > 0 over the
+    minimum-image components 0 <= dx, dy <= L/2 (what SquareLattice.shell_d2 lists, without its
+    N x N tables)."""
+    half = L // 2
+    return len({dx * dx + dy * dy for dx in range(half + 1) for dy in range(dx, half + 1)}) - 1
+
+
+def cost_estimate(cfg: SLMCRunConfig, shells: Optional[int] = None) -> dict:
+    """Rough size of a study: ``bytes`` of memory at its peak, ``matrices`` exact diagonalisations
+    of ``size`` x ``size`` complex matrices (size = 2L²) and ``seconds`` for them at
+    :data:`EIGH_SECONDS_PER_M3` (a lower bound), with ``what`` and ``work`` in words.
+
+    Memory: the exact energies diagonalise up to max(data.chains, slmc.chains, filling_samples)
+    matrices at once (16 bytes an entry; the batch, its copy for LAPACK and the kinetic matrix),
+    the lattice's N x N tables (about 40 bytes a pair) and the effective models' dense shell and
+    convolution matrices (8 bytes a pair each; two models alive at once). Time: one matrix per
+    exact local update (data.chains x sweeps x N), one per SLMC proposal and chain, per model."""
+    lc, dc, ec, sc = cfg.lattice, cfg.data, cfg.effective, cfg.slmc
+    n = lc.L * lc.L
+    size = 2 * n
+    shells = ec.n_shells or (shells if shells is not None else shell_count(lc.L))
+    batch = max(dc.chains, sc.chains, lc.filling_samples if lc.mu is None else 0)
+    exact = 16 * size * size * (1 + 2 * batch)
+    tables = 40 * n * n + 2 * 8 * n * n * (shells + ec.conv_shells + 3)
+    data_matrices = dc.chains * (dc.thermalize_sweeps + dc.sweeps) * n
+    slmc_matrices = (1 + len(ec.layers)) * sc.chains * (sc.steps + 1)
+    matrices = data_matrices + slmc_matrices
+    return {"bytes": exact + tables, "matrices": matrices, "size": size,
+            "seconds": matrices * EIGH_SECONDS_PER_M3 * float(size) ** 3,
+            "what": f"{batch} complex {size} x {size} matrices at once: {_gb(exact)}; N x N lattice and "
+                    f"effective-model tables ({shells} shells): {_gb(tables)}",
+            "work": f"{data_matrices:.3g} exact local updates ({dc.chains} chains x {dc.thermalize_sweeps + dc.sweeps} "
+                    f"sweeps x {n} sites) and {slmc_matrices:.3g} SLMC proposals"}
+
+
+def size_warning(cfg: SLMCRunConfig) -> Optional[str]:
+    """One line when the study is estimated (:func:`cost_estimate`) to take more than
+    :data:`WARN_SECONDS` or more memory than is available now; else None. (More memory than the
+    machine has is refused by the config's validation.)"""
+    cost = cost_estimate(cfg)
+    _, available = memory_bytes()
+    problems = []
+    if cost["seconds"] > WARN_SECONDS:
+        problems.append(f"{cost['work']} diagonalise a {cost['size']} x {cost['size']} complex matrix each: at least "
+                        f"{_duration(cost['seconds'])} on one core")
+    if available and cost["bytes"] > available:
+        problems.append(f"it needs about {_gb(cost['bytes'])} of memory and {_gb(available)} is available now")
+    if not problems:
+        return None
+    return (f"lattice.L = {cfg.lattice.L}: " + "; ".join(problems)
+            + " (lower lattice.L, data.sweeps or data.chains for a shorter study)")
+
+
+def memory_bytes() -> tuple[int, int]:
+    """(total, available) memory in bytes: /proc/meminfo's MemTotal and MemAvailable, capped by a
+    cgroup (container) limit; zeros where unknown."""
+    import os
+
+    total = available = 0
+    try:
+        with open("/proc/meminfo") as handle:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle if line.split()[1:2]}
+        total, available = info.get("MemTotal", 0), info.get("MemAvailable", 0)
+    except (OSError, ValueError, IndexError):
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            pass
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as handle:
+                limit = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if 0 < limit < (total or limit + 1):
+            total, available = limit, min(available, limit) if available else limit
+    return total, available
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.3g} days"
+
+
 def build_slmc_config(values: dict) -> SLMCRunConfig:
     return from_dict(SLMCRunConfig, values)
 
@@ -247,6 +364,9 @@ def build_slmc_config(values: dict) -> SLMCRunConfig:
 def load_slmc_config(path, overrides: Optional[list[str]] = None, run_dir: Optional[str] = None) -> SLMCRunConfig:
     """Read ``path`` (YAML), apply ``--set`` overrides and ``--run-dir``, validate."""
     values = apply_overrides(load_yaml(path), list(overrides or []))
+    if not values.get("lattice"):  # an empty file ran the whole default study (L = 4, three transformers)
+        raise ConfigError(f"{path}: no 'lattice' section; an slmc config names at least the lattice model "
+                          "(lattice: with L and temperature; see configs/slmc_l4.yaml and docs/lattice.md)")
     if run_dir is not None:
         values["run_dir"] = str(run_dir)
     return build_slmc_config(values)

@@ -125,6 +125,24 @@ def close_contacts(structures, factor: float = 0.5) -> list[str]:
     return lines
 
 
+def _note_new_atom_order(config: MDConfig, file_order, perm, err) -> None:
+    """A continued run given another atom order than its restart file's: the file holds every
+    per-atom value in the input order (and the order it was run in), so the new order is used as
+    asked; a note says that the continuation then follows the original run to rounding only."""
+    if config.atom_order == "auto":
+        return
+    before = None if file_order is None else np.asarray(file_order, dtype=np.int64)
+    after = None if perm is None else np.asarray(perm, dtype=np.int64)
+    if (before is None) == (after is None) and (before is None or np.array_equal(before, after)):
+        return
+    was = "the input order" if before is None else "a space-filling-curve order"
+    now = "the input order" if after is None else f"the {config.atom_order} order"
+    print(f"note: {config.option('atom_order')} {config.atom_order}: {config.restart} was run in {was}; continuing "
+          f"in {now} (positions, velocities and forces are stored per input atom, outputs stay in the input order; "
+          "sums run in another order, so the continuation matches the original run to rounding, not bit for bit)",
+          file=err)
+
+
 def _clean(atoms):
     atoms = atoms.copy()
     atoms.calc = None
@@ -162,6 +180,10 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         structures = read_structures(config.structure, config.index, config.option("index"))
         structures = [_clean(a) for a in structures for _ in range(config.replicas)]
     elif restart_payload is not None:
+        if config.replicas != 1:  # was silently ignored: the file's structures ran once each
+            raise ConfigError(f"{config.option('replicas')} {config.replicas} copies the structure files, and none "
+                              f"is given: {config.restart} continues its own {len(restart_payload['structures'])} "
+                              "structure(s) (leave the option out)")
         structures = list(restart_payload["structures"])
     else:
         raise ConfigError("no structure given (a structure file, or --restart FILE)")
@@ -196,8 +218,11 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         from torchmdx.md.engine import Simulation
 
         atom_order = config.atom_order
+        file_order = None
         if restart_payload is not None and "atom_order" in restart_payload:
-            atom_order = restart_payload["atom_order"] or "input"  # a continued run keeps its file's order
+            file_order = restart_payload["atom_order"]
+            if config.atom_order == "auto":
+                atom_order = file_order or "input"  # a continued run keeps its file's order (bit for bit)
         sim = Simulation(
             potential, structures, timestep_fs=config.dt, ensemble=config.ensemble,
             temperature_K=config.temperature, friction_per_ps=config.friction, tau_fs=config.tau,
@@ -212,6 +237,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
                   "--no-compile skips it)", file=out, flush=True)
         if restart_payload is not None:
             sim.load_restart(restart_payload)
+            _note_new_atom_order(config, file_order, sim.atom_perm, err)
         else:
             sim.initialize()
             if config.minimize:

@@ -107,17 +107,53 @@ def parse_grid(items: list[str]) -> dict:
         key = key.strip()
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", key):
             raise ConfigError(f"--grid {item!r}: the key must be section.key (e.g. model.embedding_dimension), got {key!r}")
-        texts = [t.strip() for t in raw.split(",")]
+        if key in grid:  # the later one silently replaced the earlier
+            raise ConfigError(f"--grid {item!r}: key {key!r} is given twice; list all its values in one --grid "
+                              f"({key}=v1,v2,...)")
+        texts = [t.strip() for t in _top_level_split(raw, item)]
         if not raw.strip() or any(t == "" for t in texts):
             raise ConfigError(f"--grid {item!r}: give one or more comma-separated values")
         values = []
         for text in texts:
             try:
                 values.append(yaml.safe_load(text))
-            except yaml.YAMLError:
+            except yaml.YAMLError as exc:
+                if text[:1] in "[{'\"":  # meant as YAML flow syntax: never kept as text
+                    raise ConfigError(f"--grid {item!r}: value {text!r} is not valid YAML "
+                                      f"({getattr(exc, 'problem', None) or exc})") from None
                 values.append(text)
         grid[key] = values
     return grid
+
+
+def _top_level_split(raw: str, item: str) -> list[str]:
+    """``raw`` split at the commas outside brackets, braces and quotes: ``[64,64],[128,128]`` is
+    two values (YAML flow lists); an unclosed bracket or quote is a one-line ConfigError."""
+    parts, depth, quote, start, previous = [], [], None, 0, ","
+    pairs = {"[": "]", "{": "}"}
+    for k, ch in enumerate(raw):
+        if quote:
+            if ch == quote:
+                quote = None
+            continue
+        if ch in "'\"" and previous in ",[{:":  # a quote opens quoted text only where a YAML value starts
+            quote = ch
+        elif ch in pairs:
+            depth.append(pairs[ch])
+        elif ch in "]}":
+            if not depth or depth.pop() != ch:
+                raise ConfigError(f"--grid {item!r}: unmatched {ch!r} at character {k + 1} of the values")
+        elif ch == "," and not depth:
+            parts.append(raw[start:k])
+            start = k + 1
+        if not ch.isspace():
+            previous = ch
+    if quote or depth:
+        missing = quote or depth[-1]
+        raise ConfigError(f"--grid {item!r}: a value is missing its closing {missing!r} (a value with commas "
+                          "is written in brackets or quotes: key=[64,64],[128,128])")
+    parts.append(raw[start:])
+    return parts
 
 
 SECTIONS = ("data", "model", "train", "trainer")
@@ -229,6 +265,8 @@ def load_base(config_path, overrides: Optional[list[str]] = None) -> tuple[dict,
 
 def sweep_folder(config_path, out: Optional[str] = None) -> Path:
     """The sweep folder: ``out``, else sweeps/<config name>."""
+    if out is not None and not str(out).strip():  # --out '' silently meant sweeps/<config name>
+        raise ConfigError("--out is empty; give the sweep folder (or leave --out out for sweeps/<config name>)")
     return Path(out) if out else Path("sweeps") / Path(config_path).stem
 
 
