@@ -23,10 +23,10 @@ rebuilds a cache that does not match, with a line naming the dataset; a cache gi
 the data source cannot be rebuilt and is refused in one line.
 
 **Crash safety.** The cache is written under a temporary name beside the target and renamed onto
-it only when complete (:mod:`torchmdx.data.cache_file`). A build killed outright (SIGKILL, power loss) leaves its temporary files; the next
-:func:`build_cache` on that host finds them (their process is gone), removes them and says that it
-rebuilds. A file under the cache's name that is damaged, truncated or lacks the ``complete``
-attribute is rebuilt, with a line saying why.
+it only when complete (:mod:`torchmdx.data.cache_file`). A build killed outright (SIGKILL, power
+loss) leaves its temporary files; the next :func:`build_cache` on that host finds them (their
+process is gone), removes them and says that it rebuilds. A file under the cache's name that is
+damaged, truncated or lacks the ``complete`` attribute is rebuilt, with a line saying why.
 """
 
 from __future__ import annotations
