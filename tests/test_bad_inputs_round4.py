@@ -220,11 +220,11 @@ CASES = [
 @pytest.fixture(autouse=True)
 def _fresh_cache_checks():
     """Caches verified by an earlier test are remembered per process: forget them."""
-    from torchmdx.data import cache
+    from torchmdx.data import cache_file
 
-    cache._VERIFIED.clear()
+    cache_file._VERIFIED.clear()
     yield
-    cache._VERIFIED.clear()
+    cache_file._VERIFIED.clear()
 
 
 @pytest.mark.parametrize("setup, fragments", CASES, ids=[c[0].__name__ for c in CASES])
@@ -353,14 +353,14 @@ def test_damaged_cache_is_rebuilt_with_one_line(tmp_path, shared_data):
     read as a wrong position) is found by the cache's own checksums; build_cache says so in one
     line naming the dataset and rebuilds it, and the rebuilt cache holds the source's values."""
     from torchmdx.data import build_cache, read_cache
-    from torchmdx.data import cache as cache_module
+    from torchmdx.data import cache_file
 
     source = tmp_path / "ethanol.npz"
     shutil.copy(shared_data.joinpath(*ETHANOL), source)
     cache = build_cache(source, cache_dir=tmp_path / "cache")
     good = read_cache(cache).pos.copy()
     _flip_byte(cache, "pos", at=8 * 31 + 5)
-    cache_module._VERIFIED.clear()  # a new process
+    cache_file._VERIFIED.clear()  # a new process
     assert not np.array_equal(_raw(cache, "pos"), good)  # read as a wrong number, as HDF5 does
     said = []
     again = build_cache(source, cache_dir=tmp_path / "cache", say=said.append)

@@ -11,9 +11,9 @@ Imported lazily so that ``import torchmdx.md`` does not pull in ASE and torch un
 _LAZY = {
     "Calculator": ("torchmdx.md.calculator", "Calculator"),
     "Simulation": ("torchmdx.md.engine", "Simulation"),
-    "Reporter": ("torchmdx.md.engine", "Reporter"),
-    "Observation": ("torchmdx.md.engine", "Observation"),
-    "RunSummary": ("torchmdx.md.engine", "RunSummary"),
+    "Reporter": ("torchmdx.md.reports", "Reporter"),
+    "Observation": ("torchmdx.md.reports", "Observation"),
+    "RunSummary": ("torchmdx.md.reports", "RunSummary"),
     "System": ("torchmdx.md.system", "System"),
     "MDState": ("torchmdx.md.system", "MDState"),
     "ForceField": ("torchmdx.md.forces", "ForceField"),

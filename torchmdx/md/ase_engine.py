@@ -40,7 +40,7 @@ import torch
 
 from torchmdx import units
 from torchmdx.errors import ConfigError, SimulationError
-from torchmdx.md.engine import Observation, RunSummary, model_problem
+from torchmdx.md.reports import Observation, RunSummary, model_problem
 from torchmdx.md.io import make_frame, save_restart
 from torchmdx.md.loading import as_dtype
 from torchmdx.md.system import System

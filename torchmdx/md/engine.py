@@ -20,10 +20,9 @@ rebuilds its own (fixed-capacity) list on the device at every step instead
 On the CPU a host check costs nothing, so there (``check_every_step``, the default off CUDA)
 every step is taken in careful mode and nothing is ever replayed.
 
-Restart files are written after rebuilding the neighbor list (which wraps periodic positions
-into the cell); a continued run builds its list from the same positions and carries on with the
-saved forces, velocities, thermostat variables, random-generator state and chunk length, so it
-reproduces the original run bit for bit (on the same device, in the same mode).
+Restart files (written and read by the methods of :class:`~torchmdx.md.engine_restart.RestartFiles`)
+let a continued run reproduce the original one bit for bit (on the same device, in the same mode).
+Observations, reporters and the run summary are in :mod:`torchmdx.md.reports`.
 
 Atom order (``atom_order``). For a large system the engine sorts the atoms of each structure
 once, at construction, along a space-filling curve (:mod:`torchmdx.kernels.locality`), so that
@@ -43,7 +42,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -53,93 +51,18 @@ import torch
 from torchmdx import units
 from torchmdx.errors import ConfigError, DataError, SimulationError
 from torchmdx.kernels.locality import LOCALITY_MIN_ATOMS, auto_order, check_atom_order, spatial_order
+from torchmdx.md.engine_restart import RestartFiles
 from torchmdx.md.forces import ForceField
 from torchmdx.md.integrators import make_integrator
-from torchmdx.md.io import load_restart, make_frame, save_restart
+from torchmdx.md.io import make_frame
 from torchmdx.md.minimize import FireResult, fire_minimize
+from torchmdx.md.reports import Observation, Reporter, RunSummary, model_problem, non_finite_weight
 from torchmdx.md.system import MDState, System
 from torchmdx.nn.base import Potential
 
-
-@dataclass
-class Observation:
-    """Host copies of one output step. Per structure arrays are [B]; positions [N, 3] Å,
-    velocities [N, 3] Å/ASE-time, forces [N, 3] eV/Å; stress [B, 3, 3] eV/Å³ (periodic only)."""
-
-    step: int
-    time_ps: float
-    positions: np.ndarray
-    velocities: np.ndarray
-    forces: np.ndarray
-    potential: np.ndarray
-    kinetic: np.ndarray
-    temperature: np.ndarray
-    conserved: np.ndarray
-    pressure_bar: Optional[np.ndarray] = None
-    stress: Optional[np.ndarray] = None
-    volume_A3: Optional[np.ndarray] = None
-    density_g_cm3: Optional[np.ndarray] = None
-
-    def rows(self) -> list[dict]:
-        """Thermo-log rows, one per structure."""
-        out = []
-        for b in range(len(self.potential)):
-            row = {
-                "step": self.step,
-                "time_ps": self.time_ps,
-                "structure": b,
-                "potential_eV": float(self.potential[b]),
-                "kinetic_eV": float(self.kinetic[b]),
-                "total_eV": float(self.potential[b] + self.kinetic[b]),
-                "temperature_K": float(self.temperature[b]),
-                "conserved_eV": float(self.conserved[b]),
-            }
-            for key in ("pressure_bar", "volume_A3", "density_g_cm3"):
-                values = getattr(self, key)
-                if values is not None:
-                    row[key] = float(values[b])
-            out.append(row)
-        return out
-
-
-class Reporter:
-    """Receives observations at output steps; see :class:`torchmdx.md.run` for the file ones."""
-
-    def report(self, simulation: "Simulation", observation: Observation) -> None:  # pragma: no cover
-        pass
-
-    def report_failure(self, simulation: "Simulation", observation: Observation) -> None:
-        """The last good state of a run that stopped (default: report it like any other)."""
-        self.report(simulation, observation)
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass
-class RunSummary:
-    steps: int
-    wall_s: float
-    steps_per_s: float
-    ns_per_day: float
-    atoms: int
-    structures: int
-    energy_drift_eV_per_atom: float
-    energy_drift_eV_per_atom_per_ns: float
-    neighbor_list_builds: int
-    replays: int
-    final_temperature_K: list = field(default_factory=list)
-
-    def lines(self) -> list[str]:
-        return [
-            f"steps            {self.steps}  ({self.wall_s:.2f} s)",
-            f"speed            {self.steps_per_s:.1f} steps/s, {self.ns_per_day:.3f} ns/day",
-            f"atoms            {self.atoms} in {self.structures} structure(s)",
-            f"energy drift     {self.energy_drift_eV_per_atom:.3e} eV/atom "
-            f"({self.energy_drift_eV_per_atom_per_ns:.3e} eV/atom/ns, of the conserved energy)",
-            f"neighbor lists   {self.neighbor_list_builds} builds, {self.replays} replayed chunks",
-            "temperature      " + ", ".join(f"{t:.1f}" for t in self.final_temperature_K) + " K (final)",
-        ]
+__all__ = ["Simulation", "order_structures",
+           # re-exported from torchmdx.md.reports (imported from here by other modules and tests)
+           "Observation", "Reporter", "RunSummary", "model_problem", "non_finite_weight"]
 
 
 def _next_multiple(step: int, interval: Optional[int]) -> float:
@@ -148,7 +71,7 @@ def _next_multiple(step: int, interval: Optional[int]) -> float:
     return (step // interval + 1) * interval
 
 
-class Simulation:
+class Simulation(RestartFiles):
     """Molecular dynamics of one or more structures with a :class:`Potential`.
 
     ``structures``: an ``ase.Atoms`` or a list of them (replicas or different molecules, run as
@@ -623,79 +546,6 @@ class Simulation:
 
     _restart_path: Optional[Path] = None
 
-    # ------------------------------------------------------------------ restart files
-    def restart_payload(self) -> dict:
-        """Everything needed to continue this run (tensors on the CPU; per-atom ones in the input
-        order, ``atom_order`` the engine's order of them, None for the input order)."""
-        st, s = self.state, self.system
-        cpu = lambda t: None if t is None else self.to_input(t.detach()).cpu()  # noqa: E731
-        structures = []
-        positions = cpu(st.positions)
-        for b, start in enumerate(s.offsets):
-            atoms = self.input_templates[b].copy()
-            atoms.calc = None
-            atoms.set_positions(positions[start:start + s.counts[b]].double().numpy())
-            structures.append(atoms)
-        return {
-            "step": st.step,
-            "timestep_fs": self.timestep_fs,
-            "ensemble": self.ensemble,
-            "temperature_K": self.temperature_K,
-            "seed": self.seed,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "z": cpu(s.z),
-            "counts": list(s.counts),
-            "cell": None if s.cell is None else s.cell.detach().cpu(),
-            "pbc": None if s.pbc is None else s.pbc.detach().cpu(),
-            "structures": structures,
-            "positions": positions,
-            "velocities": cpu(st.velocities),
-            "forces": cpu(st.forces),
-            "energy": st.energy.detach().cpu(),
-            "thermostat_energy": st.thermostat_energy.detach().cpu(),
-            "atom_order": None if self.atom_perm is None else [int(a) for a in self.atom_perm],
-            "integrator": {k: v.detach().cpu() if torch.is_tensor(v) else v
-                           for k, v in self.integrator.state_dict().items()},
-            "rng_state": self.generator.get_state(),
-            "check_interval_now": self._interval,
-        }
-
-    def save_restart(self, path) -> None:
-        """Rebuild the neighbor list (wrapping periodic positions), then write the restart file
-        atomically (a crash while writing leaves the previous one)."""
-        self.state.positions = self.forcefield.build(self.state.positions)
-        save_restart(path, self.restart_payload())
-        self.last_restart_path = Path(path)
-
-    def load_restart(self, path_or_payload) -> MDState:
-        """Continue from a restart file: state, thermostat variables (same ensemble only),
-        random-generator state and step. The structures must match (same atoms, same order)."""
-        payload = path_or_payload if isinstance(path_or_payload, dict) else load_restart(path_or_payload)
-        where = "" if isinstance(path_or_payload, dict) else f"{path_or_payload}: "
-        s = self.system
-        z = payload["z"]
-        if list(payload["counts"]) != list(s.counts) or not torch.equal(z, self.to_input(s.z).cpu()):
-            raise DataError(
-                f"{where}restart file holds {len(payload['counts'])} structure(s) of {list(payload['counts'])} atoms "
-                f"that do not match the structures given ({list(s.counts)} atoms)"
-            )
-        to = dict(device=self.device, dtype=self.dtype)
-        self.state = MDState(
-            positions=self.from_input(payload["positions"].to(**to)),
-            velocities=self.from_input(payload["velocities"].to(**to)),
-            forces=self.from_input(payload["forces"].to(**to)),
-            energy=payload["energy"].to(**to),
-            thermostat_energy=payload["thermostat_energy"].to(**to),
-            step=int(payload["step"]),
-        )
-        if payload.get("ensemble") == self.ensemble:
-            self.integrator.load_state_dict({k: v.to(**to) for k, v in payload["integrator"].items()})
-        self.generator.set_state(payload["rng_state"])
-        self._interval = int(payload.get("check_interval_now", self.check_interval))
-        # the file was written right after a list build at these (wrapped) positions
-        self.state.positions = self.forcefield.build(self.state.positions, wrap=False)
-        return self.state
-
 
 def order_structures(atoms_list: list, atom_order="auto"):
     """(structures in the engine's order, perm or None): ``perm`` [N] (numpy, over the batch's
@@ -733,24 +583,6 @@ def order_structures(atoms_list: list, atom_order="auto"):
     ordered = [atoms[perm[o:o + c] - o] for atoms, o, c in zip(atoms_list, offsets, counts)]
     return ordered, perm
 
-
-def non_finite_weight(potential) -> Optional[str]:
-    """The name of the first parameter or buffer of ``potential`` holding NaN/inf, else None."""
-    for name, tensor in list(potential.named_parameters()) + list(potential.named_buffers()):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
-
-
-def model_problem(what: str, potential) -> str:
-    """The message for a model whose output at the initial positions is ``what`` (non-finite):
-    a model problem (weights named when they hold NaN/inf), not one of the structure."""
-    name = non_finite_weight(potential)
-    if name is not None:
-        return (f"the model's weights are not finite (NaN/inf in '{name}'): it gives {what} at the initial "
-                "positions; it comes from a diverged training run (retrain it, e.g. with a lower learning rate)")
-    return (f"the model gives {what} at the initial positions: check the model (torchmdx evaluate on its test "
-            "set), and the structure for atoms on top of each other")
 
 
 def _voigt(stress: np.ndarray) -> np.ndarray:

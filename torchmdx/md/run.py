@@ -14,9 +14,9 @@ import numpy as np
 from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import atomic_write
 from torchmdx.md.config import MDConfig
-from torchmdx.md.engine import Reporter
 from torchmdx.md.io import ThermoLog, TrajectoryWriter, load_restart, read_thermo
 from torchmdx.md.outputs import plan_outputs
+from torchmdx.md.reports import Reporter
 from torchmdx.train.plots import thermo_plot
 
 

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from torchmdx.kernels.neighbors import neighbor_list
-from torchmdx.train.graphed import BadCells, round_capacity
+from torchmdx.train.graphed_common import BadCells, round_capacity
 
 
 class _EvalGraph:
