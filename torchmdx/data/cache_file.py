@@ -154,10 +154,6 @@ def _remove(entry: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # write
-def _z_dtype(z: np.ndarray):
-    return np.uint8 if z.max(initial=0) < 256 else np.int16
-
-
 class CacheWriter:
     """Writes a cache chunk by chunk with bounded memory (module docstring: streamed build).
 
