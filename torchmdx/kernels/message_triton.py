@@ -31,8 +31,8 @@ Entry points
   :meth:`FusedMessage.filtered` is :func:`et_message_filtered`; it computes the edge layout
   (receiver row pointers, sender permutation) once and reuses it in every layer.
 
-Kernels (:mod:`torchmdx.kernels._message_kernels`)
----------------------------------------------------
+Kernels (:mod:`torchmdx.kernels._message_kernels`, ``_message_kernels_backward``)
+--------------------------------------------------------------------------------
 - forward: one program per receiver i; loops over chunks of whole heads, and in each over
   blocks of ``block_edges`` edges of i's segment; m_i and u_i are summed in registers and
   written once (deterministic segment sums, no atomics).
@@ -46,25 +46,12 @@ Kernels (:mod:`torchmdx.kernels._message_kernels`)
   (``FusedMessage(symmetric=True)``, the ET model's full lists) and
   ``CONFIG.sender_side = 'merged'``, the receiver kernel gives these too, from the reverse
   edges of its own segment: no sort, no second kernel, the filters read once.
-Segments end after their last valid row (:class:`EdgeLayout`), so the padding rows of a
-fixed-capacity neighbor list (all on atom N - 1) are not walked. Nothing synchronises with the
-host: row pointers come from ``torch.searchsorted``, grids from tensor shapes, so the whole step
-can be captured in a CUDA graph. Design notes and measurements: ``docs/kernels_message.md``.
+Segments and the launch spec: :mod:`torchmdx.kernels.message_triton_spec`. Nothing
+synchronises with the host, so the whole step can be captured in a CUDA graph. Design notes and
+measurements: ``docs/kernels_message.md``.
 
-Gradients and their limits
---------------------------
-First derivatives w.r.t. every tensor input are produced by the Triton backward (forces need
-q, k, v, vec, rbf / dk / dv, phi and the unit vectors). Weight gradients (W_k, b_k, W_v, b_v,
-dk0, dv0) are computed only when requested; for W and b the backward asks the autograd engine
-whether their nodes will run (``torch._C._will_engine_execute_node``; a force evaluation by
-``torch.autograd.grad(E, pos)`` does not need them, ``loss.backward()`` does). The self-loop
-cutoff phi0 is a constant (cos(0) = 1); its gradient is not produced (the call falls back to
-the reference when phi0 requires grad).
-
-Second derivatives (training on forces: ``create_graph=True``): when the backward runs with
-grad mode on, it recomputes the message with the torch reference on the saved inputs and
-differentiates that with ``create_graph=True``, so double backward is exact but costs what the
-reference costs. Force evaluation (``create_graph=False``) never touches the reference.
+Gradients and their limits (which are produced, and the reference backward behind second
+derivatives): :mod:`torchmdx.kernels.message_triton_grad`.
 
 Dtypes float32 and float64 (float64 for tests). In float32 the filter products use
 ``CONFIG.dot_precision`` ("tf32x3": three tf32 tensor-core passes, float32 accuracy; falls
@@ -78,12 +65,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
-import torch.nn.functional as torch_functional
 
 from torchmdx.kernels import message_ref
+from torchmdx.kernels.message_triton_grad import _engine_needs, _grad_node, _reference_backward, reference_filtered
+from torchmdx.kernels.message_triton_spec import ACTIVATION_CODES, EdgeLayout, _pow2, _Spec
 
 try:  # triton is a Linux dependency; elsewhere the reference is used
     import triton
@@ -95,9 +83,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     kernels = None
     HAVE_TRITON = False
-
-#: activation name -> code understood by the kernels
-ACTIVATION_CODES = {"silu": 0, "swish": 0, "ssp": 1, "tanh": 2, "sigmoid": 3, "mish": 4}
 
 
 @dataclass
@@ -173,118 +158,6 @@ def supported(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda != interpreted()
 
 
-def _pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
-
-# ---------------------------------------------------------------------------------- layout
-class EdgeLayout:
-    """Segments of an edge list sorted by receiver: row pointers of receivers and, on first
-    use, the sender-sorted permutation with its row pointers (no host synchronisation).
-
-    Segment i runs from ``rowptr[i]`` to ``rowend[i]``, which drops the segment's trailing
-    masked rows: a fixed-capacity neighbor list puts all its padding rows (i = j = N - 1, mask
-    False) on the last atom, and one program would otherwise walk them all. ``rowend`` is the
-    largest (index + 1) of a valid row of the segment (a running maximum, deterministic); the
-    sender side does the same in sender-sorted order (``colend``).
-    """
-
-    def __init__(self, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor] = None):
-        self.edge_index = edge_index
-        self.version = edge_index._version
-        self.num_nodes = num_nodes
-        self.mask = mask
-        self.mask_version = mask._version if mask is not None else None
-        self.receivers = edge_index[0].contiguous()
-        self.senders = edge_index[1].contiguous()
-        self._nodes = torch.arange(num_nodes + 1, device=edge_index.device, dtype=edge_index.dtype)
-        self.rowptr = torch.searchsorted(self.receivers, self._nodes)
-        self.rowend = self._segment_ends(self.rowptr, self.receivers, mask)
-        self._sender = None
-
-    @staticmethod
-    def _segment_ends(ptr, keys, mask):
-        """End of each segment after its last valid row: the largest (index + 1) over the valid
-        rows of the segment (``scatter_reduce`` amax keyed by segment: a maximum is exact and
-        order-independent, so deterministic; a cummax scan cost 0.28 ms on 10^5 rows), at least
-        ``ptr[i]`` (empty or fully masked segments stay empty); no host sync."""
-        count = keys.numel()
-        if mask is None or count == 0:
-            return ptr[1:]
-        after = torch.arange(1, count + 1, device=keys.device, dtype=ptr.dtype) * (mask != 0).to(ptr.dtype)
-        ends = torch.zeros(ptr.numel() - 1, device=keys.device, dtype=ptr.dtype)
-        ends.scatter_reduce_(0, keys.to(torch.int64), after, reduce="amax", include_self=True)
-        return torch.maximum(ends, ptr[:-1])
-
-    def sender_order(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(colptr [N+1], colend [N], perm [E]): edges perm[colptr[j]:colend[j]] are those sent
-        by j (trailing masked ones dropped)."""
-        if self._sender is None:
-            sorted_senders, perm = torch.sort(self.senders, stable=True)
-            colptr = torch.searchsorted(sorted_senders, self._nodes)
-            mask = self.mask.index_select(0, perm) if self.mask is not None else None
-            self._sender = (colptr, self._segment_ends(colptr, sorted_senders, mask), perm)
-        return self._sender
-
-    def matches(self, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor]) -> bool:
-        return (self.edge_index is edge_index and self.version == edge_index._version and self.num_nodes == num_nodes
-                and self.mask is mask and (mask is None or self.mask_version == mask._version))
-
-
-# ---------------------------------------------------------------------------------- spec
-@dataclass(frozen=True)
-class _Spec:
-    heads: int
-    head_dim: int
-    num_rbf: int
-    dk_mode: int  # 0 none, 1 given [E, F], 2 from rbf in the kernels, 3 pre-activation from one matrix product
-    dv_mode: int
-    has_mask: bool
-    self_loop: bool
-    self_dk: bool
-    self_dv: bool
-    vector_cutoff: bool
-    attn_activation: str
-    filter_activation: str
-    # launch
-    hb: int
-    hp: int
-    dp: int
-    kp: int
-    be: int
-    num_warps: int
-    precision: str
-    programs_per_sm: int = 0
-    num_stages: Optional[int] = None
-    maxnreg: Optional[int] = None
-    dk_stride: int = 0  # row strides of the given / pre-activation filter buffers (modes 1 and 3)
-    dv_stride: int = 0
-    merged: bool = False  # backward: sender side inside the receiver kernel (symmetric lists)
-
-    @property
-    def chunks(self) -> int:
-        """Channel chunks of ``hb`` heads: the second grid dimension of every kernel."""
-        return -(-self.heads // self.hb)
-
-    def constexprs(self) -> dict:
-        return dict(
-            H=self.heads, D=self.head_dim, K=self.num_rbf, HB=self.hb, DP=self.dp, KP=self.kp, BE=self.be,
-            DK_MODE=self.dk_mode, DV_MODE=self.dv_mode, HAS_MASK=self.has_mask, SELF_LOOP=self.self_loop,
-            SELF_DK=self.self_dk, SELF_DV=self.self_dv, VCUT=self.vector_cutoff,
-            ATT=ACTIVATION_CODES[self.attn_activation], FACT=ACTIVATION_CODES[self.filter_activation],
-            PREC=self.precision, DKS=self.dk_stride, DVS=self.dv_stride, num_warps=self.num_warps,
-            **({} if self.num_stages is None else {"num_stages": self.num_stages}),
-            **({} if self.maxnreg is None else {"maxnreg": self.maxnreg}),
-        )
-
-    def grid(self, num_atoms: int, device: torch.device) -> tuple:
-        """(programs over atoms, channel chunks)."""
-        programs = num_atoms
-        if self.programs_per_sm > 0 and device.type == "cuda":
-            programs = min(num_atoms, self.programs_per_sm * _multiprocessors(device))
-        return (max(programs, 1), self.chunks)
-
-
 _GPU_NAMES: dict = {}
 
 
@@ -337,16 +210,6 @@ def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self
                  cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride, merged)
 
 
-_SM_COUNT: dict = {}
-
-
-def _multiprocessors(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def _launch(kernel, grid, spec: _Spec, *args):
     """Launch; if the compiler refuses a float32 tl.dot precision other than 'ieee', fall back
     to 'ieee' for this and later calls (with a warning)."""
@@ -361,54 +224,6 @@ def _launch(kernel, grid, spec: _Spec, *args):
         spec = replace(spec, precision="ieee")
         kernel[grid](*args, **spec.constexprs())
         return spec
-
-
-def _engine_needs(node) -> bool:
-    """Will the running backward pass execute ``node`` (a weight's gradient accumulator)?"""
-    if node is None:
-        return False
-    try:
-        return bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, RuntimeError):  # API absent, or asked for a leaf inside autograd.grad
-        return True
-
-
-def _grad_node(t: Optional[torch.Tensor]):
-    if t is None or not t.requires_grad:
-        return None
-    try:
-        from torch.autograd.graph import _get_grad_fn_or_grad_acc
-
-        return _get_grad_fn_or_grad_acc(t)
-    except (ImportError, AttributeError, RuntimeError):
-        return None
-
-
-# ---------------------------------------------------------------------------------- reference
-def reference_filtered(
-    q, k, v, vec, rbf, dk_weight, dk_bias, dv_weight, dv_bias, cutoff_weight, unit_vectors, edge_index, num_heads,
-    *, filter_activation="silu", edge_mask=None, self_loop=None, attn_activation="silu", vector_cutoff=False,
-):
-    """Torch reference of :func:`et_message_filtered`: dk = act_f(rbf W_k^T + b_k) etc., then
-    :func:`torchmdx.kernels.message_ref.et_message`."""
-    act = message_ref.ACTIVATIONS[filter_activation]
-    dk = act(torch_functional.linear(rbf, dk_weight, dk_bias)) if dk_weight is not None else None
-    dv = act(torch_functional.linear(rbf, dv_weight, dv_bias)) if dv_weight is not None else None
-    return message_ref.et_message(
-        q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, num_heads, edge_mask=edge_mask,
-        self_loop=self_loop, attn_activation=attn_activation, vector_cutoff=vector_cutoff,
-    )
-
-
-def _reference_from_saved(spec: _Spec, edge_index, t):
-    (q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0) = t
-    self_loop = (dk0, dv0, phi0) if spec.self_loop else None
-    kwargs = dict(edge_mask=mask.bool() if mask is not None else None, self_loop=self_loop,
-                  attn_activation=spec.attn_activation, vector_cutoff=spec.vector_cutoff)
-    if spec.dk_mode in (2, 3) or spec.dv_mode in (2, 3):
-        return reference_filtered(q, k, v, vec, rbf, wk, bk, wv, bv, phi, unit, edge_index, spec.heads,
-                                  filter_activation=spec.filter_activation, **kwargs)
-    return message_ref.et_message(q, k, v, vec, dk, dv, phi, unit, edge_index, spec.heads, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- autograd
@@ -536,27 +351,6 @@ class _full_precision_matmul:
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32 = self.old
-
-
-def _reference_backward(spec, edge_index, saved, needs, grad_m, grad_u):
-    """Differentiable backward: the reference on fresh views of the inputs, differentiated with
-    create_graph=True. The views matter: inputs may depend on each other (q on rbf through
-    earlier layers, dk0 on W_k), and gradients w.r.t. the tensors themselves would also follow
-    those outer paths, which the outer backward already takes (double counting)."""
-    wrt = [idx for idx, (t, need) in enumerate(zip(saved, needs)) if need and t is not None]
-    out = [None] * len(saved)
-    if not wrt:
-        return tuple(out)
-    with torch.enable_grad():
-        inputs = list(saved)
-        for idx in wrt:
-            inputs[idx] = saved[idx].view_as(saved[idx])
-        m, u = _reference_from_saved(spec, edge_index, inputs)
-        grads = torch.autograd.grad((m, u), [inputs[idx] for idx in wrt], (grad_m, grad_u),
-                                    create_graph=True, allow_unused=True)
-    for idx, g in zip(wrt, grads):
-        out[idx] = g
-    return tuple(out)
 
 
 def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes, grad_m, grad_u):

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""The scorer of bench/bench_accuracy.py, the one that belongs to neither side: each checkpoint
+loaded by its project's public loader (``torchmdnet.models.model.load_model(path,
+derivative=True)``, ``torchmdx.train.export.potential_from_checkpoint``), evaluated in eval mode
+with full float32 matmuls (TF32 off) on the test frames, and :func:`errors` (numpy only): energy
+MAE (meV, over structures) and force MAE (meV/Å, over Cartesian components)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+EV_TO_MEV = 1000.0
+
+
+def errors(energy_pred, energy_ref, forces_pred, forces_ref) -> dict:
+    """Energy MAE/RMSE (meV, over structures) and force MAE/RMSE (meV/Å, over Cartesian
+    components) from energies [B] (eV) and forces [B, N, 3] or [A, 3] (eV/Å)."""
+    e_pred, e_ref = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (energy_pred, energy_ref))
+    f_pred, f_ref = (np.asarray(a, dtype=np.float64) for a in (forces_pred, forces_ref))
+    if e_pred.shape != e_ref.shape or f_pred.size != f_ref.size or f_pred.shape[-1:] != f_ref.shape[-1:]:
+        raise ValueError(f"prediction shapes {e_pred.shape}, {f_pred.shape} do not match the references "
+                         f"{e_ref.shape}, {f_ref.shape}")
+    de, df = e_pred - e_ref, f_pred.reshape(-1) - f_ref.reshape(-1)
+    return {"energy_mae": EV_TO_MEV * float(np.abs(de).mean()), "energy_rmse": EV_TO_MEV * float(np.sqrt((de ** 2).mean())),
+            "forces_mae": EV_TO_MEV * float(np.abs(df).mean()), "forces_rmse": EV_TO_MEV * float(np.sqrt((df ** 2).mean()))}
+
+
+def _test_batches(frames: dict, indices: np.ndarray, batch_size: int, device):
+    import torch
+
+    atoms = len(frames["z"])
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        b = len(idx)
+        z = torch.as_tensor(np.tile(frames["z"], b), device=device)
+        pos = torch.as_tensor(frames["pos"][idx].reshape(-1, 3), dtype=torch.float32, device=device)
+        batch = torch.arange(b, device=device).repeat_interleave(atoms)
+        yield b, z, pos, batch
+
+
+def predict_torchmdnet(checkpoint: Path, frames: dict, indices: np.ndarray, device, batch_size: int = 64):
+    """Energies [B] (eV) and forces [B, N, 3] (eV/Å) of a TorchMD-NET checkpoint; its parameter count."""
+    from torchmdnet.models.model import load_model
+
+    model = load_model(str(checkpoint), derivative=True).to(device).eval()
+    energies, forces = [], []
+    for _b, z, pos, batch in _test_batches(frames, indices, batch_size, device):
+        y, neg_dy = model(z, pos, batch=batch)
+        energies.append(y.detach().double().cpu().numpy().reshape(-1))
+        forces.append(neg_dy.detach().double().cpu().numpy())
+    count = sum(p.numel() for p in model.parameters())
+    return np.concatenate(energies), np.concatenate(forces).reshape(len(indices), -1, 3), count
+
+
+def predict_torchmdx(checkpoint: Path, frames: dict, indices: np.ndarray, device, batch_size: int = 64):
+    """Energies [B] (eV) and forces [B, N, 3] (eV/Å) of a torchmdx checkpoint (its EMA weights)."""
+    from torchmdx.train.export import potential_from_checkpoint
+
+    model = potential_from_checkpoint(checkpoint).to(device).eval()
+    energies, forces = [], []
+    for b, z, pos, batch in _test_batches(frames, indices, batch_size, device):
+        out = model(z, pos, batch, forces=True, num_structures=b)
+        energies.append(out["energy"].detach().double().cpu().numpy().reshape(-1))
+        forces.append(out["forces"].detach().double().cpu().numpy())
+    count = sum(p.numel() for p in model.parameters())
+    return np.concatenate(energies), np.concatenate(forces).reshape(len(indices), -1, 3), count
+
+
+PREDICTORS = {"torchmdnet": predict_torchmdnet, "torchmdx": predict_torchmdx}
+
+
+def score_checkpoints(side: str, records: list, frames: dict, indices: np.ndarray, device, on_point=None) -> list:
+    """One point per saved checkpoint: the record plus the test errors (and the scored model's
+    parameter count)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    e_ref, f_ref = frames["energy"][indices], frames["forces"][indices]
+    points, scored = [], {}
+    for record in records:
+        if record["file"] not in scored:  # the end record may repeat the last file
+            e_pred, f_pred, count = PREDICTORS[side](Path(record["file"]), frames, indices, device)
+            scored[record["file"]] = dict(errors(e_pred, e_ref, f_pred, f_ref), parameters=int(count))
+        point = {k: v for k, v in record.items() if k != "file"}
+        point.update(scored[record["file"]])
+        points.append(point)
+        print(f"[{side}] score t {point['t']:7.1f} s  step {point['step']:6d}  test F MAE {point['forces_mae']:8.2f} "
+              f"meV/Å  E MAE {point['energy_mae']:8.2f} meV", flush=True)
+        if on_point is not None:
+            on_point(points)
+    return points

@@ -1,0 +1,131 @@
+"""Device helpers shared by the fused message kernels (:mod:`torchmdx.kernels._message_kernels`
+and :mod:`torchmdx.kernels._message_kernels_backward`): the activations with their derivatives
+(``_act``), the radial filters from an RBF block (``_weight_chunk_t``, ``_matmul``, ``_filter``)
+or from a given / pre-activation tile (``_given_filter``), and one edge block's shares in its
+sender's gradients (``_sender_share``, used by the sender kernel and the merged receiver kernel).
+Notation in :mod:`torchmdx.kernels._message_kernels`."""
+
+import triton
+import triton.language as tl
+
+# activation codes (see message_triton.ACTIVATION_CODES)
+SILU: tl.constexpr = 0
+SSP: tl.constexpr = 1
+TANH: tl.constexpr = 2
+SIGMOID: tl.constexpr = 3
+MISH: tl.constexpr = 4
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _act(x, KIND: tl.constexpr):
+    """(f(x), f'(x)) of the activation ``KIND``; unused derivatives are removed by the compiler."""
+    if KIND == 0:  # silu: x sigma(x)
+        s = _sigmoid(x)
+        y = x * s
+        dy = s * (1.0 + x * (1.0 - s))
+    elif KIND == 1:  # shifted softplus: softplus(x) - ln 2
+        # ln 2 rounded to float32, as the reference (and TorchMD-NET) subtracts it
+        y = _softplus(x) - 0.6931471824645996
+        dy = _sigmoid(x)
+    elif KIND == 2:  # tanh
+        y = _tanh(x)
+        dy = 1.0 - y * y
+    elif KIND == 3:  # sigmoid
+        y = _sigmoid(x)
+        dy = y * (1.0 - y)
+    else:  # mish: x tanh(softplus(x))
+        t = _tanh(_softplus(x))
+        y = x * t
+        dy = t + x * (1.0 - t * t) * _sigmoid(x)
+    return y, dy
+
+
+@triton.jit
+def _weight_chunk_t(w_ptr, cb, row_stride_heads, block, H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+                    HB: tl.constexpr, DP: tl.constexpr, KP: tl.constexpr):
+    """W^T restricted to the channels of chunk ``cb``: [KP, HB*DP] (zero in padding).
+
+    Row of output channel (h, d) in W: h * row_stride_heads + block * D + d.
+    """
+    fo = tl.arange(0, HB * DP)
+    fh = cb * HB + fo // DP
+    fd = fo % DP
+    kk = tl.arange(0, KP)
+    valid = ((fh < H) & (fd < D))[None, :] & (kk < K)[:, None]
+    rows = fh * row_stride_heads + block * D + fd
+    return tl.load(w_ptr + rows[None, :] * K + kk[:, None], mask=valid, other=0.0)
+
+
+@triton.jit
+def _matmul(a, b, PREC: tl.constexpr):
+    """a @ b: tensor cores (tl.dot with input precision PREC), or for PREC == "fma" (float64,
+    whose tl.dot Triton 3.6 cannot lower for every shape here) a broadcast multiply-sum."""
+    if PREC == "fma":
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _filter(r, wT, bias, MODE: tl.constexpr, FACT: tl.constexpr, BE: tl.constexpr, HB: tl.constexpr,
+            DP: tl.constexpr, PREC: tl.constexpr):
+    """act_f(r @ W^T + b) on a block of edges: (value, derivative) as [BE, HB, DP]."""
+    z = tl.reshape(_matmul(r, wT, PREC), (BE, HB, DP)) + bias[None, :, :]
+    return _act(z, FACT)
+
+
+@triton.jit
+def _given_filter(ptrs, m3, MODE: tl.constexpr, FACT: tl.constexpr):
+    """(value, derivative) of a given filter tile: the tensor itself (MODE 1; the derivative is
+    unused there and removed by the compiler) or act_f of the pre-activation z (MODE 3)."""
+    x = tl.load(ptrs, mask=m3, other=0.0)
+    if MODE == 3:
+        return _act(x, FACT)
+    else:
+        return x, x
+
+
+@triton.jit
+def _sender_share(q, gm, gx, gy, gz, dk, dv1, dv2, dv3, ux, uy, uz, valid, phi, k_s, v1_s, vx_s, vy_s, vz_s,
+                  DK_MODE: tl.constexpr, ATT: tl.constexpr, VCUT: tl.constexpr):
+    """A block of edges (receiver r <- sender s): their shares in the sender's gradients, summed
+    over the block, as (dL/dk_s, dL/dv1_s, dL/dv2_s, dL/dv3_s, sum dL/du_rx dv2, ..y, ..z); the
+    last three are still to be multiplied by v2_s (a factor of every edge of the sender).
+
+    Tiles [BE, HB, DP]: the receivers' q, dL/dm, dL/du (x, y, z); the filters dk (ignored for
+    DK_MODE 0) and dv1..dv3 already multiplied by the validity / cutoff factor w_e; ux, uy, uz
+    [BE, 1, 1] the edges' unit vectors; valid, phi [BE]; the sender's own rows k_s, v1_s,
+    vec_s [HB, DP]. One formula for the sender kernel and the merged receiver kernel."""
+    if DK_MODE != 0:
+        qdk = q * dk
+    else:
+        qdk = q
+    a, da = _act(tl.sum(qdk * k_s[None, :, :], axis=2), ATT)
+    g_attn = tl.sum(gm * (v1_s[None, :, :] * dv1), axis=2)
+    if VCUT:
+        attn = tl.where(valid[:, None], a, 0.0)
+        gp = tl.where(valid[:, None], g_attn * da, 0.0)
+    else:
+        attn = tl.where(valid[:, None], a * phi[:, None], 0.0)
+        gp = tl.where(valid[:, None], g_attn * phi[:, None] * da, 0.0)
+    share_k = tl.sum(gp[:, :, None] * qdk, axis=0)
+    share_v1 = tl.sum(attn[:, :, None] * gm * dv1, axis=0)
+    share_v2 = tl.sum((gx * vx_s[None, :, :] + gy * vy_s[None, :, :] + gz * vz_s[None, :, :]) * dv2, axis=0)
+    share_v3 = tl.sum((gx * ux + gy * uy + gz * uz) * dv3, axis=0)
+    return share_k, share_v1, share_v2, share_v3, tl.sum(gx * dv2, axis=0), tl.sum(gy * dv2, axis=0), \
+        tl.sum(gz * dv2, axis=0)
