@@ -20,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gfn2-xtb (default), gfn1-xtb, ipea1-xtb (tblite), or model:<model file>")
     parser.add_argument("--charge", type=float, default=None, help="total charge (default 0, or atoms.info['charge'])")
     parser.add_argument("--multiplicity", type=int, default=None, help="spin multiplicity (default: tblite's)")
-    parser.add_argument("--accuracy", type=float, default=1.0, help="tblite's SCF accuracy (default 1.0)")
-    parser.add_argument("--max-iterations", type=int, default=250, help="SCF iterations (default 250)")
-    parser.add_argument("--electronic-temperature", type=float, default=300.0, help="in K (default 300)")
+    parser.add_argument("--accuracy", type=float, default=None, help="tblite's SCF accuracy (default 1.0)")
+    parser.add_argument("--max-iterations", type=int, default=None, help="SCF iterations (default 250)")
+    parser.add_argument("--electronic-temperature", type=float, default=None, help="in K (default 300)")
     parser.add_argument("--skip", type=int, default=0, help="drop the first frames of each file (equilibration)")
     parser.add_argument("--every", type=int, default=1, help="keep every k-th frame (default 1)")
     parser.add_argument("--max-frames", type=int, default=None, help="label at most this many frames")
@@ -33,12 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from torchmdx.md.label import LabelOptions, check_method, label
+    from torchmdx.md.label import LabelOptions, check_method, check_options, label
 
-    check_method(args.method)  # a missing tblite is one line before anything is read
     options = LabelOptions(method=args.method, charge=args.charge, multiplicity=args.multiplicity,
                            accuracy=args.accuracy, max_iterations=args.max_iterations,
                            electronic_temperature=args.electronic_temperature, device=args.device)
+    check_options(options)  # the option ranges first: they need no tblite
+    check_method(args.method)  # a missing tblite is one line before anything is read
     summary = label(args.structures, args.out, options, skip=args.skip, every=args.every, max_frames=args.max_frames,
                     force=args.force, skip_failed=args.skip_failed, progress=args.progress)
     note = f" (continued after {summary['resumed_from']})" if summary["resumed_from"] else ""

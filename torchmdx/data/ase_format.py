@@ -196,6 +196,15 @@ def _iter_db_frames(path: Path, energy_key, forces_key, group_key, stress_key="s
         energy = row.get(energy_key)
         if energy is None:
             energy = data.get(energy_key)
+        if energy is None and energy_key == "energy" and row.get("calculator"):
+            # the row was written with a calculator, but its energy column is empty: SQLite stores
+            # no NaN (a NaN energy becomes NULL), so a non-finite energy reads back as none
+            raise DataError(
+                f"{where}: no energy 'energy', though the row was written with a calculator "
+                f"({row.get('calculator')!r}): ASE databases store a NaN energy as an empty value (SQLite "
+                "has no NaN), so the energy was probably not finite (or the calculator gave none); "
+                "drop the row or write a finite energy"
+            )
         if energy is None:
             raise DataError(
                 f"{where}: no energy '{energy_key}' (keys: {', '.join(sorted(row.key_value_pairs)) or 'none'}; "

@@ -65,7 +65,7 @@ def make_ase_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: f
         if ensemble not in ("langevin", "nve", "nose-hoover"):
             raise ConfigError(f"constant pressure works with the langevin, nose-hoover or nve ensemble, not {ensemble}")
         if not bool(np.all(atoms.pbc)):
-            raise ConfigError(f"constant pressure needs a structure periodic in x, y and z, got pbc={list(atoms.pbc)}")
+            raise ConfigError(f"constant pressure needs a structure periodic in x, y and z, got pbc={[bool(p) for p in atoms.pbc]}")
         if ensemble == "nose-hoover":
             from ase.md.nose_hoover_chain import MTKNPT, IsotropicMTKNPT
 

@@ -190,6 +190,9 @@ class MDConfig:
             bad("check_interval", f"must be >= 1, got {self.check_interval}")
         if not self.fmax > 0:
             bad("fmax", f"must be > 0 eV/Å, got {self.fmax}")
+        if self.minimize_steps < 0 or (self.minimize and self.minimize_steps < 1):  # -1 skipped the relaxation
+            bad("minimize_steps", f"must be >= 1 step{' (with --minimize)' if self.minimize else ''}, "
+                                  f"got {self.minimize_steps}")
         if self.max_temperature is not None and not self.max_temperature > 0:
             bad("max_temperature", f"must be > 0 K, got {self.max_temperature}")
         if self.truncate and not self.restart:

@@ -53,16 +53,66 @@ class LabelError(TorchmdxError):
     """A frame that cannot be labelled, or inputs/outputs that do not fit together."""
 
 
+#: tblite's settings when an option is not given (None)
+TBLITE_DEFAULTS = {"accuracy": 1.0, "max_iterations": 250, "electronic_temperature": 300.0}
+#: the options that only the tblite methods use, and their flags
+TBLITE_OPTIONS = {"charge": "--charge", "multiplicity": "--multiplicity", "accuracy": "--accuracy",
+                  "max_iterations": "--max-iterations", "electronic_temperature": "--electronic-temperature"}
+
+
 @dataclass
 class LabelOptions:
+    """None: tblite's default (``TBLITE_DEFAULTS``; charge 0 or ``atoms.info['charge']``)."""
+
     method: str = "gfn2-xtb"
     charge: Optional[float] = None
     multiplicity: Optional[int] = None
-    accuracy: float = 1.0
-    max_iterations: int = 250
-    electronic_temperature: float = 300.0
+    accuracy: Optional[float] = None
+    max_iterations: Optional[int] = None
+    electronic_temperature: Optional[float] = None
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
+
+    def setting(self, name: str):
+        value = getattr(self, name)
+        return TBLITE_DEFAULTS[name] if value is None else value
+
+
+def check_options(options: LabelOptions) -> None:
+    """Types and ranges of the tblite options (one-line ConfigErrors), before tblite is imported
+    or a file read: a NaN charge or a multiplicity of 0 would otherwise be found by tblite on the
+    first frame, or (accuracy, temperature) not at all. The tblite options given with a
+    ``model:`` method are refused (a model takes no charge: they would be ignored silently)."""
+    import math
+    import numbers
+
+    def number(name, value, integer=False):
+        flag = TBLITE_OPTIONS[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{flag} must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
+        if integer and float(value) != int(value):
+            raise ConfigError(f"{flag} must be a whole number, got {value}")
+        return float(value)
+
+    given = [name for name in TBLITE_OPTIONS if getattr(options, name) is not None]
+    name = str(options.method).strip().lower()
+    if given and name not in TBLITE_METHODS:
+        flags = ", ".join(TBLITE_OPTIONS[k] for k in given)
+        raise ConfigError(f"{flags} set{'s' if len(given) == 1 else ''} tblite's calculation: it does not apply to "
+                          f"--method {options.method} (the model takes no charge, spin or SCF settings); leave it out")
+    if options.charge is not None:
+        number("charge", options.charge, integer=True)
+    if options.multiplicity is not None and number("multiplicity", options.multiplicity, integer=True) < 1:
+        raise ConfigError(f"--multiplicity must be >= 1 (2S + 1: 1 singlet, 2 doublet, ...), got {options.multiplicity}")
+    if options.accuracy is not None and not number("accuracy", options.accuracy) > 0:
+        raise ConfigError(f"--accuracy must be > 0 (tblite's SCF accuracy; smaller is tighter), got {options.accuracy}")
+    if options.max_iterations is not None and number("max_iterations", options.max_iterations, integer=True) < 1:
+        raise ConfigError(f"--max-iterations must be >= 1, got {options.max_iterations}")
+    if options.electronic_temperature is not None and not number("electronic_temperature",
+                                                                 options.electronic_temperature) > 0:
+        raise ConfigError(f"--electronic-temperature must be > 0 K (Fermi smearing), got {options.electronic_temperature}")
 
 
 # ---------------------------------------------------------------------------- methods
@@ -91,6 +141,7 @@ def _reason(exc: ImportError) -> str:
 
 def make_labeler(options: LabelOptions) -> Callable:
     """A function atoms -> (energy eV, forces [n, 3] eV/Å, stress [3, 3] eV/Å³ or None)."""
+    check_options(options)
     method = check_method(options.method)
     if method in TBLITE_METHODS:
         from tblite.ase import TBLite
@@ -99,8 +150,8 @@ def make_labeler(options: LabelOptions) -> Callable:
             charge = atoms.info.get("charge", options.charge)
             multiplicity = atoms.info.get("multiplicity", options.multiplicity)
             calc = TBLite(method=TBLITE_METHODS[method], charge=charge, multiplicity=multiplicity,
-                          accuracy=options.accuracy, max_iterations=options.max_iterations,
-                          electronic_temperature=options.electronic_temperature, verbosity=0)
+                          accuracy=options.setting("accuracy"), max_iterations=options.setting("max_iterations"),
+                          electronic_temperature=options.setting("electronic_temperature"), verbosity=0)
             work = atoms.copy()
             work.calc = calc
             energy = float(work.get_potential_energy())
@@ -225,6 +276,7 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
 
     from torchmdx.io_utils import atomic_write, unwritable_folder
 
+    check_options(options)
     method = check_method(options.method)
     out = Path(out)
     if out.suffix.lower() not in (".extxyz", ".xyz"):

@@ -43,19 +43,41 @@ def _pair_to_atoms(graph: Graph, pair_energy: torch.Tensor) -> torch.Tensor:
     return out.index_add(0, graph.edge_index[0], 0.5 * pair_energy)
 
 
-def _element_table(value, name: str, default_fill: float = float("nan")) -> tuple[torch.Tensor, Optional[list[int]]]:
+def _real(value, name: str, minimum: Optional[float] = None, strict: bool = False, unit: str = "") -> float:
+    """``value`` as a finite float (a NaN or text parameter gave NaN energies or a ValueError
+    traceback), at least ``minimum`` (above it with ``strict``); one-line ModelErrors."""
+    import math
+    import numbers
+
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a 0-d numpy array or tensor
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ModelError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ModelError(f"{name} must be a finite number, got {number}")
+    if minimum is not None and (number <= minimum if strict else number < minimum):
+        raise ModelError(f"{name} must be {'>' if strict else '>='} {minimum:g}{unit}, got {number:g}")
+    return number
+
+
+def _element_table(value, name: str, default_fill: float = float("nan"), minimum: Optional[float] = None,
+                   strict: bool = False, unit: str = "") -> tuple[torch.Tensor, Optional[list[int]]]:
     """A per-element parameter [119] from a number (all elements) or a {Z: value} mapping."""
     table = torch.full((_NUM_ELEMENTS,), default_fill, dtype=torch.float64)
     if isinstance(value, Mapping):
         elements = []
         for key, v in value.items():
-            z = int(key)
-            if not 0 < z < _NUM_ELEMENTS:
+            try:
+                z = int(key)
+            except (TypeError, ValueError):
+                z = -1
+            if isinstance(key, bool) or not 0 < z < _NUM_ELEMENTS or str(z) != str(key).strip():
                 raise ModelError(f"{name}: atomic number {key!r} is not between 1 and 118")
-            table[z] = float(v)
+            table[z] = _real(v, f"{name}[{z}]", minimum, strict, unit)
             elements.append(z)
         return table, sorted(elements)
-    table[:] = float(value)
+    table[:] = _real(value, name, minimum, strict, unit)
     return table, None
 
 
@@ -111,8 +133,8 @@ class LennardJones(_PairPotential):
         super().__init__()
         if shift not in ("energy", "force", "none"):
             raise ModelError(f"lennard_jones: shift must be 'energy', 'force' or 'none', got {shift!r}")
-        eps_table, eps_elements = _element_table(epsilon, "lennard_jones.epsilon")
-        sig_table, sig_elements = _element_table(sigma, "lennard_jones.sigma")
+        eps_table, eps_elements = _element_table(epsilon, "lennard_jones.epsilon", minimum=0.0, unit=" eV")
+        sig_table, sig_elements = _element_table(sigma, "lennard_jones.sigma", minimum=0.0, strict=True, unit=" Å")
         if eps_elements is not None and sig_elements is not None and eps_elements != sig_elements:
             raise ModelError("lennard_jones: epsilon and sigma must list the same elements")
         # a plain number for one of them applies to every element listed by the other
@@ -120,9 +142,8 @@ class LennardJones(_PairPotential):
         self.elements = elements
         sig_known = sig_table[torch.tensor(elements)] if elements else sig_table[:1]
         max_sigma = float(sig_known.max())
-        self.cutoff = float(cutoff) if cutoff is not None else 3.0 * max_sigma
-        if not self.cutoff > 0:
-            raise ModelError(f"lennard_jones: cutoff must be > 0 Å, got {self.cutoff}")
+        self.cutoff = (_real(cutoff, "lennard_jones: cutoff", 0.0, strict=True, unit=" Å") if cutoff is not None
+                       else 3.0 * max_sigma)
         self.shift = shift
         self._epsilon_arg = {int(k): float(v) for k, v in epsilon.items()} if isinstance(epsilon, Mapping) else float(epsilon)
         self._sigma_arg = {int(k): float(v) for k, v in sigma.items()} if isinstance(sigma, Mapping) else float(sigma)
@@ -176,10 +197,11 @@ class Morse(_PairPotential):
 
     def __init__(self, depth: float = 1.0, r0: float = 1.0, width: float = 1.0, cutoff: Optional[float] = None):
         super().__init__()
-        self.depth, self.r0, self.width = float(depth), float(r0), float(width)
-        if not (self.width > 0 and self.r0 > 0):
-            raise ModelError(f"morse: r0 and width must be > 0, got r0={r0}, width={width}")
-        self.cutoff = float(cutoff) if cutoff is not None else self.r0 + 5.0 / self.width
+        self.depth = _real(depth, "morse: depth", 0.0, unit=" eV")
+        self.r0 = _real(r0, "morse: r0", 0.0, strict=True, unit=" Å")
+        self.width = _real(width, "morse: width", 0.0, strict=True, unit=" 1/Å")
+        self.cutoff = (_real(cutoff, "morse: cutoff", 0.0, strict=True, unit=" Å") if cutoff is not None
+                       else self.r0 + 5.0 / self.width)
         self.elements = None
 
     def hparams(self) -> dict:
@@ -225,12 +247,16 @@ class HarmonicBonds(Potential):
             raise ModelError("harmonic_bonds: no bonds given")
         if bool((bonds_t[:, 0] == bonds_t[:, 1]).any()):
             raise ModelError("harmonic_bonds: a bond joins an atom to itself")
-        r0_t = torch.as_tensor(r0, dtype=torch.float64).reshape(-1).expand(m).clone()
-        k_t = torch.as_tensor(k, dtype=torch.float64).reshape(-1).expand(m).clone()
+        r0_t = self._per_bond(r0, "r0", m, strict=True, unit=" Å")
+        k_t = self._per_bond(k, "k", m, strict=False, unit=" eV/Å²")
         self.num_atoms = int(num_atoms) if num_atoms is not None else int(bonds_t.max()) + 1
         if int(bonds_t.min()) < 0 or int(bonds_t.max()) >= self.num_atoms:
             raise ModelError(f"harmonic_bonds: bond atom indices must be in 0..{self.num_atoms - 1}")
-        self.cutoff = float(cutoff) if cutoff is not None else 2.0 * float(r0_t.max())
+        self.cutoff = (_real(cutoff, "harmonic_bonds: cutoff", 0.0, strict=True, unit=" Å") if cutoff is not None
+                       else 2.0 * float(r0_t.max()))
+        if not self.cutoff > float(r0_t.max()):  # every bond would lose its energy beyond the cutoff
+            raise ModelError(f"harmonic_bonds: cutoff ({self.cutoff:g} Å) must be longer than the longest bond's "
+                             f"r0 ({float(r0_t.max()):g} Å)")
         # both directions, sorted by key i * n + j, for lookup of an edge's bond
         a, b = bonds_t[:, 0], bonds_t[:, 1]
         keys = torch.cat([a * self.num_atoms + b, b * self.num_atoms + a])
@@ -244,6 +270,17 @@ class HarmonicBonds(Potential):
         self._bonds_arg = bonds_t.tolist()
         self._r0_arg = r0_t.tolist()
         self._k_arg = k_t.tolist()
+
+    @staticmethod
+    def _per_bond(value, name: str, m: int, strict: bool, unit: str) -> torch.Tensor:
+        """One number or one per bond (finite, > 0 for r0, >= 0 for k) -> [m] float64."""
+        import numpy as np
+
+        values = np.asarray(value, dtype=object).reshape(-1) if not isinstance(value, str) else np.array([value], dtype=object)
+        if values.size not in (1, m):
+            raise ModelError(f"harmonic_bonds: {name} must be one number or one per bond ({m}), got {values.size}")
+        numbers = [_real(v, f"harmonic_bonds: {name}", 0.0, strict, unit) for v in values]
+        return torch.tensor(numbers, dtype=torch.float64).expand(m).clone()
 
     @classmethod
     def from_atoms(cls, atoms, k: float = 10.0, scale: float = 1.2, cutoff: Optional[float] = None) -> "HarmonicBonds":

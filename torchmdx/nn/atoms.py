@@ -29,7 +29,8 @@ def is_atoms(obj) -> bool:
 
 
 def atoms_inputs(atoms_or_list, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> dict:
-    """Keyword arguments ``z, pos, batch, cell, pbc`` for ``Potential.forward``."""
+    """Keyword arguments ``z, pos, batch, cell, pbc, num_structures`` for ``Potential.forward``
+    (``num_structures``: structures without atoms at the end of a list count too)."""
     single = is_atoms(atoms_or_list)
     structures = [atoms_or_list] if single else list(atoms_or_list)
     if not structures or not all(is_atoms(a) for a in structures):
@@ -45,6 +46,7 @@ def atoms_inputs(atoms_or_list, device: Optional[torch.device] = None, dtype: Op
         "batch": torch.as_tensor(batch, device=device),
         "cell": None,
         "pbc": None,
+        "num_structures": len(structures),
     }
     if pbc.any():
         cell = np.stack([np.asarray(a.get_cell()[:], dtype=np.float64) for a in structures])

@@ -205,9 +205,9 @@ class Potential(torch.nn.Module):
             from torchmdx.nn.atoms import atoms_inputs, module_device_dtype
 
             device, dtype = module_device_dtype(self)
-            return self.forward(
+            return self.forward(  # num_structures: the list's length (an empty last structure counts)
                 **atoms_inputs(z, device, dtype), neighbors=neighbors, forces=forces, stress=stress,
-                per_atom=per_atom, create_graph=create_graph, num_structures=num_structures,
+                per_atom=per_atom, create_graph=create_graph,
             )
         self.check_elements(z)
         batch, num_structures, cell, pbc = _normalise_inputs(z, pos, batch, cell, pbc, num_structures, stress)

@@ -37,6 +37,7 @@ or lazily, without importing the module up front, with ``register_potential("my_
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -161,6 +162,8 @@ def load_model(
     ``device`` ('cpu', 'cuda', ...) and ``dtype`` ('float32'/'float64' or a torch dtype) move
     the model after loading; it is returned in eval mode.
     """
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():  # Path(None): a TypeError traceback
+        raise ModelError(f"load_model: expected the path of a model file, got {path!r}")
     path = Path(path)
     if device is not None:
         from torchmdx.devices import check_device

@@ -283,7 +283,8 @@ def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
     problem = unwritable_folder(sweep_dir)
     if problem:
         raise ConfigError(f"sweep folder {sweep_dir}: {problem}")
-    configs = [point_config(base, p, sweep_dir, check_data=(i == 0)) for i, p in enumerate(points)]
+    # every point's data path is checked (a grid over data.path named a missing file only when it trained)
+    configs = [point_config(base, p, sweep_dir) for p in points]
     plan_path = sweep_dir / PLAN
     base_hash = _base_hash(base)
     if plan_path.is_file():
@@ -291,8 +292,8 @@ def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
         if old.get("base_hash") != base_hash:
             raise ConfigError(f"sweep folder {sweep_dir} holds a sweep of another base config (its {PLAN}); "
                               "use --out for a new folder (or the same config and --set options)")
+    split_files = nested_splits(configs, points, sweep_dir)  # sizes checked before it writes anything
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    split_files = nested_splits(configs, points, sweep_dir)
     plan = {"config": str(config_path), "base": base, "base_hash": base_hash,
             "points": [{"id": p.id, "variant": p.variant, "labels": p.labels, "overrides": p.overrides,
                         "split_file": split_files.get(p.id)} for p in points]}
@@ -320,7 +321,12 @@ def nested_splits(configs, points, sweep_dir: Path) -> dict:
     module.setup("fit")
     n = module.dataset.n_structures
     content_hash = module.dataset.info["fingerprint"].get("hash", "")
-    sizes = [resolve_sizes(n, d.train_size, first.val_size, first.test_size, source=str(first.path)) for d in data]
+    sizes = []
+    for d, point in zip(data, points):
+        try:
+            sizes.append(resolve_sizes(n, d.train_size, first.val_size, first.test_size, source=str(first.path)))
+        except TorchmdxError as exc:  # name the point, like point_config
+            raise type(exc)(f"sweep point ({point.describe()}): {exc}") from None
     n_val, n_test = sizes[0][1], sizes[0][2]
     if max(s[0] for s in sizes) + n_val + n_test > n:
         raise ConfigError(f"sweep: the largest data.train_size ({max(s[0] for s in sizes)}) + val ({n_val}) + test "
