@@ -25,7 +25,9 @@ model's autograd, training split on the GPU), ``graph-host`` (the same with the 
 ``graph-ref`` (``graph`` with ``model.backend: torch``, the reference message path; ``backend:
 auto`` trains on it too since 2026-12-05), ``graph-fused`` (``model.backend: triton``: the fused
 kernels in the forward and force passes),
-``graph-compiled-again`` (run after ``graph-compiled``: the second start, from the compile cache).
+``graph-compiled-again`` (run after ``graph-compiled``: the second start, from the compile cache),
+``graph-background`` (``train.cuda_graph_compile: background``: eager captured steps while a child
+process compiles, then the compiled step).
 ``NAME:SECONDS`` gives one variant its own budget (``--variants graph:40,graph-compiled:160``).
 
     python bench/bench_train_run.py --data .benchdata --seconds 60 --out $OUT
@@ -49,6 +51,10 @@ VARIANTS = {
     "graph": ["train.cuda_graph=true", "train.cuda_graph_compile=false", "data.device_resident=true"],
     "graph-host": ["train.cuda_graph=true", "train.cuda_graph_compile=false", "data.device_resident=false"],
     "graph-compiled": ["train.cuda_graph=true", "train.cuda_graph_compile=true", "data.device_resident=true"],
+    # the captured eager step at once, the traced graph compiled by a child process meanwhile and
+    # switched to when it is in the cache (torchmdx.train.precompile); run it first, or with
+    # TORCHMDX_COMPILE_CACHE pointing at an empty folder, to measure a first start
+    "graph-background": ["train.cuda_graph=true", "train.cuda_graph_compile=background", "data.device_resident=true"],
     # the same again: its compiled graphs come from the compile cache (torchmdx.nn.compile_cache),
     # so "first step s" is the second start of a compiled run
     "graph-compiled-again": ["train.cuda_graph=true", "train.cuda_graph_compile=true", "data.device_resident=true"],

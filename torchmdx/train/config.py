@@ -105,6 +105,9 @@ class TrainConfig:
     is, which starts in seconds. Off by default because a time-limited run loses more to the
     compile than it gains (H200: 95 s per batch shape for 16.4 vs 22.2 ms per 32-aspirin step,
     and at the MD17 recipe's batch of 8 the host, not the GPU, set the pace; docs/training.md).
+    ``background``: start on the captured eager step and compile the traced graphs in a child
+    process meanwhile; each batch shape switches once its graph is in the compile cache
+    (:mod:`torchmdx.train.precompile`).
     """
 
     energy_weight: float = 1.0
@@ -131,7 +134,7 @@ class TrainConfig:
     seed: int = 1
     cuda_graph: bool = False
     cuda_graph_pair_headroom: Optional[float] = 1.1
-    cuda_graph_compile: bool = False
+    cuda_graph_compile: Union[bool, Literal["background"]] = False
     max_nonfinite_steps: Optional[int] = 10
     augment: Literal["none", "rotations", "rotations_reflections"] = "none"
 

@@ -175,7 +175,15 @@ class GraphedTrainStep:
         self.warmup_steps = max(1, int(warmup_steps))
         self.max_shapes = int(max_shapes)
         self.traced = None
-        if traced:
+        #: ``traced="background"``: the traced graphs are compiled by a child process
+        #: (:mod:`torchmdx.train.precompile`) while the step runs the model's autograd; a shape
+        #: switches to its traced graph once the child has filled the compile cache for it
+        self.background = None
+        if traced == "background":
+            from torchmdx.train.precompile import BackgroundCompile
+
+            self.background = BackgroundCompile(model)
+        elif traced:
             from torchmdx.nn.traced import TracedForces
 
             self.traced = TracedForces(model, training=True)
@@ -295,6 +303,8 @@ class GraphedTrainStep:
                             ("cell", cell), ("pbc", pbc)):
             if value is not None:
                 given[name] = value
+        if self.background is not None:
+            self._poll_background()
         graph = self._graph_for(shape, given)
         inputs = graph.inputs
         if set(inputs) != set(given):
@@ -411,6 +421,8 @@ class GraphedTrainStep:
         neighbors = neighbor_list(pos.detach(), self.model.cutoff, batch, cell, pbc, max_pairs=capacity,
                                   cell_check="device")
         out = None
+        if traced and self.background is not None:
+            traced = self._background_ready(inputs["z"], pos, structures, neighbors, cell is not None)
         if traced and self.traced is not None:
             try:
                 offsets = None
@@ -464,6 +476,34 @@ class GraphedTrainStep:
         outputs = StepOutputs(loss.detach(), energy_error.detach(),
                               force_error.detach() if force_error is not None else None, n_atoms, skip)
         return outputs, found
+
+    def _background_ready(self, z, pos, structures: int, neighbors, periodic: bool) -> bool:
+        """Background compile: may this call use the traced graph (:meth:`BackgroundCompile.usable`)?"""
+        from torchmdx.train.precompile import signature
+
+        offsets = neighbors.shifts if periodic else None  # only its presence and shape count
+        sig = signature(z, pos, structures, neighbors.edge_index, offsets, neighbors.mask)
+        if not self.background.usable(sig, self.enabled and torch.cuda.is_current_stream_capturing()):
+            return False
+        if self.traced is None:
+            from torchmdx.nn.traced import TracedForces
+
+            self.traced = TracedForces(self.model, training=True)
+        return True
+
+    def _poll_background(self) -> None:
+        """Start the next child, or take what a finished one compiled: the graphs are captured
+        again (after one eager step through the traced graph, a compile-cache hit)."""
+        ready = self.background.poll()
+        for line in self.background.news():
+            self._note(line)
+        if self.background.failure is not None:
+            self._note(f"the background compile failed ({self.background.failure}); the step keeps the model's autograd")
+            self.background.stop()
+            self.background = None
+        elif ready:
+            for graph in self._graphs.values():
+                self._drop(graph, eager_steps=self.warmup_steps - 1)
 
     def _clip(self) -> None:
         if self.clip_value is None or not self.clip_value > 0:
@@ -589,7 +629,10 @@ class GraphedTrainStep:
         return take_sums(self.sums)
 
     def release(self) -> None:
-        """Drop every captured graph and static buffer (their GPU memory goes back to the allocator)."""
+        """Drop every captured graph and static buffer (their GPU memory goes back to the allocator);
+        a background compile still running is ended (what it compiled stays in the cache)."""
+        if self.background is not None:
+            self.background.stop()
         self._graphs.clear()
         self._last = None
         self._bindings = None

@@ -501,7 +501,8 @@ class PotentialModule(L.LightningModule):
             self.model, optimizer, functools.partial(training_objective, cfg), forces=cfg.train_forces,
             clip_value=self.trainer.gradient_clip_val, clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
             pair_headroom=cfg.cuda_graph_pair_headroom,
-            traced=capture and cfg.cuda_graph_compile and getattr(self.model, "traceable", False),
+            traced=(cfg.cuda_graph_compile if capture and cfg.cuda_graph_compile and getattr(self.model, "traceable", False)
+                    else False),
             capture=capture, error_sums=error_sums, ema=ema, max_shapes=max(4, len(buckets) + 1),
         )
 
