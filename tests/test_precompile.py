@@ -10,8 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -121,48 +119,6 @@ def test_background_switch_keeps_every_step_equal_to_the_eager_step_float64(monk
         assert any("compiled 1 step shape" in note for note in step.notes)
 
 
-def test_child_process_fills_the_cache_the_training_process_hits(tmp_path):
-    """The real child (``python -m torchmdx.train.precompile``) compiles a tiny ET's training graph;
-    a fresh process tracing the same signature then compiles from the cache (hits, no miss)."""
-    model = ETPotential(TINY)
-    sig = Signature(atoms=12, structures=2, pairs=64, offsets=False, mask=True, dtype="float32", device="cpu")
-    env = {**os.environ, "TORCHMDX_COMPILE_CACHE": str(tmp_path / "cache")}
-    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    background = BackgroundCompile(model, workdir=str(tmp_path / "work"))
-    old = dict(os.environ)
-    try:
-        os.environ.clear()
-        os.environ.update(env)
-        from torchmdx.nn import compile_cache
-
-        state = dict(compile_cache._state)
-        compile_cache._state["dir"] = None
-        background.request(sig)
-        assert background.poll() == [] and background.busy  # started
-        done = background.wait(timeout=400)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-        compile_cache._state.update(state)
-    log = (tmp_path / "work" / "request1.log").read_text()
-    assert done == [sig] and background.failure is None, log
-    assert background.ready(sig) and "compiled Signature(" in log
-    script = textwrap.dedent(f"""
-        import json, torch
-        from torchmdx.nn.model_file import load_model
-        from torchmdx.train.precompile import Signature, compile_signatures
-        from torch._dynamo.utils import counters
-        model = load_model({str(tmp_path / "work" / "model.pt")!r}).train()
-        compile_signatures(model, [Signature(**json.loads({json.dumps(json.dumps(asdict(sig)))}))])
-        print("COUNTERS", json.dumps({{**counters["inductor"], **counters["aot_autograd"]}}))
-    """)
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "cache" / "inductor")
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=400)
-    assert run.returncode == 0, run.stderr[-2000:]
-    counters = json.loads(run.stdout.split("COUNTERS", 1)[1])
-    assert counters.get("fxgraph_cache_hit", 0) >= 1 and counters.get("fxgraph_cache_miss", 0) == 0, counters
-
-
 def test_a_child_that_cannot_start_is_a_failure_not_an_exception(tmp_path, monkeypatch):
     """The model file cannot be written (here: the work folder is a file): poll() records the
     failure, and the training step would carry on without the background compile."""
@@ -174,3 +130,65 @@ def test_a_child_that_cannot_start_is_a_failure_not_an_exception(tmp_path, monke
     assert background.failure is not None and not background.busy
     background.request(Signature(13, 2, 64, False, True, "float32", "cpu"))
     assert not background.busy  # nothing more is requested after a failure
+
+
+def test_training_step_switches_through_a_cache_hit_of_the_real_child(tmp_path):
+    """End to end on the CPU: GraphedTrainStep(traced="background") with the real child process
+    and the real compiler. The training process's compile of the step's own traced call (not a
+    re-creation of it) must hit the cache the child filled, and the compiled steps keep following
+    the eager reference (float64)."""
+    from torch._dynamo.utils import counters
+
+    from torchmdx.nn import compile_cache
+
+    reference = ETPotential({**TINY, "dtype": "float64"})
+    model = ETPotential({**TINY, "dtype": "float64"})
+    model.load_state_dict(reference.state_dict())
+    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    eager = GraphedTrainStep(reference, opt_ref, functools.partial(training_objective, JOINT))
+    old, state = dict(os.environ), dict(compile_cache._state)
+    try:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        os.environ["TORCHMDX_COMPILE_CACHE"] = str(tmp_path / "cache")
+        compile_cache._state["dir"] = None
+        step = GraphedTrainStep(model, opt, functools.partial(training_objective, JOINT), traced="background")
+        step.background.workdir = tmp_path / "work"
+        counters.clear()
+        switched_at = None
+        with pytest.warns(RuntimeWarning):
+            for k in range(400):
+                z, pos, batch, energy, forces = molecules([5, 7, 4], seed=k % 5)
+                out = step.step(z, pos, batch, energy, forces)
+                ref = eager.step(z, pos, batch, energy, forces)
+                assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-9), k
+                if step.traced is not None and step.traced.traces:
+                    switched_at = k
+                    break
+                if step.background is None:
+                    break
+                step.background.wait(timeout=2.0)  # let the child work between steps
+    finally:
+        if getattr(step, "background", None) is not None:
+            step.background.stop()
+        os.environ.clear()
+        os.environ.update(old)
+        compile_cache._state.update(state)
+    logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*.log"))
+    assert switched_at is not None, (step.notes, logs)
+    hits = counters["inductor"].get("fxgraph_cache_hit", 0)
+    misses = counters["inductor"].get("fxgraph_cache_miss", 0)
+    assert hits >= 1 and misses == 0, (dict(counters["inductor"]), logs)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+
+
+def test_process_settings_round_trip_in_a_child():
+    """What the child applies is what the training process had (threads, matmul precision, ...)."""
+    settings = {**precompile.process_settings(), "threads": 1, "matmul_precision": "high"}
+    script = ("import json, sys; from torchmdx.train import precompile as p; "
+              "p.apply_settings(json.loads(sys.argv[1])); print(json.dumps(p.process_settings()))")
+    run = subprocess.run([sys.executable, "-c", script, json.dumps(settings)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == settings

@@ -177,7 +177,8 @@ class BackgroundCompile:
             self._model_file = save_potential(self.potential, folder / "model.pt")
         index = len(self.log) + 1
         spec = folder / f"request{index}.json"
-        spec.write_text(json.dumps({"model": str(self._model_file), "signatures": [asdict(s) for s in sigs]}))
+        spec.write_text(json.dumps({"model": str(self._model_file), "signatures": [asdict(s) for s in sigs],
+                                    "settings": process_settings()}))
         log = folder / f"request{index}.log"
         env = dict(os.environ)
         root = compile_cache.ensure()  # the child writes where this process will read
@@ -188,6 +189,33 @@ class BackgroundCompile:
             process = subprocess.Popen([self.python, "-m", "torchmdx.train.precompile", str(spec)], stdout=out,
                                        stderr=subprocess.STDOUT, env=env)
         self._running = (process, list(sigs), time.monotonic(), log)
+
+
+def process_settings() -> dict:
+    """The process-wide torch settings that reach compiled code (and so the compile cache's
+    keys): the child takes this process's. Found by the end-to-end test: the CPU code inductor
+    writes depends on the thread count, and the training process may run on other threads than
+    a fresh process (the tests run on one)."""
+    return {"threads": torch.get_num_threads(), "matmul_precision": torch.get_float32_matmul_precision(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_tf32": torch.backends.cudnn.allow_tf32, "default_dtype": str(torch.get_default_dtype())}
+
+
+def apply_settings(settings: dict) -> None:
+    """Apply :func:`process_settings` of the training process in the child; only those that
+    differ are set (setting one to the value it has is not always a no-op: the matmul precision
+    setter also pins the newer per-backend precision flags, which compiled code's keys see)."""
+    now = process_settings()
+    if settings.get("threads") and settings["threads"] != now["threads"]:
+        torch.set_num_threads(int(settings["threads"]))
+    if settings.get("matmul_precision") and settings["matmul_precision"] != now["matmul_precision"]:
+        torch.set_float32_matmul_precision(settings["matmul_precision"])
+    if "deterministic" in settings and settings["deterministic"] != now["deterministic"]:
+        torch.use_deterministic_algorithms(bool(settings["deterministic"]))
+    if "cudnn_tf32" in settings and settings["cudnn_tf32"] != now["cudnn_tf32"]:
+        torch.backends.cudnn.allow_tf32 = bool(settings["cudnn_tf32"])
+    if settings.get("default_dtype") and settings["default_dtype"] != now["default_dtype"]:
+        torch.set_default_dtype(getattr(torch, settings["default_dtype"].replace("torch.", "")))
 
 
 def inputs_for(sig: Signature, elements, generator: torch.Generator) -> tuple:
@@ -229,6 +257,7 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
+    apply_settings(spec.get("settings") or {})
     signatures = [Signature(**s) for s in spec["signatures"]]
     potential = load_model(spec["model"], device=signatures[0].device if signatures else None)
     if signatures:
