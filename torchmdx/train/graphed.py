@@ -148,6 +148,9 @@ class GraphedTrainStep:
             graph (:class:`torchmdx.nn.traced.TracedForces` with ``training=True``: forward,
             forces and their parameter gradients as fused inductor kernels) instead of the
             model's eager autograd; the eager warm-up steps at other capacities stay eager.
+            ``"background"``: the model's autograd until a child process has compiled a
+            shape's traced graph into the compile cache, then the traced graph
+            (:mod:`torchmdx.train.precompile`).
         capture: capture CUDA graphs on a GPU (False: the same step, eagerly, everywhere).
         error_sums: ``(energy_error, n_atoms, force_error, structure_weight, atom_weight) ->
             float64 vector``, accumulated in :attr:`sums` by every step (None: no sums).
