@@ -117,6 +117,8 @@ def test_background_switch_keeps_every_step_equal_to_the_eager_step_float64(monk
         assert used == [False, False, True, True]
         assert step.traced.traces == 1
         assert any("compiled 1 step shape" in note for note in step.notes)
+        step._poll_background()  # the next step's poll reports the switch
+        assert any("loading it took" in note for note in step.notes), step.notes
 
 
 def test_a_child_that_cannot_start_is_a_failure_not_an_exception(tmp_path, monkeypatch):

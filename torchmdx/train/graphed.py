@@ -435,6 +435,8 @@ class GraphedTrainStep:
                 energy, forces, _ = self.traced(inputs["z"], pos, batch, structures, neighbors.edge_index, offsets,
                                                 neighbors.mask)
                 out = {"energy": energy, "forces": forces}
+                if self.background is not None:
+                    self.background.loaded()
             except Exception as exc:  # noqa: BLE001 - a graph that does not compile: say so once, go on
                 if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                     raise

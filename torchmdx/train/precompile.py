@@ -78,6 +78,7 @@ class BackgroundCompile:
         self._requested: set = set()
         self._ready: set = set()
         self._warm: set = set()
+        self.loading: Optional[float] = None
         self._said = 0
         self._running: Optional[tuple] = None  # (Popen, [Signature], started, log path)
 
@@ -98,8 +99,18 @@ class BackgroundCompile:
             return False
         if capturing:
             return sig in self._warm
-        self._warm.add(sig)
+        if sig not in self._warm:
+            self._warm.add(sig)
+            self.loading = time.monotonic()  # the caller's first traced call loads the graph
         return True
+
+    def loaded(self) -> None:
+        """After the first traced call of a signature: log how long loading it took (a cache
+        hit: seconds; a miss would be the whole compile, which the log then shows)."""
+        if self.loading is not None:
+            self.log.append(f"switched a batch shape to the compiled step; loading it took "
+                            f"{time.monotonic() - self.loading:.1f} s")
+            self.loading = None
 
     def news(self) -> list[str]:
         """Log lines not yet returned by this method."""
