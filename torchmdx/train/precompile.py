@@ -63,8 +63,10 @@ class BackgroundCompile:
 
     ``request(sig)`` queues a signature (once); ``poll()`` (host only: a ``Popen.poll``) starts
     the next child when none runs and returns the signatures that became ready since the last
-    poll; ``ready(sig)``: may the training step use the traced graph for this signature?
-    ``failure``: the first child's error line, after which nothing more is requested.
+    poll; ``ready(sig)``: has a child compiled it; ``usable(sig, capturing)``: may the training
+    step run the traced graph for it now (requests it if not); ``log`` / ``news()``: one line per
+    finished child and per switch; ``failure``: the first child's error line, after which nothing
+    more is requested.
     """
 
     def __init__(self, potential, workdir: Optional[str] = None, python: str = sys.executable):
