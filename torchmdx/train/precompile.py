@@ -202,6 +202,8 @@ class BackgroundCompile:
             process = subprocess.Popen([self.python, "-m", "torchmdx.train.precompile", str(spec)], stdout=out,
                                        stderr=subprocess.STDOUT, env=env)
         self._running = (process, list(sigs), time.monotonic(), log)
+        self.log.append(f"compiling {len(sigs)} batch shape(s) of the training step in the background "
+                        f"(process {process.pid}, log {log}); training goes on meanwhile")
 
 
 def process_settings() -> dict:
