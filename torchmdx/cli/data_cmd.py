@@ -1,12 +1,19 @@
-"""``torchmdx data``: inspect a dataset (``info``) or build its HDF5 cache (``prepare``).
+"""``torchmdx data``: inspect a dataset (``info``), build its HDF5 cache (``prepare``), or remove
+old caches (``clean``).
 
     torchmdx data info <config.yaml | data file> [--format F] [--json] [--energy-key K]
                        [--forces-key K] [--stress-key K] [--group-key K] [--energy-unit U] [--length-unit U]
     torchmdx data prepare <config.yaml | data file> [same options] [--cache-dir DIR] [--force]
+    torchmdx data clean [CACHE_DIR] [--dry-run]
 
 ``info`` reads a current cache when one exists and the raw file otherwise; it writes nothing.
 With a config it also shows the split the config would make (sizes; a split larger than the
 data is an error) and, for ``atomref: fit``, the fitted per-element reference energies.
+
+``clean`` removes from a cache folder (default ``data/cache``) the caches made by another cache
+version, damaged ones, those whose source no longer exists and the leftovers of interrupted
+builds (:func:`torchmdx.data.cache.removable_cache_files`); files without the cache marker are
+never touched, and ``--dry-run`` only lists.
 """
 
 from __future__ import annotations
@@ -15,7 +22,11 @@ import json
 import sys
 from pathlib import Path
 
-HELP = "inspect a dataset (info) or build its cache (prepare)"
+HELP = "inspect a dataset (info), build its cache (prepare) or remove old caches (clean)"
+
+#: the cache folder of the data commands when neither --cache-dir nor a config names one
+#: (DataConfig.cache_dir's default)
+DEFAULT_CACHE_DIR = "data/cache"
 
 _FORMATS = ("md17", "rmd17", "md17-xyz", "qm9", "ani1", "ani1x", "ase", "cache")
 
@@ -31,7 +42,7 @@ def _common(p):
     p.add_argument("--group-key", default=None, help="ASE info key holding each structure's group label")
     p.add_argument("--energy-unit", default=None, help="energy unit of the file (e.g. kcal/mol, Hartree, eV)")
     p.add_argument("--length-unit", default=None, help="length unit of the file (e.g. Bohr, Å)")
-    p.add_argument("--cache-dir", default=None, help="cache folder (default: the config's, else data/cache)")
+    p.add_argument("--cache-dir", default=None, help=f"cache folder (default: the config's, else {DEFAULT_CACHE_DIR})")
 
 
 def add_arguments(parser):
@@ -44,6 +55,13 @@ def add_arguments(parser):
                              description="Build the HDF5 cache of a dataset (only when the raw file changed).")
     _common(prepare)
     prepare.add_argument("--force", action="store_true", help="rebuild even when the cache is current")
+    clean = sub.add_parser("clean", help="remove old, damaged and orphaned cache files",
+                           description="Remove from a cache folder the caches made by another cache version, "
+                                       "damaged ones, those whose source no longer exists, and the leftovers of "
+                                       "interrupted builds. Files that are not torchmdx caches are never touched.")
+    clean.add_argument("cache_dir", nargs="?", default=DEFAULT_CACHE_DIR,
+                       help=f"the cache folder (default: {DEFAULT_CACHE_DIR})")
+    clean.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     parser.set_defaults(_data_parser=parser)
 
 
@@ -68,7 +86,7 @@ def _load(args):
         if args.cache_dir:
             config.cache_dir = args.cache_dir
     else:
-        config = DataConfig(path=args.source, format=args.format, cache_dir=args.cache_dir or "data/cache", **cli_opts)
+        config = DataConfig(path=args.source, format=args.format, cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, **cli_opts)
     return config
 
 
@@ -76,6 +94,8 @@ def run(args) -> int:
     if getattr(args, "data_command", None) is None:
         args._data_parser.print_help()
         return 1
+    if args.data_command == "clean":
+        return _clean(args)
     config = _load(args)
     if args.data_command == "prepare":
         return _prepare(args, config)
@@ -92,6 +112,41 @@ def _prepare(args, config) -> int:
         print(f"already a torchmdx cache: {path}")
         return 0
     print(f"{'cache is current' if current else 'cache written'}: {path}")
+    return 0
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _clean(args) -> int:
+    import contextlib
+    import shutil
+
+    from torchmdx.data.cache import removable_cache_files, size_of
+    from torchmdx.errors import DataError
+
+    folder = Path(args.cache_dir)
+    if not folder.exists():
+        raise DataError(f"{folder}: no such cache folder")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder (give the cache folder: torchmdx data clean CACHE_DIR)")
+    found = removable_cache_files(folder)
+    freed = 0
+    for path, why in found:
+        size = size_of(path)
+        if not args.dry_run:
+            with contextlib.suppress(FileNotFoundError):  # gone meanwhile (another clean)
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        freed += size
+        print(f"{'would remove' if args.dry_run else 'removed'} {path} ({_size(size)}): {why}")
+    if not found:
+        print(f"nothing to remove in {folder}")
+    elif args.dry_run:
+        print(f"{len(found)} file(s) would be removed, freeing {_size(freed)} (dry run: nothing removed)")
+    else:
+        print(f"removed {len(found)} file(s), freed {_size(freed)}")
+    sys.stdout.flush()
     return 0
 
 

@@ -27,6 +27,11 @@ it only when complete (:mod:`torchmdx.data.cache_file`). A build killed outright
 loss) leaves its temporary files; the next :func:`build_cache` on that host finds them (their
 process is gone), removes them and says that it rebuilds. A file under the cache's name that is
 damaged, truncated or lacks the ``complete`` attribute is rebuilt, with a line saying why.
+
+**Old caches stay until asked.** A new cache version (or new reader options) gives a new file
+name, and nothing is deleted without being asked: when :func:`build_cache` writes a cache and
+caches of the same source made by another cache version remain beside it, it says so in one line
+(:func:`older_caches`); ``torchmdx data clean`` removes them (:func:`removable_cache_files`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -60,6 +66,7 @@ __all__ = [
     # this module
     "EDGE_BYTES", "DEFAULT_CACHE_DIR", "quick_fingerprint", "content_hash", "fingerprint", "cache_key",
     "cache_path", "cache_status", "is_current", "find_cache", "interrupted_builds", "build_cache",
+    "older_caches", "removable_cache_files", "size_of",
     # re-exported from torchmdx.data.cache_file (imported from here by other modules, tests, bench scripts)
     "CACHE_VERSION", "COPY_BLOCK_BYTES", "CacheWriter", "write_cache", "read_cache", "cache_info", "memory_map",
     "checksums", "damage", "temporary_cache_path",
@@ -246,6 +253,10 @@ def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DI
         say(f"an earlier build of {path} was interrupted (removed {', '.join(p.name for p in leftovers)}); rebuilding it")
     elif reason:
         say(f"rebuilding {path}: {reason}")
+    older = older_caches(path, src, fmt)
+    if older:
+        say(f"{len(older)} older cache file(s) of {src} remain in {path.parent} "
+            f"({sum(size_of(p) for p in older) / 1e9:.1f} GB); `torchmdx data clean {path.parent}` removes them")
     before = fingerprint(src)
     with CacheWriter(path, fmt=fmt, source=src, options=opts, fingerprint=before) as writer:
         for chunk in iter_structures(src, fmt, chunk_atoms=chunk_atoms, **opts):
@@ -254,3 +265,91 @@ def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DI
         if any(before[k] != after[k] for k in after):
             raise DataError(f"{src}: changed while it was being read; try again")
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# old, damaged and orphaned cache files (``torchmdx data clean``)
+#: a cache's file name (:func:`cache_path`): <source name>.<format>.<16 hex digits>.h5
+_CACHE_NAME = re.compile(r"^.+\.[a-z0-9-]+\.[0-9a-f]{16}\.h5$")
+#: a build's temporary file or spill folder (:func:`~torchmdx.data.cache_file.temporary_cache_path`)
+_TEMPORARY_NAME = re.compile(r"^\.(?P<cache>.+\.[a-z0-9-]+\.[0-9a-f]{16}\.h5)\.tmp-(?P<host>.*)-(?P<pid>\d+)(\.parts)?$")
+
+
+def size_of(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    return path.lstat().st_size
+
+
+def _cache_attrs(path: Path) -> Optional[dict]:
+    """The marker attributes of a cache file (version, source, complete), None when it is not a
+    torchmdx cache (no marker), or ``{"unreadable": why}`` when HDF5 cannot open it."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            if "torchmdx_cache_version" not in h5.attrs:
+                return None
+            return {"version": h5.attrs["torchmdx_cache_version"], "source": str(h5.attrs.get("source", "")),
+                    "complete": bool(h5.attrs.get("complete", False))}
+    except Exception as exc:  # a damaged file: h5py raises OSError, RuntimeError, KeyError, ...
+        return {"unreadable": (str(exc).splitlines() or [type(exc).__name__])[0]}
+
+
+def older_caches(path, source, fmt: str) -> list[Path]:
+    """Caches of ``source`` beside ``path`` (``<source name>.<fmt>.*.h5``) made by another cache
+    version: only their attributes are read."""
+    path, source = Path(path), str(Path(source).resolve())
+    if not path.parent.is_dir():
+        return []
+    prefix = f"{Path(source).name}.{fmt}."
+    found = []
+    for entry in sorted(path.parent.iterdir()):
+        if entry == path or not entry.name.startswith(prefix) or not _CACHE_NAME.match(entry.name) \
+                or entry.is_symlink() or not entry.is_file():
+            continue
+        attrs = _cache_attrs(entry)
+        if attrs and "version" in attrs and attrs["version"] != CACHE_VERSION and attrs["source"] == source:
+            found.append(entry)
+    return found
+
+
+def removable_cache_files(cache_dir) -> list[tuple[Path, str]]:
+    """(path, why) of each file in ``cache_dir`` that ``torchmdx data clean`` removes: caches made
+    by another cache version, caches that are damaged (unreadable, incomplete, not matching their
+    checksums) or whose source no longer exists, and the temporary files of interrupted builds on
+    this host (their process is gone). A file without the cache marker is never listed; one that
+    HDF5 cannot open at all is listed only under a cache's own name (``<name>.<format>.<hash>.h5``).
+    A temporary file of a live build, or of another host's build, is left alone."""
+    found = []
+    for entry in sorted(Path(cache_dir).iterdir()):
+        if entry.is_symlink():
+            continue
+        temporary = _TEMPORARY_NAME.match(entry.name)
+        if temporary:
+            host, pid = temporary.group("host"), int(temporary.group("pid"))
+            if host in ("", _host()) and not _alive(pid):
+                found.append((entry, "left by an interrupted build"))
+            continue
+        if not entry.is_file() or entry.suffix != ".h5":
+            continue
+        attrs = _cache_attrs(entry)
+        if attrs is None:
+            continue
+        if "unreadable" in attrs:
+            if _CACHE_NAME.match(entry.name):
+                found.append((entry, f"damaged: not a readable HDF5 file ({attrs['unreadable']})"))
+            continue
+        if attrs["version"] != CACHE_VERSION:
+            found.append((entry, f"made by cache version {attrs['version']} (this is version {CACHE_VERSION})"))
+        elif not attrs["complete"]:
+            found.append((entry, "damaged: incomplete (no 'complete' attribute)"))
+        elif attrs["source"] and not Path(attrs["source"]).exists():
+            found.append((entry, f"its source {attrs['source']} no longer exists"))
+        else:
+            problem = damage(entry)
+            if problem:
+                found.append((entry, f"damaged {problem}"))
+    return found
