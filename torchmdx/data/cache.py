@@ -199,25 +199,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: a cache's file name (:func:`cache_path`): <source name>.<format>.<16 hex digits>.h5
+_CACHE_NAME = re.compile(r"^.+\.[a-z0-9-]+\.[0-9a-f]{16}\.h5$")
+#: a build's temporary file or spill folder (:func:`~torchmdx.data.cache_file.temporary_cache_path`)
+_TEMPORARY_NAME = re.compile(r"^\.(?P<cache>.+\.[a-z0-9-]+\.[0-9a-f]{16}\.h5)\.tmp-(?P<host>.*)-(?P<pid>\d+)(\.parts)?$")
+
+
+def _interrupted_cache(entry: Path) -> Optional[str]:
+    """The cache name whose build left ``entry`` (a temporary file or spill folder) when that build
+    ran on this host and its process is gone; None otherwise (not a temporary name, a live
+    build, or another host's build: not ours to judge)."""
+    match = _TEMPORARY_NAME.match(entry.name)
+    if match is None or match.group("host") not in ("", _host()) or _alive(int(match.group("pid"))):
+        return None
+    return match.group("cache")
+
+
 def interrupted_builds(path) -> list[Path]:
     """Temporary files of builds of ``path`` on this host whose process is gone (killed part-way)."""
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    prefix = f".{path.name}.tmp-"
-    found = []
-    for entry in path.parent.iterdir():
-        if not entry.name.startswith(prefix):
-            continue
-        tail = entry.name[len(prefix):]
-        if tail.endswith(".parts"):
-            tail = tail[: -len(".parts")]
-        host, _, pid = tail.rpartition("-")
-        if not pid.isdigit() or host not in ("", _host()):  # another host's build: not ours to judge
-            continue
-        if not _alive(int(pid)):
-            found.append(entry)
-    return sorted(found)
+    return sorted(entry for entry in path.parent.iterdir() if _interrupted_cache(entry) == path.name)
 
 
 def _note(line: str) -> None:
@@ -269,12 +272,6 @@ def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DI
 
 # ------------------------------------------------------------------------------------------------
 # old, damaged and orphaned cache files (``torchmdx data clean``)
-#: a cache's file name (:func:`cache_path`): <source name>.<format>.<16 hex digits>.h5
-_CACHE_NAME = re.compile(r"^.+\.[a-z0-9-]+\.[0-9a-f]{16}\.h5$")
-#: a build's temporary file or spill folder (:func:`~torchmdx.data.cache_file.temporary_cache_path`)
-_TEMPORARY_NAME = re.compile(r"^\.(?P<cache>.+\.[a-z0-9-]+\.[0-9a-f]{16}\.h5)\.tmp-(?P<host>.*)-(?P<pid>\d+)(\.parts)?$")
-
-
 def size_of(path: Path) -> int:
     """Bytes of a file, or of every file under a folder."""
     path = Path(path)
@@ -327,10 +324,8 @@ def removable_cache_files(cache_dir) -> list[tuple[Path, str]]:
     for entry in sorted(Path(cache_dir).iterdir()):
         if entry.is_symlink():
             continue
-        temporary = _TEMPORARY_NAME.match(entry.name)
-        if temporary:
-            host, pid = temporary.group("host"), int(temporary.group("pid"))
-            if host in ("", _host()) and not _alive(pid):
+        if _TEMPORARY_NAME.match(entry.name):
+            if _interrupted_cache(entry) is not None:
                 found.append((entry, "left by an interrupted build"))
             continue
         if not entry.is_file() or entry.suffix != ".h5":
