@@ -150,8 +150,8 @@ class BackgroundCompile:
         return done
 
     def wait(self, timeout: Optional[float] = None) -> list[Signature]:
-        """Poll until nothing is queued or running (tests, and the end of a run); returns what
-        became ready."""
+        """Poll until nothing is queued or running, or ``timeout`` s have passed (tests); returns
+        what became ready."""
         done, deadline = [], None if timeout is None else time.monotonic() + timeout
         while True:
             done += self.poll()
