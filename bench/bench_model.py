@@ -35,8 +35,9 @@ cutoff 5 Å, vector cutoff, float32), random weights (seed 0). For each system (
 
 ``--architecture equiformer``: the same table for Equiformer with the paper's MD17 model
 (``EQUIFORMER_MD17``: configs/equiformer_md17.yaml's model, float32, random weights, seed 0). It
-has one eager path on e3nn (the ``ref`` column: no fused kernels, no compiled or traced variants)
-and the ``graph`` column (the calculator's CUDA-graph replay); the training step as above. Run it
+has one eager path on e3nn (the ``ref`` column: no fused kernels, no compiled parts), the ``graph``
+column (the calculator's CUDA-graph replay) and the traced whole-model graph columns (it is
+``traceable``); the training step as above. Run it
 with ``--name bench_model_equiformer`` beside the ET's run on the same machine.
 
 Times: median over timed calls (CUDA events) after warm-up (``bench/gpu_timing.py``). Prints a
@@ -136,7 +137,7 @@ def bench_system(name, data_dir, results, backends):
             row[f"{key}_error"] = error_text(exc)
         if GRAPH and (backend == "triton" or model_setup.ARCHITECTURE != "et"):
             for gkey, compiled, traced in GRAPH_VARIANTS:
-                if traced and len(z_np) > TRACED_MAX_ATOMS:
+                if traced and (len(z_np) > TRACED_MAX_ATOMS or not getattr(model, "traceable", False)):
                     continue
                 if over_budget(gkey):
                     continue
@@ -319,7 +320,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda", help="cuda; 'cpu' only smoke-tests the script")
     parser.add_argument("--architecture", default="et", choices=("et", "equiformer"),
                         help="et (default) or equiformer (the paper's MD17 model; --backends, --sweep, --kernels, "
-                             "--profile and the compiled/traced graph columns are ET-only)")
+                             "--profile and the compiled-parts column are ET-only)")
     args = parser.parse_args(argv)
     # the run's settings live in the modules that read them
     gpu_timing.DEVICE, gpu_timing.TIME_BUDGET_S = args.device, args.budget_s
@@ -346,8 +347,8 @@ def main(argv=None):
     if os.environ.get("BENCH_GRAPH_VARIANTS"):  # a subset of the graph columns, e.g. "graph_compiled,graph_traced"
         wanted = os.environ["BENCH_GRAPH_VARIANTS"].split(",")
         GRAPH_VARIANTS = [v for v in GRAPH_VARIANTS if v[0] in wanted]
-    if architecture != "et":  # not traceable, no compiled parts: the plain captured call only
-        GRAPH_VARIANTS = [v for v in GRAPH_VARIANTS if v[0] == "graph"]
+    if architecture != "et":  # no compiled parts (ET-only); the traced whole-model graph needs `traceable` (checked per row)
+        GRAPH_VARIANTS = [v for v in GRAPH_VARIANTS if not v[1]]
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: bench_model.py needs a CUDA GPU (or --device cpu for a smoke test)")
     if not args.data.is_dir():

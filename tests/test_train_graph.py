@@ -91,7 +91,7 @@ def config_values(**train):
 
 def test_config_option_and_what_it_refuses():
     cfg = build_run_config(config_values(), check_data=False)
-    assert cfg.train.cuda_graph is False and cfg.train.cuda_graph_pair_headroom == 1.1
+    assert cfg.train.cuda_graph == "auto" and cfg.train.cuda_graph_pair_headroom == 1.1
     cfg = build_run_config(config_values(cuda_graph=True, cuda_graph_pair_headroom=None), check_data=False)
     assert cfg.train.cuda_graph is True and cfg.train.cuda_graph_pair_headroom is None
     cases = [
@@ -113,6 +113,37 @@ def test_config_option_and_what_it_refuses():
     values = config_values()
     values["trainer"].update(devices=2, accumulate_grad_batches=2)
     build_run_config(values, check_data=False)
+
+
+def test_cuda_graph_auto_is_on_only_for_one_process_on_one_gpu(monkeypatch):
+    """``train.cuda_graph: auto`` (the default): on with one CUDA GPU in one process, off on the
+    CPU, with several devices or nodes, an explicit CPU accelerator or gradient accumulation;
+    never refused. true / false stay as given."""
+    from torchmdx.train.config import resolve_cuda_graph
+
+    assert TrainConfig().cuda_graph == "auto"
+    visible = {"available": False, "count": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible["available"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible["count"])
+
+    def resolved(train=None, **trainer):
+        values = config_values(**(train or {}))
+        values["trainer"].update({"accelerator": "auto", **trainer})  # never refused (build_run_config checks)
+        return resolve_cuda_graph(build_run_config(values, check_data=False))
+
+    assert resolved() is False  # no GPU
+    assert resolved(dict(cuda_graph=True)) is True and resolved(dict(cuda_graph=False)) is False
+    visible.update(available=True, count=1)
+    assert resolved(devices="auto") is True and resolved(devices=1) is True
+    assert resolved(devices=[0]) is True and resolved(devices=-1) is True
+    assert resolved(dict(cuda_graph=False)) is False
+    assert resolved(accelerator="cpu") is False
+    assert resolved(accumulate_grad_batches=2) is False
+    assert resolved(num_nodes=2) is False
+    visible.update(count=2)
+    assert resolved(devices="auto") is False and resolved(devices=-1) is False
+    assert resolved(devices=2, strategy="ddp") is False and resolved(devices=[0, 1]) is False
+    assert resolved(devices=1) is True and resolved(devices=[1]) is True
 
 
 def test_shapes_and_capacities():

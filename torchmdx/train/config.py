@@ -87,7 +87,9 @@ class TrainConfig:
     ``cuda_graph``: on a GPU, replay each training step (neighbor list, forward, forces, loss,
     backward, gradient clipping, AdamW step) as one CUDA graph
     (:mod:`torchmdx.train.graphed`); one device, no gradient accumulation; ignored with a note on
-    the CPU. ``cuda_graph_pair_headroom`` h >= 1: the graph's neighbor list has room for h × the
+    the CPU. ``auto`` (default): on where that holds, that is, one process on one CUDA GPU
+    (``trainer.devices`` 1, or ``auto`` on a machine with one GPU), one node, no gradient
+    accumulation; off otherwise (:func:`resolve_cuda_graph`). ``cuda_graph_pair_headroom`` h >= 1: the graph's neighbor list has room for h × the
     pairs seen in its warm-up steps (padding rows cost time: the reference message path works on
     every row); a batch with more pairs is skipped inside the graph (weights untouched), seen at
     the next logging point, and the capacity grown (the latest step is redone, earlier skipped
@@ -132,7 +134,7 @@ class TrainConfig:
     shift: Union[float, Literal["auto", "none"]] = "auto"
     refit_atomref: Union[bool, Literal["auto"]] = "auto"
     seed: int = 1
-    cuda_graph: bool = False
+    cuda_graph: Union[bool, Literal["auto"]] = "auto"
     cuda_graph_pair_headroom: Optional[float] = 1.1
     cuda_graph_compile: Union[bool, Literal["background"]] = False
     max_nonfinite_steps: Optional[int] = 10
@@ -351,18 +353,45 @@ def build_run_config(values: dict, source: str = "config", check_data: bool = Tr
     return cfg
 
 
+def _device_count(devices) -> Optional[int]:
+    """``trainer.devices`` as a count (-1: all), or None for 'auto'."""
+    if isinstance(devices, list):
+        return len(devices)
+    if isinstance(devices, int) or (isinstance(devices, str) and devices.lstrip("-").isdigit()):
+        return int(devices)
+    return None
+
+
+def resolve_cuda_graph(cfg: RunConfig) -> bool:
+    """Whether this run trains through captured steps: ``train.cuda_graph`` true/false as given;
+    ``auto``: true when torch sees a CUDA GPU, ``trainer.accelerator`` allows it (auto, gpu or
+    cuda), the run is one process on one device (``trainer.devices`` 1 or a one-item list, or
+    ``auto`` with one visible GPU; one node) and gradients are not accumulated."""
+    wanted = cfg.train.cuda_graph
+    if wanted != "auto":
+        return bool(wanted)
+    trainer = cfg.trainer
+    if str(trainer.accelerator) not in ("auto", "gpu", "cuda") or trainer.num_nodes > 1 or trainer.accumulate_grad_batches > 1:
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    count = _device_count(trainer.devices)
+    if count is None or count == -1:
+        count = torch.cuda.device_count()
+    return count == 1
+
+
 def check_cuda_graph(cfg: RunConfig) -> None:
-    """``train.cuda_graph`` replays one optimiser step per batch on one device: refuse gradient
-    accumulation and several devices/nodes (one-line ConfigError)."""
-    if not cfg.train.cuda_graph:
+    """``train.cuda_graph: true`` replays one optimiser step per batch on one device: refuse
+    gradient accumulation and several devices/nodes (one-line ConfigError). ``auto`` is never
+    refused: it is off where it cannot be on (:func:`resolve_cuda_graph`)."""
+    if cfg.train.cuda_graph is not True:
         return
     trainer = cfg.trainer
     devices = trainer.devices
-    count = None
-    if isinstance(devices, list):
-        count = len(devices)
-    elif isinstance(devices, int) or (isinstance(devices, str) and devices.lstrip("-").isdigit()):
-        count = int(devices)
+    count = _device_count(devices)
     if (count is not None and (count > 1 or count == -1)) or trainer.num_nodes > 1:
         raise ConfigError(f"config key 'train.cuda_graph' needs one device, but trainer.devices is {devices!r} and "
                           f"trainer.num_nodes {trainer.num_nodes}; set trainer.devices: 1 or train.cuda_graph: false")
@@ -396,4 +425,5 @@ def resolved_yaml(cfg: RunConfig) -> str:
 
 
 __all__ = ["RunConfig", "TrainConfig", "TrainerConfig", "build_run_config", "check_cuda_graph", "load_run_config",
+           "resolve_cuda_graph",
            "resolved_yaml"]

@@ -281,7 +281,7 @@ class PotentialModule(L.LightningModule):
 
             cfg = self.train_config
             self._eval_runner = GraphedEvalStep(self.model, functools.partial(train_error_sums, cfg),
-                                                capture=cfg.cuda_graph)
+                                                capture=self._cuda_graph_mode())
         return self._eval_runner
 
     def test_step(self, batch, batch_idx):
@@ -442,6 +442,8 @@ class PotentialModule(L.LightningModule):
         if trainer is not None:
             from torchmdx.errors import ConfigError
 
+            if cfg.cuda_graph == "auto" and (trainer.world_size > 1 or trainer.accumulate_grad_batches > 1):
+                return False  # auto: on only where it can be (torchmdx.train.config.resolve_cuda_graph)
             if trainer.world_size > 1:
                 raise ConfigError(f"config key 'train.cuda_graph' needs one device; this run has {trainer.world_size} "
                                   "processes (set trainer.devices: 1 or train.cuda_graph: false)")
@@ -462,6 +464,8 @@ class PotentialModule(L.LightningModule):
         if not cfg.cuda_graph:
             return
         if not self._cuda_graph_mode():
+            if cfg.cuda_graph == "auto":
+                return  # auto: eager where graphs cannot run, without a note
             from lightning.pytorch.utilities import rank_zero_warn
 
             rank_zero_warn(f"train.cuda_graph: the model is on {self.device.type}; CUDA graphs need a GPU, "

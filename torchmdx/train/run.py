@@ -18,6 +18,7 @@ references, statistics) -> model with its normalisation -> Lightning ``Trainer.f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -28,7 +29,7 @@ from typing import Optional
 from torchmdx.config import to_dict
 from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import atomic_write, jsonable
-from torchmdx.train.config import RunConfig, TrainConfig, resolved_yaml
+from torchmdx.train.config import RunConfig, TrainConfig, resolve_cuda_graph, resolved_yaml
 
 CHECKPOINT_DIR = "checkpoints"
 BEST = "best"
@@ -90,7 +91,8 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
 
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # captured training steps take packed batches (a few fixed sizes); the stress term is eager only
-    packed = cfg.train.cuda_graph and not cfg.train.train_stress
+    captured = resolve_cuda_graph(cfg)  # train.cuda_graph 'auto' -> on with one process on one GPU
+    packed = captured and not cfg.train.train_stress
     datamodule = TorchmdxDataModule(cfg.data_config, run_dir=run_dir, pack_training=packed)  # max_z is the model's
     datamodule.setup("fit")
     sizes = datamodule.split.sizes()
@@ -106,7 +108,8 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
     if cfg.train.energy_weight == 0 and not datamodule.dataset.has_forces:
         raise ConfigError(f"config key 'train.energy_weight' is 0 but {source} has no forces: nothing to train on")
     module = PotentialModule(
-        model=to_dict(cfg.model_config), train=to_dict(cfg.train), data=to_dict(cfg.data_config),
+        model=to_dict(cfg.model_config), train=to_dict(dataclasses.replace(cfg.train, cuda_graph=captured)),
+        data=to_dict(cfg.data_config),
         inference_batch_size=cfg.data_config.inference_batch_size or cfg.data_config.batch_size,
     )
     check_cells(datamodule.dataset, float(module.model.cutoff), source)
