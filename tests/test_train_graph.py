@@ -144,6 +144,16 @@ def test_cuda_graph_auto_is_on_only_for_one_process_on_one_gpu(monkeypatch):
     assert resolved(devices="auto") is False and resolved(devices=-1) is False
     assert resolved(devices=2, strategy="ddp") is False and resolved(devices=[0, 1]) is False
     assert resolved(devices=1) is True and resolved(devices=[1]) is True
+    # architectures whose captured step has not been checked on a GPU stay eager under auto
+    from torchmdx.nn.config import ARCHITECTURES, potential_class_of
+
+    for architecture in ARCHITECTURES:
+        wanted = potential_class_of({"architecture": architecture}).captured_training_auto
+        assert wanted is (architecture == "et"), architecture
+        values = config_values()
+        values["model"] = {"architecture": architecture}
+        values["trainer"].update(accelerator="auto", devices=1)
+        assert resolve_cuda_graph(build_run_config(values, check_data=False)) is wanted, architecture
 
 
 def test_shapes_and_capacities():

@@ -142,6 +142,10 @@ class Potential(torch.nn.Module):
     #: (:func:`torchmdx.nn.traced.compile_mode`)? An explicit ``compile: whole`` needs only
     #: :attr:`traceable`; this says the compile cost was measured and pays for itself
     whole_graph_auto: bool = True
+    #: may ``train.cuda_graph: auto`` capture this potential's training step
+    #: (:func:`torchmdx.train.config.resolve_cuda_graph`)? True only where the captured step was
+    #: checked against the eager one on a GPU; ``train.cuda_graph: true`` captures any potential
+    captured_training_auto: bool = False
     #: set while it is being traced: no host reads or checks, torch reference kernels only
     tracing: bool = False
     _atom_order: str = "input"

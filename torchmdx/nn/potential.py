@@ -83,6 +83,7 @@ class ETPotential(NormalisedPotential):
 
     kind = "et"
     traceable = True
+    captured_training_auto = True  # tests/test_train_graph.py's -m gpu tests: captured = eager steps
 
     def __init__(self, config: Union[ModelConfig, Mapping, str, None] = None, **overrides):
         super().__init__()

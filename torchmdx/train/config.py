@@ -89,7 +89,9 @@ class TrainConfig:
     (:mod:`torchmdx.train.graphed`); one device, no gradient accumulation; ignored with a note on
     the CPU. ``auto`` (default): on where that holds, that is, one process on one CUDA GPU
     (``trainer.devices`` 1, or ``auto`` on a machine with one GPU), one node, no gradient
-    accumulation; off otherwise (:func:`resolve_cuda_graph`). ``cuda_graph_pair_headroom`` h >= 1: the graph's neighbor list has room for h × the
+    accumulation, for an architecture whose captured step was checked on a GPU (the ET); off
+    otherwise (:func:`resolve_cuda_graph`). ``cuda_graph_pair_headroom`` h >= 1: the graph's
+    neighbor list has room for h × the
     pairs seen in its warm-up steps (padding rows cost time: the reference message path works on
     every row); a batch with more pairs is skipped inside the graph (weights untouched), seen at
     the next logging point, and the capacity grown (the latest step is redone, earlier skipped
@@ -364,12 +366,18 @@ def _device_count(devices) -> Optional[int]:
 
 def resolve_cuda_graph(cfg: RunConfig) -> bool:
     """Whether this run trains through captured steps: ``train.cuda_graph`` true/false as given;
-    ``auto``: true when torch sees a CUDA GPU, ``trainer.accelerator`` allows it (auto, gpu or
-    cuda), the run is one process on one device (``trainer.devices`` 1 or a one-item list, or
-    ``auto`` with one visible GPU; one node) and gradients are not accumulated."""
+    ``auto``: true when the architecture's captured step has been checked on a GPU
+    (``Potential.captured_training_auto``: the ET), torch sees a CUDA GPU, ``trainer.accelerator``
+    allows it (auto, gpu or cuda), the run is one process on one device (``trainer.devices`` 1 or
+    a one-item list, or ``auto`` with one visible GPU; one node) and gradients are not
+    accumulated."""
     wanted = cfg.train.cuda_graph
     if wanted != "auto":
         return bool(wanted)
+    from torchmdx.nn.config import potential_class_of
+
+    if not potential_class_of(cfg.model).captured_training_auto:
+        return False
     trainer = cfg.trainer
     if str(trainer.accelerator) not in ("auto", "gpu", "cuda") or trainer.num_nodes > 1 or trainer.accumulate_grad_batches > 1:
         return False

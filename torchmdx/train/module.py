@@ -438,6 +438,8 @@ class PotentialModule(L.LightningModule):
         cfg = self.train_config
         if not cfg.cuda_graph or self.device.type != "cuda":
             return False
+        if cfg.cuda_graph == "auto" and not self.model.captured_training_auto:
+            return False  # auto captures only architectures checked on a GPU (resolve_cuda_graph)
         trainer = self._trainer
         if trainer is not None:
             from torchmdx.errors import ConfigError
