@@ -9,7 +9,7 @@ Rows per system (NVE, Verlet, dt 0.5 fs, velocities from 300 K, the same ET size
   torchmdnet-pythonforce@P  TorchMD-NET 3.0's ET (TorchScript) in an ``openmm.PythonForce``: TorchMD-NET on
                           the same OpenMM path as torchmdx's PythonForce row
   torchmdnet-torchforce@P TorchMD-NET 3.0's ET (TorchScript) in openmm-torch's ``TorchForce``
-P: each of ``--platforms`` (default ``CUDA CPU`` with ``--device cuda``, else ``CPU``). A row that
+P: each of ``--platforms`` (default ``CPU CUDA`` with ``--device cuda``, else ``CPU``). A row that
 cannot run here is skipped with one line saying why (openmm-torch absent or built for another torch,
 an OpenMM platform whose plugin did not load, torchmdnet not importable); a row that fails or
 exceeds ``--row-timeout`` says so; the table is printed either way (markdown) and written to --json.
@@ -58,7 +58,7 @@ PROBE_STEPS = 5
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="torch device of the models")
-    p.add_argument("--platforms", nargs="*", help="OpenMM platforms (default: CUDA CPU with --device cuda, else CPU)")
+    p.add_argument("--platforms", nargs="*", help="OpenMM platforms (default: CPU CUDA with --device cuda, else CPU)")
     p.add_argument("--platform", help=argparse.SUPPRESS)  # the old single-platform option
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--systems", nargs="*", default=["alanine_dipeptide", "chignolin"])
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--skin", type=float, default=0.5, help="native engine's Verlet skin (Å)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each row in its own process (default: on with a CUDA device)")
-    p.add_argument("--row-timeout", type=float, default=180.0, help="seconds per isolated row, set-up included")
+    p.add_argument("--row-timeout", type=float, default=150.0, help="seconds per isolated row, set-up included")
     p.add_argument("--time-limit-s", type=float, default=None,
                    help="skip the rows that would start after this many seconds (the table is printed either way)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "systems"))
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one row described by this JSON file
     args = p.parse_args(argv)
     if args.platforms is None:
-        args.platforms = [args.platform] if args.platform else (["CUDA", "CPU"] if args.device.startswith("cuda") else ["CPU"])
+        args.platforms = [args.platform] if args.platform else (["CPU", "CUDA"] if args.device.startswith("cuda") else ["CPU"])
     if args.isolate is None:
         args.isolate = args.device.startswith("cuda")
     if not args.budget_s or args.budget_s <= 0:
@@ -375,8 +375,11 @@ def _terminated(signum, frame):
 
 
 def measure(args, name, n_atoms, label, row, platform, problems, deadline):
-    """One cell: skipped (with the reason known beforehand, or no time left), or measured."""
+    """One cell: skipped (with the reason known beforehand, no time left, or the row timed out on
+    an earlier system), or measured."""
     skip = problems.get(platform) if platform else None
+    if skip is None:
+        skip = problems.get(label)
     if skip is None and row.endswith("torchforce"):
         skip = problems["torchforce"]
     if skip is None and row.startswith("torchmdnet"):
@@ -446,6 +449,8 @@ def main(argv=None):
             for name in args.systems:
                 results.append(measure(args, name, atoms_of[name], label, row, platform, problems, deadline))
                 r = results[-1]
+                if r["note"].startswith("failed: timed out"):  # a hang: spare the other systems the same wait
+                    problems[label] = f"timed out on {name}"
                 shown = (f"{r['steps_per_s']:10.1f} steps/s {r['ns_per_day']:8.2f} ns/day" if r["steps_per_s"]
                          else f"{'n/a':>10}  {r['note']}")
                 print(f"{name:>18} {atoms_of[name]:5d} atoms  {label:<30} {shown}   ({r['wall_s']} s)", flush=True)

@@ -93,7 +93,7 @@ for part in "$@"; do
       LD_LIBRARY_PATH=$nvlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} python3 -c "import openmm as m; print('openmm', m.__version__, 'platforms', \
           [m.Platform.getPlatform(i).getName() for i in range(m.Platform.getNumPlatforms())]); [print('plugin failure:', f) for f in m.Platform.getPluginLoadFailures() if 'OpenCL' not in f and 'HIP' not in f]"
       LD_LIBRARY_PATH=$nvlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} timeout ${OPENMM_TIMEOUT:-510} python3 bench/bench_openmm.py --device cuda \
-          --data .benchdata --time-limit-s $(( ${OPENMM_TIMEOUT:-510} - 25 )) --budget-s 10 ${OPENMM_ARGS:-} --json "$OUT/bench_openmm.json" \
+          --data .benchdata --time-limit-s $(( ${OPENMM_TIMEOUT:-510} - 25 )) --budget-s 8 --warmup 30 ${OPENMM_ARGS:-} --json "$OUT/bench_openmm.json" \
           2>&1 | tee "$OUT/bench_openmm.log" ;;
     neighbors) timeout 200 python3 bench/bench_neighbors.py --sizes 1000,10000,100000 --systems .benchdata \
           --out "$OUT" 2>&1 | tee "$OUT/bench_neighbors.log" ;;
