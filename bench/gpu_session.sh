@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh accuracy-equiformer   # Equiformer (configs/equiformer_md17.yaml) at the same budget and split
 #   bash bench/gpu_session.sh locality        # atom order: neighbour bandwidth, ET call time (bench/bench_locality.py)
 #   bash bench/gpu_session.sh kernels16       # issue 16's measurements in one call (< 10 min; see below)
+#   bash bench/gpu_session.sh openmm          # issue 23 item 4: OpenMM + torchmdx vs native vs TorchMD-NET (bench/bench_openmm.py; needs
+#                                             # openmm, openmm_cuda_13, openmmml wheels in .whl; OPENMM_ARGS / OPENMM_TIMEOUT, docs/openmm.md)
 # kernels16 (docs/kernels_message.md, "Issue 16 run"): every step has a timeout and writes its JSON as it
 # goes, so the call ends in ~9.5 min whatever happens. Estimated from the 2026-11-25 / 12-03 runs
 # (first Triton compile of a message-kernel variant ~5-10 s, inductor compile of the dense parts
@@ -83,6 +85,16 @@ for part in "$@"; do
           --systems .benchdata --out "$OUT" 2>&1 | tee "$OUT/bench_neighbors16.log"
       cp torchmdx/kernels/launch_table.json "$OUT/launch_table_final.json" 2>/dev/null
       echo "=== kernels16 done $(date -u +%H:%M:%S)" ;;
+    openmm)
+      # OpenMM's CUDA plugin (openmm_cuda_13) finds libnvrtc.so.13 / libcufft.so.12 through RUNPATH
+      # <site>/nvidia/cu13/lib, i.e. under /tmp/site, where they are not: point it at torch's copies.
+      ldd --version 2>&1 | head -1   # the openmm 8.6.1 wheels are manylinux_2_34: glibc >= 2.34
+      nvlib=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({os.path.dirname(f) for p in nvidia.__path__ for f in glob.glob(p + '/*/lib/lib*.so.*')})))" 2>/dev/null)
+      LD_LIBRARY_PATH=$nvlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} python3 -c "import openmm as m; print('openmm', m.__version__, 'platforms', \
+          [m.Platform.getPlatform(i).getName() for i in range(m.Platform.getNumPlatforms())]); [print('plugin failure:', f) for f in m.Platform.getPluginLoadFailures() if 'OpenCL' not in f and 'HIP' not in f]"
+      LD_LIBRARY_PATH=$nvlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} timeout ${OPENMM_TIMEOUT:-510} python3 bench/bench_openmm.py --device cuda \
+          --data .benchdata --time-limit-s $(( ${OPENMM_TIMEOUT:-510} - 25 )) --budget-s 8 --warmup 30 ${OPENMM_ARGS:-} --json "$OUT/bench_openmm.json" \
+          2>&1 | tee "$OUT/bench_openmm.log" ;;
     neighbors) timeout 200 python3 bench/bench_neighbors.py --sizes 1000,10000,100000 --systems .benchdata \
           --out "$OUT" 2>&1 | tee "$OUT/bench_neighbors.log" ;;
     *) echo "unknown part $part" ;;

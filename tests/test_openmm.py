@@ -597,3 +597,103 @@ def test_torchforce_skip_reason_is_recorded():
     if problem is None:
         pytest.skip("openmmtorch loads here")
     assert "\n" not in problem and ("not installed" in problem or f"this is torch {torch.__version__}" in problem)
+
+
+# ---------------------------------------------------------------------------------------------- bench/bench_openmm.py
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_openmm.py"
+    spec = importlib.util.spec_from_file_location("bench_openmm_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_table_has_every_row_ns_per_day_and_each_reason_once():
+    bench = _bench()
+    # 0.5 fs steps: 1000 steps/s = 500 fs/s = 43.2 ns/day
+    assert bench.ns_per_day(1000.0) == pytest.approx(43.2)
+    assert bench.ns_per_day(None) is None
+    why = "skipped: openmm-torch is not installed"
+    results = [
+        {"system": "a", "label": "native", "steps_per_s": 2000.0, "ns_per_day": bench.ns_per_day(2000.0), "note": ""},
+        {"system": "b", "label": "native", "steps_per_s": None, "ns_per_day": None, "note": "failed: timed out"},
+        {"system": "a", "label": "x@CUDA", "steps_per_s": None, "ns_per_day": None, "note": why},
+        {"system": "b", "label": "x@CUDA", "steps_per_s": None, "ns_per_day": None, "note": why},
+    ]
+    text = bench.table(results, ["a", "b"], ["native", "x@CUDA", "y@CPU"], {"a": 22, "b": 166})
+    lines = text.splitlines()
+    assert lines[0] == "| row | a (22 atoms): steps/s, ns/day | b (166 atoms): steps/s, ns/day |"
+    assert lines[2] == "| native | 2000.0, 86.40 | failed |"
+    assert lines[3] == "| x@CUDA | skipped | skipped |"
+    assert lines[4] == "| y@CPU | - | - |"  # not reached (e.g. out of time)
+    assert lines[5:] == ["- native: failed: timed out", f"- x@CUDA: {why}"]
+
+
+def test_bench_torchforce_skip_reason_names_both_torch_versions():
+    bench = _bench()
+    problem = bench.torchforce_problem(torch.__version__)
+    if TORCH_PROBLEM is None:
+        assert problem is None
+    else:
+        assert "2.9.0" in problem and torch.__version__ in problem and "\n" not in problem
+
+
+@needs_openmm
+def test_bench_platform_problem_names_the_platforms_here():
+    bench = _bench()
+    assert bench.platform_problem("Reference") is None
+    problem = bench.platform_problem("NoSuchPlatform")
+    assert "no NoSuchPlatform platform" in problem and "Reference" in problem and "\n" not in problem
+
+
+@needs_openmm
+def test_bench_systems_compute_the_calculator_forces(model_file, model, peptide):
+    """What the PythonForce rows time: the bench's own Topology + MLPotential System equals the
+    Calculator, and its TorchComputation gives -dE/dx (a harmonic well: F = -2 k x)."""
+    import openmm
+
+    bench = _bench()
+    system = bench.ml_potential(model_file, implementation="python", device="cpu").createSystem(
+        bench.topology_of(peptide), removeCMMotion=False)
+    assert [type(f).__name__ for f in system.getForces()] == ["PythonForce"]
+    assert [system.getParticleMass(i)._value for i in range(len(peptide))] == pytest.approx(peptide.get_masses(), rel=1e-3)
+    context = _context(system, peptide.positions * units.ANGSTROM_TO_NM, "CPU")
+    _assert_close(*_state_energy_forces(context), *_calc_reference(peptide, model))
+
+    class Well(torch.nn.Module):
+        def forward(self, positions):
+            return 3.0 * (positions ** 2).sum()
+
+    harmonic = bench.masses_system(peptide)
+    harmonic.addForce(openmm.PythonForce(bench.TorchComputation(torch.jit.script(Well()), "cpu"), {}))
+    x = peptide.positions * units.ANGSTROM_TO_NM
+    energy, forces = _state_energy_forces(_context(harmonic, x, "Reference"))
+    assert energy == pytest.approx(3.0 * (x ** 2).sum(), rel=1e-12)
+    np.testing.assert_allclose(forces, -6.0 * x, rtol=1e-12, atol=1e-12)
+
+
+@needs_openmm
+def test_bench_runs_what_it_can_and_skips_the_rest_with_reasons(shared_data, tmp_path):
+    import json
+
+    bench = _bench()
+    out = tmp_path / "bench_openmm.json"
+    assert bench.main(["--device", "cpu", "--platforms", "CPU", "NoSuchPlatform", "--systems", "alanine_dipeptide",
+                       "--rows", "openmm-pythonforce", "openmm-torchforce", "--embedding-dimension", "16",
+                       "--num-layers", "1", "--steps", "10", "--warmup", "1", "--repeat", "1", "--budget-s", "0",
+                       "--no-isolate", "--data", str(shared_data / "systems"), "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    cells = {r["label"]: r for r in saved["results"]}
+    assert list(cells) == ["openmm-pythonforce@CPU", "openmm-pythonforce@NoSuchPlatform", "openmm-torchforce@CPU",
+                           "openmm-torchforce@NoSuchPlatform"]
+    ran = cells["openmm-pythonforce@CPU"]
+    assert ran["steps_per_s"] > 0 and ran["timed_steps"] == 10 and ran["note"] == ""
+    assert ran["ns_per_day"] == pytest.approx(ran["steps_per_s"] * 0.0432)
+    assert cells["openmm-pythonforce@NoSuchPlatform"]["note"].startswith("skipped: OpenMM")
+    if TORCH_PROBLEM is not None:
+        assert cells["openmm-torchforce@CPU"]["note"].startswith("skipped: ")
+        assert cells["openmm-torchforce@CPU"]["steps_per_s"] is None
+    assert "| openmm-pythonforce@CPU | " in saved["table"]
