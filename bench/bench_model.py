@@ -14,7 +14,9 @@ cutoff 5 Å, vector cutoff, float32), random weights (seed 0). For each system (
   model's dense parts compiled (``ETPotential.set_compiled``, ``compile: parts``);
   ``graph, traced``: the model and its forces as one traced, compiled graph
   (``compile: whole``, :mod:`torchmdx.nn.traced`, default options: combo kernels on CUDA;
-  ``_nocombo``: without them, ``_nosmall``: without the small-product rewrite). ``BENCH_GRAPH_VARIANTS`` picks columns;
+  ``_nocombo``: without them, ``_nosmall``: without the small-product rewrite; ``BENCH_TRACED_OPTIONS``
+  ``{"name": {inductor options}}`` adds ``graph_traced_<name>`` columns to the JSON, e.g. for issue 16's
+  small-molecule kernel count: ``bash bench/gpu_session.sh small16``). ``BENCH_GRAPH_VARIANTS`` picks columns;
   for small systems the JSON also has the kernel launches per replay.
 - training step: 32 molecules x 21 atoms (aspirin frames of ``md17_aspirin_xtb.npz`` when it is
   in ``--data``, else random ones), loss 0.2 MSE(E) + 0.8 MSE(F) with create_graph=True, AdamW;
@@ -277,6 +279,16 @@ def table(results) -> str:
                      f"{cell('graph_compiled_ms')} | {cell('graph_compiled_peak_MiB')} | "
                      f"{cell('graph_traced_ms')} | {cell('graph_traced_peak_MiB')} | "
                      f"{'-' if rel is None else f'{rel:.1e}'} |")
+    extra = sorted({key.rsplit("_", 1)[0] for row in results["systems"].values() for key in row
+                    if key.startswith("graph_traced_") and (key.endswith("_ms") or key.endswith("_error"))
+                    and "peak" not in key and key.rsplit("_", 1)[0] != "graph_traced"})
+    if extra:  # the other traced columns (graph_traced_nocombo/_nosmall, BENCH_TRACED_OPTIONS): ms, launches, compile s
+        lines += ["", "| system | traced variant | ms | kernel launches | GPU ms | setup s |", "|---|---|---|---|---|---|"]
+        for name, row in results["systems"].items():
+            for column in extra:
+                kernels = row.get(f"{column}_kernels") or {}
+                lines.append(f"| {name} | {column[len('graph_traced_'):]} | {row.get(f'{column}_ms', row.get(f'{column}_error', '-'))} | "
+                             f"{kernels.get('launches', '-')} | {kernels.get('gpu_ms', '-')} | {row.get(f'{column}_setup_s', '-')} |")
     if "training" in results:
         t = results["training"]
         lines.append("")
@@ -347,6 +359,10 @@ def main(argv=None):
     if os.environ.get("BENCH_GRAPH_VARIANTS"):  # a subset of the graph columns, e.g. "graph_compiled,graph_traced"
         wanted = os.environ["BENCH_GRAPH_VARIANTS"].split(",")
         GRAPH_VARIANTS = [v for v in GRAPH_VARIANTS if v[0] in wanted]
+    if os.environ.get("BENCH_TRACED_OPTIONS"):  # more traced columns: {"name": {inductor options}, ...} (JSON)
+        extra = json.loads(os.environ["BENCH_TRACED_OPTIONS"])
+        GRAPH_VARIANTS = GRAPH_VARIANTS + [(f"graph_traced_{name}", False, dict(options)) for name, options in extra.items()]
+        print(f"extra traced columns: {', '.join(extra)}", flush=True)
     if architecture != "et":  # no compiled parts (ET-only); the traced whole-model graph needs `traceable` (checked per row)
         GRAPH_VARIANTS = [v for v in GRAPH_VARIANTS if not v[1]]
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -8,6 +8,7 @@
 #   bash bench/gpu_session.sh accuracy-equiformer   # Equiformer (configs/equiformer_md17.yaml) at the same budget and split
 #   bash bench/gpu_session.sh locality        # atom order: neighbour bandwidth, ET call time (bench/bench_locality.py)
 #   bash bench/gpu_session.sh kernels16       # issue 16's measurements in one call (< 10 min; see below)
+#   bash bench/gpu_session.sh small16         # issue 16 item 5: 22-atom whole-model graph under inductor option sets (SMALL16_OPTIONS JSON)
 #   bash bench/gpu_session.sh openmm          # issue 23 item 4: OpenMM + torchmdx vs native vs TorchMD-NET (bench/bench_openmm.py; needs
 #                                             # openmm, openmm_cuda_13, openmmml wheels in .whl; OPENMM_ARGS / OPENMM_TIMEOUT, docs/openmm.md)
 # kernels16 (docs/kernels_message.md, "Issue 16 run"): every step has a timeout and writes its JSON as it
@@ -102,6 +103,11 @@ for part in "$@"; do
       LD_LIBRARY_PATH=$nvlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} timeout ${OPENMM_TIMEOUT:-510} python3 bench/bench_openmm.py --device cuda \
           --data .benchdata --time-limit-s $(( ${OPENMM_TIMEOUT:-510} - 25 )) --budget-s 8 --warmup 30 ${OPENMM_ARGS:-} --json "$OUT/bench_openmm.json" \
           2>&1 | tee "$OUT/bench_openmm.log" ;;
+    small16)  # issue 16 item 5: the 22-atom whole-model graph under inductor option sets (ms, kernel launches per call)
+      BENCH_GRAPH_VARIANTS=graph_traced BENCH_TRACED_OPTIONS=${SMALL16_OPTIONS:-'{"agg": {"combo_kernels": true, "aggressive_fusion": true}, "cdt": {"combo_kernels": true, "coordinate_descent_tuning": true}, "bigfuse": {"combo_kernels": true, "max_fusion_size": 256, "score_fusion_memory_threshold": 1}, "mixed": {"combo_kernels": true, "combo_kernel_allow_mixed_sizes": 2, "benchmark_combo_kernel": true}}'} \
+        timeout ${SMALL16_TIMEOUT:-540} python3 bench/bench_model.py --data .benchdata --out "$OUT" --name bench_model_small16 \
+          --backends triton --no-train --systems ${SMALL16_SYSTEMS:-alanine_dipeptide} --row-budget-s ${SMALL16_ROW_BUDGET:-470} \
+          2>&1 | tee "$OUT/bench_model_small16.log" ;;
     neighbors) timeout 200 python3 bench/bench_neighbors.py --sizes 1000,10000,100000 --systems .benchdata \
           --out "$OUT" 2>&1 | tee "$OUT/bench_neighbors.log" ;;
     *) echo "unknown part $part" ;;

@@ -25,3 +25,25 @@ def test_reference_row_on_the_cpu(tmp_path):
     rows = payload["systems"] if "systems" in payload else payload.get("rows", payload)
     text = json.dumps(rows)
     assert '"atoms": 3' in text and '"ref_ms"' in text
+
+
+def test_table_lists_the_extra_traced_columns():
+    """BENCH_TRACED_OPTIONS columns (graph_traced_<name>) get a table of their own: ms or the
+    error, kernel launches, compile time; the plain traced column stays in the main table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_model_for_table", ROOT / "bench" / "bench_model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    row = {"atoms": 22, "graph_traced_ms": 0.64, "graph_traced_agg_ms": 0.5, "graph_traced_agg_setup_s": 51.0,
+           "graph_traced_agg_kernels": {"launches": 120, "gpu_ms": 0.41}, "graph_traced_cdt_error": "compile failed"}
+    text = module.table({"systems": {"alanine_dipeptide": row}})
+    lines = text.splitlines()
+    assert "| alanine_dipeptide | 22 |" in lines[2] and "| 0.64 |" in lines[2]
+    assert "| alanine_dipeptide | agg | 0.5 | 120 | 0.41 | 51.0 |" in lines
+    assert "| alanine_dipeptide | cdt | compile failed | - | - | - |" in lines
+    assert not any("| alanine_dipeptide |  |" in line for line in lines)
