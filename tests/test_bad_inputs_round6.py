@@ -319,3 +319,55 @@ def test_evaluate_an_analytic_potential(tmp_path, capsys):
     assert metrics["n_structures"] == 4 and metrics["n_atoms"] == 52
     # meV and meV/Å; the extended XYZ text keeps about 8 decimals
     assert metrics["energy_mae"] < 1e-4 and metrics["forces_mae"] < 1e-4
+
+
+# ---------------------------------------------------------------------------------- train --resume
+def _trained_run(t, s, name="run", epochs=1):
+    from torchmdx.cli.main import main
+
+    config = _config(t, s)
+    assert main(["train", str(config), "--run-dir", str(t / name), "--set", f"trainer.max_epochs={epochs}",
+                 "--set", "train.lr_warmup_steps=1"]) == 0
+    return config
+
+
+def train_resume_with_a_damaged_saved_config(t, s):
+    # yaml's multi-line ParserError traceback
+    config = _trained_run(t, s)
+    (t / "run" / "config.resolved.yaml").write_text("data: [\n")
+    return ["train", config, "--run-dir", t / "run", "--resume", "--set", "trainer.max_epochs=2"]
+
+
+CASES_TRAIN = [
+    (train_resume_with_a_damaged_saved_config, ["--resume:", "config.resolved.yaml: not valid YAML at line 2",
+                                                "the run's saved config is damaged"]),
+]
+
+
+@pytest.mark.parametrize("setup, fragments", CASES_TRAIN, ids=[c[0].__name__ for c in CASES_TRAIN])
+def test_train_refused_with_one_line_and_nothing_written(tmp_path, shared_data, capsys, monkeypatch, setup,
+                                                         fragments):
+    refused_without_writes(tmp_path, shared_data, capsys, monkeypatch, setup, fragments)
+
+
+def test_resumed_copy_of_a_run_exports_its_own_best_checkpoint(tmp_path, shared_data):
+    """A run folder copied (B = copy of A) and resumed: Lightning keeps the best checkpoint's path
+    inside A, so B's model.pt was exported from A's best.ckpt, another run's weights once A went
+    on training. Reference: `torchmdx export` of B's own best.ckpt."""
+    import shutil
+
+    import torchmdx
+    from torchmdx.cli.main import main
+
+    config = _trained_run(tmp_path, shared_data, "A")
+    shutil.copytree(tmp_path / "A", tmp_path / "B")
+    assert main(["train", str(config), "--run-dir", str(tmp_path / "A"), "--resume", "--set", "trainer.max_epochs=3",
+                 "--set", "train.lr_warmup_steps=1"]) == 0  # A goes on: its best.ckpt changes
+    assert main(["train", str(config), "--run-dir", str(tmp_path / "B"), "--resume", "--set", "trainer.max_epochs=1",
+                 "--set", "train.lr_warmup_steps=1"]) == 0  # B: nothing more to train, model.pt exported again
+    for run in ("A", "B"):
+        assert main(["export", str(tmp_path / run / "checkpoints" / "best.ckpt"), "-o", str(tmp_path / f"{run}.pt")]) == 0
+    own, other = (torchmdx.load_model(tmp_path / f"{run}.pt").state_dict() for run in ("B", "A"))
+    assert any(not torch.equal(own[k], other[k]) for k in own)  # the two runs' best weights differ
+    got = torchmdx.load_model(tmp_path / "B" / "model.pt").state_dict()
+    assert all(torch.equal(got[k], own[k]) for k in own)
