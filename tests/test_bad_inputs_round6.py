@@ -8,7 +8,9 @@ continuing a partial file of another method (mixed labels) or a damaged one (tra
 --index`` before the first frame (ASE read frame 0), damaged sweep plan/result files (JSON
 tracebacks), and in the Python API model files with malformed header fields (tracebacks), NaN
 normalisation buffers (NaN energies, silently), ``load_model(dtype=torch.int32/float16)`` and
-``Calculator(cuda_graph="no")`` (``bool("no")`` is True).
+``Calculator(cuda_graph="no")`` (``bool("no")`` is True), ``torchmdx evaluate`` of an analytic
+potential (StopIteration), ``train --resume`` with a damaged ``config.resolved.yaml`` (traceback)
+and a copied run folder resumed (model.pt exported from the other folder's best checkpoint).
 
 Table rows: a setup ``(tmp_path, shared_data) -> CLI arguments`` and the fragments the one
 ``error:`` line must hold; every file under ``tmp_path`` must come out unchanged. Each row was a
