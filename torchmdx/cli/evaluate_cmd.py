@@ -104,6 +104,17 @@ def run(args) -> int:
     check_device(args.device, "--device")  # before any work
     model_path = Path(args.model)
     data_cfg, run_dir, is_config = _data_config(args)
+    if args.run:
+        # a --run without its split (a typo, another folder) was passed over silently: the "test" split was
+        # drawn again from data.seed, which need not be the run's (its training structures counted as test)
+        from torchmdx.data.datamodule import SPLIT_FILE_NAME
+
+        if not run_dir.is_dir():
+            raise ConfigError(f"--run {run_dir}: " + ("is a file, not a run folder" if run_dir.exists()
+                                                      else "no such folder") + "; give the run folder of torchmdx train")
+        if not (run_dir / SPLIT_FILE_NAME).is_file():
+            raise ConfigError(f"--run {run_dir}: no {SPLIT_FILE_NAME} in it (not a run folder of torchmdx train?), so "
+                              "the run's split is unknown; give the run folder, or leave out --run")
     split = args.split or ("test" if is_config else "all")
     out_dir = Path(args.out) if args.out else model_path.parent / f"evaluate_{split}"
     check_output_folder(out_dir, "--out" if args.out else "the report folder")

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "region; without it the module is generic (openmm-ml's MLPotential sets the atoms)")
     group.add_argument("--atoms", help="ML atoms among the structure's atoms, 0-based, e.g. 0-21,30 (default: all); "
                                        "TorchForce passes every particle and the module picks these")
-    group.add_argument("--device", default="cpu", help="device the module is traced for: cpu (OpenMM Reference/CPU "
+    group.add_argument("--device", help="device the module is traced for: cpu (OpenMM Reference/CPU "
                                                        "platforms) or cuda (CUDA platform); default cpu")
     group.add_argument("--dtype", choices=["float32", "float64"], help="model precision (default: the model's own)")
     group.add_argument("--outputs-forces", action="store_true",
@@ -93,6 +93,7 @@ def run_openmm(args) -> int:
     from torchmdx.devices import check_device
 
     check_output_file(args.output, force=args.force, inputs=[args.checkpoint], what="OpenMM module")
+    args.device = args.device or "cpu"
     check_device(args.device, "--device")
     numbers, atoms = None, None
     if args.atoms and not args.structure:
@@ -124,9 +125,21 @@ def run_openmm(args) -> int:
     return 0
 
 
+#: the options of an OpenMM export (a model file export ignored them: --dtype float64 wrote float32)
+OPENMM_OPTIONS = ("structure", "atoms", "device", "dtype", "outputs_forces")
+
+
 def run(args) -> int:
     if args.openmm:
         return run_openmm(args)
+    given = [name for name in OPENMM_OPTIONS if getattr(args, name)]
+    if given:
+        from torchmdx.errors import ConfigError
+
+        option = "--" + given[0].replace("_", "-")
+        raise ConfigError(f"{option} applies to OpenMM exports (--openmm) only: a model file holds the model as "
+                          "trained (device and precision are chosen when it is loaded); add --openmm or drop "
+                          f"{option}")
     from torchmdx.train.export import export_checkpoint
 
     potential = export_checkpoint(args.checkpoint, args.output, ema=args.ema, force=args.force)

@@ -34,17 +34,18 @@ def run(args) -> int:
     from torchmdx.train.sweep import run_sweep
 
     if args.report:
-        import json
         from pathlib import Path
 
         from torchmdx.errors import ConfigError
-        from torchmdx.train.sweep import PLAN, prepare_sweep, sweep_folder, write_results
+        from torchmdx.train.sweep import PLAN, finished_rows, prepare_sweep, read_plan, sweep_folder, write_results
 
         if not (sweep_folder(args.config, args.out) / PLAN).is_file():  # report only: make nothing
             raise ConfigError(f"sweep folder {sweep_folder(args.config, args.out)}: no sweep here (no {PLAN}); "
                               "run the sweep first, or give its folder with --out")
+        sweep_dir = sweep_folder(args.config, args.out)
+        finished_rows(sweep_dir, read_plan(sweep_dir))  # a damaged plan or result: refused before anything is rewritten
         prepared = prepare_sweep(args.config, args.grid, args.out, args.overrides)
-        plan = json.loads((Path(prepared["sweep_dir"]) / PLAN).read_text())
+        plan = read_plan(prepared["sweep_dir"])
         rows = write_results(prepared["sweep_dir"], plan)
         if not rows:
             raise ConfigError(f"sweep folder {prepared['sweep_dir']}: no finished points yet")

@@ -11,7 +11,7 @@
   reference level) when there are several; ``forces_key`` defaults to ``<method>.forces`` of the
   same method when that exists.
 
-In ANI-1x a NaN energy (or NaN forces) means *not computed at that level of theory* (e.g. most
+In ANI-1x a NaN energy (or all forces NaN) means *not computed at that level of theory* (e.g. most
 conformations lack CCSD(T)); such conformations are dropped and their number is recorded in the
 metadata (``dropped``), shown by ``torchmdx data info``. Any other non-finite value is an error.
 
@@ -257,7 +257,18 @@ def iter_ani1x(path, energy_key: Optional[str] = None, forces_key: Optional[str]
                 forces = read_rows(group, fkey, a, b, where) if fkey else None
                 keep = ~np.isnan(energy)
                 if forces is not None:
-                    keep &= ~np.isnan(forces).reshape(len(forces), -1).any(axis=1)
+                    # not computed: every force NaN; a NaN among computed forces is a damaged value, not a
+                    # missing level (it was dropped and counted as "without forces")
+                    nan_forces = np.isnan(forces).reshape(len(forces), -1)
+                    keep &= ~nan_forces.all(axis=1)
+                    partial = np.flatnonzero(keep & nan_forces.any(axis=1))
+                    if len(partial):
+                        row = int(partial[0])
+                        try:
+                            _first_non_finite(forces[row:row + 1], fkey, where, a + row, per_atom=True)
+                        except DataError as exc:
+                            raise DataError(f"{exc}, among finite forces (only all-NaN forces mean 'not computed')") \
+                                from None
                 dropped += int((~keep).sum())
                 _first_non_finite(positions, "coordinates", where, a, per_atom=True)
                 if not keep.any():

@@ -2,7 +2,8 @@
 
 Units (the published files' own): positions Å, energies kcal/mol, forces kcal/mol/Å. They are
 converted to eV and eV/Å with ``torchmdx.units.KCAL_PER_MOL_TO_EV`` (``energy_unit`` /
-``length_unit`` override this for npz files in the same layout but other units).
+``length_unit`` override this for npz files in the same layout but other units; an sGDML npz's
+own ``e_unit`` / ``r_unit`` keys are read too).
 
 - ``md17``: sGDML layout ``R`` [n, N, 3], ``z`` [N], ``E`` [n] or [n, 1], ``F`` [n, N, 3].
 - ``rmd17``: ``nuclear_charges`` [N], ``coords`` [n, N, 3], ``energies`` [n], ``forces``
@@ -15,6 +16,7 @@ A molecule name instead of a path (``path: ethanol``) is looked up by :func:`res
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -88,6 +90,40 @@ def _theory(arrays) -> dict:
     return meta
 
 
+#: the unit keys of sGDML's npz layout, with the option that overrides each and its unit table
+_UNIT_KEYS = (("e_unit", "energy_unit", "energy", units.energy_factor),
+              ("r_unit", "length_unit", "length", units.length_factor))
+
+
+def _file_units(path, arrays, energy_unit, length_unit):
+    """(energy unit, length unit) for an npz that may name its own (sGDML's ``e_unit`` / ``r_unit``,
+    e.g. 'eV', 'Ang'): they were ignored, so an npz in eV was read as kcal/mol (23 x too small).
+    A file's unit is used when no option is given; an option naming another unit is refused (one
+    line), and so is a unit torchmdx does not know unless an option says what it is."""
+    given = {"energy_unit": energy_unit, "length_unit": length_unit}
+    for key, option, quantity, factor in _UNIT_KEYS:
+        if key not in arrays:
+            continue
+        value = arrays[key]
+        if value.ndim != 0 or value.dtype.kind not in "US":
+            raise DataError(f"{path}: {key} must be one unit name (text), got {value.dtype} of shape {value.shape}")
+        name = value.item()
+        name = (name.decode("utf-8", "replace") if isinstance(name, bytes) else name).strip()
+        try:
+            file_factor = factor(name)
+        except DataError:
+            if given[option] is not None:
+                continue  # the option says what the file's label means
+            raise DataError(f"{path}: {key} {name!r} is not {'an' if quantity == 'energy' else 'a'} {quantity} unit torchmdx knows; set data.{option} "
+                            f"(--{option.replace('_', '-')}) to the unit of the file's values") from None
+        if given[option] is None:
+            given[option] = name
+        elif not math.isclose(factor(given[option]), file_factor, rel_tol=1e-9):
+            raise DataError(f"{path}: the file says its {quantity} unit is {name!r} ({key}), but "
+                            f"{option} {given[option]!r} was given; drop data.{option} (or fix the file)")
+    return given["energy_unit"], given["length_unit"]
+
+
 #: per npz layout: the keys of atomic numbers, positions, energies, forces; the layout's name in errors
 _NPZ_LAYOUTS = {
     "md17": (("z", "R", "E", "F"), "sGDML/MD17 npz (R, z, E, F)"),
@@ -105,6 +141,7 @@ def _read_npz_frames(path, fmt: str, energy_unit, length_unit) -> Structures:
     (z_key, r_key, e_key, f_key), layout = _NPZ_LAYOUTS[fmt]
     arrays = load_npz(path)
     require_keys(path, arrays, MD17_KEYS if fmt == "md17" else RMD17_KEYS, layout)
+    energy_unit, length_unit = _file_units(path, arrays, energy_unit, length_unit)
     e, length, f = unit_factors(path, energy_unit, length_unit, "kcal/mol")
     z, R, E, F = arrays[z_key], arrays[r_key], arrays[e_key], arrays.get(f_key)
     for key in (r_key, e_key) + ((f_key,) if F is not None else ()):  # before the unit factors turn True into 1.0

@@ -72,6 +72,8 @@ class Calculator(_AseCalculator):
             raise ConfigError(f"Calculator skin must be a distance >= 0 Å, got {skin!r}")
         if compute_stress not in ("auto", True, False):
             raise ConfigError(f"Calculator compute_stress must be 'auto', True or False, got {compute_stress!r}")
+        if cuda_graph not in ("auto", True, False):  # bool("no") / bool("false") is True: captured on a GPU
+            raise ConfigError(f"Calculator cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
         super().__init__(**kwargs)
         from torchmdx.devices import check_device
 

@@ -227,20 +227,30 @@ def complete_frames_text(text: str) -> tuple[str, int]:
     return "".join(lines[:position]), count
 
 
-def read_partial(path: Path, inputs: list) -> list:
-    """The complete frames of a partial file, checked against the inputs (one-line errors)."""
+def read_partial(path: Path, inputs: list, method: Optional[str] = None) -> list:
+    """The complete frames of a partial file, checked against the inputs and (if given) the
+    method (one-line errors)."""
     from ase.io import read
 
-    text, count = complete_frames_text(path.read_text())
-    if count == 0:
-        return []
-    frames = read(io.StringIO(text), index=":", format="extxyz")
+    try:
+        text, count = complete_frames_text(path.read_text())
+        if count == 0:
+            return []
+        frames = read(io.StringIO(text), index=":", format="extxyz")
+    except Exception as exc:  # noqa: BLE001 - not UTF-8, or frames ASE cannot parse: a damaged file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LabelError(f"{path}: the partial file of an earlier run cannot be read ({type(exc).__name__}: "
+                         f"{reason[:120]}); delete it (or pass --force to start afresh)") from None
     previous = -1
     for frame in frames:
         index = frame.info.get("label_index")
         if not isinstance(index, (int, np.integer)) or not previous < index < len(inputs):
             raise LabelError(f"{path} holds frames that are not from these inputs (label_index {index!r}); delete it or "
                              "choose another -o")
+        if method is not None and frame.info.get("label_method") != method:
+            # continuing would mix two methods' labels in one training set, silently
+            raise LabelError(f"{path}: frame {index} was labelled with {frame.info.get('label_method')!r}, not "
+                             f"{method!r}; continue with that --method, or pass --force to start afresh")
         source = inputs[index]
         same = (len(source) == len(frame) and np.array_equal(source.numbers, frame.numbers)
                 and np.allclose(source.positions, frame.positions, atol=POSITION_TOLERANCE, rtol=0))
@@ -295,7 +305,7 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
     for k, atoms in enumerate(inputs):
         atoms.info["label_index"] = k
     partial = partial_path(out)
-    done = read_partial(partial, inputs) if (partial.is_file() and not force) else []
+    done = read_partial(partial, inputs, method) if (partial.is_file() and not force) else []
     if partial.is_file():
         # keep only the complete, checked frames (a half-written last frame is dropped)
         buffer = io.StringIO()

@@ -70,6 +70,8 @@ def read_structures(paths, index: str = "-1", option: str = "--index") -> list:
         try:
             frames = read(str(path), index=index)
             frames = [frames] if not isinstance(frames, list) else frames
+            if _before_the_first_frame(path, index):
+                frames = None  # ASE reads -9 of 5 frames as frame 0, silently
         except (StopIteration, IndexError):
             frames = None  # an index past the last frame
         except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error
@@ -91,6 +93,19 @@ def read_structures(paths, index: str = "-1", option: str = "--index") -> list:
                 raise DataError(f"{path}: frame {k} is periodic ({atoms.pbc.tolist()}) but has no cell")
         structures.extend(frames)
     return structures
+
+
+def _before_the_first_frame(path, index: str) -> bool:
+    """Whether ``index`` is a negative frame number beyond the file's first frame (-9 of 5)."""
+    from ase.io import read
+
+    try:
+        number = int(str(index).strip())
+    except ValueError:
+        return False
+    if number >= -1:
+        return False
+    return -number > len(read(str(path), index=":"))
 
 
 def close_contacts(structures, factor: float = 0.5) -> list[str]:

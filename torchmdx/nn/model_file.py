@@ -194,7 +194,8 @@ def load_model(
         return _finish(import_torchmdnet(path), device, dtype)
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
         raise ModelError(f"{path}: not a torchmdx model file (no '{FORMAT}' header)")
-    if int(payload.get("format_version", 0)) > FORMAT_VERSION:
+    _check_payload(path, payload)
+    if payload.get("format_version", 0) > FORMAT_VERSION:
         raise ModelError(
             f"{path}: model file format {payload['format_version']} is newer than this torchmdx reads ({FORMAT_VERSION}); upgrade torchmdx"
         )
@@ -214,12 +215,42 @@ def load_model(
         raise ModelError(
             f"{path}: weights do not fit the {kind!r} model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    # trained weights only: some analytic potentials mark undefined element pairs with NaN buffers
-    bad = [name for name, value in potential.named_parameters() if not bool(torch.isfinite(value).all())]
+    # weights, and the buffers of learned models (normalisation: scale, shift, atomref; a NaN there gave
+    # NaN energies silently); analytic potentials mark undefined element pairs with NaN buffers
+    from torchmdx.nn.analytic import ANALYTIC_KINDS
+
+    tensors = list(potential.named_parameters())
+    if type(potential) not in ANALYTIC_KINDS.values():
+        tensors += [(name, value) for name, value in potential.named_buffers() if value.is_floating_point()]
+    bad = [name for name, value in tensors if not bool(torch.isfinite(value).all())]
     if bad:
         raise ModelError(f"{path}: {len(bad)} weight tensors hold NaN or infinite values (e.g. {', '.join(bad[:2])}): "
                          "the model is unusable (its training diverged)")
     return _finish(potential, device, dtype)
+
+
+def _check_payload(path: Path, payload: Mapping) -> None:
+    """The header fields a model file must hold, of the right types (a damaged or hand-made file
+    gave int()/dict()/load_state_dict tracebacks)."""
+    version = payload.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ModelError(f"{path}: format_version {version!r} is not a whole number: not a model file torchmdx wrote "
+                         "(damaged or edited?)")
+    kind = payload.get("kind")
+    if not isinstance(kind, str):
+        raise ModelError(f"{path}: the model kind {kind!r} is not a name (text such as 'et'): not a model file "
+                         "torchmdx wrote (damaged or edited?)")
+    hparams = payload.get("hparams")
+    if hparams is not None and not isinstance(hparams, Mapping):
+        raise ModelError(f"{path}: hparams is a {type(hparams).__name__}, expected a mapping of hyper-parameters "
+                         "(damaged or edited?)")
+    state = payload.get("state_dict")
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in state.items()):
+        what = "no state_dict" if state is None else f"a state_dict that is a {type(state).__name__}"
+        if isinstance(state, Mapping):
+            what = "a state_dict holding values that are not named tensors"
+        raise ModelError(f"{path}: {what}, expected a mapping of weight names to tensors (damaged or edited?)")
 
 
 def _is_torchmdx_training_checkpoint(payload) -> bool:
@@ -285,6 +316,8 @@ def _finish(potential, device, dtype):
             if dtype not in names:
                 raise ModelError(f"dtype must be float32 or float64, got {dtype!r}")
             dtype = names[dtype]
+        if dtype not in (torch.float32, torch.float64):  # float16 ran (unchecked), int32 was nn.Module.to's traceback
+            raise ModelError(f"dtype must be float32 or float64, got {dtype!r}")
         potential = potential.to(dtype=dtype)
     if device is not None:
         potential = potential.to(device=device)

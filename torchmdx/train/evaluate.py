@@ -43,7 +43,9 @@ def predict(model, dataset, indices: Optional[Sequence[int]] = None, batch_size:
 
         batches = tqdm(batches, desc="evaluate", unit="batch", leave=False, total=-(-len(idx) // batch_size))
     model = model.to(device)
-    dtype = next(model.parameters()).dtype
+    from torchmdx.nn.atoms import module_device_dtype
+
+    _, dtype = module_device_dtype(model)  # analytic potentials have buffers only (next(parameters()): StopIteration)
     for batch in batches:
         batch = batch.to(device)
         has_stress = getattr(batch, "stress", None) is not None

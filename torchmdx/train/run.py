@@ -169,8 +169,6 @@ def _check_checkpoint_readable(last: Path) -> None:
 def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
     """The run folder; refuse to mix a new run into an old one, and a resumed run whose model or
     data differ from the saved config."""
-    import yaml
-
     from torchmdx.io_utils import unwritable_folder
 
     if str(cfg.run_dir).strip() in ("", "."):
@@ -186,7 +184,13 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
         _check_checkpoint_readable(last)
         saved_path = run_dir / RESOLVED_CONFIG
         if saved_path.is_file():
-            saved = yaml.safe_load(saved_path.read_text()) or {}
+            from torchmdx.config import load_yaml
+
+            try:  # cut short or damaged: yaml's multi-line traceback before
+                saved = load_yaml(saved_path)
+            except ConfigError as exc:
+                raise ConfigError(f"--resume: {exc}; the run's saved config is damaged: put back a copy, or delete it "
+                                  "to resume without checking that the model and data are unchanged") from None
             now = cfg.to_dict()
             for section, mutable in (("model", RESUME_MUTABLE_MODEL_KEYS), ("data", RESUME_MUTABLE_DATA_KEYS)):
                 old, new = saved.get(section) or {}, now[section]
@@ -334,6 +338,10 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
         return result
     checkpoint = trainer.checkpoint_callback
     best = Path(checkpoint.best_model_path) if checkpoint is not None and checkpoint.best_model_path else None
+    if best is not None and best.parent.resolve() != (run_dir / CHECKPOINT_DIR).resolve():
+        # a run folder copied (or moved) and resumed: Lightning keeps the best checkpoint's old path, and the
+        # model was exported from the other folder's file (another run's weights once that one went on)
+        best = run_dir / CHECKPOINT_DIR / best.name
     source = best if best is not None and best.is_file() else last
     model_path = run_dir / MODEL_FILE
     export_checkpoint(source, model_path, force=True)  # the run's own model file (a resumed run replaces it)

@@ -288,7 +288,7 @@ def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
     plan_path = sweep_dir / PLAN
     base_hash = _base_hash(base)
     if plan_path.is_file():
-        old = json.loads(plan_path.read_text())
+        old = read_plan(sweep_dir)
         if old.get("base_hash") != base_hash:
             raise ConfigError(f"sweep folder {sweep_dir} holds a sweep of another base config (its {PLAN}); "
                               "use --out for a new folder (or the same config and --set options)")
@@ -367,13 +367,13 @@ def run_point(sweep_dir: Path, point_id: str) -> dict:
     import torch
 
     sweep_dir = Path(sweep_dir)
-    plan = json.loads((sweep_dir / PLAN).read_text())
+    plan = read_plan(sweep_dir)
     entry = _plan_point(plan, point_id)
     cfg = entry_config(plan, entry, sweep_dir)
     run_dir = Path(cfg.run_dir)
     result_path = run_dir / RESULT
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        return read_result(result_path)
     from torchmdx.train.run import CHECKPOINT_DIR, LAST, train
 
     flops = measure_step_flops(cfg)
@@ -442,12 +442,34 @@ def test_errors(cfg, model_path: Path, device: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- the sweep
+def read_json(path: Path, what: str, remedy: str) -> dict:
+    """A JSON object the sweep wrote (its plan, a point's result), or one line naming the file
+    (a file emptied by a crash or cut short by a copy was a JSONDecodeError traceback)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: {what} cannot be read ({reason[:120]}): damaged or cut short; {remedy}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {what} holds a {type(value).__name__}, not a JSON object; {remedy}")
+    return value
+
+
+def read_plan(sweep_dir: Path) -> dict:
+    return read_json(Path(sweep_dir) / PLAN, "the sweep's plan",
+                     "delete it and run the same sweep command again (finished points are kept)")
+
+
+def read_result(path: Path) -> dict:
+    return read_json(path, "the point's result", "delete it and run the sweep again (the point is measured again)")
+
+
 def finished_rows(sweep_dir: Path, plan: dict) -> list[dict]:
     rows = []
     for entry in plan["points"]:
         path = sweep_dir / RUNS / entry["id"] / RESULT
         if path.is_file():
-            rows.append(json.loads(path.read_text()))
+            rows.append(read_result(path))
     return rows
 
 
