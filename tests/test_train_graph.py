@@ -109,6 +109,12 @@ def test_config_option_and_what_it_refuses():
             build_run_config(values, check_data=False)
         message = str(info.value)
         assert expected in message and "\n" not in message, message
+    # a compile setting without captured steps is said in one warning line (not an error: the
+    # ET-MD17 recipe sets background, and --set train.cuda_graph=false must still run)
+    for compile_setting in (True, "background"):
+        with pytest.warns(UserWarning, match=r"^train.cuda_graph_compile: (true|background) has no effect with "
+                                             r"train.cuda_graph: false[^\n]*$"):
+            build_run_config(config_values(cuda_graph=False, cuda_graph_compile=compile_setting), check_data=False)
     # gradient accumulation and several devices are fine without the option
     values = config_values()
     values["trainer"].update(devices=2, accumulate_grad_batches=2)

@@ -58,8 +58,10 @@ from torchmdx.io_utils import jsonable
 
 # 2: stress of ASE files as a 3 x 3 extra in eV/Å³; 3: streamed build, group names as a dataset,
 # build statistics, the 'complete' attribute; 4: 'checksums' of the datasets and attributes, the
-# source's 'edges' in the fingerprint
-CACHE_VERSION = 4
+# source's 'edges' in the fingerprint; 5: the readers changed what they store (MD17-layout npz files'
+# own e_unit / r_unit keys honoured, ANI-1x conformations with some NaN forces refused instead of
+# dropped), so every older cache is rebuilt
+CACHE_VERSION = 5
 #: bytes per block when the spill files are copied into the HDF5 file
 COPY_BLOCK_BYTES = 64 << 20
 

@@ -395,6 +395,12 @@ def check_cuda_graph(cfg: RunConfig) -> None:
     """``train.cuda_graph: true`` replays one optimiser step per batch on one device: refuse
     gradient accumulation and several devices/nodes (one-line ConfigError). ``auto`` is never
     refused: it is off where it cannot be on (:func:`resolve_cuda_graph`)."""
+    if cfg.train.cuda_graph is False and cfg.train.cuda_graph_compile:
+        import warnings
+
+        warnings.warn(f"train.cuda_graph_compile: {str(cfg.train.cuda_graph_compile).lower()} has no effect with "
+                      "train.cuda_graph: false (it compiles the captured step); training eagerly", UserWarning,
+                      stacklevel=2)
     if cfg.train.cuda_graph is not True:
         return
     trainer = cfg.trainer
