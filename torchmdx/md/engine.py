@@ -89,6 +89,10 @@ class Simulation(RestartFiles):
     :data:`~torchmdx.kernels.locality.LOCALITY_MIN_ATOMS` atoms, unless the input order is as
     local: :func:`~torchmdx.kernels.locality.auto_order`), "input", "hilbert", "morton",
     or an explicit permutation [N] (a restart file's); see the module docstring.
+    ``fuse_integrator``: the integrator's element-wise work around the force call compiled into
+    a few kernels (:mod:`torchmdx.md.integrators_fused`): False (default: the eager integrator),
+    "auto" (when the model is compiled, i.e. ``compile`` resolves to other than "off") or True.
+    Results agree with the eager step to rounding; not yet timed on a GPU, hence off by default.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class Simulation(RestartFiles):
         cuda_graph: Optional[bool] = None,
         compile=None,
         atom_order="auto",
+        fuse_integrator=False,
     ):
         import ase
 
@@ -167,6 +172,10 @@ class Simulation(RestartFiles):
         if self.traced:
             self.forcefield.fixed_capacity = True
             self.forcefield.traced = TracedForces(self.potential)
+        if fuse_integrator not in (True, False, None, "auto"):
+            raise ConfigError(f"fuse_integrator must be true, false or auto, got {fuse_integrator!r}")
+        fuse = self.compile_mode != "off" if fuse_integrator == "auto" else bool(fuse_integrator)
+        self.integrator.set_fused(fuse)
         self._graphed = None
         if self.use_cuda_graph:
             from torchmdx.md.cuda_graph import GraphedStep
@@ -378,6 +387,11 @@ class Simulation(RestartFiles):
                 return self._graphed.run(n)
             except RuntimeError as exc:  # capture not possible here: say so once, run eagerly
                 reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                if self.integrator.fused is not None:  # first the fused integrator: the newest part
+                    print(f"note: the fused integrator failed in the CUDA-graph step ({reason}); "
+                          "running it eagerly", file=sys.stderr)
+                    self.integrator.set_fused(False)
+                    return self._advance_fast(n)
                 if self.traced:  # first try again with the model's parts compiled
                     print(f"note: the whole-model graph failed in the CUDA-graph step ({reason}); "
                           "compiling the model's parts instead", file=sys.stderr)

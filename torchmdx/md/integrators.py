@@ -23,6 +23,12 @@ U + K + thermostat_energy is conserved.
   Martyna, Tuckerman, Tobias & Klein 1996): a chain of M thermostats per structure with
   masses Q₁ = N_f k_B T τ², Q_k = k_B T τ²; a half step of the chain, a velocity-Verlet step,
   a half step of the chain. Conserved: U + K + Σ_k ½ Q_k v_ξk² + N_f k_B T ξ₁ + k_B T Σ_{k≥2} ξ_k.
+
+Fused steps (:meth:`Integrator.set_fused`): the same step as two pure functions around the force
+call (:mod:`torchmdx.md.integrators_fused`), compiled by ``torch.compile`` into a few kernels
+instead of 8-40 element-wise launches. The random numbers are drawn here, before the call,
+with the same generator calls in the same order, so random streams and restarts are unchanged.
+Off by default; the eager methods below are the reference.
 """
 
 from __future__ import annotations
@@ -56,6 +62,28 @@ class Integrator:
         self.timestep_fs = float(timestep_fs)
         self.dt = fs_to_ase_time(timestep_fs)
         self.inverse_masses = (1.0 / system.masses).unsqueeze(-1)
+        #: None: the eager step (the reference); else the FusedFunctions the step runs through
+        self.fused = None
+
+    def set_fused(self, enabled: bool, compile: bool = True) -> None:
+        """Run each step as the pure functions of :mod:`torchmdx.md.integrators_fused`, compiled
+        with ``torch.compile`` when ``compile`` (plain otherwise: same operations as the eager
+        step), or (``enabled`` False) as the eager step again."""
+        if not enabled:
+            self.fused = None
+            return
+        from torchmdx.md.integrators_fused import FusedFunctions
+
+        self.fused = FusedFunctions(compile=compile)
+
+    def _fn(self, name: str, **constants):
+        return self.fused.get(name, self.system.device, dt=self.dt, **constants)
+
+    def _step_fused(self, state: MDState, compute: ComputeForces, generator: torch.Generator) -> None:
+        state.positions, state.velocities = self._fn("verlet_before")(
+            state.positions, state.velocities, state.forces, self.inverse_masses)
+        compute(state)
+        state.velocities = self._fn("verlet_after")(state.velocities, state.forces, self.inverse_masses)
 
     # --- pieces ---------------------------------------------------------------------------
     def kick(self, state: MDState, dt: float) -> None:
@@ -74,7 +102,10 @@ class Integrator:
 
     # --- interface ------------------------------------------------------------------------
     def step(self, state: MDState, compute: ComputeForces, generator: torch.Generator) -> None:
-        self.velocity_verlet(state, compute)
+        if self.fused is not None:
+            self._step_fused(state, compute, generator)
+        else:
+            self.velocity_verlet(state, compute)
         state.step += 1
 
     def state_dict(self) -> dict:
@@ -122,7 +153,21 @@ class LangevinBAOAB(Integrator):
         kT = units.BOLTZMANN_EV_PER_K * self.temperature_K
         self.noise_scale = (math.sqrt(1.0 - self.c1 * self.c1) * torch.sqrt(kT / system.masses)).unsqueeze(-1)
 
+    def _step_fused(self, state, compute, generator):
+        s = self.system
+        noise = torch.randn(state.velocities.shape, generator=generator, device=s.device, dtype=s.dtype)
+        state.positions, state.velocities, state.thermostat_energy = self._fn(
+            "langevin_before", c1=self.c1, num_structures=s.num_structures)(
+            state.positions, state.velocities, state.forces, state.thermostat_energy, noise, self.atom_perm,
+            self.inverse_masses, self.noise_scale, s.masses, s.batch, s.total_mass, s.multi_atom)
+        compute(state)
+        state.velocities = self._fn("verlet_after")(state.velocities, state.forces, self.inverse_masses)
+
     def step(self, state, compute, generator):
+        if self.fused is not None:
+            self._step_fused(state, compute, generator)
+            state.step += 1
+            return
         s = self.system
         self.kick(state, 0.5 * self.dt)
         self.drift(state, 0.5 * self.dt)
@@ -174,9 +219,28 @@ class Bussi(Integrator):
         state.velocities = state.velocities * alpha[s.batch].unsqueeze(-1)
         state.thermostat_energy = state.thermostat_energy - (alpha * alpha - 1.0) * kinetic
 
+    def _draw(self, generator: torch.Generator):
+        """(R₁ [B], Gamma((N_f - 1)/2) [B]): the step's random numbers, drawn as in :meth:`rescale`."""
+        s = self.system
+        r1 = torch.randn((s.num_structures,), generator=generator, device=s.device, dtype=s.dtype)
+        return r1, torch._standard_gamma(self.gamma_shape, generator=generator)
+
+    def _step_fused(self, state, compute, generator):
+        s = self.system
+        r1, gamma = self._draw(generator)
+        state.positions, state.velocities, state.thermostat_energy = self._fn(
+            "bussi_before", c=self.c, num_structures=s.num_structures)(
+            state.positions, state.velocities, state.forces, state.thermostat_energy, r1, gamma,
+            self.inverse_masses, s.masses, s.batch, s.degrees_of_freedom, self.target_kinetic, self.has_extra_dof)
+        compute(state)
+        state.velocities = self._fn("verlet_after")(state.velocities, state.forces, self.inverse_masses)
+
     def step(self, state, compute, generator):
-        self.rescale(state, generator)
-        self.velocity_verlet(state, compute)
+        if self.fused is not None:
+            self._step_fused(state, compute, generator)
+        else:
+            self.rescale(state, generator)
+            self.velocity_verlet(state, compute)
         state.step += 1
 
 
@@ -231,10 +295,24 @@ class NoseHooverChain(Integrator):
         v[m - 1] = v[m - 1] + 0.5 * h * self._force(m - 1, v, kinetic)
         self.v_xi = torch.stack(v, dim=1)
 
+    def _step_fused(self, state, compute, generator):
+        s = self.system
+        constants = dict(kT=self.kT, num_structures=s.num_structures)
+        state.positions, state.velocities, self.xi, self.v_xi = self._fn("nose_hoover_before", **constants)(
+            state.positions, state.velocities, state.forces, self.xi, self.v_xi, self.masses,
+            self.inverse_masses, s.masses, s.batch, s.degrees_of_freedom)
+        compute(state)
+        state.velocities, self.xi, self.v_xi = self._fn("nose_hoover_after", **constants)(
+            state.velocities, state.forces, self.xi, self.v_xi, self.masses,
+            self.inverse_masses, s.masses, s.batch, s.degrees_of_freedom)
+
     def step(self, state, compute, generator):
-        self.half_step(state)
-        self.velocity_verlet(state, compute)
-        self.half_step(state)
+        if self.fused is not None:
+            self._step_fused(state, compute, generator)
+        else:
+            self.half_step(state)
+            self.velocity_verlet(state, compute)
+            self.half_step(state)
         state.step += 1
 
     def extra_energy(self, state):
