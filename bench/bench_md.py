@@ -15,7 +15,9 @@ is lifted and a run that still blows up is reported as such.
 On a GPU, ``tmdnet_ase`` adds TorchMD-NET 3.0.0's ASE loop side by side (its ET with the same
 MD17 hyper-parameters and random weights, driven by ASE's VelocityVerlet through a minimal
 calculator, as ``../shared/bench/anchor_torchmdnet.py`` runs it; skipped when ``torchmdnet`` is
-not importable). ``--variants`` picks the measurements; ``--budget-s S`` makes every measurement
+not importable). ``native_fused`` (only when asked for, GPU): the native engine with the
+integrator's element-wise work compiled (``Simulation(fuse_integrator=True)``, issue 16 item 5);
+``--ensemble`` picks the native engine's integrator. ``--variants`` picks the measurements; ``--budget-s S`` makes every measurement
 finish in about S seconds (the warm-up steps stay, the timed steps are cut to fit from a short
 probe); the JSON is rewritten after every system, so a run stopped by a timeout keeps its rows.
 """
@@ -32,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 #: the measurements of one system (``--variants``); the native_* / ase_eager / tmdnet_ase ones only on a GPU
-VARIANTS = ("native_eager", "native_graph_uncompiled", "native", "native_other", "ase", "ase_eager", "tmdnet_ase")
+VARIANTS = ("native_eager", "native_graph_uncompiled", "native", "native_fused", "native_other", "ase", "ase_eager",
+            "tmdnet_ase")
 
 SYSTEMS = [
     "alanine_dipeptide", "caffeine", "testosterone", "chignolin", "alanine_dipeptide_solvated",
@@ -55,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions; the best is reported")
     p.add_argument("--replicas", type=int, default=0, help="also time R replicas in one batch (native)")
     p.add_argument("--skin", type=float, default=0.5)
+    p.add_argument("--ensemble", default="nve", choices=("nve", "langevin", "bussi", "nose-hoover"),
+                   help="the native engine's integrator (ASE columns: velocity Verlet)")
     p.add_argument("--replica-compile", default="auto", help="compile mode of the replica rows (auto, whole, parts, off)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "systems"))
     p.add_argument("--json", help="also write the results here")
@@ -90,17 +95,18 @@ def tame(model, atoms, target_rms_force=1.0):
     return model
 
 
-def time_native(model, structures, args, cuda_graph=None, compile=None):
+def time_native(model, structures, args, cuda_graph=None, compile=None, fuse_integrator=False):
     """Best steps/s of the native engine; ``cuda_graph`` / ``compile`` None = the engine's
     defaults (on CUDA: a CUDA graph per step, compile "auto"), False = off; ``compile`` also
-    "whole" or "parts" (torchmdx.nn.traced.COMPILE_MODES)."""
+    "whole" or "parts" (torchmdx.nn.traced.COMPILE_MODES); ``fuse_integrator``: the integrator's
+    element-wise work compiled (``Simulation(fuse_integrator=...)``, torchmdx.md.integrators_fused)."""
     import torch
 
     from torchmdx.md.engine import Simulation
 
-    sim = Simulation(model, structures, timestep_fs=0.5, ensemble="nve", temperature_K=300.0, device=args.device,
-                     dtype=getattr(torch, args.dtype), seed=0, skin=args.skin, max_temperature_K=1e12,
-                     cuda_graph=cuda_graph, compile=compile)
+    sim = Simulation(model, structures, timestep_fs=0.5, ensemble=getattr(args, "ensemble", "nve"), temperature_K=300.0,
+                     device=args.device, dtype=getattr(torch, args.dtype), seed=0, skin=args.skin, max_temperature_K=1e12,
+                     cuda_graph=cuda_graph, compile=compile, fuse_integrator=fuse_integrator)
     sim.initialize()
     sim.run(args.warmup, every=max(1, args.warmup))
     steps = args.steps
@@ -224,7 +230,7 @@ def main(argv=None):
         return 2
     max_atoms = args.max_atoms if args.max_atoms is not None else (None if args.device.startswith("cuda") else 2500)
     cuda = args.device.startswith("cuda")
-    wanted = set(args.variants.split(",")) if args.variants else set(VARIANTS)
+    wanted = set(args.variants.split(",")) if args.variants else set(VARIANTS) - {"native_fused"}  # fused: asked for
     unknown = wanted - set(VARIANTS)
     if unknown:
         print(f"error: unknown --variants {', '.join(sorted(unknown))} (known: {', '.join(VARIANTS)})", file=sys.stderr)
@@ -274,6 +280,11 @@ def main(argv=None):
                 row["native_steps_per_s"], row["neighbor_list_builds"] = time_native(model, atoms, args)
             except (TorchmdxError, RuntimeError) as exc:
                 row["native_error"] = str(exc).splitlines()[0]
+        if run["native_fused"]:  # the same, integrator fused (issue 16 item 5)
+            try:
+                row["native_fused_steps_per_s"], _ = time_native(model, atoms, args, fuse_integrator=True)
+            except (TorchmdxError, RuntimeError) as exc:
+                row["native_fused_error"] = str(exc).splitlines()[0]
         if run["native_other"]:  # the other compile mode, for comparison
             other = "parts" if row["compile"] == "whole" else "whole"
             try:
@@ -295,6 +306,9 @@ def main(argv=None):
                 row["tmdnet_ase_steps_per_s"] = time_tmdnet_ase(atoms, args)
             except Exception as exc:  # noqa: BLE001 - another package: report any failure, go on
                 row["tmdnet_ase_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        if "native_fused_steps_per_s" in row or "native_fused_error" in row:
+            print(f"# {name}: native engine with the fused integrator ({args.ensemble}): "
+                  f"{row.get('native_fused_steps_per_s', row.get('native_fused_error'))} steps/s", flush=True)
         row["wall_s"] = round(time.perf_counter() - started, 1)
         native, ase_rate = row.get("native_steps_per_s"), row.get("ase_steps_per_s")
         speedup = f"{native / ase_rate:9.2f}" if native and ase_rate else f"{'-':>9s}"
