@@ -15,7 +15,8 @@ e3nn reference path (the implementation before the grouped fast path) for compar
 
 ``--compile`` times the first call of :class:`torchmdx.nn.traced.TracedForces` (trace and
 inductor compile on the CPU) for a small 2-layer model (:data:`SMALL`), and counts the
-operations of its traced graph run uncompiled.
+operations of its traced graph run uncompiled (inductor's cache goes to a fresh temporary
+directory, so the first call compiles).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from count_step_ops import NO_KERNEL, KernelCount  # noqa: E402
 
 #: module kinds ops are attributed to (outermost match wins), by class name
-KINDS = ("Linear", "DepthwiseTensorProduct", "TensorProduct", "Gate", "GateActivation", "Activation",
+KINDS = ("GroupedLinear", "Linear", "DepthwiseTensorProduct", "TensorProduct", "GroupedGate", "Gate", "Activation",
          "EquivariantLayerNorm", "RadialMLP", "SmoothLeakyReLU", "LayerNorm", "Embedding", "CosineCutoff",
          "ExpNormalSmearing", "GaussianSmearing", "BesselRBF")
 SKIP = ("GraphModule", "Sequential", "ModuleList")
@@ -132,9 +134,14 @@ def compile_time(z, pos) -> tuple[float, float, int]:
     """(seconds of the first call: trace + inductor compile, seconds of the second call, aten
     operations of the traced graph) of :class:`torchmdx.nn.traced.TracedForces` for
     :data:`SMALL` on the CPU."""
+    import tempfile
+
     import torchmdx
     from torchmdx.kernels.neighbors import neighbor_list
     from torchmdx.nn.traced import TracedForces
+
+    # a fresh inductor cache: a cached graph would make the first call a cache hit
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="torchmdx_inductor_")
 
     model = torchmdx.build_model(SMALL).eval()
     batch = torch.zeros_like(z)

@@ -13,6 +13,11 @@ Wigner-D matrix D(g). Every operation here commutes with D(g):
 - :class:`DepthwiseTensorProduct`: the depth-wise tensor product of a feature with the spherical
   harmonics of an edge, weighted per edge by a radial MLP.
 
+The linear layers, tensor products and gates run grouped fast paths (``fast.py``: a few large
+operations instead of one or more per irreps path; the layer norm's and the leaky ReLU's are
+here); e3nn's code and the per-degree loops stay beside them as references
+(:func:`reference_ops`, compared in tests/test_equiformer_fast.py).
+
 Tensor products use Clebsch-Gordan coefficients C (e3nn's ``o3.TensorProduct``), the paper's
 tensor product (Sec. 2.3):  (x ⊗ y)^{(L)}_M = Σ_{m1, m2} C^{(L, M)}_{(l1, m1), (l2, m2)} x^{(l1)}_{m1} y^{(l2)}_{m2}.
 """
