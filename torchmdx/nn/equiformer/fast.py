@@ -150,8 +150,9 @@ class GroupedLinear(o3.Linear):
                              persistent=False)
         self._b_identity = _is_identity(b_index) and len(b_index) == self.bias.numel()
         self.register_buffer("_b_index", _long(b_index), persistent=False)
-        # e3nn's path weights (1/sqrt(fan-in)) multiply the weights: one operation forward and
-        # none in the force pass (addmm's alpha instead would cost one there per scalar group)
+        # identities of the Kronecker products. e3nn's path weights (1/sqrt(fan-in)) multiply the
+        # weights (_w_scale): one operation forward and none in the force pass (addmm's alpha
+        # instead costs one there per group)
         for d in sorted({g[5] for g in self._groups if g[5] > 1}):
             self.register_buffer(f"_eye{d}", torch.eye(d), persistent=False)
 
@@ -186,7 +187,7 @@ class GroupedLinear(o3.Linear):
         w = w * self._w_scale
         b = self.bias if self._b_identity else self.bias.index_select(0, self._b_index)
         pieces = {}
-        xs, ws = x.split(self._x_sizes, dim=1), w.split(self._w_sizes)
+        xs, ws = (x.split(self._x_sizes, dim=1), w.split(self._w_sizes)) if self._groups else ((), ())
         bs = iter(b.split(self._b_sizes) if b.numel() > 0 else ())
         for k, (x0, x1, w0, big_u, cols, d, b0, spans) in enumerate(self._groups):
             xg = xs[k]
