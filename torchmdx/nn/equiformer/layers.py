@@ -13,6 +13,11 @@ Wigner-D matrix D(g). Every operation here commutes with D(g):
 - :class:`DepthwiseTensorProduct`: the depth-wise tensor product of a feature with the spherical
   harmonics of an edge, weighted per edge by a radial MLP.
 
+The linear layers, tensor products and gates run grouped fast paths (``fast.py``: a few large
+operations instead of one or more per irreps path; the layer norm's and the leaky ReLU's are
+here); e3nn's code and the per-degree loops stay beside them as references
+(:func:`reference_ops`, compared in tests/test_equiformer_fast.py).
+
 Tensor products use Clebsch-Gordan coefficients C (e3nn's ``o3.TensorProduct``), the paper's
 tensor product (Sec. 2.3):  (x ⊗ y)^{(L)}_M = Σ_{m1, m2} C^{(L, M)}_{(l1, m1), (l2, m2)} x^{(l1)}_{m1} y^{(l2)}_{m2}.
 """
@@ -26,6 +31,14 @@ import torch
 from e3nn import nn as e3nn_nn
 from e3nn import o3
 from torch import nn
+
+from torchmdx.nn.equiformer.fast import (  # noqa: F401  (reference_ops: re-exported)
+    DepthwiseTensorProductPlan,
+    GroupedGate,
+    GroupedLinear,
+    reference_enabled,
+    reference_ops,
+)
 
 
 def is_even_scalar(ir) -> bool:
@@ -43,7 +56,10 @@ class SmoothLeakyReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.negative_slope
-        return 0.5 * (1 + a) * x + 0.5 * (1 - a) * x * (2 * torch.sigmoid(x) - 1)
+        if reference_enabled():
+            return 0.5 * (1 + a) * x + 0.5 * (1 - a) * x * (2 * torch.sigmoid(x) - 1)
+        # the same function: (1 + a)/2 x + (1 - a)/2 x (2σ - 1) = a x + (1 - a) x σ(x)
+        return torch.add(a * x, torch.nn.functional.silu(x), alpha=1 - a)
 
     def extra_repr(self) -> str:
         return f"negative_slope={self.negative_slope}"
@@ -67,8 +83,47 @@ class EquivariantLayerNorm(nn.Module):
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(self.irreps.num_irreps))
         self.bias = nn.Parameter(torch.zeros(sum(mul for mul, ir in self.irreps if is_even_scalar(ir))))
+        # the fast path's constant matrices (products with them, not gathers: a gather's backward
+        # writes a zero tensor and scatters into it, a product's is one product): per block the
+        # averaging weights (even-scalar means, mean squares), and the spreading of per-block,
+        # per-channel and per-bias values over the components
+        nb, nc, dim = len(self.irreps), self.irreps.num_irreps, self.irreps.dim
+        mean, var = torch.zeros(dim, nb, dtype=torch.float64), torch.zeros(dim, nb, dtype=torch.float64)
+        spread_block, spread_channel = torch.zeros(nb, dim, dtype=torch.float64), torch.zeros(nc, dim, dtype=torch.float64)
+        spread_bias = torch.zeros(self.bias.numel(), dim, dtype=torch.float64)
+        channel, ib = 0, 0
+        for k, ((mul, ir), block) in enumerate(zip(self.irreps, self.irreps.slices())):
+            var[block, k] = 1.0 / (mul * ir.dim)
+            spread_block[k, block] = 1.0
+            for c in range(mul):
+                spread_channel[channel + c, block.start + c * ir.dim: block.start + (c + 1) * ir.dim] = 1.0
+            channel += mul
+            if is_even_scalar(ir):
+                mean[block, k] = 1.0 / mul
+                for c in range(mul):
+                    spread_bias[ib + c, block.start + c] = 1.0
+                ib += mul
+        self.centre = ib > 0
+        dtype = torch.get_default_dtype()
+        # x -> the mean of its even-scalar block at every component: one [dim, dim] product
+        centring = mean @ spread_block
+        for name, value in [("centring", centring), ("var_matrix", var), ("spread_block", spread_block),
+                            ("spread_channel", spread_channel), ("spread_bias", spread_bias)]:
+            self.register_buffer(name, value.to(dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if reference_enabled():
+            return self.reference(x)
+        if self.centre:  # minus the mean of each even-scalar block (zero for the others)
+            x = x - x @ self.centring
+        inv = torch.rsqrt((x * x) @ self.var_matrix + self.eps) @ self.spread_block
+        scale = inv * (self.weight[None] @ self.spread_channel)
+        if self.bias.numel() == 0:
+            return x * scale
+        return torch.addcmul(self.bias[None] @ self.spread_bias, x, scale)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-degree loop (the fast path's reference)."""
         out, iw, ib = [], 0, 0
         for (mul, ir), block in zip(self.irreps, self.irreps.slices()):
             field = x[:, block].reshape(-1, mul, ir.dim)
@@ -96,9 +151,9 @@ def gate(irreps_out) -> nn.Module:
     scalars = o3.Irreps([(mul, ir) for mul, ir in irreps_out if is_even_scalar(ir)])
     gated = o3.Irreps([(mul, ir) for mul, ir in irreps_out if not is_even_scalar(ir)])
     if gated.dim == 0:
-        return e3nn_nn.Activation(scalars, [torch.nn.functional.silu])
+        return e3nn_nn.Activation(scalars, [torch.nn.functional.silu] * len(scalars))
     gates = o3.Irreps(f"{gated.num_irreps}x0e")
-    return e3nn_nn.Gate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid], gated)
+    return GroupedGate(scalars, gates, gated)
 
 
 class RadialMLP(nn.Module):
@@ -148,9 +203,16 @@ class DepthwiseTensorProduct(nn.Module):
             internal_weights=internal_weights, shared_weights=internal_weights,
         )
         self.weight_numel = self.tp.weight_numel
+        self.plan = DepthwiseTensorProductPlan(self.tp)
 
-    def forward(self, x: torch.Tensor, sh: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return self.tp(x, sh, weight)
+    def forward(self, x: torch.Tensor, sh: torch.Tensor, weight: torch.Tensor | None = None,
+                raw: bool = False) -> torch.Tensor:
+        """With ``raw`` the fast path's output columns are in the plan's order, for linear layers
+        set up with ``GroupedLinear.take_input_order(dtp.plan.out_index)`` (the reference path
+        ignores it, and so do those layers)."""
+        if reference_enabled():
+            return self.tp(x, sh, weight)
+        return self.plan.apply(x, sh, self.tp.weight if weight is None else weight, raw=raw)
 
 
 class BesselRBF(nn.Module):

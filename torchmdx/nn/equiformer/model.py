@@ -48,12 +48,14 @@ from torchmdx.nn.equiformer.layers import (
     BesselRBF,
     DepthwiseTensorProduct,
     EquivariantLayerNorm,
+    GroupedLinear,
     RadialMLP,
     SmoothLeakyReLU,
     gate,
     glorot_,
     head_index,
     is_even_scalar,
+    reference_enabled,
 )
 from torchmdx.nn.layers import RBF_TYPES, CosineCutoff
 
@@ -68,6 +70,25 @@ def scaled_irreps(irreps, factor: int):
 
 def segment_softmax(z: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
                     num_segments: int) -> torch.Tensor:
+    """α_e = w_e exp(z_e) / Σ_{e' in segment(e)} w_e' exp(z_e') (see :func:`segment_softmax_reference`,
+    its reference) in fewer operations: invalid edges enter the (detached) per-segment maximum as
+    the dtype's lowest finite value instead of -inf, so no infinities need repair; a zero
+    denominator (all weights zero) is clamped to the smallest normal number, which gives the
+    same zeros."""
+    if reference_enabled():
+        return segment_softmax_reference(z, weight, index, valid, num_segments)
+    column = valid.unsqueeze(-1)
+    masked = torch.where(column, z.detach(), torch.finfo(z.dtype).min)
+    zmax = z.new_zeros(num_segments, z.shape[1]).scatter_reduce(0, index.unsqueeze(-1).expand_as(z), masked, "amax",
+                                                                include_self=False)
+    shifted = torch.where(column, z - zmax.index_select(0, index), 0.0)
+    e = torch.exp(shifted) * weight.unsqueeze(-1)
+    denominator = torch.zeros_like(zmax).index_add(0, index, e).index_select(0, index)
+    return e / denominator.clamp_min(torch.finfo(z.dtype).tiny)
+
+
+def segment_softmax_reference(z: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                              num_segments: int) -> torch.Tensor:
     """α_e = w_e exp(z_e) / Σ_{e' in segment(e)} w_e' exp(z_e') per column of ``z`` [E, H], over the
     edges e with the same ``index`` (receiver); ``weight`` [E] >= 0 (the cutoff), invalid edges
     get 0. The per-segment maximum subtracted for stability is detached: the quotient does not
@@ -92,12 +113,12 @@ class EdgeDegreeEmbedding(nn.Module):
         self.num_scalars = scalar_multiplicity(irreps_node)
         self.dtp = DepthwiseTensorProduct(f"{self.num_scalars}x0e", irreps_sh, irreps_node)
         self.radial = RadialMLP(num_rbf, radial_hidden, self.dtp.weight_numel)
-        self.linear = o3.Linear(self.dtp.irreps_out, irreps_node)
+        self.linear = GroupedLinear(self.dtp.irreps_out, irreps_node).take_input_order(self.dtp.plan.out_index)
         self.norm = 1.0 / math.sqrt(avg_num_neighbors)
 
     def forward(self, num_atoms: int, receivers, sh, rbf, phi) -> torch.Tensor:
         ones = sh.new_ones(sh.shape[0], self.num_scalars)
-        edge = self.linear(self.dtp(ones, sh, self.radial(rbf))) * (phi * self.norm).unsqueeze(-1)
+        edge = self.linear(self.dtp(ones, sh, self.radial(rbf), raw=True)) * (phi * self.norm).unsqueeze(-1)
         return edge.new_zeros(num_atoms, edge.shape[1]).index_add(0, receivers, edge)
 
 
@@ -113,32 +134,39 @@ class GraphAttention(nn.Module):
         num_alpha = scalar_multiplicity(irreps_node)  # H heads x A scalars each
         self.alpha_per_head = num_alpha // num_heads
         self.nonlinear_message = nonlinear_message
-        self.merge_src = o3.Linear(irreps_node, irreps_node, biases=True)
-        self.merge_dst = o3.Linear(irreps_node, irreps_node, biases=False)
+        self.merge_src = GroupedLinear(irreps_node, irreps_node, biases=True)
+        self.merge_dst = GroupedLinear(irreps_node, irreps_node, biases=False)
         self.dtp = DepthwiseTensorProduct(irreps_node, irreps_sh, irreps_node)
         self.radial = RadialMLP(num_rbf, radial_hidden, self.dtp.weight_numel)
         irreps_alpha = o3.Irreps(f"{num_alpha}x0e")
+        order = self.dtp.plan.out_index  # the raw output order of the DTP (see forward)
         if nonlinear_message:
-            self.alpha_linear = o3.Linear(self.dtp.irreps_out, irreps_alpha)
+            self.alpha_linear = GroupedLinear(self.dtp.irreps_out, irreps_alpha).take_input_order(order)
             self.value_gate = gate(irreps_node)
-            self.value_linear = o3.Linear(self.dtp.irreps_out, self.value_gate.irreps_in)
+            self.value_linear = GroupedLinear(self.dtp.irreps_out, self.value_gate.irreps_in).take_input_order(order)
             self.value_dtp = DepthwiseTensorProduct(self.value_gate.irreps_out, irreps_sh, irreps_node, internal_weights=True)
-            self.value_out = o3.Linear(self.value_dtp.irreps_out, irreps_node)
+            self.value_out = GroupedLinear(self.value_dtp.irreps_out, irreps_node).take_input_order(
+                self.value_dtp.plan.out_index)
         else:
-            self.linear = o3.Linear(self.dtp.irreps_out, irreps_alpha + irreps_node)
+            self.linear = GroupedLinear(self.dtp.irreps_out, irreps_alpha + irreps_node).take_input_order(order)
         self.alpha_activation = SmoothLeakyReLU(0.2)
         self.alpha_dot = nn.Parameter(glorot_(torch.empty(num_heads, self.alpha_per_head)))
         self.dropout = nn.Dropout(attention_dropout) if attention_dropout > 0 else None
         self.register_buffer("heads", head_index(irreps_node, num_heads), persistent=False)
-        self.proj = o3.Linear(irreps_node, irreps_node, biases=True)
+        spread = torch.zeros(num_heads, irreps_node.dim)
+        spread[self.heads, torch.arange(irreps_node.dim)] = 1.0
+        self.register_buffer("head_spread", spread, persistent=False)  # [H, dim]: 1 where component in head
+        self.proj = GroupedLinear(irreps_node, irreps_node, biases=True)
 
     def forward(self, x, edge_index, sh, rbf, phi, valid) -> torch.Tensor:
         receivers, senders = edge_index[0], edge_index[1]
         message = self.merge_src(x).index_select(0, senders) + self.merge_dst(x).index_select(0, receivers)
-        f = self.dtp(message, sh, self.radial(rbf))
+        # f and the value DTP's output in the fast path's raw column order, which the linear layers
+        # after them take (GroupedLinear.take_input_order); e3nn's order on the reference path
+        f = self.dtp(message, sh, self.radial(rbf), raw=True)
         if self.nonlinear_message:
             alpha = self.alpha_linear(f)
-            value = self.value_out(self.value_dtp(self.value_gate(self.value_linear(f)), sh))
+            value = self.value_out(self.value_dtp(self.value_gate(self.value_linear(f)), sh, raw=True))
         else:
             out = self.linear(f)
             num_alpha = self.num_heads * self.alpha_per_head
@@ -148,7 +176,10 @@ class GraphAttention(nn.Module):
         if self.dropout is not None:
             weight = self.dropout(weight)
         weight = weight * phi.unsqueeze(-1)
-        messages = value * weight.index_select(1, self.heads)
+        if reference_enabled():
+            messages = value * weight.index_select(1, self.heads)
+        else:  # the same spreading as a product (its backward is a product, a gather's a scatter)
+            messages = value * (weight @ self.head_spread)
         aggregated = messages.new_zeros(x.shape[0], messages.shape[1]).index_add(0, receivers, messages)
         return self.proj(aggregated)
 
@@ -159,8 +190,8 @@ class FeedForward(nn.Module):
     def __init__(self, irreps_in, irreps_mid, irreps_out):
         super().__init__()
         self.gate = gate(irreps_mid)
-        self.linear_in = o3.Linear(irreps_in, self.gate.irreps_in, biases=True)
-        self.linear_out = o3.Linear(self.gate.irreps_out, irreps_out, biases=True)
+        self.linear_in = GroupedLinear(irreps_in, self.gate.irreps_in, biases=True)
+        self.linear_out = GroupedLinear(self.gate.irreps_out, irreps_out, biases=True)
 
     def forward(self, x):
         return self.linear_out(self.gate(self.linear_in(x)))
@@ -177,7 +208,7 @@ class TransformerBlock(nn.Module):
                                         cfg.nonlinear_message, cfg.attention_dropout)
         self.norm_ffn = EquivariantLayerNorm(irreps_node)
         self.ffn = FeedForward(irreps_node, scaled_irreps(irreps_node, cfg.ffn_multiplier), irreps_out)
-        self.shortcut = None if o3.Irreps(irreps_out) == o3.Irreps(irreps_node) else o3.Linear(irreps_node, irreps_out, biases=True)
+        self.shortcut = None if o3.Irreps(irreps_out) == o3.Irreps(irreps_node) else GroupedLinear(irreps_node, irreps_out, biases=True)
 
     def forward(self, x, edge_index, sh, rbf, phi, valid):
         x = x + self.attention(self.norm_attention(x), edge_index, sh, rbf, phi, valid)
