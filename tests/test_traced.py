@@ -205,3 +205,18 @@ def test_calculator_graph_function_with_traced_model(shared_data):
         torch.testing.assert_close(forces, ref["forces"], rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(atomic, ref["energies"], rtol=1e-10, atol=1e-10)
     assert graphed.regrowths == 1 and graphed.forcefield.traced.traces == 2
+
+
+def test_small_products_of_chained_products():
+    """(x @ A) @ B: the second product reads the first one's rewritten result; both become
+    reductions and the graph gives the same numbers (the rewrite used to fail with KeyError 'val')."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torchmdx.nn.traced import small_products
+
+    generator = torch.Generator().manual_seed(0)
+    x, a, b = (torch.randn(shape, dtype=torch.float64, generator=generator) for shape in ((5, 4), (4, 6), (6, 3)))
+    graph_module = make_fx(lambda x, a, b: (x @ a) @ b)(x, a, b)
+    assert small_products(graph_module) == 2
+    assert not any(node.target is torch.ops.aten.mm.default for node in graph_module.graph.nodes)
+    torch.testing.assert_close(graph_module(x, a, b), (x @ a) @ b, rtol=1e-12, atol=1e-12)

@@ -118,7 +118,10 @@ def small_products(graph_module, max_rows: int = SMALL_ROWS, max_inner: int = SM
             bias, a, b = node.args[:3]
         else:
             bias, (a, b) = None, node.args[:2]
-        rows, inner = a.meta["val"].shape
+        value = a.meta.get("val")
+        if value is None:  # no shape recorded (not from make_fx's trace): leave the product alone
+            continue
+        rows, inner = value.shape
         if not (rows <= max_rows or inner <= max_inner):
             continue
         with graph.inserting_before(node):
@@ -128,6 +131,8 @@ def small_products(graph_module, max_rows: int = SMALL_ROWS, max_inner: int = SM
             result = graph.call_function(aten.sum.dim_IntList, (product, [1]))
             if bias is not None:
                 result = graph.call_function(aten.add.Tensor, (result, bias))
+        if "val" in node.meta:  # a product fed by this one ((x @ A) @ B) reads its shape from here
+            result.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(result)
         graph.erase_node(node)
         count += 1
