@@ -371,9 +371,6 @@ def warm_up() -> None:
         from torchmdx.nn import compile_cache
 
         compile_cache.ensure()
-        x = torch.linspace(0.1, 0.3, 3, requires_grad=True)
-        f = torch.compile(_warm_function, fullgraph=True, dynamic=False)
-        f(x).backward()
         from torch._inductor.codecache import torch_key
 
         torch_key()
@@ -383,6 +380,9 @@ def warm_up() -> None:
             triton_key()
         except Exception:  # noqa: BLE001 - no Triton (CPU builds)
             pass
+        x = torch.linspace(0.1, 0.3, 3, requires_grad=True)  # last: a host without a C++ compiler fails here
+        f = torch.compile(_warm_function, fullgraph=True, dynamic=False)
+        f(x).backward()
     except (Exception, CacheMiss):  # noqa: BLE001 - a warm-up only
         pass
 
