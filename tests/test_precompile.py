@@ -10,7 +10,10 @@ import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +21,7 @@ from torchmdx.nn import ETPotential
 from torchmdx.nn.traced import TracedForces
 from torchmdx.train import precompile
 from torchmdx.train.config import TrainConfig
-from torchmdx.train.graphed import GraphedTrainStep
+from torchmdx.train.graphed import GraphedTrainStep, packed_shape, shape_from_counts
 from torchmdx.train.module import training_objective
 from torchmdx.train.precompile import BackgroundCompile, Signature, inputs_for, signature
 
@@ -51,30 +54,43 @@ def test_inputs_for_a_signature_have_its_shapes_and_valid_edges():
     assert signature(z, pos, structures, edge_index, offsets, mask) == sig
 
 
-class _InstantBackground(BackgroundCompile):
-    """A background compile whose 'child' finishes at the first poll after a request (or fails)."""
+class _FakeProcess:
+    """A finished child (``code``: its exit status; negative: killed by that signal)."""
 
-    def __init__(self, model, fail=False):
-        super().__init__(model)
-        self.fail = fail
+    pid = 0
 
-    def _start(self, sigs):
-        self._running = ("instant", list(sigs))
+    def __init__(self, code):
+        self.code = code
 
     def poll(self):
-        if self._running is None:
-            if self._queued and self.failure is None:
-                self._start(self._queued)
-                self._queued = []
-            return []
-        _, sigs = self._running
-        self._running = None
-        if self.fail:
-            self.failure = "RuntimeError: no compiler here"
-            return []
-        self._ready.update(sigs)
-        self.log.append(f"compiled {len(sigs)} step shape(s) in the background in 0 s")
-        return list(sigs)
+        return self.code
+
+    def wait(self, timeout=None):
+        return self.code
+
+    def terminate(self):
+        pass
+
+
+class _InstantBackground(BackgroundCompile):
+    """Children that are done at the next poll, through the real :meth:`BackgroundCompile.poll`:
+    each writes the signatures it 'compiled' (compiling nothing) to its done file, except those
+    for which ``fail(sig)`` holds: then it ends as a killed child (SIGKILL) after the others.
+    ``started``: the signatures of every child, in order."""
+
+    def __init__(self, model, fail=None, workdir=None):
+        super().__init__(model, workdir=workdir)
+        self.fail = fail or (lambda sig: False)
+        self.started = []
+
+    def _start(self, sigs):
+        self.requests += 1
+        self.started.append(list(sigs))
+        folder = self._folder()
+        log, done = folder / f"request{self.requests}.log", folder / f"request{self.requests}.done"
+        good = [sig for sig in sigs if not self.fail(sig)]
+        done.write_text("".join(json.dumps(asdict(sig)) + "\n" for sig in good))
+        self._running = (_FakeProcess(0 if len(good) == len(sigs) else -9), list(sigs), 0.0, log, done)
 
 
 def _uncompiled_traced(*args, **kwargs):
@@ -82,20 +98,25 @@ def _uncompiled_traced(*args, **kwargs):
     return TracedForces(*args, **{**kwargs, "compile": False})
 
 
+def _pair(dtype=torch.float64):
+    """A model and a copy of it with its own AdamW (the eager reference)."""
+    reference = ETPotential({**TINY, "dtype": "float64"})
+    model = ETPotential({**TINY, "dtype": "float64"})
+    model.load_state_dict(reference.state_dict())
+    return (model, torch.optim.AdamW(model.parameters(), lr=1e-3)), (reference, torch.optim.AdamW(reference.parameters(), lr=1e-3))
+
+
 @pytest.mark.parametrize("fail", [False, True])
-def test_background_switch_keeps_every_step_equal_to_the_eager_step_float64(monkeypatch, fail):
+def test_background_switch_keeps_every_step_equal_to_the_eager_step_float64(monkeypatch, tmp_path, fail):
     """Steps before the switch run the model's autograd, steps after it the traced graph: the
     parameters follow the eager reference step for step (float64); a failed child leaves one note
     and the eager path."""
     import torchmdx.nn.traced as traced_module
 
     monkeypatch.setattr(traced_module, "TracedForces", _uncompiled_traced)
-    monkeypatch.setattr(precompile, "BackgroundCompile", functools.partial(_InstantBackground, fail=fail))
-    reference = ETPotential({**TINY, "dtype": "float64"})
-    model = ETPotential({**TINY, "dtype": "float64"})
-    model.load_state_dict(reference.state_dict())
-    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    monkeypatch.setattr(precompile, "BackgroundCompile", functools.partial(
+        _InstantBackground, fail=(lambda sig: True) if fail else None, workdir=str(tmp_path)))
+    (model, opt), (reference, opt_ref) = _pair()
     step = GraphedTrainStep(model, opt, functools.partial(training_objective, JOINT), traced="background")
     eager = GraphedTrainStep(reference, opt_ref, functools.partial(training_objective, JOINT))
     assert step.background is not None and step.traced is None
@@ -110,15 +131,162 @@ def test_background_switch_keeps_every_step_equal_to_the_eager_step_float64(monk
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
     if fail:
-        assert not any(used) and step.background is None
-        assert any("background compile failed" in note for note in step.notes)
+        assert not any(used) and len(step.background.failed) == 1
+        assert sum("background compile failed" in note for note in step.notes) == 1, step.notes
+        assert any("killed by signal 9" in note for note in step.notes), step.notes
     else:
         # step 0 requests the shape, step 1's poll starts the child, step 2's takes the result
         assert used == [False, False, True, True]
         assert step.traced.traces == 1
         assert any("compiled 1 step shape" in note for note in step.notes)
-        step._poll_background()  # the next step's poll reports the switch
+        step.background.poll_step(step)  # the next step's poll reports the switch
         assert any("loading it took" in note for note in step.notes), step.notes
+
+
+def _periodic(counts, seed):
+    """:func:`molecules` in 9 Å periodic boxes (cell [B, 3, 3], pbc [B, 3])."""
+    z, pos, batch, energy, forces = molecules(counts, seed=seed)
+    cell = (9.0 * torch.eye(3, dtype=pos.dtype)).expand(len(counts), 3, 3).clone()
+    pbc = torch.ones(len(counts), 3, dtype=torch.bool)
+    return z, pos, batch, energy, forces, cell, pbc
+
+
+def _batches(kind, seed):
+    """(args, kwargs) of GraphedTrainStep.step for three batch shapes: a plain batch of 3
+    molecules, a packed batch (a 24-atom bucket, 4 structure slots: the ANI-1x/QM9 path) and a
+    periodic batch."""
+    from torchmdx.data.packing import pack
+
+    if kind == "plain":
+        return molecules([5, 7, 4], seed=seed), {}
+    if kind == "packed":
+        counts = [3, 8, 6] if seed % 2 else [6, 4, 5]  # the first (odd seed) has the larger pair bound
+        z, pos, batch, energy, forces = molecules(counts, seed=seed)
+        p = pack(z, pos, energy, forces, np.array(counts), 24, 4, pad_z=1)
+        return (p.z, p.pos, p.batch, p.energy, p.forces), dict(
+            shape=packed_shape(p), n_atoms=p.n_atoms, structure_weight=p.structure_weight, atom_weight=p.atom_weight)
+    z, pos, batch, energy, forces, cell, pbc = _periodic([6, 6], seed)
+    return (z, pos, batch, energy, forces), dict(shape=shape_from_counts([6, 6], periodic=True), cell=cell, pbc=pbc)
+
+
+SCHEDULE = ["plain", "packed", "plain", "periodic", "packed", "plain", "periodic", "packed", "plain", "periodic",
+            "packed", "periodic"]
+
+
+def test_several_batch_shapes_each_requested_once_compiled_in_turn_switched_alone(monkeypatch, tmp_path):
+    """Plain, packed and periodic shapes in one run (fake children, the traced graph without
+    inductor): every signature is requested once and compiled by one child at a time; each
+    shape switches on its own (the plain and periodic shapes to the traced graph, each traced
+    once); the child of the packed shape is killed, which leaves that shape on the model's
+    autograd with one note; every step equals the eager reference (float64)."""
+    import torchmdx.nn.traced as traced_module
+
+    monkeypatch.setattr(traced_module, "TracedForces", _uncompiled_traced)
+    packed_atoms = 24
+    monkeypatch.setattr(precompile, "BackgroundCompile", functools.partial(
+        _InstantBackground, fail=lambda sig: sig.atoms == packed_atoms, workdir=str(tmp_path)))
+    (model, opt), (reference, opt_ref) = _pair()
+    step = GraphedTrainStep(model, opt, functools.partial(training_objective, JOINT), traced="background")
+    eager = GraphedTrainStep(reference, opt_ref, functools.partial(training_objective, JOINT))
+    traced_at = {}
+    with pytest.warns(RuntimeWarning):
+        for k, kind in enumerate(SCHEDULE):
+            args, kwargs = _batches(kind, seed=k)
+            before = step.traced.traces if step.traced is not None else 0
+            out = step.step(*args, **kwargs)
+            ref = eager.step(*args, **kwargs)
+            assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-11), (k, kind)
+            if step.traced is not None and step.traced.traces > before:
+                traced_at.setdefault(kind, k)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    background = step.background
+    requested = [sig for child in background.started for sig in child]
+    assert len(requested) == len(set(requested)) == 3  # each shape once
+    # one child at a time: the packed shape, asked for while the plain one's child ran, got its own
+    assert [[s.atoms for s in child] for child in background.started] == [[16], [24], [12]]
+    assert {s.atoms for s in background.failed} == {packed_atoms}
+    assert set(traced_at) == {"plain", "periodic"} and step.traced.traces == 2  # loaded once each
+    assert traced_at["plain"] == 2 and traced_at["periodic"] == 6
+    failures = [note for note in step.notes if "background compile failed" in note]
+    assert len(failures) == 1 and "24 atoms" in failures[0], step.notes
+    assert sum("switched a batch shape" in note for note in step.notes) == 2
+
+
+def test_a_finished_child_drops_only_the_graphs_of_its_shapes(monkeypatch, tmp_path):
+    """On a GPU a switch is a recapture: only the graph whose (atoms, structures, periodic,
+    capacity) the child compiled is dropped; the other shapes keep replaying their graphs."""
+    monkeypatch.setattr(precompile, "BackgroundCompile", functools.partial(_InstantBackground, workdir=str(tmp_path)))
+    (model, opt), _ = _pair()
+    step = GraphedTrainStep(model, opt, functools.partial(training_objective, JOINT), traced="background")
+    for kind in ("plain", "periodic"):
+        args, kwargs = _batches(kind, seed=0)
+        step.step(*args, **kwargs)
+    assert len(step._graphs) == 2
+    for graph in step._graphs.values():
+        graph.graph, graph.eager_steps = "captured", step.warmup_steps  # as if captured
+    ready = [Signature(g.key[0], g.key[1], g.capacity, bool(g.key[2]), True, "float64", "cpu")
+             for g in step._graphs.values() if not g.key[2]]
+    background = step.background
+    background._running = (_FakeProcess(0), ready, 0.0, tmp_path / "x.log", tmp_path / "x.done")
+    (tmp_path / "x.done").write_text("".join(json.dumps(asdict(sig)) + "\n" for sig in ready))
+    background._queued.clear()
+    background.poll_step(step)
+    dropped = {g.key[2]: g.graph is None for g in step._graphs.values()}
+    assert dropped == {False: True, True: False}
+
+
+@pytest.fixture
+def own_compile_cache(tmp_path):
+    """An empty compile cache for this test (torchmdx.nn.compile_cache), restored afterwards."""
+    from torchmdx.nn import compile_cache
+
+    old, state = dict(os.environ), dict(compile_cache._state)
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    os.environ["TORCHMDX_COMPILE_CACHE"] = str(tmp_path / "cache")
+    compile_cache._state["dir"] = None
+    try:
+        yield tmp_path / "cache"
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+        compile_cache._state.update(state)
+
+
+def test_a_cache_miss_at_the_switch_is_caught_before_compiling(monkeypatch, tmp_path, own_compile_cache):
+    """The child says it compiled the shape but the cache has no entry for the training process's
+    key (here: the fake child compiled nothing). The switch's load must not compile in-line: the
+    miss stops it before inductor generates code (nothing is written to the cache), the step is
+    redone on the model's autograd (equal to the eager reference, float64), the shape stays there
+    with one note, and is not traced again."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(precompile, "BackgroundCompile", functools.partial(_InstantBackground, workdir=str(tmp_path)))
+    (model, opt), (reference, opt_ref) = _pair()
+    step = GraphedTrainStep(model, opt, functools.partial(training_objective, JOINT), traced="background")
+    eager = GraphedTrainStep(reference, opt_ref, functools.partial(training_objective, JOINT))
+    counters.clear()
+    with pytest.warns(RuntimeWarning):
+        for k in range(5):
+            z, pos, batch, energy, forces = molecules([5, 7, 4], seed=k)
+            started = time.monotonic()
+            out = step.step(z, pos, batch, energy, forces)
+            took = time.monotonic() - started
+            ref = eager.step(z, pos, batch, energy, forces)
+            assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-11), k
+            if k == 2:  # the switch: a trace, no compile (a compile of this graph takes ~30 s here)
+                assert step.traced is not None and step.traced.traces == 1 and took < 25, took
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert step.traced.traces == 1 and len(step.background.failed) == 1
+    assert counters["inductor"].get("fxgraph_cache_miss", 0) >= 1
+    written = [f for f in (own_compile_cache / "inductor").rglob("*") if f.is_file()]
+    assert not [f for f in written if "fxgraph" in str(f) or f.suffix in (".so", ".cpp")], written
+    misses = [note for note in step.notes if "compile cache missed" in note]
+    assert len(misses) == 1 and not any("switched a batch shape" in note for note in step.notes), step.notes
+    import torch._inductor.compile_fx as compile_fx
+
+    assert compile_fx.fx_codegen_and_compile.__name__ == "fx_codegen_and_compile"  # the guard is gone
 
 
 def test_a_child_that_cannot_start_is_a_failure_not_an_exception(tmp_path, monkeypatch):
@@ -178,9 +346,112 @@ def test_training_step_switches_through_a_cache_hit_of_the_real_child(tmp_path):
         compile_cache._state.update(state)
     logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*.log"))
     assert switched_at is not None, (step.notes, logs)
-    hits = counters["inductor"].get("fxgraph_cache_hit", 0)
-    misses = counters["inductor"].get("fxgraph_cache_miss", 0)
-    assert hits >= 1 and misses == 0, (dict(counters["inductor"]), logs)
+    # the switch's load refuses to compile (no_compile): a switch is a hit, a miss would be a note
+    assert counters["inductor"].get("fxgraph_cache_hit", 0) >= 2, (dict(counters["inductor"]), logs)
+    assert not any("compile cache missed" in note for note in step.notes), step.notes
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+
+
+def test_a_killed_real_child_leaves_its_shape_eager_with_one_note_and_the_next_shape_gets_a_child(tmp_path):
+    """A real child killed (SIGKILL) before it finished: its shape is failed (never used, not
+    requested again), one line says so, and a shape asked for later still gets its own child."""
+    import signal
+
+    background = BackgroundCompile(ETPotential(TINY), workdir=str(tmp_path), warm=False)
+    first = Signature(12, 2, 64, False, True, "float32", "cpu")
+    second = Signature(20, 3, 128, False, True, "float32", "cpu")
+    background.request(first)
+    background.poll()
+    process = background._running[0]
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    background.request(second)
+    assert background.poll() == []
+    try:
+        assert background.failed == {first} and background.failure is None
+        assert not background.usable(first, capturing=False) and first not in background._queued
+        lines = [line for line in background.news() if "failed" in line]
+        assert len(lines) == 1 and "killed by signal 9" in lines[0] and "12 atoms" in lines[0], lines
+        assert background._running is not None and background._running[1] == [second]  # its own child
+    finally:
+        background.stop()
+
+
+def test_no_load_begins_while_the_warm_up_runs_and_the_warm_up_leaves_the_compiler_as_it_was(tmp_path,
+                                                                                             own_compile_cache):
+    """The first child starts :func:`precompile.warm_up` on a side thread; a compiled shape is not
+    loaded (no guard installed) until it has ended, and ``settle()`` (before a capture) waits for
+    it. The warm-up itself (a small compile) ends and leaves inductor's code generation in place."""
+    import threading
+
+    import torch._inductor.compile_fx as compile_fx
+
+    background = BackgroundCompile(ETPotential(TINY), workdir=str(tmp_path))
+    sig = Signature(12, 2, 64, False, True, "float32", "cpu")
+    release = threading.Event()
+    background._warming = threading.Thread(target=release.wait, daemon=True)
+    background._warming.start()
+    background._ready.add(sig)
+    original = compile_fx.fx_codegen_and_compile
+    assert background.warming and not background.usable(sig, capturing=False)
+    assert compile_fx.fx_codegen_and_compile is original and background._loading is None
+    release.set()
+    background.settle()
+    assert not background.warming and background.usable(sig, capturing=False)
+    assert compile_fx.fx_codegen_and_compile is not original  # the first load runs under no_compile
+    with background.step():
+        pass
+    assert compile_fx.fx_codegen_and_compile is original and background._warm == {sig}
+    thread = threading.Thread(target=precompile.warm_up)
+    thread.start()
+    thread.join(timeout=240)
+    assert not thread.is_alive() and compile_fx.fx_codegen_and_compile is original
+
+
+def test_a_torn_last_line_of_the_done_file_is_ignored(tmp_path):
+    sig = Signature(12, 2, 64, False, True, "float32", "cpu")
+    done = tmp_path / "request1.done"
+    done.write_text(json.dumps(asdict(sig)) + "\n" + '{"atoms": 20, "struc')
+    assert precompile._finished(done) == {sig}
+    assert precompile._finished(tmp_path / "missing.done") == set()
+
+
+@pytest.mark.slow
+def test_real_children_compile_two_shapes_in_turn_and_each_switch_hits_the_cache(tmp_path, own_compile_cache):
+    """The real child and compiler with two batch shapes (plain and periodic) asked for at once:
+    the second waits for the first's child, each shape switches on its own through a cache hit
+    (no code generated in the training process), and the steps follow the eager reference."""
+    from torch._dynamo.utils import counters
+
+    (model, opt), (reference, opt_ref) = _pair()
+    step = GraphedTrainStep(model, opt, functools.partial(training_objective, JOINT), traced="background")
+    eager = GraphedTrainStep(reference, opt_ref, functools.partial(training_objective, JOINT))
+    step.background.workdir = tmp_path / "work"
+    counters.clear()
+    switched = {}
+    try:
+        with pytest.warns(RuntimeWarning):
+            for k in range(600):
+                kind = ("plain", "periodic")[k % 2]
+                args, kwargs = _batches(kind, seed=k % 4)
+                before = step.traced.traces if step.traced is not None else 0
+                out = step.step(*args, **kwargs)
+                ref = eager.step(*args, **kwargs)
+                assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-9), (k, kind)
+                if step.traced is not None and step.traced.traces > before:
+                    switched[kind] = k
+                if len(switched) == 2 or step.background.failed:
+                    break
+                step.background.wait(timeout=1.0)
+    finally:
+        step.background.stop()
+    logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*.log"))
+    assert set(switched) == {"plain", "periodic"}, (step.notes, logs)
+    assert step.background.requests == 2 and len(list((tmp_path / "work").glob("request*.json"))) == 2
+    # a switch is a hit (its load refuses to compile); forward and backward of each shape
+    assert not any("compile cache missed" in note for note in step.notes), step.notes
+    assert counters["inductor"].get("fxgraph_cache_hit", 0) >= 4, (dict(counters["inductor"]), logs)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
 

@@ -307,7 +307,7 @@ class GraphedTrainStep:
             if value is not None:
                 given[name] = value
         if self.background is not None:
-            self._poll_background()
+            self.background.poll_step(self)
         graph = self._graph_for(shape, given)
         inputs = graph.inputs
         if set(inputs) != set(given):
@@ -403,6 +403,8 @@ class GraphedTrainStep:
             graph.capacity = min(tight, round_capacity(graph.bound))
 
     def _capture(self, graph: _ShapeGraph) -> None:
+        if self.background is not None:
+            self.background.settle()
         self._sync_lr()
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph):
@@ -414,7 +416,20 @@ class GraphedTrainStep:
 
     def _compute(self, inputs: dict, capacity: int, traced: bool = False):
         """The step itself (captured as is): see the module docstring. Returns (outputs, num_pairs).
-        ``traced``: through :attr:`traced` (when set)."""
+        ``traced``: through :attr:`traced` (when set). Background compile: a shape's first traced
+        call loads its graph from the cache, and a miss redoes the step on the model's autograd
+        (:meth:`torchmdx.train.precompile.BackgroundCompile.step`)."""
+        if self.background is None:
+            return self._compute_step(inputs, capacity, traced)
+        from torchmdx.train.precompile import CacheMiss
+
+        try:
+            with self.background.step():
+                return self._compute_step(inputs, capacity, traced)
+        except CacheMiss:
+            return self._compute_step(inputs, capacity, traced=False)
+
+    def _compute_step(self, inputs: dict, capacity: int, traced: bool = False):
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads:
             torch._foreach_zero_(grads)
@@ -425,7 +440,7 @@ class GraphedTrainStep:
                                   cell_check="device")
         out = None
         if traced and self.background is not None:
-            traced = self._background_ready(inputs["z"], pos, structures, neighbors, cell is not None)
+            traced = self.background.use(self, inputs["z"], pos, structures, neighbors, cell is not None)
         if traced and self.traced is not None:
             try:
                 offsets = None
@@ -435,14 +450,15 @@ class GraphedTrainStep:
                 energy, forces, _ = self.traced(inputs["z"], pos, batch, structures, neighbors.edge_index, offsets,
                                                 neighbors.mask)
                 out = {"energy": energy, "forces": forces}
-                if self.background is not None:
-                    self.background.loaded()
             except Exception as exc:  # noqa: BLE001 - a graph that does not compile: say so once, go on
                 if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                     raise
-                self.traced = None
-                self._note(f"the traced model did not compile ({type(exc).__name__}: "
-                           f"{(str(exc).splitlines() or [''])[0][:120]}); the step uses the model's autograd")
+                reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+                if self.background is not None:  # that shape stays eager; the others keep their graphs
+                    self.background.load_failed(reason)
+                else:
+                    self.traced = None
+                    self._note(f"the traced model did not compile ({reason}); the step uses the model's autograd")
         if out is None:
             out = self.model(inputs["z"], pos, batch, cell, pbc, neighbors=neighbors, forces=self.forces,
                              create_graph=self.forces, num_structures=structures)
@@ -481,34 +497,6 @@ class GraphedTrainStep:
         outputs = StepOutputs(loss.detach(), energy_error.detach(),
                               force_error.detach() if force_error is not None else None, n_atoms, skip)
         return outputs, found
-
-    def _background_ready(self, z, pos, structures: int, neighbors, periodic: bool) -> bool:
-        """Background compile: may this call use the traced graph (:meth:`BackgroundCompile.usable`)?"""
-        from torchmdx.train.precompile import signature
-
-        offsets = neighbors.shifts if periodic else None  # only its presence and shape count
-        sig = signature(z, pos, structures, neighbors.edge_index, offsets, neighbors.mask)
-        if not self.background.usable(sig, self.enabled and torch.cuda.is_current_stream_capturing()):
-            return False
-        if self.traced is None:
-            from torchmdx.nn.traced import TracedForces
-
-            self.traced = TracedForces(self.model, training=True)
-        return True
-
-    def _poll_background(self) -> None:
-        """Start the next child, or take what a finished one compiled: the graphs are captured
-        again (after one eager step through the traced graph, a compile-cache hit)."""
-        ready = self.background.poll()
-        for line in self.background.news():
-            self._note(line)
-        if self.background.failure is not None:
-            self._note(f"the background compile failed ({self.background.failure}); the step keeps the model's autograd")
-            self.background.stop()
-            self.background = None
-        elif ready:
-            for graph in self._graphs.values():
-                self._drop(graph, eager_steps=self.warmup_steps - 1)
 
     def _clip(self) -> None:
         if self.clip_value is None or not self.clip_value > 0:

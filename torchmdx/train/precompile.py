@@ -16,18 +16,23 @@ A compiled graph is keyed by its content, so the child must trace exactly what t
 process will: the potential comes from :func:`torchmdx.nn.model_file.save_potential` of the
 training model (its structure and buffers; the weights are graph inputs and do not matter),
 and each request names the shapes the step's traced call will see (:class:`Signature`). Nothing
-from the child is trusted beyond the cache: a child that fails or a cache that does not hit
-only costs the in-process compile the run would have paid anyway (or, when the child failed,
-the step stays on the eager graph with one note).
+from the child is trusted beyond the cache: a child that fails or is killed leaves its shapes
+on the eager graph with one note, and the first load of a shape refuses to compile
+(:func:`no_compile`), so a cache that does not hit costs the tracing and the key computation
+(seconds), never an in-line compile: the shape stays eager, with one note. Each batch shape
+(:class:`Signature`) is requested once and compiled in turn (one child at a time), and switches
+on its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,31 +63,82 @@ def signature(z: torch.Tensor, pos: torch.Tensor, structures: int, edge_index: t
                      mask is not None, str(pos.dtype).replace("torch.", ""), str(pos.device))
 
 
+#: after this many children failed (a compiler that fails for every shape), nothing more is requested
+MAX_FAILED_CHILDREN = 2
+
+
+class CacheMiss(BaseException):
+    """Raised in the training process when the first call of a background-compiled graph would
+    compile instead of loading it from the cache (:func:`no_compile`). A ``BaseException``, so
+    that no ``except Exception`` on its way (dynamo's error wrapping, the traced graph's retry
+    with fallback options) turns it into a second, in-line compile."""
+
+
+@contextlib.contextmanager
+def no_compile():
+    """While active, inductor's code generation (``fx_codegen_and_compile``: reached only when its
+    FX-graph cache did not hit, forward or backward) raises :class:`CacheMiss` instead. What a
+    miss costs is then bounded by the tracing and the key computation (seconds), not the compile."""
+    import torch._inductor.compile_fx as compile_fx
+
+    original = compile_fx.fx_codegen_and_compile
+
+    def refuse(gm, *args, **kwargs):
+        raise CacheMiss("the compile cache has no entry for this graph")
+
+    compile_fx.fx_codegen_and_compile = refuse
+    try:
+        yield
+    finally:
+        compile_fx.fx_codegen_and_compile = original
+
+
+def matches(sig: Signature, key: tuple, capacity: int) -> bool:
+    """Is ``sig`` the traced call of the training step's graph with ``key`` (atoms, structures,
+    periodic) and neighbor ``capacity``?"""
+    return (sig.atoms, sig.structures, sig.offsets, sig.pairs) == (key[0], key[1], bool(key[2]), capacity)
+
+
+def describe(sig: Signature) -> str:
+    return f"{sig.atoms} atoms, {sig.structures} structures, {sig.pairs} pairs{', periodic' if sig.offsets else ''}"
+
+
 class BackgroundCompile:
     """Requests for compiled traced steps, served by one child process at a time.
 
-    ``request(sig)`` queues a signature (once); ``poll()`` (host only: a ``Popen.poll``) starts
-    the next child when none runs and returns the signatures that became ready since the last
-    poll; ``ready(sig)``: has a child compiled it; ``usable(sig, capturing)``: may the training
-    step run the traced graph for it now (requests it if not); ``log`` / ``news()``: one line per
-    finished child and per switch; ``failure``: the first child's error line, after which nothing
-    more is requested.
+    ``request(sig)`` queues a signature (once per run); ``poll()`` (host only: a ``Popen.poll``)
+    takes what a finished child compiled (it writes one line per signature as it finishes it, so a
+    killed child's earlier signatures still count) and starts the next child, for everything
+    queued meanwhile; it returns the signatures that became ready. ``usable(sig, capturing)``: may
+    the training step run the traced graph for it now (requests it if not). ``log`` /
+    ``news()``: one line per child, per switch and per failure. A signature whose child failed
+    or was killed, whose first load missed the cache (:class:`CacheMiss`) or failed, stays on the
+    model's autograd (``failed``); ``failure``: set when no child can be started, or after
+    :data:`MAX_FAILED_CHILDREN` failed, after which nothing more is requested. With the first
+    child, :func:`warm_up` runs on a side thread (``warm``), so that a switch pays only the
+    per-shape part of its load.
     """
 
-    def __init__(self, potential, workdir: Optional[str] = None, python: str = sys.executable):
+    def __init__(self, potential, workdir: Optional[str] = None, python: str = sys.executable, warm: bool = True):
         self.potential = potential
+        #: with the first child, :func:`warm_up` runs on a side thread; no load begins before it ends
+        self.warm = warm
+        self._warming: Optional[threading.Thread] = None
         self.workdir = Path(workdir) if workdir is not None else None
         self.python = python
         self.failure: Optional[str] = None
         self.log: list[str] = []
+        self.requests = 0  # children started
+        self.failed_children = 0
         self._model_file: Optional[Path] = None
         self._queued: list[Signature] = []
         self._requested: set = set()
         self._ready: set = set()
         self._warm: set = set()
-        self.loading: Optional[float] = None
+        self.failed: set = set()
+        self._loading: Optional[tuple] = None  # (Signature, started, the no_compile context)
         self._said = 0
-        self._running: Optional[tuple] = None  # (Popen, [Signature], started, log path)
+        self._running: Optional[tuple] = None  # (Popen, [Signature], started, log path, done path)
 
     def request(self, sig: Signature) -> None:
         if self.failure is None and sig not in self._requested:
@@ -90,29 +146,70 @@ class BackgroundCompile:
             self._queued.append(sig)
 
     def ready(self, sig: Signature) -> bool:
-        return sig in self._ready
+        return sig in self._ready and sig not in self.failed
 
     def usable(self, sig: Signature, capturing: bool) -> bool:
         """May a step with this signature run the traced graph now? Only once the child has
         compiled it, and inside a CUDA-graph capture only after an eager call here has loaded it
-        (nothing may compile during a capture). A signature not compiled yet is requested."""
+        (nothing may compile during a capture). A signature not compiled yet is requested. The
+        first (eager) call of a signature loads it under :func:`no_compile`, inside :meth:`step`."""
+        if sig in self.failed:
+            return False
         if sig not in self._ready:
             self.request(sig)
             return False
-        if capturing:
-            return sig in self._warm
-        if sig not in self._warm:
-            self._warm.add(sig)
-            self.loading = time.monotonic()  # the caller's first traced call loads the graph
+        if sig in self._warm:
+            return True
+        if capturing or self._loading is not None or self.warming:
+            return False
+        guard = no_compile()
+        guard.__enter__()
+        self._loading = (sig, time.monotonic(), guard)
         return True
 
-    def loaded(self) -> None:
-        """After the first traced call of a signature: log how long loading it took (a cache
-        hit: seconds; a miss would be the whole compile, which the log then shows)."""
-        if self.loading is not None:
-            self.log.append(f"switched a batch shape to the compiled step; loading it took "
-                            f"{time.monotonic() - self.loading:.1f} s")
-            self.loading = None
+    @contextlib.contextmanager
+    def step(self):
+        """Around one training step: a signature whose load began in it (:meth:`usable`) is warm
+        afterwards, with one line saying how long loading took; a :class:`CacheMiss` marks it
+        failed (one line) and propagates (the caller redoes the step on the model's autograd)."""
+        try:
+            yield
+        except CacheMiss:
+            if self._loading is not None:
+                sig, started = self._loading[:2]
+                self.failed.add(sig)
+                self.log.append(f"the compile cache missed for the background-compiled batch shape ({describe(sig)}: "
+                                f"its entry does not match this process's key, found after "
+                                f"{time.monotonic() - started:.1f} s); that shape keeps the model's autograd")
+            raise
+        else:
+            if self._loading is not None and self._loading[0] not in self.failed:
+                sig, started = self._loading[:2]
+                self._warm.add(sig)
+                self.log.append(f"switched a batch shape ({describe(sig)}) to the compiled step; loading it took "
+                                f"{time.monotonic() - started:.1f} s")
+        finally:
+            if self._loading is not None:
+                self._loading[2].__exit__(None, None, None)
+                self._loading = None
+
+    @property
+    def warming(self) -> bool:
+        return self._warming is not None and self._warming.is_alive()
+
+    def settle(self) -> None:
+        """Before a CUDA-graph capture: wait for :func:`warm_up` if it still runs (it does no
+        CUDA work, but nothing else may run beside a capture that could)."""
+        if self.warming:
+            self._warming.join()
+
+    def load_failed(self, reason: str) -> None:
+        """The first call of the loading signature raised (not a miss): it stays eager, one line."""
+        if self._loading is not None:
+            sig = self._loading[0]
+            self.failed.add(sig)
+            self.log.append(f"the background-compiled batch shape ({describe(sig)}) did not load ({reason}); "
+                            f"that shape keeps the model's autograd")
 
     def news(self) -> list[str]:
         """Log lines not yet returned by this method."""
@@ -126,26 +223,38 @@ class BackgroundCompile:
     def poll(self) -> list[Signature]:
         done: list[Signature] = []
         if self._running is not None:
-            process, sigs, started, log = self._running
+            process, sigs, started, log, finished = self._running
             code = process.poll()
             if code is None:
                 return done
             self._running = None
-            text = log.read_text(errors="replace") if log.is_file() else ""
-            if code == 0:
-                self._ready.update(sigs)
-                done = list(sigs)
-                self.log.append(f"compiled {len(sigs)} step shape(s) in the background in {time.monotonic() - started:.0f} s")
-            else:
+            compiled = _finished(finished)
+            done = [sig for sig in sigs if sig in compiled]
+            self._ready.update(done)
+            lost = [sig for sig in sigs if sig not in compiled]
+            if done:
+                self.log.append(f"compiled {len(done)} step shape(s) in the background in "
+                                f"{time.monotonic() - started:.0f} s")
+            if lost:
+                self.failed.update(lost)
+                self.failed_children += 1
+                text = log.read_text(errors="replace") if log.is_file() else ""
                 last = [line for line in text.splitlines() if line.strip()]
-                self.failure = (last[-1] if last else f"exit status {code}")[:200]
-                self._queued.clear()
-                return done
+                why = "killed by signal " + str(-code) if code < 0 else (last[-1] if last else f"exit status {code}")
+                self.log.append(f"the background compile failed for {len(lost)} batch shape(s) "
+                                f"({'; '.join(describe(s) for s in lost)}): {why[:200]}; they keep the model's autograd")
+                if self.failed_children >= MAX_FAILED_CHILDREN:
+                    self.failure = f"{self.failed_children} children failed"
+                    self.log.append(f"the background compile stops: {self.failure}; shapes not compiled yet keep "
+                                    f"the model's autograd")
+                    self._queued.clear()
         if self._queued and self.failure is None:
             try:
                 self._start(self._queued)
             except Exception as exc:  # noqa: BLE001 - no child (model file, spawn): the run goes on without it
                 self.failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+                self.failed.update(self._queued)
+                self.log.append(f"the background compile failed ({self.failure}); the step keeps the model's autograd")
             self._queued = []
         return done
 
@@ -174,6 +283,32 @@ class BackgroundCompile:
             self._running = None
         self._queued.clear()
 
+    # ------------------------------------------------------------------ for GraphedTrainStep
+    def use(self, step, z, pos, structures: int, neighbors, periodic: bool) -> bool:
+        """May ``step``'s traced call with these inputs run the traced graph (:meth:`usable`)?
+        Makes ``step.traced`` when it does (one :class:`TracedForces` for every shape)."""
+        offsets = neighbors.shifts if periodic else None  # only its presence and shape count
+        sig = signature(z, pos, structures, neighbors.edge_index, offsets, neighbors.mask)
+        capturing = step.enabled and torch.cuda.is_current_stream_capturing()
+        if not self.usable(sig, capturing):
+            return False
+        if step.traced is None:
+            from torchmdx.nn.traced import TracedForces
+
+            step.traced = TracedForces(step.model, training=True)
+        return True
+
+    def poll_step(self, step) -> None:
+        """Before a step of ``step``: start the next child, or take what a finished one compiled:
+        those shapes' graphs (only theirs) are dropped, and captured again after one eager step
+        through the traced graph (its load); the log's new lines become the step's notes."""
+        ready = self.poll()
+        for line in self.news():
+            step._note(line)
+        for graph in step._graphs.values():
+            if any(matches(sig, graph.key, graph.capacity) for sig in ready):
+                step._drop(graph, eager_steps=step.warmup_steps - 1)
+
     # ------------------------------------------------------------------ the child
     def _folder(self) -> Path:
         if self.workdir is None:
@@ -188,11 +323,12 @@ class BackgroundCompile:
         folder = self._folder()
         if self._model_file is None:
             self._model_file = save_potential(self.potential, folder / "model.pt")
-        index = len(self.log) + 1
-        spec = folder / f"request{index}.json"
+        self.requests += 1
+        index = self.requests
+        spec, log, finished = (folder / f"request{index}.{ext}" for ext in ("json", "log", "done"))
+        finished.unlink(missing_ok=True)  # a reused work folder: only this child's lines count
         spec.write_text(json.dumps({"model": str(self._model_file), "signatures": [asdict(s) for s in sigs],
-                                    "settings": process_settings()}))
-        log = folder / f"request{index}.log"
+                                    "settings": process_settings(), "done": str(finished)}))
         env = dict(os.environ)
         root = compile_cache.ensure()  # the child writes where this process will read
         if root is not None:
@@ -201,9 +337,58 @@ class BackgroundCompile:
         with open(log, "w") as out:
             process = subprocess.Popen([self.python, "-m", "torchmdx.train.precompile", str(spec)], stdout=out,
                                        stderr=subprocess.STDOUT, env=env)
-        self._running = (process, list(sigs), time.monotonic(), log)
+        self._running = (process, list(sigs), time.monotonic(), log, finished)
+        if self.warm and self._warming is None:
+            self._warming = threading.Thread(target=warm_up, name="torchmdx-compile-warm-up", daemon=True)
+            self._warming.start()
         self.log.append(f"compiling {len(sigs)} batch shape(s) of the training step in the background "
                         f"(process {process.pid}, log {log}); training goes on meanwhile")
+
+
+def _finished(path: Path) -> set:
+    """The signatures a child wrote as compiled (one JSON object a line; a torn last line of a
+    killed child is ignored)."""
+    out = set()
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            out.add(Signature(**json.loads(line)))
+        except (ValueError, TypeError):
+            continue
+    return out
+
+
+def warm_up() -> None:
+    """The once-per-process costs of the first compile (imports of dynamo, AOTAutograd and
+    inductor and their lazy set-up, the torch and Triton source hashes in every cache key),
+    paid by compiling a three-element training function on the CPU. Run on a side thread while
+    the child compiles (no CUDA work, nothing shared with the training step), so that the switch
+    pays only the per-shape part of the load. Failures are ignored: the switch pays them then."""
+    try:
+        from torchmdx.nn import compile_cache
+
+        compile_cache.ensure()
+        from torch._inductor.codecache import torch_key
+
+        torch_key()
+        try:
+            from torch._inductor.runtime.triton_compat import triton_key
+
+            triton_key()
+        except Exception:  # noqa: BLE001 - no Triton (CPU builds)
+            pass
+        x = torch.linspace(0.1, 0.3, 3, requires_grad=True)  # last: a host without a C++ compiler fails here
+        f = torch.compile(_warm_function, fullgraph=True, dynamic=False)
+        f(x).backward()
+    except (Exception, CacheMiss):  # noqa: BLE001 - a warm-up only
+        pass
+
+
+def _warm_function(x):
+    return (x.sin() * x).sum()
 
 
 def process_settings() -> dict:
@@ -252,9 +437,10 @@ def inputs_for(sig: Signature, elements, generator: torch.Generator) -> tuple:
             mask)
 
 
-def compile_signatures(potential, signatures) -> None:
+def compile_signatures(potential, signatures, done: Optional[str] = None) -> None:
     """Trace and compile ``potential``'s training graph (forward and backward) for each
-    signature, as :class:`~torchmdx.train.graphed.GraphedTrainStep` will call it."""
+    signature, as :class:`~torchmdx.train.graphed.GraphedTrainStep` will call it; each one
+    finished is appended to the file ``done`` (one JSON line, :func:`_finished`)."""
     from torchmdx.nn.traced import TracedForces
 
     generator = torch.Generator().manual_seed(0)
@@ -265,6 +451,9 @@ def compile_signatures(potential, signatures) -> None:
         energy, forces, _ = traced(*inputs_for(sig, elements, generator))
         (energy.sum() + forces.pow(2).sum()).backward()
         print(f"compiled {sig} in {time.monotonic() - started:.1f} s", flush=True)
+        if done is not None:
+            with open(done, "a") as out:
+                out.write(json.dumps(asdict(sig)) + "\n")
 
 
 def main(argv=None) -> int:
@@ -278,7 +467,7 @@ def main(argv=None) -> int:
     if signatures:
         potential = potential.to(getattr(torch, signatures[0].dtype))
     potential.train()
-    compile_signatures(potential, signatures)
+    compile_signatures(potential, signatures, spec.get("done"))
     return 0
 
 
