@@ -153,6 +153,42 @@ def test_every_command_line_option_reaches_the_config():
         3, False, 0.7, False, ["x.xyz"], "off")
     assert md_cmd.config_from_args(parser.parse_args(["x.xyz", "--compile", "whole"])).compile == "whole"
     assert md_cmd.config_from_args(parser.parse_args(["x.xyz"])).compile == "auto"
+    assert md_cmd.config_from_args(parser.parse_args(["x.xyz"])).fuse_integrator is False
+    for text, value in (("true", True), ("false", False), ("auto", "auto")):
+        assert md_cmd.config_from_args(parser.parse_args(["x.xyz", "--fuse-integrator", text])).fuse_integrator == value
+
+
+def test_fused_integrator_through_the_cli_gives_the_same_run(tmp_path, shared_data, et_model, capsys, monkeypatch):
+    """``--fuse-integrator true`` (the integrator's work compiled, torchmdx.md.integrators_fused)
+    writes the trajectory and thermo log of the plain run (Langevin, float64); a bad value is one
+    line from argparse."""
+    from torchmdx.md import integrators_fused
+
+    used = []
+    original = integrators_fused.FusedFunctions.get
+
+    def counting(self, name, *args, **kwargs):
+        used.append((name, self.compile))
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(integrators_fused.FusedFunctions, "get", counting)
+    structure = shared_data / "systems" / "alanine_dipeptide.xyz"
+    common = ["--model", et_model, "--every", 5, "--steps", 15, "--ensemble", "langevin", "--dtype", "float64", *SAFE]
+    assert _md(tmp_path, structure, *common, "--out", tmp_path / "plain.extxyz") == 0
+    assert not used  # the default runs the eager integrator
+    assert _md(tmp_path, structure, *common, "--fuse-integrator", "true", "--out", tmp_path / "fused.extxyz") == 0
+    assert len(used) >= 15 and all(compiled for _, compiled in used), used[:3]
+    plain, fused = read(tmp_path / "plain.extxyz", ":"), read(tmp_path / "fused.extxyz", ":")
+    assert len(plain) == len(fused) == 4
+    for a, b in zip(plain, fused):
+        np.testing.assert_allclose(b.positions, a.positions, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(b.get_velocities(), a.get_velocities(), rtol=0, atol=1e-10)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        _md(tmp_path, structure, *common, "--fuse-integrator", "yes", "--out", tmp_path / "bad.extxyz")
+    assert info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "--fuse-integrator" in err[0], err
 
 
 def test_restart_through_the_cli_continues_bit_for_bit(tmp_path, shared_data, et_model):

@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "parts above; off on the CPU")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                         help="do not torch.compile the model (same as --compile off)")
+    parser.add_argument("--fuse-integrator", type=lambda text: {"true": True, "false": False}.get(text, text),
+                        choices=("auto", True, False), default=None, metavar="{auto,true,false}",
+                        help="native engine: compile the integrator's element-wise work into a few kernels "
+                             "(the same numbers; default false; auto: with the compiled model)")
     parser.add_argument("--config", help="YAML file with the options (md: section); command-line options win")
 
 

@@ -85,6 +85,9 @@ class MDConfig:
                      structure once along a space-filling curve (neighbors close in memory for
                      the message kernels); outputs stay in the input order. auto (default):
                      hilbert when a structure has >= 5000 atoms, else input
+    fuse_integrator  native engine: the integrator's element-wise work around the force call
+                     compiled into a few kernels (torchmdx.md.integrators_fused; the same numbers).
+                     false (default, until timed on a GPU) | true | auto (with the compiled model)
     """
 
     structure: Union[str, list[str]] = field(default_factory=list)
@@ -126,6 +129,7 @@ class MDConfig:
     compile: Union[bool, Literal["auto", "whole", "parts", "off"]] = "auto"
     threads: Optional[int] = None
     atom_order: Literal["auto", "input", "hilbert", "morton"] = "auto"
+    fuse_integrator: Union[bool, Literal["auto"]] = False
 
     def option(self, key: str) -> str:
         """How messages name option ``key``: its flag (``--dt``) when the command line set it or

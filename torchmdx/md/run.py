@@ -244,7 +244,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
             chain_length=config.chain_length, device=config.device, dtype=dtype, seed=config.seed,
             skin=config.skin, check_interval=config.check_interval, max_temperature_K=config.max_temperature,
             wrap=config.wrap, cuda_graph=(config.cuda_graph and str(config.device).startswith("cuda")),
-            compile=config.compile, atom_order=atom_order,
+            compile=config.compile, atom_order=atom_order, fuse_integrator=config.fuse_integrator,
         )
         if sim.compile_mode != "off":
             what = "the whole model as one graph" if sim.compile_mode == "whole" else "the model's dense parts"
