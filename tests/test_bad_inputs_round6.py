@@ -159,6 +159,11 @@ def md_index_before_the_first_frame(t, s):
             "--no-progress"]
 
 
+def md_empty_structure_name(t, s):
+    # an empty name in a config (structure: '') or on the command line said ".: structure file not found"
+    return ["md", "", "--model", _lj(t), "--steps", 2, "--out", t / "md.extxyz", "--no-progress"]
+
+
 # ---------------------------------------------------------------------------------- sweep
 def _dry_sweep(t, s):
     from torchmdx.cli.main import main
@@ -201,6 +206,7 @@ CASES = [
                                    "UnicodeDecodeError"]),
     (label_partial_file_with_a_damaged_frame, ["out.extxyz.partial: the partial file of an earlier run cannot be read"]),
     (md_index_before_the_first_frame, ["frames.extxyz holds 4 frame(s) (0 to 3): --index -9 selects none"]),
+    (md_empty_structure_name, ["the structure argument names an empty structure file ('')"]),
     (sweep_report_with_a_damaged_result, ["sweep_result.json: the point's result cannot be read",
                                           "delete it and run the sweep again"]),
     (sweep_with_a_damaged_plan, ["sweep.json: the sweep's plan cannot be read", "finished points are kept"]),

@@ -147,6 +147,10 @@ class MDConfig:
 
         if isinstance(self.structure, str):
             self.structure = [self.structure]
+        for name in self.structure:
+            if not isinstance(name, str) or not name.strip():
+                bad("structure", f"names an empty structure file ({name!r}); give a structure file any ASE reader "
+                                 "understands (xyz, extxyz, pdb, cif, ...)")
         if not isinstance(self.index, str):
             self.index = str(self.index)
         if not _INDEX.match(self.index):
