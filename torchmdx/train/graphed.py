@@ -71,7 +71,8 @@ Nothing in a replay reads from the device; the host reads :attr:`GraphedTrainSte
 in :meth:`GraphedTrainStep.check`.
 
 The batch shapes the graphs are keyed on, capacity rounding and the record of unusable cells,
-shared with the validation step, are in :mod:`torchmdx.train.graphed_common`.
+shared with the validation step, are in :mod:`torchmdx.train.graphed_common`; the step a graph
+captures (and the record of the tensors it binds) is in :mod:`torchmdx.train.graphed_step`.
 """
 
 from __future__ import annotations
@@ -79,14 +80,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from torchmdx.kernels.neighbors import neighbor_list
 from torchmdx.train.graphed_common import (CAPACITY_ROUNDING, SHAPE_ATTRIBUTE, BadCells, BatchShape, batch_shape,
                                            packed_shape, round_capacity, shape_from_counts)
+from torchmdx.train.graphed_step import CapturableStep, StepOutputs  # StepOutputs: imported from here too
 
 __all__ = ["CAPACITY_GROWTH", "StepOutputs", "GraphedTrainStep",
            # re-exported from torchmdx.train.graphed_common (imported from here by modules, tests, bench scripts)
@@ -95,22 +95,6 @@ __all__ = ["CAPACITY_GROWTH", "StepOutputs", "GraphedTrainStep",
 
 #: a graph whose capacity is too small is recaptured with at least this factor more rows
 CAPACITY_GROWTH = 1.25
-_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-_HYPER = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "fused", "capturable")
-
-
-@dataclass
-class StepOutputs:
-    """What one training step returns (static tensors while graphed: valid until the next step).
-
-    loss 0-d; energy_error [B] (eV, predicted - reference); force_error [N, 3] (eV/Å) or None;
-    n_atoms [B] long; overflow 0-d bool (the neighbor list lost pairs: the step was skipped)."""
-
-    loss: torch.Tensor
-    energy_error: torch.Tensor
-    force_error: Optional[torch.Tensor]
-    n_atoms: torch.Tensor
-    overflow: torch.Tensor
 
 
 class _ShapeGraph:
@@ -129,7 +113,7 @@ class _ShapeGraph:
         self.outputs: Optional[StepOutputs] = None
 
 
-class GraphedTrainStep:
+class GraphedTrainStep(CapturableStep):
     """Training steps of ``model`` with ``optimizer``, captured as CUDA graphs (module docstring).
 
     Args:
@@ -413,159 +397,6 @@ class GraphedTrainStep:
         self._binding_labels = []
         self._bindings = self._current_bindings(self._binding_labels)
         self.stats["captures"] += 1
-
-    def _compute(self, inputs: dict, capacity: int, traced: bool = False):
-        """The step itself (captured as is): see the module docstring. Returns (outputs, num_pairs).
-        ``traced``: through :attr:`traced` (when set). Background compile: a shape's first traced
-        call loads its graph from the cache, and a miss redoes the step on the model's autograd
-        (:meth:`torchmdx.train.precompile.BackgroundCompile.step`)."""
-        if self.background is None:
-            return self._compute_step(inputs, capacity, traced)
-        from torchmdx.train.precompile import CacheMiss
-
-        try:
-            with self.background.step():
-                return self._compute_step(inputs, capacity, traced)
-        except CacheMiss:
-            return self._compute_step(inputs, capacity, traced=False)
-
-    def _compute_step(self, inputs: dict, capacity: int, traced: bool = False):
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
-        pos, batch = inputs["pos"], inputs["batch"]
-        cell, pbc = inputs.get("cell"), inputs.get("pbc")
-        structures = inputs["energy"].shape[0]
-        neighbors = neighbor_list(pos.detach(), self.model.cutoff, batch, cell, pbc, max_pairs=capacity,
-                                  cell_check="device")
-        out = None
-        if traced and self.background is not None:
-            traced = self.background.use(self, inputs["z"], pos, structures, neighbors, cell is not None)
-        if traced and self.traced is not None:
-            try:
-                offsets = None
-                if cell is not None:  # image offsets n_e @ cell of the receiver's structure (Å)
-                    owner = cell.index_select(0, batch.index_select(0, neighbors.edge_index[0]))
-                    offsets = torch.einsum("ek,ekl->el", neighbors.shifts, owner)
-                energy, forces, _ = self.traced(inputs["z"], pos, batch, structures, neighbors.edge_index, offsets,
-                                                neighbors.mask)
-                out = {"energy": energy, "forces": forces}
-            except Exception as exc:  # noqa: BLE001 - a graph that does not compile: say so once, go on
-                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                    raise
-                reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
-                if self.background is not None:  # that shape stays eager; the others keep their graphs
-                    self.background.load_failed(reason)
-                else:
-                    self.traced = None
-                    self._note(f"the traced model did not compile ({reason}); the step uses the model's autograd")
-        if out is None:
-            out = self.model(inputs["z"], pos, batch, cell, pbc, neighbors=neighbors, forces=self.forces,
-                             create_graph=self.forces, num_structures=structures)
-        n_atoms = inputs.get("n_atoms")
-        if n_atoms is None:
-            n_atoms = torch.zeros(structures, dtype=torch.long, device=pos.device).index_add_(0, batch, torch.ones_like(batch))
-        weights = {name: inputs[name] for name in ("structure_weight", "atom_weight") if name in inputs}
-        loss, energy_error, force_error = self.objective(out["energy"], out.get("forces"), inputs["energy"],
-                                                         inputs.get("forces"), n_atoms, **weights)
-        loss.backward()
-        self._clip()
-        overflow = neighbors.overflow.reshape(())
-        cell_error = neighbors.cell_error
-        if cell_error is not None:
-            # an unusable cell: the step changes nothing (as an overflow), the first one is kept
-            # for check(); the skip costs nothing (the fused optimiser's found_inf input)
-            bad = self.bad_cells.record(cell_error, cell, pbc)
-            overflow = overflow & ~bad
-            skip = overflow | bad
-        else:
-            skip = overflow
-        self._optimizer_step(skip)
-        if self.ema is not None:
-            from torchmdx.train.ema import ema_update
-
-            ema = self.ema
-            ema_update(ema["averaged"], ema["current"], ema["num_averaged"], ema["decay"], skip=skip,
-                       averaged_buffers=ema.get("averaged_buffers"), buffers=ema.get("buffers"))
-        if self.error_sums is not None:
-            sums = self.error_sums(energy_error, n_atoms, force_error, weights.get("structure_weight"),
-                                   weights.get("atom_weight"))
-            self.sums.add_(torch.where(skip, torch.zeros_like(sums), sums))
-        found = neighbors.num_pairs.reshape(()).long()
-        flag = overflow.long()
-        self.status.copy_(torch.stack([self.status[0] + flag, flag, torch.maximum(self.status[2], found)]))
-        outputs = StepOutputs(loss.detach(), energy_error.detach(),
-                              force_error.detach() if force_error is not None else None, n_atoms, skip)
-        return outputs, found
-
-    def _clip(self) -> None:
-        if self.clip_value is None or not self.clip_value > 0:
-            return
-        params = [p for p in self._params if p.grad is not None]
-        if self.clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, self.clip_value)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, self.clip_value)
-
-    def _optimizer_step(self, overflow: torch.Tensor) -> None:
-        if not self.guarded and self.device.type == "cpu" and bool(overflow):
-            return  # no fused found_inf skip here; on the CPU the host read is free
-        groups = self.optimizer.param_groups
-        floats = [group["lr"] for group in groups]
-        try:
-            if self._lr is not None:
-                for group, lr in zip(groups, self._lr):
-                    group["lr"] = lr
-            if self.guarded:
-                # the fused kernel skips the whole update (weights, moments, step count) when set
-                self.optimizer.found_inf = overflow.to(torch.float32)
-            self.optimizer.step()
-        finally:
-            for group, value in zip(groups, floats):
-                group["lr"] = value
-            if "found_inf" in self.optimizer.__dict__:
-                del self.optimizer.found_inf
-
-    def _sync_lr(self) -> None:
-        if self._lr is None:
-            return
-        for index, group in enumerate(self.optimizer.param_groups):
-            value = float(group["lr"])
-            if value != self._lr_host[index]:
-                self._lr[index].fill_(value)
-                self._lr_host[index] = value
-
-    # ------------------------------------------------------------------ validity of captured graphs
-    def _current_bindings(self, labels: Optional[list] = None) -> list:
-        """Every tensor a captured step reads or writes by address, plus the fixed hyper-parameters
-        (``labels``: filled with what each entry is)."""
-        state = self.optimizer.state
-        out: list = []
-        for index, p in enumerate(self._params):
-            out.append(p.data_ptr())
-            out.append(p.grad)
-            entry = state.get(p)
-            keys = [key for key in _ADAM_STATE if entry and key in entry]
-            out.extend(entry[key] for key in keys)
-            if labels is not None:
-                labels.extend([f"parameter {index}'s storage", f"parameter {index}'s gradient"]
-                              + [f"parameter {index}'s optimiser state {key!r}" for key in keys])
-        for index, group in enumerate(self.optimizer.param_groups):
-            out.append(tuple(group.get(key) for key in _HYPER))
-            if labels is not None:
-                labels.append(f"parameter group {index}'s {'/'.join(_HYPER)}")
-        return out
-
-    def _changed_binding(self) -> Optional[str]:
-        """What changed since the capture (None: nothing)."""
-        now = self._current_bindings()
-        bound = self._bindings
-        if bound is None or len(now) != len(bound):
-            return "the number of parameters or optimiser-state tensors"
-        for index, (a, b) in enumerate(zip(now, bound)):
-            if not (a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)):
-                return self._binding_labels[index] if index < len(self._binding_labels) else f"entry {index}"
-        return None
 
     def _drop_all(self, reason: str) -> None:
         self._note(f"{reason}: recapturing")

@@ -1,0 +1,329 @@
+"""The plan of a sweep (:mod:`torchmdx.train.sweep`): the grid, its points, their configs and splits.
+
+Parsing ``--grid key=v1,v2`` and a config's ``sweep:`` section, crossing variants with the grid
+into points (:class:`SweepPoint`), the config of each point (checked before anything trains), the
+nested training splits, writing the plan (``sweep.json``) and reading back the JSON files the
+sweep writes (its plan, a point's ``sweep_result.json``). Nothing here trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from torchmdx.errors import ConfigError, TorchmdxError
+from torchmdx.io_utils import atomic_write, jsonable
+
+PLAN = "sweep.json"
+RESULT = "sweep_result.json"
+RUNS = "runs"
+SPLITS = "splits"
+#: keys the sweep sets itself
+RESERVED_KEYS = ("run_dir", "data.split_file")
+
+
+@dataclass
+class SweepPoint:
+    """One training run of the sweep: ``overrides`` {dotted key: value}, ``labels`` the grid
+    values and variant that define it (for the table), ``id`` a folder name."""
+
+    overrides: dict
+    variant: Optional[str] = None
+    labels: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        parts = ([self.variant] if self.variant else []) + [f"{k.split('.')[-1]}={v}" for k, v in self.labels.items()]
+        readable = re.sub(r"[^A-Za-z0-9_.=+-]", "-", "__".join(parts))[:80] or "point"
+        digest = hashlib.sha1(json.dumps(jsonable(self.overrides), sort_keys=True).encode()).hexdigest()[:6]
+        return f"{readable}-{digest}"
+
+    def describe(self) -> str:
+        parts = ([f"variant {self.variant}"] if self.variant else []) + [f"{k}={v}" for k, v in self.labels.items()]
+        return ", ".join(parts) or "the base config"
+
+
+# ---------------------------------------------------------------------------- the plan
+def parse_grid(items: list[str]) -> dict:
+    """``["key=v1,v2", ...]`` -> {key: [v1, v2]} (values parsed as YAML); one-line ConfigErrors."""
+    import yaml
+
+    grid: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--grid {item!r}: expected section.key=value1,value2,...")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", key):
+            raise ConfigError(f"--grid {item!r}: the key must be section.key (e.g. model.embedding_dimension), got {key!r}")
+        if key in grid:  # the later one silently replaced the earlier
+            raise ConfigError(f"--grid {item!r}: key {key!r} is given twice; list all its values in one --grid "
+                              f"({key}=v1,v2,...)")
+        texts = [t.strip() for t in _top_level_split(raw, item)]
+        if not raw.strip() or any(t == "" for t in texts):
+            raise ConfigError(f"--grid {item!r}: give one or more comma-separated values")
+        values = []
+        for text in texts:
+            try:
+                values.append(yaml.safe_load(text))
+            except yaml.YAMLError as exc:
+                if text[:1] in "[{'\"":  # meant as YAML flow syntax: never kept as text
+                    raise ConfigError(f"--grid {item!r}: value {text!r} is not valid YAML "
+                                      f"({getattr(exc, 'problem', None) or exc})") from None
+                values.append(text)
+        grid[key] = values
+    return grid
+
+
+def _top_level_split(raw: str, item: str) -> list[str]:
+    """``raw`` split at the commas outside brackets, braces and quotes: ``[64,64],[128,128]`` is
+    two values (YAML flow lists); an unclosed bracket or quote is a one-line ConfigError."""
+    parts, depth, quote, start, previous = [], [], None, 0, ","
+    pairs = {"[": "]", "{": "}"}
+    for k, ch in enumerate(raw):
+        if quote:
+            if ch == quote:
+                quote = None
+            continue
+        if ch in "'\"" and previous in ",[{:":  # a quote opens quoted text only where a YAML value starts
+            quote = ch
+        elif ch in pairs:
+            depth.append(pairs[ch])
+        elif ch in "]}":
+            if not depth or depth.pop() != ch:
+                raise ConfigError(f"--grid {item!r}: unmatched {ch!r} at character {k + 1} of the values")
+        elif ch == "," and not depth:
+            parts.append(raw[start:k])
+            start = k + 1
+        if not ch.isspace():
+            previous = ch
+    if quote or depth:
+        missing = quote or depth[-1]
+        raise ConfigError(f"--grid {item!r}: a value is missing its closing {missing!r} (a value with commas "
+                          "is written in brackets or quotes: key=[64,64],[128,128])")
+    parts.append(raw[start:])
+    return parts
+
+
+SECTIONS = ("data", "model", "train", "trainer")
+
+
+def _check_key(key: str, where: str, value=None, allow_section: bool = False) -> None:
+    if allow_section and key in SECTIONS and isinstance(value, dict):
+        return  # a variant may replace a whole section (an architecture with its own keys)
+    if not isinstance(key, str) or "." not in key:
+        raise ConfigError(f"{where}: key {key!r} must be section.key (e.g. data.train_size)"
+                          + (" or a whole section (model: {...})" if allow_section else ""))
+    if key in RESERVED_KEYS or any(key.startswith(k + ".") for k in RESERVED_KEYS):
+        raise ConfigError(f"{where}: key {key!r} is set by the sweep itself (each point gets its own run folder and split)")
+
+
+def sweep_section(values: dict, source: str) -> tuple[dict, dict]:
+    """(grid, variants) of a config's optional ``sweep:`` section (removed from ``values``)."""
+    section = values.pop("sweep", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: the 'sweep' section must be a mapping with 'grid' and/or 'variants'")
+    unknown = sorted(set(section) - {"grid", "variants"})
+    if unknown:
+        raise ConfigError(f"config key 'sweep.{unknown[0]}' does not exist; allowed: grid, variants")
+    grid = section.get("grid") or {}
+    variants = section.get("variants") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{source}: 'sweep.grid' must map section.key to a non-empty list of values")
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise ConfigError(f"{source}: 'sweep.variants' must map a name to a mapping of section.key: value")
+    for name in variants:
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{source}: variant name {name!r} of 'sweep.variants' must be a non-empty text "
+                              "(e.g. et_s); quote it in YAML")
+    return dict(grid), dict(variants)
+
+
+def plan_points(grid: dict, variants: dict) -> list[SweepPoint]:
+    """Every variant (or none) crossed with every combination of the grid values."""
+    for key in grid:
+        _check_key(key, "--grid / sweep.grid")
+    for name, keys in variants.items():
+        for key, value in keys.items():
+            _check_key(key, f"sweep.variants.{name}", value, allow_section=True)
+    keys = list(grid)
+    combos = list(itertools.product(*(grid[k] for k in keys))) if keys else [()]
+    named = list(variants.items()) or [(None, {})]
+    points = []
+    for name, fixed in named:
+        for combo in combos:
+            labels = dict(zip(keys, combo))
+            overrides = {**fixed, **labels}
+            points.append(SweepPoint(overrides=overrides, variant=name, labels=labels))
+    ids = [p.id for p in points]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("the sweep has two identical points; check --grid and sweep.variants for repeated values")
+    return points
+
+
+def _set(values: dict, dotted: str, value) -> None:
+    node = values
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"sweep key {dotted!r}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def point_values(base: dict, point: SweepPoint, sweep_dir: Path) -> dict:
+    values = copy.deepcopy(base)
+    for key, value in point.overrides.items():
+        _set(values, key, value)
+    values["run_dir"] = str(sweep_dir / RUNS / point.id)
+    return values
+
+
+def point_config(base: dict, point: SweepPoint, sweep_dir: Path, check_data: bool = True):
+    """The RunConfig of ``point``; a ConfigError names the point."""
+    from torchmdx.train.config import build_run_config
+
+    try:
+        return build_run_config(point_values(base, point, sweep_dir), "the config", check_data=check_data)
+    except TorchmdxError as exc:
+        raise type(exc)(f"sweep point ({point.describe()}): {exc}") from None
+
+
+def _base_hash(base: dict) -> str:
+    return hashlib.sha1(json.dumps(jsonable(base), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_base(config_path, overrides: Optional[list[str]] = None) -> tuple[dict, dict, dict]:
+    """(base values, grid, variants) of a sweep config (data paths resolved next to it; --set applied)."""
+    from torchmdx.config import apply_overrides, load_yaml
+    from torchmdx.data.data_config import resolve_data_paths
+    from torchmdx.errors import DataError
+
+    values = load_yaml(config_path)
+    grid, variants = sweep_section(values, str(config_path))
+    missing = resolve_data_paths(values, Path(config_path).parent, str(config_path), overrides)
+    values = apply_overrides(values, list(overrides or []))
+    if missing:
+        raise DataError(missing)
+    values.pop("run_dir", None)
+    return values, grid, variants
+
+
+def sweep_folder(config_path, out: Optional[str] = None) -> Path:
+    """The sweep folder: ``out``, else sweeps/<config name>."""
+    if out is not None and not str(out).strip():  # --out '' silently meant sweeps/<config name>
+        raise ConfigError("--out is empty; give the sweep folder (or leave --out out for sweeps/<config name>)")
+    return Path(out) if out else Path("sweeps") / Path(config_path).stem
+
+
+def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
+                  overrides: Optional[list[str]] = None) -> dict:
+    """Validate every point and write the plan (and the nested splits); nothing is trained.
+    Returns {'sweep_dir', 'points', 'base'}."""
+    base, grid, variants = load_base(config_path, overrides)
+    grid.update(parse_grid(grid_items))
+    points = plan_points(grid, variants)
+    sweep_dir = sweep_folder(config_path, out)
+    from torchmdx.io_utils import unwritable_folder
+
+    problem = unwritable_folder(sweep_dir)
+    if problem:
+        raise ConfigError(f"sweep folder {sweep_dir}: {problem}")
+    # every point's data path is checked (a grid over data.path named a missing file only when it trained)
+    configs = [point_config(base, p, sweep_dir) for p in points]
+    plan_path = sweep_dir / PLAN
+    base_hash = _base_hash(base)
+    if plan_path.is_file():
+        old = read_plan(sweep_dir)
+        if old.get("base_hash") != base_hash:
+            raise ConfigError(f"sweep folder {sweep_dir} holds a sweep of another base config (its {PLAN}); "
+                              "use --out for a new folder (or the same config and --set options)")
+    split_files = nested_splits(configs, points, sweep_dir)  # sizes checked before it writes anything
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    plan = {"config": str(config_path), "base": base, "base_hash": base_hash,
+            "points": [{"id": p.id, "variant": p.variant, "labels": p.labels, "overrides": p.overrides,
+                        "split_file": split_files.get(p.id)} for p in points]}
+    with atomic_write(plan_path, "w") as handle:
+        json.dump(jsonable(plan), handle, indent=2)
+    return {"sweep_dir": sweep_dir, "points": points, "base": base, "plan": plan}
+
+
+def nested_splits(configs, points, sweep_dir: Path) -> dict:
+    """{point id: split file}: one validation and test set for the sweep and nested training
+    sets, when every point reads the same data without its own split file or grouped split."""
+    import numpy as np
+
+    from torchmdx.data.datamodule import TorchmdxDataModule
+    from torchmdx.data.splits import Split, resolve_sizes, save_split
+
+    data = [c.data_config for c in configs]
+    first = data[0]
+    same = all((d.path, d.format, d.seed, d.val_size, d.test_size) == (first.path, first.format, first.seed,
+                                                                         first.val_size, first.test_size) for d in data)
+    if not same or any(d.split_file is not None or getattr(d, "split_by_group", False) or getattr(d, "test_groups", None)
+                       or getattr(d, "val_groups", None) for d in data):
+        return {}
+    module = TorchmdxDataModule(first)
+    module.setup("fit")
+    n = module.dataset.n_structures
+    content_hash = module.dataset.info["fingerprint"].get("hash", "")
+    sizes = []
+    for d, point in zip(data, points):
+        try:
+            sizes.append(resolve_sizes(n, d.train_size, first.val_size, first.test_size, source=str(first.path)))
+        except TorchmdxError as exc:  # name the point, like point_config
+            raise type(exc)(f"sweep point ({point.describe()}): {exc}") from None
+    n_val, n_test = sizes[0][1], sizes[0][2]
+    if max(s[0] for s in sizes) + n_val + n_test > n:
+        raise ConfigError(f"sweep: the largest data.train_size ({max(s[0] for s in sizes)}) + val ({n_val}) + test "
+                          f"({n_test}) exceed the {n} structures of {first.path}")
+    perm = np.random.default_rng(first.seed).permutation(n)
+    test = np.sort(perm[:n_test])
+    val = np.sort(perm[n_test:n_test + n_val])
+    pool = perm[n_test + n_val:]
+    files = {}
+    for (n_train, _, _), point in zip(sizes, points):
+        path = sweep_dir / SPLITS / f"train_{n_train}.npz"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_split(Split(train=np.sort(pool[:n_train]), val=val, test=test, n_structures=n, seed=first.seed,
+                             info={"kind": "sweep-nested"}), path, content_hash)
+        files[point.id] = str(path)
+    return files
+
+
+# ---------------------------------------------------------------------------- the sweep's files
+def read_json(path: Path, what: str, remedy: str) -> dict:
+    """A JSON object the sweep wrote (its plan, a point's result), or one line naming the file
+    (a file emptied by a crash or cut short by a copy was a JSONDecodeError traceback)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: {what} cannot be read ({reason[:120]}): damaged or cut short; {remedy}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {what} holds a {type(value).__name__}, not a JSON object; {remedy}")
+    return value
+
+
+def read_plan(sweep_dir: Path) -> dict:
+    return read_json(Path(sweep_dir) / PLAN, "the sweep's plan",
+                     "delete it and run the same sweep command again (finished points are kept)")
+
+
+def read_result(path: Path) -> dict:
+    return read_json(path, "the point's result", "delete it and run the sweep again (the point is measured again)")
+
+
+__all__ = ["PLAN", "RESULT", "RUNS", "SPLITS", "RESERVED_KEYS", "SweepPoint", "parse_grid", "sweep_section",
+           "plan_points", "point_values", "point_config", "load_base", "sweep_folder", "prepare_sweep",
+           "nested_splits", "read_json", "read_plan", "read_result"]
