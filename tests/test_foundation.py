@@ -107,6 +107,16 @@ def test_overrides():
     assert cfg == {"train": {"lr": 0.5}, "trainer": {"max_epochs": 3}, "data": {"path": "a.npz"}}
     with pytest.raises(ConfigError):
         apply_overrides({}, ["novalue"])
+    with pytest.raises(ConfigError, match=r"^--set 'train.lr.x=1': 'lr' is not a section$"):
+        apply_overrides({"train": {"lr": 1}}, ["train.lr.x=1"])
+    from torchmdx.train.sweep_plan import _set
+
+    values = {"model": {"num_layers": 2}}
+    grid_value = [1, 2]
+    _set(values, "model.heads", grid_value)
+    assert values == {"model": {"num_layers": 2, "heads": [1, 2]}} and values["model"]["heads"] is not grid_value
+    with pytest.raises(ConfigError, match=r"^sweep key 'model.num_layers.x': 'num_layers' is not a section$"):
+        _set(values, "model.num_layers.x", 1)
 
 
 def test_atomic_write_leaves_nothing_on_crash(tmp_path):

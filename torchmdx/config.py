@@ -242,14 +242,20 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        node = config
-        parts = dotted.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(config, dotted.strip(), value, f"--set {item!r}")
     return config
+
+
+def set_dotted(config: dict, dotted: str, value, what: str) -> None:
+    """``config[a][b][c] = value`` for ``dotted`` "a.b.c", making missing sections; a part that is
+    not a section is a one-line ConfigError starting with ``what`` (how the caller names the key)."""
+    node = config
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value

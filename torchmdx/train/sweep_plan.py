@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from torchmdx.config import set_dotted
 from torchmdx.errors import ConfigError, TorchmdxError
 from torchmdx.io_utils import atomic_write, jsonable
 
@@ -168,16 +169,7 @@ def plan_points(grid: dict, variants: dict) -> list[SweepPoint]:
 
 
 def _set(values: dict, dotted: str, value) -> None:
-    node = values
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"sweep key {dotted!r}: '{part}' is not a section")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
+    set_dotted(values, dotted, copy.deepcopy(value), f"sweep key {dotted!r}")
 
 
 def point_values(base: dict, point: SweepPoint, sweep_dir: Path) -> dict:
