@@ -102,11 +102,15 @@ class Integrator:
 
     # --- interface ------------------------------------------------------------------------
     def step(self, state: MDState, compute: ComputeForces, generator: torch.Generator) -> None:
+        """One step: the fused functions when :meth:`set_fused` is on, else the eager reference."""
         if self.fused is not None:
             self._step_fused(state, compute, generator)
         else:
-            self.velocity_verlet(state, compute)
+            self._step_eager(state, compute, generator)
         state.step += 1
+
+    def _step_eager(self, state: MDState, compute: ComputeForces, generator: torch.Generator) -> None:
+        self.velocity_verlet(state, compute)
 
     def state_dict(self) -> dict:
         """Thermostat variables (tensors), for snapshots and restart files."""
@@ -153,9 +157,15 @@ class LangevinBAOAB(Integrator):
         kT = units.BOLTZMANN_EV_PER_K * self.temperature_K
         self.noise_scale = (math.sqrt(1.0 - self.c1 * self.c1) * torch.sqrt(kT / system.masses)).unsqueeze(-1)
 
+    def _draw(self, state: MDState, generator: torch.Generator) -> torch.Tensor:
+        """The step's standard normal noise [N, 3], in the system's order (the eager and the fused
+        step draw it here, so both consume the generator alike)."""
+        s = self.system
+        return torch.randn(state.velocities.shape, generator=generator, device=s.device, dtype=s.dtype)
+
     def _step_fused(self, state, compute, generator):
         s = self.system
-        noise = torch.randn(state.velocities.shape, generator=generator, device=s.device, dtype=s.dtype)
+        noise = self._draw(state, generator)
         state.positions, state.velocities, state.thermostat_energy = self._fn(
             "langevin_before", c1=self.c1, num_structures=s.num_structures)(
             state.positions, state.velocities, state.forces, state.thermostat_energy, noise, self.atom_perm,
@@ -163,16 +173,12 @@ class LangevinBAOAB(Integrator):
         compute(state)
         state.velocities = self._fn("verlet_after")(state.velocities, state.forces, self.inverse_masses)
 
-    def step(self, state, compute, generator):
-        if self.fused is not None:
-            self._step_fused(state, compute, generator)
-            state.step += 1
-            return
+    def _step_eager(self, state, compute, generator):
         s = self.system
         self.kick(state, 0.5 * self.dt)
         self.drift(state, 0.5 * self.dt)
         kinetic_before = s.kinetic_energy(state.velocities)
-        noise = torch.randn(state.velocities.shape, generator=generator, device=s.device, dtype=s.dtype)
+        noise = self._draw(state, generator)
         if self.atom_perm is not None:  # drawn in the input order: the same numbers for an atom in any order
             noise = noise.index_select(0, self.atom_perm)
         velocities = self.c1 * state.velocities + self.noise_scale * noise
@@ -181,7 +187,6 @@ class LangevinBAOAB(Integrator):
         self.drift(state, 0.5 * self.dt)
         compute(state)
         self.kick(state, 0.5 * self.dt)
-        state.step += 1
 
 
 class Bussi(Integrator):
@@ -206,8 +211,8 @@ class Bussi(Integrator):
         s = self.system
         kinetic = s.kinetic_energy(state.velocities)
         dof, target, c = s.degrees_of_freedom, self.target_kinetic, self.c
-        r1 = torch.randn(kinetic.shape, generator=generator, device=s.device, dtype=s.dtype)
-        chi2 = 2.0 * torch._standard_gamma(self.gamma_shape, generator=generator)
+        r1, gamma = self._draw(generator)
+        chi2 = 2.0 * gamma
         chi2 = torch.where(self.has_extra_dof, chi2, torch.zeros_like(chi2))
         new_kinetic = (
             kinetic
@@ -220,7 +225,8 @@ class Bussi(Integrator):
         state.thermostat_energy = state.thermostat_energy - (alpha * alpha - 1.0) * kinetic
 
     def _draw(self, generator: torch.Generator):
-        """(R₁ [B], Gamma((N_f - 1)/2) [B]): the step's random numbers, drawn as in :meth:`rescale`."""
+        """(R₁ [B], Gamma((N_f - 1)/2) [B]): the step's random numbers (the eager :meth:`rescale` and
+        the fused step draw them here, so both consume the generator alike)."""
         s = self.system
         r1 = torch.randn((s.num_structures,), generator=generator, device=s.device, dtype=s.dtype)
         return r1, torch._standard_gamma(self.gamma_shape, generator=generator)
@@ -235,13 +241,9 @@ class Bussi(Integrator):
         compute(state)
         state.velocities = self._fn("verlet_after")(state.velocities, state.forces, self.inverse_masses)
 
-    def step(self, state, compute, generator):
-        if self.fused is not None:
-            self._step_fused(state, compute, generator)
-        else:
-            self.rescale(state, generator)
-            self.velocity_verlet(state, compute)
-        state.step += 1
+    def _step_eager(self, state, compute, generator):
+        self.rescale(state, generator)
+        self.velocity_verlet(state, compute)
 
 
 class NoseHooverChain(Integrator):
@@ -306,14 +308,10 @@ class NoseHooverChain(Integrator):
             state.velocities, state.forces, self.xi, self.v_xi, self.masses,
             self.inverse_masses, s.masses, s.batch, s.degrees_of_freedom)
 
-    def step(self, state, compute, generator):
-        if self.fused is not None:
-            self._step_fused(state, compute, generator)
-        else:
-            self.half_step(state)
-            self.velocity_verlet(state, compute)
-            self.half_step(state)
-        state.step += 1
+    def _step_eager(self, state, compute, generator):
+        self.half_step(state)
+        self.velocity_verlet(state, compute)
+        self.half_step(state)
 
     def extra_energy(self, state):
         s = self.system
