@@ -294,7 +294,7 @@ def test_load_model_refuses_dtypes_it_does_not_run(tmp_path, dtype):
     from torchmdx.errors import ModelError
 
     _tiny_et_payload(tmp_path)
-    with pytest.raises(ModelError, match="dtype must be float32 or float64"):
+    with pytest.raises(ModelError, match=r"^dtype must be one of float32, float64, got torch\.\w+$"):
         torchmdx.load_model(tmp_path / "model.pt", dtype=dtype)
 
 

@@ -44,6 +44,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from torchmdx.dtypes import torch_dtype
 from torchmdx.errors import ModelError
 
 FORMAT = "torchmdx-model"
@@ -311,14 +312,8 @@ def _what_file_is_this(path: Path, exc: Exception) -> str:
 
 def _finish(potential, device, dtype):
     if dtype is not None:
-        if isinstance(dtype, str):
-            names = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64}
-            if dtype not in names:
-                raise ModelError(f"dtype must be float32 or float64, got {dtype!r}")
-            dtype = names[dtype]
-        if dtype not in (torch.float32, torch.float64):  # float16 ran (unchecked), int32 was nn.Module.to's traceback
-            raise ModelError(f"dtype must be float32 or float64, got {dtype!r}")
-        potential = potential.to(dtype=dtype)
+        # the names and dtypes of torchmdx.dtypes (float16 ran unchecked, int32 was nn.Module.to's traceback)
+        potential = potential.to(dtype=torch_dtype(dtype, error=ModelError))
     if device is not None:
         potential = potential.to(device=device)
     return potential.eval()
