@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -129,14 +130,20 @@ def torchmdnet_module(args, atoms):
             self.net = net
             self.register_buffer("z", z)
             self.register_buffer("batch", torch.zeros_like(z))
-            self.single, self.length, self.energy = single, units.NM_TO_ANGSTROM, units.EV_TO_KJ_PER_MOL
+            self.single, self.length, self.energy_unit = single, units.NM_TO_ANGSTROM, units.EV_TO_KJ_PER_MOL
             self.scale = 1.0
 
         def forward(self, positions):
             pos = positions * self.length
             pos = pos.float() if self.single else pos.double()
             energy = self.net(self.z, pos, self.batch)[0]
-            return energy.sum().double() * (self.energy * self.scale)
+            return energy.sum().double() * (self.energy_unit * self.scale)
+
+        @torch.jit.export
+        def energy(self, positions, box: Optional[torch.Tensor] = None):
+            """torchmdx's exported-module signature, so that the PythonForce row runs through
+            the same computation class as torchmdx's (no box: the rows are molecules)."""
+            return self.forward(positions)
 
     z = torch.tensor(atoms.numbers, dtype=torch.long, device=args.device)
     wrapper = Wrapper(net, z, args.dtype == "float32")
@@ -148,26 +155,6 @@ def torchmdnet_module(args, atoms):
         return torch.jit.script(wrapper), "torchscript"
     except Exception as exc:  # noqa: BLE001 - a PythonForce can call the eager module; a TorchForce cannot
         return wrapper, f"eager (torch.jit.script failed: {one_line(exc)[:120]})"
-
-
-class TorchComputation:
-    """An ``openmm.PythonForce`` computation: State -> (energy kJ/mol, forces kJ/mol/nm) of a
-    module mapping positions in nm to energy in kJ/mol, forces by autograd."""
-
-    def __init__(self, module, device):
-        self.module, self.device = module, device
-
-    def __call__(self, state):
-        import numpy as np
-        import torch
-        from openmm import unit
-
-        positions = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
-        pos = torch.tensor(positions, dtype=torch.float64, device=self.device, requires_grad=True)
-        with torch.enable_grad():
-            energy = self.module(pos)
-            (grad,) = torch.autograd.grad(energy, pos)
-        return float(energy.detach()), (-grad).detach().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------- OpenMM
@@ -292,7 +279,9 @@ def run_row(args, name, row, platform):
     if row == "torchmdnet-pythonforce":
         import openmm
 
-        system.addForce(openmm.PythonForce(TorchComputation(module, args.device), {}))
+        from torchmdx.openmm.forces import PythonForceComputation  # the computation torchmdx's row runs
+
+        system.addForce(openmm.PythonForce(PythonForceComputation(module, periodic=False, device=args.device), {}))
     else:
         from torchmdx.openmm.forces import import_openmmtorch
 

@@ -15,6 +15,7 @@ Three tiers, each skipping with a one-line reason when its package cannot be use
 """
 
 import sys
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -652,7 +653,11 @@ def test_bench_platform_problem_names_the_platforms_here():
 @needs_openmm
 def test_bench_systems_compute_the_calculator_forces(model_file, model, peptide):
     """What the PythonForce rows time: the bench's own Topology + MLPotential System equals the
-    Calculator, and its TorchComputation gives -dE/dx (a harmonic well: F = -2 k x)."""
+    Calculator, and the computation its TorchMD-NET PythonForce row runs (torchmdx's
+    PythonForceComputation, on a module with the exported ``energy(positions, box)``) gives -dE/dx
+    (a harmonic well: F = -2 k x)."""
+    from torchmdx.openmm.forces import PythonForceComputation
+
     import openmm
 
     bench = _bench()
@@ -667,8 +672,13 @@ def test_bench_systems_compute_the_calculator_forces(model_file, model, peptide)
         def forward(self, positions):
             return 3.0 * (positions ** 2).sum()
 
+        @torch.jit.export
+        def energy(self, positions, box: Optional[torch.Tensor] = None):
+            return self.forward(positions)
+
     harmonic = bench.masses_system(peptide)
-    harmonic.addForce(openmm.PythonForce(bench.TorchComputation(torch.jit.script(Well()), "cpu"), {}))
+    harmonic.addForce(openmm.PythonForce(PythonForceComputation(torch.jit.script(Well()), periodic=False,
+                                                                device="cpu"), {}))
     x = peptide.positions * units.ANGSTROM_TO_NM
     energy, forces = _state_energy_forces(_context(harmonic, x, "Reference"))
     assert energy == pytest.approx(3.0 * (x ** 2).sum(), rel=1e-12)
