@@ -137,6 +137,8 @@ class GroupedLinear(o3.Linear):
                 spans.append((o, c, c + self.irreps_out[o].mul))
                 c += self.irreps_out[o].mul
             self._groups.append((x0, len(x_index), w0, big_u, cols, d, bias, spans))
+        #: {output block without paths: start of its bias} (those outputs are zeros plus their bias)
+        self._zero_bias = {o: b_offset[o] for o in self._zero_outputs if o in b_offset}
         # consecutive pieces (slices' backward would write a full-size zero tensor each; a split's
         # backward is one concatenation)
         self._set_input_index(x_index)
@@ -202,8 +204,8 @@ class GroupedLinear(o3.Linear):
         for o in self._zero_outputs:  # no path into it: zeros (plus its bias)
             mul, ir = self.irreps_out[o]
             pieces[o] = x.new_zeros(n, mul * ir.dim)
-            if o in b_offsets_of(self):
-                start = b_offsets_of(self)[o]
+            if o in self._zero_bias:
+                start = self._zero_bias[o]
                 pieces[o] = pieces[o] + self.bias[start: start + mul]
         ordered = [pieces[o] for o in range(len(self.irreps_out)) if o in pieces]
         out = ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=-1)
