@@ -358,7 +358,7 @@ def test_a_killed_real_child_leaves_its_shape_eager_with_one_note_and_the_next_s
     requested again), one line says so, and a shape asked for later still gets its own child."""
     import signal
 
-    background = BackgroundCompile(ETPotential(TINY), workdir=str(tmp_path), warm=False)
+    background = BackgroundCompile(ETPotential(TINY), workdir=str(tmp_path))
     first = Signature(12, 2, 64, False, True, "float32", "cpu")
     second = Signature(20, 3, 128, False, True, "float32", "cpu")
     background.request(first)
@@ -376,37 +376,6 @@ def test_a_killed_real_child_leaves_its_shape_eager_with_one_note_and_the_next_s
         assert background._running is not None and background._running[1] == [second]  # its own child
     finally:
         background.stop()
-
-
-def test_no_load_begins_while_the_warm_up_runs_and_the_warm_up_leaves_the_compiler_as_it_was(tmp_path,
-                                                                                             own_compile_cache):
-    """The first child starts :func:`precompile.warm_up` on a side thread; a compiled shape is not
-    loaded (no guard installed) until it has ended, and ``settle()`` (before a capture) waits for
-    it. The warm-up itself (a small compile) ends and leaves inductor's code generation in place."""
-    import threading
-
-    import torch._inductor.compile_fx as compile_fx
-
-    background = BackgroundCompile(ETPotential(TINY), workdir=str(tmp_path))
-    sig = Signature(12, 2, 64, False, True, "float32", "cpu")
-    release = threading.Event()
-    background._warming = threading.Thread(target=release.wait, daemon=True)
-    background._warming.start()
-    background._ready.add(sig)
-    original = compile_fx.fx_codegen_and_compile
-    assert background.warming and not background.usable(sig, capturing=False)
-    assert compile_fx.fx_codegen_and_compile is original and background._loading is None
-    release.set()
-    background.settle()
-    assert not background.warming and background.usable(sig, capturing=False)
-    assert compile_fx.fx_codegen_and_compile is not original  # the first load runs under no_compile
-    with background.step():
-        pass
-    assert compile_fx.fx_codegen_and_compile is original and background._warm == {sig}
-    thread = threading.Thread(target=precompile.warm_up)
-    thread.start()
-    thread.join(timeout=240)
-    assert not thread.is_alive() and compile_fx.fx_codegen_and_compile is original
 
 
 def test_a_torn_last_line_of_the_done_file_is_ignored(tmp_path):

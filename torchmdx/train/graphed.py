@@ -387,8 +387,6 @@ class GraphedTrainStep(CapturableStep):
             graph.capacity = min(tight, round_capacity(graph.bound))
 
     def _capture(self, graph: _ShapeGraph) -> None:
-        if self.background is not None:
-            self.background.settle()
         self._sync_lr()
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph):

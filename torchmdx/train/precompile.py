@@ -32,7 +32,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -114,16 +113,17 @@ class BackgroundCompile:
     ``news()``: one line per child, per switch and per failure. A signature whose child failed
     or was killed, whose first load missed the cache (:class:`CacheMiss`) or failed, stays on the
     model's autograd (``failed``); ``failure``: set when no child can be started, or after
-    :data:`MAX_FAILED_CHILDREN` failed, after which nothing more is requested. With the first
-    child, :func:`warm_up` runs on a side thread (``warm``), so that a switch pays only the
-    per-shape part of its load.
+    :data:`MAX_FAILED_CHILDREN` failed, after which nothing more is requested.
+
+    No warm-up of the compiler runs in this process while the child compiles: a side thread that
+    paid the once-per-process compile costs (a small CPU compile) shortened the switch on an H100
+    by 3 s (15.9 -> 12.9 s) but, since nothing may run beside a CUDA-graph capture, held the first
+    capture until it ended: the first epoch of the ET-MD17 run took 51 s instead of 1.5 s
+    (docs/benchmarks/2026-12-05-h100-e). It was removed.
     """
 
-    def __init__(self, potential, workdir: Optional[str] = None, python: str = sys.executable, warm: bool = True):
+    def __init__(self, potential, workdir: Optional[str] = None, python: str = sys.executable):
         self.potential = potential
-        #: with the first child, :func:`warm_up` runs on a side thread; no load begins before it ends
-        self.warm = warm
-        self._warming: Optional[threading.Thread] = None
         self.workdir = Path(workdir) if workdir is not None else None
         self.python = python
         self.failure: Optional[str] = None
@@ -160,7 +160,7 @@ class BackgroundCompile:
             return False
         if sig in self._warm:
             return True
-        if capturing or self._loading is not None or self.warming:
+        if capturing or self._loading is not None:
             return False
         guard = no_compile()
         guard.__enter__()
@@ -192,16 +192,6 @@ class BackgroundCompile:
             if self._loading is not None:
                 self._loading[2].__exit__(None, None, None)
                 self._loading = None
-
-    @property
-    def warming(self) -> bool:
-        return self._warming is not None and self._warming.is_alive()
-
-    def settle(self) -> None:
-        """Before a CUDA-graph capture: wait for :func:`warm_up` if it still runs (it does no
-        CUDA work, but nothing else may run beside a capture that could)."""
-        if self.warming:
-            self._warming.join()
 
     def load_failed(self, reason: str) -> None:
         """The first call of the loading signature raised (not a miss): it stays eager, one line."""
@@ -338,9 +328,6 @@ class BackgroundCompile:
             process = subprocess.Popen([self.python, "-m", "torchmdx.train.precompile", str(spec)], stdout=out,
                                        stderr=subprocess.STDOUT, env=env)
         self._running = (process, list(sigs), time.monotonic(), log, finished)
-        if self.warm and self._warming is None:
-            self._warming = threading.Thread(target=warm_up, name="torchmdx-compile-warm-up", daemon=True)
-            self._warming.start()
         self.log.append(f"compiling {len(sigs)} batch shape(s) of the training step in the background "
                         f"(process {process.pid}, log {log}); training goes on meanwhile")
 
@@ -359,36 +346,6 @@ def _finished(path: Path) -> set:
         except (ValueError, TypeError):
             continue
     return out
-
-
-def warm_up() -> None:
-    """The once-per-process costs of the first compile (imports of dynamo, AOTAutograd and
-    inductor and their lazy set-up, the torch and Triton source hashes in every cache key),
-    paid by compiling a three-element training function on the CPU. Run on a side thread while
-    the child compiles (no CUDA work, nothing shared with the training step), so that the switch
-    pays only the per-shape part of the load. Failures are ignored: the switch pays them then."""
-    try:
-        from torchmdx.nn import compile_cache
-
-        compile_cache.ensure()
-        from torch._inductor.codecache import torch_key
-
-        torch_key()
-        try:
-            from torch._inductor.runtime.triton_compat import triton_key
-
-            triton_key()
-        except Exception:  # noqa: BLE001 - no Triton (CPU builds)
-            pass
-        x = torch.linspace(0.1, 0.3, 3, requires_grad=True)  # last: a host without a C++ compiler fails here
-        f = torch.compile(_warm_function, fullgraph=True, dynamic=False)
-        f(x).backward()
-    except (Exception, CacheMiss):  # noqa: BLE001 - a warm-up only
-        pass
-
-
-def _warm_function(x):
-    return (x.sin() * x).sum()
 
 
 def process_settings() -> dict:
