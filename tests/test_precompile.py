@@ -78,8 +78,8 @@ class _InstantBackground(BackgroundCompile):
     for which ``fail(sig)`` holds: then it ends as a killed child (SIGKILL) after the others.
     ``started``: the signatures of every child, in order."""
 
-    def __init__(self, model, fail=None, workdir=None):
-        super().__init__(model, workdir=workdir)
+    def __init__(self, model, fail=None, workdir=None, max_children=1, settle_steps=0):
+        super().__init__(model, workdir=workdir, max_children=max_children, settle_steps=settle_steps)
         self.fail = fail or (lambda sig: False)
         self.started = []
 
@@ -90,7 +90,7 @@ class _InstantBackground(BackgroundCompile):
         log, done = folder / f"request{self.requests}.log", folder / f"request{self.requests}.done"
         good = [sig for sig in sigs if not self.fail(sig)]
         done.write_text("".join(json.dumps(asdict(sig)) + "\n" for sig in good))
-        self._running = (_FakeProcess(0 if len(good) == len(sigs) else -9), list(sigs), 0.0, log, done)
+        self._running.append((_FakeProcess(0 if len(good) == len(sigs) else -9), list(sigs), 0.0, log, done))
 
 
 def _uncompiled_traced(*args, **kwargs):
@@ -228,12 +228,69 @@ def test_a_finished_child_drops_only_the_graphs_of_its_shapes(monkeypatch, tmp_p
     ready = [Signature(g.key[0], g.key[1], g.capacity, bool(g.key[2]), True, "float64", "cpu")
              for g in step._graphs.values() if not g.key[2]]
     background = step.background
-    background._running = (_FakeProcess(0), ready, 0.0, tmp_path / "x.log", tmp_path / "x.done")
+    background._running = [(_FakeProcess(0), ready, 0.0, tmp_path / "x.log", tmp_path / "x.done")]
     (tmp_path / "x.done").write_text("".join(json.dumps(asdict(sig)) + "\n" for sig in ready))
     background._queued.clear()
     background.poll_step(step)
     dropped = {g.key[2]: g.graph is None for g in step._graphs.values()}
     assert dropped == {False: True, True: False}
+
+
+def test_a_shape_is_compiled_only_after_settling_at_its_capacity_and_a_stale_one_is_forgotten(monkeypatch, tmp_path):
+    """``settle_steps``: a batch shape's traced graph is compiled only after its graph ran that many
+    steps at one neighbor capacity. A capacity that grows first makes the queued signature stale:
+    it is never compiled (ANI-1x on an H100 compiled a shape whose capacity had grown meanwhile),
+    and the signature of the new capacity is compiled once it has settled. Steps equal the eager
+    reference throughout (float64)."""
+    import torchmdx.nn.traced as traced_module
+
+    monkeypatch.setattr(traced_module, "TracedForces", _uncompiled_traced)
+    monkeypatch.setattr(precompile, "BackgroundCompile", functools.partial(
+        _InstantBackground, workdir=str(tmp_path), settle_steps=3))
+    (model, opt), (reference, opt_ref) = _pair()
+    step = GraphedTrainStep(model, opt, functools.partial(training_objective, JOINT), traced="background")
+    eager = GraphedTrainStep(reference, opt_ref, functools.partial(training_objective, JOINT))
+    # one key (16 atoms, 3 structures): pair bounds 74 -> capacity 128, then 136 -> capacity 192
+    counts = [[5, 7, 4], [5, 7, 4], [2, 12, 2], [2, 12, 2], [5, 7, 4], [2, 12, 2], [5, 7, 4]]
+    background = step.background
+    started_after = []
+    with pytest.warns(RuntimeWarning):
+        for k, c in enumerate(counts):
+            z, pos, batch, energy, forces = molecules(c, seed=k)
+            out = step.step(z, pos, batch, energy, forces)
+            ref = eager.step(z, pos, batch, energy, forces)
+            assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-11), k
+            started_after.append([[sig.pairs for sig in child] for child in background.started])
+    # the 128-pair signature was asked for at step 0 but only 2 steps ran at that capacity: never compiled
+    assert started_after[:5] == [[]] * 5
+    # the 192-pair capacity from step 2 on: steps 2, 3, 4 -> compiled at step 5's poll
+    assert started_after[5] == [[192]] and started_after[6] == [[192]]
+    assert background.requests == 1 and not background.failed
+    assert step.traced is not None and step.traced.traces == 1  # switched at step 6
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_several_children_at_once_split_the_ready_shapes_and_each_is_polled_on_its_own(tmp_path):
+    """``max_children`` 2: three ready signatures go to two children (the first two shapes each
+    lead one); a queued signature whose verdict is 'not yet' waits and one that is stale is
+    dropped and may be asked for again; a child that finishes frees its place for the next."""
+    background = _InstantBackground(ETPotential(TINY), workdir=str(tmp_path), max_children=2)
+    sigs = [Signature(10 + k, 2, 64, False, True, "float32", "cpu") for k in range(5)]
+    verdict = {sigs[0]: True, sigs[1]: True, sigs[2]: True, sigs[3]: None, sigs[4]: False}
+    for sig in sigs:
+        background.request(sig)
+    assert background.poll(verdict.get) == []
+    assert [[s.atoms for s in child] for child in background.started] == [[10, 12], [11]]
+    assert background._queued == [sigs[3]] and sigs[4] not in background._requested
+    background.request(sigs[4])  # stale signatures may come back
+    assert sigs[4] in background._queued
+    verdict.update({sigs[3]: True, sigs[4]: True})
+    ready = background.poll(verdict.get)  # the two children are done: their shapes, then new children
+    assert sorted(s.atoms for s in ready) == [10, 11, 12]
+    assert [[s.atoms for s in child] for child in background.started][2:] == [[13], [14]]
+    assert sorted(s.atoms for s in background.poll()) == [13, 14] and not background.busy
+    assert precompile.default_children() >= 1
 
 
 @pytest.fixture
@@ -358,12 +415,12 @@ def test_a_killed_real_child_leaves_its_shape_eager_with_one_note_and_the_next_s
     requested again), one line says so, and a shape asked for later still gets its own child."""
     import signal
 
-    background = BackgroundCompile(ETPotential(TINY), workdir=str(tmp_path))
+    background = BackgroundCompile(ETPotential(TINY), workdir=str(tmp_path), max_children=1)
     first = Signature(12, 2, 64, False, True, "float32", "cpu")
     second = Signature(20, 3, 128, False, True, "float32", "cpu")
     background.request(first)
     background.poll()
-    process = background._running[0]
+    process = background._running[0][0]
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     background.request(second)
@@ -373,7 +430,7 @@ def test_a_killed_real_child_leaves_its_shape_eager_with_one_note_and_the_next_s
         assert not background.usable(first, capturing=False) and first not in background._queued
         lines = [line for line in background.news() if "failed" in line]
         assert len(lines) == 1 and "killed by signal 9" in lines[0] and "12 atoms" in lines[0], lines
-        assert background._running is not None and background._running[1] == [second]  # its own child
+        assert len(background._running) == 1 and background._running[0][1] == [second]  # its own child
     finally:
         background.stop()
 

@@ -108,9 +108,17 @@ class _ShapeGraph:
         self.max_pairs = 0  # most pairs found in its eager steps
         self.pair_ratio = 0.0  # most pairs / pair bound of its eager steps (predicts a batch's pairs)
         self.last_bound = 0  # the pair bound of the batch in its input buffers
+        self.steps_at_capacity = 0  # steps run since its capacity last changed (background compile)
+        self._counted_capacity = capacity
         self.eager_steps = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.outputs: Optional[StepOutputs] = None
+
+    def count_step(self) -> None:
+        """One more step of this shape; :attr:`steps_at_capacity` restarts when the capacity changed."""
+        if self.capacity != self._counted_capacity:
+            self._counted_capacity, self.steps_at_capacity = self.capacity, 0
+        self.steps_at_capacity += 1
 
 
 class GraphedTrainStep(CapturableStep):
@@ -300,6 +308,7 @@ class GraphedTrainStep(CapturableStep):
             inputs[name].copy_(value)
         self._last = graph
         graph.last_bound = shape.pair_bound
+        graph.count_step()
         if not self.enabled or self.disabled_reason is not None:
             # the graph's capacity without pair_headroom (the bound: the traced graph's shape),
             # else the exact list

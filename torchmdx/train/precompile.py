@@ -65,6 +65,19 @@ def signature(z: torch.Tensor, pos: torch.Tensor, structures: int, edge_index: t
 #: after this many children failed (a compiler that fails for every shape), nothing more is requested
 MAX_FAILED_CHILDREN = 2
 
+#: steps a batch shape runs at one neighbor capacity before its traced graph is compiled
+SETTLE_STEPS = 24
+
+
+def default_children() -> int:
+    """Children compiling at once: one per four cores of this process's CPU set (at least one,
+    at most four): a 16-core GPU host compiles four batch shapes at a time, a 2-core machine one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 4))
+
 
 class CacheMiss(BaseException):
     """Raised in the training process when the first call of a background-compiled graph would
@@ -122,7 +135,8 @@ class BackgroundCompile:
     (docs/benchmarks/2026-12-05-h100-e). It was removed.
     """
 
-    def __init__(self, potential, workdir: Optional[str] = None, python: str = sys.executable):
+    def __init__(self, potential, workdir: Optional[str] = None, python: str = sys.executable,
+                 max_children: Optional[int] = None, settle_steps: Optional[int] = None):
         self.potential = potential
         self.workdir = Path(workdir) if workdir is not None else None
         self.python = python
@@ -138,7 +152,13 @@ class BackgroundCompile:
         self.failed: set = set()
         self._loading: Optional[tuple] = None  # (Signature, started, the no_compile context)
         self._said = 0
-        self._running: Optional[tuple] = None  # (Popen, [Signature], started, log path, done path)
+        #: children running: (Popen, [Signature], started, log path, done path) each
+        self._running: list[tuple] = []
+        #: most children at once (each compiles its own shapes; inductor's compile of one shape is
+        #: mostly one core's work, so a 16-core host runs four beside the training process)
+        self.max_children = default_children() if max_children is None else max(1, int(max_children))
+        #: steps a batch shape runs at one neighbor capacity before it is compiled (:meth:`poll_step`)
+        self.settle_steps = SETTLE_STEPS if settle_steps is None else max(0, int(settle_steps))
 
     def request(self, sig: Signature) -> None:
         if self.failure is None and sig not in self._requested:
@@ -208,22 +228,30 @@ class BackgroundCompile:
 
     @property
     def busy(self) -> bool:
-        return self._running is not None or bool(self._queued)
+        return bool(self._running) or bool(self._queued)
 
-    def poll(self) -> list[Signature]:
+    def poll(self, live=None) -> list[Signature]:
+        """Take what finished children compiled and start children for the queued signatures.
+
+        ``live(sig)`` (optional) says what to do with a queued signature: True, compile it now;
+        None, not yet (its batch shape's neighbor capacity may still grow: keep it queued); False,
+        never (stale: the shape's capacity changed since it was asked for; it is forgotten, so
+        that it is asked for again if that capacity comes back). Returns the signatures that
+        became ready."""
         done: list[Signature] = []
-        if self._running is not None:
-            process, sigs, started, log, finished = self._running
+        for child in list(self._running):
+            process, sigs, started, log, finished = child
             code = process.poll()
             if code is None:
-                return done
-            self._running = None
+                continue
+            self._running.remove(child)
             compiled = _finished(finished)
-            done = [sig for sig in sigs if sig in compiled]
-            self._ready.update(done)
+            ready = [sig for sig in sigs if sig in compiled]
+            done += ready
+            self._ready.update(ready)
             lost = [sig for sig in sigs if sig not in compiled]
-            if done:
-                self.log.append(f"compiled {len(done)} step shape(s) in the background in "
+            if ready:
+                self.log.append(f"compiled {len(ready)} step shape(s) in the background in "
                                 f"{time.monotonic() - started:.0f} s")
             if lost:
                 self.failed.update(lost)
@@ -233,19 +261,39 @@ class BackgroundCompile:
                 why = "killed by signal " + str(-code) if code < 0 else (last[-1] if last else f"exit status {code}")
                 self.log.append(f"the background compile failed for {len(lost)} batch shape(s) "
                                 f"({'; '.join(describe(s) for s in lost)}): {why[:200]}; they keep the model's autograd")
-                if self.failed_children >= MAX_FAILED_CHILDREN:
+                if self.failed_children >= MAX_FAILED_CHILDREN and self.failure is None:
                     self.failure = f"{self.failed_children} children failed"
                     self.log.append(f"the background compile stops: {self.failure}; shapes not compiled yet keep "
                                     f"the model's autograd")
                     self._queued.clear()
-        if self._queued and self.failure is None:
+        if not self._queued or self.failure is not None:
+            return done
+        now, later = [], []
+        for sig in self._queued:
+            verdict = True if live is None else live(sig)
+            if verdict:
+                now.append(sig)
+            elif verdict is None:
+                later.append(sig)
+            else:
+                self._requested.discard(sig)  # stale: may be asked for again
+        self._queued = later
+        free = self.max_children - len(self._running)
+        if not now or free <= 0:
+            self._queued = now + later
+            return done
+        # the shapes ready to compile, split over the free children in turn (one child: all of them)
+        groups = [now[k::free] for k in range(min(free, len(now)))]
+        for group in groups:
             try:
-                self._start(self._queued)
+                self._start(group)
             except Exception as exc:  # noqa: BLE001 - no child (model file, spawn): the run goes on without it
                 self.failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+                self.failed.update(now)
                 self.failed.update(self._queued)
+                self._queued = []
                 self.log.append(f"the background compile failed ({self.failure}); the step keeps the model's autograd")
-            self._queued = []
+                break
         return done
 
     def wait(self, timeout: Optional[float] = None) -> list[Signature]:
@@ -261,16 +309,15 @@ class BackgroundCompile:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """End a running child (the run is over; what it compiled so far stays in the cache)."""
-        if self._running is not None:
-            process = self._running[0]
+        """End the running children (the run is over; what they compiled so far stays in the cache)."""
+        for process, *_ in self._running:
             if process.poll() is None:
                 process.terminate()
                 try:
                     process.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     process.kill()
-            self._running = None
+        self._running = []
         self._queued.clear()
 
     # ------------------------------------------------------------------ for GraphedTrainStep
@@ -289,10 +336,22 @@ class BackgroundCompile:
         return True
 
     def poll_step(self, step) -> None:
-        """Before a step of ``step``: start the next child, or take what a finished one compiled:
-        those shapes' graphs (only theirs) are dropped, and captured again after one eager step
-        through the traced graph (its load); the log's new lines become the step's notes."""
-        ready = self.poll()
+        """Before a step of ``step``: start children, or take what finished ones compiled: those
+        shapes' graphs (only theirs) are dropped, and captured again after one eager step through
+        the traced graph (its load); the log's new lines become the step's notes. A shape is
+        compiled only once its graph has run :attr:`settle_steps` steps at its present neighbor
+        capacity (a capacity that grows later makes the compiled graph useless: ANI-1x on an H100,
+        2026-12-05, grew its four buckets' capacities nine times in the first minute, and the
+        child compiled a shape that was stale when it finished)."""
+        def live(sig: Signature):
+            for graph in step._graphs.values():
+                if (sig.atoms, sig.structures, sig.offsets) == (graph.key[0], graph.key[1], bool(graph.key[2])):
+                    if sig.pairs != graph.capacity:
+                        return False  # its capacity grew since: stale
+                    return True if graph.steps_at_capacity >= self.settle_steps else None
+            return False  # its shape is gone
+
+        ready = self.poll(live)
         for line in self.news():
             step._note(line)
         for graph in step._graphs.values():
@@ -327,7 +386,7 @@ class BackgroundCompile:
         with open(log, "w") as out:
             process = subprocess.Popen([self.python, "-m", "torchmdx.train.precompile", str(spec)], stdout=out,
                                        stderr=subprocess.STDOUT, env=env)
-        self._running = (process, list(sigs), time.monotonic(), log, finished)
+        self._running.append((process, list(sigs), time.monotonic(), log, finished))
         self.log.append(f"compiling {len(sigs)} batch shape(s) of the training step in the background "
                         f"(process {process.pid}, log {log}); training goes on meanwhile")
 
