@@ -146,7 +146,7 @@ def test_a_compile_failure_falls_back_to_the_plain_functions(monkeypatch, capsys
 
 
 def test_engine_option():
-    assert make("nve", "one", False).integrator.fused is None  # the default: eager
+    assert make("nve", "one", False).integrator.fused is None
     assert make("nve", "one", "auto").integrator.fused is None  # auto: only with a compiled model (not on the CPU)
     assert make("nve", "one", True).integrator.fused is not None
     with pytest.raises(ConfigError, match="fuse_integrator"):

@@ -153,7 +153,7 @@ def test_every_command_line_option_reaches_the_config():
         3, False, 0.7, False, ["x.xyz"], "off")
     assert md_cmd.config_from_args(parser.parse_args(["x.xyz", "--compile", "whole"])).compile == "whole"
     assert md_cmd.config_from_args(parser.parse_args(["x.xyz"])).compile == "auto"
-    assert md_cmd.config_from_args(parser.parse_args(["x.xyz"])).fuse_integrator is False
+    assert md_cmd.config_from_args(parser.parse_args(["x.xyz"])).fuse_integrator == "auto"
     for text, value in (("true", True), ("false", False), ("auto", "auto")):
         assert md_cmd.config_from_args(parser.parse_args(["x.xyz", "--fuse-integrator", text])).fuse_integrator == value
 

@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fuse-integrator", type=lambda text: {"true": True, "false": False}.get(text, text),
                         choices=("auto", True, False), default=None, metavar="{auto,true,false}",
                         help="native engine: compile the integrator's element-wise work into a few kernels "
-                             "(the same numbers; default false; auto: with the compiled model)")
+                             "(the same numbers; default auto: with the compiled model, i.e. on CUDA)")
     parser.add_argument("--config", help="YAML file with the options (md: section); command-line options win")
 
 

@@ -87,7 +87,8 @@ class MDConfig:
                      hilbert when a structure has >= 5000 atoms, else input
     fuse_integrator  native engine: the integrator's element-wise work around the force call
                      compiled into a few kernels (torchmdx.md.integrators_fused; the same numbers).
-                     false (default, until timed on a GPU) | true | auto (with the compiled model)
+                     auto (default: with the compiled model, i.e. on CUDA; H100 Langevin 1 471 ->
+                     1 620 steps/s for alanine dipeptide) | true | false
     """
 
     structure: Union[str, list[str]] = field(default_factory=list)
@@ -129,7 +130,7 @@ class MDConfig:
     compile: Union[bool, Literal["auto", "whole", "parts", "off"]] = "auto"
     threads: Optional[int] = None
     atom_order: Literal["auto", "input", "hilbert", "morton"] = "auto"
-    fuse_integrator: Union[bool, Literal["auto"]] = False
+    fuse_integrator: Union[bool, Literal["auto"]] = "auto"
 
     def option(self, key: str) -> str:
         """How messages name option ``key``: its flag (``--dt``) when the command line set it or

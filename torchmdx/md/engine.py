@@ -66,9 +66,10 @@ class Simulation(RunLoop, RestartFiles):
     local: :func:`~torchmdx.kernels.locality.auto_order`), "input", "hilbert", "morton",
     or an explicit permutation [N] (a restart file's); see the module docstring.
     ``fuse_integrator``: the integrator's element-wise work around the force call compiled into
-    a few kernels (:mod:`torchmdx.md.integrators_fused`): False (default: the eager integrator),
-    "auto" (when the model is compiled, i.e. ``compile`` resolves to other than "off") or True.
-    Results agree with the eager step to rounding; not yet timed on a GPU, hence off by default.
+    a few kernels (:mod:`torchmdx.md.integrators_fused`): "auto" (default: when the model is
+    compiled, i.e. ``compile`` resolves to other than "off", as on CUDA), True or False (the eager
+    integrator). Results agree with the eager step to rounding; on an H100 (2026-12-05, Langevin,
+    float32 ET) 1 471 -> 1 620 steps/s for alanine dipeptide, 470 -> 485 for chignolin.
     """
 
     def __init__(
@@ -93,7 +94,7 @@ class Simulation(RunLoop, RestartFiles):
         cuda_graph: Optional[bool] = None,
         compile=None,
         atom_order="auto",
-        fuse_integrator=False,
+        fuse_integrator="auto",
     ):
         import ase
 
