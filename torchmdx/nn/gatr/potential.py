@@ -59,7 +59,12 @@ class AttentionPotential(NormalisedPotential):
     ``representation_class``."""
 
     kind = "attention"
-    traceable = False
+    #: traced by TracedForces with fake tensors (static shapes), one graph reused across batch
+    #: compositions (tests/test_train_graph_architectures.py); the host checks above skip while
+    #: tracing or inside a CUDA-graph capture
+    traceable = True
+    #: ``compile: auto`` does not pick the whole-model graph: its compile time on a GPU is not measured
+    whole_graph_auto = False
     build_config = None
     representation_class = None
 
