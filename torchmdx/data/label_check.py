@@ -12,7 +12,7 @@ structure gives, so data that pass nothing-is-silent checks elsewhere are never 
 2. **Energy per structure**: |E| above :data:`ENERGY_BOUND_FACTOR` = 10 times the magnitude of
    the Thomas-Fermi total energies of its atoms, Σ_i 0.7687 Z_i^(7/3) Hartree. Thomas-Fermi
    overestimates the magnitude of an atom's all-electron energy (H: 0.77 against 0.5 Eh; U:
-   29,600 against about 28,000 Eh, relativistic included), a structure's energy differs from
+   29,400 against about 28,000 Eh, relativistic included), a structure's energy differs from
    the sum of its atoms' by chemical binding (a few eV per atom), and energies with a reference
    subtracted (formation, atomisation, pseudopotential totals) are smaller still: an energy above
    ten times that bound (hydrogen: 209 eV per atom) is not an energy of these atoms in eV.
