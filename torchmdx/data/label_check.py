@@ -74,9 +74,16 @@ def _structure_blocks(offsets: np.ndarray, chunk_atoms: int):
         first = last
 
 
-def check_labels(data, chunk_atoms: int = CHUNK_ATOMS) -> None:
+#: keys of the datasets that passed in this process (a sweep sets up the same data several times)
+_PASSED: set = set()
+
+
+def check_labels(data, chunk_atoms: int = CHUNK_ATOMS, key=None) -> None:
     """One-line DataError naming the source file, the structure (and atom) of the first label far
-    beyond physical (module docstring), else nothing. ``data``: an H5Dataset or a Structures."""
+    beyond physical (module docstring), else nothing. ``data``: an H5Dataset or a Structures;
+    ``key`` (hashable: a cache's path and content fingerprint): checked once per process."""
+    if key is not None and key in _PASSED:
+        return
     st = data if isinstance(data, Structures) else data.structures
     src = st.source
     offsets = np.asarray(st.offsets, dtype=np.int64)
@@ -100,6 +107,8 @@ def check_labels(data, chunk_atoms: int = CHUNK_ATOMS) -> None:
                         f"{int(offsets[s + 1] - offsets[s])} atoms (|E| <= {bounds[s]:.3g} eV: ten times their "
                         f"Thomas-Fermi energy; wrong units, or a broken calculation?); fix or drop it, or {OVERRIDE}")
     _check_residuals(st, energy, offsets, chunk_atoms)
+    if key is not None:
+        _PASSED.add(key)
 
 
 def _check_residuals(st: Structures, energy: np.ndarray, offsets: np.ndarray, chunk_atoms: int) -> None:
