@@ -174,7 +174,18 @@ def _group(info, group_key, where):
         raise DataError(
             f"{where}: group key '{group_key}' not found; keys present: {', '.join(sorted(info)) or 'none'}"
         )
-    return str(info[group_key])
+    return group_label(info[group_key], f"{where}: group key '{group_key}'")
+
+
+def group_label(value, what: str) -> str:
+    """A group label (one name or number per structure) as text; a list or array (an extxyz
+    ``polymer="1 2"``, read by ASE as two numbers) is a one-line DataError naming ``what`` (it
+    became the label text "[1 2]", silently)."""
+    if isinstance(value, (str, bytes)) or np.ndim(value) == 0:
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    shown = np.asarray(value).reshape(-1)[:6].tolist()
+    raise DataError(f"{what} holds {np.size(value)} values ({shown}); expected one name or number per structure "
+                    "(a per-structure label of shape ())")
 
 
 def _iter_db_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress"):
@@ -264,6 +275,10 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
         try:
             if np.asarray(fr.energy).dtype.kind in "bc":  # energy=T was read as 1.0, 1+2j lost its imaginary part
                 raise TypeError
+            if np.size(fr.energy) != 1 and np.asarray(fr.energy).dtype.kind in "fiu":
+                raise DataError(f"{fr.where}: energy '{energy_key}' holds {np.size(fr.energy)} values "
+                                f"({np.asarray(fr.energy).reshape(-1)[:6].tolist()}); expected one number per frame "
+                                "(shape ())")
             energy = float(np.asarray(fr.energy, dtype=np.float64).reshape(()))
         except (TypeError, ValueError):
             raise DataError(f"{fr.where}: energy {fr.energy!r} is not a number") from None

@@ -26,6 +26,8 @@ Example (all keys but ``path`` are optional)::
       mmap: auto               # memory-map per-atom arrays and cells (auto: above 1 GiB of per-atom arrays)
       loader: fast             # fast (BatchLoader: gathers whole batches) | pyg (torch_geometric DataLoader)
       device_resident: auto    # captured training: keep the training split on the GPU (auto: when it fits)
+      check_labels: null       # refuse energies/forces far beyond physical (torchmdx.data.label_check);
+                               # null (the default) or true: checked, false: not
 
 ``device_resident`` matters for captured training (``train.cuda_graph: true``), whose training
 batches are packed to a few fixed sizes (:mod:`torchmdx.data.packing`): ``auto`` keeps the
@@ -80,6 +82,8 @@ class DataConfig:
     mmap: Union[bool, Literal["auto"]] = "auto"
     loader: Literal["fast", "pyg"] = "fast"
     device_resident: Union[bool, Literal["auto"]] = "auto"
+    #: None (the default: runs saved before the key existed resume unchanged) means True
+    check_labels: Optional[bool] = None
 
     def validate(self, section: str = "data") -> None:
         from torchmdx.data.formats import FORMATS

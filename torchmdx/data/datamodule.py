@@ -114,6 +114,12 @@ class TorchmdxDataModule(L.LightningDataModule):
         elements = self.dataset.elements
         if elements and max(elements) >= self.max_z:
             self.dataset.structures.check_max_z(self.max_z)
+        if cfg.check_labels is not False:  # an energy of 1e30 eV or a force of 1e10 eV/Å trained into NaN silently
+            from torchmdx.data.label_check import check_labels
+
+            stat = Path(self.cache_path).stat()  # checked once per process and cache file (a sweep sets up often)
+            check_labels(self.dataset, key=(str(Path(self.cache_path).resolve()), stat.st_ino, stat.st_size,
+                                            stat.st_mtime_ns))
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
         if distributed:

@@ -417,6 +417,9 @@ class StructureBuilder:
         elif self._has_group != has_group:
             raise DataError(f"{where}: group label missing for some structures")
         if has_group:
+            if not isinstance(group, (str, bytes)) and np.ndim(group) != 0:  # became the text "[1 2]"
+                raise DataError(f"{where}: group label {np.asarray(group).reshape(-1)[:6].tolist()} holds "
+                                f"{np.size(group)} values; expected one name or number per structure")
             key = str(group)
             if key not in self._group_index:
                 self._group_index[key] = len(self.group_names)

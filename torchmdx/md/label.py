@@ -34,6 +34,7 @@ in the partial file), or with ``--skip-failed`` is left out and counted.
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,7 @@ def check_options(options: LabelOptions) -> None:
         if not math.isfinite(float(value)):
             raise ConfigError(f"{flag} must be a finite number, got {value}")
         if integer and float(value) != int(value):
-            raise ConfigError(f"{flag} must be a whole number, got {value}")
+            raise ConfigError(f"{flag} must be a whole number, got {value} (an integer is expected)")
         return float(value)
 
     given = [name for name in TBLITE_OPTIONS if getattr(options, name) is not None]
@@ -113,6 +114,54 @@ def check_options(options: LabelOptions) -> None:
     if options.electronic_temperature is not None and not number("electronic_temperature",
                                                                  options.electronic_temperature) > 0:
         raise ConfigError(f"--electronic-temperature must be > 0 K (Fermi smearing), got {options.electronic_temperature}")
+
+
+#: elements whose xTB valence-electron count may differ in parity from the total one (lanthanides:
+#: f electrons in the core, La-Lu 3 valence electrons) or that xTB does not parametrise (Z > 86):
+#: their frames' electron parity is left to tblite
+_PARITY_UNKNOWN = set(range(57, 72)) | set(range(87, 200))
+
+
+def check_electrons(inputs: list, options: LabelOptions) -> None:
+    """Each frame's electron count N = Σ Z − charge (``atoms.info['charge']``, else ``--charge``,
+    else the sum of the initial charges, as tblite's ASE calculator) against its multiplicity M
+    (``atoms.info['multiplicity']``, else ``--multiplicity``): N must be >= 0, and when M is
+    known, N − (M − 1) must be even and >= 0 (M − 1 unpaired electrons, the rest in pairs). A
+    mismatch is one line naming the frame and its electron count, before tblite runs (tblite
+    stopped on that frame, after the frames before it were labelled). Frames with elements of
+    :data:`_PARITY_UNKNOWN` are checked for a negative count only."""
+    for k, atoms in enumerate(inputs):
+        where = f"frame {k} ({atoms.info.get('label_source', k)})"
+        charge = atoms.info.get("charge", options.charge)
+        source = "atoms.info['charge']" if "charge" in atoms.info else "--charge"
+        if charge is None:
+            charge, source = float(np.sum(atoms.get_initial_charges())), "the initial charges"
+        multiplicity = atoms.info.get("multiplicity", options.multiplicity)
+        m_source = "atoms.info['multiplicity']" if "multiplicity" in atoms.info else "--multiplicity"
+        for name, value, origin in (("charge", charge, source), ("multiplicity", multiplicity, m_source)):
+            if value is None:
+                continue
+            try:
+                whole = float(value) == round(float(value)) and math.isfinite(float(value))
+            except (TypeError, ValueError):
+                whole = False
+            if isinstance(value, bool) or not whole:
+                raise ConfigError(f"{where}: {name} {value!r} (from {origin}) must be a whole number (an integer)")
+        total = int(np.sum(atoms.numbers))
+        electrons = total - int(round(float(charge)))
+        if electrons < 0:
+            raise ConfigError(f"{where}: {electrons} electrons (atomic numbers add up to {total}, charge "
+                              f"{int(round(float(charge)))} from {source}); the charge cannot exceed the nuclear charge")
+        if multiplicity is None or set(np.unique(atoms.numbers).tolist()) & _PARITY_UNKNOWN:
+            continue
+        unpaired = int(round(float(multiplicity))) - 1
+        if unpaired < 0 or unpaired > electrons or (electrons - unpaired) % 2:
+            parity = "odd" if electrons % 2 else "even"
+            fits = "even (2 doublet, 4 quartet, ...)" if electrons % 2 else "odd (1 singlet, 3 triplet, ...)"
+            raise ConfigError(f"{where}: {electrons} electrons (atomic numbers add up to {total}, charge "
+                              f"{int(round(float(charge)))} from {source}) cannot have multiplicity {unpaired + 1} "
+                              f"(from {m_source}): an {parity} count needs an {fits} multiplicity of at most "
+                              f"{electrons + 1}; fix --charge or --multiplicity (or the frame's info)")
 
 
 # ---------------------------------------------------------------------------- methods
@@ -304,6 +353,8 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
     inputs = read_inputs(paths, skip, every, max_frames)
     for k, atoms in enumerate(inputs):
         atoms.info["label_index"] = k
+    if method in TBLITE_METHODS:  # electron count and multiplicity: one line before tblite runs
+        check_electrons(inputs, options)
     partial = partial_path(out)
     done = read_partial(partial, inputs, method) if (partial.is_file() and not force) else []
     if partial.is_file():

@@ -102,6 +102,8 @@ def run_point(sweep_dir: Path, point_id: str) -> dict:
 
     flops = measure_step_flops(cfg)
     resume = (run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt").is_file()
+    if resume:
+        adopt_moved_split(run_dir, cfg, point_id)
     device = "cuda" if (cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()) else "cpu"
     start = time.perf_counter()
     outcome = train(cfg, resume=resume)
@@ -127,6 +129,59 @@ def run_point(sweep_dir: Path, point_id: str) -> dict:
     with atomic_write(result_path, "w") as handle:
         json.dump(jsonable(row), handle, indent=2)
     return row
+
+
+def adopt_moved_split(run_dir: Path, cfg, point_id: str) -> None:
+    """A point's run to be resumed whose saved config names another split file than the plan's:
+    the sweep folder was copied or moved (the plan holds ``<sweep folder>/splits/train_N.npz``,
+    recorded as given, so a copied folder, or one run from another working folder, names other
+    paths). ``torchmdx train --resume`` refuses any change of ``data.split_file``; here the split
+    is compared by *content*: when the plan's split file holds the same train/validation/test
+    indices as the run's own ``splits.npz`` (the split it trained on), the saved config is made to
+    name the plan's file (written atomically) and the run resumes, with one note line. Indices that
+    differ are one line saying to delete the point's run folder (it then trains from the start)."""
+    import warnings
+
+    import numpy as np
+
+    from torchmdx.config import load_yaml
+    from torchmdx.data.datamodule import SPLIT_FILE_NAME
+    from torchmdx.data.splits import PARTS, load_split
+    from torchmdx.train.run import RESOLVED_CONFIG
+
+    saved_path = run_dir / RESOLVED_CONFIG
+    wanted = cfg.data_config.split_file
+    if wanted is None or not saved_path.is_file():
+        return
+    try:
+        saved = load_yaml(saved_path)
+    except TorchmdxError:
+        return  # train --resume names the damaged file
+    data = saved.get("data") if isinstance(saved, dict) else None
+    if not isinstance(data, dict) or data.get("split_file") == wanted:
+        return
+    recorded = data.get("split_file")
+    own = run_dir / SPLIT_FILE_NAME
+    remedy = f"delete {run_dir} to train the point again from the start"
+    if recorded is None or not own.is_file():
+        raise ConfigError(f"sweep point {point_id}: its run in {run_dir} was started with data.split_file {recorded!r}, "
+                          f"the sweep's plan names {wanted!r}, and the run has no {SPLIT_FILE_NAME} to compare "
+                          f"them by content; {remedy}")
+    with warnings.catch_warnings():  # not asked here: "made from a dataset with different content"
+        warnings.simplefilter("ignore")
+        ran, planned = load_split(own), load_split(wanted)
+    differ = [part for part in PARTS if not np.array_equal(np.sort(ran[part]), np.sort(planned[part]))]
+    if differ or ran.n_structures != planned.n_structures:
+        what = f"the {', '.join(differ)} indices" if differ else "the number of structures"
+        raise ConfigError(f"sweep point {point_id}: its run in {run_dir} trained on another split than the sweep's "
+                          f"{wanted} ({what} differ from its {SPLIT_FILE_NAME}); {remedy}")
+    data["split_file"] = wanted
+    import yaml
+
+    with atomic_write(saved_path, "w") as handle:
+        yaml.safe_dump(saved, handle, sort_keys=False)
+    print(f"note: sweep point {point_id}: its run was started with data.split_file {recorded}; the sweep folder "
+          f"was copied or moved, and {wanted} holds the same split: resuming with it", flush=True)
 
 
 def measure_step_flops(cfg) -> dict:
