@@ -54,9 +54,11 @@ import torch
 from torchmdx.config import from_dict
 from torchmdx.data.packing import PackedBatch
 from torchmdx.train.config import TrainConfig
-from torchmdx.train.metrics import EpochErrors, loss_terms, weighted_loss
+from torchmdx.train.metrics import EpochErrors, weighted_loss
 from torchmdx.train.objective import (  # noqa: F401 - the objective's names, as before the split
     batch_counts,
+    distributed_world,
+    global_batch_objective,
     masked_stress_error,
     train_error_sums,
     training_objective,
@@ -69,60 +71,6 @@ from torchmdx.train.refit import (  # noqa: F401 - the refit's names, as before 
 
 STAGES = ("train", "val", "test")
 
-
-def distributed_world() -> int:
-    """The number of processes of a running ``torch.distributed`` group (1 without one)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def global_batch_objective(cfg: TrainConfig, energy: torch.Tensor, forces: Optional[torch.Tensor],
-                           energy_ref: torch.Tensor, forces_ref: Optional[torch.Tensor], n_atoms: torch.Tensor,
-                           stress: Optional[torch.Tensor] = None, stress_ref: Optional[torch.Tensor] = None, group=None):
-    """(loss, ΔE, ΔF) of one rank's part of a global batch under DDP, such that DDP's gradient
-    averaging (the mean over the W ranks) gives the gradient of the one-process objective of the
-    whole global batch (:func:`training_objective` on the union of the ranks' batches)::
-
-        loss_r = W · ( energy_weight · Σ_{b∈r} L(ΔE_b) / B + force_weight · Σ_{a∈r,k} L(ΔF_ak) / (3 N)
-                       + stress_weight · Σ_{r's known components} L(Δσ) / K )
-
-    with B, N, K the structures, atoms and known stress components of the *global* batch (one
-    ``all_reduce`` of three counts per step). Averaging each rank's own mean instead weighted the
-    atoms of ranks with small structures more (a rank of 10 atoms counted as much as one of 1000).
-    Each rank's value is its share of the global loss times W (their mean is the global loss)."""
-    energy_error = energy - energy_ref.reshape(-1).to(energy.dtype)
-    force_error = forces - forces_ref.to(forces.dtype) if forces is not None and forces_ref is not None else None
-    zero = energy_error.new_zeros(())
-    energy_sum = force_sum = stress_sum = zero
-    stress_known = torch.zeros((), dtype=torch.float64, device=energy_error.device)
-    use_energy = cfg.energy_weight > 0
-    use_forces = cfg.force_weight > 0 and force_error is not None
-    use_stress = cfg.stress_weight > 0 and stress is not None and stress_ref is not None
-    if use_energy:
-        target = energy_error / n_atoms.to(energy_error.dtype).clamp(min=1) if cfg.energy_loss == "per_atom" \
-            else energy_error
-        energy_sum = loss_terms(target, cfg.loss, cfg.huber_delta).sum()
-    if use_forces:
-        force_sum = loss_terms(force_error, cfg.loss, cfg.huber_delta).sum()
-    if use_stress:
-        stress_error, known = masked_stress_error(stress, stress_ref)
-        stress_sum = loss_terms(stress_error, cfg.loss, cfg.huber_delta).sum()
-        stress_known = known.sum().to(torch.float64)
-    counts = torch.stack([torch.tensor(float(energy_error.numel()), dtype=torch.float64, device=energy_error.device),
-                          torch.tensor(float(force_error.numel() if use_forces else 0), dtype=torch.float64,
-                                       device=energy_error.device),
-                          stress_known])
-    torch.distributed.all_reduce(counts, group=group)
-    world = torch.distributed.get_world_size(group)
-    scale = (world / counts.clamp(min=1)).to(energy_error.dtype)
-    loss = zero
-    if use_energy:
-        loss = loss + cfg.energy_weight * (energy_sum * scale[0])
-    if use_forces:
-        loss = loss + cfg.force_weight * (force_sum * scale[1])
-    if use_stress:
-        loss = loss + cfg.stress_weight * (stress_sum * scale[2])
-    return loss, energy_error, force_error
 
 # PotentialModule.on_before_batch_transfer (the host shape of each CPU batch, for CUDA graphs) is
 # the only such hook (the data module has none): Lightning's note that a data module was passed

@@ -1,7 +1,8 @@
 """The training objective and the error sums of one batch (eV, eV/Å, eV/Å³).
 
 ``training_objective`` is what every training step minimises (the eager step, the captured
-step of :mod:`torchmdx.train.graphed`); packed batches (:mod:`torchmdx.data.packing`) pass
+step of :mod:`torchmdx.train.graphed`); under DDP the eager step minimises
+``global_batch_objective`` (normalised by the global batch's counts); packed batches (:mod:`torchmdx.data.packing`) pass
 padding weights so that the padding adds nothing. ``train_error_sums`` gives the run's epoch
 error sums of a batch (:func:`torchmdx.train.metrics.error_sums` with its loss settings).
 """
@@ -81,3 +82,58 @@ def batch_counts(batch) -> torch.Tensor:
     if getattr(batch, "ptr", None) is not None:
         return batch.ptr[1:] - batch.ptr[:-1]
     return torch.bincount(batch.batch, minlength=int(batch.num_graphs))
+
+
+def distributed_world() -> int:
+    """The number of processes of a running ``torch.distributed`` group (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_batch_objective(cfg: TrainConfig, energy: torch.Tensor, forces: Optional[torch.Tensor],
+                           energy_ref: torch.Tensor, forces_ref: Optional[torch.Tensor], n_atoms: torch.Tensor,
+                           stress: Optional[torch.Tensor] = None, stress_ref: Optional[torch.Tensor] = None, group=None):
+    """(loss, ΔE, ΔF) of one rank's part of a global batch under DDP, such that DDP's gradient
+    averaging (the mean over the W ranks) gives the gradient of the one-process objective of the
+    whole global batch (:func:`training_objective` on the union of the ranks' batches)::
+
+        loss_r = W · ( energy_weight · Σ_{b∈r} L(ΔE_b) / B + force_weight · Σ_{a∈r,k} L(ΔF_ak) / (3 N)
+                       + stress_weight · Σ_{r's known components} L(Δσ) / K )
+
+    with B, N, K the structures, atoms and known stress components of the *global* batch (one
+    ``all_reduce`` of three counts per step). Averaging each rank's own mean instead weighted the
+    atoms of ranks with small structures more (a rank of 10 atoms counted as much as one of 1000).
+    Each rank's value is its share of the global loss times W (their mean is the global loss)."""
+    energy_error = energy - energy_ref.reshape(-1).to(energy.dtype)
+    force_error = forces - forces_ref.to(forces.dtype) if forces is not None and forces_ref is not None else None
+    zero = energy_error.new_zeros(())
+    energy_sum = force_sum = stress_sum = zero
+    stress_known = torch.zeros((), dtype=torch.float64, device=energy_error.device)
+    use_energy = cfg.energy_weight > 0
+    use_forces = cfg.force_weight > 0 and force_error is not None
+    use_stress = cfg.stress_weight > 0 and stress is not None and stress_ref is not None
+    if use_energy:
+        target = energy_error / n_atoms.to(energy_error.dtype).clamp(min=1) if cfg.energy_loss == "per_atom" \
+            else energy_error
+        energy_sum = loss_terms(target, cfg.loss, cfg.huber_delta).sum()
+    if use_forces:
+        force_sum = loss_terms(force_error, cfg.loss, cfg.huber_delta).sum()
+    if use_stress:
+        stress_error, known = masked_stress_error(stress, stress_ref)
+        stress_sum = loss_terms(stress_error, cfg.loss, cfg.huber_delta).sum()
+        stress_known = known.sum().to(torch.float64)
+    counts = torch.stack([torch.tensor(float(energy_error.numel()), dtype=torch.float64, device=energy_error.device),
+                          torch.tensor(float(force_error.numel() if use_forces else 0), dtype=torch.float64,
+                                       device=energy_error.device),
+                          stress_known])
+    torch.distributed.all_reduce(counts, group=group)
+    world = torch.distributed.get_world_size(group)
+    scale = (world / counts.clamp(min=1)).to(energy_error.dtype)
+    loss = zero
+    if use_energy:
+        loss = loss + cfg.energy_weight * (energy_sum * scale[0])
+    if use_forces:
+        loss = loss + cfg.force_weight * (force_sum * scale[1])
+    if use_stress:
+        loss = loss + cfg.stress_weight * (stress_sum * scale[2])
+    return loss, energy_error, force_error

@@ -42,7 +42,8 @@ METRICS_CSV = Path("logs") / "csv" / "metrics.csv"
 #: data keys that may change when a run is resumed (they do not change what is learned)
 #: (max_z follows model.max_z, which may not change; runs made before data.max_z took the model's
 #: meaning saved model.max_z - 1 there)
-RESUME_MUTABLE_DATA_KEYS = {"num_workers", "inference_batch_size", "cache_dir", "mmap", "max_z", "device_resident"}
+RESUME_MUTABLE_DATA_KEYS = {"num_workers", "inference_batch_size", "cache_dir", "mmap", "max_z", "device_resident",
+                            "check_labels"}
 RESUME_MUTABLE_MODEL_KEYS = {"backend"}
 #: training structures used to fold the untrained network's energy offset into the references
 INITIAL_REFIT_STRUCTURES = 2000
