@@ -144,6 +144,24 @@ def test_refused_with_one_line_and_nothing_written(tmp_path, shared_data, capsys
 
 
 # ---------------------------------------------------------------------------------- behaviour: labels
+def test_data_info_prints_the_summary_and_the_label_problem(tmp_path, shared_data, capsys):
+    """``torchmdx data info`` shows what training would refuse: the summary on stdout, then the
+    label check's one line on stderr, exit status 1; sound data: no such line, status 0."""
+    from torchmdx.cli.main import main
+
+    E = _ethanol(shared_data)["E"].copy()
+    E[5] = 1e30
+    bad = _npz(tmp_path, shared_data, E=E)
+    good = _npz(tmp_path, shared_data, name="good.npz")
+    assert main(["data", "info", str(bad), "--cache-dir", str(_cache(tmp_path))]) == 1
+    out, err = capsys.readouterr()
+    assert "structures" in out.lower() and err.count("\n") == 1
+    assert err.startswith("error: ") and "bad.npz: structure 5: energy 4.33641e+28 eV" in err, err
+    assert main(["data", "info", str(good), "--cache-dir", str(_cache(tmp_path))]) == 0
+    out, err = capsys.readouterr()
+    assert "error" not in err and "structures" in out.lower()
+
+
 def test_label_limits_against_hand_computed_bounds():
     """The force limit is 1e4 eV/Å per component; the energy bound of a structure is ten times
     the Thomas-Fermi energy of its atoms, 10 * 0.7687 * Σ Z^(7/3) Hartree (computed here with

@@ -175,6 +175,9 @@ def _info(args, config) -> int:
     summary = summarize(structures)
     if _is_config(args.source):
         summary.update(_config_part(structures, config))
+    problem = _label_problem(structures, config)
+    if problem is not None:
+        summary["label_problem"] = problem
     if args.json:
         print(json.dumps(summary, indent=None))
     else:
@@ -182,7 +185,25 @@ def _info(args, config) -> int:
         if summary.get("atomic_references_note"):
             print(f"{'note':<13}{summary['atomic_references_note']}")
     sys.stdout.flush()
+    if problem is not None:  # the summary stays useful; the problem is the one error line
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _label_problem(structures, config) -> str | None:
+    """What training would refuse in the labels (torchmdx.data.label_check: an energy or force
+    far beyond physical), as its one line; None when they pass or ``data.check_labels`` is false."""
+    from torchmdx.data.label_check import check_labels
+    from torchmdx.errors import DataError
+
+    if getattr(config, "check_labels", None) is False or structures.energy is None:
+        return None
+    try:
+        check_labels(structures)
+    except DataError as exc:
+        return str(exc)
+    return None
 
 
 def _config_part(structures, config) -> dict:
