@@ -8,18 +8,35 @@ Each side runs in its own process (one device call each)::
     python bench/bench_accuracy.py run --side torchmdx   --data aspirin --minutes 5 --out DIR
     python bench/bench_accuracy.py report DIR [DIR ...]          # CPU: table + accuracy_<data>.png
 
-**Data.** ``--data`` is an MD17-layout npz (a path, or ``aspirin`` / ``ethanol`` for the shipped
-GFN2-xTB samples ``md17_<name>_xtb.npz``, looked up in ``$TORCHMDX_SHARED_DATA/md17``,
-``$TORCHMDX_SHARED_DATA``, ``.benchdata/`` and ``../shared/data/md17``). It is read once through
-torchmdx's data layer (``build_cache`` + ``H5Dataset``: kcal/mol -> eV, kcal/mol/Å -> eV/Å), and
-both sides train and are scored on these numbers: torchmdx reads the same cache, TorchMD-NET gets
-them as its ``Custom`` dataset (coord/embed/energy/force .npy files, eV and eV/Å).
+**Data** (bench/bench_accuracy_data.py). ``--data`` is an MD17-layout npz (a path, or ``aspirin`` /
+``ethanol`` for the shipped GFN2-xTB samples ``md17_<name>_xtb.npz``) or an ANI-1x-layout HDF5
+file (a path, or ``ani1x`` for the shipped sample ``ani1x_xtb.h5``: 600 conformations of 15
+formulas, 3-11 atoms, molecules of different sizes), looked up in ``$TORCHMDX_SHARED_DATA/md17``,
+``$TORCHMDX_SHARED_DATA/ani``, ``$TORCHMDX_SHARED_DATA``, ``.benchdata/``, ``../shared/data/md17``
+and ``../shared/data/ani``. It is read once through torchmdx's data layer (``build_cache`` +
+``H5Dataset``: kcal/mol or Hartree -> eV, per Å likewise), and both sides train and are scored on
+these numbers: torchmdx reads the same cache; TorchMD-NET gets them as its ``Custom`` dataset
+(MD17: coord/embed/energy/force .npy files, eV and eV/Å) or, for ANI-1x, as an in-memory
+``torch_geometric`` dataset of ``Data(z, pos, y, neg_dy)`` (eV, eV/Å) handed to its
+``DataModule(hparams, dataset=...)``.
 
-**Split.** 700 / 50 / 250 frames, seed 0: ``numpy.random.default_rng(seed).permutation``
-(``torchmdx.data.splits.random_split``), written once as torchmdx's split file
+**Split.** By structure, seed 0: 700 / 50 / 250 (MD17) or 450 / 50 / 100 (ANI-1x) structures of
+``numpy.random.default_rng(seed).permutation`` (``torchmdx.data.splits.random_split``;
+``--train/--val/--test`` change the sizes), written once as torchmdx's split file
 (``save_split``: indices, size, seed, the source's content hash) and handed to torchmdx as
 ``data.split_file``; TorchMD-NET's ``splits`` npz (``idx_train/idx_val/idx_test``) is written from
-that file as read back by ``load_split``. ``--split FILE`` reuses a split file made earlier.
+that file as read back by ``load_split``. ``--split FILE`` reuses a split file made earlier (e.g.
+the ET race's, for an Equiformer run at the same budget).
+
+**Energy references** (ANI-1x). Per-element reference energies fitted by least squares on the
+training structures (torchmdx's ``fit_atomic_references``, what ``data.atomref: fit`` computes),
+one table for both sides: torchmdx fits it in its data module from the same split (it is read
+back from the run's ``data_state.json`` and recorded), TorchMD-NET gets it as its frozen
+``Atomref`` prior (``prior_model: Atomref``, the dataset's ``get_atomref()``). Each side's model
+adds the table to its per-atom outputs, so both predict total energies; the report warns if the
+two tables differ. The normalisation of the residual stays each project's own (TorchMD-NET:
+``standardize``, mean and std of the residual energies; torchmdx: ``scale``/``shift: auto``),
+as in the MD17 race. MD17 (one molecule) keeps each recipe's own treatment (TorchMD-NET no prior).
 
 **Recipe.** TorchMD-NET's ET-MD17 example (128 channels, 6 layers, 8 heads, 32 expnorm RBFs,
 cutoff 5 Å, SiLU, neighbor embedding, distance influence both, vector cutoff, ``Scalar`` output
@@ -30,7 +47,11 @@ own ``LNNP``, ``DataModule`` and a ``lightning.Trainer`` as its ``torchmd-train`
 (checkpoints every 10 epochs, early stopping; no test passes during training). torchmdx trains
 ``configs/et_md17.yaml`` (the same recipe) through ``torchmdx.train.run.train`` with
 ``train.cuda_graph: true`` on CUDA; ``--torchmdx-set key=value`` (repeatable) adds config
-overrides. Both parameter counts are printed; they must be equal (1 339 906 for the recipe).
+overrides. Both parameter counts are printed; they must be equal (1 339 906 for the recipe;
+TorchMD-NET's frozen ``Atomref`` table is not counted: torchmdx holds it as a buffer). ANI-1x
+changes only the batch (32 on both sides, inference 64: 3-11 atoms a structure, as
+bench/bench_train_run.py's ani1x workload) and adds the shared references; torchmdx's captured
+step then trains on packed batches (``torchmdx.data.packing``: a few fixed atom capacities).
 
 **Other torchmdx models.** ``--side torchmdx --config configs/equiformer_md17.yaml --label
 equiformer`` trains another config (another architecture: Equiformer against the ET at the same
@@ -54,7 +75,9 @@ torchmdx validates and exports, into the checkpoint's ``state_dict``.
 public loader (``torchmdnet.models.model.load_model(path, derivative=True)``,
 ``torchmdx.train.export.potential_from_checkpoint``), evaluated in eval mode with full float32
 matmuls (TF32 off) on the test frames, and :func:`errors` (numpy only) gives energy MAE (meV,
-over structures) and force MAE (meV/Å, over Cartesian components). ``scores_<side>.json`` in
+over structures; and per atom, meV/atom: |ΔE_s| / N_s averaged over structures, the one that
+means something for molecules of different sizes) and force MAE (meV/Å, over Cartesian
+components). ``scores_<side>.json`` in
 ``--out`` holds the curve, steps, steps/s, parameter counts, device and date.
 The scorer is bench/bench_accuracy_scorer.py; the report (``report``: table and PNG) is
 bench/bench_accuracy_report.py.
@@ -91,13 +114,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_accuracy_report import LABELS, SIDES, cmd_report, comparison, time_to_reach  # noqa: E402
 from bench_accuracy_scorer import EV_TO_MEV, count_parameters, errors, score_checkpoints  # noqa: E402
 # data, split, energy references and TorchMD-NET's inputs (the same for both sides)
-from bench_accuracy_data import (DATASETS, data_kind, data_name, load_frames, make_split_file,  # noqa: E402,F401
-                                 nonzero_table, reference_energies, resolve_data, split_digest,
+from bench_accuracy_data import (DATASETS, atom_index, data_kind, data_name, load_frames,  # noqa: E402,F401
+                                 make_split_file, nonzero_table, reference_energies, resolve_data, split_digest,
                                  torchmdnet_dataset, write_custom_dataset, write_torchmdnet_splits)
 
 #: the names callers and tests use, this script's and those re-exported from its scorer and report
 __all__ = ["main", "cmd_run", "cmd_report", "load_frames", "make_split_file", "write_torchmdnet_splits",
-           "WallClockCheckpoints", "errors", "score_checkpoints", "comparison", "time_to_reach"]
+           "WallClockCheckpoints", "errors", "score_checkpoints", "comparison", "time_to_reach", "atom_index",
+           "reference_energies", "torchmdnet_dataset"]
 
 #: parameters of the ET-MD17 recipe with the gated equivariant head (both projects)
 EXPECTED_PARAMETERS = 1_339_906
