@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from torch_geometric.data import Data, Dataset
 
 from torchmdx.errors import DataError
 from torchmdx.io_utils import atomic_write
@@ -212,14 +214,30 @@ def write_custom_dataset(frames: dict, folder: Path) -> dict:
     return files
 
 
-def torchmdnet_dataset(frames: dict, references=None):
+class RaceDataset(Dataset):
+    """TorchMD-NET's view of the race's structures: a ``torch_geometric`` dataset of ``Data``
+    items, with ``get_atomref()`` for its ``Atomref`` prior (module level, so that data-loader
+    workers started by spawn can unpickle it)."""
+
+    def __init__(self, items: list, table=None):
+        super().__init__(None)
+        self.items, self.table = items, table
+
+    def len(self):
+        return len(self.items)
+
+    def get(self, idx):
+        return self.items[idx]
+
+    def get_atomref(self, max_z=MAX_Z):
+        return None if self.table is None else self.table[:max_z].float()
+
+
+def torchmdnet_dataset(frames: dict, references=None) -> RaceDataset:
     """Every structure as a ``torch_geometric.data.Data`` with TorchMD-NET's keys and units (z
     long [N], pos float32 [N, 3] Å, y float64 [1, 1] eV, neg_dy float32 [N, 3] eV/Å; TorchMD-NET's
-    LNNP casts floats to its precision), in a ``torch_geometric`` dataset whose ``get_atomref()``
-    returns ``references`` [max_z, 1] (eV) for TorchMD-NET's ``Atomref`` prior (None: no table)."""
-    import torch
-    from torch_geometric.data import Data, Dataset
-
+    LNNP casts floats to its precision), in a :class:`RaceDataset` whose ``get_atomref()`` returns
+    ``references`` [max_z, 1] (eV) for TorchMD-NET's ``Atomref`` prior (None: no table)."""
     flat = flat_structures(frames)
     offsets = flat["offsets"]
     items = []
@@ -230,15 +248,4 @@ def torchmdnet_dataset(frames: dict, references=None):
                           y=torch.tensor([[float(frames["energy"][s])]], dtype=torch.float64),
                           neg_dy=torch.as_tensor(flat["forces"][a:b], dtype=torch.float32)))
     table = None if references is None else torch.as_tensor(np.asarray(references, dtype=np.float64)).view(-1, 1)
-
-    class RaceDataset(Dataset):
-        def len(self):
-            return len(items)
-
-        def get(self, idx):
-            return items[idx]
-
-        def get_atomref(self, max_z=MAX_Z):
-            return None if table is None else table[:max_z].float()
-
-    return RaceDataset(None)
+    return RaceDataset(items, table)
