@@ -56,8 +56,9 @@ SHARED_NAMES = {"aspirin": "md17_aspirin_xtb.npz", "ethanol": "md17_ethanol_xtb.
 #: per kind: torchmdx's data format, default split sizes, the torchmdx ``data:`` overrides and the
 #: TorchMD-NET hyper-parameters that differ from the ET-MD17 recipe
 DATASETS = {
+    # references: each recipe's own (TorchMD-NET standardize, no prior; torchmdx atomref: fit)
     "md17": {"format": "md17", "sizes": (700, 50, 250), "torchmdx_data": {}, "torchmdnet": {},
-             "references": "none"},
+             "references": "own"},
     # batch 32 (bench/bench_train_run.py's ani1x workload): 3-11 atoms a structure; per-element
     # reference energies on both sides, the same table
     "ani1x": {"format": "ani1x", "sizes": (450, 50, 100), "torchmdx_data": {"batch_size": 32, "atomref": "fit"},

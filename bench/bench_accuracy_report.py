@@ -103,8 +103,11 @@ def check_scores(s: dict, p) -> None:
 
 
 def reference_warnings(runs: dict, keys) -> list[str]:
-    """A warning when the runs trained with different per-element reference energies (each
-    run's ``info.atomic_references``, {Z: eV}: what its model held; TorchMD-NET's in float32)."""
+    """A warning when runs of a race with shared reference energies (``energy_references:
+    fit``, e.g. ANI-1x) trained with different tables (each run's ``info.atomic_references``,
+    {Z: eV}: what its model held; TorchMD-NET's in float32). MD17 races keep each recipe's own."""
+    if any(runs[k].get("energy_references") != "fit" for k in keys if k in runs):
+        return []
     infos = {k: runs[k].get("info") for k in keys if k in runs}
     tables = {k: info.get("atomic_references") for k, info in infos.items() if isinstance(info, dict)}
     tables = {k: {str(z): v for z, v in t.items()} for k, t in tables.items() if isinstance(t, dict)}

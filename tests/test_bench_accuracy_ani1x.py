@@ -167,7 +167,7 @@ def test_errors_per_atom_by_hand(bench):
 
 def test_report_says_when_the_energy_references_differ(bench, tmp_path, capsys):
     def scores(side, table):
-        return {"side": side, "data": "ani1x", "kind": "ani1x", "parameters": 10, "split_digest": "s", "data_hash": "h",
+        return {"side": side, "data": "ani1x", "kind": "ani1x", "energy_references": "fit", "parameters": 10, "split_digest": "s", "data_hash": "h",
                 "budget_s": 6.0, "device": "test", "date": "2026-12-05", "sizes": [60, 10, 30],
                 "info": {"atomic_references": table},
                 "points": [{"t": 1.0, "t_train": 1.0, "step": 1, "forces_mae": 9.0, "energy_mae": 40.0,
@@ -183,6 +183,13 @@ def test_report_says_when_the_energy_references_differ(bench, tmp_path, capsys):
     (tmp_path / "scores_torchmdx.json").write_text(json.dumps(scores("torchmdx", {"1": -13.0, "6": -57.616422})))
     bench.main(["report", str(tmp_path), "--out", str(tmp_path / "r")])
     assert "!!! THE ENERGY REFERENCES DIFFER between TorchMD-NET 3.0.0" in capsys.readouterr().out
+    # an MD17 race keeps each recipe's own treatment: nothing to compare
+    for side in ("torchmdnet", "torchmdx"):
+        payload = json.loads((tmp_path / f"scores_{side}.json").read_text())
+        payload["energy_references"] = "own"
+        (tmp_path / f"scores_{side}.json").write_text(json.dumps(payload))
+    bench.main(["report", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert "DIFFER" not in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------- a short race
