@@ -216,19 +216,24 @@ def write_custom_dataset(frames: dict, folder: Path) -> dict:
 
 
 class RaceDataset(Dataset):
-    """TorchMD-NET's view of the race's structures: a ``torch_geometric`` dataset of ``Data``
-    items, with ``get_atomref()`` for its ``Atomref`` prior (module level, so that data-loader
-    workers started by spawn can unpickle it)."""
+    """TorchMD-NET's view of the race's structures: a ``torch_geometric`` dataset whose items are
+    made on access from the flat arrays (z, pos, forces, energy, offsets), with ``get_atomref()``
+    for its ``Atomref`` prior (module level, so that data-loader workers started by spawn can
+    unpickle it)."""
 
-    def __init__(self, items: list, table=None):
+    def __init__(self, arrays: dict, table=None):
         super().__init__(None)
-        self.items, self.table = items, table
+        self.arrays, self.table = arrays, table
 
     def len(self):
-        return len(self.items)
+        return len(self.arrays["energy"])
 
     def get(self, idx):
-        return self.items[idx]
+        a = self.arrays
+        lo, hi = int(a["offsets"][idx]), int(a["offsets"][idx + 1])
+        return Data(z=torch.from_numpy(a["z"][lo:hi]), pos=torch.from_numpy(a["pos"][lo:hi]),
+                    y=torch.tensor([[float(a["energy"][idx])]], dtype=torch.float64),
+                    neg_dy=torch.from_numpy(a["forces"][lo:hi]))
 
     def get_atomref(self, max_z=MAX_Z):
         return None if self.table is None else self.table[:max_z].float()
@@ -240,13 +245,9 @@ def torchmdnet_dataset(frames: dict, references=None) -> RaceDataset:
     LNNP casts floats to its precision), in a :class:`RaceDataset` whose ``get_atomref()`` returns
     ``references`` [max_z, 1] (eV) for TorchMD-NET's ``Atomref`` prior (None: no table)."""
     flat = flat_structures(frames)
-    offsets = flat["offsets"]
-    items = []
-    for s in range(len(offsets) - 1):
-        a, b = int(offsets[s]), int(offsets[s + 1])
-        items.append(Data(z=torch.as_tensor(flat["z"][a:b], dtype=torch.long),
-                          pos=torch.as_tensor(flat["pos"][a:b], dtype=torch.float32),
-                          y=torch.tensor([[float(frames["energy"][s])]], dtype=torch.float64),
-                          neg_dy=torch.as_tensor(flat["forces"][a:b], dtype=torch.float32)))
+    arrays = {"z": np.ascontiguousarray(flat["z"], dtype=np.int64),
+              "pos": np.ascontiguousarray(flat["pos"], dtype=np.float32),
+              "forces": np.ascontiguousarray(flat["forces"], dtype=np.float32),
+              "energy": np.asarray(frames["energy"], dtype=np.float64), "offsets": np.asarray(flat["offsets"], dtype=np.int64)}
     table = None if references is None else torch.as_tensor(np.asarray(references, dtype=np.float64)).view(-1, 1)
-    return RaceDataset(items, table)
+    return RaceDataset(arrays, table)
