@@ -8,18 +8,35 @@ Each side runs in its own process (one device call each)::
     python bench/bench_accuracy.py run --side torchmdx   --data aspirin --minutes 5 --out DIR
     python bench/bench_accuracy.py report DIR [DIR ...]          # CPU: table + accuracy_<data>.png
 
-**Data.** ``--data`` is an MD17-layout npz (a path, or ``aspirin`` / ``ethanol`` for the shipped
-GFN2-xTB samples ``md17_<name>_xtb.npz``, looked up in ``$TORCHMDX_SHARED_DATA/md17``,
-``$TORCHMDX_SHARED_DATA``, ``.benchdata/`` and ``../shared/data/md17``). It is read once through
-torchmdx's data layer (``build_cache`` + ``H5Dataset``: kcal/mol -> eV, kcal/mol/Å -> eV/Å), and
-both sides train and are scored on these numbers: torchmdx reads the same cache, TorchMD-NET gets
-them as its ``Custom`` dataset (coord/embed/energy/force .npy files, eV and eV/Å).
+**Data** (bench/bench_accuracy_data.py). ``--data`` is an MD17-layout npz (a path, or ``aspirin`` /
+``ethanol`` for the shipped GFN2-xTB samples ``md17_<name>_xtb.npz``) or an ANI-1x-layout HDF5
+file (a path, or ``ani1x`` for the shipped sample ``ani1x_xtb.h5``: 600 conformations of 15
+formulas, 3-11 atoms, molecules of different sizes), looked up in ``$TORCHMDX_SHARED_DATA/md17``,
+``$TORCHMDX_SHARED_DATA/ani``, ``$TORCHMDX_SHARED_DATA``, ``.benchdata/``, ``../shared/data/md17``
+and ``../shared/data/ani``. It is read once through torchmdx's data layer (``build_cache`` +
+``H5Dataset``: kcal/mol or Hartree -> eV, per Å likewise), and both sides train and are scored on
+these numbers: torchmdx reads the same cache; TorchMD-NET gets them as its ``Custom`` dataset
+(MD17: coord/embed/energy/force .npy files, eV and eV/Å) or, for ANI-1x, as an in-memory
+``torch_geometric`` dataset of ``Data(z, pos, y, neg_dy)`` (eV, eV/Å) handed to its
+``DataModule(hparams, dataset=...)``.
 
-**Split.** 700 / 50 / 250 frames, seed 0: ``numpy.random.default_rng(seed).permutation``
-(``torchmdx.data.splits.random_split``), written once as torchmdx's split file
+**Split.** By structure, seed 0: 700 / 50 / 250 (MD17) or 450 / 50 / 100 (ANI-1x) structures of
+``numpy.random.default_rng(seed).permutation`` (``torchmdx.data.splits.random_split``;
+``--train/--val/--test`` change the sizes), written once as torchmdx's split file
 (``save_split``: indices, size, seed, the source's content hash) and handed to torchmdx as
 ``data.split_file``; TorchMD-NET's ``splits`` npz (``idx_train/idx_val/idx_test``) is written from
-that file as read back by ``load_split``. ``--split FILE`` reuses a split file made earlier.
+that file as read back by ``load_split``. ``--split FILE`` reuses a split file made earlier (e.g.
+the ET race's, for an Equiformer run at the same budget).
+
+**Energy references** (ANI-1x). Per-element reference energies fitted by least squares on the
+training structures (torchmdx's ``fit_atomic_references``, what ``data.atomref: fit`` computes),
+one table for both sides: torchmdx fits it in its data module from the same split (it is read
+back from the run's ``data_state.json`` and recorded), TorchMD-NET gets it as its frozen
+``Atomref`` prior (``prior_model: Atomref``, the dataset's ``get_atomref()``). Each side's model
+adds the table to its per-atom outputs, so both predict total energies; the report warns if the
+two tables differ. The normalisation of the residual stays each project's own (TorchMD-NET:
+``standardize``, mean and std of the residual energies; torchmdx: ``scale``/``shift: auto``),
+as in the MD17 race. MD17 (one molecule) keeps each recipe's own treatment (TorchMD-NET no prior).
 
 **Recipe.** TorchMD-NET's ET-MD17 example (128 channels, 6 layers, 8 heads, 32 expnorm RBFs,
 cutoff 5 Å, SiLU, neighbor embedding, distance influence both, vector cutoff, ``Scalar`` output
@@ -30,7 +47,11 @@ own ``LNNP``, ``DataModule`` and a ``lightning.Trainer`` as its ``torchmd-train`
 (checkpoints every 10 epochs, early stopping; no test passes during training). torchmdx trains
 ``configs/et_md17.yaml`` (the same recipe) through ``torchmdx.train.run.train`` with
 ``train.cuda_graph: true`` on CUDA; ``--torchmdx-set key=value`` (repeatable) adds config
-overrides. Both parameter counts are printed; they must be equal (1 339 906 for the recipe).
+overrides. Both parameter counts are printed; they must be equal (1 339 906 for the recipe;
+TorchMD-NET's frozen ``Atomref`` table is not counted: torchmdx holds it as a buffer). ANI-1x
+changes only the batch (32 on both sides, inference 64: 3-11 atoms a structure, as
+bench/bench_train_run.py's ani1x workload) and adds the shared references; torchmdx's captured
+step then trains on packed batches (``torchmdx.data.packing``: a few fixed atom capacities).
 
 **Other torchmdx models.** ``--side torchmdx --config configs/equiformer_md17.yaml --label
 equiformer`` trains another config (another architecture: Equiformer against the ET at the same
@@ -54,7 +75,9 @@ torchmdx validates and exports, into the checkpoint's ``state_dict``.
 public loader (``torchmdnet.models.model.load_model(path, derivative=True)``,
 ``torchmdx.train.export.potential_from_checkpoint``), evaluated in eval mode with full float32
 matmuls (TF32 off) on the test frames, and :func:`errors` (numpy only) gives energy MAE (meV,
-over structures) and force MAE (meV/Å, over Cartesian components). ``scores_<side>.json`` in
+over structures; and per atom, meV/atom: |ΔE_s| / N_s averaged over structures, the one that
+means something for molecules of different sizes) and force MAE (meV/Å, over Cartesian
+components). ``scores_<side>.json`` in
 ``--out`` holds the curve, steps, steps/s, parameter counts, device and date.
 The scorer is bench/bench_accuracy_scorer.py; the report (``report``: table and PNG) is
 bench/bench_accuracy_report.py.
@@ -68,7 +91,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import hashlib
 import json
 import os
 import shutil
@@ -77,7 +99,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -85,22 +106,26 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from torchmdx.errors import ConfigError, DataError, TorchmdxError  # noqa: E402
+from torchmdx.errors import ConfigError, TorchmdxError  # noqa: E402
 from torchmdx.io_utils import atomic_write  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the scorer and the report (and the names callers and tests take from here)
 from bench_accuracy_report import LABELS, SIDES, cmd_report, comparison, time_to_reach  # noqa: E402
-from bench_accuracy_scorer import EV_TO_MEV, errors, score_checkpoints  # noqa: E402
+from bench_accuracy_scorer import EV_TO_MEV, count_parameters, errors, score_checkpoints  # noqa: E402
+# data, split, energy references and TorchMD-NET's inputs (the same for both sides)
+from bench_accuracy_data import (DATASETS, atom_index, data_kind, data_name, load_frames,  # noqa: E402,F401
+                                 make_split_file, nonzero_table, reference_energies, resolve_data, split_digest,
+                                 torchmdnet_dataset, write_custom_dataset, write_torchmdnet_splits)
 
 #: the names callers and tests use, this script's and those re-exported from its scorer and report
 __all__ = ["main", "cmd_run", "cmd_report", "load_frames", "make_split_file", "write_torchmdnet_splits",
-           "WallClockCheckpoints", "errors", "score_checkpoints", "comparison", "time_to_reach"]
+           "WallClockCheckpoints", "errors", "score_checkpoints", "comparison", "time_to_reach", "atom_index",
+           "reference_energies", "torchmdnet_dataset"]
 
 #: parameters of the ET-MD17 recipe with the gated equivariant head (both projects)
 EXPECTED_PARAMETERS = 1_339_906
 TORCHMDX_CONFIG = ROOT / "configs" / "et_md17.yaml"
-SHARED_NAMES = {"aspirin": "md17_aspirin_xtb.npz", "ethanol": "md17_ethanol_xtb.npz"}
 
 #: TorchMD-NET's examples/ET-MD17.yaml in TorchMD-NET 3.0.0's argument names
 #: (energy_weight/force_weight -> y_weight/neg_dy_weight, ema_alpha_dy -> ema_alpha_neg_dy)
@@ -120,86 +145,6 @@ SMALL = dict(embedding_dimension=32, num_layers=2)
 PROGRESS_METRICS = (("val_forces_mae", "val F MAE", 1.0, "meV/Å"), ("val_energy_mae", "val E MAE", 1.0, "meV"),
                     ("val_neg_dy_l1_loss", "val F L1", EV_TO_MEV, "meV/Å"),
                     ("val_y_l1_loss", "val E L1 (loss EMA)", EV_TO_MEV, "meV"))
-
-
-# =============================================================================================
-# data and split
-def resolve_data(name_or_path: str) -> Path:
-    """The npz of ``--data``: an existing path, or a sample name looked up in the known places."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path.resolve()
-    file_name = SHARED_NAMES.get(name_or_path.lower(), name_or_path)
-    places = []
-    if os.environ.get("TORCHMDX_SHARED_DATA"):
-        shared = Path(os.environ["TORCHMDX_SHARED_DATA"])
-        places += [shared / "md17", shared, shared / "systems"]
-    places += [ROOT / ".benchdata", ROOT.parent / "shared" / "data" / "md17"]
-    for place in places:
-        if (place / file_name).is_file():
-            return (place / file_name).resolve()
-    raise DataError(f"--data {name_or_path}: no such file, and {file_name} is in none of "
-                    f"{', '.join(str(p) for p in places)} (give a path or set TORCHMDX_SHARED_DATA)")
-
-
-def data_name(path: Path) -> str:
-    for name, file_name in SHARED_NAMES.items():
-        if path.name == file_name:
-            return name
-    return path.stem
-
-
-def load_frames(path: Path, cache_dir: Path) -> dict:
-    """z [N], pos [n, N, 3] (Å), energy [n] (eV), forces [n, N, 3] (eV/Å) of every frame, read
-    through torchmdx's data layer (HDF5 cache), plus the source's content hash."""
-    from torchmdx.data.cache import build_cache
-    from torchmdx.data.dataset import H5Dataset
-
-    cache = build_cache(path, "md17", cache_dir)
-    dataset = H5Dataset(cache, dtype="float64")
-    st = dataset.structures
-    counts = np.diff(np.asarray(st.offsets, dtype=np.int64))
-    if st.forces is None:
-        raise DataError(f"{path}: no forces (key F); the benchmark trains on energies and forces")
-    if counts.min() != counts.max():
-        raise DataError(f"{path}: frames with {counts.min()} to {counts.max()} atoms; the benchmark needs one molecule")
-    n, atoms = len(counts), int(counts[0])
-    z = np.asarray(st.z, dtype=np.int64).reshape(n, atoms)
-    if not (z == z[0]).all():
-        raise DataError(f"{path}: the atomic numbers differ between frames; the benchmark needs one molecule")
-    return {"z": z[0], "pos": np.asarray(st.pos, dtype=np.float64).reshape(n, atoms, 3),
-            "energy": np.asarray(st.energy, dtype=np.float64).reshape(n),
-            "forces": np.asarray(st.forces, dtype=np.float64).reshape(n, atoms, 3),
-            "hash": dataset.info["fingerprint"].get("hash", ""), "source": str(path), "cache": str(cache)}
-
-
-def make_split_file(n_frames: int, sizes: Sequence[int], seed: int, path: Path, content_hash: str):
-    """Draw the split (``default_rng(seed).permutation``) and write it as torchmdx's split file."""
-    from torchmdx.data.splits import random_split, save_split
-
-    split = random_split(n_frames, *[int(s) for s in sizes], seed=seed, source=str(path))
-    save_split(split, path, content_hash)
-    return split
-
-
-def write_torchmdnet_splits(split_file: Path, n_frames: int, content_hash: str, path: Path) -> dict:
-    """TorchMD-NET's splits npz (idx_train, idx_val, idx_test) from torchmdx's split file, as
-    ``load_split`` reads it back; returns the indices written."""
-    from torchmdx.data.splits import load_split
-
-    split = load_split(split_file, n_frames, content_hash)
-    parts = {"idx_train": split.train, "idx_val": split.val, "idx_test": split.test}
-    with atomic_write(path) as handle:
-        np.savez(handle, **parts)
-    return parts
-
-
-def split_digest(train, val, test) -> str:
-    """Short hash of the three index lists (the report checks both sides used the same split)."""
-    digest = hashlib.blake2b(digest_size=8)
-    for part in (train, val, test):
-        digest.update(np.asarray(part, dtype=np.int64).tobytes() + b"|")
-    return digest.hexdigest()
 
 
 # =============================================================================================
@@ -229,7 +174,7 @@ class WallClockCheckpoints(_callback_base()):
     def on_fit_start(self, trainer, pl_module):
         self.t_fit = time.monotonic()
         model = getattr(pl_module, "model", pl_module)
-        self.parameters = int(sum(p.numel() for p in model.parameters()))
+        self.parameters = count_parameters(model)
         note = ""
         if self.expected_parameters is not None and self.parameters != self.expected_parameters:
             note = f"   <-- NOT the recipe's {self.expected_parameters:,}"
@@ -310,34 +255,26 @@ def torchmdnet_hparams(ctx: dict) -> dict:
     hp.update(TORCHMDNET_RECIPE)
     if ctx["small"]:
         hp.update(SMALL)
-    files = ctx["tmdnet_files"]
-    hp.update(dataset="Custom", coord_files=files["coord"], embed_files=files["embed"], energy_files=files["energy"],
-              force_files=files["force"], splits=str(ctx["tmdnet_splits"]), train_size=ctx["sizes"][0],
-              val_size=ctx["sizes"][1], test_size=ctx["sizes"][2], seed=ctx["seed"], log_dir=str(ctx["work"] / "tmdnet"),
-              num_epochs=1_000_000, ngpus=1)
+    hp.update(DATASETS[ctx["kind"]]["torchmdnet"])
+    files = ctx.get("tmdnet_files")
+    if files:  # one molecule: TorchMD-NET's Custom dataset files; else the in-memory dataset given to DataModule
+        hp.update(dataset="Custom", coord_files=files["coord"], embed_files=files["embed"], energy_files=files["energy"],
+                  force_files=files["force"])
+    hp.update(splits=str(ctx["tmdnet_splits"]), train_size=ctx["sizes"][0], val_size=ctx["sizes"][1],
+              test_size=ctx["sizes"][2], seed=ctx["seed"], log_dir=str(ctx["work"] / "tmdnet"), num_epochs=1_000_000,
+              ngpus=1)
     if ctx["workers"] is not None:
         hp["num_workers"] = ctx["workers"]
     return hp
 
 
-def write_custom_dataset(frames: dict, folder: Path) -> dict:
-    """TorchMD-NET's Custom dataset files (one molecule): coordinates [n, N, 3] Å, embedding
-    (atomic numbers) [N], energies [n, 1] eV, forces [n, N, 3] eV/Å."""
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"coord": frames["pos"].astype(np.float32), "embed": frames["z"].astype(np.int64),
-              "energy": frames["energy"].reshape(-1, 1).astype(np.float64), "force": frames["forces"].astype(np.float32)}
-    files = {}
-    for name, array in arrays.items():
-        files[name] = str(folder / f"{name}.npy")
-        np.save(files[name], array)
-    return files
-
-
 def check_torchmdnet() -> None:
     """One-line error when TorchMD-NET cannot be imported."""
     try:
-        import torchmdnet.data  # noqa: F401
-        import torchmdnet.module  # noqa: F401
+        import importlib
+
+        for module in ("torchmdnet.data", "torchmdnet.module"):
+            importlib.import_module(module)
     except ImportError as exc:
         raise ConfigError(f"TorchMD-NET is not importable ({exc}); install the wheels: python3 -m pip install "
                           "--no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD") from None
@@ -351,14 +288,18 @@ def run_torchmdnet(ctx: dict, callback: WallClockCheckpoints) -> dict:
     from torchmdnet.models.model import create_prior_models
     from torchmdnet.module import LNNP
 
-    ctx["tmdnet_files"] = write_custom_dataset(ctx["frames"], ctx["work"] / "tmdnet_data")
+    dataset = None
+    if ctx["kind"] == "md17":
+        ctx["tmdnet_files"] = write_custom_dataset(ctx["frames"], ctx["work"] / "tmdnet_data")
+    else:  # molecules of different sizes: Data(z, pos, y, neg_dy) in memory, the shared references as get_atomref()
+        dataset = torchmdnet_dataset(ctx["frames"], ctx["references"])
     ctx["tmdnet_splits"] = ctx["work"] / "tmdnet_splits.npz"
     write_torchmdnet_splits(ctx["split_file"], len(ctx["frames"]["energy"]), ctx["frames"]["hash"], ctx["tmdnet_splits"])
     hp = torchmdnet_hparams(ctx)
     os.makedirs(hp["log_dir"], exist_ok=True)
     # what torchmdnet.scripts.train.main does, with max_time and our checkpoint callback added
     pl.seed_everything(hp["seed"], workers=True)
-    data = DataModule(hp)
+    data = DataModule(hp, dataset=dataset)
     data.prepare_data()
     data.setup("fit")
     prior_models = create_prior_models(hp, data.dataset)
@@ -377,7 +318,9 @@ def run_torchmdnet(ctx: dict, callback: WallClockCheckpoints) -> dict:
                          enable_progress_bar=False)
     trainer.fit(model, data)
     info = {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step),
-            "hparams": {k: v for k, v in hp.items() if k in TORCHMDNET_RECIPE or k in ("seed", "num_workers")},
+            "hparams": {k: v for k, v in hp.items() if k in TORCHMDNET_RECIPE or k in ("seed", "num_workers", "prior_args")},
+            "atomic_references": nonzero_table(data.atomref.reshape(-1).double().numpy())
+            if hp.get("prior_model") == "Atomref" and data.atomref is not None else {},
             "standardize_mean_std": [float(data.mean.reshape(-1)[0]), float(data.std.reshape(-1)[0])]
             if data.mean is not None else None}
     try:
@@ -397,9 +340,9 @@ def torchmdx_values(ctx: dict) -> tuple[dict, list]:
 
     values = load_yaml(ctx["config"])
     data, model, train, trainer = (values.setdefault(k, {}) for k in ("data", "model", "train", "trainer"))
-    data.update(path=str(ctx["data_path"]), format="md17", cache_dir=str(ctx["work"] / "cache"),
+    data.update(path=str(ctx["data_path"]), format=DATASETS[ctx["kind"]]["format"], cache_dir=str(ctx["work"] / "cache"),
                 train_size=ctx["sizes"][0], val_size=ctx["sizes"][1], test_size=ctx["sizes"][2],
-                split_file=str(ctx["split_file"]), seed=ctx["seed"])
+                split_file=str(ctx["split_file"]), seed=ctx["seed"], **DATASETS[ctx["kind"]]["torchmdx_data"])
     if ctx["workers"] is not None:
         data["num_workers"] = ctx["workers"]
     if ctx["small"] and Path(ctx["config"]) == TORCHMDX_CONFIG:
@@ -421,7 +364,17 @@ def run_torchmdx(ctx: dict, callback: WallClockCheckpoints) -> dict:
     print(f"[{ctx['run']}] config {Path(ctx['config']).name} + overrides; --torchmdx-set: {sets or 'none'}", flush=True)
     result = train(cfg, callbacks=[callback])
     return {"epochs": result.get("epochs"), "steps": result.get("global_step"), "config": cfg.to_dict(),
-            "torchmdx_set": sets, "version": _torchmdx_version()}
+            "torchmdx_set": sets, "version": _torchmdx_version(), "atomic_references": _torchmdx_references(values)}
+
+
+def _torchmdx_references(values: dict) -> dict:
+    """The reference energies torchmdx's data module fitted ({Z: eV}, from the run folder's
+    data_state.json; empty when it is not there)."""
+    path = Path(values["run_dir"]) / "data_state.json"
+    try:
+        return nonzero_table(json.loads(path.read_text())["atomic_references"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _torchmdx_version() -> str:
@@ -470,6 +423,7 @@ def cmd_run(args) -> int:
                                    or args.label == "torchmdnet"):
         raise ConfigError(f"--label {args.label!r}: use letters, digits, '-' and '_' (and not 'torchmdnet')")
     data_path = resolve_data(args.data)
+    data_kind(data_path)  # an npz or an HDF5 file, else one line
     own_work = args.work is None
     if not own_work and Path(args.work).exists() and any(Path(args.work).iterdir()):
         raise ConfigError(f"--work {args.work} is not empty; give a new or empty folder")
@@ -490,8 +444,10 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     frames = load_frames(data_path, work / "cache")
+    kind = frames["kind"]
     n = len(frames["energy"])
-    sizes = (args.train, args.val, args.test)
+    sizes = tuple(given if given is not None else default
+                  for given, default in zip((args.train, args.val, args.test), DATASETS[kind]["sizes"]))
     if args.split:
         split_file = Path(args.split)
         from torchmdx.data.splits import load_split
@@ -501,18 +457,22 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
         split_file = out / f"split_{name}_seed{args.seed}.npz"
         split = make_split_file(n, sizes, args.seed, split_file, frames["hash"])
     sizes = (len(split.train), len(split.val), len(split.test))
+    # per-element reference energies, fitted once on the training structures, the same table for both sides
+    references = reference_energies(frames, split.train) if DATASETS[kind]["references"] == "fit" else None
     budget = args.minutes * 60.0
     key = run_key(args)
     config = Path(args.config) if args.config is not None else TORCHMDX_CONFIG
     ctx = {"side": args.side, "run": key, "config": config, "data_path": data_path, "frames": frames,
            "split_file": split_file, "sizes": sizes, "seed": args.seed, "device": device, "small": args.small,
            "work": work, "workers": args.workers, "max_time": max_time_string(budget),
-           "torchmdx_set": args.torchmdx_set or []}
+           "torchmdx_set": args.torchmdx_set or [], "kind": kind, "references": references}
     # the recipe's parameter count holds for TorchMD-NET and torchmdx's ET-MD17 config only
     expected = None if args.small or config.resolve() != TORCHMDX_CONFIG.resolve() else EXPECTED_PARAMETERS
     log_path = out / f"checkpoints_{key}.json"
     callback = WallClockCheckpoints(key, work / "checkpoints", log_path, args.every, expected)
-    print(f"[{key}] data {data_path} ({n} frames, {len(frames['z'])} atoms), split {sizes} seed {args.seed} "
+    counts = np.diff(frames["offsets"]) if "offsets" in frames else [len(frames["z"])]
+    atoms = f"{min(counts)} atoms" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)} atoms"
+    print(f"[{key}] data {data_path} ({n} structures of {atoms}), split {sizes} seed {args.seed} "
           f"({split_file}), budget {budget:.0f} s (max_time {ctx['max_time']}), device {device_name(device)}, "
           f"work {work}", flush=True)
     info = RUNNERS[args.side](ctx, callback)
@@ -530,7 +490,10 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
         "torch": torch.__version__, "parameters": callback.parameters, "expected_parameters": expected,
         "steps": info.get("steps"), "epochs": info.get("epochs"), "save_seconds": callback.save_seconds,
         "fit_to_train_s": (callback.t_train - callback.t_fit) if callback.t_train is not None else None,
-        "train_call_s": t_trained - t_start, "info": info, "points": [],
+        "train_call_s": t_trained - t_start, "kind": kind,
+        "energy_references": DATASETS[kind]["references"],
+        "atomic_references": nonzero_table(references) if references is not None else {},
+        "info": info, "points": [],
     }
     records = callback.records
     if records:
@@ -557,7 +520,7 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
         p = points[-1]
         print(f"[{key}] final: {p['step']} steps in {p['t_train']:.0f} s of training "
               f"({scores.get('steps_per_s') or 0:.2f} steps/s), test F MAE {p['forces_mae']:.2f} meV/Å, "
-              f"E MAE {p['energy_mae']:.2f} meV -> {scores_path}", flush=True)
+              f"E MAE {p['energy_mae']:.2f} meV ({p['energy_mae_per_atom']:.3f} meV/atom) -> {scores_path}", flush=True)
     return 0
 
 
@@ -573,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train one side for the budget, then score its checkpoints")
     run.add_argument("--side", choices=SIDES, required=True)
-    run.add_argument("--data", default="aspirin", help="aspirin | ethanol | path of an MD17-layout npz")
+    run.add_argument("--data", default="aspirin",
+                     help="aspirin | ethanol | ani1x | path of an MD17-layout npz or an ANI-1x-layout .h5")
     run.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget (Lightning max_time)")
     run.add_argument("--every", type=float, default=30.0, help="seconds between checkpoints")
     run.add_argument("--out", default=os.environ.get("OUT", "bench/results/accuracy"),
@@ -581,9 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--work", default=None, help="checkpoints, caches, run folders (default: a new temporary folder)")
     run.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     run.add_argument("--split", default=None, help="reuse this torchmdx split file instead of drawing one")
-    run.add_argument("--train", type=int, default=700)
-    run.add_argument("--val", type=int, default=50)
-    run.add_argument("--test", type=int, default=250)
+    run.add_argument("--train", type=int, default=None, help="training structures (default: MD17 700, ANI-1x 450)")
+    run.add_argument("--val", type=int, default=None, help="validation structures (default: 50)")
+    run.add_argument("--test", type=int, default=None, help="test structures (default: MD17 250, ANI-1x 100)")
     run.add_argument("--seed", type=int, default=0, help="split and training seed")
     run.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
     run.add_argument("--workers", type=int, default=None,

@@ -102,6 +102,28 @@ def check_scores(s: dict, p) -> None:
 
 
 
+def reference_warnings(runs: dict, keys) -> list[str]:
+    """A warning when runs of a race with shared reference energies (``energy_references:
+    fit``, e.g. ANI-1x) trained with different tables (each run's ``info.atomic_references``,
+    {Z: eV}: what its model held; TorchMD-NET's in float32). MD17 races keep each recipe's own."""
+    if any(runs[k].get("energy_references") != "fit" for k in keys if k in runs):
+        return []
+    infos = {k: runs[k].get("info") for k in keys if k in runs}
+    tables = {k: info.get("atomic_references") for k, info in infos.items() if isinstance(info, dict)}
+    tables = {k: {str(z): v for z, v in t.items()} for k, t in tables.items() if isinstance(t, dict)}
+    if len(tables) < 2:
+        return []
+    (first, ref), *others = tables.items()
+    out = []
+    for k, table in others:
+        same = set(table) == set(ref) and all(abs(float(table[z]) - float(ref[z])) <= 1e-4 * max(1.0, abs(float(ref[z])))
+                                               for z in ref)
+        if not same:
+            out.append(f"THE ENERGY REFERENCES DIFFER between {runs[first].get('label', first)} ({ref}) and "
+                       f"{runs[k].get('label', k)} ({table})")
+    return out
+
+
 def ordered_runs(runs: dict) -> list[str]:
     """TorchMD-NET first, then torchmdx's default run, then the other torchmdx runs by name."""
     return [k for k in SIDES if k in runs] + sorted(k for k in runs if k not in SIDES)
@@ -110,12 +132,16 @@ def ordered_runs(runs: dict) -> list[str]:
 def summarise(s: dict) -> dict:
     pts = s["points"]
     out = {"parameters": s.get("parameters"), "steps": None, "steps_per_s": s.get("steps_per_s"),
-           "t_end": None, "final_f": None, "final_e": None, "best_f": None, "best_f_t": None, "best_e": None}
+           "t_end": None, "final_f": None, "final_e": None, "best_f": None, "best_f_t": None, "best_e": None,
+           "final_e_atom": None, "best_e_atom": None}
     if pts:
         last = pts[-1]
         best = min(pts, key=lambda p: p["forces_mae"])
         out.update(steps=last["step"], t_end=last["t"], final_f=last["forces_mae"], final_e=last["energy_mae"],
                    best_f=best["forces_mae"], best_f_t=best["t"], best_e=min(p["energy_mae"] for p in pts))
+        per_atom = [p.get("energy_mae_per_atom") for p in pts]
+        if all(_is_number(v) for v in per_atom):  # scores written before the per-atom error have none
+            out.update(final_e_atom=per_atom[-1], best_e_atom=min(per_atom))
     return out
 
 
@@ -147,6 +173,7 @@ def comparison(runs: dict) -> tuple[str, dict]:
             derived["warnings"].append(f"THE BUDGETS DIFFER: {a.get('budget_s')} s vs {b.get('budget_s')} s")
         if a.get("device") != b.get("device"):
             derived["warnings"].append(f"different devices: {a.get('device')} vs {b.get('device')}")
+        derived["warnings"] += reference_warnings(runs, SIDES)
         ref, new = sums["torchmdnet"], sums["torchmdx"]
         if ref["final_f"] and new["final_f"] is not None:  # a reference MAE of 0 has no ratio
             pts = runs["torchmdx"]["points"]
@@ -154,6 +181,8 @@ def comparison(runs: dict) -> tuple[str, dict]:
                                                      ref["final_f"])
             derived["f_ratio"] = new["final_f"] / ref["final_f"]
             derived["e_ratio"] = new["final_e"] / ref["final_e"] if ref["final_e"] else None
+            if ref["final_e_atom"] and new["final_e_atom"] is not None:
+                derived["e_atom_ratio"] = new["final_e_atom"] / ref["final_e_atom"]
             if ref["steps_per_s"] and new["steps_per_s"]:
                 derived["rate_ratio"] = new["steps_per_s"] / ref["steps_per_s"]
             if derived["time_to_reach"] is not None and ref["t_end"]:
@@ -172,8 +201,10 @@ def comparison(runs: dict) -> tuple[str, dict]:
     row("last checkpoint at (s since fit start)", "t_end", ".0f")
     row("final test force MAE (meV/Å)", "final_f", ".1f", "", "f_ratio")
     row("final test energy MAE (meV)", "final_e", ".1f", "", "e_ratio")
+    row("final test energy MAE per atom (meV/atom)", "final_e_atom", ".2f", "", "e_atom_ratio")
     row("best test force MAE (meV/Å)", "best_f", ".1f")
     row("best test energy MAE (meV)", "best_e", ".1f")
+    row("best test energy MAE per atom (meV/atom)", "best_e_atom", ".2f")
     if len(sides) == 2:
         reach = derived.get("time_to_reach")
         text = "not reached" if reach is None else f"{reach:.0f} s ({reach / 60:.1f} min)"
@@ -210,6 +241,7 @@ def comparison_many(runs: dict) -> tuple[str, dict]:
         if a["steps_per_s"] and b["steps_per_s"]:
             per["rate_ratio"] = b["steps_per_s"] / a["steps_per_s"]
         derived["per_run"][k] = per
+    derived["warnings"] += reference_warnings(runs, keys)
     labels = [runs[k]["label"] for k in keys]
     lines = ["| | " + " | ".join(labels) + " |", "|---" * (len(keys) + 1) + "|"]
 
@@ -221,8 +253,10 @@ def comparison_many(runs: dict) -> tuple[str, dict]:
                              ("last checkpoint at (s since fit start)", "t_end", ".0f"),
                              ("final test force MAE (meV/Å)", "final_f", ".1f"),
                              ("final test energy MAE (meV)", "final_e", ".1f"),
+                             ("final test energy MAE per atom (meV/atom)", "final_e_atom", ".2f"),
                              ("best test force MAE (meV/Å)", "best_f", ".1f"),
-                             ("best test energy MAE (meV)", "best_e", ".1f")):
+                             ("best test energy MAE (meV)", "best_e", ".1f"),
+                             ("best test energy MAE per atom (meV/atom)", "best_e_atom", ".2f")):
         row(label, [_fmt(sums[k][key], spec) for k in keys])
     name = runs[reference]["label"]
     for label, field, spec, suffix in ((f"force MAE / {name}'s", "f_ratio", ".2f", "×"),
@@ -244,7 +278,8 @@ def plot(runs: dict, name: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401 - matplotlib.ticker.FuncFormatter below
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    per_atom = any(p.get("energy_mae_per_atom") is not None for s in runs.values() for p in s["points"])
+    fig, axes = plt.subplots(1, 3 if per_atom else 2, figsize=(16 if per_atom else 11, 4.2))
     others = iter(("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:gray"))
     for side in ordered_runs(runs):
         if not runs[side]["points"]:
@@ -255,13 +290,16 @@ def plot(runs: dict, name: str, path: Path) -> Path:
         color = COLORS.get(side) or next(others, None)
         axes[0].plot(t, [p["forces_mae"] for p in pts], "o-", ms=3, color=color, label=label)
         axes[1].plot(t, [p["energy_mae"] for p in pts], "o-", ms=3, color=color, label=label)
+        if per_atom and all(p.get("energy_mae_per_atom") is not None for p in pts):
+            axes[2].plot(t, [p["energy_mae_per_atom"] for p in pts], "o-", ms=3, color=color, label=label)
     if "torchmdnet" in runs and runs["torchmdnet"]["points"]:
         axes[0].axhline(runs["torchmdnet"]["points"][-1]["forces_mae"], color=COLORS["torchmdnet"], ls=":", lw=1)
     plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
     # minor ticks: label 2, 3 and 5 x 10^k only (the others would crowd the axis)
     some = matplotlib.ticker.FuncFormatter(
         lambda v, _pos: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 3, 5) else "")
-    for ax, what in zip(axes, ("test force MAE (meV/Å)", "test energy MAE (meV)")):
+    for ax, what in zip(axes, ("test force MAE (meV/Å)", "test energy MAE per structure (meV)",
+                               "test energy MAE per atom (meV/atom)")):
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(some)
@@ -271,7 +309,9 @@ def plot(runs: dict, name: str, path: Path) -> Path:
         ax.legend(fontsize=8)
     any_run = next(iter(runs.values()))
     sizes = any_run.get("sizes", [])
-    fig.suptitle(f"{name}: ET-MD17 recipe, split {'/'.join(map(str, sizes))}, budget "
+    recipe = "ET-MD17 recipe" if any_run.get("kind", "md17") == "md17" else \
+        "ET-MD17 recipe, batch 32, the same per-element reference energies"
+    fig.suptitle(f"{name}: {recipe}, split {'/'.join(map(str, sizes))}, budget "
                  f"{any_run.get('budget_s', 0) / 60:.1f} min, {any_run.get('device', '')}, {str(any_run.get('date', ''))[:10]}",
                  fontsize=10)
     fig.tight_layout()

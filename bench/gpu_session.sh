@@ -26,6 +26,8 @@
 # accuracy-equiformer reuses the ET run's split file when it is there ($ACCURACY_SPLIT, default
 # $OUT/accuracy_torchmdx/split_<data>_seed0.npz: accuracy-torchmdx earlier in the same call), else it draws
 # its own with the same seed (the same indices; the report checks the split digests).
+# ACCURACY_DATA=ani1x races on .benchdata/ani1x_xtb.h5 (molecules of 3-11 atoms, split 450/50/100,
+# the same per-element reference energies on both sides; docs/benchmarks/accuracy.md, "ANI-1x").
 # Environment knobs: ACCURACY_DATA / ACCURACY_MINUTES / ACCURACY_TIMEOUT / ACCURACY_ARGS / ACCURACY_SPLIT,
 # MODEL_ARGS / MODEL_TIMEOUT, MD_SYSTEMS / MD_ARGS / MD_TIMEOUT, TRAIN_ARGS / TRAIN_TIMEOUT,
 # TESTS_ARGS (pytest selection, default every -m gpu test), BENCH_GRAPH_VARIANTS (bench_model's graph columns).

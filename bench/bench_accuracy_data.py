@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Data, split and energy references of bench/bench_accuracy.py (the same for both sides).
+
+**Data sets** (:data:`DATASETS`, chosen by ``--data``):
+
+- ``md17``: an MD17-layout npz (``aspirin`` / ``ethanol``: the shipped GFN2-xTB samples, or a
+  path), one molecule: :func:`load_frames` gives z [N], pos [n, N, 3] (Å), energy [n] (eV),
+  forces [n, N, 3] (eV/Å). TorchMD-NET gets it as its ``Custom`` dataset (:func:`write_custom_dataset`).
+- ``ani1x``: an ANI-1x-layout HDF5 file (``ani1x``: the shipped sample ``ani1x_xtb.h5``, 15
+  formulas x 40 conformations of 3-11 atoms, GFN2-xTB, Hartree and Hartree/Å in the file; or a
+  path ending in .h5/.hdf5), molecules of different sizes: :func:`load_frames` gives the flat
+  layout z [A], pos [A, 3] (Å), energy [n] (eV), forces [A, 3] (eV/Å), offsets [n + 1] (structure
+  s holds atoms offsets[s]:offsets[s + 1]). TorchMD-NET gets it as :func:`torchmdnet_dataset`: an
+  in-memory ``torch_geometric`` dataset of ``Data(z, pos, y [1, 1], neg_dy [N, 3])`` in eV and
+  eV/Å, with ``get_atomref()`` for its ``Atomref`` prior.
+
+Both are read once through torchmdx's data layer (``build_cache`` + ``H5Dataset``: the units
+converted by torchmdx's readers, kcal/mol or Hartree -> eV), so both sides train on and are scored
+against the same numbers.
+
+**Split** (by structure, both formats): ``numpy.random.default_rng(seed).permutation`` of the
+structures cut train / val / test (``torchmdx.data.splits.random_split``), written once as
+torchmdx's split file (:func:`make_split_file`: indices, size, seed, the source's content hash),
+handed to torchmdx as ``data.split_file`` and to TorchMD-NET as its ``splits`` npz
+(:func:`write_torchmdnet_splits`). For ANI-1x conformations of one formula may sit in
+train and test (as frames of one molecule do in MD17).
+
+**Energy references** (variable-size data): per-element reference energies fitted by least
+squares on the training structures (:func:`reference_energies`: torchmdx's
+``fit_atomic_references``, what torchmdx's ``data.atomref: fit`` computes), subtracted on both
+sides: torchmdx's model holds them as its ``atomref`` buffer, TorchMD-NET's as its frozen
+``Atomref`` prior (``get_atomref`` of the dataset). Each side then normalises the residual its own
+way (torchmdx: ``scale``/``shift: auto``; TorchMD-NET: ``standardize``, mean and std of the
+residual energies).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch_geometric.data import Data, Dataset
+
+from torchmdx.errors import DataError
+from torchmdx.io_utils import atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: sample names of --data -> (file name, data set kind)
+SHARED_NAMES = {"aspirin": "md17_aspirin_xtb.npz", "ethanol": "md17_ethanol_xtb.npz", "ani1x": "ani1x_xtb.h5"}
+
+#: per kind: torchmdx's data format, default split sizes, the torchmdx ``data:`` overrides and the
+#: TorchMD-NET hyper-parameters that differ from the ET-MD17 recipe
+DATASETS = {
+    # references: each recipe's own (TorchMD-NET standardize, no prior; torchmdx atomref: fit)
+    "md17": {"format": "md17", "sizes": (700, 50, 250), "torchmdx_data": {}, "torchmdnet": {},
+             "references": "own"},
+    # batch 32 (bench/bench_train_run.py's ani1x workload): 3-11 atoms a structure; per-element
+    # reference energies on both sides, the same table
+    "ani1x": {"format": "ani1x", "sizes": (450, 50, 100), "torchmdx_data": {"batch_size": 32, "atomref": "fit"},
+              "torchmdnet": {"batch_size": 32, "prior_model": "Atomref"}, "references": "fit"},
+}
+
+#: embedding rows of both models (the recipe's max_z): the length of a reference table
+MAX_Z = 100
+
+
+def data_kind(path: Path) -> str:
+    """``md17`` for an npz, ``ani1x`` for an HDF5 file."""
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return "md17"
+    if suffix in (".h5", ".hdf5"):
+        return "ani1x"
+    raise DataError(f"--data {path}: give an MD17-layout .npz or an ANI-1x-layout .h5/.hdf5 file")
+
+
+def resolve_data(name_or_path: str) -> Path:
+    """The file of ``--data``: an existing path, or a sample name looked up in the known places."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path.resolve()
+    file_name = SHARED_NAMES.get(name_or_path.lower(), name_or_path)
+    places = []
+    if os.environ.get("TORCHMDX_SHARED_DATA"):
+        shared = Path(os.environ["TORCHMDX_SHARED_DATA"])
+        places += [shared / "md17", shared / "ani", shared, shared / "systems"]
+    places += [ROOT / ".benchdata", ROOT.parent / "shared" / "data" / "md17", ROOT.parent / "shared" / "data" / "ani"]
+    for place in places:
+        if (place / file_name).is_file():
+            return (place / file_name).resolve()
+    raise DataError(f"--data {name_or_path}: no such file, and {file_name} is in none of "
+                    f"{', '.join(str(p) for p in places)} (give a path or set TORCHMDX_SHARED_DATA)")
+
+
+def data_name(path: Path) -> str:
+    for name, file_name in SHARED_NAMES.items():
+        if path.name == file_name:
+            return name
+    return path.stem
+
+
+def load_frames(path: Path, cache_dir: Path) -> dict:
+    """Every structure of ``path``, read through torchmdx's data layer (HDF5 cache), plus the
+    source's content hash: the MD17 layout for an npz (one molecule: z [N], pos [n, N, 3]), the
+    flat layout with ``offsets`` for an ANI-1x file (module docstring). Å, eV, eV/Å."""
+    from torchmdx.data.cache import build_cache
+    from torchmdx.data.dataset import H5Dataset
+
+    kind = data_kind(path)
+    cache = build_cache(path, DATASETS[kind]["format"], cache_dir)
+    dataset = H5Dataset(cache, dtype="float64")
+    st = dataset.structures
+    offsets = np.asarray(st.offsets, dtype=np.int64)
+    counts = np.diff(offsets)
+    if st.forces is None:
+        raise DataError(f"{path}: no forces; the benchmark trains on energies and forces")
+    common = {"hash": dataset.info["fingerprint"].get("hash", ""), "source": str(path), "cache": str(cache),
+              "kind": kind}
+    if kind == "ani1x":
+        return {"z": np.asarray(st.z, dtype=np.int64), "pos": np.asarray(st.pos, dtype=np.float64),
+                "energy": np.asarray(st.energy, dtype=np.float64).reshape(-1),
+                "forces": np.asarray(st.forces, dtype=np.float64), "offsets": offsets, **common}
+    if counts.min() != counts.max():
+        raise DataError(f"{path}: frames with {counts.min()} to {counts.max()} atoms; the benchmark needs one molecule")
+    n, atoms = len(counts), int(counts[0])
+    z = np.asarray(st.z, dtype=np.int64).reshape(n, atoms)
+    if not (z == z[0]).all():
+        raise DataError(f"{path}: the atomic numbers differ between frames; the benchmark needs one molecule")
+    return {"z": z[0], "pos": np.asarray(st.pos, dtype=np.float64).reshape(n, atoms, 3),
+            "energy": np.asarray(st.energy, dtype=np.float64).reshape(n),
+            "forces": np.asarray(st.forces, dtype=np.float64).reshape(n, atoms, 3), **common}
+
+
+def flat_structures(frames: dict) -> dict:
+    """z [A], pos [A, 3], forces [A, 3], offsets [n + 1] of either layout (one molecule: tiled)."""
+    if "offsets" in frames:
+        return {k: frames[k] for k in ("z", "pos", "forces", "offsets")}
+    n, atoms = frames["pos"].shape[:2]
+    return {"z": np.tile(frames["z"], n), "pos": frames["pos"].reshape(-1, 3), "forces": frames["forces"].reshape(-1, 3),
+            "offsets": np.arange(n + 1, dtype=np.int64) * atoms}
+
+
+def atom_index(offsets: np.ndarray, indices) -> np.ndarray:
+    """The atoms of structures ``indices``, structure by structure, in that order."""
+    idx = np.asarray(indices, dtype=np.int64)
+    starts, counts = offsets[idx], offsets[idx + 1] - offsets[idx]
+    if not len(idx):
+        return np.zeros(0, dtype=np.int64)
+    return np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
+
+
+def make_split_file(n_frames: int, sizes: Sequence[int], seed: int, path: Path, content_hash: str):
+    """Draw the split (``default_rng(seed).permutation``) and write it as torchmdx's split file."""
+    from torchmdx.data.splits import random_split, save_split
+
+    split = random_split(n_frames, *[int(s) for s in sizes], seed=seed, source=str(path))
+    save_split(split, path, content_hash)
+    return split
+
+
+def write_torchmdnet_splits(split_file: Path, n_frames: int, content_hash: str, path: Path) -> dict:
+    """TorchMD-NET's splits npz (idx_train, idx_val, idx_test) from torchmdx's split file, as
+    ``load_split`` reads it back; returns the indices written."""
+    from torchmdx.data.splits import load_split
+
+    split = load_split(split_file, n_frames, content_hash)
+    parts = {"idx_train": split.train, "idx_val": split.val, "idx_test": split.test}
+    with atomic_write(path) as handle:
+        np.savez(handle, **parts)
+    return parts
+
+
+def split_digest(train, val, test) -> str:
+    """Short hash of the three index lists (the report checks both sides used the same split)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in (train, val, test):
+        digest.update(np.asarray(part, dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()
+
+
+def reference_energies(frames: dict, train, max_z: int = MAX_Z) -> np.ndarray:
+    """Per-element reference energies [max_z] (eV per atom) fitted on the training structures:
+    torchmdx's ``fit_atomic_references``, as its ``data.atomref: fit`` does."""
+    from torchmdx.data.atomref import fit_atomic_references
+
+    flat = flat_structures(frames)
+    table = fit_atomic_references({"z": flat["z"], "offsets": flat["offsets"], "energy": frames["energy"]},
+                                  np.asarray(train, dtype=np.int64), max_z)
+    return table.numpy().astype(np.float64)
+
+
+def nonzero_table(table) -> dict:
+    """{Z: eV} of a reference table (what the scores files record)."""
+    table = np.asarray(table, dtype=np.float64).reshape(-1)
+    return {int(z): float(table[z]) for z in np.flatnonzero(table)}
+
+
+# =============================================================================================
+# TorchMD-NET's inputs
+def write_custom_dataset(frames: dict, folder: Path) -> dict:
+    """TorchMD-NET's Custom dataset files (one molecule): coordinates [n, N, 3] Å, embedding
+    (atomic numbers) [N], energies [n, 1] eV, forces [n, N, 3] eV/Å."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"coord": frames["pos"].astype(np.float32), "embed": frames["z"].astype(np.int64),
+              "energy": frames["energy"].reshape(-1, 1).astype(np.float64), "force": frames["forces"].astype(np.float32)}
+    files = {}
+    for name, array in arrays.items():
+        files[name] = str(folder / f"{name}.npy")
+        np.save(files[name], array)
+    return files
+
+
+class RaceDataset(Dataset):
+    """TorchMD-NET's view of the race's structures: a ``torch_geometric`` dataset whose items are
+    made on access from the flat arrays (z, pos, forces, energy, offsets), with ``get_atomref()``
+    for its ``Atomref`` prior (module level, so that data-loader workers started by spawn can
+    unpickle it)."""
+
+    def __init__(self, arrays: dict, table=None):
+        super().__init__(None)
+        self.arrays, self.table = arrays, table
+
+    def len(self):
+        return len(self.arrays["energy"])
+
+    def get(self, idx):
+        a = self.arrays
+        lo, hi = int(a["offsets"][idx]), int(a["offsets"][idx + 1])
+        return Data(z=torch.from_numpy(a["z"][lo:hi]), pos=torch.from_numpy(a["pos"][lo:hi]),
+                    y=torch.tensor([[float(a["energy"][idx])]], dtype=torch.float64),
+                    neg_dy=torch.from_numpy(a["forces"][lo:hi]))
+
+    def get_atomref(self, max_z=MAX_Z):
+        return None if self.table is None else self.table[:max_z].float()
+
+
+def torchmdnet_dataset(frames: dict, references=None) -> RaceDataset:
+    """Every structure as a ``torch_geometric.data.Data`` with TorchMD-NET's keys and units (z
+    long [N], pos float32 [N, 3] Å, y float64 [1, 1] eV, neg_dy float32 [N, 3] eV/Å; TorchMD-NET's
+    LNNP casts floats to its precision), in a :class:`RaceDataset` whose ``get_atomref()`` returns
+    ``references`` [max_z, 1] (eV) for TorchMD-NET's ``Atomref`` prior (None: no table)."""
+    flat = flat_structures(frames)
+    arrays = {"z": np.ascontiguousarray(flat["z"], dtype=np.int64),
+              "pos": np.ascontiguousarray(flat["pos"], dtype=np.float32),
+              "forces": np.ascontiguousarray(flat["forces"], dtype=np.float32),
+              "energy": np.asarray(frames["energy"], dtype=np.float64), "offsets": np.asarray(flat["offsets"], dtype=np.int64)}
+    table = None if references is None else torch.as_tensor(np.asarray(references, dtype=np.float64)).view(-1, 1)
+    return RaceDataset(arrays, table)
