@@ -293,6 +293,28 @@ def test_several_children_at_once_split_the_ready_shapes_and_each_is_polled_on_i
     assert precompile.default_children() >= 1
 
 
+def test_a_second_child_that_cannot_start_fails_only_its_own_shapes(tmp_path):
+    """Two children wanted, the second cannot start (spawn error): the first keeps its shape and
+    hands it over; only the second group's shape fails, with one line; nothing more is asked."""
+    background = _InstantBackground(ETPotential(TINY), workdir=str(tmp_path), max_children=2)
+    start = background._start
+
+    def start_once(sigs):
+        if background.started:
+            raise OSError("no more processes")
+        start(sigs)
+
+    background._start = start_once
+    first, second = (Signature(10 + k, 2, 64, False, True, "float32", "cpu") for k in range(2))
+    background.request(first)
+    background.request(second)
+    assert background.poll() == []
+    assert background.failed == {second} and background.failure.startswith("OSError")
+    assert [line for line in background.news() if "failed" in line] == [
+        "the background compile failed (OSError: no more processes); the step keeps the model's autograd"]
+    assert background.poll() == [first] and background.ready(first) and not background.ready(second)
+
+
 @pytest.fixture
 def own_compile_cache(tmp_path):
     """An empty compile cache for this test (torchmdx.nn.compile_cache), restored afterwards."""

@@ -284,12 +284,13 @@ class BackgroundCompile:
             return done
         # the shapes ready to compile, split over the free children in turn (one child: all of them)
         groups = [now[k::free] for k in range(min(free, len(now)))]
-        for group in groups:
+        for k, group in enumerate(groups):
             try:
                 self._start(group)
             except Exception as exc:  # noqa: BLE001 - no child (model file, spawn): the run goes on without it
                 self.failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
-                self.failed.update(now)
+                for unstarted in groups[k:]:  # children already started keep their shapes
+                    self.failed.update(unstarted)
                 self.failed.update(self._queued)
                 self._queued = []
                 self.log.append(f"the background compile failed ({self.failure}); the step keeps the model's autograd")
