@@ -130,3 +130,39 @@ def test_datamodule_loader_choice(polymer_config):
     a, b = next(iter(fast.test_dataloader())), next(iter(pyg.test_dataloader()))
     for key in b.keys():
         assert torch.equal(a[key], b[key]), key
+
+
+def test_atomref_table_is_used_as_given_and_checked(shared_data, tmp_path):
+    """``data.atomref`` as a table (symbols or atomic numbers -> eV per atom, MACE's E0s): the
+    references are exactly those numbers, the energy statistics are taken after subtracting them
+    (mean of E - sum of references over the training split, computed here by hand), and bad
+    tables are one line each: unknown element, Z >= max_z, a repeated element, a non-number, an
+    element of the data without a value."""
+    table = {"H": -13.6, 6: -1029.5, "8": -2040.25}
+    dm = TorchmdxDataModule({"path": "ethanol", "format": "md17", "cache_dir": str(tmp_path), "train_size": 200,
+                             "val_size": 20, "test_size": 20, "dtype": "float64", "atomref": table})
+    dm.setup()
+    refs = dm.atomic_references
+    assert (refs[1].item(), refs[6].item(), refs[8].item()) == (-13.6, -1029.5, -2040.25)
+    assert float(refs.abs().sum()) == pytest.approx(13.6 + 1029.5 + 2040.25)
+    st = dm.dataset.structures
+    train = dm.split.train
+    energy = np.asarray(st.energy, dtype=np.float64)[train]
+    z = np.asarray(st.z[st.offsets[0]:st.offsets[1]])  # one ethanol: C2H6O
+    per_molecule = sum({1: -13.6, 6: -1029.5, 8: -2040.25}[int(a)] for a in z)
+    assert per_molecule == pytest.approx(2 * -1029.5 + 6 * -13.6 - 2040.25)
+    # energy_per_atom_mean: the mean residual per atom after the references
+    assert dm.statistics["energy_per_atom_mean"] == pytest.approx(float(np.mean(energy - per_molecule)) / len(z),
+                                                                  rel=1e-9), dm.statistics
+    cases = [({"Xx": 1.0}, "data.atomref.Xx': not an element symbol"),
+             ({"U": 1.0}, "data.atomref.U': not an element symbol or atomic number in 1..91"),
+             ({"H": 1.0, 1: 2.0}, "element 1 is given twice"),
+             ({"H": "low"}, "data.atomref.H' must be a finite energy in eV"),
+             ({}, "is an empty table")]
+    for values, fragment in cases:
+        with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
+            from_dict(DataConfig, {"path": "x.npz", "atomref": values, "max_z": 92}, "data").validate("data")
+    partial = TorchmdxDataModule({"path": "ethanol", "format": "md17", "cache_dir": str(tmp_path), "train_size": 200,
+                                  "val_size": 20, "test_size": 20, "atomref": {"H": -13.6, "C": -1029.5}})
+    with pytest.raises(DataError, match=r"no reference energy for O \(Z=8\), which the data contain"):
+        partial.setup()

@@ -208,7 +208,7 @@ def _label_problem(structures, config) -> str | None:
 
 def _config_part(structures, config) -> dict:
     """Split sizes, element range check and atomic references for a config's data section."""
-    from torchmdx.data.atomref import fit_atomic_references, published_atomic_references
+    from torchmdx.data.atomref import fit_atomic_references, given_references, published_atomic_references
     from torchmdx.data.splits import make_split
 
     structures.check_max_z(config.max_z)
@@ -223,6 +223,8 @@ def _config_part(structures, config) -> dict:
         refs = fit_atomic_references(structures, split.train, config.max_z)
     elif config.atomref == "dataset":
         refs = published_atomic_references(structures, config.max_z)
+    elif isinstance(config.atomref, dict):
+        refs = given_references(structures, config.atomref, config.max_z, config.path)
     if refs is not None:
         out["atomic_references_eV"] = {str(z): float(refs[z]) for z in structures.elements}
         if config.atomref == "fit":

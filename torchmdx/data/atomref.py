@@ -179,6 +179,25 @@ def elements_without_reference(data, indices, max_z: int = 100) -> list[int]:
     return [e for e, total in zip(elements, totals) if total == 0]
 
 
+def given_references(data, table: dict, max_z: int = 100, source: str = "the dataset") -> torch.Tensor:
+    """References given in the config (``data.atomref`` as a table {Z: eV per atom}, e.g. the
+    energies of the isolated atoms in the dataset's level of theory) as a float64 tensor [max_z];
+    :class:`DataError` naming the elements of the dataset that the table lacks (their atoms would
+    otherwise get a reference of 0 eV, silently)."""
+    from ase.data import chemical_symbols
+
+    st = _structures(data)
+    missing = [z for z in _dataset_elements(data, st) if z not in table]
+    if missing:
+        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
+        raise DataError(f"{source}: data.atomref gives no reference energy for {names}, which the data contain; "
+                        f"add them (eV per atom), or use atomref: fit")
+    refs = torch.zeros(max_z, dtype=torch.float64)
+    for z, value in table.items():
+        refs[int(z)] = float(value)
+    return refs
+
+
 def published_atomic_references(data, max_z: int = 100, key: Optional[str] = None) -> torch.Tensor:
     """The dataset's own published references (e.g. QM9's ``atomrefs`` for U0) in eV per atom,
     as a float64 tensor [max_z] (index = atomic number); :class:`DataError` when the dataset has none."""

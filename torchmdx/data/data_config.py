@@ -23,6 +23,8 @@ Example (all keys but ``path`` are optional)::
       dtype: float32
       max_z: 100               # embedding rows, as the model's max_z: atomic numbers 0..max_z-1
       atomref: fit             # fit (least squares on train) | dataset (published, QM9) | none
+                               # | a table {H: -13.6, C: -1029.5, ...} (eV per atom; symbols or Z),
+                               #   e.g. isolated-atom energies (MACE's E0s); every element needs one
       mmap: auto               # memory-map per-atom arrays and cells (auto: above 1 GiB of per-atom arrays)
       loader: fast             # fast (BatchLoader: gathers whole batches) | pyg (torch_geometric DataLoader)
       device_resident: auto    # captured training: keep the training split on the GPU (auto: when it fits)
@@ -78,7 +80,7 @@ class DataConfig:
     num_workers: int = 0
     dtype: Literal["float32", "float64"] = "float32"
     max_z: int = 100
-    atomref: Literal["fit", "dataset", "none"] = "fit"
+    atomref: Union[Literal["fit", "dataset", "none"], dict] = "fit"
     mmap: Union[bool, Literal["auto"]] = "auto"
     loader: Literal["fast", "pyg"] = "fast"
     device_resident: Union[bool, Literal["auto"]] = "auto"
@@ -110,6 +112,8 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"config key '{p}{name}' must be at least 1, got {value}")
+        if isinstance(self.atomref, dict):
+            self.atomref = reference_table(self.atomref, self.max_z, f"{p}atomref")
         if self.num_workers < 0:
             raise ConfigError(f"config key '{p}num_workers' must not be negative, got {self.num_workers}")
         if not 2 <= self.max_z <= MAX_Z_LIMIT:
@@ -175,3 +179,30 @@ def resolve_data_paths(values: dict, config_dir: Path, source: str, overrides: O
             return (f"{source}: data.{key} {given!r} not found (looked in {config_dir.resolve() or '.'} "
                     f"and in the current folder {Path.cwd()})")
     return None
+
+
+def reference_table(values: dict, max_z: int, key: str = "data.atomref") -> dict:
+    """``data.atomref`` given as a table: element symbol or atomic number -> reference energy
+    (eV per atom), checked and returned as {atomic number: float} in ascending order. One-line
+    ConfigError naming the entry for an unknown element, one outside 1..max_z-1, a repeated
+    element or a value that is not a finite number."""
+    import math
+
+    from ase.data import atomic_numbers
+
+    if not values:
+        raise ConfigError(f"config key '{key}' is an empty table; give each element's reference energy (eV), "
+                          f"or fit / dataset / none")
+    table: dict = {}
+    for name, value in values.items():
+        text = str(name).strip()
+        z = int(text) if text.isdigit() else atomic_numbers.get(text)
+        if z is None or not 1 <= z < max_z:
+            raise ConfigError(f"config key '{key}.{name}': not an element symbol or atomic number in 1..{max_z - 1} "
+                              f"(data.max_z is {max_z})")
+        if z in table:
+            raise ConfigError(f"config key '{key}.{name}': element {z} is given twice")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"config key '{key}.{name}' must be a finite energy in eV, got {value!r}")
+        table[z] = float(value)
+    return dict(sorted(table.items()))

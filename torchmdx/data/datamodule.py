@@ -23,6 +23,7 @@ from torchmdx.data.atomref import (
     elements_without_reference,
     energy_statistics,
     fit_atomic_references,
+    given_references,
     published_atomic_references,
 )
 from torchmdx.data.cache import build_cache
@@ -150,6 +151,8 @@ class TorchmdxDataModule(L.LightningDataModule):
             missing = elements_without_reference(self.dataset, train, self.max_z)
         elif cfg.atomref == "dataset":
             refs = published_atomic_references(self.dataset, self.max_z)
+        elif isinstance(cfg.atomref, dict):
+            refs = given_references(self.dataset, cfg.atomref, self.max_z, cfg.path)
         else:
             refs = torch.zeros(self.max_z, dtype=torch.float64)
         statistics = energy_statistics(self.dataset, train, refs) if len(train) else {}
@@ -166,7 +169,7 @@ class TorchmdxDataModule(L.LightningDataModule):
         digest = hashlib.blake2b(digest_size=16)
         fp = self.dataset.info["fingerprint"]
         for part in (str(Path(self.cache_path).name), str(fp.get("hash", "")), str(fp.get("size", "")),
-                     self.config.atomref, str(self.max_z), str(STATE_VERSION)):
+                     str(self.config.atomref), str(self.max_z), str(STATE_VERSION)):
             digest.update(part.encode() + b"\0")
         for part in ("train", "val", "test"):
             digest.update(np.ascontiguousarray(split[part], dtype=np.int64).tobytes() + b"\1")
