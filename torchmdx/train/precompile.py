@@ -20,8 +20,9 @@ from the child is trusted beyond the cache: a child that fails or is killed leav
 on the eager graph with one note, and the first load of a shape refuses to compile
 (:func:`no_compile`), so a cache that does not hit costs the tracing and the key computation
 (seconds), never an in-line compile: the shape stays eager, with one note. Each batch shape
-(:class:`Signature`) is requested once and compiled in turn (one child at a time), and switches
-on its own.
+(:class:`Signature`) is requested once, compiled once its neighbor capacity has settled
+(:data:`SETTLE_STEPS`), by one of up to :func:`default_children` children running at once, and
+switches on its own.
 """
 
 from __future__ import annotations
