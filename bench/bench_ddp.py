@@ -50,7 +50,6 @@ import argparse
 import contextlib
 import csv
 import json
-import math
 import os
 import re
 import signal
@@ -208,7 +207,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['workload']} | {r['devices']} | {r['mode']} | {r['seed']} | {r.get('global_batch')} | "
                          f"error: {r['error'][:120]} | | | | | |")
             continue
-        lines.append(f"| {r['workload']} | {r['devices']} | {r['mode']} | {r['seed']} | {r.get('global_batch')} | "
+        mode = r["mode"] + (" (not captured)" if r["mode"] == "graph" and r.get("captured") is False else "")
+        lines.append(f"| {r['workload']} | {r['devices']} | {mode} | {r['seed']} | {r.get('global_batch')} | "
                      f"{_fmt(r.get('steps_per_s'))} | {_fmt(r.get('structures_per_s'))} | {_fmt(r.get('efficiency'))} | "
                      f"{_fmt(r.get('vs_1gpu_graph'))} | {_fmt(r.get('test_forces_mae'))} | "
                      f"{_fmt(r.get('test_energy_per_atom_mae'))} |")
@@ -389,6 +389,18 @@ def run_training(command: list, run_dir: Path, timeout: float, env: dict) -> dic
     return {"rc": proc.returncode, "wall_s": time.monotonic() - start, "timed_out": timed_out}
 
 
+def captured_step(run_dir: Path):
+    """Whether the run trained through the CUDA-graph step: ``train.cuda_graph`` as the run resolved
+    it (``auto`` -> true/false), saved in the last checkpoint's hyper-parameters; None if unreadable."""
+    try:
+        import torch
+
+        ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        return bool(ckpt["hyper_parameters"]["train"]["cuda_graph"])
+    except Exception:  # noqa: BLE001 - no checkpoint (a failed run): unknown
+        return None
+
+
 def evaluate(run_dir: Path, device: str) -> dict:
     """``torchmdx evaluate model.pt`` on the run's test split (in this process); the errors."""
     from torchmdx.cli.main import main
@@ -417,7 +429,10 @@ def one_run(plan: dict, args, env: dict) -> dict:
     row.update(process_s=result["wall_s"], rc=result["rc"])
     stderr = (run_dir / "stderr.log").read_text(errors="replace").splitlines()
     notes = [line for line in stderr if line.startswith("warning:") or "cuda_graph" in line]
-    row["notes"] = list(dict.fromkeys(notes))[:6]
+    stdout = (run_dir / "stdout.log").read_text(errors="replace").splitlines() if (run_dir / "stdout.log").is_file() else []
+    notes += [line.partition("\t")[2] for line in stdout if "cuda_graph" in line or line.partition("\t")[2].startswith("compiled ")]
+    row["notes"] = list(dict.fromkeys(notes))[:8]
+    row["captured"] = captured_step(run_dir)
     if result["timed_out"]:
         row["error"] = f"timed out after {plan['timeout']:.0f} s"
     elif result["rc"] != 0:
@@ -442,7 +457,7 @@ def one_run(plan: dict, args, env: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- main
-def build_plans(args, workloads, devices, seeds, modes, batches, data, out) -> tuple:
+def build_plans(workloads, devices, seeds, modes, batches, out) -> tuple:
     plans, notes = [], []
     for workload in workloads:
         gb = batches[workload]
@@ -470,8 +485,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default="md17,ani1x")
     parser.add_argument("--devices", default="1,2")
     parser.add_argument("--seeds", default="0,1", help="train.seed of the runs (weights and shuffling)")
-    parser.add_argument("--modes", default="eager,graph",
-                        help="eager (train.cuda_graph false), graph (auto: captured on one GPU; not run with several)")
+    parser.add_argument("--modes", default="graph,eager",
+                        help="graph (train.cuda_graph auto: captured on one GPU; not run with several), eager (false); "
+                             "runs go seed by seed, devices ascending, modes in this order")
     parser.add_argument("--epochs", type=int, default=20, help="trainer.max_epochs of every run (>= 2)")
     parser.add_argument("--accelerator", choices=("auto", "cpu"), default="auto")
     parser.add_argument("--strategy", choices=("auto", "ddp", "ddp_find_unused_parameters_true"), default="auto",
@@ -508,7 +524,7 @@ def _main(args) -> int:
         find(data, WORKLOADS[w]["file"])  # every input found before any run
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    plans, notes = build_plans(args, workloads, devices, seeds, modes, batches, data, out)
+    plans, notes = build_plans(workloads, devices, seeds, modes, batches, out)
     for plan in plans:
         if plan["run_dir"].exists() and any(plan["run_dir"].iterdir()):
             raise BenchError(f"{plan['run_dir']} exists: give another --out (runs are never mixed)")

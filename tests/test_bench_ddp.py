@@ -126,6 +126,7 @@ def test_cpu_one_process_against_two_gloo_processes(tmp_path, shared_data):
         errors = json.loads((Path(row["run_dir"]) / "evaluate_test" / "errors.json").read_text())
         assert errors["metrics"]["n_structures"] == 16
         assert row["test_forces_mae"] == errors["metrics"]["forces_mae"] > 0
+        assert row["captured"] is False  # eager mode (and the CPU)
     # the efficiency by hand; the global batch was the same, so the two trainings were the same
     assert rows[2]["efficiency"] == pytest.approx(rows[2]["steps_per_s"] / (2 * rows[1]["steps_per_s"]))
     assert rows[2]["test_forces_mae"] == pytest.approx(rows[1]["test_forces_mae"], rel=1e-4)
