@@ -41,7 +41,9 @@ plain ``ddp`` refuses at the first step).
     python bench/bench_ddp.py --data .benchdata --epochs 40 --workloads md17 --out $OUT
 
 Outputs (``--out``, each rewritten after every run, temporary name then rename):
-``bench_ddp.json``, ``bench_ddp.md``, ``bench_ddp.png``; run folders under ``--out/runs``.
+``bench_ddp.json``, ``bench_ddp.md``, ``bench_ddp.png``, ``split_<workload>.npz``; run folders
+under ``--runs-dir`` (default ``--out/runs``; elsewhere, their logs, CSV and test errors are copied
+to ``--out/logs/<run>``: checkpoints are tens of MB each).
 """
 
 from __future__ import annotations
@@ -401,6 +403,23 @@ def captured_step(run_dir: Path):
         return None
 
 
+KEPT = ("stdout.log", "stderr.log", "evaluate.log", "config.resolved.yaml", "logs/csv/metrics.csv",
+        "evaluate_test/errors.json", "learning_curve.png")
+
+
+def keep_logs(run_dir: Path, dest: Path, copy: bool) -> None:
+    """The small files of a run folder into ``dest`` (when the run folders live elsewhere)."""
+    import shutil
+
+    if not copy:
+        return
+    for name in KEPT:
+        if (run_dir / name).is_file():
+            target = dest / Path(name).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / name, target)
+
+
 def evaluate(run_dir: Path, device: str) -> dict:
     """``torchmdx evaluate model.pt`` on the run's test split (in this process); the errors."""
     from torchmdx.cli.main import main
@@ -457,7 +476,7 @@ def one_run(plan: dict, args, env: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- main
-def build_plans(workloads, devices, seeds, modes, batches, out) -> tuple:
+def build_plans(workloads, devices, seeds, modes, batches, runs) -> tuple:
     plans, notes = [], []
     for workload in workloads:
         gb = batches[workload]
@@ -473,7 +492,7 @@ def build_plans(workloads, devices, seeds, modes, batches, out) -> tuple:
                             notes.append(note)
                         continue
                     plans.append({"workload": workload, "devices": n, "mode": mode, "seed": seed, "global_batch": gb,
-                                  "run_dir": out / "runs" / f"{workload}_{n}gpu_{mode}_seed{seed}"})
+                                  "run_dir": runs / f"{workload}_{n}gpu_{mode}_seed{seed}"})
     return plans, notes
 
 
@@ -498,6 +517,10 @@ def main(argv=None) -> int:
                         help="start no run whose estimated time would pass this budget (from the start); say which")
     parser.add_argument("--estimate-s", type=float, default=120.0,
                         help="time assumed for a run before one of its kind has finished")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="run folders (default OUT/runs; checkpoints are large: on a GPU machine give /tmp/...); "
+                             "their logs, CSV and errors.json are copied to OUT/logs/<run>")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="HDF5 caches of the data (default OUT/cache)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="extra override for every run (e.g. a smaller model); repeatable")
     args = parser.parse_args(argv)
@@ -524,7 +547,8 @@ def _main(args) -> int:
         find(data, WORKLOADS[w]["file"])  # every input found before any run
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    plans, notes = build_plans(workloads, devices, seeds, modes, batches, out)
+    runs = (args.runs_dir or out / "runs").resolve()
+    plans, notes = build_plans(workloads, devices, seeds, modes, batches, runs)
     for plan in plans:
         if plan["run_dir"].exists() and any(plan["run_dir"].iterdir()):
             raise BenchError(f"{plan['run_dir']} exists: give another --out (runs are never mixed)")
@@ -546,7 +570,7 @@ def _main(args) -> int:
     workload_sets, train_sizes = {}, {}
     for w in workloads:
         spec = WORKLOADS[w]
-        cache = out / "cache"
+        cache = (args.cache_dir or out / "cache").resolve()
         sets = [f"data.path={find(data, spec['file'])}", f"data.cache_dir={cache}"] + spec["sets"] + COMMON + args.set
         split_path = out / f"split_{w}.npz"
         info = draw_split(sets, split_path)
@@ -591,6 +615,7 @@ def _main(args) -> int:
         print(f"=== {label} {time.strftime('%H:%M:%S')}", flush=True)
         row = one_run(plan, args, env)
         estimates[key] = row["process_s"]
+        keep_logs(plan["run_dir"], out / "logs" / plan["run_dir"].name, runs != out / "runs")
         report["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("command", "evaluate_command", "notes")}), flush=True)
         write_outputs(report, out)

@@ -109,7 +109,8 @@ def _run_bench(tmp_path, shared_data, *extra, timeout=300):
 def test_cpu_one_process_against_two_gloo_processes(tmp_path, shared_data):
     import torch
 
-    done = _run_bench(tmp_path, shared_data, "--devices", "1,2", "--seeds", "0", "--modes", "eager", "--epochs", "3")
+    done = _run_bench(tmp_path, shared_data, "--devices", "1,2", "--seeds", "0", "--modes", "eager", "--epochs", "3",
+                      "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"))
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     out = tmp_path / "out"
     report = json.loads((out / "bench_ddp.json").read_text())
@@ -127,6 +128,10 @@ def test_cpu_one_process_against_two_gloo_processes(tmp_path, shared_data):
         assert errors["metrics"]["n_structures"] == 16
         assert row["test_forces_mae"] == errors["metrics"]["forces_mae"] > 0
         assert row["captured"] is False  # eager mode (and the CPU)
+        assert Path(row["run_dir"]).parent == tmp_path / "runs"
+        kept = out / "logs" / Path(row["run_dir"]).name  # the small files come back to --out
+        assert (kept / "metrics.csv").read_text() == (Path(row["run_dir"]) / "logs" / "csv" / "metrics.csv").read_text()
+        assert {"stdout.log", "errors.json", "config.resolved.yaml"} <= {p.name for p in kept.iterdir()}
     # the efficiency by hand; the global batch was the same, so the two trainings were the same
     assert rows[2]["efficiency"] == pytest.approx(rows[2]["steps_per_s"] / (2 * rows[1]["steps_per_s"]))
     assert rows[2]["test_forces_mae"] == pytest.approx(rows[1]["test_forces_mae"], rel=1e-4)
@@ -139,7 +144,7 @@ def test_cpu_one_process_against_two_gloo_processes(tmp_path, shared_data):
     text = (out / "bench_ddp.md").read_text()
     assert "| md17 | 2 | eager | 0 | 8 |" in text and "does not run under DDP" in text
     assert (out / "bench_ddp.png").stat().st_size > 0
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp")) and not list(out.rglob("*.ckpt"))
 
 
 def test_time_limit_skips_runs_and_says_so(tmp_path, shared_data):
