@@ -84,6 +84,9 @@ WORKLOADS = {
 COMMON = ["trainer.enable_progress_bar=false", "train.early_stopping_patience=null", "data.num_workers=0",
           "data.seed=0", "trainer.log_every_n_steps=50"]
 
+#: NCCL / PyTorch / NVSHMEM NVLink multicast off in every run (where not set already)
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
 EPOCH_LINE = re.compile(r"^epoch (\d+)(?:/\d+)? \|.* \| ([0-9.]+) s\s*$")
 
 
@@ -561,6 +564,8 @@ def _main(args) -> int:
         f", torch {torch.__version__}"
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    for key, value in NO_MULTICAST.items():  # the lent machines keep NVLink multicast off; so do these runs
+        env.setdefault(key, value)
     report = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device,
                        "epochs": args.epochs, "argv": sys.argv, "recipe": str(RECIPE.relative_to(ROOT)),
                        "commands": [" ".join([sys.executable] + sys.argv)], "splits": {}, "notes": notes},
