@@ -11,6 +11,8 @@
 #   bash bench/gpu_session.sh small16         # issue 16 item 5: 22-atom whole-model graph under inductor option sets (SMALL16_OPTIONS JSON)
 #   bash bench/gpu_session.sh openmm          # issue 23 item 4: OpenMM + torchmdx vs native vs TorchMD-NET (bench/bench_openmm.py; needs
 #                                             # openmm, openmm_cuda_13, openmmml wheels in .whl; OPENMM_ARGS / OPENMM_TIMEOUT, docs/openmm.md)
+#   bash bench/gpu_session.sh ddp             # issue 20 on a 2-GPU machine: 1 GPU (graph, eager) vs 2 GPUs (DDP) at the same global
+#                                             # batch (bench/bench_ddp.py; DDP_ARGS, DDP_TIMEOUT; docs/training.md, "Two GPUs (issue 20)")
 # kernels16 (docs/kernels_message.md, "Issue 16 run"): every step has a timeout and writes its JSON as it
 # goes, so the call ends in ~9.5 min whatever happens. Estimated from the 2026-11-25 / 12-03 runs
 # (first Triton compile of a message-kernel variant ~5-10 s, inductor compile of the dense parts
@@ -110,6 +112,11 @@ for part in "$@"; do
         timeout ${SMALL16_TIMEOUT:-540} python3 bench/bench_model.py --data .benchdata --out "$OUT" --name bench_model_small16 \
           --backends triton --no-train --systems ${SMALL16_SYSTEMS:-alanine_dipeptide} --row-budget-s ${SMALL16_ROW_BUDGET:-470} \
           2>&1 | tee "$OUT/bench_model_small16.log" ;;
+    ddp)  # issue 20: run folders (checkpoints) in /tmp; JSON, table, PNG, splits and each run's logs in $OUT/ddp.
+          # The bench starts no run that its time limit (DDP_TIMEOUT - 45 s) would cut, and lists what it skipped.
+      nvidia-smi topo -m 2>&1 | head -8
+      timeout ${DDP_TIMEOUT:-570} python3 bench/bench_ddp.py --data .benchdata --out "$OUT/ddp" --runs-dir /tmp/ddp_runs_$(date +%s) \
+          --cache-dir /tmp/ddp_cache --time-limit-s $(( ${DDP_TIMEOUT:-570} - 45 )) ${DDP_ARGS:-} 2>&1 | tee "$OUT/bench_ddp.log" ;;
     neighbors) timeout 200 python3 bench/bench_neighbors.py --sizes 1000,10000,100000 --systems .benchdata \
           --out "$OUT" 2>&1 | tee "$OUT/bench_neighbors.log" ;;
     *) echo "unknown part $part" ;;
