@@ -35,6 +35,8 @@ def _gated_blocks(hidden: int, activation: str) -> nn.ModuleList:
 
 
 class GatedEquivariantHead(nn.Module):
+    """Scalar output of two gated equivariant blocks (TorchMD-NET's ``EquivariantScalar``)."""
+
     def __init__(self, hidden: int, activation: str):
         super().__init__()
         self.blocks = _gated_blocks(hidden, activation)
@@ -42,7 +44,10 @@ class GatedEquivariantHead(nn.Module):
     def forward(self, x, vec):
         for block in self.blocks:
             x, vec = block(x, vec)
-        return x.squeeze(-1)
+        # the last block's vector output is not used; adding it times 0 gives its projection a
+        # (zero) gradient, so DDP finds every parameter used (plain strategy: ddp stopped at the
+        # first step with "parameters that were not used in producing the loss"); as TorchMD-NET
+        return x.squeeze(-1) + 0.0 * vec.sum()
 
 
 class DipoleHead(nn.Module):
