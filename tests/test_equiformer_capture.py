@@ -1,0 +1,118 @@
+"""Equiformer in the graph-capturing paths, on the CPU in float64:
+
+- the whole training step's model part (forward with a fixed-capacity neighbor list, forces with
+  create_graph, the training objective, the parameter gradients by the double backward) traces
+  with static shapes under ``make_fx`` with fake tensors, where any host read (``.item()``,
+  ``bool(tensor)``), data-dependent shape (``nonzero``, boolean-mask indexing) or Python branch
+  on a tensor value raises; the traced graph run on real tensors gives the eager loss and
+  gradients. That is what a CUDA-graph capture of the step needs (``torchmdx.train.graphed``);
+  the element and overlap checks are the host reads a capture skips by itself (on CUDA).
+- the whole-model traced graph (``nn.traced.TracedForces``) holds no tensor constants: a
+  constant made on the host (``x[:, 2] = 1.0`` lifts a CPU scalar tensor) would be a host
+  tensor inside a CUDA graph;
+- the traced graph compiled by inductor (the ``compile: whole`` path) gives the eager energies
+  and forces (slow: ~1 min of C++ compilation).
+"""
+
+import pytest
+import torch
+from ase.build import molecule
+
+import torchmdx
+from torchmdx.kernels.neighbors import Neighbors, neighbor_list
+from torchmdx.nn.traced import TracedForces
+
+from test_equiformer import TINY, float64_default
+
+F64 = torch.float64
+
+
+def tiny(**overrides):
+    model = torchmdx.build_model({**TINY, **overrides})
+    return model.set_normalisation(atomref={1: -13.6, 6: -1029.0, 8: -2040.0}, scale=0.7, shift=0.05)
+
+
+def two_ethanols(seed=12):
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=seed)
+    z1, p1 = torch.tensor(atoms.numbers), torch.tensor(atoms.positions, dtype=F64)
+    z = torch.cat([z1, z1])
+    pos = torch.cat([p1, p1.flip(0) + torch.tensor([0.2, -0.1, 0.3], dtype=F64)])
+    return z, pos, torch.tensor([0] * 9 + [1] * 9)
+
+
+def test_training_step_traces_with_static_shapes_and_gives_the_eager_gradients():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torchmdx.train.config import TrainConfig
+    from torchmdx.train.objective import training_objective
+
+    model = tiny(seed=3).train()
+    # what a CUDA-graph capture skips by itself (normalised.py: `is_current_stream_capturing`)
+    model.check_elements = lambda z: None
+    model._check_overlaps = lambda graph: None
+    z, pos, batch = two_ethanols()
+    nl = neighbor_list(pos, model.cutoff, batch, max_pairs=220)  # capacity-padded: masked rows
+    assert nl.mask is not None and not bool(nl.mask.all())
+    cfg = TrainConfig()
+    assert cfg.energy_weight > 0 and cfg.force_weight > 0
+    energy_ref = torch.tensor([-1.0, 2.0], dtype=F64)
+    forces_ref = torch.linspace(-1, 1, 3 * len(z), dtype=F64).reshape(-1, 3)
+    n_atoms = torch.tensor([9, 9])
+    names = [name for name, _ in model.named_parameters()]
+    buffer_names = [name for name, _ in model.named_buffers()]
+
+    def step(params, buffers, z, pos, batch, edge_index, shifts, mask, num_pairs, overflow, energy_ref, forces_ref,
+             n_atoms):
+        neighbors = Neighbors(edge_index, shifts, None, None, num_pairs, overflow, mask)
+        state = {**dict(zip(names, params)), **dict(zip(buffer_names, buffers))}
+        out = torch.func.functional_call(model, state, (z, pos, batch),
+                                         dict(neighbors=neighbors, forces=True, create_graph=True, num_structures=2))
+        loss, _, _ = training_objective(cfg, out["energy"], out["forces"], energy_ref, forces_ref, n_atoms)
+        return (loss, *torch.autograd.grad(loss, params, allow_unused=True))
+
+    params = [p for _, p in model.named_parameters()]
+    args = (params, [b for _, b in model.named_buffers()], z, pos, batch, nl.edge_index, nl.shifts, nl.mask,
+            nl.num_pairs, nl.overflow, energy_ref, forces_ref, n_atoms)
+    graph = make_fx(step, tracing_mode="fake")(*args)  # raises on any host read or data-dependent shape
+    assert not [n for n in graph.graph.nodes if n.op == "get_attr"]  # no host tensor constants either
+    traced, eager = graph(*args), step(*args)
+    torch.testing.assert_close(traced[0], eager[0], rtol=1e-12, atol=0)
+    checked = 0
+    for name, a, b in zip(names, traced[1:], eager[1:]):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14, msg=name)
+            checked += int(b.abs().max() > 0)
+    assert checked > 10
+
+
+def test_traced_graph_has_no_tensor_constants():
+    model = tiny().eval()
+    z, pos, batch = two_ethanols()
+    nl = neighbor_list(pos, model.cutoff, batch, max_pairs=220)
+    traced = TracedForces(model, compile=False)
+    traced(z, pos, batch, 2, nl.edge_index, None, nl.mask)
+    (graph,) = traced._graphs.values()
+    constants = [(n.target, getattr(graph, n.target)) for n in graph.graph.nodes if n.op == "get_attr"]
+    assert constants == []
+
+
+@pytest.mark.slow
+def test_compiled_traced_forces_equal_the_eager_model():
+    """``compile: whole`` on the CPU (inductor's C++): one graph per list shape, energies,
+    per-atom energies and forces of the eager float64 model, a second call with moved atoms
+    reusing the graph."""
+    with float64_default():
+        model = tiny(seed=5).eval()
+    z, pos, batch = two_ethanols(seed=3)
+    nl = neighbor_list(pos, model.cutoff, batch, max_pairs=220)
+    traced = TracedForces(model)
+    for shift in (0.0, 0.02):
+        moved = pos + shift * torch.arange(pos.numel(), dtype=F64).reshape(pos.shape).sin()
+        ref = model(z, moved, batch, neighbors=nl, num_structures=2, per_atom=True)
+        energy, forces, atomic = traced(z, moved, batch, 2, nl.edge_index, None, nl.mask)
+        torch.testing.assert_close(energy, ref["energy"].detach(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(atomic, ref["energies"].detach(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(forces, ref["forces"], rtol=1e-9, atol=1e-10)
+    assert traced.traces == 1
