@@ -116,3 +116,120 @@ def test_compiled_traced_forces_equal_the_eager_model():
         torch.testing.assert_close(atomic, ref["energies"].detach(), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(forces, ref["forces"], rtol=1e-9, atol=1e-10)
     assert traced.traces == 1
+
+
+def test_compiled_training_graph_is_refused_and_the_uncompiled_one_traces():
+    """EquiformerPotential.traced_training is False (inductor computed the forces of its compiled
+    training graph wrongly on the CPU): TracedForces says so at the first compiled training call,
+    a one-line ModelError that the captured training step turns into a note and the model's
+    autograd; the uncompiled traced graph is still built."""
+    from torchmdx.errors import ModelError
+
+    model = tiny().train()
+    assert model.traced_training is False
+    z, pos, batch = two_ethanols()
+    nl = neighbor_list(pos, model.cutoff, batch, max_pairs=220)
+    with pytest.raises(ModelError, match="compiled training graph is not used.*traced_training") as raised:
+        TracedForces(model, training=True)(z, pos, batch, 2, nl.edge_index, None, nl.mask)
+    assert "\n" not in str(raised.value)
+    energy, _, _ = TracedForces(model, training=True, compile=False)(z, pos, batch, 2, nl.edge_index, None, nl.mask)
+    assert energy.requires_grad
+
+
+# ------------------------------------------------------------------------- GPU
+EQ_SMALL = {"architecture": "equiformer", "lmax": 2, "channels": 32, "num_layers": 2, "num_heads": 2,
+            "feature_channels": 64, "num_rbf": 16, "radial_hidden": [32], "cutoff_upper": 5.0, "dtype": "float32",
+            "seed": 0}
+
+
+@pytest.mark.gpu
+def test_graphed_training_steps_equal_eager_steps_gpu():
+    """The captured training step (``train.cuda_graph``, torchmdx.train.graphed) of an Equiformer
+    against the eager steps, as tests/test_train_graph.py checks the ET's: what
+    ``captured_training_auto`` waits for."""
+    import copy
+    import functools
+
+    from test_train_graph import JOINT, assert_same_training, eager_step, molecules, set_lr
+
+    from torchmdx.train.graphed import GraphedTrainStep
+    from torchmdx.train.objective import training_objective
+
+    reference = torchmdx.build_model(EQ_SMALL).cuda()
+    graphed = torchmdx.build_model(EQ_SMALL).cuda()
+    graphed.load_state_dict(reference.state_dict())
+    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.01)
+    opt_graph = torch.optim.AdamW(graphed.parameters(), lr=1e-3, weight_decay=0.01, fused=True, capturable=True)
+    probe = copy.deepcopy(reference)
+    _, norm0 = eager_step(probe, torch.optim.AdamW(probe.parameters()), JOINT,
+                          *molecules([12] * 8, seed=0, box=8.0, dtype=torch.float32, device="cuda"), None)
+    clip = 0.5 * norm0
+    del probe
+    runner = GraphedTrainStep(graphed, opt_graph, functools.partial(training_objective, JOINT), clip_value=clip)
+    start = [p.detach().clone() for p in reference.parameters()]
+    schedule = [[12] * 8] * 6 + [[12] * 5] + [[12] * 8] * 2
+    norms, lr = [], 1e-3
+    for k, counts in enumerate(schedule):
+        z, pos, batch, energy, forces = molecules(counts, seed=k, box=8.0, dtype=torch.float32, device="cuda")
+        lr = 1e-3 * (1.0 - 0.05 * k)
+        set_lr(opt_ref, lr)
+        set_lr(opt_graph, lr)
+        loss_ref, norm = eager_step(reference, opt_ref, JOINT, z, pos, batch, energy, forces, clip)
+        norms.append(norm)
+        out = runner.step(z, pos, batch, energy, forces)
+        assert float(out.loss) == pytest.approx(float(loss_ref), rel=1e-4), k
+    assert max(norms) > clip, norms
+    torch.cuda.synchronize()
+    stats = runner.check()
+    assert (stats["captures"], stats["replays"], stats["eager_steps"]) == (1, 6, 3), stats
+    assert stats["skipped"] == 0
+    assert_same_training(reference, graphed, start, lr, "equiformer")
+
+
+@pytest.mark.gpu
+def test_traced_graph_inside_the_calculators_cuda_graph_gpu():
+    """``compile: whole`` on CUDA exactly as the calculator and bench/bench_model.py's
+    ``graph_traced`` column run it (md.cuda_graph.GraphedForces: fixed-capacity list rebuilt in
+    the graph, the compiled traced model, warm-ups on a side stream, capture, replay): float32
+    forces against the float64 eager model, before and after the atoms move."""
+    from torchmdx.md.cuda_graph import GraphedForces
+
+    reference = tiny(seed=5).eval()
+    fast = torchmdx.build_model({**TINY, "dtype": "float32"}).eval()
+    fast.load_state_dict(reference.state_dict())
+    fast = fast.cuda()
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=4)
+    graphed = GraphedForces(fast, atoms, torch.device("cuda"), torch.float32, traced=True)
+    assert graphed.forcefield.traced.frontend == "inductor"  # EquiformerPotential.traced_frontend
+    z = torch.tensor(atoms.numbers)
+    for shift in (0.0, 0.05):
+        pos = torch.tensor(atoms.positions, dtype=F64) + shift * torch.arange(27, dtype=F64).reshape(9, 3).cos()
+        energy, forces, _ = graphed(pos.float().cuda())
+        ref = reference(z, pos)
+        torch.testing.assert_close(energy.double().cpu(), ref["energy"].detach(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(forces.double().cpu(), ref["forces"], rtol=1e-4, atol=1e-4)
+    assert graphed.captures == 1 and graphed.forcefield.traced.traces == 1
+
+
+@pytest.mark.gpu
+def test_compiled_training_graph_forces_and_gradients_on_cuda_gpu():
+    """What lifting ``traced_training = False`` on CUDA needs (it is off because inductor's C++
+    code computed these forces wrongly on the CPU): the compiled training graph's forces and the
+    parameter gradients of a force loss against the float32 eager model."""
+    model = torchmdx.build_model({**TINY, "dtype": "float32", "seed": 4}).cuda().train()
+    model.traced_training = True  # this instance only
+    z, pos, batch = (t.cuda() for t in two_ethanols())
+    pos = pos.float()
+    nl = neighbor_list(pos, model.cutoff, batch, max_pairs=220)
+    forces_ref = torch.linspace(-1, 1, 3 * len(z), device="cuda").reshape(-1, 3)
+    out = model(z, pos, batch, neighbors=nl, num_structures=2, create_graph=True)
+    ((out["forces"] - forces_ref) ** 2).mean().backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    _, forces, _ = TracedForces(model, training=True)(z, pos, batch, 2, nl.edge_index, None, nl.mask)
+    torch.testing.assert_close(forces, out["forces"].detach(), rtol=1e-3, atol=1e-5)
+    ((forces - forces_ref) ** 2).mean().backward()
+    for name, p in model.named_parameters():
+        if name in eager:
+            torch.testing.assert_close(p.grad, eager[name], rtol=1e-3, atol=1e-6, msg=name)

@@ -42,6 +42,17 @@ class EquiformerPotential(NormalisedPotential):
     kind = "equiformer"
     traceable = True
     whole_graph_auto = False
+    #: its traced graph goes to inductor without dynamo (:data:`torchmdx.nn.traced.FRONTENDS`): with
+    #: ``torch.compile`` it failed on an H100 (torch 2.11) with dynamo's "Attempt to trace generator"
+    traced_frontend = "inductor"
+    #: may TracedForces compile its training graph (``train.cuda_graph_compile``)? Not yet: on the
+    #: CPU (torch 2.13, inductor's C++ code, 2026-12-05) the compiled training graph of a 2-layer,
+    #: lmax 2 test model gave forces off by 0.06 eV/Å (of 0.17) in float64, with the energy exact,
+    #: while the traced graph run uncompiled, AOTAutograd without inductor
+    #: (aot_eager_decomp_partition) and inductor with ``max_fusion_size: 1`` were exact: an
+    #: inductor fusion bug met by this graph. The inference graph compiles exactly. On CUDA untested
+    #: (tests/test_equiformer_capture.py has the GPU check)
+    traced_training = False
 
     def __init__(self, config: Union[EquiformerConfig, Mapping, str, None] = None, **overrides):
         super().__init__()
