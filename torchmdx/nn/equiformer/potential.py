@@ -10,12 +10,16 @@ with y_a the representation's invariant output. The normalisation buffers, their
 (:class:`torchmdx.nn.normalised.NormalisedPotential`), so training, export and the calculator
 treat both alike. Forces and stress
 come from the base class by autograd. Traceable into one whole-model graph
-(:class:`torchmdx.nn.traced.TracedForces`: ``compile: whole`` for the calculator and MD,
-``train.cuda_graph_compile: true`` for training; equal to the eager model in float64, tested),
-but ``compile: auto`` does not pick it (``whole_graph_auto = False``): its compile time on a GPU
-is not measured yet (for a 2-layer test model on this project's CPU 41 s with the grouped fast
-paths, 86 s with e3nn's per-path code: ``bench/count_equiformer_ops.py --compile``), and without
-compiled parts ``auto`` runs it eagerly, captured as a CUDA graph where shapes allow.
+(:class:`torchmdx.nn.traced.TracedForces`: ``compile: whole`` for the calculator and MD; equal
+to the eager model in float64, compiled and not, tested), compiled by inductor without dynamo
+(``traced_frontend``), but ``compile: auto`` does not pick it (``whole_graph_auto = False``):
+its compile time on a GPU is not measured yet (for a 2-layer test model on this project's CPU
+41 s with the grouped fast paths, 86 s with e3nn's per-path code:
+``bench/count_equiformer_ops.py --compile``), and without compiled parts ``auto`` runs it
+eagerly, captured as a CUDA graph where shapes allow. The compiled *training* graph
+(``train.cuda_graph_compile``) is refused (``traced_training``: inductor got its forces wrong on
+the CPU); the captured training step (``train.cuda_graph``) runs the eager autograd, whose
+model part traces with static shapes (tests/test_equiformer_capture.py).
 """
 
 from __future__ import annotations
