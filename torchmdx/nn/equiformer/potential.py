@@ -54,8 +54,9 @@ class EquiformerPotential(NormalisedPotential):
     #: lmax 2 test model gave forces off by 0.06 eV/Å (of 0.17) in float64, with the energy exact,
     #: while the traced graph run uncompiled, AOTAutograd without inductor
     #: (aot_eager_decomp_partition) and inductor with ``max_fusion_size: 1`` were exact: an
-    #: inductor fusion bug met by this graph. The inference graph compiles exactly. On CUDA untested
-    #: (tests/test_equiformer_capture.py has the GPU check)
+    #: inductor fusion bug met by this graph (torch 2.11 as well; exact up to max_fusion_size 4; the
+    #: bisected lowering is the fused per-edge sum dE/dφ_e, docs/model.md). The inference graph
+    #: compiles exactly. On CUDA untested (tests/test_equiformer_capture.py has the GPU check)
     traced_training = False
 
     def __init__(self, config: Union[EquiformerConfig, Mapping, str, None] = None, **overrides):
