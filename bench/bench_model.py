@@ -16,7 +16,9 @@ cutoff 5 Å, vector cutoff, float32), random weights (seed 0). For each system (
   (``compile: whole``, :mod:`torchmdx.nn.traced`, default options: combo kernels on CUDA;
   ``_nocombo``: without them, ``_nosmall``: without the small-product rewrite; ``BENCH_TRACED_OPTIONS``
   ``{"name": {inductor options}}`` adds ``graph_traced_<name>`` columns to the JSON, e.g. for issue 16's
-  small-molecule kernel count: ``bash bench/gpu_session.sh small16``). ``BENCH_GRAPH_VARIANTS`` picks columns;
+  small-molecule kernel count: ``bash bench/gpu_session.sh small16``; the key ``"frontend"``
+  (``"dynamo"`` or ``"inductor"``, :data:`torchmdx.nn.traced.FRONTENDS`) picks how the graph reaches
+  inductor, e.g. ``{"dynamo": {"frontend": "dynamo"}}``). ``BENCH_GRAPH_VARIANTS`` picks columns;
   for small systems the JSON also has the kernel launches per replay.
 - training step: 32 molecules x 21 atoms (aspirin frames of ``md17_aspirin_xtb.npz`` when it is
   in ``--data``, else random ones), loss 0.2 MSE(E) + 0.8 MSE(F) with create_graph=True, AdamW;
@@ -152,8 +154,9 @@ def bench_system(name, data_dir, results, backends):
                     synchronize()
                     if bool(outputs[2]):
                         raise RuntimeError("neighbor buffer overflow in the captured call")
-                    if "fused" in forces:
-                        row[f"{gkey}_force_diff"] = float((outputs[1] - forces["fused"]).abs().max())
+                    eager_forces = forces.get("fused", forces.get("ref"))  # Equiformer: one eager path, 'ref'
+                    if eager_forces is not None:
+                        row[f"{gkey}_force_diff"] = float((outputs[1] - eager_forces).abs().max())
                     row[f"{gkey}_ms"] = round(cuda_time(replay, warmup, repeats), 3)
                     row[f"{gkey}_peak_MiB"] = round(peak_mib(replay), 1)
                     if len(z_np) < 1000:

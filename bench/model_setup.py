@@ -83,8 +83,13 @@ def graph_call(model, z, pos, cell, pbc, traced=False):
     graphed = GraphedForces(model, atoms, pos.device, pos.dtype, traced=bool(traced))
     if traced == "nosmall":  # the traced graph without small products as reductions
         graphed.forcefield.traced.small = False
-    elif isinstance(traced, dict):
-        graphed.forcefield.traced.options = traced
+    elif isinstance(traced, dict):  # inductor options; "frontend": "dynamo" / "inductor" (nn.traced.FRONTENDS)
+        options = dict(traced)
+        frontend = options.pop("frontend", None)
+        if frontend is not None:
+            graphed.forcefield.traced.frontend = frontend
+        if options or frontend is None:
+            graphed.forcefield.traced.options = options
     graphed(pos)  # builds, captures, replays once
     energy, forces, _, overflow = graphed.outputs
 

@@ -72,6 +72,16 @@ FALLBACK_OPTIONS: dict = {"triton.persistent_reductions": False, "combo_kernels"
 #: step 16.4 ms vs 22.2 ms with the model's eager autograd in the captured step (H200, 2026-12-03)
 TRAINING_COMPILE_OPTIONS: dict = {"cpu": COMPILE_OPTIONS["cpu"], "cuda": dict(FALLBACK_OPTIONS)}
 
+#: how a traced graph reaches inductor. "dynamo": ``torch.compile`` of the FX graph module (dynamo
+#: traces the aten graph's Python code once more, and every call evaluates its frame and guards);
+#: "inductor": the aten graph straight to inductor (``compile_fx``, what ``torch.compile``'s
+#: backend does after dynamo), called as a plain function afterwards. make_fx's graph needs
+#: nothing dynamo adds, so "inductor" only removes a layer (and its failure modes: the
+#: Equiformer's graph failed on an H100 with dynamo's ``Unsupported: Attempt to trace generator``,
+#: 2026-12-05). A potential picks one with ``traced_frontend`` (default "dynamo": the ET's
+#: measured path)
+FRONTENDS = ("dynamo", "inductor")
+
 
 def _strip_detach(graph_module) -> int:
     """Remove every ``aten.detach`` of a traced graph (returns how many).
@@ -205,19 +215,27 @@ class TracedForces:
 
     ``training=True``: the parameters enter as they are (requiring grad), and the outputs are
     differentiable w.r.t. them (a loss on forces backpropagates through compiled kernels).
-    Otherwise the parameters are detached: inference only.
+    Otherwise the parameters are detached: inference only. A potential whose ``traced_training``
+    is False gets a ModelError at the first compiled training call (its callers then use the
+    model's autograd); ``compile=False`` still traces it.
 
     The potential must support tracing (:attr:`Potential.traceable`): no host reads, no
     data-dependent Python branches in :meth:`atomic_energies` while ``potential.tracing``.
     ``compile=False`` runs the traced graph without inductor (tests); ``small``: rewrite small
     matrix products as reductions (:func:`small_products`); ``options``: inductor options
-    (default :data:`COMPILE_OPTIONS`, or :data:`TRAINING_COMPILE_OPTIONS`, of the device type).
+    (default :data:`COMPILE_OPTIONS`, or :data:`TRAINING_COMPILE_OPTIONS`, of the device type);
+    ``frontend``: how the graph reaches inductor (:data:`FRONTENDS`; default the potential's
+    ``traced_frontend``, else "dynamo").
     """
 
     def __init__(self, potential, training: bool = False, cutoff: Optional[float] = None, compile: bool = True,
-                 small: bool = True, options: Optional[dict] = None):
+                 small: bool = True, options: Optional[dict] = None, frontend: Optional[str] = None):
         if not getattr(potential, "traceable", False):
             raise TypeError(f"{type(potential).__name__} cannot be traced into one graph")
+        frontend = frontend or getattr(potential, "traced_frontend", "dynamo")
+        if frontend not in FRONTENDS:
+            raise ValueError(f"frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
+        self.frontend = frontend
         self.potential = potential
         self.module = _Energy(potential)
         self.training = bool(training)
@@ -258,6 +276,11 @@ class TracedForces:
     def _build(self, names, args, num_structures: int):
         from torch.fx.experimental.proxy_tensor import make_fx
 
+        if self.training and self.compile and not getattr(self.potential, "traced_training", True):
+            from torchmdx.errors import ModelError
+
+            raise ModelError(f"{type(self.potential).__name__}'s compiled training graph is not used: inductor "
+                             f"computed its forces wrongly (see {type(self.potential).__name__}.traced_training)")
         fn = self._function(names, num_structures)
         potential = self.potential
         previous = potential.tracing
@@ -277,8 +300,7 @@ class TracedForces:
         from torchmdx.nn import compile_cache
 
         compile_cache.ensure()  # compiled graphs kept across runs (keyed by content)
-        compiled = torch.compile(graph_module, dynamic=False, fullgraph=True, options=options or None)
-        return _CompiledGraph(graph_module, compiled, options)
+        return _CompiledGraph(graph_module, options, self.frontend)
 
     def __call__(self, z, pos, batch, num_structures: int, edge_index, offsets=None, mask=None):
         names, state = self._state()
@@ -297,15 +319,41 @@ class TracedForces:
 class _CompiledGraph:
     """A compiled traced graph; compilation happens at the first call, and if it fails there it
     is tried once more with :data:`FALLBACK_OPTIONS` (then the error propagates); a failure to read
-    the compile cache (:mod:`torchmdx.nn.compile_cache`) empties it and compiles again."""
+    the compile cache (:mod:`torchmdx.nn.compile_cache`) empties it and compiles again.
 
-    def __init__(self, graph_module, compiled, options):
+    ``frontend`` (:data:`FRONTENDS`): "dynamo" compiles with ``torch.compile(graph_module,
+    fullgraph=True)``; "inductor" hands the aten graph to inductor directly
+    (``torch._inductor.compile_fx.compile_fx``, its inputs flattened here), so that no call, the
+    first or a later one, goes through dynamo's frame evaluation and guards."""
+
+    def __init__(self, graph_module, options, frontend: str = "dynamo"):
         self.graph_module = graph_module
-        self.compiled = compiled
         self.options = options
+        self.frontend = frontend
         self.ready = False
+        self.codegen = None
+        if frontend == "inductor":
+            from torch.fx.graph import _PyTreeCodeGen
+
+            codegen = graph_module.graph._codegen
+            if isinstance(codegen, _PyTreeCodeGen):  # make_fx's nested inputs (the state list, None)
+                self.codegen = codegen
+                graph_module.graph._codegen = torch.fx.graph.CodeGen()
+                graph_module.recompile()
+        self.compiled = self._compiler(options)
+
+    def _compiler(self, options):
+        if self.frontend == "dynamo":
+            return torch.compile(self.graph_module, dynamic=False, fullgraph=True, options=options or None)
+        return _InductorGraph(self.graph_module, options)
 
     def __call__(self, *args):
+        if self.codegen is not None:
+            out = self._call(*self.codegen.process_inputs(*args))
+            return self.codegen.process_outputs(out)
+        return self._call(*args)
+
+    def _call(self, *args):
         if self.ready:
             return self.compiled(*args)
         try:
@@ -316,13 +364,30 @@ class _CompiledGraph:
             from torchmdx.nn import compile_cache
 
             if compile_cache.rebuild_after(exc):  # an unreadable cache entry: compile afresh
-                self.compiled = torch.compile(self.graph_module, dynamic=False, fullgraph=True, options=self.options)
+                self.compiled = self._compiler(self.options)
                 out = self.compiled(*args)
                 self.ready = True
                 return out
             warnings.warn(f"compiling the traced graph failed ({type(exc).__name__}); trying {FALLBACK_OPTIONS}")
             options = {**(self.options or {}), **FALLBACK_OPTIONS}
-            self.compiled = torch.compile(self.graph_module, dynamic=False, fullgraph=True, options=options)
+            self.compiled = self._compiler(options)
             out = self.compiled(*args)
         self.ready = True
         return out
+
+
+class _InductorGraph:
+    """A flat-input aten graph compiled by inductor at its first call (no dynamo), then called
+    directly."""
+
+    def __init__(self, graph_module, options):
+        self.graph_module = graph_module
+        self.options = options
+        self.fn = None
+
+    def __call__(self, *args):
+        if self.fn is None:
+            from torch._inductor.compile_fx import compile_fx
+
+            self.fn = compile_fx(self.graph_module, list(args), config_patches=dict(self.options or {}))
+        return self.fn(*args)

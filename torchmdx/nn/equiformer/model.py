@@ -260,9 +260,10 @@ class EquiformerRepresentation(nn.Module):
         valid = distances < self.cutoff
         if mask is not None:
             valid = valid & mask
-        # padded or out-of-range edges: a harmless unit vector; φ = 0 removes them
-        unit = torch.zeros_like(vectors)
-        unit[:, 2] = 1.0
+        # padded or out-of-range edges: a harmless unit vector (0, 0, 1); φ = 0 removes them. Built
+        # by a comparison, not by item assignment: ``unit[:, 2] = 1.0`` puts a CPU scalar tensor
+        # constant into a traced graph (make_fx lifts the 1.0), a host tensor in a CUDA graph
+        unit = (torch.arange(3, device=vectors.device) == 2).to(vectors.dtype)
         safe = torch.where(valid.unsqueeze(-1), vectors, unit)
         sh = o3.spherical_harmonics(self.irreps_sh, safe, normalize=True, normalization="component")
         rbf = self.rbf(distances)

@@ -10,12 +10,16 @@ with y_a the representation's invariant output. The normalisation buffers, their
 (:class:`torchmdx.nn.normalised.NormalisedPotential`), so training, export and the calculator
 treat both alike. Forces and stress
 come from the base class by autograd. Traceable into one whole-model graph
-(:class:`torchmdx.nn.traced.TracedForces`: ``compile: whole`` for the calculator and MD,
-``train.cuda_graph_compile: true`` for training; equal to the eager model in float64, tested),
-but ``compile: auto`` does not pick it (``whole_graph_auto = False``): its compile time on a GPU
-is not measured yet (for a 2-layer test model on this project's CPU 41 s with the grouped fast
-paths, 86 s with e3nn's per-path code: ``bench/count_equiformer_ops.py --compile``), and without
-compiled parts ``auto`` runs it eagerly, captured as a CUDA graph where shapes allow.
+(:class:`torchmdx.nn.traced.TracedForces`: ``compile: whole`` for the calculator and MD; equal
+to the eager model in float64, compiled and not, tested), compiled by inductor without dynamo
+(``traced_frontend``), but ``compile: auto`` does not pick it (``whole_graph_auto = False``):
+its compile time on a GPU is not measured yet (for a 2-layer test model on this project's CPU
+41 s with the grouped fast paths, 86 s with e3nn's per-path code:
+``bench/count_equiformer_ops.py --compile``), and without compiled parts ``auto`` runs it
+eagerly, captured as a CUDA graph where shapes allow. The compiled *training* graph
+(``train.cuda_graph_compile``) is refused (``traced_training``: inductor got its forces wrong on
+the CPU); the captured training step (``train.cuda_graph``) runs the eager autograd, whose
+model part traces with static shapes (tests/test_equiformer_capture.py).
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ class EquiformerPotential(NormalisedPotential):
     kind = "equiformer"
     traceable = True
     whole_graph_auto = False
+    #: its traced graph goes to inductor without dynamo (:data:`torchmdx.nn.traced.FRONTENDS`): with
+    #: ``torch.compile`` it failed on an H100 (torch 2.11) with dynamo's "Attempt to trace generator"
+    traced_frontend = "inductor"
+    #: may TracedForces compile its training graph (``train.cuda_graph_compile``)? Not yet: on the
+    #: CPU (torch 2.13, inductor's C++ code, 2026-12-05) the compiled training graph of a 2-layer,
+    #: lmax 2 test model gave forces off by 0.06 eV/Å (of 0.17) in float64, with the energy exact,
+    #: while the traced graph run uncompiled, AOTAutograd without inductor
+    #: (aot_eager_decomp_partition) and inductor with ``max_fusion_size: 1`` were exact: an
+    #: inductor fusion bug met by this graph (torch 2.11 as well; exact up to max_fusion_size 4; the
+    #: bisected lowering is the fused per-edge sum dE/dφ_e, docs/model.md). The inference graph
+    #: compiles exactly. On CUDA untested (tests/test_equiformer_capture.py has the GPU check)
+    traced_training = False
 
     def __init__(self, config: Union[EquiformerConfig, Mapping, str, None] = None, **overrides):
         super().__init__()
