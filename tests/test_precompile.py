@@ -381,11 +381,34 @@ def test_a_child_that_cannot_start_is_a_failure_not_an_exception(tmp_path, monke
     assert not background.busy  # nothing more is requested after a failure
 
 
+INNER_ENV = "TORCHMDX_PRECOMPILE_TEST_INNER"
+
+
+def in_a_fresh_process(name: str) -> bool:
+    """Run test ``name`` in a fresh interpreter (a training process's own state), unless this is
+    that interpreter; True when it ran there (and passed). Why: after other tests trained in the
+    same pytest process (tests/test_bench_accuracy_ani1x.py's short race), the parent's compile of
+    the step missed the cache the child filled (fxgraph_cache_miss; the inductor configs, the
+    environment's cache folder and the process settings compared equal). The cause is not found
+    (docs/training.md, "Background compile"); a real training process is fresh."""
+    if os.environ.get(INNER_ENV) == name:
+        return False
+    env = dict(os.environ, **{INNER_ENV: name})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                           f"{__file__}::{name}"], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-2000:])
+    assert "1 passed" in proc.stdout, proc.stdout[-2000:]
+    return True
+
+
 def test_training_step_switches_through_a_cache_hit_of_the_real_child(tmp_path):
     """End to end on the CPU: GraphedTrainStep(traced="background") with the real child process
     and the real compiler. The training process's compile of the step's own traced call (not a
     re-creation of it) must hit the cache the child filled, and the compiled steps keep following
     the eager reference (float64)."""
+    if in_a_fresh_process("test_training_step_switches_through_a_cache_hit_of_the_real_child"):
+        return
     from torch._dynamo.utils import counters
 
     from torchmdx.nn import compile_cache
@@ -470,6 +493,8 @@ def test_real_children_compile_two_shapes_in_turn_and_each_switch_hits_the_cache
     """The real child and compiler with two batch shapes (plain and periodic) asked for at once:
     the second waits for the first's child, each shape switches on its own through a cache hit
     (no code generated in the training process), and the steps follow the eager reference."""
+    if in_a_fresh_process("test_real_children_compile_two_shapes_in_turn_and_each_switch_hits_the_cache"):
+        return
     from torch._dynamo.utils import counters
 
     (model, opt), (reference, opt_ref) = _pair()
