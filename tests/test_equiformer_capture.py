@@ -142,48 +142,7 @@ EQ_SMALL = {"architecture": "equiformer", "lmax": 2, "channels": 32, "num_layers
             "seed": 0}
 
 
-@pytest.mark.gpu
-def test_graphed_training_steps_equal_eager_steps_gpu():
-    """The captured training step (``train.cuda_graph``, torchmdx.train.graphed) of an Equiformer
-    against the eager steps, as tests/test_train_graph.py checks the ET's: what
-    ``captured_training_auto`` waits for."""
-    import copy
-    import functools
-
-    from test_train_graph import JOINT, assert_same_training, eager_step, molecules, set_lr
-
-    from torchmdx.train.graphed import GraphedTrainStep
-    from torchmdx.train.objective import training_objective
-
-    reference = torchmdx.build_model(EQ_SMALL).cuda()
-    graphed = torchmdx.build_model(EQ_SMALL).cuda()
-    graphed.load_state_dict(reference.state_dict())
-    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.01)
-    opt_graph = torch.optim.AdamW(graphed.parameters(), lr=1e-3, weight_decay=0.01, fused=True, capturable=True)
-    probe = copy.deepcopy(reference)
-    _, norm0 = eager_step(probe, torch.optim.AdamW(probe.parameters()), JOINT,
-                          *molecules([12] * 8, seed=0, box=8.0, dtype=torch.float32, device="cuda"), None)
-    clip = 0.5 * norm0
-    del probe
-    runner = GraphedTrainStep(graphed, opt_graph, functools.partial(training_objective, JOINT), clip_value=clip)
-    start = [p.detach().clone() for p in reference.parameters()]
-    schedule = [[12] * 8] * 6 + [[12] * 5] + [[12] * 8] * 2
-    norms, lr = [], 1e-3
-    for k, counts in enumerate(schedule):
-        z, pos, batch, energy, forces = molecules(counts, seed=k, box=8.0, dtype=torch.float32, device="cuda")
-        lr = 1e-3 * (1.0 - 0.05 * k)
-        set_lr(opt_ref, lr)
-        set_lr(opt_graph, lr)
-        loss_ref, norm = eager_step(reference, opt_ref, JOINT, z, pos, batch, energy, forces, clip)
-        norms.append(norm)
-        out = runner.step(z, pos, batch, energy, forces)
-        assert float(out.loss) == pytest.approx(float(loss_ref), rel=1e-4), k
-    assert max(norms) > clip, norms
-    torch.cuda.synchronize()
-    stats = runner.check()
-    assert (stats["captures"], stats["replays"], stats["eager_steps"]) == (1, 6, 3), stats
-    assert stats["skipped"] == 0
-    assert_same_training(reference, graphed, start, lr, "equiformer")
+# the captured training step against eager steps on a GPU: tests/test_train_graph_architectures.py
 
 
 @pytest.mark.gpu

@@ -76,18 +76,26 @@ def test_captured_steps_equal_eager_steps_gpu(architecture):
     graphed = copy.deepcopy(reference)
     opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.01)
     opt_graph = torch.optim.AdamW(graphed.parameters(), lr=1e-3, weight_decay=0.01, fused=True, capturable=True)
-    runner = GraphedTrainStep(graphed, opt_graph, functools.partial(training_objective, JOINT))
+    # clip at half the first step's gradient norm (measured on a throw-away copy): clipping is active
+    probe = copy.deepcopy(reference)
+    _, norm0 = eager_step(probe, torch.optim.AdamW(probe.parameters()), JOINT,
+                          *molecules([10] * 6, seed=0, box=7.0, dtype=torch.float32, device="cuda"), None)
+    clip = 0.5 * norm0
+    del probe
+    runner = GraphedTrainStep(graphed, opt_graph, functools.partial(training_objective, JOINT), clip_value=clip)
     start = [p.detach().clone() for p in reference.parameters()]
     schedule = [[10] * 6] * 6 + [[10] * 4] + [[10] * 6] * 2  # a second shape in the middle
-    lr = 1e-3
+    lr, norms = 1e-3, []
     for k, counts in enumerate(schedule):
         z, pos, batch, energy, forces = molecules(counts, seed=k, box=7.0, dtype=torch.float32, device="cuda")
         lr = 1e-3 * (1.0 - 0.05 * k)
         set_lr(opt_ref, lr)
         set_lr(opt_graph, lr)
-        loss_ref, _ = eager_step(reference, opt_ref, JOINT, z, pos, batch, energy, forces, None)
+        loss_ref, norm = eager_step(reference, opt_ref, JOINT, z, pos, batch, energy, forces, clip)
+        norms.append(norm)
         out = runner.step(z, pos, batch, energy, forces)
         assert float(out.loss) == pytest.approx(float(loss_ref), rel=1e-4), (architecture, k)
+    assert max(norms) > clip, norms  # clipping was active in some steps
     torch.cuda.synchronize()
     stats = runner.check()
     assert runner.disabled_reason is None, (architecture, runner.notes)
