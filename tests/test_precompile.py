@@ -381,34 +381,11 @@ def test_a_child_that_cannot_start_is_a_failure_not_an_exception(tmp_path, monke
     assert not background.busy  # nothing more is requested after a failure
 
 
-INNER_ENV = "TORCHMDX_PRECOMPILE_TEST_INNER"
-
-
-def in_a_fresh_process(name: str) -> bool:
-    """Run test ``name`` in a fresh interpreter (a training process's own state), unless this is
-    that interpreter; True when it ran there (and passed). Why: after other tests trained in the
-    same pytest process (tests/test_bench_accuracy_ani1x.py's short race), the parent's compile of
-    the step missed the cache the child filled (fxgraph_cache_miss; the inductor configs, the
-    environment's cache folder and the process settings compared equal). The cause is not found
-    (docs/training.md, "Background compile"); a real training process is fresh."""
-    if os.environ.get(INNER_ENV) == name:
-        return False
-    env = dict(os.environ, **{INNER_ENV: name})
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                           f"{__file__}::{name}"], capture_output=True, text=True, env=env, timeout=900,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-2000:])
-    assert "1 passed" in proc.stdout, proc.stdout[-2000:]
-    return True
-
-
 def test_training_step_switches_through_a_cache_hit_of_the_real_child(tmp_path):
     """End to end on the CPU: GraphedTrainStep(traced="background") with the real child process
     and the real compiler. The training process's compile of the step's own traced call (not a
     re-creation of it) must hit the cache the child filled, and the compiled steps keep following
     the eager reference (float64)."""
-    if in_a_fresh_process("test_training_step_switches_through_a_cache_hit_of_the_real_child"):
-        return
     from torch._dynamo.utils import counters
 
     from torchmdx.nn import compile_cache
@@ -493,8 +470,6 @@ def test_real_children_compile_two_shapes_in_turn_and_each_switch_hits_the_cache
     """The real child and compiler with two batch shapes (plain and periodic) asked for at once:
     the second waits for the first's child, each shape switches on its own through a cache hit
     (no code generated in the training process), and the steps follow the eager reference."""
-    if in_a_fresh_process("test_real_children_compile_two_shapes_in_turn_and_each_switch_hits_the_cache"):
-        return
     from torch._dynamo.utils import counters
 
     (model, opt), (reference, opt_ref) = _pair()
@@ -538,3 +513,30 @@ def test_process_settings_round_trip_in_a_child():
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.strip().splitlines()[-1]) == settings
+
+
+def test_the_per_backend_fp32_precision_flags_reach_the_child():
+    """``torch.set_float32_matmul_precision("highest")`` in the training process reports the same
+    legacy value as a fresh process ("highest") but pins the per-backend flags ('none' -> 'ieee'),
+    which compiled code's cache keys read: the child must take the flags too (a full make test
+    missed the cache when an earlier test in the process had called the setter)."""
+    script = ("import json, sys, torch; from torchmdx.train import precompile as p; "
+              "before = p.process_settings(); p.apply_settings(json.loads(sys.argv[1])); "
+              "print(json.dumps([before, p.process_settings()]))")
+    previous = {path: value for path, value in precompile._backend_precisions().items()}
+    try:
+        torch.set_float32_matmul_precision("highest")
+        settings = precompile.process_settings()
+        run = subprocess.run([sys.executable, "-c", script, json.dumps(settings)], capture_output=True, text=True,
+                             timeout=120)
+    finally:
+        for path, value in previous.items():
+            obj = torch.backends
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            obj.fp32_precision = value
+    assert run.returncode == 0, run.stderr
+    before, after = json.loads(run.stdout.strip().splitlines()[-1])
+    assert settings["fp32_precision"].get("cuda.matmul") == "ieee"
+    assert before["fp32_precision"]["cuda.matmul"] == "none"  # a fresh process differs ...
+    assert after == settings  # ... until it applies the training process's settings

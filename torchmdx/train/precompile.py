@@ -416,7 +416,27 @@ def process_settings() -> dict:
     a fresh process (the tests run on one)."""
     return {"threads": torch.get_num_threads(), "matmul_precision": torch.get_float32_matmul_precision(),
             "deterministic": torch.are_deterministic_algorithms_enabled(),
-            "cudnn_tf32": torch.backends.cudnn.allow_tf32, "default_dtype": str(torch.get_default_dtype())}
+            "cudnn_tf32": torch.backends.cudnn.allow_tf32, "default_dtype": str(torch.get_default_dtype()),
+            "fp32_precision": _backend_precisions()}
+
+
+#: the per-backend float32 precision flags (newer torch); compiled code's cache keys read them
+#: (``cuda_matmul_settings``), and ``torch.set_float32_matmul_precision`` pins them even when
+#: the legacy value it reports does not change ("highest" before and after: 'none' -> 'ieee')
+FP32_PRECISION_FLAGS = ("cuda.matmul", "mkldnn.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.conv", "mkldnn.rnn")
+
+
+def _backend_precisions() -> dict:
+    out = {}
+    for path in FP32_PRECISION_FLAGS:
+        obj = torch.backends
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            out[path] = str(obj.fp32_precision)
+        except AttributeError:  # an older torch without the flag
+            continue
+    return out
 
 
 def apply_settings(settings: dict) -> None:
@@ -434,6 +454,15 @@ def apply_settings(settings: dict) -> None:
         torch.backends.cudnn.allow_tf32 = bool(settings["cudnn_tf32"])
     if settings.get("default_dtype") and settings["default_dtype"] != now["default_dtype"]:
         torch.set_default_dtype(getattr(torch, settings["default_dtype"].replace("torch.", "")))
+    # after the matmul precision, whose setter pins these flags (found by a test-order cache miss:
+    # the training process had called the setter, the child had not)
+    current = _backend_precisions()
+    for path, value in (settings.get("fp32_precision") or {}).items():
+        if path in current and current[path] != value:
+            obj = torch.backends
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            obj.fp32_precision = value
 
 
 def inputs_for(sig: Signature, elements, generator: torch.Generator) -> tuple:
