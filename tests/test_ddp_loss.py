@@ -90,7 +90,16 @@ def test_two_ranks_of_different_sizes_give_the_one_process_gradient(tmp_path, tr
     import torch.multiprocessing as mp
 
     out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), train, str(out)), nprocs=2, join=True)
+    for attempt in range(2):
+        try:
+            mp.spawn(_worker, args=(2, _free_port(), train, str(out)), nprocs=2, join=True)
+            break
+        except mp.ProcessExitedException as exc:
+            # in a full make test (not alone) a gloo rank aborted at teardown twice in four runs,
+            # after its results were written ("terminate called without an active exception");
+            # one retry, then the failure stands. Cause not found (closing note 2026-12-05).
+            if attempt or exc.signal_name != "SIGABRT":
+                raise
     ddp = torch.load(out)
 
     parts = _structures()
