@@ -498,34 +498,42 @@ def assert_same_training(reference, graphed, start, lr, label):
     assert float(diff) < 1e-3 * float(update), (label, float(diff), float(update))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_graphed_steps_equal_eager_steps_gpu(backend):
-    reference, graphed = gpu_pair(backend)
+def captured_against_eager(reference, graphed, label, atoms=12, structures=8, short=5, box=8.0):
+    """Nine AdamW steps of ``reference`` eagerly and of its copy ``graphed`` through a
+    GraphedTrainStep (float32, CUDA), clipping active (half the first step's gradient norm,
+    measured on a throw-away copy), a second batch shape in the middle (``short`` molecules), the learning rate changed each step; every step's loss compared. Returns
+    (runner, its checked stats, the parameters before, the last learning rate)."""
     opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.01)
     opt_graph = torch.optim.AdamW(graphed.parameters(), lr=1e-3, weight_decay=0.01, fused=True, capturable=True)
-    # clip at half the first step's gradient norm (measured on a throw-away copy): clipping is active
     probe = copy.deepcopy(reference)
     _, norm0 = eager_step(probe, torch.optim.AdamW(probe.parameters()), JOINT,
-                          *molecules([12] * 8, seed=0, box=8.0, dtype=torch.float32, device="cuda"), None)
+                          *molecules([atoms] * structures, seed=0, box=box, dtype=torch.float32, device="cuda"), None)
     clip = 0.5 * norm0
     del probe
     runner = GraphedTrainStep(graphed, opt_graph, functools.partial(training_objective, JOINT), clip_value=clip)
     start = [p.detach().clone() for p in reference.parameters()]
-    schedule = [[12] * 8] * 6 + [[12] * 5] + [[12] * 8] * 2  # a second shape in the middle
+    full, short = [atoms] * structures, [atoms] * short
+    schedule = [full] * 6 + [short] + [full] * 2  # a second shape in the middle
     norms, lr = [], 1e-3
     for k, counts in enumerate(schedule):
-        z, pos, batch, energy, forces = molecules(counts, seed=k, box=8.0, dtype=torch.float32, device="cuda")
+        z, pos, batch, energy, forces = molecules(counts, seed=k, box=box, dtype=torch.float32, device="cuda")
         lr = 1e-3 * (1.0 - 0.05 * k)
         set_lr(opt_ref, lr)
         set_lr(opt_graph, lr)
         loss_ref, norm = eager_step(reference, opt_ref, JOINT, z, pos, batch, energy, forces, clip)
         norms.append(norm)
         out = runner.step(z, pos, batch, energy, forces)
-        assert float(out.loss) == pytest.approx(float(loss_ref), rel=1e-4), (backend, k)
+        assert float(out.loss) == pytest.approx(float(loss_ref), rel=1e-4), (label, k)
     assert max(norms) > clip, norms  # clipping was active in some steps
     torch.cuda.synchronize()
-    stats = runner.check()
+    return runner, runner.check(), start, lr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_graphed_steps_equal_eager_steps_gpu(backend):
+    reference, graphed = gpu_pair(backend)
+    _, stats, start, lr = captured_against_eager(reference, graphed, backend)
     # shape (96, 8): 2 eager steps, then 6 replays (the first right after capture); shape (60, 5): 1 eager
     assert (stats["captures"], stats["replays"], stats["eager_steps"]) == (1, 6, 3), stats
     assert stats["skipped"] == 0

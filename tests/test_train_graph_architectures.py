@@ -15,7 +15,6 @@ for the others:
 """
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -23,10 +22,8 @@ import torch
 import torchmdx
 from torchmdx.kernels.neighbors import neighbor_list
 from torchmdx.nn.traced import TracedForces
-from torchmdx.train.graphed import GraphedTrainStep
-from torchmdx.train.module import training_objective
 
-from test_train_graph import JOINT, assert_same_training, eager_step, molecules, set_lr
+from test_train_graph import assert_same_training, captured_against_eager, molecules
 
 SMALL = {
     "equiformer": {"architecture": "equiformer", "lmax": 2, "channels": 8, "num_layers": 2, "num_heads": 2,
@@ -74,30 +71,8 @@ def test_training_step_traces_with_static_shapes_and_gives_the_eager_gradients(a
 def test_captured_steps_equal_eager_steps_gpu(architecture):
     reference = torchmdx.build_model({**SMALL[architecture], "dtype": "float32"}).cuda()
     graphed = copy.deepcopy(reference)
-    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.01)
-    opt_graph = torch.optim.AdamW(graphed.parameters(), lr=1e-3, weight_decay=0.01, fused=True, capturable=True)
-    # clip at half the first step's gradient norm (measured on a throw-away copy): clipping is active
-    probe = copy.deepcopy(reference)
-    _, norm0 = eager_step(probe, torch.optim.AdamW(probe.parameters()), JOINT,
-                          *molecules([10] * 6, seed=0, box=7.0, dtype=torch.float32, device="cuda"), None)
-    clip = 0.5 * norm0
-    del probe
-    runner = GraphedTrainStep(graphed, opt_graph, functools.partial(training_objective, JOINT), clip_value=clip)
-    start = [p.detach().clone() for p in reference.parameters()]
-    schedule = [[10] * 6] * 6 + [[10] * 4] + [[10] * 6] * 2  # a second shape in the middle
-    lr, norms = 1e-3, []
-    for k, counts in enumerate(schedule):
-        z, pos, batch, energy, forces = molecules(counts, seed=k, box=7.0, dtype=torch.float32, device="cuda")
-        lr = 1e-3 * (1.0 - 0.05 * k)
-        set_lr(opt_ref, lr)
-        set_lr(opt_graph, lr)
-        loss_ref, norm = eager_step(reference, opt_ref, JOINT, z, pos, batch, energy, forces, clip)
-        norms.append(norm)
-        out = runner.step(z, pos, batch, energy, forces)
-        assert float(out.loss) == pytest.approx(float(loss_ref), rel=1e-4), (architecture, k)
-    assert max(norms) > clip, norms  # clipping was active in some steps
-    torch.cuda.synchronize()
-    stats = runner.check()
+    runner, stats, start, lr = captured_against_eager(reference, graphed, architecture, atoms=10, structures=6, short=4,
+                                                         box=7.0)
     assert runner.disabled_reason is None, (architecture, runner.notes)
     assert (stats["captures"], stats["replays"], stats["skipped"]) == (1, 6, 0), stats
     assert_same_training(reference, graphed, start, lr, architecture)
