@@ -531,10 +531,7 @@ def test_the_per_backend_fp32_precision_flags_reach_the_child():
                              timeout=120)
     finally:
         for path, value in previous.items():
-            obj = torch.backends
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            obj.fp32_precision = value
+            precompile._backend(path).fp32_precision = value
     assert run.returncode == 0, run.stderr
     before, after = json.loads(run.stdout.strip().splitlines()[-1])
     assert settings["fp32_precision"].get("cuda.matmul") == "ieee"

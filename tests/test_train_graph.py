@@ -501,7 +501,8 @@ def assert_same_training(reference, graphed, start, lr, label):
 def captured_against_eager(reference, graphed, label, atoms=12, structures=8, short=5, box=8.0):
     """Nine AdamW steps of ``reference`` eagerly and of its copy ``graphed`` through a
     GraphedTrainStep (float32, CUDA), clipping active (half the first step's gradient norm,
-    measured on a throw-away copy), a second batch shape in the middle (``short`` molecules), the learning rate changed each step; every step's loss compared. Returns
+    measured on a throw-away copy), a second batch shape in the middle (``short`` molecules),
+    the learning rate changed each step; every step's loss compared. Returns
     (runner, its checked stats, the parameters before, the last learning rate)."""
     opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.01)
     opt_graph = torch.optim.AdamW(graphed.parameters(), lr=1e-3, weight_decay=0.01, fused=True, capturable=True)

@@ -426,14 +426,19 @@ def process_settings() -> dict:
 FP32_PRECISION_FLAGS = ("cuda.matmul", "mkldnn.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.conv", "mkldnn.rnn")
 
 
+def _backend(path: str):
+    """``torch.backends.<path>`` (e.g. "cuda.matmul"); AttributeError in a torch without it."""
+    obj = torch.backends
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _backend_precisions() -> dict:
     out = {}
     for path in FP32_PRECISION_FLAGS:
-        obj = torch.backends
         try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            out[path] = str(obj.fp32_precision)
+            out[path] = str(_backend(path).fp32_precision)
         except AttributeError:  # an older torch without the flag
             continue
     return out
@@ -459,10 +464,7 @@ def apply_settings(settings: dict) -> None:
     current = _backend_precisions()
     for path, value in (settings.get("fp32_precision") or {}).items():
         if path in current and current[path] != value:
-            obj = torch.backends
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            obj.fp32_precision = value
+            _backend(path).fp32_precision = value
 
 
 def inputs_for(sig: Signature, elements, generator: torch.Generator) -> tuple:
