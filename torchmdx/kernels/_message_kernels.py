@@ -38,7 +38,7 @@ from torchmdx.kernels._message_kernels_common import (  # noqa: F401 - read by t
     _filter,
     _given_filter,
     _matmul,
-    _weight_chunk_t,
+    _message_prologue,
 )
 
 #: the kernels message_triton launches (the backward ones re-exported)
@@ -61,24 +61,10 @@ def _message_fwd_kernel(
 ):
     F: tl.constexpr = H * D
     cb = tl.program_id(1)
-    hb = tl.arange(0, HB)
-    dd = tl.arange(0, DP)
     kk = tl.arange(0, KP)
     eb = tl.arange(0, BE)
-    hh = cb * HB + hb[:, None]
-    cval = (hh < H) & (dd[None, :] < D)
-    ch = hh * D + dd[None, :]  # channel in [0, F)
-    vch = hh * (3 * D) + dd[None, :]  # channel of value block 0 in [0, 3F)
-    if DK_MODE == 2:
-        wk_t = _weight_chunk_t(wk_ptr, cb, D, 0, H, D, K, HB, DP, KP)
-        bk = tl.load(bk_ptr + ch, mask=cval, other=0.0)
-    if DV_MODE == 2:
-        wv1_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 0, H, D, K, HB, DP, KP)
-        wv2_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 1, H, D, K, HB, DP, KP)
-        wv3_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 2, H, D, K, HB, DP, KP)
-        bv1 = tl.load(bv_ptr + vch, mask=cval, other=0.0)
-        bv2 = tl.load(bv_ptr + vch + D, mask=cval, other=0.0)
-        bv3 = tl.load(bv_ptr + vch + 2 * D, mask=cval, other=0.0)
+    cval, ch, vch, wk_t, bk, wv1_t, wv2_t, wv3_t, bv1, bv2, bv3 = _message_prologue(
+        cb, wk_ptr, bk_ptr, wv_ptr, bv_ptr, H, D, K, HB, DP, KP, DK_MODE, DV_MODE)
 
     for atom in range(tl.program_id(0), num_atoms, tl.num_programs(0)):
         i = tl.cast(atom, tl.int64)

@@ -14,8 +14,8 @@ from torchmdx.kernels._message_kernels_common import (  # noqa: F401 - read by t
     _filter,
     _given_filter,
     _matmul,
+    _message_prologue,
     _sender_share,
-    _weight_chunk_t,
 )
 
 
@@ -60,26 +60,11 @@ def _message_bwd_receiver_kernel(
     W: tl.constexpr = K + 4 if USES_RBF else 4  # row width of gedge
     KO: tl.constexpr = K if USES_RBF else 0  # column of dL/dphi in gedge
     cb = tl.program_id(1)
-    hb = tl.arange(0, HB)
-    dd = tl.arange(0, DP)
     kk = tl.arange(0, KP)
     eb = tl.arange(0, BE)
-    hh = cb * HB + hb[:, None]
-    cval = (hh < H) & (dd[None, :] < D)
-    ch = hh * D + dd[None, :]
-    vch = hh * (3 * D) + dd[None, :]
+    cval, ch, vch, wk_t, bk, wv1_t, wv2_t, wv3_t, bv1, bv2, bv3 = _message_prologue(
+        cb, wk_ptr, bk_ptr, wv_ptr, bv_ptr, H, D, K, HB, DP, KP, DK_MODE, DV_MODE)
     gedge = gedge_ptr + cb.to(tl.int64) * num_edges * W
-
-    if DK_MODE == 2:
-        wk_t = _weight_chunk_t(wk_ptr, cb, D, 0, H, D, K, HB, DP, KP)
-        bk = tl.load(bk_ptr + ch, mask=cval, other=0.0)
-    if DV_MODE == 2:
-        wv1_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 0, H, D, K, HB, DP, KP)
-        wv2_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 1, H, D, K, HB, DP, KP)
-        wv3_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 2, H, D, K, HB, DP, KP)
-        bv1 = tl.load(bv_ptr + vch, mask=cval, other=0.0)
-        bv2 = tl.load(bv_ptr + vch + D, mask=cval, other=0.0)
-        bv3 = tl.load(bv_ptr + vch + 2 * D, mask=cval, other=0.0)
     for atom in range(tl.program_id(0), num_atoms, tl.num_programs(0)):
         i = tl.cast(atom, tl.int64)
         start = tl.load(rowptr_ptr + i)
@@ -321,24 +306,10 @@ def _message_bwd_sender_kernel(
     quantities q_i, dL/dm_i, dL/du_i are gathered; everything else is recomputed)."""
     F: tl.constexpr = H * D
     cb = tl.program_id(1)
-    hb = tl.arange(0, HB)
-    dd = tl.arange(0, DP)
     kk = tl.arange(0, KP)
     eb = tl.arange(0, BE)
-    hh = cb * HB + hb[:, None]
-    cval = (hh < H) & (dd[None, :] < D)
-    ch = hh * D + dd[None, :]
-    vch = hh * (3 * D) + dd[None, :]
-    if DK_MODE == 2:
-        wk_t = _weight_chunk_t(wk_ptr, cb, D, 0, H, D, K, HB, DP, KP)
-        bk = tl.load(bk_ptr + ch, mask=cval, other=0.0)
-    if DV_MODE == 2:
-        wv1_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 0, H, D, K, HB, DP, KP)
-        wv2_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 1, H, D, K, HB, DP, KP)
-        wv3_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 2, H, D, K, HB, DP, KP)
-        bv1 = tl.load(bv_ptr + vch, mask=cval, other=0.0)
-        bv2 = tl.load(bv_ptr + vch + D, mask=cval, other=0.0)
-        bv3 = tl.load(bv_ptr + vch + 2 * D, mask=cval, other=0.0)
+    cval, ch, vch, wk_t, bk, wv1_t, wv2_t, wv3_t, bv1, bv2, bv3 = _message_prologue(
+        cb, wk_ptr, bk_ptr, wv_ptr, bv_ptr, H, D, K, HB, DP, KP, DK_MODE, DV_MODE)
 
     for atom in range(tl.program_id(0), num_atoms, tl.num_programs(0)):
         j = tl.cast(atom, tl.int64)

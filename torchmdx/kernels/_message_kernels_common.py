@@ -1,7 +1,9 @@
 """Device helpers shared by the fused message kernels (:mod:`torchmdx.kernels._message_kernels`
 and :mod:`torchmdx.kernels._message_kernels_backward`): the activations with their derivatives
-(``_act``), the radial filters from an RBF block (``_weight_chunk_t``, ``_matmul``, ``_filter``)
-or from a given / pre-activation tile (``_given_filter``), and one edge block's shares in its
+(``_act``), the per-program set-up of a channel chunk that every message kernel starts with
+(``_message_prologue``: channel indices and masks, and the chunk's filter weights), the radial
+filters from an RBF block (``_weight_chunk_t``, ``_matmul``, ``_filter``) or from a given /
+pre-activation tile (``_given_filter``), and one edge block's shares in its
 sender's gradients (``_sender_share``, used by the sender kernel and the merged receiver kernel).
 Notation in :mod:`torchmdx.kernels._message_kernels`."""
 
@@ -69,6 +71,49 @@ def _weight_chunk_t(w_ptr, cb, row_stride_heads, block, H: tl.constexpr, D: tl.c
     valid = ((fh < H) & (fd < D))[None, :] & (kk < K)[:, None]
     rows = fh * row_stride_heads + block * D + fd
     return tl.load(w_ptr + rows[None, :] * K + kk[:, None], mask=valid, other=0.0)
+
+
+@triton.jit
+def _message_prologue(cb, wk_ptr, bk_ptr, wv_ptr, bv_ptr, H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+                      HB: tl.constexpr, DP: tl.constexpr, KP: tl.constexpr, DK_MODE: tl.constexpr,
+                      DV_MODE: tl.constexpr):
+    """The set-up every message kernel does once per program, for its channel chunk ``cb``:
+    returns ``(cval, ch, vch, wk_t, bk, wv1_t, wv2_t, wv3_t, bv1, bv2, bv3)``.
+
+    cval [HB, DP]  the chunk's channels that exist (head < H, channel < D; the rest is padding)
+    ch   [HB, DP]  channel index in [0, F) of (head, channel):  h D + c
+    vch  [HB, DP]  channel of value block 0 in [0, 3F):  3 h D + c  (blocks 1, 2 at + D, + 2D)
+    wk_t, bk       with in-kernel filters (DK_MODE 2): W_k^T of the chunk [KP, HB*DP] and b_k
+                   [HB, DP], so that dk = act_f(rbf W_k^T + b_k) on a block of edges
+    wv1_t .. bv3   the same for the three value blocks of W_v, b_v (DV_MODE 2)
+    Without in-kernel filters those are placeholders that the kernels never read."""
+    hb = tl.arange(0, HB)
+    dd = tl.arange(0, DP)
+    hh = cb * HB + hb[:, None]
+    cval = (hh < H) & (dd[None, :] < D)
+    ch = hh * D + dd[None, :]
+    vch = hh * (3 * D) + dd[None, :]
+    if DK_MODE == 2:
+        wk_t = _weight_chunk_t(wk_ptr, cb, D, 0, H, D, K, HB, DP, KP)
+        bk = tl.load(bk_ptr + ch, mask=cval, other=0.0)
+    else:  # placeholders (unused)
+        wk_t = cval
+        bk = cval
+    if DV_MODE == 2:
+        wv1_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 0, H, D, K, HB, DP, KP)
+        wv2_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 1, H, D, K, HB, DP, KP)
+        wv3_t = _weight_chunk_t(wv_ptr, cb, 3 * D, 2, H, D, K, HB, DP, KP)
+        bv1 = tl.load(bv_ptr + vch, mask=cval, other=0.0)
+        bv2 = tl.load(bv_ptr + vch + D, mask=cval, other=0.0)
+        bv3 = tl.load(bv_ptr + vch + 2 * D, mask=cval, other=0.0)
+    else:  # placeholders (unused)
+        wv1_t = cval
+        wv2_t = cval
+        wv3_t = cval
+        bv1 = cval
+        bv2 = cval
+        bv3 = cval
+    return cval, ch, vch, wk_t, bk, wv1_t, wv2_t, wv3_t, bv1, bv2, bv3
 
 
 @triton.jit
