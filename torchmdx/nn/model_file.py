@@ -117,6 +117,9 @@ def save_potential(potential, path: Union[str, Path]) -> Path:
     from torchmdx.io_utils import atomic_write
     from torchmdx.nn.atoms import module_device_dtype
 
+    if not isinstance(path, (str, os.PathLike)):  # was pathlib's TypeError
+        raise ModelError(f"save: expected the path of a model file such as model.pt, got {path!r} "
+                         f"({type(path).__name__})")
     if Path(path).exists() and not Path(path).is_file():
         # a folder, device, FIFO or socket: the rename of the temporary file would replace a device
         # node (as root: /dev/null becomes a regular file) or fail with a traceback on a folder
