@@ -7,7 +7,8 @@ wrong thing (md's unknown element as an atom number of the whole batch, evaluate
 without the file), NaN positions reaching ASE's neighbor list (its RuntimeWarning printed before
 the error) or leaving an empty ``<out>.partial`` behind in ``torchmdx label``, and silent garbage
 (``--forces-key positions`` read the positions as forces; an ET of no layers without the
-neighbor embedding trained a model of zero forces).
+neighbor embedding trained a model of zero forces), and a data file given as ``format: cache``
+told to be deleted ("this cache is damaged ...; delete it").
 
 Table rows: a setup ``(tmp_path, shared_data) -> CLI arguments`` and the fragments the one
 ``error:`` line must hold; every file under ``tmp_path`` must come out unchanged (caches go to a
@@ -120,6 +121,18 @@ def evaluate_singular_cell(t, s):
             "--out", t / "report"]
 
 
+def prepare_npz_as_format_cache(t, s):
+    # was "this cache is damaged and cannot be read (...); delete it or build it again": the source data
+    np.savez(t / "ethanol.npz", **_ethanol(s))
+    return ["data", "prepare", t / "ethanol.npz", "--format", "cache", "--cache-dir", _cache(t)]
+
+
+def train_on_ani_file_as_format_cache(t, s):
+    # was "this cache is damaged (it has no checksums); delete it ..."
+    config = _train_config(t, s / "ani" / "ani1x_xtb.h5")
+    return ["train", config, "--set", "data.format=cache"]
+
+
 def train_et_without_layers_or_neighbor_embedding(t, s):
     config = _train_config(t, s / "md17" / "md17_ethanol_xtb.npz")
     return ["train", config, "--set", "model.num_layers=0", "--set", "model.neighbor_embedding=false"]
@@ -170,6 +183,10 @@ CASES = [
     (data_forces_key_is_the_positions, ["frames.extxyz: forces key 'positions' names ASE's own per-atom "
                                         "positions, not forces"]),
     (evaluate_singular_cell, ["frames.extxyz: structure 0: the cell of the periodic directions is singular"]),
+    (prepare_npz_as_format_cache, ["ethanol.npz: read as format 'cache' but it is no torchmdx cache (not even an "
+                                   "HDF5 file)", "give the data file with its own format"]),
+    (train_on_ani_file_as_format_cache, ["ani1x_xtb.h5: read as format 'cache' but it is no torchmdx cache (an HDF5 "
+                                         "file without torchmdx's cache attributes)"]),
     (train_et_without_layers_or_neighbor_embedding, ["config key 'model.num_layers' is 0 and "
                                                      "model.neighbor_embedding is false", "zero forces"]),
     (label_unknown_element_with_a_model, ["frame 1 (frames.extxyz:1): model:", "cannot label it (atom 8 is "
