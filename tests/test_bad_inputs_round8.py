@@ -4,7 +4,8 @@ Thread counts beyond a C int (``threads: 1e12`` in md, slmc, ``trainer.num_threa
 ``evaluate --threads``: ``ValueError: Overflow when unpacking long``), sizes that hung instead of
 being refused (``md --replicas 10**12``, a Nosé–Hoover chain of 10**9), messages that named the
 wrong thing (md's unknown element as an atom number of the whole batch, evaluate's singular cell
-without the file), NaN positions reaching ASE's neighbor list (its RuntimeWarning printed before
+without the file), a YAML config given as a checkpoint or restart file (torch's advice to load
+it with ``weights_only=False``), a hand-edited restart step (``int()``'s traceback), NaN positions reaching ASE's neighbor list (its RuntimeWarning printed before
 the error) or leaving an empty ``<out>.partial`` behind in ``torchmdx label``, and silent garbage
 (``--forces-key positions`` read the positions as forces; an ET of no layers without the
 neighbor embedding trained a model of zero forces), and a data file given as ``format: cache``
@@ -138,6 +139,47 @@ def train_et_without_layers_or_neighbor_embedding(t, s):
     return ["train", config, "--set", "model.num_layers=0", "--set", "model.neighbor_embedding=false"]
 
 
+# ---------------------------------------------------------------------------------- files of another kind
+def _config_yaml(t):
+    (t / "config.yaml").write_text(yaml.safe_dump({"data": {"path": "x.npz"}, "model": TINY}))
+    return t / "config.yaml"
+
+
+def md_restart_is_a_yaml_config(t, s):
+    # was torch's "Weights only load failed ... Re-running `torch.load` with `weights_only` set to `False`"
+    return ["md", "--restart", _config_yaml(t), "--model", _model(t), "--steps", "8", "--no-progress"]
+
+
+def export_a_yaml_config(t, s):
+    return ["export", _config_yaml(t), "-o", t / "model.pt"]
+
+
+def _argon_restart(t, change):
+    import torch
+    from ase.cluster import Icosahedron
+
+    from torchmdx.cli.main import main
+    from torchmdx.nn.analytic import LennardJones
+
+    write(t / "ar.xyz", Icosahedron("Ar", 2))
+    LennardJones(0.0104, 3.4).save(t / "lj.pt")
+    assert main(["md", str(t / "ar.xyz"), "--model", str(t / "lj.pt"), "--steps", "2", "--every", "1", "--dt", "5",
+                 "--out", str(t / "ar.extxyz"), "--no-progress", "--dtype", "float64"]) == 0
+    payload = torch.load(t / "ar.restart.pt", weights_only=True)
+    change(payload)
+    torch.save(payload, t / "edited.restart.pt")
+    return ["md", "--restart", t / "edited.restart.pt", "--model", t / "lj.pt", "--steps", "6", "--out",
+            t / "more.extxyz", "--no-progress", "--dtype", "float64"]
+
+
+def md_restart_step_not_a_number(t, s):
+    return _argon_restart(t, lambda payload: payload.update(step="abc"))  # was int()'s ValueError traceback
+
+
+def md_restart_negative_step(t, s):
+    return _argon_restart(t, lambda payload: payload.update(step=-5))  # ran from step -5, silently
+
+
 # ---------------------------------------------------------------------------------- label
 def _label(t, s, structure, *options):
     return ["label", structure, "-o", t / "out.extxyz", "--method", f"model:{_model(t)}", "--no-progress", *options]
@@ -189,6 +231,11 @@ CASES = [
                                          "file without torchmdx's cache attributes)"]),
     (train_et_without_layers_or_neighbor_embedding, ["config key 'model.num_layers' is 0 and "
                                                      "model.neighbor_embedding is false", "zero forces"]),
+    (md_restart_is_a_yaml_config, ["config.yaml: a YAML config, not an MD restart file; pass the .restart.pt "
+                                    "file that `torchmdx md` writes"]),
+    (export_a_yaml_config, ["config.yaml: a YAML config, not a checkpoint; pass a checkpoint of `torchmdx train`"]),
+    (md_restart_step_not_a_number, ["edited.restart.pt: its step 'abc' is not a step number (a whole number >= 0)"]),
+    (md_restart_negative_step, ["edited.restart.pt: its step -5 is not a step number"]),
     (label_unknown_element_with_a_model, ["frame 1 (frames.extxyz:1): model:", "cannot label it (atom 8 is "
                                           "element Fe (Z=26)", "pass --skip-failed to leave them out"]),
     (label_nan_position, ["frames.extxyz: frame 1: atom 2 (O) has a non-finite position [", "nan"]),
