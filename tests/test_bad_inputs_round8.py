@@ -272,7 +272,6 @@ def test_thread_limit_accepts_the_machine_and_refuses_beyond():
 def test_replica_memory_check_lets_real_sizes_through(tmp_path, shared_data, monkeypatch):
     """The check counts atoms x replicas against the available memory at 1 KB an atom: 9 atoms x
     1000 replicas (9.2 MB) pass with 10 MB available and are refused with 9 MB."""
-    from torchmdx.devices import memory_bytes  # noqa: F401 - the name the check reads
     from torchmdx.errors import ConfigError
     from torchmdx.md import run as md_run
     from torchmdx.md.config import md_config
