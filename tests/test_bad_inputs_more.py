@@ -448,7 +448,9 @@ def test_out_of_memory_is_one_line(tmp_path):
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     err = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(err) == 1, out.stderr[-2000:]
-    assert err[0].startswith("error: ran out of memory (") and "--replicas" in err[0], err
+    # round 8: refused before any copy is made, from the atoms x replicas against the free memory
+    assert err[0].startswith("error: --replicas 100000000 makes 1,300,000,000 atoms (100000000 x 13)") \
+        and "give fewer replicas" in err[0], err
     assert not list(tmp_path.glob("r*.extxyz"))
 
 

@@ -45,3 +45,52 @@ def check_accelerator(accelerator, devices=None, what: str = "trainer.accelerato
             raise ConfigError(f"config key 'trainer.devices' asks for {count} GPUs; {torch.cuda.device_count()} here")
         return
     raise ConfigError(f"config key '{what}' is {accelerator!r}; torchmdx trains on cpu, gpu (cuda) or auto")
+
+
+def memory_bytes() -> tuple[int, int]:
+    """(total, available) memory in bytes: /proc/meminfo's MemTotal and MemAvailable, capped by a
+    cgroup (container) limit; zeros where unknown."""
+    import os
+
+    total = available = 0
+    try:
+        with open("/proc/meminfo") as handle:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle if line.split()[1:2]}
+        total, available = info.get("MemTotal", 0), info.get("MemAvailable", 0)
+    except (OSError, ValueError, IndexError):
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            pass
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as handle:
+                limit = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if 0 < limit < (total or limit + 1):
+            total, available = limit, min(available, limit) if available else limit
+    return total, available
+
+
+def thread_limit() -> int:
+    """The most torch CPU threads a config may ask for: 4 x this machine's CPUs, at least 1024.
+    torch passes the count to OpenMP as a C int (10**12 was ``ValueError: Overflow when unpacking
+    long``) and a million threads never finish starting."""
+    import os
+
+    return max(1024, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(threads, what: str) -> None:
+    """A thread count of ``what`` (``--threads``, ``config key 'md.threads'``) within 1..
+    :func:`thread_limit`, or a one-line ConfigError; None (torch's choice) passes."""
+    import os
+
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"{what} must be >= 1, got {threads}")
+    if threads > thread_limit():
+        raise ConfigError(f"{what} must be at most {thread_limit()}, got {threads}: this machine has "
+                          f"{os.cpu_count() or 1} CPUs, and threads beyond them only slow torch down")

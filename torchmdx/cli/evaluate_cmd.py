@@ -96,6 +96,9 @@ def run(args) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        from torchmdx.devices import check_threads
+
+        check_threads(args.threads, "--threads")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -143,6 +146,11 @@ def run(args) -> int:
     datamodule = TorchmdxDataModule(data_cfg, run_dir=split_dir, max_z=max_z)
     datamodule.setup("test")
     dataset = datamodule.dataset
+    from torchmdx.train.run import check_cells
+
+    # as train does: a singular or too narrow cell named with the file and its structure number (the
+    # neighbor list named "structure 0" of a batch, without the file)
+    check_cells(dataset, float(model.cutoff), data_cfg.path)
     if split == "all":
         indices = None
     else:

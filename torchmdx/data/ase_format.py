@@ -245,6 +245,9 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
     energy_key = energy_key or "energy"
     explicit_forces = forces_key is not None
     forces_key = forces_key or "forces"
+    if forces_key in _SKIP_ARRAYS:  # 'positions' was read as the forces, silently
+        raise DataError(f"{path}: forces key '{forces_key}' names ASE's own per-atom {forces_key}, not forces; give "
+                        "the array or calculator result that holds the forces (e.g. forces)")
     explicit_stress = stress_key is not None
     stress_key = stress_key or "stress"
     e, length, f = unit_factors(path, energy_unit, length_unit, "eV")

@@ -56,6 +56,7 @@ from torchmdx.data.cache_file import (
     damage,
     memory_map,
     read_cache,
+    refuse_not_a_cache,
     temporary_cache_path,
     write_cache,
 )
@@ -242,6 +243,7 @@ def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DI
     fmt = fmt or guess_format(src)
     if fmt == "cache":
         normalise_options(fmt, options, src)
+        refuse_not_a_cache(src)
         _refuse_damaged(src)
         return src
     opts = normalise_options(fmt, options, src)

@@ -402,6 +402,35 @@ def _damaged_cache_as_data_error(path: Path):
                         "(torchmdx data prepare --force)") from None
 
 
+#: the first bytes of an HDF5 file (without a user block, as torchmdx writes its caches)
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def refuse_not_a_cache(path: Path) -> None:
+    """A one-line DataError for a file given as format 'cache' that is no torchmdx cache at all
+    (an npz, a database, an ANI HDF5 file): it was "this cache is damaged ...; delete it", advice
+    to delete a source dataset. A cache that h5py cannot open is left to the damage messages."""
+    import h5py
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(HDF5_SIGNATURE))
+    except OSError:
+        return
+    if head == HDF5_SIGNATURE:
+        try:
+            with h5py.File(path, "r") as h5:
+                if "torchmdx_cache_version" in h5.attrs:
+                    return
+                what = "an HDF5 file without torchmdx's cache attributes"
+        except (OSError, RuntimeError, KeyError, ValueError):
+            return
+    else:
+        what = "not even an HDF5 file"
+    raise DataError(f"{path}: read as format 'cache' but it is no torchmdx cache ({what}); a cache is the .h5 file "
+                    "`torchmdx data prepare` writes: give the data file with its own format (or none: it is guessed)")
+
+
 def _refuse_damaged(path: Path) -> None:
     """A one-line DataError for a cache that does not match its checksums (:func:`damage`)."""
     problem = damage(path)

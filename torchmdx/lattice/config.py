@@ -35,6 +35,7 @@ from functools import partial
 from typing import Optional
 
 from torchmdx.config import apply_overrides, bad_key, from_dict, load_yaml, to_dict
+from torchmdx.devices import check_threads, memory_bytes  # memory_bytes: tests patch it here
 from torchmdx.errors import ConfigError
 
 
@@ -223,6 +224,7 @@ class SLMCRunConfig:
             raise ConfigError(f"config key 'checkpoint_every' must be >= 1, got {self.checkpoint_every}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"config key 'threads' must be >= 1 or null, got {self.threads}")
+        check_threads(self.threads, "config key 'threads'")
         if str(self.run_dir).strip() in ("", "."):  # wrote the run's files into the working folder
             raise ConfigError("config key 'run_dir' (or --run-dir) is empty; give a folder for the run, e.g. runs/slmc")
         kept = self.data.chains * (self.data.sweeps // self.data.every)
@@ -319,30 +321,6 @@ def size_warning(cfg: SLMCRunConfig) -> Optional[str]:
             + " (lower lattice.L, data.sweeps or data.chains for a shorter study)")
 
 
-def memory_bytes() -> tuple[int, int]:
-    """(total, available) memory in bytes: /proc/meminfo's MemTotal and MemAvailable, capped by a
-    cgroup (container) limit; zeros where unknown."""
-    import os
-
-    total = available = 0
-    try:
-        with open("/proc/meminfo") as handle:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle if line.split()[1:2]}
-        total, available = info.get("MemTotal", 0), info.get("MemAvailable", 0)
-    except (OSError, ValueError, IndexError):
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            pass
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(limit_file) as handle:
-                limit = int(handle.read().strip())
-        except (OSError, ValueError):
-            continue
-        if 0 < limit < (total or limit + 1):
-            total, available = limit, min(available, limit) if available else limit
-    return total, available
 
 
 def _gb(n: float) -> str:

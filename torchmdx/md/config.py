@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+from torchmdx.devices import check_threads
 from torchmdx.errors import ConfigError
 
 Ensemble = Literal["nve", "langevin", "bussi", "nose-hoover"]
 
+#: the longest Nosé–Hoover chain accepted (3-5 are usual; a typo such as 10**9 hung)
+MAX_CHAIN_LENGTH = 100
 #: the command-line flag of each MDConfig field whose flag is not ``--<name with dashes>``
 FLAGS = {
     "structure": "the structure argument", "wrap": "--no-wrap", "progress": "--no-progress",
@@ -173,6 +176,9 @@ class MDConfig:
             bad("tau", f"must be > 0 fs, got {self.tau}")
         if self.chain_length < 1:
             bad("chain_length", f"must be >= 1, got {self.chain_length}")
+        if self.chain_length > MAX_CHAIN_LENGTH:  # 10**9 hung allocating the chain's thermostats
+            bad("chain_length", f"must be at most {MAX_CHAIN_LENGTH} thermostats, got {self.chain_length} "
+                                "(3 to 5 are usual: longer chains change nothing but the cost)")
         if self.pressure is not None:
             if self.engine != "ase":
                 bad("pressure", "needs --engine ase: the native engine has no barostat yet (constant volume only)")
@@ -195,6 +201,7 @@ class MDConfig:
             bad("skin", f"must be >= 0 Å, got {self.skin}")
         if self.threads is not None and self.threads < 1:
             bad("threads", f"must be >= 1, got {self.threads}")
+        check_threads(self.threads, self.option("threads"))
         if self.check_interval < 1:
             bad("check_interval", f"must be >= 1, got {self.check_interval}")
         if not self.fmax > 0:

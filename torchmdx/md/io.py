@@ -60,6 +60,8 @@ THERMO_COLUMNS = (
 PERIODIC_COLUMNS = ("pressure_bar", "volume_A3", "density_g_cm3")
 RESTART_FORMAT = "torchmdx.md.restart"
 RESTART_VERSION = 1
+#: what a refused restart file's message points to
+RESTART_HINT = "pass the .restart.pt file that `torchmdx md` writes (--restart-out)"
 #: trajectory extension -> ASE format. extxyz and traj keep each frame's step (and energy,
 #: forces, velocities); pdb and cif (ASE's writers take them one frame per call and read them
 #: back as a sequence) keep positions and the cell only
@@ -433,8 +435,10 @@ def load_restart(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"{path}: not a readable restart file ({type(exc).__name__}: {first})") from None
+        from torchmdx.nn.model_file import _what_file_is_this
+
+        # was torch's own message: for a YAML config, its advice to load with weights_only=False
+        raise DataError(f"{path}: {_what_file_is_this(path, exc, 'MD restart file', RESTART_HINT)}") from None
     from torchmdx.nn.model_file import damaged_archive_member
 
     damaged = damaged_archive_member(path)  # torch.load reads overwritten bytes as silently wrong positions
@@ -444,7 +448,21 @@ def load_restart(path: str | os.PathLike) -> dict:
         raise DataError(f"{path}: not a torchmdx MD restart file")
     if payload.get("version", 0) > RESTART_VERSION:
         raise DataError(f"{path}: restart file version {payload.get('version')} is newer than this torchmdx reads ({RESTART_VERSION})")
-    payload["structures"] = [atoms_from_plain(a) for a in payload.get("structures", [])]
+    import operator
+
+    try:  # a hand-edited step was int()'s ValueError traceback, a negative one ran on silently
+        step = operator.index(payload.get("step"))
+    except TypeError:
+        step = -1
+    if step < 0:
+        raise DataError(f"{path}: its step {payload.get('step')!r} is not a step number (a whole number >= 0): "
+                        "the restart file was changed after torchmdx wrote it")
+    payload["step"] = step
+    structures = payload.get("structures")
+    if not isinstance(structures, list) or not structures:
+        raise DataError(f"{path}: holds no structures ({type(structures).__name__}): the restart file was changed "
+                        "after torchmdx wrote it")
+    payload["structures"] = [atoms_from_plain(a) for a in structures]
     return payload
 
 

@@ -176,7 +176,10 @@ def check_method(method: str) -> str:
             raise ConfigError(f"--method {method} needs the tblite package ({_reason(exc)}): {INSTALL_HINT}") from None
         return name
     if name.startswith("model:"):
-        path = Path(method.strip()[len("model:"):])
+        text = method.strip()[len("model:"):].strip()
+        if not text:  # was "model file . not found"
+            raise ConfigError(f"--method {method}: names no model file; give model:<model file>, e.g. model:model.pt")
+        path = Path(text)
         if not path.is_file():
             raise ConfigError(f"--method {method}: model file {path} not found")
         return "model:" + str(path)
@@ -222,6 +225,13 @@ def make_labeler(options: LabelOptions) -> Callable:
         out = model.predict(atoms, forces=True, stress=periodic)
         return float(out["energy"]), np.asarray(out["forces"]), (np.asarray(out["stress"]) if periodic else None)
 
+    def elements(atoms):  # what the model can never label, checked before any frame is
+        import torch
+
+        device = next((b.device for b in model.buffers()), torch.device("cpu"))
+        model.check_elements(torch.as_tensor(atoms.numbers, dtype=torch.long, device=device))
+
+    model_label.check = elements
     return model_label
 
 
@@ -248,6 +258,11 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
                 continue
             if len(atoms) == 0:  # would be written as a frame of energy 0 that no reader accepts
                 raise DataError(f"{path}: frame {k} has no atoms; nothing to label (remove it, or --skip past it)")
+            finite = np.isfinite(atoms.positions).all(axis=1)
+            if not finite.all():  # was refused by the method after an empty <out>.partial was written
+                i = int(np.flatnonzero(~finite)[0])
+                raise DataError(f"{path}: frame {k}: atom {i} ({atoms.get_chemical_symbols()[i]}) has a non-finite "
+                                f"position {atoms.positions[i].tolist()}; fix the frame, or --skip past it")
             atoms.info["label_source"] = f"{path.name}:{k}"
             frames.append(atoms)
     if not frames:
@@ -366,6 +381,14 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
             handle.write(buffer.getvalue())
     start = int(done[-1].info["label_index"]) + 1 if done else 0
     labeler = labeler or make_labeler(options)
+    check = getattr(labeler, "check", None)
+    if check is not None and not skip_failed:  # a model's unknown element: one line before any file is written
+        for index in range(start, len(inputs)):
+            try:
+                check(inputs[index])
+            except TorchmdxError as exc:
+                raise LabelError(f"frame {index} ({inputs[index].info.get('label_source')}): {method} cannot label "
+                                 f"it ({exc}); remove such frames, or pass --skip-failed to leave them out") from None
     bar = None
     if progress:
         from tqdm import tqdm
@@ -388,6 +411,11 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
                             bar.update(1)
                         continue
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    if written == 0:  # nothing to continue from: no empty partial file left behind
+                        handle.close()
+                        partial.unlink()
+                        raise LabelError(f"frame {index} ({atoms.info.get('label_source')}): {method} failed "
+                                         f"({reason}); no frame was labelled, nothing written") from None
                     raise LabelError(f"frame {index} ({atoms.info.get('label_source')}): {method} failed ({reason}); "
                                      f"the {written} frames before it are kept in {partial}: run again to continue, "
                                      "or pass --skip-failed") from None

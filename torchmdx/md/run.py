@@ -57,9 +57,10 @@ class ThermoReporter(Reporter):
         self.log.close()
 
 
-def read_structures(paths, index: str = "-1", option: str = "--index") -> list:
+def read_structures(paths, index: str = "-1", option: str = "--index", sources: Optional[list] = None) -> list:
     """The frames ``index`` (ASE syntax: "-1" last, ":" all) of every file, via ``ase.io.read``
-    (one-line DataError on failure; ``option`` names the index in messages)."""
+    (one-line DataError on failure; ``option`` names the index in messages). ``sources``, a
+    list, gets where each structure came from (``file`` or ``file frame k``) for messages."""
     from ase.io import read
 
     structures = []
@@ -91,8 +92,48 @@ def read_structures(paths, index: str = "-1", option: str = "--index") -> list:
                 raise DataError(f"{path}: frame {k} has no atoms")
             if atoms.pbc.any() and atoms.cell.volume < 1e-6:
                 raise DataError(f"{path}: frame {k} is periodic ({atoms.pbc.tolist()}) but has no cell")
+            where = _frame_name(path, index, k, len(frames))
+            finite = np.isfinite(atoms.positions).all(axis=1)
+            if not finite.all():  # was ASE's RuntimeWarning (close-contact check) before the engine's error
+                i = int(np.flatnonzero(~finite)[0])
+                raise DataError(f"{where}: atom {i} ({atoms.get_chemical_symbols()[i]}) has a non-finite position "
+                                f"{atoms.positions[i].tolist()}; fix the structure file")
+            if sources is not None:
+                sources.append(where)
         structures.extend(frames)
     return structures
+
+
+def _frame_name(path, index: str, k: int, selected: int) -> str:
+    """How messages name the ``k``-th of the ``selected`` frames ``index`` picked from ``path``:
+    the file alone for one frame, else ``file frame n`` with n the frame number in the file."""
+    if selected == 1:
+        return str(path)
+    from ase.io import read
+
+    try:
+        count = len(read(str(path), index=":"))
+        parts = [int(p) if p.strip() else None for p in str(index).split(":")]
+        number = range(count)[slice(*parts)][k]
+    except Exception:  # noqa: BLE001 - the name is for a message only
+        number = k
+    return f"{path} frame {number}"
+
+
+def check_elements(potential, structures, sources: list) -> None:
+    """Each structure's atoms against the elements ``potential`` knows: a one-line ModelError
+    naming the file, the frame and the atom within it (the batch's atom number was named, e.g.
+    "atom 17" of a file of 9-atom frames)."""
+    import torch
+
+    from torchmdx.errors import ModelError
+
+    device = next((b.device for b in potential.buffers()), torch.device("cpu"))
+    for atoms, where in zip(structures, sources):
+        try:
+            potential.check_elements(torch.as_tensor(atoms.numbers, dtype=torch.long, device=device))
+        except ModelError as exc:
+            raise ModelError(f"{where}: {exc}") from None
 
 
 def _before_the_first_frame(path, index: str) -> bool:
@@ -158,6 +199,25 @@ def _note_new_atom_order(config: MDConfig, file_order, perm, err) -> None:
           file=err)
 
 
+#: the least memory one simulated atom takes (bytes): positions, velocities, forces, the neighbor
+#: pairs and the model's features; far less than a real run needs, so only impossible sizes stop
+BYTES_PER_ATOM = 1024
+
+
+def check_replica_memory(structures, config: MDConfig) -> None:
+    """Refuse ``replicas`` copies that cannot fit in memory (10**12 replicas hung copying
+    structures until the machine ran out of memory), before any copy is made."""
+    from torchmdx.devices import memory_bytes
+
+    atoms = sum(len(a) for a in structures) * config.replicas
+    _, available = memory_bytes()
+    if available and atoms * BYTES_PER_ATOM > available:
+        raise ConfigError(
+            f"{config.option('replicas')} {config.replicas} makes {atoms:,} atoms ({config.replicas} x "
+            f"{sum(len(a) for a in structures)}), at least {atoms * BYTES_PER_ATOM / 1e9:.3g} GB ({BYTES_PER_ATOM} "
+            f"bytes an atom), and {available / 1e9:.3g} GB of memory is available; give fewer replicas")
+
+
 def _clean(atoms):
     atoms = atoms.copy()
     atoms.calc = None
@@ -192,8 +252,11 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
     if restart_payload is not None and restart_payload.get("engine") == "ase" and config.engine != "ase":
         raise ConfigError(f"{config.restart}: written by --engine ase; continue it with --engine ase")
     if config.structure:
-        structures = read_structures(config.structure, config.index, config.option("index"))
+        sources: list = []
+        structures = read_structures(config.structure, config.index, config.option("index"), sources)
+        check_replica_memory(structures, config)
         structures = [_clean(a) for a in structures for _ in range(config.replicas)]
+        sources = [where for where in sources for _ in range(config.replicas)]
     elif restart_payload is not None:
         if config.replicas != 1:  # was silently ignored: the file's structures ran once each
             raise ConfigError(f"{config.option('replicas')} {config.replicas} copies the structure files, and none "
@@ -219,6 +282,8 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
                         model_path=config.model if potential is None else None)
     if potential is None:
         potential = load_potential(config.model, device=config.device)
+    if config.structure:
+        check_elements(potential, structures, sources)
     dtype = as_dtype(config.dtype)
     if restart_payload is None:
         for line in close_contacts(structures):

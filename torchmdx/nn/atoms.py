@@ -32,9 +32,13 @@ def atoms_inputs(atoms_or_list, device: Optional[torch.device] = None, dtype: Op
     """Keyword arguments ``z, pos, batch, cell, pbc, num_structures`` for ``Potential.forward``
     (``num_structures``: structures without atoms at the end of a list count too)."""
     single = is_atoms(atoms_or_list)
-    structures = [atoms_or_list] if single else list(atoms_or_list)
+    try:
+        structures = [atoms_or_list] if single else list(atoms_or_list)
+    except TypeError:  # None, a number: was "TypeError: 'NoneType' object is not iterable"
+        structures = []
     if not structures or not all(is_atoms(a) for a in structures):
-        raise ModelError("expected an ase.Atoms or a non-empty list of ase.Atoms")
+        got = next((a for a in structures if not is_atoms(a)), atoms_or_list)
+        raise ModelError(f"expected an ase.Atoms or a non-empty list of ase.Atoms, got {type(got).__name__}")
     dtype = dtype or torch.get_default_dtype()
     z = np.concatenate([a.get_atomic_numbers() for a in structures]).astype(np.int64)
     pos = np.concatenate([a.get_positions() for a in structures])

@@ -95,6 +95,9 @@ class ModelConfig:
             )
         if self.num_layers < 0:
             bad("num_layers", f"must be >= 0, got {self.num_layers}")
+        if self.num_layers == 0 and not self.neighbor_embedding:  # trained silently, forces all zero
+            bad("num_layers", "is 0 and model.neighbor_embedding is false: such a model sees no geometry (the energy "
+                              "of the elements only, zero forces); set num_layers >= 1 or neighbor_embedding: true")
         if self.num_rbf < 1 or (self.rbf_type == "gauss" and self.num_rbf < 2):
             bad("num_rbf", f"must be >= {2 if self.rbf_type == 'gauss' else 1}, got {self.num_rbf}")
         if not self.cutoff_upper > 0:

@@ -117,6 +117,9 @@ def save_potential(potential, path: Union[str, Path]) -> Path:
     from torchmdx.io_utils import atomic_write
     from torchmdx.nn.atoms import module_device_dtype
 
+    if not isinstance(path, (str, os.PathLike)):  # was pathlib's TypeError
+        raise ModelError(f"save: expected the path of a model file such as model.pt, got {path!r} "
+                         f"({type(path).__name__})")
     if Path(path).exists() and not Path(path).is_file():
         # a folder, device, FIFO or socket: the rename of the temporary file would replace a device
         # node (as root: /dev/null becomes a regular file) or fail with a traceback on a folder
@@ -280,10 +283,27 @@ def damaged_archive_member(path) -> Optional[str]:
     return None if bad is None else f"{bad} fails its CRC-32 checksum"
 
 
-def _what_file_is_this(path: Path, exc: Exception) -> str:
-    """What an unreadable "model file" is, in words (never torch's advice to unpickle it)."""
+MODEL_HINT = "pass the model.pt that `torchmdx train` or `torchmdx export` writes"
+
+
+def _what_file_is_this(path: Path, exc: Exception, what: str = "model file", hint: str = MODEL_HINT) -> str:
+    """What an unreadable "model file" (or ``what``: "checkpoint", "MD restart file") is, in words,
+    ending with ``hint`` where it helps; never torch's advice to unpickle it ("Re-running
+    `torch.load` with `weights_only` set to `False` will likely succeed")."""
     import zipfile
 
+    if what != "model file":
+        text = _what_file_is_this(path, exc)  # the model file's words, then the names swapped
+        if text.startswith("not a torchmdx model file ("):  # another archive (an npz, ...): torch's first line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            return f"not a readable {what} ({first})"
+        article = "an" if what[:1] in "aeiouAEIOUM" else "a"
+        text = text.replace("a torchmdx model file", f"a torchmdx {what}").replace("a readable model file",
+                                                                                    f"a readable {what}")
+        text = text.replace("not a model file", f"not {article} {what}").replace(MODEL_HINT, hint)
+        if text.startswith("a TorchScript file"):
+            text = f"a TorchScript file (for example an OpenMM export), not a torchmdx {what}; {hint}"
+        return text
     if path.stat().st_size == 0:
         return "the file is empty, not a model file"
     with open(path, "rb") as handle:
@@ -307,7 +327,7 @@ def _what_file_is_this(path: Path, exc: Exception) -> str:
     if text is None or "\x00" in text:
         return "not a torchmdx model file (unknown binary content)"
     kind = "a YAML config" if ":" in text.split("\n", 1)[0] else "a text file"
-    return f"{kind}, not a model file; pass the model.pt that `torchmdx train` or `torchmdx export` writes"
+    return f"{kind}, not a model file; {MODEL_HINT}"
 
 
 def _finish(potential, device, dtype):

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from torchmdx.config import apply_overrides, bad_key, from_dict, load_yaml, to_dict
+from torchmdx.devices import check_threads
 from torchmdx.errors import ConfigError
 
 LOSSES = ("mse", "l1", "huber")
@@ -245,6 +246,7 @@ class TrainerConfig:
             bad("gradient_clip_val", f"must be >= 0 or null, got {self.gradient_clip_val}")
         if self.num_threads is not None and self.num_threads < 1:
             bad("num_threads", f"must be >= 1 or null, got {self.num_threads}")
+        check_threads(self.num_threads, f"config key '{section}.num_threads'")
         if isinstance(self.devices, str) and self.devices != "auto" and not self.devices.lstrip("-").isdigit():
             bad("devices", f"must be an int, a list of ints or 'auto', got {self.devices!r}")
         count = int(self.devices) if isinstance(self.devices, (int, str)) and self.devices != "auto" else None

@@ -18,6 +18,8 @@ from typing import Union
 from torchmdx.errors import ModelError
 
 PREFIX = "model."
+#: what a refused checkpoint's message points to
+CHECKPOINT_HINT = "pass a checkpoint of `torchmdx train` (e.g. RUN_DIR/checkpoints/best.ckpt)"
 
 
 def read_checkpoint(path: Union[str, Path]) -> dict:
@@ -30,8 +32,10 @@ def read_checkpoint(path: Union[str, Path]) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem means a bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: not a readable checkpoint ({first})") from None
+        from torchmdx.nn.model_file import _what_file_is_this
+
+        # was torch's own message: for a YAML config, its advice to load with weights_only=False
+        raise ModelError(f"{path}: {_what_file_is_this(path, exc, 'checkpoint', CHECKPOINT_HINT)}") from None
     from torchmdx.nn.model_file import damaged_archive_member
 
     damaged = damaged_archive_member(path)  # torch.load reads overwritten bytes as silently wrong weights
