@@ -210,6 +210,16 @@ def label_model_method_without_a_file(t, s):
     return ["label", _ethanol_frames(t, s), "-o", t / "out.extxyz", "--method", "model:", "--no-progress"]
 
 
+def train_num_sanity_val_steps_below_minus_one(t, s):
+    config = _train_config(t, s / "md17" / "md17_ethanol_xtb.npz")
+    return ["train", config, "--set", "trainer.num_sanity_val_steps=-2"]
+
+
+def md_empty_log_name(t, s):
+    # an empty name fell back to the default log silently
+    return _md(t, s, "--log", "")
+
+
 CASES = [
     (md_threads_beyond_a_c_int, ["--threads must be at most", f"got {HUGE}", "CPUs"]),
     (evaluate_threads_beyond_a_c_int, ["--threads must be at most", f"got {HUGE}"]),
@@ -242,6 +252,9 @@ CASES = [
     (label_first_frame_fails, ["frame 0 (frames.extxyz:0): model:", "failed (structure 0: cutoff 4 Å",
                                "no frame was labelled, nothing written"]),
     (label_model_method_without_a_file, ["--method model:: names no model file"]),
+    (train_num_sanity_val_steps_below_minus_one, ["config key 'trainer.num_sanity_val_steps' must be >= 0, or -1",
+                                                  "got -2"]),
+    (md_empty_log_name, ["--log must name a file, or be left out for the default next to md.out, got ''"]),
 ]
 
 
@@ -360,3 +373,17 @@ def test_label_after_one_labelled_frame_keeps_the_partial_file(tmp_path, shared_
     assert code == 2 and "the 1 frames before it are kept in" in err, err
     kept = read(tmp_path / "out.extxyz.partial", ":", format="extxyz")
     assert len(kept) == 1 and np.allclose(kept[0].positions, read(path, 0).positions)
+
+
+def test_validation_interval_beyond_the_run_warns(tmp_path):
+    """check_val_every_n_epoch > max_epochs: no validation runs at all, which is said once (a
+    warning, not an error: the run still trains and exports its last checkpoint)."""
+    from torchmdx.train.config import TrainerConfig
+
+    with pytest.warns(UserWarning, match="check_val_every_n_epoch' is 5 but 'trainer.max_epochs' is 3: no validation"):
+        TrainerConfig(max_epochs=3, check_val_every_n_epoch=5).validate()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainerConfig(max_epochs=5, check_val_every_n_epoch=5).validate()

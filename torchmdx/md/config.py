@@ -155,6 +155,10 @@ class MDConfig:
             if not isinstance(name, str) or not name.strip():
                 bad("structure", f"names an empty structure file ({name!r}); give a structure file any ASE reader "
                                  "understands (xyz, extxyz, pdb, cif, ...)")
+        for key in ("log", "restart_out"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                bad(key, f"must name a file, or be left out for the default next to md.out, got {value!r}")
         if not isinstance(self.index, str):
             self.index = str(self.index)
         if not _INDEX.match(self.index):

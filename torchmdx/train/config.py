@@ -242,6 +242,14 @@ class TrainerConfig:
             bad("accumulate_grad_batches", f"must be >= 1, got {self.accumulate_grad_batches}")
         if self.check_val_every_n_epoch < 1:
             bad("check_val_every_n_epoch", f"must be >= 1, got {self.check_val_every_n_epoch}")
+        if self.max_epochs is not None and 0 < self.max_epochs < self.check_val_every_n_epoch:
+            import warnings
+
+            warnings.warn(f"config key '{section}.check_val_every_n_epoch' is {self.check_val_every_n_epoch} but "
+                          f"'{section}.max_epochs' is {self.max_epochs}: no validation will run, so no best "
+                          "checkpoint is chosen and the last one is exported", UserWarning, stacklevel=2)
+        if self.num_sanity_val_steps < -1:
+            bad("num_sanity_val_steps", f"must be >= 0, or -1 (the whole validation set), got {self.num_sanity_val_steps}")
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             bad("gradient_clip_val", f"must be >= 0 or null, got {self.gradient_clip_val}")
         if self.num_threads is not None and self.num_threads < 1:
