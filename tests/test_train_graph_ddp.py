@@ -107,6 +107,7 @@ def _worker_steps(rank, world, port, out_path):
         record["exp_avg"] = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
         record["exp_avg_sq"] = [optimizer.state[p]["exp_avg_sq"].clone() for p in model.parameters()]
         record["decisions"] = _decisions(rank)
+        record["reducer"] = _reducer(rank)
         torch.save(record, f"{out_path}.{rank}")
         dist.barrier()  # both ranks leave together (tests/test_ddp_loss.py)
     finally:
@@ -139,6 +140,42 @@ def _decisions(rank):
                     torch.zeros(n, 3), shape=shape)
         out.append(list(runner.calls))
     return {"calls": out, "disabled": runner.disabled_reason, "keys": list(runner._graphs)}
+
+
+def _reducer(rank):
+    """DDP's reducer and a step that runs its backward inside the wrapper's forward (as the step
+    runner does inside training_step): with DDP's default the reducer, armed by the previous
+    forward, averages the gradients during that backward (a second reduction); after
+    ``PotentialModule._ddp_reducer_off`` it does not. Returns each iteration's gradient."""
+    from types import SimpleNamespace
+
+    from torchmdx.train.module import PotentialModule
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(3, 2).double()
+
+        def forward(self, x):
+            self.lin.weight.grad = None
+            (self.lin(x) ** 2).sum().backward()
+            return torch.zeros((), dtype=torch.float64, requires_grad=True)  # the stand-in loss
+
+    out = {}
+    for name in ("default", "off"):
+        ddp = torch.nn.parallel.DistributedDataParallel(Step())
+        if name == "off":
+            module = PotentialModule(model={k: v for k, v in TINY64.items()}, train={})
+            module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(model=ddp))
+            module._ddp_reducer_off()
+            module._trainer = None
+        grads = []
+        for k in range(2):
+            ddp(torch.full((4, 3), float(rank + 1 + k), dtype=torch.float64)).backward()
+            grads.append(ddp.module.lin.weight.grad.clone())
+        out[name] = grads
+    return out
 
 
 def _free_port():
@@ -228,6 +265,14 @@ def test_captured_step_function_on_two_ranks_equals_one_process_on_the_union_bat
     union = torch.cat([p.grad.reshape(-1) for p in probe.parameters()])
     assert ((grads[0] + grads[1]) / 2 - union).abs().max() > 1e-3 * union.abs().max()
 
+    # DDP's reducer: armed by a forward, it reduces a backward run inside the next forward (the
+    # rank-local gradients would be averaged twice); off, the gradients stay the rank's own
+    reducer = [ranks[r]["reducer"] for r in range(2)]
+    assert not torch.equal(reducer[0]["default"][0], reducer[1]["default"][0])
+    assert torch.equal(reducer[0]["default"][1], reducer[1]["default"][1])
+    for k in range(2):
+        assert not torch.equal(reducer[0]["off"][k], reducer[1]["off"][k]), k
+
     # host decisions on agreed shapes: the same calls on both ranks, step by step
     d0, d1 = ranks[0]["decisions"], ranks[1]["decisions"]
     assert d0 == d1, (d0, d1)
@@ -252,6 +297,64 @@ def test_several_devices_with_cuda_graph_are_accepted():
     assert build_run_config(values, check_data=False).train.cuda_graph is True
     values["trainer"]["devices"] = [0, 1]
     assert build_run_config(values, check_data=False).train.cuda_graph is True
+
+
+def _lightning_config(shared_data, tmp_path, name, devices, batch_size):
+    return {
+        "data": {"path": str(shared_data / "polymer" / "polymers_xtb.extxyz"), "cache_dir": str(tmp_path / "cache"),
+                 "train_size": 24, "val_size": 8, "test_size": 0, "batch_size": batch_size, "inference_batch_size": 8,
+                 "dtype": "float64", "seed": 3, "mmap": False, "device_resident": True},
+        "model": {"embedding_dimension": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8, "cutoff_upper": 4.0,
+                  "backend": "torch", "dtype": "float64"},
+        "train": {"lr": 2e-3, "lr_warmup_steps": 2, "energy_weight": 0.3, "force_weight": 0.7, "cuda_graph": True},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": devices, "enable_progress_bar": False,
+                    "num_threads": 1, "log_every_n_steps": 1, "gradient_clip_val": 0.05,
+                    **({"strategy": "ddp"} if devices > 1 else {})},
+        "run_dir": str(tmp_path / name),
+    }
+
+
+@pytest.mark.slow
+def test_lightning_ddp_through_the_step_runner_equals_one_process(tmp_path, shared_data):
+    """The module's wiring under DDP (``torchmdx train``, two gloo processes, batches of 4) on
+    polymer structures of different sizes, packed on the CPU (``data.device_resident: true``
+    packs without a GPU, and the step runner then steps eagerly: the path a GPU captures, padding
+    weights included): the runner reduces the gradients with the global batch's normalisation,
+    clipping (active) sees the reduced gradient; against one process with batches of 8 the
+    weights and AdamW moments agree to float64 rounding. (That DDP's own reducer stays out is
+    checked in the spawned test: a second averaging would not change an average.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from torchmdx.data import build_cache
+    from torchmdx.train.config import build_run_config
+    from torchmdx.train.run import train
+
+    ddp = _lightning_config(shared_data, tmp_path, "ddp", devices=2, batch_size=4)
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp))
+    build_cache(ddp["data"]["path"], cache_dir=ddp["data"]["cache_dir"])
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-m", "torchmdx.cli", "train", str(tmp_path / "ddp.yaml")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(build_run_config(_lightning_config(shared_data, tmp_path, "one", devices=1, batch_size=8)))
+    states = {name: torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+              for name in ("ddp", "one")}
+    assert states["ddp"]["global_step"] == states["one"]["global_step"] == 3
+    a, b = states["ddp"]["state_dict"], states["one"]["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12, msg=key)
+    for name in ("exp_avg", "exp_avg_sq"):
+        x = [s[name] for s in states["ddp"]["optimizer_states"][0]["state"].values()]
+        y = [s[name] for s in states["one"]["optimizer_states"][0]["state"].values()]
+        assert len(x) == len(y) > 0
+        for u, v in zip(x, y):
+            torch.testing.assert_close(u, v, rtol=1e-8, atol=1e-14, msg=name)
 
 
 # ------------------------------------------------------------------------- GPU (two GPUs, NCCL)
