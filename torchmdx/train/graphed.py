@@ -70,6 +70,27 @@ error sums (:attr:`GraphedTrainStep.sums`, float64 on the device, read once per 
 Nothing in a replay reads from the device; the host reads :attr:`GraphedTrainStep.status` only
 in :meth:`GraphedTrainStep.check`.
 
+Several processes (DDP)
+-----------------------
+With ``torch.distributed`` initialised and several ranks (``distributed``; docs/training.md,
+"Under DDP"), the step reduces the gradients itself and keeps every rank in step
+(:class:`~torchmdx.train.graphed_step.DistributedStep`):
+
+- every parameter's ``.grad`` is a view of one flat buffer (made before the first step, never
+  None); after the backward one all-reduce (sum, / W) of it, then clipping and AdamW;
+- before the forward one all-reduce of [the global batch's counts, overflow and unusable-cell
+  flags, each rank's pair count]: the objective (``global_batch_objective``, given those
+  counts) normalises by the global batch, every rank skips a step in which some rank
+  overflowed, and :attr:`status` holds the reduced flag and the largest pair count;
+- NCCL wants a captured collective captured, and replayed, by all ranks together: every step
+  first exchanges the ranks' batch shapes on the host (:meth:`DistributedStep.agree`, gloo), and
+  the graphs are kept per combination of the ranks' shapes with the largest bound, so every host
+  decision here (warm-up, capture, capacity, redo, ``max_shapes``) is the same on every rank;
+- the traced (compiled) step is not available.
+
+The caller keeps DDP's own reducer out (:class:`torchmdx.train.module.PotentialModule` sets the
+wrapper's ``require_backward_grad_sync`` to False) and sends every rank's every batch here.
+
 The batch shapes the graphs are keyed on, capacity rounding and the record of unusable cells,
 shared with the validation step, are in :mod:`torchmdx.train.graphed_common`; the step a graph
 captures (and the record of the tensors it binds) is in :mod:`torchmdx.train.graphed_step`.
@@ -149,6 +170,12 @@ class GraphedTrainStep(CapturableStep):
         ema: the weight average updated after every step, ``{"averaged": [...], "current":
             [...], "averaged_buffers": [...], "buffers": [...], "num_averaged": tensor,
             "decay": float}`` (:func:`torchmdx.train.ema.ema_update`); None: no EMA here.
+        distributed: DDP (module docstring, "Several processes"); None: when ``torch.distributed``
+            is initialised with more than one rank. The objective then takes ``counts=`` (the
+            global counts, :func:`torchmdx.train.objective.global_batch_objective`).
+        group, host_group: the process group of the device collectives (None: the default) and a
+            gloo group for the shape agreement (None: ``group`` if gloo, else a new one: every
+            rank must construct the step at the same point).
 
     On a CPU model nothing is captured: :meth:`step` runs the same step eagerly (tests use this).
     """

@@ -27,7 +27,10 @@ CUDA graph by :class:`torchmdx.train.graphed.GraphedTrainStep`; Lightning still 
 callback is told the step already averaged). Training batches come packed to a few fixed sizes
 (:mod:`torchmdx.data.packing`), from the GPU when the split fits there, and validation batches
 then replay graphs too (:class:`torchmdx.train.graphed_eval.GraphedEvalStep`); the epoch's error
-sums are read once at its end. The stress term trains eagerly. On the CPU
+sums are read once at its end. The stress term trains eagerly. Under DDP (``cuda_graph: true``,
+several devices of one node) the captured step all-reduces the gradients itself, with the
+objective normalised by the global batch; DDP's reducer is switched off and every batch of every
+rank goes through the step runner (docs/training.md, "Under DDP"). On the CPU
 the option is ignored with a note (``data.device_resident: true`` packs there anyway, eagerly:
 the tests compare that path with the plain one). A loss that stays NaN or infinite stops the run
 (``train.max_nonfinite_steps``).

@@ -2,7 +2,8 @@
 
 ``training_objective`` is what every training step minimises (the eager step, the captured
 step of :mod:`torchmdx.train.graphed`); under DDP the eager step minimises
-``global_batch_objective`` (normalised by the global batch's counts); packed batches (:mod:`torchmdx.data.packing`) pass
+``global_batch_objective`` (normalised by the global batch's counts, :func:`objective_counts`;
+so does the captured step under DDP); packed batches (:mod:`torchmdx.data.packing`) pass
 padding weights so that the padding adds nothing. ``train_error_sums`` gives the run's epoch
 error sums of a batch (:func:`torchmdx.train.metrics.error_sums` with its loss settings).
 """
