@@ -159,8 +159,8 @@ def markdown(report: dict) -> str:
     for workload, s in report.get("summary", {}).items():
         maes = ", ".join(f"{k} {_fmt(v['mean'])} ({', '.join(_fmt(x) for x in v['values'])})"
                          for k, v in s["test_forces_mae"].items())
-        others = "".join(f" ({m}: {_fmt(v['mean'])} over {v['runs']})" for m, v in s.get("efficiency_by_mode", {}).items()
-                         if m != "eager")
+        others = "".join(f" ({m}: {_fmt(v['mean'])} over {v['runs']})"
+                         for m, v in s.get("efficiency_by_mode", {}).items() if m != "eager")
         lines.append(f"- {workload}: mean efficiency {_fmt(s['efficiency_mean'])} over {s['efficiency_runs']} seed(s)"
                      f"{others}; "
                      f"test F MAE {maes or '-'}; largest seed spread {_fmt(s['seed_spread'])}"

@@ -369,7 +369,9 @@ def _worker_gpu(rank, world, port, out_path):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    # a hang (collectives that do not match) fails within two minutes instead of holding the GPUs
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank),
+                            timeout=datetime.timedelta(seconds=120))
     try:
         cfg = _config()
         models = [ETPotential({**ET_SMALL, "backend": "torch"}).cuda() for _ in range(2)]

@@ -91,8 +91,9 @@ def distributed_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def objective_counts(structures: int, atoms: int, forces: bool, device, structure_weight: Optional[torch.Tensor] = None,
-                     atom_weight: Optional[torch.Tensor] = None, stress_known: Optional[torch.Tensor] = None) -> torch.Tensor:
+def objective_counts(structures: int, atoms: int, forces: bool, device,
+                     structure_weight: Optional[torch.Tensor] = None, atom_weight: Optional[torch.Tensor] = None,
+                     stress_known: Optional[torch.Tensor] = None) -> torch.Tensor:
     """float64 [3]: what :func:`global_batch_objective` normalises by, for this rank's batch: its
     structures, force components (0 without a force term) and known stress components, the
     padding of a packed batch (``structure_weight``, ``atom_weight``: 1 real, 0 padding) not
@@ -108,7 +109,8 @@ def objective_counts(structures: int, atoms: int, forces: bool, device, structur
         n_forces = 3.0 * atom_weight.to(f64).sum()
     else:
         n_forces = torch.full((), 3.0 * atoms, dtype=f64, device=device)
-    n_stress = stress_known.to(f64).reshape(()) if stress_known is not None else torch.zeros((), dtype=f64, device=device)
+    n_stress = (stress_known.to(f64).reshape(()) if stress_known is not None
+                else torch.zeros((), dtype=f64, device=device))
     return torch.stack([n_structures, n_forces, n_stress])
 
 
