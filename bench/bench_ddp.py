@@ -21,11 +21,13 @@ What is measured, per run:
   training split is a multiple of the global batch (checked), so each step is a full batch and
   this is exact.
 - ``efficiency`` (2-GPU rows) = 2-GPU throughput / (2 x 1-GPU throughput) at the same global
-  batch, against the 1-GPU *eager* run (``train.cuda_graph: false``) of the same workload and
-  seed: the like-for-like baseline, because the CUDA-graph training step does not run under DDP
-  (``train.cuda_graph: auto`` resolves to eager with several devices; docs/training.md, "Why
-  not under DDP"). ``vs 1-GPU graph`` is the 2-GPU throughput over the captured 1-GPU run's
-  (``auto``: what one GPU gives a user).
+  batch, against the 1-GPU run of the same mode, workload and seed: ``eager`` rows against the
+  1-GPU eager run (``train.cuda_graph: false``), ``captured`` rows (``train.cuda_graph: true``,
+  compile off: the captured step, which under DDP all-reduces the gradients inside the graph;
+  docs/training.md) against the 1-GPU captured run. ``graph`` (``auto``, the recipe's
+  background compile) is run on one GPU only: ``auto`` resolves to eager with several devices.
+  ``vs 1-GPU graph`` is the 2-GPU throughput over the 1-GPU ``graph`` run's (what one GPU gives
+  a user).
 - ``test F MAE`` (meV/Å) and ``test E MAE/atom`` (meV/atom): ``torchmdx evaluate`` of the run's
   ``model.pt`` (EMA weights of the best validation epoch) on the test split.
 
@@ -81,7 +83,12 @@ RECIPE = ROOT / "configs" / "et_md17.yaml"
 MODES = {
     "eager": ["train.cuda_graph=false"],
     # what one GPU gives a user of the recipe: captured step, the recipe's background compile
+    # (auto resolves to eager with several devices: not run there)
     "graph": ["train.cuda_graph=auto"],
+    # the captured step on any number of devices (under DDP it all-reduces the gradients inside
+    # the graph; docs/training.md "Under DDP"), with the model's autograd (no compile: not
+    # available under DDP), so that its 1-GPU run is the like-for-like baseline of its 2-GPU run
+    "captured": ["train.cuda_graph=true", "train.cuda_graph_compile=false"],
 }
 #: why the graph mode is not run with several devices (the table says it)
 
@@ -322,8 +329,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default="md17,ani1x")
     parser.add_argument("--devices", default="1,2")
     parser.add_argument("--seeds", default="0,1", help="train.seed of the runs (weights and shuffling)")
-    parser.add_argument("--modes", default="graph,eager",
-                        help="graph (train.cuda_graph auto: captured on one GPU; not run with several), eager (false); "
+    parser.add_argument("--modes", default="graph,captured,eager",
+                        help="graph (train.cuda_graph auto: captured on one GPU; not run with several), captured "
+                             "(true, compile off: captured on every device count, DDP included), eager (false); "
                              "runs go seed by seed, devices ascending, modes in this order")
     parser.add_argument("--epochs", type=int, default=20, help="trainer.max_epochs of every run (>= 2)")
     parser.add_argument("--accelerator", choices=("auto", "cpu"), default="auto")

@@ -11,8 +11,10 @@ import os
 import re
 from pathlib import Path
 
-GRAPH_UNDER_DDP = ("the CUDA-graph training step does not run under DDP: train.cuda_graph auto resolves to eager "
-                   "with several devices (true is refused); docs/training.md, 'Why not under DDP'")
+GRAPH_UNDER_DDP = ("mode graph (train.cuda_graph auto) does not run under DDP: auto resolves to eager with several "
+                   "devices; mode captured (train.cuda_graph true, compile off) runs the captured step under DDP "
+                   "(gradients all-reduced inside the graph; docs/training.md, 'Under DDP'); efficiency is against "
+                   "the 1-GPU run of the same mode")
 
 EPOCH_LINE = re.compile(r"^epoch (\d+)(?:/\d+)? \|.* \| ([0-9.]+) s\s*$")
 
@@ -75,8 +77,9 @@ def efficiency(two: float, one: float):
 
 
 def add_comparisons(rows: list) -> None:
-    """Fill ``efficiency`` and ``vs_1gpu_graph`` of the several-device rows from the one-device
-    rows of the same workload and seed (structures per second)."""
+    """Fill ``efficiency`` (against the one-device row of the same mode) and ``vs_1gpu_graph`` of
+    the several-device rows from the one-device rows of the same workload and seed (structures
+    per second)."""
     def find(workload, seed, mode):
         for row in rows:
             if (row["workload"], row["seed"], row["devices"], row["mode"]) == (workload, seed, 1, mode) \
@@ -87,19 +90,24 @@ def add_comparisons(rows: list) -> None:
     for row in rows:
         if row["devices"] < 2 or not row.get("structures_per_s"):
             continue
-        eager = find(row["workload"], row["seed"], "eager")
+        base = find(row["workload"], row["seed"], row["mode"])
         graph = find(row["workload"], row["seed"], "graph")
-        row["efficiency"] = (row["structures_per_s"] / (row["devices"] * eager)) if eager else None
+        row["efficiency"] = (row["structures_per_s"] / (row["devices"] * base)) if base else None
         row["vs_1gpu_graph"] = row["structures_per_s"] / graph if graph else None
 
 
 def summarise(rows: list) -> dict:
-    """Per workload: mean efficiency over seeds, and the test force MAE per configuration (mean,
-    seed spread) with the difference between 2-GPU and 1-GPU eager against that spread."""
+    """Per workload: mean efficiency over seeds (``efficiency_mean``: the eager rows;
+    ``efficiency_by_mode``: every mode's), and the test force MAE per configuration (mean, seed
+    spread) with the difference between 2-GPU and 1-GPU eager against that spread."""
     out = {}
     for workload in dict.fromkeys(r["workload"] for r in rows):
         mine = [r for r in rows if r["workload"] == workload]
-        effs = [r["efficiency"] for r in mine if r.get("efficiency")]
+        by_mode = {}
+        for r in mine:
+            if r.get("efficiency"):
+                by_mode.setdefault(r["mode"], []).append(r["efficiency"])
+        effs = by_mode.get("eager", [])
         configs = {}
         for r in mine:
             if r.get("test_forces_mae") is not None:
@@ -107,8 +115,11 @@ def summarise(rows: list) -> dict:
         spread = max((max(v) - min(v) for v in configs.values() if len(v) > 1), default=None)
         entry = {"efficiency_mean": sum(effs) / len(effs) if effs else None, "efficiency_runs": len(effs),
                  "test_forces_mae": {k: {"mean": sum(v) / len(v), "values": v} for k, v in configs.items()},
-                 "seed_spread": spread}
-        one, two = configs.get("1gpu-eager"), next((v for k, v in configs.items() if not k.startswith("1gpu")), None)
+                 "seed_spread": spread,
+                 "efficiency_by_mode": {m: {"mean": sum(v) / len(v), "runs": len(v)} for m, v in by_mode.items()}}
+        several = [k for k in configs if not k.startswith("1gpu")]
+        two_key = next((k for k in several if k.endswith("-eager")), several[0] if several else None)
+        one, two = configs.get("1gpu-eager"), configs.get(two_key) if two_key else None
         if one and two:
             diff = abs(sum(two) / len(two) - sum(one) / len(one))
             entry["ddp_minus_1gpu_eager"] = diff
@@ -148,7 +159,10 @@ def markdown(report: dict) -> str:
     for workload, s in report.get("summary", {}).items():
         maes = ", ".join(f"{k} {_fmt(v['mean'])} ({', '.join(_fmt(x) for x in v['values'])})"
                          for k, v in s["test_forces_mae"].items())
-        lines.append(f"- {workload}: mean efficiency {_fmt(s['efficiency_mean'])} over {s['efficiency_runs']} seed(s); "
+        others = "".join(f" ({m}: {_fmt(v['mean'])} over {v['runs']})"
+                         for m, v in s.get("efficiency_by_mode", {}).items() if m != "eager")
+        lines.append(f"- {workload}: mean efficiency {_fmt(s['efficiency_mean'])} over {s['efficiency_runs']} seed(s)"
+                     f"{others}; "
                      f"test F MAE {maes or '-'}; largest seed spread {_fmt(s['seed_spread'])}"
                      + (f"; |2-GPU - 1-GPU eager| {_fmt(s['ddp_minus_1gpu_eager'])}, within the seed spread: "
                         f"{s['agree_within_noise']}" if "ddp_minus_1gpu_eager" in s else ""))

@@ -93,6 +93,34 @@ def test_efficiency_and_mae_summary():
     assert "| ani1x | 2 | eager | 0 |" in text and "0.85" in text and "not run (time limit)" in text
 
 
+def test_captured_rows_are_compared_with_the_captured_one_gpu_run():
+    """Mode ``captured`` (train.cuda_graph true, compile off) runs on two GPUs too: its efficiency
+    is against the 1-GPU captured run, ``vs 1-GPU graph`` against the 1-GPU auto run; the eager
+    summary is unchanged and the captured one is reported beside it."""
+    bench = _bench()
+    assert bench.MODES["captured"] == ["train.cuda_graph=true", "train.cuda_graph_compile=false"]
+    rows = [
+        {"workload": "md17", "devices": 1, "mode": "graph", "seed": 0, "structures_per_s": 1200.0},
+        {"workload": "md17", "devices": 1, "mode": "captured", "seed": 0, "structures_per_s": 1000.0},
+        {"workload": "md17", "devices": 1, "mode": "eager", "seed": 0, "structures_per_s": 400.0},
+        {"workload": "md17", "devices": 2, "mode": "captured", "seed": 0, "structures_per_s": 1800.0},
+        {"workload": "md17", "devices": 2, "mode": "eager", "seed": 0, "structures_per_s": 700.0},
+    ]
+    bench.add_comparisons(rows)
+    assert rows[3]["efficiency"] == pytest.approx(1800 / 2000) and rows[3]["vs_1gpu_graph"] == pytest.approx(1.5)
+    assert rows[4]["efficiency"] == pytest.approx(700 / 800)
+    s = bench.summarise(rows)["md17"]
+    assert s["efficiency_mean"] == pytest.approx(700 / 800) and s["efficiency_runs"] == 1
+    assert s["efficiency_by_mode"]["captured"] == {"mean": pytest.approx(0.9), "runs": 1}
+    text = bench.markdown({"meta": {"date": "d", "device": "x", "epochs": 3}, "rows": rows, "summary": {"md17": s}})
+    assert "| md17 | 2 | captured | 0 |" in text and "(captured: 0.9 over 1)" in text
+    plans, notes = bench.build_plans(["md17"], [1, 2], [0], ["graph", "captured", "eager"], {"md17": 8},
+                                     Path("/tmp/runs"))
+    assert [(p["devices"], p["mode"]) for p in plans] == [(1, "graph"), (1, "captured"), (1, "eager"),
+                                                          (2, "captured"), (2, "eager")]
+    assert notes and "does not run under DDP" in notes[0]
+
+
 TINY = ["--set", "data.train_size=32", "--set", "data.val_size=8", "--set", "data.test_size=16",
         "--set", "model.embedding_dimension=16", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
         "--set", "model.num_rbf=8", "--set", "trainer.num_threads=1"]

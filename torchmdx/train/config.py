@@ -401,10 +401,17 @@ def resolve_cuda_graph(cfg: RunConfig) -> bool:
     return count == 1
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def check_cuda_graph(cfg: RunConfig) -> None:
-    """``train.cuda_graph: true`` replays one optimiser step per batch on one device: refuse
-    gradient accumulation and several devices/nodes (one-line ConfigError). ``auto`` is never
-    refused: it is off where it cannot be on (:func:`resolve_cuda_graph`)."""
+    """``train.cuda_graph: true`` replays one optimiser step per batch: refuse gradient
+    accumulation, several nodes, and under several devices (DDP: the captured step all-reduces
+    the gradients itself, docs/training.md) a stress term (one-line ConfigError). ``auto`` is
+    never refused: it is off where it cannot be on (:func:`resolve_cuda_graph`; off under DDP)."""
     if cfg.train.cuda_graph is False and cfg.train.cuda_graph_compile:
         import warnings
 
@@ -416,9 +423,16 @@ def check_cuda_graph(cfg: RunConfig) -> None:
     trainer = cfg.trainer
     devices = trainer.devices
     count = _device_count(devices)
-    if (count is not None and (count > 1 or count == -1)) or trainer.num_nodes > 1:
-        raise ConfigError(f"config key 'train.cuda_graph' needs one device, but trainer.devices is {devices!r} and "
-                          f"trainer.num_nodes {trainer.num_nodes}; set trainer.devices: 1 or train.cuda_graph: false")
+    if trainer.num_nodes > 1:
+        raise ConfigError(f"config key 'train.cuda_graph' needs one node (its DDP step is built and tested on the "
+                          f"GPUs of one host), but trainer.num_nodes is {trainer.num_nodes}; set trainer.num_nodes: 1 "
+                          "or train.cuda_graph: false")
+    # 'auto' / -1: as many devices as there are GPUs (the module checks again at fit start)
+    several = _visible_gpus() > 1 if count is None or count == -1 else count > 1
+    if several and cfg.train.train_stress:
+        raise ConfigError(f"config key 'train.cuda_graph' with several devices (trainer.devices {devices!r}) cannot "
+                          "train on stress (train.stress_weight > 0: the captured step has no stress term, and under "
+                          "DDP every step must go through it); set train.cuda_graph: false or train.stress_weight: 0")
     if trainer.accumulate_grad_batches > 1:
         raise ConfigError(f"config key 'train.cuda_graph' cannot be combined with trainer.accumulate_grad_batches "
                           f"{trainer.accumulate_grad_batches} (the graph applies the optimiser step at every batch)")

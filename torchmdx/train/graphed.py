@@ -70,6 +70,27 @@ error sums (:attr:`GraphedTrainStep.sums`, float64 on the device, read once per 
 Nothing in a replay reads from the device; the host reads :attr:`GraphedTrainStep.status` only
 in :meth:`GraphedTrainStep.check`.
 
+Several processes (DDP)
+-----------------------
+With ``torch.distributed`` initialised and several ranks (``distributed``; docs/training.md,
+"Under DDP"), the step reduces the gradients itself and keeps every rank in step
+(:class:`~torchmdx.train.graphed_step.DistributedStep`):
+
+- every parameter's ``.grad`` is a view of one flat buffer (made before the first step, never
+  None); after the backward one all-reduce (sum, / W) of it, then clipping and AdamW;
+- before the forward one all-reduce of [the global batch's counts, overflow and unusable-cell
+  flags, each rank's pair count]: the objective (``global_batch_objective``, given those
+  counts) normalises by the global batch, every rank skips a step in which some rank
+  overflowed, and :attr:`status` holds the reduced flag and the largest pair count;
+- NCCL wants a captured collective captured, and replayed, by all ranks together: every step
+  first exchanges the ranks' batch shapes on the host (:meth:`DistributedStep.agree`, gloo), and
+  the graphs are kept per combination of the ranks' shapes with the largest bound, so every host
+  decision here (warm-up, capture, capacity, redo, ``max_shapes``) is the same on every rank;
+- the traced (compiled) step is not available.
+
+The caller keeps DDP's own reducer out (:class:`torchmdx.train.module.PotentialModule` sets the
+wrapper's ``require_backward_grad_sync`` to False) and sends every rank's every batch here.
+
 The batch shapes the graphs are keyed on, capacity rounding and the record of unusable cells,
 shared with the validation step, are in :mod:`torchmdx.train.graphed_common`; the step a graph
 captures (and the record of the tensors it binds) is in :mod:`torchmdx.train.graphed_step`.
@@ -86,7 +107,7 @@ import torch
 
 from torchmdx.train.graphed_common import (CAPACITY_ROUNDING, SHAPE_ATTRIBUTE, BadCells, BatchShape, batch_shape,
                                            packed_shape, round_capacity, shape_from_counts)
-from torchmdx.train.graphed_step import CapturableStep, StepOutputs  # StepOutputs: imported from here too
+from torchmdx.train.graphed_step import CapturableStep, DistributedStep, StepOutputs  # StepOutputs: imported from here too
 
 __all__ = ["CAPACITY_GROWTH", "StepOutputs", "GraphedTrainStep",
            # re-exported from torchmdx.train.graphed_common (imported from here by modules, tests, bench scripts)
@@ -149,6 +170,12 @@ class GraphedTrainStep(CapturableStep):
         ema: the weight average updated after every step, ``{"averaged": [...], "current":
             [...], "averaged_buffers": [...], "buffers": [...], "num_averaged": tensor,
             "decay": float}`` (:func:`torchmdx.train.ema.ema_update`); None: no EMA here.
+        distributed: DDP (module docstring, "Several processes"); None: when ``torch.distributed``
+            is initialised with more than one rank. The objective then takes ``counts=`` (the
+            global counts, :func:`torchmdx.train.objective.global_batch_objective`).
+        group, host_group: the process group of the device collectives (None: the default) and a
+            gloo group for the shape agreement (None: ``group`` if gloo, else a new one: every
+            rank must construct the step at the same point).
 
     On a CPU model nothing is captured: :meth:`step` runs the same step eagerly (tests use this).
     """
@@ -157,9 +184,15 @@ class GraphedTrainStep(CapturableStep):
                  clip_value: Optional[float] = None, clip_algorithm: str = "norm",
                  pair_headroom: Optional[float] = None, warmup_steps: int = 2, max_shapes: int = 4,
                  traced: bool = False, capture: bool = True, error_sums: Optional[Callable] = None,
-                 ema: Optional[dict] = None):
+                 ema: Optional[dict] = None, distributed: Optional[bool] = None, group=None, host_group=None):
         if pair_headroom is not None and not pair_headroom >= 1.0:
             raise ValueError(f"pair_headroom must be >= 1 or None, got {pair_headroom}")
+        if distributed is None:
+            dist = torch.distributed
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+        if distributed and traced:
+            # a cache miss of the background compile redoes the step (its collectives twice on one rank)
+            raise ValueError("GraphedTrainStep: traced steps are not available under DDP (distributed=True)")
         self.model = model
         self.optimizer = optimizer
         self.objective = objective
@@ -184,6 +217,10 @@ class GraphedTrainStep(CapturableStep):
             self.traced = TracedForces(model, training=True)
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device = self._params[0].device
+        #: under DDP: the flat gradients, the collectives and the agreement of the batch shapes
+        #: (:class:`~torchmdx.train.graphed_step.DistributedStep`; module docstring, "Several processes")
+        self._dist: Optional[DistributedStep] = (DistributedStep(self._params, self.device, group, host_group)
+                                                 if distributed else None)
         self.enabled = bool(capture) and self.device.type == "cuda" and torch.cuda.is_available()
         self.disabled_reason: Optional[str] = None if self.enabled else (
             f"the model is on {self.device.type}" if capture else "capture is off")
@@ -237,14 +274,14 @@ class GraphedTrainStep(CapturableStep):
         """Will :meth:`step` take a batch of this shape (else the caller trains it eagerly)?"""
         if self.disabled_reason is not None:
             return False
-        key = (shape.atoms, shape.structures, shape.periodic)
+        key = shape.key
         if key not in self._graphs and len(self._graphs) >= self.max_shapes:
             self.disable(f"more than {self.max_shapes} distinct batch shapes (atoms, structures)")
             return False
         return True
 
     def _graph_for(self, shape: BatchShape, given: dict) -> _ShapeGraph:
-        key = (shape.atoms, shape.structures, shape.periodic)
+        key = shape.key
         graph = self._graphs.get(key)
         if graph is None or (self.enabled and self.disabled_reason is not None):
             inputs = {name: torch.empty_like(value) for name, value in given.items()}
@@ -300,6 +337,15 @@ class GraphedTrainStep(CapturableStep):
                 given[name] = value
         if self.background is not None:
             self.background.poll_step(self)
+        if self._dist is not None:
+            self._dist.rebind_if_replaced()
+            if self.enabled:
+                # every rank: the same shape key and bound, so the same graphs, warm-up steps,
+                # captures and capacities (NCCL: a captured collective is captured by all ranks
+                # together and replayed by all together); more shapes than max_shapes switch
+                # graphs off on every rank at once, and the steps stay through this runner
+                shape = self._dist.agree(shape)
+                self.accepts(shape)
         graph = self._graph_for(shape, given)
         inputs = graph.inputs
         if set(inputs) != set(given):
@@ -397,6 +443,8 @@ class GraphedTrainStep(CapturableStep):
 
     def _capture(self, graph: _ShapeGraph) -> None:
         self._sync_lr()
+        if self._dist is not None:
+            torch.cuda.synchronize(self.device)  # no earlier collective still in flight during the capture
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph):
             outputs, _ = self._compute(graph.inputs, graph.capacity, traced=True)
@@ -416,13 +464,20 @@ class GraphedTrainStep(CapturableStep):
         unusable cell; if steps overflowed their neighbor capacity since the last check, grow the
         capacities, redo the latest step when it was one of them, and say how many were skipped
         without a redo. Returns :attr:`stats`."""
-        values = torch.cat([self.status, self.bad_cells.state]).tolist()
+        parts = [self.status, self.bad_cells.state] + ([self._dist.bad_steps.reshape(1)] if self._dist else [])
+        values = torch.cat(parts).tolist()
         if values[3] > 0:
             from torchmdx.errors import TrainingError
 
             what = self.bad_cells.describe(values[4], self.model.cutoff, "a periodic training structure")
             raise TrainingError(f"{what}; {values[3]} step(s) with such a structure changed nothing "
                                 f"(check the data's cells: torchmdx data info)")
+        if self._dist is not None and values[5] > 0:  # every rank stops, the one with the cell says which
+            from torchmdx.errors import TrainingError
+
+            raise TrainingError(f"a periodic training structure of another DDP rank has an unusable cell (that rank "
+                                f"names it); {values[5]} step(s) changed nothing (check the data's cells: "
+                                f"torchmdx data info)")
         if not self.enabled:
             return dict(self.stats)
         skipped, latest, most_pairs = values[:3]

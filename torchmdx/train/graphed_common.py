@@ -34,6 +34,15 @@ class BatchShape:
     structures: int
     pair_bound: int
     periodic: bool = False
+    #: under DDP (:meth:`torchmdx.train.graphed.GraphedTrainStep.step`): every rank's (atoms,
+    #: structures, periodic), the same tuple on every rank; ``pair_bound`` is then the largest
+    #: rank's. Empty for one process.
+    ranks: tuple = ()
+
+    @property
+    def key(self) -> tuple:
+        """What a graph is kept under: (atoms, structures, periodic); under DDP every rank's."""
+        return self.ranks or (self.atoms, self.structures, self.periodic)
 
 
 def round_capacity(pairs: int) -> int:

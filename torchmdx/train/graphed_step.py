@@ -18,7 +18,7 @@ import torch
 
 from torchmdx.kernels.neighbors import neighbor_list
 
-__all__ = ["StepOutputs", "CapturableStep"]
+__all__ = ["StepOutputs", "CapturableStep", "DistributedStep"]
 
 _ADAM_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _HYPER = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "fused", "capturable")
@@ -36,6 +36,107 @@ class StepOutputs:
     force_error: Optional[torch.Tensor]
     n_atoms: torch.Tensor
     overflow: torch.Tensor
+
+
+class DistributedStep:
+    """What one training step needs under DDP (``torch.distributed`` initialised, several ranks),
+    see "Several processes (DDP)" in :mod:`torchmdx.train.graphed`:
+
+    - the gradients live in one flat buffer per dtype (every parameter's ``.grad`` a view of it,
+      made here, before any step or capture: never None, so the buffer has one size on every
+      rank), all-reduced (sum, then / W) by one collective after the backward;
+    - :meth:`reduce_flags`: one all-reduce (sum) of a small float64 vector before the forward:
+      the objective's counts (:func:`torchmdx.train.objective.objective_counts`), the skip flags
+      (neighbor overflow, unusable cell: max as sum > 0) and every rank's pair count (its own slot);
+    - :meth:`agree`: every rank's batch shape (host integers, one all-gather over a gloo group,
+      no device read), so that every rank keeps the same graphs and takes the same decisions.
+
+    ``group``: the process group of the device collectives (None: the default group);
+    ``host_group``: a gloo group for :meth:`agree` (None: ``group`` if it is gloo, else a new
+    gloo group over its ranks: every rank must construct this at the same point)."""
+
+    def __init__(self, params: list, device: torch.device, group=None, host_group=None):
+        dist = torch.distributed
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if host_group is None:
+            if dist.get_backend(group) == "gloo":
+                host_group = group
+            else:
+                ranks = None if group is None else dist.get_process_group_ranks(group)
+                host_group = dist.new_group(ranks=ranks, backend="gloo")
+        self.host_group = host_group
+        self.device = device
+        self.params = [p for p in params if p.requires_grad]
+        # this rank's slot of the pair counts (made here: a capture may not copy from the host)
+        self.slot = torch.zeros(self.world, dtype=torch.float64, device=device)
+        self.slot[self.rank] = 1.0
+        #: steps in which some rank met an unusable cell (device; read by check())
+        self.bad_steps = torch.zeros((), dtype=torch.long, device=device)
+        self.flats: list[torch.Tensor] = []
+        self.views: list[torch.Tensor] = []
+        self.bind()
+
+    def bind(self) -> None:
+        """Make every parameter's gradient a view of one flat buffer per dtype (values kept)."""
+        by_dtype: dict = {}
+        for p in self.params:
+            if not p.is_contiguous():
+                raise ValueError("the DDP training step needs contiguous parameters (their gradients are views "
+                                 "of one flat buffer)")
+            by_dtype.setdefault(p.dtype, []).append(p)
+        self.flats, views = [], {}
+        for dtype, params in by_dtype.items():
+            flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=self.device)
+            offset = 0
+            for p in params:
+                view = flat[offset:offset + p.numel()].view_as(p)
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
+                views[id(p)] = view
+                offset += p.numel()
+            self.flats.append(flat)
+        self.views = [views[id(p)] for p in self.params]
+
+    def rebind_if_replaced(self) -> bool:
+        """Bind again if a gradient was replaced outside the step (``zero_grad(set_to_none=True)``,
+        ...); True if so (the captured graphs then see a changed binding and recapture)."""
+        if all(p.grad is v for p, v in zip(self.params, self.views)):
+            return False
+        self.bind()
+        return True
+
+    def agree(self, shape):
+        """``shape`` (this rank's :class:`~torchmdx.train.graphed_common.BatchShape`) made the
+        same on every rank: ``ranks`` every rank's (atoms, structures, periodic), ``pair_bound``
+        the largest. One all-gather of four host integers per rank (gloo)."""
+        import dataclasses
+
+        mine = torch.tensor([shape.atoms, shape.structures, shape.pair_bound, int(shape.periodic)], dtype=torch.long)
+        rows = [torch.empty_like(mine) for _ in range(self.world)]
+        torch.distributed.all_gather(rows, mine, group=self.host_group)
+        rows = [row.tolist() for row in rows]
+        return dataclasses.replace(shape, pair_bound=max(row[2] for row in rows),
+                                   ranks=tuple((row[0], row[1], bool(row[3])) for row in rows))
+
+    def reduce_flags(self, counts: torch.Tensor, overflow: torch.Tensor, bad: torch.Tensor, pairs: torch.Tensor):
+        """One all-reduce (sum) of [counts (3), overflow, bad, pairs in this rank's slot (W)]:
+        returns (global counts, overflow on some rank, bad cell on some rank, most pairs of a rank).
+        Capturable (device kernels and one collective)."""
+        f64 = torch.float64
+        vector = torch.cat([counts.to(f64), overflow.to(f64).reshape(1), bad.to(f64).reshape(1),
+                            self.slot * pairs.to(f64)])
+        torch.distributed.all_reduce(vector, group=self.group)
+        return vector[:3], vector[3] > 0, vector[4] > 0, vector[5:].max().long()
+
+    def reduce_gradients(self) -> None:
+        """Sum the flat gradients over the ranks and divide by W (DDP's mean): one collective per
+        dtype (one for a model of one dtype)."""
+        for flat in self.flats:
+            torch.distributed.all_reduce(flat, group=self.group)
+            flat.div_(self.world)
 
 
 class CapturableStep:
@@ -66,6 +167,9 @@ class CapturableStep:
         structures = inputs["energy"].shape[0]
         neighbors = neighbor_list(pos.detach(), self.model.cutoff, batch, cell, pbc, max_pairs=capacity,
                                   cell_check="device")
+        joint = None
+        if self._dist is not None:
+            joint = self._reduce_flags(inputs, structures, neighbors, cell, pbc)
         out = None
         if traced and self.background is not None:
             traced = self.background.use(self, inputs["z"], pos, structures, neighbors, cell is not None)
@@ -94,13 +198,21 @@ class CapturableStep:
         if n_atoms is None:
             n_atoms = torch.zeros(structures, dtype=torch.long, device=pos.device).index_add_(0, batch, torch.ones_like(batch))
         weights = {name: inputs[name] for name in ("structure_weight", "atom_weight") if name in inputs}
+        extra = {} if joint is None else {"counts": joint[0]}
         loss, energy_error, force_error = self.objective(out["energy"], out.get("forces"), inputs["energy"],
-                                                         inputs.get("forces"), n_atoms, **weights)
+                                                         inputs.get("forces"), n_atoms, **weights, **extra)
         loss.backward()
+        if joint is not None:
+            self._dist.reduce_gradients()  # clipping and the optimiser see the global batch's gradient
         self._clip()
         overflow = neighbors.overflow.reshape(())
         cell_error = neighbors.cell_error
-        if cell_error is not None:
+        if joint is not None:
+            # every rank skips the steps in which some rank overflowed or met an unusable cell
+            _, overflow, bad, _ = joint
+            skip = overflow | bad
+            self._dist.bad_steps.add_(bad.long())
+        elif cell_error is not None:
             # an unusable cell: the step changes nothing (as an overflow), the first one is kept
             # for check(); the skip costs nothing (the fused optimiser's found_inf input)
             bad = self.bad_cells.record(cell_error, cell, pbc)
@@ -119,12 +231,28 @@ class CapturableStep:
             sums = self.error_sums(energy_error, n_atoms, force_error, weights.get("structure_weight"),
                                    weights.get("atom_weight"))
             self.sums.add_(torch.where(skip, torch.zeros_like(sums), sums))
-        found = neighbors.num_pairs.reshape(()).long()
+        # under DDP the most pairs of any rank: capacities (host decisions) are the same on every rank
+        found = neighbors.num_pairs.reshape(()).long() if joint is None else joint[3]
         flag = overflow.long()
         self.status.copy_(torch.stack([self.status[0] + flag, flag, torch.maximum(self.status[2], found)]))
         outputs = StepOutputs(loss.detach(), energy_error.detach(),
                               force_error.detach() if force_error is not None else None, n_atoms, skip)
         return outputs, found
+
+    def _reduce_flags(self, inputs: dict, structures: int, neighbors, cell, pbc):
+        """Under DDP, before the forward: this rank's objective counts, overflow and unusable-cell
+        flags (its first such cell kept for check()) and pair count, reduced over the ranks
+        (:meth:`DistributedStep.reduce_flags`)."""
+        from torchmdx.train.objective import objective_counts
+
+        overflow = neighbors.overflow.reshape(())
+        bad = torch.zeros((), dtype=torch.bool, device=overflow.device)
+        if neighbors.cell_error is not None:
+            bad = self.bad_cells.record(neighbors.cell_error, cell, pbc)
+            overflow = overflow & ~bad
+        counts = objective_counts(structures, inputs["pos"].shape[0], self.forces, overflow.device,
+                                  inputs.get("structure_weight"), inputs.get("atom_weight") if self.forces else None)
+        return self._dist.reduce_flags(counts, overflow, bad, neighbors.num_pairs.reshape(()))
 
     def _clip(self) -> None:
         if self.clip_value is None or not self.clip_value > 0:

@@ -27,7 +27,10 @@ CUDA graph by :class:`torchmdx.train.graphed.GraphedTrainStep`; Lightning still 
 callback is told the step already averaged). Training batches come packed to a few fixed sizes
 (:mod:`torchmdx.data.packing`), from the GPU when the split fits there, and validation batches
 then replay graphs too (:class:`torchmdx.train.graphed_eval.GraphedEvalStep`); the epoch's error
-sums are read once at its end. The stress term trains eagerly. On the CPU
+sums are read once at its end. The stress term trains eagerly. Under DDP (``cuda_graph: true``,
+several devices of one node) the captured step all-reduces the gradients itself, with the
+objective normalised by the global batch; DDP's reducer is switched off and every batch of every
+rank goes through the step runner (docs/training.md, "Under DDP"). On the CPU
 the option is ignored with a note (``data.device_resident: true`` packs there anyway, eagerly:
 the tests compare that path with the plain one). A loss that stays NaN or infinite stops the run
 (``train.max_nonfinite_steps``).
@@ -240,7 +243,7 @@ class PotentialModule(L.LightningModule):
                                     forces if cfg.train_forces else None, shape=shape,
                                     cell=getattr(batch, "cell", None), pbc=getattr(batch, "pbc", None))
         self._after_runner_step(out, int(batch.num_graphs))
-        return None
+        return self._runner_result(out)
 
     def _packed_training_step(self, batch: PackedBatch) -> None:
         """A padded batch (:mod:`torchmdx.data.packing`): through the step runner, captured on a
@@ -252,6 +255,7 @@ class PotentialModule(L.LightningModule):
             raise DataError("train.force_weight > 0 but the training data have no forces; set train.force_weight: 0")
         if self._graph_step is None:
             self._graph_step = self._step_runner(capture=False)
+            self._ddp_reducer_off()
         from torchmdx.train.graphed import packed_shape
 
         out = self._graph_step.step(batch.z, batch.pos, batch.batch, batch.energy, batch.forces if cfg.train_forces else None,
@@ -259,7 +263,27 @@ class PotentialModule(L.LightningModule):
                                     structure_weight=batch.structure_weight, atom_weight=batch.atom_weight,
                                     cell=batch.cell, pbc=batch.pbc)
         self._after_runner_step(out, batch.num_graphs)
-        return None
+        return self._runner_result(out)
+
+    def _runner_result(self, out):
+        """What training_step returns after the step runner's step: None (Lightning's closure then
+        runs no backward; the runner did it). Under DDP Lightning refuses None, so a stand-in:
+        a fresh leaf holding the loss, whose backward reaches no parameter."""
+        if self.trainer.world_size <= 1:
+            return None
+        return out.loss.detach().clone().requires_grad_(True)
+
+    def _ddp_reducer_off(self) -> None:
+        """Under DDP the step runner reduces the gradients itself (one all-reduce inside its step,
+        :mod:`torchmdx.train.graphed`): DDP's reducer must not, or they would be reduced twice.
+        ``require_backward_grad_sync = False`` is what ``DistributedDataParallel.no_sync()`` sets:
+        its forward then arms no reducer hooks, so the runner's backward fires none."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return
+        wrapped = getattr(trainer.strategy, "model", None)
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            wrapped.require_backward_grad_sync = False
 
     def _after_runner_step(self, out, batch_size: int) -> None:
         """The step runner did the optimiser step, the EMA and the error sums: tell the EMA
@@ -451,9 +475,13 @@ class PotentialModule(L.LightningModule):
 
             if cfg.cuda_graph == "auto" and (trainer.world_size > 1 or trainer.accumulate_grad_batches > 1):
                 return False  # auto: on only where it can be (torchmdx.train.config.resolve_cuda_graph)
-            if trainer.world_size > 1:
-                raise ConfigError(f"config key 'train.cuda_graph' needs one device; this run has {trainer.world_size} "
-                                  "processes (set trainer.devices: 1 or train.cuda_graph: false)")
+            if trainer.world_size > 1 and trainer.num_nodes > 1:
+                raise ConfigError(f"config key 'train.cuda_graph' under DDP needs one node; this run has "
+                                  f"{trainer.num_nodes} (set trainer.num_nodes: 1 or train.cuda_graph: false)")
+            if trainer.world_size > 1 and cfg.train_stress:
+                raise ConfigError("config key 'train.cuda_graph' under DDP cannot train on stress (train.stress_weight "
+                                  "> 0: the captured step has no stress term, and every rank's steps must go through "
+                                  "it); set train.cuda_graph: false or train.stress_weight: 0")
             if trainer.accumulate_grad_batches > 1:
                 raise ConfigError("config key 'train.cuda_graph' cannot be combined with trainer.accumulate_grad_batches > 1 "
                                   "(the graph applies the optimiser step at every batch)")
@@ -486,6 +514,7 @@ class PotentialModule(L.LightningModule):
             if torch.is_tensor(step) and step.device != self.device:
                 state["step"] = step.to(device=self.device, dtype=torch.float32)
         self._graph_step = self._step_runner(capture=True)
+        self._ddp_reducer_off()
 
     def _step_runner(self, capture: bool):
         """The :class:`~torchmdx.train.graphed.GraphedTrainStep` of this run: optimiser step,
@@ -508,13 +537,28 @@ class PotentialModule(L.LightningModule):
                                     structure_weight, atom_weight)
 
         buckets = getattr(getattr(self.trainer, "datamodule", None), "training_buckets", None) or []
+        world = int(self.trainer.world_size)
+        traced = (cfg.cuda_graph_compile if capture and cfg.cuda_graph_compile and getattr(self.model, "traceable", False)
+                  else False)
+        max_shapes = max(4, len(buckets) + 1)
+        objective = functools.partial(training_objective, cfg)
+        if world > 1:
+            # DDP: the runner all-reduces the gradients itself; the loss is normalised by the global
+            # batch's counts (reduced inside the step), graphs are kept per combination of the ranks'
+            # shapes, and the compiled (traced) step is not available
+            objective = functools.partial(global_batch_objective, cfg)
+            max_shapes *= world
+            if traced:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"train.cuda_graph_compile: {str(cfg.cuda_graph_compile).lower()} is not available under "
+                               "DDP; the captured step uses the model's autograd")
+                traced = False
         return GraphedTrainStep(
-            self.model, optimizer, functools.partial(training_objective, cfg), forces=cfg.train_forces,
+            self.model, optimizer, objective, forces=cfg.train_forces,
             clip_value=self.trainer.gradient_clip_val, clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
-            pair_headroom=cfg.cuda_graph_pair_headroom,
-            traced=(cfg.cuda_graph_compile if capture and cfg.cuda_graph_compile and getattr(self.model, "traceable", False)
-                    else False),
-            capture=capture, error_sums=error_sums, ema=ema, max_shapes=max(4, len(buckets) + 1),
+            pair_headroom=cfg.cuda_graph_pair_headroom, traced=traced,
+            capture=capture, error_sums=error_sums, ema=ema, max_shapes=max_shapes, distributed=world > 1,
         )
 
     @property
@@ -537,6 +581,9 @@ class PotentialModule(L.LightningModule):
             self.cuda_graph_stats = {**(self.cuda_graph_stats or {}), "validation": dict(self._eval_runner.stats)}
             self._eval_runner.release()
         self._graph_step, self._graphed_batch, self._eval_runner = None, False, None
+        wrapped = getattr(self._trainer.strategy, "model", None) if self._trainer is not None else None
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            wrapped.require_backward_grad_sync = True  # DDP's reducer back for anything after training
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
         if (self._graph_step is not None and self.trainer.training and hasattr(batch, "pos")
@@ -553,7 +600,12 @@ class PotentialModule(L.LightningModule):
 
             # the captured step has no stress term: batches with a stress target train eagerly
             stress_target = self.train_config.train_stress and getattr(batch, "stress", None) is not None
-            self._graphed_batch = not stress_target and self._graph_step.accepts(batch_shape(batch))
+            if self.trainer.world_size > 1:
+                # DDP: every rank's every batch through the runner (its collectives must match);
+                # it agrees on the shapes with the other ranks and steps eagerly where graphs are off
+                self._graphed_batch = True
+            else:
+                self._graphed_batch = not stress_target and self._graph_step.accepts(batch_shape(batch))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))

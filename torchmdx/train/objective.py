@@ -2,7 +2,8 @@
 
 ``training_objective`` is what every training step minimises (the eager step, the captured
 step of :mod:`torchmdx.train.graphed`); under DDP the eager step minimises
-``global_batch_objective`` (normalised by the global batch's counts); packed batches (:mod:`torchmdx.data.packing`) pass
+``global_batch_objective`` (normalised by the global batch's counts, :func:`objective_counts`;
+so does the captured step under DDP); packed batches (:mod:`torchmdx.data.packing`) pass
 padding weights so that the padding adds nothing. ``train_error_sums`` gives the run's epoch
 error sums of a batch (:func:`torchmdx.train.metrics.error_sums` with its loss settings).
 """
@@ -90,43 +91,74 @@ def distributed_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def objective_counts(structures: int, atoms: int, forces: bool, device,
+                     structure_weight: Optional[torch.Tensor] = None, atom_weight: Optional[torch.Tensor] = None,
+                     stress_known: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """float64 [3]: what :func:`global_batch_objective` normalises by, for this rank's batch: its
+    structures, force components (0 without a force term) and known stress components, the
+    padding of a packed batch (``structure_weight``, ``atom_weight``: 1 real, 0 padding) not
+    counted. Made by device kernels only (``torch.full``, sums), so a CUDA graph can capture it."""
+    f64 = torch.float64
+    if structure_weight is not None:
+        n_structures = structure_weight.to(f64).sum()
+    else:
+        n_structures = torch.full((), float(structures), dtype=f64, device=device)
+    if not forces:
+        n_forces = torch.zeros((), dtype=f64, device=device)
+    elif atom_weight is not None:
+        n_forces = 3.0 * atom_weight.to(f64).sum()
+    else:
+        n_forces = torch.full((), 3.0 * atoms, dtype=f64, device=device)
+    n_stress = (stress_known.to(f64).reshape(()) if stress_known is not None
+                else torch.zeros((), dtype=f64, device=device))
+    return torch.stack([n_structures, n_forces, n_stress])
+
+
 def global_batch_objective(cfg: TrainConfig, energy: torch.Tensor, forces: Optional[torch.Tensor],
                            energy_ref: torch.Tensor, forces_ref: Optional[torch.Tensor], n_atoms: torch.Tensor,
-                           stress: Optional[torch.Tensor] = None, stress_ref: Optional[torch.Tensor] = None, group=None):
+                           stress: Optional[torch.Tensor] = None, stress_ref: Optional[torch.Tensor] = None, group=None,
+                           structure_weight: Optional[torch.Tensor] = None, atom_weight: Optional[torch.Tensor] = None,
+                           counts: Optional[torch.Tensor] = None):
     """(loss, ΔE, ΔF) of one rank's part of a global batch under DDP, such that DDP's gradient
     averaging (the mean over the W ranks) gives the gradient of the one-process objective of the
     whole global batch (:func:`training_objective` on the union of the ranks' batches)::
 
-        loss_r = W · ( energy_weight · Σ_{b∈r} L(ΔE_b) / B + force_weight · Σ_{a∈r,k} L(ΔF_ak) / (3 N)
+        loss_r = W · ( energy_weight · Σ_{b∈r} w_b L(ΔE_b) / B + force_weight · Σ_{a∈r,k} w_a L(ΔF_ak) / (3 N)
                        + stress_weight · Σ_{r's known components} L(Δσ) / K )
 
     with B, N, K the structures, atoms and known stress components of the *global* batch (one
     ``all_reduce`` of three counts per step). Averaging each rank's own mean instead weighted the
     atoms of ranks with small structures more (a rank of 10 atoms counted as much as one of 1000).
-    Each rank's value is its share of the global loss times W (their mean is the global loss)."""
+    Each rank's value is its share of the global loss times W (their mean is the global loss).
+
+    A packed batch (:class:`torchmdx.data.packing.PackedBatch`) gives ``structure_weight`` [B]
+    and ``atom_weight`` [N] (1 real, 0 padding, as :func:`training_objective`): padding rows are
+    selected out of the sums and not counted. ``counts``: the global counts already reduced (float64
+    [3], the sum over the ranks of :func:`objective_counts`): no ``all_reduce`` here (the captured
+    DDP step reduces them together with its skip flags, :mod:`torchmdx.train.graphed_step`)."""
     energy_error = energy - energy_ref.reshape(-1).to(energy.dtype)
     force_error = forces - forces_ref.to(forces.dtype) if forces is not None and forces_ref is not None else None
     zero = energy_error.new_zeros(())
     energy_sum = force_sum = stress_sum = zero
-    stress_known = torch.zeros((), dtype=torch.float64, device=energy_error.device)
+    stress_known = None
     use_energy = cfg.energy_weight > 0
     use_forces = cfg.force_weight > 0 and force_error is not None
     use_stress = cfg.stress_weight > 0 and stress is not None and stress_ref is not None
     if use_energy:
         target = energy_error / n_atoms.to(energy_error.dtype).clamp(min=1) if cfg.energy_loss == "per_atom" \
             else energy_error
-        energy_sum = loss_terms(target, cfg.loss, cfg.huber_delta).sum()
+        energy_sum = _weighted_sum(loss_terms(target, cfg.loss, cfg.huber_delta), structure_weight)
     if use_forces:
-        force_sum = loss_terms(force_error, cfg.loss, cfg.huber_delta).sum()
+        force_sum = _weighted_sum(loss_terms(force_error, cfg.loss, cfg.huber_delta), atom_weight)
     if use_stress:
         stress_error, known = masked_stress_error(stress, stress_ref)
         stress_sum = loss_terms(stress_error, cfg.loss, cfg.huber_delta).sum()
-        stress_known = known.sum().to(torch.float64)
-    counts = torch.stack([torch.tensor(float(energy_error.numel()), dtype=torch.float64, device=energy_error.device),
-                          torch.tensor(float(force_error.numel() if use_forces else 0), dtype=torch.float64,
-                                       device=energy_error.device),
-                          stress_known])
-    torch.distributed.all_reduce(counts, group=group)
+        stress_known = known.sum()
+    if counts is None:
+        counts = objective_counts(energy_error.shape[0], force_error.shape[0] if use_forces else 0, use_forces,
+                                  energy_error.device, structure_weight, atom_weight if use_forces else None,
+                                  stress_known)
+        torch.distributed.all_reduce(counts, group=group)
     world = torch.distributed.get_world_size(group)
     scale = (world / counts.clamp(min=1)).to(energy_error.dtype)
     loss = zero
@@ -137,3 +169,12 @@ def global_batch_objective(cfg: TrainConfig, energy: torch.Tensor, forces: Optio
     if use_stress:
         loss = loss + cfg.stress_weight * (stress_sum * scale[2])
     return loss, energy_error, force_error
+
+
+def _weighted_sum(terms: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Σ ``terms`` ([B] or [N, 3]); with ``weight`` (1 real / 0 padding) Σ w·terms, padding rows
+    selected out (so a NaN there stays out too), as :func:`_weighted_mean`'s numerator."""
+    if weight is None:
+        return terms.sum()
+    w = weight.to(terms.dtype).reshape(weight.shape + (1,) * (terms.dim() - 1))
+    return (w * torch.where(w > 0, terms, torch.zeros_like(terms))).sum()
