@@ -35,6 +35,11 @@ the option is ignored with a note (``data.device_resident: true`` packs there an
 the tests compare that path with the plain one). A loss that stays NaN or infinite stops the run
 (``train.max_nonfinite_steps``).
 
+The step runner's wiring (setting up the captured step, routing each batch to it or to the eager
+step, packed training and validation batches, the optimiser hooks' graph branches, DDP's reducer
+switched off) is in :class:`torchmdx.train.module_runner.StepRunnerMixin`, which this class
+inherits; the hooks that do both call its helpers.
+
 Force-only training (``refit_atomref``): before every validation the per-element reference
 energies are re-fitted by least squares (:mod:`torchmdx.train.refit`) so that the model's
 energies match the training energies; forces do not see these constants, so this is what makes
@@ -44,10 +49,8 @@ result is kept in both weight sets and in the checkpoints.
 
 from __future__ import annotations
 
-import functools
 import math
 import random
-import warnings
 from typing import Optional
 
 import lightning as L
@@ -58,6 +61,7 @@ from torchmdx.config import from_dict
 from torchmdx.data.packing import PackedBatch
 from torchmdx.train.config import TrainConfig
 from torchmdx.train.metrics import EpochErrors, weighted_loss
+from torchmdx.train.module_runner import StepRunnerMixin
 from torchmdx.train.objective import (  # noqa: F401 - the objective's names, as before the split
     batch_counts,
     distributed_world,
@@ -74,11 +78,6 @@ from torchmdx.train.refit import (  # noqa: F401 - the refit's names, as before 
 
 STAGES = ("train", "val", "test")
 
-
-# PotentialModule.on_before_batch_transfer (the host shape of each CPU batch, for CUDA graphs) is
-# the only such hook (the data module has none): Lightning's note that a data module was passed
-# too says nothing
-warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but")
 
 
 def collect_rng_states() -> dict:
@@ -103,7 +102,7 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-class PotentialModule(L.LightningModule):
+class PotentialModule(StepRunnerMixin, L.LightningModule):
     """Trains an ET potential on energies and/or forces (see the module docstring).
 
     Args:
@@ -129,13 +128,8 @@ class PotentialModule(L.LightningModule):
         self._plateau = None
         self._plateau_state: Optional[dict] = None
         self._cosine_steps: Optional[int] = None
-        # CUDA-graph training (set up in on_train_start): the runner, whether the current batch
-        # goes through it, and its counters after training (captures, replays, eager steps, ...)
-        self._graph_step = None
-        self._graphed_batch = False
-        self._eval_runner = None  # packed validation batches (on_validation_epoch_end reads its sums)
         self._nonfinite: Optional[torch.Tensor] = None  # [current, longest] run of non-finite losses
-        self.cuda_graph_stats: Optional[dict] = None
+        self._init_step_runner()  # the step runner's state (StepRunnerMixin): none before training
 
     # ------------------------------------------------------------------ prediction and loss
     def forward(self, batch, forces: bool = True, create_graph: bool = False, stress: bool = False) -> dict:
@@ -216,6 +210,13 @@ class PotentialModule(L.LightningModule):
         if longest >= limit:
             self._diverged(f"the loss was NaN or infinite for {longest} consecutive steps")
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
+        if self.trainer.global_step % every:
+            return
+        self._check_runner()  # one host read at the logging points
+        self._check_finite()
+
     def _diverged(self, what: str) -> None:
         """Raise the one-line TrainingError of a diverged run, with what to try."""
         from torchmdx.errors import TrainingError
@@ -227,91 +228,11 @@ class PotentialModule(L.LightningModule):
             f"training diverged: {what} (by step {self.trainer.global_step}, epoch {self.trainer.current_epoch + 1}); "
             f"try a smaller train.lr (now {lr:g}), {hint}, or check the data (torchmdx data info); no model was exported")
 
-    def _graphed_training_step(self, batch) -> None:
-        """The whole optimiser step by :class:`~torchmdx.train.graphed.GraphedTrainStep`; returns
-        None, so Lightning's closure runs no backward (the graph did it)."""
-        from torchmdx.train.graphed import batch_shape
-
-        cfg = self.train_config
-        forces = getattr(batch, "forces", None)
-        if cfg.train_forces and forces is None:
-            from torchmdx.errors import DataError
-
-            raise DataError("train.force_weight > 0 but the training data have no forces; set train.force_weight: 0")
-        shape = batch_shape(batch)
-        out = self._graph_step.step(batch.z, batch.pos, batch.batch, batch.energy.reshape(-1),
-                                    forces if cfg.train_forces else None, shape=shape,
-                                    cell=getattr(batch, "cell", None), pbc=getattr(batch, "pbc", None))
-        self._after_runner_step(out, int(batch.num_graphs))
-        return self._runner_result(out)
-
-    def _packed_training_step(self, batch: PackedBatch) -> None:
-        """A padded batch (:mod:`torchmdx.data.packing`): through the step runner, captured on a
-        GPU with ``train.cuda_graph`` and eager otherwise (on the CPU, or with graphs off)."""
-        cfg = self.train_config
-        if cfg.train_forces and batch.forces is None:
-            from torchmdx.errors import DataError
-
-            raise DataError("train.force_weight > 0 but the training data have no forces; set train.force_weight: 0")
-        if self._graph_step is None:
-            self._graph_step = self._step_runner(capture=False)
-            self._ddp_reducer_off()
-        from torchmdx.train.graphed import packed_shape
-
-        out = self._graph_step.step(batch.z, batch.pos, batch.batch, batch.energy, batch.forces if cfg.train_forces else None,
-                                    shape=packed_shape(batch), n_atoms=batch.n_atoms,
-                                    structure_weight=batch.structure_weight, atom_weight=batch.atom_weight,
-                                    cell=batch.cell, pbc=batch.pbc)
-        self._after_runner_step(out, batch.num_graphs)
-        return self._runner_result(out)
-
-    def _runner_result(self, out):
-        """What training_step returns after the step runner's step: None (Lightning's closure then
-        runs no backward; the runner did it). Under DDP Lightning refuses None, so a stand-in:
-        a fresh leaf holding the loss, whose backward reaches no parameter."""
-        if self.trainer.world_size <= 1:
-            return None
-        return out.loss.detach().clone().requires_grad_(True)
-
-    def _ddp_reducer_off(self) -> None:
-        """Under DDP the step runner reduces the gradients itself (one all-reduce inside its step,
-        :mod:`torchmdx.train.graphed`): DDP's reducer must not, or they would be reduced twice.
-        ``require_backward_grad_sync = False`` is what ``DistributedDataParallel.no_sync()`` sets:
-        its forward then arms no reducer hooks, so the runner's backward fires none."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1:
-            return
-        wrapped = getattr(trainer.strategy, "model", None)
-        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-            wrapped.require_backward_grad_sync = False
-
-    def _after_runner_step(self, out, batch_size: int) -> None:
-        """The step runner did the optimiser step, the EMA and the error sums: tell the EMA
-        callback, and log the loss at the logging points only (a copy: the graph overwrites its
-        loss tensor at the next step; reading it every step would wait for the GPU each time)."""
-        if self._graph_step.ema is not None and self._ema_callback is not None:
-            self._ema_callback.updated_elsewhere()
-        self._track_finite(out.loss)
-        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
-        if self.trainer.global_step % every == 0:
-            self.log("train_loss_step", out.loss.clone(), on_step=True, on_epoch=False, prog_bar=True,
-                     batch_size=batch_size)
-
     def validation_step(self, batch, batch_idx):
         if isinstance(batch, PackedBatch):
             self._eval_step_runner().step(batch)  # captured on a GPU; errors summed on the device
             return
         self._step(batch, "val")
-
-    def _eval_step_runner(self):
-        """The :class:`~torchmdx.train.graphed_eval.GraphedEvalStep` of packed validation batches."""
-        if self._eval_runner is None:
-            from torchmdx.train.graphed_eval import GraphedEvalStep
-
-            cfg = self.train_config
-            self._eval_runner = GraphedEvalStep(self.model, functools.partial(train_error_sums, cfg),
-                                                capture=self._cuda_graph_mode())
-        return self._eval_runner
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
@@ -339,11 +260,9 @@ class PotentialModule(L.LightningModule):
 
     def on_train_epoch_end(self):
         self._check_finite()
-        if self._graph_step is not None:
-            self._graph_step.check()
-            sums = self._graph_step.take_sums()
-            if sums is not None:
-                self.errors["train_errors"].add_sums(sums)
+        sums = self._runner_train_sums()  # the step runner's error sums of the epoch (graphed or packed)
+        if sums is not None:
+            self.errors["train_errors"].add_sums(sums)
         self._log_epoch("train")
         self.log("lr", self.optimizers().param_groups[0]["lr"] if self._trainer is not None else float("nan"))
 
@@ -353,10 +272,9 @@ class PotentialModule(L.LightningModule):
             self._refit_atomref()
 
     def on_validation_epoch_end(self):
-        if self._eval_runner is not None:
-            sums = self._eval_runner.take_sums()
-            if sums is not None:
-                self.errors["val_errors"].add_sums(sums)
+        sums = self._runner_val_sums()  # packed validation batches' error sums
+        if sums is not None:
+            self.errors["val_errors"].add_sums(sums)
         logged = self._log_epoch("val")
         if self._refit_value is not None:
             # EMA has swapped the training weights back in (callbacks run first): keep the refit there too
@@ -442,179 +360,7 @@ class PotentialModule(L.LightningModule):
         if lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        if self._graphed_batch:
-            # training_step replays the graph, which holds backward, clipping and the AdamW step
-            optimizer_closure()
-            return
-        optimizer.step(closure=optimizer_closure)
-
-    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
-        if self._graph_step is None:
-            optimizer.zero_grad()
-        elif not self._graphed_batch:
-            # an eager batch of a graphed run: keep the gradient tensors the graphs write to
-            optimizer.zero_grad(set_to_none=False)
-
-    def on_validation_model_zero_grad(self):
-        # Lightning sets the gradients to None before validating; the graphs write to (and zero)
-        # their gradient tensors themselves, so keep those
-        if self._graph_step is None:
-            super().on_validation_model_zero_grad()
-
-    # ------------------------------------------------------------------ CUDA graph
-    def _cuda_graph_mode(self) -> bool:
-        """Train through CUDA graphs: ``train.cuda_graph`` and a CUDA device (one process)."""
-        cfg = self.train_config
-        if not cfg.cuda_graph or self.device.type != "cuda":
-            return False
-        if cfg.cuda_graph == "auto" and not self.model.captured_training_auto:
-            return False  # auto captures only architectures checked on a GPU (resolve_cuda_graph)
-        trainer = self._trainer
-        if trainer is not None:
-            from torchmdx.errors import ConfigError
-
-            if cfg.cuda_graph == "auto" and (trainer.world_size > 1 or trainer.accumulate_grad_batches > 1):
-                return False  # auto: on only where it can be (torchmdx.train.config.resolve_cuda_graph)
-            if trainer.world_size > 1 and trainer.num_nodes > 1:
-                raise ConfigError(f"config key 'train.cuda_graph' under DDP needs one node; this run has "
-                                  f"{trainer.num_nodes} (set trainer.num_nodes: 1 or train.cuda_graph: false)")
-            if trainer.world_size > 1 and cfg.train_stress:
-                raise ConfigError("config key 'train.cuda_graph' under DDP cannot train on stress (train.stress_weight "
-                                  "> 0: the captured step has no stress term, and every rank's steps must go through "
-                                  "it); set train.cuda_graph: false or train.stress_weight: 0")
-            if trainer.accumulate_grad_batches > 1:
-                raise ConfigError("config key 'train.cuda_graph' cannot be combined with trainer.accumulate_grad_batches > 1 "
-                                  "(the graph applies the optimiser step at every batch)")
-        return True
-
-    def on_train_start(self):
-        self._graph_step, self._graphed_batch = None, False
-        cfg = self.train_config
-        optimizers = self.trainer.optimizers
-        if optimizers and self.device.type != "cuda":
-            # a resumed CUDA-graph run's checkpoint carries capturable/fused groups: not on the CPU
-            for group in optimizers[0].param_groups:
-                if group.get("capturable") or group.get("fused"):
-                    group.update(capturable=False, fused=None)
-        if not cfg.cuda_graph:
-            return
-        if not self._cuda_graph_mode():
-            if cfg.cuda_graph == "auto":
-                return  # auto: eager where graphs cannot run, without a note
-            from lightning.pytorch.utilities import rank_zero_warn
-
-            rank_zero_warn(f"train.cuda_graph: the model is on {self.device.type}; CUDA graphs need a GPU, "
-                           "training eagerly")
-            return
-        optimizer = self.trainer.optimizers[0]
-        for group in optimizer.param_groups:  # a resumed run may have saved other flags
-            group.update(fused=True, capturable=True, foreach=None)
-        for state in optimizer.state.values():
-            step = state.get("step")
-            if torch.is_tensor(step) and step.device != self.device:
-                state["step"] = step.to(device=self.device, dtype=torch.float32)
-        self._graph_step = self._step_runner(capture=True)
-        self._ddp_reducer_off()
-
-    def _step_runner(self, capture: bool):
-        """The :class:`~torchmdx.train.graphed.GraphedTrainStep` of this run: optimiser step,
-        weight EMA and error sums in one (captured when ``capture`` and on a GPU)."""
-        from torchmdx.train.graphed import GraphedTrainStep
-
-        cfg = self.train_config
-        optimizer = self.trainer.optimizers[0]
-        ema = None
-        callback = self._ema_callback
-        averaged = callback.average_model if callback is not None else None
-        if averaged is not None and averaged.n_averaged.device == self.device:
-            ema = {"averaged": list(averaged.parameters()), "current": list(self.parameters()),
-                   "averaged_buffers": list(averaged.module.buffers()), "buffers": list(self.buffers()),
-                   "num_averaged": averaged.n_averaged, "decay": callback.decay}
-        energy_sums = cfg.energy_weight > 0  # force-only: training energies carry arbitrary offsets
-
-        def error_sums(energy_error, n_atoms, force_error, structure_weight, atom_weight):
-            return train_error_sums(cfg, energy_error if energy_sums else None, n_atoms, force_error,
-                                    structure_weight, atom_weight)
-
-        buckets = getattr(getattr(self.trainer, "datamodule", None), "training_buckets", None) or []
-        world = int(self.trainer.world_size)
-        traced = (cfg.cuda_graph_compile if capture and cfg.cuda_graph_compile and getattr(self.model, "traceable", False)
-                  else False)
-        max_shapes = max(4, len(buckets) + 1)
-        objective = functools.partial(training_objective, cfg)
-        if world > 1:
-            # DDP: the runner all-reduces the gradients itself; the loss is normalised by the global
-            # batch's counts (reduced inside the step), graphs are kept per combination of the ranks'
-            # shapes, and the compiled (traced) step is not available
-            objective = functools.partial(global_batch_objective, cfg)
-            max_shapes *= world
-            if traced:
-                from lightning.pytorch.utilities import rank_zero_warn
-
-                rank_zero_warn(f"train.cuda_graph_compile: {str(cfg.cuda_graph_compile).lower()} is not available under "
-                               "DDP; the captured step uses the model's autograd")
-                traced = False
-        return GraphedTrainStep(
-            self.model, optimizer, objective, forces=cfg.train_forces,
-            clip_value=self.trainer.gradient_clip_val, clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
-            pair_headroom=cfg.cuda_graph_pair_headroom, traced=traced,
-            capture=capture, error_sums=error_sums, ema=ema, max_shapes=max_shapes, distributed=world > 1,
-        )
-
-    @property
-    def _ema_callback(self):
-        """The run's :class:`~torchmdx.train.ema.EMA` callback (None without one)."""
-        from torchmdx.train.ema import EMA
-
-        trainer = self._trainer
-        for callback in (trainer.callbacks if trainer is not None else []):
-            if isinstance(callback, EMA):
-                return callback
-        return None
-
-    def on_train_end(self):
-        if self._graph_step is not None:
-            self.cuda_graph_stats = self._graph_step.check()
-            self.cuda_graph_stats["notes"] = list(self._graph_step.notes)
-            self._graph_step.release()
-        if self._eval_runner is not None:
-            self.cuda_graph_stats = {**(self.cuda_graph_stats or {}), "validation": dict(self._eval_runner.stats)}
-            self._eval_runner.release()
-        self._graph_step, self._graphed_batch, self._eval_runner = None, False, None
-        wrapped = getattr(self._trainer.strategy, "model", None) if self._trainer is not None else None
-        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-            wrapped.require_backward_grad_sync = True  # DDP's reducer back for anything after training
-
-    def on_before_batch_transfer(self, batch, dataloader_idx):
-        if (self._graph_step is not None and self.trainer.training and hasattr(batch, "pos")
-                and not isinstance(batch, PackedBatch)):
-            from torchmdx.train.graphed import batch_shape
-
-            batch_shape(batch)  # host description of the CPU batch, remembered on it (no device read)
-        return batch
-
-    def on_train_batch_start(self, batch, batch_idx):
-        self._graphed_batch = isinstance(batch, PackedBatch)  # always through the step runner
-        if self._graph_step is not None and not self._graphed_batch:
-            from torchmdx.train.graphed import batch_shape
-
-            # the captured step has no stress term: batches with a stress target train eagerly
-            stress_target = self.train_config.train_stress and getattr(batch, "stress", None) is not None
-            if self.trainer.world_size > 1:
-                # DDP: every rank's every batch through the runner (its collectives must match);
-                # it agrees on the shapes with the other ranks and steps eagerly where graphs are off
-                self._graphed_batch = True
-            else:
-                self._graphed_batch = not stress_target and self._graph_step.accepts(batch_shape(batch))
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
-        if self.trainer.global_step % every:
-            return
-        graph_step = self._graph_step
-        if graph_step is not None and self._graphed_batch:
-            graph_step.check()  # one host read at the logging points
-        self._check_finite()
+        self._runner_optimizer_step(optimizer, optimizer_closure)  # a graphed batch: the replay's step
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
