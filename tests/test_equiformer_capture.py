@@ -119,14 +119,14 @@ def test_compiled_traced_forces_equal_the_eager_model():
 
 
 def test_compiled_training_graph_is_refused_and_the_uncompiled_one_traces():
-    """EquiformerPotential.traced_training is False (inductor computed the forces of its compiled
-    training graph wrongly on the CPU): TracedForces says so at the first compiled training call,
+    """EquiformerPotential.traced_training is ("cuda",): not on the CPU (inductor computed the forces
+    of its compiled training graph wrongly there): TracedForces says so at the first compiled training call,
     a one-line ModelError that the captured training step turns into a note and the model's
     autograd; the uncompiled traced graph is still built."""
     from torchmdx.errors import ModelError
 
     model = tiny().train()
-    assert model.traced_training is False
+    assert model.traced_training == ("cuda",)
     z, pos, batch = two_ethanols()
     nl = neighbor_list(pos, model.cutoff, batch, max_pairs=220)
     with pytest.raises(ModelError, match="compiled training graph is not used.*traced_training") as raised:
@@ -173,11 +173,11 @@ def test_traced_graph_inside_the_calculators_cuda_graph_gpu():
 
 @pytest.mark.gpu
 def test_compiled_training_graph_forces_and_gradients_on_cuda_gpu():
-    """What lifting ``traced_training = False`` on CUDA needs (it is off because inductor's C++
-    code computed these forces wrongly on the CPU): the compiled training graph's forces and the
+    """Why ``traced_training`` allows CUDA (it is off on the CPU, where inductor's C++ code computed
+    these forces wrongly): the compiled training graph's forces and the
     parameter gradients of a force loss against the float32 eager model."""
     model = torchmdx.build_model({**TINY, "dtype": "float32", "seed": 4}).cuda().train()
-    model.traced_training = True  # this instance only
+    assert model.traced_training == ("cuda",)
     z, pos, batch = (t.cuda() for t in two_ethanols())
     pos = pos.float()
     nl = neighbor_list(pos, model.cutoff, batch, max_pairs=220)

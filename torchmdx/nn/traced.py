@@ -216,7 +216,8 @@ class TracedForces:
     ``training=True``: the parameters enter as they are (requiring grad), and the outputs are
     differentiable w.r.t. them (a loss on forces backpropagates through compiled kernels).
     Otherwise the parameters are detached: inference only. A potential whose ``traced_training``
-    is False gets a ModelError at the first compiled training call (its callers then use the
+    is False (or a tuple of device types without the inputs' one) gets a ModelError at the first
+    compiled training call (its callers then use the
     model's autograd); ``compile=False`` still traces it.
 
     The potential must support tracing (:attr:`Potential.traceable`): no host reads, no
@@ -276,10 +277,14 @@ class TracedForces:
     def _build(self, names, args, num_structures: int):
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        if self.training and self.compile and not getattr(self.potential, "traced_training", True):
+        allowed = getattr(self.potential, "traced_training", True)
+        if not isinstance(allowed, bool):  # the device types where it may be compiled
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+            allowed = device.type in allowed
+        if self.training and self.compile and not allowed:
             from torchmdx.errors import ModelError
 
-            raise ModelError(f"{type(self.potential).__name__}'s compiled training graph is not used: inductor "
+            raise ModelError(f"{type(self.potential).__name__}'s compiled training graph is not used here: inductor "
                              f"computed its forces wrongly (see {type(self.potential).__name__}.traced_training)")
         fn = self._function(names, num_structures)
         potential = self.potential

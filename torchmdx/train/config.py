@@ -377,7 +377,7 @@ def _device_count(devices) -> Optional[int]:
 def resolve_cuda_graph(cfg: RunConfig) -> bool:
     """Whether this run trains through captured steps: ``train.cuda_graph`` true/false as given;
     ``auto``: true when the architecture's captured step has been checked on a GPU
-    (``Potential.captured_training_auto``: the ET), torch sees a CUDA GPU, ``trainer.accelerator``
+    (``Potential.captured_training_auto``: the ET and the Equiformer), torch sees a CUDA GPU, ``trainer.accelerator``
     allows it (auto, gpu or cuda), the run is one process on one device (``trainer.devices`` 1 or
     a one-item list, or ``auto`` with one visible GPU; one node) and gradients are not
     accumulated."""

@@ -17,9 +17,10 @@ its compile time on a GPU is not measured yet (for a 2-layer test model on this 
 41 s with the grouped fast paths, 86 s with e3nn's per-path code:
 ``bench/count_equiformer_ops.py --compile``), and without compiled parts ``auto`` runs it
 eagerly, captured as a CUDA graph where shapes allow. The compiled *training* graph
-(``train.cuda_graph_compile``) is refused (``traced_training``: inductor got its forces wrong on
-the CPU); the captured training step (``train.cuda_graph``) runs the eager autograd, whose
-model part traces with static shapes (tests/test_equiformer_capture.py).
+(``train.cuda_graph_compile``) is refused on the CPU (``traced_training``: inductor's C++ code got
+its forces wrong) and allowed on CUDA (checked on an H100); the captured training step
+(``train.cuda_graph``, on under ``auto`` since it was checked on an H100) runs the eager autograd
+without it, whose model part traces with static shapes (tests/test_equiformer_capture.py).
 """
 
 from __future__ import annotations
@@ -56,8 +57,13 @@ class EquiformerPotential(NormalisedPotential):
     #: (aot_eager_decomp_partition) and inductor with ``max_fusion_size: 1`` were exact: an
     #: inductor fusion bug met by this graph (torch 2.11 as well; exact up to max_fusion_size 4; the
     #: bisected lowering is the fused per-edge sum dE/dφ_e, docs/model.md). The inference graph
-    #: compiles exactly. On CUDA untested (tests/test_equiformer_capture.py has the GPU check)
-    traced_training = False
+    #: compiles exactly. On CUDA (Triton code) the compiled training graph's forces and gradients
+    #: equal the eager model's (H100, torch 2.11, 2026-12-05 night,
+    #: tests/test_equiformer_capture.py), so it is allowed there: the device types it may run on
+    traced_training = ("cuda",)
+    #: the captured training step (``train.cuda_graph: auto``) equals the eager steps on a GPU
+    #: (H100, 2026-12-05 night, tests/test_train_graph_architectures.py)
+    captured_training_auto = True
 
     def __init__(self, config: Union[EquiformerConfig, Mapping, str, None] = None, **overrides):
         super().__init__()
