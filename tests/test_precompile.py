@@ -537,3 +537,26 @@ def test_the_per_backend_fp32_precision_flags_reach_the_child():
     assert settings["fp32_precision"].get("cuda.matmul") == "ieee"
     assert before["fp32_precision"]["cuda.matmul"] == "none"  # a fresh process differs ...
     assert after == settings  # ... until it applies the training process's settings
+
+
+def test_background_compile_leaves_room_in_the_capacity():
+    """With the background compile a capacity chosen from the pairs seen gets BACKGROUND_ROOM more
+    (and the bound itself when that is within BOUND_FRACTION): a compiled shape whose capacity
+    grows later is stale. Without it, pair_headroom alone (both rounded to CAPACITY_ROUNDING)."""
+    from types import SimpleNamespace
+
+    from torchmdx.train.graphed import BACKGROUND_ROOM, BOUND_FRACTION, GraphedTrainStep
+    from torchmdx.train.graphed_common import round_capacity
+
+    room = GraphedTrainStep._room
+    plain, background = SimpleNamespace(background=None), SimpleNamespace(background=object())
+    assert room(plain, 1000, 100_000) == round_capacity(1000)
+    assert room(background, 1000, 100_000) == round_capacity(int(BACKGROUND_ROOM * 1000))
+    assert round_capacity(int(BACKGROUND_ROOM * 1000)) > round_capacity(1000)
+    # ANI-1x-like bucket: 216 atoms of at most 11-atom molecules, bound 216 x 10 = 2160 pairs, 1536 seen
+    bound = 2160
+    assert bound <= BOUND_FRACTION * BACKGROUND_ROOM * 1536
+    assert room(background, 1536, bound) == round_capacity(bound)
+    assert room(plain, 1536, bound) == round_capacity(1536)
+    # never beyond the bound
+    assert room(background, 5000, 4000) == round_capacity(4000) and room(plain, 5000, 4000) == round_capacity(4000)

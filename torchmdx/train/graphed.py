@@ -116,6 +116,13 @@ __all__ = ["CAPACITY_GROWTH", "StepOutputs", "GraphedTrainStep",
 
 #: a graph whose capacity is too small is recaptured with at least this factor more rows
 CAPACITY_GROWTH = 1.25
+#: with the background compile (``cuda_graph_compile: background``) a capacity chosen from the
+#: pairs seen (``pair_headroom``) gets this much more room, and is the batch bound outright when
+#: that is at most :data:`BOUND_FRACTION` further: a compiled shape whose capacity grows later is
+#: stale (its compile, ~100 s on an H100, wasted). ANI-1x on an H100 (2026-12-05 night, 3.5-min
+#: race): of three shapes compiled after settling, two had grown meanwhile and never switched.
+BACKGROUND_ROOM = 1.25
+BOUND_FRACTION = 1.5
 
 
 class _ShapeGraph:
@@ -433,13 +440,22 @@ class GraphedTrainStep(CapturableStep):
         if graph.pair_ratio <= 0 or expected <= graph.capacity or graph.capacity >= round_capacity(graph.bound):
             return
         self._drop(graph, eager_steps=self.warmup_steps - 1)
-        graph.capacity = min(round_capacity(math.ceil(self.pair_headroom * expected)), round_capacity(graph.bound))
+        graph.capacity = self._room(math.ceil(self.pair_headroom * expected), graph.bound)
         self.stats["grown_ahead"] = self.stats.get("grown_ahead", 0) + 1
 
     def _choose_capacity(self, graph: _ShapeGraph) -> None:
         if graph.capacity == 0:  # pair_headroom: h x the most pairs of the eager steps, at most the bound
-            tight = round_capacity(math.ceil(self.pair_headroom * max(graph.max_pairs, 1)))
-            graph.capacity = min(tight, round_capacity(graph.bound))
+            graph.capacity = self._room(math.ceil(self.pair_headroom * max(graph.max_pairs, 1)), graph.bound)
+
+    def _room(self, pairs: int, bound: int) -> int:
+        """The capacity for ``pairs`` expected pairs, at most the bound (both rounded); with the
+        background compile :data:`BACKGROUND_ROOM` more, and the bound itself when it is within
+        :data:`BOUND_FRACTION` (then the capacity can never grow)."""
+        if self.background is not None:
+            pairs = math.ceil(BACKGROUND_ROOM * pairs)
+            if bound <= BOUND_FRACTION * pairs:
+                pairs = bound
+        return min(round_capacity(pairs), round_capacity(bound))
 
     def _capture(self, graph: _ShapeGraph) -> None:
         self._sync_lr()
