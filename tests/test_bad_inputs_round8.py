@@ -387,3 +387,16 @@ def test_validation_interval_beyond_the_run_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TrainerConfig(max_epochs=5, check_val_every_n_epoch=5).validate()
+
+
+def test_frame_names_give_the_frame_numbers_of_the_file(tmp_path):
+    """Messages name a frame by its number in the file, whatever slice picked it."""
+    from torchmdx.md.run import _frame_names
+
+    path = tmp_path / "five.extxyz"
+    write(path, [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74 + 0.01 * k]]) for k in range(5)])
+    assert _frame_names(path, "-1", 1) == [str(path)]
+    assert _frame_names(path, ":", 5) == [f"{path} frame {n}" for n in range(5)]
+    assert _frame_names(path, "1:", 4) == [f"{path} frame {n}" for n in (1, 2, 3, 4)]
+    assert _frame_names(path, "::2", 3) == [f"{path} frame {n}" for n in (0, 2, 4)]
+    assert _frame_names(path, "-2:", 2) == [f"{path} frame {n}" for n in (3, 4)]

@@ -87,12 +87,13 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
                 raise DataError(f"{path}: holds no structure")
             raise DataError(f"{path} holds {count} frame(s) (0 to {count - 1}): {option} {index} selects none of "
                             "them (-1 the last, ':' all)")
+        names = _frame_names(path, index, len(frames))
         for k, atoms in enumerate(frames):
             if len(atoms) == 0:
                 raise DataError(f"{path}: frame {k} has no atoms")
             if atoms.pbc.any() and atoms.cell.volume < 1e-6:
                 raise DataError(f"{path}: frame {k} is periodic ({atoms.pbc.tolist()}) but has no cell")
-            where = _frame_name(path, index, k, len(frames))
+            where = names[k]
             finite = np.isfinite(atoms.positions).all(axis=1)
             if not finite.all():  # was ASE's RuntimeWarning (close-contact check) before the engine's error
                 i = int(np.flatnonzero(~finite)[0])
@@ -104,20 +105,24 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
     return structures
 
 
-def _frame_name(path, index: str, k: int, selected: int) -> str:
-    """How messages name the ``k``-th of the ``selected`` frames ``index`` picked from ``path``:
-    the file alone for one frame, else ``file frame n`` with n the frame number in the file."""
+def _frame_names(path, index: str, selected: int) -> list:
+    """How messages name each of the ``selected`` frames ``index`` picked from ``path``: the file
+    alone for one frame, else ``file frame n`` with n the frame number in the file (the file is
+    read once more only for a slice that needs its length: negative or open-ended bounds)."""
     if selected == 1:
-        return str(path)
-    from ase.io import read
-
+        return [str(path)]
+    numbers = range(selected)
     try:
-        count = len(read(str(path), index=":"))
         parts = [int(p) if p.strip() else None for p in str(index).split(":")]
-        number = range(count)[slice(*parts)][k]
-    except Exception:  # noqa: BLE001 - the name is for a message only
-        number = k
-    return f"{path} frame {number}"
+        if len(parts) > 1 and parts != [None, None] and parts != [None, None, None]:
+            from ase.io import read
+
+            numbers = range(len(read(str(path), index=":")))[slice(*parts)]
+    except Exception:  # noqa: BLE001 - the names are for messages only
+        numbers = range(selected)
+    if len(numbers) != selected:
+        numbers = range(selected)
+    return [f"{path} frame {n}" for n in numbers]
 
 
 def check_elements(potential, structures, sources: list) -> None:
