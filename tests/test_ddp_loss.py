@@ -148,6 +148,18 @@ def test_lightning_ddp_with_structures_of_different_sizes_equals_one_process(tmp
     against one process with batches of 8 on polymer structures of different sizes (the same
     global batches: tests/test_train_ddp.py): the weights after an epoch agree to float64
     rounding (3e-14 relative here; 1.6e-2 while each rank averaged over its own atoms)."""
+
+    states = ddp_and_one_process_states(tmp_path, _lightning_config(shared_data, tmp_path, "ddp", devices=2, batch_size=4),
+                                        _lightning_config(shared_data, tmp_path, "one", devices=1, batch_size=8))
+    assert states["ddp"]["global_step"] == states["one"]["global_step"] == 6
+    a, b = states["ddp"]["state_dict"], states["one"]["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+def ddp_and_one_process_states(tmp_path, ddp: dict, one: dict) -> dict:
+    """Train config ``ddp`` through ``torchmdx train`` in a subprocess (Lightning spawns its gloo
+    ranks there) and ``one`` in this process; their ``last.ckpt`` states by name."""
     import subprocess
     import sys
 
@@ -157,7 +169,6 @@ def test_lightning_ddp_with_structures_of_different_sizes_equals_one_process(tmp
     from torchmdx.train.config import build_run_config
     from torchmdx.train.run import train
 
-    ddp = _lightning_config(shared_data, tmp_path, "ddp", devices=2, batch_size=4)
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp))
     build_cache(ddp["data"]["path"], cache_dir=ddp["data"]["cache_dir"])
     root = str(Path(__file__).resolve().parents[1])  # this checkout's torchmdx, not an installed one
@@ -166,10 +177,6 @@ def test_lightning_ddp_with_structures_of_different_sizes_equals_one_process(tmp
     proc = subprocess.run([sys.executable, "-m", "torchmdx.cli", "train", str(tmp_path / "ddp.yaml")],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train(build_run_config(_lightning_config(shared_data, tmp_path, "one", devices=1, batch_size=8)))
-    states = {name: torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-              for name in ("ddp", "one")}
-    assert states["ddp"]["global_step"] == states["one"]["global_step"] == 6
-    a, b = states["ddp"]["state_dict"], states["one"]["state_dict"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12, msg=key)
+    train(build_run_config(one))
+    return {name: torch.load(Path(cfg["run_dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+            for name, cfg in (("ddp", ddp), ("one", one))}

@@ -25,6 +25,8 @@ import socket
 import pytest
 import torch
 
+from test_ddp_loss import ddp_and_one_process_states
+
 TINY64 = {"embedding_dimension": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff_upper": 4.0,
           "backend": "torch", "seed": 0, "dtype": "float64"}
 # per step: (rank 0's molecules, rank 1's molecules); the last entry of rank 0 in step 2 is packed
@@ -323,28 +325,9 @@ def test_lightning_ddp_through_the_step_runner_equals_one_process(tmp_path, shar
     clipping (active) sees the reduced gradient; against one process with batches of 8 the
     weights and AdamW moments agree to float64 rounding. (That DDP's own reducer stays out is
     checked in the spawned test: a second averaging would not change an average.)"""
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    import yaml
-
-    from torchmdx.data import build_cache
-    from torchmdx.train.config import build_run_config
-    from torchmdx.train.run import train
-
-    ddp = _lightning_config(shared_data, tmp_path, "ddp", devices=2, batch_size=4)
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp))
-    build_cache(ddp["data"]["path"], cache_dir=ddp["data"]["cache_dir"])
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-m", "torchmdx.cli", "train", str(tmp_path / "ddp.yaml")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    train(build_run_config(_lightning_config(shared_data, tmp_path, "one", devices=1, batch_size=8)))
-    states = {name: torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-              for name in ("ddp", "one")}
+    states = ddp_and_one_process_states(tmp_path, _lightning_config(shared_data, tmp_path, "ddp", devices=2, batch_size=4),
+                                        _lightning_config(shared_data, tmp_path, "one", devices=1, batch_size=8))
     assert states["ddp"]["global_step"] == states["one"]["global_step"] == 3
     a, b = states["ddp"]["state_dict"], states["one"]["state_dict"]
     for key in a:
