@@ -8,6 +8,7 @@ Huber with per-atom energy losses. The old per-rank mean (each rank's own mean, 
 different gradient here (checked, so the test can fail), and one process's path is unchanged
 bit for bit (``training_objective`` itself)."""
 
+import datetime
 import os
 import socket
 from pathlib import Path
@@ -180,3 +181,58 @@ def ddp_and_one_process_states(tmp_path, ddp: dict, one: dict) -> dict:
     train(build_run_config(one))
     return {name: torch.load(Path(cfg["run_dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
             for name, cfg in (("ddp", ddp), ("one", one))}
+
+
+def _divergence_worker(rank, world, port, out_path):
+    """Rank 0 saw 3 non-finite steps in a row, rank 1 none (rank 1 has no counts yet: None): both
+    must stop (limit 3); before, rank 0 stopped alone and rank 1 waited in its next collective."""
+    import types
+
+    import torch.distributed as dist
+
+    from torchmdx.errors import TrainingError
+    from torchmdx.train.module import PotentialModule
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        def diverged(what):
+            raise TrainingError(what)
+
+        stub = types.SimpleNamespace(train_config=types.SimpleNamespace(max_nonfinite_steps=3), _diverged=diverged,
+                                     _nonfinite=torch.tensor([3, 3]) if rank == 0 else None)
+        try:
+            PotentialModule._check_finite(stub)
+            stopped = ""
+        except TrainingError as exc:
+            stopped = str(exc)
+        stub._nonfinite = torch.tensor([0, 2]) if rank == 0 else torch.tensor([1, 1])  # below the limit everywhere
+        PotentialModule._check_finite(stub)
+        torch.save(stopped, f"{out_path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_stops_when_one_rank_diverged(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "stop"
+    for attempt in range(2):
+        try:
+            mp.spawn(_divergence_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+            break
+        except mp.ProcessExitedException as exc:  # the teardown abort of the test above: one retry
+            if attempt or exc.signal_name != "SIGABRT":
+                raise
+    for rank in (0, 1):
+        assert torch.load(f"{out}.{rank}") == "the loss was NaN or infinite for 3 consecutive steps", rank
+
+
+def test_one_process_stop_decision_reads_its_own_counts():
+    """Without torch.distributed: counts pass through (None: no training step yet, no stop)."""
+    from torchmdx.train.module import rank_max
+
+    counts = torch.tensor([1, 4])
+    assert rank_max(counts) is counts and rank_max(None) is None

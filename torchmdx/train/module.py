@@ -102,6 +102,22 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def rank_max(counts: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``counts`` (the non-finite step counts [current, longest]) as the largest of every DDP
+    rank's, so that every rank takes the same stop decision (a rank that stopped alone left the
+    others waiting in their next collective until its timeout); one all-reduce, which every rank
+    reaches at the same step (the logging points and epoch ends). One process: ``counts`` itself
+    (None stays None)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return counts
+    device = counts.device if counts is not None else (torch.device("cuda", torch.cuda.current_device())
+                                                      if dist.get_backend() == "nccl" else torch.device("cpu"))
+    reduced = counts.clone() if counts is not None else torch.zeros(2, dtype=torch.long, device=device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return reduced
+
+
 class PotentialModule(StepRunnerMixin, L.LightningModule):
     """Trains an ET potential on energies and/or forces (see the module docstring).
 
@@ -204,9 +220,12 @@ class PotentialModule(StepRunnerMixin, L.LightningModule):
         """Stop the run with one line once the loss was not finite for ``max_nonfinite_steps``
         consecutive steps (one host read; called at the logging points and each epoch's end)."""
         limit = self.train_config.max_nonfinite_steps
-        if limit is None or self._nonfinite is None:
+        if limit is None:
             return
-        _, longest = self._nonfinite.tolist()
+        counts = rank_max(self._nonfinite)
+        if counts is None:
+            return
+        _, longest = counts.tolist()
         if longest >= limit:
             self._diverged(f"the loss was NaN or infinite for {longest} consecutive steps")
 
