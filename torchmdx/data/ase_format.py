@@ -34,6 +34,17 @@ from torchmdx.data.structures import StructureBuilder, Structures, numeric_value
 from torchmdx.errors import DataError
 
 #: Per-atom arrays of an Atoms object that are inputs or bookkeeping, not targets.
+def nonfinite_position(atoms) -> Optional[str]:
+    """The first atom of ``atoms`` (an ase.Atoms) whose position is NaN or infinite, in words
+    ("atom 4 (H) has a non-finite position [nan, 0.0, 1.2]"); None when all are finite. Callers
+    put where (file, frame) before it and what to do after it."""
+    finite = np.isfinite(atoms.positions).all(axis=1)
+    if finite.all():
+        return None
+    i = int(np.flatnonzero(~finite)[0])
+    return f"atom {i} ({atoms.get_chemical_symbols()[i]}) has a non-finite position {atoms.positions[i].tolist()}"
+
+
 _SKIP_ARRAYS = {"numbers", "positions", "momenta", "masses", "tags", "initial_magmoms", "initial_charges"}
 #: Calculator results that hold one value per atom.
 _PER_ATOM_RESULTS = {"forces", "charges", "magmoms", "energies", "stresses"}

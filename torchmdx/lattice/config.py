@@ -321,8 +321,6 @@ def size_warning(cfg: SLMCRunConfig) -> Optional[str]:
             + " (lower lattice.L, data.sweeps or data.chains for a shorter study)")
 
 
-
-
 def _gb(n: float) -> str:
     return f"{n / 1e9:.3g} GB"
 

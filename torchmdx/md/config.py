@@ -203,8 +203,6 @@ class MDConfig:
             bad("replicas", f"must be >= 1, got {self.replicas}")
         if self.skin < 0:
             bad("skin", f"must be >= 0 Å, got {self.skin}")
-        if self.threads is not None and self.threads < 1:
-            bad("threads", f"must be >= 1, got {self.threads}")
         check_threads(self.threads, self.option("threads"))
         if self.check_interval < 1:
             bad("check_interval", f"must be >= 1, got {self.check_interval}")

@@ -225,13 +225,11 @@ def make_labeler(options: LabelOptions) -> Callable:
         out = model.predict(atoms, forces=True, stress=periodic)
         return float(out["energy"]), np.asarray(out["forces"]), (np.asarray(out["stress"]) if periodic else None)
 
-    def elements(atoms):  # what the model can never label, checked before any frame is
-        import torch
+    from functools import partial
 
-        device = next((b.device for b in model.buffers()), torch.device("cpu"))
-        model.check_elements(torch.as_tensor(atoms.numbers, dtype=torch.long, device=device))
+    from torchmdx.md.loading import check_atoms_elements
 
-    model_label.check = elements
+    model_label.check = partial(check_atoms_elements, model)  # what the model can never label, checked first
     return model_label
 
 
@@ -240,6 +238,8 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
     """The frames to label: every frame of each file after the first ``skip``, every ``every``-th,
     at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'``."""
     from ase.io import read
+
+    from torchmdx.data.ase_format import nonfinite_position
 
     if skip < 0 or every < 1 or (max_frames is not None and max_frames < 1):
         raise ConfigError("--skip must be >= 0, --every >= 1 and --max-frames >= 1")
@@ -258,11 +258,9 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
                 continue
             if len(atoms) == 0:  # would be written as a frame of energy 0 that no reader accepts
                 raise DataError(f"{path}: frame {k} has no atoms; nothing to label (remove it, or --skip past it)")
-            finite = np.isfinite(atoms.positions).all(axis=1)
-            if not finite.all():  # was refused by the method after an empty <out>.partial was written
-                i = int(np.flatnonzero(~finite)[0])
-                raise DataError(f"{path}: frame {k}: atom {i} ({atoms.get_chemical_symbols()[i]}) has a non-finite "
-                                f"position {atoms.positions[i].tolist()}; fix the frame, or --skip past it")
+            problem = nonfinite_position(atoms)
+            if problem:  # was refused by the method after an empty <out>.partial was written
+                raise DataError(f"{path}: frame {k}: {problem}; fix the frame, or --skip past it")
             atoms.info["label_source"] = f"{path.name}:{k}"
             frames.append(atoms)
     if not frames:

@@ -23,6 +23,13 @@ def potential_dtype(potential: Potential, default: torch.dtype = torch.float64) 
     return default
 
 
+def check_atoms_elements(potential: Potential, atoms) -> None:
+    """The elements of ``atoms`` (an ase.Atoms) against those ``potential`` knows: its one-line
+    ModelError (``Potential.check_elements``) when one is unknown."""
+    device = next((b.device for b in potential.buffers()), torch.device("cpu"))
+    potential.check_elements(torch.as_tensor(atoms.numbers, dtype=torch.long, device=device))
+
+
 def load_potential(model, device="cpu", dtype=None) -> Potential:
     """A :class:`Potential` on ``device`` (and ``dtype`` when given) from a Potential object or
     a model file written by ``Potential.save`` (read by ``torchmdx.load_model``)."""

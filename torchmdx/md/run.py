@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 
+from torchmdx.data.ase_format import nonfinite_position
 from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import atomic_write
 from torchmdx.md.config import MDConfig
@@ -94,11 +95,9 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
             if atoms.pbc.any() and atoms.cell.volume < 1e-6:
                 raise DataError(f"{path}: frame {k} is periodic ({atoms.pbc.tolist()}) but has no cell")
             where = names[k]
-            finite = np.isfinite(atoms.positions).all(axis=1)
-            if not finite.all():  # was ASE's RuntimeWarning (close-contact check) before the engine's error
-                i = int(np.flatnonzero(~finite)[0])
-                raise DataError(f"{where}: atom {i} ({atoms.get_chemical_symbols()[i]}) has a non-finite position "
-                                f"{atoms.positions[i].tolist()}; fix the structure file")
+            problem = nonfinite_position(atoms)
+            if problem:  # was ASE's RuntimeWarning (close-contact check) before the engine's error
+                raise DataError(f"{where}: {problem}; fix the structure file")
             if sources is not None:
                 sources.append(where)
         structures.extend(frames)
@@ -129,14 +128,12 @@ def check_elements(potential, structures, sources: list) -> None:
     """Each structure's atoms against the elements ``potential`` knows: a one-line ModelError
     naming the file, the frame and the atom within it (the batch's atom number was named, e.g.
     "atom 17" of a file of 9-atom frames)."""
-    import torch
-
     from torchmdx.errors import ModelError
+    from torchmdx.md.loading import check_atoms_elements
 
-    device = next((b.device for b in potential.buffers()), torch.device("cpu"))
     for atoms, where in zip(structures, sources):
         try:
-            potential.check_elements(torch.as_tensor(atoms.numbers, dtype=torch.long, device=device))
+            check_atoms_elements(potential, atoms)
         except ModelError as exc:
             raise ModelError(f"{where}: {exc}") from None
 
@@ -260,8 +257,8 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         sources: list = []
         structures = read_structures(config.structure, config.index, config.option("index"), sources)
         check_replica_memory(structures, config)
+        as_read = structures  # each read structure's elements are checked once, not once per replica
         structures = [_clean(a) for a in structures for _ in range(config.replicas)]
-        sources = [where for where in sources for _ in range(config.replicas)]
     elif restart_payload is not None:
         if config.replicas != 1:  # was silently ignored: the file's structures ran once each
             raise ConfigError(f"{config.option('replicas')} {config.replicas} copies the structure files, and none "
@@ -288,7 +285,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
     if potential is None:
         potential = load_potential(config.model, device=config.device)
     if config.structure:
-        check_elements(potential, structures, sources)
+        check_elements(potential, as_read, sources)
     dtype = as_dtype(config.dtype)
     if restart_payload is None:
         for line in close_contacts(structures):
