@@ -148,7 +148,7 @@ def _reducer(rank):
     """DDP's reducer and a step that runs its backward inside the wrapper's forward (as the step
     runner does inside training_step): with DDP's default the reducer, armed by the previous
     forward, averages the gradients during that backward (a second reduction); after
-    ``PotentialModule._ddp_reducer_off`` it does not. Returns each iteration's gradient."""
+    ``PotentialModule._ddp_reducer(on=False)`` it does not. Returns each iteration's gradient."""
     from types import SimpleNamespace
 
     from torchmdx.train.module import PotentialModule
@@ -170,7 +170,7 @@ def _reducer(rank):
         if name == "off":
             module = PotentialModule(model={k: v for k, v in TINY64.items()}, train={})
             module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(model=ddp))
-            module._ddp_reducer_off()
+            module._ddp_reducer(on=False)
             module._trainer = None
         grads = []
         for k in range(2):

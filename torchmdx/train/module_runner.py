@@ -84,7 +84,7 @@ class StepRunnerMixin:
             raise DataError("train.force_weight > 0 but the training data have no forces; set train.force_weight: 0")
         if self._graph_step is None:
             self._graph_step = self._step_runner(capture=False)
-            self._ddp_reducer_off()
+            self._ddp_reducer(on=False)
         from torchmdx.train.graphed import packed_shape
 
         out = self._graph_step.step(batch.z, batch.pos, batch.batch, batch.energy, batch.forces if cfg.train_forces else None,
@@ -102,17 +102,18 @@ class StepRunnerMixin:
             return None
         return out.loss.detach().clone().requires_grad_(True)
 
-    def _ddp_reducer_off(self) -> None:
-        """Under DDP the step runner reduces the gradients itself (one all-reduce inside its step,
-        :mod:`torchmdx.train.graphed`): DDP's reducer must not, or they would be reduced twice.
-        ``require_backward_grad_sync = False`` is what ``DistributedDataParallel.no_sync()`` sets:
-        its forward then arms no reducer hooks, so the runner's backward fires none."""
+    def _ddp_reducer(self, on: bool) -> None:
+        """Off (``on`` False): under DDP the step runner reduces the gradients itself (one
+        all-reduce inside its step, :mod:`torchmdx.train.graphed`): DDP's reducer must not, or they
+        would be reduced twice. ``require_backward_grad_sync = False`` is what
+        ``DistributedDataParallel.no_sync()`` sets: its forward then arms no reducer hooks, so the
+        runner's backward fires none. On: back for anything after training."""
         trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1:
+        if trainer is None or (not on and trainer.world_size <= 1):
             return
         wrapped = getattr(trainer.strategy, "model", None)
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-            wrapped.require_backward_grad_sync = False
+            wrapped.require_backward_grad_sync = on
 
     def _after_runner_step(self, out, batch_size: int) -> None:
         """The step runner did the optimiser step, the EMA and the error sums: tell the EMA
@@ -233,7 +234,7 @@ class StepRunnerMixin:
             if torch.is_tensor(step) and step.device != self.device:
                 state["step"] = step.to(device=self.device, dtype=torch.float32)
         self._graph_step = self._step_runner(capture=True)
-        self._ddp_reducer_off()
+        self._ddp_reducer(on=False)
 
     def _step_runner(self, capture: bool):
         """The :class:`~torchmdx.train.graphed.GraphedTrainStep` of this run: optimiser step,
@@ -300,9 +301,7 @@ class StepRunnerMixin:
             self.cuda_graph_stats = {**(self.cuda_graph_stats or {}), "validation": dict(self._eval_runner.stats)}
             self._eval_runner.release()
         self._graph_step, self._graphed_batch, self._eval_runner = None, False, None
-        wrapped = getattr(self._trainer.strategy, "model", None) if self._trainer is not None else None
-        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-            wrapped.require_backward_grad_sync = True  # DDP's reducer back for anything after training
+        self._ddp_reducer(on=True)
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
         if (self._graph_step is not None and self.trainer.training and hasattr(batch, "pos")
