@@ -108,9 +108,9 @@ def rank_max(counts: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     others waiting in their next collective until its timeout); one all-reduce, which every rank
     reaches at the same step (the logging points and epoch ends). One process: ``counts`` itself
     (None stays None)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if distributed_world() <= 1:
         return counts
+    dist = torch.distributed
     device = counts.device if counts is not None else (torch.device("cuda", torch.cuda.current_device())
                                                       if dist.get_backend() == "nccl" else torch.device("cpu"))
     reduced = counts.clone() if counts is not None else torch.zeros(2, dtype=torch.long, device=device)
