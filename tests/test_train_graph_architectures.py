@@ -70,9 +70,9 @@ def inert_entries(architecture) -> dict:
     """{parameter name: bool mask} of the entries the energy and forces do not depend on, found in
     float64: an energy + force loss on two batches gives them a gradient of round-off size only
     (< 1e-14 of the largest; exact zeros too: the rows of elements absent from the batches), and moving them by 0.5 changes no energy or force (checked here,
-    so that a real dependence is never hidden). The attention key biases of GATr and the
-    transformer are such entries: q.(k + b) shifts every score of a query alike; so are a score
-    bias MLP's output bias, and the rows of elements absent from the batches (exact zeros)."""
+    so that a real dependence is never hidden). GATr's and the transformer's attention key biases
+    and score-bias constants were such entries (q.(k + b) shifts every score of a query alike) and
+    are gone; what is left is listed in the test below."""
     model = torchmdx.build_model({**SMALL[architecture], "dtype": "float64"})
     batches = [molecules([6, 9, 5], seed=1, box=6.0), molecules([7, 4], seed=2, box=6.0)]
     for z, pos, batch, energy_ref, forces_ref in batches:
@@ -93,18 +93,32 @@ def inert_entries(architecture) -> dict:
     return inert
 
 
-def test_inert_entries_include_the_attention_key_biases():
-    """GATr's and the transformer's attention key biases (the key third of every qkv bias) have no
-    influence, their query and value thirds do (inert_entries checks that moving the inert
-    entries changes nothing)."""
+def test_no_parameter_of_gatr_or_the_transformer_is_inert():
+    """Their attention key biases and score-bias constants, which the energy cannot depend on
+    (softmax is shift-invariant), are gone (torchmdx.nn.graph_attention): no parameter is inert
+    as a whole, and no bias or other vector entry is. What stays inert: the embedding rows of
+    elements absent from the batches (exact zeros) and, in GATr, coefficients of equivariant basis
+    maps on multivector components that molecules' points leave empty (exact zeros) or reach only
+    in paths that cancel (block 2 through the join: round-off), among them the whole input layer's
+    grade-0-to-scalar map (an atom's point has no grade 0); the transformer has nothing else."""
+    batches = [molecules([6, 9, 5], seed=1, box=6.0), molecules([7, 4], seed=2, box=6.0)]
+    present = torch.unique(torch.cat([b[0] for b in batches]))
     for architecture in ("gatr", "transformer"):
         inert = inert_entries(architecture)
-        biases = [name for name in inert if "qkv" in name and "bias" in name]
-        assert len(biases) >= 2, (architecture, sorted(inert))
-        for name in biases:
-            third = inert[name].numel() // 3
-            mask = inert[name]
-            assert bool(mask[third:2 * third].all()) and not bool(mask[:third].any()) and not bool(mask[2 * third:].any())
+        model = torchmdx.build_model({**SMALL[architecture], "dtype": "float64"})
+        absent = torch.ones(model.representation.embedding.weight.shape[0], dtype=torch.bool)
+        absent[present] = False
+        embedding = inert.pop("representation.embedding.weight")
+        assert torch.equal(embedding, absent.unsqueeze(1).expand_as(embedding)), architecture
+        for name, p in model.named_parameters():
+            if name in inert and name != "representation.input.mv_to_s":  # GATr: points have no grade 0
+                assert not bool(inert[name].all()), (architecture, name)
+                assert p.dim() > 1, (architecture, name)
+        if architecture == "transformer":
+            assert not inert, sorted(inert)
+        else:
+            assert all(name.endswith((".weight", ".mv_to_s")) and "mlp.0" not in name and "mlp.2" not in name
+                       and "head" not in name for name in inert), sorted(inert)
 
 
 @pytest.mark.gpu

@@ -59,6 +59,7 @@ import torch
 
 from torchmdx.config import from_dict
 from torchmdx.data.packing import PackedBatch
+from torchmdx.nn.graph_attention import upgrade_state_dict
 from torchmdx.train.config import TrainConfig
 from torchmdx.train.metrics import EpochErrors, weighted_loss
 from torchmdx.train.module_runner import StepRunnerMixin
@@ -390,6 +391,7 @@ class PotentialModule(StepRunnerMixin, L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        upgrade_optimizer_states(checkpoint, self.model)  # before Lightning restores the optimiser
         extra = checkpoint.get("torchmdx") or {}
         self._plateau_state = extra.get("plateau")
         if self._plateau is not None and self._plateau_state is not None:
@@ -403,3 +405,40 @@ class PotentialModule(StepRunnerMixin, L.LightningModule):
     def potential(self):
         """The wrapped :class:`~torchmdx.nn.Potential` (with whatever weights are loaded now)."""
         return self.model
+
+
+def upgrade_optimizer_states(checkpoint: dict, model, prefix: str = "model.") -> None:
+    """An old checkpoint of ``model`` (weights under ``prefix``) whose parameters the model's
+    modules convert on load (GATr's and the transformer's attention key biases and score-bias
+    constants, dropped: :func:`torchmdx.nn.graph_attention.upgrade_state_dict`): its optimiser
+    states converted alike, in place, so that ``--resume`` continues it. The weights convert
+    themselves in ``load_state_dict``; a checkpoint without old entries is left as it is."""
+    states = checkpoint.get("state_dict") or {}
+    old = {k[len(prefix):]: v for k, v in states.items() if k.startswith(prefix)}
+    upgraded = upgrade_state_dict(model, dict(old))
+    if all(upgraded.get(k) is v for k, v in old.items()):
+        return
+    parameters = {name for name, _ in model.named_parameters()}
+    # the old parameters in the old optimiser's order (state dicts list them as named_parameters does)
+    old_names = [k for k in old if k in parameters or k not in upgraded]
+    for optimizer in checkpoint.get("optimizer_states") or []:
+        groups = optimizer.get("param_groups") or []
+        if sum(len(group["params"]) for group in groups) != len(old_names):
+            continue  # not this model's optimiser: loading it says so
+        names = iter(old_names)
+        state, count = {}, 0
+        for group in groups:
+            kept = []
+            for index, name in zip(group["params"], names):
+                if name not in upgraded:
+                    continue  # dropped parameter
+                entry = optimizer["state"].get(index)
+                if entry is not None:
+                    entry = {key: (upgrade_state_dict(model, {name: value})[name]
+                                   if torch.is_tensor(value) and value.shape == old[name].shape else value)
+                             for key, value in entry.items()}
+                    state[count] = entry
+                kept.append(count)
+                count += 1
+            group["params"] = kept
+        optimizer["state"] = state

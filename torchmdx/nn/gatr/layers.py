@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from torchmdx.nn.gatr.algebra import Algebra
+from torchmdx.nn.graph_attention import QKVLinear, Upgradable, drop_key_bias, query_key_value_bias
 
 
 def _sparse_form(table: np.ndarray):
@@ -78,30 +79,49 @@ class AlgebraBuffers(nn.Module):
         return (x * y * self.inner_weights).sum(-1)
 
 
-class EquiLinear(nn.Module):
-    """Equivariant linear map (C_in mv, S_in scalars) -> (C_out mv, S_out scalars)."""
+class EquiLinear(Upgradable):
+    """Equivariant linear map (C_in mv, S_in scalars) -> (C_out mv, S_out scalars).
 
-    def __init__(self, buffers: AlgebraBuffers, in_mv: int, out_mv: int, in_s: int, out_s: int, gain: float = 1.0):
+    ``qkv``: the outputs are the query, key and value thirds of an attention layer, which get no
+    key bias (the grade-0 and scalar biases hold the query and value thirds only; an old file's
+    full biases load without their key thirds: :mod:`torchmdx.nn.graph_attention`)."""
+
+    def __init__(self, buffers: AlgebraBuffers, in_mv: int, out_mv: int, in_s: int, out_s: int, gain: float = 1.0,
+                 qkv: bool = False):
         super().__init__()
         self.buffers_ = [buffers]  # not a submodule (shared)
         num_maps = buffers.algebra.linear_basis.shape[0]
         self.out_mv, self.dim = out_mv, buffers.algebra.dim
+        self.qkv = qkv
+        biases = (lambda n: 2 * n // 3) if qkv else (lambda n: n)
         self.weight = nn.Parameter(torch.empty(out_mv, in_mv, num_maps))
         grade_maps = buffers.algebra.n + 1  # the first n+1 basis maps are the grade projections
         with torch.no_grad():
             self.weight.normal_(0.0, gain / math.sqrt(in_mv + (in_s > 0) * in_s / 2))
             self.weight[:, :, grade_maps:] *= 0.5
-        self.mv_bias = nn.Parameter(torch.zeros(out_mv))
+        self.mv_bias = nn.Parameter(torch.zeros(biases(out_mv)))
         self.s_to_mv = nn.Parameter(torch.randn(out_mv, in_s) * gain / math.sqrt(max(in_s + in_mv, 1))) if in_s else None
-        self.scalar = nn.Linear(in_s, out_s) if (in_s and out_s) else None
+        if in_s and out_s:
+            self.scalar = QKVLinear(in_s, out_s // 3) if qkv else nn.Linear(in_s, out_s)
+        else:
+            self.scalar = None
         self.mv_to_s = nn.Parameter(torch.randn(out_s, in_mv) * gain / math.sqrt(in_mv + in_s)) if out_s else None
-        self.s_bias = nn.Parameter(torch.zeros(out_s)) if (out_s and not in_s) else None
+        self.s_bias = nn.Parameter(torch.zeros(biases(out_s))) if (out_s and not in_s) else None
+
+    def _bias(self, bias):
+        return query_key_value_bias(bias) if self.qkv else bias
+
+    def upgrade_state(self, state_dict, prefix):
+        if self.qkv:
+            drop_key_bias(state_dict, prefix + "mv_bias", self.mv_bias.shape[0])
+            if self.s_bias is not None:
+                drop_key_bias(state_dict, prefix + "s_bias", self.s_bias.shape[0])
 
     def forward(self, mv, s=None):
         basis = self.buffers_[0].linear_basis
         matrix = torch.einsum("oim,mab->oaib", self.weight, basis).reshape(self.out_mv * self.dim, -1)
         out = (mv.reshape(*mv.shape[:-2], -1) @ matrix.T).reshape(*mv.shape[:-2], self.out_mv, self.dim)
-        grade0 = self.mv_bias
+        grade0 = self._bias(self.mv_bias)
         if self.s_to_mv is not None and s is not None:
             grade0 = grade0 + s @ self.s_to_mv.T
         out = torch.cat([out[..., :1] + grade0.unsqueeze(-1), out[..., 1:]], dim=-1)
@@ -111,7 +131,7 @@ class EquiLinear(nn.Module):
             if self.scalar is not None and s is not None:
                 s_out = s_out + self.scalar(s)
             elif self.s_bias is not None:
-                s_out = s_out + self.s_bias
+                s_out = s_out + self._bias(self.s_bias)
         return out, s_out
 
 

@@ -12,7 +12,8 @@ scalars). Then L pre-norm blocks::
     (mv, s) += Attention(LN(mv, s));   (mv, s) += MLP(LN(mv, s))
 
 Attention (per head h, over i itself and its neighbours j within ``cutoff_upper``, or every
-atom of the structure): q, k, v = EquiLinear(LN(mv, s)); score
+atom of the structure): q, k, v = EquiLinear(LN(mv, s)) (no key bias, and no constant in the radial
+bias: the softmax ignores both, :mod:`torchmdx.nn.graph_attention`); score
 
     s_ij = [ Σ_c ⟨q_ic, k_jc⟩ + Σ q^s_i k^s_j  (+ β_h d(q_i, k_j)) ] / sqrt(F)
 
@@ -47,6 +48,7 @@ from torchmdx.nn.gatr.algebra import algebra, point_embedding_matrix
 from torchmdx.nn.gatr.config import GATrConfig
 from torchmdx.nn.gatr.layers import AlgebraBuffers, Bilinear, EquiLayerNorm, EquiLinear, gated_gelu
 from torchmdx.nn.graph_attention import (
+    ScoreBias,
     aggregate,
     cutoff_weights,
     edge_scores,
@@ -69,20 +71,14 @@ def _trivector_point_readout(name: str):
     return w_index, float(c[w_index]), p_index, p_sign
 
 
-class RadialBias(nn.Module):
+class RadialBias(ScoreBias):
     """b [E, H] = MLP(Gaussian rbf(r)) of the edge lengths (self edges: r = 0): invariant."""
 
     def __init__(self, cfg: GATrConfig):
-        super().__init__()
-        span = cfg.cutoff_upper if cfg.cutoff_upper is not None else 10.0
-        self.register_buffer("centres", torch.linspace(0.0, span, cfg.num_rbf))
-        self.width = span / (cfg.num_rbf - 1)
-        self.mlp = nn.Sequential(nn.Linear(cfg.num_rbf, cfg.scalar_channels), nn.SiLU(),
-                                 nn.Linear(cfg.scalar_channels, cfg.num_heads))
+        super().__init__(0, cfg.num_rbf, cfg.cutoff_upper, cfg.scalar_channels, cfg.num_heads)
 
     def forward(self, distances):
-        rbf = torch.exp(-0.5 * ((distances.unsqueeze(-1) - self.centres) / self.width) ** 2)
-        return self.mlp(rbf)
+        return self.mlp(self.rbf(distances.unsqueeze(-1)))
 
 
 class MVAttention(nn.Module):
@@ -93,7 +89,7 @@ class MVAttention(nn.Module):
         self.buffers_ = [buffers]
         C, S, H = cfg.channels, cfg.scalar_channels, cfg.num_heads
         self.C, self.S, self.H, self.dim = C, S, H, buffers.algebra.dim
-        self.qkv = EquiLinear(buffers, C, 3 * C, S, 3 * S)
+        self.qkv = EquiLinear(buffers, C, 3 * C, S, 3 * S, qkv=True)  # no key bias (graph_attention)
         self.out = EquiLinear(buffers, C, C, S, S)
         self.distance = cfg.uses_distance
         features = (C // H) * self.dim + S // H

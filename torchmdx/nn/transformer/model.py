@@ -11,7 +11,8 @@ structure; :mod:`torchmdx.nn.graph_attention`, cosine cutoff in the softmax weig
     s_ij = q_i · k_j / sqrt(F / H) + b^h(r_ij),   b = MLP([r_ij, rbf(|r_ij|)]) (b(0) for i = i)
 
 with r_ij = pos_j - pos_i the relative position *vector*: the bias, like the position features,
-changes when the molecule rotates. Energy: y_i = MLP(LN(x_i)).
+changes when the molecule rotates. No key bias in k_j and no constant in b (the softmax ignores
+both: :mod:`torchmdx.nn.graph_attention`). Energy: y_i = MLP(LN(x_i)).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from torchmdx.nn.graph_attention import (
+    QKVLinear,
+    ScoreBias,
     aggregate,
     cutoff_weights,
     edge_scores,
@@ -33,21 +36,15 @@ from torchmdx.nn.graph_attention import (
 from torchmdx.nn.transformer.config import TransformerConfig
 
 
-class PositionBias(nn.Module):
+class PositionBias(ScoreBias):
     """b [E, H] from the relative vectors r [E, 3]: MLP([r, Gaussian rbf(|r|)])."""
 
     def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        span = cfg.cutoff_upper if cfg.cutoff_upper is not None else 10.0
-        self.register_buffer("centres", torch.linspace(0.0, span, cfg.num_rbf))
-        self.width = span / (cfg.num_rbf - 1)
-        self.mlp = nn.Sequential(nn.Linear(3 + cfg.num_rbf, cfg.bias_hidden), nn.SiLU(),
-                                 nn.Linear(cfg.bias_hidden, cfg.num_heads))
+        super().__init__(3, cfg.num_rbf, cfg.cutoff_upper, cfg.bias_hidden, cfg.num_heads)
 
     def forward(self, vectors):
         r = torch.sqrt((vectors * vectors).sum(-1, keepdim=True) + 1e-12)
-        rbf = torch.exp(-0.5 * ((r - self.centres) / self.width) ** 2)
-        return self.mlp(torch.cat([vectors, rbf], dim=-1))
+        return self.mlp(torch.cat([vectors, self.rbf(r)], dim=-1))
 
 
 class TransformerBlock(nn.Module):
@@ -56,7 +53,7 @@ class TransformerBlock(nn.Module):
         F, H = cfg.embedding_dimension, cfg.num_heads
         self.heads = H
         self.norm1 = nn.LayerNorm(F)
-        self.qkv = nn.Linear(F, 3 * F)
+        self.qkv = QKVLinear(F, F)  # no key bias (graph_attention)
         self.bias = PositionBias(cfg)
         self.out = nn.Linear(F, F)
         self.norm2 = nn.LayerNorm(F)
