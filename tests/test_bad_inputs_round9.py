@@ -1,0 +1,148 @@
+"""Bad inputs, round 9: nothing lost, nothing silent.
+
+Tracebacks (an npz energy of shape (): ``len() of unsized object``; a QM9 database whose metadata
+gives a unit that is not text: ``'int' object has no attribute 'strip'``), silent garbage (a QM9
+database's NaN or 2-D atomrefs table; two QM9 xyz files of one molecule; the native MD engine
+moving atoms a ``FixAtoms`` constraint holds while the trajectory, written through ASE, shows them
+fixed) and messages that named the wrong thing (a NaN mass as "the temperature reached nan K", a
+QM9 file announcing 0 atoms as "coordinates have shape (0,)", an ANI-1x group without atoms as
+conformations "without energy / forces", md's cutoff-vs-box line without the file).
+
+Table rows: a setup ``(tmp_path, shared_data) -> CLI arguments`` and the fragments the one
+``error:`` line must hold; every file under ``tmp_path`` must come out unchanged (caches go to a
+folder beside it). Tests of behaviour follow.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from ase.io import read, write
+
+from test_bad_inputs_more import _ethanol, refused_without_writes
+from test_bad_inputs_round7 import _cache
+from test_bad_inputs_round8 import _ethanol_frames, _md, _model
+
+QM9_DB = ("qm9", "qm9_20.db")
+
+
+def _info(t, path, *options):
+    return ["data", "info", path, "--cache-dir", _cache(t), *options]
+
+
+# ---------------------------------------------------------------------------------- npz
+def npz_energy_of_shape_nothing(t, s):
+    arrays = _ethanol(s, frames=1)
+    np.savez(t / "e0.npz", R=arrays["R"], z=arrays["z"], E=np.float64(arrays["E"].ravel()[0]), F=arrays["F"])
+    return _info(t, t / "e0.npz")
+
+
+# ---------------------------------------------------------------------------------- QM9
+def _qm9_db(t, s, change, name="meta.db"):
+    from ase.db import connect
+
+    shutil.copy(s.joinpath(*QM9_DB), t / name)
+    db = connect(t / name)
+    meta = dict(db.metadata)
+    change(meta)
+    db.metadata = meta
+    return t / name
+
+
+def _qm9_xyz_text(row, gdb_id, natoms=None):
+    """One molecule of the QM9 database ``row`` in the original xyz layout."""
+    from ase.data import chemical_symbols
+
+    from torchmdx.data.qm9 import QM9_NAMES
+
+    values = {**row.key_value_pairs, **(row.data or {})}
+    lines = [str(len(row.numbers) if natoms is None else natoms),
+             f"gdb {gdb_id} " + " ".join(f"{float(np.ravel(values[n])[0]):.6f}" for n in QM9_NAMES)]
+    lines += [f"{chemical_symbols[z]} {x:.6f} {y:.6f} {w:.6f} 0.0" for z, (x, y, w) in zip(row.numbers, row.positions)]
+    return "\n".join(lines + ["1.0 2.0 3.0", "C C", "InChI=1S/C InChI=1S/C"]) + "\n"
+
+
+def _qm9_folder(t, s, molecules=3, natoms=None, ids=None):
+    """A folder of QM9 xyz files; ``natoms`` replaces the second file's atom count, ``ids`` the gdb ids."""
+    from ase.db import connect
+
+    folder = t / "qm9"
+    folder.mkdir()
+    rows = list(connect(s.joinpath(*QM9_DB)).select(limit=molecules))
+    for k, row in enumerate(rows):
+        gdb_id = ids[k] if ids else k + 1
+        (folder / f"dsgdb9nsd_{k + 1:06d}.xyz").write_text(_qm9_xyz_text(row, gdb_id, natoms if k == 1 else None))
+    return folder
+
+
+def qm9_db_distance_unit_not_text(t, s):
+    return _info(t, _qm9_db(t, s, lambda m: m.__setitem__("_distance_unit", 5)), "--format", "qm9")
+
+
+def qm9_db_property_unit_not_text(t, s):
+    return _info(t, _qm9_db(t, s, lambda m: m["_property_unit_dict"].__setitem__("energy_U0", ["Ha"])),
+                 "--format", "qm9")
+
+
+def qm9_db_atomrefs_nan(t, s):
+    return _info(t, _qm9_db(t, s, lambda m: m["atomrefs"].__setitem__("energy_U0", [float("nan")] * 10)),
+                 "--format", "qm9")
+
+
+def qm9_db_atomrefs_two_columns(t, s):
+    return _info(t, _qm9_db(t, s, lambda m: m["atomrefs"].__setitem__("energy_U0", [[1.0, 2.0]] * 10)),
+                 "--format", "qm9")
+
+
+def qm9_db_atomrefs_text(t, s):
+    return _info(t, _qm9_db(t, s, lambda m: m["atomrefs"].__setitem__("energy_U0", ["a"] * 10)), "--format", "qm9")
+
+
+def qm9_xyz_zero_atoms(t, s):
+    return _info(t, _qm9_folder(t, s, natoms=0), "--format", "qm9")
+
+
+def qm9_xyz_negative_atoms(t, s):
+    return _info(t, _qm9_folder(t, s, natoms=-3), "--format", "qm9")
+
+
+def qm9_xyz_same_molecule_twice(t, s):
+    return _info(t, _qm9_folder(t, s, ids=[1, 2, 1]), "--format", "qm9")
+
+
+CASES = [
+    (npz_energy_of_shape_nothing, ["e0.npz: E has shape () but R has 1 frames; expected (1,) or (1, 1)"]),
+    (qm9_db_distance_unit_not_text, ["meta.db: metadata '_distance_unit' must be a unit name (text), got 5"]),
+    (qm9_db_property_unit_not_text, ["meta.db: metadata '_property_unit_dict.energy_U0' must be a unit name (text), "
+                                     "got ['Ha']"]),
+    (qm9_db_atomrefs_nan, ["meta.db: metadata 'atomrefs.energy_U0' holds the non-finite value nan for Z=0"]),
+    (qm9_db_atomrefs_two_columns, ["meta.db: metadata 'atomrefs.energy_U0' has shape (10, 2); expected one number "
+                                   "per atomic number 0..118"]),
+    (qm9_db_atomrefs_text, ["meta.db: metadata 'atomrefs.energy_U0' must be a list of numbers"]),
+    (qm9_xyz_zero_atoms, ["dsgdb9nsd_000002.xyz: line 1: announces 0 atoms; a QM9 molecule has at least one"]),
+    (qm9_xyz_negative_atoms, ["dsgdb9nsd_000002.xyz: line 1: announces -3 atoms"]),
+    (qm9_xyz_same_molecule_twice, ["dsgdb9nsd_000003.xyz: gdb id 1 is also the id of", "dsgdb9nsd_000001.xyz",
+                                   "each QM9 molecule must appear once"]),
+]
+
+
+@pytest.mark.parametrize("setup, fragments", CASES, ids=[c[0].__name__ for c in CASES])
+def test_refused_with_one_line_and_nothing_written(tmp_path, shared_data, capsys, monkeypatch, setup, fragments):
+    refused_without_writes(tmp_path, shared_data, capsys, monkeypatch, setup, fragments)
+
+
+# ---------------------------------------------------------------------------------- behaviour
+def test_qm9_folder_skips_a_subfolder_named_xyz(tmp_path, shared_data):
+    """A folder ``x.xyz`` inside a QM9 xyz folder was opened as a file (IsADirectoryError); it is
+    skipped like any other entry that is not a molecule file."""
+    from torchmdx.data import read_structures
+
+    folder = _qm9_folder(tmp_path, shared_data)
+    (folder / "extra.xyz").mkdir()
+    st = read_structures(folder, format="qm9")
+    from ase.db import connect
+
+    rows = list(connect(shared_data.joinpath(*QM9_DB)).select(limit=3))
+    assert len(st) == 3 and len(st.z) == sum(len(r.numbers) for r in rows)
