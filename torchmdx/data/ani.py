@@ -180,6 +180,9 @@ def _check_group_shapes(group, where: str, natoms: int, ekey: str, fkey: Optiona
     """Number of conformations of an ANI group, after checking the datasets' shapes agree
     (without reading them); a one-line DataError naming the group otherwise."""
     shape = group["coordinates"].shape
+    if natoms == 0:  # ANI-1x: forces of shape (n, 0, 3) are all NaN vacuously: "dropped, without forces"
+        raise DataError(f"{where}: no atoms (the atomic numbers / species dataset is empty); "
+                        "a molecule needs at least one")
     if len(shape) != 3 or shape[1:] != (natoms, 3):
         raise DataError(f"{where}: 'coordinates' has shape {shape} but there are {natoms} atomic numbers; "
                         f"expected (n, {natoms}, 3)")
