@@ -19,11 +19,11 @@ import shutil
 
 import numpy as np
 import pytest
-from ase.io import read, write
+from ase.io import read
 
 from test_bad_inputs_more import _ethanol, refused_without_writes
 from test_bad_inputs_round7 import _cache
-from test_bad_inputs_round8 import _ethanol_frames, _md, _model
+from test_bad_inputs_round8 import _ethanol_frames, _md
 
 QM9_DB = ("qm9", "qm9_20.db")
 
@@ -112,6 +112,51 @@ def qm9_xyz_same_molecule_twice(t, s):
     return _info(t, _qm9_folder(t, s, ids=[1, 2, 1]), "--format", "qm9")
 
 
+# ---------------------------------------------------------------------------------- ANI
+def ani1x_group_without_atoms(t, s):
+    import h5py
+
+    shutil.copy(s / "ani" / "ani1x_xtb.h5", t / "x.h5")
+    with h5py.File(t / "x.h5", "a") as h5:
+        group = h5[sorted(h5.keys())[0]]
+        for key in ("atomic_numbers", "coordinates", "gfn2xtb.forces"):
+            data = group[key][()]
+            del group[key]
+            group[key] = data[:, :0] if data.ndim > 1 else data[:0]
+    return _info(t, t / "x.h5", "--format", "ani1x", "--energy-key", "gfn2xtb.energy")
+
+
+# ---------------------------------------------------------------------------------- md
+def md_nan_mass(t, s):
+    def change(k, atoms):
+        masses = atoms.get_masses()
+        masses[2] = np.nan
+        atoms.set_masses(masses)
+        return atoms
+
+    return _md(t, s, structure=_ethanol_frames(t, s, frames=1, change=change))
+
+
+def md_native_engine_with_fixed_atoms(t, s):
+    from ase.constraints import FixAtoms
+
+    def change(k, atoms):
+        atoms.set_constraint(FixAtoms(indices=[0, 1]))
+        return atoms
+
+    return _md(t, s, "--index", ":", structure=_ethanol_frames(t, s, frames=2, change=change))
+
+
+def md_box_narrower_than_the_cutoff_names_the_file(t, s):
+    def change(k, atoms):
+        if k == 1:
+            atoms.set_cell([5.0, 5.0, 5.0])
+            atoms.pbc = True
+        return atoms
+
+    return _md(t, s, "--index", ":", structure=_ethanol_frames(t, s, frames=2, change=change))
+
+
 CASES = [
     (npz_energy_of_shape_nothing, ["e0.npz: E has shape () but R has 1 frames; expected (1,) or (1, 1)"]),
     (qm9_db_distance_unit_not_text, ["meta.db: metadata '_distance_unit' must be a unit name (text), got 5"]),
@@ -125,6 +170,12 @@ CASES = [
     (qm9_xyz_negative_atoms, ["dsgdb9nsd_000002.xyz: line 1: announces -3 atoms"]),
     (qm9_xyz_same_molecule_twice, ["dsgdb9nsd_000003.xyz: gdb id 1 is also the id of", "dsgdb9nsd_000001.xyz",
                                    "each QM9 molecule must appear once"]),
+    (ani1x_group_without_atoms, ["x.h5:/", ": no atoms (the atomic numbers / species dataset is empty)"]),
+    (md_nan_mass, ["frames.extxyz: atom 2 (O) has mass nan amu; masses must be finite and positive"]),
+    (md_native_engine_with_fixed_atoms, ["frames.extxyz frame 0: holds constraints (FixAtoms) that the native "
+                                         "engine does not apply; run it with --engine ase"]),
+    (md_box_narrower_than_the_cutoff_names_the_file, ["frames.extxyz frame 1: cutoff 4 Å is larger than half the "
+                                                      "perpendicular width of the periodic box"]),
 ]
 
 
@@ -146,3 +197,34 @@ def test_qm9_folder_skips_a_subfolder_named_xyz(tmp_path, shared_data):
 
     rows = list(connect(shared_data.joinpath(*QM9_DB)).select(limit=3))
     assert len(st) == 3 and len(st.z) == sum(len(r.numbers) for r in rows)
+
+
+def test_md_system_refuses_a_nan_mass_naming_the_structure_and_atom():
+    """``System.from_atoms`` (the Python API below the CLI) let a NaN mass through ``masses <= 0``."""
+    from ase import Atoms
+
+    from torchmdx.errors import DataError
+    from torchmdx.md.system import System
+
+    good = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])
+    bad = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]], masses=[16.0, np.nan])
+    with pytest.raises(DataError, match=r"^structure 1: atom 1 has mass nan amu; masses must be finite and positive$"):
+        System.from_atoms([good, bad])
+
+
+def test_md_with_fixed_atoms_runs_with_the_ase_engine(tmp_path, shared_data):
+    """The refusal points at a way that works: ASE's engine keeps the fixed atoms in place."""
+    from ase.constraints import FixAtoms
+
+    from torchmdx.cli.main import main
+
+    def change(k, atoms):
+        atoms.set_constraint(FixAtoms(indices=[0, 1]))
+        return atoms
+
+    structure = _ethanol_frames(tmp_path, shared_data, frames=1, change=change)
+    args = _md(tmp_path, shared_data, "--engine", "ase", "--ensemble", "nve", "--every", "1", structure=structure)
+    assert main([str(a) for a in args]) == 0
+    first, last = read(tmp_path / "md.extxyz", index=0), read(tmp_path / "md.extxyz", index=-1)
+    assert np.array_equal(first.positions[:2], last.positions[:2])
+    assert np.abs(first.positions[2:] - last.positions[2:]).max() > 0
