@@ -228,3 +228,72 @@ def test_md_with_fixed_atoms_runs_with_the_ase_engine(tmp_path, shared_data):
     first, last = read(tmp_path / "md.extxyz", index=0), read(tmp_path / "md.extxyz", index=-1)
     assert np.array_equal(first.positions[:2], last.positions[:2])
     assert np.abs(first.positions[2:] - last.positions[2:]).max() > 0
+
+
+# ---------------------------------------------------------------------------------- data API
+@pytest.fixture
+def ethanol_dataset(tmp_path, shared_data):
+    from torchmdx.data import H5Dataset, build_cache
+
+    np.savez(tmp_path / "ethanol.npz", **_ethanol(shared_data, frames=6))
+    return H5Dataset(build_cache(tmp_path / "ethanol.npz", cache_dir=tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("size, seed, message", [
+    (float("nan"), 0, "split: train size must not be negative or NaN, got nan"),  # int(nan): ValueError
+    (3, -1, "split: seed must be a whole number in 0..4294967295, got -1"),  # numpy's ValueError
+    (3, 1.5, "split: seed must be a whole number in 0..4294967295, got 1.5"),
+])
+def test_split_nan_size_and_bad_seed_are_one_line(size, seed, message):
+    import re
+
+    from torchmdx.data.splits import group_split, random_split
+    from torchmdx.errors import DataError
+
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        random_split(6, size, 1, 1, seed=seed)
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        group_split(["a", "b", "c", "a", "b", "c"], size, 1, None, seed=seed)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_loaders_refuse_batch_sizes_that_are_not_counts(ethanol_dataset, batch_size):
+    """0 was a ZeroDivisionError on iteration, -1 "__len__() should return >= 0", 2.5 batches of 2."""
+    from torchmdx.data import BatchLoader, batches_in_order
+    from torchmdx.errors import DataError
+
+    message = rf"^batch size must be a whole number >= 1, got {batch_size!r}$".replace(".", r"\.")
+    with pytest.raises(DataError, match=message):
+        BatchLoader(ethanol_dataset, batch_size)
+    with pytest.raises(DataError, match=message):
+        list(batches_in_order(ethanol_dataset, [0, 1], batch_size))
+
+
+@pytest.mark.parametrize("index", [-1, 6, 100])
+def test_structure_indices_outside_the_dataset_are_one_line(ethanol_dataset, index):
+    """-1 gathered atoms of the wrong structures ("index 54 is out of bounds") or, for the
+    reference fit, silently the last structure; past the end numpy's IndexError."""
+    from torchmdx.data import batches_in_order, energy_statistics, fit_atomic_references
+    from torchmdx.errors import DataError
+
+    message = rf"ethanol\.npz: structure index {index} is outside 0\.\.5 \(the dataset's 6 structures\)$"
+    with pytest.raises(DataError, match=message):
+        list(batches_in_order(ethanol_dataset, [0, index], 4))
+    with pytest.raises(DataError, match=message):
+        fit_atomic_references(ethanol_dataset, [0, 1, index], max_z=10)
+    with pytest.raises(DataError, match=message):
+        energy_statistics(ethanol_dataset, [0, index])
+
+
+def test_indices_inside_the_dataset_still_batch_and_fit(ethanol_dataset):
+    """The checks refuse nothing valid: the last structure by its index gathers its own atoms."""
+    from torchmdx.data import batches_in_order, fit_atomic_references
+
+    batch = next(iter(batches_in_order(ethanol_dataset, [5, 0], 2)))
+    assert batch.idx.tolist() == [5, 0]
+    assert torch_equal(batch.pos[:9], ethanol_dataset[5].pos)
+    assert fit_atomic_references(ethanol_dataset, [0, 1, 2, 5], max_z=10).shape == (10,)
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
