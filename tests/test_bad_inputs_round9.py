@@ -23,7 +23,7 @@ from ase.io import read
 
 from test_bad_inputs_more import _ethanol, refused_without_writes
 from test_bad_inputs_round7 import _cache
-from test_bad_inputs_round8 import _ethanol_frames, _md
+from test_bad_inputs_round8 import _argon_restart, _ethanol_frames, _md
 
 QM9_DB = ("qm9", "qm9_20.db")
 
@@ -157,6 +157,29 @@ def md_box_narrower_than_the_cutoff_names_the_file(t, s):
     return _md(t, s, "--index", ":", structure=_ethanol_frames(t, s, frames=2, change=change))
 
 
+def _set_row(key, row, value):
+    def change(payload):
+        payload[key] = payload[key].clone()
+        payload[key][row, 1] = value
+    return change
+
+
+def md_restart_nan_velocity(t, s):  # ran two steps, then "the simulation is exploding"
+    return _argon_restart(t, _set_row("velocities", 3, float("nan")))
+
+
+def md_restart_infinite_position(t, s):  # "atom 3 has a non-finite position" without the file
+    return _argon_restart(t, _set_row("positions", 3, float("inf")))
+
+
+def md_restart_velocities_of_fewer_atoms(t, s):  # RuntimeError: the size of tensor a (13) must match ...
+    return _argon_restart(t, lambda payload: payload.update(velocities=payload["velocities"][:5]))
+
+
+def md_restart_counts_not_numbers(t, s):
+    return _argon_restart(t, lambda payload: payload.update(counts=["13"]))
+
+
 CASES = [
     (npz_energy_of_shape_nothing, ["e0.npz: E has shape () but R has 1 frames; expected (1,) or (1, 1)"]),
     (qm9_db_distance_unit_not_text, ["meta.db: metadata '_distance_unit' must be a unit name (text), got 5"]),
@@ -176,6 +199,13 @@ CASES = [
                                          "engine does not apply; run it with --engine ase"]),
     (md_box_narrower_than_the_cutoff_names_the_file, ["frames.extxyz frame 1: cutoff 4 Å is larger than half the "
                                                       "perpendicular width of the periodic box"]),
+    (md_restart_nan_velocity, ["edited.restart.pt: its 'velocities' of atom 3 is not finite (", "nan",
+                               "the restart file was changed after torchmdx wrote it"]),
+    (md_restart_infinite_position, ["edited.restart.pt: its 'positions' of atom 3 is not finite (", "inf"]),
+    (md_restart_velocities_of_fewer_atoms, ["edited.restart.pt: its 'velocities' has shape (5, 3), expected (13, 3) "
+                                            "for its 13 atoms"]),
+    (md_restart_counts_not_numbers, ["edited.restart.pt: its atom counts ['13'] are not one whole number >= 1 per "
+                                     "structure (1)"]),
 ]
 
 
