@@ -39,6 +39,47 @@ def npz_energy_of_shape_nothing(t, s):
     return _info(t, t / "e0.npz")
 
 
+# ---------------------------------------------------------------------------------- empty paths
+def _npz_config(t, s, **data):
+    import yaml
+
+    np.savez(t / "ethanol.npz", **_ethanol(s, frames=20))
+    config = {"data": {"path": str(t / "ethanol.npz"), "cache_dir": str(_cache(t)), **data},
+              "run_dir": str(t / "run")}
+    (t / "config.yaml").write_text(yaml.safe_dump(config))
+    return t / "config.yaml"
+
+
+def data_info_empty_path(t, s):  # ". cannot guess the format of this folder"
+    return ["data", "info", "", "--cache-dir", _cache(t)]
+
+
+def data_prepare_empty_cache_dir(t, s):  # built the cache in data/cache, silently
+    np.savez(t / "ethanol.npz", **_ethanol(s, frames=5))
+    return ["data", "prepare", t / "ethanol.npz", "--cache-dir", ""]
+
+
+def evaluate_empty_data(t, s):  # ". cannot guess the format of this folder"
+    return ["evaluate", "model.pt", "--data", "", "--out", t / "report"]
+
+
+def evaluate_empty_cache_dir(t, s):  # the cache in data/cache, silently
+    np.savez(t / "ethanol.npz", **_ethanol(s, frames=5))
+    return ["evaluate", "model.pt", "--data", t / "ethanol.npz", "--cache-dir", "", "--out", t / "report"]
+
+
+def train_empty_data_path(t, s):
+    return ["train", _npz_config(t, s, path="")]
+
+
+def prepare_config_empty_cache_dir(t, s):  # a cache file written into the working folder
+    return ["data", "prepare", _npz_config(t, s, cache_dir="")]
+
+
+def train_blank_split_file(t, s):
+    return ["train", _npz_config(t, s, split_file=" ")]
+
+
 # ---------------------------------------------------------------------------------- QM9
 def _qm9_db(t, s, change, name="meta.db"):
     from ase.db import connect
@@ -126,6 +167,11 @@ def ani1x_group_without_atoms(t, s):
     return _info(t, t / "x.h5", "--format", "ani1x", "--energy-key", "gfn2xtb.energy")
 
 
+def ani1_format_on_a_folder(t, s):  # h5py's message spans two lines ("time = <ctime>\n, filename = ...")
+    (t / "folder").mkdir()
+    return _info(t, t / "folder", "--format", "ani1")
+
+
 # ---------------------------------------------------------------------------------- md
 def md_nan_mass(t, s):
     def change(k, atoms):
@@ -181,6 +227,13 @@ def md_restart_counts_not_numbers(t, s):
 
 
 CASES = [
+    (data_info_empty_path, ["the data path is empty (''); give a data file or folder"]),
+    (data_prepare_empty_cache_dir, ["--cache-dir is empty (''); give a folder, or leave it out"]),
+    (evaluate_empty_data, ["--data is empty (''); give a data file, a folder or a YAML config"]),
+    (evaluate_empty_cache_dir, ["config key 'data.cache_dir' is empty (''); give a folder"]),
+    (train_empty_data_path, ["config key 'data.path' is empty (''); give a file or folder"]),
+    (prepare_config_empty_cache_dir, ["config key 'data.cache_dir' is empty (''); give a folder"]),
+    (train_blank_split_file, ["config key 'data.split_file' is empty (' '); give a split file (.npz), or leave it out"]),
     (npz_energy_of_shape_nothing, ["e0.npz: E has shape () but R has 1 frames; expected (1,) or (1, 1)"]),
     (qm9_db_distance_unit_not_text, ["meta.db: metadata '_distance_unit' must be a unit name (text), got 5"]),
     (qm9_db_property_unit_not_text, ["meta.db: metadata '_property_unit_dict.energy_U0' must be a unit name (text), "
@@ -194,6 +247,7 @@ CASES = [
     (qm9_xyz_same_molecule_twice, ["dsgdb9nsd_000003.xyz: gdb id 1 is also the id of", "dsgdb9nsd_000001.xyz",
                                    "each QM9 molecule must appear once"]),
     (ani1x_group_without_atoms, ["x.h5:/", ": no atoms (the atomic numbers / species dataset is empty)"]),
+    (ani1_format_on_a_folder, ["folder: is a folder, not an HDF5 file"]),
     (md_nan_mass, ["frames.extxyz: atom 2 (O) has mass nan amu; masses must be finite and positive"]),
     (md_native_engine_with_fixed_atoms, ["frames.extxyz frame 0: holds constraints (FixAtoms) that the native "
                                          "engine does not apply; run it with --engine ase"]),

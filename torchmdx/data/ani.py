@@ -56,7 +56,10 @@ def _h5_problem(path: Path, exc: Exception) -> str:
         have, want = int(found.group(1)), int(found.group(2))
         return (f"the file ends early: {have} of its {want} bytes are there (truncated, e.g. an interrupted copy "
                 "or download); copy or download it again")
-    return f"not a readable HDF5 file ({text})"
+    if Path(path).is_dir():
+        return "is a folder, not an HDF5 file"
+    # h5py's message may span lines (a read failure embeds "time = <ctime>\n, filename = ..."): one line
+    return f"not a readable HDF5 file ({' '.join(text.split())})"
 
 
 def read_rows(group, key: str, start: int, stop: Optional[int], where: str) -> np.ndarray:
