@@ -381,3 +381,66 @@ def test_indices_inside_the_dataset_still_batch_and_fit(ethanol_dataset):
 
 def torch_equal(a, b) -> bool:
     return bool((a == b).all())
+
+
+# ---------------------------------------------------------------------------------- models
+TINY = {"embedding_dimension": 8, "num_layers": 1, "num_heads": 2, "num_rbf": 4, "cutoff_upper": 4.0,
+        "backend": "torch", "seed": 0}
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool"])
+def test_model_file_with_integer_weights_is_refused(tmp_path, dtype):
+    """A weight stored as integers was copied into the float parameter without a word: the small
+    weights truncated to 0, a model of zero energies and forces."""
+    import torch
+
+    import torchmdx
+    from torchmdx.errors import ModelError
+
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(elements=[1, 6, 8])
+    model.save(tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["state_dict"]["head.mlp.0.weight"] = payload["state_dict"]["head.mlp.0.weight"].to(getattr(torch, dtype))
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(ModelError, match=rf"edited\.pt: weight 'head\.mlp\.0\.weight' is {dtype}, expected "
+                                         r"floating-point numbers \(damaged or edited\?\)$"):
+        torchmdx.load_model(tmp_path / "edited.pt")
+    assert torchmdx.load_model(tmp_path / "m.pt").elements == [1, 6, 8]  # the file as written still loads
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"scale": 0.0}, "scale must be a finite number > 0 (eV), got 0.0"),  # every energy and force 0
+    ({"scale": -1.0}, "scale must be a finite number > 0 (eV), got -1.0"),  # energies of the wrong sign
+    ({"scale": float("nan")}, "scale must be a finite number > 0 (eV), got nan"),
+    ({"scale": "2"}, "scale must be a finite number > 0 (eV), got '2'"),
+    ({"shift": float("inf")}, "shift must be a finite number (eV), got inf"),
+    ({"energy_offset": float("nan")}, "energy_offset must be a finite number (eV), got nan"),
+    ({"atomref": {1: float("nan")}}, "atomref[1] must be a finite number (eV), got nan"),
+    ({"atomref": [0.0, float("nan")]}, "atomref[1] must be a finite energy (eV), got nan"),
+    ({"atomref": {1.5: -13.6}}, "atomref: atomic number 1.5 is not a whole number"),  # was hydrogen
+    ({"atomref": "abc"}, "atomref: expected {Z: energy} or a list of energies indexed by Z, got abc"),
+    ({"elements": [6.7, 1]}, "elements: atomic number 6.7 is not a whole number"),  # was carbon
+    ({"elements": []}, "elements: the list is empty; give the atomic numbers the model was trained on"),
+])
+def test_set_normalisation_refuses_values_that_make_garbage(arguments, message):
+    import re
+
+    import torchmdx
+    from torchmdx.errors import ModelError
+
+    model = torchmdx.build_model(TINY)
+    with pytest.raises(ModelError, match=f"^{re.escape(message)}$"):
+        model.set_normalisation(**arguments)
+
+
+def test_set_normalisation_takes_numpy_torch_and_whole_floats():
+    import torch
+
+    import torchmdx
+
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(scale=np.float32(2.0), shift=torch.tensor(0.5), atomref={"6": -1.0, np.int64(1): -0.5},
+                            elements=np.array([8, 1, 6.0]))
+    assert model.elements == [1, 6, 8] and float(model.scale) == 2.0 and float(model.shift) == 0.5
+    assert float(model.atomref[6]) == -1.0 and float(model.atomref[1]) == -0.5
