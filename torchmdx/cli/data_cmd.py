@@ -73,6 +73,11 @@ def _load(args):
     """(DataConfig or None, source, format, reader options, cache_dir) from the arguments."""
     from torchmdx.data.data_config import DataConfig, load_data_config
 
+    from torchmdx.errors import ConfigError
+
+    if args.cache_dir is not None and not args.cache_dir.strip():  # '' meant the default folder, silently
+        raise ConfigError(f"--cache-dir is empty ({args.cache_dir!r}); give a folder, or leave it out for the "
+                          "config's (else data/cache)")
     cli_opts = {"energy_key": args.energy_key, "forces_key": args.forces_key, "stress_key": args.stress_key,
                 "group_key": args.group_key,
                 "energy_unit": args.energy_unit, "length_unit": args.length_unit}

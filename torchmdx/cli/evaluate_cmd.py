@@ -43,6 +43,8 @@ def _data_config(args):
     from torchmdx.data.data_config import DataConfig
     from torchmdx.errors import ConfigError
 
+    if not str(args.data).strip():  # Path('') is '.': ". cannot guess the format of this folder"
+        raise ConfigError(f"--data is empty ({args.data!r}); give a data file, a folder or a YAML config")
     source = Path(args.data)
     run_dir = Path(args.run) if args.run else None
     if source.suffix.lower() in (".yaml", ".yml"):
@@ -68,7 +70,7 @@ def _data_config(args):
         raise DataError(f"{source}: file not found")
     values = {"path": str(source), "format": args.format, "train_size": 0, "val_size": 0, "test_size": None,
               "atomref": "none"}
-    if args.cache_dir:
+    if args.cache_dir is not None:  # '' meant data/cache silently; DataConfig.validate refuses it
         values["cache_dir"] = args.cache_dir
     cfg = from_dict(DataConfig, values, "data")
     return cfg, run_dir, False

@@ -56,7 +56,10 @@ def _h5_problem(path: Path, exc: Exception) -> str:
         have, want = int(found.group(1)), int(found.group(2))
         return (f"the file ends early: {have} of its {want} bytes are there (truncated, e.g. an interrupted copy "
                 "or download); copy or download it again")
-    return f"not a readable HDF5 file ({text})"
+    if Path(path).is_dir():
+        return "is a folder, not an HDF5 file"
+    # h5py's message may span lines (a read failure embeds "time = <ctime>\n, filename = ..."): one line
+    return f"not a readable HDF5 file ({' '.join(text.split())})"
 
 
 def read_rows(group, key: str, start: int, stop: Optional[int], where: str) -> np.ndarray:
@@ -180,6 +183,9 @@ def _check_group_shapes(group, where: str, natoms: int, ekey: str, fkey: Optiona
     """Number of conformations of an ANI group, after checking the datasets' shapes agree
     (without reading them); a one-line DataError naming the group otherwise."""
     shape = group["coordinates"].shape
+    if natoms == 0:  # ANI-1x: forces of shape (n, 0, 3) are all NaN vacuously: "dropped, without forces"
+        raise DataError(f"{where}: no atoms (the atomic numbers / species dataset is empty); "
+                        "a molecule needs at least one")
     if len(shape) != 3 or shape[1:] != (natoms, 3):
         raise DataError(f"{where}: 'coordinates' has shape {shape} but there are {natoms} atomic numbers; "
                         f"expected (n, {natoms}, 3)")

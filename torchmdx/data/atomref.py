@@ -117,6 +117,19 @@ def _raise_beyond(st: Structures, idx: np.ndarray, z: np.ndarray, counts: np.nda
     check_max_z(z[first:first + 1], np.array([0, 1]), max_z, st.source, first=s)
 
 
+def _structure_indices(st: Structures, indices) -> np.ndarray:
+    """``indices`` (all structures if None) as int64, each in 0 .. len(st) - 1: -1 picked the last
+    structure silently, an index past the end was numpy's IndexError."""
+    if indices is None:
+        return np.arange(len(st))
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    outside = (idx < 0) | (idx >= len(st))
+    if outside.any():
+        raise DataError(f"{st.source}: structure index {int(idx[outside][0])} is outside 0..{len(st) - 1} "
+                        f"(the dataset's {len(st)} structures)")
+    return idx
+
+
 def _total_atoms(st: Structures, idx: np.ndarray) -> int:
     return int(np.diff(st.offsets)[idx].sum())
 
@@ -130,7 +143,7 @@ def fit_atomic_references(data, indices=None, max_z: int = 100, chunk_atoms: int
     Above ``chunk_atoms`` atoms the fit streams (module docstring: bounded memory).
     """
     st = _structures(data)
-    idx = np.arange(len(st)) if indices is None else np.asarray(indices, dtype=np.int64)
+    idx = _structure_indices(st, indices)
     if len(idx) == 0:
         raise DataError(f"{st.source}: cannot fit atomic reference energies on an empty training split")
     energy = np.asarray(st.energy)
@@ -224,7 +237,7 @@ def energy_statistics(data, indices=None, atomic_references=None, max_z: int = 1
     chunks of ``chunk_atoms`` atoms (the result is the same as in one piece up to rounding).
     """
     st = _structures(data)
-    idx = np.arange(len(st)) if indices is None else np.asarray(indices, dtype=np.int64)
+    idx = _structure_indices(st, indices)
     if len(idx) == 0:
         raise DataError(f"{st.source}: cannot compute energy statistics of an empty split")
     natoms_all = np.diff(st.offsets)

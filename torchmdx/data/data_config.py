@@ -91,6 +91,12 @@ class DataConfig:
         from torchmdx.data.formats import FORMATS
 
         p = f"{section}." if section else ""
+        for name in ("path", "cache_dir", "split_file"):  # '' was the working folder: ". cannot guess the format"
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                what = {"path": "a file or folder", "cache_dir": "a folder (or leave it out for data/cache)",
+                        "split_file": "a split file (.npz), or leave it out"}[name]
+                raise ConfigError(f"config key '{p}{name}' is empty ({value!r}); give {what}")
         if self.format is not None and self.format.lower() not in FORMATS:
             raise ConfigError(f"config key '{p}format' must be one of {', '.join(FORMATS)}, got {self.format!r}")
         open_sizes = []

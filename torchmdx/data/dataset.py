@@ -169,6 +169,10 @@ class H5Dataset(PygDataset):
         structure). ``transform`` is not applied here."""
         # index arithmetic in numpy: small, and free of thread start-up costs
         idx_np = (indices.numpy() if torch.is_tensor(indices) else np.asarray(indices)).astype(np.int64).reshape(-1)
+        outside = (idx_np < 0) | (idx_np >= len(self._counts))
+        if outside.any():  # -1 gathered the wrong atoms ("index 270 is out of bounds"), 100 an IndexError
+            raise DataError(f"{self.structures.source}: structure index {int(idx_np[outside][0])} is outside "
+                            f"0..{len(self._counts) - 1} (the dataset's {len(self._counts)} structures)")
         counts = self._counts[idx_np]
         ptr_np = np.zeros(len(idx_np) + 1, dtype=np.int64)
         np.cumsum(counts, out=ptr_np[1:])

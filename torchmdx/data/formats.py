@@ -71,6 +71,8 @@ def check_format(fmt: Optional[str]) -> Optional[str]:
 
 def resolve_source(path, fmt: Optional[str] = None) -> Path:
     """The file or folder to read: ``path`` itself, or for md17/rmd17 a molecule name."""
+    if isinstance(path, str) and not path.strip():  # Path('') is '.': ". cannot guess the format of this folder"
+        raise DataError(f"the data path is empty ({path!r}); give a data file or folder")
     p = Path(path).expanduser()
     if p.exists():
         return p

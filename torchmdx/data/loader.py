@@ -62,11 +62,20 @@ def split_base(dataset):
     return dataset, np.asarray(base_indices, dtype=np.int64)
 
 
+def check_batch_size(batch_size) -> int:
+    """A batch size: a whole number >= 1 (0 was a ZeroDivisionError, -1 "__len__() should return
+    >= 0", 2.5 silently batches of 2)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise DataError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    return int(batch_size)
+
+
 def batches_in_order(dataset, indices, batch_size: int):
     """PyG batches of ``dataset[indices]`` in the given order, ``batch_size`` structures each, on
     this process alone (no shuffling, no sharding over workers or ranks): for evaluation loops
     that pick their own structures. Gathered by ``dataset.collate`` where the dataset has it
     (:class:`~torchmdx.data.H5Dataset`), else ``Batch.from_data_list``."""
+    check_batch_size(batch_size)
     indices = np.asarray(indices, dtype=np.int64)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
@@ -173,7 +182,7 @@ class BatchLoader(TorchDataLoader):
         base, base_indices = split_base(dataset)
         if indices is not None:
             base_indices = base_indices[np.asarray(indices, dtype=np.int64)]
-        self._stream = _BatchStream(base, base_indices, int(batch_size), shuffle, drop_last, pad_ranks, pack)
+        self._stream = _BatchStream(base, base_indices, check_batch_size(batch_size), shuffle, drop_last, pad_ranks, pack)
         self._shuffle_generator = generator
         super().__init__(self._stream, batch_size=None, collate_fn=_identity, num_workers=num_workers,
                          pin_memory=pin_memory)

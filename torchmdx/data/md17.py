@@ -150,7 +150,7 @@ def _read_npz_frames(path, fmt: str, energy_unit, length_unit) -> Structures:
         raise DataError(f"{path}: {r_key} has shape {R.shape}, expected (frames, atoms, 3)")
     if z.ndim != 1 or z.shape[0] != R.shape[1]:
         raise DataError(f"{path}: {z_key} has shape {z.shape} but {r_key} has {R.shape[1]} atoms per frame")
-    if E.size != len(R) or len(E) != len(R):
+    if E.ndim == 0 or E.size != len(R) or len(E) != len(R):  # a 0-d energy has no len()
         raise DataError(f"{path}: {e_key} has shape {E.shape} but {r_key} has {len(R)} frames; "
                         f"expected ({len(R)},) or ({len(R)}, 1)")
     if F is not None and F.shape != R.shape:

@@ -119,6 +119,8 @@ def parse_qm9_xyz(text: str, where: str):
         natoms = int(lines[0].split()[0])
     except (ValueError, IndexError):
         raise DataError(f"{where}: line 1: expected the number of atoms") from None
+    if natoms < 1:  # was "coordinates have shape (0,) but there are 0 atomic numbers"
+        raise DataError(f"{where}: line 1: announces {natoms} atoms; a QM9 molecule has at least one")
     if len(lines) < 2 + natoms:
         raise DataError(f"{where}: {natoms} atoms announced but the file has only {len(lines)} lines")
     head = lines[1].split()
@@ -151,7 +153,7 @@ def parse_qm9_xyz(text: str, where: str):
 def _iter_xyz_texts(path: Path) -> Iterator[tuple[str, str]]:
     """(where, text) for every molecule file in a folder, a tar archive, or one file."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".xyz")
+        files = sorted(p for p in path.iterdir() if p.suffix == ".xyz" and p.is_file())  # not a folder named x.xyz
         if not files:
             raise DataError(f"{path}: folder holds no .xyz files")
         for p in files:
@@ -193,6 +195,10 @@ def read_qm9(path, energy_key: Optional[str] = None, energy_unit: Optional[str] 
     for where, text in tqdm(_iter_xyz_texts(path), desc="reading QM9 xyz", unit=" molecules", disable=None):
         molecules.append((where,) + parse_qm9_xyz(text, where))
     molecules.sort(key=lambda m: m[1])
+    for before, after in zip(molecules, molecules[1:]):
+        if before[1] == after[1]:  # the same molecule twice: it could sit in the training and the test split
+            raise DataError(f"{after[0]}: gdb id {after[1]} is also the id of {before[0]}; each QM9 molecule "
+                            "must appear once (a copied file?)")
     builder = StructureBuilder(str(path), format="qm9", layout="xyz", energy_key=name,
                                atomrefs=published_atomrefs(), units_in={"energy": "Ha"})
     factors = {n: _convert(u) for n, _, u in QM9_PROPERTIES}
@@ -214,7 +220,15 @@ def read_qm9_db(path, energy_key: Optional[str] = None, energy_unit: Optional[st
     path = Path(path)
     db = connect_db(path)
     meta = db.metadata or {}
-    unit_dict = dict(meta.get("_property_unit_dict", {}))
+    unit_dict = meta.get("_property_unit_dict", {})
+    if not isinstance(unit_dict, dict):
+        raise DataError(f"{path}: metadata '_property_unit_dict' must map property names to unit names, "
+                        f"got {type(unit_dict).__name__}")
+    unit_dict = dict(unit_dict)
+    for key, value in [("_distance_unit", meta.get("_distance_unit", "Ang"))] + [
+            (f"_property_unit_dict.{n}", u) for n, u in unit_dict.items()]:
+        if not isinstance(value, str):  # was AttributeError: 'int' object has no attribute 'strip'
+            raise DataError(f"{path}: metadata '{key}' must be a unit name (text), got {value!r}")
     rows = list(db.select())
     if not rows:
         raise DataError(f"{path}: database holds no rows")
@@ -243,8 +257,7 @@ def read_qm9_db(path, energy_key: Optional[str] = None, energy_unit: Optional[st
         raise DataError(f"{path}: energy_key '{name}' has unit {unit_dict[name]!r}, which is not an energy")
     atomrefs = {}
     for prop, table in (meta.get("atomrefs") or {}).items():
-        table = list(np.asarray(table, dtype=float) * factors.get(prop, (1.0, ""))[0])
-        atomrefs[prop] = table + [0.0] * (_ATOMREF_LENGTH - len(table))
+        atomrefs[prop] = _atomref_table(path, prop, table, factors.get(prop, (1.0, ""))[0])
     builder = StructureBuilder(str(path), format="qm9", layout="ase-db", energy_key=name, atomrefs=atomrefs,
                                units_in={"energy": unit_dict[name]})
     builder.extra_units = {n: factors[n][1] for n in available}
@@ -261,6 +274,25 @@ def read_qm9_db(path, energy_key: Optional[str] = None, energy_unit: Optional[st
         builder.add(row.numbers, row.positions * length, extras[name], cell=np.asarray(row.cell) * length,
                     pbc=row.pbc, extras=extras, where=f"{path}: row {row.id}")
     return builder.build()
+
+
+def _atomref_table(path, prop: str, table, factor: float) -> list:
+    """One ``atomrefs`` table of a QM9 database's metadata as a list over Z = 0..118, in internal
+    units: one finite number per element, at most 119 of them (a NaN table gave NaN reference
+    energies; a 2-D one a list of arrays; text a ValueError)."""
+    try:
+        values = np.asarray(table, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: metadata 'atomrefs.{prop}' must be a list of numbers (one per atomic number), "
+                        f"got {str(table)[:60]}") from None
+    if values.ndim != 1 or values.size > _ATOMREF_LENGTH:
+        raise DataError(f"{path}: metadata 'atomrefs.{prop}' has shape {values.shape}; expected one number per "
+                        f"atomic number 0..{_ATOMREF_LENGTH - 1} (at most {_ATOMREF_LENGTH})")
+    bad = np.nonzero(~np.isfinite(values))[0]
+    if bad.size:
+        raise DataError(f"{path}: metadata 'atomrefs.{prop}' holds the non-finite value {values[bad[0]]} for "
+                        f"Z={int(bad[0])}")
+    return list(values * factor) + [0.0] * (_ATOMREF_LENGTH - values.size)
 
 
 def looks_like_qm9_xyz(text_head: str) -> bool:

@@ -70,8 +70,8 @@ def resolve_sizes(total: int, train: Size, val: Size, test: Size, what: str = "s
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise DataError(f"split: {key} size must be a count or a fraction, got {value!r}")
-        if value < 0:
-            raise DataError(f"split: {key} size must not be negative, got {value}")
+        if not value >= 0:  # a NaN passed `< 0` and reached int(): "cannot convert float NaN to integer"
+            raise DataError(f"split: {key} size must not be negative or NaN, got {value}")
         if isinstance(value, (float, np.floating)):
             if value > 1:
                 raise DataError(f"split: {key} size {value} is a fraction above 1 (use an integer for a count)")
@@ -87,10 +87,18 @@ def resolve_sizes(total: int, train: Size, val: Size, test: Size, what: str = "s
     return counts["train"], counts["val"], counts["test"]
 
 
+def _check_seed(seed) -> int:
+    """A split seed: one whole number in 0 .. 2**32 - 1 (numpy refused -1 with a traceback)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= 2**32 - 1:
+        raise DataError(f"split: seed must be a whole number in 0..{2**32 - 1}, got {seed!r}")
+    return int(seed)
+
+
 def random_split(n_structures: int, train: Size = 0.8, val: Size = 0.1, test: Size = None, seed: int = 0,
                  source: str = "dataset") -> Split:
     """Random split of ``range(n_structures)`` (see the module docstring)."""
     n_train, n_val, n_test = resolve_sizes(n_structures, train, val, test, source=source)
+    seed = _check_seed(seed)
     perm = np.random.default_rng(seed).permutation(n_structures)
     return Split(
         train=np.sort(perm[:n_train]),
@@ -124,6 +132,7 @@ def group_split_codes(codes, names: Sequence[str], train: Size = 0.8, val: Size 
     about a second; the same split as :func:`group_split` of the names for the same seed (groups
     are ordered by name before they are shuffled)."""
     codes = np.asarray(codes, dtype=np.int64)
+    seed = _check_seed(seed)
     n = len(codes)
     used = np.unique(codes)
     used_names = [str(names[c]) for c in used]

@@ -462,8 +462,40 @@ def load_restart(path: str | os.PathLike) -> dict:
     if not isinstance(structures, list) or not structures:
         raise DataError(f"{path}: holds no structures ({type(structures).__name__}): the restart file was changed "
                         "after torchmdx wrote it")
+    _check_restart_atoms(path, payload)
     payload["structures"] = [atoms_from_plain(a) for a in structures]
     return payload
+
+
+def _check_restart_atoms(path: Path, payload: dict) -> None:
+    """The per-atom arrays of a restart file against its atom counts, and finite: a velocity array of
+    5 rows for 24 atoms was a RuntimeError traceback, a NaN velocity ran two steps and was reported
+    as an exploding simulation, an infinite position named no file."""
+    import operator
+
+    import torch
+
+    edited = "the restart file was changed after torchmdx wrote it"
+    counts = payload.get("counts")
+    try:
+        counts = [operator.index(c) for c in counts]
+    except TypeError:
+        counts = None
+    if counts is None or any(c < 1 for c in counts) or len(counts) != len(payload["structures"]):
+        raise DataError(f"{path}: its atom counts {payload.get('counts')!r} are not one whole number >= 1 per "
+                        f"structure ({len(payload['structures'])}): {edited}")
+    n = sum(counts)
+    for key in ("z", "positions", "velocities", "forces"):
+        value = payload.get(key)
+        if value is None and key == "forces":
+            continue  # the ASE engine's restart files hold no forces
+        shape = (n,) if key == "z" else (n, 3)
+        if not torch.is_tensor(value) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise DataError(f"{path}: its '{key}' has shape {got}, expected {shape} for its {n} atoms: {edited}")
+        if key != "z" and not bool(torch.isfinite(value).all()):
+            atom = int(torch.nonzero(~torch.isfinite(value).all(dim=1))[0, 0])
+            raise DataError(f"{path}: its '{key}' of atom {atom} is not finite ({value[atom].tolist()}): {edited}")
 
 
 __all__ = [

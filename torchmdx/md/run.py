@@ -98,6 +98,12 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
             problem = nonfinite_position(atoms)
             if problem:  # was ASE's RuntimeWarning (close-contact check) before the engine's error
                 raise DataError(f"{where}: {problem}; fix the structure file")
+            masses = atoms.get_masses()
+            bad = np.flatnonzero(~(np.isfinite(masses) & (masses > 0)))
+            if bad.size:  # a NaN mass was "the temperature of structure 0 reached nan K"
+                a = int(bad[0])
+                raise DataError(f"{where}: atom {a} ({atoms.get_chemical_symbols()[a]}) has mass {masses[a]} amu; "
+                                "masses must be finite and positive (fix the masses in the file)")
             if sources is not None:
                 sources.append(where)
         structures.extend(frames)
@@ -122,6 +128,35 @@ def _frame_names(path, index: str, selected: int) -> list:
     if len(numbers) != selected:
         numbers = range(selected)
     return [f"{path} frame {n}" for n in numbers]
+
+
+def check_constraints(structures, sources: list) -> None:
+    """The native engine applies no ASE constraints: a structure read with one (extxyz ``move_mask``,
+    a .traj's FixAtoms) moved the atoms it holds while the trajectory, written through ASE's
+    ``set_positions``, showed them fixed. One line naming the file, the frame and the constraint."""
+    for atoms, where in zip(structures, sources):
+        if atoms.constraints:
+            names = ", ".join(type(c).__name__ for c in atoms.constraints)
+            raise ConfigError(f"{where}: holds constraints ({names}) that the native engine does not apply; "
+                              "run it with --engine ase, or remove the constraints from the file")
+
+
+def check_cells(potential, structures, sources: list) -> None:
+    """Each periodic structure's cell against the model's cutoff, naming the file and frame (the
+    engine's neighbor list named "structure 0" of the batch)."""
+    import torch
+
+    from torchmdx.kernels.cell_geometry import cell_geometry, describe_problem, first_bad_structure
+
+    for atoms, where in zip(structures, sources):
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        if not pbc.any():
+            continue
+        cell = torch.as_tensor(np.asarray(atoms.cell.array, dtype=np.float64)).unsqueeze(0)
+        flags = torch.as_tensor(pbc).unsqueeze(0)
+        value = int(first_bad_structure(cell_geometry(cell, flags), float(potential.cutoff)))
+        if value >= 0:
+            raise DataError(describe_problem(value, cell, flags, float(potential.cutoff), label=where))
 
 
 def check_elements(potential, structures, sources: list) -> None:
@@ -286,6 +321,9 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         potential = load_potential(config.model, device=config.device)
     if config.structure:
         check_elements(potential, as_read, sources)
+        check_cells(potential, as_read, sources)
+        if config.engine != "ase":
+            check_constraints(as_read, sources)
     dtype = as_dtype(config.dtype)
     if restart_payload is None:
         for line in close_contacts(structures):

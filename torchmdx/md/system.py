@@ -97,9 +97,12 @@ class System:
             pbcs.append(pbc)
         any_pbc = any(p.any() for p in pbcs)
         masses_np = np.concatenate(masses)
-        if (masses_np <= 0).any():
-            bad = int(np.nonzero(masses_np <= 0)[0][0])
-            raise DataError(f"atom {bad} has mass {masses_np[bad]} amu; masses must be positive")
+        invalid = ~(np.isfinite(masses_np) & (masses_np > 0))  # a NaN mass passed `<= 0`
+        if invalid.any():
+            bad = int(np.nonzero(invalid)[0][0])
+            b = int(np.concatenate(batch)[bad])
+            raise DataError(f"structure {b}: atom {bad - sum(counts[:b])} has mass {masses_np[bad]} amu; "
+                            "masses must be finite and positive")
         counts_t = torch.tensor(counts, dtype=dtype)
         dof = torch.where(counts_t > 1, 3.0 * counts_t - 3.0, 3.0 * counts_t)
         total_mass = torch.tensor([float(m.sum()) for m in masses], dtype=dtype)

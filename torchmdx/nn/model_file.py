@@ -210,6 +210,14 @@ def load_model(
         potential = cls.from_hparams(hparams) if hasattr(cls, "from_hparams") else cls(**hparams)
     except TypeError as exc:
         raise ModelError(f"{path}: cannot rebuild a {kind!r} model from its hyper-parameters: {exc}") from None
+    expected = potential.state_dict()
+    for name, value in payload["state_dict"].items():
+        # load_state_dict copies an integer (or bool, complex) tensor into a float weight without a word:
+        # small weights truncated to 0, a model of zero energies and forces
+        if name in expected and expected[name].is_floating_point() and (
+                not torch.is_tensor(value) or not value.is_floating_point()):
+            got = str(value.dtype).replace("torch.", "") if torch.is_tensor(value) else type(value).__name__
+            raise ModelError(f"{path}: weight '{name}' is {got}, expected floating-point numbers (damaged or edited?)")
     try:
         missing, unexpected = potential.load_state_dict(payload["state_dict"], strict=False)
     except RuntimeError as exc:

@@ -18,6 +18,8 @@ atoms on top of each other are refused. Every architecture (ET, Equiformer, ...)
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -36,6 +38,32 @@ def element_symbol(z: int) -> str:
     from ase.data import chemical_symbols
 
     return chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z={z}"
+
+
+def _finite_number(value, name: str, positive: bool = False) -> Optional[float]:
+    """``value`` as a float (None stays None): a finite number (> 0 when ``positive``), else ModelError."""
+    if value is None:
+        return None
+    if torch.is_tensor(value) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
+            positive and not value > 0):
+        need = "a finite number > 0" if positive else "a finite number"
+        raise ModelError(f"{name} must be {need} (eV), got {value!r}")
+    return float(value)
+
+
+def _atomic_number(value, name: str) -> int:
+    """A whole atomic number (int() read 1.5 as hydrogen); digits as text ('6') are taken."""
+    if torch.is_tensor(value) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, numbers.Real) and float(value).is_integer():
+            return int(value)
+        raise ModelError(f"{name}: atomic number {value!r} is not a whole number")
+    return int(value)
 
 
 class NormalisedPotential(Potential):
@@ -120,16 +148,26 @@ class NormalisedPotential(Potential):
         ``elements``: the atomic numbers the model may be used on (training set's elements).
         """
         max_z = self.config.max_z
+        scale = _finite_number(scale, "scale", positive=True)  # 0 made every energy and force 0
+        shift = _finite_number(shift, "shift")
+        energy_offset = _finite_number(energy_offset, "energy_offset")
         if atomref is not None:
             table = torch.zeros(max_z, dtype=torch.float64)
             if isinstance(atomref, Mapping):
                 for key, value in atomref.items():
-                    z = int(key)
+                    z = _atomic_number(key, "atomref")
                     if not 0 <= z < max_z:
                         raise ModelError(f"atomref: atomic number {z} is outside 0..{max_z - 1} (max_z {max_z})")
-                    table[z] = float(value)
+                    table[z] = _finite_number(value, f"atomref[{z}]")
             else:
-                values = torch.as_tensor(atomref, dtype=torch.float64).flatten()
+                try:
+                    values = torch.as_tensor(atomref, dtype=torch.float64).flatten()
+                except (TypeError, ValueError, RuntimeError):
+                    raise ModelError(f"atomref: expected {{Z: energy}} or a list of energies indexed by Z, got "
+                                     f"{str(atomref)[:60]}") from None
+                if not bool(torch.isfinite(values).all()):
+                    z = int((~torch.isfinite(values)).nonzero()[0, 0])
+                    raise ModelError(f"atomref[{z}] must be a finite energy (eV), got {float(values[z])}")
                 if values.numel() > max_z:
                     nonzero = values[max_z:].nonzero()
                     if nonzero.numel():
@@ -146,7 +184,9 @@ class NormalisedPotential(Potential):
         if energy_offset is not None:
             self.energy_offset.fill_(float(energy_offset))
         if elements is not None:
-            elements = sorted({int(z) for z in elements})
+            elements = sorted({_atomic_number(z, "elements") for z in elements})
+            if not elements:  # a model that refuses every structure ("known elements: " and nothing)
+                raise ModelError("elements: the list is empty; give the atomic numbers the model was trained on")
             for z in elements:
                 if not 0 <= z < max_z:
                     raise ModelError(f"elements: atomic number {z} is outside 0..{max_z - 1} (max_z {max_z})")
