@@ -15,13 +15,14 @@ Radicals (HCO, CH3, C2H5, ...) and the triplet CH2 are left out: ANI-1x is close
 
 **Sampling.** Per molecule and per temperature of ``--temperatures`` (default 500, 650, 800 K):
 GFN2-xTB Langevin MD (ASE's ``Langevin``, ``--timestep`` 0.5 fs, ``--friction`` 0.02 /fs, one
-persistent tblite calculator, velocities from ``thermalize_momenta``, the centre of mass fixed by ``FixCom``), started from the
-G2 geometry, ``--equilibrate`` steps (default 1000, 0.5 ps) thrown away, then every ``--every``-th
-step (default 20, 10 fs) kept until ``--frames`` frames (default 50). So 150 frames a molecule,
-9150 in all. MD frames rather than normal-mode displacements: thermally populated
-conformations (torsions, ring puckering, anharmonic bond stretches) as ANI-1x's own MD-sampled
-part. A kept frame whose bond graph (pairs closer than 1.25 x the sum of ASE's covalent radii)
-differs from the starting geometry's (a bond broken or formed at 800 K) is left out and counted.
+persistent tblite calculator, velocities from ``thermalize_momenta``, the centre of mass fixed
+by ``FixCom``), started from the G2 geometry; ``--equilibrate`` steps (default 1000, 0.5 ps)
+are thrown away, then every ``--every``-th step (default 20, 10 fs) is kept until ``--frames``
+frames (default 50). So 150 frames a molecule, 9150 in all. MD frames rather than normal-mode
+displacements: thermally populated conformations (torsions, ring puckering, anharmonic bond
+stretches), as in ANI-1x's own MD-sampled part. A kept frame whose bond graph (pairs closer than
+1.25 x the sum of ASE's covalent radii) differs from the starting geometry's (a bond broken or
+formed at 800 K) is left out and counted.
 
 **Labels.** Each kept frame's positions are rounded to float32 (the file's coordinate dtype) and
 labelled again from scratch by torchmdx's labeller (``torchmdx.md.label.make_labeler``, what
@@ -282,6 +283,7 @@ def main(argv=None) -> int:
         return check_file(Path(args.out), seed=args.seed)
 
     names = select_molecules(max_atoms=args.max_atoms)
+    position = {n: i for i, n in enumerate(names)}  # a molecule's seed index: its place in the whole selection
     if args.molecules:
         wanted = [m.strip() for m in args.molecules.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in names]
@@ -305,7 +307,7 @@ def main(argv=None) -> int:
             "equilibrate": args.equilibrate, "timestep": args.timestep, "friction": args.friction}
     from importlib.metadata import version
 
-    tasks = [(i, n, opts) for i, n in enumerate(names)]
+    tasks = [(position[n], n, opts) for n in names]
     # the work of a molecule ~ steps x (atoms, roughly): for the ETA
     weight = {n: max(sizes[n], 3) ** 1.3 for n in names}
     total_weight, done_weight = sum(weight.values()), 0.0
