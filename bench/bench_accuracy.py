@@ -11,7 +11,8 @@ Each side runs in its own process (one device call each)::
 **Data** (bench/bench_accuracy_data.py). ``--data`` is an MD17-layout npz (a path, or ``aspirin`` /
 ``ethanol`` for the shipped GFN2-xTB samples ``md17_<name>_xtb.npz``) or an ANI-1x-layout HDF5
 file (a path, or ``ani1x`` for the shipped sample ``ani1x_xtb.h5``: 600 conformations of 15
-formulas, 3-11 atoms, molecules of different sizes), looked up in ``$TORCHMDX_SHARED_DATA/md17``,
+formulas, 3-11 atoms, molecules of different sizes; or ``ani1x-large`` for ``ani1x_xtb_large.h5``,
+~9 000 GFN2-xTB MD frames of 46 formulas, 3-22 atoms, made by bench/make_ani1x_large.py), looked up in ``$TORCHMDX_SHARED_DATA/md17``,
 ``$TORCHMDX_SHARED_DATA/ani``, ``$TORCHMDX_SHARED_DATA``, ``.benchdata/``, ``../shared/data/md17``
 and ``../shared/data/ani``. It is read once through torchmdx's data layer (``build_cache`` +
 ``H5Dataset``: kcal/mol or Hartree -> eV, per Å likewise), and both sides train and are scored on
@@ -22,7 +23,8 @@ these numbers: torchmdx reads the same cache; TorchMD-NET gets them as its ``Cus
 
 **Split.** By structure, seed 0: 700 / 50 / 250 (MD17) or 450 / 50 / 100 (ANI-1x) structures of
 ``numpy.random.default_rng(seed).permutation`` (``torchmdx.data.splits.random_split``;
-``--train/--val/--test`` change the sizes), written once as torchmdx's split file
+``--train/--val/--test`` change the sizes); ``ani1x-large``: 80 / 5 / 15 % of the structures,
+random frames stratified by formula (bench_accuracy_data.formula_split), written once as torchmdx's split file
 (``save_split``: indices, size, seed, the source's content hash) and handed to torchmdx as
 ``data.split_file``; TorchMD-NET's ``splits`` npz (``idx_train/idx_val/idx_test``) is written from
 that file as read back by ``load_split``. ``--split FILE`` reuses a split file made earlier (e.g.
@@ -116,7 +118,7 @@ from bench_accuracy_scorer import EV_TO_MEV, count_parameters, errors, score_che
 # data, split, energy references and TorchMD-NET's inputs (the same for both sides)
 from bench_accuracy_data import (DATASETS, atom_index, data_kind, data_name, load_frames,  # noqa: E402,F401
                                  make_split_file, nonzero_table, reference_energies, resolve_data, split_digest,
-                                 torchmdnet_dataset, write_custom_dataset, write_torchmdnet_splits)
+                                 split_groups, torchmdnet_dataset, write_custom_dataset, write_torchmdnet_splits)
 
 #: the names callers and tests use, this script's and those re-exported from its scorer and report
 __all__ = ["main", "cmd_run", "cmd_report", "load_frames", "make_split_file", "write_torchmdnet_splits",
@@ -455,7 +457,7 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
         split = load_split(split_file, n, frames["hash"])
     else:
         split_file = out / f"split_{name}_seed{args.seed}.npz"
-        split = make_split_file(n, sizes, args.seed, split_file, frames["hash"])
+        split = make_split_file(n, sizes, args.seed, split_file, frames["hash"], groups=split_groups(frames))
     sizes = (len(split.train), len(split.val), len(split.test))
     # per-element reference energies, fitted once on the training structures, the same table for both sides
     references = reference_energies(frames, split.train) if DATASETS[kind]["references"] == "fit" else None
@@ -537,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train one side for the budget, then score its checkpoints")
     run.add_argument("--side", choices=SIDES, required=True)
     run.add_argument("--data", default="aspirin",
-                     help="aspirin | ethanol | ani1x | path of an MD17-layout npz or an ANI-1x-layout .h5")
+                     help="aspirin | ethanol | ani1x | ani1x-large | path of an MD17-layout npz or an ANI-1x-layout .h5")
     run.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget (Lightning max_time)")
     run.add_argument("--every", type=float, default=30.0, help="seconds between checkpoints")
     run.add_argument("--out", default=os.environ.get("OUT", "bench/results/accuracy"),
@@ -545,9 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--work", default=None, help="checkpoints, caches, run folders (default: a new temporary folder)")
     run.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     run.add_argument("--split", default=None, help="reuse this torchmdx split file instead of drawing one")
-    run.add_argument("--train", type=int, default=None, help="training structures (default: MD17 700, ANI-1x 450)")
-    run.add_argument("--val", type=int, default=None, help="validation structures (default: 50)")
-    run.add_argument("--test", type=int, default=None, help="test structures (default: MD17 250, ANI-1x 100)")
+    run.add_argument("--train", type=int, default=None, help="training structures (default: MD17 700, ANI-1x 450, ani1x-large 80 %%)")
+    run.add_argument("--val", type=int, default=None, help="validation structures (default: 50; ani1x-large 5 %%)")
+    run.add_argument("--test", type=int, default=None, help="test structures (default: MD17 250, ANI-1x 100, ani1x-large 15 %%)")
     run.add_argument("--seed", type=int, default=0, help="split and training seed")
     run.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
     run.add_argument("--workers", type=int, default=None,

@@ -10,9 +10,14 @@
   formulas x 40 conformations of 3-11 atoms, GFN2-xTB, Hartree and Hartree/Å in the file; or a
   path ending in .h5/.hdf5), molecules of different sizes: :func:`load_frames` gives the flat
   layout z [A], pos [A, 3] (Å), energy [n] (eV), forces [A, 3] (eV/Å), offsets [n + 1] (structure
-  s holds atoms offsets[s]:offsets[s + 1]). TorchMD-NET gets it as :func:`torchmdnet_dataset`: an
+  s holds atoms offsets[s]:offsets[s + 1]), group [n] (each structure's formula, an index into
+  group_names). TorchMD-NET gets it as :func:`torchmdnet_dataset`: an
   in-memory ``torch_geometric`` dataset of ``Data(z, pos, y [1, 1], neg_dy [N, 3])`` in eV and
   eV/Å, with ``get_atomref()`` for its ``Atomref`` prior.
+- ``ani1x-large``: the same layout and treatment, the file ``ani1x_xtb_large.h5`` made by
+  bench/make_ani1x_large.py (61 G2 molecules, 46 formulas of 3-22 atoms, GFN2-xTB Langevin MD
+  frames; docs/benchmarks/accuracy.md), kept in ``.benchdata/`` (not shipped). A file of that
+  name is this kind wherever it lies; split 80 / 5 / 15 % stratified by formula (below).
 
 Both are read once through torchmdx's data layer (``build_cache`` + ``H5Dataset``: the units
 converted by torchmdx's readers, kcal/mol or Hartree -> eV), so both sides train on and are scored
@@ -23,7 +28,10 @@ structures cut train / val / test (``torchmdx.data.splits.random_split``), writt
 torchmdx's split file (:func:`make_split_file`: indices, size, seed, the source's content hash),
 handed to torchmdx as ``data.split_file`` and to TorchMD-NET as its ``splits`` npz
 (:func:`write_torchmdnet_splits`). For ANI-1x conformations of one formula may sit in
-train and test (as frames of one molecule do in MD17).
+train and test (as frames of one molecule do in MD17). ``ani1x-large`` is split by
+:func:`formula_split` instead: random frames, stratified by formula (each formula's frames in the
+train / val / test proportions, to within one frame), the sizes fractions of the file
+(80 / 5 / 15 %) or counts (``--train/--val/--test``), the same split file and hand-over.
 
 **Energy references** (variable-size data): per-element reference energies fitted by least
 squares on the training structures (:func:`reference_energies`: torchmdx's
@@ -51,7 +59,10 @@ from torchmdx.io_utils import atomic_write
 ROOT = Path(__file__).resolve().parents[1]
 
 #: sample names of --data -> (file name, data set kind)
-SHARED_NAMES = {"aspirin": "md17_aspirin_xtb.npz", "ethanol": "md17_ethanol_xtb.npz", "ani1x": "ani1x_xtb.h5"}
+SHARED_NAMES = {"aspirin": "md17_aspirin_xtb.npz", "ethanol": "md17_ethanol_xtb.npz", "ani1x": "ani1x_xtb.h5",
+                "ani1x-large": "ani1x_xtb_large.h5"}
+#: files whose name picks a recipe other than their format's (:func:`data_kind`)
+FILE_KINDS = {"ani1x_xtb_large.h5": "ani1x-large"}
 
 #: per kind: torchmdx's data format, default split sizes, the torchmdx ``data:`` overrides and the
 #: TorchMD-NET hyper-parameters that differ from the ET-MD17 recipe
@@ -63,6 +74,11 @@ DATASETS = {
     # reference energies on both sides, the same table
     "ani1x": {"format": "ani1x", "sizes": (450, 50, 100), "torchmdx_data": {"batch_size": 32, "atomref": "fit"},
               "torchmdnet": {"batch_size": 32, "prior_model": "Atomref"}, "references": "fit"},
+    # bench/make_ani1x_large.py's ~9 000 structures of 3-22 atoms: the ani1x recipe, sizes as
+    # fractions of the file, the split stratified by formula (formula_split)
+    "ani1x-large": {"format": "ani1x", "sizes": (0.80, 0.05, 0.15), "split": "formula",
+                    "torchmdx_data": {"batch_size": 32, "atomref": "fit"},
+                    "torchmdnet": {"batch_size": 32, "prior_model": "Atomref"}, "references": "fit"},
 }
 
 #: embedding rows of both models (the recipe's max_z): the length of a reference table
@@ -70,7 +86,9 @@ MAX_Z = 100
 
 
 def data_kind(path: Path) -> str:
-    """``md17`` for an npz, ``ani1x`` for an HDF5 file."""
+    """``md17`` for an npz, ``ani1x`` for an HDF5 file (``ani1x-large`` for ``ani1x_xtb_large.h5``)."""
+    if path.name in FILE_KINDS:
+        return FILE_KINDS[path.name]
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return "md17"
@@ -121,10 +139,12 @@ def load_frames(path: Path, cache_dir: Path) -> dict:
         raise DataError(f"{path}: no forces; the benchmark trains on energies and forces")
     common = {"hash": dataset.info["fingerprint"].get("hash", ""), "source": str(path), "cache": str(cache),
               "kind": kind}
-    if kind == "ani1x":
+    if DATASETS[kind]["format"] == "ani1x":
+        group = None if st.group is None else np.asarray(st.group, dtype=np.int64)
         return {"z": np.asarray(st.z, dtype=np.int64), "pos": np.asarray(st.pos, dtype=np.float64),
                 "energy": np.asarray(st.energy, dtype=np.float64).reshape(-1),
-                "forces": np.asarray(st.forces, dtype=np.float64), "offsets": offsets, **common}
+                "forces": np.asarray(st.forces, dtype=np.float64), "offsets": offsets, "group": group,
+                "group_names": list(st.group_names), **common}
     if counts.min() != counts.max():
         raise DataError(f"{path}: frames with {counts.min()} to {counts.max()} atoms; the benchmark needs one molecule")
     n, atoms = len(counts), int(counts[0])
@@ -154,13 +174,65 @@ def atom_index(offsets: np.ndarray, indices) -> np.ndarray:
     return np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
 
 
-def make_split_file(n_frames: int, sizes: Sequence[int], seed: int, path: Path, content_hash: str):
-    """Draw the split (``default_rng(seed).permutation``) and write it as torchmdx's split file."""
+def make_split_file(n_frames: int, sizes: Sequence, seed: int, path: Path, content_hash: str, groups=None):
+    """Draw the split and write it as torchmdx's split file: ``default_rng(seed).permutation``
+    (``random_split``), or :func:`formula_split` of ``groups`` (one code per structure) when given.
+    Sizes: counts, or fractions of ``n_frames`` (floats <= 1)."""
     from torchmdx.data.splits import random_split, save_split
 
-    split = random_split(n_frames, *[int(s) for s in sizes], seed=seed, source=str(path))
+    sizes = [s if isinstance(s, float) else int(s) for s in sizes]
+    if groups is None:
+        split = random_split(n_frames, *sizes, seed=seed, source=str(path))
+    else:
+        if len(groups) != n_frames:
+            raise DataError(f"{path}: {len(groups)} group labels for {n_frames} structures")
+        split = formula_split(groups, sizes, seed, source=str(path))
     save_split(split, path, content_hash)
     return split
+
+
+def split_groups(frames: dict):
+    """The labels :func:`make_split_file` stratifies by (each structure's formula) when the data
+    set's recipe asks for it (``DATASETS[kind]["split"] == "formula"``), else None."""
+    if DATASETS[frames["kind"]].get("split") != "formula":
+        return None
+    if frames.get("group") is None:
+        raise DataError(f"{frames['source']}: no formula labels to stratify the split by")
+    return frames["group"]
+
+
+def spread_labels(n: int, counts: Sequence[int]) -> np.ndarray:
+    """[n] labels 0..len(counts) (the last: unused) in which label p occurs counts[p] times
+    (the unused label ``n - sum(counts)`` times), evenly spread: label p's j-th occurrence sits
+    where its ideal position (j + 1/2) n / counts[p] falls in the merged order of all labels', so
+    every stretch of m consecutive labels holds each label m counts[p] / n times, to within about
+    one."""
+    counts = [int(c) for c in counts] + [n - int(sum(counts))]
+    if counts[-1] < 0:
+        raise DataError(f"split: {sum(counts[:-1])} structures asked for, {n} available")
+    ideal = np.concatenate([(np.arange(c) + 0.5) * n / c for c in counts if c])
+    label = np.concatenate([np.full(c, p, dtype=np.int64) for p, c in enumerate(counts) if c])
+    return label[np.argsort(ideal, kind="stable")]
+
+
+def formula_split(groups, sizes: Sequence, seed: int, source: str = "dataset"):
+    """Random frames, stratified by group (formula): the groups in ascending label order, each
+    group's structures in a ``default_rng(seed)`` permutation, laid end to end and cut by
+    :func:`spread_labels`, so each part gets its share of every formula (to within about one
+    frame) and exactly the sizes asked in all (``resolve_sizes``: counts, fractions or None)."""
+    from torchmdx.data.splits import Split, resolve_sizes
+
+    groups = np.asarray(groups, dtype=np.int64).reshape(-1)
+    n = len(groups)
+    counts = resolve_sizes(n, *sizes, source=source)
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([members[rng.permutation(len(members))]
+                            for members in (np.flatnonzero(groups == g) for g in np.unique(groups))]) \
+        if n else np.zeros(0, dtype=np.int64)
+    labels = spread_labels(n, counts)
+    parts = [np.sort(order[labels == p]).astype(np.int64) for p in range(3)]
+    return Split(train=parts[0], val=parts[1], test=parts[2], n_structures=n, seed=seed,
+                 info={"kind": "formula-stratified"})
 
 
 def write_torchmdnet_splits(split_file: Path, n_frames: int, content_hash: str, path: Path) -> dict:

@@ -30,6 +30,9 @@
 # its own with the same seed (the same indices; the report checks the split digests).
 # ACCURACY_DATA=ani1x races on .benchdata/ani1x_xtb.h5 (molecules of 3-11 atoms, split 450/50/100,
 # the same per-element reference energies on both sides; docs/benchmarks/accuracy.md, "ANI-1x").
+# ACCURACY_DATA=ani1x-large races on .benchdata/ani1x_xtb_large.h5 (made here by bench/make_ani1x_large.py:
+# ~9 000 GFN2-xTB MD frames of 46 formulas, 3-22 atoms; split 80/5/15 % stratified by formula, the same
+# references; its split file is split_ani1x-large_seed0.npz, which accuracy-equiformer picks up).
 # Environment knobs: ACCURACY_DATA / ACCURACY_MINUTES / ACCURACY_TIMEOUT / ACCURACY_ARGS / ACCURACY_SPLIT,
 # MODEL_ARGS / MODEL_TIMEOUT, MD_SYSTEMS / MD_ARGS / MD_TIMEOUT, TRAIN_ARGS / TRAIN_TIMEOUT,
 # TESTS_ARGS (pytest selection, default every -m gpu test), BENCH_GRAPH_VARIANTS (bench_model's graph columns).
