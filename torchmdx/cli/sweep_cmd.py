@@ -1,7 +1,8 @@
 """``torchmdx sweep config.yaml --grid section.key=v1,v2 [--grid ...] [--out DIR] [--devices N]``.
 
 Trains every point of a grid of configs (model sizes, training-set sizes, steps, architectures;
-any config key), one after the other, or one per GPU with several GPUs; resumes a partly done
+any config key), one after the other, or in worker processes (N per GPU with --workers-per-device,
+one per GPU by default with several GPUs); resumes a partly done
 sweep (finished points are skipped); writes results.csv (test errors, parameters, counted
 training FLOPs, device-seconds), results.md and log-log plots with fitted power laws and the
 compute-optimal frontier. Every point is validated before the first one trains. See
@@ -25,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", default="auto",
                         help="GPUs to spread points over: a count, a comma-separated list of ids, or auto (default: "
                              "every visible GPU; one point per GPU at a time)")
+    parser.add_argument("--workers-per-device", default=None, metavar="N",
+                        help="points trained at once on each GPU (or, without GPUs, on the CPU, splitting its threads), "
+                             "each in its own worker process (default: the config's sweep.workers_per_device, else 1); "
+                             "small models leave a GPU mostly idle (docs/sweep.md)")
     parser.add_argument("--dry-run", action="store_true", help="validate every point, write the plan, list the points")
     parser.add_argument("--report", action="store_true",
                         help="only rewrite results.csv, results.md and the plots from the finished points")
@@ -51,7 +56,8 @@ def run(args) -> int:
             raise ConfigError(f"sweep folder {prepared['sweep_dir']}: no finished points yet")
         print(f"{len(rows)} finished points: {Path(prepared['sweep_dir']) / 'results.md'}")
         return 0
-    result = run_sweep(args.config, args.grid, args.out, args.overrides, devices=args.devices, dry_run=args.dry_run)
+    result = run_sweep(args.config, args.grid, args.out, args.overrides, devices=args.devices, dry_run=args.dry_run,
+                       workers_per_device=args.workers_per_device)
     if not args.dry_run:
         print(f"results: {result['sweep_dir']}/results.csv, results.md, error_vs_compute.png, error_vs_data.png")
     return 0

@@ -32,9 +32,15 @@ value of the wrong type is one line naming the point.
 Per point the row holds: the test errors of the run's model (energy and force MAE/RMSE, meV and
 meV/Å, on the common test set), the parameter count, the FLOPs of one training step (counted,
 :mod:`torchmdx.train.flops`) per structure, the training FLOPs (= per structure × optimiser
-steps × batch size), the device, and the device-seconds (wall time of the training run × the
-one device it ran on). With several GPUs (``--devices``), points run in parallel, one process
-per GPU (``CUDA_VISIBLE_DEVICES``); otherwise one after the other in this process.
+steps × batch size), the device, the wall seconds of its training run, the mean number of
+points that shared its device meanwhile (``concurrent_workers``) and its device-seconds: its
+fair share of the device, ∫ dt / k(t) over its training run, k(t) the number of points training
+on the same device (same host, device kind and ``CUDA_VISIBLE_DEVICES``) at time t, from the
+recorded start and end of every finished point (:func:`device_shares`), times the devices the
+run itself used; alone on its device that is the wall time. With several GPUs (``--devices``)
+or ``--workers-per-device N`` > 1, points run in worker processes, N per GPU
+(``CUDA_VISIBLE_DEVICES``), or N on the CPU with its threads split between them; otherwise one
+after the other in this process.
 
 This module runs the points and collects their results; the grid, the points, their configs and
 splits and the plan file are in :mod:`torchmdx.train.sweep_plan`, the fits and plots in
@@ -48,6 +54,8 @@ import csv
 import io
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,16 +64,18 @@ from typing import Optional
 
 from torchmdx.errors import ConfigError, TorchmdxError
 from torchmdx.io_utils import atomic_write, jsonable
-from torchmdx.train.sweep_plan import (PLAN, RESERVED_KEYS, RESULT, RUNS, SPLITS, SweepPoint, _set, load_base,
-                                       nested_splits, parse_grid, plan_points, point_config, point_values,
-                                       prepare_sweep, read_json, read_plan, read_result, sweep_folder, sweep_section)
+from torchmdx.train.sweep_plan import (PLAN, RESERVED_KEYS, RESULT, RUNS, SPLITS, SweepPoint, _set,
+                                       check_workers_per_device, load_base, nested_splits, parse_grid, plan_points,
+                                       point_config, point_values, prepare_sweep, read_json, read_plan, read_result,
+                                       sweep_folder, sweep_section)
 
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 
 CSV_COLUMNS = [
     "point", "variant", "family", "architecture", "algebra", "parameters", "train_size", "batch_size", "steps", "epochs",
-    "flops_per_structure", "training_flops", "device", "device_seconds", "test_energy_mae", "test_energy_rmse",
+    "flops_per_structure", "training_flops", "device", "device_seconds", "wall_seconds", "concurrent_workers",
+    "test_energy_mae", "test_energy_rmse",
     "test_forces_mae", "test_forces_rmse", "test_structures", "augment",
 ]
 
@@ -105,9 +115,11 @@ def run_point(sweep_dir: Path, point_id: str) -> dict:
     if resume:
         adopt_moved_split(run_dir, cfg, point_id)
     device = "cuda" if (cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()) else "cpu"
+    started = time.time()
     start = time.perf_counter()
     outcome = train(cfg, resume=resume)
     seconds = time.perf_counter() - start
+    run_devices = max(cfg.trainer.devices, 1) if isinstance(cfg.trainer.devices, int) else 1
     test = test_errors(cfg, Path(outcome["model"]), device)
     steps = int(outcome.get("global_step", 0))
     batch_size = cfg.data_config.batch_size
@@ -120,7 +132,10 @@ def run_point(sweep_dir: Path, point_id: str) -> dict:
         "steps": steps, "epochs": int(outcome.get("epochs", 0)),
         "flops_per_structure": per_structure, "training_flops": per_structure * steps * batch_size,
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "device_seconds": seconds * (max(cfg.trainer.devices, 1) if isinstance(cfg.trainer.devices, int) else 1),
+        # device_seconds: alone on the device; write_results shares it out among overlapping points
+        "device_seconds": seconds * run_devices, "wall_seconds": seconds, "concurrent_workers": 1.0,
+        "run_devices": run_devices, "device_key": device_key(device), "train_start": started,
+        "train_end": started + seconds,
         "test_energy_mae": test.get("energy_mae"), "test_energy_rmse": test.get("energy_rmse"),
         "test_forces_mae": test.get("forces_mae"), "test_forces_rmse": test.get("forces_rmse"),
         "test_structures": test["test_structures"], "augment": cfg.train.augment,
@@ -129,6 +144,41 @@ def run_point(sweep_dir: Path, point_id: str) -> dict:
     with atomic_write(result_path, "w") as handle:
         json.dump(jsonable(row), handle, indent=2)
     return row
+
+
+def device_key(device: str) -> str:
+    """What points share when they train at once: this host's CPU, or its GPU(s) as this process
+    sees them (``CUDA_VISIBLE_DEVICES``, set per worker by the sweep)."""
+    if device == "cpu":
+        return f"{socket.gethostname()}/cpu"
+    return f"{socket.gethostname()}/cuda/{os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
+
+
+def device_shares(rows: list[dict]) -> None:
+    """Set each row's ``device_seconds`` to its share of its device and ``concurrent_workers`` to
+    the mean number of points training on that device during its run (wall / share): over the
+    row's interval [train_start, train_end], ∫ dt / k(t), k(t) the number of finished points of
+    the same ``device_key`` training at t (the row included), times ``run_devices``. Rows without
+    the times (written before 2026-12-06) keep theirs. The shares of points that overlapped add
+    up to the time their device was busy with them; a run killed by a timeout and resumed counts
+    only its last segment (the killed segment left no record), like before."""
+    timed = [r for r in rows if isinstance(r.get("train_start"), (int, float)) and isinstance(r.get("train_end"), (int, float))
+             and r.get("device_key")]
+    by_key: dict = {}
+    for row in timed:
+        by_key.setdefault(row["device_key"], []).append(row)
+    for group in by_key.values():
+        edges = sorted({t for r in group for t in (r["train_start"], r["train_end"])})
+        for row in group:
+            share = 0.0
+            for a, b in zip(edges[:-1], edges[1:]):
+                if b <= row["train_start"] or a >= row["train_end"]:
+                    continue
+                k = sum(1 for r in group if r["train_start"] < b and r["train_end"] > a)
+                share += (b - a) / max(k, 1)
+            wall = row["train_end"] - row["train_start"]
+            row["concurrent_workers"] = wall / share if share > 0 else 1.0
+            row["device_seconds"] = share * row.get("run_devices", 1)
 
 
 def adopt_moved_split(run_dir: Path, cfg, point_id: str) -> None:
@@ -235,6 +285,7 @@ def write_results(sweep_dir: Path, plan: dict) -> list[dict]:
     from torchmdx.train.sweep_analysis import analyse, family
 
     rows = finished_rows(sweep_dir, plan)
+    device_shares(rows)
     for row in rows:
         row["family"] = family(row)
     label_keys = sorted({k for entry in plan["points"] for k in entry["labels"]})
@@ -286,11 +337,17 @@ def visible_gpus(devices) -> list[str]:
 
 
 def run_sweep(config_path, grid_items: list[str], out: Optional[str] = None, overrides: Optional[list[str]] = None,
-              devices=None, dry_run: bool = False, log=print) -> dict:
-    """Plan, validate, then train every unfinished point (module docstring)."""
+              devices=None, dry_run: bool = False, log=print, workers_per_device=None) -> dict:
+    """Plan, validate, then train every unfinished point (module docstring). ``workers_per_device``
+    (default: the config's ``sweep.workers_per_device``, else 1): points trained at once per GPU,
+    or on the CPU, each in its own worker process."""
     check_devices(devices)
+    if workers_per_device is not None:
+        workers_per_device = check_workers_per_device(workers_per_device)
     prepared = prepare_sweep(config_path, grid_items, out, overrides)
     sweep_dir, plan = prepared["sweep_dir"], prepared["plan"]
+    if workers_per_device is None:
+        workers_per_device = prepared.get("settings", {}).get("workers_per_device", 1)
     todo = [e["id"] for e in plan["points"] if not (sweep_dir / RUNS / e["id"] / RESULT).is_file()]
     log(f"sweep {sweep_dir}: {len(plan['points'])} points, {len(plan['points']) - len(todo)} finished, {len(todo)} to run")
     if dry_run:
@@ -298,9 +355,12 @@ def run_sweep(config_path, grid_items: list[str], out: Optional[str] = None, ove
             state = "to run" if entry["id"] in todo else "finished"
             log(f"  {entry['id']}  ({state})")
         return {"sweep_dir": sweep_dir, "rows": finished_rows(sweep_dir, plan), "todo": todo}
-    gpus = visible_gpus(devices) if devices not in (None, "auto") or _has_gpus() else []
-    if len(gpus) > 1:
-        _run_parallel(sweep_dir, plan, todo, gpus, log)
+    gpus = visible_gpus(devices) if devices not in (None, "auto") or _has_gpus(workers_per_device) else []
+    slots = worker_slots(gpus, workers_per_device)
+    if len(slots) > 1 and len(todo) > 0:
+        if not gpus:
+            log(f"{workers_per_device} workers on the CPU, {slots[0][2]} torch thread(s) each")
+        _run_parallel(sweep_dir, plan, todo, slots, log)
     else:
         for k, point_id in enumerate(todo):
             log(f"[{k + 1}/{len(todo)}] {point_id}")
@@ -310,39 +370,90 @@ def run_sweep(config_path, grid_items: list[str], out: Optional[str] = None, ove
     return {"sweep_dir": sweep_dir, "rows": rows, "todo": todo}
 
 
-def _has_gpus() -> bool:
+def _has_gpus(workers_per_device: int = 1) -> bool:
+    """Whether 'auto' runs worker processes on GPUs: several visible, or one shared by several workers."""
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.device_count() > 1
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.device_count() > 1 or (workers_per_device > 1 and torch.cuda.device_count() >= 1)
 
 
-def _run_parallel(sweep_dir: Path, plan: dict, todo: list[str], gpus: list[str], log) -> None:
-    """One worker process per GPU; the table is rewritten whenever a point finishes."""
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def worker_slots(gpus: list[str], workers_per_device: int) -> list[tuple]:
+    """(GPU id or None for the CPU, worker number, torch threads) per worker process: N per GPU,
+    or N on the CPU; the host's cores are split evenly between all of them."""
+    devices = list(gpus) or [None]
+    count = len(devices) * workers_per_device
+    threads = max(1, _cpu_count() // count)
+    return [(gpu, k, threads) for gpu in devices for k in range(workers_per_device)]
+
+
+def _slot_name(slot: tuple, workers_per_device: int) -> str:
+    gpu, k, _ = slot
+    name = f"GPU {gpu}" if gpu is not None else "CPU"
+    return name + (f" worker {k + 1}" if workers_per_device > 1 or gpu is None else "")
+
+
+def _run_parallel(sweep_dir: Path, plan: dict, todo: list[str], slots: list[tuple], log) -> None:
+    """One worker process per slot (N per GPU, or N on the CPU); the table is rewritten whenever
+    a point finishes. If this process is stopped (SIGTERM from ``timeout``, Ctrl-C), its workers are
+    stopped too; their points continue from their checkpoints next time."""
     queue = list(todo)
-    running: dict[str, tuple] = {}
+    running: dict[tuple, tuple] = {}
     failures = []
-    while queue or running:
-        for gpu in gpus:
-            if gpu not in running and queue:
-                point_id = queue.pop(0)
-                run_dir = sweep_dir / RUNS / point_id
-                run_dir.mkdir(parents=True, exist_ok=True)
-                logfile = open(run_dir / "sweep.log", "a")
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-                process = subprocess.Popen([sys.executable, "-m", "torchmdx.train.sweep", str(sweep_dir), point_id],
-                                           env=env, stdout=logfile, stderr=subprocess.STDOUT)
-                running[gpu] = (process, point_id, logfile)
-                log(f"GPU {gpu}: {point_id}")
-        time.sleep(2.0)
-        for gpu, (process, point_id, logfile) in list(running.items()):
+    per_device = 1 + max(k for _, k, _ in slots)
+
+    def stop(signum, frame):  # turn SIGTERM into SystemExit so that the finally below stops the workers
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
+    try:
+        while queue or running:
+            for slot in slots:
+                if slot not in running and queue:
+                    point_id = queue.pop(0)
+                    run_dir = sweep_dir / RUNS / point_id
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    logfile = open(run_dir / "sweep.log", "a")
+                    gpu, _, threads = slot
+                    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                    if gpu is not None:
+                        env["CUDA_VISIBLE_DEVICES"] = gpu
+                    process = subprocess.Popen([sys.executable, "-m", "torchmdx.train.sweep", str(sweep_dir), point_id,
+                                                "--threads", str(threads)],
+                                               env=env, stdout=logfile, stderr=subprocess.STDOUT)
+                    running[slot] = (process, point_id, logfile)
+                    log(f"{_slot_name(slot, per_device)}: {point_id}")
+            time.sleep(0.5)
+            for slot, (process, point_id, logfile) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                logfile.close()
+                del running[slot]
+                if process.returncode != 0:
+                    failures.append(point_id)
+                    log(f"{_slot_name(slot, per_device)}: {point_id} failed (exit {process.returncode}); "
+                        f"see {sweep_dir / RUNS / point_id / 'sweep.log'}")
+                write_results(sweep_dir, plan)
+    finally:
+        for process, _, logfile in running.values():  # stopped early: leave no worker behind
             if process.poll() is None:
-                continue
+                process.terminate()
+        for process, _, logfile in running.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                process.kill()
             logfile.close()
-            del running[gpu]
-            if process.returncode != 0:
-                failures.append(point_id)
-                log(f"GPU {gpu}: {point_id} failed (exit {process.returncode}); see {sweep_dir / RUNS / point_id / 'sweep.log'}")
-            write_results(sweep_dir, plan)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if failures:
         from torchmdx.errors import TrainingError
 
@@ -350,10 +461,23 @@ def _run_parallel(sweep_dir: Path, plan: dict, todo: list[str], gpus: list[str],
                             f"{sweep_dir / RUNS}/<point>/sweep.log; run the sweep again to retry them")
 
 
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def _worker(argv: list[str]) -> int:
+    threads = None
+    if len(argv) == 4 and argv[2] == "--threads" and argv[3].isdigit():
+        threads, argv = int(argv[3]), argv[:2]
     if len(argv) != 2:
-        print("usage: python -m torchmdx.train.sweep SWEEP_DIR POINT_ID", file=sys.stderr)
+        print("usage: python -m torchmdx.train.sweep SWEEP_DIR POINT_ID [--threads N]", file=sys.stderr)
         return 2
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # trainer.num_threads, when the config sets it, still wins (train())
     try:
         run_point(Path(argv[0]), argv[1])
     except TorchmdxError as exc:
@@ -367,6 +491,7 @@ if __name__ == "__main__":  # pragma: no cover - the per-GPU worker
 
 
 __all__ = ["SweepPoint", "parse_grid", "plan_points", "prepare_sweep", "run_point", "run_sweep", "write_results",
+           "device_shares", "device_key", "worker_slots", "check_workers_per_device",
            # re-exported from torchmdx.train.sweep_plan (imported from here by the CLI and tests)
            "PLAN", "RESULT", "RUNS", "SPLITS", "RESERVED_KEYS", "sweep_section", "point_values", "point_config",
            "load_base", "sweep_folder", "nested_splits", "read_json", "read_plan", "read_result"]

@@ -125,14 +125,37 @@ def _check_key(key: str, where: str, value=None, allow_section: bool = False) ->
         raise ConfigError(f"{where}: key {key!r} is set by the sweep itself (each point gets its own run folder and split)")
 
 
-def sweep_section(values: dict, source: str) -> tuple[dict, dict]:
-    """(grid, variants) of a config's optional ``sweep:`` section (removed from ``values``)."""
+#: keys of the ``sweep:`` section
+SECTION_KEYS = ("grid", "variants", "workers_per_device")
+
+
+def check_workers_per_device(value, what: str = "--workers-per-device") -> int:
+    """``value`` as a whole number >= 1 (an int, or a text of digits from the command line), or a
+    one-line ConfigError naming ``what``."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        number = int(value.strip())
+    if number is None or number < 1:
+        raise ConfigError(f"{what} {value!r}: give a whole number >= 1 (points trained at once on each device; "
+                          "on the CPU, processes that split its threads)")
+    return number
+
+
+def sweep_section(values: dict, source: str, settings: Optional[dict] = None) -> tuple[dict, dict]:
+    """(grid, variants) of a config's optional ``sweep:`` section (removed from ``values``); its
+    ``workers_per_device`` (checked) goes into ``settings`` when given."""
     section = values.pop("sweep", None) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{source}: the 'sweep' section must be a mapping with 'grid' and/or 'variants'")
-    unknown = sorted(set(section) - {"grid", "variants"})
+    unknown = sorted(set(section) - set(SECTION_KEYS))
     if unknown:
-        raise ConfigError(f"config key 'sweep.{unknown[0]}' does not exist; allowed: grid, variants")
+        raise ConfigError(f"config key 'sweep.{unknown[0]}' does not exist; allowed: {', '.join(SECTION_KEYS)}")
+    if section.get("workers_per_device") is not None:
+        workers = check_workers_per_device(section["workers_per_device"], "config key 'sweep.workers_per_device'")
+        if settings is not None:
+            settings["workers_per_device"] = workers
     grid = section.get("grid") or {}
     variants = section.get("variants") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
@@ -194,14 +217,16 @@ def _base_hash(base: dict) -> str:
     return hashlib.sha1(json.dumps(jsonable(base), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_base(config_path, overrides: Optional[list[str]] = None) -> tuple[dict, dict, dict]:
-    """(base values, grid, variants) of a sweep config (data paths resolved next to it; --set applied)."""
+def load_base(config_path, overrides: Optional[list[str]] = None,
+              settings: Optional[dict] = None) -> tuple[dict, dict, dict]:
+    """(base values, grid, variants) of a sweep config (data paths resolved next to it; --set
+    applied); the sweep section's settings (workers_per_device) go into ``settings`` when given."""
     from torchmdx.config import apply_overrides, load_yaml
     from torchmdx.data.data_config import resolve_data_paths
     from torchmdx.errors import DataError
 
     values = load_yaml(config_path)
-    grid, variants = sweep_section(values, str(config_path))
+    grid, variants = sweep_section(values, str(config_path), settings)
     missing = resolve_data_paths(values, Path(config_path).parent, str(config_path), overrides)
     values = apply_overrides(values, list(overrides or []))
     if missing:
@@ -220,8 +245,10 @@ def sweep_folder(config_path, out: Optional[str] = None) -> Path:
 def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
                   overrides: Optional[list[str]] = None) -> dict:
     """Validate every point and write the plan (and the nested splits); nothing is trained.
-    Returns {'sweep_dir', 'points', 'base'}."""
-    base, grid, variants = load_base(config_path, overrides)
+    Returns {'sweep_dir', 'points', 'base', 'plan', 'settings'} (settings: the config's
+    ``sweep.workers_per_device``, when set)."""
+    settings: dict = {}
+    base, grid, variants = load_base(config_path, overrides, settings)
     grid.update(parse_grid(grid_items))
     points = plan_points(grid, variants)
     sweep_dir = sweep_folder(config_path, out)
@@ -246,7 +273,7 @@ def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
                         "split_file": split_files.get(p.id)} for p in points]}
     with atomic_write(plan_path, "w") as handle:
         json.dump(jsonable(plan), handle, indent=2)
-    return {"sweep_dir": sweep_dir, "points": points, "base": base, "plan": plan}
+    return {"sweep_dir": sweep_dir, "points": points, "base": base, "plan": plan, "settings": settings}
 
 
 def nested_splits(configs, points, sweep_dir: Path) -> dict:
@@ -316,6 +343,7 @@ def read_result(path: Path) -> dict:
     return read_json(path, "the point's result", "delete it and run the sweep again (the point is measured again)")
 
 
-__all__ = ["PLAN", "RESULT", "RUNS", "SPLITS", "RESERVED_KEYS", "SweepPoint", "parse_grid", "sweep_section",
+__all__ = ["PLAN", "RESULT", "RUNS", "SPLITS", "RESERVED_KEYS", "SECTION_KEYS", "SweepPoint", "parse_grid",
+           "sweep_section", "check_workers_per_device",
            "plan_points", "point_values", "point_config", "load_base", "sweep_folder", "prepare_sweep",
            "nested_splits", "read_json", "read_plan", "read_result"]
