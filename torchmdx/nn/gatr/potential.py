@@ -65,6 +65,10 @@ class AttentionPotential(NormalisedPotential):
     traceable = True
     #: ``compile: auto`` does not pick the whole-model graph: its compile time on a GPU is not measured
     whole_graph_auto = False
+    #: the captured training step (``train.cuda_graph: auto``) equals the eager steps on a GPU, for
+    #: GATr and the transformer alike, once their dead attention key biases were removed (H100,
+    #: 2026-12-06, tests/test_train_graph_architectures.py)
+    captured_training_auto = True
     build_config = None
     representation_class = None
 
