@@ -153,6 +153,11 @@ def plan_points(grid: dict, variants: dict) -> list[SweepPoint]:
     for name, keys in variants.items():
         for key, value in keys.items():
             _check_key(key, f"sweep.variants.{name}", value, allow_section=True)
+    for name, keys in variants.items():
+        both = [k for k in keys if k in grid]
+        if both:  # the grid's values silently replaced the variant's: every point ran without it
+            raise ConfigError(f"sweep.variants.{name} sets {both[0]!r}, which the grid sweeps too (the grid's values "
+                              f"would replace the variant's in every point); drop it from the variant or the grid")
     keys = list(grid)
     combos = list(itertools.product(*(grid[k] for k in keys))) if keys else [()]
     named = list(variants.items()) or [(None, {})]
