@@ -12,6 +12,8 @@ behaviour follow.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from ase.cluster import Icosahedron
@@ -79,6 +81,60 @@ def md17_xyz_comment_of_two_numbers(t, s):  # the first number was the energy, s
     return ["data", "info", t / "two.xyz", "--format", "md17-xyz", "--cache-dir", _cache(t)]
 
 
+# ---------------------------------------------------------------------------------- train
+def _train(t, s, data_path=None, **train):
+    import yaml
+
+    data_path = data_path or s / "md17" / "md17_ethanol_xtb.npz"
+    config = {"data": {"path": str(data_path), "cache_dir": str(_cache(t)), "train_size": 10, "val_size": 5,
+                       "test_size": 5, "batch_size": 5},
+              "model": {k: v for k, v in TINY.items() if k != "seed"}, "train": train,
+              "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+              "run_dir": str(t / "run")}
+    (t / "config.yaml").write_text(yaml.safe_dump(config))
+    return ["train", t / "config.yaml"]
+
+
+def _without_forces(t, s):
+    arrays = dict(np.load(s / "md17" / "md17_ethanol_xtb.npz"))
+    np.savez(t / "noforces.npz", R=arrays["R"][:30], z=arrays["z"], E=arrays["E"][:30])
+    return t / "noforces.npz"
+
+
+def train_stress_on_molecules(t, s):  # refused at the first step: run folder and logs written
+    return _train(t, s, stress_weight=1.0)
+
+
+def train_forces_only_without_forces(t, s):  # advised force_weight 0: then "all weights are 0"
+    return _train(t, s, _without_forces(t, s), energy_weight=0.0)
+
+
+# ---------------------------------------------------------------------------------- sweep
+def sweep_variant_key_also_in_the_grid(t, s):  # the grid's values replaced the variant's silently
+    import yaml
+
+    config = yaml.safe_load(_train(t, s)[1].read_text())
+    config["sweep"] = {"variants": {"small": {"model.embedding_dimension": 4}, "large": {"model.num_layers": 2}}}
+    (t / "config.yaml").write_text(yaml.safe_dump(config))
+    return ["sweep", t / "config.yaml", "--grid", "model.embedding_dimension=8,16", "--out", t / "sweep", "--dry-run"]
+
+
+# ---------------------------------------------------------------------------------- export
+def export_an_openmm_export(t, s):  # torch's "warning: ... dispatching to torch.jit.load", then "not a checkpoint"
+    from torchmdx.cli.main import main
+
+    model = t / "m.pt"
+    tiny = torchmdx.build_model(TINY)
+    tiny.set_normalisation(elements=[1, 6, 8])
+    tiny.save(model)
+    assert main(["export", "--openmm", str(model), "-o", str(t / "om.pt")]) == 0
+    return ["export", t / "om.pt", "-o", t / "again.pt"]
+
+
+def export_openmm_of_an_openmm_export(t, s):
+    return ["export", "--openmm", *export_an_openmm_export(t, s)[1:2], "-o", t / "again.pt"]
+
+
 CASES = [
     (md_nan_velocity_in_the_file, ["ar.extxyz: atom 3 (Ar) has the non-finite velocity [", "nan",
                                    "fix the momenta in the file, or pass --velocities draw"]),
@@ -92,6 +148,14 @@ CASES = [
                                       "[0.0, 30.0, 0.0], [0.0, 0.0, nan]] Å), periodic [True, True, False]"]),
     (md17_xyz_comment_of_two_numbers, ["two.xyz: line 13: expected the energy alone (one number, kcal/mol), got 2 "
                                        "fields '-97208.40600498248 5'"]),
+    (train_stress_on_molecules, ["config key 'train.stress_weight' is 1.0 but", "md17_ethanol_xtb.npz has no stress"]),
+    (train_forces_only_without_forces, ["config key 'train.energy_weight' is 0 but", "noforces.npz has no forces: "
+                                        "nothing to train on (set train.energy_weight > 0 and train.force_weight: 0"]),
+    (sweep_variant_key_also_in_the_grid, ["sweep.variants.small sets 'model.embedding_dimension', which the grid "
+                                          "sweeps too"]),
+    (export_an_openmm_export, ["om.pt: a TorchScript file (for example an OpenMM export), not a torchmdx checkpoint"]),
+    (export_openmm_of_an_openmm_export, ["om.pt: is an OpenMM export already (TorchScript, nm and kJ/mol); give the "
+                                         "model file (model.pt) or training checkpoint it was exported from"]),
 ]
 
 
@@ -170,3 +234,54 @@ def test_model_file_with_scale_zero_or_negative_is_refused(tmp_path, scale):
     with pytest.raises(ModelError, match=rf"edited\.pt: buffer 'scale' is {scale:g}, expected a positive number "):
         torchmdx.load_model(tmp_path / "edited.pt")
     assert float(torchmdx.load_model(tmp_path / "m.pt").scale) == 2.0
+
+
+# ---------------------------------------------------------------------------------- openmm-ml
+def _topology_and_system():
+    from openmm import System, app
+
+    topology = app.Topology()
+    residue = topology.addResidue("ETH", topology.addChain())
+    system = System()
+    for k, symbol in enumerate("CCOHHHHHH"):
+        element = app.Element.getBySymbol(symbol)
+        topology.addAtom(f"{symbol}{k}", element, residue)
+        system.addParticle(element.mass)
+    return topology, system
+
+
+@pytest.mark.parametrize("atoms, message", [
+    ([-1, 0, 1], "ML atom index -1 is outside the topology's 9 atoms (0-based: 0..8)"),  # crashed the process
+    ([0, 1, 9], "ML atom index 9 is outside the topology's 9 atoms (0-based: 0..8)"),  # IndexError
+    ([0, 0, 1], "ML atom 0 is given twice; each ML atom once"),  # atom 0 counted twice, silently
+    ([0, 1.5], "ML atom index 1.5 is not a whole number; give 0-based atom indices of the topology"),  # = atom 1
+])
+def test_openmm_ml_atom_subsets_that_are_not_atoms_are_one_line(tmp_path, atoms, message):
+    pytest.importorskip("openmmml")
+    from torchmdx.openmm.errors import OpenMMError
+    from torchmdx.openmm.mlpotential import TorchmdxPotentialImpl
+
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(elements=[1, 6, 8])
+    model.save(tmp_path / "m.pt")
+    topology, system = _topology_and_system()
+    impl = TorchmdxPotentialImpl("torchmdx", tmp_path / "m.pt", implementation="python", device="cpu")
+    with pytest.raises(OpenMMError, match=f"^{re.escape(message)}$"):
+        impl.addForces(topology, system, atoms, 0)
+    assert system.getNumForces() == 0
+    impl.addForces(topology, system, np.array([2, 0, 1]), 0)  # numpy indices are whole numbers
+    assert system.getNumForces() == 1
+
+
+def test_openmm_ml_device_typo_is_one_line(tmp_path):
+    pytest.importorskip("openmmml")
+    from torchmdx.openmm.errors import OpenMMError
+    from torchmdx.openmm.mlpotential import TorchmdxPotentialImpl
+
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(elements=[1, 6, 8])
+    model.save(tmp_path / "m.pt")
+    topology, system = _topology_and_system()
+    impl = TorchmdxPotentialImpl("torchmdx", tmp_path / "m.pt", implementation="python", device="cdua")
+    with pytest.raises(OpenMMError, match=r"^MLPotential\('torchmdx'\): device 'cdua' is not a torch device"):
+        impl.addForces(topology, system, None, 0)
