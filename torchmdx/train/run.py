@@ -195,6 +195,22 @@ def _prepare_or_leave_no_trace(cfg: RunConfig, run_dir: Path):
         raise
 
 
+def _check_resumed_ema(old: dict, new: dict, run_dir: Path) -> None:
+    """EMA turned on or off between a run and its resumption: a checkpoint of an EMA run holds the
+    averaged weights as its weights (the training weights beside them), so resuming it without EMA
+    went on training the average with the training weights' optimiser state, the training weights
+    dropped silently; and an average started at the resumption is not the run's. Another decay
+    value is fine."""
+    if "ema_decay" not in old:
+        return
+    before, after = old.get("ema_decay"), new.get("ema_decay")
+    if (before is None) != (after is None):
+        show = lambda v: "null" if v is None else repr(v)  # noqa: E731
+        raise ConfigError(f"--resume: config key 'train.ema_decay' is {show(after)} but the run in {run_dir} was "
+                          f"started with {show(before)}; a resumed run keeps its weight averaging on or off (a "
+                          "new decay value is fine)")
+
+
 def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
     """The run folder; refuse to mix a new run into an old one, and a resumed run whose model or
     data differ from the saved config."""
@@ -229,6 +245,7 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
                             f"--resume: config key '{section}.{key}' is {new.get(key)!r} but the run in {run_dir} "
                             f"was started with {old.get(key)!r}; a resumed run keeps its model and data"
                         )
+            _check_resumed_ema(saved.get("train") or {}, now.get("train") or {}, run_dir)
     else:
         ckpt_dir = run_dir / CHECKPOINT_DIR
         if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
