@@ -135,6 +135,28 @@ def export_openmm_of_an_openmm_export(t, s):
     return ["export", "--openmm", *export_an_openmm_export(t, s)[1:2], "-o", t / "again.pt"]
 
 
+def train_resume_with_ema_turned_off(t, s):  # went on training the average, the training weights dropped
+    from torchmdx.cli.main import main
+
+    args = [str(a) for a in _train(t, s)]
+    assert main(args) == 0
+    return [*args, "--resume", "--set", "train.ema_decay=null", "--set", "trainer.max_epochs=2"]
+
+
+# ---------------------------------------------------------------------------------- label
+def label_charged_frames_with_a_model(t, s):  # labelled as if neutral, silently
+    from ase.io import read as read_frames
+
+    frames = read_frames(s / "md17" / "ethanol_snip.xyz", ":")
+    frames[1].info["charge"] = 1
+    write(t / "frames.extxyz", frames, format="extxyz")
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(elements=[1, 6, 8])
+    model.save(t / "m.pt")
+    return ["label", t / "frames.extxyz", "-o", t / "labelled.extxyz", "--method", f"model:{t / 'm.pt'}",
+            "--no-progress"]
+
+
 CASES = [
     (md_nan_velocity_in_the_file, ["ar.extxyz: atom 3 (Ar) has the non-finite velocity [", "nan",
                                    "fix the momenta in the file, or pass --velocities draw"]),
@@ -156,6 +178,10 @@ CASES = [
     (export_an_openmm_export, ["om.pt: a TorchScript file (for example an OpenMM export), not a torchmdx checkpoint"]),
     (export_openmm_of_an_openmm_export, ["om.pt: is an OpenMM export already (TorchScript, nm and kJ/mol); give the "
                                          "model file (model.pt) or training checkpoint it was exported from"]),
+    (train_resume_with_ema_turned_off, ["--resume: config key 'train.ema_decay' is null but the run in",
+                                        "was started with 0.99; a resumed run keeps its weight averaging on or off"]),
+    (label_charged_frames_with_a_model, ["frame 1 (", "frames.extxyz:1): atoms.info['charge'] is 1, and --method "
+                                         "model:", "takes no charge (it would label the frame as if it were neutral)"]),
 ]
 
 
