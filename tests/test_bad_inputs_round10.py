@@ -119,6 +119,10 @@ def sweep_variant_key_also_in_the_grid(t, s):  # the grid's values replaced the 
     return ["sweep", t / "config.yaml", "--grid", "model.embedding_dimension=8,16", "--out", t / "sweep", "--dry-run"]
 
 
+def sweep_same_number_written_twice(t, s):  # 0.001 and 1e-3 (text to YAML 1.1): two identical trainings
+    return ["sweep", _train(t, s)[1], "--grid", "train.lr=0.001,1e-3", "--out", t / "sweep", "--dry-run"]
+
+
 # ---------------------------------------------------------------------------------- export
 def export_an_openmm_export(t, s):  # torch's "warning: ... dispatching to torch.jit.load", then "not a checkpoint"
     from torchmdx.cli.main import main
@@ -182,6 +186,7 @@ CASES = [
                                         "was started with 0.99; a resumed run keeps its weight averaging on or off"]),
     (label_charged_frames_with_a_model, ["frame 1 (", "frames.extxyz:1): atoms.info['charge'] is 1, and --method "
                                          "model:", "takes no charge (it would label the frame as if it were neutral)"]),
+    (sweep_same_number_written_twice, ["the sweep points (train.lr=0.001) and (train.lr=1e-3) are the same training"]),
 ]
 
 
@@ -311,3 +316,26 @@ def test_openmm_ml_device_typo_is_one_line(tmp_path):
     impl = TorchmdxPotentialImpl("torchmdx", tmp_path / "m.pt", implementation="python", device="cdua")
     with pytest.raises(OpenMMError, match=r"^MLPotential\('torchmdx'\): device 'cdua' is not a torch device"):
         impl.addForces(topology, system, None, 0)
+
+
+def test_evaluate_removes_an_earlier_reports_learning_curve(tmp_path, shared_data, capsys, monkeypatch):
+    """``evaluate --run A --out R`` then ``evaluate --out R`` (another model, no run): A's learning
+    curve stayed beside the new errors and parity plot, as if it were this model's. A run folder
+    given as --out keeps its training curve."""
+    from torchmdx.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    args = [str(a) for a in _train(tmp_path, shared_data)]
+    assert main(args) == 0
+    run = tmp_path / "run"
+    data = str(shared_data / "md17" / "md17_ethanol_xtb.npz")
+    common = ["--data", data, "--cache-dir", str(_cache(tmp_path)), "--no-progress"]
+    assert main(["evaluate", str(run / "model.pt"), *common, "--run", str(run), "--out", "report"]) == 0
+    assert (tmp_path / "report" / "learning_curve.png").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "model.pt"), *common, "--out", "report"]) == 0
+    assert "removed report/learning_curve.png: it was an earlier evaluation's" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["errors.json", "errors.txt", "parity.png"]
+    curve = (run / "learning_curve.png").read_bytes()
+    assert main(["evaluate", str(run / "model.pt"), *common, "--out", str(run)]) == 0
+    assert (run / "learning_curve.png").read_bytes() == curve
