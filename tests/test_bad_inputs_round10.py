@@ -339,3 +339,22 @@ def test_evaluate_removes_an_earlier_reports_learning_curve(tmp_path, shared_dat
     curve = (run / "learning_curve.png").read_bytes()
     assert main(["evaluate", str(run / "model.pt"), *common, "--out", str(run)]) == 0
     assert (run / "learning_curve.png").read_bytes() == curve
+
+
+def test_openmm_ml_output_forces_must_be_a_boolean(tmp_path):
+    """``outputForces='false'`` (text) was truthy: the TorchForce got the module's returned forces."""
+    pytest.importorskip("openmmml")
+    from torchmdx.openmm.errors import OpenMMError
+    from torchmdx.openmm.mlpotential import TorchmdxPotentialImpl
+
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(elements=[1, 6, 8])
+    model.save(tmp_path / "m.pt")
+    topology, system = _topology_and_system()
+    impl = TorchmdxPotentialImpl("torchmdx", tmp_path / "m.pt", implementation="python", device="cpu",
+                                 outputForces="false")
+    with pytest.raises(OpenMMError, match=r"^MLPotential\('torchmdx'\): outputForces must be True or False, "
+                                          r"got 'false'$"):
+        impl.addForces(topology, system, None, 0)
+    impl.addForces(topology, system, None, 0, outputForces=False)  # a per-System boolean is fine
+    assert system.getNumForces() == 1

@@ -97,6 +97,11 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
 
         options = {**self.options, **{k: v for k, v in args.items() if k in _OPTIONS}}
         implementation = _check_implementation(options.get("implementation", "auto"))
+        flag = options.get("outputForces")
+        if flag is not None and not isinstance(flag, bool):  # the text 'false' was truthy: forces returned
+            from torchmdx.openmm.errors import OpenMMError
+
+            raise OpenMMError(f"MLPotential('{self.name}'): outputForces must be True or False, got {flag!r}")
         if implementation == "auto":
             implementation = "torchforce" if openmmtorch_problem() is None else "python"
         all_atoms = list(topology.atoms())
