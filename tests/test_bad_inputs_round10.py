@@ -358,3 +358,20 @@ def test_openmm_ml_output_forces_must_be_a_boolean(tmp_path):
         impl.addForces(topology, system, None, 0)
     impl.addForces(topology, system, None, 0, outputForces=False)  # a per-System boolean is fine
     assert system.getNumForces() == 1
+
+
+def test_reading_a_torchscript_file_as_a_checkpoint_warns_nothing(tmp_path, shared_data):
+    """torch.load's note on a TorchScript archive ("dispatching to torch.jit.load") came out as a
+    ``warning:`` line above the one error line (pytest's own capture hides it from the table row)."""
+    import warnings
+
+    from torchmdx.errors import ModelError
+    from torchmdx.train.export import read_checkpoint
+
+    export_an_openmm_export(tmp_path, shared_data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ModelError, match=r"om\.pt: a TorchScript file \(for example an OpenMM export\), not a "
+                                             r"torchmdx checkpoint"):
+            read_checkpoint(tmp_path / "om.pt")
+    assert [str(w.message) for w in caught] == []
