@@ -216,7 +216,9 @@ def test_stress_weight_without_stress_data_is_one_line_error(tmp_path, shared_da
     capsys.readouterr()
     assert main(["train", str(path), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "train.stress_weight > 0 but the training data have no stress" in err[0], err
+    # refused before the run starts (round 10: was at the first training step, the run folder written)
+    assert len(err) == 1 and "config key 'train.stress_weight' is 1.0 but" in err[0] and "has no stress" in err[0], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_data_cli_stress_key_reaches_the_reader(stress_data, tmp_path, capsys):

@@ -168,12 +168,20 @@ def run(args) -> int:
     heading = f"{model_path.name} on {Path(data_cfg.path).name} ({split})"
     info = {"model": str(model_path), "data": str(data_cfg.path), "split": split,
             "split_file": str(datamodule.split_path) if datamodule.split_path else None}
+    # an earlier report in this folder (not a run folder, whose learning curve is the training's)
+    earlier_report = (Path(out_dir) / "errors.json").is_file() and not (Path(out_dir) / "checkpoints").is_dir()
     paths = write_report(errors, predictions, out_dir, heading, info)
     print(paths["text"])
     written = [paths["table"], paths["json"], paths["parity"]]
+    curve = None
     if run_dir is not None and (run_dir / METRICS_CSV).is_file():
         curve = learning_curve(run_dir / METRICS_CSV, out_dir / LEARNING_CURVE, title=str(run_dir))
         if curve is not None:
             written.append(str(curve))
+    stale = out_dir / LEARNING_CURVE
+    if curve is None and earlier_report and stale.is_file():
+        # an earlier evaluation's curve (another run, another model) sat beside this report, silently
+        stale.unlink()
+        print(f"removed {stale}: it was an earlier evaluation's (this one has no learning curve)")
     print("wrote " + ", ".join(written))
     return 0

@@ -67,7 +67,14 @@ def parse_atoms(text: str, count: int) -> list:
 
 def _load_for_openmm(path: str, ema: bool):
     """The potential of a model file or a training checkpoint."""
+    from torchmdx.openmm.export import is_openmm_export
     from torchmdx.train.export import check_finite_weights, potential_from_checkpoint, read_checkpoint
+
+    if is_openmm_export(path):  # was "not a torchmdx checkpoint" after torch's warning line
+        from torchmdx.errors import ModelError
+
+        raise ModelError(f"{path}: is an OpenMM export already (TorchScript, nm and kJ/mol); give the model file "
+                         "(model.pt) or training checkpoint it was exported from")
 
     try:
         payload = read_checkpoint(path)

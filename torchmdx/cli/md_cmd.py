@@ -52,6 +52,10 @@ _OPTIONS = {
     "--max-temperature": dict(type=float, dest="max_temperature",
                               help="stop when a structure gets hotter than this, in K (default: max(2000, 5 x "
                                    "--temperature), so 2000 K at 300 K)"),
+    "--velocities": dict(choices=["auto", "file", "draw"],
+                         help="initial velocities: auto (default) takes those the structure file carries (ASE "
+                              "momenta) and draws Maxwell-Boltzmann ones at --temperature otherwise; file requires "
+                              "them; draw always draws"),
     "--threads": dict(type=int, help="CPU threads for torch (default: torch's; 1 is fastest for small molecules)"),
     "--atom-order": dict(choices=["auto", "input", "hilbert", "morton"], dest="atom_order",
                          help="native engine: sort the atoms along a space-filling curve for memory locality "

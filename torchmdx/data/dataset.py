@@ -233,6 +233,11 @@ class H5Dataset(PygDataset):
         return self.structures.forces is not None
 
     @property
+    def has_stress(self) -> bool:
+        """Whether the data hold stress labels (the per-structure extra ``stress``, ASE files)."""
+        return "stress" in self.info.get("extras", [])
+
+    @property
     def elements(self) -> list[int]:
         """Atomic numbers present, sorted (from the cache's build statistics)."""
         counts = (self.info.get("statistics") or {}).get("element_counts")

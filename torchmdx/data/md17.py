@@ -194,12 +194,18 @@ def read_md17_xyz(path, energy_unit=None, length_unit=None) -> Structures:
             raise DataError(f"{path}: line {i + 1}: a frame must have at least one atom, got {natoms}")
         if i + 2 + natoms > len(lines):
             raise DataError(f"{path}: line {i + 1}: frame of {natoms} atoms is cut short at the end of the file")
+        comment = lines[i + 1].split()
         try:
-            energy = float(lines[i + 1].split()[0])
+            energy = float(comment[0])
         except (ValueError, IndexError):
             raise DataError(
                 f"{path}: line {i + 2}: expected the energy as a number, got {lines[i + 1].strip()[:40]!r}"
             ) from None
+        if len(comment) != 1:  # "-1.0 5" took the first number silently: which one is the energy?
+            raise DataError(
+                f"{path}: line {i + 2}: expected the energy alone (one number, kcal/mol), got {len(comment)} "
+                f"fields {lines[i + 1].strip()[:60]!r}; an extended XYZ comment (energy=...) needs --format extxyz"
+            )
         symbols, values = [], []
         for k in range(natoms):
             cols = lines[i + 2 + k].split()

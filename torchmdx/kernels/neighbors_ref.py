@@ -133,6 +133,9 @@ def perpendicular_widths(cell: torch.Tensor) -> torch.Tensor:
 
 def _structure_geometry(b, cell_b, pbc_b, cutoff, allow_multiple_images):
     """Completed cell, its inverse and the image range [3] (long) of structure ``b``."""
+    periodic_rows = cell_b[pbc_b.bool()]
+    if not bool(torch.isfinite(periodic_rows).all()):  # was called "singular" (the Triton path's message)
+        raise NeighborListError(f"structure {b}: the cell holds non-finite values (rows {cell_b.tolist()} Å)")
     completed = _complete_cell(cell_b, pbc_b)
     volume = torch.linalg.det(completed).abs()
     if not torch.isfinite(volume) or float(volume) <= 1e-12:

@@ -126,7 +126,9 @@ class Calculator(_AseCalculator):
             self._numbers, self._pbc_np, self._z = numbers.copy(), pbc.copy(), z
             self._neighbors = None  # a different system: new list
         if pbc.any():
-            self._cell = torch.as_tensor(atoms.cell.array, dtype=self.dtype, device=self.device).unsqueeze(0)
+            # open rows zeroed: a NaN there made every pair vector NaN (0 * NaN), energy 0, silently
+            cell = np.where(pbc[:, None], atoms.cell.array, 0.0)
+            self._cell = torch.as_tensor(cell, dtype=self.dtype, device=self.device).unsqueeze(0)
             self._pbc = torch.as_tensor(pbc, device=self.device).unsqueeze(0)
         else:
             self._cell = self._pbc = None

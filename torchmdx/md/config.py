@@ -71,6 +71,10 @@ class MDConfig:
     engine           native (this package's engine) | ase (ASE's integrators + the calculator)
     minimize         FIRE relaxation before dynamics, to ``fmax`` (eV/Å) within ``minimize_steps``
     replicas         copies of each structure run together (different velocities)
+    velocities       initial velocities of a new run: auto (default) takes the velocities (ASE
+                     momenta) a structure file carries, as ASE's MD does, and draws
+                     Maxwell–Boltzmann ones at ``temperature`` for files without any; file
+                     requires them; draw always draws (a note says which was used)
     skin             Verlet neighbor-list skin (Å)
     check_interval   steps between host-side checks (neighbor list, NaN, temperature)
     max_temperature  a structure hotter than this stops the run (K; default max(2000, 5 T))
@@ -134,6 +138,7 @@ class MDConfig:
     threads: Optional[int] = None
     atom_order: Literal["auto", "input", "hilbert", "morton"] = "auto"
     fuse_integrator: Union[bool, Literal["auto"]] = "auto"
+    velocities: Literal["auto", "file", "draw"] = "auto"
 
     def option(self, key: str) -> str:
         """How messages name option ``key``: its flag (``--dt``) when the command line set it or

@@ -122,6 +122,26 @@ def check_options(options: LabelOptions) -> None:
 _PARITY_UNKNOWN = set(range(57, 72)) | set(range(87, 200))
 
 
+def check_no_charge(inputs: list, method: str) -> None:
+    """A ``model:`` method takes no charge (``--charge`` is refused for it): a frame whose
+    ``atoms.info['charge']`` is not 0 was labelled as if neutral, silently. One line naming the
+    frame; 0 (or no charge) passes."""
+    for k, atoms in enumerate(inputs):
+        charge = atoms.info.get("charge")
+        if charge is None:
+            continue
+        try:
+            neutral = float(charge) == 0
+        except (TypeError, ValueError):
+            neutral = False
+        if not neutral:
+            where = f"frame {k} ({atoms.info.get('label_source', k)})"
+            shown = charge if isinstance(charge, (int, float, np.number)) else repr(charge)
+            raise ConfigError(f"{where}: atoms.info['charge'] is {shown}, and --method {method} takes no charge (it "
+                              "would label the frame as if it were neutral); label charged frames with a tblite "
+                              "method (gfn2-xtb), or leave them out")
+
+
 def check_electrons(inputs: list, options: LabelOptions) -> None:
     """Each frame's electron count N = Σ Z − charge (``atoms.info['charge']``, else ``--charge``,
     else the sum of the initial charges, as tblite's ASE calculator) against its multiplicity M
@@ -368,6 +388,8 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
         atoms.info["label_index"] = k
     if method in TBLITE_METHODS:  # electron count and multiplicity: one line before tblite runs
         check_electrons(inputs, options)
+    else:
+        check_no_charge(inputs, method)
     partial = partial_path(out)
     done = read_partial(partial, inputs, method) if (partial.is_file() and not force) else []
     if partial.is_file():

@@ -92,6 +92,9 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
         for k, atoms in enumerate(frames):
             if len(atoms) == 0:
                 raise DataError(f"{path}: frame {k} has no atoms")
+            if atoms.pbc.any() and not np.isfinite(atoms.cell.array).all():  # the engine wraps with the whole cell
+                raise DataError(f"{names[k]}: the cell holds non-finite values (rows {atoms.cell.array.tolist()} Å), "
+                                f"periodic {atoms.pbc.tolist()}; give every row of the cell as finite numbers")
             if atoms.pbc.any() and atoms.cell.volume < 1e-6:
                 raise DataError(f"{path}: frame {k} is periodic ({atoms.pbc.tolist()}) but has no cell")
             where = names[k]
@@ -258,7 +261,51 @@ def check_replica_memory(structures, config: MDConfig) -> None:
 def _clean(atoms):
     atoms = atoms.copy()
     atoms.calc = None
+    atoms.arrays.pop("momenta", None)  # the engines take initial velocities only from initial_velocities
     return atoms
+
+
+def initial_velocities(config: MDConfig, structures, sources: list, err) -> Optional[np.ndarray]:
+    """The velocities a new run starts from ([atoms of all replicas, 3], Å/ASE-time, in the order
+    of the replicated structures), or None to draw Maxwell–Boltzmann ones at ``temperature``.
+
+    ``velocities: auto`` takes the velocities (ASE momenta) the structure files carry, as ASE's MD
+    does (md used to draw new ones silently); ``file`` requires them; ``draw`` always draws. One
+    note line says which were used. Non-finite velocities, some structures with and some without
+    (auto) and replicas that would all start alike (auto) are refused in one line."""
+    option = config.option("velocities")
+    has = ["momenta" in atoms.arrays for atoms in structures]
+    if config.velocities == "draw" or (config.velocities == "auto" and not any(has)):
+        if any(has):
+            print(f"note: {option} draw: the velocities in the structure file are not used; drawing "
+                  f"Maxwell–Boltzmann ones at {config.temperature:g} K", file=err)
+        return None
+    if not all(has):
+        where = sources[has.index(False)]
+        if config.velocities == "file":
+            raise DataError(f"{where}: carries no velocities (ASE momenta), and {option} file needs them in every "
+                            "structure; pass --velocities draw to draw Maxwell–Boltzmann ones")
+        raise DataError(f"{where}: carries no velocities (ASE momenta) while {sources[has.index(True)]} does; "
+                        f"pass {option} draw to draw Maxwell–Boltzmann ones for all, or give structures that all "
+                        "carry velocities")
+    if config.velocities == "auto" and config.replicas > 1:
+        raise ConfigError(f"{config.option('replicas')} {config.replicas} copies would all start from the "
+                          f"velocities in {sources[0]}; pass {option} draw for different Maxwell–Boltzmann "
+                          f"velocities per copy, or {option} file to start every copy from the file's")
+    parts = []
+    for atoms, where in zip(structures, sources):
+        v = np.asarray(atoms.get_velocities(), dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(v).all(axis=1))
+        if bad.size:
+            a = int(bad[0])
+            raise DataError(f"{where}: atom {a} ({atoms.get_chemical_symbols()[a]}) has the non-finite velocity "
+                            f"{v[a].tolist()}; fix the momenta in the file, or pass {option} draw")
+        parts.extend([v] * config.replicas)
+    temperatures = [float(atoms.get_temperature()) for atoms in structures]
+    print(f"note: initial velocities from the structure file{'s' if len(structures) > 1 else ''} (their momenta, "
+          f"{min(temperatures):.4g}" + (f"-{max(temperatures):.4g}" if len(structures) > 1 else "")
+          + f" K); {option} draw draws Maxwell–Boltzmann ones at {config.temperature:g} K instead", file=err)
+    return np.concatenate(parts)
 
 
 def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
@@ -293,6 +340,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         structures = read_structures(config.structure, config.index, config.option("index"), sources)
         check_replica_memory(structures, config)
         as_read = structures  # each read structure's elements are checked once, not once per replica
+        velocities = None if restart_payload is not None else initial_velocities(config, as_read, sources, err)
         structures = [_clean(a) for a in structures for _ in range(config.replicas)]
     elif restart_payload is not None:
         if config.replicas != 1:  # was silently ignored: the file's structures ran once each
@@ -300,6 +348,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
                               f"is given: {config.restart} continues its own {len(restart_payload['structures'])} "
                               "structure(s) (leave the option out)")
         structures = list(restart_payload["structures"])
+        velocities = None
     else:
         raise ConfigError("no structure given (a structure file, or --restart FILE)")
     if config.engine == "ase" and len(structures) != 1:
@@ -359,7 +408,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
             sim.load_restart(restart_payload)
             _note_new_atom_order(config, file_order, sim.atom_perm, err)
         else:
-            sim.initialize()
+            sim.initialize(velocities)
             if config.minimize:
                 result = sim.minimize(config.fmax, config.minimize_steps)
                 print(
@@ -403,7 +452,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
                 restart_path=plan.restart, restart_every=config.restart_every, restart_payload=restart_payload,
                 minimize=config.minimize, fmax=config.fmax, minimize_steps=config.minimize_steps,
                 max_temperature_K=config.max_temperature, progress=config.progress, pressure_bar=config.pressure,
-                barostat_tau_fs=config.barostat_tau, barostat=config.barostat,
+                barostat_tau_fs=config.barostat_tau, barostat=config.barostat, velocities=velocities,
             )
         else:
             summary = sim.run(

@@ -238,7 +238,22 @@ def load_model(
     if bad:
         raise ModelError(f"{path}: {len(bad)} weight tensors hold NaN or infinite values (e.g. {', '.join(bad[:2])}): "
                          "the model is unusable (its training diverged)")
+    _check_scales(path, potential)
     return _finish(potential, device, dtype)
+
+
+def _check_scales(path: Path, potential) -> None:
+    """The normalisation scale of every normalised (sub)model must be > 0, as ``set_normalisation``
+    requires: a file edited to scale 0 loaded and predicted zero energies and forces silently, a
+    negative one flipped their sign."""
+    from torchmdx.nn.normalised import NormalisedPotential
+
+    for prefix, module in potential.named_modules():
+        if isinstance(module, NormalisedPotential) and not float(module.scale) > 0:
+            name = f"{prefix}.scale" if prefix else "scale"
+            raise ModelError(f"{path}: buffer '{name}' is {float(module.scale):g}, expected a positive number (the "
+                             "energy scale of the network's output; 0 gives zero energies and forces, a negative "
+                             "value flips their sign): damaged or edited?")
 
 
 def _check_payload(path: Path, payload: Mapping) -> None:

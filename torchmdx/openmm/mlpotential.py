@@ -97,10 +97,15 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
 
         options = {**self.options, **{k: v for k, v in args.items() if k in _OPTIONS}}
         implementation = _check_implementation(options.get("implementation", "auto"))
+        flag = options.get("outputForces")
+        if flag is not None and not isinstance(flag, bool):  # the text 'false' was truthy: forces returned
+            from torchmdx.openmm.errors import OpenMMError
+
+            raise OpenMMError(f"MLPotential('{self.name}'): outputForces must be True or False, got {flag!r}")
         if implementation == "auto":
             implementation = "torchforce" if openmmtorch_problem() is None else "python"
         all_atoms = list(topology.atoms())
-        indices = list(range(len(all_atoms))) if atoms is None else [int(a) for a in atoms]
+        indices = list(range(len(all_atoms))) if atoms is None else _check_atoms(atoms, len(all_atoms))
         chosen = [all_atoms[i] for i in indices]
         numbers = [a.element.atomic_number if a.element is not None else None for a in chosen]
         names = [f"atom {i} ({a.name}, residue {a.residue.name} {a.residue.id})" for i, a in zip(indices, chosen)]
@@ -136,7 +141,14 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
         device = options.get("device")
         if device is None and not export:
             device = self._getTorchDevice({})
-        device = str(torch.device(device)) if device is not None else None
+        if device is not None:
+            try:
+                device = str(torch.device(device))
+            except (RuntimeError, TypeError, ValueError):  # torch's message lists every device type
+                from torchmdx.openmm.errors import OpenMMError
+
+                raise OpenMMError(f"MLPotential('{self.name}'): device {device!r} is not a torch device (cpu, cuda, "
+                                  "cuda:1, ...)") from None
         key = (device, options.get("dtype"), forces)
         if key not in self._generic:
             if export:
@@ -163,3 +175,25 @@ def _check_implementation(value) -> str:
     if value not in IMPLEMENTATIONS:
         raise OpenMMError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {value!r}")
     return value
+
+
+def _check_atoms(atoms, count: int) -> list:
+    """The ML atoms openmm-ml passes (``createMixedSystem(..., atoms)``) as distinct whole numbers in
+    0..count-1: a negative index crashed the process (freed memory), one past the end was an
+    IndexError, a repeated atom and 1.5 (read as atom 1) were used silently."""
+    from numbers import Integral
+
+    from torchmdx.openmm.errors import OpenMMError
+
+    indices = list(atoms)
+    for a in indices:
+        if isinstance(a, bool) or not isinstance(a, Integral):
+            raise OpenMMError(f"ML atom index {a!r} is not a whole number; give 0-based atom indices of the topology")
+        if not 0 <= int(a) < count:
+            raise OpenMMError(f"ML atom index {int(a)} is outside the topology's {count} atoms (0-based: 0..{count - 1})")
+    seen = set()
+    for a in indices:
+        if int(a) in seen:
+            raise OpenMMError(f"ML atom {int(a)} is given twice; each ML atom once")
+        seen.add(int(a))
+    return [int(a) for a in indices]

@@ -12,6 +12,7 @@ A TorchMD-NET checkpoint is converted through :func:`torchmdx.nn.import_torchmdn
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -30,7 +31,11 @@ def read_checkpoint(path: Union[str, Path]) -> dict:
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        # torch's notes (a TorchScript archive "dispatching to torch.jit.load", foreign pickles) printed a
+        # "warning:" line above the one error line; the error says what the file is
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem means a bad file
         from torchmdx.nn.model_file import _what_file_is_this
 

@@ -103,11 +103,18 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
     if sizes["val"] == 0:
         raise ConfigError("config key 'data.val_size' gives an empty validation split; training needs one "
                           "(best checkpoint, EMA validation, early stopping, learning-rate schedule)")
+    # energy_weight 0 first: the force_weight line advised force_weight 0, then "all weights are 0"
+    if cfg.train.energy_weight == 0 and not datamodule.dataset.has_forces:
+        raise ConfigError(f"config key 'train.energy_weight' is 0 but {source} has no forces: nothing to train on "
+                          "(set train.energy_weight > 0 and train.force_weight: 0 for energy-only training)")
     if cfg.train.train_forces and not datamodule.dataset.has_forces:
         raise ConfigError(f"config key 'train.force_weight' is {cfg.train.force_weight} but {source} has no forces; "
                           "set train.force_weight: 0 (energy-only training)")
-    if cfg.train.energy_weight == 0 and not datamodule.dataset.has_forces:
-        raise ConfigError(f"config key 'train.energy_weight' is 0 but {source} has no forces: nothing to train on")
+    if cfg.train.train_stress and not datamodule.dataset.has_stress:  # was refused at the first step, the run
+        # folder (splits, logs) written and the "before training" errors printed
+        raise ConfigError(f"config key 'train.stress_weight' is {cfg.train.stress_weight} but {source} has no stress "
+                          "(an ASE file's 'stress' or 'virial' per structure, data.stress_key); set "
+                          "train.stress_weight: 0")
     module = PotentialModule(
         model=to_dict(cfg.model_config), train=to_dict(dataclasses.replace(cfg.train, cuda_graph=captured)),
         data=to_dict(cfg.data_config),
@@ -167,6 +174,43 @@ def _check_checkpoint_readable(last: Path) -> None:
     raise ConfigError(f"--resume: {last} {problem}{offer}")
 
 
+def _prepare_or_leave_no_trace(cfg: RunConfig, run_dir: Path):
+    """:func:`prepare`; when it refuses the run (a TorchmdxError: no forces for train.force_weight,
+    an empty split, ...), the files it wrote into the run folder (splits.npz, data_state.json)
+    and a run folder it created are removed again: a refused run used to leave them behind."""
+    import shutil
+
+    from torchmdx.errors import TorchmdxError
+
+    existed = run_dir.is_dir()
+    before = set(run_dir.iterdir()) if existed else set()
+    try:
+        return prepare(cfg, run_dir)
+    except TorchmdxError:
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        elif run_dir.is_dir():
+            for path in set(run_dir.iterdir()) - before:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
+
+
+def _check_resumed_ema(old: dict, new: dict, run_dir: Path) -> None:
+    """EMA turned on or off between a run and its resumption: a checkpoint of an EMA run holds the
+    averaged weights as its weights (the training weights beside them), so resuming it without EMA
+    went on training the average with the training weights' optimiser state, the training weights
+    dropped silently; and an average started at the resumption is not the run's. Another decay
+    value is fine."""
+    if "ema_decay" not in old:
+        return
+    before, after = old.get("ema_decay"), new.get("ema_decay")
+    if (before is None) != (after is None):
+        show = lambda v: "null" if v is None else repr(v)  # noqa: E731
+        raise ConfigError(f"--resume: config key 'train.ema_decay' is {show(after)} but the run in {run_dir} was "
+                          f"started with {show(before)}; a resumed run keeps its weight averaging on or off (a "
+                          "new decay value is fine)")
+
+
 def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
     """The run folder; refuse to mix a new run into an old one, and a resumed run whose model or
     data differ from the saved config."""
@@ -201,6 +245,7 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
                             f"--resume: config key '{section}.{key}' is {new.get(key)!r} but the run in {run_dir} "
                             f"was started with {old.get(key)!r}; a resumed run keeps its model and data"
                         )
+            _check_resumed_ema(saved.get("train") or {}, now.get("train") or {}, run_dir)
     else:
         ckpt_dir = run_dir / CHECKPOINT_DIR
         if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
@@ -295,7 +340,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
     run_dir = check_run_dir(cfg, resume)
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(cfg.trainer.num_threads)
-    datamodule, module = prepare(cfg, run_dir)
+    datamodule, module = _prepare_or_leave_no_trace(cfg, run_dir)
     with atomic_write(run_dir / RESOLVED_CONFIG, "w") as handle:
         handle.write(resolved_yaml(cfg))
     with atomic_write(run_dir / "data_summary.json", "w") as handle:

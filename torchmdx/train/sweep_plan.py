@@ -176,6 +176,11 @@ def plan_points(grid: dict, variants: dict) -> list[SweepPoint]:
     for name, keys in variants.items():
         for key, value in keys.items():
             _check_key(key, f"sweep.variants.{name}", value, allow_section=True)
+    for name, keys in variants.items():
+        both = [k for k in keys if k in grid]
+        if both:  # the grid's values silently replaced the variant's: every point ran without it
+            raise ConfigError(f"sweep.variants.{name} sets {both[0]!r}, which the grid sweeps too (the grid's values "
+                              f"would replace the variant's in every point); drop it from the variant or the grid")
     keys = list(grid)
     combos = list(itertools.product(*(grid[k] for k in keys))) if keys else [()]
     named = list(variants.items()) or [(None, {})]
@@ -188,7 +193,33 @@ def plan_points(grid: dict, variants: dict) -> list[SweepPoint]:
     ids = [p.id for p in points]
     if len(set(ids)) != len(ids):
         raise ConfigError("the sweep has two identical points; check --grid and sweep.variants for repeated values")
+    seen: dict = {}
+    for point in points:  # 0.001 and 1e-3 (text in YAML 1.1), 1 and 1.0: one value to the config, two runs
+        key = json.dumps(_as_config_sees_it(point.overrides), sort_keys=True) + f"|{point.variant}"
+        if key in seen:
+            raise ConfigError(f"the sweep points ({seen[key].describe()}) and ({point.describe()}) are the same "
+                              "training (the config reads their values as equal numbers); list each value once")
+        seen[key] = point
     return points
+
+
+def _as_config_sees_it(value):
+    """``value`` with numbers and numeric text (YAML 1.1 reads ``1e-3`` as text; the config takes it
+    as the float 0.001) as floats, so that values the config reads alike compare equal."""
+    from torchmdx.config import _float_from_string
+
+    if isinstance(value, dict):
+        return {str(k): _as_config_sees_it(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_config_sees_it(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        number = _float_from_string(value.strip())
+        return value if number is None else number
+    return repr(value)
 
 
 def _set(values: dict, dotted: str, value) -> None:
