@@ -215,6 +215,23 @@ def test_md_starts_from_the_velocities_in_the_structure_file(tmp_path, capsys, e
     assert np.abs(drawn - momenta).max() > 0.1 and np.abs(drawn.sum(0)).max() < 1e-6  # MB, zero total momentum
 
 
+def test_md_draws_velocities_when_the_file_momenta_are_all_zero(tmp_path, capsys):
+    """A zero momenta column (a structure that never moved, written with its momenta) would start
+    the run at 0 K: under ``auto`` it counts as no velocities (Maxwell-Boltzmann ones are drawn);
+    ``--velocities file`` takes the zeros as given."""
+    from torchmdx.cli.main import main
+
+    path = _argon(tmp_path, momenta=np.zeros((13, 3)))
+    assert "momenta" in read(path).arrays  # the file does carry the column
+    capsys.readouterr()
+    assert main([str(a) for a in _md(tmp_path, path)]) == 0
+    capsys.readouterr()
+    assert np.abs(read(tmp_path / "md.extxyz", 0).get_momenta()).max() > 0.01
+    assert main([str(a) for a in _md(tmp_path, path, "--velocities", "file", "--force")]) == 0
+    assert "note: initial velocities from the structure file (their momenta, 0 K)" in capsys.readouterr().err
+    np.testing.assert_array_equal(read(tmp_path / "md.extxyz", 0).get_momenta(), 0.0)
+
+
 def test_calculator_calls_a_nan_cell_non_finite_not_singular():
     from torchmdx.errors import NeighborListError
     from torchmdx.md.calculator import Calculator

@@ -274,7 +274,10 @@ def initial_velocities(config: MDConfig, structures, sources: list, err) -> Opti
     note line says which were used. Non-finite velocities, some structures with and some without
     (auto) and replicas that would all start alike (auto) are refused in one line."""
     option = config.option("velocities")
-    has = ["momenta" in atoms.arrays for atoms in structures]
+    # under auto, momenta that are all zero count as none (files written from structures that never
+    # moved carry a zero momenta column): they would start the run at 0 K; ``file`` takes them as given
+    has = ["momenta" in atoms.arrays and (config.velocities == "file" or bool(np.any(atoms.arrays["momenta"] != 0)))
+           for atoms in structures]
     if config.velocities == "draw" or (config.velocities == "auto" and not any(has)):
         if any(has):
             print(f"note: {option} draw: the velocities in the structure file are not used; drawing "
