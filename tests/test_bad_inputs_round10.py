@@ -267,6 +267,35 @@ def test_nan_in_the_open_row_of_a_slab_cell_is_ignored_not_zero_energy():
     assert float(out["energy"].detach()) == pytest.approx(reference, abs=1e-9)
 
 
+def test_a_slab_keeps_its_stress_over_the_volume_of_its_vacuum_row():
+    """The NaN fix above must not zero a finite open row: the stress of a slab divides by the
+    volume its vacuum vector spans (ASE's convention); zeroing the row gave NaN stress. Checked
+    against a central difference of the energy under an in-plane strain, sigma_xx = dE/de_xx / V."""
+    from ase.build import fcc111
+
+    from torchmdx.md.calculator import Calculator
+    from torchmdx.nn.analytic import LennardJones
+
+    lj = LennardJones(0.0104, 2.3)
+    slab = fcc111("Cu", (7, 7, 2), vacuum=6.0)
+    slab.pbc = [True, True, False]
+    slab.calc = Calculator(lj, dtype="float64")
+    stress = slab.get_stress(voigt=False)
+    assert np.isfinite(stress).all()
+
+    def energy(e):
+        strained = slab.copy()
+        strain = np.eye(3) + np.diag([e, 0.0, 0.0])
+        strained.set_cell(slab.cell.array @ strain, scale_atoms=True)
+        strained.calc = Calculator(lj, dtype="float64")
+        return strained.get_potential_energy()
+
+    h = 1e-5
+    expected = (energy(h) - energy(-h)) / (2 * h) / slab.get_volume()
+    assert abs(expected) > 1e-4
+    assert stress[0, 0] == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("scale", [0.0, -2.0])
 def test_model_file_with_scale_zero_or_negative_is_refused(tmp_path, scale):
     import torch

@@ -126,8 +126,10 @@ class Calculator(_AseCalculator):
             self._numbers, self._pbc_np, self._z = numbers.copy(), pbc.copy(), z
             self._neighbors = None  # a different system: new list
         if pbc.any():
-            # open rows zeroed: a NaN there made every pair vector NaN (0 * NaN), energy 0, silently
-            cell = np.where(pbc[:, None], atoms.cell.array, 0.0)
+            # non-finite entries of open rows zeroed: a NaN there made every pair vector NaN
+            # (0 * NaN), energy 0, silently; a finite open row (a slab's vacuum) stays: the stress
+            # divides by the volume it spans
+            cell = np.where(pbc[:, None] | np.isfinite(atoms.cell.array), atoms.cell.array, 0.0)
             self._cell = torch.as_tensor(cell, dtype=self.dtype, device=self.device).unsqueeze(0)
             self._pbc = torch.as_tensor(pbc, device=self.device).unsqueeze(0)
         else:

@@ -123,8 +123,10 @@ def _normalise_inputs(z, pos, batch, cell, pbc, num_structures: Optional[int] = 
         cell, pbc = None, None
     if cell is not None and pbc is not None:
         # an open row may hold anything (NaN too, see kernels.cell_geometry): shifts along it are
-        # 0, and 0 * NaN made every periodic pair's vector NaN: energy 0, silently
-        cell = torch.where(pbc.unsqueeze(-1), cell, torch.zeros_like(cell))
+        # 0, and 0 * NaN made every periodic pair's vector NaN: energy 0, silently. Only its
+        # non-finite entries are zeroed: a finite open row (a slab's vacuum vector) stays, since the
+        # stress divides by the volume it spans (ASE's convention for slabs)
+        cell = torch.where(pbc.unsqueeze(-1) | torch.isfinite(cell), cell, torch.zeros_like(cell))
     if pbc is not None and cell is None:
         from torchmdx.errors import ModelError
 
