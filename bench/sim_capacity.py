@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     print(f"requests per shape: { {k[0]: len(v) for k, v in out['requests'].items()} }; stale: {dict(stale)}")
     print(f"stats {sim.stats}; compiled steps {sim.compiled_steps} of {out['steps']} "
           f"({sim.compiled_steps / max(out['steps'], 1):.0%})")
+    print(f"replayed pair rows / real pairs {sim.rows / max(sim.real_pairs, 1):.3f} (padding rows cost compute)")
     for key, graph in sim._graphs.items():
         print(f"  shape {key[0]} atoms: capacity {graph.capacity}, most pairs {graph.max_pairs}, bound seen {graph.bound}")
     return 0

@@ -68,3 +68,24 @@ def test_no_background_policy_unchanged(tmp_path, headroom):
     assert "held" not in sim.stats
     # capacities still grow after being chosen (ahead of batches, or after an overflow)
     assert any(old > 0 and new > old for _, _, old, new, _ in out["changes"])
+
+
+def test_hold_released_after_many_overflows(tmp_path, monkeypatch):
+    """Held capacities that overflow too often (here: any overflow counts) grow again, with one note."""
+    counts, pairs = _variable_set()
+    monkeypatch.setattr(graphed, "HOLD_SKIP_FRACTION", 0.0)
+    monkeypatch.setattr(graphed, "HOLD_MIN_SKIPPED", 1)
+    # pairs of some structures far above what the warm-up batches show: held capacities overflow
+    pairs = pairs.copy()
+    pairs[::7] = counts[::7] * (counts[::7] - 1)
+    pairs[::50] *= 3
+    out = simulate(counts, pairs, 16, 40, seed=0, compile_steps=600, workdir=str(tmp_path))
+    sim = out["step"]
+    assert sim.stats["skipped"] >= 1
+    assert sim._hold_off
+    assert any("may grow again" in note for note in sim.notes)
+    started_at = {}
+    for step, kind, sig in out["events"]:
+        if kind == "started":
+            started_at.setdefault((sig.atoms, sig.structures, False), step)
+    assert any(step > started_at.get(key, 1e9) and new > old for step, key, old, new, _ in out["changes"])

@@ -135,6 +135,12 @@ BOUND_FRACTION = 1.5
 #: The pairs themselves never needed it: the most pairs of 28 119 sampled 272-atom batches are
 #: 2610 (bound up to 2962). Held, no request goes stale (tests/test_train_graph_policy.py).
 HOLD_REQUESTED = True
+#: the hold is released (capacities grow again, those compiles go stale) once more than this
+#: fraction of the replays, and at least HOLD_MIN_SKIPPED steps, overflowed: the held capacity was
+#: chosen from too few batches for this data (simulated ani1x-large, 4 seeds: 1 to 29 of 16 030
+#: steps overflowed, 0.01-0.18%)
+HOLD_SKIP_FRACTION = 0.01
+HOLD_MIN_SKIPPED = 10
 
 
 class _ShapeGraph:
@@ -259,6 +265,7 @@ class GraphedTrainStep(CapturableStep):
         self._bindings: Optional[list] = None
         self._binding_labels: list[str] = []
         self._skipped_seen = 0
+        self._hold_off = False  # the capacity hold (HOLD_REQUESTED) released after too many overflows
         # status: [steps skipped by overflow (running count), latest step overflowed, most pairs seen]
         self.status = torch.zeros(3, dtype=torch.long, device=self.device)
         #: periodic batches with an unusable cell (allocated here, outside any capture)
@@ -470,7 +477,7 @@ class GraphedTrainStep(CapturableStep):
     def _held(self, graph: _ShapeGraph) -> bool:
         """Does this shape keep its capacity (:data:`HOLD_REQUESTED`: its background compile at
         this capacity is running or done)?"""
-        return (HOLD_REQUESTED and self.background is not None and graph.capacity > 0
+        return (HOLD_REQUESTED and not self._hold_off and self.background is not None and graph.capacity > 0
                 and self.background.holds(graph.key, graph.capacity))
 
     def _choose_capacity(self, graph: _ShapeGraph) -> None:
@@ -532,6 +539,12 @@ class GraphedTrainStep(CapturableStep):
             return dict(self.stats)
         self._skipped_seen = skipped
         self.stats["skipped"] += new
+        if (self.background is not None and not self._hold_off and self.stats["skipped"] >= HOLD_MIN_SKIPPED
+                and self.stats["skipped"] > HOLD_SKIP_FRACTION * max(self.stats["replays"], 1)):
+            # held capacities too small for this data: grow them (their compiles go stale)
+            self._hold_off = True
+            self._note(f"{self.stats['skipped']} of {self.stats['replays']} steps overflowed the neighbor capacity; "
+                       f"capacities of background-compiled shapes may grow again")
         headroom = self.pair_headroom or 1.0
         needed = round_capacity(math.ceil(headroom * most_pairs))
         for graph in self._graphs.values():

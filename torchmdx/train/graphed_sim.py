@@ -109,6 +109,7 @@ class SimulatedStep(GraphedTrainStep):
         self.clock_steps = 0
         self.pairs = 0
         self.compiled_steps = 0  # steps run through a background-compiled graph
+        self.rows = self.real_pairs = 0  # pair rows replayed (capacities) and real pairs in them
         self.changes: list[tuple] = []  # (step, key, old capacity, new capacity, why)
         self._seen: dict = {}
         if background:
@@ -147,6 +148,8 @@ class SimulatedStep(GraphedTrainStep):
         s = self.status.tolist()
         self.status.copy_(torch.tensor([s[0] + flag, flag, max(s[2], int(self.pairs))]))
         self.stats["replays"] += 1
+        self.rows += graph.capacity
+        self.real_pairs += min(int(self.pairs), graph.capacity)
         self.compiled_steps += int(getattr(graph, "compiled", False) and not flag)
         return None
 
