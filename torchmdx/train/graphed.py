@@ -123,6 +123,24 @@ CAPACITY_GROWTH = 1.25
 #: race): of three shapes compiled after settling, two had grown meanwhile and never switched.
 BACKGROUND_ROOM = 1.25
 BOUND_FRACTION = 1.5
+#: with the background compile, a shape whose compile at its present capacity is running or done
+#: keeps that capacity: no growth ahead of a batch (the prediction, most pairs / bound seen x the
+#: batch's bound, is pessimistic), none after an overflow (the overflowed step is skipped on the
+#: device and redone eagerly when it is the latest). Why (2026-12-06, bench/sim_capacity.py on
+#: ani1x-large's 7320 training structures, 70 epochs): the capacity was capped by the largest
+#: bound *seen so far* of the bucket (0.96 of a bound is within 5 A: the room rule made it the
+#: bound), so every rarer batch with a larger bound grew it (272-atom bucket 2688 -> 2752 ->
+#: 3008 pairs, steps 103 and 1564; 336: 3520 -> 3968, step 1133; 296: 3328 -> 3456, step 5932),
+#: after the compiles had started (steps 61-328): all three went stale (12% of steps compiled).
+#: The pairs themselves never needed it: the most pairs of 28 119 sampled 272-atom batches are
+#: 2610 (bound up to 2962). Held, no request goes stale (tests/test_train_graph_policy.py).
+HOLD_REQUESTED = True
+#: the hold is released (capacities grow again, those compiles go stale) once more than this
+#: fraction of the replays, and at least HOLD_MIN_SKIPPED steps, overflowed: the held capacity was
+#: chosen from too few batches for this data (simulated ani1x-large, 4 seeds: 1 to 29 of 16 030
+#: steps overflowed, 0.01-0.18%)
+HOLD_SKIP_FRACTION = 0.01
+HOLD_MIN_SKIPPED = 10
 
 
 class _ShapeGraph:
@@ -247,6 +265,7 @@ class GraphedTrainStep(CapturableStep):
         self._bindings: Optional[list] = None
         self._binding_labels: list[str] = []
         self._skipped_seen = 0
+        self._hold_off = False  # the capacity hold (HOLD_REQUESTED) released after too many overflows
         # status: [steps skipped by overflow (running count), latest step overflowed, most pairs seen]
         self.status = torch.zeros(3, dtype=torch.long, device=self.device)
         #: periodic batches with an unusable cell (allocated here, outside any capture)
@@ -410,12 +429,7 @@ class GraphedTrainStep(CapturableStep):
             outputs, _ = self._compute(graph.inputs, capacity, traced)
             self.stats["eager_steps"] += 1
             return outputs
-        main = torch.cuda.current_stream(self.device)
-        self._side.wait_stream(main)
-        with torch.cuda.stream(self._side):
-            outputs, num_pairs = self._compute(graph.inputs, capacity, traced)
-        main.wait_stream(self._side)
-        pairs = int(num_pairs)
+        outputs, pairs = self._side_step(graph, capacity, traced)
         graph.max_pairs = max(graph.max_pairs, pairs)
         if graph.last_bound > 0:
             graph.pair_ratio = max(graph.pair_ratio, pairs / graph.last_bound)
@@ -426,11 +440,23 @@ class GraphedTrainStep(CapturableStep):
             self._skipped_seen += 1
             self.stats["skipped"] += 1
             self.stats["redone"] += 1
-            graph.capacity = 0
+            if not self._held(graph):
+                graph.capacity = 0
             return self._eager(graph, None, count_warmup)
         if count_warmup:
             graph.eager_steps += 1
         return outputs
+
+    def _side_step(self, graph: _ShapeGraph, capacity: Optional[int], traced: bool) -> tuple:
+        """:meth:`_compute` on the side stream; returns (outputs, pairs found: one host read).
+        (:class:`torchmdx.train.graphed_sim.SimulatedStep` replaces it, and the other device
+        parts, to drive the host decisions on the CPU.)"""
+        main = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            outputs, num_pairs = self._compute(graph.inputs, capacity, traced)
+        main.wait_stream(self._side)
+        return outputs, int(num_pairs)
 
     def _grow_ahead(self, graph: _ShapeGraph, shape: BatchShape) -> None:
         """A batch whose predicted pairs (the largest pairs / bound ratio seen, times its bound: a
@@ -439,9 +465,20 @@ class GraphedTrainStep(CapturableStep):
         expected = math.ceil(graph.pair_ratio * shape.pair_bound)
         if graph.pair_ratio <= 0 or expected <= graph.capacity or graph.capacity >= round_capacity(graph.bound):
             return
+        if self._held(graph):
+            # its compile is under way or done at this capacity: replay (a real overflow is skipped
+            # on the device and redone by check()) rather than make that compile stale
+            self.stats["held"] = self.stats.get("held", 0) + 1
+            return
         self._drop(graph, eager_steps=self.warmup_steps - 1)
         graph.capacity = self._room(math.ceil(self.pair_headroom * expected), graph.bound)
         self.stats["grown_ahead"] = self.stats.get("grown_ahead", 0) + 1
+
+    def _held(self, graph: _ShapeGraph) -> bool:
+        """Does this shape keep its capacity (:data:`HOLD_REQUESTED`: its background compile at
+        this capacity is running or done)?"""
+        return (HOLD_REQUESTED and not self._hold_off and self.background is not None and graph.capacity > 0
+                and self.background.holds(graph.key, graph.capacity))
 
     def _choose_capacity(self, graph: _ShapeGraph) -> None:
         if graph.capacity == 0:  # pair_headroom: h x the most pairs of the eager steps, at most the bound
@@ -502,12 +539,18 @@ class GraphedTrainStep(CapturableStep):
             return dict(self.stats)
         self._skipped_seen = skipped
         self.stats["skipped"] += new
+        if (self.background is not None and not self._hold_off and self.stats["skipped"] >= HOLD_MIN_SKIPPED
+                and self.stats["skipped"] > HOLD_SKIP_FRACTION * max(self.stats["replays"], 1)):
+            # held capacities too small for this data: grow them (their compiles go stale)
+            self._hold_off = True
+            self._note(f"{self.stats['skipped']} of {self.stats['replays']} steps overflowed the neighbor capacity; "
+                       f"capacities of background-compiled shapes may grow again")
         headroom = self.pair_headroom or 1.0
         needed = round_capacity(math.ceil(headroom * most_pairs))
         for graph in self._graphs.values():
             ceiling = round_capacity(graph.bound)
             target = min(needed, ceiling)
-            if 0 < graph.capacity < target:
+            if 0 < graph.capacity < target and not self._held(graph):
                 self._drop(graph, eager_steps=self.warmup_steps - 1)
                 grown = round_capacity(math.ceil(CAPACITY_GROWTH * graph.capacity))
                 graph.capacity = min(max(target, grown), ceiling)

@@ -222,6 +222,16 @@ class BackgroundCompile:
             self.log.append(f"the background-compiled batch shape ({describe(sig)}) did not load ({reason}); "
                             f"that shape keeps the model's autograd")
 
+    def holds(self, key: tuple, capacity: int) -> bool:
+        """Is a compile of the shape ``key`` (atoms, structures, periodic) at neighbor ``capacity``
+        running or done (and not failed)? Then :class:`~torchmdx.train.graphed.GraphedTrainStep`
+        keeps that capacity (:data:`~torchmdx.train.graphed.HOLD_REQUESTED`): growing it would
+        make the compile stale."""
+        for sig in self._ready | {sig for child in self._running for sig in child[1]}:
+            if sig not in self.failed and matches(sig, key, capacity):
+                return True
+        return False
+
     def news(self) -> list[str]:
         """Log lines not yet returned by this method."""
         lines, self._said = self.log[self._said:], len(self.log)
