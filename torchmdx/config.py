@@ -209,12 +209,35 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
+    def resolve(self, kind, value, implicit):
+        """YAML 1.1's base-60 numbers are text here, as in YAML 1.2: ``max_time: 12:00:00:00``
+        (Lightning's DD:HH:MM:SS) was the int 3888000, refused as "must be str"; ``1:30`` was 90."""
+        tag = super().resolve(kind, value, implicit)
+        if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and implicit[0] and ":" in value:
+            return "tag:yaml.org,2002:str"
+        return tag
+
+
+def _construct_int(loader, node):
+    """Ints as YAML 1.2 reads them: ``010`` is ten (YAML 1.1, PyYAML: octal 8, so that
+    ``max_epochs: 010`` ran 8 epochs, silently); ``0x10`` stays hex, ``0b11`` binary."""
+    text = loader.construct_scalar(node).replace("_", "")
+    digits = text.lstrip("+-")
+    if len(digits) > 1 and digits[0] == "0" and digits.isdigit():
+        return int(text, 10)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
 
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; one-line errors for a missing file or bad YAML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        from torchmdx.io_utils import missing_file_reason
+
+        raise ConfigError(f"{path}: {missing_file_reason(path, 'config file')}")
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except _DuplicateKey as exc:
@@ -238,8 +261,10 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         dotted, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
+        try:  # the config file's loader: a key given twice in a {...} value kept the last, silently
+            value = yaml.load(raw, Loader=_UniqueKeyLoader)
+        except _DuplicateKey as exc:
+            raise ConfigError(f"--set {item!r}: {str(exc).split(' (lines')[0]}; keep one") from None
         except yaml.YAMLError:
             value = raw
         set_dotted(config, dotted.strip(), value, f"--set {item!r}")
