@@ -235,3 +235,20 @@ def test_rank_wait_seconds_must_be_a_positive_number(monkeypatch, value):
     assert rank_wait_seconds() == 2.5
     monkeypatch.delenv("TORCHMDX_RANK_WAIT_S")
     assert rank_wait_seconds() == 21600.0
+
+
+@pytest.mark.parametrize("value, traceback", [("0", False), ("false", False), ("off", False), ("", False),
+                                              ("1", True), ("yes", True)])
+def test_traceback_variable_set_to_zero_means_off(tmp_path, capsys, monkeypatch, value, traceback):
+    """TORCHMDX_TRACEBACK=0 (turning tracebacks off) showed them: any non-empty text counted as on."""
+    from torchmdx.cli.main import main
+    from torchmdx.errors import ConfigError
+
+    monkeypatch.setenv("TORCHMDX_TRACEBACK", value)
+    args = ["train", str(tmp_path / "none.yaml")]
+    if traceback:
+        with pytest.raises(ConfigError):
+            main(args)
+        return
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none.yaml'}: config file not found\n"
