@@ -23,7 +23,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, NoReturn, TypeVar, Union, get_args, get_origin
+from typing import Any, Hashable, Literal, Mapping, NoReturn, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -202,8 +202,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<: *base` (merge keys): the base's keys may be overridden here; constructing
+                # the `<<` key itself failed ("could not determine a constructor for the tag
+                # 'tag:yaml.org,2002:merge'", reported as "not valid YAML")
+                continue
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):  # `[1]: x`: a TypeError traceback from the check below
+                continue  # SafeLoader's construct_mapping says "found unhashable key" (a YAMLError)
             if key in seen:
                 raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
             seen[key] = line
