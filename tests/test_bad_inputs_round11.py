@@ -252,3 +252,44 @@ def test_traceback_variable_set_to_zero_means_off(tmp_path, capsys, monkeypatch,
         return
     assert main(args) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'none.yaml'}: config file not found\n"
+
+
+def test_predict_of_float32_positions_far_from_the_origin(tmp_path):
+    """``Potential.predict`` (the Python API) had the Calculator's float32 loss: 2.1934 eV at the
+    origin, 2.1625 eV 10^6 Å away. Each structure of a list is now centred on its own atoms."""
+    model = torchmdx.load_model(_model(tmp_path))
+    exact = torchmdx.load_model(_model(tmp_path, "m64.pt"), dtype="float64")
+    near = model.predict(molecule("CH3OH"))
+    far = molecule("CH3OH")
+    far.positions += 1e6
+    got, reference = model.predict([far, molecule("H2O")]), exact.predict([far, molecule("H2O")])
+    assert abs(got["energy"][0] - near["energy"]) < 1e-5
+    assert np.abs(got["energy"] - reference["energy"]).max() < 1e-5
+    assert np.abs(got["forces"][0] - reference["forces"][0]).max() < 1e-5
+    crystal = bulk("C", "diamond", a=3.57, cubic=True).repeat(3)
+    moved = crystal.copy()
+    moved.positions += 1e5
+    a, b = exact.predict(crystal, stress=True), exact.predict(moved, stress=True)
+    assert abs(a["energy"] - b["energy"]) < 1e-8 and np.abs(a["stress"] - b["stress"]).max() < 1e-8
+
+
+def test_yaml_merge_keys_are_read(tmp_path):
+    """``<<: *base`` (YAML merge keys, which PyYAML's safe loader reads) was refused as "not valid
+    YAML ...: could not determine a constructor for the tag 'tag:yaml.org,2002:merge'": the
+    duplicate-key check constructed the ``<<`` key itself. A key given twice beside a merge is
+    still refused; the merged keys may be overridden."""
+    from torchmdx.errors import ConfigError
+
+    text = "a: &base {lr: 0.1, ema_decay: 0.9}\nb:\n  <<: *base\n  lr: 0.2\n"
+    assert _yaml(tmp_path, text) == {"a": {"lr": 0.1, "ema_decay": 0.9}, "b": {"lr": 0.2, "ema_decay": 0.9}}
+    with pytest.raises(ConfigError, match=r"c\.yaml: key 'lr' is given twice \(lines 4 and 5\); keep one$"):
+        _yaml(tmp_path, text + "  lr: 0.3\n")
+
+
+def test_yaml_unhashable_key(tmp_path, capsys):
+    """``train: {[1]: 2}`` was a ``TypeError: unhashable type: 'list'`` traceback."""
+    from torchmdx.cli.main import main
+
+    (tmp_path / "c.yaml").write_text("train: {[1]: 2}\n")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'c.yaml'}: not valid YAML at line 1, column 9: found unhashable key\n"
