@@ -23,7 +23,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, NoReturn, TypeVar, Union, get_args, get_origin
+from typing import Any, Hashable, Literal, Mapping, NoReturn, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -202,19 +202,49 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<: *base` (merge keys): the base's keys may be overridden here; constructing
+                # the `<<` key itself failed ("could not determine a constructor for the tag
+                # 'tag:yaml.org,2002:merge'", reported as "not valid YAML")
+                continue
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):  # `[1]: x`: a TypeError traceback from the check below
+                continue  # SafeLoader's construct_mapping says "found unhashable key" (a YAMLError)
             if key in seen:
                 raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+    def resolve(self, kind, value, implicit):
+        """YAML 1.1's base-60 numbers are text here, as in YAML 1.2: ``max_time: 12:00:00:00``
+        (Lightning's DD:HH:MM:SS) was the int 3888000, refused as "must be str"; ``1:30`` was 90."""
+        tag = super().resolve(kind, value, implicit)
+        if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and implicit[0] and ":" in value:
+            return "tag:yaml.org,2002:str"
+        return tag
+
+
+def _construct_int(loader, node):
+    """Ints as YAML 1.2 reads them: ``010`` is ten (YAML 1.1, PyYAML: octal 8, so that
+    ``max_epochs: 010`` ran 8 epochs, silently); ``0x10`` stays hex, ``0b11`` binary."""
+    text = loader.construct_scalar(node).replace("_", "")
+    digits = text.lstrip("+-")
+    if len(digits) > 1 and digits[0] == "0" and digits.isdigit():
+        return int(text, 10)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; one-line errors for a missing file or bad YAML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        from torchmdx.io_utils import missing_file_reason
+
+        raise ConfigError(f"{path}: {missing_file_reason(path, 'config file')}")
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except _DuplicateKey as exc:
@@ -238,8 +268,10 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         dotted, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
+        try:  # the config file's loader: a key given twice in a {...} value kept the last, silently
+            value = yaml.load(raw, Loader=_UniqueKeyLoader)
+        except _DuplicateKey as exc:
+            raise ConfigError(f"--set {item!r}: {str(exc).split(' (lines')[0]}; keep one") from None
         except yaml.YAMLError:
             value = raw
         set_dotted(config, dotted.strip(), value, f"--set {item!r}")

@@ -22,7 +22,9 @@ def check_device(device, what: str = "device"):
             raise ConfigError(f"{what} {device!r}: no CUDA GPU is available here (use cpu)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"{what} {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type not in ("cpu", "meta"):
+    elif dev.type == "meta":  # tensors of shapes only: "Tensor.item() cannot be called on meta tensors"
+        raise ConfigError(f"{what} {device!r}: the meta device holds no numbers (shapes only); use cpu or cuda")
+    elif dev.type != "cpu":
         raise ConfigError(f"{what} {device!r}: torchmdx runs on cpu or cuda devices")
     return dev
 

@@ -89,3 +89,25 @@ def unwritable_folder(folder: str | os.PathLike) -> str | None:
     if not os.access(existing, os.W_OK):
         return f"{existing} is not writable"
     return None
+
+
+def missing_file_reason(path: str | os.PathLike, what: str = "file") -> str:
+    """Why ``path`` is not a readable regular file, for a one-line error after ``Path.is_file()``
+    said no: "<what> not found", "is a folder, not a <what>", "is a symbolic link that loops"
+    (``is_file`` and ``exists`` say only False for a loop: it read as "not found") or "is a
+    symbolic link to the missing PATH"."""
+    path = Path(path)
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13
+            return "is a symbolic link that loops back on itself"
+        except OSError as exc:
+            if exc.errno == 40:  # ELOOP
+                return "is a symbolic link that loops back on itself"
+            return f"is a symbolic link to the missing {os.readlink(path)}"
+    if path.is_dir():
+        return f"is a folder, not a {what}"
+    if path.exists():
+        return f"is not a regular {what} (a device, pipe or socket)"
+    return f"{what} not found"

@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def traceback_wanted() -> bool:
+    """``TORCHMDX_TRACEBACK`` set to anything but empty, 0, false, no or off (``=0`` meant "on":
+    a user turning tracebacks off got them)."""
+    return os.environ.get("TORCHMDX_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings on the command line as one ``warning:`` line each (no source line under them);
     Python callers of :func:`main` (an explicit ``argv``) and the Python API keep Python's own
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     shown = warnings.showwarning
-    if argv is None and not os.environ.get("TORCHMDX_TRACEBACK"):
+    if argv is None and not traceback_wanted():
         # the command line (arguments from sys.argv); main([...]) from Python keeps Python's warnings
         warnings.showwarning = _one_line_warning
     try:
@@ -72,14 +78,14 @@ def _run(args) -> int:
     try:
         return int(args._module.run(args) or 0)
     except TorchmdxError as exc:
-        if os.environ.get("TORCHMDX_TRACEBACK"):
+        if traceback_wanted():
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         # the disk or the folder refused a write (full, quota, read-only, permissions): a fact about
         # the machine, not a bug; anything else stays a traceback worth a bug report
-        if exc.errno not in _WRITE_REFUSED or os.environ.get("TORCHMDX_TRACEBACK"):
+        if exc.errno not in _WRITE_REFUSED or traceback_wanted():
             raise
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc} (the system refused the file operation: a full disk, a quota, "
@@ -90,7 +96,7 @@ def _run(args) -> int:
         # CUDA torch.OutOfMemoryError (a RuntimeError); any other RuntimeError stays a traceback
         out_of_memory = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" \
             or "can't allocate memory" in str(exc)
-        if not out_of_memory or os.environ.get("TORCHMDX_TRACEBACK"):
+        if not out_of_memory or traceback_wanted():
             raise
         detail = (str(exc).splitlines() or [""])[0][:200]
         gigabytes = requested_gigabytes(detail)

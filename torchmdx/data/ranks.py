@@ -78,12 +78,31 @@ def local_rank() -> int:
     return global_rank()
 
 
+def rank_wait_seconds() -> float:
+    """``TORCHMDX_RANK_WAIT_S`` (seconds > 0), else :data:`RANK_WAIT_S`. A value that is no such
+    number is a one-line DataError: 'abc' was float()'s ValueError traceback, 'nan' or '-5' gave
+    up at once ("gave up waiting ... after nan s") while rank 0 was still building the cache."""
+    import math
+
+    text = os.environ.get("TORCHMDX_RANK_WAIT_S", "").strip()
+    if not text:
+        return RANK_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise DataError(f"environment variable TORCHMDX_RANK_WAIT_S is {text!r}; expected a number of seconds > 0 "
+                        f"(unset it for the default, {RANK_WAIT_S:.0f} s)")
+    return value
+
+
 def wait_for(ready: Callable[[], object], what: str, say: Callable[[str], None] = print,
              timeout: Optional[float] = None):
     """Poll ``ready()`` until it returns something truthy (returned); one line when the wait
     starts; a DataError after ``timeout`` seconds (:data:`RANK_WAIT_S`, TORCHMDX_RANK_WAIT_S)."""
     if timeout is None:
-        timeout = float(os.environ.get("TORCHMDX_RANK_WAIT_S", RANK_WAIT_S))
+        timeout = rank_wait_seconds()
     value = ready()
     if value:
         return value

@@ -97,6 +97,7 @@ class Calculator(_AseCalculator):
         self.compute_stress = compute_stress
         self._z = self._cell = self._pbc = None
         self._numbers = self._pbc_np = None
+        self._origin = np.zeros(3)
         self._neighbors: Optional[Neighbors] = None
         self._reference: Optional[torch.Tensor] = None
         self._reference_cell: Optional[torch.Tensor] = None
@@ -125,6 +126,8 @@ class Calculator(_AseCalculator):
             self.potential.check_elements(z)
             self._numbers, self._pbc_np, self._z = numbers.copy(), pbc.copy(), z
             self._neighbors = None  # a different system: new list
+            positions = atoms.get_positions()
+            self._origin = np.round(positions.mean(0)) if len(positions) else np.zeros(3)
         if pbc.any():
             # non-finite entries of open rows zeroed: a NaN there made every pair vector NaN
             # (0 * NaN), energy 0, silently; a finite open row (a slab's vacuum) stays: the stress
@@ -186,11 +189,17 @@ class Calculator(_AseCalculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        periodic = bool(np.any(atoms.pbc))
+        periodic = bool(np.all(atoms.pbc))  # a slab's or wire's stress divided by a zero volume: NaN, silently
         if "stress" in properties and not periodic:
+            if np.any(atoms.pbc):
+                raise PropertyNotImplementedError(
+                    f"stress needs a structure periodic in all three directions; pbc is {np.asarray(atoms.pbc).tolist()} "
+                    "(a slab or wire has no volume to divide by)")
             raise PropertyNotImplementedError("stress is only defined for periodic structures (set a cell and pbc)")
         self._structure_tensors(atoms, system_changes)
-        positions = torch.as_tensor(atoms.get_positions(), dtype=self.dtype, device=self.device)
+        # relative to a fixed origin near the atoms, subtracted in float64: a float32 model's
+        # positions 10^6 Å from the origin kept 0.06 Å steps (energies off by 0.03 eV, silently)
+        positions = torch.as_tensor(atoms.get_positions() - self._origin, dtype=self.dtype, device=self.device)
         want_stress = periodic and (self.compute_stress is True or self.compute_stress == "auto" or "stress" in properties)
         if self.cuda_graph and not want_stress and self._graph_call(atoms, positions):
             return

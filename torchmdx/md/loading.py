@@ -39,13 +39,32 @@ def load_potential(model, device="cpu", dtype=None) -> Potential:
     elif isinstance(model, (str, Path)):
         path = Path(model)
         if not path.is_file():
-            raise ModelError(f"{path}: model file not found")
+            from torchmdx.io_utils import missing_file_reason
+
+            raise ModelError(f"{path}: {missing_file_reason(path, 'model file')}")
         from torchmdx.nn import load_model
 
         potential = load_model(path, device=device)
     else:
         raise ModelError(f"expected a torchmdx Potential or a model file path, got {type(model).__name__}")
+    target_dtype = as_dtype(dtype) if dtype is not None else None
+    if isinstance(model, Potential) and _would_change(model, torch.device(device), target_dtype):
+        # Module.to converts in place: Calculator(model, dtype="float64") turned the caller's model
+        # (and an earlier Calculator sharing it, which still fed float32 positions) into float64
+        import copy
+
+        potential = copy.deepcopy(model)
     potential = potential.to(device=torch.device(device))
-    if dtype is not None:
-        potential = potential.to(dtype=as_dtype(dtype))
+    if target_dtype is not None:
+        potential = potential.to(dtype=target_dtype)
     return potential
+
+
+def _would_change(potential: Potential, device: torch.device, dtype) -> bool:
+    """Would moving ``potential`` to ``device`` (and ``dtype`` when not None) change a tensor?"""
+    for t in list(potential.parameters()) + list(potential.buffers()):
+        if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+            return True
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            return True
+    return False

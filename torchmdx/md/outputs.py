@@ -68,7 +68,8 @@ def _same(a: Path, b: Path) -> bool:
             return os.path.samefile(a, b)
     except OSError:
         pass
-    return a.resolve() == b.resolve()
+    # os.path.realpath, not Path.resolve: a symbolic-link loop made resolve raise RuntimeError (a traceback)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 #: outputs written to a temporary name and renamed onto their path

@@ -290,7 +290,7 @@ class Potential(torch.nn.Module):
         from torchmdx.nn.atoms import atoms_inputs, is_atoms, module_device_dtype, split_per_structure
 
         device, dtype = module_device_dtype(self)
-        inputs = atoms_inputs(atoms, device, dtype)
+        inputs = atoms_inputs(atoms, device, dtype, centred=True)  # float32 far from the origin lost precision
         out = self.forward(**inputs, forces=forces, stress=stress)
         single = is_atoms(atoms)
         energy = out["energy"].detach().cpu().numpy()

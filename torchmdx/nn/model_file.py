@@ -174,7 +174,9 @@ def load_model(
 
         check_device(device, "device")  # before reading anything
     if not path.is_file():
-        raise ModelError(f"{path}: model file not found")
+        from torchmdx.io_utils import missing_file_reason
+
+        raise ModelError(f"{path}: {missing_file_reason(path, 'model file')}")
     try:
         with warnings.catch_warnings():  # torch's notes on foreign pickles: the error below says it all
             warnings.simplefilter("ignore")
