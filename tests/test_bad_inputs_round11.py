@@ -80,21 +80,25 @@ def test_refused_in_one_line(tmp_path, shared_data, capsys, monkeypatch, setup, 
 
 
 # ---------------------------------------------------------------------------------- Calculator
-def test_stress_of_a_slab_is_refused_not_nan(tmp_path):
-    """pbc [T, F, F] or [T, T, F]: the stress was divided by the zero volume of the zeroed open
-    rows, and get_stress returned six NaN without a word; now ASE's PropertyNotImplementedError
-    in one line (energies and forces still work; a fully periodic cell still has its stress)."""
+def test_stress_of_a_slab_without_vacuum_vectors_is_refused_not_nan(tmp_path):
+    """pbc [T, F, F] or [T, T, F] with zero open rows: the stress divided by the cell's zero volume,
+    and get_stress returned six NaN without a word; now ASE's PropertyNotImplementedError in one
+    line (energies and forces still work). With vacuum vectors in the open rows a slab has its
+    stress (ASE's convention: test_bad_inputs_round10 checks it against finite differences)."""
     from ase.calculators.calculator import PropertyNotImplementedError
 
     calc = torchmdx.Calculator(_model(tmp_path))
     for pbc in ([True, False, False], [True, True, False]):
         atoms = molecule("CH4")
-        atoms.cell, atoms.pbc = [10.0, 10.0, 10.0], pbc
+        atoms.cell, atoms.pbc = np.diag([10.0 if p else 0.0 for p in pbc]), pbc
         atoms.calc = calc
         assert np.isfinite(atoms.get_potential_energy())
         with pytest.raises(PropertyNotImplementedError,
-                           match=re.escape(f"stress needs a structure periodic in all three directions; pbc is {pbc}")):
+                           match=re.escape(f"stress of a structure with pbc {pbc} divides by the volume of its cell, "
+                                           "which is 0")):
             atoms.get_stress()
+        atoms.cell = [10.0, 10.0, 10.0]  # vacuum vectors in the open rows: a finite stress
+        assert np.isfinite(atoms.get_stress()).all()
     atoms = molecule("CH4")
     atoms.cell, atoms.pbc = [10.0, 10.0, 10.0], True
     atoms.calc = calc

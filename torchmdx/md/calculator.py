@@ -189,12 +189,20 @@ class Calculator(_AseCalculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        periodic = bool(np.all(atoms.pbc))  # a slab's or wire's stress divided by a zero volume: NaN, silently
-        if "stress" in properties and not periodic:
-            if np.any(atoms.pbc):
-                raise PropertyNotImplementedError(
-                    f"stress needs a structure periodic in all three directions; pbc is {np.asarray(atoms.pbc).tolist()} "
-                    "(a slab or wire has no volume to divide by)")
+        periodic = bool(np.any(atoms.pbc))
+        if periodic and not bool(np.all(atoms.pbc)):
+            # a slab's or wire's stress divides by the volume its open (vacuum) rows span, ASE's
+            # convention; with a zero or non-finite open row that volume is 0 and the stress was NaN
+            cell = np.asarray(atoms.cell.array, dtype=np.float64)
+            volume = abs(float(np.linalg.det(cell))) if np.isfinite(cell).all() else 0.0
+            if volume <= 1e-12:
+                periodic = False  # energies and forces only
+                if "stress" in properties:
+                    raise PropertyNotImplementedError(
+                        f"stress of a structure with pbc {np.asarray(atoms.pbc).tolist()} divides by the volume of its "
+                        "cell, which is 0: give each open direction a finite vacuum vector (as ase.build's "
+                        "vacuum= does)")
+        if "stress" in properties and not periodic and not np.any(atoms.pbc):
             raise PropertyNotImplementedError("stress is only defined for periodic structures (set a cell and pbc)")
         self._structure_tensors(atoms, system_changes)
         # relative to a fixed origin near the atoms, subtracted in float64: a float32 model's
