@@ -1,0 +1,76 @@
+"""Regressions on valid input found by the 2026-12-06 audit of the session's bad-input hardening
+(rounds 9 and 10) and the attention key-bias removal: each test runs an input that worked before
+those changes and checks it still gives the earlier result."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase.io import read
+
+import torchmdx
+from test_bad_inputs_round10 import _argon, _md, _momenta
+
+
+# ------------------------------------------------------------------ md: --velocities auto
+def test_md_replicas_of_a_frame_with_velocities_draw_a_different_start_per_copy(tmp_path, capsys):
+    """`md frame.extxyz --replicas 2` (e.g. the last frame of an earlier torchmdx trajectory, which
+    carries momenta) ran before --velocities existed, drawing new velocities per copy; round 10's
+    `auto` refused it. Now `auto` draws per copy (with a note); `file` starts every copy from the
+    file's momenta."""
+    from torchmdx.cli.main import main
+
+    momenta = _momenta()
+    path = _argon(tmp_path, momenta=momenta)
+    capsys.readouterr()
+    assert main([str(a) for a in _md(tmp_path, path, "--replicas", "2")]) == 0
+    err = capsys.readouterr().err
+    assert "note: the velocities in the structure files are not used: --replicas 2 copies get different ones" in err
+    first = [read(tmp_path / f"md.{k}.extxyz", 0).get_momenta() for k in range(2)]
+    assert np.abs(first[0] - first[1]).max() > 0.1  # different Maxwell–Boltzmann draws
+    assert all(np.abs(p - momenta).max() > 0.1 and np.abs(p.sum(0)).max() < 1e-6 for p in first)
+
+    assert main([str(a) for a in _md(tmp_path, path, "--replicas", "2", "--velocities", "file", "--force")]) == 0
+    assert "note: initial velocities from the structure file (their momenta" in capsys.readouterr().err
+    for k in range(2):
+        np.testing.assert_allclose(read(tmp_path / f"md.{k}.extxyz", 0).get_momenta(), momenta, atol=1e-12)
+
+
+def test_md_structures_some_with_velocities_draw_for_all_under_auto(tmp_path, capsys):
+    """Two structure files, one a trajectory frame with momenta and one without: this ran before
+    (velocities drawn for both); round 10's `auto` refused it although `draw` was the only way on."""
+    from torchmdx.cli.main import main
+
+    momenta = _momenta()
+    with_v, without = _argon(tmp_path, momenta=momenta), _argon(tmp_path, "plain.extxyz")
+    capsys.readouterr()
+    assert main([str(a) for a in _md(tmp_path, [with_v, without])]) == 0
+    err = capsys.readouterr().err
+    assert "plain.extxyz carries none while" in err and "drawing Maxwell–Boltzmann ones at 300 K for all" in err
+    drawn = read(tmp_path / "md.0.extxyz", 0).get_momenta()
+    assert np.abs(drawn - momenta).max() > 0.1 and np.abs(drawn.sum(0)).max() < 1e-6
+
+
+# ------------------------------------------------------------------ set_normalisation: numpy scalars
+def test_set_normalisation_takes_numpy_0d_arrays():
+    """`float()` took a 0-d numpy array (np.array(0.7), e.g. from array arithmetic) for scale, shift,
+    energy_offset and atomref values; round 10's finiteness checks refused it ("must be a finite
+    number > 0, got array(0.7)"). The model equals one given the plain floats."""
+    from ase.build import molecule
+
+    values = dict(scale=0.7, shift=-0.1, energy_offset=0.3, atomref={1: -13.6, 6: -1029.0, 8: -2040.0})
+    plain = torchmdx.build_model({"embedding_dimension": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8,
+                                  "dtype": "float64"})
+    wrapped = torchmdx.build_model({"embedding_dimension": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8,
+                                    "dtype": "float64"})
+    wrapped.load_state_dict(plain.state_dict())
+    plain.set_normalisation(**values, elements=[1, 6, 8])
+    wrap = np.array
+    wrapped.set_normalisation(scale=wrap(0.7), shift=wrap(-0.1), energy_offset=wrap(0.3),
+                              atomref={z: wrap(e) for z, e in values["atomref"].items()}, elements=np.array([1, 6, 8]))
+    atoms = molecule("CH3CH2OH")
+    z, pos = torch.tensor(atoms.numbers), torch.tensor(atoms.positions)
+    batch = torch.zeros(len(z), dtype=torch.long)
+    e_plain, e_wrapped = plain(z, pos, batch)["energy"], wrapped(z, pos, batch)["energy"]
+    assert float(e_plain.detach().sum()) < -4000  # the atomic references are in (2 C, 6 H, 1 O)
+    torch.testing.assert_close(e_wrapped, e_plain, rtol=0, atol=0)
