@@ -5,6 +5,7 @@ those changes and checks it still gives the earlier result."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from ase.io import read
 
@@ -74,3 +75,31 @@ def test_set_normalisation_takes_numpy_0d_arrays():
     e_plain, e_wrapped = plain(z, pos, batch)["energy"], wrapped(z, pos, batch)["energy"]
     assert float(e_plain.detach().sum()) < -4000  # the atomic references are in (2 C, 6 H, 1 O)
     torch.testing.assert_close(e_wrapped, e_plain, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ openmm-ml: atom indices
+@pytest.mark.parametrize("atoms", [torch.tensor([2, 0, 1]), range(3), np.arange(3, dtype=np.uint32)],
+                         ids=["torch tensor", "range", "numpy uint32"])
+def test_openmm_ml_takes_integer_atom_indices_of_any_kind(tmp_path, atoms):
+    """createMixedSystem's atoms as a torch tensor of indices: `int(a)` took its 0-d elements
+    before round 10, whose whole-number check (numbers.Integral) refused them ("ML atom index
+    tensor(2) is not a whole number"). The ML force is the one a plain list gives."""
+    pytest.importorskip("openmmml")
+    from openmm import Context, Platform, VerletIntegrator, unit
+
+    from test_bad_inputs_round10 import TINY, _topology_and_system
+    from torchmdx.openmm.mlpotential import TorchmdxPotentialImpl
+
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(elements=[1, 6, 8])
+    model.save(tmp_path / "m.pt")
+    positions = np.random.default_rng(0).normal(size=(9, 3)) * 0.15  # nm
+    energies = []
+    for given in (atoms, [int(a) for a in atoms]):
+        topology, system = _topology_and_system()
+        impl = TorchmdxPotentialImpl("torchmdx", tmp_path / "m.pt", implementation="python", device="cpu")
+        impl.addForces(topology, system, given, 0)
+        context = Context(system, VerletIntegrator(0.001), Platform.getPlatformByName("Reference"))
+        context.setPositions(positions)
+        energies.append(context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+    assert energies[0] == energies[1] and energies[0] != 0
