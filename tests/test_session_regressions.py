@@ -103,3 +103,27 @@ def test_openmm_ml_takes_integer_atom_indices_of_any_kind(tmp_path, atoms):
         context.setPositions(positions)
         energies.append(context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
     assert energies[0] == energies[1] and energies[0] != 0
+
+
+# ------------------------------------------------------------------ train: max_steps inside one epoch
+def test_training_that_stops_inside_the_first_epoch_finishes(tmp_path, shared_data):
+    """Not a regression of this session (the code before it failed alike), found by the audit:
+    `trainer.max_steps` below one epoch's steps with early stopping on (the default patience) was
+    Lightning's traceback "Early stopping conditioned on metric `val_loss` which is not available"
+    (the check ran at the end of the cut-short epoch, before any validation). Early stopping now
+    checks after validations only; the run ends with its model file."""
+    import yaml
+
+    from torchmdx.cli.main import main
+    from torchmdx.train.export import read_checkpoint
+
+    config = {"data": {"path": str(shared_data / "md17" / "md17_ethanol_xtb.npz"), "cache_dir": str(tmp_path / "c"),
+                       "train_size": 48, "val_size": 16, "test_size": 0, "batch_size": 8},
+              "model": {"embedding_dimension": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8, "cutoff_upper": 4.0},
+              "train": {"early_stopping_patience": 5},
+              "trainer": {"max_steps": 3, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+              "run_dir": str(tmp_path / "run")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0  # 6 steps an epoch; stopped after 3
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    assert (tmp_path / "run" / "model.pt").is_file()
