@@ -127,3 +127,20 @@ def test_training_that_stops_inside_the_first_epoch_finishes(tmp_path, shared_da
     assert main(["train", str(tmp_path / "c.yaml")]) == 0  # 6 steps an epoch; stopped after 3
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
     assert (tmp_path / "run" / "model.pt").is_file()
+
+
+# ------------------------------------------------------------------ sweep: count and fraction sizes
+def test_sweep_train_size_count_1_and_fraction_1_0_are_two_points():
+    """Round 10 refused sweep points whose values the config reads as equal numbers (train.lr
+    0.001 and '1e-3'); it equated every int with its float, but a split size of 1 is one
+    structure and 1.0 all of them (data.splits.resolve_sizes). Both points plan again, as before;
+    equal values are still refused."""
+    from torchmdx.data.splits import resolve_sizes
+    from torchmdx.errors import ConfigError
+    from torchmdx.train.sweep_plan import plan_points
+
+    assert resolve_sizes(100, 1, 0, 0)[0] == 1 and resolve_sizes(100, 1.0, 0, 0)[0] == 100
+    points = plan_points({"data.train_size": [1, 1.0]}, {})
+    assert sorted(repr(p.overrides["data.train_size"]) for p in points) == ["1", "1.0"]
+    with pytest.raises(ConfigError, match="are the same training"):
+        plan_points({"train.lr": [0.001, "1e-3"]}, {})
