@@ -59,14 +59,6 @@ def md_velocities_file_without_any(t, s):
     return _md(t, _argon(t, "plain.xyz"), "--velocities", "file")
 
 
-def md_replicas_of_file_velocities(t, s):  # every copy would start alike (auto)
-    return _md(t, _argon(t, momenta=_momenta()), "--replicas", "2")
-
-
-def md_some_structures_with_velocities(t, s):
-    return _md(t, [_argon(t, momenta=_momenta()), _argon(t, "plain.extxyz")])
-
-
 def md_nan_open_row_of_a_slab_cell(t, s):  # the engine wraps with the whole cell: NaN positions
     return _md(t, _argon(t, cell=[[30, 0, 0], [0, 30, 0], [0, 0, np.nan]], pbc=[True, True, False]))
 
@@ -166,10 +158,6 @@ CASES = [
                                    "fix the momenta in the file, or pass --velocities draw"]),
     (md_velocities_file_without_any, ["plain.xyz: carries no velocities (ASE momenta), and --velocities file needs "
                                       "them in every structure"]),
-    (md_replicas_of_file_velocities, ["--replicas 2 copies would all start from the velocities in", "ar.extxyz",
-                                      "pass --velocities draw"]),
-    (md_some_structures_with_velocities, ["plain.extxyz: carries no velocities (ASE momenta) while", "ar.extxyz",
-                                          "does; pass --velocities draw"]),
     (md_nan_open_row_of_a_slab_cell, ["ar.extxyz: the cell holds non-finite values (rows [[30.0, 0.0, 0.0], "
                                       "[0.0, 30.0, 0.0], [0.0, 0.0, nan]] Å), periodic [True, True, False]"]),
     (md17_xyz_comment_of_two_numbers, ["two.xyz: line 13: expected the energy alone (one number, kcal/mol), got 2 "

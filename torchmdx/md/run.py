@@ -270,31 +270,39 @@ def initial_velocities(config: MDConfig, structures, sources: list, err) -> Opti
     of the replicated structures), or None to draw Maxwell–Boltzmann ones at ``temperature``.
 
     ``velocities: auto`` takes the velocities (ASE momenta) the structure files carry, as ASE's MD
-    does (md used to draw new ones silently); ``file`` requires them; ``draw`` always draws. One
-    note line says which were used. Non-finite velocities, some structures with and some without
-    (auto) and replicas that would all start alike (auto) are refused in one line."""
+    does (md used to draw new ones silently), when every structure carries them and each runs once;
+    with ``--replicas`` > 1 (copies exist to start from different velocities) or when only some
+    structures carry them, it draws for all, as md always did, and the note says why. ``file``
+    requires them in every structure (every replica starts from them); ``draw`` always draws. One
+    note line says which were used. Non-finite velocities are refused in one line."""
     option = config.option("velocities")
     # under auto, momenta that are all zero count as none (files written from structures that never
     # moved carry a zero momenta column): they would start the run at 0 K; ``file`` takes them as given
     has = ["momenta" in atoms.arrays and (config.velocities == "file" or bool(np.any(atoms.arrays["momenta"] != 0)))
            for atoms in structures]
-    if config.velocities == "draw" or (config.velocities == "auto" and not any(has)):
-        if any(has):
+    why = None
+    if config.velocities == "auto" and any(has) and not all(has):
+        # a refusal here turned a command that ran before --velocities existed into an error whose
+        # only way out was --velocities draw (file needs velocities in every structure)
+        why = (f"{sources[has.index(False)]} carries none while {sources[has.index(True)]} does ({option} file "
+               "needs them in every structure)")
+    elif config.velocities == "auto" and any(has) and config.replicas > 1:
+        # replicas are copies with different velocities (docs/md.md); refusing them broke
+        # `md frame.extxyz --replicas N` from a frame of an earlier trajectory
+        why = (f"{config.option('replicas')} {config.replicas} copies get different ones; {option} file starts "
+               "every copy from the file's")
+    if config.velocities == "draw" or (config.velocities == "auto" and not any(has)) or why:
+        if why:
+            print(f"note: the velocities in the structure files are not used: {why}; drawing Maxwell–Boltzmann "
+                  f"ones at {config.temperature:g} K for all", file=err)
+        elif any(has):
             print(f"note: {option} draw: the velocities in the structure file are not used; drawing "
                   f"Maxwell–Boltzmann ones at {config.temperature:g} K", file=err)
         return None
-    if not all(has):
+    if not all(has):  # file
         where = sources[has.index(False)]
-        if config.velocities == "file":
-            raise DataError(f"{where}: carries no velocities (ASE momenta), and {option} file needs them in every "
-                            "structure; pass --velocities draw to draw Maxwell–Boltzmann ones")
-        raise DataError(f"{where}: carries no velocities (ASE momenta) while {sources[has.index(True)]} does; "
-                        f"pass {option} draw to draw Maxwell–Boltzmann ones for all, or give structures that all "
-                        "carry velocities")
-    if config.velocities == "auto" and config.replicas > 1:
-        raise ConfigError(f"{config.option('replicas')} {config.replicas} copies would all start from the "
-                          f"velocities in {sources[0]}; pass {option} draw for different Maxwell–Boltzmann "
-                          f"velocities per copy, or {option} file to start every copy from the file's")
+        raise DataError(f"{where}: carries no velocities (ASE momenta), and {option} file needs them in every "
+                        "structure; pass --velocities draw to draw Maxwell–Boltzmann ones")
     parts = []
     for atoms, where in zip(structures, sources):
         v = np.asarray(atoms.get_velocities(), dtype=np.float64)

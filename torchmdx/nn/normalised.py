@@ -22,6 +22,7 @@ import math
 import numbers
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from torchmdx.errors import ModelError
@@ -40,12 +41,19 @@ def element_symbol(z: int) -> str:
     return chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z={z}"
 
 
+def _one_item(value):
+    """A one-element tensor or numpy array (0-d too: ``np.array(0.5)``, which ``float()`` took
+    before the checks below) as its Python number; anything else as it is."""
+    if (torch.is_tensor(value) and value.numel() == 1) or (isinstance(value, np.ndarray) and value.size == 1):
+        return value.item()
+    return value
+
+
 def _finite_number(value, name: str, positive: bool = False) -> Optional[float]:
     """``value`` as a float (None stays None): a finite number (> 0 when ``positive``), else ModelError."""
     if value is None:
         return None
-    if torch.is_tensor(value) and value.numel() == 1:
-        value = value.item()
+    value = _one_item(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
             positive and not value > 0):
         need = "a finite number > 0" if positive else "a finite number"
@@ -55,8 +63,7 @@ def _finite_number(value, name: str, positive: bool = False) -> Optional[float]:
 
 def _atomic_number(value, name: str) -> int:
     """A whole atomic number (int() read 1.5 as hydrogen); digits as text ('6') are taken."""
-    if torch.is_tensor(value) and value.numel() == 1:
-        value = value.item()
+    value = _one_item(value)
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

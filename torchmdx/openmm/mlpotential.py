@@ -181,19 +181,25 @@ def _check_atoms(atoms, count: int) -> list:
     """The ML atoms openmm-ml passes (``createMixedSystem(..., atoms)``) as distinct whole numbers in
     0..count-1: a negative index crashed the process (freed memory), one past the end was an
     IndexError, a repeated atom and 1.5 (read as atom 1) were used silently."""
-    from numbers import Integral
+    import operator
+
+    import numpy as np
 
     from torchmdx.openmm.errors import OpenMMError
 
-    indices = list(atoms)
-    for a in indices:
-        if isinstance(a, bool) or not isinstance(a, Integral):
-            raise OpenMMError(f"ML atom index {a!r} is not a whole number; give 0-based atom indices of the topology")
-        if not 0 <= int(a) < count:
-            raise OpenMMError(f"ML atom index {int(a)} is outside the topology's {count} atoms (0-based: 0..{count - 1})")
-    seen = set()
-    for a in indices:
-        if int(a) in seen:
-            raise OpenMMError(f"ML atom {int(a)} is given twice; each ML atom once")
-        seen.add(int(a))
-    return [int(a) for a in indices]
+    indices, seen = [], set()
+    for a in atoms:
+        try:  # int, numpy and torch integers (a tensor of indices, which int() took before); not 1.5 or True
+            if isinstance(a, (bool, np.bool_)):
+                raise TypeError
+            index = operator.index(a)
+        except TypeError:
+            raise OpenMMError(f"ML atom index {a!r} is not a whole number; give 0-based atom indices of the "
+                              "topology") from None
+        if not 0 <= index < count:
+            raise OpenMMError(f"ML atom index {index} is outside the topology's {count} atoms (0-based: 0..{count - 1})")
+        if index in seen:
+            raise OpenMMError(f"ML atom {index} is given twice; each ML atom once")
+        seen.add(index)
+        indices.append(index)
+    return indices

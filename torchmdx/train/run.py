@@ -275,7 +275,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: Optional[list]
         callbacks.append(TQDMProgressBar())
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=train.monitor, mode="min", patience=train.early_stopping_patience,
-                                       check_finite=True))
+                                       check_finite=True, check_on_train_epoch_end=False))
     if train.ema_decay is not None and train.ema_decay > 0:
         callbacks.append(EMA(train.ema_decay))
     callbacks.extend(extra_callbacks or [])

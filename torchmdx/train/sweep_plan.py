@@ -203,17 +203,26 @@ def plan_points(grid: dict, variants: dict) -> list[SweepPoint]:
     return points
 
 
-def _as_config_sees_it(value):
+#: keys whose integer and float values mean different things: a count of structures (1) and a
+#: fraction of the data (1.0 = all of it) (data.splits.resolve_sizes)
+_COUNT_OR_FRACTION = ("train_size", "val_size", "test_size")
+
+
+def _as_config_sees_it(value, key: str = ""):
     """``value`` with numbers and numeric text (YAML 1.1 reads ``1e-3`` as text; the config takes it
-    as the float 0.001) as floats, so that values the config reads alike compare equal."""
+    as the float 0.001) as floats, so that values the config reads alike compare equal; except the
+    split sizes, whose integers (counts) stay apart from floats (fractions): ``data.train_size``
+    1 and 1.0 are two trainings (one structure, all of them)."""
     from torchmdx.config import _float_from_string
 
     if isinstance(value, dict):
-        return {str(k): _as_config_sees_it(v) for k, v in value.items()}
+        return {str(k): _as_config_sees_it(v, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_as_config_sees_it(v) for v in value]
+        return [_as_config_sees_it(v, key) for v in value]
     if isinstance(value, bool) or value is None:
         return value
+    if isinstance(value, int) and key.rsplit(".", 1)[-1] in _COUNT_OR_FRACTION:
+        return ["count", value]
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
