@@ -26,21 +26,10 @@ from torchmdx.nn.gatr.algebra import Algebra
 from torchmdx.nn.graph_attention import QKVLinear, Upgradable, drop_key_bias, query_key_value_bias
 
 
-def _sparse_form(table: np.ndarray):
-    """(index [D, D], coef [D, D]) with (x ∘ y)_k = Σ_i coef[i, k] x_i y_{index[i, k]}: every
-    product table of the algebra has at most one non-zero j for each (i, k)."""
+def _dense_form(table: np.ndarray) -> np.ndarray:
+    """[D*D, D]: (x ∘ y) = (x ⊗ y).flatten() @ T for a product table [D, D, D]."""
     dim = table.shape[0]
-    index = np.zeros((dim, dim), dtype=np.int64)
-    coef = np.zeros((dim, dim))
-    for i in range(dim):
-        for k in range(dim):
-            js = np.nonzero(table[i, :, k])[0]
-            if len(js) > 1:
-                raise AssertionError("product table is not a signed permutation per (i, k)")
-            if len(js) == 1:
-                index[i, k] = js[0]
-                coef[i, k] = table[i, js[0], k]
-    return index, coef
+    return np.ascontiguousarray(table.reshape(dim * dim, dim))
 
 
 class AlgebraBuffers(nn.Module):
@@ -50,29 +39,32 @@ class AlgebraBuffers(nn.Module):
         super().__init__()
         self.algebra = ga
         dtype = torch.get_default_dtype()
-        gp_index, gp_coef = _sparse_form(ga.gp)
-        join_index, join_coef = _sparse_form(ga.join)
-        self.register_buffer("gp_index", torch.as_tensor(gp_index), persistent=False)
-        self.register_buffer("gp_coef", torch.as_tensor(gp_coef, dtype=dtype), persistent=False)
-        self.register_buffer("join_index", torch.as_tensor(join_index), persistent=False)
-        self.register_buffer("join_coef", torch.as_tensor(join_coef, dtype=dtype), persistent=False)
+        self.register_buffer("gp_table", torch.tensor(_dense_form(ga.gp), dtype=dtype), persistent=False)
+        self.register_buffer("join_table", torch.tensor(_dense_form(ga.join), dtype=dtype), persistent=False)
         self.register_buffer("linear_basis", torch.tensor(np.array(ga.linear_basis), dtype=dtype), persistent=False)
         self.register_buffer("inner_weights", torch.tensor(np.array(ga.inner_weights), dtype=dtype), persistent=False)
         onehot = np.zeros((ga.dim, ga.n + 1))
         onehot[np.arange(ga.dim), ga.grades] = 1.0
-        self.register_buffer("grade_onehot", torch.as_tensor(onehot, dtype=dtype), persistent=False)
+        # Σ_k |Σ_{A in k} w_A x_A²|: with no negative weight (euclidean, projective) every grade's sum
+        # is >= 0 and this is Σ_A w_A x_A² (no per-grade sums, no abs)
+        self.definite = bool(np.all(ga.inner_weights >= 0))
+        self.register_buffer("grade_weights", torch.as_tensor(onehot * np.array(ga.inner_weights)[:, None], dtype=dtype),
+                             persistent=False)
+        scalar = np.zeros(ga.dim)
+        scalar[0] = 1.0
+        self.register_buffer("scalar_part", torch.as_tensor(scalar, dtype=dtype), persistent=False)
 
     @staticmethod
-    def _product(x, y, index, coef):
-        # out_k = sum_i x_i coef_ik y_{index_ik}: a batched vector-matrix product (counted as FLOPs)
-        gathered = y[..., index] * coef  # [..., D(i), D(k)]
-        return torch.einsum("...i,...ik->...k", x, gathered)
+    def _product(x, y, table):
+        # (x ⊗ y) [..., D*D] @ table [D*D, D]: two kernels, whatever the batch shape
+        outer = (x.unsqueeze(-1) * y.unsqueeze(-2)).flatten(-2)
+        return outer @ table
 
     def geometric_product(self, x, y):
-        return self._product(x, y, self.gp_index, self.gp_coef)
+        return self._product(x, y, self.gp_table)
 
     def join(self, x, y):
-        return self._product(x, y, self.join_index, self.join_coef)
+        return self._product(x, y, self.join_table)
 
     def inner(self, x, y):
         """⟨x̃ y⟩_0 over the last dimension."""
@@ -84,14 +76,20 @@ class EquiLinear(Upgradable):
 
     ``qkv``: the outputs are the query, key and value thirds of an attention layer, which get no
     key bias (the grade-0 and scalar biases hold the query and value thirds only; an old file's
-    full biases load without their key thirds: :mod:`torchmdx.nn.graph_attention`)."""
+    full biases load without their key thirds: :mod:`torchmdx.nn.graph_attention`).
+
+    The map runs as one matrix product on the flattened input [mv (C_in·D), s (S_in)]: the matrix
+    (:meth:`matrix`) is built from the parameters once per call (a handful of small kernels that
+    do not depend on the number of atoms) and holds the basis maps, the scalar-to-grade-0 and
+    grade-0-to-scalar weights and the scalar linear map; the biases are one vector."""
 
     def __init__(self, buffers: AlgebraBuffers, in_mv: int, out_mv: int, in_s: int, out_s: int, gain: float = 1.0,
                  qkv: bool = False):
         super().__init__()
         self.buffers_ = [buffers]  # not a submodule (shared)
         num_maps = buffers.algebra.linear_basis.shape[0]
-        self.out_mv, self.dim = out_mv, buffers.algebra.dim
+        self.in_mv, self.out_mv, self.dim = in_mv, out_mv, buffers.algebra.dim
+        self.in_s, self.out_s = in_s, out_s
         self.qkv = qkv
         biases = (lambda n: 2 * n // 3) if qkv else (lambda n: n)
         self.weight = nn.Parameter(torch.empty(out_mv, in_mv, num_maps))
@@ -117,22 +115,43 @@ class EquiLinear(Upgradable):
             if self.s_bias is not None:
                 drop_key_bias(state_dict, prefix + "s_bias", self.s_bias.shape[0])
 
+    def matrix(self, scalars: bool = True):
+        """(W [out_mv·D + out_s, in_mv·D (+ in_s)], b [out_mv·D + out_s]) with
+        [mv_out flat, s_out] = [mv flat, s] @ W.T + b (the s columns only with ``scalars``)."""
+        b = self.buffers_[0]
+        O, I, D = self.out_mv, self.in_mv, self.dim
+        e0 = b.scalar_part
+        basis = (self.weight.reshape(O * I, -1) @ b.linear_basis.reshape(-1, D * D)).reshape(O, I, D, D)
+        top = basis.transpose(1, 2).reshape(O * D, I * D)  # rows (o, a), columns (i, b)
+        use_s = scalars and self.s_to_mv is not None
+        if use_s:
+            top = torch.cat([top, (self.s_to_mv.unsqueeze(1) * e0.view(1, D, 1)).reshape(O * D, -1)], dim=1)
+        bias = (self._bias(self.mv_bias).unsqueeze(1) * e0).reshape(O * D)
+        if self.mv_to_s is None:
+            return top, bias
+        bottom = (self.mv_to_s.unsqueeze(-1) * e0).reshape(-1, I * D)  # s_out from the grade-0 parts
+        if self.scalar is not None:
+            s_bias = query_key_value_bias(self.scalar.bias) if isinstance(self.scalar, QKVLinear) else self.scalar.bias
+            if use_s:
+                bottom = torch.cat([bottom, self.scalar.weight], dim=1)
+        else:
+            s_bias = self._bias(self.s_bias)
+            if use_s:  # (never: s_bias exists only without input scalars)
+                bottom = torch.cat([bottom, torch.zeros_like(bottom[:, :1]).expand(-1, self.in_s)], dim=1)
+        return torch.cat([top, bottom]), torch.cat([bias, s_bias])
+
     def forward(self, mv, s=None):
-        basis = self.buffers_[0].linear_basis
-        matrix = torch.einsum("oim,mab->oaib", self.weight, basis).reshape(self.out_mv * self.dim, -1)
-        out = (mv.reshape(*mv.shape[:-2], -1) @ matrix.T).reshape(*mv.shape[:-2], self.out_mv, self.dim)
-        grade0 = self._bias(self.mv_bias)
-        if self.s_to_mv is not None and s is not None:
-            grade0 = grade0 + s @ self.s_to_mv.T
-        out = torch.cat([out[..., :1] + grade0.unsqueeze(-1), out[..., 1:]], dim=-1)
-        s_out = None
-        if self.mv_to_s is not None:
-            s_out = mv[..., 0] @ self.mv_to_s.T
-            if self.scalar is not None and s is not None:
-                s_out = s_out + self.scalar(s)
-            elif self.s_bias is not None:
-                s_out = s_out + self._bias(self.s_bias)
-        return out, s_out
+        lead = mv.shape[:-2]
+        x = mv.reshape(*lead, -1)
+        scalars = s is not None and self.s_to_mv is not None
+        if scalars:
+            x = torch.cat([x, s], dim=-1)
+        weight, bias = self.matrix(scalars)
+        y = torch.nn.functional.linear(x, weight, bias)
+        if self.mv_to_s is None:
+            return y.view(*lead, self.out_mv, self.dim), None
+        out, s_out = y.split([self.out_mv * self.dim, y.shape[-1] - self.out_mv * self.dim], dim=-1)
+        return out.view(*lead, self.out_mv, self.dim), s_out
 
 
 class EquiLayerNorm(nn.Module):
@@ -146,9 +165,11 @@ class EquiLayerNorm(nn.Module):
 
     def forward(self, mv, s):
         b = self.buffers_[0]
-        per_grade = (mv * mv * b.inner_weights) @ b.grade_onehot  # [..., C, grades]
-        squared = per_grade.abs().sum(-1).mean(-1, keepdim=True)  # [..., 1]
-        mv = mv / torch.sqrt(squared + self.eps).unsqueeze(-1)
+        if b.definite:  # Σ_k |Σ_{A in k} w_A x_A²| = Σ_A w_A x_A² (every weight >= 0)
+            squared = ((mv * mv) @ b.inner_weights).mean(-1, keepdim=True)  # [..., 1]
+        else:
+            squared = ((mv * mv) @ b.grade_weights).abs().sum(-1).mean(-1, keepdim=True)
+        mv = mv * torch.rsqrt(squared + self.eps).unsqueeze(-1)
         return mv, (self.scalar_norm(s) if self.scalar_norm is not None else s)
 
 
@@ -171,8 +192,9 @@ class Bilinear(nn.Module):
         b = self.buffers_[0]
         both, _ = self.left_right(mv)
         g, j = self.gp_channels, self.join_channels
-        out = b.geometric_product(both[..., :g, :], both[..., g:2 * g, :])
-        if j:
-            joined = b.join(both[..., 2 * g:2 * g + j, :], both[..., 2 * g + j:, :])
-            out = torch.cat([out, joined * reference.unsqueeze(-1).unsqueeze(-1)], dim=-2)
-        return out
+        if not j:
+            left, right = both.split([g, g], dim=-2)
+            return b.geometric_product(left, right)
+        left, right, join_left, join_right = both.split([g, g, j, j], dim=-2)
+        joined = b.join(join_left * reference.unsqueeze(-1).unsqueeze(-1), join_right)
+        return torch.cat([b.geometric_product(left, right), joined], dim=-2)

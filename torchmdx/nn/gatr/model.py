@@ -49,10 +49,7 @@ from torchmdx.nn.gatr.config import GATrConfig
 from torchmdx.nn.gatr.layers import AlgebraBuffers, Bilinear, EquiLayerNorm, EquiLinear, gated_gelu
 from torchmdx.nn.graph_attention import (
     ScoreBias,
-    aggregate,
     cutoff_weights,
-    edge_scores,
-    edge_softmax,
     structure_centroids,
     with_self_edges,
 )
@@ -81,6 +78,23 @@ class RadialBias(ScoreBias):
         return self.mlp(self.rbf(distances.unsqueeze(-1)))
 
 
+def _point_feature_maps(name: str, scale: float = 1.0) -> np.ndarray:
+    """[2, 16, 5]: (φ, ψ) = (T ⊗ T).flatten() @ maps[0 or 1] with T the 4 components (w, p) of
+    a channel's trivector as stored (signs of the embedding included), φ(q)·ψ(k) = -|w_k p_q - w_q p_k|²:
+    φ = (w², |p|², w p), ψ = (-|p|², -w², 2 w p) (times ``scale`` for φ)."""
+    _, w_sign, _, p_sign = _trivector_point_readout(name)
+    maps = np.zeros((2, 4, 4, 5))
+    maps[0, 0, 0, 0] = 1.0
+    maps[1, 0, 0, 1] = -1.0
+    for i in range(1, 4):
+        maps[0, i, i, 1] = 1.0
+        maps[1, i, i, 0] = -1.0
+        maps[0, 0, i, 1 + i] = w_sign * p_sign[i - 1]
+        maps[1, 0, i, 1 + i] = 2.0 * w_sign * p_sign[i - 1]
+    maps[0] *= scale
+    return maps.reshape(2, 16, 5)
+
+
 class MVAttention(nn.Module):
     """Multivector attention (module docstring)."""
 
@@ -93,49 +107,63 @@ class MVAttention(nn.Module):
         self.out = EquiLinear(buffers, C, C, S, S)
         self.distance = cfg.uses_distance
         features = (C // H) * self.dim + S // H
+        dtype = torch.get_default_dtype()
         if self.distance:
             w_index, w_sign, p_index, p_sign = _trivector_point_readout(cfg.algebra)
-            self.w_index, self.w_sign = w_index, w_sign
-            self.register_buffer("p_index", torch.tensor(p_index), persistent=False)
-            self.register_buffer("p_sign", torch.tensor(p_sign), persistent=False)
+            self.register_buffer("point_index", torch.tensor([w_index, *p_index]), persistent=False)
+            self.register_buffer("point_maps", torch.tensor(_point_feature_maps(cfg.algebra), dtype=dtype),
+                                 persistent=False)
             self.distance_scale = nn.Parameter(torch.full((H,), 0.1))
             features += 5 * (C // H)
         self.scale = 1.0 / math.sqrt(features)
         self.radial = RadialBias(cfg) if cfg.radial_bias else None
+        self.register_buffer("one", torch.ones(1, 1, 1, dtype=dtype), persistent=False)
 
-    def _point_features(self, mv):
-        """(φ, ψ) [N, H, 5c] with φ(q)·ψ(k) = -Σ_c |w_k p_q - w_q p_k|² (projective)."""
-        N = mv.shape[0]
-        w = mv[..., self.w_index] * self.w_sign  # [N, C]
-        p = mv[..., self.p_index] * self.p_sign  # [N, C, 3]
-        p2 = (p * p).sum(-1)
-        phi = torch.cat([(w * w).unsqueeze(-1), p2.unsqueeze(-1), w.unsqueeze(-1) * p], dim=-1)
-        psi = torch.cat([-p2.unsqueeze(-1), -(w * w).unsqueeze(-1), 2.0 * w.unsqueeze(-1) * p], dim=-1)
+    def _point_features(self, qk_mv):
+        """(φ(q), ψ(k)) [N, H, 5c] from the query and key channels [N, 2C, D] (module docstring):
+        φ(q)·ψ(k) = -Σ_c |w_k p_q - w_q p_k|² (projective)."""
+        N = qk_mv.shape[0]
+        t = qk_mv[..., self.point_index].view(N, 2, self.C, 4)
+        outer = (t.unsqueeze(-1) * t.unsqueeze(-2)).view(N, 2, self.C, 16)
+        phi, psi = torch.matmul(outer, self.point_maps).unbind(1)  # [N, C, 5] each
         return phi.reshape(N, self.H, -1), psi.reshape(N, self.H, -1)
 
-    def forward(self, mv, s, receivers, senders, phi, distances=None):
+    def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None):
+        """``rbf``: the radial basis of ``distances`` (shared by the blocks), else computed here."""
         b = self.buffers_[0]
-        N, C, S, H, D = mv.shape[0], self.C, self.S, self.H, self.dim
+        N, C, S, H = mv.shape[0], self.C, self.S, self.H
         qkv_mv, qkv_s = self.qkv(mv, s)
-        q_mv, k_mv, v_mv = qkv_mv[:, :C], qkv_mv[:, C:2 * C], qkv_mv[:, 2 * C:]
-        q_s, k_s, v_s = qkv_s[:, :S], qkv_s[:, S:2 * S], qkv_s[:, 2 * S:]
+        q_mv, k_mv, v_mv = qkv_mv.split(C, dim=1)
+        q_s, k_s, v_s = qkv_s.split(S, dim=1)
         queries = [(q_mv * b.inner_weights).reshape(N, H, -1), q_s.reshape(N, H, -1)]
         keys = [k_mv.reshape(N, H, -1), k_s.reshape(N, H, -1)]
         if self.distance:
-            q_phi, _ = self._point_features(q_mv)
-            _, k_psi = self._point_features(k_mv)
+            q_phi, k_psi = self._point_features(qkv_mv[:, :2 * C])
             queries.append(q_phi * self.distance_scale.view(1, H, 1))
             keys.append(k_psi)
-        scores = edge_scores(torch.cat(queries, -1), torch.cat(keys, -1), receivers, senders) * self.scale
-        if self.radial is not None and distances is not None:
-            scores = scores + self.radial(distances)
-        alpha = edge_softmax(scores, receivers, phi, N)
-        values = torch.cat([v_mv.reshape(N, H, -1), v_s.reshape(N, H, -1)], dim=-1)
-        out = aggregate(alpha, values, receivers, senders, N)
-        c = C // H
-        a_mv = out[..., :c * D].reshape(N, C, D)
-        a_s = out[..., c * D:].reshape(N, S)
-        return self.out(a_mv, a_s)
+        queries, keys = torch.cat(queries, -1), torch.cat(keys, -1)
+        E, F = receivers.shape[0], queries.shape[-1]
+        q_e, k_e = queries[receivers].view(E * H, 1, F), keys[senders].view(E * H, F, 1)
+        if self.radial is not None and (rbf is not None or distances is not None):
+            if rbf is None:
+                rbf = self.radial.rbf(distances.unsqueeze(-1))
+            scores = torch.baddbmm(self.radial.mlp(rbf).view(E * H, 1, 1), q_e, k_e, alpha=self.scale)
+        else:
+            scores = torch.bmm(q_e, k_e) * self.scale
+        scores = scores.view(E, H)
+        # softmax over each receiver's edges (cosine cutoff φ in the weights, graph_attention),
+        # normalised after the sum: Σ_j w_ij [v_j, 1] = [Σ_j w_ij v_j, Σ_j w_ij]
+        top = torch.full((N, H), -torch.inf, dtype=scores.dtype, device=scores.device).scatter_reduce(
+            0, receivers.unsqueeze(1).expand(-1, H), scores.detach(), reduce="amax", include_self=True)
+        weights = phi.unsqueeze(1) * torch.exp(scores - top[receivers])
+        values = torch.cat([v_mv.reshape(N, H, -1), v_s.reshape(N, H, -1), self.one.expand(N, H, 1)], dim=-1)
+        summed = torch.zeros(N, H, values.shape[-1], dtype=values.dtype, device=values.device).index_add(
+            0, receivers, weights.unsqueeze(-1) * values[senders])
+        numerator, total = summed.split([values.shape[-1] - 1, 1], dim=-1)
+        out = numerator / total
+        c, D = C // H, self.dim
+        a_mv, a_s = out.split([c * D, S // H], dim=-1)
+        return self.out(a_mv.reshape(N, C, D), a_s.reshape(N, S))
 
 
 class GeometricMLP(nn.Module):
@@ -168,8 +196,8 @@ class GATrBlock(nn.Module):
         self.norm2 = EquiLayerNorm(buffers, cfg.scalar_channels)
         self.mlp = GeometricMLP(buffers, cfg)
 
-    def forward(self, mv, s, receivers, senders, phi, distances=None):
-        a_mv, a_s = self.attention(*self.norm1(mv, s), receivers, senders, phi, distances)
+    def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None):
+        a_mv, a_s = self.attention(*self.norm1(mv, s), receivers, senders, phi, distances, rbf)
         mv, s = mv + a_mv, s + a_s
         m_mv, m_s = self.mlp(*self.norm2(mv, s))
         return mv + m_mv, s + m_s
@@ -204,8 +232,12 @@ class GATrRepresentation(nn.Module):
         """The blocks on given multivector and scalar channels (the equivariance tests call this
         with arbitrary multivectors); returns (mv, s) after the final norm, and the hidden list."""
         hidden = [(mv, s)]
+        rbf = None
+        radial = self.blocks[0].attention.radial
+        if radial is not None and distances is not None:  # the same Gaussians in every block (config)
+            rbf = radial.rbf(distances.unsqueeze(-1))
         for block in self.blocks:
-            mv, s = block(mv, s, receivers, senders, phi, distances)
+            mv, s = block(mv, s, receivers, senders, phi, distances, rbf)
             hidden.append((mv, s))
         mv, s = self.final_norm(mv, s)
         return (mv, s, hidden) if return_hidden else (mv, s)
