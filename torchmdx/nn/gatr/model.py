@@ -128,8 +128,9 @@ class MVAttention(nn.Module):
         phi, psi = torch.matmul(outer, self.point_maps).unbind(1)  # [N, C, 5] each
         return phi.reshape(N, self.H, -1), psi.reshape(N, self.H, -1)
 
-    def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None):
-        """``rbf``: the radial basis of ``distances`` (shared by the blocks), else computed here."""
+    def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None, radial=None):
+        """``rbf``: the radial basis of ``distances`` (shared by the blocks), else computed here;
+        ``radial``: this block's score bias [E, H] when the caller computed it (:func:`radial_biases`)."""
         b = self.buffers_[0]
         N, C, S, H = mv.shape[0], self.C, self.S, self.H
         qkv_mv, qkv_s = self.qkv(mv, s)
@@ -144,10 +145,10 @@ class MVAttention(nn.Module):
         queries, keys = torch.cat(queries, -1), torch.cat(keys, -1)
         E, F = receivers.shape[0], queries.shape[-1]
         q_e, k_e = queries[receivers].view(E * H, 1, F), keys[senders].view(E * H, F, 1)
-        if self.radial is not None and (rbf is not None or distances is not None):
-            if rbf is None:
-                rbf = self.radial.rbf(distances.unsqueeze(-1))
-            scores = torch.baddbmm(self.radial.mlp(rbf).view(E * H, 1, 1), q_e, k_e, alpha=self.scale)
+        if self.radial is not None and (radial is not None or rbf is not None or distances is not None):
+            if radial is None:
+                radial = self.radial.mlp(self.radial.rbf(distances.unsqueeze(-1)) if rbf is None else rbf)
+            scores = torch.baddbmm(radial.reshape(E * H, 1, 1), q_e, k_e, alpha=self.scale)
         else:
             scores = torch.bmm(q_e, k_e) * self.scale
         scores = scores.view(E, H)
@@ -164,6 +165,23 @@ class MVAttention(nn.Module):
         c, D = C // H, self.dim
         a_mv, a_s = out.split([c * D, S // H], dim=-1)
         return self.out(a_mv.reshape(N, C, D), a_s.reshape(N, S))
+
+
+def radial_biases(radials, rbf):
+    """The score biases [E, H] of every block's :class:`RadialBias` on the shared basis ``rbf``
+    [E, R], all blocks in three products: the first layers side by side (one matrix product),
+    SiLU, the second layers as one batched product over the blocks (plus their biases where
+    they have them: modules of the old code, tests/test_attention_key_bias.py)."""
+    first = [r.mlp[0] for r in radials]
+    hidden = nn.functional.silu(torch.addmm(torch.cat([f.bias for f in first]), rbf,
+                                            torch.cat([f.weight for f in first]).T))  # [E, L*S]
+    E, L = rbf.shape[0], len(radials)
+    second = torch.stack([r.mlp[2].weight for r in radials])  # [L, H, S]
+    out = torch.bmm(hidden.view(E, L, -1).transpose(0, 1), second.transpose(1, 2))  # [L, E, H]
+    if any(r.mlp[2].bias is not None for r in radials):
+        out = out + torch.stack([r.mlp[2].bias if r.mlp[2].bias is not None else torch.zeros_like(second[0, :, 0])
+                                 for r in radials]).unsqueeze(1)
+    return out.unbind(0)
 
 
 class GeometricMLP(nn.Module):
@@ -196,8 +214,8 @@ class GATrBlock(nn.Module):
         self.norm2 = EquiLayerNorm(buffers, cfg.scalar_channels)
         self.mlp = GeometricMLP(buffers, cfg)
 
-    def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None):
-        a_mv, a_s = self.attention(*self.norm1(mv, s), receivers, senders, phi, distances, rbf)
+    def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None, radial=None):
+        a_mv, a_s = self.attention(*self.norm1(mv, s), receivers, senders, phi, distances, rbf, radial)
         mv, s = mv + a_mv, s + a_s
         m_mv, m_s = self.mlp(*self.norm2(mv, s))
         return mv + m_mv, s + m_s
@@ -232,12 +250,13 @@ class GATrRepresentation(nn.Module):
         """The blocks on given multivector and scalar channels (the equivariance tests call this
         with arbitrary multivectors); returns (mv, s) after the final norm, and the hidden list."""
         hidden = [(mv, s)]
-        rbf = None
+        rbf, biases = None, [None] * len(self.blocks)
         radial = self.blocks[0].attention.radial
         if radial is not None and distances is not None:  # the same Gaussians in every block (config)
             rbf = radial.rbf(distances.unsqueeze(-1))
-        for block in self.blocks:
-            mv, s = block(mv, s, receivers, senders, phi, distances, rbf)
+            biases = radial_biases([block.attention.radial for block in self.blocks], rbf)
+        for block, bias in zip(self.blocks, biases):
+            mv, s = block(mv, s, receivers, senders, phi, distances, rbf, bias)
             hidden.append((mv, s))
         mv, s = self.final_norm(mv, s)
         return (mv, s, hidden) if return_hidden else (mv, s)
