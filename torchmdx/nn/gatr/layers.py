@@ -115,30 +115,20 @@ class EquiLinear(Upgradable):
             if self.s_bias is not None:
                 drop_key_bias(state_dict, prefix + "s_bias", self.s_bias.shape[0])
 
+    def _key(self):
+        return (self.qkv, self.in_mv, self.out_mv, self.in_s, self.out_s, type(self.scalar), self.s_bias is None,
+                self.s_to_mv is None, self.mv_to_s is None, self.mv_bias.shape[0])
+
     def matrix(self, scalars: bool = True):
         """(W [out_mv·D + out_s, in_mv·D (+ in_s)], b [out_mv·D + out_s]) with
         [mv_out flat, s_out] = [mv flat, s] @ W.T + b (the s columns only with ``scalars``)."""
-        b = self.buffers_[0]
-        O, I, D = self.out_mv, self.in_mv, self.dim
-        e0 = b.scalar_part
-        basis = (self.weight.reshape(O * I, -1) @ b.linear_basis.reshape(-1, D * D)).reshape(O, I, D, D)
-        top = basis.transpose(1, 2).reshape(O * D, I * D)  # rows (o, a), columns (i, b)
-        use_s = scalars and self.s_to_mv is not None
-        if use_s:
-            top = torch.cat([top, (self.s_to_mv.unsqueeze(1) * e0.view(1, D, 1)).reshape(O * D, -1)], dim=1)
-        bias = (self._bias(self.mv_bias).unsqueeze(1) * e0).reshape(O * D)
-        if self.mv_to_s is None:
-            return top, bias
-        bottom = (self.mv_to_s.unsqueeze(-1) * e0).reshape(-1, I * D)  # s_out from the grade-0 parts
-        if self.scalar is not None:
-            s_bias = query_key_value_bias(self.scalar.bias) if isinstance(self.scalar, QKVLinear) else self.scalar.bias
-            if use_s:
-                bottom = torch.cat([bottom, self.scalar.weight], dim=1)
-        else:
-            s_bias = self._bias(self.s_bias)
-            if use_s:  # (never: s_bias exists only without input scalars)
-                bottom = torch.cat([bottom, torch.zeros_like(bottom[:, :1]).expand(-1, self.in_s)], dim=1)
-        return torch.cat([top, bottom]), torch.cat([bias, s_bias])
+        prepared = getattr(self, "_prepared", None)
+        if prepared is not None:
+            weight, bias = prepared
+            if not scalars and self.s_to_mv is not None:
+                weight = weight[:, :self.in_mv * self.dim]
+            return weight, bias
+        return matrices([self], scalars)[0]
 
     def forward(self, mv, s=None):
         lead = mv.shape[:-2]
@@ -152,6 +142,74 @@ class EquiLinear(Upgradable):
             return y.view(*lead, self.out_mv, self.dim), None
         out, s_out = y.split([self.out_mv * self.dim, y.shape[-1] - self.out_mv * self.dim], dim=-1)
         return out.view(*lead, self.out_mv, self.dim), s_out
+
+
+def matrices(layers, scalars: bool = True):
+    """[(W, b)] of :meth:`EquiLinear.matrix` for ``layers`` of one shape and kind, built together
+    (one set of kernels for all of them: the blocks' layers of one role)."""
+    first = layers[0]
+    b = first.buffers_[0]
+    L, O, I, D = len(layers), first.out_mv, first.in_mv, first.dim
+    e0 = b.scalar_part
+
+    def stacked(get):
+        values = [get(layer) for layer in layers]
+        return values[0].unsqueeze(0) if L == 1 else torch.stack(values)
+
+    def bias_of(values):  # [L, n] -> [L, 3n/2] with the zero key third (qkv)
+        if not first.qkv:
+            return values
+        query, value = values.chunk(2, dim=-1)
+        return torch.cat([query, torch.zeros_like(query), value], dim=-1)
+
+    weight = stacked(lambda m: m.weight)  # [L, O, I, M]
+    basis = (weight.reshape(L * O * I, -1) @ b.linear_basis.reshape(-1, D * D)).reshape(L, O, I, D, D)
+    top = basis.transpose(2, 3).reshape(L, O * D, I * D)  # rows (o, a), columns (i, b)
+    use_s = scalars and first.s_to_mv is not None
+    if use_s:
+        s_to_mv = stacked(lambda m: m.s_to_mv)  # [L, O, S_in]
+        top = torch.cat([top, (s_to_mv.unsqueeze(2) * e0.view(1, 1, D, 1)).reshape(L, O * D, -1)], dim=2)
+    bias = (bias_of(stacked(lambda m: m.mv_bias)).unsqueeze(-1) * e0).reshape(L, O * D)
+    if first.mv_to_s is not None:
+        bottom = (stacked(lambda m: m.mv_to_s).unsqueeze(-1) * e0).reshape(L, -1, I * D)  # s_out from grade 0
+        if first.scalar is not None:
+            if isinstance(first.scalar, QKVLinear):
+                s_bias = bias_of(stacked(lambda m: m.scalar.bias))
+            else:
+                s_bias = stacked(lambda m: m.scalar.bias)
+            if use_s:
+                bottom = torch.cat([bottom, stacked(lambda m: m.scalar.weight)], dim=2)
+        else:
+            s_bias = bias_of(stacked(lambda m: m.s_bias))
+            if use_s:  # (never: s_bias exists only without input scalars)
+                bottom = torch.cat([bottom, torch.zeros_like(bottom[:, :, :1]).expand(-1, -1, first.in_s)], dim=2)
+        top, bias = torch.cat([top, bottom], dim=1), torch.cat([bias, s_bias], dim=1)
+    if L == 1:
+        return [(top[0], bias[0])]
+    return list(zip(top.unbind(0), bias.unbind(0)))
+
+
+class prepared_matrices:
+    """Within it, every EquiLinear of ``layers`` uses its matrix built together with those of the
+    same shape and kind (:func:`matrices`): the blocks' layers of one role share one set of
+    kernels per call instead of one each."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+
+    def __enter__(self):
+        groups = {}
+        for layer in self.layers:
+            groups.setdefault(layer._key(), []).append(layer)
+        for group in groups.values():
+            for layer, prepared in zip(group, matrices(group)):
+                layer._prepared = prepared
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer._prepared = None
+        return False
 
 
 class EquiLayerNorm(nn.Module):

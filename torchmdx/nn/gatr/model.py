@@ -46,7 +46,7 @@ from torch import nn
 
 from torchmdx.nn.gatr.algebra import algebra, point_embedding_matrix
 from torchmdx.nn.gatr.config import GATrConfig
-from torchmdx.nn.gatr.layers import AlgebraBuffers, Bilinear, EquiLayerNorm, EquiLinear, gated_gelu
+from torchmdx.nn.gatr.layers import AlgebraBuffers, Bilinear, EquiLayerNorm, EquiLinear, gated_gelu, prepared_matrices
 from torchmdx.nn.graph_attention import (
     ScoreBias,
     cutoff_weights,
@@ -255,8 +255,10 @@ class GATrRepresentation(nn.Module):
         if radial is not None and distances is not None:  # the same Gaussians in every block (config)
             rbf = radial.rbf(distances.unsqueeze(-1))
             biases = radial_biases([block.attention.radial for block in self.blocks], rbf)
-        for block, bias in zip(self.blocks, biases):
-            mv, s = block(mv, s, receivers, senders, phi, distances, rbf, bias)
+        layers = [m for m in self.blocks.modules() if isinstance(m, EquiLinear)]
+        with prepared_matrices(layers):
+            for block, bias in zip(self.blocks, biases):
+                mv, s = block(mv, s, receivers, senders, phi, distances, rbf, bias)
             hidden.append((mv, s))
         mv, s = self.final_norm(mv, s)
         return (mv, s, hidden) if return_hidden else (mv, s)
