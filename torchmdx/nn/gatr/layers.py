@@ -17,6 +17,7 @@ action ρ_u of the algebra's group on each multivector channel and leaves the sc
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -136,6 +137,11 @@ class EquiLinear(Upgradable):
         scalars = s is not None and self.s_to_mv is not None
         if scalars:
             x = torch.cat([x, s], dim=-1)
+        return self.forward_flat(x, scalars)
+
+    def forward_flat(self, x, scalars: bool = True):
+        """:meth:`forward` on the flattened input [..., mv (in_mv·D), s (in_s)] (``scalars``: with the s columns)."""
+        lead = x.shape[:-1]
         weight, bias = self.matrix(scalars)
         y = torch.nn.functional.linear(x, weight, bias)
         if self.mv_to_s is None:
@@ -213,15 +219,36 @@ class prepared_matrices:
 
 
 class EquiLayerNorm(nn.Module):
-    """Equivariant layer norm of the multivectors, LayerNorm of the scalars."""
+    """Equivariant layer norm of the multivectors, LayerNorm of the scalars.
 
-    def __init__(self, buffers: AlgebraBuffers, scalars: int, eps: float = 1e-6):
+    With ``channels`` given (and an inner product without negative weights), :meth:`flat` runs
+    both as one computation on [mv flat, s - mean(s)]: both squared norms by one matrix product,
+    one rsqrt, one scale-and-shift (LayerNorm's weight and bias in it), which is the same function
+    with a cheaper second derivative than the two norms apart."""
+
+    def __init__(self, buffers: AlgebraBuffers, scalars: int, eps: float = 1e-6, channels: Optional[int] = None):
         super().__init__()
         self.buffers_ = [buffers]
         self.eps = eps
         self.scalar_norm = nn.LayerNorm(scalars) if scalars else None
+        self.channels, self.scalars = channels, scalars
+        self.joint = bool(channels) and bool(scalars) and buffers.definite
+        if self.joint:
+            ga, dtype = buffers.algebra, torch.get_default_dtype()
+            width = channels * ga.dim
+            stats = np.zeros((width + scalars, 2))  # columns: mean_c Σ_A w_A x_A², mean_j (s_j - mean s)²
+            stats[:width, 0] = np.tile(np.array(ga.inner_weights), channels) / channels
+            stats[width:, 1] = 1.0 / scalars
+            mv_columns = np.zeros(width + scalars)
+            mv_columns[:width] = 1.0
+            self.register_buffer("stats", torch.tensor(stats, dtype=dtype), persistent=False)
+            self.register_buffer("mv_columns", torch.tensor(mv_columns, dtype=dtype), persistent=False)
+            self.register_buffer("epsilons", torch.tensor([eps, self.scalar_norm.eps], dtype=dtype), persistent=False)
 
     def forward(self, mv, s):
+        if self.joint and mv.shape[-2] == self.channels:
+            out_mv, out_s = self.flat(mv, s).split([mv.shape[-2] * mv.shape[-1], s.shape[-1]], dim=-1)
+            return out_mv.view(mv.shape), out_s
         b = self.buffers_[0]
         if b.definite:  # Σ_k |Σ_{A in k} w_A x_A²| = Σ_A w_A x_A² (every weight >= 0)
             squared = ((mv * mv) @ b.inner_weights).mean(-1, keepdim=True)  # [..., 1]
@@ -229,6 +256,18 @@ class EquiLayerNorm(nn.Module):
             squared = ((mv * mv) @ b.grade_weights).abs().sum(-1).mean(-1, keepdim=True)
         mv = mv * torch.rsqrt(squared + self.eps).unsqueeze(-1)
         return mv, (self.scalar_norm(s) if self.scalar_norm is not None else s)
+
+    def flat(self, mv, s):
+        """The normalised [mv flat, s] [..., C·D + S]."""
+        if not (self.joint and mv.shape[-2] == self.channels):
+            out_mv, out_s = self.forward(mv, s)
+            return torch.cat([out_mv.flatten(-2), out_s], dim=-1)
+        x = torch.cat([mv.flatten(-2), s - s.mean(-1, keepdim=True)], dim=-1)
+        inverse = torch.rsqrt((x * x) @ self.stats + self.epsilons)  # [..., 2]
+        width = mv.shape[-2] * mv.shape[-1]
+        norm = self.scalar_norm
+        scale = torch.stack([self.mv_columns, nn.functional.pad(norm.weight, (width, 0))])  # [2, C·D + S]
+        return torch.addcmul(nn.functional.pad(norm.bias, (width, 0)), x, inverse @ scale)
 
 
 def gated_gelu(mv):

@@ -128,12 +128,13 @@ class MVAttention(nn.Module):
         phi, psi = torch.matmul(outer, self.point_maps).unbind(1)  # [N, C, 5] each
         return phi.reshape(N, self.H, -1), psi.reshape(N, self.H, -1)
 
-    def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None, radial=None):
-        """``rbf``: the radial basis of ``distances`` (shared by the blocks), else computed here;
+    def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None, radial=None, flat=None):
+        """``flat``: the normalised input [N, C·D + S] in place of (mv, s); ``rbf``: the radial basis of ``distances`` (shared by the blocks), else computed here;
         ``radial``: this block's score bias [E, H] when the caller computed it (:func:`radial_biases`)."""
         b = self.buffers_[0]
-        N, C, S, H = mv.shape[0], self.C, self.S, self.H
-        qkv_mv, qkv_s = self.qkv(mv, s)
+        C, S, H = self.C, self.S, self.H
+        qkv_mv, qkv_s = self.qkv(mv, s) if flat is None else self.qkv.forward_flat(flat)
+        N = qkv_mv.shape[0]
         q_mv, k_mv, v_mv = qkv_mv.split(C, dim=1)
         q_s, k_s, v_s = qkv_s.split(S, dim=1)
         queries = [(q_mv * b.inner_weights).reshape(N, H, -1), q_s.reshape(N, H, -1)]
@@ -198,10 +199,15 @@ class GeometricMLP(nn.Module):
         self.first = EquiLinear(buffers, C, C, S, m * S)
         self.bilinear = Bilinear(buffers, C, hidden - join, join)
         self.last = EquiLinear(buffers, hidden, C, m * S, S, gain=0.5)
+        self.channels, self.dim = C, buffers.algebra.dim
 
-    def forward(self, mv, s):
+    def forward(self, mv, s, flat=None):
+        """``flat``: the normalised input [N, C·D + S] in place of (mv, s)."""
+        if flat is not None:
+            mv = flat.split([self.channels * self.dim, flat.shape[-1] - self.channels * self.dim], dim=-1)[0]
+            mv = mv.view(*mv.shape[:-1], self.channels, self.dim)
         reference = mv[..., self.pseudoscalar].mean(-1)  # pseudoscalar coefficient, per atom
-        m, h = self.first(mv, s)
+        m, h = self.first(mv, s) if flat is None else self.first.forward_flat(flat)
         x = gated_gelu(self.bilinear(m, reference))
         return self.last(x, nn.functional.gelu(h))
 
@@ -209,15 +215,15 @@ class GeometricMLP(nn.Module):
 class GATrBlock(nn.Module):
     def __init__(self, buffers: AlgebraBuffers, cfg: GATrConfig):
         super().__init__()
-        self.norm1 = EquiLayerNorm(buffers, cfg.scalar_channels)
+        self.norm1 = EquiLayerNorm(buffers, cfg.scalar_channels, channels=cfg.channels)
         self.attention = MVAttention(buffers, cfg)
-        self.norm2 = EquiLayerNorm(buffers, cfg.scalar_channels)
+        self.norm2 = EquiLayerNorm(buffers, cfg.scalar_channels, channels=cfg.channels)
         self.mlp = GeometricMLP(buffers, cfg)
 
     def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None, radial=None):
-        a_mv, a_s = self.attention(*self.norm1(mv, s), receivers, senders, phi, distances, rbf, radial)
+        a_mv, a_s = self.attention(None, None, receivers, senders, phi, distances, rbf, radial, flat=self.norm1.flat(mv, s))
         mv, s = mv + a_mv, s + a_s
-        m_mv, m_s = self.mlp(*self.norm2(mv, s))
+        m_mv, m_s = self.mlp(None, None, flat=self.norm2.flat(mv, s))
         return mv + m_mv, s + m_s
 
 
@@ -234,7 +240,7 @@ class GATrRepresentation(nn.Module):
         self.embedding = nn.Embedding(cfg.max_z, S)
         self.input = EquiLinear(self.buffers_module, 1, C, S, S)
         self.blocks = nn.ModuleList(GATrBlock(self.buffers_module, cfg) for _ in range(cfg.num_layers))
-        self.final_norm = EquiLayerNorm(self.buffers_module, S)
+        self.final_norm = EquiLayerNorm(self.buffers_module, S, channels=C)
         self.head = nn.Sequential(nn.Linear(S + C, S), nn.SiLU(), nn.Linear(S, 1))
         self.attention_cutoff = cfg.cutoff_upper
         # the point embedding P(x) = c + A x + |x|^2 q as buffers (no host-to-device copy per call,
