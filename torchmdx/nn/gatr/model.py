@@ -46,13 +46,10 @@ from torch import nn
 
 from torchmdx.nn.gatr.algebra import algebra, point_embedding_matrix
 from torchmdx.nn.gatr.config import GATrConfig
-from torchmdx.nn.gatr.layers import AlgebraBuffers, Bilinear, EquiLayerNorm, EquiLinear, gated_gelu
+from torchmdx.nn.gatr.layers import AlgebraBuffers, Bilinear, EquiLayerNorm, EquiLinear, gated_gelu, prepared_matrices
 from torchmdx.nn.graph_attention import (
     ScoreBias,
-    aggregate,
     cutoff_weights,
-    edge_scores,
-    edge_softmax,
     structure_centroids,
     with_self_edges,
 )
@@ -81,6 +78,23 @@ class RadialBias(ScoreBias):
         return self.mlp(self.rbf(distances.unsqueeze(-1)))
 
 
+def _point_feature_maps(name: str, scale: float = 1.0) -> np.ndarray:
+    """[2, 16, 5]: (φ, ψ) = (T ⊗ T).flatten() @ maps[0 or 1] with T the 4 components (w, p) of
+    a channel's trivector as stored (signs of the embedding included), φ(q)·ψ(k) = -|w_k p_q - w_q p_k|²:
+    φ = (w², |p|², w p), ψ = (-|p|², -w², 2 w p) (times ``scale`` for φ)."""
+    _, w_sign, _, p_sign = _trivector_point_readout(name)
+    maps = np.zeros((2, 4, 4, 5))
+    maps[0, 0, 0, 0] = 1.0
+    maps[1, 0, 0, 1] = -1.0
+    for i in range(1, 4):
+        maps[0, i, i, 1] = 1.0
+        maps[1, i, i, 0] = -1.0
+        maps[0, 0, i, 1 + i] = w_sign * p_sign[i - 1]
+        maps[1, 0, i, 1 + i] = 2.0 * w_sign * p_sign[i - 1]
+    maps[0] *= scale
+    return maps.reshape(2, 16, 5)
+
+
 class MVAttention(nn.Module):
     """Multivector attention (module docstring)."""
 
@@ -93,49 +107,82 @@ class MVAttention(nn.Module):
         self.out = EquiLinear(buffers, C, C, S, S)
         self.distance = cfg.uses_distance
         features = (C // H) * self.dim + S // H
+        dtype = torch.get_default_dtype()
         if self.distance:
             w_index, w_sign, p_index, p_sign = _trivector_point_readout(cfg.algebra)
-            self.w_index, self.w_sign = w_index, w_sign
-            self.register_buffer("p_index", torch.tensor(p_index), persistent=False)
-            self.register_buffer("p_sign", torch.tensor(p_sign), persistent=False)
+            self.register_buffer("point_index", torch.tensor([w_index, *p_index]), persistent=False)
+            self.register_buffer("point_maps", torch.tensor(_point_feature_maps(cfg.algebra), dtype=dtype),
+                                 persistent=False)
             self.distance_scale = nn.Parameter(torch.full((H,), 0.1))
             features += 5 * (C // H)
         self.scale = 1.0 / math.sqrt(features)
         self.radial = RadialBias(cfg) if cfg.radial_bias else None
+        self.register_buffer("one", torch.ones(1, 1, 1, dtype=dtype), persistent=False)
 
-    def _point_features(self, mv):
-        """(φ, ψ) [N, H, 5c] with φ(q)·ψ(k) = -Σ_c |w_k p_q - w_q p_k|² (projective)."""
-        N = mv.shape[0]
-        w = mv[..., self.w_index] * self.w_sign  # [N, C]
-        p = mv[..., self.p_index] * self.p_sign  # [N, C, 3]
-        p2 = (p * p).sum(-1)
-        phi = torch.cat([(w * w).unsqueeze(-1), p2.unsqueeze(-1), w.unsqueeze(-1) * p], dim=-1)
-        psi = torch.cat([-p2.unsqueeze(-1), -(w * w).unsqueeze(-1), 2.0 * w.unsqueeze(-1) * p], dim=-1)
+    def _point_features(self, qk_mv):
+        """(φ(q), ψ(k)) [N, H, 5c] from the query and key channels [N, 2C, D] (module docstring):
+        φ(q)·ψ(k) = -Σ_c |w_k p_q - w_q p_k|² (projective)."""
+        N = qk_mv.shape[0]
+        t = qk_mv[..., self.point_index].view(N, 2, self.C, 4)
+        outer = (t.unsqueeze(-1) * t.unsqueeze(-2)).view(N, 2, self.C, 16)
+        phi, psi = torch.matmul(outer, self.point_maps).unbind(1)  # [N, C, 5] each
         return phi.reshape(N, self.H, -1), psi.reshape(N, self.H, -1)
 
-    def forward(self, mv, s, receivers, senders, phi, distances=None):
+    def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None, radial=None, flat=None):
+        """``flat``: the normalised input [N, C·D + S] in place of (mv, s); ``rbf``: the radial basis of ``distances`` (shared by the blocks), else computed here;
+        ``radial``: this block's score bias [E, H] when the caller computed it (:func:`radial_biases`)."""
         b = self.buffers_[0]
-        N, C, S, H, D = mv.shape[0], self.C, self.S, self.H, self.dim
-        qkv_mv, qkv_s = self.qkv(mv, s)
-        q_mv, k_mv, v_mv = qkv_mv[:, :C], qkv_mv[:, C:2 * C], qkv_mv[:, 2 * C:]
-        q_s, k_s, v_s = qkv_s[:, :S], qkv_s[:, S:2 * S], qkv_s[:, 2 * S:]
+        C, S, H = self.C, self.S, self.H
+        qkv_mv, qkv_s = self.qkv(mv, s) if flat is None else self.qkv.forward_flat(flat)
+        N = qkv_mv.shape[0]
+        q_mv, k_mv, v_mv = qkv_mv.split(C, dim=1)
+        q_s, k_s, v_s = qkv_s.split(S, dim=1)
         queries = [(q_mv * b.inner_weights).reshape(N, H, -1), q_s.reshape(N, H, -1)]
         keys = [k_mv.reshape(N, H, -1), k_s.reshape(N, H, -1)]
         if self.distance:
-            q_phi, _ = self._point_features(q_mv)
-            _, k_psi = self._point_features(k_mv)
+            q_phi, k_psi = self._point_features(qkv_mv[:, :2 * C])
             queries.append(q_phi * self.distance_scale.view(1, H, 1))
             keys.append(k_psi)
-        scores = edge_scores(torch.cat(queries, -1), torch.cat(keys, -1), receivers, senders) * self.scale
-        if self.radial is not None and distances is not None:
-            scores = scores + self.radial(distances)
-        alpha = edge_softmax(scores, receivers, phi, N)
-        values = torch.cat([v_mv.reshape(N, H, -1), v_s.reshape(N, H, -1)], dim=-1)
-        out = aggregate(alpha, values, receivers, senders, N)
-        c = C // H
-        a_mv = out[..., :c * D].reshape(N, C, D)
-        a_s = out[..., c * D:].reshape(N, S)
-        return self.out(a_mv, a_s)
+        queries, keys = torch.cat(queries, -1), torch.cat(keys, -1)
+        E, F = receivers.shape[0], queries.shape[-1]
+        q_e, k_e = queries[receivers].view(E * H, 1, F), keys[senders].view(E * H, F, 1)
+        if self.radial is not None and (radial is not None or rbf is not None or distances is not None):
+            if radial is None:
+                radial = self.radial.mlp(self.radial.rbf(distances.unsqueeze(-1)) if rbf is None else rbf)
+            scores = torch.baddbmm(radial.reshape(E * H, 1, 1), q_e, k_e, alpha=self.scale)
+        else:
+            scores = torch.bmm(q_e, k_e) * self.scale
+        scores = scores.view(E, H)
+        # softmax over each receiver's edges (cosine cutoff φ in the weights, graph_attention),
+        # normalised after the sum: Σ_j w_ij [v_j, 1] = [Σ_j w_ij v_j, Σ_j w_ij]
+        top = torch.full((N, H), -torch.inf, dtype=scores.dtype, device=scores.device).scatter_reduce(
+            0, receivers.unsqueeze(1).expand(-1, H), scores.detach(), reduce="amax", include_self=True)
+        weights = phi.unsqueeze(1) * torch.exp(scores - top[receivers])
+        values = torch.cat([v_mv.reshape(N, H, -1), v_s.reshape(N, H, -1), self.one.expand(N, H, 1)], dim=-1)
+        summed = torch.zeros(N, H, values.shape[-1], dtype=values.dtype, device=values.device).index_add(
+            0, receivers, weights.unsqueeze(-1) * values[senders])
+        numerator, total = summed.split([values.shape[-1] - 1, 1], dim=-1)
+        out = numerator / total
+        c, D = C // H, self.dim
+        a_mv, a_s = out.split([c * D, S // H], dim=-1)
+        return self.out(a_mv.reshape(N, C, D), a_s.reshape(N, S))
+
+
+def radial_biases(radials, rbf):
+    """The score biases [E, H] of every block's :class:`RadialBias` on the shared basis ``rbf``
+    [E, R], all blocks in three products: the first layers side by side (one matrix product),
+    SiLU, the second layers as one batched product over the blocks (plus their biases where
+    they have them: modules of the old code, tests/test_attention_key_bias.py)."""
+    first = [r.mlp[0] for r in radials]
+    hidden = nn.functional.silu(torch.addmm(torch.cat([f.bias for f in first]), rbf,
+                                            torch.cat([f.weight for f in first]).T))  # [E, L*S]
+    E, L = rbf.shape[0], len(radials)
+    second = torch.stack([r.mlp[2].weight for r in radials])  # [L, H, S]
+    out = torch.bmm(hidden.view(E, L, -1).transpose(0, 1), second.transpose(1, 2))  # [L, E, H]
+    if any(r.mlp[2].bias is not None for r in radials):
+        out = out + torch.stack([r.mlp[2].bias if r.mlp[2].bias is not None else torch.zeros_like(second[0, :, 0])
+                                 for r in radials]).unsqueeze(1)
+    return out.unbind(0)
 
 
 class GeometricMLP(nn.Module):
@@ -152,10 +199,15 @@ class GeometricMLP(nn.Module):
         self.first = EquiLinear(buffers, C, C, S, m * S)
         self.bilinear = Bilinear(buffers, C, hidden - join, join)
         self.last = EquiLinear(buffers, hidden, C, m * S, S, gain=0.5)
+        self.channels, self.dim = C, buffers.algebra.dim
 
-    def forward(self, mv, s):
+    def forward(self, mv, s, flat=None):
+        """``flat``: the normalised input [N, C·D + S] in place of (mv, s)."""
+        if flat is not None:
+            mv = flat.split([self.channels * self.dim, flat.shape[-1] - self.channels * self.dim], dim=-1)[0]
+            mv = mv.view(*mv.shape[:-1], self.channels, self.dim)
         reference = mv[..., self.pseudoscalar].mean(-1)  # pseudoscalar coefficient, per atom
-        m, h = self.first(mv, s)
+        m, h = self.first(mv, s) if flat is None else self.first.forward_flat(flat)
         x = gated_gelu(self.bilinear(m, reference))
         return self.last(x, nn.functional.gelu(h))
 
@@ -163,15 +215,15 @@ class GeometricMLP(nn.Module):
 class GATrBlock(nn.Module):
     def __init__(self, buffers: AlgebraBuffers, cfg: GATrConfig):
         super().__init__()
-        self.norm1 = EquiLayerNorm(buffers, cfg.scalar_channels)
+        self.norm1 = EquiLayerNorm(buffers, cfg.scalar_channels, channels=cfg.channels)
         self.attention = MVAttention(buffers, cfg)
-        self.norm2 = EquiLayerNorm(buffers, cfg.scalar_channels)
+        self.norm2 = EquiLayerNorm(buffers, cfg.scalar_channels, channels=cfg.channels)
         self.mlp = GeometricMLP(buffers, cfg)
 
-    def forward(self, mv, s, receivers, senders, phi, distances=None):
-        a_mv, a_s = self.attention(*self.norm1(mv, s), receivers, senders, phi, distances)
+    def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None, radial=None):
+        a_mv, a_s = self.attention(None, None, receivers, senders, phi, distances, rbf, radial, flat=self.norm1.flat(mv, s))
         mv, s = mv + a_mv, s + a_s
-        m_mv, m_s = self.mlp(*self.norm2(mv, s))
+        m_mv, m_s = self.mlp(None, None, flat=self.norm2.flat(mv, s))
         return mv + m_mv, s + m_s
 
 
@@ -188,7 +240,7 @@ class GATrRepresentation(nn.Module):
         self.embedding = nn.Embedding(cfg.max_z, S)
         self.input = EquiLinear(self.buffers_module, 1, C, S, S)
         self.blocks = nn.ModuleList(GATrBlock(self.buffers_module, cfg) for _ in range(cfg.num_layers))
-        self.final_norm = EquiLayerNorm(self.buffers_module, S)
+        self.final_norm = EquiLayerNorm(self.buffers_module, S, channels=C)
         self.head = nn.Sequential(nn.Linear(S + C, S), nn.SiLU(), nn.Linear(S, 1))
         self.attention_cutoff = cfg.cutoff_upper
         # the point embedding P(x) = c + A x + |x|^2 q as buffers (no host-to-device copy per call,
@@ -204,8 +256,15 @@ class GATrRepresentation(nn.Module):
         """The blocks on given multivector and scalar channels (the equivariance tests call this
         with arbitrary multivectors); returns (mv, s) after the final norm, and the hidden list."""
         hidden = [(mv, s)]
-        for block in self.blocks:
-            mv, s = block(mv, s, receivers, senders, phi, distances)
+        rbf, biases = None, [None] * len(self.blocks)
+        radial = self.blocks[0].attention.radial
+        if radial is not None and distances is not None:  # the same Gaussians in every block (config)
+            rbf = radial.rbf(distances.unsqueeze(-1))
+            biases = radial_biases([block.attention.radial for block in self.blocks], rbf)
+        layers = [m for m in self.blocks.modules() if isinstance(m, EquiLinear)]
+        with prepared_matrices(layers):
+            for block, bias in zip(self.blocks, biases):
+                mv, s = block(mv, s, receivers, senders, phi, distances, rbf, bias)
             hidden.append((mv, s))
         mv, s = self.final_norm(mv, s)
         return (mv, s, hidden) if return_hidden else (mv, s)
