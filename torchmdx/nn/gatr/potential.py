@@ -67,7 +67,9 @@ class AttentionPotential(NormalisedPotential):
     whole_graph_auto = False
     #: the captured training step (``train.cuda_graph: auto``) equals the eager steps on a GPU, for
     #: GATr and the transformer alike, once their dead attention key biases were removed (H100,
-    #: 2026-12-06, tests/test_train_graph_architectures.py)
+    #: 2026-12-06, tests/test_train_graph_architectures.py; GATr's fewer-kernel formulation, the
+    #: same function to 1e-10 in float64 (tests/test_gatr_reference.py), came after that run: its
+    #: GPU rerun is the next session's, docs/benchmarks/next_gpu_session.md)
     captured_training_auto = True
     build_config = None
     representation_class = None
