@@ -115,14 +115,19 @@ def sweep_same_number_written_twice(t, s):  # 0.001 and 1e-3 (text to YAML 1.1):
     return ["sweep", _train(t, s)[1], "--grid", "train.lr=0.001,1e-3", "--out", t / "sweep", "--dry-run"]
 
 
+def _hco_model_file(folder):
+    """A tiny model for H, C and O, saved as folder/m.pt (returned)."""
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(elements=[1, 6, 8])
+    model.save(folder / "m.pt")
+    return folder / "m.pt"
+
+
 # ---------------------------------------------------------------------------------- export
 def export_an_openmm_export(t, s):  # torch's "warning: ... dispatching to torch.jit.load", then "not a checkpoint"
     from torchmdx.cli.main import main
 
-    model = t / "m.pt"
-    tiny = torchmdx.build_model(TINY)
-    tiny.set_normalisation(elements=[1, 6, 8])
-    tiny.save(model)
+    model = _hco_model_file(t)
     assert main(["export", "--openmm", str(model), "-o", str(t / "om.pt")]) == 0
     return ["export", t / "om.pt", "-o", t / "again.pt"]
 
@@ -146,9 +151,7 @@ def label_charged_frames_with_a_model(t, s):  # labelled as if neutral, silently
     frames = read_frames(s / "md17" / "ethanol_snip.xyz", ":")
     frames[1].info["charge"] = 1
     write(t / "frames.extxyz", frames, format="extxyz")
-    model = torchmdx.build_model(TINY)
-    model.set_normalisation(elements=[1, 6, 8])
-    model.save(t / "m.pt")
+    _hco_model_file(t)
     return ["label", t / "frames.extxyz", "-o", t / "labelled.extxyz", "--method", f"model:{t / 'm.pt'}",
             "--no-progress"]
 
@@ -326,11 +329,8 @@ def test_openmm_ml_atom_subsets_that_are_not_atoms_are_one_line(tmp_path, atoms,
     from torchmdx.openmm.errors import OpenMMError
     from torchmdx.openmm.mlpotential import TorchmdxPotentialImpl
 
-    model = torchmdx.build_model(TINY)
-    model.set_normalisation(elements=[1, 6, 8])
-    model.save(tmp_path / "m.pt")
     topology, system = _topology_and_system()
-    impl = TorchmdxPotentialImpl("torchmdx", tmp_path / "m.pt", implementation="python", device="cpu")
+    impl = TorchmdxPotentialImpl("torchmdx", _hco_model_file(tmp_path), implementation="python", device="cpu")
     with pytest.raises(OpenMMError, match=f"^{re.escape(message)}$"):
         impl.addForces(topology, system, atoms, 0)
     assert system.getNumForces() == 0
@@ -343,11 +343,8 @@ def test_openmm_ml_device_typo_is_one_line(tmp_path):
     from torchmdx.openmm.errors import OpenMMError
     from torchmdx.openmm.mlpotential import TorchmdxPotentialImpl
 
-    model = torchmdx.build_model(TINY)
-    model.set_normalisation(elements=[1, 6, 8])
-    model.save(tmp_path / "m.pt")
     topology, system = _topology_and_system()
-    impl = TorchmdxPotentialImpl("torchmdx", tmp_path / "m.pt", implementation="python", device="cdua")
+    impl = TorchmdxPotentialImpl("torchmdx", _hco_model_file(tmp_path), implementation="python", device="cdua")
     with pytest.raises(OpenMMError, match=r"^MLPotential\('torchmdx'\): device 'cdua' is not a torch device"):
         impl.addForces(topology, system, None, 0)
 
@@ -381,11 +378,8 @@ def test_openmm_ml_output_forces_must_be_a_boolean(tmp_path):
     from torchmdx.openmm.errors import OpenMMError
     from torchmdx.openmm.mlpotential import TorchmdxPotentialImpl
 
-    model = torchmdx.build_model(TINY)
-    model.set_normalisation(elements=[1, 6, 8])
-    model.save(tmp_path / "m.pt")
     topology, system = _topology_and_system()
-    impl = TorchmdxPotentialImpl("torchmdx", tmp_path / "m.pt", implementation="python", device="cpu",
+    impl = TorchmdxPotentialImpl("torchmdx", _hco_model_file(tmp_path), implementation="python", device="cpu",
                                  outputForces="false")
     with pytest.raises(OpenMMError, match=r"^MLPotential\('torchmdx'\): outputForces must be True or False, "
                                           r"got 'false'$"):
