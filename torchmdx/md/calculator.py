@@ -36,6 +36,7 @@ from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 from torchmdx.kernels.neighbors import Neighbors
 from torchmdx.md.forces import fit_skin
 from torchmdx.md.loading import as_dtype, load_potential, potential_dtype
+from torchmdx.nn.atoms import local_origin
 from torchmdx.nn.base import edge_vectors
 
 
@@ -126,8 +127,7 @@ class Calculator(_AseCalculator):
             self.potential.check_elements(z)
             self._numbers, self._pbc_np, self._z = numbers.copy(), pbc.copy(), z
             self._neighbors = None  # a different system: new list
-            positions = atoms.get_positions()
-            self._origin = np.round(positions.mean(0)) if len(positions) else np.zeros(3)
+            self._origin = local_origin(atoms.get_positions())
         if pbc.any():
             # non-finite entries of open rows zeroed: a NaN there made every pair vector NaN
             # (0 * NaN), energy 0, silently; a finite open row (a slab's vacuum) stays: the stress

@@ -28,8 +28,10 @@ def is_atoms(obj) -> bool:
     return hasattr(obj, "get_atomic_numbers") and hasattr(obj, "get_positions")
 
 
-def _centred(positions: np.ndarray) -> np.ndarray:
-    return positions - np.round(positions.mean(0)) if len(positions) else positions
+def local_origin(positions: np.ndarray) -> np.ndarray:
+    """An origin near the atoms [3] Å (their mean, rounded to whole Å; 0 without atoms): positions
+    taken relative to it in float64 keep float32 precision far from the coordinates' origin."""
+    return np.round(positions.mean(0)) if len(positions) else np.zeros(3)
 
 
 def atoms_inputs(atoms_or_list, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
@@ -49,7 +51,7 @@ def atoms_inputs(atoms_or_list, device: Optional[torch.device] = None, dtype: Op
         raise ModelError(f"expected an ase.Atoms or a non-empty list of ase.Atoms, got {type(got).__name__}")
     dtype = dtype or torch.get_default_dtype()
     z = np.concatenate([a.get_atomic_numbers() for a in structures]).astype(np.int64)
-    pos = np.concatenate([_centred(a.get_positions()) if centred else a.get_positions() for a in structures])
+    pos = np.concatenate([a.get_positions() - local_origin(a.get_positions()) if centred else a.get_positions() for a in structures])
     batch = np.concatenate([np.full(len(a), b, dtype=np.int64) for b, a in enumerate(structures)])
     pbc = np.stack([np.asarray(a.get_pbc(), dtype=bool) for a in structures])
     out = {
