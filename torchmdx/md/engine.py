@@ -106,7 +106,16 @@ class Simulation(RunLoop, RestartFiles):
             raise ConfigError(f"check_interval must be >= 1 step, got {check_interval}")
         self.device = torch.device(device)
         self.dtype = dtype
-        self.potential = potential.to(device=self.device, dtype=dtype)
+        from torchmdx.md.loading import load_potential
+
+        # a copy where the caller's model would change (Module.to converts in place; eval() and
+        # set_compiled switch its mode and freeze its parameters): Simulation(model, dtype=float64)
+        # turned a float32 model being trained into a float64 one in eval mode
+        self.potential = load_potential(potential, device=self.device, dtype=dtype)
+        if self.potential is potential and any(m.training for m in potential.modules()):
+            import copy
+
+            self.potential = copy.deepcopy(potential)
         self.potential.eval()
         self.system = System.from_atoms(atoms_list, self.device, dtype)
         self._perm = self._inverse = None  # device index tensors of the order, None: input order
@@ -169,7 +178,7 @@ class Simulation(RunLoop, RestartFiles):
         Maxwell–Boltzmann at ``temperature_K`` with zero momentum (reproducible from ``seed``);
         initial forces. Raises SimulationError if they are not finite."""
         s = self.system
-        positions = s.positions_from_templates()
+        positions = s.positions_from_templates(wrap=self.forcefield.wrap_positions)
         if velocities is None:
             if self.temperature_K > 0 and self._perm is not None:
                 # = s.maxwell_boltzmann with the noise drawn in the input order (as an unsorted run)

@@ -120,8 +120,11 @@ class System:
             templates=[a.copy() for a in atoms_list],
         )
 
-    def positions_from_templates(self) -> torch.Tensor:
-        pos = np.concatenate([a.get_positions() for a in self.templates])
+    def positions_from_templates(self, wrap: bool = False) -> torch.Tensor:
+        """The templates' positions [N, 3]; ``wrap``: periodic directions wrapped into the cell in
+        float64 first (wrapped after the conversion, float32 positions 10^5 Å out kept steps of
+        0.008 Å)."""
+        pos = np.concatenate([wrapped_positions(a) if wrap else a.get_positions() for a in self.templates])
         return torch.as_tensor(pos, dtype=self.dtype, device=self.device)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
@@ -168,6 +171,23 @@ class System:
 
     def volume(self) -> Optional[torch.Tensor]:
         return None if self.cell is None else torch.linalg.det(self.cell).abs()
+
+
+def wrapped_positions(atoms) -> np.ndarray:
+    """``atoms``' positions [n, 3] (float64) with the periodic directions wrapped into the cell
+    (as :meth:`System.wrap`); atoms already inside, and non-periodic structures, unchanged."""
+    pos = np.asarray(atoms.get_positions(), dtype=np.float64)
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if not pbc.any():
+        return pos
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    frac = np.linalg.solve(cell.T, pos.T).T
+    shift = np.where(pbc, np.floor(frac), 0.0)
+    outside = shift.any(1)
+    if outside.any():
+        pos = pos.copy()
+        pos[outside] -= shift[outside] @ cell
+    return pos
 
 
 @dataclass

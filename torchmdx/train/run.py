@@ -174,6 +174,29 @@ def _check_checkpoint_readable(last: Path) -> None:
     raise ConfigError(f"--resume: {last} {problem}{offer}")
 
 
+def _check_checkpoint_fits(last: Path, module) -> None:
+    """The checkpoint's weights against the module's: names and shapes (a checkpoint of another
+    torchmdx version's layout, or of another model with no saved config to compare, was Lightning's
+    36-line "Error(s) in loading state_dict" traceback)."""
+    import torch
+
+    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("state_dict")
+    expected = module.state_dict()
+    if not isinstance(state, dict):
+        raise ConfigError(f"--resume: {last} holds no weights ('state_dict'); it is no checkpoint of torchmdx train")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [k for k in sorted(set(state) & set(expected))
+              if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:3]}"] if missing else []
+        parts += [f"unexpected {unexpected[:3]}"] if unexpected else []
+        for k in shapes[:2]:
+            parts.append(f"{k} of shape {list(getattr(state[k], 'shape', []))}, expected {list(expected[k].shape)}")
+        detail = "; ".join(parts)
+        raise ConfigError(f"--resume: {last}: its weights do not fit the model of this config ({detail}); written by "
+                          "another torchmdx version, or for another model? Start a new run (another --run-dir)")
+
+
 def _prepare_or_leave_no_trace(cfg: RunConfig, run_dir: Path):
     """:func:`prepare`; when it refuses the run (a TorchmdxError: no forces for train.force_weight,
     an empty split, ...), the files it wrote into the run folder (splits.npz, data_state.json)
@@ -341,6 +364,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(cfg.trainer.num_threads)
     datamodule, module = _prepare_or_leave_no_trace(cfg, run_dir)
+    if resume:
+        _check_checkpoint_fits(run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt", module)
     with atomic_write(run_dir / RESOLVED_CONFIG, "w") as handle:
         handle.write(resolved_yaml(cfg))
     with atomic_write(run_dir / "data_summary.json", "w") as handle:

@@ -1,0 +1,195 @@
+"""Bad inputs, round 12: round 11's leftovers (slmc energy scales, md far from the origin in
+float32, a caller's model switched to eval mode) and a hunt through the CLI and Python API as a
+user of MACE/NequIP/TorchMD-NET would try them (see docs/bad_inputs.md, round 12).
+
+Table rows: a setup ``(tmp_path, shared_data) -> CLI arguments`` and the fragments the one
+``error:`` line must hold; every file under ``tmp_path`` must come out unchanged. Tests of
+behaviour follow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, molecule
+from ase.io import write
+
+import torchmdx
+from test_bad_inputs_more import refused_without_writes
+from test_bad_inputs_round3 import _slmc_config
+from test_bad_inputs_round9 import TINY
+
+
+def _tiny_model():
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(elements=[1, 6, 8])
+    return model
+
+
+def _lj(t):
+    from torchmdx.nn.analytic import LennardJones
+
+    if not (t / "lj.pt").exists():
+        LennardJones(0.0104, 3.4, cutoff=5.0).save(t / "lj.pt")
+    return t / "lj.pt"
+
+
+def _argon_crystal(offset=(0.0, 0.0, 0.0)):
+    atoms = bulk("Ar", "fcc", a=5.26, cubic=True) * (2, 2, 2)
+    atoms.rattle(0.05, seed=1)
+    atoms.positions += offset
+    return atoms
+
+
+# ---------------------------------------------------------------------------------- slmc
+def slmc_J_beyond_float64(t, s):  # ran to exit 0 with ± inf and nan columns in its table
+    return ["slmc", _slmc_config(t, lattice__J=1e300), "--no-progress"]
+
+
+def slmc_mu_far_beyond_the_temperature(t, s):  # Ω constant, rounding noise: β·rmse 6.8e7, exit 0
+    return ["slmc", _slmc_config(t, lattice__mu=1e20), "--no-progress"]
+
+
+def slmc_temperature_of_1e_minus_300(t, s):  # Metropolis decided by float64 rounding of Ω
+    return ["slmc", _slmc_config(t, lattice__temperature=1e-300), "--no-progress"]
+
+
+# ---------------------------------------------------------------------------------- md
+def md_float32_molecule_far_from_the_origin(t, s):  # positions in 0.06 Å steps, silently
+    atoms = molecule("CH3CH2OH")
+    atoms.positions += 1e6
+    write(t / "far.xyz", atoms)
+    model = _tiny_model()
+    model.save(t / "m.pt")
+    return ["md", t / "far.xyz", "--model", t / "m.pt", "--steps", "2", "--out", t / "md.extxyz", "--no-progress"]
+
+
+def md_float32_no_wrap_far_crystal(t, s):  # --no-wrap keeps the far positions: refused as above
+    write(t / "ar.extxyz", _argon_crystal((3e5, 0.0, 0.0)))
+    return ["md", t / "ar.extxyz", "--model", _lj(t), "--steps", "2", "--out", t / "md.extxyz", "--no-progress",
+            "--no-wrap"]
+
+
+ROWS = [
+    (slmc_J_beyond_float64, ["lattice.J", "1e+300", "float64"]),
+    (slmc_mu_far_beyond_the_temperature, ["lattice.temperature", "mu = 1e+20", "rounding"]),
+    (slmc_temperature_of_1e_minus_300, ["lattice.temperature", "1e-300", "rounding"]),
+    (md_float32_molecule_far_from_the_origin, ["far.xyz", "atom 6 (H)", "1e+06 Å from the origin", "0.062 Å",
+                                                "--dtype float64"]),
+    (md_float32_no_wrap_far_crystal, ["ar.extxyz", "3e+05 Å from the origin", "--dtype float64"]),
+]
+
+
+@pytest.mark.parametrize("setup,fragments", ROWS, ids=[row[0].__name__ for row in ROWS])
+def test_refused_with_one_line_and_nothing_written(tmp_path, shared_data, capsys, monkeypatch, setup, fragments):
+    refused_without_writes(tmp_path, shared_data, capsys, monkeypatch, setup, fragments)
+
+
+# ---------------------------------------------------------------------------------- behaviour
+def test_slmc_scales_that_float64_carries_still_validate():
+    """The bound refuses only what float64 cannot resolve: T = 1e-8 t, J = 1e8 t, T = 1e20 t
+    (the infinite-temperature limit, a correct result), J = 0 and J < 0, μ = 1e6 t, and every
+    shipped L = 4 / L = 6 config pass."""
+    from torchmdx.lattice.config import build_slmc_config, load_slmc_config
+    import yaml
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for key, value in [("temperature", 1e-8), ("J", 1e8), ("temperature", 1e20), ("J", 0.0), ("J", -8.0),
+                       ("mu", 1e6), ("t", 1e-300)]:
+        values = yaml.safe_load(open(root / "configs" / "slmc_l4.yaml"))
+        values["lattice"][key] = value
+        if key == "mu":
+            values["lattice"]["filling"] = None
+        build_slmc_config(values)
+    for name in ("slmc_l4.yaml", "slmc_l6.yaml"):
+        load_slmc_config(root / "configs" / name)
+
+
+def test_md_float32_periodic_crystal_far_from_the_origin_is_wrapped_in_float64():
+    """A periodic structure given 10^6 Å from the origin: the engine wrapped its positions into
+    the cell after converting them to float32 (steps of 0.06 Å: -20.790 eV against -20.813 eV
+    for the 256-atom box at the origin); wrapped in float64 first, the energy and forces are
+    those of the same crystal at the origin (a lattice translation)."""
+    from torchmdx.md.engine import Simulation
+    from torchmdx.nn.analytic import LennardJones
+
+    lj = LennardJones(0.0104, 3.4, cutoff=5.0)
+    near = _argon_crystal()
+    far = _argon_crystal(np.array([1e6, -3e5, 2e5]) + 0.37)
+    states = [Simulation(lj, [a], dtype=torch.float32, temperature_K=0.0).initialize() for a in (near, far)]
+    reference = Simulation(lj, [near], dtype=torch.float64, temperature_K=0.0).initialize()
+    assert float(states[1].energy[0]) == pytest.approx(float(reference.energy[0]), rel=1e-5)
+    assert float(states[0].energy[0]) == pytest.approx(float(reference.energy[0]), rel=1e-5)
+    np.testing.assert_allclose(states[1].forces.double().numpy(), reference.forces.numpy(), atol=2e-5)
+
+
+def test_md_float32_near_the_origin_and_float64_far_still_run(tmp_path, monkeypatch):
+    """The closest valid inputs: a molecule 5000 Å out in float32 (steps of 0.0005 Å), and one
+    10^6 Å out in float64, run."""
+    from torchmdx.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    _tiny_model().save(tmp_path / "m.pt")
+    for offset, dtype in ((5000.0, "float32"), (1e6, "float64")):
+        atoms = molecule("CH3CH2OH")
+        atoms.positions += offset
+        write(tmp_path / "far.xyz", atoms)
+        assert main(["md", "far.xyz", "--model", "m.pt", "--steps", "2", "--out", f"md_{dtype}.extxyz",
+                     "--no-progress", "--dtype", dtype]) == 0
+
+
+def test_calculator_leaves_the_callers_training_mode_alone():
+    """``Calculator(model)`` called ``model.eval()`` on the caller's own module: a model being
+    trained (and shared with the calculator) was left in eval mode. Now its mode is switched only
+    during a call and restored; the energy is that of the model in eval mode."""
+    model = _tiny_model()
+    model.train()
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = torchmdx.Calculator(model)
+    energy = atoms.get_potential_energy()
+    assert model.training and all(m.training for m in model.modules())
+    reference = _tiny_model().eval()
+    other = atoms.copy()
+    other.calc = torchmdx.Calculator(reference)
+    assert energy == pytest.approx(other.get_potential_energy(), rel=1e-6)
+    assert not reference.training  # a model in eval mode stays so
+
+
+def test_md_simulation_does_not_convert_the_callers_model():
+    """``Simulation(model, ..., dtype=float64)`` ran ``model.to(float64)`` and ``model.eval()`` on
+    the caller's object (round 11 fixed the same in the Calculator): a float32 model being trained
+    came back float64 in eval mode."""
+    from torchmdx.md.engine import Simulation
+
+    model = _tiny_model()
+    model.train()
+    sim = Simulation(model, [molecule("CH3CH2OH")], dtype=torch.float64, temperature_K=0.0)
+    sim.initialize()
+    assert next(model.parameters()).dtype == torch.float32 and model.training
+    assert next(sim.potential.parameters()).dtype == torch.float64 and not sim.potential.training
+
+
+def test_resume_checkpoint_of_another_layout_is_one_line(tmp_path):
+    """``train --resume`` of a checkpoint whose weights have other names (another torchmdx version's
+    layout) or shapes (another model, with the saved config deleted) was Lightning's 36-line
+    "Error(s) in loading state_dict" traceback; the export of the same file was already one line."""
+    from torchmdx.errors import ConfigError
+    from torchmdx.train.run import _check_checkpoint_fits
+
+    module = torch.nn.Module()
+    module.model = _tiny_model()
+    state = module.state_dict()
+    torch.save({"state_dict": state, "epoch": 0}, tmp_path / "good.ckpt")
+    _check_checkpoint_fits(tmp_path / "good.ckpt", module)  # the same layout: accepted
+    renamed = dict(state)
+    renamed["model.representation.embed.weight"] = renamed.pop("model.representation.embedding.weight")
+    torch.save({"state_dict": renamed}, tmp_path / "old.ckpt")
+    with pytest.raises(ConfigError, match=r"missing \['model.representation.embedding.weight'\]; unexpected"):
+        _check_checkpoint_fits(tmp_path / "old.ckpt", module)
+    resized = dict(state)
+    resized["model.head.mlp.0.bias"] = torch.zeros(99)
+    torch.save({"state_dict": resized}, tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match=r"model.head.mlp.0.bias of shape \[99\]"):
+        _check_checkpoint_fits(tmp_path / "other.ckpt", module)
