@@ -193,3 +193,39 @@ def test_resume_checkpoint_of_another_layout_is_one_line(tmp_path):
     torch.save({"state_dict": resized}, tmp_path / "other.ckpt")
     with pytest.raises(ConfigError, match=r"model.head.mlp.0.bias of shape \[99\]"):
         _check_checkpoint_fits(tmp_path / "other.ckpt", module)
+
+
+def _copper_frames(path, count=3):
+    """Rattled Cu crystals labelled by ASE's EMT: the stress under ``stress_true`` and
+    ``REF_virial`` / ``virial`` (W = -σ V, MACE's and NequIP's names) in the info."""
+    from ase.calculators.emt import EMT
+
+    frames = []
+    for i in range(count):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+        atoms.rattle(0.05, seed=i)
+        atoms.calc = EMT()
+        energy, forces, stress = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(voigt=False)
+        atoms.calc = None
+        atoms.info.update(energy=energy, stress_true=stress.reshape(-1),
+                          REF_virial=(-stress * atoms.get_volume()).reshape(-1))
+        atoms.arrays["forces"] = forces
+        frames.append((atoms, stress))
+    write(path, [a for a, _ in frames], format="extxyz")
+    return np.stack([s for _, s in frames])
+
+
+def test_a_stress_key_naming_a_virial_is_read_as_a_virial(tmp_path):
+    """``data.stress_key: REF_virial`` (or ``virial``): the virial W (eV) was taken for a stress
+    (eV/Å³), 100-1000 times too large and of the wrong sign, silently; the default key already
+    turned a ``virial`` into σ = -W / V. A stress key of another name is read as before."""
+    from torchmdx.data.ase_format import read_ase
+
+    expected = _copper_frames(tmp_path / "cu.extxyz")
+    for key in ("REF_virial", "stress_true"):
+        st = read_ase(tmp_path / "cu.extxyz", stress_key=key)
+        np.testing.assert_allclose(st.extras["stress"].reshape(-1, 3, 3), expected, rtol=1e-8, atol=1e-12)
+    text = (tmp_path / "cu.extxyz").read_text().replace("REF_virial=", "virial=")
+    (tmp_path / "nequip.extxyz").write_text(text)
+    st = read_ase(tmp_path / "nequip.extxyz", stress_key="virial")
+    np.testing.assert_allclose(st.extras["stress"].reshape(-1, 3, 3), expected, rtol=1e-8, atol=1e-12)
