@@ -71,6 +71,48 @@ def md_float32_no_wrap_far_crystal(t, s):  # --no-wrap keeps the far positions: 
             "--no-wrap"]
 
 
+# ---------------------------------------------------------------------------------- stress labels
+def _copper_with_a_dimer(path, dimer_cell=None):
+    """Three EMT-labelled Cu crystals and a Cu dimer (pbc False) with a stress label, its cell
+    ``dimer_cell`` (None: no cell, as a molecule is often written)."""
+    from ase import Atoms
+    from ase.calculators.emt import EMT
+
+    frames = []
+    for i in range(4):
+        if i == 0:
+            atoms = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.3]], cell=[12, 12, 12], pbc=True)
+        else:
+            atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+            atoms.rattle(0.05, seed=i)
+        atoms.calc = EMT()
+        energy, forces, stress = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+        atoms.calc = None
+        atoms.info.update(energy=energy, stress=stress)
+        atoms.arrays["forces"] = forces
+        if i == 0:
+            atoms.pbc = False
+            atoms.cell = dimer_cell
+        frames.append(atoms)
+    write(path, frames, format="extxyz")
+    return path
+
+
+def train_stress_on_a_molecule_without_a_cell(t, s):  # NaN loss: "training diverged: try a smaller lr"
+    import yaml
+
+    cache = t.parent / (t.name + "_cache")  # the cache is built before the labels are read: outside t
+    config = {"data": {"path": str(_copper_with_a_dimer(t / "cu.extxyz")), "cache_dir": str(cache),
+                       "train_size": 2, "val_size": 1, "test_size": 1, "batch_size": 2},
+              "model": {"embedding_dimension": 8, "num_layers": 1, "num_heads": 2, "num_rbf": 4,
+                        "cutoff_upper": 3.5, "backend": "torch"},
+              "train": {"stress_weight": 1.0},
+              "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+              "run_dir": str(t / "run")}
+    (t / "config.yaml").write_text(yaml.safe_dump(config))
+    return ["train", t / "config.yaml"]
+
+
 ROWS = [
     (slmc_J_beyond_float64, ["lattice.J", "1e+300", "float64"]),
     (slmc_mu_far_beyond_the_temperature, ["lattice.temperature", "mu = 1e+20", "rounding"]),
@@ -78,6 +120,8 @@ ROWS = [
     (md_float32_molecule_far_from_the_origin, ["far.xyz", "atom 6 (H)", "1e+06 Å from the origin", "0.062 Å",
                                                 "--dtype float64"]),
     (md_float32_no_wrap_far_crystal, ["ar.extxyz", "3e+05 Å from the origin", "--dtype float64"]),
+    (train_stress_on_a_molecule_without_a_cell, ["cu.extxyz: structure 0 has a stress label but its cell spans no "
+                                                 "volume", "pbc [False, False, False]"]),
 ]
 
 
@@ -229,3 +273,14 @@ def test_a_stress_key_naming_a_virial_is_read_as_a_virial(tmp_path):
     (tmp_path / "nequip.extxyz").write_text(text)
     st = read_ase(tmp_path / "nequip.extxyz", stress_key="virial")
     np.testing.assert_allclose(st.extras["stress"].reshape(-1, 3, 3), expected, rtol=1e-8, atol=1e-12)
+
+
+def test_stress_label_of_a_molecule_in_a_box_is_kept(tmp_path):
+    """The closest valid input of the row above: the dimer (pbc False) written with its 12 Å box
+    keeps its stress label (the model's strain derivative over that volume is finite)."""
+    from torchmdx.data.ase_format import read_ase
+    from torchmdx.train.run import _check_stress_volumes
+
+    st = read_ase(_copper_with_a_dimer(tmp_path / "boxed.extxyz", dimer_cell=[12, 12, 12]))
+    assert np.isfinite(st.extras["stress"][0]).all() and not st.pbc[0].any()
+    _check_stress_volumes(st, "boxed.extxyz")

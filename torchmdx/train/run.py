@@ -153,6 +153,32 @@ def check_cells(dataset, cutoff: float, source) -> None:
             raise DataError(f"{source}: " + describe_problem(value % 4, cells[value // 4:value // 4 + 1],
                                                              flags[value // 4:value // 4 + 1], cutoff,
                                                              label=f"structure {index}"))
+    _check_stress_volumes(st, source)
+
+
+def _check_stress_volumes(st, source) -> None:
+    """A stress label on a structure whose cell spans no volume (a molecule written without a
+    cell, beside periodic structures): the model's stress there is NaN (σ = (1/V) ∂E/∂ε), so its
+    finite label made the loss NaN ("training diverged: try a smaller train.lr"), or, with no
+    periodic structure in a batch, "stress needs a periodic cell" naming nothing."""
+    import numpy as np
+
+    stress = st.extras.get("stress") if isinstance(getattr(st, "extras", None), dict) else None
+    if stress is None:
+        return
+    for start in range(0, len(stress), 1 << 16):
+        labels = np.asarray(stress[start:start + (1 << 16)], dtype=np.float64)
+        cells = np.asarray(st.cell[start:start + len(labels)], dtype=np.float64)
+        known = np.isfinite(labels.reshape(len(labels), -1)).all(-1)
+        with np.errstate(invalid="ignore"):
+            volume = np.abs(np.linalg.det(cells)) if len(cells) else np.zeros(0)
+        bad = np.flatnonzero(known & ~(volume > 1e-9))
+        if bad.size:
+            index = start + int(bad[0])
+            pbc = np.asarray(st.pbc[index], dtype=bool).tolist()
+            raise DataError(f"{source}: structure {index} has a stress label but its cell spans no volume (pbc {pbc}, "
+                            f"cell {np.asarray(st.cell[index]).tolist()} Å): a stress is (1/V) ∂E/∂ε; give the structure "
+                            "its cell, or drop its stress (structures without one are left out of the stress term)")
 
 
 def _check_checkpoint_readable(last: Path) -> None:
