@@ -284,3 +284,41 @@ def test_stress_label_of_a_molecule_in_a_box_is_kept(tmp_path):
     st = read_ase(_copper_with_a_dimer(tmp_path / "boxed.extxyz", dimer_cell=[12, 12, 12]))
     assert np.isfinite(st.extras["stress"][0]).all() and not st.pbc[0].any()
     _check_stress_volumes(st, "boxed.extxyz")
+
+
+def test_label_writes_raw_forces_of_atoms_an_ase_constraint_fixes(tmp_path, monkeypatch):
+    """``torchmdx label`` of periodic frames with ASE constraints (a relaxation's .traj with FixAtoms, an
+    extxyz ``move_mask``): the labeller's copy kept them and ``get_forces()`` applied them, so
+    the fixed atoms were labelled with zero forces, silently wrong training data. A stand-in
+    ``tblite.ase`` (tblite is not installed here) computes ASE's EMT."""
+    import sys
+    import types
+
+    from ase.calculators.emt import EMT
+    from ase.constraints import FixAtoms
+    from ase.io import read
+
+    from torchmdx.cli.main import main
+
+    class TBLite(EMT):
+        def __init__(self, **kwargs):
+            super().__init__()
+
+    package, module = types.ModuleType("tblite"), types.ModuleType("tblite.ase")
+    module.TBLite, package.ase = TBLite, module
+    monkeypatch.setitem(sys.modules, "tblite", package)
+    monkeypatch.setitem(sys.modules, "tblite.ase", module)
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    atoms.rattle(0.1, seed=3)
+    atoms.set_constraint(FixAtoms([0, 5]))
+    write(tmp_path / "in.traj", atoms)
+    assert main(["label", str(tmp_path / "in.traj"), "-o", str(tmp_path / "out.extxyz"), "--no-progress"]) == 0
+    labelled = read(tmp_path / "out.extxyz")
+    reference = atoms.copy()
+    reference.set_constraint()
+    reference.calc = EMT()
+    np.testing.assert_allclose(labelled.get_forces(apply_constraint=False), reference.get_forces(), atol=1e-6)
+    assert np.abs(labelled.get_forces(apply_constraint=False)[[0, 5]]).max() > 1e-2
+    # a periodic frame's stress: ase.constraints.voigt_6_to_full_3x3_stress, which label imported,
+    # is gone from ASE 3.29, so every periodic frame failed ("gfn2-xtb failed (cannot import name ...)")
+    np.testing.assert_allclose(labelled.get_stress(apply_constraint=False), reference.get_stress(), atol=1e-9)
