@@ -113,6 +113,26 @@ def train_stress_on_a_molecule_without_a_cell(t, s):  # NaN loss: "training dive
     return ["train", t / "config.yaml"]
 
 
+def train_mace_style_file_without_its_forces_key(t, s):  # "has no forces": REF_forces went unnamed
+    import yaml
+
+    frames = []
+    for i in range(4):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.05, seed=i)
+        atoms.info["REF_energy"] = -100.0 - 0.01 * i
+        atoms.arrays["REF_forces"] = np.random.default_rng(i).normal(size=(len(atoms), 3))
+        frames.append(atoms)
+    write(t / "mace.extxyz", frames, format="extxyz")
+    config = {"data": {"path": str(t / "mace.extxyz"), "energy_key": "REF_energy",
+                       "cache_dir": str(t.parent / (t.name + "_cache")), "train_size": 2, "val_size": 1,
+                       "test_size": 1, "batch_size": 2},
+              "model": TINY, "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1},
+              "run_dir": str(t / "run")}
+    (t / "config.yaml").write_text(yaml.safe_dump(config))
+    return ["train", t / "config.yaml"]
+
+
 ROWS = [
     (slmc_J_beyond_float64, ["lattice.J", "1e+300", "float64"]),
     (slmc_mu_far_beyond_the_temperature, ["lattice.temperature", "mu = 1e+20", "rounding"]),
@@ -122,6 +142,8 @@ ROWS = [
     (md_float32_no_wrap_far_crystal, ["ar.extxyz", "3e+05 Å from the origin", "--dtype float64"]),
     (train_stress_on_a_molecule_without_a_cell, ["cu.extxyz: structure 0 has a stress label but its cell spans no "
                                                  "volume", "pbc [False, False, False]"]),
+    (train_mace_style_file_without_its_forces_key, ["mace.extxyz has no forces 'forces' (its per-atom arrays: "
+                                                    "REF_forces; data.forces_key names"]),
 ]
 
 

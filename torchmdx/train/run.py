@@ -108,8 +108,13 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
         raise ConfigError(f"config key 'train.energy_weight' is 0 but {source} has no forces: nothing to train on "
                           "(set train.energy_weight > 0 and train.force_weight: 0 for energy-only training)")
     if cfg.train.train_forces and not datamodule.dataset.has_forces:
-        raise ConfigError(f"config key 'train.force_weight' is {cfg.train.force_weight} but {source} has no forces; "
-                          "set train.force_weight: 0 (energy-only training)")
+        # a MACE-style file (REF_forces) read with the default forces key: name the per-atom arrays it has
+        arrays = [str(k) for k in datamodule.dataset.info.get("atom_extras", [])]
+        present = (f" (its per-atom arrays: {', '.join(arrays[:6])}; data.forces_key names the one that holds the "
+                   "forces)") if arrays else ""
+        raise ConfigError(f"config key 'train.force_weight' is {cfg.train.force_weight} but {source} has no forces "
+                          f"'{cfg.data_config.forces_key or 'forces'}'{present}; set train.force_weight: 0 (energy-only "
+                          "training)")
     if cfg.train.train_stress and not datamodule.dataset.has_stress:  # was refused at the first step, the run
         # folder (splits, logs) written and the "before training" errors printed
         raise ConfigError(f"config key 'train.stress_weight' is {cfg.train.stress_weight} but {source} has no stress "
