@@ -344,3 +344,79 @@ def test_label_writes_raw_forces_of_atoms_an_ase_constraint_fixes(tmp_path, monk
     # a periodic frame's stress: ase.constraints.voigt_6_to_full_3x3_stress, which label imported,
     # is gone from ASE 3.29, so every periodic frame failed ("gfn2-xtb failed (cannot import name ...)")
     np.testing.assert_allclose(labelled.get_stress(apply_constraint=False), reference.get_stress(), atol=1e-9)
+
+
+def _random_structures(rng, count, copies=()):
+    """count structures of 1-6 atoms (random elements and positions); ``copies``: (i, j) pairs,
+    structure i made an exact copy of structure j. A stand-in with offsets, pos and z."""
+    from types import SimpleNamespace
+
+    sizes = rng.integers(1, 7, size=count)
+    for i, j in copies:
+        sizes[i] = sizes[j]
+    offsets = np.r_[0, np.cumsum(sizes)]
+    pos = rng.normal(size=(offsets[-1], 3)) * 3
+    z = rng.integers(1, 9, size=offsets[-1])
+    for i, j in copies:
+        pos[offsets[i]:offsets[i + 1]] = pos[offsets[j]:offsets[j + 1]]
+        z[offsets[i]:offsets[i + 1]] = z[offsets[j]:offsets[j + 1]]
+    return SimpleNamespace(offsets=offsets, pos=pos, z=z)
+
+
+def test_copies_across_split_parts_against_all_pairs():
+    """Duplicated frames (a file read twice) landed in the training and the test part of a random
+    split without a word. ``copies_across_parts`` against an all-pairs comparison on random data
+    with planted copies (and near-copies: one coordinate changed by one ulp, a swapped element),
+    small chunks so that structures straddle chunk borders."""
+    from torchmdx.data.splits import Split, copies_across_parts
+
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for trial in range(30):
+        count = int(rng.integers(4, 60))
+        chosen = rng.choice(count, 2 * int(rng.integers(0, 4)), replace=False)  # copies and originals apart
+        pairs = [(int(chosen[2 * k]), int(chosen[2 * k + 1])) for k in range(len(chosen) // 2)]
+        st = _random_structures(rng, count, pairs)
+        if trial % 3 == 0 and pairs:  # a near copy: not a copy
+            i, j = pairs[0]
+            st.pos[st.offsets[i]] = np.nextafter(st.pos[st.offsets[i]], np.inf)
+        order = rng.permutation(count)
+        n_val, n_test = int(rng.integers(1, count // 3 + 1)), int(rng.integers(1, count // 3 + 1))
+        split = Split(order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test], count)
+        key = [(st.z[st.offsets[s]:st.offsets[s + 1]].tobytes(), st.pos[st.offsets[s]:st.offsets[s + 1]].tobytes())
+               for s in range(count)]
+        train_keys = {key[s] for s in split.train}
+        expected = {p: sum(key[s] in train_keys for s in split[p]) for p in ("val", "test")}
+        line = copies_across_parts(st, split, chunk_atoms=int(rng.integers(1, 20)))
+        outcomes.add(line is None)
+        if not any(expected.values()):
+            assert line is None
+            continue
+        for part, n in expected.items():
+            assert (f"{n} of the {part} split" in line) == (n > 0), (expected, line)
+    assert outcomes == {True, False}  # both kinds of trial ran
+
+
+def test_train_warns_of_a_file_read_twice(tmp_path, shared_data, monkeypatch):
+    """The data module warns (one line; the command line prints it as ``warning: ...``) when the
+    split puts copies of training structures into validation or test; 60 distinct frames of the
+    shared MD17 file get no warning."""
+    import warnings
+
+    from torchmdx.data.data_config import DataConfig
+    from torchmdx.data.datamodule import TorchmdxDataModule
+
+    data = dict(np.load(shared_data / "md17" / "md17_ethanol_xtb.npz"))
+    once = {**data, **{key: data[key][:60] for key in ("R", "E", "F")}}
+    np.savez(tmp_path / "once.npz", **once)
+    for key in ("R", "E", "F"):
+        data[key] = np.concatenate([data[key][:30], data[key][:30]])
+    np.savez(tmp_path / "twice.npz", **data)
+    for path, warned in ((tmp_path / "twice.npz", True), (tmp_path / "once.npz", False)):
+        config = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), train_size=30, val_size=10,
+                            test_size=10, batch_size=8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            TorchmdxDataModule(config).setup("fit")
+        lines = [str(w.message) for w in caught if "exact copy in the training split" in str(w.message)]
+        assert bool(lines) == warned, lines
