@@ -133,6 +133,24 @@ def train_mace_style_file_without_its_forces_key(t, s):  # "has no forces": REF_
     return ["train", t / "config.yaml"]
 
 
+def train_resume_checkpoint_of_another_layout(t, s):  # Lightning's 36-line state_dict traceback
+    import yaml
+
+    from torchmdx.train.module import PotentialModule
+
+    config = {"data": {"path": str(s / "md17" / "md17_ethanol_xtb.npz"), "cache_dir": str(t.parent / (t.name + "_c")),
+                       "train_size": 8, "val_size": 8, "test_size": 8, "batch_size": 8},
+              "model": {**TINY}, "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": 1},
+              "run_dir": str(t / "run")}
+    config["model"].pop("seed")
+    (t / "config.yaml").write_text(yaml.safe_dump(config))
+    state = PotentialModule(model=config["model"]).state_dict()  # an "older layout": one weight renamed
+    state["model.representation.embed.weight"] = state.pop("model.representation.embedding.weight")
+    (t / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": state, "epoch": 0, "global_step": 1}, t / "run" / "checkpoints" / "last.ckpt")
+    return ["train", t / "config.yaml", "--resume"]
+
+
 ROWS = [
     (slmc_J_beyond_float64, ["lattice.J", "1e+300", "float64"]),
     (slmc_mu_far_beyond_the_temperature, ["lattice.temperature", "mu = 1e+20", "rounding"]),
@@ -142,6 +160,8 @@ ROWS = [
     (md_float32_no_wrap_far_crystal, ["ar.extxyz", "3e+05 Å from the origin", "--dtype float64"]),
     (train_stress_on_a_molecule_without_a_cell, ["cu.extxyz: structure 0 has a stress label but its cell spans no "
                                                  "volume", "pbc [False, False, False]"]),
+    (train_resume_checkpoint_of_another_layout, ["--resume:", "last.ckpt: its weights do not fit the model",
+                                                 "missing ['model.representation.embedding.weight']"]),
     (train_mace_style_file_without_its_forces_key, ["mace.extxyz has no forces 'forces' (its per-atom arrays: "
                                                     "REF_forces; data.forces_key names"]),
 ]

@@ -228,10 +228,11 @@ def _check_checkpoint_fits(last: Path, module) -> None:
                           "another torchmdx version, or for another model? Start a new run (another --run-dir)")
 
 
-def _prepare_or_leave_no_trace(cfg: RunConfig, run_dir: Path):
+def _prepare_or_leave_no_trace(cfg: RunConfig, run_dir: Path, check=None):
     """:func:`prepare`; when it refuses the run (a TorchmdxError: no forces for train.force_weight,
     an empty split, ...), the files it wrote into the run folder (splits.npz, data_state.json)
-    and a run folder it created are removed again: a refused run used to leave them behind."""
+    and a run folder it created are removed again: a refused run used to leave them behind.
+    ``check(module)``, when given, runs on the prepared module under the same rule."""
     import shutil
 
     from torchmdx.errors import TorchmdxError
@@ -239,7 +240,10 @@ def _prepare_or_leave_no_trace(cfg: RunConfig, run_dir: Path):
     existed = run_dir.is_dir()
     before = set(run_dir.iterdir()) if existed else set()
     try:
-        return prepare(cfg, run_dir)
+        prepared = prepare(cfg, run_dir)
+        if check is not None:
+            check(prepared[1])
+        return prepared
     except TorchmdxError:
         if not existed:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -394,9 +398,9 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
     run_dir = check_run_dir(cfg, resume)
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(cfg.trainer.num_threads)
-    datamodule, module = _prepare_or_leave_no_trace(cfg, run_dir)
-    if resume:
-        _check_checkpoint_fits(run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt", module)
+    last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
+    datamodule, module = _prepare_or_leave_no_trace(
+        cfg, run_dir, check=(lambda prepared: _check_checkpoint_fits(last, prepared)) if resume else None)
     with atomic_write(run_dir / RESOLVED_CONFIG, "w") as handle:
         handle.write(resolved_yaml(cfg))
     with atomic_write(run_dir / "data_summary.json", "w") as handle:
