@@ -440,3 +440,55 @@ def test_train_warns_of_a_file_read_twice(tmp_path, shared_data, monkeypatch):
             TorchmdxDataModule(config).setup("fit")
         lines = [str(w.message) for w in caught if "exact copy in the training split" in str(w.message)]
         assert bool(lines) == warned, lines
+
+
+def _slab_without_vacuum():
+    from ase.build import fcc111
+
+    slab = fcc111("Ar", (4, 4, 3), a=5.26, vacuum=8.0)
+    slab.info.pop("adsorbate_info", None)
+    flat = slab.copy()
+    flat.cell[2] = [0.0, 0.0, 0.0]  # the open direction given no vector
+    return slab, flat
+
+
+def test_predict_stress_of_a_slab_whose_cell_spans_no_volume_is_one_line():
+    """``Potential.predict(slab, stress=True)`` with a zero open row gave a 3 x 3 NaN stress,
+    silently (round 11 made the Calculator say so); now the same one line, naming the structure
+    of a list. The closest valid inputs: the slab with its vacuum vector, a list of a molecule and
+    a crystal (the molecule's stress stays NaN: it has none)."""
+    from torchmdx.errors import ModelError
+    from torchmdx.nn.analytic import LennardJones
+
+    lj = LennardJones(0.0104, 3.4, cutoff=5.0)
+    slab, flat = _slab_without_vacuum()
+    with pytest.raises(ModelError, match=r"^stress of a structure with pbc \[True, True, False\] divides by the volume"):
+        lj.predict(flat, stress=True)
+    with pytest.raises(ModelError, match=r"^structure 1: stress"):
+        lj.predict([slab, flat], stress=True)
+    assert np.isfinite(lj.predict(slab, stress=True)["stress"]).all()
+    assert np.isfinite(lj.predict(flat)["forces"]).all()  # energies and forces need no volume
+    dimer = molecule("H2")
+    dimer.symbols = "Ar2"
+    dimer.positions *= 5
+    mixed = lj.predict([dimer, _argon_crystal()], stress=True)["stress"]
+    assert np.isnan(mixed[0]).all() and np.isfinite(mixed[1]).all()
+
+
+def test_label_with_a_model_gives_a_slab_without_vacuum_no_nan_stress(tmp_path, monkeypatch):
+    """``label --method model:...`` of a slab whose open row is 0 wrote ``stress="nan ..."`` into
+    the training file; now energy and forces, and no stress (it needs a cell volume); the slab
+    with its vacuum vector keeps its stress."""
+    from ase.io import read
+
+    from torchmdx.cli.main import main
+    from torchmdx.nn.analytic import LennardJones
+
+    monkeypatch.chdir(tmp_path)
+    LennardJones(0.0104, 3.4, cutoff=5.0).save(tmp_path / "lj.pt")
+    slab, flat = _slab_without_vacuum()
+    write(tmp_path / "slabs.extxyz", [flat, slab], format="extxyz")
+    assert main(["label", "slabs.extxyz", "-o", "out.extxyz", "--method", "model:lj.pt", "--no-progress"]) == 0
+    frames = read(tmp_path / "out.extxyz", ":")
+    assert "stress" not in frames[0].calc.results and np.isfinite(frames[0].get_forces()).all()
+    assert np.isfinite(frames[1].get_stress()).all()

@@ -244,7 +244,9 @@ def make_labeler(options: LabelOptions) -> Callable:
     model = load_model(method[len("model:"):], device=options.device)
 
     def model_label(atoms):
-        periodic = bool(atoms.pbc.any())
+        # a stress needs a cell volume: a slab whose open row is 0 was labelled with a NaN stress
+        cell = np.asarray(atoms.cell.array, dtype=np.float64)
+        periodic = bool(atoms.pbc.any()) and np.isfinite(cell).all() and abs(float(np.linalg.det(cell))) > 1e-12
         out = model.predict(atoms, forces=True, stress=periodic)
         return float(out["energy"]), np.asarray(out["forces"]), (np.asarray(out["stress"]) if periodic else None)
 
