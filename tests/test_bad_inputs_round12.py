@@ -492,3 +492,23 @@ def test_label_with_a_model_gives_a_slab_without_vacuum_no_nan_stress(tmp_path, 
     frames = read(tmp_path / "out.extxyz", ":")
     assert "stress" not in frames[0].calc.results and np.isfinite(frames[0].get_forces()).all()
     assert np.isfinite(frames[1].get_stress()).all()
+
+
+def test_stress_in_bar_is_beyond_physical(tmp_path):
+    """A stress written in bar (LAMMPS's pressure unit) or Pa under the stress key trained as
+    eV/Å³ (1.6e6 times too large) without a word; the label check (round 7: forces, energies) now
+    bounds the virial per atom |σ| V / N at 1000 eV/atom. The same crystals in eV/Å³ pass, and so
+    do they in kbar (a few kbar near equilibrium are not distinguishable from eV/Å³)."""
+    from torchmdx.data.ase_format import read_ase
+    from torchmdx.data.label_check import check_labels
+    from torchmdx.errors import DataError
+
+    _copper_frames(tmp_path / "cu.extxyz")
+    for factor, refused in ((1.0, False), (1602.18, False), (1.60218e6, True)):
+        structures = read_ase(tmp_path / "cu.extxyz", stress_key="stress_true")
+        structures.extras["stress"] = structures.extras["stress"] * factor
+        if refused:
+            with pytest.raises(DataError, match=r"structure 0: stress .* eV per atom, beyond the 1e\+03 eV/atom"):
+                check_labels(structures)
+        else:
+            check_labels(structures)
