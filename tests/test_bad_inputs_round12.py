@@ -211,6 +211,19 @@ def test_md_float32_periodic_crystal_far_from_the_origin_is_wrapped_in_float64()
     np.testing.assert_allclose(states[1].forces.double().numpy(), reference.forces.numpy(), atol=2e-5)
 
 
+def test_md_simulation_api_refuses_a_float32_molecule_far_from_the_origin():
+    """The Python API (``torchmdx.md.engine.Simulation``) kept float32 positions 10^6 Å out as the
+    CLI did; one line naming the structure and atom, float64 runs."""
+    from torchmdx.errors import ConfigError
+    from torchmdx.md.engine import Simulation
+
+    far = molecule("CH3CH2OH")
+    far.positions += 1e6
+    with pytest.raises(ConfigError, match=r"structure 0: atom 6 \(H\) lies 1e\+06 Å from the origin"):
+        Simulation(_tiny_model(), [far], dtype=torch.float32)
+    Simulation(_tiny_model(), [far], dtype=torch.float64, temperature_K=0.0).initialize()
+
+
 def test_md_float32_near_the_origin_and_float64_far_still_run(tmp_path, monkeypatch):
     """The closest valid inputs: a molecule 5000 Å out in float32 (steps of 0.0005 Å), and one
     10^6 Å out in float64, run."""

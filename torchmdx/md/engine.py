@@ -117,6 +117,13 @@ class Simulation(RunLoop, RestartFiles):
 
             self.potential = copy.deepcopy(potential)
         self.potential.eval()
+        if dtype == torch.float32:  # torchmdx md names the file first (md.run.check_float32_reach)
+            from torchmdx.md.system import float32_reach_problem
+
+            for b, atoms in enumerate(atoms_list):
+                problem = float32_reach_problem(atoms, wrap)
+                if problem:
+                    raise ConfigError(f"structure {b}: {problem}; translate it near the origin, or run in float64")
         self.system = System.from_atoms(atoms_list, self.device, dtype)
         self._perm = self._inverse = None  # device index tensors of the order, None: input order
         if self.atom_perm is not None:

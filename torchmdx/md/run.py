@@ -162,32 +162,19 @@ def check_cells(potential, structures, sources: list) -> None:
             raise DataError(describe_problem(value, cell, flags, float(potential.cutoff), label=where))
 
 
-#: float32 positions at or beyond this distance from the origin (Å) are 2^-10 Å (~0.001 Å) apart or more
-FLOAT32_REACH = 8192.0
-
-
 def check_float32_reach(structures, sources: list, config: MDConfig) -> None:
-    """The native engine keeps positions in the run's dtype: in float32, an atom 10^5 Å from the
-    origin moves in steps of 0.008 Å (10^6 Å: 0.06 Å), and its forces and energies lose as much,
-    silently. Periodic directions are wrapped into the cell first (in float64, as the engine
-    does). One line naming the file, frame and atom."""
-    from torchmdx.md.system import wrapped_positions
+    """The native engine keeps positions in the run's dtype (:func:`torchmdx.md.system.float32_reach_problem`):
+    one line naming the file, frame and atom."""
+    from torchmdx.md.system import float32_reach_problem
 
     if config.engine == "ase" or config.dtype != "float32":
         return
     for atoms, where in zip(structures, sources):
-        pos = wrapped_positions(atoms) if config.wrap else np.asarray(atoms.get_positions(), dtype=np.float64)
-        if not len(pos):
-            continue
-        far = np.abs(pos).max(1)
-        a = int(np.argmax(far))
-        if far[a] >= FLOAT32_REACH:
-            step = float(np.spacing(np.float32(far[a])))
-            raise ConfigError(
-                f"{where}: atom {a} ({atoms.get_chemical_symbols()[a]}) lies {far[a]:.4g} Å from the origin, where float32 "
-                f"positions are {step:.2g} Å apart (forces and the integration lose that much); translate the structure "
-                f"near the origin, or run with {config.option('dtype')} float64 (or --engine ase, which takes positions "
-                "relative to the atoms)")
+        problem = float32_reach_problem(atoms, config.wrap)
+        if problem:
+            raise ConfigError(f"{where}: {problem}; translate the structure near the origin, or run with "
+                              f"{config.option('dtype')} float64 (or --engine ase, which takes positions relative to "
+                              "the atoms)")
 
 
 def check_elements(potential, structures, sources: list) -> None:

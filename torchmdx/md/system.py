@@ -173,6 +173,27 @@ class System:
         return None if self.cell is None else torch.linalg.det(self.cell).abs()
 
 
+#: float32 positions at or beyond this distance from the origin (Å) are 2^-10 Å (~0.001 Å) apart or more
+FLOAT32_REACH = 8192.0
+
+
+def float32_reach_problem(atoms, wrap: bool = True) -> Optional[str]:
+    """Why ``atoms`` cannot run in float32 (an atom as far from the origin as
+    :data:`FLOAT32_REACH`, after periodic directions are wrapped in float64 when ``wrap``), else
+    None. Float32 positions 10^5 Å out move in steps of 0.008 Å (10^6 Å: 0.06 Å), and forces and
+    energies lose as much, silently."""
+    pos = wrapped_positions(atoms) if wrap else np.asarray(atoms.get_positions(), dtype=np.float64)
+    if not len(pos):
+        return None
+    far = np.abs(pos).max(1)
+    a = int(np.argmax(far))
+    if not far[a] >= FLOAT32_REACH:
+        return None
+    step = float(np.spacing(np.float32(far[a])))
+    return (f"atom {a} ({atoms.get_chemical_symbols()[a]}) lies {far[a]:.4g} Å from the origin, where float32 "
+            f"positions are {step:.2g} Å apart (forces and the integration lose that much)")
+
+
 def wrapped_positions(atoms) -> np.ndarray:
     """``atoms``' positions [n, 3] (float64) with the periodic directions wrapped into the cell
     (as :meth:`System.wrap`); atoms already inside, and non-periodic structures, unchanged."""
