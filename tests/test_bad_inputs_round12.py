@@ -1,6 +1,8 @@
 """Bad inputs, round 12: round 11's leftovers (slmc energy scales, md far from the origin in
-float32, a caller's model switched to eval mode) and a hunt through the CLI and Python API as a
-user of MACE/NequIP/TorchMD-NET would try them (see docs/bad_inputs.md, round 12).
+float32, a caller's model switched to eval mode or converted) and a hunt through the CLI and the
+Python API as a user of MACE/NequIP/TorchMD-NET would try them: virial keys, stress labels without
+a cell volume or in bar, MACE-style force keys, files read twice, ASE constraints in label,
+checkpoints of another layout, slabs without vacuum (see docs/bad_inputs.md, round 12).
 
 Table rows: a setup ``(tmp_path, shared_data) -> CLI arguments`` and the fragments the one
 ``error:`` line must hold; every file under ``tmp_path`` must come out unchanged. Tests of
