@@ -259,9 +259,9 @@ def test_calculator_leaves_the_callers_training_mode_alone():
 
 
 def test_md_simulation_does_not_convert_the_callers_model():
-    """``Simulation(model, ..., dtype=float64)`` ran ``model.to(float64)`` and ``model.eval()`` on
-    the caller's object (round 11 fixed the same in the Calculator): a float32 model being trained
-    came back float64 in eval mode."""
+    """``Simulation(model, ..., dtype=float64)`` ran ``model.to(float64)`` on the caller's object
+    (round 11 fixed the same in the Calculator): a float32 model came back float64, and so did
+    another Calculator's or Simulation's model sharing it. The run gets a converted copy."""
     from torchmdx.md.engine import Simulation
 
     model = _tiny_model()
@@ -270,6 +270,8 @@ def test_md_simulation_does_not_convert_the_callers_model():
     sim.initialize()
     assert next(model.parameters()).dtype == torch.float32 and model.training
     assert next(sim.potential.parameters()).dtype == torch.float64 and not sim.potential.training
+    Simulation(model, [molecule("CH3CH2OH")], dtype=torch.float32, temperature_K=0.0)
+    assert model.atomref.dtype == torch.float64  # its float64 normalisation buffers stay float64 too
 
 
 def test_resume_checkpoint_of_another_layout_is_one_line(tmp_path):

@@ -108,14 +108,11 @@ class Simulation(RunLoop, RestartFiles):
         self.dtype = dtype
         from torchmdx.md.loading import load_potential
 
-        # a copy where the caller's model would change (Module.to converts in place; eval() and
-        # set_compiled switch its mode and freeze its parameters): Simulation(model, dtype=float64)
-        # turned a float32 model being trained into a float64 one in eval mode
+        # a copy where the caller's model would be converted (Module.to converts in place):
+        # Simulation(model, dtype=float64) turned the caller's float32 model into a float64 one.
+        # A model already of the run's dtype and device is used as it is (switched to eval mode;
+        # a copy there would compile again for every Simulation sharing one model)
         self.potential = load_potential(potential, device=self.device, dtype=dtype)
-        if self.potential is potential and any(m.training for m in potential.modules()):
-            import copy
-
-            self.potential = copy.deepcopy(potential)
         self.potential.eval()
         if dtype == torch.float32:  # torchmdx md names the file first (md.run.check_float32_reach)
             from torchmdx.md.system import float32_reach_problem
