@@ -11,7 +11,9 @@ Per structure:
 - ``stress`` (the training target of periodic data): ``atoms.info[stress_key]`` or the
   calculator's result (default key ``stress``: ASE's sign, σ = (1/V) ∂E/∂ε, positive under
   tension), as 6 Voigt components (xx, yy, zz, yz, xz, xy) or 9 (a 3 x 3 matrix); without it,
-  a ``virial`` W (energy; 6 or 9 values) gives σ = −W / V. Stored as the per-structure extra
+  a ``virial`` W (energy; 6 or 9 values) gives σ = −W / V. A ``stress_key`` whose name holds
+  "virial" (``virial``, ``REF_virial``, ``virials``: MACE's and NequIP's names) is read as such a
+  virial too (it was taken for a stress: eV read as eV/Å³, sign flipped). Stored as the per-structure extra
   ``stress`` [9] (the 3 x 3 matrix, row-major) in eV/Å³. Frames that are not periodic may lack
   it (isolated atoms or molecules for reference energies: NaN, no stress term for them); a
   periodic frame without one, when others have one, is an error.
@@ -105,15 +107,18 @@ def _full_tensor(value, where: str, what: str) -> np.ndarray:
 def _frame_stress(info, results, cell, stress_key, where) -> Optional[np.ndarray]:
     """The frame's stress [3, 3] in the file's energy/length³ (see the module docstring), or None."""
     stress = None
+    virial_key = "virial"
+    if "virial" in str(stress_key).lower():  # a virial W (energy), not a stress
+        stress_key, virial_key = None, stress_key
     for source in (info, results):
         if stress is None and stress_key in source:
             stress = _full_tensor(source[stress_key], where, f"stress '{stress_key}'")
     for source in (info, results):
-        if stress is None and "virial" in source:
+        if stress is None and virial_key in source:
             volume = abs(float(np.linalg.det(np.asarray(cell, dtype=np.float64))))
             if not volume > 0:
-                raise DataError(f"{where}: a virial but no cell volume to turn it into a stress")
-            stress = -_full_tensor(source["virial"], where, "virial") / volume
+                raise DataError(f"{where}: a virial '{virial_key}' but no cell volume to turn it into a stress")
+            stress = -_full_tensor(source[virial_key], where, f"virial '{virial_key}'") / volume
     if stress is not None and not np.isfinite(stress).all():
         raise DataError(f"{where}: non-finite stress {stress.ravel().tolist()}")
     return stress

@@ -129,11 +129,12 @@ def fingerprint(source) -> dict:
 # ------------------------------------------------------------------------------------------------
 # names and validity
 def cache_key(source: Path, fmt: str, options: dict) -> str:
-    payload = json.dumps(
-        {"version": CACHE_VERSION, "source": str(Path(source).resolve()), "format": fmt,
-         "options": {k: options[k] for k in sorted(options)}},
-        sort_keys=True,
-    )
+    content = {"version": CACHE_VERSION, "source": str(Path(source).resolve()), "format": fmt,
+               "options": {k: options[k] for k in sorted(options)}}
+    if "virial" in str(options.get("stress_key") or "").lower():
+        # read as a virial since round 12 (was taken for a stress): caches built before are not reused
+        content["stress_key_is_virial"] = True
+    payload = json.dumps(content, sort_keys=True)
     return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
 
 

@@ -32,7 +32,7 @@ from torchmdx.data.dataset import H5Dataset
 from torchmdx.data.loader import BatchLoader, rank_and_world
 from torchmdx.data.ranks import global_rank, launch_world, local_rank, wait_for
 from torchmdx.data.packing import DeviceBatchLoader, atom_buckets
-from torchmdx.data.splits import Split, check_no_group_leak, load_split, make_split, save_split
+from torchmdx.data.splits import Split, check_no_group_leak, copies_across_parts, load_split, make_split, save_split
 from torchmdx.errors import DataError
 from torchmdx.io_utils import atomic_write
 
@@ -230,6 +230,12 @@ class TorchmdxDataModule(L.LightningDataModule):
             split = make_split(self.dataset.structures, cfg)
         if cfg.split_by_group and self.dataset.structures.group is not None:
             check_no_group_leak(split, self.dataset.structures.group, self.dataset.structures.group_names)
+        if save:  # once (rank 0): duplicated frames in the training and the validation/test part
+            copies = copies_across_parts(self.dataset.structures, split)
+            if copies:
+                import warnings
+
+                warnings.warn(f"{cfg.path}: {copies}", stacklevel=2)
         if save and run_file is not None and self.split_path != run_file:
             save_split(split, run_file, content_hash)
             self.split_path = run_file

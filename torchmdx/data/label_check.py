@@ -24,6 +24,12 @@ structure gives, so data that pass nothing-is-silent checks elsewhere are never 
    isolated atoms next to molecules by their atomisation energy, < 10 eV/atom). The structure
    with the largest deviation is named.
 
+4. **Stress**: the virial per atom |σ| V / N (eV/atom; V the cell volume, so a slab's vacuum does
+   not matter) above :data:`MAX_VIRIAL_PER_ATOM` = 1000 eV/atom in any component. At 1 TPa a
+   solid has V/N of about 3 Å³ (19 eV/atom), at 10 TPa under 100 eV/atom; a stress written in
+   bar (LAMMPS), in Pa, or in kbar beyond about 50 kbar (VASP's OUTCAR) instead of eV/Å³ is above
+   it. Structures without a cell volume are left to the training's cell checks.
+
 Memory is bounded as in :mod:`torchmdx.data.atomref` (chunks of atoms; memory-mapped caches are
 never read whole).
 """
@@ -46,6 +52,8 @@ THOMAS_FERMI = 0.7687
 RESIDUAL_Z = 1000.0
 #: ... when it is also this far (eV/atom) from the median residual
 RESIDUAL_FLOOR = 100.0
+#: |stress| x volume / atoms (eV/atom) above this is refused
+MAX_VIRIAL_PER_ATOM = 1.0e3
 #: atoms per chunk
 CHUNK_ATOMS = 1 << 21
 
@@ -98,6 +106,7 @@ def check_labels(data, chunk_atoms: int = CHUNK_ATOMS, key=None) -> None:
                 raise DataError(f"{src}: structure {s} (atom {atom - offsets[s]}): force {value.tolist()} eV/Å, "
                                 f"beyond the {MAX_FORCE:.0e} eV/Å of any physical structure (wrong units, or a "
                                 f"broken calculation?); fix or drop it, or {OVERRIDE}")
+    _check_stress(st, offsets)
     energy = np.asarray(st.energy, dtype=np.float64)
     bounds = energy_bounds(st, chunk_atoms)
     beyond = np.flatnonzero(np.abs(energy) > bounds)
@@ -109,6 +118,29 @@ def check_labels(data, chunk_atoms: int = CHUNK_ATOMS, key=None) -> None:
     _check_residuals(st, energy, offsets, chunk_atoms)
     if key is not None:
         _PASSED.add(key)
+
+
+def _check_stress(st: Structures, offsets: np.ndarray) -> None:
+    """Item 4 of the module docstring."""
+    stress = st.extras.get("stress") if isinstance(getattr(st, "extras", None), dict) else None
+    if stress is None or st.cell is None:
+        return
+    counts = np.diff(offsets)
+    for start in range(0, len(counts), 1 << 16):
+        sigma = np.abs(np.asarray(stress[start:start + (1 << 16)], dtype=np.float64).reshape(-1, 9))
+        volume = np.abs(np.linalg.det(np.nan_to_num(np.asarray(st.cell[start:start + len(sigma)], dtype=np.float64))))
+        with np.errstate(invalid="ignore"):
+            per_atom = np.nanmax(np.where(np.isfinite(sigma), sigma, 0.0), axis=1) * volume / np.maximum(
+                counts[start:start + len(sigma)], 1)
+        beyond = np.flatnonzero(per_atom > MAX_VIRIAL_PER_ATOM)
+        if beyond.size:
+            s = start + int(beyond[0])
+            value = np.asarray(stress[s], dtype=np.float64).reshape(-1)
+            raise DataError(
+                f"{st.source}: structure {s}: stress {np.round(value, 6).tolist()} eV/Å³ times its cell volume "
+                f"({volume[s - start]:.4g} Å³) is {per_atom[s - start]:.4g} eV per atom, beyond the "
+                f"{MAX_VIRIAL_PER_ATOM:.0e} eV/atom of any physical structure (a stress in bar, kbar, GPa or Pa "
+                f"rather than eV/Å³?); fix or drop it, or {OVERRIDE}")
 
 
 def _check_residuals(st: Structures, energy: np.ndarray, offsets: np.ndarray, chunk_atoms: int) -> None:
@@ -137,4 +169,4 @@ def _check_residuals(st: Structures, energy: np.ndarray, offsets: np.ndarray, ch
             f"refused beyond {limit:.3g} eV/atom: wrong units, or a broken calculation?); fix or drop it, or {OVERRIDE}")
 
 
-__all__ = ["MAX_FORCE", "ENERGY_BOUND_FACTOR", "RESIDUAL_Z", "RESIDUAL_FLOOR", "check_labels", "energy_bounds"]
+__all__ = ["MAX_FORCE", "MAX_VIRIAL_PER_ATOM", "ENERGY_BOUND_FACTOR", "RESIDUAL_Z", "RESIDUAL_FLOOR", "check_labels", "energy_bounds"]

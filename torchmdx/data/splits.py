@@ -222,6 +222,70 @@ def check_no_group_leak(split: Split, labels, names: Optional[Sequence[str]] = N
             raise DataError(f"split: group(s) {', '.join(sorted(shared))} appear in both {a} and {b}")
 
 
+def copies_across_parts(structures, split: Split, chunk_atoms: int = 1 << 21) -> Optional[str]:
+    """One line when validation or test structures have an exact copy (same atomic numbers and
+    positions, bit for bit) in the training part, else None. Duplicated frames (a file read twice
+    into one dataset, the repeated first frame of a restarted trajectory) land in two parts of a
+    random split silently, and that part's errors become optimistic. Per-structure fingerprints
+    (two random projections of the atoms summed in file order: equal for copies) are compared,
+    and each candidate pair is confirmed exactly. One pass over the atoms in chunks."""
+    offsets = np.asarray(structures.offsets, dtype=np.int64)
+    n_structures = len(offsets) - 1
+    if n_structures < 2 or len(split.train) == 0:
+        return None
+    weights = np.random.default_rng(20261206).standard_normal((4, 2))
+    keys = np.full((n_structures, 2), np.nan)
+    first = 0
+    while first < n_structures:
+        last = max(first + 1, int(np.searchsorted(offsets, offsets[first] + chunk_atoms, side="right")) - 1)
+        last = min(last, n_structures)
+        a0, a1 = int(offsets[first]), int(offsets[last])
+        if a1 > a0:
+            atoms = np.empty((a1 - a0, 4))
+            atoms[:, :3] = np.asarray(structures.pos[a0:a1], dtype=np.float64)
+            atoms[:, 3] = np.asarray(structures.z[a0:a1], dtype=np.float64)
+            counts = np.diff(offsets[first:last + 1])
+            starts = offsets[first:last] - a0
+            filled = counts > 0
+            keys[first:last][filled] = np.add.reduceat(atoms @ weights, starts[filled], axis=0)
+        first = last
+    counts = np.diff(offsets)
+    train = np.asarray(split.train, dtype=np.int64)
+    found, example = {}, None
+    for part in ("val", "test"):
+        other = np.asarray(split[part], dtype=np.int64)
+        if other.size == 0:
+            continue
+        index = np.concatenate([train, other])
+        in_other = np.r_[np.zeros(len(train), bool), np.ones(len(other), bool)]
+        order = np.lexsort((keys[index, 1], keys[index, 0], counts[index]))
+        index, in_other = index[order], in_other[order]
+        k, c = keys[index], counts[index]
+        same = (c[1:] == c[:-1]) & (k[1:] == k[:-1]).all(-1)
+        run_start = np.r_[0, np.flatnonzero(~same) + 1]
+        pairs = []
+        for start, stop in zip(run_start, np.r_[run_start[1:], len(index)]):
+            if stop - start > 1 and in_other[start:stop].any() and not in_other[start:stop].all():
+                original = int(index[start:stop][~in_other[start:stop]][0])
+                pairs += [(int(i), original) for i in index[start:stop][in_other[start:stop]]]
+        confirmed = [(i, j) for i, j in pairs[:1000] if _same_structure(structures, offsets, i, j)]
+        if confirmed:
+            found[part] = f"{len(confirmed)}{'+' if len(pairs) > 1000 else ''} of the {part} split"
+            example = example or confirmed[0]
+    if not found:
+        return None
+    i, j = example
+    return (f"{' and '.join(found.values())} have an exact copy in the training split (e.g. structure {i} = structure "
+            f"{j}): duplicated frames (a file read twice, a restarted trajectory's repeated frame) make those errors "
+            "optimistic; remove the copies from the data")
+
+
+def _same_structure(structures, offsets, i: int, j: int) -> bool:
+    a, b = slice(int(offsets[i]), int(offsets[i + 1])), slice(int(offsets[j]), int(offsets[j + 1]))
+    return (np.array_equal(np.asarray(structures.z[a]), np.asarray(structures.z[b]))
+            and np.array_equal(np.asarray(structures.pos[a]), np.asarray(structures.pos[b])))
+
+
 def save_split(split: Split, path, content_hash: str = "") -> Path:
     """Write ``split`` as an npz (temporary name, then rename)."""
     path = Path(path)

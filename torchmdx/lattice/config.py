@@ -47,6 +47,10 @@ DEFAULT_FILLING = 0.25
 EIGH_SECONDS_PER_M3 = 2.5e-10
 #: a study whose exact diagonalisations are estimated to take longer than this (s) gets a warning
 WARN_SECONDS = 3600.0
+#: largest |t|, |J|, |mu| or temperature: the diagonalisation squares entries (float64 to 1.8e308)
+MAX_SCALE = 1e100
+#: largest float64 rounding of Ω in units of kT (Ω / T is the Boltzmann exponent)
+MAX_BOLTZMANN_ROUNDING = 1e-3
 
 
 @dataclass
@@ -82,6 +86,38 @@ class LatticeConfig:
             bad("filling", f"must be in (0, 1) (electrons per site / 2), got {self.filling}")
         if self.filling_samples < 1:
             bad("filling_samples", f"must be >= 1, got {self.filling_samples}")
+        self._check_float64_scales(bad)
+
+    def _check_float64_scales(self, bad) -> None:
+        """Energy scales float64 can carry (round 11 left: J, mu or T of 1e300 ran to exit 0 with
+        inf/nan columns). The diagonalisation squares matrix entries and Ω sums 2N terms, so each
+        scale is at most :data:`MAX_SCALE`; and Ω, of magnitude about 2N · max(4t + |J|/2, |μ|, T),
+        is resolved in float64 only to 2.2e-16 of that: see :meth:`check_boltzmann_rounding`."""
+        scales = {"t": self.t, "J": self.J, "temperature": self.temperature}
+        if self.mu is not None:
+            scales["mu"] = self.mu
+        for key, value in scales.items():
+            if abs(value) > MAX_SCALE:
+                bad(key, f"is {value:g}: energies (in units of your choice) beyond {MAX_SCALE:g} overflow float64 in the "
+                         "diagonalisation; use t = 1 and give J, mu and temperature in units of t")
+
+    def check_boltzmann_rounding(self, bad) -> None:
+        """Ω, of magnitude about 2N · max(4t + |J|/2, |μ|, T), is resolved in float64 to 2.2e-16
+        of that: divided by T (the Boltzmann exponent) this rounding must stay below
+        :data:`MAX_BOLTZMANN_ROUNDING`, or Metropolis decisions follow rounding noise (μ = 1e20
+        gave β·rmse 6.8e7 for an Ω that does not depend on the spins). Called by
+        :meth:`SLMCRunConfig.validate` after the size checks (an L too large for memory is named
+        as that)."""
+        scales = {"t": self.t, "J": self.J, "mu": self.mu}
+        terms = {"t": 4.0 * self.t, "J": 0.5 * abs(self.J), "mu": abs(self.mu or 0.0)}
+        larger = max(terms, key=terms.get)
+        magnitude = 2 * self.L * self.L * max(terms[larger], self.temperature)
+        rounding = magnitude * 2.0 ** -52 / self.temperature
+        if not rounding <= MAX_BOLTZMANN_ROUNDING:
+            bad("temperature", f"is {self.temperature:g} but Ω of this lattice (about {magnitude:.3g}: 2L² x the largest "
+                               f"energy scale, here from {larger} = {scales[larger]:g}) is resolved in float64 only to "
+                               f"{rounding:.2g} kT: Metropolis decisions would follow rounding noise; raise the "
+                               f"temperature or lower |{larger}| (the ratio of the two is what matters)")
 
 
 @dataclass
@@ -262,6 +298,7 @@ class SLMCRunConfig:
                 raise ConfigError(f"config keys data.chains x data.sweeps / data.every give {n} configurations: {n - n_val} "
                                   f"to fit and {n_val} to validate, but the linear model needs >= {need} to fit "
                                   "(E_0 and one J_n a shell) and >= 2 to validate; raise data.sweeps or data.chains")
+        self.lattice.check_boltzmann_rounding(partial(bad_key, "lattice"))
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -44,6 +44,23 @@ from torchmdx.nn.base import edge_vectors
 _ASE_CALCULATOR_ARGUMENTS = frozenset({"restart", "ignore_bad_restart_file", "label", "atoms", "directory"})
 
 
+class _evaluation_mode:
+    """``module.eval()`` for the block, then each submodule's training flag as it was."""
+
+    def __init__(self, module: Optional[torch.nn.Module]):
+        self.module = module
+
+    def __enter__(self):
+        self.flags = [] if self.module is None else [(m, m.training) for m in self.module.modules()]
+        if self.module is not None:
+            self.module.eval()
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags:
+            m.training = flag
+        return False
+
+
 class Calculator(_AseCalculator):
     """ASE calculator of a torchmdx potential (a :class:`Potential` or a model file path).
 
@@ -81,7 +98,11 @@ class Calculator(_AseCalculator):
         self.device = check_device(device, "Calculator device")
         self.potential = load_potential(model, device=self.device, dtype=dtype)
         self.dtype = as_dtype(dtype) if dtype is not None else potential_dtype(self.potential)
-        self.potential.eval()
+        #: the caller's own module (no copy was needed): its training mode is switched to eval only
+        #: during a call and restored after (Calculator(model) left a model being trained in eval mode)
+        self._shared = self.potential is model
+        if not self._shared:
+            self.potential.eval()
         on_cuda = self.device.type == "cuda"
         self.cuda_graph = on_cuda if cuda_graph == "auto" else bool(cuda_graph)
         if self.cuda_graph and not on_cuda:
@@ -212,10 +233,11 @@ class Calculator(_AseCalculator):
         if self.cuda_graph and not want_stress and self._graph_call(atoms, positions):
             return
         neighbors = self._neighbor_list(positions)
-        out = self.potential(
-            self._z, positions, None, self._cell, self._pbc,
-            neighbors=neighbors, forces=True, stress=want_stress, per_atom=True,
-        )
+        with _evaluation_mode(self.potential if self._shared else None):
+            out = self.potential(
+                self._z, positions, None, self._cell, self._pbc,
+                neighbors=neighbors, forces=True, stress=want_stress, per_atom=True,
+            )
         energy = float(out["energy"].detach().sum())
         self.results = {
             "energy": energy,
@@ -234,6 +256,12 @@ class Calculator(_AseCalculator):
         from torchmdx.nn.traced import compile_mode
 
         mode = compile_mode(self.compile, self.device, num_atoms, self.potential)
+        if self._shared and bool(getattr(self.potential, "compiled", False)) != (mode == "parts"):
+            # set_compiled freezes (or unfreezes) the parameters: not on the caller's own model
+            import copy
+
+            self.potential, self._shared = copy.deepcopy(self.potential), False
+            self.potential.eval()
         self.potential.set_compiled(mode == "parts")
         return mode
 
@@ -243,6 +271,11 @@ class Calculator(_AseCalculator):
         from torchmdx.md.cuda_graph import GraphedForces
 
         try:
+            if self._graphed is None and self._shared:  # the captured graph runs the module in eval mode
+                import copy
+
+                self.potential, self._shared = copy.deepcopy(self.potential), False
+                self.potential.eval()
             if self._graphed is None:
                 self._graphed = GraphedForces(self.potential, atoms, self.device, self.dtype, skin=self.skin,
                                               traced=self._mode == "whole")

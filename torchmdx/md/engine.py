@@ -106,8 +106,21 @@ class Simulation(RunLoop, RestartFiles):
             raise ConfigError(f"check_interval must be >= 1 step, got {check_interval}")
         self.device = torch.device(device)
         self.dtype = dtype
-        self.potential = potential.to(device=self.device, dtype=dtype)
+        from torchmdx.md.loading import load_potential
+
+        # a copy where the caller's model would be converted (Module.to converts in place):
+        # Simulation(model, dtype=float64) turned the caller's float32 model into a float64 one.
+        # A model already of the run's dtype and device is used as it is (switched to eval mode;
+        # a copy there would compile again for every Simulation sharing one model)
+        self.potential = load_potential(potential, device=self.device, dtype=dtype)
         self.potential.eval()
+        if dtype == torch.float32:  # torchmdx md names the file first (md.run.check_float32_reach)
+            from torchmdx.md.system import float32_reach_problem
+
+            for b, atoms in enumerate(atoms_list):
+                problem = float32_reach_problem(atoms, wrap)
+                if problem:
+                    raise ConfigError(f"structure {b}: {problem}; translate it near the origin, or run in float64")
         self.system = System.from_atoms(atoms_list, self.device, dtype)
         self._perm = self._inverse = None  # device index tensors of the order, None: input order
         if self.atom_perm is not None:
@@ -169,7 +182,7 @@ class Simulation(RunLoop, RestartFiles):
         Maxwell–Boltzmann at ``temperature_K`` with zero momentum (reproducible from ``seed``);
         initial forces. Raises SimulationError if they are not finite."""
         s = self.system
-        positions = s.positions_from_templates()
+        positions = s.positions_from_templates(wrap=self.forcefield.wrap_positions)
         if velocities is None:
             if self.temperature_K > 0 and self._perm is not None:
                 # = s.maxwell_boltzmann with the noise drawn in the input order (as an unsorted run)

@@ -225,14 +225,17 @@ def make_labeler(options: LabelOptions) -> Callable:
                           accuracy=options.setting("accuracy"), max_iterations=options.setting("max_iterations"),
                           electronic_temperature=options.setting("electronic_temperature"), verbosity=0)
             work = atoms.copy()
+            # labels are the raw forces and stress: a copy keeps ASE constraints (a .traj's FixAtoms, an
+            # extxyz move_mask), and get_forces() zeroed the fixed atoms' forces in the training data
+            work.set_constraint()
             work.calc = calc
             energy = float(work.get_potential_energy())
             forces = np.array(work.get_forces())
             stress = None
             if work.pbc.any():
-                from ase.constraints import voigt_6_to_full_3x3_stress
-
-                stress = voigt_6_to_full_3x3_stress(work.get_stress())
+                # 3 x 3 from ASE itself (ase.constraints.voigt_6_to_full_3x3_stress, imported here before,
+                # is gone from ASE 3.29: every periodic frame failed to label)
+                stress = np.asarray(work.get_stress(voigt=False), dtype=float)
             return energy, forces, stress
 
         return tblite_label
@@ -241,7 +244,9 @@ def make_labeler(options: LabelOptions) -> Callable:
     model = load_model(method[len("model:"):], device=options.device)
 
     def model_label(atoms):
-        periodic = bool(atoms.pbc.any())
+        # a stress needs a cell volume: a slab whose open row is 0 was labelled with a NaN stress
+        cell = np.asarray(atoms.cell.array, dtype=np.float64)
+        periodic = bool(atoms.pbc.any()) and np.isfinite(cell).all() and abs(float(np.linalg.det(cell))) > 1e-12
         out = model.predict(atoms, forces=True, stress=periodic)
         return float(out["energy"]), np.asarray(out["forces"]), (np.asarray(out["stress"]) if periodic else None)
 

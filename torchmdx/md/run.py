@@ -162,6 +162,21 @@ def check_cells(potential, structures, sources: list) -> None:
             raise DataError(describe_problem(value, cell, flags, float(potential.cutoff), label=where))
 
 
+def check_float32_reach(structures, sources: list, config: MDConfig) -> None:
+    """The native engine keeps positions in the run's dtype (:func:`torchmdx.md.system.float32_reach_problem`):
+    one line naming the file, frame and atom."""
+    from torchmdx.md.system import float32_reach_problem
+
+    if config.engine == "ase" or config.dtype != "float32":
+        return
+    for atoms, where in zip(structures, sources):
+        problem = float32_reach_problem(atoms, config.wrap)
+        if problem:
+            raise ConfigError(f"{where}: {problem}; translate the structure near the origin, or run with "
+                              f"{config.option('dtype')} float64 (or --engine ase, which takes positions relative to "
+                              "the atoms)")
+
+
 def check_elements(potential, structures, sources: list) -> None:
     """Each structure's atoms against the elements ``potential`` knows: a one-line ModelError
     naming the file, the frame and the atom within it (the batch's atom number was named, e.g.
@@ -384,6 +399,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         check_cells(potential, as_read, sources)
         if config.engine != "ase":
             check_constraints(as_read, sources)
+        check_float32_reach(as_read, sources, config)
     dtype = as_dtype(config.dtype)
     if restart_payload is None:
         for line in close_contacts(structures):

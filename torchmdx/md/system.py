@@ -120,8 +120,11 @@ class System:
             templates=[a.copy() for a in atoms_list],
         )
 
-    def positions_from_templates(self) -> torch.Tensor:
-        pos = np.concatenate([a.get_positions() for a in self.templates])
+    def positions_from_templates(self, wrap: bool = False) -> torch.Tensor:
+        """The templates' positions [N, 3]; ``wrap``: periodic directions wrapped into the cell in
+        float64 first (wrapped after the conversion, float32 positions 10^5 Å out kept steps of
+        0.008 Å)."""
+        pos = np.concatenate([wrapped_positions(a) if wrap else a.get_positions() for a in self.templates])
         return torch.as_tensor(pos, dtype=self.dtype, device=self.device)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
@@ -168,6 +171,44 @@ class System:
 
     def volume(self) -> Optional[torch.Tensor]:
         return None if self.cell is None else torch.linalg.det(self.cell).abs()
+
+
+#: float32 positions at or beyond this distance from the origin (Å) are 2^-10 Å (~0.001 Å) apart or more
+FLOAT32_REACH = 8192.0
+
+
+def float32_reach_problem(atoms, wrap: bool = True) -> Optional[str]:
+    """Why ``atoms`` cannot run in float32 (an atom as far from the origin as
+    :data:`FLOAT32_REACH`, after periodic directions are wrapped in float64 when ``wrap``), else
+    None. Float32 positions 10^5 Å out move in steps of 0.008 Å (10^6 Å: 0.06 Å), and forces and
+    energies lose as much, silently."""
+    pos = wrapped_positions(atoms) if wrap else np.asarray(atoms.get_positions(), dtype=np.float64)
+    if not len(pos):
+        return None
+    far = np.abs(pos).max(1)
+    a = int(np.argmax(far))
+    if not far[a] >= FLOAT32_REACH:
+        return None
+    step = float(np.spacing(np.float32(far[a])))
+    return (f"atom {a} ({atoms.get_chemical_symbols()[a]}) lies {far[a]:.4g} Å from the origin, where float32 "
+            f"positions are {step:.2g} Å apart (forces and the integration lose that much)")
+
+
+def wrapped_positions(atoms) -> np.ndarray:
+    """``atoms``' positions [n, 3] (float64) with the periodic directions wrapped into the cell
+    (as :meth:`System.wrap`); atoms already inside, and non-periodic structures, unchanged."""
+    pos = np.asarray(atoms.get_positions(), dtype=np.float64)
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if not pbc.any():
+        return pos
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    frac = np.linalg.solve(cell.T, pos.T).T
+    shift = np.where(pbc, np.floor(frac), 0.0)
+    outside = shift.any(1)
+    if outside.any():
+        pos = pos.copy()
+        pos[outside] -= shift[outside] @ cell
+    return pos
 
 
 @dataclass

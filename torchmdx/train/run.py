@@ -108,8 +108,13 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
         raise ConfigError(f"config key 'train.energy_weight' is 0 but {source} has no forces: nothing to train on "
                           "(set train.energy_weight > 0 and train.force_weight: 0 for energy-only training)")
     if cfg.train.train_forces and not datamodule.dataset.has_forces:
-        raise ConfigError(f"config key 'train.force_weight' is {cfg.train.force_weight} but {source} has no forces; "
-                          "set train.force_weight: 0 (energy-only training)")
+        # a MACE-style file (REF_forces) read with the default forces key: name the per-atom arrays it has
+        arrays = [str(k) for k in datamodule.dataset.info.get("atom_extras", [])]
+        present = (f" (its per-atom arrays: {', '.join(arrays[:6])}; data.forces_key names the one that holds the "
+                   "forces)") if arrays else ""
+        raise ConfigError(f"config key 'train.force_weight' is {cfg.train.force_weight} but {source} has no forces "
+                          f"'{cfg.data_config.forces_key or 'forces'}'{present}; set train.force_weight: 0 (energy-only "
+                          "training)")
     if cfg.train.train_stress and not datamodule.dataset.has_stress:  # was refused at the first step, the run
         # folder (splits, logs) written and the "before training" errors printed
         raise ConfigError(f"config key 'train.stress_weight' is {cfg.train.stress_weight} but {source} has no stress "
@@ -153,6 +158,32 @@ def check_cells(dataset, cutoff: float, source) -> None:
             raise DataError(f"{source}: " + describe_problem(value % 4, cells[value // 4:value // 4 + 1],
                                                              flags[value // 4:value // 4 + 1], cutoff,
                                                              label=f"structure {index}"))
+    _check_stress_volumes(st, source)
+
+
+def _check_stress_volumes(st, source) -> None:
+    """A stress label on a structure whose cell spans no volume (a molecule written without a
+    cell, beside periodic structures): the model's stress there is NaN (σ = (1/V) ∂E/∂ε), so its
+    finite label made the loss NaN ("training diverged: try a smaller train.lr"), or, with no
+    periodic structure in a batch, "stress needs a periodic cell" naming nothing."""
+    import numpy as np
+
+    stress = st.extras.get("stress") if isinstance(getattr(st, "extras", None), dict) else None
+    if stress is None:
+        return
+    for start in range(0, len(stress), 1 << 16):
+        labels = np.asarray(stress[start:start + (1 << 16)], dtype=np.float64)
+        cells = np.asarray(st.cell[start:start + len(labels)], dtype=np.float64)
+        known = np.isfinite(labels.reshape(len(labels), -1)).all(-1)
+        with np.errstate(invalid="ignore"):
+            volume = np.abs(np.linalg.det(cells)) if len(cells) else np.zeros(0)
+        bad = np.flatnonzero(known & ~(volume > 1e-9))
+        if bad.size:
+            index = start + int(bad[0])
+            pbc = np.asarray(st.pbc[index], dtype=bool).tolist()
+            raise DataError(f"{source}: structure {index} has a stress label but its cell spans no volume (pbc {pbc}, "
+                            f"cell {np.asarray(st.cell[index]).tolist()} Å): a stress is (1/V) ∂E/∂ε; give the structure "
+                            "its cell, or drop its stress (structures without one are left out of the stress term)")
 
 
 def _check_checkpoint_readable(last: Path) -> None:
@@ -174,10 +205,34 @@ def _check_checkpoint_readable(last: Path) -> None:
     raise ConfigError(f"--resume: {last} {problem}{offer}")
 
 
-def _prepare_or_leave_no_trace(cfg: RunConfig, run_dir: Path):
+def _check_checkpoint_fits(last: Path, module) -> None:
+    """The checkpoint's weights against the module's: names and shapes (a checkpoint of another
+    torchmdx version's layout, or of another model with no saved config to compare, was Lightning's
+    36-line "Error(s) in loading state_dict" traceback)."""
+    import torch
+
+    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("state_dict")
+    expected = module.state_dict()
+    if not isinstance(state, dict):
+        raise ConfigError(f"--resume: {last} holds no weights ('state_dict'); it is no checkpoint of torchmdx train")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [k for k in sorted(set(state) & set(expected))
+              if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:3]}"] if missing else []
+        parts += [f"unexpected {unexpected[:3]}"] if unexpected else []
+        for k in shapes[:2]:
+            parts.append(f"{k} of shape {list(getattr(state[k], 'shape', []))}, expected {list(expected[k].shape)}")
+        detail = "; ".join(parts)
+        raise ConfigError(f"--resume: {last}: its weights do not fit the model of this config ({detail}); written by "
+                          "another torchmdx version, or for another model? Start a new run (another --run-dir)")
+
+
+def _prepare_or_leave_no_trace(cfg: RunConfig, run_dir: Path, check=None):
     """:func:`prepare`; when it refuses the run (a TorchmdxError: no forces for train.force_weight,
     an empty split, ...), the files it wrote into the run folder (splits.npz, data_state.json)
-    and a run folder it created are removed again: a refused run used to leave them behind."""
+    and a run folder it created are removed again: a refused run used to leave them behind.
+    ``check(module)``, when given, runs on the prepared module under the same rule."""
     import shutil
 
     from torchmdx.errors import TorchmdxError
@@ -185,7 +240,10 @@ def _prepare_or_leave_no_trace(cfg: RunConfig, run_dir: Path):
     existed = run_dir.is_dir()
     before = set(run_dir.iterdir()) if existed else set()
     try:
-        return prepare(cfg, run_dir)
+        prepared = prepare(cfg, run_dir)
+        if check is not None:
+            check(prepared[1])
+        return prepared
     except TorchmdxError:
         if not existed:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -340,7 +398,9 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
     run_dir = check_run_dir(cfg, resume)
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(cfg.trainer.num_threads)
-    datamodule, module = _prepare_or_leave_no_trace(cfg, run_dir)
+    last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
+    datamodule, module = _prepare_or_leave_no_trace(
+        cfg, run_dir, check=(lambda prepared: _check_checkpoint_fits(last, prepared)) if resume else None)
     with atomic_write(run_dir / RESOLVED_CONFIG, "w") as handle:
         handle.write(resolved_yaml(cfg))
     with atomic_write(run_dir / "data_summary.json", "w") as handle:
