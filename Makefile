@@ -17,11 +17,13 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# make test TEST_WORKERS=0: one process (pytest-xdist off)
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 # demo (the training helper's target): train configs/demo.yaml into $(DEMO) (a fresh run each
 # time), evaluate it on the held-out frames, run 1 ps of Langevin MD of ethanol with the model

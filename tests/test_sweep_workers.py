@@ -99,7 +99,7 @@ def test_two_cpu_workers_give_the_rows_of_one(shared_data, tmp_path):
         overlap = sum(max(0.0, min(b, r["train_end"]) - max(a, r["train_start"])) for a, b in others)
         assert (c > 1.0 + 1e-6) == (overlap > 1e-6), (c, overlap)
     for r, share in zip(results, shares):
-        assert share <= r["wall_seconds"] * (1 + 1e-6)
+        assert share <= r["wall_seconds"] * (1 + 1e-5)  # the CSV keeps 6 significant digits
 
 
 def test_device_shares_against_hand_made_intervals():
