@@ -154,3 +154,25 @@ def test_an_old_checkpoints_optimiser_state_converts(architecture):
     assert new["optimizer_states"][0]["param_groups"] == before["optimizer_states"][0]["param_groups"]
     assert all(torch.equal(new["optimizer_states"][0]["state"][i]["exp_avg"], s["exp_avg"])
                for i, s in before["optimizer_states"][0]["state"].items())
+
+
+@pytest.mark.parametrize("architecture", ["gatr", "transformer"])
+def test_resume_check_accepts_an_old_checkpoint_that_converts(architecture, tmp_path):
+    """``train --resume``'s weight check (names and shapes against the model) compares after the
+    conversion on load: a checkpoint written before the key biases went still resumes, and a
+    really foreign one is still refused."""
+    from torchmdx.errors import ConfigError
+    from torchmdx.train.run import _check_checkpoint_fits
+
+    module = nn.Module()
+    module.model = torchmdx.build_model({**SMALL[architecture], "dtype": "float64"})
+    old = {"model." + k: v for k, v in old_layout(module.model).items()}
+    assert set(old) != set(module.state_dict())  # the old names and shapes differ
+    torch.save({"state_dict": old}, tmp_path / "old.ckpt")
+    _check_checkpoint_fits(tmp_path / "old.ckpt", module)
+    module.load_state_dict(dict(old))  # and it does load
+    foreign = dict(old)
+    foreign["model.unknown.weight"] = torch.zeros(3)
+    torch.save({"state_dict": foreign}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ConfigError, match=r"unexpected \['model.unknown.weight'\]"):
+        _check_checkpoint_fits(tmp_path / "foreign.ckpt", module)

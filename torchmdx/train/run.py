@@ -211,10 +211,15 @@ def _check_checkpoint_fits(last: Path, module) -> None:
     36-line "Error(s) in loading state_dict" traceback)."""
     import torch
 
+    from torchmdx.nn.graph_attention import upgrade_state_dict
+
     state = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("state_dict")
     expected = module.state_dict()
     if not isinstance(state, dict):
         raise ConfigError(f"--resume: {last} holds no weights ('state_dict'); it is no checkpoint of torchmdx train")
+    # entries of an older layout that the model converts as it loads them (GATr's and the
+    # transformer's attention key biases, dropped 2026-12-06) are compared after that conversion
+    state = upgrade_state_dict(module, dict(state))
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     shapes = [k for k in sorted(set(state) & set(expected))
               if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(expected[k].shape)]
