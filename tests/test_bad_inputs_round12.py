@@ -529,3 +529,25 @@ def test_stress_in_bar_is_beyond_physical(tmp_path):
                 check_labels(structures)
         else:
             check_labels(structures)
+
+
+def test_a_guessed_md17_xyz_says_its_units_once(tmp_path):
+    """A plain xyz with one number per comment line and 7 columns is MD17's layout (kcal/mol), but
+    also anyone's eV energies: building its cache says which units were assumed; naming the
+    format or the unit says nothing; the energies follow the unit (1 kcal/mol = 0.0433641 eV)."""
+    import h5py
+
+    from torchmdx.data.cache import build_cache
+
+    path = tmp_path / "frames.xyz"
+    path.write_text("2\n-10.5\nH 0 0 0 0.1 0 0\nH 0 0 0.74 -0.1 0 0\n" * 2)
+    said = []
+    guessed = build_cache(path, cache_dir=tmp_path / "a", say=said.append)
+    assert len(said) == 1 and "kcal/mol" in said[0] and "energy_unit: eV" in said[0] and str(path) in said[0]
+    assert build_cache(path, cache_dir=tmp_path / "a", say=said.append) == guessed and len(said) == 1  # once
+    for options in ({"format": "md17-xyz"}, {"energy_unit": "eV"}):
+        quiet = []
+        build_cache(path, cache_dir=tmp_path / "b", force=True, say=quiet.append, **options)
+        assert quiet == [], options
+    with h5py.File(guessed) as h5:
+        assert h5["energy"][0] == pytest.approx(-10.5 * 0.0433641, rel=1e-5)  # eV

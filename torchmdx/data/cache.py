@@ -263,6 +263,11 @@ def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DI
     if older:
         say(f"{len(older)} older cache file(s) of {src} remain in {path.parent} "
             f"({sum(size_of(p) for p in older) / 1e9:.1f} GB); `torchmdx data clean {path.parent}` removes them")
+    if fmt == "md17-xyz" and format is None and not opts.get("energy_unit"):
+        # a plain xyz whose comment lines hold one number each: MD17's layout, but also anyone's
+        # energies in eV; said once, when the cache is built (round 12's leftover)
+        say(f"{src}: read as MD17 plain xyz (its comment lines hold one number each): energies in kcal/mol, "
+            "forces in kcal/mol/Å; if the file holds eV, set data.energy_unit: eV (--energy-unit eV)")
     before = fingerprint(src)
     with CacheWriter(path, fmt=fmt, source=src, options=opts, fingerprint=before) as writer:
         for chunk in iter_structures(src, fmt, chunk_atoms=chunk_atoms, **opts):
