@@ -183,13 +183,17 @@ def test_shapes_and_capacities():
 
 
 # ------------------------------------------------------------------------- the step function on the CPU
-@pytest.mark.parametrize("mode", ["forces", "energy_per_atom_huber", "forces_traced"])
+@pytest.mark.parametrize("mode", ["forces", "energy_per_atom_huber", "forces_traced", "forces_only", "forces_only_traced"])
 def test_step_function_equals_lightning_eager_step_cpu_float64(mode):
     """... also with the model, forces and parameter gradients as one traced, compiled graph
-    (``traced=True``, what ``train.cuda_graph_compile`` captures)."""
+    (``traced=True``, what ``train.cuda_graph_compile`` captures), and force-only (the PolyGET
+    objective: energy weight 0, the energy never in the loss)."""
     forces_on = mode.startswith("forces")
-    cfg = JOINT if forces_on else TrainConfig(energy_weight=1.0, force_weight=0.0, loss="huber",
-                                             energy_loss="per_atom", huber_delta=0.05)
+    if mode.startswith("forces_only"):
+        cfg = TrainConfig(energy_weight=0.0, force_weight=1.0)
+    else:
+        cfg = JOINT if forces_on else TrainConfig(energy_weight=1.0, force_weight=0.0, loss="huber",
+                                                 energy_loss="per_atom", huber_delta=0.05)
     reference = ETPotential({**TINY, "dtype": "float64"})
     graphed = ETPotential({**TINY, "dtype": "float64"})
     graphed.load_state_dict(reference.state_dict())
@@ -197,7 +201,7 @@ def test_step_function_equals_lightning_eager_step_cpu_float64(mode):
     opt_graph = torch.optim.AdamW(graphed.parameters(), lr=1e-3, weight_decay=0.01)
     clip = 1e-3  # small: clipping is active at every step (checked below)
     runner = GraphedTrainStep(graphed, opt_graph, functools.partial(training_objective, cfg), forces=forces_on,
-                              clip_value=clip, traced=mode == "forces_traced")
+                              clip_value=clip, traced=mode.endswith("_traced"))
     assert not runner.enabled and runner.disabled_reason == "the model is on cpu"
     start = [p.detach().clone() for p in reference.parameters()]
     norms = []
@@ -505,7 +509,7 @@ def assert_same_training(reference, graphed, start, lr, label, inert=None):
     assert float(diff) < 1e-3 * float(update), (label, float(diff), float(update))
 
 
-def captured_against_eager(reference, graphed, label, atoms=12, structures=8, short=5, box=8.0):
+def captured_against_eager(reference, graphed, label, atoms=12, structures=8, short=5, box=8.0, cfg=JOINT):
     """Nine AdamW steps of ``reference`` eagerly and of its copy ``graphed`` through a
     GraphedTrainStep (float32, CUDA), clipping active (half the first step's gradient norm,
     measured on a throw-away copy), a second batch shape in the middle (``short`` molecules),
@@ -514,11 +518,11 @@ def captured_against_eager(reference, graphed, label, atoms=12, structures=8, sh
     opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.01)
     opt_graph = torch.optim.AdamW(graphed.parameters(), lr=1e-3, weight_decay=0.01, fused=True, capturable=True)
     probe = copy.deepcopy(reference)
-    _, norm0 = eager_step(probe, torch.optim.AdamW(probe.parameters()), JOINT,
+    _, norm0 = eager_step(probe, torch.optim.AdamW(probe.parameters()), cfg,
                           *molecules([atoms] * structures, seed=0, box=box, dtype=torch.float32, device="cuda"), None)
     clip = 0.5 * norm0
     del probe
-    runner = GraphedTrainStep(graphed, opt_graph, functools.partial(training_objective, JOINT), clip_value=clip)
+    runner = GraphedTrainStep(graphed, opt_graph, functools.partial(training_objective, cfg), clip_value=clip)
     start = [p.detach().clone() for p in reference.parameters()]
     full, short = [atoms] * structures, [atoms] * short
     schedule = [full] * 6 + [short] + [full] * 2  # a second shape in the middle
@@ -528,7 +532,7 @@ def captured_against_eager(reference, graphed, label, atoms=12, structures=8, sh
         lr = 1e-3 * (1.0 - 0.05 * k)
         set_lr(opt_ref, lr)
         set_lr(opt_graph, lr)
-        loss_ref, norm = eager_step(reference, opt_ref, JOINT, z, pos, batch, energy, forces, clip)
+        loss_ref, norm = eager_step(reference, opt_ref, cfg, z, pos, batch, energy, forces, clip)
         norms.append(norm)
         out = runner.step(z, pos, batch, energy, forces)
         assert float(out.loss) == pytest.approx(float(loss_ref), rel=1e-4), (label, k)
@@ -546,6 +550,16 @@ def test_graphed_steps_equal_eager_steps_gpu(backend):
     assert (stats["captures"], stats["replays"], stats["eager_steps"]) == (1, 6, 3), stats
     assert stats["skipped"] == 0
     assert_same_training(reference, graphed, start, lr, backend)
+
+
+@pytest.mark.gpu
+def test_graphed_force_only_steps_equal_eager_steps_gpu():
+    """The PolyGET objective (energy weight 0) through the captured step."""
+    reference, graphed = gpu_pair("torch")
+    _, stats, start, lr = captured_against_eager(reference, graphed, "force-only",
+                                                 cfg=TrainConfig(energy_weight=0.0, force_weight=1.0))
+    assert (stats["captures"], stats["replays"], stats["eager_steps"]) == (1, 6, 3), stats
+    assert_same_training(reference, graphed, start, lr, "force-only")
 
 
 @pytest.mark.gpu
