@@ -21,6 +21,20 @@ these numbers: torchmdx reads the same cache; TorchMD-NET gets them as its ``Cus
 ``torch_geometric`` dataset of ``Data(z, pos, y, neg_dy)`` (eV, eV/Å) handed to its
 ``DataModule(hparams, dataset=...)``.
 
+**Polymers, force only** (``--data polymer``: ``polymers_xtb.extxyz``, 900 GFN2-xTB frames of six
+polymer families, 19-35 atoms, read by torchmdx's ``ase`` reader, also looked up in
+``$TORCHMDX_SHARED_DATA/polymer`` and ``../shared/data/polymer``). The PolyGET objective on both
+sides: torchmdx trains ``configs/polymer_forces_only.yaml`` (``energy_weight: 0``,
+``refit_atomref``; the gated equivariant head that TorchMD-NET builds for an ET), TorchMD-NET
+the same ET (4 layers, 943 106 parameters) with ``y_weight: 0``, ``neg_dy_weight: 1`` and the
+config's batch 16, lr 5e-4, 500 warm-up steps, plateau 0.8 / 20 down to 1e-6, clipping 10, early
+stopping 100. Whole families held out (validation PVA, test PMMA; training the other four);
+per-element references fitted on the training energies for both. Force MAE is the headline; the
+energy columns are the energies relative within the test family (each side's mean error on it
+removed), with torchmdx's refit on the training energies applied to both sides' predictions
+recorded as ``energy_mae_refit`` (bench_accuracy_data's docstring says why that one is not the
+headline: PMMA's composition is outside the span of the training families').
+
 **Split.** By structure, seed 0: 700 / 50 / 250 (MD17) or 450 / 50 / 100 (ANI-1x) structures of
 ``numpy.random.default_rng(seed).permutation`` (``torchmdx.data.splits.random_split``;
 ``--train/--val/--test`` change the sizes); ``ani1x-large``: 80 / 5 / 15 % of the structures,
@@ -116,9 +130,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_accuracy_report import LABELS, SIDES, cmd_report, comparison, time_to_reach  # noqa: E402
 from bench_accuracy_scorer import EV_TO_MEV, count_parameters, errors, score_checkpoints  # noqa: E402
 # data, split, energy references and TorchMD-NET's inputs (the same for both sides)
-from bench_accuracy_data import (DATASETS, atom_index, data_kind, data_name, load_frames,  # noqa: E402,F401
-                                 make_split_file, nonzero_table, reference_energies, resolve_data, split_digest,
-                                 split_groups, torchmdnet_dataset, write_custom_dataset, write_torchmdnet_splits)
+from bench_accuracy_data import (DATASETS, atom_index, data_kind, data_name, family_centred_energies,  # noqa: E402,F401
+                                 flat_structures, held_out_groups, load_frames, make_split_file, nonzero_table,
+                                 reference_energies, refit_energies, resolve_data, split_digest, split_groups,
+                                 torchmdnet_dataset, write_custom_dataset, write_torchmdnet_splits)
+from bench_accuracy_scorer import PREDICTORS  # noqa: E402
 
 #: the names callers and tests use, this script's and those re-exported from its scorer and report
 __all__ = ["main", "cmd_run", "cmd_report", "load_frames", "make_split_file", "write_torchmdnet_splits",
@@ -249,15 +265,22 @@ def accelerator(device: str) -> str:
     return "gpu" if device.startswith("cuda") else "cpu"
 
 
+def torchmdnet_recipe(kind: str, small: bool = False) -> dict:
+    """TorchMD-NET's hyper-parameters for data kind ``kind``: the ET-MD17 recipe, the kind's
+    changes (``DATASETS[kind]["torchmdnet"]``), then ``--small``'s (no TorchMD-NET import)."""
+    hp = dict(TORCHMDNET_RECIPE)
+    hp.update(DATASETS[kind]["torchmdnet"])
+    if small:
+        hp.update(SMALL)
+    return hp
+
+
 def torchmdnet_hparams(ctx: dict) -> dict:
     """TorchMD-NET's own argument defaults (its get_argparse), the recipe, and this run's files."""
     from torchmdnet.scripts.train import get_argparse
 
     hp = vars(get_argparse().parse_args([]))
-    hp.update(TORCHMDNET_RECIPE)
-    if ctx["small"]:
-        hp.update(SMALL)
-    hp.update(DATASETS[ctx["kind"]]["torchmdnet"])
+    hp.update(torchmdnet_recipe(ctx["kind"], ctx["small"]))
     files = ctx.get("tmdnet_files")
     if files:  # one molecule: TorchMD-NET's Custom dataset files; else the in-memory dataset given to DataModule
         hp.update(dataset="Custom", coord_files=files["coord"], embed_files=files["embed"], energy_files=files["energy"],
@@ -342,13 +365,17 @@ def torchmdx_values(ctx: dict) -> tuple[dict, list]:
 
     values = load_yaml(ctx["config"])
     data, model, train, trainer = (values.setdefault(k, {}) for k in ("data", "model", "train", "trainer"))
-    data.update(path=str(ctx["data_path"]), format=DATASETS[ctx["kind"]]["format"], cache_dir=str(ctx["work"] / "cache"),
+    recipe = DATASETS[ctx["kind"]]
+    data.update(path=str(ctx["data_path"]), format=recipe["format"], cache_dir=str(ctx["work"] / "cache"),
                 train_size=ctx["sizes"][0], val_size=ctx["sizes"][1], test_size=ctx["sizes"][2],
-                split_file=str(ctx["split_file"]), seed=ctx["seed"], **DATASETS[ctx["kind"]]["torchmdx_data"])
+                split_file=str(Path(ctx["split_file"]).resolve()), seed=ctx["seed"], **recipe.get("reader", {}),
+                **recipe["torchmdx_data"])
     if ctx["workers"] is not None:
         data["num_workers"] = ctx["workers"]
-    if ctx["small"] and Path(ctx["config"]) == TORCHMDX_CONFIG:
-        model.update(SMALL)
+    if Path(ctx["config"]).resolve() == default_config(ctx["kind"]).resolve():
+        model.update(recipe.get("torchmdx_model", {}))  # the kind's own recipe: TorchMD-NET's model
+        if ctx["small"]:
+            model.update(SMALL)
     train.update(seed=ctx["seed"], cuda_graph=ctx["device"].startswith("cuda"))
     trainer.update(max_time=ctx["max_time"], max_epochs=1_000_000, accelerator=accelerator(ctx["device"]), devices=1,
                    enable_progress_bar=False)
@@ -391,6 +418,67 @@ def _torchmdx_version() -> str:
 
 
 RUNNERS = {"torchmdnet": run_torchmdnet, "torchmdx": run_torchmdx}
+
+
+def default_config(kind: str) -> Path:
+    """torchmdx's config of a data kind when ``--config`` is not given."""
+    return Path(DATASETS[kind].get("config", TORCHMDX_CONFIG))
+
+
+def expected_parameters(kind: str, config: Path, small: bool):
+    """The recipe's parameter count (both sides) for the kind's own config, else None."""
+    if small or config.resolve() != default_config(kind).resolve():
+        return None
+    return DATASETS[kind].get("parameters", EXPECTED_PARAMETERS)
+
+
+# =============================================================================================
+# force-only scoring (the polymer kind): relative energies within each test family, and torchmdx's
+# refit on the training energies applied to both sides' predictions (bench_accuracy_data's docstring)
+def score_checkpoints_force_only(side: str, records: list, frames: dict, test_idx: np.ndarray, train_idx: np.ndarray,
+                                 device, on_point=None) -> list:
+    """One point per checkpoint, as ``score_checkpoints`` but for force-only training: forces as
+    they are; ``energy_mae`` (and per atom) of the energies with each test family's mean error
+    removed (``family_centred_energies``); ``energy_mae_refit`` (and per atom) after the
+    least-squares per-element correction to the training energies (``refit_energies``, which
+    needs the training structures' predicted energies); ``energy_mae_raw`` as predicted."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    flat = flat_structures(frames)
+    atoms = flat["offsets"][test_idx + 1] - flat["offsets"][test_idx]
+    e_ref, f_ref = frames["energy"][test_idx], flat["forces"][atom_index(flat["offsets"], test_idx)]
+    groups = frames["group"][test_idx] if frames.get("group") is not None else np.zeros(len(test_idx), dtype=np.int64)
+    points, scored = [], {}
+    for record in records:
+        path = Path(record["file"])
+        if record["file"] not in scored:  # the end record may repeat the last file
+            # one pass over the test structures, then the training ones (energies for the refit)
+            e_all, f_all, count = PREDICTORS[side](path, frames, np.concatenate([test_idx, train_idx]), device)
+            e_pred, e_train, f_pred = e_all[:len(test_idx)], e_all[len(test_idx):], f_all[:int(atoms.sum())]
+            e_refit, delta = refit_energies(frames, train_idx, e_train, test_idx, e_pred)
+            centred = errors(family_centred_energies(e_pred, e_ref, groups), e_ref, f_pred, f_ref, atoms)
+            refit = errors(e_refit, e_ref, f_pred, f_ref, atoms)
+            raw = errors(e_pred, e_ref, f_pred, f_ref, atoms)
+            centred.update({f"{k}_refit": refit[k] for k in ("energy_mae", "energy_rmse", "energy_mae_per_atom")})
+            centred.update({f"{k}_raw": raw[k] for k in ("energy_mae", "energy_rmse", "energy_mae_per_atom")})
+            centred.update(parameters=int(count), refit_correction=nonzero_table(delta))
+            scored[record["file"]] = centred
+        point = {k: v for k, v in record.items() if k != "file"}
+        point.update(scored[record["file"]])
+        points.append(point)
+        print(f"[{side}] score t {point['t']:7.1f} s  step {point['step']:6d}  test F MAE {point['forces_mae']:8.2f} "
+              f"meV/Å  E MAE within family {point['energy_mae']:8.2f} meV ({point['energy_mae_per_atom']:7.3f} "
+              f"meV/atom)  after training refit {point['energy_mae_refit']:9.2f} meV", flush=True)
+        if on_point is not None:
+            on_point(points)
+    return points
+
+
+#: scorers of DATASETS[kind]["scoring"] (default: the plain scorer)
+SCORERS = {"force_only": score_checkpoints_force_only}
 
 
 def device_name(device: str) -> str:
@@ -450,6 +538,10 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
     n = len(frames["energy"])
     sizes = tuple(given if given is not None else default
                   for given, default in zip((args.train, args.val, args.test), DATASETS[kind]["sizes"]))
+    if DATASETS[kind].get("split") == "family" and (args.val is not None or args.test is not None):
+        raise ConfigError(f"--data {args.data}: validation and test are whole families "
+                          f"({', '.join(DATASETS[kind]['val_groups'])} / {', '.join(DATASETS[kind]['test_groups'])}); "
+                          "--val/--test do not apply (--train N draws N training structures)")
     if args.split:
         split_file = Path(args.split)
         from torchmdx.data.splits import load_split
@@ -457,19 +549,20 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
         split = load_split(split_file, n, frames["hash"])
     else:
         split_file = out / f"split_{name}_seed{args.seed}.npz"
-        split = make_split_file(n, sizes, args.seed, split_file, frames["hash"], groups=split_groups(frames))
+        split = make_split_file(n, sizes, args.seed, split_file, frames["hash"], groups=split_groups(frames),
+                                held_out=held_out_groups(frames))
     sizes = (len(split.train), len(split.val), len(split.test))
     # per-element reference energies, fitted once on the training structures, the same table for both sides
     references = reference_energies(frames, split.train) if DATASETS[kind]["references"] == "fit" else None
     budget = args.minutes * 60.0
     key = run_key(args)
-    config = Path(args.config) if args.config is not None else TORCHMDX_CONFIG
+    config = Path(args.config) if args.config is not None else default_config(kind)
     ctx = {"side": args.side, "run": key, "config": config, "data_path": data_path, "frames": frames,
            "split_file": split_file, "sizes": sizes, "seed": args.seed, "device": device, "small": args.small,
            "work": work, "workers": args.workers, "max_time": max_time_string(budget),
            "torchmdx_set": args.torchmdx_set or [], "kind": kind, "references": references}
-    # the recipe's parameter count holds for TorchMD-NET and torchmdx's ET-MD17 config only
-    expected = None if args.small or config.resolve() != TORCHMDX_CONFIG.resolve() else EXPECTED_PARAMETERS
+    # the recipe's parameter count holds for TorchMD-NET and torchmdx's config of the kind only
+    expected = expected_parameters(kind, config, args.small)
     log_path = out / f"checkpoints_{key}.json"
     callback = WallClockCheckpoints(key, work / "checkpoints", log_path, args.every, expected)
     counts = np.diff(frames["offsets"]) if "offsets" in frames else [len(frames["z"])]
@@ -494,6 +587,10 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
         "fit_to_train_s": (callback.t_train - callback.t_fit) if callback.t_train is not None else None,
         "train_call_s": t_trained - t_start, "kind": kind,
         "energy_references": DATASETS[kind]["references"],
+        "energy_scoring": {"force_only": "energy_mae: relative within each test family (its mean error removed); "
+                                         "energy_mae_refit: after the per-element refit to the training energies; "
+                                         "energy_mae_raw: as predicted"}.get(DATASETS[kind].get("scoring"), "as predicted"),
+        "held_out": held_out_groups(frames) if DATASETS[kind].get("split") == "family" else None,
         "atomic_references": nonzero_table(references) if references is not None else {},
         "info": info, "points": [],
     }
@@ -511,7 +608,12 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
 
     write([])
     test_idx = np.asarray(split.test, dtype=np.int64)
-    points = score_checkpoints(args.side, records, frames, test_idx, device, on_point=write)
+    scorer = DATASETS[kind].get("scoring")
+    if scorer is not None:
+        points = SCORERS[scorer](args.side, records, frames, test_idx, np.asarray(split.train, dtype=np.int64), device,
+                                 on_point=write)
+    else:
+        points = score_checkpoints(args.side, records, frames, test_idx, device, on_point=write)
     scored = {p["parameters"] for p in points}
     if scored and scored != {callback.parameters}:
         print(f"[{key}] WARNING: the scored models have {sorted(scored)} parameters, the trained one "
@@ -539,7 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train one side for the budget, then score its checkpoints")
     run.add_argument("--side", choices=SIDES, required=True)
     run.add_argument("--data", default="aspirin",
-                     help="aspirin | ethanol | ani1x | ani1x-large | path of an MD17-layout npz or an ANI-1x-layout .h5")
+                     help="aspirin | ethanol | ani1x | ani1x-large | polymer | path of an MD17-layout npz, an "
+                          "ANI-1x-layout .h5 or a polymer .extxyz")
     run.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget (Lightning max_time)")
     run.add_argument("--every", type=float, default=30.0, help="seconds between checkpoints")
     run.add_argument("--out", default=os.environ.get("OUT", "bench/results/accuracy"),
@@ -547,7 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--work", default=None, help="checkpoints, caches, run folders (default: a new temporary folder)")
     run.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     run.add_argument("--split", default=None, help="reuse this torchmdx split file instead of drawing one")
-    run.add_argument("--train", type=int, default=None, help="training structures (default: MD17 700, ANI-1x 450, ani1x-large 80 %%)")
+    run.add_argument("--train", type=int, default=None,
+                     help="training structures (default: MD17 700, ANI-1x 450, ani1x-large 80 %%, polymer: all of the "
+                          "training families)")
     run.add_argument("--val", type=int, default=None, help="validation structures (default: 50; ani1x-large 5 %%)")
     run.add_argument("--test", type=int, default=None, help="test structures (default: MD17 250, ANI-1x 100, ani1x-large 15 %%)")
     run.add_argument("--seed", type=int, default=0, help="split and training seed")
@@ -556,7 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="data-loader workers for both sides (default: each side's recipe: TorchMD-NET 6, torchmdx's config)")
     run.add_argument("--small", action="store_true", help="32 channels, 2 layers on both sides (CPU smoke test)")
     run.add_argument("--config", default=None,
-                     help="torchmdx side: this config instead of configs/et_md17.yaml (e.g. configs/equiformer_md17.yaml)")
+                     help="torchmdx side: this config instead of configs/et_md17.yaml (polymer: "
+                          "configs/polymer_forces_only.yaml), e.g. configs/equiformer_md17.yaml")
     run.add_argument("--label", default=None,
                      help="name of this run's files and report column (default: the side), e.g. equiformer")
     run.add_argument("--torchmdx-set", action="append", metavar="KEY=VALUE",

@@ -18,10 +18,48 @@
   bench/make_ani1x_large.py (61 G2 molecules, 46 formulas of 3-22 atoms, GFN2-xTB Langevin MD
   frames; docs/benchmarks/accuracy.md), kept in ``.benchdata/`` (not shipped). A file of that
   name is this kind wherever it lies; split 80 / 5 / 15 % stratified by formula (below).
+- ``polymer``: the force-only (PolyGET) race. An extended-xyz file read by torchmdx's ``ase``
+  reader (``polymer``: the shipped ``polymers_xtb.extxyz``, 900 GFN2-xTB Langevin-MD frames at
+  600 K, 150 of each of six polymer families PE, PEO, PVC, PVA, PAN, PMMA, 19-35 atoms; ``energy``
+  eV in the info line, ``forces`` eV/Å per atom, the family in ``info['polymer']``; or a path
+  ending in .extxyz with those keys): the flat layout of ``ani1x`` with ``group`` = the family.
+  Both sides train on forces only: torchmdx with ``configs/polymer_forces_only.yaml``
+  (``energy_weight: 0``, ``refit_atomref``), TorchMD-NET with ``y_weight: 0``, ``neg_dy_weight:
+  1`` (its 3.0.0 argument names) and the same ET and optimiser settings (:data:`DATASETS`).
 
-Both are read once through torchmdx's data layer (``build_cache`` + ``H5Dataset``: the units
+All are read once through torchmdx's data layer (``build_cache`` + ``H5Dataset``: the units
 converted by torchmdx's readers, kcal/mol or Hartree -> eV), so both sides train on and are scored
 against the same numbers.
+
+**Polymer split: whole families held out** (:func:`family_split`), as
+``configs/polymer_forces_only.yaml`` does: validation = every PVA frame (150), test = every PMMA
+frame (150), training = the other four families (PE, PEO, PVC, PAN: 600 frames; ``--train N``:
+N of them at random, ``default_rng(seed)``). Decision: the held-out family, not a per-family
+stratified random split, because transfer to an unseen polymer is what PolyGET's force-only
+objective is for and what the config measures, and 150 test frames (5 250 atoms, 15 750 force
+components) are plenty for a force MAE; a stratified split would mostly score interpolation
+between MD frames of families seen in training. PMMA's elements (H, C, O) all occur in training
+(PE, PEO), so both models have seen every element they are tested on. No family is in two parts
+(checked when the split is drawn).
+
+**Polymer scoring: force MAE is the headline.** With the energy out of the loss, a model's energy
+is fixed only up to constants that no force sees: per element, and (for a family held out)
+beyond that. Here the per-element references fitted on the training energies do not even fix
+PMMA's absolute energy: each family has one composition, the four training compositions (C8H18,
+C6H14O3, C7H13Cl3, C7H10N2) span only two directions of the (H, C, O) space, and C11H20O4 is not
+in their span (least-squares residual 1.39 atoms), so a PMMA energy after the refit carries an
+offset that neither side learnt, one that only the minimum-norm convention of the fit sets. The
+scores' ``energy_mae`` / ``energy_mae_per_atom`` of this kind are therefore the **relative
+(conformational) energies within each test family**: each side's energies with the family's mean
+error removed (:func:`family_centred_energies`; one constant per family, the same operation on
+both sides' predictions, equal to a per-element refit on the test family itself since its frames
+share one composition). This is what force-only training determines and what an MD user of a
+PolyGET model sees. Each point also keeps ``energy_mae_refit`` (and ``_per_atom``): torchmdx's
+refit applied to either side's predictions, the least-squares per-element correction of the
+predicted energies to the training energies (:func:`refit_energies`, what ``refit_atomref`` does
+before each validation and what ``val_energy_mae`` reports), and ``energy_mae_raw`` (the
+predictions as they are; the torchmdx checkpoint's references are those of the last validation).
+Both are recorded, not headlined, for the reason above.
 
 **Split** (by structure, both formats): ``numpy.random.default_rng(seed).permutation`` of the
 structures cut train / val / test (``torchmdx.data.splits.random_split``), written once as
@@ -33,7 +71,7 @@ train and test (as frames of one molecule do in MD17). ``ani1x-large`` is split 
 train / val / test proportions, to within one frame), the sizes fractions of the file
 (80 / 5 / 15 %) or counts (``--train/--val/--test``), the same split file and hand-over.
 
-**Energy references** (variable-size data): per-element reference energies fitted by least
+**Energy references** (variable-size data, polymers included): per-element reference energies fitted by least
 squares on the training structures (:func:`reference_energies`: torchmdx's
 ``fit_atomic_references``, what torchmdx's ``data.atomref: fit`` computes), subtracted on both
 sides: torchmdx's model holds them as its ``atomref`` buffer, TorchMD-NET's as its frozen
@@ -60,9 +98,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: sample names of --data -> (file name, data set kind)
 SHARED_NAMES = {"aspirin": "md17_aspirin_xtb.npz", "ethanol": "md17_ethanol_xtb.npz", "ani1x": "ani1x_xtb.h5",
-                "ani1x-large": "ani1x_xtb_large.h5"}
+                "ani1x-large": "ani1x_xtb_large.h5", "polymer": "polymers_xtb.extxyz"}
 #: files whose name picks a recipe other than their format's (:func:`data_kind`)
 FILE_KINDS = {"ani1x_xtb_large.h5": "ani1x-large"}
+#: torchmdx config of a kind whose recipe is not the ET-MD17 one (``--config`` not given)
+POLYMER_CONFIG = ROOT / "configs" / "polymer_forces_only.yaml"
 
 #: per kind: torchmdx's data format, default split sizes, the torchmdx ``data:`` overrides and the
 #: TorchMD-NET hyper-parameters that differ from the ET-MD17 recipe
@@ -79,6 +119,23 @@ DATASETS = {
     "ani1x-large": {"format": "ani1x", "sizes": (0.80, 0.05, 0.15), "split": "formula",
                     "torchmdx_data": {"batch_size": 32, "atomref": "fit"},
                     "torchmdnet": {"batch_size": 32, "prior_model": "Atomref"}, "references": "fit"},
+    # the force-only (PolyGET) race: configs/polymer_forces_only.yaml for torchmdx (with the gated
+    # equivariant head TorchMD-NET always builds for an ET: equal models), TorchMD-NET with the
+    # same ET (4 layers), batch, optimiser, schedule and clipping, energy weight 0 / force weight 1.
+    # Split: whole families held out (val PVA, test PMMA; family_split), training sizes as counts
+    # (None: every frame of the other families). References fitted on the training energies, the
+    # same table on both sides (TorchMD-NET's standardize then sees residual energies, not totals
+    # of molecules of 19-35 atoms). max_num_neighbors 64: up to 34 neighbours within 5 Å here
+    # (TorchMD-NET stops at more than its cap; torchmdx has none). Scoring: "force_only" (above).
+    "polymer": {"format": "ase", "reader": {"energy_key": "energy", "forces_key": "forces", "group_key": "polymer"},
+                "sizes": (None, 0, 0), "split": "family", "val_groups": ("PVA",), "test_groups": ("PMMA",),
+                "config": POLYMER_CONFIG, "torchmdx_model": {"output_model": "gated_equivariant"},
+                "torchmdx_data": {"val_groups": [], "test_groups": [], "split_by_group": False},
+                "torchmdnet": {"num_layers": 4, "batch_size": 16, "inference_batch_size": 64, "lr": 5.0e-4,
+                               "lr_warmup_steps": 500, "lr_factor": 0.8, "lr_patience": 20, "lr_min": 1.0e-6,
+                               "gradient_clipping": 10.0, "early_stopping_patience": 100, "y_weight": 0.0,
+                               "neg_dy_weight": 1.0, "max_num_neighbors": 64, "prior_model": "Atomref"},
+                "references": "fit", "scoring": "force_only", "parameters": 943_106},
 }
 
 #: embedding rows of both models (the recipe's max_z): the length of a reference table
@@ -86,7 +143,8 @@ MAX_Z = 100
 
 
 def data_kind(path: Path) -> str:
-    """``md17`` for an npz, ``ani1x`` for an HDF5 file (``ani1x-large`` for ``ani1x_xtb_large.h5``)."""
+    """``md17`` for an npz, ``ani1x`` for an HDF5 file (``ani1x-large`` for ``ani1x_xtb_large.h5``),
+    ``polymer`` for an extended-xyz file (.extxyz)."""
     if path.name in FILE_KINDS:
         return FILE_KINDS[path.name]
     suffix = path.suffix.lower()
@@ -94,7 +152,10 @@ def data_kind(path: Path) -> str:
         return "md17"
     if suffix in (".h5", ".hdf5"):
         return "ani1x"
-    raise DataError(f"--data {path}: give an MD17-layout .npz or an ANI-1x-layout .h5/.hdf5 file")
+    if suffix == ".extxyz":
+        return "polymer"
+    raise DataError(f"--data {path}: give an MD17-layout .npz, an ANI-1x-layout .h5/.hdf5 file or a polymer .extxyz "
+                    "(energy, forces, info['polymer'])")
 
 
 def resolve_data(name_or_path: str) -> Path:
@@ -106,8 +167,8 @@ def resolve_data(name_or_path: str) -> Path:
     places = []
     if os.environ.get("TORCHMDX_SHARED_DATA"):
         shared = Path(os.environ["TORCHMDX_SHARED_DATA"])
-        places += [shared / "md17", shared / "ani", shared, shared / "systems"]
-    places += [ROOT / ".benchdata", ROOT.parent / "shared" / "data" / "md17", ROOT.parent / "shared" / "data" / "ani"]
+        places += [shared / "md17", shared / "ani", shared / "polymer", shared, shared / "systems"]
+    places += [ROOT / ".benchdata"] + [ROOT.parent / "shared" / "data" / sub for sub in ("md17", "ani", "polymer")]
     for place in places:
         if (place / file_name).is_file():
             return (place / file_name).resolve()
@@ -130,7 +191,7 @@ def load_frames(path: Path, cache_dir: Path) -> dict:
     from torchmdx.data.dataset import H5Dataset
 
     kind = data_kind(path)
-    cache = build_cache(path, DATASETS[kind]["format"], cache_dir)
+    cache = build_cache(path, DATASETS[kind]["format"], cache_dir, **DATASETS[kind].get("reader", {}))
     dataset = H5Dataset(cache, dtype="float64")
     st = dataset.structures
     offsets = np.asarray(st.offsets, dtype=np.int64)
@@ -139,7 +200,7 @@ def load_frames(path: Path, cache_dir: Path) -> dict:
         raise DataError(f"{path}: no forces; the benchmark trains on energies and forces")
     common = {"hash": dataset.info["fingerprint"].get("hash", ""), "source": str(path), "cache": str(cache),
               "kind": kind}
-    if DATASETS[kind]["format"] == "ani1x":
+    if DATASETS[kind]["format"] != "md17":  # molecules of different sizes: the flat layout
         group = None if st.group is None else np.asarray(st.group, dtype=np.int64)
         return {"z": np.asarray(st.z, dtype=np.int64), "pos": np.asarray(st.pos, dtype=np.float64),
                 "energy": np.asarray(st.energy, dtype=np.float64).reshape(-1),
@@ -174,14 +235,22 @@ def atom_index(offsets: np.ndarray, indices) -> np.ndarray:
     return np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
 
 
-def make_split_file(n_frames: int, sizes: Sequence, seed: int, path: Path, content_hash: str, groups=None):
+def make_split_file(n_frames: int, sizes: Sequence, seed: int, path: Path, content_hash: str, groups=None,
+                    held_out=None):
     """Draw the split and write it as torchmdx's split file: ``default_rng(seed).permutation``
-    (``random_split``), or :func:`formula_split` of ``groups`` (one code per structure) when given.
-    Sizes: counts, or fractions of ``n_frames`` (floats <= 1)."""
+    (``random_split``), or :func:`formula_split` of ``groups`` (one code per structure) when given,
+    or :func:`family_split` of ``groups`` when ``held_out`` ({"names", "val", "test"}: the group
+    names and the families held out) is given too. Sizes: counts, or fractions of ``n_frames``
+    (floats <= 1), or None (the rest)."""
     from torchmdx.data.splits import random_split, save_split
 
-    sizes = [s if isinstance(s, float) else int(s) for s in sizes]
-    if groups is None:
+    sizes = [s if isinstance(s, float) or s is None else int(s) for s in sizes]
+    if held_out is not None:
+        if groups is None or len(groups) != n_frames:
+            raise DataError(f"{path}: {0 if groups is None else len(groups)} family labels for {n_frames} structures")
+        split = family_split(groups, held_out["names"], sizes[0], held_out["val"], held_out["test"], seed,
+                             source=str(path))
+    elif groups is None:
         split = random_split(n_frames, *sizes, seed=seed, source=str(path))
     else:
         if len(groups) != n_frames:
@@ -192,13 +261,41 @@ def make_split_file(n_frames: int, sizes: Sequence, seed: int, path: Path, conte
 
 
 def split_groups(frames: dict):
-    """The labels :func:`make_split_file` stratifies by (each structure's formula) when the data
-    set's recipe asks for it (``DATASETS[kind]["split"] == "formula"``), else None."""
-    if DATASETS[frames["kind"]].get("split") != "formula":
+    """The labels :func:`make_split_file` splits by (each structure's formula or family) when the
+    data set's recipe asks for it (``DATASETS[kind]["split"]``: "formula" or "family"), else None."""
+    if DATASETS[frames["kind"]].get("split") not in ("formula", "family"):
         return None
     if frames.get("group") is None:
-        raise DataError(f"{frames['source']}: no formula labels to stratify the split by")
+        raise DataError(f"{frames['source']}: no group labels to split by")
     return frames["group"]
+
+
+def held_out_groups(frames: dict):
+    """{"names", "val", "test"} of a family-split recipe (``DATASETS[kind]["split"] == "family"``):
+    the group names of the data and the families held out for validation and test; else None."""
+    recipe = DATASETS[frames["kind"]]
+    if recipe.get("split") != "family":
+        return None
+    return {"names": list(frames["group_names"]), "val": list(recipe["val_groups"]), "test": list(recipe["test_groups"])}
+
+
+def family_split(groups, names: Sequence[str], train, val_groups: Sequence[str], test_groups: Sequence[str], seed: int,
+                 source: str = "dataset"):
+    """Whole families held out: every structure of ``val_groups`` to validation, of
+    ``test_groups`` to test; training = ``train`` structures (a count, a fraction of the rest, or
+    None: all) drawn at random (``default_rng(seed)``) from the other families
+    (``torchmdx.data.splits.group_split_codes`` by structure). Raises DataError if a family
+    landed in two parts or a named family is missing."""
+    from torchmdx.data.splits import check_no_group_leak, group_split_codes
+
+    codes = np.asarray(groups, dtype=np.int64).reshape(-1)
+    if not (val_groups and test_groups):
+        raise DataError(f"{source}: a family split needs a validation and a test family")
+    split = group_split_codes(codes, list(names), train=train, val=0, test=0, seed=seed, split_by_group=False,
+                              val_groups=val_groups, test_groups=test_groups, source=source)
+    check_no_group_leak(split, codes, list(names))
+    split.info["kind"] = "family"
+    return split
 
 
 def spread_labels(n: int, counts: Sequence[int]) -> np.ndarray:
@@ -264,6 +361,49 @@ def reference_energies(frames: dict, train, max_z: int = MAX_Z) -> np.ndarray:
     table = fit_atomic_references({"z": flat["z"], "offsets": flat["offsets"], "energy": frames["energy"]},
                                   np.asarray(train, dtype=np.int64), max_z)
     return table.numpy().astype(np.float64)
+
+
+def element_counts(frames: dict, indices, max_z: int = MAX_Z) -> np.ndarray:
+    """[len(indices), max_z] atoms of each element in structures ``indices`` (flat layout)."""
+    flat = flat_structures(frames)
+    idx = np.asarray(indices, dtype=np.int64)
+    counts = np.zeros((len(idx), max_z), dtype=np.float64)
+    atoms = atom_index(flat["offsets"], idx)
+    rows = np.repeat(np.arange(len(idx)), flat["offsets"][idx + 1] - flat["offsets"][idx])
+    np.add.at(counts, (rows, flat["z"][atoms]), 1.0)
+    return counts
+
+
+def refit_energies(frames: dict, train, energy_train, indices, energy, max_z: int = MAX_Z):
+    """torchmdx's force-only refit applied to any model's predictions: the per-element correction
+    δ [max_z] (eV) minimising Σ_s (E_ref,s − E_pred,s − Σ_e n_s,e δ_e)² over the training
+    structures ``train`` (predicted energies ``energy_train``), by torchmdx's least-squares fit
+    (``fit_atomic_references`` of the residuals: minimum norm where the compositions leave δ
+    open); returns (the predictions ``energy`` of structures ``indices`` corrected by it, δ)."""
+    from torchmdx.data.atomref import fit_atomic_references
+
+    train = np.asarray(train, dtype=np.int64)
+    residual = np.zeros(len(frames["energy"]), dtype=np.float64)
+    residual[train] = frames["energy"][train] - np.asarray(energy_train, dtype=np.float64).reshape(-1)
+    flat = flat_structures(frames)
+    delta = fit_atomic_references({"z": flat["z"], "offsets": flat["offsets"], "energy": residual}, train,
+                                  max_z).numpy().astype(np.float64)
+    corrected = np.asarray(energy, dtype=np.float64).reshape(-1) + element_counts(frames, indices, max_z) @ delta
+    return corrected, delta
+
+
+def family_centred_energies(energy_pred, energy_ref, groups) -> np.ndarray:
+    """The predictions with each group's (family's) mean error removed: E_pred,s − mean over the
+    structures t of s's group of (E_pred,t − E_ref,t). Their errors are those of the energies
+    relative within a family (one constant per family, which force-only training leaves open)."""
+    pred = np.asarray(energy_pred, dtype=np.float64).reshape(-1)
+    error = pred - np.asarray(energy_ref, dtype=np.float64).reshape(-1)
+    groups = np.asarray(groups).reshape(-1)
+    if not (len(groups) == len(pred) == len(error)):
+        raise ValueError(f"{len(pred)} predictions, {len(error)} references, {len(groups)} group labels")
+    labels, inverse = np.unique(groups, return_inverse=True)
+    mean = np.bincount(inverse, weights=error, minlength=len(labels)) / np.bincount(inverse, minlength=len(labels))
+    return pred - mean[inverse]
 
 
 def nonzero_table(table) -> dict:

@@ -33,6 +33,10 @@
 # ACCURACY_DATA=ani1x-large races on .benchdata/ani1x_xtb_large.h5 (made here by bench/make_ani1x_large.py:
 # ~9 000 GFN2-xTB MD frames of 46 formulas, 3-22 atoms; split 80/5/15 % stratified by formula, the same
 # references; its split file is split_ani1x-large_seed0.npz, which accuracy-equiformer picks up).
+# ACCURACY_DATA=polymer races force-only (PolyGET) on .benchdata/polymers_xtb.extxyz (copy it from
+# ../shared/data/polymer/): 900 frames of six polymer families, val PVA and test PMMA held out whole;
+# torchmdx configs/polymer_forces_only.yaml, TorchMD-NET y_weight 0 / neg_dy_weight 1; force MAE the
+# headline (docs/benchmarks/accuracy.md, "polymer (force-only)"; ACCURACY_MINUTES=8.25 per side).
 # Environment knobs: ACCURACY_DATA / ACCURACY_MINUTES / ACCURACY_TIMEOUT / ACCURACY_ARGS / ACCURACY_SPLIT,
 # MODEL_ARGS / MODEL_TIMEOUT, MD_SYSTEMS / MD_ARGS / MD_TIMEOUT, TRAIN_ARGS / TRAIN_TIMEOUT,
 # TESTS_ARGS (pytest selection, default every -m gpu test), BENCH_GRAPH_VARIANTS (bench_model's graph columns).
