@@ -1,0 +1,76 @@
+"""Bad inputs, round 13: round 12's leftovers (identical md replicas, slmc.local_sweeps outside
+the run-time estimate) and a hunt through interrupted work, evaluate/export options, sweep grids,
+environment variables, relative paths and extreme md numbers (see docs/bad_inputs.md, round 13).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from ase.io import read, write
+
+import torchmdx
+from torchmdx.cli.main import main
+from test_bad_inputs_more import refused_without_writes
+from test_bad_inputs_round3 import _slmc_config
+from test_bad_inputs_round9 import TINY
+
+
+def _tiny_model():
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(elements=[1, 6, 8])
+    return model
+
+
+# ---------------------------------------------------------------------------------- round 12 leftovers
+def _water_with_velocities(path):
+    atoms = molecule("H2O")
+    atoms.set_velocities(np.random.default_rng(0).normal(0.0, 0.01, (3, 3)))
+    write(path, atoms)
+
+
+@pytest.mark.parametrize("ensemble,identical", [("nve", True), ("langevin", False)])
+def test_md_replicas_from_file_velocities_say_when_they_are_identical(tmp_path, capsys, monkeypatch, ensemble,
+                                                                       identical):
+    """``md --replicas N --velocities file`` in nve (or nose-hoover) ran N identical trajectories and
+    said nothing; one note line says so now. A langevin run gets no such note (its copies differ)."""
+    monkeypatch.chdir(tmp_path)
+    _water_with_velocities(tmp_path / "w.extxyz")
+    _tiny_model().save(tmp_path / "m.pt")
+    capsys.readouterr()
+    assert main(["md", "w.extxyz", "--model", "m.pt", "--replicas", "2", "--velocities", "file", "--steps", "4",
+                 "--every", "2", "--ensemble", ensemble, "--out", "t.extxyz", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "identical trajectories" in line]
+    frames = [read(f"t.{r}.extxyz", ":") for r in range(2)]
+    same = np.array_equal(frames[0][-1].positions, frames[1][-1].positions)
+    assert same == identical
+    if identical:
+        assert len(notes) == 1 and notes[0].startswith("note: --replicas 2 copies start from the same velocities")
+        assert "--velocities draw" in notes[0]
+    else:
+        assert notes == []
+
+
+def test_slmc_local_sweeps_count_in_the_run_time_estimate(tmp_path):
+    """``slmc.local_sweeps: 1e9`` (a typo for 1) runs 1.6e10 single-site updates a proposal and was
+    not in the estimate (it counts diagonalisations): no warning. Now the estimate counts them and
+    the warning names the key; the shipped configs and a few sweeps a proposal stay silent."""
+    from pathlib import Path
+
+    from torchmdx.lattice.config import LOCAL_UPDATE_SECONDS, cost_estimate, load_slmc_config, size_warning
+
+    typo = load_slmc_config(_slmc_config(tmp_path, slmc__local_sweeps=1e9))
+    cost = cost_estimate(typo)
+    assert cost["local_updates"] == 2 * 4 * 16 * 10**9  # (linear + 1 transformer) x 4 steps x N·1e9
+    assert cost["local_seconds"] == pytest.approx(cost["local_updates"] * LOCAL_UPDATE_SECONDS)
+    line = size_warning(typo)
+    assert line.startswith("slmc.local_sweeps = 1e+09: 1.28e+11 single-site updates") and "days on one core" in line
+    assert "\n" not in line
+    assert size_warning(load_slmc_config(_slmc_config(tmp_path, slmc__local_sweeps=10))) is None
+    root = Path(__file__).resolve().parents[1]
+    for name in ("slmc_l4.yaml", "slmc_l6.yaml"):
+        cfg = load_slmc_config(root / "configs" / name)
+        assert cost_estimate(cfg)["local_seconds"] < 3600
