@@ -74,3 +74,57 @@ def test_slmc_local_sweeps_count_in_the_run_time_estimate(tmp_path):
     for name in ("slmc_l4.yaml", "slmc_l6.yaml"):
         cfg = load_slmc_config(root / "configs" / name)
         assert cost_estimate(cfg)["local_seconds"] < 3600
+
+
+# ---------------------------------------------------------------------------------- interrupted work
+def _train_config(tmp_path, shared_data, **trainer):
+    import yaml
+
+    config = {
+        "data": {"path": str(shared_data / "md17" / "md17_ethanol_xtb.npz"), "cache_dir": str(tmp_path / "cache"),
+                 "train_size": 16, "val_size": 8, "test_size": 8, "batch_size": 8, "seed": 0},
+        "model": dict(TINY),
+        "train": {"lr": 1e-3, "lr_warmup_steps": 2},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 1,
+                    "enable_progress_bar": False, **trainer},
+        "run_dir": str(tmp_path / "run"),
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "config.yaml"
+
+
+@pytest.mark.parametrize("at_epoch", [1, 0])
+def test_train_interrupted_says_how_to_go_on(tmp_path, shared_data, capsys, monkeypatch, at_epoch):
+    """Ctrl-C (or SIGTERM: Lightning turns it into the same shutdown) in the first epoch said "continue
+    it with --resume (from .../last.ckpt)", and --resume then said "last.ckpt not found; nothing to
+    resume". Before the first checkpoint the line now says to run the command again; after it,
+    --resume as before."""
+    import signal
+
+    import lightning as L
+
+    from torchmdx.train.config import load_run_config
+    from torchmdx.train.run import train
+
+    class Stop(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, index):
+            if trainer.current_epoch == at_epoch:
+                raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config(_train_config(tmp_path, shared_data))
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, callbacks=[Stop()])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if line.startswith("training interrupted")]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert len(lines) == 1 and last.is_file() == bool(at_epoch)
+    if at_epoch:
+        assert lines[0] == f"training interrupted; continue it with --resume (from {last})"
+    else:
+        assert "before its first checkpoint" in lines[0] and "without --resume" in lines[0]
+        assert main(["train", str(tmp_path / "config.yaml"), "--set", "trainer.max_epochs=1"]) == 0
