@@ -128,3 +128,44 @@ def test_train_interrupted_says_how_to_go_on(tmp_path, shared_data, capsys, monk
     else:
         assert "before its first checkpoint" in lines[0] and "without --resume" in lines[0]
         assert main(["train", str(tmp_path / "config.yaml"), "--set", "trainer.max_epochs=1"]) == 0
+
+
+# ---------------------------------------------------------------------------------- relative paths
+def _md_config_in_a_subfolder(t):
+    from ase.build import bulk
+
+    from torchmdx.nn.analytic import LennardJones
+
+    (t / "sub").mkdir()
+    LennardJones(0.0104, 3.4, cutoff=5.0).save(t / "sub" / "lj.pt")
+    write(t / "sub" / "ar.extxyz", bulk("Ar", "fcc", a=5.26, cubic=True) * (2, 2, 2))
+    (t / "sub" / "md.yaml").write_text("md:\n  model: lj.pt\n  structure: ar.extxyz\n  steps: 2\n  out: o.extxyz\n")
+    return t / "sub" / "md.yaml"
+
+
+def md_config_run_from_another_folder(t, s):  # "ar.extxyz: structure file not found", naming no key
+    _md_config_in_a_subfolder(t)
+    return ["md", "--config", "sub/md.yaml", "--model", "sub/lj.pt", "--no-progress"]
+
+
+ROWS = [
+    (md_config_run_from_another_folder, ["config key 'md.structure' in sub/md.yaml: ar.extxyz is not in the current "
+                                         "folder", "relative to the current folder", "sub/ar.extxyz is next to the "
+                                         "config"]),
+]
+
+
+@pytest.mark.parametrize("setup,fragments", ROWS, ids=[row[0].__name__ for row in ROWS])
+def test_refused_with_one_line_and_nothing_written(tmp_path, shared_data, capsys, monkeypatch, setup, fragments):
+    refused_without_writes(tmp_path, shared_data, capsys, monkeypatch, setup, fragments)
+
+
+def test_md_config_paths_relative_to_the_current_folder_still_run(tmp_path, monkeypatch):
+    """The closest valid inputs: the same config run from its own folder, and from the parent with
+    the paths given on the command line (they win over the config's)."""
+    _md_config_in_a_subfolder(tmp_path)
+    monkeypatch.chdir(tmp_path / "sub")
+    assert main(["md", "--config", "md.yaml", "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["md", "--config", "sub/md.yaml", "--no-progress", "sub/ar.extxyz", "--model", "sub/lj.pt"]) == 0
+    assert (tmp_path / "o.extxyz").is_file() and (tmp_path / "sub" / "o.extxyz").is_file()

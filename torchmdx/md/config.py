@@ -292,4 +292,26 @@ def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None, co
     finally:
         _NAMING.reset(token)
     config._names = names
+    if yaml_path is not None:
+        _check_paths_near_the_config(config, yaml_keys, Path(yaml_path))
     return config
+
+
+def _check_paths_near_the_config(config: MDConfig, yaml_keys: set, yaml_path: Path) -> None:
+    """Input files an md config names (model, structure, restart) are relative to the current
+    folder; one the current folder lacks but the config's folder holds (a config run from another
+    folder) was "ar.extxyz: structure file not found" naming neither the key nor where it is."""
+    if yaml_path.parent == Path(""):
+        return
+    for key in ("model", "structure", "restart"):
+        if key not in yaml_keys:
+            continue
+        given = getattr(config, key)
+        for text in [given] if isinstance(given, str) else list(given or []):
+            path = Path(str(text))
+            if not str(text) or path.is_absolute() or path.exists() or not (yaml_path.parent / path).exists():
+                continue
+            raise ConfigError(f"config key 'md.{key}' in {yaml_path}: {text} is not in the current folder "
+                              f"({Path.cwd()}): paths in an md config are relative to the current folder, and "
+                              f"{yaml_path.parent / path} is next to the config; give that path (or run from "
+                              f"{yaml_path.parent})")
