@@ -148,7 +148,45 @@ def md_config_run_from_another_folder(t, s):  # "ar.extxyz: structure file not f
     return ["md", "--config", "sub/md.yaml", "--model", "sub/lj.pt", "--no-progress"]
 
 
+# ---------------------------------------------------------------------------------- md time constants
+def _argon(t):
+    from ase.build import bulk
+
+    from torchmdx.nn.analytic import LennardJones
+
+    atoms = bulk("Ar", "fcc", a=5.26, cubic=True) * (2, 2, 2)
+    atoms.rattle(0.05, seed=1)
+    write(t / "ar.extxyz", atoms)
+    LennardJones(0.0104, 3.4, cutoff=5.0).save(t / "lj.pt")
+    return ["md", t / "ar.extxyz", "--model", t / "lj.pt", "--steps", "20", "--out", t / "md.extxyz", "--no-progress"]
+
+
+def md_nose_hoover_tau_of_1e300(t, s):  # NaN at step 1 ("reduce the time step or check the model"), files written
+    return _argon(t) + ["--ensemble", "nose-hoover", "--tau", "1e300"]
+
+
+def md_nose_hoover_tau_of_1e100(t, s):  # the chain's float32 masses overflowed: RuntimeError traceback
+    return _argon(t) + ["--ensemble", "nose-hoover", "--tau", "1e100"]
+
+
+def md_nose_hoover_tau_shorter_than_the_step(t, s):  # blew up, blamed on the time step or the model
+    return _argon(t) + ["--ensemble", "nose-hoover", "--tau", "0.1"]
+
+
+def md_ase_barostat_tau_of_001_fs(t, s):  # ASE's "You have 0 lattice vectors" traceback
+    return _argon(t) + ["--engine", "ase", "--pressure", "1", "--barostat-tau", "0.01"]
+
+
+def md_ase_barostat_tau_of_1e300(t, s):  # OverflowError traceback
+    return _argon(t) + ["--engine", "ase", "--pressure", "1", "--barostat-tau", "1e300"]
+
+
 ROWS = [
+    (md_nose_hoover_tau_of_1e300, ["--tau of 1e+300 fs is beyond 1e+12 fs"]),
+    (md_nose_hoover_tau_of_1e100, ["--tau of 1e+100 fs is beyond 1e+12 fs"]),
+    (md_nose_hoover_tau_shorter_than_the_step, ["--tau of 0.1 fs is shorter than 2 time steps (--dt 0.5 fs)"]),
+    (md_ase_barostat_tau_of_001_fs, ["--barostat-tau of 0.01 fs is shorter than 2 time steps (--dt 0.5 fs)"]),
+    (md_ase_barostat_tau_of_1e300, ["--barostat-tau of 1e+300 fs is beyond 1e+12 fs", "barostat"]),
     (md_config_run_from_another_folder, ["config key 'md.structure' in sub/md.yaml: ar.extxyz is not in the current "
                                          "folder", "relative to the current folder", "sub/ar.extxyz is next to the "
                                          "config"]),
@@ -169,3 +207,20 @@ def test_md_config_paths_relative_to_the_current_folder_still_run(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert main(["md", "--config", "sub/md.yaml", "--no-progress", "sub/ar.extxyz", "--model", "sub/lj.pt"]) == 0
     assert (tmp_path / "o.extxyz").is_file() and (tmp_path / "sub" / "o.extxyz").is_file()
+
+
+def test_md_time_constants_at_the_bounds_still_run(tmp_path, monkeypatch):
+    """The closest valid inputs: Nosé–Hoover with tau = 2 dt and 1e12 fs (native and ASE engines),
+    a barostat_tau of 2 dt and of 1e12 fs, and Bussi with a tau far below the step (a full
+    rescaling each step: not bounded) run; a barostat_tau without --pressure is not checked."""
+    from torchmdx.md.config import md_config
+
+    monkeypatch.chdir(tmp_path)
+    base = [str(a) for a in _argon(tmp_path)]
+    for extra in (["--ensemble", "nose-hoover", "--tau", "1"], ["--ensemble", "nose-hoover", "--tau", "1e12"],
+                  ["--engine", "ase", "--ensemble", "nose-hoover", "--tau", "1", "--pressure", "1",
+                   "--barostat-tau", "1e12"],
+                  ["--ensemble", "bussi", "--tau", "0.01"]):
+        assert main(base + extra + ["--force"]) == 0, extra
+    md_config({"engine": "ase", "pressure": 1.0, "barostat_tau": 1.0, "ensemble": "langevin"})
+    md_config({"barostat_tau": 0.01})

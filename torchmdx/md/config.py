@@ -19,6 +19,14 @@ Ensemble = Literal["nve", "langevin", "bussi", "nose-hoover"]
 
 #: the longest Nosé–Hoover chain accepted (3-5 are usual; a typo such as 10**9 hung)
 MAX_CHAIN_LENGTH = 100
+#: the longest Nosé–Hoover or barostat time constant accepted (fs; 1 ms): the native chain's masses
+#: kT·tau² overflowed float32 above about 1e21 fs (a traceback) and were NaN in float64 from 1e155,
+#: ASE's integrators raised OverflowError at 1e300
+MAX_TIME_CONSTANT_FS = 1e12
+#: the shortest Nosé–Hoover or barostat time constant accepted, in time steps: ASE's Nosé–Hoover
+#: chain gave NaN positions at tau = 1.2 dt (fine at 2 dt), the native one exploded at 0.2 dt, and a
+#: barostat_tau of 0.02 dt collapsed the cell (ASE's "0 lattice vectors" traceback)
+MIN_TIME_CONSTANT_STEPS = 2.0
 #: the command-line flag of each MDConfig field whose flag is not ``--<name with dashes>``
 FLAGS = {
     "structure": "the structure argument", "wrap": "--no-wrap", "progress": "--no-progress",
@@ -183,6 +191,8 @@ class MDConfig:
             bad("friction", f"must be >= 0 1/ps, got {self.friction}")
         if not self.tau > 0:
             bad("tau", f"must be > 0 fs, got {self.tau}")
+        if self.ensemble == "nose-hoover":
+            self._check_time_constant("tau", "the Nosé–Hoover thermostat", bad)
         if self.chain_length < 1:
             bad("chain_length", f"must be >= 1, got {self.chain_length}")
         if self.chain_length > MAX_CHAIN_LENGTH:  # 10**9 hung allocating the chain's thermostats
@@ -200,6 +210,8 @@ class MDConfig:
             bad("friction", "must be > 0 1/ps for ASE's Langevin integrator")
         if not self.barostat_tau > 0:
             bad("barostat_tau", f"must be > 0 fs, got {self.barostat_tau}")
+        if self.pressure is not None:
+            self._check_time_constant("barostat_tau", "the barostat", bad)
         if self.every < 1:
             bad("every", f"must be >= 1 step, got {self.every}")
         if self.restart_every is not None and self.restart_every < 1:
@@ -223,6 +235,19 @@ class MDConfig:
         if self.force and self.restart:
             bad("force", "starts the outputs afresh and --restart continues them: to drop frames after the "
                          "restart step pass --truncate, or continue into new files with another --out")
+
+    def _check_time_constant(self, key: str, what: str, bad) -> None:
+        """``key`` (fs) between MIN_TIME_CONSTANT_STEPS time steps and MAX_TIME_CONSTANT_FS: outside,
+        runs gave NaN positions blamed on the time step or the model, or tracebacks."""
+        value = getattr(self, key)
+        if not value > 0:
+            return  # the > 0 check names it
+        if value < MIN_TIME_CONSTANT_STEPS * self.dt:
+            bad(key, f"of {value:g} fs is shorter than {MIN_TIME_CONSTANT_STEPS:g} time steps ({self.option('dt')} "
+                     f"{self.dt:g} fs): {what} cannot follow it and the run blows up (typical: 100-1000 fs)")
+        if value > MAX_TIME_CONSTANT_FS:
+            bad(key, f"of {value:g} fs is beyond {MAX_TIME_CONSTANT_FS:g} fs, where {what}'s mass overflows; a "
+                     f"time constant far beyond the run's length does nothing (typical: 100-1000 fs)")
 
     @property
     def max_temperature_K(self) -> float:
