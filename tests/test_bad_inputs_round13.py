@@ -224,3 +224,31 @@ def test_md_time_constants_at_the_bounds_still_run(tmp_path, monkeypatch):
         assert main(base + extra + ["--force"]) == 0, extra
     md_config({"engine": "ase", "pressure": 1.0, "barostat_tau": 1.0, "ensemble": "langevin"})
     md_config({"barostat_tau": 0.01})
+
+
+# ---------------------------------------------------------------------------------- evaluate
+def test_evaluate_run_of_other_data_does_not_advise_deleting_its_split(tmp_path, shared_data, capsys, monkeypatch):
+    """``evaluate model.pt --data other.npz --run RUN`` with data of another size said "RUN/splits.npz:
+    split made for 30 structures, but the dataset has 20; delete it or set another split_file": the
+    train advice, here pointing at the run's own record of its split. Now one line naming --run and
+    the data; the run's split file is left alone. The same run folder with its own data evaluates."""
+    from torchmdx.data.splits import random_split, save_split
+
+    monkeypatch.chdir(tmp_path)
+    with np.load(shared_data / "md17" / "md17_ethanol_xtb.npz") as source:
+        np.savez(tmp_path / "small.npz", R=source["R"][:20], z=source["z"], E=source["E"][:20], F=source["F"][:20])
+    _tiny_model().save(tmp_path / "m.pt")
+    (tmp_path / "run").mkdir()
+    save_split(random_split(30, 20, 5, 5), tmp_path / "run" / "splits.npz")
+    before = (tmp_path / "run" / "splits.npz").read_bytes()
+    args = ["evaluate", "m.pt", "--data", "small.npz", "--run", "run", "--split", "test", "--out", "report",
+            "--cache-dir", "cache", "--no-progress"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --run run: its splits.npz was made for 30 structures, but the dataset has 20 (small.npz): "
+                   "the run was trained on other data; give the run's data, or leave out --run to evaluate every "
+                   "structure"]
+    assert (tmp_path / "run" / "splits.npz").read_bytes() == before and not (tmp_path / "report").exists()
+    save_split(random_split(20, 10, 5, 5), tmp_path / "run" / "splits.npz")
+    assert main(args) == 0 and (tmp_path / "report" / "errors.json").is_file()
