@@ -181,7 +181,17 @@ def md_ase_barostat_tau_of_1e300(t, s):  # OverflowError traceback
     return _argon(t) + ["--engine", "ase", "--pressure", "1", "--barostat-tau", "1e300"]
 
 
+def md_temperature_of_1e30(t, s):  # ran to exit 0 (a warning line), positions of a 1e30 K gas
+    return _argon(t) + ["--temperature", "1e30"]
+
+
+def md_float32_temperature_of_1e60(t, s):  # "reached nan K ... reduce the time step or check the model"
+    return _argon(t) + ["--temperature", "1e60", "--ensemble", "langevin"]
+
+
 ROWS = [
+    (md_temperature_of_1e30, ["--temperature of 1e+30 K is beyond 1e+12 K", "typical: up to 2000 K"]),
+    (md_float32_temperature_of_1e60, ["--temperature of 1e+60 K is beyond 1e+12 K"]),
     (md_nose_hoover_tau_of_1e300, ["--tau of 1e+300 fs is beyond 1e+12 fs"]),
     (md_nose_hoover_tau_of_1e100, ["--tau of 1e+100 fs is beyond 1e+12 fs"]),
     (md_nose_hoover_tau_shorter_than_the_step, ["--tau of 0.1 fs is shorter than 2 time steps (--dt 0.5 fs)"]),
@@ -224,6 +234,8 @@ def test_md_time_constants_at_the_bounds_still_run(tmp_path, monkeypatch):
         assert main(base + extra + ["--force"]) == 0, extra
     md_config({"engine": "ase", "pressure": 1.0, "barostat_tau": 1.0, "ensemble": "langevin"})
     md_config({"barostat_tau": 0.01})
+    md_config({"temperature": 1e12, "ensemble": "langevin"})  # the bound itself is accepted (1e9 K: a warning)
+    assert main(base + ["--temperature", "5e4", "--force", "--steps", "2"]) == 0
 
 
 # ---------------------------------------------------------------------------------- evaluate

@@ -27,6 +27,10 @@ MAX_TIME_CONSTANT_FS = 1e12
 #: chain gave NaN positions at tau = 1.2 dt (fine at 2 dt), the native one exploded at 0.2 dt, and a
 #: barostat_tau of 0.02 dt collapsed the cell (ASE's "0 lattice vectors" traceback)
 MIN_TIME_CONSTANT_STEPS = 2.0
+#: the highest temperature accepted (K): hydrogen's thermal speed there is 1600 Å/fs; 1e30 K ran to
+#: exit 0 with a warning, 1e60 K in float32 stopped "reaching nan K" (blaming the time step or the
+#: model). Up to here a temperature above 1e4 K is a warning only (tests/test_bad_inputs_md.py: 1e9 K)
+MAX_TEMPERATURE_K = 1e12
 #: the command-line flag of each MDConfig field whose flag is not ``--<name with dashes>``
 FLAGS = {
     "structure": "the structure argument", "wrap": "--no-wrap", "progress": "--no-progress",
@@ -185,6 +189,10 @@ class MDConfig:
             bad("dt", f"of {self.dt} fs is far too long for molecular dynamics (typical: 0.5-2 fs)")
         if self.temperature < 0:
             bad("temperature", f"must be >= 0 K, got {self.temperature}")
+        if self.temperature > MAX_TEMPERATURE_K:
+            bad("temperature", f"of {self.temperature:g} K is beyond {MAX_TEMPERATURE_K:g} K, where a hydrogen atom "
+                               "moves about 1600 Å per fs: no potential holds there "
+                               "(typical: up to 2000 K)")
         if self.ensemble != "nve" and not self.temperature > 0:
             bad("temperature", f"must be > 0 K for the {self.ensemble} thermostat, got {self.temperature}")
         if self.friction < 0:
