@@ -264,3 +264,24 @@ def test_evaluate_run_of_other_data_does_not_advise_deleting_its_split(tmp_path,
     assert (tmp_path / "run" / "splits.npz").read_bytes() == before and not (tmp_path / "report").exists()
     save_split(random_split(20, 10, 5, 5), tmp_path / "run" / "splits.npz")
     assert main(args) == 0 and (tmp_path / "report" / "errors.json").is_file()
+
+
+def test_md_simulation_api_bounds_the_nose_hoover_tau():
+    """``Simulation(..., ensemble="nose-hoover", tau_fs=1e100)`` (md's Python API) was a RuntimeError
+    traceback ("value cannot be converted to type float without overflow": the chain's float32
+    masses kT·tau²); tau = 0.1 fs at 0.5 fs steps blew up. The CLI's bounds, one line."""
+    from ase.build import bulk
+
+    from torchmdx.errors import ConfigError
+    from torchmdx.md.engine import Simulation
+    from torchmdx.nn.analytic import LennardJones
+
+    lj = LennardJones(0.0104, 3.4, cutoff=5.0)
+    argon = bulk("Ar", "fcc", a=5.26, cubic=True) * (2, 2, 2)
+    for tau in (1e100, 0.1):
+        with pytest.raises(ConfigError, match=r"tau of .* fs must be between 2 time steps \(1 fs\) and 1e\+12 fs"):
+            Simulation(lj, [argon], timestep_fs=0.5, ensemble="nose-hoover", temperature_K=50.0, tau_fs=tau)
+    for tau in (1.0, 1e12):
+        sim = Simulation(lj, [argon], timestep_fs=0.5, ensemble="nose-hoover", temperature_K=50.0, tau_fs=tau)
+        sim.run(5)
+        assert np.isfinite(sim.state.positions.numpy()).all()
