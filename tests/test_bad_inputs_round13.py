@@ -285,3 +285,22 @@ def test_md_simulation_api_bounds_the_nose_hoover_tau():
         sim = Simulation(lj, [argon], timestep_fs=0.5, ensemble="nose-hoover", temperature_K=50.0, tau_fs=tau)
         sim.run(5)
         assert np.isfinite(sim.state.positions.numpy()).all()
+
+
+def test_md_ase_engine_step_that_fails_is_one_line_keeping_the_last_state(tmp_path, capsys, monkeypatch):
+    """``md --engine ase --pressure 1e300`` collapsed the cell in the first step: ASE's "You have 0
+    lattice vectors: volume not defined" traceback, and the restart file was not written. A
+    calculator's refusal inside a step (a cell grown singular at -1e300 bar) was a line naming no
+    step. Now both stop as any failed step does: one line with the step and the pressure, the last
+    good state kept. 1 bar runs."""
+    monkeypatch.chdir(tmp_path)
+    base = [str(a) for a in _argon(tmp_path)] + ["--engine", "ase", "--steps", "5"]
+    for pressure, detail in (("1e300", "ValueError: You have 0 lattice vectors"), ("-1e300", "non-finite position")):
+        capsys.readouterr()
+        assert main(base + [f"--pressure={pressure}", "--force"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: simulation stopped at step 1: the step failed: "), err
+        assert detail in err[0] and f"(at {float(pressure):g} bar: check the pressure" in err[0]
+        assert "last good state (step 0) kept in the trajectory's last frame and" in err[0]
+        assert (tmp_path / "md.restart.pt").is_file()
+    assert main(base + ["--pressure=1", "--force"]) == 0
