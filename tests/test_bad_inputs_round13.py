@@ -189,7 +189,20 @@ def md_float32_temperature_of_1e60(t, s):  # "reached nan K ... reduce the time 
     return _argon(t) + ["--temperature", "1e60", "--ensemble", "langevin"]
 
 
+def train_resume_from_another_folder(t, s):  # "--resume: run/checkpoints/last.ckpt not found; nothing to resume"
+    import yaml
+
+    (t / "sub" / "run" / "checkpoints").mkdir(parents=True)
+    (t / "sub" / "run" / "checkpoints" / "last.ckpt").write_bytes(b"a checkpoint")
+    config = yaml.safe_load(_train_config(t, s).read_text())
+    config["run_dir"] = "run"
+    (t / "sub" / "config.yaml").write_text(yaml.safe_dump(config))
+    return ["train", "sub/config.yaml", "--resume"]
+
+
 ROWS = [
+    (train_resume_from_another_folder, ["--resume: run_dir 'run' is relative to the current folder", "where there is "
+                                        "no run; sub/run next to the config holds one: pass --run-dir sub/run"]),
     (md_temperature_of_1e30, ["--temperature of 1e+30 K is beyond 1e+12 K", "typical: up to 2000 K"]),
     (md_float32_temperature_of_1e60, ["--temperature of 1e+60 K is beyond 1e+12 K"]),
     (md_nose_hoover_tau_of_1e300, ["--tau of 1e+300 fs is beyond 1e+12 fs"]),
@@ -304,3 +317,23 @@ def test_md_ase_engine_step_that_fails_is_one_line_keeping_the_last_state(tmp_pa
         assert "last good state (step 0) kept in the trajectory's last frame and" in err[0]
         assert (tmp_path / "md.restart.pt").is_file()
     assert main(base + ["--pressure=1", "--force"]) == 0
+
+
+def test_train_resume_folder_check_leaves_other_runs_alone(tmp_path, monkeypatch):
+    """The closest valid inputs of the check above: the run folder given with --run-dir (or --set
+    run_dir=...), a config run from its own folder, and a current folder that holds the run too."""
+    import argparse
+
+    from torchmdx.cli.train_cmd import _check_resume_folder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub" / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "sub" / "run" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    cfg = argparse.Namespace(run_dir="run")
+    _check_resume_folder(argparse.Namespace(run_dir="run"), argparse.Namespace(config="sub/c.yaml", run_dir="sub/run",
+                                                                               overrides=[]))
+    _check_resume_folder(cfg, argparse.Namespace(config="sub/c.yaml", run_dir=None, overrides=["run_dir=sub/run"]))
+    _check_resume_folder(cfg, argparse.Namespace(config="c.yaml", run_dir=None, overrides=[]))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    _check_resume_folder(cfg, argparse.Namespace(config="sub/c.yaml", run_dir=None, overrides=[]))
