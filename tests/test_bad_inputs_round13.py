@@ -300,12 +300,12 @@ def test_md_simulation_api_bounds_the_nose_hoover_tau():
         assert np.isfinite(sim.state.positions.numpy()).all()
 
 
-def test_md_ase_engine_step_that_fails_is_one_line_keeping_the_last_state(tmp_path, capsys, monkeypatch):
+def test_md_ase_engine_step_that_fails_is_one_line_keeping_the_last_state(tmp_path, capsys, monkeypatch, recwarn):
     """``md --engine ase --pressure 1e300`` collapsed the cell in the first step: ASE's "You have 0
     lattice vectors: volume not defined" traceback, and the restart file was not written. A
     calculator's refusal inside a step (a cell grown singular at -1e300 bar) was a line naming no
     step. Now both stop as any failed step does: one line with the step and the pressure, the last
-    good state kept. 1 bar runs."""
+    good state kept, without numpy's overflow warnings before it. 1 bar runs."""
     monkeypatch.chdir(tmp_path)
     base = [str(a) for a in _argon(tmp_path)] + ["--engine", "ase", "--steps", "5"]
     for pressure, detail in (("1e300", "ValueError: You have 0 lattice vectors"), ("-1e300", "non-finite position")):
@@ -316,6 +316,7 @@ def test_md_ase_engine_step_that_fails_is_one_line_keeping_the_last_state(tmp_pa
         assert detail in err[0] and f"(at {float(pressure):g} bar: check the pressure" in err[0]
         assert "last good state (step 0) kept in the trajectory's last frame and" in err[0]
         assert (tmp_path / "md.restart.pt").is_file()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # numpy's overflow lines, on the CLI
     assert main(base + ["--pressure=1", "--force"]) == 0
 
 

@@ -123,7 +123,8 @@ def _steps(dyn, steps: int):
     iterator = dyn.irun(steps)
     while True:
         try:
-            next(iterator)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a failed step is named below
+                next(iterator)
         except StopIteration:
             return
         except (TorchmdxError, ValueError, ArithmeticError) as exc:
