@@ -200,14 +200,21 @@ def train_resume_from_another_folder(t, s):  # "--resume: run/checkpoints/last.c
     return ["train", "sub/config.yaml", "--resume"]
 
 
+def _ethanol_in_the_data_folder(t, s):
+    """./data/md17_ethanol.npz (./data is searched for molecule names; the current folder is ``t``)."""
+    (t / "data").mkdir(exist_ok=True)
+    (t / "data" / "md17_ethanol.npz").symlink_to(s / "md17" / "md17_ethanol_xtb.npz")
+
+
 def data_info_of_a_molecule_name_without_format(t, s):  # "ethanol: file not found", not naming --format md17
+    _ethanol_in_the_data_folder(t, s)
     return ["data", "info", "ethanol", "--cache-dir", t / "cache"]
 
 
 ROWS = [
     (data_info_of_a_molecule_name_without_format, ["ethanol: file not found; as an MD17 molecule name it needs the "
                                                    "format md17 (--format md17, or data.format: md17), which finds",
-                                                   "md17_ethanol"]),
+                                                   "data/md17_ethanol.npz"]),
     (train_resume_from_another_folder, ["--resume: run_dir 'run' is relative to the current folder", "where there is "
                                         "no run; sub/run next to the config holds one: pass --run-dir sub/run"]),
     (md_temperature_of_1e30, ["--temperature of 1e+30 K is beyond 1e+12 K", "typical: up to 2000 K"]),
@@ -347,9 +354,11 @@ def test_train_resume_folder_check_leaves_other_runs_alone(tmp_path, monkeypatch
     _check_resume_folder(cfg, argparse.Namespace(config="sub/c.yaml", run_dir=None, overrides=[]))
 
 
-def test_molecule_names_with_their_format_and_unknown_names(tmp_path, capsys):
+def test_molecule_names_with_their_format_and_unknown_names(tmp_path, shared_data, capsys, monkeypatch):
     """The closest valid input of the row above: the name with ``--format md17`` reads the file;
     a name no data folder holds is still the plain "file not found"."""
+    monkeypatch.chdir(tmp_path)
+    _ethanol_in_the_data_folder(tmp_path, shared_data)
     assert main(["data", "info", "ethanol", "--format", "md17", "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
     assert '"n_structures": 2000' in capsys.readouterr().out
     assert main(["data", "info", "benzene", "--cache-dir", str(tmp_path / "cache")]) == 2
