@@ -211,7 +211,17 @@ def data_info_of_a_molecule_name_without_format(t, s):  # "ethanol: file not fou
     return ["data", "info", "ethanol", "--cache-dir", t / "cache"]
 
 
+# ---------------------------------------------------------------------------------- sweep
+def sweep_grid_over_the_architecture(t, s):  # "...; set model.architecture: et": no way out for the grid
+    return ["sweep", _train_config(t, s), "--grid", "model.architecture=et,transformer", "--dry-run", "--out",
+            t / "sweep"]
+
+
 ROWS = [
+    (sweep_grid_over_the_architecture, ["sweep point (model.architecture=transformer): config key 'model.backend' "
+                                        "belongs to architecture 'et'", "a --grid over model.architecture keeps the "
+                                        "base config's model keys: give each architecture a variant with its own "
+                                        "model section instead (sweep.variants"]),
     (data_info_of_a_molecule_name_without_format, ["ethanol: file not found; as an MD17 molecule name it needs the "
                                                    "format md17 (--format md17, or data.format: md17), which finds",
                                                    "data/md17_ethanol.npz"]),
@@ -363,3 +373,20 @@ def test_molecule_names_with_their_format_and_unknown_names(tmp_path, shared_dat
     assert '"n_structures": 2000' in capsys.readouterr().out
     assert main(["data", "info", "benzene", "--cache-dir", str(tmp_path / "cache")]) == 2
     assert capsys.readouterr().err.strip() == "error: benzene: file not found"
+
+
+def test_sweep_over_architectures_as_variants_plans(tmp_path, shared_data, capsys):
+    """The closest valid input of the sweep row: each architecture a variant with its own model
+    section (docs/sweep.md) plans both points."""
+    import yaml
+
+    path = _train_config(tmp_path, shared_data)
+    config = yaml.safe_load(path.read_text())
+    config["sweep"] = {"variants": {"et": {"model": dict(TINY)},
+                                    "tf": {"model": {"architecture": "transformer", "embedding_dimension": 8,
+                                                     "num_layers": 1, "num_heads": 2, "num_rbf": 4,
+                                                     "cutoff_upper": 4.0}}}}
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "sweep")]) == 0
+    assert "2 points" in capsys.readouterr().out
