@@ -146,7 +146,17 @@ def run(args) -> int:
         data_cfg = dataclasses.replace(data_cfg, train_size=0, val_size=0, test_size=None, split_by_group=False,
                                        val_groups=[], test_groups=[])
     datamodule = TorchmdxDataModule(data_cfg, run_dir=split_dir, max_z=max_z)
-    datamodule.setup("test")
+    try:
+        datamodule.setup("test")
+    except DataError as exc:
+        # the split file's advice ("delete it or set another split_file") is for train; here the file is
+        # the run's own record of its split, and the data given is not the run's
+        if split_dir is None or "split made for" not in str(exc) or not str(exc).startswith(str(split_dir)):
+            raise
+        detail = str(exc).split(': ', 1)[1].split(';')[0].replace("split made for", f"its {SPLIT_FILE_NAME} was made for")
+        raise DataError(f"--run {run_dir}: {detail} ({data_cfg.path}): the run was "
+                        "trained on other data; give the run's data, or leave out --run to evaluate every "
+                        "structure") from None
     dataset = datamodule.dataset
     from torchmdx.train.run import check_cells
 

@@ -26,6 +26,8 @@ def run(args) -> int:
     from torchmdx.train.config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides, args.run_dir)  # all config errors before any import
+    if args.resume:
+        _check_resume_folder(cfg, args)
     from torchmdx.train.run import train
 
     result = train(cfg, resume=args.resume)
@@ -44,3 +46,24 @@ def run(args) -> int:
     lines.append(f"evaluate with   torchmdx evaluate {result['model']} --data {args.config} --run {result['run_dir']}")
     print("\n".join(lines))
     return 0
+
+
+def _check_resume_folder(cfg, args) -> None:
+    """``train other/config.yaml --resume`` run from another folder: a relative ``run_dir`` is relative
+    to the current folder (docs/training.md), so the run next to the config was "last.ckpt not found;
+    nothing to resume", naming neither the folder looked in nor the run that exists."""
+    from pathlib import Path
+
+    from torchmdx.errors import ConfigError
+    from torchmdx.train.run import CHECKPOINT_DIR, LAST
+
+    given = Path(str(cfg.run_dir))
+    near = Path(args.config).parent / given
+    replaced = args.run_dir is not None or any(item.split("=", 1)[0].strip() == "run_dir" for item in args.overrides)
+    if replaced or given.is_absolute() or Path(args.config).parent == Path("") \
+            or (given / CHECKPOINT_DIR / f"{LAST}.ckpt").is_file() \
+            or not (near / CHECKPOINT_DIR / f"{LAST}.ckpt").is_file():
+        return
+    raise ConfigError(f"--resume: run_dir '{given}' is relative to the current folder ({Path.cwd()}), where there is no "
+                      f"run; {near} next to the config holds one: pass --run-dir {near} (or run from "
+                      f"{Path(args.config).parent})")

@@ -80,6 +80,17 @@ def resolve_source(path, fmt: Optional[str] = None) -> Path:
         from torchmdx.data.md17 import resolve_md17_name
 
         return resolve_md17_name(str(path), fmt)
+    if fmt is None and p.suffix == "" and len(p.parts) == 1:
+        # "ethanol: file not found" while an md17 file of that molecule was in the data folders
+        from torchmdx.data.md17 import resolve_md17_name
+
+        try:
+            found = resolve_md17_name(str(path), "md17")
+        except DataError:
+            found = None
+        if found is not None:
+            raise DataError(f"{path}: file not found; as an MD17 molecule name it needs the format md17 (--format md17, "
+                            f"or data.format: md17), which finds {found}")
     raise DataError(f"{path}: file not found")
 
 

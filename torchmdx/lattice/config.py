@@ -47,6 +47,9 @@ DEFAULT_FILLING = 0.25
 EIGH_SECONDS_PER_M3 = 2.5e-10
 #: a study whose exact diagonalisations are estimated to take longer than this (s) gets a warning
 WARN_SECONDS = 3600.0
+#: seconds per single-site update under an effective model, all chains at once (the linear model,
+#: 16 chains, L = 4, one CPU core: 2.4e-4 on 2026-12-06; transformers 6e-4 to 1.7e-3): a lower bound
+LOCAL_UPDATE_SECONDS = 1e-4
 #: largest |t|, |J|, |mu| or temperature: the diagonalisation squares entries (float64 to 1.8e308)
 MAX_SCALE = 1e100
 #: largest float64 rounding of Ω in units of kT (Ω / T is the Boltzmann exponent)
@@ -321,7 +324,10 @@ def cost_estimate(cfg: SLMCRunConfig, shells: Optional[int] = None) -> dict:
     matrices at once (16 bytes an entry; the batch, its copy for LAPACK and the kinetic matrix),
     the lattice's N x N tables (about 40 bytes a pair) and the effective models' dense shell and
     convolution matrices (8 bytes a pair each; two models alive at once). Time: one matrix per
-    exact local update (data.chains x sweeps x N), one per SLMC proposal and chain, per model."""
+    exact local update (data.chains x sweeps x N), one per SLMC proposal and chain, per model;
+    and ``local_updates`` single-site updates under the effective models (slmc.local_sweeps x N
+    per proposal, all chains at once, per model), ``local_seconds`` at
+    :data:`LOCAL_UPDATE_SECONDS` each (a lower bound; a slmc.local_sweeps of 1e9 was not counted)."""
     lc, dc, ec, sc = cfg.lattice, cfg.data, cfg.effective, cfg.slmc
     n = lc.L * lc.L
     size = 2 * n
@@ -332,8 +338,10 @@ def cost_estimate(cfg: SLMCRunConfig, shells: Optional[int] = None) -> dict:
     data_matrices = dc.chains * (dc.thermalize_sweeps + dc.sweeps) * n
     slmc_matrices = (1 + len(ec.layers)) * sc.chains * (sc.steps + 1)
     matrices = data_matrices + slmc_matrices
+    local_updates = (1 + len(ec.layers)) * sc.steps * max(1, int(round(sc.local_sweeps * n)))
     return {"bytes": exact + tables, "matrices": matrices, "size": size,
             "seconds": matrices * EIGH_SECONDS_PER_M3 * float(size) ** 3,
+            "local_updates": local_updates, "local_seconds": local_updates * LOCAL_UPDATE_SECONDS,
             "what": f"{batch} complex {size} x {size} matrices at once: {_gb(exact)}; N x N lattice and "
                     f"effective-model tables ({shells} shells): {_gb(tables)}",
             "work": f"{data_matrices:.3g} exact local updates ({dc.chains} chains x {dc.thermalize_sweeps + dc.sweeps} "
@@ -352,10 +360,17 @@ def size_warning(cfg: SLMCRunConfig) -> Optional[str]:
                         f"{_duration(cost['seconds'])} on one core")
     if available and cost["bytes"] > available:
         problems.append(f"it needs about {_gb(cost['bytes'])} of memory and {_gb(available)} is available now")
-    if not problems:
-        return None
-    return (f"lattice.L = {cfg.lattice.L}: " + "; ".join(problems)
-            + " (lower lattice.L, data.sweeps or data.chains for a shorter study)")
+    lines = []
+    if problems:
+        lines.append(f"lattice.L = {cfg.lattice.L}: " + "; ".join(problems)
+                     + " (lower lattice.L, data.sweeps or data.chains for a shorter study)")
+    if cost["local_seconds"] > WARN_SECONDS:
+        sc = cfg.slmc
+        lines.append(f"slmc.local_sweeps = {sc.local_sweeps:g}: {cost['local_updates']:.3g} single-site updates under "
+                     f"the effective models ({1 + len(cfg.effective.layers)} models x {sc.steps} steps x "
+                     f"{float(max(1, round(sc.local_sweeps * cfg.lattice.L ** 2))):.3g} a proposal): at least "
+                     f"{_duration(cost['local_seconds'])} on one core (a few sweeps a proposal are usual)")
+    return "; and ".join(lines) or None
 
 
 def _gb(n: float) -> str:

@@ -114,6 +114,26 @@ class _Frames:
         return [make_frame(self.template, obs.positions, obs.velocities, obs.potential[0], obs.forces, stress, info)]
 
 
+def _steps(dyn, steps: int):
+    """``dyn.irun(steps)``, yielding None per step taken, or once the one-line reason a step failed
+    (the calculator's refusal of the state it reached, or ASE's arithmetic on a collapsed or
+    overflowing cell: "You have 0 lattice vectors" and OverflowError were tracebacks) and stopping."""
+    from torchmdx.errors import TorchmdxError
+
+    iterator = dyn.irun(steps)
+    while True:
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a failed step is named below
+                next(iterator)
+        except StopIteration:
+            return
+        except (TorchmdxError, ValueError, ArithmeticError) as exc:
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            yield f"the step failed: {text if isinstance(exc, TorchmdxError) else type(exc).__name__ + ': ' + text}"
+            return
+        yield None
+
+
 def run_ase(
     potential,
     atoms,
@@ -238,14 +258,22 @@ def run_ase(
     previous = (atoms.get_positions(), atoms.get_velocities(), atoms.cell.array.copy())
     step = start
     wall_start = time.perf_counter()
-    for i, _ in enumerate(dyn.irun(steps)):
-        if i == 0:
-            continue  # irun yields once before the first step
+    for i, failed in enumerate(_steps(dyn, steps)):
+        if i == 0:  # irun yields once before the first step
+            if failed:
+                raise SimulationError(f"the initial state cannot be simulated: {failed}")
+            continue
         step = start + i
-        forces = atoms.get_forces()
-        temperature = 2.0 * atoms.get_kinetic_energy() / (dof * units.BOLTZMANN_EV_PER_K)
         reason = None
-        if not np.isfinite(forces).all() or not np.isfinite(atoms.get_potential_energy()):
+        if failed:  # a step ASE or the calculator could not take (a collapsed cell, NaN positions)
+            reason = failed + (f" (at {pressure_bar:g} bar: check the pressure and the barostat time constant)"
+                               if pressure_bar is not None else "")
+        else:
+            forces = atoms.get_forces()
+            temperature = 2.0 * atoms.get_kinetic_energy() / (dof * units.BOLTZMANN_EV_PER_K)
+        if reason:
+            pass  # kept below, as the other failures
+        elif not np.isfinite(forces).all() or not np.isfinite(atoms.get_potential_energy()):
             bad = int(np.nonzero(~np.isfinite(forces).all(1))[0][0]) if not np.isfinite(forces).all() else 0
             reason = f"the forces are not finite (NaN/inf) on atom {bad} of structure 0"
         elif not temperature <= max_t:

@@ -19,6 +19,18 @@ Ensemble = Literal["nve", "langevin", "bussi", "nose-hoover"]
 
 #: the longest Nosé–Hoover chain accepted (3-5 are usual; a typo such as 10**9 hung)
 MAX_CHAIN_LENGTH = 100
+#: the longest Nosé–Hoover or barostat time constant accepted (fs; 1 ms): the native chain's masses
+#: kT·tau² overflowed float32 above about 1e21 fs (a traceback) and were NaN in float64 from 1e155,
+#: ASE's integrators raised OverflowError at 1e300
+MAX_TIME_CONSTANT_FS = 1e12
+#: the shortest Nosé–Hoover or barostat time constant accepted, in time steps: ASE's Nosé–Hoover
+#: chain gave NaN positions at tau = 1.2 dt (fine at 2 dt), the native one exploded at 0.2 dt, and a
+#: barostat_tau of 0.02 dt collapsed the cell (ASE's "0 lattice vectors" traceback)
+MIN_TIME_CONSTANT_STEPS = 2.0
+#: the highest temperature accepted (K): hydrogen's thermal speed there is 1600 Å/fs; 1e30 K ran to
+#: exit 0 with a warning, 1e60 K in float32 stopped "reaching nan K" (blaming the time step or the
+#: model). Up to here a temperature above 1e4 K is a warning only (tests/test_bad_inputs_md.py: 1e9 K)
+MAX_TEMPERATURE_K = 1e12
 #: the command-line flag of each MDConfig field whose flag is not ``--<name with dashes>``
 FLAGS = {
     "structure": "the structure argument", "wrap": "--no-wrap", "progress": "--no-progress",
@@ -177,12 +189,18 @@ class MDConfig:
             bad("dt", f"of {self.dt} fs is far too long for molecular dynamics (typical: 0.5-2 fs)")
         if self.temperature < 0:
             bad("temperature", f"must be >= 0 K, got {self.temperature}")
+        if self.temperature > MAX_TEMPERATURE_K:
+            bad("temperature", f"of {self.temperature:g} K is beyond {MAX_TEMPERATURE_K:g} K, where a hydrogen atom "
+                               "moves about 1600 Å per fs: no potential holds there "
+                               "(typical: up to 2000 K)")
         if self.ensemble != "nve" and not self.temperature > 0:
             bad("temperature", f"must be > 0 K for the {self.ensemble} thermostat, got {self.temperature}")
         if self.friction < 0:
             bad("friction", f"must be >= 0 1/ps, got {self.friction}")
         if not self.tau > 0:
             bad("tau", f"must be > 0 fs, got {self.tau}")
+        if self.ensemble == "nose-hoover":
+            self._check_time_constant("tau", "the Nosé–Hoover thermostat", bad)
         if self.chain_length < 1:
             bad("chain_length", f"must be >= 1, got {self.chain_length}")
         if self.chain_length > MAX_CHAIN_LENGTH:  # 10**9 hung allocating the chain's thermostats
@@ -200,6 +218,8 @@ class MDConfig:
             bad("friction", "must be > 0 1/ps for ASE's Langevin integrator")
         if not self.barostat_tau > 0:
             bad("barostat_tau", f"must be > 0 fs, got {self.barostat_tau}")
+        if self.pressure is not None:
+            self._check_time_constant("barostat_tau", "the barostat", bad)
         if self.every < 1:
             bad("every", f"must be >= 1 step, got {self.every}")
         if self.restart_every is not None and self.restart_every < 1:
@@ -223,6 +243,19 @@ class MDConfig:
         if self.force and self.restart:
             bad("force", "starts the outputs afresh and --restart continues them: to drop frames after the "
                          "restart step pass --truncate, or continue into new files with another --out")
+
+    def _check_time_constant(self, key: str, what: str, bad) -> None:
+        """``key`` (fs) between MIN_TIME_CONSTANT_STEPS time steps and MAX_TIME_CONSTANT_FS: outside,
+        runs gave NaN positions blamed on the time step or the model, or tracebacks."""
+        value = getattr(self, key)
+        if not value > 0:
+            return  # the > 0 check names it
+        if value < MIN_TIME_CONSTANT_STEPS * self.dt:
+            bad(key, f"of {value:g} fs is shorter than {MIN_TIME_CONSTANT_STEPS:g} time steps ({self.option('dt')} "
+                     f"{self.dt:g} fs): {what} cannot follow it and the run blows up (typical: 100-1000 fs)")
+        if value > MAX_TIME_CONSTANT_FS:
+            bad(key, f"of {value:g} fs is beyond {MAX_TIME_CONSTANT_FS:g} fs, where {what}'s mass overflows; a "
+                     f"time constant far beyond the run's length does nothing (typical: 100-1000 fs)")
 
     @property
     def max_temperature_K(self) -> float:
@@ -292,4 +325,26 @@ def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None, co
     finally:
         _NAMING.reset(token)
     config._names = names
+    if yaml_path is not None:
+        _check_paths_near_the_config(config, yaml_keys, Path(yaml_path))
     return config
+
+
+def _check_paths_near_the_config(config: MDConfig, yaml_keys: set, yaml_path: Path) -> None:
+    """Input files an md config names (model, structure, restart) are relative to the current
+    folder; one the current folder lacks but the config's folder holds (a config run from another
+    folder) was "ar.extxyz: structure file not found" naming neither the key nor where it is."""
+    if yaml_path.parent == Path(""):
+        return
+    for key in ("model", "structure", "restart"):
+        if key not in yaml_keys:
+            continue
+        given = getattr(config, key)
+        for text in [given] if isinstance(given, str) else list(given or []):
+            path = Path(str(text))
+            if not str(text) or path.is_absolute() or path.exists() or not (yaml_path.parent / path).exists():
+                continue
+            raise ConfigError(f"config key 'md.{key}' in {yaml_path}: {text} is not in the current folder "
+                              f"({Path.cwd()}): paths in an md config are relative to the current folder, and "
+                              f"{yaml_path.parent / path} is next to the config; give that path (or run from "
+                              f"{yaml_path.parent})")

@@ -256,6 +256,14 @@ class NoseHooverChain(Integrator):
         self.temperature_K = _check_temperature("nose-hoover", temperature_K)
         if not tau_fs > 0:
             raise ConfigError(f"tau must be > 0 fs, got {tau_fs}")
+        from torchmdx.md.config import MAX_TIME_CONSTANT_FS, MIN_TIME_CONSTANT_STEPS
+
+        if not MIN_TIME_CONSTANT_STEPS * timestep_fs <= tau_fs <= MAX_TIME_CONSTANT_FS:
+            # as md's config: beyond 1e21 fs the float32 masses overflowed (a RuntimeError traceback), from
+            # 1e155 fs they were NaN, and below 0.2 time steps the run blew up
+            raise ConfigError(f"tau of {tau_fs:g} fs must be between {MIN_TIME_CONSTANT_STEPS:g} time steps "
+                              f"({MIN_TIME_CONSTANT_STEPS * timestep_fs:g} fs) and {MAX_TIME_CONSTANT_FS:g} fs for the "
+                              "Nosé–Hoover chain (typical: 100-1000 fs)")
         if chain_length < 1:
             raise ConfigError(f"chain_length must be >= 1, got {chain_length}")
         self.tau_fs = float(tau_fs)

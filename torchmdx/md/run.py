@@ -331,6 +331,11 @@ def initial_velocities(config: MDConfig, structures, sources: list, err) -> Opti
     print(f"note: initial velocities from the structure file{'s' if len(structures) > 1 else ''} (their momenta, "
           f"{min(temperatures):.4g}" + (f"-{max(temperatures):.4g}" if len(structures) > 1 else "")
           + f" K); {option} draw draws Maxwell–Boltzmann ones at {config.temperature:g} K instead", file=err)
+    if config.replicas > 1 and config.ensemble in ("nve", "nose-hoover"):
+        # the copies start from the same velocities, and these ensembles draw no random numbers
+        print(f"note: {config.option('replicas')} {config.replicas} copies start from the same velocities and "
+              f"{config.option('ensemble')} {config.ensemble} is deterministic: they run {config.replicas} identical "
+              f"trajectories; {option} draw gives each copy its own", file=err)
     return np.concatenate(parts)
 
 

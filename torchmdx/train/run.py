@@ -441,7 +441,11 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
         if trainer.interrupted:
             import sys
 
-            print(f"training interrupted; continue it with --resume (from {last})", file=sys.stderr)
+            if last.is_file():
+                print(f"training interrupted; continue it with --resume (from {last})", file=sys.stderr)
+            else:  # stopped before the first epoch ended: --resume would say "last.ckpt not found"
+                print(f"training interrupted before its first checkpoint ({last}) was written; nothing to resume: "
+                      "run the same command again (without --resume) to start over", file=sys.stderr)
             raise KeyboardInterrupt from None
         raise
     result = {"run_dir": str(run_dir), "checkpoint_last": str(last), "initial_val": initial}

@@ -250,7 +250,12 @@ def point_config(base: dict, point: SweepPoint, sweep_dir: Path, check_data: boo
     try:
         return build_run_config(point_values(base, point, sweep_dir), "the config", check_data=check_data)
     except TorchmdxError as exc:
-        raise type(exc)(f"sweep point ({point.describe()}): {exc}") from None
+        hint = ""
+        if "belongs to architecture" in str(exc) and "model.architecture" in point.overrides and not point.variant:
+            # "set model.architecture: et" is no way out for a grid over the architecture
+            hint = ("; a --grid over model.architecture keeps the base config's model keys: give each architecture "
+                    "a variant with its own model section instead (sweep.variants, docs/sweep.md)")
+        raise type(exc)(f"sweep point ({point.describe()}): {exc}{hint}") from None
 
 
 def _base_hash(base: dict) -> str:
