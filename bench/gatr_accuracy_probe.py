@@ -8,6 +8,11 @@ of the exported (best) model, and appends one JSON line to --log::
     python bench/gatr_accuracy_probe.py --variant gatr_s --epochs 30 --tag base
     python bench/gatr_accuracy_probe.py --variant gatr_s --set train.lr=1e-3 --tag lr1e-3
 
+The rows of docs/sweep.md's table "Why GATr trails here" (2026-12-06): GATr as swept then is
+``--set train.lr=5e-4 --set model.distance_normalised=false --set model.join_reference=block``
+(the config's GATr variants now train at 1e-3 with both keys on); ``--set train.seed=2`` for the
+second seed.
+
 ``--set`` takes the config's dotted keys (model.*, train.*, trainer.*, data.*), applied after the
 variant's. One thread (``--threads``); the data split is the config's (seed 1), not the sweep's
 nested split files, so the numbers compare with each other, not with the GPU sweep's table.

@@ -8,6 +8,9 @@ softmax sees); then the rms force of the untrained representation split by path:
 points (the multivector input) and through the edge lengths (the radial bias only).
 
     python bench/gatr_init_scales.py [--variant gatr_s] [--set model.key=value ...]
+
+The config's GATr variants use ``distance_normalised: true, join_reference: input``; the first
+formulation is ``--set model.distance_normalised=false --set model.join_reference=block``.
 """
 
 from __future__ import annotations
