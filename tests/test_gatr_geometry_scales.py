@@ -11,7 +11,8 @@ formulation load with its function.
   copy), as GATr's reference from the data; the first formulation used the block input's mean
   e0123 coefficient (~0.1 at initialisation);
 - both are config keys (``distance_normalised``, ``join_reference: input``) whose defaults are
-  the first formulation: a config or model file without them computes what it computed before.
+  the first formulation: a config or model file without them computes what it computed before;
+  with both on, the layers stay equivariant and the energy invariant (test_gatr's checks).
 """
 
 import numpy as np
@@ -120,3 +121,14 @@ def test_without_the_keys_a_model_and_its_file_compute_the_first_formulation(tmp
     out = load_model(path, dtype="float64")(z, pos)
     torch.testing.assert_close(out["energy"], reference["energy"], rtol=0, atol=1e-10)
     torch.testing.assert_close(out["forces"], reference["forces"], rtol=0, atol=1e-10)
+
+
+def test_with_both_keys_layers_stay_equivariant_and_the_energy_invariant(monkeypatch):
+    """test_gatr's equivariance checks (random versors on random multivectors, the blocks with the
+    fallback reference of :meth:`features`; energies under rotation, reflection, translation,
+    permutation) on the projective model with both keys."""
+    import test_gatr
+
+    monkeypatch.setattr(test_gatr, "TINY", {**test_gatr.TINY, "distance_normalised": True, "join_reference": "input"})
+    test_gatr.test_layers_and_blocks_are_equivariant_on_random_multivectors("projective")
+    test_gatr.test_energy_invariant_under_rotation_reflection_translation_permutation("projective")
