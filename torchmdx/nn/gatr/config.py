@@ -41,6 +41,18 @@ class GATrConfig:
     distance_aware    projective only: add -Σ_c |w_k p_q - w_q p_k|² (the squared distance of the
                       query's and key's points) to the attention scores (null: yes); the
                       projective inner product alone cannot see distances
+    distance_normalised  projective only, with distance_aware: dehomogenise each channel's
+                      trivector before the distance features, T -> T w / (w² + 1e-3) (GATr's
+                      normaliser), so that the term is -Σ_c |x_q - x_k|² of the points the channels
+                      hold, whatever their homogeneous weights w. Off (the default, the first
+                      formulation; files written before the key load unchanged): -Σ_c |w_k p_q -
+                      w_q p_k|² = -Σ_c w_q² w_k² |x_q - x_k|², fourth order in the learned w, ~1e-4
+                      of the scores at initialisation (docs/sweep.md, "Why GATr trails here")
+    join_reference    the join's factor (the join changes sign under reflections, so must its
+                      factor): 'block' (default, the first formulation) the mean pseudoscalar
+                      (e0123) coefficient of the block input, ~0.1 at initialisation; 'input'
+                      (projective only) the e123 coefficient of the atom's input point, ±1 (GATr's
+                      reference from the data: an O(1) factor)
     sign_average      projective only: a PGA point is a pseudo-trivector (a reflection maps
                       P(x) to -P(Rx)), so the energy is averaged over both signs of the input
                       points, which makes it invariant under reflections (null: yes; costs a
@@ -67,6 +79,8 @@ class GATrConfig:
     mlp_multiplier: int = 2
     join: Optional[bool] = None
     distance_aware: Optional[bool] = None
+    distance_normalised: bool = False
+    join_reference: Literal["block", "input"] = "block"
     sign_average: Optional[bool] = None
     radial_bias: bool = True
     num_rbf: int = 16
@@ -83,6 +97,10 @@ class GATrConfig:
     @property
     def uses_distance(self) -> bool:
         return self.algebra == "projective" and (self.distance_aware is None or bool(self.distance_aware))
+
+    @property
+    def normalises_distance(self) -> bool:
+        return self.uses_distance and bool(self.distance_normalised)
 
     @property
     def averages_sign(self) -> bool:
@@ -105,7 +123,12 @@ class GATrConfig:
                              f"got {self.num_heads}")
         if self.mlp_multiplier < 1:
             bad("mlp_multiplier", f"must be >= 1, got {self.mlp_multiplier}")
-        for key in ("distance_aware", "sign_average"):
+        if self.join_reference not in ("block", "input"):
+            bad("join_reference", f"must be 'block' or 'input', got {self.join_reference!r}")
+        if self.join_reference == "input" and self.algebra != "projective":
+            bad("join_reference", f"'input' applies to algebra 'projective' only (algebra is {self.algebra!r}); "
+                                  "use 'block'")
+        for key in ("distance_aware", "distance_normalised", "sign_average"):
             if getattr(self, key) and self.algebra != "projective":
                 bad(key, f"applies to algebra 'projective' only (algebra is {self.algebra!r}); leave it null")
         if self.num_rbf < 2:

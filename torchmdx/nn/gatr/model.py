@@ -20,12 +20,23 @@ bias: the softmax ignores both, :mod:`torchmdx.nn.graph_attention`); score
 with ⟨·,·⟩ the algebra's invariant inner product ⟨x̃ y⟩_0 and, for the projective algebra,
 d = -Σ_c |w_k p_q - w_q p_k|² from the channels' trivector parts (w e123 + p·(e0-trivectors): the
 squared distance of two points, which the degenerate inner product cannot see; written as a
-dot product of per-atom features so it costs no more than the rest). Softmax with the cosine
+dot product of per-atom features so it costs no more than the rest), each trivector first
+dehomogenised with ``distance_normalised``, T -> T w / (w² + ε) as GATr's normaliser: then d ≈
+-Σ_c |x_q - x_k|² whatever the channels' weights w. Without it (the default, the first
+formulation) d = -Σ_c w_q² w_k² |x_q - x_k|², fourth order in the learned w: ~1e-4 of the scores
+at initialisation, where the term does next to nothing (docs/sweep.md, "Why GATr trails here"). Softmax with the cosine
 cutoff in its weights (:mod:`torchmdx.nn.graph_attention`), values v_j (mv and scalars)
 summed, EquiLinear out.
 
-MLP: EquiLinear -> GP(L1 x, L2 x) [+ (L3 x ∨ L4 x) · r, the join with r = the mean pseudoscalar
-coefficient of the block input, per atom] -> x · GELU(⟨x⟩_0) (scalars: GELU) -> EquiLinear.
+MLP: EquiLinear -> GP(L1 x, L2 x) [+ (L3 x ∨ L4 x) · r, the join] -> x · GELU(⟨x⟩_0) (scalars:
+GELU) -> EquiLinear. The join changes sign under reflections, so its factor r must too: with
+``join_reference: input`` (projective only) r is the e123 coefficient of the atom's input
+point, ±1 (GATr's reference from the data; the two signs of the sign average); with 'block' (the
+default) the mean pseudoscalar coefficient of the block input, per atom (the first formulation: ~0.1 at
+initialisation, which scaled the join, the network's way from the points' e0 components to its
+invariants, down tenfold). Positions reach the invariants only through the join, the
+distance term and the radial bias: the geometric product, the inner product and the norm never
+move e0 components out of the e0 ideal.
 
 Energy: LN, then y_i = MLP([s_i, ⟨mv_i⟩_0]) (invariants only).
 
@@ -95,6 +106,10 @@ def _point_feature_maps(name: str, scale: float = 1.0) -> np.ndarray:
     return maps.reshape(2, 16, 5)
 
 
+#: ε of the trivectors' normaliser T w / (w² + ε) in the distance-aware scores (GATr's value)
+POINT_EPSILON = 1e-3
+
+
 class MVAttention(nn.Module):
     """Multivector attention (module docstring)."""
 
@@ -114,6 +129,7 @@ class MVAttention(nn.Module):
             self.register_buffer("point_maps", torch.tensor(_point_feature_maps(cfg.algebra), dtype=dtype),
                                  persistent=False)
             self.distance_scale = nn.Parameter(torch.full((H,), 0.1))
+            self.normalise_points = cfg.normalises_distance
             features += 5 * (C // H)
         self.scale = 1.0 / math.sqrt(features)
         self.radial = RadialBias(cfg) if cfg.radial_bias else None
@@ -124,6 +140,9 @@ class MVAttention(nn.Module):
         φ(q)·ψ(k) = -Σ_c |w_k p_q - w_q p_k|² (projective)."""
         N = qk_mv.shape[0]
         t = qk_mv[..., self.point_index].view(N, 2, self.C, 4)
+        if self.normalise_points:  # dehomogenise: T w / (w² + ε) (GATr's normaliser; even in the sign of T)
+            w = t[..., :1]
+            t = t * (w / (w * w + POINT_EPSILON))
         outer = (t.unsqueeze(-1) * t.unsqueeze(-2)).view(N, 2, self.C, 16)
         phi, psi = torch.matmul(outer, self.point_maps).unbind(1)  # [N, C, 5] each
         return phi.reshape(N, self.H, -1), psi.reshape(N, self.H, -1)
@@ -201,12 +220,15 @@ class GeometricMLP(nn.Module):
         self.last = EquiLinear(buffers, hidden, C, m * S, S, gain=0.5)
         self.channels, self.dim = C, buffers.algebra.dim
 
-    def forward(self, mv, s, flat=None):
-        """``flat``: the normalised input [N, C·D + S] in place of (mv, s)."""
-        if flat is not None:
-            mv = flat.split([self.channels * self.dim, flat.shape[-1] - self.channels * self.dim], dim=-1)[0]
-            mv = mv.view(*mv.shape[:-1], self.channels, self.dim)
-        reference = mv[..., self.pseudoscalar].mean(-1)  # pseudoscalar coefficient, per atom
+    def forward(self, mv, s, flat=None, reference=None):
+        """``flat``: the normalised input [N, C·D + S] in place of (mv, s); ``reference`` [N]: the
+        join's factor when given (``join_reference: input``), else the mean pseudoscalar
+        coefficient of the block input."""
+        if reference is None:
+            if flat is not None:
+                mv = flat.split([self.channels * self.dim, flat.shape[-1] - self.channels * self.dim], dim=-1)[0]
+                mv = mv.view(*mv.shape[:-1], self.channels, self.dim)
+            reference = mv[..., self.pseudoscalar].mean(-1)  # pseudoscalar coefficient, per atom
         m, h = self.first(mv, s) if flat is None else self.first.forward_flat(flat)
         x = gated_gelu(self.bilinear(m, reference))
         return self.last(x, nn.functional.gelu(h))
@@ -220,10 +242,10 @@ class GATrBlock(nn.Module):
         self.norm2 = EquiLayerNorm(buffers, cfg.scalar_channels, channels=cfg.channels)
         self.mlp = GeometricMLP(buffers, cfg)
 
-    def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None, radial=None):
+    def forward(self, mv, s, receivers, senders, phi, distances=None, rbf=None, radial=None, reference=None):
         a_mv, a_s = self.attention(None, None, receivers, senders, phi, distances, rbf, radial, flat=self.norm1.flat(mv, s))
         mv, s = mv + a_mv, s + a_s
-        m_mv, m_s = self.mlp(None, None, flat=self.norm2.flat(mv, s))
+        m_mv, m_s = self.mlp(None, None, flat=self.norm2.flat(mv, s), reference=reference)
         return mv + m_mv, s + m_s
 
 
@@ -251,10 +273,20 @@ class GATrRepresentation(nn.Module):
         self.register_buffer("point_linear", torch.tensor(np.array(a), dtype=dtype), persistent=False)
         self.register_buffer("point_quadratic", torch.tensor(np.array(q), dtype=dtype), persistent=False)
         self.quadratic_points = bool(np.any(q))
+        # join_reference 'input': the e123 coefficient (w) of a point, ±1 for the input points
+        self.input_reference = cfg.uses_join and cfg.join_reference == "input"
+        if self.input_reference:
+            w_index, w_sign, _, _ = _trivector_point_readout(cfg.algebra)
+            self.w_index, self.w_sign = w_index, w_sign
 
-    def features(self, mv, s, receivers, senders, phi, return_hidden: bool = False, distances=None):
+    def features(self, mv, s, receivers, senders, phi, return_hidden: bool = False, distances=None, reference=None):
         """The blocks on given multivector and scalar channels (the equivariance tests call this
-        with arbitrary multivectors); returns (mv, s) after the final norm, and the hidden list."""
+        with arbitrary multivectors); returns (mv, s) after the final norm, and the hidden list.
+        ``reference`` [N]: the join's factor (``join_reference: input``; the input points' w,
+        :meth:`forward`); None: the e123 coefficient of ``mv``'s channel mean (a pseudoscalar
+        of E(3) for any multivector: translations and rotations keep it, reflections flip it)."""
+        if self.input_reference and reference is None:
+            reference = mv[..., self.w_index].mean(-1) * self.w_sign
         hidden = [(mv, s)]
         rbf, biases = None, [None] * len(self.blocks)
         radial = self.blocks[0].attention.radial
@@ -264,7 +296,7 @@ class GATrRepresentation(nn.Module):
         layers = [m for m in self.blocks.modules() if isinstance(m, EquiLinear)]
         with prepared_matrices(layers):
             for block, bias in zip(self.blocks, biases):
-                mv, s = block(mv, s, receivers, senders, phi, distances, rbf, bias)
+                mv, s = block(mv, s, receivers, senders, phi, distances, rbf, bias, reference)
             hidden.append((mv, s))
         mv, s = self.final_norm(mv, s)
         return (mv, s, hidden) if return_hidden else (mv, s)
@@ -295,8 +327,10 @@ class GATrRepresentation(nn.Module):
             senders = torch.cat([senders, senders + N])
             phi = torch.cat([phi, phi])
             lengths = torch.cat([lengths, lengths])
+        reference = points[:, 0, self.w_index] * self.w_sign if self.input_reference else None
         mv, s = self.input(points, s)
-        out = self.features(mv, s, receivers, senders, phi, return_hidden=return_hidden, distances=lengths)
+        out = self.features(mv, s, receivers, senders, phi, return_hidden=return_hidden, distances=lengths,
+                            reference=reference)
         y = self.readout(out[0], out[1])
         if copies == 2:
             y = 0.5 * (y[:N] + y[N:])
