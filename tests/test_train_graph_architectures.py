@@ -30,6 +30,10 @@ SMALL = {
                    "feature_channels": 16, "num_rbf": 8, "radial_hidden": [16], "cutoff_upper": 4.0, "seed": 0},
     "gatr": {"architecture": "gatr", "algebra": "projective", "channels": 4, "scalar_channels": 8, "num_layers": 2,
              "num_heads": 2, "cutoff_upper": 4.0, "seed": 0},
+    # GATr with its geometric routes alive at initialisation (configs/sweep_equivariance.yaml's choice)
+    "gatr_geometric": {"architecture": "gatr", "algebra": "projective", "channels": 4, "scalar_channels": 8,
+                       "num_layers": 2, "num_heads": 2, "cutoff_upper": 4.0, "seed": 0,
+                       "distance_normalised": True, "join_reference": "input"},
     "transformer": {"architecture": "transformer", "embedding_dimension": 16, "num_layers": 2, "num_heads": 2,
                     "num_rbf": 8, "bias_hidden": 16, "cutoff_upper": 4.0, "seed": 0},
 }
