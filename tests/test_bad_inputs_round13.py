@@ -143,11 +143,6 @@ def _md_config_in_a_subfolder(t):
     return t / "sub" / "md.yaml"
 
 
-def md_config_run_from_another_folder(t, s):  # "ar.extxyz: structure file not found", naming no key
-    _md_config_in_a_subfolder(t)
-    return ["md", "--config", "sub/md.yaml", "--model", "sub/lj.pt", "--no-progress"]
-
-
 # ---------------------------------------------------------------------------------- md time constants
 def _argon(t):
     from ase.build import bulk
@@ -234,9 +229,6 @@ ROWS = [
     (md_nose_hoover_tau_shorter_than_the_step, ["--tau of 0.1 fs is shorter than 2 time steps (--dt 0.5 fs)"]),
     (md_ase_barostat_tau_of_001_fs, ["--barostat-tau of 0.01 fs is shorter than 2 time steps (--dt 0.5 fs)"]),
     (md_ase_barostat_tau_of_1e300, ["--barostat-tau of 1e+300 fs is beyond 1e+12 fs", "barostat"]),
-    (md_config_run_from_another_folder, ["config key 'md.structure' in sub/md.yaml: ar.extxyz is not in the current "
-                                         "folder", "relative to the current folder", "sub/ar.extxyz is next to the "
-                                         "config"]),
 ]
 
 
@@ -245,15 +237,21 @@ def test_refused_with_one_line_and_nothing_written(tmp_path, shared_data, capsys
     refused_without_writes(tmp_path, shared_data, capsys, monkeypatch, setup, fragments)
 
 
-def test_md_config_paths_relative_to_the_current_folder_still_run(tmp_path, monkeypatch):
-    """The closest valid inputs: the same config run from its own folder, and from the parent with
-    the paths given on the command line (they win over the config's)."""
+def test_md_config_inputs_are_found_next_to_the_config(tmp_path, monkeypatch):
+    """An md config's input files follow train's rule (next to the config first, then the current
+    folder): run from another folder it found nothing ("ar.extxyz: structure file not found").
+    The same config runs from its own folder, from the parent, and from the parent with the paths
+    given on the command line (the current folder's); its output stays in the current folder."""
     _md_config_in_a_subfolder(tmp_path)
     monkeypatch.chdir(tmp_path / "sub")
     assert main(["md", "--config", "md.yaml", "--no-progress"]) == 0
+    assert (tmp_path / "sub" / "o.extxyz").is_file()
     monkeypatch.chdir(tmp_path)
-    assert main(["md", "--config", "sub/md.yaml", "--no-progress", "sub/ar.extxyz", "--model", "sub/lj.pt"]) == 0
-    assert (tmp_path / "o.extxyz").is_file() and (tmp_path / "sub" / "o.extxyz").is_file()
+    assert main(["md", "--config", "sub/md.yaml", "--no-progress"]) == 0
+    assert (tmp_path / "o.extxyz").is_file()
+    assert main(["md", "--config", "sub/md.yaml", "--no-progress", "sub/ar.extxyz", "--model", "sub/lj.pt",
+                 "--out", "p.extxyz"]) == 0
+    assert (tmp_path / "p.extxyz").is_file()
 
 
 def test_md_time_constants_at_the_bounds_still_run(tmp_path, monkeypatch):

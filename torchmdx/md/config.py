@@ -326,25 +326,31 @@ def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None, co
         _NAMING.reset(token)
     config._names = names
     if yaml_path is not None:
-        _check_paths_near_the_config(config, yaml_keys, Path(yaml_path))
+        _resolve_paths_near_the_config(config, yaml_keys, Path(yaml_path))
     return config
 
 
-def _check_paths_near_the_config(config: MDConfig, yaml_keys: set, yaml_path: Path) -> None:
-    """Input files an md config names (model, structure, restart) are relative to the current
-    folder; one the current folder lacks but the config's folder holds (a config run from another
-    folder) was "ar.extxyz: structure file not found" naming neither the key nor where it is."""
-    if yaml_path.parent == Path(""):
+def _resolve_paths_near_the_config(config: MDConfig, yaml_keys: set, yaml_path: Path) -> None:
+    """Input files an md config names (``model``, ``structure``, ``restart``) follow ``torchmdx
+    train``'s rule for its data files: next to the config first, then the current folder
+    (``torchmdx.train.config``). A config run from another folder found nothing before ("ar.extxyz:
+    structure file not found"). Outputs (``out``) stay relative to the current folder, as train's
+    ``run_dir``; paths given on the command line are the current folder's."""
+    base = yaml_path.parent
+    if base == Path(""):
         return
+
+    def near(text):
+        path = Path(str(text))
+        if not str(text) or path.is_absolute() or not (base / path).exists():
+            return text
+        return str(base / path)
+
     for key in ("model", "structure", "restart"):
         if key not in yaml_keys:
             continue
         given = getattr(config, key)
-        for text in [given] if isinstance(given, str) else list(given or []):
-            path = Path(str(text))
-            if not str(text) or path.is_absolute() or path.exists() or not (yaml_path.parent / path).exists():
-                continue
-            raise ConfigError(f"config key 'md.{key}' in {yaml_path}: {text} is not in the current folder "
-                              f"({Path.cwd()}): paths in an md config are relative to the current folder, and "
-                              f"{yaml_path.parent / path} is next to the config; give that path (or run from "
-                              f"{yaml_path.parent})")
+        if isinstance(given, str):
+            setattr(config, key, near(given))
+        elif isinstance(given, (list, tuple)):
+            setattr(config, key, type(given)(near(text) for text in given))
