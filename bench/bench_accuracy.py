@@ -128,7 +128,7 @@ from torchmdx.io_utils import atomic_write  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the scorer and the report (and the names callers and tests take from here)
 from bench_accuracy_report import LABELS, SIDES, cmd_report, comparison, time_to_reach  # noqa: E402
-from bench_accuracy_scorer import EV_TO_MEV, count_parameters, errors, score_checkpoints  # noqa: E402
+from bench_accuracy_scorer import EV_TO_MEV, count_parameters, errors, full_float32_precision, score_checkpoints  # noqa: E402
 # data, split, energy references and TorchMD-NET's inputs (the same for both sides)
 from bench_accuracy_data import (DATASETS, atom_index, data_kind, data_name, family_centred_energies,  # noqa: E402,F401
                                  flat_structures, held_out_groups, load_frames, make_split_file, nonzero_table,
@@ -442,11 +442,7 @@ def score_checkpoints_force_only(side: str, records: list, frames: dict, test_id
     removed (``family_centred_energies``); ``energy_mae_refit`` (and per atom) after the
     least-squares per-element correction to the training energies (``refit_energies``, which
     needs the training structures' predicted energies); ``energy_mae_raw`` as predicted."""
-    import torch
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    full_float32_precision()
     flat = flat_structures(frames)
     atoms = flat["offsets"][test_idx + 1] - flat["offsets"][test_idx]
     e_ref, f_ref = frames["energy"][test_idx], flat["forces"][atom_index(flat["offsets"], test_idx)]

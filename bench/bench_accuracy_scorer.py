@@ -97,14 +97,19 @@ def predict_torchmdx(checkpoint: Path, frames: dict, indices: np.ndarray, device
 PREDICTORS = {"torchmdnet": predict_torchmdnet, "torchmdx": predict_torchmdx}
 
 
-def score_checkpoints(side: str, records: list, frames: dict, indices: np.ndarray, device, on_point=None) -> list:
-    """One point per saved checkpoint: the record plus the test errors (and the scored model's
-    parameter count)."""
+def full_float32_precision() -> None:
+    """Score in full float32 (no TF32 products), whatever the training used."""
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
+
+
+def score_checkpoints(side: str, records: list, frames: dict, indices: np.ndarray, device, on_point=None) -> list:
+    """One point per saved checkpoint: the record plus the test errors (and the scored model's
+    parameter count)."""
+    full_float32_precision()
     from bench_accuracy_data import atom_index, flat_structures
 
     flat = flat_structures(frames)
