@@ -71,7 +71,6 @@ def main(argv=None) -> int:
         C, S, H = self.C, self.S, self.H
         q_mv, k_mv, _ = qkv_mv.split(C, dim=1)
         q_s, k_s, _ = qkv_s.split(S, dim=1)
-        N = q_mv.shape[0]
         i, j = receivers, senders
         qk = ((q_mv * b.inner_weights)[i] * k_mv[j]).reshape(-1, H, (C // H) * b.algebra.dim).sum(-1)
         qk = qk + (q_s[i] * k_s[j]).reshape(-1, H, S // H).sum(-1)

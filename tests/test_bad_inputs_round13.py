@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from ase.build import molecule
 from ase.io import read, write
 

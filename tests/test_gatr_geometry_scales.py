@@ -83,7 +83,6 @@ def test_join_factor_is_the_input_points_e123_coefficient():
         model(z, pos)
     finally:
         gatr_layers.Bilinear.forward = forward
-    N = len(z)
     assert len(seen) == SMALL["num_layers"]
     for reference in seen:  # the points, then their sign-averaged copy -P
         torch.testing.assert_close(reference, torch.cat([expected_w, -expected_w]), rtol=0, atol=0)
