@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from torchmdx import __version__
@@ -23,6 +26,10 @@ from torchmdx.errors import TorchmdxError, requested_gigabytes
 
 COMMANDS = ["train", "md", "evaluate", "data", "export", "bench", "slmc", "sweep", "label"]
 
+
+#: commands whose SIGTERM Lightning (train) or the sweep's own worker handling already turn into a
+#: clean shutdown; every other command gets :func:`sigterm_as_interrupt`
+_OWN_SIGTERM = {"train", "sweep"}
 
 #: errno values of a write the system refused (disk full, quota, read-only file system, permissions)
 _WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -73,10 +80,37 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = shown  # main() called from Python leaves the caller's hook as it was
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C (:func:`sigterm_as_interrupt`)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (``kill``, a job scheduler's time limit) handled as Ctrl-C while the block runs: a
+    KeyboardInterrupt, so that every ``finally`` and :func:`torchmdx.io_utils.atomic_path` runs and
+    no temporary file or half-written output is left (Python's default ends the process at once).
+    Only where SIGTERM still has its default action and in the main thread: a handler the caller
+    installed is left alone."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _run(args) -> int:
     """The command, with its errors as one line each (see :func:`main`)."""
+    guard = sigterm_as_interrupt() if args.command not in _OWN_SIGTERM else contextlib.nullcontext()
     try:
-        return int(args._module.run(args) or 0)
+        with guard:
+            return int(args._module.run(args) or 0)
     except TorchmdxError as exc:
         if traceback_wanted():
             raise
@@ -105,6 +139,9 @@ def _run(args) -> int:
         print(f"error: ran out of memory ({detail or 'MemoryError'}): check the sizes asked for (--replicas, batch "
               "sizes, model sizes, the number of structures)", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("interrupted (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
