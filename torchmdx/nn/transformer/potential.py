@@ -1,12 +1,12 @@
 """The plain transformer as a :class:`~torchmdx.nn.base.Potential` (the ET's energy
 normalisation, forces by autograd; non-periodic structures only, as GATr:
-:class:`torchmdx.nn.gatr.potential.AttentionPotential`)."""
+`torchmdx.nn.attention_potential.AttentionPotential`)."""
 
 from __future__ import annotations
 
 from typing import Mapping, Union
 
-from torchmdx.nn.gatr.potential import AttentionPotential
+from torchmdx.nn.attention_potential import AttentionPotential
 from torchmdx.nn.transformer.config import TransformerConfig, transformer_config
 from torchmdx.nn.transformer.model import TransformerRepresentation
 
