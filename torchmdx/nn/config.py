@@ -24,6 +24,10 @@ from typing import Any, Literal, Mapping, Optional, Union
 from torchmdx.config import bad_key, from_dict, load_yaml, to_dict
 from torchmdx.errors import ConfigError
 
+#: the neighbor-list range (Å) of attention over every pair of a structure (``cutoff_upper: null``
+#: of the GATr and transformer configs): larger than any molecule
+WHOLE_STRUCTURE_CUTOFF = 1.0e4
+
 Activation = Literal["silu", "ssp", "tanh", "sigmoid", "swish", "mish"]
 
 #: output heads: per-atom MLP on the scalar features, or gated-equivariant blocks (vector-aware)

@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
 from torchmdx.config import bad_key, to_dict
-
-#: attention over every pair of a structure when ``cutoff_upper`` is null: the neighbor list's range (Å)
-WHOLE_STRUCTURE_CUTOFF = 1.0e4
+from torchmdx.nn.config import WHOLE_STRUCTURE_CUTOFF
 
 
 @dataclass

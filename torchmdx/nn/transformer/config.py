@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
 from torchmdx.config import bad_key, to_dict
-from torchmdx.nn.gatr.config import WHOLE_STRUCTURE_CUTOFF
+from torchmdx.nn.config import WHOLE_STRUCTURE_CUTOFF
 
 
 @dataclass
