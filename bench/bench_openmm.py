@@ -432,7 +432,7 @@ def main(argv=None):
     results = []
     atoms_of = {name: len(read(Path(args.data) / f"{name}.xyz")) for name in args.systems}
     deadline = start + args.time_limit_s if args.time_limit_s else None
-    signal.signal(signal.SIGTERM, _terminated)  # `timeout`: stop the row in flight, still print the table
+    previous = signal.signal(signal.SIGTERM, _terminated)  # `timeout`: stop the row in flight, still print the table
     try:
         for label, row, platform in plan:  # rows outer: every system of the first rows before the later rows
             for name in args.systems:
@@ -447,6 +447,8 @@ def main(argv=None):
                     write_json(args.json, {"args": vars(args), "status": status, "gpu": gpu, "results": results})
     except KeyboardInterrupt:
         print("# stopped (SIGTERM or interrupt): the table has the rows measured so far", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() called from Python (tests) leaves the process as it was
     print()
     print(table(results, args.systems, labels, atoms_of), flush=True)
     if args.json:

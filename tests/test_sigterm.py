@@ -21,7 +21,16 @@ from torchmdx.io_utils import atomic_write
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sigterm_inside_an_atomic_write_leaves_neither_file(tmp_path):
+@pytest.fixture
+def default_sigterm():
+    """SIGTERM's default action for the test (another test in this process may have left its own
+    handler: bench_openmm's main() sets one), the process's handler back afterwards."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_inside_an_atomic_write_leaves_neither_file(tmp_path, default_sigterm):
     target = tmp_path / "out.bin"
     with pytest.raises(KeyboardInterrupt):
         with sigterm_as_interrupt():
@@ -33,7 +42,7 @@ def test_sigterm_inside_an_atomic_write_leaves_neither_file(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
 
 
-def test_a_handler_the_caller_installed_is_left_alone():
+def test_a_handler_the_caller_installed_is_left_alone(default_sigterm):
     seen = []
     previous = signal.signal(signal.SIGTERM, lambda *a: seen.append("mine"))
     try:
