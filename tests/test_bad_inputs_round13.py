@@ -387,3 +387,21 @@ def test_sweep_over_architectures_as_variants_plans(tmp_path, shared_data, capsy
     capsys.readouterr()
     assert main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "sweep")]) == 0
     assert "2 points" in capsys.readouterr().out
+
+
+def test_simulation_api_takes_the_cli_temperature_bound():
+    """md's Python API (Simulation) refuses what --temperature refuses (1e30 K ran there, NaN is no
+    temperature); the bound itself and 0 K (NVE) are accepted."""
+    from ase.build import bulk
+
+    from torchmdx.errors import ConfigError
+    from torchmdx.md.engine import Simulation
+    from torchmdx.nn.analytic import LennardJones
+
+    model = LennardJones(0.0104, 3.4, cutoff=5.0)
+    argon = bulk("Ar", "fcc", a=5.26, cubic=True) * (2, 2, 2)
+    for bad in (1e30, float("nan"), -1.0):
+        with pytest.raises(ConfigError, match="temperature_K must be between 0 and 1e\\+12 K"):
+            Simulation(model, [argon], ensemble="nve", temperature_K=bad)
+    Simulation(model, [argon], ensemble="langevin", temperature_K=1e12)
+    Simulation(model, [argon], ensemble="nve", temperature_K=0.0)

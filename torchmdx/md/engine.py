@@ -130,6 +130,11 @@ class Simulation(RunLoop, RestartFiles):
         self.forcefield = ForceField(self.potential, self.system, skin=skin, wrap=wrap)
         self.ensemble = ensemble
         self.temperature_K = float(temperature_K)
+        from torchmdx.md.config import MAX_TEMPERATURE_K
+
+        if not 0.0 <= self.temperature_K <= MAX_TEMPERATURE_K:  # as torchmdx md's --temperature (1e30 K ran)
+            raise ConfigError(f"temperature_K must be between 0 and {MAX_TEMPERATURE_K:g} K (typical: up to 2000 K), "
+                              f"got {temperature_K}")
         self.integrator = make_integrator(
             ensemble, self.system, timestep_fs, temperature_K, friction_per_ps, tau_fs, chain_length,
             atom_perm=self._perm,
