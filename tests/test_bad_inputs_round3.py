@@ -22,7 +22,6 @@ import yaml
 from torchmdx.cli.main import main
 
 from test_bad_inputs_md import one_error_line, snapshot
-from test_bench_accuracy import bench  # noqa: F401 (the fixture: bench/bench_accuracy.py as a module)
 from test_bad_inputs_more import (_config, _ethanol, _lj_and_argon, _npz, _split_file, _train_with_split,
                                   refused_without_writes)
 

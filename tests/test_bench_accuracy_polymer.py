@@ -6,7 +6,6 @@ TorchMD-NET too where it is importable)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -21,14 +20,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SYMBOLS = {"H": 1, "C": 6, "N": 7, "O": 8, "Cl": 17}
 FAMILIES = ["PE", "PEO", "PVC", "PVA", "PAN", "PMMA"]
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "bench_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
