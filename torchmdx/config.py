@@ -262,6 +262,17 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def next_to_config(given: str, config_dir: str | Path) -> str | None:
+    """The rule for a relative input file named in a YAML config (``torchmdx train``'s data files,
+    ``torchmdx md``'s model and structure): next to the config file first, then (the caller's
+    fallback) the current folder. Returns ``config_dir / given`` when that exists, else None
+    (also for an empty or absolute path, ``~`` included)."""
+    if not given or Path(given).expanduser().is_absolute():
+        return None
+    near = Path(config_dir) / given
+    return str(near) if near.exists() else None
+
+
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """Apply ``--set section.key=value`` overrides (value parsed as YAML) to a nested dict."""
     for item in overrides:

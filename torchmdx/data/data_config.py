@@ -164,6 +164,8 @@ def resolve_data_paths(values: dict, config_dir: Path, source: str, overrides: O
     MD17 molecule names and keys that ``--set`` ``overrides`` replace (those are relative to the
     current folder) are left alone. Returns the one-line message for a file found in neither
     place (raise it after the keys are validated: a wrong key is the first thing to say), or None."""
+    from torchmdx.config import next_to_config
+
     data = values.get("data")
     if not isinstance(data, dict):
         return None
@@ -174,9 +176,9 @@ def resolve_data_paths(values: dict, config_dir: Path, source: str, overrides: O
         given = data.get(key)
         if not isinstance(given, str) or not given or Path(given).expanduser().is_absolute():
             continue
-        near_config = config_dir / given
-        if near_config.exists():
-            data[key] = str(near_config)
+        near_config = next_to_config(given, config_dir)
+        if near_config is not None:
+            data[key] = near_config
         elif Path(given).exists():
             continue
         elif key == "path" and Path(given).suffix == "" and len(Path(given).parts) == 1:

@@ -332,19 +332,19 @@ def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None, co
 
 def _resolve_paths_near_the_config(config: MDConfig, yaml_keys: set, yaml_path: Path) -> None:
     """Input files an md config names (``model``, ``structure``, ``restart``) follow ``torchmdx
-    train``'s rule for its data files: next to the config first, then the current folder
-    (``torchmdx.train.config``). A config run from another folder found nothing before ("ar.extxyz:
+    train``'s rule for its data files (:func:`torchmdx.config.next_to_config`): next to the config
+    first, then the current folder. A config run from another folder found nothing before ("ar.extxyz:
     structure file not found"). Outputs (``out``) stay relative to the current folder, as train's
     ``run_dir``; paths given on the command line are the current folder's."""
+    from torchmdx.config import next_to_config
+
     base = yaml_path.parent
     if base == Path(""):
         return
 
     def near(text):
-        path = Path(str(text))
-        if not str(text) or path.is_absolute() or not (base / path).exists():
-            return text
-        return str(base / path)
+        found = next_to_config(str(text), base)
+        return text if found is None else found
 
     for key in ("model", "structure", "restart"):
         if key not in yaml_keys:
