@@ -36,7 +36,7 @@ from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 from torchmdx.kernels.neighbors import Neighbors
 from torchmdx.md.forces import fit_skin
 from torchmdx.md.loading import as_dtype, load_potential, potential_dtype
-from torchmdx.nn.atoms import local_origin
+from torchmdx.nn.atoms import local_origin, no_volume_stress, spans_volume
 from torchmdx.nn.base import edge_vectors
 
 
@@ -214,15 +214,10 @@ class Calculator(_AseCalculator):
         if periodic and not bool(np.all(atoms.pbc)):
             # a slab's or wire's stress divides by the volume its open (vacuum) rows span, ASE's
             # convention; with a zero or non-finite open row that volume is 0 and the stress was NaN
-            cell = np.asarray(atoms.cell.array, dtype=np.float64)
-            volume = abs(float(np.linalg.det(cell))) if np.isfinite(cell).all() else 0.0
-            if volume <= 1e-12:
+            if not spans_volume(atoms.cell.array):
                 periodic = False  # energies and forces only
                 if "stress" in properties:
-                    raise PropertyNotImplementedError(
-                        f"stress of a structure with pbc {np.asarray(atoms.pbc).tolist()} divides by the volume of its "
-                        "cell, which is 0: give each open direction a finite vacuum vector (as ase.build's "
-                        "vacuum= does)")
+                    raise PropertyNotImplementedError(no_volume_stress(atoms.pbc))
         if "stress" in properties and not periodic and not np.any(atoms.pbc):
             raise PropertyNotImplementedError("stress is only defined for periodic structures (set a cell and pbc)")
         self._structure_tensors(atoms, system_changes)

@@ -239,14 +239,14 @@ def make_labeler(options: LabelOptions) -> Callable:
             return energy, forces, stress
 
         return tblite_label
+    from torchmdx.nn.atoms import spans_volume
     from torchmdx.nn.model_file import load_model
 
     model = load_model(method[len("model:"):], device=options.device)
 
     def model_label(atoms):
         # a stress needs a cell volume: a slab whose open row is 0 was labelled with a NaN stress
-        cell = np.asarray(atoms.cell.array, dtype=np.float64)
-        periodic = bool(atoms.pbc.any()) and np.isfinite(cell).all() and abs(float(np.linalg.det(cell))) > 1e-12
+        periodic = bool(atoms.pbc.any()) and bool(spans_volume(atoms.cell.array))
         out = model.predict(atoms, forces=True, stress=periodic)
         return float(out["energy"]), np.asarray(out["forces"]), (np.asarray(out["stress"]) if periodic else None)
 

@@ -34,6 +34,25 @@ def local_origin(positions: np.ndarray) -> np.ndarray:
     return np.round(positions.mean(0)) if len(positions) else np.zeros(3)
 
 
+#: a cell spanning less volume (Å³) spans none: a stress, σ = (1/V) ∂E/∂ε, is undefined there
+MIN_STRESS_VOLUME = 1e-12
+
+
+def spans_volume(cell) -> np.ndarray:
+    """Whether each cell [..., 3, 3] (Å) spans a volume a stress can divide by: finite entries and
+    |det| > :data:`MIN_STRESS_VOLUME` (a slab or wire whose open rows are 0 or NaN spans none)."""
+    cell = np.asarray(cell, dtype=np.float64)
+    finite = np.isfinite(cell).all(axis=(-2, -1))
+    volume = np.abs(np.linalg.det(np.where(np.isfinite(cell), cell, 0.0)))
+    return finite & (volume > MIN_STRESS_VOLUME)
+
+
+def no_volume_stress(pbc) -> str:
+    """The one line for a stress asked of a periodic structure whose cell spans no volume."""
+    return (f"stress of a structure with pbc {np.asarray(pbc, dtype=bool).tolist()} divides by the volume of its "
+            "cell, which is 0: give each open direction a finite vacuum vector (as ase.build's vacuum= does)")
+
+
 def atoms_inputs(atoms_or_list, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
                  centred: bool = False) -> dict:
     """Keyword arguments ``z, pos, batch, cell, pbc, num_structures`` for ``Potential.forward``

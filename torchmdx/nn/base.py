@@ -287,23 +287,22 @@ class Potential(torch.nn.Module):
         One structure: ``energy`` float, ``forces`` [N, 3], ``stress`` [3, 3]; a list: ``energy``
         [B], ``forces`` a list of [N_b, 3] arrays, ``stress`` [B, 3, 3].
         """
-        from torchmdx.nn.atoms import atoms_inputs, is_atoms, module_device_dtype, split_per_structure
+        import numpy as np
+
+        from torchmdx.nn.atoms import (atoms_inputs, is_atoms, module_device_dtype, no_volume_stress,
+                                       spans_volume, split_per_structure)
 
         device, dtype = module_device_dtype(self)
         inputs = atoms_inputs(atoms, device, dtype, centred=True)  # float32 far from the origin lost precision
         if stress and inputs["cell"] is not None:
             # a slab or wire whose open rows span no volume: its stress came back as NaN, silently (the
             # Calculator says so since round 11); a structure without pbc in a list keeps NaN (no stress)
-            cells = inputs["cell"].detach().double().cpu()
-            periodic = inputs["pbc"].cpu().any(-1)
-            volume = torch.nan_to_num(torch.linalg.det(cells).abs(), nan=0.0)
-            bad = torch.nonzero(periodic & ~(volume > 1e-12)).flatten()
-            if bad.numel():
+            pbc = inputs["pbc"].cpu().numpy()
+            bad = np.flatnonzero(pbc.any(-1) & ~spans_volume(inputs["cell"].detach().cpu().numpy()))
+            if bad.size:
                 b = int(bad[0])
                 where = "" if is_atoms(atoms) else f"structure {b}: "
-                raise ModelError(f"{where}stress of a structure with pbc {inputs['pbc'][b].tolist()} divides by the "
-                                 "volume of its cell, which is 0: give each open direction a finite vacuum vector "
-                                 "(as ase.build's vacuum= does)")
+                raise ModelError(where + no_volume_stress(pbc[b]))
         out = self.forward(**inputs, forces=forces, stress=stress)
         single = is_atoms(atoms)
         energy = out["energy"].detach().cpu().numpy()
