@@ -218,7 +218,7 @@ class Calculator(_AseCalculator):
                 periodic = False  # energies and forces only
                 if "stress" in properties:
                     raise PropertyNotImplementedError(no_volume_stress(atoms.pbc))
-        if "stress" in properties and not periodic and not np.any(atoms.pbc):
+        if "stress" in properties and not np.any(atoms.pbc):
             raise PropertyNotImplementedError("stress is only defined for periodic structures (set a cell and pbc)")
         self._structure_tensors(atoms, system_changes)
         # relative to a fixed origin near the atoms, subtracted in float64: a float32 model's
@@ -251,14 +251,20 @@ class Calculator(_AseCalculator):
         from torchmdx.nn.traced import compile_mode
 
         mode = compile_mode(self.compile, self.device, num_atoms, self.potential)
-        if self._shared and bool(getattr(self.potential, "compiled", False)) != (mode == "parts"):
-            # set_compiled freezes (or unfreezes) the parameters: not on the caller's own model
+        if bool(getattr(self.potential, "compiled", False)) != (mode == "parts"):
+            self._own_copy()  # set_compiled freezes (or unfreezes) the parameters: not on the caller's own model
+        self.potential.set_compiled(mode == "parts")
+        return mode
+
+    def _own_copy(self) -> None:
+        """Before a change that lasts (compiled parts, a captured graph): a copy of the caller's own
+        module in eval mode, so that the caller's model is left as it was; nothing when the
+        calculator already holds its own."""
+        if self._shared:
             import copy
 
             self.potential, self._shared = copy.deepcopy(self.potential), False
             self.potential.eval()
-        self.potential.set_compiled(mode == "parts")
-        return mode
 
     def _graph_call(self, atoms, positions: torch.Tensor) -> bool:
         """Energy and forces by a CUDA-graph replay; False (after a one-line note) if the graph
@@ -266,12 +272,8 @@ class Calculator(_AseCalculator):
         from torchmdx.md.cuda_graph import GraphedForces
 
         try:
-            if self._graphed is None and self._shared:  # the captured graph runs the module in eval mode
-                import copy
-
-                self.potential, self._shared = copy.deepcopy(self.potential), False
-                self.potential.eval()
             if self._graphed is None:
+                self._own_copy()  # the captured graph runs the module in eval mode, for good
                 self._graphed = GraphedForces(self.potential, atoms, self.device, self.dtype, skin=self.skin,
                                               traced=self._mode == "whole")
             energy, forces, atomic = self._graphed(positions)
