@@ -28,6 +28,13 @@ LABELS = {"torchmdnet": "TorchMD-NET 3.0.0", "torchmdx": "torchmdx"}
 COLORS = {"torchmdnet": "tab:blue", "torchmdx": "tab:red"}
 
 
+#: the recipe named in a report's plot title, per data kind (other kinds: the variable-size one)
+RECIPE_TITLES = {
+    "md17": "ET-MD17 recipe",
+    "polymer": "force-only ET (energy weight 0), batch 16, families held out (val PVA, test PMMA)",
+}
+
+
 def time_to_reach(times: Sequence[float], values: Sequence[float], target: float) -> Optional[float]:
     """First time the curve (times ascending) is at or below ``target``, interpolated linearly
     between the two points around the crossing; None if it never gets there."""
@@ -309,8 +316,8 @@ def plot(runs: dict, name: str, path: Path) -> Path:
         ax.legend(fontsize=8)
     any_run = next(iter(runs.values()))
     sizes = any_run.get("sizes", [])
-    recipe = "ET-MD17 recipe" if any_run.get("kind", "md17") == "md17" else \
-        "ET-MD17 recipe, batch 32, the same per-element reference energies"
+    recipe = RECIPE_TITLES.get(any_run.get("kind", "md17"),
+                               "ET-MD17 recipe, batch 32, the same per-element reference energies")
     fig.suptitle(f"{name}: {recipe}, split {'/'.join(map(str, sizes))}, budget "
                  f"{any_run.get('budget_s', 0) / 60:.1f} min, {any_run.get('device', '')}, {str(any_run.get('date', ''))[:10]}",
                  fontsize=10)

@@ -113,11 +113,26 @@ def bench_system(name, data_dir, results, backends):
     forces = {}
     started = time.perf_counter()
 
+    longest_column_s = [0.0]  # the longest column so far: a column that would not fit is not started
+    column_started = [started]
+
     def over_budget(column):
-        if ROW_BUDGET_S is not None and time.perf_counter() - started > ROW_BUDGET_S:
-            row[f"{column}_error"] = f"skipped: row budget {ROW_BUDGET_S:g} s spent"
+        now = time.perf_counter()
+        if ROW_BUDGET_S is not None and now - started + longest_column_s[0] > ROW_BUDGET_S:
+            row[f"{column}_error"] = (f"skipped: row budget {ROW_BUDGET_S:g} s (spent {now - started:.0f} s, "
+                                      f"longest column {longest_column_s[0]:.0f} s)")
+            print(f"  {name} {column}: {row[f'{column}_error']}", flush=True)
             return True
+        column_started[0] = now
         return False
+
+    def column_done(column):
+        """Print the column's numbers as soon as it finishes (a timeout then loses only the
+        column it cuts) and remember the longest column for the budget."""
+        spent = time.perf_counter() - column_started[0]
+        longest_column_s[0] = max(longest_column_s[0], spent)
+        fields = {k: v for k, v in row.items() if k.startswith(f"{column}_")}
+        print(f"  {name} {column} ({spent:.0f} s): {fields}", flush=True)
 
     for backend in backends:
         key = {"torch": "ref", "triton": "fused"}[backend]
@@ -139,6 +154,7 @@ def bench_system(name, data_dir, results, backends):
             row[f"{key}_peak_MiB"] = round(peak_mib(call), 1)
         except Exception as exc:  # noqa: BLE001 - one failing column must not stop the table
             row[f"{key}_error"] = error_text(exc)
+        column_done(key)
         if GRAPH and (backend == "triton" or model_setup.ARCHITECTURE != "et"):
             for gkey, compiled, traced in GRAPH_VARIANTS:
                 if traced and (len(z_np) > TRACED_MAX_ATOMS or not getattr(model, "traceable", False)):
@@ -164,6 +180,7 @@ def bench_system(name, data_dir, results, backends):
                     del replay, outputs
                 except Exception as exc:  # noqa: BLE001
                     row[f"{gkey}_error"] = error_text(exc)
+                column_done(gkey)
         del model
         torch.cuda.empty_cache()
     row["wall_s"] = round(time.perf_counter() - started, 1)
