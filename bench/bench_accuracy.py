@@ -343,6 +343,7 @@ def run_torchmdnet(ctx: dict, callback: WallClockCheckpoints) -> dict:
                          enable_progress_bar=False)
     trainer.fit(model, data)
     info = {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step),
+            "best_checkpoint": callbacks[0].best_model_path or None,
             "hparams": {k: v for k, v in hp.items() if k in TORCHMDNET_RECIPE or k in ("seed", "num_workers", "prior_args")},
             "atomic_references": nonzero_table(data.atomref.reshape(-1).double().numpy())
             if hp.get("prior_model") == "Atomref" and data.atomref is not None else {},
@@ -393,6 +394,7 @@ def run_torchmdx(ctx: dict, callback: WallClockCheckpoints) -> dict:
     print(f"[{ctx['run']}] config {Path(ctx['config']).name} + overrides; --torchmdx-set: {sets or 'none'}", flush=True)
     result = train(cfg, callbacks=[callback])
     return {"epochs": result.get("epochs"), "steps": result.get("global_step"), "config": cfg.to_dict(),
+            "best_checkpoint": result.get("checkpoint_best"),
             "torchmdx_set": sets, "version": _torchmdx_version(), "atomic_references": _torchmdx_references(values)}
 
 
@@ -614,6 +616,11 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
     if scored and scored != {callback.parameters}:
         print(f"[{key}] WARNING: the scored models have {sorted(scored)} parameters, the trained one "
               f"{callback.parameters}", flush=True)
+    best = best_validation_record(info.get("best_checkpoint"), records)
+    if best is not None:  # the model each project hands its user: its own lowest-validation checkpoint
+        score = SCORERS[scorer] if scorer is not None else score_checkpoints
+        extra = (np.asarray(split.train, dtype=np.int64),) if scorer is not None else ()
+        scores["best_validation"] = score(args.side, [best], frames, test_idx, *extra, device)[0]
     scores["score_s"] = time.monotonic() - t_trained
     write(points)
     if points:
@@ -622,6 +629,25 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
               f"({scores.get('steps_per_s') or 0:.2f} steps/s), test F MAE {p['forces_mae']:.2f} meV/Å, "
               f"E MAE {p['energy_mae']:.2f} meV ({p['energy_mae_per_atom']:.3f} meV/atom) -> {scores_path}", flush=True)
     return 0
+
+
+def best_validation_record(path, records: list):
+    """A scoring record for a side's own best-validation checkpoint (``path``; None when the side
+    saved none): its step and epoch read from the checkpoint, ``t`` the end of training (when the
+    user gets it), kind ``best_validation``."""
+    if not path or not Path(path).is_file() or not records:
+        return None
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        step, epoch = int(state.get("global_step", -1)), int(state.get("epoch", -1))
+    except Exception as exc:  # noqa: BLE001 - a checkpoint that does not load is reported, not fatal
+        print(f"best-validation checkpoint {path} does not load ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): not scored", flush=True)
+        return None
+    end = records[-1]
+    return {"t": end["t"], "t_train": end["t_train"], "step": step, "epoch": epoch, "kind": "best_validation",
+            "save_s": 0.0, "file": str(path)}
 
 
 def run_key(args) -> str:

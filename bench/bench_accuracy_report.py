@@ -140,7 +140,8 @@ def summarise(s: dict) -> dict:
     pts = s["points"]
     out = {"parameters": s.get("parameters"), "steps": None, "steps_per_s": s.get("steps_per_s"),
            "t_end": None, "final_f": None, "final_e": None, "best_f": None, "best_f_t": None, "best_e": None,
-           "final_e_atom": None, "best_e_atom": None}
+           "final_e_atom": None, "best_e_atom": None, "val_f": None, "val_e": None, "val_e_atom": None,
+           "val_step": None}
     if pts:
         last = pts[-1]
         best = min(pts, key=lambda p: p["forces_mae"])
@@ -149,6 +150,10 @@ def summarise(s: dict) -> dict:
         per_atom = [p.get("energy_mae_per_atom") for p in pts]
         if all(_is_number(v) for v in per_atom):  # scores written before the per-atom error have none
             out.update(final_e_atom=per_atom[-1], best_e_atom=min(per_atom))
+    chosen = s.get("best_validation")  # the side's own lowest-validation checkpoint (scores from 2026-12-06 on)
+    if chosen:
+        out.update(val_f=chosen.get("forces_mae"), val_e=chosen.get("energy_mae"),
+                   val_e_atom=chosen.get("energy_mae_per_atom"), val_step=chosen.get("step"))
     return out
 
 
@@ -212,6 +217,13 @@ def comparison(runs: dict) -> tuple[str, dict]:
     row("best test force MAE (meV/Å)", "best_f", ".1f")
     row("best test energy MAE (meV)", "best_e", ".1f")
     row("best test energy MAE per atom (meV/atom)", "best_e_atom", ".2f")
+    if any(sums[side].get("val_f") is not None for side in sides):  # the model each project hands its user
+        if len(sides) == 2 and sums["torchmdnet"].get("val_f") and sums["torchmdx"].get("val_f") is not None:
+            derived["val_f_ratio"] = sums["torchmdx"]["val_f"] / sums["torchmdnet"]["val_f"]
+        row("best-validation checkpoint (the model handed to the user): step", "val_step", ",d")
+        row("best-validation checkpoint: test force MAE (meV/Å)", "val_f", ".1f", "", "val_f_ratio")
+        row("best-validation checkpoint: test energy MAE (meV)", "val_e", ".1f")
+        row("best-validation checkpoint: test energy MAE per atom (meV/atom)", "val_e_atom", ".2f")
     if len(sides) == 2:
         reach = derived.get("time_to_reach")
         text = "not reached" if reach is None else f"{reach:.0f} s ({reach / 60:.1f} min)"

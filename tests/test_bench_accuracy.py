@@ -100,6 +100,16 @@ def test_report_table_png_and_loud_parameter_mismatch(bench, tmp_path, capsys):
     assert "| final test force MAE (meV/Å) | 100.0 | 40.0 | 0.40× |" in table
     assert "| steps/s (since train start) | 10.00 | 40.00 | 4.00× |" in table
     assert "DIFFER" not in printed
+    assert "best-validation" not in table  # scores without the best-validation checkpoint: no such rows
+    # the model each side hands its user (its lowest-validation checkpoint) gets rows of its own
+    ref["best_validation"] = dict(ref["points"][1], forces_mae=80.0, step=300)
+    new["best_validation"] = dict(new["points"][2], forces_mae=20.0, step=1600)
+    (tmp_path / "a" / "scores_torchmdnet.json").write_text(json.dumps(ref))
+    (tmp_path / "b" / "nested" / "scores_torchmdx.json").write_text(json.dumps(new))
+    assert bench.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "r")]) == 0
+    table = (tmp_path / "r" / "accuracy_aspirin.md").read_text()
+    assert "| best-validation checkpoint: test force MAE (meV/Å) | 80.0 | 20.0 | 0.25× |" in table
+    assert "| best-validation checkpoint (the model handed to the user): step | 300 | 1,600 |" in table
     # unequal parameter counts are said loudly
     new["parameters"] = 1339905
     (tmp_path / "b" / "nested" / "scores_torchmdx.json").write_text(json.dumps(new))

@@ -289,6 +289,12 @@ def _check_scores(bench, scores, out, frames):
             assert math.isfinite(p[key]) and p[key] > 0
         assert p["energy_mae"] == pytest.approx(35 * p["energy_mae_per_atom"])  # every PMMA frame has 35 atoms
         assert p["parameters"] == 46_722
+    # the side's own lowest-validation checkpoint (the model it hands its user) is scored too (TorchMD-NET
+    # saves one every 10 epochs: a short race may end before its first)
+    if scores["side"] == "torchmdx" or "best_validation" in scores:
+        chosen = scores["best_validation"]
+        assert chosen["kind"] == "best_validation" and 0 <= chosen["step"] <= points[-1]["step"]
+        assert math.isfinite(chosen["forces_mae"]) and chosen["forces_mae"] > 0 and chosen["parameters"] == 46_722
     table = scores["atomic_references"]
     assert sorted(table, key=int) == ["1", "6", "7", "8", "17"]
     for z, value in scores["info"]["atomic_references"].items():
