@@ -359,6 +359,8 @@ def _state_energy_forces(context, groups=-1):
 def _ml_system(model_file, topology, implementation, **options):
     from openmmml import MLPotential
 
+    if implementation == "python":  # the TorchScript module here; the fast path: tests/test_openmm_fast.py
+        options.setdefault("fastPath", False)
     potential = MLPotential("torchmdx", modelPath=str(model_file), implementation=implementation, **options)
     return potential.createSystem(topology, removeCMMotion=False)
 
@@ -449,7 +451,8 @@ def _check_mixed(model_file, model, peptide, implementation):
     from openmmml import MLPotential
 
     topology, mm_system, positions, ligand, box = _solvated_ligand(peptide)
-    potential = MLPotential("torchmdx", modelPath=str(model_file), implementation=implementation)
+    options = {"fastPath": False} if implementation == "python" else {}
+    potential = MLPotential("torchmdx", modelPath=str(model_file), implementation=implementation, **options)
     mixed = potential.createMixedSystem(topology, mm_system, ligand, forceGroup=1)
     ml_forces = [f for f in mixed.getForces() if f.getName() == "torchmdx"]
     kind = "TorchForce" if implementation == "torchforce" else "PythonForce"  # (SWIG shows plugin forces as Force)
