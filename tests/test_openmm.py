@@ -695,16 +695,19 @@ def test_bench_runs_what_it_can_and_skips_the_rest_with_reasons(shared_data, tmp
     bench = _bench()
     out = tmp_path / "bench_openmm.json"
     assert bench.main(["--device", "cpu", "--platforms", "CPU", "NoSuchPlatform", "--systems", "alanine_dipeptide",
-                       "--rows", "openmm-pythonforce", "openmm-torchforce", "--embedding-dimension", "16",
+                       "--rows", "openmm-pythonforce", "openmm-pythonforce-script", "openmm-torchforce",
+                       "--embedding-dimension", "16",
                        "--num-layers", "1", "--steps", "10", "--warmup", "1", "--repeat", "1", "--budget-s", "0",
                        "--no-isolate", "--data", str(shared_data / "systems"), "--json", str(out)]) == 0
     saved = json.loads(out.read_text())
     cells = {r["label"]: r for r in saved["results"]}
-    assert list(cells) == ["openmm-pythonforce@CPU", "openmm-pythonforce@NoSuchPlatform", "openmm-torchforce@CPU",
+    assert list(cells) == ["openmm-pythonforce@CPU", "openmm-pythonforce@NoSuchPlatform", "openmm-pythonforce-script@CPU",
+                           "openmm-pythonforce-script@NoSuchPlatform", "openmm-torchforce@CPU",
                            "openmm-torchforce@NoSuchPlatform"]
-    ran = cells["openmm-pythonforce@CPU"]
-    assert ran["steps_per_s"] > 0 and ran["timed_steps"] == 10 and ran["note"] == ""
-    assert ran["ns_per_day"] == pytest.approx(ran["steps_per_s"] * 0.0432)
+    for label in ("openmm-pythonforce@CPU", "openmm-pythonforce-script@CPU"):  # the fast path, the TorchScript module
+        ran = cells[label]
+        assert ran["steps_per_s"] > 0 and ran["timed_steps"] == 10 and ran["note"] == ""
+        assert ran["ns_per_day"] == pytest.approx(ran["steps_per_s"] * 0.0432)
     assert cells["openmm-pythonforce@NoSuchPlatform"]["note"].startswith("skipped: OpenMM")
     if TORCH_PROBLEM is not None:
         assert cells["openmm-torchforce@CPU"]["note"].startswith("skipped: ")
