@@ -11,7 +11,12 @@ Properties (ASE units): ``energy`` and ``free_energy`` (eV), ``forces`` (eV/Å),
 
 On CUDA (``cuda_graph="auto"``), when no stress is asked for, a call is one CUDA-graph replay
 (:class:`torchmdx.md.cuda_graph.GraphedForces`: the neighbor list is rebuilt on the device
-inside the graph) of the compiled model, captured again when the atoms, pbc or cell change.
+inside the graph) of the compiled model, captured again when the atoms, pbc or cell change (a
+new cell of the same atoms is written into the captured function's cell in place: captured
+again, not compiled again; :meth:`GraphedForces.set_cell`). One copy of the positions goes in and
+one packed float64 copy of forces, per-atom energies, energy and overflow flag comes out.
+:meth:`Calculator.energy_and_forces` is the same evaluation without ASE's bookkeeping, for
+callers that evaluate every MD step (torchmdx's OpenMM PythonForce).
 ``compile`` (:data:`torchmdx.nn.traced.COMPILE_MODES`; "auto": on CUDA the whole model and its
 forces as one traced graph for up to :data:`~torchmdx.nn.traced.WHOLE_GRAPH_MAX_ATOMS` atoms,
 the dense parts compiled (:meth:`ETPotential.set_compiled`, which freezes the model's

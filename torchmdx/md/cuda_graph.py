@@ -251,7 +251,7 @@ class GraphedForces:
         self._load(positions)
         for _ in range(8):
             packed = self._run()[4].cpu()
-            if not packed[-1]:
+            if packed[-1].item() == 0.0:
                 return packed[:-1]
             self._regrow()
         raise RuntimeError("the neighbor list kept overflowing its buffers")  # pragma: no cover
