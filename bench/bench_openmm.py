@@ -3,11 +3,16 @@ TorchMD-NET in OpenMM, for alanine dipeptide (22 atoms) and chignolin (166 atoms
 
 Rows per system (NVE, Verlet, dt 0.5 fs, velocities from 300 K, the same ET size for every model):
   native                  torchmdx's own engine (on a GPU its defaults: compiled model, CUDA graph per step)
-  openmm-pythonforce@P    OpenMM (platform P) + openmm-ml ``MLPotential("torchmdx", implementation="python")``:
-                          an ``openmm.PythonForce`` calling torchmdx's TorchScript module on ``--device``
-  openmm-torchforce@P     the same module in openmm-torch's ``TorchForce`` (MLPotential, implementation="torchforce")
+  openmm-pythonforce@P    OpenMM (platform P) + openmm-ml ``MLPotential("torchmdx", implementation="python")``
+                          with its defaults (fastPath): an ``openmm.PythonForce`` evaluating the model through
+                          torchmdx's own fast path on ``--device`` (the Calculator's: on CUDA one CUDA-graph replay
+                          per step, neighbor list rebuilt on the device, compiled model; torchmdx/openmm/fast.py)
+  openmm-pythonforce-script@P  the same PythonForce with ``fastPath=False``: torchmdx's exported TorchScript module,
+                          called eagerly with float64 positions and autograd (what openmm-pythonforce measured
+                          until 2026-12-06, docs/benchmarks/2026-12-06-h100-c)
+  openmm-torchforce@P     the TorchScript module in openmm-torch's ``TorchForce`` (MLPotential, implementation="torchforce")
   torchmdnet-pythonforce@P  TorchMD-NET 3.0's ET (TorchScript) in an ``openmm.PythonForce``: TorchMD-NET on
-                          the same OpenMM path as torchmdx's PythonForce row
+                          the same OpenMM path as torchmdx's openmm-pythonforce-script row
   torchmdnet-torchforce@P TorchMD-NET 3.0's ET (TorchScript) in openmm-torch's ``TorchForce``
 P: each of ``--platforms`` (default ``CPU CUDA`` with ``--device cuda``, else ``CPU``). A row that
 cannot run here is skipped with one line saying why (openmm-torch absent or built for another torch,
@@ -48,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-ROWS = ["native", "openmm-pythonforce", "openmm-torchforce", "torchmdnet-pythonforce", "torchmdnet-torchforce"]
+ROWS = ["native", "openmm-pythonforce", "openmm-pythonforce-script", "openmm-torchforce", "torchmdnet-pythonforce",
+        "torchmdnet-torchforce"]
 #: rows that run inside OpenMM (one per platform)
 OPENMM_ROWS = [r for r in ROWS if r != "native"]
 TIMESTEP_FS = 0.5
@@ -265,12 +271,14 @@ def run_row(args, name, row, platform):
         rate, builds = time_native(torchmdx_model(args, atoms), [atoms], native_args)
         return {"steps_per_s": rate, "neighbor_list_builds": builds}
     if row.startswith("openmm-"):
-        implementation = "python" if row == "openmm-pythonforce" else "torchforce"
+        options = {"implementation": "torchforce"}
+        if row.startswith("openmm-pythonforce"):  # the fast path (default) or the TorchScript module
+            options = {"implementation": "python", "fastPath": row == "openmm-pythonforce"}
         model = torchmdx_model(args, atoms)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
             model.save(path)
-            potential = ml_potential(path, implementation=implementation, device=args.device, dtype=args.dtype)
+            potential = ml_potential(path, device=args.device, dtype=args.dtype, **options)
             system = potential.createSystem(topology_of(atoms), removeCMMotion=False)
         rate, steps = time_openmm(system, positions_nm, platform, args)
         return {"steps_per_s": rate, "timed_steps": steps}
@@ -279,7 +287,7 @@ def run_row(args, name, row, platform):
     if row == "torchmdnet-pythonforce":
         import openmm
 
-        from torchmdx.openmm.forces import PythonForceComputation  # the computation torchmdx's row runs
+        from torchmdx.openmm.forces import PythonForceComputation  # the computation of openmm-pythonforce-script
 
         system.addForce(openmm.PythonForce(PythonForceComputation(module, periodic=False, device=args.device), {}))
     else:

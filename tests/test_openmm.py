@@ -359,6 +359,8 @@ def _state_energy_forces(context, groups=-1):
 def _ml_system(model_file, topology, implementation, **options):
     from openmmml import MLPotential
 
+    if implementation == "python":  # the TorchScript module here; the fast path: tests/test_openmm_fast.py
+        options.setdefault("fastPath", False)
     potential = MLPotential("torchmdx", modelPath=str(model_file), implementation=implementation, **options)
     return potential.createSystem(topology, removeCMMotion=False)
 
@@ -449,7 +451,8 @@ def _check_mixed(model_file, model, peptide, implementation):
     from openmmml import MLPotential
 
     topology, mm_system, positions, ligand, box = _solvated_ligand(peptide)
-    potential = MLPotential("torchmdx", modelPath=str(model_file), implementation=implementation)
+    options = {"fastPath": False} if implementation == "python" else {}
+    potential = MLPotential("torchmdx", modelPath=str(model_file), implementation=implementation, **options)
     mixed = potential.createMixedSystem(topology, mm_system, ligand, forceGroup=1)
     ml_forces = [f for f in mixed.getForces() if f.getName() == "torchmdx"]
     kind = "TorchForce" if implementation == "torchforce" else "PythonForce"  # (SWIG shows plugin forces as Force)
@@ -692,16 +695,19 @@ def test_bench_runs_what_it_can_and_skips_the_rest_with_reasons(shared_data, tmp
     bench = _bench()
     out = tmp_path / "bench_openmm.json"
     assert bench.main(["--device", "cpu", "--platforms", "CPU", "NoSuchPlatform", "--systems", "alanine_dipeptide",
-                       "--rows", "openmm-pythonforce", "openmm-torchforce", "--embedding-dimension", "16",
+                       "--rows", "openmm-pythonforce", "openmm-pythonforce-script", "openmm-torchforce",
+                       "--embedding-dimension", "16",
                        "--num-layers", "1", "--steps", "10", "--warmup", "1", "--repeat", "1", "--budget-s", "0",
                        "--no-isolate", "--data", str(shared_data / "systems"), "--json", str(out)]) == 0
     saved = json.loads(out.read_text())
     cells = {r["label"]: r for r in saved["results"]}
-    assert list(cells) == ["openmm-pythonforce@CPU", "openmm-pythonforce@NoSuchPlatform", "openmm-torchforce@CPU",
+    assert list(cells) == ["openmm-pythonforce@CPU", "openmm-pythonforce@NoSuchPlatform", "openmm-pythonforce-script@CPU",
+                           "openmm-pythonforce-script@NoSuchPlatform", "openmm-torchforce@CPU",
                            "openmm-torchforce@NoSuchPlatform"]
-    ran = cells["openmm-pythonforce@CPU"]
-    assert ran["steps_per_s"] > 0 and ran["timed_steps"] == 10 and ran["note"] == ""
-    assert ran["ns_per_day"] == pytest.approx(ran["steps_per_s"] * 0.0432)
+    for label in ("openmm-pythonforce@CPU", "openmm-pythonforce-script@CPU"):  # the fast path, the TorchScript module
+        ran = cells[label]
+        assert ran["steps_per_s"] > 0 and ran["timed_steps"] == 10 and ran["note"] == ""
+        assert ran["ns_per_day"] == pytest.approx(ran["steps_per_s"] * 0.0432)
     assert cells["openmm-pythonforce@NoSuchPlatform"]["note"].startswith("skipped: OpenMM")
     if TORCH_PROBLEM is not None:
         assert cells["openmm-torchforce@CPU"]["note"].startswith("skipped: ")

@@ -11,7 +11,12 @@ Properties (ASE units): ``energy`` and ``free_energy`` (eV), ``forces`` (eV/Å),
 
 On CUDA (``cuda_graph="auto"``), when no stress is asked for, a call is one CUDA-graph replay
 (:class:`torchmdx.md.cuda_graph.GraphedForces`: the neighbor list is rebuilt on the device
-inside the graph) of the compiled model, captured again when the atoms, pbc or cell change.
+inside the graph) of the compiled model, captured again when the atoms, pbc or cell change (a
+new cell of the same atoms is written into the captured function's cell in place: captured
+again, not compiled again; :meth:`GraphedForces.set_cell`). One copy of the positions goes in and
+one packed float64 copy of forces, per-atom energies, energy and overflow flag comes out.
+:meth:`Calculator.energy_and_forces` is the same evaluation without ASE's bookkeeping, for
+callers that evaluate every MD step (torchmdx's OpenMM PythonForce).
 ``compile`` (:data:`torchmdx.nn.traced.COMPILE_MODES`; "auto": on CUDA the whole model and its
 forces as one traced graph for up to :data:`~torchmdx.nn.traced.WHOLE_GRAPH_MAX_ATOMS` atoms,
 the dense parts compiled (:meth:`ETPotential.set_compiled`, which freezes the model's
@@ -141,7 +146,8 @@ class Calculator(_AseCalculator):
         )
         if self._z is not None and same_atoms and "cell" not in system_changes:
             return
-        self._graphed = None  # a new structure or cell: capture again
+        if not (same_atoms and pbc.any() and self._graphed is not None):
+            self._graphed = None  # a new structure: capture again (a new cell of the same atoms: set_cell below)
         self._mode = self._compile_mode(len(numbers))
         if not same_atoms:
             z = torch.as_tensor(numbers, dtype=torch.long, device=self.device)
@@ -156,6 +162,8 @@ class Calculator(_AseCalculator):
             cell = np.where(pbc[:, None] | np.isfinite(atoms.cell.array), atoms.cell.array, 0.0)
             self._cell = torch.as_tensor(cell, dtype=self.dtype, device=self.device).unsqueeze(0)
             self._pbc = torch.as_tensor(pbc, device=self.device).unsqueeze(0)
+            if self._graphed is not None:  # the captured function reads the new cell in place; the model is kept
+                self._graphed.set_cell(self._cell)
         else:
             self._cell = self._pbc = None
 
@@ -221,11 +229,18 @@ class Calculator(_AseCalculator):
         if "stress" in properties and not np.any(atoms.pbc):
             raise PropertyNotImplementedError("stress is only defined for periodic structures (set a cell and pbc)")
         self._structure_tensors(atoms, system_changes)
-        # relative to a fixed origin near the atoms, subtracted in float64: a float32 model's
-        # positions 10^6 Å from the origin kept 0.06 Å steps (energies off by 0.03 eV, silently)
-        positions = torch.as_tensor(atoms.get_positions() - self._origin, dtype=self.dtype, device=self.device)
+        positions = self._device_positions(atoms.get_positions())
         want_stress = periodic and (self.compute_stress is True or self.compute_stress == "auto" or "stress" in properties)
-        if self.cuda_graph and not want_stress and self._graph_call(atoms, positions):
+        packed = self._graph_call(atoms, positions) if self.cuda_graph and not want_stress else None
+        if packed is not None:
+            n = len(atoms)
+            energy = float(packed[4 * n])
+            self.results = {
+                "energy": energy,
+                "free_energy": energy,
+                "forces": packed[:3 * n].numpy().reshape(n, 3),
+                "energies": packed[3 * n:4 * n].numpy(),
+            }
             return
         neighbors = self._neighbor_list(positions)
         with _evaluation_mode(self.potential if self._shared else None):
@@ -243,6 +258,36 @@ class Calculator(_AseCalculator):
         if want_stress:
             s = out["stress"].detach()[0].cpu().double().numpy()
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+
+    def energy_and_forces(self, atoms, positions: Optional[np.ndarray] = None, cell_changed: bool = False):
+        """(energy in eV, forces [N, 3] in eV/Å as float64 numpy) of ``atoms`` at ``positions``
+        (Å, [N, 3]; default: the atoms' own), evaluated as :meth:`calculate` evaluates them
+        without stress (on CUDA one CUDA-graph replay: one copy of the positions in, one copy of
+        the results out), without ASE's bookkeeping (``atoms`` is not copied, ``results`` is not
+        set): for callers that evaluate at every MD step, such as torchmdx's OpenMM PythonForce
+        (:mod:`torchmdx.openmm.fast`). ``cell_changed``: ``atoms.cell`` differs from the last
+        call's (a barostat); the atomic numbers and pbc are compared at every call."""
+        self._structure_tensors(atoms, ("cell",) if cell_changed else ())
+        xyz = atoms.get_positions() if positions is None else np.asarray(positions, dtype=np.float64)
+        n = len(atoms)
+        if xyz.shape != (n, 3):
+            from torchmdx.errors import ConfigError
+
+            raise ConfigError(f"energy_and_forces: {list(xyz.shape)} positions given for {n} atoms; expected [{n}, 3]")
+        device_positions = self._device_positions(xyz)
+        packed = self._graph_call(atoms, device_positions) if self.cuda_graph else None
+        if packed is not None:
+            return float(packed[4 * n]), packed[:3 * n].numpy().reshape(n, 3)
+        neighbors = self._neighbor_list(device_positions)
+        with _evaluation_mode(self.potential if self._shared else None):
+            out = self.potential(self._z, device_positions, None, self._cell, self._pbc, neighbors=neighbors, forces=True)
+        return float(out["energy"].detach().sum()), out["forces"].detach().cpu().double().numpy()
+
+    def _device_positions(self, xyz: np.ndarray) -> torch.Tensor:
+        """Positions [N, 3] (Å) on the device in the model's dtype, relative to a fixed origin near
+        the atoms, subtracted in float64: a float32 model's positions 10^6 Å from the origin kept
+        0.06 Å steps (energies off by 0.03 eV, silently)."""
+        return torch.as_tensor(xyz - self._origin, dtype=self.dtype, device=self.device)
 
     def _compile_mode(self, num_atoms: int) -> str:
         """The compile mode for ``num_atoms`` atoms (once per structure); switches the
@@ -266,9 +311,10 @@ class Calculator(_AseCalculator):
             self.potential, self._shared = copy.deepcopy(self.potential), False
             self.potential.eval()
 
-    def _graph_call(self, atoms, positions: torch.Tensor) -> bool:
-        """Energy and forces by a CUDA-graph replay; False (after a one-line note) if the graph
-        path cannot run here, and the eager path is used from then on."""
+    def _graph_call(self, atoms, positions: torch.Tensor) -> Optional[torch.Tensor]:
+        """Forces, per-atom energies and the energy by a CUDA-graph replay, packed on the host
+        (:meth:`GraphedForces.host`); None (after a one-line note) if the graph path cannot run
+        here, and the eager path is used from then on."""
         from torchmdx.md.cuda_graph import GraphedForces
 
         try:
@@ -276,19 +322,11 @@ class Calculator(_AseCalculator):
                 self._own_copy()  # the captured graph runs the module in eval mode, for good
                 self._graphed = GraphedForces(self.potential, atoms, self.device, self.dtype, skin=self.skin,
                                               traced=self._mode == "whole")
-            energy, forces, atomic = self._graphed(positions)
+            return self._graphed.host(positions)
         except RuntimeError as exc:
             import sys
 
             reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             print(f"note: the calculator's CUDA-graph path failed ({reason}); running eagerly", file=sys.stderr)
             self.cuda_graph, self._graphed = False, None
-            return False
-        value = float(energy.sum())
-        self.results = {
-            "energy": value,
-            "free_energy": value,
-            "forces": forces.cpu().double().numpy(),
-            "energies": atomic.cpu().double().numpy(),
-        }
-        return True
+            return None

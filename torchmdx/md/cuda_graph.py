@@ -163,6 +163,13 @@ class GraphedForces:
     function is captured again and replayed. ``use_graph=False`` runs the same function eagerly
     (the CPU tests exercise the list/overflow logic that way). ``traced``: the model and its
     forces run as one traced, compiled graph (:class:`torchmdx.nn.traced.TracedForces`).
+
+    :meth:`host` is the call of callers that want the numbers on the host (the ASE calculator,
+    the OpenMM PythonForce): the captured function also packs forces, per-atom energies, the
+    energy and the overflow flag into one float64 vector, so a call is one copy of the positions
+    in, one replay and one copy out. :meth:`set_cell` changes the periodic cell (a barostat, a
+    cell filter) in place: the list is built again and the function captured again at the next
+    call, but the model (its traced, compiled graph) is kept.
     """
 
     def __init__(self, potential, atoms, device, dtype, skin: float = 0.5, use_graph: bool = True,
@@ -191,33 +198,78 @@ class GraphedForces:
         ff.stale = torch.zeros((), dtype=torch.bool, device=self.positions.device)  # static: stays False
         ff._build_on_device(self.positions)
         energy, forces, atomic = ff.evaluate(self.positions, per_atom=True)
-        return energy, forces, atomic, ff.stale
+        # what host() copies out in one go: [forces (3N), per-atom energies (N), energy, overflow]
+        packed = torch.cat([forces.reshape(-1).to(torch.float64), atomic.reshape(-1).to(torch.float64),
+                            energy.reshape(-1).to(torch.float64), ff.stale.reshape(1).to(torch.float64)])
+        return energy, forces, atomic, ff.stale, packed
 
     def _capture(self) -> None:
         self.graph, self.outputs = capture_graph(self._evaluate, self.positions.device)
         self.layout_version = self.forcefield.layout_version
         self.captures += 1
 
-    def __call__(self, positions: torch.Tensor):
-        """(energy [1] eV, forces [N, 3] eV/Å, per-atom energies [N] eV) at ``positions`` [N, 3] Å."""
+    def _run(self):
+        """The outputs of one evaluation at ``self.positions`` (a replay, or an eager call)."""
         ff = self.forcefield
+        if ff.neighbors is None:
+            ff.build(self.positions, wrap=False)  # the exact list sizes the capacity
+        if not self.use_graph:
+            return self._evaluate()
+        if self.graph is None or self.layout_version != ff.layout_version:
+            self._capture()
+        self.graph.replay()
+        return self.outputs
+
+    def _load(self, positions: torch.Tensor) -> None:
+        """Copy ``positions`` (any device and floating dtype) into the static buffer."""
         if self.positions is None or self.positions.shape != positions.shape:
-            self.positions = torch.empty_like(positions)
+            self.positions = torch.empty(positions.shape, dtype=self.system.dtype, device=self.system.device)
         self.positions.copy_(positions)
+
+    def _regrow(self) -> None:
+        """More pairs than rows: build the exact list eagerly (grows the buffers); the next call
+        captures again."""
+        self.regrowths += 1
+        self.forcefield.build(self.positions, wrap=False)
+
+    def __call__(self, positions: torch.Tensor):
+        """(energy [1] eV, forces [N, 3] eV/Å, per-atom energies [N] eV) at ``positions`` [N, 3] Å,
+        device tensors (the static outputs of the graph: read them before the next call)."""
+        self._load(positions)
         for _ in range(8):
-            if ff.neighbors is None:
-                ff.build(self.positions, wrap=False)  # the exact list sizes the capacity
-            if not self.use_graph:
-                outputs = self._evaluate()
-            else:
-                if self.graph is None or self.layout_version != ff.layout_version:
-                    self._capture()
-                self.graph.replay()
-                outputs = self.outputs
-            energy, forces, atomic, overflow = outputs
+            energy, forces, atomic, overflow, _ = self._run()
             if not bool(overflow):
                 return energy, forces, atomic
-            # more pairs than rows: build the exact list eagerly (grows the buffers), capture again
-            self.regrowths += 1
-            ff.build(self.positions, wrap=False)
+            self._regrow()
         raise RuntimeError("the neighbor list kept overflowing its buffers")  # pragma: no cover
+
+    def host(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[forces (3N, eV/Å), per-atom energies (N, eV), energy (eV)]`` as one float64 CPU
+        tensor at ``positions`` [N, 3] Å (a CPU tensor is copied straight into the static
+        buffer, converted to the model's dtype on the way): one replay and one copy out, which
+        also brings the overflow flag (then: grow, capture again, replay)."""
+        self._load(positions)
+        for _ in range(8):
+            packed = self._run()[4].cpu()
+            if packed[-1].item() == 0.0:
+                return packed[:-1]
+            self._regrow()
+        raise RuntimeError("the neighbor list kept overflowing its buffers")  # pragma: no cover
+
+    def set_cell(self, cell: torch.Tensor) -> None:
+        """A new periodic cell [1, 3, 3] (Å) for the same atoms: written into the system's cell
+        tensor in place (the captured function reads it there); the exact list is built again at
+        the next call (which checks the cell against the cutoff and sizes the capacity) and the
+        function captured again. The model's traced graph is kept: no new compilation."""
+        from torchmdx.md.forces import fit_skin
+
+        s, ff = self.system, self.forcefield
+        if s.cell is None:
+            raise ValueError("set_cell: this structure is not periodic")
+        cell = cell.reshape(s.cell.shape).to(device=s.cell.device, dtype=s.cell.dtype)
+        if torch.equal(cell, s.cell):
+            return
+        s.cell.copy_(cell)
+        ff.skin = fit_skin(ff.cutoff, ff.requested_skin, s.cell, s.pbc)
+        ff.neighbors = None
+        self.graph = None

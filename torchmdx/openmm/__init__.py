@@ -6,7 +6,8 @@
 - ``MLPotential("torchmdx", modelPath=...)`` (openmm-ml, registered through the entry point
   ``openmmml.potentials``): ``createSystem`` and ``createMixedSystem`` (ML region in an MM
   system), with a ``TorchForce`` where openmm-torch loads, else an ``openmm.PythonForce``
-  running the same module (:mod:`torchmdx.openmm.mlpotential`).
+  (:mod:`torchmdx.openmm.mlpotential`) that evaluates the model through torchmdx's own fast path,
+  the Calculator's (:mod:`torchmdx.openmm.fast`; ``fastPath=False``: the same TorchScript module).
 
 Layer: beside :mod:`torchmdx.md`; imports nn, kernels, data and the foundation, never train or
 cli. Nothing here imports openmm at module level: ``import torchmdx.openmm`` works without it.
@@ -24,6 +25,8 @@ _LAZY = {
     "metadata": "torchmdx.openmm.export",
     "create_torch_force": "torchmdx.openmm.forces",
     "create_python_force": "torchmdx.openmm.forces",
+    "create_fast_force": "torchmdx.openmm.fast",
+    "FastComputation": "torchmdx.openmm.fast",
     "openmm_status": "torchmdx.openmm.forces",
 }
 

@@ -173,10 +173,7 @@ def build_module(model, atomic_numbers: Optional[Sequence[int]] = None, atoms: O
     cutoff = float(getattr(potential, "cutoff", 0.0) or 0.0)
     if not cutoff > 0:
         raise OpenMMError(f"{source or type(potential).__name__}: the model has no positive cutoff; cannot build its neighbor list")
-    known = getattr(potential, "elements", None)
-    known = [int(z) for z in known] if known else []
-    config = getattr(potential, "config", None)
-    max_z = int(getattr(config, "max_z", 0) or 0) or (max(known) + 1 if known else 119)
+    known, max_z = model_elements(potential)
     model_dtype = _model_dtype(potential)
     core = _trace_core(potential, cutoff, known or [1, 6, 7, 8], model_dtype, device)
     info = {
@@ -199,6 +196,37 @@ def build_module(model, atomic_numbers: Optional[Sequence[int]] = None, atoms: O
     return module
 
 
+def model_elements(potential):
+    """(the atomic numbers ``potential`` knows (empty: any), one past the largest atomic number
+    it can embed)."""
+    known = getattr(potential, "elements", None)
+    known = [int(z) for z in known] if known else []
+    config = getattr(potential, "config", None)
+    max_z = int(getattr(config, "max_z", 0) or 0) or (max(known) + 1 if known else 119)
+    return known, max_z
+
+
+def check_ml_elements(atomic_numbers: Iterable[Optional[int]], known: Iterable[int], max_z: int,
+                      names: Optional[Sequence[str]] = None, source: str = "the model") -> list:
+    """The atomic numbers of the ML atoms as ints, refused in one line (:class:`OpenMMError`): no
+    atoms, an atom without element, an element the model does not know (``known``: its elements,
+    empty for any below ``max_z``; ``names`` label the atoms, e.g. OpenMM's residue and atom names)."""
+    zs = list(atomic_numbers)
+    if not zs:
+        raise OpenMMError("the ML region is empty; give at least one atom")
+    known = set(int(z) for z in known)
+    for k, z in enumerate(zs):
+        if z is None:
+            raise OpenMMError(f"{_atom_label(k, names)} of the ML region has no element; torchmdx models need one for every "
+                              "ML atom: leave virtual sites and extra particles out of the ML atoms")
+        z = int(z)
+        if (known and z not in known) or not 0 < z < max_z:
+            have = ", ".join(_element_name(e) for e in sorted(known)) if known else f"Z 1..{max_z - 1}"
+            raise OpenMMError(f"{_atom_label(k, names)} of the ML region is element {_element_name(z)} (Z={z}), which {source} "
+                              f"does not know (its elements: {have}); leave it out of the ML atoms or use a model trained on {_element_name(z)}")
+    return [int(z) for z in zs]
+
+
 def _atom_label(k: int, names: Optional[Sequence[str]]) -> str:
     return names[k] if names is not None and k < len(names) else f"atom {k}"
 
@@ -212,20 +240,8 @@ def with_atoms(module, atomic_numbers: Iterable[Optional[int]], atoms: Optional[
     residue and atom names), repeated or negative indices, a count mismatch."""
     import torch
 
-    zs = list(atomic_numbers)
-    if not zs:
-        raise OpenMMError("the ML region is empty; give at least one atom")
-    known = set(int(z) for z in module.elements)
-    max_z = int(metadata(module)["model"].get("max_z") or 119)
-    for k, z in enumerate(zs):
-        if z is None:
-            raise OpenMMError(f"{_atom_label(k, names)} of the ML region has no element; torchmdx models need one for every "
-                              "ML atom: leave virtual sites and extra particles out of the ML atoms")
-        z = int(z)
-        if (known and z not in known) or not 0 < z < max_z:
-            have = ", ".join(_element_name(e) for e in sorted(known)) if known else f"Z 1..{max_z - 1}"
-            raise OpenMMError(f"{_atom_label(k, names)} of the ML region is element {_element_name(z)} (Z={z}), which {source} "
-                              f"does not know (its elements: {have}); leave it out of the ML atoms or use a model trained on {_element_name(z)}")
+    zs = check_ml_elements(atomic_numbers, module.elements, int(metadata(module)["model"].get("max_z") or 119), names,
+                           source)
     device = module.atomic_numbers.device
     module.atomic_numbers = torch.tensor([int(z) for z in zs], dtype=torch.long, device=device)
     if atoms is None:

@@ -1,5 +1,7 @@
 """OpenMM forces around the exported module: openmm-torch's ``TorchForce``, or OpenMM's own
-``PythonForce`` (OpenMM >= 8.4) calling the same TorchScript module from Python.
+``PythonForce`` (OpenMM >= 8.4) calling the same TorchScript module from Python. (The fast
+``PythonForce`` that ``MLPotential("torchmdx")`` builds by default from a model file evaluates the
+model with torchmdx's own evaluator instead: :mod:`torchmdx.openmm.fast`.)
 
 Why two: openmm-torch's only PyPI wheel (openmmtorch 1.5, manylinux_2_34) is a C++ plugin linked
 against the CUDA build of torch 2.9.0 (``libtorch_cuda.so``, ``libc10_cuda.so``,

@@ -16,6 +16,16 @@ OpenMM export (``torchmdx export --openmm``). Options (to ``MLPotential`` or, pe
 
 - ``implementation``: ``"auto"`` (a ``TorchForce`` when openmm-torch loads here, else a
   ``PythonForce``), ``"torchforce"`` or ``"python"``;
+- ``fastPath``: how a ``PythonForce`` evaluates the model. ``True`` (the default for a model
+  file): torchmdx's own evaluator, the one :class:`torchmdx.Calculator` uses
+  (:mod:`torchmdx.openmm.fast`: on CUDA one CUDA-graph replay per step with the neighbor list
+  rebuilt on the device, Triton kernels, the model compiled; on the CPU the plain model call);
+  ``False``: the exported TorchScript module, as a ``TorchForce`` runs it
+  (:class:`torchmdx.openmm.forces.PythonForceComputation`). An OpenMM export as ``modelPath``
+  carries no torchmdx model: always TorchScript (``fastPath=True`` with one is refused);
+- ``cudaGraph`` (``"auto"``, True, False) and ``compile`` (``"auto"``, ``"whole"``, ``"parts"``,
+  ``"off"``, True, False): the Calculator's ``cuda_graph`` and ``compile`` options, for the fast
+  path (``compile="off"`` skips the compile time at the first step; "auto" compiles on CUDA);
 - ``device``: torch device of the model (default: CUDA when torch sees a GPU, else CPU; an
   export keeps the device it was traced on);
 - ``dtype``: ``"float32"`` / ``"float64"`` (default: the model's own);
@@ -54,7 +64,7 @@ except ImportError as _exc:  # this module is openmm-ml's plug-in: without openm
                       f"MLPotential('torchmdx') needs it: {OPENMM_INSTALL}") from None
 
 IMPLEMENTATIONS = ("auto", "torchforce", "python")
-_OPTIONS = ("implementation", "device", "dtype", "outputForces")
+_OPTIONS = ("implementation", "fastPath", "cudaGraph", "compile", "device", "dtype", "outputForces")
 
 
 class TorchmdxPotentialImplFactory(MLPotentialImplFactory):
@@ -102,6 +112,11 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
             from torchmdx.openmm.errors import OpenMMError
 
             raise OpenMMError(f"MLPotential('{self.name}'): outputForces must be True or False, got {flag!r}")
+        fast = options.get("fastPath")
+        if fast is not None and not isinstance(fast, bool):
+            from torchmdx.openmm.errors import OpenMMError
+
+            raise OpenMMError(f"MLPotential('{self.name}'): fastPath must be True or False, got {fast!r}")
         if implementation == "auto":
             implementation = "torchforce" if openmmtorch_problem() is None else "python"
         all_atoms = list(topology.atoms())
@@ -110,6 +125,21 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
         numbers = [a.element.atomic_number if a.element is not None else None for a in chosen]
         names = [f"atom {i} ({a.name}, residue {a.residue.name} {a.residue.id})" for i, a in zip(indices, chosen)]
         periodic = topology.getPeriodicBoxVectors() is not None or system.usesPeriodicBoundaryConditions()
+        box = None
+        if periodic:
+            from openmm import unit
+
+            vectors = topology.getPeriodicBoxVectors() or system.getDefaultPeriodicBoxVectors()
+            box = [[x * units.NM_TO_ANGSTROM for x in v.value_in_unit(unit.nanometer)] for v in vectors]
+        if implementation == "python" and self._fast_path(fast):
+            from torchmdx.openmm.fast import create_fast_force
+
+            force = create_fast_force(self.modelPath, numbers, names, periodic, box, None if atoms is None else indices,
+                                      device=self._device(options, export=False), dtype=options.get("dtype"),
+                                      cuda_graph=options.get("cudaGraph", "auto"), compile=options.get("compile", "auto"))
+            force.setForceGroup(forceGroup)
+            system.addForce(force)
+            return
         forces = "returned" if options.get("outputForces") and implementation == "torchforce" else "autograd"
         module = self._module(options, forces)
         if implementation == "torchforce":
@@ -117,11 +147,7 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
         else:
             with_atoms(module, numbers, None, names, source=str(self.modelPath))
         if periodic:
-            from openmm import unit
-
-            box = topology.getPeriodicBoxVectors() or system.getDefaultPeriodicBoxVectors()
-            box_check([v.value_in_unit(unit.nanometer) * units.NM_TO_ANGSTROM for v in (
-                [box[0], box[1], box[2]])], module.cutoff, str(self.modelPath))
+            box_check(box, module.cutoff, str(self.modelPath))
         if implementation == "torchforce":
             force = create_torch_force(module, periodic)
         else:
@@ -129,15 +155,25 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
         force.setForceGroup(forceGroup)
         system.addForce(force)
 
-    # ------------------------------------------------------------------ module cache
-    def _module(self, options: dict, forces: str):
-        """A fresh generic module (its atoms not set) for ``options``; built once per device,
-        dtype and force convention, then copied from its TorchScript bytes."""
+    def _fast_path(self, fast) -> bool:
+        """Does a PythonForce evaluate with torchmdx's own evaluator (``fastPath``; None: yes for
+        a model file)? An OpenMM export has no torchmdx model in it: TorchScript."""
+        from torchmdx.openmm.export import is_openmm_export
+
+        if not is_openmm_export(self.modelPath):
+            return fast is not False
+        if fast is True:
+            from torchmdx.openmm.errors import OpenMMError
+
+            raise OpenMMError(f"{self.modelPath}: an OpenMM export (TorchScript) has no torchmdx model for fastPath=True; "
+                              "give the model file (model.pt), or leave fastPath out to run the export")
+        return False
+
+    def _device(self, options: dict, export: bool):
+        """The torch device name for ``options`` (None for an export without ``device``: it keeps
+        the device it was traced on)."""
         import torch
 
-        from torchmdx.openmm.export import build_module, is_openmm_export, load_module
-
-        export = is_openmm_export(self.modelPath)
         device = options.get("device")
         if device is None and not export:
             device = self._getTorchDevice({})
@@ -149,6 +185,18 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
 
                 raise OpenMMError(f"MLPotential('{self.name}'): device {device!r} is not a torch device (cpu, cuda, "
                                   "cuda:1, ...)") from None
+        return device
+
+    # ------------------------------------------------------------------ module cache
+    def _module(self, options: dict, forces: str):
+        """A fresh generic module (its atoms not set) for ``options``; built once per device,
+        dtype and force convention, then copied from its TorchScript bytes."""
+        import torch
+
+        from torchmdx.openmm.export import build_module, is_openmm_export, load_module
+
+        export = is_openmm_export(self.modelPath)
+        device = self._device(options, export)
         key = (device, options.get("dtype"), forces)
         if key not in self._generic:
             if export:
