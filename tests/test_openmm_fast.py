@@ -106,6 +106,10 @@ def _topology(numbers, box=None):
 def _system(model_file, topology, **options):
     from openmmml import MLPotential
 
+    if "torchmdx" not in MLPotential._implFactories:  # torchmdx on PYTHONPATH without its entry point (GPU machine)
+        from torchmdx.openmm.mlpotential import TorchmdxPotentialImplFactory
+
+        MLPotential.registerImplFactory("torchmdx", TorchmdxPotentialImplFactory())
     potential = MLPotential("torchmdx", modelPath=str(model_file), implementation="python", **options)
     return potential.createSystem(topology, removeCMMotion=False)
 
