@@ -1,0 +1,111 @@
+"""Bad inputs, round 14: TorchMD-NET checkpoints with unusual contents, SchNetPack databases with
+their own units, OpenMM systems (numpy box vectors, NaN and coincident positions, a box that
+shrinks), compressed data files, restart files of other elements, md's Python API and more
+(see docs/bad_inputs.md, round 14).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from ase.io import write
+
+import torchmdx
+from torchmdx.errors import ModelError
+from test_bad_inputs_more import refused_without_writes
+from test_bad_inputs_round9 import TINY
+
+TORCHMDNET = Path(__file__).parent / "data" / "torchmdnet_et_default.ckpt"
+
+
+def _tiny_model():
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(elements=[1, 6, 8])
+    return model
+
+
+# ---------------------------------------------------------------------------------- TorchMD-NET checkpoints
+def _torchmdnet_checkpoint(t, hparams=None, state=None, drop=()):
+    """A copy of a TorchMD-NET 3.0 ET checkpoint with hyper-parameters and weights changed."""
+    ckpt = torch.load(TORCHMDNET, map_location="cpu", weights_only=False)
+    hp = {k: v for k, v in {**ckpt["hyper_parameters"], **(hparams or {})}.items() if k not in drop}
+    sd = dict(ckpt["state_dict"])
+    for key, change in (state or {}).items():
+        sd[key] = change(sd[key])
+    torch.save({"hyper_parameters": hp, "state_dict": sd}, t / "tmdn.ckpt")
+    write(t / "w.xyz", molecule("H2O"))
+    return ["md", t / "w.xyz", "--model", t / "tmdn.ckpt", "--steps", "2", "--out", t / "o.extxyz", "--no-progress"]
+
+
+def torchmdnet_without_embedding_dimension(t, s):  # KeyError: 'embedding_dimension' traceback
+    return _torchmdnet_checkpoint(t, drop=("embedding_dimension",))
+
+
+def torchmdnet_cutoff_none(t, s):  # float(None): TypeError traceback
+    return _torchmdnet_checkpoint(t, {"cutoff_upper": None})
+
+
+def torchmdnet_hparams_a_list(t, s):  # dict() of a list: ValueError traceback
+    ckpt = torch.load(TORCHMDNET, map_location="cpu", weights_only=False)
+    torch.save({"hyper_parameters": ["a"], "state_dict": ckpt["state_dict"]}, t / "tmdn.ckpt")
+    write(t / "w.xyz", molecule("H2O"))
+    return ["md", t / "w.xyz", "--model", t / "tmdn.ckpt", "--steps", "2", "--out", t / "o.extxyz", "--no-progress"]
+
+
+def torchmdnet_activation_torchmdx_lacks(t, s):  # "config key 'model.activation' must be ...": no file named
+    return _torchmdnet_checkpoint(t, {"activation": "relu6"})
+
+
+def torchmdnet_nan_weight(t, s):  # loaded: NaN energies, silently
+    return _torchmdnet_checkpoint(t, state={"model.representation_model.embedding.weight": lambda w: w * float("nan")})
+
+
+def torchmdnet_integer_weight(t, s):  # loaded: the weights truncated to whole numbers, silently
+    return _torchmdnet_checkpoint(t, state={"model.representation_model.embedding.weight": lambda w: (w * 3).long()})
+
+
+def torchmdnet_std_nan(t, s):  # "scale must be a finite number > 0 (eV), got nan": no file, no 'std'
+    return _torchmdnet_checkpoint(t, state={"model.std": lambda v: v * float("nan")})
+
+
+TORCHMDNET_CASES = [
+    (torchmdnet_without_embedding_dimension, ["tmdn.ckpt: hyper_parameters lack 'embedding_dimension'"]),
+    (torchmdnet_cutoff_none, ["tmdn.ckpt: hyper-parameter 'cutoff_upper' is None, expected a finite number"]),
+    (torchmdnet_hparams_a_list, ["tmdn.ckpt: 'hyper_parameters' is a list, expected a mapping"]),
+    (torchmdnet_activation_torchmdx_lacks, ["tmdn.ckpt: its TorchMD-NET hyper-parameters do not make a torchmdx ET",
+                                            "'relu6'"]),
+    (torchmdnet_nan_weight, ["tmdn.ckpt: weight 'model.representation_model.embedding.weight' holds NaN"]),
+    (torchmdnet_integer_weight, ["tmdn.ckpt: weight 'model.representation_model.embedding.weight' is int64"]),
+    (torchmdnet_std_nan, ["tmdn.ckpt: 'std' (the standardisation of the energies) is nan"]),
+]
+
+
+def test_a_torchmdnet_checkpoint_with_a_fixed_box_warns(tmp_path):
+    """``box_vecs`` (TorchMD-NET applies that box to every input) was dropped silently: one warning now;
+    the energies are those of the plain checkpoint (the weights are the same)."""
+    _torchmdnet_checkpoint(tmp_path, {"box_vecs": [[12.0, 0, 0], [0, 12.0, 0], [0, 0, 12.0]]})
+    with pytest.warns(UserWarning, match=r"fixed periodic box box_vecs=\[\[12\.0"):
+        boxed = torchmdx.load_model(tmp_path / "tmdn.ckpt")
+    plain = torchmdx.load_model(TORCHMDNET)
+    atoms = molecule("H2O")
+    assert boxed.predict(atoms)["energy"] == plain.predict(atoms)["energy"]
+
+
+def test_a_plain_torchmdnet_checkpoint_imports_without_a_word(recwarn):
+    """The guard: the shipped reference checkpoints (no box, finite float64 weights) load silently."""
+    for path in sorted(TORCHMDNET.parent.glob("torchmdnet_*.ckpt")):
+        torchmdx.load_model(path)
+    assert [str(w.message) for w in recwarn] == []
+
+
+# ---------------------------------------------------------------------------------- the table
+CASES = TORCHMDNET_CASES
+
+
+@pytest.mark.parametrize("setup, fragments", CASES, ids=[c[0].__name__ for c in CASES])
+def test_refused_with_one_line_and_nothing_written(tmp_path, shared_data, capsys, monkeypatch, setup, fragments):
+    refused_without_writes(tmp_path, shared_data, capsys, monkeypatch, setup, fragments)
