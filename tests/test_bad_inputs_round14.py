@@ -102,8 +102,87 @@ def test_a_plain_torchmdnet_checkpoint_imports_without_a_word(recwarn):
     assert [str(w.message) for w in recwarn] == []
 
 
+# ---------------------------------------------------------------------------------- SchNetPack databases
+def _schnetpack_db(path, energy_unit="kcal/mol", forces_unit="kcal/mol/Ang", distance_unit="Ang"):
+    """An ASE database as SchNetPack's ASEAtomsData writes it: properties in each row's data,
+    their units in the metadata. Returns the energies and forces as written (in those units)."""
+    from ase.db import connect
+
+    rng = np.random.default_rng(0)
+    energies, forces = [], []
+    with connect(str(path)) as db:
+        for i in range(4):
+            atoms = molecule("H2O")
+            atoms.rattle(0.02, seed=i)
+            energies.append(-47690.0 + i)
+            forces.append(rng.normal(0.0, 2.0, (3, 3)))
+            db.write(atoms, data={"energy": np.array([energies[-1]]), "forces": forces[-1]})
+    connect(str(path)).metadata = {"_property_unit_dict": {"energy": energy_unit, "forces": forces_unit},
+                                   "_distance_unit": distance_unit, "atomrefs": {}}
+    return np.array(energies), np.array(forces)
+
+
+def test_a_schnetpack_database_is_read_in_its_own_units(tmp_path):
+    """SchNetPack's ``_property_unit_dict`` was ignored by the ``ase`` reader (the format guessed for
+    any database but QM9's): kcal/mol energies and kcal/mol/Å forces were read as eV and eV/Å, 23 times
+    too large, and ``data info`` said "file units energy eV"."""
+    from torchmdx.data import read_structures
+    from torchmdx.units import BOHR_TO_ANGSTROM, HARTREE_TO_EV, KCAL_PER_MOL_TO_EV
+
+    energies, forces = _schnetpack_db(tmp_path / "spk.db")
+    data = read_structures(tmp_path / "spk.db")
+    assert np.allclose(data.energy, energies * KCAL_PER_MOL_TO_EV, rtol=1e-12)
+    assert np.allclose(data.forces.reshape(4, 3, 3), forces * KCAL_PER_MOL_TO_EV, rtol=1e-12)
+    assert read_structures(tmp_path / "spk.db", energy_unit="kcal/mol").energy[0] == data.energy[0]  # the same unit
+    # Hartree and Bohr (positions converted too; forces Ha/Bohr)
+    _schnetpack_db(tmp_path / "ha.db", "Hartree", "Hartree/Bohr", "Bohr")
+    ha = read_structures(tmp_path / "ha.db")
+    assert np.allclose(ha.energy, energies * HARTREE_TO_EV, rtol=1e-12)
+    assert np.allclose(ha.forces.reshape(4, 3, 3), forces * HARTREE_TO_EV / BOHR_TO_ANGSTROM, rtol=1e-12)
+
+
+def test_a_database_without_units_is_read_in_ev(tmp_path):
+    """The guard: a database without SchNetPack's metadata (ASE's own) is eV and Å, as before."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.db import connect
+
+    from torchmdx.data import read_structures
+
+    atoms = molecule("H2O")
+    atoms.calc = SinglePointCalculator(atoms, energy=-12.5, forces=np.ones((3, 3)))
+    connect(str(tmp_path / "plain.db")).write(atoms)
+    data = read_structures(tmp_path / "plain.db")
+    assert data.energy.tolist() == [-12.5] and np.all(data.forces == 1.0)
+
+
+def schnetpack_db_with_another_energy_unit_option(t, s):  # the option won silently over the metadata
+    _schnetpack_db(t / "spk.db")
+    return ["data", "info", t / "spk.db", "--energy-unit", "eV", "--cache-dir", t / "cache"]
+
+
+def schnetpack_db_forces_in_another_unit(t, s):  # Ha/Bohr forces read as kcal/mol/Å (and as eV/Å before)
+    _schnetpack_db(t / "spk.db", forces_unit="Ha/Bohr")
+    return ["data", "info", t / "spk.db", "--cache-dir", t / "cache"]
+
+
+def schnetpack_db_unknown_energy_unit(t, s):  # read as eV
+    _schnetpack_db(t / "spk.db", energy_unit="furlongs")
+    return ["data", "info", t / "spk.db", "--cache-dir", t / "cache"]
+
+
+SCHNETPACK_CASES = [
+    (schnetpack_db_with_another_energy_unit_option,
+     ["spk.db: the database's metadata says its energy unit is 'kcal/mol' (_property_unit_dict.energy), but "
+      "energy_unit 'eV' was given"]),
+    (schnetpack_db_forces_in_another_unit,
+     ["spk.db: metadata '_property_unit_dict.forces' is 'Ha/Bohr', but the energies are read in kcal/mol"]),
+    (schnetpack_db_unknown_energy_unit,
+     ["spk.db: metadata '_property_unit_dict.energy' is 'furlongs', not an energy unit torchmdx knows"]),
+]
+
+
 # ---------------------------------------------------------------------------------- the table
-CASES = TORCHMDNET_CASES
+CASES = TORCHMDNET_CASES + SCHNETPACK_CASES
 
 
 @pytest.mark.parametrize("setup, fragments", CASES, ids=[c[0].__name__ for c in CASES])
