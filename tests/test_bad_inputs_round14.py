@@ -181,8 +181,60 @@ SCHNETPACK_CASES = [
 ]
 
 
+# ---------------------------------------------------------------------------------- md restart files
+def _water_restart(t):
+    """w.restart.pt of a short run of a water molecule (and the model m.pt)."""
+    from torchmdx.cli.main import main
+
+    write(t / "w.xyz", molecule("H2O"))
+    _tiny_model().save(t / "m.pt")
+    assert main(["md", str(t / "w.xyz"), "--model", str(t / "m.pt"), "--steps", "2", "--every", "1", "--temperature",
+                 "10", "--out", str(t / "w.extxyz"), "--no-progress"]) == 0
+    return ["--model", t / "m.pt", "--restart", t / "w.restart.pt", "--steps", "4", "--out", t / "c.extxyz",
+            "--no-progress"]
+
+
+def md_restart_of_other_elements(t, s):  # "restart file holds 1 structure(s) of [3] atoms that do not match ... ([3] atoms)"
+    tail = _water_restart(t)
+    atoms = molecule("H2O")
+    write(t / "hho.xyz", atoms[[1, 2, 0]])  # the same atoms, another order
+    return ["md", t / "hho.xyz"] + tail
+
+
+def md_restart_of_another_molecule(t, s):  # the same, for H2O -> HCH (one element changed)
+    tail = _water_restart(t)
+    atoms = molecule("H2O")
+    atoms.numbers[0] = 6
+    write(t / "hch.xyz", atoms)
+    return ["md", t / "hch.xyz"] + tail
+
+
+RESTART_CASES = [
+    (md_restart_of_other_elements, ["w.restart.pt: atom 0 of ", "hho.xyz is H, but in the restart file it is O"]),
+    (md_restart_of_another_molecule, ["w.restart.pt: atom 0 of ", "hch.xyz is C, but in the restart file it is O"]),
+]
+
+
+def test_simulation_restart_of_other_elements_names_the_atom(tmp_path):
+    """md's Python API: ``Simulation.load_restart`` said the same "[4] atoms ... ([4] atoms)"; now the atom,
+    and a file of the same structures still loads."""
+    from torchmdx.errors import DataError
+    from torchmdx.md import Simulation
+
+    model = _tiny_model()
+    sim = Simulation(model, [molecule("H2O"), molecule("CH4")])
+    sim.initialize()
+    sim.run(2, every=1, restart_path=tmp_path / "r.pt")
+    other = molecule("CH4")
+    other.numbers[2] = 8
+    with pytest.raises(DataError, match=r"r\.pt: atom 2 of structure 1 is O, but in the restart file it is H"):
+        Simulation(model, [molecule("H2O"), other]).load_restart(tmp_path / "r.pt")
+    same = Simulation(model, [molecule("H2O"), molecule("CH4")])
+    assert same.load_restart(tmp_path / "r.pt").step == 2
+
+
 # ---------------------------------------------------------------------------------- the table
-CASES = TORCHMDNET_CASES + SCHNETPACK_CASES
+CASES = TORCHMDNET_CASES + SCHNETPACK_CASES + RESTART_CASES
 
 
 @pytest.mark.parametrize("setup, fragments", CASES, ids=[c[0].__name__ for c in CASES])
