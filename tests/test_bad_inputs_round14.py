@@ -233,6 +233,74 @@ def test_simulation_restart_of_other_elements_names_the_atom(tmp_path):
     assert same.load_restart(tmp_path / "r.pt").step == 2
 
 
+# ---------------------------------------------------------------------------------- OpenMM (openmm-ml)
+def _openmm_water(tmp_path, box_nm=None, as_numpy=False):
+    """(openmm Context of MLPotential('torchmdx') on one water molecule (PythonForce), positions nm)."""
+    openmm = pytest.importorskip("openmm")
+    pytest.importorskip("openmmml")
+    import openmm.app as app
+    from openmm import unit
+    from openmmml import MLPotential
+
+    _tiny_model().save(tmp_path / "m.pt")
+    top = app.Topology()
+    residue = top.addResidue("HOH", top.addChain())
+    for name, element in (("O", app.element.oxygen), ("H1", app.element.hydrogen), ("H2", app.element.hydrogen)):
+        top.addAtom(name, element, residue)
+    if box_nm is not None:
+        vectors = np.eye(3) * box_nm
+        top.setPeriodicBoxVectors(vectors * unit.nanometer if as_numpy else [openmm.Vec3(*r) for r in vectors])
+    system = MLPotential("torchmdx", modelPath=str(tmp_path / "m.pt"), implementation="python").createSystem(top)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.0005), openmm.Platform.getPlatformByName("Reference"))
+    positions = molecule("H2O").positions * 0.1
+    context.setPositions(positions)
+    return context, positions
+
+
+def _openmm_energy(context):
+    from openmm import unit
+
+    return context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+
+def test_openmm_box_vectors_as_a_numpy_array(tmp_path):
+    """``Topology.setPeriodicBoxVectors(np.eye(3) * 2 * nanometer)`` (OpenMM takes it) was "The truth value of
+    an array with more than one element is ambiguous" (a ValueError traceback) in createSystem; now the same
+    energy as the Vec3 box."""
+    numpy_box, _ = _openmm_water(tmp_path, 2.0, as_numpy=True)
+    vec3_box, _ = _openmm_water(tmp_path, 2.0)
+    assert _openmm_energy(numpy_box) == _openmm_energy(vec3_box)
+
+
+def test_openmm_nan_positions_and_coincident_atoms_are_refused(tmp_path):
+    """A NaN position of an ML atom gave the atomic reference energies and zero forces (no pair within the
+    cutoff); two ML atoms at one position a finite, wrong energy: both silently. A box that shrinks below
+    twice the cutoff during a run raised 30 lines of TorchScript traceback. One line each now."""
+    import openmm
+
+    context, positions = _openmm_water(tmp_path, 2.0)
+    plain = _openmm_energy(context)
+    bad = positions.copy()
+    bad[1] = np.nan
+    context.setPositions(bad)
+    with pytest.raises(openmm.OpenMMException, match=r"^particle 1 \(an ML atom\) has a non-finite position") as info:
+        _openmm_energy(context)
+    assert "\n" not in str(info.value)
+    bad = positions.copy()
+    bad[2] = bad[0]
+    context.setPositions(bad)
+    with pytest.raises(openmm.OpenMMException, match=r"^particles 0 and 2 \(ML atoms\) are on top of each other") as info:
+        _openmm_energy(context)
+    assert "\n" not in str(info.value)
+    context.setPositions(positions)
+    assert _openmm_energy(context) == plain  # the same context goes on
+    context.setPeriodicBoxVectors(*(openmm.Vec3(*r) for r in np.eye(3) * 0.6))
+    with pytest.raises(openmm.OpenMMException, match=r"^the periodic box is 6\. Å wide at its narrowest, not more than "
+                                                     r"twice the model's cutoff 4\. Å") as info:
+        _openmm_energy(context)
+    assert "\n" not in str(info.value)
+
+
 # ---------------------------------------------------------------------------------- the table
 CASES = TORCHMDNET_CASES + SCHNETPACK_CASES + RESTART_CASES
 

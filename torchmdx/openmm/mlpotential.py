@@ -119,7 +119,9 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
         if periodic:
             from openmm import unit
 
-            box = topology.getPeriodicBoxVectors() or system.getDefaultPeriodicBoxVectors()
+            box = topology.getPeriodicBoxVectors()
+            if box is None:  # `or` asked a Quantity of a numpy array for its truth value: a ValueError traceback
+                box = system.getDefaultPeriodicBoxVectors()
             box_check([v.value_in_unit(unit.nanometer) * units.NM_TO_ANGSTROM for v in (
                 [box[0], box[1], box[2]])], module.cutoff, str(self.modelPath))
         if implementation == "torchforce":
