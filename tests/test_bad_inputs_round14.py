@@ -301,8 +301,69 @@ def test_openmm_nan_positions_and_coincident_atoms_are_refused(tmp_path):
     assert "\n" not in str(info.value)
 
 
+# ---------------------------------------------------------------------------------- compressed data files
+def _gzip(source, target):
+    import gzip
+    import shutil
+
+    with open(source, "rb") as raw, gzip.open(target, "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    return target
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_a_compressed_md17_xyz_reads_as_the_plain_file(tmp_path, shared_data, suffix):
+    """A gzip'd MD17 xyz was guessed as an ASE file: "no energy 'energy' (info keys: -97208.40600498248...)";
+    with --format md17-xyz "it holds binary data where text was expected". Now the content decides the
+    format and the reader decompresses: the same structures as the plain file."""
+    import bz2
+    import lzma
+
+    from torchmdx.data import guess_format, read_structures
+
+    plain = shared_data / "md17" / "ethanol_snip.xyz"
+    packed = tmp_path / f"ethanol.xyz{suffix}"
+    opener = {".gz": __import__("gzip").open, ".bz2": bz2.open, ".xz": lzma.open}[suffix]
+    with opener(packed, "wb") as handle:
+        handle.write(plain.read_bytes())
+    assert guess_format(packed) == "md17-xyz"
+    want, got = read_structures(plain), read_structures(packed)
+    assert np.array_equal(got.energy, want.energy) and np.array_equal(got.pos, want.pos)
+    assert np.array_equal(got.forces, want.forces) and np.array_equal(got.z, want.z)
+
+
+def gzipped_npz(t, s):  # "cannot guess the format"; with --format md17 "this one starts with b'\x1f\x8b...'"
+    return ["data", "info", _gzip(s / "md17" / "md17_ethanol_xtb.npz", t / "e.npz.gz"), "--cache-dir", t / "cache"]
+
+
+def gzipped_npz_as_md17(t, s):
+    return gzipped_npz(t, s) + ["--format", "md17"]
+
+
+def gzipped_hdf5(t, s):  # "cannot guess the format"
+    return ["data", "info", _gzip(s / "ani" / "ani1_xtb.h5", t / "a.h5.gz"), "--cache-dir", t / "cache"]
+
+
+def gzipped_hdf5_as_ani1(t, s):  # h5py's "file signature not found"
+    return gzipped_hdf5(t, s) + ["--format", "ani1"]
+
+
+def gzipped_database(t, s):  # "ASE cannot read it (ValueError: Unknown database type: gz)"
+    return ["data", "info", _gzip(s / "qm9" / "qm9_20.db", t / "q.db.gz"), "--cache-dir", t / "cache"]
+
+
+COMPRESSED_CASES = [
+    (gzipped_npz, ["e.npz.gz: is a gzip-compressed npz (zip) file, which torchmdx reads uncompressed; decompress "
+                   "it first (gunzip"]),
+    (gzipped_npz_as_md17, ["e.npz.gz: not an npz file", "this one is gzip-compressed: decompress it first"]),
+    (gzipped_hdf5, ["a.h5.gz: is a gzip-compressed HDF5 file", "(gunzip"]),
+    (gzipped_hdf5_as_ani1, ["a.h5.gz: is gzip-compressed, not an HDF5 file", "(gunzip"]),
+    (gzipped_database, ["q.db.gz: is a gzip-compressed ASE database", "(gunzip"]),
+]
+
+
 # ---------------------------------------------------------------------------------- the table
-CASES = TORCHMDNET_CASES + SCHNETPACK_CASES + RESTART_CASES
+CASES = TORCHMDNET_CASES + SCHNETPACK_CASES + RESTART_CASES + COMPRESSED_CASES
 
 
 @pytest.mark.parametrize("setup, fragments", CASES, ids=[c[0].__name__ for c in CASES])
