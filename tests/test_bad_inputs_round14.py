@@ -362,6 +362,22 @@ COMPRESSED_CASES = [
 ]
 
 
+# ---------------------------------------------------------------------------------- output into a closed pipe
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, shared_data):
+    """``torchmdx data info FILE | head -1`` (the reader gone before the summary is written) was a
+    BrokenPipeError traceback; now nothing on stderr and the status of a process ended by SIGPIPE (141)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = (f"'{sys.executable}' -m torchmdx data info '{shared_data / 'md17' / 'ethanol_snip.xyz'}' "
+               f"--cache-dir '{tmp_path / 'cache'}' | true; echo status ${{PIPESTATUS[0]}} >&2")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert done.stderr.strip() == "status 141", done.stderr
+
+
 # ---------------------------------------------------------------------------------- the table
 CASES = TORCHMDNET_CASES + SCHNETPACK_CASES + RESTART_CASES + COMPRESSED_CASES
 

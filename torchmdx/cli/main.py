@@ -80,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = shown  # main() called from Python leaves the caller's hook as it was
 
 
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (pytest's capture)
+        pass
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, taken as Ctrl-C (:func:`sigterm_as_interrupt`)."""
 
@@ -116,6 +125,11 @@ def _run(args) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # the reader of the output went away (`torchmdx data info x | head -3`): not a failure of the command,
+        # and no traceback (was one); stdout points at /dev/null so that Python's flush at exit stays quiet
+        _stdout_to_devnull()
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         # the disk or the folder refused a write (full, quota, read-only, permissions): a fact about
         # the machine, not a bug; anything else stays a traceback worth a bug report
