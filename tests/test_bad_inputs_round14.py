@@ -362,6 +362,42 @@ COMPRESSED_CASES = [
 ]
 
 
+# ---------------------------------------------------------------------------------- md's Python API
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"device": "cdua"}, "ConfigError", "device 'cdua' is not a device name"),           # torch's RuntimeError
+    ({"max_temperature_K": -5}, "ConfigError", "max_temperature_K must be a positive number of K"),  # "exploding"
+    ({"max_temperature_K": float("nan")}, "ConfigError", "max_temperature_K must be a positive number"),
+    ({"dtype": "float16"}, "ConfigError", "dtype must be one of float32, float64, got 'float16'"),
+])
+def test_simulation_arguments_are_one_line(kwargs, error, message):
+    from torchmdx import errors
+    from torchmdx.md import Simulation
+
+    with pytest.raises(getattr(errors, error), match=message):
+        Simulation(_tiny_model(), molecule("H2O"), **kwargs).initialize()
+
+
+def test_simulation_takes_dtype_names_and_names_a_nan_velocity():
+    """``Simulation(model, atoms, dtype="float64")`` (the Calculator's and load_model's spelling) was
+    ``TypeError: tensor(): argument 'dtype' must be torch.dtype, not str``: it runs now, as torch.float64 does;
+    a NaN among the given velocities was "reached nan K ... reduce the time step or check the model"."""
+    from torchmdx.errors import DataError
+    from torchmdx.md import Simulation
+
+    model = _tiny_model()
+    runs = []
+    for dtype in ("float64", torch.float64):
+        sim = Simulation(model, molecule("H2O"), dtype=dtype, temperature_K=0.0)
+        sim.initialize()
+        sim.run(3, every=1)
+        runs.append(sim.state.positions.clone())
+    assert runs[0].dtype == torch.float64 and torch.equal(runs[0], runs[1])
+    velocities = np.zeros((3, 3))
+    velocities[2, 1] = np.nan
+    with pytest.raises(DataError, match=r"velocities: atom 2 of structure 0 has a non-finite velocity"):
+        Simulation(model, molecule("H2O")).initialize(velocities=velocities)
+
+
 # ---------------------------------------------------------------------------------- output into a closed pipe
 def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, shared_data):
     """``torchmdx data info FILE | head -1`` (the reader gone before the summary is written) was a
