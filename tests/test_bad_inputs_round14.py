@@ -414,8 +414,23 @@ def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, shared_data):
     assert done.stderr.strip() == "status 141", done.stderr
 
 
+# ---------------------------------------------------------------------------------- configs
+def train_run_dir_left_empty(t, s):  # "config key 'run_dir' must be a string, got {} (dict)": not what the file says
+    from test_bad_inputs_round13 import _train_config
+
+    path = _train_config(t, s)
+    text = path.read_text().splitlines()
+    path.write_text("\n".join(line if not line.startswith("run_dir:") else "run_dir:" for line in text) + "\n")
+    return ["train", path]
+
+
+CONFIG_CASES = [
+    (train_run_dir_left_empty, ["config key 'run_dir' must be a string, got None"]),
+]
+
+
 # ---------------------------------------------------------------------------------- the table
-CASES = TORCHMDNET_CASES + SCHNETPACK_CASES + RESTART_CASES + COMPRESSED_CASES
+CASES = TORCHMDNET_CASES + SCHNETPACK_CASES + RESTART_CASES + COMPRESSED_CASES + CONFIG_CASES
 
 
 @pytest.mark.parametrize("setup, fragments", CASES, ids=[c[0].__name__ for c in CASES])
