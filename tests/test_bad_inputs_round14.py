@@ -362,6 +362,25 @@ COMPRESSED_CASES = [
 ]
 
 
+# ---------------------------------------------------------------------------------- the data API
+@pytest.mark.parametrize("call, message", [
+    (lambda s: ("read_structures", (None,), {}), "expected the path of a data file or folder, got None"),  # TypeError
+    (lambda s: ("read_structures", (5,), {}), "expected the path of a data file or folder, got 5"),
+    (lambda s: ("guess_format", (None,), {}), "expected the path of a data file or folder, got None"),
+    (lambda s: ("read_structures", (s / "md17" / "md17_ethanol_xtb.npz",), {"energy_unit": 5}),  # AttributeError
+     "md17_ethanol_xtb.npz: energy unit 5 is not a unit name"),
+    (lambda s: ("read_structures", (s / "md17" / "md17_ethanol_xtb.npz",), {"length_unit": 0.529}),
+     "md17_ethanol_xtb.npz: length unit 0.529 is not a unit name"),
+])
+def test_data_api_arguments_are_one_line(shared_data, call, message):
+    from torchmdx import data
+    from torchmdx.errors import DataError
+
+    name, args, kwargs = call(shared_data)
+    with pytest.raises(DataError, match=message):
+        getattr(data, name)(*args, **kwargs)
+
+
 # ---------------------------------------------------------------------------------- md's Python API
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"device": "cdua"}, "ConfigError", "device 'cdua' is not a device name"),           # torch's RuntimeError

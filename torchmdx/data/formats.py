@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import os
 import tarfile
 from pathlib import Path
 from typing import Optional
@@ -74,6 +75,8 @@ def resolve_source(path, fmt: Optional[str] = None) -> Path:
     """The file or folder to read: ``path`` itself, or for md17/rmd17 a molecule name."""
     if isinstance(path, str) and not path.strip():  # Path('') is '.': ". cannot guess the format of this folder"
         raise DataError(f"the data path is empty ({path!r}); give a data file or folder")
+    if not isinstance(path, (str, os.PathLike)):  # read_structures(None): pathlib's TypeError traceback
+        raise DataError(f"expected the path of a data file or folder, got {path!r}")
     p = Path(path).expanduser()
     if p.exists():
         return p
@@ -102,6 +105,8 @@ def _head(path: Path, nbytes: int = 4096) -> bytes:
 
 def guess_format(path) -> str:
     """The format of ``path`` from its content (and name); :class:`DataError` if unknown."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise DataError(f"expected the path of a data file or folder, got {path!r}")
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
