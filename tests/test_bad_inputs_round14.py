@@ -448,6 +448,24 @@ CONFIG_CASES = [
 ]
 
 
+# ---------------------------------------------------------------------------------- torchmdx bench
+@pytest.mark.parametrize("args, line", [
+    (["--systems", "nosuch"], "error: --systems nosuch: no nosuch.xyz in --data"),  # FileNotFoundError traceback
+    (["--systems", "caffeine", "--device", "cdua"], "error: --device 'cdua' is not a device name"),  # RuntimeError
+    (["--systems", "caffeine", "--model", "missing.pt"], "error: missing.pt: model file not found"),  # ModelError traceback
+])
+def test_bench_md_mistakes_are_one_line(tmp_path, capfd, monkeypatch, args, line):
+    """``torchmdx bench md`` runs bench/bench_md.py in its own process: its mistakes were tracebacks
+    (a TorchmdxError too); now one error line and status 2, as every other command."""
+    from torchmdx.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "md", *args, "--steps", "1", "--warmup", "0", "--repeat", "1"]) == 2
+    err = [text for text in capfd.readouterr().err.splitlines() if text.strip()]
+    assert len(err) == 1 and err[0].startswith(line), err
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------- the table
 CASES = TORCHMDNET_CASES + SCHNETPACK_CASES + RESTART_CASES + COMPRESSED_CASES + CONFIG_CASES
 

@@ -64,6 +64,19 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {text}", file=file if file is not None else sys.stderr)
 
 
+def run_script(function, *args) -> int:
+    """Run a ``bench/`` script's ``main`` (``torchmdx bench NAME`` starts the script in its own process)
+    under the command line's rule: a TorchmdxError (a missing model file, an unknown device) is one
+    ``error:`` line and exit status 2, not a traceback (unless ``TORCHMDX_TRACEBACK`` is set)."""
+    try:
+        return int(function(*args) or 0)
+    except TorchmdxError as exc:
+        if traceback_wanted():
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
