@@ -466,6 +466,38 @@ def test_bench_md_mistakes_are_one_line(tmp_path, capfd, monkeypatch, args, line
     assert list(tmp_path.iterdir()) == []
 
 
+# ---------------------------------------------------------------------------------- round 13's open item: NPT near 2 x cutoff
+def test_a_float32_cell_near_twice_the_cutoff_takes_the_fitted_skin():
+    """``fit_skin`` fitted cutoff + skin to half the box width in float64 with a 1e-9 margin; the neighbor list
+    checks the widths in the cell's dtype, and a float32 cell's rounding made that list refuse the fitted
+    skin. Over many float32 boxes just above twice the cutoff, the list now takes it."""
+    from torchmdx.kernels.neighbors_ref import neighbor_list
+    from torchmdx.md.forces import fit_skin
+
+    rng = np.random.default_rng(0)
+    pos = torch.tensor(rng.uniform(0.0, 10.0, (8, 3)), dtype=torch.float32)
+    pbc = torch.tensor([[True, True, True]])
+    for width in 10.0 + rng.uniform(1e-6, 0.6, 300):
+        cell = (torch.eye(3, dtype=torch.float64) * width).to(torch.float32).unsqueeze(0)
+        cell[0, 1, 0] = float(rng.uniform(-0.01, 0.01))  # slightly triclinic too
+        skin = fit_skin(5.0, 0.5, cell, pbc)
+        assert 0.0 <= skin <= 0.5
+        neighbor_list(pos, 5.0 + skin, torch.zeros(8, dtype=torch.long), cell, pbc)  # raised for some widths
+
+
+def test_ase_npt_of_a_box_five_percent_above_twice_the_cutoff_runs(tmp_path, capsys, monkeypatch):
+    """Round 13's open item ("stops after some 30 steps when the box shrinks below twice the cutoff plus
+    skin"): the box had not shrunk (10.5202 Å against 2 x 5.26011 Å); the fitted skin did not survive the
+    float32 width check. The run of the argon box at 1 bar now goes on."""
+    from torchmdx.cli.main import main
+    from test_bad_inputs_round13 import _argon
+
+    monkeypatch.chdir(tmp_path)
+    args = [str(a) for a in _argon(tmp_path)]
+    args[args.index("--steps") + 1] = "60"
+    assert main(args + ["--engine", "ase", "--pressure", "1", "--ensemble", "langevin", "--every", "20"]) == 0
+
+
 # ---------------------------------------------------------------------------------- the table
 CASES = TORCHMDNET_CASES + SCHNETPACK_CASES + RESTART_CASES + COMPRESSED_CASES + CONFIG_CASES
 
