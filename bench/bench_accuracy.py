@@ -416,4 +416,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torchmdx.cli.main import run_script
+
+    sys.exit(run_script(main))  # a TorchmdxError is one error line (torchmdx bench runs this file)

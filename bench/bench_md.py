@@ -226,9 +226,10 @@ def main(argv=None):
     from torchmdx.errors import TorchmdxError
     from torchmdx.nn.traced import compile_mode
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
+    from torchmdx.devices import check_device
+    from torchmdx.errors import ConfigError
+
+    check_device(args.device, "--device")  # 'cdua' was torch's RuntimeError listing every device type
     max_atoms = args.max_atoms if args.max_atoms is not None else (None if args.device.startswith("cuda") else 2500)
     cuda = args.device.startswith("cuda")
     wanted = set(args.variants.split(",")) if args.variants else set(VARIANTS) - {"native_unfused"}  # unfused: asked for
@@ -244,6 +245,11 @@ def main(argv=None):
             wanted.discard("tmdnet_ase")
     run = {v: v in wanted and (cuda or v in ("native", "ase")) for v in VARIANTS}
     names = args.systems or SYSTEMS
+    missing = [name for name in names if not (Path(args.data) / f"{name}.xyz").is_file()]
+    if missing:  # was FileNotFoundError's traceback after the model was built
+        there = sorted(p.stem for p in Path(args.data).glob("*.xyz")) if Path(args.data).is_dir() else []
+        raise ConfigError(f"--systems {', '.join(missing)}: no {missing[0]}.xyz in --data {args.data} "
+                          f"({'it holds ' + ', '.join(there) if there else 'no .xyz files there'})")
     model = load_model(args).to(args.device)
     print(f"# bench_md: device {args.device}"
           + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else "")
@@ -362,4 +368,6 @@ def write_json(path, data):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torchmdx.cli.main import run_script
+
+    sys.exit(run_script(main))  # a TorchmdxError is one error line (torchmdx bench runs this file)

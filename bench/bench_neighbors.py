@@ -427,4 +427,6 @@ def save(record, folder):
 
 
 if __name__ == "__main__":
-    main()
+    from torchmdx.cli.main import run_script
+
+    sys.exit(run_script(main))  # a TorchmdxError is one error line (torchmdx bench runs this file)

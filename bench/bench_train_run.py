@@ -209,4 +209,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from torchmdx.cli.main import run_script
+
+    sys.exit(run_script(main))  # a TorchmdxError is one error line (torchmdx bench runs this file)

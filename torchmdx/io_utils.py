@@ -111,3 +111,31 @@ def missing_file_reason(path: str | os.PathLike, what: str = "file") -> str:
     if path.exists():
         return f"is not a regular {what} (a device, pipe or socket)"
     return f"{what} not found"
+
+
+#: magic bytes of single-file compressors -> (name, the command that undoes it)
+COMPRESSIONS = {b"\x1f\x8b": ("gzip", "gunzip"), b"BZh": ("bzip2", "bunzip2"), b"\xfd7zXZ\x00": ("xz", "unxz"),
+                b"\x28\xb5\x2f\xfd": ("zstd", "unzstd")}
+
+
+def compression(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(name, command that decompresses it) when ``path`` is a gzip, bzip2, xz or zstd file; else None."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except OSError:
+        return None
+    return next((kind for magic, kind in COMPRESSIONS.items() if head.startswith(magic)), None)
+
+
+def open_compressed(path: str | os.PathLike, mode: str = "rb"):
+    """``open(path, mode)``, through gzip, bz2 or lzma when the file is compressed with one of them
+    (``mode`` 'rb' or 'rt'; zstd is reported, not read: Python's standard library has no reader)."""
+    kind = compression(path)
+    if kind is None or kind[0] == "zstd":
+        return open(path, mode)
+    import bz2
+    import gzip
+    import lzma
+
+    return {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}[kind[0]](path, mode)

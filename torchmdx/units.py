@@ -65,6 +65,8 @@ def energy_factor(unit: str) -> float:
     """Factor converting an energy given in ``unit`` (e.g. 'Hartree', 'kcal/mol') to eV."""
     from torchmdx.errors import DataError
 
+    if not isinstance(unit, str):  # energy_unit=5 was AttributeError: 'int' object has no attribute 'strip'
+        raise DataError(f"energy unit {unit!r} is not a unit name (text such as 'kcal/mol')")
     key = unit.strip().lower()
     if key not in ENERGY_UNITS:
         raise DataError(f"unknown energy unit {unit!r}; known: {', '.join(sorted(ENERGY_UNITS))}")
@@ -75,6 +77,8 @@ def length_factor(unit: str) -> float:
     """Factor converting a length given in ``unit`` (e.g. 'Bohr') to Å."""
     from torchmdx.errors import DataError
 
+    if not isinstance(unit, str):  # length_unit=5 was AttributeError: 'int' object has no attribute 'strip'
+        raise DataError(f"length unit {unit!r} is not a unit name (text such as 'Bohr')")
     key = unit.strip().lower()
     if key not in LENGTH_UNITS:
         raise DataError(f"unknown length unit {unit!r}; known: {', '.join(sorted(LENGTH_UNITS))}")

@@ -64,6 +64,19 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {text}", file=file if file is not None else sys.stderr)
 
 
+def run_script(function, *args) -> int:
+    """Run a ``bench/`` script's ``main`` (``torchmdx bench NAME`` starts the script in its own process)
+    under the command line's rule: a TorchmdxError (a missing model file, an unknown device) is one
+    ``error:`` line and exit status 2, not a traceback (unless ``TORCHMDX_TRACEBACK`` is set)."""
+    try:
+        return int(function(*args) or 0)
+    except TorchmdxError as exc:
+        if traceback_wanted():
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -78,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     finally:
         warnings.showwarning = shown  # main() called from Python leaves the caller's hook as it was
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (pytest's capture)
+        pass
 
 
 class _Terminated(KeyboardInterrupt):
@@ -116,6 +138,11 @@ def _run(args) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # the reader of the output went away (`torchmdx data info x | head -3`): not a failure of the command,
+        # and no traceback (was one); stdout points at /dev/null so that Python's flush at exit stays quiet
+        _stdout_to_devnull()
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         # the disk or the folder refused a write (full, quota, read-only, permissions): a fact about
         # the machine, not a bug; anything else stays a traceback worth a bug report

@@ -22,6 +22,9 @@ Per structure:
 
 Units are ASE's (eV, Å) unless ``energy_unit`` / ``length_unit`` say otherwise; they apply to
 positions, cell, energy, forces (energy_unit/length_unit) and stress (energy_unit/length_unit³).
+An ASE database that names its units in its metadata (SchNetPack's ``_property_unit_dict`` and
+``_distance_unit``) is read in those units (:func:`db_declared_units`); an option naming another
+unit is refused.
 """
 
 from __future__ import annotations
@@ -253,6 +256,76 @@ def _iter_db_frames(path: Path, energy_key, forces_key, group_key, stress_key="s
         yield frame
 
 
+def db_declared_units(path) -> dict:
+    """The units an ASE database names in its metadata, in SchNetPack's layout (``spk.data.ASEAtomsData``):
+    ``_property_unit_dict`` (property -> unit name, e.g. ``{'energy': 'kcal/mol', 'forces':
+    'kcal/mol/Ang'}``) and ``_distance_unit`` (key ``_distance_unit``); {} when it names none."""
+    meta = connect_db(Path(path)).metadata or {}
+    props = meta.get("_property_unit_dict") or {}
+    if not isinstance(props, dict):
+        raise DataError(f"{path}: metadata '_property_unit_dict' must map property names to unit names, got "
+                        f"{type(props).__name__}")
+    found = {f"_property_unit_dict.{name}": unit for name, unit in props.items()}
+    if meta.get("_distance_unit") is not None:
+        found["_distance_unit"] = meta["_distance_unit"]
+    for key, unit in found.items():
+        if not isinstance(unit, str):
+            raise DataError(f"{path}: metadata '{key}' must be a unit name (text), got {unit!r}")
+    return found
+
+
+def _declared_unit(path, key: str, name: str, option: str, given, quantity: str, factor):
+    """The unit to read with: the metadata's ``name`` when no option is ``given``; the option when
+    it is the same unit (or the metadata's name is one torchmdx does not know); else one line."""
+    import math
+
+    try:
+        declared = factor(name)
+    except DataError:
+        if given is not None:
+            return given  # the option says what the metadata's label means
+        raise DataError(f"{path}: metadata '{key}' is {name!r}, not {'an' if quantity == 'energy' else 'a'} {quantity} "
+                        f"unit torchmdx knows; set data.{option} (--{option.replace('_', '-')}) to the unit of the "
+                        "values") from None
+    if given is None:
+        return name.strip()
+    if not math.isclose(factor(given), declared, rel_tol=1e-9):
+        raise DataError(f"{path}: the database's metadata says its {quantity} unit is {name!r} ({key}), but {option} "
+                        f"{given!r} was given; drop data.{option} (or fix the metadata)")
+    return given
+
+
+def _db_units(path: Path, energy_key: str, forces_key: str, energy_unit, length_unit):
+    """(energy unit, length unit) of a database that names its own (SchNetPack's metadata): they were
+    ignored, so energies and forces in kcal/mol (and kcal/mol/Å) were read as eV, 23 x too large, and
+    ``data info`` said "file units energy eV". A forces unit that is not the energy unit per length
+    unit is refused (torchmdx reads forces in energy_unit / length_unit)."""
+    from torchmdx import units
+
+    declared = db_declared_units(path)
+    key = f"_property_unit_dict.{energy_key}"
+    if key in declared:
+        energy_unit = _declared_unit(path, key, declared[key], "energy_unit", energy_unit, "energy", units.energy_factor)
+    if "_distance_unit" in declared:
+        length_unit = _declared_unit(path, "_distance_unit", declared["_distance_unit"], "length_unit", length_unit,
+                                     "length", units.length_factor)
+    key = f"_property_unit_dict.{forces_key}"
+    if key in declared and "/" in declared[key]:
+        import math
+
+        energy_part, length_part = declared[key].rsplit("/", 1)
+        try:
+            declared_factor = units.energy_factor(energy_part) / units.length_factor(length_part)
+        except DataError:
+            return energy_unit, length_unit  # a unit name torchmdx cannot split: energy/length as for every file
+        e, length, f = unit_factors(path, energy_unit, length_unit, "eV")
+        if not math.isclose(declared_factor, f, rel_tol=1e-9):
+            raise DataError(f"{path}: metadata '{key}' is {declared[key]!r}, but the energies are read in "
+                            f"{energy_unit or 'eV'} and lengths in {length_unit or 'Å'}; torchmdx reads forces in "
+                            "energy unit per length unit: convert the forces (or the energies) to match")
+    return energy_unit, length_unit
+
+
 def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] = None,
              group_key: Optional[str] = None, energy_unit: Optional[str] = None,
              length_unit: Optional[str] = None, stress_key: Optional[str] = None) -> Structures:
@@ -266,6 +339,8 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
                         "the array or calculator result that holds the forces (e.g. forces)")
     explicit_stress = stress_key is not None
     stress_key = stress_key or "stress"
+    if path.suffix == ".db":
+        energy_unit, length_unit = _db_units(path, energy_key, forces_key, energy_unit, length_unit)
     e, length, f = unit_factors(path, energy_unit, length_unit, "eV")
     if path.suffix == ".db":
         frames = list(_iter_db_frames(path, energy_key, forces_key, group_key, stress_key))

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import os
 import tarfile
 from pathlib import Path
 from typing import Optional
 
 from torchmdx.data.structures import Structures
+from torchmdx.io_utils import compression
 from torchmdx.errors import DataError
 
 FORMAT_OPTIONS = {
@@ -73,6 +75,8 @@ def resolve_source(path, fmt: Optional[str] = None) -> Path:
     """The file or folder to read: ``path`` itself, or for md17/rmd17 a molecule name."""
     if isinstance(path, str) and not path.strip():  # Path('') is '.': ". cannot guess the format of this folder"
         raise DataError(f"the data path is empty ({path!r}); give a data file or folder")
+    if not isinstance(path, (str, os.PathLike)):  # read_structures(None): pathlib's TypeError traceback
+        raise DataError(f"expected the path of a data file or folder, got {path!r}")
     p = Path(path).expanduser()
     if p.exists():
         return p
@@ -101,6 +105,8 @@ def _head(path: Path, nbytes: int = 4096) -> bytes:
 
 def guess_format(path) -> str:
     """The format of ``path`` from its content (and name); :class:`DataError` if unknown."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise DataError(f"expected the path of a data file or folder, got {path!r}")
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -132,7 +138,12 @@ def guess_format(path) -> str:
         return _guess_db(path)
     if path.suffix in (".tar", ".tgz", ".gz", ".bz2", ".xz") and tarfile.is_tarfile(path):
         return "qm9"
-    if path.suffix in (".xyz", ".extxyz", "") or path.suffix.startswith(".xyz"):
+    suffix = path.suffix
+    packed = compression(path)
+    if packed is not None:  # one compressed file: its content decides (a gzip'd MD17 xyz was read as ase)
+        head = _compressed_head(path, packed)
+        suffix = Path(path.stem).suffix
+    if suffix in (".xyz", ".extxyz", "") or suffix.startswith(".xyz"):
         from torchmdx.data.qm9 import looks_like_qm9_xyz
 
         text = head.decode(errors="replace")
@@ -150,6 +161,28 @@ def guess_format(path) -> str:
     if ase_format in ioformats:
         return "ase"
     raise DataError(f"{path}: cannot guess the format; pass --format (one of {', '.join(FORMATS[:-1])})")
+
+
+def _compressed_head(path: Path, packed: tuple) -> bytes:
+    """The first 4 KiB of a compressed file's content; one line for a compressed npz, HDF5 file or
+    database (their readers need the file itself: "not an npz file", h5py's "file signature not
+    found", "Unknown database type: gz" before) and for zstd (no reader in Python's standard library)."""
+    from torchmdx.io_utils import open_compressed
+
+    name, command = packed
+    if name == "zstd":
+        raise DataError(f"{path}: is zstd-compressed; decompress it first ({command} {path})")
+    try:
+        with open_compressed(path) as handle:
+            head = handle.read(4096)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: is {name}-compressed but cannot be decompressed ({exc}): truncated or damaged") from None
+    inner = {b"PK": "npz (zip) file", b"\x89HDF": "HDF5 file", b"SQLite format 3": "ASE database"}
+    for magic, kind in inner.items():
+        if head.startswith(magic):
+            raise DataError(f"{path}: is a {name}-compressed {kind}, which torchmdx reads uncompressed; decompress it "
+                            f"first ({command} {path})")
+    return head
 
 
 def _is_single_number(line: str) -> bool:

@@ -65,6 +65,11 @@ def load_npz(path: Path) -> dict:
 
 def _file_kind(head: bytes) -> str:
     """What a file's first bytes say it is, as the tail of a sentence."""
+    from torchmdx.io_utils import COMPRESSIONS
+
+    for magic, (name, command) in COMPRESSIONS.items():
+        if head.startswith(magic):
+            return f" is {name}-compressed: decompress it first ({command} FILE)"
     kinds = {b"\x89HDF": "is an HDF5 file", b"SQLite f": "is an SQLite (ASE) database",
              b"\x93NUMPY": "is a single .npy array", b"\x80": "is a pickle (e.g. torch.save)"}
     for magic, kind in kinds.items():
@@ -178,7 +183,9 @@ def read_md17_xyz(path, energy_unit=None, length_unit=None) -> Structures:
     path = Path(path)
     e, length, f = unit_factors(path, energy_unit, length_unit, "kcal/mol")
     builder = StructureBuilder(str(path), format="md17-xyz", units_in={"energy": energy_unit or "kcal/mol"})
-    with open(path) as handle:
+    from torchmdx.io_utils import open_compressed
+
+    with open_compressed(path, "rt") as handle:  # MD17 xyz files are often kept gzip'd (was "binary data")
         lines = handle.read().splitlines()
     i = 0
     while i < len(lines):

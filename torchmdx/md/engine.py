@@ -104,8 +104,21 @@ class Simulation(RunLoop, RestartFiles):
         atoms_list, self.atom_perm = order_structures(atoms_list, atom_order)
         if check_interval < 1:
             raise ConfigError(f"check_interval must be >= 1 step, got {check_interval}")
-        self.device = torch.device(device)
-        self.dtype = dtype
+        from torchmdx.devices import check_device
+        from torchmdx.dtypes import torch_dtype
+
+        # the names the Calculator and load_model take: dtype="float64" was a TypeError traceback, a device
+        # typo torch's RuntimeError listing every device type
+        self.device = check_device(device, "device")
+        self.dtype = dtype = torch_dtype(dtype, what="dtype")
+        import numbers
+
+        if max_temperature_K is not None and not (isinstance(max_temperature_K, numbers.Real)
+                                                  and not isinstance(max_temperature_K, bool)
+                                                  and 0 < max_temperature_K < float("inf")):
+            # -5 ran, then stopped at once as "exploding: reduce the time step or check the model"
+            raise ConfigError(f"max_temperature_K must be a positive number of K (or None: max(2000 K, 5 T)), got "
+                              f"{max_temperature_K!r}")
         from torchmdx.md.loading import load_potential
 
         # a copy where the caller's model would be converted (Module.to converts in place):
@@ -146,7 +159,7 @@ class Simulation(RunLoop, RestartFiles):
         self.check_interval = int(check_interval)
         # on the CPU a host check costs nothing: check (and rebuild) at every step, no replays
         self.check_every_step = (self.device.type == "cpu") if check_every_step is None else bool(check_every_step)
-        self.max_temperature_K = float(max_temperature_K) if max_temperature_K else max(2000.0, 5.0 * self.temperature_K)
+        self.max_temperature_K = float(max_temperature_K) if max_temperature_K is not None else max(2000.0, 5.0 * self.temperature_K)
         # CUDA graphs: one captured step replayed in the fast (chunked) path; see md/cuda_graph.py
         if cuda_graph and self.device.type != "cuda":
             raise ConfigError(f"cuda_graph needs a CUDA device, got {self.device}")
@@ -202,6 +215,12 @@ class Simulation(RunLoop, RestartFiles):
             velocities = torch.as_tensor(np.asarray(velocities), dtype=self.dtype, device=self.device).reshape(-1, 3)
             if velocities.shape != positions.shape:
                 raise DataError(f"velocities must have shape [{s.num_atoms}, 3], got {list(velocities.shape)}")
+            finite = torch.isfinite(velocities).all(-1)
+            if not bool(finite.all()):  # was "reached nan K ... reduce the time step or check the model"
+                a = int((~finite).nonzero()[0, 0])
+                b = int(np.searchsorted(np.cumsum(list(s.counts)), a, side="right"))
+                raise DataError(f"velocities: atom {a - sum(list(s.counts)[:b])} of structure {b} has a non-finite "
+                                f"velocity {velocities[a].tolist()}")
             velocities = self.from_input(velocities)
         zeros_b = torch.zeros(s.num_structures, dtype=self.dtype, device=self.device)
         self.state = MDState(positions, velocities, torch.zeros_like(positions), zeros_b, zeros_b.clone(), 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from torchmdx.errors import DataError
@@ -74,11 +75,20 @@ class RestartFiles:
         where = "" if isinstance(path_or_payload, dict) else f"{path_or_payload}: "
         s = self.system
         z = payload["z"]
-        if list(payload["counts"]) != list(s.counts) or not torch.equal(z, self.to_input(s.z).cpu()):
+        if list(payload["counts"]) != list(s.counts):
             raise DataError(
                 f"{where}restart file holds {len(payload['counts'])} structure(s) of {list(payload['counts'])} atoms "
                 f"that do not match the structures given ({list(s.counts)} atoms)"
             )
+        given = self.to_input(s.z).cpu()
+        if not torch.equal(z, given):  # the same counts: "[3] atoms that do not match ... ([3] atoms)" said nothing
+            from torchmdx.nn.normalised import element_symbol
+
+            i = int((z != given).nonzero()[0, 0])
+            b = int(np.searchsorted(np.cumsum(list(s.counts)), i, side="right"))  # sorting keeps structures together
+            raise DataError(f"{where}atom {i - sum(list(s.counts)[:b])} of structure {b} is {element_symbol(int(given[i]))}, "
+                            f"but in the restart file it is {element_symbol(int(z[i]))}: the restart file was written "
+                            "for other structures (or another atom order)")
         to = dict(device=self.device, dtype=self.dtype)
         self.state = MDState(
             positions=self.from_input(payload["positions"].to(**to)),

@@ -36,6 +36,10 @@ def fit_skin(cutoff: float, skin: float, cell: Optional[torch.Tensor], pbc: Opti
     does not fit (the neighbor list then reports that)."""
     if cell is None or pbc is None or not bool(pbc.any()):
         return float(skin)
+    # the neighbor list checks the widths in the cell's own dtype: a float32 cell's rounding made a skin
+    # fitted in float64 to the last 1e-9 too large there ("cutoff 5.26011 Å is larger than half the
+    # perpendicular width", an NPT run of a box 5 % above twice the cutoff stopped after 30 steps)
+    rounding = 64.0 * torch.finfo(cell.dtype).eps if cell.is_floating_point() else 0.0
     cell = cell.reshape(-1, 3, 3).double()
     pbc = pbc.reshape(-1, 3).expand(cell.shape[0], 3)
     a, b, c = cell[:, 0], cell[:, 1], cell[:, 2]
@@ -44,7 +48,7 @@ def fit_skin(cutoff: float, skin: float, cell: Optional[torch.Tensor], pbc: Opti
                          torch.linalg.cross(a, b).norm(dim=-1)], dim=-1)
     widths = volume.unsqueeze(-1) / areas.clamp(min=1e-30)
     half = float(torch.where(pbc, widths, torch.full_like(widths, float("inf"))).min()) / 2.0
-    room = (half - float(cutoff)) * (1.0 - 1e-9)
+    room = (half - float(cutoff)) * (1.0 - 1e-9) - rounding * half
     return float(min(float(skin), max(0.0, room)))
 
 

@@ -339,6 +339,31 @@ def initial_velocities(config: MDConfig, structures, sources: list, err) -> Opti
     return np.concatenate(parts)
 
 
+def check_restart_matches(config: MDConfig, payload: dict, structures: list, sources, replicas: int) -> None:
+    """The restart file's atoms (counts and elements, in the input order) are those of the structures
+    given; else one line. Elements were compared only by the engine, whose line said "1 structure(s)
+    of [3] atoms that do not match the structures given ([3] atoms)": no file, no atom."""
+    import numpy as np
+
+    from torchmdx.nn.normalised import element_symbol
+
+    counts = [len(a) for a in structures]
+    if counts != list(payload.get("counts", [])):
+        raise DataError(f"{config.restart}: the restart file holds {len(payload['counts'])} structure(s) of "
+                        f"{list(payload['counts'])} atoms that do not match the structures given ({counts} atoms)")
+    given = np.concatenate([np.asarray(a.numbers) for a in structures]) if structures else np.zeros(0, int)
+    saved = np.asarray(payload["z"]).reshape(-1)
+    if given.shape == saved.shape and np.array_equal(given, saved):
+        return
+    first = int(np.flatnonzero(given != saved)[0])
+    b = int(np.searchsorted(np.cumsum(counts), first, side="right"))
+    a = first - sum(counts[:b])
+    where = f"structure {b}" if sources is None else sources[b // max(replicas, 1)]
+    raise DataError(f"{config.restart}: atom {a} of {where} is {element_symbol(int(given[first]))}, but in the restart "
+                    f"file it is {element_symbol(int(saved[first]))}: the restart file was written for other "
+                    "structures (or another atom order); give the structures it was written for, or none")
+
+
 def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
     """Run the simulation described by ``config``; returns the summary as a dict.
 
@@ -387,12 +412,9 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
             f"--engine ase runs one structure, got {len(structures)} (frames x replicas); "
             "use the native engine for batches"
         )
-    if restart_payload is not None and [len(a) for a in structures] != list(restart_payload.get("counts", [])):
-        raise DataError(
-            f"{config.restart}: the restart file holds {len(restart_payload['counts'])} structure(s) of "
-            f"{list(restart_payload['counts'])} atoms that do not match the structures given "
-            f"({[len(a) for a in structures]} atoms)"
-        )
+    if restart_payload is not None:
+        check_restart_matches(config, restart_payload, structures,
+                              sources if config.structure else None, config.replicas if config.structure else 1)
     if potential is None and not config.model:
         raise ConfigError("no model given (--model model.pt, or 'model:' in the md config)")
     plan = plan_outputs(config, len(structures), restart_payload,

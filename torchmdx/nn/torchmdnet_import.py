@@ -15,18 +15,24 @@ distance influence, neighbor embedding, vector cutoff, activations, reduce_op ad
 precision 32/64), the heads EquivariantScalar (ET default) and a plain Scalar MLP, the
 ``Atomref`` prior (``enable`` honoured unless ``enable_atomref`` says otherwise), ``mean`` and
 ``std``. Other architectures, output models (dipole, spatial extent) and priors (ZBL, D2,
-Coulomb), and ``atom_filter`` are refused with a one-line ModelError.
+Coulomb), and ``atom_filter`` are refused with a one-line ModelError; so are hyper-parameters
+that are missing or not numbers, hyper-parameters the torchmdx ET cannot take, and weights that
+are not floating point or not finite (as :func:`torchmdx.nn.load_model` checks its own files).
+A checkpoint trained with a fixed periodic box (``box_vecs``, which TorchMD-NET applies to every
+input) is imported with one warning: torchmdx takes the cell from each structure.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
 
-from torchmdx.errors import ModelError
+from torchmdx.errors import ModelError, TorchmdxError
 
 _PRECISION = {32: "float32", 64: "float64", "32": "float32", "64": "float64"}
 #: TorchMD-NET 3.0's scatter(reduce="mean") starts from zeros with include_self=True, so its
@@ -96,6 +102,50 @@ def _prior_list(hparams: Mapping) -> list[tuple[str, dict]]:
     return list(zip(names, args))
 
 
+_REQUIRED = object()
+
+
+def _hparam(hp: Mapping, key: str, kind, path: Path, default=_REQUIRED):
+    """``hp[key]`` as an int or float (``kind``); a missing key without default, or a value that is
+    not a number of that kind (None, text, 1.5 for a count), is one ModelError naming the file and
+    key (int()/float() tracebacks before)."""
+    if key not in hp:
+        if default is _REQUIRED:
+            raise ModelError(f"{path}: hyper_parameters lack '{key}' (TorchMD-NET writes it for every ET); "
+                             "not a complete TorchMD-NET checkpoint (damaged or edited?)")
+        return default
+    value = hp[key]
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+        if kind is int:
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if not math.isfinite(number):
+            raise ValueError
+        return number
+    except (TypeError, ValueError):
+        need = "a whole number" if kind is int else "a finite number"
+        raise ModelError(f"{path}: hyper-parameter '{key}' is {value!r}, expected {need}") from None
+
+
+def _warn_fixed_box(path: Path, hp: Mapping, state: Mapping) -> None:
+    """TorchMD-NET's ``box_vecs`` makes every input periodic in that fixed box; torchmdx takes the
+    cell from each structure (``Atoms.cell``, the OpenMM box), so the imported model is periodic
+    only where the structure says so: one warning line (was ignored silently)."""
+    box = hp.get("box_vecs")
+    buffer = state.get("representation_model.distance.box")
+    if box is None and torch.is_tensor(buffer) and buffer.numel() and bool((buffer != 0).any()):
+        box = buffer.tolist()
+    if box is None:
+        return
+    warnings.warn(f"{path}: trained with TorchMD-NET's fixed periodic box box_vecs={box}, which it applies to every "
+                  "input; torchmdx takes the cell from each structure, so give the structures that box (cell and "
+                  "pbc) to get TorchMD-NET's energies", UserWarning, stacklevel=3)
+
+
 def _scalar(value, name: str, path: Path) -> float:
     t = torch.as_tensor(value, dtype=torch.float64)
     if t.numel() != 1:
@@ -124,11 +174,14 @@ def import_torchmdnet(
     ckpt = _read_checkpoint(path, trusted)
     if not isinstance(ckpt, Mapping) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise ModelError(f"{path}: not a TorchMD-NET checkpoint (expected 'hyper_parameters' and 'state_dict')")
+    if not isinstance(ckpt["hyper_parameters"], Mapping):  # dict() of a list was a ValueError traceback
+        raise ModelError(f"{path}: 'hyper_parameters' is a {type(ckpt['hyper_parameters']).__name__}, expected a "
+                         "mapping of TorchMD-NET's options (damaged or edited?)")
     hp = dict(ckpt["hyper_parameters"])
     model = hp.get("model")
     if model != "equivariant-transformer":
         raise ModelError(f"{path}: only TorchMD-NET's equivariant-transformer can be imported, this checkpoint holds {model!r}")
-    if int(hp.get("atom_filter", -1) or -1) > -1:
+    if hp.get("atom_filter") is not None and _hparam(hp, "atom_filter", int, path) > 0:  # 0 filters Z <= 0: none
         raise ModelError(f"{path}: checkpoints trained with atom_filter are not supported")
     output_model = hp.get("output_model", "Scalar")
     if output_model not in ("Scalar", "EquivariantScalar"):
@@ -139,7 +192,11 @@ def import_torchmdnet(
     precision = hp.get("precision", 32)
     dtype = _PRECISION.get(precision, "float32")
 
-    state = {re.sub(r"^model\.", "", k): v for k, v in ckpt["state_dict"].items()}
+    raw_state = ckpt["state_dict"]
+    if not isinstance(raw_state, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                     for k, v in raw_state.items()):
+        raise ModelError(f"{path}: 'state_dict' is not a mapping of weight names to tensors (damaged or edited?)")
+    state = {re.sub(r"^model\.", "", k): v for k, v in raw_state.items()}
     for pattern, repl in _LEGACY:
         state = {re.sub(pattern, repl, k): v for k, v in state.items()}
     if any(k.startswith("output_model.output_network.layers.") for k in state):
@@ -148,13 +205,14 @@ def import_torchmdnet(
         head = "gated_equivariant"
     else:
         raise ModelError(f"{path}: no output-model weights found in the state_dict")
+    _warn_fixed_box(path, hp, state)
 
     energy = energy_factor(energy_unit)
     config = {
-        "embedding_dimension": int(hp["embedding_dimension"]),
-        "num_layers": int(hp["num_layers"]),
-        "num_heads": int(hp["num_heads"]),
-        "num_rbf": int(hp["num_rbf"]),
+        "embedding_dimension": _hparam(hp, "embedding_dimension", int, path),
+        "num_layers": _hparam(hp, "num_layers", int, path),
+        "num_heads": _hparam(hp, "num_heads", int, path),
+        "num_rbf": _hparam(hp, "num_rbf", int, path),
         "rbf_type": hp.get("rbf_type", "expnorm"),
         "trainable_rbf": bool(hp.get("trainable_rbf", False)),
         "activation": hp.get("activation", "silu"),
@@ -162,16 +220,19 @@ def import_torchmdnet(
         "neighbor_embedding": bool(hp.get("neighbor_embedding", True)),
         "distance_influence": hp.get("distance_influence", "both"),
         "vector_cutoff": bool(hp.get("vector_cutoff", False)),
-        "cutoff_lower": float(hp.get("cutoff_lower", 0.0)),
-        "cutoff_upper": float(hp.get("cutoff_upper", 5.0)),
-        "max_z": int(hp.get("max_z", 100)),
+        "cutoff_lower": _hparam(hp, "cutoff_lower", float, path, 0.0),
+        "cutoff_upper": _hparam(hp, "cutoff_upper", float, path, 5.0),
+        "max_z": _hparam(hp, "max_z", int, path, 100),
         "output_model": head,
         "reduce_op": reduce_op,
         "dtype": dtype,
     }
-    potential = ETPotential(config)
+    try:  # the ET's own checks (an activation torchmdx lacks, heads not dividing the embedding) name no file
+        potential = ETPotential(config)
+    except TorchmdxError as exc:
+        raise ModelError(f"{path}: its TorchMD-NET hyper-parameters do not make a torchmdx ET: {exc}") from None
 
-    mapped = {}
+    mapped, source_key = {}, {}  # torchmdx name -> weight; -> the checkpoint's (state_dict) name
     atomref = None
     for key, value in state.items():
         if key in ("mean", "std") or key.startswith("prior_model."):
@@ -184,6 +245,7 @@ def import_torchmdnet(
             if count:
                 break
         mapped[new] = value
+        source_key[new] = f"model.{key}"
 
     priors = _prior_list(hp)
     for index, (name, args) in enumerate(priors):
@@ -207,10 +269,26 @@ def import_torchmdnet(
     for key, value in mapped.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise ModelError(f"{path}: weight {key!r} has shape {list(value.shape)}, expected {list(own[key].shape)}")
+        # as load_model checks a torchmdx model file: an integer weight was copied into the float one (0.03 -> 0)
+        # and a NaN weight gave NaN energies, both silently
+        if own[key].is_floating_point() and not value.is_floating_point():
+            raise ModelError(f"{path}: weight {source_key[key]!r} is {str(value.dtype).replace('torch.', '')}, expected "
+                             "floating-point numbers (damaged or edited?)")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ModelError(f"{path}: weight {source_key[key]!r} holds NaN or infinite values: the model is unusable (its "
+                             "training diverged?)")
     potential.load_state_dict({**own, **mapped})
 
     std = _scalar(state["std"], "std", path) if "std" in state else 1.0
     mean = _scalar(state["mean"], "mean", path) if "mean" in state else 0.0
+    if not (math.isfinite(std) and std > 0):  # set_normalisation's line named neither the file nor 'std'
+        raise ModelError(f"{path}: 'std' (the standardisation of the energies) is {std:g}, expected a finite number > 0")
+    if not math.isfinite(mean):
+        raise ModelError(f"{path}: 'mean' (the standardisation of the energies) is {mean:g}, expected a finite number")
+    if atomref is not None and not bool(torch.isfinite(atomref).all()):
+        bad = int((~torch.isfinite(atomref)).nonzero()[0, 0])
+        raise ModelError(f"{path}: the Atomref prior's energy of Z={bad} is {float(atomref[bad]):g}, expected a "
+                         "finite number")
     if atomref is not None and atomref.numel() > potential.config.max_z:
         extra = atomref[potential.config.max_z:]
         if bool((extra != 0).any()):

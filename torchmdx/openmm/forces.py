@@ -143,10 +143,24 @@ class PythonForceComputation:
         if self.periodic:
             vectors = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer)
             box = torch.tensor(np.asarray(vectors, dtype=np.float64), dtype=torch.float64, device=self.device)
-        with torch.enable_grad():
-            energy = self.module.energy(pos, box)
-            (grad,) = torch.autograd.grad(energy, pos)
+        try:
+            with torch.enable_grad():
+                energy = self.module.energy(pos, box)
+                (grad,) = torch.autograd.grad(energy, pos)
+        except torch.jit.Error as exc:  # the module's own "torchmdx: ..." line, under 30 lines of TorchScript
+            raise OpenMMError(module_error_line(exc)) from None
         return float(energy.detach()), (-grad).detach().cpu().numpy()
+
+
+def module_error_line(exc: BaseException) -> str:
+    """The one line of the module's own error ("torchmdx: ..." in :mod:`torchmdx.openmm.module` and
+    :mod:`torchmdx.openmm.neighbors`: a box narrower than twice the cutoff, a non-finite position,
+    atoms on top of each other) out of TorchScript's traceback; any other error's last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "torchmdx: " in line:
+            return line[line.index("torchmdx: ") + len("torchmdx: "):]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def create_python_force(module, periodic: bool, atoms: Optional[Sequence[int]] = None, device: str = "cpu"):

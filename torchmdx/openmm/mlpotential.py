@@ -129,7 +129,9 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
         if periodic:
             from openmm import unit
 
-            vectors = topology.getPeriodicBoxVectors() or system.getDefaultPeriodicBoxVectors()
+            vectors = topology.getPeriodicBoxVectors()
+            if vectors is None:  # `or` asked a Quantity of a numpy array for its truth value: a ValueError traceback
+                vectors = system.getDefaultPeriodicBoxVectors()
             box = [[x * units.NM_TO_ANGSTROM for x in v.value_in_unit(unit.nanometer)] for v in vectors]
         if implementation == "python" and self._fast_path(fast):
             from torchmdx.openmm.fast import create_fast_force

@@ -16,6 +16,10 @@ Reference/CPU platforms; it takes forces by autograd (``-dE/dpositions``), or, w
    float64 — and in the ``outputs_forces`` variant also the forces on every particle
    (``-dE/dpositions``, zero outside the ML region).
 
+A non-finite position of an ML atom, or two ML atoms on top of each other, raise a
+``RuntimeError`` starting "torchmdx:" that names the particles (both gave a finite, wrong energy:
+the pairs dropped out of the model's sums).
+
 The atomic numbers of the ML atoms are buffers (``atomic_numbers``, ``indices``): an export
 without a structure is generic, and :func:`torchmdx.openmm.export.with_atoms` (which openmm-ml's
 ``MLPotential("torchmdx")`` calls with the Topology) fills them in after checking the elements.
@@ -31,6 +35,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from torchmdx.openmm.neighbors import edge_geometry, pairs_within
+from torchmdx.nn.normalised import OVERLAP_DISTANCE  # distinct atoms closer than this (Å) are refused
 
 
 class EnergyCore(torch.nn.Module):
@@ -61,6 +66,7 @@ class OpenMMModule(torch.nn.Module):
     elements: List[int]
     max_index: int
     outputs_forces: bool
+    overlap_distance: float
     info: str
 
     def __init__(self, core, cutoff: float, length_to_angstrom: float, energy_from_ev: float, length_unit: str,
@@ -76,6 +82,7 @@ class OpenMMModule(torch.nn.Module):
         self.elements = [int(z) for z in elements]
         self.max_index = -1
         self.outputs_forces = False
+        self.overlap_distance = float(OVERLAP_DISTANCE)
         self.info = info
         self.register_buffer("atomic_numbers", torch.zeros(0, dtype=torch.long))
         self.register_buffer("indices", torch.zeros(0, dtype=torch.long))
@@ -99,12 +106,29 @@ class OpenMMModule(torch.nn.Module):
             raise RuntimeError("torchmdx: " + str(positions.shape[0]) + " positions were given to a module for "
                                + str(z.shape[0]) + " atoms; give the ML atoms' indices (atoms=...)")
         pos = pos * self.length_to_angstrom
+        finite = torch.isfinite(pos.detach()).all(dim=1)
+        if not bool(finite.all()):  # was no pair within the cutoff: the atomic reference energies, zero forces
+            bad = int((~finite).nonzero()[0, 0])
+            raise RuntimeError("torchmdx: particle " + str(self.particle(bad)) + " (an ML atom) has a non-finite "
+                               "position (NaN or infinite: the simulation blew up, or the positions were never set)")
         cell: Optional[torch.Tensor] = None
         if box is not None:
             cell = box.to(pos.dtype) * self.length_to_angstrom
         edge_index, shifts = pairs_within(pos, self.cutoff, cell)
         vectors, distances = edge_geometry(pos, edge_index, shifts, cell)
+        close = distances.detach() < self.overlap_distance
+        if bool(close.any()):  # the pair dropped out of the model's sums silently: a finite, wrong energy
+            e = int(close.nonzero()[0, 0])
+            raise RuntimeError("torchmdx: particles " + str(self.particle(int(edge_index[0, e]))) + " and "
+                               + str(self.particle(int(edge_index[1, e]))) + " (ML atoms) are on top of each other (distance "
+                               + str(float(distances[e].detach())) + " Å)")
         return self.core(z, edge_index, vectors, distances) * self.energy_from_ev
+
+    def particle(self, a: int) -> int:
+        """The position index (the System's particle) of ML atom ``a``."""
+        if self.indices.numel() > 0:
+            return int(self.indices[a])
+        return a
 
     def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.energy(positions, box)

@@ -341,7 +341,10 @@ def build_run_config(values: dict, source: str = "config", check_data: bool = Tr
     for key in ("data", "model", "train", "trainer"):
         if key in values and values[key] is not None and not isinstance(values[key], dict):
             raise ConfigError(f"config key '{key}' must be a mapping of keys, got {values[key]!r}")
-    cfg = from_dict(RunConfig, {k: (v if v is not None else {}) for k, v in values.items()})
+    # an empty section (`train:` with nothing under it) is no keys; `run_dir:` with nothing is null, not {}
+    # (was "config key 'run_dir' must be a string, got {} (dict)")
+    sections = ("data", "model", "train", "trainer")
+    cfg = from_dict(RunConfig, {k: ({} if v is None and k in sections else v) for k, v in values.items()})
     cfg.data_config = from_dict(_data_config_class(), cfg.data, "data")
     model_values = dict(cfg.model)
     kind = model_values.pop("kind", "et")
