@@ -234,8 +234,9 @@ def test_simulation_restart_of_other_elements_names_the_atom(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- OpenMM (openmm-ml)
-def _openmm_water(tmp_path, box_nm=None, as_numpy=False):
-    """(openmm Context of MLPotential('torchmdx') on one water molecule (PythonForce), positions nm)."""
+def _openmm_water(tmp_path, box_nm=None, as_numpy=False, fast_path=True):
+    """(openmm Context of MLPotential('torchmdx') on one water molecule (PythonForce: the fast path,
+    or the TorchScript module), positions nm)."""
     openmm = pytest.importorskip("openmm")
     pytest.importorskip("openmmml")
     import openmm.app as app
@@ -250,7 +251,8 @@ def _openmm_water(tmp_path, box_nm=None, as_numpy=False):
     if box_nm is not None:
         vectors = np.eye(3) * box_nm
         top.setPeriodicBoxVectors(vectors * unit.nanometer if as_numpy else [openmm.Vec3(*r) for r in vectors])
-    system = MLPotential("torchmdx", modelPath=str(tmp_path / "m.pt"), implementation="python").createSystem(top)
+    system = MLPotential("torchmdx", modelPath=str(tmp_path / "m.pt"), implementation="python",
+                         fastPath=fast_path).createSystem(top)
     context = openmm.Context(system, openmm.VerletIntegrator(0.0005), openmm.Platform.getPlatformByName("Reference"))
     positions = molecule("H2O").positions * 0.1
     context.setPositions(positions)
@@ -272,33 +274,56 @@ def test_openmm_box_vectors_as_a_numpy_array(tmp_path):
     assert _openmm_energy(numpy_box) == _openmm_energy(vec3_box)
 
 
-def test_openmm_nan_positions_and_coincident_atoms_are_refused(tmp_path):
+#: the one-line messages of the two PythonForce paths: the fast path (the calculator's checks, atoms
+#: named as the System's particles) and the TorchScript module's own
+_OPENMM_MESSAGES = {
+    True: (r"^particle 1 \(an ML atom\) has a non-finite position", r"^particles 0 and 2 \(ML atoms\) are on top of each other",
+           r"^structure 0: cutoff 4 Å is larger than half the perpendicular width of the periodic box"),
+    False: (r"^particle 1 \(an ML atom\) has a non-finite position", r"^particles 0 and 2 \(ML atoms\) are on top of each other",
+            r"^the periodic box is 6\. Å wide at its narrowest, not more than twice the model's cutoff 4\. Å"),
+}
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_openmm_nan_positions_and_coincident_atoms_are_refused(tmp_path, fast_path):
     """A NaN position of an ML atom gave the atomic reference energies and zero forces (no pair within the
     cutoff); two ML atoms at one position a finite, wrong energy: both silently. A box that shrinks below
-    twice the cutoff during a run raised 30 lines of TorchScript traceback. One line each now."""
+    twice the cutoff during a run raised 30 lines of TorchScript traceback. One line each now, on both
+    PythonForce paths."""
     import openmm
 
-    context, positions = _openmm_water(tmp_path, 2.0)
+    nan, overlap, narrow = _OPENMM_MESSAGES[fast_path]
+    context, positions = _openmm_water(tmp_path, 2.0, fast_path=fast_path)
     plain = _openmm_energy(context)
     bad = positions.copy()
     bad[1] = np.nan
     context.setPositions(bad)
-    with pytest.raises(openmm.OpenMMException, match=r"^particle 1 \(an ML atom\) has a non-finite position") as info:
+    with pytest.raises(openmm.OpenMMException, match=nan) as info:
         _openmm_energy(context)
     assert "\n" not in str(info.value)
     bad = positions.copy()
     bad[2] = bad[0]
     context.setPositions(bad)
-    with pytest.raises(openmm.OpenMMException, match=r"^particles 0 and 2 \(ML atoms\) are on top of each other") as info:
+    with pytest.raises(openmm.OpenMMException, match=overlap) as info:
         _openmm_energy(context)
     assert "\n" not in str(info.value)
     context.setPositions(positions)
     assert _openmm_energy(context) == plain  # the same context goes on
     context.setPeriodicBoxVectors(*(openmm.Vec3(*r) for r in np.eye(3) * 0.6))
-    with pytest.raises(openmm.OpenMMException, match=r"^the periodic box is 6\. Å wide at its narrowest, not more than "
-                                                     r"twice the model's cutoff 4\. Å") as info:
+    with pytest.raises(openmm.OpenMMException, match=narrow) as info:
         _openmm_energy(context)
     assert "\n" not in str(info.value)
+
+
+def test_fast_path_names_the_particles_of_a_mixed_system():
+    """The calculator counts the ML atoms; a mixed System's PythonForce names its particles."""
+    from torchmdx.openmm.fast import name_particles
+
+    assert name_particles("atom 1 has a non-finite position [nan]", [7, 9, 12]) == \
+        "particle 9 (an ML atom) has a non-finite position [nan]"
+    assert name_particles("atoms 0 and 2 are on top of each other", [7, 9, 12]) == \
+        "particles 7 and 12 (ML atoms) are on top of each other"
+    assert name_particles("atom 1 is bad", None) == "particle 1 (an ML atom) is bad"
 
 
 # ---------------------------------------------------------------------------------- compressed data files

@@ -25,6 +25,10 @@ into the captured function's cell in place and the function captured again, with
 the model again (:meth:`GraphedForces.set_cell`). ML subsets (``createMixedSystem``): the force's
 particles are the ML atoms, OpenMM passes only their positions.
 
+Errors at a step (a non-finite position, two ML atoms on top of each other, a box shrunk below
+twice the cutoff) are the calculator's one line, its atoms named as the System's particles
+(:func:`name_particles`), raised as :class:`OpenMMError` (OpenMM shows it as its exception's text).
+
 Pickling (``XmlSerializer``; OpenMM pickles a PythonForce's computation when the force is made):
 the state is the model file's bytes and the options; the Calculator is built again, lazily, at
 the first call after unpickling (and at the first call of a new computation: loading the model
@@ -39,6 +43,7 @@ from typing import Optional, Sequence
 
 from torchmdx.openmm.errors import OpenMMError
 
+
 class FastComputation:
     """State (positions of the ML atoms, nm; box) -> (energy kJ/mol, forces kJ/mol/nm [M, 3]) by
     a :class:`torchmdx.Calculator` of the model (see the module docstring).
@@ -50,7 +55,9 @@ class FastComputation:
     """
 
     def __init__(self, model_bytes: bytes, model_name: str, numbers: Sequence[int], periodic: bool,
-                 device: str = "cpu", dtype: Optional[str] = None, cuda_graph="auto", compile="auto"):
+                 device: str = "cpu", dtype: Optional[str] = None, cuda_graph="auto", compile="auto",
+                 particles: Optional[Sequence[int]] = None):
+        self.particles = None if particles is None else [int(p) for p in particles]
         self.model_bytes = bytes(model_bytes)
         self.model_name = Path(model_name).name or "model.pt"
         self.numbers = [int(z) for z in numbers]
@@ -70,9 +77,10 @@ class FastComputation:
     def __getstate__(self):
         return {"model_bytes": self.model_bytes, "model_name": self.model_name, "numbers": self.numbers,
                 "periodic": self.periodic, "device": self.device, "dtype": self.dtype, "cuda_graph": self.cuda_graph,
-                "compile": self.compile}
+                "compile": self.compile, "particles": self.particles}
 
     def __setstate__(self, state):
+        self.particles = None  # pickled before the particles were kept
         self.__dict__.update(state)
         self._reset()
 
@@ -115,13 +123,33 @@ class FastComputation:
             self._atoms.set_cell(box)
             self._box = box
         # the atoms' own positions are those of the first call (the origin the Calculator keeps)
-        energy, forces = self.calculator.energy_and_forces(self._atoms, positions, cell_changed=cell_changed)
+        from torchmdx.errors import TorchmdxError
+
+        try:
+            energy, forces = self.calculator.energy_and_forces(self._atoms, positions, cell_changed=cell_changed)
+        except TorchmdxError as exc:  # a NaN position, atoms on top of each other: named as the System's particles
+            raise OpenMMError(name_particles(str(exc), self.particles)) from None
         return energy * units.EV_TO_KJ_PER_MOL, forces * (units.EV_TO_KJ_PER_MOL * units.NM_TO_ANGSTROM)
 
     def __call__(self, state):
         positions = _in_nm(state.getPositions(asNumpy=True))
         box = _in_nm(state.getPeriodicBoxVectors(asNumpy=True)) if self.periodic else None
         return self.energy_forces(positions, box)
+
+
+def name_particles(message: str, particles: Optional[Sequence[int]]) -> str:
+    """``message`` of the calculator, whose "atom i" / "atoms i and j" count the ML atoms, with the
+    System's particle indices instead ("particle p (an ML atom)"; ``particles``: the ML atoms'
+    particle indices, None when every particle is an ML atom)."""
+    import re
+
+    def particle(index: str) -> str:
+        i = int(index)
+        return str(particles[i] if particles is not None and 0 <= i < len(particles) else i)
+
+    message = re.sub(r"\batoms (\d+) and (\d+)",
+                     lambda m: f"particles {particle(m.group(1))} and {particle(m.group(2))} (ML atoms)", message)
+    return re.sub(r"\batom (\d+)", lambda m: f"particle {particle(m.group(1))} (an ML atom)", message)
 
 
 def _in_nm(quantity):
@@ -180,7 +208,7 @@ def create_fast_force(model_path, numbers: Sequence[Optional[int]], names: Seque
     if periodic and box_angstrom is not None:
         box_check(box_angstrom, float(potential.cutoff), str(path))
     computation = FastComputation(path.read_bytes(), path.name, zs, periodic, device=device, dtype=dtype,
-                                  cuda_graph=cuda_graph, compile=compile)
+                                  cuda_graph=cuda_graph, compile=compile, particles=atoms)
     force = openmm.PythonForce(computation, {})
     if atoms is not None:
         force.setParticles([int(a) for a in atoms])
