@@ -15,7 +15,6 @@ from ase.build import molecule
 from ase.io import write
 
 import torchmdx
-from torchmdx.errors import ModelError
 from test_bad_inputs_more import refused_without_writes
 from test_bad_inputs_round9 import TINY
 
