@@ -28,6 +28,17 @@ def test_unit_constants_match_ase():
     assert units.length_factor("Bohr") == units.BOHR_TO_ANGSTROM
 
 
+def test_milli_and_mega_electronvolts_are_not_confused():
+    """Unit names match without case, but 'MeV' (mega) read as meV was 10^9 off, silently."""
+    from torchmdx.errors import DataError
+
+    assert units.energy_factor("meV") == units.energy_factor(" mev ") == pytest.approx(1e-3, rel=1e-15)
+    assert units.energy_factor("EV") == units.energy_factor("eV") == 1.0
+    for name in ("MeV", "MEV", "Mev"):
+        with pytest.raises(DataError, match="ambiguous: milli-electronvolt is 'meV'"):
+            units.energy_factor(name)
+
+
 @dataclass
 class Inner:
     width: int = 4

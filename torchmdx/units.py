@@ -70,6 +70,10 @@ def energy_factor(unit: str) -> float:
     key = unit.strip().lower()
     if key not in ENERGY_UNITS:
         raise DataError(f"unknown energy unit {unit!r}; known: {', '.join(sorted(ENERGY_UNITS))}")
+    if key == "mev" and unit.strip() not in ("meV", "mev"):
+        # names are matched without case, but M (mega) and m (milli) differ by 10^9: 'MeV' was read as meV
+        raise DataError(f"energy unit {unit!r} is ambiguous: milli-electronvolt is 'meV' (mega-electronvolts are not "
+                        "a unit of molecular data)")
     return ENERGY_UNITS[key]
 
 
