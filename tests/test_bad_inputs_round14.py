@@ -529,3 +529,34 @@ CASES = TORCHMDNET_CASES + SCHNETPACK_CASES + RESTART_CASES + COMPRESSED_CASES +
 @pytest.mark.parametrize("setup, fragments", CASES, ids=[c[0].__name__ for c in CASES])
 def test_refused_with_one_line_and_nothing_written(tmp_path, shared_data, capsys, monkeypatch, setup, fragments):
     refused_without_writes(tmp_path, shared_data, capsys, monkeypatch, setup, fragments)
+
+
+# ------------------------------------------------------------------ md Python API: numbers of the wrong kind (at merge)
+@pytest.mark.parametrize("kwargs, message", [
+    ({"timestep_fs": "0.5"}, "timestep_fs must be a number of fs, got '0.5'"),
+    ({"seed": 2 ** 70}, "seed must be a whole number"),
+    ({"seed": 1.5}, "seed must be a whole number"),
+])
+def test_simulation_refuses_numbers_of_the_wrong_kind(kwargs, message):
+    from torchmdx.errors import ConfigError
+    from torchmdx.md.engine import Simulation
+    from torchmdx.nn.analytic import LennardJones
+
+    with pytest.raises(ConfigError, match=message):
+        Simulation(LennardJones(), molecule("H2O"), dtype=torch.float64, **kwargs)
+
+
+@pytest.mark.parametrize("steps, every", [(2.5, 1), ("10", 1), (3, 1.5), (True, 1)])
+def test_simulation_run_takes_whole_numbers_of_steps(steps, every):
+    """run(2.5) ran 2 steps silently; run('10') was a TypeError deep inside."""
+    from torchmdx.errors import ConfigError
+    from torchmdx.md.engine import Simulation
+    from torchmdx.nn.analytic import LennardJones
+
+    from ase import Atoms
+
+    argon = Atoms("Ar2", positions=[[0.0, 0.0, 0.0], [3.8, 0.0, 0.0]])
+    sim = Simulation(LennardJones(), argon, dtype=torch.float64, seed=np.int64(3))
+    with pytest.raises(ConfigError, match="must be a whole number of steps"):
+        sim.run(steps, every=every)
+    assert sim.run(np.int64(2)).steps == 2  # numpy integers are whole numbers

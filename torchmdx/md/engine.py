@@ -148,6 +148,14 @@ class Simulation(RunLoop, RestartFiles):
         if not 0.0 <= self.temperature_K <= MAX_TEMPERATURE_K:  # as torchmdx md's --temperature (1e30 K ran)
             raise ConfigError(f"temperature_K must be between 0 and {MAX_TEMPERATURE_K:g} K (typical: up to 2000 K), "
                               f"got {temperature_K}")
+        import numbers
+
+        for name, value in (("timestep_fs", timestep_fs), ("seed", seed)):
+            # timestep_fs="0.5" and seed=2**70 were tracebacks from deep inside
+            kind = numbers.Real if name == "timestep_fs" else numbers.Integral
+            if isinstance(value, bool) or not isinstance(value, kind) or (name == "seed" and not -2 ** 63 <= value < 2 ** 64):
+                need = "a number of fs" if name == "timestep_fs" else "a whole number in [-2^63, 2^64) (torch's seeds)"
+                raise ConfigError(f"{name} must be {need}, got {value!r}")
         self.integrator = make_integrator(
             ensemble, self.system, timestep_fs, temperature_K, friction_per_ps, tau_fs, chain_length,
             atom_perm=self._perm,

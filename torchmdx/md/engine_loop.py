@@ -27,6 +27,7 @@ atom order and observations are in :mod:`torchmdx.md.engine`.
 
 from __future__ import annotations
 
+import numbers
 import math
 import sys
 import time
@@ -221,6 +222,10 @@ class RunLoop:
     ) -> RunSummary:
         """Advance ``steps`` steps, reporting every ``every`` steps (and at the start when
         ``report_start``), writing ``restart_path`` every ``restart_every`` steps and at the end."""
+        for name, value in (("steps", steps), ("every", every), ("restart_every", restart_every)):
+            # run(2.5) ran 2 steps, run("10") was a TypeError deep inside: whole numbers only
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ConfigError(f"{name} must be a whole number of steps, got {value!r}")
         if self.state is None:
             self.initialize()
         if steps < 0:
