@@ -110,7 +110,8 @@ def _system(model_file, topology, **options):
         from torchmdx.openmm.mlpotential import TorchmdxPotentialImplFactory
 
         MLPotential.registerImplFactory("torchmdx", TorchmdxPotentialImplFactory())
-    potential = MLPotential("torchmdx", modelPath=str(model_file), implementation="python", **options)
+    options.setdefault("implementation", "python")
+    potential = MLPotential("torchmdx", modelPath=str(model_file), **options)
     return potential.createSystem(topology, removeCMMotion=False)
 
 
@@ -383,6 +384,28 @@ def test_fast_path_bad_input_is_one_line(model_file, tmp_path):
     from torchmdx.openmm.forces import PythonForceComputation
 
     assert isinstance(_computation(_system(export, top)), PythonForceComputation)
+
+
+def test_auto_takes_the_fast_path_for_a_model_file_even_where_openmm_torch_loads(model_file, peptide, monkeypatch,
+                                                                               tmp_path):
+    """implementation='auto' picks what was measured fastest: the fast PythonForce for a model file;
+    an export (TorchScript only) or fastPath=False goes to a TorchForce where openmm-torch loads."""
+    import torchmdx.openmm.forces as forces
+    from torchmdx.openmm import export_openmm
+    from torchmdx.openmm.fast import FastComputation
+
+    top = _topology(peptide.numbers)
+    monkeypatch.setattr(forces, "openmmtorch_problem", lambda: None)  # as if openmm-torch loaded here
+    assert isinstance(_computation(_system(model_file, top, implementation="auto")), FastComputation)
+    chosen = []
+    monkeypatch.setattr(forces, "create_torch_force", lambda module, periodic: chosen.append(module) or
+                        __import__("openmm").CustomExternalForce("0"))
+    export = tmp_path / "model_openmm.pt"
+    export_openmm(model_file, export)
+    for path, options in ((export, {}), (model_file, {"fastPath": False})):
+        chosen.clear()
+        _system(path, top, implementation="auto", **options)
+        assert len(chosen) == 1, (path, options)  # the TorchForce path was taken
 
 
 # ---------------------------------------------------------------------------------------------- CUDA

@@ -5,12 +5,13 @@
   units, elements and cutoff recorded in the file (``torchmdx export --openmm``).
 - ``MLPotential("torchmdx", modelPath=...)`` (openmm-ml, registered through the entry point
   ``openmmml.potentials``): ``createSystem`` and ``createMixedSystem`` (ML region in an MM
-  system), with a ``TorchForce`` where openmm-torch loads, else an ``openmm.PythonForce``
-  (:mod:`torchmdx.openmm.mlpotential`) that evaluates the model through torchmdx's own fast path,
-  the Calculator's (:mod:`torchmdx.openmm.fast`; ``fastPath=False``: the same TorchScript module).
+  system), for a model file with an ``openmm.PythonForce`` (:mod:`torchmdx.openmm.mlpotential`)
+  that evaluates the model through torchmdx's own fast path, the Calculator's
+  (:mod:`torchmdx.openmm.fast`); for an export (or ``fastPath=False``) with a ``TorchForce``
+  where openmm-torch loads, else a PythonForce running the same TorchScript module.
 
-Layer: beside :mod:`torchmdx.md`; imports nn, kernels, data and the foundation, never train or
-cli. Nothing here imports openmm at module level: ``import torchmdx.openmm`` works without it.
+Layer: at the level of :mod:`torchmdx.md` (the fast path holds a Calculator); imports md, nn,
+kernels, data and the foundation, never train or cli. Nothing here imports openmm at module level: ``import torchmdx.openmm`` works without it.
 """
 
 from torchmdx.openmm.errors import OpenMMError
