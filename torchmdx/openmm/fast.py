@@ -180,7 +180,7 @@ def create_fast_force(model_path, numbers: Sequence[Optional[int]], names: Seque
     atoms' indices among the System's particles (None: all)."""
     from torchmdx.errors import TorchmdxError
     from torchmdx.openmm.export import box_check, check_ml_elements, model_elements
-    from torchmdx.openmm.forces import OPENMM_INSTALL, import_openmm
+    from torchmdx.openmm.forces import OPENMM_INSTALL, import_openmm, python_force
 
     openmm = import_openmm()
     if not hasattr(openmm, "PythonForce"):
@@ -209,9 +209,4 @@ def create_fast_force(model_path, numbers: Sequence[Optional[int]], names: Seque
         box_check(box_angstrom, float(potential.cutoff), str(path))
     computation = FastComputation(path.read_bytes(), path.name, zs, periodic, device=device, dtype=dtype,
                                   cuda_graph=cuda_graph, compile=compile, particles=atoms)
-    force = openmm.PythonForce(computation, {})
-    if atoms is not None:
-        force.setParticles([int(a) for a in atoms])
-    force.setUsesPeriodicBoundaryConditions(bool(periodic))
-    force.setName("torchmdx")
-    return force
+    return python_force(computation, periodic, atoms)

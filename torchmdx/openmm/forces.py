@@ -174,8 +174,13 @@ def create_python_force(module, periodic: bool, atoms: Optional[Sequence[int]] =
     check_openmm_units(metadata(module), "the module")
     if module.indices.numel():
         raise OpenMMError("a PythonForce passes only the ML atoms' positions: build the module without atom indices")
-    computation = PythonForceComputation(module, periodic, device)
-    force = openmm.PythonForce(computation, {})
+    return python_force(PythonForceComputation(module, periodic, device), periodic, atoms)
+
+
+def python_force(computation, periodic: bool, atoms: Optional[Sequence[int]] = None):
+    """The ``openmm.PythonForce`` "torchmdx" of ``computation`` (either path's): ``atoms`` (the ML
+    atoms' particle indices; None: all particles) become its particles, OpenMM passes only theirs."""
+    force = import_openmm().PythonForce(computation, {})
     if atoms is not None:
         force.setParticles([int(a) for a in atoms])
     force.setUsesPeriodicBoundaryConditions(bool(periodic))
