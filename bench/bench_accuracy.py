@@ -134,6 +134,7 @@ from bench_accuracy_data import (DATASETS, atom_index, data_kind, data_name, fam
                                  reference_energies, refit_energies, resolve_data, split_digest, split_groups,
                                  torchmdnet_dataset, write_torchmdnet_splits)
 from bench_accuracy_scorer import PREDICTORS  # noqa: E402
+from bench_accuracy_steps import cmd_steps  # noqa: E402
 
 #: the names callers and tests use, this script's and those re-exported from its scorer and report
 __all__ = ["main", "cmd_run", "cmd_report", "load_frames", "make_split_file", "write_torchmdnet_splits",
@@ -149,38 +150,55 @@ from bench_accuracy_sides import (RUNNERS, WallClockCheckpoints, check_torchmdne
 # force-only scoring (the polymer kind): relative energies within each test family, and torchmdx's
 # refit on the training energies applied to both sides' predictions (bench_accuracy_data's docstring)
 def score_checkpoints_force_only(side: str, records: list, frames: dict, test_idx: np.ndarray, train_idx: np.ndarray,
-                                 device, on_point=None) -> list:
+                                 device, on_point=None, val_idx=None) -> list:
     """One point per checkpoint, as ``score_checkpoints`` but for force-only training: forces as
     they are; ``energy_mae`` (and per atom) of the energies with each test family's mean error
     removed (``family_centred_energies``); ``energy_mae_refit`` (and per atom) after the
     least-squares per-element correction to the training energies (``refit_energies``, which
-    needs the training structures' predicted energies); ``energy_mae_raw`` as predicted."""
+    needs the training structures' predicted energies); ``energy_mae_raw`` as predicted.
+    ``val_idx`` (the validation family): its errors by the same scorer, ``val_forces_mae`` and
+    ``val_energy_mae`` / ``val_energy_mae_per_atom`` (within its family), the same numbers for
+    both sides (each side's own logged validation differs: torchmdx's is of the EMA weights over
+    the epoch's structures, TorchMD-NET's the mean of its per-batch L1 losses)."""
     full_float32_precision()
     flat = flat_structures(frames)
+    val_idx = np.zeros(0, dtype=np.int64) if val_idx is None else np.asarray(val_idx, dtype=np.int64)
     atoms = flat["offsets"][test_idx + 1] - flat["offsets"][test_idx]
+    val_atoms = flat["offsets"][val_idx + 1] - flat["offsets"][val_idx]
     e_ref, f_ref = frames["energy"][test_idx], flat["forces"][atom_index(flat["offsets"], test_idx)]
-    groups = frames["group"][test_idx] if frames.get("group") is not None else np.zeros(len(test_idx), dtype=np.int64)
+    no_groups = frames.get("group") is None
+    groups = np.zeros(len(test_idx), dtype=np.int64) if no_groups else frames["group"][test_idx]
+    val_groups = np.zeros(len(val_idx), dtype=np.int64) if no_groups else frames["group"][val_idx]
     points, scored = [], {}
     for record in records:
         path = Path(record["file"])
         if record["file"] not in scored:  # the end record may repeat the last file
-            # one pass over the test structures, then the training ones (energies for the refit)
-            e_all, f_all, count = PREDICTORS[side](path, frames, np.concatenate([test_idx, train_idx]), device)
-            e_pred, e_train, f_pred = e_all[:len(test_idx)], e_all[len(test_idx):], f_all[:int(atoms.sum())]
+            # one pass over the test structures, the training ones (energies for the refit), the validation ones
+            order = np.concatenate([test_idx, train_idx, val_idx])
+            e_all, f_all, count = PREDICTORS[side](path, frames, order, device)
+            n_test, n_train = len(test_idx), len(train_idx)
+            e_pred, e_train, f_pred = e_all[:n_test], e_all[n_test:n_test + n_train], f_all[:int(atoms.sum())]
             e_refit, delta = refit_energies(frames, train_idx, e_train, test_idx, e_pred)
             centred = errors(family_centred_energies(e_pred, e_ref, groups), e_ref, f_pred, f_ref, atoms)
             refit = errors(e_refit, e_ref, f_pred, f_ref, atoms)
             raw = errors(e_pred, e_ref, f_pred, f_ref, atoms)
             centred.update({f"{k}_refit": refit[k] for k in ("energy_mae", "energy_rmse", "energy_mae_per_atom")})
             centred.update({f"{k}_raw": raw[k] for k in ("energy_mae", "energy_rmse", "energy_mae_per_atom")})
+            if len(val_idx):
+                e_val, f_val = e_all[n_test + n_train:], f_all[len(f_all) - int(val_atoms.sum()):]
+                e_val_ref = frames["energy"][val_idx]
+                val = errors(family_centred_energies(e_val, e_val_ref, val_groups), e_val_ref, f_val,
+                             flat["forces"][atom_index(flat["offsets"], val_idx)], val_atoms)
+                centred.update({f"val_{k}": val[k] for k in ("forces_mae", "energy_mae", "energy_mae_per_atom")})
             centred.update(parameters=int(count), refit_correction=nonzero_table(delta))
             scored[record["file"]] = centred
         point = {k: v for k, v in record.items() if k != "file"}
         point.update(scored[record["file"]])
         points.append(point)
+        shown = f"  val F MAE {point['val_forces_mae']:8.2f} meV/Å" if "val_forces_mae" in point else ""
         print(f"[{side}] score t {point['t']:7.1f} s  step {point['step']:6d}  test F MAE {point['forces_mae']:8.2f} "
               f"meV/Å  E MAE within family {point['energy_mae']:8.2f} meV ({point['energy_mae_per_atom']:7.3f} "
-              f"meV/atom)  after training refit {point['energy_mae_refit']:9.2f} meV", flush=True)
+              f"meV/atom)  after training refit {point['energy_mae_refit']:9.2f} meV{shown}", flush=True)
         if on_point is not None:
             on_point(points)
     return points
@@ -205,6 +223,10 @@ def cmd_run(args) -> int:
 
     if args.minutes <= 0:
         raise ConfigError(f"--minutes must be > 0, got {args.minutes}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1 optimiser steps, got {args.max_steps}")
+    if args.every_steps is not None and args.every_steps < 1:
+        raise ConfigError(f"--every-steps must be >= 1 optimiser steps, got {args.every_steps}")
     if args.every <= 0:
         raise ConfigError(f"--every must be > 0 seconds, got {args.every}")
     device = args.device
@@ -268,16 +290,17 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
     config = Path(args.config) if args.config is not None else default_config(kind)
     ctx = {"side": args.side, "run": key, "config": config, "data_path": data_path, "frames": frames,
            "split_file": split_file, "sizes": sizes, "seed": args.seed, "device": device, "small": args.small,
-           "work": work, "workers": args.workers, "max_time": max_time_string(budget),
+           "work": work, "workers": args.workers, "max_time": max_time_string(budget), "max_steps": args.max_steps,
            "torchmdx_set": args.torchmdx_set or [], "kind": kind, "references": references}
     # the recipe's parameter count holds for TorchMD-NET and torchmdx's config of the kind only
     expected = expected_parameters(kind, config, args.small)
     log_path = out / f"checkpoints_{key}.json"
-    callback = WallClockCheckpoints(key, work / "checkpoints", log_path, args.every, expected)
+    callback = WallClockCheckpoints(key, work / "checkpoints", log_path, args.every, expected, args.every_steps)
     counts = np.diff(frames["offsets"]) if "offsets" in frames else [len(frames["z"])]
     atoms = f"{min(counts)} atoms" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)} atoms"
     print(f"[{key}] data {data_path} ({n} structures of {atoms}), split {sizes} seed {args.seed} "
-          f"({split_file}), budget {budget:.0f} s (max_time {ctx['max_time']}), device {device_name(device)}, "
+          f"({split_file}), budget {budget:.0f} s (max_time {ctx['max_time']})"
+          f"{f', max_steps {args.max_steps}' if args.max_steps else ''}, device {device_name(device)}, "
           f"work {work}", flush=True)
     info = RUNNERS[args.side](ctx, callback)
     t_trained = time.monotonic()
@@ -289,7 +312,7 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
         "config": str(config) if args.side == "torchmdx" else None, "version": info.get("version"), "data": name,
         "data_file": str(data_path), "data_hash": frames["hash"], "split_file": str(split_file),
         "split_digest": split_digest(split.train, split.val, split.test), "sizes": list(sizes), "seed": args.seed,
-        "budget_s": budget, "max_time": ctx["max_time"], "every_s": args.every, "small": args.small,
+        "budget_s": budget, "max_time": ctx["max_time"], "max_steps": args.max_steps, "every_s": args.every, "every_steps": args.every_steps, "small": args.small,
         "device": device_name(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "parameters": callback.parameters, "expected_parameters": expected,
         "steps": info.get("steps"), "epochs": info.get("epochs"), "save_seconds": callback.save_seconds,
@@ -320,7 +343,7 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
     scorer = DATASETS[kind].get("scoring")
     if scorer is not None:
         points = SCORERS[scorer](args.side, records, frames, test_idx, np.asarray(split.train, dtype=np.int64), device,
-                                 on_point=write)
+                                 on_point=write, val_idx=np.asarray(split.val, dtype=np.int64))
     else:
         points = score_checkpoints(args.side, records, frames, test_idx, device, on_point=write)
     scored = {p["parameters"] for p in points}
@@ -331,7 +354,8 @@ def _run(args, device: str, data_path: Path, work: Path) -> int:
     if best is not None:  # the model each project hands its user: its own lowest-validation checkpoint
         score = SCORERS[scorer] if scorer is not None else score_checkpoints
         extra = (np.asarray(split.train, dtype=np.int64),) if scorer is not None else ()
-        scores["best_validation"] = score(args.side, [best], frames, test_idx, *extra, device)[0]
+        more = {"val_idx": np.asarray(split.val, dtype=np.int64)} if scorer is not None else {}
+        scores["best_validation"] = score(args.side, [best], frames, test_idx, *extra, device, **more)[0]
     scores["score_s"] = time.monotonic() - t_trained
     write(points)
     if points:
@@ -377,7 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="aspirin | ethanol | ani1x | ani1x-large | polymer | path of an MD17-layout npz, an "
                           "ANI-1x-layout .h5 or a polymer .extxyz")
     run.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget (Lightning max_time)")
+    run.add_argument("--max-steps", type=int, default=None,
+                     help="stop both sides after N optimiser steps (Lightning max_steps; --minutes stays an upper "
+                          "bound): a per-step comparison, e.g. on the CPU")
     run.add_argument("--every", type=float, default=30.0, help="seconds between checkpoints")
+    run.add_argument("--every-steps", type=int, default=None,
+                     help="checkpoints every N optimiser steps instead of every --every seconds (the same steps on "
+                          "both sides)")
     run.add_argument("--out", default=os.environ.get("OUT", "bench/results/accuracy"),
                      help="small results: split file, checkpoints_<side>.json, scores_<side>.json")
     run.add_argument("--work", default=None, help="checkpoints, caches, run folders (default: a new temporary folder)")
@@ -403,13 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="table and PNG from the scores of both sides")
     report.add_argument("dirs", nargs="+", help="folders (searched recursively) or scores_<side>.json files")
     report.add_argument("--out", default=None, help="where accuracy_<data>.png/.md go (default: the first folder)")
+    steps = sub.add_parser("steps", help="per-step table and PNG of runs with --max-steps/--every-steps, several seeds")
+    steps.add_argument("dirs", nargs="+", help="folders (searched recursively) or scores_<run>.json files")
+    steps.add_argument("--out", default=None, help="where steps_<data>.png/.md go (default: the first folder)")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return cmd_run(args) if args.command == "run" else cmd_report(args)
+        return {"run": cmd_run, "report": cmd_report, "steps": cmd_steps}[args.command](args)
     except TorchmdxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

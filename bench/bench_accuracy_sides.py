@@ -56,12 +56,16 @@ def _callback_base():
 
 
 class WallClockCheckpoints(_callback_base()):
-    """Save a full checkpoint at train start, every ``every`` seconds and at train end; keep a
-    JSON log of (t since fit start, t since train start, step, epoch, file, save seconds)."""
+    """Save a full checkpoint at train start, every ``every`` seconds (or, with ``every_steps`` K,
+    after every K-th optimiser step: checkpoints at the same steps on both sides, for a per-step
+    comparison) and at train end; keep a JSON log of (t since fit start, t since train start,
+    step, epoch, file, save seconds)."""
 
-    def __init__(self, side: str, dirpath: Path, log_path: Path, every: float, expected_parameters=None):
+    def __init__(self, side: str, dirpath: Path, log_path: Path, every: float, expected_parameters=None,
+                 every_steps=None):
         super().__init__()
         self.side, self.dirpath, self.log_path, self.every = side, Path(dirpath), Path(log_path), float(every)
+        self.every_steps = int(every_steps) if every_steps else None
         self.expected_parameters = expected_parameters
         self.records: list[dict] = []
         self.t_fit = self.t_train = self.last = None
@@ -87,7 +91,11 @@ class WallClockCheckpoints(_callback_base()):
         self._save(trainer, "start")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if time.monotonic() - self.last >= self.every:
+        if self.every_steps is not None:
+            step = int(trainer.global_step)
+            if step % self.every_steps == 0 and (not self.records or self.records[-1]["step"] != step):
+                self._save(trainer, "periodic")
+        elif time.monotonic() - self.last >= self.every:
             self._save(trainer, "periodic")
 
     def on_train_end(self, trainer, pl_module):
@@ -127,7 +135,7 @@ class WallClockCheckpoints(_callback_base()):
         return " | ".join(parts)
 
     def write_log(self) -> None:
-        payload = {"side": self.side, "parameters": self.parameters, "every_s": self.every,
+        payload = {"side": self.side, "parameters": self.parameters, "every_s": self.every, "every_steps": self.every_steps,
                    "save_seconds": self.save_seconds, "checkpoints": self.records}
         with atomic_write(self.log_path, "w") as handle:
             json.dump(payload, handle, indent=1)
@@ -139,6 +147,13 @@ def max_time_string(seconds: float) -> str:
     """Lightning's max_time as DD:HH:MM:SS (whole seconds, at least 1)."""
     s = max(1, int(round(seconds)))
     return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def max_steps(ctx: dict) -> int:
+    """Lightning's ``max_steps`` for both Trainers: ``--max-steps`` N (optimiser steps), else -1
+    (no limit: the wall clock alone ends the run)."""
+    n = ctx.get("max_steps")
+    return int(n) if n is not None else -1
 
 
 def accelerator(device: str) -> str:
@@ -217,7 +232,7 @@ def run_torchmdnet(ctx: dict, callback: WallClockCheckpoints) -> dict:
                  EarlyStopping(hp["early_stopping_monitor"], patience=hp["early_stopping_patience"]),
                  callback]
     trainer = pl.Trainer(strategy="auto", max_epochs=hp["num_epochs"], max_time=ctx["max_time"],
-                         accelerator=accelerator(ctx["device"]), devices=1, num_nodes=1, default_root_dir=hp["log_dir"],
+                         max_steps=max_steps(ctx), accelerator=accelerator(ctx["device"]), devices=1, num_nodes=1, default_root_dir=hp["log_dir"],
                          callbacks=callbacks, logger=[CSVLogger(hp["log_dir"], name="", version="")],
                          precision=hp["precision"], gradient_clip_val=hp["gradient_clipping"], inference_mode=False,
                          enable_progress_bar=False)
@@ -258,7 +273,7 @@ def torchmdx_values(ctx: dict) -> tuple[dict, list]:
         if ctx["small"]:
             model.update(SMALL)
     train.update(seed=ctx["seed"], cuda_graph=ctx["device"].startswith("cuda"))
-    trainer.update(max_time=ctx["max_time"], max_epochs=1_000_000, accelerator=accelerator(ctx["device"]), devices=1,
+    trainer.update(max_time=ctx["max_time"], max_steps=max_steps(ctx), max_epochs=1_000_000, accelerator=accelerator(ctx["device"]), devices=1,
                    enable_progress_bar=False)
     values["run_dir"] = str(ctx["work"] / "torchmdx_run")
     sets = list(ctx["torchmdx_set"])
