@@ -157,7 +157,8 @@ def score_checkpoints_force_only(side: str, records: list, frames: dict, test_id
     least-squares per-element correction to the training energies (``refit_energies``, which
     needs the training structures' predicted energies); ``energy_mae_raw`` as predicted.
     ``val_idx`` (the validation family): its errors by the same scorer, ``val_forces_mae`` and
-    ``val_energy_mae`` / ``val_energy_mae_per_atom`` (within its family), the same numbers for
+    ``val_energy_mae`` / ``val_energy_mae_per_atom`` (within its family), and
+    ``train_forces_mae`` (the training structures, predicted anyway for the refit), the same numbers for
     both sides (each side's own logged validation differs: torchmdx's is of the EMA weights over
     the epoch's structures, TorchMD-NET's the mean of its per-batch L1 losses)."""
     full_float32_precision()
@@ -165,6 +166,7 @@ def score_checkpoints_force_only(side: str, records: list, frames: dict, test_id
     val_idx = np.zeros(0, dtype=np.int64) if val_idx is None else np.asarray(val_idx, dtype=np.int64)
     atoms = flat["offsets"][test_idx + 1] - flat["offsets"][test_idx]
     val_atoms = flat["offsets"][val_idx + 1] - flat["offsets"][val_idx]
+    train_atoms = flat["offsets"][train_idx + 1] - flat["offsets"][train_idx]
     e_ref, f_ref = frames["energy"][test_idx], flat["forces"][atom_index(flat["offsets"], test_idx)]
     no_groups = frames.get("group") is None
     groups = np.zeros(len(test_idx), dtype=np.int64) if no_groups else frames["group"][test_idx]
@@ -184,6 +186,12 @@ def score_checkpoints_force_only(side: str, records: list, frames: dict, test_id
             raw = errors(e_pred, e_ref, f_pred, f_ref, atoms)
             centred.update({f"{k}_refit": refit[k] for k in ("energy_mae", "energy_rmse", "energy_mae_per_atom")})
             centred.update({f"{k}_raw": raw[k] for k in ("energy_mae", "energy_rmse", "energy_mae_per_atom")})
+            # the training structures' forces come with their energies: the fit to the training set itself
+            # (train_forces_mae), to see overfitting by the same scorer on both sides
+            f_train = f_all[int(atoms.sum()):int(atoms.sum()) + int(train_atoms.sum())]
+            centred["train_forces_mae"] = errors(e_train, frames["energy"][train_idx], f_train,
+                                                 flat["forces"][atom_index(flat["offsets"], train_idx)],
+                                                 train_atoms)["forces_mae"]
             if len(val_idx):
                 e_val, f_val = e_all[n_test + n_train:], f_all[len(f_all) - int(val_atoms.sum()):]
                 e_val_ref = frames["energy"][val_idx]

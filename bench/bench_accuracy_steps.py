@@ -5,11 +5,12 @@ step instead of against the wall clock (``report``).
 
 For each data set and each run (side or ``--label``), every seed's ``scores_<run>.json``; at each
 checkpoint step that every run of the data set has, the test force MAE, the test energy MAE (for
-the force-only kind: within the test family) and, where scored, the validation force MAE, each as
+the force-only kind: within the test family) and, where scored, the validation and training
+force MAE, each as
 the mean over the seeds with the seeds' own values beside it, and the ratio of a run's mean to
 the reference run's (TorchMD-NET's when present, else the first run); then each seed's own
 best-validation checkpoint (the model each project hands its user). Writes ``steps_<data>.md``
-and ``steps_<data>.png`` (the same three errors against the optimiser step, one thin line per
+and ``steps_<data>.png`` (the same errors against the optimiser step, one thin line per
 seed, the mean thick). Runs whose parameter counts, data files, step limits or splits (per
 seed) differ are named in ``!!!`` lines, as in the report. CPU only."""
 
@@ -29,7 +30,7 @@ from bench_accuracy_report import COLORS, LABELS, SIDES, check_scores, ordered_r
 
 #: (point key, what, unit) of the per-step tables, in order; a key no run has is left out
 METRICS = (("forces_mae", "test force MAE", "meV/Å"), ("energy_mae", "test energy MAE", "meV"),
-           ("val_forces_mae", "validation force MAE", "meV/Å"))
+           ("val_forces_mae", "validation force MAE", "meV/Å"), ("train_forces_mae", "training force MAE", "meV/Å"))
 
 
 def load_seed_runs(paths: Sequence[str]) -> dict:

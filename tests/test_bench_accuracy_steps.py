@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 
@@ -37,6 +38,7 @@ def _check_stopped_at_five(scores, out, side):
         for key in ("val_forces_mae", "val_energy_mae", "val_energy_mae_per_atom"):
             assert math.isfinite(p[key]) and p[key] > 0
         assert p["val_energy_mae"] == pytest.approx(26 * p["val_energy_mae_per_atom"])
+        assert math.isfinite(p["train_forces_mae"]) and p["train_forces_mae"] > 0
     # training moved the weights: the scored errors change from checkpoint to checkpoint
     assert len({round(p["forces_mae"], 6) for p in scores["points"]}) == 4
 
@@ -61,6 +63,34 @@ def test_step_options_below_one_are_refused(bench, sample, tmp_path, capsys, fla
     err = capsys.readouterr().err
     assert err.startswith(f"error: {flag} must be >= 1") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_force_only_scorer_scores_test_training_and_validation_apart(bench, sample, tmp_path, monkeypatch):
+    """A made-up 'model' whose force error is 1 meV/Å on PMMA (test), 2 on the training families
+    and 3 on PVA (validation), energies 5 eV too high on PVA: each part's error lands in its own
+    key (the predictions of one pass over test + training + validation structures sliced apart)."""
+    frames = bench.load_frames(sample, tmp_path / "cache")
+    fams = np.asarray(frames["group_names"])[frames["group"]]
+    test = np.flatnonzero(fams == "PMMA")[:3]
+    train = np.concatenate([np.flatnonzero(fams == f)[:2] for f in ("PE", "PEO", "PVC", "PAN")])
+    val = np.flatnonzero(fams == "PVA")[:4]
+    offset = {"PMMA": 1e-3, "PVA": 3e-3}
+
+    def made_up(path, frames_, idx, device):
+        flat = bench.flat_structures(frames_)
+        forces = [flat["forces"][flat["offsets"][s]:flat["offsets"][s + 1]] + offset.get(fams[s], 2e-3) for s in idx]
+        energies = frames_["energy"][idx] + np.where(fams[idx] == "PVA", 5.0, 0.0)
+        return energies, np.concatenate(forces), 7
+
+    monkeypatch.setitem(bench.PREDICTORS, "made_up", made_up)
+    records = [{"t": 1.0, "t_train": 0.5, "step": 3, "epoch": 0, "kind": "end", "save_s": 0.0, "file": "x.ckpt"}]
+    (point,) = bench.score_checkpoints_force_only("made_up", records, frames, test, train, "cpu", val_idx=val)
+    assert point["forces_mae"] == pytest.approx(1.0, rel=1e-9)
+    assert point["train_forces_mae"] == pytest.approx(2.0, rel=1e-9)
+    assert point["val_forces_mae"] == pytest.approx(3.0, rel=1e-9)
+    assert point["val_energy_mae"] == pytest.approx(0.0, abs=1e-6)  # within the family: the 5 eV removed
+    (plain,) = bench.score_checkpoints_force_only("made_up", records, frames, test, train, "cpu")
+    assert "val_forces_mae" not in plain and plain["forces_mae"] == pytest.approx(1.0, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------- the steps table
