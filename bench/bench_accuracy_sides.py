@@ -59,7 +59,7 @@ class WallClockCheckpoints(_callback_base()):
     """Save a full checkpoint at train start, every ``every`` seconds (or, with ``every_steps`` K,
     after every K-th optimiser step: checkpoints at the same steps on both sides, for a per-step
     comparison) and at train end; keep a JSON log of (t since fit start, t since train start,
-    step, epoch, file, save seconds)."""
+    step, epoch, file, save seconds, learning rate)."""
 
     def __init__(self, side: str, dirpath: Path, log_path: Path, every: float, expected_parameters=None,
                  every_steps=None):
@@ -115,7 +115,7 @@ class WallClockCheckpoints(_callback_base()):
             saved = time.monotonic()
         self.save_seconds += saved - now
         record = {"t": now - self.t_fit, "t_train": now - self.t_train, "step": step, "epoch": epoch,
-                  "kind": kind, "save_s": saved - now, "file": str(path)}
+                  "kind": kind, "save_s": saved - now, "lr": current_lr(trainer), "file": str(path)}
         self.records.append(record)
         self.write_log()
         self.last = saved
@@ -139,6 +139,14 @@ class WallClockCheckpoints(_callback_base()):
                    "save_seconds": self.save_seconds, "checkpoints": self.records}
         with atomic_write(self.log_path, "w") as handle:
             json.dump(payload, handle, indent=1)
+
+
+def current_lr(trainer):
+    """The optimiser's learning rate now (warm-up and plateau included), None without one."""
+    try:
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
 
 
 # =============================================================================================

@@ -33,6 +33,10 @@ def _check_stopped_at_five(scores, out, side):
     assert steps == [0, 2, 4, 5] and [r["kind"] for r in log["checkpoints"]] == ["start", "periodic", "periodic", "end"]
     assert log["checkpoints"][-1]["t_train"] < 5 * 60
     assert [p["step"] for p in scores["points"]] == [0, 2, 4, 5]
+    # the learning rate at each checkpoint: the linear warm-up of 500 steps, lr 5e-4 · (step + 1) / 500 after
+    # step k's update (the start record: the optimiser's initial value, lr / 500 on torchmdx's side)
+    for record in log["checkpoints"][1:]:
+        assert record["lr"] == pytest.approx(5e-4 * record["step"] / 500, rel=1e-6)
     for p in scores["points"]:
         # the validation family (PVA, 26 atoms a frame) scored by the same scorer as the test family
         for key in ("val_forces_mae", "val_energy_mae", "val_energy_mae_per_atom"):
