@@ -91,7 +91,7 @@ def graph_call(model, z, pos, cell, pbc, traced=False):
         if options or frontend is None:
             graphed.forcefield.traced.options = options
     graphed(pos)  # builds, captures, replays once
-    energy, forces, _, overflow = graphed.outputs
+    energy, forces, _, overflow = graphed.outputs[:4]  # (energy, forces, atomic, overflow, packed)
 
     def replay():  # holds ``graphed``: the graph reads its static buffers at every replay
         graphed.graph.replay()
