@@ -25,7 +25,7 @@
 #   4 md16       110 s  bench_md: native engine, torchmdx ASE loop, TorchMD-NET's ASE loop (DHFR, factor IX, 22 atoms)
 #   5 neighbors16 45 s  bench_neighbors 10 k / 100 k atoms and the systems
 # Knobs: K16_SWEEP (systems), K16_SWEEP_BUDGET (s per sweep system), K16_SKIP (space-separated step names),
-# K16_MODEL_SYSTEMS / K16_ROW_BUDGET (model16's rows), K16_MD_SYSTEMS / K16_MD_VARIANTS (md16).
+# K16_PROFILE (systems; BENCH_PROFILE_VARIANTS eager,graph,traced), K16_MODEL_SYSTEMS / K16_ROW_BUDGET (model16's rows), K16_MD_SYSTEMS / K16_MD_VARIANTS (md16).
 # accuracy-equiformer reuses the ET run's split file when it is there ($ACCURACY_SPLIT, default
 # $OUT/accuracy_torchmdx/split_<data>_seed0.npz: accuracy-torchmdx earlier in the same call), else it draws
 # its own with the same seed (the same indices; the report checks the split digests).
@@ -93,7 +93,7 @@ for part in "$@"; do
           --systems "" --no-train --sweep ${K16_SWEEP:-dhfr,stmv} --sweep-budget-s ${K16_SWEEP_BUDGET:-55} --budget-s 1.5 \
           2>&1 | tee "$OUT/sweep16.log"
       step profile16 && timeout ${K16_PROFILE_TIMEOUT:-90} python3 bench/bench_model.py --data .benchdata --out "$OUT" --name profile16 \
-          --systems "" --no-train --profile dhfr,stmv 2>&1 | tee "$OUT/profile16.log"
+          --systems "" --no-train --profile ${K16_PROFILE:-dhfr,stmv} 2>&1 | tee "$OUT/profile16.log"
       step model16 && BENCH_GRAPH_VARIANTS=${K16_GRAPH_VARIANTS:-graph,graph_compiled,graph_traced} timeout ${K16_MODEL_TIMEOUT:-130} \
           python3 bench/bench_model.py --data .benchdata --out "$OUT" --name model16 --backends triton --no-train \
           --systems ${K16_MODEL_SYSTEMS:-dhfr,factorIX,stmv,alanine_dipeptide,chignolin} --budget-s 2 --row-budget-s ${K16_ROW_BUDGET:-35} --traced-max-atoms 64 \

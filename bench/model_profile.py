@@ -17,8 +17,9 @@ from gpu_timing import error_text, synchronize
 from model_setup import ET_MD17, graph_call, make_model, read_xyz
 
 
-#: the variants of ``--profile`` (env BENCH_PROFILE_VARIANTS): eager fused call, the same with the
-#: model's dense parts compiled, and what the calculator replays (capacity-padded list, compiled parts)
+#: the variants of ``--profile`` (env BENCH_PROFILE_VARIANTS): "eager" the fused call, "graph" what the
+#: calculator replays (capacity-padded list, compiled parts), "traced" the same with the whole model
+#: traced into one inductor graph (what ``compile: auto`` picks up to 64 atoms)
 PROFILE_VARIANTS = tuple(os.environ.get("BENCH_PROFILE_VARIANTS", "eager,graph").split(","))
 
 
@@ -48,6 +49,8 @@ def bench_profile(names, data_dir, out_dir, results):
             try:
                 if variant == "graph":  # what the calculator replays: capacity-padded list, compiled parts
                     call, _ = graph_call(model, z, pos, None, None)
+                elif variant == "traced":  # the whole model and its forces as one inductor graph (compile: whole)
+                    call, _ = graph_call(model, z, pos, None, None, traced=True)
                 else:
                     call = lambda: model(z, pos)  # noqa: E731
                 for _ in range(3):
