@@ -230,6 +230,12 @@ def main(argv=None):
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the kernel profile of one eager step per message path")
     args = parser.parse_args(argv)
+    if os.environ.get("BENCH_SMALL_OUTPUT"):  # the traced graph's product-rewrite bound: an int, or "none"
+        from torchmdx.nn import traced
+
+        value = os.environ["BENCH_SMALL_OUTPUT"]
+        traced.SMALL_OUTPUT = None if value.lower() == "none" else int(value)
+        print(f"traced graph: products rewritten as reductions up to {traced.SMALL_OUTPUT} result elements", flush=True)
     if not torch.cuda.is_available():
         raise SystemExit("error: bench_train needs a CUDA GPU")
     from torchmdx.kernels.neighbors import neighbor_list

@@ -83,8 +83,10 @@ def graph_call(model, z, pos, cell, pbc, traced=False):
     graphed = GraphedForces(model, atoms, pos.device, pos.dtype, traced=bool(traced))
     if traced == "nosmall":  # the traced graph without small products as reductions
         graphed.forcefield.traced.small = False
-    elif isinstance(traced, dict):  # inductor options; "frontend": "dynamo" / "inductor" (nn.traced.FRONTENDS)
-        options = dict(traced)
+    elif isinstance(traced, dict):  # inductor options; "frontend": "dynamo" / "inductor" (nn.traced.FRONTENDS);
+        options = dict(traced)      # "small_output": the largest product rewritten as a reduction (null: any)
+        if "small_output" in options:
+            graphed.forcefield.traced.small_output = options.pop("small_output")
         frontend = options.pop("frontend", None)
         if frontend is not None:
             graphed.forcefield.traced.frontend = frontend

@@ -220,3 +220,33 @@ def test_small_products_of_chained_products():
     assert small_products(graph_module) == 2
     assert not any(node.target is torch.ops.aten.mm.default for node in graph_module.graph.nodes)
     torch.testing.assert_close(graph_module(x, a, b), (x @ a) @ b, rtol=1e-12, atol=1e-12)
+
+
+def test_small_products_leave_large_results_to_the_matmul():
+    """A short inner dimension with a large result (every layer's radial filters of a small
+    molecule: [535, 32] @ [32, 3072], 1.6 M elements) stays one matrix product; the per-layer
+    products of a 22-atom molecule (22 x 384) still become reductions; without a bound both do."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torchmdx.nn.traced import SMALL_OUTPUT, small_products
+
+    generator = torch.Generator().manual_seed(0)
+    rbf, filters = torch.randn(535, 32, generator=generator), torch.randn(32, 3072, generator=generator)
+    x, weight = torch.randn(22, 128, generator=generator), torch.randn(128, 384, generator=generator)
+    assert 535 * 3072 > SMALL_OUTPUT >= 22 * 384
+
+    def products(rbf, filters, x, weight):
+        return rbf @ filters, x @ weight
+
+    def targets(graph_module):
+        return [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
+
+    bounded = make_fx(products)(rbf, filters, x, weight)
+    assert small_products(bounded) == 1
+    assert targets(bounded).count(torch.ops.aten.mm.default) == 1
+    unbounded = make_fx(products)(rbf, filters, x, weight)
+    assert small_products(unbounded, max_output=None) == 2
+    assert torch.ops.aten.mm.default not in targets(unbounded)
+    for graph_module in (bounded, unbounded):
+        for got, want in zip(graph_module(rbf, filters, x, weight), products(rbf, filters, x, weight)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

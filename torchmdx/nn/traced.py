@@ -102,13 +102,20 @@ def _strip_detach(graph_module) -> int:
 
 
 #: matrix products A [M, K] @ B [K, N] of the traced graph with M <= this many rows, or with
-#: K <= :data:`SMALL_INNER`, are computed as a broadcast product summed over K (see
-#: :func:`small_products`)
+#: K <= :data:`SMALL_INNER`, and with at most :data:`SMALL_OUTPUT` elements M N in the result,
+#: are computed as a broadcast product summed over K (see :func:`small_products`)
 SMALL_ROWS = SMALL_MATMUL_ATOMS
 SMALL_INNER = 32
+#: the largest product result (M N elements) rewritten as a reduction. Above it a reduction
+#: kernel is slower than one cuBLAS product: the every-layer radial filters of a 22-atom call,
+#: [535 edges, 32] @ [32, 3 072], took 48.5 µs as inductor's persistent reduction, 9 % of the
+#: call's GPU time (H100, 2026-12-06, ``docs/benchmarks/2026-12-06-h100-d/``); the per-layer
+#: products of small molecules (22 x 384) and the neighbour embedding's (534 x 128) stay below
+SMALL_OUTPUT = 1 << 18
 
 
-def small_products(graph_module, max_rows: int = SMALL_ROWS, max_inner: int = SMALL_INNER) -> int:
+def small_products(graph_module, max_rows: int = SMALL_ROWS, max_inner: int = SMALL_INNER,
+                   max_output: Optional[int] = SMALL_OUTPUT) -> int:
     """Rewrite small matrix products (``aten.mm`` / ``aten.addmm``, forward and backward) as
     (A[:, :, None] * B[None]).sum(1) (+ bias); returns how many.
 
@@ -116,7 +123,8 @@ def small_products(graph_module, max_rows: int = SMALL_ROWS, max_inner: int = SM
     element-wise work around it, where cuBLAS runs split-K kernels (3-4 launches of
     ~10 µs for a few dozen rows, measured on an H100: half the GPU time of a 22-atom call).
     Products with few rows (the atoms of a small molecule) or a short inner dimension (the 32
-    radial basis functions of every edge filter) are cheap as reductions at any size."""
+    radial basis functions of every edge filter) qualify, as long as the result has at most
+    ``max_output`` elements (None: no bound); a large result is one efficient cuBLAS product."""
     graph = graph_module.graph
     count = 0
     for node in list(graph.nodes):
@@ -133,6 +141,9 @@ def small_products(graph_module, max_rows: int = SMALL_ROWS, max_inner: int = SM
             continue
         rows, inner = value.shape
         if not (rows <= max_rows or inner <= max_inner):
+            continue
+        columns = b.meta["val"].shape[1] if "val" in b.meta else None
+        if max_output is not None and (columns is None or rows * columns > max_output):
             continue
         with graph.inserting_before(node):
             left = graph.call_function(aten.unsqueeze.default, (a, 2))
@@ -223,14 +234,16 @@ class TracedForces:
     The potential must support tracing (:attr:`Potential.traceable`): no host reads, no
     data-dependent Python branches in :meth:`atomic_energies` while ``potential.tracing``.
     ``compile=False`` runs the traced graph without inductor (tests); ``small``: rewrite small
-    matrix products as reductions (:func:`small_products`); ``options``: inductor options
+    matrix products as reductions (:func:`small_products`), ``small_output`` the largest result
+    rewritten (None: any size; "auto": :data:`SMALL_OUTPUT` when traced); ``options``: inductor options
     (default :data:`COMPILE_OPTIONS`, or :data:`TRAINING_COMPILE_OPTIONS`, of the device type);
     ``frontend``: how the graph reaches inductor (:data:`FRONTENDS`; default the potential's
     ``traced_frontend``, else "dynamo").
     """
 
     def __init__(self, potential, training: bool = False, cutoff: Optional[float] = None, compile: bool = True,
-                 small: bool = True, options: Optional[dict] = None, frontend: Optional[str] = None):
+                 small: bool = True, options: Optional[dict] = None, frontend: Optional[str] = None,
+                 small_output="auto"):
         if not getattr(potential, "traceable", False):
             raise TypeError(f"{type(potential).__name__} cannot be traced into one graph")
         frontend = frontend or getattr(potential, "traced_frontend", "dynamo")
@@ -243,6 +256,7 @@ class TracedForces:
         self.cutoff = float(potential.cutoff if cutoff is None else cutoff)
         self.compile = bool(compile)
         self.small = bool(small)
+        self.small_output = small_output
         self.options = options
         self.small_products = 0  # products rewritten as reductions in the last trace
         self._graphs: dict = {}
@@ -295,7 +309,8 @@ class TracedForces:
         finally:
             potential.tracing = previous
         _strip_detach(graph_module)
-        self.small_products = small_products(graph_module) if self.small else 0
+        max_output = SMALL_OUTPUT if self.small_output == "auto" else self.small_output
+        self.small_products = small_products(graph_module, max_output=max_output) if self.small else 0
         self.traces += 1
         if not self.compile:
             return graph_module
