@@ -84,9 +84,10 @@ def graph_call(model, z, pos, cell, pbc, traced=False):
     if traced == "nosmall":  # the traced graph without small products as reductions
         graphed.forcefield.traced.small = False
     elif isinstance(traced, dict):  # inductor options; "frontend": "dynamo" / "inductor" (nn.traced.FRONTENDS);
-        options = dict(traced)      # "small_output": the largest product rewritten as a reduction (null: any)
-        if "small_output" in options:
-            graphed.forcefield.traced.small_output = options.pop("small_output")
+        options = dict(traced)      # "small_output" / "small_rows": which products become reductions (nn.traced)
+        for key in ("small_output", "small_rows"):
+            if key in options:
+                setattr(graphed.forcefield.traced, key, options.pop(key))
         frontend = options.pop("frontend", None)
         if frontend is not None:
             graphed.forcefield.traced.frontend = frontend

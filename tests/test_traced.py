@@ -250,3 +250,22 @@ def test_small_products_leave_large_results_to_the_matmul():
     for graph_module in (bounded, unbounded):
         for got, want in zip(graph_module(rbf, filters, x, weight), products(rbf, filters, x, weight)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_traced_forces_product_bounds_change_only_the_kernels():
+    """``small_rows`` / ``small_output`` of TracedForces change which products become reductions,
+    not the numbers: no rewrite at all (rows 0, results of 0 elements) and rewrites without an
+    output bound give the eager forces; a tighter output bound rewrites fewer products."""
+    model = torchmdx.build_model(SMALL_ET)
+    z, pos, batch, cell, pbc = _structures()
+    nl, offsets = _list(model, pos, batch, cell, pbc)
+    ref = model(z, pos, batch, cell, pbc)
+    counts = {}
+    for label, keywords in (("none", dict(small_rows=0, small_output=0)), ("default", {}),
+                            ("unbounded", dict(small_output=None)), ("tight", dict(small_output=64))):
+        traced = TracedForces(model, compile=False, **keywords)
+        energy, forces, _ = traced(z, pos, batch, 2, nl.edge_index, offsets, nl.mask)
+        torch.testing.assert_close(energy, ref["energy"], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(forces, ref["forces"], rtol=1e-9, atol=1e-10)
+        counts[label] = traced.small_products
+    assert counts["none"] == 0 < counts["tight"] < counts["default"] <= counts["unbounded"]

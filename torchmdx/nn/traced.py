@@ -109,8 +109,11 @@ SMALL_INNER = 32
 #: the largest product result (M N elements) rewritten as a reduction. Above it a reduction
 #: kernel is slower than one cuBLAS product: the every-layer radial filters of a 22-atom call,
 #: [535 edges, 32] @ [32, 3 072], took 48.5 µs as inductor's persistent reduction, 9 % of the
-#: call's GPU time (H100, 2026-12-06, ``docs/benchmarks/2026-12-06-h100-d/``); the per-layer
-#: products of small molecules (22 x 384) and the neighbour embedding's (534 x 128) stay below
+#: call's GPU time; with the bound the call went from 0.602 to 0.513 ms per replay (GPU time
+#: 0.543 -> 0.465 ms), native MD from 1 530 to 1 810 steps/s, and the traced training step
+#: (32 x 21 atoms) from 9.84 to 7.82 ms (H100, 2026-12-06, ``docs/benchmarks/2026-12-06-h100-d/``).
+#: The per-layer products of small molecules (22 x 384) and the neighbour embedding's
+#: (534 x 128) stay below it.
 SMALL_OUTPUT = 1 << 18
 
 
@@ -235,7 +238,8 @@ class TracedForces:
     data-dependent Python branches in :meth:`atomic_energies` while ``potential.tracing``.
     ``compile=False`` runs the traced graph without inductor (tests); ``small``: rewrite small
     matrix products as reductions (:func:`small_products`), ``small_output`` the largest result
-    rewritten (None: any size; "auto": :data:`SMALL_OUTPUT` when traced); ``options``: inductor options
+    rewritten (None: any size; "auto": :data:`SMALL_OUTPUT` when traced) and ``small_rows`` the
+    most rows a rewritten product may have whatever its inner dimension ("auto": :data:`SMALL_ROWS`); ``options``: inductor options
     (default :data:`COMPILE_OPTIONS`, or :data:`TRAINING_COMPILE_OPTIONS`, of the device type);
     ``frontend``: how the graph reaches inductor (:data:`FRONTENDS`; default the potential's
     ``traced_frontend``, else "dynamo").
@@ -243,7 +247,7 @@ class TracedForces:
 
     def __init__(self, potential, training: bool = False, cutoff: Optional[float] = None, compile: bool = True,
                  small: bool = True, options: Optional[dict] = None, frontend: Optional[str] = None,
-                 small_output="auto"):
+                 small_output="auto", small_rows="auto"):
         if not getattr(potential, "traceable", False):
             raise TypeError(f"{type(potential).__name__} cannot be traced into one graph")
         frontend = frontend or getattr(potential, "traced_frontend", "dynamo")
@@ -257,6 +261,7 @@ class TracedForces:
         self.compile = bool(compile)
         self.small = bool(small)
         self.small_output = small_output
+        self.small_rows = small_rows
         self.options = options
         self.small_products = 0  # products rewritten as reductions in the last trace
         self._graphs: dict = {}
@@ -310,7 +315,8 @@ class TracedForces:
             potential.tracing = previous
         _strip_detach(graph_module)
         max_output = SMALL_OUTPUT if self.small_output == "auto" else self.small_output
-        self.small_products = small_products(graph_module, max_output=max_output) if self.small else 0
+        max_rows = SMALL_ROWS if self.small_rows == "auto" else self.small_rows
+        self.small_products = small_products(graph_module, max_rows, max_output=max_output) if self.small else 0
         self.traces += 1
         if not self.compile:
             return graph_module
