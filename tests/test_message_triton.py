@@ -415,12 +415,20 @@ def test_segment_ends_skip_trailing_masked_rows():
     from torchmdx.kernels.message_triton import EdgeLayout
 
     g = torch.Generator().manual_seed(0)
+    cases = []
     for _ in range(100):
         n = int(torch.randint(1, 8, (1,), generator=g))
         e = int(torch.randint(0, 30, (1,), generator=g))
         i = torch.sort(torch.randint(0, n, (e,), generator=g)).values
-        j = torch.randint(0, n, (e,), generator=g)
-        mask = torch.rand(e, generator=g) > 0.4
+        cases.append((n, i, torch.randint(0, n, (e,), generator=g), torch.rand(e, generator=g) > 0.4))
+    # a capacity-padded list (12 padding rows i = j = N - 1, masked, after the last atom's own rows),
+    # every row masked, every row valid
+    i = torch.tensor([0, 0, 1, 2, 2, 2, 4] + [4] * 12)
+    j = torch.tensor([1, 2, 0, 0, 1, 4, 2] + [4] * 12)
+    padded = torch.tensor([True] * 7 + [False] * 12)
+    cases += [(5, i, j, padded), (5, i, j, torch.zeros_like(padded)), (5, i, j, torch.ones_like(padded))]
+    for n, i, j, mask in cases:
+        e = len(i)
         layout = EdgeLayout(torch.stack([i, j]), n, mask)
         colptr, colend, perm = layout.sender_order()
         for a in range(n):
