@@ -435,3 +435,27 @@ def test_auto_backend_trains_on_the_reference_message_path():
     model.train()
     model.backend = "triton"
     assert model.message_backend() == "triton"
+
+
+@pytest.mark.parametrize("small", [False, True], ids=["product", "reduction"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_stack_equals_the_layers_one_by_one(small, bias):
+    """nn.et.linear_stack: one product with stacked weights gives each layer's own output (float64),
+    and gradients reach every layer's weight and bias and the input as with separate layers."""
+    from torchmdx.nn.et import linear_stack
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, width, bias=bias).double() for width in (8, 8, 24)]
+    x = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
+    stacked = linear_stack(layers, x, small)
+    separate = [layer(x) for layer in layers]
+    for got, want in zip(stacked, separate):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    weights = [torch.randn_like(t) for t in separate]
+    params = [x] + [p for layer in layers for p in layer.parameters()]
+    g_stacked = torch.autograd.grad(sum((t * w).sum() for t, w in zip(stacked, weights)), params)
+    g_separate = torch.autograd.grad(sum((t * w).sum() for t, w in zip(separate, weights)), params)
+    for got, want in zip(g_stacked, g_separate):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert linear_stack(layers[:1], x, small)[0].shape == (5, 3, 8)
