@@ -251,13 +251,13 @@ def case_filter_products():
         rbf = torch.rand(e, k, generator=g, dtype=torch.float64).to(dtype)
         wk, bk = torch.randn(f, k, generator=g, dtype=torch.float64).to(dtype), torch.randn(f, generator=g, dtype=torch.float64).to(dtype)
         wv, bv = torch.randn(3 * f, k, generator=g, dtype=torch.float64).to(dtype), torch.randn(3 * f, generator=g, dtype=torch.float64).to(dtype)
-        z = mt._preactivation(rbf, wk, bk, wv, bv)
+        z = mt._preactivation(rbf, *mt._stack_filters(wk, bk, wv, bv))
         z_ref = torch.addmm(torch.cat([bk, bv]).double(), rbf.double(), torch.cat([wk, wv]).double().t())
         assert rel_err(z, z_ref) < tol, f"z {dtype}: {rel_err(z, z_ref)}"
-        assert rel_err(mt._preactivation(rbf, None, None, wv, bv), z_ref[:, f:]) < tol
+        assert rel_err(mt._preactivation(rbf, *mt._stack_filters(None, None, wv, bv)), z_ref[:, f:]) < tol
         gz = torch.randn(e, 4 * f, generator=g, dtype=torch.float64).to(dtype)
         mask = torch.rand(e, generator=g) > 0.3
-        grbf = mt._rbf_gradient(gz, wk, wv, mask.view(torch.uint8))
+        grbf = mt._rbf_gradient(gz, mt._stack_filters(wk, bk, wv, bv)[0], mask.view(torch.uint8))
         grbf_ref = torch.where(mask[:, None], gz.double() @ torch.cat([wk, wv]).double(), 0.0)
         assert rel_err(grbf, grbf_ref) < tol, f"dL/drbf {dtype}: {rel_err(grbf, grbf_ref)}"
         assert (grbf[~mask] == 0).all()

@@ -33,7 +33,7 @@ Entry points
 
 Kernel launches, the autograd wiring and the kernels' design:
 :mod:`torchmdx.kernels.message_triton_autograd` (its names used elsewhere are re-exported here:
-``_FusedMessageFunction``, ``_preactivation``, ``_rbf_gradient``, ``LAST_BACKWARD``,
+``_FusedMessageFunction``, ``_preactivation``, ``_rbf_gradient``, ``_stack_filters``, ``LAST_BACKWARD``,
 ``interpreted``). Segments and the launch spec: :mod:`torchmdx.kernels.message_triton_spec`.
 Design notes and measurements: ``docs/kernels_message.md``.
 
@@ -64,6 +64,7 @@ from torchmdx.kernels.message_triton_autograd import (  # noqa: F401 - some re-e
     _launch,
     _preactivation,
     _rbf_gradient,
+    _stack_filters,
     interpreted,
     kernels,
     triton,

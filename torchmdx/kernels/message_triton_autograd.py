@@ -142,9 +142,12 @@ class _FusedMessageFunction(torch.autograd.Function):
         m = torch.empty(n, f, dtype=q.dtype, device=q.device)
         u = torch.empty(n, 3, f, dtype=q.dtype, device=q.device)
         dummy = q
+        # [W_k; W_v] and [b_k; b_v] of the filter products, stacked once per call: the backward's
+        # recomputed product and dL/drbf reuse them (three weight copies per layer fewer)
+        ctx.stacked = _stack_filters(wk, bk, wv, bv) if spec.dk_mode == 3 or spec.dv_mode == 3 else None
         if n > 0:
-            if spec.dk_mode == 3 or spec.dv_mode == 3:
-                dk, dv = _preactivation_views(spec, _preactivation(rbf, wk, bk, wv, bv, spec.precision))
+            if ctx.stacked is not None:
+                dk, dv = _preactivation_views(spec, _preactivation(rbf, *ctx.stacked, spec.precision))
             spec = _launch(
                 kernels._message_fwd_kernel, spec.grid(n, q.device), spec,
                 layout.rowptr, layout.rowend, layout.senders, q, k, v, vec,
@@ -167,7 +170,8 @@ class _FusedMessageFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True (training on forces): a differentiable backward through the reference
             return (None, None, None) + _reference_backward(spec, layout.edge_index, saved, needs, grad_m, grad_u)
-        grads = _fused_backward(spec, layout, saved, needs, ctx.weight_nodes, grad_m.contiguous(), grad_u.contiguous())
+        grads = _fused_backward(spec, layout, saved, needs, ctx.weight_nodes, grad_m.contiguous(), grad_u.contiguous(),
+                                ctx.stacked)
         return (None, None, None) + grads
 
 
@@ -182,17 +186,22 @@ def _stacked(wk, wv, key, value) -> torch.Tensor:
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
 
 
+def _stack_filters(wk, bk, wv, bv):
+    """(weight [C, K], bias [C]) = ([W_k; W_v], [b_k; b_v]) of the filters present."""
+    return _stacked(wk, wv, wk, wv), _stacked(wk, wv, bk, bv)
+
+
 def _gemm_tiles(dtype):
     """(rows, columns) of a filter-product tile: float64 multiplies and sums in registers
     (no float64 tensor-core path here), so its tiles are smaller."""
     return (32, 32) if dtype == torch.float64 else (64, 128)
 
 
-def _preactivation(rbf, wk, bk, wv, bv, precision: Optional[str] = None) -> torch.Tensor:
+def _preactivation(rbf, weight, bias, precision: Optional[str] = None) -> torch.Tensor:
     """z = rbf [W_k; W_v]^T + [b_k; b_v]: [E, C], C = F (keys) + 3F (values), by one Triton
     kernel with float32 accuracy on tensor cores (``_filter_preact_kernel``; tf32x3 where
-    cuBLAS without TF32 runs plain FMA, ~1.5x slower here)."""
-    weight, bias = _stacked(wk, wv, wk, wv), _stacked(wk, wv, bk, bv)
+    cuBLAS without TF32 runs plain FMA, ~1.5x slower here). ``weight``, ``bias``: the stacked
+    filters (:func:`_stack_filters`)."""
     e, k = rbf.shape
     c = weight.shape[0]
     z = torch.empty(e, c, dtype=rbf.dtype, device=rbf.device)
@@ -205,10 +214,10 @@ def _preactivation(rbf, wk, bk, wv, bv, precision: Optional[str] = None) -> torc
     return z
 
 
-def _rbf_gradient(gz, wk, wv, mask, precision: Optional[str] = None) -> torch.Tensor:
-    """dL/drbf = dL/dz [W_k; W_v] ([E, C] x [C, K]), rows with mask False set to 0 (one Triton
-    kernel, float32 accuracy; reference: ``torch.where(mask, gz @ W, 0)``)."""
-    weight = _stacked(wk, wv, wk, wv)
+def _rbf_gradient(gz, weight, mask, precision: Optional[str] = None) -> torch.Tensor:
+    """dL/drbf = dL/dz [W_k; W_v] ([E, C] x [C, K], ``weight`` stacked by :func:`_stack_filters`),
+    rows with mask False set to 0 (one Triton kernel, float32 accuracy; reference:
+    ``torch.where(mask, gz @ W, 0)``)."""
     e, c = gz.shape
     k = weight.shape[1]
     grbf = torch.empty(e, k, dtype=gz.dtype, device=gz.device)
@@ -240,7 +249,7 @@ class _full_precision_matmul:
         torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
-def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes, grad_m, grad_u):
+def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes, grad_m, grad_u, stacked=None):
     (q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0) = saved
     need = dict(zip(_NAMES, needs))
     n, f = q.shape
@@ -260,7 +269,8 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
     need_receiver = need_receiver or merged
     z = None
     if gemm and n > 0 and (need_receiver or need_sender):
-        z = _preactivation(rbf, wk, bk, wv, bv, spec.precision)  # recomputed: not kept from the forward (memory)
+        stacked = stacked if stacked is not None else _stack_filters(wk, bk, wv, bv)
+        z = _preactivation(rbf, *stacked, spec.precision)  # recomputed: not kept from the forward (memory)
         dk, dv = _preactivation_views(spec, z)
     tensors = (q, k, v, vec, _or(dk, dummy), _or(dv, dummy), _or(rbf, dummy), _or(wk, dummy), _or(bk, dummy),
                _or(wv, dummy), _or(bv, dummy), phi, unit, _or(mask, dummy), _or(dk0, dummy), _or(dv0, dummy),
@@ -310,7 +320,7 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         if uses_rbf:
             out["rbf"] = grbf
         if gemm:
-            _gemm_filter_gradients(spec, z, mask, rbf, wk, wv, bk, bv, need, weights_wanted, out)
+            _gemm_filter_gradients(spec, z, mask, rbf, stacked[0], wk, wv, bk, bv, need, weights_wanted, out)
         if write_gz and spec.dk_mode == 2:
             if weights_wanted[0]:
                 out["wk"] = gzk.t() @ rbf
@@ -336,13 +346,13 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
     return tuple(out[name] if need[name] else None for name in _NAMES)
 
 
-def _gemm_filter_gradients(spec, gz, mask, rbf, wk, wv, bk, bv, need, weights_wanted, out):
+def _gemm_filter_gradients(spec, gz, mask, rbf, weight, wk, wv, bk, bv, need, weights_wanted, out):
     """Filter gradients from dL/dz [E, F + 3F] (written by the receiver kernel over z): dL/drbf =
     dL/dz [W_k; W_v], dL/dW = dL/dz^T rbf, dL/db = sum_e dL/dz. Trailing masked rows the kernel
     skipped still hold z: they are zeroed (per row of dL/drbf, or in dL/dz for the weights)."""
     f = spec.heads * spec.head_dim
     if need["rbf"]:
-        out["rbf"] = _rbf_gradient(gz, wk, wv, mask, spec.precision)
+        out["rbf"] = _rbf_gradient(gz, weight, mask, spec.precision)
     if any(weights_wanted):
         if mask is not None:
             gz = gz.masked_fill_(~mask.bool()[:, None], 0.0)
