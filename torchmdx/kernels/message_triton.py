@@ -106,6 +106,11 @@ class LaunchConfig:
                      it with dL/dz, and one more product gives dL/drbf: transient GPU memory
                      E x 4F), 'kernel' (tl.dot on blocks of edges inside every kernel: O(E K)
                      memory, but three times the registers)
+    keep_filters     'gemm' place: keep the forward's pre-activation z [E, 4F] for the backward
+                     instead of recomputing it ('auto', the default: when z takes at most
+                     :data:`KEEP_FILTERS_MAX_BYTES` per layer, i.e. up to ~10^5 edges at F = 128,
+                     DHFR's size; 'always'; 'never'). Keeping trades one product per layer
+                     (~0.2 ms at DHFR) for E x 4F floats held per layer until the backward
     table            consult the measured launch table for the fields left None / 'auto'
     """
 
@@ -118,10 +123,16 @@ class LaunchConfig:
     maxnreg: Optional[int] = None
     filters: str = "auto"
     sender_side: str = "auto"
+    keep_filters: str = "auto"
     table: bool = True
 
 
 CONFIG = LaunchConfig()
+
+#: 'auto' keeps the forward's filter pre-activations for the backward when they take at most
+#: this many bytes per layer (DHFR, 104 436 edges x 512 float32: 214 MB, 1.3 GB for its 6 layers)
+KEEP_FILTERS_MAX_BYTES = 256 << 20
+KEEP_FILTERS = ("auto", "always", "never")
 
 FILTER_PLACES = ("auto", "gemm", "kernel")
 SENDER_SIDES = ("auto", "sorted", "merged")
@@ -159,7 +170,7 @@ def resolved_config(num_atoms: int, gpu_name: Optional[str] = None) -> LaunchCon
 
     explicit = {name: getattr(CONFIG, name) for name in launch_table.DEFAULTS}
     values = launch_table.resolve(explicit, gpu_name, num_atoms, use_table=CONFIG.table)
-    return LaunchConfig(**values, table=CONFIG.table)
+    return LaunchConfig(**values, keep_filters=CONFIG.keep_filters, table=CONFIG.table)
 
 
 def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv,
@@ -186,7 +197,15 @@ def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self
         dk_stride, dv_stride = f, 3 * f
     return _Spec(heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv, vector_cutoff,
                  attn_activation, filter_activation, hb, hp, dp, kp, be, cfg.num_warps, precision,
-                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride, merged)
+                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride, merged,
+                 _keep_filters_limit(cfg.keep_filters))
+
+
+def _keep_filters_limit(policy: str) -> float:
+    """The largest pre-activation buffer (bytes) the forward keeps for the backward under ``policy``."""
+    if policy not in KEEP_FILTERS:
+        raise ValueError(f"keep_filters must be one of {', '.join(KEEP_FILTERS)}, got {policy!r}")
+    return {"auto": KEEP_FILTERS_MAX_BYTES, "always": float("inf"), "never": -1}[policy]
 
 
 # ---------------------------------------------------------------------------------- entry points
