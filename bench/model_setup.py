@@ -69,10 +69,12 @@ def make_model(backend: str, **overrides):
     return ETPotential({**ET_MD17, **overrides}, backend=backend).to(gpu_timing.DEVICE).eval()
 
 
-def graph_call(model, z, pos, cell, pbc, traced=False):
+def graph_call(model, z, pos, cell, pbc, traced=False, use_graph=True):
     """Energy + forces of fixed shapes as one CUDA graph, exactly as ``torchmdx.Calculator``
     replays it on CUDA (:class:`torchmdx.md.cuda_graph.GraphedForces`: fixed-capacity Triton
-    neighbor list rebuilt inside the graph, model, forces): returns (replay, outputs)."""
+    neighbor list rebuilt inside the graph, model, forces): returns (replay, outputs).
+    ``use_graph=False``: the same function called eagerly (tests on the CPU; the outputs are then
+    those of one evaluation, not updated by ``replay``)."""
     from ase import Atoms
 
     from torchmdx.md.cuda_graph import GraphedForces
@@ -80,7 +82,7 @@ def graph_call(model, z, pos, cell, pbc, traced=False):
     atoms = Atoms(numbers=z.cpu().numpy(), positions=pos.double().cpu().numpy(),
                   cell=None if cell is None else cell.double().cpu().numpy(),
                   pbc=False if pbc is None else pbc.cpu().numpy())
-    graphed = GraphedForces(model, atoms, pos.device, pos.dtype, traced=bool(traced))
+    graphed = GraphedForces(model, atoms, pos.device, pos.dtype, traced=bool(traced), use_graph=use_graph)
     if traced == "nosmall":  # the traced graph without small products as reductions
         graphed.forcefield.traced.small = False
     elif isinstance(traced, dict):  # inductor options; "frontend": "dynamo" / "inductor" (nn.traced.FRONTENDS);
@@ -94,9 +96,13 @@ def graph_call(model, z, pos, cell, pbc, traced=False):
         if options or frontend is None:
             graphed.forcefield.traced.options = options
     graphed(pos)  # builds, captures, replays once
-    energy, forces, _, overflow = graphed.outputs[:4]  # (energy, forces, atomic, overflow, packed)
+    outputs = graphed.outputs if use_graph else graphed._run()  # torchmdx.md.cuda_graph.ForceOutputs
+    energy, forces, overflow = outputs.energy, outputs.forces, outputs.overflow
 
     def replay():  # holds ``graphed``: the graph reads its static buffers at every replay
-        graphed.graph.replay()
+        if use_graph:
+            graphed.graph.replay()
+        else:
+            graphed(pos)
 
     return replay, (energy, forces, overflow)

@@ -47,3 +47,29 @@ def test_table_lists_the_extra_traced_columns():
     assert "| alanine_dipeptide | agg | 0.5 | 120 | 0.41 | 51.0 |" in lines
     assert "| alanine_dipeptide | cdt | compile failed | - | - | - |" in lines
     assert not any("| alanine_dipeptide |  |" in line for line in lines)
+
+
+def test_graph_call_runs_the_calculators_function_on_the_cpu():
+    """bench/model_setup.graph_call (every graph column of bench_model.py) run eagerly: its
+    outputs are GraphedForces' named outputs (a 2026-12-06 GPU run lost every graph column to a
+    positional unpack of them) and the forces equal the model's own."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from model_setup import graph_call
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import torchmdx
+    from torchmdx.nn import ETPotential
+
+    model = ETPotential(dict(embedding_dimension=16, num_layers=2, num_heads=2, num_rbf=8, cutoff_upper=4.0)).double()
+    z = torch.tensor([8, 1, 1, 6, 1])
+    pos = torch.tensor([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0], [2.5, 0.3, 0.1], [3.4, 0.5, 0.2]],
+                       dtype=torch.float64)
+    want = model(z, pos)["forces"]
+    replay, (energy, forces, overflow) = graph_call(model, z, pos, None, None, use_graph=False)
+    replay()
+    assert not bool(overflow) and energy.shape == (1,)
+    torch.testing.assert_close(forces, want, rtol=1e-9, atol=1e-10)
+    assert torchmdx.md.cuda_graph.ForceOutputs._fields[:4] == ("energy", "forces", "atomic", "overflow")

@@ -29,11 +29,24 @@ How it stays correct
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 STATE_FIELDS = ("positions", "velocities", "forces", "energy", "thermostat_energy")
+
+
+class ForceOutputs(NamedTuple):
+    """The static outputs of one :class:`GraphedForces` evaluation (read them before the next
+    call): energy [1] eV, forces [N, 3] eV/Å, per-atom energies [N] eV, the neighbor list's
+    overflow flag, and ``packed`` = [forces (3N), per-atom energies (N), energy, overflow] in
+    float64 for one copy to the host."""
+
+    energy: torch.Tensor
+    forces: torch.Tensor
+    atomic: torch.Tensor
+    overflow: torch.Tensor
+    packed: torch.Tensor
 
 
 def capture_graph(fn, device, generator: Optional[torch.Generator] = None, warmups: int = 2):
@@ -201,7 +214,7 @@ class GraphedForces:
         # what host() copies out in one go: [forces (3N), per-atom energies (N), energy, overflow]
         packed = torch.cat([forces.reshape(-1).to(torch.float64), atomic.reshape(-1).to(torch.float64),
                             energy.reshape(-1).to(torch.float64), ff.stale.reshape(1).to(torch.float64)])
-        return energy, forces, atomic, ff.stale, packed
+        return ForceOutputs(energy, forces, atomic, ff.stale, packed)
 
     def _capture(self) -> None:
         self.graph, self.outputs = capture_graph(self._evaluate, self.positions.device)
@@ -250,7 +263,7 @@ class GraphedForces:
         also brings the overflow flag (then: grow, capture again, replay)."""
         self._load(positions)
         for _ in range(8):
-            packed = self._run()[4].cpu()
+            packed = self._run().packed.cpu()
             if packed[-1].item() == 0.0:
                 return packed[:-1]
             self._regrow()
