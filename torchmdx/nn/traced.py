@@ -240,8 +240,8 @@ class TracedForces:
     matrix products as reductions (:func:`small_products`), ``small_output`` the largest result
     rewritten (None: any size; "auto": :data:`SMALL_OUTPUT` when traced) and ``small_rows`` the
     most rows a rewritten product may have whatever its inner dimension ("auto":
-    :data:`SMALL_ROWS`); ``options``: inductor options (default :data:`COMPILE_OPTIONS`, or :data:`TRAINING_COMPILE_OPTIONS`, of the device type);
-    ``frontend``: how the graph reaches inductor (:data:`FRONTENDS`; default the potential's
+    :data:`SMALL_ROWS`); ``options``: inductor options (default :data:`COMPILE_OPTIONS`, or
+    :data:`TRAINING_COMPILE_OPTIONS`, of the device type); ``frontend``: how the graph reaches inductor (:data:`FRONTENDS`; default the potential's
     ``traced_frontend``, else "dynamo").
     """
 
