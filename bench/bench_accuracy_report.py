@@ -48,9 +48,9 @@ def time_to_reach(times: Sequence[float], values: Sequence[float], target: float
     return None
 
 
-def load_scores(paths: Sequence[str]) -> dict:
-    """{data: {side: scores}} from scores_<side>.json files in the given folders (searched
-    recursively) or given directly."""
+def read_scores_files(paths: Sequence[str]):
+    """(path, scores) of every scores_<run>.json in the given folders (searched recursively) or
+    given directly, each read and checked (:func:`check_scores`); bad ones are one-line errors."""
     found = []
     for entry in paths:
         p = Path(entry)
@@ -62,7 +62,6 @@ def load_scores(paths: Sequence[str]) -> dict:
             raise DataError(f"{p}: no such file or folder")
     if not found:
         raise DataError(f"no scores_<side>.json in {', '.join(paths)}")
-    runs: dict = {}
     for p in found:
         try:
             s = json.loads(p.read_text())
@@ -71,6 +70,14 @@ def load_scores(paths: Sequence[str]) -> dict:
         if not isinstance(s, dict) or s.get("side") not in SIDES or "points" not in s:
             raise DataError(f"{p}: not a scores file of this benchmark (no side/points)")
         check_scores(s, p)
+        yield p, s
+
+
+def load_scores(paths: Sequence[str]) -> dict:
+    """{data: {side: scores}} from scores_<side>.json files in the given folders (searched
+    recursively) or given directly."""
+    runs: dict = {}
+    for p, s in read_scores_files(paths):
         key, run = s.get("data", "?"), s.get("run", s["side"])
         if run in runs.setdefault(key, {}):
             raise DataError(f"two {run} runs for {key}: {runs[key][run]['_path']} and {p}; "

@@ -26,7 +26,7 @@ import numpy as np
 from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import atomic_path, atomic_write
 
-from bench_accuracy_report import COLORS, LABELS, SIDES, check_scores, ordered_runs
+from bench_accuracy_report import COLORS, LABELS, ordered_runs, read_scores_files
 
 #: (point key, what, unit) of the per-step tables, in order; a key no run has is left out
 METRICS = (("forces_mae", "test force MAE", "meV/Å"), ("energy_mae", "test energy MAE", "meV"),
@@ -36,26 +36,8 @@ METRICS = (("forces_mae", "test force MAE", "meV/Å"), ("energy_mae", "test ener
 def load_seed_runs(paths: Sequence[str]) -> dict:
     """{data: {run: [scores, ...] by seed}} from the scores_<run>.json files in the given folders
     (searched recursively) or given directly; a run and seed given twice is a one-line error."""
-    found = []
-    for entry in paths:
-        p = Path(entry)
-        if p.is_file():
-            found.append(p)
-        elif p.is_dir():
-            found.extend(sorted(p.rglob("scores_*.json")))
-        else:
-            raise DataError(f"{p}: no such file or folder")
-    if not found:
-        raise DataError(f"no scores_<side>.json in {', '.join(paths)}")
     runs: dict = {}
-    for p in found:
-        try:
-            s = json.loads(p.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{p}: not a readable scores file ({exc})") from None
-        if not isinstance(s, dict) or s.get("side") not in SIDES or "points" not in s:
-            raise DataError(f"{p}: not a scores file of this benchmark (no side/points)")
-        check_scores(s, p)
+    for p, s in read_scores_files(paths):
         run = s.get("run", s["side"])
         seeds = runs.setdefault(s.get("data", "?"), {}).setdefault(run, [])
         for other in seeds:
