@@ -254,8 +254,10 @@ class _full_precision_matmul:
         torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
-def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes, grad_m, grad_u, stacked=None,
-                    kept_z=None):
+def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes, grad_m, grad_u, stacked, kept_z):
+    """Input gradients from the Triton backward kernels. ``stacked``: the forward's stacked filter
+    weights (:func:`_stack_filters`; None off the GEMM place), ``kept_z``: its pre-activations when
+    kept (``spec.keep_filters_bytes``), else None (recomputed here)."""
     (q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0) = saved
     need = dict(zip(_NAMES, needs))
     n, f = q.shape
@@ -276,7 +278,6 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
     z = gz = None
     LAST_BACKWARD["kept_filters"] = kept_z is not None
     if gemm and n > 0 and (need_receiver or need_sender):
-        stacked = stacked if stacked is not None else _stack_filters(wk, bk, wv, bv)
         if kept_z is not None:  # the forward's z, read-only: dL/dz goes to a buffer of its own
             z, gz = kept_z, torch.empty_like(kept_z)
         else:  # recomputed (memory), then overwritten with dL/dz by the receiver kernel
