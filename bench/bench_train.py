@@ -236,6 +236,11 @@ def main(argv=None):
         value = os.environ["BENCH_SMALL_OUTPUT"]
         traced.SMALL_OUTPUT = None if value.lower() == "none" else int(value)
         print(f"traced graph: products rewritten as reductions up to {traced.SMALL_OUTPUT} result elements", flush=True)
+    if os.environ.get("BENCH_SMALL_ROWS"):  # the training graph's row bound for rewritten products: an int
+        from torchmdx.nn import traced
+
+        traced.TRAINING_SMALL_ROWS = int(os.environ["BENCH_SMALL_ROWS"])
+        print(f"traced training graph: products of up to {traced.TRAINING_SMALL_ROWS} rows rewritten", flush=True)
     if not torch.cuda.is_available():
         raise SystemExit("error: bench_train needs a CUDA GPU")
     from torchmdx.kernels.neighbors import neighbor_list

@@ -269,3 +269,25 @@ def test_traced_forces_product_bounds_change_only_the_kernels():
         torch.testing.assert_close(forces, ref["forces"], rtol=1e-9, atol=1e-10)
         counts[label] = traced.small_products
     assert counts["none"] == 0 < counts["tight"] < counts["default"] <= counts["unbounded"]
+
+
+def test_training_graph_takes_its_own_row_bound(monkeypatch):
+    """``small_rows="auto"`` reads :data:`TRAINING_SMALL_ROWS` for a training graph and
+    :data:`SMALL_ROWS` for an inference graph (the inference bound was raised to 192 on a measured
+    22-atom win; the training step keeps the bound it was measured with): with the two bounds set
+    far apart, each graph rewrites the number of products its own bound allows."""
+    from torchmdx.nn import traced as traced_module
+
+    model = torchmdx.build_model(SMALL_ET)
+    z, pos, batch, cell, pbc = _structures()
+    nl, offsets = _list(model, pos, batch, cell, pbc)
+    counts = {}
+    for rows, training_rows in ((0, 10**6), (10**6, 0)):
+        monkeypatch.setattr(traced_module, "SMALL_ROWS", rows)
+        monkeypatch.setattr(traced_module, "TRAINING_SMALL_ROWS", training_rows)
+        for training in (False, True):
+            forces = TracedForces(model, training=training, compile=False, small_output=None)
+            forces(z, pos, batch, 2, nl.edge_index, offsets, nl.mask)
+            counts[rows, training] = forces.small_products
+    assert counts[10**6, False] > counts[0, False]  # inference follows SMALL_ROWS
+    assert counts[0, True] > counts[10**6, True]  # training follows TRAINING_SMALL_ROWS

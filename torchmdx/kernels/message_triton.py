@@ -108,9 +108,9 @@ class LaunchConfig:
                      memory, but three times the registers)
     keep_filters     'gemm' place: keep the forward's pre-activation z [E, 4F] for the backward
                      instead of recomputing it ('auto', the default: when z takes at most
-                     :data:`KEEP_FILTERS_MAX_BYTES` per layer, i.e. up to ~10^5 edges at F = 128,
-                     DHFR's size; 'always'; 'never'). Keeping trades one product per layer
-                     (~0.2 ms at DHFR) for E x 4F floats held per layer until the backward
+                     :data:`KEEP_FILTERS_MAX_BYTES` per layer, i.e. up to ~1.6 x 10^4 edges at
+                     F = 128, chignolin's size; 'always'; 'never'). Keeping trades one product
+                     per layer for E x 4F floats written, held until the backward and read back
     table            consult the measured launch table for the fields left None / 'auto'
     """
 
@@ -130,8 +130,12 @@ class LaunchConfig:
 CONFIG = LaunchConfig()
 
 #: 'auto' keeps the forward's filter pre-activations for the backward when they take at most
-#: this many bytes per layer (DHFR, 104 436 edges x 512 float32: 214 MB, 1.3 GB for its 6 layers)
-KEEP_FILTERS_MAX_BYTES = 256 << 20
+#: this many bytes per layer. Measured on DHFR (104 436 edges x 512 float32: 214 MB per layer,
+#: 1.3 GB for 6 layers), keeping did not pay: 12.05 ms and 1 652 MiB peak against 11.81 ms and
+#: 234 MiB recomputing (graph + compiled parts, H100, 2026-12-06, docs/benchmarks/2026-12-06-h100-e/):
+#: writing and re-reading z costs what the K = 32 product it saves does. Below the bound (small,
+#: launch-bound systems) keeping saves one launch per layer.
+KEEP_FILTERS_MAX_BYTES = 32 << 20
 KEEP_FILTERS = ("auto", "always", "never")
 
 FILTER_PLACES = ("auto", "gemm", "kernel")

@@ -101,10 +101,18 @@ def _strip_detach(graph_module) -> int:
     return removed
 
 
-#: matrix products A [M, K] @ B [K, N] of the traced graph with M <= this many rows, or with
-#: K <= :data:`SMALL_INNER`, and with at most :data:`SMALL_OUTPUT` elements M N in the result,
-#: are computed as a broadcast product summed over K (see :func:`small_products`)
-SMALL_ROWS = SMALL_MATMUL_ATOMS
+#: matrix products A [M, K] @ B [K, N] of the traced inference graph with M <= this many rows, or
+#: with K <= :data:`SMALL_INNER`, and with at most :data:`SMALL_OUTPUT` elements M N in the
+#: result, are computed as a broadcast product summed over K (see :func:`small_products`).
+#: 192 rather than 64 also turns the 22-atom call's remaining [128-192, K] products into fused
+#: reductions: 159 -> 131 kernel launches, 0.575 -> 0.535 ms per replay (GPU 0.524 -> 0.455 ms;
+#: H100, 2026-12-06, ``docs/benchmarks/2026-12-06-h100-e/``, small16 column ``rows192``).
+SMALL_ROWS = 192
+#: the same bound for the training graph (:class:`TracedForces` with ``training=True``): its
+#: weight-gradient products [F, atoms] @ [atoms, 3F] have F = 128 <= 192 rows and a long inner
+#: dimension (672 for 32 x 21 atoms), a poor reduction; 64 is the bound the 7.82-ms captured
+#: training step was measured with
+TRAINING_SMALL_ROWS = SMALL_MATMUL_ATOMS
 SMALL_INNER = 32
 #: the largest product result (M N elements) rewritten as a reduction. Above it a reduction
 #: kernel is slower than one cuBLAS product: the every-layer radial filters of a 22-atom call,
@@ -240,7 +248,7 @@ class TracedForces:
     matrix products as reductions (:func:`small_products`), ``small_output`` the largest result
     rewritten (None: any size; "auto": :data:`SMALL_OUTPUT` when traced) and ``small_rows`` the
     most rows a rewritten product may have whatever its inner dimension ("auto":
-    :data:`SMALL_ROWS`); ``options``: inductor options (default :data:`COMPILE_OPTIONS`, or
+    :data:`SMALL_ROWS`, or :data:`TRAINING_SMALL_ROWS` when ``training``); ``options``: inductor options (default :data:`COMPILE_OPTIONS`, or
     :data:`TRAINING_COMPILE_OPTIONS`, of the device type); ``frontend``: how the graph reaches inductor (:data:`FRONTENDS`; default the potential's
     ``traced_frontend``, else "dynamo").
     """
@@ -315,7 +323,8 @@ class TracedForces:
             potential.tracing = previous
         _strip_detach(graph_module)
         max_output = SMALL_OUTPUT if self.small_output == "auto" else self.small_output
-        max_rows = SMALL_ROWS if self.small_rows == "auto" else self.small_rows
+        auto_rows = TRAINING_SMALL_ROWS if self.training else SMALL_ROWS
+        max_rows = auto_rows if self.small_rows == "auto" else self.small_rows
         self.small_products = small_products(graph_module, max_rows, max_output=max_output) if self.small else 0
         self.traces += 1
         if not self.compile:
