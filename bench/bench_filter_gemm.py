@@ -1,0 +1,155 @@
+"""Tile sweep of the fused message's two filter products (issue 16): the pre-activation
+z = rbf W^T + b ([E, 32] x [32, 512] -> [E, 512], ``_filter_preact_kernel``) and its input
+gradient dL/drbf = dL/dz W ([E, 512] x [512, 32], ``_filter_rbf_grad_kernel``), against cuBLAS
+(float32 FMA and TF32) in the same run.
+
+Why: on the DHFR graph profile (2026-12-05) the pre-activation ran 12 times for 2.53 ms (21 % of
+the call) at 1.08 TB/s and 9.9 % of the TF32 peak, i.e. bound by neither: its tiles (64 x 128,
+4 warps, fixed in ``message_triton_autograd._gemm_tiles``) were never swept. Each row gives the
+median µs per launch (CUDA events), the bytes/s of its compulsory traffic (rbf, W read, z
+written) and the largest relative error against a float64 product of the same inputs.
+
+    python bench/bench_filter_gemm.py [--edges 5660,104436,1022612] [--json OUT.json]
+
+CPU: ``--device cpu`` runs each variant once through the Triton interpreter on a small input
+(a smoke test of the launch code; times mean nothing there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PREACT_TILES = [(bm, bn, w) for bm, bn, w in itertools.product((32, 64, 128, 256), (64, 128, 256), (4, 8))
+                if bm * bn <= 256 * 128]
+GRAD_TILES = [(bm, bn, w) for bm, bn, w in itertools.product((32, 64, 128), (32, 64, 128), (4, 8))]
+
+
+def _time_us(fn, warmup: int = 5, repeats: int = 20) -> float:
+    if not torch.cuda.is_available():
+        fn()
+        return float("nan")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0)
+    return statistics.median(times)
+
+
+def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def sweep(edges: int, device: str, channels: int = 512, radial: int = 32, precision: str = "tf32x3") -> list:
+    """Rows (dict) for one edge count: every tile of both kernels and the cuBLAS products."""
+    import triton
+
+    from torchmdx.kernels import _message_kernels as kernels
+
+    g = torch.Generator(device=device).manual_seed(0)
+    rbf = torch.rand(edges, radial, device=device, generator=g)
+    weight = torch.randn(channels, radial, device=device, generator=g) / radial ** 0.5
+    bias = torch.randn(channels, device=device, generator=g) * 0.1
+    grad_z = torch.randn(edges, channels, device=device, generator=g)
+    z_ref = rbf.double() @ weight.double().T + bias.double()
+    grbf_ref = grad_z.double() @ weight.double()
+    z = torch.empty(edges, channels, device=device)
+    grbf = torch.empty(edges, radial, device=device)
+    kp = max(16, 1 << (radial - 1).bit_length())
+    fp = 4
+    rows = []
+
+    def add(kernel, variant, fn, out, ref, traffic):
+        us = _time_us(fn)
+        rows.append({"edges": edges, "kernel": kernel, "variant": variant, "us": us,
+                     "GB_s": traffic / (us * 1e3) if us == us else None, "rel_error": _rel_error(out, ref)})
+        print(f"{edges:>9} {kernel:<8} {variant:<26} {us:9.1f} µs  {rows[-1]['GB_s'] or 0:8.0f} GB/s  "
+              f"rel err {rows[-1]['rel_error']:.2e}", flush=True)
+
+    preact_bytes = fp * (edges * radial + channels * radial + edges * channels)
+    for bm, bn, warps in PREACT_TILES:
+        def run(bm=bm, bn=bn, warps=warps):
+            kernels._filter_preact_kernel[(triton.cdiv(edges, bm), triton.cdiv(channels, bn))](
+                rbf, weight, bias, z, edges, channels, K=radial, KP=kp, BM=bm, BN=bn, PREC=precision, num_warps=warps)
+        add("preact", f"triton {bm}x{bn} w{warps}", run, z, z_ref, preact_bytes)
+    for label, tf32 in (("cublas fp32", False), ("cublas tf32", True)):
+        def run(tf32=tf32):
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                torch.addmm(bias, rbf, weight.T, out=z)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+        add("preact", label, run, z, z_ref, preact_bytes)
+
+    grad_bytes = fp * (edges * channels + channels * radial + edges * radial)
+    for bm, bn, warps in GRAD_TILES:
+        def run(bm=bm, bn=bn, warps=warps):
+            kernels._filter_rbf_grad_kernel[(triton.cdiv(edges, bm),)](
+                grad_z, weight, grad_z, grbf, edges, channels, K=radial, KP=kp, BM=bm, BN=bn,
+                HAS_MASK=False, PREC=precision, num_warps=warps)
+        add("rbf_grad", f"triton {bm}x{bn} w{warps}", run, grbf, grbf_ref, grad_bytes)
+    for label, tf32 in (("cublas fp32", False), ("cublas tf32", True)):
+        def run(tf32=tf32):
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                torch.mm(grad_z, weight, out=grbf)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+        add("rbf_grad", label, run, grbf, grbf_ref, grad_bytes)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--edges", default="5660,104436,1022612", help="edge counts (chignolin, DHFR, STMV)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA GPU here (use --device cpu for the interpreter smoke test)")
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        global PREACT_TILES, GRAD_TILES
+        PREACT_TILES, GRAD_TILES = PREACT_TILES[:1], GRAD_TILES[:1]
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
+    print(f"# bench_filter_gemm on {gpu}, torch {torch.__version__}; µs per launch, C = 512, K = 32", flush=True)
+    rows = []
+    for edges in (int(e) for e in args.edges.split(",")):
+        rows += sweep(edges, args.device)
+    best = {}
+    for row in rows:
+        key = (row["edges"], row["kernel"])
+        if row["variant"].startswith("triton") and (key not in best or row["us"] < best[key]["us"]):
+            best[key] = row
+    print("\n| edges | kernel | best Triton tile | µs | GB/s | today's tile µs | cuBLAS fp32 µs | cuBLAS tf32 µs |")
+    print("|---|---|---|---|---|---|---|---|")
+    default = {"preact": "triton 64x128 w4", "rbf_grad": "triton 64x64 w4"}
+    for (edges, kernel), row in best.items():
+        pick = {r["variant"]: r["us"] for r in rows if r["edges"] == edges and r["kernel"] == kernel}
+        print(f"| {edges} | {kernel} | {row['variant'][7:]} | {row['us']:.1f} | {row['GB_s'] or 0:.0f} | "
+              f"{pick.get(default[kernel], float('nan')):.1f} | {pick['cublas fp32']:.1f} | {pick['cublas tf32']:.1f} |")
+    if args.json:
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=1))
+        tmp.replace(args.json)
+
+
+if __name__ == "__main__":
+    main()
