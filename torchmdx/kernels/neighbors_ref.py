@@ -369,9 +369,9 @@ def neighbor_list(
             pbc_b = pbc[b]
             if cell is not None and bool(pbc_b.any()):
                 cell_b = cell[b]
-                completed, inv_b, widths, images = _structure_geometry(b, cell_b, pbc_b, cutoff, allow_multiple_images)
+                _, inv_b, widths, images = _structure_geometry(b, cell_b, pbc_b, cutoff, allow_multiple_images)
             else:
-                cell_b, completed, inv_b, widths, images = None, None, None, None, None
+                cell_b, inv_b, widths, images = None, None, None, None
             if method == "brute":
                 pieces += _brute_structure(pos, atoms, cell_b, inv_b, pbc_b, images, cutoff, cutoff_lower, full)
             else:
