@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-slow test-all demo bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,13 +17,19 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-# make test TEST_WORKERS=0: one process (pytest-xdist off)
+# make test: every case not marked slow (the suite kept under 15 minutes on 2 cores);
+# make test-slow: the slow cases (real compile children, multi-process DDP, long training
+# runs); make test-all: both in one pytest run. CI (.ci/run) runs test, then test-slow.
+# TEST_WORKERS=0: one process (pytest-xdist off)
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
-
-test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m slow tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
 
 # demo (the training helper's target): train configs/demo.yaml into $(DEMO) (a fresh run each
 # time), evaluate it on the held-out frames, run 1 ps of Langevin MD of ethanol with the model

@@ -134,6 +134,7 @@ def _run_bench(tmp_path, shared_data, *extra, timeout=300):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_cpu_one_process_against_two_gloo_processes(tmp_path, shared_data):
     import torch
 

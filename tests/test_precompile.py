@@ -390,6 +390,7 @@ def test_a_child_that_cannot_start_is_a_failure_not_an_exception(tmp_path, monke
     assert not background.busy  # nothing more is requested after a failure
 
 
+@pytest.mark.slow
 def test_training_step_switches_through_a_cache_hit_of_the_real_child(tmp_path):
     """End to end on the CPU: GraphedTrainStep(traced="background") with the real child process
     and the real compiler. The training process's compile of the step's own traced call (not a

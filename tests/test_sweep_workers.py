@@ -64,6 +64,7 @@ def union_length(intervals):
     return total
 
 
+@pytest.mark.slow
 def test_two_cpu_workers_give_the_rows_of_one(shared_data, tmp_path):
     config = write_config(tmp_path, shared_data)
     one, two = tmp_path / "one", tmp_path / "two"
