@@ -32,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PREACT_TILES = [(bm, bn, w) for bm, bn, w in itertools.product((32, 64, 128, 256), (64, 128, 256), (4, 8))
                 if bm * bn <= 256 * 128]
 GRAD_TILES = [(bm, bn, w) for bm, bn, w in itertools.product((32, 64, 128), (32, 64, 128), (4, 8))]
+#: tl.dot precisions tried on today's tiles besides tf32x3: plain float32 multiply-adds ("ieee")
+#: and one TF32 pass ("tf32", which the precision gate refused for the model: see the error column)
+OTHER_PRECISIONS = ("ieee", "tf32")
 
 
 def _time_us(fn, warmup: int = 5, repeats: int = 20) -> float:
@@ -87,6 +90,11 @@ def sweep(edges: int, device: str, channels: int = 512, radial: int = 32, precis
             kernels._filter_preact_kernel[(triton.cdiv(edges, bm), triton.cdiv(channels, bn))](
                 rbf, weight, bias, z, edges, channels, K=radial, KP=kp, BM=bm, BN=bn, PREC=precision, num_warps=warps)
         add("preact", f"triton {bm}x{bn} w{warps}", run, z, z_ref, preact_bytes)
+    for other in OTHER_PRECISIONS:  # today's tile with another tl.dot precision (error column)
+        def run(other=other):
+            kernels._filter_preact_kernel[(triton.cdiv(edges, 64), triton.cdiv(channels, 128))](
+                rbf, weight, bias, z, edges, channels, K=radial, KP=kp, BM=64, BN=128, PREC=other, num_warps=4)
+        add("preact", f"precision {other} 64x128 w4", run, z, z_ref, preact_bytes)
     for label, tf32 in (("cublas fp32", False), ("cublas tf32", True)):
         def run(tf32=tf32):
             previous = torch.backends.cuda.matmul.allow_tf32
@@ -104,6 +112,12 @@ def sweep(edges: int, device: str, channels: int = 512, radial: int = 32, precis
                 grad_z, weight, grad_z, grbf, edges, channels, K=radial, KP=kp, BM=bm, BN=bn,
                 HAS_MASK=False, PREC=precision, num_warps=warps)
         add("rbf_grad", f"triton {bm}x{bn} w{warps}", run, grbf, grbf_ref, grad_bytes)
+    for other in OTHER_PRECISIONS:
+        def run(other=other):
+            kernels._filter_rbf_grad_kernel[(triton.cdiv(edges, 64),)](
+                grad_z, weight, grad_z, grbf, edges, channels, K=radial, KP=kp, BM=64, BN=64,
+                HAS_MASK=False, PREC=other, num_warps=4)
+        add("rbf_grad", f"precision {other} 64x64 w4", run, grbf, grbf_ref, grad_bytes)
     for label, tf32 in (("cublas fp32", False), ("cublas tf32", True)):
         def run(tf32=tf32):
             previous = torch.backends.cuda.matmul.allow_tf32
@@ -126,8 +140,9 @@ def main(argv=None) -> None:
         raise SystemExit("error: --device cuda but no CUDA GPU here (use --device cpu for the interpreter smoke test)")
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        global PREACT_TILES, GRAD_TILES
+        global PREACT_TILES, GRAD_TILES, OTHER_PRECISIONS
         PREACT_TILES, GRAD_TILES = PREACT_TILES[:1], GRAD_TILES[:1]
+        OTHER_PRECISIONS = ("ieee",)  # the interpreter runs no tensor-core precision
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
     print(f"# bench_filter_gemm on {gpu}, torch {torch.__version__}; µs per launch, C = 512, K = 32", flush=True)
     rows = []
