@@ -301,6 +301,7 @@ def _check_scores(bench, scores, out, frames):
         assert value == pytest.approx(table[z], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_short_cpu_race_torchmdx_on_polymers(bench, sample, frames, tmp_path):
     scores = _race(bench, "torchmdx", sample, tmp_path)
     _check_scores(bench, scores, tmp_path, frames)

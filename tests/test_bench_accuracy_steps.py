@@ -47,6 +47,7 @@ def _check_stopped_at_five(scores, out, side):
     assert len({round(p["forces_mae"], 6) for p in scores["points"]}) == 4
 
 
+@pytest.mark.slow
 def test_max_steps_stops_torchmdx_after_n_steps(bench, sample, tmp_path):
     scores = _run(bench, "torchmdx", sample, tmp_path)
     _check_stopped_at_five(scores, tmp_path, "torchmdx")

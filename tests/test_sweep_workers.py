@@ -134,6 +134,7 @@ def _processes_naming(text):
     return found
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_workers_and_the_next_call_resumes(shared_data, tmp_path, monkeypatch):
     config = write_config(tmp_path, shared_data, epochs=40)
     out = tmp_path / "out"

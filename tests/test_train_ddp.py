@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path, shared_data):
     from torchmdx.data import H5Dataset, load_split
     from torchmdx.train.evaluate import error_metrics, predict
