@@ -21,13 +21,15 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_timing  # noqa: E402
 
 PREACT_TILES = [(bm, bn, w) for bm, bn, w in itertools.product((32, 64, 128, 256), (64, 128, 256), (4, 8))
                 if bm * bn <= 256 * 128]
@@ -38,20 +40,23 @@ OTHER_PRECISIONS = ("ieee", "tf32")
 
 
 def _time_us(fn, warmup: int = 5, repeats: int = 20) -> float:
+    """Median µs per launch (``gpu_timing.cuda_time``); NaN on the CPU, where one call is made."""
     if not torch.cuda.is_available():
         fn()
         return float("nan")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0)
-    return statistics.median(times)
+    return 1000.0 * gpu_timing.cuda_time(fn, warmup, repeats)
+
+
+def _with_tf32(allowed: bool, product):
+    """``product`` as a call that runs with cuBLAS TF32 allowed or not (the setting restored)."""
+    def run():
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+        try:
+            product()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+    return run
 
 
 def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -84,49 +89,28 @@ def sweep(edges: int, device: str, channels: int = 512, radial: int = 32, precis
         print(f"{edges:>9} {kernel:<8} {variant:<26} {us:9.1f} µs  {rows[-1]['GB_s'] or 0:8.0f} GB/s  "
               f"rel err {rows[-1]['rel_error']:.2e}", flush=True)
 
-    preact_bytes = fp * (edges * radial + channels * radial + edges * channels)
-    for bm, bn, warps in PREACT_TILES:
-        def run(bm=bm, bn=bn, warps=warps):
-            kernels._filter_preact_kernel[(triton.cdiv(edges, bm), triton.cdiv(channels, bn))](
-                rbf, weight, bias, z, edges, channels, K=radial, KP=kp, BM=bm, BN=bn, PREC=precision, num_warps=warps)
-        add("preact", f"triton {bm}x{bn} w{warps}", run, z, z_ref, preact_bytes)
-    for other in OTHER_PRECISIONS:  # today's tile with another tl.dot precision (error column)
-        def run(other=other):
-            kernels._filter_preact_kernel[(triton.cdiv(edges, 64), triton.cdiv(channels, 128))](
-                rbf, weight, bias, z, edges, channels, K=radial, KP=kp, BM=64, BN=128, PREC=other, num_warps=4)
-        add("preact", f"precision {other} 64x128 w4", run, z, z_ref, preact_bytes)
-    for label, tf32 in (("cublas fp32", False), ("cublas tf32", True)):
-        def run(tf32=tf32):
-            previous = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            try:
-                torch.addmm(bias, rbf, weight.T, out=z)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = previous
-        add("preact", label, run, z, z_ref, preact_bytes)
+    def preact(bm, bn, warps, prec):
+        return lambda: kernels._filter_preact_kernel[(triton.cdiv(edges, bm), triton.cdiv(channels, bn))](
+            rbf, weight, bias, z, edges, channels, K=radial, KP=kp, BM=bm, BN=bn, PREC=prec, num_warps=warps)
 
+    def rbf_grad(bm, bn, warps, prec):
+        return lambda: kernels._filter_rbf_grad_kernel[(triton.cdiv(edges, bm),)](
+            grad_z, weight, grad_z, grbf, edges, channels, K=radial, KP=kp, BM=bm, BN=bn,
+            HAS_MASK=False, PREC=prec, num_warps=warps)
+
+    preact_bytes = fp * (edges * radial + channels * radial + edges * channels)
     grad_bytes = fp * (edges * channels + channels * radial + edges * radial)
-    for bm, bn, warps in GRAD_TILES:
-        def run(bm=bm, bn=bn, warps=warps):
-            kernels._filter_rbf_grad_kernel[(triton.cdiv(edges, bm),)](
-                grad_z, weight, grad_z, grbf, edges, channels, K=radial, KP=kp, BM=bm, BN=bn,
-                HAS_MASK=False, PREC=precision, num_warps=warps)
-        add("rbf_grad", f"triton {bm}x{bn} w{warps}", run, grbf, grbf_ref, grad_bytes)
-    for other in OTHER_PRECISIONS:
-        def run(other=other):
-            kernels._filter_rbf_grad_kernel[(triton.cdiv(edges, 64),)](
-                grad_z, weight, grad_z, grbf, edges, channels, K=radial, KP=kp, BM=64, BN=64,
-                HAS_MASK=False, PREC=other, num_warps=4)
-        add("rbf_grad", f"precision {other} 64x64 w4", run, grbf, grbf_ref, grad_bytes)
-    for label, tf32 in (("cublas fp32", False), ("cublas tf32", True)):
-        def run(tf32=tf32):
-            previous = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            try:
-                torch.mm(grad_z, weight, out=grbf)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = previous
-        add("rbf_grad", label, run, grbf, grbf_ref, grad_bytes)
+    for kernel, launch, tiles, today, out, ref, traffic, product in (
+            ("preact", preact, PREACT_TILES, (64, 128, 4), z, z_ref, preact_bytes,
+             lambda: torch.addmm(bias, rbf, weight.T, out=z)),
+            ("rbf_grad", rbf_grad, GRAD_TILES, (64, 64, 4), grbf, grbf_ref, grad_bytes,
+             lambda: torch.mm(grad_z, weight, out=grbf))):
+        for bm, bn, warps in tiles:
+            add(kernel, f"triton {bm}x{bn} w{warps}", launch(bm, bn, warps, precision), out, ref, traffic)
+        for other in OTHER_PRECISIONS:  # today's tile with another tl.dot precision (error column)
+            add(kernel, f"precision {other} {today[0]}x{today[1]} w{today[2]}", launch(*today, other), out, ref, traffic)
+        for label, tf32 in (("cublas fp32", False), ("cublas tf32", True)):
+            add(kernel, label, _with_tf32(tf32, product), out, ref, traffic)
     return rows
 
 
