@@ -459,3 +459,45 @@ def test_linear_stack_equals_the_layers_one_by_one(small, bias):
     for got, want in zip(g_stacked, g_separate):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert linear_stack(layers[:1], x, small)[0].shape == (5, 3, 8)
+
+
+def test_padding_rows_spread_over_the_atoms_change_no_bit(monkeypatch):
+    """The padding rows of a fixed-capacity list (i = j = N - 1, mask False) are read and
+    scattered at a spread atom r mod N (``nn.base.spread_where``: no pile-up of atomics on one
+    atom on a GPU). Adding their exact zeros elsewhere changes no bit: energy and forces equal
+    those with the padding left on atom N - 1, and the padded rows' vectors stay 0."""
+    from torchmdx.nn import base, layers
+
+    index = torch.tensor([3, 3, 4, 4, 4])
+    keep = torch.tensor([True, True, False, False, True])
+    assert base.spread_where(keep, index, 3).tolist() == [3, 3, 2, 0, 4]  # rows 2, 3 -> 2 % 3, 3 % 3
+    model = small_model(seed=18, cutoff_upper=4.0)
+    atoms = periodic_case(True, seed=9)
+    z, pos = torch.tensor(atoms.numbers), torch.tensor(atoms.positions)
+    cell, pbc = torch.tensor(atoms.cell.array).unsqueeze(0), torch.tensor([[True, True, True]])
+    batch = torch.zeros(len(z), dtype=torch.long)
+    padded = neighbor_list(pos, 5.0, batch, cell, pbc, max_pairs=4000)
+    pad = ~padded.mask
+    assert int(pad.sum()) > 100 and bool((padded.edge_index[:, pad] == len(z) - 1).all())
+    vectors, distances, valid = base.masked_edges(pos, padded.edge_index[0], padded.edge_index[1], None, 4.0,
+                                                  padded.mask)
+    assert bool((vectors[pad] == 0).all()) and not bool(valid[pad].any())
+    from torchmdx.nn.traced import TracedForces
+
+    offsets = padded.shifts.to(pos.dtype) @ cell[0]
+
+    def both():  # the model's own forward, and the traced graph built on masked_edges (MD, calculator)
+        eager = evaluate(model, z, pos, batch=batch, cell=cell, pbc=pbc, neighbors=padded)
+        traced = TracedForces(model, compile=False)(z, pos, batch, 1, padded.edge_index, offsets, padded.mask)
+        return eager[0], eager[1], traced[0], traced[1]
+
+    calls = []
+    for module in (base, layers):  # count the spread calls: both paths take them
+        monkeypatch.setattr(module, "spread_where", lambda *a, f=base.spread_where: calls.append(1) or f(*a))
+    spread = both()
+    assert len(calls) >= 3  # masked_edges' receivers and senders, the neighbour embedding
+    for module in (base, layers):  # the padding's adds back on atom N - 1
+        monkeypatch.setattr(module, "spread_where", lambda keep, index, num_atoms: index)
+    piled = both()
+    assert all(torch.equal(a, b) for a, b in zip(spread, piled))
+    torch.testing.assert_close(spread[3], spread[1], rtol=1e-9, atol=1e-12)  # traced = eager forces

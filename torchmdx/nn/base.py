@@ -76,11 +76,28 @@ def edge_vectors(pos, edge_index, shifts, cell, batch):
     return vectors
 
 
+def spread_where(keep: torch.Tensor, index: torch.Tensor, num_atoms: int) -> torch.Tensor:
+    """``index`` where ``keep``, elsewhere row r's own atom r mod ``num_atoms``.
+
+    For rows whose contribution is exactly zero (padding of a fixed-capacity list, all on atom
+    N - 1): their scatter-adds (``index_add`` forward, or the backward of ``index_select``) then
+    land on different atoms instead of all on one, whose serialised atomics cost a CUDA graph of
+    DHFR 0.25-0.35 ms per add (docs/kernels_message.md). Adding zero anywhere is exact, so the
+    results are bit for bit those of the unspread index."""
+    spread = torch.arange(index.shape[0], device=index.device, dtype=index.dtype) % max(num_atoms, 1)
+    return torch.where(keep, index, spread)
+
+
 def masked_edges(pos, receivers, senders, offsets, cutoff: float, mask=None):
     """(vectors [E, 3] Å, distances [E] Å, valid [E] bool) of the edges i <- j at ``pos``:
     vectors = pos[j] - pos[i] + offset (``offsets`` [E, 3] the image offsets n @ cell, or None),
     valid = ``mask`` and |vectors| < ``cutoff``; invalid rows get distance 0 and no 1/r in the
-    gradient (padded rows of a fixed-capacity list, Verlet-skin pairs beyond the cutoff)."""
+    gradient (padded rows of a fixed-capacity list, Verlet-skin pairs beyond the cutoff).
+    Padded rows (``mask`` False: i = j, no offset) are read at a spread atom k = k (their vector
+    stays 0), so the position gradient's scatter of their zeros is spread too (:func:`spread_where`)."""
+    if mask is not None:
+        receivers = spread_where(mask, receivers, pos.shape[0])
+        senders = spread_where(mask, senders, pos.shape[0])
     vectors = pos.index_select(0, senders) - pos.index_select(0, receivers)
     if offsets is not None:
         vectors = vectors + offsets

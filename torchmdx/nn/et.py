@@ -244,7 +244,8 @@ class ETRepresentation(nn.Module):
         valid, rbf, phi, unit = self.edge_features(vectors, distances, mask)
         x = self.embedding(z)
         if self.neighbor_embedding is not None:
-            x = self.neighbor_embedding(z, x, edge_index, rbf, phi)
+            # a masked (fixed-capacity) list: its padding rows' zeros spread over the atoms
+            x = self.neighbor_embedding(z, x, edge_index, rbf, phi, valid if mask is not None else None)
         zero = torch.zeros(1, dtype=distances.dtype, device=distances.device)
         self_rbf = self.rbf(zero)  # [1, K]
         self_cutoff = self.cutoff_fn(zero)[0]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from torchmdx.kernels.message_ref import ACTIVATIONS
+from torchmdx.nn.base import spread_where
 
 
 class Activation(nn.Module):
@@ -141,10 +142,14 @@ class NeighborEmbedding(nn.Module):
         self.distance_proj = xavier_linear(num_rbf, hidden)
         self.combine = xavier_linear(2 * hidden, hidden)
 
-    def forward(self, z, x, edge_index, rbf, cutoff_weight):
+    def forward(self, z, x, edge_index, rbf, cutoff_weight, valid=None):
+        """``valid`` [E] (optional): rows with False have phi = 0 and add exact zeros; their adds
+        are spread over the atoms (:func:`~torchmdx.nn.base.spread_where`; the padding of a
+        fixed-capacity list would all hit atom N - 1)."""
         w = self.distance_proj(rbf) * cutoff_weight.unsqueeze(-1)
         msg = w * self.embedding(z).index_select(0, edge_index[1])
-        neighbours = torch.zeros_like(x).index_add(0, edge_index[0], msg)
+        receivers = edge_index[0] if valid is None else spread_where(valid, edge_index[0], x.shape[0])
+        neighbours = torch.zeros_like(x).index_add(0, receivers, msg)
         return self.combine(torch.cat([x, neighbours], dim=-1))
 
 
