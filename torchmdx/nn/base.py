@@ -93,8 +93,9 @@ def masked_edges(pos, receivers, senders, offsets, cutoff: float, mask=None):
     vectors = pos[j] - pos[i] + offset (``offsets`` [E, 3] the image offsets n @ cell, or None),
     valid = ``mask`` and |vectors| < ``cutoff``; invalid rows get distance 0 and no 1/r in the
     gradient (padded rows of a fixed-capacity list, Verlet-skin pairs beyond the cutoff).
-    Padded rows (``mask`` False: i = j, no offset) are read at a spread atom k = k (their vector
-    stays 0), so the position gradient's scatter of their zeros is spread too (:func:`spread_where`)."""
+    Rows with ``mask`` False are read with both ends on one spread atom k (:func:`spread_where`),
+    so the position gradient's scatter of their zeros is spread too; a padded row (i = j = N - 1,
+    offset 0) keeps its vector 0, and any masked row stays invalid."""
     if mask is not None:
         receivers = spread_where(mask, receivers, pos.shape[0])
         senders = spread_where(mask, senders, pos.shape[0])
