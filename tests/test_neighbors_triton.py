@@ -236,7 +236,7 @@ def build_cases():
                    "cell_block_o": 8, "fill_block": 64, "cell_parts": 9}
     add("crowded-open-cell", rng.uniform(0, 4.0, (70, 3)), 3.0, method="cell")
     cases[-1]["config"] = small_tiles
-    pos, cell, pbc, cutoff = periodic_structure(rng, 150, "triclinic", 0.49)
+    pos, cell, pbc, cutoff = periodic_structure(rng, 100, "triclinic", 0.49)
     pos, cell = scale(pos, cell, 7.0)
     add("crowded-triclinic-cell-half", pos, cutoff * 7.0, cell=cell, pbc=pbc, method="cell", full=False)
     cases[-1]["config"] = small_tiles
