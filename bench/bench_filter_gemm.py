@@ -5,7 +5,7 @@ gradient dL/drbf = dL/dz W ([E, 512] x [512, 32], ``_filter_rbf_grad_kernel``), 
 
 Why: on the DHFR graph profile (2026-12-05) the pre-activation ran 12 times for 2.53 ms (21 % of
 the call) at 1.08 TB/s and 9.9 % of the TF32 peak, i.e. bound by neither: its tiles (64 x 128,
-4 warps, fixed in ``message_triton_autograd._gemm_tiles``) were never swept. Each row gives the
+4 warps, fixed in ``message_triton_autograd._gemm_tiles``, :func:`today_tiles`) were never swept. Each row gives the
 median µs per launch (CUDA events), the bytes/s of its compulsory traffic (rbf, W read, z
 written) and the largest relative error against a float64 product of the same inputs.
 
@@ -31,9 +31,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_timing  # noqa: E402
 
+from torchmdx.io_utils import atomic_write  # noqa: E402
+
 PREACT_TILES = [(bm, bn, w) for bm, bn, w in itertools.product((32, 64, 128, 256), (64, 128, 256), (4, 8))
                 if bm * bn <= 256 * 128]
 GRAD_TILES = [(bm, bn, w) for bm, bn, w in itertools.product((32, 64, 128), (32, 64, 128), (4, 8))]
+
+
+def today_tiles() -> dict:
+    """{kernel: (rows, columns, warps)} of the tiles the model launches today
+    (``message_triton_autograd._gemm_tiles`` for float32; the rbf gradient's columns capped at 64)."""
+    from torchmdx.kernels.message_triton_autograd import _gemm_tiles
+
+    bm, bn = _gemm_tiles(torch.float32)
+    return {"preact": (bm, bn, 4), "rbf_grad": (bm, min(bn, 64), 4)}
+
+
 #: tl.dot precisions tried on today's tiles besides tf32x3: plain float32 multiply-adds ("ieee")
 #: and one TF32 pass ("tf32", which the precision gate refused for the model: see the error column)
 OTHER_PRECISIONS = ("ieee", "tf32")
@@ -100,15 +113,15 @@ def sweep(edges: int, device: str, channels: int = 512, radial: int = 32, precis
 
     preact_bytes = fp * (edges * radial + channels * radial + edges * channels)
     grad_bytes = fp * (edges * channels + channels * radial + edges * radial)
-    for kernel, launch, tiles, today, out, ref, traffic, product in (
-            ("preact", preact, PREACT_TILES, (64, 128, 4), z, z_ref, preact_bytes,
-             lambda: torch.addmm(bias, rbf, weight.T, out=z)),
-            ("rbf_grad", rbf_grad, GRAD_TILES, (64, 64, 4), grbf, grbf_ref, grad_bytes,
-             lambda: torch.mm(grad_z, weight, out=grbf))):
+    today = today_tiles()
+    for kernel, launch, tiles, out, ref, traffic, product in (
+            ("preact", preact, PREACT_TILES, z, z_ref, preact_bytes, lambda: torch.addmm(bias, rbf, weight.T, out=z)),
+            ("rbf_grad", rbf_grad, GRAD_TILES, grbf, grbf_ref, grad_bytes, lambda: torch.mm(grad_z, weight, out=grbf))):
+        bm0, bn0, warps0 = today[kernel]
         for bm, bn, warps in tiles:
             add(kernel, f"triton {bm}x{bn} w{warps}", launch(bm, bn, warps, precision), out, ref, traffic)
         for other in OTHER_PRECISIONS:  # today's tile with another tl.dot precision (error column)
-            add(kernel, f"precision {other} {today[0]}x{today[1]} w{today[2]}", launch(*today, other), out, ref, traffic)
+            add(kernel, f"precision {other} {bm0}x{bn0} w{warps0}", launch(bm0, bn0, warps0, other), out, ref, traffic)
         for label, tf32 in (("cublas fp32", False), ("cublas tf32", True)):
             add(kernel, label, _with_tf32(tf32, product), out, ref, traffic)
     return rows
@@ -139,15 +152,14 @@ def main(argv=None) -> None:
             best[key] = row
     print("\n| edges | kernel | best Triton tile | µs | GB/s | today's tile µs | cuBLAS fp32 µs | cuBLAS tf32 µs |")
     print("|---|---|---|---|---|---|---|---|")
-    default = {"preact": "triton 64x128 w4", "rbf_grad": "triton 64x64 w4"}
+    default = {kernel: f"triton {bm}x{bn} w{warps}" for kernel, (bm, bn, warps) in today_tiles().items()}
     for (edges, kernel), row in best.items():
         pick = {r["variant"]: r["us"] for r in rows if r["edges"] == edges and r["kernel"] == kernel}
         print(f"| {edges} | {kernel} | {row['variant'][7:]} | {row['us']:.1f} | {row['GB_s'] or 0:.0f} | "
               f"{pick.get(default[kernel], float('nan')):.1f} | {pick['cublas fp32']:.1f} | {pick['cublas tf32']:.1f} |")
     if args.json:
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=1))
-        tmp.replace(args.json)
+        with atomic_write(args.json, "w") as handle:
+            json.dump({"gpu": gpu, "torch": torch.__version__, "rows": rows}, handle, indent=1)
 
 
 if __name__ == "__main__":

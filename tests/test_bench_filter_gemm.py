@@ -24,5 +24,5 @@ def test_cpu_smoke_run_reports_float32_errors_for_each_variant(tmp_path):
     assert variants == {(k, v) for k in ("preact", "rbf_grad") for v in ("triton", "precision", "cublas")}
     for row in rows:  # float32 products of [70, 32] x [32, 512] and back: float32 rounding only
         assert row["edges"] == 70 and 0 <= row["rel_error"] < 1e-5, row
-    assert not (tmp_path / "filter_gemm.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["filter_gemm.json"]  # no temporary file left
     assert "| 70 | preact |" in done.stdout and "| 70 | rbf_grad |" in done.stdout
