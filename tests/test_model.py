@@ -495,7 +495,7 @@ def test_padding_rows_spread_over_the_atoms_change_no_bit(monkeypatch):
     for module in (base, layers):  # count the spread calls: both paths take them
         monkeypatch.setattr(module, "spread_where", lambda *a, f=base.spread_where: calls.append(1) or f(*a))
     spread = both()
-    assert len(calls) >= 3  # masked_edges' receivers and senders, the neighbour embedding
+    assert len(calls) >= 3  # masked_edges (traced graph), the neighbour embedding (both paths)
     for module in (base, layers):  # the padding's adds back on atom N - 1
         monkeypatch.setattr(module, "spread_where", lambda keep, index, num_atoms: index)
     piled = both()

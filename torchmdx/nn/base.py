@@ -96,9 +96,9 @@ def masked_edges(pos, receivers, senders, offsets, cutoff: float, mask=None):
     Rows with ``mask`` False are read with both ends on one spread atom k (:func:`spread_where`),
     so the position gradient's scatter of their zeros is spread too; a padded row (i = j = N - 1,
     offset 0) keeps its vector 0, and any masked row stays invalid."""
-    if mask is not None:
+    if mask is not None:  # masked rows: both ends on the receiver's spread atom
         receivers = spread_where(mask, receivers, pos.shape[0])
-        senders = spread_where(mask, senders, pos.shape[0])
+        senders = torch.where(mask, senders, receivers)
     vectors = pos.index_select(0, senders) - pos.index_select(0, receivers)
     if offsets is not None:
         vectors = vectors + offsets
