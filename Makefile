@@ -22,14 +22,15 @@ install: $(STAMP)
 # runs); make test-all: both in one pytest run. CI (.ci/run) runs test, then test-slow.
 # TEST_WORKERS=0: one process (pytest-xdist off)
 TEST_WORKERS ?= 2
+PYTEST = $(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m slow tests
+	$(PYTEST) -m slow tests
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
+	$(PYTEST) tests
 
 # demo (the training helper's target): train configs/demo.yaml into $(DEMO) (a fresh run each
 # time), evaluate it on the held-out frames, run 1 ps of Langevin MD of ethanol with the model
