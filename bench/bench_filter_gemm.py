@@ -5,7 +5,7 @@ gradient dL/drbf = dL/dz W ([E, 512] x [512, 32], ``_filter_rbf_grad_kernel``), 
 
 Why: on the DHFR graph profile (2026-12-05) the pre-activation ran 12 times for 2.53 ms (21 % of
 the call) at 1.08 TB/s and 9.9 % of the TF32 peak, i.e. bound by neither: its tiles (64 x 128,
-4 warps, fixed in ``message_triton_autograd._gemm_tiles``, :func:`today_tiles`) were never swept. Each row gives the
+4 warps; today ``message_triton_autograd.GEMM_TILES``, :func:`today_tiles`) were never swept. Each row gives the
 median µs per launch (CUDA events), the bytes/s of its compulsory traffic (rbf, W read, z
 written) and the largest relative error against a float64 product of the same inputs.
 
@@ -40,11 +40,10 @@ GRAD_TILES = [(bm, bn, w) for bm, bn, w in itertools.product((32, 64, 128), (32,
 
 def today_tiles() -> dict:
     """{kernel: (rows, columns, warps)} of the tiles the model launches today
-    (``message_triton_autograd._gemm_tiles`` for float32; the rbf gradient's columns capped at 64)."""
-    from torchmdx.kernels.message_triton_autograd import _gemm_tiles
+    (``message_triton_autograd.GEMM_TILES``, the float32 tiles)."""
+    from torchmdx.kernels.message_triton_autograd import GEMM_TILES
 
-    bm, bn = _gemm_tiles(torch.float32)
-    return {"preact": (bm, bn, 4), "rbf_grad": (bm, min(bn, 64), 4)}
+    return {kernel: (bm, bn, 4) for kernel, (bm, bn) in GEMM_TILES.items()}
 
 
 #: tl.dot precisions tried on today's tiles besides tf32x3: plain float32 multiply-adds ("ieee")

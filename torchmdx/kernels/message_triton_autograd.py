@@ -196,10 +196,19 @@ def _stack_filters(wk, bk, wv, bv):
     return _stacked(wk, wv, wk, wv), _stacked(wk, wv, bk, bv)
 
 
-def _gemm_tiles(dtype):
-    """(rows, columns) of a filter-product tile: float64 multiplies and sums in registers
-    (no float64 tensor-core path here), so its tiles are smaller."""
-    return (32, 32) if dtype == torch.float64 else (64, 128)
+#: (rows, columns) of the float32 filter-product tiles, per kernel. Swept on an H100 on 2026-12-06
+#: (bench/bench_filter_gemm.py, docs/benchmarks/2026-12-06-h100-f): the pre-activation at 128 x 64 took
+#: 25.5 / 137.7 / 1 120 µs at 5 660 / 104 436 / 1 022 612 edges against 47.6 / 148.1 / 1 189 µs at the
+#: former 64 x 128 (no tile won at all three sizes by more); the rbf gradient keeps 64 x 64
+#: (128 x 64 was 6 µs slower at 5 660 edges, 66 µs faster at 1 M: no clear winner).
+GEMM_TILES = {"preact": (128, 64), "rbf_grad": (64, 64)}
+
+
+def _gemm_tiles(dtype, kernel: str):
+    """(rows, columns) of ``kernel``'s tile ("preact" or "rbf_grad"): :data:`GEMM_TILES` for
+    float32; float64 multiplies and sums in registers (no float64 tensor-core path here), so
+    its tiles are 32 x 32."""
+    return (32, 32) if dtype == torch.float64 else GEMM_TILES[kernel]
 
 
 def _preactivation(rbf, weight, bias, precision: Optional[str] = None) -> torch.Tensor:
@@ -212,7 +221,7 @@ def _preactivation(rbf, weight, bias, precision: Optional[str] = None) -> torch.
     z = torch.empty(e, c, dtype=rbf.dtype, device=rbf.device)
     if e == 0:
         return z
-    bm, bn = _gemm_tiles(rbf.dtype)
+    bm, bn = _gemm_tiles(rbf.dtype, "preact")
     kernels._filter_preact_kernel[(triton.cdiv(e, bm), triton.cdiv(c, bn))](
         rbf.contiguous(), weight, bias, z, e, c, K=k, KP=max(16, _pow2(k)), BM=bm, BN=bn,
         PREC=_dot_precision(rbf.dtype, precision), num_warps=4)
@@ -228,9 +237,9 @@ def _rbf_gradient(gz, weight, mask, precision: Optional[str] = None) -> torch.Te
     grbf = torch.empty(e, k, dtype=gz.dtype, device=gz.device)
     if e == 0:
         return grbf
-    bm, bn = _gemm_tiles(gz.dtype)
+    bm, bn = _gemm_tiles(gz.dtype, "rbf_grad")
     kernels._filter_rbf_grad_kernel[(triton.cdiv(e, bm),)](
-        gz, weight, mask if mask is not None else gz, grbf, e, c, K=k, KP=max(16, _pow2(k)), BM=bm, BN=min(bn, 64),
+        gz, weight, mask if mask is not None else gz, grbf, e, c, K=k, KP=max(16, _pow2(k)), BM=bm, BN=bn,
         HAS_MASK=mask is not None, PREC=_dot_precision(gz.dtype, precision), num_warps=4)
     return grbf
 
