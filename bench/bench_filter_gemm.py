@@ -126,9 +126,18 @@ def sweep(edges: int, device: str, channels: int = 512, radial: int = 32, precis
     return rows
 
 
+def _edge_counts(text: str) -> list:
+    """``--edges``: comma-separated positive integers (argparse turns the ValueError into one line)."""
+    counts = [int(e) for e in text.split(",")]
+    if any(c <= 0 for c in counts):
+        raise ValueError(text)
+    return counts
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--edges", default="5660,104436,1022612", help="edge counts (chignolin, DHFR, STMV)")
+    parser.add_argument("--edges", type=_edge_counts, default="5660,104436,1022612",
+                        help="comma-separated positive edge counts (default: chignolin, DHFR, STMV)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -142,7 +151,7 @@ def main(argv=None) -> None:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
     print(f"# bench_filter_gemm on {gpu}, torch {torch.__version__}; µs per launch, C = 512, K = 32", flush=True)
     rows = []
-    for edges in (int(e) for e in args.edges.split(",")):
+    for edges in args.edges:
         rows += sweep(edges, args.device)
     best = {}
     for row in rows:

@@ -4,8 +4,6 @@ masked / padded neighbor lists, force training, dipole head, normalisation, erro
 
 from __future__ import annotations
 
-import math
-
 import ase.io
 import numpy as np
 import pytest
