@@ -372,7 +372,12 @@ def main(argv=None):
     if os.environ.get("BENCH_MESSAGE_CONFIG"):  # message-kernel launch parameters (JSON dict)
         from torchmdx.kernels import message_triton
 
-        message_triton.CONFIG = message_triton.LaunchConfig(**json.loads(os.environ["BENCH_MESSAGE_CONFIG"]))
+        overrides = json.loads(os.environ["BENCH_MESSAGE_CONFIG"])
+        known = message_triton.LaunchConfig.__dataclass_fields__
+        if unknown := sorted(set(overrides) - set(known)):  # one line, not a TypeError traceback
+            raise SystemExit(f"error: BENCH_MESSAGE_CONFIG: unknown LaunchConfig field(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(known)})")
+        message_triton.CONFIG = message_triton.LaunchConfig(**overrides)
         print(f"message launch config: {message_triton.CONFIG}", flush=True)
     NEIGHBORS = args.neighbors
     GRAPH = not args.no_graph

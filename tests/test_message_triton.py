@@ -108,18 +108,16 @@ def make_inputs(seed, *, atoms=7, heads=2, head_dim=8, num_rbf=12, degree=4, dty
 
 
 def call(module, t, edge_index, mask, heads, *, attn="silu", filter_act="silu", vector_cutoff=False,
-         reference=False, filters="auto", sender_side=None, keep_filters="auto"):
+         reference=False, filters="auto", sender_side=None):
     """The fused (or, with ``reference``, the torch) message on the inputs of :func:`make_inputs`;
     ``filters`` is where the fused path evaluates the radial filters (``CONFIG.filters``);
-    ``sender_side`` given: ``CONFIG.sender_side`` and the call declares a symmetric list;
-    ``keep_filters``: ``CONFIG.keep_filters`` (the gemm place's pre-activations kept or recomputed)."""
+    ``sender_side`` given: ``CONFIG.sender_side`` and the call declares a symmetric list."""
     from torchmdx.kernels import message_ref
 
     kw = {}
     if not reference:
         module.CONFIG.filters = filters
         module.CONFIG.sender_side = sender_side or "auto"
-        module.CONFIG.keep_filters = keep_filters
         kw["symmetric"] = sender_side is not None
     self_loop = (t.get("dk0"), t.get("dv0"), t["phi0"]) if "phi0" in t else None
     kw.update(edge_mask=mask, self_loop=self_loop, attn_activation=attn, vector_cutoff=vector_cutoff)
@@ -203,10 +201,6 @@ CASES = {
     "merged_no_edges_f64": (dict(symmetric=True, no_edges=True), dict(sender_side="merged"), 1e-11),
     "merged_gemm_f32": (dict(symmetric=True, dtype=torch.float32, heads=4, head_dim=8, num_rbf=16),
                         dict(filters="gemm", sender_side="merged"), 3e-5),
-    # the gemm place with the pre-activations recomputed in the backward (kept: every gemm case above)
-    "recomputed_gemm_padding_f64": (dict(padding=40), dict(filters="gemm", vector_cutoff=True, keep_filters="never"), 1e-11),
-    "recomputed_merged_gemm_f64": (dict(symmetric=True), dict(filters="gemm", sender_side="merged", keep_filters="never"),
-                                   1e-11),
 }
 
 
@@ -227,32 +221,23 @@ def case_message(name):
         message_triton._FusedMessageFunction.apply = apply
     expected = (2 if call_opts.get("filters") == "kernel" else 3) if "rbf" in t else 1
     assert modes and all(mode in (0, expected) for pair in modes for mode in pair), f"filter modes run: {modes}"
-    if expected == 3 and not make_opts.get("no_edges"):  # the backward used the forward's z, or recomputed it
-        kept = message_triton.LAST_BACKWARD.get("kept_filters")
-        assert kept == (call_opts.get("keep_filters", "auto") != "never"), f"kept filters: {kept}"
     assert merged and all(m == (call_opts.get("sender_side") == "merged") for m in merged), merged
 
 
-def case_kept_filters_backward_twice():
-    """The kept pre-activations are read-only in the backward: two backward passes of one graph
-    (retain_graph) give the same gradients, equal to those with recomputed pre-activations."""
+def case_gemm_backward_twice():
+    """The gemm place's backward leaves the saved state as it found it (it recomputes z and
+    overwrites only that copy with dL/dz): two backward passes of one graph (retain_graph) give
+    the same gradients, bit for bit."""
     from torchmdx.kernels import message_triton
 
     t, edge_index, mask = make_inputs(41, padding=20)
-    grads = {}
-    for keep in ("always", "never"):
-        m, u = call(message_triton, t, edge_index, mask, 2, filters="gemm", keep_filters=keep)
-        loss = m.sum() + (u * u).sum()
-        wrt = [t[name] for name in ("q", "k", "v", "vec", "rbf", "phi", "unit")]
-        first = torch.autograd.grad(loss, wrt, retain_graph=True)
-        assert message_triton.LAST_BACKWARD["kept_filters"] is (keep == "always")
-        second = torch.autograd.grad(loss, wrt)
-        for a, b in zip(first, second):
-            assert torch.equal(a, b)
-        grads[keep] = first
-    for a, b in zip(grads["always"], grads["never"]):
-        assert rel_err(a, b) < 1e-13
-    message_triton.CONFIG.keep_filters = "auto"
+    m, u = call(message_triton, t, edge_index, mask, 2, filters="gemm")
+    loss = m.sum() + (u * u).sum()
+    wrt = [t[name] for name in ("q", "k", "v", "vec", "rbf", "phi", "unit", "wk", "bk", "wv", "bv")]
+    first = torch.autograd.grad(loss, wrt, retain_graph=True)
+    second = torch.autograd.grad(loss, wrt)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 def case_merged_needs_symmetric_list():
@@ -409,7 +394,7 @@ def run_interpreter_cases(out_path, shared_data):
               ("weight_gradients_kernel", lambda: case_weight_gradients("kernel")),
               ("weight_gradients_gemm", lambda: case_weight_gradients("gemm")),
               ("merged_needs_symmetric_list", case_merged_needs_symmetric_list),
-              ("kept_filters_backward_twice", case_kept_filters_backward_twice),
+              ("gemm_backward_twice", case_gemm_backward_twice),
               ("model", lambda: case_model(shared_data)), ("training", case_training)]
     for name, fn in cases:
         try:
@@ -434,7 +419,7 @@ def interpreter_results(tmp_path_factory, shared_data):
 
 
 @pytest.mark.parametrize("name", list(CASES) + ["filter_products", "double_backward", "weight_gradients_kernel", "weight_gradients_gemm",
-                                  "merged_needs_symmetric_list", "kept_filters_backward_twice", "model", "training"])
+                                  "merged_needs_symmetric_list", "gemm_backward_twice", "model", "training"])
 def test_interpreter(interpreter_results, name):
     error = interpreter_results[name]
     assert error is None, error

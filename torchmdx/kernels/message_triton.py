@@ -104,13 +104,10 @@ class LaunchConfig:
                      'gemm' (the default: one matrix product z = rbf W^T + b per layer before
                      the kernels, which apply act_f; the backward recomputes z and overwrites
                      it with dL/dz, and one more product gives dL/drbf: transient GPU memory
-                     E x 4F), 'kernel' (tl.dot on blocks of edges inside every kernel: O(E K)
+                     E x 4F; keeping z from the forward instead was measured slower, even on
+                     small systems, docs/kernels_message.md changelog 2026-12-06 night),
+                     'kernel' (tl.dot on blocks of edges inside every kernel: O(E K)
                      memory, but three times the registers)
-    keep_filters     'gemm' place: keep the forward's pre-activation z [E, 4F] for the backward
-                     instead of recomputing it ('auto', the default: when z takes at most
-                     :data:`KEEP_FILTERS_MAX_BYTES` per layer, i.e. up to ~1.6 x 10^4 edges at
-                     F = 128, chignolin's size; 'always'; 'never'). Keeping trades one product
-                     per layer for E x 4F floats written, held until the backward and read back
     table            consult the measured launch table for the fields left None / 'auto'
     """
 
@@ -123,20 +120,10 @@ class LaunchConfig:
     maxnreg: Optional[int] = None
     filters: str = "auto"
     sender_side: str = "auto"
-    keep_filters: str = "auto"
     table: bool = True
 
 
 CONFIG = LaunchConfig()
-
-#: 'auto' keeps the forward's filter pre-activations for the backward when they take at most
-#: this many bytes per layer. Measured on DHFR (104 436 edges x 512 float32: 214 MB per layer,
-#: 1.3 GB for 6 layers), keeping did not pay: 12.05 ms and 1 652 MiB peak against 11.81 ms and
-#: 234 MiB recomputing (graph + compiled parts, H100, 2026-12-06, docs/benchmarks/2026-12-06-h100-e/):
-#: writing and re-reading z costs what the K = 32 product it saves does. Below the bound (small,
-#: launch-bound systems) keeping saves one launch per layer.
-KEEP_FILTERS_MAX_BYTES = 32 << 20
-KEEP_FILTERS = ("auto", "always", "never")
 
 FILTER_PLACES = ("auto", "gemm", "kernel")
 SENDER_SIDES = ("auto", "sorted", "merged")
@@ -174,7 +161,7 @@ def resolved_config(num_atoms: int, gpu_name: Optional[str] = None) -> LaunchCon
 
     explicit = {name: getattr(CONFIG, name) for name in launch_table.DEFAULTS}
     values = launch_table.resolve(explicit, gpu_name, num_atoms, use_table=CONFIG.table)
-    return LaunchConfig(**values, keep_filters=CONFIG.keep_filters, table=CONFIG.table)
+    return LaunchConfig(**values, table=CONFIG.table)
 
 
 def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv,
@@ -201,15 +188,7 @@ def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self
         dk_stride, dv_stride = f, 3 * f
     return _Spec(heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv, vector_cutoff,
                  attn_activation, filter_activation, hb, hp, dp, kp, be, cfg.num_warps, precision,
-                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride, merged,
-                 _keep_filters_limit(cfg.keep_filters))
-
-
-def _keep_filters_limit(policy: str) -> float:
-    """The largest pre-activation buffer (bytes) the forward keeps for the backward under ``policy``."""
-    if policy not in KEEP_FILTERS:
-        raise ValueError(f"keep_filters must be one of {', '.join(KEEP_FILTERS)}, got {policy!r}")
-    return {"auto": KEEP_FILTERS_MAX_BYTES, "always": float("inf"), "never": -1}[policy]
+                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride, merged)
 
 
 # ---------------------------------------------------------------------------------- entry points

@@ -145,14 +145,9 @@ class _FusedMessageFunction(torch.autograd.Function):
         # [W_k; W_v] and [b_k; b_v] of the filter products, stacked once per call: the backward's
         # recomputed product and dL/drbf reuse them (three weight copies per layer fewer)
         ctx.stacked = _stack_filters(wk, bk, wv, bv) if spec.dk_mode == 3 or spec.dv_mode == 3 else None
-        ctx.z = None
         if n > 0:
             if ctx.stacked is not None:
-                z = _preactivation(rbf, *ctx.stacked, spec.precision)
-                if any(ctx.needs_input_grad):  # a backward may come
-                    # kept for the backward when small enough (spec.keep_filters_bytes), else recomputed there
-                    ctx.z = z if z.numel() * z.element_size() <= spec.keep_filters_bytes else None
-                dk, dv = _preactivation_views(spec, z)
+                dk, dv = _preactivation_views(spec, _preactivation(rbf, *ctx.stacked, spec.precision))
             spec = _launch(
                 kernels._message_fwd_kernel, spec.grid(n, q.device), spec,
                 layout.rowptr, layout.rowend, layout.senders, q, k, v, vec,
@@ -176,7 +171,7 @@ class _FusedMessageFunction(torch.autograd.Function):
             # create_graph=True (training on forces): a differentiable backward through the reference
             return (None, None, None) + _reference_backward(spec, layout.edge_index, saved, needs, grad_m, grad_u)
         grads = _fused_backward(spec, layout, saved, needs, ctx.weight_nodes, grad_m.contiguous(), grad_u.contiguous(),
-                                ctx.stacked, ctx.z)
+                                ctx.stacked)
         return (None, None, None) + grads
 
 
@@ -263,10 +258,10 @@ class _full_precision_matmul:
         torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
-def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes, grad_m, grad_u, stacked, kept_z):
+def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes, grad_m, grad_u, stacked):
     """Input gradients from the Triton backward kernels. ``stacked``: the forward's stacked filter
-    weights (:func:`_stack_filters`; None off the GEMM place), ``kept_z``: its pre-activations when
-    kept (``spec.keep_filters_bytes``), else None (recomputed here)."""
+    weights (:func:`_stack_filters`; None off the GEMM place); the GEMM place's pre-activations z
+    are recomputed here (not kept from the forward: memory, and keeping them was slower)."""
     (q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0) = saved
     need = dict(zip(_NAMES, needs))
     n, f = q.shape
@@ -284,13 +279,9 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
     need_sender = any(need[name] for name in ("k", "v", "vec"))
     merged = spec.merged and need_sender and n > 0  # the receiver kernel gives the sender side too
     need_receiver = need_receiver or merged
-    z = gz = None
-    LAST_BACKWARD["kept_filters"] = kept_z is not None
+    z = None
     if gemm and n > 0 and (need_receiver or need_sender):
-        if kept_z is not None:  # the forward's z, read-only: dL/dz goes to a buffer of its own
-            z, gz = kept_z, torch.empty_like(kept_z)
-        else:  # recomputed (memory), then overwritten with dL/dz by the receiver kernel
-            z = gz = _preactivation(rbf, *stacked, spec.precision)
+        z = _preactivation(rbf, *stacked, spec.precision)  # recomputed; the receiver kernel overwrites it with dL/dz
         dk, dv = _preactivation_views(spec, z)
     tensors = (q, k, v, vec, _or(dk, dummy), _or(dv, dummy), _or(rbf, dummy), _or(wk, dummy), _or(bk, dummy),
                _or(wv, dummy), _or(bv, dummy), phi, unit, _or(mask, dummy), _or(dk0, dummy), _or(dv0, dummy),
@@ -306,7 +297,7 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
             )
         out["k"], out["v"], out["vec"] = gk, gv, gvec
 
-    if need_sender and gemm and not merged:  # before the receiver side, which may overwrite z with dL/dz
+    if need_sender and gemm and not merged:  # before the receiver side, which overwrites z with dL/dz
         sender_side()
     if need_receiver and n > 0:
         new = lambda *shape: torch.empty(*shape, dtype=q.dtype, device=q.device)  # noqa: E731
@@ -316,9 +307,9 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         new_edge = (lambda *shape: torch.zeros(*shape, dtype=q.dtype, device=q.device)) if spec.has_mask else new
         gq = new(n, f)
         gedge = new_edge(spec.chunks, e, width)  # per chunk: dL/drbf [K], dL/dphi, dL/dd [3]
-        gpre_k, gpre_v = _preactivation_views(spec, gz) if gemm else (None, None)  # dL/dz's key / value columns
-        gdk = new_edge(e, f) if spec.dk_mode == 1 else gpre_k if spec.dk_mode == 3 else dummy
-        gdv = new_edge(e, 3 * f) if spec.dv_mode == 1 else gpre_v if spec.dv_mode == 3 else dummy
+        # mode 3: dL/dz is written over z's key / value columns (in place)
+        gdk = new_edge(e, f) if spec.dk_mode == 1 else dk if spec.dk_mode == 3 else dummy
+        gdv = new_edge(e, 3 * f) if spec.dv_mode == 1 else dv if spec.dv_mode == 3 else dummy
         gzk = new_edge(e, f) if write_gz and spec.dk_mode == 2 else dummy
         gzv = new_edge(e, 3 * f) if write_gz and spec.dv_mode == 2 else dummy
         gdk0 = new(n, f) if self_filter_grad and spec.self_dk else dummy
@@ -341,7 +332,7 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         if uses_rbf:
             out["rbf"] = grbf
         if gemm:
-            _gemm_filter_gradients(spec, gz, mask, rbf, stacked[0], wk, wv, bk, bv, need, weights_wanted, out)
+            _gemm_filter_gradients(spec, z, mask, rbf, stacked[0], wk, wv, bk, bv, need, weights_wanted, out)
         if write_gz and spec.dk_mode == 2:
             if weights_wanted[0]:
                 out["wk"] = gzk.t() @ rbf

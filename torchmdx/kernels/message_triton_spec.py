@@ -117,7 +117,6 @@ class _Spec:
     dk_stride: int = 0  # row strides of the given / pre-activation filter buffers (modes 1 and 3)
     dv_stride: int = 0
     merged: bool = False  # backward: sender side inside the receiver kernel (symmetric lists)
-    keep_filters_bytes: float = -1  # forward: keep the pre-activation z (mode 3) up to this size for the backward
 
     @property
     def chunks(self) -> int:
