@@ -56,6 +56,7 @@ system rows, the training step, the table and the command line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -426,7 +427,7 @@ def main(argv=None):
         except Exception:  # noqa: BLE001 - report and go on with the next section
             results.setdefault("errors", {})[label] = traceback.format_exc(limit=6)
             print(f"{label}: failed\n{results['errors'][label]}", flush=True)
-        results["launch_config"] = vars(message_triton.CONFIG).copy()
+        results["launch_config"] = dataclasses.asdict(message_triton.CONFIG)
         results["last_resolved_launch_config"] = dict(message_triton.LAST_CONFIG)
         tmp = args.out / f"{args.name}.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(results, indent=1))

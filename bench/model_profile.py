@@ -8,6 +8,7 @@ and bytes/s against the GPU's peaks, the bound) printed and written to ``rooflin
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -56,7 +57,7 @@ def bench_profile(names, data_dir, out_dir, results):
                 for _ in range(3):
                     call()
                 synchronize()
-                cfg = dict(message_triton.LAST_CONFIG) or vars(message_triton.resolved_config(len(z_np), gpu))
+                cfg = dict(message_triton.LAST_CONFIG) or dataclasses.asdict(message_triton.resolved_config(len(z_np), gpu))
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_flops=True,
                              record_shapes=True) as prof:
                     for _ in range(3):

@@ -11,6 +11,7 @@ float32 level (the interpreter multiplies in numpy whatever the precision).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -94,6 +95,19 @@ def test_explicit_fields_win_and_table_can_be_switched_off(table, monkeypatch):
     monkeypatch.setattr(mt, "CONFIG", mt.LaunchConfig(table=False))
     cfg = mt.resolved_config(2489, "NVIDIA H200")
     assert (cfg.num_warps, cfg.sender_side, cfg.block_edges, cfg.dot_precision) == (4, "sorted", 16, "tf32x3")
+
+
+def test_a_misspelt_or_removed_field_is_refused_not_ignored():
+    """LaunchConfig has slots: setting a field it does not have (a typo, or keep_filters, removed
+    on 2026-12-06) raises instead of being stored and never read."""
+    from torchmdx.kernels import message_triton as mt
+
+    cfg = mt.LaunchConfig()
+    for name in ("keep_filters", "block_edge"):
+        with pytest.raises(AttributeError):
+            setattr(cfg, name, 8)
+    cfg.block_edges = 8  # a real field still sets
+    assert cfg.block_edges == 8 and "keep_filters" not in dataclasses.asdict(cfg)
 
 
 def test_gate_overrides_a_precision_that_failed_it(table):

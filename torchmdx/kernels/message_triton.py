@@ -50,7 +50,7 @@ the torch reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -73,7 +73,7 @@ from torchmdx.kernels.message_triton_grad import _grad_node, reference_filtered
 from torchmdx.kernels.message_triton_spec import ACTIVATION_CODES, EdgeLayout, _pow2, _Spec
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a misspelt or removed field set on CONFIG is an AttributeError, not ignored
 class LaunchConfig:
     """Launch parameters (the benchmark may change them).
 
@@ -263,7 +263,7 @@ class FusedMessage:
             raise ValueError(f"message_triton.CONFIG.filters must be one of {FILTER_PLACES}, not {CONFIG.filters!r}")
         cfg = resolved_config(n, _gpu_name(q.device))
         LAST_CONFIG.clear()
-        LAST_CONFIG.update(vars(cfg))
+        LAST_CONFIG.update(asdict(cfg))
         merged = self.symmetric and cfg.sender_side == "merged"
         if filtered:
             mode = 2 if cfg.filters == "kernel" else 3
