@@ -7,6 +7,16 @@ import os
 from pathlib import Path
 
 
+def expand_home(value):
+    """``value`` with a leading ``~`` (or ``~user``) expanded as a shell would (:func:`os.path.expanduser`):
+    a path in a YAML config, or given as ``--opt=~/x``, reaches the program unexpanded. Anything else
+    (None, a path not starting with ``~``, a value that is not a path) is returned unchanged."""
+    if isinstance(value, (str, os.PathLike)) and os.fspath(value).startswith("~"):
+        expanded = os.path.expanduser(os.fspath(value))
+        return Path(expanded) if isinstance(value, Path) else expanded
+    return value
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     """Open a temporary file beside ``path``; on success rename it onto ``path``.

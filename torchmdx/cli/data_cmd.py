@@ -214,10 +214,12 @@ def _label_problem(structures, config) -> str | None:
 def _config_part(structures, config) -> dict:
     """Split sizes, element range check and atomic references for a config's data section."""
     from torchmdx.data.atomref import fit_atomic_references, given_references, published_atomic_references
-    from torchmdx.data.splits import make_split
+    from torchmdx.data.splits import load_split, make_split
 
     structures.check_max_z(config.max_z)
-    split = make_split(structures, config)
+    # the split training uses: data.split_file when given (a fresh split was shown, its sizes and atom references
+    # fitted on other structures than training's)
+    split = load_split(config.split_file, len(structures)) if config.split_file else make_split(structures, config)
     sizes = split.sizes()
     sizes["unused"] = len(structures) - sum(sizes.values())
     if split.info.get("groups"):

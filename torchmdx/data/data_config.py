@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from torchmdx.errors import ConfigError, DataError
+from torchmdx.io_utils import expand_home
 
 SizeT = Union[int, float, None]
 
@@ -97,6 +98,10 @@ class DataConfig:
                 what = {"path": "a file or folder", "cache_dir": "a folder (or leave it out for data/cache)",
                         "split_file": "a split file (.npz), or leave it out"}[name]
                 raise ConfigError(f"config key '{p}{name}' is empty ({value!r}); give {what}")
+        # '~' as the shell would expand it (data.path always was): 'cache_dir: ~/cache' wrote the cache into a
+        # folder named '~' in the current folder, 'split_file: ~/s.npz' was "split file not found"
+        self.cache_dir = expand_home(self.cache_dir)
+        self.split_file = expand_home(self.split_file)
         if self.format is not None and self.format.lower() not in FORMATS:
             raise ConfigError(f"config key '{p}format' must be one of {', '.join(FORMATS)}, got {self.format!r}")
         open_sizes = []

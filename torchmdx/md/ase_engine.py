@@ -187,7 +187,18 @@ def run_ase(
         if minimize:
             from ase.optimize import FIRE
 
-            FIRE(atoms, logfile=None).run(fmax=fmax, steps=minimize_steps)
+            from torchmdx.errors import ModelError
+            from torchmdx.md.minimize import collapse_message
+
+            optimizer = FIRE(atoms, logfile=None)
+            try:
+                optimizer.run(fmax=fmax, steps=minimize_steps)
+            except ModelError as exc:  # atoms on top of each other (the model's check), named as the engine's
+                if getattr(exc, "atoms", None) is None:
+                    raise
+                error = SimulationError(collapse_message(optimizer.nsteps, exc.atoms, exc.distance, "the structure"))
+                error.structure = 0  # torchmdx md names the file
+                raise error from None
         if velocities is not None:
             atoms.set_velocities(np.asarray(velocities, dtype=float))
         elif temperature_K > 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Literal, Optional, Union
 
 from torchmdx.devices import check_threads
 from torchmdx.errors import ConfigError
+from torchmdx.io_utils import expand_home
 
 Ensemble = Literal["nve", "langevin", "bussi", "nose-hoover"]
 
@@ -111,7 +113,7 @@ class MDConfig:
     """
 
     structure: Union[str, list[str]] = field(default_factory=list)
-    index: str = "-1"
+    index: Union[str, int] = "-1"  # an int from YAML (`index: 0`) is taken as its text
     model: Optional[str] = None
     steps: int = 1000
     dt: float = 0.5
@@ -168,6 +170,11 @@ class MDConfig:
 
         if isinstance(self.structure, str):
             self.structure = [self.structure]
+        # '~' as the shell would expand it (a YAML value or --out=~/x is not): 'model: ~/m.pt' was "model file
+        # not found" and 'out: ~/md/x.extxyz' wrote into a folder named '~' in the current folder
+        self.structure = [expand_home(name) for name in self.structure]
+        for key in ("model", "restart", "out", "log", "restart_out", "summary"):
+            setattr(self, key, expand_home(getattr(self, key)))
         for name in self.structure:
             if not isinstance(name, str) or not name.strip():
                 bad("structure", f"names an empty structure file ({name!r}); give a structure file any ASE reader "
@@ -176,6 +183,11 @@ class MDConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 bad(key, f"must name a file, or be left out for the default next to md.out, got {value!r}")
+        for key, example in (("out", "md.extxyz"), ("log", "md.csv"), ("restart_out", "md.restart.pt"),
+                             ("summary", "md.summary.json")):
+            value = getattr(self, key)
+            if isinstance(value, str) and value.endswith(("/", os.sep)):  # Path() drops the '/': a file 'sub' was written
+                bad(key, f"{value} ends in '/', so it names a folder; give a file name, e.g. {value}{example}")
         if not isinstance(self.index, str):
             self.index = str(self.index)
         if not _INDEX.match(self.index):

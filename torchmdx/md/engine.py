@@ -30,14 +30,14 @@ import numpy as np
 import torch
 
 from torchmdx import units
-from torchmdx.errors import ConfigError, DataError, SimulationError
+from torchmdx.errors import ConfigError, DataError, ModelError, SimulationError
 from torchmdx.kernels.locality import LOCALITY_MIN_ATOMS, auto_order, check_atom_order, spatial_order
 from torchmdx.md.engine_loop import RunLoop
 from torchmdx.md.engine_restart import RestartFiles
 from torchmdx.md.forces import ForceField
 from torchmdx.md.integrators import make_integrator
 from torchmdx.md.io import make_frame
-from torchmdx.md.minimize import FireResult, fire_minimize
+from torchmdx.md.minimize import FireResult, collapse_message, fire_minimize
 from torchmdx.md.reports import Observation, Reporter, RunSummary, model_problem, non_finite_weight
 from torchmdx.md.system import MDState, System
 from torchmdx.nn.base import Potential
@@ -257,7 +257,17 @@ class Simulation(RunLoop, RestartFiles):
         """FIRE relaxation of the positions (velocities kept), see :mod:`torchmdx.md.minimize`."""
         if self.state is None:
             self.initialize()
-        result = fire_minimize(self.forcefield, self.state, fmax=fmax, max_steps=max_steps, progress=progress)
+        try:
+            result = fire_minimize(self.forcefield, self.state, fmax=fmax, max_steps=max_steps, progress=progress)
+        except ModelError as exc:
+            if getattr(exc, "fire_step", None) is None:
+                raise
+            s = self.system
+            b = int(s.batch[exc.atoms[0]])
+            i, j = (self.input_index(int(a)) - int(s.offsets[b]) for a in exc.atoms)
+            error = SimulationError(collapse_message(exc.fire_step, (i, j), exc.distance, f"structure {b}"))
+            error.structure = b  # torchmdx md names the file
+            raise error from None
         self.state.positions = self.forcefield.build(self.state.positions)
         self.forcefield.compute(self.state)
         self._check_initial()

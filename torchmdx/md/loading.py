@@ -37,7 +37,9 @@ def load_potential(model, device="cpu", dtype=None) -> Potential:
     if isinstance(model, Potential):
         potential = model
     elif isinstance(model, (str, Path)):
-        path = Path(model)
+        from torchmdx.io_utils import expand_home
+
+        path = Path(expand_home(model))  # Calculator('~/m.pt') was "model file not found"
         if not path.is_file():
             from torchmdx.io_utils import missing_file_reason
 

@@ -17,8 +17,20 @@ from dataclasses import dataclass
 
 import torch
 
+from torchmdx.errors import ModelError
 from torchmdx.md.forces import ForceField
 from torchmdx.md.system import MDState
+
+
+def collapse_message(step: int, atoms: tuple, distance: float, where: str) -> str:
+    """The line for a minimisation whose step ``step`` put ``atoms`` (i, j) of ``where`` on top of each other
+    (the model's overlap check): was the model's "atoms 6 and 7 are on top of each other", naming no file,
+    step or minimisation, as if the input held a duplicated atom."""
+    i, j = atoms
+    return (f"the FIRE minimization stopped at step {step}: atoms {i} and {j} of {where} came on top of each other "
+            f"({distance:.3g} Å apart): the model pulls them together instead of repelling them (an untrained model, "
+            "or distances its training data lacked); check the model (torchmdx evaluate), or run without the "
+            "minimization")
 
 
 @dataclass
@@ -82,7 +94,12 @@ def fire_minimize(
         dr_norm = torch.sqrt(s.sum((dr * dr).sum(-1)))
         factor = torch.where(dr_norm > maxstep, maxstep / torch.clamp(dr_norm, min=1e-30), torch.ones_like(dr_norm))
         state.positions = state.positions + dr * factor[s.batch].unsqueeze(-1)
-        forcefield.compute(state, careful=True)
+        try:
+            forcefield.compute(state, careful=True)
+        except ModelError as exc:  # atoms on top of each other (the model's check): the caller names them
+            if getattr(exc, "atoms", None) is not None:
+                exc.fire_step = step
+            raise
         if step % check_every == 0 or step == max_steps:
             largest = float(state.forces.norm(dim=-1).max())
             if progress is not None:

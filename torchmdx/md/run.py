@@ -3,6 +3,7 @@ trajectory, thermo log, restart file and summary."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from torchmdx.data.ase_format import nonfinite_position
-from torchmdx.errors import ConfigError, DataError
+from torchmdx.errors import ConfigError, DataError, SimulationError
 from torchmdx.io_utils import atomic_write
 from torchmdx.md.config import MDConfig
 from torchmdx.md.io import ThermoLog, TrajectoryWriter, load_restart, read_thermo
@@ -464,7 +465,8 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         else:
             sim.initialize(velocities)
             if config.minimize:
-                result = sim.minimize(config.fmax, config.minimize_steps)
+                with _named_structure(sources if config.structure else None, config.replicas):
+                    result = sim.minimize(config.fmax, config.minimize_steps)
                 print(
                     f"FIRE: {result.steps} steps, max force {result.fmax:.4f} eV/Å "
                     f"({'converged' if result.converged else 'NOT converged'}), energy "
@@ -498,16 +500,17 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         if config.engine == "ase":
             from torchmdx.md.ase_engine import run_ase
 
-            summary = run_ase(
-                potential, structures[0], steps=remaining, timestep_fs=config.dt, ensemble=config.ensemble,
-                temperature_K=config.temperature, friction_per_ps=config.friction, tau_fs=config.tau,
-                chain_length=config.chain_length, device=config.device, dtype=dtype, seed=config.seed,
-                skin=config.skin, every=config.every, reporters=open_reporters,
-                restart_path=plan.restart, restart_every=config.restart_every, restart_payload=restart_payload,
-                minimize=config.minimize, fmax=config.fmax, minimize_steps=config.minimize_steps,
-                max_temperature_K=config.max_temperature, progress=config.progress, pressure_bar=config.pressure,
-                barostat_tau_fs=config.barostat_tau, barostat=config.barostat, velocities=velocities,
-            )
+            with _named_structure(sources if config.structure else None, config.replicas):
+                summary = run_ase(
+                    potential, structures[0], steps=remaining, timestep_fs=config.dt, ensemble=config.ensemble,
+                    temperature_K=config.temperature, friction_per_ps=config.friction, tau_fs=config.tau,
+                    chain_length=config.chain_length, device=config.device, dtype=dtype, seed=config.seed,
+                    skin=config.skin, every=config.every, reporters=open_reporters,
+                    restart_path=plan.restart, restart_every=config.restart_every, restart_payload=restart_payload,
+                    minimize=config.minimize, fmax=config.fmax, minimize_steps=config.minimize_steps,
+                    max_temperature_K=config.max_temperature, progress=config.progress, pressure_bar=config.pressure,
+                    barostat_tau_fs=config.barostat_tau, barostat=config.barostat, velocities=velocities,
+                )
         else:
             summary = sim.run(
                 remaining, reporters=open_reporters(), every=config.every, restart_path=plan.restart,
@@ -539,6 +542,19 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
     print(f"outputs          {', '.join(written)}, {plan.summary}" + (f", {result['plot']}" if "plot" in result else ""),
           file=out)
     return result
+
+
+@contextlib.contextmanager
+def _named_structure(sources: Optional[list], replicas: int):
+    """A SimulationError that carries the index of its structure (``structure``, e.g. a minimisation whose
+    atoms collapsed) is prefixed with the structure's file (and frame)."""
+    try:
+        yield
+    except SimulationError as exc:
+        b = getattr(exc, "structure", None)
+        if b is None or not sources:
+            raise
+        raise SimulationError(f"{sources[b // max(replicas, 1)]}: {exc}") from None
 
 
 def _mtime(path: Path):

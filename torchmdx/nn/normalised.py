@@ -229,4 +229,7 @@ class NormalisedPotential(Potential):
         if bool(close.any()):
             e = int(close.nonzero()[0, 0])
             i, j = int(graph.edge_index[0, e]), int(graph.edge_index[1, e])
-            raise ModelError(f"atoms {i} and {j} are on top of each other (distance {float(graph.distances[e].detach()):.3g} Å)")
+            distance = float(graph.distances[e].detach())
+            error = ModelError(f"atoms {i} and {j} are on top of each other (distance {distance:.3g} Å)")
+            error.atoms, error.distance = (i, j), distance  # for callers that name the atoms their own way (md)
+            raise error

@@ -36,6 +36,7 @@ from typing import Literal, Optional, Union
 from torchmdx.config import apply_overrides, bad_key, from_dict, load_yaml, to_dict
 from torchmdx.devices import check_threads
 from torchmdx.errors import ConfigError
+from torchmdx.io_utils import expand_home
 
 LOSSES = ("mse", "l1", "huber")
 MONITORS = ("val_loss", "val_energy_mae", "val_energy_per_atom_mae", "val_forces_mae")
@@ -345,6 +346,10 @@ def build_run_config(values: dict, source: str = "config", check_data: bool = Tr
     # (was "config key 'run_dir' must be a string, got {} (dict)")
     sections = ("data", "model", "train", "trainer")
     cfg = from_dict(RunConfig, {k: ({} if v is None and k in sections else v) for k, v in values.items()})
+    # '~' as the shell would expand it: 'run_dir: ~/runs/x' put splits and config in a folder named '~' here while
+    # Lightning (which expands it) wrote the checkpoints under the home folder; the run then ended in
+    # "~/runs/x/checkpoints/last.ckpt: checkpoint not found"
+    cfg.run_dir = expand_home(cfg.run_dir)
     cfg.data_config = from_dict(_data_config_class(), cfg.data, "data")
     model_values = dict(cfg.model)
     kind = model_values.pop("kind", "et")

@@ -115,6 +115,13 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
         raise ConfigError(f"config key 'train.force_weight' is {cfg.train.force_weight} but {source} has no forces "
                           f"'{cfg.data_config.forces_key or 'forces'}'{present}; set train.force_weight: 0 (energy-only "
                           "training)")
+    if cfg.train.train_forces and datamodule.force_rms == 0.0 and cfg.data_config.check_labels is not False:
+        # a converter that wrote zeros for forces it did not have: trained to a flat energy surface, silently
+        key = f" (data.forces_key '{cfg.data_config.forces_key}')" if cfg.data_config.forces_key else ""
+        raise DataError(f"{source}: every force of the {sizes['train']} training structures is exactly 0{key}: zeros "
+                        "written where no forces were computed? "
+                        "set train.force_weight: 0 to train on the energies alone (or data.check_labels: false if "
+                        "they are meant to be 0)")
     if cfg.train.train_stress and not datamodule.dataset.has_stress:  # was refused at the first step, the run
         # folder (splits, logs) written and the "before training" errors printed
         raise ConfigError(f"config key 'train.stress_weight' is {cfg.train.stress_weight} but {source} has no stress "
