@@ -1,6 +1,7 @@
 """The captured step's host-side capacity policy with the background compile, driven on the CPU
 (torchmdx.train.graphed_sim): a shape sent to a compile child keeps its capacity, so no compile
-goes stale (the cause of ANI-1x's stale shapes: 2026-12-06, docs/training.md)."""
+goes stale (the cause of ANI-1x's stale shapes: 2026-12-06, docs/training.md); and the run's time
+left decides whether a compile or a switch can still pay (precompile.switch_payback)."""
 
 import numpy as np
 import pytest
@@ -89,3 +90,97 @@ def test_hold_released_after_many_overflows(tmp_path, monkeypatch):
         if kind == "started":
             started_at.setdefault((sig.atoms, sig.structures, False), step)
     assert any(step > started_at.get(key, 1e9) and new > old for step, key, old, new, _ in out["changes"])
+
+
+# ---------------------------------------------------------------- the time-left rule
+def _one_shape(tmp_path, total_steps, compile_steps, seconds_per_step=1.0, epochs=8):
+    """One batch shape (equal molecules), ``total_steps`` steps in all at ``seconds_per_step``."""
+    counts = np.full(400, 10)
+    pairs = counts * (counts - 1)
+    return simulate(counts, pairs, 16, epochs, seed=0, compile_steps=compile_steps, workdir=str(tmp_path),
+                    time_left=lambda step: (total_steps - step) * seconds_per_step)
+
+
+def test_a_compile_that_ends_with_time_to_repay_the_switch_is_used(tmp_path):
+    """200 one-second steps, the compile requested at ~step 26 (170 s left >= 120 s compile +
+    2.8 x 15 s) and done 50 steps later (~124 s left >= 42 s): switched, most steps compiled."""
+    out = _one_shape(tmp_path, 200, compile_steps=50)
+    sim = out["step"]
+    assert [kind for _, kind, _ in out["events"]].count("started") == 1
+    assert sim.background._warm and not sim.background.declined
+    assert sim.compiled_steps > 0.5 * out["steps"]
+
+
+def test_a_compile_that_ends_too_late_is_not_switched_to(tmp_path):
+    """The same run, the compile done 150 steps later (~24 s left < 2.8 x 15 s): the shape keeps
+    the captured eager step (no stall for nothing), with one line saying why."""
+    out = _one_shape(tmp_path, 200, compile_steps=150)
+    sim, background = out["step"], out["step"].background
+    assert [kind for _, kind, _ in out["events"]].count("compiled") == 1
+    assert not background._warm and len(background.declined) == 1
+    assert sim.compiled_steps == 0
+    lines = [note for note in sim.notes if note.startswith("not switching the batch shape")]
+    assert len(lines) == 1 and "s of the run left, less than the 42 s" in lines[0], sim.notes
+
+
+def test_a_run_too_short_to_repay_a_compile_starts_no_child(tmp_path):
+    """100 s in all (< 120 s compile + 42 s pay-back): nothing is compiled, one line says so."""
+    out = _one_shape(tmp_path, 100, compile_steps=10)
+    sim = out["step"]
+    assert [kind for _, kind, _ in out["events"]].count("started") == 0
+    assert sim.compiled_steps == 0 and sim.background.declined
+    assert sum(note.startswith("no more batch shapes compiled in the background") for note in sim.notes) == 1
+
+
+def test_unknown_time_left_compiles_and_switches_as_before(tmp_path):
+    counts = np.full(400, 10)
+    out = simulate(counts, counts * (counts - 1), 16, 8, seed=0, compile_steps=150, workdir=str(tmp_path))
+    assert out["step"].background._warm and not out["step"].background.declined
+
+
+def test_switch_payback_is_the_break_even_of_the_stall():
+    """Staying eager does R / t steps in R s; switching (R - L) s / t: equal at R = L s / (s - 1)."""
+    from torchmdx.train.precompile import switch_payback
+
+    for s in (1.2, 1.55, 3.0):
+        r = switch_payback(s) * 10.0  # L = 10 s
+        assert (r - 10.0) * s == pytest.approx(r)
+    assert switch_payback() == pytest.approx(1.55 / 0.55)
+
+
+class _Trainer:
+    def __init__(self, total, callbacks=()):
+        self.global_step, self.callbacks, self._total = 0, list(callbacks), total
+
+    @property
+    def estimated_stepping_batches(self):
+        if isinstance(self._total, Exception):
+            raise self._total
+        return self._total
+
+
+def test_run_time_left_from_steps_left_and_max_time():
+    from lightning.pytorch.callbacks import Timer
+
+    from torchmdx.train.module_runner import RunTimeLeft
+
+    now = [100.0]
+    trainer = _Trainer(1000)
+    left = RunTimeLeft(trainer, clock=lambda: now[0])
+    assert left() is None  # first call: nothing timed yet
+    trainer.global_step, now[0] = 10, 101.0
+    assert left() is None  # fewer than MIN_STEPS steps timed
+    trainer.global_step, now[0] = 100, 110.0  # 0.1 s per step, 900 steps left
+    assert left() == pytest.approx(90.0)
+    timer = Timer(duration="00:00:01:00")
+    timer.time_remaining = lambda stage=None: 30.0  # Lightning's max_time remainder
+    trainer.callbacks.append(timer)
+    assert left() == pytest.approx(30.0)  # the smaller
+    # no step bound Lightning can count (an iterable loader, or it cannot tell): max_time only
+    for total in (float("inf"), RuntimeError("no length")):
+        other = RunTimeLeft(_Trainer(total, [timer]), clock=lambda: now[0])
+        other.trainer.global_step = 0
+        other()
+        other.trainer.global_step, now[0] = 500, 200.0
+        assert other() == pytest.approx(30.0)
+    assert RunTimeLeft(_Trainer(float("inf")), clock=lambda: now[0])() is None

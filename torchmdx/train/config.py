@@ -113,7 +113,8 @@ class TrainConfig:
     and at the MD17 recipe's batch of 8 the host, not the GPU, set the pace; docs/training.md).
     ``background``: start on the captured eager step and compile the traced graphs in a child
     process meanwhile; each batch shape switches once its graph is in the compile cache
-    (:mod:`torchmdx.train.precompile`).
+    (:mod:`torchmdx.train.precompile`), unless too little of the run is left for the compile or
+    the switch to pay (``max_time`` and the steps left; docs/training.md, "The pay-off rule").
     """
 
     energy_weight: float = 1.0

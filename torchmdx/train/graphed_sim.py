@@ -100,7 +100,7 @@ class SimulatedStep(GraphedTrainStep):
 
     def __init__(self, *, pair_headroom: Optional[float] = 1.1, warmup_steps: int = 2, max_shapes: int = 8,
                  background: bool = True, compile_steps: int = 7000, settle_steps: Optional[int] = None,
-                 max_children: int = 4, workdir: Optional[str] = None):
+                 max_children: int = 4, workdir: Optional[str] = None, time_left=None):
         model = torch.nn.Linear(1, 1)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         super().__init__(model, optimizer, lambda *a: None, forces=False, pair_headroom=pair_headroom,
@@ -116,6 +116,8 @@ class SimulatedStep(GraphedTrainStep):
             self.background = SimulatedCompile(lambda: self.clock_steps, compile_steps,
                                                workdir or tempfile.mkdtemp(prefix="torchmdx_sim_"),
                                                max_children=max_children, settle_steps=settle_steps)
+            if time_left is not None:  # time_left(step) -> seconds the run has left at that simulated step
+                self.background.time_left = lambda: time_left(self.clock_steps)
 
     # ------------------------------------------------------------------ device stand-ins
     def _sync_lr(self) -> None:

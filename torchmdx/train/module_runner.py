@@ -29,7 +29,10 @@ hooks it extends through ``super()``.
 from __future__ import annotations
 
 import functools
+import math
+import time
 import warnings
+from typing import Optional
 
 import torch
 
@@ -40,6 +43,48 @@ from torchmdx.train.objective import global_batch_objective, train_error_sums, t
 # the only such hook (the data module has none): Lightning's note that a data module was passed
 # too says nothing
 warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but")
+
+
+class RunTimeLeft:
+    """Seconds a Lightning training run has left (None while not known), for the background
+    compile's pay-off rule (:attr:`torchmdx.train.precompile.BackgroundCompile.time_left`): the
+    smaller of ``max_time``'s remainder (Lightning's ``Timer`` callback) and the optimiser steps
+    left (``trainer.estimated_stepping_batches`` - ``global_step``: ``max_steps``, or ``max_epochs``
+    x batches per epoch) times the seconds per step measured since the first call (validation
+    included), once :attr:`MIN_STEPS` steps have been timed. Early stopping is not foreseen."""
+
+    MIN_STEPS = 20
+
+    def __init__(self, trainer, clock=time.monotonic):
+        self.trainer, self.clock = trainer, clock
+        self._start: Optional[tuple] = None  # (time, global step) of the first call
+        self._total: Optional[float] = None  # the run's optimiser steps, once read
+
+    def _timer_left(self) -> Optional[float]:
+        from lightning.pytorch.callbacks import Timer
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, Timer):
+                return callback.time_remaining()
+        return None
+
+    def _steps_total(self) -> float:
+        if self._total is None:
+            try:
+                self._total = float(self.trainer.estimated_stepping_batches)
+            except Exception:  # noqa: BLE001 - Lightning cannot tell (no loader length): not known
+                self._total = math.inf
+        return self._total
+
+    def __call__(self) -> Optional[float]:
+        now, step = self.clock(), int(self.trainer.global_step)
+        if self._start is None:
+            self._start = (now, step)
+        known = [t for t in (self._timer_left(),) if t is not None]
+        (t0, s0), total = self._start, self._steps_total()
+        if math.isfinite(total) and total > 0 and step - s0 >= self.MIN_STEPS and now > t0:
+            known.append(max(0.0, total - step) * (now - t0) / (step - s0))
+        return min(known) if known else None
 
 
 class StepRunnerMixin:
@@ -274,12 +319,15 @@ class StepRunnerMixin:
                 rank_zero_warn(f"train.cuda_graph_compile: {str(cfg.cuda_graph_compile).lower()} is not available under "
                                "DDP; the captured step uses the model's autograd")
                 traced = False
-        return GraphedTrainStep(
+        step = GraphedTrainStep(
             self.model, optimizer, objective, forces=cfg.train_forces,
             clip_value=self.trainer.gradient_clip_val, clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
             pair_headroom=cfg.cuda_graph_pair_headroom, traced=traced,
             capture=capture, error_sums=error_sums, ema=ema, max_shapes=max_shapes, distributed=world > 1,
         )
+        if step.background is not None:  # compile and switch only where the run's time left repays it
+            step.background.time_left = RunTimeLeft(self.trainer)
+        return step
 
     @property
     def _ema_callback(self):

@@ -23,12 +23,18 @@ on the eager graph with one note, and the first load of a shape refuses to compi
 (:class:`Signature`) is requested once, compiled once its neighbor capacity has settled
 (:data:`SETTLE_STEPS`), by one of up to :func:`default_children` children running at once, and
 switches on its own.
+
+Only where it can pay (:func:`switch_payback`): given the run's time left
+(:attr:`BackgroundCompile.time_left`, from Lightning's ``max_time`` and the remaining steps), no
+child is started once less than a compile plus a switch's pay-back time is left, and no compiled
+shape is switched to once less than the pay-back time is left; each with one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,7 +42,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -68,6 +74,27 @@ MAX_FAILED_CHILDREN = 2
 
 #: steps a batch shape runs at one neighbor capacity before its traced graph is compiled
 SETTLE_STEPS = 24
+
+
+#: the compiled step's speed over the captured eager step, s: 1.55x on an H100 (ani1x-large, 2026-12-06:
+#: 115 against 69-75 steps/s)
+COMPILED_SPEEDUP = 1.55
+
+#: what a switch to a compiled shape stalls the training thread (the trace, the cache load and a
+#: fresh capture): 10-19 s on an H100 host (2026-12-06). The estimate until a switch of this run
+#: has been timed (then their mean)
+SWITCH_STALL_S = 15.0
+
+#: a child's compile of its shapes: 93-150 s on an H100 host (2026-12-05/06). The estimate until a
+#: child of this run has finished (then the longest)
+COMPILE_S = 120.0
+
+
+def switch_payback(speedup: float = COMPILED_SPEEDUP) -> float:
+    """How many switch stalls L of run time must be left for a switch to pay, with the compiled
+    step s = ``speedup`` times faster: in the R s left, the eager step does R / t steps and the
+    switched one (R - L) s / t, more only when R > L s / (s - 1) (2.8 L at s = 1.55)."""
+    return speedup / (speedup - 1.0)
 
 
 def default_children() -> int:
@@ -160,6 +187,40 @@ class BackgroundCompile:
         self.max_children = default_children() if max_children is None else max(1, int(max_children))
         #: steps a batch shape runs at one neighbor capacity before it is compiled (:meth:`poll_step`)
         self.settle_steps = SETTLE_STEPS if settle_steps is None else max(0, int(settle_steps))
+        #: seconds the run has left (a callable returning a number, or None when not known);
+        #: None: always compile and switch (:meth:`pays_to_switch`, :meth:`poll`)
+        self.time_left: Optional[Callable[[], Optional[float]]] = None
+        self.stalls: list[float] = []  # seconds each switch of this run stalled the training thread
+        self.compile_times: list[float] = []  # seconds each finished child of this run took
+        self.declined: set = set()  # shapes not compiled, or not switched to, for lack of run time
+        self._compiles_closed = False  # too little time left for any further compile
+
+    def stall_estimate(self) -> float:
+        """Seconds a switch stalls training: the mean of this run's switches, else :data:`SWITCH_STALL_S`."""
+        return sum(self.stalls) / len(self.stalls) if self.stalls else SWITCH_STALL_S
+
+    def compile_estimate(self) -> float:
+        """Seconds a child takes: the longest of this run's children, else :data:`COMPILE_S`."""
+        return max(self.compile_times) if self.compile_times else COMPILE_S
+
+    def _left(self) -> Optional[float]:
+        left = None if self.time_left is None else self.time_left()
+        return float(left) if left is not None and math.isfinite(left) else None
+
+    def pays_to_switch(self, sig: Signature) -> bool:
+        """Is enough of the run left for a switch of ``sig`` to the compiled step to repay its stall
+        (:func:`switch_payback` x :meth:`stall_estimate`)? Unknown time left: yes. A shape declined
+        once stays on the captured eager step (the time left only shrinks), with one line."""
+        if sig in self.declined:
+            return False
+        left, need = self._left(), switch_payback() * self.stall_estimate()
+        if left is None or left >= need:
+            return True
+        self.declined.add(sig)
+        self.log.append(f"not switching the batch shape ({describe(sig)}) to the compiled step: {left:.0f} s of the "
+                        f"run left, less than the {need:.0f} s a switch (a ~{self.stall_estimate():.0f}-s stall) needs "
+                        f"to repay itself; it keeps the captured eager step")
+        return False
 
     def request(self, sig: Signature) -> None:
         if self.failure is None and sig not in self._requested:
@@ -181,7 +242,7 @@ class BackgroundCompile:
             return False
         if sig in self._warm:
             return True
-        if capturing or self._loading is not None:
+        if capturing or self._loading is not None or not self.pays_to_switch(sig):
             return False
         guard = no_compile()
         guard.__enter__()
@@ -207,8 +268,9 @@ class BackgroundCompile:
             if self._loading is not None and self._loading[0] not in self.failed:
                 sig, started = self._loading[:2]
                 self._warm.add(sig)
+                self.stalls.append(time.monotonic() - started)
                 self.log.append(f"switched a batch shape ({describe(sig)}) to the compiled step; loading it took "
-                                f"{time.monotonic() - started:.1f} s")
+                                f"{self.stalls[-1]:.1f} s")
         finally:
             if self._loading is not None:
                 self._loading[2].__exit__(None, None, None)
@@ -228,7 +290,7 @@ class BackgroundCompile:
         keeps that capacity (:data:`~torchmdx.train.graphed.HOLD_REQUESTED`): growing it would
         make the compile stale."""
         for sig in self._ready | {sig for child in self._running for sig in child[1]}:
-            if sig not in self.failed and matches(sig, key, capacity):
+            if sig not in self.failed and sig not in self.declined and matches(sig, key, capacity):
                 return True
         return False
 
@@ -262,8 +324,9 @@ class BackgroundCompile:
             self._ready.update(ready)
             lost = [sig for sig in sigs if sig not in compiled]
             if ready:
+                self.compile_times.append(time.monotonic() - started)
                 self.log.append(f"compiled {len(ready)} step shape(s) in the background in "
-                                f"{time.monotonic() - started:.0f} s")
+                                f"{self.compile_times[-1]:.0f} s")
             if lost:
                 self.failed.update(lost)
                 self.failed_children += 1
@@ -289,6 +352,18 @@ class BackgroundCompile:
             else:
                 self._requested.discard(sig)  # stale: may be asked for again
         self._queued = later
+        if now and not self._compiles_closed:
+            left = self._left()
+            need = self.compile_estimate() + switch_payback() * self.stall_estimate()
+            if left is not None and left < need:
+                self._compiles_closed = True
+                self.log.append(f"no more batch shapes compiled in the background: {left:.0f} s of the run left, less "
+                                f"than a compile (~{self.compile_estimate():.0f} s) and the "
+                                f"{need - self.compile_estimate():.0f} s a switch then needs to repay itself; "
+                                f"shapes not compiled yet keep the captured eager step")
+        if self._compiles_closed:  # the time left only shrinks: these shapes stay eager
+            self.declined.update(now)
+            now = []
         free = self.max_children - len(self._running)
         if not now or free <= 0:
             self._queued = now + later
@@ -363,7 +438,7 @@ class BackgroundCompile:
                     return True if graph.steps_at_capacity >= self.settle_steps else None
             return False  # its shape is gone
 
-        ready = self.poll(live)
+        ready = [sig for sig in self.poll(live) if self.pays_to_switch(sig)]
         for line in self.news():
             step._note(line)
         for graph in step._graphs.values():
