@@ -194,7 +194,8 @@ def _stack_filters(wk, bk, wv, bv):
 #: (rows, columns) of the float32 filter-product tiles, per kernel. Swept on an H100 on 2026-12-06
 #: (bench/bench_filter_gemm.py, docs/benchmarks/2026-12-06-h100-f): the pre-activation at 128 x 64 took
 #: 25.5 / 137.7 / 1 120 µs at 5 660 / 104 436 / 1 022 612 edges against 47.6 / 148.1 / 1 189 µs at the
-#: former 64 x 128 (no tile won at all three sizes by more); the rbf gradient keeps 64 x 64
+#: former 64 x 128 (128 x 128 was 2-4 % faster at the two larger sizes, but 46 µs at the smallest);
+#: the rbf gradient keeps 64 x 64
 #: (128 x 64 was 6 µs slower at 5 660 edges, 66 µs faster at 1 M: no clear winner).
 GEMM_TILES = {"preact": (128, 64), "rbf_grad": (64, 64)}
 
