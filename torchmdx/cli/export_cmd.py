@@ -93,7 +93,7 @@ def _load_for_openmm(path: str, ema: bool):
 def run_openmm(args) -> int:
     from pathlib import Path
 
-    from torchmdx.errors import ConfigError
+    from torchmdx.errors import ConfigError, DataError
     from torchmdx.openmm.export import export_openmm
     from torchmdx.train.export import check_output_file
 
@@ -111,8 +111,13 @@ def run_openmm(args) -> int:
                               + ("is a folder; give a structure file" if Path(args.structure).is_dir() else "not found"))
         from ase.io import read
 
+        from torchmdx.data.ase_format import ase_source
+
         try:
-            structure = read(args.structure)
+            source, options = ase_source(args.structure)  # a UTF-8 byte-order mark: the text without it
+            structure = read(source, **options)
+        except DataError as exc:
+            raise ConfigError(f"--structure: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any reader problem is a bad file
             raise ConfigError(f"--structure: cannot read {args.structure} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         numbers = [int(z) for z in structure.numbers]

@@ -17,7 +17,7 @@ HELP = "run molecular dynamics (native engine or ASE) with a model file"
 # option name -> (argparse kwargs); dest names are MDConfig fields
 _OPTIONS = {
     "--model": dict(help="model file (Potential.save / torchmdx export)"),
-    "--index": dict(help="frames of each structure file (ASE syntax): -1 the last (default), ':' all"),
+    "--index": dict(help="frames of each structure file: -1 the last (default), ':' all, start:stop:step a slice (as Python's)"),
     "--steps": dict(type=int, help="total number of MD steps (default 1000)"),
     "--dt": dict(type=float, help="time step in fs (default 0.5)"),
     "--temperature": dict(type=float, help="temperature in K: initial velocities and thermostat target (default 300)"),

@@ -39,6 +39,44 @@ from torchmdx.data.structures import StructureBuilder, Structures, numeric_value
 from torchmdx.errors import DataError
 
 #: Per-atom arrays of an Atoms object that are inputs or bookkeeping, not targets.
+#: the UTF-8 byte-order mark some Windows editors write at the start of a text file
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def ase_source(path) -> tuple:
+    """``(source, keyword arguments)`` for ``ase.io.read`` / ``iread`` of ``path``: the path itself, or,
+    for a text file that starts with a UTF-8 byte-order mark, its text without the mark and the format
+    ASE guesses for it (ASE's readers took the mark for part of the first line: "Expected xyz header but
+    got: invalid literal for int() ... '\\ufeff26'"). A marked file that ASE could not read from text
+    is one line naming the mark."""
+    import io
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(len(UTF8_BOM)) != UTF8_BOM:
+                return str(path), {}
+            data = handle.read()
+    except OSError:
+        return str(path), {}  # ASE's own error names what is wrong
+    from ase.io.formats import filetype, ioformats
+
+    class _Named(io.BytesIO):
+        name = str(path)  # filetype() takes the name's extension, then the content (without the mark)
+
+    try:
+        fmt = filetype(_Named(data), read=True, guess=True)
+        reader = ioformats[fmt]
+        usable = reader.can_read and reader.acceptsfd and not reader.isbinary
+        text = data.decode("utf-8")
+    except Exception:  # noqa: BLE001 - unknown format, or not UTF-8 after the mark: say what the mark is
+        usable = False
+    if not usable:
+        raise DataError(f"{path}: starts with a UTF-8 byte-order mark (bytes EF BB BF), and what follows is not a "
+                        "text structure format ASE can read; save the file without the mark (plain UTF-8)")
+    return io.StringIO(text), {"format": fmt}
+
+
 def nonfinite_position(atoms) -> Optional[str]:
     """The first atom of ``atoms`` (an ase.Atoms) whose position is NaN or infinite, in words
     ("atom 4 (H) has a non-finite position [nan, 0.0, 1.2]"); None when all are finite. Callers
@@ -133,7 +171,8 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
     from tqdm.auto import tqdm
 
     try:
-        iterator = ase.io.iread(str(path), index=":")
+        source, options = ase_source(path)
+        iterator = ase.io.iread(source, index=":", **options)
         for k, atoms in enumerate(tqdm(iterator, desc=f"reading {path.name}", unit=" frames", disable=None)):
             results = dict(atoms.calc.results) if atoms.calc is not None else {}
             where = f"{path}: frame {k}"

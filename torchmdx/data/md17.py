@@ -186,7 +186,8 @@ def read_md17_xyz(path, energy_unit=None, length_unit=None) -> Structures:
     from torchmdx.io_utils import open_compressed
 
     with open_compressed(path, "rt") as handle:  # MD17 xyz files are often kept gzip'd (was "binary data")
-        lines = handle.read().splitlines()
+        text = handle.read()
+    lines = text.removeprefix("\ufeff").splitlines()  # a UTF-8 byte-order mark was "line 1: ... got '\ufeff9'"
     i = 0
     while i < len(lines):
         if not lines[i].strip():

@@ -133,6 +133,10 @@ def parse_qm9_xyz(text: str, where: str):
         props = {name: _float(tok) for (name, _, _), tok in zip(QM9_PROPERTIES, head[2:])}
     except ValueError:
         raise DataError(f"{where}: line 2: a property is not a number") from None
+    bad = [(name, short) for name, short, _ in QM9_PROPERTIES if not np.isfinite(props[name])]
+    if bad:  # was "non-finite energy (nan) in structure 1" of the folder
+        raise DataError(f"{where}: line 2: property {bad[0][1]} ({bad[0][0]}) is {props[bad[0][0]]}; expected a "
+                        "finite number")
     numbers, positions, charges = [], [], []
     for k in range(natoms):
         cols = lines[2 + k].split()
@@ -147,7 +151,23 @@ def parse_qm9_xyz(text: str, where: str):
             charges.append(_float(cols[4]) if len(cols) > 4 else np.nan)
         except ValueError:
             raise DataError(f"{where}: line {3 + k}: a coordinate is not a number") from None
+        if not np.isfinite(positions[-1]).all():  # was "non-finite coordinates in structure 2" of the folder
+            raise DataError(f"{where}: line {3 + k}: atom {k} ({cols[0]}) has a non-finite coordinate "
+                            f"{' '.join(cols[1:4])}; expected x y z in Å")
     return gdb_id, np.asarray(numbers), np.asarray(positions), props, np.asarray(charges)
+
+
+def _text(data: bytes, where: str) -> str:
+    """A molecule file's bytes as text (UTF-8, a leading byte-order mark dropped); one line naming the
+    file and the line of the first byte that is not UTF-8 (a folder's file was named only by the folder:
+    "it holds binary data where text was expected")."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{where}: holds binary data where text was expected (line {line}: byte "
+                        f"{data[exc.start:exc.start + 1]!r} is not UTF-8); a QM9 xyz file is plain text "
+                        "(wrong --format?)") from None
 
 
 def _iter_xyz_texts(path: Path) -> Iterator[tuple[str, str]]:
@@ -157,7 +177,7 @@ def _iter_xyz_texts(path: Path) -> Iterator[tuple[str, str]]:
         if not files:
             raise DataError(f"{path}: folder holds no .xyz files")
         for p in files:
-            yield str(p), p.read_text()
+            yield str(p), _text(p.read_bytes(), str(p))
     elif tarfile.is_tarfile(path):
         try:
             with tarfile.open(path, "r:*") as tar:
@@ -165,13 +185,14 @@ def _iter_xyz_texts(path: Path) -> Iterator[tuple[str, str]]:
                 for member in tar:
                     if member.isfile() and member.name.endswith(".xyz"):
                         found = True
-                        yield f"{path}:{member.name}", tar.extractfile(member).read().decode()
+                        where = f"{path}:{member.name}"
+                        yield where, _text(tar.extractfile(member).read(), where)
                 if not found:
                     raise DataError(f"{path}: tar archive holds no .xyz files")
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise DataError(f"{path}: damaged tar archive ({exc})") from None
     else:
-        yield str(path), path.read_text()
+        yield str(path), _text(path.read_bytes(), str(path))
 
 
 def _energy_name(energy_key: Optional[str]) -> str:

@@ -501,7 +501,20 @@ def numeric_values(values, what: str, where: str) -> np.ndarray:
         first = first.item() if hasattr(first, "item") else first
         raise DataError(f"{where}: {what} must be real numbers, got {_NOT_NUMBERS.get(arr.dtype.kind, 'other')} "
                         f"values ({arr.dtype}; first: {first!r})")
+    if arr.dtype == np.float16:  # read without a word: about 3 significant digits, the rest already lost
+        raise DataError(f"{where}: {what} holds float16 values, which keep about 3 significant digits "
+                        f"({_float16_step(arr)}); expected float32 or float64: write the file at full precision "
+                        "(or, if these rounded values are meant, convert them with .astype(numpy.float32))")
     return arr
+
+
+def _float16_step(arr: np.ndarray) -> str:
+    """How coarse float16 ``arr`` is: the spacing of float16 numbers at its largest finite magnitude."""
+    finite = np.abs(arr[np.isfinite(arr)]).astype(np.float64)
+    if finite.size == 0:
+        return "no finite values"
+    largest = float(finite.max())
+    return f"steps of {float(np.spacing(np.float16(largest))):.2g} at its largest magnitude, {largest:.4g}"
 
 
 def _atomic_numbers(numbers, where: str) -> np.ndarray:

@@ -54,7 +54,7 @@ class MDConfig:
 
     structure        structure file(s) any ASE reader understands (xyz, extxyz, pdb, cif, ...),
                      simulated together in one batch
-    index            frames of each file, ASE's syntax: "-1" the last (default), ":" all, "0:4"
+    index            frames of each file: "-1" the last (default), ":" all, "0:4", "5:2:-1" (Python's slicing)
     model            model file (``Potential.save`` / ``torchmdx export``)
     steps            total number of steps (a run continued from a restart stops at this step)
     dt               time step (fs)

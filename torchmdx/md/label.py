@@ -264,7 +264,7 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
     at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'``."""
     from ase.io import read
 
-    from torchmdx.data.ase_format import nonfinite_position
+    from torchmdx.data.ase_format import ase_source, nonfinite_position
 
     if skip < 0 or every < 1 or (max_frames is not None and max_frames < 1):
         raise ConfigError("--skip must be >= 0, --every >= 1 and --max-frames >= 1")
@@ -274,7 +274,10 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
         if not path.is_file():
             raise DataError(f"{path}: structure file not found")
         try:
-            read_frames = read(str(path), index=":")
+            source, options = ase_source(path)  # a UTF-8 byte-order mark: the text without it
+            read_frames = read(source, index=":", **options)
+        except DataError:
+            raise
         except Exception as exc:  # noqa: BLE001 - ASE raises many kinds for a bad file
             raise DataError(f"{path}: cannot be read as structures ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None

@@ -60,44 +60,65 @@ class ThermoReporter(Reporter):
 
 
 def read_structures(paths, index: str = "-1", option: str = "--index", sources: Optional[list] = None) -> list:
-    """The frames ``index`` (ASE syntax: "-1" last, ":" all) of every file, via ``ase.io.read``
-    (one-line DataError on failure; ``option`` names the index in messages). ``sources``, a
-    list, gets where each structure came from (``file`` or ``file frame k``) for messages."""
+    """The frames ``index`` (ASE syntax: "-1" last, ":" all, "start:stop:step") of every file, via
+    ``ase.io.read`` (one-line DataError on failure; ``option`` names the index in messages). A slice
+    selects what Python's slicing of the file's list of frames selects (the file is read whole and
+    sliced here: ASE's extxyz reader returned nothing for ``5:2:-1`` and frames 3, 4 for ``-3:5`` of 7).
+    ``sources``, a list, gets where each structure came from (``file`` or ``file frame k``) for messages."""
     from ase.io import read
 
+    from torchmdx.data.ase_format import ase_source
+
     structures = []
+    chosen = _index_slice(index)
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path}: structure file not found")
         try:
-            frames = read(str(path), index=index)
-            frames = [frames] if not isinstance(frames, list) else frames
-            if _before_the_first_frame(path, index):
+            everything, numbers = None, None
+            source, options = ase_source(path)  # a UTF-8 byte-order mark: the text without it
+            if chosen is not None or _negative_frame(index):
+                everything = read(source, index=":", **options)
+                if hasattr(source, "seek"):
+                    source.seek(0)
+            if chosen is not None:
+                numbers = range(len(everything))[chosen]
+                frames = [everything[n] for n in numbers]
+            elif everything is not None and -int(str(index).strip()) > len(everything):
                 frames = None  # ASE reads -9 of 5 frames as frame 0, silently
+            else:
+                frames = read(source, index=index, **options)
+                frames = [frames] if not isinstance(frames, list) else frames
         except (StopIteration, IndexError):
             frames = None  # an index past the last frame
+        except DataError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(f"{path}: cannot read a structure with ASE ({first})") from None
         if not frames:
             try:
-                count = len(read(str(path), index=":"))
+                if everything is None:
+                    source, options = ase_source(path)
+                    everything = read(source, index=":", **options)
+                count = len(everything)
             except Exception:  # noqa: BLE001
                 count = 0
             if count == 0:
                 raise DataError(f"{path}: holds no structure")
             raise DataError(f"{path} holds {count} frame(s) (0 to {count - 1}): {option} {index} selects none of "
                             "them (-1 the last, ':' all)")
-        names = _frame_names(path, index, len(frames))
+        names = _frame_names(path, index, len(frames), None if everything is None else len(everything))
         for k, atoms in enumerate(frames):
             if len(atoms) == 0:
-                raise DataError(f"{path}: frame {k} has no atoms")
+                raise DataError(f"{path}: frame {k if numbers is None else numbers[k]} has no atoms")
             if atoms.pbc.any() and not np.isfinite(atoms.cell.array).all():  # the engine wraps with the whole cell
                 raise DataError(f"{names[k]}: the cell holds non-finite values (rows {atoms.cell.array.tolist()} Å), "
                                 f"periodic {atoms.pbc.tolist()}; give every row of the cell as finite numbers")
             if atoms.pbc.any() and atoms.cell.volume < 1e-6:
-                raise DataError(f"{path}: frame {k} is periodic ({atoms.pbc.tolist()}) but has no cell")
+                raise DataError(f"{path}: frame {k if numbers is None else numbers[k]} is periodic "
+                                f"({atoms.pbc.tolist()}) but has no cell")
             where = names[k]
             problem = nonfinite_position(atoms)
             if problem:  # was ASE's RuntimeWarning (close-contact check) before the engine's error
@@ -114,24 +135,52 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
     return structures
 
 
-def _frame_names(path, index: str, selected: int) -> list:
+def _frame_names(path, index: str, selected: int, count: Optional[int] = None) -> list:
     """How messages name each of the ``selected`` frames ``index`` picked from ``path``: the file
-    alone for one frame, else ``file frame n`` with n the frame number in the file (the file is
-    read once more only for a slice that needs its length: negative or open-ended bounds)."""
+    alone for one frame, else ``file frame n`` with n the frame number in the file (for a slice, the
+    file's ``count`` of frames is needed: read when not given)."""
     if selected == 1:
         return [str(path)]
     numbers = range(selected)
-    try:
-        parts = [int(p) if p.strip() else None for p in str(index).split(":")]
-        if len(parts) > 1 and parts != [None, None] and parts != [None, None, None]:
-            from ase.io import read
+    chosen = _index_slice(index)
+    if chosen is not None and chosen != slice(None, None) and chosen != slice(None, None, None):
+        try:
+            if count is None:
+                from ase.io import read
 
-            numbers = range(len(read(str(path), index=":")))[slice(*parts)]
-    except Exception:  # noqa: BLE001 - the names are for messages only
-        numbers = range(selected)
+                from torchmdx.data.ase_format import ase_source
+
+                source, options = ase_source(path)
+                count = len(read(source, index=":", **options))
+            numbers = range(count)[chosen]
+        except Exception:  # noqa: BLE001 - the names are for messages only
+            numbers = range(selected)
     if len(numbers) != selected:
         numbers = range(selected)
     return [f"{path} frame {n}" for n in numbers]
+
+
+def _index_slice(index) -> Optional[slice]:
+    """``index`` as a Python slice when it is one ("5:2:-1", "::2", ":"), else None (a frame number).
+    A step of 0 is left to ASE's reader, whose error says so."""
+    parts = str(index).strip().split(":")
+    if len(parts) < 2 or len(parts) > 3:
+        return None
+    try:
+        values = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        return None
+    if len(values) == 3 and values[2] == 0:
+        return None
+    return slice(*values)
+
+
+def _negative_frame(index) -> bool:
+    """Whether ``index`` is a frame number before -1 (-9 of 5 frames must be refused, not read as frame 0)."""
+    try:
+        return int(str(index).strip()) < -1
+    except ValueError:
+        return False
 
 
 def check_constraints(structures, sources: list) -> None:
@@ -190,19 +239,6 @@ def check_elements(potential, structures, sources: list) -> None:
             check_atoms_elements(potential, atoms)
         except ModelError as exc:
             raise ModelError(f"{where}: {exc}") from None
-
-
-def _before_the_first_frame(path, index: str) -> bool:
-    """Whether ``index`` is a negative frame number beyond the file's first frame (-9 of 5)."""
-    from ase.io import read
-
-    try:
-        number = int(str(index).strip())
-    except ValueError:
-        return False
-    if number >= -1:
-        return False
-    return -number > len(read(str(path), index=":"))
 
 
 def close_contacts(structures, factor: float = 0.5) -> list[str]:

@@ -122,6 +122,8 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
                         "written where no forces were computed? "
                         "set train.force_weight: 0 to train on the energies alone (or data.check_labels: false if "
                         "they are meant to be 0)")
+    if cfg.train.energy_weight > 0 and cfg.data_config.check_labels is not False:
+        _check_energies_differ(datamodule, cfg, source)
     if cfg.train.train_stress and not datamodule.dataset.has_stress:  # was refused at the first step, the run
         # folder (splits, logs) written and the "before training" errors printed
         raise ConfigError(f"config key 'train.stress_weight' is {cfg.train.stress_weight} but {source} has no stress "
@@ -141,6 +143,28 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
         fit_reference_correction(module.model, datamodule.dataset, train_indices,
                                  cfg.data_config.inference_batch_size or cfg.data_config.batch_size)
     return datamodule, module
+
+
+def _check_energies_differ(datamodule, cfg: RunConfig, source) -> None:
+    """Training energies that are all the same number (a converter that wrote 0, or one value, where no
+    energies were computed): energy-only training fitted them to a zero loss without a word; beside forces
+    the energy term pulled every structure towards one energy. Compared as read (before the atomic
+    references): exact equality needs no tolerance, while fitted references explain the real energies of a
+    set with no more compositions than elements (isolated atoms, a tiny set) exactly, leaving no spread."""
+    import numpy as np
+
+    train = np.asarray(datamodule.split["train"])
+    if train.size < 2:
+        return
+    energy = np.asarray(datamodule.dataset.structures.energy, dtype=np.float64).reshape(-1)[train]
+    if energy.size < 2 or not (energy == energy[0]).all():
+        return
+    key = f" (data.energy_key '{cfg.data_config.energy_key}')" if cfg.data_config.energy_key else ""
+    advice = ("set train.energy_weight: 0 to train on the forces alone" if cfg.train.train_forces else
+              "energy-only training on them learns nothing")
+    raise DataError(f"{source}: every energy of the {train.size} training structures is {energy[0]:.10g} eV{key}: "
+                    f"one value written where no energies were computed? {advice} (or data.check_labels: false if "
+                    "they are meant to be equal)")
 
 
 def check_cells(dataset, cutoff: float, source) -> None:
