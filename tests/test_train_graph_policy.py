@@ -184,3 +184,46 @@ def test_run_time_left_from_steps_left_and_max_time():
         other.trainer.global_step, now[0] = 500, 200.0
         assert other() == pytest.approx(30.0)
     assert RunTimeLeft(_Trainer(float("inf")), clock=lambda: now[0])() is None
+
+
+def test_run_time_left_inside_a_real_lightning_fit(tmp_path):
+    """RunTimeLeft against Lightning itself (its Timer and estimated_stepping_batches during fit):
+    unknown before 20 timed steps, then at most max_time's remainder, shrinking."""
+    import lightning.pytorch as pl
+    import torch
+
+    from torchmdx.train.module_runner import RunTimeLeft
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(64, 2), batch_size=2)
+
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if not hasattr(self, "left"):
+                self.left = RunTimeLeft(trainer)
+            seen.append((trainer.global_step, self.left()))
+
+    trainer = pl.Trainer(max_epochs=2, max_time="00:00:10:00", callbacks=[Watch()], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path), accelerator="cpu")
+    trainer.fit(Tiny())
+    assert len(seen) == 64
+    early = [left for step, left in seen if step < RunTimeLeft.MIN_STEPS]
+    late = [left for step, left in seen if step >= RunTimeLeft.MIN_STEPS]
+    assert all(left is not None and 0 < left <= 600 for left in early)  # the Timer's remainder
+    # 64 steps in all: from step 20 the steps left x seconds per step (well under 10 minutes here)
+    assert all(left is not None and left < 60 for left in late), late
+    assert late[-1] < late[0]
