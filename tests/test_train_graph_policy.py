@@ -3,6 +3,8 @@
 goes stale (the cause of ANI-1x's stale shapes: 2026-12-06, docs/training.md); and the run's time
 left decides whether a compile or a switch can still pay (precompile.switch_payback)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -227,3 +229,31 @@ def test_run_time_left_inside_a_real_lightning_fit(tmp_path):
     # 64 steps in all: from step 20 the steps left x seconds per step (well under 10 minutes here)
     assert all(left is not None and left < 60 for left in late), late
     assert late[-1] < late[0]
+
+
+def test_a_hosts_recorded_compile_times_set_the_next_runs_estimate(tmp_path):
+    """A finished child's time is kept beside the compile cache; the next run's first estimate is the
+    longest of the last five on record, not the 120-s default: a run of 100 s on a host that compiles
+    in 20 s does compile (it did not above, with no record); an unreadable record counts as none."""
+    from torchmdx.train import precompile
+    from torchmdx.train.graphed_sim import SimulatedCompile
+
+    record = tmp_path / precompile.COMPILE_TIMES_FILE
+    background = SimulatedCompile(lambda: 0, 10, str(tmp_path / "w1"), times_file=record)
+    assert background.compile_estimate() == precompile.COMPILE_S  # nothing on record
+    for seconds in (30.0, 18.0, 25.0, 19.0, 20.0, 21.0):
+        background._record_compile_time(seconds)
+    assert json.loads(record.read_text()) == [30.0, 18.0, 25.0, 19.0, 20.0, 21.0]
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == [record.name]  # no temporary file left
+    fresh = SimulatedCompile(lambda: 0, 10, str(tmp_path / "w2"), times_file=record)
+    assert fresh.compile_estimate() == 25.0  # the longest of the last five: 18, 25, 19, 20, 21
+    record.write_text("{not json")
+    assert fresh.recorded_compile_times() == [] and fresh.compile_estimate() == precompile.COMPILE_S
+
+    # the short run of test_a_run_too_short_to_repay_a_compile_starts_no_child, on a host with a record
+    record.write_text(json.dumps([20.0]))
+    counts = np.full(400, 10)
+    out = simulate(counts, counts * (counts - 1), 16, 8, seed=0, compile_steps=10, workdir=str(tmp_path / "w3"),
+                   time_left=lambda step: 100.0 - step, times_file=record)
+    assert [kind for _, kind, _ in out["events"]].count("started") == 1
+    assert out["step"].compiled_steps > 0

@@ -60,9 +60,10 @@ class SimulatedCompile(BackgroundCompile):
     and stale verdicts in ``events`` (step, kind, signature)."""
 
     def __init__(self, clock, compile_steps: int, workdir: str, max_children: int = 4,
-                 settle_steps: Optional[int] = None):
+                 settle_steps: Optional[int] = None, times_file=None):
         super().__init__(None, workdir=workdir, max_children=max_children, settle_steps=settle_steps)
         self.clock, self.compile_steps = clock, int(compile_steps)
+        self.times_file = times_file  # the host's record of compile times (None: none)
         self.events: list[tuple] = []
 
     def request(self, sig: Signature) -> None:
@@ -100,7 +101,7 @@ class SimulatedStep(GraphedTrainStep):
 
     def __init__(self, *, pair_headroom: Optional[float] = 1.1, warmup_steps: int = 2, max_shapes: int = 8,
                  background: bool = True, compile_steps: int = 7000, settle_steps: Optional[int] = None,
-                 max_children: int = 4, workdir: Optional[str] = None, time_left=None):
+                 max_children: int = 4, workdir: Optional[str] = None, time_left=None, times_file=None):
         model = torch.nn.Linear(1, 1)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         super().__init__(model, optimizer, lambda *a: None, forces=False, pair_headroom=pair_headroom,
@@ -115,7 +116,8 @@ class SimulatedStep(GraphedTrainStep):
         if background:
             self.background = SimulatedCompile(lambda: self.clock_steps, compile_steps,
                                                workdir or tempfile.mkdtemp(prefix="torchmdx_sim_"),
-                                               max_children=max_children, settle_steps=settle_steps)
+                                               max_children=max_children, settle_steps=settle_steps,
+                                               times_file=times_file)
             if time_left is not None:  # time_left(step) -> seconds the run has left at that simulated step
                 self.background.time_left = lambda: time_left(self.clock_steps)
 

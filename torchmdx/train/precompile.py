@@ -86,8 +86,15 @@ COMPILED_SPEEDUP = 1.55
 SWITCH_STALL_S = 15.0
 
 #: a child's compile of its shapes: 93-150 s on an H100 host (2026-12-05/06). The estimate until a
-#: child of this run has finished (then the longest)
+#: child of this run has finished (then the longest), or, before that, while this host has none on
+#: record (:data:`COMPILE_TIMES_FILE`)
 COMPILE_S = 120.0
+
+#: this host's child compile times of earlier runs (seconds, newest last; at most
+#: :data:`COMPILE_TIMES_KEPT`), a JSON list beside the compile cache: a run's first estimate is the
+#: longest of the last five, so a host that compiles in 30 s does not keep short runs from compiling
+COMPILE_TIMES_FILE = "background_compile_times.json"
+COMPILE_TIMES_KEPT = 20
 
 
 def switch_payback(speedup: float = COMPILED_SPEEDUP) -> float:
@@ -192,6 +199,9 @@ class BackgroundCompile:
         self.time_left: Optional[Callable[[], Optional[float]]] = None
         self.stalls: list[float] = []  # seconds each switch of this run stalled the training thread
         self.compile_times: list[float] = []  # seconds each finished child of this run took
+        #: where this host's compile times are kept (:data:`COMPILE_TIMES_FILE`; False: not looked up
+        #: yet, then the compile cache's folder; None: nowhere)
+        self.times_file = False
         self.declined: set = set()  # shapes not compiled, or not switched to, for lack of run time
         self._compiles_closed = False  # too little time left for any further compile
 
@@ -200,8 +210,44 @@ class BackgroundCompile:
         return sum(self.stalls) / len(self.stalls) if self.stalls else SWITCH_STALL_S
 
     def compile_estimate(self) -> float:
-        """Seconds a child takes: the longest of this run's children, else :data:`COMPILE_S`."""
-        return max(self.compile_times) if self.compile_times else COMPILE_S
+        """Seconds a child takes: the longest of this run's children, else of this host's last five
+        on record (:meth:`recorded_compile_times`), else :data:`COMPILE_S`."""
+        if self.compile_times:
+            return max(self.compile_times)
+        recorded = self.recorded_compile_times()
+        return max(recorded[-5:]) if recorded else COMPILE_S
+
+    def _times_file(self) -> Optional[Path]:
+        """:data:`COMPILE_TIMES_FILE` in the compile cache's folder (None: no lasting cache)."""
+        if self.times_file is False:
+            from torchmdx.nn import compile_cache
+
+            root = compile_cache.ensure()
+            self.times_file = None if root is None else root / COMPILE_TIMES_FILE
+        return self.times_file
+
+    def recorded_compile_times(self) -> list:
+        """This host's child compile times of earlier runs (seconds, newest last); an unreadable
+        record counts as none (it is an estimate only, and the next finished child rewrites it)."""
+        path = self._times_file()
+        try:
+            values = json.loads(path.read_text()) if path is not None and path.is_file() else []
+            return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
+        except (OSError, ValueError, TypeError):
+            return []
+
+    def _record_compile_time(self, seconds: float) -> None:
+        self.compile_times.append(seconds)
+        path = self._times_file()
+        if path is None:
+            return
+        from torchmdx.io_utils import atomic_write
+
+        try:
+            with atomic_write(path, "w") as out:
+                json.dump((self.recorded_compile_times() + [round(seconds, 1)])[-COMPILE_TIMES_KEPT:], out)
+        except OSError:
+            pass  # a read-only cache folder: the estimate stays this run's own
 
     def _left(self) -> Optional[float]:
         left = None if self.time_left is None else self.time_left()
@@ -324,7 +370,7 @@ class BackgroundCompile:
             self._ready.update(ready)
             lost = [sig for sig in sigs if sig not in compiled]
             if ready:
-                self.compile_times.append(time.monotonic() - started)
+                self._record_compile_time(time.monotonic() - started)
                 self.log.append(f"compiled {len(ready)} step shape(s) in the background in "
                                 f"{self.compile_times[-1]:.0f} s")
             if lost:
@@ -354,7 +400,7 @@ class BackgroundCompile:
         self._queued = later
         if now and not self._compiles_closed:
             left = self._left()
-            need = self.compile_estimate() + switch_payback() * self.stall_estimate()
+            need = None if left is None else self.compile_estimate() + switch_payback() * self.stall_estimate()
             if left is not None and left < need:
                 self._compiles_closed = True
                 self.log.append(f"no more batch shapes compiled in the background: {left:.0f} s of the run left, less "
