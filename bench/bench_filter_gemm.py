@@ -80,6 +80,7 @@ def sweep(edges: int, device: str, channels: int = 512, radial: int = 32, precis
     import triton
 
     from torchmdx.kernels import _message_kernels as kernels
+    from torchmdx.kernels.message_triton_spec import _pow2
 
     g = torch.Generator(device=device).manual_seed(0)
     rbf = torch.rand(edges, radial, device=device, generator=g)
@@ -90,7 +91,7 @@ def sweep(edges: int, device: str, channels: int = 512, radial: int = 32, precis
     grbf_ref = grad_z.double() @ weight.double()
     z = torch.empty(edges, channels, device=device)
     grbf = torch.empty(edges, radial, device=device)
-    kp = max(16, 1 << (radial - 1).bit_length())
+    kp = max(16, _pow2(radial))
     fp = 4
     rows = []
 

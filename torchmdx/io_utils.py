@@ -7,6 +7,16 @@ import os
 from pathlib import Path
 
 
+def names_a_folder(path, example: str):
+    """For an output file name that ends in '/' (``Path`` drops it, and a file named after the
+    folder was written): "ends in '/', so it names a folder; give a file name, e.g. PATHexample";
+    else None. The caller names the option or file before it and raises its own error."""
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)):
+        return f"ends in '/', so it names a folder; give a file name, e.g. {text}{example}"
+    return None
+
+
 def expand_home(value):
     """``value`` with a leading ``~`` (or ``~user``) expanded as a shell would (:func:`os.path.expanduser`):
     a path in a YAML config, or given as ``--opt=~/x``, reaches the program unexpanded. Anything else

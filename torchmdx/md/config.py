@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextvars
 import difflib
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Literal, Optional, Union
 
 from torchmdx.devices import check_threads
 from torchmdx.errors import ConfigError
-from torchmdx.io_utils import expand_home
+from torchmdx.io_utils import expand_home, names_a_folder
 
 Ensemble = Literal["nve", "langevin", "bussi", "nose-hoover"]
 
@@ -186,8 +185,8 @@ class MDConfig:
         for key, example in (("out", "md.extxyz"), ("log", "md.csv"), ("restart_out", "md.restart.pt"),
                              ("summary", "md.summary.json")):
             value = getattr(self, key)
-            if isinstance(value, str) and value.endswith(("/", os.sep)):  # Path() drops the '/': a file 'sub' was written
-                bad(key, f"{value} ends in '/', so it names a folder; give a file name, e.g. {value}{example}")
+            if isinstance(value, str) and (problem := names_a_folder(value, example)):
+                bad(key, f"{value} {problem}")
         if not isinstance(self.index, str):
             self.index = str(self.index)
         if not _INDEX.match(self.index):

@@ -120,12 +120,11 @@ def save_potential(potential, path: Union[str, Path]) -> Path:
     if not isinstance(path, (str, os.PathLike)):  # was pathlib's TypeError
         raise ModelError(f"save: expected the path of a model file such as model.pt, got {path!r} "
                          f"({type(path).__name__})")
-    from torchmdx.io_utils import expand_home
+    from torchmdx.io_utils import expand_home, names_a_folder
 
     path = expand_home(path)  # save('~/m.pt') wrote into a folder named '~' in the current folder
-    if os.fspath(path).endswith(("/", os.sep)) and not Path(path).is_dir():  # Path() drops the '/': a file 'models'
-        raise ModelError(f"{os.fspath(path)}: ends in '/', so it names a folder; give a file name, e.g. "
-                         f"{os.fspath(path)}model.pt")
+    if (problem := names_a_folder(path, "model.pt")) and not Path(path).is_dir():
+        raise ModelError(f"{os.fspath(path)}: {problem}")
     if Path(path).exists() and not Path(path).is_file():
         # a folder, device, FIFO or socket: the rename of the temporary file would replace a device
         # node (as root: /dev/null becomes a regular file) or fail with a traceback on a folder

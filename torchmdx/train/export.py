@@ -113,11 +113,13 @@ def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), 
     not an existing file (unless ``force``), in an existing, writable folder."""
     import os
 
+    from torchmdx.io_utils import names_a_folder
+
     out = Path(output)
     if str(output).strip() == "":
         raise ModelError(f"the {what} name is empty; give a file name such as model.pt")
-    if str(output).endswith(("/", os.sep)) and not out.is_dir():  # Path() drops the '/': a file 'models' was written
-        raise ModelError(f"{output}: ends in '/', so it names a folder; give a file name, e.g. {output}model.pt")
+    if (problem := names_a_folder(output, "model.pt")) and not out.is_dir():
+        raise ModelError(f"{output}: {problem}")
     for given in inputs:
         if Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
             raise ModelError(f"{out}: refusing to write the {what} over its own input; choose another name")

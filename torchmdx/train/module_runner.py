@@ -80,7 +80,8 @@ class RunTimeLeft:
         now, step = self.clock(), int(self.trainer.global_step)
         if self._start is None:
             self._start = (now, step)
-        known = [t for t in (self._timer_left(),) if t is not None]
+        timer = self._timer_left()
+        known = [] if timer is None else [timer]
         (t0, s0), total = self._start, self._steps_total()
         if math.isfinite(total) and total > 0 and step - s0 >= self.MIN_STEPS and now > t0:
             known.append(max(0.0, total - step) * (now - t0) / (step - s0))
