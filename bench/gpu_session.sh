@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh accuracy-equiformer   # Equiformer (configs/equiformer_md17.yaml) at the same budget and split
 #   bash bench/gpu_session.sh locality        # atom order: neighbour bandwidth, ET call time (bench/bench_locality.py)
 #   bash bench/gpu_session.sh kernels16       # issue 16's measurements in one call (< 10 min; see below)
+#   bash bench/gpu_session.sh tables          # filter tables vs GEMM filters: ms, memory, force error vs float64 (bench/bench_filter_table.py;
+#                                             # TABLES_SYSTEMS, TABLES_ARGS, TABLES_TIMEOUT)
 #   bash bench/gpu_session.sh small16         # issue 16 item 5: 22-atom whole-model graph under inductor option sets (SMALL16_OPTIONS JSON)
 #   bash bench/gpu_session.sh openmm          # issue 23 item 4: OpenMM + torchmdx vs native vs TorchMD-NET (bench/bench_openmm.py; needs
 #                                             # openmm, openmm_cuda_13, openmmml wheels in .whl; OPENMM_ARGS / OPENMM_TIMEOUT, docs/openmm.md)
@@ -68,6 +70,9 @@ for part in "$@"; do
     md) timeout ${MD_TIMEOUT:-150} python3 bench/bench_md.py --device cuda --data .benchdata \
           --systems ${MD_SYSTEMS:-alanine_dipeptide chignolin dhfr} --steps 200 --warmup 20 --repeat 1 --replicas 32 ${MD_ARGS:-} \
           --json "$OUT/bench_md.json" 2>&1 | tee "$OUT/bench_md.log" ;;
+    tables) timeout ${TABLES_TIMEOUT:-400} python3 bench/bench_filter_table.py --data .benchdata \
+          --systems ${TABLES_SYSTEMS:-alanine_dipeptide,chignolin,dhfr,factorIX} --out "$OUT" ${TABLES_ARGS:-} 2>&1 \
+          | tee "$OUT/filter_table.log" ;;
     anchor) SYSTEMS=.benchdata timeout 180 python3 .benchdata/anchor_torchmdnet.py \
           alanine_dipeptide,chignolin,dhfr,factorIX,stmv 2>&1 | tee "$OUT/anchor.log" ;;
     model) timeout ${MODEL_TIMEOUT:-200} python3 bench/bench_model.py --data .benchdata --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/bench_model.log" ;;

@@ -8,6 +8,9 @@ launch wrappers and the autograd wiring. Notation (per edge e = (i <- j), head h
 
     dk_e  = act_f(W_k rbf_e + b_k)   or a given [E, F] tensor, or 1     (DK_MODE 2 / 1 / 0)
     dv_e  = act_f(W_v rbf_e + b_v)   or a given [E, 3F] tensor, or 1    (DV_MODE 2 / 1 / 0)
+    DK_MODE / DV_MODE 4: interpolated from tables in the edge length r_e (rbf_ptr holds r [E],
+    wk_ptr / wv_ptr the coefficients [G, F, 4] / [G, 3F, 4]; TG, TR0, TIH: the grid), see
+    :mod:`torchmdx.kernels.filter_table`; the receiver backward writes dL/dr_e in column 0.
     DK_MODE / DV_MODE 3: the given tensor is the pre-activation z = W rbf + b (one matrix
     product outside the kernels), dk = act_f(z); the receiver backward then writes dL/dz over z.
     DKS / DVS: row strides of the given tensors (both filters may live in one [E, 4F] buffer)
@@ -39,6 +42,8 @@ from torchmdx.kernels._message_kernels_common import (  # noqa: F401 - read by t
     _given_filter,
     _matmul,
     _message_prologue,
+    _table_filter,
+    _table_position,
 )
 
 #: the kernels message_triton launches (the backward ones re-exported)
@@ -58,6 +63,7 @@ def _message_fwd_kernel(
     SELF_LOOP: tl.constexpr, SELF_DK: tl.constexpr, SELF_DV: tl.constexpr,
     VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
     DKS: tl.constexpr, DVS: tl.constexpr,
+    TG: tl.constexpr = 1, TR0: tl.constexpr = 0.0, TIH: tl.constexpr = 1.0,
 ):
     F: tl.constexpr = H * D
     cb = tl.program_id(1)
@@ -110,12 +116,17 @@ def _message_fwd_kernel(
             e3 = eo[:, None, None]
             if DK_MODE == 2 or DV_MODE == 2:
                 r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
+            if DK_MODE == 4 or DV_MODE == 4:
+                g3, t3 = _table_position(rbf_ptr, eo, em, TG, TR0, TIH)
             prod = q_i[None, :, :] * tl.load(k_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
             if DK_MODE == 1 or DK_MODE == 3:
                 dk, _ = _given_filter(dk_ptr + e3 * DKS + ch[None, :, :], m3, DK_MODE, FACT)
                 prod = prod * dk
             elif DK_MODE == 2:
                 dk, _ = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
+                prod = prod * dk
+            elif DK_MODE == 4:
+                dk, _ = _table_filter(wk_ptr, g3, t3, ch[None, :, :], m3, F, TIH)
                 prod = prod * dk
             a, _ = _act(tl.sum(prod, axis=2), ATT)  # [BE, HB]
             if VCUT:
@@ -141,6 +152,13 @@ def _message_fwd_kernel(
                 dv1, _ = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv2, _ = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv3, _ = _filter(r, wv3_t, bv3, DV_MODE, FACT, BE, HB, DP, PREC)
+                s1 = s1 * dv1
+                s2 = s2 * dv2
+                s3 = s3 * dv3
+            elif DV_MODE == 4:
+                dv1, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :], m3, 3 * F, TIH)
+                dv2, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + D, m3, 3 * F, TIH)
+                dv3, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + 2 * D, m3, 3 * F, TIH)
                 s1 = s1 * dv1
                 s2 = s2 * dv2
                 s3 = s3 * dv3

@@ -16,6 +16,8 @@ from torchmdx.kernels._message_kernels_common import (  # noqa: F401 - read by t
     _matmul,
     _message_prologue,
     _sender_share,
+    _table_filter,
+    _table_position,
 )
 
 
@@ -35,11 +37,13 @@ def _message_bwd_receiver_kernel(
     VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
     DKS: tl.constexpr, DVS: tl.constexpr,
     WRITE_GZ: tl.constexpr, SELF_FILTER_GRAD: tl.constexpr, MERGED: tl.constexpr,
+    TG: tl.constexpr = 1, TR0: tl.constexpr = 0.0, TIH: tl.constexpr = 1.0,
 ):
     """Receiver-side gradients of one (receiver i, channel chunk cb): dL/dq_i of the chunk
     (segment sum), the given dk / dv's gradients, pre-activation filter gradients (for the
     weights, only when asked), and this chunk's share of the per-edge gradients, written to
-    ``gedge[cb, e, :] = (dL/drbf_e [K, only with in-kernel filters], dL/dphi_e, dL/dd_e [3])``;
+    ``gedge[cb, e, :] = (dL/drbf_e [K, only with in-kernel filters] or dL/dr_e [1, only with
+    tables], dL/dphi_e, dL/dd_e [3])``;
     the caller sums over chunks.
 
     ``MERGED`` (symmetric edge lists only): also the sender-side gradients of atom i, dL/dk_i,
@@ -57,8 +61,9 @@ def _message_bwd_receiver_kernel(
         dL/dvec_ix += v2_i dL/du_jx dv2_e w_e   (v2_i factored out of the sum)"""
     F: tl.constexpr = H * D
     USES_RBF: tl.constexpr = DK_MODE == 2 or DV_MODE == 2
-    W: tl.constexpr = K + 4 if USES_RBF else 4  # row width of gedge
-    KO: tl.constexpr = K if USES_RBF else 0  # column of dL/dphi in gedge
+    USES_R: tl.constexpr = DK_MODE == 4 or DV_MODE == 4  # tables: one column dL/dr first
+    W: tl.constexpr = K + 4 if USES_RBF else (5 if USES_R else 4)  # row width of gedge
+    KO: tl.constexpr = K if USES_RBF else (1 if USES_R else 0)  # column of dL/dphi in gedge
     cb = tl.program_id(1)
     kk = tl.arange(0, KP)
     eb = tl.arange(0, BE)
@@ -151,6 +156,8 @@ def _message_bwd_receiver_kernel(
             e3 = eo[:, None, None]
             if USES_RBF:
                 r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
+            if USES_R:
+                g3, t3 = _table_position(rbf_ptr, eo, em, TG, TR0, TIH)
             kj = tl.load(k_ptr + j3 * F + ch[None, :, :], mask=m3, other=0.0)
             qk = q_i[None, :, :] * kj
             if DK_MODE == 1 or DK_MODE == 3:
@@ -158,6 +165,9 @@ def _message_bwd_receiver_kernel(
                 a, da = _act(tl.sum(qk * dk, axis=2), ATT)
             elif DK_MODE == 2:
                 dk, ddk = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
+                a, da = _act(tl.sum(qk * dk, axis=2), ATT)
+            elif DK_MODE == 4:  # ddk: d dk / dr
+                dk, ddk = _table_filter(wk_ptr, g3, t3, ch[None, :, :], m3, F, TIH)
                 a, da = _act(tl.sum(qk * dk, axis=2), ATT)
             else:
                 a, da = _act(tl.sum(qk, axis=2), ATT)
@@ -178,6 +188,10 @@ def _message_bwd_receiver_kernel(
                 dv1, ddv1 = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv2, ddv2 = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv3, ddv3 = _filter(r, wv3_t, bv3, DV_MODE, FACT, BE, HB, DP, PREC)
+            elif DV_MODE == 4:  # ddv: d dv / dr
+                dv1, ddv1 = _table_filter(wv_ptr, g3, t3, vch[None, :, :], m3, 3 * F, TIH)
+                dv2, ddv2 = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + D, m3, 3 * F, TIH)
+                dv3, ddv3 = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + 2 * D, m3, 3 * F, TIH)
             else:
                 dv1 = tl.where(m3, 1.0, 0.0).to(v1.dtype)
                 dv2 = dv1
@@ -234,6 +248,8 @@ def _message_bwd_receiver_kernel(
             # filters
             if USES_RBF:
                 grbf = tl.zeros((BE, KP), dtype=phi.dtype)
+            if USES_R:  # dL/dr_e through the tables: sum over channels of dL/dfilter * dfilter/dr
+                g_r = tl.zeros((BE,), dtype=phi.dtype)
             if DK_MODE == 1:
                 tl.store(gdk_ptr + e3 * DKS + ch[None, :, :], gp[:, :, None] * qk, mask=m3)
             elif DK_MODE == 3:  # pre-activation gradient, written over the pre-activation filter
@@ -243,6 +259,8 @@ def _message_bwd_receiver_kernel(
                 grbf += _matmul(tl.reshape(gzk, (BE, HB * DP)), tl.trans(wk_t), PREC)
                 if WRITE_GZ:
                     tl.store(gzk_ptr + e3 * F + ch[None, :, :], gzk, mask=m3)
+            elif DK_MODE == 4:
+                g_r += tl.sum(tl.sum(gp[:, :, None] * qk * ddk, axis=2), axis=1)
             if DV_MODE != 0:
                 gdv1 = gs1 * v1 * w3
                 gdv2 = gs2 * v2 * w3
@@ -257,6 +275,8 @@ def _message_bwd_receiver_kernel(
                     tl.store(dvbase, gdv1 * ddv1, mask=m3)
                     tl.store(dvbase + D, gdv2 * ddv2, mask=m3)
                     tl.store(dvbase + 2 * D, gdv3 * ddv3, mask=m3)
+                elif DV_MODE == 4:
+                    g_r += tl.sum(tl.sum(gdv1 * ddv1 + gdv2 * ddv2 + gdv3 * ddv3, axis=2), axis=1)
                 else:
                     gzv1 = gdv1 * ddv1
                     gzv2 = gdv2 * ddv2
@@ -272,6 +292,8 @@ def _message_bwd_receiver_kernel(
             row = gedge + eo * W
             if USES_RBF:
                 tl.store(row[:, None] + kk[None, :], grbf, mask=em[:, None] & (kk < K)[None, :])
+            if USES_R:
+                tl.store(row, g_r, mask=em)
             tl.store(row + KO, g_phi, mask=em)
             tl.store(row + KO + 1, g_ux, mask=em)
             tl.store(row + KO + 2, g_uy, mask=em)
@@ -300,6 +322,7 @@ def _message_bwd_sender_kernel(
     SELF_LOOP: tl.constexpr, SELF_DK: tl.constexpr, SELF_DV: tl.constexpr,
     VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
     DKS: tl.constexpr, DVS: tl.constexpr,
+    TG: tl.constexpr = 1, TR0: tl.constexpr = 0.0, TIH: tl.constexpr = 1.0,
 ):
     """Sender-side gradients dL/dk_j, dL/dv_j, dL/dvec_j: a segment sum over the edges that
     atom j sends on, visited in sender-sorted order through ``perm`` (the receiver-side
@@ -378,10 +401,14 @@ def _message_bwd_sender_kernel(
             gz = tl.load(gubase + 2 * F, mask=m3, other=0.0)
             if DK_MODE == 2 or DV_MODE == 2:
                 r = tl.load(rbf_ptr + eo[:, None] * K + kk[None, :], mask=em[:, None] & (kk < K)[None, :], other=0.0)
+            if DK_MODE == 4 or DV_MODE == 4:
+                g3, t3 = _table_position(rbf_ptr, eo, em, TG, TR0, TIH)
             if DK_MODE == 1 or DK_MODE == 3:
                 dk, _ = _given_filter(dk_ptr + e3 * DKS + ch[None, :, :], m3, DK_MODE, FACT)
             elif DK_MODE == 2:
                 dk, _ = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
+            elif DK_MODE == 4:
+                dk, _ = _table_filter(wk_ptr, g3, t3, ch[None, :, :], m3, F, TIH)
             else:
                 dk = q_i  # unused
             if VCUT:
@@ -398,6 +425,10 @@ def _message_bwd_sender_kernel(
                 dv1, _ = _filter(r, wv1_t, bv1, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv2, _ = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv3, _ = _filter(r, wv3_t, bv3, DV_MODE, FACT, BE, HB, DP, PREC)
+            elif DV_MODE == 4:
+                dv1, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :], m3, 3 * F, TIH)
+                dv2, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + D, m3, 3 * F, TIH)
+                dv3, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + 2 * D, m3, 3 * F, TIH)
             else:
                 dv1 = tl.where(m3, 1.0, 0.0).to(k_j.dtype)
                 dv2 = dv1

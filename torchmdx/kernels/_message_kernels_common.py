@@ -3,7 +3,8 @@ and :mod:`torchmdx.kernels._message_kernels_backward`): the activations with the
 (``_act``), the per-program set-up of a channel chunk that every message kernel starts with
 (``_message_prologue``: channel indices and masks, and the chunk's filter weights), the radial
 filters from an RBF block (``_weight_chunk_t``, ``_matmul``, ``_filter``) or from a given /
-pre-activation tile (``_given_filter``), and one edge block's shares in its
+pre-activation tile (``_given_filter``) or from tables in the edge length
+(``_table_position``, ``_table_filter``), and one edge block's shares in its
 sender's gradients (``_sender_share``, used by the sender kernel and the merged receiver kernel).
 Notation in :mod:`torchmdx.kernels._message_kernels`."""
 
@@ -143,6 +144,29 @@ def _given_filter(ptrs, m3, MODE: tl.constexpr, FACT: tl.constexpr):
         return _act(x, FACT)
     else:
         return x, x
+
+
+@triton.jit
+def _table_position(r_ptr, eo, em, TG: tl.constexpr, TR0: tl.constexpr, TIH: tl.constexpr):
+    """Where a block of edges falls in the filter tables (mode 4): (interval g [BE, 1, 1] int64,
+    t = (r - r_min) / h - g [BE, 1, 1]) from the edge lengths r [E]; g is clamped to the table."""
+    s = (tl.load(r_ptr + eo, mask=em, other=TR0) - TR0) * TIH
+    g = tl.minimum(tl.maximum(tl.floor(s), 0.0), TG - 1.0)
+    return g.to(tl.int64)[:, None, None], (s - g)[:, None, None]
+
+
+@triton.jit
+def _table_filter(table_ptr, g3, t3, chan, m3, C: tl.constexpr, TIH: tl.constexpr):
+    """(f, df/dr) of a tabulated filter on a block of edges (mode 4), [BE, HB, DP]: the cubic
+    c0 + t (c1 + t (c2 + t c3)) of each edge's interval and its r-derivative
+    (c1 + t (2 c2 + 3 t c3)) / h; coefficients [G, C, 4] (:mod:`torchmdx.kernels.filter_table`),
+    ``chan`` the channels [1, HB, DP] in [0, C)."""
+    base = table_ptr + (g3 * C + chan) * 4
+    c0 = tl.load(base, mask=m3, other=0.0)
+    c1 = tl.load(base + 1, mask=m3, other=0.0)
+    c2 = tl.load(base + 2, mask=m3, other=0.0)
+    c3 = tl.load(base + 3, mask=m3, other=0.0)
+    return c0 + t3 * (c1 + t3 * (c2 + t3 * c3)), (c1 + t3 * (2.0 * c2 + 3.0 * t3 * c3)) * TIH
 
 
 @triton.jit

@@ -69,7 +69,7 @@ from torchmdx.kernels.message_triton_autograd import (  # noqa: F401 - some re-e
     kernels,
     triton,
 )
-from torchmdx.kernels.message_triton_grad import _grad_node, reference_filtered
+from torchmdx.kernels.message_triton_grad import _grad_node, reference_filtered, reference_tabulated
 from torchmdx.kernels.message_triton_spec import ACTIVATION_CODES, EdgeLayout, _pow2, _Spec
 
 
@@ -107,7 +107,11 @@ class LaunchConfig:
                      E x 4F; keeping z from the forward instead was measured slower, even on
                      small systems, docs/kernels_message.md changelog 2026-12-06 night),
                      'kernel' (tl.dot on blocks of edges inside every kernel: O(E K)
-                     memory, but three times the registers)
+                     memory, but three times the registers),
+                     'table' (inference with frozen filter weights: the model passes the edge
+                     lengths and cubic tables of its filters, :mod:`torchmdx.kernels.filter_table`,
+                     and the kernels interpolate; no product, no [E, 4F] buffer; calls that
+                     pass RBF rows and weights run 'gemm'; :meth:`FusedMessage.wants_tables`)
     table            consult the measured launch table for the fields left None / 'auto'
     """
 
@@ -125,7 +129,7 @@ class LaunchConfig:
 
 CONFIG = LaunchConfig()
 
-FILTER_PLACES = ("auto", "gemm", "kernel")
+FILTER_PLACES = ("auto", "gemm", "kernel", "table")
 SENDER_SIDES = ("auto", "sorted", "merged")
 
 #: the resolved launch configuration of the last fused call (diagnostics, benchmarks and tests)
@@ -165,7 +169,8 @@ def resolved_config(num_atoms: int, gpu_name: Optional[str] = None) -> LaunchCon
 
 
 def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv,
-               vector_cutoff, attn_activation, filter_activation, merged=False, cfg: Optional[LaunchConfig] = None) -> _Spec:
+               vector_cutoff, attn_activation, filter_activation, merged=False, cfg: Optional[LaunchConfig] = None,
+               table_geometry: tuple = (1, 0.0, 1.0)) -> _Spec:
     cfg = cfg if cfg is not None else resolved_config(0)
     uses_dot = dk_mode == 2 or dv_mode == 2
     dp = _pow2(head_dim)
@@ -188,7 +193,7 @@ def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self
         dk_stride, dv_stride = f, 3 * f
     return _Spec(heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv, vector_cutoff,
                  attn_activation, filter_activation, hb, hp, dp, kp, be, cfg.num_warps, precision,
-                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride, merged)
+                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride, merged, *table_geometry)
 
 
 # ---------------------------------------------------------------------------------- entry points
@@ -230,15 +235,48 @@ class FusedMessage:
                          cutoff_weight, unit_vectors, edge_index, num_heads, edge_mask, self_loop, attn_activation,
                          vector_cutoff)
 
+    def tabulated(self, q, k, v, vec, r, key_table, value_table, cutoff_weight, unit_vectors, edge_index, num_heads,
+                  *, edge_mask=None, self_loop=None, attn_activation="silu", vector_cutoff=False):
+        """:meth:`filtered` with the radial filters interpolated from tables in the edge lengths
+        ``r`` [E] (Å; invalid edges carry any length inside the tables' range):
+        ``key_table`` / ``value_table`` are :class:`~torchmdx.kernels.filter_table.FilterTable` of
+        F / 3F channels (or None: no such filter) on one grid. Inference only: the tables get no
+        gradient; dL/dr does. What a model passes when :meth:`wants_tables` says so."""
+        tables = (key_table, value_table)
+        if key_table is None and value_table is None:  # no distance influence: nothing to interpolate
+            return self(q, k, v, vec, None, None, cutoff_weight, unit_vectors, edge_index, num_heads,
+                        edge_mask=edge_mask, self_loop=self_loop, attn_activation=attn_activation,
+                        vector_cutoff=vector_cutoff)
+        if key_table is not None and value_table is not None and (
+                (key_table.intervals, key_table.r_min, key_table.r_max)
+                != (value_table.intervals, value_table.r_min, value_table.r_max)):
+            raise ValueError("the key and value filter tables must share one grid (intervals, r_min, r_max)")
+        return self._run(q, k, v, vec, None, None, r, None, None, None, None, "silu", cutoff_weight, unit_vectors,
+                         edge_index, num_heads, edge_mask, self_loop, attn_activation, vector_cutoff, tables)
+
+    @staticmethod
+    def wants_tables(num_atoms: int, device: torch.device) -> bool:
+        """Should a model whose filter weights are frozen call :meth:`tabulated` for a call of
+        ``num_atoms`` atoms on ``device``? True where the resolved ``CONFIG.filters`` is 'table'
+        (set, or from the launch table) and the kernels run there."""
+        if not HAVE_TRITON or (device.type == "cuda") == interpreted():
+            return False
+        return resolved_config(num_atoms, _gpu_name(device)).filters == "table"
+
     def _run(self, q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, filter_activation, phi, unit, edge_index, num_heads,
-             edge_mask, self_loop, attn_activation, vector_cutoff):
-        filtered = rbf is not None
+             edge_mask, self_loop, attn_activation, vector_cutoff, tables=None):
+        filtered = rbf is not None and tables is None
         dk0 = dv0 = phi0 = None
         if self_loop is not None:
             dk0, dv0, phi0 = self_loop
             if not torch.is_tensor(phi0):
                 phi0 = torch.tensor(float(phi0), dtype=q.dtype, device=q.device)
         n, f = q.shape
+        if tables is not None:  # the edge lengths in the rbf slot, the coefficients in the weights' slots
+            key_table, value_table = tables
+            geometry = next(t for t in tables if t is not None)
+            wk = key_table.coefficients if key_table is not None else None
+            wv = value_table.coefficients if value_table is not None else None
         others = [t for t in (k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, dk0, dv0, phi0) if t is not None]
         fallback = (
             not supported(q)
@@ -251,6 +289,9 @@ class FusedMessage:
         if fallback:
             kwargs = dict(edge_mask=edge_mask, self_loop=self_loop, attn_activation=attn_activation,
                           vector_cutoff=vector_cutoff)
+            if tables is not None:
+                return reference_tabulated(q, k, v, vec, rbf, key_table, value_table, phi, unit, edge_index,
+                                           num_heads, **kwargs)
             if filtered:
                 return reference_filtered(q, k, v, vec, rbf, wk, bk, wv, bv, phi, unit, edge_index, num_heads,
                                           filter_activation=filter_activation, **kwargs)
@@ -265,8 +306,14 @@ class FusedMessage:
         LAST_CONFIG.clear()
         LAST_CONFIG.update(asdict(cfg))
         merged = self.symmetric and cfg.sender_side == "merged"
-        if filtered:
-            mode = 2 if cfg.filters == "kernel" else 3
+        table_geometry = (1, 0.0, 1.0)
+        if tables is not None:  # mode 4: interpolated from the tables
+            dk_mode = 4 if wk is not None else 0
+            dv_mode = 4 if wv is not None else 0
+            num_rbf = 1
+            table_geometry = (geometry.intervals, geometry.r_min, geometry.inverse_step)
+        elif filtered:
+            mode = 2 if cfg.filters == "kernel" else 3  # 'table' without tables: the GEMM place
             dk_mode = mode if wk is not None else 0
             dv_mode = mode if wv is not None else 0
             num_rbf = rbf.shape[-1]
@@ -286,7 +333,7 @@ class FusedMessage:
         mask = edge_mask.view(torch.uint8) if edge_mask is not None and edge_mask.dtype == torch.bool else edge_mask
         spec = _make_spec(q.dtype, num_heads, head_dim, num_rbf, dk_mode, dv_mode, mask is not None,
                           self_loop is not None, dk0 is not None, dv0 is not None, bool(vector_cutoff),
-                          attn_activation, filter_activation, merged, cfg)
+                          attn_activation, filter_activation, merged, cfg, table_geometry)
         layout = self.layout(edge_index, n, edge_mask)
         tensors = [q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0]
         tensors = [t.contiguous() if t is not None else None for t in tensors]

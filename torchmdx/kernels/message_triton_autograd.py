@@ -303,7 +303,8 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
     if need_receiver and n > 0:
         new = lambda *shape: torch.empty(*shape, dtype=q.dtype, device=q.device)  # noqa: E731
         uses_rbf = spec.dk_mode == 2 or spec.dv_mode == 2
-        width = (spec.num_rbf if uses_rbf else 0) + 4
+        uses_r = spec.dk_mode == 4 or spec.dv_mode == 4  # tables: dL/dr [E] in column 0
+        width = (spec.num_rbf if uses_rbf else 1 if uses_r else 0) + 4
         # per-edge outputs: rows the kernels skip (trailing masked rows) must read 0
         new_edge = (lambda *shape: torch.zeros(*shape, dtype=q.dtype, device=q.device)) if spec.has_mask else new
         gq = new(n, f)
@@ -324,13 +325,13 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         gedge = gedge[0] if spec.chunks == 1 else gedge.sum(0)
         k0 = width - 4
         gphi, gunit = gedge[:, k0], gedge[:, k0 + 1:]
-        grbf = gedge[:, :k0] if uses_rbf else None
+        grbf = gedge[:, :k0] if uses_rbf else gedge[:, 0] if uses_r else None
         out["q"], out["phi"], out["unit"] = gq, gphi, gunit
         if spec.dk_mode == 1:
             out["dk"] = gdk
         if spec.dv_mode == 1:
             out["dv"] = gdv
-        if uses_rbf:
+        if uses_rbf or uses_r:
             out["rbf"] = grbf
         if gemm:
             _gemm_filter_gradients(spec, z, mask, rbf, stacked[0], wk, wv, bk, bv, need, weights_wanted, out)
@@ -352,7 +353,7 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
         out["q"] = torch.zeros_like(q)
         out["phi"] = torch.zeros_like(phi)
         out["unit"] = torch.zeros_like(unit)
-        if gemm:
+        if gemm or spec.dk_mode == 4 or spec.dv_mode == 4:
             out["rbf"] = torch.zeros_like(rbf)
     if need_sender and not gemm and not merged:
         sender_side()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as torch_functional
 
 from torchmdx.kernels import message_ref
+from torchmdx.kernels.filter_table import FilterTable
 from torchmdx.kernels.message_triton_spec import _Spec
 
 
@@ -65,11 +66,28 @@ def reference_filtered(
     )
 
 
+def reference_tabulated(q, k, v, vec, r, key_table, value_table, cutoff_weight, unit_vectors, edge_index, num_heads,
+                        *, edge_mask=None, self_loop=None, attn_activation="silu", vector_cutoff=False):
+    """Torch reference of :meth:`FusedMessage.tabulated`: dk = key_table(r), dv = value_table(r)
+    (:meth:`~torchmdx.kernels.filter_table.FilterTable.lookup`), then
+    :func:`torchmdx.kernels.message_ref.et_message`."""
+    dk = key_table.lookup(r) if key_table is not None else None
+    dv = value_table.lookup(r) if value_table is not None else None
+    return message_ref.et_message(
+        q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, num_heads, edge_mask=edge_mask,
+        self_loop=self_loop, attn_activation=attn_activation, vector_cutoff=vector_cutoff,
+    )
+
+
 def _reference_from_saved(spec: _Spec, edge_index, t):
     (q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0) = t
     self_loop = (dk0, dv0, phi0) if spec.self_loop else None
     kwargs = dict(edge_mask=mask.bool() if mask is not None else None, self_loop=self_loop,
                   attn_activation=spec.attn_activation, vector_cutoff=spec.vector_cutoff)
+    if spec.dk_mode == 4 or spec.dv_mode == 4:  # the tables' coefficients in the weights' slots
+        tables = [FilterTable(c, spec.table_r_min, spec.table_r_min + spec.table_intervals / spec.table_inverse_step)
+                  if c is not None else None for c in (wk, wv)]
+        return reference_tabulated(q, k, v, vec, rbf, *tables, phi, unit, edge_index, spec.heads, **kwargs)
     if spec.dk_mode in (2, 3) or spec.dv_mode in (2, 3):
         return reference_filtered(q, k, v, vec, rbf, wk, bk, wv, bv, phi, unit, edge_index, spec.heads,
                                   filter_activation=spec.filter_activation, **kwargs)

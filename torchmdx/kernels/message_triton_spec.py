@@ -94,7 +94,8 @@ class _Spec:
     heads: int
     head_dim: int
     num_rbf: int
-    dk_mode: int  # 0 none, 1 given [E, F], 2 from rbf in the kernels, 3 pre-activation from one matrix product
+    dk_mode: int  # 0 none, 1 given [E, F], 2 from rbf in the kernels, 3 pre-activation from one matrix product,
+    #               4 interpolated from a table in the edge length
     dv_mode: int
     has_mask: bool
     self_loop: bool
@@ -117,6 +118,11 @@ class _Spec:
     dk_stride: int = 0  # row strides of the given / pre-activation filter buffers (modes 1 and 3)
     dv_stride: int = 0
     merged: bool = False  # backward: sender side inside the receiver kernel (symmetric lists)
+    # mode 4 (filters interpolated from tables, torchmdx.kernels.filter_table): intervals G, r_min (Å),
+    # 1 / h (Å^-1); the edge lengths travel in the rbf slot, the coefficients in the weights' slots
+    table_intervals: int = 1
+    table_r_min: float = 0.0
+    table_inverse_step: float = 1.0
 
     @property
     def chunks(self) -> int:
@@ -130,6 +136,7 @@ class _Spec:
             SELF_DK=self.self_dk, SELF_DV=self.self_dv, VCUT=self.vector_cutoff,
             ATT=ACTIVATION_CODES[self.attn_activation], FACT=ACTIVATION_CODES[self.filter_activation],
             PREC=self.precision, DKS=self.dk_stride, DVS=self.dv_stride, num_warps=self.num_warps,
+            TG=self.table_intervals, TR0=float(self.table_r_min), TIH=float(self.table_inverse_step),
             **({} if self.num_stages is None else {"num_stages": self.num_stages}),
             **({} if self.maxnreg is None else {"maxnreg": self.maxnreg}),
         )

@@ -22,13 +22,14 @@ CUDA); for inference the dense parts around it can be compiled (:func:`compiled_
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
 from torch import nn
 
 from torchmdx.errors import ModelError
-from torchmdx.kernels import message_ref
+from torchmdx.kernels import filter_table, message_ref
 from torchmdx.nn.config import ModelConfig
 from torchmdx.nn.layers import RBF_TYPES, Activation, CosineCutoff, NeighborEmbedding, xavier_linear
 
@@ -111,12 +112,14 @@ class EquivariantAttention(nn.Module):
         return x + vec_dot * o2 + o3, vec + u3 * o1.unsqueeze(1) + w
 
     def forward(self, x, vec, edge_index, rbf, cutoff_weight, unit_vectors, edge_mask, self_rbf, self_cutoff, message,
-                compiled: bool = False, filters=None):
+                compiled: bool = False, filters=None, tables=None):
         """One layer: (x, vec) -> (x + dx, vec + dvec). ``compiled``: run :meth:`prepare` and
         :meth:`update` through ``torch.compile`` (see :func:`compiled_function`). ``filters``: the
         radial filters already evaluated (:meth:`ETRepresentation.radial_filters`, reference message
         path), (dk [E, F] | None, dv [E, 3F] | None, (dk0, dv0) of the self edge, or None when the
-        edges include every atom's self edge and the message needs no separate self-loop term)."""
+        edges include every atom's self edge and the message needs no separate self-loop term).
+        ``tables``: (edge lengths r [E], key table | None, value table | None) to interpolate the
+        filters from (:meth:`ETRepresentation.filter_tables`; fused message only)."""
         device_type = x.device.type
         prepare = compiled_function(EquivariantAttention.prepare, device_type) if compiled else EquivariantAttention.prepare
         update = compiled_function(EquivariantAttention.update, device_type) if compiled else EquivariantAttention.update
@@ -129,7 +132,11 @@ class EquivariantAttention(nn.Module):
         options = dict(edge_mask=edge_mask, self_loop=self_loop,
                        attn_activation=self.attn_activation, vector_cutoff=self.vector_cutoff)
         filtered = getattr(message, "filtered", None)
-        if filtered is not None:
+        if tables is not None:
+            # the fused kernels interpolate dk(r), dv(r) from the tables: no filter product at all
+            m, w = message.tabulated(q, k, v, vec, *tables, cutoff_weight, unit_vectors, edge_index, self.num_heads,
+                                     **options)
+        elif filtered is not None:
             # fused Triton kernels evaluate dk = act(W_dk e(r) + b), dv likewise, per block of
             # edges themselves: no [E, F] / [E, 3F] filter tensors (torchmdx.kernels.message_triton)
             wk, bk = (self.dk_proj.weight, self.dk_proj.bias) if self.dk_proj is not None else (None, None)
@@ -143,6 +150,10 @@ class EquivariantAttention(nn.Module):
             m, w = message(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, self.num_heads, **options)
         return update(self, x, vec, m, w, vec_dot, u3, small)
 
+
+#: intervals of the filter tables (:meth:`ETRepresentation.filter_tables`; accuracy in
+#: :mod:`torchmdx.kernels.filter_table` and docs/kernels_message.md "Filter tables")
+FILTER_TABLE_INTERVALS = filter_table.DEFAULT_INTERVALS
 
 #: compiled layers of structures with at most this many atoms compute their products as
 #: reductions (:func:`linear`)
@@ -295,10 +306,67 @@ class ETRepresentation(nn.Module):
                 # phi is 0 on every invalid edge (edge_features) and scales the whole message
                 # here, so the mask's own products would change nothing: leave them out
                 edge_mask = None
-        for layer, layer_filters in zip(self.layers, filters):
+        tables = [None] * len(self.layers)
+        if self.tables_usable(message, x.shape[0], x.device):
+            # inside the cutoff every valid edge's length; invalid edges a safe one (edge_features)
+            r = torch.where(valid, distances, torch.full_like(distances, 0.5 * self.config.cutoff_upper))
+            tables = [(r, *pair) for pair in self.filter_tables(x.device, rbf.dtype)]
+        for layer, layer_filters, layer_tables in zip(self.layers, filters, tables):
             x, vec = layer(x, vec, edge_index, rbf, phi, unit, edge_mask, self_rbf, self_cutoff, message, compiled=compiled,
-                           filters=layer_filters)
+                           filters=layer_filters, tables=layer_tables)
         return self.out_norm(x), vec
+
+    def filter_tensors(self) -> list:
+        """The tensors the radial filters depend on: the RBF's parameters and buffers, every
+        layer's filter weights and biases."""
+        tensors = [*self.rbf.parameters(), *self.rbf.buffers()]
+        return tensors + [t for layer in self.layers for wb in layer.filter_weights() for t in wb if t is not None]
+
+    def tables_usable(self, message, num_atoms: int, device: torch.device) -> bool:
+        """Interpolate the filters from tables on this call? Where the message offers it and
+        wants it (``message.wants_tables``: ``message_triton.CONFIG.filters``), outside a
+        compiler trace, and only when no filter tensor needs a gradient (a frozen, inference
+        model: ``Potential.set_compiled``, which the MD engine and the calculator use on CUDA)."""
+        wants = getattr(message, "wants_tables", None)
+        if wants is None or torch.compiler.is_compiling() or not wants(num_atoms, device):
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in self.filter_tensors()))
+
+    def filter_tables(self, device: torch.device, dtype: torch.dtype) -> list:
+        """Every layer's radial filters tabulated in r on [cutoff_lower, cutoff_upper]
+        (:mod:`torchmdx.kernels.filter_table`, :data:`FILTER_TABLE_INTERVALS` intervals, nodes
+        in float64): per layer (key table [G, F, 4] | None, value table [G, 3F, 4] | None).
+        Kept until a filter tensor changes (its storage or version) or another device / dtype
+        is asked for; not part of the state dict."""
+        tensors = self.filter_tensors()
+        key = (device, dtype, FILTER_TABLE_INTERVALS, tuple((t.data_ptr(), t._version) for t in tensors))
+        cached = self.__dict__.get("_filter_tables")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weights = [wb for layer in self.layers for wb in layer.filter_weights()]
+        tables = [(None, None)] * len(self.layers)
+        if weights:
+            rbf64 = copy.deepcopy(self.rbf).to(device=device, dtype=torch.float64)
+            w = torch.cat([wt for wt, _ in weights], dim=0).detach().to(device, torch.float64)
+            b = torch.cat([bias if bias is not None else torch.zeros(wt.shape[0], device=wt.device, dtype=wt.dtype)
+                           for wt, bias in weights]).detach().to(device, torch.float64)
+            act = self.layers[0].act
+            table = filter_table.build_filter_table(lambda r: act(nn.functional.linear(rbf64(r), w, b)),
+                                                    self.config.cutoff_lower, self.config.cutoff_upper,
+                                                    FILTER_TABLE_INTERVALS, dtype, device)
+            start, tables = 0, []
+            for layer in self.layers:
+                pair = []
+                for proj in (layer.dk_proj, layer.dv_proj):
+                    if proj is None:
+                        pair.append(None)
+                        continue
+                    stop = start + proj.weight.shape[0]
+                    pair.append(table.columns(start, stop))
+                    start = stop
+                tables.append(tuple(pair))
+        self.__dict__["_filter_tables"] = (key, tables)
+        return tables
 
     def radial_filters(self, rbf: torch.Tensor) -> list:
         """Every layer's radial filters from one product: per layer (dk [E, F], dv [E, 3F]) with

@@ -1,0 +1,132 @@
+"""Filter tables against the GEMM filters (issue 16 item 4's gate): per system, the energy + forces
+call as the calculator replays it (CUDA graph, compiled dense parts, frozen ET-MD17 weights) with
+``message_triton.CONFIG.filters`` = 'gemm' and = 'table', in one run on one GPU: ms per call, peak
+memory, kernels per replay, and the force error of each against a float64 evaluation of the same
+weights (the fused float64 path; 'max' = largest component error over the largest reference
+component, 'rel' = norm of the error over norm of the forces). The table passes the gate when its
+error is at most 2 x the GEMM filters' (docs/kernels_message.md, "Filter tables").
+
+    python bench/bench_filter_table.py --data .benchdata --systems alanine_dipeptide,chignolin,dhfr,factorIX \
+        [--intervals 2048] [--out DIR]
+
+Writes ``filter_table.json`` in ``--out`` (with the GPU, torch and Triton versions and the date).
+The anchor (TorchMD-NET 3.0.0 on the same systems) is ``bench_model.py``'s table: run it in the
+same call for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gpu_timing  # noqa: E402
+from gpu_timing import cuda_time, error_text, peak_mib, replay_kernels, synchronize  # noqa: E402
+from model_setup import graph_call, make_model, read_xyz  # noqa: E402
+
+PLACES = ("gemm", "table")
+
+
+def force_errors(forces: torch.Tensor, reference: torch.Tensor) -> dict:
+    diff = forces.double() - reference
+    return {"max": float(diff.abs().max() / reference.abs().max()), "rel": float(diff.norm() / reference.norm())}
+
+
+def bench_system(name: str, data_dir: Path, intervals: int) -> dict:
+    from torchmdx.kernels import message_triton
+    from torchmdx.nn import et
+
+    z_np, pos_np, cell_np, pbc_np = read_xyz(data_dir / f"{name}.xyz")
+    device = gpu_timing.DEVICE
+    z = torch.tensor(z_np, device=device)
+    pos64 = torch.tensor(pos_np, dtype=torch.float64, device=device)
+    cell = torch.tensor(cell_np, dtype=torch.float32, device=device) if cell_np is not None else None
+    pbc = torch.tensor(pbc_np, device=device) if pbc_np is not None else None
+    row = {"atoms": int(len(z_np))}
+    started = time.perf_counter()
+    message_triton.CONFIG.filters = "gemm"
+    reference = make_model("triton", dtype="float64")
+    reference = reference(z, pos64, cell=None if cell is None else cell.double(), pbc=pbc)["forces"].detach()
+    torch.cuda.empty_cache()
+    model = make_model("triton")
+    model.set_compiled(True)  # frozen weights: what the calculator and the MD engine run
+    et.FILTER_TABLE_INTERVALS = intervals
+    warmup, repeats = (3, 50) if len(z_np) < 1000 else (3, 20) if len(z_np) < 10000 else (2, 10)
+    for place in PLACES:
+        message_triton.CONFIG.filters = place
+        try:
+            t0 = time.perf_counter()
+            modes = []  # the kernels' filter modes while the graph is captured (4: tables)
+            apply = message_triton._FusedMessageFunction.apply
+            message_triton._FusedMessageFunction.apply = lambda spec, *a: modes.append(spec.dk_mode) or apply(spec, *a)
+            try:
+                replay, outputs = graph_call(model, z, pos64.float(), cell, pbc)
+            finally:
+                message_triton._FusedMessageFunction.apply = apply
+            row[f"{place}_setup_s"] = round(time.perf_counter() - t0, 1)
+            row[f"{place}_filter_modes"] = sorted(set(modes))
+            replay()
+            synchronize()
+            row[f"{place}_force_error"] = force_errors(outputs[1], reference)
+            row[f"{place}_ms"] = round(cuda_time(replay, warmup, repeats), 3)
+            row[f"{place}_peak_MiB"] = round(peak_mib(replay), 1)
+            if len(z_np) < 1000:
+                row[f"{place}_kernels"] = replay_kernels(replay)
+            del replay, outputs
+        except Exception as exc:  # noqa: BLE001 - one failing column must not stop the table
+            row[f"{place}_error"] = error_text(exc)
+        print(f"  {name} {place}: " + json.dumps({k: v for k, v in row.items() if k.startswith(place)}), flush=True)
+        torch.cuda.empty_cache()
+    gemm, table = row.get("gemm_force_error"), row.get("table_force_error")
+    if gemm and table:
+        row["table_passes_gate"] = table["max"] <= 2.0 * gemm["max"]
+    row["wall_s"] = round(time.perf_counter() - started, 1)
+    message_triton.CONFIG.filters = "auto"
+    return row
+
+
+def table_text(results: dict) -> str:
+    lines = ["| system | atoms | gemm ms | table ms | gemm MiB | table MiB | gemm force err (max) | table force err (max) | gate |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in results["systems"].items():
+        err = lambda place: row.get(f"{place}_force_error", {}).get("max")  # noqa: E731
+        fmt = lambda x: "-" if x is None else f"{x:.2e}"  # noqa: E731
+        lines.append(f"| {name} | {row['atoms']} | {row.get('gemm_ms', row.get('gemm_error', '-'))} | "
+                     f"{row.get('table_ms', row.get('table_error', '-'))} | {row.get('gemm_peak_MiB', '-')} | "
+                     f"{row.get('table_peak_MiB', '-')} | {fmt(err('gemm'))} | {fmt(err('table'))} | "
+                     f"{row.get('table_passes_gate', '-')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path(".benchdata"))
+    parser.add_argument("--systems", default="alanine_dipeptide,chignolin,dhfr,factorIX")
+    parser.add_argument("--intervals", type=int, default=2048)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench_filter_table.py needs a CUDA GPU")
+    import triton
+
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+               "intervals": args.intervals, "systems": {}}
+    for name in args.systems.split(","):
+        results["systems"][name] = bench_system(name, args.data, args.intervals)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "filter_table.json").write_text(json.dumps(results, indent=1))
+    print(table_text(results))
+    print(f"GPU: {results['gpu']}, {results['date']}")
+
+
+if __name__ == "__main__":
+    main()
