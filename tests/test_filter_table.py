@@ -132,6 +132,7 @@ def test_filter_tables_follow_the_weights():
     assert rep.filter_tables(torch.device("cpu"), torch.float64) is first
     assert torch.allclose(first[1][1].lookup(r), exact(1), atol=1e-7)
     assert first[0][0].channels == 16 and first[0][1].channels == 48
+    assert first[0][1].coefficients.shape == (2048, 4, 48)
     with torch.no_grad():
         rep.layers[1].dv_proj.weight.mul_(1.5)
     second = rep.filter_tables(torch.device("cpu"), torch.float64)
@@ -150,8 +151,15 @@ def table_inputs(seed, *, dtype=torch.float64, device="cpu", heads=2, head_dim=8
     t["r"] = (0.5 + 3.5 * t.pop("rbf")[:, 0].detach().double()).to(dtype).requires_grad_(True)
     for name in ("wk", "bk", "wv", "bv"):
         t.pop(name, None)
-    coefficients = {"key": torch.randn(intervals, f, 4, generator=g, dtype=torch.float64),
-                    "value": torch.randn(intervals, 3 * f, 4, generator=g, dtype=torch.float64)}
+
+    def smooth(channels):
+        """Random smooth filters a sin(w r + p) + b tabulated (float32 rounds r where the table
+        is read, so rough random coefficients would measure that rounding, not the kernels)."""
+        a, w, p, b = torch.rand(4, channels, generator=g, dtype=torch.float64)
+        return build_filter_table(lambda r: a * torch.sin((0.5 + 2.5 * w) * r[:, None] + 6 * p) + b - 0.5,
+                                  0.5, 4.0, intervals, torch.float64).coefficients
+
+    coefficients = {"key": smooth(f), "value": smooth(3 * f)}
     return t, edge_index, mask, {k: c.to(device) for k, c in coefficients.items()}
 
 

@@ -9,7 +9,7 @@ launch wrappers and the autograd wiring. Notation (per edge e = (i <- j), head h
     dk_e  = act_f(W_k rbf_e + b_k)   or a given [E, F] tensor, or 1     (DK_MODE 2 / 1 / 0)
     dv_e  = act_f(W_v rbf_e + b_v)   or a given [E, 3F] tensor, or 1    (DV_MODE 2 / 1 / 0)
     DK_MODE / DV_MODE 4: interpolated from tables in the edge length r_e (rbf_ptr holds r [E],
-    wk_ptr / wv_ptr the coefficients [G, F, 4] / [G, 3F, 4]; TG, TR0, TIH: the grid), see
+    wk_ptr / wv_ptr the coefficients [G, 4, F] / [G, 4, 3F]; TG, TR0, TIH: the grid), see
     :mod:`torchmdx.kernels.filter_table`; the receiver backward writes dL/dr_e in column 0.
     DK_MODE / DV_MODE 3: the given tensor is the pre-activation z = W rbf + b (one matrix
     product outside the kernels), dk = act_f(z); the receiver backward then writes dL/dz over z.

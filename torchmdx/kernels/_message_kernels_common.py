@@ -159,13 +159,13 @@ def _table_position(r_ptr, eo, em, TG: tl.constexpr, TR0: tl.constexpr, TIH: tl.
 def _table_filter(table_ptr, g3, t3, chan, m3, C: tl.constexpr, TIH: tl.constexpr):
     """(f, df/dr) of a tabulated filter on a block of edges (mode 4), [BE, HB, DP]: the cubic
     c0 + t (c1 + t (c2 + t c3)) of each edge's interval and its r-derivative
-    (c1 + t (2 c2 + 3 t c3)) / h; coefficients [G, C, 4] (:mod:`torchmdx.kernels.filter_table`),
-    ``chan`` the channels [1, HB, DP] in [0, C)."""
-    base = table_ptr + (g3 * C + chan) * 4
+    (c1 + t (2 c2 + 3 t c3)) / h; coefficients [G, 4, C] (:mod:`torchmdx.kernels.filter_table`:
+    each coefficient a contiguous row over the channels), ``chan`` the channels [1, HB, DP] in [0, C)."""
+    base = table_ptr + g3 * (4 * C) + chan
     c0 = tl.load(base, mask=m3, other=0.0)
-    c1 = tl.load(base + 1, mask=m3, other=0.0)
-    c2 = tl.load(base + 2, mask=m3, other=0.0)
-    c3 = tl.load(base + 3, mask=m3, other=0.0)
+    c1 = tl.load(base + C, mask=m3, other=0.0)
+    c2 = tl.load(base + 2 * C, mask=m3, other=0.0)
+    c3 = tl.load(base + 3 * C, mask=m3, other=0.0)
     return c0 + t3 * (c1 + t3 * (c2 + t3 * c3)), (c1 + t3 * (2.0 * c2 + 3.0 * t3 * c3)) * TIH
 
 

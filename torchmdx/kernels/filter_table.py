@@ -13,7 +13,7 @@ exact values and r-derivatives at the nodes (C1, error <= h^4 max|f''''| / 384 i
 O(h^3) in the derivative; h = (r_max - r_min) / G). On interval g, with t = (r - r_min) / h - g
 in [0, 1):
 
-    f_c(r)    = c0 + t (c1 + t (c2 + t c3))              (coefficients [G, C, 4], c0..c3)
+    f_c(r)    = c0 + t (c1 + t (c2 + t c3))              (coefficients [G, 4, C]: c0..c3 of interval g)
     df_c / dr = (c1 + t (2 c2 + 3 t c3)) / h
 
 with, from the node values y and scaled derivatives m = h dy/dr at t = 0 and t = 1,
@@ -43,7 +43,9 @@ DEFAULT_INTERVALS = 2048
 
 @dataclass(frozen=True)
 class FilterTable:
-    """Cubic Hermite table of C filter channels on [r_min, r_max]: ``coefficients`` [G, C, 4]."""
+    """Cubic Hermite table of C filter channels on [r_min, r_max]: ``coefficients`` [G, 4, C]
+    (per interval the four coefficient rows, each over the channels: a block of edges reads each
+    coefficient of its channels as one contiguous row, coalesced)."""
 
     coefficients: torch.Tensor
     r_min: float
@@ -55,7 +57,7 @@ class FilterTable:
 
     @property
     def channels(self) -> int:
-        return self.coefficients.shape[1]
+        return self.coefficients.shape[2]
 
     @property
     def inverse_step(self) -> float:
@@ -64,7 +66,7 @@ class FilterTable:
 
     def columns(self, start: int, stop: int) -> "FilterTable":
         """The table of channels [start, stop) (contiguous copy)."""
-        return FilterTable(self.coefficients[:, start:stop].contiguous(), self.r_min, self.r_max)
+        return FilterTable(self.coefficients[:, :, start:stop].contiguous(), self.r_min, self.r_max)
 
     def lookup(self, r: torch.Tensor) -> torch.Tensor:
         """f(r) [E, C] for edge lengths r [E] (Å), differentiable in r (the torch reference of
@@ -73,8 +75,8 @@ class FilterTable:
         s = (r - self.r_min) * self.inverse_step
         g = s.detach().floor().clamp(0, self.intervals - 1)
         t = (s - g).unsqueeze(-1)
-        c = self.coefficients.index_select(0, g.long().reshape(-1)).reshape(*r.shape, self.channels, 4)
-        return c[..., 0] + t * (c[..., 1] + t * (c[..., 2] + t * c[..., 3]))
+        c = self.coefficients.index_select(0, g.long().reshape(-1)).reshape(*r.shape, 4, self.channels)
+        return c[..., 0, :] + t * (c[..., 1, :] + t * (c[..., 2, :] + t * c[..., 3, :]))
 
 
 def _values_and_derivatives(filter_fn: Callable, r: torch.Tensor):
@@ -95,7 +97,7 @@ def build_filter_table(filter_fn: Callable, r_min: float, r_max: float, interval
     y, dy = _values_and_derivatives(filter_fn, nodes)
     y0, y1 = y[:-1], y[1:]
     m0, m1 = h * dy[:-1], h * dy[1:]
-    coefficients = torch.stack([y0, m0, 3 * (y1 - y0) - 2 * m0 - m1, 2 * (y0 - y1) + m0 + m1], dim=-1)
+    coefficients = torch.stack([y0, m0, 3 * (y1 - y0) - 2 * m0 - m1, 2 * (y0 - y1) + m0 + m1], dim=1)
     return FilterTable(coefficients.to(dtype).contiguous(), float(r_min), float(r_max))
 
 
@@ -128,4 +130,4 @@ def lookup_derivative(table: FilterTable, r: torch.Tensor) -> torch.Tensor:
     g = s.floor().clamp(0, table.intervals - 1)
     t = (s - g).unsqueeze(-1)
     c = table.coefficients.index_select(0, g.long())
-    return (c[..., 1] + t * (2 * c[..., 2] + 3 * t * c[..., 3])) * table.inverse_step
+    return (c[:, 1] + t * (2 * c[:, 2] + 3 * t * c[:, 3])) * table.inverse_step

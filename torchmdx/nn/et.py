@@ -335,7 +335,7 @@ class ETRepresentation(nn.Module):
     def filter_tables(self, device: torch.device, dtype: torch.dtype) -> list:
         """Every layer's radial filters tabulated in r on [cutoff_lower, cutoff_upper]
         (:mod:`torchmdx.kernels.filter_table`, :data:`FILTER_TABLE_INTERVALS` intervals, nodes
-        in float64): per layer (key table [G, F, 4] | None, value table [G, 3F, 4] | None).
+        in float64): per layer (key table [G, 4, F] | None, value table [G, 4, 3F] | None).
         Kept until a filter tensor changes (its storage or version) or another device / dtype
         is asked for; not part of the state dict."""
         tensors = self.filter_tensors()
