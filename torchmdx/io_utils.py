@@ -159,3 +159,27 @@ def open_compressed(path: str | os.PathLike, mode: str = "rb"):
     import lzma
 
     return {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}[kind[0]](path, mode)
+
+
+#: byte-order marks a text file may start with: (mark, the codec that reads the text and drops the mark, words).
+#: UTF-16 is what Windows PowerShell 5's ``>`` and ``Out-File`` write; the UTF-32 marks come first (FF FE 00 00
+#: starts with FF FE)
+BYTE_ORDER_MARKS = (
+    (b"\xff\xfe\x00\x00", "utf-32", "a UTF-32 byte-order mark (bytes FF FE 00 00): UTF-32 text"),
+    (b"\x00\x00\xfe\xff", "utf-32", "a UTF-32 byte-order mark (bytes 00 00 FE FF): UTF-32 text"),
+    (b"\xef\xbb\xbf", "utf-8-sig", "a UTF-8 byte-order mark (bytes EF BB BF)"),
+    (b"\xff\xfe", "utf-16", "a UTF-16 byte-order mark (bytes FF FE): UTF-16 text"),
+    (b"\xfe\xff", "utf-16", "a UTF-16 byte-order mark (bytes FE FF): UTF-16 text"),
+)
+
+
+def byte_order_mark(data: bytes):
+    """The entry of :data:`BYTE_ORDER_MARKS` that ``data`` starts with, or None."""
+    return next((m for m in BYTE_ORDER_MARKS if data.startswith(m[0])), None)
+
+
+def decode_text(data: bytes, errors: str = "strict") -> str:
+    """``data`` as text: by its byte-order mark (UTF-8, UTF-16 or UTF-32; the mark dropped), else UTF-8
+    (a UnicodeDecodeError for other bytes unless ``errors``)."""
+    mark = byte_order_mark(data)
+    return data.decode(mark[1] if mark else "utf-8", errors)

@@ -8,7 +8,8 @@ old caches (``clean``).
 
 ``info`` reads a current cache when one exists and the raw file otherwise; it writes nothing.
 With a config it also shows the split the config would make (sizes; a split larger than the
-data is an error) and, for ``atomref: fit``, the fitted per-element reference energies.
+data is an error; ``data.split_file`` is read and checked as training does, a split file made from
+other content a warning line) and, for ``atomref: fit``, the fitted per-element reference energies.
 
 ``clean`` removes from a cache folder (default ``data/cache``) the caches made by another cache
 version, damaged ones, those whose source no longer exists and the leftovers of interrupted
@@ -179,7 +180,7 @@ def _info(args, config) -> int:
     structures = read_cache(cached, mmap=True) if cached else read_structures(config.path, config.format, **opts)
     summary = summarize(structures)
     if _is_config(args.source):
-        summary.update(_config_part(structures, config))
+        summary.update(_config_part(structures, config, cached))
     problem = _label_problem(structures, config)
     if problem is not None:
         summary["label_problem"] = problem
@@ -211,15 +212,34 @@ def _label_problem(structures, config) -> str | None:
     return None
 
 
-def _config_part(structures, config) -> dict:
+def _data_hash(config, cached) -> str:
+    """The content hash training compares a split file's with (the data module's
+    ``dataset.info['fingerprint']['hash']``): the one a cache recorded of its source, else the source's."""
+    from torchmdx.data.cache import cache_info, content_hash
+    from torchmdx.data.formats import check_format, guess_format, resolve_source
+
+    if cached is None:
+        fmt = check_format(config.format)
+        src = resolve_source(config.path, fmt)
+        if (fmt or guess_format(src)) != "cache":
+            return content_hash(src)
+        cached = src  # the data path is a torchmdx cache itself
+    return str((cache_info(cached).get("fingerprint") or {}).get("hash", ""))
+
+
+def _config_part(structures, config, cached=None) -> dict:
     """Split sizes, element range check and atomic references for a config's data section."""
     from torchmdx.data.atomref import fit_atomic_references, given_references, published_atomic_references
     from torchmdx.data.splits import load_split, make_split
 
     structures.check_max_z(config.max_z)
     # the split training uses: data.split_file when given (a fresh split was shown, its sizes and atom references
-    # fitted on other structures than training's)
-    split = load_split(config.split_file, len(structures)) if config.split_file else make_split(structures, config)
+    # fitted on other structures than training's), checked as training checks it (its size, and its content hash:
+    # a split made for another data set of as many structures is a warning line, as in training)
+    if config.split_file:
+        split = load_split(config.split_file, len(structures), _data_hash(config, cached))
+    else:
+        split = make_split(structures, config)
     sizes = split.sizes()
     sizes["unused"] = len(structures) - sum(sizes.values())
     if split.info.get("groups"):

@@ -61,7 +61,9 @@ def parse_atoms(text: str, count: int) -> list:
     if bad:
         raise ConfigError(f"--atoms: atom {bad[0]} is outside the structure's {count} atoms (0-based: 0..{count - 1})")
     if len(set(atoms)) != len(atoms):
-        raise ConfigError("--atoms: an atom is given twice")
+        seen: set = set()
+        twice = next(a for a in atoms if a in seen or seen.add(a))
+        raise ConfigError(f"--atoms: atom {twice} is given twice; each atom once")
     return atoms
 
 
@@ -103,6 +105,9 @@ def run_openmm(args) -> int:
     args.device = args.device or "cpu"
     check_device(args.device, "--device")
     numbers, atoms = None, None
+    if args.atoms is not None and not args.atoms.strip():  # an empty shell variable: every atom, silently
+        raise ConfigError(f"--atoms is empty ({args.atoms!r}); give 0-based atoms such as 0-21,30, or leave it out "
+                          "for all of the structure's atoms")
     if args.atoms and not args.structure:
         raise ConfigError("--atoms needs --structure (the file whose atoms they index)")
     if args.structure:

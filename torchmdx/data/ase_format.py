@@ -37,43 +37,55 @@ import numpy as np
 from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import StructureBuilder, Structures, numeric_values
 from torchmdx.errors import DataError
+from torchmdx.io_utils import byte_order_mark, decode_text
 
 #: Per-atom arrays of an Atoms object that are inputs or bookkeeping, not targets.
 #: the UTF-8 byte-order mark some Windows editors write at the start of a text file
 UTF8_BOM = b"\xef\xbb\xbf"
 
+#: compressed files ASE opens itself (ase.io.formats.open_with_compression)
+_COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+
 
 def ase_source(path) -> tuple:
     """``(source, keyword arguments)`` for ``ase.io.read`` / ``iread`` of ``path``: the path itself, or,
-    for a text file that starts with a UTF-8 byte-order mark, its text without the mark and the format
-    ASE guesses for it (ASE's readers took the mark for part of the first line: "Expected xyz header but
-    got: invalid literal for int() ... '\\ufeff26'"). A marked file that ASE could not read from text
-    is one line naming the mark."""
+    for a text file that starts with a byte-order mark (UTF-8, or UTF-16/32: Windows PowerShell's ``>``),
+    its text without the mark and the format ASE guesses for it (ASE's readers took the mark for part of the
+    first line: "Expected xyz header but got: invalid literal for int() ... '\\ufeff26'", and UTF-16 for
+    a damaged UTF-8 file: "'utf-8' codec can't decode byte 0xff in position 0"). Compressed files (.gz, .bz2,
+    .xz) are looked into. A marked file that ASE could not read from text is one line naming the mark."""
+    import importlib
     import io
 
     path = Path(path)
+    module = _COMPRESSED.get(path.suffix.lower())
+    shown = path.with_suffix("") if module else path  # filetype() guesses from the name without .gz
     try:
-        with open(path, "rb") as handle:
-            if handle.read(len(UTF8_BOM)) != UTF8_BOM:
+        opener = importlib.import_module(module).open if module else open
+        with opener(path, "rb") as handle:
+            head = handle.read(4)
+            mark = byte_order_mark(head)
+            if mark is None:
                 return str(path), {}
-            data = handle.read()
-    except OSError:
-        return str(path), {}  # ASE's own error names what is wrong
+            data = head + handle.read()
+    except Exception:  # noqa: BLE001 - unreadable, or not the compression its name says: ASE's own error names it
+        return str(path), {}
     from ase.io.formats import filetype, ioformats
 
     class _Named(io.BytesIO):
-        name = str(path)  # filetype() takes the name's extension, then the content (without the mark)
+        name = str(shown)  # filetype() takes the name's extension, then the content (without the mark)
 
     try:
-        fmt = filetype(_Named(data), read=True, guess=True)
+        text = decode_text(data)
+        fmt = filetype(_Named(text.encode("utf-8")), read=True, guess=True)
         reader = ioformats[fmt]
         usable = reader.can_read and reader.acceptsfd and not reader.isbinary
-        text = data.decode("utf-8")
-    except Exception:  # noqa: BLE001 - unknown format, or not UTF-8 after the mark: say what the mark is
+    except Exception:  # noqa: BLE001 - unknown format, or not text after the mark: say what the mark is
         usable = False
     if not usable:
-        raise DataError(f"{path}: starts with a UTF-8 byte-order mark (bytes EF BB BF), and what follows is not a "
-                        "text structure format ASE can read; save the file without the mark (plain UTF-8)")
+        advice = "without the mark (plain UTF-8)" if mark[0] == UTF8_BOM else "as plain UTF-8"
+        raise DataError(f"{path}: starts with {mark[2]}, and what follows is not a text structure format ASE can "
+                        f"read; save the file {advice}")
     return io.StringIO(text), {"format": fmt}
 
 

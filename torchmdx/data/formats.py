@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from torchmdx.data.structures import Structures
-from torchmdx.io_utils import compression
+from torchmdx.io_utils import compression, decode_text
 from torchmdx.errors import DataError
 
 FORMAT_OPTIONS = {
@@ -116,7 +116,7 @@ def guess_format(path) -> str:
         if xyz:
             from torchmdx.data.qm9 import looks_like_qm9_xyz
 
-            if looks_like_qm9_xyz(_head(xyz[0]).decode(errors="replace")):
+            if looks_like_qm9_xyz(decode_text(_head(xyz[0]), errors="replace")):
                 return "qm9"
         raise DataError(f"{path}: cannot guess the format of this folder (expected QM9 .xyz files); pass --format")
     head = _head(path)
@@ -146,7 +146,7 @@ def guess_format(path) -> str:
     if suffix in (".xyz", ".extxyz", "") or suffix.startswith(".xyz"):
         from torchmdx.data.qm9 import looks_like_qm9_xyz
 
-        text = head.decode(errors="replace")
+        text = decode_text(head, errors="replace")  # by its byte-order mark: UTF-16 from PowerShell's '>'
         if looks_like_qm9_xyz(text):
             return "qm9"
         lines = text.splitlines()

@@ -183,11 +183,12 @@ def read_md17_xyz(path, energy_unit=None, length_unit=None) -> Structures:
     path = Path(path)
     e, length, f = unit_factors(path, energy_unit, length_unit, "kcal/mol")
     builder = StructureBuilder(str(path), format="md17-xyz", units_in={"energy": energy_unit or "kcal/mol"})
-    from torchmdx.io_utils import open_compressed
+    from torchmdx.io_utils import decode_text, open_compressed
 
-    with open_compressed(path, "rt") as handle:  # MD17 xyz files are often kept gzip'd (was "binary data")
-        text = handle.read()
-    lines = text.removeprefix("\ufeff").splitlines()  # a UTF-8 byte-order mark was "line 1: ... got '\ufeff9'"
+    with open_compressed(path, "rb") as handle:  # MD17 xyz files are often kept gzip'd (was "binary data")
+        data = handle.read()
+    # a byte-order mark was "line 1: ... got '\ufeff9'" (UTF-8) or "binary data" (UTF-16: PowerShell's '>')
+    lines = decode_text(data).splitlines()
     i = 0
     while i < len(lines):
         if not lines[i].strip():

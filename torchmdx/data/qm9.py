@@ -36,6 +36,7 @@ import numpy as np
 from torchmdx import units
 from torchmdx.data.structures import StructureBuilder, Structures
 from torchmdx.errors import DataError
+from torchmdx.io_utils import decode_text
 
 #: (name used by torchmdx/SchNetPack, name in the QM9 paper, published unit), in file order.
 QM9_PROPERTIES = [
@@ -158,11 +159,11 @@ def parse_qm9_xyz(text: str, where: str):
 
 
 def _text(data: bytes, where: str) -> str:
-    """A molecule file's bytes as text (UTF-8, a leading byte-order mark dropped); one line naming the
+    """A molecule file's bytes as text (UTF-8, or by a leading byte-order mark, dropped); one line naming the
     file and the line of the first byte that is not UTF-8 (a folder's file was named only by the folder:
     "it holds binary data where text was expected")."""
     try:
-        return data.decode("utf-8-sig")
+        return decode_text(data)  # UTF-16 too (Windows PowerShell's '>')
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{where}: holds binary data where text was expected (line {line}: byte "

@@ -361,7 +361,9 @@ def load_split(path, n_structures: Optional[int] = None, content_hash: str = "")
         raise DataError(f"{path}: structure {i} is {where}; each structure may be in one part of a split, once")
     stored_hash = str(arrays["hash"]) if "hash" in arrays else ""
     if content_hash and stored_hash and stored_hash != content_hash:
-        warnings.warn(f"{path}: split was made from a dataset with different content (hash differs)", stacklevel=2)
+        warnings.warn(f"{path}: split was made from a dataset with different content (hash differs): right when the "
+                      "same structures were labelled again, otherwise its indices pick other structures than those it "
+                      "was made for", stacklevel=2)
     seed = int(arrays["seed"]) if "seed" in arrays else -1
     return Split(train=arrays["train"], val=arrays["val"], test=arrays["test"], n_structures=int(n_check or 0),
                  seed=None if seed < 0 else seed, info={"kind": "file", "path": os.fspath(path)})

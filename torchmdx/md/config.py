@@ -336,9 +336,38 @@ def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None, co
     finally:
         _NAMING.reset(token)
     config._names = names
+    _check_enabled(config, set(merged))
     if yaml_path is not None:
         _resolve_paths_near_the_config(config, yaml_keys, Path(yaml_path))
     return config
+
+
+#: options that act only with another one: (option, what it sets, the enabling key, its value(s), how to enable it)
+_ENABLED_BY = (
+    ("friction", "the Langevin thermostat's friction", "ensemble", ("langevin",), "langevin"),
+    ("tau", "the Bussi / Nosé–Hoover thermostat's time constant", "ensemble", ("bussi", "nose-hoover"),
+     "bussi (or nose-hoover)"),
+    ("chain_length", "the Nosé–Hoover chain", "ensemble", ("nose-hoover",), "nose-hoover"),
+    ("barostat_tau", "the barostat's time constant", "pressure", None, "BAR (with --engine ase)"),
+    ("barostat", "the barostat's kind", "pressure", None, "BAR (with --engine ase)"),
+)
+
+
+def _check_enabled(config: MDConfig, given: set) -> None:
+    """An option of a thermostat or barostat given while the option that turns it on was not
+    mentioned at all (``--friction 5`` or ``--tau 100`` without ``--ensemble``: the default nve ran,
+    no thermostat; ``--barostat-tau`` without ``--pressure``: constant volume), silently, is one line. An
+    ensemble or pressure given explicitly (a script passing the same options to every ensemble) is
+    taken as meant."""
+    for key, what, enabler, values, how in _ENABLED_BY:
+        if key not in given or enabler in given:
+            continue
+        current = getattr(config, enabler)
+        if (values is None and current is not None) or (values is not None and current in values):
+            continue
+        reason = "the volume stays constant" if enabler == "pressure" else f"the default ensemble, {current}, has no thermostat"
+        raise ConfigError(f"{config.option(key)} sets {what}, but {config.option(enabler)} was not given, so it has no "
+                          f"effect ({reason}): add {config.option(enabler)} {how}, or leave {config.option(key)} out")
 
 
 def _resolve_paths_near_the_config(config: MDConfig, yaml_keys: set, yaml_path: Path) -> None:

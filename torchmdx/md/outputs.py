@@ -72,6 +72,10 @@ def _same(a: Path, b: Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+#: the md config key of each output kind
+_KEYS = {"trajectory": "out", "thermo log": "log", "thermo plot": "log", "restart file": "restart_out",
+         "summary": "summary"}
+
 #: outputs written to a temporary name and renamed onto their path
 RENAMED_OUTPUTS = ("restart file", "summary", "thermo plot")
 
@@ -105,6 +109,16 @@ def plan_outputs(config: MDConfig, num_structures: int, restart_payload: Optiona
     def option(key: str) -> str:  # a derived path is changed through --out
         return config.option(key) if getattr(config, key) else out_option
 
+    # outputs named after another option: the log, restart file and summary after --out when their own
+    # options are not given, the plot always after the log
+    derived = {"thermo plot"} | {kind for key, kind in (("log", "thermo log"), ("restart_out", "restart file"),
+                                                       ("summary", "summary")) if not getattr(config, key)}
+
+    def named(kind: str, opt: str) -> str:
+        if kind not in derived:
+            return opt
+        return f"named after {opt}" + (f"; {config.option(_KEYS[kind])} sets it" if opt == out_option else "")
+
     outputs = [(p, out_option, "trajectory") for p in plan.trajectories] + [
         (log, option("log"), "thermo log"), (restart, option("restart_out"), "restart file"),
         (summary, option("summary"), "summary"), (plan.plot, option("log"), "thermo plot"),
@@ -117,8 +131,10 @@ def plan_outputs(config: MDConfig, num_structures: int, restart_payload: Optiona
         _check_writable(path, opt, kind)
         for other, other_opt, other_kind in outputs[:k]:
             if _same(path, other):
-                raise ConfigError(f"the {other_kind} ({other_opt}) and the {kind} ({opt}) would both be {path}: "
-                                  f"choose another {opt}")
+                # advise the option given rather than --out, which names both when one is derived from it
+                advise = other_opt if kind in derived and other_kind not in derived else opt
+                raise ConfigError(f"the {other_kind} ({named(other_kind, other_opt)}) and the {kind} "
+                                  f"({named(kind, opt)}) would both be {path}: choose another {advise}")
         for source, what in inputs + ([(restart_in, "restart file")] if restart_in and kind != "restart file" else []):
             if _same(path, source):
                 raise ConfigError(f"{opt} {path} would write the {kind} over the input {what} {source}: "

@@ -116,6 +116,27 @@ def _on_host(value) -> bool:
     return not torch.is_tensor(value) or value.device.type == "cpu"
 
 
+def _check_atom_inputs(z: torch.Tensor, pos) -> None:
+    """One ModelError line for a ``z`` or ``pos`` the model would index with wrongly (an IndexError
+    "tensors used as indices must be long" or "index out of range in self", or an AttributeError on
+    ``None``, were tracebacks): ``z`` [N] whole numbers, ``pos`` [N, 3] floating point. Shapes and
+    dtypes only: nothing is read from the device."""
+    if pos is None:
+        raise ModelError("no positions: call the potential as model(z, pos) with z [N] atomic numbers and pos [N, 3] "
+                         "in Å (or model(atoms) with an ase.Atoms)")
+    if not torch.is_tensor(pos):
+        raise ModelError(f"pos must be a torch tensor [N, 3] of positions in Å, got {type(pos).__name__}")
+    if z.dim() != 1 or z.dtype.is_floating_point or z.dtype.is_complex or z.dtype == torch.bool:
+        raise ModelError(f"z must be a 1-D tensor of atomic numbers (torch.long), got shape {list(z.shape)} of "
+                         f"{str(z.dtype).removeprefix('torch.')}")
+    if pos.dim() != 2 or pos.shape[1] != 3 or not pos.dtype.is_floating_point:
+        raise ModelError(f"pos must have shape [N, 3] of floating-point positions in Å, got shape {list(pos.shape)} "
+                         f"of {str(pos.dtype).removeprefix('torch.')}")
+    if pos.shape[0] != z.shape[0]:
+        raise ModelError(f"z holds {z.shape[0]} atomic numbers but pos {pos.shape[0]} positions; expected one "
+                         "position per atom")
+
+
 def _normalise_inputs(z, pos, batch, cell, pbc, num_structures: Optional[int] = None, need_periodic: bool = False):
     """(batch, B, cell [B,3,3] or None, pbc [B,3] or None) on the positions' device; see the module
     docstring for when this reads from the device."""
@@ -237,6 +258,7 @@ class Potential(torch.nn.Module):
                 **atoms_inputs(z, device, dtype), neighbors=neighbors, forces=forces, stress=stress,
                 per_atom=per_atom, create_graph=create_graph,
             )
+        _check_atom_inputs(z, pos)
         self.check_elements(z)
         batch, num_structures, cell, pbc = _normalise_inputs(z, pos, batch, cell, pbc, num_structures, stress)
         order = AtomOrder.choose(self.atom_order, pos, batch, cell, pbc, num_structures, neighbors is not None)

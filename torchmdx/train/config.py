@@ -270,6 +270,9 @@ class TrainerConfig:
             parts = self.max_time.strip().split(":")
             if len(parts) != 4 or not all(part.isdigit() for part in parts):
                 bad("max_time", f"must be 'DD:HH:MM:SS' (e.g. '00:12:00:00' for 12 hours) or null, got {self.max_time!r}")
+            if not any(int(part) for part in parts):  # was "run/checkpoints/last.ckpt: checkpoint not found" after
+                bad("max_time", f"is {self.max_time!r}, no time at all (a run of no time writes no checkpoint and "
+                    "no model); give a time > 0, or null for no limit")
 
     def _check_strategy(self, bad) -> None:
         """A strategy name Lightning knows ('auto', 'ddp', 'ddp_spawn', ...): Lightning's own

@@ -137,10 +137,13 @@ QUANTITIES = (("energy", "energy", "meV"), ("energy per atom", "energy_per_atom"
 def format_table(errors: dict, heading: str = "") -> str:
     """The error table as text."""
     lines = [heading] if heading else []
-    lines.append(f"{'quantity':<18}{'MAE':>12}{'RMSE':>12}  unit")
-    for label, key, unit in QUANTITIES:
-        if f"{key}_mae" in errors:
-            lines.append(f"{label:<18}{errors[f'{key}_mae']:>12.4f}{errors[f'{key}_rmse']:>12.4f}  {unit}")
+    rows = [(label, f"{errors[f'{key}_mae']:.4f}", f"{errors[f'{key}_rmse']:.4f}", unit)
+            for label, key, unit in QUANTITIES if f"{key}_mae" in errors]
+    # wide enough for the largest value and two spaces (a 9-digit MAE ran into its RMSE: one number to the eye)
+    width = max([12] + [len(text) + 2 for row in rows for text in row[1:3]])
+    lines.append(f"{'quantity':<18}{'MAE':>{width}}{'RMSE':>{width}}  unit")
+    for label, mae, rmse, unit in rows:
+        lines.append(f"{label:<18}{mae:>{width}}{rmse:>{width}}  {unit}")
     lines.append(f"({errors['n_structures']} structures, {errors['n_atoms']} atoms)")
     return "\n".join(lines)
 
