@@ -227,11 +227,13 @@ def format_table(reports: List[CompileReport]) -> str:
 
 # ---------------------------------------------------------------------------------- scenarios
 def _message_scenario(*, dtype, filters="gemm", vector_cutoff=False, given=False, attn="silu", filter_act="silu",
-                      sender_side="sorted"):
+                      sender_side="sorted", tables=False):
     """One ET message call at TorchMD-NET's MD17 sizes (F = 128, H = 8, K = 32) on a few atoms
     with masked and padding rows and a self edge (every pair both ways, so the call may declare
     the list symmetric; the values are random: this is compiled, not checked), forward, the
-    force-evaluation backward (inputs only) and the training backward (filter weights too)."""
+    force-evaluation backward (inputs only) and the training backward (filter weights too).
+    ``tables``: the filters interpolated from tables in the edge length (forces only: tables
+    have no weight gradients)."""
 
     def run():
         from torchmdx.kernels import message_triton
@@ -257,8 +259,18 @@ def _message_scenario(*, dtype, filters="gemm", vector_cutoff=False, given=False
         message_triton.CONFIG.filters, message_triton.CONFIG.sender_side = filters, sender_side
         kwargs["symmetric"] = True
         try:
-            for weights in (False, True):
-                if given:
+            for weights in ((False,) if tables else (False, True)):
+                if tables:
+                    from torchmdx.kernels.filter_table import FilterTable
+
+                    lengths = (0.5 + 4 * torch.rand(e, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+                    key_table, value_table = (FilterTable(torch.randn(64, 4, c, generator=g, dtype=torch.float64).to(dtype),
+                                                          0.0, 5.0) for c in (f, 3 * f))
+                    m, u = message_triton.FusedMessage(symmetric=True).tabulated(
+                        q, key, v, vec, lengths, key_table, value_table, phi, unit, edge_index, heads, **{
+                            name: value for name, value in kwargs.items() if name != "symmetric"})
+                    inputs = [q, key, v, vec, lengths, phi, unit]
+                elif given:
                     dk, dv = r(e, f), r(e, 3 * f)
                     m, u = message_triton.et_message(q, key, v, vec, dk, dv, phi, unit, edge_index, heads, **kwargs)
                     inputs = [q, key, v, vec, dk, dv, phi, unit]
@@ -303,7 +315,7 @@ def _neighbor_scenario(*, periodic, method, capacity, device_check=False):
 
 def scenarios() -> Dict[str, Callable[[], None]]:
     """Named computations whose launches are compiled: the message step as the model runs it
-    (float32 with the filters from one product or inside the kernels, vector cutoff, the sender
+    (float32 with the filters from one product, inside the kernels or from tables, vector cutoff, the sender
     side merged into the receiver kernel, given filters, float64 for tests) and the neighbor lists (brute / cell, open / periodic, exact /
     fixed capacity)."""
     out = {
@@ -313,6 +325,9 @@ def scenarios() -> Dict[str, Callable[[], None]]:
         "message float32 kernel": _message_scenario(dtype=torch.float32, filters="kernel"),
         "message float32 given": _message_scenario(dtype=torch.float32, given=True),
         "message float64 gemm": _message_scenario(dtype=torch.float64),
+        "message float32 table": _message_scenario(dtype=torch.float32, tables=True, vector_cutoff=True),
+        "message float32 table merged": _message_scenario(dtype=torch.float32, tables=True, vector_cutoff=True,
+                                                          sender_side="merged"),
     }
     for periodic in (False, True):
         for method in ("brute", "cell"):
