@@ -15,10 +15,7 @@ GPU (``-m gpu``): the same on 300 random atoms, and the ET-MD17 model's forces w
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -26,12 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_message_triton import make_inputs, rel_err
+from test_message_triton import interpreter_subprocess, make_inputs, rel_err, write_case_results
 
 from torchmdx.kernels.filter_table import FilterTable, build_filter_table, lookup_derivative, table_error
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def wave(r):
     """Three smooth test channels of r [n] -> [n, 3] (float64)."""
@@ -278,31 +272,13 @@ def case_model(shared_data):
 
 
 def run_interpreter_cases(out_path, shared_data):
-    import traceback
-
-    results = {}
     cases = [(name, lambda name=name: case_table(name)) for name in TABLE_CASES]
-    cases.append(("model", lambda: case_model(shared_data)))
-    for name, fn in cases:
-        try:
-            fn()
-            results[name] = None
-        except Exception:  # noqa: BLE001 - reported to the parent test
-            results[name] = traceback.format_exc(limit=4)
-    Path(out_path).write_text(json.dumps(results))
+    write_case_results(out_path, cases + [("model", lambda: case_model(shared_data))])
 
 
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory, shared_data):
-    pytest.importorskip("triton")
-    out = tmp_path_factory.mktemp("filter_table") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__, str(out), str(shared_data)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"interpreter subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    return interpreter_subprocess(__file__, tmp_path_factory.mktemp("filter_table"), shared_data)
 
 
 @pytest.mark.parametrize("name", list(TABLE_CASES) + ["model"])

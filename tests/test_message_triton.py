@@ -386,9 +386,6 @@ def case_training():
 
 def run_interpreter_cases(out_path, shared_data):
     """Subprocess entry: run every case, write {case: None | error text}."""
-    import traceback
-
-    results = {}
     cases = [(name, lambda name=name: case_message(name)) for name in CASES]
     cases += [("filter_products", case_filter_products), ("double_backward", case_double_backward),
               ("weight_gradients_kernel", lambda: case_weight_gradients("kernel")),
@@ -396,6 +393,14 @@ def run_interpreter_cases(out_path, shared_data):
               ("merged_needs_symmetric_list", case_merged_needs_symmetric_list),
               ("gemm_backward_twice", case_gemm_backward_twice),
               ("model", lambda: case_model(shared_data)), ("training", case_training)]
+    write_case_results(out_path, cases)
+
+
+def write_case_results(out_path, cases):
+    """Run each (name, function) and write {name: None | error text} as JSON to ``out_path``."""
+    import traceback
+
+    results = {}
     for name, fn in cases:
         try:
             fn()
@@ -405,17 +410,23 @@ def run_interpreter_cases(out_path, shared_data):
     Path(out_path).write_text(json.dumps(results))
 
 
-@pytest.fixture(scope="module")
-def interpreter_results(tmp_path_factory, shared_data):
+def interpreter_subprocess(test_file, out_dir: Path, shared_data) -> dict:
+    """Run ``test_file``'s ``__main__`` (its interpreter cases) in a subprocess with
+    TRITON_INTERPRET=1 and return its {case: None | error text}."""
     pytest.importorskip("triton")
-    out = tmp_path_factory.mktemp("message_triton") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, __file__, str(out), str(shared_data)], env=env, capture_output=True,
+    out = out_dir / "results.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(test_file), str(out), str(shared_data)], env=env, capture_output=True,
                           text=True, timeout=900)
     if proc.returncode != 0 or not out.exists():
         pytest.fail(f"interpreter subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory, shared_data):
+    return interpreter_subprocess(__file__, tmp_path_factory.mktemp("message_triton"), shared_data)
 
 
 @pytest.mark.parametrize("name", list(CASES) + ["filter_products", "double_backward", "weight_gradients_kernel", "weight_gradients_gemm",
