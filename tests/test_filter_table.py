@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_message_triton import interpreter_subprocess, make_inputs, rel_err, write_case_results
+from test_message_triton import interpreter_subprocess, make_inputs, random_molecule, rel_err, write_case_results
 
 from torchmdx.kernels.filter_table import FilterTable, build_filter_table, lookup_derivative, table_error
 
@@ -306,19 +306,10 @@ def test_gpu_table_message(dtype, tol, sender_side):
 def test_gpu_model_table_gate():
     """ET-MD17 on a 120-atom random molecule, frozen float32 weights: forces with tables within
     2 x the GEMM filters' error against the float64 fused evaluation (issue 16's gate)."""
-    import numpy as np
-
     from torchmdx.kernels import message_triton
     from torchmdx.nn import ETPotential
 
-    rng = np.random.default_rng(0)
-    pos = []
-    while len(pos) < 120:
-        p = rng.uniform(0, 11, 3)
-        if all(np.linalg.norm(p - x) > 1.0 for x in pos):
-            pos.append(p)
-    z = torch.tensor(rng.choice([1, 6, 7, 8], len(pos)), device="cuda")
-    pos = torch.tensor(np.array(pos), device="cuda")
+    z, pos = random_molecule()
     config = dict(dtype="float64", seed=0, vector_cutoff=True)
     ref = ETPotential(config, backend="triton").cuda().eval()
     with torch.no_grad():

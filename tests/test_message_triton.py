@@ -562,23 +562,27 @@ def test_gpu_deterministic_and_graph_capture():
         assert torch.equal(a, b)
 
 
+def random_molecule(atoms=120, device="cuda"):
+    """(z, pos float64) of ``atoms`` random H/C/N/O atoms in an 11 Å box, no pair closer than 1 Å."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pos = []
+    while len(pos) < atoms:
+        p = rng.uniform(0, 11, 3)
+        if all(np.linalg.norm(p - x) > 1.0 for x in pos):
+            pos.append(p)
+    return torch.tensor(rng.choice([1, 6, 7, 8], len(pos)), device=device), torch.tensor(np.array(pos), device=device)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_gpu_model_energy_forces(dtype, tol):
     """ET-MD17 hyper-parameters on a 120-atom random molecule: fused path vs reference path
     (the reference evaluated in float64 for the float32 run)."""
-    import numpy as np
-
     from torchmdx.nn import ETPotential
 
-    rng = np.random.default_rng(0)
-    pos = []
-    while len(pos) < 120:
-        p = rng.uniform(0, 11, 3)
-        if all(np.linalg.norm(p - x) > 1.0 for x in pos):
-            pos.append(p)
-    z = torch.tensor(rng.choice([1, 6, 7, 8], len(pos)), device="cuda")
-    pos = torch.tensor(np.array(pos), device="cuda")
+    z, pos = random_molecule()
     config = dict(dtype="float64", seed=0, vector_cutoff=True)
     ref = ETPotential(config, backend="torch").cuda()
     with torch.no_grad():
