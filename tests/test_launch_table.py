@@ -75,7 +75,7 @@ def test_auto_picks_the_table_entry_of_this_gpu_and_size(table):
                   {"gpu": "NVIDIA H100 80GB HBM3", "size_class": "medium", "config": {"num_warps": 2}}])
     cfg = mt.resolved_config(2489, "NVIDIA H200")
     assert (cfg.sender_side, cfg.block_edges, cfg.num_warps, cfg.dot_precision) == ("merged", 8, 8, "bf16x3")
-    assert (cfg.chunk_channels, cfg.filters, cfg.programs_per_sm) == (32, "gemm", 0)  # not in the entry: defaults
+    assert (cfg.chunk_channels, cfg.filters, cfg.programs_per_sm) == (32, "table", 0)  # not in the entry: defaults
     assert mt.resolved_config(30327, "NVIDIA H200").chunk_channels == 64
     assert mt.resolved_config(30327, "NVIDIA H200").sender_side == "sorted"
     assert mt.resolved_config(5807, "NVIDIA H100 80GB HBM3").num_warps == 2

@@ -36,9 +36,14 @@ from torchmdx.io_utils import atomic_write
 
 #: the table shipped with the package (written by the GPU sweep)
 TABLE_PATH = Path(__file__).with_name("launch_table.json")
-#: the built-in launch parameters (what 'auto' / None mean without a table entry)
+#: the built-in launch parameters (what 'auto' / None mean without a table entry). filters 'table':
+#: frozen (inference) weights interpolate the radial filters from tables (calls with trainable
+#: filter weights run the GEMM place); on an H100 on 2026-12-06 (docs/benchmarks/2026-12-06-h100-g,
+#: graph + compiled parts, the same call) 0.706 / 1.331 / 6.71 / 13.63 / 55.8 ms against 0.827 / 1.604 /
+#: 11.43 / 23.46 / 83.9 ms with the GEMM filters at 22 / 166 / 2 489 / 5 807 / 30 327 atoms, force errors
+#: against float64 within 1.1x of the GEMM filters' (docs/kernels_message.md, "Filter tables")
 DEFAULTS = dict(block_edges=16, chunk_channels=32, num_warps=4, dot_precision="tf32x3", programs_per_sm=0,
-                num_stages=None, maxnreg=None, filters="gemm", sender_side="sorted")
+                num_stages=None, maxnreg=None, filters="table", sender_side="sorted")
 #: tl.dot input precisions of the float32 filter products ('bf16x3' / 'bf16x6': split-bf16
 #: products, Triton >= 3.5 on NVIDIA; a Triton that refuses one fails at compile time)
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16x3", "bf16x6")
