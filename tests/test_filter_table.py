@@ -228,6 +228,27 @@ def case_table(name):
     assert modes and all(m in (0, 4) for pair in modes for m in pair) and any(4 in pair for pair in modes), modes
 
 
+def case_double_backward():
+    """create_graph=True in table mode (a Hessian of a frozen model): the gradients are
+    differentiable (through the torch reference of the tables) and their derivatives, r's
+    included, equal the reference's."""
+    from torchmdx.kernels import message_triton
+
+    t, edge_index, mask, coefficients = table_inputs(13, symmetric=True)
+    t64 = {name: x.detach().requires_grad_(x.requires_grad) for name, x in t.items()}
+    names = ["q", "k", "r", "unit", "phi"]
+    out = []
+    for tensors, reference in ((t, False), (t64, True)):
+        m, u = table_call(message_triton, tensors, edge_index, mask, coefficients, 2, reference=reference,
+                          sender_side="merged", symmetric=True)
+        g = torch.autograd.grad((m * m).sum() + (u * u.roll(1, 0)).sum(), [tensors[x] for x in names], create_graph=True)
+        s = sum((gi * torch.cos(torch.arange(gi.numel(), dtype=gi.dtype)).view_as(gi)).sum() for gi in g)
+        out.append(torch.autograd.grad(s, [tensors[x] for x in ("q", "v", "r")]))
+    message_triton.CONFIG.sender_side = "auto"
+    for a, b, name in zip(out[0], out[1], ("q", "v", "r")):
+        assert rel_err(a, b) < 1e-11, f"second derivative w.r.t. {name}: {rel_err(a, b)}"
+
+
 def case_model(shared_data):
     """A small frozen ET (float64, then float32) with CONFIG.filters = 'table': the kernels ran in
     table mode, energies and forces agree with the exact filters (float64: to the tables'
@@ -273,7 +294,8 @@ def case_model(shared_data):
 
 def run_interpreter_cases(out_path, shared_data):
     cases = [(name, lambda name=name: case_table(name)) for name in TABLE_CASES]
-    write_case_results(out_path, cases + [("model", lambda: case_model(shared_data))])
+    write_case_results(out_path, cases + [("double_backward", case_double_backward),
+                                          ("model", lambda: case_model(shared_data))])
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +303,7 @@ def interpreter_results(tmp_path_factory, shared_data):
     return interpreter_subprocess(__file__, tmp_path_factory.mktemp("filter_table"), shared_data)
 
 
-@pytest.mark.parametrize("name", list(TABLE_CASES) + ["model"])
+@pytest.mark.parametrize("name", list(TABLE_CASES) + ["double_backward", "model"])
 def test_interpreter(interpreter_results, name):
     error = interpreter_results[name]
     assert error is None, error
