@@ -230,6 +230,10 @@ def main(argv=None):
     from torchmdx.errors import ConfigError
 
     check_device(args.device, "--device")  # 'cdua' was torch's RuntimeError listing every device type
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from model_setup import apply_message_config_from_env
+
+    apply_message_config_from_env()  # BENCH_MESSAGE_CONFIG, e.g. {"filters": "gemm"} for an A/B against the tables
     max_atoms = args.max_atoms if args.max_atoms is not None else (None if args.device.startswith("cuda") else 2500)
     cuda = args.device.startswith("cuda")
     wanted = set(args.variants.split(",")) if args.variants else set(VARIANTS) - {"native_unfused"}  # unfused: asked for

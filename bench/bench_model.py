@@ -370,16 +370,7 @@ def main(argv=None):
 
         et.CUDA_COMPILE_OPTIONS = json.loads(os.environ["BENCH_COMPILE_OPTIONS"])
         print(f"compile options on CUDA: {et.CUDA_COMPILE_OPTIONS}", flush=True)
-    if os.environ.get("BENCH_MESSAGE_CONFIG"):  # message-kernel launch parameters (JSON dict)
-        from torchmdx.kernels import message_triton
-
-        overrides = json.loads(os.environ["BENCH_MESSAGE_CONFIG"])
-        known = message_triton.LaunchConfig.__dataclass_fields__
-        if unknown := sorted(set(overrides) - set(known)):  # one line, not a TypeError traceback
-            raise SystemExit(f"error: BENCH_MESSAGE_CONFIG: unknown LaunchConfig field(s) {', '.join(unknown)} "
-                             f"(known: {', '.join(known)})")
-        message_triton.CONFIG = message_triton.LaunchConfig(**overrides)
-        print(f"message launch config: {message_triton.CONFIG}", flush=True)
+    model_setup.apply_message_config_from_env()  # message-kernel launch parameters (JSON dict)
     NEIGHBORS = args.neighbors
     GRAPH = not args.no_graph
     if os.environ.get("BENCH_GRAPH_VARIANTS"):  # a subset of the graph columns, e.g. "graph_compiled,graph_traced"

@@ -57,6 +57,25 @@ def read_xyz(path: Path):
     return np.array(z), np.array(pos), cell, (flags if cell is not None else None)
 
 
+def apply_message_config_from_env() -> None:
+    """``BENCH_MESSAGE_CONFIG`` (a JSON dict of ``LaunchConfig`` fields, e.g. ``{"filters": "gemm"}``)
+    becomes ``message_triton.CONFIG``; unknown fields stop with one error line."""
+    import json
+    import os
+
+    if not os.environ.get("BENCH_MESSAGE_CONFIG"):
+        return
+    from torchmdx.kernels import message_triton
+
+    overrides = json.loads(os.environ["BENCH_MESSAGE_CONFIG"])
+    known = message_triton.LaunchConfig.__dataclass_fields__
+    if unknown := sorted(set(overrides) - set(known)):  # one line, not a TypeError traceback
+        raise SystemExit(f"error: BENCH_MESSAGE_CONFIG: unknown LaunchConfig field(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(known)})")
+    message_triton.CONFIG = message_triton.LaunchConfig(**overrides)
+    print(f"message launch config: {message_triton.CONFIG}", flush=True)
+
+
 def make_model(backend: str, **overrides):
     """The benchmarked model (:data:`ARCHITECTURE`) in eval mode on :data:`gpu_timing.DEVICE`;
     ``backend``: the ET's message step, ``torch`` (reference) or ``triton`` (fused)."""
