@@ -174,6 +174,10 @@ PRECISION_PASSES = {"tf32x3": (3, "tf32"), "tf32": (1, "tf32"), "bf16x3": (3, "b
                     "ieee": (1, "fp32")}
 
 
+#: intervals of the filter tables (torchmdx.nn.et.FILTER_TABLE_INTERVALS)
+TABLE_INTERVALS = 2048
+
+
 def per_edge_flops(kind: str, features: int, heads: int) -> int:
     a, b, c = EDGE_FLOPS[kind]
     return a * features + b * heads + c
@@ -194,19 +198,23 @@ def message_work(shape: MessageShape) -> dict:
         executed = edges * elementwise + e * products * passes if products else None
         return Work(flops, dram, unit if products else "fp32", executed, issued)
 
-    fwd_bytes = e * (16 * f + 25) + n * (48 * f + 16)
+    table = shape.filters == "table"  # filters interpolated from tables: no z rows; 64 f bytes per edge from L2
+    table_bytes = TABLE_INTERVALS * 4 * 4 * f * 4  # one layer's coefficients, read from DRAM about once
+    fwd_bytes = (e * 29 + table_bytes if table else e * (16 * f + 25)) + n * (48 * f + 16)
     work["_message_fwd_kernel"] = kernel_work("forward", per_edge_flops("forward", f, h), dot if in_kernel else 0,
-                                              fwd_bytes, fwd_bytes + e * 28 * f)
+                                              fwd_bytes, fwd_bytes + e * 28 * f + (e * 64 * f if table else 0))
     rec_kind = "merged" if merged else "receiver"
-    rec_bytes = e * (32 * f + 25 + 16 * c) + n * (76 * f + 16) + (n * 28 * f if merged else 0)
-    rec_gathers = e * (28 * f + (20 * f if merged else 0))
+    rec_edge = e * (29 + 20 * c) + table_bytes if table else e * (32 * f + 25 + 16 * c)
+    rec_bytes = rec_edge + n * (76 * f + 16) + (n * 28 * f if merged else 0)
+    rec_gathers = e * (28 * f + (20 * f if merged else 0) + (64 * f if table else 0))
     work["_message_bwd_receiver_kernel"] = kernel_work(rec_kind, per_edge_flops(rec_kind, f, h),
                                                        2 * dot if in_kernel else 0, rec_bytes, rec_bytes + rec_gathers)
     if not merged:
-        snd_bytes = e * (16 * f + 33) + n * (76 * f + 16)
+        snd_bytes = (e * 37 + table_bytes if table else e * (16 * f + 33)) + n * (76 * f + 16)
         work["_message_bwd_sender_kernel"] = kernel_work("sender", per_edge_flops("sender", f, h),
-                                                         dot if in_kernel else 0, snd_bytes, snd_bytes + e * 20 * f)
-    if not in_kernel:
+                                                         dot if in_kernel else 0, snd_bytes,
+                                                         snd_bytes + e * 20 * f + (e * 64 * f if table else 0))
+    if not in_kernel and not table:
         r = shape.rows
         product = 2 * r * k * 4 * f
         work["_filter_preact_kernel"] = Work(product + r * 4 * f, r * (4 * k + 16 * f) + 16 * f * k + 16 * f, unit,

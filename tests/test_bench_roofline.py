@@ -288,6 +288,17 @@ def test_message_work_hand_count():
     assert inkernel["_message_fwd_kernel"].flops == 50 * 318 + 40 * 2 * 4 * 32
     assert inkernel["_message_bwd_receiver_kernel"].flops == 50 * (81 * 8 + 10) + 40 * 2 * 2 * 4 * 32
     assert inkernel["_message_fwd_kernel"].unit == "tf32"
+    # filter tables: no products; per edge r (4 B) instead of z's 16F row, the layer's coefficients
+    # (2048 intervals x 4 x 4F x 4 B = 2048 * 64 * 8) once, 64F bytes per edge issued from L2
+    table = roofline.message_work(roofline.MessageShape(10, 40, 8, 2, 4, 1, chunk_channels=4, filters="table"))
+    assert set(table) == {"_message_fwd_kernel", "_message_bwd_receiver_kernel", "_message_bwd_sender_kernel"}
+    coefficients = 2048 * 64 * 8
+    assert table["_message_fwd_kernel"].flops == w["_message_fwd_kernel"].flops
+    assert table["_message_fwd_kernel"].bytes == 40 * 29 + coefficients + 4000
+    assert table["_message_fwd_kernel"].issued_bytes == 40 * 29 + coefficients + 4000 + 40 * 28 * 8 + 40 * 64 * 8
+    # receiver: r, the edge's 25 B and 5 gradient columns per chunk (20 * 2), no z read or dL/dz write
+    assert table["_message_bwd_receiver_kernel"].bytes == 40 * (29 + 40) + coefficients + 6240
+    assert table["_message_bwd_sender_kernel"].bytes == 40 * 37 + coefficients + 6240
     padded = roofline.message_work(roofline.MessageShape(10, 40, 8, 2, 4, 1, edge_rows=50))
     assert padded["_filter_rbf_grad_kernel"].flops == 2 * 50 * 4 * 32
     assert padded["_message_fwd_kernel"].flops == w["_message_fwd_kernel"].flops  # padding rows are not walked

@@ -134,7 +134,8 @@ CONFIG = LaunchConfig()
 FILTER_PLACES = ("auto", "gemm", "kernel", "table")
 SENDER_SIDES = ("auto", "sorted", "merged")
 
-#: the resolved launch configuration of the last fused call (diagnostics, benchmarks and tests)
+#: the resolved launch configuration of the last fused call (diagnostics, benchmarks and tests);
+#: its ``filters`` is the place that ran: 'table', 'gemm', 'kernel', 'given' or 'none'
 LAST_CONFIG: dict = {}
 
 
@@ -332,6 +333,8 @@ class FusedMessage:
             dk_mode = 1 if dk is not None else 0
             dv_mode = 1 if dv is not None else 0
             num_rbf = 1
+        # the place that runs (a resolved 'table' runs 'gemm' for calls with RBF rows and weights)
+        LAST_CONFIG["filters"] = {4: "table", 3: "gemm", 2: "kernel", 1: "given", 0: "none"}[max(dk_mode, dv_mode)]
         mask = edge_mask.view(torch.uint8) if edge_mask is not None and edge_mask.dtype == torch.bool else edge_mask
         spec = _make_spec(q.dtype, num_heads, head_dim, num_rbf, dk_mode, dv_mode, mask is not None,
                           self_loop is not None, dk0 is not None, dv0 is not None, bool(vector_cutoff),
