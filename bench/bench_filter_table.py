@@ -7,7 +7,7 @@ component, 'rel' = norm of the error over norm of the forces). The table passes 
 error is at most 2 x the GEMM filters' (docs/kernels_message.md, "Filter tables").
 
     python bench/bench_filter_table.py --data .benchdata --systems alanine_dipeptide,chignolin,dhfr,factorIX \
-        [--intervals 2048] [--out DIR]
+        [--intervals G] [--out DIR]
 
 Writes ``filter_table.json`` in ``--out`` (with the GPU, torch and Triton versions and the date).
 The anchor (TorchMD-NET 3.0.0 on the same systems) is ``bench_model.py``'s table: run it in the
@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gpu_timing  # noqa: E402
+from torchmdx.kernels import filter_table  # noqa: E402
 from gpu_timing import cuda_time, error_text, peak_mib, replay_kernels, synchronize  # noqa: E402
-from model_setup import graph_call, make_model, read_xyz  # noqa: E402
+from model_setup import graph_call, make_model, read_xyz, repeats_for  # noqa: E402
 
 PLACES = ("gemm", "table")
 
@@ -60,20 +61,14 @@ def bench_system(name: str, data_dir: Path, intervals: int) -> dict:
     torch.cuda.empty_cache()
     model.set_compiled(True)  # frozen weights: what the calculator and the MD engine run
     et.FILTER_TABLE_INTERVALS = intervals
-    warmup, repeats = (3, 50) if len(z_np) < 1000 else (3, 20) if len(z_np) < 10000 else (2, 10)
+    warmup, repeats = repeats_for(len(z_np))
     for place in PLACES:
         message_triton.CONFIG.filters = place
         try:
             t0 = time.perf_counter()
-            modes = []  # the kernels' filter modes while the graph is captured (4: tables)
-            apply = message_triton._FusedMessageFunction.apply
-            message_triton._FusedMessageFunction.apply = lambda spec, *a: modes.append(spec.dk_mode) or apply(spec, *a)
-            try:
-                replay, outputs = graph_call(model, z, pos64.float(), cell, pbc)
-            finally:
-                message_triton._FusedMessageFunction.apply = apply
+            replay, outputs = graph_call(model, z, pos64.float(), cell, pbc)
             row[f"{place}_setup_s"] = round(time.perf_counter() - t0, 1)
-            row[f"{place}_filter_modes"] = sorted(set(modes))
+            row[f"{place}_ran"] = message_triton.LAST_CONFIG.get("filters")  # the place the kernels ran
             replay()
             synchronize()
             row[f"{place}_force_error"] = force_errors(outputs[1], reference)
@@ -111,7 +106,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path(".benchdata"))
     parser.add_argument("--systems", default="alanine_dipeptide,chignolin,dhfr,factorIX")
-    parser.add_argument("--intervals", type=int, default=2048)
+    parser.add_argument("--intervals", type=int, default=filter_table.DEFAULT_INTERVALS)
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -78,17 +78,13 @@ import model_sweep  # noqa: E402
 from gpu_timing import cuda_time, error_text, peak_mib, replay_kernels, synchronize  # noqa: E402,F401
 from model_kernels import bench_kernels, grad_inputs, kernel_inputs, message_call  # noqa: E402,F401
 from model_profile import bench_profile  # noqa: E402
-from model_setup import EQUIFORMER_MD17, ET_MD17, graph_call, make_model, read_xyz  # noqa: E402,F401
+from model_setup import EQUIFORMER_MD17, ET_MD17, graph_call, make_model, read_xyz, repeats_for  # noqa: E402,F401
 from model_sweep import bench_sweep  # noqa: E402
 
 DEFAULT_SYSTEMS = "alanine_dipeptide,chignolin,dhfr,factorIX,stmv"
 
 
 # --------------------------------------------------------------------------------- system rows
-def repeats_for(atoms: int) -> tuple:
-    return (3, 50) if atoms < 1000 else (3, 20) if atoms < 10000 else (2, 10)
-
-
 #: neighbor-list backend of the timed model calls ('auto': Triton on CUDA; 'torch': reference)
 NEIGHBORS = "auto"
 #: also time a CUDA-graph-captured call

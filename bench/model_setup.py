@@ -57,6 +57,11 @@ def read_xyz(path: Path):
     return np.array(z), np.array(pos), cell, (flags if cell is not None else None)
 
 
+def repeats_for(atoms: int) -> tuple:
+    """(warm-up calls, timed calls) of one timing for a system of ``atoms`` atoms."""
+    return (3, 50) if atoms < 1000 else (3, 20) if atoms < 10000 else (2, 10)
+
+
 def apply_message_config_from_env() -> None:
     """``BENCH_MESSAGE_CONFIG`` (a JSON dict of ``LaunchConfig`` fields, e.g. ``{"filters": "gemm"}``)
     becomes ``message_triton.CONFIG``; unknown fields stop with one error line."""

@@ -24,7 +24,8 @@ stored in the model's dtype. Accuracy (ET-MD17 filters, 2 048 intervals on [0, 5
 coefficients; docs/kernels_message.md "Filter tables"): filter derivatives within about 2e-6
 of each channel's largest for r >= 0.5 Å (direct float32 evaluation: 1.8e-6), 1e-5 below.
 :func:`table_error` measures a built table against the exact filter between the nodes, where
-the interpolation error peaks; the model keeps a table only when that error passes its gate.
+the interpolation error peaks (the tests bound it; the model's force error against float64 is
+the gate, measured by ``bench/bench_filter_table.py``).
 
 :meth:`FilterTable.lookup` is the torch reference of the lookup (differentiable in r); the
 fused message kernels read the same coefficients (``torchmdx.kernels._message_kernels_common._table_filter``).
@@ -68,14 +69,19 @@ class FilterTable:
         """The table of channels [start, stop) (contiguous copy)."""
         return FilterTable(self.coefficients[:, :, start:stop].contiguous(), self.r_min, self.r_max)
 
+    def position(self, r: torch.Tensor) -> tuple:
+        """(coefficients of each length's interval [..., 4, C], t = (r - r_min) / h - g [..., 1]) for
+        edge lengths r (Å); the interval g is clamped to the table, t carries r's gradient."""
+        s = (r - self.r_min) * self.inverse_step
+        g = s.detach().floor().clamp(0, self.intervals - 1)
+        c = self.coefficients.index_select(0, g.long().reshape(-1)).reshape(*r.shape, 4, self.channels)
+        return c, (s - g).unsqueeze(-1)
+
     def lookup(self, r: torch.Tensor) -> torch.Tensor:
         """f(r) [E, C] for edge lengths r [E] (Å), differentiable in r (the torch reference of
         the kernels' lookup). Lengths outside [r_min, r_max] extrapolate the end intervals'
         cubics; callers pass lengths inside (invalid edges carry a safe in-range length)."""
-        s = (r - self.r_min) * self.inverse_step
-        g = s.detach().floor().clamp(0, self.intervals - 1)
-        t = (s - g).unsqueeze(-1)
-        c = self.coefficients.index_select(0, g.long().reshape(-1)).reshape(*r.shape, 4, self.channels)
+        c, t = self.position(r)
         return c[..., 0, :] + t * (c[..., 1, :] + t * (c[..., 2, :] + t * c[..., 3, :]))
 
 
@@ -126,8 +132,5 @@ def table_error(table: FilterTable, filter_fn: Callable, points_per_interval: in
 def lookup_derivative(table: FilterTable, r: torch.Tensor) -> torch.Tensor:
     """df/dr [E, C] of the table's interpolant at lengths r [E] (what the kernels' backward uses),
     in closed form."""
-    s = (r - table.r_min) * table.inverse_step
-    g = s.floor().clamp(0, table.intervals - 1)
-    t = (s - g).unsqueeze(-1)
-    c = table.coefficients.index_select(0, g.long())
-    return (c[:, 1] + t * (2 * c[:, 2] + 3 * t * c[:, 3])) * table.inverse_step
+    c, t = table.position(r)
+    return (c[..., 1, :] + t * (2 * c[..., 2, :] + 3 * t * c[..., 3, :])) * table.inverse_step

@@ -139,11 +139,14 @@ SENDER_SIDES = ("auto", "sorted", "merged")
 LAST_CONFIG: dict = {}
 
 
+def runs_on(device: torch.device) -> bool:
+    """Do the fused kernels run on ``device``? CUDA devices, or the CPU under the interpreter."""
+    return HAVE_TRITON and (device.type == "cuda") != interpreted()
+
+
 def supported(tensor: torch.Tensor) -> bool:
     """Can the fused kernels run on this tensor's device and dtype?"""
-    if not HAVE_TRITON or tensor.dtype not in (torch.float32, torch.float64):
-        return False
-    return tensor.is_cuda != interpreted()
+    return tensor.dtype in (torch.float32, torch.float64) and runs_on(tensor.device)
 
 
 _GPU_NAMES: dict = {}
@@ -262,9 +265,7 @@ class FusedMessage:
         """Should a model whose filter weights are frozen call :meth:`tabulated` for a call of
         ``num_atoms`` atoms on ``device``? True where the resolved ``CONFIG.filters`` is 'table'
         (set, or from the launch table) and the kernels run there."""
-        if not HAVE_TRITON or (device.type == "cuda") == interpreted():
-            return False
-        return resolved_config(num_atoms, _gpu_name(device)).filters == "table"
+        return runs_on(device) and resolved_config(num_atoms, _gpu_name(device)).filters == "table"
 
     def _run(self, q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, filter_activation, phi, unit, edge_index, num_heads,
              edge_mask, self_loop, attn_activation, vector_cutoff, tables=None):
