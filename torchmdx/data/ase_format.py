@@ -39,11 +39,8 @@ from torchmdx.data.structures import StructureBuilder, Structures, numeric_value
 from torchmdx.errors import DataError
 from torchmdx.io_utils import byte_order_mark, decode_text
 
-#: Per-atom arrays of an Atoms object that are inputs or bookkeeping, not targets.
-#: the UTF-8 byte-order mark some Windows editors write at the start of a text file
-UTF8_BOM = b"\xef\xbb\xbf"
-
-#: compressed files ASE opens itself (ase.io.formats.open_with_compression)
+#: compressed files ASE opens itself, by name (ase.io.formats.open_with_compression); the content decides
+#: in io_utils.open_compressed, but ASE reads a gzip file named .xyz as text, so this follows ASE
 _COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
 
 
@@ -83,7 +80,7 @@ def ase_source(path) -> tuple:
     except Exception:  # noqa: BLE001 - unknown format, or not text after the mark: say what the mark is
         usable = False
     if not usable:
-        advice = "without the mark (plain UTF-8)" if mark[0] == UTF8_BOM else "as plain UTF-8"
+        advice = "without the mark (plain UTF-8)" if mark[1] == "utf-8-sig" else "as plain UTF-8"
         raise DataError(f"{path}: starts with {mark[2]}, and what follows is not a text structure format ASE can "
                         f"read; save the file {advice}")
     return io.StringIO(text), {"format": fmt}
@@ -100,6 +97,7 @@ def nonfinite_position(atoms) -> Optional[str]:
     return f"atom {i} ({atoms.get_chemical_symbols()[i]}) has a non-finite position {atoms.positions[i].tolist()}"
 
 
+#: Per-atom arrays of an Atoms object that are inputs or bookkeeping, not targets.
 _SKIP_ARRAYS = {"numbers", "positions", "momenta", "masses", "tags", "initial_magmoms", "initial_charges"}
 #: Calculator results that hold one value per atom.
 _PER_ATOM_RESULTS = {"forces", "charges", "magmoms", "energies", "stresses"}
