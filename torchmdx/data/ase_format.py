@@ -86,6 +86,14 @@ def ase_source(path) -> tuple:
     return io.StringIO(text), {"format": fmt}
 
 
+def all_frames(path) -> list:
+    """Every frame of ``path``: ``ase.io.read`` with index ':' of :func:`ase_source`'s source."""
+    import ase.io
+
+    source, options = ase_source(path)
+    return ase.io.read(source, index=":", **options)
+
+
 def nonfinite_position(atoms) -> Optional[str]:
     """The first atom of ``atoms`` (an ase.Atoms) whose position is NaN or infinite, in words
     ("atom 4 (H) has a non-finite position [nan, 0.0, 1.2]"); None when all are finite. Callers

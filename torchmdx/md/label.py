@@ -262,9 +262,7 @@ def make_labeler(options: LabelOptions) -> Callable:
 def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] = None) -> list:
     """The frames to label: every frame of each file after the first ``skip``, every ``every``-th,
     at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'``."""
-    from ase.io import read
-
-    from torchmdx.data.ase_format import ase_source, nonfinite_position
+    from torchmdx.data.ase_format import all_frames, nonfinite_position
 
     if skip < 0 or every < 1 or (max_frames is not None and max_frames < 1):
         raise ConfigError("--skip must be >= 0, --every >= 1 and --max-frames >= 1")
@@ -274,8 +272,7 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
         if not path.is_file():
             raise DataError(f"{path}: structure file not found")
         try:
-            source, options = ase_source(path)  # a UTF-8 byte-order mark: the text without it
-            read_frames = read(source, index=":", **options)
+            read_frames = all_frames(path)  # a UTF-8 byte-order mark: the text without it
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - ASE raises many kinds for a bad file

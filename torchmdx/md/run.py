@@ -67,7 +67,7 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
     ``sources``, a list, gets where each structure came from (``file`` or ``file frame k``) for messages."""
     from ase.io import read
 
-    from torchmdx.data.ase_format import ase_source
+    from torchmdx.data.ase_format import all_frames, ase_source
 
     structures = []
     chosen = _index_slice(index)
@@ -77,17 +77,15 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
             raise DataError(f"{path}: structure file not found")
         try:
             everything, numbers = None, None
-            source, options = ase_source(path)  # a UTF-8 byte-order mark: the text without it
             if chosen is not None or _negative_frame(index):
-                everything = read(source, index=":", **options)
-                if hasattr(source, "seek"):
-                    source.seek(0)
+                everything = all_frames(path)
             if chosen is not None:
                 numbers = range(len(everything))[chosen]
                 frames = [everything[n] for n in numbers]
             elif everything is not None and -int(str(index).strip()) > len(everything):
                 frames = None  # ASE reads -9 of 5 frames as frame 0, silently
             else:
+                source, options = ase_source(path)  # a UTF-8 byte-order mark: the text without it
                 frames = read(source, index=index, **options)
                 frames = [frames] if not isinstance(frames, list) else frames
         except (StopIteration, IndexError):
@@ -99,10 +97,7 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
             raise DataError(f"{path}: cannot read a structure with ASE ({first})") from None
         if not frames:
             try:
-                if everything is None:
-                    source, options = ase_source(path)
-                    everything = read(source, index=":", **options)
-                count = len(everything)
+                count = len(everything if everything is not None else all_frames(path))
             except Exception:  # noqa: BLE001
                 count = 0
             if count == 0:
@@ -145,14 +140,9 @@ def _frame_names(path, index: str, selected: int, count: Optional[int] = None) -
     chosen = _index_slice(index)
     if chosen is not None and chosen != slice(None, None) and chosen != slice(None, None, None):
         try:
-            if count is None:
-                from ase.io import read
+            from torchmdx.data.ase_format import all_frames
 
-                from torchmdx.data.ase_format import ase_source
-
-                source, options = ase_source(path)
-                count = len(read(source, index=":", **options))
-            numbers = range(count)[chosen]
+            numbers = range(len(all_frames(path)) if count is None else count)[chosen]
         except Exception:  # noqa: BLE001 - the names are for messages only
             numbers = range(selected)
     if len(numbers) != selected:
