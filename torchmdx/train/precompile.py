@@ -400,12 +400,13 @@ class BackgroundCompile:
         self._queued = later
         if now and not self._compiles_closed:
             left = self._left()
-            need = None if left is None else self.compile_estimate() + switch_payback() * self.stall_estimate()
+            estimate = None if left is None else self.compile_estimate()  # reads the host's record once
+            need = None if left is None else estimate + switch_payback() * self.stall_estimate()
             if left is not None and left < need:
                 self._compiles_closed = True
                 self.log.append(f"no more batch shapes compiled in the background: {left:.0f} s of the run left, less "
-                                f"than a compile (~{self.compile_estimate():.0f} s) and the "
-                                f"{need - self.compile_estimate():.0f} s a switch then needs to repay itself; "
+                                f"than a compile (~{estimate:.0f} s) and the "
+                                f"{need - estimate:.0f} s a switch then needs to repay itself; "
                                 f"shapes not compiled yet keep the captured eager step")
         if self._compiles_closed:  # the time left only shrinks: these shapes stay eager
             self.declined.update(now)
