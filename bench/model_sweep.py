@@ -67,11 +67,14 @@ def model_force_errors(name, data_dir, precisions):
 #: launch variants of ``--sweep`` in order of priority (a system's budget may cut the tail):
 #: the merged sender side at the block shapes that compile without spills (255 registers at
 #: 16 edges x 4 warps on sm_90, 168 at 8 x 4, 125 at 8 x 8, 195 at 16 x 8: kernels.compile_check),
+#: the reverse sender side (the same reverse-edge walk in a sender kernel of its own: no sort),
 #: then the knobs of the earlier sweeps; ``filters="kernel"`` is the old in-kernel filter place
 SWEEP = [
     dict(),
     dict(sender_side="merged"),
     dict(sender_side="merged", block_edges=8),
+    dict(sender_side="reverse", block_edges=8),
+    dict(sender_side="reverse"),
     dict(sender_side="merged", block_edges=8, num_warps=8),
     dict(sender_side="merged", num_warps=8),
     dict(num_stages=2),
@@ -86,7 +89,7 @@ SWEEP = [
     dict(num_warps=8),
 ]
 #: the first SWEEP_MERGED rows of SWEEP are timed before the precisions, the rest after them
-SWEEP_MERGED = 5
+SWEEP_MERGED = 7
 #: the kernel-level variants timed first in the sweep, with the default launch parameters
 SWEEP_LABELS = ("fused_gemm", "fused_gemm_merged", "fused_kernel", "given_leaf")
 SWEEP_KEYS = ("block_edges", "chunk_channels", "num_warps", "dot_precision", "programs_per_sm", "num_stages", "maxnreg",

@@ -62,7 +62,7 @@ reverse 8F in the merged receiver; 5F + 3F in the sender kernel): an upper bound
 
     forward    bytes = E (16F + 25) + N (48F + 16)
     receiver   bytes = E (32F + 25 + 16C) + N (76F + 16)     (+ merged: N 28F)
-    sender     bytes = E (16F + 33) + N (76F + 16)
+    sender     bytes = E (16F + 33) + N (76F + 16)           (reverse sender side: E 8 less, no permutation)
     preact     bytes = E_r (4K + 16F) + 16 F K + 16F
     rbf grad   bytes = E_r (16F + 4K + 1) + 16 F K
 
@@ -210,7 +210,8 @@ def message_work(shape: MessageShape) -> dict:
     work["_message_bwd_receiver_kernel"] = kernel_work(rec_kind, per_edge_flops(rec_kind, f, h),
                                                        2 * dot if in_kernel else 0, rec_bytes, rec_bytes + rec_gathers)
     if not merged:
-        snd_bytes = (e * 37 + table_bytes if table else e * (16 * f + 33)) + n * (76 * f + 16)
+        perm = 0 if shape.sender_side == "reverse" else 8  # 'reverse' walks the receiver segments: no permutation
+        snd_bytes = (e * (29 + perm) + table_bytes if table else e * (16 * f + 25 + perm)) + n * (76 * f + 16)
         work["_message_bwd_sender_kernel"] = kernel_work("sender", per_edge_flops("sender", f, h),
                                                          dot if in_kernel else 0, snd_bytes,
                                                          snd_bytes + e * 20 * f + (e * 64 * f if table else 0))

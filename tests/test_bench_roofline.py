@@ -283,6 +283,11 @@ def test_message_work_hand_count():
     assert "_message_bwd_sender_kernel" not in merged
     assert merged["_message_bwd_receiver_kernel"].flops == 50 * (121 * 8 + 28 - 4)
     assert merged["_message_bwd_receiver_kernel"].bytes == 12520 + 6240 + 10 * 28 * 8
+    # reverse: the sender kernel walks the receiver segments, no permutation index (8 B per edge) read
+    reverse = roofline.message_work(roofline.MessageShape(10, 40, 8, 2, 4, 1, chunk_channels=4, sender_side="reverse"))
+    assert reverse["_message_bwd_receiver_kernel"].bytes == w["_message_bwd_receiver_kernel"].bytes
+    assert reverse["_message_bwd_sender_kernel"].flops == w["_message_bwd_sender_kernel"].flops
+    assert reverse["_message_bwd_sender_kernel"].bytes == 40 * (16 * 8 + 25) + 6240
     inkernel = roofline.message_work(roofline.MessageShape(10, 40, 8, 2, 4, 1, filters="kernel", precision="tf32"))
     assert "_filter_preact_kernel" not in inkernel
     assert inkernel["_message_fwd_kernel"].flops == 50 * 318 + 40 * 2 * 4 * 32

@@ -208,6 +208,8 @@ TABLE_CASES = {
     "values_only_D6_H3_f64": (dict(heads=3, head_dim=6, with_dk=False), dict(keys=False), 1e-11),
     "sorted_f32": (dict(dtype=torch.float32), dict(), 3e-5),
     "merged_f32": (dict(dtype=torch.float32, symmetric=True), dict(sender_side="merged", symmetric=True), 3e-5),
+    "reverse_f64": (dict(symmetric=True, padding=40), dict(sender_side="reverse", symmetric=True), 1e-11),
+    "reverse_f32": (dict(dtype=torch.float32, symmetric=True), dict(sender_side="reverse", symmetric=True), 3e-5),
 }
 
 
@@ -312,7 +314,7 @@ def test_interpreter(interpreter_results, name):
 # --------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("sender_side", ["sorted", "merged"])
+@pytest.mark.parametrize("sender_side", ["sorted", "merged", "reverse"])
 def test_gpu_table_message(dtype, tol, sender_side):
     from torchmdx.kernels import message_triton
 

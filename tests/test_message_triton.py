@@ -201,6 +201,19 @@ CASES = {
     "merged_no_edges_f64": (dict(symmetric=True, no_edges=True), dict(sender_side="merged"), 1e-11),
     "merged_gemm_f32": (dict(symmetric=True, dtype=torch.float32, heads=4, head_dim=8, num_rbf=16),
                         dict(filters="gemm", sender_side="merged"), 3e-5),
+    # symmetric lists, sender kernel over each atom's own segment (the reverse edges)
+    "reverse_gemm_std_f64": (dict(symmetric=True), dict(filters="gemm", sender_side="reverse"), 1e-11),
+    "reverse_kernel_vcut_tanh_ssp_f64": (
+        dict(symmetric=True), dict(filters="kernel", sender_side="reverse", vector_cutoff=True, attn="tanh",
+                                   filter_act="ssp"), 1e-11),
+    "reverse_values_mish_D6_H3_f64": (
+        dict(symmetric=True, with_dk=False, heads=3, head_dim=6, padding=10),
+        dict(filters="gemm", sender_side="reverse", filter_act="mish"), 1e-11),
+    "reverse_given_keys_noself_f64": (
+        dict(symmetric=True, filters="given", with_dv=False, self_loop=False), dict(sender_side="reverse"), 1e-11),
+    "reverse_no_edges_f64": (dict(symmetric=True, no_edges=True), dict(sender_side="reverse"), 1e-11),
+    "reverse_gemm_f32": (dict(symmetric=True, dtype=torch.float32, heads=4, head_dim=8, num_rbf=16),
+                         dict(filters="gemm", sender_side="reverse"), 3e-5),
 }
 
 
@@ -211,17 +224,18 @@ def case_message(name):
     seed = zlib.crc32(name.encode())
     heads = make_opts.get("heads", 2)
     t, edge_index, mask = make_inputs(seed, **make_opts)
-    modes, merged = [], []
+    modes, sides = [], []
     apply = message_triton._FusedMessageFunction.apply
     message_triton._FusedMessageFunction.apply = lambda spec, *args: (
-        modes.append((spec.dk_mode, spec.dv_mode)) or merged.append(spec.merged) or apply(spec, *args))
+        modes.append((spec.dk_mode, spec.dv_mode)) or sides.append((spec.merged, spec.reverse)) or apply(spec, *args))
     try:
         compare(message_triton, t, edge_index, mask, heads, tol, seed=seed, **call_opts)
     finally:
         message_triton._FusedMessageFunction.apply = apply
     expected = (2 if call_opts.get("filters") == "kernel" else 3) if "rbf" in t else 1
     assert modes and all(mode in (0, expected) for pair in modes for mode in pair), f"filter modes run: {modes}"
-    assert merged and all(m == (call_opts.get("sender_side") == "merged") for m in merged), merged
+    side = call_opts.get("sender_side")
+    assert sides and all(pair == (side == "merged", side == "reverse") for pair in sides), sides
 
 
 def case_gemm_backward_twice():
@@ -241,19 +255,20 @@ def case_gemm_backward_twice():
 
 
 def case_merged_needs_symmetric_list():
-    """The merged sender side really comes from the reverse edges: declared on a list that is
-    not symmetric, dL/dk, dL/dv, dL/dvec are wrong (while the sorted sender side is right)."""
+    """The merged and reverse sender sides really come from the reverse edges: declared on a list
+    that is not symmetric, dL/dk, dL/dv, dL/dvec are wrong (while the sorted sender side is right)."""
     from torchmdx.kernels import message_triton
 
     t, edge_index, mask = make_inputs(31)
     errors = compare(message_triton, t, edge_index, mask, 2, 1e-11, filters="gemm")
     assert max(errors.values()) < 1e-11
-    try:
-        compare(message_triton, t, edge_index, mask, 2, 1e-11, filters="gemm", sender_side="merged")
-    except AssertionError as exc:
-        assert "'dk'" in str(exc) and "'dq'" not in str(exc).split("(all")[0], str(exc)
-    else:
-        raise AssertionError("the merged sender side gave the right gradients on a non-symmetric list")
+    for side in ("merged", "reverse"):
+        try:
+            compare(message_triton, t, edge_index, mask, 2, 1e-11, filters="gemm", sender_side=side)
+        except AssertionError as exc:
+            assert "'dk'" in str(exc) and "'dq'" not in str(exc).split("(all")[0], str(exc)
+        else:
+            raise AssertionError(f"the {side} sender side gave the right gradients on a non-symmetric list")
 
 
 def case_filter_products():
@@ -328,12 +343,13 @@ def case_model(shared_data):
 
     calls = []
     apply = message_triton._FusedMessageFunction.apply
-    message_triton._FusedMessageFunction.apply = lambda spec, *args: calls.append(spec.merged) or apply(spec, *args)
+    message_triton._FusedMessageFunction.apply = lambda spec, *args: calls.append((spec.merged, spec.reverse)) or apply(
+        spec, *args)
     data = np.load(Path(shared_data) / "md17" / "md17_ethanol_xtb.npz")
     z = torch.tensor(data["z"], dtype=torch.long)
     pos = torch.tensor(data["R"][0], dtype=torch.float64)
     results = {}
-    for sender_side in ("sorted", "merged"):  # the model's full lists are symmetric
+    for sender_side in ("sorted", "merged", "reverse"):  # the model's full lists are symmetric
         message_triton.CONFIG.sender_side = sender_side
         for vector_cutoff, label in ((False, "plain"), (True, "padded")):
             config = dict(embedding_dimension=16, num_layers=2, num_heads=2, num_rbf=8, dtype="float64", seed=3,
@@ -352,7 +368,8 @@ def case_model(shared_data):
                                                             rel_err(a["forces"], b["forces"]))
     message_triton.CONFIG.sender_side = "auto"
     message_triton._FusedMessageFunction.apply = apply
-    assert calls == [False] * 4 + [True] * 4, f"fused kernel calls (merged or not) {calls}, expected one per layer and model"
+    expected = [(False, False)] * 4 + [(True, False)] * 4 + [(False, True)] * 4
+    assert calls == expected, f"fused kernel calls (merged, reverse) {calls}, expected one per layer and model"
     bad = {k: v for k, v in results.items() if not max(v) < 1e-11}
     assert not bad, f"energy / force relative errors: {results}"
 
@@ -503,11 +520,13 @@ def test_gpu_random(dtype, tol, filters, vector_cutoff, attn):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("filters,block_edges,num_warps", [("gemm", 16, 4), ("gemm", 8, 4), ("kernel", 16, 4)])
-def test_gpu_random_merged_sender_side(dtype, tol, filters, block_edges, num_warps):
-    """The sender side merged into the receiver kernel on a symmetric list (300 atoms, with
-    periodic-image and self-image edges) against the reference, at the launch shapes the
-    benchmark sweeps."""
+@pytest.mark.parametrize("filters,block_edges,num_warps,side", [("gemm", 16, 4, "merged"), ("gemm", 8, 4, "merged"),
+                                                                 ("kernel", 16, 4, "merged"), ("gemm", 8, 4, "reverse"),
+                                                                 ("kernel", 16, 4, "reverse")])
+def test_gpu_random_merged_sender_side(dtype, tol, filters, block_edges, num_warps, side):
+    """The sender side from the reverse edges on a symmetric list (300 atoms, with periodic-image
+    and self-image edges), merged into the receiver kernel or in a sender kernel of its own,
+    against the reference, at the launch shapes the benchmark sweeps."""
     from dataclasses import replace
 
     from torchmdx.kernels import message_triton
@@ -517,11 +536,11 @@ def test_gpu_random_merged_sender_side(dtype, tol, filters, block_edges, num_war
     old = message_triton.CONFIG
     message_triton.CONFIG = replace(old, block_edges=block_edges, num_warps=num_warps)
     try:
-        errors = compare(message_triton, t, edge_index, mask, 8, tol, filters=filters, sender_side="merged",
+        errors = compare(message_triton, t, edge_index, mask, 8, tol, filters=filters, sender_side=side,
                          vector_cutoff=True)
     finally:
         message_triton.CONFIG = old
-    print(dtype, filters, block_edges, num_warps, {k: f"{v:.1e}" for k, v in errors.items()})
+    print(dtype, filters, block_edges, num_warps, side, {k: f"{v:.1e}" for k, v in errors.items()})
 
 
 @pytest.mark.gpu

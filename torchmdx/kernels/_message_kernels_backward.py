@@ -322,11 +322,18 @@ def _message_bwd_sender_kernel(
     SELF_LOOP: tl.constexpr, SELF_DK: tl.constexpr, SELF_DV: tl.constexpr,
     VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
     DKS: tl.constexpr, DVS: tl.constexpr,
-    TG: tl.constexpr = 1, TR0: tl.constexpr = 0.0, TIH: tl.constexpr = 1.0,
+    TG: tl.constexpr = 1, TR0: tl.constexpr = 0.0, TIH: tl.constexpr = 1.0, REVERSE: tl.constexpr = False,
 ):
     """Sender-side gradients dL/dk_j, dL/dv_j, dL/dvec_j: a segment sum over the edges that
     atom j sends on, visited in sender-sorted order through ``perm`` (the receiver-side
-    quantities q_i, dL/dm_i, dL/du_i are gathered; everything else is recomputed)."""
+    quantities q_i, dL/dm_i, dL/du_i are gathered; everything else is recomputed).
+
+    ``REVERSE`` (symmetric edge lists only; ``sender_side='reverse'``): the edges j sends on are
+    the reverses of those it receives, so the program walks j's own receiver segment (``colptr``
+    / ``colend`` are the receiver row pointers, ``perm`` is unused, ``receivers`` holds the
+    senders): edge e = (j <- i) stands for its reverse e' = (i <- j), which has the same filters,
+    cutoff and mask and the unit vector u_e' = -u_e. No sort, no permutation gather, contiguous
+    edge rows; the work of the merged receiver kernel's sender half, in a kernel of its own."""
     F: tl.constexpr = H * D
     cb = tl.program_id(1)
     kk = tl.arange(0, KP)
@@ -384,7 +391,10 @@ def _message_bwd_sender_kernel(
         for t0 in range(start, end, BE):
             to = t0 + eb
             em = to < end
-            eo = tl.load(perm_ptr + to, mask=em, other=0).to(tl.int64)
+            if REVERSE:
+                eo = to.to(tl.int64)
+            else:
+                eo = tl.load(perm_ptr + to, mask=em, other=0).to(tl.int64)
             i = tl.load(receivers_ptr + eo, mask=em, other=0).to(tl.int64)
             valid = em
             if HAS_MASK:
@@ -436,6 +446,10 @@ def _message_bwd_sender_kernel(
             ux = tl.load(unit_ptr + eo * 3, mask=em, other=0.0)[:, None, None]
             uy = tl.load(unit_ptr + eo * 3 + 1, mask=em, other=0.0)[:, None, None]
             uz = tl.load(unit_ptr + eo * 3 + 2, mask=em, other=0.0)[:, None, None]
+            if REVERSE:  # the reverse edge's unit vector
+                ux = -ux
+                uy = -uy
+                uz = -uz
             sk, sv1, sv2, sv3, sx, sy, sz = _sender_share(q_i, gm_i, gx, gy, gz, dk, dv1 * w3, dv2 * w3, dv3 * w3,
                                                           ux, uy, uz, valid, phi, k_j, v1_j, vx_j, vy_j, vz_j,
                                                           DK_MODE, ATT, VCUT)

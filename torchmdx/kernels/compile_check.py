@@ -316,7 +316,7 @@ def _neighbor_scenario(*, periodic, method, capacity, device_check=False):
 def scenarios() -> Dict[str, Callable[[], None]]:
     """Named computations whose launches are compiled: the message step as the model runs it
     (float32 with the filters from one product, inside the kernels or from tables, vector cutoff, the sender
-    side merged into the receiver kernel, given filters, float64 for tests) and the neighbor lists (brute / cell, open / periodic, exact /
+    side merged into the receiver kernel or from the reverse edges, given filters, float64 for tests) and the neighbor lists (brute / cell, open / periodic, exact /
     fixed capacity)."""
     out = {
         "message float32 gemm": _message_scenario(dtype=torch.float32),
@@ -328,6 +328,8 @@ def scenarios() -> Dict[str, Callable[[], None]]:
         "message float32 table": _message_scenario(dtype=torch.float32, tables=True, vector_cutoff=True),
         "message float32 table merged": _message_scenario(dtype=torch.float32, tables=True, vector_cutoff=True,
                                                           sender_side="merged"),
+        "message float32 table reverse": _message_scenario(dtype=torch.float32, tables=True, vector_cutoff=True,
+                                                           sender_side="reverse"),
     }
     for periodic in (False, True):
         for method in ("brute", "cell"):

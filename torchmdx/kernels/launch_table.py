@@ -48,7 +48,7 @@ DEFAULTS = dict(block_edges=16, chunk_channels=32, num_warps=4, dot_precision="t
 #: products, Triton >= 3.5 on NVIDIA; a Triton that refuses one fails at compile time)
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16x3", "bf16x6")
 #: allowed values of the string fields (None / int fields: positive integers, or None where allowed)
-CHOICES = dict(dot_precision=PRECISIONS, filters=("gemm", "kernel", "table"), sender_side=("sorted", "merged"))
+CHOICES = dict(dot_precision=PRECISIONS, filters=("gemm", "kernel", "table"), sender_side=("sorted", "merged", "reverse"))
 #: fields that may be None (Triton's own default)
 NULLABLE = ("num_stages", "maxnreg")
 BASELINE_PRECISION = "tf32x3"

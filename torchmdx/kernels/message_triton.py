@@ -99,7 +99,12 @@ class LaunchConfig:
                      through a stable sort of the senders), 'merged' (for calls that declare a
                      symmetric edge list, :class:`FusedMessage` ``symmetric=True``: the
                      receiver kernel adds them while it walks each atom's own segment, using
-                     the reverse edges; no sort, no second kernel, the filters read once)
+                     the reverse edges; no sort, no second kernel, the filters read once) or
+                     'reverse' (symmetric lists too: the sender kernel walks each atom's own
+                     receiver segment and takes the reverse edges, as 'merged' does, but in a
+                     kernel of its own: no sort and no permutation gather, and two kernels of
+                     fewer registers than the merged one; a list not declared symmetric runs
+                     'sorted' for both)
     filters          where the radial filters are evaluated: 'table' (the default, see below;
                      calls of :func:`et_message_filtered`, i.e. with trainable filter weights,
                      then run 'gemm'), 'gemm' (one matrix product z = rbf W^T + b per layer before
@@ -132,7 +137,7 @@ class LaunchConfig:
 CONFIG = LaunchConfig()
 
 FILTER_PLACES = ("auto", "gemm", "kernel", "table")
-SENDER_SIDES = ("auto", "sorted", "merged")
+SENDER_SIDES = ("auto", "sorted", "merged", "reverse")
 
 #: the resolved launch configuration of the last fused call (diagnostics, benchmarks and tests);
 #: its ``filters`` is the place that ran: 'table', 'gemm', 'kernel', 'given' or 'none'
@@ -176,7 +181,7 @@ def resolved_config(num_atoms: int, gpu_name: Optional[str] = None) -> LaunchCon
 
 def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv,
                vector_cutoff, attn_activation, filter_activation, merged=False, cfg: Optional[LaunchConfig] = None,
-               table_geometry: tuple = (1, 0.0, 1.0)) -> _Spec:
+               table_geometry: tuple = (1, 0.0, 1.0), reverse: bool = False) -> _Spec:
     cfg = cfg if cfg is not None else resolved_config(0)
     uses_dot = dk_mode == 2 or dv_mode == 2
     dp = _pow2(head_dim)
@@ -199,7 +204,8 @@ def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self
         dk_stride, dv_stride = f, 3 * f
     return _Spec(heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv, vector_cutoff,
                  attn_activation, filter_activation, hb, hp, dp, kp, be, cfg.num_warps, precision,
-                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride, merged, *table_geometry)
+                 cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride, merged, *table_geometry,
+                 reverse)
 
 
 # ---------------------------------------------------------------------------------- entry points
@@ -310,6 +316,7 @@ class FusedMessage:
         LAST_CONFIG.clear()
         LAST_CONFIG.update(asdict(cfg))
         merged = self.symmetric and cfg.sender_side == "merged"
+        reverse = self.symmetric and cfg.sender_side == "reverse"
         table_geometry = (1, 0.0, 1.0)
         if tables is not None:  # mode 4: interpolated from the tables
             dk_mode = 4 if wk is not None else 0
@@ -339,7 +346,7 @@ class FusedMessage:
         mask = edge_mask.view(torch.uint8) if edge_mask is not None and edge_mask.dtype == torch.bool else edge_mask
         spec = _make_spec(q.dtype, num_heads, head_dim, num_rbf, dk_mode, dv_mode, mask is not None,
                           self_loop is not None, dk0 is not None, dv0 is not None, bool(vector_cutoff),
-                          attn_activation, filter_activation, merged, cfg, table_geometry)
+                          attn_activation, filter_activation, merged, cfg, table_geometry, reverse)
         layout = self.layout(edge_index, n, edge_mask)
         tensors = [q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0]
         tensors = [t.contiguous() if t is not None else None for t in tensors]

@@ -31,7 +31,8 @@ Kernels (:mod:`torchmdx.kernels._message_kernels`, ``_message_kernels_backward``
   dL/dk_j, dL/dv_j, dL/dvec_j as segment sums, again without atomics. For a symmetric list
   (``FusedMessage(symmetric=True)``, the ET model's full lists) and
   ``CONFIG.sender_side = 'merged'``, the receiver kernel gives these too, from the reverse
-  edges of its own segment: no sort, no second kernel, the filters read once.
+  edges of its own segment: no sort, no second kernel, the filters read once; with
+  ``'reverse'`` the sender kernel does that walk in a kernel of its own (no sort either).
 Segments and the launch spec: :mod:`torchmdx.kernels.message_triton_spec`. Nothing
 synchronises with the host, so the whole step can be captured in a CUDA graph. Design notes and
 measurements: ``docs/kernels_message.md``.
@@ -99,11 +100,11 @@ def _dot_precision(dtype, precision: Optional[str] = None) -> str:
     return precision
 
 
-def _launch(kernel, grid, spec: _Spec, *args):
-    """Launch; if the compiler refuses a float32 tl.dot precision other than 'ieee', fall back
-    to 'ieee' for this and later calls (with a warning)."""
+def _launch(kernel, grid, spec: _Spec, *args, **extra):
+    """Launch (``extra``: constexprs of this kernel only); if the compiler refuses a float32 tl.dot
+    precision other than 'ieee', fall back to 'ieee' for this and later calls (with a warning)."""
     try:
-        kernel[grid](*args, **spec.constexprs())
+        kernel[grid](*args, **spec.constexprs(), **extra)
         return spec
     except Exception as exc:  # noqa: BLE001 - compiler errors have no stable type across versions
         if spec.precision in ("ieee", "fma") or not (spec.dk_mode == 2 or spec.dv_mode == 2):
@@ -111,7 +112,7 @@ def _launch(kernel, grid, spec: _Spec, *args):
         warnings.warn(f"tl.dot input_precision={spec.precision!r} failed ({type(exc).__name__}); using 'ieee'")
         _config().dot_precision = "ieee"
         spec = replace(spec, precision="ieee")
-        kernel[grid](*args, **spec.constexprs())
+        kernel[grid](*args, **spec.constexprs(), **extra)
         return spec
 
 
@@ -291,10 +292,13 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
     def sender_side():
         gk, gv, gvec = torch.empty_like(k), torch.empty_like(v), torch.empty_like(vec)
         if n > 0:
-            colptr, colend, perm = layout.sender_order()
+            if spec.reverse:  # each atom's own receiver segment, edges taken as their reverses
+                colptr, colend, perm, other_end = layout.rowptr, layout.rowend, layout.rowptr, layout.senders
+            else:
+                (colptr, colend, perm), other_end = layout.sender_order(), layout.receivers
             _launch(
                 kernels._message_bwd_sender_kernel, spec.grid(n, q.device), spec,
-                colptr, colend, perm, layout.receivers, *tensors, grad_m, grad_u, gk, gv, gvec, n,
+                colptr, colend, perm, other_end, *tensors, grad_m, grad_u, gk, gv, gvec, n, REVERSE=spec.reverse,
             )
         out["k"], out["v"], out["vec"] = gk, gv, gvec
 

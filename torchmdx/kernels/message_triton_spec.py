@@ -123,6 +123,7 @@ class _Spec:
     table_intervals: int = 1
     table_r_min: float = 0.0
     table_inverse_step: float = 1.0
+    reverse: bool = False  # backward: sender kernel over the receiver segments' reverse edges (symmetric lists)
 
     @property
     def chunks(self) -> int:
