@@ -1,13 +1,14 @@
-"""Filter tables against the GEMM filters (issue 16 item 4's gate): per system, the energy + forces
-call as the calculator replays it (CUDA graph, compiled dense parts, frozen ET-MD17 weights) with
-``message_triton.CONFIG.filters`` = 'gemm' and = 'table', in one run on one GPU: ms per call, peak
-memory, kernels per replay, and the force error of each against a float64 evaluation of the same
-weights (the fused float64 path; 'max' = largest component error over the largest reference
-component, 'rel' = norm of the error over norm of the forces). The table passes the gate when its
-error is at most 2 x the GEMM filters' (docs/kernels_message.md, "Filter tables").
+"""Filter tables against the GEMM filters (issue 16 item 4's gate), or any launch variants: per system,
+the energy + forces call as the calculator replays it (CUDA graph, compiled dense parts, frozen ET-MD17
+weights) under each variant of ``message_triton.CONFIG`` (by default 'gemm' = ``{"filters": "gemm"}`` and
+'table' = ``{"filters": "table"}``), in one run on one GPU: ms per call, peak memory, kernels per replay,
+and the force error of each against a float64 evaluation of the same weights (the fused float64 path;
+'max' = largest component error over the largest reference component, 'rel' = norm of the error over
+norm of the forces). A variant passes the gate when its error is at most 2 x the first variant's
+(docs/kernels_message.md, "Filter tables").
 
     python bench/bench_filter_table.py --data .benchdata --systems alanine_dipeptide,chignolin,dhfr,factorIX \
-        [--intervals G] [--out DIR]
+        [--intervals G] [--out DIR] [--variants '{"auto": {}, "reverse": {"sender_side": "reverse"}}']
 
 Writes ``filter_table.json`` in ``--out`` (with the GPU, torch and Triton versions and the date).
 The anchor (TorchMD-NET 3.0.0 on the same systems) is ``bench_model.py``'s table: run it in the
@@ -33,7 +34,8 @@ from torchmdx.kernels import filter_table  # noqa: E402
 from gpu_timing import cuda_time, error_text, peak_mib, replay_kernels, synchronize  # noqa: E402
 from model_setup import graph_call, make_model, read_xyz, repeats_for  # noqa: E402
 
-PLACES = ("gemm", "table")
+#: variant name -> ``LaunchConfig`` fields (the default A/B: the filters' place)
+VARIANTS = {"gemm": {"filters": "gemm"}, "table": {"filters": "table"}}
 
 
 def force_errors(forces: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -41,7 +43,7 @@ def force_errors(forces: torch.Tensor, reference: torch.Tensor) -> dict:
     return {"max": float(diff.abs().max() / reference.abs().max()), "rel": float(diff.norm() / reference.norm())}
 
 
-def bench_system(name: str, data_dir: Path, intervals: int) -> dict:
+def bench_system(name: str, data_dir: Path, intervals: int, variants: dict) -> dict:
     from torchmdx.kernels import message_triton
     from torchmdx.nn import et
 
@@ -53,7 +55,7 @@ def bench_system(name: str, data_dir: Path, intervals: int) -> dict:
     pbc = torch.tensor(pbc_np, device=device) if pbc_np is not None else None
     row = {"atoms": int(len(z_np))}
     started = time.perf_counter()
-    message_triton.CONFIG.filters = "gemm"
+    message_triton.CONFIG = message_triton.LaunchConfig(filters="gemm")
     model = make_model("triton")
     reference = make_model("triton", dtype="float64")  # the same weights, in float64
     reference.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()})
@@ -62,43 +64,51 @@ def bench_system(name: str, data_dir: Path, intervals: int) -> dict:
     model.set_compiled(True)  # frozen weights: what the calculator and the MD engine run
     et.FILTER_TABLE_INTERVALS = intervals
     warmup, repeats = repeats_for(len(z_np))
-    for place in PLACES:
-        message_triton.CONFIG.filters = place
+    for variant, overrides in variants.items():
+        message_triton.CONFIG = message_triton.LaunchConfig(**overrides)
         try:
             t0 = time.perf_counter()
             replay, outputs = graph_call(model, z, pos64.float(), cell, pbc)
-            row[f"{place}_setup_s"] = round(time.perf_counter() - t0, 1)
-            row[f"{place}_ran"] = message_triton.LAST_CONFIG.get("filters")  # the place the kernels ran
+            row[f"{variant}_setup_s"] = round(time.perf_counter() - t0, 1)
+            ran = message_triton.LAST_CONFIG
+            row[f"{variant}_ran"] = {k: ran.get(k) for k in ("filters", "sender_side", "block_edges", "chunk_channels",
+                                                             "num_warps")}  # what the kernels ran
             replay()
             synchronize()
-            row[f"{place}_force_error"] = force_errors(outputs[1], reference)
-            row[f"{place}_ms"] = round(cuda_time(replay, warmup, repeats), 3)
-            row[f"{place}_peak_MiB"] = round(peak_mib(replay), 1)
+            row[f"{variant}_force_error"] = force_errors(outputs[1], reference)
+            row[f"{variant}_ms"] = round(cuda_time(replay, warmup, repeats), 3)
+            row[f"{variant}_peak_MiB"] = round(peak_mib(replay), 1)
             if len(z_np) < 1000:
-                row[f"{place}_kernels"] = replay_kernels(replay)
+                row[f"{variant}_kernels"] = replay_kernels(replay)
             del replay, outputs
         except Exception as exc:  # noqa: BLE001 - one failing column must not stop the table
-            row[f"{place}_error"] = error_text(exc)
-        print(f"  {name} {place}: " + json.dumps({k: v for k, v in row.items() if k.startswith(place)}), flush=True)
+            row[f"{variant}_error"] = error_text(exc)
+        print(f"  {name} {variant}: " + json.dumps({k: v for k, v in row.items() if k.startswith(variant + "_")}),
+              flush=True)
         torch.cuda.empty_cache()
-    gemm, table = row.get("gemm_force_error"), row.get("table_force_error")
-    if gemm and table:
-        row["table_passes_gate"] = table["max"] <= 2.0 * gemm["max"]
+    first = row.get(f"{next(iter(variants))}_force_error")
+    for variant in list(variants)[1:]:
+        if first and row.get(f"{variant}_force_error"):
+            row[f"{variant}_passes_gate"] = row[f"{variant}_force_error"]["max"] <= 2.0 * first["max"]
     row["wall_s"] = round(time.perf_counter() - started, 1)
-    message_triton.CONFIG.filters = "auto"
+    message_triton.CONFIG = message_triton.LaunchConfig()
     return row
 
 
 def table_text(results: dict) -> str:
-    lines = ["| system | atoms | gemm ms | table ms | gemm MiB | table MiB | gemm force err (max) | table force err (max) | gate |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    variants = list(results["variants"])
+    fmt = lambda x: "-" if x is None else f"{x:.2e}"  # noqa: E731
+    lines = ["| system | atoms | " + " | ".join(f"{v} ms" for v in variants) + " | "
+             + " | ".join(f"{v} MiB" for v in variants) + " | "
+             + " | ".join(f"{v} force err (max)" for v in variants) + " | gate (vs the first) |",
+             "|---" * (2 + 3 * len(variants) + 1) + "|"]
     for name, row in results["systems"].items():
-        err = lambda place: row.get(f"{place}_force_error", {}).get("max")  # noqa: E731
-        fmt = lambda x: "-" if x is None else f"{x:.2e}"  # noqa: E731
-        lines.append(f"| {name} | {row['atoms']} | {row.get('gemm_ms', row.get('gemm_error', '-'))} | "
-                     f"{row.get('table_ms', row.get('table_error', '-'))} | {row.get('gemm_peak_MiB', '-')} | "
-                     f"{row.get('table_peak_MiB', '-')} | {fmt(err('gemm'))} | {fmt(err('table'))} | "
-                     f"{row.get('table_passes_gate', '-')} |")
+        gates = ", ".join(f"{v} {row[f'{v}_passes_gate']}" for v in variants[1:] if f"{v}_passes_gate" in row)
+        lines.append(f"| {name} | {row['atoms']} | "
+                     + " | ".join(str(row.get(f"{v}_ms", row.get(f"{v}_error", "-"))) for v in variants) + " | "
+                     + " | ".join(str(row.get(f"{v}_peak_MiB", "-")) for v in variants) + " | "
+                     + " | ".join(fmt(row.get(f"{v}_force_error", {}).get("max")) for v in variants)
+                     + f" | {gates or '-'} |")
     return "\n".join(lines)
 
 
@@ -108,16 +118,25 @@ def main(argv=None):
     parser.add_argument("--systems", default="alanine_dipeptide,chignolin,dhfr,factorIX")
     parser.add_argument("--intervals", type=int, default=filter_table.DEFAULT_INTERVALS)
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--variants", default=None,
+                        help="JSON: variant name -> LaunchConfig fields (default: gemm and table filters)")
     args = parser.parse_args(argv)
+    variants = json.loads(args.variants) if args.variants else VARIANTS
+    from torchmdx.kernels import message_triton
+
+    known = message_triton.LaunchConfig.__dataclass_fields__
+    for variant, overrides in variants.items():
+        if unknown := sorted(set(overrides) - set(known)):
+            raise SystemExit(f"error: --variants {variant}: unknown LaunchConfig field(s) {', '.join(unknown)}")
     if not torch.cuda.is_available():
         raise SystemExit("error: bench_filter_table.py needs a CUDA GPU")
     import triton
 
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-               "intervals": args.intervals, "systems": {}}
+               "intervals": args.intervals, "variants": variants, "systems": {}}
     for name in args.systems.split(","):
-        results["systems"][name] = bench_system(name, args.data, args.intervals)
+        results["systems"][name] = bench_system(name, args.data, args.intervals, variants)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "filter_table.json").write_text(json.dumps(results, indent=1))
     print(table_text(results))
