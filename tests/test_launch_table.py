@@ -85,6 +85,24 @@ def test_auto_picks_the_table_entry_of_this_gpu_and_size(table):
     assert {k: getattr(mt.resolved_config(2489, None), k) for k in DEFAULTS} == DEFAULTS  # CPU / interpreter
 
 
+def test_a_gpu_without_entries_takes_its_familys(table):
+    """An H200 without entries of its own takes the H100's (same architecture and SM count); its
+    own entry wins where it has one; a GPU of another or no known family gets the defaults."""
+    from torchmdx.kernels import message_triton as mt
+    from torchmdx.kernels.launch_table import DEFAULTS, gpu_family
+
+    assert gpu_family("NVIDIA H200") == gpu_family("NVIDIA H100 80GB HBM3") == "hopper"
+    assert gpu_family("NVIDIA A100-SXM4-80GB") is None and gpu_family("NVIDIA H1000X") is None
+    write(table, [{"gpu": "NVIDIA H100 80GB HBM3", "size_class": "medium", "config": {"sender_side": "reverse"}},
+                  {"gpu": "NVIDIA H100 80GB HBM3", "size_class": "small", "config": {"block_edges": 8}},
+                  {"gpu": "NVIDIA H200", "size_class": "small", "config": {"num_warps": 2}}])
+    assert mt.resolved_config(2489, "NVIDIA H200").sender_side == "reverse"
+    small = mt.resolved_config(166, "NVIDIA H200")
+    assert (small.num_warps, small.block_edges) == (2, 16)  # its own entry, not merged with the H100's
+    assert mt.resolved_config(30327, "NVIDIA H200").sender_side == "sorted"  # no large entry at all
+    assert {k: getattr(mt.resolved_config(2489, "NVIDIA A100-SXM4-80GB"), k) for k in DEFAULTS} == DEFAULTS
+
+
 def test_explicit_fields_win_and_table_can_be_switched_off(table, monkeypatch):
     from torchmdx.kernels import message_triton as mt
 

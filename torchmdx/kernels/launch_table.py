@@ -3,7 +3,9 @@
 :data:`torchmdx.kernels.message_triton.CONFIG` fields left at ``None`` / ``'auto'`` are taken,
 for a call on a CUDA GPU, from the entry of ``launch_table.json`` (beside this module) whose GPU
 name (``torch.cuda.get_device_name``) and size class (atoms in the call, :func:`size_class`)
-match; without an entry, from the built-in :data:`DEFAULTS`. A field set explicitly always wins.
+match, else from an entry of another GPU of the same family (:data:`GPU_FAMILIES`: an H200 takes an
+H100's entry where it has none of its own); without an entry, from the built-in :data:`DEFAULTS`.
+A field set explicitly always wins.
 ``bench/bench_model.py --sweep`` measures the launch variants on a GPU and writes the entries
 (:func:`write_entries`); nothing else writes the file. Format::
 
@@ -28,6 +30,7 @@ import datetime
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -56,6 +59,11 @@ GATE_FACTOR = 2.0
 #: (name, atoms below which it applies); the last class has no upper bound
 SIZE_CLASSES = (("small", 1000), ("medium", 10000), ("large", None))
 VERSION = 1
+#: GPUs whose launch choices carry over to each other where one has no entry of its own (the same
+#: architecture and multiprocessor count; Hopper: sm_90, 132 SMs on the SXM parts; the H200 differs
+#: from the H100 in memory size and bandwidth, which moves times but has not moved the winners:
+#: docs/kernels_message.md). Matched as words of ``torch.cuda.get_device_name``.
+GPU_FAMILIES = {"hopper": ("H100", "H200", "H800", "GH200")}
 
 
 class LaunchTableError(ValueError):
@@ -149,19 +157,33 @@ def reload():
     _RESOLVED.clear()
 
 
+def gpu_family(gpu: Optional[str]) -> Optional[str]:
+    """The :data:`GPU_FAMILIES` name of the GPU called ``gpu`` (None: no family known)."""
+    words = set(re.split(r"[^A-Za-z0-9]+", gpu or ""))
+    for family, members in GPU_FAMILIES.items():
+        if words.intersection(members):
+            return family
+    return None
+
+
 def lookup(gpu: Optional[str], num_atoms: int, path: Optional[os.PathLike] = None) -> dict:
     """The measured launch fields for a call of ``num_atoms`` atoms on the GPU named ``gpu``
-    ({} without a GPU or an entry), with the accuracy gate applied to ``dot_precision``."""
+    ({} without a GPU or an entry), with the accuracy gate applied to ``dot_precision``: the
+    entry of this GPU, else the first of another GPU of its family (:func:`gpu_family`)."""
     if not gpu:
         return {}
     wanted = size_class(num_atoms)
-    for entry in load(path):
-        if entry["gpu"] == gpu and entry["size_class"] == wanted:
-            config = dict(entry.get("config", {}))
-            if "dot_precision" in config and config["dot_precision"] not in gate(entry.get("precision_errors", {})):
-                config["dot_precision"] = BASELINE_PRECISION
-            return config
-    return {}
+    family = gpu_family(gpu)
+    candidates = [e for e in load(path) if e["size_class"] == wanted]
+    chosen = next((e for e in candidates if e["gpu"] == gpu), None)
+    if chosen is None and family is not None:
+        chosen = next((e for e in candidates if gpu_family(e["gpu"]) == family), None)
+    if chosen is None:
+        return {}
+    config = dict(chosen.get("config", {}))
+    if "dot_precision" in config and config["dot_precision"] not in gate(chosen.get("precision_errors", {})):
+        config["dot_precision"] = BASELINE_PRECISION
+    return config
 
 
 def resolve(explicit: dict, gpu: Optional[str], num_atoms: int, use_table: bool = True,
