@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up the carried wheels, then run the named parts and leave JSON/logs in $OUT.
 #   bash bench/gpu_session.sh tests md        # GPU tests + MD benchmark
+#   bash bench/gpu_session.sh tests-parallel  # the same GPU tests in three pytest processes at once (TESTS_GROUPS; ~1/2 the wall time)
 #   bash bench/gpu_session.sh anchor model    # TorchMD-NET 3.0.0 anchor + torchmdx model benchmark
 #   bash bench/gpu_session.sh train           # CUDA-graph training step (bench/bench_train.py)
 #   bash bench/gpu_session.sh trainrun        # whole training runs per variant (bench/bench_train_run.py)
@@ -67,6 +68,16 @@ for part in "$@"; do
   case "$part" in
     tests) timeout ${TESTS_TIMEOUT:-560} python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS_ARGS:-tests/} -W ignore::UserWarning \
           --durations=12 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    tests-parallel)  # every -m gpu test in TESTS_GROUPS (';'-separated file lists), one pytest process per group at once
+      groups=${TESTS_GROUPS:-"tests/test_traced.py tests/test_model_compiled.py tests/test_calculator.py tests/test_openmm_fast.py tests/test_locality.py tests/test_model_sync.py tests/test_packing.py tests/test_packing_periodic.py;tests/test_message_triton.py tests/test_filter_table.py tests/test_neighbors_triton.py tests/test_launch_table.py;tests/test_train_graph.py tests/test_train_graph_architectures.py tests/test_equiformer_capture.py tests/test_md_cuda_graph.py tests/test_integrators_fused.py tests/test_train_ddp.py tests/test_train_graph_ddp.py"}
+      k=0; IFS=';' read -ra group_list <<< "$groups"
+      for g in "${group_list[@]}"; do
+        k=$((k + 1))
+        timeout ${TESTS_TIMEOUT:-560} python3 -m pytest -q -p no:cacheprovider -m gpu $g -W ignore::UserWarning --durations=5 \
+          > "$OUT/gpu_tests_$k.log" 2>&1 &
+      done
+      wait
+      for f in "$OUT"/gpu_tests_*.log; do echo "--- $f"; tail -12 "$f"; done ;;
     md) timeout ${MD_TIMEOUT:-150} python3 bench/bench_md.py --device cuda --data .benchdata \
           --systems ${MD_SYSTEMS:-alanine_dipeptide chignolin dhfr} --steps 200 --warmup 20 --repeat 1 --replicas 32 ${MD_ARGS:-} \
           --json "$OUT/bench_md.json" 2>&1 | tee "$OUT/bench_md.log" ;;
