@@ -402,7 +402,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    check_device(config.device)
+    check_device(config.device, config.option("device"))
     if config.threads:
         import torch
 
@@ -455,6 +455,8 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
             check_constraints(as_read, sources)
         check_float32_reach(as_read, sources, config)
     dtype = as_dtype(config.dtype)
+    for line in getattr(config, "_unused_option_warnings", None) or ():
+        print(f"warning: {line}", file=err)  # --ensemble nve --friction 5: taken, but said (round 18)
     if restart_payload is None:
         for line in close_contacts(structures):
             print(f"warning: {line}", file=err)
