@@ -124,6 +124,10 @@ def run_openmm(args) -> int:
         except DataError as exc:
             raise ConfigError(f"--structure: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any reader problem is a bad file
+            from torchmdx.data.ase_format import ENDS_EARLY, ends_early
+
+            if ends_early(exc):  # was "(generator raised StopIteration)"
+                raise ConfigError(f"--structure: {args.structure}: {ENDS_EARLY}") from None
             raise ConfigError(f"--structure: cannot read {args.structure} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         numbers = [int(z) for z in structure.numbers]
         if args.atoms:

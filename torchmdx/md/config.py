@@ -333,6 +333,14 @@ def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None, co
     token = _NAMING.set(names)
     try:
         config = from_dict(MDConfig, merged, "md")
+    except ConfigError as exc:
+        # from_dict's own checks (NaN/inf, a seed outside 0..2**32-1) name "config key 'md.seed'":
+        # `--seed -1` and `--dt nan` are flags (and a file's key is named with its file)
+        text = str(exc)
+        prefix = next((p for p in (f"config key 'md.{k}' " for k in names or {}) if text.startswith(p)), None)
+        if prefix is None:
+            raise
+        raise ConfigError(names[prefix[len("config key 'md."):-2]] + " " + text[len(prefix):]) from None
     finally:
         _NAMING.reset(token)
     config._names = names

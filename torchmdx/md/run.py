@@ -93,6 +93,10 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error
+            from torchmdx.data.ase_format import ENDS_EARLY, ends_early
+
+            if ends_early(exc):  # was "(generator raised StopIteration)"
+                raise DataError(f"{path}: {ENDS_EARLY}") from None
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(f"{path}: cannot read a structure with ASE ({first})") from None
         if not frames:
