@@ -283,6 +283,11 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
 
             if ends_early(exc):  # was "(RuntimeError: generator raised StopIteration)"
                 raise DataError(f"{path}: {ENDS_EARLY}") from None
+            from torchmdx.io_utils import is_torch_file
+
+            if is_torch_file(path):  # was "(UnknownFileTypeError: pt)"
+                raise DataError(f"{path}: a torch file (a model, checkpoint or MD restart file), not structures; "
+                                "a model to label with is --method model:FILE") from None
             raise DataError(f"{path}: cannot be read as structures ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         for k, atoms in enumerate(read_frames):

@@ -94,9 +94,13 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
             raise
         except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error
             from torchmdx.data.ase_format import ENDS_EARLY, ends_early
+            from torchmdx.io_utils import is_torch_file
 
             if ends_early(exc):  # was "(generator raised StopIteration)"
                 raise DataError(f"{path}: {ENDS_EARLY}") from None
+            if is_torch_file(path):  # `md model.pt ar.xyz`: "m.pt: cannot read a structure with ASE (pt)"
+                raise DataError(f"{path}: a torch file (a model, checkpoint or MD restart file), not a structure; "
+                                "give a model with --model and a restart file with --restart") from None
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(f"{path}: cannot read a structure with ASE ({first})") from None
         if not frames:
