@@ -240,3 +240,45 @@ def test_torch_file_given_as_structure_or_data_is_named(tmp_path, capsys):
     line = _refused(capsys, ["data", "info", tmp_path / "many.npz"], ["found: k00, k01", "k11, ... (30 in all)"],
                     tmp_path)
     assert "k12" not in line
+
+
+# ---------------------------------------------------------------------------------- Potential.save('')
+@pytest.mark.parametrize("name", ["", "  "])
+def test_save_to_an_empty_name_is_refused(tmp_path, monkeypatch, name):
+    """``model.save("")`` said ": is a folder; give a file name" (``Path('')`` is the current folder); ``"  "``
+    wrote a model file named two spaces."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError) as info:
+        _tiny_model().save(name)
+    assert str(info.value) == f"save: the path is empty ({name!r}); give a file name such as model.pt"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- a Calculator after a NaN
+def test_calculator_is_not_poisoned_by_a_structure_with_a_nan(tmp_path):
+    """The Calculator keeps the local origin (the atoms' mean) while the atoms stay the same: after one water
+    with a NaN position (refused, naming atom 0 rather than the NaN atom), every later water on the same
+    calculator was refused as "atom 0 has a non-finite position [nan, nan, nan]". Likewise one atom at 1e200 Å
+    pushed the others of every later structure to -inf in a float32 model."""
+    from torchmdx import Calculator
+    from torchmdx.errors import TorchmdxError
+
+    model = _tiny_model()
+    model.save(tmp_path / "m.pt")
+    good = _water()
+    good.calc = Calculator(tmp_path / "m.pt")
+    reference = good.get_potential_energy()
+    calculator = Calculator(tmp_path / "m.pt")
+    for where, value in ((1, np.nan), (2, 1e200)):
+        bad = _water()
+        bad.positions[where] = value
+        bad.calc = calculator
+        with pytest.raises(TorchmdxError, match=rf"atom {where} has a non-finite position"):
+            bad.get_potential_energy()
+        again = _water()
+        again.calc = calculator
+        assert again.get_potential_energy() == reference
+    bad = _water()
+    bad.positions[1] = np.nan
+    with pytest.raises(TorchmdxError, match=r"atom 1 has a non-finite position"):  # was atom 0
+        model.predict(bad)
