@@ -337,7 +337,9 @@ def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None, co
         # from_dict's own checks (NaN/inf, a seed outside 0..2**32-1) name "config key 'md.seed'":
         # `--seed -1` and `--dt nan` are flags (and a file's key is named with its file)
         text = str(exc)
-        prefix = next((p for p in (f"config key 'md.{k}' " for k in names or {}) if text.startswith(p)), None)
+        known = {f.name for f in fields(MDConfig)}  # an unknown key keeps from_dict's own line
+        prefix = next((p for p in (f"config key 'md.{k}' " for k in names or {} if k in known)
+                       if text.startswith(p)), None)
         if prefix is None:
             raise
         raise ConfigError(names[prefix[len("config key 'md."):-2]] + " " + text[len(prefix):]) from None
