@@ -91,7 +91,7 @@ def test_export_to_a_checkpoint_name_is_refused(tmp_path, capsys):
              ["model.ckpt: .ckpt names a training checkpoint, and this writes a model file; give it a .pt name, "
               "e.g. ", "model.pt"], tmp_path)
     _refused(capsys, ["export", "--openmm", tmp_path / "m.pt", "-o", tmp_path / "om.CKPT"],
-             ["om.CKPT: .ckpt names a training checkpoint, and this writes a OpenMM module"], tmp_path)
+             ["om.CKPT: .ckpt names a training checkpoint, and this writes an OpenMM module"], tmp_path)
 
 
 # ---------------------------------------------------------------------------------- predict's flags

@@ -120,12 +120,12 @@ def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), 
         raise ModelError(f"the {what} name is empty; give a file name such as model.pt")
     if (problem := names_a_folder(output, "model.pt")) and not out.is_dir():
         raise ModelError(f"{output}: {problem}")
-    if out.suffix.lower() == ".ckpt":  # was written: a later `export model.ckpt` said "not a training checkpoint"
-        raise ModelError(f"{output}: .ckpt names a training checkpoint, and this writes a {what}; give it a .pt "
-                         f"name, e.g. {out.with_suffix('.pt')}")
     for given in inputs:
         if Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
             raise ModelError(f"{out}: refusing to write the {what} over its own input; choose another name")
+    if out.suffix.lower() == ".ckpt":  # was written: a later `export model.ckpt` said "not a training checkpoint"
+        raise ModelError(f"{output}: .ckpt names a training checkpoint, and this writes {'an' if what[:1] in 'aeiouAEIOU' else 'a'} {what}; give it a .pt "
+                         f"name, e.g. {out.with_suffix('.pt')}")
     if out.is_dir():
         raise ModelError(f"{out}: is a folder; give a file name, e.g. {out / 'model.pt'}")
     if out.exists() and not out.is_file():
