@@ -196,7 +196,10 @@ def test_xyz_frame_cut_after_its_atom_count_is_named(tmp_path, capsys):
 def test_sweep_set_of_a_swept_key_is_refused(tmp_path, capsys):
     """``sweep --grid model.num_layers=1,2 --set model.num_layers=3`` trained 1 and 2: the grid's values replaced
     the --set at every point, without a word (a config's sweep.grid and sweep.variants likewise)."""
-    np.savez(tmp_path / "e.npz", R=np.zeros((20, 3, 3)), z=np.array([8, 1, 1]), E=np.zeros(20), F=np.zeros((20, 3, 3)))
+    rng = np.random.default_rng(0)
+    water = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    np.savez(tmp_path / "e.npz", R=water + rng.normal(0, 0.02, (20, 3, 3)), z=np.array([8, 1, 1]),
+             E=rng.normal(0, 1, 20), F=rng.normal(0, 1, (20, 3, 3)))
     config = {"data": {"path": "e.npz", "train_size": 12, "val_size": 4},
               "model": dict(TINY), "sweep": {"grid": {"model.num_heads": [1, 2]},
                                              "variants": {"small": {"model.embedding_dimension": 8}}}}
@@ -212,6 +215,9 @@ def test_sweep_set_of_a_swept_key_is_refused(tmp_path, capsys):
     _refused(capsys, base + ["--set", "model.embedding_dimension=16"],
              ["error: --set 'model.embedding_dimension=16': sweep.variants.small sets 'model.embedding_dimension' "
               "too, and the variant's value replaces this one in its points"], tmp_path)
+    capsys.readouterr()
+    assert main([str(a) for a in base + ["--grid", "model.num_layers=1,2", "--set", "train.lr=0.002"]]) == 0
+    assert "4 points, 0 finished, 4 to run" in capsys.readouterr().out  # the same data and config pass
 
 
 # ---------------------------------------------------------------------------------- torch files in the wrong place
