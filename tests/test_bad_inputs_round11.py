@@ -66,7 +66,7 @@ def train_set_value_with_a_key_twice(t, s):  # PyYAML kept the last lr, silently
 
 
 ROWS = [
-    (md_on_the_meta_device, ["error: device 'meta': the meta device holds no numbers (shapes only); use cpu or cuda"]),
+    (md_on_the_meta_device, ["error: --device 'meta': the meta device holds no numbers (shapes only); use cpu or cuda"]),
     (md_model_a_symlink_loop, ["loop.pt: is a symbolic link that loops back on itself"]),
     (train_config_a_dangling_symlink, ["config.yaml: is a symbolic link to the missing", "moved.yaml"]),
     (train_config_a_folder, ["config.yaml: is a folder, not a config file"]),

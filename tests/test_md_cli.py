@@ -464,4 +464,4 @@ def test_unknown_element_and_missing_files_are_one_line_errors(tmp_path, shared_
     assert _md(tmp_path, shared_data / "systems" / "caffeine.xyz", "--model", tmp_path / "none.pt") == 2
     assert "none.pt: model file not found" in capsys.readouterr().err
     assert _md(tmp_path, shared_data / "systems" / "caffeine.xyz", "--model", argon_only, "--device", "gpu0") == 2
-    assert "error: device 'gpu0' is not a device name" in capsys.readouterr().err
+    assert "error: --device 'gpu0' is not a device name" in capsys.readouterr().err

@@ -26,6 +26,9 @@ def check_device(device, what: str = "device"):
         raise ConfigError(f"{what} {device!r}: the meta device holds no numbers (shapes only); use cpu or cuda")
     elif dev.type != "cpu":
         raise ConfigError(f"{what} {device!r}: torchmdx runs on cpu or cuda devices")
+    elif dev.index not in (None, 0):  # 'cpu:1' was taken as the CPU: torch has one CPU device, cpu:0
+        raise ConfigError(f"{what} {device!r}: there is one CPU device, cpu (cpu:0), which uses all its "
+                          "cores; GPUs are cuda, cuda:1, ...")
     return dev
 
 

@@ -183,3 +183,14 @@ def decode_text(data: bytes, errors: str = "strict") -> str:
     (a UnicodeDecodeError for other bytes unless ``errors``)."""
     mark = byte_order_mark(data)
     return data.decode(mark[1] if mark else "utf-8", errors)
+
+
+def is_torch_file(path) -> bool:
+    """A file ``torch.save`` wrote (a zip archive holding ``data.pkl``): a model, checkpoint or restart file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False

@@ -94,6 +94,19 @@ def all_frames(path) -> list:
     return ase.io.read(source, index=":", **options)
 
 
+def ends_early(exc: BaseException) -> bool:
+    """ASE's xyz/extxyz reader on a frame whose atom-count line has no atom lines after it (a file of
+    only "3", a last frame cut after its count): a StopIteration inside its generator, which Python
+    turns into "RuntimeError: generator raised StopIteration" (a traceback in ``data info``, else a
+    line quoting those words)."""
+    return isinstance(exc, RuntimeError) and "generator raised StopIteration" in str(exc)
+
+
+#: what :func:`ends_early` means, for the line naming the file
+ENDS_EARLY = ("the file ends early: a frame's atom-count line has no atom lines after it (truncated, e.g. an "
+              "interrupted write or copy?)")
+
+
 def nonfinite_position(atoms) -> Optional[str]:
     """The first atom of ``atoms`` (an ase.Atoms) whose position is NaN or infinite, in words
     ("atom 4 (H) has a non-finite position [nan, 0.0, 1.2]"); None when all are finite. Callers
@@ -188,6 +201,7 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
     from ase.io.formats import UnknownFileTypeError
     from tqdm.auto import tqdm
 
+    k = -1
     try:
         source, options = ase_source(path)
         iterator = ase.io.iread(source, index=":", **options)
@@ -239,6 +253,10 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
         if isinstance(key, str) and key.isalpha() and len(key) <= 3:  # ASE's lookup of a chemical symbol
             raise DataError(f"{path}: unknown element symbol {key!r} (ASE cannot read the file)") from None
         raise DataError(f"{path}: ASE cannot read it (KeyError: {exc})") from None
+    except RuntimeError as exc:
+        if not ends_early(exc):
+            raise
+        raise DataError(f"{path}: frame {k + 1}: {ENDS_EARLY}") from None
     except (OSError, ValueError, IndexError, StopIteration, UnknownFileTypeError) as exc:
         raise DataError(f"{path}: ASE cannot read it ({type(exc).__name__}: {exc})") from None
 

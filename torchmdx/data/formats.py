@@ -123,14 +123,15 @@ def guess_format(path) -> str:
     if head.startswith(b"PK"):  # zip -> npz
         from torchmdx.data.md17 import MD17_KEYS, RMD17_KEYS, load_npz
 
-        keys = set(load_npz(path))
-        if set(MD17_KEYS) <= keys:
+        keys = sorted(load_npz(path))
+        if set(MD17_KEYS) <= set(keys):
             return "md17"
-        if set(RMD17_KEYS) <= keys:
+        if set(RMD17_KEYS) <= set(keys):
             return "rmd17"
+        found = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
         raise DataError(
             f"{path}: npz without the MD17 keys ({', '.join(MD17_KEYS)}) or revised-MD17 keys "
-            f"({', '.join(RMD17_KEYS)}); found: {', '.join(sorted(keys)) or 'none'}"
+            f"({', '.join(RMD17_KEYS)}); found: {found or 'none'}"
         )
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return _guess_h5(path)

@@ -54,6 +54,11 @@ def load_npz(path: Path) -> dict:
             kind = _file_kind(head)
             raise DataError(f"{path}: not an npz file (npz files are zip archives; this one{kind}); "
                             "check the file or pass the right --format")
+        from torchmdx.io_utils import is_torch_file
+
+        if is_torch_file(path):  # a model.pt as --data: "npz without the MD17 keys ... found: archive/data.pkl, ..."
+            raise DataError(f"{path}: a torch file (a model, checkpoint or MD restart file), not a data file; give "
+                            "the data (npz, extxyz, xyz, h5, db, QM9 folder) or a config with a data: section")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
@@ -83,7 +88,7 @@ def require_keys(path, found, expected, layout):
     if missing:
         raise DataError(
             f"{path}: not in the {layout} layout: missing key(s) {', '.join(missing)}; "
-            f"found: {', '.join(sorted(found)) or 'none'}"
+            f"found: {', '.join(sorted(found)[:12]) + (f', ... ({len(found)} in all)' if len(found) > 12 else '') or 'none'}"
         )
 
 

@@ -262,6 +262,10 @@ def run_ase(
         bad = np.nonzero(~np.isfinite(first.forces).all(1))[0]
         what = f"forces (NaN/inf) on atom {int(bad[0])}" if len(bad) else "energy"
         raise SimulationError(model_problem(f"non-finite {what} of structure 0", potential))
+    if not float(first.temperature[0]) <= max_t:  # was one step run and its outputs kept, then "stopped at step 1"
+        from torchmdx.md.engine_loop import too_hot_at_start
+
+        raise SimulationError(too_hot_at_start(0, float(first.temperature[0]), max_t))
     if callable(reporters):
         reporters = reporters()
     for r in reporters:  # (file reporters skip a step their file holds: a continued run's first)

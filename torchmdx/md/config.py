@@ -333,10 +333,21 @@ def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None, co
     token = _NAMING.set(names)
     try:
         config = from_dict(MDConfig, merged, "md")
+    except ConfigError as exc:
+        # from_dict's own checks (NaN/inf, a seed outside 0..2**32-1) name "config key 'md.seed'":
+        # `--seed -1` and `--dt nan` are flags (and a file's key is named with its file)
+        text = str(exc)
+        known = {f.name for f in fields(MDConfig)}  # an unknown key keeps from_dict's own line
+        prefix = next((p for p in (f"config key 'md.{k}' " for k in names or {} if k in known)
+                       if text.startswith(p)), None)
+        if prefix is None:
+            raise
+        raise ConfigError(names[prefix[len("config key 'md."):-2]] + " " + text[len(prefix):]) from None
     finally:
         _NAMING.reset(token)
     config._names = names
     _check_enabled(config, set(merged))
+    config._unused_option_warnings = unused_option_warnings(config, set(merged))
     if yaml_path is not None:
         _resolve_paths_near_the_config(config, yaml_keys, Path(yaml_path))
     return config
@@ -368,6 +379,28 @@ def _check_enabled(config: MDConfig, given: set) -> None:
         reason = "the volume stays constant" if enabler == "pressure" else f"the default ensemble, {current}, has no thermostat"
         raise ConfigError(f"{config.option(key)} sets {what}, but {config.option(enabler)} was not given, so it has no "
                           f"effect ({reason}): add {config.option(enabler)} {how}, or leave {config.option(key)} out")
+
+
+def unused_option_warnings(config: MDConfig, given: set) -> list:
+    """Lines for thermostat or barostat options given beside an explicitly given ensemble (or
+    ``pressure``) that does not use them (``--ensemble nve --friction 5``): the run goes on (a
+    script may pass one set of options to every ensemble; round 17), but says once per option that
+    it has no effect. An option whose enabling key was not given at all is refused instead
+    (:func:`_check_enabled`)."""
+    lines = []
+    for key, what, enabler, values, how in _ENABLED_BY:
+        if key not in given or enabler not in given:
+            continue
+        current = getattr(config, enabler)
+        if values is None:
+            if current is None:
+                lines.append(f"{config.option(key)} has no effect: {config.option(enabler)} is not set, so the volume "
+                             f"stays constant ({config.option(key)} sets {what})")
+        elif current not in values:
+            users = " and ".join(values)
+            lines.append(f"{config.option(key)} has no effect with {config.option(enabler)} {current} (only {users} "
+                         f"use{'s' if len(values) == 1 else ''} it: {what})")
+    return lines
 
 
 def _resolve_paths_near_the_config(config: MDConfig, yaml_keys: set, yaml_path: Path) -> None:

@@ -249,6 +249,9 @@ class Simulation(RunLoop, RestartFiles):
             else:
                 what = f"a non-finite energy for structure {int((~finite_e).nonzero()[0, 0])}"
             raise SimulationError(model_problem(what, self.potential))
+        hot = self._initial_too_hot(st)
+        if hot:
+            raise SimulationError(hot)
         reason = self._bad_reason(st)
         if reason:
             raise SimulationError(f"the initial state cannot be simulated: {reason}")

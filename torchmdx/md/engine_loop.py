@@ -50,11 +50,30 @@ def _next_multiple(step: int, interval: Optional[int]) -> float:
     return (step // interval + 1) * interval
 
 
+
+def too_hot_at_start(structure: int, temperature: float, limit: float) -> str:
+    """The line for a start state hotter than the run's temperature limit: no step was taken, so
+    the old advice ("the simulation is exploding: reduce the time step or check the model") was
+    wrong; the limit is below the initial velocities' temperature (``--max-temperature 1``)."""
+    return (f"the initial state cannot be simulated: structure {structure} starts at {temperature:.4g} K (its "
+            f"initial velocities), above max_temperature {limit:g} K, before any step: raise max_temperature "
+            "(--max-temperature) above the starting temperature, or start colder")
+
 class RunLoop:
     """The checks, snapshots and chunked run loop of :class:`~torchmdx.md.engine.Simulation` (module
     docstring)."""
 
     # ------------------------------------------------------------------ checks
+    def _initial_too_hot(self, state: MDState) -> Optional[str]:
+        """The start state's temperature above the limit: :func:`too_hot_at_start`'s line, else None."""
+        s = self.system
+        temperature = s.temperature(s.kinetic_energy(state.velocities))
+        hot = ~(temperature <= self.max_temperature_K)
+        if not bool(hot.any()):
+            return None
+        b = int(hot.nonzero()[0, 0])
+        return too_hot_at_start(b, float(temperature[b]), self.max_temperature_K)
+
     def _bad_flag(self, state: MDState) -> torch.Tensor:
         """Device bool: non-finite energy or forces (checked every step; the temperature limit
         is checked at the end of each chunk, :meth:`_too_hot`)."""

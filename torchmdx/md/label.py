@@ -264,8 +264,11 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
     at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'``."""
     from torchmdx.data.ase_format import all_frames, nonfinite_position
 
-    if skip < 0 or every < 1 or (max_frames is not None and max_frames < 1):
-        raise ConfigError("--skip must be >= 0, --every >= 1 and --max-frames >= 1")
+    # one line naming the option and its value ("--skip must be >= 0, --every >= 1 and --max-frames >= 1"
+    # named all three, whichever was wrong)
+    for option, value, least in (("--skip", skip, 0), ("--every", every, 1), ("--max-frames", max_frames, 1)):
+        if value is not None and value < least:
+            raise ConfigError(f"{option} must be >= {least}, got {value}")
     frames = []
     for name in paths:
         path = Path(name)
@@ -276,6 +279,15 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - ASE raises many kinds for a bad file
+            from torchmdx.data.ase_format import ENDS_EARLY, ends_early
+
+            if ends_early(exc):  # was "(RuntimeError: generator raised StopIteration)"
+                raise DataError(f"{path}: {ENDS_EARLY}") from None
+            from torchmdx.io_utils import is_torch_file
+
+            if is_torch_file(path):  # was "(UnknownFileTypeError: pt)"
+                raise DataError(f"{path}: a torch file (a model, checkpoint or MD restart file), not structures; "
+                                "a model to label with is --method model:FILE") from None
             raise DataError(f"{path}: cannot be read as structures ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         for k, atoms in enumerate(read_frames):

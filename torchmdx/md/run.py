@@ -93,6 +93,14 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error
+            from torchmdx.data.ase_format import ENDS_EARLY, ends_early
+            from torchmdx.io_utils import is_torch_file
+
+            if ends_early(exc):  # was "(generator raised StopIteration)"
+                raise DataError(f"{path}: {ENDS_EARLY}") from None
+            if is_torch_file(path):  # `md model.pt ar.xyz`: "m.pt: cannot read a structure with ASE (pt)"
+                raise DataError(f"{path}: a torch file (a model, checkpoint or MD restart file), not a structure; "
+                                "give a model with --model and a restart file with --restart") from None
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(f"{path}: cannot read a structure with ASE ({first})") from None
         if not frames:
@@ -402,7 +410,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    check_device(config.device)
+    check_device(config.device, config.option("device"))
     if config.threads:
         import torch
 
@@ -455,6 +463,8 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
             check_constraints(as_read, sources)
         check_float32_reach(as_read, sources, config)
     dtype = as_dtype(config.dtype)
+    for line in getattr(config, "_unused_option_warnings", None) or ():
+        print(f"warning: {line}", file=err)  # --ensemble nve --friction 5: taken, but said (round 18)
     if restart_payload is None:
         for line in close_contacts(structures):
             print(f"warning: {line}", file=err)

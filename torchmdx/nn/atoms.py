@@ -29,9 +29,15 @@ def is_atoms(obj) -> bool:
 
 
 def local_origin(positions: np.ndarray) -> np.ndarray:
-    """An origin near the atoms [3] Å (their mean, rounded to whole Å; 0 without atoms): positions
-    taken relative to it in float64 keep float32 precision far from the coordinates' origin."""
-    return np.round(positions.mean(0)) if len(positions) else np.zeros(3)
+    """An origin near the atoms [3] Å (the median of their finite positions, rounded to whole Å; 0
+    without any): positions taken relative to it in float64 keep float32 precision far from the
+    coordinates' origin. The median of the finite ones: with the mean, one NaN atom made every
+    position NaN (the error named atom 0, not the NaN atom), and the Calculator, which keeps the
+    origin while the atoms stay the same, then refused every later structure of those atoms as
+    "non-finite"; one atom at 1e200 Å pushed the others to -inf in float32 the same way."""
+    positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    finite = positions[np.isfinite(positions).all(axis=1)]
+    return np.round(np.median(finite, axis=0)) if len(finite) else np.zeros(3)
 
 
 #: a cell spanning less volume (Å³) spans none: a stress, σ = (1/V) ∂E/∂ε, is undefined there

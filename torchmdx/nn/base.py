@@ -137,6 +137,17 @@ def _check_atom_inputs(z: torch.Tensor, pos) -> None:
                          "position per atom")
 
 
+def _check_flags(call: str, **flags) -> None:
+    """One ModelError line for a flag of ``predict``/``model(atoms, ...)`` that is not True or False
+    (``forces="no"`` computed the forces: any non-empty string is true; ``stress=None`` skipped
+    the stress). numpy's bool passes."""
+    import numpy as np
+
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ModelError(f"{call}: {name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
 def _normalise_inputs(z, pos, batch, cell, pbc, num_structures: Optional[int] = None, need_periodic: bool = False):
     """(batch, B, cell [B,3,3] or None, pbc [B,3] or None) on the positions' device; see the module
     docstring for when this reads from the device."""
@@ -253,6 +264,9 @@ class Potential(torch.nn.Module):
         if not torch.is_tensor(z):
             from torchmdx.nn.atoms import atoms_inputs, module_device_dtype
 
+            _check_flags("model(atoms, ...)", forces=forces, stress=stress, per_atom=per_atom,
+                         create_graph=create_graph)
+
             device, dtype = module_device_dtype(self)
             return self.forward(  # num_structures: the list's length (an empty last structure counts)
                 **atoms_inputs(z, device, dtype), neighbors=neighbors, forces=forces, stress=stress,
@@ -332,6 +346,7 @@ class Potential(torch.nn.Module):
         from torchmdx.nn.atoms import (atoms_inputs, is_atoms, module_device_dtype, no_volume_stress,
                                        spans_volume, split_per_structure)
 
+        _check_flags("predict", forces=forces, stress=stress)
         device, dtype = module_device_dtype(self)
         inputs = atoms_inputs(atoms, device, dtype, centred=True)  # float32 far from the origin lost precision
         if stress and inputs["cell"] is not None:

@@ -120,6 +120,8 @@ def save_potential(potential, path: Union[str, Path]) -> Path:
     if not isinstance(path, (str, os.PathLike)):  # was pathlib's TypeError
         raise ModelError(f"save: expected the path of a model file such as model.pt, got {path!r} "
                          f"({type(path).__name__})")
+    if not os.fspath(path).strip():  # '' was ": is a folder" (Path('') is the current folder); ' ' a file named ' '
+        raise ModelError(f"save: the path is empty ({os.fspath(path)!r}); give a file name such as model.pt")
     from torchmdx.io_utils import expand_home, names_a_folder
 
     path = expand_home(path)  # save('~/m.pt') wrote into a folder named '~' in the current folder

@@ -280,6 +280,21 @@ def load_base(config_path, overrides: Optional[list[str]] = None,
     return values, grid, variants
 
 
+def _check_overrides_not_swept(overrides, grid: dict, given: dict, variants: dict) -> None:
+    """A ``--set`` of a key the grid (or a variant) sets too: the point's value replaced it at every
+    point, silently (``--grid model.num_layers=1,2 --set model.num_layers=3`` trained 1 and 2)."""
+    for item in overrides or []:
+        key = str(item).split("=", 1)[0].strip()
+        if key in grid:
+            where = "--grid" if key in given else "the config's sweep.grid"
+            raise ConfigError(f"--set {item!r}: {where} sweeps {key!r} too, and its values replace this one at every "
+                              f"point; drop the --set, or give the values in the grid")
+        for name, keys in variants.items():
+            if key in keys or key.split(".", 1)[0] in keys:
+                raise ConfigError(f"--set {item!r}: sweep.variants.{name} sets {key!r} too, and the variant's value "
+                                  "replaces this one in its points; drop the --set, or change the variant")
+
+
 def sweep_folder(config_path, out: Optional[str] = None) -> Path:
     """The sweep folder: ``out``, else sweeps/<config name>."""
     if out is not None and not str(out).strip():  # --out '' silently meant sweeps/<config name>
@@ -294,7 +309,9 @@ def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
     ``sweep.workers_per_device``, when set)."""
     settings: dict = {}
     base, grid, variants = load_base(config_path, overrides, settings)
-    grid.update(parse_grid(grid_items))
+    given = parse_grid(grid_items)
+    grid.update(given)
+    _check_overrides_not_swept(overrides, grid, given, variants)
     points = plan_points(grid, variants)
     sweep_dir = sweep_folder(config_path, out)
     from torchmdx.io_utils import unwritable_folder
