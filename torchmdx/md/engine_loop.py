@@ -50,7 +50,6 @@ def _next_multiple(step: int, interval: Optional[int]) -> float:
     return (step // interval + 1) * interval
 
 
-
 def too_hot_at_start(structure: int, temperature: float, limit: float) -> str:
     """The line for a start state hotter than the run's temperature limit: no step was taken, so
     the old advice ("the simulation is exploding: reduce the time step or check the model") was
@@ -58,6 +57,7 @@ def too_hot_at_start(structure: int, temperature: float, limit: float) -> str:
     return (f"the initial state cannot be simulated: structure {structure} starts at {temperature:.4g} K (its "
             f"initial velocities), above max_temperature {limit:g} K, before any step: raise max_temperature "
             "(--max-temperature) above the starting temperature, or start colder")
+
 
 class RunLoop:
     """The checks, snapshots and chunked run loop of :class:`~torchmdx.md.engine.Simulation` (module
