@@ -38,10 +38,11 @@ import torch
 from ase.calculators.calculator import Calculator as _AseCalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
+from torchmdx.errors import ModelError
 from torchmdx.kernels.neighbors import Neighbors
 from torchmdx.md.forces import fit_skin
 from torchmdx.md.loading import as_dtype, load_potential, potential_dtype
-from torchmdx.nn.atoms import local_origin, no_volume_stress, spans_volume
+from torchmdx.nn.atoms import beyond_dtype, local_origin, no_volume_stress, spans_volume
 from torchmdx.nn.base import edge_vectors
 
 
@@ -286,7 +287,11 @@ class Calculator(_AseCalculator):
     def _device_positions(self, xyz: np.ndarray) -> torch.Tensor:
         """Positions [N, 3] (Å) on the device in the model's dtype, relative to a fixed origin near
         the atoms, subtracted in float64: a float32 model's positions 10^6 Å from the origin kept
-        0.06 Å steps (energies off by 0.03 eV, silently)."""
+        0.06 Å steps (energies off by 0.03 eV, silently). A finite position the dtype cannot hold
+        (1e200 Å in float32) is refused naming it (it was "non-finite [inf, ...]")."""
+        line = beyond_dtype(xyz, self.dtype, self._numbers, self._origin)
+        if line:
+            raise ModelError(line)
         return torch.as_tensor(xyz - self._origin, dtype=self.dtype, device=self.device)
 
     def _compile_mode(self, num_atoms: int) -> str:

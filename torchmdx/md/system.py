@@ -20,6 +20,7 @@ import torch
 
 from torchmdx import units
 from torchmdx.errors import DataError
+from torchmdx.nn.atoms import beyond_dtype
 
 
 def per_structure_sum(values: torch.Tensor, batch: torch.Tensor, num_structures: int) -> torch.Tensor:
@@ -86,6 +87,9 @@ class System:
             if not np.isfinite(positions).all():
                 bad = int(np.nonzero(~np.isfinite(positions).all(1))[0][0])
                 raise DataError(f"structure {b}: atom {bad} has a non-finite position {positions[bad].tolist()}")
+            line = beyond_dtype(positions, dtype, atoms.numbers)
+            if line:  # 1e200 Å in float32 became inf: "non-finite [inf, ...]" of a finite number
+                raise DataError(f"structure {b}: {line}")
             zs.append(atoms.numbers)
             masses.append(atoms.get_masses())
             batch.append(np.full(n, b))
@@ -189,6 +193,8 @@ def float32_reach_problem(atoms, wrap: bool = True) -> Optional[str]:
     a = int(np.argmax(far))
     if not far[a] >= FLOAT32_REACH:
         return None
+    if far[a] > float(np.finfo(np.float32).max):  # the spacing of inf: "positions are nan Å apart"
+        return beyond_dtype(pos, torch.float32, atoms.numbers, advice=False)
     step = float(np.spacing(np.float32(far[a])))
     return (f"atom {a} ({atoms.get_chemical_symbols()[a]}) lies {far[a]:.4g} Å from the origin, where float32 "
             f"positions are {step:.2g} Å apart (forces and the integration lose that much)")

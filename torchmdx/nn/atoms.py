@@ -40,6 +40,34 @@ def local_origin(positions: np.ndarray) -> np.ndarray:
     return np.round(np.median(finite, axis=0)) if len(finite) else np.zeros(3)
 
 
+def beyond_dtype(positions, dtype: torch.dtype, numbers=None, origin=None, advice: bool = True) -> Optional[str]:
+    """The one line for a finite position that the model's floating ``dtype`` cannot hold (an atom
+    at 1e200 Å in a float32 model became inf, and was reported as "non-finite [inf, ...]"), naming
+    the first such atom, its element (from ``numbers``) and its value as given; None when every
+    position fits. ``origin``: subtracted before the check (the local origin of a centred input);
+    ``advice``: end with what to do (callers naming their own option leave it off)."""
+    if not dtype.is_floating_point or dtype == torch.float64:
+        return None
+    largest = float(torch.finfo(dtype).max)
+    positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    shifted = positions - origin if origin is not None else positions
+    with np.errstate(invalid="ignore", over="ignore"):
+        over = np.isfinite(positions).all(1) & (np.abs(shifted) > largest).any(1)
+    if not over.any():
+        return None
+    i = int(np.flatnonzero(over)[0])
+    element = ""
+    if numbers is not None:
+        from ase.data import chemical_symbols
+
+        z = int(np.asarray(numbers)[i])
+        element = f" ({chemical_symbols[z] if 0 <= z < len(chemical_symbols) else z})"
+    name = str(dtype).replace("torch.", "")
+    line = (f"atom {i}{element} is at {positions[i].tolist()} Å: finite, but beyond the range of {name} "
+            f"(at most {largest:.3g}), the dtype it is computed in")
+    return line + "; check the structure, or compute in float64" if advice else line
+
+
 #: a cell spanning less volume (Å³) spans none: a stress, σ = (1/V) ∂E/∂ε, is undefined there
 MIN_STRESS_VOLUME = 1e-12
 
@@ -71,10 +99,23 @@ def atoms_inputs(atoms_or_list, device: Optional[torch.device] = None, dtype: Op
         structures = [atoms_or_list] if single else list(atoms_or_list)
     except TypeError:  # None, a number: was "TypeError: 'NoneType' object is not iterable"
         structures = []
-    if not structures or not all(is_atoms(a) for a in structures):
-        got = next((a for a in structures if not is_atoms(a)), atoms_or_list)
-        raise ModelError(f"expected an ase.Atoms or a non-empty list of ase.Atoms, got {type(got).__name__}")
+    expected = "expected an ase.Atoms or a non-empty list of ase.Atoms"
+    if isinstance(atoms_or_list, (dict, str, bytes)) or not structures:
+        # a dict was listed as its keys ("got str"); a string as its characters
+        kind = type(atoms_or_list).__name__
+        hint = " (give its values: list(d.values()))" if isinstance(atoms_or_list, dict) else ""
+        raise ModelError(f"{expected}, got {'an empty ' if not structures and kind in ('list', 'tuple') else ''}"
+                         f"{kind}{hint}")
+    bad = next((i for i, a in enumerate(structures) if not is_atoms(a)), None)
+    if bad is not None:  # the item named: "got str" did not say which of 1000 structures
+        raise ModelError(f"{expected}: item {bad} of the {type(atoms_or_list).__name__} of {len(structures)} has "
+                         f"type {type(structures[bad]).__name__}, not ase.Atoms")
     dtype = dtype or torch.get_default_dtype()
+    for b, a in enumerate(structures):
+        positions = a.get_positions()
+        line = beyond_dtype(positions, dtype, a.get_atomic_numbers(), local_origin(positions) if centred else None)
+        if line:
+            raise ModelError(line if single else f"structure {b}: {line}")
     z = np.concatenate([a.get_atomic_numbers() for a in structures]).astype(np.int64)
     pos = np.concatenate([a.get_positions() - local_origin(a.get_positions()) if centred else a.get_positions() for a in structures])
     batch = np.concatenate([np.full(len(a), b, dtype=np.int64) for b, a in enumerate(structures)])

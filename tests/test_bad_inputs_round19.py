@@ -1,0 +1,114 @@
+"""Bad inputs, round 19 (branch bad19): round 18's leftovers (a finite position beyond float32, the list item
+``predict`` refuses, a ``--grid`` key the config's grid has too, a structure file named twice, misleading output
+extensions, ``data info --cache-dir FILE``) and the hunt's further finds (see docs/bad_inputs.md, round 19).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.cluster import Icosahedron
+from ase.io import write
+
+import torchmdx
+from torchmdx.cli.main import main
+from torchmdx.errors import ModelError
+from test_bad_inputs_md import one_error_line, snapshot
+from test_bad_inputs_round9 import TINY
+
+
+def _lj(folder):
+    from torchmdx.nn.analytic import LennardJones
+
+    LennardJones(0.0104, 3.4).save(folder / "lj.pt")
+    return folder / "lj.pt"
+
+
+def _argon(folder, name="ar.xyz", far=None):
+    atoms = Icosahedron("Ar", 2)
+    if far is not None:
+        atoms.positions[3, 1] = far
+    write(folder / name, atoms)
+    return folder / name
+
+
+def _tiny_model():
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(elements=[1, 6, 8])
+    return model
+
+
+def _water():
+    return Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+
+
+def _refused(capsys, argv, fragments, folder):
+    """``argv`` exits 2 with one ``error:`` line holding ``fragments``, no traceback, ``folder`` unchanged."""
+    before = snapshot(folder)
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    line = one_error_line(rc, captured, fragments)
+    assert snapshot(folder) == before
+    return line
+
+
+# ---------------------------------------------------------------------------------- beyond float32's range
+def test_finite_position_beyond_float32_is_named_as_such(tmp_path):
+    """An atom at 1e200 Å in a float32 model was "atom 2 has a non-finite position [inf, 0.93, 0.0]": the value
+    is finite in the input, and the line now says it is beyond float32's range (predict, model(atoms), the
+    Calculator)."""
+    from torchmdx import Calculator
+
+    model = _tiny_model()
+    far = _water()
+    far.positions[2, 0] = 1e200
+    expected = ("atom 2 (H) is at [1e+200, 0.93, 0.0] Å: finite, but beyond the range of float32 (at most 3.4e+38), "
+                "the dtype it is computed in; check the structure, or compute in float64")
+    for call in (lambda: model.predict(far), lambda: model(far)):
+        with pytest.raises(ModelError) as info:
+            call()
+        assert str(info.value) == expected
+    with pytest.raises(ModelError) as info:
+        model.predict([_water(), far])
+    assert str(info.value) == "structure 1: " + expected
+    model.save(tmp_path / "m.pt")
+    far.calc = Calculator(tmp_path / "m.pt")
+    with pytest.raises(ModelError) as info:
+        far.get_potential_energy()
+    assert str(info.value) == expected
+    assert np.isfinite(model.double().predict(far)["energy"])  # float64 holds it
+
+
+@pytest.mark.parametrize("engine", ["native", "ase"])
+def test_md_position_beyond_float32_names_file_and_atom(tmp_path, capsys, monkeypatch, engine):
+    """md: "positions are nan Å apart" (native, after a RuntimeWarning) or "structure 0: atom 3 has a non-finite
+    position [..., inf, ...]" -> the file, the atom, the value and --dtype."""
+    monkeypatch.chdir(tmp_path)
+    _argon(tmp_path, far=1e200)
+    _lj(tmp_path)
+    line = _refused(capsys, ["md", "ar.xyz", "--model", "lj.pt", "--steps", "2", "--out", "o/t.extxyz",
+                             "--no-progress", "--engine", engine],
+                    ["ar.xyz: atom 3 (Ar) is at [", "1e+200", "beyond the range of float32", "--dtype float64"],
+                    tmp_path)
+    assert "nan" not in line
+
+
+# ---------------------------------------------------------------------------------- predict's list items
+def test_predict_names_the_list_item_that_is_not_atoms():
+    """``predict([atoms, "x"])`` said "got str" without naming the item; ``predict({"a": atoms})`` said "got str"
+    too (a dict iterates over its keys)."""
+    model = _tiny_model()
+    cases = [
+        ([_water(), "x"], "expected an ase.Atoms or a non-empty list of ase.Atoms: item 1 of the list of 2 has type "
+                          "str, not ase.Atoms"),
+        ((_water(), _water(), 5), "item 2 of the tuple of 3 has type int, not ase.Atoms"),
+        ({"a": _water()}, "got dict (give its values: list(d.values()))"),
+        ([], "got an empty list"),
+    ]
+    for given, fragment in cases:
+        with pytest.raises(ModelError) as info:
+            model.predict(given)
+        assert fragment in str(info.value)

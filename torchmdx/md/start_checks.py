@@ -1,0 +1,112 @@
+"""Checks of the structures ``torchmdx md`` reads, before anything is written: constraints the native
+engine does not apply, cells against the model's cutoff, positions the run's dtype cannot hold, elements the
+model does not know, and (warnings) atoms closer than half their covalent radii. Each refusal is one line
+naming the file and frame (``sources``). Moved out of :mod:`torchmdx.md.run` (round 19).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from torchmdx.errors import ConfigError, DataError
+from torchmdx.md.config import MDConfig
+
+
+def check_constraints(structures, sources: list) -> None:
+    """The native engine applies no ASE constraints: a structure read with one (extxyz ``move_mask``,
+    a .traj's FixAtoms) moved the atoms it holds while the trajectory, written through ASE's
+    ``set_positions``, showed them fixed. One line naming the file, the frame and the constraint."""
+    for atoms, where in zip(structures, sources):
+        if atoms.constraints:
+            names = ", ".join(type(c).__name__ for c in atoms.constraints)
+            raise ConfigError(f"{where}: holds constraints ({names}) that the native engine does not apply; "
+                              "run it with --engine ase, or remove the constraints from the file")
+
+
+def check_cells(potential, structures, sources: list) -> None:
+    """Each periodic structure's cell against the model's cutoff, naming the file and frame (the
+    engine's neighbor list named "structure 0" of the batch)."""
+    import torch
+
+    from torchmdx.kernels.cell_geometry import cell_geometry, describe_problem, first_bad_structure
+
+    for atoms, where in zip(structures, sources):
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        if not pbc.any():
+            continue
+        cell = torch.as_tensor(np.asarray(atoms.cell.array, dtype=np.float64)).unsqueeze(0)
+        flags = torch.as_tensor(pbc).unsqueeze(0)
+        value = int(first_bad_structure(cell_geometry(cell, flags), float(potential.cutoff)))
+        if value >= 0:
+            raise DataError(describe_problem(value, cell, flags, float(potential.cutoff), label=where))
+
+
+def check_float32_reach(structures, sources: list, config: MDConfig) -> None:
+    """The native engine keeps positions in the run's dtype (:func:`torchmdx.md.system.float32_reach_problem`):
+    one line naming the file, frame and atom. A finite position beyond the run dtype's range (1e200 Å in
+    float32) is refused by either engine (it was "non-finite [inf, ...]", or "positions are nan Å apart")."""
+    from torchmdx.md.loading import as_dtype
+    from torchmdx.md.system import float32_reach_problem
+    from torchmdx.nn.atoms import beyond_dtype
+
+    dtype = as_dtype(config.dtype)
+    for atoms, where in zip(structures, sources):
+        line = beyond_dtype(atoms.get_positions(), dtype, atoms.numbers, advice=False)
+        if line:
+            raise ConfigError(f"{where}: {line}; check the structure, or run with {config.option('dtype')} float64")
+    if config.engine == "ase" or config.dtype != "float32":
+        return
+    for atoms, where in zip(structures, sources):
+        problem = float32_reach_problem(atoms, config.wrap)
+        if problem:
+            raise ConfigError(f"{where}: {problem}; translate the structure near the origin, or run with "
+                              f"{config.option('dtype')} float64 (or --engine ase, which takes positions relative to "
+                              "the atoms)")
+
+
+def check_elements(potential, structures, sources: list) -> None:
+    """Each structure's atoms against the elements ``potential`` knows: a one-line ModelError
+    naming the file, the frame and the atom within it (the batch's atom number was named, e.g.
+    "atom 17" of a file of 9-atom frames)."""
+    from torchmdx.errors import ModelError
+    from torchmdx.md.loading import check_atoms_elements
+
+    for atoms, where in zip(structures, sources):
+        try:
+            check_atoms_elements(potential, atoms)
+        except ModelError as exc:
+            raise ModelError(f"{where}: {exc}") from None
+
+
+def close_contacts(structures, factor: float = 0.5) -> list[str]:
+    """Warnings for atoms closer than ``factor`` × the sum of their covalent radii (ASE's table;
+    0.31 Å for H-H, 0.38 Å for C-H, 0.38 Å for C-C at 0.5; bonds are 2x that or more): such
+    geometries are outside anything a model was trained on. One line per structure, the closest
+    pair named, minimum image for periodic cells."""
+    from ase.data import chemical_symbols, covalent_radii
+    from ase.neighborlist import neighbor_list
+
+    lines = []
+    for b, atoms in enumerate(structures):
+        if len(atoms) < 2:
+            continue
+        radii = covalent_radii[atoms.numbers]
+        if not np.isfinite(atoms.positions).all() or np.abs(atoms.positions).max() > 1e15:
+            continue  # refused elsewhere, or far beyond any contact: ASE's binning overflowed, with RuntimeWarnings
+        i, j, d = neighbor_list("ijd", atoms, float(2 * factor * radii.max()), self_interaction=False)
+        keep = i < j
+        i, j, d = i[keep], j[keep], d[keep]
+        limit = factor * (radii[i] + radii[j])
+        close = d < limit
+        if not close.any():
+            continue
+        k = int(np.argmin(np.where(close, d / limit, np.inf)))
+        a, c = int(i[k]), int(j[k])
+        more = int(close.sum()) - 1
+        pair = f"{chemical_symbols[atoms.numbers[a]]}-{chemical_symbols[atoms.numbers[c]]}"
+        lines.append(
+            f"atoms {a} and {c} of structure {b} ({pair}) are {d[k]:.3g} Å apart, closer than {limit[k]:.2f} Å "
+            f"(half the sum of their covalent radii)" + (f", and {more} more pair(s)" if more else "")
+            + ": no model was trained on that; check the structure"
+        )
+    return lines
