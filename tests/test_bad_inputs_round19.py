@@ -112,3 +112,35 @@ def test_predict_names_the_list_item_that_is_not_atoms():
         with pytest.raises(ModelError) as info:
             model.predict(given)
         assert fragment in str(info.value)
+
+
+# ---------------------------------------------------------------------------------- --grid over sweep.grid
+def _sweep_config(tmp_path, grid=None):
+    import yaml
+
+    rng = np.random.default_rng(0)
+    water = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    np.savez(tmp_path / "e.npz", R=water + rng.normal(0, 0.02, (20, 3, 3)), z=np.array([8, 1, 1]),
+             E=rng.normal(0, 1, 20), F=rng.normal(0, 1, (20, 3, 3)))
+    config = {"data": {"path": "e.npz", "train_size": 12, "val_size": 4}, "model": dict(TINY)}
+    if grid is not None:
+        config["sweep"] = {"grid": grid}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "s.yaml"
+
+
+def test_sweep_grid_key_also_in_config_grid_warns(tmp_path, capsys):
+    """A --grid key that the config's sweep.grid sweeps too took the command line's values without a word. The
+    command line still wins (as --set over a config value), with one warning line naming both value lists."""
+    config = _sweep_config(tmp_path, {"model.num_layers": [2, 4, 8]})
+    base = ["sweep", str(config), "--dry-run", "--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert main(base + ["--grid", "model.num_layers=1,2"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: --grid gives 'model.num_layers' the values [1, 2], replacing the values [2, 4, 8] "
+                        f"that sweep.grid in {config} gives it; the sweep trains the command line's"]
+    assert "2 points, 0 finished, 2 to run" in captured.out
+    assert main(["sweep", str(config), "--dry-run", "--out", str(tmp_path / "out2"),
+                 "--grid", "model.num_layers=2,4,8"]) == 0  # the same values: nothing to say
+    assert "warning" not in capsys.readouterr().err

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -310,6 +311,10 @@ def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
     settings: dict = {}
     base, grid, variants = load_base(config_path, overrides, settings)
     given = parse_grid(grid_items)
+    for key, values in given.items():
+        if key in grid and grid[key] != values:  # the command line wins, as for --set, but said (round 19)
+            print(f"warning: --grid gives {key!r} the values {values}, replacing the values {grid[key]} that "
+                  f"sweep.grid in {config_path} gives it; the sweep trains the command line's", file=sys.stderr)
     grid.update(given)
     _check_overrides_not_swept(overrides, grid, given, variants)
     points = plan_points(grid, variants)
