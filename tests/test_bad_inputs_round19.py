@@ -144,3 +144,63 @@ def test_sweep_grid_key_also_in_config_grid_warns(tmp_path, capsys):
     assert main(["sweep", str(config), "--dry-run", "--out", str(tmp_path / "out2"),
                  "--grid", "model.num_layers=2,4,8"]) == 0  # the same values: nothing to say
     assert "warning" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- md: a file named twice
+def test_md_structure_file_named_twice_is_refused(tmp_path, capsys, monkeypatch):
+    """``md ar.xyz ar.xyz`` ran the file twice, as two structures (t.0.extxyz, t.1.extxyz): --replicas is the
+    way to run copies (the two differ only in their velocities either way). ``./ar.xyz`` is the same file too."""
+    monkeypatch.chdir(tmp_path)
+    _argon(tmp_path)
+    _lj(tmp_path)
+    base = ["--model", "lj.pt", "--steps", "2", "--out", "o/t.extxyz", "--no-progress"]
+    _refused(capsys, ["md", "ar.xyz", "ar.xyz", *base],
+             ["error: the structure argument names ar.xyz twice: each file is read once; for copies of a structure "
+              "run together, give it once with --replicas N"], tmp_path)
+    _refused(capsys, ["md", "ar.xyz", "./ar.xyz", *base],
+             ["names ./ar.xyz twice (ar.xyz and ./ar.xyz are the same file)"], tmp_path)
+    (tmp_path / "c.yaml").write_text("md:\n  structure: [ar.xyz, ar.xyz]\n")
+    _refused(capsys, ["md", "--config", "c.yaml", *base],
+             ["error: config key 'md.structure' in c.yaml names ar.xyz twice"], tmp_path)
+    _argon(tmp_path, "ar2.xyz")
+    assert main(["md", "ar.xyz", "ar2.xyz", *base]) == 0  # two files, even of equal content: two structures
+    assert sorted(p.name for p in (tmp_path / "o").glob("t.*.extxyz")) == ["t.0.extxyz", "t.1.extxyz"]
+
+
+def test_md_config_key_messages_name_their_file_once(tmp_path, capsys, monkeypatch):
+    """A config value that md's own checks refuse read "config key 'md.index' in c.yaml in c.yaml ..." (the
+    name with its file was put in front of a line that held it already)."""
+    monkeypatch.chdir(tmp_path)
+    _argon(tmp_path)
+    _lj(tmp_path)
+    (tmp_path / "c.yaml").write_text("md:\n  index: x\n")
+    line = _refused(capsys, ["md", "ar.xyz", "--config", "c.yaml", "--model", "lj.pt", "--out", "o/t.extxyz"],
+                    ["error: config key 'md.index' in c.yaml 'x' is not a frame selection"], tmp_path)
+    assert line.count("c.yaml") == 1
+    (tmp_path / "c.yaml").write_text("md:\n  structure: ['']\n")
+    line = _refused(capsys, ["md", "--config", "c.yaml", "--model", "lj.pt", "--out", "o/t.extxyz"],
+                    ["error: config key 'md.structure' in c.yaml names an empty structure file ('')"], tmp_path)
+    assert line.count("c.yaml") == 1
+
+
+# ---------------------------------------------------------------------------------- md outputs' extensions
+def test_md_outputs_with_another_formats_extension_are_refused(tmp_path, capsys, monkeypatch):
+    """``--restart-out r.extxyz`` wrote a torch file under a trajectory's name (ASE then fails on it) and
+    ``--summary s.csv`` JSON under a table's; ``--log l.json`` a CSV. An extension of another known format is
+    refused naming both; one of no known format (.txt, none) and JSON's .yaml stay accepted."""
+    monkeypatch.chdir(tmp_path)
+    _argon(tmp_path)
+    _lj(tmp_path)
+    base = ["md", "ar.xyz", "--model", "lj.pt", "--steps", "2", "--every", "1", "--out", "o/t.extxyz",
+            "--no-progress"]
+    _refused(capsys, base + ["--restart-out", "r.extxyz"],
+             ["error: --restart-out r.extxyz: .extxyz names an extended-XYZ trajectory, and the restart file is a "
+              "torch file; give it a .pt name, e.g. md.restart.pt"], tmp_path)
+    _refused(capsys, base + ["--summary", "s.CSV"],
+             ["error: --summary s.CSV: .csv names a CSV table, and the summary is JSON; give it a .json name"],
+             tmp_path)
+    _refused(capsys, base + ["--log", "l.json"],
+             ["error: --log l.json: .json names JSON, and the thermo log is a CSV table; give it a .csv name"],
+             tmp_path)
+    assert main(base + ["--restart-out", "o/r.ckpt", "--summary", "o/s.yaml", "--log", "o/l.txt"]) == 0
+    assert {p.name for p in (tmp_path / "o").iterdir()} >= {"r.ckpt", "s.yaml", "l.txt", "t.extxyz"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,13 @@ class MDConfig:
             if not isinstance(name, str) or not name.strip():
                 bad("structure", f"names an empty structure file ({name!r}); give a structure file any ASE reader "
                                  "understands (xyz, extxyz, pdb, cif, ...)")
+        seen: dict = {}
+        for k, name in enumerate(self.structure):  # 'md a.xyz a.xyz' ran the file twice, as two structures
+            first = self.structure[seen.setdefault(os.path.realpath(name), k)]
+            if seen[os.path.realpath(name)] != k:
+                same = "twice" if first == name else f"twice ({first} and {name} are the same file)"
+                bad("structure", f"names {name} {same}: each file is read once; for copies of a structure run "
+                                 f"together, give it once with {flag('replicas')} N")
         for key in ("log", "restart_out"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -340,8 +348,8 @@ def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None, co
         known = {f.name for f in fields(MDConfig)}  # an unknown key keeps from_dict's own line
         prefix = next((p for p in (f"config key 'md.{k}' " for k in names or {} if k in known)
                        if text.startswith(p)), None)
-        if prefix is None:
-            raise
+        if prefix is None or text.startswith(names[prefix[len("config key 'md."):-2]] + " "):
+            raise  # validate's own lines name the file already: "config key 'md.index' in c.yaml in c.yaml"
         raise ConfigError(names[prefix[len("config key 'md."):-2]] + " " + text[len(prefix):]) from None
     finally:
         _NAMING.reset(token)

@@ -97,6 +97,28 @@ def _check_writable(path: Path, option: str, kind: str = "") -> None:
         raise ConfigError(f"{option} {path}: cannot write in {parent} (permission denied)")
 
 
+#: file extensions that name a format other tools (ASE, torchmdx, a spreadsheet) read by its name
+_FORMATS = {".extxyz": "an extended-XYZ trajectory", ".xyz": "an XYZ trajectory", ".traj": "an ASE trajectory",
+            ".pdb": "a PDB structure", ".cif": "a CIF structure", ".csv": "a CSV table", ".json": "JSON",
+            ".yaml": "YAML", ".yml": "YAML", ".npz": "a numpy archive", ".h5": "HDF5", ".hdf5": "HDF5",
+            ".png": "an image", ".pt": "a torch file", ".pth": "a torch file", ".ckpt": "a torch file"}
+#: output kind -> (what it holds, the extensions that fit it, an example name)
+_CONTENT = {"thermo log": ("a CSV table", (".csv",), "md.csv"),
+            "restart file": ("a torch file", (".pt", ".pth", ".ckpt"), "md.restart.pt"),
+            "summary": ("JSON", (".json", ".yaml", ".yml"), "md.summary.json")}  # JSON is YAML too
+
+
+def _check_extension(path: Path, opt: str, kind: str) -> None:
+    """An output named with an extension of another format (``--restart-out r.extxyz`` wrote a torch
+    file there, ``--summary s.csv`` JSON; ASE, a spreadsheet or ``torchmdx md`` then misread it):
+    refused, naming both formats. Extensions of no known format (.txt, .log, none) are taken."""
+    suffix = path.suffix.lower()
+    content, fitting, example = _CONTENT[kind]
+    if suffix in _FORMATS and suffix not in fitting:
+        raise ConfigError(f"{opt} {path}: {suffix} names {_FORMATS[suffix]}, and the {kind} is {content}; give it "
+                          f"a {fitting[0]} name, e.g. {example}")
+
+
 def plan_outputs(config: MDConfig, num_structures: int, restart_payload: Optional[dict] = None,
                  model_path=None) -> OutputPlan:
     """Check the outputs of ``config`` for ``num_structures`` structures (see the module
@@ -139,6 +161,9 @@ def plan_outputs(config: MDConfig, num_structures: int, restart_payload: Optiona
             if _same(path, source):
                 raise ConfigError(f"{opt} {path} would write the {kind} over the input {what} {source}: "
                                   f"choose another {opt}")
+    for path, opt, kind in outputs:  # after the collisions: "both would be o/t.csv" says more
+        if kind in _CONTENT and kind not in derived:
+            _check_extension(path, opt, kind)
 
     kept = [(p, opt, kind) for p, opt, kind in outputs[:len(plan.trajectories) + 2]]  # trajectories, log, restart
     existing = [(p, opt, kind) for p, opt, kind in kept if p.is_file() and p.stat().st_size > 0]
