@@ -204,3 +204,20 @@ def test_md_outputs_with_another_formats_extension_are_refused(tmp_path, capsys,
              tmp_path)
     assert main(base + ["--restart-out", "o/r.ckpt", "--summary", "o/s.yaml", "--log", "o/l.txt"]) == 0
     assert {p.name for p in (tmp_path / "o").iterdir()} >= {"r.ckpt", "s.yaml", "l.txt", "t.extxyz"}
+
+
+# ---------------------------------------------------------------------------------- data --cache-dir FILE
+def test_data_info_cache_dir_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch, shared_data):
+    """``data info --cache-dir FILE`` was taken without a word (it only looks for a cache there); ``data
+    prepare`` said so only after reading the data. Both refuse it first, a config's data.cache_dir too."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cf").write_text("not a folder\n")
+    source = shared_data / "md17" / "ethanol_snip.xyz"
+    for command in ("info", "prepare"):
+        _refused(capsys, ["data", command, source, "--cache-dir", "cf"],
+                 ["error: --cache-dir cf: cf is a file, not a folder; give the cache folder"], tmp_path)
+    _refused(capsys, ["data", "info", source, "--cache-dir", "cf/sub"],
+             ["error: --cache-dir cf/sub: cf is a file, not a folder"], tmp_path)
+    (tmp_path / "d.yaml").write_text(f"data:\n  path: {source}\n  cache_dir: cf\n")
+    _refused(capsys, ["data", "info", "d.yaml"],
+             ["error: config key 'data.cache_dir' in d.yaml: cf: cf is a file, not a folder"], tmp_path)

@@ -93,6 +93,14 @@ def _load(args):
             config.cache_dir = args.cache_dir
     else:
         config = DataConfig(path=args.source, format=args.format, cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, **cli_opts)
+    # a file there: `data info --cache-dir FILE` was taken without a word (it only looks for a cache), and
+    # `data prepare` said so only after reading the whole data set
+    folder = Path(config.cache_dir)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "--cache-dir" if args.cache_dir else f"config key 'data.cache_dir' in {args.source}:"
+        raise ConfigError(f"{where} {folder}: {blocker} is a file, not a folder; give the cache folder (a "
+                          f"folder, or one to be made)")
     return config
 
 
