@@ -221,3 +221,42 @@ def test_data_info_cache_dir_that_is_a_file_is_refused(tmp_path, capsys, monkeyp
     (tmp_path / "d.yaml").write_text(f"data:\n  path: {source}\n  cache_dir: cf\n")
     _refused(capsys, ["data", "info", "d.yaml"],
              ["error: config key 'data.cache_dir' in d.yaml: cf: cf is a file, not a folder"], tmp_path)
+
+
+# ---------------------------------------------------------------------------------- train: monitor, logging
+def _train_config(tmp_path):
+    _sweep_config(tmp_path)  # e.npz: energies and forces, no stress
+    (tmp_path / "t.yaml").write_text(
+        "data: {path: e.npz, train_size: 12, val_size: 4, batch_size: 4}\n"
+        f"model: {dict(TINY)}\n"
+        "trainer: {max_epochs: 1, accelerator: cpu, enable_progress_bar: false, num_sanity_val_steps: 0}\n"
+        "run_dir: runs/t\n")
+    return tmp_path / "t.yaml"
+
+
+def test_train_monitor_of_a_label_the_data_lack_is_refused(tmp_path, capsys, monkeypatch):
+    """``train.monitor: val_stress_mae`` on data without stress trained a whole epoch, then stopped with
+    Lightning's traceback ("Early stopping conditioned on metric `val_stress_mae` which is not available");
+    ``trainer.log_every_n_steps: -5`` was taken as 5 (Lightning's step % -5)."""
+    monkeypatch.chdir(tmp_path)
+    config = _train_config(tmp_path)
+    argv = ["train", config, "--set", "train.monitor=val_stress_mae", "--set", "data.cache_dir=c"]
+    assert main([str(a) for a in argv]) == 2  # the data cache is built first (and kept): the second call changes nothing
+    _refused(capsys, argv, ["error: config key 'train.monitor' is 'val_stress_mae' but ", "e.npz has no stress, so it "
+                            "is never logged (no best checkpoint, no early stopping); monitor val_loss or "
+                            "val_energy_mae"], tmp_path)
+    assert not (tmp_path / "runs").exists()
+    _refused(capsys, ["train", config, "--set", "trainer.log_every_n_steps=-5"],
+             ["error: config key 'trainer.log_every_n_steps' must be >= 0 (0: no per-step logging), got -5"],
+             tmp_path)
+
+
+def test_evaluate_names_its_options_not_config_keys(tmp_path, capsys, monkeypatch):
+    """``evaluate --format xyz`` said "config key 'data.format' must be one of ...", and ``--cache-dir ''``
+    "config key 'data.cache_dir' is empty": no config was given, the options were."""
+    monkeypatch.chdir(tmp_path)
+    _sweep_config(tmp_path)
+    _tiny_model().save(tmp_path / "m.pt")
+    _refused(capsys, ["evaluate", "m.pt", "--data", "e.npz", "--format", "xyz"],
+             ["error: --format must be one of md17, rmd17, md17-xyz, qm9, ani1, ani1x, ase, cache, got 'xyz'"],
+             tmp_path)

@@ -230,7 +230,7 @@ CASES = [
     (data_info_empty_path, ["the data path is empty (''); give a data file or folder"]),
     (data_prepare_empty_cache_dir, ["--cache-dir is empty (''); give a folder, or leave it out"]),
     (evaluate_empty_data, ["--data is empty (''); give a data file, a folder or a YAML config"]),
-    (evaluate_empty_cache_dir, ["config key 'data.cache_dir' is empty (''); give a folder"]),
+    (evaluate_empty_cache_dir, ["--cache-dir is empty (''); give a folder"]),
     (train_empty_data_path, ["config key 'data.path' is empty (''); give a file or folder"]),
     (prepare_config_empty_cache_dir, ["config key 'data.cache_dir' is empty (''); give a folder"]),
     (train_blank_split_file, ["config key 'data.split_file' is empty (' '); give a split file (.npz), or leave it out"]),

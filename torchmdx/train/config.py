@@ -250,6 +250,8 @@ class TrainerConfig:
             warnings.warn(f"config key '{section}.check_val_every_n_epoch' is {self.check_val_every_n_epoch} but "
                           f"'{section}.max_epochs' is {self.max_epochs}: no validation will run, so no best "
                           "checkpoint is chosen and the last one is exported", UserWarning, stacklevel=2)
+        if self.log_every_n_steps < 0:  # Lightning took -5 as 5 (step % -5 == 0), without a word
+            bad("log_every_n_steps", f"must be >= 0 (0: no per-step logging), got {self.log_every_n_steps}")
         if self.num_sanity_val_steps < -1:
             bad("num_sanity_val_steps", f"must be >= 0, or -1 (the whole validation set), got {self.num_sanity_val_steps}")
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:

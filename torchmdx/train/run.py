@@ -129,6 +129,12 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
         raise ConfigError(f"config key 'train.stress_weight' is {cfg.train.stress_weight} but {source} has no stress "
                           "(an ASE file's 'stress' or 'virial' per structure, data.stress_key); set "
                           "train.stress_weight: 0")
+    label = {"val_forces_mae": ("forces", datamodule.dataset.has_forces),
+             "val_stress_mae": ("stress", datamodule.dataset.has_stress)}.get(cfg.train.monitor)
+    if label is not None and not label[1]:  # was Lightning's "Early stopping conditioned on metric ..." traceback
+        raise ConfigError(f"config key 'train.monitor' is '{cfg.train.monitor}' but {source} has no {label[0]}, so "
+                          "it is never logged (no best checkpoint, no early stopping); monitor val_loss or "
+                          "val_energy_mae")
     module = PotentialModule(
         model=to_dict(cfg.model_config), train=to_dict(dataclasses.replace(cfg.train, cuda_graph=captured)),
         data=to_dict(cfg.data_config),
@@ -275,6 +281,7 @@ def _prepare_or_leave_no_trace(cfg: RunConfig, run_dir: Path, check=None):
 
     existed = run_dir.is_dir()
     before = set(run_dir.iterdir()) if existed else set()
+    made = [p for p in run_dir.parents if not p.exists()]  # runs/ of runs/t: left behind, empty (round 19)
     try:
         prepared = prepare(cfg, run_dir)
         if check is not None:
@@ -283,6 +290,11 @@ def _prepare_or_leave_no_trace(cfg: RunConfig, run_dir: Path, check=None):
     except TorchmdxError:
         if not existed:
             shutil.rmtree(run_dir, ignore_errors=True)
+            for parent in made:  # innermost first; only while empty (os.rmdir refuses a folder with files)
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
         elif run_dir.is_dir():
             for path in set(run_dir.iterdir()) - before:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
