@@ -260,3 +260,48 @@ def test_evaluate_names_its_options_not_config_keys(tmp_path, capsys, monkeypatc
     _refused(capsys, ["evaluate", "m.pt", "--data", "e.npz", "--format", "xyz"],
              ["error: --format must be one of md17, rmd17, md17-xyz, qm9, ani1, ani1x, ase, cache, got 'xyz'"],
              tmp_path)
+
+
+# ---------------------------------------------------------------------------------- ANI HDF5 shapes and types
+def _ani(path, layout, **datasets):
+    import h5py
+
+    rng = np.random.default_rng(0)
+    water = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    coordinates = water + rng.normal(0, 0.02, (5, 3, 3))
+    if layout == "ani1x":
+        values = {"atomic_numbers": np.array([8, 1, 1]), "coordinates": coordinates,
+                  "m.energy": rng.normal(-76, 0.01, 5), "m.forces": rng.normal(0, 0.01, (5, 3, 3))}
+        name = "H2O"
+    else:
+        values = {"coordinates": coordinates.astype(np.float32), "species": np.array([b"O", b"H", b"H"]),
+                  "energies": rng.normal(-76, 0.01, 5)}
+        name = "gdb_s01/gdb_s01-0"
+    values.update(datasets)
+    with h5py.File(path, "w") as h5:
+        group = h5.create_group(name)
+        for key, value in values.items():
+            group[key] = value
+    return path
+
+
+def test_ani_h5_atoms_and_energies_of_odd_shapes_say_what_fits(tmp_path, capsys):
+    """ANI-1x ``atomic_numbers`` of shape (1, 3): "'coordinates' has shape (5, 3, 3) but there are 1 atomic
+    numbers; expected (n, 1, 3)" (blaming the coordinates); energies of shape (5, 1): "has shape (5, 1) for 5
+    conformations" without what fits; ANI-1 ``species`` as numbers: "unknown element symbol '8'"."""
+    cache = ["--cache-dir", tmp_path / "c"]
+    x = ["--format", "ani1x", "--energy-key", "m.energy", "--forces-key", "m.forces", *cache]
+    path = _ani(tmp_path / "z.h5", "ani1x", atomic_numbers=np.array([[8, 1, 1]]))
+    _refused(capsys, ["data", "info", path, *x],
+             ["z.h5:/H2O: 'atomic_numbers' has shape (1, 3); expected (atoms,), one entry per atom"], tmp_path)
+    path = _ani(tmp_path / "e.h5", "ani1x", **{"m.energy": np.zeros((5, 1))})
+    _refused(capsys, ["data", "info", path, *x],
+             ["e.h5:/H2O: 'm.energy' has shape (5, 1) for 5 conformations (coordinates); expected (5,), one energy "
+              "per conformation"], tmp_path)
+    path = _ani(tmp_path / "s.h5", "ani1", species=np.array([8, 1, 1]))
+    _refused(capsys, ["data", "info", path, "--format", "ani1", *cache],
+             ["s.h5:/gdb_s01/gdb_s01-0: 'species' holds numbers (8, 1, 1), not element symbols: the ANI-1 layout "
+              "names the elements (b'O', b'H'); a file of atomic numbers is the ANI-1x layout"], tmp_path)
+    path = _ani(tmp_path / "s2.h5", "ani1", species=np.array([[b"O", b"H", b"H"]]))
+    _refused(capsys, ["data", "info", path, "--format", "ani1", *cache],
+             ["'species' has shape (1, 3); expected (atoms,)"], tmp_path)

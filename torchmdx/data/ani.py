@@ -166,7 +166,14 @@ def iter_ani1(path, energy_key: Optional[str] = None, energy_unit: Optional[str]
             where = f"{path}:{group.name}"
             if key not in group:
                 raise DataError(f"{where}: no '{key}' dataset; found: {', '.join(sorted(group.keys()))}")
-            species = [s.decode() if isinstance(s, bytes) else str(s) for s in group["species"][()]]
+            raw = group["species"][()]
+            _check_one_per_atom(raw, "species", where)
+            species = [s.decode() if isinstance(s, bytes) else str(s) for s in raw]
+            if np.asarray(raw).dtype.kind in "iuf":  # "unknown element symbol '8'": numbers, not symbols
+                raise DataError(f"{where}: 'species' holds numbers ({', '.join(species[:4])}"
+                                f"{', ...' if len(species) > 4 else ''}), not element symbols: the ANI-1 layout names "
+                                "the elements (b'O', b'H'); a file of atomic numbers is the ANI-1x layout (format "
+                                "ani1x, its 'atomic_numbers' dataset)")
             try:
                 numbers = [atomic_numbers[s.strip().capitalize()] for s in species]
             except KeyError as exc:
@@ -185,6 +192,14 @@ def iter_ani1(path, energy_key: Optional[str] = None, energy_unit: Optional[str]
         yield chunk
 
 
+def _check_one_per_atom(values, key: str, where: str) -> None:
+    """The atoms' dataset (``species``, ``atomic_numbers``) is one value per atom: a (1, N) array was
+    "'coordinates' has shape (n, N, 3) but there are 1 atomic numbers; expected (n, 1, 3)"."""
+    shape = np.shape(values)
+    if len(shape) != 1:
+        raise DataError(f"{where}: '{key}' has shape {shape}; expected (atoms,), one entry per atom")
+
+
 def _check_group_shapes(group, where: str, natoms: int, ekey: str, fkey: Optional[str]) -> int:
     """Number of conformations of an ANI group, after checking the datasets' shapes agree
     (without reading them); a one-line DataError naming the group otherwise."""
@@ -199,6 +214,7 @@ def _check_group_shapes(group, where: str, natoms: int, ekey: str, fkey: Optiona
     e_shape = group[ekey].shape
     if len(e_shape) != 1 or e_shape[0] != n:
         ends = f"; it ends early, at conformation {e_shape[0]}" if len(e_shape) == 1 and e_shape[0] < n else ""
+        ends = ends or f"; expected ({n},), one energy per conformation"  # (n, 1) said nothing of what fits
         raise DataError(f"{where}: '{ekey}' has shape {e_shape} for {n} conformations (coordinates){ends}")
     if fkey is not None:
         f_shape = group[fkey].shape
@@ -262,6 +278,7 @@ def iter_ani1x(path, energy_key: Optional[str] = None, forces_key: Optional[str]
                 if key is not None and key not in group:
                     raise DataError(f"{where}: no '{key}' dataset; found: {', '.join(sorted(group.keys()))}")
             numbers = read_rows(group, "atomic_numbers", 0, None, where)
+            _check_one_per_atom(numbers, "atomic_numbers", where)
             n = _check_group_shapes(group, where, len(numbers), ekey, fkey)
             for a, b in _conformation_slices(n, len(numbers), chunk_atoms):
                 energy = read_rows(group, ekey, a, b, where)
