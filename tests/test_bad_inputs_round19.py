@@ -305,3 +305,22 @@ def test_ani_h5_atoms_and_energies_of_odd_shapes_say_what_fits(tmp_path, capsys)
     path = _ani(tmp_path / "s2.h5", "ani1", species=np.array([[b"O", b"H", b"H"]]))
     _refused(capsys, ["data", "info", path, "--format", "ani1", *cache],
              ["'species' has shape (1, 3); expected (atoms,)"], tmp_path)
+
+
+# ---------------------------------------------------------------------------------- slmc keys that do nothing
+def test_slmc_retrain_beyond_steps_warns_and_proposals_without_runs_refused(tmp_path, capsys):
+    """``slmc.retrain_every: 10`` with ``slmc.steps: 4`` ran without one refit, without a word (a warning now, as
+    md's options that do nothing); ``data.previous_proposals: true`` without ``data.previous_runs`` said "none
+    of data.previous_runs holds proposals_*.pt" of an empty list."""
+    from test_bad_inputs_round3 import _slmc_config
+
+    from torchmdx.lattice.config import load_slmc_config, unused_warnings
+
+    config = _slmc_config(tmp_path, slmc__retrain_every=10)
+    assert unused_warnings(load_slmc_config(config, [], None)) == [
+        "config key 'slmc.retrain_every' is 10 but slmc.steps is 4: no refit happens (one every 10 steps, before the "
+        "last); lower it below 4, or set 0 (never)"]
+    assert unused_warnings(load_slmc_config(config, ["slmc.retrain_every=2"], None)) == []
+    _refused(capsys, ["slmc", _slmc_config(tmp_path, data__previous_proposals=True), "--no-progress"],
+             ["error: config key 'data.previous_proposals' is true but data.previous_runs is empty: there is no "
+              "earlier run to take proposals from"], tmp_path)

@@ -27,8 +27,10 @@ def run(args) -> int:
     from torchmdx.lattice.config import load_slmc_config
 
     cfg = load_slmc_config(args.config, args.overrides, args.run_dir)  # all config errors before any work
-    from torchmdx.lattice.config import size_warning
+    from torchmdx.lattice.config import size_warning, unused_warnings
 
+    for line in unused_warnings(cfg):  # slmc.retrain_every beyond slmc.steps: no refit, without a word
+        print(f"warning: {line}", file=sys.stderr, flush=True)
     warning = size_warning(cfg)  # a lattice whose exact diagonalisations take hours, or most of the memory
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)

@@ -153,6 +153,9 @@ class DataConfig:
             bad("thermalize_sweeps", f"must be >= 0, got {self.thermalize_sweeps}")
         if self.step is not None and not self.step > 0:
             bad("step", f"must be > 0 or null (uniform on the sphere), got {self.step}")
+        if self.previous_proposals and not self.previous_runs:  # "none of data.previous_runs holds ..." of none
+            bad("previous_proposals", "is true but data.previous_runs is empty: there is no earlier run to take "
+                                      "proposals from; list its folder in data.previous_runs, or leave this false")
 
 
 @dataclass
@@ -346,6 +349,16 @@ def cost_estimate(cfg: SLMCRunConfig, shells: Optional[int] = None) -> dict:
                     f"effective-model tables ({shells} shells): {_gb(tables)}",
             "work": f"{data_matrices:.3g} exact local updates ({dc.chains} chains x {dc.thermalize_sweeps + dc.sweeps} "
                     f"sweeps x {n} sites) and {slmc_matrices:.3g} SLMC proposals"}
+
+
+def unused_warnings(cfg: SLMCRunConfig) -> list[str]:
+    """Lines for keys set to values that do nothing (round 19): ``slmc.retrain_every`` at or beyond
+    ``slmc.steps`` (a refit happens at steps k x retrain_every < steps) ran without one refit."""
+    sc = cfg.slmc
+    if sc.retrain_every and sc.retrain_every >= sc.steps:
+        return [f"config key 'slmc.retrain_every' is {sc.retrain_every} but slmc.steps is {sc.steps}: no refit happens "
+                f"(one every {sc.retrain_every} steps, before the last); lower it below {sc.steps}, or set 0 (never)"]
+    return []
 
 
 def size_warning(cfg: SLMCRunConfig) -> Optional[str]:
