@@ -324,3 +324,24 @@ def test_slmc_retrain_beyond_steps_warns_and_proposals_without_runs_refused(tmp_
     _refused(capsys, ["slmc", _slmc_config(tmp_path, data__previous_proposals=True), "--no-progress"],
              ["error: config key 'data.previous_proposals' is true but data.previous_runs is empty: there is no "
               "earlier run to take proposals from"], tmp_path)
+
+
+# ---------------------------------------------------------------------------------- export --atoms ranges
+def test_export_atoms_range_far_beyond_the_structure_is_one_line(tmp_path, capsys):
+    """``export --openmm --atoms 0-9999999999`` built the list of ten billion indices before checking them: "ran
+    out of memory (MemoryError): check the sizes asked for (--replicas, batch sizes, ...)". The range is checked
+    against the structure first."""
+    from torchmdx.cli.export_cmd import parse_atoms
+    from torchmdx.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_atoms("0-9999999999", 3)
+    assert str(info.value) == "--atoms: atom 3 is outside the structure's 3 atoms (0-based: 0..2)"
+    with pytest.raises(ConfigError, match=r"atom 9 is outside"):
+        parse_atoms("0,9-99999999999", 3)
+    assert parse_atoms("1-2,0", 3) == [1, 2, 0]
+    _tiny_model().save(tmp_path / "m.pt")
+    write(tmp_path / "w.xyz", _water())
+    _refused(capsys, ["export", "--openmm", tmp_path / "m.pt", "-o", tmp_path / "om.pt", "--structure",
+                      tmp_path / "w.xyz", "--atoms", "0-9999999999"],
+             ["error: --atoms: atom 3 is outside the structure's 3 atoms (0-based: 0..2)"], tmp_path)

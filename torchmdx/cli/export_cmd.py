@@ -52,6 +52,11 @@ def parse_atoms(text: str, count: int) -> list:
                 lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
                 if int(hi) < int(lo):  # was an empty range: '0,5-2' silently meant '0'
                     raise ConfigError(f"--atoms: range {part!r} is empty; give low-high, e.g. {hi}-{lo}")
+                if not (0 <= int(lo) and int(hi) < count):  # checked before the list is made: 0-9999999999 ran
+                    # out of memory ("check the sizes asked for (--replicas, ...)")
+                    first = int(lo) if int(lo) < 0 else max(int(lo), count)
+                    raise ConfigError(f"--atoms: atom {first} is outside the structure's {count} atoms (0-based: "
+                                      f"0..{count - 1})")
                 atoms.extend(range(int(lo), int(hi) + 1))
             else:
                 atoms.append(int(part))
