@@ -345,3 +345,18 @@ def test_export_atoms_range_far_beyond_the_structure_is_one_line(tmp_path, capsy
     _refused(capsys, ["export", "--openmm", tmp_path / "m.pt", "-o", tmp_path / "om.pt", "--structure",
                       tmp_path / "w.xyz", "--atoms", "0-9999999999"],
              ["error: --atoms: atom 3 is outside the structure's 3 atoms (0-based: 0..2)"], tmp_path)
+
+
+def test_sweep_grid_with_an_empty_value_names_it():
+    """``--grid model.num_layers=1,,2`` said "give one or more comma-separated values" of a grid that gave two."""
+    from torchmdx.errors import ConfigError
+    from torchmdx.train.sweep_plan import parse_grid
+
+    with pytest.raises(ConfigError) as info:
+        parse_grid(["model.num_layers=1,,2"])
+    assert str(info.value) == ("--grid 'model.num_layers=1,,2': value 2 of 3 is empty (two commas in a row, or one at "
+                               "the start or end); give each value once: v1,v2,...")
+    with pytest.raises(ConfigError, match=r"value 3 of 3 is empty"):
+        parse_grid(["model.num_layers=1,2,"])
+    with pytest.raises(ConfigError, match=r"give one or more comma-separated values"):
+        parse_grid(["model.num_layers= "])

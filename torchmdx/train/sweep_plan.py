@@ -68,8 +68,12 @@ def parse_grid(items: list[str]) -> dict:
             raise ConfigError(f"--grid {item!r}: key {key!r} is given twice; list all its values in one --grid "
                               f"({key}=v1,v2,...)")
         texts = [t.strip() for t in _top_level_split(raw, item)]
-        if not raw.strip() or any(t == "" for t in texts):
+        if not raw.strip():
             raise ConfigError(f"--grid {item!r}: give one or more comma-separated values")
+        if any(t == "" for t in texts):  # '1,,2' and '1,2,' were "give one or more ... values" too
+            empty = texts.index("")
+            raise ConfigError(f"--grid {item!r}: value {empty + 1} of {len(texts)} is empty (two commas in a row, or "
+                              "one at the start or end); give each value once: v1,v2,...")
         values = []
         for text in texts:
             try:
