@@ -276,7 +276,8 @@ def test_calculator_is_not_poisoned_by_a_structure_with_a_nan(tmp_path):
     reference = good.get_potential_energy()
     calculator = Calculator(tmp_path / "m.pt")
     for where, value, said in ((1, np.nan, "has a non-finite position"),  # round 19: 1e200 is beyond float32
-                               (2, 1e200, r"\(H\) is at \[1e\+200, 1e\+200, 1e\+200\] Å: finite, but beyond the range of float32")):
+                               (2, 1e200, r"\(H\) is at \[1e\+200, 1e\+200, 1e\+200\] Å: finite, but beyond the "
+                                          "range of float32")):
         bad = _water()
         bad.positions[where] = value
         bad.calc = calculator

@@ -241,7 +241,7 @@ def test_train_monitor_of_a_label_the_data_lack_is_refused(tmp_path, capsys, mon
     monkeypatch.chdir(tmp_path)
     config = _train_config(tmp_path)
     argv = ["train", config, "--set", "train.monitor=val_stress_mae", "--set", "data.cache_dir=c"]
-    assert main([str(a) for a in argv]) == 2  # the data cache is built first (and kept): the second call changes nothing
+    assert main([str(a) for a in argv]) == 2  # builds the data cache (kept): the second call changes nothing
     _refused(capsys, argv, ["error: config key 'train.monitor' is 'val_stress_mae' but ", "e.npz has no stress, so it "
                             "is never logged (no best checkpoint, no early stopping); monitor val_loss or "
                             "val_energy_mae"], tmp_path)

@@ -334,7 +334,8 @@ def test_python_api_none_and_numbers_are_one_line(tmp_path):
 
     model = torchmdx.build_model(TINY)
     for value, name in ((None, ", got NoneType"), (5, ", got int"),  # round 19: the list item is named
-                        ([Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]), 3], ": item 1 of the list of 2 has type int, not ase.Atoms")):
+                        ([Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]), 3],
+                         ": item 1 of the list of 2 has type int, not ase.Atoms")):
         with pytest.raises(ModelError, match=f"expected an ase.Atoms or a non-empty list of ase.Atoms{name}$"):
             model.predict(value)
     with pytest.raises(ModelError, match=r"save: expected the path of a model file such as model.pt, got 5 \(int\)"):
