@@ -7,52 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ase import Atoms
-from ase.cluster import Icosahedron
 from ase.io import write
 
-import torchmdx
 from torchmdx.cli.main import main
 from torchmdx.errors import ModelError
-from test_bad_inputs_md import one_error_line, snapshot
 from test_bad_inputs_round9 import TINY
-
-
-def _lj(folder):
-    from torchmdx.nn.analytic import LennardJones
-
-    LennardJones(0.0104, 3.4).save(folder / "lj.pt")
-    return folder / "lj.pt"
-
-
-def _argon(folder, name="ar.xyz", far=None):
-    atoms = Icosahedron("Ar", 2)
-    if far is not None:
-        atoms.positions[3, 1] = far
-    write(folder / name, atoms)
-    return folder / name
-
-
-def _tiny_model():
-    model = torchmdx.build_model(TINY)
-    model.set_normalisation(elements=[1, 6, 8])
-    return model
-
-
-def _water():
-    return Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
-
-
-def _refused(capsys, argv, fragments, folder):
-    """``argv`` exits 2 with one ``error:`` line holding ``fragments``, no traceback, ``folder`` unchanged."""
-    before = snapshot(folder)
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err
-    line = one_error_line(rc, captured, fragments)
-    assert snapshot(folder) == before
-    return line
+from bad_inputs_common import (  # the helpers rounds 17-19 share
+    lj_file as _lj,
+    argon_file as _argon,
+    tiny_model as _tiny_model,
+    water as _water,
+    refused as _refused,
+)
 
 
 # ---------------------------------------------------------------------------------- beyond float32's range

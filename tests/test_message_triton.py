@@ -201,20 +201,11 @@ CASES = {
     "merged_no_edges_f64": (dict(symmetric=True, no_edges=True), dict(sender_side="merged"), 1e-11),
     "merged_gemm_f32": (dict(symmetric=True, dtype=torch.float32, heads=4, head_dim=8, num_rbf=16),
                         dict(filters="gemm", sender_side="merged"), 3e-5),
-    # symmetric lists, sender kernel over each atom's own segment (the reverse edges)
-    "reverse_gemm_std_f64": (dict(symmetric=True), dict(filters="gemm", sender_side="reverse"), 1e-11),
-    "reverse_kernel_vcut_tanh_ssp_f64": (
-        dict(symmetric=True), dict(filters="kernel", sender_side="reverse", vector_cutoff=True, attn="tanh",
-                                   filter_act="ssp"), 1e-11),
-    "reverse_values_mish_D6_H3_f64": (
-        dict(symmetric=True, with_dk=False, heads=3, head_dim=6, padding=10),
-        dict(filters="gemm", sender_side="reverse", filter_act="mish"), 1e-11),
-    "reverse_given_keys_noself_f64": (
-        dict(symmetric=True, filters="given", with_dv=False, self_loop=False), dict(sender_side="reverse"), 1e-11),
-    "reverse_no_edges_f64": (dict(symmetric=True, no_edges=True), dict(sender_side="reverse"), 1e-11),
-    "reverse_gemm_f32": (dict(symmetric=True, dtype=torch.float32, heads=4, head_dim=8, num_rbf=16),
-                         dict(filters="gemm", sender_side="reverse"), 3e-5),
 }
+
+# the same symmetric cases with the sender kernel over each atom's own segment (the reverse edges)
+CASES.update({name.replace("merged", "reverse"): (make, dict(call, sender_side="reverse"), tol)
+              for name, (make, call, tol) in list(CASES.items()) if name.startswith("merged_")})
 
 
 def case_message(name):

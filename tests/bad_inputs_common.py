@@ -1,0 +1,53 @@
+"""Helpers shared by the bad-input rounds 17-19 (``tests/test_bad_inputs_round1*.py``): small inputs and
+the check that a command was refused in one line without touching its folder."""
+
+from __future__ import annotations
+
+from ase import Atoms
+from ase.cluster import Icosahedron
+from ase.io import write
+
+import torchmdx
+from torchmdx.cli.main import main
+from test_bad_inputs_md import one_error_line, snapshot
+from test_bad_inputs_round9 import TINY
+
+
+def lj_file(folder):
+    """A Lennard-Jones argon model file ``folder/lj.pt``."""
+    from torchmdx.nn.analytic import LennardJones
+
+    LennardJones(0.0104, 3.4).save(folder / "lj.pt")
+    return folder / "lj.pt"
+
+
+def argon_file(folder, name="ar.xyz", far=None):
+    """A 13-atom argon icosahedron written to ``folder/name``; ``far``: atom 3's y coordinate (Å)."""
+    atoms = Icosahedron("Ar", 2)
+    if far is not None:
+        atoms.positions[3, 1] = far
+    write(folder / name, atoms)
+    return folder / name
+
+
+def tiny_model():
+    """A tiny ET (round 9's config) normalised for H, C, O."""
+    model = torchmdx.build_model(TINY)
+    model.set_normalisation(elements=[1, 6, 8])
+    return model
+
+
+def water():
+    return Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+
+
+def refused(capsys, argv, fragments, folder):
+    """``argv`` exits 2 with one ``error:`` line holding ``fragments``, no traceback, ``folder`` unchanged."""
+    before = snapshot(folder)
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    line = one_error_line(rc, captured, fragments)
+    assert snapshot(folder) == before
+    return line
