@@ -315,9 +315,9 @@ def _neighbor_scenario(*, periodic, method, capacity, device_check=False):
 
 def scenarios() -> Dict[str, Callable[[], None]]:
     """Named computations whose launches are compiled: the message step as the model runs it
-    (float32 with the filters from one product, inside the kernels or from tables, vector cutoff, the sender
-    side merged into the receiver kernel or from the reverse edges, given filters, float64 for tests) and the neighbor lists (brute / cell, open / periodic, exact /
-    fixed capacity)."""
+    (float32 with the filters from one product, inside the kernels or from tables, vector cutoff, the
+    sender side merged into the receiver kernel or from the reverse edges, given filters, float64 for
+    tests) and the neighbor lists (brute / cell, open / periodic, exact / fixed capacity)."""
     out = {
         "message float32 gemm": _message_scenario(dtype=torch.float32),
         "message float32 gemm vector-cutoff": _message_scenario(dtype=torch.float32, vector_cutoff=True),

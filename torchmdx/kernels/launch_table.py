@@ -60,9 +60,10 @@ GATE_FACTOR = 2.0
 SIZE_CLASSES = (("small", 1000), ("medium", 10000), ("large", None))
 VERSION = 1
 #: GPUs whose launch choices carry over to each other where one has no entry of its own (the same
-#: architecture and multiprocessor count; Hopper: sm_90, 132 SMs on the SXM parts; the H200 differs
-#: from the H100 in memory size and bandwidth, which moves times but has not moved the winners:
-#: docs/kernels_message.md). Matched as words of ``torch.cuda.get_device_name``.
+#: architecture and multiprocessor count; Hopper: sm_90, 132 SMs on the SXM parts). The H200 differs
+#: from the H100 in memory size and bandwidth, which moves the times; that it keeps the H100's winners
+#: is an assumption, not a measurement (no sweep has run on an H200 since the table exists): its own
+#: sweep writes its own entries, which win. Matched as words of ``torch.cuda.get_device_name``.
 GPU_FAMILIES = {"hopper": ("H100", "H200", "H800", "GH200")}
 
 
