@@ -3,7 +3,7 @@
 - :func:`kernel_inputs`: one ET-MD17 layer's message inputs on a system's edges (random features,
   edge features from the geometry), cached per system;
 - :func:`message_call`: the message step by variant label (``ref``, ``fused``, ``fused_kernel``,
-  ``fused_gemm``, ``_merged``, ``given``, ``given_leaf``, ``nofilter``);
+  ``fused_gemm``, ``_merged``, ``fused_table``, ``given``, ``given_leaf``, ``nofilter``);
 - :func:`kernel_step`: ms of forward and forward + backward per label, peak memory, GPU kernel time,
   and optionally the error against a float64 reference (used by ``--sweep``, ``model_sweep.py``);
 - :func:`bench_kernels`: the ``--kernels`` row (labels :data:`KERNEL_LABELS`) with lower bounds.
@@ -44,10 +44,9 @@ def kernel_inputs(name, data_dir):
 
         distance = nb.distances.float()
         unit = (nb.vectors.float() / distance[:, None]).requires_grad_(True)
-        centres = torch.linspace(0.0, 5.0, k, device=gpu_timing.DEVICE)
-        rbf = torch.exp(-4.0 * (distance[:, None] - centres) ** 2).requires_grad_(True)
+        rbf = gaussian_rbf(distance, k).requires_grad_(True)
         phi = (0.5 * (torch.cos(distance * math.pi / 5.0) + 1.0)).requires_grad_(True)
-        t = dict(q=r(n, f), k=r(n, f), v=r(n, 3 * f), vec=r(n, 3, f), rbf=rbf,
+        t = dict(q=r(n, f), k=r(n, f), v=r(n, 3 * f), vec=r(n, 3, f), rbf=rbf, r=distance.clone().requires_grad_(True),
                  wk=r(f, k, scale=k ** -0.5), bk=r(f, scale=0.1), wv=r(3 * f, k, scale=k ** -0.5), bv=r(3 * f, scale=0.1),
                  phi=phi, unit=unit, dk0=r(f), dv0=r(3 * f))
         with torch.no_grad():
@@ -55,6 +54,35 @@ def kernel_inputs(name, data_dir):
             t["dv"] = torch.nn.functional.silu(torch.nn.functional.linear(t["rbf"], t["wv"], t["bv"])).requires_grad_(True)
         _KERNEL_INPUTS[name] = (t, nb.edge_index, n, nb.edge_index.shape[1])
     return _KERNEL_INPUTS[name]
+
+
+#: the edge features of :func:`kernel_inputs`: Gaussian RBFs on [0, CUTOFF] Å, cosine cutoff
+CUTOFF = 5.0
+
+
+def gaussian_rbf(distance, k=32):
+    """exp(-4 (r - c_j)^2) for k centres c_j evenly on [0, CUTOFF] Å: the RBF rows of :func:`kernel_inputs`."""
+    centres = torch.linspace(0.0, CUTOFF, k, device=distance.device, dtype=distance.dtype)
+    return torch.exp(-4.0 * (distance[:, None] - centres) ** 2)
+
+
+_TABLES = {}
+
+
+def filter_tables(t):
+    """(key table, value table) of the filters act(rbf(r) W^T + b) of ``t``'s weights, tabulated in r on
+    [0, CUTOFF] (:mod:`torchmdx.kernels.filter_table`; the place frozen models run), cached per weights."""
+    from torchmdx.kernels.filter_table import build_filter_table
+
+    key = (t["wk"].data_ptr(), t["wv"].data_ptr(), t["wk"].dtype)
+    if key not in _TABLES:
+        def table(w, b):
+            w64, b64 = w.detach().double(), b.detach().double()
+            fn = lambda r: torch.nn.functional.silu(gaussian_rbf(r, w.shape[1]) @ w64.t() + b64)  # noqa: E731
+            return build_filter_table(fn, 0.0, CUTOFF, dtype=w.dtype, device=w.device)
+
+        _TABLES[key] = (table(t["wk"], t["bk"]), table(t["wv"], t["bv"]))
+    return _TABLES[key]
 
 
 def message_call(t, edge_index, label):
@@ -65,11 +93,23 @@ def message_call(t, edge_index, label):
     (the sender side inside the receiver kernel, ``CONFIG.sender_side``), ``given`` (filters
     act(rbf W^T + b) by torch / cuBLAS, then the kernels with given dk / dv), ``given_leaf``
     (the kernels alone on given dk / dv that are leaves), ``nofilter`` (no distance
-    influence: the gathers and attention without filters, a lower bound of the kernels)."""
+    influence: the gathers and attention without filters, a lower bound of the kernels),
+    ``fused_table`` (the filters interpolated from tables in the edge length, :func:`filter_tables`: what
+    frozen models run; the other ``CONFIG`` fields as set)."""
     from torchmdx.kernels import message_triton
 
     self_loop = (t["dk0"], t["dv0"], torch.ones((), device=t["q"].device))
     rest = (t["phi"], t["unit"], edge_index, 8)
+    if label == "fused_table":
+        key_table, value_table = filter_tables(t)
+        old = message_triton.CONFIG
+        message_triton.CONFIG = replace(old, filters="table")
+        try:
+            return message_triton.FusedMessage(symmetric=True).tabulated(
+                t["q"], t["k"], t["v"], t["vec"], t["r"], key_table, value_table, *rest, self_loop=self_loop,
+                vector_cutoff=True)
+        finally:
+            message_triton.CONFIG = old
     if label == "ref" or label.startswith("fused"):
         old = message_triton.CONFIG
         parts = label.split("_")[1:]
@@ -99,11 +139,13 @@ def message_call(t, edge_index, label):
 GRAD_INPUTS = ("q", "k", "v", "vec", "rbf", "phi", "unit")
 GRAD_INPUTS_GIVEN = ("q", "k", "v", "vec", "dk", "dv", "phi", "unit")
 GRAD_INPUTS_NOFILTER = ("q", "k", "v", "vec", "phi", "unit")
+GRAD_INPUTS_TABLE = ("q", "k", "v", "vec", "r", "phi", "unit")
 
 
 def grad_inputs(label):
     """The inputs a force evaluation differentiates for the message variant ``label``."""
-    return {"given_leaf": GRAD_INPUTS_GIVEN, "nofilter": GRAD_INPUTS_NOFILTER}.get(label, GRAD_INPUTS)
+    return {"given_leaf": GRAD_INPUTS_GIVEN, "nofilter": GRAD_INPUTS_NOFILTER,
+            "fused_table": GRAD_INPUTS_TABLE}.get(label, GRAD_INPUTS)
 
 
 _REFERENCE64 = {}
@@ -149,7 +191,7 @@ def kernel_step(name, data_dir, check=False, labels=("fused",)):
 
 #: the message-step variants of ``--kernels`` (see :func:`message_call`; env BENCH_KERNEL_LABELS)
 KERNEL_LABELS = tuple(os.environ.get("BENCH_KERNEL_LABELS",
-                                     "ref,fused_kernel,fused_gemm,fused_gemm_merged,given_leaf,nofilter").split(","))
+                                     "ref,fused_kernel,fused_gemm,fused_gemm_merged,fused_table,given_leaf,nofilter").split(","))
 
 
 def bench_kernels(name, data_dir, results):

@@ -91,7 +91,7 @@ SWEEP = [
 #: the first SWEEP_MERGED rows of SWEEP are timed before the precisions, the rest after them
 SWEEP_MERGED = 7
 #: the kernel-level variants timed first in the sweep, with the default launch parameters
-SWEEP_LABELS = ("fused_gemm", "fused_gemm_merged", "fused_kernel", "given_leaf")
+SWEEP_LABELS = ("fused_gemm", "fused_gemm_merged", "fused_table", "fused_kernel", "given_leaf")
 SWEEP_KEYS = ("block_edges", "chunk_channels", "num_warps", "dot_precision", "programs_per_sm", "num_stages", "maxnreg",
               "filters", "sender_side")
 #: seconds each system of ``--sweep`` may take before its remaining variants are skipped

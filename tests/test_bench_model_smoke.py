@@ -73,3 +73,49 @@ def test_graph_call_runs_the_calculators_function_on_the_cpu():
     assert not bool(overflow) and energy.shape == (1,)
     torch.testing.assert_close(forces, want, rtol=1e-9, atol=1e-10)
     assert torchmdx.md.cuda_graph.ForceOutputs._fields[:4] == ("energy", "forces", "atomic", "overflow")
+
+
+_TABLE_LABEL_SCRIPT = r"""
+import sys, json, torch
+sys.path.insert(0, sys.argv[1])
+import gpu_timing
+gpu_timing.DEVICE = "cpu"
+from pathlib import Path
+import model_kernels as mk
+from torchmdx.kernels import message_triton
+
+t, edge_index, n, e = mk.kernel_inputs("ethanol", Path(sys.argv[2]))
+m, u = mk.message_call(t, edge_index, "fused_table")
+wrt = mk.grad_inputs("fused_table")
+g = torch.autograd.grad(m.sum() + u.square().sum(), [t[x] for x in wrt])
+t64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items()}
+rbf64 = mk.gaussian_rbf(t64["r"], t64["wk"].shape[1])
+m64, u64 = message_triton.reference_filtered(
+    t64["q"], t64["k"], t64["v"], t64["vec"], rbf64, t64["wk"], t64["bk"], t64["wv"], t64["bv"], t64["phi"], t64["unit"],
+    edge_index, 8, self_loop=(t64["dk0"], t64["dv0"], torch.ones((), dtype=torch.float64)), vector_cutoff=True)
+g64 = torch.autograd.grad(m64.sum() + u64.square().sum(), [t64[x] for x in wrt])
+errors = {name: float((a.double() - b).norm() / b.norm()) for name, a, b in zip(("m", "u") + wrt, (m, u) + g, (m64, u64) + g64)}
+print(json.dumps({"ran": message_triton.LAST_CONFIG.get("filters"), "edges": e, "errors": errors}))
+"""
+
+
+def test_kernel_bench_table_label_matches_the_float64_reference(tmp_path):
+    """bench/model_kernels.py's ``fused_table`` label (one layer's message step with the filters
+    interpolated from tables, what the sweep can time for frozen models) runs the kernels in table mode
+    (Triton interpreter) and gives the float64 reference's messages and gradients, dL/dr included
+    (through the Gaussian RBF rows the GEMM labels are given)."""
+    import pytest
+
+    pytest.importorskip("triton")
+    from ase.build import molecule
+    from ase.io import write
+
+    write(tmp_path / "ethanol.xyz", molecule("CH3CH2OH"))
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _TABLE_LABEL_SCRIPT, str(ROOT / "bench"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ran"] == "table" and result["edges"] == 72
+    bad = {k: v for k, v in result["errors"].items() if not v < 2e-5}
+    assert not bad, result
