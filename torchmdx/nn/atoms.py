@@ -111,13 +111,14 @@ def atoms_inputs(atoms_or_list, device: Optional[torch.device] = None, dtype: Op
         raise ModelError(f"{expected}: item {bad} of the {type(atoms_or_list).__name__} of {len(structures)} has "
                          f"type {type(structures[bad]).__name__}, not ase.Atoms")
     dtype = dtype or torch.get_default_dtype()
-    for b, a in enumerate(structures):
-        positions = a.get_positions()
-        line = beyond_dtype(positions, dtype, a.get_atomic_numbers(), local_origin(positions) if centred else None)
+    positions = [a.get_positions() for a in structures]
+    origins = [local_origin(p) if centred else None for p in positions]  # each read and computed once
+    for b, (a, p, origin) in enumerate(zip(structures, positions, origins)):
+        line = beyond_dtype(p, dtype, a.get_atomic_numbers(), origin)
         if line:
             raise ModelError(line if single else f"structure {b}: {line}")
     z = np.concatenate([a.get_atomic_numbers() for a in structures]).astype(np.int64)
-    pos = np.concatenate([a.get_positions() - local_origin(a.get_positions()) if centred else a.get_positions() for a in structures])
+    pos = np.concatenate([p - origin if centred else p for p, origin in zip(positions, origins)])
     batch = np.concatenate([np.full(len(a), b, dtype=np.int64) for b, a in enumerate(structures)])
     pbc = np.stack([np.asarray(a.get_pbc(), dtype=bool) for a in structures])
     out = {

@@ -124,8 +124,9 @@ def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), 
         if Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
             raise ModelError(f"{out}: refusing to write the {what} over its own input; choose another name")
     if out.suffix.lower() == ".ckpt":  # was written: a later `export model.ckpt` said "not a training checkpoint"
-        raise ModelError(f"{output}: .ckpt names a training checkpoint, and this writes {'an' if what[:1] in 'aeiouAEIOU' else 'a'} {what}; give it a .pt "
-                         f"name, e.g. {out.with_suffix('.pt')}")
+        article = "an" if what[:1] in "aeiouAEIOU" else "a"
+        raise ModelError(f"{output}: .ckpt names a training checkpoint, and this writes {article} {what}; give it a "
+                         f".pt name, e.g. {out.with_suffix('.pt')}")
     if out.is_dir():
         raise ModelError(f"{out}: is a folder; give a file name, e.g. {out / 'model.pt'}")
     if out.exists() and not out.is_file():
