@@ -181,9 +181,10 @@ class MDConfig:
                                  "understands (xyz, extxyz, pdb, cif, ...)")
         seen: dict = {}
         for k, name in enumerate(self.structure):  # 'md a.xyz a.xyz' ran the file twice, as two structures
-            first = self.structure[seen.setdefault(os.path.realpath(name), k)]
-            if seen[os.path.realpath(name)] != k:
-                same = "twice" if first == name else f"twice ({first} and {name} are the same file)"
+            first = seen.setdefault(os.path.realpath(name), k)
+            if first != k:
+                earlier = self.structure[first]
+                same = "twice" if earlier == name else f"twice ({earlier} and {name} are the same file)"
                 bad("structure", f"names {name} {same}: each file is read once; for copies of a structure run "
                                  f"together, give it once with {flag('replicas')} N")
         for key in ("log", "restart_out"):
