@@ -23,12 +23,14 @@ cutoff 5 Å, vector cutoff, float32), random weights (seed 0). For each system (
 - training step: 32 molecules x 21 atoms (aspirin frames of ``md17_aspirin_xtb.npz`` when it is
   in ``--data``, else random ones), loss 0.2 MSE(E) + 0.8 MSE(F) with create_graph=True, AdamW;
   also an energy-only step (first derivatives only: the fused backward does all of it).
-- ``--sweep SYSTEMS``: on each system's edges, one layer's message step (forward + backward)
-  for the message variants (``SWEEP_LABELS``), the launch parameters (``SWEEP``) and every
-  tl.dot precision, each with its error against float64; the whole model's force error per
-  precision against float64 (the gate: at most 2 x tf32x3's); the fastest variant that passes
-  becomes the launch-table entry (``torchmdx/kernels/launch_table.json``, copy in ``--out``)
-  that ``auto`` reads for this GPU and the system's size class (``bench/model_sweep.py``).
+- ``--sweep SYSTEMS``: on each system's edges and at each filter place of ``--sweep-places``
+  (default 'table': what frozen models run; 'gemm': what training runs), one layer's message
+  step (forward + backward) for the launch parameters (``SWEEP``; at 'gemm' also the message
+  variants ``SWEEP_LABELS`` and every tl.dot precision, gated by the whole model's force error
+  per precision against float64: at most 2 x tf32x3's), each with its error against float64;
+  the fastest variant that passes becomes the launch-table entry
+  (``torchmdx/kernels/launch_table.json``, copy in ``--out``) that ``auto`` reads for this GPU,
+  the system's size class and the place (``bench/model_sweep.py``).
 - ``--profile SYSTEMS``: kernel-time breakdown of a fused call (eager and the calculator's graph
   replay) and its roofline table (``bench/roofline.py``; ``roofline.md`` in ``--out``;
   ``bench/model_profile.py``).
@@ -325,7 +327,10 @@ def main(argv=None):
                         help="time the message variants, launch parameters and tl.dot precisions on each system "
                              "(comma-separated) and write the winners to the launch table that 'auto' reads")
     parser.add_argument("--sweep-budget-s", type=float, default=model_sweep.SWEEP_BUDGET_S,
-                        help="seconds per --sweep system before its remaining variants are skipped")
+                        help="seconds per --sweep system and place before its remaining variants are skipped")
+    parser.add_argument("--sweep-places", default=",".join(model_sweep.SWEEP_PLACES),
+                        help="filter places --sweep measures (comma-separated): table (frozen models: MD, the "
+                             "calculator) and/or gemm (training)")
     parser.add_argument("--launch-table", type=Path, default=None,
                         help="launch table --sweep writes (default: torchmdx/kernels/launch_table.json)")
     parser.add_argument("--no-write-table", action="store_true", help="--sweep measures but writes no launch table")
@@ -395,7 +400,8 @@ def main(argv=None):
         sections.append(("neighbors", lambda: check_neighbors(args.check_neighbors, args.data, results)))
     if args.sweep:
         sections.append(("sweep", lambda: bench_sweep(args.sweep.split(","), args.data, args.out, results,
-                                                      write_table=not args.no_write_table)))
+                                                      write_table=not args.no_write_table,
+                                                      places=args.sweep_places.split(","))))
     for name in (args.kernels or "").split(","):
         if name:
             sections.append((f"kernels {name}", lambda name=name: bench_kernels(name, args.data, results)))

@@ -95,7 +95,8 @@ def message_call(t, edge_index, label):
     (the kernels alone on given dk / dv that are leaves), ``nofilter`` (no distance
     influence: the gathers and attention without filters, a lower bound of the kernels),
     ``fused_table`` (the filters interpolated from tables in the edge length, :func:`filter_tables`: what
-    frozen models run; the other ``CONFIG`` fields as set)."""
+    frozen models run; the other ``CONFIG`` fields as set), ``ref_table`` (its torch reference: the RBF
+    rows computed from ``t['r']``, so dL/dr is exact)."""
     from torchmdx.kernels import message_triton
 
     self_loop = (t["dk0"], t["dv0"], torch.ones((), device=t["q"].device))
@@ -110,6 +111,10 @@ def message_call(t, edge_index, label):
                 vector_cutoff=True)
         finally:
             message_triton.CONFIG = old
+    if label == "ref_table":  # the reference of fused_table: the filters from the RBF rows of the lengths r
+        rbf = gaussian_rbf(t["r"], t["wk"].shape[1])
+        return message_triton.reference_filtered(t["q"], t["k"], t["v"], t["vec"], rbf, t["wk"], t["bk"], t["wv"],
+                                                 t["bv"], *rest, self_loop=self_loop, vector_cutoff=True)
     if label == "ref" or label.startswith("fused"):
         old = message_triton.CONFIG
         parts = label.split("_")[1:]
@@ -175,16 +180,19 @@ def kernel_step(name, data_dir, check=False, labels=("fused",)):
             row[f"{label}_fwd_bwd_top"] = {k: round(v, 3) for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:6]}
         except Exception as exc:  # noqa: BLE001
             row[f"{label}_error"] = error_text(exc)
-    if check:
-        m, u = message_call(t, edge_index, "fused")
-        grads = torch.autograd.grad(m.sum() + u.square().sum(), [t[x] for x in GRAD_INPUTS])
-        if name not in _REFERENCE64:  # the same inputs for every variant: one float64 reference per system
+    if check:  # the error of the first label's place: fused_table against ref_table, else fused against ref
+        label, reference = ("fused_table", "ref_table") if labels[0] == "fused_table" else ("fused", "ref")
+        wrt = grad_inputs(label)
+        m, u = message_call(t, edge_index, label)
+        grads = torch.autograd.grad(m.sum() + u.square().sum(), [t[x] for x in wrt])
+        if (name, reference) not in _REFERENCE64:  # the same inputs for every variant: one float64 reference each
             t64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items()}
-            m64, u64 = message_call(t64, edge_index, "ref")
-            grads64 = torch.autograd.grad(m64.sum() + u64.square().sum(), [t64[x] for x in GRAD_INPUTS])
-            _REFERENCE64[name] = tuple(x.detach() for x in (m64, u64) + grads64)
+            m64, u64 = message_call(t64, edge_index, reference)
+            grads64 = torch.autograd.grad(m64.sum() + u64.square().sum(), [t64[x] for x in wrt])
+            _REFERENCE64[(name, reference)] = tuple(x.detach() for x in (m64, u64) + grads64)
             del t64, m64, u64, grads64
-        errs = [float((a.detach().double() - b).norm() / b.norm()) for a, b in zip((m, u) + grads, _REFERENCE64[name])]
+        errs = [float((a.detach().double() - b).norm() / b.norm())
+                for a, b in zip((m, u) + grads, _REFERENCE64[(name, reference)])]
         row["max_rel_err_vs_f64"] = max(errs)
     return row
 

@@ -1,12 +1,15 @@
 """The launch-parameter sweep of the fused message kernels (``bench_model.py --sweep SYSTEMS``).
 
-On each system's edges, one layer's message step (forward + backward, ``model_kernels.kernel_step``)
-for the message variants (:data:`SWEEP_LABELS`), the launch parameters (:data:`SWEEP`) and every
-tl.dot precision, each with its error against float64; the whole model's force error per
-precision against float64 (the gate: at most 2 x tf32x3's); the fastest variant that passes
-becomes the launch-table entry (``torchmdx/kernels/launch_table.json``, copy in ``--out``) that
-``auto`` reads for this GPU and the system's size class. :data:`SWEEP_BUDGET_S` (``--sweep-budget-s``)
-bounds each system; :data:`LAUNCH_TABLE` (``--launch-table``) is where the entries go.
+On each system's edges and at each filter place (:data:`SWEEP_PLACES`, ``--sweep-places``), one
+layer's message step (forward + backward, ``model_kernels.kernel_step``) for the launch
+parameters (:data:`SWEEP`), each with its error against float64. At the 'gemm' place (training)
+also the message variants (:data:`SWEEP_LABELS`) and every tl.dot precision, with the whole
+model's force error per precision against float64 (the gate: at most 2 x tf32x3's); at the
+'table' place (frozen models) the ``fused_table`` step, whose kernels have no tl.dot. The fastest
+variant that passes becomes the launch-table entry (``torchmdx/kernels/launch_table.json``, copy
+in ``--out``) that ``auto`` reads for this GPU, the system's size class and the place.
+:data:`SWEEP_BUDGET_S` (``--sweep-budget-s``) bounds each system and place; :data:`LAUNCH_TABLE`
+(``--launch-table``) is where the entries go.
 """
 
 from __future__ import annotations
@@ -94,50 +97,71 @@ SWEEP_MERGED = 7
 SWEEP_LABELS = ("fused_gemm", "fused_gemm_merged", "fused_table", "fused_kernel", "given_leaf")
 SWEEP_KEYS = ("block_edges", "chunk_channels", "num_warps", "dot_precision", "programs_per_sm", "num_stages", "maxnreg",
               "filters", "sender_side")
-#: seconds each system of ``--sweep`` may take before its remaining variants are skipped
+#: the filter places ``--sweep`` measures by default (``--sweep-places``): 'table' is what frozen
+#: models run (MD, the calculator, evaluation), 'gemm' what training runs
+SWEEP_PLACES = ("table",)
+#: seconds each system and place of ``--sweep`` may take before its remaining variants are skipped
 SWEEP_BUDGET_S = 60.0
 #: where ``--sweep`` writes its launch-table entries (None: the package's table; ``--launch-table``)
 LAUNCH_TABLE = None
 
 
-def bench_sweep(names, data_dir, out_dir, results, write_table=True):
-    """For each system: the message variants (``SWEEP_LABELS``), the launch parameters
-    (``SWEEP``) and the tl.dot precisions, each timed on one layer's message step (forward +
-    backward) on the system's edges, with the message error against float64; the whole model's
-    force error per precision (the accuracy gate: at most 2 x tf32x3's); then the fastest
-    variant that passes the gate (GPU time: graphs hide host time) becomes the launch-table
-    entry for this GPU and the system's size class."""
+def bench_sweep(names, data_dir, out_dir, results, write_table=True, places=None):
+    """For each system and filter place (``places``, default :data:`SWEEP_PLACES`): the launch
+    variants timed on one layer's message step (forward + backward) on the system's edges, each
+    with its message error against float64, and the fastest that passes the accuracy gate written
+    as the launch-table entry of this GPU, the system's size class and the place (GPU time: graphs
+    hide host time). At the 'gemm' place (training: RBF rows and weights) the message variants
+    (``SWEEP_LABELS``), the launch parameters (``SWEEP``) and the tl.dot precisions, gated by the
+    whole model's force error per precision (at most 2 x tf32x3's); at the 'table' place (frozen
+    models: MD, the calculator) the launch parameters on the ``fused_table`` step (no tl.dot, so no
+    precisions), gated by the message error (at most 2 x the default's)."""
+    from torchmdx.kernels import launch_table
+
+    places = tuple(places or SWEEP_PLACES)
+    for place in places:
+        if place not in launch_table.PLACES:
+            raise ValueError(f"sweep place {place!r} is not one of {launch_table.PLACES}")
+    results["sweep"] = {}
+    for name in names:
+        for place in places:
+            key = name if place == "gemm" else f"{name}@{place}"
+            results["sweep"][key] = _sweep_one(name, place, data_dir, out_dir, results, write_table)
+
+
+def _sweep_one(name, place, data_dir, out_dir, results, write_table):
+    """One system at one filter place (see :func:`bench_sweep`): its section of the results."""
     from torchmdx.kernels import launch_table, message_triton
 
     gpu = torch.cuda.get_device_name(0) if gpu_timing.DEVICE == "cuda" else "cpu"
-    results["sweep"] = {}
-    entries = []
-    for name in names:
-        started = time.perf_counter()
-        section = results["sweep"][name] = {"rows": []}
+    label = "fused" if place == "gemm" else "fused_table"
+    tkey = f"{label}_fwd_bwd_gpu_ms"
+    started = time.perf_counter()
+    section = {"place": place, "rows": []}
 
-        def budget_left():
-            return SWEEP_BUDGET_S - (time.perf_counter() - started)
+    def budget_left():
+        return SWEEP_BUDGET_S - (time.perf_counter() - started)
 
-        def timed(overrides, labels=("fused",), check=True):
-            row = dict(overrides) if labels == ("fused",) else {"labels": ",".join(labels)}
-            if budget_left() <= 0:
-                row["error"] = f"skipped: sweep budget {SWEEP_BUDGET_S:g} s spent"
-                section["rows"].append(row)
-                return row
-            t0 = time.perf_counter()
-            message_triton.CONFIG = message_triton.LaunchConfig(table=False, **overrides)
-            try:
-                row.update(kernel_step(name, data_dir, check=check, labels=labels))
-            except Exception as exc:  # noqa: BLE001
-                row["error"] = error_text(exc)
-            finally:
-                message_triton.CONFIG = message_triton.LaunchConfig()
-            row["wall_s"] = round(time.perf_counter() - t0, 1)
+    def timed(overrides, labels=(label,), check=True):
+        row = dict(overrides) if labels == (label,) else {"labels": ",".join(labels)}
+        if budget_left() <= 0:
+            row["error"] = f"skipped: sweep budget {SWEEP_BUDGET_S:g} s spent"
             section["rows"].append(row)
-            print("sweep", name, row, flush=True)
             return row
+        t0 = time.perf_counter()
+        message_triton.CONFIG = message_triton.LaunchConfig(table=False, **overrides)
+        try:
+            row.update(kernel_step(name, data_dir, check=check, labels=labels))
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = error_text(exc)
+        finally:
+            message_triton.CONFIG = message_triton.LaunchConfig()
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        section["rows"].append(row)
+        print("sweep", name, place, row, flush=True)
+        return row
 
+    if place == "gemm":
         timed({}, labels=SWEEP_LABELS, check=False)
         section["variants"] = section["rows"].pop()
         precisions = [dict(dot_precision=p) for p in launch_table.PRECISIONS if p != launch_table.BASELINE_PRECISION]
@@ -147,41 +171,47 @@ def bench_sweep(names, data_dir, out_dir, results, write_table=True):
             errors = model_force_errors(name, data_dir, launch_table.PRECISIONS)
         except Exception as exc:  # noqa: BLE001
             errors = {"error": error_text(exc)}
-        section["force_rel_err_vs_f64"] = errors
-        allowed = launch_table.gate(errors)
-        section["allowed_precisions"] = list(allowed)
-        rows = [r for r in section["rows"] if "fused_fwd_bwd_gpu_ms" in r]
-        default = next((r for r in rows if not any(k in r for k in SWEEP_KEYS)), None)
-        limit = 2 * default["max_rel_err_vs_f64"] if default and default.get("max_rel_err_vs_f64") else 2e-5
-        ok = [r for r in rows if r.get("dot_precision", launch_table.BASELINE_PRECISION) in allowed
-              and r.get("max_rel_err_vs_f64", math.inf) <= limit]
-        for r in rows:
-            r["passes_gate"] = r in ok
-        best = min(ok, key=lambda r: r["fused_fwd_bwd_gpu_ms"]) if ok else None
-        if best is not None:  # the fastest knobs with the fastest allowed other precision, if not timed together
-            precise = [r for r in ok if "dot_precision" in r and len([k for k in SWEEP_KEYS if k in r]) == 1]
-            fastest_precision = min(precise, key=lambda r: r["fused_fwd_bwd_gpu_ms"]) if precise else None
-            knobs = {k: best[k] for k in SWEEP_KEYS if k in best}
-            if fastest_precision is not None and "dot_precision" not in knobs and knobs:
-                row = timed({**knobs, "dot_precision": fastest_precision["dot_precision"]})
-                if "fused_fwd_bwd_gpu_ms" in row and row.get("max_rel_err_vs_f64", math.inf) <= limit:
-                    row["passes_gate"] = True
-                    if row["fused_fwd_bwd_gpu_ms"] < best["fused_fwd_bwd_gpu_ms"]:
-                        best = row
-        section["best"] = best
-        section["wall_s"] = round(time.perf_counter() - started, 1)
-        if best is not None and default is not None:
-            atoms = default["atoms"]
-            config = {k: best[k] for k in SWEEP_KEYS if k in best}
-            section["entry"] = launch_table.make_entry(
-                gpu, launch_table.size_class(atoms), config, {k: v for k, v in errors.items() if k in launch_table.PRECISIONS},
-                {"system": name, "atoms": atoms, "edges": default["edges"], "fwd_bwd_gpu_ms": best["fused_fwd_bwd_gpu_ms"],
-                 "default_fwd_bwd_gpu_ms": default["fused_fwd_bwd_gpu_ms"]})
-            entries.append(section["entry"])
-            if write_table and gpu_timing.DEVICE == "cuda":  # after every system: a timeout keeps the entries so far
-                path = launch_table.write_entries([section["entry"]], LAUNCH_TABLE)
-                results["launch_table"] = str(path)
-                (out_dir / "launch_table.json").write_text(path.read_text())
-                print(f"launch table: entry {section['entry']['gpu']} / {section['entry']['size_class']} written to "
-                      f"{path} (and {out_dir / 'launch_table.json'})", flush=True)
-        print("sweep", name, "best", best, "force errors vs float64", errors, "allowed", allowed, flush=True)
+    else:  # the tables' kernels have no tl.dot: the precision rows and the in-kernel filter place do not apply
+        for overrides in SWEEP:
+            if "filters" not in overrides and "dot_precision" not in overrides:
+                timed(overrides)
+        errors = {}
+    section["force_rel_err_vs_f64"] = errors
+    allowed = launch_table.gate(errors)
+    section["allowed_precisions"] = list(allowed)
+    rows = [r for r in section["rows"] if tkey in r]
+    default = next((r for r in rows if not any(k in r for k in SWEEP_KEYS)), None)
+    limit = 2 * default["max_rel_err_vs_f64"] if default and default.get("max_rel_err_vs_f64") else 2e-5
+    ok = [r for r in rows if r.get("dot_precision", launch_table.BASELINE_PRECISION) in allowed
+          and r.get("max_rel_err_vs_f64", math.inf) <= limit]
+    for r in rows:
+        r["passes_gate"] = r in ok
+    best = min(ok, key=lambda r: r[tkey]) if ok else None
+    if best is not None and place == "gemm":  # the fastest knobs with the fastest allowed other precision
+        precise = [r for r in ok if "dot_precision" in r and len([k for k in SWEEP_KEYS if k in r]) == 1]
+        fastest_precision = min(precise, key=lambda r: r[tkey]) if precise else None
+        knobs = {k: best[k] for k in SWEEP_KEYS if k in best}
+        if fastest_precision is not None and "dot_precision" not in knobs and knobs:
+            row = timed({**knobs, "dot_precision": fastest_precision["dot_precision"]})
+            if tkey in row and row.get("max_rel_err_vs_f64", math.inf) <= limit:
+                row["passes_gate"] = True
+                if row[tkey] < best[tkey]:
+                    best = row
+    section["best"] = best
+    section["wall_s"] = round(time.perf_counter() - started, 1)
+    if best is not None and default is not None:
+        atoms = default["atoms"]
+        config = {k: best[k] for k in SWEEP_KEYS if k in best}
+        section["entry"] = launch_table.make_entry(
+            gpu, launch_table.size_class(atoms), config, {k: v for k, v in errors.items() if k in launch_table.PRECISIONS},
+            {"system": name, "atoms": atoms, "edges": default["edges"], "fwd_bwd_gpu_ms": best[tkey],
+             "default_fwd_bwd_gpu_ms": default[tkey], "max_rel_err_vs_f64": best.get("max_rel_err_vs_f64")},
+            place=place)
+        if write_table and gpu_timing.DEVICE == "cuda":  # after every system: a timeout keeps the entries so far
+            path = launch_table.write_entries([section["entry"]], LAUNCH_TABLE)
+            results["launch_table"] = str(path)
+            (out_dir / "launch_table.json").write_text(path.read_text())
+            print(f"launch table: entry {section['entry']['gpu']} / {section['entry']['size_class']} / {place} written "
+                  f"to {path} (and {out_dir / 'launch_table.json'})", flush=True)
+    print("sweep", name, place, "best", best, "force errors vs float64", errors, "allowed", allowed, flush=True)
+    return section

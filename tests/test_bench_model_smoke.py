@@ -95,7 +95,13 @@ m64, u64 = message_triton.reference_filtered(
     edge_index, 8, self_loop=(t64["dk0"], t64["dv0"], torch.ones((), dtype=torch.float64)), vector_cutoff=True)
 g64 = torch.autograd.grad(m64.sum() + u64.square().sum(), [t64[x] for x in wrt])
 errors = {name: float((a.double() - b).norm() / b.norm()) for name, a, b in zip(("m", "u") + wrt, (m, u) + g, (m64, u64) + g64)}
-print(json.dumps({"ran": message_triton.LAST_CONFIG.get("filters"), "edges": e, "errors": errors}))
+ran = message_triton.LAST_CONFIG.get("filters")
+m_ref, u_ref = mk.message_call(t64, edge_index, "ref_table")
+ref_table_diff = max(float((a - b).abs().max()) for a, b in ((m_ref, m64), (u_ref, u64)))
+mk.cuda_time = lambda fn, warmup, repeats: (fn(), 0.0)[1]  # one call each: the check is what is tested
+row = mk.kernel_step("ethanol", Path(sys.argv[2]), check=True, labels=("fused_table",))
+print(json.dumps({"ran": ran, "edges": e, "errors": errors, "ref_table_diff": ref_table_diff,
+                  "check": row["max_rel_err_vs_f64"]}))
 """
 
 
@@ -103,7 +109,8 @@ def test_kernel_bench_table_label_matches_the_float64_reference(tmp_path):
     """bench/model_kernels.py's ``fused_table`` label (one layer's message step with the filters
     interpolated from tables, what the sweep can time for frozen models) runs the kernels in table mode
     (Triton interpreter) and gives the float64 reference's messages and gradients, dL/dr included
-    (through the Gaussian RBF rows the GEMM labels are given)."""
+    (through the Gaussian RBF rows the GEMM labels are given); ``ref_table`` is that reference, and
+    ``kernel_step(check=True)`` of a table row measures fused_table against it."""
     import pytest
 
     pytest.importorskip("triton")
@@ -119,3 +126,59 @@ def test_kernel_bench_table_label_matches_the_float64_reference(tmp_path):
     assert result["ran"] == "table" and result["edges"] == 72
     bad = {k: v for k, v in result["errors"].items() if not v < 2e-5}
     assert not bad, result
+    # the sweep's check of a table row: fused_table against ref_table (the same reference, from r)
+    assert result["ref_table_diff"] < 1e-12 and 1e-9 < result["check"] < 2e-5, result
+
+
+def test_sweep_at_the_table_place_writes_a_table_place_entry(tmp_path, monkeypatch):
+    """bench/model_sweep.py's selection at the 'table' place, with a stand-in for the timed step
+    (times and errors given per launch variant): only the knob rows run (no tl.dot precision, no
+    in-kernel filter place, every row on the ``fused_table`` step), a row whose message error is
+    above 2 x the default's is not chosen, the fastest that passes becomes a 'table' place entry of
+    the launch table, and the 'gemm' entry of the same GPU and size class stays."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_timing
+        import model_sweep
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from torchmdx.kernels import launch_table, message_triton
+
+    table = tmp_path / "launch_table.json"
+    gpu = "NVIDIA H200"
+    gemm_entry = {"gpu": gpu, "size_class": "medium", "config": {"sender_side": "merged"}}
+    table.write_text(json.dumps({"version": 1, "entries": [gemm_entry]}))
+    monkeypatch.setattr(model_sweep, "LAUNCH_TABLE", table)
+    monkeypatch.setattr(gpu_timing, "DEVICE", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: gpu)
+    timed = []
+
+    def step(name, data_dir, check=False, labels=("fused",)):
+        cfg = message_triton.CONFIG
+        timed.append((labels, cfg.sender_side, cfg.block_edges, cfg.num_warps, cfg.dot_precision, cfg.filters))
+        ms, err = 1.0, 1e-6
+        if (cfg.sender_side, cfg.block_edges) == ("reverse", 8):
+            ms = 0.7
+        if cfg.num_warps == 2:  # faster, but its error fails the gate
+            ms, err = 0.5, 5e-6
+        return {"atoms": 2489, "edges": 104436, f"{labels[0]}_fwd_bwd_gpu_ms": ms, "max_rel_err_vs_f64": err}
+
+    monkeypatch.setattr(model_sweep, "kernel_step", step)
+    results = {}
+    try:
+        (tmp_path / "out").mkdir()
+        model_sweep.bench_sweep(["dhfr"], tmp_path, tmp_path / "out", results, places=["table"])
+    finally:
+        launch_table.reload()
+    section = results["sweep"]["dhfr@table"]
+    assert {labels for labels, *_ in timed} == {("fused_table",)}
+    assert all(precision == "auto" and filters == "auto" for *_, precision, filters in timed)
+    assert len(timed) == len([o for o in model_sweep.SWEEP if "filters" not in o])
+    assert (section["best"]["sender_side"], section["best"]["block_edges"]) == ("reverse", 8)
+    entries = json.loads(table.read_text())["entries"]
+    assert [(launch_table.place_of(e), e["config"]) for e in entries] == [
+        ("gemm", {"sender_side": "merged"}), ("table", {"sender_side": "reverse", "block_edges": 8})]
+    assert entries[1]["measured"]["fwd_bwd_gpu_ms"] == 0.7 and entries[1]["measured"]["default_fwd_bwd_gpu_ms"] == 1.0
+    assert (tmp_path / "out" / "launch_table.json").read_text() == table.read_text()

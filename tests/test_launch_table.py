@@ -115,6 +115,53 @@ def test_explicit_fields_win_and_table_can_be_switched_off(table, monkeypatch):
     assert (cfg.num_warps, cfg.sender_side, cfg.block_edges, cfg.dot_precision) == (4, "sorted", 16, "tf32x3")
 
 
+def test_a_call_takes_the_entry_of_its_filter_place(table):
+    """A call with tables (frozen models) takes a 'table' place entry, a call with RBF rows and
+    weights a 'gemm' one (an entry without 'place', as written before 2026-12-07, is 'gemm'): own
+    GPU, then its family, then the other place; the 'table' entry never decides the filter place."""
+    from torchmdx.kernels import message_triton as mt
+
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    write(table, [{"gpu": h100, "size_class": "medium", "config": {"block_edges": 8, "sender_side": "merged"}},
+                  {"gpu": h100, "size_class": "medium", "place": "table", "config": {"sender_side": "reverse"}},
+                  {"gpu": h200, "size_class": "medium", "place": "gemm", "config": {"num_warps": 2}},
+                  {"gpu": h100, "size_class": "small", "config": {"block_edges": 8, "filters": "kernel"}}])
+    table_call = mt.resolved_config(2489, h100, "table")
+    assert (table_call.sender_side, table_call.block_edges) == ("reverse", 16)
+    gemm_call = mt.resolved_config(2489, h100, "gemm")
+    assert (gemm_call.sender_side, gemm_call.block_edges) == ("merged", 8)
+    assert mt.resolved_config(2489, h100) == gemm_call  # 'gemm' unless the call says otherwise
+    h200_table = mt.resolved_config(2489, h200, "table")  # the family's table entry before its own gemm entry
+    assert (h200_table.sender_side, h200_table.num_warps) == ("reverse", 4)
+    assert (mt.resolved_config(2489, h200, "gemm").num_warps, mt.resolved_config(2489, h200, "gemm").sender_side) == \
+        (2, "sorted")
+    small = mt.resolved_config(166, h100, "table")  # no small table entry: the gemm one
+    assert small.block_edges == 8
+    with pytest.raises(ValueError, match="place must be one of"):
+        mt.resolved_config(2489, h100, "kernel")
+
+
+def test_table_place_entries_are_checked_and_merged_by_place(table):
+    from torchmdx.kernels import launch_table
+
+    base = {"gpu": "NVIDIA H200", "size_class": "medium"}
+    for bad, match in ((dict(base, place="kernel"), "place 'kernel' is not one of"),
+                       (dict(base, place="table", config={"filters": "gemm"}), "may not choose 'filters'")):
+        with pytest.raises(launch_table.LaunchTableError, match=match):
+            launch_table.validate({"entries": [bad]})
+    with pytest.raises(launch_table.LaunchTableError, match="a second entry for GPU 'NVIDIA H200'.*place 'gemm'"):
+        launch_table.validate({"entries": [base, dict(base, place="gemm")]})
+    launch_table.validate({"entries": [base, dict(base, place="table")]})  # one of each place
+    entry = launch_table.make_entry("NVIDIA H200", "medium", {"sender_side": "reverse", "filters": "kernel"}, {},
+                                    {"system": "dhfr"}, place="table")
+    assert entry["place"] == "table" and entry["config"] == {"sender_side": "reverse"}
+    write(table, [H200_MEDIUM])
+    launch_table.write_entries([entry], table)
+    entries = json.loads(table.read_text())["entries"]
+    assert [(launch_table.place_of(e), e["config"]) for e in entries] == [("gemm", H200_MEDIUM["config"]),
+                                                                          ("table", {"sender_side": "reverse"})]
+
+
 def test_a_misspelt_or_removed_field_is_refused_not_ignored():
     """LaunchConfig has slots: setting a field it does not have (a typo, or keep_filters, removed
     on 2026-12-06) raises instead of being stored and never read."""
@@ -224,7 +271,7 @@ def inputs(seed, n=7, f=16, heads=2, k=8, symmetric=True):
     t = dict(q=r(n, f), k=r(n, f), v=r(n, 3 * f), vec=r(n, 3, f),
              rbf=torch.exp(-2.0 * (d[:, None] - torch.linspace(0, 2.5, k, dtype=torch.float64)) ** 2).requires_grad_(True),
              wk=r(f, k, scale=k ** -0.5), bk=r(f, scale=0.1), wv=r(3 * f, k, scale=k ** -0.5), bv=r(3 * f, scale=0.1),
-             phi=(0.5 * (torch.cos(d * math.pi / 2.5) + 1)).requires_grad_(True),
+             phi=(0.5 * (torch.cos(d * math.pi / 2.5) + 1)).requires_grad_(True), r=d.clone(),
              unit=(vectors / d[:, None]).requires_grad_(True))
     return t, edge_index, heads
 
@@ -265,6 +312,7 @@ def run_interpreter_cases(out_path, table_path):
                                       "precision_errors": {}}])
             err = max_rel_err(message(mt, t32, edge_index, heads), ref)
             results[f"{'symmetric' if symmetric else 'asymmetric'}_{side}"] = [err, mt.LAST_CONFIG["sender_side"]]
+    results["place"] = place_cases(mt, Path(table_path))
     t64, edge_index, heads = inputs(4)
     ref = message(mt, t64, edge_index, heads, reference=True)
     t32 = {k: v.detach().float().requires_grad_(True) for k, v in t64.items()}
@@ -278,6 +326,38 @@ def run_interpreter_cases(out_path, table_path):
             except Exception as exc:  # noqa: BLE001 - reported to the parent test
                 results[f"{precision}_{filters}"] = [f"{type(exc).__name__}: {exc}", None]
     Path(out_path).write_text(json.dumps(results))
+
+
+def place_cases(mt, table_path):
+    """A filtered call and a tabulated call on one table with a 'gemm' entry (sorted) and a 'table'
+    entry (merged): (sender side, filter place, error vs the float64 reference) of each."""
+    import torch
+
+    from torchmdx.kernels.filter_table import build_filter_table
+
+    write(table_path, [{"gpu": "FAKE GPU", "size_class": "small", "config": {"sender_side": "sorted"}},
+                       {"gpu": "FAKE GPU", "size_class": "small", "place": "table", "config": {"sender_side": "merged"}}])
+    t64, edge_index, heads = inputs(5)
+    m64, u64 = message(mt, t64, edge_index, heads, reference=True)[:2]
+    t32 = {k: v.detach().float() for k, v in t64.items()}
+    centres = torch.linspace(0, 2.5, t64["wk"].shape[1], dtype=torch.float64)
+
+    def tabulate(w, b):
+        w64, b64 = w.detach().double(), b.detach().double()
+        fn = lambda r: torch.nn.functional.silu(torch.exp(-2.0 * (r[:, None] - centres) ** 2) @ w64.t() + b64)  # noqa: E731
+        return build_filter_table(fn, 0.0, 2.5)
+
+    out = {}
+    with torch.no_grad():
+        m, u = mt.et_message_filtered(t32["q"], t32["k"], t32["v"], t32["vec"], t32["rbf"], t32["wk"], t32["bk"],
+                                      t32["wv"], t32["bv"], t32["phi"], t32["unit"], edge_index, heads,
+                                      vector_cutoff=True, symmetric=True)
+        out["gemm"] = [mt.LAST_CONFIG["sender_side"], mt.LAST_CONFIG["filters"], max_rel_err((m, u), (m64, u64))]
+        m, u = mt.FusedMessage(symmetric=True).tabulated(
+            t32["q"], t32["k"], t32["v"], t32["vec"], t32["r"], tabulate(t64["wk"], t64["bk"]),
+            tabulate(t64["wv"], t64["bv"]), t32["phi"], t32["unit"], edge_index, heads, vector_cutoff=True)
+        out["table"] = [mt.LAST_CONFIG["sender_side"], mt.LAST_CONFIG["filters"], max_rel_err((m, u), (m64, u64))]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +382,14 @@ def test_table_entry_drives_the_kernels(interpreter_results):
         assert r[key][0] < 3e-5, (key, r[key])
     assert r["asymmetric_merged"][0] > 1e-2, r["asymmetric_merged"]
     assert [r[k][1] for k in ("symmetric_sorted", "symmetric_merged")] == ["sorted", "merged"]
+
+
+def test_a_tabulated_call_runs_the_table_place_entry(interpreter_results):
+    """Through the kernels: the filtered call runs the 'gemm' entry's sender side, the tabulated
+    call the 'table' entry's, both equal to the float64 reference at float32 level."""
+    place = interpreter_results["place"]
+    assert place["gemm"][:2] == ["sorted", "gemm"] and place["table"][:2] == ["merged", "table"], place
+    assert place["gemm"][2] < 3e-5 and place["table"][2] < 3e-5, place
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32", "bf16x3", "bf16x6"])

@@ -6,11 +6,20 @@ name (``torch.cuda.get_device_name``) and size class (atoms in the call, :func:`
 match, else from an entry of another GPU of the same family (:data:`GPU_FAMILIES`: an H200 takes an
 H100's entry where it has none of its own); without an entry, from the built-in :data:`DEFAULTS`.
 A field set explicitly always wins.
+
+Each entry was measured at one filter place (its ``place``, :data:`PLACES`; absent means
+'gemm', as in the entries written before 2026-12-07): 'gemm' for calls with trainable filter
+weights (training; the RBF rows and weights go in), 'table' for calls that interpolate the
+filters from tables (frozen models: MD, the calculator, evaluation). The two run different
+kernels (other register counts, other bytes per edge), so a call looks first for an entry of its
+own place, of this GPU, then of its family, and only then for one of the other place. A 'table'
+entry may not choose ``filters`` (whether a call uses tables at all is the 'gemm' entry's and the
+defaults' decision, :meth:`~torchmdx.kernels.message_triton.FusedMessage.wants_tables`).
 ``bench/bench_model.py --sweep`` measures the launch variants on a GPU and writes the entries
 (:func:`write_entries`); nothing else writes the file. Format::
 
     {"version": 1,
-     "entries": [{"gpu": "NVIDIA H200", "size_class": "medium",
+     "entries": [{"gpu": "NVIDIA H200", "size_class": "medium", "place": "gemm",
                   "config": {"sender_side": "merged", "block_edges": 8, "dot_precision": "tf32x3"},
                   "precision_errors": {"tf32x3": 3.1e-05, "tf32": 1.2e-03, "ieee": 3.0e-05},
                   "measured": {"date": "...", "system": "dhfr", "atoms": 2489, "fwd_bwd_gpu_ms": ...}}]}
@@ -59,6 +68,10 @@ GATE_FACTOR = 2.0
 #: (name, atoms below which it applies); the last class has no upper bound
 SIZE_CLASSES = (("small", 1000), ("medium", 10000), ("large", None))
 VERSION = 1
+#: filter places an entry can be measured at ('gemm': trainable weights; 'table': frozen models)
+PLACES = ("gemm", "table")
+#: an entry without a 'place' (those written before 2026-12-07) was measured at this one
+DEFAULT_PLACE = "gemm"
 #: GPUs whose launch choices carry over to each other where one has no entry of its own (the same
 #: architecture and multiprocessor count; Hopper: sm_90, 132 SMs on the SXM parts). The H200 differs
 #: from the H100 in memory size and bandwidth, which moves the times; that it keeps the H100's winners
@@ -126,7 +139,22 @@ def validate(table) -> list:
                 raise LaunchTableError(f"entry {k}: {exc}") from None
         if not isinstance(entry.get("precision_errors", {}), dict):
             raise LaunchTableError(f"entry {k}: 'precision_errors' is not an object")
+        if place_of(entry) not in PLACES:
+            raise LaunchTableError(f"entry {k}: place {entry.get('place')!r} is not one of {PLACES}")
+        if place_of(entry) == "table" and "filters" in config:
+            raise LaunchTableError(f"entry {k}: a 'table' place entry may not choose 'filters' (the 'gemm' entry's "
+                                   "and the defaults' decision)")
+    keys = [(e["gpu"], e["size_class"], place_of(e)) for e in table["entries"]]
+    for k, key in enumerate(keys):
+        if key in keys[:k]:
+            raise LaunchTableError(f"entry {k}: a second entry for GPU {key[0]!r}, size class {key[1]!r}, "
+                                   f"place {key[2]!r}")
     return table["entries"]
+
+
+def place_of(entry: dict) -> str:
+    """The filter place an entry was measured at (:data:`DEFAULT_PLACE` where it does not say)."""
+    return entry.get("place", DEFAULT_PLACE)
 
 
 _CACHE: dict = {}
@@ -167,20 +195,32 @@ def gpu_family(gpu: Optional[str]) -> Optional[str]:
     return None
 
 
-def lookup(gpu: Optional[str], num_atoms: int, path: Optional[os.PathLike] = None) -> dict:
-    """The measured launch fields for a call of ``num_atoms`` atoms on the GPU named ``gpu``
-    ({} without a GPU or an entry), with the accuracy gate applied to ``dot_precision``: the
-    entry of this GPU, else the first of another GPU of its family (:func:`gpu_family`)."""
+def lookup(gpu: Optional[str], num_atoms: int, path: Optional[os.PathLike] = None, place: str = DEFAULT_PLACE) -> dict:
+    """The measured launch fields for a call of ``num_atoms`` atoms on the GPU named ``gpu`` at the
+    filter place ``place`` ({} without a GPU or an entry), with the accuracy gate applied to
+    ``dot_precision``. The entry, in order: of this place and GPU, of this place and the GPU's family
+    (:func:`gpu_family`), of the other place and this GPU, of the other place and the family."""
     if not gpu:
         return {}
+    if place not in PLACES:
+        raise ValueError(f"place must be one of {PLACES}, not {place!r}")
     wanted = size_class(num_atoms)
     family = gpu_family(gpu)
     candidates = [e for e in load(path) if e["size_class"] == wanted]
-    chosen = next((e for e in candidates if e["gpu"] == gpu), None)
-    if chosen is None and family is not None:
-        chosen = next((e for e in candidates if gpu_family(e["gpu"]) == family), None)
-    if chosen is None:
+
+    def rank(entry):  # 0 best; None: not usable
+        if entry["gpu"] == gpu:
+            same_gpu = True
+        elif family is not None and gpu_family(entry["gpu"]) == family:
+            same_gpu = False
+        else:
+            return None
+        return 2 * (place_of(entry) != place) + (not same_gpu)
+
+    ranked = [(rank(e), k, e) for k, e in enumerate(candidates) if rank(e) is not None]
+    if not ranked:
         return {}
+    chosen = min(ranked, key=lambda item: item[:2])[2]
     config = dict(chosen.get("config", {}))
     if "dot_precision" in config and config["dot_precision"] not in gate(chosen.get("precision_errors", {})):
         config["dot_precision"] = BASELINE_PRECISION
@@ -188,14 +228,14 @@ def lookup(gpu: Optional[str], num_atoms: int, path: Optional[os.PathLike] = Non
 
 
 def resolve(explicit: dict, gpu: Optional[str], num_atoms: int, use_table: bool = True,
-            path: Optional[os.PathLike] = None) -> dict:
+            path: Optional[os.PathLike] = None, place: str = DEFAULT_PLACE) -> dict:
     """Every launch field: ``explicit`` values that are not None / 'auto', else the table's
-    (when ``use_table`` and there is an entry), else :data:`DEFAULTS`."""
+    (when ``use_table`` and there is an entry, :func:`lookup` at ``place``), else :data:`DEFAULTS`."""
     key = (tuple(sorted(explicit.items(), key=lambda kv: kv[0])), gpu, size_class(num_atoms), bool(use_table),
-           str(path))
+           str(path), place)
     if key in _RESOLVED:  # called once per layer and forward: keep it to a dictionary look-up
         return dict(_RESOLVED[key])
-    table = lookup(gpu, num_atoms, path) if use_table else {}
+    table = lookup(gpu, num_atoms, path, place) if use_table else {}
     out = {}
     for name, default in DEFAULTS.items():
         value = explicit.get(name)
@@ -207,20 +247,25 @@ def resolve(explicit: dict, gpu: Optional[str], num_atoms: int, use_table: bool 
 
 
 # --------------------------------------------------------------------------- writing (the sweep)
-def make_entry(gpu: str, size: str, config: dict, precision_errors: dict, measured: dict) -> dict:
-    """One table entry; ``config`` holds only the fields that differ from the defaults (checked)."""
-    config = {k: v for k, v in config.items() if k in DEFAULTS and v != DEFAULTS[k]}
+def make_entry(gpu: str, size: str, config: dict, precision_errors: dict, measured: dict,
+               place: str = DEFAULT_PLACE) -> dict:
+    """One table entry measured at the filter place ``place``; ``config`` holds only the fields that
+    differ from the defaults (checked; a 'table' entry drops ``filters``)."""
+    if place not in PLACES:
+        raise LaunchTableError(f"place {place!r} is not one of {PLACES}")
+    config = {k: v for k, v in config.items() if k in DEFAULTS and v != DEFAULTS[k]
+              and not (place == "table" and k == "filters")}
     for name, value in config.items():
         _check_value(name, value)
     errors = {k: float(v) for k, v in precision_errors.items() if _finite(v)}
-    return {"gpu": gpu, "size_class": size, "config": config, "precision_errors": errors,
+    return {"gpu": gpu, "size_class": size, "place": place, "config": config, "precision_errors": errors,
             "allowed_precisions": list(gate(errors)),
             "measured": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), **measured}}
 
 
 def write_entries(new_entries: list, path: Optional[os.PathLike] = None) -> Path:
     """Merge ``new_entries`` into the table at ``path`` (an entry replaces the one with the same
-    GPU and size class; an unreadable old table is replaced) and write it atomically."""
+    GPU, size class and place; an unreadable old table is replaced) and write it atomically."""
     path = Path(path) if path is not None else TABLE_PATH
     entries = []
     if path.exists():
@@ -228,9 +273,10 @@ def write_entries(new_entries: list, path: Optional[os.PathLike] = None) -> Path
             entries = validate(json.loads(path.read_text()))
         except (OSError, ValueError):
             entries = []
-    keys = {(e["gpu"], e["size_class"]) for e in new_entries}
-    entries = [e for e in entries if (e["gpu"], e["size_class"]) not in keys] + list(new_entries)
-    entries.sort(key=lambda e: (e["gpu"], [name for name, _ in SIZE_CLASSES].index(e["size_class"])))
+    keys = {(e["gpu"], e["size_class"], place_of(e)) for e in new_entries}
+    entries = [e for e in entries if (e["gpu"], e["size_class"], place_of(e)) not in keys] + list(new_entries)
+    entries.sort(key=lambda e: (e["gpu"], [name for name, _ in SIZE_CLASSES].index(e["size_class"]),
+                                PLACES.index(place_of(e))))
     validate({"version": VERSION, "entries": entries})
     with atomic_write(path, "w") as handle:
         handle.write(json.dumps({"version": VERSION, "entries": entries}, indent=1) + "\n")

@@ -168,14 +168,16 @@ def _gpu_name(device: torch.device) -> Optional[str]:
     return _GPU_NAMES[index]
 
 
-def resolved_config(num_atoms: int, gpu_name: Optional[str] = None) -> LaunchConfig:
+def resolved_config(num_atoms: int, gpu_name: Optional[str] = None, place: str = "gemm") -> LaunchConfig:
     """:data:`CONFIG` with every None / 'auto' field decided for a call of ``num_atoms`` atoms
-    on the GPU named ``gpu_name`` (None: no GPU, so no table): the launch table's entry for
-    that GPU and size class where ``CONFIG.table``, else the built-in defaults."""
+    on the GPU named ``gpu_name`` (None: no GPU, so no table) whose filters come from ``place``
+    ('gemm': RBF rows and weights; 'table': interpolated, :meth:`FusedMessage.tabulated`): the
+    launch table's entry for that GPU, size class and place where ``CONFIG.table``
+    (:func:`torchmdx.kernels.launch_table.lookup`), else the built-in defaults."""
     from torchmdx.kernels import launch_table
 
     explicit = {name: getattr(CONFIG, name) for name in launch_table.DEFAULTS}
-    values = launch_table.resolve(explicit, gpu_name, num_atoms, use_table=CONFIG.table)
+    values = launch_table.resolve(explicit, gpu_name, num_atoms, use_table=CONFIG.table, place=place)
     return LaunchConfig(**values, table=CONFIG.table)
 
 
@@ -312,7 +314,7 @@ class FusedMessage:
                              f"not {CONFIG.sender_side!r}")
         if CONFIG.filters not in FILTER_PLACES:
             raise ValueError(f"message_triton.CONFIG.filters must be one of {FILTER_PLACES}, not {CONFIG.filters!r}")
-        cfg = resolved_config(n, _gpu_name(q.device))
+        cfg = resolved_config(n, _gpu_name(q.device), "table" if tables is not None else "gemm")
         LAST_CONFIG.clear()
         LAST_CONFIG.update(asdict(cfg))
         merged = self.symmetric and cfg.sender_side == "merged"
