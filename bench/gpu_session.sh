@@ -20,8 +20,9 @@
 # goes, so the call ends in ~9.5 min whatever happens. Estimated from the 2026-11-25 / 12-03 runs
 # (first Triton compile of a message-kernel variant ~5-10 s, inductor compile of the dense parts
 # 5-30 s, of the 22-atom traced graph 40-60 s):
-#   1 sweep16    150 s  bench_model --sweep dhfr,stmv: message variants, launch knobs, tl.dot precisions
-#                       with errors vs float64, model force error per precision (gate); writes
+#   1 sweep16    150 s  bench_model --sweep dhfr,stmv at the 'table' filter place (K16_SWEEP_PLACES: table,gemm
+#                       for training's too): launch knobs with errors vs float64 (at 'gemm' also the message
+#                       variants, tl.dot precisions, model force error per precision: the gate); writes
 #                       torchmdx/kernels/launch_table.json (+ $OUT/launch_table.json): later steps use it
 #   2 profile16   90 s  bench_model --profile dhfr,stmv: roofline tables ($OUT/roofline.md), eager + graph
 #   3 model16    130 s  bench_model rows (triton; graph, graph + compiled, traced <= 64 atoms), big systems first
@@ -106,7 +107,8 @@ for part in "$@"; do
       skip=" ${K16_SKIP:-} "
       step() { case "$skip" in *" $1 "*) echo "--- $1 skipped"; return 1 ;; esac; echo "--- $1 $(date -u +%H:%M:%S)"; }
       step sweep16 && timeout ${K16_SWEEP_TIMEOUT:-150} python3 bench/bench_model.py --data .benchdata --out "$OUT" --name sweep16 \
-          --systems "" --no-train --sweep ${K16_SWEEP:-dhfr,stmv} --sweep-budget-s ${K16_SWEEP_BUDGET:-55} --budget-s 1.5 \
+          --systems "" --no-train --sweep ${K16_SWEEP:-dhfr,stmv} --sweep-places ${K16_SWEEP_PLACES:-table} \
+          --sweep-budget-s ${K16_SWEEP_BUDGET:-55} --budget-s 1.5 \
           2>&1 | tee "$OUT/sweep16.log"
       step profile16 && timeout ${K16_PROFILE_TIMEOUT:-90} python3 bench/bench_model.py --data .benchdata --out "$OUT" --name profile16 \
           --systems "" --no-train --profile ${K16_PROFILE:-dhfr,stmv} 2>&1 | tee "$OUT/profile16.log"
