@@ -3,7 +3,8 @@
 For each system and variant (:data:`PROFILE_VARIANTS`: the eager fused call, the calculator's
 CUDA-graph replay): torch.profiler's kernel times, the roofline table of ``roofline.py`` (FLOP/s
 and bytes/s against the GPU's peaks, the bound) printed and written to ``roofline.md`` in
-``--out``, and the profiler's own table per variant (``profile_<label>.txt``).
+``--out``, the profiler's own table per variant (``profile_<label>.txt``) and the inductor source
+of its largest generated kernels (``kernel_sources_<label>.md``, ``inductor_sources.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 import gpu_timing
 from gpu_timing import error_text, synchronize
+from inductor_sources import write_kernel_sources
 from model_setup import ET_MD17, graph_call, make_model, read_xyz
 
 
@@ -22,6 +24,9 @@ from model_setup import ET_MD17, graph_call, make_model, read_xyz
 #: calculator replays (capacity-padded list, compiled parts), "traced" the same with the whole model
 #: traced into one inductor graph (what ``compile: auto`` picks up to 64 atoms)
 PROFILE_VARIANTS = tuple(os.environ.get("BENCH_PROFILE_VARIANTS", "eager,graph").split(","))
+#: how many of a variant's largest inductor kernels get their source written (``kernel_sources_<label>.md``,
+#: bench/inductor_sources.py): the generated names say nothing past 10 fused operators
+KERNEL_SOURCES = 12
 
 
 def bench_profile(names, data_dir, out_dir, results):
@@ -90,5 +95,10 @@ def bench_profile(names, data_dir, out_dir, results):
             print(text, flush=True)
             (out_dir / f"profile_{label.replace(' ', '_')}.txt").write_text(
                 prof.key_averages().table(sort_by="device_time_total", row_limit=80))
+            generated = [r.name for r in sorted(rows, key=lambda r: -r.ms) if r.name.startswith("triton_")]
+            if generated:  # what inductor's largest kernels compute (their names stop at 10 operators)
+                sources = write_kernel_sources(generated[:KERNEL_SOURCES],
+                                               out_dir / f"kernel_sources_{label.replace(' ', '_')}.md")
+                results["profile"][label]["kernel_sources"] = sources.name
             (out_dir / "roofline.md").write_text("\n\n".join(markdown) + "\n")
             del prof
