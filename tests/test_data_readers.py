@@ -354,3 +354,41 @@ def test_structures_select_roundtrip(shared_data):
     assert len(sub) == 3 and sub.energy[0] == st.energy[899]
     np.testing.assert_array_equal(sub.pos[: sub.offsets[1]], st.pos[st.offsets[899]:st.offsets[900]])
     assert list(sub.group_labels()) == [st.group_labels()[899], "PE", st.group_labels()[450]]
+
+
+def test_classify_read_failure_of_structure_files(tmp_path):
+    """The reason md, label and export --structure give for a structure file ASE cannot read: a
+    truncated xyz ends early (before anything else), a torch.save file is a torch file, the rest
+    quotes the reader's error."""
+    import torch
+
+    from torchmdx.data.ase_format import ReadFailureKind, all_frames, classify_read_failure
+
+    def failure_of(path):
+        with pytest.raises(Exception) as err:
+            all_frames(path)
+        assert not isinstance(err.value, DataError)  # the callers pass DataError's own line on unchanged
+        return classify_read_failure(err.value, path)
+
+    cut = tmp_path / "cut.xyz"  # a second frame cut after its atom-count line
+    cut.write_text("2\n\nH 0 0 0\nH 0 0 0.74\n2\n")
+    failure = failure_of(cut)
+    assert failure.kind is ReadFailureKind.ENDS_EARLY and failure.error_type == "RuntimeError"
+
+    model = tmp_path / "model.xyz"  # a torch file under a structure's name: ASE's xyz reader fails on it
+    torch.save({"weights": torch.zeros(3)}, model)
+    assert failure_of(model).kind is ReadFailureKind.TORCH_FILE
+    pt = tmp_path / "model.pt"  # ... and under its own (ASE: "UnknownFileTypeError: pt")
+    torch.save({"weights": torch.zeros(3)}, pt)
+    assert failure_of(pt).kind is ReadFailureKind.TORCH_FILE
+
+    garbage = tmp_path / "garbage.xyz"
+    garbage.write_text("not a count\nfoo\n")
+    failure = failure_of(garbage)
+    assert failure.kind is ReadFailureKind.OTHER
+    assert failure.detail == failure.first_line == str(failure.message).splitlines()[0] != ""
+
+    quiet = classify_read_failure(KeyError(), garbage)  # an error without a message: its class names it
+    assert (quiet.kind, quiet.first_line, quiet.detail) == (ReadFailureKind.OTHER, "", "KeyError")
+    two = classify_read_failure(ValueError("first\nsecond"), garbage)
+    assert (two.first_line, two.detail, two.error_type) == ("first", "first", "ValueError")

@@ -9,7 +9,7 @@ import ase.units
 import pytest
 
 from torchmdx import units
-from torchmdx.config import apply_overrides, from_dict, load_yaml
+from torchmdx.config import apply_overrides, from_dict, key_name, load_yaml
 from torchmdx.errors import ConfigError
 from torchmdx.io_utils import atomic_path, atomic_write, jsonable
 
@@ -75,6 +75,49 @@ def test_config_errors_name_the_key(values, message):
     with pytest.raises(ConfigError) as err:
         from_dict(Section, values, "train")
     assert str(err.value) == message
+
+
+@dataclass
+class Checked:
+    """A section whose validate names its keys with key_name (as DataConfig's and MDConfig's do)."""
+
+    temperature: float = 300.0
+    seed: int = 1
+    inner: Inner = field(default_factory=Inner)
+
+    def validate(self, section):
+        if self.temperature < 0:
+            raise ConfigError(f"{key_name(section + '.temperature')} must be >= 0 K, got {self.temperature}")
+
+
+def test_config_from_dict_names_keys_as_the_caller_says():
+    """``names`` (command-line options: ``--temperature``) replaces "config key 'md.temperature'" in
+    from_dict's own lines (type, NaN/inf, seed range, required, nested) and in validate's; keys it
+    does not name, and calls without it, keep the config wording."""
+    names = {"md.temperature": "--temperature", "md.seed": "--seed", "md.inner.width": "--width"}
+    for values, named, default in [
+        ({"temperature": "hot"}, "--temperature must be float, got 'hot' (str)",
+         "config key 'md.temperature' must be float, got 'hot' (str)"),
+        ({"temperature": float("nan")}, "--temperature must be a finite number, got nan",
+         "config key 'md.temperature' must be a finite number, got nan"),
+        ({"seed": -1}, "--seed must be between 0 and 4294967295 (2**32 - 1), got -1",
+         "config key 'md.seed' must be between 0 and 4294967295 (2**32 - 1), got -1"),
+        ({"inner": {"width": "x"}}, "--width must be int, got 'x' (str)",
+         "config key 'md.inner.width' must be int, got 'x' (str)"),
+        ({"temperature": -5.0}, "--temperature must be >= 0 K, got -5.0",  # validate's line
+         "config key 'md.temperature' must be >= 0 K, got -5.0"),
+        ({"temprature": 1.0}, None,  # a key the map does not name keeps from_dict's own line
+         "config key 'md.temprature' does not exist (did you mean 'temperature'?); allowed: inner, seed, temperature"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            from_dict(Checked, values, "md")
+        assert str(err.value) == default
+        with pytest.raises(ConfigError) as err:
+            from_dict(Checked, values, "md", names=names)
+        assert str(err.value) == (named or default)
+    with pytest.raises(ConfigError, match=r"^config key 'md.temperature' must be >= 0 K"):  # the names are gone after
+        from_dict(Checked, {"temperature": -1.0}, "md")
+    assert key_name("md.temperature") == "config key 'md.temperature'"
 
 
 @dataclass

@@ -7,6 +7,9 @@ one line such as::
     config key 'model.num_layer' does not exist; allowed: activation, cutoff_upper, ..., num_layers
 
 or ``config key 'train.lr' must be float, got 'fast' (str)``. Nested dataclasses are supported.
+A caller whose values came from somewhere else (command-line options) passes ``names`` to say how
+each key is named instead (``{'md.dt': '--dt'}`` gives ``--dt must be float, got 'x' (str)``);
+validators name keys with :func:`key_name`, so their lines follow the same names.
 
 Numbers written as strings: PyYAML follows YAML 1.1, where a float needs a dot and a signed
 exponent, so ``1e-4``, ``5e-4`` and ``1.0e7`` come back as *strings* (``1.0e-4`` and ``1.0e+7``
@@ -17,13 +20,14 @@ or ``'fast'``, which stay errors). Ints stay strict.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Hashable, Literal, Mapping, NoReturn, TypeVar, Union, get_args, get_origin
+from typing import Any, Hashable, Literal, Mapping, NoReturn, Optional, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -31,11 +35,24 @@ from torchmdx.errors import ConfigError
 
 T = TypeVar("T")
 
+#: how messages name each dotted key while :func:`from_dict` builds a config (its ``names``)
+_NAMES: contextvars.ContextVar[Optional[Mapping[str, str]]] = contextvars.ContextVar("config_key_names",
+                                                                                     default=None)
+
+
+def key_name(key: str) -> str:
+    """How a message names the dotted config key ``key`` (``'md.dt'``): ``config key 'md.dt'``, or
+    the name the enclosing :func:`from_dict` call was given for it in ``names`` (``--dt``)."""
+    names = _NAMES.get()
+    if names is not None and key in names:
+        return names[key]
+    return f"config key '{key}'"
+
 
 def bad_key(section: str, key: str, message: str) -> NoReturn:
     """Raise the one-line error of a config value that has the right type but a wrong value:
     ``config key '<section>.<key>' <message>`` (validators bind it: ``partial(bad_key, section)``)."""
-    raise ConfigError(f"config key '{section}.{key}' {message}")
+    raise ConfigError(f"{key_name(f'{section}.{key}')} {message}")
 
 
 def _type_name(tp: Any) -> str:
@@ -73,7 +90,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+            raise ConfigError(f"{key_name(key)} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
         return value
     if origin in (Union, types.UnionType):
         errors = []
@@ -82,48 +99,48 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(exc)
-        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key_name(key)} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"config key '{key}' must be null, got {value!r}")
+            raise ConfigError(f"{key_name(key)} must be null, got {value!r}")
         return None
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"config key '{key}' must be a mapping of {tp.__name__} keys, got {value!r}")
+            raise ConfigError(f"{key_name(key)} must be a mapping of {tp.__name__} keys, got {value!r}")
         return from_dict(tp, value, key)
     if origin in (list, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{key_name(key)} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
         args = get_args(tp)
         item_tp = args[0] if args else Any
         items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{key_name(key)} must be a mapping, got {value!r} ({type(value).__name__})")
         return dict(value)
     if tp is float:
         if isinstance(value, str) and (number := _float_from_string(value)) is not None:
             return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be float, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{key_name(key)} must be float, got {value!r} ({type(value).__name__})")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be int, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{key_name(key)} must be int, got {value!r} ({type(value).__name__})")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{key_name(key)} must be true or false, got {value!r} ({type(value).__name__})")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{key_name(key)} must be a string, got {value!r} ({type(value).__name__})")
         return value
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key_name(key)} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -136,22 +153,37 @@ def _check_number(value: Any, name: str, key: str) -> None:
     comparison with NaN is false, so range checks let it through and it surfaces later as a
     diverged run or a silent NaN), and a seed outside 0..2**32-1."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+        raise ConfigError(f"{key_name(key)} must be a finite number, got {value}")
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _check_number(item, name, f"{key}[{i}]")
     if name == "seed" and isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= SEED_MAX:
-        raise ConfigError(f"config key '{key}' must be between 0 and {SEED_MAX} (2**32 - 1), got {value}")
+        raise ConfigError(f"{key_name(key)} must be between 0 and {SEED_MAX} (2**32 - 1), got {value}")
 
 
-def from_dict(cls: type[T], values: Mapping[str, Any] | None, section: str = "") -> T:
+def from_dict(cls: type[T], values: Mapping[str, Any] | None, section: str = "",
+              names: Optional[Mapping[str, str]] = None) -> T:
     """Build dataclass ``cls`` from ``values``, rejecting unknown keys and wrong types.
 
     ``section`` is the dotted prefix used in messages (``'model'`` gives ``'model.cutoff'``).
     Missing keys take the dataclass defaults; a field without a default is required.
+
+    ``names``: how messages name a dotted key (``{'data.format': '--format'}``), in place of
+    ``config key 'data.format'``, in this function's lines and in those of ``cls.validate`` (and
+    of nested sections) that name keys with :func:`key_name`; keys not in it keep that wording.
     """
+    if names is None:
+        return _from_dict(cls, values, section)
+    token = _NAMES.set(names)
+    try:
+        return _from_dict(cls, values, section)
+    finally:
+        _NAMES.reset(token)
+
+
+def _from_dict(cls: type[T], values: Mapping[str, Any] | None, section: str) -> T:
     if values is not None and not isinstance(values, Mapping):
-        where = f"config key '{section}'" if section else f"the {cls.__name__} config"
+        where = key_name(section) if section else f"the {cls.__name__} config"
         raise ConfigError(f"{where} must be a mapping of keys, got {values!r} ({type(values).__name__})")
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
@@ -162,14 +194,14 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, section: str = "")
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"config key '{prefix}{key}' does not exist{hint}; allowed: {', '.join(sorted(fields))}"
+                f"{key_name(f'{prefix}{key}')} does not exist{hint}; allowed: {', '.join(sorted(fields))}"
             )
     kwargs = {}
     for name, field in fields.items():
         if name in values:
             kwargs[name] = _coerce(values[name], hints[name], prefix + name)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"config key '{prefix}{name}' is required ({_type_name(hints[name])})")
+            raise ConfigError(f"{key_name(prefix + name)} is required ({_type_name(hints[name])})")
     for name, value in kwargs.items():
         _check_number(value, name, prefix + name)
     obj = cls(**kwargs)

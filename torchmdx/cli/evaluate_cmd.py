@@ -72,14 +72,8 @@ def _data_config(args):
               "atomref": "none"}
     if args.cache_dir is not None:  # '' meant data/cache silently; DataConfig.validate refuses it
         values["cache_dir"] = args.cache_dir
-    try:
-        cfg = from_dict(DataConfig, values, "data")
-    except ConfigError as exc:  # the options given were named as a config's keys ("config key 'data.format'")
-        text = str(exc)
-        for key, option in (("format", "--format"), ("cache_dir", "--cache-dir")):
-            if text.startswith(f"config key 'data.{key}' "):
-                raise ConfigError(option + text[len(f"config key 'data.{key}'"):]) from None
-        raise
+    # the options given are named as options, not as a config's keys ("config key 'data.format'")
+    cfg = from_dict(DataConfig, values, "data", names={"data.format": "--format", "data.cache_dir": "--cache-dir"})
     return cfg, run_dir, False
 
 

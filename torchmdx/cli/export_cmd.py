@@ -129,16 +129,15 @@ def run_openmm(args) -> int:
         except DataError as exc:
             raise ConfigError(f"--structure: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any reader problem is a bad file
-            from torchmdx.data.ase_format import ENDS_EARLY, ends_early
+            from torchmdx.data.ase_format import ENDS_EARLY, ReadFailureKind, classify_read_failure
 
-            if ends_early(exc):  # was "(generator raised StopIteration)"
+            failure = classify_read_failure(exc, args.structure)
+            if failure.kind is ReadFailureKind.ENDS_EARLY:  # was "(generator raised StopIteration)"
                 raise ConfigError(f"--structure: {args.structure}: {ENDS_EARLY}") from None
-            from torchmdx.io_utils import is_torch_file
-
-            if is_torch_file(args.structure):  # was "cannot read m.pt (pt)"
+            if failure.kind is ReadFailureKind.TORCH_FILE:  # was "cannot read m.pt (pt)"
                 raise ConfigError(f"--structure: {args.structure} is a torch file (a model, checkpoint or MD restart "
                                   "file), not a structure; give the structure file (pdb, xyz, ...)") from None
-            raise ConfigError(f"--structure: cannot read {args.structure} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise ConfigError(f"--structure: cannot read {args.structure} ({failure.detail})") from None
         numbers = [int(z) for z in structure.numbers]
         if args.atoms:
             atoms = parse_atoms(args.atoms, len(numbers))

@@ -29,6 +29,8 @@ unit is refused.
 
 from __future__ import annotations
 
+import enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -37,7 +39,7 @@ import numpy as np
 from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import StructureBuilder, Structures, numeric_values
 from torchmdx.errors import DataError
-from torchmdx.io_utils import byte_order_mark, decode_text
+from torchmdx.io_utils import byte_order_mark, decode_text, is_torch_file
 
 #: compressed files ASE opens itself, by name (ase.io.formats.open_with_compression); the content decides
 #: in io_utils.open_compressed, but ASE reads a gzip file named .xyz as text, so this follows ASE
@@ -105,6 +107,46 @@ def ends_early(exc: BaseException) -> bool:
 #: what :func:`ends_early` means, for the line naming the file
 ENDS_EARLY = ("the file ends early: a frame's atom-count line has no atom lines after it (truncated, e.g. an "
               "interrupted write or copy?)")
+
+
+class ReadFailureKind(enum.Enum):
+    """Why ASE could not read a structure file (:func:`classify_read_failure`)."""
+
+    ENDS_EARLY = "ends_early"  # a frame cut after its atom-count line (:func:`ends_early`; say ENDS_EARLY)
+    TORCH_FILE = "torch_file"  # a file torch.save wrote (a model, checkpoint or MD restart) given as a structure
+    OTHER = "other"  # anything else: quote the reader's error (:attr:`ReadFailure.detail`)
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """A failed read of a structure file: its kind and the reader's error, for the caller's line."""
+
+    kind: ReadFailureKind
+    error_type: str  # the exception's class name ("UnknownFileTypeError")
+    message: str  # str() of the exception, possibly empty or several lines
+
+    @property
+    def first_line(self) -> str:
+        """The first line of the reader's message ('' when it has none)."""
+        return self.message.splitlines()[0] if self.message else ""
+
+    @property
+    def detail(self) -> str:
+        """The first line of the reader's message, or its class name when the message is empty."""
+        return self.first_line if self.message else self.error_type
+
+
+def classify_read_failure(exc: BaseException, path) -> ReadFailure:
+    """Why reading structure file ``path`` with ASE raised ``exc``: it ends early (checked first),
+    it is a torch file (``md model.pt``: ASE's "(pt)" said nothing), or something else. The commands
+    that read structures (md, label, export --structure) word the line and the advice themselves."""
+    if ends_early(exc):
+        kind = ReadFailureKind.ENDS_EARLY
+    elif is_torch_file(path):
+        kind = ReadFailureKind.TORCH_FILE
+    else:
+        kind = ReadFailureKind.OTHER
+    return ReadFailure(kind, type(exc).__name__, str(exc))
 
 
 def nonfinite_position(atoms) -> Optional[str]:

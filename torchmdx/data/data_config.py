@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+from torchmdx.config import key_name
 from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import expand_home
 
@@ -97,22 +98,22 @@ class DataConfig:
             if value is not None and not str(value).strip():
                 what = {"path": "a file or folder", "cache_dir": "a folder (or leave it out for data/cache)",
                         "split_file": "a split file (.npz), or leave it out"}[name]
-                raise ConfigError(f"config key '{p}{name}' is empty ({value!r}); give {what}")
+                raise ConfigError(f"{key_name(p + name)} is empty ({value!r}); give {what}")
         # '~' as the shell would expand it (data.path always was): 'cache_dir: ~/cache' wrote the cache into a
         # folder named '~' in the current folder, 'split_file: ~/s.npz' was "split file not found"
         self.cache_dir = expand_home(self.cache_dir)
         self.split_file = expand_home(self.split_file)
         if self.format is not None and self.format.lower() not in FORMATS:
-            raise ConfigError(f"config key '{p}format' must be one of {', '.join(FORMATS)}, got {self.format!r}")
+            raise ConfigError(f"{key_name(p + 'format')} must be one of {', '.join(FORMATS)}, got {self.format!r}")
         open_sizes = []
         for name in ("train_size", "val_size", "test_size"):
             value = getattr(self, name)
             if value is None:
                 open_sizes.append(name)
             elif value < 0:
-                raise ConfigError(f"config key '{p}{name}' must not be negative, got {value}")
+                raise ConfigError(f"{key_name(p + name)} must not be negative, got {value}")
             elif isinstance(value, float) and value > 1:
-                raise ConfigError(f"config key '{p}{name}' is a fraction above 1 ({value}); use an integer for a count")
+                raise ConfigError(f"{key_name(p + name)} is a fraction above 1 ({value}); use an integer for a count")
         if len(open_sizes) > 1:
             names = ", ".join(p + n for n in open_sizes)
             raise ConfigError(f"config keys {names}: only one size may be null (the rest)")
@@ -122,13 +123,13 @@ class DataConfig:
         for name in ("batch_size", "inference_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"config key '{p}{name}' must be at least 1, got {value}")
+                raise ConfigError(f"{key_name(p + name)} must be at least 1, got {value}")
         if isinstance(self.atomref, dict):
             self.atomref = reference_table(self.atomref, self.max_z, f"{p}atomref")
         if self.num_workers < 0:
-            raise ConfigError(f"config key '{p}num_workers' must not be negative, got {self.num_workers}")
+            raise ConfigError(f"{key_name(p + 'num_workers')} must not be negative, got {self.num_workers}")
         if not 2 <= self.max_z <= MAX_Z_LIMIT:
-            raise ConfigError(f"config key '{p}max_z' must be between 2 and {MAX_Z_LIMIT} (it counts embedding rows: "
+            raise ConfigError(f"{key_name(p + 'max_z')} must be between 2 and {MAX_Z_LIMIT} (it counts embedding rows: "
                               f"atomic numbers 0..max_z-1 are accepted), got {self.max_z}")
         both = sorted(set(self.val_groups) & set(self.test_groups))
         if both:

@@ -5,7 +5,6 @@ Units: dt fs, temperature K, friction 1/ps, tau fs, pressure bar, skin Å, fmax 
 
 from __future__ import annotations
 
-import contextvars
 import difflib
 import os
 import re
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+from torchmdx.config import key_name
 from torchmdx.devices import check_threads
 from torchmdx.errors import ConfigError
 from torchmdx.io_utils import expand_home, names_a_folder
@@ -38,8 +38,6 @@ FLAGS = {
     "structure": "the structure argument", "wrap": "--no-wrap", "progress": "--no-progress",
     "cuda_graph": "--no-cuda-graph",
 }
-#: how the option of each field is named in messages while one config is built (md_config)
-_NAMING: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("md_option_names", default=None)
 _INDEX = re.compile(r"^\s*(-?\d+|-?\d*:-?\d*(:-?\d*)?)\s*$")
 
 
@@ -157,9 +155,9 @@ class MDConfig:
     def option(self, key: str) -> str:
         """How messages name option ``key``: its flag (``--dt``) when the command line set it or
         left the default, ``config key 'md.dt'`` when a config file or a Python call set it."""
-        names = getattr(self, "_names", None) or _NAMING.get()
-        if names is None:
-            return f"config key '{getattr(self, '_section', 'md')}.{key}'"
+        names = getattr(self, "_names", None)
+        if names is None:  # while from_dict builds it: the names md_config gave from_dict, if any
+            return key_name(f"{getattr(self, '_section', 'md')}.{key}")
         return names.get(key, flag(key))
 
     def validate(self, section: str = "md") -> None:
@@ -336,24 +334,12 @@ def md_config(values: Optional[dict] = None, yaml_path: Optional[str] = None, co
         yaml_keys = set(section) - set(values or {})
     merged.update(values or {})
     names = None
-    if command_line:
-        names = {f.name: flag(f.name) for f in fields(MDConfig)}
-        names.update({k: f"config key 'md.{k}' in {yaml_path}" for k in yaml_keys})
-    token = _NAMING.set(names)
-    try:
-        config = from_dict(MDConfig, merged, "md")
-    except ConfigError as exc:
-        # from_dict's own checks (NaN/inf, a seed outside 0..2**32-1) name "config key 'md.seed'":
-        # `--seed -1` and `--dt nan` are flags (and a file's key is named with its file)
-        text = str(exc)
+    if command_line:  # `--seed -1`, `--dt nan` are flags; a file's key is named with its file
         known = {f.name for f in fields(MDConfig)}  # an unknown key keeps from_dict's own line
-        prefix = next((p for p in (f"config key 'md.{k}' " for k in names or {} if k in known)
-                       if text.startswith(p)), None)
-        if prefix is None or text.startswith(names[prefix[len("config key 'md."):-2]] + " "):
-            raise  # validate's own lines name the file already: "config key 'md.index' in c.yaml in c.yaml"
-        raise ConfigError(names[prefix[len("config key 'md."):-2]] + " " + text[len(prefix):]) from None
-    finally:
-        _NAMING.reset(token)
+        names = {key: flag(key) for key in known}
+        names.update({k: f"config key 'md.{k}' in {yaml_path}" for k in yaml_keys & known})
+    dotted = None if names is None else {f"md.{k}": name for k, name in names.items()}
+    config = from_dict(MDConfig, merged, "md", names=dotted)
     config._names = names
     _check_enabled(config, set(merged))
     config._unused_option_warnings = unused_option_warnings(config, set(merged))

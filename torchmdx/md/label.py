@@ -279,17 +279,16 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - ASE raises many kinds for a bad file
-            from torchmdx.data.ase_format import ENDS_EARLY, ends_early
+            from torchmdx.data.ase_format import ENDS_EARLY, ReadFailureKind, classify_read_failure
 
-            if ends_early(exc):  # was "(RuntimeError: generator raised StopIteration)"
+            failure = classify_read_failure(exc, path)
+            if failure.kind is ReadFailureKind.ENDS_EARLY:  # was "(RuntimeError: generator raised StopIteration)"
                 raise DataError(f"{path}: {ENDS_EARLY}") from None
-            from torchmdx.io_utils import is_torch_file
-
-            if is_torch_file(path):  # was "(UnknownFileTypeError: pt)"
+            if failure.kind is ReadFailureKind.TORCH_FILE:  # was "(UnknownFileTypeError: pt)"
                 raise DataError(f"{path}: a torch file (a model, checkpoint or MD restart file), not structures; "
                                 "a model to label with is --method model:FILE") from None
-            raise DataError(f"{path}: cannot be read as structures ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise DataError(f"{path}: cannot be read as structures ({failure.error_type}: "
+                            f"{failure.first_line})") from None
         for k, atoms in enumerate(read_frames):
             if k < skip or (k - skip) % every:
                 continue

@@ -95,16 +95,16 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error
-            from torchmdx.data.ase_format import ENDS_EARLY, ends_early
-            from torchmdx.io_utils import is_torch_file
+            from torchmdx.data.ase_format import ENDS_EARLY, ReadFailureKind, classify_read_failure
 
-            if ends_early(exc):  # was "(generator raised StopIteration)"
+            failure = classify_read_failure(exc, path)
+            if failure.kind is ReadFailureKind.ENDS_EARLY:  # was "(generator raised StopIteration)"
                 raise DataError(f"{path}: {ENDS_EARLY}") from None
-            if is_torch_file(path):  # `md model.pt ar.xyz`: "m.pt: cannot read a structure with ASE (pt)"
+            # `md model.pt ar.xyz` was "m.pt: cannot read a structure with ASE (pt)"
+            if failure.kind is ReadFailureKind.TORCH_FILE:
                 raise DataError(f"{path}: a torch file (a model, checkpoint or MD restart file), not a structure; "
                                 "give a model with --model and a restart file with --restart") from None
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"{path}: cannot read a structure with ASE ({first})") from None
+            raise DataError(f"{path}: cannot read a structure with ASE ({failure.detail})") from None
         if not frames:
             try:
                 count = len(everything if everything is not None else all_frames(path))
