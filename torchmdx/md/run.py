@@ -377,8 +377,8 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
     dtype = as_dtype(config.dtype)
     for line in getattr(config, "_unused_option_warnings", None) or ():
         print(f"warning: {line}", file=err)  # --ensemble nve --friction 5: taken, but said (round 18)
-    if restart_payload is None:
-        for line in close_contacts(structures):
+    if restart_payload is None:  # the structures as read, named by file and frame (each replica said it again,
+        for line in close_contacts(as_read, sources=sources):  # as "structure 1", "structure 2": round 20)
             print(f"warning: {line}", file=err)
     if config.temperature > 10_000:
         print(f"warning: {config.option('temperature')} {config.temperature:g} K is far above what molecules "
