@@ -87,6 +87,23 @@ def thread_limit() -> int:
     return max(1024, 4 * (os.cpu_count() or 1))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, else the machine's count)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_limit() -> int:
+    """The most data-loader worker processes a config may ask for: 4 x the usable CPUs, at least 8.
+    Each worker is a process (PyTorch warns above the CPU count); ``data.num_workers: 100000`` forked
+    processes until the machine ran out (round 20)."""
+    return max(8, 4 * usable_cpus())
+
+
 def check_threads(threads, what: str) -> None:
     """A thread count of ``what`` (``--threads``, ``config key 'md.threads'``) within 1..
     :func:`thread_limit`, or a one-line ConfigError; None (torch's choice) passes."""

@@ -305,6 +305,18 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
     return frames[:max_frames] if max_frames else frames
 
 
+def check_distinct_inputs(paths) -> None:
+    """``label a.xyz a.xyz`` (or ``a.xyz ./a.xyz``, a link) labelled every frame twice: copies that a random
+    split puts in the training and the test part (round 20; md refuses a file named twice since round 19)."""
+    paths, seen = list(paths), {}
+    for k, name in enumerate(paths):
+        first = paths[seen.setdefault(os.path.realpath(name), k)]
+        if seen[os.path.realpath(name)] != k:
+            same = "twice" if str(first) == str(name) else f"twice ({first} and {name} are the same file)"
+            raise ConfigError(f"the structures argument names {name} {same}: each frame would be labelled twice, "
+                              "copies that a random split puts in both training and test; give each file once")
+
+
 # ---------------------------------------------------------------------------- the partial file
 def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
@@ -400,6 +412,7 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
         raise ConfigError(f"-o {out} is not a regular file (a folder, device or pipe); give a file name")
     if out.exists() and not force:
         raise ConfigError(f"{out} exists; pass --force to replace it (or choose another -o)")
+    check_distinct_inputs(paths)
     inputs = read_inputs(paths, skip, every, max_frames)
     for k, atoms in enumerate(inputs):
         atoms.info["label_index"] = k
