@@ -61,6 +61,24 @@ class ThermoReporter(Reporter):
         self.log.close()
 
 
+def _flat_cell(atoms) -> str:
+    """Why a periodic structure's cell spans no volume, in words: a slab (pbc T T F) written with a zero third
+    vector was "has no cell" (round 20), though its periodic rows are there."""
+    rows = np.asarray(atoms.cell.array, dtype=float)
+    lengths = np.linalg.norm(rows, axis=1)
+    if not lengths[np.asarray(atoms.pbc, dtype=bool)].any():
+        return "has no cell"
+    zero = [("a", "b", "c")[i] for i in range(3) if lengths[i] < 1e-9]
+    open_zero = [r for r in zero if not atoms.pbc["abc".index(r)]]
+    if open_zero and len(open_zero) == len(zero):
+        axis = "abc".index(open_zero[0])
+        return (f"its cell spans no volume: the open direction{'s' if len(open_zero) > 1 else ''} "
+                f"{', '.join(open_zero)} {'have' if len(open_zero) > 1 else 'has'} no cell vector (rows "
+                f"{rows.tolist()} Å); md wraps atoms with the whole cell: give each open direction a vacuum vector, "
+                f"e.g. atoms.center(vacuum=10.0, axis={axis}) in ASE")
+    return f"its cell spans no volume (rows {rows.tolist()} Å); give a cell whose periodic rows are independent"
+
+
 def read_structures(paths, index: str = "-1", option: str = "--index", sources: Optional[list] = None) -> list:
     """The frames ``index`` (ASE syntax: "-1" last, ":" all, "start:stop:step") of every file, via
     ``ase.io.read`` (one-line DataError on failure; ``option`` names the index in messages). A slice
@@ -123,7 +141,7 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
                                 f"periodic {atoms.pbc.tolist()}; give every row of the cell as finite numbers")
             if atoms.pbc.any() and atoms.cell.volume < 1e-6:
                 raise DataError(f"{path}: frame {k if numbers is None else numbers[k]} is periodic "
-                                f"({atoms.pbc.tolist()}) but has no cell")
+                                f"({atoms.pbc.tolist()}) but " + _flat_cell(atoms))
             where = names[k]
             problem = nonfinite_position(atoms)
             if problem:  # was ASE's RuntimeWarning (close-contact check) before the engine's error
