@@ -354,6 +354,16 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
             f"{config.restart} is at step {start_step} already: nothing to run; pass a total above {start_step} "
             f"(e.g. {config.option('steps')} {start_step + max(config.steps, 1)})"
         )
+    if restart_payload is not None:  # both were ignored without a word (round 20)
+        if config.minimize:
+            raise ConfigError(f"{config.option('minimize')} relaxes a structure before its dynamics, but "
+                              f"{config.option('restart')} {config.restart} continues a run (its positions and "
+                              f"velocities, at step {start_step}): nothing would be minimized; leave "
+                              f"{config.option('minimize')} out, or minimize in a fresh run")
+        if config.velocities != "auto":
+            raise ConfigError(f"{config.option('velocities')} {config.velocities} chooses the initial velocities, but "
+                              f"{config.option('restart')} {config.restart} continues a run with its own velocities "
+                              f"(at step {start_step}): leave {config.option('velocities')} out")
     if restart_payload is not None and restart_payload.get("engine") == "ase" and config.engine != "ase":
         raise ConfigError(f"{config.restart}: written by --engine ase; continue it with --engine ase")
     if config.structure:
