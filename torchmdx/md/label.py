@@ -262,7 +262,7 @@ def make_labeler(options: LabelOptions) -> Callable:
 def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] = None) -> list:
     """The frames to label: every frame of each file after the first ``skip``, every ``every``-th,
     at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'``."""
-    from torchmdx.data.ase_format import all_frames, nonfinite_position
+    from torchmdx.data.ase_format import all_frames, disordered_site, nonfinite_position
 
     # one line naming the option and its value ("--skip must be >= 0, --every >= 1 and --max-frames >= 1"
     # named all three, whichever was wrong)
@@ -298,6 +298,9 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
             problem = nonfinite_position(atoms)
             if problem:  # was refused by the method after an empty <out>.partial was written
                 raise DataError(f"{path}: frame {k}: {problem}; fix the frame, or --skip past it")
+            problem = disordered_site(atoms)
+            if problem:  # labelled as whichever species ASE kept (round 20)
+                raise DataError(f"{path}: frame {k}: {problem}")
             atoms.info["label_source"] = f"{path.name}:{k}"
             frames.append(atoms)
     if not frames:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from torchmdx.data.ase_format import nonfinite_position
+from torchmdx.data.ase_format import disordered_site, nonfinite_position
 from torchmdx.errors import ConfigError, DataError, SimulationError
 from torchmdx.io_utils import atomic_write
 from torchmdx.md.config import MDConfig
@@ -146,6 +146,9 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
             problem = nonfinite_position(atoms)
             if problem:  # was ASE's RuntimeWarning (close-contact check) before the engine's error
                 raise DataError(f"{where}: {problem}; fix the structure file")
+            problem = disordered_site(atoms)
+            if problem:  # a disordered CIF ran as whichever species ASE kept (round 20)
+                raise DataError(f"{where}: {problem}")
             masses = atoms.get_masses()
             bad = np.flatnonzero(~(np.isfinite(masses) & (masses > 0)))
             if bad.size:  # a NaN mass was "the temperature of structure 0 reached nan K"
