@@ -281,7 +281,8 @@ def check_arguments(args) -> None:
             if value is not None and value < least:
                 raise ConfigError(f"{option} must be >= {least}, got {value}")
     if max(args.workers) > worker_limit():
-        raise ConfigError(f"--workers must be at most {worker_limit()} (4 x this machine's CPUs), got {max(args.workers)}")
+        raise ConfigError(f"--workers must be at most {worker_limit()} (4 x this machine's CPUs), "
+                          f"got {max(args.workers)}")
     check_threads(args.threads, "--threads")
 
 

@@ -118,7 +118,8 @@ def run(args) -> int:
     if Path(str(args.data)).suffix.lower() in (".yaml", ".yml"):  # both were ignored without a word (round 20)
         for value, option, key in ((args.format, "--format", "format"), (args.cache_dir, "--cache-dir", "cache_dir")):
             if value is not None:
-                raise ConfigError(f"{option} {value if str(value).strip() else repr(value)} applies to a data file given as --data, and {args.data} is a "
+                shown = value if str(value).strip() else repr(value)
+                raise ConfigError(f"{option} {shown} applies to a data file given as --data, and {args.data} is a "
                                   f"config, whose data: section chooses it: set data.{key} there, or give the data "
                                   "file as --data")
     data_cfg, run_dir, is_config = _data_config(args)
