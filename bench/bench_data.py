@@ -268,6 +268,24 @@ MAKERS = {"ani1x": (synthetic_ani1x, "synthetic.h5"), "md17": (synthetic_md17, "
           "extxyz": (synthetic_extxyz, "synthetic.extxyz")}
 
 
+def check_arguments(args) -> None:
+    """Sizes and counts in range, one line each (round 20: ``--n 0`` said "synthetic.h5: not in the ANI-1x
+    layout" of a temporary file, ``--batch-sizes 0`` was torch's ValueError traceback after the cache build)."""
+    from torchmdx.devices import check_threads, worker_limit
+    from torchmdx.errors import ConfigError
+
+    for option, values, least in (("--n", [args.n], 1), ("--batch-sizes", args.batch_sizes, 1),
+                                  ("--workers", args.workers, 0), ("--synthetic", [args.synthetic], 1),
+                                  ("--batch-size", [args.batch_size], 1), ("--max-batches", [args.max_batches], 0)):
+        for value in values:
+            if value is not None and value < least:
+                raise ConfigError(f"{option} must be >= {least}, got {value}")
+    if max(args.workers) > worker_limit():
+        raise ConfigError(f"--workers must be at most {worker_limit()} (4 x this machine's CPUs), "
+                          f"got {max(args.workers)}")
+    check_threads(args.threads, "--threads")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100_000, help="number of structures")
@@ -282,6 +300,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="--synthetic: structures per batch")
     parser.add_argument("--max-batches", type=int, default=0, help="--synthetic: stop after this many batches (0: an epoch)")
     args = parser.parse_args(argv)
+    check_arguments(args)
     if args.synthetic:
         return run_synthetic(args)
 

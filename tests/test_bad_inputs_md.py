@@ -409,7 +409,7 @@ def test_close_atoms_and_extreme_temperature_warn_but_run(tmp_path, models, caps
     capsys.readouterr()
     assert md(tmp_path / "close.xyz", "--model", models / "et.pt", "--steps", 0, "--out", tmp_path / "c.extxyz") == 0
     err = capsys.readouterr().err.splitlines()
-    assert err == ["warning: atoms 0 and 1 of structure 0 (H-H) are 0.05 Å apart, closer than 0.31 Å (half the sum "
+    assert err == [f"warning: {tmp_path / 'close.xyz'}: atoms 0 and 1 (H-H) are 0.05 Å apart, closer than 0.31 Å (half the sum "
                    "of their covalent radii): no model was trained on that; check the structure"]
     assert md(argon(tmp_path), "--model", models / "lj.pt", "--steps", 0, "--temperature", 1e9,
               "--out", tmp_path / "hot.extxyz") == 0

@@ -322,8 +322,9 @@ def test_cli_structure_with_an_element_the_model_lacks(_cli, tmp_path, model_fil
     Atoms("SH2", positions=[[0, 0, 0], [1.3, 0, 0], [0, 1.3, 0]]).write(structure)
     run = _cli("--openmm", model_file, "-o", tmp_path / "x.pt", "--structure", structure)
     assert run.returncode == 2
-    assert run.stderr.strip() == ("error: atom 0 of the ML region is element S (Z=16), which the model does not know (its "
-                                  "elements: H, C, N, O); leave it out of the ML atoms or use a model trained on S")
+    assert run.stderr.strip() == (f"error: {structure}: atom 0 of the ML region is element S (Z=16), which the model "
+                                  "does not know (its elements: H, C, N, O); leave it out of the ML atoms or use a model "
+                                  "trained on S")  # the structure file named since round 20
 
 
 # ---------------------------------------------------------------------------------------------- OpenMM

@@ -32,6 +32,25 @@ def check_device(device, what: str = "device"):
     return dev
 
 
+#: environment variables a multi-node launch sets (SLURM, torchrun, Lightning's own NODE_RANK/MASTER_ADDR,
+#: LSF, MPI): Lightning reads the ranks from one of them
+MULTI_NODE_VARIABLES = ("SLURM_NTASKS", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR", "WORLD_SIZE", "LSB_JOBID",
+                        "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def check_launcher(num_nodes: int, what: str = "config key 'trainer.num_nodes'") -> None:
+    """``trainer.num_nodes`` > 1 in a process that no multi-node launcher started (a plain ``torchmdx train``
+    on one machine): the run folder was written, then the process waited forever for the other nodes to
+    join (round 20). One line, before anything is read or written."""
+    import os
+
+    if num_nodes is None or num_nodes <= 1 or any(name in os.environ for name in MULTI_NODE_VARIABLES):
+        return
+    raise ConfigError(f"{what} is {num_nodes}, but this process was not started by a multi-node launcher (no SLURM "
+                      "job, torchrun, or NODE_RANK/MASTER_ADDR in the environment): it would wait forever for the "
+                      "other nodes; set it to 1 on one machine, or launch one process per node (docs/distributed.md)")
+
+
 def check_accelerator(accelerator, devices=None, what: str = "trainer.accelerator") -> None:
     """Lightning's ``accelerator`` names: ``gpu``/``cuda`` need a CUDA GPU here (and as many as
     ``devices`` asks for, when it is a count); ``cpu`` and ``auto`` always work."""
@@ -85,6 +104,23 @@ def thread_limit() -> int:
     import os
 
     return max(1024, 4 * (os.cpu_count() or 1))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, else the machine's count)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_limit() -> int:
+    """The most data-loader worker processes a config may ask for: 4 x the usable CPUs, at least 8.
+    Each worker is a process (PyTorch warns above the CPU count); ``data.num_workers: 100000`` forked
+    processes until the machine ran out (round 20)."""
+    return max(8, 4 * usable_cpus())
 
 
 def check_threads(threads, what: str) -> None:

@@ -109,6 +109,13 @@ def run(args) -> int:
 
     check_device(args.device, "--device")  # before any work
     model_path = Path(args.model)
+    if Path(str(args.data)).suffix.lower() in (".yaml", ".yml"):  # both were ignored without a word (round 20)
+        for value, option, key in ((args.format, "--format", "format"), (args.cache_dir, "--cache-dir", "cache_dir")):
+            if value is not None:
+                shown = value if str(value).strip() else repr(value)
+                raise ConfigError(f"{option} {shown} applies to a data file given as --data, and {args.data} is a "
+                                  f"config, whose data: section chooses it: set data.{key} there, or give the data "
+                                  "file as --data")
     data_cfg, run_dir, is_config = _data_config(args)
     if args.run:
         # a --run without its split (a typo, another folder) was passed over silently: the "test" split was

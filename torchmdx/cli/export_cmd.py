@@ -106,7 +106,8 @@ def run_openmm(args) -> int:
 
     from torchmdx.devices import check_device
 
-    check_output_file(args.output, force=args.force, inputs=[args.checkpoint], what="OpenMM module")
+    check_output_file(args.output, force=args.force, inputs=[args.checkpoint], what="OpenMM module",
+                      suffixes=TORCH_SUFFIXES)
     args.device = args.device or "cpu"
     check_device(args.device, "--device")
     numbers, atoms = None, None
@@ -137,12 +138,26 @@ def run_openmm(args) -> int:
             if failure.kind is ReadFailureKind.TORCH_FILE:  # was "cannot read m.pt (pt)"
                 raise ConfigError(f"--structure: {args.structure} is a torch file (a model, checkpoint or MD restart "
                                   "file), not a structure; give the structure file (pdb, xyz, ...)") from None
+<<<<<<< HEAD
             raise ConfigError(f"--structure: cannot read {args.structure} ({failure.detail})") from None
+=======
+            raise ConfigError(f"--structure: cannot read {args.structure} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        from torchmdx.data.ase_format import disordered_site
+
+        problem = disordered_site(structure)
+        if problem:  # the ML region was built from whichever species ASE kept (round 20)
+            raise ConfigError(f"--structure {args.structure}: {problem}")
+>>>>>>> bad20
         numbers = [int(z) for z in structure.numbers]
         if args.atoms:
             atoms = parse_atoms(args.atoms, len(numbers))
             numbers = [numbers[a] for a in atoms]
     potential = _load_for_openmm(args.checkpoint, args.ema)
+    if numbers is not None:  # the element line named no file: "atom 0 of the ML region is element Ar" (round 20)
+        from torchmdx.openmm.export import check_ml_elements, model_elements
+
+        check_ml_elements(numbers, *model_elements(potential),
+                          names=[f"{args.structure}: atom {a}" for a in (atoms or range(len(numbers)))])
     module = export_openmm(potential, args.output, atomic_numbers=numbers, atoms=atoms, device=args.device,
                            dtype=args.dtype, forces="returned" if args.outputs_forces else "autograd", force=True)
     from torchmdx.openmm.export import metadata
@@ -154,6 +169,11 @@ def run_openmm(args) -> int:
           f"{what}, forces by {meta['forces']}, device {meta['device']}")
     return 0
 
+
+#: the names ``export -o`` takes (any case): both exports write torch files, read by ``load_model``, OpenMM's
+#: TorchForce and ``MLPotential`` whatever their name, but named ``.pt`` so that people and tools (ASE, md's
+#: structure argument) do not take them for what another extension says (round 20)
+TORCH_SUFFIXES = (".pt", ".pth")
 
 #: the options of an OpenMM export (a model file export ignored them: --dtype float64 wrote float32)
 OPENMM_OPTIONS = ("structure", "atoms", "device", "dtype", "outputs_forces")
@@ -170,8 +190,10 @@ def run(args) -> int:
         raise ConfigError(f"{option} applies to OpenMM exports (--openmm) only: a model file holds the model as "
                           "trained (device and precision are chosen when it is loaded); add --openmm or drop "
                           f"{option}")
-    from torchmdx.train.export import export_checkpoint
+    from torchmdx.train.export import check_output_file, export_checkpoint
 
+    check_output_file(args.output, force=args.force, inputs=[args.checkpoint], what="model file",
+                      suffixes=TORCH_SUFFIXES)  # `-o model.xyz`, `-o model`: a torch file under that name (round 20)
     potential = export_checkpoint(args.checkpoint, args.output, ema=args.ema, force=args.force)
     elements = getattr(potential, "elements", None)
     from torchmdx.nn.potential import element_symbol

@@ -111,7 +111,35 @@ def molecule_groups(h5, required: str) -> list:
             found.append(obj)
 
     _visit(h5, visit)
+    _refuse_external_links(h5)
     return found
+
+
+def _refuse_external_links(h5) -> None:
+    """A file assembled from parts through external links (``f["H2O"] = h5py.ExternalLink("part2.h5",
+    "/H2O")``): the linked groups were dropped without a word (the walk over the groups follows hard links
+    only), and a cache of the file would not see the parts change. One line naming the first such link."""
+    import h5py
+
+    if not hasattr(h5, "visititems_links"):  # h5py < 3.11
+        return
+    found = []
+
+    def visit(name, link):
+        if isinstance(link, h5py.ExternalLink):
+            found.append((name, link))
+            return True  # stop at the first
+        return None
+
+    try:
+        h5.visititems_links(visit)
+    except (RuntimeError, OSError, KeyError, ValueError):
+        return  # a damaged link table: _visit has said so already
+    if found:
+        name, link = found[0]
+        raise DataError(f"{h5.filename}: '{name}' is an external link to {link.filename}:{link.path}, which is not read "
+                        "(only the groups inside this file are, and its cache would not see the linked file change); "
+                        "copy the linked groups into one file (e.g. h5copy), or read the linked file on its own")
 
 
 def _visit(h5, visit) -> None:

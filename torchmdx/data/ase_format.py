@@ -160,6 +160,39 @@ def nonfinite_position(atoms) -> Optional[str]:
     return f"atom {i} ({atoms.get_chemical_symbols()[i]}) has a non-finite position {atoms.positions[i].tolist()}"
 
 
+def disordered_site(atoms) -> Optional[str]:
+    """A site of a CIF read with partial occupancies (ASE's ``atoms.info['occupancy']``: site -> {symbol:
+    fraction}) holding several species or less than one atom, in words; None for an ordered structure. ASE
+    keeps one atom of one species at such a site, so a disordered Na0.5K0.5Cl was simulated as KCl without a
+    word (round 20). Callers put where (file, frame) before it."""
+    occupancy = atoms.info.get("occupancy")
+    if not isinstance(occupancy, dict):
+        return None
+    tags = np.asarray(atoms.get_tags())
+    for key, species in occupancy.items():
+        if not isinstance(species, dict) or not species:
+            continue
+        try:
+            fractions = {str(symbol): float(value) for symbol, value in species.items()}
+        except (TypeError, ValueError):
+            continue
+        if len(fractions) == 1 and sum(fractions.values()) >= 1 - 1e-3:
+            continue
+        shown = ", ".join(f"{symbol} {value:g}" for symbol, value in fractions.items())
+        kept = ""
+        try:
+            first = np.flatnonzero(tags == int(key))
+            if first.size:
+                kept = f"; ASE kept atom {int(first[0])} as {atoms.get_chemical_symbols()[int(first[0])]}"
+        except ValueError:
+            pass
+        what = "disordered" if len(fractions) > 1 else "partly occupied"
+        return (f"site {key} is {what} (occupancy {shown}{kept}): a model computes one ordered structure, so this "
+                "one is not the material the file describes; give an ordered structure (one species per site, e.g. "
+                "a supercell with that ratio)")
+    return None
+
+
 #: Per-atom arrays of an Atoms object that are inputs or bookkeeping, not targets.
 _SKIP_ARRAYS = {"numbers", "positions", "momenta", "masses", "tags", "initial_magmoms", "initial_charges"}
 #: Calculator results that hold one value per atom.

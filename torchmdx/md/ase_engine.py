@@ -206,6 +206,9 @@ def run_ase(
             system = System.from_atoms([atoms], "cpu", dtype)
             generator = torch.Generator().manual_seed(int(seed))
             atoms.set_velocities(system.maxwell_boltzmann(temperature_K, generator).double().numpy())
+    from torchmdx.md.io import time_origin_ps
+
+    origin_ps = time_origin_ps(restart_payload, timestep_fs)  # a restart with another --dt: the time goes on
     dyn = make_ase_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_ps, tau_fs, chain_length, seed,
                             pressure_bar, barostat_tau_fs, barostat)
     frames = _Frames(atoms)
@@ -233,7 +236,7 @@ def run_ase(
             volume = np.array([v])
             density = np.array([atoms.get_masses().sum() / v * units.AMU_PER_A3_TO_G_PER_CM3])
         return Observation(
-            step=step, time_ps=step * timestep_fs * 1e-3,
+            step=step, time_ps=origin_ps + step * timestep_fs * 1e-3,
             positions=atoms.get_positions(), velocities=atoms.get_velocities(), forces=atoms.get_forces(),
             potential=np.array([energy]), kinetic=np.array([kinetic]),
             temperature=np.array([2.0 * kinetic / (dof * units.BOLTZMANN_EV_PER_K)]),
@@ -243,7 +246,8 @@ def run_ase(
 
     def payload(step):
         return {
-            "engine": "ase", "step": step, "timestep_fs": timestep_fs, "ensemble": ensemble,
+            "engine": "ase", "step": step, "time_ps": origin_ps + step * timestep_fs * 1e-3,
+            "timestep_fs": timestep_fs, "ensemble": ensemble,
             "temperature_K": temperature_K, "seed": seed, "dtype": str(dtype).replace("torch.", ""),
             "z": torch.as_tensor(atoms.numbers), "counts": [n], "structures": [atoms.copy()],
             "positions": torch.as_tensor(atoms.get_positions()), "velocities": torch.as_tensor(atoms.get_velocities()),

@@ -219,6 +219,11 @@ class Calculator(_AseCalculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
+        if atoms is None:  # calc.get_potential_energy() before any structure: "'NoneType' object has no attribute 'pbc'"
+            from torchmdx.errors import ModelError
+
+            raise ModelError("Calculator: no structure to compute; give one, calc.get_potential_energy(atoms), or "
+                             "attach the calculator (atoms.calc = calc) and ask the atoms: atoms.get_potential_energy()")
         periodic = bool(np.any(atoms.pbc))
         if periodic and not bool(np.all(atoms.pbc)):
             # a slab's or wire's stress divides by the volume its open (vacuum) rows span, ASE's

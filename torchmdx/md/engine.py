@@ -320,7 +320,7 @@ class Simulation(RunLoop, RestartFiles):
             stress = stress_t.cpu().numpy()
         return Observation(
             step=st.step,
-            time_ps=st.step * self.timestep_fs * 1e-3,
+            time_ps=self.time_ps(st.step),
             positions=self.to_input(st.positions.detach()).cpu().numpy(),
             velocities=self.to_input(st.velocities.detach()).cpu().numpy(),
             forces=self.to_input(st.forces.detach()).cpu().numpy(),

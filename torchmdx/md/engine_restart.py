@@ -39,6 +39,7 @@ class RestartFiles:
             structures.append(atoms)
         return {
             "step": st.step,
+            "time_ps": self.time_ps(st.step),
             "timestep_fs": self.timestep_fs,
             "ensemble": self.ensemble,
             "temperature_K": self.temperature_K,
@@ -60,6 +61,10 @@ class RestartFiles:
             "rng_state": self.generator.get_state(),
             "check_interval_now": self._interval,
         }
+
+    def time_ps(self, step: int) -> float:
+        """The simulated time at ``step`` (ps): continuous across restarts with another time step."""
+        return getattr(self, "time_origin_ps", 0.0) + step * self.timestep_fs * 1e-3
 
     def save_restart(self, path) -> None:
         """Rebuild the neighbor list (wrapping periodic positions), then write the restart file
@@ -101,6 +106,9 @@ class RestartFiles:
         if payload.get("ensemble") == self.ensemble:
             self.integrator.load_state_dict({k: v.to(**to) for k, v in payload["integrator"].items()})
         self.generator.set_state(payload["rng_state"])
+        from torchmdx.md.io import time_origin_ps
+
+        self.time_origin_ps = time_origin_ps(payload, self.timestep_fs)  # another --dt: the time goes on
         self._interval = int(payload.get("check_interval_now", self.check_interval))
         # the file was written right after a list build at these (wrapped) positions
         self.state.positions = self.forcefield.build(self.state.positions, wrap=False)

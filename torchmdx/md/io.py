@@ -413,6 +413,24 @@ def atoms_from_plain(values: dict):
     )
 
 
+def time_origin_ps(payload: Optional[dict], timestep_fs: float) -> float:
+    """The time (ps) a run continued from ``payload`` gives step 0, so that ``origin + step * timestep_fs``
+    continues the restart file's own time: a restart with another ``--dt`` (0.5 fs, then 2 fs) logged
+    step 10 at 10 x 2 fs = 0.02 ps after step 8 at 0.004 ps (round 20). The file's ``time_ps`` (written since
+    round 20), else its step times its ``timestep_fs`` (one time step so far); no payload: 0."""
+    import math
+
+    if payload is None:
+        return 0.0
+    step = int(payload["step"])
+    then = payload.get("time_ps")
+    if not isinstance(then, (int, float)) or isinstance(then, bool) or not math.isfinite(then):
+        dt = payload.get("timestep_fs")
+        ok = isinstance(dt, (int, float)) and not isinstance(dt, bool) and math.isfinite(dt) and dt > 0
+        then = step * (float(dt) if ok else timestep_fs) * 1e-3
+    return float(then) - step * timestep_fs * 1e-3
+
+
 def save_restart(path: str | os.PathLike, payload: dict) -> None:
     """``torch.save`` the restart dict to a temporary name, then rename it onto ``path``.
     ``payload["structures"]`` may hold ``ase.Atoms``; they are stored as plain tensors."""

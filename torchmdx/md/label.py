@@ -262,7 +262,7 @@ def make_labeler(options: LabelOptions) -> Callable:
 def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] = None) -> list:
     """The frames to label: every frame of each file after the first ``skip``, every ``every``-th,
     at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'``."""
-    from torchmdx.data.ase_format import all_frames, nonfinite_position
+    from torchmdx.data.ase_format import all_frames, disordered_site, nonfinite_position
 
     # one line naming the option and its value ("--skip must be >= 0, --every >= 1 and --max-frames >= 1"
     # named all three, whichever was wrong)
@@ -297,11 +297,26 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
             problem = nonfinite_position(atoms)
             if problem:  # was refused by the method after an empty <out>.partial was written
                 raise DataError(f"{path}: frame {k}: {problem}; fix the frame, or --skip past it")
+            problem = disordered_site(atoms)
+            if problem:  # labelled as whichever species ASE kept (round 20)
+                raise DataError(f"{path}: frame {k}: {problem}")
             atoms.info["label_source"] = f"{path.name}:{k}"
             frames.append(atoms)
     if not frames:
         raise DataError(f"no frames to label in {', '.join(map(str, paths))} (after --skip {skip}, --every {every})")
     return frames[:max_frames] if max_frames else frames
+
+
+def check_distinct_inputs(paths) -> None:
+    """``label a.xyz a.xyz`` (or ``a.xyz ./a.xyz``, a link) labelled every frame twice: copies that a random
+    split puts in the training and the test part (round 20; md refuses a file named twice since round 19)."""
+    paths, seen = list(paths), {}
+    for k, name in enumerate(paths):
+        first = paths[seen.setdefault(os.path.realpath(name), k)]
+        if seen[os.path.realpath(name)] != k:
+            same = "twice" if str(first) == str(name) else f"twice ({first} and {name} are the same file)"
+            raise ConfigError(f"the structures argument names {name} {same}: each frame would be labelled twice, "
+                              "copies that a random split puts in both training and test; give each file once")
 
 
 # ---------------------------------------------------------------------------- the partial file
@@ -399,6 +414,7 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
         raise ConfigError(f"-o {out} is not a regular file (a folder, device or pipe); give a file name")
     if out.exists() and not force:
         raise ConfigError(f"{out} exists; pass --force to replace it (or choose another -o)")
+    check_distinct_inputs(paths)
     inputs = read_inputs(paths, skip, every, max_frames)
     for k, atoms in enumerate(inputs):
         atoms.info["label_index"] = k

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from torchmdx.data.ase_format import nonfinite_position
+from torchmdx.data.ase_format import disordered_site, nonfinite_position
 from torchmdx.errors import ConfigError, DataError, SimulationError
 from torchmdx.io_utils import atomic_write
 from torchmdx.md.config import MDConfig
@@ -59,6 +59,24 @@ class ThermoReporter(Reporter):
 
     def close(self) -> None:
         self.log.close()
+
+
+def _flat_cell(atoms) -> str:
+    """Why a periodic structure's cell spans no volume, in words: a slab (pbc T T F) written with a zero third
+    vector was "has no cell" (round 20), though its periodic rows are there."""
+    rows = np.asarray(atoms.cell.array, dtype=float)
+    lengths = np.linalg.norm(rows, axis=1)
+    if not lengths[np.asarray(atoms.pbc, dtype=bool)].any():
+        return "has no cell"
+    zero = [("a", "b", "c")[i] for i in range(3) if lengths[i] < 1e-9]
+    open_zero = [r for r in zero if not atoms.pbc["abc".index(r)]]
+    if open_zero and len(open_zero) == len(zero):
+        axis = "abc".index(open_zero[0])
+        return (f"its cell spans no volume: the open direction{'s' if len(open_zero) > 1 else ''} "
+                f"{', '.join(open_zero)} {'have' if len(open_zero) > 1 else 'has'} no cell vector (rows "
+                f"{rows.tolist()} Å); md wraps atoms with the whole cell: give each open direction a vacuum vector, "
+                f"e.g. atoms.center(vacuum=10.0, axis={axis}) in ASE")
+    return f"its cell spans no volume (rows {rows.tolist()} Å); give a cell whose periodic rows are independent"
 
 
 def read_structures(paths, index: str = "-1", option: str = "--index", sources: Optional[list] = None) -> list:
@@ -123,11 +141,14 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
                                 f"periodic {atoms.pbc.tolist()}; give every row of the cell as finite numbers")
             if atoms.pbc.any() and atoms.cell.volume < 1e-6:
                 raise DataError(f"{path}: frame {k if numbers is None else numbers[k]} is periodic "
-                                f"({atoms.pbc.tolist()}) but has no cell")
+                                f"({atoms.pbc.tolist()}) but " + _flat_cell(atoms))
             where = names[k]
             problem = nonfinite_position(atoms)
             if problem:  # was ASE's RuntimeWarning (close-contact check) before the engine's error
                 raise DataError(f"{where}: {problem}; fix the structure file")
+            problem = disordered_site(atoms)
+            if problem:  # a disordered CIF ran as whichever species ASE kept (round 20)
+                raise DataError(f"{where}: {problem}")
             masses = atoms.get_masses()
             bad = np.flatnonzero(~(np.isfinite(masses) & (masses > 0)))
             if bad.size:  # a NaN mass was "the temperature of structure 0 reached nan K"
@@ -336,6 +357,16 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
             f"{config.restart} is at step {start_step} already: nothing to run; pass a total above {start_step} "
             f"(e.g. {config.option('steps')} {start_step + max(config.steps, 1)})"
         )
+    if restart_payload is not None:  # both were ignored without a word (round 20)
+        if config.minimize:
+            raise ConfigError(f"{config.option('minimize')} relaxes a structure before its dynamics, but "
+                              f"{config.option('restart')} {config.restart} continues a run (its positions and "
+                              f"velocities, at step {start_step}): nothing would be minimized; leave "
+                              f"{config.option('minimize')} out, or minimize in a fresh run")
+        if config.velocities != "auto":
+            raise ConfigError(f"{config.option('velocities')} {config.velocities} chooses the initial velocities, but "
+                              f"{config.option('restart')} {config.restart} continues a run with its own velocities "
+                              f"(at step {start_step}): leave {config.option('velocities')} out")
     if restart_payload is not None and restart_payload.get("engine") == "ase" and config.engine != "ase":
         raise ConfigError(f"{config.restart}: written by --engine ase; continue it with --engine ase")
     if config.structure:
@@ -377,8 +408,8 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
     dtype = as_dtype(config.dtype)
     for line in getattr(config, "_unused_option_warnings", None) or ():
         print(f"warning: {line}", file=err)  # --ensemble nve --friction 5: taken, but said (round 18)
-    if restart_payload is None:
-        for line in close_contacts(structures):
+    if restart_payload is None:  # the structures as read, named by file and frame (each replica said it again,
+        for line in close_contacts(as_read, sources=sources):  # as "structure 1", "structure 2": round 20)
             print(f"warning: {line}", file=err)
     if config.temperature > 10_000:
         print(f"warning: {config.option('temperature')} {config.temperature:g} K is far above what molecules "

@@ -6,6 +6,8 @@ naming the file and frame (``sources``). Moved out of :mod:`torchmdx.md.run` (ro
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from torchmdx.errors import ConfigError, DataError
@@ -78,11 +80,12 @@ def check_elements(potential, structures, sources: list) -> None:
             raise ModelError(f"{where}: {exc}") from None
 
 
-def close_contacts(structures, factor: float = 0.5) -> list[str]:
+def close_contacts(structures, factor: float = 0.5, sources: Optional[list] = None) -> list[str]:
     """Warnings for atoms closer than ``factor`` × the sum of their covalent radii (ASE's table;
     0.31 Å for H-H, 0.38 Å for C-H, 0.38 Å for C-C at 0.5; bonds are 2x that or more): such
     geometries are outside anything a model was trained on. One line per structure, the closest
-    pair named, minimum image for periodic cells."""
+    pair named, minimum image for periodic cells; ``sources`` (md: the file and frame of each structure read,
+    before ``--replicas`` copies it) name the structures, else "structure b"."""
     from ase.data import chemical_symbols, covalent_radii
     from ase.neighborlist import neighbor_list
 
@@ -90,10 +93,16 @@ def close_contacts(structures, factor: float = 0.5) -> list[str]:
     for b, atoms in enumerate(structures):
         if len(atoms) < 2:
             continue
-        radii = covalent_radii[atoms.numbers]
-        if not np.isfinite(atoms.positions).all() or np.abs(atoms.positions).max() > 1e15:
-            continue  # refused elsewhere, or far beyond any contact: ASE's binning overflowed, with RuntimeWarnings
-        i, j, d = neighbor_list("ijd", atoms, float(2 * factor * radii.max()), self_interaction=False)
+        # atoms with non-finite positions (refused elsewhere) or beyond 1e15 Å (far from any contact; ASE's
+        # binning overflowed, with RuntimeWarnings) are left out; the others' contacts are still reported (the
+        # whole structure was skipped before round 20)
+        inside = np.isfinite(atoms.positions).all(axis=1) & (np.abs(np.nan_to_num(atoms.positions)).max(axis=1) <= 1e15)
+        index = np.flatnonzero(inside)
+        if len(index) < 2:
+            continue
+        near = atoms if len(index) == len(atoms) else atoms[index]
+        radii = covalent_radii[near.numbers]
+        i, j, d = neighbor_list("ijd", near, float(2 * factor * radii.max()), self_interaction=False)
         keep = i < j
         i, j, d = i[keep], j[keep], d[keep]
         limit = factor * (radii[i] + radii[j])
@@ -101,11 +110,12 @@ def close_contacts(structures, factor: float = 0.5) -> list[str]:
         if not close.any():
             continue
         k = int(np.argmin(np.where(close, d / limit, np.inf)))
-        a, c = int(i[k]), int(j[k])
+        a, c = int(index[i[k]]), int(index[j[k]])  # numbered in the whole structure
         more = int(close.sum()) - 1
         pair = f"{chemical_symbols[atoms.numbers[a]]}-{chemical_symbols[atoms.numbers[c]]}"
+        which = f"{sources[b]}: atoms {a} and {c}" if sources else f"atoms {a} and {c} of structure {b}"
         lines.append(
-            f"atoms {a} and {c} of structure {b} ({pair}) are {d[k]:.3g} Å apart, closer than {limit[k]:.2f} Å "
+            f"{which} ({pair}) are {d[k]:.3g} Å apart, closer than {limit[k]:.2f} Å "
             f"(half the sum of their covalent radii)" + (f", and {more} more pair(s)" if more else "")
             + ": no model was trained on that; check the structure"
         )

@@ -108,9 +108,18 @@ def export_checkpoint(checkpoint: Union[str, Path], output: Union[str, Path], em
     return potential
 
 
-def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), what: str = "output") -> Path:
+#: extensions that name a format other than a torch file (``export -o``'s line names it)
+OTHER_FORMATS = {".extxyz": "an extended-XYZ file", ".xyz": "an XYZ file", ".traj": "an ASE trajectory",
+                 ".pdb": "a PDB structure", ".cif": "a CIF structure", ".csv": "a CSV table", ".json": "JSON",
+                 ".yaml": "a YAML config", ".yml": "a YAML config", ".npz": "a numpy archive", ".h5": "an HDF5 file",
+                 ".hdf5": "an HDF5 file", ".db": "an ASE database", ".png": "an image", ".txt": "a text file"}
+
+
+def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), what: str = "output",
+                      suffixes: tuple = ()) -> Path:
     """One-line ModelError unless ``output`` can be written: not one of ``inputs``, not a folder,
-    not an existing file (unless ``force``), in an existing, writable folder."""
+    not an existing file (unless ``force``), in an existing, writable folder; with ``suffixes``
+    (``export``: ``(".pt", ".pth")``), named with one of them (any case)."""
     import os
 
     from torchmdx.io_utils import names_a_folder
@@ -124,8 +133,7 @@ def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), 
         if Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
             raise ModelError(f"{out}: refusing to write the {what} over its own input; choose another name")
     if out.suffix.lower() == ".ckpt":  # was written: a later `export model.ckpt` said "not a training checkpoint"
-        article = "an" if what[:1] in "aeiouAEIOU" else "a"
-        raise ModelError(f"{output}: .ckpt names a training checkpoint, and this writes {article} {what}; give it a "
+        raise ModelError(f"{output}: .ckpt names a training checkpoint, and this writes {_article(what)} {what}; give it a "
                          f".pt name, e.g. {out.with_suffix('.pt')}")
     if out.is_dir():
         raise ModelError(f"{out}: is a folder; give a file name, e.g. {out / 'model.pt'}")
@@ -133,6 +141,14 @@ def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), 
         # a device, FIFO or socket (/dev/null): writing to a temporary name and renaming it onto
         # the target would replace the device node itself (as root: /dev/null becomes a file)
         raise ModelError(f"{out}: is not a regular file (a device, pipe or socket); give a file name such as model.pt")
+    if suffixes and out.suffix.lower() not in suffixes:
+        # `export --openmm -o om.xyz` (or `-o om`) wrote the TorchScript file under that name: ASE, md or a
+        # colleague then take it for what the name says (round 20)
+        suffix = out.suffix.lower()
+        said = (f"{out.suffix} names {OTHER_FORMATS[suffix]}" if suffix in OTHER_FORMATS
+                else f"{out.suffix} is not a torch file's extension" if suffix else "the name has no extension")
+        raise ModelError(f"{output}: {said}, and this writes {_article(what)} {what}, a torch file; give it a "
+                         f"{suffixes[0]} name, e.g. {out.with_name(out.stem + suffixes[0]) if out.stem else 'model.pt'}")
     if out.exists() and not force:
         raise ModelError(f"{out}: exists; pass --force to replace it, or choose another name")
     parent = out.parent if str(out.parent) else Path(".")
@@ -141,6 +157,10 @@ def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), 
     if not os.access(parent, os.W_OK):
         raise ModelError(f"{out}: folder {parent} is not writable")
     return out
+
+
+def _article(what: str) -> str:
+    return "an" if what[:1] in "aeiouAEIOU" else "a"
 
 
 def check_finite_weights(potential, source: Union[str, Path], consequence: str = "not exported") -> None:

@@ -439,10 +439,11 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
     from torchmdx.train.export import export_checkpoint
     from torchmdx.train.plots import learning_curve
 
-    from torchmdx.devices import check_accelerator
+    from torchmdx.devices import check_accelerator, check_launcher
 
     _quiet_lightning_warnings()
     check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)  # before any data is read or written
+    check_launcher(cfg.trainer.num_nodes)  # num_nodes 2 on one machine waited forever for the other node
     run_dir = check_run_dir(cfg, resume)
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(cfg.trainer.num_threads)
