@@ -138,16 +138,12 @@ def run_openmm(args) -> int:
             if failure.kind is ReadFailureKind.TORCH_FILE:  # was "cannot read m.pt (pt)"
                 raise ConfigError(f"--structure: {args.structure} is a torch file (a model, checkpoint or MD restart "
                                   "file), not a structure; give the structure file (pdb, xyz, ...)") from None
-<<<<<<< HEAD
             raise ConfigError(f"--structure: cannot read {args.structure} ({failure.detail})") from None
-=======
-            raise ConfigError(f"--structure: cannot read {args.structure} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         from torchmdx.data.ase_format import disordered_site
 
         problem = disordered_site(structure)
         if problem:  # the ML region was built from whichever species ASE kept (round 20)
             raise ConfigError(f"--structure {args.structure}: {problem}")
->>>>>>> bad20
         numbers = [int(z) for z in structure.numbers]
         if args.atoms:
             atoms = parse_atoms(args.atoms, len(numbers))
