@@ -111,7 +111,7 @@ def test_label_refuses_a_file_named_twice(tmp_path, capsys, monkeypatch):
 # ---------------------------------------------------------------------------------- data.num_workers
 def test_data_num_workers_beyond_the_machine_is_refused(tmp_path, capsys, monkeypatch, shared_data):
     """``data.num_workers: 100000`` forked data-loader processes until the machine ran out (PyTorch only warns
-    above the CPU count). At most 4 x the usable CPUs (at least 8)."""
+    above the CPU count). At most 4 x the usable CPUs (at least 64)."""
     from torchmdx.devices import usable_cpus, worker_limit
 
     monkeypatch.chdir(tmp_path)
@@ -119,7 +119,7 @@ def test_data_num_workers_beyond_the_machine_is_refused(tmp_path, capsys, monkey
     (tmp_path / "d.yaml").write_text(f"data:\n  path: {source}\n  num_workers: 100000\n")
     _exact(capsys, ["data", "info", "d.yaml"],
            f"error: config key 'data.num_workers' is 100000, more data-loader worker processes than this machine runs "
-           f"usefully (at most {worker_limit()}: 4 x its {usable_cpus()} CPUs, at least 8); each worker is a process: "
+           f"usefully (at most {worker_limit()}: 4 x its {usable_cpus()} CPUs, at least 64); each worker is a process: "
            "use at most the CPU count (0: load in the training process)", tmp_path)
     (tmp_path / "d.yaml").write_text(f"data:\n  path: {source}\n  num_workers: {worker_limit()}\n")
     assert main(["data", "info", "d.yaml"]) == 0

@@ -116,11 +116,16 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+#: data-loader workers a config may always ask for, whatever this machine's CPU count
+WORKER_FLOOR = 64
+
+
 def worker_limit() -> int:
-    """The most data-loader worker processes a config may ask for: 4 x the usable CPUs, at least 8.
+    """The most data-loader worker processes a config may ask for: 4 x the usable CPUs, at least 64
+    (so a config written for a large node, 8-32 workers, still runs on a laptop: PyTorch then warns).
     Each worker is a process (PyTorch warns above the CPU count); ``data.num_workers: 100000`` forked
     processes until the machine ran out (round 20)."""
-    return max(8, 4 * usable_cpus())
+    return max(WORKER_FLOOR, 4 * usable_cpus())
 
 
 def check_threads(threads, what: str) -> None:
