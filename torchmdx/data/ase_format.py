@@ -114,6 +114,7 @@ class ReadFailureKind(enum.Enum):
 
     ENDS_EARLY = "ends_early"  # a frame cut after its atom-count line (:func:`ends_early`; say ENDS_EARLY)
     TORCH_FILE = "torch_file"  # a file torch.save wrote (a model, checkpoint or MD restart) given as a structure
+    NUMBER_AS_SYMBOL = "number_as_symbol"  # a species column of atomic numbers ('8'): say ReadFailure.explanation
     OTHER = "other"  # anything else: quote the reader's error (:attr:`ReadFailure.detail`)
 
 
@@ -135,6 +136,30 @@ class ReadFailure:
         """The first line of the reader's message, or its class name when the message is empty."""
         return self.first_line if self.message else self.error_type
 
+    @property
+    def explanation(self) -> Optional[str]:
+        """Why, in words, for the kinds that have one (NUMBER_AS_SYMBOL), else None."""
+        if self.kind is ReadFailureKind.NUMBER_AS_SYMBOL:
+            return number_as_symbol(self.message.strip("'\""))
+        return None
+
+
+def number_as_symbol(text: str) -> str:
+    """The line for an xyz/extxyz species column holding ``text``, an atomic number ('8'), where ASE reads
+    element symbols (its KeyError '8' said nothing)."""
+    from ase.data import chemical_symbols
+
+    z = int(text)
+    example = f" ({z} is {chemical_symbols[z]})" if 0 < z < len(chemical_symbols) else ""
+    return (f"the species column holds {text!r}, a number where ASE reads an element symbol{example}; write "
+            "element symbols in that column")
+
+
+def _number_key(exc: BaseException) -> Optional[str]:
+    """The digits ASE failed to look up as a chemical symbol (KeyError('8')), else None."""
+    key = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+    return key if isinstance(key, str) and key.isdigit() else None
+
 
 def classify_read_failure(exc: BaseException, path) -> ReadFailure:
     """Why reading structure file ``path`` with ASE raised ``exc``: it ends early (checked first),
@@ -144,6 +169,8 @@ def classify_read_failure(exc: BaseException, path) -> ReadFailure:
         kind = ReadFailureKind.ENDS_EARLY
     elif is_torch_file(path):
         kind = ReadFailureKind.TORCH_FILE
+    elif _number_key(exc) is not None:
+        kind = ReadFailureKind.NUMBER_AS_SYMBOL
     else:
         kind = ReadFailureKind.OTHER
     return ReadFailure(kind, type(exc).__name__, str(exc))
@@ -324,6 +351,8 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
     except DataError:
         raise
     except KeyError as exc:
+        if _number_key(exc) is not None:  # was "ASE cannot read it (KeyError: '8')"
+            raise DataError(f"{path}: {number_as_symbol(_number_key(exc))}") from None
         key = exc.args[0] if exc.args else None
         if isinstance(key, str) and key.isalpha() and len(key) <= 3:  # ASE's lookup of a chemical symbol
             raise DataError(f"{path}: unknown element symbol {key!r} (ASE cannot read the file)") from None

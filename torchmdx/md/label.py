@@ -287,6 +287,8 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
             if failure.kind is ReadFailureKind.TORCH_FILE:  # was "(UnknownFileTypeError: pt)"
                 raise DataError(f"{path}: a torch file (a model, checkpoint or MD restart file), not structures; "
                                 "a model to label with is --method model:FILE") from None
+            if failure.explanation:  # a species column of atomic numbers was "(KeyError: '8')"
+                raise DataError(f"{path}: {failure.explanation}") from None
             raise DataError(f"{path}: cannot be read as structures ({failure.error_type}: "
                             f"{failure.first_line})") from None
         for k, atoms in enumerate(read_frames):
