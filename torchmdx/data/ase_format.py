@@ -65,7 +65,7 @@ def ase_source(path) -> tuple:
             head = handle.read(4)
             mark = byte_order_mark(head)
             if mark is None:
-                return str(path), {}
+                return str(path), _extxyz_options(path, None)
             data = head + handle.read()
     except Exception:  # noqa: BLE001 - unreadable, or not the compression its name says: ASE's own error names it
         return str(path), {}
@@ -85,7 +85,73 @@ def ase_source(path) -> tuple:
         advice = "without the mark (plain UTF-8)" if mark[1] == "utf-8-sig" else "as plain UTF-8"
         raise DataError(f"{path}: starts with {mark[2]}, and what follows is not a text structure format ASE can "
                         f"read; save the file {advice}")
-    return io.StringIO(text), {"format": fmt}
+    return io.StringIO(text), _extxyz_options(path, fmt)
+
+
+def _extxyz_options(path: Path, fmt: Optional[str]) -> dict:
+    """``{"format": fmt}``, with, for an extxyz file, a comment-line parser that refuses a key given twice
+    (``energy=-1.0 ... energy=-2.0``: ASE kept the last value, silently)."""
+    if fmt is None:
+        from ase.io.formats import filetype
+
+        try:
+            fmt = filetype(str(path), read=True, guess=True)
+        except Exception:  # noqa: BLE001 - ASE's own read says what is wrong
+            return {}
+    if fmt != "extxyz":
+        return {"format": fmt}
+    from ase.io.extxyz import key_val_str_to_dict
+
+    def parse(line, sep=None):
+        twice = _repeated_key(line)
+        if twice:
+            key, values = twice
+            raise DataError(f"{path}: a comment line gives {key} twice ({key}={values[0]} and {key}={values[1]}); "
+                            "ASE would keep the last one, silently: give each key once")
+        return key_val_str_to_dict(line, sep)
+
+    return {"format": fmt, "properties_parser": parse}
+
+
+def _repeated_key(line: str) -> Optional[tuple]:
+    """The first key an extxyz comment line gives twice and its two values as written, else None; the
+    line is split as ASE's ``key_val_str_to_dict`` splits it (quotes, brackets, backslash escapes)."""
+    closing = {"'": "'", '"': '"', "{": "}", "[": "]"}
+    pairs, delimiter, escaped = [[[]]], None, False
+    for char in line.strip():
+        if escaped:
+            pairs[-1][-1].append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif delimiter:
+            if char == delimiter:
+                delimiter = None
+            else:
+                pairs[-1][-1].append(char)
+        elif char in closing:
+            delimiter = closing[char]
+        elif char.isspace():
+            if pairs[-1][-1]:
+                pairs.append([[]])
+        elif char == "=":
+            if pairs[-1] == [[]]:
+                del pairs[-1]
+            if pairs:
+                pairs[-1].append([])
+            else:
+                pairs.append([[], []])
+        else:
+            pairs[-1][-1].append(char)
+    seen = {}
+    for pair in pairs:
+        if not pair or not pair[0]:
+            continue
+        key, value = "".join(pair[0]), "=".join("".join(x) for x in pair[1:]) if len(pair) > 1 else "T"
+        if key in seen:
+            return key, (seen[key], value)
+        seen[key] = value
+    return None
 
 
 def all_frames(path) -> list:
