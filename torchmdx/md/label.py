@@ -261,7 +261,7 @@ def make_labeler(options: LabelOptions) -> Callable:
 # ---------------------------------------------------------------------------- inputs
 def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] = None) -> list:
     """The frames to label: every frame of each file after the first ``skip``, every ``every``-th,
-    at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'``."""
+    at most ``max_frames`` in all. Each gets ``info['label_source'] = 'path:frame'`` (the path as given)."""
     from torchmdx.data.ase_format import all_frames, disordered_site, nonfinite_position
 
     # one line naming the option and its value ("--skip must be >= 0, --every >= 1 and --max-frames >= 1"
@@ -302,7 +302,8 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
             problem = disordered_site(atoms)
             if problem:  # labelled as whichever species ASE kept (round 20)
                 raise DataError(f"{path}: frame {k}: {problem}")
-            atoms.info["label_source"] = f"{path.name}:{k}"
+            # the path as given: two run*/traj.extxyz were both "traj.extxyz:0" (the file name only)
+            atoms.info["label_source"] = f"{path}:{k}"
             frames.append(atoms)
     if not frames:
         raise DataError(f"no frames to label in {', '.join(map(str, paths))} (after --skip {skip}, --every {every})")
