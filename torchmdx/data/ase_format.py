@@ -584,6 +584,12 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
                         "the array or calculator result that holds the forces (e.g. forces)")
     explicit_stress = stress_key is not None
     stress_key = stress_key or "stress"
+    if stress_key == forces_key or stress_key in _PER_ATOM_RESULTS | _SKIP_ARRAYS:
+        # '--stress-key forces' read a 3-atom frame's forces (9 values) as its stress, silently
+        what = "the forces key" if stress_key == forces_key else f"ASE's per-atom {stress_key}"
+        raise DataError(f"{path}: stress key '{stress_key}' names {what}, one value per atom, not a stress (6 or 9 "
+                        "values per structure); give the info key or calculator result that holds the stress "
+                        "(e.g. stress), or a virial")
     if path.suffix == ".db":
         energy_unit, length_unit = _db_units(path, energy_key, forces_key, energy_unit, length_unit)
     e, length, f = unit_factors(path, energy_unit, length_unit, "eV")
