@@ -73,10 +73,10 @@ class DataConfig:
     val_size: SizeT = 0.1
     test_size: SizeT = None
     split_by_group: bool = False
-    #: group names; a whole number (``test_groups: [3]``) is taken as its text, as the labels are stored
+    #: group names; a number (``test_groups: [3]``, ``[1.5]``) is taken as its text, as the labels are stored
     #: (an extxyz ``fam=3`` is the group '3'; it was "must be a string, got 3")
-    val_groups: list[Union[str, int]] = field(default_factory=list)
-    test_groups: list[Union[str, int]] = field(default_factory=list)
+    val_groups: list[Union[str, int, float]] = field(default_factory=list)
+    test_groups: list[Union[str, int, float]] = field(default_factory=list)
     split_file: Optional[str] = None
     seed: int = 1
     batch_size: int = 32
