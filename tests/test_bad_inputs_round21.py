@@ -115,7 +115,7 @@ def test_extxyz_key_given_twice_is_refused(tmp_path, capsys, monkeypatch):
             "one, silently: give each key once")
     _exact(capsys, ["data", "info", "twice.extxyz"], f"error: {line}", tmp_path)
     _exact(capsys, ["md", "twice.extxyz", "--model", "lj.pt", "--steps", "2"], f"error: {line}", tmp_path)
-    from torchmdx.data.ase_format import _repeated_key
+    from torchmdx.data.ase_text import repeated_key as _repeated_key
 
     assert _repeated_key('energy=-1 comment="energy=2" pbc="F F F"') is None
     assert _repeated_key("a=1 flag b=2 flag") == ("flag", ("T", "T"))
