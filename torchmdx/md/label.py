@@ -33,6 +33,7 @@ in the partial file), or with ``--skip-failed`` is left out and counted.
 
 from __future__ import annotations
 
+from collections import Counter
 import io
 import math
 import os
@@ -261,7 +262,7 @@ def make_labeler(options: LabelOptions) -> Callable:
 # ---------------------------------------------------------------------------- inputs
 def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] = None) -> list:
     """The frames to label: every frame of each file after the first ``skip``, every ``every``-th,
-    at most ``max_frames`` in all. Each gets ``info['label_source'] = 'path:frame'`` (the path as given)."""
+    at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'`` (the path as given where two inputs share a file name)."""
     from torchmdx.data.ase_format import all_frames, disordered_site, nonfinite_position
 
     # one line naming the option and its value ("--skip must be >= 0, --every >= 1 and --max-frames >= 1"
@@ -270,6 +271,7 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
         if value is not None and value < least:
             raise ConfigError(f"{option} must be >= {least}, got {value}")
     frames = []
+    shared_names = Counter(Path(name).name for name in paths)
     for name in paths:
         path = Path(name)
         if not path.is_file():
@@ -302,8 +304,9 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
             problem = disordered_site(atoms)
             if problem:  # labelled as whichever species ASE kept (round 20)
                 raise DataError(f"{path}: frame {k}: {problem}")
-            # the path as given: two run*/traj.extxyz were both "traj.extxyz:0" (the file name only)
-            atoms.info["label_source"] = f"{path}:{k}"
+            # the file name, or the path as given where two inputs share a name (run1/traj.extxyz and
+            # run2/traj.extxyz were both "traj.extxyz:0")
+            atoms.info["label_source"] = f"{path if shared_names.get(path.name, 0) > 1 else path.name}:{k}"
             frames.append(atoms)
     if not frames:
         raise DataError(f"no frames to label in {', '.join(map(str, paths))} (after --skip {skip}, --every {every})")
