@@ -11,6 +11,7 @@ def check_device(device, what: str = "device"):
     how the user gave it, e.g. ``--device``)."""
     import torch
 
+    given = device  # the lines quote what the user wrote ('gpu' was quoted as 'cuda')
     if isinstance(device, str) and device.strip().lower() == "gpu":
         device = "cuda"
     try:
@@ -19,7 +20,7 @@ def check_device(device, what: str = "device"):
         raise ConfigError(f"{what} {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"{what} {device!r}: no CUDA GPU is available here (use cpu)")
+            raise ConfigError(f"{what} {given!r}: no CUDA GPU is available here (use cpu)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"{what} {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif dev.type == "meta":  # tensors of shapes only: "Tensor.item() cannot be called on meta tensors"

@@ -138,6 +138,8 @@ def run_openmm(args) -> int:
             if failure.kind is ReadFailureKind.TORCH_FILE:  # was "cannot read m.pt (pt)"
                 raise ConfigError(f"--structure: {args.structure} is a torch file (a model, checkpoint or MD restart "
                                   "file), not a structure; give the structure file (pdb, xyz, ...)") from None
+            if failure.explanation:  # a species column of atomic numbers was "(... ('8'))"
+                raise ConfigError(f"--structure: {args.structure}: {failure.explanation}") from None
             raise ConfigError(f"--structure: cannot read {args.structure} ({failure.detail})") from None
         from torchmdx.data.ase_format import disordered_site
 

@@ -61,7 +61,14 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     Python callers of :func:`main` (an explicit ``argv``) and the Python API keep Python's own
     format, and so does the command line with ``TORCHMDX_TRACEBACK`` set."""
     text = " ".join(str(message).split())
+    if text in _SHOWN:  # PyTorch's "This DataLoader will create 8 worker processes" came once per loader
+        return
+    _SHOWN.add(text)
     print(f"warning: {text}", file=file if file is not None else sys.stderr)
+
+
+#: the warning lines this command has printed: a line repeated word for word says nothing new
+_SHOWN: set = set()
 
 
 def run_script(function, *args) -> int:
@@ -87,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and not traceback_wanted():
         # the command line (arguments from sys.argv); main([...]) from Python keeps Python's warnings
         warnings.showwarning = _one_line_warning
+        _SHOWN.clear()
     try:
         return _run(args)
     finally:

@@ -39,6 +39,7 @@ import numpy as np
 from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import StructureBuilder, Structures, numeric_values
 from torchmdx.errors import DataError
+from torchmdx.data.ase_text import extxyz_options as _extxyz_options, number_as_symbol, number_key as _number_key
 from torchmdx.io_utils import byte_order_mark, decode_text, is_torch_file
 
 #: compressed files ASE opens itself, by name (ase.io.formats.open_with_compression); the content decides
@@ -65,7 +66,7 @@ def ase_source(path) -> tuple:
             head = handle.read(4)
             mark = byte_order_mark(head)
             if mark is None:
-                return str(path), {}
+                return str(path), _extxyz_options(path, None)
             data = head + handle.read()
     except Exception:  # noqa: BLE001 - unreadable, or not the compression its name says: ASE's own error names it
         return str(path), {}
@@ -85,7 +86,7 @@ def ase_source(path) -> tuple:
         advice = "without the mark (plain UTF-8)" if mark[1] == "utf-8-sig" else "as plain UTF-8"
         raise DataError(f"{path}: starts with {mark[2]}, and what follows is not a text structure format ASE can "
                         f"read; save the file {advice}")
-    return io.StringIO(text), {"format": fmt}
+    return io.StringIO(text), _extxyz_options(path, fmt)
 
 
 def all_frames(path) -> list:
@@ -114,6 +115,7 @@ class ReadFailureKind(enum.Enum):
 
     ENDS_EARLY = "ends_early"  # a frame cut after its atom-count line (:func:`ends_early`; say ENDS_EARLY)
     TORCH_FILE = "torch_file"  # a file torch.save wrote (a model, checkpoint or MD restart) given as a structure
+    NUMBER_AS_SYMBOL = "number_as_symbol"  # a species column of atomic numbers ('8'): say ReadFailure.explanation
     OTHER = "other"  # anything else: quote the reader's error (:attr:`ReadFailure.detail`)
 
 
@@ -135,6 +137,13 @@ class ReadFailure:
         """The first line of the reader's message, or its class name when the message is empty."""
         return self.first_line if self.message else self.error_type
 
+    @property
+    def explanation(self) -> Optional[str]:
+        """Why, in words, for the kinds that have one (NUMBER_AS_SYMBOL), else None."""
+        if self.kind is ReadFailureKind.NUMBER_AS_SYMBOL:
+            return number_as_symbol(self.message.strip("'\""))
+        return None
+
 
 def classify_read_failure(exc: BaseException, path) -> ReadFailure:
     """Why reading structure file ``path`` with ASE raised ``exc``: it ends early (checked first),
@@ -144,6 +153,8 @@ def classify_read_failure(exc: BaseException, path) -> ReadFailure:
         kind = ReadFailureKind.ENDS_EARLY
     elif is_torch_file(path):
         kind = ReadFailureKind.TORCH_FILE
+    elif _number_key(exc) is not None:
+        kind = ReadFailureKind.NUMBER_AS_SYMBOL
     else:
         kind = ReadFailureKind.OTHER
     return ReadFailure(kind, type(exc).__name__, str(exc))
@@ -324,6 +335,8 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
     except DataError:
         raise
     except KeyError as exc:
+        if _number_key(exc) is not None:  # was "ASE cannot read it (KeyError: '8')"
+            raise DataError(f"{path}: {number_as_symbol(_number_key(exc))}") from None
         key = exc.args[0] if exc.args else None
         if isinstance(key, str) and key.isalpha() and len(key) <= 3:  # ASE's lookup of a chemical symbol
             raise DataError(f"{path}: unknown element symbol {key!r} (ASE cannot read the file)") from None
@@ -489,6 +502,12 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
                         "the array or calculator result that holds the forces (e.g. forces)")
     explicit_stress = stress_key is not None
     stress_key = stress_key or "stress"
+    if stress_key == forces_key or stress_key in _PER_ATOM_RESULTS | _SKIP_ARRAYS:
+        # '--stress-key forces' read a 3-atom frame's forces (9 values) as its stress, silently
+        what = "the forces key" if stress_key == forces_key else f"ASE's per-atom {stress_key}"
+        raise DataError(f"{path}: stress key '{stress_key}' names {what}, one value per atom, not a stress (6 or 9 "
+                        "values per structure); give the info key or calculator result that holds the stress "
+                        "(e.g. stress), or a virial")
     if path.suffix == ".db":
         energy_unit, length_unit = _db_units(path, energy_key, forces_key, energy_unit, length_unit)
     e, length, f = unit_factors(path, energy_unit, length_unit, "eV")

@@ -73,8 +73,10 @@ class DataConfig:
     val_size: SizeT = 0.1
     test_size: SizeT = None
     split_by_group: bool = False
-    val_groups: list[str] = field(default_factory=list)
-    test_groups: list[str] = field(default_factory=list)
+    #: group names; a number (``test_groups: [3]``, ``[1.5]``) is taken as its text, as the labels are stored
+    #: (an extxyz ``fam=3`` is the group '3'; it was "must be a string, got 3")
+    val_groups: list[Union[str, int, float]] = field(default_factory=list)
+    test_groups: list[Union[str, int, float]] = field(default_factory=list)
     split_file: Optional[str] = None
     seed: int = 1
     batch_size: int = 32
@@ -138,6 +140,8 @@ class DataConfig:
         if not 2 <= self.max_z <= MAX_Z_LIMIT:
             raise ConfigError(f"{key_name(p + 'max_z')} must be between 2 and {MAX_Z_LIMIT} (it counts embedding rows: "
                               f"atomic numbers 0..max_z-1 are accepted), got {self.max_z}")
+        self.val_groups = [str(g) for g in self.val_groups]
+        self.test_groups = [str(g) for g in self.test_groups]
         both = sorted(set(self.val_groups) & set(self.test_groups))
         if both:
             raise ConfigError(f"config keys '{p}val_groups' and '{p}test_groups' both name {', '.join(both)}")

@@ -151,7 +151,7 @@ def guess_format(path) -> str:
         if looks_like_qm9_xyz(text):
             return "qm9"
         lines = text.splitlines()
-        if len(lines) > 2 and _is_single_number(lines[1]) and len(lines[2].split()) == 7:
+        if len(lines) > 2 and _is_single_number(lines[1]) and _md17_like(lines[2]):
             return "md17-xyz"
     from ase.io.formats import filetype, ioformats
 
@@ -184,6 +184,15 @@ def _compressed_head(path: Path, packed: tuple) -> bytes:
             raise DataError(f"{path}: is a {name}-compressed {kind}, which torchmdx reads uncompressed; decompress it "
                             f"first ({command} {path})")
     return head
+
+
+def _md17_like(line: str) -> bool:
+    """An atom line of the MD17 xyz layout (symbol x y z fx fy fz), or one with forces and a column too
+    many or few (5, 6 or 8+ columns, all numbers after the symbol): its reader says which line differs (an
+    8-column file was guessed as an ASE file: "no energy 'energy' (info keys: -97000.1 ...)"). Four
+    columns (a plain xyz with a number as its comment) stay ASE's."""
+    cols = line.split()
+    return len(cols) >= 5 and all(_is_single_number(c) for c in cols[1:])
 
 
 def _is_single_number(line: str) -> bool:

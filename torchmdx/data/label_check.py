@@ -57,6 +57,14 @@ MAX_VIRIAL_PER_ATOM = 1.0e3
 #: atoms per chunk
 CHUNK_ATOMS = 1 << 21
 
+
+
+def max_atom_energy() -> float:
+    """|E| (eV) no single atom reaches: the energy bound of check 2 for the heaviest element (1.4e7 eV),
+    the bound of a per-atom energy given in a config (``train.shift``, ``train.scale``)."""
+    return ENERGY_BOUND_FACTOR * THOMAS_FERMI * MAX_ATOMIC_NUMBER ** (7 / 3) * HARTREE_TO_EV
+
+
 OVERRIDE = "set data.check_labels: false to train on them anyway"
 
 

@@ -225,7 +225,8 @@ def read_md17_xyz(path, energy_unit=None, length_unit=None) -> Structures:
             cols = lines[i + 2 + k].split()
             if len(cols) != 7:
                 raise DataError(
-                    f"{path}: line {i + 3 + k}: expected 7 columns (symbol x y z fx fy fz), got {len(cols)}"
+                    f"{path}: line {i + 3 + k}: expected 7 columns (symbol x y z fx fy fz: the MD17 xyz layout, whose "
+                    f"comment line is the energy alone), got {len(cols)}"
                 )
             symbols.append(cols[0])
             try:

@@ -374,6 +374,12 @@ def _check_enabled(config: MDConfig, given: set) -> None:
         reason = "the volume stays constant" if enabler == "pressure" else f"the default ensemble, {current}, has no thermostat"
         raise ConfigError(f"{config.option(key)} sets {what}, but {config.option(enabler)} was not given, so it has no "
                           f"effect ({reason}): add {config.option(enabler)} {how}, or leave {config.option(key)} out")
+    # '--fmax 0.01' or '--minimize-steps 50' without --minimize ran the dynamics unrelaxed, silently
+    for key, what in (("fmax", "the minimisation's force threshold"), ("minimize_steps", "the minimisation's step limit")):
+        if key in given and "minimize" not in given:
+            raise ConfigError(f"{config.option(key)} sets {what}, but {config.option('minimize')} was not given, so it "
+                              "has no effect (the dynamics start from the structure as it is): add "
+                              f"{config.option('minimize')} to relax it first, or leave {config.option(key)} out")
 
 
 def unused_option_warnings(config: MDConfig, given: set) -> list:

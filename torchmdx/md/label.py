@@ -33,6 +33,7 @@ in the partial file), or with ``--skip-failed`` is left out and counted.
 
 from __future__ import annotations
 
+from collections import Counter
 import io
 import math
 import os
@@ -261,7 +262,7 @@ def make_labeler(options: LabelOptions) -> Callable:
 # ---------------------------------------------------------------------------- inputs
 def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] = None) -> list:
     """The frames to label: every frame of each file after the first ``skip``, every ``every``-th,
-    at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'``."""
+    at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'`` (the path as given where two inputs share a file name)."""
     from torchmdx.data.ase_format import all_frames, disordered_site, nonfinite_position
 
     # one line naming the option and its value ("--skip must be >= 0, --every >= 1 and --max-frames >= 1"
@@ -270,6 +271,7 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
         if value is not None and value < least:
             raise ConfigError(f"{option} must be >= {least}, got {value}")
     frames = []
+    shared_names = Counter(Path(name).name for name in paths)
     for name in paths:
         path = Path(name)
         if not path.is_file():
@@ -287,6 +289,8 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
             if failure.kind is ReadFailureKind.TORCH_FILE:  # was "(UnknownFileTypeError: pt)"
                 raise DataError(f"{path}: a torch file (a model, checkpoint or MD restart file), not structures; "
                                 "a model to label with is --method model:FILE") from None
+            if failure.explanation:  # a species column of atomic numbers was "(KeyError: '8')"
+                raise DataError(f"{path}: {failure.explanation}") from None
             raise DataError(f"{path}: cannot be read as structures ({failure.error_type}: "
                             f"{failure.first_line})") from None
         for k, atoms in enumerate(read_frames):
@@ -300,7 +304,9 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
             problem = disordered_site(atoms)
             if problem:  # labelled as whichever species ASE kept (round 20)
                 raise DataError(f"{path}: frame {k}: {problem}")
-            atoms.info["label_source"] = f"{path.name}:{k}"
+            # the file name, or the path as given where two inputs share a name (run1/traj.extxyz and
+            # run2/traj.extxyz were both "traj.extxyz:0")
+            atoms.info["label_source"] = f"{path if shared_names.get(path.name, 0) > 1 else path.name}:{k}"
             frames.append(atoms)
     if not frames:
         raise DataError(f"no frames to label in {', '.join(map(str, paths))} (after --skip {skip}, --every {every})")

@@ -122,6 +122,8 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
             if failure.kind is ReadFailureKind.TORCH_FILE:
                 raise DataError(f"{path}: a torch file (a model, checkpoint or MD restart file), not a structure; "
                                 "give a model with --model and a restart file with --restart") from None
+            if failure.explanation:  # a species column of atomic numbers was "(... ('8'))"
+                raise DataError(f"{path}: {failure.explanation}") from None
             raise DataError(f"{path}: cannot read a structure with ASE ({failure.detail})") from None
         if not frames:
             try:

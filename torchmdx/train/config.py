@@ -175,6 +175,14 @@ class TrainConfig:
             bad("early_stopping_patience", f"must be >= 1 or null, got {self.early_stopping_patience}")
         if isinstance(self.scale, float) and not self.scale > 0:
             bad("scale", f"must be > 0 eV, got {self.scale}")
+        from torchmdx.data.label_check import max_atom_energy
+
+        for name in ("scale", "shift"):  # 'shift: 1e30' trained (best_val_loss 1.4e30) without a word
+            value = getattr(self, name)
+            if isinstance(value, float) and abs(value) > max_atom_energy():
+                bad(name, f"is {value:g} eV per atom, beyond any atom's energy (at most {max_atom_energy():.1e} eV: "
+                          "10 x the Thomas-Fermi energy of element 118, the label check's bound); give it in eV, "
+                          "or 'auto'")
         if self.max_nonfinite_steps is not None and self.max_nonfinite_steps < 1:
             bad("max_nonfinite_steps", f"must be >= 1 or null, got {self.max_nonfinite_steps}")
         if self.cuda_graph_pair_headroom is not None and not self.cuda_graph_pair_headroom >= 1:
