@@ -69,3 +69,24 @@ def test_calculate_of_an_unknown_property_is_refused(tmp_path):
                                "forces, stress, energies")
     calc.calculate(_argon_pair(), properties="energy")  # one name as a string: taken, not read as its letters
     assert calc.results["energy"] == pytest.approx(-0.0103359, rel=1e-5)  # LJ argon pair at 3.8 Å
+
+
+# ---------------------------------------------------------------------------------- an atom count too small
+SHORT = "2\nenergy=-1.0\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n"
+FULL = "3\nenergy=-1.0\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n"
+
+
+def test_atom_count_one_too_small_names_the_count_line(tmp_path, capsys, monkeypatch):
+    """ASE's "Expected xyz header but got: invalid literal for int() ... 'H -0.24 0.93 0'" did not point at the
+    short count line; md, label, export --structure and data info name it now (here frame 1's, line 6)."""
+    monkeypatch.chdir(tmp_path)
+    _lj(tmp_path)
+    (tmp_path / "s.extxyz").write_text(FULL + SHORT)
+    why = ("line 6: frame 1's atom count is 2, but 3 atom lines follow its comment line (line 10, 'H -0.24 0.93 0', "
+           "was read where the next frame's atom count belongs): the count may be too small; make it 3")
+    _exact(capsys, ["md", "s.extxyz", "--model", "lj.pt", "--steps", "2"], f"error: s.extxyz: {why}", tmp_path)
+    _exact(capsys, ["label", "s.extxyz", "--method", "model:lj.pt", "-o", "o.extxyz"], f"error: s.extxyz: {why}",
+           tmp_path)
+    _exact(capsys, ["export", "--openmm", "lj.pt", "-o", "om.pt", "--structure", "s.extxyz"],
+           f"error: --structure: s.extxyz: {why}", tmp_path)
+    _exact(capsys, ["data", "info", "s.extxyz"], f"error: s.extxyz: {why}", tmp_path)

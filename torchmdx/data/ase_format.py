@@ -39,7 +39,8 @@ import numpy as np
 from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import StructureBuilder, Structures, numeric_values
 from torchmdx.errors import DataError
-from torchmdx.data.ase_text import extxyz_options as _extxyz_options, number_as_symbol, number_key as _number_key
+from torchmdx.data.ase_text import (extxyz_options as _extxyz_options, number_as_symbol, number_key as _number_key,
+                                    short_atom_count)
 from torchmdx.io_utils import byte_order_mark, decode_text, is_torch_file
 
 #: compressed files ASE opens itself, by name (ase.io.formats.open_with_compression); the content decides
@@ -116,6 +117,7 @@ class ReadFailureKind(enum.Enum):
     ENDS_EARLY = "ends_early"  # a frame cut after its atom-count line (:func:`ends_early`; say ENDS_EARLY)
     TORCH_FILE = "torch_file"  # a file torch.save wrote (a model, checkpoint or MD restart) given as a structure
     NUMBER_AS_SYMBOL = "number_as_symbol"  # a species column of atomic numbers ('8'): say ReadFailure.explanation
+    SHORT_COUNT = "short_count"  # an xyz atom-count line too small (ASE's "Expected xyz header"): say .explanation
     OTHER = "other"  # anything else: quote the reader's error (:attr:`ReadFailure.detail`)
 
 
@@ -126,6 +128,7 @@ class ReadFailure:
     kind: ReadFailureKind
     error_type: str  # the exception's class name ("UnknownFileTypeError")
     message: str  # str() of the exception, possibly empty or several lines
+    reason: str = ""  # SHORT_COUNT: which count line is too small, in words
 
     @property
     def first_line(self) -> str:
@@ -139,9 +142,11 @@ class ReadFailure:
 
     @property
     def explanation(self) -> Optional[str]:
-        """Why, in words, for the kinds that have one (NUMBER_AS_SYMBOL), else None."""
+        """Why, in words, for the kinds that have one (NUMBER_AS_SYMBOL, SHORT_COUNT), else None."""
         if self.kind is ReadFailureKind.NUMBER_AS_SYMBOL:
             return number_as_symbol(self.message.strip("'\""))
+        if self.kind is ReadFailureKind.SHORT_COUNT:
+            return self.reason
         return None
 
 
@@ -155,6 +160,8 @@ def classify_read_failure(exc: BaseException, path) -> ReadFailure:
         kind = ReadFailureKind.TORCH_FILE
     elif _number_key(exc) is not None:
         kind = ReadFailureKind.NUMBER_AS_SYMBOL
+    elif "Expected xyz header" in str(exc) and short_atom_count(path):
+        return ReadFailure(ReadFailureKind.SHORT_COUNT, type(exc).__name__, str(exc), short_atom_count(path))
     else:
         kind = ReadFailureKind.OTHER
     return ReadFailure(kind, type(exc).__name__, str(exc))
@@ -346,6 +353,9 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
             raise
         raise DataError(f"{path}: frame {k + 1}: {ENDS_EARLY}") from None
     except (OSError, ValueError, IndexError, StopIteration, UnknownFileTypeError) as exc:
+        short = short_atom_count(path) if "Expected xyz header" in str(exc) else None
+        if short:  # was ASE's "Expected xyz header but got: invalid literal for int() ... 'H -0.24 0.93 0'"
+            raise DataError(f"{path}: {short}") from None
         raise DataError(f"{path}: ASE cannot read it ({type(exc).__name__}: {exc})") from None
 
 
