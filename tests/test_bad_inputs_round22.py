@@ -90,3 +90,23 @@ def test_atom_count_one_too_small_names_the_count_line(tmp_path, capsys, monkeyp
     _exact(capsys, ["export", "--openmm", "lj.pt", "-o", "om.pt", "--structure", "s.extxyz"],
            f"error: --structure: s.extxyz: {why}", tmp_path)
     _exact(capsys, ["data", "info", "s.extxyz"], f"error: s.extxyz: {why}", tmp_path)
+
+
+# ---------------------------------------------------------------------------------- energy_unit= on a comment line
+def test_energy_unit_entry_on_a_comment_line_is_checked(tmp_path, capsys, monkeypatch):
+    """``energy_unit=Hartree`` was an ordinary info key: the energies were taken in eV without a word. Refused
+    unless data.energy_unit (--energy-unit) says the same unit; then read in it."""
+    from torchmdx.data.ase_format import read_ase
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "h.extxyz").write_text(FULL.replace("energy=-1.0", "energy=-1.0 energy_unit=Hartree"))
+    key = ("frame 0: energy_unit=Hartree is an ordinary key to ASE and torchmdx (no reader takes units from it), "
+           "and the values are read in ")
+    tail = " to Hartree if that is their unit (the key is then checked against it), or convert the values and drop the key"
+    _exact(capsys, ["data", "info", "h.extxyz"],
+           f"error: h.extxyz: {key}eV; set config key 'data.energy_unit' (--energy-unit){tail}", tmp_path)
+    _exact(capsys, ["data", "info", "h.extxyz", "--energy-unit", "kcal/mol"],
+           f"error: h.extxyz: {key}kcal/mol, as config key 'data.energy_unit' (--energy-unit) says; set it{tail}",
+           tmp_path)
+    structures = read_ase(tmp_path / "h.extxyz", energy_unit="hartree")  # the same unit: taken, converted
+    assert float(structures.energy[0]) == pytest.approx(-27.211386, rel=1e-6)

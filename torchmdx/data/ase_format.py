@@ -289,7 +289,35 @@ def _frame_stress(info, results, cell, stress_key, where) -> Optional[np.ndarray
     return stress
 
 
-def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress"):
+def _declared_in_info(info, where: str, units_given: dict) -> None:
+    """One line for an ``energy_unit=``/``length_unit=`` info key (an extxyz comment-line entry) that does not
+    match the unit the values are read in: neither ASE nor torchmdx reads units from a file's keys, so
+    ``energy_unit=Hartree`` was an ordinary key, and the energies were taken in eV without a word. **Refused, not
+    honoured**: the file's forces (and any other values) carry no unit of their own, and a unit read from one frame's
+    key could differ between frames; the option states it once for the file, and the key is then checked against it."""
+    import math
+
+    from torchmdx.config import key_name
+
+    for key, (given, factor, option) in units_given.items():
+        if key not in info:
+            continue
+        value = info[key]
+        try:
+            same = given is not None and math.isclose(factor(str(value)), factor(given), rel_tol=1e-9)
+        except DataError:
+            same = False
+        if same:
+            continue
+        name = f"{key_name('data.' + key)} ({option})"
+        read_in = (f"{given}, as {name} says; set it" if given is not None
+                   else f"{'eV' if key == 'energy_unit' else 'Å'}; set {name}")
+        raise DataError(f"{where}: {key}={value} is an ordinary key to ASE and torchmdx (no reader takes units from "
+                        f"it), and the values are read in {read_in} to {value} if that is their unit (the key is then "
+                        "checked against it), or convert the values and drop the key")
+
+
+def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress", units_given=None):
     import ase.io
     from ase.io.formats import UnknownFileTypeError
     from tqdm.auto import tqdm
@@ -307,6 +335,7 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
             frame.positions = atoms.positions
             frame.cell = atoms.cell.array
             frame.pbc = atoms.pbc
+            _declared_in_info(atoms.info, where, units_given or {})
             if energy_key in atoms.info:
                 frame.energy = atoms.info[energy_key]
             elif energy_key in results:
@@ -524,7 +553,11 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
     if path.suffix == ".db":
         frames = list(_iter_db_frames(path, energy_key, forces_key, group_key, stress_key))
     else:
-        frames = list(_iter_atoms_frames(path, energy_key, forces_key, group_key, stress_key))
+        from torchmdx import units
+
+        units_given = {"energy_unit": (energy_unit, units.energy_factor, "--energy-unit"),
+                       "length_unit": (length_unit, units.length_factor, "--length-unit")}
+        frames = list(_iter_atoms_frames(path, energy_key, forces_key, group_key, stress_key, units_given))
     if not frames:
         raise DataError(f"{path}: contains no structures")
     with_forces = _in_all_or_none(path, frames, "forces", f"forces key '{forces_key}'", explicit_forces)
