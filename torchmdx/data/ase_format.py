@@ -39,7 +39,8 @@ import numpy as np
 from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import StructureBuilder, Structures, numeric_values
 from torchmdx.errors import DataError
-from torchmdx.data.ase_text import extxyz_options as _extxyz_options, number_as_symbol, number_key as _number_key
+from torchmdx.data.ase_text import (extxyz_options as _extxyz_options, number_as_symbol, number_key as _number_key,
+                                    short_atom_count)
 from torchmdx.io_utils import byte_order_mark, decode_text, is_torch_file
 
 #: compressed files ASE opens itself, by name (ase.io.formats.open_with_compression); the content decides
@@ -116,6 +117,7 @@ class ReadFailureKind(enum.Enum):
     ENDS_EARLY = "ends_early"  # a frame cut after its atom-count line (:func:`ends_early`; say ENDS_EARLY)
     TORCH_FILE = "torch_file"  # a file torch.save wrote (a model, checkpoint or MD restart) given as a structure
     NUMBER_AS_SYMBOL = "number_as_symbol"  # a species column of atomic numbers ('8'): say ReadFailure.explanation
+    SHORT_COUNT = "short_count"  # an xyz atom-count line too small (ASE's "Expected xyz header"): say .explanation
     OTHER = "other"  # anything else: quote the reader's error (:attr:`ReadFailure.detail`)
 
 
@@ -126,6 +128,7 @@ class ReadFailure:
     kind: ReadFailureKind
     error_type: str  # the exception's class name ("UnknownFileTypeError")
     message: str  # str() of the exception, possibly empty or several lines
+    reason: str = ""  # SHORT_COUNT: which count line is too small, in words
 
     @property
     def first_line(self) -> str:
@@ -139,9 +142,11 @@ class ReadFailure:
 
     @property
     def explanation(self) -> Optional[str]:
-        """Why, in words, for the kinds that have one (NUMBER_AS_SYMBOL), else None."""
+        """Why, in words, for the kinds that have one (NUMBER_AS_SYMBOL, SHORT_COUNT), else None."""
         if self.kind is ReadFailureKind.NUMBER_AS_SYMBOL:
             return number_as_symbol(self.message.strip("'\""))
+        if self.kind is ReadFailureKind.SHORT_COUNT:
+            return self.reason
         return None
 
 
@@ -155,6 +160,8 @@ def classify_read_failure(exc: BaseException, path) -> ReadFailure:
         kind = ReadFailureKind.TORCH_FILE
     elif _number_key(exc) is not None:
         kind = ReadFailureKind.NUMBER_AS_SYMBOL
+    elif "Expected xyz header" in str(exc) and short_atom_count(path):
+        return ReadFailure(ReadFailureKind.SHORT_COUNT, type(exc).__name__, str(exc), short_atom_count(path))
     else:
         kind = ReadFailureKind.OTHER
     return ReadFailure(kind, type(exc).__name__, str(exc))
@@ -282,7 +289,35 @@ def _frame_stress(info, results, cell, stress_key, where) -> Optional[np.ndarray
     return stress
 
 
-def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress"):
+def _declared_in_info(info, where: str, units_given: dict) -> None:
+    """One line for an ``energy_unit=``/``length_unit=`` info key (an extxyz comment-line entry) that does not
+    match the unit the values are read in: neither ASE nor torchmdx reads units from a file's keys, so
+    ``energy_unit=Hartree`` was an ordinary key, and the energies were taken in eV without a word. **Refused, not
+    honoured**: the file's forces (and any other values) carry no unit of their own, and a unit read from one frame's
+    key could differ between frames; the option states it once for the file, and the key is then checked against it."""
+    import math
+
+    from torchmdx.config import key_name
+
+    for key, (given, factor, option) in units_given.items():
+        if key not in info:
+            continue
+        value = info[key]
+        try:
+            same = given is not None and math.isclose(factor(str(value)), factor(given), rel_tol=1e-9)
+        except DataError:
+            same = False
+        if same:
+            continue
+        name = f"{key_name('data.' + key)} ({option})"
+        read_in = (f"{given}, as {name} says; set it" if given is not None
+                   else f"{'eV' if key == 'energy_unit' else 'Å'}; set {name}")
+        raise DataError(f"{where}: {key}={value} is an ordinary key to ASE and torchmdx (no reader takes units from "
+                        f"it), and the values are read in {read_in} to {value} if that is their unit (the key is then "
+                        "checked against it), or convert the values and drop the key")
+
+
+def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress", units_given=None):
     import ase.io
     from ase.io.formats import UnknownFileTypeError
     from tqdm.auto import tqdm
@@ -300,6 +335,7 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
             frame.positions = atoms.positions
             frame.cell = atoms.cell.array
             frame.pbc = atoms.pbc
+            _declared_in_info(atoms.info, where, units_given or {})
             if energy_key in atoms.info:
                 frame.energy = atoms.info[energy_key]
             elif energy_key in results:
@@ -346,6 +382,9 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
             raise
         raise DataError(f"{path}: frame {k + 1}: {ENDS_EARLY}") from None
     except (OSError, ValueError, IndexError, StopIteration, UnknownFileTypeError) as exc:
+        short = short_atom_count(path) if "Expected xyz header" in str(exc) else None
+        if short:  # was ASE's "Expected xyz header but got: invalid literal for int() ... 'H -0.24 0.93 0'"
+            raise DataError(f"{path}: {short}") from None
         raise DataError(f"{path}: ASE cannot read it ({type(exc).__name__}: {exc})") from None
 
 
@@ -514,7 +553,11 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
     if path.suffix == ".db":
         frames = list(_iter_db_frames(path, energy_key, forces_key, group_key, stress_key))
     else:
-        frames = list(_iter_atoms_frames(path, energy_key, forces_key, group_key, stress_key))
+        from torchmdx import units
+
+        units_given = {"energy_unit": (energy_unit, units.energy_factor, "--energy-unit"),
+                       "length_unit": (length_unit, units.length_factor, "--length-unit")}
+        frames = list(_iter_atoms_frames(path, energy_key, forces_key, group_key, stress_key, units_given))
     if not frames:
         raise DataError(f"{path}: contains no structures")
     with_forces = _in_all_or_none(path, frames, "forces", f"forces key '{forces_key}'", explicit_forces)

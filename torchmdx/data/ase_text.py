@@ -91,3 +91,46 @@ def repeated_key(line: str) -> Optional[tuple]:
             return key, (seen[key], value)
         seen[key] = value
     return None
+
+
+def _atom_line(line: str) -> bool:
+    """An xyz atom line: a species and three numbers (``H -0.24 0.93 0``)."""
+    parts = line.split()
+    if len(parts) < 4 or not parts[0][:1].isalpha():
+        return False
+    try:
+        [float(x) for x in parts[1:4]]
+    except ValueError:
+        return False
+    return True
+
+
+def short_atom_count(path) -> Optional[str]:
+    """Where an xyz/extxyz file's atom-count line is too small (``2`` over three atom lines: ASE read the third
+    as the next frame's count, "Expected xyz header but got: invalid literal for int() ... 'H -0.24 0.93 0'"), in
+    words; None when the file's counts are not the cause (or it cannot be read as text)."""
+    from torchmdx.io_utils import decode_text, open_compressed
+
+    try:
+        with open_compressed(path, "rb") as handle:
+            lines = decode_text(handle.read()).splitlines()
+    except Exception:  # noqa: BLE001 - not text: ASE's own line stands
+        return None
+    i, frame = 0, 0
+    while i < len(lines):
+        try:
+            count = int(lines[i].strip())
+        except ValueError:
+            return None  # not a count where a frame starts: not a short count of the previous frame
+        end = i + 2 + count
+        if end < len(lines) and _atom_line(lines[end]):
+            atoms = count
+            while i + 2 + atoms < len(lines) and _atom_line(lines[i + 2 + atoms]):
+                atoms += 1
+            return (f"line {i + 1}: frame {frame}'s atom count is {count}, but {atoms} atom lines follow its comment "
+                    f"line (line {end + 1}, {lines[end].strip()!r}, was read where the next frame's atom count "
+                    f"belongs): the count may be too small; make it {atoms}")
+        i, frame = end, frame + 1
+        while i < len(lines) and not lines[i].strip() and all(not x.strip() for x in lines[i:]):
+            i = len(lines)  # blank lines at the end of the file
+    return None

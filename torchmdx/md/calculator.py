@@ -217,11 +217,20 @@ class Calculator(_AseCalculator):
 
     # ------------------------------------------------------------------ ASE protocol
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        from torchmdx.errors import ModelError
+
+        if isinstance(properties, str):  # "energy" was read as its letters
+            properties = [properties]
+        unknown = [p for p in properties if p not in self.implemented_properties]
+        if unknown:  # a direct calculate(properties=["bogus"]) computed the rest without a word
+            raise ModelError(f"Calculator: unknown property {unknown[0]!r}; this calculator computes "
+                             f"{', '.join(self.implemented_properties)}")
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
+        if atoms is not None and len(atoms) == 0:  # was energy 0.0; md, label and the data readers refuse it
+            raise ModelError("Calculator: the structure has no atoms; there is nothing to compute (md, label and the "
+                             "data readers refuse an empty structure too): give a structure with at least one atom")
         if atoms is None:  # calc.get_potential_energy() before any structure: "'NoneType' object has no attribute 'pbc'"
-            from torchmdx.errors import ModelError
-
             raise ModelError("Calculator: no structure to compute; give one, calc.get_potential_energy(atoms), or "
                              "attach the calculator (atoms.calc = calc) and ask the atoms: atoms.get_potential_energy()")
         periodic = bool(np.any(atoms.pbc))

@@ -349,6 +349,11 @@ class Potential(torch.nn.Module):
         _check_flags("predict", forces=forces, stress=stress)
         device, dtype = module_device_dtype(self)
         inputs = atoms_inputs(atoms, device, dtype, centred=True)  # float32 far from the origin lost precision
+        if is_atoms(atoms) and len(atoms) == 0:  # Atoms() gave energy 0.0; md, label and the readers refuse it
+            # (an empty structure inside a list keeps its 0 eV row, round 5: the list's order and length hold)
+            raise ModelError("Potential.predict: the structure has no atoms; there is nothing to predict (md, label "
+                             "and the data readers refuse an empty structure too): give a structure with at least one "
+                             "atom")
         if stress and inputs["cell"] is not None:
             # a slab or wire whose open rows span no volume: its stress came back as NaN, silently (the
             # Calculator says so since round 11); a structure without pbc in a list keeps NaN (no stress)
