@@ -51,3 +51,10 @@ def refused(capsys, argv, fragments, folder):
     line = one_error_line(rc, captured, fragments)
     assert snapshot(folder) == before
     return line
+
+
+def refused_exactly(capsys, argv, line, folder):
+    """``argv`` is refused with exactly ``line`` (and no traceback, ``folder`` unchanged)."""
+    got = refused(capsys, argv, [line], folder)
+    assert got == line
+    return got

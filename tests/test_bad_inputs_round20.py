@@ -18,14 +18,8 @@ from bad_inputs_common import (  # the helpers rounds 17-20 share
     tiny_model as _tiny_model,
     water as _water,
     refused as _refused,
+    refused_exactly as _exact,
 )
-
-
-def _exact(capsys, argv, line, folder):
-    """``argv`` is refused with exactly ``line`` (and no traceback, ``folder`` unchanged)."""
-    got = _refused(capsys, argv, [line], folder)
-    assert got == line
-    return got
 
 
 # ---------------------------------------------------------------------------------- export -o names

@@ -6,7 +6,6 @@ docs/bad_inputs.md, round 21).
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -17,19 +16,12 @@ from bad_inputs_common import (  # the helpers rounds 17-21 share
     lj_file as _lj,
     argon_file as _argon,
     water as _water,
-    refused as _refused,
+    refused_exactly as _exact,
 )
 
 WATER_OF_NUMBERS = "3\n\n8 0.0 0.0 0.0\n1 0.96 0 0\n1 -0.24 0.93 0\n"
 NUMBERS_LINE = ("the species column holds '8', a number where ASE reads an element symbol (8 is O); write element "
                 "symbols in that column")
-
-
-def _exact(capsys, argv, line, folder):
-    """``argv`` is refused with exactly ``line`` (and no traceback, ``folder`` unchanged)."""
-    got = _refused(capsys, argv, [line], folder)
-    assert got == line
-    return got
 
 
 def _water_frames(n=6, groups=None, seed=0):

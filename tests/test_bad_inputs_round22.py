@@ -11,15 +11,8 @@ from ase import Atoms
 from torchmdx.errors import ModelError
 from bad_inputs_common import (  # the helpers rounds 17-22 share
     lj_file as _lj,
-    refused as _refused,
+    refused_exactly as _exact,
 )
-
-
-def _exact(capsys, argv, line, folder):
-    """``argv`` is refused with exactly ``line`` (and no traceback, ``folder`` unchanged)."""
-    got = _refused(capsys, argv, [line], folder)
-    assert got == line
-    return got
 
 
 def _argon_pair():
