@@ -6,7 +6,6 @@ docs/bad_inputs.md, round 21).
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from ase.io import read, write
