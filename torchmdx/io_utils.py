@@ -17,6 +17,22 @@ def names_a_folder(path, example: str):
     return None
 
 
+def repeated_file(paths):
+    """The first of ``paths`` that names a file named before it (the same name, ``./a.xyz``, or a link to it),
+    in words: "a.xyz twice", or "b.xyz twice (a.xyz and b.xyz are the same file)"; None when each names a file
+    of its own. Each path is resolved once. The caller says what reading a file twice would do."""
+    paths = list(paths)
+    seen: dict = {}
+    for k, name in enumerate(paths):
+        first = seen.setdefault(os.path.realpath(name), k)
+        if first != k:
+            earlier = paths[first]
+            if str(earlier) == str(name):
+                return f"{name} twice"
+            return f"{name} twice ({earlier} and {name} are the same file)"
+    return None
+
+
 def expand_home(value):
     """``value`` with a leading ``~`` (or ``~user``) expanded as a shell would (:func:`os.path.expanduser`):
     a path in a YAML config, or given as ``--opt=~/x``, reaches the program unexpanded. Anything else

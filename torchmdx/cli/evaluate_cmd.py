@@ -48,6 +48,12 @@ def _data_config(args):
     source = Path(args.data)
     run_dir = Path(args.run) if args.run else None
     if source.suffix.lower() in (".yaml", ".yml"):
+        for value, option, key in ((args.format, "--format", "format"), (args.cache_dir, "--cache-dir", "cache_dir")):
+            if value is not None:  # both were ignored without a word (round 20)
+                shown = value if str(value).strip() else repr(value)
+                raise ConfigError(f"{option} {shown} applies to a data file given as --data, and {args.data} is a "
+                                  f"config, whose data: section chooses it: set data.{key} there, or give the data "
+                                  "file as --data")
         from torchmdx.data.data_config import resolve_data_paths
 
         values = load_yaml(source)
@@ -109,13 +115,6 @@ def run(args) -> int:
 
     check_device(args.device, "--device")  # before any work
     model_path = Path(args.model)
-    if Path(str(args.data)).suffix.lower() in (".yaml", ".yml"):  # both were ignored without a word (round 20)
-        for value, option, key in ((args.format, "--format", "format"), (args.cache_dir, "--cache-dir", "cache_dir")):
-            if value is not None:
-                shown = value if str(value).strip() else repr(value)
-                raise ConfigError(f"{option} {shown} applies to a data file given as --data, and {args.data} is a "
-                                  f"config, whose data: section chooses it: set data.{key} there, or give the data "
-                                  "file as --data")
     data_cfg, run_dir, is_config = _data_config(args)
     if args.run:
         # a --run without its split (a typo, another folder) was passed over silently: the "test" split was

@@ -160,9 +160,10 @@ def classify_read_failure(exc: BaseException, path) -> ReadFailure:
         kind = ReadFailureKind.TORCH_FILE
     elif _number_key(exc) is not None:
         kind = ReadFailureKind.NUMBER_AS_SYMBOL
-    elif "Expected xyz header" in str(exc) and short_atom_count(path):
-        return ReadFailure(ReadFailureKind.SHORT_COUNT, type(exc).__name__, str(exc), short_atom_count(path))
     else:
+        short = short_atom_count(path) if "Expected xyz header" in str(exc) else None
+        if short:
+            return ReadFailure(ReadFailureKind.SHORT_COUNT, type(exc).__name__, str(exc), short)
         kind = ReadFailureKind.OTHER
     return ReadFailure(kind, type(exc).__name__, str(exc))
 
@@ -371,8 +372,9 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
     except DataError:
         raise
     except KeyError as exc:
-        if _number_key(exc) is not None:  # was "ASE cannot read it (KeyError: '8')"
-            raise DataError(f"{path}: {number_as_symbol(_number_key(exc))}") from None
+        explanation = classify_read_failure(exc, path).explanation
+        if explanation:  # a species column of atomic numbers was "ASE cannot read it (KeyError: '8')"
+            raise DataError(f"{path}: {explanation}") from None
         key = exc.args[0] if exc.args else None
         if isinstance(key, str) and key.isalpha() and len(key) <= 3:  # ASE's lookup of a chemical symbol
             raise DataError(f"{path}: unknown element symbol {key!r} (ASE cannot read the file)") from None
@@ -382,9 +384,9 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
             raise
         raise DataError(f"{path}: frame {k + 1}: {ENDS_EARLY}") from None
     except (OSError, ValueError, IndexError, StopIteration, UnknownFileTypeError) as exc:
-        short = short_atom_count(path) if "Expected xyz header" in str(exc) else None
-        if short:  # was ASE's "Expected xyz header but got: invalid literal for int() ... 'H -0.24 0.93 0'"
-            raise DataError(f"{path}: {short}") from None
+        explanation = classify_read_failure(exc, path).explanation
+        if explanation:  # a short count was ASE's "Expected xyz header but got: invalid literal for int() ..."
+            raise DataError(f"{path}: {explanation}") from None
         raise DataError(f"{path}: ASE cannot read it ({type(exc).__name__}: {exc})") from None
 
 

@@ -131,6 +131,6 @@ def short_atom_count(path) -> Optional[str]:
                     f"line (line {end + 1}, {lines[end].strip()!r}, was read where the next frame's atom count "
                     f"belongs): the count may be too small; make it {atoms}")
         i, frame = end, frame + 1
-        while i < len(lines) and not lines[i].strip() and all(not x.strip() for x in lines[i:]):
-            i = len(lines)  # blank lines at the end of the file
+        if all(not x.strip() for x in lines[i:]):  # blank lines at the end of the file
+            break
     return None

@@ -130,12 +130,12 @@ class DataConfig:
             self.atomref = reference_table(self.atomref, self.max_z, f"{p}atomref")
         if self.num_workers < 0:
             raise ConfigError(f"{key_name(p + 'num_workers')} must not be negative, got {self.num_workers}")
-        from torchmdx.devices import usable_cpus, worker_limit
+        from torchmdx.devices import WORKER_FLOOR, usable_cpus, worker_limit
 
         if self.num_workers > worker_limit():  # 100000 forked processes until the machine ran out (round 20)
             raise ConfigError(f"{key_name(p + 'num_workers')} is {self.num_workers}, more data-loader worker processes "
                               f"than this machine runs usefully (at most {worker_limit()}: 4 x its {usable_cpus()} CPUs, "
-                              "at least 64); each worker is a process: use at most the CPU count (0: load in the "
+                              f"at least {WORKER_FLOOR}); each worker is a process: use at most the CPU count (0: load in the "
                               "training process)")
         if not 2 <= self.max_z <= MAX_Z_LIMIT:
             raise ConfigError(f"{key_name(p + 'max_z')} must be between 2 and {MAX_Z_LIMIT} (it counts embedding rows: "

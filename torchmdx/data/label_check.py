@@ -58,7 +58,6 @@ MAX_VIRIAL_PER_ATOM = 1.0e3
 CHUNK_ATOMS = 1 << 21
 
 
-
 def max_atom_energy() -> float:
     """|E| (eV) no single atom reaches: the energy bound of check 2 for the heaviest element (1.4e7 eV),
     the bound of a per-atom energy given in a config (``train.shift``, ``train.scale``)."""

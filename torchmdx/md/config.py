@@ -6,7 +6,6 @@ Units: dt fs, temperature K, friction 1/ps, tau fs, pressure bar, skin Å, fmax 
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Literal, Optional, Union
 from torchmdx.config import key_name
 from torchmdx.devices import check_threads
 from torchmdx.errors import ConfigError
-from torchmdx.io_utils import expand_home, names_a_folder
+from torchmdx.io_utils import expand_home, names_a_folder, repeated_file
 
 Ensemble = Literal["nve", "langevin", "bussi", "nose-hoover"]
 
@@ -177,14 +176,10 @@ class MDConfig:
             if not isinstance(name, str) or not name.strip():
                 bad("structure", f"names an empty structure file ({name!r}); give a structure file any ASE reader "
                                  "understands (xyz, extxyz, pdb, cif, ...)")
-        seen: dict = {}
-        for k, name in enumerate(self.structure):  # 'md a.xyz a.xyz' ran the file twice, as two structures
-            first = seen.setdefault(os.path.realpath(name), k)
-            if first != k:
-                earlier = self.structure[first]
-                same = "twice" if earlier == name else f"twice ({earlier} and {name} are the same file)"
-                bad("structure", f"names {name} {same}: each file is read once; for copies of a structure run "
-                                 f"together, give it once with {flag('replicas')} N")
+        repeated = repeated_file(self.structure)
+        if repeated:  # 'md a.xyz a.xyz' ran the file twice, as two structures
+            bad("structure", f"names {repeated}: each file is read once; for copies of a structure run together, "
+                             f"give it once with {flag('replicas')} N")
         for key in ("log", "restart_out"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value.strip()):

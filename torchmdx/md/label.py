@@ -33,10 +33,10 @@ in the partial file), or with ``--skip-failed`` is left out and counted.
 
 from __future__ import annotations
 
-from collections import Counter
 import io
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -262,7 +262,8 @@ def make_labeler(options: LabelOptions) -> Callable:
 # ---------------------------------------------------------------------------- inputs
 def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] = None) -> list:
     """The frames to label: every frame of each file after the first ``skip``, every ``every``-th,
-    at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'`` (the path as given where two inputs share a file name)."""
+    at most ``max_frames`` in all. Each gets ``info['label_source'] = 'file:frame'`` (the path as given
+    where two inputs share a file name)."""
     from torchmdx.data.ase_format import all_frames, disordered_site, nonfinite_position
 
     # one line naming the option and its value ("--skip must be >= 0, --every >= 1 and --max-frames >= 1"
@@ -316,13 +317,12 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
 def check_distinct_inputs(paths) -> None:
     """``label a.xyz a.xyz`` (or ``a.xyz ./a.xyz``, a link) labelled every frame twice: copies that a random
     split puts in the training and the test part (round 20; md refuses a file named twice since round 19)."""
-    paths, seen = list(paths), {}
-    for k, name in enumerate(paths):
-        first = paths[seen.setdefault(os.path.realpath(name), k)]
-        if seen[os.path.realpath(name)] != k:
-            same = "twice" if str(first) == str(name) else f"twice ({first} and {name} are the same file)"
-            raise ConfigError(f"the structures argument names {name} {same}: each frame would be labelled twice, "
-                              "copies that a random split puts in both training and test; give each file once")
+    from torchmdx.io_utils import repeated_file
+
+    repeated = repeated_file(paths)
+    if repeated:
+        raise ConfigError(f"the structures argument names {repeated}: each frame would be labelled twice, copies "
+                          "that a random split puts in both training and test; give each file once")
 
 
 # ---------------------------------------------------------------------------- the partial file

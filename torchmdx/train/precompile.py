@@ -107,11 +107,9 @@ def switch_payback(speedup: float = COMPILED_SPEEDUP) -> float:
 def default_children() -> int:
     """Children compiling at once: one per four cores of this process's CPU set (at least one,
     at most four): a 16-core GPU host compiles four batch shapes at a time, a 2-core machine one."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores // 4))
+    from torchmdx.devices import usable_cpus
+
+    return max(1, min(4, usable_cpus() // 4))
 
 
 class CacheMiss(BaseException):

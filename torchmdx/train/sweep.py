@@ -379,19 +379,14 @@ def _has_gpus(workers_per_device: int = 1) -> bool:
     return torch.cuda.device_count() > 1 or (workers_per_device > 1 and torch.cuda.device_count() >= 1)
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def worker_slots(gpus: list[str], workers_per_device: int) -> list[tuple]:
     """(GPU id or None for the CPU, worker number, torch threads) per worker process: N per GPU,
     or N on the CPU; the host's cores are split evenly between all of them."""
     devices = list(gpus) or [None]
     count = len(devices) * workers_per_device
-    threads = max(1, _cpu_count() // count)
+    from torchmdx.devices import usable_cpus
+
+    threads = max(1, usable_cpus() // count)
     return [(gpu, k, threads) for gpu in devices for k in range(workers_per_device)]
 
 
