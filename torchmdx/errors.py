@@ -49,3 +49,13 @@ def requested_gigabytes(text: str):
     found = re.search(r"allocate (\d+) bytes", text)
     return int(found.group(1)) / 1e9 if found else None
 
+
+
+def with_article(noun: str) -> str:
+    """``noun`` after "a" or "an", chosen by its first sound: a vowel letter, or an initialism
+    read letter by letter whose first letter's name starts with a vowel ("an MD restart file",
+    "an HDF5 file", but "a model file", "a TorchScript file")."""
+    first_word = noun.split(" ", 1)[0]
+    initialism = len(first_word) > 1 and first_word[:2].isupper()
+    vowel_sound = noun[:1].lower() in "aeiou" or (initialism and first_word[0] in "FHLMNRSX")
+    return f"{'an' if vowel_sound else 'a'} {noun}"

@@ -102,9 +102,8 @@ def run_openmm(args) -> int:
 
     from torchmdx.errors import ConfigError, DataError
     from torchmdx.openmm.export import export_openmm
-    from torchmdx.train.export import check_output_file
-
     from torchmdx.devices import check_device
+    from torchmdx.train.export import TORCH_SUFFIXES, check_output_file
 
     check_output_file(args.output, force=args.force, inputs=[args.checkpoint], what="OpenMM module",
                       suffixes=TORCH_SUFFIXES)
@@ -171,7 +170,6 @@ def run_openmm(args) -> int:
 #: the names ``export -o`` takes (any case): both exports write torch files, read by ``load_model``, OpenMM's
 #: TorchForce and ``MLPotential`` whatever their name, but named ``.pt`` so that people and tools (ASE, md's
 #: structure argument) do not take them for what another extension says (round 20)
-TORCH_SUFFIXES = (".pt", ".pth")
 
 #: the options of an OpenMM export (a model file export ignored them: --dtype float64 wrote float32)
 OPENMM_OPTIONS = ("structure", "atoms", "device", "dtype", "outputs_forces")
@@ -188,10 +186,8 @@ def run(args) -> int:
         raise ConfigError(f"{option} applies to OpenMM exports (--openmm) only: a model file holds the model as "
                           "trained (device and precision are chosen when it is loaded); add --openmm or drop "
                           f"{option}")
-    from torchmdx.train.export import check_output_file, export_checkpoint
+    from torchmdx.train.export import export_checkpoint
 
-    check_output_file(args.output, force=args.force, inputs=[args.checkpoint], what="model file",
-                      suffixes=TORCH_SUFFIXES)  # `-o model.xyz`, `-o model`: a torch file under that name (round 20)
     potential = export_checkpoint(args.checkpoint, args.output, ema=args.ema, force=args.force)
     elements = getattr(potential, "elements", None)
     from torchmdx.nn.potential import element_symbol

@@ -38,7 +38,7 @@ import numpy as np
 
 from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import StructureBuilder, Structures, numeric_values
-from torchmdx.errors import DataError
+from torchmdx.errors import DataError, with_article
 from torchmdx.data.ase_text import (extxyz_options as _extxyz_options, number_as_symbol, number_key as _number_key,
                                     short_atom_count)
 from torchmdx.io_utils import byte_order_mark, decode_text, is_torch_file
@@ -488,7 +488,7 @@ def _declared_unit(path, key: str, name: str, option: str, given, quantity: str,
     except DataError:
         if given is not None:
             return given  # the option says what the metadata's label means
-        raise DataError(f"{path}: metadata '{key}' is {name!r}, not {'an' if quantity == 'energy' else 'a'} {quantity} "
+        raise DataError(f"{path}: metadata '{key}' is {name!r}, not {with_article(quantity)} "
                         f"unit torchmdx knows; set data.{option} (--{option.replace('_', '-')}) to the unit of the "
                         "values") from None
     if given is None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from torchmdx import units
 from torchmdx.data.structures import StructureBuilder, Structures, numeric_values
-from torchmdx.errors import DataError
+from torchmdx.errors import DataError, with_article
 
 #: keys an npz must have to be read (and guessed) as MD17 / revised MD17
 MD17_KEYS = ("R", "z", "E")
@@ -124,7 +124,7 @@ def _file_units(path, arrays, energy_unit, length_unit):
         except DataError:
             if given[option] is not None:
                 continue  # the option says what the file's label means
-            raise DataError(f"{path}: {key} {name!r} is not {'an' if quantity == 'energy' else 'a'} {quantity} unit torchmdx knows; set data.{option} "
+            raise DataError(f"{path}: {key} {name!r} is not {with_article(quantity)} unit torchmdx knows; set data.{option} "
                             f"(--{option.replace('_', '-')}) to the unit of the file's values") from None
         if given[option] is None:
             given[option] = name

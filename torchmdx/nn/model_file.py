@@ -45,7 +45,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from torchmdx.dtypes import torch_dtype
-from torchmdx.errors import ModelError
+from torchmdx.errors import ModelError, with_article
 
 FORMAT = "torchmdx-model"
 FORMAT_VERSION = 1
@@ -331,10 +331,9 @@ def _what_file_is_this(path: Path, exc: Exception, what: str = "model file", hin
         if text.startswith("not a torchmdx model file ("):  # another archive (an npz, ...): torch's first line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             return f"not a readable {what} ({first})"
-        article = "an" if what[:1] in "aeiouAEIOUM" else "a"
         text = text.replace("a torchmdx model file", f"a torchmdx {what}").replace("a readable model file",
                                                                                     f"a readable {what}")
-        text = text.replace("not a model file", f"not {article} {what}").replace(MODEL_HINT, hint)
+        text = text.replace("not a model file", f"not {with_article(what)}").replace(MODEL_HINT, hint)
         if text.startswith("a TorchScript file"):
             text = f"a TorchScript file (for example an OpenMM export), not a torchmdx {what}; {hint}"
         return text

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Union
 
-from torchmdx.errors import ModelError
+from torchmdx.errors import ModelError, with_article
 
 PREFIX = "model."
 #: what a refused checkpoint's message points to
@@ -97,16 +97,20 @@ def export_checkpoint(checkpoint: Union[str, Path], output: Union[str, Path], em
     """Write the model of ``checkpoint`` to ``output`` (atomic); returns the potential.
 
     Refused in one line (:class:`ModelError`), before anything is written: ``output`` is the
-    checkpoint itself, a folder, or an existing file (unless ``force``); the weights hold NaN or
+    checkpoint itself, a folder, an existing file (unless ``force``), or not named ``.pt``/``.pth``
+    (:data:`TORCH_SUFFIXES`: ``-o model.xyz`` would put a torch file under an XYZ name); the weights hold NaN or
     infinite values (a diverged run: such a model would predict NaN)."""
     from torchmdx.nn.model_file import save_potential
 
-    check_output_file(output, force=force, inputs=[checkpoint], what="model file")
+    check_output_file(output, force=force, inputs=[checkpoint], what="model file", suffixes=TORCH_SUFFIXES)
     potential = potential_from_checkpoint(checkpoint, ema=ema)
     check_finite_weights(potential, checkpoint)
     save_potential(potential, output)
     return potential
 
+
+#: the names a torch file (a model file, an OpenMM module) may be written under
+TORCH_SUFFIXES = (".pt", ".pth")
 
 #: extensions that name a format other than a torch file (``export -o``'s line names it)
 OTHER_FORMATS = {".extxyz": "an extended-XYZ file", ".xyz": "an XYZ file", ".traj": "an ASE trajectory",
@@ -133,7 +137,7 @@ def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), 
         if Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
             raise ModelError(f"{out}: refusing to write the {what} over its own input; choose another name")
     if out.suffix.lower() == ".ckpt":  # was written: a later `export model.ckpt` said "not a training checkpoint"
-        raise ModelError(f"{output}: .ckpt names a training checkpoint, and this writes {_article(what)} {what}; give it a "
+        raise ModelError(f"{output}: .ckpt names a training checkpoint, and this writes {with_article(what)}; give it a "
                          f".pt name, e.g. {out.with_suffix('.pt')}")
     if out.is_dir():
         raise ModelError(f"{out}: is a folder; give a file name, e.g. {out / 'model.pt'}")
@@ -147,7 +151,7 @@ def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), 
         suffix = out.suffix.lower()
         said = (f"{out.suffix} names {OTHER_FORMATS[suffix]}" if suffix in OTHER_FORMATS
                 else f"{out.suffix} is not a torch file's extension" if suffix else "the name has no extension")
-        raise ModelError(f"{output}: {said}, and this writes {_article(what)} {what}, a torch file; give it a "
+        raise ModelError(f"{output}: {said}, and this writes {with_article(what)}, a torch file; give it a "
                          f"{suffixes[0]} name, e.g. {out.with_name(out.stem + suffixes[0]) if out.stem else 'model.pt'}")
     if out.exists() and not force:
         raise ModelError(f"{out}: exists; pass --force to replace it, or choose another name")
@@ -157,10 +161,6 @@ def check_output_file(output: Union[str, Path], force: bool = False, inputs=(), 
     if not os.access(parent, os.W_OK):
         raise ModelError(f"{out}: folder {parent} is not writable")
     return out
-
-
-def _article(what: str) -> str:
-    return "an" if what[:1] in "aeiouAEIOU" else "a"
 
 
 def check_finite_weights(potential, source: Union[str, Path], consequence: str = "not exported") -> None:
