@@ -200,12 +200,15 @@ def main(argv=None) -> int:
         cells = []
         kernels = []
         errors = []
+        tops = []
         for make in (lambda: graph_call(model, z, pos, None, None, traced=True),
                      lambda: dense_call(model, z, pos)):
             try:
                 replay, (energy, forces) = make()
                 cells.append(f"{cuda_time(replay, 20, args.repeats):.3f}")
-                kernels.append(str(replay_kernels(replay)["launches"]))
+                counted = replay_kernels(replay)
+                kernels.append(f"{counted['launches']} ({counted['gpu_ms']:.3f} ms GPU)")
+                tops.append(counted["top"])
                 scale = float(forces64.abs().max())
                 errors.append(f"{float((forces.double() - forces64).abs().max()) / scale:.2e}")
             except Exception as exc:  # noqa: BLE001 - one failed cell must not end the table
@@ -214,6 +217,8 @@ def main(argv=None) -> int:
                 errors.append("-")
         print(f"| {name} ({len(z_np)}) | {cells[0]} | {cells[1]} | {' / '.join(kernels)} | {' / '.join(errors)} |",
               flush=True)
+        for label, top in zip(("list", "dense"), tops):
+            print(f"    {name} {label}, largest kernels (name, µs, launches): {top}", flush=True)
     return 0
 
 
