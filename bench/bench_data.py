@@ -33,6 +33,18 @@ memory split into the process's own (anonymous) and mapped file pages:
     ``--batch-size`` structures on one thread, structures/s and batches/s.
 
     python bench/bench_data.py --synthetic 1000000 [--batch-size 32] [--max-batches N] [--keep DIR]
+
+**An extxyz at scale** (``--synthetic-extxyz N``): writes a synthetic extxyz of N frames in MACE's MPtrj layout
+(periodic crystals of 4..60 atoms of a dozen elements in a cubic cell; ``REF_energy``, ``REF_forces``,
+``REF_stress`` (9 values), a per-atom ``REF_magmom``, a numeric ``corrected_total_energy`` and a text ``mp_id``
+per frame), then, each in a fresh process, its wall time and peak resident memory:
+
+  - ``build cache``: the streamed build of an ASE file (two passes over the file:
+    :mod:`torchmdx.data.ase_stream`, chunks of ``--chunk-atoms`` atoms, default 2^20);
+  - ``read whole``: ``read_ase`` of the same file (every frame in memory; what the build did before it
+    streamed), for comparison (``--skip-whole`` leaves it out).
+
+    python bench/bench_data.py --synthetic-extxyz 20000 [--chunk-atoms 65536] [--skip-whole] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -119,6 +131,45 @@ def synthetic_ani1x_scale(path: Path, n: int, seed: int = 0, per_formula: int = 
     return {"structures": made, "atoms": atoms, "formulas": g, "bytes": path.stat().st_size}
 
 
+#: the elements of the synthetic MPtrj-like file (oxides, alloys, ...)
+CRYSTAL_ELEMENTS = ["Li", "O", "Na", "Mg", "Al", "Si", "P", "S", "K", "Ca", "Fe", "Ni"]
+
+
+def synthetic_extxyz_scale(path: Path, n: int, seed: int = 0) -> dict:
+    """An extxyz of ``n`` frames in MACE's MPtrj layout (module docstring), written frame by frame (memory does
+    not grow with n): atoms on a jittered cubic grid of spacing 2 Å (no two closer than ~1.4 Å), forces in eV/Å,
+    stress in eV/Å³. Returns sizes."""
+    rng = np.random.default_rng(seed)
+    atoms = 0
+    with open(path, "w") as out:
+        for k in range(n):
+            natoms = int(rng.integers(4, 61))
+            side = int(np.ceil(natoms ** (1 / 3)))
+            grid = np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)[:natoms]
+            pos = (grid + rng.uniform(-0.15, 0.15, size=(natoms, 3))) * 2.0
+            length = 2.0 * side
+            symbols = rng.choice(CRYSTAL_ELEMENTS, size=natoms)
+            forces = rng.normal(scale=0.5, size=(natoms, 3))
+            magmom = rng.uniform(0.0, 3.0, size=natoms)
+            stress = rng.normal(scale=0.01, size=(3, 3))
+            stress = (stress + stress.T).reshape(-1)
+            energy = -5.0 * natoms + rng.normal()
+            out.write(f"{natoms}\nLattice=\"{length} 0.0 0.0 0.0 {length} 0.0 0.0 0.0 {length}\" "
+                      "Properties=species:S:1:pos:R:3:REF_forces:R:3:REF_magmom:R:1 "
+                      f"REF_energy={energy:.8f} corrected_total_energy={energy - 0.1:.8f} "
+                      f"REF_stress=\"{' '.join(f'{v:.8f}' for v in stress)}\" mp_id=mp-{k % 100000} "
+                      "pbc=\"T T T\"\n")
+            rows = np.column_stack([pos, forces, magmom])
+            values = [item for symbol, row in zip(symbols, rows.tolist()) for item in (symbol, *row)]
+            out.write(("%s %.8f %.8f %.8f %.8f %.8f %.8f %.4f\n" * natoms) % tuple(values))
+            atoms += natoms
+    return {"structures": n, "atoms": atoms, "bytes": path.stat().st_size}
+
+
+#: the reader options of the synthetic extxyz (MACE's key names)
+EXTXYZ_OPTIONS = {"energy_key": "REF_energy", "forces_key": "REF_forces", "stress_key": "REF_stress"}
+
+
 STAGE_CODE = r"""
 import json, resource, sys, time
 stage, raw, cache_dir = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -129,6 +180,21 @@ if stage == "write":
     from bench_data import synthetic_ani1x_scale
     from pathlib import Path
     out.update(synthetic_ani1x_scale(Path(raw), int(sys.argv[4])))
+elif stage == "write_extxyz":
+    sys.path.insert(0, sys.argv[5])
+    from bench_data import synthetic_extxyz_scale
+    from pathlib import Path
+    out.update(synthetic_extxyz_scale(Path(raw), int(sys.argv[4])))
+elif stage in ("build_extxyz", "read_extxyz"):
+    sys.path.insert(0, sys.argv[5])
+    from bench_data import EXTXYZ_OPTIONS
+    if stage == "build_extxyz":
+        from torchmdx.data import build_cache
+        chunk = int(sys.argv[4]) or None
+        out["cache"] = str(build_cache(raw, "ase", cache_dir=cache_dir, chunk_atoms=chunk, **EXTXYZ_OPTIONS))
+    else:
+        from torchmdx.data.ase_format import read_ase
+        out["structures"] = len(read_ase(raw, **EXTXYZ_OPTIONS))
 elif stage == "info":
     import contextlib, io
     from torchmdx.cli.main import main
@@ -250,6 +316,51 @@ def run_synthetic(args) -> int:
     return 0
 
 
+def run_synthetic_extxyz(args) -> int:
+    """``--synthetic-extxyz N``: write an MPtrj-like extxyz, build its cache (streamed), read it whole; each stage
+    in a fresh process, its time and peak RSS (module docstring)."""
+    import datetime
+    import os
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="torchmdx-bench-extxyz-"))
+    work.mkdir(parents=True, exist_ok=True)
+    raw, cache_dir = work / "synthetic_mptrj.extxyz", work / "cache"
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=str(here.parent), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    n = args.synthetic_extxyz
+    rows = []
+    try:
+        if not raw.is_file():
+            w = _stage(["write_extxyz", raw, cache_dir, n, here], env)
+        else:
+            w = {"seconds": 0.0, "peak_rss_mb": float("nan"), "structures": n, "atoms": None,
+                 "bytes": raw.stat().st_size}  # reused from --keep
+        rows.append(("write synthetic extxyz", w["seconds"], w["peak_rss_mb"], _split(w),
+                     f"{w['atoms']} atoms, {w['bytes'] / 2**30:.2f} GiB"))
+        shutil.rmtree(cache_dir, ignore_errors=True)  # a kept folder: build again, do not reuse
+        b = _stage(["build_extxyz", raw, cache_dir, args.chunk_atoms or 0, here], env)
+        cache = Path(b["cache"])
+        chunk = args.chunk_atoms or "2^20 (default)"
+        rows.append(("build cache (streamed, two passes)", b["seconds"], b["peak_rss_mb"], _split(b),
+                     f"{n / b['seconds']:,.0f} frames/s, chunks of {chunk} atoms, cache "
+                     f"{cache.stat().st_size / 2**20:.0f} MiB"))
+        if not args.skip_whole:
+            r = _stage(["read_extxyz", raw, cache_dir, 0, here], env)
+            rows.append(("read_ase (whole file in memory, one pass)", r["seconds"], r["peak_rss_mb"], _split(r),
+                         f"{n / r['seconds']:,.0f} frames/s"))
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"torchmdx data at scale: an extxyz of {n:,} synthetic MPtrj-like frames; {platform.node()}, "
+          f"{os.cpu_count()} cores, {_mem_gb():.0f} GB; {datetime.datetime.now().isoformat(timespec='minutes')}")
+    print(f"{'stage':<44} {'seconds':>9} {'peak RSS MB':>12} {'anon/file MB at end':>20}  notes")
+    print("-" * 130)
+    for stage, seconds, rss, split, notes in rows:
+        rss_text = f"{rss:>12.0f}" if rss is not None and rss == rss else f"{'-':>12}"
+        print(f"{stage:<44} {seconds:>9.2f} {rss_text} {split:>20}  {notes}")
+    return 0
+
+
 def _split(out: dict) -> str:
     if "RssAnon" not in out:
         return "-"
@@ -276,7 +387,9 @@ def check_arguments(args) -> None:
 
     for option, values, least in (("--n", [args.n], 1), ("--batch-sizes", args.batch_sizes, 1),
                                   ("--workers", args.workers, 0), ("--synthetic", [args.synthetic], 1),
-                                  ("--batch-size", [args.batch_size], 1), ("--max-batches", [args.max_batches], 0)):
+                                  ("--batch-size", [args.batch_size], 1), ("--max-batches", [args.max_batches], 0),
+                                  ("--synthetic-extxyz", [args.synthetic_extxyz], 1),
+                                  ("--chunk-atoms", [args.chunk_atoms], 1)):
         for value in values:
             if value is not None and value < least:
                 raise ConfigError(f"{option} must be >= {least}, got {value}")
@@ -299,10 +412,18 @@ def main(argv=None) -> int:
                         help="at scale: N synthetic ANI-1x conformations, each stage in a fresh process (time, peak RSS)")
     parser.add_argument("--batch-size", type=int, default=32, help="--synthetic: structures per batch")
     parser.add_argument("--max-batches", type=int, default=0, help="--synthetic: stop after this many batches (0: an epoch)")
+    parser.add_argument("--synthetic-extxyz", type=int, default=None, metavar="N",
+                        help="at scale: an extxyz of N synthetic MPtrj-like frames: streamed cache build and whole "
+                             "read, each in a fresh process (time, peak RSS)")
+    parser.add_argument("--chunk-atoms", type=int, default=None,
+                        help="--synthetic-extxyz: atoms per chunk of the streamed build (default 2^20)")
+    parser.add_argument("--skip-whole", action="store_true", help="--synthetic-extxyz: do not time the whole read")
     args = parser.parse_args(argv)
     check_arguments(args)
     if args.synthetic:
         return run_synthetic(args)
+    if args.synthetic_extxyz:
+        return run_synthetic_extxyz(args)
 
     import torch
     from torch_geometric.loader import DataLoader

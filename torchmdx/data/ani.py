@@ -27,14 +27,10 @@ from typing import Optional
 import numpy as np
 
 from torchmdx.data.md17 import unit_factors
-from torchmdx.data.structures import StructureBuilder, Structures, concat_structures, numeric_values
+from torchmdx.data.structures import CHUNK_ATOMS, StructureBuilder, Structures, concat_structures, numeric_values
 from torchmdx.errors import DataError
 
 ANI1X_DEFAULT_METHOD = "wb97x_dz"
-
-
-#: atoms per chunk of a streamed read (about 50 MB of positions and forces in float64)
-CHUNK_ATOMS = 1 << 20
 
 
 def open_h5(path: Path):

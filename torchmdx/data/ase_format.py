@@ -25,6 +25,10 @@ positions, cell, energy, forces (energy_unit/length_unit) and stress (energy_uni
 An ASE database that names its units in its metadata (SchNetPack's ``_property_unit_dict`` and
 ``_distance_unit``) is read in those units (:func:`db_declared_units`); an option naming another
 unit is refused.
+
+:func:`read_ase` reads the file once, holding every frame; the cache is built from
+:func:`torchmdx.data.ase_stream.iter_ase` (two passes, bounded memory, the same structures; an ASE
+database is read whole).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Optional
 import numpy as np
 
 from torchmdx.data.md17 import unit_factors
-from torchmdx.data.structures import StructureBuilder, Structures, numeric_values
+from torchmdx.data.structures import Structures, numeric_values
 from torchmdx.errors import DataError, with_article
 from torchmdx.data.ase_text import (extxyz_options as _extxyz_options, number_as_symbol, number_key as _number_key,
                                     short_atom_count)
@@ -318,7 +322,8 @@ def _declared_in_info(info, where: str, units_given: dict) -> None:
                         "checked against it), or convert the values and drop the key")
 
 
-def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress", units_given=None):
+def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress", units_given=None,
+                       desc: Optional[str] = None, total: Optional[int] = None):
     import ase.io
     from ase.io.formats import UnknownFileTypeError
     from tqdm.auto import tqdm
@@ -327,7 +332,8 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
     try:
         source, options = ase_source(path)
         iterator = ase.io.iread(source, index=":", **options)
-        for k, atoms in enumerate(tqdm(iterator, desc=f"reading {path.name}", unit=" frames", disable=None)):
+        for k, atoms in enumerate(tqdm(iterator, desc=desc or f"reading {path.name}", total=total, unit=" frames",
+                                             disable=None)):
             results = dict(atoms.calc.results) if atoms.calc is not None else {}
             where = f"{path}: frame {k}"
             frame = _Frame()
@@ -533,7 +539,47 @@ def _db_units(path: Path, energy_key: str, forces_key: str, energy_unit, length_
 def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] = None,
              group_key: Optional[str] = None, energy_unit: Optional[str] = None,
              length_unit: Optional[str] = None, stress_key: Optional[str] = None) -> Structures:
-    """Read every frame of an ASE-readable file (see the module docstring)."""
+    """Read every frame of an ASE-readable file (see the module docstring) in one pass, every frame held in
+    memory; :func:`torchmdx.data.ase_stream.iter_ase` gives the same structures in chunks (two passes, bounded
+    memory: what :func:`torchmdx.data.cache.build_cache` uses)."""
+    from torchmdx.data.ase_stream import read_whole
+
+    return read_whole(ase_reading(path, energy_key, forces_key, group_key, energy_unit, length_unit, stress_key))
+
+
+@dataclass(frozen=True)
+class AseReading:
+    """The checked options of one read of an ASE file (:func:`ase_reading`), and its frames."""
+
+    path: Path
+    energy_key: str
+    forces_key: str
+    stress_key: str
+    group_key: Optional[str]
+    explicit_forces: bool  # forces_key was given: forces in no frame is an error
+    explicit_stress: bool  # stress_key was given: a stress (or virial) in no frame is an error
+    energy_unit: Optional[str]  # the unit the file's energies are read in (a database's own included); None: eV
+    length_unit: Optional[str]  # None: Å
+    factors: tuple  # (energy, length, forces) factors to eV, Å, eV/Å (md17.unit_factors)
+
+    def frames(self, desc: Optional[str] = None, total: Optional[int] = None):
+        """The file's frames, one at a time, each checked on its own (``_Frame``: values in the file's units),
+        with a progress bar saying ``desc`` (default "reading <name>") out of ``total`` frames (if known)."""
+        if self.path.suffix == ".db":
+            return _iter_db_frames(self.path, self.energy_key, self.forces_key, self.group_key, self.stress_key)
+        from torchmdx import units
+
+        units_given = {"energy_unit": (self.energy_unit, units.energy_factor, "--energy-unit"),
+                       "length_unit": (self.length_unit, units.length_factor, "--length-unit")}
+        return _iter_atoms_frames(self.path, self.energy_key, self.forces_key, self.group_key, self.stress_key,
+                                  units_given, desc=desc, total=total)
+
+
+def ase_reading(path, energy_key: Optional[str] = None, forces_key: Optional[str] = None,
+                group_key: Optional[str] = None, energy_unit: Optional[str] = None,
+                length_unit: Optional[str] = None, stress_key: Optional[str] = None) -> AseReading:
+    """The options of :func:`read_ase`, with their defaults, checked before any frame is read (a forces or stress
+    key naming one of ASE's own per-atom arrays; a database's declared units; unknown unit names)."""
     path = Path(path)
     energy_key = energy_key or "energy"
     explicit_forces = forces_key is not None
@@ -551,77 +597,6 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
                         "(e.g. stress), or a virial")
     if path.suffix == ".db":
         energy_unit, length_unit = _db_units(path, energy_key, forces_key, energy_unit, length_unit)
-    e, length, f = unit_factors(path, energy_unit, length_unit, "eV")
-    if path.suffix == ".db":
-        frames = list(_iter_db_frames(path, energy_key, forces_key, group_key, stress_key))
-    else:
-        from torchmdx import units
-
-        units_given = {"energy_unit": (energy_unit, units.energy_factor, "--energy-unit"),
-                       "length_unit": (length_unit, units.length_factor, "--length-unit")}
-        frames = list(_iter_atoms_frames(path, energy_key, forces_key, group_key, stress_key, units_given))
-    if not frames:
-        raise DataError(f"{path}: contains no structures")
-    with_forces = _in_all_or_none(path, frames, "forces", f"forces key '{forces_key}'", explicit_forces)
-    # frames that are not periodic (isolated atoms for reference energies) may lack a stress: NaN
-    for fr in frames:
-        if fr.stress is None and not np.any(fr.pbc) and any(f.stress is not None for f in frames):
-            fr.stress = np.full((3, 3), np.nan)
-    with_stress = _in_all_or_none(path, frames, "stress", f"stress key '{stress_key}' (or a virial)", explicit_stress)
-    # extras: keep the keys every frame has with one shape
-    common = _common_keys([fr.extras for fr in frames])
-    atom_common = _common_keys([fr.atom_extras for fr in frames], per_atom=True)
-    builder = StructureBuilder(str(path), format="ase", energy_key=energy_key,
-                               forces_key=forces_key if any(with_forces) else None, group_key=group_key,
-                               units_in={"energy": energy_unit or "eV", "length": length_unit or "Å"})
-    builder.extra_units = {k: "as in file" for k in common + atom_common}
-    if any(with_stress):
-        builder.extra_units["stress"] = "eV/Å³"
-    if isinstance(frames[0].theory, str):
-        builder.metadata["theory"] = frames[0].theory
-    for fr in frames:
-        try:
-            if np.asarray(fr.energy).dtype.kind in "bc":  # energy=T was read as 1.0, 1+2j lost its imaginary part
-                raise TypeError
-            if np.size(fr.energy) != 1 and np.asarray(fr.energy).dtype.kind in "fiu":
-                raise DataError(f"{fr.where}: energy '{energy_key}' holds {np.size(fr.energy)} values "
-                                f"({np.asarray(fr.energy).reshape(-1)[:6].tolist()}); expected one number per frame "
-                                "(shape ())")
-            energy = float(np.asarray(fr.energy, dtype=np.float64).reshape(()))
-        except (TypeError, ValueError):
-            raise DataError(f"{fr.where}: energy {fr.energy!r} is not a number") from None
-        if not np.isfinite(energy):  # was named only as 'structure k' by the dataset check
-            raise DataError(f"{fr.where}: non-finite energy ({energy})")
-        extras = {k: fr.extras[k].reshape(1, -1) if fr.extras[k].size > 1 else fr.extras[k].reshape(1)
-                  for k in common}
-        if fr.stress is not None:
-            extras["stress"] = (fr.stress * (e / length ** 3)).reshape(1, 9)
-        atom_extras = {k: fr.atom_extras[k] for k in atom_common}
-        forces = None if fr.forces is None else finite_values(fr.forces, f"forces '{forces_key}'", fr.where) * f
-        builder.add(fr.numbers, fr.positions * length, [energy * e], forces, cell=fr.cell * length, pbc=fr.pbc,
-                    group=fr.group, extras=extras, atom_extras=atom_extras, where=fr.where)
-    return builder.build()
-
-
-def _in_all_or_none(path, frames, attribute: str, what: str, explicit: bool) -> list:
-    """Which frames have ``attribute`` (forces, stress): all or none, and some if the key was
-    given explicitly; otherwise a one-line DataError naming the first frame without it."""
-    present = [getattr(fr, attribute) is not None for fr in frames]
-    if explicit and not any(present):
-        raise DataError(f"{path}: {what} not found in any frame")
-    if any(present) and not all(present):
-        k = present.index(False)
-        raise DataError(f"{frames[k].where}: no {what}, although other frames have one")
-    return present
-
-
-def _common_keys(dicts, per_atom=False):
-    keys = set(dicts[0])
-    for d in dicts[1:]:
-        keys &= set(d)
-    out = []
-    for key in sorted(keys):
-        shapes = {d[key].shape[1:] if per_atom else d[key].shape for d in dicts}
-        if len(shapes) == 1:
-            out.append(key)
-    return out
+    factors = unit_factors(path, energy_unit, length_unit, "eV")
+    return AseReading(path, energy_key, forces_key, stress_key, group_key, explicit_forces, explicit_stress,
+                      energy_unit, length_unit, factors)

@@ -280,24 +280,39 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else "no detail"
 
 
-#: formats read in chunks by :func:`iter_structures` (others are read whole, then written as one chunk)
-STREAMED_FORMATS = ("ani1", "ani1x")
+#: formats read in chunks by :func:`iter_structures` (others are read whole, then written as one chunk); an ASE
+#: file is streamed unless it is an ASE database (:func:`streamed`)
+STREAMED_FORMATS = ("ani1", "ani1x", "ase")
+
+
+def streamed(fmt: str, source: Path) -> bool:
+    """Whether :func:`iter_structures` streams ``source`` read as ``fmt``: ANI-1 / ANI-1x files and ASE files
+    other than an ASE database (``.db``: ASE's SQLite backend fetches every row at once)."""
+    return fmt in STREAMED_FORMATS and not (fmt == "ase" and Path(source).suffix == ".db")
 
 
 def iter_structures(path, format: Optional[str] = None, chunk_atoms: Optional[int] = None, **options):
     """The dataset as validated :class:`Structures` chunks of about ``chunk_atoms`` atoms (eV, Å):
-    ANI-1 / ANI-1x files are streamed group by group, so memory does not grow with the file;
+    ANI-1 / ANI-1x files are streamed group by group, ASE files (extxyz, .traj, ...; not a database) frame by
+    frame in two passes (:mod:`torchmdx.data.ase_stream`), so memory does not grow with the file;
     other formats come as one chunk (their readers hold the whole file). Messages of a chunk name
-    the structure's index in the whole dataset (or the HDF5 group and conformation)."""
+    the structure's index in the whole dataset (or the HDF5 group and conformation, the file's frame)."""
     fmt = check_format(format)
     source = resolve_source(path, fmt)
     fmt = fmt or guess_format(source)
     opts = normalise_options(fmt, options, source)
-    if fmt in STREAMED_FORMATS:
+    size = {"chunk_atoms": chunk_atoms} if chunk_atoms else {}
+    if fmt in ("ani1", "ani1x"):
         from torchmdx.data import ani
 
         reader = ani.iter_ani1 if fmt == "ani1" else ani.iter_ani1x
-        yield from reader(source, **opts, **({"chunk_atoms": chunk_atoms} if chunk_atoms else {}))
+        yield from reader(source, **opts, **size)
+    elif streamed(fmt, source):
+        from torchmdx.data.ase_stream import iter_ase
+
+        check_not_empty(source)
+        with unreadable_as_data_error(source, fmt):
+            yield from iter_ase(source, **opts, **size)
     else:
         check_not_empty(source)
         with unreadable_as_data_error(source, fmt):

@@ -36,6 +36,9 @@ from torchmdx.errors import DataError
 #: The largest atomic number torchmdx knows (oganesson).
 MAX_ATOMIC_NUMBER = 118
 
+#: atoms per chunk of a streamed read (ANI, ASE files; about 50 MB of positions and forces in float64)
+CHUNK_ATOMS = 1 << 20
+
 
 def element_symbol(z: int) -> str:
     from ase.data import chemical_symbols
