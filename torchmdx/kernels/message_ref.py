@@ -33,6 +33,10 @@ of length 0, with d_ii = 0 and the filters evaluated at r = 0: ``(dk0 [F] | None
 None, phi0 scalar)``. Pass None to leave it out.
 
 Returns ``(m [N, F], u [N, 3, F])``. Aggregation is an ``index_add`` over receivers.
+
+``pairs=n``: the edges are the all-pairs layout of structures of n atoms each
+(:mod:`torchmdx.kernels.pairs`; ``edge_index`` is then not read): the same equations with the
+gathers as broadcasts and the aggregation as a sum over the senders.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from torchmdx.kernels import pairs as pair_layout
 
 #: ln 2 rounded to float32, as TorchMD-NET computes it (torch.log(torch.tensor(2.0)).item()),
 #: so that imported checkpoints agree to the last digit in float64
@@ -79,27 +85,35 @@ def et_message(
     self_loop: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]] = None,
     attn_activation: str = "silu",
     vector_cutoff: bool = False,
+    pairs: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scalar message m [N, F] and vector message u [N, 3, F] of one ET layer (see module doc)."""
     n, f = q.shape
     h = num_heads
     d = f // h
     act = ACTIVATIONS[attn_activation]
-    i, j = edge_index[0], edge_index[1]
-    e = i.numel()
-
-    q_i = q.index_select(0, i).view(e, h, d)
-    k_j = k.index_select(0, j).view(e, h, d)
-    v_j = v.index_select(0, j).view(e, h, 3 * d)
-    vec_j = vec.index_select(0, j).view(e, 3, h, d)
+    if pairs is None:
+        i, j = edge_index[0], edge_index[1]
+        e = i.numel()
+        q_i = q.index_select(0, i).view(e, h, d)
+        k_j = k.index_select(0, j).view(e, h, d)
+        v_j = v.index_select(0, j).view(e, h, 3 * d)
+        vec_j = vec.index_select(0, j).view(e, 3, h, d)
+        edge_shape = (e,)
+    else:  # [B, n, n, ...] (receiver, sender) broadcasts of the atoms' rows
+        q_i = pair_layout.receivers_of(q.view(n, h, d), pairs)
+        k_j = pair_layout.senders_of(k.view(n, h, d), pairs)
+        v_j = pair_layout.senders_of(v.view(n, h, 3 * d), pairs)
+        vec_j = pair_layout.senders_of(vec.view(n, 3, h, d), pairs)
+        edge_shape = (n // pairs, pairs, pairs)
     prod = q_i * k_j
     if dk is not None:
-        prod = prod * dk.view(e, h, d)
+        prod = prod * dk.view(*edge_shape, h, d)
     attn = act(prod.sum(-1))  # [E, H]
-    phi = cutoff_weight.view(e, 1)
+    phi = cutoff_weight.view(*edge_shape, 1)
     if edge_mask is not None:
         # invalid edges: drop every contribution (also the vector path of the standard ET)
-        weight = edge_mask.to(q.dtype).view(e, 1)
+        weight = edge_mask.to(q.dtype).view(*edge_shape, 1)
     else:
         weight = None
     if vector_cutoff:
@@ -107,15 +121,19 @@ def et_message(
     else:
         attn = attn * phi
     if dv is not None:
-        v_j = v_j * dv.view(e, h, 3 * d)
+        v_j = v_j * dv.view(*edge_shape, h, 3 * d)
     if weight is not None:
         v_j = v_j * weight.unsqueeze(-1)
         attn = attn * weight
     s1, s2, s3 = torch.split(v_j, d, dim=-1)  # [E, H, D] each
-    msg_x = (s1 * attn.unsqueeze(-1)).reshape(e, f)
-    msg_vec = vec_j * s2.unsqueeze(1) + s3.unsqueeze(1) * unit_vectors.view(e, 3, 1, 1)
-    out_x = torch.zeros(n, f, dtype=q.dtype, device=q.device).index_add(0, i, msg_x)
-    out_vec = torch.zeros(n, 3, f, dtype=q.dtype, device=q.device).index_add(0, i, msg_vec.reshape(e, 3, f))
+    msg_x = s1 * attn.unsqueeze(-1)
+    msg_vec = vec_j * s2.unsqueeze(-3) + s3.unsqueeze(-3) * unit_vectors.view(*edge_shape, 3, 1, 1)
+    if pairs is None:
+        out_x = torch.zeros(n, f, dtype=q.dtype, device=q.device).index_add(0, i, msg_x.reshape(e, f))
+        out_vec = torch.zeros(n, 3, f, dtype=q.dtype, device=q.device).index_add(0, i, msg_vec.reshape(e, 3, f))
+    else:
+        out_x = pair_layout.sum_over_senders(msg_x).reshape(n, f)
+        out_vec = pair_layout.sum_over_senders(msg_vec).reshape(n, 3, f)
 
     if self_loop is not None:
         dk0, dv0, phi0 = self_loop

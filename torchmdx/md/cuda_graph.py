@@ -197,7 +197,7 @@ class GraphedForces:
         if traced:
             from torchmdx.nn.traced import TracedForces
 
-            self.forcefield.traced = TracedForces(potential)
+            self.forcefield.set_traced(TracedForces(potential))
         self.positions: Optional[torch.Tensor] = None
         self.use_graph = bool(use_graph)
         self.graph = None

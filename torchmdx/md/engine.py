@@ -187,7 +187,7 @@ class Simulation(RunLoop, RestartFiles):
         self.traced = self.compile_mode == "whole"
         if self.traced:
             self.forcefield.fixed_capacity = True
-            self.forcefield.traced = TracedForces(self.potential)
+            self.forcefield.set_traced(TracedForces(self.potential))
         if fuse_integrator not in (True, False, None, "auto"):
             raise ConfigError(f"fuse_integrator must be true, false or auto, got {fuse_integrator!r}")
         fuse = self.compile_mode != "off" if fuse_integrator == "auto" else bool(fuse_integrator)

@@ -153,7 +153,7 @@ class RunLoop:
                 if self.traced:  # first try again with the model's parts compiled
                     print(f"note: the whole-model graph failed in the CUDA-graph step ({reason}); "
                           "compiling the model's parts instead", file=sys.stderr)
-                    self.forcefield.traced = None
+                    self.forcefield.set_traced(None)
                     self.traced = False
                     self.compile_mode = "parts"
                     self.compiled = bool(self.potential.set_compiled(True))

@@ -89,13 +89,34 @@ class ForceField:
         self.rebuild_each_step = False
         #: :class:`torchmdx.nn.traced.TracedForces` of the potential, or None: when set,
         #: :meth:`evaluate` runs the model, its forces included, as one compiled graph
+        #: (:meth:`set_traced`)
         self.traced = None
+        #: the atoms of each structure when the list is the all-pairs layout
+        #: (:mod:`torchmdx.kernels.pairs`: built once, never stale, the cutoff applied inside the
+        #: traced graph), or None: a neighbor list (:meth:`set_traced`)
+        self.pairs: Optional[int] = None
+
+    def set_traced(self, traced) -> None:
+        """Evaluate through ``traced`` (:class:`torchmdx.nn.traced.TracedForces`) or, with None,
+        the potential's own autograd; the list takes the all-pairs layout where
+        :func:`torchmdx.nn.traced.pair_layout_size` allows it (a traced graph only). A change of
+        layout drops the list: the next :meth:`compute` builds it in the new one."""
+        from torchmdx.nn.traced import pair_layout_size
+
+        self.traced = traced
+        s = self.system
+        pairs = pair_layout_size(self.potential, s.counts, s.periodic) if traced is not None else None
+        if pairs != self.pairs:
+            self.pairs = pairs
+            self.neighbors = None
 
     # ------------------------------------------------------------------ neighbor list
     def build(self, positions: torch.Tensor, wrap: Optional[bool] = None) -> torch.Tensor:
         """Build the list at ``positions`` (wrapped first if periodic and ``wrap``); returns the
         positions the list refers to (the wrapped ones)."""
         s = self.system
+        if self.pairs is not None:
+            return self._build_pairs(positions)
         if (self.wrap_positions if wrap is None else wrap) and s.periodic:
             positions = s.wrap(positions)
         nl = self.potential.neighbors(positions.detach(), s.batch, s.cell, s.pbc, cutoff=self.cutoff + self.skin)
@@ -107,6 +128,29 @@ class ForceField:
             self.reference = positions.detach()
             self._receivers, self._senders = nl.edge_index[0].contiguous(), nl.edge_index[1].contiguous()
             self._offsets = offsets
+        self.stale = torch.zeros((), dtype=torch.bool, device=s.device)
+        self.max_displacement2 = torch.zeros((), dtype=s.dtype, device=s.device)
+        self.builds += 1
+        return positions
+
+    def _build_pairs(self, positions: torch.Tensor) -> torch.Tensor:
+        """The all-pairs layout (:func:`torchmdx.kernels.pairs.pair_index`) as the list: edge
+        index and off-diagonal mask in buffers of their own (a new ``layout_version``), no image
+        offsets. It does not depend on the positions, so it is built once per layout."""
+        from torchmdx.kernels.pairs import pair_index
+
+        s = self.system
+        edge_index, mask = pair_index(s.num_structures, self.pairs, s.device)
+        rows = int(edge_index.shape[1])
+        zeros3 = torch.zeros(rows, 3, dtype=s.dtype, device=s.device)
+        self.neighbors = Neighbors(edge_index, zeros3, zeros3, torch.zeros(rows, dtype=s.dtype, device=s.device),
+                                   torch.tensor(rows, device=s.device), torch.zeros((), dtype=torch.bool, device=s.device),
+                                   mask)
+        self._receivers, self._senders, self._offsets = edge_index[0], edge_index[1], None
+        self._static = None
+        self.capacity = rows
+        self.layout_version += 1
+        self.reference = positions.detach().clone()
         self.stale = torch.zeros((), dtype=torch.bool, device=s.device)
         self.max_displacement2 = torch.zeros((), dtype=s.dtype, device=s.device)
         self.builds += 1
@@ -166,6 +210,8 @@ class ForceField:
     def _build_on_device(self, positions: torch.Tensor) -> None:
         """Rebuild the list at ``positions`` without host synchronisation (no wrapping): pairs
         closer than ``cutoff`` into ``capacity`` rows; an overflow is ORed into ``stale``."""
+        if self.pairs is not None:  # the all-pairs layout holds every pair, whatever the positions
+            return
         s = self.system
         nl = self.potential.neighbors(positions.detach(), s.batch, s.cell, s.pbc, cutoff=self.cutoff,
                                       max_pairs=self.capacity)
@@ -180,8 +226,9 @@ class ForceField:
         return (d * d).sum(-1).amax() if d.numel() else torch.zeros((), dtype=d.dtype, device=d.device)
 
     def needs_rebuild(self, positions: torch.Tensor) -> bool:
-        """Synchronous check: has an atom moved more than skin/2 since the build?"""
-        return bool(self.displacement2(positions) > self._threshold2)
+        """Synchronous check: has an atom moved more than skin/2 since the build? (Never for the
+        all-pairs layout.)"""
+        return self.pairs is None and bool(self.displacement2(positions) > self._threshold2)
 
     def snapshot(self) -> tuple:
         return (self.neighbors, self.reference, self.stale, self.max_displacement2,
@@ -208,7 +255,7 @@ class ForceField:
         s, nl = self.system, self.neighbors
         if self.traced is not None:
             energy, forces, atomic = self.traced(s.z, positions, s.batch, s.num_structures, nl.edge_index,
-                                                 self._offsets, nl.mask)
+                                                 self._offsets, nl.mask, pairs=self.pairs)
             return (energy, forces, atomic) if per_atom else (energy, forces)
         with torch.enable_grad():
             pos = positions.detach().requires_grad_(True)
@@ -230,7 +277,10 @@ class ForceField:
         Fast mode: record on the device whether the list may be stale (no sync). Careful mode:
         check now and rebuild (wrapping ``state.positions``) if an atom moved more than skin/2.
         """
-        if self.neighbors is None or (careful and (self.rebuild_each_step or self.needs_rebuild(state.positions))):
+        if self.pairs is not None:  # the all-pairs layout: nothing to check or rebuild
+            if self.neighbors is None:
+                state.positions = self.build(state.positions)
+        elif self.neighbors is None or (careful and (self.rebuild_each_step or self.needs_rebuild(state.positions))):
             state.positions = self.build(state.positions)
         elif self.rebuild_each_step:
             self._build_on_device(state.positions)

@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from torchmdx.errors import ModelError
+from torchmdx.kernels.pairs import receivers_of, senders_of
 from torchmdx.kernels.locality import AtomOrder, check_atom_order
 from torchmdx.kernels.neighbors import Neighbors, neighbor_list
 
@@ -54,7 +55,10 @@ class Graph:
     z [N] long; pos [N, 3] (Å); batch [N] long; num_structures B;
     edge_index [2, E] (i receiver, j neighbor, sorted by i); vectors [E, 3] = pos_j - pos_i +
     image shift (Å), differentiable w.r.t. pos and cell; distances [E] (Å); mask [E] bool or
-    None (None: every edge valid and within the cutoff).
+    None (None: every edge valid and within the cutoff). ``pairs`` n: the edges are the
+    all-pairs layout of B structures of n atoms each (:mod:`torchmdx.kernels.pairs`: E = B n²,
+    edge (b n + i) n + j, the diagonal masked), which a potential with :attr:`Potential.pair_layout`
+    may compute with broadcasts and sums instead of gathers and scatters; None: any list.
     """
 
     z: torch.Tensor
@@ -65,6 +69,7 @@ class Graph:
     vectors: torch.Tensor
     distances: torch.Tensor
     mask: Optional[torch.Tensor] = None
+    pairs: Optional[int] = None
 
 
 def edge_vectors(pos, edge_index, shifts, cell, batch):
@@ -106,6 +111,20 @@ def masked_edges(pos, receivers, senders, offsets, cutoff: float, mask=None):
     valid = length2 < cutoff * cutoff
     if mask is not None:
         valid = valid & mask
+    safe = torch.where(valid.unsqueeze(-1), vectors, torch.ones_like(vectors))
+    distances = torch.where(valid, safe.norm(dim=-1), torch.zeros_like(length2))
+    return vectors, distances, valid
+
+
+def pair_edges(pos, atoms_per_structure: int, cutoff: float, mask):
+    """(vectors [E, 3] Å, distances [E] Å, valid [E] bool) of the all-pairs layout
+    (:mod:`torchmdx.kernels.pairs`) at ``pos``, as :func:`masked_edges` gives them for a list:
+    vectors_e = pos[j] - pos[i] for edge e = (b n + i) n + j, valid = ``mask`` (the off-diagonal
+    pairs) and |vectors| < ``cutoff``; invalid rows get distance 0 and no 1/r in the gradient."""
+    n = int(atoms_per_structure)
+    vectors = (senders_of(pos, n) - receivers_of(pos, n)).reshape(-1, 3)
+    length2 = (vectors * vectors).sum(-1)
+    valid = (length2 < cutoff * cutoff) & mask
     safe = torch.where(valid.unsqueeze(-1), vectors, torch.ones_like(vectors))
     distances = torch.where(valid, safe.norm(dim=-1), torch.zeros_like(length2))
     return vectors, distances, valid
@@ -202,6 +221,9 @@ class Potential(torch.nn.Module):
     #: (:func:`torchmdx.train.config.resolve_cuda_graph`)? True only where the captured step was
     #: checked against the eager one on a GPU; ``train.cuda_graph: true`` captures any potential
     captured_training_auto: bool = False
+    #: does :meth:`atomic_energies` take a :class:`Graph` in the all-pairs layout (``Graph.pairs``)
+    #: with dense edge operations? (:class:`torchmdx.nn.traced.TracedForces` ``pairs``)
+    pair_layout: bool = False
     #: set while it is being traced: no host reads or checks, torch reference kernels only
     tracing: bool = False
     _atom_order: str = "input"

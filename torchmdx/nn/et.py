@@ -23,6 +23,7 @@ CUDA); for inference the dense parts around it can be compiled (:func:`compiled_
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Callable
 
 import torch
@@ -250,20 +251,20 @@ class ETRepresentation(nn.Module):
         phi = self.cutoff_fn(r_safe) * valid.to(distances.dtype)
         return valid, rbf, phi, unit
 
-    def embed(self, z, edge_index, vectors, distances, mask):
+    def embed(self, z, edge_index, vectors, distances, mask, pairs=None):
         """Edge features and the first atom features: (valid, rbf, phi, unit, x, self_rbf, self_cutoff)."""
         valid, rbf, phi, unit = self.edge_features(vectors, distances, mask)
         x = self.embedding(z)
         if self.neighbor_embedding is not None:
             # a masked (fixed-capacity) list: its padding rows' zeros spread over the atoms
-            x = self.neighbor_embedding(z, x, edge_index, rbf, phi, valid if mask is not None else None)
+            x = self.neighbor_embedding(z, x, edge_index, rbf, phi, valid if mask is not None else None, pairs=pairs)
         zero = torch.zeros(1, dtype=distances.dtype, device=distances.device)
         self_rbf = self.rbf(zero)  # [1, K]
         self_cutoff = self.cutoff_fn(zero)[0]
         return valid, rbf, phi, unit, x, self_rbf, self_cutoff
 
     def forward(self, z, edge_index, vectors, distances, mask=None, backend: str = "auto", compiled: bool = False,
-                self_edges: bool = True):
+                self_edges: bool = True, pairs=None):
         """(x, vec) of every atom. ``compiled``: the dense parts (edge features and embedding,
         each layer's :meth:`~EquivariantAttention.prepare` / :meth:`~EquivariantAttention.update`)
         run through ``torch.compile`` (:func:`compiled_function`).
@@ -278,11 +279,19 @@ class ETRepresentation(nn.Module):
         traced graphs (:mod:`torchmdx.nn.traced`) keep the self-loop branch (``self_edges=False``):
         inductor (torch 2.13, CPU) computed wrong parameter gradients for the double backward of
         the traced graph with self edges appended, while eager and ``aot_eager`` agreed with finite
-        differences (``tests/test_traced.py``)."""
+        differences (``tests/test_traced.py``).
+
+        ``pairs`` n: the edges are the all-pairs layout of structures of n atoms
+        (:mod:`torchmdx.kernels.pairs`): the reference message with broadcasts and sums over the
+        senders, the self edges kept in the self-loop branch (the diagonal pairs stay masked)."""
         embed = compiled_function(ETRepresentation.embed, z.device.type) if compiled else ETRepresentation.embed
-        valid, rbf, phi, unit, x, self_rbf, self_cutoff = embed(self, z, edge_index, vectors, distances, mask)
+        valid, rbf, phi, unit, x, self_rbf, self_cutoff = embed(self, z, edge_index, vectors, distances, mask, pairs)
         vec = torch.zeros(x.shape[0], 3, x.shape[1], dtype=x.dtype, device=x.device)
-        message = message_function(backend, x.device)
+        if pairs is not None:
+            backend, self_edges = "torch", False
+            message = functools.partial(message_ref.et_message, pairs=pairs)
+        else:
+            message = message_function(backend, x.device)
         edge_mask = valid  # no host sync: invalid (padded / skin) edges are zeroed in the message
         filters = [None] * len(self.layers)
         if getattr(message, "filtered", None) is None and not compiled:

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from torchmdx.kernels import pairs as pair_layout
 from torchmdx.kernels.message_ref import ACTIVATIONS
 from torchmdx.nn.base import spread_where
 
@@ -142,11 +143,16 @@ class NeighborEmbedding(nn.Module):
         self.distance_proj = xavier_linear(num_rbf, hidden)
         self.combine = xavier_linear(2 * hidden, hidden)
 
-    def forward(self, z, x, edge_index, rbf, cutoff_weight, valid=None):
+    def forward(self, z, x, edge_index, rbf, cutoff_weight, valid=None, pairs=None):
         """``valid`` [E] (optional): rows with False have phi = 0 and add exact zeros; their adds
         are spread over the atoms (:func:`~torchmdx.nn.base.spread_where`; the padding of a
-        fixed-capacity list would all hit atom N - 1)."""
+        fixed-capacity list would all hit atom N - 1). ``pairs=n``: the edges are the all-pairs
+        layout of structures of n atoms (:mod:`torchmdx.kernels.pairs`; the diagonal has phi = 0)."""
         w = self.distance_proj(rbf) * cutoff_weight.unsqueeze(-1)
+        if pairs is not None:
+            messages = pair_layout.as_pairs(w, pairs) * pair_layout.senders_of(self.embedding(z), pairs)
+            neighbours = pair_layout.sum_over_senders(messages)
+            return self.combine(torch.cat([x, neighbours], dim=-1))
         msg = w * self.embedding(z).index_select(0, edge_index[1])
         receivers = edge_index[0] if valid is None else spread_where(valid, edge_index[0], x.shape[0])
         neighbours = torch.zeros_like(x).index_add(0, receivers, msg)

@@ -84,6 +84,7 @@ class ETPotential(NormalisedPotential):
     kind = "et"
     traceable = True
     captured_training_auto = True  # tests/test_train_graph.py's -m gpu tests: captured = eager steps
+    pair_layout = True  # Graph.pairs: broadcasts and sums over the senders (kernels.pairs)
 
     def __init__(self, config: Union[ModelConfig, Mapping, str, None] = None, **overrides):
         super().__init__()
@@ -151,6 +152,7 @@ class ETPotential(NormalisedPotential):
         x, vec = self.representation(
             graph.z, graph.edge_index, graph.vectors.to(dtype), graph.distances.to(dtype), graph.mask,
             backend="torch" if tracing else self.message_backend(), compiled=compiled, self_edges=not tracing,
+            pairs=graph.pairs,
         )
         head = compiled_function(type(self.head).forward, x.device.type) if compiled else type(self.head).forward
         energies = self.normalised_energies(head(self.head, x, vec), graph, self.config.reduce_op)

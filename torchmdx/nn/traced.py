@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from torchmdx.nn.base import Graph, masked_edges
+from torchmdx.nn.base import Graph, masked_edges, pair_edges
 from torchmdx.nn.et import SMALL_MATMUL_ATOMS
 
 aten = torch.ops.aten
@@ -186,6 +186,27 @@ COMPILE_MODES = ("auto", "whole", "parts", "off")
 WHOLE_GRAPH_MAX_ATOMS = 64
 
 
+#: the whole-model graph of structures of at most this many atoms each takes the all-pairs layout
+#: (:mod:`torchmdx.kernels.pairs`: every ordered pair an edge, the list never searched or stale;
+#: gathers and scatter-adds over the edges become broadcasts and sums) where
+#: :func:`pair_layout_size` allows it. 0: never. Kept at 0 until a GPU measurement shows the
+#: layout faster than the neighbor-list graph (``bench/bench_dense_pairs.py``;
+#: docs/kernels_small.md, "All pairs")
+PAIR_LAYOUT_MAX_ATOMS = 0
+
+
+def pair_layout_size(potential, counts, periodic: bool) -> Optional[int]:
+    """n, the atoms of each structure, where the whole-model graph of structures of ``counts``
+    atoms takes the all-pairs layout: ``potential`` supports it (:attr:`Potential.pair_layout`),
+    no structure is periodic, all have the same n atoms and n <= :data:`PAIR_LAYOUT_MAX_ATOMS`;
+    else None (a neighbor list)."""
+    sizes = {int(c) for c in counts}
+    if periodic or len(sizes) != 1 or not getattr(potential, "pair_layout", False):
+        return None
+    (n,) = sizes
+    return n if 0 < n <= PAIR_LAYOUT_MAX_ATOMS else None
+
+
 def compile_mode(mode, device, num_atoms: int, potential) -> str:
     """Resolve ``mode`` (one of :data:`COMPILE_MODES`, or True = "auto", False/None-on-CPU = "off")
     to "whole", "parts" or "off" for ``num_atoms`` atoms of ``potential`` on ``device``.
@@ -286,14 +307,17 @@ class TracedForces:
             tensors.append(value)
         return names, tensors
 
-    def _function(self, names, num_structures: int):
+    def _function(self, names, num_structures: int, pairs: Optional[int] = None):
         module, cutoff = self.module, self.cutoff
 
         def energy_and_forces(state, z, pos, batch, edge_index, offsets, mask):
             with torch.enable_grad():
                 pos = pos.detach().requires_grad_(True)
-                vectors, distances, valid = masked_edges(pos, edge_index[0], edge_index[1], offsets, cutoff, mask)
-                graph = Graph(z, pos, batch, num_structures, edge_index, vectors, distances, valid)
+                if pairs is None:
+                    vectors, distances, valid = masked_edges(pos, edge_index[0], edge_index[1], offsets, cutoff, mask)
+                else:  # the all-pairs layout: no gathers (kernels.pairs)
+                    vectors, distances, valid = pair_edges(pos, pairs, cutoff, mask)
+                graph = Graph(z, pos, batch, num_structures, edge_index, vectors, distances, valid, pairs)
                 atomic = torch.func.functional_call(module, dict(zip(names, state)), (graph,))
                 energy = torch.zeros(num_structures, dtype=atomic.dtype, device=atomic.device).index_add(0, batch, atomic)
                 (grad,) = torch.autograd.grad(energy.sum(), pos)
@@ -301,7 +325,7 @@ class TracedForces:
 
         return energy_and_forces
 
-    def _build(self, names, args, num_structures: int):
+    def _build(self, names, args, num_structures: int, pairs: Optional[int] = None):
         from torch.fx.experimental.proxy_tensor import make_fx
 
         allowed = getattr(self.potential, "traced_training", True)
@@ -313,7 +337,7 @@ class TracedForces:
 
             raise ModelError(f"{type(self.potential).__name__}'s compiled training graph is not used here: inductor "
                              f"computed its forces wrongly (see {type(self.potential).__name__}.traced_training)")
-        fn = self._function(names, num_structures)
+        fn = self._function(names, num_structures, pairs)
         potential = self.potential
         previous = potential.tracing
         potential.tracing = True
@@ -337,17 +361,25 @@ class TracedForces:
         compile_cache.ensure()  # compiled graphs kept across runs (keyed by content)
         return _CompiledGraph(graph_module, options, self.frontend)
 
-    def __call__(self, z, pos, batch, num_structures: int, edge_index, offsets=None, mask=None):
+    def __call__(self, z, pos, batch, num_structures: int, edge_index, offsets=None, mask=None,
+                 pairs: Optional[int] = None):
+        """``pairs`` n: ``edge_index`` and ``mask`` are the all-pairs layout of structures of n atoms
+        (:func:`torchmdx.kernels.pairs.pair_index`; no ``offsets``), for a potential with
+        :attr:`~torchmdx.nn.base.Potential.pair_layout`: the graph then has no gathers or scatters
+        over the edges (``edge_index`` is not read)."""
+        if pairs is not None and (offsets is not None or mask is None
+                                  or not getattr(self.potential, "pair_layout", False)):
+            raise ValueError("pairs needs the all-pairs mask, no image offsets and a potential with pair_layout")
         names, state = self._state()
         args = (state, z, pos.detach(), batch, edge_index, offsets, mask)
         key = (
             tuple(z.shape), tuple(edge_index.shape), int(num_structures), pos.dtype, pos.device,
             offsets is not None, mask is not None, tuple(names), tuple(t.dtype for t in state),
-            self.training and torch.is_grad_enabled(),
+            self.training and torch.is_grad_enabled(), pairs,
         )
         fn = self._graphs.get(key)
         if fn is None:
-            fn = self._graphs[key] = self._build(names, args, int(num_structures))
+            fn = self._graphs[key] = self._build(names, args, int(num_structures), pairs)
         return fn(*args)
 
 
