@@ -179,3 +179,32 @@ def test_md_force_field_on_pairs_follows_the_neighbor_list_trajectory(shared_dat
         final[layout] = (sim.state.positions.clone(), sim.state.forces.clone())
     torch.testing.assert_close(final["pairs"][0], final["list"][0], rtol=0, atol=1e-10)
     torch.testing.assert_close(final["pairs"][1], final["list"][1], rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_calculator_graph_on_pairs_equals_the_list_graph(shared_data, monkeypatch):
+    """On CUDA: the calculator's captured call (one CUDA graph, inductor-compiled traced model) on
+    the all-pairs layout gives the neighbor-list graph's energy and forces (float32 rounding) and
+    the float64 model's; after the atoms moved, the same graph replays."""
+    from ase.io import read
+
+    from torchmdx.md.cuda_graph import GraphedForces
+
+    atoms = read(shared_data / "systems" / "alanine_dipeptide.xyz")
+    model = torchmdx.build_model(dict(SMALL_ET, cutoff_upper=5.0, dtype="float32")).cuda()
+    reference = torchmdx.build_model(dict(SMALL_ET, cutoff_upper=5.0)).cuda()
+    pos = torch.tensor(atoms.positions, device="cuda")
+    z = torch.tensor(atoms.numbers, device="cuda")
+    results = {}
+    for layout, max_atoms in (("list", 0), ("pairs", 64)):
+        monkeypatch.setattr(traced_module, "PAIR_LAYOUT_MAX_ATOMS", max_atoms)
+        graphed = GraphedForces(model, atoms, torch.device("cuda"), torch.float32, traced=True)
+        assert graphed.forcefield.pairs == (22 if layout == "pairs" else None)
+        results[layout] = [tuple(t.clone() for t in graphed(pos * scale)) for scale in (1.0, 1.02)]
+        assert graphed.captures == 1
+    for scale, (listed, paired) in zip((1.0, 1.02), zip(results["list"], results["pairs"])):
+        ref = reference(z, pos * scale)
+        torch.testing.assert_close(paired[0].double(), listed[0].double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(paired[1], listed[1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(paired[1].double(), ref["forces"], rtol=1e-4, atol=1e-4)
