@@ -308,11 +308,7 @@ def run_synthetic(args) -> int:
     print(f"torchmdx data at scale: {n:,} synthetic ANI-1x conformations; {platform.node()}, "
           f"{os.cpu_count()} cores, {_mem_gb():.0f} GB; torch {torch.__version__}; "
           f"{datetime.datetime.now().isoformat(timespec='minutes')}")
-    print(f"{'stage':<44} {'seconds':>9} {'peak RSS MB':>12} {'anon/file MB at end':>20}  notes")
-    print("-" * 130)
-    for stage, seconds, rss, split, notes in rows:
-        rss_text = f"{rss:>12.0f}" if rss is not None and rss == rss else f"{'-':>12}"
-        print(f"{stage:<44} {seconds:>9.2f} {rss_text} {split:>20}  {notes}")
+    _print_stages(rows)
     return 0
 
 
@@ -353,12 +349,17 @@ def run_synthetic_extxyz(args) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"torchmdx data at scale: an extxyz of {n:,} synthetic MPtrj-like frames; {platform.node()}, "
           f"{os.cpu_count()} cores, {_mem_gb():.0f} GB; {datetime.datetime.now().isoformat(timespec='minutes')}")
+    _print_stages(rows)
+    return 0
+
+
+def _print_stages(rows) -> None:
+    """The stage table: (stage, seconds, peak RSS MB, anon/file split, notes) per row."""
     print(f"{'stage':<44} {'seconds':>9} {'peak RSS MB':>12} {'anon/file MB at end':>20}  notes")
     print("-" * 130)
     for stage, seconds, rss, split, notes in rows:
         rss_text = f"{rss:>12.0f}" if rss is not None and rss == rss else f"{'-':>12}"
         print(f"{stage:<44} {seconds:>9.2f} {rss_text} {split:>20}  {notes}")
-    return 0
 
 
 def _split(out: dict) -> str:
