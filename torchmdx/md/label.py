@@ -420,6 +420,8 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
 
     check_options(options)
     method = check_method(options.method)
+    if not str(out).strip():  # was "-o .: the labelled frames are written as extended XYZ ..."
+        raise ConfigError("-o is empty; give the file for the labelled frames, e.g. labelled.extxyz")
     out = Path(out)
     if out.suffix.lower() not in (".extxyz", ".xyz"):
         raise ConfigError(f"-o {out}: the labelled frames are written as extended XYZ; name it .extxyz or .xyz")
