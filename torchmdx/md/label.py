@@ -33,6 +33,7 @@ in the partial file), or with ``--skip-failed`` is left out and counted.
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 import os
@@ -192,7 +193,7 @@ def check_method(method: str) -> str:
     name = method.strip().lower()
     if name in TBLITE_METHODS:
         try:
-            import tblite.ase  # noqa: F401
+            importlib.import_module("tblite.ase")  # available? (an import by name: nothing is used from it here)
         except ImportError as exc:
             raise ConfigError(f"--method {method} needs the tblite package ({_reason(exc)}): {INSTALL_HINT}") from None
         return name
