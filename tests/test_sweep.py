@@ -212,10 +212,11 @@ def test_flop_counts_of_known_operations():
         sweep_module.parse_grid(["model.x"])
 
 
-def test_points_run_in_worker_processes_one_per_device(shared_data, tmp_path):
+def test_points_run_in_worker_processes_one_per_device(shared_data, tmp_path, monkeypatch):
     """The several-GPU path (one worker process per device, CUDA_VISIBLE_DEVICES set), here with
     two CPU 'devices': both points finish in their own processes, with their logs, and the table
-    has both rows."""
+    has both rows. Two GPUs are said to be visible (GPU ids that are not are refused since round 23)."""
+    monkeypatch.setattr(sweep_module, "gpu_count", lambda: 2)
     config = write_config(tmp_path, shared_data)
     out = tmp_path / "out"
     lines = []

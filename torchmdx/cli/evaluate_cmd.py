@@ -100,6 +100,11 @@ def run(args) -> int:
 
     from torchmdx.errors import ConfigError, DataError
 
+    for option, value, what in (("--out", args.out, "the output folder (or leave --out out for <model "
+                                                    "folder>/evaluate_<split>)"),
+                                ("--run", args.run, "the run folder of torchmdx train (or leave --run out)")):
+        if value is not None and not value.strip():  # an unset shell variable: was taken as the default, silently
+            raise ConfigError(f"{option} is empty; give {what}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.threads is not None:

@@ -42,7 +42,8 @@ import numpy as np
 
 from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import Structures, numeric_values
-from torchmdx.errors import DataError, with_article
+from torchmdx.data.unit_keys import check_unit_keys, db_units as _db_units
+from torchmdx.errors import DataError
 from torchmdx.data.ase_text import (extxyz_options as _extxyz_options, number_as_symbol, number_key as _number_key,
                                     short_atom_count)
 from torchmdx.io_utils import byte_order_mark, decode_text, is_torch_file
@@ -294,36 +295,20 @@ def _frame_stress(info, results, cell, stress_key, where) -> Optional[np.ndarray
     return stress
 
 
-def _declared_in_info(info, where: str, units_given: dict) -> None:
-    """One line for an ``energy_unit=``/``length_unit=`` info key (an extxyz comment-line entry) that does not
-    match the unit the values are read in: neither ASE nor torchmdx reads units from a file's keys, so
-    ``energy_unit=Hartree`` was an ordinary key, and the energies were taken in eV without a word. **Refused, not
-    honoured**: the file's forces (and any other values) carry no unit of their own, and a unit read from one frame's
-    key could differ between frames; the option states it once for the file, and the key is then checked against it."""
-    import math
-
+def _energy_advice(path: Path, bare: bool) -> str:
+    """What to do about a frame without the energy key: name the key that holds it, or, for a frame of no info
+    keys and no calculator results (a structure file), label the structures first (was "set energy_key" for
+    both, an option evaluate and train do not have; round 23)."""
     from torchmdx.config import key_name
 
-    for key, (given, factor, option) in units_given.items():
-        if key not in info:
-            continue
-        value = info[key]
-        try:
-            same = given is not None and math.isclose(factor(str(value)), factor(given), rel_tol=1e-9)
-        except DataError:
-            same = False
-        if same:
-            continue
-        name = f"{key_name('data.' + key)} ({option})"
-        read_in = (f"{given}, as {name} says; set it" if given is not None
-                   else f"{'eV' if key == 'energy_unit' else 'Å'}; set {name}")
-        raise DataError(f"{where}: {key}={value} is an ordinary key to ASE and torchmdx (no reader takes units from "
-                        f"it), and the values are read in {read_in} to {value} if that is their unit (the key is then "
-                        "checked against it), or convert the values and drop the key")
+    if bare:
+        return (f"the file holds structures without energies: label them first (e.g. torchmdx label {path.name} "
+                "-o labelled.extxyz), or give a file with reference energies")
+    return f"set {key_name('data.energy_key')} (--energy-key) to the key that holds the energies"
 
 
-def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress", units_given=None,
-                       desc: Optional[str] = None, total: Optional[int] = None):
+def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress", energy_unit=None,
+                       length_unit=None, desc: Optional[str] = None, total: Optional[int] = None):
     import ase.io
     from ase.io.formats import UnknownFileTypeError
     from tqdm.auto import tqdm
@@ -342,16 +327,15 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
             frame.positions = atoms.positions
             frame.cell = atoms.cell.array
             frame.pbc = atoms.pbc
-            _declared_in_info(atoms.info, where, units_given or {})
+            check_unit_keys(atoms.info, where, energy_unit, length_unit)  # energy_unit=Hartree: rounds 22, 23
             if energy_key in atoms.info:
                 frame.energy = atoms.info[energy_key]
             elif energy_key in results:
                 frame.energy = results[energy_key]
             else:
-                raise DataError(
-                    f"{where}: no energy '{energy_key}' (info keys: {', '.join(sorted(atoms.info)) or 'none'}; "
-                    f"calculator results: {', '.join(sorted(results)) or 'none'}); set energy_key"
-                )
+                raise DataError(f"{where}: no energy '{energy_key}' (info keys: {', '.join(sorted(atoms.info)) or 'none'}; "
+                                f"calculator results: {', '.join(sorted(results)) or 'none'}); "
+                                + _energy_advice(path, not atoms.info and not results))
             if forces_key in atoms.arrays:
                 frame.forces = atoms.arrays[forces_key]
             else:
@@ -448,7 +432,7 @@ def _iter_db_frames(path: Path, energy_key, forces_key, group_key, stress_key="s
         if energy is None:
             raise DataError(
                 f"{where}: no energy '{energy_key}' (keys: {', '.join(sorted(row.key_value_pairs)) or 'none'}; "
-                f"data: {', '.join(sorted(data)) or 'none'}); set energy_key"
+                f"data: {', '.join(sorted(data)) or 'none'}); {_energy_advice(path, False)}"
             )
         frame.energy = energy
         forces = row.get(forces_key)
@@ -464,76 +448,6 @@ def _iter_db_frames(path: Path, energy_key, forces_key, group_key, stress_key="s
                 frame.extras[key] = arr.reshape(-1)
         frame.atom_extras = {}
         yield frame
-
-
-def db_declared_units(path) -> dict:
-    """The units an ASE database names in its metadata, in SchNetPack's layout (``spk.data.ASEAtomsData``):
-    ``_property_unit_dict`` (property -> unit name, e.g. ``{'energy': 'kcal/mol', 'forces':
-    'kcal/mol/Ang'}``) and ``_distance_unit`` (key ``_distance_unit``); {} when it names none."""
-    meta = connect_db(Path(path)).metadata or {}
-    props = meta.get("_property_unit_dict") or {}
-    if not isinstance(props, dict):
-        raise DataError(f"{path}: metadata '_property_unit_dict' must map property names to unit names, got "
-                        f"{type(props).__name__}")
-    found = {f"_property_unit_dict.{name}": unit for name, unit in props.items()}
-    if meta.get("_distance_unit") is not None:
-        found["_distance_unit"] = meta["_distance_unit"]
-    for key, unit in found.items():
-        if not isinstance(unit, str):
-            raise DataError(f"{path}: metadata '{key}' must be a unit name (text), got {unit!r}")
-    return found
-
-
-def _declared_unit(path, key: str, name: str, option: str, given, quantity: str, factor):
-    """The unit to read with: the metadata's ``name`` when no option is ``given``; the option when
-    it is the same unit (or the metadata's name is one torchmdx does not know); else one line."""
-    import math
-
-    try:
-        declared = factor(name)
-    except DataError:
-        if given is not None:
-            return given  # the option says what the metadata's label means
-        raise DataError(f"{path}: metadata '{key}' is {name!r}, not {with_article(quantity)} "
-                        f"unit torchmdx knows; set data.{option} (--{option.replace('_', '-')}) to the unit of the "
-                        "values") from None
-    if given is None:
-        return name.strip()
-    if not math.isclose(factor(given), declared, rel_tol=1e-9):
-        raise DataError(f"{path}: the database's metadata says its {quantity} unit is {name!r} ({key}), but {option} "
-                        f"{given!r} was given; drop data.{option} (or fix the metadata)")
-    return given
-
-
-def _db_units(path: Path, energy_key: str, forces_key: str, energy_unit, length_unit):
-    """(energy unit, length unit) of a database that names its own (SchNetPack's metadata): they were
-    ignored, so energies and forces in kcal/mol (and kcal/mol/Å) were read as eV, 23 x too large, and
-    ``data info`` said "file units energy eV". A forces unit that is not the energy unit per length
-    unit is refused (torchmdx reads forces in energy_unit / length_unit)."""
-    from torchmdx import units
-
-    declared = db_declared_units(path)
-    key = f"_property_unit_dict.{energy_key}"
-    if key in declared:
-        energy_unit = _declared_unit(path, key, declared[key], "energy_unit", energy_unit, "energy", units.energy_factor)
-    if "_distance_unit" in declared:
-        length_unit = _declared_unit(path, "_distance_unit", declared["_distance_unit"], "length_unit", length_unit,
-                                     "length", units.length_factor)
-    key = f"_property_unit_dict.{forces_key}"
-    if key in declared and "/" in declared[key]:
-        import math
-
-        energy_part, length_part = declared[key].rsplit("/", 1)
-        try:
-            declared_factor = units.energy_factor(energy_part) / units.length_factor(length_part)
-        except DataError:
-            return energy_unit, length_unit  # a unit name torchmdx cannot split: energy/length as for every file
-        e, length, f = unit_factors(path, energy_unit, length_unit, "eV")
-        if not math.isclose(declared_factor, f, rel_tol=1e-9):
-            raise DataError(f"{path}: metadata '{key}' is {declared[key]!r}, but the energies are read in "
-                            f"{energy_unit or 'eV'} and lengths in {length_unit or 'Å'}; torchmdx reads forces in "
-                            "energy unit per length unit: convert the forces (or the energies) to match")
-    return energy_unit, length_unit
 
 
 def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] = None,
@@ -567,12 +481,8 @@ class AseReading:
         with a progress bar saying ``desc`` (default "reading <name>") out of ``total`` frames (if known)."""
         if self.path.suffix == ".db":
             return _iter_db_frames(self.path, self.energy_key, self.forces_key, self.group_key, self.stress_key)
-        from torchmdx import units
-
-        units_given = {"energy_unit": (self.energy_unit, units.energy_factor, "--energy-unit"),
-                       "length_unit": (self.length_unit, units.length_factor, "--length-unit")}
         return _iter_atoms_frames(self.path, self.energy_key, self.forces_key, self.group_key, self.stress_key,
-                                  units_given, desc=desc, total=total)
+                                  self.energy_unit, self.length_unit, desc=desc, total=total)
 
 
 def ase_reading(path, energy_key: Optional[str] = None, forces_key: Optional[str] = None,

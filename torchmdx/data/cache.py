@@ -135,7 +135,7 @@ def cache_key(source: Path, fmt: str, options: dict) -> str:
         # read as a virial since round 12 (was taken for a stress): caches built before are not reused
         content["stress_key_is_virial"] = True
     if fmt == "ase" and Path(source).suffix == ".db":
-        from torchmdx.data.ase_format import db_declared_units
+        from torchmdx.data.unit_keys import db_declared_units
 
         declared = db_declared_units(source)
         if declared:  # read in these units since round 14 (were ignored: eV assumed): caches built before are not reused

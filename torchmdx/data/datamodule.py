@@ -32,11 +32,11 @@ from torchmdx.data.dataset import H5Dataset
 from torchmdx.data.loader import BatchLoader, rank_and_world
 from torchmdx.data.ranks import global_rank, launch_world, local_rank, wait_for
 from torchmdx.data.packing import DeviceBatchLoader, atom_buckets
-from torchmdx.data.splits import Split, check_no_group_leak, copies_across_parts, load_split, make_split, save_split
+from torchmdx.data.splits import (SPLIT_FILE_NAME, Split, check_no_group_leak, copies_across_parts, load_split,
+                                  make_split, save_split)
 from torchmdx.errors import DataError
 from torchmdx.io_utils import atomic_write
 
-SPLIT_FILE_NAME = "splits.npz"
 #: rank 0's atomic references and statistics, read by the other ranks of a DDP launch
 STATE_FILE_NAME = "data_state.json"
 STATE_VERSION = 1

@@ -35,6 +35,9 @@ import numpy as np
 from torchmdx.errors import DataError
 from torchmdx.io_utils import atomic_write
 
+#: the split file a run folder holds (``torchmdx train`` writes it; --resume and evaluate read it)
+SPLIT_FILE_NAME = "splits.npz"
+
 Size = Union[int, float, None]
 PARTS = ("train", "val", "test")
 

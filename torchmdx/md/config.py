@@ -180,10 +180,17 @@ class MDConfig:
         if repeated:  # 'md a.xyz a.xyz' ran the file twice, as two structures
             bad("structure", f"names {repeated}: each file is read once; for copies of a structure run together, "
                              f"give it once with {flag('replicas')} N")
-        for key in ("log", "restart_out"):
+        # an empty value (an unset shell variable): --out '' was "--out : no file extension ...", --summary '' took
+        # the default and --restart '' started a fresh run instead of continuing, silently (round 23)
+        if not isinstance(self.out, str) or not self.out.strip():
+            bad("out", f"must name the trajectory file (e.g. md.extxyz), or be left out for md.extxyz, got {self.out!r}")
+        for key in ("log", "restart_out", "summary"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 bad(key, f"must name a file, or be left out for the default next to md.out, got {value!r}")
+        if self.restart is not None and (not isinstance(self.restart, str) or not self.restart.strip()):
+            bad("restart", f"must name the restart file to continue from, or be left out for a new run, got "
+                           f"{self.restart!r}")
         for key, example in (("out", "md.extxyz"), ("log", "md.csv"), ("restart_out", "md.restart.pt"),
                              ("summary", "md.summary.json")):
             value = getattr(self, key)

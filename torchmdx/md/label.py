@@ -33,6 +33,7 @@ in the partial file), or with ``--skip-failed`` is left out and counted.
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 import os
@@ -192,7 +193,7 @@ def check_method(method: str) -> str:
     name = method.strip().lower()
     if name in TBLITE_METHODS:
         try:
-            import tblite.ase  # noqa: F401
+            importlib.import_module("tblite.ase")  # available? (an import by name: nothing is used from it here)
         except ImportError as exc:
             raise ConfigError(f"--method {method} needs the tblite package ({_reason(exc)}): {INSTALL_HINT}") from None
         return name
@@ -398,6 +399,19 @@ def labelled_frame(atoms, index: int, method: str, energy, forces, stress):
     return frame
 
 
+def _check_frame(method_check: Optional[Callable], atoms) -> None:
+    """A frame no method can label: two atoms at one position (a model:<file> with an analytic potential wrote
+    energy 0 and zero forces for them, a frame the data readers then refuse; round 23); then the method's own
+    check (a model's unknown element)."""
+    from torchmdx.data.coincident import atoms_coincidence
+
+    line = atoms_coincidence(atoms)
+    if line:
+        raise DataError(line)
+    if method_check is not None:
+        method_check(atoms)
+
+
 def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, max_frames: Optional[int] = None,
           force: bool = False, skip_failed: bool = False, progress: bool = True, labeler: Optional[Callable] = None) -> dict:
     """Label the frames of ``paths`` into ``out`` (module docstring). Returns a summary dict."""
@@ -407,6 +421,8 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
 
     check_options(options)
     method = check_method(options.method)
+    if not str(out).strip():  # was "-o .: the labelled frames are written as extended XYZ ..."
+        raise ConfigError("-o is empty; give the file for the labelled frames, e.g. labelled.extxyz")
     out = Path(out)
     if out.suffix.lower() not in (".extxyz", ".xyz"):
         raise ConfigError(f"-o {out}: the labelled frames are written as extended XYZ; name it .extxyz or .xyz")
@@ -439,11 +455,11 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
             handle.write(buffer.getvalue())
     start = int(done[-1].info["label_index"]) + 1 if done else 0
     labeler = labeler or make_labeler(options)
-    check = getattr(labeler, "check", None)
-    if check is not None and not skip_failed:  # a model's unknown element: one line before any file is written
+    method_check = getattr(labeler, "check", None)
+    if not skip_failed:  # a model's unknown element, two atoms at one position: one line before any file is written
         for index in range(start, len(inputs)):
             try:
-                check(inputs[index])
+                _check_frame(method_check, inputs[index])
             except TorchmdxError as exc:
                 raise LabelError(f"frame {index} ({inputs[index].info.get('label_source')}): {method} cannot label "
                                  f"it ({exc}); remove such frames, or pass --skip-failed to leave them out") from None
@@ -454,11 +470,16 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
         bar = tqdm(total=len(inputs), initial=start, desc=f"label {method}", unit="frame", leave=False)
     failed = []
     written = len(done)
+    # -o in a folder that does not exist yet (unwritable_folder said it can be made): made here, as md makes its
+    # outputs' folders; was open()'s FileNotFoundError traceback (round 23). Removed again if nothing is labelled
+    made = [p for p in reversed(partial.parents) if not p.exists()]
+    partial.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(partial, "a") as handle:
             for index in range(start, len(inputs)):
                 atoms = inputs[index]
                 try:
+                    _check_frame(method_check, atoms)
                     energy, forces, stress = labeler(atoms)
                     if not (np.isfinite(energy) and np.all(np.isfinite(forces))):
                         raise ValueError("non-finite energy or forces")
@@ -469,9 +490,11 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
                             bar.update(1)
                         continue
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    if written == 0:  # nothing to continue from: no empty partial file left behind
+                    if written == 0:  # nothing to continue from: no empty partial file (or folder) left behind
                         handle.close()
                         partial.unlink()
+                        for folder in reversed(made):
+                            folder.rmdir()
                         raise LabelError(f"frame {index} ({atoms.info.get('label_source')}): {method} failed "
                                          f"({reason}); no frame was labelled, nothing written") from None
                     raise LabelError(f"frame {index} ({atoms.info.get('label_source')}): {method} failed ({reason}); "

@@ -19,8 +19,8 @@ from torchmdx.md.config import MDConfig
 from torchmdx.md.io import ThermoLog, TrajectoryWriter, load_restart, read_thermo
 from torchmdx.md.outputs import plan_outputs
 from torchmdx.md.reports import Reporter
-from torchmdx.md.start_checks import (check_cells, check_constraints, check_elements, check_float32_reach,
-                                        close_contacts)
+from torchmdx.md.start_checks import (check_cells, check_coincident, check_constraints, check_elements,
+                                        check_float32_reach, close_contacts)
 from torchmdx.train.plots import thermo_plot
 
 
@@ -407,6 +407,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         if config.engine != "ase":
             check_constraints(as_read, sources)
         check_float32_reach(as_read, sources, config)
+        check_coincident(as_read, sources)
     dtype = as_dtype(config.dtype)
     for line in getattr(config, "_unused_option_warnings", None) or ():
         print(f"warning: {line}", file=err)  # --ensemble nve --friction 5: taken, but said (round 18)

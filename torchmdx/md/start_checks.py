@@ -1,7 +1,7 @@
 """Checks of the structures ``torchmdx md`` reads, before anything is written: constraints the native
 engine does not apply, cells against the model's cutoff, positions the run's dtype cannot hold, elements the
-model does not know, and (warnings) atoms closer than half their covalent radii. Each refusal is one line
-naming the file and frame (``sources``). Moved out of :mod:`torchmdx.md.run` (round 19).
+model does not know, atoms at the same position, and (warnings) atoms closer than half their covalent radii.
+Each refusal is one line naming the file and frame (``sources``). Moved out of :mod:`torchmdx.md.run` (round 19).
 """
 
 from __future__ import annotations
@@ -78,6 +78,19 @@ def check_elements(potential, structures, sources: list) -> None:
             check_atoms_elements(potential, atoms)
         except ModelError as exc:
             raise ModelError(f"{where}: {exc}") from None
+
+
+def check_coincident(structures, sources: list) -> None:
+    """Two atoms of a structure at the same position, refused before anything is written, in the data readers'
+    words, naming the file and frame: was a close-contact warning and then, with an analytic model, "forces are
+    not finite at step 1" after the outputs were begun, or the model's "atoms 1 and 2 are on top of each other",
+    naming no file (round 23)."""
+    from torchmdx.data.coincident import atoms_coincidence
+
+    for atoms, where in zip(structures, sources):
+        line = atoms_coincidence(atoms)
+        if line:
+            raise DataError(f"{where}: {line}")
 
 
 def close_contacts(structures, factor: float = 0.5, sources: Optional[list] = None) -> list[str]:

@@ -241,6 +241,11 @@ class TrainerConfig:
                 "writes no checkpoint and no model)")
         if self.max_steps == 0 or self.max_steps < -1:
             bad("max_steps", f"must be >= 1, or -1 (no limit), got {self.max_steps}")
+        if self.max_epochs is None and self.max_steps == -1 and not self.max_time:
+            # was checked when the Trainer was built: after the data were read and the run folder's splits.npz,
+            # config.resolved.yaml and data_summary.json written (a later run reused that split), and after
+            # `sweep --dry-run` had passed the point (round 23)
+            bad("max_epochs", f"is null and no {section}.max_steps / max_time is set: the run would never end")
         for key in ("limit_train_batches", "limit_val_batches"):
             value = getattr(self, key)
             if not value > 0 or (isinstance(value, float) and value > 1):

@@ -58,7 +58,7 @@ def is_torchmdx_checkpoint(payload) -> bool:
 def potential_from_checkpoint(path: Union[str, Path], ema: bool = True):
     """The potential stored in a checkpoint: EMA weights (``ema=True``, the checkpoint's
     ``state_dict``) or the raw training weights (``current_model_state``, when EMA was used)."""
-    from torchmdx.nn.model_file import build_model, load_model
+    from torchmdx.nn.model_file import FORMAT, build_model, load_model
 
     path = Path(path)
     try:
@@ -72,6 +72,13 @@ def potential_from_checkpoint(path: Union[str, Path], ema: bool = True):
             pass
         raise
     if not is_torchmdx_checkpoint(payload):
+        if isinstance(payload, dict) and payload.get("format") == FORMAT:
+            # was "not a torchmdx training checkpoint (no model hyper-parameters and weights)": a model file
+            # holds both, and is what export would write (round 23)
+            raise ModelError(f"{path}: is a torchmdx model file already ({payload.get('kind', 'a model')}), not a "
+                             "training checkpoint; use it as it is (torchmdx md --model, torchmdx evaluate, "
+                             f"Calculator(\"{path}\")), or copy it; export writes a model file from a checkpoint "
+                             "(e.g. RUN_DIR/checkpoints/best.ckpt)")
         if isinstance(payload, dict) and "hyper_parameters" in payload:
             return load_model(path)  # TorchMD-NET checkpoint: imported by torchmdx.nn
         raise ModelError(f"{path}: not a torchmdx training checkpoint (no model hyper-parameters and weights)")

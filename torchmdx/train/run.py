@@ -357,7 +357,48 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
         if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
             raise ConfigError(f"{run_dir} already holds a run (checkpoints/); pass --resume to continue it "
                               "or --run-dir for a new folder")
+        _check_leftover_split(cfg, run_dir)
     return run_dir
+
+
+#: the data keys that decide a drawn split (a run folder's splits.npz is reused by a new run in that folder)
+SPLIT_KEYS = ("path", "format", "group_key", "train_size", "val_size", "test_size", "split_by_group", "val_groups",
+              "test_groups", "seed")
+
+
+def _same_file(a, b) -> bool:
+    """Whether ``a`` and ``b`` (a config's data.path, absolute or from the current folder) name one existing file."""
+    try:
+        return isinstance(a, str) and isinstance(b, str) and Path(a).samefile(b)
+    except OSError:
+        return False
+
+
+def _check_leftover_split(cfg: RunConfig, run_dir: Path) -> None:
+    """A run folder holding the splits.npz of an earlier run that wrote no checkpoint (stopped before its first
+    epoch ended) and whose saved config drew another split: a new run there reused that split, silently, whatever
+    its own sizes or seed said (round 23). The same config reuses it, as before; ``data.split_file`` replaces it."""
+    from torchmdx.data.ranks import global_rank
+    from torchmdx.data.splits import SPLIT_FILE_NAME
+
+    saved_path = run_dir / RESOLVED_CONFIG
+    if cfg.data_config.split_file is not None or global_rank() != 0 or not (run_dir / SPLIT_FILE_NAME).is_file() \
+            or not saved_path.is_file():
+        return
+    from torchmdx.config import key_name, load_yaml
+
+    try:
+        old = load_yaml(saved_path).get("data") or {}
+    except (ConfigError, AttributeError):
+        return  # not a config torchmdx wrote: the split file is taken as before
+    new = cfg.to_dict()["data"]
+    changed = [key for key in SPLIT_KEYS if old.get(key) != new.get(key) and not _same_file(old.get(key), new.get(key))]
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"{run_dir / SPLIT_FILE_NAME}: left by an earlier run in {run_dir} that wrote no checkpoint, "
+                          f"with {key_name('data.' + key)} {old.get(key)!r} (this config: {new.get(key)!r}); this run "
+                          "would train on that split, not the one its config draws: delete the file (or the folder), "
+                          "or give another --run-dir")
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -391,9 +432,6 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: Optional[list]
     ]
     kwargs = cfg.trainer.lightning_kwargs()
     kwargs["enable_progress_bar"] = progress_bar
-    if kwargs.get("max_epochs") is None and kwargs.get("max_steps", -1) == -1 and not kwargs.get("max_time"):
-        raise ConfigError("config key 'trainer.max_epochs' is null and no trainer.max_steps / max_time is set: "
-                          "the run would never end")
     precision = "64-true" if cfg.model_config.dtype == "float64" else "32-true"
     return L.Trainer(
         **kwargs,

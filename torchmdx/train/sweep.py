@@ -320,20 +320,41 @@ def check_devices(devices) -> None:
         raise ConfigError(f"--devices {devices!r}: give auto, a GPU count (e.g. 2) or distinct GPU ids (e.g. 0,1)")
 
 
-def visible_gpus(devices) -> list[str]:
-    """The GPU ids to run points on: ``devices`` 'auto' (every visible GPU), a count or a list."""
+def gpu_count() -> int:
+    """The GPUs this process sees (0 without CUDA)."""
     import torch
 
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def visible_gpus(devices) -> list[str]:
+    """The GPU ids to run points on: ``devices`` 'auto' (every visible GPU), a count or a list of visible ids."""
+    available = gpu_count()
     if devices in (None, "auto"):
         return [str(i) for i in range(available)]
     check_devices(devices)
     if isinstance(devices, str) and "," in devices:
-        return [d.strip() for d in devices.split(",") if d.strip()]
+        ids = [d.strip() for d in devices.split(",") if d.strip()]
+        missing = next((d for d in ids if int(d) >= available), None)
+        if missing is not None:  # was taken: "GPU 0: <point>" lines, and the points trained on the CPU (round 23)
+            raise ConfigError(f"--devices {devices}: GPU {missing} is not among the {available} GPU(s) visible"
+                              + (f" (ids 0 to {available - 1})" if available else "; leave --devices out to train on "
+                                 "the CPU"))
+        return ids
     count = int(devices)
     if count > available:
         raise ConfigError(f"--devices {count}: only {available} GPU(s) visible")
     return [str(i) for i in range(count)]
+
+
+def worker_visible_devices(gpu: str) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` of a worker on ``gpu``, an id as this process numbers its GPUs: under a
+    ``CUDA_VISIBLE_DEVICES`` of this process's own (a SLURM job's or a shared machine's allocation, e.g. '2,3'),
+    that list's entry, so that GPU 0 is the allocation's first; it was the machine's GPU 0, outside the
+    allocation (round 23)."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    entries = [entry.strip() for entry in given.split(",") if entry.strip()] if given else []
+    return entries[int(gpu)] if entries and int(gpu) < len(entries) else gpu
 
 
 def run_sweep(config_path, grid_items: list[str], out: Optional[str] = None, overrides: Optional[list[str]] = None,
@@ -342,6 +363,8 @@ def run_sweep(config_path, grid_items: list[str], out: Optional[str] = None, ove
     (default: the config's ``sweep.workers_per_device``, else 1): points trained at once per GPU,
     or on the CPU, each in its own worker process."""
     check_devices(devices)
+    if not dry_run and devices not in (None, "auto"):
+        visible_gpus(devices)  # more GPUs than visible: refused before the plan is written (was after it)
     if workers_per_device is not None:
         workers_per_device = check_workers_per_device(workers_per_device)
     prepared = prepare_sweep(config_path, grid_items, out, overrides)
@@ -420,7 +443,7 @@ def _run_parallel(sweep_dir: Path, plan: dict, todo: list[str], slots: list[tupl
                     gpu, _, threads = slot
                     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
                     if gpu is not None:
-                        env["CUDA_VISIBLE_DEVICES"] = gpu
+                        env["CUDA_VISIBLE_DEVICES"] = worker_visible_devices(gpu)
                     process = subprocess.Popen([sys.executable, "-m", "torchmdx.train.sweep", str(sweep_dir), point_id,
                                                 "--threads", str(threads)],
                                                env=env, stdout=logfile, stderr=subprocess.STDOUT)

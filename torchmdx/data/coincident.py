@@ -1,0 +1,138 @@
+"""Two atoms of one structure at the same position (a duplicated line, a bad conversion): found for any number of
+atoms and structures, periodic images included (:func:`coincident_atoms`), and the one line the data readers, md
+and label say about them (:func:`coincident_words`, :func:`atoms_coincidence`). Moved out of
+:mod:`torchmdx.data.structures` (round 23)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+#: atoms of one structure closer than this (Å, minimum image) are refused as one atom given twice
+COINCIDENT_DISTANCE = 1e-5
+#: primes that mix (structure, grid cell) into one 64-bit key (collisions are only candidates:
+#: every candidate pair's distance is checked)
+_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5], dtype=np.uint64)
+
+
+def coincident_words(a: int, b: int, position, image: bool, structure: Optional[int] = None) -> str:
+    """"atoms a and b [of structure s] are at the same position [x, y, z] Å (a duplicated atom?)": the data
+    readers' line, which md and label say too (without a structure number: they name the file and frame)."""
+    which = f" of structure {structure}" if structure is not None else ""
+    how = " (one is a periodic image of the other)" if image else ""
+    return (f"atoms {a} and {b}{which} are at the same position {np.asarray(position).round(6).tolist()} Å{how} "
+            "(a duplicated atom?)")
+
+
+def atoms_coincidence(atoms) -> Optional[str]:
+    """:func:`coincident_words` for two atoms of one ``ase.Atoms`` closer than :data:`COINCIDENT_DISTANCE`
+    (minimum image where periodic), or None; atoms with non-finite positions are not compared."""
+    pos = np.asarray(atoms.positions, dtype=np.float64)
+    if len(pos) < 2 or not np.isfinite(pos).all():
+        return None
+    found = coincident_atoms(pos, [0, len(pos)], np.asarray(atoms.cell.array)[None], np.asarray(atoms.pbc)[None])
+    return None if found is None else coincident_words(found[0], found[1], pos[found[0]], found[2])
+
+
+def coincident_atoms(pos, offsets, cell, pbc, tol: float = COINCIDENT_DISTANCE):
+    """(a, b, image) for two atoms a < b of one structure (indices into the concatenated
+    ``pos`` [A, 3]) closer than ``tol`` Å, minimum image for periodic structures (``image``: the
+    pair is close only through the cell, not as given), or None. The pair of the lowest structure and atom is
+    named when there are several.
+
+    Sort-based, O(A log A) time and O(A) memory, for any number of atoms: periodic positions are
+    wrapped into the cell, and atoms within ``tol`` of an upper face get an image on the other
+    side (any two atoms within ``tol`` of each other, images included, are then within ``tol``
+    among these points). Two points closer than ``tol`` share a cell of a cubic grid of spacing
+    h = 2.5 ``tol`` or of one of the grids shifted by h/2 along some axes (8 grids: in each
+    direction an interval shorter than h/2 holds no boundary of the plain or of the shifted
+    grid), so the atoms are sorted by (structure, cell) for each grid and only atoms sharing a
+    cell are compared."""
+    pos = np.asarray(pos, dtype=np.float64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    owner = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+    points, origin = pos, np.arange(len(pos), dtype=np.int64)
+    pbc = np.asarray(pbc, dtype=bool).reshape(-1, 3)
+    cell = np.asarray(cell, dtype=np.float64).reshape(-1, 3, 3)
+    volume = np.abs(np.linalg.det(cell)) if len(cell) else np.zeros(0)
+    periodic = pbc.any(axis=1) & (volume > 1e-12)
+    if periodic.any():
+        points, origin, owner = _with_images(pos, owner, cell, pbc, periodic, volume, tol)
+    h = 2.5 * tol
+    for shift in np.array(np.meshgrid([0.0, 0.5], [0.0, 0.5], [0.0, 0.5], indexing="ij")).reshape(3, -1).T:
+        keys = np.floor(np.clip(points / h + shift, -1e18, 1e18)).astype(np.int64).view(np.uint64)
+        mixed = owner.view(np.uint64) * _MIX[0]
+        for axis in range(3):
+            mixed = (mixed ^ keys[:, axis]) * _MIX[axis + 1]
+        order = np.argsort(mixed, kind="stable")
+        sorted_keys = mixed[order]
+        same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
+        if same.size == 0:
+            continue
+        pairs = _run_pairs(order, sorted_keys, same)
+        i, j = pairs[:, 0], pairs[:, 1]
+        close = (origin[i] != origin[j]) & (owner[i] == owner[j]) \
+            & (np.sum((points[i] - points[j]) ** 2, axis=1) < tol * tol)
+        if close.any():
+            a, b = np.minimum(origin[i], origin[j])[close], np.maximum(origin[i], origin[j])[close]
+            k = int(np.lexsort((b, a))[0])
+            a, b = int(a[k]), int(b[k])
+            return a, b, bool(np.sum((pos[a] - pos[b]) ** 2) >= tol * tol)
+    return None
+
+
+def _run_pairs(order: np.ndarray, sorted_keys: np.ndarray, same: np.ndarray) -> np.ndarray:
+    """[P, 2] point indices of every pair inside the runs of equal keys (``same``: positions k
+    with sorted_keys[k] == sorted_keys[k + 1]). Runs are one or two points but for atoms given
+    many times over; a run's pairs are capped at its first 2048 points."""
+    starts = same[np.r_[True, same[1:] != same[:-1] + 1]]
+    pairs = []
+    for start in starts:
+        stop = start + 1
+        while stop < len(sorted_keys) and sorted_keys[stop] == sorted_keys[start] and stop - start < 2048:
+            stop += 1
+        members = order[start:stop]
+        first, second = np.triu_indices(len(members), 1)
+        pairs.append(np.stack([members[first], members[second]], axis=1))
+    return np.concatenate(pairs)
+
+
+def _with_images(pos, owner, cell, pbc, periodic, volume, tol):
+    """Positions of periodic structures wrapped into their cell, plus an image (shifted by minus
+    a cell vector) of every point within ``tol`` of an upper face of a periodic direction, faces
+    of faces included: (points, origin atom, owner)."""
+    inverse = np.zeros_like(cell)
+    inverse[periodic] = np.linalg.inv(cell[periodic])
+    on = periodic[owner]
+    frac = _rows_times(pos[on], inverse, owner[on])
+    wrap = pbc[owner[on]]
+    frac = np.where(wrap, frac - np.floor(frac), frac)
+    # perpendicular widths: volume / |b x c| etc.
+    areas = np.linalg.norm(np.cross(cell[:, [1, 2, 0]], cell[:, [2, 0, 1]]), axis=-1)
+    margin = np.zeros_like(areas)
+    margin[periodic] = tol * areas[periodic] / volume[periodic, None]  # tol / width, in fractions of the cell
+    atoms = np.flatnonzero(on)
+    own = owner[on]
+    shift = np.zeros_like(frac)
+    for axis in range(3):
+        near = wrap[:, axis] & (frac[:, axis] + shift[:, axis] > 1.0 - margin[own, axis])
+        if near.any():
+            extra = shift[near].copy()
+            extra[:, axis] -= 1.0
+            frac, wrap, own, atoms = (np.concatenate([frac, frac[near]]), np.concatenate([wrap, wrap[near]]),
+                                      np.concatenate([own, own[near]]), np.concatenate([atoms, atoms[near]]))
+            shift = np.concatenate([shift, extra])
+    inside = _rows_times(frac + shift, cell, own)
+    off = np.flatnonzero(~on)
+    return np.concatenate([pos[off], inside]), np.concatenate([off, atoms]), np.concatenate([owner[off], own])
+
+
+def _rows_times(rows: np.ndarray, matrices: np.ndarray, which: np.ndarray, block: int = 1 << 18) -> np.ndarray:
+    """rows[a] @ matrices[which[a]] for every a, in blocks (the gathered 3 x 3 matrices of a block
+    only: bounded memory for millions of atoms)."""
+    out = np.empty_like(rows)
+    for start in range(0, len(rows), block):
+        stop = start + block
+        out[start:stop] = np.einsum("ai,aij->aj", rows[start:stop], matrices[which[start:stop]])
+    return out
