@@ -288,7 +288,7 @@ class ETRepresentation(nn.Module):
         valid, rbf, phi, unit, x, self_rbf, self_cutoff = embed(self, z, edge_index, vectors, distances, mask, pairs)
         vec = torch.zeros(x.shape[0], 3, x.shape[1], dtype=x.dtype, device=x.device)
         if pairs is not None:
-            backend, self_edges = "torch", False
+            self_edges = False  # the self edges stay in the self-loop branch
             message = functools.partial(message_ref.et_message, pairs=pairs)
         else:
             message = message_function(backend, x.device)
