@@ -6,7 +6,8 @@ the ranks (all_reduce / W: what DistributedDataParallel does). The averaged grad
 the gradient of one process on the union batch (float64, tight tolerance), for mse and
 Huber with per-atom energy losses. The old per-rank mean (each rank's own mean, averaged) gives a
 different gradient here (checked, so the test can fail), and one process's path is unchanged
-bit for bit (``training_objective`` itself)."""
+bit for bit (``training_objective`` itself). The two-rank cases share one spawn (module fixture
+``two_ranks``): starting the two processes is most of their time."""
 
 import datetime
 import os
@@ -56,28 +57,60 @@ def _gradient(module, batch):
     return loss.detach(), torch.cat([p.grad.reshape(-1) for p in module.parameters() if p.grad is not None])
 
 
-def _worker(rank, world, port, train, out_path):
+def _gradient_job(rank, world, train, out_path):
+    """One train config on two ranks: rank 0 the two 3-atom structures, rank 1 the 12-atom one;
+    the gradients averaged over the ranks and each rank's loss, saved by rank 0."""
+    import torch.distributed as dist
+
+    parts = _structures()
+    mine = parts[:2] if rank == 0 else parts[2:]
+    module = _module(train)
+    loss, grad = _gradient(module, _batch(mine))
+    dist.all_reduce(grad)
+    grad /= world  # DistributedDataParallel averages the gradients over the ranks
+    losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(losses, loss.to(torch.float64).reshape(()))
+    if rank == 0:
+        torch.save({"grad": grad, "losses": torch.stack(losses)}, out_path)
+
+
+def _worker(rank, world, port, out_dir):
+    """Every two-rank case of this file in one process group (each spawn costs two fresh
+    processes importing torch and Lightning, most of these tests' time): the gradient of each
+    train config (``{out_dir}/ddp-{i}.pt``), then the stop decision (``{out_dir}/stop.{rank}``)."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
-        parts = _structures()
-        mine = parts[:2] if rank == 0 else parts[2:]
-        module = _module(train)
-        loss, grad = _gradient(module, _batch(mine))
-        dist.all_reduce(grad)
-        grad /= world  # DistributedDataParallel averages the gradients over the ranks
-        losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
-        dist.all_gather(losses, loss.to(torch.float64).reshape(()))
-        if rank == 0:
-            torch.save({"grad": grad, "losses": torch.stack(losses)}, out_path)
+        for i, train in enumerate(CASES):
+            _gradient_job(rank, world, train, f"{out_dir}/ddp-{i}.pt")
+        _divergence_job(rank, f"{out_dir}/stop")
         # both ranks leave together: a rank tearing gloo down while its peer still used the
         # connection aborted once in a full make test ("terminate called without an active exception")
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The folder of :func:`_worker`'s results (one spawn of two gloo ranks for the module)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("ddp")
+    for attempt in range(2):
+        try:
+            mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+            break
+        except mp.ProcessExitedException as exc:
+            # in a full make test (not alone) a gloo rank aborted at teardown twice in four runs,
+            # after its results were written ("terminate called without an active exception");
+            # one retry, then the failure stands. Cause not found (closing note 2026-12-05).
+            if attempt or exc.signal_name != "SIGABRT":
+                raise
+    return out
 
 
 def _free_port():
@@ -86,22 +119,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("train", CASES, ids=["mse", "huber_per_atom"])
-def test_two_ranks_of_different_sizes_give_the_one_process_gradient(tmp_path, train):
-    import torch.multiprocessing as mp
-
-    out = tmp_path / "ddp.pt"
-    for attempt in range(2):
-        try:
-            mp.spawn(_worker, args=(2, _free_port(), train, str(out)), nprocs=2, join=True)
-            break
-        except mp.ProcessExitedException as exc:
-            # in a full make test (not alone) a gloo rank aborted at teardown twice in four runs,
-            # after its results were written ("terminate called without an active exception");
-            # one retry, then the failure stands. Cause not found (closing note 2026-12-05).
-            if attempt or exc.signal_name != "SIGABRT":
-                raise
-    ddp = torch.load(out)
+@pytest.mark.parametrize("case", [0, 1], ids=["mse", "huber_per_atom"])
+def test_two_ranks_of_different_sizes_give_the_one_process_gradient(two_ranks, case):
+    train = CASES[case]
+    ddp = torch.load(two_ranks / f"ddp-{case}.pt")
 
     parts = _structures()
     single_loss, single = _gradient(_module(train), _batch(parts))
@@ -183,49 +204,31 @@ def ddp_and_one_process_states(tmp_path, ddp: dict, one: dict) -> dict:
             for name, cfg in (("ddp", ddp), ("one", one))}
 
 
-def _divergence_worker(rank, world, port, out_path):
+def _divergence_job(rank, out_path):
     """Rank 0 saw 3 non-finite steps in a row, rank 1 none (rank 1 has no counts yet: None): both
     must stop (limit 3); before, rank 0 stopped alone and rank 1 waited in its next collective."""
     import types
 
-    import torch.distributed as dist
-
     from torchmdx.errors import TrainingError
     from torchmdx.train.module import PotentialModule
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    def diverged(what):
+        raise TrainingError(what)
+
+    stub = types.SimpleNamespace(train_config=types.SimpleNamespace(max_nonfinite_steps=3), _diverged=diverged,
+                                 _nonfinite=torch.tensor([3, 3]) if rank == 0 else None)
     try:
-        def diverged(what):
-            raise TrainingError(what)
-
-        stub = types.SimpleNamespace(train_config=types.SimpleNamespace(max_nonfinite_steps=3), _diverged=diverged,
-                                     _nonfinite=torch.tensor([3, 3]) if rank == 0 else None)
-        try:
-            PotentialModule._check_finite(stub)
-            stopped = ""
-        except TrainingError as exc:
-            stopped = str(exc)
-        stub._nonfinite = torch.tensor([0, 2]) if rank == 0 else torch.tensor([1, 1])  # below the limit everywhere
         PotentialModule._check_finite(stub)
-        torch.save(stopped, f"{out_path}.{rank}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        stopped = ""
+    except TrainingError as exc:
+        stopped = str(exc)
+    stub._nonfinite = torch.tensor([0, 2]) if rank == 0 else torch.tensor([1, 1])  # below the limit everywhere
+    PotentialModule._check_finite(stub)
+    torch.save(stopped, f"{out_path}.{rank}")
 
 
-def test_every_rank_stops_when_one_rank_diverged(tmp_path):
-    import torch.multiprocessing as mp
-
-    out = tmp_path / "stop"
-    for attempt in range(2):
-        try:
-            mp.spawn(_divergence_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-            break
-        except mp.ProcessExitedException as exc:  # the teardown abort of the test above: one retry
-            if attempt or exc.signal_name != "SIGABRT":
-                raise
+def test_every_rank_stops_when_one_rank_diverged(two_ranks):
+    out = two_ranks / "stop"
     for rank in (0, 1):
         assert torch.load(f"{out}.{rank}") == "the loss was NaN or infinite for 3 consecutive steps", rank
 

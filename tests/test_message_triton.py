@@ -608,4 +608,5 @@ def test_gpu_model_energy_forces(dtype, tol):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # this subprocess only: tiny tensors, shared CPU cores
+    __import__("interpreter_speedup").install()  # tests/interpreter_speedup.py
     run_interpreter_cases(sys.argv[1], sys.argv[2])
