@@ -87,12 +87,13 @@ def main(argv=None) -> int:
         z_np, pos_np, _, _ = read_xyz(args.data / f"{name}.xyz")
         z = torch.tensor(z_np, device="cuda")
         pos = torch.tensor(pos_np, dtype=torch.float32, device="cuda")
-        reference = make_model("torch", dtype="float64")
-        forces64 = reference(z, pos.double())["forces"]
-        scale = float(forces64.abs().max())
         for layout, max_atoms in LAYOUTS.items():
             traced_module.PAIR_LAYOUT_MAX_ATOMS = max_atoms
             model = make_model("torch")
+            reference = make_model("torch", dtype="float64")
+            reference.load_state_dict(model.state_dict())  # the same weights (the seed draws differ by dtype)
+            forces64 = reference(z, pos.double())["forces"]
+            scale = float(forces64.abs().max())
             cells, top = [], None
             try:
                 replay, (_, forces, _) = graph_call(model, z, pos, None, None, traced=True)

@@ -189,9 +189,10 @@ WHOLE_GRAPH_MAX_ATOMS = 64
 #: the whole-model graph of structures of at most this many atoms each takes the all-pairs layout
 #: (:mod:`torchmdx.kernels.pairs`: every ordered pair an edge, the list never searched or stale;
 #: gathers and scatter-adds over the edges become broadcasts and sums) where
-#: :func:`pair_layout_size` allows it. 0: never. Kept at 0 until a GPU measurement shows the
-#: layout faster than the neighbor-list graph (``bench/bench_dense_pairs.py``;
-#: docs/kernels_small.md, "All pairs")
+#: :func:`pair_layout_size` allows it. 0: never. 0 since the A/B on an H100 (2026-12-07,
+#: ``bench/bench_dense_pairs.py``): 22 atoms 0.552 ms per call on pairs vs 0.544 on the list (12 fewer
+#: launches, but slower reductions in place of the scatters), MD 1 695 vs 1 682 steps/s
+#: (docs/kernels_small.md, "All pairs")
 PAIR_LAYOUT_MAX_ATOMS = 0
 
 
