@@ -23,7 +23,7 @@ Per structure:
 Units are ASE's (eV, Å) unless ``energy_unit`` / ``length_unit`` say otherwise; they apply to
 positions, cell, energy, forces (energy_unit/length_unit) and stress (energy_unit/length_unit³).
 An ASE database that names its units in its metadata (SchNetPack's ``_property_unit_dict`` and
-``_distance_unit``) is read in those units (:func:`db_declared_units`); an option naming another
+``_distance_unit``) is read in those units (:func:`torchmdx.data.unit_keys.db_declared_units`); an option naming another
 unit is refused.
 
 :func:`read_ase` reads the file once, holding every frame; the cache is built from

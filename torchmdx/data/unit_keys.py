@@ -89,14 +89,14 @@ def check_unit_keys(info, where: str, energy_unit: Optional[str], length_unit: O
     """One line (DataError) for a unit-like key of ``info`` (an ASE frame's info) whose value is not the unit
     ``energy_unit``/``length_unit`` (``data.energy_unit``/``data.length_unit``, None when not given) say the
     values are read in (module docstring)."""
-    from torchmdx.config import key_name
-
-    names = {"energy": f"{key_name('data.energy_unit')} (--energy-unit)",
-             "length": f"{key_name('data.length_unit')} (--length-unit)"}
     for key, value in info.items():
         quantity = unit_key_quantity(key)
         if quantity is None or _agrees(quantity, str(value), energy_unit, length_unit):
             continue
+        from torchmdx.config import key_name  # the refusal's words only (this runs for every frame)
+
+        names = {"energy": f"{key_name('data.energy_unit')} (--energy-unit)",
+                 "length": f"{key_name('data.length_unit')} (--length-unit)"}
         start = f"{where}: {key}={value} is an ordinary key to ASE and torchmdx (no reader takes units from it), and "
         tail = "convert the values and drop the key"
         if quantity in ("energy", "length"):  # round 22's line

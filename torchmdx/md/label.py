@@ -479,7 +479,8 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
             for index in range(start, len(inputs)):
                 atoms = inputs[index]
                 try:
-                    _check_frame(method_check, atoms)
+                    if skip_failed:  # without it every frame was checked above, before the file was opened
+                        _check_frame(method_check, atoms)
                     energy, forces, stress = labeler(atoms)
                     if not (np.isfinite(energy) and np.all(np.isfinite(forces))):
                         raise ValueError("non-finite energy or forces")

@@ -107,6 +107,12 @@ def masked_edges(pos, receivers, senders, offsets, cutoff: float, mask=None):
     vectors = pos.index_select(0, senders) - pos.index_select(0, receivers)
     if offsets is not None:
         vectors = vectors + offsets
+    return _within_cutoff(vectors, cutoff, mask)
+
+
+def _within_cutoff(vectors, cutoff: float, mask):
+    """(vectors, distances, valid) with valid = ``mask`` (None: all) and |vectors| < ``cutoff``;
+    invalid rows get distance 0 and no 1/r in the gradient (the norm of a safe stand-in vector)."""
     length2 = (vectors * vectors).sum(-1)
     valid = length2 < cutoff * cutoff
     if mask is not None:
@@ -123,11 +129,7 @@ def pair_edges(pos, atoms_per_structure: int, cutoff: float, mask):
     pairs) and |vectors| < ``cutoff``; invalid rows get distance 0 and no 1/r in the gradient."""
     n = int(atoms_per_structure)
     vectors = (senders_of(pos, n) - receivers_of(pos, n)).reshape(-1, 3)
-    length2 = (vectors * vectors).sum(-1)
-    valid = (length2 < cutoff * cutoff) & mask
-    safe = torch.where(valid.unsqueeze(-1), vectors, torch.ones_like(vectors))
-    distances = torch.where(valid, safe.norm(dim=-1), torch.zeros_like(length2))
-    return vectors, distances, valid
+    return _within_cutoff(vectors, cutoff, mask)
 
 
 def _on_host(value) -> bool:
