@@ -77,6 +77,44 @@ def test_et_filter_table_accuracy():
     assert 10 < coarse / value < 20
 
 
+def test_compact_table_decodes_to_its_coefficients_within_the_fixed_point_step():
+    """The compact buffer: rows c0, c1 bit-identical, the word's c2 (low 20 bits, signed) and c3
+    (high 12) times the stored inverse scales equal the dequantized coefficients exactly (a torch
+    decode, the same integer operations as the kernels'); each within half a step of the float32 value,
+    the step 2^-19 / 2^-11 of the channel's largest or finer; channel slices commute with compacting;
+    the filter errors stay those of the float32 table."""
+    torch.manual_seed(0)
+    weights = torch.randn(8, 32, dtype=torch.float64)
+
+    def fn(r):
+        e = torch.exp(-4 * (r[:, None] - torch.linspace(0, 5, 32, dtype=torch.float64)) ** 2)
+        return torch.nn.functional.silu(e @ weights.T)
+
+    table = build_filter_table(fn, 0.0, 5.0)  # the default 2 048 intervals
+    compact = table.compact()
+    assert compact is table.compact() and compact.compact() is compact
+    g, c = table.intervals, table.channels
+    words = compact.packed.view(torch.int32)
+    rows = words[: 3 * g].view(g, 3, c)
+    assert torch.equal(rows[:, 0], table.coefficients[:, 0].view(torch.int32))
+    assert torch.equal(rows[:, 1], table.coefficients[:, 1].view(torch.int32))
+    word = rows[:, 2]
+    inverse2, inverse3 = compact.packed[3 * g], compact.packed[3 * g + 1]
+    c2 = ((word << 12) >> 12).float() * inverse2
+    c3 = (word >> 20).float() * inverse3
+    assert torch.equal(c2, compact.coefficients[:, 2]) and torch.equal(c3, compact.coefficients[:, 3])
+    for k, bits in ((2, 20), (3, 12)):
+        exact = table.coefficients[:, k].double()
+        step = exact.abs().amax(0) / (2 ** (bits - 1) - 1)
+        assert torch.all((compact.coefficients[:, k].double() - exact).abs() <= step)
+        assert torch.all(torch.exp2(torch.log2(compact.packed[3 * g + k - 2]).round()) == compact.packed[3 * g + k - 2])
+    assert torch.equal(compact.columns(2, 5).packed.view(torch.int32), table.columns(2, 5).compact().packed.view(torch.int32))
+    plain, packed = table_error(table, fn), table_error(compact, fn)
+    assert packed[0] <= 1.01 * plain[0] and packed[1] <= 1.01 * plain[1], (plain, packed)
+    with pytest.raises(ValueError, match="float32"):
+        FilterTable(table.coefficients.double(), 0.0, 5.0).compact()
+
+
 def test_bad_table_grid_refused():
     with pytest.raises(ValueError, match="r_max > r_min"):
         build_filter_table(wave, 2.0, 1.0, 8)
@@ -158,18 +196,31 @@ def table_inputs(seed, *, dtype=torch.float64, device="cpu", heads=2, head_dim=8
 
 
 def table_call(module, t, edge_index, mask, coefficients, heads, *, reference=False, sender_side="sorted",
-               symmetric=False, vector_cutoff=True, keys=True, values=True):
+               symmetric=False, vector_cutoff=True, keys=True, values=True, storage="float32"):
+    """``storage`` 'compact': the kernels read the compact buffers (float32 calls), the reference
+    the same tables' dequantized coefficients."""
     from torchmdx.kernels.message_triton_grad import reference_tabulated
 
     dtype = t["q"].dtype
-    tk = FilterTable(coefficients["key"].to(dtype), 0.5, 4.0) if keys else None
-    tv = FilterTable(coefficients["value"].to(dtype), 0.5, 4.0) if values else None
+
+    def table(c):
+        if storage != "compact":
+            return FilterTable(c.to(dtype), 0.5, 4.0)
+        compact = FilterTable(c.float(), 0.5, 4.0).compact()
+        return compact if dtype == torch.float32 else FilterTable(compact.coefficients.to(dtype), 0.5, 4.0)
+
+    tk = table(coefficients["key"]) if keys else None
+    tv = table(coefficients["value"]) if values else None
     kw = dict(edge_mask=mask, self_loop=(t.get("dk0"), t.get("dv0"), t["phi0"]), vector_cutoff=vector_cutoff)
     args = (t["q"], t["k"], t["v"], t["vec"], t["r"], tk, tv, t["phi"], t["unit"], edge_index, heads)
     if reference:
         return reference_tabulated(*args, **kw)
     module.CONFIG.sender_side = sender_side
-    return module.FusedMessage(symmetric=symmetric).tabulated(*args, **kw)
+    module.CONFIG.table_storage = storage
+    try:
+        return module.FusedMessage(symmetric=symmetric).tabulated(*args, **kw)
+    finally:
+        module.CONFIG.table_storage = "auto"
 
 
 def table_compare(module, t, edge_index, mask, coefficients, heads, tol, **kw):
@@ -210,6 +261,13 @@ TABLE_CASES = {
     "merged_f32": (dict(dtype=torch.float32, symmetric=True), dict(sender_side="merged", symmetric=True), 3e-5),
     "reverse_f64": (dict(symmetric=True, padding=40), dict(sender_side="reverse", symmetric=True), 1e-11),
     "reverse_f32": (dict(dtype=torch.float32, symmetric=True), dict(sender_side="reverse", symmetric=True), 3e-5),
+    # compact storage (c2, c3 fixed-point in one word): the kernels decode what the reference's
+    # dequantized coefficients hold; 8 coarse intervals make c2 and c3 large, so a wrong decode shows
+    "compact_sorted_f32": (dict(dtype=torch.float32, padding=40), dict(storage="compact", vector_cutoff=False), 3e-5),
+    "compact_merged_f32": (dict(dtype=torch.float32, symmetric=True),
+                           dict(storage="compact", sender_side="merged", symmetric=True), 3e-5),
+    "compact_reverse_values_f32": (dict(dtype=torch.float32, symmetric=True, with_dk=False),
+                                   dict(storage="compact", sender_side="reverse", symmetric=True, keys=False), 3e-5),
 }
 
 
@@ -279,22 +337,27 @@ def case_model(shared_data):
         model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in ref.state_dict().items()})
         for p in model.parameters():
             p.requires_grad_(False)
-        message_triton.CONFIG.filters = place
+        message_triton.CONFIG.filters = "table" if place == "compact" else place
+        message_triton.CONFIG.table_storage = "compact" if place == "compact" else "auto"
         modes = []
         apply = message_triton._FusedMessageFunction.apply
         message_triton._FusedMessageFunction.apply = lambda spec, *a: modes.append(spec.dk_mode) or apply(spec, *a)
         try:
             out = model.eval()(z, pos.to(dtype))
+            assert message_triton.LAST_CONFIG["table_storage"] == ("compact" if place == "compact" else "float32")
         finally:
             message_triton._FusedMessageFunction.apply = apply
             message_triton.CONFIG.filters = "auto"
-        assert modes == [4 if place == "table" else 3] * 2, modes
+            message_triton.CONFIG.table_storage = "auto"
+        assert modes == [4 if place in ("table", "compact") else 3] * 2, modes
         return rel_err(out["energy"], exact["energy"]), rel_err(out["forces"], exact["forces"])
 
     energy64, forces64 = fused(torch.float64, "table")
     assert energy64 < 1e-7 and forces64 < 1e-6, (energy64, forces64)
     gemm32, table32 = fused(torch.float32, "gemm")[1], fused(torch.float32, "table")[1]
     assert table32 <= 2 * gemm32, (table32, gemm32)
+    compact32 = fused(torch.float32, "compact")[1]
+    assert compact32 <= 2 * gemm32, (compact32, gemm32)
 
 
 def run_interpreter_cases(out_path, shared_data):
@@ -318,15 +381,18 @@ def test_interpreter(interpreter_results, name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("sender_side", ["sorted", "merged", "reverse"])
-def test_gpu_table_message(dtype, tol, sender_side):
+@pytest.mark.parametrize("storage", ["float32", "compact"])
+def test_gpu_table_message(dtype, tol, sender_side, storage):
     from torchmdx.kernels import message_triton
 
+    if storage == "compact" and dtype != torch.float32:
+        pytest.skip("compact tables are float32 only")
     t, edge_index, mask, coefficients = table_inputs(31, dtype=dtype, device="cuda", heads=8, head_dim=16,
                                                      intervals=2048, atoms=300, degree=30, padding=50, empty_atom=7,
                                                      symmetric=True)
     errors = table_compare(message_triton, t, edge_index, mask, coefficients, 8, tol, sender_side=sender_side,
-                           symmetric=True)
-    print(dtype, sender_side, {k: f"{v:.1e}" for k, v in errors.items()})
+                           symmetric=True, storage=storage)
+    print(dtype, sender_side, storage, {k: f"{v:.1e}" for k, v in errors.items()})
 
 
 @pytest.mark.gpu
@@ -348,14 +414,17 @@ def test_gpu_model_table_gate():
     for p in model.parameters():
         p.requires_grad_(False)
     errors = {}
-    for place in ("gemm", "table"):
-        message_triton.CONFIG.filters = place
+    for place in ("gemm", "table", "compact"):
+        message_triton.CONFIG.filters = "table" if place == "compact" else place
+        message_triton.CONFIG.table_storage = "compact" if place == "compact" else "float32"
         try:
             errors[place] = rel_err(model(z, pos.float())["forces"], exact)
         finally:
             message_triton.CONFIG.filters = "auto"
+            message_triton.CONFIG.table_storage = "auto"
     print(errors)
     assert errors["table"] <= 2 * errors["gemm"], errors
+    assert errors["compact"] <= 2 * errors["gemm"], errors
 
 
 if __name__ == "__main__":

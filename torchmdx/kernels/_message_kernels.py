@@ -63,7 +63,7 @@ def _message_fwd_kernel(
     SELF_LOOP: tl.constexpr, SELF_DK: tl.constexpr, SELF_DV: tl.constexpr,
     VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
     DKS: tl.constexpr, DVS: tl.constexpr,
-    TG: tl.constexpr = 1, TR0: tl.constexpr = 0.0, TIH: tl.constexpr = 1.0,
+    TG: tl.constexpr = 1, TR0: tl.constexpr = 0.0, TIH: tl.constexpr = 1.0, TPK: tl.constexpr = False,
 ):
     F: tl.constexpr = H * D
     cb = tl.program_id(1)
@@ -126,7 +126,7 @@ def _message_fwd_kernel(
                 dk, _ = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
                 prod = prod * dk
             elif DK_MODE == 4:
-                dk, _ = _table_filter(wk_ptr, g3, t3, ch[None, :, :], m3, F, TIH)
+                dk, _ = _table_filter(wk_ptr, g3, t3, ch[None, :, :], m3, F, TIH, TG, TPK)
                 prod = prod * dk
             a, _ = _act(tl.sum(prod, axis=2), ATT)  # [BE, HB]
             if VCUT:
@@ -156,9 +156,9 @@ def _message_fwd_kernel(
                 s2 = s2 * dv2
                 s3 = s3 * dv3
             elif DV_MODE == 4:
-                dv1, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :], m3, 3 * F, TIH)
-                dv2, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + D, m3, 3 * F, TIH)
-                dv3, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + 2 * D, m3, 3 * F, TIH)
+                dv1, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :], m3, 3 * F, TIH, TG, TPK)
+                dv2, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + D, m3, 3 * F, TIH, TG, TPK)
+                dv3, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + 2 * D, m3, 3 * F, TIH, TG, TPK)
                 s1 = s1 * dv1
                 s2 = s2 * dv2
                 s3 = s3 * dv3

@@ -37,7 +37,7 @@ def _message_bwd_receiver_kernel(
     VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
     DKS: tl.constexpr, DVS: tl.constexpr,
     WRITE_GZ: tl.constexpr, SELF_FILTER_GRAD: tl.constexpr, MERGED: tl.constexpr,
-    TG: tl.constexpr = 1, TR0: tl.constexpr = 0.0, TIH: tl.constexpr = 1.0,
+    TG: tl.constexpr = 1, TR0: tl.constexpr = 0.0, TIH: tl.constexpr = 1.0, TPK: tl.constexpr = False,
 ):
     """Receiver-side gradients of one (receiver i, channel chunk cb): dL/dq_i of the chunk
     (segment sum), the given dk / dv's gradients, pre-activation filter gradients (for the
@@ -167,7 +167,7 @@ def _message_bwd_receiver_kernel(
                 dk, ddk = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
                 a, da = _act(tl.sum(qk * dk, axis=2), ATT)
             elif DK_MODE == 4:  # ddk: d dk / dr
-                dk, ddk = _table_filter(wk_ptr, g3, t3, ch[None, :, :], m3, F, TIH)
+                dk, ddk = _table_filter(wk_ptr, g3, t3, ch[None, :, :], m3, F, TIH, TG, TPK)
                 a, da = _act(tl.sum(qk * dk, axis=2), ATT)
             else:
                 a, da = _act(tl.sum(qk, axis=2), ATT)
@@ -189,9 +189,9 @@ def _message_bwd_receiver_kernel(
                 dv2, ddv2 = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv3, ddv3 = _filter(r, wv3_t, bv3, DV_MODE, FACT, BE, HB, DP, PREC)
             elif DV_MODE == 4:  # ddv: d dv / dr
-                dv1, ddv1 = _table_filter(wv_ptr, g3, t3, vch[None, :, :], m3, 3 * F, TIH)
-                dv2, ddv2 = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + D, m3, 3 * F, TIH)
-                dv3, ddv3 = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + 2 * D, m3, 3 * F, TIH)
+                dv1, ddv1 = _table_filter(wv_ptr, g3, t3, vch[None, :, :], m3, 3 * F, TIH, TG, TPK)
+                dv2, ddv2 = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + D, m3, 3 * F, TIH, TG, TPK)
+                dv3, ddv3 = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + 2 * D, m3, 3 * F, TIH, TG, TPK)
             else:
                 dv1 = tl.where(m3, 1.0, 0.0).to(v1.dtype)
                 dv2 = dv1
@@ -322,7 +322,8 @@ def _message_bwd_sender_kernel(
     SELF_LOOP: tl.constexpr, SELF_DK: tl.constexpr, SELF_DV: tl.constexpr,
     VCUT: tl.constexpr, ATT: tl.constexpr, FACT: tl.constexpr, PREC: tl.constexpr,
     DKS: tl.constexpr, DVS: tl.constexpr,
-    TG: tl.constexpr = 1, TR0: tl.constexpr = 0.0, TIH: tl.constexpr = 1.0, REVERSE: tl.constexpr = False,
+    TG: tl.constexpr = 1, TR0: tl.constexpr = 0.0, TIH: tl.constexpr = 1.0, TPK: tl.constexpr = False,
+    REVERSE: tl.constexpr = False,
 ):
     """Sender-side gradients dL/dk_j, dL/dv_j, dL/dvec_j: a segment sum over the edges that
     atom j sends on, visited in sender-sorted order through ``perm`` (the receiver-side
@@ -418,7 +419,7 @@ def _message_bwd_sender_kernel(
             elif DK_MODE == 2:
                 dk, _ = _filter(r, wk_t, bk, DK_MODE, FACT, BE, HB, DP, PREC)
             elif DK_MODE == 4:
-                dk, _ = _table_filter(wk_ptr, g3, t3, ch[None, :, :], m3, F, TIH)
+                dk, _ = _table_filter(wk_ptr, g3, t3, ch[None, :, :], m3, F, TIH, TG, TPK)
             else:
                 dk = q_i  # unused
             if VCUT:
@@ -436,9 +437,9 @@ def _message_bwd_sender_kernel(
                 dv2, _ = _filter(r, wv2_t, bv2, DV_MODE, FACT, BE, HB, DP, PREC)
                 dv3, _ = _filter(r, wv3_t, bv3, DV_MODE, FACT, BE, HB, DP, PREC)
             elif DV_MODE == 4:
-                dv1, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :], m3, 3 * F, TIH)
-                dv2, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + D, m3, 3 * F, TIH)
-                dv3, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + 2 * D, m3, 3 * F, TIH)
+                dv1, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :], m3, 3 * F, TIH, TG, TPK)
+                dv2, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + D, m3, 3 * F, TIH, TG, TPK)
+                dv3, _ = _table_filter(wv_ptr, g3, t3, vch[None, :, :] + 2 * D, m3, 3 * F, TIH, TG, TPK)
             else:
                 dv1 = tl.where(m3, 1.0, 0.0).to(k_j.dtype)
                 dv2 = dv1

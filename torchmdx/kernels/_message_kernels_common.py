@@ -156,16 +156,31 @@ def _table_position(r_ptr, eo, em, TG: tl.constexpr, TR0: tl.constexpr, TIH: tl.
 
 
 @triton.jit
-def _table_filter(table_ptr, g3, t3, chan, m3, C: tl.constexpr, TIH: tl.constexpr):
+def _table_filter(table_ptr, g3, t3, chan, m3, C: tl.constexpr, TIH: tl.constexpr, TG: tl.constexpr = 1,
+                  TPK: tl.constexpr = False):
     """(f, df/dr) of a tabulated filter on a block of edges (mode 4), [BE, HB, DP]: the cubic
     c0 + t (c1 + t (c2 + t c3)) of each edge's interval and its r-derivative
     (c1 + t (2 c2 + 3 t c3)) / h; coefficients [G, 4, C] (:mod:`torchmdx.kernels.filter_table`:
-    each coefficient a contiguous row over the channels), ``chan`` the channels [1, HB, DP] in [0, C)."""
-    base = table_ptr + g3 * (4 * C) + chan
-    c0 = tl.load(base, mask=m3, other=0.0)
-    c1 = tl.load(base + C, mask=m3, other=0.0)
-    c2 = tl.load(base + 2 * C, mask=m3, other=0.0)
-    c3 = tl.load(base + 3 * C, mask=m3, other=0.0)
+    each coefficient a contiguous row over the channels), ``chan`` the channels [1, HB, DP] in [0, C).
+    ``TPK``: the compact buffer [3 G + 2, C] of :meth:`FilterTable.compact` instead (rows c0, c1 and
+    one word of fixed-point c2 (low 20 bits) and c3 (high 12), then the inverse scales of c2 and c3;
+    ``TG`` = G)."""
+    if TPK:
+        base = table_ptr + g3 * (3 * C) + chan
+        c0 = tl.load(base, mask=m3, other=0.0)
+        c1 = tl.load(base + C, mask=m3, other=0.0)
+        word = tl.load(base + 2 * C, mask=m3, other=0.0).to(tl.int32, bitcast=True)
+        scales = table_ptr + 3 * TG * C + chan
+        inverse2 = tl.load(scales, mask=m3, other=0.0)
+        inverse3 = tl.load(scales + C, mask=m3, other=0.0)
+        c2 = ((word << 12) >> 12).to(tl.float32) * inverse2  # sign-extended low 20 bits
+        c3 = (word >> 20).to(tl.float32) * inverse3  # arithmetic shift: the signed high 12 bits
+    else:
+        base = table_ptr + g3 * (4 * C) + chan
+        c0 = tl.load(base, mask=m3, other=0.0)
+        c1 = tl.load(base + C, mask=m3, other=0.0)
+        c2 = tl.load(base + 2 * C, mask=m3, other=0.0)
+        c3 = tl.load(base + 3 * C, mask=m3, other=0.0)
     return c0 + t3 * (c1 + t3 * (c2 + t3 * c3)), (c1 + t3 * (2.0 * c2 + 3.0 * t3 * c3)) * TIH
 
 

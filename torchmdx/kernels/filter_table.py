@@ -27,14 +27,29 @@ of each channel's largest for r >= 0.5 Å (direct float32 evaluation: 1.8e-6), 1
 the interpolation error peaks (the tests bound it; the model's force error against float64 is
 the gate, measured by ``bench/bench_filter_table.py``).
 
+Compact storage (:meth:`FilterTable.compact`, ``LaunchConfig.table_storage = 'compact'``): the kernels
+read the coefficients of every edge's interval from L2, 16 B per channel, and at DHFR / STMV sizes the
+forward kernel moves them at ~4.8 TB/s (docs/kernels_message.md, 2026-12-07 roofline): the table bytes
+bound it. c2 and c3 scale as h^2 f'' and h^3 f''' (h ~ 2.4e-3 Å) and need far fewer bits than
+float32 gives them: the derivative takes them as (2 c2 t + 3 c3 t^2) / h. They share one 32-bit word
+as fixed-point integers with a power-of-two scale per channel: c2 in 20 bits (error <= 2^-20 of the
+channel's largest |c2|, i.e. ~2e-9 h max|f''| in df/dr), c3 in 12 bits; c0 and c1 stay float32. Per
+interval three 4-byte rows (12 B per channel instead of 16, -25 %):
+
+    [c0 (float32), c1 (float32), (q2 & 0xFFFFF) | (q3 << 20)]    q2 = round(c2 s2_c), q3 = round(c3 s3_c)
+
+then two rows of the per-channel inverse scales 1 / s2_c, 1 / s3_c (s = 2^k with the channel's
+largest |q2| < 2^19 and |q3| < 2^11; powers of two, so the kernels' q / s equals the reference's). The
+compact table's ``coefficients`` are the dequantized values, so :meth:`lookup` is the torch reference of what the kernels compute.
+
 :meth:`FilterTable.lookup` is the torch reference of the lookup (differentiable in r); the
 fused message kernels read the same coefficients (``torchmdx.kernels._message_kernels_common._table_filter``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -51,6 +66,9 @@ class FilterTable:
     coefficients: torch.Tensor
     r_min: float
     r_max: float
+    #: the kernels' compact buffer [3 G + 2, C] (module docstring), only on a compact table
+    packed: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    _compact: dict = field(default_factory=dict, compare=False, repr=False)  # the cached compact form
 
     @property
     def intervals(self) -> int:
@@ -66,8 +84,18 @@ class FilterTable:
         return self.intervals / (self.r_max - self.r_min)
 
     def columns(self, start: int, stop: int) -> "FilterTable":
-        """The table of channels [start, stop) (contiguous copy)."""
-        return FilterTable(self.coefficients[:, :, start:stop].contiguous(), self.r_min, self.r_max)
+        """The table of channels [start, stop) (contiguous copy; a compact table stays compact)."""
+        packed = None if self.packed is None else self.packed[:, start:stop].contiguous()
+        return FilterTable(self.coefficients[:, :, start:stop].contiguous(), self.r_min, self.r_max, packed)
+
+    def compact(self) -> "FilterTable":
+        """The compact form (module docstring): c2, c3 rounded to scaled float16, ``coefficients``
+        dequantized, ``packed`` the kernels' buffer. Made once per table (cached); float32 only."""
+        if self.packed is not None:
+            return self
+        if "table" not in self._compact:
+            self._compact["table"] = _compact(self)
+        return self._compact["table"]
 
     def position(self, r: torch.Tensor) -> tuple:
         """(coefficients of each length's interval [..., 4, C], t = (r - r_min) / h - g [..., 1]) for
@@ -83,6 +111,37 @@ class FilterTable:
         cubics; callers pass lengths inside (invalid edges carry a safe in-range length)."""
         c, t = self.position(r)
         return c[..., 0, :] + t * (c[..., 1, :] + t * (c[..., 2, :] + t * c[..., 3, :]))
+
+
+#: bits of the fixed-point c2 and c3 of the compact form (one 32-bit word)
+COMPACT_BITS = (20, 12)
+
+
+def _power_of_two_scale(c: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per channel s = 2^k, the largest with max |c s| < 2^(bits - 1) - 1 ([C], float64; 1 for an
+    all-zero channel)."""
+    largest = c.abs().amax(dim=0).double()
+    limit = 2.0 ** (bits - 1) - 1
+    exponent = torch.where(largest > 0, torch.floor(torch.log2(limit / largest.clamp_min(1e-300))), 0.0)
+    return torch.exp2(exponent.clamp(-126, 126))
+
+
+def _compact(table: FilterTable) -> FilterTable:
+    c = table.coefficients
+    if c.dtype != torch.float32:
+        raise ValueError(f"a compact filter table needs float32 coefficients, not {c.dtype}")
+    c0, c1, c2, c3 = c.unbind(1)
+    bits2, bits3 = COMPACT_BITS
+    s2, s3 = _power_of_two_scale(c2, bits2), _power_of_two_scale(c3, bits3)
+    q2 = torch.round(c2.double() * s2).long()
+    q3 = torch.round(c3.double() * s3).long()
+    word = ((q2 & ((1 << bits2) - 1)) + q3 * (1 << bits2)).to(torch.int32)  # in [-2^31, 2^31): exact
+    inverse2, inverse3 = (1.0 / s2).to(torch.float32), (1.0 / s3).to(torch.float32)
+    g, channels = c0.shape
+    rows = torch.stack([c0.view(torch.int32), c1.view(torch.int32), word], dim=1).reshape(3 * g, channels)
+    packed = torch.cat([rows, inverse2.view(torch.int32)[None, :], inverse3.view(torch.int32)[None, :]], dim=0)
+    dequantized = torch.stack([c0, c1, q2.to(torch.float32) * inverse2, q3.to(torch.float32) * inverse3], dim=1)
+    return FilterTable(dequantized.contiguous(), table.r_min, table.r_max, packed.contiguous().view(torch.float32))
 
 
 def _values_and_derivatives(filter_fn: Callable, r: torch.Tensor):

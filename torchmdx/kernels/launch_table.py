@@ -55,12 +55,13 @@ TABLE_PATH = Path(__file__).with_name("launch_table.json")
 #: 11.43 / 23.46 / 83.9 ms with the GEMM filters at 22 / 166 / 2 489 / 5 807 / 30 327 atoms, force errors
 #: against float64 within 1.1x of the GEMM filters' (docs/kernels_message.md, "Filter tables")
 DEFAULTS = dict(block_edges=16, chunk_channels=32, num_warps=4, dot_precision="tf32x3", programs_per_sm=0,
-                num_stages=None, maxnreg=None, filters="table", sender_side="sorted")
+                num_stages=None, maxnreg=None, filters="table", sender_side="sorted", table_storage="float32")
 #: tl.dot input precisions of the float32 filter products ('bf16x3' / 'bf16x6': split-bf16
 #: products, Triton >= 3.5 on NVIDIA; a Triton that refuses one fails at compile time)
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16x3", "bf16x6")
 #: allowed values of the string fields (None / int fields: positive integers, or None where allowed)
-CHOICES = dict(dot_precision=PRECISIONS, filters=("gemm", "kernel", "table"), sender_side=("sorted", "merged", "reverse"))
+CHOICES = dict(dot_precision=PRECISIONS, filters=("gemm", "kernel", "table"), sender_side=("sorted", "merged", "reverse"),
+               table_storage=("float32", "compact"))
 #: fields that may be None (Triton's own default)
 NULLABLE = ("num_stages", "maxnreg")
 BASELINE_PRECISION = "tf32x3"

@@ -119,6 +119,11 @@ class LaunchConfig:
                      and the kernels interpolate; no product, no [E, 4F] buffer; 15-42 % faster
                      calls on an H100 at 22-30 327 atoms, docs/kernels_message.md "Filter tables";
                      :meth:`FusedMessage.wants_tables`)
+    table_storage    how 'table' calls store the coefficients: 'float32' (the default: c0..c3,
+                     16 B per channel and interval) or 'compact' (c0, c1 float32, c2 and c3 as
+                     fixed-point integers in one word: 12 B, error 2^-20 of the channel's largest
+                     c2; :meth:`torchmdx.kernels.filter_table.FilterTable.compact`); float64 tables
+                     are always 'float32'
     table            consult the measured launch table for the fields left None / 'auto'
     """
 
@@ -131,6 +136,7 @@ class LaunchConfig:
     maxnreg: Optional[int] = None
     filters: str = "auto"
     sender_side: str = "auto"
+    table_storage: str = "auto"
     table: bool = True
 
 
@@ -138,6 +144,7 @@ CONFIG = LaunchConfig()
 
 FILTER_PLACES = ("auto", "gemm", "kernel", "table")
 SENDER_SIDES = ("auto", "sorted", "merged", "reverse")
+TABLE_STORAGES = ("auto", "float32", "compact")
 
 #: the resolved launch configuration of the last fused call (diagnostics, benchmarks and tests);
 #: its ``filters`` is the place that ran: 'table', 'gemm', 'kernel', 'given' or 'none'
@@ -183,7 +190,7 @@ def resolved_config(num_atoms: int, gpu_name: Optional[str] = None, place: str =
 
 def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv,
                vector_cutoff, attn_activation, filter_activation, merged=False, cfg: Optional[LaunchConfig] = None,
-               table_geometry: tuple = (1, 0.0, 1.0), reverse: bool = False) -> _Spec:
+               table_geometry: tuple = (1, 0.0, 1.0), reverse: bool = False, table_packed: bool = False) -> _Spec:
     cfg = cfg if cfg is not None else resolved_config(0)
     uses_dot = dk_mode == 2 or dv_mode == 2
     dp = _pow2(head_dim)
@@ -207,7 +214,7 @@ def _make_spec(dtype, heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self
     return _Spec(heads, head_dim, num_rbf, dk_mode, dv_mode, has_mask, self_loop, self_dk, self_dv, vector_cutoff,
                  attn_activation, filter_activation, hb, hp, dp, kp, be, cfg.num_warps, precision,
                  cfg.programs_per_sm, cfg.num_stages, cfg.maxnreg, dk_stride, dv_stride, merged, *table_geometry,
-                 reverse)
+                 reverse, table_packed)
 
 
 # ---------------------------------------------------------------------------------- entry points
@@ -314,17 +321,25 @@ class FusedMessage:
                              f"not {CONFIG.sender_side!r}")
         if CONFIG.filters not in FILTER_PLACES:
             raise ValueError(f"message_triton.CONFIG.filters must be one of {FILTER_PLACES}, not {CONFIG.filters!r}")
+        if CONFIG.table_storage not in TABLE_STORAGES:
+            raise ValueError(f"message_triton.CONFIG.table_storage must be one of {TABLE_STORAGES}, "
+                             f"not {CONFIG.table_storage!r}")
         cfg = resolved_config(n, _gpu_name(q.device), "table" if tables is not None else "gemm")
         LAST_CONFIG.clear()
         LAST_CONFIG.update(asdict(cfg))
         merged = self.symmetric and cfg.sender_side == "merged"
         reverse = self.symmetric and cfg.sender_side == "reverse"
         table_geometry = (1, 0.0, 1.0)
+        table_packed = False
         if tables is not None:  # mode 4: interpolated from the tables
             dk_mode = 4 if wk is not None else 0
             dv_mode = 4 if wv is not None else 0
             num_rbf = 1
             table_geometry = (geometry.intervals, geometry.r_min, geometry.inverse_step)
+            table_packed = cfg.table_storage == "compact" and q.dtype == torch.float32
+            if table_packed:  # the compact buffers (made once per table, cached on it)
+                wk = key_table.compact().packed if key_table is not None else None
+                wv = value_table.compact().packed if value_table is not None else None
         elif filtered:
             mode = 2 if cfg.filters == "kernel" else 3  # 'table' without tables: the GEMM place
             dk_mode = mode if wk is not None else 0
@@ -345,10 +360,11 @@ class FusedMessage:
             num_rbf = 1
         # the place that runs (a resolved 'table' runs 'gemm' for calls with RBF rows and weights)
         LAST_CONFIG["filters"] = {4: "table", 3: "gemm", 2: "kernel", 1: "given", 0: "none"}[max(dk_mode, dv_mode)]
+        LAST_CONFIG["table_storage"] = "compact" if table_packed else "float32"
         mask = edge_mask.view(torch.uint8) if edge_mask is not None and edge_mask.dtype == torch.bool else edge_mask
         spec = _make_spec(q.dtype, num_heads, head_dim, num_rbf, dk_mode, dv_mode, mask is not None,
                           self_loop is not None, dk0 is not None, dv0 is not None, bool(vector_cutoff),
-                          attn_activation, filter_activation, merged, cfg, table_geometry, reverse)
+                          attn_activation, filter_activation, merged, cfg, table_geometry, reverse, table_packed)
         layout = self.layout(edge_index, n, edge_mask)
         tensors = [q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0]
         tensors = [t.contiguous() if t is not None else None for t in tensors]

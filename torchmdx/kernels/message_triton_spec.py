@@ -124,6 +124,7 @@ class _Spec:
     table_r_min: float = 0.0
     table_inverse_step: float = 1.0
     reverse: bool = False  # backward: sender kernel over the receiver segments' reverse edges (symmetric lists)
+    table_packed: bool = False  # mode 4 with the compact coefficient buffers (FilterTable.compact)
 
     @property
     def chunks(self) -> int:
@@ -138,6 +139,7 @@ class _Spec:
             ATT=ACTIVATION_CODES[self.attn_activation], FACT=ACTIVATION_CODES[self.filter_activation],
             PREC=self.precision, DKS=self.dk_stride, DVS=self.dv_stride, num_warps=self.num_warps,
             TG=self.table_intervals, TR0=float(self.table_r_min), TIH=float(self.table_inverse_step),
+            TPK=self.table_packed,
             **({} if self.num_stages is None else {"num_stages": self.num_stages}),
             **({} if self.maxnreg is None else {"maxnreg": self.maxnreg}),
         )
