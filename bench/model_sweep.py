@@ -71,9 +71,17 @@ def model_force_errors(name, data_dir, precisions):
 #: the merged sender side at the block shapes that compile without spills (255 registers at
 #: 16 edges x 4 warps on sm_90, 168 at 8 x 4, 125 at 8 x 8, 195 at 16 x 8: kernels.compile_check),
 #: the reverse sender side (the same reverse-edge walk in a sender kernel of its own: no sort),
-#: then the knobs of the earlier sweeps; ``filters="kernel"`` is the old in-kernel filter place
+#: then the knobs of the earlier sweeps; ``filters="kernel"`` is the old in-kernel filter place.
+#: First, the few-warp rows: in the calculator's call with tables on an H100 (2026-12-07,
+#: docs/benchmarks/2026-12-07-h100-b/tables_warps.md) one warp with 4-edge blocks and the merged side
+#: took DHFR 6.09 -> 4.13 ms and STMV 55.5 -> 33.8 ms (the tiles' sums stay inside one warp), where this
+#: kernel-level sweep had only timed 2 warps at 16-edge blocks (-7 % at STMV)
 SWEEP = [
     dict(),
+    dict(sender_side="merged", block_edges=4, num_warps=1),
+    dict(sender_side="reverse", block_edges=4, num_warps=1),
+    dict(sender_side="reverse", block_edges=8, num_warps=2),
+    dict(sender_side="merged", block_edges=8, num_warps=2),
     dict(sender_side="merged"),
     dict(sender_side="merged", block_edges=8),
     dict(sender_side="reverse", block_edges=8),
@@ -92,7 +100,7 @@ SWEEP = [
     dict(num_warps=8),
 ]
 #: the first SWEEP_MERGED rows of SWEEP are timed before the precisions, the rest after them
-SWEEP_MERGED = 7
+SWEEP_MERGED = 11
 #: the kernel-level variants timed first in the sweep, with the default launch parameters
 SWEEP_LABELS = ("fused_gemm", "fused_gemm_merged", "fused_table", "fused_kernel", "given_leaf")
 SWEEP_KEYS = ("block_edges", "chunk_channels", "num_warps", "dot_precision", "programs_per_sm", "num_stages", "maxnreg",
