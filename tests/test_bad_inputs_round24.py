@@ -1,0 +1,64 @@
+"""Bad inputs, round 24 (branch bad24): round 23's leftovers that users hit: a cutoff shorter than every
+interatomic distance, a learning rate that makes training diverge, analytic potentials on atoms at one position,
+the ANI-1x duplicated-atom line, sub-commands' argparse errors and ``evaluate --energy-key``; see
+docs/bad_inputs.md, round 24.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bad_inputs_common import refused_exactly as _exact  # the helpers rounds 17-24 share
+from test_bad_inputs_round23 import _train_config
+
+
+def _train_folder(tmp_path, monkeypatch, trainer="{max_epochs: 1}"):
+    """round 23's water training config in ``tmp_path/t`` (the working folder), its cache outside that folder."""
+    folder = tmp_path / "t"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    _train_config(folder, trainer)
+    return folder, ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+# ---------------------------------------------------------------------------------- a cutoff below every distance
+def test_a_cutoff_shorter_than_every_distance_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """``model.cutoff_upper: 0.5`` for water trained a model that sees no neighbours (zero forces, energies from
+    the composition alone) without a word."""
+    folder, cache = _train_folder(tmp_path, monkeypatch)
+    _exact(capsys, ["train", "t.yaml", *cache, "--set", "model.cutoff_upper=0.5"],
+           "error: config key 'model.cutoff_upper' is 0.5 Å, but the shortest interatomic distance in 12 training "
+           "structures of e.npz is 0.892 Å: the model would see no neighbours (zero forces, energies from the "
+           "composition alone); set model.cutoff_upper above it (5 Å is the default)", folder)
+    _exact(capsys, ["train", "t.yaml", *cache, "--set", "model.cutoff_lower=1.7", "--set", "model.cutoff_upper=1.9"],
+           "error: config key 'model.cutoff_lower' is 1.7 Å and config key 'model.cutoff_upper' 1.9 Å, but the "
+           "shortest interatomic distance in 12 training structures of e.npz is 0.892 Å and no distance lies between "
+           "them: the model would see no neighbours (zero forces, energies from the composition alone); lower "
+           "model.cutoff_lower", folder)
+
+
+def test_the_cutoff_check_samples_a_bounded_number_of_structures(tmp_path):
+    """Millions of structures are not read: a sample spread over the training split; periodic images count."""
+    import numpy as np
+
+    from torchmdx.data.structures import Structures
+    from torchmdx.errors import ConfigError
+    from torchmdx.train import data_checks
+
+    n = 1000  # dimers 2 Å apart, one of them (structure 500) 0.5 Å apart
+    pos = np.zeros((2 * n, 3))
+    pos[1::2, 0] = 2.0
+    pos[1001, 0] = 0.5
+    st = Structures(z=np.ones(2 * n, dtype=np.int64), pos=pos, energy=np.zeros(n),
+                    offsets=np.arange(0, 2 * n + 1, 2), cell=np.zeros((n, 3, 3)), pbc=np.zeros((n, 3), dtype=bool))
+    with pytest.raises(ConfigError) as info:
+        data_checks.check_cutoff_reaches_neighbours(st, np.arange(n), 1.0, 0.0, "d.npz")
+    assert str(info.value).startswith("config key 'model.cutoff_upper' is 1 Å, but the shortest interatomic distance "
+                                      "in 64 of the 1000 training structures (a sample) of d.npz is 2 Å:")
+    data_checks.check_cutoff_reaches_neighbours(st, np.arange(n), 2.5, 0.0, "d.npz")  # reached: taken
+    data_checks.check_cutoff_reaches_neighbours(st, [500], 1.0, 0.0, "d.npz")  # the close pair is sampled: taken
+    box = Structures(z=np.ones(1, dtype=np.int64), pos=np.zeros((1, 3)), energy=np.zeros(1),
+                     offsets=np.array([0, 1]), cell=np.eye(3)[None] * 3.0, pbc=np.ones((1, 3), dtype=bool))
+    data_checks.check_cutoff_reaches_neighbours(box, [0], 3.5, 0.0, "box.extxyz")  # its own image at 3 Å
+    with pytest.raises(ConfigError, match="is 3 Å:"):
+        data_checks.check_cutoff_reaches_neighbours(box, [0], 1.0, 0.0, "box.extxyz")
