@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from torchmdx.cli.main import main
 from bad_inputs_common import refused_exactly as _exact  # the helpers rounds 17-24 share
 from test_bad_inputs_round23 import _train_config
 
@@ -62,3 +63,26 @@ def test_the_cutoff_check_samples_a_bounded_number_of_structures(tmp_path):
     data_checks.check_cutoff_reaches_neighbours(box, [0], 3.5, 0.0, "box.extxyz")  # its own image at 3 Å
     with pytest.raises(ConfigError, match="is 3 Å:"):
         data_checks.check_cutoff_reaches_neighbours(box, [0], 1.0, 0.0, "box.extxyz")
+
+
+# ---------------------------------------------------------------------------------- a learning rate that diverges
+def test_a_diverging_learning_rate_stops_with_one_line_naming_train_lr(tmp_path, capsys, monkeypatch):
+    """``train.lr: 1000`` grew the validation loss 20 000-fold and never to NaN: the run ended with a finite, huge
+    best_val_loss and exported its model without a word. Lightning's EarlyStopping ``divergence_threshold`` at
+    1000 x the sanity check's value (train.divergence_factor) stops it at epoch 2."""
+    import re
+
+    folder, cache = _train_folder(tmp_path, monkeypatch)
+    capsys.readouterr()
+    assert main(["train", "t.yaml", *cache, "--set", "train.lr=1000", "--set", "trainer.max_epochs=5"]) == 2
+    err = capsys.readouterr().err
+    number = r"[0-9.e+-]+"
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert re.fullmatch(
+        f"error: training diverged: val_loss grew from {number} \\(before training\\) to {number}, more than "
+        r"train.divergence_factor \(1000\) times its first value \(by step 2, epoch 2\); try a smaller train.lr "
+        r"\(now 1000\), a smaller trainer.gradient_clip_val \(now 10\), or check the data \(torchmdx data info\); no "
+        r"model was exported", err.strip()), err
+    assert not (folder / "runs" / "t" / "model.pt").exists()
+    assert main(["train", "t.yaml", *cache, "--set", "train.lr=1000", "--set", "trainer.max_epochs=2", "--set",
+                 "train.divergence_factor=null", "--set", "run_dir=runs/off"]) == 0  # off: trained as before

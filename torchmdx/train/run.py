@@ -357,6 +357,10 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: Optional[list]
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=train.monitor, mode="min", patience=train.early_stopping_patience,
                                        check_finite=True, check_on_train_epoch_end=False))
+    if train.divergence_factor is not None:
+        from torchmdx.train.callbacks import Divergence
+
+        callbacks.append(Divergence(train.monitor, train.divergence_factor))
     if train.ema_decay is not None and train.ema_decay > 0:
         callbacks.append(EMA(train.ema_decay))
     callbacks.extend(extra_callbacks or [])
