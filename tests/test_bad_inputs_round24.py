@@ -86,3 +86,37 @@ def test_a_diverging_learning_rate_stops_with_one_line_naming_train_lr(tmp_path,
     assert not (folder / "runs" / "t" / "model.pt").exists()
     assert main(["train", "t.yaml", *cache, "--set", "train.lr=1000", "--set", "trainer.max_epochs=2", "--set",
                  "train.divergence_factor=null", "--set", "run_dir=runs/off"]) == 0  # off: trained as before
+
+
+# ---------------------------------------------------------------------------------- analytic potentials, atoms at one position
+@pytest.mark.parametrize("kind", ["lennard_jones", "morse", "sum", "harmonic_bonds"])
+def test_analytic_potentials_refuse_atoms_at_one_position(kind):
+    """``Potential.predict`` and the Calculator with an analytic potential gave 0 eV and zero forces for two atoms
+    at one position (their r = 0 pairs get no energy, by design, for padding rows); the networks refused."""
+    import torch
+    from ase import Atoms
+
+    from torchmdx import Calculator
+    from torchmdx.errors import ModelError
+    from torchmdx.kernels.neighbors import neighbor_list
+    from torchmdx.nn.analytic import HarmonicBonds, LennardJones, Morse, SumPotential
+
+    good = Atoms("Ar3", positions=[[0, 0, 0], [3.8, 0, 0], [0, 3.7, 0]])
+    potential = {"lennard_jones": lambda: LennardJones(0.0104, 3.4), "morse": lambda: Morse(0.01, 3.8, 1.5, 8.0),
+                 "sum": lambda: SumPotential([LennardJones(0.0104, 3.4), Morse(0.01, 3.8, 1.5, 8.0)]),
+                 "harmonic_bonds": lambda: HarmonicBonds([[0, 1], [0, 2]], [3.6, 3.6], 1.0)}[kind]().double()
+    same = good.copy()
+    same.positions[2] = same.positions[1]
+    with pytest.raises(ModelError) as info:
+        potential.predict(same)
+    assert str(info.value) == "atoms 1 and 2 are on top of each other (distance 0 Å)"  # the networks' line
+    same.calc = Calculator(potential)
+    with pytest.raises(ModelError) as info:
+        same.get_potential_energy()
+    assert str(info.value) == "atoms 1 and 2 are on top of each other (distance 0 Å)"
+    # padding rows (i = j = N - 1, distance 0, mask False) of a fixed-capacity list are no atoms at one position
+    z, pos = torch.tensor(good.numbers), torch.tensor(good.positions)
+    padded = neighbor_list(pos, potential.cutoff, max_pairs=16)
+    assert int(padded.num_pairs) < 16
+    assert float(potential(z, pos, neighbors=padded)["energy"].detach()) == pytest.approx(potential.predict(good)["energy"])
+    assert potential.predict(good)["energy"] != 0.0
