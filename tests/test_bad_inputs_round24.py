@@ -120,3 +120,30 @@ def test_analytic_potentials_refuse_atoms_at_one_position(kind):
     assert int(padded.num_pairs) < 16
     assert float(potential(z, pos, neighbors=padded)["energy"].detach()) == pytest.approx(potential.predict(good)["energy"])
     assert potential.predict(good)["energy"] != 0.0
+
+
+# ---------------------------------------------------------------------------------- ANI-1x duplicated atom
+def test_an_ani1x_duplicated_atom_names_its_group_and_conformation(tmp_path, shared_data, capsys, monkeypatch):
+    """A duplicated atom in an ANI-1x file was "atoms 0 and 1 of structure 41": the file's running conformation
+    number (C2H3N's 40, then C2H4's conformation 1), which no tool that opens the file shows."""
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    for name, group in (("ani1x_xtb.h5", "C2H4"), ("ani1_xtb.h5", None)):
+        shutil.copy(shared_data / "ani" / name, tmp_path / name)
+        with h5py.File(tmp_path / name, "r+") as h5:
+            group = group or "gdb_s01/" + sorted(h5["gdb_s01"])[1]  # ANI-1: gdb_s01/<molecule>
+            xyz = h5[group]["coordinates"][()]
+            xyz[1, 1] = xyz[1, 0]
+            h5[group]["coordinates"][...] = xyz
+            if name == "ani1x_xtb.h5":  # conformation 0 without energy (dropped): the numbers are still the file's
+                energy = h5[group]["gfn2xtb.energy"][()]
+                energy[0] = np.nan
+                h5[group]["gfn2xtb.energy"][...] = energy
+        position = [round(float(v), 6) for v in xyz[1, 0]]
+        _exact(capsys, ["data", "info", name, "--cache-dir", tmp_path / "cache"],
+               f"error: {name}:/{group}: atoms 0 and 1 of conformation 1 are at the same position {position} Å (a "
+               "duplicated atom?)", tmp_path)
