@@ -147,3 +147,24 @@ def test_an_ani1x_duplicated_atom_names_its_group_and_conformation(tmp_path, sha
         _exact(capsys, ["data", "info", name, "--cache-dir", tmp_path / "cache"],
                f"error: {name}:/{group}: atoms 0 and 1 of conformation 1 are at the same position {position} Å (a "
                "duplicated atom?)", tmp_path)
+
+
+# ---------------------------------------------------------------------------------- sub-commands' argparse errors
+@pytest.mark.parametrize("argv, command, extra", [
+    (["data", "info", "x.yaml", "--set", "a=b"], "data info", "--set a=b"),
+    (["data", "clean", "--cache-dir", "d"], "data clean", "--cache-dir"),  # clean takes the folder itself
+    (["train", "t.yaml", "extra"], "train", "extra"),
+    (["evaluate", "m.pt", "--data", "d.xyz", "--bogus"], "evaluate", "--bogus"),
+])
+def test_unrecognized_arguments_come_under_the_sub_commands_usage(tmp_path, capsys, monkeypatch, argv, command,
+                                                                   extra):
+    """Were argparse's "unrecognized arguments" under the top-level usage line (``usage: torchmdx [-h]
+    [--version] command ...``), which lists no option of the command that was given."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: torchmdx {command} [-h]") and "Traceback" not in err, err
+    assert err.splitlines()[-1] == f"torchmdx {command}: error: unrecognized arguments: {extra}"
+    assert list(tmp_path.iterdir()) == []
