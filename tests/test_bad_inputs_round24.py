@@ -168,3 +168,28 @@ def test_unrecognized_arguments_come_under_the_sub_commands_usage(tmp_path, caps
     assert err.startswith(f"usage: torchmdx {command} [-h]") and "Traceback" not in err, err
     assert err.splitlines()[-1] == f"torchmdx {command}: error: unrecognized arguments: {extra}"
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- evaluate --energy-key
+def test_evaluate_has_the_data_options_its_lines_name(tmp_path, capsys, monkeypatch):
+    """A file whose energies are under another key: evaluate's line said "set config key 'data.energy_key'
+    (--energy-key)", an option evaluate did not have (only a config could set it); likewise --energy-unit."""
+    from bad_inputs_common import lj_file
+    from test_bad_inputs_round23 import _water_frames
+
+    monkeypatch.chdir(tmp_path)
+    lj_file(tmp_path)
+    _water_frames(tmp_path, "")
+    (tmp_path / "w.extxyz").write_text((tmp_path / "w.extxyz").read_text().replace(" energy=", " E="))
+    cache = tmp_path.parent / f"{tmp_path.name}_cache"  # the cache is built before the frames are read: outside
+    argv = ["evaluate", "lj.pt", "--data", "w.extxyz", "--cache-dir", cache, "--out", "report", "--no-progress"]
+    _exact(capsys, argv, "error: w.extxyz: frame 0: no energy 'energy' (info keys: E; calculator results: forces); "
+           "set config key 'data.energy_key' (--energy-key) to the key that holds the energies", tmp_path)
+    assert main([str(a) for a in argv] + ["--energy-key", "E"]) == 0
+    assert (tmp_path / "report" / "errors.json").is_file()
+    _exact(capsys, argv + ["--energy-key", "E", "--energy-unit", "parsec"],
+           "error: w.extxyz: unknown energy unit 'parsec'; known: eh, ev, ha, hartree, kcal/mol, kj/mol, mev", tmp_path)
+    (tmp_path / "c.yaml").write_text("data: {path: w.extxyz, energy_key: E}\n")
+    _exact(capsys, ["evaluate", "lj.pt", "--data", "c.yaml", "--energy-key", "E"],
+           "error: --energy-key E applies to a data file given as --data, and c.yaml is a config, whose data: "
+           "section chooses it: set data.energy_key there, or give the data file as --data", tmp_path)
