@@ -1,4 +1,6 @@
-"""``torchmdx evaluate model.pt --data <config.yaml | data file> [--split test] [--run RUN_DIR]``.
+"""``torchmdx evaluate model.pt --data <config.yaml | data file> [--split test] [--run RUN_DIR]``
+(a data file also takes ``--format``, ``--cache-dir``, ``--energy-key``, ``--forces-key``, ``--energy-unit``,
+``--length-unit``, as ``torchmdx data`` does).
 
 Prints a table of energy and force errors (MAE, RMSE in meV, meV/atom, meV/Å) and writes
 ``errors.txt``, ``errors.json`` and ``parity.png`` (predicted vs reference) to ``--out``
@@ -30,11 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder (default <model folder>/evaluate_<split>)")
     parser.add_argument("--format", help="data file format (default: guessed); see torchmdx data")
     parser.add_argument("--cache-dir", help="HDF5 cache folder for a data file (default data/cache)")
+    # a data file's keys and units, as torchmdx data's options (the readers' lines name them; round 24)
+    parser.add_argument("--energy-key", help="energy key of a data file (ASE info key, QM9 property, ANI-1x e.g. "
+                        "wb97x_dz.energy)")
+    parser.add_argument("--forces-key", help="forces key of a data file (ASE array, ANI-1x e.g. wb97x_dz.forces)")
+    parser.add_argument("--energy-unit", help="energy unit of a data file (e.g. kcal/mol, Hartree, eV)")
+    parser.add_argument("--length-unit", help="length unit of a data file (e.g. Bohr, Å)")
     parser.add_argument("--batch-size", type=int, default=None, help="structures per batch (default 64)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is best for small molecules on a busy machine)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+#: options of a data file given as --data (a config's data: section chooses them) -> their DataConfig keys
+FILE_OPTIONS = {"--format": "format", "--cache-dir": "cache_dir", "--energy-key": "energy_key",
+                "--forces-key": "forces_key", "--energy-unit": "energy_unit", "--length-unit": "length_unit"}
 
 
 def _data_config(args):
@@ -48,8 +61,9 @@ def _data_config(args):
     source = Path(args.data)
     run_dir = Path(args.run) if args.run else None
     if source.suffix.lower() in (".yaml", ".yml"):
-        for value, option, key in ((args.format, "--format", "format"), (args.cache_dir, "--cache-dir", "cache_dir")):
-            if value is not None:  # both were ignored without a word (round 20)
+        for option, key in FILE_OPTIONS.items():
+            value = getattr(args, key)
+            if value is not None:  # ignored without a word (round 20; the keys and units: round 24)
                 shown = value if str(value).strip() else repr(value)
                 raise ConfigError(f"{option} {shown} applies to a data file given as --data, and {args.data} is a "
                                   f"config, whose data: section chooses it: set data.{key} there, or give the data "
@@ -76,10 +90,11 @@ def _data_config(args):
         raise DataError(f"{source}: file not found")
     values = {"path": str(source), "format": args.format, "train_size": 0, "val_size": 0, "test_size": None,
               "atomref": "none"}
-    if args.cache_dir is not None:  # '' meant data/cache silently; DataConfig.validate refuses it
-        values["cache_dir"] = args.cache_dir
+    for key in ("cache_dir", "energy_key", "forces_key", "energy_unit", "length_unit"):
+        if getattr(args, key) is not None:  # '' meant data/cache silently; DataConfig.validate refuses it
+            values[key] = getattr(args, key)
     # the options given are named as options, not as a config's keys ("config key 'data.format'")
-    cfg = from_dict(DataConfig, values, "data", names={"data.format": "--format", "data.cache_dir": "--cache-dir"})
+    cfg = from_dict(DataConfig, values, "data", names={f"data.{key}": option for option, key in FILE_OPTIONS.items()})
     return cfg, run_dir, False
 
 

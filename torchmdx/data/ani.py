@@ -208,7 +208,8 @@ def iter_ani1(path, energy_key: Optional[str] = None, energy_unit: Optional[str]
                 energy = read_rows(group, key, a, b, where)
                 _first_non_finite(positions, "coordinates", where, a, per_atom=True)
                 _first_non_finite(energy, "energy", where, a, per_atom=False)
-                builder.add(numbers, positions * length, energy * e, group=group.name.lstrip("/"), where=where)
+                builder.add(numbers, positions * length, energy * e, group=group.name.lstrip("/"), where=where,
+                            conformations=np.arange(a, b))
                 if builder.pending_atoms >= chunk_atoms:
                     yield builder.take_chunk()
     chunk = builder.take_chunk()
@@ -338,7 +339,8 @@ def iter_ani1x(path, energy_key: Optional[str] = None, forces_key: Optional[str]
                         first = int(kept[row]) if kept is not None else a + row
                         _first_non_finite(values[row:row + 1], what, where, first, per_atom)
                 builder.add(numbers, positions * length, energy * e, None if forces is None else forces * f,
-                            group=group.name.lstrip("/"), where=where)
+                            group=group.name.lstrip("/"), where=where,
+                            conformations=np.arange(a, b) if kept is None else kept)
                 if builder.pending_atoms >= chunk_atoms:
                     yield builder.take_chunk()
         builder.metadata["dropped"] = dropped

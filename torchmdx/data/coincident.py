@@ -5,7 +5,7 @@ and label say about them (:func:`coincident_words`, :func:`atoms_coincidence`). 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -16,10 +16,12 @@ COINCIDENT_DISTANCE = 1e-5
 _MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5], dtype=np.uint64)
 
 
-def coincident_words(a: int, b: int, position, image: bool, structure: Optional[int] = None) -> str:
+def coincident_words(a: int, b: int, position, image: bool, structure: Union[int, str, None] = None) -> str:
     """"atoms a and b [of structure s] are at the same position [x, y, z] Å (a duplicated atom?)": the data
-    readers' line, which md and label say too (without a structure number: they name the file and frame)."""
-    which = f" of structure {structure}" if structure is not None else ""
+    readers' line, which md and label say too (without a structure number: they name the file and frame).
+    ``structure`` a string names it in the reader's own terms ("conformation 1": "of conformation 1")."""
+    which = "" if structure is None else f" of {structure}" if isinstance(structure, str) else \
+        f" of structure {structure}"
     how = " (one is a periodic image of the other)" if image else ""
     return (f"atoms {a} and {b}{which} are at the same position {np.asarray(position).round(6).tolist()} Å{how} "
             "(a duplicated atom?)")

@@ -102,11 +102,13 @@ class Structures:
         return np.asarray(self.group_names, dtype=object)[self.group]
 
     # -- checks ----------------------------------------------------------------------------------
-    def validate(self, first: int = 0) -> "Structures":
+    def validate(self, first: int = 0, names=None) -> "Structures":
         """Check shapes and values; raise :class:`DataError` naming the file and the problem.
 
         ``first``: the index of this block's first structure in the whole dataset (a chunk of a
-        streamed read), so that messages name the structure's index in the dataset."""
+        streamed read), so that messages name the structure's index in the dataset. ``names(s)``: for
+        structure ``s`` of this block, (where, what) in the reader's own terms (an ANI group and "conformation
+        1"), or None for "<source>: ... structure <first + s>" (:meth:`StructureBuilder.add`'s ``conformations``)."""
         src = self.source
         n, a = len(self), self.n_atoms
         if n == 0:
@@ -143,10 +145,10 @@ class Structures:
         if self.forces is not None:
             self._check_finite(self.forces, "forces", per_atom=True, first=first)
         self._check_finite(self.cell, "cell", per_atom=False, first=first)
-        self._check_coincident_atoms(first)
+        self._check_coincident_atoms(first, names)
         return self
 
-    def _check_coincident_atoms(self, first: int = 0) -> None:
+    def _check_coincident_atoms(self, first: int = 0, names=None) -> None:
         """Two atoms of one structure at the same position (a duplicated line, a bad conversion)
         give zero distances no model can use: the error names the file, structure and atoms here,
         where the model would only name atom indices of a batch. Exact for atoms closer than
@@ -160,7 +162,8 @@ class Structures:
         a, b, image = found
         s = int(np.searchsorted(self.offsets, a, side="right") - 1)
         start = int(self.offsets[s])
-        raise DataError(f"{self.source}: {coincident_words(a - start, b - start, self.pos[a], image, first + s)}")
+        where, which = (names(s) if names is not None else None) or (self.source, first + s)
+        raise DataError(f"{where}: {coincident_words(a - start, b - start, self.pos[a], image, which)}")
 
     def _check_finite(self, arr: np.ndarray, what: str, per_atom: bool, first: int = 0) -> None:
         finite = np.isfinite(arr)
@@ -243,6 +246,7 @@ class StructureBuilder:
         self._has_forces: Optional[bool] = None
         self._has_group: Optional[bool] = None
         self._blocks = 0  # blocks added in all (chunks taken included)
+        self._names: list = []  # per block since the last chunk: (structures, where, conformation numbers or None)
         self._taken = 0  # structures already handed out by take_chunk
         self.pending_atoms = 0  # atoms added since the last chunk
 
@@ -261,7 +265,11 @@ class StructureBuilder:
         extras: Optional[dict] = None,
         atom_extras: Optional[dict] = None,
         where: str = "",
+        conformations=None,
     ) -> None:
+        """``conformations``: the block's structures' numbers in ``where`` (an ANI group's conformations), so that
+        a check of :meth:`Structures.validate` names "where: ... of conformation k", not the running number of
+        the structure in the file (round 24)."""
         where = where or self.source
         self._blocks += 1
         numbers = _atomic_numbers(numbers, where)
@@ -291,6 +299,7 @@ class StructureBuilder:
                     f"{where}: forces have shape {tuple(forces.shape)} but coordinates {tuple(positions.shape)}"
                 )
             self._forces.append(forces.reshape(-1, 3))
+        self._names.append((n, where, None if conformations is None else np.asarray(conformations).reshape(n)))
         self._z.append(np.tile(numbers, n))
         self._pos.append(positions.reshape(-1, 3))
         self._energy.append(energy)
@@ -339,7 +348,7 @@ class StructureBuilder:
         """All the structures added, validated (the whole dataset in memory)."""
         if not self._energy:
             raise DataError(f"{self.source}: contains no structures")
-        return self._assemble(dict(self.metadata), list(self.group_names)).validate()
+        return self._assemble(dict(self.metadata), list(self.group_names)).validate(names=self._namer())
 
     def take_chunk(self) -> Optional[Structures]:
         """The structures added since the last chunk, validated (messages name their index in the
@@ -348,16 +357,31 @@ class StructureBuilder:
         shares that list and the live ``metadata`` dict, final once the reader is done)."""
         if not self._energy:
             return None
-        chunk = self._assemble(self.metadata, self.group_names).validate(first=self._taken)
+        chunk = self._assemble(self.metadata, self.group_names).validate(first=self._taken, names=self._namer())
         self._taken += len(chunk)
         self.pending_atoms = 0
         for store in (self._z, self._pos, self._forces, self._energy, self._counts, self._cell, self._pbc,
-                      self._group):
+                      self._group, self._names):
             store.clear()
         for store in (self._extras, self._atom_extras):
             for parts in store.values():
                 parts.clear()
         return chunk
+
+    def _namer(self):
+        """``names`` of :meth:`Structures.validate` for the blocks since the last chunk (None: none has
+        conformation numbers)."""
+        blocks = list(self._names)
+        if all(numbers is None for _, _, numbers in blocks):
+            return None
+        ends = np.cumsum([n for n, _, _ in blocks])
+
+        def names(s: int):
+            k = int(np.searchsorted(ends, s, side="right"))
+            _, where, numbers = blocks[k]
+            return None if numbers is None else (where, f"conformation {int(numbers[s - (ends[k] - blocks[k][0])])}")
+
+        return names
 
     def _assemble(self, metadata: dict, group_names: list) -> Structures:
         counts = np.concatenate(self._counts)

@@ -21,9 +21,17 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from torchmdx.errors import ModelError
-from torchmdx.nn.base import Graph, Potential
+from torchmdx.nn.base import Graph, Potential, check_overlaps
 
 _NUM_ELEMENTS = 119  # atomic numbers 0..118
+
+
+def _checked(potential: Potential, graph: Graph) -> None:
+    """Refuse two atoms of ``graph`` at one position, as the networks do ("atoms 0 and 1 are on top of each other
+    (distance 0 Å)", :func:`torchmdx.nn.base.check_overlaps`): the r = 0 pairs get no energy here (padding rows
+    rely on that), so such a structure gave 0 eV and zero forces, silently (round 24). Not while traced."""
+    if not potential.tracing:
+        check_overlaps(graph)
 
 
 def _within_cutoff(graph: Graph, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +170,7 @@ class LennardJones(_PairPotential):
         return torch.sqrt(eps[zi] * eps[zj]), 0.5 * (sig[zi] + sig[zj])
 
     def atomic_energies(self, graph: Graph) -> torch.Tensor:
+        _checked(self, graph)
         i, j = graph.edge_index[0], graph.edge_index[1]
         dtype = graph.vectors.dtype
         eps, sig = self.pair_parameters(graph.z[i], graph.z[j], dtype)
@@ -212,6 +221,7 @@ class Morse(_PairPotential):
         return self.depth * (x * x - 1.0)
 
     def atomic_energies(self, graph: Graph) -> torch.Tensor:
+        _checked(self, graph)
         valid, r = _within_cutoff(graph, self.cutoff)
         phi = self._phi(r) - self._phi(torch.full_like(r, self.cutoff))
         phi = torch.where(valid, phi, torch.zeros_like(phi))
@@ -302,6 +312,7 @@ class HarmonicBonds(Potential):
         return {"bonds": self._bonds_arg, "r0": self._r0_arg, "k": self._k_arg, "num_atoms": self.num_atoms, "cutoff": self.cutoff}
 
     def atomic_energies(self, graph: Graph) -> torch.Tensor:
+        _checked(self, graph)
         n = self.num_atoms
         counts = torch.bincount(graph.batch, minlength=graph.num_structures)
         starts = torch.cumsum(counts, 0) - counts
@@ -359,7 +370,12 @@ class SumPotential(Potential):
     def atomic_energies(self, graph: Graph) -> torch.Tensor:
         total = None
         for p in self.terms:
-            e = p.atomic_energies(graph)
+            previous = p.tracing
+            p.tracing = previous or self.tracing  # a traced sum: no checks (host reads) in its terms either
+            try:
+                e = p.atomic_energies(graph)
+            finally:
+                p.tracing = previous
             total = e if total is None else total + e
         return total
 

@@ -48,6 +48,10 @@ from torchmdx.kernels.locality import AtomOrder, check_atom_order
 from torchmdx.kernels.neighbors import Neighbors, neighbor_list
 
 
+#: distinct atoms closer than this (Å) are refused as overlapping
+OVERLAP_DISTANCE = 1e-6
+
+
 @dataclass
 class Graph:
     """What a potential sees. Shapes: N atoms, E edges, B structures.
@@ -91,6 +95,26 @@ def spread_where(keep: torch.Tensor, index: torch.Tensor, num_atoms: int) -> tor
     results are bit for bit those of the unspread index."""
     spread = torch.arange(index.shape[0], device=index.device, dtype=index.dtype) % max(num_atoms, 1)
     return torch.where(keep, index, spread)
+
+
+def check_overlaps(graph: "Graph") -> None:
+    """Raise "atoms i and j are on top of each other (distance d Å)" (a :class:`ModelError` carrying ``atoms`` and
+    ``distance``, for callers that name the atoms their own way) for two distinct atoms of ``graph`` closer than
+    :data:`OVERLAP_DISTANCE`; valid edges only (a padding row's distance 0, mask False, is no pair of atoms). No
+    host read while a CUDA graph is being captured. The networks' check (:mod:`torchmdx.nn.normalised`), and since
+    round 24 the analytic potentials' (their r = 0 pairs had no energy: 0 eV and zero forces, silently)."""
+    if graph.distances.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # no host synchronisation inside a CUDA graph
+    close = graph.distances < OVERLAP_DISTANCE
+    if graph.mask is not None:
+        close = close & graph.mask
+    if bool(close.any()):
+        e = int(close.nonzero()[0, 0])
+        i, j = int(graph.edge_index[0, e]), int(graph.edge_index[1, e])
+        distance = float(graph.distances[e].detach())
+        error = ModelError(f"atoms {i} and {j} are on top of each other (distance {distance:.3g} Å)")
+        error.atoms, error.distance = (i, j), distance  # for callers that name the atoms their own way (md)
+        raise error
 
 
 def masked_edges(pos, receivers, senders, offsets, cutoff: float, mask=None):

@@ -26,13 +26,11 @@ import numpy as np
 import torch
 
 from torchmdx.errors import ModelError
-from torchmdx.nn.base import Graph, Potential
+from torchmdx.nn.base import OVERLAP_DISTANCE, Graph, Potential, check_overlaps  # noqa: F401 (OVERLAP_DISTANCE: openmm imports it from here)
 
 #: float64 buffers of the energy normalisation
 _NORMALISATION_BUFFERS = ("atomref", "scale", "shift", "energy_offset")
 
-#: distinct atoms closer than this (Å) are refused as overlapping
-OVERLAP_DISTANCE = 1e-6
 
 
 def element_symbol(z: int) -> str:
@@ -221,15 +219,4 @@ class NormalisedPotential(Potential):
         raise ModelError(f"atom {bad} is element {element_symbol(zb)} (Z={zb}), which this model does not know; known elements: {known}")
 
     def _check_overlaps(self, graph: Graph) -> None:
-        if graph.distances.is_cuda and torch.cuda.is_current_stream_capturing():
-            return  # no host synchronisation inside a CUDA graph
-        close = graph.distances < OVERLAP_DISTANCE
-        if graph.mask is not None:
-            close = close & graph.mask
-        if bool(close.any()):
-            e = int(close.nonzero()[0, 0])
-            i, j = int(graph.edge_index[0, e]), int(graph.edge_index[1, e])
-            distance = float(graph.distances[e].detach())
-            error = ModelError(f"atoms {i} and {j} are on top of each other (distance {distance:.3g} Å)")
-            error.atoms, error.distance = (i, j), distance  # for callers that name the atoms their own way (md)
-            raise error
+        check_overlaps(graph)

@@ -1,10 +1,15 @@
-"""Small Lightning callbacks of a training run."""
+"""Small Lightning callbacks of a training run: the one line per epoch, and the stop of a diverging run."""
 
 from __future__ import annotations
 
+import math
+import sys
 import time
+from typing import Optional
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 class EpochSummary(Callback):
@@ -68,3 +73,51 @@ def print_line(trainer, line: str) -> None:
         bar.print(line)
     else:
         print(line, flush=True)
+
+
+class Divergence(EarlyStopping):
+    """Stop, in one line naming train.lr, a run whose monitored validation value has grown past ``factor`` times
+    its first value (``train.divergence_factor``): a learning rate so large that the loss grows by orders of
+    magnitude without ever turning NaN ended with a finite, huge best value and a useless model, without a word
+    (round 24; NaN and infinite losses are ``train.max_nonfinite_steps``'). Lightning's ``EarlyStopping`` with its
+    ``divergence_threshold`` set to ``factor`` × the first value seen: that of the sanity check before training
+    (the untrained model on its first validation batches), else the first epoch's. The first value is kept in
+    the checkpoint, so a resumed run compares with the same one."""
+
+    def __init__(self, monitor: str, factor: float):
+        super().__init__(monitor=monitor, mode="min", patience=sys.maxsize, check_finite=False, strict=False,
+                         verbose=False, check_on_train_epoch_end=False)
+        self.factor = float(factor)
+        self.reference: Optional[float] = None
+        self.reference_from = ""
+
+    @property
+    def state_key(self) -> str:  # beside early stopping on the same metric
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode, divergence=True)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "reference": self.reference, "reference_from": self.reference_from}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._set_reference(state_dict.get("reference"), state_dict.get("reference_from", ""))
+
+    def _set_reference(self, value, where: str) -> None:
+        if value is not None and math.isfinite(value) and value > 0:
+            self.reference, self.reference_from = float(value), where
+            self.divergence_threshold = self.factor * self.reference
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.reference is None:
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is not None and trainer.state.fn == TrainerFn.FITTING:
+                self._set_reference(float(value), "before training" if trainer.sanity_checking else
+                                    f"epoch {trainer.current_epoch + 1}")
+            return
+        super().on_validation_end(trainer, pl_module)
+        if self.stopping_reason == EarlyStoppingReason.DIVERGENCE_THRESHOLD:
+            trainer.should_stop = False
+            current = float(trainer.callback_metrics[self.monitor])
+            pl_module._diverged(f"{self.monitor} grew from {self.reference:.4g} ({self.reference_from}) to "
+                                f"{current:.4g}, more than train.divergence_factor ({self.factor:g}) times its first "
+                                "value")

@@ -102,7 +102,10 @@ class TrainConfig:
     ``max_nonfinite_steps`` n: stop the run with one line (:class:`torchmdx.errors.TrainingError`,
     exit 2, nothing exported) once the training loss has been NaN or infinite for n consecutive
     optimiser steps (checked at the logging points and at each epoch's end, without a host
-    read per step); null: never.
+    read per step); null: never. ``divergence_factor`` f: stop the run likewise once the monitored
+    validation value exceeds f times its first value (the sanity check's before training, else the
+    first epoch's; :class:`torchmdx.train.callbacks.Divergence`): a learning rate so large that the
+    loss grows by orders of magnitude without turning NaN; null: never.
 
     ``cuda_graph_compile``: inside the captured step, the model, its forces and their parameter
     gradients run as one traced and compiled graph (:mod:`torchmdx.nn.traced`; the first step of
@@ -143,6 +146,7 @@ class TrainConfig:
     cuda_graph_pair_headroom: Optional[float] = 1.1
     cuda_graph_compile: Union[bool, Literal["background"]] = False
     max_nonfinite_steps: Optional[int] = 10
+    divergence_factor: Optional[float] = 1000.0
     augment: Literal["none", "rotations", "rotations_reflections"] = "none"
 
     def validate(self, section: str = "train") -> None:
@@ -185,6 +189,8 @@ class TrainConfig:
                           "or 'auto'")
         if self.max_nonfinite_steps is not None and self.max_nonfinite_steps < 1:
             bad("max_nonfinite_steps", f"must be >= 1 or null, got {self.max_nonfinite_steps}")
+        if self.divergence_factor is not None and not self.divergence_factor > 1:
+            bad("divergence_factor", f"must be > 1 or null, got {self.divergence_factor}")
         if self.cuda_graph_pair_headroom is not None and not self.cuda_graph_pair_headroom >= 1:
             bad("cuda_graph_pair_headroom", f"must be >= 1 or null, got {self.cuda_graph_pair_headroom}")
 

@@ -30,6 +30,8 @@ from torchmdx.config import to_dict
 from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import atomic_write, jsonable
 from torchmdx.train.config import RunConfig, TrainConfig, resolve_cuda_graph, resolved_yaml
+from torchmdx.train.data_checks import (  # noqa: F401 - check_cells and _check_stress_volumes: imported from here
+    _check_energies_differ, _check_stress_volumes, check_cells, check_cutoff_reaches_neighbours)
 
 CHECKPOINT_DIR = "checkpoints"
 BEST = "best"
@@ -141,6 +143,10 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
         inference_batch_size=cfg.data_config.inference_batch_size or cfg.data_config.batch_size,
     )
     check_cells(datamodule.dataset, float(module.model.cutoff), source)
+    if getattr(cfg.model_config, "cutoff_upper", None) is not None:  # null: attention over whole structures
+        check_cutoff_reaches_neighbours(datamodule.dataset.structures, datamodule.split["train"],
+                                        cfg.model_config.cutoff_upper, getattr(cfg.model_config, "cutoff_lower", 0.0),
+                                        source)
     module.model.set_normalisation(**normalisation_from_data(datamodule, cfg.train))
     if cfg.data_config.atomref != "none" and INITIAL_REFIT_STRUCTURES > 0:
         # fold the untrained network's mean energy into the references, so that the energy
@@ -149,78 +155,6 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
         fit_reference_correction(module.model, datamodule.dataset, train_indices,
                                  cfg.data_config.inference_batch_size or cfg.data_config.batch_size)
     return datamodule, module
-
-
-def _check_energies_differ(datamodule, cfg: RunConfig, source) -> None:
-    """Training energies that are all the same number (a converter that wrote 0, or one value, where no
-    energies were computed): energy-only training fitted them to a zero loss without a word; beside forces
-    the energy term pulled every structure towards one energy. Compared as read (before the atomic
-    references): exact equality needs no tolerance, while fitted references explain the real energies of a
-    set with no more compositions than elements (isolated atoms, a tiny set) exactly, leaving no spread."""
-    import numpy as np
-
-    train = np.asarray(datamodule.split["train"])
-    if train.size < 2:
-        return
-    energy = np.asarray(datamodule.dataset.structures.energy, dtype=np.float64).reshape(-1)[train]
-    if energy.size < 2 or not (energy == energy[0]).all():
-        return
-    key = f" (data.energy_key '{cfg.data_config.energy_key}')" if cfg.data_config.energy_key else ""
-    advice = ("set train.energy_weight: 0 to train on the forces alone" if cfg.train.train_forces else
-              "energy-only training on them learns nothing")
-    raise DataError(f"{source}: every energy of the {train.size} training structures is {energy[0]:.10g} eV{key}: "
-                    f"one value written where no energies were computed? {advice} (or data.check_labels: false if "
-                    "they are meant to be equal)")
-
-
-def check_cells(dataset, cutoff: float, source) -> None:
-    """Refuse, in one line naming the structure, a periodic structure whose cell cannot be used
-    with the model's ``cutoff`` (Å): non-finite, singular, or narrower than twice the cutoff
-    (minimum image would miss pairs). All cells at once on the CPU (:mod:`torchmdx.kernels.cell_geometry`);
-    the training steps check each batch again on the device."""
-    import numpy as np
-    import torch
-
-    from torchmdx.kernels.cell_geometry import cell_geometry, describe_problem, first_bad_structure
-
-    st = dataset.structures
-    pbc = np.asarray(st.pbc)
-    periodic = np.nonzero(pbc.any(-1))[0]
-    for start in range(0, periodic.size, 1 << 16):  # bounded memory for millions of structures
-        chunk = periodic[start:start + (1 << 16)]
-        cells, flags = torch.from_numpy(np.asarray(st.cell[chunk], dtype=np.float64)), torch.from_numpy(pbc[chunk])
-        value = int(first_bad_structure(cell_geometry(cells, flags), cutoff))
-        if value >= 0:
-            index = int(chunk[value // 4])
-            raise DataError(f"{source}: " + describe_problem(value % 4, cells[value // 4:value // 4 + 1],
-                                                             flags[value // 4:value // 4 + 1], cutoff,
-                                                             label=f"structure {index}"))
-    _check_stress_volumes(st, source)
-
-
-def _check_stress_volumes(st, source) -> None:
-    """A stress label on a structure whose cell spans no volume (a molecule written without a
-    cell, beside periodic structures): the model's stress there is NaN (σ = (1/V) ∂E/∂ε), so its
-    finite label made the loss NaN ("training diverged: try a smaller train.lr"), or, with no
-    periodic structure in a batch, "stress needs a periodic cell" naming nothing."""
-    import numpy as np
-
-    stress = st.extras.get("stress") if isinstance(getattr(st, "extras", None), dict) else None
-    if stress is None:
-        return
-    for start in range(0, len(stress), 1 << 16):
-        labels = np.asarray(stress[start:start + (1 << 16)], dtype=np.float64)
-        cells = np.asarray(st.cell[start:start + len(labels)], dtype=np.float64)
-        known = np.isfinite(labels.reshape(len(labels), -1)).all(-1)
-        with np.errstate(invalid="ignore"):
-            volume = np.abs(np.linalg.det(cells)) if len(cells) else np.zeros(0)
-        bad = np.flatnonzero(known & ~(volume > 1e-9))
-        if bad.size:
-            index = start + int(bad[0])
-            pbc = np.asarray(st.pbc[index], dtype=bool).tolist()
-            raise DataError(f"{source}: structure {index} has a stress label but its cell spans no volume (pbc {pbc}, "
-                            f"cell {np.asarray(st.cell[index]).tolist()} Å): a stress is (1/V) ∂E/∂ε; give the structure "
-                            "its cell, or drop its stress (structures without one are left out of the stress term)")
 
 
 def _check_checkpoint_readable(last: Path) -> None:
@@ -423,6 +357,10 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: Optional[list]
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=train.monitor, mode="min", patience=train.early_stopping_patience,
                                        check_finite=True, check_on_train_epoch_end=False))
+    if train.divergence_factor is not None:
+        from torchmdx.train.callbacks import Divergence
+
+        callbacks.append(Divergence(train.monitor, train.divergence_factor))
     if train.ema_decay is not None and train.ema_decay > 0:
         callbacks.append(EMA(train.ema_decay))
     callbacks.extend(extra_callbacks or [])
