@@ -202,20 +202,21 @@ def compile_all(launches: List[Launch], arch: int = 90,
 
 
 def format_table(reports: List[CompileReport]) -> str:
-    """A text table: kernel, the constants that tell its launches apart, registers, local
-    memory (spills), shared memory, compile seconds, status."""
+    """A text table: kernel, the constants and launch options (num_warps, ...) that tell its launches
+    apart, registers, local memory (spills), shared memory, compile seconds, status."""
     varying: Dict[str, set] = {}
     for name in {r.launch.name for r in reports}:
         values: Dict[str, set] = {}
         for r in reports:
             if r.launch.name == name:
-                for key, value in r.constants.items():
+                for key, value in {**r.constants, **r.launch.options()}.items():
                     values.setdefault(key, set()).add(repr(value))
         varying[name] = {key for key, seen in values.items() if len(seen) > 1}
     head = ["kernel", "variant", "arch", "registers", "local B", "shared B", "compile s", "status"]
     rows = [head]
     for r in reports:
-        variant = " ".join(f"{k}={v}" for k, v in sorted(r.constants.items()) if k in varying[r.launch.name])
+        variant = " ".join(f"{k}={v}" for k, v in sorted({**r.constants, **r.launch.options()}.items())
+                           if k in varying[r.launch.name])
         rows.append([r.launch.name, variant or "-", f"sm_{r.arch}",
                      str(r.registers if r.registers is not None else "-"),
                      str(r.local_bytes if r.local_bytes is not None else "-"),
@@ -227,13 +228,14 @@ def format_table(reports: List[CompileReport]) -> str:
 
 # ---------------------------------------------------------------------------------- scenarios
 def _message_scenario(*, dtype, filters="gemm", vector_cutoff=False, given=False, attn="silu", filter_act="silu",
-                      sender_side="sorted", tables=False):
+                      sender_side="sorted", tables=False, launch=None):
     """One ET message call at TorchMD-NET's MD17 sizes (F = 128, H = 8, K = 32) on a few atoms
     with masked and padding rows and a self edge (every pair both ways, so the call may declare
     the list symmetric; the values are random: this is compiled, not checked), forward, the
     force-evaluation backward (inputs only) and the training backward (filter weights too).
     ``tables``: the filters interpolated from tables in the edge length (forces only: tables
-    have no weight gradients)."""
+    have no weight gradients). ``launch``: other :class:`~torchmdx.kernels.message_triton.LaunchConfig`
+    fields (block_edges, num_warps, table_storage, ...)."""
 
     def run():
         from torchmdx.kernels import message_triton
@@ -255,8 +257,8 @@ def _message_scenario(*, dtype, filters="gemm", vector_cutoff=False, given=False
         phi = torch.rand(e, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
         self_loop = (r(f), r(3 * f), torch.tensor(1.0, dtype=dtype))
         kwargs = dict(edge_mask=mask, self_loop=self_loop, attn_activation=attn, vector_cutoff=vector_cutoff)
-        old = message_triton.CONFIG.filters, message_triton.CONFIG.sender_side
-        message_triton.CONFIG.filters, message_triton.CONFIG.sender_side = filters, sender_side
+        old = message_triton.CONFIG
+        message_triton.CONFIG = message_triton.LaunchConfig(filters=filters, sender_side=sender_side, **(launch or {}))
         kwargs["symmetric"] = True
         try:
             for weights in ((False,) if tables else (False, True)):
@@ -283,7 +285,7 @@ def _message_scenario(*, dtype, filters="gemm", vector_cutoff=False, given=False
                     inputs = [q, key, v, vec, rbf, phi, unit] + ([wk, bk, wv, bv] if weights else [])
                 torch.autograd.grad((m.sum() + u.sum(),), inputs)
         finally:
-            message_triton.CONFIG.filters, message_triton.CONFIG.sender_side = old
+            message_triton.CONFIG = old
 
     return run
 
@@ -330,6 +332,15 @@ def scenarios() -> Dict[str, Callable[[], None]]:
                                                           sender_side="merged"),
         "message float32 table reverse": _message_scenario(dtype=torch.float32, tables=True, vector_cutoff=True,
                                                            sender_side="reverse"),
+        # the launch-table entries of frozen models on Hopper (2026-12-07) and the compact tables
+        "message float32 table merged 4x1": _message_scenario(dtype=torch.float32, tables=True, vector_cutoff=True,
+                                                              sender_side="merged",
+                                                              launch=dict(block_edges=4, num_warps=1)),
+        "message float32 table reverse 8x2": _message_scenario(dtype=torch.float32, tables=True, vector_cutoff=True,
+                                                               sender_side="reverse",
+                                                               launch=dict(block_edges=8, num_warps=2)),
+        "message float32 table compact": _message_scenario(dtype=torch.float32, tables=True, vector_cutoff=True,
+                                                           launch=dict(table_storage="compact")),
     }
     for periodic in (False, True):
         for method in ("brute", "cell"):
