@@ -227,7 +227,7 @@ def _marked_format(path: Path, opener, shown: Path, mark: tuple) -> Optional[str
                         decoder = None  # not text after the mark (read on: a failed read is ASE's to name)
                     else:
                         if size < PEEK_BYTES and text:
-                            head.append(text.encode("utf-8"))
+                            head.append(text[:PEEK_BYTES].encode("utf-8"))  # a character is 1 byte or more
                             size += len(head[-1])
                 if not block:
                     break
