@@ -245,20 +245,23 @@ def test_streamed_database_peak_memory_is_a_fraction_of_the_whole_read(polymer_f
 # ---------------------------------------------------------------------------------- byte-order marks
 @pytest.fixture(scope="module")
 def marked_files(shared_data, tmp_path_factory):
-    """The polymer sample (2.6 MB, 900 frames) with a UTF-8 mark, as UTF-16 with Windows line ends, and gzip'd
-    with a UTF-8 mark."""
+    """The polymer sample (2.5 MB, 900 frames) with a UTF-8 mark, as UTF-16 with Windows line ends, gzip'd with a
+    UTF-8 mark, and gzip'd without a mark (Windows line ends)."""
     folder = tmp_path_factory.mktemp("marked")
     raw = (shared_data / "polymer" / "polymers_xtb.extxyz").read_bytes()
     (folder / "bom.extxyz").write_bytes(BOM + raw)
     (folder / "u16.extxyz").write_bytes(raw.decode().replace("\n", "\r\n").encode("utf-16"))
     with gzip.open(folder / "bom.extxyz.gz", "wb") as handle:
         handle.write(BOM + raw)
+    with gzip.open(folder / "crlf.extxyz.gz", "wb") as handle:
+        handle.write(raw.replace(b"\n", b"\r\n"))
     return folder
 
 
 def test_marked_files_stream_identically(shared_data, marked_files, tmp_path, monkeypatch):
-    """Each marked file's cache (chunks of ~3000 atoms) equals the unmarked sample's whole read, array for array;
-    the gzip'd one is decompressed from its start at most twice per pass (a seek window, not once per frame)."""
+    """Each file's cache (chunks of ~3000 atoms) equals the plain sample's whole read, array for array; a gzip'd
+    one is decompressed from its start at most twice per pass (a seek window; ASE's own stream started over at every
+    frame: 16 s instead of 0.7 s for this file, time growing with the square of its size)."""
     plain = read_ase(shared_data / "polymer" / "polymers_xtb.extxyz", group_key="polymer")
     seeks = []
     real_seek = gzip.GzipFile.seek
@@ -268,11 +271,13 @@ def test_marked_files_stream_identically(shared_data, marked_files, tmp_path, mo
         return real_seek(self, offset, whence)
 
     monkeypatch.setattr(gzip.GzipFile, "seek", counting)
-    for name in ("bom.extxyz", "u16.extxyz", "bom.extxyz.gz"):
+    for name in ("bom.extxyz", "u16.extxyz", "bom.extxyz.gz", "crlf.extxyz.gz"):
+        seeks.clear()
         cached, chunks = _streamed(marked_files / name, tmp_path / name, 3000, group_key="polymer")
         assert len(chunks) > 5
         _assert_same(cached, plain)
-    assert len(seeks) <= 4, seeks  # two passes: ASE's return to the first frame after indexing the file
+        assert len(seeks) <= 4, seeks  # two passes: ASE's return to the first frame after indexing the file
+    assert read_ase(marked_files / "crlf.extxyz.gz", group_key="polymer").energy.tolist() == plain.energy.tolist()
 
 
 def _first_frames(text: bytes, n: int) -> bytes:

@@ -148,7 +148,7 @@ DECODE_BLOCK_BYTES = 1 << 20
 
 
 @contextmanager
-def open_ase_source(path):
+def open_ase_source(path, stream_compressed: bool = True):
     """``(source, keyword arguments)`` for ``ase.io.read`` / ``iread`` of ``path`` while the ``with`` lasts: the
     path itself, or, for a text file that starts with a byte-order mark (UTF-8, or UTF-16/32: Windows PowerShell's
     ``>``), an open text stream of the file that leaves the mark out, decoded as ASE reads it (so a file of any
@@ -157,7 +157,10 @@ def open_ase_source(path):
     '\\ufeff26'", and UTF-16 for a damaged UTF-8 file: "'utf-8' codec can't decode byte 0xff in position 0").
     Compressed files (.gz, .bz2, .xz) are looked into. A marked file is first decoded once, a block at a time
     (:data:`DECODE_BLOCK_BYTES`), so that one that is not text after its mark, or not a text format ASE reads,
-    is one line naming the mark before ASE reads anything."""
+    is one line naming the mark before ASE reads anything. With ``stream_compressed``, an unmarked compressed file
+    in a text format is a text stream too, opened as ASE opens it (``gzip.open(path, 'rt')``: the locale's
+    encoding, universal newlines) but through :class:`_Window` (ASE's own stream decompressed the file again from
+    its start at each frame: time growing with the square of the file's size)."""
     path = Path(path)
     opened = _open_marked(path)
     if opened is None:  # unreadable, or not the compression its name says: ASE's own error names it
@@ -165,7 +168,12 @@ def open_ase_source(path):
         return
     opener, shown, mark = opened
     if mark is None:
-        yield str(path), extxyz_options(path, None)
+        options = extxyz_options(path, None)
+        if not stream_compressed or opener is open or not _text_reader(options.get("format")):
+            yield str(path), options
+            return
+        with io.TextIOWrapper(io.BufferedReader(_Window(opener(path, "rb")))) as stream:
+            yield stream, options
         return
     fmt = _marked_format(path, opener, shown, mark)
     if fmt is None:  # reading failed part-way (a damaged gzip stream): ASE's own error names it
@@ -184,10 +192,18 @@ def open_ase_source(path):
 def ase_source(path) -> tuple:
     """:func:`open_ase_source`'s ``(source, keyword arguments)``, the text of a marked file read whole into an
     ``io.StringIO`` (nothing left open: for callers that read one structure, or a few, with ``ase.io.read``)."""
-    with open_ase_source(path) as (source, options):
+    with open_ase_source(path, stream_compressed=False) as (source, options):
         if isinstance(source, str):
             return source, options
         return io.StringIO(source.read()), options
+
+
+def _text_reader(fmt: Optional[str]) -> bool:
+    """Whether ASE reads format ``fmt`` from a text stream."""
+    from ase.io.formats import ioformats
+
+    reader = ioformats.get(fmt) if fmt else None
+    return bool(reader is not None and reader.can_read and reader.acceptsfd and not reader.isbinary)
 
 
 def _open_marked(path: Path) -> Optional[tuple]:
@@ -241,8 +257,7 @@ def _marked_format(path: Path, opener, shown: Path, mark: tuple) -> Optional[str
     if decoder is not None:
         try:
             fmt = filetype(_Named(b"".join(head)), read=True, guess=True)
-            reader = ioformats[fmt]
-            usable = reader.can_read and reader.acceptsfd and not reader.isbinary
+            usable = fmt in ioformats and _text_reader(fmt)
         except Exception:  # noqa: BLE001 - unknown format: say what the mark is
             usable = False
     if not usable:

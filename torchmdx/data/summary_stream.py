@@ -1,8 +1,9 @@
 """``torchmdx data info`` on a raw file without a cache, in one streamed pass (bounded by the per-structure arrays).
 
 :func:`summary_structures` reads the file as the cache build does (:func:`torchmdx.data.formats.iter_structures`:
-validated chunks of about 2²⁰ atoms; ANI files group by group, ASE files (databases included) in two passes) and
-keeps of each chunk only what the summary, the label check and a config's split and atomic references read:
+validated chunks, here of about :data:`SUMMARY_CHUNK_ATOMS` atoms; ANI files group by group, ASE files (databases
+included) in two passes) and keeps of each chunk only what the summary, the label check and a config's split and
+atomic references read:
 
 - per structure: energy, atom count, cell, pbc, group code, per-structure extras (``stress`` included);
 - per atom: the atomic number, as uint8 (1 byte an atom: the element counts of the split's reference fit);
@@ -16,7 +17,9 @@ Positions, forces and per-atom extras are not kept: the :class:`~torchmdx.data.s
 has a :class:`NotKept` in their place (their shape, for ``n_atoms`` and "has forces"; reading one is an error).
 The whole read (``read_structures``) held every array of the file, and for an ASE file every frame too (~15 kB a
 frame). The summary equals the whole read's: the same numbers and lines; the force RMS is summed chunk by chunk
-(as for a cache), so for a file of several chunks it may differ from the whole read's in the last digits.
+(as for a cache), so it may differ from the whole read's in its last digit. A file with problems in several chunks
+may have another one named first (as for the streamed cache build). Time: an ASE file is parsed twice (about 1.7x
+the whole read's time: ``bench/bench_data.py --synthetic-db``).
 """
 
 from __future__ import annotations
@@ -96,11 +99,17 @@ class SummaryCollector(ChunkSink):
         )
 
 
+#: atoms per chunk of the summary's read: a chunk is dropped once counted, so a smaller one than the cache build's
+#: (2^20) costs no time and keeps the peak low (an ASE database of 40 000 rows, 1.3 M atoms: 375 MB with 2^16, of
+#: which 220 MB the command's imports, against 705 MB with 2^20)
+SUMMARY_CHUNK_ATOMS = 1 << 16
+
+
 def summary_structures(path, format: Optional[str] = None, chunk_atoms: Optional[int] = None, **options) -> tuple:
     """``(Structures, force problem or None)`` of a dataset for ``data info``, read in one streamed pass (module
-    docstring) in chunks of about ``chunk_atoms`` atoms (default: the cache build's); the file is checked as
-    ``read_structures`` checks it (the same lines). A torchmdx cache given as the data is memory-mapped (its stored
-    statistics; nothing read whole)."""
+    docstring) in chunks of about ``chunk_atoms`` atoms (default :data:`SUMMARY_CHUNK_ATOMS`); the file is checked
+    as ``read_structures`` checks it (the same lines). A torchmdx cache given as the data is memory-mapped (its
+    stored statistics; nothing read whole)."""
     from torchmdx.data.cache_file import read_cache
     from torchmdx.data.formats import (check_format, check_not_empty, guess_format, iter_structures,
                                        normalise_options, resolve_source, unreadable_as_data_error)
@@ -115,6 +124,6 @@ def summary_structures(path, format: Optional[str] = None, chunk_atoms: Optional
             return read_cache(source, mmap=True), None
     collector = SummaryCollector()
     with unreadable_as_data_error(source, fmt):
-        for chunk in iter_structures(source, fmt, chunk_atoms=chunk_atoms, **opts):
+        for chunk in iter_structures(source, fmt, chunk_atoms=chunk_atoms or SUMMARY_CHUNK_ATOMS, **opts):
             collector.add(chunk)
     return collector.structures(), collector.force_problem
