@@ -243,19 +243,10 @@ elif stage == "write_db":
     from bench_data import synthetic_db_scale
     from pathlib import Path
     out.update(synthetic_db_scale(Path(raw), int(sys.argv[4])))
-elif stage in ("build_db", "read_db", "read_db_select", "info_db", "info_db_whole"):
+elif stage in ("build_db", "read_db", "read_db_select", "info_db_whole"):
     if stage == "build_db":
         from torchmdx.data import build_cache
         out["cache"] = str(build_cache(raw, "ase", cache_dir=cache_dir, chunk_atoms=int(sys.argv[4]) or None))
-    elif stage == "info_db":
-        import contextlib, io
-        from torchmdx.cli.main import main
-        text = io.StringIO()
-        with contextlib.redirect_stdout(text):
-            code = main(["data", "info", raw, "--format", "ase", "--cache-dir", cache_dir, "--json"])
-        if code:
-            raise SystemExit(f"data info exited with {code}")
-        out["structures"] = json.loads(text.getvalue())["n_structures"]
     elif stage == "info_db_whole":  # what data info did before (the same imports): read whole, summary, label check
         import torchmdx.cli.main, torchmdx.data.ase_format as ase_format
         from torchmdx.data.formats import read_structures
@@ -275,7 +266,7 @@ elif stage == "info":
     from torchmdx.cli.main import main
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
-        code = main(["data", "info", raw, "--format", "ani1x", "--cache-dir", cache_dir, "--json"])
+        code = main(["data", "info", raw, "--format", sys.argv[4], "--cache-dir", cache_dir, "--json"])
     if code:
         raise SystemExit(f"data info exited with {code}")
     out["n_structures"] = json.loads(text.getvalue())["n_structures"]
@@ -340,6 +331,14 @@ def _stage(args: list, env: dict) -> dict:
     return out
 
 
+def _written(stage: str, raw: Path, cache_dir: Path, n: int, env: dict) -> dict:
+    """The synthetic file's writing stage, or, for a file kept from an earlier run (``--keep``), its size only."""
+    if raw.is_file():
+        return {"seconds": 0.0, "peak_rss_mb": float("nan"), "structures": n, "atoms": None, "formulas": None,
+                "bytes": raw.stat().st_size}
+    return _stage([stage, raw, cache_dir, n, Path(__file__).resolve().parent], env)
+
+
 def run_synthetic(args) -> int:
     import datetime
     import os
@@ -352,11 +351,7 @@ def run_synthetic(args) -> int:
     n = args.synthetic
     rows = []
     try:
-        if not raw.is_file():
-            w = _stage(["write", raw, cache_dir, n, Path(__file__).resolve().parent], env)
-        else:
-            w = {"seconds": 0.0, "peak_rss_mb": float("nan"), "structures": n, "atoms": None, "formulas": None,
-                 "bytes": raw.stat().st_size}  # reused from --keep
+        w = _written("write", raw, cache_dir, n, env)
         rows.append(("write synthetic ANI-1x file", w["seconds"], w["peak_rss_mb"], _split(w),
                      f"{w['formulas']} formulas, {w['atoms']} atoms, {w['bytes'] / 2**30:.2f} GiB"))
         shutil.rmtree(cache_dir, ignore_errors=True)  # a kept folder: build again, do not reuse
@@ -364,7 +359,7 @@ def run_synthetic(args) -> int:
         cache = Path(b["cache"])
         rows.append(("build cache (streamed)", b["seconds"], b["peak_rss_mb"], _split(b),
                      f"{n / b['seconds']:,.0f} structures/s, cache {cache.stat().st_size / 2**30:.2f} GiB"))
-        info = _stage(["info", raw, cache_dir], env)
+        info = _stage(["info", raw, cache_dir, "ani1x"], env)
         rows.append(("torchmdx data info --json (imports included)", info["seconds"], info["peak_rss_mb"], _split(info),
                      f"process wall time {info['wall_s']:.2f} s"))
         s = _stage(["setup", raw, cache_dir, args.batch_size], env)
@@ -401,11 +396,7 @@ def run_synthetic_extxyz(args) -> int:
     n = args.synthetic_extxyz
     rows = []
     try:
-        if not raw.is_file():
-            w = _stage(["write_extxyz", raw, cache_dir, n, here], env)
-        else:
-            w = {"seconds": 0.0, "peak_rss_mb": float("nan"), "structures": n, "atoms": None,
-                 "bytes": raw.stat().st_size}  # reused from --keep
+        w = _written("write_extxyz", raw, cache_dir, n, env)
         rows.append(("write synthetic extxyz", w["seconds"], w["peak_rss_mb"], _split(w),
                      f"{w['atoms']} atoms, {w['bytes'] / 2**30:.2f} GiB"))
         shutil.rmtree(cache_dir, ignore_errors=True)  # a kept folder: build again, do not reuse
@@ -443,11 +434,7 @@ def run_synthetic_db(args) -> int:
     n = args.synthetic_db
     rows = []
     try:
-        if not raw.is_file():
-            w = _stage(["write_db", raw, cache_dir, n, here], env)
-        else:
-            w = {"seconds": 0.0, "peak_rss_mb": float("nan"), "structures": n, "atoms": None,
-                 "bytes": raw.stat().st_size}  # reused from --keep
+        w = _written("write_db", raw, cache_dir, n, env)
         rows.append(("write synthetic ASE database", w["seconds"], w["peak_rss_mb"], _split(w),
                      f"{w['atoms']} atoms, {w['bytes'] / 2**30:.2f} GiB"))
         shutil.rmtree(cache_dir, ignore_errors=True)  # a kept folder: build again, do not reuse
@@ -457,7 +444,7 @@ def run_synthetic_db(args) -> int:
                      f"{n / b['seconds']:,.0f} rows/s, chunks of {chunk} atoms, cache "
                      f"{Path(b['cache']).stat().st_size / 2**20:.0f} MiB"))
         shutil.rmtree(cache_dir, ignore_errors=True)  # data info on the raw file: no cache
-        i = _stage(["info_db", raw, cache_dir], env)
+        i = _stage(["info", raw, cache_dir, "ase"], env)
         rows.append(("data info --json, no cache (streamed)", i["seconds"], i["peak_rss_mb"], _split(i),
                      f"{n / i['seconds']:,.0f} rows/s (torch imports included)"))
         if not args.skip_whole:

@@ -320,3 +320,25 @@ def test_bytes_that_are_not_text_far_after_the_mark_are_named(marked_files, tmp_
         with pytest.raises(DataError) as error:
             read()
         assert str(error.value) == expected
+
+
+def test_synthetic_database_of_the_benchmark(tmp_path, small_pages):
+    """bench_data's synthetic MPtrj-like database (periodic rows, a calculator's 6-component stress, a numeric and a
+    text key): the streamed cache equals the whole read; stress kept as 3 x 3 in eV/Å³, the numeric key an extra."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "bench_data.py")
+    bench_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_data)
+    path = tmp_path / "mptrj.db"
+    sizes = bench_data.synthetic_db_scale(path, 30)
+    whole = read_ase(path)
+    assert len(whole) == 30 and whole.n_atoms == sizes["atoms"] and whole.pbc.all()
+    assert sorted(whole.extras) == ["corrected_total_energy", "stress"] and whole.forces is not None
+    stress = whole.extras["stress"].reshape(-1, 3, 3)
+    np.testing.assert_array_equal(stress, np.transpose(stress, (0, 2, 1)))
+    cached, chunks = _streamed(path, tmp_path, 200)
+    assert len(chunks) > 3
+    _assert_same(cached, whole)

@@ -372,11 +372,17 @@ def db_rows(db):
     ASE's own API (``db.select([('id', '>', last)], limit=n)``: SQLite's range search on the row id, so a page
     costs its own rows, not those before it). ``db.select()`` alone fetches every row of the database into
     memory before it yields the first; a page here holds at most :data:`DB_PAGE_ROWS` rows and, after the first
-    page, about :data:`DB_PAGE_ATOMS` atoms (its row count set by the largest row seen so far)."""
+    page, about :data:`DB_PAGE_ATOMS` atoms (its row count set by the largest row seen so far). The query has no
+    ``ORDER BY``: SQLite's plan is the rowid range search, which returns rows in id order (ASE's ``sort='id'``
+    adds an ``IS NULL`` term, and SQLite then sorts every remaining row for each page: ``USE TEMP B-TREE FOR ORDER
+    BY``); rows out of id order would be one line, not rows skipped."""
     last, rows, largest = 0, DB_FIRST_PAGE_ROWS, 1
     while True:
         fetched = 0
         for row in db.select([("id", ">", last)], limit=rows):
+            if row.id <= last:
+                raise DataError(f"{db.filename}: ASE returned row {row.id} after row {last}, out of id order; the "
+                                "rows cannot be read a page at a time")
             fetched += 1
             last = row.id
             largest = max(largest, int(row.natoms))
