@@ -24,7 +24,8 @@ Columns, ms per optimiser step (median over ``--repeats`` steps, CUDA events, af
 - ``graph 1.1x, traced``: the same captured step with energies and forces from the traced,
   compiled whole-model graph (``GraphedTrainStep(traced=True)``, ``train.cuda_graph_compile``:
   the double backward as inductor kernels); ``setup_s`` in the JSON is its warm-up + compile.
-  ``--variants`` / ``--checks`` pick columns and loss checks.
+  ``--variants`` / ``--checks`` pick columns and loss checks; ``--launch JSON`` sets the fused message
+  kernels' launch fields (A/B of the launch table's 'gemm' entries: run once with and once without).
 
 Also: peak GPU memory per variant, host time per graphed step (calls without waiting for the
 GPU), a check that the graphed steps reproduce the eager losses, and a kernel profile of one
@@ -229,7 +230,19 @@ def main(argv=None):
     parser.add_argument("--checks", default="graph,traced", help="loss checks to run: graph, traced (comma-separated)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the kernel profile of one eager step per message path")
+    parser.add_argument("--launch", default=None, metavar="JSON",
+                        help="LaunchConfig fields for the fused message kernels, e.g. "
+                             "'{\"sender_side\": \"merged\", \"block_edges\": 4, \"num_warps\": 1}' "
+                             "(default: the launch table's entries); the JSON and the table name them")
     args = parser.parse_args(argv)
+    launch = json.loads(args.launch) if args.launch else {}
+    if launch:
+        from torchmdx.kernels import message_triton
+
+        if unknown := sorted(set(launch) - set(message_triton.LaunchConfig.__dataclass_fields__)):
+            raise SystemExit(f"error: --launch: unknown LaunchConfig field(s) {', '.join(unknown)}")
+        message_triton.CONFIG = message_triton.LaunchConfig(**launch)
+        print(f"fused message kernels with {launch}", flush=True)
     if os.environ.get("BENCH_SMALL_OUTPUT"):  # the traced graph's product-rewrite bound: an int, or "none"
         from torchmdx.nn import traced
 
@@ -255,7 +268,7 @@ def main(argv=None):
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "data": source,
             "molecules": MOLECULES, "atoms_per_molecule": n, "pairs": pairs, "pair_bound": MOLECULES * n * (n - 1),
-            "warmup": args.warmup, "repeats": args.repeats, "torchmdnet_ms": TORCHMDNET_MS}
+            "warmup": args.warmup, "repeats": args.repeats, "torchmdnet_ms": TORCHMDNET_MS, "launch": launch}
     print(json.dumps(info), flush=True)
     rows, checks, profiles = [], {}, {}
     for label in args.backends.split(","):
@@ -282,7 +295,8 @@ def main(argv=None):
                 profiles[label] = f"{type(exc).__name__}: {exc}"
             peak_reset()
     text = table(rows)
-    print(f"\ntraining step, {MOLECULES} x {n} atoms ({source}), {pairs} pairs, ms per step, {info['device']}, {info['date']}")
+    print(f"\ntraining step, {MOLECULES} x {n} atoms ({source}), {pairs} pairs, ms per step, {info['device']}, {info['date']}"
+          + (f", fused kernels with {launch}" if launch else ""))
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_train.json").write_text(json.dumps({**info, "rows": rows, "loss_check": checks, "profile": profiles}, indent=1))
