@@ -338,7 +338,7 @@ def test_stress_label_of_a_molecule_in_a_box_is_kept(tmp_path):
     """The closest valid input of the row above: the dimer (pbc False) written with its 12 Å box
     keeps its stress label (the model's strain derivative over that volume is finite)."""
     from torchmdx.data.ase_format import read_ase
-    from torchmdx.train.run import _check_stress_volumes
+    from torchmdx.train.data_checks import _check_stress_volumes
 
     st = read_ase(_copper_with_a_dimer(tmp_path / "boxed.extxyz", dimer_cell=[12, 12, 12]))
     assert np.isfinite(st.extras["stress"][0]).all() and not st.pbc[0].any()

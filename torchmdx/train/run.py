@@ -30,8 +30,8 @@ from torchmdx.config import to_dict
 from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import atomic_write, jsonable
 from torchmdx.train.config import RunConfig, TrainConfig, resolve_cuda_graph, resolved_yaml
-from torchmdx.train.data_checks import (  # noqa: F401 - check_cells and _check_stress_volumes: imported from here
-    _check_energies_differ, _check_stress_volumes, check_cells, check_cutoff_reaches_neighbours)
+from torchmdx.train.data_checks import (  # noqa: F401 - check_cells: imported from here
+    _check_energies_differ, check_cells, check_cutoff_reaches_neighbours)
 
 CHECKPOINT_DIR = "checkpoints"
 BEST = "best"
