@@ -176,13 +176,13 @@ def test_unit_conversion_by_hand(tmp_path):
 
 
 def test_mace_mptrj_layout_of_the_benchmark(tmp_path):
-    """bench_data's synthetic MPtrj-like file (REF_ keys, a 9-value REF_stress, a per-atom REF_magmom, a numeric and
+    """bench_data's synthetic (bench/data_synthetic.py) MPtrj-like file (REF_ keys, a 9-value REF_stress, a per-atom REF_magmom, a numeric and
     a text info key): the streamed cache equals the whole read, REF_magmom and corrected_total_energy kept."""
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).resolve().parents[1] / "bench" /
-                                                  "bench_data.py")
+    spec = importlib.util.spec_from_file_location("data_synthetic", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "data_synthetic.py")
     bench_data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_data)
     path = tmp_path / "mptrj.extxyz"

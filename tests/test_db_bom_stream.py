@@ -323,13 +323,13 @@ def test_bytes_that_are_not_text_far_after_the_mark_are_named(marked_files, tmp_
 
 
 def test_synthetic_database_of_the_benchmark(tmp_path, small_pages):
-    """bench_data's synthetic MPtrj-like database (periodic rows, a calculator's 6-component stress, a numeric and a
+    """bench_data's synthetic (bench/data_synthetic.py) MPtrj-like database (periodic rows, a calculator's 6-component stress, a numeric and a
     text key): the streamed cache equals the whole read; stress kept as 3 x 3 in eV/Å³, the numeric key an extra."""
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).resolve().parents[1] / "bench" /
-                                                  "bench_data.py")
+    spec = importlib.util.spec_from_file_location("data_synthetic", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "data_synthetic.py")
     bench_data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_data)
     path = tmp_path / "mptrj.db"
