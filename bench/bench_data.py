@@ -95,7 +95,7 @@ elif stage == "write_extxyz":
     out.update(synthetic_extxyz_scale(Path(raw), int(sys.argv[4])))
 elif stage in ("build_extxyz", "read_extxyz"):
     sys.path.insert(0, sys.argv[5])
-    from bench_data import EXTXYZ_OPTIONS
+    from data_synthetic import EXTXYZ_OPTIONS
     if stage == "build_extxyz":
         from torchmdx.data import build_cache
         chunk = int(sys.argv[4]) or None
