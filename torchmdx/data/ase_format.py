@@ -44,8 +44,8 @@ from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import Structures, numeric_values
 from torchmdx.data.unit_keys import check_unit_keys, db_units as _db_units
 from torchmdx.errors import DataError
-from torchmdx.data.ase_text import (extxyz_options as _extxyz_options, number_as_symbol, number_key as _number_key,
-                                    short_atom_count)
+from torchmdx.data.ase_text import (extxyz_options as _extxyz_options, label_as_symbol, number_as_symbol,
+                                    number_key as _number_key, pdb_name_as_element, short_atom_count)
 from torchmdx.io_utils import byte_order_mark, decode_text, is_torch_file
 
 #: compressed files ASE opens itself, by name (ase.io.formats.open_with_compression); the content decides
@@ -72,8 +72,15 @@ def ase_source(path) -> tuple:
             head = handle.read(4)
             mark = byte_order_mark(head)
             if mark is None:
-                return str(path), _extxyz_options(path, None)
+                options = _extxyz_options(path, None)
+                if options.get("format") == "proteindatabank":
+                    problem = pdb_name_as_element(path)
+                    if problem:
+                        raise DataError(f"{path}: {problem}")
+                return str(path), options
             data = head + handle.read()
+    except DataError:
+        raise
     except Exception:  # noqa: BLE001 - unreadable, or not the compression its name says: ASE's own error names it
         return str(path), {}
     from ase.io.formats import filetype, ioformats
@@ -123,6 +130,7 @@ class ReadFailureKind(enum.Enum):
     TORCH_FILE = "torch_file"  # a file torch.save wrote (a model, checkpoint or MD restart) given as a structure
     NUMBER_AS_SYMBOL = "number_as_symbol"  # a species column of atomic numbers ('8'): say ReadFailure.explanation
     SHORT_COUNT = "short_count"  # an xyz atom-count line too small (ASE's "Expected xyz header"): say .explanation
+    LABEL_AS_SYMBOL = "label_as_symbol"  # a species column of atom labels ('C1', ASE's KeyError): say .explanation
     OTHER = "other"  # anything else: quote the reader's error (:attr:`ReadFailure.detail`)
 
 
@@ -133,7 +141,7 @@ class ReadFailure:
     kind: ReadFailureKind
     error_type: str  # the exception's class name ("UnknownFileTypeError")
     message: str  # str() of the exception, possibly empty or several lines
-    reason: str = ""  # SHORT_COUNT: which count line is too small, in words
+    reason: str = ""  # SHORT_COUNT: which count line is too small; LABEL_AS_SYMBOL: which label; in words
 
     @property
     def first_line(self) -> str:
@@ -147,10 +155,10 @@ class ReadFailure:
 
     @property
     def explanation(self) -> Optional[str]:
-        """Why, in words, for the kinds that have one (NUMBER_AS_SYMBOL, SHORT_COUNT), else None."""
+        """Why, in words, for the kinds that have one (NUMBER_AS_SYMBOL, SHORT_COUNT, LABEL_AS_SYMBOL), else None."""
         if self.kind is ReadFailureKind.NUMBER_AS_SYMBOL:
             return number_as_symbol(self.message.strip("'\""))
-        if self.kind is ReadFailureKind.SHORT_COUNT:
+        if self.kind in (ReadFailureKind.SHORT_COUNT, ReadFailureKind.LABEL_AS_SYMBOL):
             return self.reason
         return None
 
@@ -165,6 +173,9 @@ def classify_read_failure(exc: BaseException, path) -> ReadFailure:
         kind = ReadFailureKind.TORCH_FILE
     elif _number_key(exc) is not None:
         kind = ReadFailureKind.NUMBER_AS_SYMBOL
+    elif isinstance(exc, KeyError) and exc.args and label_as_symbol(path, exc.args[0]):
+        return ReadFailure(ReadFailureKind.LABEL_AS_SYMBOL, type(exc).__name__, str(exc),
+                           label_as_symbol(path, exc.args[0]))
     else:
         short = short_atom_count(path) if "Expected xyz header" in str(exc) else None
         if short:
