@@ -45,6 +45,21 @@ per frame), then, each in a fresh process, its wall time and peak resident memor
     streamed), for comparison (``--skip-whole`` leaves it out).
 
     python bench/bench_data.py --synthetic-extxyz 20000 [--chunk-atoms 65536] [--skip-whole] [--keep DIR]
+
+**An ASE database at scale** (``--synthetic-db N``): the same MPtrj-like frames as rows of an ASE database
+(``energy``, ``forces``, ``stress`` written as a calculator's results, a numeric ``corrected_total_energy`` and a
+text ``mp_id`` as key-value pairs), then, each in a fresh process:
+
+  - ``build cache``: the streamed build (two passes, rows fetched a page at a time:
+    :func:`torchmdx.data.ase_format.db_rows`; chunks of ``--chunk-atoms`` atoms);
+  - ``data info``: ``torchmdx data info <db> --json`` without a cache (one streamed pass:
+    :mod:`torchmdx.data.summary_stream`), and as it was before (the whole read, every row fetched at once, its
+    summary and label check, the same imports);
+  - ``read whole``: ``read_ase`` (every row's frame in memory, rows paged) and ``read whole, all rows at once``:
+    the same with ASE's ``db.select()`` fetching every row before the first (what the build and ``data info`` did
+    before they streamed); ``--skip-whole`` leaves both out.
+
+    python bench/bench_data.py --synthetic-db 20000 [--chunk-atoms 65536] [--skip-whole] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -166,6 +181,34 @@ def synthetic_extxyz_scale(path: Path, n: int, seed: int = 0) -> dict:
     return {"structures": n, "atoms": atoms, "bytes": path.stat().st_size}
 
 
+def synthetic_db_scale(path: Path, n: int, seed: int = 0) -> dict:
+    """An ASE database of ``n`` rows: the frames of :func:`synthetic_extxyz_scale` (without the per-atom magnetic
+    moments, which a database keeps only as a calculator's result torchmdx does not read), energy, forces and stress
+    as a calculator's results, ``corrected_total_energy`` and ``mp_id`` as key-value pairs; written in one
+    transaction (memory does not grow with n). Returns sizes."""
+    import ase.db
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(seed)
+    atoms_total = 0
+    with ase.db.connect(str(path), append=False) as db:
+        for k in range(n):
+            natoms = int(rng.integers(4, 61))
+            side = int(np.ceil(natoms ** (1 / 3)))
+            grid = np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)[:natoms]
+            pos = (grid + rng.uniform(-0.15, 0.15, size=(natoms, 3))) * 2.0
+            atoms = Atoms(symbols=list(rng.choice(CRYSTAL_ELEMENTS, size=natoms)), positions=pos,
+                          cell=np.eye(3) * 2.0 * side, pbc=True)
+            stress = rng.normal(scale=0.01, size=6)
+            energy = -5.0 * natoms + rng.normal()
+            atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=rng.normal(scale=0.5, size=(natoms, 3)),
+                                               stress=stress)
+            db.write(atoms, corrected_total_energy=energy - 0.1, mp_id=f"mp-{k % 100000}")
+            atoms_total += natoms
+    return {"structures": n, "atoms": atoms_total, "bytes": path.stat().st_size}
+
+
 #: the reader options of the synthetic extxyz (MACE's key names)
 EXTXYZ_OPTIONS = {"energy_key": "REF_energy", "forces_key": "REF_forces", "stress_key": "REF_stress"}
 
@@ -195,12 +238,35 @@ elif stage in ("build_extxyz", "read_extxyz"):
     else:
         from torchmdx.data.ase_format import read_ase
         out["structures"] = len(read_ase(raw, **EXTXYZ_OPTIONS))
+elif stage == "write_db":
+    sys.path.insert(0, sys.argv[5])
+    from bench_data import synthetic_db_scale
+    from pathlib import Path
+    out.update(synthetic_db_scale(Path(raw), int(sys.argv[4])))
+elif stage in ("build_db", "read_db", "read_db_select", "info_db_whole"):
+    if stage == "build_db":
+        from torchmdx.data import build_cache
+        out["cache"] = str(build_cache(raw, "ase", cache_dir=cache_dir, chunk_atoms=int(sys.argv[4]) or None))
+    elif stage == "info_db_whole":  # what data info did before (the same imports): read whole, summary, label check
+        import torchmdx.cli.main, torchmdx.data.ase_format as ase_format
+        from torchmdx.data.formats import read_structures
+        from torchmdx.data.label_check import check_labels
+        from torchmdx.data.summary import summarize
+        ase_format.db_rows = lambda db: db.select()
+        structures = read_structures(raw, "ase")
+        out["structures"] = summarize(structures)["n_structures"]
+        check_labels(structures)
+    else:
+        import torchmdx.data.ase_format as ase_format
+        if stage == "read_db_select":  # before the rows were paged: ASE fetches every row at once
+            ase_format.db_rows = lambda db: db.select()
+        out["structures"] = len(ase_format.read_ase(raw))
 elif stage == "info":
     import contextlib, io
     from torchmdx.cli.main import main
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
-        code = main(["data", "info", raw, "--format", "ani1x", "--cache-dir", cache_dir, "--json"])
+        code = main(["data", "info", raw, "--format", sys.argv[4], "--cache-dir", cache_dir, "--json"])
     if code:
         raise SystemExit(f"data info exited with {code}")
     out["n_structures"] = json.loads(text.getvalue())["n_structures"]
@@ -265,6 +331,14 @@ def _stage(args: list, env: dict) -> dict:
     return out
 
 
+def _written(stage: str, raw: Path, cache_dir: Path, n: int, env: dict) -> dict:
+    """The synthetic file's writing stage, or, for a file kept from an earlier run (``--keep``), its size only."""
+    if raw.is_file():
+        return {"seconds": 0.0, "peak_rss_mb": float("nan"), "structures": n, "atoms": None, "formulas": None,
+                "bytes": raw.stat().st_size}
+    return _stage([stage, raw, cache_dir, n, Path(__file__).resolve().parent], env)
+
+
 def run_synthetic(args) -> int:
     import datetime
     import os
@@ -277,11 +351,7 @@ def run_synthetic(args) -> int:
     n = args.synthetic
     rows = []
     try:
-        if not raw.is_file():
-            w = _stage(["write", raw, cache_dir, n, Path(__file__).resolve().parent], env)
-        else:
-            w = {"seconds": 0.0, "peak_rss_mb": float("nan"), "structures": n, "atoms": None, "formulas": None,
-                 "bytes": raw.stat().st_size}  # reused from --keep
+        w = _written("write", raw, cache_dir, n, env)
         rows.append(("write synthetic ANI-1x file", w["seconds"], w["peak_rss_mb"], _split(w),
                      f"{w['formulas']} formulas, {w['atoms']} atoms, {w['bytes'] / 2**30:.2f} GiB"))
         shutil.rmtree(cache_dir, ignore_errors=True)  # a kept folder: build again, do not reuse
@@ -289,7 +359,7 @@ def run_synthetic(args) -> int:
         cache = Path(b["cache"])
         rows.append(("build cache (streamed)", b["seconds"], b["peak_rss_mb"], _split(b),
                      f"{n / b['seconds']:,.0f} structures/s, cache {cache.stat().st_size / 2**30:.2f} GiB"))
-        info = _stage(["info", raw, cache_dir], env)
+        info = _stage(["info", raw, cache_dir, "ani1x"], env)
         rows.append(("torchmdx data info --json (imports included)", info["seconds"], info["peak_rss_mb"], _split(info),
                      f"process wall time {info['wall_s']:.2f} s"))
         s = _stage(["setup", raw, cache_dir, args.batch_size], env)
@@ -326,11 +396,7 @@ def run_synthetic_extxyz(args) -> int:
     n = args.synthetic_extxyz
     rows = []
     try:
-        if not raw.is_file():
-            w = _stage(["write_extxyz", raw, cache_dir, n, here], env)
-        else:
-            w = {"seconds": 0.0, "peak_rss_mb": float("nan"), "structures": n, "atoms": None,
-                 "bytes": raw.stat().st_size}  # reused from --keep
+        w = _written("write_extxyz", raw, cache_dir, n, env)
         rows.append(("write synthetic extxyz", w["seconds"], w["peak_rss_mb"], _split(w),
                      f"{w['atoms']} atoms, {w['bytes'] / 2**30:.2f} GiB"))
         shutil.rmtree(cache_dir, ignore_errors=True)  # a kept folder: build again, do not reuse
@@ -348,6 +414,49 @@ def run_synthetic_extxyz(args) -> int:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"torchmdx data at scale: an extxyz of {n:,} synthetic MPtrj-like frames; {platform.node()}, "
+          f"{os.cpu_count()} cores, {_mem_gb():.0f} GB; {datetime.datetime.now().isoformat(timespec='minutes')}")
+    _print_stages(rows)
+    return 0
+
+
+def run_synthetic_db(args) -> int:
+    """``--synthetic-db N``: write an MPtrj-like ASE database, build its cache (streamed), summarise it without a
+    cache (streamed), read it whole (rows paged, and all at once as before); each stage in a fresh process, its time
+    and peak RSS (module docstring)."""
+    import datetime
+    import os
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="torchmdx-bench-db-"))
+    work.mkdir(parents=True, exist_ok=True)
+    raw, cache_dir = work / "synthetic_mptrj.db", work / "cache"
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=str(here.parent), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    n = args.synthetic_db
+    rows = []
+    try:
+        w = _written("write_db", raw, cache_dir, n, env)
+        rows.append(("write synthetic ASE database", w["seconds"], w["peak_rss_mb"], _split(w),
+                     f"{w['atoms']} atoms, {w['bytes'] / 2**30:.2f} GiB"))
+        shutil.rmtree(cache_dir, ignore_errors=True)  # a kept folder: build again, do not reuse
+        b = _stage(["build_db", raw, cache_dir, args.chunk_atoms or 0], env)
+        chunk = args.chunk_atoms or "2^20 (default)"
+        rows.append(("build cache (streamed, two passes)", b["seconds"], b["peak_rss_mb"], _split(b),
+                     f"{n / b['seconds']:,.0f} rows/s, chunks of {chunk} atoms, cache "
+                     f"{Path(b['cache']).stat().st_size / 2**20:.0f} MiB"))
+        shutil.rmtree(cache_dir, ignore_errors=True)  # data info on the raw file: no cache
+        i = _stage(["info", raw, cache_dir, "ase"], env)
+        rows.append(("data info --json, no cache (streamed)", i["seconds"], i["peak_rss_mb"], _split(i),
+                     f"{n / i['seconds']:,.0f} rows/s (torch imports included)"))
+        if not args.skip_whole:
+            for stage, what in (("info_db_whole", "data info as before (whole read, all rows)"),
+                                ("read_db", "read_ase (rows paged, all frames held)"),
+                                ("read_db_select", "read_ase, all rows at once (before)")):
+                r = _stage([stage, raw, cache_dir], env)
+                rows.append((what, r["seconds"], r["peak_rss_mb"], _split(r), f"{n / r['seconds']:,.0f} rows/s"))
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"torchmdx data at scale: an ASE database of {n:,} synthetic MPtrj-like rows; {platform.node()}, "
           f"{os.cpu_count()} cores, {_mem_gb():.0f} GB; {datetime.datetime.now().isoformat(timespec='minutes')}")
     _print_stages(rows)
     return 0
@@ -390,6 +499,7 @@ def check_arguments(args) -> None:
                                   ("--workers", args.workers, 0), ("--synthetic", [args.synthetic], 1),
                                   ("--batch-size", [args.batch_size], 1), ("--max-batches", [args.max_batches], 0),
                                   ("--synthetic-extxyz", [args.synthetic_extxyz], 1),
+                                  ("--synthetic-db", [args.synthetic_db], 1),
                                   ("--chunk-atoms", [args.chunk_atoms], 1)):
         for value in values:
             if value is not None and value < least:
@@ -416,15 +526,21 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic-extxyz", type=int, default=None, metavar="N",
                         help="at scale: an extxyz of N synthetic MPtrj-like frames: streamed cache build and whole "
                              "read, each in a fresh process (time, peak RSS)")
+    parser.add_argument("--synthetic-db", type=int, default=None, metavar="N",
+                        help="at scale: an ASE database of N synthetic MPtrj-like rows: streamed cache build and data "
+                             "info, whole reads, each in a fresh process (time, peak RSS)")
     parser.add_argument("--chunk-atoms", type=int, default=None,
-                        help="--synthetic-extxyz: atoms per chunk of the streamed build (default 2^20)")
-    parser.add_argument("--skip-whole", action="store_true", help="--synthetic-extxyz: do not time the whole read")
+                        help="--synthetic-extxyz, --synthetic-db: atoms per chunk of the streamed build (default 2^20)")
+    parser.add_argument("--skip-whole", action="store_true",
+                        help="--synthetic-extxyz, --synthetic-db: do not time the whole read")
     args = parser.parse_args(argv)
     check_arguments(args)
     if args.synthetic:
         return run_synthetic(args)
     if args.synthetic_extxyz:
         return run_synthetic_extxyz(args)
+    if args.synthetic_db:
+        return run_synthetic_db(args)
 
     import torch
     from torch_geometric.loader import DataLoader

@@ -11,6 +11,12 @@ norm of the forces). A variant passes the gate when its error is at most 2 x the
         [--intervals G] [--out DIR] [--variants '{"auto": {}, "reverse": {"sender_side": "reverse"}}']
 
 Writes ``filter_table.json`` in ``--out`` (with the GPU, torch and Triton versions and the date).
+``--write-entries`` also makes the winners launch-table entries at the 'table' place (one per size
+class among the systems: the variant with the lowest geometric mean of its time over the first
+variant's, among those that ran every system of the class with the tables and passed the gate;
+:func:`choose_entries`), written into ``torchmdx/kernels/launch_table.json`` (or the path given) and
+copied to ``--out``. This call-level A/B is what decides the 'table' entries: the one-layer sweep of
+``bench_model.py --sweep`` missed the one-warp win of 2026-12-07 (docs/kernels_message.md).
 The anchor (TorchMD-NET 3.0.0 on the same systems) is ``bench_model.py``'s table: run it in the
 same call for the README.
 """
@@ -36,6 +42,47 @@ from model_setup import graph_call, make_model, read_xyz, repeats_for  # noqa: E
 
 #: variant name -> ``LaunchConfig`` fields (the default A/B: the filters' place)
 VARIANTS = {"gemm": {"filters": "gemm"}, "table": {"filters": "table"}}
+#: the launch fields recorded per variant as the kernels ran them (``message_triton.LAST_CONFIG``)
+RAN_FIELDS = ("filters", "sender_side", "block_edges", "chunk_channels", "num_warps", "table_storage")
+
+
+def choose_entries(results: dict, source: str = "") -> list:
+    """Launch-table entries at the 'table' place from a results dict of :func:`main` (see the module
+    docstring): per size class of the systems, the winning variant if it is not the first one."""
+    import math
+
+    from torchmdx.kernels import launch_table
+
+    variants = list(results["variants"])
+    classes: dict = {}
+    for name, row in results["systems"].items():
+        classes.setdefault(launch_table.size_class(row["atoms"]), []).append((name, row))
+    entries = []
+    for size, rows in classes.items():
+        first = variants[0]
+
+        def usable(variant):
+            return all(f"{variant}_ms" in row and row.get(f"{variant}_ran", {}).get("filters") == "table"
+                       and (variant == first or row.get(f"{variant}_passes_gate") is True) for _, row in rows)
+
+        scores = {v: math.exp(sum(math.log(row[f"{v}_ms"] / row[f"{first}_ms"]) for _, row in rows) / len(rows))
+                  for v in variants if usable(v) and usable(first)}
+        if not scores:
+            continue
+        best = min(scores, key=scores.get)
+        if best == first:
+            continue
+        ran = rows[0][1][f"{best}_ran"]
+        config = {k: v for k, v in ran.items() if k != "filters" and v is not None}
+        measured = {"variant": best, "baseline": first, "time_ratio": round(scores[best], 4),
+                    "systems": {name: {"atoms": row["atoms"], "graph_call_ms": row[f"{best}_ms"],
+                                       "baseline_graph_call_ms": row[f"{first}_ms"],
+                                       "force_error_max": row[f"{best}_force_error"]["max"]} for name, row in rows},
+                    **({"source": source} if source else {})}
+        entry = launch_table.make_entry(results["gpu"], size, config, {}, measured, place="table")
+        entry["measured"]["date"] = results.get("date", entry["measured"]["date"])
+        entries.append(entry)
+    return entries
 
 
 def force_errors(forces: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -71,8 +118,7 @@ def bench_system(name: str, data_dir: Path, intervals: int, variants: dict) -> d
             replay, outputs = graph_call(model, z, pos64.float(), cell, pbc)
             row[f"{variant}_setup_s"] = round(time.perf_counter() - t0, 1)
             ran = message_triton.LAST_CONFIG
-            row[f"{variant}_ran"] = {k: ran.get(k) for k in ("filters", "sender_side", "block_edges", "chunk_channels",
-                                                             "num_warps")}  # what the kernels ran
+            row[f"{variant}_ran"] = {k: ran.get(k) for k in RAN_FIELDS}  # what the kernels ran
             replay()
             synchronize()
             row[f"{variant}_force_error"] = force_errors(outputs[1], reference)
@@ -120,6 +166,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--variants", default=None,
                         help="JSON: variant name -> LaunchConfig fields (default: gemm and table filters)")
+    parser.add_argument("--write-entries", nargs="?", const="package", default=None, metavar="PATH",
+                        help="write the winners as 'table' launch-table entries (default path: the package's table)")
     args = parser.parse_args(argv)
     variants = json.loads(args.variants) if args.variants else VARIANTS
     from torchmdx.kernels import message_triton
@@ -141,6 +189,19 @@ def main(argv=None):
         (args.out / "filter_table.json").write_text(json.dumps(results, indent=1))
     print(table_text(results))
     print(f"GPU: {results['gpu']}, {results['date']}")
+    if args.write_entries:
+        from torchmdx.kernels import launch_table
+
+        entries = choose_entries(results, source=f"bench_filter_table.py {results['date']}")
+        if not entries:
+            print("launch table: no variant beat the first one at any size class; nothing written")
+            return
+        path = launch_table.write_entries(entries, None if args.write_entries == "package" else args.write_entries)
+        (args.out / "launch_table.json").write_text(path.read_text())
+        for entry in entries:
+            print(f"launch table: {entry['gpu']} / {entry['size_class']} / table <- {entry['measured']['variant']} "
+                  f"{entry['config']} ({entry['measured']['time_ratio']:.3f} x the first variant's time), "
+                  f"written to {path} (and {args.out / 'launch_table.json'})")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ ATOM      4  O   GLY A   1      -1.056  -0.682  -0.923  1.00  0.00
 END
 """
 CA = ("prot.pdb: line 2 (atom 1, name 'CA' of GLY A 1) has no element symbol in columns 77-78, and ASE would take Ca "
-      "(calcium) from the atom name; an atom name is not an element ('CA' is a protein's alpha carbon): put each atom's "
-      "element symbol in columns 77-78 (e.g. with pdbfixer or Open Babel), or give the structure as extxyz")
+      "(calcium) from the atom name; an atom name is not an element ('CA' is a protein's alpha carbon): put each "
+      "atom's element symbol in columns 77-78 (e.g. with pdbfixer or Open Babel), or give the structure as extxyz")
 
 
 # ---------------------------------------------------------------------------------- PDB atom names as elements

@@ -196,7 +196,8 @@ def table_inputs(seed, *, dtype=torch.float64, device="cpu", heads=2, head_dim=8
 
 
 def table_call(module, t, edge_index, mask, coefficients, heads, *, reference=False, sender_side="sorted",
-               symmetric=False, vector_cutoff=True, keys=True, values=True, storage="float32"):
+               symmetric=False, vector_cutoff=True, keys=True, values=True, storage="float32", block_edges=None,
+               num_warps=None):
     """``storage`` 'compact': the kernels read the compact buffers (float32 calls), the reference
     the same tables' dequantized coefficients."""
     from torchmdx.kernels.message_triton_grad import reference_tabulated
@@ -217,10 +218,12 @@ def table_call(module, t, edge_index, mask, coefficients, heads, *, reference=Fa
         return reference_tabulated(*args, **kw)
     module.CONFIG.sender_side = sender_side
     module.CONFIG.table_storage = storage
+    module.CONFIG.block_edges, module.CONFIG.num_warps = block_edges, num_warps
     try:
         return module.FusedMessage(symmetric=symmetric).tabulated(*args, **kw)
     finally:
         module.CONFIG.table_storage = "auto"
+        module.CONFIG.block_edges = module.CONFIG.num_warps = None
 
 
 def table_compare(module, t, edge_index, mask, coefficients, heads, tol, **kw):
@@ -266,6 +269,10 @@ TABLE_CASES = {
     "compact_sorted_f32": (dict(dtype=torch.float32, padding=40), dict(storage="compact", vector_cutoff=False), 3e-5),
     "compact_merged_f32": (dict(dtype=torch.float32, symmetric=True),
                            dict(storage="compact", sender_side="merged", symmetric=True), 3e-5),
+    # the H100 launch-table entries of frozen models (2026-12-07): 4-edge blocks merged, 8-edge reverse
+    "merged_be4_f64": (dict(symmetric=True, padding=40), dict(sender_side="merged", symmetric=True, block_edges=4), 1e-11),
+    "reverse_be8_f32": (dict(dtype=torch.float32, symmetric=True), dict(sender_side="reverse", symmetric=True,
+                                                                         block_edges=8), 3e-5),
     "compact_reverse_values_f32": (dict(dtype=torch.float32, symmetric=True, with_dk=False),
                                    dict(storage="compact", sender_side="reverse", symmetric=True, keys=False), 3e-5),
 }
@@ -380,9 +387,13 @@ def test_interpreter(interpreter_results, name):
 # --------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("sender_side", ["sorted", "merged", "reverse"])
+@pytest.mark.parametrize("sender_side,block_edges,num_warps", [("sorted", None, None), ("merged", None, None),
+                                                                ("reverse", None, None), ("merged", 4, 1),
+                                                                ("reverse", 8, 2)])
 @pytest.mark.parametrize("storage", ["float32", "compact"])
-def test_gpu_table_message(dtype, tol, sender_side, storage):
+def test_gpu_table_message(dtype, tol, sender_side, block_edges, num_warps, storage):
+    """Table mode against the float64 reference at the default launch shapes and at the launch-table
+    entries of frozen models (merged, 4 edges, 1 warp; reverse, 8 edges, 2 warps)."""
     from torchmdx.kernels import message_triton
 
     if storage == "compact" and dtype != torch.float32:
@@ -391,8 +402,8 @@ def test_gpu_table_message(dtype, tol, sender_side, storage):
                                                      intervals=2048, atoms=300, degree=30, padding=50, empty_atom=7,
                                                      symmetric=True)
     errors = table_compare(message_triton, t, edge_index, mask, coefficients, 8, tol, sender_side=sender_side,
-                           symmetric=True, storage=storage)
-    print(dtype, sender_side, storage, {k: f"{v:.1e}" for k, v in errors.items()})
+                           symmetric=True, storage=storage, block_edges=block_edges, num_warps=num_warps)
+    print(dtype, sender_side, block_edges, num_warps, storage, {k: f"{v:.1e}" for k, v in errors.items()})
 
 
 @pytest.mark.gpu

@@ -513,7 +513,8 @@ def test_gpu_random(dtype, tol, filters, vector_cutoff, attn):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("filters,block_edges,num_warps,side", [("gemm", 16, 4, "merged"), ("gemm", 8, 4, "merged"),
                                                                  ("kernel", 16, 4, "merged"), ("gemm", 8, 4, "reverse"),
-                                                                 ("kernel", 16, 4, "reverse")])
+                                                                 ("kernel", 16, 4, "reverse"), ("gemm", 4, 1, "merged"),
+                                                                 ("gemm", 8, 2, "reverse")])
 def test_gpu_random_merged_sender_side(dtype, tol, filters, block_edges, num_warps, side):
     """The sender side from the reverse edges on a symmetric list (300 atoms, with periodic-image
     and self-image edges), merged into the receiver kernel or in a sender kernel of its own,

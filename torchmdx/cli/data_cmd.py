@@ -188,18 +188,21 @@ def _refuse_damaged_cache(config, opts) -> None:
 
 def _info(args, config) -> int:
     from torchmdx.data.cache import find_cache, read_cache
-    from torchmdx.data.formats import read_structures
     from torchmdx.data.summary import format_summary, summarize
+    from torchmdx.data.summary_stream import summary_structures
 
     opts = config.reader_options()
     cached = find_cache(config.path, config.format, config.cache_dir, **opts)
     if cached is None:
         _refuse_damaged_cache(config, opts)
-    structures = read_cache(cached, mmap=True) if cached else read_structures(config.path, config.format, **opts)
+        # no cache: one streamed pass keeps the per-structure arrays and the statistics (was the whole read)
+        structures, force_problem = summary_structures(config.path, config.format, **opts)
+    else:
+        structures, force_problem = read_cache(cached, mmap=True), None
     summary = summarize(structures)
     if _is_config(args.source):
         summary.update(_config_part(structures, config, cached))
-    problem = _label_problem(structures, config)
+    problem = _label_problem(structures, config, force_problem, checked_forces=cached is None)
     if problem is not None:
         summary["label_problem"] = problem
     if args.json:
@@ -215,16 +218,20 @@ def _info(args, config) -> int:
     return 0
 
 
-def _label_problem(structures, config) -> str | None:
+def _label_problem(structures, config, force_problem=None, checked_forces: bool = False) -> str | None:
     """What training would refuse in the labels (torchmdx.data.label_check: an energy or force
-    far beyond physical), as its one line; None when they pass or ``data.check_labels`` is false."""
+    far beyond physical), as its one line; None when they pass or ``data.check_labels`` is false.
+    ``checked_forces``: the forces were checked while the file was streamed (``force_problem``, the line for
+    the first force beyond physical, or None): the summary's structures keep no forces."""
     from torchmdx.data.label_check import check_labels
     from torchmdx.errors import DataError
 
     if getattr(config, "check_labels", None) is False or structures.energy is None:
         return None
+    if force_problem is not None:  # the check's first item, as check_labels would name it
+        return force_problem
     try:
-        check_labels(structures)
+        check_labels(structures, check_forces=not checked_forces)
     except DataError as exc:
         return str(exc)
     return None

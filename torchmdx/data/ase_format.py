@@ -28,7 +28,7 @@ unit is refused.
 
 :func:`read_ase` reads the file once, holding every frame; the cache is built from
 :func:`torchmdx.data.ase_stream.iter_ase` (two passes, bounded memory, the same structures; an ASE
-database is read whole).
+database's rows are fetched a page at a time: :func:`db_rows`).
 """
 
 from __future__ import annotations
@@ -44,62 +44,11 @@ from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import Structures, numeric_values
 from torchmdx.data.unit_keys import check_unit_keys, db_units as _db_units
 from torchmdx.errors import DataError
-from torchmdx.data.ase_text import (extxyz_options as _extxyz_options, label_as_symbol, number_as_symbol,
-                                    number_key as _number_key, pdb_name_as_element, short_atom_count)
-from torchmdx.io_utils import byte_order_mark, decode_text, is_torch_file
+from torchmdx.data.ase_text import (ase_source, label_as_symbol, number_as_symbol, number_key as _number_key,
+                                    open_ase_source, short_atom_count)
+from torchmdx.io_utils import is_torch_file
 
-#: compressed files ASE opens itself, by name (ase.io.formats.open_with_compression); the content decides
-#: in io_utils.open_compressed, but ASE reads a gzip file named .xyz as text, so this follows ASE
-_COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
-
-
-def ase_source(path) -> tuple:
-    """``(source, keyword arguments)`` for ``ase.io.read`` / ``iread`` of ``path``: the path itself, or,
-    for a text file that starts with a byte-order mark (UTF-8, or UTF-16/32: Windows PowerShell's ``>``),
-    its text without the mark and the format ASE guesses for it (ASE's readers took the mark for part of the
-    first line: "Expected xyz header but got: invalid literal for int() ... '\\ufeff26'", and UTF-16 for
-    a damaged UTF-8 file: "'utf-8' codec can't decode byte 0xff in position 0"). Compressed files (.gz, .bz2,
-    .xz) are looked into. A marked file that ASE could not read from text is one line naming the mark."""
-    import importlib
-    import io
-
-    path = Path(path)
-    module = _COMPRESSED.get(path.suffix.lower())
-    shown = path.with_suffix("") if module else path  # filetype() guesses from the name without .gz
-    try:
-        opener = importlib.import_module(module).open if module else open
-        with opener(path, "rb") as handle:
-            head = handle.read(4)
-            mark = byte_order_mark(head)
-            if mark is None:
-                options = _extxyz_options(path, None)
-                if options.get("format") == "proteindatabank":
-                    problem = pdb_name_as_element(path)
-                    if problem:
-                        raise DataError(f"{path}: {problem}")
-                return str(path), options
-            data = head + handle.read()
-    except DataError:
-        raise
-    except Exception:  # noqa: BLE001 - unreadable, or not the compression its name says: ASE's own error names it
-        return str(path), {}
-    from ase.io.formats import filetype, ioformats
-
-    class _Named(io.BytesIO):
-        name = str(shown)  # filetype() takes the name's extension, then the content (without the mark)
-
-    try:
-        text = decode_text(data)
-        fmt = filetype(_Named(text.encode("utf-8")), read=True, guess=True)
-        reader = ioformats[fmt]
-        usable = reader.can_read and reader.acceptsfd and not reader.isbinary
-    except Exception:  # noqa: BLE001 - unknown format, or not text after the mark: say what the mark is
-        usable = False
-    if not usable:
-        advice = "without the mark (plain UTF-8)" if mark[1] == "utf-8-sig" else "as plain UTF-8"
-        raise DataError(f"{path}: starts with {mark[2]}, and what follows is not a text structure format ASE can "
-                        f"read; save the file {advice}")
-    return io.StringIO(text), _extxyz_options(path, fmt)
+# ase_source and open_ase_source live in torchmdx.data.ase_text; md and export import ase_source from here
 
 
 def all_frames(path) -> list:
@@ -326,50 +275,52 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
 
     k = -1
     try:
-        source, options = ase_source(path)
-        iterator = ase.io.iread(source, index=":", **options)
-        for k, atoms in enumerate(tqdm(iterator, desc=desc or f"reading {path.name}", total=total, unit=" frames",
-                                             disable=None)):
-            results = dict(atoms.calc.results) if atoms.calc is not None else {}
-            where = f"{path}: frame {k}"
-            frame = _Frame()
-            frame.where = where
-            frame.numbers = atoms.numbers
-            frame.positions = atoms.positions
-            frame.cell = atoms.cell.array
-            frame.pbc = atoms.pbc
-            check_unit_keys(atoms.info, where, energy_unit, length_unit)  # energy_unit=Hartree: rounds 22, 23
-            if energy_key in atoms.info:
-                frame.energy = atoms.info[energy_key]
-            elif energy_key in results:
-                frame.energy = results[energy_key]
-            else:
-                raise DataError(f"{where}: no energy '{energy_key}' (info keys: {', '.join(sorted(atoms.info)) or 'none'}; "
-                                f"calculator results: {', '.join(sorted(results)) or 'none'}); "
-                                + _energy_advice(path, not atoms.info and not results))
-            if forces_key in atoms.arrays:
-                frame.forces = atoms.arrays[forces_key]
-            else:
-                frame.forces = results.get(forces_key)
-            frame.group = _group(atoms.info, group_key, where)
-            frame.theory = atoms.info.get("theory")
-            frame.stress = _frame_stress(atoms.info, results, frame.cell, stress_key, where)
-            extras, atom_extras = {}, {}
-            for key, value in list(atoms.info.items()) + [(k, v) for k, v in results.items() if k not in atoms.info]:
-                arr = _numeric(value)
-                if key in (energy_key, group_key, forces_key, stress_key, "virial") or arr is None:
-                    continue
-                if key in _PER_ATOM_RESULTS and key in results:
-                    atom_extras[key] = arr
+        with open_ase_source(path) as (source, options):  # a marked text file: decoded as it is read
+            iterator = ase.io.iread(source, index=":", **options)
+            for k, atoms in enumerate(tqdm(iterator, desc=desc or f"reading {path.name}", total=total, unit=" frames",
+                                           disable=None)):
+                results = dict(atoms.calc.results) if atoms.calc is not None else {}
+                where = f"{path}: frame {k}"
+                frame = _Frame()
+                frame.where = where
+                frame.numbers = atoms.numbers
+                frame.positions = atoms.positions
+                frame.cell = atoms.cell.array
+                frame.pbc = atoms.pbc
+                check_unit_keys(atoms.info, where, energy_unit, length_unit)  # energy_unit=Hartree: rounds 22, 23
+                if energy_key in atoms.info:
+                    frame.energy = atoms.info[energy_key]
+                elif energy_key in results:
+                    frame.energy = results[energy_key]
                 else:
-                    extras[key] = arr.reshape(-1)
-            for key, value in atoms.arrays.items():
-                arr = _numeric(value)
-                if key not in _SKIP_ARRAYS and key != forces_key and arr is not None:
-                    atom_extras[key] = arr
-            frame.extras = extras
-            frame.atom_extras = atom_extras
-            yield frame
+                    raise DataError(f"{where}: no energy '{energy_key}' (info keys: "
+                                    f"{', '.join(sorted(atoms.info)) or 'none'}; "
+                                    f"calculator results: {', '.join(sorted(results)) or 'none'}); "
+                                    + _energy_advice(path, not atoms.info and not results))
+                if forces_key in atoms.arrays:
+                    frame.forces = atoms.arrays[forces_key]
+                else:
+                    frame.forces = results.get(forces_key)
+                frame.group = _group(atoms.info, group_key, where)
+                frame.theory = atoms.info.get("theory")
+                frame.stress = _frame_stress(atoms.info, results, frame.cell, stress_key, where)
+                extras, atom_extras = {}, {}
+                for key, value in list(atoms.info.items()) + [(r, v) for r, v in results.items()
+                                                              if r not in atoms.info]:
+                    arr = _numeric(value)
+                    if key in (energy_key, group_key, forces_key, stress_key, "virial") or arr is None:
+                        continue
+                    if key in _PER_ATOM_RESULTS and key in results:
+                        atom_extras[key] = arr
+                    else:
+                        extras[key] = arr.reshape(-1)
+                for key, value in atoms.arrays.items():
+                    arr = _numeric(value)
+                    if key not in _SKIP_ARRAYS and key != forces_key and arr is not None:
+                        atom_extras[key] = arr
+                frame.extras = extras
+                frame.atom_extras = atom_extras
+                yield frame
     except DataError:
         raise
     except KeyError as exc:
@@ -412,11 +363,44 @@ def group_label(value, what: str) -> str:
                     "(a per-structure label of shape ())")
 
 
-def _iter_db_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress"):
+#: the most rows, and about the most atoms, one query of :func:`db_rows` fetches (ASE's SQLite backend fetches
+#: a whole selection at once: ``cur.fetchall()``)
+DB_PAGE_ROWS = 4096
+DB_PAGE_ATOMS = 1 << 18
+#: rows of the first query, before the rows' sizes are known
+DB_FIRST_PAGE_ROWS = 256
+
+
+def db_rows(db):
+    """Every row of ASE database ``db`` in id order (the order of ``db.select()``), fetched a page at a time with
+    ASE's own API (``db.select([('id', '>', last)], limit=n)``: SQLite's range search on the row id, so a page
+    costs its own rows, not those before it). ``db.select()`` alone fetches every row of the database into
+    memory before it yields the first; a page here holds at most :data:`DB_PAGE_ROWS` rows and, after the first
+    page, about :data:`DB_PAGE_ATOMS` atoms (its row count set by the largest row seen so far). The query has no
+    ``ORDER BY``: SQLite's plan is the rowid range search, which returns rows in id order (ASE's ``sort='id'``
+    adds an ``IS NULL`` term, and SQLite then sorts every remaining row for each page: ``USE TEMP B-TREE FOR ORDER
+    BY``); rows out of id order would be one line, not rows skipped."""
+    last, rows, largest = 0, DB_FIRST_PAGE_ROWS, 1
+    while True:
+        fetched = 0
+        for row in db.select([("id", ">", last)], limit=rows):
+            if row.id <= last:
+                raise DataError(f"{db.filename}: ASE returned row {row.id} after row {last}, out of id order; the "
+                                "rows cannot be read a page at a time")
+            fetched += 1
+            last = row.id
+            largest = max(largest, int(row.natoms))
+            yield row
+        if fetched < rows:
+            return
+        rows = max(1, min(DB_PAGE_ROWS, DB_PAGE_ATOMS // largest))
+
+
+def _iter_db_frames(path: Path, energy_key, forces_key, group_key, stress_key="stress", desc: Optional[str] = None):
     from tqdm.auto import tqdm
 
     db = connect_db(path)
-    for row in tqdm(db.select(), total=db.count(), desc=f"reading {path.name}", unit=" rows", disable=None):
+    for row in tqdm(db_rows(db), total=db.count(), desc=desc or f"reading {path.name}", unit=" rows", disable=None):
         where = f"{path}: row {row.id}"
         try:
             data = row.data or {}
@@ -490,8 +474,9 @@ class AseReading:
     def frames(self, desc: Optional[str] = None, total: Optional[int] = None):
         """The file's frames, one at a time, each checked on its own (``_Frame``: values in the file's units),
         with a progress bar saying ``desc`` (default "reading <name>") out of ``total`` frames (if known)."""
-        if self.path.suffix == ".db":
-            return _iter_db_frames(self.path, self.energy_key, self.forces_key, self.group_key, self.stress_key)
+        if self.path.suffix == ".db":  # ASE's database: the row count is known (``total`` not needed)
+            return _iter_db_frames(self.path, self.energy_key, self.forces_key, self.group_key, self.stress_key,
+                                   desc=desc)
         return _iter_atoms_frames(self.path, self.energy_key, self.forces_key, self.group_key, self.stress_key,
                                   self.energy_unit, self.length_unit, desc=desc, total=total)
 

@@ -1,10 +1,13 @@
 """Text-level checks of the structure files ASE reads (used by :mod:`torchmdx.data.ase_format`): an extxyz
 comment line that gives a key twice (ASE keeps the last value, silently), a species column of atomic
-numbers (ASE's KeyError '8') or of atom labels ('C1'), and PDB atoms without an element symbol (ASE takes one
-from the atom name: an alpha carbon 'CA' as calcium)."""
+numbers (ASE's KeyError '8') or of atom labels ('C1'), PDB atoms without an element symbol (ASE takes one from
+the atom name: an alpha carbon 'CA' as calcium), and text files that start with a byte-order mark
+(:func:`open_ase_source`: read without the mark, decoded as ASE reads them)."""
 
 from __future__ import annotations
 
+import io
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -147,7 +150,9 @@ def label_as_symbol(path, key: str) -> Optional[str]:
 
     from torchmdx.io_utils import decode_text, open_compressed
 
-    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_+*'-]{0,15}", key) or key.capitalize() in chemical_symbols:
+    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_+*'-]{0,15}", key):
+        return None
+    if key.capitalize() in chemical_symbols:
         return None
     try:
         with open_compressed(path, "rb") as handle:
@@ -203,3 +208,193 @@ def pdb_name_as_element(path) -> Optional[str]:
                     f"not an element ('CA' is a protein's alpha carbon): put each atom's element symbol in columns "
                     f"77-78 (e.g. with pdbfixer or Open Babel), or give the structure as extxyz")
     return None
+
+# ---------------------------------------------------------------------------------- files with a byte-order mark
+#: compressed files ASE opens itself, by name (ase.io.formats.open_with_compression); the content decides
+#: in io_utils.open_compressed, but ASE reads a gzip file named .xyz as text, so this follows ASE
+_COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+#: bytes of a marked file decoded at a time when it is checked (:func:`open_ase_source`)
+DECODE_BLOCK_BYTES = 1 << 20
+
+
+@contextmanager
+def open_ase_source(path, stream_compressed: bool = True):
+    """``(source, keyword arguments)`` for ``ase.io.read`` / ``iread`` of ``path`` while the ``with`` lasts: the
+    path itself, or, for a text file that starts with a byte-order mark (UTF-8, or UTF-16/32: Windows PowerShell's
+    ``>``), an open text stream of the file that leaves the mark out, decoded as ASE reads it (so a file of any
+    size is never held whole; closed when the ``with`` ends), and the format ASE guesses for its text (ASE's
+    readers took the mark for part of the first line: "Expected xyz header but got: invalid literal for int() ...
+    '\\ufeff26'", and UTF-16 for a damaged UTF-8 file: "'utf-8' codec can't decode byte 0xff in position 0").
+    Compressed files (.gz, .bz2, .xz) are looked into. A marked file is first decoded once, a block at a time
+    (:data:`DECODE_BLOCK_BYTES`), so that one that is not text after its mark, or not a text format ASE reads,
+    is one line naming the mark before ASE reads anything. With ``stream_compressed``, an unmarked compressed file
+    in a text format is a text stream too, opened as ASE opens it (``gzip.open(path, 'rt')``: the locale's
+    encoding, universal newlines) but through :class:`_Window` (ASE's own stream decompressed the file again from
+    its start at each frame: time growing with the square of the file's size)."""
+    path = Path(path)
+    opened = _open_marked(path)
+    if opened is None:  # unreadable, or not the compression its name says: ASE's own error names it
+        yield str(path), {}
+        return
+    opener, shown, mark = opened
+    if mark is None:
+        options = extxyz_options(path, None)
+        if options.get("format") == "proteindatabank":  # ATOM lines without elements: 'CA' read as calcium
+            problem = pdb_name_as_element(path)
+            if problem:
+                raise DataError(f"{path}: {problem}")
+        if not stream_compressed or opener is open or not _text_reader(options.get("format")):
+            yield str(path), options
+            return
+        with io.TextIOWrapper(io.BufferedReader(_Window(opener(path, "rb")))) as stream:
+            yield stream, options
+        return
+    fmt = _marked_format(path, opener, shown, mark)
+    if fmt is None:  # reading failed part-way (a damaged gzip stream): ASE's own error names it
+        yield str(path), {}
+        return
+    # the mark's codec ('utf-8-sig', 'utf-16', 'utf-32') skips the mark at the start (also after ASE's seek(0)),
+    # and TextIOWrapper's tell/seek cookies keep the decoder's state (UTF-16's byte order); newline="\n" splits
+    # and translates lines as io.StringIO(text) did (a "\r\n" keeps its "\r")
+    binary = opener(path, "rb")
+    if opener is not open:  # a decompressor: ASE's seeks a few KiB back would start it over each time
+        binary = io.BufferedReader(_Window(binary))
+    with io.TextIOWrapper(binary, encoding=mark[1], newline="\n") as stream:
+        yield stream, extxyz_options(path, fmt)
+
+
+def ase_source(path) -> tuple:
+    """:func:`open_ase_source`'s ``(source, keyword arguments)``, the text of a marked file read whole into an
+    ``io.StringIO`` (nothing left open: for callers that read one structure, or a few, with ``ase.io.read``)."""
+    with open_ase_source(path, stream_compressed=False) as (source, options):
+        if isinstance(source, str):
+            return source, options
+        return io.StringIO(source.read()), options
+
+
+def _text_reader(fmt: Optional[str]) -> bool:
+    """Whether ASE reads format ``fmt`` from a text stream."""
+    from ase.io.formats import ioformats
+
+    reader = ioformats.get(fmt) if fmt else None
+    return bool(reader is not None and reader.can_read and reader.acceptsfd and not reader.isbinary)
+
+
+def _open_marked(path: Path) -> Optional[tuple]:
+    """``(opener, the name ASE guesses from, byte-order mark or None)`` of ``path``; None when it cannot be read."""
+    import importlib
+
+    from torchmdx.io_utils import byte_order_mark
+
+    module = _COMPRESSED.get(path.suffix.lower())
+    shown = path.with_suffix("") if module else path  # filetype() guesses from the name without .gz
+    try:
+        opener = importlib.import_module(module).open if module else open
+        with opener(path, "rb") as handle:
+            return opener, shown, byte_order_mark(handle.read(4))
+    except Exception:  # noqa: BLE001 - unreadable, or not the compression its name says
+        return None
+
+
+def _marked_format(path: Path, opener, shown: Path, mark: tuple) -> Optional[str]:
+    """The format ASE guesses for the text of a marked file (from the first ``PEEK_BYTES`` of its UTF-8, as
+    ``filetype`` reads them), after decoding the whole file a block at a time; None when reading it fails. A file
+    that is not text after the mark, or whose text no ASE reader takes, is one line naming the mark."""
+    import codecs
+
+    from ase.io.formats import PEEK_BYTES, filetype, ioformats
+
+    decoder = codecs.getincrementaldecoder(mark[1])()
+    head, size = [], 0
+    try:
+        with opener(path, "rb") as handle:
+            while True:
+                block = handle.read(DECODE_BLOCK_BYTES)
+                if decoder is not None:
+                    try:
+                        text = decoder.decode(block, final=not block)
+                    except UnicodeDecodeError:
+                        decoder = None  # not text after the mark (read on: a failed read is ASE's to name)
+                    else:
+                        if size < PEEK_BYTES and text:
+                            head.append(text[:PEEK_BYTES].encode("utf-8"))  # a character is 1 byte or more
+                            size += len(head[-1])
+                if not block:
+                    break
+    except Exception:  # noqa: BLE001 - a damaged compressed stream: ASE's own error names it
+        return None
+
+    class _Named(io.BytesIO):
+        name = str(shown)  # filetype() takes the name's extension, then the content (without the mark)
+
+    usable, fmt = False, None
+    if decoder is not None:
+        try:
+            fmt = filetype(_Named(b"".join(head)), read=True, guess=True)
+            usable = fmt in ioformats and _text_reader(fmt)
+        except Exception:  # noqa: BLE001 - unknown format: say what the mark is
+            usable = False
+    if not usable:
+        advice = "without the mark (plain UTF-8)" if mark[1] == "utf-8-sig" else "as plain UTF-8"
+        raise DataError(f"{path}: starts with {mark[2]}, and what follows is not a text structure format ASE can "
+                        f"read; save the file {advice}")
+    return fmt
+
+
+#: bytes :class:`_Window` keeps behind the position it has read to
+WINDOW_BYTES = 4 << 20
+
+
+class _Window(io.RawIOBase):
+    """A decompressor's output made cheap to seek within its last :data:`WINDOW_BYTES`: ASE's extxyz reader seeks
+    back to the start of each frame (and its text layer to the start of a decoded block), which a gzip, bzip2 or xz
+    stream serves by decompressing again from the file's start (a 2.6 MB file of 900 frames took 24 s instead of
+    1 s). A seek before the window starts over (ASE's one return to the first frame after indexing the file)."""
+
+    def __init__(self, source, size: int = WINDOW_BYTES):
+        super().__init__()
+        self._source, self._size = source, size
+        self._buffer, self._start, self._pos = bytearray(), 0, 0  # the window, where it starts, where we are
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("seek from the end of a decompressed stream")
+        if offset < self._start:  # before the window: decompress again from the start
+            self._source.seek(0)
+            self._buffer, self._start = bytearray(), 0
+        self._pos = max(0, offset)
+        return self._pos
+
+    def readinto(self, target) -> int:
+        end = self._start + len(self._buffer)
+        while self._pos >= end:
+            data = self._source.read(max(len(target), 1 << 16))
+            if not data:
+                return 0
+            self._buffer += data
+            end += len(data)
+            drop = min(len(self._buffer) - self._size, self._pos - self._start)
+            if drop > self._size:  # trim in large steps (not at every read)
+                del self._buffer[:drop]
+                self._start += drop
+        offset = self._pos - self._start
+        n = min(len(target), end - self._pos)
+        target[:n] = self._buffer[offset:offset + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._source.close()
+        super().close()

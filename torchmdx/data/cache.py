@@ -5,8 +5,8 @@ checksums, reading it back) is :mod:`torchmdx.data.cache_file`; its public names
 re-exported here.
 
 **Streamed build.** :func:`build_cache` reads the source in chunks
-(:func:`torchmdx.data.formats.iter_structures`: ANI-1 / ANI-1x group by group, ASE files other than
-databases frame by frame in two passes; other formats in one piece) and hands each chunk to :class:`~torchmdx.data.cache_file.CacheWriter`, whose memory
+(:func:`torchmdx.data.formats.iter_structures`: ANI-1 / ANI-1x group by group, ASE files (ASE
+databases included) frame by frame in two passes; other formats in one piece) and hands each chunk to :class:`~torchmdx.data.cache_file.CacheWriter`, whose memory
 stays bounded by a chunk and a copy block, whatever the size of the dataset.
 
 **When is it rebuilt?** The cache's file name is derived from the source's absolute path, the

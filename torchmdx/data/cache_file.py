@@ -156,28 +156,17 @@ def _remove(entry: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # write
-class CacheWriter:
-    """Writes a cache chunk by chunk with bounded memory (module docstring: streamed build).
+class ChunkSink:
+    """Takes the chunks of a streamed read in order (:func:`torchmdx.data.formats.iter_structures`): checks that
+    each has what the first had (forces, group labels, extras of the same shapes; a chunk that differs is a one-line
+    :class:`DataError` naming the structure and its group), numbers the group names over all chunks (in order of
+    first appearance), counts the build's statistics (element counts, force sums, atoms per structure) and hands
+    each chunk to :meth:`_keep`: :class:`CacheWriter` writes it, :class:`torchmdx.data.summary_stream.
+    SummaryCollector` keeps its per-structure arrays for ``data info``."""
 
-    ::
-
-        with CacheWriter(path, fmt="ani1x", source=src, options=opts, fingerprint=fp) as w:
-            for chunk in iter_structures(src, "ani1x"):
-                w.add(chunk)
-        # complete and renamed onto ``path`` here; on an exception nothing is left behind
-
-    Every chunk must have what the first had (forces, group labels, extras of the same shapes);
-    a chunk that differs is a one-line :class:`DataError` naming the structure (and its group).
-    """
-
-    def __init__(self, path, fmt: str = "", source=None, options=None, fingerprint=None):
-        self.path = Path(path)
-        self.fmt, self.options, self.fingerprint = fmt, options or {}, fingerprint or {}
+    def __init__(self, source=None):
         self.source = str(Path(source).resolve()) if source is not None else None
-        self.tmp = temporary_cache_path(self.path)
-        self.parts = self.tmp.with_name(self.tmp.name + ".parts")
         self.n_structures = self.n_atoms = 0
-        self._spill: dict[str, tuple] = {}  # name -> (file, dtype, tail shape, kind 'S'|'A')
         self._group_index: dict[str, int] = {}
         self.group_names: list[str] = []
         self._layout: Optional[dict] = None
@@ -187,32 +176,6 @@ class CacheWriter:
         self._force_sq_sum, self._force_max = 0.0, 0.0
         self._atoms_min, self._atoms_max = None, 0
 
-    # -- context --------------------------------------------------------------------------------
-    def __enter__(self) -> "CacheWriter":
-        folder = self.path.parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.parts.mkdir()
-        except OSError as exc:
-            blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-            if blocker is not None:
-                raise DataError(f"cache folder {folder}: {blocker} is a file, not a folder (pass another "
-                                "--cache-dir / data.cache_dir)") from None
-            raise DataError(f"cache folder {folder}: cannot write there ({exc.strerror or exc}); pass another "
-                            "--cache-dir / data.cache_dir") from None
-        return self
-
-    def __exit__(self, kind, value, tb) -> None:
-        try:
-            if kind is None:
-                self.finish()
-        finally:
-            self._close_spill()
-            _remove(self.parts)
-            if kind is not None or self.tmp.exists():
-                _remove(self.tmp)
-
-    # -- chunks ---------------------------------------------------------------------------------
     def _where(self, chunk: Structures, k: int = 0) -> str:
         name = self.source or chunk.source
         group = ""
@@ -260,17 +223,7 @@ class CacheWriter:
             bad = int(np.flatnonzero((z < 0) | (z > MAX_ATOMIC_NUMBER))[0])
             k = int(np.searchsorted(chunk.offsets, bad, side="right") - 1)
             raise DataError(f"{self._where(chunk, k)}: invalid atomic number {int(z[bad])}")
-        self._append("z", z.astype(np.uint8), "A")
-        self._append("pos", chunk.pos.astype(np.float64, copy=False), "A")
-        if chunk.forces is not None:
-            forces = chunk.forces.astype(np.float64, copy=False)
-            self._append("forces", forces, "A")
-            self._force_sq_sum += float(np.sum(forces ** 2))
-            self._force_max = max(self._force_max, float(np.sqrt((forces ** 2).sum(axis=1)).max(initial=0.0)))
-        self._append("energy", chunk.energy.astype(np.float64, copy=False), "S")
-        self._append("counts", counts.astype(np.int64), "S")
-        self._append("cell", np.asarray(chunk.cell, dtype=np.float64), "S")
-        self._append("pbc", np.asarray(chunk.pbc, dtype=bool), "S")
+        group = None
         if chunk.group is not None:
             used = np.unique(chunk.group)
             lookup = np.zeros(int(used.max()) + 1, dtype=np.int64)
@@ -280,11 +233,12 @@ class CacheWriter:
                     self._group_index[name] = len(self.group_names)
                     self.group_names.append(name)
                 lookup[g] = self._group_index[name]
-            self._append("group", lookup[chunk.group], "S")
-        for name, values in chunk.extras.items():
-            self._append(f"extras/{name}", np.asarray(values), "S")
-        for name, values in chunk.atom_extras.items():
-            self._append(f"atom_extras/{name}", np.asarray(values), "A")
+            group = lookup[chunk.group]
+        forces = None if chunk.forces is None else chunk.forces.astype(np.float64, copy=False)
+        self._keep(chunk, z.astype(np.uint8), forces, counts.astype(np.int64), group)
+        if forces is not None:
+            self._force_sq_sum += float(np.sum(forces ** 2))
+            self._force_max = max(self._force_max, float(np.sqrt((forces ** 2).sum(axis=1)).max(initial=0.0)))
         self._element_counts += np.bincount(z, minlength=self._element_counts.size)[: self._element_counts.size]
         self._atoms_min = int(counts.min()) if self._atoms_min is None else min(self._atoms_min, int(counts.min()))
         self._atoms_max = max(self._atoms_max, int(counts.max()))
@@ -292,6 +246,86 @@ class CacheWriter:
         self.n_atoms += a
         self.metadata = chunk.metadata
         self.extra_units = chunk.extra_units
+
+    def _keep(self, chunk: Structures, z: np.ndarray, forces: Optional[np.ndarray], counts: np.ndarray,
+              group: Optional[np.ndarray]) -> None:
+        """Keep a checked chunk: ``z`` as uint8, ``forces`` float64 (or None), ``counts`` its atoms per structure,
+        ``group`` its group codes numbered over all chunks (or None)."""
+        raise NotImplementedError
+
+    def statistics(self) -> dict:
+        components = 3 * self.n_atoms if self._layout is not None and self._layout["forces"] else 0
+        return {
+            "element_counts": {str(z): int(c) for z, c in enumerate(self._element_counts) if c},
+            "atoms_min": self._atoms_min, "atoms_max": self._atoms_max,
+            "force_sq_sum": self._force_sq_sum if components else None, "force_components": components,
+            "force_max": self._force_max if components else None,
+        }
+
+
+class CacheWriter(ChunkSink):
+    """Writes a cache chunk by chunk with bounded memory (module docstring: streamed build).
+
+    ::
+
+        with CacheWriter(path, fmt="ani1x", source=src, options=opts, fingerprint=fp) as w:
+            for chunk in iter_structures(src, "ani1x"):
+                w.add(chunk)
+        # complete and renamed onto ``path`` here; on an exception nothing is left behind
+
+    Every chunk must have what the first had (forces, group labels, extras of the same shapes);
+    a chunk that differs is a one-line :class:`DataError` naming the structure (and its group).
+    """
+
+    def __init__(self, path, fmt: str = "", source=None, options=None, fingerprint=None):
+        super().__init__(source)
+        self.path = Path(path)
+        self.fmt, self.options, self.fingerprint = fmt, options or {}, fingerprint or {}
+        self.tmp = temporary_cache_path(self.path)
+        self.parts = self.tmp.with_name(self.tmp.name + ".parts")
+        self._spill: dict[str, tuple] = {}  # name -> (file, dtype, tail shape, kind 'S'|'A')
+
+    # -- context --------------------------------------------------------------------------------
+    def __enter__(self) -> "CacheWriter":
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.parts.mkdir()
+        except OSError as exc:
+            blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+            if blocker is not None:
+                raise DataError(f"cache folder {folder}: {blocker} is a file, not a folder (pass another "
+                                "--cache-dir / data.cache_dir)") from None
+            raise DataError(f"cache folder {folder}: cannot write there ({exc.strerror or exc}); pass another "
+                            "--cache-dir / data.cache_dir") from None
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            if kind is None:
+                self.finish()
+        finally:
+            self._close_spill()
+            _remove(self.parts)
+            if kind is not None or self.tmp.exists():
+                _remove(self.tmp)
+
+    # -- chunks ---------------------------------------------------------------------------------
+    def _keep(self, chunk, z, forces, counts, group) -> None:
+        self._append("z", z, "A")
+        self._append("pos", chunk.pos.astype(np.float64, copy=False), "A")
+        if forces is not None:
+            self._append("forces", forces, "A")
+        self._append("energy", chunk.energy.astype(np.float64, copy=False), "S")
+        self._append("counts", counts, "S")
+        self._append("cell", np.asarray(chunk.cell, dtype=np.float64), "S")
+        self._append("pbc", np.asarray(chunk.pbc, dtype=bool), "S")
+        if group is not None:
+            self._append("group", group, "S")
+        for name, values in chunk.extras.items():
+            self._append(f"extras/{name}", np.asarray(values), "S")
+        for name, values in chunk.atom_extras.items():
+            self._append(f"atom_extras/{name}", np.asarray(values), "A")
 
     def _append(self, name: str, array: np.ndarray, kind: str) -> None:
         if name not in self._spill:
@@ -305,15 +339,6 @@ class CacheWriter:
             handle.close()
 
     # -- the file -------------------------------------------------------------------------------
-    def statistics(self) -> dict:
-        components = 3 * self.n_atoms if "forces" in self._spill else 0
-        return {
-            "element_counts": {str(z): int(c) for z, c in enumerate(self._element_counts) if c},
-            "atoms_min": self._atoms_min, "atoms_max": self._atoms_max,
-            "force_sq_sum": self._force_sq_sum if components else None, "force_components": components,
-            "force_max": self._force_max if components else None,
-        }
-
     def finish(self) -> Path:
         """Write the HDF5 file from the spill files and rename it onto the cache's name."""
         import h5py

@@ -280,20 +280,20 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else "no detail"
 
 
-#: formats read in chunks by :func:`iter_structures` (others are read whole, then written as one chunk); an ASE
-#: file is streamed unless it is an ASE database (:func:`streamed`)
+#: formats read in chunks by :func:`iter_structures` (others are read whole, then written as one chunk)
 STREAMED_FORMATS = ("ani1", "ani1x", "ase")
 
 
 def streamed(fmt: str, source: Path) -> bool:
-    """Whether :func:`iter_structures` streams ``source`` read as ``fmt``: ANI-1 / ANI-1x files and ASE files
-    other than an ASE database (``.db``: ASE's SQLite backend fetches every row at once)."""
-    return fmt in STREAMED_FORMATS and not (fmt == "ase" and Path(source).suffix == ".db")
+    """Whether :func:`iter_structures` streams ``source`` read as ``fmt``: ANI-1 / ANI-1x files and every ASE
+    file, an ASE database (``.db``) included (its rows fetched a page at a time:
+    :func:`torchmdx.data.ase_format.db_rows`)."""
+    return fmt in STREAMED_FORMATS
 
 
 def iter_structures(path, format: Optional[str] = None, chunk_atoms: Optional[int] = None, **options):
     """The dataset as validated :class:`Structures` chunks of about ``chunk_atoms`` atoms (eV, Å):
-    ANI-1 / ANI-1x files are streamed group by group, ASE files (extxyz, .traj, ...; not a database) frame by
+    ANI-1 / ANI-1x files are streamed group by group, ASE files (extxyz, .traj, an ASE database, ...) frame by
     frame in two passes (:mod:`torchmdx.data.ase_stream`), so memory does not grow with the file;
     other formats come as one chunk (their readers hold the whole file). Messages of a chunk name
     the structure's index in the whole dataset (or the HDF5 group and conformation, the file's frame)."""

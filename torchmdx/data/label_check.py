@@ -36,6 +36,8 @@ never read whole).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from torchmdx.data.structures import MAX_ATOMIC_NUMBER, Structures
@@ -93,26 +95,21 @@ def _structure_blocks(offsets: np.ndarray, chunk_atoms: int):
 _PASSED: set = set()
 
 
-def check_labels(data, chunk_atoms: int = CHUNK_ATOMS, key=None) -> None:
+def check_labels(data, chunk_atoms: int = CHUNK_ATOMS, key=None, check_forces: bool = True) -> None:
     """One-line DataError naming the source file, the structure (and atom) of the first label far
     beyond physical (module docstring), else nothing. ``data``: an H5Dataset or a Structures;
-    ``key`` (hashable: a cache's path and content fingerprint): checked once per process."""
+    ``key`` (hashable: a cache's path and content fingerprint): checked once per process. ``check_forces``
+    False: the forces were checked already, chunk by chunk (:func:`force_problem`; ``data info`` on a raw file,
+    whose summary keeps no forces)."""
     if key is not None and key in _PASSED:
         return
     st = data if isinstance(data, Structures) else data.structures
     src = st.source
     offsets = np.asarray(st.offsets, dtype=np.int64)
-    if st.forces is not None:
-        for first, last in _structure_blocks(offsets, chunk_atoms):
-            a0, a1 = int(offsets[first]), int(offsets[last])
-            forces = np.abs(np.asarray(st.forces[a0:a1], dtype=np.float64))
-            if forces.size and forces.max() > MAX_FORCE:
-                atom = a0 + int(np.argmax(forces.max(axis=1) > MAX_FORCE))
-                s = int(np.searchsorted(offsets, atom, side="right") - 1)
-                value = np.asarray(st.forces[atom], dtype=np.float64)
-                raise DataError(f"{src}: structure {s} (atom {atom - offsets[s]}): force {value.tolist()} eV/Å, "
-                                f"beyond the {MAX_FORCE:.0e} eV/Å of any physical structure (wrong units, or a "
-                                f"broken calculation?); fix or drop it, or {OVERRIDE}")
+    if check_forces and st.forces is not None:
+        problem = force_problem(st, chunk_atoms)
+        if problem is not None:
+            raise DataError(problem)
     _check_stress(st, offsets)
     energy = np.asarray(st.energy, dtype=np.float64)
     bounds = energy_bounds(st, chunk_atoms)
@@ -125,6 +122,25 @@ def check_labels(data, chunk_atoms: int = CHUNK_ATOMS, key=None) -> None:
     _check_residuals(st, energy, offsets, chunk_atoms)
     if key is not None:
         _PASSED.add(key)
+
+
+def force_problem(st: Structures, chunk_atoms: int = CHUNK_ATOMS, first: int = 0) -> Optional[str]:
+    """The line for the first force component of ``st`` beyond :data:`MAX_FORCE` (item 1 of the module docstring),
+    naming its structure as ``first`` + its index in ``st`` (a chunk of a streamed read); None when there is none."""
+    if st.forces is None:
+        return None
+    offsets = np.asarray(st.offsets, dtype=np.int64)
+    for start, last in _structure_blocks(offsets, chunk_atoms):
+        a0, a1 = int(offsets[start]), int(offsets[last])
+        forces = np.abs(np.asarray(st.forces[a0:a1], dtype=np.float64))
+        if forces.size and forces.max() > MAX_FORCE:
+            atom = a0 + int(np.argmax(forces.max(axis=1) > MAX_FORCE))
+            s = int(np.searchsorted(offsets, atom, side="right") - 1)
+            value = np.asarray(st.forces[atom], dtype=np.float64)
+            return (f"{st.source}: structure {first + s} (atom {atom - offsets[s]}): force {value.tolist()} eV/Å, "
+                    f"beyond the {MAX_FORCE:.0e} eV/Å of any physical structure (wrong units, or a broken "
+                    f"calculation?); fix or drop it, or {OVERRIDE}")
+    return None
 
 
 def _check_stress(st: Structures, offsets: np.ndarray) -> None:
@@ -176,4 +192,5 @@ def _check_residuals(st: Structures, energy: np.ndarray, offsets: np.ndarray, ch
             f"refused beyond {limit:.3g} eV/atom: wrong units, or a broken calculation?); fix or drop it, or {OVERRIDE}")
 
 
-__all__ = ["MAX_FORCE", "MAX_VIRIAL_PER_ATOM", "ENERGY_BOUND_FACTOR", "RESIDUAL_Z", "RESIDUAL_FLOOR", "check_labels", "energy_bounds"]
+__all__ = ["MAX_FORCE", "MAX_VIRIAL_PER_ATOM", "ENERGY_BOUND_FACTOR", "RESIDUAL_Z", "RESIDUAL_FLOOR", "check_labels",
+           "energy_bounds", "force_problem"]

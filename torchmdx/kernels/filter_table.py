@@ -27,11 +27,12 @@ of each channel's largest for r >= 0.5 Å (direct float32 evaluation: 1.8e-6), 1
 the interpolation error peaks (the tests bound it; the model's force error against float64 is
 the gate, measured by ``bench/bench_filter_table.py``).
 
-Compact storage (:meth:`FilterTable.compact`, ``LaunchConfig.table_storage = 'compact'``): the kernels
-read the coefficients of every edge's interval from L2, 16 B per channel, and at DHFR / STMV sizes the
-forward kernel moves them at ~4.8 TB/s (docs/kernels_message.md, 2026-12-07 roofline): the table bytes
-bound it. c2 and c3 scale as h^2 f'' and h^3 f''' (h ~ 2.4e-3 Å) and need far fewer bits than
-float32 gives them: the derivative takes them as (2 c2 t + 3 c3 t^2) / h. They share one 32-bit word
+Compact storage (:meth:`FilterTable.compact`, ``LaunchConfig.table_storage = 'compact'``; off by
+default): the kernels read the coefficients of every edge's interval from L2, 16 B per channel, which at
+DHFR / STMV sizes looked like the forward kernel's bound (~4.8 TB/s). Measured on an H100 on 2026-12-07
+(docs/kernels_message.md): 25 % fewer table bytes changed the calls by -1 % to +4 %, so it was not.
+c2 and c3 scale as h^2 f'' and h^3 f''' (h ~ 2.4e-3 Å) and need far fewer bits than float32 gives
+them: the derivative takes them as (2 c2 t + 3 c3 t^2) / h. They share one 32-bit word
 as fixed-point integers with a power-of-two scale per channel: c2 in 20 bits (error <= 2^-20 of the
 channel's largest |c2|, i.e. ~2e-9 h max|f''| in df/dr), c3 in 12 bits; c0 and c1 stay float32. Per
 interval three 4-byte rows (12 B per channel instead of 16, -25 %):
@@ -39,8 +40,9 @@ interval three 4-byte rows (12 B per channel instead of 16, -25 %):
     [c0 (float32), c1 (float32), (q2 & 0xFFFFF) | (q3 << 20)]    q2 = round(c2 s2_c), q3 = round(c3 s3_c)
 
 then two rows of the per-channel inverse scales 1 / s2_c, 1 / s3_c (s = 2^k with the channel's
-largest |q2| < 2^19 and |q3| < 2^11; powers of two, so the kernels' q / s equals the reference's). The
-compact table's ``coefficients`` are the dequantized values, so :meth:`lookup` is the torch reference of what the kernels compute.
+largest |q2| < 2^19 and |q3| < 2^11; powers of two, so the kernels' q / s equals the reference's).
+The compact table's ``coefficients`` are the dequantized values, so :meth:`lookup` is the torch
+reference of what the kernels compute.
 
 :meth:`FilterTable.lookup` is the torch reference of the lookup (differentiable in r); the
 fused message kernels read the same coefficients (``torchmdx.kernels._message_kernels_common._table_filter``).
@@ -89,8 +91,9 @@ class FilterTable:
         return FilterTable(self.coefficients[:, :, start:stop].contiguous(), self.r_min, self.r_max, packed)
 
     def compact(self) -> "FilterTable":
-        """The compact form (module docstring): c2, c3 rounded to scaled float16, ``coefficients``
-        dequantized, ``packed`` the kernels' buffer. Made once per table (cached); float32 only."""
+        """The compact form (module docstring): c2, c3 rounded to scaled fixed-point integers,
+        ``coefficients`` dequantized, ``packed`` the kernels' buffer. Made once per table (cached);
+        float32 only."""
         if self.packed is not None:
             return self
         if "table" not in self._compact:

@@ -116,24 +116,25 @@ class ForceField:
         positions the list refers to (the wrapped ones)."""
         s = self.system
         if self.pairs is not None:
-            return self._build_pairs(positions)
-        if (self.wrap_positions if wrap is None else wrap) and s.periodic:
-            positions = s.wrap(positions)
-        nl = self.potential.neighbors(positions.detach(), s.batch, s.cell, s.pbc, cutoff=self.cutoff + self.skin)
-        offsets = self._image_offsets(nl) if nl.shifts.numel() > 0 else None
-        if self.fixed_capacity:
-            self._store_fixed(nl, offsets, positions)
+            self._build_pairs(positions)
         else:
-            self.neighbors = nl
-            self.reference = positions.detach()
-            self._receivers, self._senders = nl.edge_index[0].contiguous(), nl.edge_index[1].contiguous()
-            self._offsets = offsets
+            if (self.wrap_positions if wrap is None else wrap) and s.periodic:
+                positions = s.wrap(positions)
+            nl = self.potential.neighbors(positions.detach(), s.batch, s.cell, s.pbc, cutoff=self.cutoff + self.skin)
+            offsets = self._image_offsets(nl) if nl.shifts.numel() > 0 else None
+            if self.fixed_capacity:
+                self._store_fixed(nl, offsets, positions)
+            else:
+                self.neighbors = nl
+                self.reference = positions.detach()
+                self._receivers, self._senders = nl.edge_index[0].contiguous(), nl.edge_index[1].contiguous()
+                self._offsets = offsets
         self.stale = torch.zeros((), dtype=torch.bool, device=s.device)
         self.max_displacement2 = torch.zeros((), dtype=s.dtype, device=s.device)
         self.builds += 1
         return positions
 
-    def _build_pairs(self, positions: torch.Tensor) -> torch.Tensor:
+    def _build_pairs(self, positions: torch.Tensor) -> None:
         """The all-pairs layout (:func:`torchmdx.kernels.pairs.pair_index`) as the list: edge
         index and off-diagonal mask in buffers of their own (a new ``layout_version``), no image
         offsets. It does not depend on the positions, so it is built once per layout."""
@@ -151,10 +152,6 @@ class ForceField:
         self.capacity = rows
         self.layout_version += 1
         self.reference = positions.detach().clone()
-        self.stale = torch.zeros((), dtype=torch.bool, device=s.device)
-        self.max_displacement2 = torch.zeros((), dtype=s.dtype, device=s.device)
-        self.builds += 1
-        return positions
 
     def _image_offsets(self, nl: Neighbors) -> Optional[torch.Tensor]:
         """n_ij @ cell of each pair (Å) [E, 3], None without a cell. The cell is fixed during MD,
