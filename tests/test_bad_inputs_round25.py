@@ -72,6 +72,10 @@ def test_xyz_atom_labels_in_the_species_column_are_named(tmp_path, capsys, monke
     _exact(capsys, ["label", "l.xyz", "--method", "model:lj.pt", "-o", "o.extxyz"],
            "error: l.xyz: line 3: the species column holds 'CA1', an atom label, not an element symbol; write element "
            "symbols (H, C, O, ...) in that column", tmp_path)
+    (tmp_path / "l.xyz").write_text("2\n\nAr 0 0 0\nDu 3.8 0 0\n")  # a dummy atom: md said "... with ASE ('Du')"
+    _exact(capsys, ["md", "l.xyz", "--model", "lj.pt", "--steps", "2"],
+           "error: l.xyz: line 4: unknown element symbol 'Du' in the species column; write element symbols (H, C, O, "
+           "...) there", tmp_path)
 
 
 # ---------------------------------------------------------------------------------- --resume, another architecture

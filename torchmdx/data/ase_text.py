@@ -163,6 +163,9 @@ def label_as_symbol(path, key: str) -> Optional[str]:
         parts = line.split()
         if parts and parts[0].lower() == key.lower() and _atom_line(line):  # ASE capitalises: 'CA1' is 'Ca1'
             key = parts[0]
+            if key.isalpha():  # 'Xx', 'Du': no label, an unknown symbol (the data readers' words before)
+                return (f"line {number}: unknown element symbol {key!r} in the species column; write element symbols "
+                        "(H, C, O, ...) there")
             letters = re.match(r"[A-Za-z]+", key).group(0)  # 'Cl' of 'Cl2'; no guess for 'CA1' (C or Ca?)
             example = f" ({letters}?)" if letters in chemical_symbols[1:] else ""
             return (f"line {number}: the species column holds {key!r}, an atom label, not an element "
