@@ -152,7 +152,7 @@ def test_an_ani1x_duplicated_atom_names_its_group_and_conformation(tmp_path, sha
 # ---------------------------------------------------------------------------------- sub-commands' argparse errors
 @pytest.mark.parametrize("argv, command, extra", [
     (["data", "info", "x.yaml", "--set", "a=b"], "data info", "--set a=b"),
-    (["data", "clean", "--cache-dir", "d"], "data clean", "--cache-dir"),  # clean takes the folder itself
+    (["data", "clean", "--force"], "data clean", "--force"),  # round 25: clean takes --cache-dir d as well
     (["train", "t.yaml", "extra"], "train", "extra"),
     (["evaluate", "m.pt", "--data", "d.xyz", "--bogus"], "evaluate", "--bogus"),
 ])

@@ -60,8 +60,11 @@ def add_arguments(parser):
                            description="Remove from a cache folder the caches made by another cache version, "
                                        "damaged ones, those whose source no longer exists, and the leftovers of "
                                        "interrupted builds. Files that are not torchmdx caches are never touched.")
-    clean.add_argument("cache_dir", nargs="?", default=DEFAULT_CACHE_DIR,
-                       help=f"the cache folder (default: {DEFAULT_CACHE_DIR})")
+    clean.add_argument("cache_dir", nargs="?", default=None, help=f"the cache folder (default: {DEFAULT_CACHE_DIR})")
+    # data info and prepare take the folder as --cache-dir: `data clean --cache-dir d` was "unrecognized
+    # arguments: --cache-dir" (d taken as the folder), saying nothing of the positional folder
+    clean.add_argument("--cache-dir", dest="cache_dir_option", metavar="CACHE_DIR",
+                       help="the cache folder, as data info and prepare take it (the same as the argument)")
     clean.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     parser.set_defaults(_data_parser=parser)
 
@@ -140,7 +143,14 @@ def _clean(args) -> int:
     from torchmdx.data.cache import removable_cache_files, size_of
     from torchmdx.errors import DataError
 
-    folder = Path(args.cache_dir)
+    option = getattr(args, "cache_dir_option", None)
+    if option is not None and args.cache_dir is not None and Path(option) != Path(args.cache_dir):
+        raise DataError(f"data clean got two cache folders, {args.cache_dir} and --cache-dir {option}; give one")
+    given = option if option is not None else args.cache_dir
+    if given is not None and not given.strip():  # an unset shell variable: was the current folder, '.'
+        raise DataError(f"{'--cache-dir' if option is not None else 'the cache folder'} is empty ({given!r}); give "
+                        f"the cache folder, or leave it out for {DEFAULT_CACHE_DIR}")
+    folder = Path(given if given is not None else DEFAULT_CACHE_DIR)
     if not folder.exists():
         raise DataError(f"{folder}: no such cache folder")
     if not folder.is_dir():

@@ -44,8 +44,8 @@ from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import Structures, numeric_values
 from torchmdx.data.unit_keys import check_unit_keys, db_units as _db_units
 from torchmdx.errors import DataError
-from torchmdx.data.ase_text import (ase_source, number_as_symbol, number_key as _number_key, open_ase_source,
-                                    short_atom_count)
+from torchmdx.data.ase_text import (ase_source, label_as_symbol, number_as_symbol, number_key as _number_key,
+                                    open_ase_source, short_atom_count)
 from torchmdx.io_utils import is_torch_file
 
 # ase_source and open_ase_source live in torchmdx.data.ase_text; md and export import ase_source from here
@@ -79,6 +79,7 @@ class ReadFailureKind(enum.Enum):
     TORCH_FILE = "torch_file"  # a file torch.save wrote (a model, checkpoint or MD restart) given as a structure
     NUMBER_AS_SYMBOL = "number_as_symbol"  # a species column of atomic numbers ('8'): say ReadFailure.explanation
     SHORT_COUNT = "short_count"  # an xyz atom-count line too small (ASE's "Expected xyz header"): say .explanation
+    LABEL_AS_SYMBOL = "label_as_symbol"  # a species column of atom labels ('C1', ASE's KeyError): say .explanation
     OTHER = "other"  # anything else: quote the reader's error (:attr:`ReadFailure.detail`)
 
 
@@ -89,7 +90,7 @@ class ReadFailure:
     kind: ReadFailureKind
     error_type: str  # the exception's class name ("UnknownFileTypeError")
     message: str  # str() of the exception, possibly empty or several lines
-    reason: str = ""  # SHORT_COUNT: which count line is too small, in words
+    reason: str = ""  # SHORT_COUNT: which count line is too small; LABEL_AS_SYMBOL: which label; in words
 
     @property
     def first_line(self) -> str:
@@ -103,10 +104,10 @@ class ReadFailure:
 
     @property
     def explanation(self) -> Optional[str]:
-        """Why, in words, for the kinds that have one (NUMBER_AS_SYMBOL, SHORT_COUNT), else None."""
+        """Why, in words, for the kinds that have one (NUMBER_AS_SYMBOL, SHORT_COUNT, LABEL_AS_SYMBOL), else None."""
         if self.kind is ReadFailureKind.NUMBER_AS_SYMBOL:
             return number_as_symbol(self.message.strip("'\""))
-        if self.kind is ReadFailureKind.SHORT_COUNT:
+        if self.kind in (ReadFailureKind.SHORT_COUNT, ReadFailureKind.LABEL_AS_SYMBOL):
             return self.reason
         return None
 
@@ -121,6 +122,9 @@ def classify_read_failure(exc: BaseException, path) -> ReadFailure:
         kind = ReadFailureKind.TORCH_FILE
     elif _number_key(exc) is not None:
         kind = ReadFailureKind.NUMBER_AS_SYMBOL
+    elif isinstance(exc, KeyError) and exc.args and label_as_symbol(path, exc.args[0]):
+        return ReadFailure(ReadFailureKind.LABEL_AS_SYMBOL, type(exc).__name__, str(exc),
+                           label_as_symbol(path, exc.args[0]))
     else:
         short = short_atom_count(path) if "Expected xyz header" in str(exc) else None
         if short:

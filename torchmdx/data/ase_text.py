@@ -1,7 +1,8 @@
 """Text-level checks of the structure files ASE reads (used by :mod:`torchmdx.data.ase_format`): an extxyz
 comment line that gives a key twice (ASE keeps the last value, silently), a species column of atomic
-numbers (ASE's KeyError '8'), and text files that start with a byte-order mark (:func:`open_ase_source`: read
-without the mark, decoded as ASE reads them)."""
+numbers (ASE's KeyError '8') or of atom labels ('C1'), PDB atoms without an element symbol (ASE takes one from
+the atom name: an alpha carbon 'CA' as calcium), and text files that start with a byte-order mark
+(:func:`open_ase_source`: read without the mark, decoded as ASE reads them)."""
 
 from __future__ import annotations
 
@@ -139,6 +140,78 @@ def short_atom_count(path) -> Optional[str]:
     return None
 
 
+def label_as_symbol(path, key: str) -> Optional[str]:
+    """The line for an xyz/extxyz species column holding ``key``, an atom label such as 'C1' or 'H12' (as
+    crystallography and modelling programs write them) where ASE reads element symbols (its KeyError 'C1' said
+    nothing else); None when no atom line of ``path`` starts with ``key`` (the KeyError is not about a species)."""
+    import re
+
+    from ase.data import chemical_symbols
+
+    from torchmdx.io_utils import decode_text, open_compressed
+
+    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_+*'-]{0,15}", key):
+        return None
+    if key.capitalize() in chemical_symbols:
+        return None
+    try:
+        with open_compressed(path, "rb") as handle:
+            lines = decode_text(handle.read()).splitlines()
+    except Exception:  # noqa: BLE001 - not text: ASE's own line stands
+        return None
+    for number, line in enumerate(lines, 1):
+        parts = line.split()
+        if parts and parts[0].lower() == key.lower() and _atom_line(line):  # ASE capitalises: 'CA1' is 'Ca1'
+            key = parts[0]
+            if key.isalpha():  # 'Xx', 'Du': no label, an unknown symbol (the data readers' words before)
+                return (f"line {number}: unknown element symbol {key!r} in the species column; write element symbols "
+                        "(H, C, O, ...) there")
+            letters = re.match(r"[A-Za-z]+", key).group(0)  # 'Cl' of 'Cl2'; no guess for 'CA1' (C or Ca?)
+            example = f" ({letters}?)" if letters in chemical_symbols[1:] else ""
+            return (f"line {number}: the species column holds {key!r}, an atom label, not an element "
+                    f"symbol{example}; write element symbols (H, C, O, ...) in that column")
+    return None
+
+
+def pdb_name_as_element(path) -> Optional[str]:
+    """The first ATOM/HETATM record of PDB file ``path`` without an element symbol (columns 77-78) whose atom
+    name ASE reads as a two-letter element, in words; None when there is none. ASE falls back to the atom name
+    (columns 13-16) when the element column is empty, trying its first two letters first: a protein's alpha
+    carbon 'CA' became calcium, 'HG1' mercury, 'NE2' neon, 'CD1' cadmium, and md, label and export ran on
+    them without a word (files written by packmol, older tools, or trimmed to 66 columns). An ion whose residue
+    has its atom's name (``HETATM ... ZN ZN``) is taken as that element."""
+    from ase.data import chemical_symbols, atomic_names
+
+    from torchmdx.io_utils import decode_text, open_compressed
+
+    try:
+        with open_compressed(path, "rb") as handle:
+            lines = decode_text(handle.read()).splitlines()
+    except Exception:  # noqa: BLE001 - not text: ASE's own read says what is wrong
+        return None
+    atom = 0
+    for number, line in enumerate(lines, 1):
+        if line.startswith("MODEL"):
+            atom = 0
+        if not line.startswith(("ATOM", "HETATM")):
+            continue
+        atom += 1
+        element = line[76:78].strip()
+        if element and element.capitalize() in chemical_symbols[1:]:
+            continue
+        name = line[12:16].strip()
+        two = name[:2].capitalize()
+        if name == line[17:20].strip():  # an ion, whose residue is named as its atom (ZN ZN, CL CL): the element
+            continue
+        if len(name) >= 2 and two in chemical_symbols[1:]:
+            residue = " ".join(line[17:26].split())
+            where = f"atom {atom - 1}, name {name!r}" + (f" of {residue}" if residue else "")
+            return (f"line {number} ({where}) has no element symbol in columns 77-78, and ASE would take "
+                    f"{two} ({atomic_names[chemical_symbols.index(two)].lower()}) from the atom name; an atom name is "
+                    f"not an element ('CA' is a protein's alpha carbon): put each atom's element symbol in columns "
+                    f"77-78 (e.g. with pdbfixer or Open Babel), or give the structure as extxyz")
+    return None
+
 # ---------------------------------------------------------------------------------- files with a byte-order mark
 #: compressed files ASE opens itself, by name (ase.io.formats.open_with_compression); the content decides
 #: in io_utils.open_compressed, but ASE reads a gzip file named .xyz as text, so this follows ASE
@@ -169,6 +242,10 @@ def open_ase_source(path, stream_compressed: bool = True):
     opener, shown, mark = opened
     if mark is None:
         options = extxyz_options(path, None)
+        if options.get("format") == "proteindatabank":  # ATOM lines without elements: 'CA' read as calcium
+            problem = pdb_name_as_element(path)
+            if problem:
+                raise DataError(f"{path}: {problem}")
         if not stream_compressed or opener is open or not _text_reader(options.get("format")):
             yield str(path), options
             return

@@ -158,6 +158,15 @@ def _read_npz_frames(path, fmt: str, energy_unit, length_unit) -> Structures:
         numeric_values(arrays[key], key, str(path))
     if R.ndim != 3 or R.shape[2] != 3:
         raise DataError(f"{path}: {r_key} has shape {R.shape}, expected (frames, atoms, 3)")
+    if z.ndim == 2 and z.shape == R.shape[:2] and len(z):  # a row per frame (round 25: was "z has shape (10, 9)
+        differ = np.flatnonzero((z != z[:1]).any(axis=1))  # but R has 9 atoms per frame", though 9 atoms it is)
+        if differ.size:
+            k = int(differ[0])
+            i = int(np.flatnonzero(z[k] != z[0])[0])
+            raise DataError(f"{path}: {z_key} has a row per frame, and frame {k}'s atom {i} is Z={z[k, i]} where frame "
+                            f"0's is Z={z[0, i]}; this layout holds one molecule per file (the same atoms in the same "
+                            "order in every frame): split the frames by molecule, or convert them to extxyz")
+        z = z[0]
     if z.ndim != 1 or z.shape[0] != R.shape[1]:
         raise DataError(f"{path}: {z_key} has shape {z.shape} but {r_key} has {R.shape[1]} atoms per frame")
     if E.ndim == 0 or E.size != len(R) or len(E) != len(R):  # a 0-d energy has no len()

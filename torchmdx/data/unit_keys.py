@@ -6,7 +6,8 @@ in eV and Å (or ``data.energy_unit`` / ``data.length_unit``). A key that says o
 the values taken in the wrong unit. **Refused, not honoured** (round 22 for ``energy_unit``/``length_unit``, round
 23 for the others), unless the options name the same units (any spelling :mod:`torchmdx.units` takes as equal),
 which are then read as usual: a per-frame key could differ between frames, and no other reader takes units from a
-key; the options state the units once for the file, and the key is then checked against them.
+key; the options state the units once for the file, and the key is then checked against them. Without the options
+the values are read in eV and Å, and a key naming those is taken (round 25: ``energy_unit=eV`` was refused).
 
 A key is unit-like when its name, in any case and with ``-`` or spaces as ``_``, is ``unit``/``units`` after
 nothing or one of the words of :data:`QUANTITY_WORDS` (``energy_units``, ``Force-Unit``, ``e_unit``,
@@ -88,10 +89,12 @@ def _agrees(quantity: str, text: str, energy_unit: Optional[str], length_unit: O
 def check_unit_keys(info, where: str, energy_unit: Optional[str], length_unit: Optional[str]) -> None:
     """One line (DataError) for a unit-like key of ``info`` (an ASE frame's info) whose value is not the unit
     ``energy_unit``/``length_unit`` (``data.energy_unit``/``data.length_unit``, None when not given) say the
-    values are read in (module docstring)."""
+    values are read in (module docstring). A key that names the units the values are read in without the options
+    (eV, Å: ``energy_unit=eV``, ``force_unit=eV/Ang``) is taken, as one agreeing with the options is (round 25;
+    it was refused unless --energy-unit eV confirmed it)."""
     for key, value in info.items():
         quantity = unit_key_quantity(key)
-        if quantity is None or _agrees(quantity, str(value), energy_unit, length_unit):
+        if quantity is None or _agrees(quantity, str(value), energy_unit or "eV", length_unit or "Å"):
             continue
         from torchmdx.config import key_name  # the refusal's words only (this runs for every frame)
 

@@ -245,10 +245,25 @@ def _check_resumed_ema(old: dict, new: dict, run_dir: Path) -> None:
         return
     before, after = old.get("ema_decay"), new.get("ema_decay")
     if (before is None) != (after is None):
-        show = lambda v: "null" if v is None else repr(v)  # noqa: E731
-        raise ConfigError(f"--resume: config key 'train.ema_decay' is {show(after)} but the run in {run_dir} was "
-                          f"started with {show(before)}; a resumed run keeps its weight averaging on or off (a "
+        raise ConfigError(f"--resume: config key 'train.ema_decay' is {_shown(after)} but the run in {run_dir} was "
+                          f"started with {_shown(before)}; a resumed run keeps its weight averaging on or off (a "
                           "new decay value is fine)")
+
+
+def _shown(value) -> str:
+    """A config value as the YAML a user wrote: ``null`` for None (was Python's ``None``), else its repr."""
+    return "null" if value is None else repr(value)
+
+
+def _check_resumed_architecture(old: dict, new: dict, run_dir: Path) -> None:
+    """A resumed run with another ``model.architecture``: the key-by-key comparison named the first key (in
+    name order) the two architectures' sections differ in ("config key 'model.activation' is None but the run
+    ... was started with 'silu'" for et -> transformer); the ET's section has no ``architecture`` key."""
+    before, after = old.get("architecture") or "et", new.get("architecture") or "et"
+    if before != after:
+        raise ConfigError(f"--resume: config key 'model.architecture' is {after!r} but the run in {run_dir} was "
+                          f"started with {before!r}; a resumed run keeps its model and data (train a new run with "
+                          "--run-dir for another architecture)")
 
 
 def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
@@ -277,13 +292,14 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
                 raise ConfigError(f"--resume: {exc}; the run's saved config is damaged: put back a copy, or delete it "
                                   "to resume without checking that the model and data are unchanged") from None
             now = cfg.to_dict()
+            _check_resumed_architecture(saved.get("model") or {}, now["model"], run_dir)
             for section, mutable in (("model", RESUME_MUTABLE_MODEL_KEYS), ("data", RESUME_MUTABLE_DATA_KEYS)):
                 old, new = saved.get(section) or {}, now[section]
                 for key in sorted(set(old) | set(new)):
                     if key not in mutable and old.get(key) != new.get(key):
                         raise ConfigError(
-                            f"--resume: config key '{section}.{key}' is {new.get(key)!r} but the run in {run_dir} "
-                            f"was started with {old.get(key)!r}; a resumed run keeps its model and data"
+                            f"--resume: config key '{section}.{key}' is {_shown(new.get(key))} but the run in "
+                            f"{run_dir} was started with {_shown(old.get(key))}; a resumed run keeps its model and data"
                         )
             _check_resumed_ema(saved.get("train") or {}, now.get("train") or {}, run_dir)
     else:
