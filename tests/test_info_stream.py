@@ -154,3 +154,25 @@ def test_streamed_info_peak_memory_is_a_fraction_of_the_whole_read(tmp_path):
 
     whole, stream = peak(lambda: read_structures(path)), peak(lambda: summary_structures(path, chunk_atoms=100))
     assert stream * 3 < whole, (stream, whole)
+
+
+def test_data_info_counts_the_periodic_structures_of_a_mixed_file(tmp_path, capsys):
+    """A file where only some frames are periodic: ``data info`` says how many ('1 of 2 structures'),
+    not a plain 'yes' (round 25's leftover); the JSON keeps ``periodic`` (any) and adds ``n_periodic``."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    frames = []
+    for k, cell in enumerate((None, [8.0, 8.0, 8.0])):
+        atoms = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]], cell=cell, pbc=cell is not None)
+        atoms.calc = SinglePointCalculator(atoms, energy=-14.0 - k, forces=np.zeros((3, 3)))
+        frames.append(atoms)
+    path = tmp_path / "mixed.extxyz"
+    write(path, frames)
+    assert main(["data", "info", str(path)]) == 0
+    assert any(line.split() == ["periodic", "1", "of", "2", "structures", "(the", "others", "open)"]
+               for line in capsys.readouterr().out.splitlines())
+    assert main(["data", "info", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["periodic"] is True and summary["n_periodic"] == 1

@@ -60,6 +60,7 @@ def summarize(st: Structures) -> dict:
         "force_rms_eV_per_A": stats["force_rms"],
         "force_max_eV_per_A": stats["force_max"],
         "periodic": bool(np.asarray(st.pbc).any()),
+        "n_periodic": int(np.asarray(st.pbc).reshape(len(st), -1).any(axis=1).sum()) if len(st) else 0,
         "groups": None,
         "group_key": st.metadata.get("group_key"),
         "energy_key": st.metadata.get("energy_key"),
@@ -97,7 +98,11 @@ def format_summary(s: dict) -> str:
                                 f"max |F| {s['force_max_eV_per_A']:.6f} eV/Å"))
     else:
         lines.append(("forces", "none"))
-    lines.append(("periodic", "yes" if s["periodic"] else "no"))
+    n_periodic = s.get("n_periodic", s["n_structures"] if s["periodic"] else 0)
+    if 0 < n_periodic < s["n_structures"]:  # a mixed file: say how many, not a plain yes
+        lines.append(("periodic", f"{n_periodic} of {s['n_structures']} structures (the others open)"))
+    else:
+        lines.append(("periodic", "yes" if s["periodic"] else "no"))
     if s["groups"]:
         groups = ", ".join(f"{k} {v}" for k, v in list(s["groups"].items())[:12])
         more = f", ... ({len(s['groups'])} groups)" if len(s["groups"]) > 12 else ""
