@@ -148,3 +148,55 @@ def test_md17_npz_with_a_z_row_per_frame(tmp_path, capsys, monkeypatch):
            "error: w.npz: z has a row per frame, and frame 2's atom 1 is Z=9 where frame 0's is Z=1; this layout holds "
            "one molecule per file (the same atoms in the same order in every frame): split the frames by molecule, "
            "or convert them to extxyz", tmp_path)
+
+
+def test_md_warns_that_a_charged_structure_runs_as_neutral(tmp_path, capsys, monkeypatch):
+    """A structure with atoms.info['charge'] (or initial charges) ran as if neutral without a word (round 25's
+    leftover): md now says so in one warning line per structure, naming the file, and runs."""
+    from ase import Atoms
+    from ase.io import write
+
+    from bad_inputs_common import lj_file
+    from torchmdx.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    lj_file(tmp_path)
+    ion = Atoms("Ar3", positions=[[0, 0, 0], [3.8, 0, 0], [0, 3.8, 0]], info={"charge": 1})
+    write(tmp_path / "ion.extxyz", ion)
+    charged = Atoms("Ar3", positions=[[0, 0, 0], [3.8, 0, 0], [0, 3.8, 0]], charges=[0.5, 0.5, 0.0])
+    write(tmp_path / "charges.extxyz", charged)
+    neutral = Atoms("Ar3", positions=[[0, 0, 0], [3.8, 0, 0], [0, 3.8, 0]])
+    write(tmp_path / "neutral.xyz", neutral)
+    warnings = {}
+    for name in ("ion.extxyz", "charges.extxyz", "neutral.xyz"):
+        capsys.readouterr()
+        assert main(["md", name, "--model", "lj.pt", "--steps", "2", "--out", f"run_{name}.extxyz"]) == 0
+        warnings[name] = [line for line in capsys.readouterr().err.splitlines() if "charge" in line]
+    assert warnings["ion.extxyz"] == ["warning: ion.extxyz: atoms.info['charge'] is 1, but the model takes no charge: "
+                                      "the run treats the structure as if it were neutral"]
+    assert warnings["charges.extxyz"] == ["warning: charges.extxyz: its initial charges sum to 1, but the model takes "
+                                          "no charge: the run treats the structure as if it were neutral"]
+    assert warnings["neutral.xyz"] == []
+
+
+def test_the_calculator_warns_once_that_a_charged_structure_is_computed_as_neutral():
+    import warnings
+
+    import pytest
+    from ase import Atoms
+
+    from torchmdx import Calculator
+    from torchmdx.nn.analytic import LennardJones
+
+    calc = Calculator(LennardJones(0.0104, 3.4))
+    ion = Atoms("Ar3", positions=[[0, 0, 0], [3.8, 0, 0], [0, 3.8, 0]], info={"charge": -1})
+    with pytest.warns(UserWarning, match=r"^Calculator: atoms.info\['charge'\] is -1, but the model takes no charge"):
+        ion.calc = calc
+        ion.get_potential_energy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ion.positions[0, 0] += 0.1
+        ion.get_potential_energy()  # said once per calculator
+        neutral = Atoms("Ar3", positions=[[0, 0, 0], [3.8, 0, 0], [0, 3.8, 0]])
+        neutral.calc = Calculator(LennardJones(0.0104, 3.4))
+        neutral.get_potential_energy()

@@ -107,6 +107,7 @@ class Calculator(_AseCalculator):
         #: the caller's own module (no copy was needed): its training mode is switched to eval only
         #: during a call and restored after (Calculator(model) left a model being trained in eval mode)
         self._shared = self.potential is model
+        self._charge_warned = False  # a charged structure is said once (charge_warnings)
         if not self._shared:
             self.potential.eval()
         on_cuda = self.device.type == "cuda"
@@ -233,6 +234,14 @@ class Calculator(_AseCalculator):
         if atoms is None:  # calc.get_potential_energy() before any structure: "'NoneType' object has no attribute 'pbc'"
             raise ModelError("Calculator: no structure to compute; give one, calc.get_potential_energy(atoms), or "
                              "attach the calculator (atoms.calc = calc) and ask the atoms: atoms.get_potential_energy()")
+        if not self._charge_warned:  # once per calculator: a charged structure is computed as if neutral
+            from torchmdx.md.start_checks import charge_warnings
+
+            for line in charge_warnings(self.potential, [atoms], ["Calculator"]):
+                import warnings
+
+                warnings.warn(line, stacklevel=2)
+                self._charge_warned = True
         periodic = bool(np.any(atoms.pbc))
         if periodic and not bool(np.all(atoms.pbc)):
             # a slab's or wire's stress divides by the volume its open (vacuum) rows span, ASE's

@@ -19,7 +19,7 @@ from torchmdx.md.config import MDConfig
 from torchmdx.md.io import ThermoLog, TrajectoryWriter, load_restart, read_thermo
 from torchmdx.md.outputs import plan_outputs
 from torchmdx.md.reports import Reporter
-from torchmdx.md.start_checks import (check_cells, check_coincident, check_constraints, check_elements,
+from torchmdx.md.start_checks import (charge_warnings, check_cells, check_coincident, check_constraints, check_elements,
                                         check_float32_reach, close_contacts)
 from torchmdx.train.plots import thermo_plot
 
@@ -413,6 +413,8 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         print(f"warning: {line}", file=err)  # --ensemble nve --friction 5: taken, but said (round 18)
     if restart_payload is None:  # the structures as read, named by file and frame (each replica said it again,
         for line in close_contacts(as_read, sources=sources):  # as "structure 1", "structure 2": round 20)
+            print(f"warning: {line}", file=err)
+        for line in charge_warnings(potential, as_read, sources):
             print(f"warning: {line}", file=err)
     if config.temperature > 10_000:
         print(f"warning: {config.option('temperature')} {config.temperature:g} K is far above what molecules "

@@ -93,6 +93,31 @@ def check_coincident(structures, sources: list) -> None:
             raise DataError(f"{where}: {line}")
 
 
+def charge_warnings(potential, structures, sources: list) -> list[str]:
+    """Warnings for structures that carry a net charge (``atoms.info['charge']``, else the sum of ASE's initial
+    charges) when the potential takes none (``Potential.takes_charge``, False for every architecture today): the
+    run treats them as if they were neutral, and said nothing (round 25's leftover). One line per structure."""
+    if getattr(potential, "takes_charge", False):
+        return []
+    lines = []
+    for atoms, where in zip(structures, sources):
+        charge = atoms.info.get("charge")
+        origin = "atoms.info['charge']"
+        if charge is None:
+            initial = atoms.get_initial_charges()
+            charge, origin = (float(initial.sum()), "its initial charges sum to") if np.any(initial) else (0, "")
+        try:
+            value = float(charge)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if value != 0:
+            shown = f"{value:g}" if np.isfinite(value) else repr(charge)
+            separator = " " if origin.endswith("to") else " is "
+            lines.append(f"{where}: {origin}{separator}{shown}, but the model takes no charge: the run treats the "
+                         "structure as if it were neutral")
+    return lines
+
+
 def close_contacts(structures, factor: float = 0.5, sources: Optional[list] = None) -> list[str]:
     """Warnings for atoms closer than ``factor`` × the sum of their covalent radii (ASE's table;
     0.31 Å for H-H, 0.38 Å for C-H, 0.38 Å for C-C at 0.5; bonds are 2x that or more): such

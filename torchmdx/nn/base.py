@@ -250,6 +250,9 @@ class Potential(torch.nn.Module):
     #: does :meth:`atomic_energies` take a :class:`Graph` in the all-pairs layout (``Graph.pairs``)
     #: with dense edge operations? (:class:`torchmdx.nn.traced.TracedForces` ``pairs``)
     pair_layout: bool = False
+    #: does the potential take a structure's net charge? (None does today: ``torchmdx md`` warns when a
+    #: structure carries one, :func:`torchmdx.md.start_checks.charge_warnings`)
+    takes_charge: bool = False
     #: set while it is being traced: no host reads or checks, torch reference kernels only
     tracing: bool = False
     _atom_order: str = "input"
