@@ -247,17 +247,25 @@ def run_synthetic(args) -> int:
     return 0
 
 
+def _stage_folder(args, prefix: str, raw_name: str) -> tuple:
+    """(work folder (``--keep`` or a new temporary one), raw file path, cache folder, bench folder, the stage
+    processes' environment) of a ``--synthetic-*`` run."""
+    import os
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=str(here.parent), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return work, work / raw_name, work / "cache", here, env
+
+
 def run_synthetic_extxyz(args) -> int:
     """``--synthetic-extxyz N``: write an MPtrj-like extxyz, build its cache (streamed), read it whole; each stage
     in a fresh process, its time and peak RSS (module docstring)."""
     import datetime
     import os
 
-    work = args.keep or Path(tempfile.mkdtemp(prefix="torchmdx-bench-extxyz-"))
-    work.mkdir(parents=True, exist_ok=True)
-    raw, cache_dir = work / "synthetic_mptrj.extxyz", work / "cache"
-    here = Path(__file__).resolve().parent
-    env = dict(os.environ, PYTHONPATH=str(here.parent), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    work, raw, cache_dir, here, env = _stage_folder(args, "torchmdx-bench-extxyz-", "synthetic_mptrj.extxyz")
     n = args.synthetic_extxyz
     rows = []
     try:
@@ -291,11 +299,7 @@ def run_synthetic_db(args) -> int:
     import datetime
     import os
 
-    work = args.keep or Path(tempfile.mkdtemp(prefix="torchmdx-bench-db-"))
-    work.mkdir(parents=True, exist_ok=True)
-    raw, cache_dir = work / "synthetic_mptrj.db", work / "cache"
-    here = Path(__file__).resolve().parent
-    env = dict(os.environ, PYTHONPATH=str(here.parent), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    work, raw, cache_dir, here, env = _stage_folder(args, "torchmdx-bench-db-", "synthetic_mptrj.db")
     n = args.synthetic_db
     rows = []
     try:

@@ -225,18 +225,24 @@ def _bad_files(tmp_path):
     ]
 
 
+def assert_same_refusal(path, options: dict, expected: str, cache_dir, chunk_atoms: int) -> None:
+    """``path`` is refused with the same line whole, streamed in chunks of ``chunk_atoms`` atoms and by the cache
+    build; the line starts with ``path: expected``."""
+    with pytest.raises(DataError) as whole:
+        read_ase(path, **options)
+    with pytest.raises(DataError) as streamed:
+        list(iter_structures(path, chunk_atoms=chunk_atoms, **options))
+    assert str(streamed.value) == str(whole.value), path.name
+    assert str(whole.value).startswith(f"{path}: {expected}"), str(whole.value)
+    with pytest.raises(DataError) as built:
+        build_cache(path, cache_dir=cache_dir, chunk_atoms=chunk_atoms, **options)
+    assert str(built.value) == str(whole.value)
+
+
 def test_bad_inputs_same_lines_as_the_whole_read(tmp_path):
     """Each refused file gives the whole read's line, streamed in chunks of 2 atoms, and leaves no cache."""
     for path, options, expected in _bad_files(tmp_path):
-        with pytest.raises(DataError) as whole:
-            read_ase(path, **options)
-        with pytest.raises(DataError) as streamed:
-            list(iter_structures(path, chunk_atoms=2, **options))
-        assert str(streamed.value) == str(whole.value), path.name
-        assert str(whole.value).startswith(f"{path}: {expected}"), str(whole.value)
-        with pytest.raises(DataError) as built:
-            build_cache(path, cache_dir=tmp_path / "cache", chunk_atoms=2, **options)
-        assert str(built.value) == str(whole.value)
+        assert_same_refusal(path, options, expected, tmp_path / "cache", 2)
     assert not any((tmp_path / "cache").glob("*.h5"))
 
 
