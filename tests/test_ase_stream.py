@@ -239,6 +239,16 @@ def assert_same_refusal(path, options: dict, expected: str, cache_dir, chunk_ato
     assert str(built.value) == str(whole.value)
 
 
+def peak_traced_bytes(read) -> int:
+    """The peak of the memory Python allocates (``tracemalloc``) while ``read()`` runs."""
+    tracemalloc.start()
+    try:
+        read()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_bad_inputs_same_lines_as_the_whole_read(tmp_path):
     """Each refused file gives the whole read's line, streamed in chunks of 2 atoms, and leaves no cache."""
     for path, options, expected in _bad_files(tmp_path):
@@ -314,17 +324,9 @@ def test_streamed_peak_memory_is_a_fraction_of_the_whole_read(tmp_path):
     path = _write(tmp_path / "many.extxyz", _frames(rng, [8] * 400))
     read_ase(_write(tmp_path / "warm.extxyz", _frames(rng, [2]))), list(iter_structures(tmp_path / "warm.extxyz"))
 
-    def peak(read):
-        tracemalloc.start()
-        try:
-            read()
-            return tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-
     def streamed():
         for _ in iter_structures(path, chunk_atoms=100):
             pass
 
-    whole, stream = peak(lambda: read_ase(path)), peak(streamed)
+    whole, stream = peak_traced_bytes(lambda: read_ase(path)), peak_traced_bytes(streamed)
     assert stream * 4 < whole, (stream, whole)

@@ -3,7 +3,6 @@
 open_ase_source``); the same structures, extras, units and error lines as the whole read (``read_ase``)."""
 
 import gzip
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from torchmdx import units
 from torchmdx.data.ase_format import read_ase
 from torchmdx.data.formats import iter_structures
 from torchmdx.errors import DataError
-from test_ase_stream import _assert_same, _streamed, assert_same_refusal
+from test_ase_stream import _assert_same, _streamed, assert_same_refusal, peak_traced_bytes
 
 BOM = b"\xef\xbb\xbf"
 
@@ -207,15 +206,6 @@ def test_database_progress_bars_say_which_pass(polymer_frames, tmp_path, monkeyp
                     ("reading bars.db (pass 2 of 2: values)", 3, " rows")]
 
 
-def _peak(read) -> int:
-    tracemalloc.start()
-    try:
-        read()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_streamed_database_peak_memory_is_a_fraction_of_the_whole_read(polymer_frames, tmp_path, monkeypatch):
     """tracemalloc's peak over a 300-row database (pages of 32 rows, chunks of 300 atoms): the whole read holds
     every row's frame, the streamed read a page and a chunk; measured ~10x apart, asserted 4x."""
@@ -229,7 +219,7 @@ def test_streamed_database_peak_memory_is_a_fraction_of_the_whole_read(polymer_f
         for _ in iter_structures(path, chunk_atoms=300):
             pass
 
-    whole, stream = _peak(lambda: read_ase(path)), _peak(streamed)
+    whole, stream = peak_traced_bytes(lambda: read_ase(path)), peak_traced_bytes(streamed)
     assert stream * 4 < whole, (stream, whole)
 
 
@@ -296,7 +286,7 @@ def test_a_marked_file_is_not_held_whole(shared_data, tmp_path, monkeypatch):
         for _ in iter_structures(path, chunk_atoms=2000):
             pass
 
-    peak, plain_peak = _peak(lambda: streamed(marked)), _peak(lambda: streamed(plain))
+    peak, plain_peak = peak_traced_bytes(lambda: streamed(marked)), peak_traced_bytes(lambda: streamed(plain))
     assert peak - plain_peak < 450_000 < marked.stat().st_size / 2, (peak, plain_peak)
 
 

@@ -3,7 +3,6 @@
 the config's split and atomic references, the label check's line), in less memory, writing nothing."""
 
 import json
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from torchmdx.data.label_check import check_labels
 from torchmdx.data.summary import format_summary, summarize
 from torchmdx.data.summary_stream import NotKept, summary_structures
 from torchmdx.errors import DataError
-from test_ase_stream import _frames, _write
+from test_ase_stream import _frames, _write, peak_traced_bytes
 
 #: (file under ../shared/data, format, reader options): every reader, an ASE database, groups, extras
 SAMPLES = [
@@ -144,15 +143,8 @@ def test_streamed_info_peak_memory_is_a_fraction_of_the_whole_read(tmp_path):
     warm = _write(tmp_path / "warm.extxyz", _frames(rng, [2, 3, 2]))
     summary_structures(warm), read_structures(warm)
 
-    def peak(read):
-        tracemalloc.start()
-        try:
-            read()
-            return tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-
-    whole, stream = peak(lambda: read_structures(path)), peak(lambda: summary_structures(path, chunk_atoms=100))
+    whole, stream = (peak_traced_bytes(lambda: read_structures(path)),
+                     peak_traced_bytes(lambda: summary_structures(path, chunk_atoms=100)))
     assert stream * 3 < whole, (stream, whole)
 
 
