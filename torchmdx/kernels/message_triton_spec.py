@@ -51,6 +51,23 @@ class EdgeLayout:
         self.rowend = self._segment_ends(self.rowptr, self.receivers, mask)
         self._sender = None
 
+    @classmethod
+    def from_segments(cls, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor],
+                      rowptr: torch.Tensor, rowend: torch.Tensor) -> "EdgeLayout":
+        """The layout with receiver segments computed elsewhere (``rowptr`` [N + 1], ``rowend`` [N]:
+        what :meth:`__init__` would compute; the custom operators of
+        :mod:`torchmdx.kernels.message_ops` take them as inputs, made once per graph by
+        :func:`~torchmdx.kernels.message_ops.segments`)."""
+        layout = cls.__new__(cls)
+        layout.edge_index, layout.version, layout.num_nodes = edge_index, edge_index._version, num_nodes
+        layout.mask, layout.mask_version = mask, (mask._version if mask is not None else None)
+        layout.receivers = edge_index[0].contiguous()
+        layout.senders = edge_index[1].contiguous()
+        layout._nodes = torch.arange(num_nodes + 1, device=edge_index.device, dtype=edge_index.dtype)
+        layout.rowptr, layout.rowend = rowptr, rowend
+        layout._sender = None
+        return layout
+
     @staticmethod
     def _segment_ends(ptr, keys, mask):
         """End of each segment after its last valid row, at least ``ptr[i]`` (empty or fully
