@@ -168,6 +168,11 @@ def check_traced_model(compile=False, backend="auto", tol=1e-9, finite_differenc
     assert (forward, backward) == (layers, layers), (forward, backward)
     width = SMALL_ET["embedding_dimension"]
     assert per_edge_message_nodes(graph_module, nl.edge_index.shape[1], width) == []
+    # the operators get contiguous tensors (made so in the graph, not copied inside at every call)
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and "torchmdx" in str(node.target):
+            values = [a.meta["val"] for a in node.args if isinstance(a, torch.fx.Node) and torch.is_tensor(a.meta.get("val"))]
+            assert values and all(v.is_contiguous() for v in values), node
     if finite_differences:
         _, forces, _ = traced(z, pos, batch, 2, nl.edge_index, offsets, nl.mask)
         h = 1e-5
@@ -200,6 +205,22 @@ def test_segments_equal_the_edge_layout():
             assert rowptr.dtype == layout.rowptr.dtype and rowend.dtype == layout.rowend.dtype
 
 
+def test_segments_compiled_by_inductor():
+    """The traced graph's segments are inductor's code (searchsorted, cumsum), not aten's: the same
+    numbers on a capacity-padded list with a mask (the operators' fallback does not read them, so
+    the compiled model test does not check them)."""
+    from torchmdx.kernels.message_triton_spec import EdgeLayout
+
+    n = 6
+    receivers = torch.tensor([0, 0, 1, 3, 3, 3, 4, 5, 5, 5, 5, 5])
+    edge_index = torch.stack([receivers, receivers.flip(0)])
+    mask = torch.tensor([1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0], dtype=torch.bool)
+    compiled = torch.compile(lambda e, m: message_ops.segments(e, n, m), dynamic=False, fullgraph=True)
+    rowptr, rowend = compiled(edge_index, mask)
+    layout = EdgeLayout(edge_index, n, mask)
+    assert torch.equal(rowptr, layout.rowptr) and torch.equal(rowend, layout.rowend)
+
+
 @pytest.mark.parametrize("name", ["sorted", "symmetric", "keys_only"])
 def test_operator_wiring_against_the_reference(name):
     """Without the interpreter the operators compute the reference inside: this checks the autograd
@@ -217,7 +238,7 @@ def test_second_derivatives_and_table_gradients_are_refused():
     t, edge_index, mask, coefficients = table_inputs(3)
     m, u = _message(t, edge_index, mask, _tables(coefficients, torch.float64), 2)
     (gq,) = torch.autograd.grad((m * m).sum() + (u * u).sum(), [t["q"]], create_graph=True)
-    with pytest.raises(RuntimeError, match="autograd"):
+    with pytest.raises(RuntimeError, match="no autograd formula"):
         torch.autograd.grad(gq.sum(), [t["k"]])
     key = coefficients["key"].clone().requires_grad_(True)
     tables = (FilterTable(key, 0.5, 4.0), None)
@@ -255,6 +276,42 @@ def test_the_switch(monkeypatch):
     assert TracedForces(model, compile=False, fused_message=False).ops is False
     assert TracedForces(model, compile=False, training=True).ops is False  # training keeps its graph
     assert list(model.state_dict()) == keys and [name for name, _ in model.named_buffers()] == buffers
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_calculator_graph_with_the_operators(shared_data, monkeypatch):
+    """ET-MD17 size, chignolin, float32: the calculator's CUDA graph (GraphedForces, list rebuilt
+    inside, traced graph compiled by inductor with the operators) against the float64 eager model
+    (exact filters) and the float32 eager fused model (same tables), also after the atoms moved."""
+    from ase.io import read
+
+    from torchmdx.md.cuda_graph import GraphedForces
+
+    config = dict(SMALL_ET, embedding_dimension=128, num_layers=6, num_heads=8, num_rbf=32, cutoff_upper=5.0)
+    atoms = read(shared_data / "systems" / "chignolin.xyz")
+    z = torch.tensor(atoms.numbers, device="cuda")
+    pos64 = torch.tensor(atoms.positions, device="cuda")
+    reference = torchmdx.build_model(dict(config, backend="torch")).cuda().eval()
+    fast = torchmdx.build_model(dict(config, dtype="float32", backend="triton")).cuda().eval()
+    fast.load_state_dict(reference.state_dict())
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    monkeypatch.setattr(traced_module, "FUSED_MESSAGE_IN_GRAPH", True)
+    graphed = GraphedForces(fast, atoms, torch.device("cuda"), torch.float32, traced=True)
+    for shift in (0.0, 0.02):
+        moved = pos64 + shift * torch.arange(pos64.numel(), device="cuda", dtype=pos64.dtype).reshape(-1, 3).cos()
+        energy, forces, _ = graphed(moved.float())
+        forces = forces.clone()
+        exact = reference(z, moved)["forces"]
+        eager = fast(z, moved.float())["forces"]
+        scale = float(exact.abs().max())
+        assert float((forces.double() - exact).abs().max()) / scale < 1e-4
+        assert float((forces - eager).abs().max()) / scale < 1e-5
+    graph = list(graphed.forcefield.traced._graphs.values())[-1]
+    ops = [n.target for n in graph.graph_module.graph.nodes if n.op == "call_function"]
+    assert sum(op is torch.ops.torchmdx.et_message_table.default for op in ops) == 6
 
 
 # --------------------------------------------------------------------------- interpreter cases

@@ -224,8 +224,8 @@ def _backward(ctx, grad_m, grad_u):
                                   "filter tables; use FusedMessage.filtered for trainable filters)")
     saved = ctx.saved_tensors
     q = saved[_Q]
-    grad_m = grad_m if grad_m is not None else torch.zeros_like(q)
-    grad_u = grad_u if grad_u is not None else q.new_zeros(saved[_VEC].shape)
+    grad_m = grad_m.contiguous() if grad_m is not None else torch.zeros_like(q)  # (in the graph: see tabulated)
+    grad_u = grad_u.contiguous() if grad_u is not None else q.new_zeros(saved[_VEC].shape)
     self_filters = bool(needs[_DK0] or needs[_DV0])
     gq, gk, gv, gvec, edge, gdk0, gdv0 = torch.ops.torchmdx.et_message_table_backward(
         grad_m, grad_u, *saved, *ctx.constants, self_filters)
@@ -274,6 +274,10 @@ class TableMessage:
             if not torch.is_tensor(phi0):
                 phi0 = torch.tensor(float(phi0), dtype=q.dtype, device=q.device)
         rowptr, rowend = self.segments(edge_index, q.shape[0], edge_mask)
+        # contiguous here, in the graph, where inductor writes them so (q, k and v are views of one
+        # product): the operators would otherwise copy each of them in the forward and the backward
+        q, k, v, vec, r, cutoff_weight, unit_vectors = (t.contiguous() for t in (q, k, v, vec, r, cutoff_weight,
+                                                                                 unit_vectors))
         return torch.ops.torchmdx.et_message_table(
             q, k, v, vec, r, key_table.coefficients if key_table is not None else None,
             value_table.coefficients if value_table is not None else None, cutoff_weight, unit_vectors, edge_index,

@@ -63,7 +63,7 @@ class EdgeLayout:
         layout.mask, layout.mask_version = mask, (mask._version if mask is not None else None)
         layout.receivers = edge_index[0].contiguous()
         layout.senders = edge_index[1].contiguous()
-        layout._nodes = torch.arange(num_nodes + 1, device=edge_index.device, dtype=edge_index.dtype)
+        layout._nodes = None  # made by sender_order when a call needs it (no launch otherwise)
         layout.rowptr, layout.rowend = rowptr, rowend
         layout._sender = None
         return layout
@@ -94,6 +94,8 @@ class EdgeLayout:
         """(colptr [N+1], colend [N], perm [E]): edges perm[colptr[j]:colend[j]] are those sent
         by j (trailing masked ones dropped)."""
         if self._sender is None:
+            if self._nodes is None:
+                self._nodes = torch.arange(self.num_nodes + 1, device=self.senders.device, dtype=self.senders.dtype)
             sorted_senders, perm = torch.sort(self.senders, stable=True)
             colptr = torch.searchsorted(sorted_senders, self._nodes)
             mask = self.mask.index_select(0, perm) if self.mask is not None else None
