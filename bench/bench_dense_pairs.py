@@ -21,7 +21,8 @@ on one GPU:
         [--variants list,pairs]     # variants: list, pairs, ops, parts (default list,pairs)
     python bench/bench_dense_pairs.py --data .benchdata --systems alanine_dipeptide,chignolin --variants list,ops,parts
 
-``--device cpu`` checks the pairs and ops graphs against the model's own evaluation in float64 (no timing).
+``--device cpu`` checks the pairs and ops graphs against the model's own evaluation in float64 (no timing);
+``--cpu-kernels`` adds inductor's C++ kernel counts of the list and ops graphs (a proxy, minutes per system).
 """
 
 from __future__ import annotations
@@ -72,6 +73,36 @@ def check_cpu(data: Path, systems) -> None:
                   f"max |dF| {float((forces - out['forces']).abs().max()):.2e} eV/Å")
 
 
+def count_cpu_kernels(data: Path, systems) -> None:
+    """A proxy on the CPU (no combo kernels, no atomics there): the C++ kernels inductor generates for the
+    float32 whole graph on the neighbor list, with the reference message and with the message operators,
+    and the graph's aten nodes (inductor's graph cache off, so that it generates them)."""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.metrics as metrics
+
+    from torchmdx.kernels.neighbors import neighbor_list
+    from torchmdx.nn.traced import TracedForces
+
+    inductor_config.fx_graph_cache = False
+    for name in systems:
+        z_np, pos_np, _, _ = read_xyz(data / f"{name}.xyz")
+        z, pos = torch.tensor(z_np), torch.tensor(pos_np, dtype=torch.float32)
+        model = make_model("torch")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        batch = torch.zeros_like(z)
+        pairs = neighbor_list(pos, model.cutoff, batch).edge_index.shape[1]
+        nl = neighbor_list(pos, model.cutoff, batch, max_pairs=int(1.2 * pairs))
+        for variant, ops in (("list", False), ("ops", True)):
+            metrics.reset()
+            traced = TracedForces(model, fused_message=ops)
+            traced(z, pos, batch, 1, nl.edge_index, None, nl.mask)
+            (graph,) = traced._graphs.values()
+            nodes = [n for n in graph.graph_module.graph.nodes if n.op == "call_function"]
+            print(f"{name} {variant}: {metrics.generated_kernel_count} generated C++ kernels, {len(nodes)} aten nodes "
+                  f"({sum('torchmdx' in str(n.target) for n in nodes)} message operators)", flush=True)
+
+
 def md_steps_per_s(model, atoms, steps: int, compile: str = "whole") -> float:
     from torchmdx.md.engine import Simulation
 
@@ -90,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--md-steps", type=int, default=400, help="timed MD steps per repetition (0: no MD)")
     parser.add_argument("--variants", default="list,pairs", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--cpu-kernels", action="store_true",
+                        help="with --device cpu: inductor's C++ kernel counts of the list and ops graphs (minutes)")
     args = parser.parse_args(argv)
     systems = args.systems.split(",")
     variants = args.variants.split(",")
@@ -99,6 +132,8 @@ def main(argv=None) -> int:
     gpu_timing.DEVICE = args.device
     if args.device == "cpu":
         check_cpu(args.data, systems)
+        if args.cpu_kernels:
+            count_cpu_kernels(args.data, systems)
         return 0
     from ase import Atoms
 

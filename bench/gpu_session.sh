@@ -73,7 +73,7 @@ for part in "$@"; do
     tests) timeout -s INT -k 15 ${TESTS_TIMEOUT:-560} python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS_ARGS:-tests/} -W ignore::UserWarning \
           --durations=12 2>&1 | tee "$OUT/gpu_tests.log" ;;
     tests-parallel)  # every -m gpu test in TESTS_GROUPS (';'-separated file lists), one pytest process per group at once
-      groups=${TESTS_GROUPS:-"tests/test_traced.py tests/test_model_compiled.py tests/test_calculator.py tests/test_openmm_fast.py tests/test_locality.py tests/test_model_sync.py tests/test_packing.py tests/test_packing_periodic.py tests/test_pair_layout.py;tests/test_message_triton.py tests/test_filter_table.py tests/test_neighbors_triton.py;tests/test_train_graph.py tests/test_train_graph_architectures.py tests/test_equiformer_capture.py tests/test_md_cuda_graph.py tests/test_integrators_fused.py tests/test_train_ddp.py tests/test_train_graph_ddp.py"}
+      groups=${TESTS_GROUPS:-"tests/test_traced.py tests/test_model_compiled.py tests/test_calculator.py tests/test_openmm_fast.py tests/test_locality.py tests/test_model_sync.py tests/test_packing.py tests/test_packing_periodic.py tests/test_pair_layout.py;tests/test_message_triton.py tests/test_filter_table.py tests/test_message_ops.py tests/test_neighbors_triton.py;tests/test_train_graph.py tests/test_train_graph_architectures.py tests/test_equiformer_capture.py tests/test_md_cuda_graph.py tests/test_integrators_fused.py tests/test_train_ddp.py tests/test_train_graph_ddp.py"}
       k=0; IFS=';' read -ra group_list <<< "$groups"
       for g in "${group_list[@]}"; do
         k=$((k + 1))

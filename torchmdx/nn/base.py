@@ -281,7 +281,7 @@ class Potential(torch.nn.Module):
     def graph_inputs(self, device) -> dict:
         """Tensors made from the weights (not parameters or buffers, never saved) that a traced
         inference graph with the potential's custom operators (:attr:`graph_ops`) takes as inputs,
-        by name; while traced they come back as :attr:`traced_inputs`. None by default."""
+        by name; while traced they come back as :attr:`traced_inputs`. Empty by default."""
         return {}
 
     def check_elements(self, z: torch.Tensor) -> None:
