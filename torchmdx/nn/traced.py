@@ -24,8 +24,8 @@ Shapes are static: one graph per (atoms, edges, structures, dtype, device, input
 capacity-padded neighbor list (the MD engine's and the training graph's) keeps the edge count
 fixed. The message step runs the torch reference here (inductor compiles it), unless the
 inference graph takes the fused Triton message as custom operators (:data:`FUSED_MESSAGE_IN_GRAPH`,
-``fused_message``; :mod:`torchmdx.kernels.message_ops`, off by default until timed on a GPU). The scatter sums inductor generates
-use atomic adds on the GPU, so float32 results are not bitwise reproducible run to run (the
+``fused_message``; :mod:`torchmdx.kernels.message_ops`, off by default until timed on a GPU). The
+scatter sums inductor generates use atomic adds on the GPU, so float32 results are not bitwise reproducible run to run (the
 fused Triton message kernels are); they agree with the eager path to float32 rounding (tested).
 """
 
