@@ -11,8 +11,9 @@
 #   bash bench/gpu_session.sh kernels16       # issue 16's measurements in one call (< 10 min; see below)
 #   bash bench/gpu_session.sh tables          # filter tables vs GEMM filters: ms, memory, force error vs float64 (bench/bench_filter_table.py;
 #                                             # TABLES_SYSTEMS, TABLES_ARGS, TABLES_TIMEOUT)
-#   bash bench/gpu_session.sh dense           # issue 16 item 5 experiment: small molecules over all N x N pairs vs the neighbor-list
-#                                             # whole graph (bench/bench_dense_pairs.py; DENSE_SYSTEMS, DENSE_TIMEOUT)
+#   bash bench/gpu_session.sh dense           # issue 16 item 5 experiments: small molecules over all N x N pairs, or with the fused
+#                                             # message as custom ops in the graph, vs the neighbor-list whole graph
+#                                             # (bench/bench_dense_pairs.py; DENSE_SYSTEMS, DENSE_VARIANTS, DENSE_TIMEOUT)
 #   bash bench/gpu_session.sh small16         # issue 16 item 5: 22-atom whole-model graph under inductor option sets (SMALL16_OPTIONS JSON)
 #   bash bench/gpu_session.sh openmm          # issue 23 item 4: OpenMM + torchmdx vs native vs TorchMD-NET (bench/bench_openmm.py; needs
 #                                             # openmm, openmm_cuda_13, openmmml wheels in .whl; OPENMM_ARGS / OPENMM_TIMEOUT, docs/openmm.md)
@@ -72,7 +73,7 @@ for part in "$@"; do
     tests) timeout -s INT -k 15 ${TESTS_TIMEOUT:-560} python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS_ARGS:-tests/} -W ignore::UserWarning \
           --durations=12 2>&1 | tee "$OUT/gpu_tests.log" ;;
     tests-parallel)  # every -m gpu test in TESTS_GROUPS (';'-separated file lists), one pytest process per group at once
-      groups=${TESTS_GROUPS:-"tests/test_traced.py tests/test_model_compiled.py tests/test_calculator.py tests/test_openmm_fast.py tests/test_locality.py tests/test_model_sync.py tests/test_packing.py tests/test_packing_periodic.py tests/test_pair_layout.py;tests/test_message_triton.py tests/test_filter_table.py tests/test_neighbors_triton.py;tests/test_train_graph.py tests/test_train_graph_architectures.py tests/test_equiformer_capture.py tests/test_md_cuda_graph.py tests/test_integrators_fused.py tests/test_train_ddp.py tests/test_train_graph_ddp.py"}
+      groups=${TESTS_GROUPS:-"tests/test_traced.py tests/test_model_compiled.py tests/test_calculator.py tests/test_openmm_fast.py tests/test_locality.py tests/test_model_sync.py tests/test_packing.py tests/test_packing_periodic.py tests/test_pair_layout.py;tests/test_message_triton.py tests/test_filter_table.py tests/test_message_ops.py tests/test_neighbors_triton.py;tests/test_train_graph.py tests/test_train_graph_architectures.py tests/test_equiformer_capture.py tests/test_md_cuda_graph.py tests/test_integrators_fused.py tests/test_train_ddp.py tests/test_train_graph_ddp.py"}
       k=0; IFS=';' read -ra group_list <<< "$groups"
       for g in "${group_list[@]}"; do
         k=$((k + 1))
@@ -88,7 +89,8 @@ for part in "$@"; do
           --systems ${TABLES_SYSTEMS:-alanine_dipeptide,chignolin,dhfr,factorIX} --out "$OUT" ${TABLES_ARGS:-} 2>&1 \
           | tee "$OUT/filter_table.log" ;;
     dense) timeout ${DENSE_TIMEOUT:-240} python3 bench/bench_dense_pairs.py --data .benchdata \
-          --systems ${DENSE_SYSTEMS:-alanine_dipeptide,caffeine,testosterone} 2>&1 | tee "$OUT/dense_pairs.log" ;;
+          --systems ${DENSE_SYSTEMS:-alanine_dipeptide,caffeine,testosterone} --variants ${DENSE_VARIANTS:-list,pairs} \
+          2>&1 | tee "$OUT/dense_pairs.log" ;;
     anchor) SYSTEMS=.benchdata timeout 180 python3 .benchdata/anchor_torchmdnet.py \
           alanine_dipeptide,chignolin,dhfr,factorIX,stmv 2>&1 | tee "$OUT/anchor.log" ;;
     model) timeout ${MODEL_TIMEOUT:-200} python3 bench/bench_model.py --data .benchdata --out "$OUT" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/bench_model.log" ;;

@@ -284,6 +284,32 @@ class FusedMessage:
 
     def _run(self, q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, filter_activation, phi, unit, edge_index, num_heads,
              edge_mask, self_loop, attn_activation, vector_cutoff, tables=None):
+        plan = self._plan(q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, filter_activation, phi, unit, edge_index,
+                          num_heads, edge_mask, self_loop, attn_activation, vector_cutoff, tables)
+        if plan is None:
+            return self._reference(q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, filter_activation, phi, unit, edge_index,
+                                   num_heads, edge_mask, self_loop, attn_activation, vector_cutoff, tables)
+        spec, layout, weight_nodes, tensors = plan
+        return _FusedMessageFunction.apply(spec, layout, weight_nodes, *tensors)
+
+    @staticmethod
+    def _reference(q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, filter_activation, phi, unit, edge_index, num_heads,
+                   edge_mask, self_loop, attn_activation, vector_cutoff, tables=None):
+        """The torch reference of the call (where the kernels cannot run it)."""
+        kwargs = dict(edge_mask=edge_mask, self_loop=self_loop, attn_activation=attn_activation,
+                      vector_cutoff=vector_cutoff)
+        if tables is not None:
+            return reference_tabulated(q, k, v, vec, rbf, *tables, phi, unit, edge_index, num_heads, **kwargs)
+        if rbf is not None:
+            return reference_filtered(q, k, v, vec, rbf, wk, bk, wv, bv, phi, unit, edge_index, num_heads,
+                                      filter_activation=filter_activation, **kwargs)
+        return message_ref.et_message(q, k, v, vec, dk, dv, phi, unit, edge_index, num_heads, **kwargs)
+
+    def _plan(self, q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, filter_activation, phi, unit, edge_index, num_heads,
+              edge_mask, self_loop, attn_activation, vector_cutoff, tables=None, layout: Optional[EdgeLayout] = None):
+        """(spec, layout, weight_nodes, tensors) of the kernels' launch for this call, or None where
+        the torch reference must run it (:meth:`_reference`). ``layout``: the edge layout to use
+        (default: :meth:`layout`'s, kept between the layers of a forward pass)."""
         filtered = rbf is not None and tables is None
         dk0 = dv0 = phi0 = None
         if self_loop is not None:
@@ -306,15 +332,7 @@ class FusedMessage:
             or (phi0 is not None and phi0.requires_grad)
         )
         if fallback:
-            kwargs = dict(edge_mask=edge_mask, self_loop=self_loop, attn_activation=attn_activation,
-                          vector_cutoff=vector_cutoff)
-            if tables is not None:
-                return reference_tabulated(q, k, v, vec, rbf, key_table, value_table, phi, unit, edge_index,
-                                           num_heads, **kwargs)
-            if filtered:
-                return reference_filtered(q, k, v, vec, rbf, wk, bk, wv, bv, phi, unit, edge_index, num_heads,
-                                          filter_activation=filter_activation, **kwargs)
-            return message_ref.et_message(q, k, v, vec, dk, dv, phi, unit, edge_index, num_heads, **kwargs)
+            return None
         head_dim = f // num_heads
         if CONFIG.sender_side not in SENDER_SIDES:
             raise ValueError(f"message_triton.CONFIG.sender_side must be one of {SENDER_SIDES}, "
@@ -365,12 +383,12 @@ class FusedMessage:
         spec = _make_spec(q.dtype, num_heads, head_dim, num_rbf, dk_mode, dv_mode, mask is not None,
                           self_loop is not None, dk0 is not None, dv0 is not None, bool(vector_cutoff),
                           attn_activation, filter_activation, merged, cfg, table_geometry, reverse, table_packed)
-        layout = self.layout(edge_index, n, edge_mask)
+        layout = layout if layout is not None else self.layout(edge_index, n, edge_mask)
         tensors = [q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0]
         tensors = [t.contiguous() if t is not None else None for t in tensors]
         # grad mode is off inside Function.forward: find the weights' gradient nodes here
         weight_nodes = [_grad_node(t) for t in (wk, bk, wv, bv)] if torch.is_grad_enabled() else [None] * 4
-        return _FusedMessageFunction.apply(spec, layout, weight_nodes, *tensors)
+        return spec, layout, weight_nodes, tensors
 
 
 def et_message(q, k, v, vec, dk, dv, cutoff_weight, unit_vectors, edge_index, num_heads, *,

@@ -260,10 +260,14 @@ class _full_precision_matmul:
         torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
-def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes, grad_m, grad_u, stacked):
+def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes, grad_m, grad_u, stacked,
+                    edge_buffer: Optional[list] = None):
     """Input gradients from the Triton backward kernels. ``stacked``: the forward's stacked filter
     weights (:func:`_stack_filters`; None off the GEMM place); the GEMM place's pre-activations z
-    are recomputed here (not kept from the forward: memory, and keeping them was slower)."""
+    are recomputed here (not kept from the forward: memory, and keeping them was slower).
+    ``edge_buffer``: a list that receives the per-edge gradient buffer [E, width] (columns: dL/drbf
+    [K] or dL/dr [1] or none, then dL/dphi, dL/dd [3]) whose column views the phi, unit and rbf
+    gradients are (the custom operators of :mod:`torchmdx.kernels.message_ops` return it whole)."""
     (q, k, v, vec, dk, dv, rbf, wk, bk, wv, bv, phi, unit, mask, dk0, dv0, phi0) = saved
     need = dict(zip(_NAMES, needs))
     n, f = q.shape
@@ -327,6 +331,8 @@ def _fused_backward(spec: _Spec, layout: EdgeLayout, saved, needs, weight_nodes,
                          (gq, gedge, gdk, gdv, gzk, gzv, gdk0, gdv0, *sender_outputs, e, n),
                          write_gz, self_filter_grad, merged)
         gedge = gedge[0] if spec.chunks == 1 else gedge.sum(0)
+        if edge_buffer is not None:
+            edge_buffer.append(gedge)
         k0 = width - 4
         gphi, gunit = gedge[:, k0], gedge[:, k0 + 1:]
         grbf = gedge[:, :k0] if uses_rbf else gedge[:, 0] if uses_r else None

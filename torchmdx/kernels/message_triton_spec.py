@@ -51,6 +51,23 @@ class EdgeLayout:
         self.rowend = self._segment_ends(self.rowptr, self.receivers, mask)
         self._sender = None
 
+    @classmethod
+    def from_segments(cls, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor],
+                      rowptr: torch.Tensor, rowend: torch.Tensor) -> "EdgeLayout":
+        """The layout with receiver segments computed elsewhere (``rowptr`` [N + 1], ``rowend`` [N]:
+        what :meth:`__init__` would compute; the custom operators of
+        :mod:`torchmdx.kernels.message_ops` take them as inputs, made once per graph by
+        :func:`~torchmdx.kernels.message_ops.segments`)."""
+        layout = cls.__new__(cls)
+        layout.edge_index, layout.version, layout.num_nodes = edge_index, edge_index._version, num_nodes
+        layout.mask, layout.mask_version = mask, (mask._version if mask is not None else None)
+        layout.receivers = edge_index[0].contiguous()
+        layout.senders = edge_index[1].contiguous()
+        layout._nodes = None  # made by sender_order when a call needs it (no launch otherwise)
+        layout.rowptr, layout.rowend = rowptr, rowend
+        layout._sender = None
+        return layout
+
     @staticmethod
     def _segment_ends(ptr, keys, mask):
         """End of each segment after its last valid row, at least ``ptr[i]`` (empty or fully
@@ -77,6 +94,8 @@ class EdgeLayout:
         """(colptr [N+1], colend [N], perm [E]): edges perm[colptr[j]:colend[j]] are those sent
         by j (trailing masked ones dropped)."""
         if self._sender is None:
+            if self._nodes is None:
+                self._nodes = torch.arange(self.num_nodes + 1, device=self.senders.device, dtype=self.senders.dtype)
             sorted_senders, perm = torch.sort(self.senders, stable=True)
             colptr = torch.searchsorted(sorted_senders, self._nodes)
             mask = self.mask.index_select(0, perm) if self.mask is not None else None

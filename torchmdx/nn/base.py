@@ -255,6 +255,12 @@ class Potential(torch.nn.Module):
     takes_charge: bool = False
     #: set while it is being traced: no host reads or checks, torch reference kernels only
     tracing: bool = False
+    #: can :meth:`atomic_energies`, while traced for inference, run its fused kernels as
+    #: ``torch.library`` custom operators (:class:`torchmdx.nn.traced.TracedForces` ``fused_message``),
+    #: with :meth:`graph_inputs` as extra inputs of the graph?
+    graph_ops: bool = False
+    #: while traced with the operators: :meth:`graph_inputs`' names -> the trace's tensors (else None)
+    traced_inputs: Optional[dict] = None
     _atom_order: str = "input"
 
     @property
@@ -274,6 +280,12 @@ class Potential(torch.nn.Module):
     def atomic_energies(self, graph: Graph) -> torch.Tensor:  # pragma: no cover - abstract
         """Per-atom energies [N] (eV) for ``graph``."""
         raise NotImplementedError
+
+    def graph_inputs(self, device) -> dict:
+        """Tensors made from the weights (not parameters or buffers, never saved) that a traced
+        inference graph with the potential's custom operators (:attr:`graph_ops`) takes as inputs,
+        by name; while traced they come back as :attr:`traced_inputs`. Empty by default."""
+        return {}
 
     def check_elements(self, z: torch.Tensor) -> None:
         """Raise a one-line ModelError for atomic numbers the potential cannot handle."""

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from torchmdx.errors import ModelError
-from torchmdx.kernels import filter_table, message_ref
+from torchmdx.kernels import filter_table, message_ops, message_ref
+from torchmdx.kernels.filter_table import FilterTable
 from torchmdx.nn.config import ModelConfig
 from torchmdx.nn.layers import RBF_TYPES, Activation, CosineCutoff, NeighborEmbedding, xavier_linear
 
@@ -264,7 +265,7 @@ class ETRepresentation(nn.Module):
         return valid, rbf, phi, unit, x, self_rbf, self_cutoff
 
     def forward(self, z, edge_index, vectors, distances, mask=None, backend: str = "auto", compiled: bool = False,
-                self_edges: bool = True, pairs=None):
+                self_edges: bool = True, pairs=None, given_tables=None):
         """(x, vec) of every atom. ``compiled``: the dense parts (edge features and embedding,
         each layer's :meth:`~EquivariantAttention.prepare` / :meth:`~EquivariantAttention.update`)
         run through ``torch.compile`` (:func:`compiled_function`).
@@ -283,18 +284,26 @@ class ETRepresentation(nn.Module):
 
         ``pairs`` n: the edges are the all-pairs layout of structures of n atoms
         (:mod:`torchmdx.kernels.pairs`): the reference message with broadcasts and sums over the
-        senders, the self edges kept in the self-loop branch (the diagonal pairs stay masked)."""
+        senders, the self edges kept in the self-loop branch (the diagonal pairs stay masked).
+
+        ``given_tables``: per layer (key :class:`~torchmdx.kernels.filter_table.FilterTable` | None,
+        value table | None), the filter tables of a traced inference graph's inputs
+        (:meth:`tables_from_inputs`): every layer's message is then the custom operator
+        ``torchmdx::et_message_table`` (:mod:`torchmdx.kernels.message_ops`; not with ``pairs``)."""
         embed = compiled_function(ETRepresentation.embed, z.device.type) if compiled else ETRepresentation.embed
         valid, rbf, phi, unit, x, self_rbf, self_cutoff = embed(self, z, edge_index, vectors, distances, mask, pairs)
         vec = torch.zeros(x.shape[0], 3, x.shape[1], dtype=x.dtype, device=x.device)
         if pairs is not None:
             self_edges = False  # the self edges stay in the self-loop branch
             message = functools.partial(message_ref.et_message, pairs=pairs)
+            given_tables = None
+        elif given_tables is not None:  # the fused kernels as custom operators of a traced graph
+            message = message_ops.TableMessage(symmetric=True)
         else:
             message = message_function(backend, x.device)
         edge_mask = valid  # no host sync: invalid (padded / skin) edges are zeroed in the message
         filters = [None] * len(self.layers)
-        if getattr(message, "filtered", None) is None and not compiled:
+        if getattr(message, "filtered", None) is None and not compiled and given_tables is None:
             if self_edges:
                 n = x.shape[0]
                 loops = torch.arange(n, dtype=edge_index.dtype, device=edge_index.device)
@@ -316,10 +325,11 @@ class ETRepresentation(nn.Module):
                 # here, so the mask's own products would change nothing: leave them out
                 edge_mask = None
         tables = [None] * len(self.layers)
-        if self.tables_usable(message, x.shape[0], x.device):
+        if given_tables is not None or self.tables_usable(message, x.shape[0], x.device):
             # inside the cutoff every valid edge's length; invalid edges a safe one (edge_features)
             r = torch.where(valid, distances, torch.full_like(distances, 0.5 * self.config.cutoff_upper))
-            tables = [(r, *pair) for pair in self.filter_tables(x.device, rbf.dtype)]
+            pairs_of_tables = given_tables if given_tables is not None else self.filter_tables(x.device, rbf.dtype)
+            tables = [(r, *pair) for pair in pairs_of_tables]
         for layer, layer_filters, layer_tables in zip(self.layers, filters, tables):
             x, vec = layer(x, vec, edge_index, rbf, phi, unit, edge_mask, self_rbf, self_cutoff, message, compiled=compiled,
                            filters=layer_filters, tables=layer_tables)
@@ -376,6 +386,21 @@ class ETRepresentation(nn.Module):
                 tables.append(tuple(pair))
         self.__dict__["_filter_tables"] = (key, tables)
         return tables
+
+    def table_inputs(self, device: torch.device, dtype: torch.dtype) -> dict:
+        """:meth:`filter_tables`' coefficients by name ('filter_tables.<layer>.key' / '.value'): the
+        inputs of a traced inference graph with the message operators (:meth:`tables_from_inputs`)."""
+        return {f"filter_tables.{index}.{kind}": table.coefficients
+                for index, pair in enumerate(self.filter_tables(device, dtype))
+                for kind, table in zip(("key", "value"), pair) if table is not None}
+
+    def tables_from_inputs(self, inputs: dict) -> list:
+        """Per layer (key table | None, value table | None) from :meth:`table_inputs`' names (the
+        coefficients may be a trace's tensors); the grid is [cutoff_lower, cutoff_upper]."""
+        c = self.config
+        return [tuple(FilterTable(inputs[name], float(c.cutoff_lower), float(c.cutoff_upper)) if name in inputs else None
+                      for name in (f"filter_tables.{index}.key", f"filter_tables.{index}.value"))
+                for index in range(len(self.layers))]
 
     def radial_filters(self, rbf: torch.Tensor) -> list:
         """Every layer's radial filters from one product: per layer (dk [E, F], dv [E, 3F]) with

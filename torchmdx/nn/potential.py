@@ -85,6 +85,7 @@ class ETPotential(NormalisedPotential):
     traceable = True
     captured_training_auto = True  # tests/test_train_graph.py's -m gpu tests: captured = eager steps
     pair_layout = True  # Graph.pairs: broadcasts and sums over the senders (kernels.pairs)
+    graph_ops = True  # traced inference graphs may run the fused message as custom operators (kernels.message_ops)
 
     def __init__(self, config: Union[ModelConfig, Mapping, str, None] = None, **overrides):
         super().__init__()
@@ -139,20 +140,29 @@ class ETPotential(NormalisedPotential):
             return AUTO_TRAINING_BACKEND
         return self.backend
 
+    def graph_inputs(self, device) -> dict:
+        """The filter tables' coefficients (:meth:`ETRepresentation.table_inputs`, model dtype): the
+        inputs of the fused message operators in a traced inference graph."""
+        return self.representation.table_inputs(torch.device(device), self.dtype)
+
     # ------------------------------------------------------------------ energies
     def atomic_energies(self, graph: Graph) -> torch.Tensor:
         """Per-atom energies t_a (eV, float64). While :attr:`tracing`
         (:class:`torchmdx.nn.traced.TracedForces`): no overlap check (a host read) and the torch
-        reference message."""
+        reference message, or, with :attr:`traced_inputs` (the graph's filter tables), the fused
+        message as custom operators (:mod:`torchmdx.kernels.message_ops`)."""
         tracing = self.tracing
         if not tracing:
             self._check_overlaps(graph)
         dtype = self.dtype
         compiled = self.compiled and not tracing
+        given = None
+        if tracing and self.traced_inputs is not None and graph.pairs is None:
+            given = self.representation.tables_from_inputs(self.traced_inputs)
         x, vec = self.representation(
             graph.z, graph.edge_index, graph.vectors.to(dtype), graph.distances.to(dtype), graph.mask,
             backend="torch" if tracing else self.message_backend(), compiled=compiled, self_edges=not tracing,
-            pairs=graph.pairs,
+            pairs=graph.pairs, given_tables=given,
         )
         head = compiled_function(type(self.head).forward, x.device.type) if compiled else type(self.head).forward
         energies = self.normalised_energies(head(self.head, x, vec), graph, self.config.reduce_op)

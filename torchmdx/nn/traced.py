@@ -22,9 +22,10 @@ friends) are decomposed into primitives at trace time (:data:`DECOMPOSITION_OPS`
 
 Shapes are static: one graph per (atoms, edges, structures, dtype, device, inputs present); a
 capacity-padded neighbor list (the MD engine's and the training graph's) keeps the edge count
-fixed. The message step always runs the torch reference here (inductor compiles it); the
-fused Triton kernels are for the eager and per-part paths. The scatter sums inductor generates
-use atomic adds on the GPU, so float32 results are not bitwise reproducible run to run (the
+fixed. The message step runs the torch reference here (inductor compiles it), unless the
+inference graph takes the fused Triton message as custom operators (:data:`FUSED_MESSAGE_IN_GRAPH`,
+``fused_message``; :mod:`torchmdx.kernels.message_ops`, off by default until timed on a GPU). The
+scatter sums inductor generates use atomic adds on the GPU, so float32 results are not bitwise reproducible run to run (the
 fused Triton message kernels are); they agree with the eager path to float32 rounding (tested).
 """
 
@@ -196,6 +197,16 @@ WHOLE_GRAPH_MAX_ATOMS = 64
 PAIR_LAYOUT_MAX_ATOMS = 0
 
 
+#: inference graphs (:class:`TracedForces` without ``training``, ``fused_message`` None) of a
+#: potential with :attr:`~torchmdx.nn.base.Potential.graph_ops` (the ET) take its fused message
+#: kernels as custom operators (``torchmdx::et_message_table`` and its backward, filters from
+#: tables passed in as graph inputs; :mod:`torchmdx.kernels.message_ops`) instead of tracing the
+#: torch reference message. Read at each call. False: not yet timed on a GPU
+#: (docs/kernels_small.md, "The fused message inside the whole graph"; ``bench/bench_dense_pairs.py
+#: --variants list,ops``)
+FUSED_MESSAGE_IN_GRAPH = False
+
+
 def pair_layout_size(potential, counts, periodic: bool) -> Optional[int]:
     """n, the atoms of each structure, where the whole-model graph of structures of ``counts``
     atoms takes the all-pairs layout: ``potential`` supports it (:attr:`Potential.pair_layout`),
@@ -235,6 +246,11 @@ def compile_mode(mode, device, num_atoms: int, potential) -> str:
     return mode
 
 
+#: prefix of the names of a potential's :meth:`~torchmdx.nn.base.Potential.graph_inputs` among a
+#: traced graph's state inputs
+GRAPH_INPUT = "graph_input:"
+
+
 class _Energy(torch.nn.Module):
     """Wraps ``potential.atomic_energies`` so :func:`torch.func.functional_call` can swap its
     parameters and buffers for graph inputs."""
@@ -272,12 +288,18 @@ class TracedForces:
     most rows a rewritten product may have whatever its inner dimension ("auto":
     :data:`SMALL_ROWS`, or :data:`TRAINING_SMALL_ROWS` when ``training``); ``options``: inductor options (default :data:`COMPILE_OPTIONS`, or
     :data:`TRAINING_COMPILE_OPTIONS`, of the device type); ``frontend``: how the graph reaches inductor (:data:`FRONTENDS`; default the potential's
-    ``traced_frontend``, else "dynamo").
+    ``traced_frontend``, else "dynamo"). ``fused_message``: the inference graph takes the
+    potential's fused message kernels as custom operators (:data:`FUSED_MESSAGE_IN_GRAPH`, which
+    None reads at each call; only without ``training`` and where the potential has
+    :attr:`~torchmdx.nn.base.Potential.graph_ops`, else ignored): its :meth:`graph_inputs
+    <torchmdx.nn.base.Potential.graph_inputs>` (the filter tables) become inputs of the graph,
+    made again when the weights change (a graph replayed by a CUDA graph keeps the ones of its
+    capture).
     """
 
     def __init__(self, potential, training: bool = False, cutoff: Optional[float] = None, compile: bool = True,
                  small: bool = True, options: Optional[dict] = None, frontend: Optional[str] = None,
-                 small_output="auto", small_rows="auto"):
+                 small_output="auto", small_rows="auto", fused_message: Optional[bool] = None):
         if not getattr(potential, "traceable", False):
             raise TypeError(f"{type(potential).__name__} cannot be traced into one graph")
         frontend = frontend or getattr(potential, "traced_frontend", "dynamo")
@@ -293,12 +315,22 @@ class TracedForces:
         self.small_output = small_output
         self.small_rows = small_rows
         self.options = options
+        self.fused_message = fused_message
         self.small_products = 0  # products rewritten as reductions in the last trace
         self._graphs: dict = {}
         self.traces = 0
 
     # ------------------------------------------------------------------ the traced function
-    def _state(self):
+    @property
+    def ops(self) -> bool:
+        """Does the next inference graph take the fused message as custom operators
+        (``fused_message``, :data:`FUSED_MESSAGE_IN_GRAPH`)?"""
+        wanted = FUSED_MESSAGE_IN_GRAPH if self.fused_message is None else bool(self.fused_message)
+        return wanted and not self.training and bool(getattr(self.potential, "graph_ops", False))
+
+    def _state(self, ops: bool = False, device=None):
+        """(names, tensors): the parameters and buffers, then with ``ops`` the potential's
+        :meth:`~torchmdx.nn.base.Potential.graph_inputs` (named with the prefix :data:`GRAPH_INPUT`)."""
         names, tensors = [], []
         for name, value in self.module.named_parameters():
             names.append(name)
@@ -306,27 +338,40 @@ class TracedForces:
         for name, value in self.module.named_buffers():
             names.append(name)
             tensors.append(value)
+        if ops:
+            for name, value in self.potential.graph_inputs(device).items():
+                names.append(GRAPH_INPUT + name)
+                tensors.append(value.detach())
         return names, tensors
 
-    def _function(self, names, num_structures: int, pairs: Optional[int] = None):
-        module, cutoff = self.module, self.cutoff
+    def _function(self, names, num_structures: int, pairs: Optional[int] = None, ops: bool = False):
+        module, cutoff, potential = self.module, self.cutoff, self.potential
 
         def energy_and_forces(state, z, pos, batch, edge_index, offsets, mask):
-            with torch.enable_grad():
-                pos = pos.detach().requires_grad_(True)
-                if pairs is None:
-                    vectors, distances, valid = masked_edges(pos, edge_index[0], edge_index[1], offsets, cutoff, mask)
-                else:  # the all-pairs layout: no gathers (kernels.pairs)
-                    vectors, distances, valid = pair_edges(pos, pairs, cutoff, mask)
-                graph = Graph(z, pos, batch, num_structures, edge_index, vectors, distances, valid, pairs)
-                atomic = torch.func.functional_call(module, dict(zip(names, state)), (graph,))
-                energy = torch.zeros(num_structures, dtype=atomic.dtype, device=atomic.device).index_add(0, batch, atomic)
-                (grad,) = torch.autograd.grad(energy.sum(), pos)
+            weights = {name: t for name, t in zip(names, state) if not name.startswith(GRAPH_INPUT)}
+            inputs = {name[len(GRAPH_INPUT):]: t for name, t in zip(names, state) if name.startswith(GRAPH_INPUT)}
+            previous = potential.traced_inputs
+            potential.traced_inputs = inputs if ops else None
+            try:
+                with torch.enable_grad():
+                    pos = pos.detach().requires_grad_(True)
+                    if pairs is None:
+                        vectors, distances, valid = masked_edges(pos, edge_index[0], edge_index[1], offsets, cutoff,
+                                                                 mask)
+                    else:  # the all-pairs layout: no gathers (kernels.pairs)
+                        vectors, distances, valid = pair_edges(pos, pairs, cutoff, mask)
+                    graph = Graph(z, pos, batch, num_structures, edge_index, vectors, distances, valid, pairs)
+                    atomic = torch.func.functional_call(module, weights, (graph,))
+                    energy = torch.zeros(num_structures, dtype=atomic.dtype, device=atomic.device).index_add(0, batch,
+                                                                                                             atomic)
+                    (grad,) = torch.autograd.grad(energy.sum(), pos)
+            finally:
+                potential.traced_inputs = previous
             return energy, -grad, atomic
 
         return energy_and_forces
 
-    def _build(self, names, args, num_structures: int, pairs: Optional[int] = None):
+    def _build(self, names, args, num_structures: int, pairs: Optional[int] = None, ops: bool = False):
         from torch.fx.experimental.proxy_tensor import make_fx
 
         allowed = getattr(self.potential, "traced_training", True)
@@ -338,7 +383,7 @@ class TracedForces:
 
             raise ModelError(f"{type(self.potential).__name__}'s compiled training graph is not used here: inductor "
                              f"computed its forces wrongly (see {type(self.potential).__name__}.traced_training)")
-        fn = self._function(names, num_structures, pairs)
+        fn = self._function(names, num_structures, pairs, ops)
         potential = self.potential
         previous = potential.tracing
         potential.tracing = True
@@ -371,16 +416,17 @@ class TracedForces:
         if pairs is not None and (offsets is not None or mask is None
                                   or not getattr(self.potential, "pair_layout", False)):
             raise ValueError("pairs needs the all-pairs mask, no image offsets and a potential with pair_layout")
-        names, state = self._state()
+        ops = self.ops
+        names, state = self._state(ops, pos.device)
         args = (state, z, pos.detach(), batch, edge_index, offsets, mask)
         key = (
             tuple(z.shape), tuple(edge_index.shape), int(num_structures), pos.dtype, pos.device,
             offsets is not None, mask is not None, tuple(names), tuple(t.dtype for t in state),
-            self.training and torch.is_grad_enabled(), pairs,
+            self.training and torch.is_grad_enabled(), pairs, ops,
         )
         fn = self._graphs.get(key)
         if fn is None:
-            fn = self._graphs[key] = self._build(names, args, int(num_structures), pairs)
+            fn = self._graphs[key] = self._build(names, args, int(num_structures), pairs, ops)
         return fn(*args)
 
 
