@@ -193,10 +193,40 @@ def _check_flags(call: str, **flags) -> None:
             raise ModelError(f"{call}: {name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
+def _shape(value) -> list:
+    import numpy as np
+
+    return list(value.shape) if torch.is_tensor(value) else list(np.shape(value))
+
+
+def _check_structure_inputs(n: int, batch, cell, pbc) -> None:
+    """One ModelError line for a ``batch``, ``cell`` or ``pbc`` of the wrong kind or shape (a float
+    batch, a cell of three lengths or a pbc of two entries were RuntimeErrors of index_add_ or
+    expand, or a cell [10, 10, 10] became three equal rows: "the cell ... is singular"). Shapes and
+    dtypes only: nothing is read from the device."""
+    if batch is not None:
+        dtype = batch.dtype if torch.is_tensor(batch) else torch.as_tensor(batch).dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise ModelError(f"batch must be a 1-D tensor of structure indices (torch.long), one per atom, got "
+                             f"{str(dtype).removeprefix('torch.')}")
+    if cell is not None:
+        shape = _shape(cell)
+        if shape == [3]:
+            raise ModelError(f"cell must have shape [3, 3] (rows are the cell vectors, Å) or [B, 3, 3], got {shape}: "
+                             "for a box of three lengths a, b, c give torch.diag(torch.tensor([a, b, c]))")
+        if not (len(shape) in (2, 3) and shape[-2:] == [3, 3]):
+            raise ModelError(f"cell must have shape [3, 3] (rows are the cell vectors, Å) or [B, 3, 3], got {shape}")
+    if pbc is not None:
+        shape = _shape(pbc)
+        if not (len(shape) in (1, 2) and shape[-1:] == [3]):
+            raise ModelError(f"pbc must have shape [3] or [B, 3] (True for each periodic direction), got {shape}")
+
+
 def _normalise_inputs(z, pos, batch, cell, pbc, num_structures: Optional[int] = None, need_periodic: bool = False):
     """(batch, B, cell [B,3,3] or None, pbc [B,3] or None) on the positions' device; see the module
     docstring for when this reads from the device."""
     n = pos.shape[0]
+    _check_structure_inputs(n, batch, cell, pbc)
     if batch is None:
         batch = torch.zeros(n, dtype=torch.long, device=pos.device)
         if num_structures is None:
@@ -336,6 +366,8 @@ class Potential(torch.nn.Module):
                 per_atom=per_atom, create_graph=create_graph,
             )
         _check_atom_inputs(z, pos)
+        if z.dtype != torch.long:  # uint8 indexed as a mask ("The shape of the mask [3] ..."), a traceback
+            z = z.long()
         self.check_elements(z)
         batch, num_structures, cell, pbc = _normalise_inputs(z, pos, batch, cell, pbc, num_structures, stress)
         order = AtomOrder.choose(self.atom_order, pos, batch, cell, pbc, num_structures, neighbors is not None)
