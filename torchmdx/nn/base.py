@@ -193,6 +193,25 @@ def _check_flags(call: str, **flags) -> None:
             raise ModelError(f"{call}: {name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
+def _check_call_inputs(neighbors, num_structures, batch) -> None:
+    """One ModelError line for a ``neighbors`` that is no :class:`Neighbors`, or a ``num_structures`` that is
+    not a whole number >= 1 or (where ``batch`` is on the host) smaller than its largest index + 1."""
+    import numpy as np
+
+    if neighbors is not None and not isinstance(neighbors, Neighbors):
+        raise ModelError(f"neighbors must be a torchmdx.kernels.neighbors.Neighbors (from model.neighbors(...)) or "
+                         f"None, got {type(neighbors).__name__}")
+    if num_structures is None:
+        return
+    if isinstance(num_structures, bool) or not isinstance(num_structures, (int, np.integer)) or num_structures < 1:
+        raise ModelError(f"num_structures must be a whole number >= 1 (the structures in the batch), got "
+                         f"{num_structures!r}")
+    if batch is not None and torch.is_tensor(batch) and _on_host(batch) and batch.numel() \
+            and not batch.dtype.is_floating_point and int(batch.max()) >= num_structures:
+        raise ModelError(f"num_structures is {num_structures}, but batch holds structure index {int(batch.max())}; "
+                         "give num_structures = batch.max() + 1, or leave it out")
+
+
 def _shape(value) -> list:
     import numpy as np
 
@@ -366,6 +385,10 @@ class Potential(torch.nn.Module):
                 per_atom=per_atom, create_graph=create_graph,
             )
         _check_atom_inputs(z, pos)
+        # forces="no" computed the forces (a non-empty string is true), neighbors="x" or num_structures=0 were
+        # AttributeErrors and IndexErrors: one line each (host values only)
+        _check_flags("model(z, pos, ...)", forces=forces, stress=stress, per_atom=per_atom, create_graph=create_graph)
+        _check_call_inputs(neighbors, num_structures, batch)
         if z.dtype != torch.long:  # uint8 indexed as a mask ("The shape of the mask [3] ..."), a traceback
             z = z.long()
         self.check_elements(z)
@@ -443,6 +466,11 @@ class Potential(torch.nn.Module):
 
         _check_flags("predict", forces=forces, stress=stress)
         device, dtype = module_device_dtype(self)
+        if dtype in (torch.float16, torch.bfloat16):  # bfloat16: "Got unsupported ScalarType BFloat16" from numpy;
+            # float16: energies off by percents, as the Calculator's dtype='float16' is refused
+            name = str(dtype).removeprefix("torch.")
+            raise ModelError(f"Potential.predict: the model's weights are {name}; predict runs in float32 or float64: "
+                             "model.float() or model.double() first")
         inputs = atoms_inputs(atoms, device, dtype, centred=True)  # float32 far from the origin lost precision
         if is_atoms(atoms) and len(atoms) == 0:  # Atoms() gave energy 0.0; md, label and the readers refuse it
             # (an empty structure inside a list keeps its 0 eV row, round 5: the list's order and length hold)
