@@ -193,9 +193,9 @@ def _check_flags(call: str, **flags) -> None:
             raise ModelError(f"{call}: {name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
-def _check_call_inputs(neighbors, num_structures, batch) -> None:
+def _check_call_inputs(neighbors, num_structures) -> None:
     """One ModelError line for a ``neighbors`` that is no :class:`Neighbors`, or a ``num_structures`` that is
-    not a whole number >= 1 or (where ``batch`` is on the host) smaller than its largest index + 1."""
+    not a whole number >= 1 (that it covers ``batch`` is not checked: the keyword is there to spare that read)."""
     import numpy as np
 
     if neighbors is not None and not isinstance(neighbors, Neighbors):
@@ -206,10 +206,6 @@ def _check_call_inputs(neighbors, num_structures, batch) -> None:
     if isinstance(num_structures, bool) or not isinstance(num_structures, (int, np.integer)) or num_structures < 1:
         raise ModelError(f"num_structures must be a whole number >= 1 (the structures in the batch), got "
                          f"{num_structures!r}")
-    if batch is not None and torch.is_tensor(batch) and _on_host(batch) and batch.numel() \
-            and not batch.dtype.is_floating_point and int(batch.max()) >= num_structures:
-        raise ModelError(f"num_structures is {num_structures}, but batch holds structure index {int(batch.max())}; "
-                         "give num_structures = batch.max() + 1, or leave it out")
 
 
 def _shape(value) -> list:
@@ -388,7 +384,7 @@ class Potential(torch.nn.Module):
         # forces="no" computed the forces (a non-empty string is true), neighbors="x" or num_structures=0 were
         # AttributeErrors and IndexErrors: one line each (host values only)
         _check_flags("model(z, pos, ...)", forces=forces, stress=stress, per_atom=per_atom, create_graph=create_graph)
-        _check_call_inputs(neighbors, num_structures, batch)
+        _check_call_inputs(neighbors, num_structures)
         if z.dtype != torch.long:  # uint8 indexed as a mask ("The shape of the mask [3] ..."), a traceback
             z = z.long()
         self.check_elements(z)
