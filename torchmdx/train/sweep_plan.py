@@ -347,6 +347,30 @@ def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
     return {"sweep_dir": sweep_dir, "points": points, "base": base, "plan": plan, "settings": settings}
 
 
+def _check_point_cutoffs(configs, points, train_sizes, pool, structures, source: str) -> None:
+    """The training's cutoff check (``train.data_checks.check_cutoff_reaches_neighbours``) for every point, on its
+    nested training set: a grid over ``model.cutoff_upper`` with a value below every interatomic distance passed
+    ``--dry-run`` ("validate every point") and stopped the sweep when its turn came, after the points before it had
+    trained. Once per distinct cutoff window and training-set size."""
+    import numpy as np
+
+    from torchmdx.train.data_checks import check_cutoff_reaches_neighbours
+
+    seen = set()
+    for config, point, n_train in zip(configs, points, train_sizes):
+        upper = getattr(config.model_config, "cutoff_upper", None)
+        if upper is None:  # attention over whole structures: not checked by training either
+            continue
+        lower = getattr(config.model_config, "cutoff_lower", 0.0)
+        if (upper, lower, n_train) in seen:
+            continue
+        seen.add((upper, lower, n_train))
+        try:
+            check_cutoff_reaches_neighbours(structures, np.sort(pool[:n_train]), upper, lower, source)
+        except TorchmdxError as exc:  # name the point, like point_config
+            raise type(exc)(f"sweep point ({point.describe()}): {exc}") from None
+
+
 def nested_splits(configs, points, sweep_dir: Path) -> dict:
     """{point id: split file}: one validation and test set for the sweep and nested training
     sets, when every point reads the same data without its own split file or grouped split."""
@@ -380,6 +404,7 @@ def nested_splits(configs, points, sweep_dir: Path) -> dict:
     test = np.sort(perm[:n_test])
     val = np.sort(perm[n_test:n_test + n_val])
     pool = perm[n_test + n_val:]
+    _check_point_cutoffs(configs, points, [s[0] for s in sizes], pool, module.dataset.structures, str(first.path))
     files = {}
     for (n_train, _, _), point in zip(sizes, points):
         path = sweep_dir / SPLITS / f"train_{n_train}.npz"
