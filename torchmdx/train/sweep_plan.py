@@ -151,7 +151,8 @@ def check_workers_per_device(value, what: str = "--workers-per-device") -> int:
 def sweep_section(values: dict, source: str, settings: Optional[dict] = None) -> tuple[dict, dict]:
     """(grid, variants) of a config's optional ``sweep:`` section (removed from ``values``); its
     ``workers_per_device`` (checked) goes into ``settings`` when given."""
-    section = values.pop("sweep", None) or {}
+    section = values.pop("sweep", None)
+    section = {} if section is None else section  # `sweep: []` was taken for no sweep section (`sweep: 3` refused)
     if not isinstance(section, dict):
         raise ConfigError(f"{source}: the 'sweep' section must be a mapping with 'grid' and/or 'variants'")
     unknown = sorted(set(section) - set(SECTION_KEYS))
@@ -161,8 +162,8 @@ def sweep_section(values: dict, source: str, settings: Optional[dict] = None) ->
         workers = check_workers_per_device(section["workers_per_device"], "config key 'sweep.workers_per_device'")
         if settings is not None:
             settings["workers_per_device"] = workers
-    grid = section.get("grid") or {}
-    variants = section.get("variants") or {}
+    grid = {} if section.get("grid") is None else section["grid"]  # `grid: []` was a sweep without a grid
+    variants = {} if section.get("variants") is None else section["variants"]
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{source}: 'sweep.grid' must map section.key to a non-empty list of values")
     if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
@@ -186,6 +187,14 @@ def plan_points(grid: dict, variants: dict) -> list[SweepPoint]:
         if both:  # the grid's values silently replaced the variant's: every point ran without it
             raise ConfigError(f"sweep.variants.{name} sets {both[0]!r}, which the grid sweeps too (the grid's values "
                               f"would replace the variant's in every point); drop it from the variant or the grid")
+    same: dict = {}
+    for name, keys in variants.items():  # two names for one variant: each point of the second trained again
+        shown = json.dumps(_as_config_sees_it(keys), sort_keys=True)
+        if shown in same:
+            raise ConfigError(f"sweep.variants {same[shown]!r} and {name!r} set the same keys to the same values, so "
+                              f"every point of {name!r} would train the same model as {same[shown]!r} again; drop one "
+                              "of them or make them differ")
+        same[shown] = name
     keys = list(grid)
     combos = list(itertools.product(*(grid[k] for k in keys))) if keys else [()]
     named = list(variants.items()) or [(None, {})]
