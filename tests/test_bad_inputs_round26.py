@@ -157,3 +157,20 @@ def test_sweep_dry_run_runs_the_cutoff_check_of_every_point(tmp_path, capsys, mo
 def test_sweep_sections_refused_in_one_line(tmp_path, capsys, monkeypatch, section, line):
     folder, argv = _sweep(tmp_path, monkeypatch, section)
     _exact(capsys, argv, f"error: {line}", folder)
+
+
+def test_export_of_a_run_folder_names_its_checkpoints(tmp_path, capsys, monkeypatch):
+    """``export runs/t -o m.pt`` said "runs/t: checkpoint not found" of a folder that holds them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "t" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "logs").mkdir()
+    for name in ("last.ckpt", "best.ckpt"):
+        (tmp_path / "runs" / "t" / "checkpoints" / name).write_bytes(b"")
+    found = "give one of its checkpoints: runs/t/checkpoints/best.ckpt, runs/t/checkpoints/last.ckpt"
+    _exact(capsys, ["export", "runs/t", "-o", "m.pt"], f"error: runs/t: is a folder, not a checkpoint; {found}",
+           tmp_path)
+    _exact(capsys, ["export", "--openmm", "runs/t/checkpoints", "-o", "om.pt"],
+           f"error: runs/t/checkpoints: is a folder, not a checkpoint; {found}", tmp_path)
+    _exact(capsys, ["export", "runs/t/logs", "-o", "m.pt"],
+           "error: runs/t/logs: is a folder, not a checkpoint, and holds no .ckpt file; give a checkpoint of "
+           "`torchmdx train` (e.g. RUN_DIR/checkpoints/best.ckpt)", tmp_path)
