@@ -174,3 +174,18 @@ def test_export_of_a_run_folder_names_its_checkpoints(tmp_path, capsys, monkeypa
     _exact(capsys, ["export", "runs/t/logs", "-o", "m.pt"],
            "error: runs/t/logs: is a folder, not a checkpoint, and holds no .ckpt file; give a checkpoint of "
            "`torchmdx train` (e.g. RUN_DIR/checkpoints/best.ckpt)", tmp_path)
+
+
+def test_a_run_folder_as_the_model_names_its_model_file(tmp_path, capsys, monkeypatch, model):
+    """``md --model runs/t`` said "runs/t: is a folder, not a model file", and ``label --method model:runs/t`` "model
+    file runs/t not found", of a run folder whose model.pt is right there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    model.save(tmp_path / "runs" / "t" / "model.pt")
+    (tmp_path / "w.xyz").write_text("3\n\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n")
+    line = "runs/t: is a folder, not a model file; its model file is runs/t/model.pt"
+    _exact(capsys, ["md", "w.xyz", "--model", "runs/t", "--steps", "2"], f"error: {line}", tmp_path)
+    _exact(capsys, ["evaluate", "runs/t", "--data", "w.xyz"], f"error: {line}", tmp_path)
+    _exact(capsys, ["label", "w.xyz", "--method", "model:runs/t", "-o", "l.extxyz"],
+           f"error: --method model:runs/t: runs/t {line.removeprefix('runs/t: ')}", tmp_path)
+    _refused(lambda: torchmdx.Calculator("runs/t"), line)
