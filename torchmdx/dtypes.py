@@ -18,7 +18,10 @@ def torch_dtype(value, allowed: Iterable[torch.dtype] = (torch.float32, torch.fl
     """The torch dtype of ``value`` (a torch dtype or one of :data:`FLOAT_DTYPES`' names),
     one of ``allowed``; otherwise one ``error`` line naming ``what`` and the allowed names."""
     allowed = tuple(allowed)
-    dtype = value if isinstance(value, torch.dtype) else FLOAT_DTYPES.get(str(value).replace("torch.", ""))
+    name = str(value).replace("torch.", "")
+    if isinstance(value, type) and value.__module__ == "numpy":  # np.float64: "<class 'numpy.float64'>"
+        name = value.__name__
+    dtype = value if isinstance(value, torch.dtype) else FLOAT_DTYPES.get(name)
     if dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise error(f"{what} must be one of {names}, got {value!r}")

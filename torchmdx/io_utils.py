@@ -143,6 +143,8 @@ def missing_file_reason(path: str | os.PathLike, what: str = "file") -> str:
                 return "is a symbolic link that loops back on itself"
             return f"is a symbolic link to the missing {os.readlink(path)}"
     if path.is_dir():
+        if what == "model file" and (path / "model.pt").is_file():  # a run folder (md --model runs/t)
+            return f"is a folder, not a model file; its model file is {path / 'model.pt'}"
         return f"is a folder, not a {what}"
     if path.exists():
         return f"is not a regular {what} (a device, pipe or socket)"

@@ -90,6 +90,12 @@ def _load_for_openmm(path: str, ema: bool):
     if isinstance(payload, dict) and payload.get("format") == "torchmdx-model":
         from torchmdx.nn.model_file import load_model
 
+        if not ema:  # was ignored: the module held the model file's weights, without a word
+            from torchmdx.errors import ConfigError
+
+            raise ConfigError(f"--no-ema applies to a training checkpoint, and {path} is a model file, which holds one "
+                              "set of weights (those it was exported with); give the run's checkpoint (e.g. "
+                              "RUN_DIR/checkpoints/last.ckpt) for the raw training weights, or drop --no-ema")
         potential = load_model(path)
     else:
         potential = potential_from_checkpoint(path, ema=ema)

@@ -222,6 +222,8 @@ class Calculator(_AseCalculator):
 
         if isinstance(properties, str):  # "energy" was read as its letters
             properties = [properties]
+        if properties is None:  # "'NoneType' object is not iterable"; ASE's own default is ["energy"]
+            properties = ["energy"]
         unknown = [p for p in properties if p not in self.implemented_properties]
         if unknown:  # a direct calculate(properties=["bogus"]) computed the rest without a word
             raise ModelError(f"Calculator: unknown property {unknown[0]!r}; this calculator computes "
@@ -292,7 +294,13 @@ class Calculator(_AseCalculator):
         (:mod:`torchmdx.openmm.fast`). ``cell_changed``: ``atoms.cell`` differs from the last
         call's (a barostat); the atomic numbers and pbc are compared at every call."""
         self._structure_tensors(atoms, ("cell",) if cell_changed else ())
-        xyz = atoms.get_positions() if positions is None else np.asarray(positions, dtype=np.float64)
+        try:
+            xyz = atoms.get_positions() if positions is None else np.asarray(positions, dtype=np.float64)
+        except (TypeError, ValueError):  # "could not convert string to float: 'abc'", a traceback
+            from torchmdx.errors import ConfigError
+
+            raise ConfigError(f"energy_and_forces: positions must be numbers, [{len(atoms)}, 3] in Å, got "
+                              f"{type(positions).__name__}") from None
         n = len(atoms)
         if xyz.shape != (n, 3):
             from torchmdx.errors import ConfigError

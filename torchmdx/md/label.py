@@ -203,7 +203,12 @@ def check_method(method: str) -> str:
             raise ConfigError(f"--method {method}: names no model file; give model:<model file>, e.g. model:model.pt")
         path = Path(text)
         if not path.is_file():
-            raise ConfigError(f"--method {method}: model file {path} not found")
+            from torchmdx.io_utils import missing_file_reason
+
+            reason = missing_file_reason(path, "model file")
+            if reason == "model file not found":
+                raise ConfigError(f"--method {method}: model file {path} not found")
+            raise ConfigError(f"--method {method}: {path} {reason}")  # a folder was "model file runs/t not found"
         return "model:" + str(path)
     raise ConfigError(f"--method {method!r} is not known; choices: {', '.join(TBLITE_METHODS)}, model:<model file>")
 

@@ -193,10 +193,55 @@ def _check_flags(call: str, **flags) -> None:
             raise ModelError(f"{call}: {name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
+def _check_call_inputs(neighbors, num_structures) -> None:
+    """One ModelError line for a ``neighbors`` that is no :class:`Neighbors`, or a ``num_structures`` that is
+    not a whole number >= 1 (that it covers ``batch`` is not checked: the keyword is there to spare that read)."""
+    import numpy as np
+
+    if neighbors is not None and not isinstance(neighbors, Neighbors):
+        raise ModelError(f"neighbors must be a torchmdx.kernels.neighbors.Neighbors (from model.neighbors(...)) or "
+                         f"None, got {type(neighbors).__name__}")
+    if num_structures is None:
+        return
+    if isinstance(num_structures, bool) or not isinstance(num_structures, (int, np.integer)) or num_structures < 1:
+        raise ModelError(f"num_structures must be a whole number >= 1 (the structures in the batch), got "
+                         f"{num_structures!r}")
+
+
+def _shape(value) -> list:
+    import numpy as np
+
+    return list(value.shape) if torch.is_tensor(value) else list(np.shape(value))
+
+
+def _check_structure_inputs(n: int, batch, cell, pbc) -> None:
+    """One ModelError line for a ``batch``, ``cell`` or ``pbc`` of the wrong kind or shape (a float
+    batch, a cell of three lengths or a pbc of two entries were RuntimeErrors of index_add_ or
+    expand, or a cell [10, 10, 10] became three equal rows: "the cell ... is singular"). Shapes and
+    dtypes only: nothing is read from the device."""
+    if batch is not None:
+        dtype = batch.dtype if torch.is_tensor(batch) else torch.as_tensor(batch).dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise ModelError(f"batch must be a 1-D tensor of structure indices (torch.long), one per atom, got "
+                             f"{str(dtype).removeprefix('torch.')}")
+    if cell is not None:
+        shape = _shape(cell)
+        if shape == [3]:
+            raise ModelError(f"cell must have shape [3, 3] (rows are the cell vectors, Å) or [B, 3, 3], got {shape}: "
+                             "for a box of three lengths a, b, c give torch.diag(torch.tensor([a, b, c]))")
+        if not (len(shape) in (2, 3) and shape[-2:] == [3, 3]):
+            raise ModelError(f"cell must have shape [3, 3] (rows are the cell vectors, Å) or [B, 3, 3], got {shape}")
+    if pbc is not None:
+        shape = _shape(pbc)
+        if not (len(shape) in (1, 2) and shape[-1:] == [3]):
+            raise ModelError(f"pbc must have shape [3] or [B, 3] (True for each periodic direction), got {shape}")
+
+
 def _normalise_inputs(z, pos, batch, cell, pbc, num_structures: Optional[int] = None, need_periodic: bool = False):
     """(batch, B, cell [B,3,3] or None, pbc [B,3] or None) on the positions' device; see the module
     docstring for when this reads from the device."""
     n = pos.shape[0]
+    _check_structure_inputs(n, batch, cell, pbc)
     if batch is None:
         batch = torch.zeros(n, dtype=torch.long, device=pos.device)
         if num_structures is None:
@@ -336,6 +381,12 @@ class Potential(torch.nn.Module):
                 per_atom=per_atom, create_graph=create_graph,
             )
         _check_atom_inputs(z, pos)
+        # forces="no" computed the forces (a non-empty string is true), neighbors="x" or num_structures=0 were
+        # AttributeErrors and IndexErrors: one line each (host values only)
+        _check_flags("model(z, pos, ...)", forces=forces, stress=stress, per_atom=per_atom, create_graph=create_graph)
+        _check_call_inputs(neighbors, num_structures)
+        if z.dtype != torch.long:  # uint8 indexed as a mask ("The shape of the mask [3] ..."), a traceback
+            z = z.long()
         self.check_elements(z)
         batch, num_structures, cell, pbc = _normalise_inputs(z, pos, batch, cell, pbc, num_structures, stress)
         order = AtomOrder.choose(self.atom_order, pos, batch, cell, pbc, num_structures, neighbors is not None)
@@ -411,6 +462,11 @@ class Potential(torch.nn.Module):
 
         _check_flags("predict", forces=forces, stress=stress)
         device, dtype = module_device_dtype(self)
+        if dtype in (torch.float16, torch.bfloat16):  # bfloat16: "Got unsupported ScalarType BFloat16" from numpy;
+            # float16: energies off by percents, as the Calculator's dtype='float16' is refused
+            name = str(dtype).removeprefix("torch.")
+            raise ModelError(f"Potential.predict: the model's weights are {name}; predict runs in float32 or float64: "
+                             "model.float() or model.double() first")
         inputs = atoms_inputs(atoms, device, dtype, centred=True)  # float32 far from the origin lost precision
         if is_atoms(atoms) and len(atoms) == 0:  # Atoms() gave energy 0.0; md, label and the readers refuse it
             # (an empty structure inside a list keeps its 0 eV row, round 5: the list's order and length hold)

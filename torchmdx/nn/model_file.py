@@ -174,7 +174,15 @@ def load_model(
     the model after loading; it is returned in eval mode.
     """
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():  # Path(None): a TypeError traceback
-        raise ModelError(f"load_model: expected the path of a model file, got {path!r}")
+        if isinstance(path, torch.nn.Module):  # its repr, dozens of lines, was the message
+            hint = "; it is a model already: use it as it is, e.g. Calculator(model) or model.predict(atoms)" \
+                if hasattr(path, "atomic_energies") else ""
+            raise ModelError(f"load_model: expected the path of a model file, got a torch module "
+                             f"({type(path).__name__}){hint}")
+        shown = repr(path)
+        if "\n" in shown or len(shown) > 80:  # an array or a list of them: one line, not its whole repr
+            shown = f"a {type(path).__name__}"
+        raise ModelError(f"load_model: expected the path of a model file, got {shown}")
     from torchmdx.io_utils import expand_home
 
     path = Path(expand_home(path))  # load_model('~/m.pt') was "model file not found"

@@ -28,6 +28,13 @@ def read_checkpoint(path: Union[str, Path]) -> dict:
     import torch
 
     path = Path(path)
+    if path.is_dir():  # a run folder was "runs/t: checkpoint not found", though it is there, holding them
+        found = sorted({*path.glob("*.ckpt"), *path.glob("checkpoints/*.ckpt")}, key=lambda p: (len(p.parts), p.name))
+        if found:
+            names = ", ".join(str(p) for p in found[:3]) + (", ..." if len(found) > 3 else "")
+            raise ModelError(f"{path}: is a folder, not a checkpoint; give one of its checkpoints: {names}")
+        raise ModelError(f"{path}: is a folder, not a checkpoint, and holds no .ckpt file; give a checkpoint of "
+                         f"`torchmdx train` (e.g. RUN_DIR/checkpoints/best.ckpt)")
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found")
     try:

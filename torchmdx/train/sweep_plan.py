@@ -151,7 +151,8 @@ def check_workers_per_device(value, what: str = "--workers-per-device") -> int:
 def sweep_section(values: dict, source: str, settings: Optional[dict] = None) -> tuple[dict, dict]:
     """(grid, variants) of a config's optional ``sweep:`` section (removed from ``values``); its
     ``workers_per_device`` (checked) goes into ``settings`` when given."""
-    section = values.pop("sweep", None) or {}
+    section = values.pop("sweep", None)
+    section = {} if section is None else section  # `sweep: []` was taken for no sweep section (`sweep: 3` refused)
     if not isinstance(section, dict):
         raise ConfigError(f"{source}: the 'sweep' section must be a mapping with 'grid' and/or 'variants'")
     unknown = sorted(set(section) - set(SECTION_KEYS))
@@ -161,8 +162,8 @@ def sweep_section(values: dict, source: str, settings: Optional[dict] = None) ->
         workers = check_workers_per_device(section["workers_per_device"], "config key 'sweep.workers_per_device'")
         if settings is not None:
             settings["workers_per_device"] = workers
-    grid = section.get("grid") or {}
-    variants = section.get("variants") or {}
+    grid = {} if section.get("grid") is None else section["grid"]  # `grid: []` was a sweep without a grid
+    variants = {} if section.get("variants") is None else section["variants"]
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{source}: 'sweep.grid' must map section.key to a non-empty list of values")
     if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
@@ -186,6 +187,14 @@ def plan_points(grid: dict, variants: dict) -> list[SweepPoint]:
         if both:  # the grid's values silently replaced the variant's: every point ran without it
             raise ConfigError(f"sweep.variants.{name} sets {both[0]!r}, which the grid sweeps too (the grid's values "
                               f"would replace the variant's in every point); drop it from the variant or the grid")
+    same: dict = {}
+    for name, keys in variants.items():  # two names for one variant: each point of the second trained again
+        shown = json.dumps(_as_config_sees_it(keys), sort_keys=True)
+        if shown in same:
+            raise ConfigError(f"sweep.variants {same[shown]!r} and {name!r} set the same keys to the same values, so "
+                              f"every point of {name!r} would train the same model as {same[shown]!r} again; drop one "
+                              "of them or make them differ")
+        same[shown] = name
     keys = list(grid)
     combos = list(itertools.product(*(grid[k] for k in keys))) if keys else [()]
     named = list(variants.items()) or [(None, {})]
@@ -347,6 +356,30 @@ def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
     return {"sweep_dir": sweep_dir, "points": points, "base": base, "plan": plan, "settings": settings}
 
 
+def _check_point_cutoffs(configs, points, train_sizes, pool, structures, source: str) -> None:
+    """The training's cutoff check (``train.data_checks.check_cutoff_reaches_neighbours``) for every point, on its
+    nested training set: a grid over ``model.cutoff_upper`` with a value below every interatomic distance passed
+    ``--dry-run`` ("validate every point") and stopped the sweep when its turn came, after the points before it had
+    trained. Once per distinct cutoff window and training-set size."""
+    import numpy as np
+
+    from torchmdx.train.data_checks import check_cutoff_reaches_neighbours
+
+    seen = set()
+    for config, point, n_train in zip(configs, points, train_sizes):
+        upper = getattr(config.model_config, "cutoff_upper", None)
+        if upper is None:  # attention over whole structures: not checked by training either
+            continue
+        lower = getattr(config.model_config, "cutoff_lower", 0.0)
+        if (upper, lower, n_train) in seen:
+            continue
+        seen.add((upper, lower, n_train))
+        try:
+            check_cutoff_reaches_neighbours(structures, np.sort(pool[:n_train]), upper, lower, source)
+        except TorchmdxError as exc:  # name the point, like point_config
+            raise type(exc)(f"sweep point ({point.describe()}): {exc}") from None
+
+
 def nested_splits(configs, points, sweep_dir: Path) -> dict:
     """{point id: split file}: one validation and test set for the sweep and nested training
     sets, when every point reads the same data without its own split file or grouped split."""
@@ -380,6 +413,7 @@ def nested_splits(configs, points, sweep_dir: Path) -> dict:
     test = np.sort(perm[:n_test])
     val = np.sort(perm[n_test:n_test + n_val])
     pool = perm[n_test + n_val:]
+    _check_point_cutoffs(configs, points, [s[0] for s in sizes], pool, module.dataset.structures, str(first.path))
     files = {}
     for (n_train, _, _), point in zip(sizes, points):
         path = sweep_dir / SPLITS / f"train_{n_train}.npz"
