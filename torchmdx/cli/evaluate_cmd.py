@@ -10,6 +10,11 @@ Prints a table of energy and force errors (MAE, RMSE in meV, meV/atom, meV/Å) a
 ``splits.npz``, else ``data.split_file``, else the config's ``run_dir``, else it is drawn again
 from ``data.seed``) or a data file of any supported format (every structure, ``--split all``,
 unless ``--run`` gives a split for it).
+
+A run's split is checked against the model: a model file of ``torchmdx train``/``export`` records the split
+of the run that trained it, and another run's (whose test split may hold the model's training structures)
+is refused unless ``--allow-other-run`` (then a warning); a model file without the record is evaluated
+with a warning that it cannot be checked (``torchmdx.train.provenance``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=SPLITS, default=None,
                         help="which structures: test (default for a config), val, train, all (default for a file)")
     parser.add_argument("--run", help="run folder: its splits.npz and its learning curve")
+    parser.add_argument("--allow-other-run", action="store_true",
+                        help="evaluate on the split of a run other than the one that trained the model (its test "
+                             "split may hold the model's training structures; refused without this)")
     parser.add_argument("--out", help="output folder (default <model folder>/evaluate_<split>)")
     parser.add_argument("--format", help="data file format (default: guessed); see torchmdx data")
     parser.add_argument("--cache-dir", help="HDF5 cache folder for a data file (default data/cache)")
@@ -166,6 +174,16 @@ def run(args) -> int:
         raise DataError(f"--split {split} with a data file needs --run RUN_DIR holding its {SPLIT_FILE_NAME}")
     if data_cfg.split_file is not None:
         split_dir = None
+    run_warning = None
+    if split_dir is not None and split != "all":
+        # another run's model scored on this run's split: its test part may hold the model's training
+        # structures, errors too good without a word (round 26); refused before the data is read
+        from torchmdx.nn.model_file import read_training_record
+        from torchmdx.train.provenance import check_model_run
+
+        option = "--run" if args.run else "run_dir"
+        run_warning = check_model_run(model_path, read_training_record(model_path), split_dir, option=option,
+                                      allow=args.allow_other_run, split=split)
     # the model's embedding rows (atomic numbers 0..max_z-1); data.max_z has the same meaning
     max_z = int(getattr(getattr(model, "config", None), "max_z", data_cfg.max_z))
     data_cfg = dataclasses.replace(data_cfg, max_z=max_z, atomref="none")  # references are the model's
@@ -196,6 +214,8 @@ def run(args) -> int:
         indices = datamodule.split[split]
         if len(indices) == 0:
             raise DataError(f"{data_cfg.path}: the {split} split is empty")
+    if run_warning:
+        print(f"warning: {run_warning}", file=sys.stderr, flush=True)
     batch_size = args.batch_size or data_cfg.inference_batch_size or 64
     predictions = predict(model, dataset, indices, batch_size=batch_size, device=args.device, progress=args.progress and sys.stderr.isatty())
     errors = error_metrics(predictions)

@@ -369,4 +369,19 @@ def load_split(path, n_structures: Optional[int] = None, content_hash: str = "")
                       "was made for", stacklevel=2)
     seed = int(arrays["seed"]) if "seed" in arrays else -1
     return Split(train=arrays["train"], val=arrays["val"], test=arrays["test"], n_structures=int(n_check or 0),
-                 seed=None if seed < 0 else seed, info={"kind": "file", "path": os.fspath(path)})
+                 seed=None if seed < 0 else seed, info={"kind": "file", "path": os.fspath(path), "hash": stored_hash})
+
+
+def split_digest(split: Split, content_hash: str = "") -> str:
+    """A short hash (12 hex digits) of a split: its train, val and test indices (in order), the number of
+    structures and the data's content hash. Two runs have the same digest exactly when their parts pick the
+    same structures of the same data; a model file records its run's (``torchmdx.train.provenance``)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=6)
+    for part in PARTS:
+        values = np.ascontiguousarray(np.asarray(split[part], dtype=np.int64))
+        digest.update(f"{part}:{values.size};".encode())
+        digest.update(values.tobytes())
+    digest.update(f"n:{int(split.n_structures)};hash:{content_hash}".encode())
+    return digest.hexdigest()

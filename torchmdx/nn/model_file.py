@@ -12,6 +12,8 @@ A model file is one ``torch.save`` dict (read back with ``weights_only=True``: n
     cutoff            interaction range (Å)
     dtype             parameter dtype when saved
     torchmdx_version  version that wrote the file
+    training          (optional) the run that trained it: run folder, data, a digest of its split
+                      (:mod:`torchmdx.train.provenance`); absent in files of other origins and older ones
 
 It is written to a temporary name and renamed (:func:`torchmdx.io_utils.atomic_write`).
 
@@ -111,8 +113,9 @@ def _plain(value, where: str):
     raise ModelError(f"{where}: hyper-parameter value {value!r} ({type(value).__name__}) cannot be stored in a model file")
 
 
-def save_potential(potential, path: Union[str, Path]) -> Path:
-    """Write ``potential`` to ``path`` (see the module docstring); returns the path."""
+def save_potential(potential, path: Union[str, Path], training: Optional[Mapping] = None) -> Path:
+    """Write ``potential`` to ``path`` (see the module docstring); returns the path. ``training``: the
+    record of the run that trained it (plain Python; ``torchmdx.train.provenance.run_record``)."""
     from torchmdx import __version__
     from torchmdx.io_utils import atomic_write
     from torchmdx.nn.atoms import module_device_dtype
@@ -153,10 +156,28 @@ def save_potential(potential, path: Union[str, Path]) -> Path:
         "dtype": str(dtype).replace("torch.", ""),
         "torchmdx_version": __version__,
     }
+    if training is not None:
+        payload["training"] = _plain(dict(training), "training record")
     path = Path(path)
     with atomic_write(path) as handle:
         torch.save(payload, handle)
     return path
+
+
+def read_training_record(path: Union[str, Path]) -> Optional[dict]:
+    """The ``training`` record of a model file (the run that trained it), or None where it holds none (a model
+    file written before torchmdx recorded it, by ``Potential.save``, an imported or analytic model, or a record
+    without its split digest). The file is read as :func:`load_model` reads it; call that first for its checks."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - load_model names what the file is
+        return None
+    record = payload.get("training") if isinstance(payload, Mapping) else None
+    if not isinstance(record, Mapping) or not isinstance(record.get("split"), str):
+        return None
+    return dict(record)
 
 
 def _looks_like_torchmdnet(obj) -> bool:

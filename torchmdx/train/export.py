@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from torchmdx.errors import ModelError, with_article
 
@@ -107,8 +107,12 @@ def potential_from_checkpoint(path: Union[str, Path], ema: bool = True):
 
 
 def export_checkpoint(checkpoint: Union[str, Path], output: Union[str, Path], ema: bool = True,
-                      force: bool = False):
+                      force: bool = False, training: Optional[dict] = None):
     """Write the model of ``checkpoint`` to ``output`` (atomic); returns the potential.
+
+    The model file records the run that trained it (``training``, else the run folder the checkpoint lies in,
+    ``RUN/checkpoints/x.ckpt``: :func:`torchmdx.train.provenance.checkpoint_run_record`), which ``evaluate
+    --run`` compares with its run's split; a checkpoint outside a run folder gives a file without the record.
 
     Refused in one line (:class:`ModelError`), before anything is written: ``output`` is the
     checkpoint itself, a folder, an existing file (unless ``force``), or not named ``.pt``/``.pth``
@@ -119,7 +123,11 @@ def export_checkpoint(checkpoint: Union[str, Path], output: Union[str, Path], em
     check_output_file(output, force=force, inputs=[checkpoint], what="model file", suffixes=TORCH_SUFFIXES)
     potential = potential_from_checkpoint(checkpoint, ema=ema)
     check_finite_weights(potential, checkpoint)
-    save_potential(potential, output)
+    if training is None:
+        from torchmdx.train.provenance import checkpoint_run_record
+
+        training = checkpoint_run_record(checkpoint)
+    save_potential(potential, output, training=training)
     return potential
 
 

@@ -495,7 +495,10 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
         best = run_dir / CHECKPOINT_DIR / best.name
     source = best if best is not None and best.is_file() else last
     model_path = run_dir / MODEL_FILE
-    export_checkpoint(source, model_path, force=True)  # the run's own model file (a resumed run replaces it)
+    from torchmdx.train.provenance import run_record
+
+    # the run's own model file (a resumed run replaces it), recording this run's split for evaluate --run
+    export_checkpoint(source, model_path, force=True, training=run_record(run_dir))
     result.update(checkpoint_best=str(best) if best else None, model=str(model_path), exported_from=str(source))
     if checkpoint is not None and checkpoint.best_model_score is not None:
         result["best_" + cfg.train.monitor] = float(checkpoint.best_model_score)

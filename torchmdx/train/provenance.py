@@ -1,0 +1,107 @@
+"""Which run trained a model file, and whether another run's split may be used to score it.
+
+A model file written from a training run (the run's ``model.pt``, ``torchmdx export RUN/checkpoints/x.ckpt``)
+holds a ``training`` record (:func:`run_record`)::
+
+    run        the run folder's name ("ethanol_a")
+    run_dir    the run folder as training named it
+    data       the data source of its config (data.path), or None
+    data_hash  the content hash its splits.npz records ("" where none)
+    split      :func:`torchmdx.data.splits.split_digest` of its splits.npz: 12 hex digits over the
+               train/val/test indices, the number of structures and the content hash
+    sizes      {"train": n, "val": n, "test": n}
+
+``torchmdx evaluate MODEL --run RUN`` compares ``split`` with the digest of RUN's splits.npz
+(:func:`check_model_run`): another run's split may hold the model's training structures in its test part,
+so the errors come out too good. Equal digests (a copied run folder, two runs with the same data and seed)
+are the same split: nothing to say. A model file without the record (older files, ``Potential.save``,
+imported and analytic models) cannot be checked: a warning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+from torchmdx.errors import ConfigError, TorchmdxError
+
+
+def run_record(run_dir: Union[str, Path]) -> Optional[dict]:
+    """The training record of the run in ``run_dir`` (from its splits.npz and config.resolved.yaml), or None
+    where the folder holds no readable splits.npz."""
+    from torchmdx.data.splits import SPLIT_FILE_NAME, load_split, split_digest
+
+    run_dir = Path(run_dir)
+    if not (run_dir / SPLIT_FILE_NAME).is_file():
+        return None
+    try:
+        split = load_split(run_dir / SPLIT_FILE_NAME)
+    except TorchmdxError:
+        return None
+    content_hash = str(split.info.get("hash", ""))
+    return {"run": run_dir.resolve().name, "run_dir": str(run_dir), "data": _data_source(run_dir),
+            "data_hash": content_hash, "split": split_digest(split, content_hash), "sizes": split.sizes()}
+
+
+def _data_source(run_dir: Path) -> Optional[str]:
+    from torchmdx.train.run import RESOLVED_CONFIG
+
+    try:
+        import yaml
+
+        values = yaml.safe_load((run_dir / RESOLVED_CONFIG).read_text())
+        path = values["data"]["path"]
+    except Exception:  # noqa: BLE001 - a record without its data source is still a record of the split
+        return None
+    return str(path) if isinstance(path, (str, list)) else None
+
+
+def checkpoint_run_record(checkpoint: Union[str, Path]) -> Optional[dict]:
+    """The record of the run a checkpoint lies in (``RUN/checkpoints/x.ckpt``), or None (a checkpoint moved
+    out of its run folder: the model file then records no run)."""
+    from torchmdx.train.run import CHECKPOINT_DIR
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.parent.name != CHECKPOINT_DIR:
+        return None
+    return run_record(checkpoint.parent.parent)
+
+
+def _data_name(data) -> str:
+    """', data e.npz' (a list of files: the first and a count), or ''."""
+    if isinstance(data, (list, tuple)) and data:
+        more = f" and {len(data) - 1} more" if len(data) > 1 else ""
+        return f", data {Path(str(data[0])).name}{more}"
+    return f", data {Path(data).name}" if isinstance(data, str) and data else ""
+
+
+def _describe(record: Mapping) -> str:
+    run = record.get("run_dir") or record.get("run") or "?"
+    return f"{run} (split {record.get('split')}{_data_name(record.get('data'))})"
+
+
+def check_model_run(model_path: Union[str, Path], record: Optional[Mapping], run_dir: Union[str, Path],
+                    option: str = "--run", allow: bool = False, split: str = "test") -> Optional[str]:
+    """Compare the model file's training ``record`` with the split of ``run_dir``.
+
+    Returns None where they agree, or a warning line (without ``warning:``) where the model records no run
+    (it cannot be checked) or, with ``allow`` (``--allow-other-run``), another run. Another run without
+    ``allow``: a one-line ConfigError naming both runs."""
+    run_dir = Path(run_dir)
+    name = Path(model_path).name
+    if record is None:
+        return (f"{name} records no training run (a model file written before torchmdx recorded it, or not by "
+                f"train/export), so it cannot be checked that {option} {run_dir}'s split holds none of its "
+                "training structures")
+    here = run_record(run_dir)
+    if here is None:
+        return None  # no readable splits.npz: evaluate names the problem when it reads the split
+    if here["split"] == record.get("split"):
+        return None
+    said = f"{name} was trained in run {_describe(record)}, not in {option} {_describe(here)}"
+    if allow:
+        return f"{said}: its {split} split may hold the model's training structures (--allow-other-run: " \
+               "evaluating anyway)"
+    raise ConfigError(f"{said}: the {split} split of {run_dir} may hold the model's training structures, so its "
+                      f"errors would come out too good; give the model's own run folder as {option}, leave it out, "
+                      "or pass --allow-other-run to evaluate anyway")
