@@ -31,12 +31,12 @@ import torchmdx
 from torchmdx.kernels import message_ops
 from torchmdx.kernels.filter_table import FilterTable
 from torchmdx.kernels.message_triton_grad import reference_tabulated
-from torchmdx.kernels.neighbors import neighbor_list
 from torchmdx.nn import traced as traced_module
 from torchmdx.nn.traced import TracedForces
 
 from test_model_compiled import SMALL_ET  # the same small float64 ET as test_traced.py
 from test_model_compiled import _inputs as _structures  # an open and a periodic structure, one batch
+from test_traced import _list, assert_forces_are_minus_the_energy_gradient
 
 GRADIENTS = ("q", "k", "v", "vec", "r", "phi", "unit", "dk0", "dv0")
 
@@ -119,12 +119,6 @@ def _model(backend="auto"):
     return model
 
 
-def _list(model, pos, batch, cell, pbc, max_pairs=120):
-    nl = neighbor_list(pos, model.cutoff, batch, cell, pbc, max_pairs=max_pairs)
-    offsets = torch.einsum("ek,ekl->el", nl.shifts.to(pos.dtype), cell[batch[nl.edge_index[0]]])
-    return nl, offsets
-
-
 def graph_nodes(traced):
     """(forward op nodes, backward op nodes, per-edge message nodes) of the one traced graph: the
     last are nodes whose value has E rows of the values' width 3F ([E, 3F], [E, 3, F], [E, H, 3D]),
@@ -153,7 +147,7 @@ def check_traced_model(compile=False, backend="auto", tol=1e-9, finite_differenc
     differences of its energy."""
     model = _model(backend)
     z, pos, batch, cell, pbc = _structures()
-    nl, offsets = _list(model, pos, batch, cell, pbc)
+    nl, offsets = _list(model, pos, batch, cell, pbc, max_pairs=120)  # capacity-padded, as the MD engine
     traced = TracedForces(model, compile=compile, fused_message=True)
     for shift in (0.0, 0.03):
         moved = pos + shift * torch.arange(27, dtype=pos.dtype).reshape(9, 3).cos()
@@ -174,15 +168,7 @@ def check_traced_model(compile=False, backend="auto", tol=1e-9, finite_differenc
             values = [a.meta["val"] for a in node.args if isinstance(a, torch.fx.Node) and torch.is_tensor(a.meta.get("val"))]
             assert values and all(v.is_contiguous() for v in values), node
     if finite_differences:
-        _, forces, _ = traced(z, pos, batch, 2, nl.edge_index, offsets, nl.mask)
-        h = 1e-5
-        for atom, axis in ((0, 0), (3, 2), (7, 1)):
-            step = torch.zeros_like(pos)
-            step[atom, axis] = h
-            e_plus = traced(z, pos + step, batch, 2, nl.edge_index, offsets, nl.mask)[0].sum()
-            e_minus = traced(z, pos - step, batch, 2, nl.edge_index, offsets, nl.mask)[0].sum()
-            fd = -float(e_plus - e_minus) / (2 * h)
-            assert abs(float(forces[atom, axis]) - fd) <= 1e-6 * abs(fd) + 1e-8, (atom, axis, float(forces[atom, axis]), fd)
+        assert_forces_are_minus_the_energy_gradient(traced, z, pos, batch, nl, offsets)
     return lambda: traced(z, pos, batch, 2, nl.edge_index, offsets, nl.mask)
 
 
@@ -262,7 +248,7 @@ def test_the_switch(monkeypatch):
     keys = list(model.state_dict())
     buffers = [name for name, _ in model.named_buffers()]
     z, pos, batch, cell, pbc = _structures()
-    nl, offsets = _list(model, pos, batch, cell, pbc)
+    nl, offsets = _list(model, pos, batch, cell, pbc, max_pairs=120)  # capacity-padded, as the MD engine
     edges, width = nl.edge_index.shape[1], SMALL_ET["embedding_dimension"]
     assert traced_module.FUSED_MESSAGE_IN_GRAPH is False
     off = TracedForces(model, compile=False)

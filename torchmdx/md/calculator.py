@@ -31,6 +31,7 @@ a cell change (cell filters, NPT) keeps the list while the deformation is small 
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -236,13 +237,14 @@ class Calculator(_AseCalculator):
         if atoms is None:  # calc.get_potential_energy() before any structure: "'NoneType' object has no attribute 'pbc'"
             raise ModelError("Calculator: no structure to compute; give one, calc.get_potential_energy(atoms), or "
                              "attach the calculator (atoms.calc = calc) and ask the atoms: atoms.get_potential_energy()")
-        if not self._charge_warned:  # once per calculator: a charged structure is computed as if neutral
+        if not self._charge_warned and {"numbers", "initial_charges"} & set(system_changes):
+            # once per calculator, looked at only for a new structure (not at every MD step): a charged
+            # structure is computed as if neutral
             from torchmdx.md.start_checks import charge_warnings
 
-            for line in charge_warnings(self.potential, [atoms], ["Calculator"]):
-                import warnings
-
-                warnings.warn(line, stacklevel=2)
+            lines = charge_warnings(self.potential, [atoms], ["Calculator"])
+            if lines:
+                warnings.warn(lines[0], stacklevel=2)
                 self._charge_warned = True
         periodic = bool(np.any(atoms.pbc))
         if periodic and not bool(np.all(atoms.pbc)):
