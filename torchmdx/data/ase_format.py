@@ -122,10 +122,10 @@ def classify_read_failure(exc: BaseException, path) -> ReadFailure:
         kind = ReadFailureKind.TORCH_FILE
     elif _number_key(exc) is not None:
         kind = ReadFailureKind.NUMBER_AS_SYMBOL
-    elif isinstance(exc, KeyError) and exc.args and label_as_symbol(path, exc.args[0]):
-        return ReadFailure(ReadFailureKind.LABEL_AS_SYMBOL, type(exc).__name__, str(exc),
-                           label_as_symbol(path, exc.args[0]))
     else:
+        label = label_as_symbol(path, exc.args[0]) if isinstance(exc, KeyError) and exc.args else None
+        if label:  # the file is read once for it
+            return ReadFailure(ReadFailureKind.LABEL_AS_SYMBOL, type(exc).__name__, str(exc), label)
         short = short_atom_count(path) if "Expected xyz header" in str(exc) else None
         if short:
             return ReadFailure(ReadFailureKind.SHORT_COUNT, type(exc).__name__, str(exc), short)
