@@ -214,7 +214,7 @@ def _shape(value) -> list:
     return list(value.shape) if torch.is_tensor(value) else list(np.shape(value))
 
 
-def _check_structure_inputs(n: int, batch, cell, pbc) -> None:
+def _check_structure_inputs(batch, cell, pbc) -> None:
     """One ModelError line for a ``batch``, ``cell`` or ``pbc`` of the wrong kind or shape (a float
     batch, a cell of three lengths or a pbc of two entries were RuntimeErrors of index_add_ or
     expand, or a cell [10, 10, 10] became three equal rows: "the cell ... is singular"). Shapes and
@@ -241,7 +241,7 @@ def _normalise_inputs(z, pos, batch, cell, pbc, num_structures: Optional[int] = 
     """(batch, B, cell [B,3,3] or None, pbc [B,3] or None) on the positions' device; see the module
     docstring for when this reads from the device."""
     n = pos.shape[0]
-    _check_structure_inputs(n, batch, cell, pbc)
+    _check_structure_inputs(batch, cell, pbc)
     if batch is None:
         batch = torch.zeros(n, dtype=torch.long, device=pos.device)
         if num_structures is None:
