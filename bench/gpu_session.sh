@@ -32,7 +32,7 @@
 #   4 md16       110 s  bench_md: native engine, torchmdx ASE loop, TorchMD-NET's ASE loop (DHFR, factor IX, 22 atoms)
 #   5 neighbors16 45 s  bench_neighbors 10 k / 100 k atoms and the systems
 # Knobs: K16_SWEEP (systems), K16_SWEEP_BUDGET (s per sweep system), K16_SKIP (space-separated step names),
-# K16_PROFILE (systems; BENCH_PROFILE_VARIANTS eager,graph,traced), K16_MODEL_SYSTEMS / K16_ROW_BUDGET (model16's rows), K16_MD_SYSTEMS / K16_MD_VARIANTS (md16).
+# K16_PROFILE (systems; BENCH_PROFILE_VARIANTS eager,graph,traced), K16_MODEL_SYSTEMS / K16_ROW_BUDGET / K16_TRACED_MAX_ATOMS (model16's rows; graph_traced up to that size), K16_MD_SYSTEMS / K16_MD_VARIANTS (md16).
 # accuracy-equiformer reuses the ET run's split file when it is there ($ACCURACY_SPLIT, default
 # $OUT/accuracy_torchmdx/split_<data>_seed0.npz: accuracy-torchmdx earlier in the same call), else it draws
 # its own with the same seed (the same indices; the report checks the split digests).
@@ -120,7 +120,7 @@ for part in "$@"; do
           --systems "" --no-train --profile ${K16_PROFILE:-dhfr,stmv} 2>&1 | tee "$OUT/profile16.log"
       step model16 && BENCH_GRAPH_VARIANTS=${K16_GRAPH_VARIANTS:-graph,graph_compiled,graph_traced} timeout ${K16_MODEL_TIMEOUT:-130} \
           python3 bench/bench_model.py --data .benchdata --out "$OUT" --name model16 --backends triton --no-train \
-          --systems ${K16_MODEL_SYSTEMS:-dhfr,factorIX,stmv,alanine_dipeptide,chignolin} --budget-s 2 --row-budget-s ${K16_ROW_BUDGET:-35} --traced-max-atoms 64 \
+          --systems ${K16_MODEL_SYSTEMS:-dhfr,factorIX,stmv,alanine_dipeptide,chignolin} --budget-s 2 --row-budget-s ${K16_ROW_BUDGET:-35} --traced-max-atoms ${K16_TRACED_MAX_ATOMS:-64} \
           2>&1 | tee "$OUT/model16.log"
       step md16 && timeout ${K16_MD_TIMEOUT:-110} python3 bench/bench_md.py --device cuda --data .benchdata \
           --systems ${K16_MD_SYSTEMS:-dhfr factorIX alanine_dipeptide} --variants ${K16_MD_VARIANTS:-native,ase,tmdnet_ase} --steps 400 --warmup 10 --repeat 1 \

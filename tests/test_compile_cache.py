@@ -50,8 +50,10 @@ def probe(tmp_path, cutoff, seed):
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line is not None, out.stderr[-2000:]
     result = json.loads(line[len("RESULT "):])
-    assert result["energy"] == pytest.approx(result["eager_energy"], abs=1e-12)
-    assert result["forces"] < 1e-12
+    # the traced graph's message interpolates the radial filters from tables (float64, 2 048
+    # intervals: within 1e-9 of the exact filters the eager model evaluates)
+    assert result["energy"] == pytest.approx(result["eager_energy"], abs=1e-10)
+    assert result["forces"] < 1e-9
     return result
 
 

@@ -242,23 +242,23 @@ def test_traced_graph_with_the_operators(compiled):
 
 
 def test_the_switch(monkeypatch):
-    """Off by default (the reference message is traced: per-edge message nodes, no operators); the
-    module switch turns it on for inference graphs only; the state dict and buffers are unchanged."""
+    """On by default for inference graphs only (the operators, no per-edge message nodes); the
+    module switch off traces the reference message; the state dict and buffers are unchanged."""
     model = _model()
     keys = list(model.state_dict())
     buffers = [name for name, _ in model.named_buffers()]
     z, pos, batch, cell, pbc = _structures()
     nl, offsets = _list(model, pos, batch, cell, pbc, max_pairs=120)  # capacity-padded, as the MD engine
     edges, width = nl.edge_index.shape[1], SMALL_ET["embedding_dimension"]
-    assert traced_module.FUSED_MESSAGE_IN_GRAPH is False
+    assert traced_module.FUSED_MESSAGE_IN_GRAPH is True
+    on = TracedForces(model, compile=False)
+    on(z, pos, batch, 2, nl.edge_index, offsets, nl.mask)
+    assert graph_nodes(on)[:2] == (2, 2)
+    monkeypatch.setattr(traced_module, "FUSED_MESSAGE_IN_GRAPH", False)
     off = TracedForces(model, compile=False)
     off(z, pos, batch, 2, nl.edge_index, offsets, nl.mask)
     forward, backward, graph_module = graph_nodes(off)
     assert (forward, backward) == (0, 0) and per_edge_message_nodes(graph_module, edges, width)
-    monkeypatch.setattr(traced_module, "FUSED_MESSAGE_IN_GRAPH", True)
-    on = TracedForces(model, compile=False)
-    on(z, pos, batch, 2, nl.edge_index, offsets, nl.mask)
-    assert graph_nodes(on)[:2] == (2, 2)
     assert TracedForces(model, compile=False, fused_message=False).ops is False
     assert TracedForces(model, compile=False, training=True).ops is False  # training keeps its graph
     assert list(model.state_dict()) == keys and [name for name, _ in model.named_buffers()] == buffers

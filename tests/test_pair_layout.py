@@ -73,7 +73,9 @@ def _pair_call(traced, z, pos, batch, structures=2):
 def test_traced_pairs_equal_the_neighbor_list_graph():
     model = torchmdx.build_model(SMALL_ET)
     z, pos, batch = _replicas()
-    traced = TracedForces(model, compile=False)
+    # the list graph with the traced reference message: with the operators (FUSED_MESSAGE_IN_GRAPH) its
+    # filters come from tables, which the all-pairs layout does not take
+    traced = TracedForces(model, compile=False, fused_message=False)
     nl = neighbor_list(pos, model.cutoff, batch, max_pairs=200)  # capacity-padded, as in MD
     listed = traced(z, pos, batch, 2, nl.edge_index, None, nl.mask)
     paired = _pair_call(traced, z, pos, batch)
@@ -126,8 +128,8 @@ def test_traced_pairs_graph_has_no_gathers_or_scatters_over_the_edges():
     z, pos, batch = _replicas()
     nl = neighbor_list(pos, model.cutoff, batch, max_pairs=200)
 
-    def edge_index_ops(edge_index, **call):
-        traced = TracedForces(model, compile=False)
+    def edge_index_ops(edge_index, **call):  # the traced reference message (its per-edge gathers)
+        traced = TracedForces(model, compile=False, fused_message=False)
         traced(z, pos, batch, 2, edge_index, **call)
         (graph_module,) = traced._graphs.values()
         edges = edge_index.shape[1]

@@ -154,17 +154,25 @@ def test_traced_float32_on_cuda_matches_float64_reference(shared_data):
     assert worst < 1e-3
 
 
-def test_compile_mode_resolution():
-    """'auto' by device and size; booleans; a potential that cannot be traced gets 'parts'; a
-    wrong value is one ConfigError naming the choices."""
+def test_compile_mode_resolution(monkeypatch):
+    """'auto' by device and size (the larger bound where the whole graph takes the fused message
+    operators); booleans; a potential that cannot be traced gets 'parts'; a wrong value is one
+    ConfigError naming the choices."""
     from torchmdx.errors import ConfigError
+    from torchmdx.nn import traced as traced_module
     from torchmdx.nn.analytic import LennardJones
-    from torchmdx.nn.traced import WHOLE_GRAPH_MAX_ATOMS, compile_mode
+    from torchmdx.nn.traced import WHOLE_GRAPH_MAX_ATOMS, WHOLE_GRAPH_MAX_ATOMS_TRACED_MESSAGE, compile_mode
 
     et = torchmdx.build_model(SMALL_ET)
+    assert et.graph_ops and WHOLE_GRAPH_MAX_ATOMS > WHOLE_GRAPH_MAX_ATOMS_TRACED_MESSAGE
     assert compile_mode("auto", "cpu", 10, et) == "off"
     assert compile_mode(None, "cuda", 10, et) == compile_mode(True, "cuda:0", 10, et) == "whole"
+    assert compile_mode("auto", "cuda", WHOLE_GRAPH_MAX_ATOMS, et) == "whole"
     assert compile_mode("auto", "cuda", WHOLE_GRAPH_MAX_ATOMS + 1, et) == "parts"
+    monkeypatch.setattr(traced_module, "FUSED_MESSAGE_IN_GRAPH", False)  # the message traced in torch
+    assert compile_mode("auto", "cuda", WHOLE_GRAPH_MAX_ATOMS_TRACED_MESSAGE, et) == "whole"
+    assert compile_mode("auto", "cuda", WHOLE_GRAPH_MAX_ATOMS_TRACED_MESSAGE + 1, et) == "parts"
+    monkeypatch.setattr(traced_module, "FUSED_MESSAGE_IN_GRAPH", True)
     assert compile_mode(False, "cuda", 10, et) == compile_mode("off", "cuda", 10, et) == "off"
     assert compile_mode("whole", "cpu", 10, et) == "whole"  # explicit: honoured on the CPU too
     assert compile_mode("whole", "cuda", 10, LennardJones()) == "parts"
@@ -206,8 +214,10 @@ def test_calculator_graph_function_with_traced_model(shared_data):
         moved = pos * scale
         energy, forces, atomic = graphed(moved)
         ref = model(z, moved, per_atom=True)
+        # the traced graph interpolates the radial filters from tables (FUSED_MESSAGE_IN_GRAPH; float64,
+        # 2 048 intervals: within 1e-9 of the exact filters the eager model evaluates)
         torch.testing.assert_close(energy, ref["energy"], rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(forces, ref["forces"], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(forces, ref["forces"], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(atomic, ref["energies"], rtol=1e-10, atol=1e-10)
     assert graphed.regrowths == 1 and graphed.forcefield.traced.traces == 2
 
@@ -296,3 +306,28 @@ def test_training_graph_takes_its_own_row_bound(monkeypatch):
             counts[rows, training] = forces.small_products
     assert counts[10**6, False] > counts[0, False]  # inference follows SMALL_ROWS
     assert counts[0, True] > counts[10**6, True]  # training follows TRAINING_SMALL_ROWS
+
+
+def test_inference_graphs_of_many_atoms_rewrite_no_product(monkeypatch):
+    """Above :data:`SMALL_PRODUCTS_MAX_ATOMS` atoms (all structures together) an "auto" inference
+    graph keeps every product a matrix product (measured: cuBLAS wins at 166 atoms); the training
+    graph and an explicit ``small_rows`` keep their rewrites; the forces are the eager ones."""
+    from torchmdx.nn import traced as traced_module
+
+    model = torchmdx.build_model(SMALL_ET)
+    z, pos, batch, cell, pbc = _structures()
+    nl, offsets = _list(model, pos, batch, cell, pbc)
+    ref = model(z, pos, batch, cell, pbc)
+    counts = {}
+    for bound in (len(z), len(z) - 1):
+        monkeypatch.setattr(traced_module, "SMALL_PRODUCTS_MAX_ATOMS", bound)
+        for label, keywords in (("auto", {}), ("rows", dict(small_rows=traced_module.SMALL_ROWS)),
+                                ("training", dict(training=True))):
+            traced = TracedForces(model, compile=False, **keywords)
+            energy, forces, _ = traced(z, pos, batch, 2, nl.edge_index, offsets, nl.mask)
+            torch.testing.assert_close(forces.detach(), ref["forces"], rtol=1e-9, atol=1e-10)
+            counts[bound, label] = traced.small_products
+    above = len(z) - 1
+    assert counts[len(z), "auto"] > 0 and counts[above, "auto"] == 0
+    assert counts[above, "rows"] == counts[len(z), "rows"] > 0
+    assert counts[above, "training"] == counts[len(z), "training"] > 0

@@ -109,6 +109,13 @@ def _strip_detach(graph_module) -> int:
 #: reductions: 159 -> 131 kernel launches, 0.575 -> 0.535 ms per replay (GPU 0.524 -> 0.455 ms;
 #: H100, 2026-12-06, ``docs/benchmarks/2026-12-06-h100-e/``, small16 column ``rows192``).
 SMALL_ROWS = 192
+#: inference graphs (``small_rows`` "auto") of more atoms than this, all structures together, rewrite
+#: no product as a reduction. At 166 atoms (chignolin, the fused message as operators in the graph)
+#: cuBLAS's products beat the reductions, 0.916 against 1.019 ms per call (GPU 0.804 against 0.867
+#: ms, 178 against 142 launches), while at 22 atoms the reductions win, 0.408 against 0.550 ms
+#: (H100, 2026-12-07, ``docs/benchmarks/2026-12-07-h100-c/call7``, ``graph_traced_nosmall``
+#: column). From a few thousand atoms up no product is small enough to be rewritten either way.
+SMALL_PRODUCTS_MAX_ATOMS = 64
 #: the same bound for the training graph (:class:`TracedForces` with ``training=True``): its
 #: weight-gradient products [F, atoms] @ [atoms, 3F] have F = 128 <= 192 rows and a long inner
 #: dimension (672 for 32 x 21 atoms), a poor reduction; 64 is the bound the 7.82-ms captured
@@ -180,11 +187,20 @@ def small_products(graph_module, max_rows: int = SMALL_ROWS, max_inner: int = SM
 #: (:meth:`ETPotential.set_compiled`); "off"; "auto" picks by device and size (:func:`compile_mode`)
 COMPILE_MODES = ("auto", "whole", "parts", "off")
 
-#: "auto" on CUDA traces the whole model for structures (batches) of at most this many atoms;
-#: larger ones compile the parts around the fused Triton message kernels. Measured (H200,
-#: 2026-12-03, ms per energy + forces replay): 22 atoms whole 0.64 vs parts 0.79; 166 atoms
-#: whole 2.48-2.73 vs parts 1.83
-WHOLE_GRAPH_MAX_ATOMS = 64
+#: "auto" on CUDA traces the whole model for structures (batches) of at most this many atoms
+#: when its graph takes the potential's fused message operators (:data:`FUSED_MESSAGE_IN_GRAPH`,
+#: :attr:`~torchmdx.nn.base.Potential.graph_ops`; else :data:`WHOLE_GRAPH_MAX_ATOMS_TRACED_MESSAGE`);
+#: larger ones compile the parts around the fused Triton message kernels. Since the whole graph
+#: calls the same message kernels (:data:`FUSED_MESSAGE_IN_GRAPH`) it wins at every size timed,
+#: with about half the launches (H100, 2026-12-07, ms per energy + forces replay, whole vs parts
+#: in one call, ``docs/benchmarks/2026-12-07-h100-c/call4``): 22 atoms 0.471 vs 0.666, 166 atoms
+#: 0.968 vs 1.200, DHFR (2 489) 3.78 vs 4.15, factor IX (5 807) 7.86 vs 8.37. STMV (30 327) was not
+#: timed whole, hence the bound. (Before the operators, 2026-12-03, H200: 166 atoms whole 2.48-2.73
+#: vs parts 1.83, and the bound was 64.)
+WHOLE_GRAPH_MAX_ATOMS = 6000
+#: the bound of a whole graph that traces its message in torch (no :attr:`Potential.graph_ops`, or
+#: :data:`FUSED_MESSAGE_IN_GRAPH` off): the 64 measured before the operators
+WHOLE_GRAPH_MAX_ATOMS_TRACED_MESSAGE = 64
 
 
 #: the whole-model graph of structures of at most this many atoms each takes the all-pairs layout
@@ -201,10 +217,12 @@ PAIR_LAYOUT_MAX_ATOMS = 0
 #: potential with :attr:`~torchmdx.nn.base.Potential.graph_ops` (the ET) take its fused message
 #: kernels as custom operators (``torchmdx::et_message_table`` and its backward, filters from
 #: tables passed in as graph inputs; :mod:`torchmdx.kernels.message_ops`) instead of tracing the
-#: torch reference message. Read at each call. False: not yet timed on a GPU
-#: (docs/kernels_small.md, "The fused message inside the whole graph"; ``bench/bench_dense_pairs.py
-#: --variants list,ops``)
-FUSED_MESSAGE_IN_GRAPH = False
+#: torch reference message. Read at each call. True since the A/B on an H100 (2026-12-07,
+#: ``bench/bench_dense_pairs.py --variants list,ops``, ``docs/benchmarks/2026-12-07-h100-c/call1``):
+#: 22 atoms 0.433 ms per call (118 launches) against 0.597 (139) with the traced reference message,
+#: MD 2 497 against 1 551 steps/s, force error against float64 6.6e-7 against 7.6e-7
+#: (docs/kernels_small.md, "The fused message inside the whole graph")
+FUSED_MESSAGE_IN_GRAPH = True
 
 
 def pair_layout_size(potential, counts, periodic: bool) -> Optional[int]:
@@ -224,8 +242,9 @@ def compile_mode(mode, device, num_atoms: int, potential) -> str:
     to "whole", "parts" or "off" for ``num_atoms`` atoms of ``potential`` on ``device``.
 
     "auto": off on the CPU (the compiled graphs are for GPUs; on the CPU they mainly cost compile
-    time); on CUDA "whole" up to :data:`WHOLE_GRAPH_MAX_ATOMS` atoms when the potential can be
-    traced and allows it (:attr:`Potential.whole_graph_auto`), else "parts". An explicit "whole"
+    time); on CUDA "whole" up to :data:`WHOLE_GRAPH_MAX_ATOMS` atoms (whole graphs with the fused
+    message operators) or :data:`WHOLE_GRAPH_MAX_ATOMS_TRACED_MESSAGE` (the others) when the potential
+    can be traced and allows it (:attr:`Potential.whole_graph_auto`), else "parts". An explicit "whole"
     for a potential that cannot be traced falls back to "parts"."""
     from torchmdx.errors import ConfigError
 
@@ -239,7 +258,8 @@ def compile_mode(mode, device, num_atoms: int, potential) -> str:
     if mode == "auto":
         if torch.device(device).type != "cuda":
             return "off"
-        small = num_atoms <= WHOLE_GRAPH_MAX_ATOMS
+        operators = FUSED_MESSAGE_IN_GRAPH and bool(getattr(potential, "graph_ops", False))
+        small = num_atoms <= (WHOLE_GRAPH_MAX_ATOMS if operators else WHOLE_GRAPH_MAX_ATOMS_TRACED_MESSAGE)
         mode = "whole" if small and getattr(potential, "whole_graph_auto", True) else "parts"
     if mode == "whole" and not traceable:
         return "parts"
@@ -286,7 +306,8 @@ class TracedForces:
     matrix products as reductions (:func:`small_products`), ``small_output`` the largest result
     rewritten (None: any size; "auto": :data:`SMALL_OUTPUT` when traced) and ``small_rows`` the
     most rows a rewritten product may have whatever its inner dimension ("auto":
-    :data:`SMALL_ROWS`, or :data:`TRAINING_SMALL_ROWS` when ``training``); ``options``: inductor options (default :data:`COMPILE_OPTIONS`, or
+    :data:`SMALL_ROWS`, or :data:`TRAINING_SMALL_ROWS` when ``training``; "auto" inference graphs of more
+    than :data:`SMALL_PRODUCTS_MAX_ATOMS` atoms rewrite none); ``options``: inductor options (default :data:`COMPILE_OPTIONS`, or
     :data:`TRAINING_COMPILE_OPTIONS`, of the device type); ``frontend``: how the graph reaches inductor (:data:`FRONTENDS`; default the potential's
     ``traced_frontend``, else "dynamo"). ``fused_message``: the inference graph takes the
     potential's fused message kernels as custom operators (:data:`FUSED_MESSAGE_IN_GRAPH`, which
@@ -395,7 +416,9 @@ class TracedForces:
         max_output = SMALL_OUTPUT if self.small_output == "auto" else self.small_output
         auto_rows = TRAINING_SMALL_ROWS if self.training else SMALL_ROWS
         max_rows = auto_rows if self.small_rows == "auto" else self.small_rows
-        self.small_products = small_products(graph_module, max_rows, max_output=max_output) if self.small else 0
+        rewrite = self.small and (self.training or self.small_rows != "auto"
+                                  or args[1].shape[0] <= SMALL_PRODUCTS_MAX_ATOMS)  # args[1]: the atomic numbers
+        self.small_products = small_products(graph_module, max_rows, max_output=max_output) if rewrite else 0
         self.traces += 1
         if not self.compile:
             return graph_module
