@@ -110,8 +110,8 @@ def graph_call(model, z, pos, cell, pbc, traced=False, use_graph=True):
     if traced == "nosmall":  # the traced graph without small products as reductions
         graphed.forcefield.traced.small = False
     elif isinstance(traced, dict):  # inductor options; "frontend": "dynamo" / "inductor" (nn.traced.FRONTENDS);
-        options = dict(traced)      # "small_output" / "small_rows": which products become reductions (nn.traced)
-        for key in ("small_output", "small_rows"):
+        options = dict(traced)      # "small_output" / "small_rows" / "small_row_inner": which products become reductions
+        for key in ("small_output", "small_rows", "small_row_inner"):
             if key in options:
                 setattr(graphed.forcefield.traced, key, options.pop(key))
         frontend = options.pop("frontend", None)

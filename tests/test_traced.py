@@ -267,6 +267,37 @@ def test_small_products_leave_large_results_to_the_matmul():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
+def test_small_products_inner_bound_of_row_rewrites():
+    """``max_row_inner`` leaves a product that qualifies by its few rows but has a long inner
+    dimension ([22, 384] @ [384, 128]) a matrix product, keeps the one with a short inner dimension
+    ([22, 128] @ [128, 384]) and the short-inner one of many rows ([500, 32] @ [32, 64]) rewritten;
+    the numbers are the products'."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torchmdx.nn.traced import small_products
+
+    generator = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(22, 384, generator=generator), torch.randn(384, 128, generator=generator),
+              torch.randn(22, 128, generator=generator), torch.randn(128, 384, generator=generator),
+              torch.randn(500, 32, generator=generator), torch.randn(32, 64, generator=generator))
+
+    def products(a, b, c, d, e, f):
+        return a @ b, c @ d, e @ f
+
+    def inner_of_products(graph_module):
+        return sorted(node.args[0].meta["val"].shape[1] for node in graph_module.graph.nodes
+                      if node.op == "call_function" and node.target is torch.ops.aten.mm.default)
+
+    every = make_fx(products)(*inputs)
+    assert small_products(every, max_output=None) == 3 and inner_of_products(every) == []
+    capped = make_fx(products)(*inputs)
+    assert small_products(capped, max_output=None, max_row_inner=128) == 2
+    assert inner_of_products(capped) == [384]  # the long one stays a product
+    for graph_module in (every, capped):
+        for got, want in zip(graph_module(*inputs), products(*inputs)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_traced_forces_product_bounds_change_only_the_kernels():
     """``small_rows`` / ``small_output`` of TracedForces change which products become reductions,
     not the numbers: no rewrite at all (rows 0, results of 0 elements) and rewrites without an

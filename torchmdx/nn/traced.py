@@ -134,7 +134,7 @@ SMALL_OUTPUT = 1 << 18
 
 
 def small_products(graph_module, max_rows: int = SMALL_ROWS, max_inner: int = SMALL_INNER,
-                   max_output: Optional[int] = SMALL_OUTPUT) -> int:
+                   max_output: Optional[int] = SMALL_OUTPUT, max_row_inner: Optional[int] = None) -> int:
     """Rewrite small matrix products (``aten.mm`` / ``aten.addmm``, forward and backward) as
     (A[:, :, None] * B[None]).sum(1) (+ bias); returns how many.
 
@@ -143,7 +143,10 @@ def small_products(graph_module, max_rows: int = SMALL_ROWS, max_inner: int = SM
     ~10 µs for a few dozen rows, measured on an H100: half the GPU time of a 22-atom call).
     Products with few rows (the atoms of a small molecule) or a short inner dimension (the 32
     radial basis functions of every edge filter) qualify, as long as the result has at most
-    ``max_output`` elements (None: no bound); a large result is one efficient cuBLAS product."""
+    ``max_output`` elements (None: no bound); a large result is one efficient cuBLAS product.
+    ``max_row_inner``: a product that qualifies by its rows alone (inner dimension above
+    ``max_inner``) is rewritten only up to this inner dimension (None: any), e.g. to leave a
+    22-atom call's [22, 384] @ [384, 128] products to cuBLAS and keep the shorter ones fused."""
     graph = graph_module.graph
     count = 0
     for node in list(graph.nodes):
@@ -160,6 +163,8 @@ def small_products(graph_module, max_rows: int = SMALL_ROWS, max_inner: int = SM
             continue
         rows, inner = value.shape
         if not (rows <= max_rows or inner <= max_inner):
+            continue
+        if inner > max_inner and max_row_inner is not None and inner > max_row_inner:
             continue
         columns = b.meta["val"].shape[1] if "val" in b.meta else None
         if max_output is not None and (columns is None or rows * columns > max_output):
@@ -307,7 +312,8 @@ class TracedForces:
     rewritten (None: any size; "auto": :data:`SMALL_OUTPUT` when traced) and ``small_rows`` the
     most rows a rewritten product may have whatever its inner dimension ("auto":
     :data:`SMALL_ROWS`, or :data:`TRAINING_SMALL_ROWS` when ``training``; "auto" inference graphs of more
-    than :data:`SMALL_PRODUCTS_MAX_ATOMS` atoms rewrite none); ``options``: inductor options (default :data:`COMPILE_OPTIONS`, or
+    than :data:`SMALL_PRODUCTS_MAX_ATOMS` atoms rewrite none), ``small_row_inner`` the longest inner dimension
+    of a product rewritten for its rows (None: any; :func:`small_products` ``max_row_inner``); ``options``: inductor options (default :data:`COMPILE_OPTIONS`, or
     :data:`TRAINING_COMPILE_OPTIONS`, of the device type); ``frontend``: how the graph reaches inductor (:data:`FRONTENDS`; default the potential's
     ``traced_frontend``, else "dynamo"). ``fused_message``: the inference graph takes the
     potential's fused message kernels as custom operators (:data:`FUSED_MESSAGE_IN_GRAPH`, which
@@ -320,7 +326,8 @@ class TracedForces:
 
     def __init__(self, potential, training: bool = False, cutoff: Optional[float] = None, compile: bool = True,
                  small: bool = True, options: Optional[dict] = None, frontend: Optional[str] = None,
-                 small_output="auto", small_rows="auto", fused_message: Optional[bool] = None):
+                 small_output="auto", small_rows="auto", fused_message: Optional[bool] = None,
+                 small_row_inner: Optional[int] = None):
         if not getattr(potential, "traceable", False):
             raise TypeError(f"{type(potential).__name__} cannot be traced into one graph")
         frontend = frontend or getattr(potential, "traced_frontend", "dynamo")
@@ -335,6 +342,7 @@ class TracedForces:
         self.small = bool(small)
         self.small_output = small_output
         self.small_rows = small_rows
+        self.small_row_inner = small_row_inner
         self.options = options
         self.fused_message = fused_message
         self.small_products = 0  # products rewritten as reductions in the last trace
@@ -418,7 +426,8 @@ class TracedForces:
         max_rows = auto_rows if self.small_rows == "auto" else self.small_rows
         rewrite = self.small and (self.training or self.small_rows != "auto"
                                   or args[1].shape[0] <= SMALL_PRODUCTS_MAX_ATOMS)  # args[1]: the atomic numbers
-        self.small_products = small_products(graph_module, max_rows, max_output=max_output) if rewrite else 0
+        self.small_products = (small_products(graph_module, max_rows, max_output=max_output,
+                                              max_row_inner=self.small_row_inner) if rewrite else 0)
         self.traces += 1
         if not self.compile:
             return graph_module
