@@ -112,3 +112,52 @@ def test_export_records_the_checkpoints_run(runs, tmp_path):
     shutil.copy(runs["b"] / "checkpoints" / "last.ckpt", tmp_path / "moved.ckpt")  # out of its run folder: unknown
     assert main(["export", str(tmp_path / "moved.ckpt"), "-o", str(tmp_path / "moved.pt")]) == 0
     assert read_training_record(tmp_path / "moved.pt") is None
+
+
+def test_evaluate_reads_the_model_file_once(runs, tmp_path, capsys, monkeypatch):
+    """evaluate loaded the model (torch.load), then read the file again for its training record (a second
+    torch.load), and load_model's CRC-32 check opened it a third time: now one open and one torch.load, and the
+    record of that read still decides (another run's model: the warning naming the model's run)."""
+    import builtins
+    import io
+    import os
+    from pathlib import Path
+
+    model = (runs["a"] / "model.pt").resolve()
+
+    def is_model(target) -> bool:
+        name = target if isinstance(target, (str, os.PathLike)) else getattr(target, "name", None)  # open file: its name
+        return isinstance(name, (str, os.PathLike)) and Path(name).resolve() == model
+
+    loads, opens = [], []
+
+    def counting(real, calls):
+        def wrapper(target, *args, **kwargs):
+            if is_model(target):
+                calls.append(target)
+            return real(target, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(torch, "load", counting(torch.load, loads))
+    monkeypatch.setattr(builtins, "open", counting(builtins.open, opens))  # torch, and model_file's open
+    monkeypatch.setattr(io, "open", counting(io.open, opens))  # zipfile, pathlib
+    capsys.readouterr()
+    assert main(_evaluate(runs["a"] / "model.pt", runs["b_config"], runs["b"], tmp_path / "r",
+                          "--allow-other-run")) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: model.pt was trained in run {runs['a']} (split ")
+    assert (len(loads), len(opens)) == (1, 1), (loads, opens)
+
+
+def test_load_model_and_record_gives_the_files_record(runs, tmp_path):
+    from torchmdx.nn.model_file import load_model, load_model_and_record, read_training_record
+
+    model, record = load_model_and_record(runs["a"] / "model.pt")
+    assert record == read_training_record(runs["a"] / "model.pt") and record["run"] == "run_a"
+    reference = load_model(runs["a"] / "model.pt")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in reference.state_dict().items())
+    payload = torch.load(runs["a"] / "model.pt", weights_only=True)
+    del payload["training"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_model_and_record(tmp_path / "old.pt")[1] is None

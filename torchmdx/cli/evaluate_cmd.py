@@ -160,12 +160,12 @@ def run(args) -> int:
     check_output_folder(out_dir, "--out" if args.out else "the report folder")
 
     from torchmdx.data.datamodule import SPLIT_FILE_NAME, TorchmdxDataModule
-    from torchmdx.nn.model_file import load_model
+    from torchmdx.nn.model_file import load_model_and_record
     from torchmdx.train.evaluate import error_metrics, predict, write_report
     from torchmdx.train.plots import learning_curve
     from torchmdx.train.run import LEARNING_CURVE, METRICS_CSV
 
-    model = load_model(model_path, device=args.device)
+    model, record = load_model_and_record(model_path, device=args.device)  # one read of the file (round 27)
     from torchmdx.train.export import check_finite_weights
 
     check_finite_weights(model, model_path, "nothing evaluated")
@@ -178,11 +178,10 @@ def run(args) -> int:
     if split_dir is not None and split != "all":
         # another run's model scored on this run's split: its test part may hold the model's training
         # structures, errors too good without a word (round 26); refused before the data is read
-        from torchmdx.nn.model_file import read_training_record
         from torchmdx.train.provenance import check_model_run
 
         option = "--run" if args.run else "run_dir"
-        run_warning = check_model_run(model_path, read_training_record(model_path), split_dir, option=option,
+        run_warning = check_model_run(model_path, record, split_dir, option=option,
                                       allow=args.allow_other_run, split=split)
     # the model's embedding rows (atomic numbers 0..max_z-1); data.max_z has the same meaning
     max_z = int(getattr(getattr(model, "config", None), "max_z", data_cfg.max_z))

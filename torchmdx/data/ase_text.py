@@ -173,44 +173,134 @@ def label_as_symbol(path, key: str) -> Optional[str]:
     return None
 
 
+#: (file, device, inode, size, modification time in ns) -> what :func:`pdb_name_as_element` said of it (the
+#: dataset's streamed reads open a file several times: guess, two passes, data info; md and export once more)
+_PDB_CHECKED: dict = {}
+#: files remembered at most (the oldest forgotten first)
+PDB_CHECKED_FILES = 64
+#: a file modified less than this long (ns) before its check is not remembered: a rewrite within the file
+#: system's timestamp resolution (ext4: a few ms, FAT: 2 s) could keep both its size and its mtime
+PDB_SETTLED_NS = 2_000_000_000
+#: bytes read (and decoded) at a time by the check
+PDB_BLOCK_BYTES = 1 << 20
+
+
 def pdb_name_as_element(path) -> Optional[str]:
     """The first ATOM/HETATM record of PDB file ``path`` without an element symbol (columns 77-78) whose atom
     name ASE reads as a two-letter element, in words; None when there is none. ASE falls back to the atom name
     (columns 13-16) when the element column is empty, trying its first two letters first: a protein's alpha
     carbon 'CA' became calcium, 'HG1' mercury, 'NE2' neon, 'CD1' cadmium, and md, label and export ran on
     them without a word (files written by packmol, older tools, or trimmed to 66 columns). An ion whose residue
-    has its atom's name (``HETATM ... ZN ZN``) is taken as that element."""
-    from ase.data import chemical_symbols, atomic_names
+    has its atom's name (``HETATM ... ZN ZN``) is taken as that element.
 
-    from torchmdx.io_utils import decode_text, open_compressed
+    The file is read a block at a time (:data:`PDB_BLOCK_BYTES`; it was decoded whole, and its lines listed, at
+    every open), and the answer is remembered per file by its device, inode, size and modification time (as the
+    cache's rebuild rule: :func:`torchmdx.data.cache.build_cache`), so the streamed reads of a dataset (the
+    format's guess, two passes) check it once. A file modified in the last :data:`PDB_SETTLED_NS` is checked
+    again at every open."""
+    import os
+    import time
 
     try:
+        before = os.stat(path)
+        key = (str(Path(path).resolve()), before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns)
+    except (OSError, ValueError):
+        return _pdb_scan(path)  # the scan's open says None, as before
+    if key in _PDB_CHECKED:
+        return _PDB_CHECKED[key]
+    started = time.time_ns()
+    found = _pdb_scan(path)
+    try:
+        after = os.stat(path)
+    except OSError:
+        return found
+    unchanged = (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    if unchanged and started - before.st_mtime_ns > PDB_SETTLED_NS:
+        while len(_PDB_CHECKED) >= PDB_CHECKED_FILES:
+            _PDB_CHECKED.pop(next(iter(_PDB_CHECKED)))
+        _PDB_CHECKED[key] = found
+    return found
+
+
+#: what an element column (columns 77-78 as written) holds -> whether it is an element symbol (filled as seen)
+_ELEMENT_COLUMN: dict = {}
+
+
+def _pdb_scan(path) -> Optional[str]:
+    """:func:`pdb_name_as_element` of ``path``, read now (None where it is not UTF-8 text, or has no byte-order
+    mark's text, or cannot be read: ASE's own read then says what is wrong)."""
+    from collections import deque
+
+    from ase.data import atomic_names, chemical_symbols
+
+    from torchmdx.io_utils import open_compressed
+
+    symbols = frozenset(chemical_symbols[1:])
+    found, atom = None, 0
+    try:
         with open_compressed(path, "rb") as handle:
-            lines = decode_text(handle.read()).splitlines()
+            lines = _text_lines(handle)
+            for number, line in enumerate(lines, 1):
+                if line.startswith("MODEL"):
+                    atom = 0
+                    continue
+                if not line.startswith(("ATOM", "HETATM")):
+                    continue
+                atom += 1
+                column = line[76:78]
+                ok = _ELEMENT_COLUMN.get(column)
+                if ok is None:
+                    element = column.strip()
+                    ok = bool(element) and element.capitalize() in symbols
+                    if len(_ELEMENT_COLUMN) < 4096:  # a file of junk in these columns: not remembered
+                        _ELEMENT_COLUMN[column] = ok
+                if ok:
+                    continue
+                name = line[12:16].strip()
+                two = name[:2].capitalize()
+                if name == line[17:20].strip():  # an ion, whose residue is named as its atom (ZN ZN, CL CL)
+                    continue
+                if len(name) >= 2 and two in symbols:
+                    residue = " ".join(line[17:26].split())
+                    where = f"atom {atom - 1}, name {name!r}" + (f" of {residue}" if residue else "")
+                    found = (f"line {number} ({where}) has no element symbol in columns 77-78, and ASE would take "
+                             f"{two} ({atomic_names[chemical_symbols.index(two)].lower()}) from the atom name; an "
+                             f"atom name is not an element ('CA' is a protein's alpha carbon): put each atom's element "
+                             f"symbol in columns 77-78 (e.g. with pdbfixer or Open Babel), or give the structure as "
+                             f"extxyz")
+                    break
+            deque(lines, maxlen=0)  # the rest decoded too: a file that is not text is None, as when it was read whole
     except Exception:  # noqa: BLE001 - not text: ASE's own read says what is wrong
         return None
-    atom = 0
-    for number, line in enumerate(lines, 1):
-        if line.startswith("MODEL"):
-            atom = 0
-        if not line.startswith(("ATOM", "HETATM")):
-            continue
-        atom += 1
-        element = line[76:78].strip()
-        if element and element.capitalize() in chemical_symbols[1:]:
-            continue
-        name = line[12:16].strip()
-        two = name[:2].capitalize()
-        if name == line[17:20].strip():  # an ion, whose residue is named as its atom (ZN ZN, CL CL): the element
-            continue
-        if len(name) >= 2 and two in chemical_symbols[1:]:
-            residue = " ".join(line[17:26].split())
-            where = f"atom {atom - 1}, name {name!r}" + (f" of {residue}" if residue else "")
-            return (f"line {number} ({where}) has no element symbol in columns 77-78, and ASE would take "
-                    f"{two} ({atomic_names[chemical_symbols.index(two)].lower()}) from the atom name; an atom name is "
-                    f"not an element ('CA' is a protein's alpha carbon): put each atom's element symbol in columns "
-                    f"77-78 (e.g. with pdbfixer or Open Babel), or give the structure as extxyz")
-    return None
+    return found
+
+
+def _text_lines(handle):
+    """The lines of binary file ``handle`` as ``decode_text(handle.read()).splitlines()`` gives them (UTF-8, or the
+    codec of a byte-order mark, the mark dropped; every line break ``str.splitlines`` knows), a block at a time."""
+    import codecs
+
+    from torchmdx.io_utils import byte_order_mark
+
+    head = handle.read(4)
+    mark = byte_order_mark(head)
+    decoder = codecs.getincrementaldecoder(mark[1] if mark else "utf-8")()
+    rest, data = "", head
+    while True:
+        final = not data
+        text = rest + decoder.decode(data, final=final)
+        if final:
+            yield from text.splitlines()
+            return
+        pieces = text.splitlines(keepends=True)
+        # the last piece may go on in the next block (a '\r' may be half of '\r\n'): kept back, the rest given
+        rest = pieces[-1] if pieces else ""
+        if len(text) > len(rest):
+            yield from text[:len(text) - len(rest)].splitlines()
+        if len(rest) > 4096:  # a line without an end: its start (the columns read) and its last character
+            rest = rest[:128] + rest[-1]
+        data = handle.read(PDB_BLOCK_BYTES)
+
 
 # ---------------------------------------------------------------------------------- files with a byte-order mark
 #: compressed files ASE opens itself, by name (ase.io.formats.open_with_compression); the content decides

@@ -287,15 +287,16 @@ STREAMED_FORMATS = ("ani1", "ani1x", "ase")
 def streamed(fmt: str, source: Path) -> bool:
     """Whether :func:`iter_structures` streams ``source`` read as ``fmt``: ANI-1 / ANI-1x files and every ASE
     file, an ASE database (``.db``) included (its rows fetched a page at a time:
-    :func:`torchmdx.data.ase_format.db_rows`)."""
-    return fmt in STREAMED_FORMATS
+    :func:`torchmdx.data.ase_format.db_rows`), and QM9's ASE database (the same pages, one pass)."""
+    return fmt in STREAMED_FORMATS or (fmt == "qm9" and Path(source).suffix == ".db")
 
 
 def iter_structures(path, format: Optional[str] = None, chunk_atoms: Optional[int] = None, **options):
     """The dataset as validated :class:`Structures` chunks of about ``chunk_atoms`` atoms (eV, Å):
     ANI-1 / ANI-1x files are streamed group by group, ASE files (extxyz, .traj, an ASE database, ...) frame by
-    frame in two passes (:mod:`torchmdx.data.ase_stream`), so memory does not grow with the file;
-    other formats come as one chunk (their readers hold the whole file). Messages of a chunk name
+    frame in two passes (:mod:`torchmdx.data.ase_stream`), QM9's ASE database row by row in one pass
+    (:func:`torchmdx.data.qm9.iter_qm9_db`), so memory does not grow with the file; other formats (MD17 and
+    QM9 npz / xyz files) come as one chunk (their readers hold the whole file). Messages of a chunk name
     the structure's index in the whole dataset (or the HDF5 group and conformation, the file's frame)."""
     fmt = check_format(format)
     source = resolve_source(path, fmt)
@@ -308,11 +309,14 @@ def iter_structures(path, format: Optional[str] = None, chunk_atoms: Optional[in
         reader = ani.iter_ani1 if fmt == "ani1" else ani.iter_ani1x
         yield from reader(source, **opts, **size)
     elif streamed(fmt, source):
-        from torchmdx.data.ase_stream import iter_ase
+        if fmt == "qm9":  # its ASE database
+            from torchmdx.data.qm9 import iter_qm9_db as reader
+        else:
+            from torchmdx.data.ase_stream import iter_ase as reader
 
         check_not_empty(source)
         with unreadable_as_data_error(source, fmt):
-            yield from iter_ase(source, **opts, **size)
+            yield from reader(source, **opts, **size)
     else:
         check_not_empty(source)
         with unreadable_as_data_error(source, fmt):

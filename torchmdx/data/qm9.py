@@ -34,7 +34,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from torchmdx import units
-from torchmdx.data.structures import StructureBuilder, Structures
+from torchmdx.data.structures import CHUNK_ATOMS, StructureBuilder, Structures
 from torchmdx.errors import DataError
 from torchmdx.io_utils import decode_text
 
@@ -233,69 +233,110 @@ def read_qm9(path, energy_key: Optional[str] = None, energy_unit: Optional[str] 
     return builder.build()
 
 
+class _QM9Database:
+    """A QM9 ASE database opened for reading: its units, properties and atomrefs decided from the metadata and the
+    first row (as the whole read decided them), its rows fetched a page at a time (:func:`ase_format.db_rows`: the
+    reader held every row of the database from ``db.select()``)."""
+
+    def __init__(self, path: Path, energy_key: Optional[str], energy_unit: Optional[str]):
+        from torchmdx.data.ase_format import connect_db, db_rows
+
+        self.path = path
+        db = connect_db(path)
+        meta = db.metadata or {}
+        unit_dict = meta.get("_property_unit_dict", {})
+        if not isinstance(unit_dict, dict):
+            raise DataError(f"{path}: metadata '_property_unit_dict' must map property names to unit names, "
+                            f"got {type(unit_dict).__name__}")
+        unit_dict = dict(unit_dict)
+        for key, value in [("_distance_unit", meta.get("_distance_unit", "Ang"))] + [
+                (f"_property_unit_dict.{n}", u) for n, u in unit_dict.items()]:
+            if not isinstance(value, str):  # was AttributeError: 'int' object has no attribute 'strip'
+                raise DataError(f"{path}: metadata '{key}' must be a unit name (text), got {value!r}")
+        self._rows = db_rows(db)
+        self.first = next(self._rows, None)
+        if self.first is None:
+            raise DataError(f"{path}: database holds no rows")
+        first = {**self.first.key_value_pairs, **(self.first.data or {})}
+        available = [n for n in first if np.asarray(first[n]).dtype.kind in "fiu"]
+        try:
+            name = canonical_property(energy_key or "energy_U0", available)
+        except DataError:
+            raise DataError(
+                f"{path}: no QM9 property {energy_key or 'energy_U0'!r} in the rows; "
+                f"properties found: {', '.join(sorted(available)) or 'none'}"
+            ) from None
+        if energy_unit is not None:
+            unit_dict[name] = energy_unit
+        if name not in unit_dict:
+            raise DataError(
+                f"{path}: the unit of '{name}' cannot be determined (no _property_unit_dict in the metadata); "
+                "pass energy_unit"
+            )
+        try:
+            self.length = units.length_factor(meta.get("_distance_unit", "Ang"))
+            self.factors = {n: _convert(unit_dict.get(n)) for n in available}
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from None
+        if self.factors[name][1] != "eV":
+            raise DataError(f"{path}: energy_key '{name}' has unit {unit_dict[name]!r}, which is not an energy")
+        self.atomrefs = {}
+        for prop, table in (meta.get("atomrefs") or {}).items():
+            self.atomrefs[prop] = _atomref_table(path, prop, table, self.factors.get(prop, (1.0, ""))[0])
+        self.name, self.available, self.energy_unit = name, available, unit_dict[name]
+
+    def rows(self):
+        """Every row in id order (the first one read already, then the rest a page at a time)."""
+        yield self.first
+        yield from self._rows
+
+    def builder(self) -> StructureBuilder:
+        builder = StructureBuilder(str(self.path), format="qm9", layout="ase-db", energy_key=self.name,
+                                   atomrefs=self.atomrefs, units_in={"energy": self.energy_unit})
+        builder.extra_units = {n: self.factors[n][1] for n in self.available}
+        return builder
+
+    def add(self, builder: StructureBuilder, row) -> None:
+        values = {**row.key_value_pairs, **(row.data or {})}
+        missing = [n for n in self.available if n not in values]
+        if missing:
+            noun = "properties" if len(missing) > 1 else "property"
+            raise DataError(f"{self.path}: row {row.id} lacks {noun} {', '.join(missing)}")
+        extras = {}
+        for n in self.available:
+            value = np.asarray(values[n], dtype=np.float64) * self.factors[n][0]
+            extras[n] = value.reshape(1) if value.size == 1 else value.reshape(1, -1)
+        builder.add(row.numbers, row.positions * self.length, extras[self.name],
+                    cell=np.asarray(row.cell) * self.length, pbc=row.pbc, extras=extras,
+                    where=f"{self.path}: row {row.id}")
+
+
 def read_qm9_db(path, energy_key: Optional[str] = None, energy_unit: Optional[str] = None) -> Structures:
     """QM9 as an ASE database: properties in each row's ``data`` (or key-value pairs), units in
     the metadata's ``_property_unit_dict``, distances in ``_distance_unit``, atomrefs in
-    ``atomrefs`` (lists over Z in the properties' units)."""
-    from torchmdx.data.ase_format import connect_db
-
-    path = Path(path)
-    db = connect_db(path)
-    meta = db.metadata or {}
-    unit_dict = meta.get("_property_unit_dict", {})
-    if not isinstance(unit_dict, dict):
-        raise DataError(f"{path}: metadata '_property_unit_dict' must map property names to unit names, "
-                        f"got {type(unit_dict).__name__}")
-    unit_dict = dict(unit_dict)
-    for key, value in [("_distance_unit", meta.get("_distance_unit", "Ang"))] + [
-            (f"_property_unit_dict.{n}", u) for n, u in unit_dict.items()]:
-        if not isinstance(value, str):  # was AttributeError: 'int' object has no attribute 'strip'
-            raise DataError(f"{path}: metadata '{key}' must be a unit name (text), got {value!r}")
-    rows = list(db.select())
-    if not rows:
-        raise DataError(f"{path}: database holds no rows")
-    first = {**rows[0].key_value_pairs, **(rows[0].data or {})}
-    available = [n for n in first if np.asarray(first[n]).dtype.kind in "fiu"]
-    try:
-        name = canonical_property(energy_key or "energy_U0", available)
-    except DataError:
-        raise DataError(
-            f"{path}: no QM9 property {energy_key or 'energy_U0'!r} in the rows; "
-            f"properties found: {', '.join(sorted(available)) or 'none'}"
-        ) from None
-    if energy_unit is not None:
-        unit_dict[name] = energy_unit
-    if name not in unit_dict:
-        raise DataError(
-            f"{path}: the unit of '{name}' cannot be determined (no _property_unit_dict in the metadata); "
-            "pass energy_unit"
-        )
-    try:
-        length = units.length_factor(meta.get("_distance_unit", "Ang"))
-        factors = {n: _convert(unit_dict.get(n)) for n in available}
-    except DataError as exc:
-        raise DataError(f"{path}: {exc}") from None
-    if factors[name][1] != "eV":
-        raise DataError(f"{path}: energy_key '{name}' has unit {unit_dict[name]!r}, which is not an energy")
-    atomrefs = {}
-    for prop, table in (meta.get("atomrefs") or {}).items():
-        atomrefs[prop] = _atomref_table(path, prop, table, factors.get(prop, (1.0, ""))[0])
-    builder = StructureBuilder(str(path), format="qm9", layout="ase-db", energy_key=name, atomrefs=atomrefs,
-                               units_in={"energy": unit_dict[name]})
-    builder.extra_units = {n: factors[n][1] for n in available}
-    for row in rows:
-        values = {**row.key_value_pairs, **(row.data or {})}
-        missing = [n for n in available if n not in values]
-        if missing:
-            noun = "properties" if len(missing) > 1 else "property"
-            raise DataError(f"{path}: row {row.id} lacks {noun} {', '.join(missing)}")
-        extras = {}
-        for n in available:
-            value = np.asarray(values[n], dtype=np.float64) * factors[n][0]
-            extras[n] = value.reshape(1) if value.size == 1 else value.reshape(1, -1)
-        builder.add(row.numbers, row.positions * length, extras[name], cell=np.asarray(row.cell) * length,
-                    pbc=row.pbc, extras=extras, where=f"{path}: row {row.id}")
+    ``atomrefs`` (lists over Z in the properties' units). Every row held (:func:`iter_qm9_db` streams)."""
+    reading = _QM9Database(Path(path), energy_key, energy_unit)
+    builder = reading.builder()
+    for row in reading.rows():
+        reading.add(builder, row)
     return builder.build()
+
+
+def iter_qm9_db(path, energy_key: Optional[str] = None, energy_unit: Optional[str] = None,
+                chunk_atoms: int = CHUNK_ATOMS) -> Iterator[Structures]:
+    """:func:`read_qm9_db`'s structures as validated chunks of about ``chunk_atoms`` atoms (a chunk ends after the
+    row that reaches it), the rows fetched a page at a time: memory does not grow with the database. One pass (the
+    properties kept are decided by the first row, as the whole read decides them); the chunks, concatenated, are
+    the whole read's structures."""
+    reading = _QM9Database(Path(path), energy_key, energy_unit)
+    builder = reading.builder()
+    for row in reading.rows():
+        reading.add(builder, row)
+        if builder.pending_atoms >= chunk_atoms:
+            yield builder.take_chunk()
+    chunk = builder.take_chunk()
+    if chunk is not None:
+        yield chunk
 
 
 def _atomref_table(path, prop: str, table, factor: float) -> list:

@@ -167,13 +167,19 @@ def save_potential(potential, path: Union[str, Path], training: Optional[Mapping
 def read_training_record(path: Union[str, Path]) -> Optional[dict]:
     """The ``training`` record of a model file (the run that trained it), or None where it holds none (a model
     file written before torchmdx recorded it, by ``Potential.save``, an imported or analytic model, or a record
-    without its split digest). The file is read as :func:`load_model` reads it; call that first for its checks."""
+    without its split digest). This reads the file again: a caller that loads the model too takes the record from
+    :func:`load_model_and_record` (one read of the file)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - load_model names what the file is
         return None
+    return _training_record(payload)
+
+
+def _training_record(payload) -> Optional[dict]:
+    """The ``training`` record of a loaded model file's payload (see :func:`read_training_record`), or None."""
     record = payload.get("training") if isinstance(payload, Mapping) else None
     if not isinstance(record, Mapping) or not isinstance(record.get("split"), str):
         return None
@@ -194,6 +200,18 @@ def load_model(
     ``device`` ('cpu', 'cuda', ...) and ``dtype`` ('float32'/'float64' or a torch dtype) move
     the model after loading; it is returned in eval mode.
     """
+    return load_model_and_record(path, device, dtype)[0]
+
+
+def load_model_and_record(
+    path: Union[str, Path],
+    device: Union[str, torch.device, None] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+) -> tuple:
+    """``(model, training record or None)``: :func:`load_model`'s model and the file's ``training`` record (as
+    :func:`read_training_record` gives it), from one read of the file: it is opened once, ``torch.load`` reads it
+    once and the CRC-32 check reads the same open file (``torchmdx evaluate`` read it a second time for the
+    record). An imported TorchMD-NET checkpoint has no record."""
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():  # Path(None): a TypeError traceback
         if isinstance(path, torch.nn.Module):  # its repr, dozens of lines, was the message
             hint = "; it is a model already: use it as it is, e.g. Calculator(model) or model.predict(atoms)" \
@@ -216,16 +234,26 @@ def load_model(
 
         raise ModelError(f"{path}: {missing_file_reason(path, 'model file')}")
     try:
-        with warnings.catch_warnings():  # torch's notes on foreign pickles: the error below says it all
-            warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
+        handle = open(path, "rb")
+    except OSError as exc:  # unreadable (permissions): is_file() above was true
+        raise ModelError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    with handle:
+        try:
+            with warnings.catch_warnings():  # torch's notes on foreign pickles: the error below says it all
+                warnings.simplefilter("ignore")
+                payload = torch.load(handle, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
+            payload, failure = None, exc
+        else:
+            failure = None
+            handle.seek(0)
+            damaged = damaged_archive_member(handle)  # the CRC-32 check reads the open file again, not a new one
+    if failure is not None:
         if path.suffix == ".ckpt" and path.stat().st_size > 0:
             from torchmdx.nn.torchmdnet_import import import_torchmdnet
 
-            return _finish(import_torchmdnet(path), device, dtype)
-        raise ModelError(f"{path}: {_what_file_is_this(path, exc)}") from None
-    damaged = damaged_archive_member(path)
+            return _finish(import_torchmdnet(path), device, dtype), None
+        raise ModelError(f"{path}: {_what_file_is_this(path, failure)}") from None
     if damaged:
         raise ModelError(f"{path}: the file is damaged: {damaged} (bytes changed after it was written); copy it "
                          "again, or export the model again")
@@ -235,7 +263,7 @@ def load_model(
     if _looks_like_torchmdnet(payload):
         from torchmdx.nn.torchmdnet_import import import_torchmdnet
 
-        return _finish(import_torchmdnet(path), device, dtype)
+        return _finish(import_torchmdnet(path), device, dtype), None
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
         raise ModelError(f"{path}: not a torchmdx model file (no '{FORMAT}' header)")
     _check_payload(path, payload)
@@ -279,7 +307,7 @@ def load_model(
         raise ModelError(f"{path}: {len(bad)} weight tensors hold NaN or infinite values (e.g. {', '.join(bad[:2])}): "
                          "the model is unusable (its training diverged)")
     _check_scales(path, potential)
-    return _finish(potential, device, dtype)
+    return _finish(potential, device, dtype), _training_record(payload)
 
 
 def _check_scales(path: Path, potential) -> None:
@@ -330,7 +358,8 @@ def _is_torchmdx_training_checkpoint(payload) -> bool:
 
 
 def damaged_archive_member(path) -> Optional[str]:
-    """What fails the CRC-32 check of a torch archive (``torch.save``'s zip), in words, or None.
+    """What fails the CRC-32 check of a torch archive (``torch.save``'s zip; ``path`` or a binary file open at
+    its start), in words, or None.
     torch.load does not check the stored checksums: bytes overwritten inside a weight tensor load
     as silently wrong weights."""
     import zipfile
