@@ -15,6 +15,8 @@ them the module is generic and ``MLPotential("torchmdx", modelPath=...)`` sets t
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 HELP = "write a self-contained model file from a training checkpoint"
 
@@ -195,6 +197,12 @@ def run(args) -> int:
     from torchmdx.train.export import export_checkpoint
 
     potential = export_checkpoint(args.checkpoint, args.output, ema=args.ema, force=args.force)
+    if getattr(potential, "training_record", None) is None and Path(args.checkpoint).suffix.lower() == ".ckpt":
+        # round 26 left it silent: evaluate --run then said only that the model records no run
+        print(f"warning: {args.checkpoint} records no training run and lies outside a run folder "
+              f"(RUN/checkpoints/x.ckpt), so {args.output} records none: evaluate --run cannot check that a run's "
+              "test split holds none of its training structures; export the checkpoint from its run's checkpoints "
+              "folder to record the run", file=sys.stderr, flush=True)
     elements = getattr(potential, "elements", None)
     from torchmdx.nn.potential import element_symbol
 

@@ -444,6 +444,11 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
         cfg, run_dir, check=(lambda prepared: _check_checkpoint_fits(last, prepared)) if resume else None)
     with atomic_write(run_dir / RESOLVED_CONFIG, "w") as handle:
         handle.write(resolved_yaml(cfg))
+    from torchmdx.train.provenance import run_record
+
+    # every checkpoint records the run (its split), so that one copied out of the run folder still exports a
+    # model file that evaluate --run can check (round 27)
+    module.training_record = run_record(run_dir)
     with atomic_write(run_dir / "data_summary.json", "w") as handle:
         json.dump(jsonable(datamodule.summary()), handle, indent=2)
     initial = None
@@ -495,8 +500,6 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
         best = run_dir / CHECKPOINT_DIR / best.name
     source = best if best is not None and best.is_file() else last
     model_path = run_dir / MODEL_FILE
-    from torchmdx.train.provenance import run_record
-
     # the run's own model file (a resumed run replaces it), recording this run's split for evaluate --run
     export_checkpoint(source, model_path, force=True, training=run_record(run_dir))
     result.update(checkpoint_best=str(best) if best else None, model=str(model_path), exported_from=str(source))

@@ -1,0 +1,107 @@
+"""Bad inputs, round 27 (branch bad27): round 26's leftovers (a checkpoint copied out of its run folder exported a
+model file of no run; ``Potential.save`` dropped the run a loaded model file recorded; ``model(z, pos, cell=...)``
+without ``pbc`` computed an open structure without a word), then the newest paths; see docs/bad_inputs.md,
+round 27.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import torchmdx
+from torchmdx.cli.main import main
+from bad_inputs_common import refused, refused_exactly  # the helpers rounds 17-26 share
+from test_bad_inputs_round23 import _train_config
+
+
+# ---------------------------------------------------------------------------------- a run's record
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny one-epoch run (water, 12 training structures): its folder."""
+    base = tmp_path_factory.mktemp("r27run")
+    config = _train_config(base, "{max_epochs: 1, enable_progress_bar: false, num_sanity_val_steps: 0}")
+    text = config.read_text().replace("path: e.npz", f"path: {base / 'e.npz'}, cache_dir: {base / 'cache'}")
+    config.write_text(text.replace("run_dir: runs/t", f"run_dir: {base / 'runs' / 't'}"))
+    assert main(["train", str(config)]) == 0
+    return base / "runs" / "t"
+
+
+def test_a_checkpoint_copied_out_of_its_run_still_records_it(run, tmp_path, capsys):
+    """``export`` of a checkpoint copied out of ``RUN/checkpoints/`` wrote a model file of no run (round 26's
+    leftover): ``evaluate --run`` could not check it. The checkpoint now holds its run's record."""
+    from torchmdx.nn.model_file import read_training_record
+
+    copied = tmp_path / "best.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", copied)
+    capsys.readouterr()
+    assert main(["export", str(copied), "-o", str(tmp_path / "m.pt")]) == 0
+    assert capsys.readouterr().err == ""
+    record = read_training_record(tmp_path / "m.pt")
+    assert record is not None and record == read_training_record(run / "model.pt")
+    # a checkpoint of this run copied into another run's checkpoints folder names its own run, not the folder's
+    other = tmp_path / "other" / "checkpoints"
+    other.mkdir(parents=True)
+    shutil.copy(run / "checkpoints" / "last.ckpt", other / "last.ckpt")
+    shutil.copy(run / "splits.npz", tmp_path / "other" / "splits.npz")
+    from torchmdx.train.provenance import checkpoint_run_record
+
+    assert checkpoint_run_record(other / "last.ckpt")["run_dir"] == str(run)
+
+
+def test_an_old_checkpoint_outside_its_run_warns_at_export(run, tmp_path, capsys):
+    """A checkpoint that records no run (written before round 27) outside its run folder: export says so in one
+    warning line, and evaluate's warning says why a model records no run."""
+    payload = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    del payload["torchmdx"]["training"]
+    torch.save(payload, tmp_path / "old.ckpt")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "old.ckpt"), "-o", str(tmp_path / "m.pt")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {tmp_path / 'old.ckpt'} records no training run and lies "
+                                               "outside a run folder")
+    assert "evaluate --run cannot check" in err[0]
+    from torchmdx.train.provenance import check_model_run
+
+    line = check_model_run(tmp_path / "m.pt", None, run)
+    assert "exported from a checkpoint that records no run and lay outside its run folder" in line
+    assert "export it again from its run's checkpoints folder" in line
+
+
+def test_load_model_then_save_keeps_the_run(run, tmp_path):
+    """``Potential.save`` of a model loaded from a run's model.pt dropped its record (round 26's leftover)."""
+    from torchmdx.nn.model_file import read_training_record
+
+    model = torchmdx.load_model(run / "model.pt")
+    model.save(tmp_path / "again.pt")
+    assert read_training_record(tmp_path / "again.pt") == read_training_record(run / "model.pt")
+    model.training_record = None  # a model trained further: the documented way to drop it
+    model.save(tmp_path / "none.pt")
+    assert read_training_record(tmp_path / "none.pt") is None
+
+
+# ---------------------------------------------------------------------------------- model(z, pos, cell=...)
+def test_a_cell_without_pbc_warns_once_per_model():
+    """``model(z, pos, cell=...)`` without pbc computed the box as open, without a word: two argon atoms that meet
+    only across the boundary, 0 eV (161 eV with pbc=True)."""
+    from torchmdx.nn.analytic import LennardJones
+
+    model = LennardJones(0.01, 2.0, cutoff=5.0)
+    z, pos, cell = torch.tensor([18, 18]), torch.tensor([[0.0, 0, 0], [11.0, 0, 0]]), torch.eye(3) * 12
+    with pytest.warns(UserWarning) as caught:
+        open_energy = model(z, pos, cell=cell)["energy"]
+    assert len(caught) == 1
+    assert str(caught[0].message).startswith("model(z, pos, cell=...) got a cell but no pbc, so the structures are "
+                                             "computed as open")
+    assert "pbc=True" in str(caught[0].message) and caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model; pbc given or no cell: no warning
+        again = model(z, pos, cell=cell)["energy"].detach()
+        assert float(again) == float(open_energy.detach()) == 0.0
+        assert float(model(z, pos, cell=cell, pbc=torch.tensor([True, True, True]))["energy"].detach()) > 100
+        LennardJones(0.01, 2.0, cutoff=5.0)(z, pos, cell=cell, pbc=torch.tensor([False, False, False]))
+        LennardJones(0.01, 2.0, cutoff=5.0)(z, pos)
