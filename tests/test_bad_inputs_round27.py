@@ -105,3 +105,75 @@ def test_a_cell_without_pbc_warns_once_per_model():
         assert float(model(z, pos, cell=cell, pbc=torch.tensor([True, True, True]))["energy"].detach()) > 100
         LennardJones(0.01, 2.0, cutoff=5.0)(z, pos, cell=cell, pbc=torch.tensor([False, False, False]))
         LennardJones(0.01, 2.0, cutoff=5.0)(z, pos)
+
+
+# ---------------------------------------------------------------------------------- compressed files misnamed
+def _water_frames(folder, name="w.extxyz"):
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(4):
+        atoms = Atoms("OH2", positions=np.array([[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]) + rng.normal(0, 0.02, (3, 3)))
+        atoms.calc = SinglePointCalculator(atoms, energy=-10 + 0.1 * i, forces=rng.normal(0, 1, (3, 3)))
+        frames.append(atoms)
+    write(folder / name, frames)
+    return folder / name
+
+
+@pytest.mark.parametrize("name, packer, line", [
+    # was "ASE cannot read it (UnicodeDecodeError: 'utf-8' codec can't decode byte 0x8b in position 1: ...)"
+    ("gz.extxyz", "gzip", "{path}: is gzip-compressed, but its name does not end in .gz, and ASE picks the "
+                          "decompressor by the name (it read the compressed bytes as text): rename it gz.extxyz.gz, "
+                          "or decompress it (gunzip)"),
+    # was "cannot guess the format; pass --format (one of md17, ...)"
+    ("plain.extxyz.gz", None, "{path}: is named .gz but is not gzip-compressed (plain text?), and ASE picks the "
+                              "decompressor by the name: rename it plain.extxyz (without .gz), or compress it with gzip"),
+    ("b.extxyz.gz", "bz2", "{path}: is named .gz but is bzip2-compressed, not gzip, and ASE picks the decompressor "
+                           "by the name: rename it b.extxyz.bz2"),
+])
+def test_a_compressed_file_whose_name_says_otherwise(tmp_path, capsys, name, packer, line):
+    import bz2
+    import gzip
+
+    text = _water_frames(tmp_path).read_bytes()
+    (tmp_path / "w.extxyz").unlink()
+    path = tmp_path / name
+    path.write_bytes({"gzip": gzip.compress, "bz2": bz2.compress, None: lambda b: b}[packer](text))
+    model = tmp_path / "lj.pt"
+    from torchmdx.nn.analytic import LennardJones
+
+    LennardJones(0.0104, 3.4).save(model)
+    expected = "error: " + line.format(path=path)
+    refused_exactly(capsys, ["data", "info", path], expected, tmp_path)
+    refused_exactly(capsys, ["md", path, "--model", model, "--steps", "2", "--out", tmp_path / "o.extxyz"], expected,
+                    tmp_path)
+
+
+# ---------------------------------------------------------------------------------- evaluate --split all
+def test_evaluating_every_structure_of_the_training_data_warns(run, tmp_path, capsys):
+    """``evaluate runs/t/model.pt --data e.npz`` (no --run: every structure) scored the model on its own training
+    structures too, errors too good without a word."""
+    data = run.parent.parent / "e.npz"
+    capsys.readouterr()
+    argv = ["evaluate", run / "model.pt", "--data", data, "--out", tmp_path / "r", "--no-progress"]
+    assert main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: model.pt was trained on e.npz (run {run}): --split all scores the structures it was "
+                   "trained on too (12 training and 4 validation structures), so the errors come out too good; give "
+                   f"--run {run} to score its test split only (or --split all to score every structure without this "
+                   "warning)"]
+    assert main([str(a) for a in argv + ["--split", "all"]]) == 0  # asked for: nothing to say
+    assert capsys.readouterr().err == ""
+    # with --run, a data file's default split is the run's test split (was every structure, training ones too)
+    assert main([str(a) for a in argv + ["--run", run]]) == 0
+    assert capsys.readouterr().err == ""
+    import json
+
+    assert json.loads((tmp_path / "r" / "errors.json").read_text())["split"] == "test"
+    np.savez(tmp_path / "other.npz", **dict(np.load(data)), extra=np.zeros(1))  # other data: nothing to say
+    assert main(["evaluate", str(run / "model.pt"), "--data", str(tmp_path / "other.npz"), "--out",
+                 str(tmp_path / "r2"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

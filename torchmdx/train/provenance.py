@@ -141,3 +141,21 @@ def check_model_run(model_path: Union[str, Path], record: Optional[Mapping], run
     raise ConfigError(f"{said}: the {split} split of {run_dir} may hold the model's training structures, so its "
                       f"errors would come out too good; give the model's own run folder as {option}, leave it out, "
                       "or pass --allow-other-run to evaluate anyway")
+
+
+def all_split_warning(model_path: Union[str, Path], record: Optional[Mapping], content_hash: str,
+                      data: Union[str, Path]) -> Optional[str]:
+    """A warning line (without ``warning:``) where ``evaluate --split all`` scores a model on the data file it
+    was trained on (the record's content hash is ``content_hash``): every structure includes its training and
+    validation structures, so the errors come out too good (round 27: silent before); else None."""
+    if record is None or not content_hash or record.get("data_hash") != content_hash:
+        return None
+    sizes = record.get("sizes") if isinstance(record.get("sizes"), Mapping) else {}
+    seen = ""
+    if isinstance(sizes.get("train"), int) and isinstance(sizes.get("val"), int):
+        seen = f" ({sizes['train']} training and {sizes['val']} validation structures)"
+    run = record.get("run_dir") or record.get("run") or "?"
+    name = _data_name(data).removeprefix(", data ") or str(data)
+    return (f"{Path(model_path).name} was trained on {name} (run {run}): --split all scores the "
+            f"structures it was trained on too{seen}, so the errors come out too good; give --run {run} to score "
+            "its test split only (or --split all to score every structure without this warning)")
