@@ -177,3 +177,16 @@ def test_evaluating_every_structure_of_the_training_data_warns(run, tmp_path, ca
     assert main(["evaluate", str(run / "model.pt"), "--data", str(tmp_path / "other.npz"), "--out",
                  str(tmp_path / "r2"), "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_allow_other_run_without_a_run_is_refused(tmp_path, capsys):
+    """``evaluate --allow-other-run`` without a run's split was ignored without a word."""
+    from torchmdx.nn.analytic import LennardJones
+
+    data = _water_frames(tmp_path)
+    LennardJones(0.0104, 3.4).save(tmp_path / "lj.pt")
+    refused_exactly(capsys, ["evaluate", tmp_path / "lj.pt", "--data", data, "--allow-other-run", "--out",
+                             tmp_path / "r"],
+                    "error: --allow-other-run applies to a model scored on a run's split (--run RUN_DIR, or a "
+                    f"config's run_dir), and --split all scores every structure of {data}, of no run's split: drop "
+                    "--allow-other-run", tmp_path)

@@ -179,6 +179,15 @@ def run(args) -> int:
     if data_cfg.split_file is not None:
         split_dir = None
     run_warning = None
+    if args.allow_other_run and (split_dir is None or split == "all"):  # was ignored without a word (round 27)
+        if split == "all":
+            what = f"--split all scores every structure of {data_cfg.path}, of no run's split"
+        elif data_cfg.split_file is not None:
+            what = f"the {split} split comes from data.split_file {data_cfg.split_file}, not a run folder"
+        else:  # a config without run_dir
+            what = f"the {split} split is drawn again from data.seed, not read from a run folder"
+        raise ConfigError(f"--allow-other-run applies to a model scored on a run's split (--run RUN_DIR, or a "
+                          f"config's run_dir), and {what}: drop --allow-other-run")
     if split_dir is not None and split != "all":
         # another run's model scored on this run's split: its test part may hold the model's training
         # structures, errors too good without a word (round 26); refused before the data is read
