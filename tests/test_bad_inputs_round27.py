@@ -190,3 +190,30 @@ def test_allow_other_run_without_a_run_is_refused(tmp_path, capsys):
                     "error: --allow-other-run applies to a model scored on a run's split (--run RUN_DIR, or a "
                     f"config's run_dir), and --split all scores every structure of {data}, of no run's split: drop "
                     "--allow-other-run", tmp_path)
+
+
+# ---------------------------------------------------------------------------------- an empty structure in a file
+@pytest.mark.parametrize("name, where", [("e.db", "row 4"), ("e.extxyz", "frame 3")])
+def test_an_empty_structure_is_named_where_it_is(tmp_path, capsys, name, where):
+    """An ASE database row without atoms (written with energy only, beside rows with forces) was "row 4: no forces
+    key 'forces', although other frames have one"; energy-only rows: "structure 3 has no atoms" (row 4)."""
+    import ase.db
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import read, write
+
+    frames = read(_water_frames(tmp_path, "w.extxyz"), ":")[:3]
+    (tmp_path / "w.extxyz").unlink()
+    empty = Atoms()
+    empty.calc = SinglePointCalculator(empty, energy=0.0)
+    if name.endswith(".db"):
+        db = ase.db.connect(tmp_path / name)
+        for atoms in frames + [empty]:
+            db.write(atoms)
+    else:
+        for atoms in frames:  # energy only: the forces check does not come first
+            atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy())
+        write(tmp_path / name, frames + [empty])
+    refused_exactly(capsys, ["data", "info", tmp_path / name],
+                    f"error: {tmp_path / name}: {where}: has no atoms (an empty structure); drop it from the file",
+                    tmp_path)
