@@ -217,3 +217,20 @@ def test_an_empty_structure_is_named_where_it_is(tmp_path, capsys, name, where):
     refused_exactly(capsys, ["data", "info", tmp_path / name],
                     f"error: {tmp_path / name}: {where}: has no atoms (an empty structure); drop it from the file",
                     tmp_path)
+
+
+# ---------------------------------------------------------------------------------- md options of the native engine
+@pytest.mark.parametrize("options, line", [
+    (["--fuse-integrator", "true"], "error: --fuse-integrator true needs the native engine (--engine ase steps with "
+                                    "ASE's integrators, which are not fused); leave it out or drop --engine ase"),
+    (["--compile", "whole"], "error: --compile 'whole' needs the native engine (--engine ase runs the model "
+                             "uncompiled); leave it out or drop --engine ase"),
+])
+def test_native_engine_options_with_the_ase_engine(tmp_path, capsys, options, line):
+    """``md --engine ase --fuse-integrator true`` / ``--compile whole`` ran ASE's integrators on the eager model
+    without a word (``--atom-order hilbert`` with it was refused since round 13)."""
+    from bad_inputs_common import argon_file, lj_file
+
+    argv = ["md", argon_file(tmp_path), "--model", lj_file(tmp_path), "--engine", "ase", "--steps", "2",
+            "--out", tmp_path / "o.extxyz", *options]
+    refused_exactly(capsys, argv, line, tmp_path)
