@@ -234,3 +234,37 @@ def test_native_engine_options_with_the_ase_engine(tmp_path, capsys, options, li
     argv = ["md", argon_file(tmp_path), "--model", lj_file(tmp_path), "--engine", "ase", "--steps", "2",
             "--out", tmp_path / "o.extxyz", *options]
     refused_exactly(capsys, argv, line, tmp_path)
+
+
+# ---------------------------------------------------------------------------------- an element outside training
+def test_an_element_only_in_the_validation_or_test_split_is_said(tmp_path, capsys, monkeypatch):
+    """A split by group that puts every structure of an element into validation or test (the polymer file's PVC,
+    its only Cl) trained a model that never saw the element, without a word; data info's note said "energies are
+    unaffected". Now one warning line in train, and data info's note says it."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for i, (formula, group) in enumerate([("OH2", "a")] * 8 + [("OH2", "b")] * 8 + [("OHF", "c")] * 4):
+        atoms = Atoms(formula, positions=np.array([[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]) +
+                      rng.normal(0, 0.02, (3, 3)))
+        atoms.calc = SinglePointCalculator(atoms, energy=-10 + 0.1 * i, forces=rng.normal(0, 1, (3, 3)))
+        atoms.info["family"] = group
+        frames.append(atoms)
+    write(tmp_path / "g.extxyz", frames)
+    (tmp_path / "g.yaml").write_text(
+        "data: {path: g.extxyz, group_key: family, split_by_group: true, val_groups: [b], test_groups: [c], "
+        "batch_size: 4}\nmodel: {embedding_dimension: 8, num_layers: 1, num_heads: 2, num_rbf: 4}\n"
+        "trainer: {max_epochs: 1, enable_progress_bar: false, num_sanity_val_steps: 0}\nrun_dir: runs/g\n")
+    monkeypatch.chdir(tmp_path)
+    line = ("element F (Z=9) of g.extxyz occurs in no training structure (only in structures of the validation or "
+            "test split, or unused ones): the model cannot learn it (no reference energy, an untrained embedding), "
+            "and the errors of those structures measure nothing it was trained on; put such structures into the "
+            "training split (data.val_groups / data.test_groups, or another split seed)")
+    capsys.readouterr()
+    assert main(["data", "info", "g.yaml"]) == 0
+    assert f"note         {line}" in capsys.readouterr().out.splitlines()
+    assert main(["train", "g.yaml"]) == 0
+    assert f"warning: {line}" in capsys.readouterr().err.splitlines()
