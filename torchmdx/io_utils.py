@@ -180,7 +180,7 @@ def compression_name_mismatch(path: str | os.PathLike) -> str | None:
     from pathlib import Path
 
     path = Path(path)
-    named = SUFFIX_COMPRESSIONS.get(path.suffix.lower())
+    named = "gzip" if path.suffix.lower() == ".tgz" else SUFFIX_COMPRESSIONS.get(path.suffix.lower())
     kind = compression(path)
     actual = kind[0] if kind is not None else None
     if not path.is_file() or named == actual or (named is None and actual in (None, "zstd")):
