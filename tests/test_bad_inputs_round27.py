@@ -268,3 +268,20 @@ def test_an_element_only_in_the_validation_or_test_split_is_said(tmp_path, capsy
     assert f"note         {line}" in capsys.readouterr().out.splitlines()
     assert main(["train", "g.yaml"]) == 0
     assert f"warning: {line}" in capsys.readouterr().err.splitlines()
+
+
+def test_openmm_export_of_a_file_of_several_structures(tmp_path, capsys):
+    """``export --openmm --structure`` of a file whose structures differ (a dataset given as the structure) built
+    the module for the last one's atoms (ASE's read) without a word."""
+    from ase.build import molecule
+    from ase.io import read, write
+    from bad_inputs_common import lj_file
+
+    frames = read(_water_frames(tmp_path), ":")
+    (tmp_path / "w.extxyz").unlink()
+    write(tmp_path / "mix.xyz", [molecule("CH3CH2OH")] + frames)
+    refused_exactly(capsys, ["export", "--openmm", lj_file(tmp_path), "-o", tmp_path / "om.pt", "--structure",
+                             tmp_path / "mix.xyz"],
+                    f"error: --structure: {tmp_path / 'mix.xyz'} holds structures of different atoms (the first C2H6O, "
+                    "the last H2O), and the module's ML atoms come from one structure (ASE reads the last); give a "
+                    "file of the one structure OpenMM simulates", tmp_path)

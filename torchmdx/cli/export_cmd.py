@@ -134,6 +134,10 @@ def run_openmm(args) -> int:
         try:
             source, options = ase_source(args.structure)  # a UTF-8 byte-order mark: the text without it
             structure = read(source, **options)
+            if hasattr(source, "seek"):
+                source.seek(0)
+            first = read(source, index=0, **options)  # ASE's read takes the last frame: a file of several
+            # structures gave a module for the last one's atoms without a word (round 27)
         except DataError as exc:
             raise ConfigError(f"--structure: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any reader problem is a bad file
@@ -148,6 +152,11 @@ def run_openmm(args) -> int:
             if failure.explanation:  # a species column of atomic numbers was "(... ('8'))"
                 raise ConfigError(f"--structure: {args.structure}: {failure.explanation}") from None
             raise ConfigError(f"--structure: cannot read {args.structure} ({failure.detail})") from None
+        if list(first.numbers) != list(structure.numbers):
+            raise ConfigError(f"--structure: {args.structure} holds structures of different atoms (the first "
+                              f"{first.get_chemical_formula()}, the last {structure.get_chemical_formula()}), and "
+                              "the module's ML atoms come from one structure (ASE reads the last); give a file of "
+                              "the one structure OpenMM simulates")
         from torchmdx.data.ase_format import disordered_site
 
         problem = disordered_site(structure)
