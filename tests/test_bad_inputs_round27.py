@@ -285,3 +285,24 @@ def test_openmm_export_of_a_file_of_several_structures(tmp_path, capsys):
                     f"error: --structure: {tmp_path / 'mix.xyz'} holds structures of different atoms (the first C2H6O, "
                     "the last H2O), and the module's ML atoms come from one structure (ASE reads the last); give a "
                     "file of the one structure OpenMM simulates", tmp_path)
+
+
+def test_md_with_the_ase_engine_says_a_charge_once(tmp_path, capsys):
+    """``md --engine ase`` of a charged structure printed md's warning and then the Calculator's own ("warning:
+    Calculator: atoms.info['charge'] is 1, ..."): two lines for one thing."""
+    from ase.cluster import Icosahedron
+    from ase.io import write
+    from bad_inputs_common import lj_file
+
+    atoms = Icosahedron("Ar", 2)
+    atoms.info["charge"] = 1
+    write(tmp_path / "q.extxyz", atoms)
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:  # the CLI prints a Python warning as a warning: line
+        warnings.simplefilter("always")
+        assert main([str(a) for a in ["md", tmp_path / "q.extxyz", "--model", lj_file(tmp_path), "--engine", "ase",
+                                      "--steps", "2", "--out", tmp_path / "o.extxyz", "--no-progress"]]) == 0
+    assert [str(w.message) for w in caught if "charge" in str(w.message)] == []
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
+        f"warning: {tmp_path / 'q.extxyz'}: atoms.info['charge'] is 1, but the model takes no charge: the run treats "
+        "the structure as if it were neutral"]
