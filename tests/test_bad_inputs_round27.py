@@ -306,3 +306,27 @@ def test_md_with_the_ase_engine_says_a_charge_once(tmp_path, capsys):
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
         f"warning: {tmp_path / 'q.extxyz'}: atoms.info['charge'] is 1, but the model takes no charge: the run treats "
         "the structure as if it were neutral"]
+
+
+def test_the_calculator_warns_of_atoms_far_closer_than_bonds():
+    """Positions in nm given to the Calculator (two argon atoms 0.38 Å apart) gave 1.1e10 eV from Lennard-Jones
+    without a word; md said so at its start (close_contacts), the Calculator did not."""
+    from ase import Atoms
+    from torchmdx.nn.analytic import LennardJones
+
+    model = LennardJones(0.0104, 3.4)
+    atoms = Atoms("Ar2", positions=[[0, 0, 0], [0.38, 0, 0]])
+    atoms.calc = torchmdx.Calculator(model)
+    with pytest.warns(UserWarning) as caught:
+        atoms.get_potential_energy()
+    assert [str(w.message) for w in caught] == [
+        "Calculator: atoms 0 and 1 (Ar-Ar) are 0.38 Å apart, closer than 1.06 Å (half the sum of their covalent "
+        "radii): no model was trained on that; check the structure (positions in Å? nm or Bohr read as Å give such "
+        "distances)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per calculator; an MD step (positions only) is not looked at
+        atoms.positions[1, 0] = 0.37
+        atoms.get_potential_energy()
+        fine = Atoms("Ar2", positions=[[0, 0, 0], [3.8, 0, 0]])
+        fine.calc = torchmdx.Calculator(model)
+        fine.get_potential_energy()
