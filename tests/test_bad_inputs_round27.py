@@ -330,3 +330,23 @@ def test_the_calculator_warns_of_atoms_far_closer_than_bonds():
         fine = Atoms("Ar2", positions=[[0, 0, 0], [3.8, 0, 0]])
         fine.calc = torchmdx.Calculator(model)
         fine.get_potential_energy()
+
+
+def test_md_of_a_compressed_database(tmp_path, capsys):
+    """``md w.db.gz``: "cannot read a structure with ASE (Unknown database type: gz)"; data info named it."""
+    import gzip
+
+    import ase.db
+    from ase.io import read
+    from bad_inputs_common import lj_file
+
+    db = ase.db.connect(tmp_path / "w.db")
+    for atoms in read(_water_frames(tmp_path), ":"):
+        db.write(atoms)
+    (tmp_path / "w.db.gz").write_bytes(gzip.compress((tmp_path / "w.db").read_bytes()))
+    for name in ("w.db", "w.extxyz"):
+        (tmp_path / name).unlink()
+    path = tmp_path / "w.db.gz"
+    refused_exactly(capsys, ["md", path, "--model", lj_file(tmp_path), "--steps", "2", "--out", tmp_path / "o.extxyz"],
+                    f"error: {path}: is a gzip-compressed .db file, which is read uncompressed only; decompress it "
+                    "first (gunzip w.db.gz)", tmp_path)

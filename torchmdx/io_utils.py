@@ -174,7 +174,8 @@ _SUFFIX_OF = {kind: suffix for suffix, kind in SUFFIX_COMPRESSIONS.items()}
 
 
 def compression_name_mismatch(path: str | os.PathLike) -> str | None:
-    """Why ASE cannot read ``path`` when its name and its compression disagree, in words; else None. ASE picks the
+    """Why ASE cannot read ``path`` when its name and its compression disagree (or it is a compressed binary
+    format, ``w.db.gz``), in words; else None. ASE picks the
     decompressor by the name: a gzip file named ``w.extxyz`` was read as text ("'utf-8' codec can't decode byte
     0x8b"), a plain file named ``w.extxyz.gz`` was "Not a gzipped file (b'3\n')" or "cannot guess the format"."""
     from pathlib import Path
@@ -183,6 +184,10 @@ def compression_name_mismatch(path: str | os.PathLike) -> str | None:
     named = "gzip" if path.suffix.lower() == ".tgz" else SUFFIX_COMPRESSIONS.get(path.suffix.lower())
     kind = compression(path)
     actual = kind[0] if kind is not None else None
+    inner = Path(path.stem).suffix.lower()
+    if named is not None and named == actual and inner in BINARY_SUFFIXES:  # md w.db.gz: "Unknown database type: gz"
+        return f"is a {actual}-compressed {inner} file, which is read uncompressed only; decompress it first " \
+               f"({kind[1]} {path.name})"
     if not path.is_file() or named == actual or (named is None and actual in (None, "zstd")):
         return None
     if named is None and path.suffix.lower() in BINARY_SUFFIXES:  # ASE reads these uncompressed only

@@ -141,7 +141,8 @@ def guess_format(path) -> str:
         return "qm9"
     suffix = path.suffix
     packed = compression(path)
-    if path.suffix.lower() in SUFFIX_COMPRESSIONS and compression_name_mismatch(path):
+    if path.suffix.lower() in SUFFIX_COMPRESSIONS and (packed is None or packed[0] != SUFFIX_COMPRESSIONS[
+            path.suffix.lower()]):
         # named .gz but plain text, or bzip2: was "cannot guess the format; pass --format" (an unnamed compressed
         # file is read by its content: a gzip'd MD17 xyz named .xyz)
         raise DataError(f"{path}: {compression_name_mismatch(path)}")
