@@ -175,9 +175,9 @@ _SUFFIX_OF = {kind: suffix for suffix, kind in SUFFIX_COMPRESSIONS.items()}
 
 def compression_name_mismatch(path: str | os.PathLike) -> str | None:
     """Why ASE cannot read ``path`` when its name and its compression disagree (or it is a compressed binary
-    format, ``w.db.gz``), in words; else None. ASE picks the
-    decompressor by the name: a gzip file named ``w.extxyz`` was read as text ("'utf-8' codec can't decode byte
-    0x8b"), a plain file named ``w.extxyz.gz`` was "Not a gzipped file (b'3\n')" or "cannot guess the format"."""
+    format, ``w.db.gz``), in words; else None. ASE picks the decompressor by the name: a gzip file named
+    ``w.extxyz`` was read as text ("'utf-8' codec can't decode byte 0x8b"), a plain file named ``w.extxyz.gz``
+    was "Not a gzipped file" or "cannot guess the format" (round 27)."""
     from pathlib import Path
 
     path = Path(path)

@@ -253,8 +253,11 @@ class Calculator(_AseCalculator):
             # md says so at its start, round 27)
             from torchmdx.md.start_checks import close_contacts
 
-            lines = close_contacts([atoms], sources=["Calculator"])
-            if lines:
+            try:
+                lines = close_contacts([atoms], sources=["Calculator"])
+            except Exception:  # noqa: BLE001 - a cell ASE cannot use (NaN, singular): the calculation names it
+                lines = []
+            if lines and " are 0 Å apart" not in lines[0]:  # atoms at one position: the model's error names them
                 warnings.warn(lines[0] + " (positions in Å? nm or Bohr read as Å give such distances)", stacklevel=2)
                 self._contact_warned = True
         periodic = bool(np.any(atoms.pbc))
