@@ -350,3 +350,11 @@ def test_md_of_a_compressed_database(tmp_path, capsys):
     refused_exactly(capsys, ["md", path, "--model", lj_file(tmp_path), "--steps", "2", "--out", tmp_path / "o.extxyz"],
                     f"error: {path}: is a gzip-compressed .db file, which is read uncompressed only; decompress it "
                     "first (gunzip w.db.gz)", tmp_path)
+
+
+def test_an_energy_given_as_the_forces_key(tmp_path, capsys):
+    """``data info w.extxyz --forces-key energy``: "forces have shape () but coordinates (1, 3, 3)"."""
+    path = _water_frames(tmp_path)
+    refused_exactly(capsys, ["data", "info", path, "--forces-key", "energy"],
+                    f"error: {path}: frame 0: forces 'energy' hold one number per structure, expected a 3-vector per "
+                    "atom (3, 3): is 'energy' the forces key?", tmp_path)
