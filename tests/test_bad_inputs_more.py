@@ -264,7 +264,7 @@ CASES = [
     (evaluate_data_section_is_a_list, ["data.yaml: config key 'data' must be a mapping of keys"]),
     (label_over_its_input_with_force, ["ar.xyz would write the labelled frames over the input"]),
     (label_frame_without_atoms, ["frames.xyz: frame 0 has no atoms; nothing to label"]),
-    (extxyz_frame_without_atoms, ["frames.extxyz: structure 0 has no atoms"]),
+    (extxyz_frame_without_atoms, ["frames.extxyz: frame 0: has no atoms (an empty structure)"]),  # round 27: names the frame
     (hdf5_file_read_as_md17, ["ani1_xtb.h5: not an npz file", "is an HDF5 file", "--format"]),
 ] + [(_train_setting(setting), fragments) for setting, fragments in TRAIN_SETTINGS]
 

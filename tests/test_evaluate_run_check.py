@@ -98,9 +98,11 @@ def test_a_model_file_without_the_record_warns_and_evaluates(runs, tmp_path, cap
     capsys.readouterr()
     assert main(_evaluate(tmp_path / "old.pt", runs["b_config"], runs["b"], tmp_path / "r")) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"warning: old.pt records no training run (a model file written before torchmdx recorded it, or "
-                   f"not by train/export), so it cannot be checked that --run {runs['b']}'s split holds none of its "
-                   "training structures"]
+    from torchmdx.train.provenance import NO_RECORD_REASONS
+
+    assert err == [f"warning: old.pt records no training run, so it cannot be checked that --run {runs['b']}'s split "
+                   f"holds none of its training structures ({NO_RECORD_REASONS}); export it again from its run's "
+                   "checkpoints folder (RUN/checkpoints/best.ckpt) to record the run"]
     assert (tmp_path / "r" / "errors.json").is_file()
 
 
@@ -109,9 +111,10 @@ def test_export_records_the_checkpoints_run(runs, tmp_path):
 
     assert main(["export", str(runs["b"] / "checkpoints" / "last.ckpt"), "-o", str(tmp_path / "b.pt")]) == 0
     assert read_training_record(tmp_path / "b.pt") == read_training_record(runs["b"] / "model.pt")
-    shutil.copy(runs["b"] / "checkpoints" / "last.ckpt", tmp_path / "moved.ckpt")  # out of its run folder: unknown
+    # out of its run folder: the checkpoint's own record (round 27; before, the model file recorded no run)
+    shutil.copy(runs["b"] / "checkpoints" / "last.ckpt", tmp_path / "moved.ckpt")
     assert main(["export", str(tmp_path / "moved.ckpt"), "-o", str(tmp_path / "moved.pt")]) == 0
-    assert read_training_record(tmp_path / "moved.pt") is None
+    assert read_training_record(tmp_path / "moved.pt") == read_training_record(runs["b"] / "model.pt")
 
 
 def test_evaluate_reads_the_model_file_once(runs, tmp_path, capsys, monkeypatch):

@@ -166,6 +166,44 @@ def compression(path: str | os.PathLike) -> tuple[str, str] | None:
     return next((kind for magic, kind in COMPRESSIONS.items() if head.startswith(magic)), None)
 
 
+#: the names ASE opens through a decompressor (ase.io.formats.open_with_compression: by the name, not the content)
+SUFFIX_COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}
+#: binary formats that are read uncompressed only (a compressed one is decompressed, not renamed)
+BINARY_SUFFIXES = (".db", ".traj", ".h5", ".hdf5", ".npz", ".npy", ".pt", ".ckpt", ".nc")
+_SUFFIX_OF = {kind: suffix for suffix, kind in SUFFIX_COMPRESSIONS.items()}
+
+
+def compression_name_mismatch(path: str | os.PathLike) -> str | None:
+    """Why ASE cannot read ``path`` when its name and its compression disagree (or it is a compressed binary
+    format, ``w.db.gz``), in words; else None. ASE picks the decompressor by the name: a gzip file named
+    ``w.extxyz`` was read as text ("'utf-8' codec can't decode byte 0x8b"), a plain file named ``w.extxyz.gz``
+    was "Not a gzipped file" or "cannot guess the format" (round 27)."""
+    from pathlib import Path
+
+    path = Path(path)
+    named = "gzip" if path.suffix.lower() == ".tgz" else SUFFIX_COMPRESSIONS.get(path.suffix.lower())
+    kind = compression(path)
+    actual = kind[0] if kind is not None else None
+    inner = Path(path.stem).suffix.lower()
+    if named is not None and named == actual and inner in BINARY_SUFFIXES:  # md w.db.gz: "Unknown database type: gz"
+        return f"is a {actual}-compressed {inner} file, which is read uncompressed only; decompress it first " \
+               f"({kind[1]} {path.name})"
+    if not path.is_file() or named == actual or (named is None and actual in (None, "zstd")):
+        return None
+    if named is None and path.suffix.lower() in BINARY_SUFFIXES:  # ASE reads these uncompressed only
+        return f"is {actual}-compressed, and {path.suffix} files are read uncompressed; decompress it first ({kind[1]})"
+    if named is None:
+        return (f"is {actual}-compressed, but its name does not end in {_SUFFIX_OF[actual]}, and ASE picks the "
+                f"decompressor by the name (it read the compressed bytes as text): rename it "
+                f"{path.name}{_SUFFIX_OF[actual]}, or decompress it ({kind[1]})")
+    if actual is None:
+        return (f"is named {path.suffix} but is not {named}-compressed (plain text?), and ASE picks the decompressor "
+                f"by the name: rename it {path.stem} (without {path.suffix}), or compress it with {named}")
+    other = f"rename it {path.stem}{_SUFFIX_OF[actual]}" if actual in _SUFFIX_OF else f"decompress it ({kind[1]})"
+    return (f"is named {path.suffix} but is {actual}-compressed, not {named}, and ASE picks the decompressor by the "
+            f"name: {other}")
+
+
 def open_compressed(path: str | os.PathLike, mode: str = "rb"):
     """``open(path, mode)``, through gzip, bz2 or lzma when the file is compressed with one of them
     (``mode`` 'rb' or 'rt'; zstd is reported, not read: Python's standard library has no reader)."""

@@ -283,6 +283,15 @@ def _config_part(structures, config, cached=None) -> dict:
             note = _reference_rank_note(structures, split.train)
             if note:
                 out["atomic_references_note"] = note
+    if len(split.train):
+        from torchmdx.data.atomref import elements_without_reference, untrained_elements_line
+
+        # an element only in the validation/test part (a split by group): "energies are unaffected" was the note
+        untrained = untrained_elements_line(elements_without_reference(structures, split.train, config.max_z),
+                                            Path(str(config.path)).name)
+        if untrained:
+            out["untrained_elements"] = untrained
+            out["atomic_references_note"] = untrained
     return out
 
 

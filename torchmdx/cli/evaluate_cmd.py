@@ -9,7 +9,8 @@ Prints a table of energy and force errors (MAE, RMSE in meV, meV/atom, meV/Å) a
 ``--data`` is a YAML config (its ``data:`` section; the split comes from ``--run``'s
 ``splits.npz``, else ``data.split_file``, else the config's ``run_dir``, else it is drawn again
 from ``data.seed``) or a data file of any supported format (every structure, ``--split all``,
-unless ``--run`` gives a split for it).
+unless ``--run`` gives a split for it: then ``--split test``). Every structure of the data file a model was
+trained on (its record's content hash) is scored with a warning that its training structures are among them.
 
 A run's split is checked against the model: a model file of ``torchmdx train``/``export`` records the split
 of the run that trained it, and another run's (whose test split may hold the model's training structures)
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model file (model.pt from torchmdx train / export)")
     parser.add_argument("--data", required=True, help="YAML config with a data: section, or a data file")
     parser.add_argument("--split", choices=SPLITS, default=None,
-                        help="which structures: test (default for a config), val, train, all (default for a file)")
+                        help="which structures: test (default for a config, or a file with --run), val, train, all "
+                             "(default for a file without --run)")
     parser.add_argument("--run", help="run folder: its splits.npz and its learning curve")
     parser.add_argument("--allow-other-run", action="store_true",
                         help="evaluate on the split of a run other than the one that trained the model (its test "
@@ -155,7 +157,9 @@ def run(args) -> int:
         if not (run_dir / SPLIT_FILE_NAME).is_file():
             raise ConfigError(f"--run {run_dir}: no {SPLIT_FILE_NAME} in it (not a run folder of torchmdx train?), so "
                               "the run's split is unknown; give the run folder, or leave out --run")
-    split = args.split or ("test" if is_config else "all")
+    # a data file with --run: the run's test split (it evaluated every structure, the run's training ones too,
+    # though --run was given for its split; round 27), as the module docstring said
+    split = args.split or ("test" if is_config or args.run else "all")
     out_dir = Path(args.out) if args.out else model_path.parent / f"evaluate_{split}"
     check_output_folder(out_dir, "--out" if args.out else "the report folder")
 
@@ -175,6 +179,15 @@ def run(args) -> int:
     if data_cfg.split_file is not None:
         split_dir = None
     run_warning = None
+    if args.allow_other_run and (split_dir is None or split == "all"):  # was ignored without a word (round 27)
+        if split == "all":
+            what = f"--split all scores every structure of {data_cfg.path}, of no run's split"
+        elif data_cfg.split_file is not None:
+            what = f"the {split} split comes from data.split_file {data_cfg.split_file}, not a run folder"
+        else:  # a config without run_dir
+            what = f"the {split} split is drawn again from data.seed, not read from a run folder"
+        raise ConfigError(f"--allow-other-run applies to a model scored on a run's split (--run RUN_DIR, or a "
+                          f"config's run_dir), and {what}: drop --allow-other-run")
     if split_dir is not None and split != "all":
         # another run's model scored on this run's split: its test part may hold the model's training
         # structures, errors too good without a word (round 26); refused before the data is read
@@ -209,6 +222,13 @@ def run(args) -> int:
     check_cells(dataset, float(model.cutoff), data_cfg.path)
     if split == "all":
         indices = None
+        if args.split is None:  # the default for a data file: the model's own data file, training structures and
+            # all, errors too good without a word (round 27); an explicit --split all is a request
+            from torchmdx.train.provenance import all_split_warning
+
+            run_warning = all_split_warning(model_path, record,
+                                            str(dataset.info.get("fingerprint", {}).get("hash", "")),
+                                            data_cfg.path)
     else:
         indices = datamodule.split[split]
         if len(indices) == 0:

@@ -15,6 +15,8 @@ them the module is generic and ``MLPotential("torchmdx", modelPath=...)`` sets t
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 HELP = "write a self-contained model file from a training checkpoint"
 
@@ -132,6 +134,10 @@ def run_openmm(args) -> int:
         try:
             source, options = ase_source(args.structure)  # a UTF-8 byte-order mark: the text without it
             structure = read(source, **options)
+            if hasattr(source, "seek"):
+                source.seek(0)
+            first = read(source, index=0, **options)  # ASE's read takes the last frame: a file of several
+            # structures gave a module for the last one's atoms without a word (round 27)
         except DataError as exc:
             raise ConfigError(f"--structure: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any reader problem is a bad file
@@ -146,6 +152,11 @@ def run_openmm(args) -> int:
             if failure.explanation:  # a species column of atomic numbers was "(... ('8'))"
                 raise ConfigError(f"--structure: {args.structure}: {failure.explanation}") from None
             raise ConfigError(f"--structure: cannot read {args.structure} ({failure.detail})") from None
+        if list(first.numbers) != list(structure.numbers):
+            raise ConfigError(f"--structure: {args.structure} holds structures of different atoms (the first "
+                              f"{first.get_chemical_formula()}, the last {structure.get_chemical_formula()}), and "
+                              "the module's ML atoms come from one structure (ASE reads the last); give a file of "
+                              "the one structure OpenMM simulates")
         from torchmdx.data.ase_format import disordered_site
 
         problem = disordered_site(structure)
@@ -195,6 +206,12 @@ def run(args) -> int:
     from torchmdx.train.export import export_checkpoint
 
     potential = export_checkpoint(args.checkpoint, args.output, ema=args.ema, force=args.force)
+    if getattr(potential, "training_record", None) is None and Path(args.checkpoint).suffix.lower() == ".ckpt":
+        # round 26 left it silent: evaluate --run then said only that the model records no run
+        print(f"warning: {args.checkpoint} records no training run and lies outside a run folder "
+              f"(RUN/checkpoints/x.ckpt), so {args.output} records none: evaluate --run cannot check that a run's "
+              "test split holds none of its training structures; export the checkpoint from its run's checkpoints "
+              "folder to record the run", file=sys.stderr, flush=True)
     elements = getattr(potential, "elements", None)
     from torchmdx.nn.potential import element_symbol
 

@@ -81,6 +81,9 @@ class FrameSummary:
         """Note a frame's keys, shapes and flags (its values are not kept)."""
         if not self.atoms:
             self.theory = frame.theory
+        if np.size(frame.numbers) == 0:  # an ASE database's row was "structure 3" (row 4), or "no forces key
+            # 'forces', although other frames have one" where the others had forces (round 27)
+            raise DataError(f"{frame.where}: has no atoms (an empty structure); drop it from the file")
         self.atoms.append(int(np.size(frame.numbers)))
         if frame.forces is not None:
             self.with_forces = True

@@ -324,7 +324,12 @@ def open_ase_source(path, stream_compressed: bool = True):
     in a text format is a text stream too, opened as ASE opens it (``gzip.open(path, 'rt')``: the locale's
     encoding, universal newlines) but through :class:`_Window` (ASE's own stream decompressed the file again from
     its start at each frame: time growing with the square of the file's size)."""
+    from torchmdx.io_utils import compression_name_mismatch
+
     path = Path(path)
+    mismatch = compression_name_mismatch(path)
+    if mismatch:  # ASE's own error was a UnicodeDecodeError or "Not a gzipped file" (round 27)
+        raise DataError(f"{path}: {mismatch}")
     opened = _open_marked(path)
     if opened is None:  # unreadable, or not the compression its name says: ASE's own error names it
         yield str(path), {}

@@ -192,6 +192,25 @@ def elements_without_reference(data, indices, max_z: int = 100) -> list[int]:
     return [e for e, total in zip(elements, totals) if total == 0]
 
 
+def untrained_elements_line(elements, source) -> Optional[str]:
+    """What it means that ``elements`` (atomic numbers, from :func:`elements_without_reference`) occur in no
+    training structure of ``source``, in words; None where there are none. A split by group that put every
+    structure of an element into the validation or test part (the polymer file's PVC, the only one with Cl)
+    trained a model that never saw the element: its reference energy 0 and its embedding untrained, so the
+    errors of those structures measure nothing the model learned, without a word (round 27)."""
+    if not elements:
+        return None
+    from ase.data import chemical_symbols
+
+    names = ", ".join(f"{chemical_symbols[int(z)]} (Z={int(z)})" for z in elements)
+    element = "element" if len(elements) == 1 else "elements"
+    return (f"{element} {names} of {source} occur{'s' if len(elements) == 1 else ''} in no training structure "
+            "(only in structures of the validation or test split, or unused ones): the model cannot learn it (no "
+            "reference energy, an untrained embedding), and the errors of those structures measure nothing it was "
+            "trained on; put such structures into the training split (data.val_groups / data.test_groups, or "
+            "another split seed)")
+
+
 def given_references(data, table: dict, max_z: int = 100, source: str = "the dataset") -> torch.Tensor:
     """References given in the config (``data.atomref`` as a table {Z: eV per atom}, e.g. the
     energies of the isolated atoms in the dataset's level of theory) as a float64 tensor [max_z];

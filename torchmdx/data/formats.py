@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from torchmdx.data.structures import Structures
-from torchmdx.io_utils import compression, decode_text
+from torchmdx.io_utils import SUFFIX_COMPRESSIONS, compression, compression_name_mismatch, decode_text
 from torchmdx.errors import DataError
 
 FORMAT_OPTIONS = {
@@ -141,6 +141,11 @@ def guess_format(path) -> str:
         return "qm9"
     suffix = path.suffix
     packed = compression(path)
+    if path.suffix.lower() in SUFFIX_COMPRESSIONS and (packed is None or packed[0] != SUFFIX_COMPRESSIONS[
+            path.suffix.lower()]):
+        # named .gz but plain text, or bzip2: was "cannot guess the format; pass --format" (an unnamed compressed
+        # file is read by its content: a gzip'd MD17 xyz named .xyz)
+        raise DataError(f"{path}: {compression_name_mismatch(path)}")
     if packed is not None:  # one compressed file: its content decides (a gzip'd MD17 xyz was read as ase)
         head = _compressed_head(path, packed)
         suffix = Path(path.stem).suffix

@@ -295,6 +295,12 @@ class StructureBuilder:
             if forces.ndim == 2:
                 forces = forces[None]
             if forces.shape != positions.shape:
+                key = self.metadata.get("forces_key")
+                named = f" '{key}'" if isinstance(key, str) and key else ""
+                if forces.size == n:  # one number per structure: an energy read as the forces (round 27: "forces
+                    # have shape () but coordinates (1, 3, 3)")
+                    raise DataError(f"{where}: forces{named} hold one number per structure, expected a 3-vector per "
+                                    f"atom ({natoms}, 3): is{named or ' it'} the forces key?")
                 raise DataError(
                     f"{where}: forces have shape {tuple(forces.shape)} but coordinates {tuple(positions.shape)}"
                 )

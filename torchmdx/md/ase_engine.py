@@ -173,6 +173,9 @@ def run_ase(
     dtype = as_dtype(dtype)
     atoms = atoms.copy()
     atoms.calc = Calculator(potential, device=device, dtype=dtype, skin=skin)
+    # md said a charged structure's line already (start_checks.charge_warnings, naming the file): the Calculator's
+    # own warning was a second line, "warning: Calculator: atoms.info['charge'] is 1, ..." (round 27)
+    atoms.calc._charge_warned = atoms.calc._contact_warned = True  # and its close contacts (round 27)
     n = len(atoms)
     dof = 3 * n - 3 if n > 1 else 3
     max_t = float(max_temperature_K) if max_temperature_K else max(2000.0, 5.0 * temperature_K)

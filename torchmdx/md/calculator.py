@@ -109,6 +109,7 @@ class Calculator(_AseCalculator):
         #: during a call and restored after (Calculator(model) left a model being trained in eval mode)
         self._shared = self.potential is model
         self._charge_warned = False  # a charged structure is said once (charge_warnings)
+        self._contact_warned = False  # atoms closer than half their covalent radii: said once (close_contacts)
         if not self._shared:
             self.potential.eval()
         on_cuda = self.device.type == "cuda"
@@ -246,6 +247,19 @@ class Calculator(_AseCalculator):
             if lines:
                 warnings.warn(lines[0], stacklevel=2)
                 self._charge_warned = True
+        if not self._contact_warned and {"numbers", "positions"} <= set(system_changes):
+            # a new structure (not an MD step, which changes positions only): atoms far closer than bonds, e.g.
+            # positions in nm or Bohr read as Å (two argon atoms 0.38 Å apart: 1e10 eV from Lennard-Jones, silently;
+            # md says so at its start, round 27)
+            from torchmdx.md.start_checks import close_contacts
+
+            try:
+                lines = close_contacts([atoms], sources=["Calculator"])
+            except Exception:  # noqa: BLE001 - a cell ASE cannot use (NaN, singular): the calculation names it
+                lines = []
+            if lines and " are 0 Å apart" not in lines[0]:  # atoms at one position: the model's error names them
+                warnings.warn(lines[0] + " (positions in Å? nm or Bohr read as Å give such distances)", stacklevel=2)
+                self._contact_warned = True
         periodic = bool(np.any(atoms.pbc))
         if periodic and not bool(np.all(atoms.pbc)):
             # a slab's or wire's stress divides by the volume its open (vacuum) rows span, ASE's

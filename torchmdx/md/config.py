@@ -234,6 +234,12 @@ class MDConfig:
         if self.engine == "ase" and self.atom_order in ("hilbert", "morton"):  # was silently ignored
             bad("atom_order", f"'{self.atom_order}' needs the native engine (--engine ase runs the atoms in the "
                               "input order); leave it out or drop --engine ase")
+        if self.engine == "ase" and self.fuse_integrator is True:  # was ignored without a word (round 27)
+            bad("fuse_integrator", "true needs the native engine (--engine ase steps with ASE's integrators, which "
+                                   "are not fused); leave it out or drop --engine ase")
+        if self.engine == "ase" and self.compile in ("whole", "parts"):  # was ignored: ASE's steps ran eager
+            bad("compile", f"'{self.compile}' needs the native engine (--engine ase runs the model uncompiled); "
+                           "leave it out or drop --engine ase")
         if self.engine == "ase" and self.ensemble == "langevin" and not self.friction > 0:
             bad("friction", "must be > 0 1/ps for ASE's Langevin integrator")
         if not self.barostat_tau > 0:

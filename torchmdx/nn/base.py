@@ -307,6 +307,11 @@ class Potential(torch.nn.Module):
     #: while traced with the operators: :meth:`graph_inputs`' names -> the trace's tensors (else None)
     traced_inputs: Optional[dict] = None
     _atom_order: str = "input"
+    #: the run that trained it (:mod:`torchmdx.train.provenance`), as :func:`torchmdx.load_model` read it from
+    #: the model file; :meth:`save` writes it back (None: a model of no recorded run)
+    training_record: Optional[dict] = None
+    #: has :meth:`forward` warned of a cell given without pbc (once per model)
+    _warned_open_cell: bool = False
 
     @property
     def atom_order(self) -> str:
@@ -385,6 +390,8 @@ class Potential(torch.nn.Module):
         # AttributeErrors and IndexErrors: one line each (host values only)
         _check_flags("model(z, pos, ...)", forces=forces, stress=stress, per_atom=per_atom, create_graph=create_graph)
         _check_call_inputs(neighbors, num_structures)
+        if cell is not None and pbc is None and not self._warned_open_cell:
+            self._warn_open_cell()
         if z.dtype != torch.long:  # uint8 indexed as a mask ("The shape of the mask [3] ..."), a traceback
             z = z.long()
         self.check_elements(z)
@@ -397,6 +404,20 @@ class Potential(torch.nn.Module):
             return self._forward(order, *args)
         except ModelError:  # name the input's atoms: the same call in the input order raises it again
             return self._forward(AtomOrder(), *args)
+
+    def _warn_open_cell(self) -> None:
+        """One warning per model: a cell given without ``pbc`` is computed as open (ASE's convention: an
+        ``Atoms(cell=...)`` is open unless ``pbc`` is set, and the Calculator reads ``atoms.pbc``), which gave a
+        box's energy without its periodic images (0 eV for atoms that meet only across the boundary) silently."""
+        if self.tracing or torch.compiler.is_compiling():
+            return
+        import warnings
+
+        self._warned_open_cell = True
+        warnings.warn("model(z, pos, cell=...) got a cell but no pbc, so the structures are computed as open (no "
+                      "periodic images; ASE's convention: a cell without pbc is open): pass pbc=True (or a [3] / "
+                      "[B, 3] tensor of booleans) for a periodic box, or leave out the cell (this warning is given "
+                      "once per model)", UserWarning, stacklevel=5)
 
     def _forward(self, order: AtomOrder, z, pos, batch, cell, pbc, neighbors, forces, stress, per_atom,
                  create_graph, num_structures) -> dict:
@@ -495,8 +516,9 @@ class Potential(torch.nn.Module):
         return result
 
     def save(self, path) -> None:
-        """Write a model file (atomic): kind, hyper-parameters, weights, normalisation, version;
-        read it back with :func:`torchmdx.load_model`. See :mod:`torchmdx.nn.model_file`."""
+        """Write a model file (atomic): kind, hyper-parameters, weights, normalisation, version, and the
+        training run :func:`torchmdx.load_model` read (:attr:`training_record`; set it to None for a model
+        trained further); read it back with :func:`torchmdx.load_model`. See :mod:`torchmdx.nn.model_file`."""
         from torchmdx.nn.model_file import save_potential
 
         save_potential(self, path)

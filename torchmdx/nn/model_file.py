@@ -13,7 +13,10 @@ A model file is one ``torch.save`` dict (read back with ``weights_only=True``: n
     dtype             parameter dtype when saved
     torchmdx_version  version that wrote the file
     training          (optional) the run that trained it: run folder, data, a digest of its split
-                      (:mod:`torchmdx.train.provenance`); absent in files of other origins and older ones
+                      (:mod:`torchmdx.train.provenance`); absent in files of other origins and older ones.
+                      :func:`load_model` keeps it as the potential's ``training_record`` attribute, and
+                      :meth:`Potential.save` writes that back (a model loaded from a run and saved again
+                      keeps its run; set the attribute to None before saving a model trained further)
 
 It is written to a temporary name and renamed (:func:`torchmdx.io_utils.atomic_write`).
 
@@ -156,6 +159,8 @@ def save_potential(potential, path: Union[str, Path], training: Optional[Mapping
         "dtype": str(dtype).replace("torch.", ""),
         "torchmdx_version": __version__,
     }
+    if training is None:  # a model loaded from a file of a run keeps its record (load_model -> save)
+        training = getattr(potential, "training_record", None)
     if training is not None:
         payload["training"] = _plain(dict(training), "training record")
     path = Path(path)
@@ -307,7 +312,12 @@ def load_model_and_record(
         raise ModelError(f"{path}: {len(bad)} weight tensors hold NaN or infinite values (e.g. {', '.join(bad[:2])}): "
                          "the model is unusable (its training diverged)")
     _check_scales(path, potential)
-    return _finish(potential, device, dtype), _training_record(payload)
+    record = _training_record(payload)
+    if record is not None:
+        # Potential.save writes it back: a model loaded from a run's model.pt and saved again dropped the
+        # record, and evaluate --run could no longer check it (round 27)
+        potential.training_record = dict(record)
+    return _finish(potential, device, dtype), record
 
 
 def _check_scales(path: Path, potential) -> None:

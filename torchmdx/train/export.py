@@ -127,6 +127,8 @@ def export_checkpoint(checkpoint: Union[str, Path], output: Union[str, Path], em
         from torchmdx.train.provenance import checkpoint_run_record
 
         training = checkpoint_run_record(checkpoint)
+    if training is not None:
+        potential.training_record = dict(training)
     save_potential(potential, output, training=training)
     return potential
 

@@ -146,6 +146,8 @@ class PotentialModule(StepRunnerMixin, L.LightningModule):
         self._plateau_state: Optional[dict] = None
         self._cosine_steps: Optional[int] = None
         self._nonfinite: Optional[torch.Tensor] = None  # [current, longest] run of non-finite losses
+        #: the run that trains it (train.run sets it; kept in every checkpoint: provenance.checkpoint_run_record)
+        self.training_record: Optional[dict] = None
         self._init_step_runner()  # the step runner's state (StepRunnerMixin): none before training
 
     # ------------------------------------------------------------------ prediction and loss
@@ -388,6 +390,8 @@ class PotentialModule(StepRunnerMixin, L.LightningModule):
             "plateau": self._plateau.state_dict() if self._plateau is not None else None,
             "rng": collect_rng_states(),
             "refit_atomref": None if self._refit_value is None else self._refit_value.cpu(),
+            # the run that trains it (torchmdx.train.provenance.run_record), for export outside the run folder
+            "training": getattr(self, "training_record", None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

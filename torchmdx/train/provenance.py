@@ -14,8 +14,13 @@ holds a ``training`` record (:func:`run_record`)::
 ``torchmdx evaluate MODEL --run RUN`` compares ``split`` with the digest of RUN's splits.npz
 (:func:`check_model_run`): another run's split may hold the model's training structures in its test part,
 so the errors come out too good. Equal digests (a copied run folder, two runs with the same data and seed)
-are the same split: nothing to say. A model file without the record (older files, ``Potential.save``,
-imported and analytic models) cannot be checked: a warning.
+are the same split: nothing to say. A model file without the record (older files, imported and analytic
+models, a new model saved from Python, a checkpoint written before round 27 and exported from outside its run
+folder) cannot be checked: a warning that says so.
+
+Every checkpoint of a run holds the record too (``checkpoint["torchmdx"]["training"]``), so that one copied out
+of its run folder exports a model file with its run (:func:`checkpoint_run_record`); a model loaded with
+``load_model`` keeps it (``Potential.training_record``) and ``Potential.save`` writes it back.
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ from pathlib import Path
 from typing import Mapping, Optional, Union
 
 from torchmdx.errors import ConfigError, TorchmdxError
+
+
+#: why a model file may record no run (evaluate's warning says them)
+NO_RECORD_REASONS = ("the model file was written before torchmdx recorded runs, saved from a new model in Python, "
+                     "imported or analytic, or exported from a checkpoint that records no run and lay outside its "
+                     "run folder")
 
 
 def run_record(run_dir: Union[str, Path]) -> Optional[dict]:
@@ -57,14 +68,39 @@ def _data_source(run_dir: Path) -> Optional[str]:
 
 
 def checkpoint_run_record(checkpoint: Union[str, Path]) -> Optional[dict]:
-    """The record of the run a checkpoint lies in (``RUN/checkpoints/x.ckpt``), or None (a checkpoint moved
-    out of its run folder: the model file then records no run)."""
+    """The record of the run that wrote a checkpoint: the one the checkpoint holds (``torchmdx.training``,
+    written by every run since round 27, so a checkpoint copied out of its run folder, or into another run's,
+    still names its own run), else that of the run folder it lies in (``RUN/checkpoints/x.ckpt``: older
+    checkpoints), else None (an older checkpoint moved out of its run folder: the model file records no run)."""
     from torchmdx.train.run import CHECKPOINT_DIR
 
     checkpoint = Path(checkpoint)
+    own = _stored_record(checkpoint)
+    if own is not None:
+        return own
     if checkpoint.parent.name != CHECKPOINT_DIR:
         return None
     return run_record(checkpoint.parent.parent)
+
+
+def _stored_record(checkpoint: Path) -> Optional[dict]:
+    """The ``training`` record a checkpoint holds, or None (older checkpoints; an unreadable file, which the
+    export has read already)."""
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            payload = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - export names what the file is
+        return None
+    extra = payload.get("torchmdx") if isinstance(payload, Mapping) else None
+    record = extra.get("training") if isinstance(extra, Mapping) else None
+    if not isinstance(record, Mapping) or not isinstance(record.get("split"), str):
+        return None
+    return dict(record)
 
 
 def _data_name(data) -> str:
@@ -90,9 +126,9 @@ def check_model_run(model_path: Union[str, Path], record: Optional[Mapping], run
     run_dir = Path(run_dir)
     name = Path(model_path).name
     if record is None:
-        return (f"{name} records no training run (a model file written before torchmdx recorded it, or not by "
-                f"train/export), so it cannot be checked that {option} {run_dir}'s split holds none of its "
-                "training structures")
+        return (f"{name} records no training run, so it cannot be checked that {option} {run_dir}'s split holds "
+                f"none of its training structures ({NO_RECORD_REASONS}); export it again from its run's "
+                "checkpoints folder (RUN/checkpoints/best.ckpt) to record the run")
     here = run_record(run_dir)
     if here is None:
         return None  # no readable splits.npz: evaluate names the problem when it reads the split
@@ -105,3 +141,21 @@ def check_model_run(model_path: Union[str, Path], record: Optional[Mapping], run
     raise ConfigError(f"{said}: the {split} split of {run_dir} may hold the model's training structures, so its "
                       f"errors would come out too good; give the model's own run folder as {option}, leave it out, "
                       "or pass --allow-other-run to evaluate anyway")
+
+
+def all_split_warning(model_path: Union[str, Path], record: Optional[Mapping], content_hash: str,
+                      data: Union[str, Path]) -> Optional[str]:
+    """A warning line (without ``warning:``) where ``evaluate --split all`` scores a model on the data file it
+    was trained on (the record's content hash is ``content_hash``): every structure includes its training and
+    validation structures, so the errors come out too good (round 27: silent before); else None."""
+    if record is None or not content_hash or record.get("data_hash") != content_hash:
+        return None
+    sizes = record.get("sizes") if isinstance(record.get("sizes"), Mapping) else {}
+    seen = ""
+    if isinstance(sizes.get("train"), int) and isinstance(sizes.get("val"), int):
+        seen = f" ({sizes['train']} training and {sizes['val']} validation structures)"
+    run = record.get("run_dir") or record.get("run") or "?"
+    name = _data_name(data).removeprefix(", data ") or str(data)
+    return (f"{Path(model_path).name} was trained on {name} (run {run}): --split all scores the "
+            f"structures it was trained on too{seen}, so the errors come out too good; give --run {run} to score "
+            "its test split only (or --split all to score every structure without this warning)")

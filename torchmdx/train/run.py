@@ -422,6 +422,18 @@ def _quiet_lightning_warnings() -> None:
 
 
 # ---------------------------------------------------------------------------- the run
+def untrained_elements(datamodule, cfg: RunConfig) -> Optional[str]:
+    """The line for elements of the data that occur in no training structure (``data.atomref.untrained_elements_line``),
+    or None."""
+    from torchmdx.data.atomref import elements_without_reference, untrained_elements_line
+
+    if cfg.data_config.atomref == "fit":  # computed with the references (kept in data_state.json)
+        missing = datamodule.missing_reference_elements
+    else:
+        missing = elements_without_reference(datamodule.dataset, datamodule.split["train"], datamodule.max_z)
+    return untrained_elements_line(missing, Path(str(cfg.data_config.path)).name)
+
+
 def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None) -> dict:
     """Train as configured; returns paths and best metrics. Raises TorchmdxError subclasses for
     predictable problems (config, data, run folder). ``callbacks``: extra Lightning callbacks."""
@@ -444,6 +456,11 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
         cfg, run_dir, check=(lambda prepared: _check_checkpoint_fits(last, prepared)) if resume else None)
     with atomic_write(run_dir / RESOLVED_CONFIG, "w") as handle:
         handle.write(resolved_yaml(cfg))
+    from torchmdx.train.provenance import run_record
+
+    # every checkpoint records the run (its split), so that one copied out of the run folder still exports a
+    # model file that evaluate --run can check (round 27)
+    module.training_record = run_record(run_dir)
     with atomic_write(run_dir / "data_summary.json", "w") as handle:
         json.dump(jsonable(datamodule.summary()), handle, indent=2)
     initial = None
@@ -460,6 +477,11 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
         sizes = datamodule.split.sizes()
         print(f"model: {type(module.model).__name__}, {parameters:,} parameters; data: {sizes['train']} training / "
               f"{sizes['val']} validation structures; run folder {run_dir}", flush=True)
+        untrained = untrained_elements(datamodule, cfg)
+        if untrained:  # an element only in the validation/test split (round 27): trained without a word
+            import sys
+
+            print(f"warning: {untrained}", file=sys.stderr, flush=True)
     last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
     previous_rows = _previous_metric_rows(run_dir / METRICS_CSV, last) if resume else []
     trainer = build_trainer(cfg, run_dir, extra_callbacks=[EpochSummary(), *(callbacks or [])])
@@ -495,8 +517,6 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
         best = run_dir / CHECKPOINT_DIR / best.name
     source = best if best is not None and best.is_file() else last
     model_path = run_dir / MODEL_FILE
-    from torchmdx.train.provenance import run_record
-
     # the run's own model file (a resumed run replaces it), recording this run's split for evaluate --run
     export_checkpoint(source, model_path, force=True, training=run_record(run_dir))
     result.update(checkpoint_best=str(best) if best else None, model=str(model_path), exported_from=str(source))
