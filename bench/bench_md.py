@@ -68,6 +68,9 @@ def parse_args(argv=None):
                    help=f"comma-separated measurements (default: all that apply): {','.join(VARIANTS)}")
     p.add_argument("--budget-s", type=float, default=None,
                    help="seconds per measurement after its warm-up: timed steps are cut to fit (default: --steps)")
+    p.add_argument("--small-row-inner", type=int, default=None,
+                   help="whole graph: products of few rows are rewritten as reductions only up to this inner "
+                        "dimension (torchmdx.nn.traced.SMALL_ROW_INNER; default: its value)")
     return p.parse_args(argv)
 
 
@@ -234,6 +237,10 @@ def main(argv=None):
     from model_setup import apply_message_config_from_env
 
     apply_message_config_from_env()  # BENCH_MESSAGE_CONFIG, e.g. {"filters": "gemm"} for an A/B against the tables
+    if args.small_row_inner is not None:
+        from torchmdx.nn import traced as traced_module
+
+        traced_module.SMALL_ROW_INNER = args.small_row_inner
     max_atoms = args.max_atoms if args.max_atoms is not None else (None if args.device.startswith("cuda") else 2500)
     cuda = args.device.startswith("cuda")
     wanted = set(args.variants.split(",")) if args.variants else set(VARIANTS) - {"native_unfused"}  # unfused: asked for

@@ -298,6 +298,25 @@ def test_small_products_inner_bound_of_row_rewrites():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
+def test_traced_forces_reads_the_row_inner_bound(monkeypatch):
+    """``small_row_inner`` "auto" reads :data:`SMALL_ROW_INNER` at the trace (the MD engine and the calculator
+    build TracedForces with the defaults); an explicit value wins; the forces are the eager ones either way."""
+    from torchmdx.nn import traced as traced_module
+
+    model = torchmdx.build_model(dict(SMALL_ET, embedding_dimension=64, num_heads=4))  # products of inner 64
+    z, pos, batch, cell, pbc = _structures()
+    nl, offsets = _list(model, pos, batch, cell, pbc)
+    ref = model(z, pos, batch, cell, pbc)
+    counts = {}
+    for bound, keywords in ((None, {}), (40, {}), (40, dict(small_row_inner=None))):
+        monkeypatch.setattr(traced_module, "SMALL_ROW_INNER", bound)
+        traced = TracedForces(model, compile=False, small_output=None, **keywords)
+        _, forces, _ = traced(z, pos, batch, 2, nl.edge_index, offsets, nl.mask)
+        torch.testing.assert_close(forces, ref["forces"], rtol=1e-9, atol=1e-10)
+        counts[bound, bool(keywords)] = traced.small_products
+    assert counts[40, False] < counts[None, False] == counts[40, True]
+
+
 def test_traced_forces_product_bounds_change_only_the_kernels():
     """``small_rows`` / ``small_output`` of TracedForces change which products become reductions,
     not the numbers: no rewrite at all (rows 0, results of 0 elements) and rewrites without an

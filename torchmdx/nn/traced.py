@@ -116,6 +116,11 @@ SMALL_ROWS = 192
 #: (H100, 2026-12-07, ``docs/benchmarks/2026-12-07-h100-c/call7``, ``graph_traced_nosmall``
 #: column). From a few thousand atoms up no product is small enough to be rewritten either way.
 SMALL_PRODUCTS_MAX_ATOMS = 64
+#: ``small_row_inner`` "auto": the longest inner dimension of a product rewritten for its few rows
+#: (:func:`small_products` ``max_row_inner``; None: any). None until timed: the 22-atom call's
+#: [22, 384] @ [384, 128] products are its largest reductions (8-30 µs each, H100, 2026-12-07), and
+#: cuBLAS won for such products at 166 atoms (``bench/bench_md.py --small-row-inner``)
+SMALL_ROW_INNER: Optional[int] = None
 #: the same bound for the training graph (:class:`TracedForces` with ``training=True``): its
 #: weight-gradient products [F, atoms] @ [atoms, 3F] have F = 128 <= 192 rows and a long inner
 #: dimension (672 for 32 x 21 atoms), a poor reduction; 64 is the bound the 7.82-ms captured
@@ -313,7 +318,8 @@ class TracedForces:
     most rows a rewritten product may have whatever its inner dimension ("auto":
     :data:`SMALL_ROWS`, or :data:`TRAINING_SMALL_ROWS` when ``training``; "auto" inference graphs of more
     than :data:`SMALL_PRODUCTS_MAX_ATOMS` atoms rewrite none), ``small_row_inner`` the longest inner dimension
-    of a product rewritten for its rows (None: any; :func:`small_products` ``max_row_inner``); ``options``: inductor options (default :data:`COMPILE_OPTIONS`, or
+    of a product rewritten for its rows (None: any; "auto": :data:`SMALL_ROW_INNER`; :func:`small_products`
+    ``max_row_inner``); ``options``: inductor options (default :data:`COMPILE_OPTIONS`, or
     :data:`TRAINING_COMPILE_OPTIONS`, of the device type); ``frontend``: how the graph reaches inductor (:data:`FRONTENDS`; default the potential's
     ``traced_frontend``, else "dynamo"). ``fused_message``: the inference graph takes the
     potential's fused message kernels as custom operators (:data:`FUSED_MESSAGE_IN_GRAPH`, which
@@ -327,7 +333,7 @@ class TracedForces:
     def __init__(self, potential, training: bool = False, cutoff: Optional[float] = None, compile: bool = True,
                  small: bool = True, options: Optional[dict] = None, frontend: Optional[str] = None,
                  small_output="auto", small_rows="auto", fused_message: Optional[bool] = None,
-                 small_row_inner: Optional[int] = None):
+                 small_row_inner="auto"):
         if not getattr(potential, "traceable", False):
             raise TypeError(f"{type(potential).__name__} cannot be traced into one graph")
         frontend = frontend or getattr(potential, "traced_frontend", "dynamo")
@@ -426,8 +432,9 @@ class TracedForces:
         max_rows = auto_rows if self.small_rows == "auto" else self.small_rows
         rewrite = self.small and (self.training or self.small_rows != "auto"
                                   or args[1].shape[0] <= SMALL_PRODUCTS_MAX_ATOMS)  # args[1]: the atomic numbers
+        row_inner = SMALL_ROW_INNER if self.small_row_inner == "auto" else self.small_row_inner
         self.small_products = (small_products(graph_module, max_rows, max_output=max_output,
-                                              max_row_inner=self.small_row_inner) if rewrite else 0)
+                                              max_row_inner=row_inner) if rewrite else 0)
         self.traces += 1
         if not self.compile:
             return graph_module
