@@ -116,7 +116,7 @@ SMALL_ROWS = 192
 #: (H100, 2026-12-07, ``docs/benchmarks/2026-12-07-h100-c/call7``, ``graph_traced_nosmall``
 #: column). From a few thousand atoms up no product is small enough to be rewritten either way.
 SMALL_PRODUCTS_MAX_ATOMS = 64
-#: ``small_row_inner`` "auto": the longest inner dimension of a product rewritten for its few rows
+#: ``small_row_inner`` "auto" of inference graphs: the longest inner dimension of a product rewritten for its few rows
 #: (:func:`small_products` ``max_row_inner``; None: any). None until timed: the 22-atom call's
 #: [22, 384] @ [384, 128] products are its largest reductions (8-30 µs each, H100, 2026-12-07), and
 #: cuBLAS won for such products at 166 atoms (``bench/bench_md.py --small-row-inner``)
@@ -432,7 +432,10 @@ class TracedForces:
         max_rows = auto_rows if self.small_rows == "auto" else self.small_rows
         rewrite = self.small and (self.training or self.small_rows != "auto"
                                   or args[1].shape[0] <= SMALL_PRODUCTS_MAX_ATOMS)  # args[1]: the atomic numbers
-        row_inner = SMALL_ROW_INNER if self.small_row_inner == "auto" else self.small_row_inner
+        if self.small_row_inner == "auto":  # the training graph keeps the bounds it was measured with
+            row_inner = None if self.training else SMALL_ROW_INNER
+        else:
+            row_inner = self.small_row_inner
         self.small_products = (small_products(graph_module, max_rows, max_output=max_output,
                                               max_row_inner=row_inner) if rewrite else 0)
         self.traces += 1
