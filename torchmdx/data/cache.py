@@ -276,7 +276,8 @@ def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DI
             "forces in kcal/mol/Å; if the file holds eV, set data.energy_unit: eV (--energy-unit eV)")
     before = fingerprint(src)
     with CacheWriter(path, fmt=fmt, source=src, options=opts, fingerprint=before) as writer:
-        for chunk in iter_structures(src, fmt, chunk_atoms=chunk_atoms, **opts):
+        # an ASE file's frames are kept between its two passes in an unnamed temporary file beside the cache
+        for chunk in iter_structures(src, fmt, chunk_atoms=chunk_atoms, spill_dir=path.parent, **opts):
             writer.add(chunk)
         after = quick_fingerprint(src)
         if any(before[k] != after[k] for k in after):
