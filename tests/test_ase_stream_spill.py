@@ -136,3 +136,32 @@ def test_the_spill_is_unnamed_and_closed(shared_data, tmp_path, monkeypatch):
     next(reader)
     reader.close()
     assert spills[-1][0]._handle.closed and spills[-1][1] is None
+
+
+def test_a_full_disk_for_the_spill_is_one_line_naming_its_folder(shared_data, tmp_path, monkeypatch):
+    """A spill that cannot be written (a full disk) names its folder and what to do, not the file being read."""
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ase_stream.pickle, "dump", full)
+    with pytest.raises(DataError) as error:
+        build_cache(shared_data / "polymer" / "polymers_xtb.extxyz", "ase", cache_dir=tmp_path / "cache")
+    assert str(error.value).startswith(f"{tmp_path / 'cache'}: cannot write the temporary file that keeps the frames")
+    assert "No space left on device" in str(error.value)
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_packed_arrays_come_back_with_their_layout():
+    """Values, dtype, shape and the axes' memory order (C, Fortran, a strided view) survive the spill."""
+    from torchmdx.data.ase_stream import _pack, _unpack
+
+    base = np.arange(2 * 3 * 4, dtype=np.float64).reshape(2, 3, 4)
+    for array in (base, np.asfortranarray(base), base.transpose(2, 0, 1), base[:, ::2], np.zeros((0, 3)),
+                  np.array(True), np.arange(5, dtype=np.int32), np.asfortranarray(base[0]), base[0].T[::2]):
+        back = _unpack(_pack(array))
+        assert back.dtype == array.dtype and back.shape == array.shape
+        np.testing.assert_array_equal(back, array)
+        assert np.argsort(back.strides, kind="stable").tolist() == np.argsort(
+            np.asarray(array).copy(order="K").strides, kind="stable").tolist()
+        assert back.flags.writeable
+    assert _unpack(_pack({"a": base, "b": "text", "c": None}))["b"] == "text"

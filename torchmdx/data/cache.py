@@ -6,7 +6,8 @@ re-exported here.
 
 **Streamed build.** :func:`build_cache` reads the source in chunks
 (:func:`torchmdx.data.formats.iter_structures`: ANI-1 / ANI-1x group by group, ASE files (ASE
-databases included) frame by frame in two passes; other formats in one piece) and hands each chunk to :class:`~torchmdx.data.cache_file.CacheWriter`, whose memory
+databases included) frame by frame in two passes over one parse, the frames kept between them in an
+unnamed temporary file in the cache's folder; other formats in one piece) and hands each chunk to :class:`~torchmdx.data.cache_file.CacheWriter`, whose memory
 stays bounded by a chunk and a copy block, whatever the size of the dataset.
 
 **When is it rebuilt?** The cache's file name is derived from the source's absolute path, the
