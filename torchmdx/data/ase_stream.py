@@ -223,8 +223,8 @@ def _unpack(value):
 
 class FrameSpill:
     """The frames of pass 1, kept for pass 2 in an unnamed temporary file (module docstring): each frame's fields
-    pickled one after another (numeric arrays as their dtype, shape and bytes: the same arrays back), so the file is
-    parsed once. Memory: one frame; disk: about an extxyz's size (2.6 kB a frame of 32 atoms, binary float64)."""
+    pickled one after another (numeric arrays as dtype, shape, axis order and bytes: the same arrays back), so the
+    file is parsed once. Memory: one frame; disk: about an extxyz's size (2.6 kB a frame of 32 atoms, float64)."""
 
     def __init__(self, folder=None):
         import tempfile
