@@ -39,7 +39,7 @@ memory split into the process's own (anonymous) and mapped file pages:
 ``REF_stress`` (9 values), a per-atom ``REF_magmom``, a numeric ``corrected_total_energy`` and a text ``mp_id``
 per frame), then, each in a fresh process, its wall time and peak resident memory:
 
-  - ``build cache``: the streamed build of an ASE file (two passes over the file:
+  - ``build cache``: the streamed build of an ASE file (one parse, two passes over its frames:
     :mod:`torchmdx.data.ase_stream`, chunks of ``--chunk-atoms`` atoms, default 2^20);
   - ``read whole``: ``read_ase`` of the same file (every frame in memory; what the build did before it
     streamed), for comparison (``--skip-whole`` leaves it out).
@@ -50,7 +50,7 @@ per frame), then, each in a fresh process, its wall time and peak resident memor
 (``energy``, ``forces``, ``stress`` written as a calculator's results, a numeric ``corrected_total_energy`` and a
 text ``mp_id`` as key-value pairs), then, each in a fresh process:
 
-  - ``build cache``: the streamed build (two passes, rows fetched a page at a time:
+  - ``build cache``: the streamed build (one fetch of each row, two passes, rows fetched a page at a time:
     :func:`torchmdx.data.ase_format.db_rows`; chunks of ``--chunk-atoms`` atoms);
   - ``data info``: ``torchmdx data info <db> --json`` without a cache (one streamed pass:
     :mod:`torchmdx.data.summary_stream`), and as it was before (the whole read, every row fetched at once, its
@@ -276,7 +276,7 @@ def run_synthetic_extxyz(args) -> int:
         b = _stage(["build_extxyz", raw, cache_dir, args.chunk_atoms or 0, here], env)
         cache = Path(b["cache"])
         chunk = args.chunk_atoms or "2^20 (default)"
-        rows.append(("build cache (streamed, two passes)", b["seconds"], b["peak_rss_mb"], _split(b),
+        rows.append(("build cache (streamed, one parse)", b["seconds"], b["peak_rss_mb"], _split(b),
                      f"{n / b['seconds']:,.0f} frames/s, chunks of {chunk} atoms, cache "
                      f"{cache.stat().st_size / 2**20:.0f} MiB"))
         if not args.skip_whole:
@@ -309,7 +309,7 @@ def run_synthetic_db(args) -> int:
         shutil.rmtree(cache_dir, ignore_errors=True)  # a kept folder: build again, do not reuse
         b = _stage(["build_db", raw, cache_dir, args.chunk_atoms or 0], env)
         chunk = args.chunk_atoms or "2^20 (default)"
-        rows.append(("build cache (streamed, two passes)", b["seconds"], b["peak_rss_mb"], _split(b),
+        rows.append(("build cache (streamed, one fetch)", b["seconds"], b["peak_rss_mb"], _split(b),
                      f"{n / b['seconds']:,.0f} rows/s, chunks of {chunk} atoms, cache "
                      f"{Path(b['cache']).stat().st_size / 2**20:.0f} MiB"))
         shutil.rmtree(cache_dir, ignore_errors=True)  # data info on the raw file: no cache

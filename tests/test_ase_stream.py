@@ -1,4 +1,4 @@
-"""ASE files stream into the cache (torchmdx.data.ase_stream): two passes, bounded memory, and the
+"""ASE files stream into the cache (torchmdx.data.ase_stream): two passes over one parse, bounded memory, and the
 same structures, extras, units and error lines as the whole read (``read_ase``)."""
 
 import tracemalloc
@@ -257,9 +257,11 @@ def test_bad_inputs_same_lines_as_the_whole_read(tmp_path):
 
 
 def test_a_file_changed_between_the_passes_is_refused(tmp_path, monkeypatch):
-    """A frame more (or other atom counts) in the second pass than in the first: the build-cache line."""
+    """The file is parsed once (pass 2 reads pass 1's frames back from the spill): a frame appended after pass 1
+    is not read, and the cache build refuses the changed file with its line (size and time differ)."""
     rng = np.random.default_rng(5)
     path = _write(tmp_path / "grows.extxyz", _frames(rng, [3, 4, 2]))
+    before = read_ase(path)
     finish = ase_stream.FrameSummary.finish
 
     def finish_then_append(self):
@@ -268,8 +270,13 @@ def test_a_file_changed_between_the_passes_is_refused(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(ase_stream.FrameSummary, "finish", finish_then_append)
+    chunks = list(iter_structures(path, chunk_atoms=2))
+    assert sum(len(c) for c in chunks) == 3
+    assert np.concatenate([c.energy for c in chunks]).tolist() == before.energy.tolist()
+    _write(path, _frames(np.random.default_rng(5), [3, 4, 2]))
     with pytest.raises(DataError, match=r"grows.extxyz: changed while it was being read; try again$"):
-        list(iter_structures(path, chunk_atoms=2))
+        build_cache(path, cache_dir=tmp_path / "cache", chunk_atoms=2)
+    assert not any((tmp_path / "cache").iterdir())
 
 
 def test_progress_bars_say_which_pass(tmp_path, monkeypatch):
@@ -293,26 +300,33 @@ def test_progress_bars_say_which_pass(tmp_path, monkeypatch):
 
 
 def test_second_pass_holds_one_chunk(tmp_path, monkeypatch):
-    """When a chunk is handed out, the second pass has read exactly the frames handed out so far (no read-ahead,
-    nothing kept): memory is one chunk of at most chunk_atoms plus one frame."""
+    """The file is parsed once; when a chunk is handed out, the second pass has read back from the spill exactly
+    the frames handed out so far (no read-ahead, nothing kept): memory is one chunk of at most chunk_atoms plus
+    one frame."""
     rng = np.random.default_rng(7)
     sizes = [int(n) for n in rng.integers(1, 10, size=60)]
     path = _write(tmp_path / "lazy.extxyz", _frames(rng, sizes))
-    read = []
-    frames = ase_stream.AseReading.frames
+    parsed, read = [], []
+    frames, spilled = ase_stream.AseReading.frames, ase_stream.FrameSpill.read
 
     def counting(self, desc=None, total=None):
-        pass_ = len(read)
-        read.append(0)
+        parsed.append(0)
         for frame in frames(self, desc=desc, total=total):
-            read[pass_] += 1
+            parsed[-1] += 1
+            yield frame
+
+    def reading(self):
+        read.append(0)
+        for frame in spilled(self):
+            read[-1] += 1
             yield frame
 
     monkeypatch.setattr(ase_stream.AseReading, "frames", counting)
+    monkeypatch.setattr(ase_stream.FrameSpill, "read", reading)
     handed = 0
     for chunk in iter_structures(path, chunk_atoms=10):
         handed += len(chunk)
-        assert read == [len(sizes), handed]  # pass 1 done; pass 2 has read just the frames handed out
+        assert parsed == [len(sizes)] and read == [handed]  # parsed once; pass 2 read just the frames handed out
         assert chunk.n_atoms < 10 + max(sizes)
     assert handed == len(sizes)
 

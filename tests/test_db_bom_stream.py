@@ -176,6 +176,10 @@ def test_bad_databases_same_lines_as_the_whole_read(polymer_frames, tmp_path, sm
 
 
 def test_a_database_changed_between_the_passes_is_refused(polymer_frames, tmp_path, monkeypatch):
+    """Read once (pass 2 reads pass 1's rows back from the spill): a row added after pass 1 is not read, and the
+    cache build refuses the changed database with its line."""
+    from torchmdx.data import build_cache
+
     path = _polymer_db(tmp_path / "grows.db", polymer_frames[:5])
     finish = ase_stream.FrameSummary.finish
 
@@ -185,8 +189,10 @@ def test_a_database_changed_between_the_passes_is_refused(polymer_frames, tmp_pa
         return out
 
     monkeypatch.setattr(ase_stream.FrameSummary, "finish", finish_then_append)
+    assert sum(len(c) for c in iter_structures(path)) == 5
     with pytest.raises(DataError, match=r"grows.db: changed while it was being read; try again$"):
-        list(iter_structures(path))
+        build_cache(path, cache_dir=tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir())
 
 
 def test_database_progress_bars_say_which_pass(polymer_frames, tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ An ASE database that names its units in its metadata (SchNetPack's ``_property_u
 unit is refused.
 
 :func:`read_ase` reads the file once, holding every frame; the cache is built from
-:func:`torchmdx.data.ase_stream.iter_ase` (two passes, bounded memory, the same structures; an ASE
+:func:`torchmdx.data.ase_stream.iter_ase` (two passes over one parse, bounded memory, the same structures; an ASE
 database's rows are fetched a page at a time: :func:`db_rows`).
 """
 
@@ -449,8 +449,8 @@ def read_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] =
              group_key: Optional[str] = None, energy_unit: Optional[str] = None,
              length_unit: Optional[str] = None, stress_key: Optional[str] = None) -> Structures:
     """Read every frame of an ASE-readable file (see the module docstring) in one pass, every frame held in
-    memory; :func:`torchmdx.data.ase_stream.iter_ase` gives the same structures in chunks (two passes, bounded
-    memory: what :func:`torchmdx.data.cache.build_cache` uses)."""
+    memory; :func:`torchmdx.data.ase_stream.iter_ase` gives the same structures in chunks (two passes over one
+    parse, bounded memory: what :func:`torchmdx.data.cache.build_cache` uses)."""
     from torchmdx.data.ase_stream import read_whole
 
     return read_whole(ase_reading(path, energy_key, forces_key, group_key, energy_unit, length_unit, stress_key))

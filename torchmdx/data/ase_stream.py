@@ -1,4 +1,4 @@
-"""ASE files in two passes (bounded memory), and the whole read that makes the same decisions.
+"""ASE files in two passes over one parse (bounded memory), and the whole read that makes the same decisions.
 
 What a read of an ASE file (:mod:`torchmdx.data.ase_format`) decides from all its frames together
 needs only each frame's keys, shapes and flags, never its positions or forces:
@@ -12,35 +12,43 @@ needs only each frame's keys, shapes and flags, never its positions or forces:
 - the builder's metadata: keys, units, the first frame's ``theory``.
 
 :class:`FrameSummary` keeps just that, frame by frame (and each frame's atom count: 8 bytes a
-frame). So :func:`iter_ase` reads the file twice:
+frame). So :func:`iter_ase` parses the file once and goes over its frames twice:
 
 1. pass 1: every frame through the per-frame reader (``AseReading.frames``: its checks and error
-   lines, in its order), summarised, then decided (:meth:`FrameSummary.finish`: the same errors);
-2. pass 2: the frames again, each added as the whole read adds it (:func:`add_frame`: the same
-   checks, the same lines naming ``<file>: frame k``), handed out as validated
-   :class:`~torchmdx.data.structures.Structures` chunks of about ``chunk_atoms`` atoms (a chunk
-   ends after the frame that reaches ``chunk_atoms``: a frame larger than that is a chunk of its
-   own, with any frames before it).
+   lines, in its order), summarised, and kept in a temporary file (:class:`FrameSpill`: each
+   frame's fields pickled, the same arrays back), then decided (:meth:`FrameSummary.finish`: the
+   same errors);
+2. pass 2: the kept frames, read back one at a time, each added as the whole read adds it
+   (:func:`add_frame`: the same checks, the same lines naming ``<file>: frame k``), handed out as
+   validated :class:`~torchmdx.data.structures.Structures` chunks of about ``chunk_atoms`` atoms (a
+   chunk ends after the frame that reaches ``chunk_atoms``: a frame larger than that is a chunk of
+   its own, with any frames before it).
 
 Memory: one frame, one chunk and the summary, whatever the file's size (ASE's extxyz reader adds
 the byte offset of every frame, about 100 bytes a frame); the whole read (:func:`read_whole`,
-``read_ase``) holds every frame. Time: the file is parsed twice. The chunks, concatenated, are the
-whole read's structures array for array; a file with several problems may name another one
-first: the whole read checks every frame's values (energy, forces, shapes) before it validates
-the structures (positions, atomic numbers, coincident atoms), the streamed read does both chunk
-by chunk. A file that changes between the passes (another frame count or atom count) is
-``<file>: changed while it was being read; try again``, as ``build_cache`` says when the file's
-size or time changed.
+``read_ase``) holds every frame. Disk: the spill, about an extxyz's size (binary float64
+arrays), in ``spill_dir`` (``build_cache``: the cache's folder; else the system's temporary
+folder), unnamed (nothing is left behind, even by a killed build) and closed when the read ends.
+Time: one parse (ASE's, the bulk of it) and a pickle round trip per frame; until 2026-12-07 pass 2
+parsed the file again (1.7x the time: docs/data.md, "An extxyz at scale"). The chunks,
+concatenated, are the whole read's structures array for array; a file with several problems may
+name another one first: the whole read checks every frame's values (energy, forces, shapes) before
+it validates the structures (positions, atomic numbers, coincident atoms), the streamed read does
+both chunk by chunk. A file that changes while it is read is refused by ``build_cache`` (its size,
+time or edges changed: ``<file>: changed while it was being read; try again``); the frames handed
+out are those of the one parse.
 """
 
 from __future__ import annotations
 
+import contextlib
+import pickle
 from array import array
 from typing import Optional
 
 import numpy as np
 
-from torchmdx.data.ase_format import AseReading, ase_reading, finite_values
+from torchmdx.data.ase_format import AseReading, _Frame, ase_reading, finite_values
 from torchmdx.data.structures import CHUNK_ATOMS, StructureBuilder, Structures
 from torchmdx.errors import DataError
 
@@ -180,29 +188,114 @@ def read_whole(reading: AseReading) -> Structures:
     return builder.build()
 
 
+class _Packed:
+    """Marks a numeric array written as (``_Packed``, dtype, shape, axis order, bytes) in the spill."""
+
+
+def _pack(value):
+    """A numeric ndarray (in a dict too) as (_Packed, dtype, shape, axis order, bytes): pickled in half the time of
+    the array itself (numpy's reduce); anything else as it is. The axis order (None: C order) keeps the array's
+    layout (ASE's forces of a calculator are in Fortran order): a sum over the arrays built from it (the cache's
+    force statistics) adds in the same order as over the array parsed."""
+    if type(value) is np.ndarray and value.dtype.kind in "biufc":
+        if value.flags.c_contiguous:
+            return _Packed, value.dtype.str, value.shape, None, value.tobytes()
+        compact = value.copy(order="K")  # the axes' memory order kept, the gaps dropped
+        order = tuple(int(k) for k in np.argsort([-stride for stride in compact.strides], kind="stable"))
+        return _Packed, value.dtype.str, value.shape, order, compact.transpose(order).tobytes()
+    if type(value) is dict:
+        return {key: _pack(item) for key, item in value.items()}
+    return value
+
+
+def _unpack(value):
+    """What :func:`_pack` packed, back: the same dtype, shape, values and axis order (a writable copy)."""
+    if type(value) is tuple and len(value) == 5 and value[0] is _Packed:
+        _, dtype, shape, order, data = value
+        if order is None:
+            return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+        stored = np.frombuffer(data, dtype=dtype).reshape(tuple(shape[k] for k in order)).copy()
+        return stored.transpose(tuple(int(k) for k in np.argsort(order)))
+    if type(value) is dict:
+        return {key: _unpack(item) for key, item in value.items()}
+    return value
+
+
+class FrameSpill:
+    """The frames of pass 1, kept for pass 2 in an unnamed temporary file (module docstring): each frame's fields
+    pickled one after another (numeric arrays as dtype, shape, axis order and bytes: the same arrays back), so the
+    file is parsed once. Memory: one frame; disk: about an extxyz's size (2.6 kB a frame of 32 atoms, float64)."""
+
+    def __init__(self, folder=None):
+        import tempfile
+
+        self.folder = folder if folder is not None else tempfile.gettempdir()
+        # unnamed (O_TMPFILE, or created and unlinked at once): nothing is left behind, even by a killed build
+        with self._failing("create"):
+            self._handle = tempfile.TemporaryFile(dir=folder, prefix=".torchmdx-frames-")
+        self.frames = 0
+
+    @contextlib.contextmanager
+    def _failing(self, what: str):
+        """An OSError of the spill (a full disk) as a line naming the spill's folder, not the file being read."""
+        try:
+            yield
+        except OSError as exc:
+            raise DataError(f"{self.folder}: cannot {what} the temporary file that keeps the frames between the two "
+                            f"passes ({exc.strerror or exc}); it needs about the size of the file read: free "
+                            "space there, or set TMPDIR (data info) or the cache folder (--cache-dir) elsewhere") \
+                from None
+
+    def add(self, frame) -> None:
+        with self._failing("write"):
+            pickle.dump(tuple(_pack(getattr(frame, name)) for name in _Frame.__slots__), self._handle,
+                        protocol=pickle.HIGHEST_PROTOCOL)
+        self.frames += 1
+
+    @property
+    def bytes(self) -> int:
+        return self._handle.tell()
+
+    def read(self):
+        """The frames added, in order, one at a time."""
+        self._handle.seek(0)
+        for _ in range(self.frames):
+            frame = _Frame()
+            for name, value in zip(_Frame.__slots__, pickle.load(self._handle)):
+                setattr(frame, name, _unpack(value))
+            yield frame
+
+    def close(self) -> None:
+        self._handle.close()
+
+
 def iter_ase(path, energy_key: Optional[str] = None, forces_key: Optional[str] = None,
              group_key: Optional[str] = None, energy_unit: Optional[str] = None,
              length_unit: Optional[str] = None, stress_key: Optional[str] = None,
-             chunk_atoms: int = CHUNK_ATOMS):
-    """``read_ase``'s structures as validated chunks of about ``chunk_atoms`` atoms, in two passes over the
-    file (module docstring): memory does not grow with the file. Options as ``read_ase``'s."""
+             chunk_atoms: int = CHUNK_ATOMS, spill_dir=None):
+    """``read_ase``'s structures as validated chunks of about ``chunk_atoms`` atoms, the file parsed once, its
+    frames kept for the second pass in a temporary file in ``spill_dir`` (default: the system's temporary folder;
+    module docstring): memory does not grow with the file. Options as ``read_ase``'s."""
+    from tqdm.auto import tqdm
+
     reading = ase_reading(path, energy_key, forces_key, group_key, energy_unit, length_unit, stress_key)
     name = reading.path.name
     summary = FrameSummary(reading)
-    for frame in reading.frames(desc=f"reading {name} (pass 1 of 2: keys and shapes)"):
-        summary.add(frame)
-    summary.finish()
-    builder = summary.builder()
-    changed = f"{reading.path}: changed while it was being read; try again"
-    k = -1
-    for k, frame in enumerate(reading.frames(desc=f"reading {name} (pass 2 of 2: values)", total=len(summary))):
-        if k >= len(summary) or np.size(frame.numbers) != summary.atoms[k]:
-            raise DataError(changed)
-        add_frame(builder, frame, summary)
-        if builder.pending_atoms >= chunk_atoms:
-            yield builder.take_chunk()
-    if k + 1 != len(summary):
-        raise DataError(changed)
+    spill = FrameSpill(spill_dir)
+    try:
+        for frame in reading.frames(desc=f"reading {name} (pass 1 of 2: keys and shapes)"):
+            summary.add(frame)
+            spill.add(frame)
+        summary.finish()
+        builder = summary.builder()
+        unit = " rows" if reading.path.suffix == ".db" else " frames"
+        for frame in tqdm(spill.read(), desc=f"reading {name} (pass 2 of 2: values)", total=len(summary), unit=unit,
+                          disable=None):
+            add_frame(builder, frame, summary)
+            if builder.pending_atoms >= chunk_atoms:
+                yield builder.take_chunk()
+    finally:
+        spill.close()
     chunk = builder.take_chunk()
     if chunk is not None:
         yield chunk

@@ -6,7 +6,8 @@ re-exported here.
 
 **Streamed build.** :func:`build_cache` reads the source in chunks
 (:func:`torchmdx.data.formats.iter_structures`: ANI-1 / ANI-1x group by group, ASE files (ASE
-databases included) frame by frame in two passes; other formats in one piece) and hands each chunk to :class:`~torchmdx.data.cache_file.CacheWriter`, whose memory
+databases included) frame by frame in two passes over one parse, the frames kept between them in an
+unnamed temporary file in the cache's folder; other formats in one piece) and hands each chunk to :class:`~torchmdx.data.cache_file.CacheWriter`, whose memory
 stays bounded by a chunk and a copy block, whatever the size of the dataset.
 
 **When is it rebuilt?** The cache's file name is derived from the source's absolute path, the
@@ -276,7 +277,8 @@ def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DI
             "forces in kcal/mol/Å; if the file holds eV, set data.energy_unit: eV (--energy-unit eV)")
     before = fingerprint(src)
     with CacheWriter(path, fmt=fmt, source=src, options=opts, fingerprint=before) as writer:
-        for chunk in iter_structures(src, fmt, chunk_atoms=chunk_atoms, **opts):
+        # an ASE file's frames are kept between its two passes in an unnamed temporary file beside the cache
+        for chunk in iter_structures(src, fmt, chunk_atoms=chunk_atoms, spill_dir=path.parent, **opts):
             writer.add(chunk)
         after = quick_fingerprint(src)
         if any(before[k] != after[k] for k in after):

@@ -296,10 +296,12 @@ def streamed(fmt: str, source: Path) -> bool:
     return fmt in STREAMED_FORMATS or (fmt == "qm9" and Path(source).suffix == ".db")
 
 
-def iter_structures(path, format: Optional[str] = None, chunk_atoms: Optional[int] = None, **options):
+def iter_structures(path, format: Optional[str] = None, chunk_atoms: Optional[int] = None, spill_dir=None,
+                    **options):
     """The dataset as validated :class:`Structures` chunks of about ``chunk_atoms`` atoms (eV, Å):
     ANI-1 / ANI-1x files are streamed group by group, ASE files (extxyz, .traj, an ASE database, ...) frame by
-    frame in two passes (:mod:`torchmdx.data.ase_stream`), QM9's ASE database row by row in one pass
+    frame in two passes over one parse (:mod:`torchmdx.data.ase_stream`: the frames kept in a temporary file in
+    ``spill_dir``, default the system's temporary folder), QM9's ASE database row by row in one pass
     (:func:`torchmdx.data.qm9.iter_qm9_db`), so memory does not grow with the file; other formats (MD17 and
     QM9 npz / xyz files) come as one chunk (their readers hold the whole file). Messages of a chunk name
     the structure's index in the whole dataset (or the HDF5 group and conformation, the file's frame)."""
@@ -318,6 +320,8 @@ def iter_structures(path, format: Optional[str] = None, chunk_atoms: Optional[in
             from torchmdx.data.qm9 import iter_qm9_db as reader
         else:
             from torchmdx.data.ase_stream import iter_ase as reader
+
+            size["spill_dir"] = spill_dir
 
         check_not_empty(source)
         with unreadable_as_data_error(source, fmt):

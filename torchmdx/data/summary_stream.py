@@ -2,8 +2,8 @@
 
 :func:`summary_structures` reads the file as the cache build does (:func:`torchmdx.data.formats.iter_structures`:
 validated chunks, here of about :data:`SUMMARY_CHUNK_ATOMS` atoms; ANI files group by group, ASE files (databases
-included) in two passes) and keeps of each chunk only what the summary, the label check and a config's split and
-atomic references read:
+included) in two passes over one parse) and keeps of each chunk only what the summary, the label check and a
+config's split and atomic references read:
 
 - per structure: energy, atom count, cell, pbc, group code, per-structure extras (``stress`` included);
 - per atom: the atomic number, as uint8 (1 byte an atom: the element counts of the split's reference fit);
@@ -18,8 +18,9 @@ has a :class:`NotKept` in their place (their shape, for ``n_atoms`` and "has for
 The whole read (``read_structures``) held every array of the file, and for an ASE file every frame too (~15 kB a
 frame). The summary equals the whole read's: the same numbers and lines; the force RMS is summed chunk by chunk
 (as for a cache), so it may differ from the whole read's in its last digit. A file with problems in several chunks
-may have another one named first (as for the streamed cache build). Time: an ASE file is parsed twice (about 1.7x
-the whole read's time: ``bench/bench_data.py --synthetic-db``).
+may have another one named first (as for the streamed cache build). Time: an ASE file is parsed once, its frames
+kept for the second pass in an unnamed file in the system's temporary folder (about an extxyz's size; until
+2026-12-07 it was parsed twice, about 1.7x the whole read's time: ``bench/bench_data.py --synthetic-db``).
 """
 
 from __future__ import annotations
