@@ -1,0 +1,33 @@
+"""Bad inputs, round 28 (branch bad28): md restarts and outputs, OpenMM, TorchMD-NET imports and training data in
+the units other codes use; see docs/bad_inputs.md, round 28.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from torchmdx.cli.main import main
+from bad_inputs_common import argon_file, refused  # the helpers rounds 17-27 share
+
+
+# ------------------------------------------------------------------------------------------ md restarts
+@pytest.mark.parametrize("engine", ["native", "ase"])
+def test_md_restart_with_another_model_is_refused(tmp_path, capsys, engine):
+    """``md --restart r.pt --model other.pt``: the run took its first step with the saved forces of the first model
+    and appended the other model's energies to the same trajectory and log, without a word."""
+    from torchmdx.nn.analytic import LennardJones
+
+    LennardJones(0.0104, 3.4).save(tmp_path / "lj.pt")
+    LennardJones(0.0312, 3.4).save(tmp_path / "lj3.pt")
+    ar = argon_file(tmp_path)
+    common = ["--every", "5", "--out", tmp_path / "a.extxyz", "--no-progress", "--engine", engine]
+    assert main([str(a) for a in ["md", ar, "--model", tmp_path / "lj.pt", "--steps", "5", *common]]) == 0
+    line = refused(capsys, ["md", ar, "--model", tmp_path / "lj3.pt", "--restart", tmp_path / "a.restart.pt",
+                            "--steps", "10", *common],
+                   ["a.restart.pt: was written by a run of model", "lj.pt", "--model", "lj3.pt is another model",
+                    "--velocities file"], tmp_path)
+    assert "digest" in line
+    # the model the run was made with (another file of the same weights too) continues it
+    LennardJones(0.0104, 3.4).save(tmp_path / "copy.pt")
+    assert main([str(a) for a in ["md", ar, "--model", tmp_path / "copy.pt", "--restart", tmp_path / "a.restart.pt",
+                                  "--steps", "10", *common]]) == 0
