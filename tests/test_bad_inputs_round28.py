@@ -31,3 +31,24 @@ def test_md_restart_with_another_model_is_refused(tmp_path, capsys, engine):
     LennardJones(0.0104, 3.4).save(tmp_path / "copy.pt")
     assert main([str(a) for a in ["md", ar, "--model", tmp_path / "copy.pt", "--restart", tmp_path / "a.restart.pt",
                                   "--steps", "10", *common]]) == 0
+
+
+def test_md_time_step_in_ps_and_friction_in_1_per_fs_warn(tmp_path, capsys):
+    """``--dt 0.001`` (1 fs written in ps) and ``--friction 0.01`` (ASE's 0.01 / units.fs, read in 1/ps: a 100 ps
+    coupling) ran without a word: a thousand times too many steps, and a thermostat that holds nothing."""
+    from bad_inputs_common import lj_file
+
+    lj, ar = lj_file(tmp_path), argon_file(tmp_path)
+    capsys.readouterr()
+    assert main([str(a) for a in ["md", ar, "--model", lj, "--steps", "4", "--dt", "0.001", "--ensemble", "langevin",
+                                  "--friction", "0.01", "--temperature", "100", "--out", tmp_path / "a.extxyz",
+                                  "--no-progress"]]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(lines) == 2, lines
+    assert "--dt 0.001 fs is far shorter than molecular dynamics steps" in lines[0] and "in fs" in lines[0]
+    assert "--friction 0.01 1/ps couples the Langevin thermostat over 100 ps" in lines[1]
+    assert "--friction 10" in lines[1]
+    # usual values say nothing
+    assert main([str(a) for a in ["md", ar, "--model", lj, "--steps", "4", "--ensemble", "langevin",
+                                  "--temperature", "100", "--out", tmp_path / "b.extxyz", "--no-progress"]]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -20,7 +20,7 @@ from torchmdx.md.io import ThermoLog, TrajectoryWriter, load_restart, read_therm
 from torchmdx.md.outputs import plan_outputs
 from torchmdx.md.reports import Reporter
 from torchmdx.md.start_checks import (charge_warnings, check_cells, check_coincident, check_constraints, check_elements,
-                                        check_float32_reach, close_contacts)
+                                        check_float32_reach, close_contacts, time_unit_warnings)
 from torchmdx.train.plots import thermo_plot
 
 
@@ -417,6 +417,8 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         check_coincident(as_read, sources)
     dtype = as_dtype(config.dtype)
     for line in getattr(config, "_unused_option_warnings", None) or ():
+        print(f"warning: {line}", file=err)
+    for line in time_unit_warnings(config, start_step):  # --dt 0.001 (ps), --friction 0.01 (1/fs): silent (round 28)
         print(f"warning: {line}", file=err)  # --ensemble nve --friction 5: taken, but said (round 18)
     if restart_payload is None:  # the structures as read, named by file and frame (each replica said it again,
         for line in close_contacts(as_read, sources=sources):  # as "structure 1", "structure 2": round 20)
