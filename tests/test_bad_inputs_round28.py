@@ -52,3 +52,27 @@ def test_md_time_step_in_ps_and_friction_in_1_per_fs_warn(tmp_path, capsys):
     assert main([str(a) for a in ["md", ar, "--model", lj, "--steps", "4", "--ensemble", "langevin",
                                   "--temperature", "100", "--out", tmp_path / "b.extxyz", "--no-progress"]]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ TorchMD-NET imports
+def test_torchmdnet_md17_checkpoint_is_read_in_kcal_per_mol(tmp_path):
+    """A TorchMD-NET checkpoint trained on its MD17 dataset (kcal/mol, as the sGDML files) was read as eV by
+    ``load_model`` (and so ``md --model``, the Calculator): energies and forces 23 times too large, silently."""
+    from pathlib import Path
+
+    import torch
+
+    import torchmdx
+    from bad_inputs_common import water
+    from torchmdx.nn import import_torchmdnet
+
+    source = Path(__file__).parent / "data" / "torchmdnet_et_default.ckpt"
+    payload = torch.load(source, map_location="cpu", weights_only=False)
+    payload["hyper_parameters"]["dataset"] = "MD17"
+    torch.save(payload, tmp_path / "md17.ckpt")
+    with pytest.warns(UserWarning, match="trained on TorchMD-NET's MD17 dataset, whose energies are kcal/mol"):
+        energy = torchmdx.load_model(tmp_path / "md17.ckpt").predict(water())["energy"]
+    said = import_torchmdnet(tmp_path / "md17.ckpt", energy_unit="kcal/mol").predict(water())["energy"]
+    assert energy == pytest.approx(said)
+    raw = import_torchmdnet(source).predict(water())["energy"]  # no dataset recorded: eV, as before, silently
+    assert raw == pytest.approx(energy * 23.0605, rel=1e-4)
