@@ -76,3 +76,56 @@ def test_torchmdnet_md17_checkpoint_is_read_in_kcal_per_mol(tmp_path):
     assert energy == pytest.approx(said)
     raw = import_torchmdnet(source).predict(water())["energy"]  # no dataset recorded: eV, as before, silently
     assert raw == pytest.approx(energy * 23.0605, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- training data in other units
+def _lj_trajectory(path, n=24, force_factor=1.0, per_atom=False):
+    """An argon cluster's Lennard-Jones NVE trajectory (1 fs steps) with its energies (eV) and forces (eV/Å) times
+    ``force_factor``; ``per_atom``: energies divided by the atom count."""
+    import numpy as np
+    from ase import units
+    from ase.calculators.lj import LennardJones as AseLJ
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.cluster import Icosahedron
+    from ase.io import write
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    atoms = Icosahedron("Ar", 2)
+    atoms.calc = AseLJ(epsilon=0.0104, sigma=3.4, rc=8.0, smooth=True)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=60, rng=np.random.default_rng(0))
+    dyn, frames = VelocityVerlet(atoms, 4 * units.fs), []
+    for _ in range(n):
+        dyn.run(1)
+        frame = atoms.copy()
+        energy = atoms.get_potential_energy() / (len(atoms) if per_atom else 1)
+        frame.calc = SinglePointCalculator(frame, energy=energy, forces=atoms.get_forces() * force_factor)
+        frames.append(frame)
+    write(path, frames, format="extxyz")
+    return path
+
+
+def test_forces_in_hartree_per_bohr_or_gradients_warn_in_train(tmp_path, capsys, monkeypatch):
+    """Forces in Hartree/Bohr given as eV/Å (51 times too small) or the gradient +dE/dR given as forces trained without
+    a word; the energy changes between consecutive frames tell the factor (the work of the forces along the step)."""
+    from torchmdx.data.force_consistency import force_energy_line
+    from torchmdx.data.formats import read_structures
+
+    monkeypatch.chdir(tmp_path)
+    _lj_trajectory(tmp_path / "ha.extxyz", force_factor=1 / 51.422)
+    (tmp_path / "t.yaml").write_text(
+        "data: {path: ha.extxyz, train_size: 16, val_size: 4}\n"
+        "model: {embedding_dimension: 8, num_layers: 1, num_heads: 2, num_rbf: 4, cutoff_upper: 5.0}\n"
+        "trainer: {max_epochs: 1, enable_progress_bar: false, num_sanity_val_steps: 0}\nrun_dir: runs/t\n")
+    capsys.readouterr()
+    assert main(["train", "t.yaml"]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(lines) == 1, lines
+    assert "ha.extxyz: the forces do not fit the energies" in lines[0]
+    assert "forces in Hartree/Bohr read as eV/Å?" in lines[0]
+    # the gradient instead of the forces, energies per atom; consistent labels say nothing
+    for name, kwargs, words in (("g.extxyz", {"force_factor": -1.0}, "+dE/dR"),
+                                ("p.extxyz", {"per_atom": True}, "energies per atom")):
+        line = force_energy_line(read_structures(_lj_trajectory(tmp_path / name, **kwargs)), name)
+        assert line is not None and words in line, line
+    assert force_energy_line(read_structures(_lj_trajectory(tmp_path / "ok.extxyz")), "ok.extxyz") is None

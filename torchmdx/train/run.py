@@ -434,6 +434,16 @@ def untrained_elements(datamodule, cfg: RunConfig) -> Optional[str]:
     return untrained_elements_line(missing, Path(str(cfg.data_config.path)).name)
 
 
+def force_energy_warning(datamodule, cfg: RunConfig) -> Optional[str]:
+    """The line for forces that disagree with the energies by a factor (``data.force_consistency``), or None; only
+    where the forces are trained on."""
+    from torchmdx.data.force_consistency import force_energy_line
+
+    if not cfg.train.force_weight or datamodule.dataset is None:
+        return None
+    return force_energy_line(datamodule.dataset.structures, Path(str(cfg.data_config.path)).name)
+
+
 def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None) -> dict:
     """Train as configured; returns paths and best metrics. Raises TorchmdxError subclasses for
     predictable problems (config, data, run folder). ``callbacks``: extra Lightning callbacks."""
@@ -482,6 +492,11 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
             import sys
 
             print(f"warning: {untrained}", file=sys.stderr, flush=True)
+        inconsistent = force_energy_warning(datamodule, cfg)
+        if inconsistent:  # forces in Hartree/Bohr, gradients, per-atom energies: trained without a word (round 28)
+            import sys
+
+            print(f"warning: {inconsistent}", file=sys.stderr, flush=True)
     last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
     previous_rows = _previous_metric_rows(run_dir / METRICS_CSV, last) if resume else []
     trainer = build_trainer(cfg, run_dir, extra_callbacks=[EpochSummary(), *(callbacks or [])])
