@@ -129,3 +129,39 @@ def test_forces_in_hartree_per_bohr_or_gradients_warn_in_train(tmp_path, capsys,
         line = force_energy_line(read_structures(_lj_trajectory(tmp_path / name, **kwargs)), name)
         assert line is not None and words in line, line
     assert force_energy_line(read_structures(_lj_trajectory(tmp_path / "ok.extxyz")), "ok.extxyz") is None
+
+
+def test_energies_per_atom_warn_in_train(tmp_path, capsys, monkeypatch, shared_data):
+    """Energies per atom (E / N, as some conversions write them) trained without a word into a model whose energies do
+    not grow with the structure; the atom fractions fit such labels far better than the atom counts."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    from torchmdx.data.energy_per_atom import per_atom_energy_line
+    from torchmdx.data.formats import read_structures
+
+    monkeypatch.chdir(tmp_path)
+    st = read_structures(shared_data / "ani" / "ani1x_xtb.h5")
+    frames = []
+    for s in range(0, len(st), 15):  # 40 conformers of 15 molecules, 3 to 11 atoms
+        a, b = int(st.offsets[s]), int(st.offsets[s + 1])
+        atoms = Atoms(numbers=st.z[a:b], positions=st.pos[a:b])
+        atoms.calc = SinglePointCalculator(atoms, energy=float(st.energy[s]) / (b - a))
+        frames.append(atoms)
+    write(tmp_path / "pa.extxyz", frames, format="extxyz")
+    (tmp_path / "t.yaml").write_text(
+        "data: {path: pa.extxyz, train_size: 30, val_size: 10}\n"
+        "model: {embedding_dimension: 8, num_layers: 1, num_heads: 2, num_rbf: 4}\ntrain: {force_weight: 0}\n"
+        "trainer: {max_epochs: 1, enable_progress_bar: false, num_sanity_val_steps: 0}\nrun_dir: runs/t\n")
+    capsys.readouterr()
+    assert main(["train", "t.yaml"]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(lines) == 1, lines
+    assert "pa.extxyz: the energies look like energies per atom, not of whole structures" in lines[0]
+    assert "multiply each energy by its structure's atom count" in lines[0]
+    # the total energies say nothing, nor one molecule's frames (one size: nothing to tell them apart)
+    assert per_atom_energy_line(st, "ani1x_xtb.h5") is None
+    md17 = read_structures(shared_data / "md17" / "md17_ethanol_xtb.npz")
+    md17.energy = md17.energy / 9
+    assert per_atom_energy_line(md17, "e.npz") is None

@@ -434,14 +434,19 @@ def untrained_elements(datamodule, cfg: RunConfig) -> Optional[str]:
     return untrained_elements_line(missing, Path(str(cfg.data_config.path)).name)
 
 
-def force_energy_warning(datamodule, cfg: RunConfig) -> Optional[str]:
-    """The line for forces that disagree with the energies by a factor (``data.force_consistency``), or None; only
-    where the forces are trained on."""
+def label_unit_warnings(datamodule, cfg: RunConfig) -> list:
+    """Lines for labels that look like a unit or convention mistake: energies per atom
+    (``data.energy_per_atom``; when energies are trained on) and forces that disagree with the energies by a factor
+    (``data.force_consistency``; when forces are)."""
+    from torchmdx.data.energy_per_atom import per_atom_energy_line
     from torchmdx.data.force_consistency import force_energy_line
 
-    if not cfg.train.force_weight or datamodule.dataset is None:
-        return None
-    return force_energy_line(datamodule.dataset.structures, Path(str(cfg.data_config.path)).name)
+    if datamodule.dataset is None:
+        return []
+    structures, source = datamodule.dataset.structures, Path(str(cfg.data_config.path)).name
+    lines = [per_atom_energy_line(structures, source) if cfg.train.energy_weight else None,
+             force_energy_line(structures, source) if cfg.train.force_weight else None]
+    return [line for line in lines if line]
 
 
 def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None) -> dict:
@@ -492,11 +497,10 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
             import sys
 
             print(f"warning: {untrained}", file=sys.stderr, flush=True)
-        inconsistent = force_energy_warning(datamodule, cfg)
-        if inconsistent:  # forces in Hartree/Bohr, gradients, per-atom energies: trained without a word (round 28)
-            import sys
+        for line in label_unit_warnings(datamodule, cfg):  # forces in Hartree/Bohr, gradients as forces, energies
+            import sys  # per atom: trained without a word (round 28)
 
-            print(f"warning: {inconsistent}", file=sys.stderr, flush=True)
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
     previous_rows = _previous_metric_rows(run_dir / METRICS_CSV, last) if resume else []
     trainer = build_trainer(cfg, run_dir, extra_callbacks=[EpochSummary(), *(callbacks or [])])
