@@ -165,3 +165,20 @@ def test_energies_per_atom_warn_in_train(tmp_path, capsys, monkeypatch, shared_d
     md17 = read_structures(shared_data / "md17" / "md17_ethanol_xtb.npz")
     md17.energy = md17.energy / 9
     assert per_atom_energy_line(md17, "e.npz") is None
+
+
+# ------------------------------------------------------------------------------------------- resumed runs
+def test_resume_with_another_loss_weight_is_refused_while_val_loss_is_monitored(tmp_path, capsys, monkeypatch):
+    """``train --resume --set train.force_weight=1000``: Lightning compared the new val_loss with the best checkpoint's
+    val_loss of the old weights, so best.ckpt and model.pt stayed the checkpoint from before the change, silently.
+    Another monitor (an error, not the loss) resumes."""
+    from test_bad_inputs_round23 import _train_config
+
+    monkeypatch.chdir(tmp_path)
+    _train_config(tmp_path, "{max_epochs: 1, enable_progress_bar: false, num_sanity_val_steps: 0}")
+    assert main(["train", "t.yaml"]) == 0
+    refused(capsys, ["train", "t.yaml", "--resume", "--set", "trainer.max_epochs=2", "--set", "train.force_weight=1000"],
+            ["--resume: config key 'train.force_weight' is 1000.0 but the run in runs/t was started with 1.0",
+             "train.monitor val_loss", "val_forces_mae"], tmp_path)
+    assert main(["train", "t.yaml", "--resume", "--set", "trainer.max_epochs=2", "--set", "train.force_weight=1000",
+                 "--set", "train.monitor=val_forces_mae"]) == 0
