@@ -78,6 +78,23 @@ def test_torchmdnet_md17_checkpoint_is_read_in_kcal_per_mol(tmp_path):
     assert raw == pytest.approx(energy * 23.0605, rel=1e-4)
 
 
+def test_torchmdnet_second_prior_without_its_arguments_is_not_dropped(tmp_path, capsys):
+    """``prior_model: [Atomref, ZBL]`` beside one ``prior_args`` entry: zip() stopped at the shorter list, so the ZBL
+    prior was dropped and the model imported (and ran in md) without its repulsion, silently."""
+    from pathlib import Path
+
+    import torch
+
+    payload = torch.load(Path(__file__).parent / "data" / "torchmdnet_et_default.ckpt", map_location="cpu",
+                         weights_only=False)
+    payload["hyper_parameters"]["prior_model"] = ["Atomref", "ZBL"]
+    payload["hyper_parameters"]["prior_args"] = payload["hyper_parameters"]["prior_args"][:1]
+    torch.save(payload, tmp_path / "zbl.ckpt")
+    ar = argon_file(tmp_path)
+    refused(capsys, ["md", ar, "--model", tmp_path / "zbl.ckpt", "--steps", "2", "--out", tmp_path / "a.extxyz"],
+            ["zbl.ckpt: prior model 'ZBL' is not supported (only Atomref)"], tmp_path)
+
+
 # --------------------------------------------------------------------------- training data in other units
 def _lj_trajectory(path, n=24, force_factor=1.0, per_atom=False):
     """An argon cluster's Lennard-Jones NVE trajectory (1 fs steps) with its energies (eV) and forces (eV/Å) times

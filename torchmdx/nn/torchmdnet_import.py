@@ -101,6 +101,9 @@ def _prior_list(hparams: Mapping) -> list[tuple[str, dict]]:
     if prior_args is not None:
         prior_args = prior_args if isinstance(prior_args, list) else [prior_args]
         args = [dict(a or {}) for a in prior_args]
+    # zip() stopped at the shorter list: prior_model [Atomref, ZBL] beside one prior_args entry dropped the ZBL
+    # prior without a word (round 28); every named prior is looked at, the missing arguments empty
+    args = args + [{}] * (len(names) - len(args))
     return list(zip(names, args))
 
 
