@@ -125,9 +125,6 @@ def _lj_trajectory(path, n=24, force_factor=1.0, per_atom=False):
 def test_forces_in_hartree_per_bohr_or_gradients_warn_in_train(tmp_path, capsys, monkeypatch):
     """Forces in Hartree/Bohr given as eV/Å (51 times too small) or the gradient +dE/dR given as forces trained without
     a word; the energy changes between consecutive frames tell the factor (the work of the forces along the step)."""
-    from torchmdx.data.force_consistency import force_energy_line
-    from torchmdx.data.formats import read_structures
-
     monkeypatch.chdir(tmp_path)
     _lj_trajectory(tmp_path / "ha.extxyz", force_factor=1 / 51.422)
     (tmp_path / "t.yaml").write_text(
@@ -141,6 +138,9 @@ def test_forces_in_hartree_per_bohr_or_gradients_warn_in_train(tmp_path, capsys,
     assert "ha.extxyz: the forces do not fit the energies" in lines[0]
     assert "forces in Hartree/Bohr read as eV/Å?" in lines[0]
     # the gradient instead of the forces, energies per atom; consistent labels say nothing
+    from torchmdx.data.force_consistency import force_energy_line
+    from torchmdx.data.formats import read_structures
+
     for name, kwargs, words in (("g.extxyz", {"force_factor": -1.0}, "+dE/dR"),
                                 ("p.extxyz", {"per_atom": True}, "energies per atom")):
         line = force_energy_line(read_structures(_lj_trajectory(tmp_path / name, **kwargs)), name)
@@ -155,7 +155,6 @@ def test_energies_per_atom_warn_in_train(tmp_path, capsys, monkeypatch, shared_d
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
 
-    from torchmdx.data.energy_per_atom import per_atom_energy_line
     from torchmdx.data.formats import read_structures
 
     monkeypatch.chdir(tmp_path)
@@ -178,6 +177,8 @@ def test_energies_per_atom_warn_in_train(tmp_path, capsys, monkeypatch, shared_d
     assert "pa.extxyz: the energies look like energies per atom, not of whole structures" in lines[0]
     assert "multiply each energy by its structure's atom count" in lines[0]
     # the total energies say nothing, nor one molecule's frames (one size: nothing to tell them apart)
+    from torchmdx.data.energy_per_atom import per_atom_energy_line
+
     assert per_atom_energy_line(st, "ani1x_xtb.h5") is None
     md17 = read_structures(shared_data / "md17" / "md17_ethanol_xtb.npz")
     md17.energy = md17.energy / 9
