@@ -137,6 +137,10 @@ def test_forces_in_hartree_per_bohr_or_gradients_warn_in_train(tmp_path, capsys,
     assert len(lines) == 1, lines
     assert "ha.extxyz: the forces do not fit the energies" in lines[0]
     assert "forces in Hartree/Bohr read as eV/Å?" in lines[0]
+    # data info says it too, as a note, once the file has a cache (the streamed summary keeps no forces)
+    assert main(["data", "info", "t.yaml"]) == 0
+    notes = [x for x in capsys.readouterr().out.splitlines() if "the forces do not fit the energies" in x]
+    assert len(notes) == 1 and notes[0].startswith("note ")
     # the gradient instead of the forces, energies per atom; consistent labels say nothing
     from torchmdx.data.force_consistency import force_energy_line
     from torchmdx.data.formats import read_structures
@@ -176,6 +180,9 @@ def test_energies_per_atom_warn_in_train(tmp_path, capsys, monkeypatch, shared_d
     assert len(lines) == 1, lines
     assert "pa.extxyz: the energies look like energies per atom, not of whole structures" in lines[0]
     assert "multiply each energy by its structure's atom count" in lines[0]
+    assert main(["data", "info", "pa.extxyz", "--cache-dir", "nowhere"]) == 0  # the streamed summary
+    notes = [x for x in capsys.readouterr().out.splitlines() if "the energies look like energies per atom" in x]
+    assert len(notes) == 1 and notes[0].startswith("note ")
     # the total energies say nothing, nor one molecule's frames (one size: nothing to tell them apart)
     from torchmdx.data.energy_per_atom import per_atom_energy_line
 
