@@ -455,21 +455,6 @@ def untrained_elements(datamodule, cfg: RunConfig) -> Optional[str]:
     return untrained_elements_line(missing, Path(str(cfg.data_config.path)).name)
 
 
-def label_unit_warnings(datamodule, cfg: RunConfig) -> list:
-    """Lines for labels that look like a unit or convention mistake: energies per atom
-    (``data.energy_per_atom``; when energies are trained on) and forces that disagree with the energies by a factor
-    (``data.force_consistency``; when forces are)."""
-    from torchmdx.data.energy_per_atom import per_atom_energy_line
-    from torchmdx.data.force_consistency import force_energy_line
-
-    if datamodule.dataset is None:
-        return []
-    structures, source = datamodule.dataset.structures, Path(str(cfg.data_config.path)).name
-    lines = [per_atom_energy_line(structures, source) if cfg.train.energy_weight else None,
-             force_energy_line(structures, source) if cfg.train.force_weight else None]
-    return [line for line in lines if line]
-
-
 def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None) -> dict:
     """Train as configured; returns paths and best metrics. Raises TorchmdxError subclasses for
     predictable problems (config, data, run folder). ``callbacks``: extra Lightning callbacks."""
@@ -518,6 +503,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
             import sys
 
             print(f"warning: {untrained}", file=sys.stderr, flush=True)
+        from torchmdx.train.data_checks import label_unit_warnings
+
         for line in label_unit_warnings(datamodule, cfg):  # forces in Hartree/Bohr, gradients as forces, energies
             import sys  # per atom: trained without a word (round 28)
 
