@@ -205,17 +205,37 @@ def _info(args, config) -> int:
     problem = _label_problem(structures, config, force_problem, checked_forces=cached is None)
     if problem is not None:
         summary["label_problem"] = problem
+    label_notes = _label_unit_notes(structures, config, positions=cached is not None)
+    if label_notes:  # energies per atom, forces in other units than the energies: trained silently (round 28)
+        summary["label_warnings"] = label_notes
     if args.json:
         print(json.dumps(summary, indent=None))
     else:
         print(format_summary(summary))
         if summary.get("atomic_references_note"):
             print(f"{'note':<13}{summary['atomic_references_note']}")
+        for line in label_notes:
+            print(f"{'note':<13}{line}")
     sys.stdout.flush()
     if problem is not None:  # the summary stays useful; the problem is the one error line
         print(f"error: {problem}", file=sys.stderr)
         return 1
     return 0
+
+
+def _label_unit_notes(structures, config, positions: bool) -> list:
+    """The lines train warns with for labels in another unit or convention (``data.energy_per_atom``,
+    ``data.force_consistency``); ``positions``: the structures keep positions and forces (a cache; the streamed
+    summary keeps neither, so the forces' line needs a cache: ``data prepare`` or a training run first)."""
+    from torchmdx.data.energy_per_atom import per_atom_energy_line
+    from torchmdx.data.force_consistency import force_energy_line
+
+    if structures.energy is None or len(structures) < 2:
+        return []
+    source = Path(str(config.path)).name
+    lines = [per_atom_energy_line(structures, source),
+             force_energy_line(structures, source) if positions and structures.forces is not None else None]
+    return [line for line in lines if line]
 
 
 def _label_problem(structures, config, force_problem=None, checked_forces: bool = False) -> str | None:

@@ -163,6 +163,7 @@ def run_ase(
     pressure_bar: Optional[float] = None,
     barostat_tau_fs: float = 1000.0,
     barostat: str = "isotropic",
+    model_record: Optional[dict] = None,
 ) -> RunSummary:
     """Run ``steps`` steps (a restart payload continues from its step) with ASE; returns the
     summary. ``pressure_bar``: constant pressure (see the module docstring). ``reporters``: a
@@ -255,6 +256,7 @@ def run_ase(
             "z": torch.as_tensor(atoms.numbers), "counts": [n], "structures": [atoms.copy()],
             "positions": torch.as_tensor(atoms.get_positions()), "velocities": torch.as_tensor(atoms.get_velocities()),
             "cell": torch.as_tensor(atoms.cell.array) if periodic else None,
+            "model": model_record,
         }
 
     if restart_every is None:

@@ -60,6 +60,7 @@ class RestartFiles:
                            for k, v in self.integrator.state_dict().items()},
             "rng_state": self.generator.get_state(),
             "check_interval_now": self._interval,
+            "model": getattr(self, "model_record", None),  # md checks a continued run's model against it
         }
 
     def time_ps(self, step: int) -> float:

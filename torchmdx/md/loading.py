@@ -70,3 +70,41 @@ def _would_change(potential: Potential, device: torch.device, dtype) -> bool:
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             return True
     return False
+
+
+def model_digest(potential: Potential) -> str:
+    """A 12-digit digest of a potential's class and weights (every floating tensor as float64, so a float32 model
+    and its float64 copy agree), recorded in md's restart files: a run continued with another model is refused."""
+    import hashlib
+
+    h = hashlib.sha256(type(potential).__name__.encode())
+    for name, t in sorted(potential.state_dict().items()):
+        if not torch.is_tensor(t):
+            continue
+        t = t.detach().to("cpu")
+        t = t.to(torch.float64) if t.is_floating_point() else t
+        h.update(name.encode())
+        h.update(str(list(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def check_restart_model(restart: str, payload: dict, potential: Potential, model_name: str, option: str) -> None:
+    """The model of a continued run is the one its restart file was written with (files written before round 28
+    record none: not checked). Another model took its first step with the saved forces of the first and appended
+    its energies to the same trajectory and log, without a word."""
+    from torchmdx.errors import ConfigError
+
+    record = payload.get("model")
+    if not isinstance(record, dict) or not record.get("digest"):
+        return
+    digest = model_digest(potential)
+    if digest == record["digest"]:
+        return
+    raise ConfigError(
+        f"{restart}: was written by a run of model {record.get('name') or '(a Python object)'} (weights digest "
+        f"{record['digest']}), but {option} {model_name} is another model (digest {digest}): the continued run would "
+        "take its first step with the saved forces of the first model and append the other model's energies to "
+        f"that run's trajectory and log; give the model the run was made with, or start a new run from its last "
+        f"frame (its trajectory as the structure, with --velocities file)"
+    )

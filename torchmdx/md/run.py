@@ -20,7 +20,7 @@ from torchmdx.md.io import ThermoLog, TrajectoryWriter, load_restart, read_therm
 from torchmdx.md.outputs import plan_outputs
 from torchmdx.md.reports import Reporter
 from torchmdx.md.start_checks import (charge_warnings, check_cells, check_coincident, check_constraints, check_elements,
-                                        check_float32_reach, close_contacts)
+                                        check_float32_reach, close_contacts, time_unit_warnings)
 from torchmdx.train.plots import thermo_plot
 
 
@@ -399,8 +399,15 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         raise ConfigError("no model given (--model model.pt, or 'model:' in the md config)")
     plan = plan_outputs(config, len(structures), restart_payload,
                         model_path=config.model if potential is None else None)
+    model_name = str(config.model) if potential is None else None
     if potential is None:
         potential = load_potential(config.model, device=config.device)
+    from torchmdx.md.loading import check_restart_model, model_digest
+
+    model_record = {"name": model_name, "digest": model_digest(potential)}
+    if restart_payload is not None:  # another model continued the run without a word (round 28)
+        check_restart_model(config.restart, restart_payload, potential, model_name or "(a Python object)",
+                            config.option("model") if model_name else "the potential given")
     if config.structure:
         check_elements(potential, as_read, sources)
         check_cells(potential, as_read, sources)
@@ -410,6 +417,8 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         check_coincident(as_read, sources)
     dtype = as_dtype(config.dtype)
     for line in getattr(config, "_unused_option_warnings", None) or ():
+        print(f"warning: {line}", file=err)
+    for line in time_unit_warnings(config, start_step):  # --dt 0.001 (ps), --friction 0.01 (1/fs): silent (round 28)
         print(f"warning: {line}", file=err)  # --ensemble nve --friction 5: taken, but said (round 18)
     if restart_payload is None:  # the structures as read, named by file and frame (each replica said it again,
         for line in close_contacts(as_read, sources=sources):  # as "structure 1", "structure 2": round 20)
@@ -443,6 +452,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
             what = "the whole model as one graph" if sim.compile_mode == "whole" else "the model's dense parts"
             print(f"compiling {what} with torch.compile (tens of seconds, once per structure size; "
                   "--no-compile skips it)", file=out, flush=True)
+        sim.model_record = model_record
         if restart_payload is not None:
             sim.load_restart(restart_payload)
             _note_new_atom_order(config, file_order, sim.atom_perm, err)
@@ -493,7 +503,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
                     restart_path=plan.restart, restart_every=config.restart_every, restart_payload=restart_payload,
                     minimize=config.minimize, fmax=config.fmax, minimize_steps=config.minimize_steps,
                     max_temperature_K=config.max_temperature, progress=config.progress, pressure_bar=config.pressure,
-                    barostat_tau_fs=config.barostat_tau, barostat=config.barostat, velocities=velocities,
+                    barostat_tau_fs=config.barostat_tau, barostat=config.barostat, velocities=velocities, model_record=model_record,
                 )
         else:
             summary = sim.run(

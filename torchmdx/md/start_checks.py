@@ -158,3 +158,30 @@ def close_contacts(structures, factor: float = 0.5, sources: Optional[list] = No
             + ": no model was trained on that; check the structure"
         )
     return lines
+
+
+#: a time step below this (fs) is taken for one given in ps (0.001 ps = 1 fs) and said once
+SHORT_STEP_FS = 0.05
+#: a Langevin friction below this (1/ps) whose coupling time outlasts the run is taken for one given in 1/fs
+WEAK_FRICTION_PER_PS = 0.1
+
+
+def time_unit_warnings(config: MDConfig, start_step: int = 0) -> list:
+    """Lines for a time step or a friction whose size looks like a unit mistake (round 28): ``--dt 0.001`` (1 fs
+    written in ps) ran a thousand times too many steps for its time, and ``--friction 0.01`` (0.01 1/fs, as ASE
+    scripts write ``0.01 / units.fs``, read in 1/ps: a 100 ps coupling) a run close to NVE, both without a word.
+    Warnings, not refusals: a short step or a weak coupling may be meant."""
+    lines = []
+    steps = max(int(config.steps) - int(start_step), 0)
+    run_ps = steps * float(config.dt) * 1e-3
+    if 0 < config.dt < SHORT_STEP_FS:
+        lines.append(f"{config.option('dt')} {config.dt:g} fs is far shorter than molecular dynamics steps (typical: "
+                     f"0.5-2 fs), so the {steps} steps cover {steps * config.dt:g} fs; the time step is in fs "
+                     f"(1 fs is {config.option('dt')} 1, not 0.001 as in ps)")
+    if (config.ensemble == "langevin" and 0 < config.friction < WEAK_FRICTION_PER_PS
+            and 1.0 / config.friction > run_ps):
+        lines.append(f"{config.option('friction')} {config.friction:g} 1/ps couples the Langevin thermostat over "
+                     f"{1.0 / config.friction:g} ps, longer than the run ({run_ps:g} ps): the temperature is hardly "
+                     f"held (the run is close to NVE); the friction is in 1/ps (typical: 1-10; 0.01 1/fs is "
+                     f"{config.option('friction')} 10)")
+    return lines

@@ -8,7 +8,9 @@ gated-equivariant ``EquivariantScalar`` head), an ``Atomref`` prior and standard
 which is exactly torchmdx's normalisation with scale = std, atomref = the prior's table,
 shift = 0, energy_offset = mean (see :mod:`torchmdx.nn.potential`). Units are whatever the
 checkpoint was trained in (TorchMD-NET does not convert); pass ``energy_unit`` (e.g.
-'kcal/mol', 'hartree') to convert energies to eV. Lengths must be Å (TorchMD-NET's datasets).
+'kcal/mol', 'hartree') to convert energies to eV. Without it, a checkpoint whose ``dataset`` is TorchMD-NET's
+MD17, MD22 or rMD17 (kcal/mol) is converted from kcal/mol with one warning, any other is taken as eV. Lengths
+must be Å (TorchMD-NET's datasets).
 
 Supported: ``model: equivariant-transformer`` with any of its hyper-parameters (rbf type,
 distance influence, neighbor embedding, vector cutoff, activations, reduce_op add/sum/mean,
@@ -99,6 +101,9 @@ def _prior_list(hparams: Mapping) -> list[tuple[str, dict]]:
     if prior_args is not None:
         prior_args = prior_args if isinstance(prior_args, list) else [prior_args]
         args = [dict(a or {}) for a in prior_args]
+    # zip() stopped at the shorter list: prior_model [Atomref, ZBL] beside one prior_args entry dropped the ZBL
+    # prior without a word (round 28); every named prior is looked at, the missing arguments empty
+    args = args + [{}] * (len(names) - len(args))
     return list(zip(names, args))
 
 
@@ -146,6 +151,27 @@ def _warn_fixed_box(path: Path, hp: Mapping, state: Mapping) -> None:
                   "pbc) to get TorchMD-NET's energies", UserWarning, stacklevel=3)
 
 
+#: TorchMD-NET datasets (the ``dataset`` hyper-parameter, lower case) whose energies it keeps in kcal/mol, as the
+#: sGDML npz files hold them (its ANI, SPICE, QM9 and COMP6 classes convert to eV; Custom and HDF5 keep the user's)
+_KCAL_DATASETS = ("md17", "md22", "rmd17", "revisedmd17")
+
+
+def _dataset_energy_unit(path: Path, hp: Mapping, energy_unit: Optional[str]) -> str:
+    """The energy unit to convert from: ``energy_unit`` when given; else kcal/mol (with one warning) for a checkpoint
+    trained on TorchMD-NET's MD17 / MD22 / rMD17 classes, eV otherwise. Before round 28 the default was eV for every
+    checkpoint: an MD17 model (``load_model``, ``md --model``, the Calculator) gave energies and forces 23 times too
+    large without a word."""
+    if energy_unit is not None:
+        return energy_unit
+    dataset = hp.get("dataset")
+    if isinstance(dataset, str) and dataset.strip().lower() in _KCAL_DATASETS:
+        warnings.warn(f"{path}: trained on TorchMD-NET's {dataset} dataset, whose energies are kcal/mol (the sGDML "
+                      "files' unit): its energies and forces are converted to eV; pass energy_unit='kcal/mol' to "
+                      "import_torchmdnet to say so without this warning", UserWarning, stacklevel=3)
+        return "kcal/mol"
+    return "eV"
+
+
 def _scalar(value, name: str, path: Path) -> float:
     t = torch.as_tensor(value, dtype=torch.float64)
     if t.numel() != 1:
@@ -157,7 +183,7 @@ def import_torchmdnet(
     ckpt_path: Union[str, Path],
     *,
     enable_atomref: Optional[bool] = None,
-    energy_unit: str = "eV",
+    energy_unit: Optional[str] = None,
     trusted: bool = False,
 ):
     """Load a TorchMD-NET ET checkpoint as an :class:`~torchmdx.nn.potential.ETPotential`.
@@ -165,7 +191,8 @@ def import_torchmdnet(
     ``enable_atomref``: None follows the checkpoint's Atomref ``enable`` flag (TorchMD-NET's
     default on loading); True adds the reference energies even if training disabled them
     (``remove_ref_energy``), giving total energies. ``energy_unit``: the energy unit the
-    checkpoint was trained in (lengths must be Å, TorchMD-NET's convention). ``trusted=True`` allows arbitrary pickled objects in the file.
+    checkpoint was trained in (lengths must be Å, TorchMD-NET's convention); None (the default): kcal/mol for a
+    checkpoint of TorchMD-NET's MD17, MD22 or rMD17 datasets (said in one warning), else eV. ``trusted=True`` allows arbitrary pickled objects in the file.
     """
     from torchmdx.nn.potential import ETPotential
     from torchmdx.units import energy_factor
@@ -207,7 +234,7 @@ def import_torchmdnet(
         raise ModelError(f"{path}: no output-model weights found in the state_dict")
     _warn_fixed_box(path, hp, state)
 
-    energy = energy_factor(energy_unit)
+    energy = energy_factor(_dataset_energy_unit(path, hp, energy_unit))
     config = {
         "embedding_dimension": _hparam(hp, "embedding_dimension", int, path),
         "num_layers": _hparam(hp, "num_layers", int, path),

@@ -1,10 +1,12 @@
 """Checks of the training data against the config before anything is trained, each a one-line
 :class:`~torchmdx.errors.DataError` or :class:`~torchmdx.errors.ConfigError` naming the file or key: energies
 that are all one value, cells the cutoff cannot be used with, stress labels without a volume (moved out of
-:mod:`torchmdx.train.run`, round 24), and a cutoff shorter than every interatomic distance (round 24)."""
+:mod:`torchmdx.train.run`, round 24), and a cutoff shorter than every interatomic distance (round 24); and the
+warnings for labels in another unit or convention (round 28: :func:`label_unit_warnings`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torchmdx.config import key_name
@@ -158,3 +160,18 @@ def check_cutoff_reaches_neighbours(structures, train_indices, cutoff_upper: flo
     raise ConfigError(f"{upper} is {cutoff_upper:g} Å, but {distance}: the model would see no neighbours (zero "
                       "forces, energies from the composition alone); set model.cutoff_upper above it (5 Å is the "
                       "default)")
+
+
+def label_unit_warnings(datamodule, cfg: RunConfig) -> list:
+    """Lines for labels that look like a unit or convention mistake: energies per atom
+    (``data.energy_per_atom``; when energies are trained on) and forces that disagree with the energies by a factor
+    (``data.force_consistency``; when forces are)."""
+    from torchmdx.data.energy_per_atom import per_atom_energy_line
+    from torchmdx.data.force_consistency import force_energy_line
+
+    if datamodule.dataset is None:
+        return []
+    structures, source = datamodule.dataset.structures, Path(str(cfg.data_config.path)).name
+    lines = [per_atom_energy_line(structures, source) if cfg.train.energy_weight else None,
+             force_energy_line(structures, source) if cfg.train.force_weight else None]
+    return [line for line in lines if line]

@@ -250,6 +250,26 @@ def _check_resumed_ema(old: dict, new: dict, run_dir: Path) -> None:
                           "new decay value is fine)")
 
 
+#: train keys that define val_loss: a resumed run that changes one compares its new losses with the old best
+_LOSS_KEYS = ("energy_weight", "force_weight", "stress_weight", "loss", "huber_delta", "energy_loss")
+
+
+def _check_resumed_loss(old: dict, new: dict, run_dir: Path) -> None:
+    """The loss redefined on resume while ``val_loss`` is monitored (round 28): Lightning restores the best
+    checkpoint's score, a val_loss of the old weights, and compares the new losses with it, so best.ckpt and
+    model.pt stayed the checkpoint from before the change (``train.force_weight`` 1 -> 1000) or jumped to the first
+    one after it, without a word. Another monitor (an error, such as val_forces_mae) starts its own record."""
+    if old.get("monitor", "val_loss") != "val_loss" or new.get("monitor", "val_loss") != "val_loss":
+        return
+    for key in _LOSS_KEYS:
+        if key in old and old.get(key) != new.get(key):
+            raise ConfigError(f"--resume: config key 'train.{key}' is {_shown(new.get(key))} but the run in {run_dir} "
+                              f"was started with {_shown(old.get(key))}, and train.monitor val_loss is computed with "
+                              "it: the best checkpoint's val_loss is of the old loss, so best.ckpt and model.pt would "
+                              "be chosen by comparing losses of two definitions; keep the value, or set train.monitor "
+                              "to an error that does not depend on it (e.g. val_forces_mae, val_energy_mae)")
+
+
 def _shown(value) -> str:
     """A config value as the YAML a user wrote: ``null`` for None (was Python's ``None``), else its repr."""
     return "null" if value is None else repr(value)
@@ -302,6 +322,7 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
                             f"{run_dir} was started with {_shown(old.get(key))}; a resumed run keeps its model and data"
                         )
             _check_resumed_ema(saved.get("train") or {}, now.get("train") or {}, run_dir)
+            _check_resumed_loss(saved.get("train") or {}, now.get("train") or {}, run_dir)
     else:
         ckpt_dir = run_dir / CHECKPOINT_DIR
         if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
@@ -482,6 +503,12 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
             import sys
 
             print(f"warning: {untrained}", file=sys.stderr, flush=True)
+        from torchmdx.train.data_checks import label_unit_warnings
+
+        for line in label_unit_warnings(datamodule, cfg):  # forces in Hartree/Bohr, gradients as forces, energies
+            import sys  # per atom: trained without a word (round 28)
+
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
     previous_rows = _previous_metric_rows(run_dir / METRICS_CSV, last) if resume else []
     trainer = build_trainer(cfg, run_dir, extra_callbacks=[EpochSummary(), *(callbacks or [])])
