@@ -207,3 +207,24 @@ def test_resume_with_another_loss_weight_is_refused_while_val_loss_is_monitored(
              "train.monitor val_loss", "val_forces_mae"], tmp_path)
     assert main(["train", "t.yaml", "--resume", "--set", "trainer.max_epochs=2", "--set", "train.force_weight=1000",
                  "--set", "train.monitor=val_forces_mae"]) == 0
+
+
+# ------------------------------------------------------------------------------------------ after round 28
+def test_md_restart_into_another_ensemble_says_the_thermostat_starts_afresh(tmp_path, capsys):
+    """A Nose-Hoover run continued with ``--ensemble nve`` (or another thermostat) dropped the chain's variables
+    without a word (round 28 left it); the same ensemble carries them and says nothing."""
+    from bad_inputs_common import lj_file
+
+    lj, ar = lj_file(tmp_path), argon_file(tmp_path)
+    common = ["--model", lj, "--every", "5", "--out", tmp_path / "a.extxyz", "--no-progress", "--temperature", "100"]
+    assert main([str(a) for a in ["md", ar, "--steps", "5", "--ensemble", "nose-hoover", *common]]) == 0
+    capsys.readouterr()
+    restart = tmp_path / "a.restart.pt"
+    assert main([str(a) for a in ["md", ar, "--restart", restart, "--steps", "10", "--ensemble", "nose-hoover",
+                                  *common]]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main([str(a) for a in ["md", ar, "--restart", restart, "--steps", "15", "--ensemble", "nve", *common]]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(lines) == 1, lines
+    assert "was written by a nose-hoover run, whose thermostat variables (v_xi, xi)" in lines[0]
+    assert "--ensemble nve" in lines[0] and "starts afresh" in lines[0]

@@ -420,6 +420,13 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         print(f"warning: {line}", file=err)
     for line in time_unit_warnings(config, start_step):  # --dt 0.001 (ps), --friction 0.01 (1/fs): silent (round 28)
         print(f"warning: {line}", file=err)  # --ensemble nve --friction 5: taken, but said (round 18)
+    written_with = restart_payload.get("ensemble") if restart_payload is not None else None
+    if written_with and written_with != config.ensemble and restart_payload.get("integrator"):
+        # a Nose-Hoover chain's variables were dropped without a word (Simulation.load_restart keeps them for the
+        # same ensemble only; round 28 left it)
+        print(f"warning: {config.restart} was written by a {written_with} run, whose thermostat variables "
+              f"({', '.join(sorted(restart_payload['integrator']))}) do not carry over to {config.option('ensemble')} "
+              f"{config.ensemble}: positions and velocities continue, the new thermostat starts afresh", file=err)
     if restart_payload is None:  # the structures as read, named by file and frame (each replica said it again,
         for line in close_contacts(as_read, sources=sources):  # as "structure 1", "structure 2": round 20)
             print(f"warning: {line}", file=err)
