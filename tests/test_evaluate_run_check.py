@@ -152,10 +152,11 @@ def test_evaluate_reads_the_model_file_once(runs, tmp_path, capsys, monkeypatch)
     assert (len(loads), len(opens)) == (1, 1), (loads, opens)
 
 
-def test_load_model_and_record_gives_the_files_record(runs, tmp_path):
-    from torchmdx.nn.model_file import load_model, load_model_and_record, read_training_record
+def test_load_model_keeps_the_files_record(runs, tmp_path):
+    from torchmdx.nn.model_file import load_model, read_training_record
 
-    model, record = load_model_and_record(runs["a"] / "model.pt")
+    model = load_model(runs["a"] / "model.pt")
+    record = model.training_record
     assert record == read_training_record(runs["a"] / "model.pt") and record["run"] == "run_a"
     reference = load_model(runs["a"] / "model.pt")
     state = model.state_dict()
@@ -163,4 +164,4 @@ def test_load_model_and_record_gives_the_files_record(runs, tmp_path):
     payload = torch.load(runs["a"] / "model.pt", weights_only=True)
     del payload["training"]
     torch.save(payload, tmp_path / "old.pt")
-    assert load_model_and_record(tmp_path / "old.pt")[1] is None
+    assert load_model(tmp_path / "old.pt").training_record is None

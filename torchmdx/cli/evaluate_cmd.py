@@ -164,12 +164,13 @@ def run(args) -> int:
     check_output_folder(out_dir, "--out" if args.out else "the report folder")
 
     from torchmdx.data.datamodule import SPLIT_FILE_NAME, TorchmdxDataModule
-    from torchmdx.nn.model_file import load_model_and_record
+    from torchmdx.nn.model_file import load_model
     from torchmdx.train.evaluate import error_metrics, predict, write_report
     from torchmdx.train.plots import learning_curve
     from torchmdx.train.run import LEARNING_CURVE, METRICS_CSV
 
-    model, record = load_model_and_record(model_path, device=args.device)  # one read of the file (round 27)
+    model = load_model(model_path, device=args.device)  # one read of the file, its training record kept (round 27)
+    record = getattr(model, "training_record", None)
     from torchmdx.train.export import check_finite_weights
 
     check_finite_weights(model, model_path, "nothing evaluated")

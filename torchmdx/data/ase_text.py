@@ -81,7 +81,7 @@ def repeated_key(line: str) -> Optional[tuple]:
                 pairs[-1][-1].append(text[i + 1])
             i += 2
         elif char in _CLOSING:
-            closing, inside, i = _CLOSING[char], _QUOTED_RUN[char], i + 1
+            inside, i = _QUOTED_RUN[char], i + 1
             while i < n:
                 run = inside.match(text, i)
                 if run:
@@ -168,7 +168,6 @@ def label_as_symbol(path, key: str) -> Optional[str]:
     """The line for an xyz/extxyz species column holding ``key``, an atom label such as 'C1' or 'H12' (as
     crystallography and modelling programs write them) where ASE reads element symbols (its KeyError 'C1' said
     nothing else); None when no atom line of ``path`` starts with ``key`` (the KeyError is not about a species)."""
-    import re
 
     from ase.data import chemical_symbols
 

@@ -116,9 +116,10 @@ def _plain(value, where: str):
     raise ModelError(f"{where}: hyper-parameter value {value!r} ({type(value).__name__}) cannot be stored in a model file")
 
 
-def save_potential(potential, path: Union[str, Path], training: Optional[Mapping] = None) -> Path:
-    """Write ``potential`` to ``path`` (see the module docstring); returns the path. ``training``: the
-    record of the run that trained it (plain Python; ``torchmdx.train.provenance.run_record``)."""
+def save_potential(potential, path: Union[str, Path]) -> Path:
+    """Write ``potential`` to ``path`` (see the module docstring); returns the path. The record of the run that
+    trained it is the potential's ``training_record`` (plain Python; ``torchmdx.train.provenance.run_record``:
+    set by export, kept by :func:`load_model`)."""
     from torchmdx import __version__
     from torchmdx.io_utils import atomic_write
     from torchmdx.nn.atoms import module_device_dtype
@@ -159,8 +160,7 @@ def save_potential(potential, path: Union[str, Path], training: Optional[Mapping
         "dtype": str(dtype).replace("torch.", ""),
         "torchmdx_version": __version__,
     }
-    if training is None:  # a model loaded from a file of a run keeps its record (load_model -> save)
-        training = getattr(potential, "training_record", None)
+    training = getattr(potential, "training_record", None)
     if training is not None:
         payload["training"] = _plain(dict(training), "training record")
     path = Path(path)
@@ -173,7 +173,7 @@ def read_training_record(path: Union[str, Path]) -> Optional[dict]:
     """The ``training`` record of a model file (the run that trained it), or None where it holds none (a model
     file written before torchmdx recorded it, by ``Potential.save``, an imported or analytic model, or a record
     without its split digest). This reads the file again: a caller that loads the model too takes the record from
-    :func:`load_model_and_record` (one read of the file)."""
+    the model :func:`load_model` returns (its ``training_record``)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -203,20 +203,11 @@ def load_model(
     """Read a model file written by :meth:`Potential.save` (or import a TorchMD-NET ``.ckpt``).
 
     ``device`` ('cpu', 'cuda', ...) and ``dtype`` ('float32'/'float64' or a torch dtype) move
-    the model after loading; it is returned in eval mode.
+    the model after loading; it is returned in eval mode, with the file's ``training`` record (as
+    :func:`read_training_record` gives it) as its ``training_record`` attribute (None: no record; an imported
+    TorchMD-NET checkpoint has none). One read of the file: it is opened once, ``torch.load`` reads it once and
+    the CRC-32 check reads the same open file (``torchmdx evaluate`` read it a second time for the record).
     """
-    return load_model_and_record(path, device, dtype)[0]
-
-
-def load_model_and_record(
-    path: Union[str, Path],
-    device: Union[str, torch.device, None] = None,
-    dtype: Union[str, torch.dtype, None] = None,
-) -> tuple:
-    """``(model, training record or None)``: :func:`load_model`'s model and the file's ``training`` record (as
-    :func:`read_training_record` gives it), from one read of the file: it is opened once, ``torch.load`` reads it
-    once and the CRC-32 check reads the same open file (``torchmdx evaluate`` read it a second time for the
-    record). An imported TorchMD-NET checkpoint has no record."""
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():  # Path(None): a TypeError traceback
         if isinstance(path, torch.nn.Module):  # its repr, dozens of lines, was the message
             hint = "; it is a model already: use it as it is, e.g. Calculator(model) or model.predict(atoms)" \
@@ -257,7 +248,7 @@ def load_model_and_record(
         if path.suffix == ".ckpt" and path.stat().st_size > 0:
             from torchmdx.nn.torchmdnet_import import import_torchmdnet
 
-            return _finish(import_torchmdnet(path), device, dtype), None
+            return _finish(import_torchmdnet(path), device, dtype)
         raise ModelError(f"{path}: {_what_file_is_this(path, failure)}") from None
     if damaged:
         raise ModelError(f"{path}: the file is damaged: {damaged} (bytes changed after it was written); copy it "
@@ -268,7 +259,7 @@ def load_model_and_record(
     if _looks_like_torchmdnet(payload):
         from torchmdx.nn.torchmdnet_import import import_torchmdnet
 
-        return _finish(import_torchmdnet(path), device, dtype), None
+        return _finish(import_torchmdnet(path), device, dtype)
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
         raise ModelError(f"{path}: not a torchmdx model file (no '{FORMAT}' header)")
     _check_payload(path, payload)
@@ -312,12 +303,10 @@ def load_model_and_record(
         raise ModelError(f"{path}: {len(bad)} weight tensors hold NaN or infinite values (e.g. {', '.join(bad[:2])}): "
                          "the model is unusable (its training diverged)")
     _check_scales(path, potential)
-    record = _training_record(payload)
-    if record is not None:
-        # Potential.save writes it back: a model loaded from a run's model.pt and saved again dropped the
-        # record, and evaluate --run could no longer check it (round 27)
-        potential.training_record = dict(record)
-    return _finish(potential, device, dtype), record
+    # Potential.save writes it back: a model loaded from a run's model.pt and saved again dropped the record,
+    # and evaluate --run could no longer check it (round 27)
+    potential.training_record = _training_record(payload)
+    return _finish(potential, device, dtype)
 
 
 def _check_scales(path: Path, potential) -> None:

@@ -128,8 +128,8 @@ def export_checkpoint(checkpoint: Union[str, Path], output: Union[str, Path], em
 
         training = checkpoint_run_record(checkpoint)
     if training is not None:
-        potential.training_record = dict(training)
-    save_potential(potential, output, training=training)
+        potential.training_record = dict(training)  # what save_potential writes
+    save_potential(potential, output)
     return potential
 
 
