@@ -38,7 +38,8 @@ class EdgeLayout:
     no atomics); the sender side does the same in sender-sorted order (``colend``).
     """
 
-    def __init__(self, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor] = None):
+    def __init__(self, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor] = None,
+                 segments: Optional[tuple] = None):
         self.edge_index = edge_index
         self.version = edge_index._version
         self.num_nodes = num_nodes
@@ -46,10 +47,14 @@ class EdgeLayout:
         self.mask_version = mask._version if mask is not None else None
         self.receivers = edge_index[0].contiguous()
         self.senders = edge_index[1].contiguous()
+        self._sender = None
+        if segments is not None:  # computed elsewhere (from_segments)
+            self._nodes = None  # made by sender_order when a call needs it (no launch otherwise)
+            self.rowptr, self.rowend = segments
+            return
         self._nodes = torch.arange(num_nodes + 1, device=edge_index.device, dtype=edge_index.dtype)
         self.rowptr = torch.searchsorted(self.receivers, self._nodes)
         self.rowend = self._segment_ends(self.rowptr, self.receivers, mask)
-        self._sender = None
 
     @classmethod
     def from_segments(cls, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor],
@@ -58,15 +63,7 @@ class EdgeLayout:
         what :meth:`__init__` would compute; the custom operators of
         :mod:`torchmdx.kernels.message_ops` take them as inputs, made once per graph by
         :func:`~torchmdx.kernels.message_ops.segments`)."""
-        layout = cls.__new__(cls)
-        layout.edge_index, layout.version, layout.num_nodes = edge_index, edge_index._version, num_nodes
-        layout.mask, layout.mask_version = mask, (mask._version if mask is not None else None)
-        layout.receivers = edge_index[0].contiguous()
-        layout.senders = edge_index[1].contiguous()
-        layout._nodes = None  # made by sender_order when a call needs it (no launch otherwise)
-        layout.rowptr, layout.rowend = rowptr, rowend
-        layout._sender = None
-        return layout
+        return cls(edge_index, num_nodes, mask, segments=(rowptr, rowend))
 
     @staticmethod
     def _segment_ends(ptr, keys, mask):

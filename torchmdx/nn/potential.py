@@ -157,7 +157,7 @@ class ETPotential(NormalisedPotential):
         dtype = self.dtype
         compiled = self.compiled and not tracing
         given = None
-        if tracing and self.traced_inputs is not None and graph.pairs is None:
+        if tracing and self.traced_inputs is not None:  # (the all-pairs layout takes none: ETRepresentation)
             given = self.representation.tables_from_inputs(self.traced_inputs)
         x, vec = self.representation(
             graph.z, graph.edge_index, graph.vectors.to(dtype), graph.distances.to(dtype), graph.mask,
