@@ -71,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--small-row-inner", type=int, default=None,
                    help="whole graph: products of few rows are rewritten as reductions only up to this inner "
                         "dimension (torchmdx.nn.traced.SMALL_ROW_INNER; default: its value)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="CUDA: after the native timing, profile this many steps (torch.profiler) and print every "
+                        "kernel's GPU time per step, the GPU's busy time per step and the wall time per step")
     return p.parse_args(argv)
 
 
@@ -99,11 +102,12 @@ def tame(model, atoms, target_rms_force=1.0):
     return model
 
 
-def time_native(model, structures, args, cuda_graph=None, compile=None, fuse_integrator="auto"):
+def time_native(model, structures, args, cuda_graph=None, compile=None, fuse_integrator="auto", profile=None):
     """Best steps/s of the native engine; ``cuda_graph`` / ``compile`` None = the engine's
     defaults (on CUDA: a CUDA graph per step, compile "auto"), False = off; ``compile`` also
     "whole" or "parts" (torchmdx.nn.traced.COMPILE_MODES); ``fuse_integrator``: the integrator's
-    element-wise work compiled (``Simulation(fuse_integrator=...)``, torchmdx.md.integrators_fused)."""
+    element-wise work compiled (``Simulation(fuse_integrator=...)``, torchmdx.md.integrators_fused).
+    ``profile``: a dict that receives :func:`profile_steps`' table (``--profile-steps``) after the timing."""
     import torch
 
     from torchmdx.md.engine import Simulation
@@ -121,7 +125,30 @@ def time_native(model, structures, args, cuda_graph=None, compile=None, fuse_int
     for _ in range(args.repeat):
         summary = sim.run(steps, every=steps)
         best, builds = max(best, summary.steps_per_s), builds + summary.neighbor_list_builds
+    if profile is not None and getattr(args, "profile_steps", 0) > 0 and args.device.startswith("cuda"):
+        profile.update(profile_steps(sim, args.profile_steps))
     return best, builds
+
+
+def profile_steps(sim, steps: int) -> dict:
+    """Where an MD step's time goes: every kernel's GPU µs and launches per step over ``steps``
+    steps of ``sim.run`` (torch.profiler; CUPTI sees the kernels inside CUDA graphs), the GPU's
+    summed kernel time per step and the wall time per step of the same run (their difference is
+    host time and gaps between launches)."""
+    from gpu_timing import replay_kernels
+
+    wall = {}
+
+    def run():
+        start = time.perf_counter()
+        sim.run(steps, every=steps)
+        wall["s"] = time.perf_counter() - start
+
+    table = replay_kernels(run, calls=1, top=60)
+    return {"profile_steps": steps, "gpu_us_per_step": round(table["gpu_ms"] * 1e3 / steps, 2),
+            "wall_us_per_step": round(wall["s"] * 1e6 / steps, 2),
+            "launches_per_step": round(table["launches"] / steps, 2),
+            "kernels": [(name, round(us / steps, 2), round(count / steps, 2)) for name, us, count in table["top"]]}
 
 
 #: timed steps of the probe that sizes a budgeted measurement
@@ -295,7 +322,14 @@ def main(argv=None):
         row["compile"] = compile_mode("auto", args.device, len(atoms), model)
         if run["native"]:
             try:
-                row["native_steps_per_s"], row["neighbor_list_builds"] = time_native(model, atoms, args)
+                profile = {}
+                row["native_steps_per_s"], row["neighbor_list_builds"] = time_native(model, atoms, args, profile=profile)
+                if profile:
+                    row["native_profile"] = profile
+                    print(f"# {name}: profile of {profile['profile_steps']} native steps: GPU {profile['gpu_us_per_step']} µs, "
+                          f"wall {profile['wall_us_per_step']} µs, {profile['launches_per_step']} launches per step")
+                    for kernel, us, count in profile["kernels"]:
+                        print(f"#   {us:9.2f} µs {count:6.2f}x  {kernel}")
             except (TorchmdxError, RuntimeError) as exc:
                 row["native_error"] = str(exc).splitlines()[0]
         if run["native_unfused"]:  # the same with the eager integrator (issue 16 item 5)

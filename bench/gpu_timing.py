@@ -91,9 +91,9 @@ def gpu_busy_ms(fn, calls: int = 3):
     return sum(per_kernel.values()), per_kernel
 
 
-def replay_kernels(replay, calls: int = 3) -> dict:
+def replay_kernels(replay, calls: int = 3, top: int = 5) -> dict:
     """Kernels per graph replay and their summed GPU time (torch.profiler; CUPTI reports the
-    kernels inside a graph), with the five largest."""
+    kernels inside a graph), with the ``top`` largest (name, µs per call, launches per call)."""
     from torch.profiler import ProfilerActivity, profile
 
     synchronize()
@@ -104,7 +104,7 @@ def replay_kernels(replay, calls: int = 3) -> dict:
     rows = [(ev.device_time_total, ev.count, ev.key) for ev in prof.key_averages() if ev.device_time_total > 0]
     rows.sort(reverse=True)
     return {"launches": sum(r[1] for r in rows) // calls, "gpu_ms": round(sum(r[0] for r in rows) / 1e3 / calls, 3),
-            "top": [(key[:70], round(us / calls, 1), count // calls) for us, count, key in rows[:5]]}
+            "top": [(key[:70], round(us / calls, 1), count / calls) for us, count, key in rows[:top]]}
 
 
 def peak_mib(fn) -> float:
