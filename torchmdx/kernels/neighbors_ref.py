@@ -223,6 +223,20 @@ def _brute_structure(pos, atoms, cell_b, inv_b, pbc_b, images, cutoff, cutoff_lo
     return out
 
 
+def _close_bin_gaps(g_bin: torch.Tensor, r_bin: torch.Tensor) -> tuple:
+    """Renumber the occupied bins of each axis (starting at 1) so that bins 1 apart stay 1 apart and farther
+    ones become 2 apart: the same neighbour bins, but a grid of at most 2 × (occupied bins) + 3 per axis. One
+    atom 1e14 Å from the others made a grid of 1e40 bins, whose key overflowed int64 (a ValueError from
+    ``predict``)."""
+    g_out, r_out = torch.empty_like(g_bin), torch.empty_like(r_bin)
+    for axis in range(3):
+        values = torch.unique(torch.cat([g_bin[:, axis], r_bin[:, axis]]))  # sorted
+        renumbered = torch.cat([values.new_ones(1), 1 + values.diff().clamp(max=2).cumsum(0)])
+        g_out[:, axis] = renumbered[torch.searchsorted(values, g_bin[:, axis].contiguous())]
+        r_out[:, axis] = renumbered[torch.searchsorted(values, r_bin[:, axis].contiguous())]
+    return g_out, r_out
+
+
 def _cell_list_structure(pos, atoms, cell_b, inv_b, pbc_b, widths, images, cutoff, cutoff_lower, full):
     """Cell-list search for one structure: wrapped atoms + ghost images binned by cutoff."""
     device, dtype = pos.device, pos.dtype
@@ -252,10 +266,15 @@ def _cell_list_structure(pos, atoms, cell_b, inv_b, pbc_b, widths, images, cutof
         recv_pos = p
     bin_size = cutoff * (1.0 + 1e-6) + 1e-9
     origin = ghost_pos.min(0).values - bin_size
-    g_bin = torch.floor((ghost_pos - origin) / bin_size).long()
-    r_bin = torch.floor((recv_pos - origin) / bin_size).long()
-    dims = torch.maximum(g_bin.max(0).values, r_bin.max(0).values) + 3
-    stride = torch.tensor([int(dims[1]) * int(dims[2]), int(dims[2]), 1], device=device)
+    g_bin, r_bin = _close_bin_gaps(torch.floor((ghost_pos - origin) / bin_size).long(),
+                                   torch.floor((recv_pos - origin) / bin_size).long())
+    dims = [int(v) for v in torch.maximum(g_bin.max(0).values, r_bin.max(0).values) + 3]
+    if dims[0] * dims[1] * dims[2] >= 2**62:
+        from torchmdx.errors import NeighborListError
+
+        raise NeighborListError(f"the atoms span {dims[0]} x {dims[1]} x {dims[2]} occupied cutoff-sized bins, more "
+                                "than a 64-bit bin key holds; check for atoms far from the others")
+    stride = torch.tensor([dims[1] * dims[2], dims[2], 1], device=device)
     g_key = (g_bin * stride).sum(-1)
     order = torch.argsort(g_key)
     sorted_key = g_key[order]
