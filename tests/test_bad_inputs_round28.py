@@ -228,3 +228,29 @@ def test_md_restart_into_another_ensemble_says_the_thermostat_starts_afresh(tmp_
     assert len(lines) == 1, lines
     assert "was written by a nose-hoover run, whose thermostat variables (v_xi, xi)" in lines[0]
     assert "--ensemble nve" in lines[0] and "starts afresh" in lines[0]
+
+
+def test_simulation_load_restart_from_python_checks_the_model(tmp_path):
+    """``Simulation.load_restart`` from Python continued a run with another potential without a word (the CLI
+    checked, the method did not); a Simulation made in Python recorded no model in its restart files at all."""
+    import torch
+    from ase import Atoms
+
+    import torchmdx
+    from torchmdx.errors import ConfigError
+    from torchmdx.md.engine import Simulation
+
+    def model(seed):
+        return torchmdx.build_model({"embedding_dimension": 8, "num_layers": 1, "cutoff_upper": 4.0, "seed": seed})
+
+    atoms = Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    first = model(0)
+    sim = Simulation(first, atoms, timestep_fs=0.5, dtype=torch.float64, temperature_K=300.0, seed=1)
+    sim.run(2, restart_path=tmp_path / "r.pt", restart_every=2)
+    same = Simulation(model(0), atoms, timestep_fs=0.5, dtype=torch.float64, temperature_K=300.0, seed=1)
+    assert same.load_restart(tmp_path / "r.pt").step == 2
+    other = Simulation(model(1), atoms, timestep_fs=0.5, dtype=torch.float64, temperature_K=300.0, seed=1)
+    with pytest.raises(ConfigError, match=r"r\.pt: was written by a run of model \(a Python object\) .* but the "
+                                          r"Simulation's potential is another model"):
+        other.load_restart(tmp_path / "r.pt")
+    assert other.load_restart(tmp_path / "r.pt", check_model=False).step == 2  # asked for: allowed

@@ -60,8 +60,16 @@ class RestartFiles:
                            for k, v in self.integrator.state_dict().items()},
             "rng_state": self.generator.get_state(),
             "check_interval_now": self._interval,
-            "model": getattr(self, "model_record", None),  # md checks a continued run's model against it
+            "model": self._model_record(),  # a continued run's model is checked against it
         }
+
+    def _model_record(self) -> dict:
+        """The potential's name (a file's, set by ``torchmdx md``; None from Python) and weights digest, made once."""
+        if getattr(self, "model_record", None) is None:
+            from torchmdx.md.loading import model_digest
+
+            self.model_record = {"name": None, "digest": model_digest(self.forcefield.potential)}
+        return self.model_record
 
     def time_ps(self, step: int) -> float:
         """The simulated time at ``step`` (ps): continuous across restarts with another time step."""
@@ -74,11 +82,19 @@ class RestartFiles:
         save_restart(path, self.restart_payload())
         self.last_restart_path = Path(path)
 
-    def load_restart(self, path_or_payload) -> MDState:
+    def load_restart(self, path_or_payload, check_model: bool = True) -> MDState:
         """Continue from a restart file: state, thermostat variables (same ensemble only),
-        random-generator state and step. The structures must match (same atoms, same order)."""
+        random-generator state and step. The structures must match (same atoms, same order), and
+        with ``check_model`` the potential must be the one the file was written with (its weights
+        digest, :func:`torchmdx.md.loading.check_restart_model`; ``torchmdx md`` checks that
+        before it writes anything and passes False)."""
         payload = path_or_payload if isinstance(path_or_payload, dict) else load_restart(path_or_payload)
         where = "" if isinstance(path_or_payload, dict) else f"{path_or_payload}: "
+        if check_model:  # from Python another potential continued the run without a word (round 28's leftover)
+            from torchmdx.md.loading import check_restart_model
+
+            check_restart_model(str(path_or_payload) if where else "the restart payload", payload,
+                                self.forcefield.potential, "potential", "the Simulation's")
         s = self.system
         z = payload["z"]
         if list(payload["counts"]) != list(s.counts):

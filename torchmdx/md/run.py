@@ -461,7 +461,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
                   "--no-compile skips it)", file=out, flush=True)
         sim.model_record = model_record
         if restart_payload is not None:
-            sim.load_restart(restart_payload)
+            sim.load_restart(restart_payload, check_model=False)  # checked above, before anything was written
             _note_new_atom_order(config, file_order, sim.atom_perm, err)
         else:
             sim.initialize(velocities)
