@@ -71,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--small-row-inner", type=int, default=None,
                    help="whole graph: products of few rows are rewritten as reductions only up to this inner "
                         "dimension (torchmdx.nn.traced.SMALL_ROW_INNER; default: its value)")
+    p.add_argument("--plain-epilogue", action="store_true",
+                   help="captured step: the non-finite check and the static copies op by op "
+                        "(torchmdx.md.cuda_graph.FUSED_EPILOGUE False), for an A/B")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="CUDA: after the native timing, profile this many steps (torch.profiler) and print every "
                         "kernel's GPU time per step, the GPU's busy time per step and the wall time per step")
@@ -268,6 +271,10 @@ def main(argv=None):
         from torchmdx.nn import traced as traced_module
 
         traced_module.SMALL_ROW_INNER = args.small_row_inner
+    if args.plain_epilogue:
+        from torchmdx.md import cuda_graph as cuda_graph_module
+
+        cuda_graph_module.FUSED_EPILOGUE = False
     max_atoms = args.max_atoms if args.max_atoms is not None else (None if args.device.startswith("cuda") else 2500)
     cuda = args.device.startswith("cuda")
     wanted = set(args.variants.split(",")) if args.variants else set(VARIANTS) - {"native_unfused"}  # unfused: asked for

@@ -206,3 +206,56 @@ def test_gpu_fused_step_with_the_compiled_model(shared_data, ensemble):
     assert fused.integrator.fused is not None and fused._graphed is not None
     np.testing.assert_allclose(fused.state.positions.cpu(), eager.state.positions.cpu(), atol=2e-5)
     np.testing.assert_allclose(fused.state.velocities.cpu(), eager.state.velocities.cpu(), atol=2e-5)
+
+
+def test_non_finite_check_equals_the_engines_flag():
+    """The fused epilogue's check (one compiled kernel in the captured step) against
+    ``RunLoop._bad_flag``, the reference: finite, inf and NaN forces or energies, an already set flag."""
+    from torchmdx.md.integrators_fused import FusedFunctions
+
+    sim = make("nve", "two", False)
+    fused = FusedFunctions(compile=True).get("non_finite", "cpu")
+    forces, energy = sim.state.forces.clone(), sim.state.energy.clone()
+    cases = [(forces, energy)]
+    for where, value in ((forces, float("inf")), (forces, float("nan")), (energy, float("-inf")), (energy, float("nan"))):
+        f, e = forces.clone(), energy.clone()
+        (f if where is forces else e).view(-1)[1] = value
+        cases.append((f, e))
+    for f, e in cases:
+        sim.state.forces, sim.state.energy = f, e
+        for bad in (torch.tensor(False), torch.tensor(True)):
+            assert torch.equal(fused(bad, f, e), bad | sim._bad_flag(sim.state))
+    assert fused.compiled is True
+
+
+class _ScaledLJ(LennardJones):
+    """Lennard-Jones times a buffer the test sets to NaN mid-run (the captured graph reads it in place)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("factor", torch.ones((), dtype=torch.float64))
+
+    def atomic_energies(self, graph):
+        return super().atomic_energies(graph) * self.factor.to(graph.pos.dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused_epilogue", [True, False])
+def test_gpu_non_finite_forces_mid_run_stop_the_captured_step(monkeypatch, fused_epilogue):
+    """Forces that turn NaN in the middle of a chunk of replays: the captured step's flag (the fused
+    epilogue's compiled check, or the reference op by op) makes the engine replay the chunk with checks
+    and stop with the engine's one line, the same either way."""
+    from torchmdx.errors import SimulationError
+    from torchmdx.md import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "FUSED_EPILOGUE", fused_epilogue)
+    pot = _ScaledLJ({18: 0.0104, 10: 0.0031}, {18: 3.4, 10: 2.75}, cutoff=9.0, shift="force")
+    sim = Simulation(pot, structures("two"), timestep_fs=4.0, temperature_K=60.0, dtype=torch.float64, seed=11,
+                     fuse_integrator=True, device="cuda", check_every_step=False, cuda_graph=True, compile=False)
+    sim.initialize()
+    sim.run(10, every=10)
+    assert sim._graphed is not None and sim._graphed.captures >= 1
+    pot.factor.fill_(float("nan"))
+    with pytest.raises(SimulationError, match="non-finite"):
+        sim.run(10, every=10)
+    assert sim.state.step == 10  # stopped at the last good step

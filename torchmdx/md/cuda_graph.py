@@ -35,6 +35,12 @@ import torch
 
 STATE_FIELDS = ("positions", "velocities", "forces", "energy", "thermostat_energy")
 
+#: the captured step's epilogue in few kernels: with the fused integrator, the non-finite check
+#: as one compiled kernel (:func:`torchmdx.md.integrators_fused.non_finite`) and the copies of
+#: the replaced tensors into the static ones as one ``torch._foreach_copy_`` (a launch per dtype
+#: instead of one per tensor); False: one op per check step and per copy (the reference)
+FUSED_EPILOGUE = True
+
 
 class ForceOutputs(NamedTuple):
     """The static outputs of one :class:`GraphedForces` evaluation (read them before the next
@@ -127,13 +133,25 @@ class GraphedStep:
         rng = sim.generator.get_state()
         compute = ff.compute
 
+        fused = sim.integrator.fused if FUSED_EPILOGUE else None
+        check = fused.get("non_finite", sim.device) if fused is not None else None
+
         def one_step():
             sim.integrator.step(sim.state, compute, sim.generator)
-            self.bad.logical_or_(sim._bad_flag(sim.state))
-            for key, value in self._tensors().items():
-                static = self.static[key]
-                if value is not static:
-                    static.copy_(value)
+            if check is None:
+                self.bad.logical_or_(sim._bad_flag(sim.state))
+                for key, value in self._tensors().items():
+                    static = self.static[key]
+                    if value is not static:
+                        static.copy_(value)
+            else:
+                targets, sources = [self.bad], [check(self.bad, sim.state.forces, sim.state.energy)]
+                for key, value in self._tensors().items():
+                    static = self.static[key]
+                    if value is not static:
+                        targets.append(static)
+                        sources.append(value)
+                torch._foreach_copy_(targets, sources)
             self._point_at(self.static)
 
         try:

@@ -167,7 +167,16 @@ def nose_hoover_after(velocities: Tensor, forces: Tensor, xi: Tensor, v_xi: Tens
     return chain_half_step(velocities, xi, v_xi, q, masses, batch, degrees_of_freedom, dt, kT, num_structures)
 
 
+# ---------------------------------------------------------------------------- the step's check
+def non_finite(bad: Tensor, forces: Tensor, energy: Tensor) -> Tensor:
+    """bad OR (Σ F + Σ E is not finite): the engine's per-step non-finite check
+    (``RunLoop._bad_flag``, ORed into the chunk's flag), as one function: compiled, one kernel
+    instead of six (two sums, an add, isfinite, a negation and the OR)."""
+    return bad | ~torch.isfinite(forces.sum() + energy.sum())
+
+
 FUNCTIONS: Dict[str, Callable] = {
+    "non_finite": non_finite,
     "verlet_before": verlet_before,
     "verlet_after": verlet_after,
     "langevin_before": langevin_before,
