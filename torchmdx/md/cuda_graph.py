@@ -37,8 +37,8 @@ STATE_FIELDS = ("positions", "velocities", "forces", "energy", "thermostat_energ
 
 #: the captured step's epilogue in few kernels: with the fused integrator, the non-finite check
 #: as one compiled kernel (:func:`torchmdx.md.integrators_fused.non_finite`) and the copies of
-#: the replaced tensors into the static ones as one ``torch._foreach_copy_`` (a launch per dtype
-#: instead of one per tensor); False: one op per check step and per copy (the reference)
+#: the replaced tensors into the static ones as ``torch._foreach_copy_`` per dtype (one launch
+#: per dtype instead of one per tensor); False: one op per check step and per copy (the reference)
 FUSED_EPILOGUE = True
 
 
@@ -145,13 +145,15 @@ class GraphedStep:
                     if value is not static:
                         static.copy_(value)
             else:
-                targets, sources = [self.bad], [check(self.bad, sim.state.forces, sim.state.energy)]
-                for key, value in self._tensors().items():
-                    static = self.static[key]
+                groups = {}  # by dtype: _foreach_copy_ takes its one-launch path only for lists of one dtype
+                for static, value in [(self.bad, check(self.bad, sim.state.forces, sim.state.energy))] + [
+                        (self.static[key], value) for key, value in self._tensors().items()]:
                     if value is not static:
+                        targets, sources = groups.setdefault(static.dtype, ([], []))
                         targets.append(static)
                         sources.append(value)
-                torch._foreach_copy_(targets, sources)
+                for targets, sources in groups.values():
+                    torch._foreach_copy_(targets, sources)
             self._point_at(self.static)
 
         try:
