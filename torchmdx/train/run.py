@@ -443,18 +443,6 @@ def _quiet_lightning_warnings() -> None:
 
 
 # ---------------------------------------------------------------------------- the run
-def untrained_elements(datamodule, cfg: RunConfig) -> Optional[str]:
-    """The line for elements of the data that occur in no training structure (``data.atomref.untrained_elements_line``),
-    or None."""
-    from torchmdx.data.atomref import elements_without_reference, untrained_elements_line
-
-    if cfg.data_config.atomref == "fit":  # computed with the references (kept in data_state.json)
-        missing = datamodule.missing_reference_elements
-    else:
-        missing = elements_without_reference(datamodule.dataset, datamodule.split["train"], datamodule.max_z)
-    return untrained_elements_line(missing, Path(str(cfg.data_config.path)).name)
-
-
 def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None) -> dict:
     """Train as configured; returns paths and best metrics. Raises TorchmdxError subclasses for
     predictable problems (config, data, run folder). ``callbacks``: extra Lightning callbacks."""
@@ -498,16 +486,20 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
         sizes = datamodule.split.sizes()
         print(f"model: {type(module.model).__name__}, {parameters:,} parameters; data: {sizes['train']} training / "
               f"{sizes['val']} validation structures; run folder {run_dir}", flush=True)
-        untrained = untrained_elements(datamodule, cfg)
-        if untrained:  # an element only in the validation/test split (round 27): trained without a word
-            import sys
-
-            print(f"warning: {untrained}", file=sys.stderr, flush=True)
+        from torchmdx.data.atomref import untrained_elements
         from torchmdx.train.data_checks import label_unit_warnings
 
-        for line in label_unit_warnings(datamodule, cfg):  # forces in Hartree/Bohr, gradients as forces, energies
-            import sys  # per atom: trained without a word (round 28)
-
+        source = Path(str(cfg.data_config.path)).name
+        # elements found while the references were fitted (kept in data_state.json), else looked for
+        known = datamodule.missing_reference_elements if cfg.data_config.atomref == "fit" else None
+        untrained = untrained_elements(datamodule.dataset, datamodule.split["train"], datamodule.max_z, source,
+                                       missing=known)
+        if untrained:  # an element only in the validation/test split (round 27): trained without a word
+            print(f"warning: {untrained}", file=sys.stderr, flush=True)
+        # forces in Hartree/Bohr, gradients as forces, energies per atom: trained without a word (round 28)
+        structures = datamodule.dataset.structures if datamodule.dataset is not None else None
+        for line in label_unit_warnings(structures, source, energies=bool(cfg.train.energy_weight),
+                                        forces=bool(cfg.train.force_weight)):
             print(f"warning: {line}", file=sys.stderr, flush=True)
     last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
     previous_rows = _previous_metric_rows(run_dir / METRICS_CSV, last) if resume else []
@@ -524,8 +516,6 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
     except SystemExit:
         # Lightning turns Ctrl+C into a graceful shutdown and sys.exit(1)
         if trainer.interrupted:
-            import sys
-
             if last.is_file():
                 print(f"training interrupted; continue it with --resume (from {last})", file=sys.stderr)
             else:  # stopped before the first epoch ended: --resume would say "last.ckpt not found"
