@@ -77,6 +77,39 @@ def test_export_uses_ema_weights_unless_asked(run_dir, tmp_path):
     assert not torch.equal(ema.state_dict()[name], raw.state_dict()[name])
 
 
+def test_export_reads_the_checkpoint_once(run_dir, tmp_path, monkeypatch):
+    """export read the checkpoint (torch.load) for the potential, then again (memory-mapped) for the run record it
+    holds: now potential_from_checkpoint keeps the record (``training_record``, as load_model keeps a model
+    file's) and the one read decides. The checkpoint is copied out of its run folder, so the record can only
+    come from the checkpoint itself."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from torchmdx.nn.model_file import read_training_record
+    from torchmdx.train.export import export_checkpoint
+    from torchmdx.train.provenance import checkpoint_run_record
+
+    checkpoint = tmp_path / "best.ckpt"
+    shutil.copy(run_dir / "checkpoints" / "best.ckpt", checkpoint)
+    stored = checkpoint_run_record(checkpoint)
+    assert stored is not None and stored["run"] == "run"
+    assert potential_from_checkpoint(checkpoint).training_record == stored
+    loads = []
+    real_load = torch.load
+
+    def counting(target, *args, **kwargs):
+        if isinstance(target, (str, os.PathLike)) and Path(target).resolve() == checkpoint.resolve():
+            loads.append(target)
+        return real_load(target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting)
+    potential = export_checkpoint(checkpoint, tmp_path / "m.pt")
+    monkeypatch.undo()
+    assert len(loads) == 1, loads
+    assert potential.training_record == stored and read_training_record(tmp_path / "m.pt") == stored
+
+
 def test_export_of_a_torchmdnet_checkpoint(tmp_path):
     from pathlib import Path
 

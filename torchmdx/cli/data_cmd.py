@@ -205,7 +205,11 @@ def _info(args, config) -> int:
     problem = _label_problem(structures, config, force_problem, checked_forces=cached is None)
     if problem is not None:
         summary["label_problem"] = problem
-    label_notes = _label_unit_notes(structures, config, positions=cached is not None)
+    # the lines train warns with; the forces' line needs positions and forces, which only a cache keeps (the
+    # streamed summary keeps neither: data prepare or a training run first)
+    from torchmdx.train.data_checks import label_unit_warnings
+
+    label_notes = label_unit_warnings(structures, Path(str(config.path)).name, forces=cached is not None)
     if label_notes:  # energies per atom, forces in other units than the energies: trained silently (round 28)
         summary["label_warnings"] = label_notes
     if args.json:
@@ -221,21 +225,6 @@ def _info(args, config) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 1
     return 0
-
-
-def _label_unit_notes(structures, config, positions: bool) -> list:
-    """The lines train warns with for labels in another unit or convention (``data.energy_per_atom``,
-    ``data.force_consistency``); ``positions``: the structures keep positions and forces (a cache; the streamed
-    summary keeps neither, so the forces' line needs a cache: ``data prepare`` or a training run first)."""
-    from torchmdx.data.energy_per_atom import per_atom_energy_line
-    from torchmdx.data.force_consistency import force_energy_line
-
-    if structures.energy is None or len(structures) < 2:
-        return []
-    source = Path(str(config.path)).name
-    lines = [per_atom_energy_line(structures, source),
-             force_energy_line(structures, source) if positions and structures.forces is not None else None]
-    return [line for line in lines if line]
 
 
 def _label_problem(structures, config, force_problem=None, checked_forces: bool = False) -> str | None:
@@ -274,7 +263,8 @@ def _data_hash(config, cached) -> str:
 
 def _config_part(structures, config, cached=None) -> dict:
     """Split sizes, element range check and atomic references for a config's data section."""
-    from torchmdx.data.atomref import fit_atomic_references, given_references, published_atomic_references
+    from torchmdx.data.atomref import (fit_atomic_references, given_references, published_atomic_references,
+                                       untrained_elements)
     from torchmdx.data.splits import load_split, make_split
 
     structures.check_max_z(config.max_z)
@@ -303,15 +293,11 @@ def _config_part(structures, config, cached=None) -> dict:
             note = _reference_rank_note(structures, split.train)
             if note:
                 out["atomic_references_note"] = note
-    if len(split.train):
-        from torchmdx.data.atomref import elements_without_reference, untrained_elements_line
-
-        # an element only in the validation/test part (a split by group): "energies are unaffected" was the note
-        untrained = untrained_elements_line(elements_without_reference(structures, split.train, config.max_z),
-                                            Path(str(config.path)).name)
-        if untrained:
-            out["untrained_elements"] = untrained
-            out["atomic_references_note"] = untrained
+    # an element only in the validation/test part (a split by group): "energies are unaffected" was the note
+    untrained = untrained_elements(structures, split.train, config.max_z, Path(str(config.path)).name)
+    if untrained:
+        out["untrained_elements"] = untrained
+        out["atomic_references_note"] = untrained
     return out
 
 

@@ -211,6 +211,18 @@ def untrained_elements_line(elements, source) -> Optional[str]:
             "another split seed)")
 
 
+def untrained_elements(data, train_indices, max_z: int, source, missing=None) -> Optional[str]:
+    """The line of :func:`untrained_elements_line` for the elements of ``data`` that occur in none of the structures
+    ``train_indices`` (``source``: the file name it names), or None; ``missing``: those elements where they are
+    known already (the data module's ``missing_reference_elements``, found while the references were fitted),
+    else they are looked for. None for an empty training split (training refuses it; ``data info`` shows it)."""
+    if len(train_indices) == 0:
+        return None
+    if missing is None:
+        missing = elements_without_reference(data, train_indices, max_z)
+    return untrained_elements_line(missing, source)
+
+
 def given_references(data, table: dict, max_z: int = 100, source: str = "the dataset") -> torch.Tensor:
     """References given in the config (``data.atomref`` as a table {Z: eV per atom}, e.g. the
     energies of the isolated atoms in the dataset's level of theory) as a float64 tensor [max_z];

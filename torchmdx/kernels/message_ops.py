@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from torchmdx.kernels.filter_table import FilterTable
-from torchmdx.kernels.message_triton_spec import EdgeLayout
+from torchmdx.kernels.message_triton_spec import EdgeLayout, segment_ends
 
 #: the operators' names (``torch.ops.torchmdx.<name>``)
 FORWARD = "torchmdx::et_message_table"
@@ -58,15 +58,12 @@ BACKWARD = "torchmdx::et_message_table_backward"
 def segments(edge_index: Tensor, num_nodes: int, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(rowptr [N + 1], rowend [N]) of an edge list sorted by receiver: the receiver segments of
     :class:`~torchmdx.kernels.message_triton_spec.EdgeLayout` (same numbers), as functional torch
-    operations that a trace records once per graph."""
+    operations that a trace records once per graph (:func:`~torchmdx.kernels.message_triton_spec.segment_ends`
+    in its traced form: no ``out=``, and ``rowend`` a fresh tensor, never a view of ``rowptr``)."""
     receivers = edge_index[0].contiguous()
     nodes = torch.arange(num_nodes + 1, device=edge_index.device, dtype=edge_index.dtype)
     rowptr = torch.searchsorted(receivers, nodes)
-    if mask is None or receivers.numel() == 0:
-        return rowptr, rowptr[1:].clone()
-    valid_before = torch.cat([rowptr.new_zeros(1), torch.cumsum(mask != 0, dim=0, dtype=rowptr.dtype)])
-    ends = torch.searchsorted(valid_before, valid_before.index_select(0, rowptr[1:]))
-    return rowptr, torch.maximum(ends, rowptr[:-1])
+    return rowptr, segment_ends(rowptr, receivers, mask, traced=True)
 
 
 def _call(q, k, v, vec, r, key_coefficients, value_coefficients, phi, unit, edge_index, rowptr, rowend, edge_mask, dk0,

@@ -3,8 +3,8 @@ the edge layout and the compile-time spec.
 
 - :class:`EdgeLayout`: segments of an edge list sorted by receiver (row pointers from
   ``torch.searchsorted``) and, on first use, the sender-sorted permutation with its segments.
-  Segments end after their last valid row, so the padding rows of a fixed-capacity neighbor list
-  (all on atom N - 1) are not walked. Nothing synchronises with the host: grids come from tensor
+  Segments end after their last valid row (:func:`segment_ends`), so the padding rows of a fixed-capacity
+  neighbor list (all on atom N - 1) are not walked. Nothing synchronises with the host: grids come from tensor
   shapes, so the whole message step can be captured in a CUDA graph.
 - :class:`_Spec`: the kernels' constexprs (filter modes, activations, padded sizes, tile sizes,
   precision) and the launch grid (programs over atoms x channel chunks); built from the launch
@@ -27,6 +27,41 @@ def _pow2(x: int) -> int:
 
 
 # ---------------------------------------------------------------------------------- layout
+def segment_ends(ptr: torch.Tensor, keys: torch.Tensor, mask: Optional[torch.Tensor],
+                 traced: bool = False) -> torch.Tensor:
+    """End of each segment of sorted ``keys`` (segment i: rows ``ptr[i]`` to ``ptr[i + 1]``) after its last
+    valid row (``mask``; None: every row valid), at least ``ptr[i]`` (empty or fully masked segments stay
+    empty); no host sync, no atomics. With c_p the number of valid rows before row p (an exclusive prefix sum
+    of the mask, c_0 = 0), segment i's valid rows end where c first reaches c at the segment's end:
+
+        end_i = max(ptr_i, min{p : c_p >= c_(ptr_(i+1))})     (``searchsorted``, left side)
+
+    since c_p steps up by one just after each valid row. Exact and deterministic. It replaced
+    a ``scatter_reduce`` amax of (index + 1) keyed by segment, whose atomics all hit atom
+    N - 1 on a capacity-padded list (the padding rows): one 35-95 µs kernel per call on
+    22-166 atoms (H100, 2026-12-06), the largest element-wise kernel of chignolin's call.
+    A cummax scan before it cost 0.28 ms on 10^5 rows.
+
+    One function, two forms (same numbers): eager (``traced=False``, :class:`EdgeLayout`) writes the prefix
+    count into a slice of its zero-initialised buffer with ``torch.cumsum(..., out=)`` (no ``cat`` launch) and,
+    without a mask, returns the view ``ptr[1:]``; ``traced=True``
+    (:func:`torchmdx.kernels.message_ops.segments`, recorded by ``make_fx`` / ``torch.compile``) builds the
+    prefix count with ``cat`` (no ``out=`` into a view inside a traced graph) and, without a mask, returns a
+    fresh tensor (``ptr[1:].clone()``), not a view of ``ptr``: the traced graph hands both to the custom
+    operators of :mod:`torchmdx.kernels.message_ops`, which keep their tensors free of aliasing (a custom
+    operator's outputs must not alias its inputs)."""
+    count = keys.numel()
+    if mask is None or count == 0:
+        return ptr[1:].clone() if traced else ptr[1:]
+    if traced:
+        valid_before = torch.cat([ptr.new_zeros(1), torch.cumsum(mask != 0, dim=0, dtype=ptr.dtype)])
+    else:
+        valid_before = torch.zeros(count + 1, device=keys.device, dtype=ptr.dtype)
+        torch.cumsum(mask != 0, dim=0, dtype=ptr.dtype, out=valid_before[1:])
+    ends = torch.searchsorted(valid_before, valid_before.index_select(0, ptr[1:]))
+    return torch.maximum(ends, ptr[:-1])
+
+
 class EdgeLayout:
     """Segments of an edge list sorted by receiver: row pointers of receivers and, on first
     use, the sender-sorted permutation with its row pointers (no host synchronisation).
@@ -54,7 +89,7 @@ class EdgeLayout:
             return
         self._nodes = torch.arange(num_nodes + 1, device=edge_index.device, dtype=edge_index.dtype)
         self.rowptr = torch.searchsorted(self.receivers, self._nodes)
-        self.rowend = self._segment_ends(self.rowptr, self.receivers, mask)
+        self.rowend = segment_ends(self.rowptr, self.receivers, mask)
 
     @classmethod
     def from_segments(cls, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor],
@@ -65,28 +100,6 @@ class EdgeLayout:
         :func:`~torchmdx.kernels.message_ops.segments`)."""
         return cls(edge_index, num_nodes, mask, segments=(rowptr, rowend))
 
-    @staticmethod
-    def _segment_ends(ptr, keys, mask):
-        """End of each segment after its last valid row, at least ``ptr[i]`` (empty or fully
-        masked segments stay empty); no host sync, no atomics. With c_p the number of valid rows
-        before row p (an exclusive prefix sum of the mask, c_0 = 0), segment i's valid rows end
-        where c first reaches c at the segment's end:
-
-            end_i = max(ptr_i, min{p : c_p >= c_(ptr_(i+1))})     (``searchsorted``, left side)
-
-        since c_p steps up by one just after each valid row. Exact and deterministic. It replaced
-        a ``scatter_reduce`` amax of (index + 1) keyed by segment, whose atomics all hit atom
-        N - 1 on a capacity-padded list (the padding rows): one 35-95 µs kernel per call on
-        22-166 atoms (H100, 2026-12-06), the largest element-wise kernel of chignolin's call.
-        A cummax scan before it cost 0.28 ms on 10^5 rows."""
-        count = keys.numel()
-        if mask is None or count == 0:
-            return ptr[1:]
-        valid_before = torch.zeros(count + 1, device=keys.device, dtype=ptr.dtype)
-        torch.cumsum(mask != 0, dim=0, dtype=ptr.dtype, out=valid_before[1:])
-        ends = torch.searchsorted(valid_before, valid_before.index_select(0, ptr[1:]))
-        return torch.maximum(ends, ptr[:-1])
-
     def sender_order(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(colptr [N+1], colend [N], perm [E]): edges perm[colptr[j]:colend[j]] are those sent
         by j (trailing masked ones dropped)."""
@@ -96,7 +109,7 @@ class EdgeLayout:
             sorted_senders, perm = torch.sort(self.senders, stable=True)
             colptr = torch.searchsorted(sorted_senders, self._nodes)
             mask = self.mask.index_select(0, perm) if self.mask is not None else None
-            self._sender = (colptr, self._segment_ends(colptr, sorted_senders, mask), perm)
+            self._sender = (colptr, segment_ends(colptr, sorted_senders, mask), perm)
         return self._sender
 
     def matches(self, edge_index: torch.Tensor, num_nodes: int, mask: Optional[torch.Tensor]) -> bool:

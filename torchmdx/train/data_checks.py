@@ -6,7 +6,6 @@ warnings for labels in another unit or convention (round 28: :func:`label_unit_w
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torchmdx.config import key_name
@@ -162,16 +161,17 @@ def check_cutoff_reaches_neighbours(structures, train_indices, cutoff_upper: flo
                       "default)")
 
 
-def label_unit_warnings(datamodule, cfg: RunConfig) -> list:
-    """Lines for labels that look like a unit or convention mistake: energies per atom
-    (``data.energy_per_atom``; when energies are trained on) and forces that disagree with the energies by a factor
-    (``data.force_consistency``; when forces are)."""
+def label_unit_warnings(structures, source, *, energies: bool = True, forces: bool = True) -> list:
+    """Lines for labels of ``structures`` (read from ``source``, a file name) that look like a unit or convention
+    mistake: energies per atom (``data.energy_per_atom``; when ``energies``) and forces that disagree with the
+    energies by a factor (``data.force_consistency``; when ``forces`` and the structures keep forces). Training
+    passes which labels it trains on; ``torchmdx data info`` passes ``forces=False`` where its structures keep no
+    positions and forces (the streamed summary). Nothing for no structures, no energies or fewer than two."""
     from torchmdx.data.energy_per_atom import per_atom_energy_line
     from torchmdx.data.force_consistency import force_energy_line
 
-    if datamodule.dataset is None:
+    if structures is None or structures.energy is None or len(structures) < 2:
         return []
-    structures, source = datamodule.dataset.structures, Path(str(cfg.data_config.path)).name
-    lines = [per_atom_energy_line(structures, source) if cfg.train.energy_weight else None,
-             force_energy_line(structures, source) if cfg.train.force_weight else None]
+    lines = [per_atom_energy_line(structures, source) if energies else None,
+             force_energy_line(structures, source) if forces and structures.forces is not None else None]
     return [line for line in lines if line]

@@ -64,7 +64,10 @@ def is_torchmdx_checkpoint(payload) -> bool:
 
 def potential_from_checkpoint(path: Union[str, Path], ema: bool = True):
     """The potential stored in a checkpoint: EMA weights (``ema=True``, the checkpoint's
-    ``state_dict``) or the raw training weights (``current_model_state``, when EMA was used)."""
+    ``state_dict``) or the raw training weights (``current_model_state``, when EMA was used).
+    Its ``training_record`` is the run record the checkpoint holds
+    (:func:`torchmdx.train.provenance.stored_run_record`; None for older checkpoints), as :func:`load_model`
+    keeps a model file's: :func:`export_checkpoint` writes it without reading the file again."""
     from torchmdx.nn.model_file import FORMAT, build_model, load_model
 
     path = Path(path)
@@ -103,6 +106,9 @@ def potential_from_checkpoint(path: Union[str, Path], ema: bool = True):
     if missing or unexpected:
         raise ModelError(f"{path}: weights do not fit the model (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]})")
+    from torchmdx.train.provenance import stored_run_record
+
+    potential.training_record = stored_run_record(payload)
     return potential.eval()
 
 
@@ -110,9 +116,11 @@ def export_checkpoint(checkpoint: Union[str, Path], output: Union[str, Path], em
                       force: bool = False, training: Optional[dict] = None):
     """Write the model of ``checkpoint`` to ``output`` (atomic); returns the potential.
 
-    The model file records the run that trained it (``training``, else the run folder the checkpoint lies in,
-    ``RUN/checkpoints/x.ckpt``: :func:`torchmdx.train.provenance.checkpoint_run_record`), which ``evaluate
-    --run`` compares with its run's split; a checkpoint outside a run folder gives a file without the record.
+    The model file records the run that trained it (``training``, else the record the checkpoint holds, else the
+    run folder the checkpoint lies in, ``RUN/checkpoints/x.ckpt``: as
+    :func:`torchmdx.train.provenance.checkpoint_run_record`, from the one read of the checkpoint), which
+    ``evaluate --run`` compares with its run's split; an older checkpoint outside a run folder gives a file
+    without the record.
 
     Refused in one line (:class:`ModelError`), before anything is written: ``output`` is the
     checkpoint itself, a folder, an existing file (unless ``force``), or not named ``.pt``/``.pth``
@@ -123,10 +131,12 @@ def export_checkpoint(checkpoint: Union[str, Path], output: Union[str, Path], em
     check_output_file(output, force=force, inputs=[checkpoint], what="model file", suffixes=TORCH_SUFFIXES)
     potential = potential_from_checkpoint(checkpoint, ema=ema)
     check_finite_weights(potential, checkpoint)
-    if training is None:
-        from torchmdx.train.provenance import checkpoint_run_record
+    if training is None:  # the checkpoint's own record (kept by potential_from_checkpoint), else its run folder's
+        training = getattr(potential, "training_record", None)
+        if training is None:
+            from torchmdx.train.provenance import folder_run_record
 
-        training = checkpoint_run_record(checkpoint)
+            training = folder_run_record(checkpoint)
     if training is not None:
         potential.training_record = dict(training)  # what save_potential writes
     save_potential(potential, output)

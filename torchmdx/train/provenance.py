@@ -70,22 +70,30 @@ def _data_source(run_dir: Path) -> Optional[str]:
 def checkpoint_run_record(checkpoint: Union[str, Path]) -> Optional[dict]:
     """The record of the run that wrote a checkpoint: the one the checkpoint holds (``torchmdx.training``,
     written by every run since round 27, so a checkpoint copied out of its run folder, or into another run's,
-    still names its own run), else that of the run folder it lies in (``RUN/checkpoints/x.ckpt``: older
-    checkpoints), else None (an older checkpoint moved out of its run folder: the model file records no run)."""
+    still names its own run), else that of the run folder it lies in (:func:`folder_run_record`: older
+    checkpoints), else None (an older checkpoint moved out of its run folder: the model file records no run).
+    Reads the checkpoint (memory-mapped); an export has read it already and keeps its record on the potential
+    (:func:`torchmdx.train.export.potential_from_checkpoint`), so it asks only :func:`folder_run_record`."""
+    own = _stored_record(Path(checkpoint))
+    if own is not None:
+        return own
+    return folder_run_record(checkpoint)
+
+
+def folder_run_record(checkpoint: Union[str, Path]) -> Optional[dict]:
+    """The record of the run folder a checkpoint lies in (``RUN/checkpoints/x.ckpt``: for checkpoints that hold
+    none, written before round 27), or None where it lies elsewhere."""
     from torchmdx.train.run import CHECKPOINT_DIR
 
     checkpoint = Path(checkpoint)
-    own = _stored_record(checkpoint)
-    if own is not None:
-        return own
     if checkpoint.parent.name != CHECKPOINT_DIR:
         return None
     return run_record(checkpoint.parent.parent)
 
 
 def _stored_record(checkpoint: Path) -> Optional[dict]:
-    """The ``training`` record a checkpoint holds, or None (older checkpoints; an unreadable file, which the
-    export has read already)."""
+    """The ``training`` record a checkpoint file holds (:func:`stored_run_record`), or None (an unreadable file:
+    export names what the file is)."""
     import warnings
 
     import torch
@@ -96,6 +104,12 @@ def _stored_record(checkpoint: Path) -> Optional[dict]:
             payload = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - export names what the file is
         return None
+    return stored_run_record(payload)
+
+
+def stored_run_record(payload) -> Optional[dict]:
+    """The ``training`` record of a loaded checkpoint (``payload["torchmdx"]["training"]``), or None (older
+    checkpoints, other files)."""
     extra = payload.get("torchmdx") if isinstance(payload, Mapping) else None
     record = extra.get("training") if isinstance(extra, Mapping) else None
     if not isinstance(record, Mapping) or not isinstance(record.get("split"), str):
