@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from torchmdx.errors import ConfigError, SimulationError
+from torchmdx.io_utils import output_file_name
 from torchmdx.md.reports import Reporter, RunSummary
 from torchmdx.md.system import MDState
 
@@ -251,7 +252,11 @@ class RunLoop:
             raise ConfigError(f"steps must be >= 0, got {steps}")
         if every < 1:
             raise ConfigError(f"the output interval must be >= 1 step, got {every}")
-        self._restart_path = Path(restart_path) if restart_path is not None else None
+        if restart_every is not None and restart_every < 1:
+            # -3 never ended (the next restart step was never ahead), 0 was taken as the default
+            raise ConfigError(f"restart_every must be >= 1 step (None: 10 x every), got {restart_every}")
+        # checked before any step (a folder was found at the first restart step, 'out/' wrote a file named out)
+        self._restart_path = output_file_name(restart_path) if restart_path is not None else None
         if self._restart_path is not None and not restart_every:
             restart_every = every * 10
         s, ff = self.system, self.forcefield

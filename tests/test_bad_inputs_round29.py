@@ -1,0 +1,159 @@
+"""Bad inputs, round 29 (branch bad29): the Python API as users of ASE, TorchMD-NET, MACE or SchNetPack call it
+(``Simulation`` and its ``run`` / ``minimize`` / ``save_restart``); see docs/bad_inputs.md, round 29.
+"""
+
+from __future__ import annotations
+
+import signal
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from ase.cluster import Icosahedron
+
+from torchmdx.errors import ConfigError, DataError
+
+
+def lj():
+    from torchmdx.nn.analytic import LennardJones
+
+    return LennardJones(0.0104, 3.4)
+
+
+def argon():
+    return Icosahedron("Ar", 2)
+
+
+@contextmanager
+def at_most(seconds):
+    """Fail (instead of hanging the test run) when the block takes longer than ``seconds``."""
+    def stop(*_):
+        raise TimeoutError(f"did not end within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ------------------------------------------------------------------------------ Simulation's arguments
+@pytest.mark.parametrize("argument, value, line", [
+    ("skin", "0.5", "skin must be a distance >= 0 Å, got '0.5'"),
+    ("skin", float("nan"), "skin must be a distance >= 0 Å, got nan"),
+    ("check_interval", "10", "check_interval must be a whole number of steps >= 1, got '10'"),
+    ("check_interval", 2.5, "check_interval must be a whole number of steps >= 1, got 2.5"),
+    ("chain_length", 2.5, "chain_length must be a whole number of thermostats >= 1, got 2.5"),
+    ("wrap", "no", "wrap must be True or False, got 'no'"),
+])
+def test_simulation_arguments_of_the_wrong_kind_are_one_line(argument, value, line):
+    """``Simulation(..., skin="0.5")`` or ``check_interval="10"`` were TypeErrors from deep inside, ``check_interval=2.5``
+    and ``chain_length=2.5`` ran as 2, ``wrap="no"`` wrapped, ``skin=nan`` said "cutoff must be a positive number"."""
+    from torchmdx.md import Simulation
+
+    with pytest.raises(ConfigError) as info:
+        Simulation(lj(), argon(), ensemble="nose-hoover", **{argument: value})
+    assert str(info.value) == line
+
+
+def test_simulation_of_a_file_name_says_to_read_it():
+    """``Simulation(model, "ar.xyz")`` was "'str' object has no attribute 'copy'"."""
+    from torchmdx.md import Simulation
+
+    with pytest.raises(DataError) as info:
+        Simulation(lj(), "ar.xyz")
+    assert str(info.value) == ("Simulation: structures must be an ase.Atoms or a list of them, got str 'ar.xyz'; "
+                               "read the file first (ase.io.read)")
+
+
+def test_simulation_run_restart_every_below_one_is_refused(tmp_path):
+    """``run(5, restart_path=..., restart_every=-3)`` never ended; ``restart_every=0`` was taken as 10 x every."""
+    from torchmdx.md import Simulation
+
+    sim = Simulation(lj(), argon())
+    for value in (-3, 0):
+        with at_most(20), pytest.raises(ConfigError) as info:
+            sim.run(5, restart_path=tmp_path / "r.restart.pt", restart_every=value)
+        assert str(info.value) == f"restart_every must be >= 1 step (None: 10 x every), got {value}"
+
+
+@pytest.mark.parametrize("kwargs, line", [
+    ({"fmax": -1}, "fmax must be a force > 0 eV/Å, got -1"),
+    ({"fmax": float("nan")}, "fmax must be a force > 0 eV/Å, got nan"),
+    ({"fmax": "0.05"}, "fmax must be a force > 0 eV/Å, got '0.05'"),
+    ({"max_steps": 2.5}, "max_steps must be a whole number of steps >= 0, got 2.5"),
+    ({"max_steps": -1}, "max_steps must be a whole number of steps >= 0, got -1"),
+])
+def test_simulation_minimize_arguments(kwargs, line):
+    """``minimize(fmax=-1)`` or NaN ran every step and said "not converged"; ``max_steps=2.5`` ran 2, -1 none,
+    ``fmax="0.05"`` was a TypeError."""
+    from torchmdx.md import Simulation
+
+    atoms = argon()
+    atoms.positions *= 0.9  # forces above the default fmax
+    with pytest.raises(ConfigError) as info:
+        Simulation(lj(), atoms).minimize(**kwargs)
+    assert str(info.value) == line
+
+
+# ------------------------------------------------------------------------------ Simulation's structures
+def test_simulation_refuses_ase_constraints():
+    """A structure with a FixAtoms: the engine moved its atoms while frames() (through ASE's set_positions) showed
+    them fixed; ``torchmdx md`` refused such a file, the Python API took it."""
+    from ase.constraints import FixAtoms
+
+    from torchmdx.md import Simulation
+
+    atoms = argon()
+    atoms.set_constraint(FixAtoms([0, 1, 2]))
+    with pytest.raises(ConfigError) as info:
+        Simulation(lj(), [argon(), atoms])
+    assert str(info.value) == ("Simulation: structure 1: holds constraints (FixAtoms) that the native engine does not "
+                               "apply; run ASE's dynamics with torchmdx.Calculator (ASE applies them), or remove them "
+                               "(del atoms.constraints)")
+
+
+def test_simulation_says_the_structures_velocities_are_not_used():
+    """Atoms with velocities (ASE's MaxwellBoltzmannDistribution, a trajectory's frame) started from drawn ones,
+    silently (ASE's dynamics start from them; ``torchmdx md`` takes them)."""
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    from torchmdx.md import Simulation
+
+    atoms = argon()
+    MaxwellBoltzmannDistribution(atoms, temperature_K=50, rng=np.random.default_rng(1))
+    sim = Simulation(lj(), atoms, temperature_K=300)
+    with pytest.warns(UserWarning) as record:
+        sim.initialize()
+    assert len(record) == 1
+    assert str(record[0].message).startswith("Simulation.initialize: structure 0 carries velocities (ASE momenta) that "
+                                             "are not used: without velocities= it draws Maxwell–Boltzmann "
+                                             "velocities at 300 K; pass velocities=")
+    # given, they are used, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = Simulation(lj(), atoms).initialize(velocities=atoms.get_velocities())
+    assert np.allclose(state.velocities.numpy(), atoms.get_velocities(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ output file names
+@pytest.mark.parametrize("how", ["save_restart", "run"])
+def test_restart_path_ending_in_a_slash_is_refused(tmp_path, how):
+    """``save_restart("out/")`` (or ``run(restart_path="out/")``) wrote a file named ``out``; ``save_restart("")``
+    said ".: is a folder"."""
+    from torchmdx.md import Simulation
+
+    sim = Simulation(lj(), argon())
+    sim.initialize()
+    name = f"{tmp_path}/out/"
+    with pytest.raises(ConfigError) as info:
+        sim.save_restart(name) if how == "save_restart" else sim.run(5, restart_path=name)
+    assert str(info.value) == f"{name}: ends in '/', so it names a folder; give the name of a file to write"
+    assert list(tmp_path.iterdir()) == []
+    assert sim.state.step == 0  # refused before any step
+    with pytest.raises(ConfigError) as info:
+        sim.save_restart("")
+    assert str(info.value) == "the path to write is empty (''); give the name of a file to write"
