@@ -157,3 +157,23 @@ def test_restart_path_ending_in_a_slash_is_refused(tmp_path, how):
     with pytest.raises(ConfigError) as info:
         sim.save_restart("")
     assert str(info.value) == "the path to write is empty (''); give the name of a file to write"
+
+
+# ------------------------------------------------------------------------------ splits from Python
+def test_split_unpacks_into_its_three_parts():
+    """``train, val, test = random_split(n)`` (TorchMD-NET's ``make_splits`` returns the three index arrays) was
+    ``KeyError: 0``; ``random_split(100.0)`` numpy's "axis 0 is out of bounds for array of dimension 0"."""
+    from torchmdx.data import random_split
+
+    split = random_split(100, 0.8, 0.1)
+    train, val, test = split
+    assert (train is split.train) and (val is split.val) and (test is split.test)
+    assert [len(train), len(val), len(test)] == [80, 10, 10]
+    with pytest.raises(KeyError, match=r"a Split's parts are train, val, test \(split\['train'\] or split.train\), "
+                                       "got 0"):
+        split[0]
+    for bad in (100.0, "100", -1):
+        with pytest.raises(DataError) as info:
+            random_split(bad)
+        assert str(info.value) == ("split: the number of structures must be a whole number >= 0 (e.g. len(dataset)), "
+                                   f"got {bad!r}")
