@@ -177,3 +177,53 @@ def test_split_unpacks_into_its_three_parts():
             random_split(bad)
         assert str(info.value) == ("split: the number of structures must be a whole number >= 0 (e.g. len(dataset)), "
                                    f"got {bad!r}")
+
+
+# ------------------------------------------------------------------------------ models from Python
+@pytest.mark.parametrize("half", ["half", "bfloat16"])
+def test_calculator_and_openmm_refuse_a_half_precision_model(half):
+    """``Calculator(model.half())`` computed in float16 (-0.162 eV for -0.159, bfloat16 -0.170) without a word
+    (``predict`` refuses it); ``build_module`` said the architecture "cannot be exported to TorchScript yet"."""
+    import torchmdx
+    from bad_inputs_common import tiny_model, water
+    from torchmdx.errors import ModelError
+    from torchmdx.openmm.errors import OpenMMError
+    from torchmdx.openmm.export import build_module
+
+    model = getattr(tiny_model(), half)()
+    name = "float16" if half == "half" else "bfloat16"
+    with pytest.raises(ModelError) as info:
+        torchmdx.Calculator(model)
+    assert str(info.value) == (f"the model's weights are {name}, which keep about 3 significant digits (energies off "
+                               "by percents); torchmdx computes in float32 or float64: pass dtype='float32' (or "
+                               "convert the model with model.float())")
+    with pytest.raises(OpenMMError, match=f"^the model's weights are {name}, which keep about 3 significant digits; "
+                                          "the OpenMM module computes in float32 or float64"):
+        build_module(model, [8, 1, 1])
+    atoms = water()
+    atoms.calc = torchmdx.Calculator(model, dtype="float32")  # said: computed in float32 (a copy of the weights)
+    reference = tiny_model().predict(water())["energy"]
+    assert atoms.get_potential_energy() == pytest.approx(reference, abs=0.02)
+    assert str(next(model.parameters()).dtype) == f"torch.{name}"  # the caller's model is left as it was
+
+
+def test_atomref_list_in_the_order_of_the_elements_is_refused():
+    """``set_normalisation(elements=[1, 6, 8], atomref=[-13.6, -1029, -2041])``: the list is indexed by Z, so
+    hydrogen got carbon's reference and carbon and oxygen none, silently."""
+    from bad_inputs_common import tiny_model
+    from torchmdx.errors import ModelError
+
+    model = tiny_model()
+    before = model.normalisation()
+    with pytest.raises(ModelError) as info:
+        model.set_normalisation(elements=[1, 6, 8], atomref=[-13.6, -1029.0, -2041.0], scale=2.0)
+    assert str(info.value) == (
+        "atomref: a list is indexed by atomic number (atomref[1] is H's), and this list of 3 gives -13.6 eV to X "
+        "(Z=0), not one of the model's elements (H, C, O), and nothing to C (Z=6) (listed in the order of the "
+        "elements?); give {Z: energy}, e.g. {1: -13.6, 6: -1029.0}, or a list with an entry for every Z up to the "
+        "largest")
+    assert model.normalisation() == before  # nothing of the call was kept
+    # indexed by Z (a QM9 table with N and F for a model of H and C too), or a mapping: taken
+    model.set_normalisation(atomref=[0, -13.6, 0, 0, 0, 0, -1029.0, -1400.0, -2041.0, -2700.0])
+    model.set_normalisation(atomref={1: -13.6, 6: -1029.0, 8: -2041.0})
+    assert model.normalisation()["atomref"] == {1: -13.6, 6: -1029.0, 8: -2041.0}
