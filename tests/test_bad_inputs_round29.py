@@ -80,6 +80,27 @@ def test_simulation_run_restart_every_below_one_is_refused(tmp_path):
         assert str(info.value) == f"restart_every must be >= 1 step (None: 10 x every), got {value}"
 
 
+def test_simulation_run_reporters_may_be_functions_and_others_are_one_line():
+    """``run(n, reporters=[f])`` with a function (as ASE's ``dyn.attach(f)``) was "'function' object has no
+    attribute 'report'", a lone function "'function' object is not iterable", an object without ``report`` an
+    AttributeError after the first steps."""
+    from torchmdx.md import Simulation
+
+    sim = Simulation(lj(), argon())
+    steps = []
+    sim.run(4, reporters=lambda simulation, observation: steps.append(observation.step), every=2)
+    sim.run(2, reporters=[lambda simulation, observation: steps.append(-observation.step)], every=2)
+    assert steps == [0, 2, 4, -4, -6]
+    for reporters, line in (([object()], "reporters: item 0 (object) has no report(simulation, observation) method; "
+                                         "give torchmdx.md.Reporter objects or functions f(simulation, observation)"),
+                            (3, "reporters must be a list of Reporter objects (or functions f(simulation, "
+                                "observation)), got int 3")):
+        with pytest.raises(ConfigError) as info:
+            sim.run(2, reporters=reporters)
+        assert str(info.value) == line
+    assert sim.state.step == 6  # refused before any step
+
+
 @pytest.mark.parametrize("kwargs, line", [
     ({"fmax": -1}, "fmax must be a force > 0 eV/Å, got -1"),
     ({"fmax": float("nan")}, "fmax must be a force > 0 eV/Å, got nan"),

@@ -60,6 +60,42 @@ def too_hot_at_start(structure: int, temperature: float, limit: float) -> str:
             "(--max-temperature) above the starting temperature, or start colder")
 
 
+class _FunctionReporter(Reporter):
+    """A function ``f(simulation, observation)`` given as a reporter (as ASE's ``dyn.attach(f)`` takes one)."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def report(self, simulation, observation) -> None:
+        self.function(simulation, observation)
+
+
+def _as_reporters(reporters) -> list:
+    """``run``'s reporters as a list: Reporter objects (anything with ``report(simulation, observation)``), a
+    function ``f(simulation, observation)``, or a list of them. A function was "'function' object has no attribute
+    'report'" (in a list) or "'function' object is not iterable" (alone), any other object an AttributeError after
+    the first steps."""
+    if reporters is None:
+        return []
+    if hasattr(reporters, "report") or callable(reporters):
+        reporters = [reporters]
+    try:
+        items = list(reporters)
+    except TypeError:
+        raise ConfigError(f"reporters must be a list of Reporter objects (or functions f(simulation, observation)), "
+                          f"got {type(reporters).__name__} {reporters!r}"[:300]) from None
+    out = []
+    for k, item in enumerate(items):
+        if hasattr(item, "report"):
+            out.append(item)
+        elif callable(item):
+            out.append(_FunctionReporter(item))
+        else:
+            raise ConfigError(f"reporters: item {k} ({type(item).__name__}) has no report(simulation, observation) "
+                              "method; give torchmdx.md.Reporter objects or functions f(simulation, observation)")
+    return out
+
+
 class RunLoop:
     """The checks, snapshots and chunked run loop of :class:`~torchmdx.md.engine.Simulation` (module
     docstring)."""
@@ -246,6 +282,7 @@ class RunLoop:
             # run(2.5) ran 2 steps, run("10") was a TypeError deep inside: whole numbers only
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise ConfigError(f"{name} must be a whole number of steps, got {value!r}")
+        reporters = _as_reporters(reporters)
         if self.state is None:
             self.initialize()
         if steps < 0:
