@@ -160,6 +160,31 @@ def test_simulation_says_the_structures_velocities_are_not_used():
     assert np.allclose(state.velocities.numpy(), atoms.get_velocities(), atol=1e-6)
 
 
+def test_run_md_checks_a_config_built_in_python(tmp_path, monkeypatch):
+    """``run_md(MDConfig(...))`` used a directly built config unchecked: ``structure="ar.xyz"`` read a file named "a"
+    ("a: structure file not found"), ``dt="fast"`` was a TypeError, a dict "'dict' object has no attribute 'device'",
+    a Potential as ``model`` "expected str, bytes or os.PathLike object"."""
+    from bad_inputs_common import argon_file, lj_file
+    from torchmdx.md import MDConfig, run_md
+
+    monkeypatch.chdir(tmp_path)
+    lj_file(tmp_path), argon_file(tmp_path)
+    common = dict(model="lj.pt", steps=2, progress=False)
+    with pytest.raises(ConfigError) as info:
+        run_md(MDConfig(structure="ar.xyz", dt="fast", out="a.extxyz", **common))
+    assert str(info.value) == "config key 'md.dt' must be float, got 'fast' (str)"
+    with pytest.raises(ConfigError) as info:
+        run_md(MDConfig(structure="ar.xyz", friction=5.0, out="a.extxyz", **common))
+    assert str(info.value).startswith("config key 'md.friction' sets the Langevin thermostat's friction")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ar.xyz", "lj.pt"]  # refused before any output
+    assert run_md(MDConfig(structure="ar.xyz", out="a.extxyz", **common))["steps"] == 2
+    assert run_md({"structure": ["ar.xyz"], "out": "b.extxyz", **common})["steps"] == 2
+    assert run_md(MDConfig(structure="ar.xyz", out="c.extxyz", **{**common, "model": lj()}))["steps"] == 2
+    with pytest.raises(ConfigError) as info:
+        run_md(["ar.xyz"])
+    assert str(info.value) == "run_md: expected an MDConfig (or a mapping of its keys), got list"
+
+
 # ------------------------------------------------------------------------------ output file names
 @pytest.mark.parametrize("how", ["save_restart", "run"])
 def test_restart_path_ending_in_a_slash_is_refused(tmp_path, how):
