@@ -70,8 +70,8 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True):
             with h5py.File(tmp, "w") as h5:
                 ...
     """
-    path = Path(path)
     tmp = temporary_path(path)
+    path = Path(path)
     try:
         yield tmp
         if fsync:
@@ -96,17 +96,34 @@ def jsonable(value):
     return value
 
 
+def output_file_name(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` to write a file at, or a one-line ConfigError: an empty name, a name that ends in
+    '/', or an existing folder, device, pipe or socket (see :func:`temporary_path`). For callers that keep a
+    ``Path`` of an output before they write it (so that the check comes before the work)."""
+    from torchmdx.errors import ConfigError
+
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text:
+        raise ConfigError("the path to write is empty (''); give the name of a file to write")
+    if text.endswith(("/", os.sep)):
+        raise ConfigError(f"{text}: ends in '/', so it names a folder; give the name of a file to write")
+    path = Path(text)
+    if path.exists() and not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise ConfigError(f"{path}: is {what}; give the name of a file to write")
+    return path
+
+
 def temporary_path(path: str | os.PathLike) -> Path:
     """A temporary name beside ``path`` for writers that need a file name (h5py): write there,
     then ``os.replace(tmp, path)``; delete it on failure. A ``path`` that exists and is not a
     regular file (a folder, a device such as /dev/null, a pipe or a socket) is refused in one
-    line: the rename would replace it (as root, even a device node)."""
-    path = Path(path)
-    if path.exists() and not path.is_file():
-        from torchmdx.errors import ConfigError
-
-        what = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
-        raise ConfigError(f"{path}: is {what}; give the name of a file to write")
+    line: the rename would replace it (as root, even a device node). So is an empty name, or one that ends in
+    '/' (``Path`` reads '' as the current folder, "'.: is a folder'", and drops the '/': ``save_restart('out/')``
+    wrote a file named ``out``)."""
+    path = output_file_name(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 

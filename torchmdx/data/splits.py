@@ -53,8 +53,14 @@ class Split:
 
     def __getitem__(self, part: str) -> np.ndarray:
         if part not in PARTS:
-            raise KeyError(part)
+            # split[0] was KeyError: 0 (and `train, val, test = split`, which went through it)
+            raise KeyError(f"a Split's parts are {', '.join(PARTS)} (split['train'] or split.train), got {part!r}")
         return getattr(self, part)
+
+    def __iter__(self):
+        """The train, val and test indices, in that order: ``train, val, test = random_split(n)`` as TorchMD-NET's
+        ``make_splits`` returns them (it was ``KeyError: 0``)."""
+        return iter((self.train, self.val, self.test))
 
     def sizes(self) -> dict:
         return {p: int(len(self[p])) for p in PARTS}
@@ -100,6 +106,11 @@ def _check_seed(seed) -> int:
 def random_split(n_structures: int, train: Size = 0.8, val: Size = 0.1, test: Size = None, seed: int = 0,
                  source: str = "dataset") -> Split:
     """Random split of ``range(n_structures)`` (see the module docstring)."""
+    if isinstance(n_structures, bool) or not isinstance(n_structures, (int, np.integer)) or n_structures < 0:
+        # 100.0 was numpy's "axis 0 is out of bounds", "100" "can't multiply sequence by non-int"
+        raise DataError(f"split: the number of structures must be a whole number >= 0 (e.g. len(dataset)), got "
+                        f"{n_structures!r}")
+    n_structures = int(n_structures)
     n_train, n_val, n_test = resolve_sizes(n_structures, train, val, test, source=source)
     seed = _check_seed(seed)
     perm = np.random.default_rng(seed).permutation(n_structures)

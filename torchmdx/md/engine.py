@@ -23,6 +23,8 @@ and every thermostat; Bussi's and the Nosé–Hoover chain's variables are per s
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional
 
@@ -98,12 +100,39 @@ class Simulation(RunLoop, RestartFiles):
     ):
         import ase
 
-        atoms_list = [structures] if isinstance(structures, ase.Atoms) else list(structures)
+        from torchmdx.md.arguments import flag_argument, real_argument, whole_argument
+
+        if isinstance(structures, ase.Atoms):
+            atoms_list = [structures]
+        elif isinstance(structures, (str, bytes, os.PathLike)) or not isinstance(structures, Iterable):
+            # a file name was "'str' object has no attribute 'copy'"
+            hint = "; read the file first (ase.io.read)" if isinstance(structures, (str, os.PathLike)) else ""
+            raise DataError(f"Simulation: structures must be an ase.Atoms or a list of them, got "
+                            f"{type(structures).__name__} {str(structures)[:80]!r}{hint}")
+        else:
+            atoms_list = list(structures)
+        for b, atoms in enumerate(atoms_list):
+            if not isinstance(atoms, ase.Atoms):
+                raise DataError(f"Simulation: structures must be an ase.Atoms or a list of them; item {b} is "
+                                f"{type(atoms).__name__}")
+        from torchmdx.md.start_checks import check_constraints
+
+        # torchmdx md refuses them naming the file; from Python the engine moved the atoms a FixAtoms holds while
+        # frames() (through ASE's set_positions) showed them fixed
+        check_constraints(atoms_list, [f"Simulation: structure {b}" for b in range(len(atoms_list))],
+                          "run ASE's dynamics with torchmdx.Calculator (ASE applies them), or remove them "
+                          "(del atoms.constraints)")
+        # numbers and flags given from Python (torchmdx md checks its options in md.config): "10" and "0.5" were
+        # TypeErrors deep inside, 2.5 steps ran as 2, wrap="no" was true
+        check_interval = whole_argument("check_interval", check_interval, "a whole number of steps >= 1")
+        chain_length = whole_argument("chain_length", chain_length, "a whole number of thermostats >= 1")
+        skin = real_argument("skin", skin, "a distance >= 0 Å")
+        friction_per_ps = real_argument("friction_per_ps", friction_per_ps, "a friction >= 0 1/ps")
+        tau_fs = real_argument("tau_fs", tau_fs, "a time > 0 fs", inclusive=False)
+        wrap = flag_argument("wrap", wrap)
         #: the structures as given (outputs are written with these), and the sorted ones simulated
         self.input_templates = [a.copy() for a in atoms_list]
         atoms_list, self.atom_perm = order_structures(atoms_list, atom_order)
-        if check_interval < 1:
-            raise ConfigError(f"check_interval must be >= 1 step, got {check_interval}")
         from torchmdx.devices import check_device
         from torchmdx.dtypes import torch_dtype
 
@@ -210,6 +239,7 @@ class Simulation(RunLoop, RestartFiles):
         s = self.system
         positions = s.positions_from_templates(wrap=self.forcefield.wrap_positions)
         if velocities is None:
+            self._warn_unused_momenta()
             if self.temperature_K > 0 and self._perm is not None:
                 # = s.maxwell_boltzmann with the noise drawn in the input order (as an unsorted run)
                 kT = units.BOLTZMANN_EV_PER_K * self.temperature_K
@@ -236,6 +266,24 @@ class Simulation(RunLoop, RestartFiles):
         self.forcefield.compute(self.state)
         self._check_initial()
         return self.state
+
+    def _warn_unused_momenta(self) -> None:
+        """One warning when a structure carries velocities (ASE momenta, e.g. from MaxwellBoltzmannDistribution or
+        a trajectory's last frame) that ``initialize()`` without ``velocities`` does not take: ASE's dynamics start
+        from them, so a run from Python started from other velocities without a word (``torchmdx md`` takes them
+        with --velocities auto and removes them before it builds the Simulation)."""
+        for b, atoms in enumerate(self.input_templates):
+            momenta = atoms.arrays.get("momenta")
+            if momenta is not None and np.any(momenta != 0):
+                import warnings
+
+                drawn = (f"draws Maxwell–Boltzmann velocities at {self.temperature_K:g} K" if self.temperature_K > 0
+                         else "starts from rest (temperature_K 0)")
+                warnings.warn(f"Simulation.initialize: structure {b} carries velocities (ASE momenta) that are not "
+                              f"used: without velocities= it {drawn}; pass velocities=np.concatenate([a.get_velocities() "
+                              "for a in structures]) to start from them, or remove them (atoms.set_momenta(None))",
+                              UserWarning, stacklevel=3)
+                return
 
     def _check_initial(self):
         s, st = self.system, self.state

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from torchmdx.errors import ConfigError, SimulationError
+from torchmdx.io_utils import output_file_name
 from torchmdx.md.reports import Reporter, RunSummary
 from torchmdx.md.system import MDState
 
@@ -57,6 +58,42 @@ def too_hot_at_start(structure: int, temperature: float, limit: float) -> str:
     return (f"the initial state cannot be simulated: structure {structure} starts at {temperature:.4g} K (its "
             f"initial velocities), above max_temperature {limit:g} K, before any step: raise max_temperature "
             "(--max-temperature) above the starting temperature, or start colder")
+
+
+class _FunctionReporter(Reporter):
+    """A function ``f(simulation, observation)`` given as a reporter (as ASE's ``dyn.attach(f)`` takes one)."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def report(self, simulation, observation) -> None:
+        self.function(simulation, observation)
+
+
+def _as_reporters(reporters) -> list:
+    """``run``'s reporters as a list: Reporter objects (anything with ``report(simulation, observation)``), a
+    function ``f(simulation, observation)``, or a list of them. A function was "'function' object has no attribute
+    'report'" (in a list) or "'function' object is not iterable" (alone), any other object an AttributeError after
+    the first steps."""
+    if reporters is None:
+        return []
+    if hasattr(reporters, "report") or callable(reporters):
+        reporters = [reporters]
+    try:
+        items = list(reporters)
+    except TypeError:
+        raise ConfigError(f"reporters must be a list of Reporter objects (or functions f(simulation, observation)), "
+                          f"got {type(reporters).__name__} {reporters!r}"[:300]) from None
+    out = []
+    for k, item in enumerate(items):
+        if hasattr(item, "report"):
+            out.append(item)
+        elif callable(item):
+            out.append(_FunctionReporter(item))
+        else:
+            raise ConfigError(f"reporters: item {k} ({type(item).__name__}) has no report(simulation, observation) "
+                              "method; give torchmdx.md.Reporter objects or functions f(simulation, observation)")
+    return out
 
 
 class RunLoop:
@@ -245,13 +282,18 @@ class RunLoop:
             # run(2.5) ran 2 steps, run("10") was a TypeError deep inside: whole numbers only
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise ConfigError(f"{name} must be a whole number of steps, got {value!r}")
+        reporters = _as_reporters(reporters)
         if self.state is None:
             self.initialize()
         if steps < 0:
             raise ConfigError(f"steps must be >= 0, got {steps}")
         if every < 1:
             raise ConfigError(f"the output interval must be >= 1 step, got {every}")
-        self._restart_path = Path(restart_path) if restart_path is not None else None
+        if restart_every is not None and restart_every < 1:
+            # -3 never ended (the next restart step was never ahead), 0 was taken as the default
+            raise ConfigError(f"restart_every must be >= 1 step (None: 10 x every), got {restart_every}")
+        # checked before any step (a folder was found at the first restart step, 'out/' wrote a file named out)
+        self._restart_path = output_file_name(restart_path) if restart_path is not None else None
         if self._restart_path is not None and not restart_every:
             restart_every = every * 10
         s, ff = self.system, self.forcefield

@@ -65,9 +65,10 @@ class ForceField:
         self.cutoff = float(potential.cutoff)
         if not self.cutoff > 0:
             raise ModelError(f"the potential has no positive cutoff ({self.cutoff!r} Å)")
-        if skin < 0:
-            raise ModelError(f"skin must be >= 0 Å, got {skin}")
-        self.requested_skin = float(skin)
+        from torchmdx.md.arguments import real_argument
+
+        # "0.5" was a TypeError, NaN or inf "cutoff must be a positive number of Å" (the list's cutoff + skin)
+        self.requested_skin = skin = real_argument("skin", skin, "a distance >= 0 Å")
         self.skin = fit_skin(self.cutoff, skin, system.cell, system.pbc)
         self.wrap_positions = bool(wrap)
         self.potential.check_elements(system.z)

@@ -50,6 +50,14 @@ def load_potential(model, device="cpu", dtype=None) -> Potential:
     else:
         raise ModelError(f"expected a torchmdx Potential or a model file path, got {type(model).__name__}")
     target_dtype = as_dtype(dtype) if dtype is not None else None
+    if target_dtype is None:
+        from torchmdx.nn.atoms import half_precision_weights
+
+        half = half_precision_weights(potential)
+        if half:  # the Calculator computed in it: energies off by percents, silently (predict refuses it)
+            raise ModelError(f"the model's weights are {half}, which keep about 3 significant digits (energies off by "
+                             "percents); torchmdx computes in float32 or float64: pass dtype='float32' (or convert "
+                             "the model with model.float())")
     if isinstance(model, Potential) and _would_change(model, torch.device(device), target_dtype):
         # Module.to converts in place: Calculator(model, dtype="float64") turned the caller's model
         # (and an earlier Calculator sharing it, which still fed float32 positions) into float64

@@ -62,6 +62,12 @@ def fire_minimize(
 
     ``progress`` is an optional callable(step, fmax_now) for a progress display.
     """
+    from torchmdx.md.arguments import real_argument, whole_argument
+
+    # from Python (torchmdx md checks --fmax and --minimize-steps): fmax -1 or NaN ran every step and said "not
+    # converged", "0.05" and max_steps "5" were TypeErrors, max_steps 2.5 ran 2 and -1 none
+    fmax = real_argument("fmax", fmax, "a force > 0 eV/Å", inclusive=False, finite=False)
+    max_steps = whole_argument("max_steps", max_steps, "a whole number of steps >= 0", low=0)
     s = forcefield.system
     b = s.num_structures
     dev, dt_ = s.device, s.dtype

@@ -334,6 +334,38 @@ def check_restart_matches(config: MDConfig, payload: dict, structures: list, sou
                     "structures (or another atom order); give the structures it was written for, or none")
 
 
+def _checked_config(config, potential):
+    """(config, potential) for :func:`run_md`: an ``MDConfig`` made by :func:`~torchmdx.md.config.md_config` (the
+    command line, a YAML file) as it is; one built directly (``MDConfig(dt="0.5", ...)``) or a mapping of its keys
+    goes through ``md_config`` as the command line's options do, so that its keys are checked as theirs (a
+    directly built config was used unchecked: ``dt="0.5"`` a TypeError, ``structure="ar.xyz"`` read the file
+    "a", a dict "'dict' object has no attribute 'device'"). A Potential as ``model`` is taken as ``potential``."""
+    from collections.abc import Mapping
+    from dataclasses import MISSING, fields
+
+    from torchmdx.md.config import md_config
+    from torchmdx.nn.base import Potential
+
+    if isinstance(config, MDConfig):
+        if hasattr(config, "_names"):
+            return config, potential
+        values = {}
+        for f in fields(MDConfig):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            value = getattr(config, f.name)
+            if value is not default and (isinstance(value, Potential) or value != default):
+                values[f.name] = value
+    elif isinstance(config, Mapping):
+        values = dict(config)
+    else:
+        raise ConfigError(f"run_md: expected an MDConfig (or a mapping of its keys), got {type(config).__name__}")
+    if isinstance(values.get("model"), Potential):
+        if potential is not None:
+            raise ConfigError("run_md: a Potential is given both as the config's model and as potential=; give one")
+        potential = values.pop("model")
+    return md_config(values), potential
+
+
 def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
     """Run the simulation described by ``config``; returns the summary as a dict.
 
@@ -343,6 +375,7 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
     """
     from torchmdx.md.loading import as_dtype, check_device, load_potential
 
+    config, potential = _checked_config(config, potential)
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     check_device(config.device, config.option("device"))

@@ -14,15 +14,16 @@ from torchmdx.errors import ConfigError, DataError
 from torchmdx.md.config import MDConfig
 
 
-def check_constraints(structures, sources: list) -> None:
+def check_constraints(structures, sources: list,
+                      advice: str = "run it with --engine ase, or remove the constraints from the file") -> None:
     """The native engine applies no ASE constraints: a structure read with one (extxyz ``move_mask``,
     a .traj's FixAtoms) moved the atoms it holds while the trajectory, written through ASE's
-    ``set_positions``, showed them fixed. One line naming the file, the frame and the constraint."""
+    ``set_positions``, showed them fixed. One line naming the file, the frame and the constraint
+    (``torchmdx md``), or the structure (``Simulation``, which gives its own ``advice``)."""
     for atoms, where in zip(structures, sources):
         if atoms.constraints:
             names = ", ".join(type(c).__name__ for c in atoms.constraints)
-            raise ConfigError(f"{where}: holds constraints ({names}) that the native engine does not apply; "
-                              "run it with --engine ase, or remove the constraints from the file")
+            raise ConfigError(f"{where}: holds constraints ({names}) that the native engine does not apply; {advice}")
 
 
 def check_cells(potential, structures, sources: list) -> None:

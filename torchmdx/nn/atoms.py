@@ -24,6 +24,16 @@ def module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dt
     return torch.device("cpu"), torch.get_default_dtype()
 
 
+def half_precision_weights(module: torch.nn.Module) -> Optional[str]:
+    """"float16" or "bfloat16" when ``module``'s weights are of that dtype (``model.half()``), else None. Those keep
+    about 3 significant digits: energies off by percents (the Calculator of a ``model.half()`` gave -0.162 eV for
+    -0.159, a bfloat16 one -0.170). Callers that take the model's own dtype refuse it in one line."""
+    dtype = module_device_dtype(module)[1]
+    if dtype in (torch.float16, torch.bfloat16):
+        return str(dtype).removeprefix("torch.")
+    return None
+
+
 def is_atoms(obj) -> bool:
     return hasattr(obj, "get_atomic_numbers") and hasattr(obj, "get_positions")
 

@@ -71,6 +71,25 @@ def _atomic_number(value, name: str) -> int:
     return int(value)
 
 
+def _check_atomref_list(table: torch.Tensor, listed: int, elements: Optional[list]) -> None:
+    """An atomref list is indexed by Z. One given in the order of ``elements`` (``elements=[1, 6, 8],
+    atomref=[-13.6, -1029, -2041]``) gave hydrogen carbon's reference and carbon and oxygen none, without a word:
+    refused when an element of the model lies beyond the list while the list gives a reference to a Z the model
+    does not know (a full table, e.g. QM9's atomrefs for a model of fewer elements, passes)."""
+    if elements is None:
+        return
+    beyond = [z for z in elements if z >= listed]
+    stray = [z for z in range(listed) if float(table[z]) != 0.0 and z not in elements]
+    if beyond and stray:
+        known = ", ".join(element_symbol(z) for z in elements)
+        raise ModelError(
+            f"atomref: a list is indexed by atomic number (atomref[1] is H's), and this list of {listed} gives "
+            f"{float(table[stray[0]]):g} eV to {element_symbol(stray[0])} (Z={stray[0]}), not one of the model's "
+            f"elements ({known}), and nothing to {element_symbol(beyond[0])} (Z={beyond[0]}) (listed in the order of "
+            "the elements?); give {Z: energy}, e.g. {1: -13.6, 6: -1029.0}, or a list with an entry for every Z up to "
+            "the largest")
+
+
 class NormalisedPotential(Potential):
     """A :class:`Potential` whose per-atom energies go through the normalisation above.
     Subclasses call :meth:`register_normalisation` in ``__init__`` and
@@ -156,6 +175,14 @@ class NormalisedPotential(Potential):
         scale = _finite_number(scale, "scale", positive=True)  # 0 made every energy and force 0
         shift = _finite_number(shift, "shift")
         energy_offset = _finite_number(energy_offset, "energy_offset")
+        if elements is not None:
+            elements = sorted({_atomic_number(z, "elements") for z in elements})
+            if not elements:  # a model that refuses every structure ("known elements: " and nothing)
+                raise ModelError("elements: the list is empty; give the atomic numbers the model was trained on")
+            for z in elements:
+                if not 0 <= z < max_z:
+                    raise ModelError(f"elements: atomic number {z} is outside 0..{max_z - 1} (max_z {max_z})")
+        table = None
         if atomref is not None:
             table = torch.zeros(max_z, dtype=torch.float64)
             if isinstance(atomref, Mapping):
@@ -181,6 +208,8 @@ class NormalisedPotential(Potential):
                         )
                     values = values[:max_z]
                 table[: values.numel()] = values
+                _check_atomref_list(table, values.numel(), elements if elements is not None else self.elements)
+        if table is not None:
             self.atomref.copy_(table.to(self.atomref))
         if scale is not None:
             self.scale.fill_(float(scale))
@@ -189,12 +218,6 @@ class NormalisedPotential(Potential):
         if energy_offset is not None:
             self.energy_offset.fill_(float(energy_offset))
         if elements is not None:
-            elements = sorted({_atomic_number(z, "elements") for z in elements})
-            if not elements:  # a model that refuses every structure ("known elements: " and nothing)
-                raise ModelError("elements: the list is empty; give the atomic numbers the model was trained on")
-            for z in elements:
-                if not 0 <= z < max_z:
-                    raise ModelError(f"elements: atomic number {z} is outside 0..{max_z - 1} (max_z {max_z})")
             known = torch.zeros(max_z, dtype=torch.bool, device=self.known_elements.device)
             known[elements] = True
             self.known_elements.copy_(known)

@@ -138,6 +138,14 @@ def _load_potential(model, device, dtype):
 
     if isinstance(model, Potential):
         potential = model
+        if dtype is None:
+            from torchmdx.nn.atoms import half_precision_weights
+
+            half = half_precision_weights(potential)
+            if half:  # was "the traced ETPotential does not reproduce the model ... cannot be exported"
+                raise OpenMMError(f"the model's weights are {half}, which keep about 3 significant digits; the "
+                                  "OpenMM module computes in float32 or float64: pass dtype='float32' (or convert "
+                                  "the model with model.float())")
         if dtype is not None:
             from torchmdx.nn.model_file import _finish
 
