@@ -205,12 +205,13 @@ def _info(args, config) -> int:
     problem = _label_problem(structures, config, force_problem, checked_forces=cached is None)
     if problem is not None:
         summary["label_problem"] = problem
-    # the lines train warns with; the forces' line needs positions and forces, which only a cache keeps (the
-    # streamed summary keeps neither: data prepare or a training run first)
+    # the lines train warns with; the forces' and the stress's lines need positions, which only a cache keeps (the
+    # streamed summary keeps none: data prepare or a training run first)
     from torchmdx.train.data_checks import label_unit_warnings
 
-    label_notes = label_unit_warnings(structures, Path(str(config.path)).name, forces=cached is not None)
-    if label_notes:  # energies per atom, forces in other units than the energies: trained silently (round 28)
+    label_notes = label_unit_warnings(structures, Path(str(config.path)).name, forces=cached is not None,
+                                      stress=cached is not None)
+    if label_notes:  # energies per atom, forces or stress in other units than the energies: trained silently
         summary["label_warnings"] = label_notes
     if args.json:
         print(json.dumps(summary, indent=None))

@@ -93,7 +93,8 @@ def _pair_terms(st, stress, a: int, b: int, offsets, max_shift: float, max_strai
     pbc_a, pbc_b = np.asarray(st.pbc[a], dtype=bool), np.asarray(st.pbc[b], dtype=bool)
     if not (pbc_a.all() and pbc_b.all()):
         return None
-    sa, sb = np.asarray(stress[a], dtype=np.float64).reshape(3, 3), np.asarray(stress[b], dtype=np.float64).reshape(3, 3)
+    sa = np.asarray(stress[a], dtype=np.float64).reshape(3, 3)
+    sb = np.asarray(stress[b], dtype=np.float64).reshape(3, 3)
     if not (np.isfinite(sa).all() and np.isfinite(sb).all()):
         return None
     va, vb = abs(float(np.linalg.det(ha))), abs(float(np.linalg.det(hb)))

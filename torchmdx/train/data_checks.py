@@ -2,7 +2,8 @@
 :class:`~torchmdx.errors.DataError` or :class:`~torchmdx.errors.ConfigError` naming the file or key: energies
 that are all one value, cells the cutoff cannot be used with, stress labels without a volume (moved out of
 :mod:`torchmdx.train.run`, round 24), and a cutoff shorter than every interatomic distance (round 24); and the
-warnings for labels in another unit or convention (round 28: :func:`label_unit_warnings`)."""
+warnings for labels in another unit or convention (round 28: :func:`label_unit_warnings`; the stress's sign and
+unit after round 29)."""
 
 from __future__ import annotations
 
@@ -161,17 +162,24 @@ def check_cutoff_reaches_neighbours(structures, train_indices, cutoff_upper: flo
                       "default)")
 
 
-def label_unit_warnings(structures, source, *, energies: bool = True, forces: bool = True) -> list:
+def label_unit_warnings(structures, source, *, energies: bool = True, forces: bool = True,
+                        stress: bool = True) -> list:
     """Lines for labels of ``structures`` (read from ``source``, a file name) that look like a unit or convention
-    mistake: energies per atom (``data.energy_per_atom``; when ``energies``) and forces that disagree with the
-    energies by a factor (``data.force_consistency``; when ``forces`` and the structures keep forces). Training
-    passes which labels it trains on; ``torchmdx data info`` passes ``forces=False`` where its structures keep no
-    positions and forces (the streamed summary). Nothing for no structures, no energies or fewer than two."""
+    mistake: energies per atom (``data.energy_per_atom``; when ``energies``), forces that disagree with the
+    energies by a factor (``data.force_consistency``; when ``forces`` and the structures keep forces) and a stress
+    of the other sign or unit (``data.stress_consistency``; when ``stress`` and the structures keep a stress).
+    Training passes which labels it trains on (the stress whenever the data hold one: its validation errors are
+    logged even at train.stress_weight 0); ``torchmdx data info`` passes ``forces=False, stress=False`` where its
+    structures keep no positions and forces (the streamed summary). Nothing for no structures, no energies or
+    fewer than two."""
     from torchmdx.data.energy_per_atom import per_atom_energy_line
     from torchmdx.data.force_consistency import force_energy_line
+    from torchmdx.data.stress_consistency import stress_energy_line
 
     if structures is None or structures.energy is None or len(structures) < 2:
         return []
+    has_stress = isinstance(getattr(structures, "extras", None), dict) and "stress" in structures.extras
     lines = [per_atom_energy_line(structures, source) if energies else None,
-             force_energy_line(structures, source) if forces and structures.forces is not None else None]
+             force_energy_line(structures, source) if forces and structures.forces is not None else None,
+             stress_energy_line(structures, source) if stress and has_stress else None]
     return [line for line in lines if line]

@@ -304,7 +304,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
                                        missing=known)
         if untrained:  # an element only in the validation/test split (round 27): trained without a word
             print(f"warning: {untrained}", file=sys.stderr, flush=True)
-        # forces in Hartree/Bohr, gradients as forces, energies per atom: trained without a word (round 28)
+        # forces in Hartree/Bohr, gradients as forces, energies per atom (round 28), a stress of the other sign or
+        # in GPa: trained without a word; a stress is looked at whenever the data hold one (its errors are logged)
         structures = datamodule.dataset.structures if datamodule.dataset is not None else None
         for line in label_unit_warnings(structures, source, energies=bool(cfg.train.energy_weight),
                                         forces=bool(cfg.train.force_weight)):
