@@ -1,0 +1,75 @@
+"""Bad inputs, round 30 (branch bad30): round 29's leftovers (BatchLoader's keyword arguments, element names, dangling
+links, energy units), training configs, and the evaluate / export / sweep / label options; see docs/bad_inputs.md,
+round 30.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from torchmdx.errors import DataError, ModelError
+
+
+@pytest.fixture
+def ethanol_dataset(tmp_path, shared_data):
+    """Ten ethanol frames of the MD17 file, as an H5Dataset."""
+    from torchmdx.data import H5Dataset, build_cache
+
+    d = np.load(shared_data / "md17" / "md17_ethanol_xtb.npz")
+    np.savez(tmp_path / "ethanol.npz", R=d["R"][:10], z=d["z"], E=d["E"][:10], F=d["F"][:10])
+    return H5Dataset(build_cache(tmp_path / "ethanol.npz", cache_dir=tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------------------ BatchLoader's keyword arguments
+@pytest.mark.parametrize("kwargs, line", [
+    ({"batchsize": 2}, "BatchLoader: unknown keyword argument 'batchsize' (did you mean 'batch_size'?); it takes "
+                       "batch_size, shuffle, drop_last, indices, generator, num_workers, pin_memory, pad_ranks, pack"),
+    ({"collate_fn": list}, "BatchLoader: unknown keyword argument 'collate_fn'; it takes batch_size, shuffle, "
+                           "drop_last, indices, generator, num_workers, pin_memory, pad_ranks, pack"),
+    ({"shuffle": "no"}, "BatchLoader: shuffle must be True or False, got 'no'"),
+    ({"drop_last": 1}, "BatchLoader: drop_last must be True or False, got 1"),
+    ({"num_workers": -1}, "BatchLoader: num_workers must be a whole number >= 0, got -1"),
+    ({"sampler": [0, 1]}, "BatchLoader: sampler= is not taken (it draws its own batches of indices; use shuffle=, "
+                          "generator= and indices=), got list"),
+])
+def test_batch_loader_refuses_keywords_it_would_ignore(ethanol_dataset, kwargs, line):
+    """``BatchLoader(ds, batchsize=2)`` gave batches of 32 (swallowed by a catch-all), ``shuffle="no"`` shuffled."""
+    from torchmdx.data import BatchLoader
+
+    with pytest.raises(DataError) as info:
+        BatchLoader(ethanol_dataset, **kwargs)
+    assert str(info.value) == line
+
+
+def test_batch_loader_is_still_recreated_by_lightning(ethanol_dataset):
+    """The catch-all is there for Lightning, which re-creates a loader made in a data module's hook with its own
+    arguments plus ``sampler=None, batch_sampler=None`` (``trainer.predict``, overfit batches): that still works."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DataLoader
+
+    from torchmdx.data import BatchLoader
+
+    with _replace_dunder_methods(DataLoader, "dataset"):
+        loader = BatchLoader(ethanol_dataset, batch_size=3, indices=np.arange(7))
+    again = _update_dataloader(loader, None, mode=RunningStage.PREDICTING)
+    assert isinstance(again, BatchLoader) and again is not loader
+    assert [b.num_graphs for b in again] == [3, 3, 1]
+
+
+# ------------------------------------------------------------------------------ element names
+def test_an_element_without_a_symbol_is_named_once():
+    """``predict`` of an atom with Z=200 said "element Z=200 (Z=200)"."""
+    from bad_inputs_common import tiny_model, water
+
+    atoms = water()
+    atoms.numbers[1] = 200
+    with pytest.raises(ModelError) as info:
+        tiny_model().predict(atoms)
+    assert str(info.value) == "atom 1 is element Z=200, which this model does not know; known elements: H, C, O"
+    atoms.numbers[1] = 9
+    with pytest.raises(ModelError) as info:
+        tiny_model().predict(atoms)
+    assert str(info.value) == "atom 1 is element F (Z=9), which this model does not know; known elements: H, C, O"
