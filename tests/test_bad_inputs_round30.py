@@ -73,3 +73,23 @@ def test_an_element_without_a_symbol_is_named_once():
     with pytest.raises(ModelError) as info:
         tiny_model().predict(atoms)
     assert str(info.value) == "atom 1 is element F (Z=9), which this model does not know; known elements: H, C, O"
+
+
+# ------------------------------------------------------------------------------ dangling links
+@pytest.mark.parametrize("command", [
+    ["data", "info", "{link}"],
+    ["md", "{link}", "--model", "lj.pt", "--steps", "1"],
+    ["evaluate", "lj.pt", "--data", "{link}"],
+])
+def test_a_link_to_a_missing_file_is_named_as_one(tmp_path, capsys, command):
+    """``data info`` and ``md`` (and ``evaluate --data``) said "file not found" for a symbolic link to a missing file,
+    where the model and config loaders said what it is."""
+    from bad_inputs_common import lj_file, refused_exactly
+
+    work = tmp_path / "work"  # the folder checked for changes (the snapshot cannot stat a dangling link)
+    work.mkdir()
+    lj_file(work)
+    link = tmp_path / "ar.xyz"
+    link.symlink_to(tmp_path / "gone.xyz")
+    argv = [a.format(link=link) if a != "lj.pt" else work / "lj.pt" for a in command]
+    refused_exactly(capsys, argv, f"error: {link}: is a symbolic link to the missing {tmp_path / 'gone.xyz'}", work)

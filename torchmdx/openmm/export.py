@@ -350,7 +350,9 @@ def read_metadata(path: Union[str, Path]) -> dict:
     """The metadata of an exported file, without loading the module."""
     path = Path(path)
     if not path.is_file():
-        raise OpenMMError(f"{path}: file not found")
+        from torchmdx.io_utils import missing_file_reason
+
+        raise OpenMMError(f"{path}: {missing_file_reason(path)}")
     try:
         with zipfile.ZipFile(path) as archive:
             name = next((n for n in archive.namelist() if n.endswith(f"extra/{METADATA_FILE}")), None)
