@@ -93,3 +93,62 @@ def test_a_link_to_a_missing_file_is_named_as_one(tmp_path, capsys, command):
     link.symlink_to(tmp_path / "gone.xyz")
     argv = [a.format(link=link) if a != "lj.pt" else work / "lj.pt" for a in command]
     refused_exactly(capsys, argv, f"error: {link}: is a symbolic link to the missing {tmp_path / 'gone.xyz'}", work)
+
+
+# ------------------------------------------------------------------------------ energy units
+def _water_frames(path, energies):
+    from ase.build import molecule
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    frames = []
+    for i, energy in enumerate(energies):
+        atoms = molecule("H2O")
+        atoms.positions += np.random.RandomState(i).normal(0, 0.05, (3, 3))
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=np.zeros((3, 3)))
+        frames.append(atoms)
+    write(path, frames)
+    return path
+
+
+@pytest.mark.parametrize("option, line", [
+    ("--energy-unit", "--energy-unit is empty (''); give an energy unit such as kcal/mol, Hartree or eV, or leave it "
+                      "out for the format's own unit"),
+    ("--length-unit", "--length-unit is empty (''); give a length unit such as Bohr or Å, or leave it out for the "
+                      "format's own unit"),
+    ("--energy-key", "--energy-key is empty (''); give the file's key of the energies, or leave it out for the format's "
+                     "default key"),
+])
+def test_an_empty_unit_or_key_option_is_not_taken_as_not_given(tmp_path, capsys, option, line):
+    """``data info w.xyz --energy-unit ''`` read the energies in eV (the format's own unit) without a word, as
+    ``evaluate --energy-unit ''`` and a config's ``energy_unit: ''`` did; ``--energy-key ''`` read the key 'energy'."""
+    from bad_inputs_common import refused_exactly
+
+    data = _water_frames(tmp_path / "w.xyz", [-1.0, -1.1])
+    refused_exactly(capsys, ["data", "info", data, option, "", "--cache-dir", tmp_path / "c"], f"error: {line}",
+                    tmp_path)
+    refused_exactly(capsys, ["evaluate", tmp_path / "m.pt", "--data", data, option, ""], f"error: {line}", tmp_path)
+
+
+def test_an_empty_unit_in_a_config_is_one_line():
+    from torchmdx.config import from_dict
+    from torchmdx.data.data_config import DataConfig
+    from torchmdx.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        from_dict(DataConfig, {"path": "w.xyz", "energy_unit": ""}, "data")
+    assert str(info.value) == ("config key 'data.energy_unit' is empty (''); give an energy unit such as kcal/mol, "
+                               "Hartree or eV, or leave it out for the format's own unit")
+
+
+def test_rydberg_is_an_energy_unit(tmp_path):
+    """Quantum ESPRESSO's Rydberg was "unknown energy unit 'Ry'". 1 Ry = Eh / 2 = 27.211386024367243 / 2 eV =
+    13.605693012183622 eV with ASE's (CODATA 2014) Hartree that the table holds; CODATA 2018 gives 13.605693122990 eV
+    (1e-8 apart)."""
+    from torchmdx import units
+    from torchmdx.data import read_structures
+
+    assert units.energy_factor("Ry") == units.energy_factor("rydberg") == 13.605693012183622
+    assert units.energy_factor("Ry") == pytest.approx(13.605693122990, rel=1e-8)
+    st = read_structures(_water_frames(tmp_path / "w.xyz", [-2.0, -3.0]), energy_unit="Ry")
+    assert st.energy.tolist() == pytest.approx([-27.211386024367243, -40.817079036550865], rel=1e-12)
