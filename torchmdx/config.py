@@ -311,6 +311,9 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         dotted, raw = item.split("=", 1)
+        if any(not part.strip() for part in dotted.split(".")):  # '=1', '.lr=1', 'train..lr=1': "config key ''"
+            raise ConfigError(f"--set {item!r}: the key {dotted.strip()!r} has an empty part; expected section.key=value "
+                              "(e.g. train.lr=1e-4)")
         try:  # the config file's loader: a key given twice in a {...} value kept the last, silently
             value = yaml.load(raw, Loader=_UniqueKeyLoader)
         except _DuplicateKey as exc:

@@ -286,6 +286,12 @@ class TrainerConfig:
         if isinstance(self.devices, list) and (not self.devices or min(self.devices) < 0
                                                 or len(set(self.devices)) != len(self.devices)):
             bad("devices", f"must list distinct device indices >= 0, got {self.devices!r}")
+        # Lightning's names are lower case: 'CPU' passed check_accelerator (which compares without case) and was
+        # then Lightning's "invalid accelerator name" traceback; an unknown name was refused only after the data
+        # were read and cached. The GPU's presence is checked when the run starts (check_accelerator).
+        if self.accelerator.strip().lower() not in ("auto", "cpu", "gpu", "cuda"):
+            bad("accelerator", f"must be cpu, gpu (cuda) or auto, got {self.accelerator!r}")
+        self.accelerator = self.accelerator.strip().lower()
         self._check_strategy(bad)
         if self.max_time is not None:
             parts = self.max_time.strip().split(":")
