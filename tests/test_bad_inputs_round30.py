@@ -152,3 +152,67 @@ def test_rydberg_is_an_energy_unit(tmp_path):
     assert units.energy_factor("Ry") == pytest.approx(13.605693122990, rel=1e-8)
     st = read_structures(_water_frames(tmp_path / "w.xyz", [-2.0, -3.0]), energy_unit="Ry")
     assert st.energy.tolist() == pytest.approx([-27.211386024367243, -40.817079036550865], rel=1e-12)
+
+
+# ------------------------------------------------------------------------------ training configs
+def _config(tmp_path, extra: str = "", data: bool = True) -> object:
+    """A small training config ``tmp_path/t.yaml`` (never trained here: the lines come while it is read)."""
+    text = ("data: {path: ethanol.npz, train_size: 6, val_size: 2, test_size: 2}\n" if data else "") + \
+        "model: {embedding_dimension: 8, num_layers: 1, num_heads: 2}\ntrainer: {max_epochs: 1}\n" + extra
+    (tmp_path / "t.yaml").write_text(text)
+    return tmp_path / "t.yaml"
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("trainer.accelerator=tpu", "config key 'trainer.accelerator' must be cpu, gpu (cuda) or auto, got 'tpu'"),
+    ("trainer.accelerator=mps", "config key 'trainer.accelerator' must be cpu, gpu (cuda) or auto, got 'mps'"),
+    ("train..lr=1", "--set 'train..lr=1': the key 'train..lr' has an empty part; expected section.key=value (e.g. "
+                    "train.lr=1e-4)"),
+    ("=1", "--set '=1': the key '' has an empty part; expected section.key=value (e.g. train.lr=1e-4)"),
+    ("model.r_max=5.0", "config key 'model.r_max' does not exist (MACE's and NequIP's cutoff radius is "
+                        "model.cutoff_upper here (Å)); allowed: "),
+    ("model.num_channels=64", "config key 'model.num_channels' does not exist (MACE's feature channels are "
+                              "model.embedding_dimension here (model.channels for the equiformer and gatr "
+                              "architectures)); allowed: "),
+    ("train.num_epochs=10", "config key 'train.num_epochs' does not exist (TorchMD-NET's num_epochs is "
+                            "trainer.max_epochs here); allowed: "),
+    ("lr_patience=5", "config key 'lr_patience' does not exist at the top level; it is a key of the train: section "
+                      "(train.lr_patience)"),
+    ("seed=3", "config key 'seed' does not exist at the top level; it is a key of the sections data:, model: and "
+               "train: (data.seed, model.seed, train.seed)"),
+])
+def test_training_config_lines(tmp_path, capsys, setting, line):
+    """``trainer.accelerator: tpu`` was refused only after the data were read and cached; ``--set train..lr=1`` said
+    "config key 'train.' does not exist"; MACE's ``r_max`` got "did you mean 'max_z'?" (the largest atomic number),
+    ``num_channels`` "'num_heads'?", TorchMD-NET's ``num_epochs`` nothing; a section's key at the top level
+    (``lr_patience: 5``) "does not exist; allowed: data, model, run_dir, train, trainer"."""
+    from bad_inputs_common import refused
+
+    config = _config(tmp_path)
+    got = refused(capsys, ["train", config, "--set", setting], [line], tmp_path)
+    assert got == f"error: {line}" or (line.endswith("allowed: ") and got.startswith(f"error: {line}"))
+
+
+def test_a_flat_config_says_where_its_keys_go(tmp_path, capsys):
+    """A TorchMD-NET config (flat keys, no sections) said only "no 'data:' section; sections present: activation, ..."."""
+    from bad_inputs_common import refused_exactly
+
+    config = tmp_path / "tmdnet.yaml"
+    config.write_text("activation: silu\nbatch_size: 32\ncutoff_upper: 5.0\ndataset: MD17\nlr: 0.0004\n")
+    refused_exactly(capsys, ["train", config],
+                    f"error: {config}: no 'data:' section; sections present: activation, batch_size, cutoff_upper, "
+                    "dataset, lr; its keys are at the top level, where torchmdx's go into the sections data:, model:, "
+                    "train: and trainer: (activation is model.activation, batch_size is data.batch_size, cutoff_upper "
+                    "is model.cutoff_upper; configs/demo.yaml shows the layout)", tmp_path)
+
+
+def test_the_accelerator_is_taken_without_case(tmp_path):
+    """``trainer.accelerator: CPU`` passed torchmdx's check (which compared without case) and was then Lightning's
+    "invalid accelerator name" traceback after the data were cached."""
+    import lightning
+
+    from torchmdx.train.config import load_run_config
+
+    cfg = load_run_config(_config(tmp_path), ["trainer.accelerator=CPU"], None, check_data=False)
+    assert cfg.trainer.accelerator == "cpu"
+    lightning.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False, enable_checkpointing=False)
