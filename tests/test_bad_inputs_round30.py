@@ -216,3 +216,62 @@ def test_the_accelerator_is_taken_without_case(tmp_path):
     cfg = load_run_config(_config(tmp_path), ["trainer.accelerator=CPU"], None, check_data=False)
     assert cfg.trainer.accelerator == "cpu"
     lightning.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False, enable_checkpointing=False)
+
+
+# ------------------------------------------------------------------------------ units stated inside a data file
+@pytest.mark.parametrize("layout, dataset, attribute, options, line", [
+    ("ani1x", "C2H4/gfn2xtb.energy", "units=eV", [],
+     "{path}:/C2H4: gfn2xtb.energy.attrs['units'] = 'eV' states a unit, and the energies are read in Hartree (the ANI "
+     "layouts' unit); set data.energy_unit (--energy-unit) to the file's energy unit if eV is what they are (the "
+     "attribute is then checked against it), or convert them"),
+    ("ani1x", "C2H4/gfn2xtb.forces", "unit=Hartree/Bohr", [],
+     "{path}:/C2H4: gfn2xtb.forces.attrs['unit'] = 'Hartree/Bohr' states a unit, and the ANI layouts' forces are read "
+     "in Hartree/Å (they take no length unit): convert them"),
+    ("ani1x", "C2H4/coordinates", "units=nm", ["--energy-unit", "eV"],
+     "{path}:/C2H4: coordinates.attrs['units'] = 'nm' states a unit, and the ANI layouts' coordinates are read in Å "
+     "(they take no length unit): convert them"),
+    ("ani1x", "", "energy_unit=kcal/mol", ["--energy-unit", "eV"],
+     "{path}: energy_unit = 'kcal/mol' states a unit, and the energies are read in eV (as data.energy_unit "
+     "(--energy-unit) says); set data.energy_unit (--energy-unit) to the file's energy unit if kcal/mol is what they "
+     "are (the attribute is then checked against it), or convert them"),
+    ("ani1", "gdb_s01/gdb_s01-0/energies", "units=kcal/mol", [],
+     "{path}:/gdb_s01/gdb_s01-0: energies.attrs['units'] = 'kcal/mol' states a unit, and the energies are read in "
+     "Hartree (the ANI layouts' unit); set data.energy_unit (--energy-unit) to the file's energy unit if kcal/mol is "
+     "what they are (the attribute is then checked against it), or convert them"),
+])
+def test_a_unit_stated_in_an_hdf5_file_is_checked(tmp_path, capsys, shared_data, layout, dataset, attribute, options,
+                                                  line):
+    """An HDF5 file's ``energies.attrs['units'] = 'eV'`` (or the file's ``energy_unit``) was ignored: the energies
+    were read as Hartree, 27 times too large, without a word."""
+    import shutil
+
+    import h5py
+    from bad_inputs_common import refused_exactly
+
+    path = tmp_path / "u.h5"
+    shutil.copy(shared_data / "ani" / f"{layout}_xtb.h5", path)
+    path.chmod(0o644)
+    name, value = attribute.split("=")
+    with h5py.File(path, "r+") as h5:
+        (h5[dataset] if dataset else h5).attrs[name] = value
+    refused_exactly(capsys, ["data", "info", path, "--format", layout, "--cache-dir", tmp_path / "c", *options],
+                    "error: " + line.format(path=path), tmp_path)
+
+
+def test_a_unit_attribute_that_agrees_is_taken(tmp_path, shared_data):
+    import shutil
+
+    import h5py
+
+    from torchmdx.data import read_structures
+
+    path = tmp_path / "u.h5"
+    shutil.copy(shared_data / "ani" / "ani1x_xtb.h5", path)
+    path.chmod(0o644)
+    plain = read_structures(path, "ani1x")
+    with h5py.File(path, "r+") as h5:
+        h5["C2H4/gfn2xtb.energy"].attrs["units"] = b"hartree"
+        h5["C2H4/gfn2xtb.forces"].attrs["units"] = "Hartree/Angstrom"
+        h5["C2H4/coordinates"].attrs["units"] = "Å"
+        h5["C2H4/gfn2xtb.energy"].attrs["charge_units"] = "e"  # not a quantity torchmdx converts: left alone
+    assert np.array_equal(read_structures(path, "ani1x").energy, plain.energy)
