@@ -181,6 +181,34 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, section: str = "",
         _NAMES.reset(token)
 
 
+#: keys of other codes' configs (TorchMD-NET, MACE, NequIP, SchNetPack) that torchmdx names otherwise: what a
+#: message says instead of difflib's guess, which misled ('model.r_max': "did you mean 'max_z'?", the largest atomic
+#: number, for MACE's cutoff radius; 'num_channels': "'num_heads'?"). Keys whose name torchmdx shares are not here.
+_FEATURES = "(model.channels for the equiformer and gatr architectures)"
+FOREIGN_KEYS = {
+    "r_max": "MACE's and NequIP's cutoff radius is model.cutoff_upper here (Å)",
+    "r_cut": "the cutoff radius is model.cutoff_upper here (Å)",
+    "num_channels": "MACE's feature channels are model.embedding_dimension here " + _FEATURES,
+    "num_features": "the feature size is model.embedding_dimension here " + _FEATURES,
+    "hidden_channels": "the feature size is model.embedding_dimension here " + _FEATURES,
+    "n_atom_basis": "SchNetPack's n_atom_basis is model.embedding_dimension here " + _FEATURES,
+    "num_interactions": "the number of interaction layers is model.num_layers here",
+    "n_interactions": "SchNetPack's n_interactions is model.num_layers here",
+    "max_ell": "MACE's max_ell has no counterpart in the ET (its vectors are l = 1); the Equiformer's degree is "
+               "model.lmax",
+    "num_epochs": "TorchMD-NET's num_epochs is trainer.max_epochs here",
+    "max_num_epochs": "MACE's max_num_epochs is trainer.max_epochs here",
+    "learning_rate": "the learning rate is train.lr here",
+    "precision": "the precision is model.dtype here (float32 or float64)",
+    "ema_alpha_y": "TorchMD-NET's ema_alpha_y (a moving average of the energy loss) has no counterpart; "
+                   "train.ema_decay averages the weights",
+    "ema_alpha_neg_dy": "TorchMD-NET's ema_alpha_neg_dy (a moving average of the force loss) has no counterpart; "
+                        "train.ema_decay averages the weights",
+    "derivative": "forces are always the energy's derivative here; train.force_weight: 0 trains on energies only",
+    "max_num_neighbors": "torchmdx's neighbor lists have no per-atom limit (nothing to set)",
+}
+
+
 def _from_dict(cls: type[T], values: Mapping[str, Any] | None, section: str) -> T:
     if values is not None and not isinstance(values, Mapping):
         where = key_name(section) if section else f"the {cls.__name__} config"
@@ -193,6 +221,8 @@ def _from_dict(cls: type[T], values: Mapping[str, Any] | None, section: str) -> 
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
+            if str(key) in FOREIGN_KEYS:
+                hint = f" ({FOREIGN_KEYS[str(key)]})"
             raise ConfigError(
                 f"{key_name(f'{prefix}{key}')} does not exist{hint}; allowed: {', '.join(sorted(fields))}"
             )
@@ -311,6 +341,9 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         dotted, raw = item.split("=", 1)
+        if any(not part.strip() for part in dotted.split(".")):  # '=1', '.lr=1', 'train..lr=1': "config key ''"
+            raise ConfigError(f"--set {item!r}: the key {dotted.strip()!r} has an empty part; expected section.key=value "
+                              "(e.g. train.lr=1e-4)")
         try:  # the config file's loader: a key given twice in a {...} value kept the last, silently
             value = yaml.load(raw, Loader=_UniqueKeyLoader)
         except _DuplicateKey as exc:

@@ -10,6 +10,7 @@ test can check a conversion by hand, and so that torchmdx and ASE never disagree
 
 # --- energy -> eV -----------------------------------------------------------------------------
 HARTREE_TO_EV = 27.211386024367243          # 1 Eh in eV
+RYDBERG_TO_EV = 13.605693012183622          # 1 Ry = Eh / 2 in eV (Quantum ESPRESSO's energy unit; ase.units.Rydberg)
 KCAL_PER_MOL_TO_EV = 0.04336410390059322  # 1 kcal/mol in eV  (= 4184 J / (N_A * e))
 KJ_PER_MOL_TO_EV = 0.010364269574711572  # 1 kJ/mol in eV
 MEV_TO_EV = 1.0e-3
@@ -45,6 +46,8 @@ ENERGY_UNITS = {
     "hartree": HARTREE_TO_EV,
     "ha": HARTREE_TO_EV,
     "eh": HARTREE_TO_EV,
+    "ry": RYDBERG_TO_EV,
+    "rydberg": RYDBERG_TO_EV,
     "kcal/mol": KCAL_PER_MOL_TO_EV,
     "kj/mol": KJ_PER_MOL_TO_EV,
 }

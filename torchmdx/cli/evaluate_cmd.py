@@ -96,8 +96,9 @@ def _data_config(args):
         return cfg, run_dir, True
     if not source.exists():
         from torchmdx.errors import DataError
+        from torchmdx.io_utils import missing_file_reason
 
-        raise DataError(f"{source}: file not found")
+        raise DataError(f"{source}: {missing_file_reason(source)}")
     values = {"path": str(source), "format": args.format, "train_size": 0, "val_size": 0, "test_size": None,
               "atomref": "none"}
     for key in ("cache_dir", "energy_key", "forces_key", "energy_unit", "length_unit"):

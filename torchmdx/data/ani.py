@@ -33,6 +33,59 @@ from torchmdx.errors import DataError
 ANI1X_DEFAULT_METHOD = "wb97x_dz"
 
 
+def _attribute_text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return _attribute_text(value.reshape(-1)[0])
+    return str(value)
+
+
+def check_unit_attributes(node, where: str, datasets: dict, energy_unit: Optional[str]) -> None:
+    """One DataError for a unit an HDF5 file states in its attributes (``energies.attrs['units'] = 'eV'``, a file's
+    ``energy_unit = 'kcal/mol'``) that is not the unit its values are read in: energies in ``energy_unit`` (else the ANI
+    layouts' Hartree), forces in that per Å, coordinates in Å. Such an attribute was ignored: energies stored in eV
+    were read as Hartree (27 times too large), without a word. As for an extxyz frame's unit keys
+    (:mod:`torchmdx.data.unit_keys`), a stated unit is checked, not honoured: ``data.energy_unit`` (--energy-unit)
+    names the file's energy unit, and the attribute must then agree. ``node``: the file (its own attributes, named
+    like ``energy_unit``) or a group; ``datasets``: dataset name -> quantity ('energy', 'forces', 'length') in it."""
+    from torchmdx.data.unit_keys import _agrees, unit_key_quantity
+
+    energy = energy_unit or "Hartree"
+    read_in = {"energy": energy, "forces": f"{energy}/Å", "length": "Å"}
+    checks = []
+    if not datasets:  # the file's attributes: the key's own name says which quantity
+        checks = [(name, value, unit_key_quantity(name)) for name, value in node.attrs.items()]
+    else:
+        for key, quantity in datasets.items():
+            if key is None or key not in node:
+                continue
+            for name, value in node[key].attrs.items():
+                if unit_key_quantity(name) is not None:
+                    checks.append((f"{key}.attrs['{name}']", value, quantity))
+    for name, value, quantity in checks:
+        if quantity is None:
+            continue
+        text = _attribute_text(value).strip()
+        if quantity == "any":
+            agrees = _agrees("any", text, energy, "Å")
+        else:
+            agrees = _agrees(quantity, text, energy, "Å")
+        if agrees:
+            continue
+        per_length = text.rpartition("/")[2]
+        if quantity == "length" or (quantity == "forces" and not _agrees("length", per_length, energy, "Å")):
+            what = "coordinates are read in Å" if quantity == "length" else f"forces are read in {read_in['forces']}"
+            fix = f"the ANI layouts' {what} (they take no length unit): convert them"
+        else:
+            given = "as data.energy_unit (--energy-unit) says" if energy_unit else "the ANI layouts' unit"
+            fix = (f"set data.energy_unit (--energy-unit) to the file's energy unit if {text} is what they are (the "
+                   f"attribute is then checked against it), or convert them")
+            fix = f"the {'forces' if quantity == 'forces' else 'energies'} are read in " \
+                  f"{read_in[quantity if quantity != 'any' else 'energy']} ({given}); {fix}"
+        raise DataError(f"{where}: {name} = {text!r} states a unit, and {fix}")
+
+
 def open_h5(path: Path):
     import h5py
 
@@ -180,6 +233,7 @@ def iter_ani1(path, energy_key: Optional[str] = None, energy_unit: Optional[str]
     builder = StructureBuilder(str(path), format="ani1", energy_key=key, units_in={"energy": energy_unit or "Hartree"})
     with open_h5(path) as h5:
         builder.metadata.update({k: str(v) for k, v in h5.attrs.items() if k == "theory"})
+        check_unit_attributes(h5, str(path), {}, energy_unit)
         groups = molecule_groups(h5, "species")
         if not groups:
             raise DataError(
@@ -203,6 +257,7 @@ def iter_ani1(path, energy_key: Optional[str] = None, energy_unit: Optional[str]
             except KeyError as exc:
                 raise DataError(f"{where}: unknown element symbol {exc.args[0]!r} in 'species'") from None
             n = _check_group_shapes(group, where, len(numbers), key, None)
+            check_unit_attributes(group, where, {key: "energy", "coordinates": "length"}, energy_unit)
             for a, b in _conformation_slices(n, len(numbers), chunk_atoms):
                 positions = read_rows(group, "coordinates", a, b, where)
                 energy = read_rows(group, key, a, b, where)
@@ -295,6 +350,7 @@ def iter_ani1x(path, energy_key: Optional[str] = None, forces_key: Optional[str]
         builder = StructureBuilder(str(path), format="ani1x", energy_key=ekey, forces_key=fkey,
                                    units_in={"energy": energy_unit or "Hartree"})
         builder.metadata.update({k: str(v) for k, v in h5.attrs.items() if k == "theory"})
+        check_unit_attributes(h5, str(path), {}, energy_unit)
         builder.metadata["dropped"] = 0
         dropped = 0
         for group in tqdm(groups, desc="reading ANI-1x", unit=" formulas", disable=None):
@@ -305,6 +361,7 @@ def iter_ani1x(path, energy_key: Optional[str] = None, forces_key: Optional[str]
             numbers = read_rows(group, "atomic_numbers", 0, None, where)
             _check_one_per_atom(numbers, "atomic_numbers", where)
             n = _check_group_shapes(group, where, len(numbers), ekey, fkey)
+            check_unit_attributes(group, where, {ekey: "energy", fkey: "forces", "coordinates": "length"}, energy_unit)
             for a, b in _conformation_slices(n, len(numbers), chunk_atoms):
                 energy = read_rows(group, ekey, a, b, where)
                 positions = read_rows(group, "coordinates", a, b, where)

@@ -39,7 +39,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from torchmdx.data.structures import MAX_ATOMIC_NUMBER, Structures, atom_indices, check_max_z
+from torchmdx.data.structures import MAX_ATOMIC_NUMBER, Structures, atom_indices, check_max_z, element_label
 from torchmdx.errors import DataError
 
 
@@ -200,9 +200,7 @@ def untrained_elements_line(elements, source) -> Optional[str]:
     errors of those structures measure nothing the model learned, without a word (round 27)."""
     if not elements:
         return None
-    from ase.data import chemical_symbols
-
-    names = ", ".join(f"{chemical_symbols[int(z)]} (Z={int(z)})" for z in elements)
+    names = ", ".join(element_label(z) for z in elements)
     element = "element" if len(elements) == 1 else "elements"
     return (f"{element} {names} of {source} occur{'s' if len(elements) == 1 else ''} in no training structure "
             "(only in structures of the validation or test split, or unused ones): the model cannot learn it (no "
@@ -228,12 +226,10 @@ def given_references(data, table: dict, max_z: int = 100, source: str = "the dat
     energies of the isolated atoms in the dataset's level of theory) as a float64 tensor [max_z];
     :class:`DataError` naming the elements of the dataset that the table lacks (their atoms would
     otherwise get a reference of 0 eV, silently)."""
-    from ase.data import chemical_symbols
-
     st = _structures(data)
     missing = [z for z in _dataset_elements(data, st) if z not in table]
     if missing:
-        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
+        names = ", ".join(element_label(z) for z in missing)
         raise DataError(f"{source}: data.atomref gives no reference energy for {names}, which the data contain; "
                         f"add them (eV per atom), or use atomref: fit")
     refs = torch.zeros(max_z, dtype=torch.float64)

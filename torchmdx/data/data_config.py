@@ -58,6 +58,23 @@ DEVICE_RESIDENT_FRACTION = 0.25
 MAX_Z_LIMIT = 119
 
 
+#: keys naming a key of the data file or its units, and what to give instead of an empty one
+TEXT_OPTIONS = {"energy_key": "the file's key of the energies", "forces_key": "the file's key of the forces",
+                "stress_key": "the file's key of the stress", "group_key": "the file's key of the group labels",
+                "energy_unit": "an energy unit such as kcal/mol, Hartree or eV",
+                "length_unit": "a length unit such as Bohr or Å"}
+
+
+def empty_text_line(shown: str, key: str, value) -> Optional[str]:
+    """The one line for an empty (or blank) ``value`` of the DataConfig key ``key`` (``shown``: how the line names it,
+    ``--energy-unit`` or ``config key 'data.energy_unit'``), else None. ``--energy-unit ''`` was taken as not given
+    (the format's own unit, silently), as were ``''`` keys (the format's default key)."""
+    if value is None or not isinstance(value, str) or value.strip():
+        return None
+    default = "the format's own unit" if key.endswith("_unit") else "the format's default key"
+    return f"{shown} is empty ({value!r}); give {TEXT_OPTIONS[key]}, or leave it out for {default}"
+
+
 @dataclass
 class DataConfig:
     path: str
@@ -101,6 +118,10 @@ class DataConfig:
                 what = {"path": "a file or folder", "cache_dir": "a folder (or leave it out for data/cache)",
                         "split_file": "a split file (.npz), or leave it out"}[name]
                 raise ConfigError(f"{key_name(p + name)} is empty ({value!r}); give {what}")
+        for name in TEXT_OPTIONS:
+            line = empty_text_line(key_name(p + name), name, getattr(self, name))
+            if line:
+                raise ConfigError(line)
         # '~' as the shell would expand it (data.path always was): 'cache_dir: ~/cache' wrote the cache into a
         # folder named '~' in the current folder, 'split_file: ~/s.npz' was "split file not found"
         self.cache_dir = expand_home(self.cache_dir)

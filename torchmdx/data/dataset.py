@@ -99,7 +99,9 @@ class H5Dataset(PygDataset):
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise DataError(f"{self.path}: file not found")
+            from torchmdx.io_utils import missing_file_reason
+
+            raise DataError(f"{self.path}: {missing_file_reason(self.path)}")
         self.dtype = as_torch_dtype(dtype)
         self.energy_dtype = as_torch_dtype(energy_dtype)
         self.info = cache_info(self.path)

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 from torchmdx.data.structures import Structures
-from torchmdx.io_utils import SUFFIX_COMPRESSIONS, compression, compression_name_mismatch, decode_text
+from torchmdx.io_utils import (SUFFIX_COMPRESSIONS, compression, compression_name_mismatch, decode_text,
+                               missing_file_reason)
 from torchmdx.errors import DataError
 
 FORMAT_OPTIONS = {
@@ -95,7 +96,7 @@ def resolve_source(path, fmt: Optional[str] = None) -> Path:
         if found is not None:
             raise DataError(f"{path}: file not found; as an MD17 molecule name it needs the format md17 (--format md17, "
                             f"or data.format: md17), which finds {found}")
-    raise DataError(f"{path}: file not found")
+    raise DataError(f"{path}: {missing_file_reason(p)}")  # a dangling link is named as one
 
 
 def _head(path: Path, nbytes: int = 4096) -> bytes:
@@ -109,7 +110,7 @@ def guess_format(path) -> str:
         raise DataError(f"expected the path of a data file or folder, got {path!r}")
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: {missing_file_reason(path)}")
     check_not_empty(path)
     if path.is_dir():
         xyz = sorted(path.glob("*.xyz"))

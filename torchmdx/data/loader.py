@@ -160,6 +160,40 @@ class _BatchStream(IterableDataset):
                 yield batch
 
 
+# BatchLoader's own keyword arguments (for the "did you mean" of a typo).
+_LOADER_ARGUMENTS = ("dataset", "batch_size", "shuffle", "drop_last", "indices", "generator", "num_workers",
+                     "pin_memory", "pad_ranks", "pack")
+
+
+def _check_options(options: dict, **flags) -> None:
+    """Refuse what ``BatchLoader`` would silently ignore or misread: a keyword it does not take (``batchsize=2`` gave
+    batches of 32) and flags that are not booleans (``shuffle="no"`` shuffled).
+
+    The catch-all ``**options`` stays for Lightning: when it re-creates a loader (``trainer.predict``, overfitting,
+    distributed sampler injection; ``lightning.pytorch.utilities.data._update_dataloader``) it calls the class again with
+    the arguments it was made with plus ``sampler=None`` and ``batch_sampler=None`` (an iterable dataset takes no
+    sampler). Those two are taken when they are None; anything else is one ``DataError``."""
+    import difflib
+
+    for key, value in options.items():
+        if key in ("sampler", "batch_sampler"):
+            if value is None:
+                continue
+            raise DataError(f"BatchLoader: {key}= is not taken (it draws its own batches of indices; "
+                            f"use shuffle=, generator= and indices=), got {type(value).__name__}")
+        close = difflib.get_close_matches(str(key), _LOADER_ARGUMENTS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise DataError(f"BatchLoader: unknown keyword argument '{key}'{hint}; it takes "
+                        + ", ".join(_LOADER_ARGUMENTS[1:]))
+    for name in ("shuffle", "drop_last", "pin_memory", "pad_ranks"):
+        value = flags[name]
+        if not isinstance(value, (bool, np.bool_)):
+            raise DataError(f"BatchLoader: {name} must be True or False, got {value!r}")
+    workers = flags["num_workers"]
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise DataError(f"BatchLoader: num_workers must be a whole number >= 0, got {workers!r}")
+
+
 class BatchLoader(TorchDataLoader):
     """PyG batches of an :class:`~torchmdx.data.H5Dataset` or a subset ``dataset[indices]``.
 
@@ -178,7 +212,9 @@ class BatchLoader(TorchDataLoader):
 
     def __init__(self, dataset, batch_size: int = 32, shuffle: bool = False, drop_last: bool = False,
                  indices=None, generator: Optional[torch.Generator] = None, num_workers: int = 0,
-                 pin_memory: bool = False, pad_ranks: bool = True, pack: Optional[dict] = None, **_ignored):
+                 pin_memory: bool = False, pad_ranks: bool = True, pack: Optional[dict] = None, **options):
+        _check_options(options, shuffle=shuffle, drop_last=drop_last, pin_memory=pin_memory, pad_ranks=pad_ranks,
+                       num_workers=num_workers)
         base, base_indices = split_base(dataset)
         if indices is not None:
             base_indices = base_indices[np.asarray(indices, dtype=np.int64)]

@@ -333,7 +333,9 @@ def load_split(path, n_structures: Optional[int] = None, content_hash: str = "")
     """Read a split file; check it fits a dataset of ``n_structures``."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: split file not found")
+        from torchmdx.io_utils import missing_file_reason
+
+        raise DataError(f"{path}: {missing_file_reason(path, 'split file')}")
     with open(path, "rb") as handle:
         head = handle.read(4)
     if not head.startswith(b"PK"):  # numpy would try to unpickle it and advise allow_pickle

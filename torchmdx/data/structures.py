@@ -47,6 +47,15 @@ def element_symbol(z: int) -> str:
     return chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z={z}"
 
 
+def element_label(z: int) -> str:
+    """An element for a message: its symbol and atomic number, ``C (Z=6)``, or ``Z=200`` alone where there is no
+    symbol (``element_symbol(z) (Z=z)`` read "element Z=200 (Z=200)")."""
+    from ase.data import chemical_symbols
+
+    z = int(z)
+    return f"{chemical_symbols[z]} (Z={z})" if 0 <= z < len(chemical_symbols) else f"Z={z}"
+
+
 @dataclass
 class Structures:
     z: np.ndarray
@@ -220,7 +229,7 @@ def check_max_z(z: np.ndarray, offsets: np.ndarray, max_z: int, source: str, fir
         s = first + int(np.searchsorted(offsets, bad[0], side="right") - 1)
         zz = int(z[bad[0]])
         raise DataError(
-            f"{source}: element {element_symbol(zz)} (Z={zz}) in structure {s} is beyond the model's range "
+            f"{source}: element {element_label(zz)} in structure {s} is beyond the model's range "
             f"(max_z={max_z}: atomic numbers below {max_z})"
         )
 

@@ -449,7 +449,9 @@ def load_restart(path: str | os.PathLike) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: restart file not found")
+        from torchmdx.io_utils import missing_file_reason
+
+        raise DataError(f"{path}: {missing_file_reason(path, 'restart file')}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error

@@ -282,7 +282,9 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
     for name in paths:
         path = Path(name)
         if not path.is_file():
-            raise DataError(f"{path}: structure file not found")
+            from torchmdx.io_utils import missing_file_reason
+
+            raise DataError(f"{path}: {missing_file_reason(path, 'structure file')}")
         try:
             read_frames = all_frames(path)  # a UTF-8 byte-order mark: the text without it
         except DataError:

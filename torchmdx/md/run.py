@@ -94,7 +94,9 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"{path}: structure file not found")
+            from torchmdx.io_utils import missing_file_reason
+
+            raise DataError(f"{path}: {missing_file_reason(path, 'structure file')}")
         try:
             everything, numbers = None, None
             if chosen is not None or _negative_frame(index):

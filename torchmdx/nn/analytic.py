@@ -104,12 +104,13 @@ class _PairPotential(Potential):
         if not bool(ok.all()):
             from ase.data import chemical_symbols
 
+            from torchmdx.data.structures import element_label
+
             bad = int((~ok).nonzero()[0, 0])
             zb = int(z[bad])
-            symbol = chemical_symbols[zb] if 0 <= zb < len(chemical_symbols) else "?"
             have = ", ".join(chemical_symbols[e] for e in self.elements)
             raise ModelError(
-                f"atom {bad} is element {symbol} (Z={zb}), which this {self.kind} potential has no "
+                f"atom {bad} is element {element_label(zb)}, which this {self.kind} potential has no "
                 f"parameters for; it knows: {have}"
             )
 

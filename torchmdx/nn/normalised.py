@@ -25,6 +25,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from torchmdx.data.structures import element_label
 from torchmdx.errors import ModelError
 from torchmdx.nn.base import OVERLAP_DISTANCE, Graph, Potential, check_overlaps  # noqa: F401 (OVERLAP_DISTANCE: openmm imports it from here)
 
@@ -84,8 +85,8 @@ def _check_atomref_list(table: torch.Tensor, listed: int, elements: Optional[lis
         known = ", ".join(element_symbol(z) for z in elements)
         raise ModelError(
             f"atomref: a list is indexed by atomic number (atomref[1] is H's), and this list of {listed} gives "
-            f"{float(table[stray[0]]):g} eV to {element_symbol(stray[0])} (Z={stray[0]}), not one of the model's "
-            f"elements ({known}), and nothing to {element_symbol(beyond[0])} (Z={beyond[0]}) (listed in the order of "
+            f"{float(table[stray[0]]):g} eV to {element_label(stray[0])}, not one of the model's "
+            f"elements ({known}), and nothing to {element_label(beyond[0])} (listed in the order of "
             "the elements?); give {Z: energy}, e.g. {1: -13.6, 6: -1029.0}, or a list with an entry for every Z up to "
             "the largest")
 
@@ -239,7 +240,7 @@ class NormalisedPotential(Potential):
                 f"atom {bad} has atomic number {zb} ({element_symbol(zb)}); this model accepts 0..{max_z - 1} (max_z {max_z})"
             )
         known = ", ".join(element_symbol(e) for e in elements)
-        raise ModelError(f"atom {bad} is element {element_symbol(zb)} (Z={zb}), which this model does not know; known elements: {known}")
+        raise ModelError(f"atom {bad} is element {element_label(zb)}, which this model does not know; known elements: {known}")
 
     def _check_overlaps(self, graph: Graph) -> None:
         check_overlaps(graph)

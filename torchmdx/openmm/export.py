@@ -52,6 +52,12 @@ def _unit_factors(length_unit: str, energy_unit: str):
     return length, 1.0 / energy
 
 
+def _element_label(z: int) -> str:
+    """``C (Z=6)``, or ``Z=200`` alone where there is no symbol."""
+    name = _element_name(z)
+    return name if name.startswith("Z=") else f"{name} (Z={z})"
+
+
 def _element_name(z: int) -> str:
     try:
         from ase.data import chemical_symbols
@@ -230,7 +236,7 @@ def check_ml_elements(atomic_numbers: Iterable[Optional[int]], known: Iterable[i
         z = int(z)
         if (known and z not in known) or not 0 < z < max_z:
             have = ", ".join(_element_name(e) for e in sorted(known)) if known else f"Z 1..{max_z - 1}"
-            raise OpenMMError(f"{_atom_label(k, names)} of the ML region is element {_element_name(z)} (Z={z}), which {source} "
+            raise OpenMMError(f"{_atom_label(k, names)} of the ML region is element {_element_label(z)}, which {source} "
                               f"does not know (its elements: {have}); leave it out of the ML atoms or use a model trained on {_element_name(z)}")
     return [int(z) for z in zs]
 
@@ -344,7 +350,9 @@ def read_metadata(path: Union[str, Path]) -> dict:
     """The metadata of an exported file, without loading the module."""
     path = Path(path)
     if not path.is_file():
-        raise OpenMMError(f"{path}: file not found")
+        from torchmdx.io_utils import missing_file_reason
+
+        raise OpenMMError(f"{path}: {missing_file_reason(path)}")
     try:
         with zipfile.ZipFile(path) as archive:
             name = next((n for n in archive.namelist() if n.endswith(f"extra/{METADATA_FILE}")), None)

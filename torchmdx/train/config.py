@@ -286,6 +286,12 @@ class TrainerConfig:
         if isinstance(self.devices, list) and (not self.devices or min(self.devices) < 0
                                                 or len(set(self.devices)) != len(self.devices)):
             bad("devices", f"must list distinct device indices >= 0, got {self.devices!r}")
+        # Lightning's names are lower case: 'CPU' passed check_accelerator (which compares without case) and was
+        # then Lightning's "invalid accelerator name" traceback; an unknown name was refused only after the data
+        # were read and cached. The GPU's presence is checked when the run starts (check_accelerator).
+        if self.accelerator.strip().lower() not in ("auto", "cpu", "gpu", "cuda"):
+            bad("accelerator", f"must be cpu, gpu (cuda) or auto, got {self.accelerator!r}")
+        self.accelerator = self.accelerator.strip().lower()
         self._check_strategy(bad)
         if self.max_time is not None:
             parts = self.max_time.strip().split(":")
@@ -362,8 +368,21 @@ def build_run_config(values: dict, source: str = "config", check_data: bool = Tr
     """A :class:`RunConfig` from a plain dict; one-line ConfigErrors for unknown keys, wrong types
     and a missing ``data:`` section; with ``check_data`` a DataError when ``data.path`` does not
     exist (all before anything is read)."""
+    misplaced = {key: _sections_of(key) for key in values if key not in SECTIONS}
+    misplaced = {key: found for key, found in misplaced.items() if found}
     if "data" not in values:
-        raise ConfigError(f"{source}: no 'data:' section; sections present: {', '.join(map(str, values)) or 'none'}")
+        flat = ""
+        if misplaced:  # a flat config (TorchMD-NET's are): "sections present: lr, cutoff_upper, ..." named no way out
+            shown = ", ".join(f"{key} is {found[0]}.{key}" for key, found in list(misplaced.items())[:3])
+            flat = (f"; its keys are at the top level, where torchmdx's go into the sections data:, model:, train: and "
+                    f"trainer: ({shown}; configs/demo.yaml shows the layout)")
+        raise ConfigError(f"{source}: no 'data:' section; sections present: {', '.join(map(str, values)) or 'none'}"
+                          f"{flat}")
+    for key, found in misplaced.items():  # "config key 'lr_patience' does not exist; allowed: data, model, ..."
+        where = (f"the {found[0]}: section" if len(found) == 1
+                 else "the sections " + ", ".join(f"{s}:" for s in found[:-1]) + f" and {found[-1]}:")
+        raise ConfigError(f"config key {key!r} does not exist at the top level; it is a key of {where} "
+                          f"({', '.join(f'{s}.{key}' for s in found)})")
     for key in ("data", "model", "train", "trainer"):
         if key in values and values[key] is not None and not isinstance(values[key], dict):
             raise ConfigError(f"config key '{key}' must be a mapping of keys, got {values[key]!r}")
@@ -396,6 +415,17 @@ def build_run_config(values: dict, source: str = "config", check_data: bool = Tr
 
         resolve_source(cfg.data_config.path, check_format(cfg.data_config.format))
     return cfg
+
+
+def _sections_of(key) -> list:
+    """The sections (data, model, train, trainer) that have a key named ``key``, for a key written at the top level."""
+    from torchmdx.nn.config import ARCHITECTURES, model_config_class
+
+    classes = {"data": [_data_config_class()],
+               "model": [model_config_class({"architecture": name}) for name in ARCHITECTURES],
+               "train": [TrainConfig], "trainer": [TrainerConfig]}
+    return [section for section, kinds in classes.items()
+            if any(key in {f.name for f in dataclasses.fields(kind) if f.init} for kind in kinds)]
 
 
 def _device_count(devices) -> Optional[int]:
