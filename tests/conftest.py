@@ -18,6 +18,27 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+#: folders of the checkout a test must not write into (the CLI's default cache folder is data/cache under the
+#: working folder: a test that runs a command in the repository's root leaves its caches in the checkout)
+CHECKOUT_OUTPUTS = (ROOT / "data" / "cache",)
+
+
+def _listing():
+    return {str(p) for folder in CHECKOUT_OUTPUTS if folder.is_dir() for p in folder.iterdir()}
+
+
+@pytest.fixture(autouse=True)
+def no_outputs_in_the_checkout():
+    """Fail the test that leaves files in the checkout's data/cache (run it in ``tmp_path``: ``monkeypatch.chdir``).
+    Under ``-n 2`` a file written by the other worker's test may be charged to this one: run the named tests one by
+    one to find the writer."""
+    before = _listing()
+    yield
+    new = sorted(_listing() - before)
+    if new:
+        pytest.fail(f"the test wrote into the checkout: {', '.join(new[:3])} (run it in tmp_path)", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real sample files (``../shared/data``); see its README."""

@@ -162,9 +162,10 @@ def test_xyz_frame_cut_after_its_atom_count_is_named(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------- sweep --set beside --grid
-def test_sweep_set_of_a_swept_key_is_refused(tmp_path, capsys):
+def test_sweep_set_of_a_swept_key_is_refused(tmp_path, capsys, monkeypatch):
     """``sweep --grid model.num_layers=1,2 --set model.num_layers=3`` trained 1 and 2: the grid's values replaced
     the --set at every point, without a word (a config's sweep.grid and sweep.variants likewise)."""
+    monkeypatch.chdir(tmp_path)  # caches (data/cache under the working folder) stay out of the checkout
     rng = np.random.default_rng(0)
     water = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
     np.savez(tmp_path / "e.npz", R=water + rng.normal(0, 0.02, (20, 3, 3)), z=np.array([8, 1, 1]),

@@ -95,9 +95,10 @@ def _sweep_config(tmp_path, grid=None):
     return tmp_path / "s.yaml"
 
 
-def test_sweep_grid_key_also_in_config_grid_warns(tmp_path, capsys):
+def test_sweep_grid_key_also_in_config_grid_warns(tmp_path, capsys, monkeypatch):
     """A --grid key that the config's sweep.grid sweeps too took the command line's values without a word. The
     command line still wins (as --set over a config value), with one warning line naming both value lists."""
+    monkeypatch.chdir(tmp_path)  # caches (data/cache under the working folder) stay out of the checkout
     config = _sweep_config(tmp_path, {"model.num_layers": [2, 4, 8]})
     base = ["sweep", str(config), "--dry-run", "--out", str(tmp_path / "out")]
     capsys.readouterr()

@@ -153,9 +153,10 @@ def test_a_compressed_file_whose_name_says_otherwise(tmp_path, capsys, name, pac
 
 
 # ---------------------------------------------------------------------------------- evaluate --split all
-def test_evaluating_every_structure_of_the_training_data_warns(run, tmp_path, capsys):
+def test_evaluating_every_structure_of_the_training_data_warns(run, tmp_path, capsys, monkeypatch):
     """``evaluate runs/t/model.pt --data e.npz`` (no --run: every structure) scored the model on its own training
     structures too, errors too good without a word."""
+    monkeypatch.chdir(tmp_path)  # caches (data/cache under the working folder) stay out of the checkout
     data = run.parent.parent / "e.npz"
     capsys.readouterr()
     argv = ["evaluate", run / "model.pt", "--data", data, "--out", tmp_path / "r", "--no-progress"]
