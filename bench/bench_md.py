@@ -74,8 +74,6 @@ def parse_args(argv=None):
     p.add_argument("--plain-epilogue", action="store_true",
                    help="captured step: the non-finite check and the static copies op by op "
                         "(torchmdx.md.cuda_graph.FUSED_EPILOGUE False), for an A/B")
-    p.add_argument("--steps-per-graph", type=int, default=None,
-                   help="captured MD step: K steps per CUDA-graph replay (torchmdx.md.cuda_graph.STEPS_PER_GRAPH)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="CUDA: after the native timing, profile this many steps (torch.profiler) and print every "
                         "kernel's GPU time per step, the GPU's busy time per step and the wall time per step")
@@ -273,10 +271,6 @@ def main(argv=None):
         from torchmdx.nn import traced as traced_module
 
         traced_module.SMALL_ROW_INNER = args.small_row_inner
-    if args.steps_per_graph is not None:
-        from torchmdx.md import cuda_graph as cuda_graph_module
-
-        cuda_graph_module.STEPS_PER_GRAPH = args.steps_per_graph
     if args.plain_epilogue:
         from torchmdx.md import cuda_graph as cuda_graph_module
 

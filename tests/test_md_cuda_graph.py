@@ -83,21 +83,3 @@ def test_periodic_graph_equals_eager(shared_data):
     delta = (frac - torch.round(frac)) @ cell
     assert float(delta.abs().max()) < 5e-5
 
-
-@pytest.mark.parametrize("ensemble", ["nve", "langevin"])
-def test_several_steps_per_graph_equal_one(peptide, monkeypatch, ensemble):
-    """K = 4 steps per replay (``STEPS_PER_GRAPH``), chunks of 10 steps (two K-step replays and two one-step
-    replays each): the same trajectory, random draws included, as one step per replay."""
-    from torchmdx.md import cuda_graph
-
-    runs = []
-    for k in (1, 4):
-        monkeypatch.setattr(cuda_graph, "STEPS_PER_GRAPH", k)
-        sim, summary = _run(peptide, ensemble, True, 30)
-        assert sim._graphed.steps_per_graph == k and (sim._graphed.graph_k is not None) == (k > 1)
-        assert summary.steps == 30 and sim.state.step == 30
-        runs.append(sim)
-    one, four = runs
-    np.testing.assert_allclose(four.state.positions.cpu(), one.state.positions.cpu(), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(four.state.velocities.cpu(), one.state.velocities.cpu(), rtol=0, atol=1e-6)
-    assert torch.equal(four.generator.get_state(), one.generator.get_state())

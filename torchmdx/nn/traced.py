@@ -117,9 +117,11 @@ SMALL_ROWS = 192
 #: column). From a few thousand atoms up no product is small enough to be rewritten either way.
 SMALL_PRODUCTS_MAX_ATOMS = 64
 #: ``small_row_inner`` "auto" of inference graphs: the longest inner dimension of a product rewritten for its few rows
-#: (:func:`small_products` ``max_row_inner``; None: any). None until timed: the 22-atom call's
-#: [22, 384] @ [384, 128] products are its largest reductions (8-30 µs each, H100, 2026-12-07), and
-#: cuBLAS won for such products at 166 atoms (``bench/bench_md.py --small-row-inner``)
+#: (:func:`small_products` ``max_row_inner``; None: any). Timed None: the 22-atom call's
+#: [22, 384] @ [384, 128] products are its largest reductions (8-30 µs each), but leaving those of inner
+#: dimension above 128 to cuBLAS lost in native MD, 2 219 against 2 808 steps/s (160 against 124 launches per
+#: step; H100, 2026-12-07 afternoon, ``bench/bench_md.py --small-row-inner 128``,
+#: ``docs/benchmarks/2026-12-07-h100-d/call1``)
 SMALL_ROW_INNER: Optional[int] = None
 #: the same bound for the training graph (:class:`TracedForces` with ``training=True``): its
 #: weight-gradient products [F, atoms] @ [atoms, 3F] have F = 128 <= 192 rows and a long inner
