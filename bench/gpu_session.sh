@@ -32,7 +32,7 @@
 #   4 md16       110 s  bench_md: native engine, torchmdx ASE loop, TorchMD-NET's ASE loop (DHFR, factor IX, 22 atoms)
 #   5 neighbors16 45 s  bench_neighbors 10 k / 100 k atoms and the systems
 # Knobs: K16_SWEEP (systems), K16_SWEEP_BUDGET (s per sweep system), K16_SKIP (space-separated step names),
-# K16_PROFILE (systems; BENCH_PROFILE_VARIANTS eager,graph,traced), K16_MODEL_SYSTEMS / K16_ROW_BUDGET / K16_TRACED_MAX_ATOMS (model16's rows; graph_traced up to that size), K16_MD_SYSTEMS / K16_MD_VARIANTS (md16).
+# K16_PROFILE (systems; BENCH_PROFILE_VARIANTS eager,graph,traced), K16_MODEL_SYSTEMS / K16_ROW_BUDGET / K16_TRACED_MAX_ATOMS (model16's rows; graph_traced up to that size), K16_MD_SYSTEMS / K16_MD_VARIANTS / K16_MD_ARGS (md16; default "--steps 400 --warmup 10 --repeat 1", each measurement cut to 4 s).
 # accuracy-equiformer reuses the ET run's split file when it is there ($ACCURACY_SPLIT, default
 # $OUT/accuracy_torchmdx/split_<data>_seed0.npz: accuracy-torchmdx earlier in the same call), else it draws
 # its own with the same seed (the same indices; the report checks the split digests).
@@ -123,7 +123,7 @@ for part in "$@"; do
           --systems ${K16_MODEL_SYSTEMS:-dhfr,factorIX,stmv,alanine_dipeptide,chignolin} --budget-s 2 --row-budget-s ${K16_ROW_BUDGET:-35} --traced-max-atoms ${K16_TRACED_MAX_ATOMS:-64} \
           2>&1 | tee "$OUT/model16.log"
       step md16 && timeout ${K16_MD_TIMEOUT:-110} python3 bench/bench_md.py --device cuda --data .benchdata \
-          --systems ${K16_MD_SYSTEMS:-dhfr factorIX alanine_dipeptide} --variants ${K16_MD_VARIANTS:-native,ase,tmdnet_ase} --steps 400 --warmup 10 --repeat 1 \
+          --systems ${K16_MD_SYSTEMS:-dhfr factorIX alanine_dipeptide} --variants ${K16_MD_VARIANTS:-native,ase,tmdnet_ase} ${K16_MD_ARGS:---steps 400 --warmup 10 --repeat 1} \
           --budget-s 4 --json "$OUT/bench_md16.json" 2>&1 | tee "$OUT/bench_md16.log"
       step neighbors16 && timeout ${K16_NEIGHBORS_TIMEOUT:-45} python3 bench/bench_neighbors.py --sizes 10000,100000 \
           --systems .benchdata --out "$OUT" 2>&1 | tee "$OUT/bench_neighbors16.log"
