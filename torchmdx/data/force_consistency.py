@@ -75,15 +75,21 @@ def consistency_slope(structures, max_pairs: int = MAX_PAIRS, max_shift: float =
     return len(work), slope, correlation
 
 
+def matching_factor(slope: float, known) -> Optional[str]:
+    """The description of the first (factor, description) of ``known`` that ``slope`` matches within 10 % (same
+    sign), else None: what a consistency slope looks like (this module's and :mod:`torchmdx.data.stress_consistency`)."""
+    for factor, what in known:
+        if factor * slope > 0 and abs(slope / factor - 1.0) < 0.1:
+            return what
+    return None
+
+
 def _looks_like(slope: float, atoms: float) -> Optional[str]:
     """What a slope looks like: a known unit factor, or 1/N (energies per atom), within 10 %."""
     known = list(_KNOWN)
     if atoms > 1.5:
         known.append((1.0 / atoms, f"energies per atom beside forces of the whole structure ({atoms:g} atoms)"))
-    for factor, what in known:
-        if factor * slope > 0 and abs(slope / factor - 1.0) < 0.1:
-            return what
-    return None
+    return matching_factor(slope, known)
 
 
 def force_energy_line(structures, source: str) -> Optional[str]:

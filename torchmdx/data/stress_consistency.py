@@ -223,10 +223,9 @@ def _looks_like(slope: float, volume: Optional[float], atoms: float) -> Optional
         known.append((1.0 / volume, f"the stress times the volume (eV) given as the stress (about {volume:.4g} Å³)"))
     if atoms > 1.5:
         known.append((1.0 / atoms, f"energies per atom beside a stress of the whole structure ({atoms:g} atoms)"))
-    for factor, what in known:
-        if factor * slope > 0 and abs(slope / factor - 1.0) < 0.1:
-            return what
-    return None
+    from torchmdx.data.force_consistency import matching_factor
+
+    return matching_factor(slope, known)
 
 
 def stress_energy_line(structures, source: str) -> Optional[str]:
