@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from torchmdx.config import key_name
+from torchmdx.config import given_text, key_name
 from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import expand_home
 
@@ -136,7 +136,11 @@ class DataConfig:
             elif value < 0:
                 raise ConfigError(f"{key_name(p + name)} must not be negative, got {value}")
             elif isinstance(value, float) and value > 1:
-                raise ConfigError(f"{key_name(p + name)} is a fraction above 1 ({value}); use an integer for a count")
+                text = given_text(p + name)  # "800" (quoted) is the float 800.0: show what the config says
+                shown = f"{value}" if text is None else f"{text!r}, text read as the number {value}"
+                advice = "" if text is None else " without quotes"
+                raise ConfigError(f"{key_name(p + name)} is a fraction above 1 ({shown}); use an integer{advice} "
+                                  "for a count")
         if len(open_sizes) > 1:
             names = ", ".join(p + n for n in open_sizes)
             raise ConfigError(f"config keys {names}: only one size may be null (the rest)")
