@@ -1,0 +1,72 @@
+"""Bad inputs, round 31 (branch bad31): rounds 29-30's leftovers (a quoted split size, equal sweep points, huge
+float32 cells, unit attributes of other readers) and the evaluate / export / label outputs; see docs/bad_inputs.md,
+round 31.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from bad_inputs_common import refused_exactly, tiny_model, water
+from test_bad_inputs_round9 import TINY
+
+
+def _water_npz(folder, frames=20):
+    rng = np.random.default_rng(0)
+    positions = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    np.savez(folder / "e.npz", R=positions + rng.normal(0, 0.02, (frames, 3, 3)), z=np.array([8, 1, 1]),
+             E=rng.normal(0, 1, frames), F=rng.normal(0, 1, (frames, 3, 3)))
+    return folder / "e.npz"
+
+
+# ------------------------------------------------------------------------------ a split size written as text
+def test_quoted_split_size_is_shown_as_written(tmp_path, capsys, monkeypatch):
+    """``data.train_size: "800"`` is the float 800.0 (text read as a number) and refused as a fraction above 1; the
+    line showed 800.0 where the file says "800"."""
+    monkeypatch.chdir(tmp_path)
+    _water_npz(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text('data:\n  path: e.npz\n  train_size: "800"\n')
+    refused_exactly(capsys, ["train", config],
+                    "error: config key 'data.train_size' is a fraction above 1 ('800', text read as the number 800.0); "
+                    "use an integer without quotes for a count", tmp_path)
+    config.write_text("data:\n  path: e.npz\n  train_size: 800.0\n")  # a float as written: as before
+    refused_exactly(capsys, ["train", config],
+                    "error: config key 'data.train_size' is a fraction above 1 (800.0); use an integer for a count",
+                    tmp_path)
+
+
+# ------------------------------------------------------------------------------ sweep points the config reads alike
+def test_sweep_grid_values_read_alike_are_refused(tmp_path, capsys, monkeypatch):
+    """``--grid trainer.accelerator=CPU,cpu`` planned two points of the same training (the config lower-cases the
+    accelerator since round 30)."""
+    monkeypatch.chdir(tmp_path)
+    _water_npz(tmp_path)
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump({"data": {"path": "e.npz", "train_size": 12, "val_size": 4},
+                                      "model": dict(TINY)}))
+    refused_exactly(capsys, ["sweep", config, "--dry-run", "--out", tmp_path / "out", "--grid",
+                             "trainer.accelerator=CPU,cpu"],
+                    "error: the sweep points (trainer.accelerator=CPU) and (trainer.accelerator=cpu) are the same "
+                    "training (the config reads trainer.accelerator 'CPU' and 'cpu' alike); list each value once",
+                    tmp_path)
+
+
+# ------------------------------------------------------------------------------ huge float32 cells
+def test_huge_float32_cell_has_its_true_widths():
+    """A float32 periodic cell of 1e30 Å along a was refused with widths "b 0, c 0" (the squares inside the cross
+    products' norms overflowed float32); its widths are 1e30, 10, 10 Å, wide enough for the cutoff."""
+    import torch
+
+    from torchmdx.kernels.neighbors_ref import perpendicular_widths
+
+    widths = perpendicular_widths(torch.tensor([[1e30, 0, 0], [0, 10, 0], [0, 0, 10]], dtype=torch.float32))
+    assert widths.dtype == torch.float32
+    assert widths.tolist() == pytest.approx([1e30, 10.0, 10.0], rel=1e-6)
+    model = tiny_model()
+    open_energy = model.predict(water())["energy"]
+    atoms = water()
+    atoms.cell, atoms.pbc = [1e30, 10, 10], True
+    assert model.predict(atoms)["energy"] == pytest.approx(open_energy, abs=1e-5)
