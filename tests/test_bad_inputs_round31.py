@@ -70,3 +70,37 @@ def test_huge_float32_cell_has_its_true_widths():
     atoms = water()
     atoms.cell, atoms.pbc = [1e30, 10, 10], True
     assert model.predict(atoms)["energy"] == pytest.approx(open_energy, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------ unit keys of an npz
+@pytest.mark.parametrize("key, value, line", [
+    ("energy_unit", "eV", "e.npz: energy_unit = 'eV' states a unit, and the energies are read in kcal/mol (only "
+                          "sGDML's e_unit and r_unit are read); set data.energy_unit (--energy-unit) to the file's "
+                          "energy unit if eV is what they are (the key is then checked against it), or convert the "
+                          "values"),
+    ("F_unit", "Hartree/Bohr", "e.npz: F_unit = 'Hartree/Bohr' states a unit, and the forces are read in "
+                               "kcal/mol/Å (only sGDML's e_unit and r_unit are read); set data.energy_unit "
+                               "(--energy-unit) and data.length_unit (--length-unit) to the file's units if "
+                               "Hartree/Bohr is what they are (the key is then checked against it), or convert the "
+                               "values"),
+])
+def test_npz_unit_keys_other_than_sgdml_are_checked(tmp_path, capsys, monkeypatch, key, value, line):
+    """An MD17-layout npz with ``energy_unit='eV'`` (not sGDML's ``e_unit``, which is read) was read in kcal/mol,
+    23 times too small, without a word."""
+    monkeypatch.chdir(tmp_path)
+    arrays = dict(np.load(_water_npz(tmp_path)))
+    np.savez(tmp_path / "e.npz", **arrays, **{key: np.array(value)})
+    refused_exactly(capsys, ["data", "info", "e.npz"], "error: " + line, tmp_path)
+
+
+def test_npz_unit_keys_that_agree_are_taken(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from torchmdx.data import read_structures
+
+    arrays = dict(np.load(_water_npz(tmp_path)))
+    plain = read_structures(tmp_path / "e.npz")
+    np.savez(tmp_path / "k.npz", **arrays, E_unit=np.array("kcal/mol"), F_unit=np.array("kcal/mol/Ang"),
+             charge_unit=np.array("e"))
+    assert np.allclose(read_structures(tmp_path / "k.npz").energy, plain.energy)
+    np.savez(tmp_path / "k.npz", **arrays, energy_unit=np.array("eV"))
+    assert np.allclose(read_structures(tmp_path / "k.npz", energy_unit="eV").energy, 23.06 * plain.energy, rtol=1e-3)
