@@ -31,7 +31,11 @@ def test_quoted_split_size_is_shown_as_written(tmp_path, capsys, monkeypatch):
     config.write_text('data:\n  path: e.npz\n  train_size: "800"\n')
     refused_exactly(capsys, ["train", config],
                     "error: config key 'data.train_size' is a fraction above 1 ('800', text read as the number 800.0); "
-                    "use an integer without quotes for a count", tmp_path)
+                    "write a count as a plain integer (800, without quotes)", tmp_path)
+    config.write_text("data:\n  path: e.npz\n  train_size: 1e3\n")  # text to YAML 1.1, read as 1000.0
+    refused_exactly(capsys, ["train", config],
+                    "error: config key 'data.train_size' is a fraction above 1 ('1e3', text read as the number "
+                    "1000.0); write a count as a plain integer (1000, without quotes)", tmp_path)
     config.write_text("data:\n  path: e.npz\n  train_size: 800.0\n")  # a float as written: as before
     refused_exactly(capsys, ["train", config],
                     "error: config key 'data.train_size' is a fraction above 1 (800.0); use an integer for a count",

@@ -138,9 +138,10 @@ class DataConfig:
             elif isinstance(value, float) and value > 1:
                 text = given_text(p + name)  # "800" (quoted) is the float 800.0: show what the config says
                 shown = f"{value}" if text is None else f"{text!r}, text read as the number {value}"
-                advice = "" if text is None else " without quotes"
-                raise ConfigError(f"{key_name(p + name)} is a fraction above 1 ({shown}); use an integer{advice} "
-                                  "for a count")
+                advice = "use an integer for a count"
+                if text is not None and value.is_integer():  # "800" quoted, or 1e3 (text to YAML 1.1)
+                    advice = f"write a count as a plain integer ({int(value)}, without quotes)"
+                raise ConfigError(f"{key_name(p + name)} is a fraction above 1 ({shown}); {advice}")
         if len(open_sizes) > 1:
             names = ", ".join(p + n for n in open_sizes)
             raise ConfigError(f"config keys {names}: only one size may be null (the rest)")
