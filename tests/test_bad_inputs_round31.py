@@ -108,3 +108,34 @@ def test_npz_unit_keys_that_agree_are_taken(tmp_path, capsys, monkeypatch):
     assert np.allclose(read_structures(tmp_path / "k.npz").energy, plain.energy)
     np.savez(tmp_path / "k.npz", **arrays, energy_unit=np.array("eV"))
     assert np.allclose(read_structures(tmp_path / "k.npz", energy_unit="eV").energy, 23.06 * plain.energy, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------ openmm-ml: createSystem's arguments
+KNOWN = "known: implementation, fastPath, cudaGraph, compile, device, dtype, outputForces"
+
+
+@pytest.mark.parametrize("args, line", [
+    ({"atoms": [0, 5]}, "MLPotential('torchmdx').createSystem takes no atoms=: it makes every atom of the topology an "
+                        "ML atom; for ML atoms inside an MM system use createMixedSystem(topology, mm_system, atoms), "
+                        "or give createSystem a topology of the ML atoms only"),
+    ({"dtpye": "float64"}, f"MLPotential('torchmdx'): unknown option 'dtpye' (did you mean 'dtype'?); {KNOWN}"),
+    ({"cuda_graph": False}, f"MLPotential('torchmdx'): unknown option 'cuda_graph' (did you mean 'cudaGraph'?); {KNOWN}"),
+    ({"precision": "double"}, "MLPotential('torchmdx'): unknown option 'precision' (torchmdx's option is "
+                              f"dtype='float32' or 'float64'); {KNOWN}"),
+])
+def test_openmm_create_system_arguments(tmp_path, args, line):
+    """``createSystem(topology, atoms=[...])`` was openmm-ml's "addForces() got multiple values for argument
+    'atoms'"; an option torchmdx does not take (a typo, MACE's ``precision='double'``) was dropped without a word
+    (the System ran in float32)."""
+    pytest.importorskip("openmmml")
+    from openmmml import MLPotential
+
+    from test_openmm import _topology
+    from torchmdx.openmm import OpenMMError
+
+    tiny_model().save(tmp_path / "m.pt")
+    potential = MLPotential("torchmdx", modelPath=str(tmp_path / "m.pt"))
+    with pytest.raises(OpenMMError) as info:
+        potential.createSystem(_topology([8, 1, 1]), **args)
+    assert str(info.value) == line
+    assert potential.createSystem(_topology([8, 1, 1]), dtype="float64", removeCMMotion=False).getNumForces() == 1
