@@ -139,3 +139,21 @@ def test_openmm_create_system_arguments(tmp_path, args, line):
         potential.createSystem(_topology([8, 1, 1]), **args)
     assert str(info.value) == line
     assert potential.createSystem(_topology([8, 1, 1]), dtype="float64", removeCMMotion=False).getNumForces() == 1
+
+
+def test_sweep_format_in_other_case_is_one_format(tmp_path, capsys, monkeypatch):
+    """``data.format: MD17`` was read as md17 by the readers but kept as written, so ``--grid data.format=MD17,md17``
+    planned two points of one training; the config now keeps the format in lower case."""
+    monkeypatch.chdir(tmp_path)
+    from torchmdx.config import from_dict
+    from torchmdx.data.data_config import DataConfig
+
+    assert from_dict(DataConfig, {"path": "e.npz", "format": "MD17"}, "data").format == "md17"
+    _water_npz(tmp_path)
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump({"data": {"path": "e.npz", "train_size": 12, "val_size": 4},
+                                      "model": dict(TINY)}))
+    refused_exactly(capsys, ["sweep", config, "--dry-run", "--out", tmp_path / "out", "--grid",
+                             "data.format=MD17,md17"],
+                    "error: the sweep points (data.format=MD17) and (data.format=md17) are the same training (the "
+                    "config reads data.format 'MD17' and 'md17' alike); list each value once", tmp_path)

@@ -128,6 +128,8 @@ class DataConfig:
         self.split_file = expand_home(self.split_file)
         if self.format is not None and self.format.lower() not in FORMATS:
             raise ConfigError(f"{key_name(p + 'format')} must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format is not None:  # the readers take any case: 'MD17' and 'md17' are one format (a sweep over
+            self.format = self.format.lower()  # data.format=MD17,md17 planned the same training twice)
         open_sizes = []
         for name in ("train_size", "val_size", "test_size"):
             value = getattr(self, name)
