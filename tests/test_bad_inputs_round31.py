@@ -139,6 +139,10 @@ def test_openmm_create_system_arguments(tmp_path, args, line):
         potential.createSystem(_topology([8, 1, 1]), **args)
     assert str(info.value) == line
     assert potential.createSystem(_topology([8, 1, 1]), dtype="float64", removeCMMotion=False).getNumForces() == 1
+    if "atoms" not in args:  # given to MLPotential itself: the same hint ("unknown option(s) dtpye" before)
+        with pytest.raises(OpenMMError) as info:
+            MLPotential("torchmdx", modelPath=str(tmp_path / "m.pt"), **args)
+        assert str(info.value) == line.replace("known: ", "known: modelPath, ")
 
 
 def test_sweep_format_in_other_case_is_one_format(tmp_path, capsys, monkeypatch):

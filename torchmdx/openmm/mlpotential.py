@@ -86,9 +86,8 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
         from torchmdx.openmm.errors import OpenMMError
 
         unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise OpenMMError(f"MLPotential('{name}'): unknown option(s) {', '.join(unknown)}; "
-                              f"known: modelPath, {', '.join(_OPTIONS)}")
+        if unknown:  # a hint as createSystem's (MACE's precision='double' is dtype='float64' here)
+            raise OpenMMError(_unknown_option_line(name, unknown[0], "modelPath, "))
         if modelPath is None:
             raise OpenMMError(f"MLPotential('{name}') needs modelPath=: a torchmdx model file (model.pt) or an OpenMM "
                               "export (torchmdx export --openmm model.pt -o model_openmm.pt)")
@@ -234,8 +233,6 @@ def _check_system_args(name: str, args: dict) -> None:
     """One OpenMMError for an argument of ``createSystem`` / ``createMixedSystem`` that torchmdx does not take: they
     were dropped without a word (``dtpye='float64'`` or MACE's ``precision='double'`` ran in float32), and
     ``createSystem(topology, atoms=...)`` was a TypeError. openmm-ml's own forwarded arguments pass."""
-    import difflib
-
     from torchmdx.openmm.errors import OpenMMError
 
     if "atoms" in args:
@@ -243,16 +240,23 @@ def _check_system_args(name: str, args: dict) -> None:
                           "an ML atom; for ML atoms inside an MM system use createMixedSystem(topology, mm_system, "
                           "atoms), or give createSystem a topology of the ML atoms only")
     for key in args:
-        if key in _OPTIONS or key in _OPENMMML_ARGS:
-            continue
-        if key in _FOREIGN_OPTIONS:
-            hint = f" (torchmdx's option is {_FOREIGN_OPTIONS[key]})"
-        else:
-            lower = {o.lower().replace("_", ""): o for o in _OPTIONS}
-            close = lower.get(key.lower().replace("_", "")) or next(
-                iter(difflib.get_close_matches(key, _OPTIONS, n=1)), None)
-            hint = f" (did you mean {close!r}?)" if close else ""
-        raise OpenMMError(f"MLPotential('{name}'): unknown option {key!r}{hint}; known: {', '.join(_OPTIONS)}")
+        if key not in _OPTIONS and key not in _OPENMMML_ARGS:
+            raise OpenMMError(_unknown_option_line(name, key))
+
+
+def _unknown_option_line(name: str, key: str, more: str = "") -> str:
+    """The line for an option ``key`` torchmdx's potential does not take, with a hint: its own name for another
+    openmm-ml potential's option, or the option it is a typo of (``cuda_graph``: cudaGraph)."""
+    import difflib
+
+    if key in _FOREIGN_OPTIONS:
+        hint = f" (torchmdx's option is {_FOREIGN_OPTIONS[key]})"
+    else:
+        lower = {o.lower().replace("_", ""): o for o in _OPTIONS}
+        close = lower.get(str(key).lower().replace("_", "")) or next(
+            iter(difflib.get_close_matches(str(key), _OPTIONS, n=1)), None)
+        hint = f" (did you mean {close!r}?)" if close else ""
+    return f"MLPotential('{name}'): unknown option {key!r}{hint}; known: {more}{', '.join(_OPTIONS)}"
 
 
 def _check_implementation(value) -> str:
