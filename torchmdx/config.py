@@ -40,6 +40,19 @@ _NAMES: contextvars.ContextVar[Optional[Mapping[str, str]]] = contextvars.Contex
                                                                                      default=None)
 
 
+#: {dotted key: text} of the values a config wrote as text and :func:`from_dict` read as numbers ("800" -> 800.0),
+#: while that call's ``validate`` runs (:func:`given_text`)
+_GIVEN: contextvars.ContextVar[Optional[Mapping[str, str]]] = contextvars.ContextVar("config_given_text", default=None)
+
+
+def given_text(key: str) -> Optional[str]:
+    """The text the config gave for the dotted key ``key`` when :func:`from_dict` read it as a number (``'800'``
+    for ``train_size: "800"``, which is the float 800.0), else None; for a ``validate`` whose line should show
+    the value as written. Only during the :func:`from_dict` call that read it."""
+    given = _GIVEN.get()
+    return None if given is None else given.get(key)
+
+
 def key_name(key: str) -> str:
     """How a message names the dotted config key ``key`` (``'md.dt'``): ``config key 'md.dt'``, or
     the name the enclosing :func:`from_dict` call was given for it in ``names`` (``--dt``)."""
@@ -237,7 +250,13 @@ def _from_dict(cls: type[T], values: Mapping[str, Any] | None, section: str) -> 
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate(section or cls.__name__)
+        texts = {prefix + name: values[name] for name, value in kwargs.items()
+                 if isinstance(values[name], str) and isinstance(value, (int, float))}
+        token = _GIVEN.set({**(_GIVEN.get() or {}), **texts})
+        try:
+            validate(section or cls.__name__)
+        finally:
+            _GIVEN.reset(token)
     return obj
 
 

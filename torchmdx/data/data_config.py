@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from torchmdx.config import key_name
+from torchmdx.config import given_text, key_name
 from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import expand_home
 
@@ -128,6 +128,8 @@ class DataConfig:
         self.split_file = expand_home(self.split_file)
         if self.format is not None and self.format.lower() not in FORMATS:
             raise ConfigError(f"{key_name(p + 'format')} must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format is not None:  # the readers take any case: 'MD17' and 'md17' are one format (a sweep over
+            self.format = self.format.lower()  # data.format=MD17,md17 planned the same training twice)
         open_sizes = []
         for name in ("train_size", "val_size", "test_size"):
             value = getattr(self, name)
@@ -136,7 +138,12 @@ class DataConfig:
             elif value < 0:
                 raise ConfigError(f"{key_name(p + name)} must not be negative, got {value}")
             elif isinstance(value, float) and value > 1:
-                raise ConfigError(f"{key_name(p + name)} is a fraction above 1 ({value}); use an integer for a count")
+                text = given_text(p + name)  # "800" (quoted) is the float 800.0: show what the config says
+                shown = f"{value}" if text is None else f"{text!r}, text read as the number {value}"
+                advice = "use an integer for a count"
+                if text is not None and value.is_integer():  # "800" quoted, or 1e3 (text to YAML 1.1)
+                    advice = f"write a count as a plain integer ({int(value)}, without quotes)"
+                raise ConfigError(f"{key_name(p + name)} is a fraction above 1 ({shown}); {advice}")
         if len(open_sizes) > 1:
             names = ", ".join(p + n for n in open_sizes)
             raise ConfigError(f"config keys {names}: only one size may be null (the rest)")

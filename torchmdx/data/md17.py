@@ -131,7 +131,42 @@ def _file_units(path, arrays, energy_unit, length_unit):
         elif not math.isclose(factor(given[option]), file_factor, rel_tol=1e-9):
             raise DataError(f"{path}: the file says its {quantity} unit is {name!r} ({key}), but "
                             f"{option} {given[option]!r} was given; drop data.{option} (or fix the file)")
+    _check_other_unit_keys(path, arrays, given["energy_unit"] or "kcal/mol", given["length_unit"] or "Å")
     return given["energy_unit"], given["length_unit"]
+
+
+def _check_other_unit_keys(path, arrays, energy: str, length: str) -> None:
+    """One DataError for a unit-like key other than sGDML's ``e_unit`` / ``r_unit`` (``energy_unit``, ``E_unit``,
+    ``F_unit``, ``units``: names as :func:`torchmdx.data.unit_keys.unit_key_quantity` reads them) that names
+    another unit than the values are read in (``energy`` / ``length``). Such keys were ignored: an npz with
+    ``energy_unit='eV'`` was read in kcal/mol (23 times too small), without a word. As for an extxyz frame's unit
+    keys and ANI HDF5 attributes: checked, not honoured."""
+    from torchmdx.data.unit_keys import _agrees, unit_key_quantity
+
+    read_known = {key for key, _, _, _ in _UNIT_KEYS}
+    for key in arrays:
+        quantity = unit_key_quantity(key)
+        if key in read_known or quantity is None:
+            continue
+        value = arrays[key]
+        if value.ndim != 0 or value.dtype.kind not in "US":
+            raise DataError(f"{path}: {key} looks like a unit name, and must be one unit name (text), got "
+                            f"{value.dtype} of shape {value.shape}")
+        text = value.item()
+        text = (text.decode("utf-8", "replace") if isinstance(text, bytes) else text).strip()
+        if _agrees(quantity, text, energy, length):
+            continue
+        read_in = {"energy": f"the energies are read in {energy}", "length": f"the positions are read in {length}",
+                   "forces": f"the forces are read in {energy}/{length}",
+                   "stress": f"a stress is read in {energy}/{length}³",
+                   "any": f"the values are read in {energy} and {length}"}[quantity]
+        options = {"energy": "data.energy_unit (--energy-unit) to the file's energy unit",
+                   "length": "data.length_unit (--length-unit) to the file's length unit"}
+        option = options.get(quantity, "data.energy_unit (--energy-unit) and data.length_unit (--length-unit) to "
+                                       "the file's units")
+        raise DataError(f"{path}: {key} = {text!r} states a unit, and {read_in} (only sGDML's e_unit and r_unit are "
+                        f"read); set {option} if {text} is what they are (the key is then checked against it), or "
+                        "convert the values")
 
 
 #: per npz layout: the keys of atomic numbers, positions, energies, forces; the layout's name in errors

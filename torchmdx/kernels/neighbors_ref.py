@@ -121,14 +121,18 @@ def _complete_cell(cell: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
 
 
 def perpendicular_widths(cell: torch.Tensor) -> torch.Tensor:
-    """Distances between opposite faces of the cell [..., 3, 3]: d_k = V / |a_l x a_m| (Å)."""
-    a, b, c = cell[..., 0, :], cell[..., 1, :], cell[..., 2, :]
-    volume = torch.linalg.det(cell).abs()
+    """Distances between opposite faces of the cell [..., 3, 3]: d_k = V / |a_l x a_m| (Å), in the cell's dtype.
+
+    Computed in float64: in float32 the squares inside the norms of the cross products overflow for a cell of
+    about 1e18 Å or more (``cell=[1e30, 10, 10]`` gave widths "b 0, c 0" and was refused as too narrow)."""
+    wide = cell.to(torch.float64)
+    a, b, c = wide[..., 0, :], wide[..., 1, :], wide[..., 2, :]
+    volume = torch.linalg.det(wide).abs()
     areas = torch.stack(
         [torch.linalg.cross(b, c).norm(dim=-1), torch.linalg.cross(c, a).norm(dim=-1), torch.linalg.cross(a, b).norm(dim=-1)],
         dim=-1,
     )
-    return volume.unsqueeze(-1) / areas
+    return (volume.unsqueeze(-1) / areas).to(cell.dtype)
 
 
 def _structure_geometry(b, cell_b, pbc_b, cutoff, allow_multiple_images):

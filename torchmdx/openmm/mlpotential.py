@@ -66,6 +66,10 @@ except ImportError as _exc:  # this module is openmm-ml's plug-in: without openm
 
 IMPLEMENTATIONS = ("auto", "torchforce", "python")
 _OPTIONS = ("implementation", "fastPath", "cudaGraph", "compile", "device", "dtype", "outputForces")
+#: arguments openmm-ml itself forwards to ``addForces`` from ``createMixedSystem`` (its mechanical embedding's)
+_OPENMMML_ARGS = ("mlLongRange", "linkAtomDistances")
+#: other openmm-ml potentials' option names, and torchmdx's for them
+_FOREIGN_OPTIONS = {"precision": "dtype='float32' or 'float64'", "platform": "device='cpu' or 'cuda'"}
 
 
 class TorchmdxPotentialImplFactory(MLPotentialImplFactory):
@@ -82,9 +86,8 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
         from torchmdx.openmm.errors import OpenMMError
 
         unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise OpenMMError(f"MLPotential('{name}'): unknown option(s) {', '.join(unknown)}; "
-                              f"known: modelPath, {', '.join(_OPTIONS)}")
+        if unknown:  # a hint as createSystem's (MACE's precision='double' is dtype='float64' here)
+            raise OpenMMError(_unknown_option_line(name, unknown[0], "modelPath, "))
         if modelPath is None:
             raise OpenMMError(f"MLPotential('{name}') needs modelPath=: a torchmdx model file (model.pt) or an OpenMM "
                               "export (torchmdx export --openmm model.pt -o model_openmm.pt)")
@@ -101,11 +104,14 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
     def getMLLongRange(self) -> bool:
         return False
 
-    def addForces(self, topology, system, atoms, forceGroup: int, **args):
+    def addForces(self, topology, system, atoms, forceGroup: int, /, **args):
+        # positional-only: createSystem(topology, atoms=[...]) (openmm-ml's createSystem takes no atoms, and calls
+        # addForces(topology, system, None, 0, **args)) was "addForces() got multiple values for argument 'atoms'"
         from torchmdx.openmm.export import box_check, is_openmm_export, with_atoms
         from torchmdx.openmm.forces import create_python_force, create_torch_force, openmmtorch_problem
         from torchmdx import units
 
+        _check_system_args(self.name, args)
         options = {**self.options, **{k: v for k, v in args.items() if k in _OPTIONS}}
         implementation = _check_implementation(options.get("implementation", "auto"))
         flag = options.get("outputForces")
@@ -221,6 +227,36 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
             torch.jit.save(module, buffer)
             self._generic[key] = buffer.getvalue()
         return torch.jit.load(io.BytesIO(self._generic[key]), map_location=device)
+
+
+def _check_system_args(name: str, args: dict) -> None:
+    """One OpenMMError for an argument of ``createSystem`` / ``createMixedSystem`` that torchmdx does not take: they
+    were dropped without a word (``dtpye='float64'`` or MACE's ``precision='double'`` ran in float32), and
+    ``createSystem(topology, atoms=...)`` was a TypeError. openmm-ml's own forwarded arguments pass."""
+    from torchmdx.openmm.errors import OpenMMError
+
+    if "atoms" in args:
+        raise OpenMMError(f"MLPotential('{name}').createSystem takes no atoms=: it makes every atom of the topology "
+                          "an ML atom; for ML atoms inside an MM system use createMixedSystem(topology, mm_system, "
+                          "atoms), or give createSystem a topology of the ML atoms only")
+    for key in args:
+        if key not in _OPTIONS and key not in _OPENMMML_ARGS:
+            raise OpenMMError(_unknown_option_line(name, key))
+
+
+def _unknown_option_line(name: str, key: str, more: str = "") -> str:
+    """The line for an option ``key`` torchmdx's potential does not take, with a hint: its own name for another
+    openmm-ml potential's option, or the option it is a typo of (``cuda_graph``: cudaGraph)."""
+    import difflib
+
+    if key in _FOREIGN_OPTIONS:
+        hint = f" (torchmdx's option is {_FOREIGN_OPTIONS[key]})"
+    else:
+        lower = {o.lower().replace("_", ""): o for o in _OPTIONS}
+        close = lower.get(str(key).lower().replace("_", "")) or next(
+            iter(difflib.get_close_matches(str(key), _OPTIONS, n=1)), None)
+        hint = f" (did you mean {close!r}?)" if close else ""
+    return f"MLPotential('{name}'): unknown option {key!r}{hint}; known: {more}{', '.join(_OPTIONS)}"
 
 
 def _check_implementation(value) -> str:

@@ -207,6 +207,8 @@ def _check_leftover_split(cfg: RunConfig, run_dir: Path) -> None:
     except (ConfigError, AttributeError):
         return  # not a config torchmdx wrote: the split file is taken as before
     new = cfg.to_dict()["data"]
+    if isinstance(old.get("format"), str):  # data.format is stored in lower case since round 31 ('MD17' before)
+        old["format"] = old["format"].lower()
     changed = [key for key in SPLIT_KEYS if old.get(key) != new.get(key) and not _same_file(old.get(key), new.get(key))]
     if changed:
         key = changed[0]

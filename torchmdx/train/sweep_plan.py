@@ -339,6 +339,7 @@ def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
         raise ConfigError(f"sweep folder {sweep_dir}: {problem}")
     # every point's data path is checked (a grid over data.path named a missing file only when it trained)
     configs = [point_config(base, p, sweep_dir) for p in points]
+    _check_points_differ(configs, points)
     plan_path = sweep_dir / PLAN
     base_hash = _base_hash(base)
     if plan_path.is_file():
@@ -354,6 +355,24 @@ def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
     with atomic_write(plan_path, "w") as handle:
         json.dump(jsonable(plan), handle, indent=2)
     return {"sweep_dir": sweep_dir, "points": points, "base": base, "plan": plan, "settings": settings}
+
+
+def _check_points_differ(configs, points) -> None:
+    """Two points whose configs, as read (case and spelling normalised: ``trainer.accelerator`` CPU and cpu), are
+    the same apart from the run folder: the sweep trained the same model twice. :func:`plan_points` compares the
+    values as written; this compares what the config made of them."""
+    seen: dict = {}
+    for config, point in zip(configs, points):
+        resolved = config.to_dict()
+        resolved.pop("run_dir", None)
+        key = json.dumps(jsonable(resolved), sort_keys=True, default=str)
+        if key in seen:
+            first = seen[key]
+            differ = [k for k in point.overrides if first.overrides.get(k) != point.overrides[k]]
+            read = ", ".join(f"{k} {first.overrides.get(k)!r} and {point.overrides[k]!r}" for k in differ)
+            raise ConfigError(f"the sweep points ({first.describe()}) and ({point.describe()}) are the same training "
+                              f"(the config reads {read or 'their values'} alike); list each value once")
+        seen[key] = point
 
 
 def _check_point_cutoffs(configs, points, train_sizes, pool, structures, source: str) -> None:
