@@ -358,13 +358,15 @@ def prepare_sweep(config_path, grid_items: list[str], out: Optional[str] = None,
 
 
 def _check_points_differ(configs, points) -> None:
-    """Two points whose configs, as read (case and spelling normalised: ``trainer.accelerator`` CPU and cpu), are
-    the same apart from the run folder: the sweep trained the same model twice. :func:`plan_points` compares the
-    values as written; this compares what the config made of them."""
+    """Two points whose configs, as read (case and spelling normalised: ``trainer.accelerator`` CPU and cpu; unit
+    names as the unit table reads them: ``data.energy_unit`` eV and ev), are the same apart from the run folder: the
+    sweep trained the same model twice. :func:`plan_points` compares the values as written; this compares what the
+    config made of them."""
     seen: dict = {}
     for config, point in zip(configs, points):
         resolved = config.to_dict()
         resolved.pop("run_dir", None)
+        _read_units(resolved.get("data"), point)
         key = json.dumps(jsonable(resolved), sort_keys=True, default=str)
         if key in seen:
             first = seen[key]
@@ -373,6 +375,23 @@ def _check_points_differ(configs, points) -> None:
             raise ConfigError(f"the sweep points ({first.describe()}) and ({point.describe()}) are the same training "
                               f"(the config reads {read or 'their values'} alike); list each value once")
         seen[key] = point
+
+
+def _read_units(data, point) -> None:
+    """Replace the unit names of a resolved ``data`` section by their factors as ``torchmdx.units`` reads them
+    (``eV`` and ``ev``, ``Hartree`` and ``Ha`` are one unit), so that :func:`_check_points_differ` compares units,
+    not spellings. A name the table refuses is refused here, naming the point: ``--dry-run`` passed
+    ``--grid data.energy_unit=eV,foo``, and the sweep stopped at 'foo' after the points before it had trained."""
+    from torchmdx import units
+
+    if not isinstance(data, dict):
+        return
+    for key, factor in (("energy_unit", units.energy_factor), ("length_unit", units.length_factor)):
+        if isinstance(data.get(key), str):
+            try:
+                data[key] = factor(data[key])
+            except TorchmdxError as exc:
+                raise ConfigError(f"sweep point ({point.describe()}): {exc}") from None
 
 
 def _check_point_cutoffs(configs, points, train_sizes, pool, structures, source: str) -> None:
