@@ -109,7 +109,7 @@ class DataConfig:
     check_labels: Optional[bool] = None
 
     def validate(self, section: str = "data") -> None:
-        from torchmdx.data.formats import FORMATS
+        from torchmdx.data.formats import FORMATS, unknown_format_hint
 
         p = f"{section}." if section else ""
         for name in ("path", "cache_dir", "split_file"):  # '' was the working folder: ". cannot guess the format"
@@ -127,7 +127,8 @@ class DataConfig:
         self.cache_dir = expand_home(self.cache_dir)
         self.split_file = expand_home(self.split_file)
         if self.format is not None and self.format.lower() not in FORMATS:
-            raise ConfigError(f"{key_name(p + 'format')} must be one of {', '.join(FORMATS)}, got {self.format!r}")
+            raise ConfigError(f"{key_name(p + 'format')} must be one of {', '.join(FORMATS)}, got {self.format!r}"
+                              f"{unknown_format_hint(self.format)}")
         if self.format is not None:  # the readers take any case: 'MD17' and 'md17' are one format (a sweep over
             self.format = self.format.lower()  # data.format=MD17,md17 planned the same training twice)
         open_sizes = []

@@ -63,12 +63,31 @@ def _reader(fmt: str):
     return reader
 
 
+#: file kinds given as a format (``--format npz``), and the formats that read them
+FILE_KIND_FORMATS = {
+    "npz": "an npz file is read by the md17 format, or rmd17 for revised-MD17 files",
+    "xyz": "an xyz file is read by the ase format (extxyz), or md17-xyz for MD17's plain xyz, qm9 for QM9's",
+    "extxyz": "an extxyz file is read by the ase format",
+    "h5": "an HDF5 file is read by the ani1 or ani1x format, or cache for a torchmdx cache",
+    "hdf5": "an HDF5 file is read by the ani1 or ani1x format, or cache for a torchmdx cache",
+    "db": "an ASE database is read by the ase format, or qm9 for a QM9 database",
+    "traj": "an ASE trajectory is read by the ase format",
+}
+
+
+def unknown_format_hint(fmt) -> str:
+    """'' or '; an npz file is read by the md17 format, ...' for a format name that is a file kind: ``--format npz``
+    listed the known formats without saying which reads an npz file."""
+    hint = FILE_KIND_FORMATS.get(str(fmt).strip().lower().lstrip("."))
+    return f"; {hint}" if hint else ""
+
+
 def check_format(fmt: Optional[str]) -> Optional[str]:
     if fmt is None:
         return None
     key = fmt.strip().lower()
     if key not in FORMAT_OPTIONS:
-        raise DataError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
+        raise DataError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}{unknown_format_hint(fmt)}")
     return key
 
 

@@ -1,0 +1,84 @@
+"""Bad inputs, round 32 (branch bad32): round 31's leftovers (sweep points whose units differ only in spelling, a
+file kind given as --format) and the md / evaluate options at their edges; see docs/bad_inputs.md, round 32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from bad_inputs_common import refused_exactly, tiny_model
+from test_bad_inputs_round9 import TINY
+
+
+def _water_npz(folder, frames=20):
+    rng = np.random.default_rng(0)
+    positions = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    np.savez(folder / "e.npz", R=positions + rng.normal(0, 0.02, (frames, 3, 3)), z=np.array([8, 1, 1]),
+             E=rng.normal(0, 1, frames), F=rng.normal(0, 1, (frames, 3, 3)))
+    return folder / "e.npz"
+
+
+def _sweep_config(folder):
+    _water_npz(folder)
+    config = folder / "s.yaml"
+    config.write_text(yaml.safe_dump({"data": {"path": "e.npz", "train_size": 12, "val_size": 4},
+                                      "model": dict(TINY)}))
+    return config
+
+
+# ------------------------------------------------------------------------------ sweep units spelled two ways
+@pytest.mark.parametrize("grid, line", [
+    ("data.energy_unit=eV,ev",
+     "error: the sweep points (data.energy_unit=eV) and (data.energy_unit=ev) are the same training (the config reads "
+     "data.energy_unit 'eV' and 'ev' alike); list each value once"),
+    ("data.energy_unit=Hartree,Ha",
+     "error: the sweep points (data.energy_unit=Hartree) and (data.energy_unit=Ha) are the same training (the config "
+     "reads data.energy_unit 'Hartree' and 'Ha' alike); list each value once"),
+    ("data.length_unit=Bohr,a0",
+     "error: the sweep points (data.length_unit=Bohr) and (data.length_unit=a0) are the same training (the config "
+     "reads data.length_unit 'Bohr' and 'a0' alike); list each value once"),
+    ("data.energy_unit=eV,foo",  # passed --dry-run; the sweep stopped at 'foo' after 'eV' had trained
+     "error: sweep point (data.energy_unit=foo): unknown energy unit 'foo'; known: eh, ev, ha, hartree, kcal/mol, "
+     "kj/mol, mev, ry, rydberg"),
+])
+def test_sweep_units_compare_as_the_unit_table_reads_them(tmp_path, capsys, monkeypatch, grid, line):
+    """``--grid data.energy_unit=eV,ev`` planned two points of the same training (units compared as written)."""
+    monkeypatch.chdir(tmp_path)
+    config = _sweep_config(tmp_path)
+    refused_exactly(capsys, ["sweep", config, "--dry-run", "--out", tmp_path / "out", "--grid", grid], line, tmp_path)
+
+
+def test_sweep_units_that_differ_still_plan(tmp_path, capsys, monkeypatch):
+    from torchmdx.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    config = _sweep_config(tmp_path)
+    assert main(["sweep", str(config), "--dry-run", "--out", str(tmp_path / "out"), "--grid",
+                 "data.energy_unit=eV,meV,kcal/mol"]) == 0
+    assert "3 points" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ a file kind as --format
+def test_file_kind_as_format_names_the_format(tmp_path, capsys, monkeypatch):
+    """``--format npz`` listed the known formats and did not say that md17 reads an npz file."""
+    from torchmdx.data import read_structures
+    from torchmdx.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    config = _sweep_config(tmp_path)
+    tiny_model().save(tmp_path / "m.pt")
+    known = "md17, rmd17, md17-xyz, qm9, ani1, ani1x, ase, cache"
+    refused_exactly(capsys, ["evaluate", "m.pt", "--data", "e.npz", "--format", "npz"],
+                    f"error: --format must be one of {known}, got 'npz'; an npz file is read by the md17 format, or "
+                    "rmd17 for revised-MD17 files", tmp_path)
+    refused_exactly(capsys, ["train", config, "--set", "data.format=h5"],
+                    f"error: config key 'data.format' must be one of {known}, got 'h5'; an HDF5 file is read by the "
+                    "ani1 or ani1x format, or cache for a torchmdx cache", tmp_path)
+    with pytest.raises(DataError) as info:
+        read_structures(tmp_path / "e.npz", format="xyz")
+    assert str(info.value) == (f"unknown format 'xyz'; known formats: {known}; an xyz file is read by the ase format "
+                               "(extxyz), or md17-xyz for MD17's plain xyz, qm9 for QM9's")
+    refused_exactly(capsys, ["evaluate", "m.pt", "--data", "e.npz", "--format", "xyz9"],  # no file kind: as before
+                    f"error: --format must be one of {known}, got 'xyz9'", tmp_path)
