@@ -201,6 +201,11 @@ class MDConfig:
         if not _INDEX.match(self.index):
             bad("index", f"{self.index!r} is not a frame selection (ASE's syntax: -1 the last, 0 the first, "
                          "':' all, '0:4' a slice)")
+        parts = self.index.strip().split(":")
+        if len(parts) == 3 and parts[2].strip() and int(parts[2]) == 0:
+            # '::0' blamed the file: "ar.xyz: cannot read a structure with ASE (slice step cannot be zero)"
+            bad("index", f"{self.index!r} has a slice step of 0; the step is >= 1 ('::2' every second frame) or "
+                         "negative ('::-1' backwards)")
         if self.steps < 0:
             bad("steps", f"must be >= 0, got {self.steps}")
         if not self.dt > 0:
