@@ -82,3 +82,42 @@ def test_file_kind_as_format_names_the_format(tmp_path, capsys, monkeypatch):
                                "(extxyz), or md17-xyz for MD17's plain xyz, qm9 for QM9's")
     refused_exactly(capsys, ["evaluate", "m.pt", "--data", "e.npz", "--format", "xyz9"],  # no file kind: as before
                     f"error: --format must be one of {known}, got 'xyz9'", tmp_path)
+
+
+# ------------------------------------------------------------------------------ md --index with a slice step of 0
+def test_md_index_slice_step_zero_names_the_option(tmp_path, capsys, monkeypatch):
+    """``md --index ::0`` blamed the file: "ar.xyz: cannot read a structure with ASE (slice step cannot be zero)"."""
+    from bad_inputs_common import argon_file, lj_file
+
+    monkeypatch.chdir(tmp_path)
+    lj_file(tmp_path)
+    argon_file(tmp_path)
+    refused_exactly(capsys, ["md", "ar.xyz", "--model", "lj.pt", "--steps", "2", "--out", "t.extxyz", "--index",
+                             "::0"],
+                    "error: --index '::0' has a slice step of 0; the step is >= 1 ('::2' every second frame) or "
+                    "negative ('::-1' backwards)", tmp_path)
+
+
+# ------------------------------------------------------------------------------ evaluate --split of an empty split
+def test_evaluate_empty_split_says_why(tmp_path, capsys, monkeypatch):
+    """``evaluate --split test`` of a config whose test split is empty (fractions adding up to 1, test_size 0, a run
+    split without test structures) said "e.npz: the test split is empty", not why nor what to choose."""
+    from torchmdx.data.splits import Split, save_split
+
+    monkeypatch.chdir(tmp_path)
+    _water_npz(tmp_path)
+    tiny_model().save(tmp_path / "m.pt")
+    cache = tmp_path.parent / f"{tmp_path.name}_cache"  # the cache is written before the split is looked at
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump({"data": {"path": "e.npz", "train_size": 0.8, "val_size": 0.2,
+                                                              "cache_dir": str(cache)}}))
+    refused_exactly(capsys, ["evaluate", "m.pt", "--data", "f.yaml", "--split", "test", "--out", "o"],
+                    "error: e.npz: the test split is empty: f.yaml (data.train_size 0.8, val_size 0.2, test_size null "
+                    "(the rest)) splits its 20 structures into train 16, val 4, test 0; choose --split val, train or "
+                    "all", tmp_path)
+    run = tmp_path.parent / f"{tmp_path.name}_run"  # setting up the data writes the run's data_state.json
+    run.mkdir()
+    save_split(Split(np.arange(16), np.array([], int), np.arange(16, 20), 20), run / "splits.npz")
+    refused_exactly(capsys, ["evaluate", "m.pt", "--data", "e.npz", "--run", run, "--split", "val", "--out", "o",
+                             "--cache-dir", cache],
+                    f"error: e.npz: the val split is empty: the run's {run}/splits.npz splits its 20 structures into "
+                    "train 16, val 0, test 4; choose --split test, train or all", tmp_path)

@@ -233,8 +233,8 @@ def run(args) -> int:
                                             data_cfg.path)
     else:
         indices = datamodule.split[split]
-        if len(indices) == 0:
-            raise DataError(f"{data_cfg.path}: the {split} split is empty")
+        if len(indices) == 0:  # said "the test split is empty", not why (data.test_size 0, fractions adding up to 1)
+            raise DataError(_empty_split_line(datamodule.split, split, data_cfg, split_dir, args.data))
     if run_warning:
         print(f"warning: {run_warning}", file=sys.stderr, flush=True)
     batch_size = args.batch_size or data_cfg.inference_batch_size or 64
@@ -263,3 +263,21 @@ def run(args) -> int:
         print(f"removed {stale}: it was an earlier evaluation's (this one has no learning curve)")
     print("wrote " + ", ".join(written))
     return 0
+
+
+def _empty_split_line(parts, split: str, data_cfg, split_dir, given) -> str:
+    """The line for an empty ``--split``: where the split came from, its sizes, and the splits to choose instead."""
+    from torchmdx.data.datamodule import SPLIT_FILE_NAME
+
+    if split_dir is not None:
+        where = f"the run's {Path(split_dir) / SPLIT_FILE_NAME}"
+    elif data_cfg.split_file is not None:
+        where = f"data.split_file {data_cfg.split_file}"
+    else:
+        sizes = ", ".join(f"{name} {'null (the rest)' if getattr(data_cfg, name) is None else getattr(data_cfg, name)}"
+                          for name in ("train_size", "val_size", "test_size"))
+        where = f"{given} (data.{sizes})"
+    counts = ", ".join(f"{name} {len(parts[name])}" for name in ("train", "val", "test"))
+    others = [name for name in ("test", "val", "train") if len(parts[name])]
+    return (f"{data_cfg.path}: the {split} split is empty: {where} splits its {parts.n_structures} structures into "
+            f"{counts}; choose --split {', '.join(others)} or all")
