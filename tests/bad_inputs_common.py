@@ -3,6 +3,7 @@ the check that a command was refused in one line without touching its folder."""
 
 from __future__ import annotations
 
+import numpy as np
 from ase import Atoms
 from ase.cluster import Icosahedron
 from ase.io import write
@@ -39,6 +40,15 @@ def tiny_model():
 
 def water():
     return Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+
+
+def water_npz(folder, frames=20):
+    """``folder/e.npz``: ``frames`` rattled waters (MD17 keys) with random energies and forces (seeded)."""
+    rng = np.random.default_rng(0)
+    positions = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    np.savez(folder / "e.npz", R=positions + rng.normal(0, 0.02, (frames, 3, 3)), z=np.array([8, 1, 1]),
+             E=rng.normal(0, 1, frames), F=rng.normal(0, 1, (frames, 3, 3)))
+    return folder / "e.npz"
 
 
 def refused(capsys, argv, fragments, folder):

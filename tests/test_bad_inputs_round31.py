@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from bad_inputs_common import refused_exactly, tiny_model, water
+from bad_inputs_common import refused_exactly, tiny_model, water, water_npz as _water_npz
 from test_bad_inputs_round9 import TINY
 
-
-def _water_npz(folder, frames=20):
-    rng = np.random.default_rng(0)
-    positions = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
-    np.savez(folder / "e.npz", R=positions + rng.normal(0, 0.02, (frames, 3, 3)), z=np.array([8, 1, 1]),
-             E=rng.normal(0, 1, frames), F=rng.normal(0, 1, (frames, 3, 3)))
-    return folder / "e.npz"
 
 
 # ------------------------------------------------------------------------------ a split size written as text
