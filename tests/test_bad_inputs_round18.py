@@ -18,6 +18,7 @@ from bad_inputs_common import (  # the helpers rounds 17-19 share
     tiny_model as _tiny_model,
     water as _water,
     refused as _refused,
+    water_npz,
 )
 
 
@@ -166,10 +167,7 @@ def test_sweep_set_of_a_swept_key_is_refused(tmp_path, capsys, monkeypatch):
     """``sweep --grid model.num_layers=1,2 --set model.num_layers=3`` trained 1 and 2: the grid's values replaced
     the --set at every point, without a word (a config's sweep.grid and sweep.variants likewise)."""
     monkeypatch.chdir(tmp_path)  # caches (data/cache under the working folder) stay out of the checkout
-    rng = np.random.default_rng(0)
-    water = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
-    np.savez(tmp_path / "e.npz", R=water + rng.normal(0, 0.02, (20, 3, 3)), z=np.array([8, 1, 1]),
-             E=rng.normal(0, 1, 20), F=rng.normal(0, 1, (20, 3, 3)))
+    water_npz(tmp_path)
     config = {"data": {"path": "e.npz", "train_size": 12, "val_size": 4},
               "model": dict(TINY), "sweep": {"grid": {"model.num_heads": [1, 2]},
                                              "variants": {"small": {"model.embedding_dimension": 8}}}}

@@ -18,6 +18,7 @@ from bad_inputs_common import (  # the helpers rounds 17-19 share
     tiny_model as _tiny_model,
     water as _water,
     refused as _refused,
+    water_npz,
 )
 
 
@@ -84,10 +85,7 @@ def test_predict_names_the_list_item_that_is_not_atoms():
 def _sweep_config(tmp_path, grid=None):
     import yaml
 
-    rng = np.random.default_rng(0)
-    water = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
-    np.savez(tmp_path / "e.npz", R=water + rng.normal(0, 0.02, (20, 3, 3)), z=np.array([8, 1, 1]),
-             E=rng.normal(0, 1, 20), F=rng.normal(0, 1, (20, 3, 3)))
+    water_npz(tmp_path)
     config = {"data": {"path": "e.npz", "train_size": 12, "val_size": 4}, "model": dict(TINY)}
     if grid is not None:
         config["sweep"] = {"grid": grid}
