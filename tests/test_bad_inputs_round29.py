@@ -77,7 +77,7 @@ def test_simulation_run_restart_every_below_one_is_refused(tmp_path):
     for value in (-3, 0):
         with at_most(20), pytest.raises(ConfigError) as info:
             sim.run(5, restart_path=tmp_path / "r.restart.pt", restart_every=value)
-        assert str(info.value) == f"restart_every must be >= 1 step (None: 10 x every), got {value}"
+        assert str(info.value) == f"restart_every must be a whole number of steps >= 1 (None: 10 x every), got {value}"
 
 
 def test_simulation_run_reporters_may_be_functions_and_others_are_one_line():

@@ -27,7 +27,6 @@ atom order and observations are in :mod:`torchmdx.md.engine`.
 
 from __future__ import annotations
 
-import numbers
 import math
 import sys
 import time
@@ -39,6 +38,7 @@ import torch
 
 from torchmdx.errors import ConfigError, SimulationError
 from torchmdx.io_utils import output_file_name
+from torchmdx.md.arguments import whole_argument
 from torchmdx.md.reports import Reporter, RunSummary
 from torchmdx.md.system import MDState
 
@@ -278,20 +278,16 @@ class RunLoop:
     ) -> RunSummary:
         """Advance ``steps`` steps, reporting every ``every`` steps (and at the start when
         ``report_start``), writing ``restart_path`` every ``restart_every`` steps and at the end."""
-        for name, value in (("steps", steps), ("every", every), ("restart_every", restart_every)):
-            # run(2.5) ran 2 steps, run("10") was a TypeError deep inside: whole numbers only
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise ConfigError(f"{name} must be a whole number of steps, got {value!r}")
+        # run(2.5) ran 2 steps, run("10") was a TypeError deep inside, restart_every=-3 never ended (the next
+        # restart step was never ahead) and 0 was taken as the default: whole numbers in range only
+        steps = whole_argument("steps", steps, "a whole number of steps >= 0", low=0)
+        every = whole_argument("every", every, "a whole number of steps >= 1 (the output interval)")
+        if restart_every is not None:
+            restart_every = whole_argument("restart_every", restart_every,
+                                           "a whole number of steps >= 1 (None: 10 x every)")
         reporters = _as_reporters(reporters)
         if self.state is None:
             self.initialize()
-        if steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {steps}")
-        if every < 1:
-            raise ConfigError(f"the output interval must be >= 1 step, got {every}")
-        if restart_every is not None and restart_every < 1:
-            # -3 never ended (the next restart step was never ahead), 0 was taken as the default
-            raise ConfigError(f"restart_every must be >= 1 step (None: 10 x every), got {restart_every}")
         # checked before any step (a folder was found at the first restart step, 'out/' wrote a file named out)
         self._restart_path = output_file_name(restart_path) if restart_path is not None else None
         if self._restart_path is not None and not restart_every:
