@@ -204,7 +204,7 @@ def run(args) -> int:
     if split == "all" and split_dir is None and data_cfg.split_file is None:
         data_cfg = dataclasses.replace(data_cfg, train_size=0, val_size=0, test_size=None, split_by_group=False,
                                        val_groups=[], test_groups=[])
-    datamodule = TorchmdxDataModule(data_cfg, run_dir=split_dir, max_z=max_z)
+    datamodule = TorchmdxDataModule(data_cfg, run_dir=split_dir, max_z=max_z, read_only=True)  # reads the run
     try:
         datamodule.setup("test")
     except DataError as exc:
