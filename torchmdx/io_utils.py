@@ -113,6 +113,12 @@ def output_file_name(path: str | os.PathLike) -> Path:
     if path.exists() and not path.is_file():
         what = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
         raise ConfigError(f"{path}: is {what}; give the name of a file to write")
+    # a file where a folder of the path should be: the writers' mkdir said "FileExistsError: [Errno 17] File
+    # exists: 'afile'" (Potential.save('afile/m.pt'), save_split, Simulation.save_restart; round 33)
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"{path}: {blocker} is a file, not a folder, so nothing can be written under it; give "
+                          "a path in a folder")
     return path
 
 
