@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from bad_inputs_common import refused_exactly, tiny_model, water_npz
-from test_bad_inputs_md import snapshot
 from test_bad_inputs_round9 import TINY
 
 
@@ -81,3 +80,81 @@ def test_evaluate_does_not_write_into_the_run_folder(tmp_path, capsys, monkeypat
                     f"error: {work}/e.npz: the val split is empty: the run's {run}/splits.npz splits its 20 structures "
                     "into train 12, val 0, test 8; choose --split test, train or all", run)
     assert _stamps(run) == before
+
+
+# ------------------------------------------------------------------------------ an ASE database of bare structures
+def test_database_of_bare_structures_says_label_them(tmp_path, capsys, monkeypatch):
+    """Rows without keys, data or a calculator said "set config key 'data.energy_key' (--energy-key) to the key that
+    holds the energies", a key no row has (an extxyz of bare structures has said "label them first" since round 23)."""
+    from ase.db import connect
+
+    from bad_inputs_common import water
+
+    monkeypatch.chdir(tmp_path)
+    with connect(tmp_path / "s.db") as db:
+        for _ in range(2):
+            db.write(water())
+    refused_exactly(capsys, ["data", "info", "s.db"],
+                    "error: s.db: row 1: no energy 'energy' (keys: none; data: none); the file holds structures without "
+                    "energies: label them first (e.g. torchmdx label s.db -o labelled.extxyz), or give a file with "
+                    "reference energies", tmp_path)
+
+
+# ------------------------------------------------------------------------------ writing under a file, or to 'x/'
+def test_writers_under_a_file_and_split_to_a_folder_name(tmp_path):
+    """``Potential.save('afile/m.pt')`` (and save_split, a data module's run folder that is a file) was
+    "FileExistsError: [Errno 17] File exists: 'afile'"; ``save_split(split, 'x/')`` wrote a file named x."""
+    from torchmdx.data import TorchmdxDataModule, random_split, save_split
+    from torchmdx.errors import ConfigError
+    from torchmdx.nn.analytic import LennardJones
+
+    (tmp_path / "afile").write_text("x")
+    line = f"{tmp_path}/afile/m.pt: {tmp_path}/afile is a file, not a folder, so nothing can be written under it; " \
+           "give a path in a folder"
+    with pytest.raises(ConfigError) as info:
+        LennardJones(0.0104, 3.4).save(tmp_path / "afile" / "m.pt")
+    assert str(info.value) == line
+    with pytest.raises(ConfigError, match="afile is a file, not a folder"):
+        save_split(random_split(10), tmp_path / "afile" / "s.npz")
+    module = TorchmdxDataModule({"path": str(water_npz(tmp_path)), "cache_dir": str(tmp_path / "cache")},
+                                run_dir=tmp_path / "afile")
+    with pytest.raises(ConfigError, match="splits.npz: .*afile is a file, not a folder"):
+        module.setup()
+    with pytest.raises(ConfigError) as info:
+        save_split(random_split(10), f"{tmp_path}/x/")
+    assert str(info.value) == f"{tmp_path}/x/: ends in '/', so it names a folder; give the name of a file to write"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "cache", "e.npz"]
+
+
+# ------------------------------------------------------------------------------ a boolean mask as structure indices
+def test_boolean_mask_as_indices_selects_what_it_marks(tmp_path):
+    """``fit_atomic_references(dataset, mask)``, ``batches_in_order(dataset, mask, n)``, ``BatchLoader(...,
+    indices=mask)``, ``predict(model, dataset, mask)`` and ``elements_without_reference`` cast the mask to 0 and 1:
+    structures 0 and 1 over and over, without a word; 2.7 was structure 2, and BatchLoader's index -1 the last
+    structure."""
+    from torchmdx.data import BatchLoader, H5Dataset, batches_in_order, build_cache, fit_atomic_references
+    from torchmdx.errors import DataError
+
+    dataset = H5Dataset(build_cache(water_npz(tmp_path), cache_dir=tmp_path / "cache"))
+    mask = np.zeros(20, bool)
+    mask[12:] = True
+    assert fit_atomic_references(dataset, mask, 10).tolist() == fit_atomic_references(dataset, np.arange(12, 20),
+                                                                                      10).tolist()
+    assert [b.idx.tolist() for b in batches_in_order(dataset, mask, 5)] == [[12, 13, 14, 15, 16], [17, 18, 19]]
+    assert [b.idx.tolist() for b in BatchLoader(dataset, 8, False, indices=mask)] == [list(range(12, 20))]
+    from torchmdx.data.atomref import elements_without_reference
+    from torchmdx.nn.analytic import LennardJones
+    from torchmdx.train.evaluate import predict
+
+    assert predict(LennardJones(0.0104, 3.4), dataset, mask)["indices"].tolist() == list(range(12, 20))
+    assert elements_without_reference(dataset, mask, 10) == []
+    with pytest.raises(DataError) as info:
+        fit_atomic_references(dataset, mask[:5], 10)
+    assert str(info.value).endswith("e.npz: a boolean mask of 5 entries for 20 structures; give one entry per "
+                                    "structure, or the structure indices (np.flatnonzero(mask))")
+    with pytest.raises(DataError) as info:
+        list(batches_in_order(dataset, [2.7, 3.0], 2))
+    assert str(info.value) == "batches_in_order: structure indices must be whole numbers, got 2.7 (float64 values)"
+    with pytest.raises(DataError) as info:
+        BatchLoader(dataset, 4, False, indices=[-1])
+    assert str(info.value) == "BatchLoader: indices: index -1 is outside 0..19 (the dataset's 20 structures)"
