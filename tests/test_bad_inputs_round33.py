@@ -158,3 +158,39 @@ def test_boolean_mask_as_indices_selects_what_it_marks(tmp_path):
     with pytest.raises(DataError) as info:
         BatchLoader(dataset, 4, False, indices=[-1])
     assert str(info.value) == "BatchLoader: indices: index -1 is outside 0..19 (the dataset's 20 structures)"
+
+
+# ------------------------------------------------------------------------------ a command that decompresses
+@pytest.mark.parametrize("name, packer, advice", [
+    ("w.db", "gzip", "w.db: is a gzip-compressed ASE database, which torchmdx reads uncompressed; decompress it first "
+                     "(gunzip -c w.db > w-decompressed.db)"),
+    ("w.db.gz", "gzip", "w.db.gz: is a gzip-compressed ASE database, which torchmdx reads uncompressed; decompress it "
+                        "first (gunzip w.db.gz)"),  # the name gunzip takes: as before
+    ("w.db", "bz2", "w.db: is a bzip2-compressed ASE database, which torchmdx reads uncompressed; decompress it first "
+                    "(bunzip2 -c w.db > w-decompressed.db)"),
+    ("w.traj", "gzip", "w.traj: is gzip-compressed, and .traj files are read uncompressed; decompress it first "
+                       "(gunzip -c w.traj > w-decompressed.traj)"),
+])
+def test_compressed_file_advice_is_a_command_that_runs(tmp_path, capsys, monkeypatch, name, packer, advice):
+    """A compressed database, trajectory, npz or HDF5 file whose name lacks the compressor's suffix was told to
+    "decompress it first (gunzip w.db)": gunzip says "unknown suffix -- ignored" (unxz and unzstd too; bunzip2
+    writes w.db.out); a .traj got only "(gunzip)"."""
+    import bz2
+    import gzip
+
+    from ase.db import connect
+    from ase.io import write
+
+    from bad_inputs_common import water
+
+    monkeypatch.chdir(tmp_path)
+    plain = tmp_path / "plain"
+    if ".db" in name:
+        with connect(plain.with_suffix(".db")) as db:
+            db.write(water())
+        plain = plain.with_suffix(".db")
+    else:
+        write(plain.with_suffix(".traj"), water())
+        plain = plain.with_suffix(".traj")
+    (tmp_path / name).write_bytes({"gzip": gzip.compress, "bz2": bz2.compress}[packer](plain.read_bytes()))
+    refused_exactly(capsys, ["data", "info", name], f"error: {advice}", tmp_path)

@@ -179,6 +179,23 @@ COMPRESSIONS = {b"\x1f\x8b": ("gzip", "gunzip"), b"BZh": ("bzip2", "bunzip2"), b
                 b"\x28\xb5\x2f\xfd": ("zstd", "unzstd")}
 
 
+#: the name ending each decompressor takes (gunzip, bunzip2, unxz and unzstd refuse or rename other names)
+COMMAND_SUFFIXES = {"gunzip": (".gz", ".tgz"), "bunzip2": (".bz2",), "unxz": (".xz",), "unzstd": (".zst",)}
+
+
+def decompress_command(path: str | os.PathLike, command: str) -> str:
+    """The shell command that decompresses ``path`` with ``command`` (``gunzip w.db.gz``). A name without the
+    command's suffix gets ``command -c path > plain name``: ``gunzip w.db`` says "unknown suffix -- ignored", and
+    the lines told to run it (round 33)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.name.lower().endswith(COMMAND_SUFFIXES.get(command, ())):
+        return f"{command} {path}"
+    plain = path.with_name(f"{path.stem}-decompressed{path.suffix}")
+    return f"{command} -c {path} > {plain}"
+
+
 def compression(path: str | os.PathLike) -> tuple[str, str] | None:
     """(name, command that decompresses it) when ``path`` is a gzip, bzip2, xz or zstd file; else None."""
     try:
@@ -210,19 +227,21 @@ def compression_name_mismatch(path: str | os.PathLike) -> str | None:
     inner = Path(path.stem).suffix.lower()
     if named is not None and named == actual and inner in BINARY_SUFFIXES:  # md w.db.gz: "Unknown database type: gz"
         return f"is a {actual}-compressed {inner} file, which is read uncompressed only; decompress it first " \
-               f"({kind[1]} {path.name})"
+               f"({decompress_command(path.name, kind[1])})"
     if not path.is_file() or named == actual or (named is None and actual in (None, "zstd")):
         return None
     if named is None and path.suffix.lower() in BINARY_SUFFIXES:  # ASE reads these uncompressed only
-        return f"is {actual}-compressed, and {path.suffix} files are read uncompressed; decompress it first ({kind[1]})"
+        return (f"is {actual}-compressed, and {path.suffix} files are read uncompressed; decompress it first "
+                f"({decompress_command(path.name, kind[1])})")
     if named is None:
         return (f"is {actual}-compressed, but its name does not end in {_SUFFIX_OF[actual]}, and ASE picks the "
                 f"decompressor by the name (it read the compressed bytes as text): rename it "
-                f"{path.name}{_SUFFIX_OF[actual]}, or decompress it ({kind[1]})")
+                f"{path.name}{_SUFFIX_OF[actual]}, or decompress it ({decompress_command(path.name, kind[1])})")
     if actual is None:
         return (f"is named {path.suffix} but is not {named}-compressed (plain text?), and ASE picks the decompressor "
                 f"by the name: rename it {path.stem} (without {path.suffix}), or compress it with {named}")
-    other = f"rename it {path.stem}{_SUFFIX_OF[actual]}" if actual in _SUFFIX_OF else f"decompress it ({kind[1]})"
+    other = f"rename it {path.stem}{_SUFFIX_OF[actual]}" if actual in _SUFFIX_OF \
+        else f"decompress it ({decompress_command(path.name, kind[1])})"
     return (f"is named {path.suffix} but is {actual}-compressed, not {named}, and ASE picks the decompressor by the "
             f"name: {other}")
 
