@@ -194,3 +194,45 @@ def test_compressed_file_advice_is_a_command_that_runs(tmp_path, capsys, monkeyp
         plain = plain.with_suffix(".traj")
     (tmp_path / name).write_bytes({"gzip": gzip.compress, "bz2": bz2.compress}[packer](plain.read_bytes()))
     refused_exactly(capsys, ["data", "info", name], f"error: {advice}", tmp_path)
+
+
+# ------------------------------------------------------------------------------ periodic data for GATr / transformer
+GATR = {"architecture": "gatr", "channels": 2, "scalar_channels": 2, "num_layers": 1, "num_heads": 1, "num_rbf": 4,
+        "cutoff_upper": 4.0}
+
+
+def test_periodic_data_for_a_molecules_only_model_names_the_structure(tmp_path, capsys, monkeypatch):
+    """train, evaluate and md with a GATr (or transformer) model on periodic structures said "model architecture
+    'gatr' handles non-periodic structures only (molecules, clusters); this input has a periodic cell", naming
+    neither the file nor the structure."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    import torchmdx
+    from bad_inputs_common import water
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(10):
+        atoms = water()
+        atoms.positions += rng.normal(0, 0.03, (3, 3))
+        if i >= 2:
+            atoms.cell, atoms.pbc = [12, 12, 12], True
+        atoms.calc = SinglePointCalculator(atoms, energy=float(rng.normal()), forces=rng.normal(0, 1, (3, 3)))
+        frames.append(atoms)
+    write(tmp_path / "w.extxyz", frames)
+    model = torchmdx.build_model(GATR)
+    model.set_normalisation(elements=[1, 8])
+    model.save(tmp_path / "gatr.pt")
+    cache = tmp_path.parent / f"{tmp_path.name}_cache"  # the cache is built before the cells are looked at
+    tail = ("is periodic (pbc [True, True, True]), and model architecture 'gatr' handles non-periodic structures only "
+            "(molecules, clusters); periodic data need a model of architecture et or equiformer")
+    refused_exactly(capsys, ["evaluate", "gatr.pt", "--data", "w.extxyz", "--cache-dir", cache, "--out", "ev"],
+                    f"error: w.extxyz: structure 2 {tail}", tmp_path)
+    refused_exactly(capsys, ["md", "w.extxyz", "--model", "gatr.pt", "--index", "3", "--steps", "2", "--out",
+                             "t.extxyz"], f"error: w.extxyz {tail}", tmp_path)
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump({"data": {"path": "w.extxyz", "train_size": 6, "val_size": 2,
+                                                               "cache_dir": str(cache)},
+                                                      "model": GATR, "trainer": {"max_epochs": 1}, "run_dir": "run"}))
+    refused_exactly(capsys, ["train", "g.yaml"], f"error: w.extxyz: structure 2 {tail}", tmp_path)

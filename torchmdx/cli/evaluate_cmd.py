@@ -221,7 +221,7 @@ def run(args) -> int:
 
     # as train does: a singular or too narrow cell named with the file and its structure number (the
     # neighbor list named "structure 0" of a batch, without the file)
-    check_cells(dataset, float(model.cutoff), data_cfg.path)
+    check_cells(dataset, float(model.cutoff), data_cfg.path, model)
     if split == "all":
         indices = None
         if args.split is None:  # the default for a data file: the model's own data file, training structures and
