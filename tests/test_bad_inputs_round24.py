@@ -188,7 +188,7 @@ def test_evaluate_has_the_data_options_its_lines_name(tmp_path, capsys, monkeypa
     assert main([str(a) for a in argv] + ["--energy-key", "E"]) == 0
     assert (tmp_path / "report" / "errors.json").is_file()
     _exact(capsys, argv + ["--energy-key", "E", "--energy-unit", "parsec"],
-           "error: w.extxyz: unknown energy unit 'parsec'; known: eh, ev, ha, hartree, kcal/mol, kj/mol, mev, ry, "
+           "error: --energy-unit: unknown energy unit 'parsec'; known: eh, ev, ha, hartree, kcal/mol, kj/mol, mev, ry, "
            "rydberg", tmp_path)
     (tmp_path / "c.yaml").write_text("data: {path: w.extxyz, energy_key: E}\n")
     _exact(capsys, ["evaluate", "lj.pt", "--data", "c.yaml", "--energy-key", "E"],

@@ -127,7 +127,7 @@ def _water_frames(folder, name="w.extxyz"):
     # was "ASE cannot read it (UnicodeDecodeError: 'utf-8' codec can't decode byte 0x8b in position 1: ...)"
     ("gz.extxyz", "gzip", "{path}: is gzip-compressed, but its name does not end in .gz, and ASE picks the "
                           "decompressor by the name (it read the compressed bytes as text): rename it gz.extxyz.gz, "
-                          "or decompress it (gunzip)"),
+                          "or decompress it (gunzip -c gz.extxyz > gz-decompressed.extxyz)"),  # round 33: one that runs
     # was "cannot guess the format; pass --format (one of md17, ...)"
     ("plain.extxyz.gz", None, "{path}: is named .gz but is not gzip-compressed (plain text?), and ASE picks the "
                               "decompressor by the name: rename it plain.extxyz (without .gz), or compress it with gzip"),

@@ -33,8 +33,8 @@ def _sweep_config(folder):
      "error: the sweep points (data.length_unit=Bohr) and (data.length_unit=a0) are the same training (the config "
      "reads data.length_unit 'Bohr' and 'a0' alike); list each value once"),
     ("data.energy_unit=eV,foo",  # passed --dry-run; the sweep stopped at 'foo' after 'eV' had trained
-     "error: sweep point (data.energy_unit=foo): unknown energy unit 'foo'; known: eh, ev, ha, hartree, kcal/mol, "
-     "kj/mol, mev, ry, rydberg"),
+     "error: sweep point (data.energy_unit=foo): config key 'data.energy_unit': unknown energy unit 'foo'; known: eh, "
+     "ev, ha, hartree, kcal/mol, kj/mol, mev, ry, rydberg"),  # round 33: names the key (checked as the config is read)
 ])
 def test_sweep_units_compare_as_the_unit_table_reads_them(tmp_path, capsys, monkeypatch, grid, line):
     """``--grid data.energy_unit=eV,ev`` planned two points of the same training (units compared as written)."""

@@ -113,6 +113,12 @@ def output_file_name(path: str | os.PathLike) -> Path:
     if path.exists() and not path.is_file():
         what = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
         raise ConfigError(f"{path}: is {what}; give the name of a file to write")
+    # a file where a folder of the path should be: the writers' mkdir said "FileExistsError: [Errno 17] File
+    # exists: 'afile'" (Potential.save('afile/m.pt'), save_split, Simulation.save_restart; round 33)
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"{path}: {blocker} is a file, not a folder, so nothing can be written under it; give "
+                          "a path in a folder")
     return path
 
 
@@ -173,6 +179,23 @@ COMPRESSIONS = {b"\x1f\x8b": ("gzip", "gunzip"), b"BZh": ("bzip2", "bunzip2"), b
                 b"\x28\xb5\x2f\xfd": ("zstd", "unzstd")}
 
 
+#: the name ending each decompressor takes (gunzip, bunzip2, unxz and unzstd refuse or rename other names)
+COMMAND_SUFFIXES = {"gunzip": (".gz", ".tgz"), "bunzip2": (".bz2",), "unxz": (".xz",), "unzstd": (".zst",)}
+
+
+def decompress_command(path: str | os.PathLike, command: str) -> str:
+    """The shell command that decompresses ``path`` with ``command`` (``gunzip w.db.gz``). A name without the
+    command's suffix gets ``command -c path > plain name``: ``gunzip w.db`` says "unknown suffix -- ignored", and
+    the lines told to run it (round 33)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.name.lower().endswith(COMMAND_SUFFIXES.get(command, ())):
+        return f"{command} {path}"
+    plain = path.with_name(f"{path.stem}-decompressed{path.suffix}")
+    return f"{command} -c {path} > {plain}"
+
+
 def compression(path: str | os.PathLike) -> tuple[str, str] | None:
     """(name, command that decompresses it) when ``path`` is a gzip, bzip2, xz or zstd file; else None."""
     try:
@@ -204,19 +227,21 @@ def compression_name_mismatch(path: str | os.PathLike) -> str | None:
     inner = Path(path.stem).suffix.lower()
     if named is not None and named == actual and inner in BINARY_SUFFIXES:  # md w.db.gz: "Unknown database type: gz"
         return f"is a {actual}-compressed {inner} file, which is read uncompressed only; decompress it first " \
-               f"({kind[1]} {path.name})"
+               f"({decompress_command(path.name, kind[1])})"
     if not path.is_file() or named == actual or (named is None and actual in (None, "zstd")):
         return None
     if named is None and path.suffix.lower() in BINARY_SUFFIXES:  # ASE reads these uncompressed only
-        return f"is {actual}-compressed, and {path.suffix} files are read uncompressed; decompress it first ({kind[1]})"
+        return (f"is {actual}-compressed, and {path.suffix} files are read uncompressed; decompress it first "
+                f"({decompress_command(path.name, kind[1])})")
     if named is None:
         return (f"is {actual}-compressed, but its name does not end in {_SUFFIX_OF[actual]}, and ASE picks the "
                 f"decompressor by the name (it read the compressed bytes as text): rename it "
-                f"{path.name}{_SUFFIX_OF[actual]}, or decompress it ({kind[1]})")
+                f"{path.name}{_SUFFIX_OF[actual]}, or decompress it ({decompress_command(path.name, kind[1])})")
     if actual is None:
         return (f"is named {path.suffix} but is not {named}-compressed (plain text?), and ASE picks the decompressor "
                 f"by the name: rename it {path.stem} (without {path.suffix}), or compress it with {named}")
-    other = f"rename it {path.stem}{_SUFFIX_OF[actual]}" if actual in _SUFFIX_OF else f"decompress it ({kind[1]})"
+    other = f"rename it {path.stem}{_SUFFIX_OF[actual]}" if actual in _SUFFIX_OF \
+        else f"decompress it ({decompress_command(path.name, kind[1])})"
     return (f"is named {path.suffix} but is {actual}-compressed, not {named}, and ASE picks the decompressor by the "
             f"name: {other}")
 

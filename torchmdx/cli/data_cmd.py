@@ -85,12 +85,13 @@ def _load(args):
     cli_opts = {"energy_key": args.energy_key, "forces_key": args.forces_key, "stress_key": args.stress_key,
                 "group_key": args.group_key,
                 "energy_unit": args.energy_unit, "length_unit": args.length_unit}
-    from torchmdx.data.data_config import empty_text_line
+    from torchmdx.data.data_config import check_unit_names, empty_text_line
 
     for key, value in cli_opts.items():
         line = empty_text_line("--" + key.replace("_", "-"), key, value)
         if line:
             raise ConfigError(line)
+    check_unit_names(cli_opts, lambda key: "--" + key.replace("_", "-"))  # before a cache folder is made
     if _is_config(args.source):
         config = load_data_config(args.source)
         for key, value in cli_opts.items():

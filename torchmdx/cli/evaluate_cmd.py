@@ -204,7 +204,7 @@ def run(args) -> int:
     if split == "all" and split_dir is None and data_cfg.split_file is None:
         data_cfg = dataclasses.replace(data_cfg, train_size=0, val_size=0, test_size=None, split_by_group=False,
                                        val_groups=[], test_groups=[])
-    datamodule = TorchmdxDataModule(data_cfg, run_dir=split_dir, max_z=max_z)
+    datamodule = TorchmdxDataModule(data_cfg, run_dir=split_dir, max_z=max_z, read_only=True)  # reads the run
     try:
         datamodule.setup("test")
     except DataError as exc:
@@ -221,7 +221,7 @@ def run(args) -> int:
 
     # as train does: a singular or too narrow cell named with the file and its structure number (the
     # neighbor list named "structure 0" of a batch, without the file)
-    check_cells(dataset, float(model.cutoff), data_cfg.path)
+    check_cells(dataset, float(model.cutoff), data_cfg.path, model)
     if split == "all":
         indices = None
         if args.split is None:  # the default for a data file: the model's own data file, training structures and

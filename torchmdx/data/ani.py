@@ -107,12 +107,12 @@ def _h5_problem(path: Path, exc: Exception) -> str:
                 "or download); copy or download it again")
     if Path(path).is_dir():
         return "is a folder, not an HDF5 file"
-    from torchmdx.io_utils import compression
+    from torchmdx.io_utils import compression, decompress_command
 
     packed = compression(path)
     if packed is not None:  # was h5py's "file signature not found"
         return (f"is {packed[0]}-compressed, not an HDF5 file: HDF5 files are read uncompressed; decompress it first "
-                f"({packed[1]} {path})")
+                f"({decompress_command(path, packed[1])})")
     # h5py's message may span lines (a read failure embeds "time = <ctime>\n, filename = ..."): one line
     return f"not a readable HDF5 file ({' '.join(text.split())})"
 

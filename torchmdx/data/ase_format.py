@@ -425,9 +425,12 @@ def _iter_db_frames(path: Path, energy_key, forces_key, group_key, stress_key="s
                 "drop the row or write a finite energy"
             )
         if energy is None:
+            # a row of bare structures (no keys, no data, no calculator) gets the label advice an extxyz frame of
+            # bare structures gets: "set data.energy_key" named a key no row has (round 33)
+            bare = not row.key_value_pairs and not data and not row.get("calculator")
             raise DataError(
                 f"{where}: no energy '{energy_key}' (keys: {', '.join(sorted(row.key_value_pairs)) or 'none'}; "
-                f"data: {', '.join(sorted(data)) or 'none'}); {_energy_advice(path, False)}"
+                f"data: {', '.join(sorted(data)) or 'none'}); {_energy_advice(path, bare)}"
             )
         frame.energy = energy
         forces = row.get(forces_key)

@@ -39,7 +39,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from torchmdx.data.structures import MAX_ATOMIC_NUMBER, Structures, atom_indices, check_max_z, element_label
+from torchmdx.data.structures import (MAX_ATOMIC_NUMBER, Structures, atom_indices, check_max_z, element_label,
+                                      structure_indices)
 from torchmdx.errors import DataError
 
 
@@ -122,7 +123,7 @@ def _structure_indices(st: Structures, indices) -> np.ndarray:
     structure silently, an index past the end was numpy's IndexError."""
     if indices is None:
         return np.arange(len(st))
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    idx = structure_indices(indices, len(st), st.source)  # a boolean mask was cast to 0/1 (round 33)
     outside = (idx < 0) | (idx >= len(st))
     if outside.any():
         raise DataError(f"{st.source}: structure index {int(idx[outside][0])} is outside 0..{len(st) - 1} "
@@ -187,7 +188,7 @@ def elements_without_reference(data, indices, max_z: int = 100) -> list[int]:
     st = _structures(data)
     elements = _dataset_elements(data, st)
     totals = np.zeros(len(elements))
-    for _, _, _, counts, _ in _blocks(st, indices, CHUNK_ATOMS, elements, max_z):
+    for _, _, _, counts, _ in _blocks(st, _structure_indices(st, indices), CHUNK_ATOMS, elements, max_z):
         totals += counts.sum(axis=0)
     return [e for e, total in zip(elements, totals) if total == 0]
 

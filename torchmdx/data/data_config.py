@@ -75,6 +75,23 @@ def empty_text_line(shown: str, key: str, value) -> Optional[str]:
     return f"{shown} is empty ({value!r}); give {TEXT_OPTIONS[key]}, or leave it out for {default}"
 
 
+def check_unit_names(values: dict, shown) -> None:
+    """``values['energy_unit']`` / ``values['length_unit']`` (None: not given) checked against the one unit table
+    (``torchmdx.units``) before anything is read or made: ``train --set data.energy_unit=foo`` and ``data prepare
+    --energy-unit foo`` were refused only when the data file was read, after the cache folder had been made (round
+    33). ``shown(name)`` names the key in the line (``config key 'data.energy_unit'``, ``--energy-unit``)."""
+    from torchmdx import units
+    from torchmdx.errors import TorchmdxError
+
+    for name, factor in (("energy_unit", units.energy_factor), ("length_unit", units.length_factor)):
+        if values.get(name) is None:
+            continue
+        try:
+            factor(values[name])
+        except TorchmdxError as exc:
+            raise ConfigError(f"{shown(name)}: {exc}") from None
+
+
 @dataclass
 class DataConfig:
     path: str
@@ -122,6 +139,7 @@ class DataConfig:
             line = empty_text_line(key_name(p + name), name, getattr(self, name))
             if line:
                 raise ConfigError(line)
+        check_unit_names({n: getattr(self, n) for n in ('energy_unit', 'length_unit')}, lambda n: key_name(p + n))
         # '~' as the shell would expand it (data.path always was): 'cache_dir: ~/cache' wrote the cache into a
         # folder named '~' in the current folder, 'split_file: ~/s.npz' was "split file not found"
         self.cache_dir = expand_home(self.cache_dir)

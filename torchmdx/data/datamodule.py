@@ -76,8 +76,11 @@ class TorchmdxDataModule(L.LightningDataModule):
     """
 
     def __init__(self, config: Union[DataConfig, Mapping], run_dir=None, max_z: Optional[int] = None,
-                 pack_training: bool = False):
+                 pack_training: bool = False, read_only: bool = False):
         super().__init__()
+        #: the run folder is only read (its split; ``evaluate --run``): nothing is written into it (round 33:
+        #: evaluate rewrote the run's data_state.json, also when it then refused)
+        self.read_only = bool(read_only)
         #: training batches packed to a few fixed sizes (captured training; :mod:`torchmdx.data.packing`)
         self.pack_training = bool(pack_training)
         #: their atom capacities, once the training loader is made (empty: not packed)
@@ -136,7 +139,7 @@ class TorchmdxDataModule(L.LightningDataModule):
         else:
             self.split = self._split()
             state = self._fit_state()
-            if self.run_dir is not None:
+            if self.run_dir is not None and not self.read_only:
                 with atomic_write(self.run_dir / STATE_FILE_NAME, "w") as handle:
                     json.dump(state, handle)
         self._use_state(state)
@@ -236,7 +239,7 @@ class TorchmdxDataModule(L.LightningDataModule):
                 import warnings
 
                 warnings.warn(f"{cfg.path}: {copies}", stacklevel=2)
-        if save and run_file is not None and self.split_path != run_file:
+        if save and run_file is not None and self.split_path != run_file and not self.read_only:
             save_split(split, run_file, content_hash)
             self.split_path = run_file
         return split

@@ -193,11 +193,11 @@ def _compressed_head(path: Path, packed: tuple) -> bytes:
     """The first 4 KiB of a compressed file's content; one line for a compressed npz, HDF5 file or
     database (their readers need the file itself: "not an npz file", h5py's "file signature not
     found", "Unknown database type: gz" before) and for zstd (no reader in Python's standard library)."""
-    from torchmdx.io_utils import open_compressed
+    from torchmdx.io_utils import decompress_command, open_compressed
 
     name, command = packed
     if name == "zstd":
-        raise DataError(f"{path}: is zstd-compressed; decompress it first ({command} {path})")
+        raise DataError(f"{path}: is zstd-compressed; decompress it first ({decompress_command(path, command)})")
     try:
         with open_compressed(path) as handle:
             head = handle.read(4096)
@@ -207,7 +207,7 @@ def _compressed_head(path: Path, packed: tuple) -> bytes:
     for magic, kind in inner.items():
         if head.startswith(magic):
             raise DataError(f"{path}: is a {name}-compressed {kind}, which torchmdx reads uncompressed; decompress it "
-                            f"first ({command} {path})")
+                            f"first ({decompress_command(path, command)})")
     return head
 
 

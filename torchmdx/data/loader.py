@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader as TorchDataLoader
 from torch.utils.data import IterableDataset, get_worker_info
 
+from torchmdx.data.structures import structure_indices
 from torchmdx.errors import DataError
 
 
@@ -76,7 +77,7 @@ def batches_in_order(dataset, indices, batch_size: int):
     that pick their own structures. Gathered by ``dataset.collate`` where the dataset has it
     (:class:`~torchmdx.data.H5Dataset`), else ``Batch.from_data_list``."""
     check_batch_size(batch_size)
-    indices = np.asarray(indices, dtype=np.int64)
+    indices = structure_indices(indices, len(dataset), "batches_in_order")  # a boolean mask was cast to 0/1
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         if hasattr(dataset, "collate"):
@@ -217,7 +218,12 @@ class BatchLoader(TorchDataLoader):
                        num_workers=num_workers)
         base, base_indices = split_base(dataset)
         if indices is not None:
-            base_indices = base_indices[np.asarray(indices, dtype=np.int64)]
+            chosen = structure_indices(indices, len(base_indices), "BatchLoader: indices")
+            outside = (chosen < 0) | (chosen >= len(base_indices))  # -1 took the last structure, 99 an IndexError
+            if outside.any():
+                raise DataError(f"BatchLoader: indices: index {int(chosen[outside][0])} is outside 0.."
+                                f"{len(base_indices) - 1} (the dataset's {len(base_indices)} structures)")
+            base_indices = base_indices[chosen]
         self._stream = _BatchStream(base, base_indices, check_batch_size(batch_size), shuffle, drop_last, pad_ranks, pack)
         self._shuffle_generator = generator
         super().__init__(self._stream, batch_size=None, collate_fn=_identity, num_workers=num_workers,

@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from torchmdx.errors import DataError
-from torchmdx.io_utils import atomic_write
+from torchmdx.io_utils import atomic_write, output_file_name
 
 #: the split file a run folder holds (``torchmdx train`` writes it; --resume and evaluate read it)
 SPLIT_FILE_NAME = "splits.npz"
@@ -302,7 +302,7 @@ def _same_structure(structures, offsets, i: int, j: int) -> bool:
 
 def save_split(split: Split, path, content_hash: str = "") -> Path:
     """Write ``split`` as an npz (temporary name, then rename)."""
-    path = Path(path)
+    path = output_file_name(path)  # 'x/' was written as a file named x (Path drops the '/'; round 33)
     with atomic_write(path) as handle:
         np.savez(handle, train=split.train, val=split.val, test=split.test,
                  n_structures=np.int64(split.n_structures), seed=np.int64(-1 if split.seed is None else split.seed),

@@ -221,6 +221,28 @@ def atom_indices(offsets: np.ndarray, indices) -> np.ndarray:
     return first + np.arange(counts.sum())
 
 
+def structure_indices(indices, n: int, what: str) -> np.ndarray:
+    """``indices`` (a sequence, array or tensor of structure numbers) as int64 [k], or a one-line DataError naming
+    ``what``. A boolean mask of length ``n`` selects as numpy indexing does (it was cast to 0 and 1: structures 0
+    and 1 over and over, without a word; round 33); a mask of another length and fractional numbers (2.7 was
+    structure 2) are refused. The range 0..n-1 is the caller's check."""
+    arr = indices.detach().cpu().numpy() if hasattr(indices, "detach") else np.asarray(indices)
+    arr = arr.reshape(-1)
+    if arr.dtype.kind == "b":
+        if arr.size != n:
+            raise DataError(f"{what}: a boolean mask of {arr.size} entries for {n} structures; give one entry per "
+                            "structure, or the structure indices (np.flatnonzero(mask))")
+        return np.flatnonzero(arr).astype(np.int64)
+    if arr.dtype.kind in "iu" or arr.size == 0:
+        return arr.astype(np.int64)
+    whole = np.isfinite(arr) & (arr == np.round(arr)) if arr.dtype.kind == "f" else np.zeros(arr.shape, bool)
+    if whole.all():
+        return arr.astype(np.int64)  # 2.0 is structure 2
+    bad = arr[~whole][0]
+    raise DataError(f"{what}: structure indices must be whole numbers, got {bad.item() if hasattr(bad, 'item') else bad!r}"
+                    f" ({arr.dtype} values)")
+
+
 def check_max_z(z: np.ndarray, offsets: np.ndarray, max_z: int, source: str, first: int = 0) -> None:
     """DataError naming the first atom whose atomic number is not below ``max_z`` (the number of
     embedding rows: Z = 0 .. max_z - 1 are accepted); ``first``: index of the first structure."""

@@ -32,7 +32,12 @@ def check_cells(potential, structures, sources: list) -> None:
     import torch
 
     from torchmdx.kernels.cell_geometry import cell_geometry, describe_problem, first_bad_structure
+    from torchmdx.nn.attention_potential import periodic_structure_line
 
+    line = periodic_structure_line(potential, [np.asarray(a.pbc, dtype=bool) for a in structures],
+                                   lambda index: sources[index])
+    if line:
+        raise DataError(line)
     for atoms, where in zip(structures, sources):
         pbc = np.asarray(atoms.pbc, dtype=bool)
         if not pbc.any():

@@ -20,6 +20,10 @@ from torchmdx.nn.normalised import NormalisedPotential
 from torchmdx.nn.potential import _construction
 
 
+#: what a periodic structure needs instead of a model of non-periodic structures only
+PERIODIC_ADVICE = "periodic data need a model of architecture et or equiformer"
+
+
 def refuse_periodic(kind: str, cell, pbc) -> None:
     """One-line ModelError for a periodic input (reads ``pbc`` only when it is on the host or a cell is given)."""
     if cell is None:
@@ -28,6 +32,25 @@ def refuse_periodic(kind: str, cell, pbc) -> None:
         return
     raise ModelError(f"model architecture {kind!r} handles non-periodic structures only (molecules, clusters); "
                      "this input has a periodic cell")
+
+
+def periodic_structure_line(model, pbc_rows, where) -> str | None:
+    """The line for the first periodic structure of ``pbc_rows`` ([S, 3] booleans) given to ``model`` when the model
+    takes none (``model.periodic`` False), else None; ``where(index)`` names it ("w.extxyz: structure 3"). train,
+    evaluate and md said "model architecture 'gatr' handles non-periodic structures only ...; this input has a periodic
+    cell", naming neither the file nor the structure (round 33)."""
+    import numpy as np
+
+    if getattr(model, "periodic", True):
+        return None
+    rows = np.asarray(pbc_rows, dtype=bool).reshape(-1, 3)
+    periodic = np.flatnonzero(rows.any(-1))
+    if not periodic.size:
+        return None
+    index = int(periodic[0])
+    kind = getattr(model, "kind", type(model).__name__)
+    return (f"{where(index)} is periodic (pbc {rows[index].tolist()}), and model architecture {kind!r} handles "
+            f"non-periodic structures only (molecules, clusters); {PERIODIC_ADVICE}")
 
 
 def check_no_images(kind: str, graph: Graph) -> None:
@@ -51,6 +74,7 @@ class AttentionPotential(NormalisedPotential):
     ``representation_class``."""
 
     kind = "attention"
+    periodic = False  # refuse_periodic
     #: traced by TracedForces with fake tensors (static shapes), one graph reused across batch
     #: compositions (tests/test_train_graph_architectures.py); the host checks above skip while
     #: tracing or inside a CUDA-graph capture

@@ -282,6 +282,9 @@ class Potential(torch.nn.Module):
     """
 
     cutoff: float = 0.0
+    #: does the potential take periodic structures? (False: molecules and clusters only; the attention
+    #: potentials. train, evaluate and md refuse periodic data for such a model naming the file and structure)
+    periodic: bool = True
     #: can :class:`torchmdx.nn.traced.TracedForces` trace :meth:`atomic_energies` into one graph?
     traceable: bool = False
     #: may ``compile: auto`` pick that whole-model graph for small systems on CUDA

@@ -46,18 +46,23 @@ def _check_energies_differ(datamodule, cfg: RunConfig, source) -> None:
                     "they are meant to be equal)")
 
 
-def check_cells(dataset, cutoff: float, source) -> None:
+def check_cells(dataset, cutoff: float, source, model=None) -> None:
     """Refuse, in one line naming the structure, a periodic structure whose cell cannot be used
     with the model's ``cutoff`` (Å): non-finite, singular, or narrower than twice the cutoff
-    (minimum image would miss pairs). All cells at once on the CPU (:mod:`torchmdx.kernels.cell_geometry`);
+    (minimum image would miss pairs), or any periodic structure where ``model`` takes none (GATr, the
+    transformer: ``model.periodic``). All cells at once on the CPU (:mod:`torchmdx.kernels.cell_geometry`);
     the training steps check each batch again on the device."""
     import numpy as np
     import torch
 
     from torchmdx.kernels.cell_geometry import cell_geometry, describe_problem, first_bad_structure
+    from torchmdx.nn.attention_potential import periodic_structure_line
 
     st = dataset.structures
     pbc = np.asarray(st.pbc)
+    line = periodic_structure_line(model, pbc, lambda index: f"{source}: structure {index}")
+    if line:
+        raise DataError(line)
     periodic = np.nonzero(pbc.any(-1))[0]
     for start in range(0, periodic.size, 1 << 16):  # bounded memory for millions of structures
         chunk = periodic[start:start + (1 << 16)]

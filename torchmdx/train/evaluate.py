@@ -33,8 +33,10 @@ def predict(model, dataset, indices: Optional[Sequence[int]] = None, batch_size:
     [B, 3, 3] eV/Å³ (None without reference stresses), ``indices`` [B].
     """
     from torchmdx.data.loader import batches_in_order
+    from torchmdx.data.structures import structure_indices
 
-    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    # a boolean mask was cast to 0 and 1 (structures 0 and 1 over and over; round 33)
+    idx = np.arange(len(dataset)) if indices is None else structure_indices(indices, len(dataset), "predict")
     has_forces = bool(getattr(dataset, "has_forces", True))
     energy_pred, energy_ref, n_atoms, f_pred, f_ref, s_pred, s_ref = [], [], [], [], [], [], []
     batches = batches_in_order(dataset, idx, batch_size)

@@ -134,7 +134,7 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
         data=to_dict(cfg.data_config),
         inference_batch_size=cfg.data_config.inference_batch_size or cfg.data_config.batch_size,
     )
-    check_cells(datamodule.dataset, float(module.model.cutoff), source)
+    check_cells(datamodule.dataset, float(module.model.cutoff), source, module.model)
     if getattr(cfg.model_config, "cutoff_upper", None) is not None:  # null: attention over whole structures
         check_cutoff_reaches_neighbours(datamodule.dataset.structures, datamodule.split["train"],
                                         cfg.model_config.cutoff_upper, getattr(cfg.model_config, "cutoff_lower", 0.0),
