@@ -118,6 +118,39 @@ def test_compiled_traced_forces_equal_the_eager_model():
     assert traced.traces == 1
 
 
+def test_structure_energies_are_summed_outside_the_graph_from_its_per_atom_energies():
+    """The Equiformer's graph ("inductor" frontend) returned a structure energy 0.814 eV off on an H100 while its
+    per-atom energies and forces were right (nn.traced.ENERGY_OUTSIDE_FRONTENDS): its energies are now the sum of
+    the graph's per-atom energies, taken after the graph. Checked with a graph whose own sum is made wrong: the
+    result keeps the per-atom sum (two structures, a padded list); the ET ("dynamo") keeps the graph's sum."""
+    from torchmdx.nn.traced import ENERGY_OUTSIDE_FRONTENDS
+
+    assert "inductor" in ENERGY_OUTSIDE_FRONTENDS and "dynamo" not in ENERGY_OUTSIDE_FRONTENDS
+    model = tiny(seed=2).eval()
+    z, pos, batch = two_ethanols()
+    nl = neighbor_list(pos, model.cutoff, batch, max_pairs=220)
+    expected = {}
+    for outside in (True, False):
+        traced = TracedForces(model, compile=False, energy_outside=outside)
+        assert traced.energy_outside is outside
+        traced(z, pos, batch, 2, nl.edge_index, None, nl.mask)
+        (key, graph), = traced._graphs.items()
+
+        def wrong_sum(*args, graph=graph):
+            energy, forces, atomic = graph(*args)
+            return energy + 0.814, forces, atomic
+
+        traced._graphs[key] = wrong_sum
+        energy, _, atomic = traced(z, pos, batch, 2, nl.edge_index, None, nl.mask)
+        expected[outside] = energy
+        sums = torch.stack([atomic[batch == b].sum() for b in range(2)])
+        torch.testing.assert_close(energy, sums + (0.0 if outside else 0.814), rtol=0, atol=1e-9)
+    assert TracedForces(model, compile=False).energy_outside  # "auto": the Equiformer's frontend
+    et = torchmdx.build_model({"architecture": "et", "embedding_dimension": 8, "num_layers": 1, "num_rbf": 4,
+                               "num_heads": 2, "cutoff_upper": 4.0})
+    assert not TracedForces(et, compile=False).energy_outside
+
+
 def test_compiled_training_graph_is_refused_and_the_uncompiled_one_traces():
     """EquiformerPotential.traced_training is ("cuda",): not on the CPU (inductor computed the forces
     of its compiled training graph wrongly there): TracedForces says so at the first compiled training call,

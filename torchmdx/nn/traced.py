@@ -83,6 +83,16 @@ TRAINING_COMPILE_OPTIONS: dict = {"cpu": COMPILE_OPTIONS["cpu"], "cuda": dict(FA
 #: measured path)
 FRONTENDS = ("dynamo", "inductor")
 
+#: frontends whose graphs' structure energies are summed from the graph's per-atom energies outside the
+#: compiled graph (one index_add after it; :class:`TracedForces` ``energy_outside`` "auto"). Measured on an
+#: H100 (torch 2.11, 2026-12-07 evening, ``docs/benchmarks/2026-12-07-h100-e/``): the Equiformer's graph through
+#: "inductor" with a capacity-padded list (mask) and the small products rewritten returned per-atom
+#: energies equal to the eager model's (to 1e-4 eV) and forces within 1e-7 eV/Å, but a structure energy
+#: 0.814 eV off (the sum of those same per-atom energies, -4179.7 eV, computed inside the graph); without
+#: the mask, without the rewrite, or on the CPU it agreed to 1e-7. The ET's graphs ("dynamo") are checked
+#: against float64 energies on the GPU (tests/test_traced.py, tests/test_calculator.py) and keep the sum in the graph.
+ENERGY_OUTSIDE_FRONTENDS = ("inductor",)
+
 
 def _strip_detach(graph_module) -> int:
     """Remove every ``aten.detach`` of a traced graph (returns how many).
@@ -329,19 +339,24 @@ class TracedForces:
     :attr:`~torchmdx.nn.base.Potential.graph_ops`, else ignored): its :meth:`graph_inputs
     <torchmdx.nn.base.Potential.graph_inputs>` (the filter tables) become inputs of the graph,
     made again when the weights change (a graph replayed by a CUDA graph keeps the ones of its
-    capture).
+    capture). ``energy_outside``: the structure energies are summed from the graph's per-atom
+    energies after the compiled graph, E_b = Σ_{i in b} ε_i (one index_add; "auto": for the frontends of
+    :data:`ENERGY_OUTSIDE_FRONTENDS`), instead of taken from the graph's own sum.
     """
 
     def __init__(self, potential, training: bool = False, cutoff: Optional[float] = None, compile: bool = True,
                  small: bool = True, options: Optional[dict] = None, frontend: Optional[str] = None,
                  small_output="auto", small_rows="auto", fused_message: Optional[bool] = None,
-                 small_row_inner="auto"):
+                 small_row_inner="auto", energy_outside="auto"):
         if not getattr(potential, "traceable", False):
             raise TypeError(f"{type(potential).__name__} cannot be traced into one graph")
         frontend = frontend or getattr(potential, "traced_frontend", "dynamo")
         if frontend not in FRONTENDS:
             raise ValueError(f"frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
         self.frontend = frontend
+        if energy_outside == "auto":
+            energy_outside = frontend in ENERGY_OUTSIDE_FRONTENDS
+        self.energy_outside = bool(energy_outside)
         self.potential = potential
         self.module = _Energy(potential)
         self.training = bool(training)
@@ -471,7 +486,11 @@ class TracedForces:
         fn = self._graphs.get(key)
         if fn is None:
             fn = self._graphs[key] = self._build(names, args, int(num_structures), pairs, ops)
-        return fn(*args)
+        energy, forces, atomic = fn(*args)
+        if self.energy_outside:  # see ENERGY_OUTSIDE_FRONTENDS: the graph's own sum was measured wrong there
+            energy = torch.zeros(int(num_structures), dtype=atomic.dtype, device=atomic.device).index_add(0, batch,
+                                                                                                           atomic)
+        return energy, forces, atomic
 
 
 class _CompiledGraph:
