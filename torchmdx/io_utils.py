@@ -187,8 +187,6 @@ def decompress_command(path: str | os.PathLike, command: str) -> str:
     """The shell command that decompresses ``path`` with ``command`` (``gunzip w.db.gz``). A name without the
     command's suffix gets ``command -c path > plain name``: ``gunzip w.db`` says "unknown suffix -- ignored", and
     the lines told to run it (round 33)."""
-    from pathlib import Path
-
     path = Path(path)
     if path.name.lower().endswith(COMMAND_SUFFIXES.get(command, ())):
         return f"{command} {path}"
