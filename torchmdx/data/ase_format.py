@@ -80,6 +80,7 @@ class ReadFailureKind(enum.Enum):
     NUMBER_AS_SYMBOL = "number_as_symbol"  # a species column of atomic numbers ('8'): say ReadFailure.explanation
     SHORT_COUNT = "short_count"  # an xyz atom-count line too small (ASE's "Expected xyz header"): say .explanation
     LABEL_AS_SYMBOL = "label_as_symbol"  # a species column of atom labels ('C1', ASE's KeyError): say .explanation
+    DATASET_FILE = "dataset_file"  # an npz or HDF5 dataset (or a cache) given as a structure: say .explanation
     OTHER = "other"  # anything else: quote the reader's error (:attr:`ReadFailure.detail`)
 
 
@@ -107,7 +108,7 @@ class ReadFailure:
         """Why, in words, for the kinds that have one (NUMBER_AS_SYMBOL, SHORT_COUNT, LABEL_AS_SYMBOL), else None."""
         if self.kind is ReadFailureKind.NUMBER_AS_SYMBOL:
             return number_as_symbol(self.message.strip("'\""))
-        if self.kind in (ReadFailureKind.SHORT_COUNT, ReadFailureKind.LABEL_AS_SYMBOL):
+        if self.kind in (ReadFailureKind.SHORT_COUNT, ReadFailureKind.LABEL_AS_SYMBOL, ReadFailureKind.DATASET_FILE):
             return self.reason
         return None
 
@@ -120,6 +121,10 @@ def classify_read_failure(exc: BaseException, path) -> ReadFailure:
         kind = ReadFailureKind.ENDS_EARLY
     elif is_torch_file(path):
         kind = ReadFailureKind.TORCH_FILE
+    elif dataset_file(path):  # `md e.npz`: "cannot read a structure with ASE (npz)" (round 34)
+        return ReadFailure(ReadFailureKind.DATASET_FILE, type(exc).__name__, str(exc),
+                           f"{dataset_file(path)}, not a structure file ASE reads; give a structure file (xyz, "
+                           "extxyz, pdb, traj, ...)")
     elif _number_key(exc) is not None:
         kind = ReadFailureKind.NUMBER_AS_SYMBOL
     else:
@@ -131,6 +136,40 @@ def classify_read_failure(exc: BaseException, path) -> ReadFailure:
             return ReadFailure(ReadFailureKind.SHORT_COUNT, type(exc).__name__, str(exc), short)
         kind = ReadFailureKind.OTHER
     return ReadFailure(kind, type(exc).__name__, str(exc))
+
+
+def dataset_file(path) -> Optional[str]:
+    """What a dataset file given where a structure file goes is, in words (an npz archive of arrays, a torchmdx
+    cache, another HDF5 file), else None. ASE said only "(npz)" or "(h5)" for them (``md e.npz``, ``label a.h5``,
+    ``export --openmm --structure e.npz``)."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        return None
+    if head == b"\x89HDF\r\n\x1a\n":
+        try:
+            import h5py
+
+            with h5py.File(path, "r") as h5:
+                cache = "torchmdx_cache_version" in h5.attrs
+        except (OSError, ValueError):
+            cache = False
+        if cache:
+            return "a torchmdx data cache (HDF5: the structures of a dataset, read by data, train and evaluate)"
+        return "an HDF5 file (a dataset: torchmdx reads the ANI-1 and ANI-1x layouts with --format ani1 or ani1x)"
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return None
+        if names and all(name.endswith(".npy") for name in names):
+            return ("an npz file of arrays (a dataset: torchmdx reads the MD17 layouts with --format md17 or rmd17 "
+                    "in data, train and evaluate)")
+    return None
 
 
 def nonfinite_position(atoms) -> Optional[str]:

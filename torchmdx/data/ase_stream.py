@@ -4,7 +4,8 @@ What a read of an ASE file (:mod:`torchmdx.data.ase_format`) decides from all it
 needs only each frame's keys, shapes and flags, never its positions or forces:
 
 - the extras: the numeric info keys (and calculator results) present in every frame with one
-  shape, the per-atom arrays present in every frame with one shape per atom (others are dropped);
+  shape, the per-atom arrays present in every frame with one shape per atom (others are dropped, with one
+  warning naming each and in how many frames it is: :func:`dropped_extras_line`);
 - forces in every frame or in none (forces in some frames only is an error naming the first frame
   without them; none with an explicit ``forces_key`` too);
 - stress the same way, after frames that are not periodic got a NaN stress (isolated atoms or
@@ -43,6 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import warnings
+from collections import Counter
 from array import array
 from typing import Optional
 
@@ -63,6 +66,19 @@ def _common_shapes(common: Optional[dict], values: dict, per_atom: bool) -> dict
     return {key: shape if shape == shapes[key] else None for key, shape in common.items() if key in shapes}
 
 
+def dropped_extras_line(path, frames: int, counts: Counter, kept: list, shapes: dict) -> Optional[str]:
+    """The one warning for numeric per-frame values (info keys, calculator results, per-atom arrays) that are left
+    out of the read because not every frame has them, or not with one shape, else None. They were dropped without a
+    word (round 33's leftover): a dipole or a charge array in 40 of 100 frames vanished from the cache. ``counts``:
+    key -> frames that had it; ``shapes``: key -> the common shape, None where the shapes differ."""
+    dropped = [f"{key} ({'shapes differ' if counts[key] == frames else f'in {counts[key]} of {frames} frames'})"
+               for key in sorted(counts) if key not in kept and (counts[key] < frames or shapes.get(key, 0) is None)]
+    if not dropped:
+        return None
+    return (f"{path}: {', '.join(dropped)} left out: a per-frame value is kept only when every frame has it with one "
+            "shape (no training target reads these; the energies, forces and stress are read as before)")
+
+
 class FrameSummary:
     """What the first pass keeps of each frame (module docstring), and what it decides.
 
@@ -81,6 +97,7 @@ class FrameSummary:
         self._atom_extras: Optional[dict] = None
         self.extras: list = []
         self.atom_extras: list = []
+        self._extra_counts: Counter = Counter()  # key -> frames that had it (per-structure and per-atom keys)
 
     def __len__(self) -> int:
         return len(self.atoms)
@@ -105,6 +122,7 @@ class FrameSummary:
                 self.periodic_without_stress = frame.where
         self._extras = _common_shapes(self._extras, frame.extras, per_atom=False)
         self._atom_extras = _common_shapes(self._atom_extras, frame.atom_extras, per_atom=True)
+        self._extra_counts.update(set(frame.extras) | set(frame.atom_extras))
 
     def finish(self) -> "FrameSummary":
         """Decide, from the frames noted, what the whole read decides, with its error lines: no frames; forces
@@ -119,6 +137,10 @@ class FrameSummary:
         # extras: keep the keys every frame has with one shape
         self.extras = sorted(key for key, shape in self._extras.items() if shape is not None)
         self.atom_extras = sorted(key for key, shape in self._atom_extras.items() if shape is not None)
+        line = dropped_extras_line(r.path, len(self.atoms), self._extra_counts, self.extras + self.atom_extras,
+                                   {**self._extras, **self._atom_extras})
+        if line:
+            warnings.warn(line, stacklevel=2)
         return self
 
     def _all_or_none(self, present: bool, first_without: Optional[str], what: str, explicit: bool) -> None:

@@ -62,7 +62,7 @@ from torchmdx.data.cache_file import (
     write_cache,
 )
 from torchmdx.data.formats import check_format, guess_format, iter_structures, normalise_options, resolve_source
-from torchmdx.errors import DataError
+from torchmdx.errors import ConfigError, DataError
 
 __all__ = [
     # this module
@@ -73,6 +73,16 @@ __all__ = [
     "CACHE_VERSION", "COPY_BLOCK_BYTES", "CacheWriter", "write_cache", "read_cache", "cache_info", "memory_map",
     "checksums", "damage", "temporary_cache_path",
 ]
+
+def cache_folder(cache_dir, caller: str) -> Path:
+    """``cache_dir`` as a Path, or a one-line ConfigError for an empty (or blank) name or None: ``Path('')`` is the
+    working folder, so ``build_cache(source, cache_dir='')`` wrote the cache there (round 33's leftover; the config
+    and the command line refuse an empty cache folder)."""
+    if cache_dir is None or not str(os.fspath(cache_dir)).strip():
+        raise ConfigError(f"{caller}: cache_dir is empty ({cache_dir!r}); give a folder, or leave it out for "
+                          f"{DEFAULT_CACHE_DIR}")
+    return Path(cache_dir)
+
 
 #: bytes hashed at each end of a source file for the quick fingerprint
 EDGE_BYTES = 1 << 20
@@ -151,7 +161,7 @@ def cache_path(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DIR
     src = resolve_source(source, fmt)
     fmt = fmt or guess_format(src)
     opts = normalise_options(fmt, options, src)
-    return Path(cache_dir) / f"{src.name}.{fmt}.{cache_key(src, fmt, opts)}.h5"
+    return cache_folder(cache_dir, "cache_path") / f"{src.name}.{fmt}.{cache_key(src, fmt, opts)}.h5"
 
 
 def cache_status(cache: Path, source: Path) -> tuple[bool, str]:
@@ -190,6 +200,7 @@ def is_current(cache: Path, source: Path) -> bool:
 
 def find_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DIR, **options) -> Optional[Path]:
     """The path of a current cache of ``source``, or None (nothing is written)."""
+    cache_folder(cache_dir, "find_cache")
     path = cache_path(source, format, cache_dir, **options)
     fmt = check_format(format)
     src = resolve_source(source, fmt)
@@ -246,6 +257,7 @@ def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DI
     source in chunks of about ``chunk_atoms`` atoms (bounded memory). ``say`` gets one line when
     an existing file is rebuilt and why (an interrupted build, a changed source, ...).
     """
+    folder = cache_folder(cache_dir, "build_cache")
     fmt = check_format(format)
     src = resolve_source(source, fmt)
     fmt = fmt or guess_format(src)
@@ -255,7 +267,7 @@ def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DI
         _refuse_damaged(src)
         return src
     opts = normalise_options(fmt, options, src)
-    path = Path(cache_dir) / f"{src.name}.{fmt}.{cache_key(src, fmt, opts)}.h5"
+    path = folder / f"{src.name}.{fmt}.{cache_key(src, fmt, opts)}.h5"
     current, reason = cache_status(path, src)
     if current and not force:
         return path

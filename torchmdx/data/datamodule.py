@@ -34,7 +34,7 @@ from torchmdx.data.ranks import global_rank, launch_world, local_rank, wait_for
 from torchmdx.data.packing import DeviceBatchLoader, atom_buckets
 from torchmdx.data.splits import (SPLIT_FILE_NAME, Split, check_no_group_leak, copies_across_parts, load_split,
                                   make_split, save_split)
-from torchmdx.errors import DataError
+from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import atomic_write
 
 #: rank 0's atomic references and statistics, read by the other ranks of a DDP launch
@@ -60,6 +60,15 @@ def _say(line: str) -> None:
 
     if rank_zero_only.rank == 0:
         print(line, flush=True)
+
+
+def _embedding_rows(max_z) -> int:
+    """``max_z`` as an int, or a one-line ConfigError: ``max_z=1.5`` was read as 1 (the lines then said "max_z=1"),
+    ``True`` as 1 and ``'100'`` as 100 (round 33's leftover)."""
+    if isinstance(max_z, (bool, np.bool_)) or not isinstance(max_z, (int, np.integer)) or max_z < 2:
+        raise ConfigError(f"TorchmdxDataModule: max_z must be a whole number >= 2 (it counts embedding rows: atomic "
+                          f"numbers 0..max_z-1 are accepted), got {max_z!r}")
+    return int(max_z)
 
 
 class TorchmdxDataModule(L.LightningDataModule):
@@ -92,7 +101,7 @@ class TorchmdxDataModule(L.LightningDataModule):
             config = from_dict(DataConfig, config, "data")
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.max_z = int(max_z if max_z is not None else config.max_z)
+        self.max_z = _embedding_rows(max_z if max_z is not None else config.max_z)
         self.dataset: Optional[H5Dataset] = None
         self.split: Optional[Split] = None
         self.split_path: Optional[Path] = None

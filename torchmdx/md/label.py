@@ -433,7 +433,10 @@ def label(paths, out, options: LabelOptions, *, skip: int = 0, every: int = 1, m
     out = Path(out)
     if out.suffix.lower() not in (".extxyz", ".xyz"):
         raise ConfigError(f"-o {out}: the labelled frames are written as extended XYZ; name it .extxyz or .xyz")
-    problem = unwritable_folder(out.parent if str(out.parent) else Path("."))
+    folder = out.parent if str(out.parent) else Path(".")
+    problem = unwritable_folder(folder)
+    if problem == "is a file, not a folder":  # "-o afile/l.extxyz: is a file, not a folder" named -o's path (round 33)
+        problem = f"{folder} is a file, not a folder, so nothing can be written under it; give a path in a folder"
     if problem:
         raise ConfigError(f"-o {out}: {problem}")
     for name in paths:  # like md's --out: never over an input, --force or not

@@ -405,6 +405,12 @@ def build_run_config(values: dict, source: str = "config", check_data: bool = Tr
     # data.max_z and model.max_z both count embedding rows (atomic numbers 0 .. max_z-1); the data
     # layer checks the elements against the model's and sizes the reference table [max_z] with it
     model_max_z = cfg.model_config.max_z
+    from torchmdx.data.data_config import MAX_Z_LIMIT
+
+    if model_max_z > MAX_Z_LIMIT:  # 10**12 was "ran out of memory" after the cache and the run folder were made
+        raise ConfigError(f"config key 'model.max_z' is {model_max_z}, above {MAX_Z_LIMIT}: it counts embedding rows "
+                          f"(atomic numbers 0..max_z-1) and elements stop at Z = 118, so the rows above would never be "
+                          f"used; give at most {MAX_Z_LIMIT} (as data.max_z)")
     if "max_z" in cfg.data and cfg.data_config.max_z != model_max_z:
         raise ConfigError(f"config key 'data.max_z' is {cfg.data_config.max_z} but model.max_z is {model_max_z}; "
                           "both count embedding rows (atomic numbers 0..max_z-1): drop data.max_z or make them equal")

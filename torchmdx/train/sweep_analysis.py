@@ -71,8 +71,9 @@ def frontier(points: list[tuple]) -> list[tuple]:
     return out
 
 
-def analyse(rows: list[dict], sweep_dir, label_keys: Optional[list] = None) -> dict:
-    """Fits, frontiers, plots and the markdown table for ``rows`` (sweep_result.json contents)."""
+def analyse(rows: list[dict], sweep_dir, label_keys: Optional[list] = None, missing: Optional[list] = None) -> dict:
+    """Fits, frontiers, plots and the markdown table for ``rows`` (sweep_result.json contents); ``missing``: the
+    planned points without a result (failed or not run yet), named under the table."""
     sweep_dir = Path(sweep_dir)
     usable = [r for r in rows if r.get(ERROR_KEY) not in (None, "") and r.get("training_flops")]
     families = sorted({family(r) for r in usable})
@@ -98,7 +99,7 @@ def analyse(rows: list[dict], sweep_dir, label_keys: Optional[list] = None) -> d
         json.dump(jsonable(fits), handle, indent=2)
     if usable:
         _plots(by_family, fits, overall, sweep_dir)
-    _markdown(rows, fits, sweep_dir, label_keys or [])
+    _markdown(rows, fits, sweep_dir, label_keys or [], missing or [])
     return fits
 
 
@@ -190,13 +191,17 @@ def _fmt(value, digits=4):
     return str(value)
 
 
-def _markdown(rows: list[dict], fits: dict, sweep_dir: Path, label_keys: list) -> None:
+def _markdown(rows: list[dict], fits: dict, sweep_dir: Path, label_keys: list, missing: list = ()) -> None:
     columns = ["point", "family"] + label_keys + ["parameters", "train_size", "steps", "training_flops",
                                                   "device_seconds", "test_energy_mae", ERROR_KEY]
     lines = ["# Sweep results", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         values = {**row.get("labels", {}), **row, "family": family(row)}
         lines.append("| " + " | ".join(_fmt(values.get(c)) for c in columns) + " |")
+    if missing:  # the table read as the whole sweep when a point had failed (round 34)
+        lines += ["", f"Not in this table (no result: failed, or not run yet): {len(missing)} of the "
+                      f"{len(rows) + len(missing)} planned points, {', '.join(missing)}; `torchmdx sweep` again runs "
+                      "them."]
     lines += ["", "Errors in meV (energy) and meV/Å (forces) on the sweep's common test set; compute in FLOPs "
               "(counted, torchmdx.train.flops).", "", "## Power laws (test force MAE ∝ x^slope, ± standard error)", "",
               "| family | vs compute (frontier) | vs training structures | frontier parameters vs compute |",
