@@ -180,7 +180,7 @@ def run(args) -> int:
         raise DataError(f"--split {split} with a data file needs --run RUN_DIR holding its {SPLIT_FILE_NAME}")
     if data_cfg.split_file is not None:
         split_dir = None
-    run_warning = None
+    run_warning, other_model = None, False
     if args.allow_other_run and (split_dir is None or split == "all"):  # was ignored without a word (round 27)
         if split == "all":
             what = f"--split all scores every structure of {data_cfg.path}, of no run's split"
@@ -198,6 +198,12 @@ def run(args) -> int:
         option = "--run" if args.run else "run_dir"
         run_warning = check_model_run(model_path, record, split_dir, option=option,
                                       allow=args.allow_other_run, split=split)
+        from torchmdx.train.provenance import check_model_cutoff
+
+        cutoff_warning = check_model_cutoff(model_path, float(model.cutoff), record, split_dir, option=option,
+                                            allow=args.allow_other_run, split=split)
+        if cutoff_warning:  # the model is not the run's (round 35): its learning curve is not the model's either
+            run_warning, other_model = cutoff_warning, True
     # the model's embedding rows (atomic numbers 0..max_z-1); data.max_z has the same meaning
     max_z = int(getattr(getattr(model, "config", None), "max_z", data_cfg.max_z))
     data_cfg = dataclasses.replace(data_cfg, max_z=max_z, atomref="none")  # references are the model's
@@ -252,7 +258,7 @@ def run(args) -> int:
     print(paths["text"])
     written = [paths["table"], paths["json"], paths["parity"]]
     curve = None
-    if run_dir is not None and (run_dir / METRICS_CSV).is_file():
+    if run_dir is not None and not other_model and (run_dir / METRICS_CSV).is_file():
         curve = learning_curve(run_dir / METRICS_CSV, out_dir / LEARNING_CURVE, title=str(run_dir))
         if curve is not None:
             written.append(str(curve))

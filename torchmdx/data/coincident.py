@@ -11,6 +11,10 @@ import numpy as np
 
 #: atoms of one structure closer than this (Å, minimum image) are refused as one atom given twice
 COINCIDENT_DISTANCE = 1e-5
+#: coordinates beyond this (Å, 1 m) are refused: float64 holds them only to 2e-6 Å and coarser further out
+FAR_COORDINATE = 1e10
+#: a far atom with another atom of its structure closer than this (Å) is refused (:func:`far_atom`)
+FAR_NEIGHBOUR = 1e6
 #: primes that mix (structure, grid cell) into one 64-bit key (collisions are only candidates:
 #: every candidate pair's distance is checked)
 _MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5], dtype=np.uint64)
@@ -27,12 +31,56 @@ def coincident_words(a: int, b: int, position, image: bool, structure: Union[int
             "(a duplicated atom?)")
 
 
+def far_atom(pos, offsets=None) -> Optional[int]:
+    """The first atom (row of ``pos`` [A, 3]) with a finite coordinate beyond :data:`FAR_COORDINATE` and another
+    atom of its structure near it (closer than :data:`FAR_NEIGHBOUR`, or than 8 steps of float64 at its
+    coordinates: a molecule moved out, whose distances float64 no longer holds), or None. ``offsets``: the
+    structures' first rows, as :func:`coincident_atoms` (None: one structure). An atom far from all the others
+    (one atom at 1e14 Å beside a cluster at the origin) has no neighbour to lose: its energy is an isolated atom's."""
+    pos = np.asarray(pos, dtype=np.float64).reshape(-1, 3)
+    offsets = np.asarray(offsets if offsets is not None else [0, len(pos)], dtype=np.int64)
+    with np.errstate(invalid="ignore"):
+        far = (np.abs(pos) > FAR_COORDINATE).any(axis=1) & np.isfinite(pos).all(axis=1)
+    for a in np.flatnonzero(far):  # in order: the first far atom with a neighbour is named
+        s = int(np.searchsorted(offsets, a, side="right") - 1)
+        start, end = int(offsets[s]), int(offsets[s + 1])
+        others = np.delete(pos[start:end], a - start, axis=0)
+        if not len(others):
+            continue
+        with np.errstate(invalid="ignore", over="ignore"):
+            distances = np.linalg.norm(others - pos[a], axis=1)
+        distances = distances[np.isfinite(distances)]
+        nearest = distances.min() if len(distances) else np.inf
+        if nearest < max(FAR_NEIGHBOUR, 8 * float(np.spacing(np.abs(pos[a]).max()))):
+            return int(a)
+    return None
+
+
+def far_coordinate_words(a: int, position, structure: Union[int, str, None] = None, dtype=np.float64) -> str:
+    """"atom a [of structure s] is at [x, y, z] Å, beyond 1e+10 Å: ...": coordinates so large that the float type
+    holds them only to a coarse spacing, so the distances between atoms come out wrong (1e15 Å: 0.125 Å apart, a
+    wrong energy without a word) or zero (1e30 Å: "atoms 0 and 1 are on top of each other", round 34's leftover)."""
+    which = "" if structure is None else f" of {structure}" if isinstance(structure, str) else \
+        f" of structure {structure}"
+    position = np.asarray(position, dtype=np.float64)
+    spacing = float(np.spacing(np.asarray(np.abs(position).max(), dtype=dtype)))
+    name = np.dtype(dtype).name
+    return (f"atom {a}{which} is at [{', '.join(f'{x:.6g}' for x in position)}] Å, beyond {FAR_COORDINATE:g} Å from the "
+            f"origin: {name} coordinates that large are {spacing:.3g} Å apart, so the distances between atoms come "
+            "out wrong; give coordinates near the origin (move the structure there)")
+
+
 def atoms_coincidence(atoms) -> Optional[str]:
     """:func:`coincident_words` for two atoms of one ``ase.Atoms`` closer than :data:`COINCIDENT_DISTANCE`
-    (minimum image where periodic), or None; atoms with non-finite positions are not compared."""
+    (minimum image where periodic), or None; atoms with non-finite positions are not compared. Coordinates beyond
+    :data:`FAR_COORDINATE` are :func:`far_coordinate_words` (round 35: at 1e30 Å the atoms "were at the same
+    position", which they are in float64, but the coordinates are what is wrong)."""
     pos = np.asarray(atoms.positions, dtype=np.float64)
     if len(pos) < 2 or not np.isfinite(pos).all():
         return None
+    far = far_atom(pos)
+    if far is not None:
+        return far_coordinate_words(far, pos[far])
     found = coincident_atoms(pos, [0, len(pos)], np.asarray(atoms.cell.array)[None], np.asarray(atoms.pbc)[None])
     return None if found is None else coincident_words(found[0], found[1], pos[found[0]], found[2])
 

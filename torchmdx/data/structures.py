@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from torchmdx.data.coincident import coincident_atoms, coincident_words
+from torchmdx.data.coincident import coincident_atoms, coincident_words, far_atom, far_coordinate_words
 from torchmdx.errors import DataError
 
 #: The largest atomic number torchmdx knows (oganesson).
@@ -165,6 +165,11 @@ class Structures:
         sorting, O(A log A) time and O(A) memory)."""
         if self.n_atoms < 2:
             return
+        far = far_atom(self.pos, self.offsets)
+        if far is not None:
+            s = int(np.searchsorted(self.offsets, far, side="right") - 1)
+            where, which = (names(s) if names is not None else None) or (self.source, first + s)
+            raise DataError(f"{where}: {far_coordinate_words(far - int(self.offsets[s]), self.pos[far], which)}")
         found = coincident_atoms(self.pos, self.offsets, self.cell, self.pbc)
         if found is None:
             return

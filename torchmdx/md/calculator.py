@@ -43,6 +43,7 @@ from torchmdx.errors import ModelError
 from torchmdx.kernels.neighbors import Neighbors
 from torchmdx.md.forces import fit_skin
 from torchmdx.md.loading import as_dtype, load_potential, potential_dtype
+from torchmdx.data.coincident import far_atom, far_coordinate_words
 from torchmdx.nn.atoms import beyond_dtype, local_origin, no_volume_stress, spans_volume
 from torchmdx.nn.base import edge_vectors
 
@@ -339,6 +340,9 @@ class Calculator(_AseCalculator):
         line = beyond_dtype(xyz, self.dtype, self._numbers, self._origin)
         if line:
             raise ModelError(line)
+        far = far_atom(xyz)  # ASE's float64 positions themselves lost the distances (1e15 Å: 0.125 Å steps)
+        if far is not None:
+            raise ModelError(far_coordinate_words(far, xyz[far]))
         return torch.as_tensor(xyz - self._origin, dtype=self.dtype, device=self.device)
 
     def _compile_mode(self, num_atoms: int) -> str:

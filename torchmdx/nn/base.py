@@ -50,6 +50,7 @@ from torchmdx.kernels.neighbors import Neighbors, neighbor_list
 
 #: distinct atoms closer than this (Å) are refused as overlapping
 OVERLAP_DISTANCE = 1e-6
+FAR_COORDINATE = 1e10  # Å, as torchmdx.data.coincident's (checked beside the overlaps)
 
 
 @dataclass
@@ -108,13 +109,38 @@ def check_overlaps(graph: "Graph") -> None:
     close = graph.distances < OVERLAP_DISTANCE
     if graph.mask is not None:
         close = close & graph.mask
-    if bool(close.any()):
+    size = graph.pos.detach().abs()
+    far = (size > FAR_COORDINATE) & (size != float("inf"))
+    close_any = close.any()
+    if not bool(close_any | far.any()):  # one host read for both
+        return
+    _check_far(graph)
+    if bool(close_any):
         e = int(close.nonzero()[0, 0])
         i, j = int(graph.edge_index[0, e]), int(graph.edge_index[1, e])
         distance = float(graph.distances[e].detach())
         error = ModelError(f"atoms {i} and {j} are on top of each other (distance {distance:.3g} Å)")
         error.atoms, error.distance = (i, j), distance  # for callers that name the atoms their own way (md)
         raise error
+
+
+def _check_far(graph: "Graph") -> None:
+    """Refuse an atom with a coordinate beyond :data:`~torchmdx.data.coincident.FAR_COORDINATE` in a structure of
+    two or more atoms (round 35): at 1e15 Å the distances were float64's 0.125 Å steps (a wrong energy without a
+    word), at 1e30 Å zero ("atoms 0 and 1 are on top of each other", round 34's leftover)."""
+    import numpy as np
+
+    from torchmdx.data.coincident import far_atom, far_coordinate_words
+
+    pos = graph.pos.detach().cpu().double().numpy()
+    batch = graph.batch.detach().cpu().numpy()
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(batch, minlength=graph.num_structures))])
+    a = far_atom(pos, offsets)
+    if a is not None:
+        s = int(batch[a])
+        dtype = np.float32 if graph.pos.dtype == torch.float32 else np.float64
+        line = far_coordinate_words(a - int(offsets[s]), pos[a], s if graph.num_structures > 1 else None, dtype)
+        raise ModelError(line)
 
 
 def masked_edges(pos, receivers, senders, offsets, cutoff: float, mask=None):

@@ -130,6 +130,7 @@ class TorchmdxPotentialImpl(MLPotentialImpl):
             fast_file = fast is not False and not is_openmm_export(self.modelPath)
             implementation = "python" if fast_file or openmmtorch_problem() is not None else "torchforce"
         all_atoms = list(topology.atoms())
+        _check_particle_count(self.name, system, len(all_atoms))
         indices = list(range(len(all_atoms))) if atoms is None else _check_atoms(atoms, len(all_atoms))
         chosen = [all_atoms[i] for i in indices]
         numbers = [a.element.atomic_number if a.element is not None else None for a in chosen]
@@ -242,6 +243,20 @@ def _check_system_args(name: str, args: dict) -> None:
     for key in args:
         if key not in _OPTIONS and key not in _OPENMMML_ARGS:
             raise OpenMMError(_unknown_option_line(name, key))
+
+
+def _check_particle_count(name: str, system, count: int) -> None:
+    """The System openmm-ml hands ``addForces`` has one particle per topology atom: ``createMixedSystem(topology,
+    mm_system, atoms)`` with an ``mm_system`` of another topology (fewer particles) read positions that do not exist
+    ("particles 0 and 2 (ML atoms) are on top of each other (distance 0 Å)" at the first energy), and one of more
+    particles ran with the ML atoms at indices the topology does not describe (round 34's leftover)."""
+    particles = system.getNumParticles()
+    if particles != count:
+        from torchmdx.openmm.errors import OpenMMError
+
+        raise OpenMMError(f"MLPotential('{name}'): the System has {particles} particle(s) but the topology has {count} "
+                          "atom(s); createMixedSystem(topology, system, atoms) needs the System made from this topology "
+                          "(forcefield.createSystem(topology)): one particle per atom, in the topology's order")
 
 
 def _unknown_option_line(name: str, key: str, more: str = "") -> str:

@@ -173,3 +173,47 @@ def all_split_warning(model_path: Union[str, Path], record: Optional[Mapping], c
     return (f"{Path(model_path).name} was trained on {name} (run {run}): --split all scores the "
             f"structures it was trained on too{seen}, so the errors come out too good; give --run {run} to score "
             "its test split only (or --split all to score every structure without this warning)")
+
+
+def run_cutoff(run_dir: Union[str, Path]) -> Optional[float]:
+    """The cutoff (Å) of the model the run in ``run_dir`` trained (its config.resolved.yaml's
+    ``model.cutoff_upper``), or None where the folder does not say (no file, no number)."""
+    from torchmdx.train.run_folder import RESOLVED_CONFIG
+
+    try:
+        import yaml
+
+        value = yaml.safe_load((Path(run_dir) / RESOLVED_CONFIG).read_text())["model"]["cutoff_upper"]
+    except Exception:  # noqa: BLE001 - a run folder without a readable config: nothing to compare
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def check_model_cutoff(model_path: Union[str, Path], model_cutoff: float, record: Optional[Mapping],
+                       run_dir: Union[str, Path], option: str = "--run", allow: bool = False,
+                       split: str = "test") -> Optional[str]:
+    """A model whose cutoff is not the one ``run_dir``'s config trained was not trained in that run (round 35: was
+    scored without a word, the run's learning curve written beside its report as if it were the model's).
+    Returns None where the cutoffs agree (or the run does not say), else a warning line (without ``warning:``):
+    the model records the run's own split (another run on the same split, e.g. a sweep over the cutoff: its
+    errors are fair, the run's learning curve is not the model's), or ``allow``. A model that records no run: a
+    ConfigError, as another run's model (the split may hold its training structures)."""
+    import math
+
+    trained = run_cutoff(run_dir)
+    if trained is None or not math.isfinite(model_cutoff) or math.isclose(trained, model_cutoff, rel_tol=1e-9):
+        return None
+    name = Path(model_path).name
+    said = (f"{name} has cutoff {model_cutoff:g} Å, but {option} {run_dir} trained a model of cutoff {trained:g} Å "
+            f"({Path(run_dir) / 'config.resolved.yaml'} model.cutoff_upper), so {name} is not that run's model")
+    here = run_record(run_dir)
+    same_split = record is not None and here is not None and here["split"] == record.get("split")
+    if same_split:
+        return (f"{said}: it records the same split (its {split} errors are fair), but the run's learning curve is "
+                "not its own and is left out of the report")
+    if allow:
+        return f"{said}: its {split} split may hold the model's training structures (--allow-other-run: evaluating " \
+               "anyway, without the run's learning curve)"
+    raise ConfigError(f"{said}, and {name} records no training run: the {split} split of {run_dir} may hold its "
+                      f"training structures, so its errors would come out too good; give the model's own run folder as "
+                      f"{option}, leave it out, or pass --allow-other-run to evaluate anyway")
