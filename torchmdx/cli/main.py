@@ -12,10 +12,12 @@ Predictable mistakes raise :class:`torchmdx.errors.TorchmdxError`; they are prin
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import contextlib
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -35,8 +37,29 @@ _OWN_SIGTERM = {"train", "sweep"}
 _WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
+_INVALID_CHOICE = re.compile(r"invalid choice: '(?P<given>[^']*)' \(choose from (?P<choices>.*)\)$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose "invalid choice" line says which choice was probably meant (``torchmdx trian``,
+    ``data inof``, ``evaluate --split TEST``: Python 3.11's argparse only lists them; round 35). The sub-commands'
+    parsers are of this class too (``add_subparsers`` makes them of the parent's class)."""
+
+    def error(self, message):
+        found = _INVALID_CHOICE.search(message)
+        if found:
+            given = found["given"]
+            choices = re.findall(r"'([^']*)'", found["choices"])
+            by_case = [c for c in choices if c.lower() == given.lower()]
+            close = by_case or difflib.get_close_matches(given, choices, n=1, cutoff=0.6)
+            if close:
+                message = message[:found.start()] + (f"invalid choice: '{given}' (did you mean '{close[0]}'?; "
+                                                     f"choose from {found['choices']})")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="torchmdx",
         description="Train, evaluate and run molecular dynamics with equivariant-transformer potentials.",
     )

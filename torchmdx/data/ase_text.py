@@ -164,6 +164,42 @@ def short_atom_count(path) -> Optional[str]:
     return None
 
 
+#: bytes read at a time while counting the lines after an atom count (:func:`long_atom_count`)
+COUNT_BLOCK_BYTES = 1 << 16  # small: a streamed read stays a fraction of a whole one (test_ase_stream)
+
+
+def long_atom_count(path, opener=open) -> Optional[str]:
+    """Where an xyz/extxyz file's first atom count is larger than the lines that follow it, in words (round 35:
+    ASE's index scan calls readline() once per atom, past the end of the file, so a count of 10**12 over one atom
+    line ran for hours; a count one too large was ASE's "Frame has 1 atoms, expected 2"); None when the count is
+    not a number or the lines are there. Reads only as far as the first frame's lines."""
+    try:
+        with opener(path, "rb") as handle:
+            first = handle.readline(1 << 12)
+            try:
+                count = int(first.strip())
+            except ValueError:
+                return None
+            if count < 0:
+                return None  # ASE's own line (a negative count)
+            needed, lines, last = count + 1, 0, b"\n"  # the comment line and the atom lines
+            while lines < needed:
+                block = handle.read(COUNT_BLOCK_BYTES)
+                if not block:
+                    break
+                lines += block.count(b"\n")
+                last = block[-1:]
+    except Exception:  # noqa: BLE001 - unreadable: ASE's own error names it
+        return None
+    if lines < needed and last != b"\n":
+        lines += 1  # a last line without its newline
+    atoms = max(lines - 1, 0)
+    if lines >= needed or (atoms == 0 and count <= 10**6):  # no atom lines at all: the readers' "ends early" line
+        return None
+    return (f"line 1: frame 0's atom count is {count}, but only {atoms} line(s) follow its comment line: the count "
+            f"is too large (make it {atoms}?), or the file is cut short")
+
+
 def label_as_symbol(path, key: str) -> Optional[str]:
     """The line for an xyz/extxyz species column holding ``key``, an atom label such as 'C1' or 'H12' (as
     crystallography and modelling programs write them) where ASE reads element symbols (its KeyError 'C1' said
@@ -362,6 +398,10 @@ def open_ase_source(path, stream_compressed: bool = True):
         options = extxyz_options(path, None)
         if options.get("format") == "proteindatabank":  # ATOM lines without elements: 'CA' read as calcium
             problem = pdb_name_as_element(path)
+            if problem:
+                raise DataError(f"{path}: {problem}")
+        if options.get("format") in ("xyz", "extxyz"):  # ASE skips a count's lines one by one, past the end too
+            problem = long_atom_count(path, opener)
             if problem:
                 raise DataError(f"{path}: {problem}")
         if not stream_compressed or opener is open or not _text_reader(options.get("format")):

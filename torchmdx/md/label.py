@@ -210,7 +210,23 @@ def check_method(method: str) -> str:
                 raise ConfigError(f"--method {method}: model file {path} not found")
             raise ConfigError(f"--method {method}: {path} {reason}")  # a folder was "model file runs/t not found"
         return "model:" + str(path)
-    raise ConfigError(f"--method {method!r} is not known; choices: {', '.join(TBLITE_METHODS)}, model:<model file>")
+    raise ConfigError(f"--method {method!r} is not known{_method_hint(method)}; choices: {', '.join(TBLITE_METHODS)}, "
+                      "model:<model file>")
+
+
+def _method_hint(method: str) -> str:
+    """' (did you mean ...?)' for an unknown ``--method`` (round 35: a model file given without ``model:``, a
+    misspelt ``modle:lj.pt`` or ``gfn2`` only listed the choices), or ''."""
+    import difflib
+
+    text = method.strip()
+    prefix, colon, rest = text.partition(":")
+    if colon and difflib.get_close_matches(prefix.strip().lower(), ["model"], n=1, cutoff=0.6):
+        return f" (did you mean 'model:{rest.strip()}'?)"
+    if text.lower().endswith((".pt", ".ckpt")) or Path(text).is_file():
+        return f" (a model file is given as model:<file>: did you mean 'model:{text}'?)"
+    close = difflib.get_close_matches(text.lower(), TBLITE_METHODS, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _reason(exc: ImportError) -> str:
