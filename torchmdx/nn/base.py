@@ -42,6 +42,7 @@ from typing import Optional
 
 import torch
 
+from torchmdx.data.coincident import FAR_COORDINATE  # Å: coordinates checked beside the overlaps
 from torchmdx.errors import ModelError
 from torchmdx.kernels.pairs import receivers_of, senders_of
 from torchmdx.kernels.locality import AtomOrder, check_atom_order
@@ -50,7 +51,6 @@ from torchmdx.kernels.neighbors import Neighbors, neighbor_list
 
 #: distinct atoms closer than this (Å) are refused as overlapping
 OVERLAP_DISTANCE = 1e-6
-FAR_COORDINATE = 1e10  # Å, as torchmdx.data.coincident's (checked beside the overlaps)
 
 
 @dataclass
