@@ -186,6 +186,45 @@ def test_a_failing_sweep_point_does_not_stop_the_others(tmp_path, capsys, monkey
             "sweep` again runs them.") in (tmp_path / "sw" / "results.md").read_text()
 
 
+def test_a_failed_sweep_point_is_marked_in_its_own_folder_until_a_retry_succeeds(tmp_path, capsys, monkeypatch):
+    """Round 34 left it: a failed point's run folder did not say so (it only lacked sweep_result.json). Now
+    sweep_failure.json holds its error in one line, results.md names the point with it, and a retry that
+    succeeds removes the file."""
+    from torchmdx.cli.main import main
+    from torchmdx.errors import TrainingError
+    from torchmdx.train import sweep as sweep_module
+
+    monkeypatch.chdir(tmp_path)
+    _config(tmp_path)
+    outcome = {"fail": True}
+
+    def fake_train_point(cfg, entry, point_id, run_dir):  # no training: fails, or writes the result a point would
+        if outcome["fail"]:
+            raise TrainingError("training diverged:\n the validation loss is nan")
+        row = {"point": point_id, "variant": "", "labels": {}, "parameters": 10, "train_size": 12, "steps": 3,
+               "training_flops": 1.0, "device_seconds": 1.0, "wall_seconds": 1.0, "device_key": "h/cpu",
+               "train_start": 0.0, "train_end": 1.0, "test_forces_mae": 39.4, "run_dir": str(run_dir)}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / sweep_module.RESULT).write_text(json.dumps(row))
+        return row
+
+    monkeypatch.setattr(sweep_module, "_train_point", fake_train_point)
+    argv = ["sweep", "c.yaml", "--grid", "train.lr=1e-3", "--out", "sw"]
+    assert main(argv) == 2
+    (point,) = [p.name for p in (tmp_path / "sw" / "runs").iterdir()]
+    marker = json.loads((tmp_path / "sw" / "runs" / point / sweep_module.FAILURE).read_text())
+    assert marker["point"] == point and marker["type"] == "TrainingError"
+    assert marker["error"] == "training diverged: the validation loss is nan"  # one line
+    assert (f"1 of the 1 planned points, {point} (failed: training diverged: the validation loss is nan)"
+            in (tmp_path / "sw" / "results.md").read_text())
+    outcome["fail"] = False
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert not (tmp_path / "sw" / "runs" / point / sweep_module.FAILURE).exists()
+    assert (tmp_path / "sw" / "runs" / point / sweep_module.RESULT).is_file()
+    assert "Not in this table" not in (tmp_path / "sw" / "results.md").read_text()
+
+
 @pytest.mark.parametrize("command", ["md", "label", "export"])
 def test_a_dataset_file_as_structure_says_what_it_is(tmp_path, capsys, monkeypatch, command):
     """``md e.npz`` said "cannot read a structure with ASE (npz)", ``label`` "(UnknownFileTypeError: npz)", ``export

@@ -19,7 +19,8 @@ Sweep folder (``--out``, default ``sweeps/<config name>``)::
     sweep.json           the plan: base config (resolved), points (id, overrides, labels)
     splits/train_N.npz   nested splits: one validation and one test set for every point, the
                          training sets nested (train_N ⊂ train_M for N < M)
-    runs/<point id>/     each point's run folder (torchmdx train's), with sweep_result.json
+    runs/<point id>/     each point's run folder (torchmdx train's), with sweep_result.json, or
+                         sweep_failure.json (the error, one line) while its last attempt failed
     results.csv          one row per finished point (written to a temporary name, then renamed)
     results.md           the same as a table, and the fitted power laws
     error_vs_compute.png, error_vs_data.png   log-log plots (torchmdx.train.sweep_analysis)
@@ -27,7 +28,7 @@ Sweep folder (``--out``, default ``sweeps/<config name>``)::
 Resume: a point whose ``sweep_result.json`` exists is skipped; one with a ``last.ckpt`` but no
 result continues from it (``torchmdx train --resume``); others start. A point that fails (training
 diverged) does not stop the others: the sweep ends with one line naming every failed point, and
-results.md names the planned points without a result. Every point is checked
+results.md names the planned points without a result (a failed one with its error). Every point is checked
 (config keys, types, values, data file) before the first one trains, so an unknown key or a
 value of the wrong type is one line naming the point.
 
@@ -66,7 +67,7 @@ from typing import Optional
 
 from torchmdx.errors import ConfigError, TorchmdxError
 from torchmdx.io_utils import atomic_write, jsonable
-from torchmdx.train.sweep_plan import (PLAN, RESERVED_KEYS, RESULT, RUNS, SPLITS, SweepPoint, _set,
+from torchmdx.train.sweep_plan import (FAILURE, PLAN, RESERVED_KEYS, RESULT, RUNS, SPLITS, SweepPoint, _set,
                                        check_workers_per_device, load_base, nested_splits, parse_grid, plan_points,
                                        point_config, point_values, prepare_sweep, read_json, read_plan, read_result,
                                        sweep_folder, sweep_section)
@@ -99,9 +100,8 @@ def entry_config(plan: dict, entry: dict, sweep_dir: Path):
 
 
 def run_point(sweep_dir: Path, point_id: str) -> dict:
-    """Train one point (or continue it), measure it, write its sweep_result.json; returns the row."""
-    import torch
-
+    """Train one point (or continue it), measure it, write its sweep_result.json; returns the row. A point
+    that fails leaves sweep_failure.json (its error in one line) in its run folder, and results.md names it."""
     sweep_dir = Path(sweep_dir)
     plan = read_plan(sweep_dir)
     entry = _plan_point(plan, point_id)
@@ -110,8 +110,35 @@ def run_point(sweep_dir: Path, point_id: str) -> dict:
     result_path = run_dir / RESULT
     if result_path.is_file():
         return read_result(result_path)
+    try:
+        row = _train_point(cfg, entry, point_id, run_dir)
+    except Exception as exc:  # marked inside its own folder too (round 34 left it: only results.md said so);
+        # an interrupted point (Ctrl-C) is not a failed one: it continues from last.ckpt
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(run_dir / FAILURE, "w") as handle:
+            json.dump({"point": point_id, "error": " ".join(str(exc).split()) or type(exc).__name__,
+                       "type": type(exc).__name__, "time": time.time()}, handle, indent=2)
+        raise
+    (run_dir / FAILURE).unlink(missing_ok=True)  # a retry that succeeded
+    return row
+
+
+def failure_line(sweep_dir: Path, point_id: str) -> Optional[str]:
+    """The error a point's last attempt failed with (its run folder's sweep_failure.json), or None."""
+    path = Path(sweep_dir) / RUNS / point_id / FAILURE
+    try:
+        return str(json.loads(path.read_text()).get("error", ""))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _train_point(cfg, entry: dict, point_id: str, run_dir: Path) -> dict:
+    """Train, measure and score one point; write and return its row."""
+    import torch
+
     from torchmdx.train.run import CHECKPOINT_DIR, LAST, train
 
+    result_path = run_dir / RESULT
     flops = measure_step_flops(cfg)
     resume = (run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt").is_file()
     if resume:
@@ -301,7 +328,12 @@ def write_results(sweep_dir: Path, plan: dict) -> list[dict]:
     with atomic_write(sweep_dir / RESULTS_CSV, "w") as handle:
         handle.write(buffer.getvalue())
     done = {row["point"] for row in rows}
-    analyse(rows, sweep_dir, label_keys, missing=[e["id"] for e in plan["points"] if e["id"] not in done])
+    missing = []
+    for entry in plan["points"]:
+        if entry["id"] not in done:
+            error = failure_line(sweep_dir, entry["id"])
+            missing.append(entry["id"] if error is None else f"{entry['id']} (failed: {error})")
+    analyse(rows, sweep_dir, label_keys, missing=missing)
     return rows
 
 

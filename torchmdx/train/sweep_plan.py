@@ -24,6 +24,8 @@ from torchmdx.io_utils import atomic_write, jsonable
 
 PLAN = "sweep.json"
 RESULT = "sweep_result.json"
+#: written into a point's run folder when its training or scoring fails (removed when a retry succeeds)
+FAILURE = "sweep_failure.json"
 RUNS = "runs"
 SPLITS = "splits"
 #: keys the sweep sets itself
