@@ -404,6 +404,10 @@ def open_ase_source(path, stream_compressed: bool = True):
             problem = long_atom_count(path, opener)
             if problem:
                 raise DataError(f"{path}: {problem}")
+            if opener is open or stream_compressed:  # a later frame's count: stopped as ASE reads (round 36)
+                with _count_guard(path, opener) as stream:
+                    yield stream, options
+                return
         if not stream_compressed or opener is open or not _text_reader(options.get("format")):
             yield str(path), options
             return
@@ -426,11 +430,26 @@ def open_ase_source(path, stream_compressed: bool = True):
 
 def ase_source(path) -> tuple:
     """:func:`open_ase_source`'s ``(source, keyword arguments)``, the text of a marked file read whole into an
-    ``io.StringIO`` (nothing left open: for callers that read one structure, or a few, with ``ase.io.read``)."""
+    ``io.StringIO`` (nothing left open: for callers that read one structure, or a few, with ``ase.io.read``); a
+    plain xyz/extxyz file, its :func:`~torchmdx.data.xyz_counts.guarded_text` stream, open (closed when dropped)."""
+    from torchmdx.data.xyz_counts import is_guarded
+
     with open_ase_source(path, stream_compressed=False) as (source, options):
         if isinstance(source, str):
             return source, options
+        if is_guarded(source):  # a plain xyz/extxyz file: its guarded stream, open (closed when dropped)
+            return _count_guard(path, open), options
         return io.StringIO(source.read()), options
+
+
+def _count_guard(path: Path, opener):
+    """xyz/extxyz ``path`` as ASE would open it (the locale's encoding, universal newlines), through
+    :class:`torchmdx.data.xyz_counts.CountGuard` (an atom count past the end of the file: one line, not hours)."""
+    from torchmdx.data.xyz_counts import guarded_text
+
+    if opener is open:
+        return guarded_text(io.FileIO(path, "rb"), path, opener)
+    return guarded_text(_Window(opener(path, "rb")), path, opener)  # a decompressor: see _Window
 
 
 def _text_reader(fmt: Optional[str]) -> bool:

@@ -1,0 +1,46 @@
+"""Bad inputs, round 36 (branch bad36): round 35's leftover (a huge atom count in a later frame of an xyz file),
+then new inputs; see docs/bad_inputs.md, round 36.
+"""
+
+from __future__ import annotations
+
+import gzip
+import signal
+from contextlib import contextmanager
+
+from bad_inputs_common import lj_file, refused_exactly
+
+
+@contextmanager
+def within(seconds):
+    """Fails the test (instead of hanging it) where the code inside runs longer than ``seconds``."""
+    def stop(*_):
+        raise AssertionError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_xyz_atom_count_too_large_in_a_later_frame(tmp_path, capsys, monkeypatch):
+    """A second frame whose atom count is 10**12 over one atom line: ``data info`` and ``md`` ran on for hours
+    (ASE's index scan reads a line per atom past the end of the file; round 35 compared only the first frame's
+    count with the file); a gzip'd copy the same."""
+    monkeypatch.chdir(tmp_path)
+    lj_file(tmp_path)
+    text = "1\n\nAr 0 0 0\n1000000000000\n\nAr 0 0 0\n"
+    (tmp_path / "a.xyz").write_text(text)
+    (tmp_path / "b.xyz.gz").write_bytes(gzip.compress(text.encode()))
+    tail = ("line 4: frame 1's atom count is 1000000000000, but only 1 line(s) follow its comment line: the count is "
+            "too large (make it 1?), or the file is cut short")
+    with within(30):  # the base commit's ASE scan: hours
+        refused_exactly(capsys, ["data", "info", "a.xyz"], "error: a.xyz: " + tail, tmp_path)
+        refused_exactly(capsys, ["data", "info", "b.xyz.gz"], "error: b.xyz.gz: " + tail, tmp_path)
+        refused_exactly(capsys, ["md", "a.xyz", "--model", "lj.pt", "--steps", "2"], "error: a.xyz: " + tail,
+                        tmp_path)
+        refused_exactly(capsys, ["export", "lj.pt", "--openmm", "--structure", "a.xyz", "-o", "x.pt"],
+                        "error: --structure: a.xyz: " + tail, tmp_path)
