@@ -44,3 +44,29 @@ def test_xyz_atom_count_too_large_in_a_later_frame(tmp_path, capsys, monkeypatch
                         tmp_path)
         refused_exactly(capsys, ["export", "lj.pt", "--openmm", "--structure", "a.xyz", "-o", "x.pt"],
                         "error: --structure: a.xyz: " + tail, tmp_path)
+
+
+def test_a_batch_fraction_of_less_than_one_batch(tmp_path, capsys, monkeypatch):
+    """``trainer.limit_train_batches: 0.01`` of 3 training batches (or ``limit_val_batches: 0.5`` of 1): Lightning's
+    MisconfigurationException traceback when training started ("... but 0.01 * 3 < 1. Please increase the
+    `limit_train_batches` argument"), the run folder (splits, config, data summary) left behind."""
+    from bad_inputs_common import water_npz
+    from test_bad_inputs_round9 import TINY
+
+    work = tmp_path / "w"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    water_npz(work)
+    (work / "t.yaml").write_text(
+        f"data: {{path: e.npz, train_size: 12, val_size: 4, batch_size: 4, cache_dir: {tmp_path / 'cache'}}}\n"
+        f"model: {dict(TINY)}\n"
+        "trainer: {max_epochs: 1, accelerator: cpu, enable_progress_bar: false, num_sanity_val_steps: 0}\n"
+        "run_dir: runs/t\n")
+    refused_exactly(capsys, ["train", "t.yaml", "--set", "trainer.limit_train_batches=0.01"],
+                    "error: config key 'trainer.limit_train_batches' is 0.01 of the 3 training batch(es) per epoch "
+                    "(12 structures, batches of 4), less than one batch (nothing to train on): give at least 0.334, "
+                    "or a number of batches (a whole number, e.g. 1)", work)
+    refused_exactly(capsys, ["train", "t.yaml", "--set", "trainer.limit_val_batches=0.5"],
+                    "error: config key 'trainer.limit_val_batches' is 0.5 of the 1 validation batch(es) per epoch "
+                    "(4 structures, batches of 4), less than one batch (nothing to validate on): give at least 1, or "
+                    "a number of batches (a whole number, e.g. 1)", work)
