@@ -70,3 +70,18 @@ def test_a_batch_fraction_of_less_than_one_batch(tmp_path, capsys, monkeypatch):
                     "error: config key 'trainer.limit_val_batches' is 0.5 of the 1 validation batch(es) per epoch "
                     "(4 structures, batches of 4), less than one batch (nothing to validate on): give at least 1, or "
                     "a number of batches (a whole number, e.g. 1)", work)
+
+
+def test_xyz_atom_count_too_large_in_a_middle_frame_is_not_called_too_small(tmp_path, capsys, monkeypatch):
+    """Frame 1's count 3 over one atom line, another frame after it: ASE read the next frame's count and comment
+    lines as atoms and failed on its atom line, and the line said the opposite of what is wrong ("frame 1's atom
+    count is 3, but 4 atom lines follow ...: the count may be too small; make it 4")."""
+    monkeypatch.chdir(tmp_path)
+    lj_file(tmp_path)
+    comment = "energy=-1.0 Properties=species:S:1:pos:R:3"
+    (tmp_path / "a.extxyz").write_text(f"1\n{comment}\nAr 0 0 0\n3\n{comment}\nAr 4 0 0\n1\n{comment}\nAr 8 0 0\n")
+    line = ("error: a.extxyz: line 4: frame 1's atom count is 3, but only 1 atom line(s) follow its comment line "
+            "(line 7, '1', a number where an atom line belongs: the next frame's atom count?): the count is too "
+            "large; make it 1")
+    refused_exactly(capsys, ["data", "info", "a.extxyz"], line, tmp_path)
+    refused_exactly(capsys, ["md", "a.extxyz", "--model", "lj.pt", "--steps", "2", "--index", ":"], line, tmp_path)

@@ -133,9 +133,19 @@ def _atom_line(line: str) -> bool:
     return True
 
 
+def _whole_number(line: str) -> bool:
+    """A line holding one whole number (an xyz atom-count line), never an atom line."""
+    try:
+        int(line.strip())
+    except ValueError:
+        return False
+    return True
+
+
 def short_atom_count(path) -> Optional[str]:
     """Where an xyz/extxyz file's atom-count line is too small (``2`` over three atom lines: ASE read the third
-    as the next frame's count, "Expected xyz header but got: invalid literal for int() ... 'H -0.24 0.93 0'"), in
+    as the next frame's count, "Expected xyz header but got: invalid literal for int() ... 'H -0.24 0.93 0'"), or
+    too large where it swallowed the next frame's count line (the same ASE error a few lines later), in
     words; None when the file's counts are not the cause (or it cannot be read as text)."""
     from torchmdx.io_utils import decode_text, open_compressed
 
@@ -151,6 +161,12 @@ def short_atom_count(path) -> Optional[str]:
         except ValueError:
             return None  # not a count where a frame starts: not a short count of the previous frame
         end = i + 2 + count
+        number = next((k for k in range(i + 2, min(end, len(lines))) if _whole_number(lines[k])), None)
+        if number is not None:  # a count too large swallows the next frame's count line (round 36: was "too small")
+            atoms = number - i - 2
+            return (f"line {i + 1}: frame {frame}'s atom count is {count}, but only {atoms} atom line(s) follow its "
+                    f"comment line (line {number + 1}, {lines[number].strip()!r}, a number where an atom line "
+                    f"belongs: the next frame's atom count?): the count is too large; make it {atoms}")
         if end < len(lines) and _atom_line(lines[end]):
             atoms = count
             while i + 2 + atoms < len(lines) and _atom_line(lines[i + 2 + atoms]):
