@@ -85,3 +85,16 @@ def test_xyz_atom_count_too_large_in_a_middle_frame_is_not_called_too_small(tmp_
             "large; make it 1")
     refused_exactly(capsys, ["data", "info", "a.extxyz"], line, tmp_path)
     refused_exactly(capsys, ["md", "a.extxyz", "--model", "lj.pt", "--steps", "2", "--index", ":"], line, tmp_path)
+
+
+def test_xyz_atom_count_a_little_too_large_in_the_last_frame(tmp_path, capsys, monkeypatch):
+    """Frame 1's count 5 over one atom line, at the end of the file: ASE's "Frame has 1 atoms, expected 5" named
+    neither the frame nor the line (round 35 gave the first frame's count its line, before ASE reads)."""
+    monkeypatch.chdir(tmp_path)
+    lj_file(tmp_path)
+    comment = "energy=-1.0 Properties=species:S:1:pos:R:3"
+    (tmp_path / "a.extxyz").write_text(f"1\n{comment}\nAr 0 0 0\n5\n{comment}\nAr 4 0 0\n")
+    line = ("error: a.extxyz: line 4: frame 1's atom count is 5, but only 1 line(s) follow its comment line: the count "
+            "is too large (make it 1?), or the file is cut short")
+    refused_exactly(capsys, ["data", "info", "a.extxyz"], line, tmp_path)
+    refused_exactly(capsys, ["md", "a.extxyz", "--model", "lj.pt", "--steps", "2"], line, tmp_path)
