@@ -98,3 +98,20 @@ def test_xyz_atom_count_a_little_too_large_in_the_last_frame(tmp_path, capsys, m
             "is too large (make it 1?), or the file is cut short")
     refused_exactly(capsys, ["data", "info", "a.extxyz"], line, tmp_path)
     refused_exactly(capsys, ["md", "a.extxyz", "--model", "lj.pt", "--steps", "2"], line, tmp_path)
+
+
+def test_a_misspelt_choice_in_a_config_says_which_was_meant(tmp_path, capsys, monkeypatch):
+    """``train.augment: rotation``, ``model.dtype: Float32``, ``train.lr_schedule: cosin``: the choices were listed
+    without saying which was probably meant (round 35 did it for the command line's choices)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.yaml").write_text("data: {path: e.npz}\nrun_dir: runs/t\n")
+    for key, value, choices, meant in (
+            ("train.augment", "rotation", "'none', 'rotations', 'rotations_reflections'", "rotations"),
+            ("model.dtype", "Float32", "'float32', 'float64'", "float32"),
+            ("train.lr_schedule", "cosin", "'plateau', 'cosine', 'constant'", "cosine")):
+        refused_exactly(capsys, ["train", "t.yaml", "--set", f"{key}={value}"],
+                        f"error: config key '{key}' must be one of {choices}, got '{value}' (did you mean '{meant}'?)",
+                        tmp_path)
+    # nothing close: the choices alone, as before
+    refused_exactly(capsys, ["train", "t.yaml", "--set", "train.loss=cauchy"],
+                    "error: config key 'train.loss' must be one of 'mse', 'l1', 'huber', got 'cauchy'", tmp_path)
