@@ -115,3 +115,19 @@ def test_a_misspelt_choice_in_a_config_says_which_was_meant(tmp_path, capsys, mo
     # nothing close: the choices alone, as before
     refused_exactly(capsys, ["train", "t.yaml", "--set", "train.loss=cauchy"],
                     "error: config key 'train.loss' must be one of 'mse', 'l1', 'huber', got 'cauchy'", tmp_path)
+
+
+def test_xyz_atom_count_too_large_after_a_byte_order_mark(tmp_path, capsys, monkeypatch):
+    """A UTF-8 byte-order mark before an xyz whose count (first or later frame) is 10**12: ``data info`` and ``md``
+    ran on for hours (the marked text went to ASE without round 35's check or the guard)."""
+    monkeypatch.chdir(tmp_path)
+    lj_file(tmp_path)
+    (tmp_path / "a.xyz").write_bytes(b"\xef\xbb\xbf1\n\nAr 0 0 0\n1000000000000\n\nAr 0 0 0\n")
+    (tmp_path / "b.xyz").write_bytes(b"\xef\xbb\xbf1000000000000\n\nAr 0 0 0\n")
+    tail = ("frame {}'s atom count is 1000000000000, but only 1 line(s) follow its comment line: the count is too large "
+            "(make it 1?), or the file is cut short")
+    with within(30):  # the base commit's ASE scan: hours
+        for name, where in (("a.xyz", "line 4: " + tail.format(1)), ("b.xyz", "line 1: " + tail.format(0))):
+            refused_exactly(capsys, ["data", "info", name], f"error: {name}: {where}", tmp_path)
+            refused_exactly(capsys, ["md", name, "--model", "lj.pt", "--steps", "2"], f"error: {name}: {where}",
+                            tmp_path)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from torchmdx.data.xyz_counts import long_atom_count  # moved there in round 36
 from torchmdx.errors import DataError
 
 
@@ -178,42 +179,6 @@ def short_atom_count(path) -> Optional[str]:
         if all(not x.strip() for x in lines[i:]):  # blank lines at the end of the file
             break
     return None
-
-
-#: bytes read at a time while counting the lines after an atom count (:func:`long_atom_count`)
-COUNT_BLOCK_BYTES = 1 << 16  # small: a streamed read stays a fraction of a whole one (test_ase_stream)
-
-
-def long_atom_count(path, opener=open) -> Optional[str]:
-    """Where an xyz/extxyz file's first atom count is larger than the lines that follow it, in words (round 35:
-    ASE's index scan calls readline() once per atom, past the end of the file, so a count of 10**12 over one atom
-    line ran for hours; a count one too large was ASE's "Frame has 1 atoms, expected 2"); None when the count is
-    not a number or the lines are there. Reads only as far as the first frame's lines."""
-    try:
-        with opener(path, "rb") as handle:
-            first = handle.readline(1 << 12)
-            try:
-                count = int(first.strip())
-            except ValueError:
-                return None
-            if count < 0:
-                return None  # ASE's own line (a negative count)
-            needed, lines, last = count + 1, 0, b"\n"  # the comment line and the atom lines
-            while lines < needed:
-                block = handle.read(COUNT_BLOCK_BYTES)
-                if not block:
-                    break
-                lines += block.count(b"\n")
-                last = block[-1:]
-    except Exception:  # noqa: BLE001 - unreadable: ASE's own error names it
-        return None
-    if lines < needed and last != b"\n":
-        lines += 1  # a last line without its newline
-    atoms = max(lines - 1, 0)
-    if lines >= needed or (atoms == 0 and count <= 10**6):  # no atom lines at all: the readers' "ends early" line
-        return None
-    return (f"line 1: frame 0's atom count is {count}, but only {atoms} line(s) follow its comment line: the count "
-            f"is too large (make it {atoms}?), or the file is cut short")
 
 
 def label_as_symbol(path, key: str) -> Optional[str]:
@@ -440,6 +405,10 @@ def open_ase_source(path, stream_compressed: bool = True):
     binary = opener(path, "rb")
     if opener is not open:  # a decompressor: ASE's seeks a few KiB back would start it over each time
         binary = io.BufferedReader(_Window(binary))
+    if fmt in ("xyz", "extxyz"):  # an atom count past the end of the file: one line, not hours (round 36)
+        from torchmdx.data.xyz_counts import CountGuard
+
+        binary = io.BufferedReader(CountGuard(binary, path, opener))
     with io.TextIOWrapper(binary, encoding=mark[1], newline="\n") as stream:
         yield stream, extxyz_options(path, fmt)
 
@@ -448,14 +417,18 @@ def ase_source(path) -> tuple:
     """:func:`open_ase_source`'s ``(source, keyword arguments)``, the text of a marked file read whole into an
     ``io.StringIO`` (nothing left open: for callers that read one structure, or a few, with ``ase.io.read``); a
     plain xyz/extxyz file, its :func:`~torchmdx.data.xyz_counts.guarded_text` stream, open (closed when dropped)."""
-    from torchmdx.data.xyz_counts import is_guarded
+    from torchmdx.data.xyz_counts import guarded_text, is_guarded
 
     with open_ase_source(path, stream_compressed=False) as (source, options):
         if isinstance(source, str):
             return source, options
-        if is_guarded(source):  # a plain xyz/extxyz file: its guarded stream, open (closed when dropped)
+        if is_guarded(source) and source.buffer.raw.reads_file:  # a plain xyz/extxyz file: its guarded stream,
+            # open (closed when dropped)
             return _count_guard(path, open), options
-        return io.StringIO(source.read()), options
+        text = source.read()
+        if options.get("format") in ("xyz", "extxyz"):  # a marked one: its text, guarded as well
+            return guarded_text(io.BytesIO(text.encode("utf-8")), path, encoding="utf-8", newline="\n"), options
+        return io.StringIO(text), options
 
 
 def _count_guard(path: Path, opener):
