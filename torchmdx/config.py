@@ -95,6 +95,18 @@ def _float_from_string(text: str) -> float | None:
         return None
 
 
+def _choice_hint(value: Any, allowed: tuple) -> str:
+    """' (did you mean 'rotations'?)' for a misspelt choice of a text key (``train.augment: rotation``,
+    ``model.dtype: Float32``): a match ignoring case, else difflib's closest; '' when none is close (round 36;
+    ``selu`` is no misspelt ``silu``: a cutoff of 0.8)."""
+    choices = [a for a in allowed if isinstance(a, str)]
+    if not isinstance(value, str) or not choices:
+        return ""
+    same = [a for a in choices if a.lower() == value.strip().lower()]
+    close = same or difflib.get_close_matches(value, choices, n=1, cutoff=0.8)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widened to float)."""
     origin = get_origin(tp)
@@ -103,7 +115,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key_name(key)} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+            raise ConfigError(f"{key_name(key)} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
+                              + _choice_hint(value, allowed))
         return value
     if origin in (Union, types.UnionType):
         errors = []

@@ -34,6 +34,7 @@ database's rows are fetched a page at a time: :func:`db_rows`).
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -78,7 +79,8 @@ class ReadFailureKind(enum.Enum):
     ENDS_EARLY = "ends_early"  # a frame cut after its atom-count line (:func:`ends_early`; say ENDS_EARLY)
     TORCH_FILE = "torch_file"  # a file torch.save wrote (a model, checkpoint or MD restart) given as a structure
     NUMBER_AS_SYMBOL = "number_as_symbol"  # a species column of atomic numbers ('8'): say ReadFailure.explanation
-    SHORT_COUNT = "short_count"  # an xyz atom-count line too small (ASE's "Expected xyz header"): say .explanation
+    SHORT_COUNT = "short_count"  # an xyz atom-count line too small or large (ASE's "Expected xyz header", "Frame has
+    # 1 atoms, expected 5"): say .explanation
     LABEL_AS_SYMBOL = "label_as_symbol"  # a species column of atom labels ('C1', ASE's KeyError): say .explanation
     DATASET_FILE = "dataset_file"  # an npz or HDF5 dataset (or a cache) given as a structure: say .explanation
     OTHER = "other"  # anything else: quote the reader's error (:attr:`ReadFailure.detail`)
@@ -132,6 +134,12 @@ def classify_read_failure(exc: BaseException, path) -> ReadFailure:
         if label:  # the file is read once for it
             return ReadFailure(ReadFailureKind.LABEL_AS_SYMBOL, type(exc).__name__, str(exc), label)
         short = short_atom_count(path) if "Expected xyz header" in str(exc) else None
+        if short is None and re.search(r"Frame has \d+ atoms, expected \d+", str(exc)):  # a last frame's count too
+            # large (a first frame's is long_atom_count's, before ASE reads; round 36)
+            from torchmdx.data.xyz_counts import late_atom_count
+            from torchmdx.io_utils import open_compressed
+
+            short = late_atom_count(path, open_compressed)
         if short:
             return ReadFailure(ReadFailureKind.SHORT_COUNT, type(exc).__name__, str(exc), short)
         kind = ReadFailureKind.OTHER

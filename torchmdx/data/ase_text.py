@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from torchmdx.data.xyz_counts import long_atom_count  # moved there in round 36
 from torchmdx.errors import DataError
 
 
@@ -133,9 +134,19 @@ def _atom_line(line: str) -> bool:
     return True
 
 
+def _whole_number(line: str) -> bool:
+    """A line holding one whole number (an xyz atom-count line), never an atom line."""
+    try:
+        int(line.strip())
+    except ValueError:
+        return False
+    return True
+
+
 def short_atom_count(path) -> Optional[str]:
     """Where an xyz/extxyz file's atom-count line is too small (``2`` over three atom lines: ASE read the third
-    as the next frame's count, "Expected xyz header but got: invalid literal for int() ... 'H -0.24 0.93 0'"), in
+    as the next frame's count, "Expected xyz header but got: invalid literal for int() ... 'H -0.24 0.93 0'"), or
+    too large where it swallowed the next frame's count line (the same ASE error a few lines later), in
     words; None when the file's counts are not the cause (or it cannot be read as text)."""
     from torchmdx.io_utils import decode_text, open_compressed
 
@@ -151,6 +162,12 @@ def short_atom_count(path) -> Optional[str]:
         except ValueError:
             return None  # not a count where a frame starts: not a short count of the previous frame
         end = i + 2 + count
+        number = next((k for k in range(i + 2, min(end, len(lines))) if _whole_number(lines[k])), None)
+        if number is not None:  # a count too large swallows the next frame's count line (round 36: was "too small")
+            atoms = number - i - 2
+            return (f"line {i + 1}: frame {frame}'s atom count is {count}, but only {atoms} atom line(s) follow its "
+                    f"comment line (line {number + 1}, {lines[number].strip()!r}, a number where an atom line "
+                    f"belongs: the next frame's atom count?): the count is too large; make it {atoms}")
         if end < len(lines) and _atom_line(lines[end]):
             atoms = count
             while i + 2 + atoms < len(lines) and _atom_line(lines[i + 2 + atoms]):
@@ -162,42 +179,6 @@ def short_atom_count(path) -> Optional[str]:
         if all(not x.strip() for x in lines[i:]):  # blank lines at the end of the file
             break
     return None
-
-
-#: bytes read at a time while counting the lines after an atom count (:func:`long_atom_count`)
-COUNT_BLOCK_BYTES = 1 << 16  # small: a streamed read stays a fraction of a whole one (test_ase_stream)
-
-
-def long_atom_count(path, opener=open) -> Optional[str]:
-    """Where an xyz/extxyz file's first atom count is larger than the lines that follow it, in words (round 35:
-    ASE's index scan calls readline() once per atom, past the end of the file, so a count of 10**12 over one atom
-    line ran for hours; a count one too large was ASE's "Frame has 1 atoms, expected 2"); None when the count is
-    not a number or the lines are there. Reads only as far as the first frame's lines."""
-    try:
-        with opener(path, "rb") as handle:
-            first = handle.readline(1 << 12)
-            try:
-                count = int(first.strip())
-            except ValueError:
-                return None
-            if count < 0:
-                return None  # ASE's own line (a negative count)
-            needed, lines, last = count + 1, 0, b"\n"  # the comment line and the atom lines
-            while lines < needed:
-                block = handle.read(COUNT_BLOCK_BYTES)
-                if not block:
-                    break
-                lines += block.count(b"\n")
-                last = block[-1:]
-    except Exception:  # noqa: BLE001 - unreadable: ASE's own error names it
-        return None
-    if lines < needed and last != b"\n":
-        lines += 1  # a last line without its newline
-    atoms = max(lines - 1, 0)
-    if lines >= needed or (atoms == 0 and count <= 10**6):  # no atom lines at all: the readers' "ends early" line
-        return None
-    return (f"line 1: frame 0's atom count is {count}, but only {atoms} line(s) follow its comment line: the count "
-            f"is too large (make it {atoms}?), or the file is cut short")
 
 
 def label_as_symbol(path, key: str) -> Optional[str]:
@@ -404,6 +385,10 @@ def open_ase_source(path, stream_compressed: bool = True):
             problem = long_atom_count(path, opener)
             if problem:
                 raise DataError(f"{path}: {problem}")
+            if opener is open or stream_compressed:  # a later frame's count: stopped as ASE reads (round 36)
+                with _count_guard(path, opener) as stream:
+                    yield stream, options
+                return
         if not stream_compressed or opener is open or not _text_reader(options.get("format")):
             yield str(path), options
             return
@@ -420,17 +405,40 @@ def open_ase_source(path, stream_compressed: bool = True):
     binary = opener(path, "rb")
     if opener is not open:  # a decompressor: ASE's seeks a few KiB back would start it over each time
         binary = io.BufferedReader(_Window(binary))
+    if fmt in ("xyz", "extxyz"):  # an atom count past the end of the file: one line, not hours (round 36)
+        from torchmdx.data.xyz_counts import CountGuard
+
+        binary = io.BufferedReader(CountGuard(binary, path, opener))
     with io.TextIOWrapper(binary, encoding=mark[1], newline="\n") as stream:
         yield stream, extxyz_options(path, fmt)
 
 
 def ase_source(path) -> tuple:
     """:func:`open_ase_source`'s ``(source, keyword arguments)``, the text of a marked file read whole into an
-    ``io.StringIO`` (nothing left open: for callers that read one structure, or a few, with ``ase.io.read``)."""
+    ``io.StringIO`` (nothing left open: for callers that read one structure, or a few, with ``ase.io.read``); a
+    plain xyz/extxyz file, its :func:`~torchmdx.data.xyz_counts.guarded_text` stream, open (closed when dropped)."""
+    from torchmdx.data.xyz_counts import guarded_text, is_guarded
+
     with open_ase_source(path, stream_compressed=False) as (source, options):
         if isinstance(source, str):
             return source, options
-        return io.StringIO(source.read()), options
+        if is_guarded(source) and source.buffer.raw.reads_file:  # a plain xyz/extxyz file: its guarded stream,
+            # open (closed when dropped)
+            return _count_guard(path, open), options
+        text = source.read()
+        if options.get("format") in ("xyz", "extxyz"):  # a marked one: its text, guarded as well
+            return guarded_text(io.BytesIO(text.encode("utf-8")), path, encoding="utf-8", newline="\n"), options
+        return io.StringIO(text), options
+
+
+def _count_guard(path: Path, opener):
+    """xyz/extxyz ``path`` as ASE would open it (the locale's encoding, universal newlines), through
+    :class:`torchmdx.data.xyz_counts.CountGuard` (an atom count past the end of the file: one line, not hours)."""
+    from torchmdx.data.xyz_counts import guarded_text
+
+    if opener is open:
+        return guarded_text(io.FileIO(path, "rb"), path, opener)
+    return guarded_text(_Window(opener(path, "rb")), path, opener)  # a decompressor: see _Window
 
 
 def _text_reader(fmt: Optional[str]) -> bool:

@@ -188,3 +188,30 @@ def label_unit_warnings(structures, source, *, energies: bool = True, forces: bo
              force_energy_line(structures, source) if forces and structures.forces is not None else None,
              stress_energy_line(structures, source) if stress and has_stress else None]
     return [line for line in lines if line]
+
+
+def check_batch_limits(cfg: RunConfig, sizes: dict) -> None:
+    """A fraction ``trainer.limit_train_batches`` / ``limit_val_batches`` of fewer than one batch of the split (0.01
+    of 3 training batches): Lightning's MisconfigurationException traceback when training started ("You requested
+    to check 0.01 of the `train_dataloader` but 0.01 * 3 < 1"), after the run folder was written (round 36).
+    ``sizes``: the split's sizes. The batches are counted for this launch's processes (a run that starts more
+    processes later has fewer per process: Lightning still says it there), so no run Lightning takes is refused."""
+    from math import ceil
+
+    from torchmdx.data.ranks import launch_world
+
+    world = launch_world()
+    data = cfg.data_config
+    for key, part, batch_size, word, verb in (
+            ("limit_train_batches", "train", data.batch_size, "training", "train on"),
+            ("limit_val_batches", "val", data.inference_batch_size or data.batch_size, "validation", "validate on")):
+        limit = getattr(cfg.trainer, key)
+        count = int(sizes.get(part) or 0)
+        if not isinstance(limit, float) or limit >= 1.0 or count == 0:
+            continue
+        batches = ceil(ceil(count / world) / batch_size)  # the most any process has (Lightning's per-process count)
+        if int(batches * limit) == 0:
+            raise ConfigError(f"{key_name('trainer.' + key)} is {limit} of the {batches} {word} batch(es) per epoch "
+                              f"({count} structures, batches of {batch_size}), less than one batch (nothing to "
+                              f"{verb}): give at least {ceil(1000 / batches) / 1000:g}, or a number of batches (a whole number, "
+                              "e.g. 1)")

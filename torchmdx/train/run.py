@@ -33,7 +33,7 @@ from torchmdx.errors import ConfigError, DataError
 from torchmdx.io_utils import atomic_write, jsonable
 from torchmdx.train.config import RunConfig, TrainConfig, resolve_cuda_graph, resolved_yaml
 from torchmdx.train.data_checks import (  # noqa: F401 - check_cells: imported from here
-    _check_energies_differ, check_cells, check_cutoff_reaches_neighbours)
+    _check_energies_differ, check_batch_limits, check_cells, check_cutoff_reaches_neighbours)
 # the run folder's names and the checks before a run: their own module (2026-12-07); callers import them from here
 from torchmdx.train.run_folder import (  # noqa: F401 - RESUME_MUTABLE_*, SPLIT_KEYS: names this module has offered
     BEST, CHECKPOINT_DIR, LAST, LEARNING_CURVE, METRICS_CSV, MODEL_FILE, RESOLVED_CONFIG, RESUME_MUTABLE_DATA_KEYS,
@@ -129,6 +129,7 @@ def prepare(cfg: RunConfig, run_dir: Optional[Path] = None):
         raise ConfigError(f"config key 'train.monitor' is '{cfg.train.monitor}' but {source} has no {label[0]}, so "
                           "it is never logged (no best checkpoint, no early stopping); monitor val_loss or "
                           "val_energy_mae")
+    check_batch_limits(cfg, sizes)  # a fraction of less than one batch was Lightning's traceback at fit (round 36)
     module = PotentialModule(
         model=to_dict(cfg.model_config), train=to_dict(dataclasses.replace(cfg.train, cuda_graph=captured)),
         data=to_dict(cfg.data_config),
