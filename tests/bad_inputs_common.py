@@ -3,6 +3,9 @@ the check that a command was refused in one line without touching its folder."""
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
+
 import numpy as np
 from ase import Atoms
 from ase.cluster import Icosahedron
@@ -68,3 +71,18 @@ def refused_exactly(capsys, argv, line, folder):
     got = refused(capsys, argv, [line], folder)
     assert got == line
     return got
+
+
+@contextmanager
+def at_most(seconds):
+    """Fail (instead of hanging the test run) when the block takes longer than ``seconds`` (SIGALRM)."""
+    def stop(*_):
+        raise TimeoutError(f"did not end within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -4,15 +4,14 @@
 
 from __future__ import annotations
 
-import signal
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from ase.cluster import Icosahedron
 
 from torchmdx.errors import ConfigError, DataError
+from bad_inputs_common import at_most
 
 
 def lj():
@@ -23,21 +22,6 @@ def lj():
 
 def argon():
     return Icosahedron("Ar", 2)
-
-
-@contextmanager
-def at_most(seconds):
-    """Fail (instead of hanging the test run) when the block takes longer than ``seconds``."""
-    def stop(*_):
-        raise TimeoutError(f"did not end within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # ------------------------------------------------------------------------------ Simulation's arguments

@@ -5,25 +5,8 @@ then new inputs; see docs/bad_inputs.md, round 36.
 from __future__ import annotations
 
 import gzip
-import signal
-from contextlib import contextmanager
 
-from bad_inputs_common import lj_file, refused_exactly
-
-
-@contextmanager
-def within(seconds):
-    """Fails the test (instead of hanging it) where the code inside runs longer than ``seconds``."""
-    def stop(*_):
-        raise AssertionError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+from bad_inputs_common import at_most, lj_file, refused_exactly
 
 
 def test_xyz_atom_count_too_large_in_a_later_frame(tmp_path, capsys, monkeypatch):
@@ -37,7 +20,7 @@ def test_xyz_atom_count_too_large_in_a_later_frame(tmp_path, capsys, monkeypatch
     (tmp_path / "b.xyz.gz").write_bytes(gzip.compress(text.encode()))
     tail = ("line 4: frame 1's atom count is 1000000000000, but only 1 line(s) follow its comment line: the count is "
             "too large (make it 1?), or the file is cut short")
-    with within(30):  # the base commit's ASE scan: hours
+    with at_most(30):  # the base commit's ASE scan: hours
         refused_exactly(capsys, ["data", "info", "a.xyz"], "error: a.xyz: " + tail, tmp_path)
         refused_exactly(capsys, ["data", "info", "b.xyz.gz"], "error: b.xyz.gz: " + tail, tmp_path)
         refused_exactly(capsys, ["md", "a.xyz", "--model", "lj.pt", "--steps", "2"], "error: a.xyz: " + tail,
@@ -126,7 +109,7 @@ def test_xyz_atom_count_too_large_after_a_byte_order_mark(tmp_path, capsys, monk
     (tmp_path / "b.xyz").write_bytes(b"\xef\xbb\xbf1000000000000\n\nAr 0 0 0\n")
     tail = ("frame {}'s atom count is 1000000000000, but only 1 line(s) follow its comment line: the count is too large "
             "(make it 1?), or the file is cut short")
-    with within(30):  # the base commit's ASE scan: hours
+    with at_most(30):  # the base commit's ASE scan: hours
         for name, where in (("a.xyz", "line 4: " + tail.format(1)), ("b.xyz", "line 1: " + tail.format(0))):
             refused_exactly(capsys, ["data", "info", name], f"error: {name}: {where}", tmp_path)
             refused_exactly(capsys, ["md", name, "--model", "lj.pt", "--steps", "2"], f"error: {name}: {where}",
