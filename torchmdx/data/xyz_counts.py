@@ -61,14 +61,21 @@ def late_atom_count(path, opener=open) -> Optional[str]:
     line, in words (the frame and the line of its count, 1-based), else None. Walks the frames as ASE's index
     scan does (a blank or non-numeric count line ends it), a line at a time: called only once a read ran past
     the end."""
+    from torchmdx.io_utils import byte_order_mark
+
     try:
         with opener(path, "rb") as handle:
+            mark = byte_order_mark(handle.read(4))
+            handle.seek(0)
+            if mark is not None and mark[0] != codecs.BOM_UTF8:  # UTF-16/32 (round 37: the bytes' lines were
+                # never a count, so the line named no frame): its text, the mark's codec skipping the mark
+                handle = io.TextIOWrapper(handle, encoding=mark[1], newline="\n")
             number, frame = 0, 0
             while True:
                 line = handle.readline()
                 number += 1
-                if number == 1:
-                    line = line.removeprefix(codecs.BOM_UTF8)  # a UTF-8 byte-order mark (UTF-16: the line below)
+                if number == 1 and isinstance(line, bytes):
+                    line = line.removeprefix(codecs.BOM_UTF8)  # a UTF-8 byte-order mark
                 if not line.strip():
                     return None
                 try:
