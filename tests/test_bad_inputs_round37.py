@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 from bad_inputs_common import at_most, lj_file, refused_exactly
 
 
@@ -22,3 +23,42 @@ def test_xyz_atom_count_too_large_behind_a_utf16_mark_names_the_frame(tmp_path, 
         refused_exactly(capsys, ["data", "info", "b.xyz"], "error: b.xyz: " + tail, tmp_path)
         refused_exactly(capsys, ["md", "a.xyz", "--model", "lj.pt", "--steps", "2"], "error: a.xyz: " + tail,
                         tmp_path)
+
+
+def test_nan_or_inf_given_to_a_float_key_by_set_is_read_as_the_number(tmp_path, capsys, monkeypatch):
+    """``--set trainer.gradient_clip_val=nan`` (or ``train.lr=-Inf``, ``train.scale=inf``): YAML reads the word as text,
+    and the line named the parser's type ("must be float | null, got 'nan' (str)"); ``.nan`` in the file was
+    "must be a finite number, got nan". The word is the number now, refused by the key's own check."""
+    from bad_inputs_common import water_npz
+    from test_bad_inputs_round9 import TINY
+
+    work = tmp_path / "w"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    water_npz(work)
+    (work / "t.yaml").write_text(
+        f"data: {{path: e.npz, train_size: 12, val_size: 4, batch_size: 4, cache_dir: {tmp_path / 'cache'}}}\n"
+        f"model: {dict(TINY)}\n"
+        "trainer: {max_epochs: 1, accelerator: cpu, enable_progress_bar: false, num_sanity_val_steps: 0}\n"
+        "run_dir: runs/t\n")
+    for setting, line in [
+        ("trainer.gradient_clip_val=nan", "config key 'trainer.gradient_clip_val' must be a finite number, got nan"),
+        ("trainer.gradient_clip_val=INF", "config key 'trainer.gradient_clip_val' must be a finite number, got inf"),
+        ("train.lr=-Inf", "config key 'train.lr' must be a finite number, got -inf"),
+        ("train.scale=NaN", "config key 'train.scale' must be a finite number, got nan"),
+    ]:
+        refused_exactly(capsys, ["train", "t.yaml", "--set", setting], "error: " + line, work)
+    # a text key given the word keeps the text (a plain str); a word in a config file stays text (round 11)
+    import dataclasses
+
+    from torchmdx.config import ConfigError, apply_overrides, from_dict
+
+    @dataclasses.dataclass
+    class Keys:
+        name: str = "x"
+        lr: float = 1.0
+
+    cfg = from_dict(Keys, apply_overrides({}, ["s.name=NaN"])["s"], "s")
+    assert type(cfg.name) is str and cfg.name == "NaN"
+    with pytest.raises(ConfigError, match=r"^config key 's.lr' must be float, got 'nan' \(str\)$"):
+        from_dict(Keys, {"lr": "nan"}, "s")

@@ -95,6 +95,20 @@ def _float_from_string(text: str) -> float | None:
         return None
 
 
+#: the words float() reads as NaN or infinity (any case): ``--set trainer.gradient_clip_val=nan`` (YAML reads the
+#: word as text, ``.nan`` being YAML's NaN) said "must be float | null, got 'nan' (str)", the parser's type (round 37)
+_FLOAT_WORDS = frozenset(sign + word for sign in ("", "+", "-") for word in ("nan", "inf", "infinity"))
+
+
+class _SetWord(str):
+    """A NaN or infinity word given by ``--set`` (:func:`apply_overrides`, round 37): a float key reads it as the
+    number, so that the key's own check takes it ("must be a finite number, got nan"); any other key, as the text
+    (a word in a config file stays text: round 11's "must be float, got 'nan' (str)")."""
+
+
+yaml.SafeDumper.add_representer(_SetWord, yaml.representer.SafeRepresenter.represent_str)
+
+
 def _choice_hint(value: Any, allowed: tuple) -> str:
     """' (did you mean 'rotations'?)' for a misspelt choice of a text key (``train.augment: rotation``,
     ``model.dtype: Float32``): a match ignoring case, else difflib's closest; '' when none is close (round 36;
@@ -111,13 +125,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widened to float)."""
     origin = get_origin(tp)
     if tp is Any:
-        return value
+        return str(value) if isinstance(value, _SetWord) else value
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
             raise ConfigError(f"{key_name(key)} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
                               + _choice_hint(value, allowed))
-        return value
+        return str(value) if isinstance(value, _SetWord) else value
     if origin in (Union, types.UnionType):
         errors = []
         for arg in get_args(tp):
@@ -150,6 +164,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str) and (number := _float_from_string(value)) is not None:
             return number
+        if isinstance(value, _SetWord):
+            return float(value.strip())
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key_name(key)} must be float, got {value!r} ({type(value).__name__})")
         return float(value)
@@ -164,7 +180,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key_name(key)} must be a string, got {value!r} ({type(value).__name__})")
-        return value
+        return str(value)
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{key_name(key)} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return value
@@ -382,6 +398,8 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: {str(exc).split(' (lines')[0]}; keep one") from None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str) and value.strip().lower() in _FLOAT_WORDS:
+            value = _SetWord(value)  # a float key reads it as the number (round 37)
         set_dotted(config, dotted.strip(), value, f"--set {item!r}")
     return config
 
