@@ -62,3 +62,23 @@ def test_nan_or_inf_given_to_a_float_key_by_set_is_read_as_the_number(tmp_path, 
     assert type(cfg.name) is str and cfg.name == "NaN"
     with pytest.raises(ConfigError, match=r"^config key 's.lr' must be float, got 'nan' \(str\)$"):
         from_dict(Keys, {"lr": "nan"}, "s")
+
+
+def test_fuse_integrator_choices_are_the_words_it_takes(tmp_path, capsys, monkeypatch):
+    """``md --fuse-integrator True`` (or ``yes``): "invalid choice: 'True' (choose from 'auto', True, False)", a
+    choice listed as refused (the option's choices were Python's True and False, its words 'true' and 'false')."""
+    from test_bad_inputs_md import snapshot
+
+    from torchmdx.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    for given, hint in (("True", "(did you mean 'true'?; "), ("yes", "(")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main(["md", "x.xyz", "--fuse-integrator", given])
+        assert info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"torchmdx md: error: argument --fuse-integrator: invalid choice: '{given}' {hint}choose from 'auto', "
+            "'true', 'false')")
+    assert snapshot(tmp_path) == before

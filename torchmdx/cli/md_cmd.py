@@ -84,8 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "parts above; off on the CPU")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                         help="do not torch.compile the model (same as --compile off)")
-    parser.add_argument("--fuse-integrator", type=lambda text: {"true": True, "false": False}.get(text, text),
-                        choices=("auto", True, False), default=None, metavar="{auto,true,false}",
+    # the words, read as True / False in config_from_args: choices of True and False made `--fuse-integrator True`
+    # "invalid choice: 'True' (choose from 'auto', True, False)" (round 37)
+    parser.add_argument("--fuse-integrator", choices=("auto", "true", "false"), default=None,
                         help="native engine: compile the integrator's element-wise work into a few kernels "
                              "(the same numbers; default auto: with the compiled model, i.e. on CUDA)")
     parser.add_argument("--config", help="YAML file with the options (md: section); command-line options win")
@@ -102,7 +103,8 @@ def config_from_args(args):
     for field in fields(MDConfig):
         value = getattr(args, field.name, None)
         if field.name != "structure" and value is not None:
-            values[field.name] = value
+            values[field.name] = {"true": True, "false": False}.get(value, value) if field.name == "fuse_integrator" \
+                else value
     if args.structure:
         values["structure"] = list(args.structure)
     return md_config(values, args.config, command_line=True)
