@@ -56,6 +56,14 @@ def far_atom(pos, offsets=None) -> Optional[int]:
     return None
 
 
+def far_atom_line(pos) -> Optional[str]:
+    """:func:`far_coordinate_words` for the :func:`far_atom` of one structure's positions ``pos`` [A, 3] (Å), or
+    None: the check the Calculator, ``model(atoms)``, md and label make before anything runs."""
+    pos = np.asarray(pos, dtype=np.float64).reshape(-1, 3)
+    far = far_atom(pos)
+    return None if far is None else far_coordinate_words(far, pos[far])
+
+
 def far_coordinate_words(a: int, position, structure: Union[int, str, None] = None, dtype=np.float64) -> str:
     """"atom a [of structure s] is at [x, y, z] Å, beyond 1e+10 Å: ...": coordinates so large that the float type
     holds them only to a coarse spacing, so the distances between atoms come out wrong (1e15 Å: 0.125 Å apart, a
@@ -78,9 +86,9 @@ def atoms_coincidence(atoms) -> Optional[str]:
     pos = np.asarray(atoms.positions, dtype=np.float64)
     if len(pos) < 2 or not np.isfinite(pos).all():
         return None
-    far = far_atom(pos)
+    far = far_atom_line(pos)
     if far is not None:
-        return far_coordinate_words(far, pos[far])
+        return far
     found = coincident_atoms(pos, [0, len(pos)], np.asarray(atoms.cell.array)[None], np.asarray(atoms.pbc)[None])
     return None if found is None else coincident_words(found[0], found[1], pos[found[0]], found[2])
 

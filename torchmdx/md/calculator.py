@@ -43,7 +43,7 @@ from torchmdx.errors import ModelError
 from torchmdx.kernels.neighbors import Neighbors
 from torchmdx.md.forces import fit_skin
 from torchmdx.md.loading import as_dtype, load_potential, potential_dtype
-from torchmdx.data.coincident import far_atom, far_coordinate_words
+from torchmdx.data.coincident import far_atom_line
 from torchmdx.nn.atoms import beyond_dtype, local_origin, no_volume_stress, spans_volume
 from torchmdx.nn.base import edge_vectors
 
@@ -337,12 +337,10 @@ class Calculator(_AseCalculator):
         the atoms, subtracted in float64: a float32 model's positions 10^6 Å from the origin kept
         0.06 Å steps (energies off by 0.03 eV, silently). A finite position the dtype cannot hold
         (1e200 Å in float32) is refused naming it (it was "non-finite [inf, ...]")."""
-        line = beyond_dtype(xyz, self.dtype, self._numbers, self._origin)
+        # ASE's float64 positions themselves may have lost the distances (1e15 Å: 0.125 Å steps): far_atom_line
+        line = beyond_dtype(xyz, self.dtype, self._numbers, self._origin) or far_atom_line(xyz)
         if line:
             raise ModelError(line)
-        far = far_atom(xyz)  # ASE's float64 positions themselves lost the distances (1e15 Å: 0.125 Å steps)
-        if far is not None:
-            raise ModelError(far_coordinate_words(far, xyz[far]))
         return torch.as_tensor(xyz - self._origin, dtype=self.dtype, device=self.device)
 
     def _compile_mode(self, num_atoms: int) -> str:

@@ -62,13 +62,12 @@ def check_float32_reach(structures, sources: list, config: MDConfig) -> None:
         line = beyond_dtype(atoms.get_positions(), dtype, atoms.numbers, advice=False)
         if line:
             raise ConfigError(f"{where}: {line}; check the structure, or run with {config.option('dtype')} float64")
-    from torchmdx.data.coincident import far_atom, far_coordinate_words
+    from torchmdx.data.coincident import far_atom_line
 
     for atoms, where in zip(structures, sources):  # beyond float64's reach too: "or run with float64" would not do
-        pos = atoms.get_positions()
-        far = far_atom(pos)
-        if far is not None:
-            raise DataError(f"{where}: {far_coordinate_words(far, pos[far])}")
+        line = far_atom_line(atoms.get_positions())
+        if line:
+            raise DataError(f"{where}: {line}")
     if config.engine == "ase" or config.dtype != "float32":
         return
     for atoms, where in zip(structures, sources):

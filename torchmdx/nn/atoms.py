@@ -121,15 +121,13 @@ def atoms_inputs(atoms_or_list, device: Optional[torch.device] = None, dtype: Op
         raise ModelError(f"{expected}: item {bad} of the {type(atoms_or_list).__name__} of {len(structures)} has "
                          f"type {type(structures[bad]).__name__}, not ase.Atoms")
     dtype = dtype or torch.get_default_dtype()
-    from torchmdx.data.coincident import far_atom, far_coordinate_words
+    from torchmdx.data.coincident import far_atom_line
 
     positions = [a.get_positions() for a in structures]
     origins = [local_origin(p) if centred else None for p in positions]  # each read and computed once
     for b, (a, p, origin) in enumerate(zip(structures, positions, origins)):
-        line = beyond_dtype(p, dtype, a.get_atomic_numbers(), origin)
-        far = far_atom(p) if line is None else None  # float64 itself lost the distances (round 35)
-        if far is not None:
-            line = far_coordinate_words(far, p[far])
+        # beyond the dtype's reach, else beyond float64's: the distances lost (round 35)
+        line = beyond_dtype(p, dtype, a.get_atomic_numbers(), origin) or far_atom_line(p)
         if line:
             raise ModelError(line if single else f"structure {b}: {line}")
     z = np.concatenate([a.get_atomic_numbers() for a in structures]).astype(np.int64)
