@@ -86,3 +86,18 @@ def at_most(seconds):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def train_yaml(tmp_path, monkeypatch):
+    """``tmp_path/w/t.yaml``: one CPU epoch of the TINY model on :func:`water_npz` (12 / 4 structures, batches of 4,
+    the cache in ``tmp_path/cache``, run_dir runs/t), with ``tmp_path/w`` the working folder; returns that folder."""
+    work = tmp_path / "w"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    water_npz(work)
+    (work / "t.yaml").write_text(
+        f"data: {{path: e.npz, train_size: 12, val_size: 4, batch_size: 4, cache_dir: {tmp_path / 'cache'}}}\n"
+        f"model: {dict(TINY)}\n"
+        "trainer: {max_epochs: 1, accelerator: cpu, enable_progress_bar: false, num_sanity_val_steps: 0}\n"
+        "run_dir: runs/t\n")
+    return work

@@ -13,6 +13,14 @@ from bad_inputs_common import refused_exactly, tiny_model, water, water_npz as _
 from test_bad_inputs_round9 import TINY
 
 
+def _sweep_config(folder):
+    """``folder/s.yaml``: the TINY model on :func:`water_npz`'s waters (12 / 4 structures)."""
+    _water_npz(folder)
+    config = folder / "s.yaml"
+    config.write_text(yaml.safe_dump({"data": {"path": "e.npz", "train_size": 12, "val_size": 4},
+                                      "model": dict(TINY)}))
+    return config
+
 
 # ------------------------------------------------------------------------------ a split size written as text
 def test_quoted_split_size_is_shown_as_written(tmp_path, capsys, monkeypatch):
@@ -40,10 +48,7 @@ def test_sweep_grid_values_read_alike_are_refused(tmp_path, capsys, monkeypatch)
     """``--grid trainer.accelerator=CPU,cpu`` planned two points of the same training (the config lower-cases the
     accelerator since round 30)."""
     monkeypatch.chdir(tmp_path)
-    _water_npz(tmp_path)
-    config = tmp_path / "s.yaml"
-    config.write_text(yaml.safe_dump({"data": {"path": "e.npz", "train_size": 12, "val_size": 4},
-                                      "model": dict(TINY)}))
+    config = _sweep_config(tmp_path)
     refused_exactly(capsys, ["sweep", config, "--dry-run", "--out", tmp_path / "out", "--grid",
                              "trainer.accelerator=CPU,cpu"],
                     "error: the sweep points (trainer.accelerator=CPU) and (trainer.accelerator=cpu) are the same "
@@ -146,10 +151,7 @@ def test_sweep_format_in_other_case_is_one_format(tmp_path, capsys, monkeypatch)
     from torchmdx.data.data_config import DataConfig
 
     assert from_dict(DataConfig, {"path": "e.npz", "format": "MD17"}, "data").format == "md17"
-    _water_npz(tmp_path)
-    config = tmp_path / "s.yaml"
-    config.write_text(yaml.safe_dump({"data": {"path": "e.npz", "train_size": 12, "val_size": 4},
-                                      "model": dict(TINY)}))
+    config = _sweep_config(tmp_path)
     refused_exactly(capsys, ["sweep", config, "--dry-run", "--out", tmp_path / "out", "--grid",
                              "data.format=MD17,md17"],
                     "error: the sweep points (data.format=MD17) and (data.format=md17) are the same training (the "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gzip
 
-from bad_inputs_common import at_most, lj_file, refused_exactly
+from bad_inputs_common import at_most, lj_file, refused_exactly, train_yaml
 
 
 def test_xyz_atom_count_too_large_in_a_later_frame(tmp_path, capsys, monkeypatch):
@@ -33,18 +33,7 @@ def test_a_batch_fraction_of_less_than_one_batch(tmp_path, capsys, monkeypatch):
     """``trainer.limit_train_batches: 0.01`` of 3 training batches (or ``limit_val_batches: 0.5`` of 1): Lightning's
     MisconfigurationException traceback when training started ("... but 0.01 * 3 < 1. Please increase the
     `limit_train_batches` argument"), the run folder (splits, config, data summary) left behind."""
-    from bad_inputs_common import water_npz
-    from test_bad_inputs_round9 import TINY
-
-    work = tmp_path / "w"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    water_npz(work)
-    (work / "t.yaml").write_text(
-        f"data: {{path: e.npz, train_size: 12, val_size: 4, batch_size: 4, cache_dir: {tmp_path / 'cache'}}}\n"
-        f"model: {dict(TINY)}\n"
-        "trainer: {max_epochs: 1, accelerator: cpu, enable_progress_bar: false, num_sanity_val_steps: 0}\n"
-        "run_dir: runs/t\n")
+    work = train_yaml(tmp_path, monkeypatch)
     refused_exactly(capsys, ["train", "t.yaml", "--set", "trainer.limit_train_batches=0.01"],
                     "error: config key 'trainer.limit_train_batches' is 0.01 of the 3 training batch(es) per epoch "
                     "(12 structures, batches of 4), less than one batch (nothing to train on): give at least 0.334, "

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from bad_inputs_common import at_most, lj_file, refused_exactly
+from bad_inputs_common import at_most, lj_file, refused_exactly, train_yaml
 
 
 def test_xyz_atom_count_too_large_behind_a_utf16_mark_names_the_frame(tmp_path, capsys, monkeypatch):
@@ -29,18 +29,7 @@ def test_nan_or_inf_given_to_a_float_key_by_set_is_read_as_the_number(tmp_path, 
     """``--set trainer.gradient_clip_val=nan`` (or ``train.lr=-Inf``, ``train.scale=inf``): YAML reads the word as text,
     and the line named the parser's type ("must be float | null, got 'nan' (str)"); ``.nan`` in the file was
     "must be a finite number, got nan". The word is the number now, refused by the key's own check."""
-    from bad_inputs_common import water_npz
-    from test_bad_inputs_round9 import TINY
-
-    work = tmp_path / "w"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    water_npz(work)
-    (work / "t.yaml").write_text(
-        f"data: {{path: e.npz, train_size: 12, val_size: 4, batch_size: 4, cache_dir: {tmp_path / 'cache'}}}\n"
-        f"model: {dict(TINY)}\n"
-        "trainer: {max_epochs: 1, accelerator: cpu, enable_progress_bar: false, num_sanity_val_steps: 0}\n"
-        "run_dir: runs/t\n")
+    work = train_yaml(tmp_path, monkeypatch)
     for setting, line in [
         ("trainer.gradient_clip_val=nan", "config key 'trainer.gradient_clip_val' must be a finite number, got nan"),
         ("trainer.gradient_clip_val=INF", "config key 'trainer.gradient_clip_val' must be a finite number, got inf"),
