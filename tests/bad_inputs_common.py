@@ -101,3 +101,14 @@ def train_yaml(tmp_path, monkeypatch):
         "trainer: {max_epochs: 1, accelerator: cpu, enable_progress_bar: false, num_sanity_val_steps: 0}\n"
         "run_dir: runs/t\n")
     return work
+
+
+def sweep_config(folder):
+    """``folder/s.yaml``: the TINY model on :func:`water_npz`'s waters (12 / 4 structures), for sweep plans."""
+    import yaml
+
+    water_npz(folder)
+    config = folder / "s.yaml"
+    config.write_text(yaml.safe_dump({"data": {"path": "e.npz", "train_size": 12, "val_size": 4},
+                                      "model": dict(TINY)}))
+    return config

@@ -8,17 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from bad_inputs_common import refused_exactly, tiny_model, water_npz as _water_npz
-from test_bad_inputs_round9 import TINY
-
-
-
-def _sweep_config(folder):
-    _water_npz(folder)
-    config = folder / "s.yaml"
-    config.write_text(yaml.safe_dump({"data": {"path": "e.npz", "train_size": 12, "val_size": 4},
-                                      "model": dict(TINY)}))
-    return config
+from bad_inputs_common import refused_exactly, sweep_config as _sweep_config, tiny_model, water_npz as _water_npz
 
 
 # ------------------------------------------------------------------------------ sweep units spelled two ways
