@@ -188,6 +188,11 @@ class MDConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 bad(key, f"must name a file, or be left out for the default next to md.out, got {value!r}")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
+            # 'model: ""' (or --model '') was "no model given (--model model.pt, or 'model:' in the md config)",
+            # as if the key were missing (round 37's leftover)
+            bad("model", f"is empty ({self.model!r}): give the model file (Potential.save / torchmdx export), e.g. "
+                         f"{flag('model')} model.pt")
         if self.restart is not None and (not isinstance(self.restart, str) or not self.restart.strip()):
             bad("restart", f"must name the restart file to continue from, or be left out for a new run, got "
                            f"{self.restart!r}")

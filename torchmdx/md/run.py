@@ -431,6 +431,10 @@ def run_md(config: MDConfig, potential=None, out=None, err=None) -> dict:
         check_restart_matches(config, restart_payload, structures,
                               sources if config.structure else None, config.replicas if config.structure else 1)
     if potential is None and not config.model:
+        if (getattr(config, "_names", None) or {}).get("model", "").startswith("config key"):
+            # 'model:' with nothing after it (YAML's null) in an md config file
+            raise ConfigError(f"{config.option('model')} is empty (null): give the model file (Potential.save / "
+                              "torchmdx export), e.g. --model model.pt")
         raise ConfigError("no model given (--model model.pt, or 'model:' in the md config)")
     plan = plan_outputs(config, len(structures), restart_payload,
                         model_path=config.model if potential is None else None)
