@@ -121,6 +121,13 @@ def _choice_hint(value: Any, allowed: tuple) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def key_hint(key: Any, present) -> str:
+    """' (did you mean 'energy'?)' for a key of a data file that is not there (``--energy-key ' energy'``, a stray
+    space; ``Energy``), among the keys ``present``: :func:`_choice_hint`'s match (ignoring case and the key's
+    surrounding blanks, else difflib's closest); '' when none is close (round 38)."""
+    return _choice_hint(key, tuple(str(k) for k in present))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widened to float)."""
     origin = get_origin(tp)

@@ -28,6 +28,7 @@ import numpy as np
 
 from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import CHUNK_ATOMS, StructureBuilder, Structures, concat_structures, numeric_values
+from torchmdx.config import key_hint
 from torchmdx.errors import DataError
 
 ANI1X_DEFAULT_METHOD = "wb97x_dz"
@@ -243,7 +244,8 @@ def iter_ani1(path, energy_key: Optional[str] = None, energy_unit: Optional[str]
         for group in tqdm(groups, desc="reading ANI-1", unit=" molecules", disable=None):
             where = f"{path}:{group.name}"
             if key not in group:
-                raise DataError(f"{where}: no '{key}' dataset; found: {', '.join(sorted(group.keys()))}")
+                raise DataError(f"{where}: no '{key}' dataset{key_hint(key, group.keys())}; found: "
+                                f"{', '.join(sorted(group.keys()))}")
             raw = group["species"][()]
             _check_one_per_atom(raw, "species", where)
             species = [s.decode() if isinstance(s, bytes) else str(s) for s in raw]
@@ -357,7 +359,8 @@ def iter_ani1x(path, energy_key: Optional[str] = None, forces_key: Optional[str]
             where = f"{path}:{group.name}"
             for key in (ekey, fkey):
                 if key is not None and key not in group:
-                    raise DataError(f"{where}: no '{key}' dataset; found: {', '.join(sorted(group.keys()))}")
+                    raise DataError(f"{where}: no '{key}' dataset{key_hint(key, group.keys())}; found: "
+                                    f"{', '.join(sorted(group.keys()))}")
             numbers = read_rows(group, "atomic_numbers", 0, None, where)
             _check_one_per_atom(numbers, "atomic_numbers", where)
             n = _check_group_shapes(group, where, len(numbers), ekey, fkey)

@@ -44,6 +44,7 @@ import numpy as np
 from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import Structures, numeric_values
 from torchmdx.data.unit_keys import check_unit_keys, db_units as _db_units
+from torchmdx.config import key_hint
 from torchmdx.errors import DataError
 from torchmdx.data.ase_text import (ase_source, label_as_symbol, number_as_symbol, number_key as _number_key,
                                     open_ase_source, short_atom_count)
@@ -340,7 +341,8 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
                 elif energy_key in results:
                     frame.energy = results[energy_key]
                 else:
-                    raise DataError(f"{where}: no energy '{energy_key}' (info keys: "
+                    raise DataError(f"{where}: no energy '{energy_key}'"
+                                    f"{key_hint(energy_key, list(atoms.info) + list(results))} (info keys: "
                                     f"{', '.join(sorted(atoms.info)) or 'none'}; "
                                     f"calculator results: {', '.join(sorted(results)) or 'none'}); "
                                     + _energy_advice(path, not atoms.info and not results))
@@ -394,7 +396,8 @@ def _group(info, group_key, where):
         return None
     if group_key not in info:
         raise DataError(
-            f"{where}: group key '{group_key}' not found; keys present: {', '.join(sorted(info)) or 'none'}"
+            f"{where}: group key '{group_key}' not found{key_hint(group_key, info)}; keys present: "
+            f"{', '.join(sorted(info)) or 'none'}"
         )
     return group_label(info[group_key], f"{where}: group key '{group_key}'")
 
@@ -476,7 +479,8 @@ def _iter_db_frames(path: Path, energy_key, forces_key, group_key, stress_key="s
             # bare structures gets: "set data.energy_key" named a key no row has (round 33)
             bare = not row.key_value_pairs and not data and not row.get("calculator")
             raise DataError(
-                f"{where}: no energy '{energy_key}' (keys: {', '.join(sorted(row.key_value_pairs)) or 'none'}; "
+                f"{where}: no energy '{energy_key}'{key_hint(energy_key, list(row.key_value_pairs) + list(data))} "
+                f"(keys: {', '.join(sorted(row.key_value_pairs)) or 'none'}; "
                 f"data: {', '.join(sorted(data)) or 'none'}); {_energy_advice(path, bare)}"
             )
         frame.energy = energy

@@ -53,6 +53,7 @@ import numpy as np
 
 from torchmdx.data.ase_format import AseReading, _Frame, ase_reading, finite_values
 from torchmdx.data.structures import CHUNK_ATOMS, StructureBuilder, Structures
+from torchmdx.config import key_hint
 from torchmdx.errors import DataError
 
 
@@ -130,10 +131,12 @@ class FrameSummary:
         r = self.reading
         if not self.atoms:
             raise DataError(f"{r.path}: contains no structures")
-        self._all_or_none(self.with_forces, self.without_forces, f"forces key '{r.forces_key}'", r.explicit_forces)
+        self._all_or_none(self.with_forces, self.without_forces, f"forces key '{r.forces_key}'", r.explicit_forces,
+                          r.forces_key)
         # frames that are not periodic (isolated atoms for reference energies) may lack a stress: NaN (add_frame)
         without = self.periodic_without_stress if self.with_stress else self.without_stress
-        self._all_or_none(self.with_stress, without, f"stress key '{r.stress_key}' (or a virial)", r.explicit_stress)
+        self._all_or_none(self.with_stress, without, f"stress key '{r.stress_key}' (or a virial)", r.explicit_stress,
+                          r.stress_key)
         # extras: keep the keys every frame has with one shape
         self.extras = sorted(key for key, shape in self._extras.items() if shape is not None)
         self.atom_extras = sorted(key for key, shape in self._atom_extras.items() if shape is not None)
@@ -143,11 +146,11 @@ class FrameSummary:
             warnings.warn(line, stacklevel=2)
         return self
 
-    def _all_or_none(self, present: bool, first_without: Optional[str], what: str, explicit: bool) -> None:
+    def _all_or_none(self, present: bool, first_without: Optional[str], what: str, explicit: bool, key: str) -> None:
         """In every frame or in none, and in some if the key was given explicitly; otherwise a one-line
-        DataError naming the first frame without it."""
-        if explicit and not present:
-            raise DataError(f"{self.reading.path}: {what} not found in any frame")
+        DataError naming the first frame without it (and, for a key in no frame, a close key the frames have)."""
+        if explicit and not present:  # ' forces' (a stray space) said only this (round 38): the hint
+            raise DataError(f"{self.reading.path}: {what} not found in any frame{key_hint(key, self._extra_counts)}")
         if present and first_without is not None:
             raise DataError(f"{first_without}: no {what}, although other frames have one")
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from torchmdx import units
 from torchmdx.data.structures import CHUNK_ATOMS, StructureBuilder, Structures
+from torchmdx.config import key_hint
 from torchmdx.errors import DataError
 from torchmdx.io_utils import decode_text
 
@@ -262,8 +263,16 @@ class _QM9Database:
         try:
             name = canonical_property(energy_key or "energy_U0", available)
         except DataError:
+            given = energy_key or "energy_U0"
+            hint = key_hint(given, available)
+            if not hint and given.strip() != given:  # 'U0 ': a stray space around a QM9 short name
+                try:
+                    canonical_property(given.strip(), available)
+                    hint = f" (did you mean {given.strip()!r}?)"
+                except DataError:
+                    pass
             raise DataError(
-                f"{path}: no QM9 property {energy_key or 'energy_U0'!r} in the rows; "
+                f"{path}: no QM9 property {given!r} in the rows{hint}; "
                 f"properties found: {', '.join(sorted(available)) or 'none'}"
             ) from None
         if energy_unit is not None:
