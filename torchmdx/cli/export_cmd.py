@@ -130,10 +130,12 @@ def run_openmm(args) -> int:
         from ase.io import read
 
         from torchmdx.data.ase_format import ase_source
+        from torchmdx.data.xyz_counts import check_rest
 
         try:
             source, options = ase_source(args.structure)  # a UTF-8 byte-order mark: the text without it
             structure = read(source, **options)
+            check_rest(source)  # a blank line between frames: the frame before it read as the last (round 38)
             if hasattr(source, "seek"):
                 source.seek(0)
             first = read(source, index=0, **options)  # ASE's read takes the last frame: a file of several

@@ -45,6 +45,7 @@ from torchmdx.data.md17 import unit_factors
 from torchmdx.data.structures import Structures, numeric_values
 from torchmdx.data.unit_keys import check_unit_keys, db_units as _db_units
 from torchmdx.config import key_hint
+from torchmdx.data.xyz_counts import check_rest
 from torchmdx.errors import DataError
 from torchmdx.data.ase_text import (ase_source, label_as_symbol, number_as_symbol, number_key as _number_key,
                                     open_ase_source, short_atom_count)
@@ -58,7 +59,9 @@ def all_frames(path) -> list:
     import ase.io
 
     source, options = ase_source(path)
-    return ase.io.read(source, index=":", **options)
+    frames = ase.io.read(source, index=":", **options)
+    check_rest(source)  # a blank line between frames: ASE read the frames before it only (round 38)
+    return frames
 
 
 def ends_early(exc: BaseException) -> bool:
@@ -370,6 +373,7 @@ def _iter_atoms_frames(path: Path, energy_key, forces_key, group_key, stress_key
                 frame.extras = extras
                 frame.atom_extras = atom_extras
                 yield frame
+            check_rest(source)  # a blank line between frames: ASE read the frames before it only (round 38)
     except DataError:
         raise
     except KeyError as exc:

@@ -61,15 +61,9 @@ def late_atom_count(path, opener=open) -> Optional[str]:
     line, in words (the frame and the line of its count, 1-based), else None. Walks the frames as ASE's index
     scan does (a blank or non-numeric count line ends it), a line at a time: called only once a read ran past
     the end."""
-    from torchmdx.io_utils import byte_order_mark
-
     try:
         with opener(path, "rb") as handle:
-            mark = byte_order_mark(handle.read(4))
-            handle.seek(0)
-            if mark is not None and mark[0] != codecs.BOM_UTF8:  # UTF-16/32 (round 37: the bytes' lines were
-                # never a count, so the line named no frame): its text, the mark's codec skipping the mark
-                handle = io.TextIOWrapper(handle, encoding=mark[1], newline="\n")
+            handle = _text_lines(handle)
             number, frame = 0, 0
             while True:
                 line = handle.readline()
@@ -100,6 +94,86 @@ def late_atom_count(path, opener=open) -> Optional[str]:
         raise
     except Exception:  # noqa: BLE001 - unreadable now: the generic line below
         return None
+
+
+def _text_lines(handle):
+    """``handle`` (a file opened "rb") to read a line at a time: itself (lines of bytes), or, for a file with a
+    UTF-16/32 byte-order mark, its text in the mark's codec (round 37: the bytes' lines were never a count)."""
+    from torchmdx.io_utils import byte_order_mark
+
+    mark = byte_order_mark(handle.read(4))
+    handle.seek(0)
+    if mark is not None and mark[0] != codecs.BOM_UTF8:
+        return io.TextIOWrapper(handle, encoding=mark[1], newline="\n")
+    return handle
+
+
+def blank_line_frames(path, opener=open) -> Optional[str]:
+    """Where xyz/extxyz ``path`` has a blank line where a frame's atom count belongs with more text after it, in
+    words (1-based lines), else None. ASE's frame scan stops at such a line: the frames after it were dropped
+    without a word (round 38: ``data info`` counted 1 structure of 2, ``md`` ran the frame before it as the last).
+    Walks the frames as :func:`late_atom_count` does; called only once text was found after ASE's last frame."""
+    try:
+        with opener(path, "rb") as handle:
+            handle = _text_lines(handle)
+            number, frame = 0, 0
+            while True:
+                line = handle.readline()
+                number += 1
+                if number == 1 and isinstance(line, bytes):
+                    line = line.removeprefix(codecs.BOM_UTF8)
+                if not line:
+                    return None
+                if not line.strip():
+                    blank = number
+                    for line in iter(handle.readline, b"" if isinstance(line, bytes) else ""):
+                        number += 1
+                        if line.strip():
+                            text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+                            return (f"line {blank} is blank where frame {frame}'s atom count belongs, and the file "
+                                    f"goes on (line {number}, {text.strip()[:40]!r}): ASE stops reading at a blank "
+                                    f"line, so only the {frame} frame(s) before it would be read and the rest "
+                                    "dropped without a word; remove the blank line(s)")
+                    return None
+                try:
+                    count = int(line)
+                except ValueError:
+                    return None
+                handle.readline()  # the comment line
+                number += 1
+                for _ in range(count):
+                    if not handle.readline():
+                        return None
+                    number += 1
+                frame += 1
+    except DataError:
+        raise
+    except Exception:  # noqa: BLE001 - unreadable now: the generic line of check_rest
+        return None
+
+
+def check_rest(stream) -> None:
+    """After ASE read the frames of :func:`guarded_text` ``stream`` to its last: one line (a DataError) when text
+    other than blank lines follows (ASE's frame scan stops at a blank line where an atom count belongs and drops the
+    rest without a word; round 38). Reads only what follows the last frame read (nothing, or blank lines, in a
+    good file); walks the file (:func:`blank_line_frames`) only when text is found there. Any other stream: nothing
+    to check."""
+    if not is_guarded(stream):
+        return
+    guard = stream.buffer.raw
+    path = guard._path
+    try:
+        while True:
+            block = stream.read(COUNT_BLOCK_BYTES)
+            if not block:
+                return
+            if block.strip():
+                break
+    except (OSError, ValueError, UnicodeDecodeError):  # closed or undecodable: nothing to say here
+        return
+    problem = blank_line_frames(path, guard._opener)
+    raise DataError(f"{path}: " + (problem or "text follows the last frame ASE read (after a blank line?), and ASE "
+                                               "drops it without a word; remove the blank line(s) between frames"))
 
 
 class CountGuard(io.RawIOBase):

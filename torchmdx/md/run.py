@@ -88,6 +88,7 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
     from ase.io import read
 
     from torchmdx.data.ase_format import all_frames, ase_source
+    from torchmdx.data.xyz_counts import check_rest
 
     structures = []
     chosen = _index_slice(index)
@@ -110,6 +111,8 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
                 source, options = ase_source(path)  # a UTF-8 byte-order mark: the text without it
                 frames = read(source, index=index, **options)
                 frames = [frames] if not isinstance(frames, list) else frames
+                if str(index).strip() == "-1":  # ASE read to the end it saw: a blank line between frames made the
+                    check_rest(source)  # frame before it "the last", without a word (round 38)
         except (StopIteration, IndexError):
             frames = None  # an index past the last frame
         except DataError:
@@ -130,6 +133,8 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
         if not frames:
             try:
                 count = len(everything if everything is not None else all_frames(path))
+            except DataError:  # a blank line between frames: --index 1 "selected none" of the frame before it
+                raise
             except Exception:  # noqa: BLE001
                 count = 0
             if count == 0:
