@@ -30,12 +30,42 @@ OpenMM's Reference and CPU platforms; for the CUDA platform export with ``device
 """
 
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
 
+from torchmdx.data.coincident import FAR_COORDINATE, FAR_NEIGHBOUR  # coordinates too far out (Å), round 38
 from torchmdx.openmm.neighbors import edge_geometry, pairs_within
 from torchmdx.nn.normalised import OVERLAP_DISTANCE  # distinct atoms closer than this (Å) are refused
+
+
+def _short(x: float) -> str:
+    """``x`` in at most 6 significant digits ("1e+15", "0.125", "16384"), as Python's ``f"{x:.6g}"`` writes it for
+    the messages here (TorchScript's ``str(1e15)`` is "1000000000000000.", its ``str(0.0025)`` "0.0025000000000000001":
+    the digits are made from an integer)."""
+    if x == 0.0 or not math.isfinite(x):
+        return str(x)
+    sign = "-" if x < 0 else ""
+    a = abs(x)
+    e = int(math.floor(math.log10(a)))
+    n = int(round(a / 10.0 ** (e - 5)))  # the 6 significant digits
+    if n >= 1000000:
+        n, e = int(round(n / 10.0)), e + 1
+    elif n < 100000:
+        n, e = n * 10, e - 1
+    digits = str(n)
+    if -4 <= e < 6:
+        if e >= 0:
+            text = digits[:e + 1] + "." + digits[e + 1:]
+        else:
+            zeros = ""
+            for _ in range(-e - 1):
+                zeros += "0"
+            text = "0." + zeros + digits
+        return sign + text.rstrip("0").rstrip(".")
+    mantissa = (digits[0] + "." + digits[1:]).rstrip("0").rstrip(".")
+    return sign + mantissa + "e" + ("+" if e >= 0 else "-") + ("0" if abs(e) < 10 else "") + str(abs(e))
 
 
 class EnergyCore(torch.nn.Module):
@@ -67,6 +97,8 @@ class OpenMMModule(torch.nn.Module):
     max_index: int
     outputs_forces: bool
     overlap_distance: float
+    far_coordinate: float
+    far_neighbour: float
     info: str
 
     def __init__(self, core, cutoff: float, length_to_angstrom: float, energy_from_ev: float, length_unit: str,
@@ -83,6 +115,8 @@ class OpenMMModule(torch.nn.Module):
         self.max_index = -1
         self.outputs_forces = False
         self.overlap_distance = float(OVERLAP_DISTANCE)
+        self.far_coordinate = float(FAR_COORDINATE)
+        self.far_neighbour = float(FAR_NEIGHBOUR)
         self.info = info
         self.register_buffer("atomic_numbers", torch.zeros(0, dtype=torch.long))
         self.register_buffer("indices", torch.zeros(0, dtype=torch.long))
@@ -106,11 +140,16 @@ class OpenMMModule(torch.nn.Module):
             raise RuntimeError("torchmdx: " + str(positions.shape[0]) + " positions were given to a module for "
                                + str(z.shape[0]) + " atoms; give the ML atoms' indices (atoms=...)")
         pos = pos * self.length_to_angstrom
-        finite = torch.isfinite(pos.detach()).all(dim=1)
-        if not bool(finite.all()):  # was no pair within the cutoff: the atomic reference energies, zero forces
-            bad = int((~finite).nonzero()[0, 0])
-            raise RuntimeError("torchmdx: particle " + str(self.particle(bad)) + " (an ML atom) has a non-finite "
-                               "position (NaN or infinite: the simulation blew up, or the positions were never set)")
+        held = pos.detach()
+        finite = torch.isfinite(held).all(dim=1)
+        far = held.abs().amax(dim=1) > self.far_coordinate  # one host read for both, as before for the first
+        if bool((far | ~finite).any()):
+            if not bool(finite.all()):  # was no pair within the cutoff: the atomic reference energies, zero forces
+                bad = int((~finite).nonzero()[0, 0])
+                raise RuntimeError("torchmdx: particle " + str(self.particle(bad)) + " (an ML atom) has a non-finite "
+                                   "position (NaN or infinite: the simulation blew up, or the positions were never "
+                                   "set)")
+            self.check_far(held, far)
         cell: Optional[torch.Tensor] = None
         if box is not None:
             cell = box.to(pos.dtype) * self.length_to_angstrom
@@ -123,6 +162,30 @@ class OpenMMModule(torch.nn.Module):
                                + str(self.particle(int(edge_index[1, e]))) + " (ML atoms) are on top of each other (distance "
                                + str(float(distances[e].detach())) + " Å)")
         return self.core(z, edge_index, vectors, distances) * self.energy_from_ev
+
+    def check_far(self, pos: torch.Tensor, far: torch.Tensor) -> None:
+        """A RuntimeError naming the first ML atom beyond ``far_coordinate`` (Å) with another ML atom near it
+        (:func:`torchmdx.data.coincident.far_atom`'s rule: within ``far_neighbour``, or 8 steps of the float type
+        at its coordinates): a molecule moved out that far gave a finite, wrong energy without a word (1e15 Å: -30.3
+        for -15.3 kJ/mol; round 38). One atom far from all the others is an isolated atom, as elsewhere."""
+        for k in range(int(far.sum())):
+            a = int(far.nonzero()[k, 0])
+            if pos.shape[0] < 2:
+                return
+            distances = torch.linalg.vector_norm(pos - pos[a], dim=1)
+            distances[a] = math.inf
+            nearest = float(distances[torch.isfinite(distances)].min()) if bool(torch.isfinite(distances).any()) \
+                else math.inf
+            largest = pos[a].abs().max()
+            spacing = float(torch.nextafter(largest, largest * 2) - largest)
+            if nearest < max(self.far_neighbour, 8 * spacing):
+                raise RuntimeError("torchmdx: particle " + str(self.particle(a)) + " (an ML atom) is at ["
+                                   + _short(float(pos[a, 0])) + ", " + _short(float(pos[a, 1])) + ", "
+                                   + _short(float(pos[a, 2])) + "] Å, beyond " + _short(self.far_coordinate)
+                                   + " Å from the origin: " + ("float64" if pos.dtype == torch.float64 else "float32")
+                                   + " coordinates that large are " + _short(spacing) + " Å apart, so the distances "
+                                   "between atoms come out wrong; give coordinates near the origin (move the "
+                                   "structure there)")
 
     def particle(self, a: int) -> int:
         """The position index (the System's particle) of ML atom ``a``."""
