@@ -151,17 +151,28 @@ def _conformation_slices(n: int, natoms: int, chunk_atoms: int):
 
 
 def molecule_groups(h5, required: str) -> list:
-    """Every group (at any depth) holding a ``coordinates`` dataset and ``required``."""
+    """Every group (at any depth) holding a ``coordinates`` dataset and ``required``. A group that holds one of the
+    two but not the other, in a file whose other groups hold both (a group written in part), is a one-line
+    DataError: its conformations were dropped without a word (round 38)."""
     import h5py
 
-    found = []
+    found, partial = [], []
 
     def visit(name, obj):
-        if isinstance(obj, h5py.Group) and "coordinates" in obj and required in obj:
-            found.append(obj)
+        if isinstance(obj, h5py.Group):
+            if "coordinates" in obj and required in obj:
+                found.append(obj)
+            elif "coordinates" in obj or required in obj:
+                partial.append(obj)
 
     _visit(h5, visit)
     _refuse_external_links(h5)
+    if found and partial:
+        group = partial[0]
+        have, missing = ("coordinates", required) if "coordinates" in group else (required, "coordinates")
+        raise DataError(f"{h5.filename}:{group.name}: holds '{have}' but no '{missing}' dataset, while "
+                        f"{len(found)} other group(s) hold both (a group written in part?): the group would be left out "
+                        f"without a word; give it its '{missing}', or remove it")
     return found
 
 
