@@ -288,6 +288,13 @@ class CacheWriter(ChunkSink):
     # -- context --------------------------------------------------------------------------------
     def __enter__(self) -> "CacheWriter":
         folder = self.path.parent
+        # the folders made here (deepest first): removed again, when empty, by a build that fails (round 38: a
+        # refused read, "no energy 'nope'", left an empty data/cache behind in train, evaluate and data prepare)
+        self._made = []
+        for made in (folder, *folder.parents):
+            if os.path.lexists(made):
+                break
+            self._made.append(made)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self.parts.mkdir()
@@ -309,6 +316,12 @@ class CacheWriter(ChunkSink):
             _remove(self.parts)
             if kind is not None or self.tmp.exists():
                 _remove(self.tmp)
+            if kind is not None:
+                for made in getattr(self, "_made", ()):
+                    try:
+                        made.rmdir()  # only when empty: another process's cache in it stays
+                    except OSError:
+                        break
 
     # -- chunks ---------------------------------------------------------------------------------
     def _keep(self, chunk, z, forces, counts, group) -> None:
