@@ -22,7 +22,9 @@ from torchmdx.train import precompile
 from torchmdx.train.config import TrainConfig
 from torchmdx.train.graphed import GraphedTrainStep, packed_shape, shape_from_counts
 from torchmdx.train.module import training_objective
-from torchmdx.train.precompile import BackgroundCompile, Signature, inputs_for, signature
+from torchmdx.train import precompile_child
+from torchmdx.train.precompile import BackgroundCompile, Signature, signature
+from torchmdx.train.precompile_child import inputs_for
 
 TINY = {"embedding_dimension": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8, "cutoff_upper": 4.0, "seed": 0}
 JOINT = TrainConfig(energy_weight=0.2, force_weight=0.8)
@@ -516,8 +518,8 @@ def test_real_children_compile_two_shapes_in_turn_and_each_switch_hits_the_cache
 
 def test_process_settings_round_trip_in_a_child():
     """What the child applies is what the training process had (threads, matmul precision, ...)."""
-    settings = {**precompile.process_settings(), "threads": 1, "matmul_precision": "high"}
-    script = ("import json, sys; from torchmdx.train import precompile as p; "
+    settings = {**precompile_child.process_settings(), "threads": 1, "matmul_precision": "high"}
+    script = ("import json, sys; from torchmdx.train import precompile_child as p; "
               "p.apply_settings(json.loads(sys.argv[1])); print(json.dumps(p.process_settings()))")
     run = subprocess.run([sys.executable, "-c", script, json.dumps(settings)], capture_output=True, text=True,
                          timeout=120)
@@ -530,18 +532,18 @@ def test_the_per_backend_fp32_precision_flags_reach_the_child():
     legacy value as a fresh process ("highest") but pins the per-backend flags ('none' -> 'ieee'),
     which compiled code's cache keys read: the child must take the flags too (a full make test
     missed the cache when an earlier test in the process had called the setter)."""
-    script = ("import json, sys, torch; from torchmdx.train import precompile as p; "
+    script = ("import json, sys, torch; from torchmdx.train import precompile_child as p; "
               "before = p.process_settings(); p.apply_settings(json.loads(sys.argv[1])); "
               "print(json.dumps([before, p.process_settings()]))")
-    previous = {path: value for path, value in precompile._backend_precisions().items()}
+    previous = {path: value for path, value in precompile_child._backend_precisions().items()}
     try:
         torch.set_float32_matmul_precision("highest")
-        settings = precompile.process_settings()
+        settings = precompile_child.process_settings()
         run = subprocess.run([sys.executable, "-c", script, json.dumps(settings)], capture_output=True, text=True,
                              timeout=120)
     finally:
         for path, value in previous.items():
-            precompile._backend(path).fp32_precision = value
+            precompile_child._backend(path).fp32_precision = value
     assert run.returncode == 0, run.stderr
     before, after = json.loads(run.stdout.strip().splitlines()[-1])
     assert settings["fp32_precision"].get("cuda.matmul") == "ieee"
