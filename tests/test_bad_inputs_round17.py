@@ -87,7 +87,7 @@ def test_utf16_utf32_and_compressed_marked_structure_files_are_read(tmp_path, sh
     """A structure file saved as UTF-16 (Windows PowerShell's ``>``) was "cannot read a structure with ASE
     ('utf-8' codec can't decode byte 0xff in position 0)"; a gzip'd or bzip2'd file starting with a UTF-8 mark
     "Expected xyz header ... '\\ufeff24'". They are read as their plain UTF-8 twins."""
-    from torchmdx.md.run import read_structures
+    from torchmdx.md.structure_files import read_structures
 
     plain = (shared_data / "systems" / "caffeine.xyz").read_text()
     (tmp_path / "u16.xyz").write_text(plain, encoding="utf-16")

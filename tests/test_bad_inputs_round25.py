@@ -41,7 +41,7 @@ def test_pdb_atom_names_without_element_column_are_refused(tmp_path, capsys, mon
 def test_pdb_files_with_element_columns_or_one_letter_names_are_read(tmp_path, shared_data):
     """The check stops nothing ASE reads right: the element column, one-letter names, an ion named as its residue."""
     from torchmdx.data.ase_text import pdb_name_as_element
-    from torchmdx.md.run import read_structures
+    from torchmdx.md.structure_files import read_structures
 
     caffeine = shared_data / "systems" / "caffeine.pdb"
     assert pdb_name_as_element(caffeine) is None

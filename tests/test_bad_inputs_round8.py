@@ -287,9 +287,10 @@ def test_replica_memory_check_lets_real_sizes_through(tmp_path, shared_data, mon
     1000 replicas (9.2 MB) pass with 10 MB available and are refused with 9 MB."""
     from torchmdx.errors import ConfigError
     from torchmdx.md import run as md_run
+    from torchmdx.md import structure_files as md_structure_files
     from torchmdx.md.config import md_config
 
-    structures = md_run.read_structures([_ethanol_frames(tmp_path, shared_data, frames=1)])
+    structures = md_structure_files.read_structures([_ethanol_frames(tmp_path, shared_data, frames=1)])
     config = md_config({"replicas": 1000})
     monkeypatch.setattr("torchmdx.devices.memory_bytes", lambda: (10**11, 10_000_000))
     md_run.check_replica_memory(structures, config)
@@ -303,7 +304,7 @@ def test_replica_memory_check_lets_real_sizes_through(tmp_path, shared_data, mon
 def test_md_frame_names_are_the_frame_numbers_of_the_file(tmp_path, shared_data):
     """``--index 1:`` of a 3-frame file: the selection's second structure is the file's frame 2;
     one frame selected: the file alone."""
-    from torchmdx.md.run import read_structures
+    from torchmdx.md.structure_files import read_structures
 
     path = _ethanol_frames(tmp_path, shared_data, frames=3)
     sources: list = []
@@ -393,7 +394,7 @@ def test_validation_interval_beyond_the_run_warns(tmp_path):
 
 def test_frame_names_give_the_frame_numbers_of_the_file(tmp_path):
     """Messages name a frame by its number in the file, whatever slice picked it."""
-    from torchmdx.md.run import _frame_names
+    from torchmdx.md.structure_files import _frame_names
 
     path = tmp_path / "five.extxyz"
     write(path, [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74 + 0.01 * k]]) for k in range(5)])
