@@ -216,8 +216,10 @@ COMPILE_MODES = ("auto", "whole", "parts", "off")
 #: calls the same message kernels (:data:`FUSED_MESSAGE_IN_GRAPH`) it wins at every size timed,
 #: with about half the launches (H100, 2026-12-07, ms per energy + forces replay, whole vs parts
 #: in one call, ``docs/benchmarks/2026-12-07-h100-c/call4``): 22 atoms 0.471 vs 0.666, 166 atoms
-#: 0.968 vs 1.200, DHFR (2 489) 3.78 vs 4.15, factor IX (5 807) 7.86 vs 8.37. STMV (30 327) was not
-#: timed whole, hence the bound. (Before the operators, 2026-12-03, H200: 166 atoms whole 2.48-2.73
+#: 0.968 vs 1.200, DHFR (2 489) 3.78 vs 4.15, factor IX (5 807) 7.86 vs 8.37; on another H100 that
+#: night (``docs/benchmarks/2026-12-07-h100-f/call3``) DHFR 4.34 vs 4.18 and factor IX 8.53 vs 8.29,
+#: within a few per cent either way. STMV (30 327), timed whole that night (``call2``): 41.5 vs 33.96
+#: for the parts, hence the bound. (Before the operators, 2026-12-03, H200: 166 atoms whole 2.48-2.73
 #: vs parts 1.83, and the bound was 64.)
 WHOLE_GRAPH_MAX_ATOMS = 6000
 #: the bound of a whole graph that traces its message in torch (no :attr:`Potential.graph_ops`, or
