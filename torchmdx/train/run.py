@@ -188,6 +188,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: Optional[list]
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    from torchmdx.train.callbacks import beside_target_checkpoint_io
     from torchmdx.train.ema import EMA
 
     train = cfg.train
@@ -222,6 +223,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: Optional[list]
         precision=precision,
         callbacks=callbacks,
         logger=loggers,
+        plugins=[beside_target_checkpoint_io()],  # last.ckpt / best.ckpt written beside themselves, then renamed
         default_root_dir=str(run_dir),
         inference_mode=False,  # forces need autograd during validation
         enable_model_summary=False,  # train() prints one line on the model instead
