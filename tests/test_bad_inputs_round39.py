@@ -7,9 +7,9 @@ import errno
 import os
 import shutil
 
-import pytest
+import numpy as np
 import torch
-from bad_inputs_common import train_yaml
+from bad_inputs_common import train_yaml, water_npz
 
 
 def _checkpoint_io(tmp_path, monkeypatch):
@@ -58,3 +58,35 @@ def test_a_checkpoint_write_cut_short_leaves_the_old_checkpoint_whole(tmp_path, 
     checkpoint_io.save_checkpoint({"epoch": 3}, last)
     assert torch.load(last, weights_only=True)["epoch"] == 3
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_positions_in_another_length_unit_are_said(tmp_path, capsys, monkeypatch):
+    """MD17 waters in Å read with ``--length-unit Bohr`` (O-H bonds of 0.51 Å), or coordinates in Bohr read as Å
+    (O-H 1.8 Å): the forces are converted with the positions, so they still fit the energies, and `data info` and
+    `train` said nothing (a model of a squeezed or stretched molecule)."""
+    from torchmdx.cli.main import main
+    from torchmdx.data.formats import read_structures
+    from torchmdx.train.data_checks import label_unit_warnings
+
+    monkeypatch.chdir(tmp_path)
+    water_npz(tmp_path)
+    assert main(["data", "prepare", "e.npz", "--length-unit", "Bohr"]) == 0
+    capsys.readouterr()
+    assert main(["data", "info", "e.npz", "--length-unit", "Bohr"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note")]
+    assert notes == ["note         e.npz: the atoms are 0.523 times as far from their nearest neighbours as bonds are "
+                     "(median over 60 atoms of nearest distance / sum of covalent radii, read in data.length_unit "
+                     "Bohr; 0.9 to 1.0 in molecules and solids) (positions in Å read as Bohr?): every distance is "
+                     "scaled, and the forces with them; check data.length_unit"]
+    assert main(["data", "prepare", "e.npz"]) == 0  # in Å: nothing said
+    capsys.readouterr()
+    assert main(["data", "info", "e.npz"]) == 0
+    assert "note" not in capsys.readouterr().out
+    data = dict(np.load(tmp_path / "e.npz"))
+    data["R"] = data["R"] / 0.529177  # written in Bohr, read as Å
+    np.savez(tmp_path / "b.npz", **data)
+    assert label_unit_warnings(read_structures(tmp_path / "b.npz"), "b.npz") == [
+        "b.npz: the atoms are 1.88 times as far from their nearest neighbours as bonds are (median over 40 hydrogen "
+        "atoms of nearest distance / sum of covalent radii, read in the format's own length unit; 0.9 to 1.0 in "
+        "molecules and solids) (positions in Bohr read as Å?): every distance is scaled, and the forces with them; "
+        "check data.length_unit"]

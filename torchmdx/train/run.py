@@ -308,10 +308,12 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
         if untrained:  # an element only in the validation/test split (round 27): trained without a word
             print(f"warning: {untrained}", file=sys.stderr, flush=True)
         # forces in Hartree/Bohr, gradients as forces, energies per atom (round 28), a stress of the other sign or
-        # in GPa: trained without a word; a stress is looked at whenever the data hold one (its errors are logged)
+        # in GPa, positions in another length unit (round 39): trained without a word; a stress is looked at
+        # whenever the data hold one (its errors are logged)
         structures = datamodule.dataset.structures if datamodule.dataset is not None else None
         for line in label_unit_warnings(structures, source, energies=bool(cfg.train.energy_weight),
-                                        forces=bool(cfg.train.force_weight)):
+                                        forces=bool(cfg.train.force_weight),
+                                        length_unit=cfg.data_config.length_unit):
             print(f"warning: {line}", file=sys.stderr, flush=True)
     last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
     previous_rows = _previous_metric_rows(run_dir / METRICS_CSV, last) if resume else []
