@@ -90,3 +90,25 @@ def test_positions_in_another_length_unit_are_said(tmp_path, capsys, monkeypatch
         "atoms of nearest distance / sum of covalent radii, read in the format's own length unit; 0.9 to 1.0 in "
         "molecules and solids) (positions in Bohr read as Å?): every distance is scaled, and the forces with them; "
         "check data.length_unit"]
+
+
+def test_resume_over_a_metrics_log_with_a_damaged_tail(tmp_path, capsys):
+    """A metrics.csv whose end is NUL bytes (a write cut short by a crash: the file's size was written, its data
+    not) or a damaged row: ``train --resume`` stopped with "ValueError: could not convert string to float: '\\x00...'"
+    (a traceback) while reading the log's earlier rows back."""
+    from torchmdx.train.run import _previous_metric_rows
+
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"epoch": 2}, checkpoint)
+    rows = "epoch,lr,step\n0,,2\n0,0.001,2\n1,,5\n1,0.001,5\n"
+    log = tmp_path / "metrics.csv"
+    for tail, where, shown in ((b"\0" * 300, "line 6", repr("\0" * 20 + "...")), (b"1x,abc\n", "line 6", "'1x'")):
+        log.write_bytes(rows.encode() + tail)
+        kept = _previous_metric_rows(log, checkpoint)
+        assert [(row["epoch"], row["step"]) for row in kept] == [("0", "2"), ("0", "2"), ("1", "5"), ("1", "5")]
+        assert capsys.readouterr().err.splitlines() == [
+            f"warning: {log}: {where} is not a row of the log ({shown}: a write cut short?); the rows before it are "
+            "kept and the resumed epochs logged after them (epochs in the damaged part have no row)"]
+    log.write_bytes(rows.encode() + b"\xff\xfe")  # bytes that are not UTF-8
+    assert len(_previous_metric_rows(log, checkpoint)) == 4
+    assert "is not a row of the log" in capsys.readouterr().err

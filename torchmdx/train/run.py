@@ -392,9 +392,38 @@ def _previous_metric_rows(metrics_csv: Path, checkpoint: Path) -> list[dict]:
         epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
     except Exception:  # noqa: BLE001 - an unreadable checkpoint fails later with its own message
         return []
-    with open(metrics_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return [row for row in rows if row.get("epoch") not in (None, "") and int(float(row["epoch"])) <= epoch]
+    kept = []
+    try:
+        with open(metrics_csv, newline="", encoding="utf-8", errors="replace") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                value = row.get("epoch")
+                if value in (None, ""):
+                    continue
+                try:
+                    row_epoch = float(value)
+                except ValueError:
+                    row_epoch = math.nan
+                if not (row_epoch.is_integer() and row_epoch >= 0):
+                    # a tail of NUL bytes (a write cut short by a crash) or a damaged row: was a ValueError traceback
+                    # (round 39); the log is a record, not an input: keep the rows before it and go on
+                    _unreadable_log(metrics_csv, f"line {reader.line_num}", value)
+                    break
+                if int(row_epoch) <= epoch:
+                    kept.append(row)
+    except csv.Error as exc:  # e.g. a field beyond csv.field_size_limit
+        _unreadable_log(metrics_csv, f"after {len(kept)} row(s)", str(exc))
+    return kept
+
+
+def _unreadable_log(metrics_csv: Path, where: str, what: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        shown = what if len(what) <= 20 else what[:20] + "..."
+        print(f"warning: {metrics_csv}: {where} is not a row of the log ({shown!r}: a write cut short?); the rows "
+              "before it are kept and the resumed epochs logged after them (epochs in the damaged part have no row)",
+              file=sys.stderr, flush=True)
 
 
 def _keep_metric_rows(trainer, rows: list[dict]) -> None:
