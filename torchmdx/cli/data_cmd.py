@@ -217,7 +217,8 @@ def _info(args, config) -> int:
     from torchmdx.train.data_checks import label_unit_warnings
 
     label_notes = label_unit_warnings(structures, Path(str(config.path)).name, forces=cached is not None,
-                                      stress=cached is not None)
+                                      stress=cached is not None, lengths=cached is not None,
+                                      length_unit=config.length_unit)
     if label_notes:  # energies per atom, forces or stress in other units than the energies: trained silently
         summary["label_warnings"] = label_notes
     if args.json:

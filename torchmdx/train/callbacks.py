@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Optional
 
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
 
@@ -121,3 +123,37 @@ class Divergence(EarlyStopping):
             pl_module._diverged(f"{self.monitor} grew from {self.reference:.4g} ({self.reference_from}) to "
                                 f"{current:.4g}, more than train.divergence_factor ({self.factor:g}) times its first "
                                 "value")
+
+
+class BesideTargetCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` writing each checkpoint beside its target, then renaming it there (round 39).
+
+    Lightning's own save (``_atomic_save``, fsspec's transaction) wrote the bytes to a file in the system temporary
+    folder (``$TMPDIR``, ``/tmp``) and moved that onto ``last.ckpt`` / ``best.ckpt``: where the run folder is on
+    another file system (a scratch or network disk, the usual cluster set-up), the move is a copy, and a run killed
+    during it (Ctrl-C, SIGTERM of a job's time limit) left a ``last.ckpt`` cut short (``--resume`` then refused it);
+    a full or missing temporary folder failed the run at its first checkpoint with a traceback while the run folder
+    had room. Here the bytes go to ``<name>.tmp-<pid>`` in the checkpoint folder and ``os.replace`` puts them in place
+    (:func:`torchmdx.io_utils.atomic_write`, the project's rule): a write cut short leaves the old file whole and
+    removes its temporary one. A module-level class, so that a Trainer spawning its processes can pickle it."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        import io
+
+        import torch
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        from torchmdx.io_utils import atomic_write
+
+        if type(get_filesystem(path)).__name__ != "LocalFileSystem" or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)  # remote: Lightning's own way
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # as Lightning: the whole checkpoint is built before the file is touched
+        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+        with atomic_write(path, "wb") as handle:
+            handle.write(buffer.getbuffer())
+
+
+def beside_target_checkpoint_io() -> BesideTargetCheckpointIO:
+    """The checkpoint writer of a training run's Trainer (:class:`BesideTargetCheckpointIO`)."""
+    return BesideTargetCheckpointIO()

@@ -7,7 +7,7 @@ unit after round 29)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from torchmdx.config import key_name
 from torchmdx.errors import ConfigError, DataError
@@ -168,25 +168,29 @@ def check_cutoff_reaches_neighbours(structures, train_indices, cutoff_upper: flo
 
 
 def label_unit_warnings(structures, source, *, energies: bool = True, forces: bool = True,
-                        stress: bool = True) -> list:
+                        stress: bool = True, lengths: bool = True, length_unit: Optional[str] = None) -> list:
     """Lines for labels of ``structures`` (read from ``source``, a file name) that look like a unit or convention
-    mistake: energies per atom (``data.energy_per_atom``; when ``energies``), forces that disagree with the
-    energies by a factor (``data.force_consistency``; when ``forces`` and the structures keep forces) and a stress
-    of the other sign or unit (``data.stress_consistency``; when ``stress`` and the structures keep a stress).
-    Training passes which labels it trains on (the stress whenever the data hold one: its validation errors are
-    logged even at train.stress_weight 0); ``torchmdx data info`` passes ``forces=False, stress=False`` where its
-    structures keep no positions and forces (the streamed summary). Nothing for no structures, no energies or
-    fewer than two."""
+    mistake: positions in another length unit (``data.length_scale``, round 39; when ``lengths``, read in
+    ``length_unit``, None for the format's own), energies per atom (``data.energy_per_atom``; when ``energies``),
+    forces that disagree with the energies by a factor (``data.force_consistency``; when ``forces`` and the
+    structures keep forces) and a stress of the other sign or unit (``data.stress_consistency``; when ``stress``
+    and the structures keep a stress). Training passes which labels it trains on (the stress whenever the data hold
+    one: its validation errors are logged even at train.stress_weight 0); ``torchmdx data info`` passes
+    ``forces=False, stress=False, lengths=False`` where its structures keep no positions and forces (the streamed
+    summary). Nothing for no structures; the label lines nothing for no energies or fewer than two."""
     from torchmdx.data.energy_per_atom import per_atom_energy_line
     from torchmdx.data.force_consistency import force_energy_line
+    from torchmdx.data.length_scale import length_unit_line
     from torchmdx.data.stress_consistency import stress_energy_line
 
-    if structures is None or structures.energy is None or len(structures) < 2:
+    if structures is None:
         return []
-    has_stress = isinstance(getattr(structures, "extras", None), dict) and "stress" in structures.extras
-    lines = [per_atom_energy_line(structures, source) if energies else None,
-             force_energy_line(structures, source) if forces and structures.forces is not None else None,
-             stress_energy_line(structures, source) if stress and has_stress else None]
+    lines = [length_unit_line(structures, source, length_unit) if lengths else None]
+    if structures.energy is not None and len(structures) >= 2:
+        has_stress = isinstance(getattr(structures, "extras", None), dict) and "stress" in structures.extras
+        lines += [per_atom_energy_line(structures, source) if energies else None,
+                  force_energy_line(structures, source) if forces and structures.forces is not None else None,
+                  stress_energy_line(structures, source) if stress and has_stress else None]
     return [line for line in lines if line]
 
 

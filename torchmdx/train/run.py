@@ -188,6 +188,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: Optional[list]
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    from torchmdx.train.callbacks import beside_target_checkpoint_io
     from torchmdx.train.ema import EMA
 
     train = cfg.train
@@ -222,6 +223,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: Optional[list]
         precision=precision,
         callbacks=callbacks,
         logger=loggers,
+        plugins=[beside_target_checkpoint_io()],  # last.ckpt / best.ckpt written beside themselves, then renamed
         default_root_dir=str(run_dir),
         inference_mode=False,  # forces need autograd during validation
         enable_model_summary=False,  # train() prints one line on the model instead
@@ -306,10 +308,12 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: Optional[list] = None
         if untrained:  # an element only in the validation/test split (round 27): trained without a word
             print(f"warning: {untrained}", file=sys.stderr, flush=True)
         # forces in Hartree/Bohr, gradients as forces, energies per atom (round 28), a stress of the other sign or
-        # in GPa: trained without a word; a stress is looked at whenever the data hold one (its errors are logged)
+        # in GPa, positions in another length unit (round 39): trained without a word; a stress is looked at
+        # whenever the data hold one (its errors are logged)
         structures = datamodule.dataset.structures if datamodule.dataset is not None else None
         for line in label_unit_warnings(structures, source, energies=bool(cfg.train.energy_weight),
-                                        forces=bool(cfg.train.force_weight)):
+                                        forces=bool(cfg.train.force_weight),
+                                        length_unit=cfg.data_config.length_unit):
             print(f"warning: {line}", file=sys.stderr, flush=True)
     last = run_dir / CHECKPOINT_DIR / f"{LAST}.ckpt"
     previous_rows = _previous_metric_rows(run_dir / METRICS_CSV, last) if resume else []
@@ -388,9 +392,38 @@ def _previous_metric_rows(metrics_csv: Path, checkpoint: Path) -> list[dict]:
         epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
     except Exception:  # noqa: BLE001 - an unreadable checkpoint fails later with its own message
         return []
-    with open(metrics_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return [row for row in rows if row.get("epoch") not in (None, "") and int(float(row["epoch"])) <= epoch]
+    kept = []
+    try:
+        with open(metrics_csv, newline="", encoding="utf-8", errors="replace") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                value = row.get("epoch")
+                if value in (None, ""):
+                    continue
+                try:
+                    row_epoch = float(value)
+                except ValueError:
+                    row_epoch = math.nan
+                if not (row_epoch.is_integer() and row_epoch >= 0):
+                    # a tail of NUL bytes (a write cut short by a crash) or a damaged row: was a ValueError traceback
+                    # (round 39); the log is a record, not an input: keep the rows before it and go on
+                    _unreadable_log(metrics_csv, f"line {reader.line_num}", value)
+                    break
+                if int(row_epoch) <= epoch:
+                    kept.append(row)
+    except csv.Error as exc:  # e.g. a field beyond csv.field_size_limit
+        _unreadable_log(metrics_csv, f"after {len(kept)} row(s)", str(exc))
+    return kept
+
+
+def _unreadable_log(metrics_csv: Path, where: str, what: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        shown = what if len(what) <= 20 else what[:20] + "..."
+        print(f"warning: {metrics_csv}: {where} is not a row of the log ({shown!r}: a write cut short?); the rows "
+              "before it are kept and the resumed epochs logged after them (epochs in the damaged part have no row)",
+              file=sys.stderr, flush=True)
 
 
 def _keep_metric_rows(trainer, rows: list[dict]) -> None:
