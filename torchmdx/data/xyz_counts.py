@@ -59,41 +59,53 @@ def long_atom_count(path, opener=open) -> Optional[str]:
 def late_atom_count(path, opener=open) -> Optional[str]:
     """The first frame of xyz/extxyz ``path`` whose atom count is larger than the lines that follow its comment
     line, in words (the frame and the line of its count, 1-based), else None. Walks the frames as ASE's index
-    scan does (a blank or non-numeric count line ends it), a line at a time: called only once a read ran past
-    the end."""
+    scan does (:func:`_walk_frames`), a line at a time: called only once a read ran past the end."""
     try:
         with opener(path, "rb") as handle:
-            handle = _text_lines(handle)
-            number, frame = 0, 0
-            while True:
-                line = handle.readline()
-                number += 1
-                if number == 1 and isinstance(line, bytes):
-                    line = line.removeprefix(codecs.BOM_UTF8)  # a UTF-8 byte-order mark
-                if not line.strip():
-                    return None
-                try:
-                    count = int(line)
-                except ValueError:
-                    return None
-                start, present = number, 0
-                comment = handle.readline()
-                number += 1
-                if comment:
-                    while present < count:
-                        if not handle.readline():
-                            break
-                        present += 1
-                    number += present
-                if present < count:
+            for frame, start, count, present in _walk_frames(_text_lines(handle)):
+                if frame is not None and present < count:
                     return (f"line {start}: frame {frame}'s atom count is {count}, but only {present} line(s) "
                             f"follow its comment line: the count is too large (make it {present}?), or the file "
                             "is cut short")
-                frame += 1
     except DataError:
         raise
     except Exception:  # noqa: BLE001 - unreadable now: the generic line below
         return None
+    return None
+
+
+def _walk_frames(handle):
+    """The frames of xyz text ``handle`` (lines of bytes or of text) as ASE's index scan walks them: yields
+    (frame, line of its atom count, count, atom lines present after its comment line) for each, and last
+    (None, line number, that line, None) for the first line that is no atom count (a blank or non-numeric line,
+    or '' at the end of the file); a frame cut short (present < count) ends the walk. Line numbers are 1-based;
+    a UTF-8 byte-order mark on the first line is skipped."""
+    number, frame = 0, 0
+    while True:
+        line = handle.readline()
+        number += 1
+        if number == 1 and isinstance(line, bytes):
+            line = line.removeprefix(codecs.BOM_UTF8)
+        try:
+            count = int(line) if line.strip() else None
+        except ValueError:
+            count = None
+        if count is None:
+            yield None, number, line, None
+            return
+        start, present = number, 0
+        comment = handle.readline()
+        number += 1
+        if comment:
+            while present < count:
+                if not handle.readline():
+                    break
+                present += 1
+            number += present
+        yield frame, start, count, present
+        if present < count:
+            return
+        frame += 1
 
 
 def _text_lines(handle):
@@ -116,40 +128,31 @@ def blank_line_frames(path, opener=open) -> Optional[str]:
     try:
         with opener(path, "rb") as handle:
             handle = _text_lines(handle)
-            number, frame = 0, 0
-            while True:
-                line = handle.readline()
-                number += 1
-                if number == 1 and isinstance(line, bytes):
-                    line = line.removeprefix(codecs.BOM_UTF8)
-                if not line:
-                    return None
-                if not line.strip():
-                    blank = number
-                    for line in iter(handle.readline, b"" if isinstance(line, bytes) else ""):
-                        number += 1
-                        if line.strip():
-                            text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-                            return (f"line {blank} is blank where frame {frame}'s atom count belongs, and the file "
-                                    f"goes on (line {number}, {text.strip()[:40]!r}): ASE stops reading at a blank "
-                                    f"line, so only the {frame} frame(s) before it would be read and the rest "
-                                    "dropped without a word; remove the blank line(s)")
-                    return None
-                try:
-                    count = int(line)
-                except ValueError:
-                    return None
-                handle.readline()  # the comment line
-                number += 1
-                for _ in range(count):
-                    if not handle.readline():
+            frames = 0
+            for frame, number, line_or_count, present in _walk_frames(handle):
+                if frame is not None:  # a frame: (frame, line of its count, count, present)
+                    if present < line_or_count:  # cut short: not this check's
                         return None
+                    frames += 1
+                    continue
+                line = line_or_count  # the first line that is no count
+                if not line or line.strip():  # the end of the file, or text
+                    return None
+                blank = number
+                for line in iter(handle.readline, b"" if isinstance(line, bytes) else ""):
                     number += 1
-                frame += 1
+                    if line.strip():
+                        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+                        return (f"line {blank} is blank where frame {frames}'s atom count belongs, and the file "
+                                f"goes on (line {number}, {text.strip()[:40]!r}): ASE stops reading at a blank "
+                                f"line, so only the {frames} frame(s) before it would be read and the rest "
+                                "dropped without a word; remove the blank line(s)")
+                return None
     except DataError:
         raise
     except Exception:  # noqa: BLE001 - unreadable now: the generic line of check_rest
         return None
+    return None
 
 
 def check_rest(stream) -> None:
