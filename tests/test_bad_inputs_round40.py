@@ -109,3 +109,20 @@ def test_a_source_rewritten_in_its_middle_with_its_old_modification_time_is_read
     # a chmod (ctime changes, content not): the content hash matches, nothing is rebuilt
     os.chmod(source, 0o600)
     assert is_current(cache, source)
+
+
+def test_energy_and_forces_sees_a_new_cell_without_being_told():
+    """``Calculator.energy_and_forces(atoms)`` took the cell from its last call unless ``cell_changed=True`` was
+    passed: two waters in a box shrunk from 9 to 8.1 Å gave the old box's -0.310 eV for the new box's -0.194 eV."""
+    from ase import Atoms
+
+    model = tiny_model().double()
+    w = water().positions
+    atoms = Atoms("OH2OH2", positions=np.vstack([w + [1, 1, 1], w + [5.5, 1, 1]]), cell=[9, 9, 9], pbc=True)
+    calc = torchmdx.Calculator(model)
+    calc.energy_and_forces(atoms)
+    atoms.set_cell([8.1, 8.1, 8.1])
+    energy, forces = calc.energy_and_forces(atoms)
+    fresh = torchmdx.Calculator(model).energy_and_forces(atoms)
+    assert energy == fresh[0] and abs(energy - calc.energy_and_forces(atoms, cell_changed=True)[0]) == 0
+    np.testing.assert_array_equal(forces, fresh[1])

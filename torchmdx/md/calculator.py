@@ -157,7 +157,7 @@ class Calculator(_AseCalculator):
         self.skin = float(skin)
         self.compute_stress = compute_stress
         self._z = self._cell = self._pbc = None
-        self._numbers = self._pbc_np = None
+        self._numbers = self._pbc_np = self._cell_np = None
         self._origin = np.zeros(3)
         self._origin_reach = np.inf  # positions farther from the origin: it is set again (_device_positions)
         self._neighbors: Optional[Neighbors] = None
@@ -179,7 +179,12 @@ class Calculator(_AseCalculator):
             self._numbers is not None and np.array_equal(numbers, self._numbers)
             and self._pbc_np is not None and np.array_equal(pbc, self._pbc_np)
         )
-        if self._z is not None and same_atoms and "cell" not in system_changes:
+        cell_np = np.array(atoms.cell.array, dtype=np.float64)
+        # compared here, not only taken from the caller: energy_and_forces(atoms) after atoms.set_cell(...) without
+        # cell_changed=True computed in the old cell (-0.310 eV for the -0.194 eV of two waters in the new one)
+        same_cell = self._cell_np is not None and np.array_equal(cell_np, self._cell_np, equal_nan=True)
+        self._cell_np = cell_np
+        if self._z is not None and same_atoms and same_cell and "cell" not in system_changes:
             return
         if not (same_atoms and pbc.any() and self._graphed is not None):
             self._graphed = None  # a new structure: capture again (a new cell of the same atoms: set_cell below)
@@ -377,7 +382,8 @@ class Calculator(_AseCalculator):
         the results out), without ASE's bookkeeping (``atoms`` is not copied, ``results`` is not
         set): for callers that evaluate at every MD step, such as torchmdx's OpenMM PythonForce
         (:mod:`torchmdx.openmm.fast`). ``cell_changed``: ``atoms.cell`` differs from the last
-        call's (a barostat); the atomic numbers and pbc are compared at every call."""
+        call's (a barostat); the atomic numbers, pbc and the cell are compared at every call anyway
+        (the cell was taken from the last call without the flag)."""
         self._follow_model()
         self._structure_tensors(atoms, ("cell",) if cell_changed else ())
         try:
