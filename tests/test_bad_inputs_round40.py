@@ -126,3 +126,35 @@ def test_energy_and_forces_sees_a_new_cell_without_being_told():
     fresh = torchmdx.Calculator(model).energy_and_forces(atoms)
     assert energy == fresh[0] and abs(energy - calc.energy_and_forces(atoms, cell_changed=True)[0]) == 0
     np.testing.assert_array_equal(forces, fresh[1])
+
+
+def test_a_sweep_run_again_after_its_data_changed_is_refused(tmp_path, capsys, monkeypatch):
+    """A sweep run again (or extended by a grid value) after its data file was labelled again reused the finished
+    points, trained and tested on the old labels, and tabled them beside the new points (E MAE 58 and 572 meV in
+    one results.csv), saying only "split was made from a dataset with different content" as a UserWarning per
+    point. The nested split files record the data's hash: now one line. Planned with --dry-run (no training)."""
+    from bad_inputs_common import sweep_config
+    from test_bad_inputs_md import snapshot
+
+    from torchmdx.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    sweep_config(tmp_path)
+    assert main(["sweep", "s.yaml", "--grid", "train.lr=1e-3", "--out", "sw", "--dry-run"]) == 0
+    assert main(["sweep", "s.yaml", "--grid", "train.lr=1e-3,2e-3", "--out", "sw", "--dry-run"]) == 0  # same data
+    data = dict(np.load(tmp_path / "e.npz"))
+    data["E"] = data["E"] * 10 + 3  # the same structures labelled again
+    np.savez(tmp_path / "e.npz", **data)
+    before = snapshot(tmp_path / "sw")
+    capsys.readouterr()
+    rc = main(["sweep", "s.yaml", "--grid", "train.lr=1e-3,2e-3", "--out", "sw"])
+    captured = capsys.readouterr()
+    # the cache's own note ("rebuilding ...: the source changed") comes first: the hash is the rebuilt cache's
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in captured.err
+    assert snapshot(tmp_path / "sw") == before
+    line = errors[0]
+    assert line.startswith("error: sweep folder sw was planned on e.npz with other content (sw/splits/train_12.npz "
+                           "records data hash ")
+    assert line.endswith("the points trained then would be tabled beside points of the changed data; use --out for "
+                         "a new sweep folder, or restore the data file")
