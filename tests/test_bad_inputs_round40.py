@@ -49,6 +49,8 @@ def test_the_calculator_follows_the_weights_of_its_model():
     model(torch.tensor(atoms.numbers), torch.tensor(atoms.positions), forces=False)["energy"].sum().backward()
     optimiser.step()
     assert atoms.get_potential_energy() == _fresh(model, atoms)[0]
+    model.load_state_dict(_other_weights(3).state_dict(), assign=True)  # new Parameter objects
+    assert atoms.get_potential_energy() == _fresh(model, atoms)[0]
     # a converted copy (float32 model, float64 calculator) follows the caller's module too
     model32 = tiny_model()
     atoms.calc = torchmdx.Calculator(model32, dtype="float64")

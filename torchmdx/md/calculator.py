@@ -28,7 +28,7 @@ device, the element check is not repeated, and the neighbor list is built with a
 a cell change (cell filters, NPT) keeps the list while the deformation is small enough, see
 :meth:`Calculator._list_still_valid`.
 
-The model's weights are remembered too (:func:`weights_state`): after ``load_state_dict``, an optimiser step
+The model's weights are remembered too (:class:`WeightsWatch`): after ``load_state_dict``, an optimiser step
 or ``model.double()`` on the module given to the Calculator, ASE's stored results of unchanged atoms were
 returned again, and a copy the Calculator had made (another dtype or device, compiled parts) kept the old
 weights; now the results are computed again, from the module as it is (a copy made again).
@@ -36,7 +36,6 @@ weights; now the results are computed again, from the module as it is (a copy ma
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from typing import Optional
 
@@ -63,18 +62,30 @@ _ASE_CALCULATOR_ARGUMENTS = frozenset({"restart", "ignore_bad_restart_file", "la
 ORIGIN_MARGIN = 50.0
 
 
-def weights_state(module: torch.nn.Module) -> tuple:
-    """(storage address, in-place version) of every parameter and buffer of ``module``: it changes when the
-    weights do (``load_state_dict``, an optimiser step, ``module.to``); a write through ``tensor.data``
-    (Lightning's weight-averaging swap) bumps no version and is not seen."""
-    state = []
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        try:
-            version = t._version
-        except RuntimeError:  # an inference tensor keeps no version counter
-            version = -1
-        state.append((t.data_ptr(), t.dtype, str(t.device), version))
-    return tuple(state)
+class WeightsWatch:
+    """The state of ``module``'s weights: per parameter and buffer its storage address and in-place version,
+    which change when the weights do (``load_state_dict``, also with ``assign=True``, an optimiser step,
+    ``module.to``). The slots (the module dicts and names) are listed once: walking the modules at every call
+    cost 180 µs for a 6-layer ET, the state 15 µs. A write through ``tensor.data`` (Lightning's weight-averaging
+    swap) bumps no version and is not seen; nor is a submodule added after the watch was made."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.slots = [(m._parameters, name) for m in module.modules() for name in m._parameters]
+        self.slots += [(m._buffers, name) for m in module.modules() for name in m._buffers]
+
+    def state(self) -> list:
+        state = []
+        for table, name in self.slots:
+            t = table.get(name)
+            if t is None:
+                state.append(None)
+                continue
+            try:
+                version = t._version
+            except RuntimeError:  # an inference tensor keeps no version counter
+                version = -1
+            state.append((t.data_ptr(), version))
+        return state
 
 
 class _evaluation_mode:
@@ -134,7 +145,8 @@ class Calculator(_AseCalculator):
         self._dtype_given = dtype
         #: the caller's module (None for a model file): the calculator follows its weights (_follow_model)
         self._caller = model if isinstance(model, torch.nn.Module) else None
-        self._model_state = weights_state(self._caller if self._caller is not None else self.potential)
+        self._watch = WeightsWatch(self._caller if self._caller is not None else self.potential)
+        self._model_state = self._watch.state()
         #: the caller's own module (no copy was needed): its training mode is switched to eval only
         #: during a call and restored after (Calculator(model) left a model being trained in eval mode)
         self._shared = self.potential is model
@@ -217,11 +229,10 @@ class Calculator(_AseCalculator):
         self._origin_reach = 2.0 * float(np.max(far[np.isfinite(far)], initial=0.0)) + ORIGIN_MARGIN
 
     def _follow_model(self) -> None:
-        """Start afresh when the model's weights changed since the last call (:func:`weights_state` of the
+        """Start afresh when the model's weights changed since the last call (:class:`WeightsWatch` of the
         caller's module, or of the calculator's own): a copy of the caller's module is made again, the dtype
         (when none was given) read again and the structure's tensors, neighbor list and captured graph dropped."""
-        source = self._caller if self._caller is not None else self.potential
-        state = weights_state(source)
+        state = self._watch.state()
         if state == self._model_state:
             return
         self._model_state = state
@@ -239,8 +250,7 @@ class Calculator(_AseCalculator):
         """ASE's changes of ``atoms`` since the stored results, and "model" when the weights changed since
         (ASE returned the stored results of unchanged atoms after a ``load_state_dict``)."""
         changes = super().check_state(atoms, tol)
-        source = self._caller if self._caller is not None else self.potential
-        if weights_state(source) != self._model_state:
+        if self._watch.state() != self._model_state:
             changes = [*changes, "model"]
         return changes
 
@@ -445,7 +455,7 @@ class Calculator(_AseCalculator):
 
             self.potential, self._shared = copy.deepcopy(self.potential), False
             self.potential.eval()
-            self._model_state = weights_state(self._caller)
+            self._model_state = self._watch.state()
 
     def _graph_call(self, atoms, positions: torch.Tensor) -> Optional[torch.Tensor]:
         """Forces, per-atom energies and the energy by a CUDA-graph replay, packed on the host
