@@ -12,11 +12,15 @@ stays bounded by a chunk and a copy block, whatever the size of the dataset.
 
 **When is it rebuilt?** The cache's file name is derived from the source's absolute path, the
 format, the reader options and the cache version, so different options give different caches.
-Inside, ``fingerprint`` records the source's size, modification time (ns), a BLAKE2 hash of its
-first and last MiB (``edges``) and a BLAKE2 hash of its whole content (for a folder: of every
-file, in name order). :func:`build_cache` reuses the cache when size, mtime and edges are
-unchanged; when one changed, it hashes the content and reuses the cache if the hash still
-matches (a ``touch`` does not trigger a rebuild); otherwise it rebuilds, saying why.
+Inside, ``fingerprint`` records the source's size, modification time (ns), status-change time
+(``ctime_ns``), a BLAKE2 hash of its first and last MiB (``edges``) and a BLAKE2 hash of its whole
+content (for a folder: of every file, in name order). :func:`build_cache` reuses the cache when size,
+mtime, ctime and edges are unchanged; when one changed, it hashes the content and reuses the cache if
+the hash still matches (a ``touch`` or ``chmod`` does not trigger a rebuild, but the source is hashed at
+each use until the cache is rebuilt); otherwise it rebuilds, saying why. The ctime is what no copy
+tool sets back: a source rewritten in its middle with the same size and ``os.utime``'s (``cp -p``'s,
+``rsync -t``'s) old modification time kept its edges and was trusted (caches written before the ctime
+was recorded are compared without it).
 
 **Damaged caches.** :func:`cache_status` compares a cache with its checksums
 (:func:`~torchmdx.data.cache_file.damage`, once per process and file). :func:`build_cache`
@@ -115,6 +119,9 @@ def quick_fingerprint(source) -> dict:
     return {
         "size": int(sum(s.st_size for s in stats)),
         "mtime_ns": int(max([s.st_mtime_ns for s in stats] + [source.stat().st_mtime_ns])),
+        # set by every write, rename or utime and by nothing that copies a file: a rewrite that kept the size, the
+        # edges and (os.utime, cp -p, rsync -t) the modification time still changes it
+        "ctime_ns": int(max([s.st_ctime_ns for s in stats] + [source.stat().st_ctime_ns])),
         "n_files": len(files),
         "edges": edges.hexdigest(),
     }
@@ -186,6 +193,8 @@ def cache_status(cache: Path, source: Path) -> tuple[bool, str]:
     if problem:
         return False, f"it is damaged {problem}"
     quick = quick_fingerprint(source)
+    if "ctime_ns" not in stored:  # written before the ctime was recorded: compared as then
+        quick.pop("ctime_ns")
     if all(stored.get(k) == v for k, v in quick.items()):
         return True, ""
     if stored.get("size") == quick["size"] and stored.get("hash") == content_hash(source):

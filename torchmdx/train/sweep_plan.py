@@ -454,6 +454,7 @@ def nested_splits(configs, points, sweep_dir: Path) -> dict:
     val = np.sort(perm[n_test:n_test + n_val])
     pool = perm[n_test + n_val:]
     _check_point_cutoffs(configs, points, [s[0] for s in sizes], pool, module.dataset.structures, str(first.path))
+    _check_splits_data(sweep_dir, sorted({s[0] for s in sizes}), content_hash, str(first.path))
     files = {}
     for (n_train, _, _), point in zip(sizes, points):
         path = sweep_dir / SPLITS / f"train_{n_train}.npz"
@@ -463,6 +464,28 @@ def nested_splits(configs, points, sweep_dir: Path) -> dict:
                              info={"kind": "sweep-nested"}), path, content_hash)
         files[point.id] = str(path)
     return files
+
+
+def _check_splits_data(sweep_dir: Path, train_sizes: list, content_hash: str, source: str) -> None:
+    """The sweep's nested split files record the data's content hash: a sweep run again after its data file
+    changed (labelled again, edited) tabled the points trained on the old data beside points trained on the new
+    (a UserWarning per point, "split was made from a dataset with different content"): one line instead."""
+    import numpy as np
+
+    for n_train in train_sizes:
+        path = sweep_dir / SPLITS / f"train_{n_train}.npz"
+        if not content_hash or not path.is_file():
+            continue
+        try:
+            with np.load(path) as handle:
+                stored = str(handle["hash"]) if "hash" in handle.files else ""
+        except (OSError, ValueError, KeyError):
+            continue  # a damaged split file: the point's own load names it
+        if stored and stored != content_hash:
+            raise ConfigError(f"sweep folder {sweep_dir} was planned on {source} with other content ({path} records "
+                              f"data hash {stored[:12]}, the file now has {content_hash[:12]}): the points trained "
+                              "then would be tabled beside points of the changed data; use --out for a new sweep "
+                              "folder, or restore the data file")
 
 
 # ---------------------------------------------------------------------------- the sweep's files
