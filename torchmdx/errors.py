@@ -4,7 +4,15 @@ Every predictable mistake (missing file, bad key, unknown element, NaN coordinat
 buffer overflow, an MD run that blows up) raises a subclass of :class:`TorchmdxError` whose
 message is one complete line naming the file/key/atom and what was expected. The CLI prints
 ``error: <message>`` and exits with status 2; it never shows a traceback for these.
+
+Warnings of a command-line process (``torchmdx ...`` and the workers it starts, such as a sweep's points) are one
+``warning: <message>`` line each, a line repeated word for word shown once (:func:`one_line_warnings`).
 """
+
+import contextlib
+import os
+import sys
+import warnings
 
 
 class TorchmdxError(Exception):
@@ -59,3 +67,38 @@ def with_article(noun: str) -> str:
     initialism = len(first_word) > 1 and first_word[:2].isupper()
     vowel_sound = noun[:1].lower() in "aeiou" or (initialism and first_word[0] in "FHLMNRSX")
     return f"{'an' if vowel_sound else 'a'} {noun}"
+
+
+def traceback_wanted() -> bool:
+    """``TORCHMDX_TRACEBACK`` set to anything but empty, 0, false, no or off (``=0`` meant "on":
+    a user turning tracebacks off got them)."""
+    return os.environ.get("TORCHMDX_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+#: the warning lines this command has printed: a line repeated word for word says nothing new
+_SHOWN: set = set()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line as one ``warning:`` line each (no source line under them);
+    Python callers of :func:`torchmdx.cli.main.main` (an explicit ``argv``) and the Python API keep Python's own
+    format, and so does the command line with ``TORCHMDX_TRACEBACK`` set."""
+    text = " ".join(str(message).split())
+    if text in _SHOWN:  # PyTorch's "This DataLoader will create 8 worker processes" came once per loader
+        return
+    _SHOWN.add(text)
+    print(f"warning: {text}", file=file if file is not None else sys.stderr)
+
+
+@contextlib.contextmanager
+def one_line_warnings(on: bool = True):
+    """Within the block (when ``on`` and ``TORCHMDX_TRACEBACK`` is not set), warnings are printed as one
+    ``warning:`` line each, once per text; the caller's hook is put back at the end."""
+    shown = warnings.showwarning
+    if on and not traceback_wanted():
+        warnings.showwarning = _one_line_warning
+        _SHOWN.clear()
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown

@@ -21,10 +21,13 @@ import re
 import signal
 import sys
 import threading
-import warnings
 
 from torchmdx import __version__
-from torchmdx.errors import TorchmdxError, requested_gigabytes
+from torchmdx import errors as _errors
+from torchmdx.errors import TorchmdxError, one_line_warnings, requested_gigabytes, traceback_wanted
+
+# the one-line warnings live in torchmdx.errors since round 41 (a sweep's worker processes use them too)
+_SHOWN, _one_line_warning = _errors._SHOWN, _errors._one_line_warning
 
 COMMANDS = ["train", "md", "evaluate", "data", "export", "bench", "slmc", "sweep", "label"]
 
@@ -73,27 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def traceback_wanted() -> bool:
-    """``TORCHMDX_TRACEBACK`` set to anything but empty, 0, false, no or off (``=0`` meant "on":
-    a user turning tracebacks off got them)."""
-    return os.environ.get("TORCHMDX_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings on the command line as one ``warning:`` line each (no source line under them);
-    Python callers of :func:`main` (an explicit ``argv``) and the Python API keep Python's own
-    format, and so does the command line with ``TORCHMDX_TRACEBACK`` set."""
-    text = " ".join(str(message).split())
-    if text in _SHOWN:  # PyTorch's "This DataLoader will create 8 worker processes" came once per loader
-        return
-    _SHOWN.add(text)
-    print(f"warning: {text}", file=file if file is not None else sys.stderr)
-
-
-#: the warning lines this command has printed: a line repeated word for word says nothing new
-_SHOWN: set = set()
-
-
 def run_script(function, *args) -> int:
     """Run a ``bench/`` script's ``main`` (``torchmdx bench NAME`` starts the script in its own process)
     under the command line's rule: a TorchmdxError (a missing model file, an unknown device) is one
@@ -125,15 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
-    shown = warnings.showwarning
-    if argv is None and not traceback_wanted():
-        # the command line (arguments from sys.argv); main([...]) from Python keeps Python's warnings
-        warnings.showwarning = _one_line_warning
-        _SHOWN.clear()
-    try:
+    # the command line (arguments from sys.argv): one line per warning; main([...]) from Python keeps Python's
+    # warnings, and leaves the caller's hook as it was
+    with one_line_warnings(on=argv is None):
         return _run(args)
-    finally:
-        warnings.showwarning = shown  # main() called from Python leaves the caller's hook as it was
 
 
 def _stdout_to_devnull() -> None:

@@ -16,8 +16,9 @@ Inside, ``fingerprint`` records the source's size, modification time (ns), statu
 (``ctime_ns``), a BLAKE2 hash of its first and last MiB (``edges``) and a BLAKE2 hash of its whole
 content (for a folder: of every file, in name order). :func:`build_cache` reuses the cache when size,
 mtime, ctime and edges are unchanged; when one changed, it hashes the content and reuses the cache if
-the hash still matches (a ``touch`` or ``chmod`` does not trigger a rebuild, but the source is hashed at
-each use until the cache is rebuilt); otherwise it rebuilds, saying why. The ctime is what no copy
+the hash still matches (a ``touch`` or ``chmod`` does not trigger a rebuild); the source's new quick
+fingerprint is then kept beside the cache (``.<cache name>.seen``, :func:`seen_path`, written under a temporary
+name and renamed), so that the next use is quick again; otherwise it rebuilds, saying why. The ctime is what no copy
 tool sets back: a source rewritten in its middle with the same size and ``os.utime``'s (``cp -p``'s,
 ``rsync -t``'s) old modification time kept its edges and was trusted (caches written before the ctime
 was recorded are compared without it).
@@ -72,7 +73,7 @@ __all__ = [
     # this module
     "EDGE_BYTES", "DEFAULT_CACHE_DIR", "quick_fingerprint", "content_hash", "fingerprint", "cache_key",
     "cache_path", "cache_status", "is_current", "find_cache", "interrupted_builds", "build_cache",
-    "older_caches", "removable_cache_files", "size_of",
+    "older_caches", "removable_cache_files", "size_of", "seen_path",
     # re-exported from torchmdx.data.cache_file (imported from here by other modules, tests, bench scripts)
     "CACHE_VERSION", "COPY_BLOCK_BYTES", "CacheWriter", "write_cache", "read_cache", "cache_info", "memory_map",
     "checksums", "damage", "temporary_cache_path",
@@ -193,13 +194,46 @@ def cache_status(cache: Path, source: Path) -> tuple[bool, str]:
     if problem:
         return False, f"it is damaged {problem}"
     quick = quick_fingerprint(source)
-    if "ctime_ns" not in stored:  # written before the ctime was recorded: compared as then
-        quick.pop("ctime_ns")
-    if all(stored.get(k) == v for k, v in quick.items()):
-        return True, ""
-    if stored.get("size") == quick["size"] and stored.get("hash") == content_hash(source):
-        return True, ""
-    return False, "the source changed"
+    if all(stored.get(k) == v for k, v in quick.items() if k != "ctime_ns" or "ctime_ns" in stored):
+        return True, ""  # (a cache written before the ctime was recorded is compared without it)
+    if stored.get("size") != quick["size"] or not stored.get("hash"):
+        return False, "the source changed"
+    if _seen(cache) == {**quick, "hash": stored["hash"]}:
+        return True, ""  # hashed after a touch or chmod by an earlier use: the same content
+    if stored["hash"] != content_hash(source):
+        return False, "the source changed"
+    if quick_fingerprint(source) == quick:  # not changed while it was hashed
+        _remember_seen(cache, {**quick, "hash": stored["hash"]})
+    return True, ""
+
+
+def seen_path(cache) -> Path:
+    """``.<cache name>.seen`` beside ``cache``: the source's quick fingerprint when its content was last found to
+    match the cache's (after a ``touch`` or ``chmod``), so that later uses need not hash the whole source again.
+    The cache file's own fingerprint stays as built (its attributes are under its checksums)."""
+    cache = Path(cache)
+    return cache.with_name(f".{cache.name}.seen")
+
+
+def _seen(cache) -> Optional[dict]:
+    try:
+        seen = json.loads(seen_path(cache).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return seen if isinstance(seen, dict) else None
+
+
+def _remember_seen(cache, seen: dict) -> None:
+    """Write :func:`seen_path` under a temporary name and rename it (two processes at once: each renames a whole
+    file of the same content); a cache folder that cannot be written is left as it is (the source is hashed at
+    each use, as before)."""
+    from torchmdx.io_utils import atomic_write
+
+    try:
+        with atomic_write(seen_path(cache), "w") as handle:
+            json.dump(seen, handle, sort_keys=True)
+    except (OSError, ConfigError):  # (ConfigError: something that is not a file under that name)
+        pass
 
 
 def is_current(cache: Path, source: Path) -> bool:
@@ -230,6 +264,8 @@ def _alive(pid: int) -> bool:
 
 #: a cache's file name (:func:`cache_path`): <source name>.<format>.<16 hex digits>.h5
 _CACHE_NAME = re.compile(r"^.+\.[a-z0-9-]+\.[0-9a-f]{16}\.h5$")
+#: :func:`seen_path` of a cache
+_SEEN_NAME = re.compile(r"^\.(?P<cache>.+\.h5)\.seen$")
 #: a build's temporary file or spill folder (:func:`~torchmdx.data.cache_file.temporary_cache_path`)
 _TEMPORARY_NAME = re.compile(r"^\.(?P<cache>.+\.[a-z0-9-]+\.[0-9a-f]{16}\.h5)\.tmp-(?P<host>.*)-(?P<pid>\d+)(\.parts)?$")
 
@@ -304,6 +340,7 @@ def build_cache(source, format: Optional[str] = None, cache_dir=DEFAULT_CACHE_DI
         after = quick_fingerprint(src)
         if any(before[k] != after[k] for k in after):
             raise DataError(f"{src}: changed while it was being read; try again")
+    _remove(seen_path(path))  # of the cache replaced (a stale one would not match the new hash anyway)
     return path
 
 
@@ -357,9 +394,12 @@ def removable_cache_files(cache_dir) -> list[tuple[Path, str]]:
     this host (their process is gone). A file without the cache marker is never listed; one that
     HDF5 cannot open at all is listed only under a cache's own name (``<name>.<format>.<hash>.h5``).
     A temporary file of a live build, or of another host's build, is left alone."""
-    found = []
+    found, seen = [], []
     for entry in sorted(Path(cache_dir).iterdir()):
         if entry.is_symlink():
+            continue
+        if _SEEN_NAME.match(entry.name):
+            seen.append(entry)
             continue
         if _TEMPORARY_NAME.match(entry.name):
             if _interrupted_cache(entry) is not None:
@@ -384,4 +424,9 @@ def removable_cache_files(cache_dir) -> list[tuple[Path, str]]:
             problem = damage(entry)
             if problem:
                 found.append((entry, f"damaged {problem}"))
+    removed = {path.name for path, _ in found}
+    for entry in seen:  # a cache's .seen file goes with it
+        cache = _SEEN_NAME.match(entry.name).group("cache")
+        if cache in removed or not (entry.parent / cache).is_file():
+            found.append((entry, f"the source fingerprint of {cache}, which is removed or gone"))
     return found

@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from torchmdx.errors import ConfigError, TorchmdxError
+from torchmdx.errors import ConfigError, TorchmdxError, one_line_warnings
 from torchmdx.io_utils import atomic_write, jsonable
 from torchmdx.train.sweep_plan import (FAILURE, PLAN, RESERVED_KEYS, RESULT, RUNS, SPLITS, SweepPoint, _set,
                                        check_workers_per_device, load_base, nested_splits, parse_grid, plan_points,
@@ -545,7 +545,10 @@ def _worker(argv: list[str]) -> int:
 
         torch.set_num_threads(threads)  # trainer.num_threads, when the config sets it, still wins (train())
     try:
-        run_point(Path(argv[0]), argv[1])
+        # a command-line process (its output is the point's sweep.log): one line per warning, as `torchmdx` prints
+        # them ("split was made from a dataset with different content" had Python's two lines and source path)
+        with one_line_warnings():
+            run_point(Path(argv[0]), argv[1])
     except TorchmdxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
