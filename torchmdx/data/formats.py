@@ -85,6 +85,9 @@ def unknown_format_hint(fmt) -> str:
 def check_format(fmt: Optional[str]) -> Optional[str]:
     if fmt is None:
         return None
+    if not isinstance(fmt, str):  # read_structures(path, format=5): "AttributeError: 'int' object has no attribute 'strip'"
+        raise DataError(f"format must be the name of a format ({', '.join(FORMATS)}) or None to guess it from the "
+                        f"file, got {fmt!r} ({type(fmt).__name__})")
     key = fmt.strip().lower()
     if key not in FORMAT_OPTIONS:
         raise DataError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}{unknown_format_hint(fmt)}")

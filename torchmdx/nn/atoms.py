@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from torchmdx.errors import ModelError
+from torchmdx.errors import ModelError, with_article
 
 
 def module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -116,6 +116,17 @@ def atoms_inputs(atoms_or_list, device: Optional[torch.device] = None, dtype: Op
         hint = " (give its values: list(d.values()))" if isinstance(atoms_or_list, dict) else ""
         raise ModelError(f"{expected}, got {'an empty ' if not structures and kind in ('list', 'tuple') else ''}"
                          f"{kind}{hint}")
+    if hasattr(atoms_or_list, "pos") and hasattr(atoms_or_list, "z") and not single:
+        # a batch of the data module (the project's batches): was "item 0 of the DataBatch of 6 has type tuple"
+        raise ModelError(f"{expected}, got {with_article(type(atoms_or_list).__name__)} (torch_geometric): call the model with "
+                         "its tensors, model(batch.z, batch.pos, batch.batch, batch.cell, batch.pbc) (a single Data: "
+                         "model(data.z, data.pos, cell=data.cell, pbc=data.pbc))")
+    if isinstance(atoms_or_list, np.ndarray) or torch.is_tensor(atoms_or_list):
+        # model(numbers, positions) as numpy arrays: was "item 0 of the ndarray of 3 has type int64"
+        kind = "a numpy array" if isinstance(atoms_or_list, np.ndarray) else "a tensor"
+        raise ModelError(f"{expected}, got {kind}: model(z, pos) takes torch tensors "
+                         "(torch.as_tensor(numbers), torch.as_tensor(positions)); model(atoms) and predict(atoms) take "
+                         "ase.Atoms")
     bad = next((i for i, a in enumerate(structures) if not is_atoms(a)), None)
     if bad is not None:  # the item named: "got str" did not say which of 1000 structures
         raise ModelError(f"{expected}: item {bad} of the {type(atoms_or_list).__name__} of {len(structures)} has "

@@ -206,6 +206,27 @@ def _check_atom_inputs(z: torch.Tensor, pos) -> None:
     if pos.shape[0] != z.shape[0]:
         raise ModelError(f"z holds {z.shape[0]} atomic numbers but pos {pos.shape[0]} positions; expected one "
                          "position per atom")
+    if pos.dtype in _HALF:  # the vectors and distances were computed in it: energies off by percents, silently
+        name = str(pos.dtype).removeprefix("torch.")
+        raise ModelError(f"pos is {name}, which keeps 3 significant digits or fewer (steps of {_HALF[pos.dtype]} Å "
+                         "for coordinates of 8 to 16 Å) and gave energies off by percents; give float32 or float64 "
+                         f"positions (pos.float(); the data readers and the Calculator refuse {name} too)")
+
+
+#: half-precision dtypes: the spacing of their numbers between 8 and 16 (11- and 8-bit significands)
+_HALF = {torch.float16: 0.0078, torch.bfloat16: 0.0625}
+
+
+def _check_weights(module: torch.nn.Module) -> None:
+    """A ``model.half()`` (or bfloat16) called as ``model(z, pos)``: -0.162 eV for -0.159 without a word, where
+    ``predict``, the Calculator and ``load_model`` refuse half precision. The first parameter only (all of a
+    model's weights share a dtype; ``module.half()`` converts them all): no walk over the weights per call."""
+    weight = next(module.parameters(), None)
+    if weight is not None and weight.dtype in _HALF:
+        name = str(weight.dtype).removeprefix("torch.")
+        raise ModelError(f"model(...): the model's weights are {name}, which keep 3 significant digits or fewer "
+                         "(energies off by percents); the model runs in float32 or float64: model.float() or "
+                         "model.double() first (predict and the Calculator refuse it too)")
 
 
 def _check_flags(call: str, **flags) -> None:
@@ -403,6 +424,7 @@ class Potential(torch.nn.Module):
         is not read back from the device as batch.max() + 1; structures without atoms get energy 0.
         ``z`` may also be an ``ase.Atoms`` or a list of them (then ``pos`` etc. are taken from it).
         """
+        _check_weights(self)
         if not torch.is_tensor(z):
             from torchmdx.nn.atoms import atoms_inputs, module_device_dtype
 
