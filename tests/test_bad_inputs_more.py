@@ -329,8 +329,6 @@ def test_damaged_model_and_restart_files_are_refused(tmp_path):
     """Bytes overwritten inside a weight tensor: torch.load reads them without complaint (silently
     wrong weights, or positions of a restart file); the archive's CRC-32 tells. A model file cut
     short names the truncation."""
-    import torch
-
     import torchmdx
     from torchmdx.errors import DataError, ModelError
     from torchmdx.md.io import load_restart
@@ -484,7 +482,7 @@ def test_python_dash_m_and_one_line_warnings(tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "torchmdx", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("torchmdx ")
-    from torchmdx.cli.main import _one_line_warning
+    from torchmdx.errors import _one_line_warning
 
     out = tmp_path / "w.txt"
     with open(out, "w") as handle:

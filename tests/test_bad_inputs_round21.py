@@ -145,7 +145,7 @@ def test_label_source_records_the_path_as_given(tmp_path, monkeypatch):
 def test_command_line_prints_a_repeated_warning_once(capsys):
     """PyTorch's "This DataLoader will create 3 worker processes ..." came once per loader (training and
     validation): the command line's warning lines print a text once per command."""
-    from torchmdx.cli import main as cli_main
+    from torchmdx import errors as cli_main  # the command line's warning hook (torchmdx.errors since round 41)
 
     cli_main._SHOWN.clear()
     text = "This DataLoader will create 3 worker processes in total."

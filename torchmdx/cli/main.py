@@ -23,11 +23,7 @@ import sys
 import threading
 
 from torchmdx import __version__
-from torchmdx import errors as _errors
 from torchmdx.errors import TorchmdxError, one_line_warnings, requested_gigabytes, traceback_wanted
-
-# the one-line warnings live in torchmdx.errors since round 41 (a sweep's worker processes use them too)
-_SHOWN, _one_line_warning = _errors._SHOWN, _errors._one_line_warning
 
 COMMANDS = ["train", "md", "evaluate", "data", "export", "bench", "slmc", "sweep", "label"]
 
