@@ -433,13 +433,17 @@ class Calculator(_AseCalculator):
         # ASE's float64 positions themselves may have lost the distances (1e15 Å: 0.125 Å steps): far_atom_line
         with np.errstate(invalid="ignore"):
             far = np.abs(np.asarray(xyz, dtype=np.float64) - self._origin)
-        if float(np.max(far[np.isfinite(far)], initial=0.0)) > self._origin_reach:
-            # the same atoms far from where the origin was set: set it again (a new list, a new capture)
-            self._set_origin(xyz)
-            self._neighbors = self._graphed = None
-        line = beyond_dtype(xyz, self.dtype, self._numbers, self._origin) or far_atom_line(xyz)
+        moved = float(np.max(far[np.isfinite(far)], initial=0.0)) > self._origin_reach
+        # the same atoms far from where the origin was set: a new origin (a new list, a new capture), kept only
+        # for positions that pass the checks (a refused structure left its origin behind, and the next good one
+        # came out in another float32 rounding than on a fresh calculator)
+        origin = local_origin(xyz) if moved else self._origin
+        line = beyond_dtype(xyz, self.dtype, self._numbers, origin) or far_atom_line(xyz)
         if line:
             raise ModelError(line)
+        if moved:
+            self._set_origin(xyz)
+            self._neighbors = self._graphed = None
         return torch.as_tensor(xyz - self._origin, dtype=self.dtype, device=self.device)
 
     def _compile_mode(self, num_atoms: int) -> str:
