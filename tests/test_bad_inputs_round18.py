@@ -202,7 +202,7 @@ def test_torch_file_given_as_structure_or_data_is_named(tmp_path, capsys):
     _refused(capsys, ["label", model, "-o", tmp_path / "l.extxyz", "--method", f"model:{tmp_path / 'lj.pt'}"],
              ["m.pt: a torch file (a model, checkpoint or MD restart file), not structures"], tmp_path)
     _refused(capsys, ["export", "--openmm", model, "-o", tmp_path / "om.pt", "--structure", model],
-             ["--structure: ", "m.pt is a torch file (a model, checkpoint or MD restart file), not a structure"],
+             ["--structure: ", "m.pt: a torch file (a model, checkpoint or MD restart file), not a structure"],
              tmp_path)
     data_line = ("m.pt: a torch file (a model, checkpoint or MD restart file), not a data file; give the data (npz, "
                  "extxyz, xyz, h5, db, QM9 folder) or a config with a data: section")

@@ -143,16 +143,12 @@ def run_openmm(args) -> int:
         except DataError as exc:
             raise ConfigError(f"--structure: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any reader problem is a bad file
-            from torchmdx.data.ase_format import ENDS_EARLY, ReadFailureKind, classify_read_failure
+            from torchmdx.data.ase_format import classify_read_failure
 
-            failure = classify_read_failure(exc, args.structure)
-            if failure.kind is ReadFailureKind.ENDS_EARLY:  # was "(generator raised StopIteration)"
-                raise ConfigError(f"--structure: {args.structure}: {ENDS_EARLY}") from None
-            if failure.kind is ReadFailureKind.TORCH_FILE:  # was "cannot read m.pt (pt)"
-                raise ConfigError(f"--structure: {args.structure} is a torch file (a model, checkpoint or MD restart "
-                                  "file), not a structure; give the structure file (pdb, xyz, ...)") from None
-            if failure.explanation:  # a species column of atomic numbers was "(... ('8'))"
-                raise ConfigError(f"--structure: {args.structure}: {failure.explanation}") from None
+            failure = classify_read_failure(exc, args.structure)  # a torch file was "cannot read m.pt (pt)"
+            words = failure.words("not a structure; give the structure file (pdb, xyz, ...)")
+            if words:
+                raise ConfigError(f"--structure: {args.structure}: {words}") from None
             raise ConfigError(f"--structure: cannot read {args.structure} ({failure.detail})") from None
         if list(first.numbers) != list(structure.numbers):
             raise ConfigError(f"--structure: {args.structure} holds structures of different atoms (the first "

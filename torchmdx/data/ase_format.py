@@ -118,6 +118,16 @@ class ReadFailure:
             return self.reason
         return None
 
+    def words(self, torch_file: str) -> Optional[str]:
+        """The line's text after "<file>: " for every kind but OTHER (whose words each command chooses, quoting
+        :attr:`detail`): the file ends early, the :attr:`explanation`, or, for a torch file, "a torch file (a
+        model, checkpoint or MD restart file), " + ``torch_file`` (the command's advice)."""
+        if self.kind is ReadFailureKind.ENDS_EARLY:  # was "(generator raised StopIteration)"
+            return ENDS_EARLY
+        if self.kind is ReadFailureKind.TORCH_FILE:  # `md model.pt`: ASE's "(pt)" said nothing
+            return f"a torch file (a model, checkpoint or MD restart file), {torch_file}"
+        return self.explanation
+
 
 def classify_read_failure(exc: BaseException, path) -> ReadFailure:
     """Why reading structure file ``path`` with ASE raised ``exc``: it ends early (checked first),

@@ -306,18 +306,12 @@ def read_inputs(paths, skip: int = 0, every: int = 1, max_frames: Optional[int] 
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - ASE raises many kinds for a bad file
-            from torchmdx.data.ase_format import ENDS_EARLY, ReadFailureKind, classify_read_failure
+            from torchmdx.data.ase_format import classify_read_failure
 
-            failure = classify_read_failure(exc, path)
-            if failure.kind is ReadFailureKind.ENDS_EARLY:  # was "(RuntimeError: generator raised StopIteration)"
-                raise DataError(f"{path}: {ENDS_EARLY}") from None
-            if failure.kind is ReadFailureKind.TORCH_FILE:  # was "(UnknownFileTypeError: pt)"
-                raise DataError(f"{path}: a torch file (a model, checkpoint or MD restart file), not structures; "
-                                "a model to label with is --method model:FILE") from None
-            if failure.explanation:  # a species column of atomic numbers was "(KeyError: '8')"
-                raise DataError(f"{path}: {failure.explanation}") from None
-            raise DataError(f"{path}: cannot be read as structures ({failure.error_type}: "
-                            f"{failure.first_line})") from None
+            failure = classify_read_failure(exc, path)  # a torch file was "(UnknownFileTypeError: pt)"
+            words = failure.words("not structures; a model to label with is --method model:FILE")
+            raise DataError(f"{path}: " + (words or f"cannot be read as structures ({failure.error_type}: "
+                                                    f"{failure.first_line})")) from None
         for k, atoms in enumerate(read_frames):
             if k < skip or (k - skip) % every:
                 continue

@@ -70,18 +70,12 @@ def read_structures(paths, index: str = "-1", option: str = "--index", sources: 
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error
-            from torchmdx.data.ase_format import ENDS_EARLY, ReadFailureKind, classify_read_failure
+            from torchmdx.data.ase_format import classify_read_failure
 
             failure = classify_read_failure(exc, path)
-            if failure.kind is ReadFailureKind.ENDS_EARLY:  # was "(generator raised StopIteration)"
-                raise DataError(f"{path}: {ENDS_EARLY}") from None
             # `md model.pt ar.xyz` was "m.pt: cannot read a structure with ASE (pt)"
-            if failure.kind is ReadFailureKind.TORCH_FILE:
-                raise DataError(f"{path}: a torch file (a model, checkpoint or MD restart file), not a structure; "
-                                "give a model with --model and a restart file with --restart") from None
-            if failure.explanation:  # a species column of atomic numbers was "(... ('8'))"
-                raise DataError(f"{path}: {failure.explanation}") from None
-            raise DataError(f"{path}: cannot read a structure with ASE ({failure.detail})") from None
+            words = failure.words("not a structure; give a model with --model and a restart file with --restart")
+            raise DataError(f"{path}: {words or f'cannot read a structure with ASE ({failure.detail})'}") from None
         if not frames:
             try:
                 count = len(everything if everything is not None else all_frames(path))
