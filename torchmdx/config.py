@@ -113,12 +113,20 @@ def _choice_hint(value: Any, allowed: tuple) -> str:
     """' (did you mean 'rotations'?)' for a misspelt choice of a text key (``train.augment: rotation``,
     ``model.dtype: Float32``): a match ignoring case, else difflib's closest; '' when none is close (round 36;
     ``selu`` is no misspelt ``silu``: a cutoff of 0.8)."""
+    close = closest_choice(value, allowed, cutoff=0.8)
+    return f" (did you mean {close!r}?)" if close is not None else ""
+
+
+def closest_choice(value: Any, allowed, cutoff: float) -> Optional[str]:
+    """The text choice of ``allowed`` that ``value`` probably meant: one equal to it ignoring case and surrounding
+    blanks, else difflib's closest at ``cutoff``; None when none is close or ``value`` is no text. For the
+    "did you mean" of config choices (:func:`_choice_hint`) and of the command line's choices (``cli.main``)."""
     choices = [a for a in allowed if isinstance(a, str)]
     if not isinstance(value, str) or not choices:
-        return ""
+        return None
     same = [a for a in choices if a.lower() == value.strip().lower()]
-    close = same or difflib.get_close_matches(value, choices, n=1, cutoff=0.8)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = same or difflib.get_close_matches(value, choices, n=1, cutoff=cutoff)
+    return close[0] if close else None
 
 
 def key_hint(key: Any, present) -> str:

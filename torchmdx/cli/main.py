@@ -12,7 +12,6 @@ Predictable mistakes raise :class:`torchmdx.errors.TorchmdxError`; they are prin
 from __future__ import annotations
 
 import argparse
-import difflib
 import errno
 import contextlib
 import importlib
@@ -23,6 +22,7 @@ import sys
 import threading
 
 from torchmdx import __version__
+from torchmdx.config import closest_choice
 from torchmdx.errors import TorchmdxError, one_line_warnings, requested_gigabytes, traceback_wanted
 
 COMMANDS = ["train", "md", "evaluate", "data", "export", "bench", "slmc", "sweep", "label"]
@@ -48,11 +48,9 @@ class _Parser(argparse.ArgumentParser):
         found = _INVALID_CHOICE.search(message)
         if found:
             given = found["given"]
-            choices = re.findall(r"'([^']*)'", found["choices"])
-            by_case = [c for c in choices if c.lower() == given.lower()]
-            close = by_case or difflib.get_close_matches(given, choices, n=1, cutoff=0.6)
-            if close:
-                message = message[:found.start()] + (f"invalid choice: '{given}' (did you mean '{close[0]}'?; "
+            close = closest_choice(given, re.findall(r"'([^']*)'", found["choices"]), cutoff=0.6)
+            if close is not None:
+                message = message[:found.start()] + (f"invalid choice: '{given}' (did you mean '{close}'?; "
                                                      f"choose from {found['choices']})")
         super().error(message)
 
