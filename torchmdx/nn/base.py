@@ -219,11 +219,13 @@ _HALF = {torch.float16: 0.0078, torch.bfloat16: 0.0625}
 
 def _check_weights(module: torch.nn.Module) -> None:
     """A ``model.half()`` (or bfloat16) called as ``model(z, pos)``: -0.162 eV for -0.159 without a word, where
-    ``predict``, the Calculator and ``load_model`` refuse half precision. The first parameter only (all of a
-    model's weights share a dtype; ``module.half()`` converts them all): no walk over the weights per call."""
-    weight = next(module.parameters(), None)
-    if weight is not None and weight.dtype in _HALF:
-        name = str(weight.dtype).removeprefix("torch.")
+    ``predict``, the Calculator and ``load_model`` refuse half precision. The first floating weight only (all of a
+    model's weights share a dtype; ``module.half()`` converts them all): no walk over the weights per call
+    (:func:`torchmdx.nn.atoms.half_precision_weights`, the check of predict, the Calculator and the export)."""
+    from torchmdx.nn.atoms import half_precision_weights
+
+    name = half_precision_weights(module)
+    if name is not None:
         raise ModelError(f"model(...): the model's weights are {name}, which keep 3 significant digits or fewer "
                          "(energies off by percents); the model runs in float32 or float64: model.float() or "
                          "model.double() first (predict and the Calculator refuse it too)")
