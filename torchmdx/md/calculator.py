@@ -148,9 +148,6 @@ class Calculator(_AseCalculator):
         self._watch = WeightsWatch(self._caller if self._caller is not None else self.potential)
         self._model_state = self._watch.state()
         self._checked = None  # (the changes check_state returned, the watch's state it took)
-        #: the caller's own module (no copy was needed): its training mode is switched to eval only
-        #: during a call and restored after (Calculator(model) left a model being trained in eval mode)
-        self._shared = self.potential is model
         self._charge_warned = False  # a charged structure is said once (charge_warnings)
         self._contact_warned = False  # atoms closer than half their covalent radii: said once (close_contacts)
         if not self._shared:
@@ -229,6 +226,13 @@ class Calculator(_AseCalculator):
             far = np.abs(np.asarray(xyz, dtype=np.float64) - self._origin)
         self._origin_reach = 2.0 * float(np.max(far[np.isfinite(far)], initial=0.0)) + ORIGIN_MARGIN
 
+    @property
+    def _shared(self) -> bool:
+        """Whether the calculator runs the caller's own module (no copy was needed): its training mode is switched
+        to eval only during a call and restored after (Calculator(model) left a model being trained in eval
+        mode)."""
+        return self._caller is not None and self.potential is self._caller
+
     def _follow_model(self, state: Optional[list] = None) -> None:
         """Start afresh when the model's weights changed since the last call (:class:`WeightsWatch` of the
         caller's module, or of the calculator's own; ``state``: the watch's state when just taken): a copy of the
@@ -241,7 +245,6 @@ class Calculator(_AseCalculator):
         self._model_state = state
         if self._caller is not None and self.potential is not self._caller:
             self.potential = load_potential(self._caller, device=self.device, dtype=self._dtype_given)
-            self._shared = self.potential is self._caller
             if not self._shared:
                 self.potential.eval()
         if self._dtype_given is None:
@@ -465,9 +468,8 @@ class Calculator(_AseCalculator):
         if self._shared:
             import copy
 
-            self.potential, self._shared = copy.deepcopy(self.potential), False
+            self.potential = copy.deepcopy(self.potential)
             self.potential.eval()
-            self._model_state = self._watch.state()
 
     def _graph_call(self, atoms, positions: torch.Tensor) -> Optional[torch.Tensor]:
         """Forces, per-atom energies and the energy by a CUDA-graph replay, packed on the host
